@@ -1,0 +1,313 @@
+// Table-driven tests of config parsing and validation for the three roles, and a check that
+// every file shipped in configs/ is valid.
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include "server/config/json_reader.h"
+#include "server/config/router_config.h"
+#include "server/config/serving_config.h"
+
+namespace helix::config {
+namespace {
+
+namespace fs = std::filesystem;
+
+class ConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("helix_config_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+    std::ofstream(dir_ / "model.bin") << "weights";
+    std::ofstream(dir_ / "tok.bin") << "tokenizer";
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Writes `text` to a file and loads it for `role`.
+  StatusOr<ServingConfig> Load(const std::string& text, Role role = Role::kGeneration) {
+    fs::path p = dir_ / "cfg.json";
+    std::ofstream(p) << text;
+    return LoadServingConfig(p.string(), role);
+  }
+  fs::path dir_;
+};
+
+const char kMinimal[] = R"({"model": "model.bin"})";
+
+TEST_F(ConfigTest, MinimalGenerationConfigGetsDefaults) {
+  auto c = Load(kMinimal);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->model, (dir_ / "model.bin").string());  // resolved against the config's folder
+  EXPECT_EQ(c->backend, "cpu");
+  EXPECT_EQ(c->context_parallel_size, 1);
+  EXPECT_EQ(c->kv_cache_config.tokens_per_block, 32);
+  EXPECT_EQ(c->kv_cache_config.dtype, "float32");  // "auto" on the CPU
+  ASSERT_TRUE(c->kv_cache_config.free_memory_fraction.has_value());
+  EXPECT_DOUBLE_EQ(*c->kv_cache_config.free_memory_fraction, 0.9);
+  EXPECT_EQ(c->server.host, "127.0.0.1");
+  nlohmann::json j = c->ToJson();
+  EXPECT_TRUE(j["cp_config"].is_null());
+  EXPECT_EQ(j["kv_cache_config"]["dtype"], "float32");
+  EXPECT_FALSE(j.contains("kv_lease_ms"));
+}
+
+TEST_F(ConfigTest, HelixConfigFillsCpTokensPerBlock) {
+  auto c = Load(R"({"model": "model.bin", "context_parallel_size": 4,
+                    "cp_config": {"cp_type": "HELIX"},
+                    "kv_cache_config": {"tokens_per_block": 16}, "backend": "cuda"})");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->cp_config->tokens_per_block, 16);
+  EXPECT_EQ(c->kv_cache_config.dtype, "bfloat16");  // "auto" on CUDA
+  EXPECT_EQ(c->ToJson()["cp_config"]["tokens_per_block"], 16);
+}
+
+struct BadCase {
+  const char* name;
+  Role role;
+  std::string json;
+  std::vector<std::string> expect;  // substrings the error message must contain
+};
+
+class BadConfigTest : public ConfigTest, public ::testing::WithParamInterface<BadCase> {};
+
+TEST_P(BadConfigTest, RejectedWithAClearMessage) {
+  const BadCase& bc = GetParam();
+  auto c = Load(bc.json, bc.role);
+  ASSERT_FALSE(c.ok()) << "accepted: " << bc.json;
+  EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << c.status().ToString();
+  for (const auto& s : bc.expect) {
+    EXPECT_NE(c.status().message().find(s), std::string::npos)
+        << "message lacks \"" << s << "\": " << c.status().message();
+  }
+}
+
+const Role G = Role::kGeneration;
+const Role C = Role::kContext;
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, BadConfigTest,
+    ::testing::Values(
+        BadCase{"UnknownTopLevelKey",
+                G,
+                R"({"model": "model.bin", "modle": "x"})",
+                {"unknown config field 'modle'"}},
+        BadCase{"UnknownNestedKey",
+                G,
+                R"({"model": "model.bin", "kv_cache_config": {"token_per_block": 8}})",
+                {"unknown config field 'kv_cache_config.token_per_block'"}},
+        BadCase{"WrongTypeString",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": "2"})",
+                {"context_parallel_size", "expected an integer", "string \"2\""}},
+        BadCase{"WrongTypeFloat",
+                G,
+                R"({"model": "model.bin", "max_batch_size": 1.5})",
+                {"max_batch_size", "expected an integer", "number 1.5"}},
+        BadCase{"WrongTypeObject",
+                G,
+                R"({"model": "model.bin", "kv_cache_config": 32})",
+                {"kv_cache_config", "expected an object"}},
+        BadCase{"RootNotObject", G, R"([1, 2])", {"expected an object", "array"}},
+        BadCase{"CpTypeNotHelix",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": 2,
+                    "cp_config": {"cp_type": "ULYSSES"}})",
+                {"cp_config.cp_type", "ULYSSES", "HELIX"}},
+        BadCase{"CpWithoutCpConfig",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": 2})",
+                {"context_parallel_size", "cp_config", "HELIX"}},
+        BadCase{"TokensPerBlockMismatch",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": 2,
+                    "cp_config": {"cp_type": "HELIX", "tokens_per_block": 16},
+                    "kv_cache_config": {"tokens_per_block": 32}})",
+                {"cp_config.tokens_per_block' = 16", "kv_cache_config.tokens_per_block' = 32",
+                 "must be equal"}},
+        BadCase{"ZeroTp",
+                G,
+                R"({"model": "model.bin", "tensor_parallel_size": 0})",
+                {"tensor_parallel_size", "= 0", "positive"}},
+        BadCase{"NegativeCp",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": -1})",
+                {"context_parallel_size", "= -1", "positive"}},
+        BadCase{"ZeroTokensPerBlock",
+                G,
+                R"({"model": "model.bin", "kv_cache_config": {"tokens_per_block": 0}})",
+                {"kv_cache_config.tokens_per_block", "positive"}},
+        BadCase{"ZeroCpTokensPerBlock",
+                G,
+                R"({"model": "model.bin", "cp_config": {"cp_type": "HELIX",
+                    "tokens_per_block": 0}})",
+                {"cp_config.tokens_per_block", "positive"}},
+        BadCase{"ZeroMaxTokens",
+                G,
+                R"({"model": "model.bin", "kv_cache_config": {"max_tokens": 0}})",
+                {"kv_cache_config.max_tokens", "positive"}},
+        BadCase{"ZeroBatch",
+                G,
+                R"({"model": "model.bin", "max_batch_size": 0})",
+                {"max_batch_size", "positive"}},
+        BadCase{"ZeroNumTokens",
+                G,
+                R"({"model": "model.bin", "max_num_tokens": 0})",
+                {"max_num_tokens", "positive"}},
+        BadCase{"NegativeSeqLen",
+                G,
+                R"({"model": "model.bin", "max_seq_len": -5})",
+                {"max_seq_len", "-5"}},
+        BadCase{"BadFraction",
+                G,
+                R"({"model": "model.bin", "kv_cache_config": {"free_memory_fraction": 1.5}})",
+                {"free_memory_fraction", "1.5", "(0, 1]"}},
+        BadCase{"BadKvDtype",
+                G,
+                R"({"model": "model.bin", "kv_cache_config": {"dtype": "int8"}})",
+                {"kv_cache_config.dtype", "int8"}},
+        BadCase{"BadBackend",
+                G,
+                R"({"model": "model.bin", "backend": "tpu"})",
+                {"backend", "tpu", "\"cpu\" or \"cuda\""}},
+        BadCase{"BadPort",
+                G,
+                R"({"model": "model.bin", "server": {"port": 70000}})",
+                {"server.port", "70000"}},
+        BadCase{"BadTransceiver",
+                G,
+                R"({"model": "model.bin", "cache_transceiver_config": {"backend": "NIXL"}})",
+                {"cache_transceiver_config.backend", "NIXL", "UCX"}},
+        BadCase{"BadTransferTimeout",
+                G,
+                R"({"model": "model.bin",
+                    "cache_transceiver_config": {"kv_transfer_timeout_ms": 0}})",
+                {"kv_transfer_timeout_ms", "positive"}},
+        BadCase{"BadLogLevel",
+                G,
+                R"({"model": "model.bin", "logging": {"level": "verbose"}})",
+                {"logging.level", "verbose"}},
+        BadCase{"MissingModelKey", G, R"({"backend": "cpu"})", {"'model' is required"}},
+        BadCase{"MissingModelFile",
+                G,
+                R"({"model": "nowhere/missing.bin"})",
+                {"model", "missing.bin", "no such file"}},
+        BadCase{"MissingTokenizerFile",
+                G,
+                R"({"model": "model.bin", "tokenizer": "nope.bin"})",
+                {"tokenizer", "nope.bin", "no such file"}},
+        BadCase{"TruncatedJson",
+                G,
+                "{\"model\": \"model.bin\",\n  \"backend\": \"cp",
+                {"cfg.json:2:", "invalid JSON"}},
+        BadCase{"TrailingComma",
+                G,
+                "{\n  \"model\": \"model.bin\",\n}\n",
+                {"cfg.json:3:1", "invalid JSON"}},
+        BadCase{"EmptyFile", G, "", {"cfg.json:1:1", "invalid JSON"}},
+        BadCase{"ContextServerWithCp",
+                C,
+                R"({"model": "model.bin", "context_parallel_size": 2})",
+                {"context_parallel_size", "context server"}},
+        BadCase{"ContextServerCpConfigUnknown",
+                C,
+                R"({"model": "model.bin", "cp_config": {"cp_type": "HELIX"}})",
+                {"unknown config field 'cp_config'"}},
+        BadCase{"ContextServerBadLease",
+                C,
+                R"({"model": "model.bin", "kv_lease_ms": 0})",
+                {"kv_lease_ms", "positive"}},
+        BadCase{"GenerationServerHasNoLease",
+                G,
+                R"({"model": "model.bin", "kv_lease_ms": 5})",
+                {"unknown config field 'kv_lease_ms'"}}),
+    [](const ::testing::TestParamInfo<BadCase>& info) { return info.param.name; });
+
+TEST_F(ConfigTest, MissingConfigFileIsNotFound) {
+  auto c = LoadServingConfig((dir_ / "absent.json").string(), Role::kGeneration);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(c.status().message().find("absent.json"), std::string::npos);
+}
+
+StatusOr<RouterConfig> LoadRouter(const fs::path& dir, const std::string& text) {
+  fs::path p = dir / "router.json";
+  std::ofstream(p) << text;
+  return LoadRouterConfig(p.string());
+}
+
+TEST_F(ConfigTest, RouterConfig) {
+  auto ok = LoadRouter(dir_, R"({"model": "model.bin",
+      "generation_servers": {"urls": ["127.0.0.1:50052"]}})");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->served_model_name, "model");
+  EXPECT_EQ(ok->generation_servers.router_type, "round_robin");
+  EXPECT_TRUE(ok->context_servers.urls.empty());
+
+  struct Case {
+    std::string json;
+    std::string expect;
+  };
+  const std::vector<Case> bad = {
+      {R"({"model": "model.bin"})", "'generation_servers' is required"},
+      {R"({"model": "model.bin", "generation_servers": {"urls": []}})",
+       "generation_servers.urls' must list"},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["localhost"]}})",
+       "generation_servers.urls[0]' = \"localhost\""},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"],
+           "router": {"type": "random"}}})",
+       "generation_servers.router.type' = \"random\""},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+           "context_servers": {"urls": ["h:0"]}})",
+       "context_servers.urls[0]'"},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]}, "max_retries": -1})",
+       "max_retries"},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]}, "api_key": ""})",
+       "api_key"},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]}, "hostname": "x"})",
+       "unknown config field 'hostname'"},
+  };
+  for (const auto& b : bad) {
+    auto c = LoadRouter(dir_, b.json);
+    ASSERT_FALSE(c.ok()) << "accepted: " << b.json;
+    EXPECT_NE(c.status().message().find(b.expect), std::string::npos)
+        << "message lacks \"" << b.expect << "\": " << c.status().message();
+  }
+}
+
+// Every shipped config must validate (its role is named by its file name).
+TEST(ShippedConfigs, AllValid) {
+  const char* src = std::getenv("HELIX_SOURCE_DIR");
+  ASSERT_NE(src, nullptr) << "HELIX_SOURCE_DIR is not set (ctest sets it)";
+  fs::path shared = fs::path(src) / ".." / "shared" / "models" / "stories260K";
+  if (!fs::exists(shared)) GTEST_SKIP() << "shared models not found at " << shared;
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(fs::path(src) / "configs")) {
+    if (e.path().extension() != ".json") continue;
+    std::string name = e.path().filename().string();
+    Status st;
+    if (name.rfind("router", 0) == 0) {
+      st = LoadRouterConfig(e.path().string()).status();
+    } else if (name.rfind("ctx", 0) == 0) {
+      st = LoadServingConfig(e.path().string(), Role::kContext).status();
+    } else if (name.rfind("gen", 0) == 0) {
+      st = LoadServingConfig(e.path().string(), Role::kGeneration).status();
+    } else {
+      ADD_FAILURE() << name << ": config names start with gen, ctx or router";
+      continue;
+    }
+    EXPECT_TRUE(st.ok()) << name << ": " << st.ToString();
+    ++n;
+  }
+  EXPECT_GE(n, 3);
+}
+
+}  // namespace
+}  // namespace helix::config

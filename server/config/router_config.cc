@@ -1,0 +1,161 @@
+#include "server/config/router_config.h"
+
+#include <filesystem>
+
+#include "server/config/json_reader.h"
+
+namespace helix::config {
+namespace {
+
+namespace fs = std::filesystem;
+
+Status ValidateHostPort(const std::string& field, const std::string& url) {
+  auto colon = url.rfind(':');
+  bool ok = colon != std::string::npos && colon > 0 && colon + 1 < url.size();
+  if (ok) {
+    for (size_t i = colon + 1; i < url.size(); ++i) ok = ok && std::isdigit(url[i]);
+  }
+  if (ok) {
+    long port = std::stol(url.substr(colon + 1));
+    ok = port > 0 && port <= 65535;
+  }
+  if (ok) return Status::Ok();
+  return InvalidArgument("config field '" + field + "' = " + nlohmann::json(url).dump() +
+                         ": expected \"host:port\" with a port in 1..65535");
+}
+
+Status ValidatePool(const std::string& name, const ServerPoolConfig& p, bool may_be_empty) {
+  if (p.urls.empty() && !may_be_empty) {
+    return InvalidArgument("config field '" + name + ".urls' must list at least one server");
+  }
+  for (size_t i = 0; i < p.urls.size(); ++i) {
+    RETURN_IF_ERROR(ValidateHostPort(name + ".urls[" + std::to_string(i) + "]", p.urls[i]));
+  }
+  if (p.router_type != "round_robin" && p.router_type != "load_balancing") {
+    return InvalidArgument("config field '" + name +
+                           ".router.type' = " + nlohmann::json(p.router_type).dump() +
+                           ": expected \"round_robin\" or \"load_balancing\"");
+  }
+  return Status::Ok();
+}
+
+void ReadPool(JsonReader& r, const char* key, ServerPoolConfig* out) {
+  r.Object(key, [&](JsonReader& o) {
+    o.StringList("urls", &out->urls);
+    o.Object("router", [&](JsonReader& rt) { rt.String("type", &out->router_type); });
+  });
+}
+
+nlohmann::json PoolToJson(const ServerPoolConfig& p) {
+  return {{"urls", p.urls}, {"router", {{"type", p.router_type}}}};
+}
+
+}  // namespace
+
+Status RouterConfig::Validate() {
+  if (server.host.empty()) return InvalidArgument("config field 'server.host' must not be empty");
+  if (server.port < 0 || server.port > 65535) {
+    return InvalidArgument("config field 'server.port' = " + std::to_string(server.port) +
+                           ": expected 0 (any free port) to 65535");
+  }
+  if (grpc_port < 0 || grpc_port > 65535) {
+    return InvalidArgument("config field 'grpc_port' = " + std::to_string(grpc_port) +
+                           ": expected 0 (off) to 65535");
+  }
+  if (model.empty()) return InvalidArgument("config field 'model' is required but missing");
+  if (!fs::exists(model)) {
+    return InvalidArgument("config field 'model' = " + nlohmann::json(model).dump() +
+                           ": no such file or directory");
+  }
+  if (tokenizer && !fs::exists(*tokenizer)) {
+    return InvalidArgument("config field 'tokenizer' = " + nlohmann::json(*tokenizer).dump() +
+                           ": no such file or directory");
+  }
+  if (served_model_name.empty()) served_model_name = fs::path(model).stem().string();
+  // Context servers are optional: without them every request runs aggregated.
+  RETURN_IF_ERROR(ValidatePool("context_servers", context_servers, /*may_be_empty=*/true));
+  RETURN_IF_ERROR(ValidatePool("generation_servers", generation_servers, false));
+  auto non_negative = [](const char* f, int64_t v) -> Status {
+    if (v >= 0) return Status::Ok();
+    return InvalidArgument("config field '" + std::string(f) + "' = " + std::to_string(v) +
+                           ": expected a non-negative integer");
+  };
+  auto positive = [](const char* f, int64_t v) -> Status {
+    if (v >= 1) return Status::Ok();
+    return InvalidArgument("config field '" + std::string(f) + "' = " + std::to_string(v) +
+                           ": expected a positive integer");
+  };
+  RETURN_IF_ERROR(
+      non_negative("conditional_disagg.max_local_prefill_length", max_local_prefill_length));
+  RETURN_IF_ERROR(non_negative("max_retries", max_retries));
+  RETURN_IF_ERROR(positive("request_timeout_ms", request_timeout_ms));
+  RETURN_IF_ERROR(positive("health_check_interval_ms", health_check_interval_ms));
+  RETURN_IF_ERROR(positive("max_inflight_requests", max_inflight_requests));
+  RETURN_IF_ERROR(positive("max_request_bytes", max_request_bytes));
+  if (api_key && api_key->empty()) {
+    return InvalidArgument("config field 'api_key' must not be empty (omit it or use null)");
+  }
+  return ValidateLogging(logging);
+}
+
+nlohmann::json RouterConfig::ToJson() const {
+  nlohmann::json j;
+  j["server"] = {{"host", server.host}, {"port", server.port}};
+  j["grpc_port"] = grpc_port;
+  j["model"] = model;
+  j["tokenizer"] = tokenizer ? nlohmann::json(*tokenizer) : nlohmann::json(nullptr);
+  j["served_model_name"] = served_model_name;
+  j["context_servers"] = PoolToJson(context_servers);
+  j["generation_servers"] = PoolToJson(generation_servers);
+  j["conditional_disagg"] = {{"max_local_prefill_length", max_local_prefill_length}};
+  j["max_retries"] = max_retries;
+  j["request_timeout_ms"] = request_timeout_ms;
+  j["health_check_interval_ms"] = health_check_interval_ms;
+  j["max_inflight_requests"] = max_inflight_requests;
+  j["max_request_bytes"] = max_request_bytes;
+  j["api_key"] = api_key ? nlohmann::json("<set>") : nlohmann::json(nullptr);
+  j["logging"] = LoggingToJson(logging);
+  return j;
+}
+
+StatusOr<RouterConfig> ParseRouterConfig(const nlohmann::json& j, const std::string& base_dir) {
+  RouterConfig c;
+  JsonReader r(j, "");
+  r.Object("server", [&](JsonReader& o) {
+    o.String("host", &c.server.host);
+    o.Int("port", &c.server.port);
+  });
+  r.Int("grpc_port", &c.grpc_port);
+  r.Require("model");
+  r.String("model", &c.model);
+  r.OptionalString("tokenizer", &c.tokenizer);
+  r.String("served_model_name", &c.served_model_name);
+  ReadPool(r, "context_servers", &c.context_servers);
+  r.Require("generation_servers");
+  ReadPool(r, "generation_servers", &c.generation_servers);
+  r.Object("conditional_disagg",
+           [&](JsonReader& o) { o.Int("max_local_prefill_length", &c.max_local_prefill_length); });
+  r.Int("max_retries", &c.max_retries);
+  r.Int("request_timeout_ms", &c.request_timeout_ms);
+  r.Int("health_check_interval_ms", &c.health_check_interval_ms);
+  r.Int("max_inflight_requests", &c.max_inflight_requests);
+  r.Int("max_request_bytes", &c.max_request_bytes);
+  r.OptionalString("api_key", &c.api_key);
+  ReadLogging(r, &c.logging);
+  RETURN_IF_ERROR(r.Finish());
+  c.model = ResolvePath(base_dir, c.model);
+  if (c.tokenizer) c.tokenizer = ResolvePath(base_dir, *c.tokenizer);
+  c.logging.file = ResolvePath(base_dir, c.logging.file);
+  RETURN_IF_ERROR(c.Validate());
+  return c;
+}
+
+StatusOr<RouterConfig> LoadRouterConfig(const std::string& path) {
+  ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(path));
+  std::string base = fs::absolute(fs::path(path)).parent_path().string();
+  auto c = ParseRouterConfig(j, base);
+  if (!c.ok()) return c.status().WithPrefix(path);
+  return c;
+}
+
+}  // namespace helix::config

@@ -1,0 +1,251 @@
+#include "server/config/serving_config.h"
+
+#include <filesystem>
+
+#include "server/config/json_reader.h"
+
+namespace helix::config {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string Quote(const std::string& s) { return nlohmann::json(s).dump(); }
+
+Status Positive(const char* field, int64_t v) {
+  if (v >= 1) return Status::Ok();
+  return InvalidArgument("config field '" + std::string(field) + "' = " + std::to_string(v) +
+                         ": expected a positive integer");
+}
+
+Status PathExists(const char* field, const std::string& path, bool allow_dir) {
+  std::error_code ec;
+  auto st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) {
+    return InvalidArgument("config field '" + std::string(field) + "' = " + Quote(path) +
+                           ": no such file" + (allow_dir ? " or directory" : ""));
+  }
+  if (!allow_dir && fs::is_directory(st)) {
+    return InvalidArgument("config field '" + std::string(field) + "' = " + Quote(path) +
+                           ": expected a file, found a directory");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string ResolvePath(const std::string& base_dir, const std::string& path) {
+  if (path.empty() || base_dir.empty()) return path;
+  fs::path p(path);
+  if (p.is_absolute()) return path;
+  return (fs::path(base_dir) / p).lexically_normal().string();
+}
+
+void ReadLogging(JsonReader& r, LoggingConfig* out) {
+  r.Object("logging", [&](JsonReader& l) {
+    l.String("level", &out->level);
+    l.String("pattern", &out->pattern);
+    l.String("file", &out->file);
+  });
+}
+
+Status ValidateLogging(const LoggingConfig& c) {
+  static const char* kLevels[] = {"trace", "debug", "info", "warn", "error", "off"};
+  for (const char* l : kLevels) {
+    if (c.level == l) return Status::Ok();
+  }
+  return InvalidArgument("config field 'logging.level' = " + Quote(c.level) +
+                         ": expected one of trace, debug, info, warn, error, off");
+}
+
+nlohmann::json LoggingToJson(const LoggingConfig& c) {
+  return {{"level", c.level}, {"pattern", c.pattern}, {"file", c.file}};
+}
+
+Status ServingConfig::Validate() {
+  const bool gen = role == Role::kGeneration;
+  if (model.empty()) return InvalidArgument("config field 'model' is required but missing");
+  RETURN_IF_ERROR(PathExists("model", model, /*allow_dir=*/true));
+  if (tokenizer) RETURN_IF_ERROR(PathExists("tokenizer", *tokenizer, /*allow_dir=*/true));
+  if (backend != "cpu" && backend != "cuda") {
+    return InvalidArgument("config field 'backend' = " + Quote(backend) +
+                           ": expected \"cpu\" or \"cuda\"");
+  }
+  if (num_threads < 0) {
+    return InvalidArgument("config field 'num_threads' = " + std::to_string(num_threads) +
+                           ": expected 0 (all cores) or a positive thread count");
+  }
+  RETURN_IF_ERROR(Positive("tensor_parallel_size", tensor_parallel_size));
+  RETURN_IF_ERROR(Positive("context_parallel_size", context_parallel_size));
+  if (!gen && context_parallel_size != 1) {
+    return InvalidArgument(
+        "config field 'context_parallel_size' = " + std::to_string(context_parallel_size) +
+        ": a context server runs with context_parallel_size 1 (Helix "
+        "shards the KV cache on generation servers only)");
+  }
+  if (!gen && tensor_parallel_size != 1) {
+    return InvalidArgument(
+        "config field 'tensor_parallel_size' = " + std::to_string(tensor_parallel_size) +
+        ": context servers support tensor_parallel_size 1 only so far");
+  }
+
+  RETURN_IF_ERROR(Positive("kv_cache_config.tokens_per_block", kv_cache_config.tokens_per_block));
+  if (kv_cache_config.max_tokens) {
+    RETURN_IF_ERROR(Positive("kv_cache_config.max_tokens", *kv_cache_config.max_tokens));
+  }
+  if (kv_cache_config.free_memory_fraction) {
+    double f = *kv_cache_config.free_memory_fraction;
+    if (!(f > 0.0 && f <= 1.0)) {
+      return InvalidArgument("config field 'kv_cache_config.free_memory_fraction' = " +
+                             nlohmann::json(f).dump() + ": expected a fraction in (0, 1]");
+    }
+  }
+  const std::string& d = kv_cache_config.dtype;
+  if (d != "auto" && d != "float32" && d != "float16" && d != "bfloat16") {
+    return InvalidArgument("config field 'kv_cache_config.dtype' = " + Quote(d) +
+                           ": expected \"auto\", \"float32\", \"float16\" or \"bfloat16\"");
+  }
+  if (d == "auto") kv_cache_config.dtype = backend == "cpu" ? "float32" : "bfloat16";
+  if (!kv_cache_config.max_tokens && !kv_cache_config.free_memory_fraction) {
+    kv_cache_config.free_memory_fraction = 0.9;
+  }
+
+  if (cp_config) {
+    if (cp_config->cp_type != "HELIX") {
+      return InvalidArgument("config field 'cp_config.cp_type' = " + Quote(cp_config->cp_type) +
+                             ": expected \"HELIX\" (the only context-parallel type Helix "
+                             "implements)");
+    }
+    if (cp_config->tokens_per_block) {
+      RETURN_IF_ERROR(Positive("cp_config.tokens_per_block", *cp_config->tokens_per_block));
+      if (*cp_config->tokens_per_block != kv_cache_config.tokens_per_block) {
+        return InvalidArgument(
+            "config fields 'cp_config.tokens_per_block' = " +
+            std::to_string(*cp_config->tokens_per_block) +
+            " and 'kv_cache_config.tokens_per_block' = " +
+            std::to_string(kv_cache_config.tokens_per_block) +
+            " must be equal (Helix places KV blocks on ranks in units of tokens_per_block)");
+      }
+    } else {
+      cp_config->tokens_per_block = kv_cache_config.tokens_per_block;
+    }
+  } else if (context_parallel_size > 1) {
+    return InvalidArgument(
+        "config field 'context_parallel_size' = " + std::to_string(context_parallel_size) +
+        ": context parallelism needs \"cp_config\": {\"cp_type\": \"HELIX\"}");
+  }
+
+  RETURN_IF_ERROR(Positive("max_batch_size", max_batch_size));
+  RETURN_IF_ERROR(Positive("max_num_tokens", max_num_tokens));
+  if (max_seq_len < 0) {
+    return InvalidArgument("config field 'max_seq_len' = " + std::to_string(max_seq_len) +
+                           ": expected 0 (the model's maximum) or a positive length");
+  }
+  if (server.host.empty()) return InvalidArgument("config field 'server.host' must not be empty");
+  if (server.port < 0 || server.port > 65535) {
+    return InvalidArgument("config field 'server.port' = " + std::to_string(server.port) +
+                           ": expected 0 (any free port) to 65535");
+  }
+  if (cache_transceiver_config.backend != "UCX") {
+    return InvalidArgument("config field 'cache_transceiver_config.backend' = " +
+                           Quote(cache_transceiver_config.backend) + ": expected \"UCX\"");
+  }
+  RETURN_IF_ERROR(Positive("cache_transceiver_config.kv_transfer_timeout_ms",
+                           cache_transceiver_config.kv_transfer_timeout_ms));
+  if (!gen) RETURN_IF_ERROR(Positive("kv_lease_ms", kv_lease_ms));
+  return ValidateLogging(logging);
+}
+
+nlohmann::json ServingConfig::ToJson() const {
+  nlohmann::json j;
+  j["model"] = model;
+  j["tokenizer"] = tokenizer ? nlohmann::json(*tokenizer) : nlohmann::json(nullptr);
+  j["backend"] = backend;
+  j["num_threads"] = num_threads;
+  j["tensor_parallel_size"] = tensor_parallel_size;
+  j["context_parallel_size"] = context_parallel_size;
+  if (cp_config) {
+    j["cp_config"] = {{"cp_type", cp_config->cp_type},
+                      {"tokens_per_block",
+                       cp_config->tokens_per_block.value_or(kv_cache_config.tokens_per_block)}};
+  } else {
+    j["cp_config"] = nullptr;
+  }
+  auto opt_int = [](const std::optional<int64_t>& v) {
+    return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
+  };
+  j["kv_cache_config"] = {
+      {"tokens_per_block", kv_cache_config.tokens_per_block},
+      {"max_tokens", opt_int(kv_cache_config.max_tokens)},
+      {"free_memory_fraction", kv_cache_config.free_memory_fraction
+                                   ? nlohmann::json(*kv_cache_config.free_memory_fraction)
+                                   : nlohmann::json(nullptr)},
+      {"dtype", kv_cache_config.dtype}};
+  j["max_batch_size"] = max_batch_size;
+  j["max_num_tokens"] = max_num_tokens;
+  j["max_seq_len"] = max_seq_len;
+  j["server"] = {{"host", server.host}, {"port", server.port}};
+  j["cache_transceiver_config"] = {
+      {"backend", cache_transceiver_config.backend},
+      {"kv_transfer_timeout_ms", cache_transceiver_config.kv_transfer_timeout_ms}};
+  if (role == Role::kContext) j["kv_lease_ms"] = kv_lease_ms;
+  j["logging"] = LoggingToJson(logging);
+  return j;
+}
+
+StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
+                                           const std::string& base_dir) {
+  ServingConfig c;
+  c.role = role;
+  JsonReader r(j, "");
+  r.Require("model");
+  r.String("model", &c.model);
+  r.OptionalString("tokenizer", &c.tokenizer);
+  r.String("backend", &c.backend);
+  r.Int("num_threads", &c.num_threads);
+  r.Int("tensor_parallel_size", &c.tensor_parallel_size);
+  r.Int("context_parallel_size", &c.context_parallel_size);
+  if (role == Role::kGeneration) {
+    r.Object("cp_config", [&](JsonReader& o) {
+      CpConfig cp;
+      o.String("cp_type", &cp.cp_type);
+      o.OptionalInt("tokens_per_block", &cp.tokens_per_block);
+      c.cp_config = cp;
+    });
+  }
+  r.Object("kv_cache_config", [&](JsonReader& o) {
+    o.Int("tokens_per_block", &c.kv_cache_config.tokens_per_block);
+    o.OptionalInt("max_tokens", &c.kv_cache_config.max_tokens);
+    o.OptionalDouble("free_memory_fraction", &c.kv_cache_config.free_memory_fraction);
+    o.String("dtype", &c.kv_cache_config.dtype);
+  });
+  r.Int("max_batch_size", &c.max_batch_size);
+  r.Int("max_num_tokens", &c.max_num_tokens);
+  r.Int("max_seq_len", &c.max_seq_len);
+  r.Object("server", [&](JsonReader& o) {
+    o.String("host", &c.server.host);
+    o.Int("port", &c.server.port);
+  });
+  r.Object("cache_transceiver_config", [&](JsonReader& o) {
+    o.String("backend", &c.cache_transceiver_config.backend);
+    o.Int("kv_transfer_timeout_ms", &c.cache_transceiver_config.kv_transfer_timeout_ms);
+  });
+  if (role == Role::kContext) r.Int("kv_lease_ms", &c.kv_lease_ms);
+  ReadLogging(r, &c.logging);
+  RETURN_IF_ERROR(r.Finish());
+
+  c.model = ResolvePath(base_dir, c.model);
+  if (c.tokenizer) c.tokenizer = ResolvePath(base_dir, *c.tokenizer);
+  c.logging.file = ResolvePath(base_dir, c.logging.file);
+  RETURN_IF_ERROR(c.Validate());
+  return c;
+}
+
+StatusOr<ServingConfig> LoadServingConfig(const std::string& path, Role role) {
+  ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(path));
+  std::string base = fs::absolute(fs::path(path)).parent_path().string();
+  auto c = ParseServingConfig(j, role, base);
+  if (!c.ok()) return c.status().WithPrefix(path);
+  return c;
+}
+
+}  // namespace helix::config

@@ -1,0 +1,83 @@
+// Option structs for the two model-serving roles (generation server, context server),
+// parsed once from JSON, validated, and printable in resolved form. Plain values; not shared.
+// Field names follow TensorRT-LLM's LLM API where one exists.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/common/status.h"
+
+namespace helix::config {
+
+enum class Role { kGeneration, kContext };
+
+struct CpConfig {
+  std::string cp_type = "HELIX";
+  std::optional<int64_t> tokens_per_block;  // defaults to kv_cache_config.tokens_per_block
+};
+
+struct KvCacheConfig {
+  int64_t tokens_per_block = 32;
+  std::optional<int64_t> max_tokens;           // per rank; with free_memory_fraction: the smaller
+  std::optional<double> free_memory_fraction;  // of the memory left after weights, (0, 1]
+  std::string dtype = "auto";                  // auto | float32 | float16 | bfloat16
+};
+
+struct ServerEndpoint {
+  std::string host = "127.0.0.1";
+  int port = 50051;
+};
+
+struct CacheTransceiverConfig {
+  std::string backend = "UCX";
+  int64_t kv_transfer_timeout_ms = 30000;
+};
+
+struct LoggingConfig {
+  std::string level = "info";  // trace | debug | info | warn | error | off
+  std::string pattern = "%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v";
+  std::string file;  // empty: stderr
+};
+
+struct ServingConfig {
+  Role role = Role::kGeneration;
+  std::string model;  // file (.bin/.gguf) or Hugging Face directory
+  std::optional<std::string> tokenizer;
+  std::string backend = "cpu";  // cpu | cuda
+  int num_threads = 0;          // CPU backend threads per rank; 0 = all cores
+  int64_t tensor_parallel_size = 1;
+  int64_t context_parallel_size = 1;
+  std::optional<CpConfig> cp_config;
+  KvCacheConfig kv_cache_config;
+  int64_t max_batch_size = 64;
+  int64_t max_num_tokens = 8192;
+  int64_t max_seq_len = 0;  // 0 = the model's own maximum
+  ServerEndpoint server;
+  CacheTransceiverConfig cache_transceiver_config;
+  int64_t kv_lease_ms = 30000;  // context server: free un-pulled KV after this long
+  LoggingConfig logging;
+
+  // Checks values and cross-field rules; fills derived defaults (cp_config.tokens_per_block,
+  // kv dtype "auto", free_memory_fraction). Relative paths are left as they are.
+  Status Validate();
+  nlohmann::json ToJson() const;
+};
+
+// Parses a config document for `role`. Paths (model, tokenizer, logging.file) are resolved
+// against `base_dir` when relative. Returns the validated config or an error naming the field.
+StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
+                                           const std::string& base_dir);
+// Reads, parses and validates a config file; relative paths are taken from the file's folder.
+StatusOr<ServingConfig> LoadServingConfig(const std::string& path, Role role);
+
+// Shared pieces, also used by the router config.
+void ReadLogging(class JsonReader& r, LoggingConfig* out);
+Status ValidateLogging(const LoggingConfig& c);
+nlohmann::json LoggingToJson(const LoggingConfig& c);
+std::string ResolvePath(const std::string& base_dir, const std::string& path);
+
+}  // namespace helix::config

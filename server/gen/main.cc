@@ -1,0 +1,175 @@
+// helix-gen: the generation server. Subcommands: serve (daemon), generate (offline),
+// check-config.
+#include <iostream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "engine/engine.h"
+#include "helix/version.h"
+#include "server/common/cli.h"
+#include "server/common/logging.h"
+
+namespace {
+
+using helix::server::kExitFailure;
+using helix::server::kExitOk;
+using helix::server::kExitUsage;
+
+struct GenerateFlags {
+  std::string model, tokenizer, prompt, kv_dtype = "float32", log_level = "warn";
+  int max_tokens = 256, threads = 0, tp = 1, cp = 1, top_k = 0;
+  float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f;
+  float repetition_penalty = 1.0f, presence_penalty = 0.0f, frequency_penalty = 0.0f;
+  int64_t tokens_per_block = 32, seed = -1, max_seq_len = 0;
+  bool ignore_eos = false;
+  std::vector<std::string> stop;
+};
+
+int RunGenerate(const GenerateFlags& f) {
+  helix::config::LoggingConfig log;
+  log.level = f.log_level;
+  if (helix::Status st = helix::config::ValidateLogging(log); !st.ok()) {
+    std::cerr << "helix-gen generate: --log-level " << f.log_level << ": " << st.message() << "\n";
+    return kExitUsage;
+  }
+  if (!helix::server::SetUpLogging(log, "gen").ok()) return kExitFailure;
+  if (f.tp != 1 || f.cp != 1) {
+    std::cerr << "helix-gen generate: --tp " << f.tp << " --cp " << f.cp
+              << ": multi-rank (Helix) generation is not available in this build yet; "
+                 "use --tp 1 --cp 1\n";
+    return kExitUsage;
+  }
+  helix::EngineOptions o;
+  o.model_path = f.model;
+  o.tokenizer_path = f.tokenizer;
+  o.num_threads = f.threads;
+  o.tokens_per_block = f.tokens_per_block;
+  o.max_batch_size = 1;
+  o.max_seq_len = f.max_seq_len;
+  if (f.kv_dtype == "float32") {
+    o.kv_dtype = helix::kernels::DType::kF32;
+  } else if (f.kv_dtype == "float16") {
+    o.kv_dtype = helix::kernels::DType::kF16;
+  } else if (f.kv_dtype == "bfloat16") {
+    o.kv_dtype = helix::kernels::DType::kBF16;
+  } else {
+    std::cerr << "helix-gen generate: --kv-dtype " << f.kv_dtype
+              << ": expected float32, float16 or bfloat16\n";
+    return kExitUsage;
+  }
+  auto engine = helix::Engine::Create(o);
+  if (!engine.ok()) {
+    std::cerr << "helix-gen generate: " << engine.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  helix::GenerateRequest r;
+  r.prompt = f.prompt;
+  r.max_tokens = f.max_tokens;
+  r.sampling.temperature = f.temperature;
+  r.sampling.top_p = f.top_p;
+  r.sampling.top_k = f.top_k;
+  r.sampling.min_p = f.min_p;
+  r.sampling.repetition_penalty = f.repetition_penalty;
+  r.sampling.presence_penalty = f.presence_penalty;
+  r.sampling.frequency_penalty = f.frequency_penalty;
+  if (f.seed >= 0) r.sampling.seed = static_cast<uint64_t>(f.seed);
+  r.ignore_eos = f.ignore_eos;
+  r.stop = f.stop;
+  helix::Status failure;
+  helix::TokenEvent last;
+  r.sink = [&](const helix::TokenEvent& ev) {
+    if (!ev.text.empty()) {
+      std::cout << ev.text;
+      std::cout.flush();
+    }
+    if (ev.finished) last = ev;
+  };
+  auto id = (*engine)->Submit(std::move(r));
+  if (!id.ok()) {
+    std::cerr << "helix-gen generate: " << id.status().ToString() << "\n";
+    return kExitUsage;
+  }
+  while ((*engine)->HasWork()) (*engine)->Step();
+  std::cout << "\n";
+  std::cout.flush();
+  std::cerr << "[helix-gen] finish_reason=" << helix::FinishReasonName(last.finish_reason)
+            << " prompt_tokens=" << last.prompt_tokens
+            << " completion_tokens=" << last.completion_tokens << "\n";
+  if (last.finish_reason == helix::FinishReason::kError) {
+    std::cerr << "helix-gen generate: " << last.error.ToString() << "\n";
+    return kExitFailure;
+  }
+  return kExitOk;
+}
+
+int RunServe(const std::string& path) {
+  auto cfg = helix::config::LoadServingConfig(path, helix::config::Role::kGeneration);
+  if (!cfg.ok()) {
+    std::cerr << "invalid config: " << cfg.status().message() << "\n";
+    return kExitUsage;
+  }
+  if (!helix::server::SetUpLogging(cfg->logging, "gen").ok()) return kExitFailure;
+  std::cerr << "helix-gen serve: the gRPC generation service is not part of this build yet "
+               "(config "
+            << path
+            << " is valid); use `helix-gen generate` for offline "
+               "generation\n";
+  return kExitFailure;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "helix-gen: Helix generation server (decode with the KV cache sharded across a "
+      "context-parallel group)"};
+  app.set_version_flag("--version", std::string("helix-gen ") + helix::kVersion);
+  app.require_subcommand(1);
+
+  std::string serve_config;
+  auto* serve = app.add_subcommand("serve", "Run the generation server daemon");
+  serve->add_option("--config", serve_config, "JSON config file")->required();
+
+  std::string check_path;
+  auto* check = app.add_subcommand(
+      "check-config", "Validate a config and print it resolved (defaults filled in) as JSON");
+  check->add_option("file", check_path, "JSON config file")->required();
+
+  GenerateFlags g;
+  auto* gen = app.add_subcommand("generate", "Generate text offline; the text goes to stdout");
+  gen->add_option("--model", g.model, "Model file (llama2.c .bin)")->required();
+  gen->add_option("--tokenizer", g.tokenizer, "Tokenizer file (llama2.c tokenizer .bin)");
+  gen->add_option("--prompt", g.prompt, "Prompt text (default: empty, i.e. BOS only)");
+  gen->add_option("--max-tokens", g.max_tokens, "Tokens to generate")->capture_default_str();
+  gen->add_option("--temperature", g.temperature, "0 = greedy")->capture_default_str();
+  gen->add_option("--top-p", g.top_p)->capture_default_str();
+  gen->add_option("--top-k", g.top_k, "0 = off")->capture_default_str();
+  gen->add_option("--min-p", g.min_p)->capture_default_str();
+  gen->add_option("--repetition-penalty", g.repetition_penalty)->capture_default_str();
+  gen->add_option("--presence-penalty", g.presence_penalty)->capture_default_str();
+  gen->add_option("--frequency-penalty", g.frequency_penalty)->capture_default_str();
+  gen->add_option("--seed", g.seed, "Sampling seed (-1 = random)")->capture_default_str();
+  gen->add_option("--stop", g.stop, "Stop string (repeatable)");
+  gen->add_flag("--ignore-eos", g.ignore_eos, "Do not stop at the end-of-text token");
+  gen->add_option("--tokens-per-block", g.tokens_per_block, "KV cache block size")
+      ->capture_default_str();
+  gen->add_option("--kv-dtype", g.kv_dtype, "float32 | float16 | bfloat16")->capture_default_str();
+  gen->add_option("--max-seq-len", g.max_seq_len, "0 = the model's maximum")->capture_default_str();
+  gen->add_option("--threads", g.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  gen->add_option("--tp", g.tp, "Tensor-parallel size")->capture_default_str();
+  gen->add_option("--cp", g.cp, "Context-parallel (Helix) size")->capture_default_str();
+  gen->add_option("--log-level", g.log_level, "trace|debug|info|warn|error|off")
+      ->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? kExitOk : kExitUsage;
+  }
+  if (*check)
+    return helix::server::CheckConfigCommand(check_path, helix::server::ConfigKind::kGeneration);
+  if (*serve) return RunServe(serve_config);
+  return RunGenerate(g);
+}
