@@ -1,0 +1,85 @@
+// VocabData: a model's vocabulary as plain data (what a GGUF or a Hugging Face tokenizer.json
+// holds), and the factory that turns it into a Tokenizer. Value type; the returned Tokenizer is
+// immutable apart from an internal, mutex-guarded cache, and safe to share between threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/common/status.h"
+#include "engine/tokenizer/tokenizer.h"
+
+namespace helix {
+
+// GGUF token types (llama.cpp's llama_token_type); 0 (undefined) is treated as kNormal.
+enum TokenType : int32_t {
+  kTokenNormal = 1,
+  kTokenUnknown = 2,
+  kTokenControl = 3,
+  kTokenUserDefined = 4,
+  kTokenUnused = 5,
+  kTokenByte = 6,
+};
+
+struct VocabData {
+  // "llama": SentencePiece-style BPE with scores (GGUF tokenizer.ggml.model = llama).
+  // "gpt2": byte-level BPE with merges (GGUF gpt2; HF tokenizer.json BPE with ByteLevel).
+  std::string model;
+  // gpt2 only: the pre-tokenizer, by GGUF tokenizer.ggml.pre name ("" = GPT-2's regex); see
+  // PreTokenizerFromName for the names understood.
+  std::string pre;
+  // id -> piece as stored: GPT-2 byte-to-unicode mapped for gpt2 (special and user-defined
+  // tokens as plain text), U+2581 for spaces and <0xXX> byte pieces for llama.
+  std::vector<std::string> tokens;
+  // llama: merge priority per token (higher merges first). May be empty for gpt2.
+  std::vector<float> scores;
+  // One TokenType per token, or empty: then bos/eos/eot/pad count as control tokens, unk as
+  // unknown, <0xXX> pieces (llama) as bytes, and everything else as normal.
+  std::vector<int32_t> token_types;
+  // gpt2: "left right" pairs in rank order (first = merged first). A piece may itself contain
+  // spaces: the split chosen is the first whose two sides are both in the vocabulary.
+  std::vector<std::string> merges;
+  int32_t bos_id = -1, eos_id = -1, eot_id = -1, unk_id = -1, pad_id = -1;  // -1 = none.
+  bool add_bos = true;           // Encode(add_bos=true) prepends bos_id (if there is one).
+  bool add_space_prefix = true;  // llama: SentencePiece's dummy-prefix space.
+  std::string chat_template;     // Kept for the router; Tokenizer::chat_template().
+};
+
+// Builds the tokenizer for `data`.
+//
+// llama: spaces become U+2581 (after a dummy-prefix space with add_space_prefix: at the start,
+// and after each user-defined token matched in the text); symbols merge by highest score, the
+// leftmost first, into normal and user-defined pieces only; characters that no piece covers
+// fall back to <0xXX> byte tokens (unk_id where those are missing). Control tokens never come
+// out of text. Decoding maps U+2581 to a space and byte tokens to their byte; control tokens
+// give "", unknown ones " \u2047 ", and a leading space right after BOS is dropped when
+// add_space_prefix is set.
+//
+// gpt2: control, user-defined and unknown tokens written literally in the text are matched first
+// (leftmost, longest) and emitted as their ids, as llama.cpp does with parse_special and HF does
+// for added tokens. The rest is split by the pre-tokenizer; each chunk's bytes are mapped
+// through GPT-2's byte-to-unicode table and merged by rank, lowest first (leftmost on ties),
+// until no merge applies. Decoding reverses the byte mapping; special tokens decode to their
+// text. stop_ids() is eos, eot and any control token named <|im_end|>, <|endoftext|>,
+// <|eot_id|>, <|eom_id|>, <|end_of_text|>, <end_of_turn> or <|end|> (both models).
+//
+// Errors: InvalidArgument naming the field (empty or inconsistent sizes, ids out of range, bad
+// token types, NaN scores, unparsable merges, an unknown pre-tokenizer); Unimplemented for a
+// model other than llama and gpt2.
+StatusOr<std::unique_ptr<Tokenizer>> CreateTokenizer(VocabData data);
+
+// Reads a Hugging Face tokenizer.json whose model is byte-level BPE (Llama 3, SmolLM2, Qwen2,
+// GPT-2): vocab, merges ("a b" strings or ["a", "b"] arrays), added_tokens (special ones become
+// control tokens, the others user-defined), and the pre-tokenizer (its split regex picks `pre`:
+// llama-bpe, qwen2, smollm or gpt2). From tokenizer_config.json (path may be ""): bos_token,
+// eos_token, pad_token, unk_token, add_bos_token and chat_template. Without add_bos_token, BOS is
+// added when the post_processor's template starts with the BOS token.
+// Errors: NotFound (missing file), InvalidArgument (not JSON, or fields of the wrong shape,
+// named), Unimplemented (a model other than BPE, a BPE that is not byte-level, or a pre-tokenizer
+// or normalizer this module does not implement).
+StatusOr<VocabData> LoadHfTokenizerJson(const std::string& tokenizer_json_path,
+                                        const std::string& tokenizer_config_json_path);
+
+}  // namespace helix
