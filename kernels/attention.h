@@ -1,0 +1,81 @@
+// Paged decode/prefill attention over a rank's KV pool, returning each query head's output
+// and log-sum-exp so partial results merge exactly (MergeStatesCpu). Stateless; the pool is
+// only read (WriteKv writes one token slot), so calls are thread-safe for distinct outputs.
+#ifndef HELIX_KERNELS_ATTENTION_H_
+#define HELIX_KERNELS_ATTENTION_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/dtype.h"
+#include "kernels/thread_pool.h"
+
+namespace helix::kernels {
+
+// Non-owning view of one rank's KV pool. A block holds tokens_per_block tokens for all layers
+// and this rank's KV heads; within a block the element order is
+// [layer][k=0 / v=1][kv_head][token][head_dim], so one head's tokens in a block are contiguous.
+struct KvPoolView {
+  void* base;    // the pool: [num_blocks][block_elems()] elements of dtype
+  DType dtype;
+  int64_t num_layers, num_kv_heads, tokens_per_block, head_dim;
+
+  int64_t block_elems() const {
+    return num_layers * 2 * num_kv_heads * tokens_per_block * head_dim;
+  }
+};
+
+// Element (not byte) offset from view.base of dim 0 of (block, layer, c: 0 = K / 1 = V, kv
+// head, token within the block).
+inline int64_t KvOffset(const KvPoolView& view, int64_t block, int64_t layer, int c, int64_t head,
+                        int64_t token) {
+  return block * view.block_elems() +
+         (((layer * 2 + c) * view.num_kv_heads + head) * view.tokens_per_block + token) *
+             view.head_dim;
+}
+
+// Stores one token's K and V for all of the view's KV heads, converted (round to nearest
+// even) to the pool dtype.
+void WriteKv(const KvPoolView& view, int64_t block, int64_t layer, int64_t token_in_block,
+             const float* k,   // [num_kv_heads][head_dim]
+             const float* v);  // [num_kv_heads][head_dim]
+
+struct PagedAttentionParams {
+  const float* q;        // [num_q_tokens][num_q_heads][head_dim]
+  const int32_t* q_seq;  // [num_q_tokens] index of the sequence each query token belongs to
+  const int32_t* q_pos;  // [num_q_tokens] global position of each query token: it sees the KV
+                         // tokens with global position <= q_pos (causal)
+  KvPoolView kv;
+  int64_t layer;
+  const int32_t* block_tables;     // [num_seqs][max_blocks_per_seq] this rank's physical block
+                                   // ids of each sequence, in order
+  const int32_t* block_first_pos;  // [num_seqs][max_blocks_per_seq] global position of token 0
+                                   // of each of those blocks (not contiguous under CP)
+  const int32_t* kv_lens;  // [num_seqs] tokens this rank holds for the sequence; block j holds
+                           // min(tokens_per_block, kv_len - j * tokens_per_block) tokens
+  int64_t max_blocks_per_seq, num_seqs, num_q_tokens, num_q_heads, num_kv_heads, head_dim;
+  float scale;  // softmax scale, usually 1/sqrt(head_dim)
+  float* out;   // [num_q_tokens][num_q_heads][head_dim]
+  float* lse;   // [num_q_tokens][num_q_heads] natural log of sum exp(scale q.k) over the
+                // visible tokens; -inf where none is visible. May be nullptr.
+  int64_t kv_split_tokens;  // 0 = no split; else each sequence's blocks are cut into chunks of
+                            // this many tokens (a multiple of tokens_per_block), each chunk's
+                            // (O, LSE) is computed separately and MergeStatesCpu merges them
+};
+
+// Workspace PagedAttentionCpu needs for p: 0 without split-KV, else the per-chunk partial
+// outputs and LSEs (ceil(max_blocks_per_seq / blocks per chunk) chunks of every output row).
+size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p);
+
+// Online-softmax attention in fp32 (K and V converted from the pool dtype). Query head qh
+// reads KV head qh / (num_q_heads / num_kv_heads); the query heads of a GQA group (up to 8 at
+// a time) share each K/V read. A query token that sees no KV gets out = 0, lse = -inf.
+// REQUIRES: num_q_heads % num_kv_heads == 0; num_kv_heads == kv.num_kv_heads; head_dim ==
+//   kv.head_dim; kv_lens[s] <= max_blocks_per_seq * tokens_per_block; workspace holds
+//   PagedAttentionWorkspaceBytes(p) bytes, float-aligned (may be nullptr when that is 0).
+// pool may be nullptr. Allocates nothing.
+void PagedAttentionCpu(const PagedAttentionParams& p, void* workspace, ThreadPool* pool);
+
+}  // namespace helix::kernels
+
+#endif  // HELIX_KERNELS_ATTENTION_H_

@@ -1,0 +1,108 @@
+#include <algorithm>
+
+#include "kernels/cpu_vec.h"
+#include "kernels/gemm.h"
+
+namespace helix::kernels {
+namespace {
+
+using vec::V8;
+
+// Weight rows per tile (C) and x rows per micro-kernel call (R): 2 x 4 accumulators plus the
+// loaded vectors fit the 16 AVX2 registers.
+constexpr int kTileRows = 4;
+constexpr int kXRows = 2;
+// k is walked in panels so that a weight tile panel (4 x 512 floats = 8 KiB) stays in L1
+// while every x row streams past it.
+constexpr int64_t kPanel = 512;
+
+// acc[r][c] += dot(x[r][k0:k1], w[c][k0:k1]) for R x rows and C weight rows.
+template <int R, int C>
+inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t k0, int64_t k1,
+                        float out[R][C]) {
+  V8 acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = vec::Zero();
+  }
+  int64_t i = k0;
+  for (; i + 8 <= k1; i += 8) {
+    V8 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = vec::Load(wr[c] + i);
+    for (int r = 0; r < R; ++r) {
+      const V8 xv = vec::Load(xr[r] + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = vec::Fma(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float s = vec::HorizontalSum(acc[r][c]);
+      for (int64_t j = i; j < k1; ++j) s += xr[r][j] * wr[c][j];
+      out[r][c] = s;
+    }
+  }
+}
+
+// y[:, n0:n0+C] for all m rows.
+template <int C>
+void WeightTile(const GemmParams& p, int64_t n0) {
+  const float* wr[C];
+  for (int c = 0; c < C; ++c) wr[c] = p.w + (n0 + c) * p.k;
+  for (int64_t k0 = 0; k0 < p.k || k0 == 0; k0 += kPanel) {
+    const int64_t k1 = std::min(p.k, k0 + kPanel);
+    const bool first = k0 == 0;
+    int64_t r = 0;
+    for (; r + kXRows <= p.m; r += kXRows) {
+      const float* xr[kXRows] = {p.x + r * p.k, p.x + (r + 1) * p.k};
+      float out[kXRows][C];
+      MicroKernel<kXRows, C>(xr, wr, k0, k1, out);
+      for (int rr = 0; rr < kXRows; ++rr) {
+        float* y = p.y + (r + rr) * p.n + n0;
+        for (int c = 0; c < C; ++c) {
+          const float init = first ? (p.bias ? p.bias[n0 + c] : 0.0f) : y[c];
+          y[c] = init + out[rr][c];
+        }
+      }
+    }
+    for (; r < p.m; ++r) {
+      const float* xr[1] = {p.x + r * p.k};
+      float out[1][C];
+      MicroKernel<1, C>(xr, wr, k0, k1, out);
+      float* y = p.y + r * p.n + n0;
+      for (int c = 0; c < C; ++c) {
+        const float init = first ? (p.bias ? p.bias[n0 + c] : 0.0f) : y[c];
+        y[c] = init + out[0][c];
+      }
+    }
+    if (p.k == 0) break;
+  }
+}
+
+}  // namespace
+
+void GemmCpu(const GemmParams& p, ThreadPool* pool) {
+  if (p.m <= 0 || p.n <= 0) return;
+  const int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
+  // About 64K multiply-adds per chunk before it is worth waking another thread.
+  const int64_t min_tiles = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.m * p.k * kTileRows));
+  ParallelForMin(pool, tiles, min_tiles, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * kTileRows;
+      switch (std::min<int64_t>(kTileRows, p.n - n0)) {
+        case 4:
+          WeightTile<4>(p, n0);
+          break;
+        case 3:
+          WeightTile<3>(p, n0);
+          break;
+        case 2:
+          WeightTile<2>(p, n0);
+          break;
+        default:
+          WeightTile<1>(p, n0);
+          break;
+      }
+    }
+  });
+}
+
+}  // namespace helix::kernels

@@ -1,0 +1,28 @@
+// RMSNorm over the last dimension, optionally fused with the residual add, for the CPU
+// backend. Stateless; thread-safe for distinct outputs.
+#ifndef HELIX_KERNELS_RMSNORM_H_
+#define HELIX_KERNELS_RMSNORM_H_
+
+#include <cstdint>
+
+#include "kernels/thread_pool.h"
+
+namespace helix::kernels {
+
+struct RmsNormParams {
+  const float* x;      // [rows][dim]
+  float* residual;     // [rows][dim] or nullptr: if set, residual += x first (in place) and the
+                       // norm is taken of the updated residual
+  const float* weight;  // [dim]
+  float* out;          // [rows][dim]; may alias x
+  int64_t rows, dim;
+  float eps;
+};
+
+// out = v / sqrt(mean(v^2) + eps) * weight, v = x or the updated residual. The sum of
+// squares is accumulated in double. pool may be nullptr.
+void RmsNormCpu(const RmsNormParams& p, ThreadPool* pool);
+
+}  // namespace helix::kernels
+
+#endif  // HELIX_KERNELS_RMSNORM_H_

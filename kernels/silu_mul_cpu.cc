@@ -1,0 +1,25 @@
+#include <cmath>
+
+#include "kernels/cpu_vec.h"
+#include "kernels/silu_mul.h"
+
+namespace helix::kernels {
+
+void SiluMulCpu(const SiluMulParams& p, ThreadPool* pool) {
+  ParallelForMin(pool, p.n, 16384, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    const vec::V8 one = vec::Set1(1.0f);
+    for (; i + 8 <= e; i += 8) {
+      const vec::V8 g = vec::Load(p.gate + i);
+      const vec::V8 u = vec::Load(p.up + i);
+      const vec::V8 den = vec::Add(one, vec::Exp(vec::Sub(vec::Zero(), g)));
+      vec::Store(p.out + i, vec::Div(vec::Mul(g, u), den));
+    }
+    for (; i < e; ++i) {
+      const float g = p.gate[i];
+      p.out[i] = g * p.up[i] / (1.0f + std::exp(-g));
+    }
+  });
+}
+
+}  // namespace helix::kernels
