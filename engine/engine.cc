@@ -1,0 +1,346 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/common/log.h"
+#include "engine/kv_cache/sequence_kv.h"
+#include "engine/model/llama2c_loader.h"
+#include "engine/request/stop_matcher.h"
+#include "engine/sampler/sampler.h"
+
+namespace helix {
+
+struct Engine::Sequence {
+  GenerateRequest req;
+  std::vector<int32_t> tokens;  // prompt followed by generated tokens
+  int64_t prompt_len = 0;
+  int64_t num_computed = 0;  // tokens whose K/V is in the cache
+  int64_t generated = 0;
+  int64_t reserve_tokens = 0;  // positions reserved in the KV cache at admission
+  SequenceKv kv;
+  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<IncrementalDetokenizer> detok;
+  StopMatcher stop;
+  bool finished = false;
+
+  Sequence(GenerateRequest r, int64_t tpb, const Tokenizer& tok)
+      : req(std::move(r)), kv(tpb, 1, 0), stop(req.stop) {
+    detok = std::make_unique<IncrementalDetokenizer>(
+        tok, req.prompt_tokens.empty() ? -1 : req.prompt_tokens.back());
+  }
+};
+
+namespace {
+
+// Bytes of memory the OS reports as available (MemAvailable), or 0 when unknown.
+int64_t AvailableMemoryBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return 0;
+}
+
+StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    return Unimplemented("model '" + path +
+                         "' is a directory (Hugging Face format), which this build cannot load "
+                         "yet; use a llama2.c .bin checkpoint");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFound("cannot open model file '" + path + "'");
+  char magic[4] = {};
+  in.read(magic, 4);
+  if (in.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) {
+    return Unimplemented("model '" + path +
+                         "' is GGUF, which this build cannot load yet; use a llama2.c .bin "
+                         "checkpoint");
+  }
+  return LoadLlama2cModel(path);
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  std::unique_ptr<Engine> e(new Engine());
+  RETURN_IF_ERROR(e->Init(options));
+  return e;
+}
+
+Engine::~Engine() = default;
+
+Status Engine::Init(const EngineOptions& o) {
+  options_ = o;
+  if (o.tokens_per_block < 1) {
+    return InvalidArgument("tokens_per_block = " + std::to_string(o.tokens_per_block) +
+                           ": expected >= 1");
+  }
+  if (o.max_batch_size < 1 || o.max_num_tokens < 1 || o.max_seq_len < 0) {
+    return InvalidArgument("max_batch_size and max_num_tokens must be >= 1, max_seq_len >= 0");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<LoadedModel> loaded, LoadModel(o.model_path));
+  const ModelConfig cfg = loaded->config;
+  if (o.tokenizer_path.empty()) {
+    return InvalidArgument("model '" + o.model_path +
+                           "' is a llama2.c checkpoint, which needs a tokenizer file "
+                           "(--tokenizer / \"tokenizer\")");
+  }
+  ASSIGN_OR_RETURN(tokenizer_,
+                   LoadLlama2cTokenizer(o.tokenizer_path, static_cast<int32_t>(cfg.vocab_size)));
+  default_stop_ids_ = tokenizer_->stop_ids();
+
+  max_seq_len_ = o.max_seq_len == 0 ? cfg.max_seq_len : std::min(o.max_seq_len, cfg.max_seq_len);
+  if (o.max_seq_len > cfg.max_seq_len) {
+    HELIX_LOG(kWarn) << "max_seq_len " << o.max_seq_len << " exceeds the model's "
+                     << cfg.max_seq_len << "; using " << max_seq_len_;
+  }
+
+  kernels::KvPoolView kv{};
+  kv.dtype = o.kv_dtype;
+  kv.num_layers = cfg.n_layers;
+  kv.num_kv_heads = cfg.n_kv_heads;
+  kv.tokens_per_block = o.tokens_per_block;
+  kv.head_dim = cfg.head_dim;
+  const int64_t block_bytes =
+      kv.block_elems() * static_cast<int64_t>(kernels::DTypeSize(o.kv_dtype));
+  int64_t num_blocks = -1;
+  if (o.kv_max_tokens) {
+    num_blocks = (*o.kv_max_tokens + o.tokens_per_block - 1) / o.tokens_per_block;
+  }
+  if (o.kv_free_memory_fraction) {
+    const int64_t avail = AvailableMemoryBytes();
+    if (avail <= 0) return Internal("cannot read MemAvailable from /proc/meminfo");
+    int64_t n =
+        static_cast<int64_t>(static_cast<double>(avail) * *o.kv_free_memory_fraction) / block_bytes;
+    num_blocks = num_blocks < 0 ? n : std::min(num_blocks, n);
+  }
+  if (num_blocks < 0) {
+    num_blocks = (o.max_batch_size * max_seq_len_ + o.tokens_per_block - 1) / o.tokens_per_block;
+  }
+  ASSIGN_OR_RETURN(pool_, BlockPool::Create(num_blocks, block_bytes));
+  kv.base = pool_->base();
+
+  backend_ = std::make_unique<CpuBackend>(o.num_threads);
+  HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << cfg.n_layers << " layers, dim "
+                   << cfg.dim << ", heads " << cfg.n_heads << "/" << cfg.n_kv_heads << " kv, vocab "
+                   << cfg.vocab_size << "), KV pool " << num_blocks << " blocks x "
+                   << o.tokens_per_block << " tokens ("
+                   << (num_blocks * pool_->block_bytes()) / (1 << 20) << " MiB, "
+                   << kernels::DTypeName(o.kv_dtype) << "), max_seq_len " << max_seq_len_
+                   << ", backend cpu";
+  model_ = std::make_unique<LlamaModel>(std::move(loaded), backend_.get(), kv);
+  return Status::Ok();
+}
+
+StatusOr<std::string> Engine::Submit(GenerateRequest r) {
+  RETURN_IF_ERROR(r.sampling.Validate());
+  if (r.max_tokens < 1) {
+    return InvalidArgument("max_tokens = " + std::to_string(r.max_tokens) + ": expected >= 1");
+  }
+  const int64_t vocab = model_config().vocab_size;
+  if (r.prompt_tokens.empty()) {
+    r.prompt_tokens = tokenizer_->Encode(r.prompt, r.add_bos);
+    if (r.prompt_tokens.empty()) {
+      return InvalidArgument("prompt is empty (give text, token ids, or add_bos)");
+    }
+  }
+  for (size_t i = 0; i < r.prompt_tokens.size(); ++i) {
+    if (r.prompt_tokens[i] < 0 || r.prompt_tokens[i] >= vocab) {
+      return InvalidArgument("prompt token " + std::to_string(i) + " = " +
+                             std::to_string(r.prompt_tokens[i]) +
+                             " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    }
+  }
+  for (int32_t t : r.stop_token_ids) {
+    if (t < 0 || t >= vocab) {
+      return InvalidArgument("stop token id " + std::to_string(t) + " is outside the vocabulary");
+    }
+  }
+  const int64_t prompt_len = static_cast<int64_t>(r.prompt_tokens.size());
+  if (prompt_len + r.max_tokens > max_seq_len_) {
+    return InvalidArgument("prompt (" + std::to_string(prompt_len) + " tokens) + max_tokens (" +
+                           std::to_string(r.max_tokens) + ") exceeds max_seq_len " +
+                           std::to_string(max_seq_len_));
+  }
+  if (prompt_len > options_.max_num_tokens) {
+    return InvalidArgument("prompt (" + std::to_string(prompt_len) +
+                           " tokens) exceeds max_num_tokens " +
+                           std::to_string(options_.max_num_tokens) + " (no chunked prefill)");
+  }
+  auto seq = std::make_unique<Sequence>(std::move(r), options_.tokens_per_block, *tokenizer_);
+  seq->prompt_len = prompt_len;
+  seq->tokens = seq->req.prompt_tokens;
+  seq->reserve_tokens = prompt_len + seq->req.max_tokens;
+  if (seq->kv.BlocksNeeded(seq->reserve_tokens) > pool_->num_blocks()) {
+    return InvalidArgument("request needs " +
+                           std::to_string(seq->kv.BlocksNeeded(seq->reserve_tokens)) +
+                           " KV blocks but the pool has only " +
+                           std::to_string(pool_->num_blocks()) + ": it can never fit");
+  }
+  seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->tokens);
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  if (seq->req.id.empty()) seq->req.id = "req-" + std::to_string(next_id_++);
+  std::string id = seq->req.id;
+  inbox_.push_back(std::move(seq));
+  return id;
+}
+
+void Engine::Cancel(const std::string& request_id) {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  cancels_.insert(request_id);
+}
+
+bool Engine::HasWork() {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  return !inbox_.empty() || !waiting_.empty() || !running_.empty() || !cancels_.empty();
+}
+
+KvStats Engine::kv_stats() const {
+  return {pool_->num_blocks(), pool_->num_free(), pool_->block_bytes(), options_.tokens_per_block};
+}
+
+void Engine::DrainInbox() {
+  std::unordered_set<std::string> cancels;
+  {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    for (auto& s : inbox_) waiting_.push_back(std::move(s));
+    inbox_.clear();
+    cancels.swap(cancels_);
+  }
+  if (cancels.empty()) return;
+  for (auto& s : running_) {
+    if (cancels.count(s->req.id)) Finish(s.get(), FinishReason::kCancelled);
+  }
+  for (auto& s : waiting_) {
+    if (cancels.count(s->req.id)) Finish(s.get(), FinishReason::kCancelled);
+  }
+  auto done = [](const std::unique_ptr<Sequence>& s) { return s->finished; };
+  running_.erase(std::remove_if(running_.begin(), running_.end(), done), running_.end());
+  waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), done), waiting_.end());
+}
+
+void Engine::Admit() {
+  int64_t budget = options_.max_num_tokens - static_cast<int64_t>(running_.size());
+  while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_batch_size) {
+    Sequence* s = waiting_.front().get();
+    if (s->prompt_len > budget) break;  // next step
+    // Reserve the whole request up front: no preemption is ever needed.
+    if (!s->kv.Reserve(pool_.get(), s->reserve_tokens)) break;  // wait for blocks
+    budget -= s->prompt_len;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+}
+
+void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_text) {
+  if (s->finished) return;
+  s->finished = true;
+  s->kv.Release(pool_.get());
+  TokenEvent ev;
+  ev.request_id = s->req.id;
+  ev.finished = true;
+  ev.finish_reason = reason;
+  ev.error = std::move(error);
+  if (flush_text) {
+    // Held-back text (an incomplete character, a possible stop-string prefix) is released;
+    // a stop string that completes only now still cuts it.
+    bool stopped = false;
+    ev.text = s->stop.Push(s->detok->Flush(), &stopped);
+    if (!stopped) ev.text += s->stop.Flush();
+  }
+  ev.prompt_tokens = s->prompt_len;
+  ev.completion_tokens = s->generated;
+  if (s->req.sink) s->req.sink(ev);
+}
+
+void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
+  s->sampler->Accept(token);
+  s->tokens.push_back(token);
+  ++s->generated;
+  const bool stop_token =
+      (!s->req.ignore_eos &&
+       std::count(default_stop_ids_.begin(), default_stop_ids_.end(), token)) ||
+      std::count(s->req.stop_token_ids.begin(), s->req.stop_token_ids.end(), token);
+  if (stop_token) {
+    Finish(s, FinishReason::kStop, Status::Ok(), /*flush_text=*/true);
+    return;
+  }
+  TokenEvent ev;
+  ev.request_id = s->req.id;
+  ev.token = token;
+  ev.logprob = sample.logprob;
+  ev.top_logprobs = sample.top;
+  bool stopped = false;
+  ev.text = s->stop.Push(s->detok->Push(token), &stopped);
+  if (s->req.sink) s->req.sink(ev);
+  if (stopped) {
+    Finish(s, FinishReason::kStop);
+  } else if (s->generated >= s->req.max_tokens ||
+             static_cast<int64_t>(s->tokens.size()) >= max_seq_len_) {
+    Finish(s, FinishReason::kLength, Status::Ok(), /*flush_text=*/true);
+  }
+}
+
+bool Engine::Step() {
+  DrainInbox();
+  Admit();
+  if (running_.empty()) return false;
+
+  // One forward pass over every running sequence's uncomputed tokens.
+  ForwardBatch b;
+  b.num_seqs = static_cast<int64_t>(running_.size());
+  for (const auto& s : running_) {
+    b.max_blocks = std::max<int64_t>(b.max_blocks, s->kv.blocks().size());
+  }
+  b.block_tables.assign(b.num_seqs * b.max_blocks, 0);
+  b.block_first_pos.assign(b.num_seqs * b.max_blocks, 0);
+  for (int64_t i = 0; i < b.num_seqs; ++i) {
+    Sequence* s = running_[i].get();
+    for (int64_t p = s->num_computed; p < static_cast<int64_t>(s->tokens.size()); ++p) {
+      auto [block, slot] = s->kv.Append(p);
+      b.tokens.push_back(s->tokens[p]);
+      b.positions.push_back(static_cast<int32_t>(p));
+      b.token_seq.push_back(static_cast<int32_t>(i));
+      b.kv_block.push_back(block);
+      b.kv_slot.push_back(slot);
+    }
+    s->num_computed = static_cast<int64_t>(s->tokens.size());
+    b.logits_rows.push_back(static_cast<int32_t>(b.tokens.size() - 1));
+    b.kv_lens.push_back(static_cast<int32_t>(s->kv.local_tokens()));
+    std::copy(s->kv.blocks().begin(), s->kv.blocks().end(),
+              b.block_tables.begin() + i * b.max_blocks);
+    std::copy(s->kv.block_first_pos().begin(), s->kv.block_first_pos().end(),
+              b.block_first_pos.begin() + i * b.max_blocks);
+  }
+  model_->Forward(b, &logits_);
+
+  const int64_t vocab = model_config().vocab_size;
+  for (int64_t i = 0; i < b.num_seqs; ++i) {
+    Sequence* s = running_[i].get();
+    SampleResult r = s->sampler->Sample(logits_.data() + i * vocab, vocab);
+    EmitToken(s, r.token, r);
+  }
+  running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                [](const std::unique_ptr<Sequence>& s) { return s->finished; }),
+                 running_.end());
+  return true;
+}
+
+void Engine::AbortAll(const Status& error) {
+  DrainInbox();
+  for (auto& s : running_) Finish(s.get(), FinishReason::kError, error);
+  for (auto& s : waiting_) Finish(s.get(), FinishReason::kError, error);
+  running_.clear();
+  waiting_.clear();
+}
+
+}  // namespace helix

@@ -1,0 +1,99 @@
+// The single-rank engine: owns the model, the KV block pool, the scheduler state and every
+// request. Submit/Cancel are thread-safe (they queue work); Step and everything else run on
+// the one engine thread, which also calls the request sinks.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/common/status.h"
+#include "engine/kv_cache/block_pool.h"
+#include "engine/model/llama_model.h"
+#include "engine/request/request.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "kernels/dtype.h"
+
+namespace helix {
+
+struct EngineOptions {
+  std::string model_path;
+  std::string tokenizer_path;  // llama2.c models need one
+  int num_threads = 0;         // CPU backend; 0 = all cores
+  int64_t tokens_per_block = 32;
+  kernels::DType kv_dtype = kernels::DType::kF32;
+  std::optional<int64_t> kv_max_tokens;           // pool size in tokens
+  std::optional<double> kv_free_memory_fraction;  // of available memory; smaller one wins
+  int64_t max_batch_size = 64;
+  int64_t max_num_tokens = 8192;  // tokens in one forward pass
+  int64_t max_seq_len = 0;        // 0 = the model's maximum
+};
+
+struct KvStats {
+  int64_t total_blocks = 0;
+  int64_t free_blocks = 0;
+  int64_t block_bytes = 0;
+  int64_t tokens_per_block = 0;
+};
+
+class Engine {
+ public:
+  static StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+  ~Engine();
+
+  const ModelConfig& model_config() const { return model_->config(); }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  int64_t max_seq_len() const { return max_seq_len_; }
+
+  // Thread-safe. Validates the request (bad input and requests that can never fit are
+  // refused here with INVALID_ARGUMENT) and queues it. Returns the request id.
+  StatusOr<std::string> Submit(GenerateRequest request);
+  // Thread-safe. The request ends with finish reason "cancelled" at the next step.
+  void Cancel(const std::string& request_id);
+
+  // Engine thread: one scheduling step (admit, forward, sample, emit). Returns whether any
+  // work was done.
+  bool Step();
+  // Engine thread: true while requests are queued or running.
+  bool HasWork();
+  // Engine thread: fails every queued and running request with `error` (e.g. shutdown).
+  void AbortAll(const Status& error);
+  KvStats kv_stats() const;
+
+ private:
+  struct Sequence;
+  Engine() = default;
+  Status Init(const EngineOptions& options);
+  void DrainInbox();
+  void Admit();
+  // Ends a request: frees its blocks and sends the final event. `flush_text` releases text
+  // still held back (on stop token or length; not after a stop string or a cancel).
+  void Finish(Sequence* s, FinishReason reason, Status error = Status::Ok(),
+              bool flush_text = false);
+  void EmitToken(Sequence* s, int32_t token, const struct SampleResult& sample);
+
+  EngineOptions options_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<BlockPool> pool_;
+  std::unique_ptr<LlamaModel> model_;
+  int64_t max_seq_len_ = 0;
+  std::vector<int32_t> default_stop_ids_;
+
+  std::mutex inbox_mu_;
+  std::vector<std::unique_ptr<Sequence>> inbox_;  // GUARDED_BY(inbox_mu_)
+  std::unordered_set<std::string> cancels_;       // GUARDED_BY(inbox_mu_)
+  uint64_t next_id_ = 0;                          // GUARDED_BY(inbox_mu_)
+
+  std::deque<std::unique_ptr<Sequence>> waiting_;
+  std::vector<std::unique_ptr<Sequence>> running_;
+  std::vector<float> logits_;
+};
+
+}  // namespace helix

@@ -1,0 +1,326 @@
+// End-to-end engine tests on the real stories260K model: the upstream greedy oracle, batch
+// invariance under continuous batching, KV dtypes and block sizes, stop handling, bad input,
+// and that the KV pool is whole after every scenario.
+#include "engine/engine.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+namespace helix {
+namespace {
+
+namespace fs = std::filesystem;
+
+// llama2.c's run.c output for `run stories260K.bin -z tok512.bin -t 0 -n 200` (200 positions
+// including BOS), as its test suite (test_all.py) expects it.
+const char kOracle[] =
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high.\n"
+    "Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do. "
+    "She said, \"I want to play with your ball, but I can't find it.\"\n"
+    "Lily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I didn't know what "
+    "to do.\"\n"
+    "Lily didn't want to help her mom, so she";
+
+fs::path ModelDir() {
+  const char* s = std::getenv("HELIX_SHARED_DIR");
+  return fs::path(s ? s : "../shared") / "models" / "stories260K";
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(ModelDir() / "stories260K.bin")) {
+      GTEST_SKIP() << "stories260K not found under " << ModelDir()
+                   << " (set HELIX_SHARED_DIR to the shared/ folder)";
+    }
+  }
+  static EngineOptions Options() {
+    EngineOptions o;
+    o.model_path = (ModelDir() / "stories260K.bin").string();
+    o.tokenizer_path = (ModelDir() / "tok512.bin").string();
+    o.num_threads = 2;
+    o.tokens_per_block = 32;
+    o.kv_max_tokens = 16 * 512;
+    o.max_batch_size = 16;
+    return o;
+  }
+  static std::unique_ptr<Engine> Make(const EngineOptions& o) {
+    auto e = Engine::Create(o);
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    return e.ok() ? std::move(e).value() : nullptr;
+  }
+};
+
+struct Result {
+  std::vector<int32_t> tokens;
+  std::string text;
+  FinishReason reason = FinishReason::kNone;
+  Status error;
+  int64_t completion_tokens = 0;
+};
+
+// Runs requests to completion on one engine; `join_at` delays a request's submission until
+// that many steps have run (requests joining mid-flight).
+std::vector<Result> RunAll(Engine* e, std::vector<GenerateRequest> reqs,
+                           std::vector<int> join_at = {}) {
+  std::vector<Result> out(reqs.size());
+  join_at.resize(reqs.size(), 0);
+  std::vector<bool> submitted(reqs.size(), false);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].sink = [&out, i](const TokenEvent& ev) {
+      if (ev.token >= 0) out[i].tokens.push_back(ev.token);
+      out[i].text += ev.text;
+      if (ev.finished) {
+        out[i].reason = ev.finish_reason;
+        out[i].error = ev.error;
+        out[i].completion_tokens = ev.completion_tokens;
+      }
+    };
+  }
+  for (int step = 0;; ++step) {
+    bool pending = false;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      if (submitted[i]) continue;
+      if (join_at[i] <= step) {
+        auto id = e->Submit(reqs[i]);
+        EXPECT_TRUE(id.ok()) << id.status().ToString();
+        submitted[i] = true;
+      } else {
+        pending = true;
+      }
+    }
+    if (!e->HasWork() && !pending) break;
+    e->Step();
+  }
+  return out;
+}
+
+GenerateRequest Greedy(std::string prompt, int max_tokens) {
+  GenerateRequest r;
+  r.prompt = std::move(prompt);
+  r.max_tokens = max_tokens;
+  r.sampling.temperature = 0;
+  return r;
+}
+
+TEST_F(EngineTest, GreedyOracleMatchesUpstream) {
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  auto r = RunAll(e.get(), {Greedy("", 255)});
+  ASSERT_EQ(r[0].reason == FinishReason::kStop || r[0].reason == FinishReason::kLength, true);
+  EXPECT_EQ(r[0].text.substr(0, sizeof(kOracle) - 1), kOracle) << "got: " << r[0].text;
+  EXPECT_GE(r[0].completion_tokens, 199);
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
+TEST_F(EngineTest, BlockSizesAndKvDtypes) {
+  auto base = Make(Options());
+  ASSERT_NE(base, nullptr);
+  const auto ref = RunAll(base.get(), {Greedy("Once upon a time", 120)})[0];
+  for (int64_t tpb : {1, 4, 5, 32}) {
+    EngineOptions o = Options();
+    o.tokens_per_block = tpb;
+    auto e = Make(o);
+    ASSERT_NE(e, nullptr);
+    auto r = RunAll(e.get(), {Greedy("Once upon a time", 120)})[0];
+    EXPECT_EQ(r.tokens, ref.tokens) << "tokens_per_block " << tpb;
+    EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+  }
+  // Half-precision KV changes rounding, not the model: the story must still start the same.
+  for (auto dt : {kernels::DType::kF16, kernels::DType::kBF16}) {
+    EngineOptions o = Options();
+    o.kv_dtype = dt;
+    auto e = Make(o);
+    ASSERT_NE(e, nullptr);
+    auto r = RunAll(e.get(), {Greedy("", 40)})[0];
+    EXPECT_EQ(r.text.substr(0, 40), std::string(kOracle).substr(0, 40))
+        << kernels::DTypeName(dt) << ": " << r.text;
+  }
+}
+
+TEST_F(EngineTest, BatchInvarianceWithRequestsJoiningMidFlight) {
+  const std::vector<std::string> prompts = {
+      "",          "Once",         "The dog",           "Lily and Ben went to the park",
+      "A big red", "Tom was sad.", "She saw a cat. It", "One day, a little bird"};
+  std::vector<GenerateRequest> reqs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerateRequest r = Greedy(prompts[i], 30 + static_cast<int>(i) * 9);
+    if (i % 2 == 1) {  // sampled requests too: same seed → same tokens in any batch
+      r.sampling.temperature = 0.8f;
+      r.sampling.top_p = 0.9f;
+      r.sampling.seed = 100 + i;
+    }
+    reqs.push_back(r);
+  }
+  std::vector<Result> alone;
+  for (const auto& r : reqs) {
+    auto e = Make(Options());
+    ASSERT_NE(e, nullptr);
+    alone.push_back(RunAll(e.get(), {r})[0]);
+  }
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  auto together = RunAll(e.get(), reqs, {0, 0, 0, 3, 5, 5, 11, 20});
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(together[i].text, alone[i].text) << "request " << i;
+  }
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
+TEST_F(EngineTest, WaitsForBlocksWhenThePoolIsFull) {
+  EngineOptions o = Options();
+  o.kv_max_tokens = 128;  // room for two 64-token requests at a time
+  o.tokens_per_block = 16;
+  auto e = Make(o);
+  ASSERT_NE(e, nullptr);
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 5; ++i) reqs.push_back(Greedy("Once upon a time", 58));
+  auto r = RunAll(e.get(), reqs);
+  for (const auto& x : r) {
+    EXPECT_EQ(x.reason, FinishReason::kLength);
+    EXPECT_EQ(x.tokens, r[0].tokens);
+  }
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
+TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  GenerateRequest s = Greedy("", 100);
+  s.stop = {"park"};
+  GenerateRequest t = Greedy("", 100);
+  t.stop_token_ids = {e->tokenizer().Encode("Lily", false).back()};
+  GenerateRequest c = Greedy("", 200);
+  c.id = "to-cancel";
+  auto r = RunAll(e.get(), {s, t});
+  EXPECT_EQ(r[0].reason, FinishReason::kStop);
+  EXPECT_EQ(r[0].text,
+            "Once upon a time, there was a little girl named Lily. She loved to play outside in "
+            "the ");
+  EXPECT_EQ(r[1].reason, FinishReason::kStop);
+
+  Result cancelled;
+  c.sink = [&](const TokenEvent& ev) {
+    if (ev.token >= 0) cancelled.tokens.push_back(ev.token);
+    if (ev.finished) cancelled.reason = ev.finish_reason;
+  };
+  ASSERT_TRUE(e->Submit(c).ok());
+  for (int i = 0; i < 5; ++i) e->Step();
+  e->Cancel("to-cancel");
+  while (e->HasWork()) e->Step();
+  EXPECT_EQ(cancelled.reason, FinishReason::kCancelled);
+  EXPECT_LT(cancelled.tokens.size(), 10u);
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
+TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  struct Case {
+    GenerateRequest r;
+    std::string expect;
+  };
+  std::vector<Case> cases;
+  {
+    GenerateRequest r = Greedy("", 10);
+    r.add_bos = false;
+    cases.push_back({r, "prompt is empty"});
+  }
+  {
+    GenerateRequest r = Greedy("", 10);
+    r.prompt_tokens = {1, 600};
+    cases.push_back({r, "outside the vocabulary"});
+  }
+  {
+    GenerateRequest r = Greedy("Hi", 600);
+    cases.push_back({r, "exceeds max_seq_len"});
+  }
+  {
+    GenerateRequest r = Greedy("Hi", 0);
+    cases.push_back({r, "max_tokens"});
+  }
+  {
+    GenerateRequest r = Greedy("Hi", 5);
+    r.sampling.temperature = -1;
+    cases.push_back({r, "temperature"});
+  }
+  {
+    GenerateRequest r = Greedy("Hi", 5);
+    r.sampling.top_p = 0;
+    cases.push_back({r, "top_p"});
+  }
+  for (auto& c : cases) {
+    auto id = e->Submit(c.r);
+    ASSERT_FALSE(id.ok()) << c.expect;
+    EXPECT_EQ(id.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(id.status().message().find(c.expect), std::string::npos) << id.status().message();
+  }
+  // A request that can never fit in the pool.
+  EngineOptions small = Options();
+  small.kv_max_tokens = 64;
+  auto e2 = Make(small);
+  ASSERT_NE(e2, nullptr);
+  auto id = e2->Submit(Greedy("Once", 200));
+  ASSERT_FALSE(id.ok());
+  EXPECT_NE(id.status().message().find("never fit"), std::string::npos);
+  // The engine still serves good requests afterwards.
+  auto r = RunAll(e.get(), {Greedy("", 20)});
+  EXPECT_EQ(r[0].text.substr(0, 20), std::string(kOracle).substr(0, 20));
+}
+
+TEST(EngineLoadTest, LoaderErrorsAreClear) {
+  fs::path dir = fs::temp_directory_path() / ("helix_engine_test_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  EngineOptions o;
+  o.tokenizer_path = (ModelDir() / "tok512.bin").string();
+  o.model_path = (dir / "missing.bin").string();
+  auto e = Engine::Create(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("missing.bin"), std::string::npos);
+
+  if (fs::exists(ModelDir() / "stories260K.bin")) {
+    // Truncated copies of the real checkpoint: header only, and cut mid-tensor.
+    std::ifstream in(ModelDir() / "stories260K.bin", std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (size_t cut : {size_t{10}, size_t{28}, size_t{5000}, bytes.size() - 100}) {
+      fs::path p = dir / "trunc.bin";
+      std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(cut));
+      o.model_path = p.string();
+      auto t = Engine::Create(o);
+      ASSERT_FALSE(t.ok()) << "cut at " << cut;
+      EXPECT_NE(t.status().message().find("trunc.bin"), std::string::npos) << t.status().message();
+    }
+  }
+  // An absurd header (negative layer count).
+  {
+    fs::path p = dir / "bad.bin";
+    int32_t h[7] = {64, 172, -5, 8, 4, 512, 512};
+    std::ofstream(p, std::ios::binary).write(reinterpret_cast<char*>(h), sizeof(h));
+    o.model_path = p.string();
+    auto t = Engine::Create(o);
+    ASSERT_FALSE(t.ok());
+    EXPECT_NE(t.status().message().find("n_layers"), std::string::npos) << t.status().message();
+  }
+  // GGUF magic: refused loudly as not supported yet.
+  {
+    fs::path p = dir / "model.gguf";
+    std::ofstream(p, std::ios::binary) << "GGUF\x03\x00\x00\x00";
+    o.model_path = p.string();
+    auto t = Engine::Create(o);
+    ASSERT_FALSE(t.ok());
+    EXPECT_EQ(t.status().code(), StatusCode::kUnimplemented);
+  }
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace helix

@@ -1,0 +1,42 @@
+// A rank's KV block pool: one allocation made at start-up, handed out as block ids.
+// Not thread-safe: owned and used by the engine thread only.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/common/status.h"
+
+namespace helix {
+
+class BlockPool {
+ public:
+  // Reserves num_blocks × block_bytes (64-byte aligned; pages are committed on first use).
+  static StatusOr<std::unique_ptr<BlockPool>> Create(int64_t num_blocks, int64_t block_bytes);
+  ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t num_free() const { return static_cast<int64_t>(free_.size()); }
+  int64_t block_bytes() const { return block_bytes_; }
+  void* base() const { return base_; }
+
+  // Appends n block ids to *out and returns true, or changes nothing and returns false.
+  bool Allocate(int64_t n, std::vector<int32_t>* out);
+  // Returns blocks to the pool. Freeing a block that is not allocated is a bug: it is
+  // reported and ignored so the pool stays consistent.
+  void Free(const std::vector<int32_t>& blocks);
+
+ private:
+  BlockPool(void* base, int64_t num_blocks, int64_t block_bytes);
+
+  void* base_;
+  int64_t num_blocks_;
+  int64_t block_bytes_;
+  std::vector<int32_t> free_;    // stack of free ids
+  std::vector<uint8_t> in_use_;  // per block
+};
+
+}  // namespace helix

@@ -1,0 +1,26 @@
+// Streams a request's text while watching for stop strings: text that could still be the
+// start of a stop string is held back; once a stop string appears, the text before it is
+// released and the rest dropped (OpenAI semantics). One per request; not thread-safe.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace helix {
+
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops);
+  // Adds complete UTF-8 text; returns what may be emitted now. Sets *stopped when a stop
+  // string completed (nothing more should be generated).
+  std::string Push(std::string_view text, bool* stopped);
+  // At the end without a stop: whatever is still held back.
+  std::string Flush();
+
+ private:
+  std::vector<std::string> stops_;
+  std::string held_;
+};
+
+}  // namespace helix

@@ -1,0 +1,40 @@
+// Turns one row of logits into a token for one request: penalties, temperature, top-k,
+// top-p, min-p, then a draw from the request's own RNG. One Sampler per request;
+// not thread-safe (the engine thread samples).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "engine/sampler/sampling_params.h"
+
+namespace helix {
+
+struct SampleResult {
+  int32_t token = -1;
+  float logprob = 0;                           // of the raw model distribution
+  std::vector<std::pair<int32_t, float>> top;  // top-n (token, logprob), best first
+};
+
+class Sampler {
+ public:
+  // `prompt` seeds the repetition penalty's token set.
+  Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt);
+
+  // Samples from `logits` (vocab entries; modified in place as scratch).
+  SampleResult Sample(float* logits, int64_t vocab);
+  // Records a generated token (for the penalties).
+  void Accept(int32_t token);
+
+ private:
+  SamplingParams p_;
+  std::mt19937_64 rng_;
+  std::vector<int32_t> seen_;                    // prompt ∪ output, for repetition penalty
+  std::unordered_map<int32_t, int32_t> counts_;  // output token counts
+  std::vector<std::pair<float, int32_t>> scratch_;
+};
+
+}  // namespace helix

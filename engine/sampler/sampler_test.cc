@@ -1,0 +1,122 @@
+#include "engine/sampler/sampler.h"
+
+#include <cmath>
+#include <map>
+
+#include <gtest/gtest.h>
+
+namespace helix {
+namespace {
+
+std::vector<float> Logits() { return {1.0f, 3.0f, 2.0f, 3.0f, -1.0f}; }
+
+int32_t SampleOnce(SamplingParams p, std::vector<float> logits = Logits()) {
+  Sampler s(p, {});
+  return s.Sample(logits.data(), static_cast<int64_t>(logits.size())).token;
+}
+
+TEST(SamplerTest, GreedyTakesArgmaxLowestIdOnTies) {
+  SamplingParams p;
+  p.temperature = 0;
+  EXPECT_EQ(SampleOnce(p), 1);
+}
+
+TEST(SamplerTest, TopKOneIsGreedy) {
+  SamplingParams p;
+  p.top_k = 1;
+  p.seed = 7;
+  for (int i = 0; i < 20; ++i) {
+    p.seed = i;
+    EXPECT_EQ(SampleOnce(p), 1);
+  }
+}
+
+TEST(SamplerTest, TopPAndMinPRestrictTheSupport) {
+  SamplingParams p;
+  p.top_p = 0.5f;  // tokens 1 and 3 carry ~0.33 each: the smallest prefix ≥ 0.5 is {1, 3}
+  for (int i = 0; i < 200; ++i) {
+    p.seed = i;
+    int32_t t = SampleOnce(p);
+    EXPECT_TRUE(t == 1 || t == 3) << t;
+  }
+  SamplingParams m;
+  m.min_p = 0.5f;  // p(2)/p(1) = e^-1 < 0.5
+  for (int i = 0; i < 200; ++i) {
+    m.seed = i;
+    int32_t t = SampleOnce(m);
+    EXPECT_TRUE(t == 1 || t == 3) << t;
+  }
+}
+
+TEST(SamplerTest, SameSeedSameTokensAndFrequenciesMatchSoftmax) {
+  SamplingParams p;
+  p.seed = 1234;
+  Sampler a(p, {}), b(p, {});
+  std::map<int32_t, int> counts;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    auto la = Logits(), lb = Logits();
+    int32_t ta = a.Sample(la.data(), 5).token;
+    EXPECT_EQ(ta, b.Sample(lb.data(), 5).token);
+    ++counts[ta];
+  }
+  const auto l = Logits();
+  double z = 0;
+  for (float x : l) z += std::exp(x);
+  for (int t = 0; t < 5; ++t) {
+    double expect = std::exp(l[t]) / z;
+    EXPECT_NEAR(counts[t] / double(n), expect, 0.015) << "token " << t;
+  }
+}
+
+TEST(SamplerTest, PenaltiesAndLogprobs) {
+  SamplingParams p;
+  p.temperature = 0;
+  p.repetition_penalty = 10.0f;  // prompt token 1's logit 3 → 0.3
+  Sampler s(p, {1});
+  auto l = Logits();
+  EXPECT_EQ(s.Sample(l.data(), 5).token, 3);
+
+  SamplingParams f;
+  f.temperature = 0;
+  f.frequency_penalty = 1.5f;
+  f.top_logprobs = 2;
+  Sampler s2(f, {});
+  s2.Accept(1);
+  s2.Accept(3);
+  l = Logits();
+  SampleResult r = s2.Sample(l.data(), 5);
+  EXPECT_EQ(r.token, 2);  // 1 and 3 drop to 1.5
+  double z = 0;
+  for (float x : Logits()) z += std::exp(x);
+  EXPECT_NEAR(r.logprob, 2.0 - std::log(z), 1e-5);  // raw distribution
+  ASSERT_EQ(r.top.size(), 2u);
+  EXPECT_EQ(r.top[0].first, 1);
+  EXPECT_EQ(r.top[1].first, 3);
+}
+
+TEST(SamplingParamsTest, ValidationNamesTheField) {
+  SamplingParams p;
+  p.temperature = NAN;
+  EXPECT_NE(p.Validate().message().find("temperature"), std::string::npos);
+  p = {};
+  p.temperature = -1;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  p.top_p = 0;
+  EXPECT_NE(p.Validate().message().find("top_p"), std::string::npos);
+  p = {};
+  p.top_p = 1.5f;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  p.min_p = -0.1f;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  p.top_k = -2;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  EXPECT_TRUE(p.Validate().ok());
+}
+
+}  // namespace
+}  // namespace helix

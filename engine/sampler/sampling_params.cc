@@ -1,0 +1,37 @@
+#include "engine/sampler/sampling_params.h"
+
+#include <cmath>
+#include <sstream>
+
+namespace helix {
+namespace {
+Status Bad(const char* field, double v, const char* expected) {
+  std::ostringstream m;
+  m << field << " = " << v << ": expected " << expected;
+  return InvalidArgument(m.str());
+}
+}  // namespace
+
+Status SamplingParams::Validate() const {
+  if (!std::isfinite(temperature) || temperature < 0) {
+    return Bad("temperature", temperature, "a finite value >= 0");
+  }
+  if (top_k < 0) return Bad("top_k", top_k, "0 (off) or a positive count");
+  if (!(top_p > 0 && top_p <= 1)) return Bad("top_p", top_p, "a value in (0, 1]");
+  if (!(min_p >= 0 && min_p <= 1)) return Bad("min_p", min_p, "a value in [0, 1]");
+  if (!(repetition_penalty > 0) || !std::isfinite(repetition_penalty)) {
+    return Bad("repetition_penalty", repetition_penalty, "a finite value > 0");
+  }
+  if (!(presence_penalty >= -2 && presence_penalty <= 2)) {
+    return Bad("presence_penalty", presence_penalty, "a value in [-2, 2]");
+  }
+  if (!(frequency_penalty >= -2 && frequency_penalty <= 2)) {
+    return Bad("frequency_penalty", frequency_penalty, "a value in [-2, 2]");
+  }
+  if (top_logprobs < -1 || top_logprobs > 20) {
+    return Bad("top_logprobs", top_logprobs, "-1 (none) or 0..20");
+  }
+  return Status::Ok();
+}
+
+}  // namespace helix

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# `helix-gen generate` writes only the generated text to stdout (diagnostics to stderr) and
+# reproduces llama2.c's greedy stories260K output. Exit 77 = skipped (model missing).
+set -u
+gen=$1
+shared=$2
+m="$shared/models/stories260K"
+if [ ! -f "$m/stories260K.bin" ]; then echo "SKIP: $m/stories260K.bin not found"; exit 77; fi
+out=$(mktemp); err=$(mktemp)
+trap 'rm -f "$out" "$err"' EXIT
+"$gen" generate --model "$m/stories260K.bin" --tokenizer "$m/tok512.bin" --temperature 0 \
+  --max-tokens 40 --threads 1 >"$out" 2>"$err" || { echo "FAIL: exit $?"; cat "$err"; exit 1; }
+want="Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+if ! head -c ${#want} "$out" | grep -qxF "$want"; then
+  echo "FAIL: stdout does not start with the oracle text:"; cat "$out"; exit 1
+fi
+grep -q "finish_reason=length" "$err" || { echo "FAIL: no finish line on stderr"; cat "$err"; exit 1; }
+# A bad flag value is a usage error naming the flag.
+"$gen" generate --model "$m/stories260K.bin" --tokenizer "$m/tok512.bin" --kv-dtype int4 \
+  >"$out" 2>"$err"
+rc=$?
+[ "$rc" -eq 2 ] && grep -q "kv-dtype" "$err" || { echo "FAIL: --kv-dtype int4 gave rc $rc"; cat "$err"; exit 1; }
+echo "ok"
