@@ -16,7 +16,7 @@ namespace helix::kernels {
 // and this rank's KV heads; within a block the element order is
 // [layer][k=0 / v=1][kv_head][token][head_dim], so one head's tokens in a block are contiguous.
 struct KvPoolView {
-  void* base;    // the pool: [num_blocks][block_elems()] elements of dtype
+  void* base;  // the pool: [num_blocks][block_elems()] elements of dtype
   DType dtype;
   int64_t num_layers, num_kv_heads, tokens_per_block, head_dim;
 
@@ -70,10 +70,14 @@ size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p);
 // Online-softmax attention in fp32 (K and V converted from the pool dtype). Query head qh
 // reads KV head qh / (num_q_heads / num_kv_heads); the query heads of a GQA group (up to 8 at
 // a time) share each K/V read. A query token that sees no KV gets out = 0, lse = -inf.
-// REQUIRES: num_q_heads % num_kv_heads == 0; num_kv_heads == kv.num_kv_heads; head_dim ==
-//   kv.head_dim; kv_lens[s] <= max_blocks_per_seq * tokens_per_block; workspace holds
-//   PagedAttentionWorkspaceBytes(p) bytes, float-aligned (may be nullptr when that is 0).
-// pool may be nullptr. Allocates nothing.
+// Work items are (query token, KV chunk, set of KV heads), each walking its blocks in order
+// and all its heads per block; KV-head sets are cut only as far as needed to give every
+// thread work, and the result does not depend on the thread count.
+// REQUIRES: num_q_heads % num_kv_heads == 0 and num_q_heads / num_kv_heads <= 256;
+//   num_kv_heads == kv.num_kv_heads; head_dim == kv.head_dim; kv_lens[s] <=
+//   max_blocks_per_seq * tokens_per_block; workspace holds PagedAttentionWorkspaceBytes(p)
+//   bytes, float-aligned (may be nullptr when that is 0); out/lse do not alias q or the pool.
+// pool may be nullptr (runs on the calling thread). Allocates nothing.
 void PagedAttentionCpu(const PagedAttentionParams& p, void* workspace, ThreadPool* pool);
 
 }  // namespace helix::kernels

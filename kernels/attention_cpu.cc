@@ -23,13 +23,17 @@ constexpr int kMaxPairs = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t BlocksPerChunk(const PagedAttentionParams& p) {
-  if (p.kv_split_tokens <= 0) return 0;
+  if (p.kv_split_tokens <= 0) {
+    return 0;
+  }
   return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
 }
 
 int64_t NumParts(const PagedAttentionParams& p) {
   const int64_t bpc = BlocksPerChunk(p);
-  if (bpc == 0) return 1;
+  if (bpc == 0) {
+    return 1;
+  }
   return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
 }
 
@@ -42,7 +46,9 @@ inline V8 ScoreRows(const void* base, const float* const* q, int64_t row0, int64
   static_assert(TT * G <= kMaxGroup);
   const int64_t d8 = d / 8 * 8;
   V8 acc[kMaxGroup];
-  for (int i = 0; i < kMaxGroup; ++i) acc[i] = vec::Zero();
+  for (int i = 0; i < kMaxGroup; ++i) {
+    acc[i] = vec::Zero();
+  }
   for (int tt = 0; tt < TT; ++tt) {
     for (int64_t e = 0; e < d8; e += 8) {
       const V8 kv = vec::LoadAs<T>(base, row0 + tt * d + e);
@@ -57,7 +63,9 @@ inline V8 ScoreRows(const void* base, const float* const* q, int64_t row0, int64
     for (int tt = 0; tt < TT; ++tt) {
       for (int64_t e = d8; e < d; ++e) {
         const float kv = vec::LoadScalarAs<T>(base, row0 + tt * d + e);
-        for (int g = 0; g < G; ++g) tail[tt * G + g] += q[g][e] * kv;
+        for (int g = 0; g < G; ++g) {
+          tail[tt * G + g] += q[g][e] * kv;
+        }
       }
     }
     dots = vec::Add(dots, vec::Load(tail));
@@ -73,18 +81,41 @@ inline void AccumulateV(const void* base, int64_t row0, int64_t d, int64_t nt,
   V8 acc[G][EE];
   for (int g = 0; g < G; ++g) {
     const V8 a = vec::Set1(alpha[g]);
-    for (int c = 0; c < EE; ++c) acc[g][c] = vec::Mul(vec::Load(o + g * d + e0 + 8 * c), a);
+    for (int c = 0; c < EE; ++c) {
+      acc[g][c] = vec::Mul(vec::Load(o + g * d + e0 + 8 * c), a);
+    }
   }
   for (int64_t i = 0; i < nt; ++i) {
-    V8 vv[EE];
-    for (int c = 0; c < EE; ++c) vv[c] = vec::LoadAs<T>(base, row0 + i * d + e0 + 8 * c);
-    for (int g = 0; g < G; ++g) {
-      const V8 w = vec::Set1(p[g][i]);
-      for (int c = 0; c < EE; ++c) acc[g][c] = vec::Fma(w, vv[c], acc[g][c]);
+    // Keep G * EE accumulators plus either the G weights or the EE V vectors live (never
+    // both: that would exceed the 16 AVX2 registers and spill).
+    if constexpr (G <= EE) {
+      V8 w[G];
+      for (int g = 0; g < G; ++g) {
+        w[g] = vec::Set1(p[g][i]);
+      }
+      for (int c = 0; c < EE; ++c) {
+        const V8 vv = vec::LoadAs<T>(base, row0 + i * d + e0 + 8 * c);
+        for (int g = 0; g < G; ++g) {
+          acc[g][c] = vec::Fma(w[g], vv, acc[g][c]);
+        }
+      }
+    } else {
+      V8 vv[EE];
+      for (int c = 0; c < EE; ++c) {
+        vv[c] = vec::LoadAs<T>(base, row0 + i * d + e0 + 8 * c);
+      }
+      for (int g = 0; g < G; ++g) {
+        const V8 w = vec::Set1(p[g][i]);
+        for (int c = 0; c < EE; ++c) {
+          acc[g][c] = vec::Fma(w, vv[c], acc[g][c]);
+        }
+      }
     }
   }
   for (int g = 0; g < G; ++g) {
-    for (int c = 0; c < EE; ++c) vec::Store(o + g * d + e0 + 8 * c, acc[g][c]);
+    for (int c = 0; c < EE; ++c) {
+      vec::Store(o + g * d + e0 + 8 * c, acc[g][c]);
+    }
   }
 }
 
@@ -96,12 +127,12 @@ struct GroupState {
 
 // One block's visible rows for one sub-group of query heads.
 struct RowsArgs {
-  const void* base;    // the KV pool
-  const float* q;      // [G][d] the sub-group's query rows
-  float* o;            // [G][d] running (unnormalised) output
-  int64_t k_off;       // element offset of this block's K row 0 for the KV head
-  int64_t v_off;       // element offset of this block's V row 0 for the KV head
-  int64_t nvis;        // visible tokens: rows [0, nvis) of the block
+  const void* base;  // the KV pool
+  const float* q;    // [G][d] the sub-group's query rows
+  float* o;          // [G][d] running (unnormalised) output
+  int64_t k_off;     // element offset of this block's K row 0 for the KV head
+  int64_t v_off;     // element offset of this block's V row 0 for the KV head
+  int64_t nvis;      // visible tokens: rows [0, nvis) of the block
   int64_t d;
   float scale;
   const char* next_k;  // K rows processed next (prefetched meanwhile), or nullptr
@@ -117,7 +148,9 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
   const int64_t d = a.d;
   const int64_t d8 = d / 8 * 8;
   const float* q[G];
-  for (int g = 0; g < G; ++g) q[g] = a.q + g * d;
+  for (int g = 0; g < G; ++g) {
+    q[g] = a.q + g * d;
+  }
   const V8 scale = vec::Set1(a.scale);
   // Scores, then probabilities, of the tile: [head][token], tokens in vector lanes so the
   // softmax bookkeeping costs per token and not per lane of a head vector.
@@ -127,19 +160,22 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
   for (int64_t i0 = 0; i0 < a.nvis; i0 += kTile) {
     const int64_t nt = std::min(kTile, a.nvis - i0);
     const int64_t nv = (nt + 7) / 8;  // vectors of tokens
-    {
-      // While the tile's K rows are scored, bring in its V rows and the K rows processed
-      // next, which the hardware prefetcher cannot predict (blocks are scattered).
-      const char* v_bytes = static_cast<const char*>(a.base) + a.v_off * kElemBytes;
-      const int64_t begin = i0 * d * kElemBytes, end = (i0 + nt) * d * kElemBytes;
-      for (int64_t b = begin; b < end; b += 64) {
+    // While a K row is scored, prefetch the V row that follows it and the matching row of
+    // the K rows processed next, which the hardware prefetcher cannot predict (blocks are
+    // scattered). Spread out, so the prefetches never pile up in the miss buffers.
+    const char* v_bytes = static_cast<const char*>(a.base) + a.v_off * kElemBytes;
+    const auto prefetch_rows = [&](int64_t r0, int64_t r1) {
+      for (int64_t b = r0 * d * kElemBytes; b < r1 * d * kElemBytes; b += 64) {
         __builtin_prefetch(v_bytes + b);
-        if (a.next_k != nullptr) __builtin_prefetch(a.next_k + b);
+        if (a.next_k != nullptr) {
+          __builtin_prefetch(a.next_k + b);
+        }
       }
-    }
+    };
 
     int64_t i = 0;
     for (; i + kRowsPerPass <= nt; i += kRowsPerPass) {
+      prefetch_rows(i0 + i, i0 + i + kRowsPerPass);
       const V8 dots =
           vec::Mul(ScoreRows<T, G, kRowsPerPass>(a.base, q, a.k_off + (i0 + i) * d, d), scale);
       if constexpr (G == 1) {
@@ -148,20 +184,29 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
         alignas(32) float tmp[kMaxGroup];
         vec::Store(tmp, dots);
         for (int tt = 0; tt < kRowsPerPass; ++tt) {
-          for (int g = 0; g < G; ++g) sc[g][i + tt] = tmp[tt * G + g];
+          for (int g = 0; g < G; ++g) {
+            sc[g][i + tt] = tmp[tt * G + g];
+          }
         }
       }
     }
     for (; i < nt; ++i) {
+      prefetch_rows(i0 + i, i0 + i + 1);
       alignas(32) float tmp[kMaxGroup];
       vec::Store(tmp, vec::Mul(ScoreRows<T, G, 1>(a.base, q, a.k_off + (i0 + i) * d, d), scale));
-      for (int g = 0; g < G; ++g) sc[g][i] = tmp[g];
+      for (int g = 0; g < G; ++g) {
+        sc[g][i] = tmp[g];
+      }
     }
 
     for (int g = 0; g < G; ++g) {
-      for (int64_t r = nt; r < nv * 8; ++r) sc[g][r] = kNegInf;  // padding: exp gives 0
+      for (int64_t r = nt; r < nv * 8; ++r) {
+        sc[g][r] = kNegInf;  // padding: exp gives 0
+      }
       V8 mx = vec::Load(sc[g]);
-      for (int64_t c = 1; c < nv; ++c) mx = vec::Max(mx, vec::Load(sc[g] + 8 * c));
+      for (int64_t c = 1; c < nv; ++c) {
+        mx = vec::Max(mx, vec::Load(sc[g] + 8 * c));
+      }
       const float m_new = std::max(st->m[g], vec::HorizontalMax(mx));
       alpha[g] = std::exp(st->m[g] - m_new);  // 0 while m is still -inf
       const V8 mv = vec::Set1(m_new);
@@ -180,7 +225,9 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
     for (; e + 8 * kChunksPerPass <= d8; e += 8 * kChunksPerPass) {
       AccumulateV<T, G, kChunksPerPass>(a.base, v_row, d, nt, sc, alpha, a.o, e);
     }
-    for (; e < d8; e += 8) AccumulateV<T, G, 1>(a.base, v_row, d, nt, sc, alpha, a.o, e);
+    for (; e < d8; e += 8) {
+      AccumulateV<T, G, 1>(a.base, v_row, d, nt, sc, alpha, a.o, e);
+    }
     for (; e < d; ++e) {
       for (int g = 0; g < G; ++g) {
         float acc = a.o[g * d + e] * alpha[g];
@@ -278,7 +325,9 @@ void AttendItem(const PagedAttentionParams& p, const Plan& plan, int64_t t, int6
   a.scale = p.scale;
   for (int64_t j = blk_begin; j < blk_end; ++j) {
     a.nvis = std::clamp<int64_t>(pos - first_pos[j] + 1, 0, std::min(tpb, kv_len - j * tpb));
-    if (a.nvis == 0) continue;
+    if (a.nvis == 0) {
+      continue;
+    }
     for (int64_t h = h_begin; h < h_end; ++h) {
       a.k_off = KvOffset(p.kv, table[j], p.layer, 0, h, 0);
       a.v_off = KvOffset(p.kv, table[j], p.layer, 1, h, 0);
@@ -308,7 +357,9 @@ void AttendItem(const PagedAttentionParams& p, const Plan& plan, int64_t t, int6
         float* row = o + (g0 + g) * d;
         if (s.l[g] > 0.0f) {
           const float inv = 1.0f / s.l[g];
-          for (int64_t e = 0; e < d; ++e) row[e] *= inv;
+          for (int64_t e = 0; e < d; ++e) {
+            row[e] *= inv;
+          }
           lse[g0 + g] = s.m[g] + std::log(s.l[g]);
         } else {
           lse[g0 + g] = kNegInf;  // nothing visible: the row stays 0
@@ -320,7 +371,9 @@ void AttendItem(const PagedAttentionParams& p, const Plan& plan, int64_t t, int6
 
 template <typename Dst>
 void ConvertRow(const float* src, int64_t n, Dst* dst, Dst (*convert)(float)) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = convert(src[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = convert(src[i]);
+  }
 }
 
 }  // namespace
@@ -351,13 +404,17 @@ void WriteKv(const KvPoolView& view, int64_t block, int64_t layer, int64_t token
 
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p) {
   const int64_t parts = NumParts(p);
-  if (parts <= 1) return 0;
+  if (parts <= 1) {
+    return 0;
+  }
   const int64_t rows = p.num_q_tokens * p.num_q_heads;
   return static_cast<size_t>(parts * rows * (p.head_dim + 1)) * sizeof(float);
 }
 
 void PagedAttentionCpu(const PagedAttentionParams& p, void* workspace, ThreadPool* pool) {
-  if (p.num_q_tokens <= 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0) return;
+  if (p.num_q_tokens <= 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0) {
+    return;
+  }
   const int64_t d = p.head_dim;
   Plan plan;
   plan.group = p.num_q_heads / p.num_kv_heads;
@@ -370,8 +427,8 @@ void PagedAttentionCpu(const PagedAttentionParams& p, void* workspace, ThreadPoo
   const int64_t max_heads = std::max<int64_t>(1, kMaxPairs / plan.subs);
   const int64_t per_head_set = p.num_q_tokens * plan.parts;
   const int64_t wanted = (2 * threads + per_head_set - 1) / per_head_set;
-  const int64_t groups = std::clamp<int64_t>(
-      wanted, (p.num_kv_heads + max_heads - 1) / max_heads, p.num_kv_heads);
+  const int64_t groups =
+      std::clamp<int64_t>(wanted, (p.num_kv_heads + max_heads - 1) / max_heads, p.num_kv_heads);
   plan.heads_per_item = (p.num_kv_heads + groups - 1) / groups;
   plan.head_groups = (p.num_kv_heads + plan.heads_per_item - 1) / plan.heads_per_item;
 

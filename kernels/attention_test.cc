@@ -153,22 +153,32 @@ void Reference(const Problem& pr, const KvPoolView& kv, std::vector<double>* out
       for (size_t j = 0; j * tpb < static_cast<size_t>(pr.kv_lens[s]); ++j) {
         const int64_t n_in = std::min<int64_t>(tpb, pr.kv_lens[s] - j * tpb);
         for (int64_t i = 0; i < n_in; ++i) {
-          if (pr.first_pos[s][j] + i > pr.q_pos[t]) continue;
+          if (pr.first_pos[s][j] + i > pr.q_pos[t]) {
+            continue;
+          }
           const int64_t k_off = KvOffset(kv, pr.tables[s][j], pr.layer, 0, kvh, i);
           double dot = 0;
-          for (int64_t e = 0; e < d; ++e) dot += static_cast<double>(q[e]) * ReadElem(kv, k_off + e);
+          for (int64_t e = 0; e < d; ++e) {
+            dot += static_cast<double>(q[e]) * ReadElem(kv, k_off + e);
+          }
           scores.push_back(dot * scale);
           v_offs.push_back(KvOffset(kv, pr.tables[s][j], pr.layer, 1, kvh, i));
         }
       }
-      if (scores.empty()) continue;
+      if (scores.empty()) {
+        continue;
+      }
       const double mx = *std::max_element(scores.begin(), scores.end());
       double sum = 0;
-      for (double x : scores) sum += std::exp(x - mx);
+      for (double x : scores) {
+        sum += std::exp(x - mx);
+      }
       double* o = out->data() + (t * hq + qh) * d;
       for (size_t i = 0; i < scores.size(); ++i) {
         const double w = std::exp(scores[i] - mx) / sum;
-        for (int64_t e = 0; e < d; ++e) o[e] += w * ReadElem(kv, v_offs[i] + e);
+        for (int64_t e = 0; e < d; ++e) {
+          o[e] += w * ReadElem(kv, v_offs[i] + e);
+        }
       }
       (*lse)[t * hq + qh] = mx + std::log(sum);
     }
@@ -205,15 +215,16 @@ Problem DecodeBatch(const std::vector<int32_t>& lens, int64_t tpb, int64_t num_b
 }
 
 std::string Name(DType dt, int64_t group, int64_t d) {
-  return std::string(DTypeName(dt)) + " group=" + std::to_string(group) +
-         " d=" + std::to_string(d);
+  return std::string(DTypeName(dt)) + " group=" + std::to_string(group) + " d=" + std::to_string(d);
 }
 
 TEST(AttentionTest, WriteKvUsesTheDocumentedLayout) {
   Pool pool(DType::kF16, 3, 2, 4, 8, 5);
   const std::vector<float> k = {1, 2, 3, 4, 5, 6, 7, 8, -1, -2, -3, -4, -5, -6, -7, -8};
   std::vector<float> v(16);
-  for (int i = 0; i < 16; ++i) v[i] = 0.5f * i;
+  for (int i = 0; i < 16; ++i) {
+    v[i] = 0.5f * i;
+  }
   WriteKv(pool.view, 3, 2, 1, k.data(), v.data());
   const int64_t be = 3 * 2 * 2 * 4 * 8;
   EXPECT_EQ(pool.view.block_elems(), be);
@@ -237,7 +248,7 @@ TEST(AttentionTest, DecodeBatchMatchesReference) {
   const std::vector<int32_t> lens = {1, 15, 16, 17, 40 * 16 - 3, 0, 33};
   for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
     for (int64_t group : {1, 2, 4}) {
-      for (int64_t d : {8, 64, 20}) {
+      for (int64_t d : {8, 64, 20, 4}) {
         const int64_t kv_heads = 2;
         Pool pool(dt, 2, kv_heads, tpb, d, 50);
         pool.FillRandom(rng);
@@ -271,17 +282,44 @@ TEST(AttentionTest, LargeGroupsAndPeakyScores) {
   ThreadPool threads(2);
   std::mt19937 rng(2);
   const int64_t tpb = 64;
-  for (int64_t group : {5, 8, 12}) {
+  for (int64_t group : {5, 8, 12, 16}) {
     for (float q_scale : {1.0f, 12.0f}) {
-      Pool pool(DType::kF32, 1, 1, tpb, 64, 16);
+      Pool pool(DType::kF32, 1, 2, tpb, 64, 16);
       pool.FillRandom(rng);
       Problem pr = DecodeBatch({1, 200, 8 * 64}, tpb, 16, rng);
-      pr.num_kv_heads = 1;
-      pr.num_q_heads = group;
+      pr.num_kv_heads = 2;
+      pr.num_q_heads = 2 * group;
       pr.head_dim = 64;
-      pr.q = RandomVector(rng, pr.num_q_tokens() * group * 64, -q_scale, q_scale);
+      pr.q = RandomVector(rng, pr.num_q_tokens() * 2 * group * 64, -q_scale, q_scale);
       const Result r = RunAttention(pr, pool.view, 0, &threads);
       ExpectMatchesReference(pr, pool.view, r, "group=" + std::to_string(group));
+    }
+  }
+}
+
+TEST(AttentionTest, ThreadCountDoesNotChangeBits) {
+  // One decode token: the work is cut across KV heads, differently for each pool size.
+  std::mt19937 rng(7);
+  const int64_t tpb = 16;
+  Pool pool(DType::kBF16, 1, 6, tpb, 32, 12);
+  pool.FillRandom(rng);
+  Problem pr = DecodeBatch({11 * 16 - 5}, tpb, 12, rng);
+  pr.num_kv_heads = 6;
+  pr.num_q_heads = 12;
+  pr.head_dim = 32;
+  pr.q = RandomVector(rng, 12 * 32);
+  const Result want = RunAttention(pr, pool.view, 0, nullptr);
+  ExpectMatchesReference(pr, pool.view, want, "one thread");
+  for (int threads : {2, 3, 4, 8}) {
+    ThreadPool tp(threads);
+    for (int64_t split : {int64_t{0}, 2 * tpb}) {
+      const Result r = RunAttention(pr, pool.view, split, &tp);
+      if (split == 0) {
+        EXPECT_EQ(r.out, want.out) << threads;
+        EXPECT_EQ(r.lse, want.lse) << threads;
+      } else {
+        ExpectMatchesReference(pr, pool.view, r, "split threads=" + std::to_string(threads));
+      }
     }
   }
 }
@@ -297,7 +335,9 @@ TEST(AttentionTest, CausalPrefillQuery) {
     Problem pr = DecodeBatch({static_cast<int32_t>(L)}, tpb, 6, rng);
     pr.q_seq.clear();
     pr.q_pos.clear();
-    for (int32_t i = 0; i < L; ++i) pr.AddQuery(0, i);
+    for (int32_t i = 0; i < L; ++i) {
+      pr.AddQuery(0, i);
+    }
     pr.num_kv_heads = 2;
     pr.num_q_heads = 4;
     pr.head_dim = 64;
@@ -327,7 +367,9 @@ TEST(AttentionTest, ContextParallelBlockPositions) {
   pool.FillRandom(rng);
   Problem pr;
   pr.AddSeq({4, 0, 6}, {16, 48, 80}, 2 * 16 + 11);
-  for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) pr.AddQuery(0, pos);
+  for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) {
+    pr.AddQuery(0, pos);
+  }
   pr.num_kv_heads = 2;
   pr.num_q_heads = 4;
   pr.head_dim = 8;
@@ -339,7 +381,9 @@ TEST(AttentionTest, ContextParallelBlockPositions) {
     // Positions 3 and 15 see none of this rank's tokens.
     for (int64_t i = 0; i < 2 * 4; ++i) {
       EXPECT_EQ(r.lse[i], -std::numeric_limits<float>::infinity());
-      for (int64_t e = 0; e < 8; ++e) EXPECT_EQ(r.out[i * 8 + e], 0.0f);
+      for (int64_t e = 0; e < 8; ++e) {
+        EXPECT_EQ(r.out[i * 8 + e], 0.0f);
+      }
     }
   }
 }
@@ -387,7 +431,9 @@ void CheckContextParallelMerge(int64_t cp, int64_t len, DType dt, std::mt19937& 
   // Queries: decode at the end plus earlier causal positions (some see no token of a rank).
   std::vector<int32_t> positions = {static_cast<int32_t>(std::max<int64_t>(len - 1, 0))};
   for (int32_t p : {0, 3, 9, 20, 37}) {
-    if (p < len - 1) positions.push_back(p);
+    if (p < len - 1) {
+      positions.push_back(p);
+    }
   }
   const std::vector<float> q = RandomVector(rng, static_cast<int64_t>(positions.size()) * hq * d);
 
@@ -396,7 +442,9 @@ void CheckContextParallelMerge(int64_t cp, int64_t len, DType dt, std::mt19937& 
     int32_t kv_len = 0;
     int32_t next_block = static_cast<int32_t>(pool->num_blocks()) - 1;  // fill from the top
     for (int64_t g = 0; g < global_blocks; ++g) {
-      if (g % ranks != rank) continue;
+      if (g % ranks != rank) {
+        continue;
+      }
       const int32_t phys = next_block--;
       table.push_back(phys);
       firsts.push_back(static_cast<int32_t>(g * tpb));
@@ -408,7 +456,9 @@ void CheckContextParallelMerge(int64_t cp, int64_t len, DType dt, std::mt19937& 
       kv_len += static_cast<int32_t>(n);
     }
     pr->AddSeq(table, firsts, kv_len);
-    for (int32_t p : positions) pr->AddQuery(0, p);
+    for (int32_t p : positions) {
+      pr->AddQuery(0, p);
+    }
     pr->num_kv_heads = kv_heads;
     pr->num_q_heads = hq;
     pr->head_dim = d;
@@ -435,8 +485,8 @@ void CheckContextParallelMerge(int64_t cp, int64_t len, DType dt, std::mt19937& 
   }
   std::vector<float> out(rows * d), lse(rows);
   MergeStatesCpu({parts_o.data(), parts_lse.data(), out.data(), lse.data(), cp, rows, d}, &threads);
-  const std::string what = "cp=" + std::to_string(cp) + " len=" + std::to_string(len) + " " +
-                           DTypeName(dt);
+  const std::string what =
+      "cp=" + std::to_string(cp) + " len=" + std::to_string(len) + " " + DTypeName(dt);
   ExpectAllNear(std::vector<double>(want.out.begin(), want.out.end()), out.data(), 1e-5, 1e-5,
                 what + " out");
   ExpectAllNear(std::vector<double>(want.lse.begin(), want.lse.end()), lse.data(), 1e-5, 1e-5,

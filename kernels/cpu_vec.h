@@ -63,8 +63,8 @@ inline V8 ReduceLanes8(const V8 a[8]) {
   const __m256 t3 = _mm256_hadd_ps(a[6].v, a[7].v);
   const __m256 u0 = _mm256_hadd_ps(t0, t1);  // [a0..a3 low halves | a0..a3 high halves]
   const __m256 u1 = _mm256_hadd_ps(t2, t3);
-  return {_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                        _mm256_permute2f128_ps(u0, u1, 0x31))};
+  return {
+      _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))};
 }
 
 // e^x to about 2 ulp. Inputs below -87.3 (including -inf) give 0; inputs above 88.37 are
@@ -87,7 +87,8 @@ inline V8 Exp(V8 a) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   return {_mm256_andnot_ps(_mm256_cmp_ps(a.v, lo, _CMP_LT_OQ), result)};
 }
@@ -98,11 +99,11 @@ struct V8 {
   float f[8];
 };
 
-#define HELIX_V8_MAP(expr)       \
-  V8 r;                          \
-  for (int i = 0; i < 8; ++i) {  \
-    r.f[i] = (expr);             \
-  }                              \
+#define HELIX_V8_MAP(expr)      \
+  V8 r;                         \
+  for (int i = 0; i < 8; ++i) { \
+    r.f[i] = (expr);            \
+  }                             \
   return r
 
 inline V8 Zero() { HELIX_V8_MAP(0.0f); }

@@ -32,9 +32,9 @@ TEST(DTypeTest, HalfToFloatExactValues) {
   EXPECT_EQ(HalfToFloat(0xc000), -2.0f);
   EXPECT_EQ(HalfToFloat(0x3555), 0x155 / 1024.0f * 0.25f + 0.25f);
   EXPECT_EQ(HalfToFloat(0x7bff), 65504.0f);
-  EXPECT_EQ(HalfToFloat(0x0400), std::ldexp(1.0f, -14));      // min normal
-  EXPECT_EQ(HalfToFloat(0x0001), std::ldexp(1.0f, -24));      // min subnormal
-  EXPECT_EQ(HalfToFloat(0x03ff), std::ldexp(1023.0f, -24));   // max subnormal
+  EXPECT_EQ(HalfToFloat(0x0400), std::ldexp(1.0f, -14));     // min normal
+  EXPECT_EQ(HalfToFloat(0x0001), std::ldexp(1.0f, -24));     // min subnormal
+  EXPECT_EQ(HalfToFloat(0x03ff), std::ldexp(1023.0f, -24));  // max subnormal
   EXPECT_EQ(HalfToFloat(0x8001), -std::ldexp(1.0f, -24));
   EXPECT_EQ(HalfToFloat(0x7c00), kInf);
   EXPECT_EQ(HalfToFloat(0xfc00), -kInf);
@@ -46,8 +46,8 @@ TEST(DTypeTest, FloatToHalfRoundsToNearestEven) {
   EXPECT_EQ(FloatToHalf(1.0f), 0x3c00);
   EXPECT_EQ(FloatToHalf(-0.0f), 0x8000);
   EXPECT_EQ(FloatToHalf(65504.0f), 0x7bff);
-  EXPECT_EQ(FloatToHalf(65519.0f), 0x7bff);   // below the midpoint to 2^16
-  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);   // tie: rounds to the even neighbour, inf
+  EXPECT_EQ(FloatToHalf(65519.0f), 0x7bff);  // below the midpoint to 2^16
+  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);  // tie: rounds to the even neighbour, inf
   EXPECT_EQ(FloatToHalf(1e6f), 0x7c00);
   EXPECT_EQ(FloatToHalf(-1e6f), 0xfc00);
   // Ties between normals: 1 + 2^-11 lies between 0x3c00 (even) and 0x3c01.
@@ -58,12 +58,12 @@ TEST(DTypeTest, FloatToHalfRoundsToNearestEven) {
   EXPECT_EQ(FloatToHalf(2.0f - std::ldexp(1.0f, -12)), 0x4000);
   // Subnormals and their ties.
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -24)), 0x0001);
-  EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -25)), 0x0000);           // tie to even 0
+  EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -25)), 0x0000);  // tie to even 0
   EXPECT_EQ(FloatToHalf(std::ldexp(1.5f, -25)), 0x0001);
-  EXPECT_EQ(FloatToHalf(std::ldexp(3.0f, -25)), 0x0002);           // 1.5 ulp: tie to even 2
-  EXPECT_EQ(FloatToHalf(std::ldexp(5.0f, -25)), 0x0002);           // 2.5 ulp: tie to even 2
+  EXPECT_EQ(FloatToHalf(std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp: tie to even 2
+  EXPECT_EQ(FloatToHalf(std::ldexp(5.0f, -25)), 0x0002);  // 2.5 ulp: tie to even 2
   EXPECT_EQ(FloatToHalf(std::ldexp(1023.0f, -24)), 0x03ff);
-  EXPECT_EQ(FloatToHalf(std::ldexp(2047.0f, -25)), 0x0400);        // carries to min normal
+  EXPECT_EQ(FloatToHalf(std::ldexp(2047.0f, -25)), 0x0400);  // carries to min normal
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -14)), 0x0400);
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -30)), 0x0000);
   EXPECT_EQ(FloatToHalf(-std::ldexp(1.0f, -30)), 0x8000);
@@ -92,9 +92,13 @@ TEST(DTypeTest, FloatToHalfMatchesHardware) {
   for (int i = 0; i < 300000; ++i) {
     // Bias toward the half range so normals, subnormals and overflow all occur.
     uint32_t bits = static_cast<uint32_t>(rng());
-    if (i % 2) bits = (bits & 0x807fffffu) | ((100u + static_cast<uint32_t>(rng() % 50u)) << 23);
+    if (i % 2) {
+      bits = (bits & 0x807fffffu) | ((100u + static_cast<uint32_t>(rng() % 50u)) << 23);
+    }
     const float f = std::bit_cast<float>(bits);
-    if (std::isnan(f)) continue;
+    if (std::isnan(f)) {
+      continue;
+    }
     ASSERT_EQ(FloatToHalf(f), _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)) << std::hex << bits;
   }
 }
@@ -136,13 +140,18 @@ TEST(DTypeTest, Bf16MatchesDoubleRounding) {
   // RNE against an independent computation: the nearest bf16 neighbour in double.
   std::mt19937 rng(11);
   for (int i = 0; i < 100000; ++i) {
-    const float f = std::bit_cast<float>(static_cast<uint32_t>((rng() & 0x3fffffffu) | 0x00800000u));
-    if (!std::isfinite(f)) continue;
+    const float f =
+        std::bit_cast<float>(static_cast<uint32_t>((rng() & 0x3fffffffu) | 0x00800000u));
+    if (!std::isfinite(f)) {
+      continue;
+    }
     const uint16_t b = FloatToBf16(f);
     const double lo = Bf16ToFloat(static_cast<uint16_t>(std::bit_cast<uint32_t>(f) >> 16));
     const double hi = Bf16ToFloat(static_cast<uint16_t>((std::bit_cast<uint32_t>(f) >> 16) + 1));
     const double dl = f - lo, dh = hi - f;
-    const double want = dl < dh ? lo : dh < dl ? hi : ((std::bit_cast<uint32_t>(f) >> 16) & 1 ? hi : lo);
+    const double want = dl < dh   ? lo
+                        : dh < dl ? hi
+                                  : ((std::bit_cast<uint32_t>(f) >> 16) & 1 ? hi : lo);
     ASSERT_EQ(static_cast<double>(Bf16ToFloat(b)), want) << std::hex << std::bit_cast<uint32_t>(f);
   }
 }

@@ -22,21 +22,29 @@ inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t 
                         float out[R][C]) {
   V8 acc[R][C];
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = vec::Zero();
+    for (int c = 0; c < C; ++c) {
+      acc[r][c] = vec::Zero();
+    }
   }
   int64_t i = k0;
   for (; i + 8 <= k1; i += 8) {
     V8 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = vec::Load(wr[c] + i);
+    for (int c = 0; c < C; ++c) {
+      wv[c] = vec::Load(wr[c] + i);
+    }
     for (int r = 0; r < R; ++r) {
       const V8 xv = vec::Load(xr[r] + i);
-      for (int c = 0; c < C; ++c) acc[r][c] = vec::Fma(xv, wv[c], acc[r][c]);
+      for (int c = 0; c < C; ++c) {
+        acc[r][c] = vec::Fma(xv, wv[c], acc[r][c]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
       float s = vec::HorizontalSum(acc[r][c]);
-      for (int64_t j = i; j < k1; ++j) s += xr[r][j] * wr[c][j];
+      for (int64_t j = i; j < k1; ++j) {
+        s += xr[r][j] * wr[c][j];
+      }
       out[r][c] = s;
     }
   }
@@ -46,7 +54,9 @@ inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t 
 template <int C>
 void WeightTile(const GemmParams& p, int64_t n0) {
   const float* wr[C];
-  for (int c = 0; c < C; ++c) wr[c] = p.w + (n0 + c) * p.k;
+  for (int c = 0; c < C; ++c) {
+    wr[c] = p.w + (n0 + c) * p.k;
+  }
   for (int64_t k0 = 0; k0 < p.k || k0 == 0; k0 += kPanel) {
     const int64_t k1 = std::min(p.k, k0 + kPanel);
     const bool first = k0 == 0;
@@ -73,17 +83,22 @@ void WeightTile(const GemmParams& p, int64_t n0) {
         y[c] = init + out[0][c];
       }
     }
-    if (p.k == 0) break;
+    if (p.k == 0) {
+      break;
+    }
   }
 }
 
 }  // namespace
 
 void GemmCpu(const GemmParams& p, ThreadPool* pool) {
-  if (p.m <= 0 || p.n <= 0) return;
+  if (p.m <= 0 || p.n <= 0) {
+    return;
+  }
   const int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
   // About 64K multiply-adds per chunk before it is worth waking another thread.
-  const int64_t min_tiles = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.m * p.k * kTileRows));
+  const int64_t min_tiles =
+      std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.m * p.k * kTileRows));
   ParallelForMin(pool, tiles, min_tiles, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * kTileRows;

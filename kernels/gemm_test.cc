@@ -54,9 +54,11 @@ TEST(GemmTest, MatchesFloat64Reference) {
   uint32_t seed = 1;
   for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
     for (int64_t m : {1, 3, 17}) {
-      for (auto [n, k] : {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {37, 67}, {131, 1031},
-                          {9, 16}}) {
-        for (bool bias : {false, true}) CheckGemm(m, n, k, bias, p, seed++);
+      for (auto [n, k] :
+           {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {37, 67}, {131, 1031}, {9, 16}}) {
+        for (bool bias : {false, true}) {
+          CheckGemm(m, n, k, bias, p, seed++);
+        }
       }
     }
   }

@@ -27,17 +27,25 @@ TEST(MergeTest, MatchesFloat64Reference) {
         const std::vector<float> o = RandomVector(rng, parts * rows * head_dim);
         std::vector<float> lse = RandomVector(rng, parts * rows, -30.0f, 30.0f);
         // Some empty parts, and one row where every part is empty.
-        for (int64_t i = 0; i < parts * rows; i += 3) lse[i] = kNegInf;
-        for (int64_t i = 0; i < parts; ++i) lse[i * rows + 7] = kNegInf;
+        for (int64_t i = 0; i < parts * rows; i += 3) {
+          lse[i] = kNegInf;
+        }
+        for (int64_t i = 0; i < parts; ++i) {
+          lse[i * rows + 7] = kNegInf;
+        }
         std::vector<float> out(rows * head_dim), out_lse(rows);
         MergeStatesCpu({o.data(), lse.data(), out.data(), out_lse.data(), parts, rows, head_dim},
                        p);
         std::vector<double> want(rows * head_dim, 0.0), want_lse(rows);
         for (int64_t r = 0; r < rows; ++r) {
           double sum = 0;
-          for (int64_t i = 0; i < parts; ++i) sum += std::exp(static_cast<double>(lse[i * rows + r]));
+          for (int64_t i = 0; i < parts; ++i) {
+            sum += std::exp(static_cast<double>(lse[i * rows + r]));
+          }
           want_lse[r] = std::log(sum);  // log(0) = -inf for the all-empty row
-          if (sum == 0) continue;
+          if (sum == 0) {
+            continue;
+          }
           for (int64_t i = 0; i < parts; ++i) {
             const double w = std::exp(lse[i * rows + r] - want_lse[r]);
             for (int64_t e = 0; e < head_dim; ++e) {
@@ -58,12 +66,20 @@ TEST(MergeTest, EmptyPartChangesNothing) {
   std::vector<float> o = RandomVector(rng, 2 * rows * d);
   std::vector<float> lse = RandomVector(rng, 2 * rows, -5.0f, 5.0f);
   // Part 1 is empty; its O holds NaN garbage that must never be read into the sum.
-  for (int64_t i = rows * d; i < 2 * rows * d; ++i) o[i] = std::numeric_limits<float>::quiet_NaN();
-  for (int64_t r = 0; r < rows; ++r) lse[rows + r] = kNegInf;
+  for (int64_t i = rows * d; i < 2 * rows * d; ++i) {
+    o[i] = std::numeric_limits<float>::quiet_NaN();
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    lse[rows + r] = kNegInf;
+  }
   std::vector<float> out(rows * d), out_lse(rows);
   MergeStatesCpu({o.data(), lse.data(), out.data(), out_lse.data(), 2, rows, d}, nullptr);
-  for (int64_t i = 0; i < rows * d; ++i) EXPECT_FLOAT_EQ(out[i], o[i]);
-  for (int64_t r = 0; r < rows; ++r) EXPECT_FLOAT_EQ(out_lse[r], lse[r]);
+  for (int64_t i = 0; i < rows * d; ++i) {
+    EXPECT_FLOAT_EQ(out[i], o[i]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    EXPECT_FLOAT_EQ(out_lse[r], lse[r]);
+  }
 }
 
 TEST(MergeTest, AllEmptyGivesZerosAndNegInf) {
@@ -72,12 +88,18 @@ TEST(MergeTest, AllEmptyGivesZerosAndNegInf) {
   const std::vector<float> lse(parts * rows, kNegInf);
   std::vector<float> out(rows * d, 5.0f), out_lse(rows, 5.0f);
   MergeStatesCpu({o.data(), lse.data(), out.data(), out_lse.data(), parts, rows, d}, nullptr);
-  for (float v : out) EXPECT_EQ(v, 0.0f);
-  for (float v : out_lse) EXPECT_EQ(v, kNegInf);
+  for (float v : out) {
+    EXPECT_EQ(v, 0.0f);
+  }
+  for (float v : out_lse) {
+    EXPECT_EQ(v, kNegInf);
+  }
   // out_lse is optional.
   std::fill(out.begin(), out.end(), 5.0f);
   MergeStatesCpu({o.data(), lse.data(), out.data(), nullptr, parts, rows, d}, nullptr);
-  for (float v : out) EXPECT_EQ(v, 0.0f);
+  for (float v : out) {
+    EXPECT_EQ(v, 0.0f);
+  }
 }
 
 TEST(MergeTest, SplittingASoftmaxAndMergingIsExact) {
@@ -88,14 +110,20 @@ TEST(MergeTest, SplittingASoftmaxAndMergingIsExact) {
   const std::vector<float> v = RandomVector(rng, n * d);
   auto attend = [&](int64_t b, int64_t e, float* o, float* lse) {
     double mx = -1e300, sum = 0;
-    for (int64_t i = b; i < e; ++i) mx = std::max(mx, static_cast<double>(s[i]));
+    for (int64_t i = b; i < e; ++i) {
+      mx = std::max(mx, static_cast<double>(s[i]));
+    }
     std::vector<double> acc(d, 0.0);
     for (int64_t i = b; i < e; ++i) {
       const double w = std::exp(s[i] - mx);
       sum += w;
-      for (int64_t k = 0; k < d; ++k) acc[k] += w * v[i * d + k];
+      for (int64_t k = 0; k < d; ++k) {
+        acc[k] += w * v[i * d + k];
+      }
     }
-    for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(acc[k] / sum);
+    for (int64_t k = 0; k < d; ++k) {
+      o[k] = static_cast<float>(acc[k] / sum);
+    }
     *lse = static_cast<float>(mx + std::log(sum));
   };
   std::vector<float> parts_o(2 * d), parts_lse(2), whole_o(d), whole_lse(1), out(d), out_lse(1);
@@ -103,7 +131,9 @@ TEST(MergeTest, SplittingASoftmaxAndMergingIsExact) {
   attend(20, n, parts_o.data() + d, &parts_lse[1]);
   attend(0, n, whole_o.data(), whole_lse.data());
   MergeStatesCpu({parts_o.data(), parts_lse.data(), out.data(), out_lse.data(), 2, 1, d}, nullptr);
-  for (int64_t k = 0; k < d; ++k) EXPECT_NEAR(out[k], whole_o[k], 1e-6);
+  for (int64_t k = 0; k < d; ++k) {
+    EXPECT_NEAR(out[k], whole_o[k], 1e-6);
+  }
   EXPECT_NEAR(out_lse[0], whole_lse[0], 1e-6);
 }
 

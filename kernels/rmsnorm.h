@@ -10,11 +10,11 @@
 namespace helix::kernels {
 
 struct RmsNormParams {
-  const float* x;      // [rows][dim]
-  float* residual;     // [rows][dim] or nullptr: if set, residual += x first (in place) and the
-                       // norm is taken of the updated residual
+  const float* x;       // [rows][dim]
+  float* residual;      // [rows][dim] or nullptr: if set, residual += x first (in place) and the
+                        // norm is taken of the updated residual
   const float* weight;  // [dim]
-  float* out;          // [rows][dim]; may alias x
+  float* out;           // [rows][dim]; may alias x
   int64_t rows, dim;
   float eps;
 };

@@ -42,12 +42,16 @@ void CheckRmsNorm(int64_t rows, int64_t dim, bool with_residual, ThreadPool* poo
       ss += static_cast<double>(v) * v;
     }
     const double inv = 1.0 / std::sqrt(ss / dim + eps);
-    for (int64_t i = 0; i < dim; ++i) want[r * dim + i] = want_residual[r * dim + i] * inv * weight[i];
+    for (int64_t i = 0; i < dim; ++i) {
+      want[r * dim + i] = want_residual[r * dim + i] * inv * weight[i];
+    }
   }
   const std::string what = "rows=" + std::to_string(rows) + " dim=" + std::to_string(dim) +
                            (with_residual ? " residual" : "");
   ExpectAllNear(want, out.data(), 2e-6, 1e-6, what);
-  if (with_residual) ExpectAllNear(want_residual, residual.data(), 0, 0, what + " residual");
+  if (with_residual) {
+    ExpectAllNear(want_residual, residual.data(), 0, 0, what + " residual");
+  }
 }
 
 TEST(RmsNormTest, MatchesFloat64Reference) {
@@ -56,7 +60,9 @@ TEST(RmsNormTest, MatchesFloat64Reference) {
   for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
     for (int64_t rows : {1, 5, 33}) {
       for (int64_t dim : {1, 7, 64, 4099}) {
-        for (bool res : {false, true}) CheckRmsNorm(rows, dim, res, p, seed++);
+        for (bool res : {false, true}) {
+          CheckRmsNorm(rows, dim, res, p, seed++);
+        }
       }
     }
   }
@@ -77,7 +83,9 @@ TEST(RmsNormTest, ZeroInputGivesZeroNotNaN) {
   const std::vector<float> x(16, 0.0f), weight(16, 1.0f);
   std::vector<float> out(16, 1.0f);
   RmsNormCpu({x.data(), nullptr, weight.data(), out.data(), 1, 16, 1e-6f}, nullptr);
-  for (float v : out) EXPECT_EQ(v, 0.0f);
+  for (float v : out) {
+    EXPECT_EQ(v, 0.0f);
+  }
 }
 
 }  // namespace

@@ -15,8 +15,8 @@ enum class RopeStyle {
 };
 
 struct RopeParams {
-  float* x;                   // [tokens][heads][head_dim], rotated in place
-  const int32_t* positions;   // [tokens] global positions
+  float* x;                  // [tokens][heads][head_dim], rotated in place
+  const int32_t* positions;  // [tokens] global positions
   int64_t tokens, heads, head_dim;
   int64_t rotary_dim;  // <= head_dim, even; the first rotary_dim dims rotate, the rest pass
   float theta;         // base, e.g. 10000

@@ -12,7 +12,9 @@ constexpr int64_t kPairChunk = 64;
 }  // namespace
 
 void RopeCpu(const RopeParams& p, ThreadPool* pool) {
-  if (p.tokens <= 0 || p.heads <= 0 || p.rotary_dim < 2) return;
+  if (p.tokens <= 0 || p.heads <= 0 || p.rotary_dim < 2) {
+    return;
+  }
   const int64_t half = p.rotary_dim / 2;
   const int64_t min_tokens = std::max<int64_t>(1, 16384 / (p.heads * p.rotary_dim + 32 * half));
   ParallelForMin(pool, p.tokens, min_tokens, [&](int64_t tb, int64_t te) {
@@ -24,9 +26,9 @@ void RopeCpu(const RopeParams& p, ThreadPool* pool) {
       for (int64_t i0 = 0; i0 < half; i0 += kPairChunk) {
         const int64_t cnt = std::min(kPairChunk, half - i0);
         for (int64_t j = 0; j < cnt; ++j) {
-          const double inv_freq = std::pow(static_cast<double>(p.theta),
-                                           -2.0 * static_cast<double>(i0 + j) /
-                                               static_cast<double>(p.rotary_dim));
+          const double inv_freq =
+              std::pow(static_cast<double>(p.theta),
+                       -2.0 * static_cast<double>(i0 + j) / static_cast<double>(p.rotary_dim));
           const double angle = pos * inv_freq;
           cos_v[j] = static_cast<float>(std::cos(angle));
           sin_v[j] = static_cast<float>(std::sin(angle));

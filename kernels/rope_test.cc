@@ -25,9 +25,9 @@ std::vector<double> ReferenceRope(const std::vector<float>& x, const std::vector
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t base = (static_cast<int64_t>(t) * heads + h) * head_dim;
       for (int64_t i = 0; i < half; ++i) {
-        const long double angle =
-            static_cast<long double>(pos[t]) *
-            std::pow(static_cast<long double>(theta), -2.0L * i / static_cast<long double>(rotary_dim));
+        const long double angle = static_cast<long double>(pos[t]) *
+                                  std::pow(static_cast<long double>(theta),
+                                           -2.0L * i / static_cast<long double>(rotary_dim));
         const long double c = std::cos(angle), s = std::sin(angle);
         const int64_t i0 = style == RopeStyle::kInterleaved ? base + 2 * i : base + i;
         const int64_t i1 = style == RopeStyle::kInterleaved ? base + 2 * i + 1 : base + i + half;

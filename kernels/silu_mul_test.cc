@@ -23,7 +23,9 @@ TEST(SiluMulTest, MatchesFloat64Reference) {
       const std::vector<float> up = RandomVector(rng, n, -2.0f, 2.0f);
       // Extremes: saturation on both sides and exact zero.
       const float extremes[] = {0.0f, -0.0f, 100.0f, -100.0f, 88.0f, -88.0f, 1e-30f, -200.0f};
-      for (int64_t i = 0; i < n && i < 8; ++i) gate[(i * 5) % n] = extremes[i];
+      for (int64_t i = 0; i < n && i < 8; ++i) {
+        gate[(i * 5) % n] = extremes[i];
+      }
       std::vector<float> out(n);
       SiluMulCpu({gate.data(), up.data(), out.data(), n}, p);
       std::vector<double> want(n);

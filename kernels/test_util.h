@@ -17,7 +17,9 @@ inline std::vector<float> RandomVector(std::mt19937& rng, int64_t n, float lo = 
                                        float hi = 1.0f) {
   std::uniform_real_distribution<float> dist(lo, hi);
   std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = dist(rng);
+  for (float& x : v) {
+    x = dist(rng);
+  }
   return v;
 }
 

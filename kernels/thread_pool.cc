@@ -27,7 +27,9 @@ ThreadPool::ThreadPool(int num_threads)
     : size_(num_threads > 0 ? num_threads
                             : std::max(1, static_cast<int>(std::thread::hardware_concurrency()))) {
   workers_.reserve(size_ - 1);
-  for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  for (int i = 1; i < size_; ++i) {
+    workers_.emplace_back([this] { WorkerLoop(); });
+  }
 }
 
 ThreadPool::~ThreadPool() {
@@ -37,7 +39,9 @@ ThreadPool::~ThreadPool() {
     generation_.fetch_add(1, std::memory_order_release);
   }
   work_cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
+  for (std::thread& t : workers_) {
+    t.join();
+  }
 }
 
 void ThreadPool::RunChunks() {
@@ -45,7 +49,9 @@ void ThreadPool::RunChunks() {
   const int64_t extra = n_ % num_chunks_;
   for (;;) {
     const int64_t c = next_chunk_.fetch_add(1, std::memory_order_relaxed);
-    if (c >= num_chunks_) return;
+    if (c >= num_chunks_) {
+      return;
+    }
     // The first `extra` chunks get one more item.
     const int64_t begin = c * base + std::min(c, extra);
     const int64_t end = begin + base + (c < extra ? 1 : 0);
@@ -65,7 +71,9 @@ void ThreadPool::WorkerLoop() {
       work_cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
     }
     seen = generation_.load(std::memory_order_acquire);
-    if (stop_.load(std::memory_order_acquire)) return;
+    if (stop_.load(std::memory_order_acquire)) {
+      return;
+    }
     RunChunks();
     if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -74,9 +82,10 @@ void ThreadPool::WorkerLoop() {
   }
 }
 
-void ThreadPool::ParallelFor(int64_t n,
-                             const std::function<void(int64_t begin, int64_t end)>& fn) {
-  if (n <= 0) return;
+void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn) {
+  if (n <= 0) {
+    return;
+  }
   if (size_ == 1 || n == 1) {
     fn(0, n);
     return;
@@ -104,7 +113,9 @@ void ThreadPool::ParallelFor(int64_t n,
 
 void ParallelForMin(ThreadPool* pool, int64_t n, int64_t min_chunk,
                     const std::function<void(int64_t begin, int64_t end)>& fn) {
-  if (n <= 0) return;
+  if (n <= 0) {
+    return;
+  }
   min_chunk = std::max<int64_t>(1, min_chunk);
   const int64_t max_chunks = std::max<int64_t>(1, n / min_chunk);
   if (pool == nullptr || pool->size() == 1 || max_chunks <= 1) {
@@ -120,7 +131,9 @@ void ParallelForMin(ThreadPool* pool, int64_t n, int64_t min_chunk,
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t begin = c * n / max_chunks;
       const int64_t end = (c + 1) * n / max_chunks;
-      if (begin < end) fn(begin, end);
+      if (begin < end) {
+        fn(begin, end);
+      }
     }
   });
 }

@@ -29,9 +29,13 @@ int64_t CheckedSum(ThreadPool& pool, int64_t n) {
     std::lock_guard<std::mutex> lock(mu);
     chunks.emplace_back(b, e);
   });
-  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(hits[i].load(), 1) << "index " << i;
+  for (int64_t i = 0; i < n; ++i) {
+    EXPECT_EQ(hits[i].load(), 1) << "index " << i;
+  }
   EXPECT_LE(static_cast<int64_t>(chunks.size()), pool.size());
-  for (const auto& [b, e] : chunks) EXPECT_LT(b, e);
+  for (const auto& [b, e] : chunks) {
+    EXPECT_LT(b, e);
+  }
   if (n > 0) {
     EXPECT_GE(chunks.size(), 1u);
   } else {
@@ -52,7 +56,9 @@ TEST(ThreadPoolTest, SumsOverRanges) {
 
 TEST(ThreadPoolTest, NSmallerThanThreads) {
   ThreadPool pool(4);
-  for (int64_t n : {1, 2, 3}) EXPECT_EQ(CheckedSum(pool, n), n * (n - 1) / 2);
+  for (int64_t n : {1, 2, 3}) {
+    EXPECT_EQ(CheckedSum(pool, n), n * (n - 1) / 2);
+  }
 }
 
 TEST(ThreadPoolTest, ManyBackToBackCalls) {
@@ -60,7 +66,9 @@ TEST(ThreadPoolTest, ManyBackToBackCalls) {
   for (int rep = 0; rep < 2000; ++rep) {
     std::atomic<int64_t> sum{0};
     pool.ParallelFor(rep % 9, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) sum.fetch_add(i + 1);
+      for (int64_t i = b; i < e; ++i) {
+        sum.fetch_add(i + 1);
+      }
     });
     const int64_t n = rep % 9;
     ASSERT_EQ(sum.load(), n * (n + 1) / 2) << "rep " << rep;
@@ -92,7 +100,9 @@ TEST(ThreadPoolTest, ChunksRunConcurrently) {
   EXPECT_FALSE(timed_out.load());
   ASSERT_EQ(ids.size(), static_cast<size_t>(kThreads));
   for (int i = 0; i < kThreads; ++i) {
-    for (int j = i + 1; j < kThreads; ++j) EXPECT_NE(ids[i], ids[j]);
+    for (int j = i + 1; j < kThreads; ++j) {
+      EXPECT_NE(ids[i], ids[j]);
+    }
   }
 }
 
@@ -122,7 +132,9 @@ TEST(ThreadPoolTest, ParallelForMinRespectsMinimumChunk) {
       std::atomic<int64_t> sum{0};
       ParallelForMin(p, n, 10, [&](int64_t b, int64_t e) {
         int64_t local = 0;
-        for (int64_t i = b; i < e; ++i) local += i;
+        for (int64_t i = b; i < e; ++i) {
+          local += i;
+        }
         sum.fetch_add(local);
         std::lock_guard<std::mutex> lock(mu);
         chunks.emplace_back(b, e);
