@@ -31,8 +31,8 @@ std::array<uint32_t, 256> ByteToUnicode() {
 
 // Words longer than this are not cached (they rarely repeat, and would crowd the cache).
 constexpr size_t kMaxCachedWordBytes = 128;
-// The cache is dropped whole when it reaches this many words: simple, and a prompt's vocabulary
-// of distinct words is far smaller.
+// The cache is dropped whole when it reaches this many words: a simple bound on its memory (a few
+// MB), and the common words that make most of its hits come back within one prompt.
 constexpr size_t kMaxCachedWords = size_t{1} << 16;
 
 class BpeTokenizer final : public Tokenizer {
@@ -236,8 +236,8 @@ class BpeTokenizer final : public Tokenizer {
   const bool ignore_merges_;
   const SpecialTokenMatcher special_;
   const std::vector<int32_t> stop_ids_;
-  PieceMap piece_to_id_;            // Normal pieces (byte-mapped form).
-  std::vector<std::string> bytes_;  // What each token decodes to.
+  PieceMap piece_to_id_;                     // Normal pieces (byte-mapped form).
+  std::vector<std::string> bytes_;           // What each token decodes to.
   std::array<std::string, 256> byte_piece_;  // Byte -> its mapped character, UTF-8.
   std::array<int32_t, 256> byte_id_{};       // Byte -> token of its mapped character, or -1.
   std::unordered_map<uint64_t, Merge> merges_;

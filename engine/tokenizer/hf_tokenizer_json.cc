@@ -23,9 +23,11 @@ constexpr uintmax_t kMaxFileBytes = uintmax_t{1} << 30;
 // The split regexes of the tokenizer.json files this module has matchers for (as the JSON
 // string holds them, after unescaping).
 constexpr std::string_view kLlama3Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|)"
+    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 constexpr std::string_view kQwen2Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|)"
+    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 constexpr std::string_view kGpt2Regex =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
@@ -115,13 +117,15 @@ StatusOr<std::string> DetectPre(const json& root, const std::string& where) {
       byte_level = true;
       byte_level_regex = BoolOr(*step, "use_regex", true);
       if (BoolOr(*step, "add_prefix_space", false)) {
-        return Unimplemented(where + ": pre_tokenizer ByteLevel with add_prefix_space is not "
-                                     "supported");
+        return Unimplemented(where +
+                             ": pre_tokenizer ByteLevel with add_prefix_space is not "
+                             "supported");
       }
     } else if (type == "Digits") {
       if (!BoolOr(*step, "individual_digits", false)) {
-        return Unimplemented(where + ": pre_tokenizer Digits without individual_digits is not "
-                                     "supported");
+        return Unimplemented(where +
+                             ": pre_tokenizer Digits without individual_digits is not "
+                             "supported");
       }
       digits = true;
     } else if (type == "Split") {
@@ -129,8 +133,9 @@ StatusOr<std::string> DetectPre(const json& root, const std::string& where) {
       auto behavior = step->find("behavior");
       if (pattern == step->end() || !pattern->is_object() || !pattern->contains("Regex") ||
           !(*pattern)["Regex"].is_string()) {
-        return Unimplemented(where + ": pre_tokenizer Split without a Regex pattern is not "
-                                     "supported");
+        return Unimplemented(where +
+                             ": pre_tokenizer Split without a Regex pattern is not "
+                             "supported");
       }
       if (behavior == step->end() || *behavior != "Isolated" || BoolOr(*step, "invert", false)) {
         return Unimplemented(where + ": pre_tokenizer Split must be Isolated, not inverted");
@@ -142,9 +147,10 @@ StatusOr<std::string> DetectPre(const json& root, const std::string& where) {
     }
   }
   if (!byte_level) {
-    return Unimplemented(where + ": not a byte-level BPE (no ByteLevel pre_tokenizer); "
-                                 "SentencePiece-style tokenizer.json files (Llama 2) are not "
-                                 "supported, load the GGUF vocabulary instead");
+    return Unimplemented(where +
+                         ": not a byte-level BPE (no ByteLevel pre_tokenizer); "
+                         "SentencePiece-style tokenizer.json files (Llama 2) are not "
+                         "supported, load the GGUF vocabulary instead");
   }
   if (split) {
     if (byte_level_regex || digits) {
@@ -153,8 +159,10 @@ StatusOr<std::string> DetectPre(const json& root, const std::string& where) {
     if (*split == kLlama3Regex) return std::string("llama-bpe");
     if (*split == kQwen2Regex) return std::string("qwen2");
     if (*split == kGpt2Regex) return std::string("gpt2");
-    return Unimplemented(where + ": pre_tokenizer Split regex is not one this module "
-                                 "implements: " + *split);
+    return Unimplemented(where +
+                         ": pre_tokenizer Split regex is not one this module "
+                         "implements: " +
+                         *split);
   }
   if (!byte_level_regex) {
     return Unimplemented(where + ": ByteLevel without a regex split is not supported");
@@ -200,19 +208,21 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
     return InvalidArgument(path + ": model.type is not a string");
   }
   // Files from before "type" was written hold a BPE model when they have merges.
-  const std::string type = type_it != model.end() ? type_it->get<std::string>()
+  const std::string type = type_it != model.end()     ? type_it->get<std::string>()
                            : model.contains("merges") ? "BPE"
                                                       : "";
   if (type != "BPE") {
     return Unimplemented(path + ": model.type \"" + type + "\" is not supported; only BPE");
   }
   if (BoolOr(model, "byte_fallback", false)) {
-    return Unimplemented(path + ": model.byte_fallback (SentencePiece-style BPE) is not "
-                                "supported; load the GGUF vocabulary instead");
+    return Unimplemented(path +
+                         ": model.byte_fallback (SentencePiece-style BPE) is not "
+                         "supported; load the GGUF vocabulary instead");
   }
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
     auto it = model.find(key);
-    if (it != model.end() && !it->is_null() && !(it->is_string() && it->get<std::string>().empty())) {
+    if (it != model.end() && !it->is_null() &&
+        !(it->is_string() && it->get<std::string>().empty())) {
       return Unimplemented(path + ": model." + key + " is not supported");
     }
   }
@@ -260,33 +270,39 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
         return InvalidArgument(path + ": added_tokens[" + std::to_string(i) +
                                "] needs an integer id and a string content");
       }
-      added.push_back({a["id"].get<int64_t>(), a["content"].get<std::string>(),
-                       BoolOr(a, "special", false)});
+      added.push_back(
+          {a["id"].get<int64_t>(), a["content"].get<std::string>(), BoolOr(a, "special", false)});
     }
   }
+  const auto bad_id = [](int64_t id) {
+    return id < 0 || id >= static_cast<int64_t>(kMaxVocabSize);
+  };
   int64_t max_id = -1;
-  for (const auto& [id, piece] : entries) max_id = std::max(max_id, id);
-  for (const Added& a : added) max_id = std::max(max_id, a.id);
-  if (max_id < 0) return InvalidArgument(path + ": model.vocab is empty");
-  const auto bad_id = [&](int64_t id) { return id < 0 || id >= static_cast<int64_t>(kMaxVocabSize); };
-  data.tokens.resize(static_cast<size_t>(max_id + 1));
-  data.token_types.assign(data.tokens.size(), kTokenUnused);
   for (const auto& [id, piece] : entries) {
     if (bad_id(id)) {
       return InvalidArgument(path + ": model.vocab[\"" + piece + "\"] has id " +
                              std::to_string(id) + " out of range");
     }
-    if (data.token_types[id] != kTokenUnused) {
-      return InvalidArgument(path + ": model.vocab gives id " + std::to_string(id) +
-                             " to both \"" + data.tokens[id] + "\" and \"" + piece + "\"");
-    }
-    data.tokens[id] = piece;
-    data.token_types[id] = kTokenNormal;
+    max_id = std::max(max_id, id);
   }
   for (const Added& a : added) {
     if (bad_id(a.id)) {
       return InvalidArgument(path + ": added_tokens id " + std::to_string(a.id) + " out of range");
     }
+    max_id = std::max(max_id, a.id);
+  }
+  if (max_id < 0) return InvalidArgument(path + ": model.vocab is empty");
+  data.tokens.resize(static_cast<size_t>(max_id + 1));
+  data.token_types.assign(data.tokens.size(), kTokenUnused);
+  for (const auto& [id, piece] : entries) {
+    if (data.token_types[id] != kTokenUnused) {
+      return InvalidArgument(path + ": model.vocab gives id " + std::to_string(id) + " to both \"" +
+                             data.tokens[id] + "\" and \"" + piece + "\"");
+    }
+    data.tokens[id] = piece;
+    data.token_types[id] = kTokenNormal;
+  }
+  for (const Added& a : added) {
     data.tokens[a.id] = a.content;
     data.token_types[a.id] = a.special ? kTokenControl : kTokenUserDefined;
   }

@@ -69,7 +69,8 @@ size_t MatchWhitespace(const Chars& c, size_t i, size_t end, bool with_newlines)
       if (IsNewline(c.cp[k - 1])) return k;
     }
   }
-  // (?!\S) holds at the end of the chunk, or after backing off one character (a space follows).
+  // \s+(?!\S) takes the whole run at the end of the text, else the run less its last character
+  // (whitespace, so the lookahead holds); a single space before a non-space is left to \s+.
   if (j == end || j - i == 1) return j;
   return j - 1;
 }

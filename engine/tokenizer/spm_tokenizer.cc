@@ -12,7 +12,7 @@
 namespace helix::tokenizer_internal {
 namespace {
 
-constexpr std::string_view kSpaceMarker = "\xE2\x96\x81";  // U+2581
+constexpr std::string_view kSpaceMarker = "\xE2\x96\x81";    // U+2581
 constexpr std::string_view kUnknownText = " \xE2\x81\x87 ";  // " U+2047 ", as SentencePiece.
 
 class SpmTokenizer final : public Tokenizer {
@@ -208,8 +208,8 @@ class SpmTokenizer final : public Tokenizer {
 
 StatusOr<std::unique_ptr<Tokenizer>> NewSpmTokenizer(VocabData data) {
   std::vector<int32_t> types = ResolveTokenTypes(data);
-  return std::unique_ptr<Tokenizer>(std::make_unique<SpmTokenizer>(std::move(data),
-                                                                   std::move(types)));
+  return std::unique_ptr<Tokenizer>(
+      std::make_unique<SpmTokenizer>(std::move(data), std::move(types)));
 }
 
 }  // namespace helix::tokenizer_internal

@@ -11,6 +11,9 @@ namespace helix {
 
 // What a pre-tokenizer regex can tell apart. \p{L} is every general category L* (Lu, Ll, Lt, Lm,
 // Lo), \p{N} every N* (Nd, Nl, No), and kWhitespace the White_Space property (\s).
+// Approximation: the L/N tables are generated from one Unicode version (see unicode_tables.cc,
+// 14.0); characters assigned later count as kOther, where HF tokenizers' Oniguruma or
+// llama.cpp's tables may know them. Marks (\p{M}) are kOther, as in the regexes implemented.
 enum class UnicodeClass : uint8_t { kOther, kLetter, kNumber, kWhitespace };
 
 // Stands for a byte that does not start a well-formed UTF-8 sequence; its class is kOther.

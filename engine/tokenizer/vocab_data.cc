@@ -54,7 +54,7 @@ std::vector<int32_t> StopIds(const VocabData& data, const std::vector<int32_t>& 
   // End-of-turn markers of common chat formats: ChatML, GPT-2/StarCoder/Qwen, Llama 3, Gemma,
   // Phi-3. Only control tokens count, so ordinary text that happens to match is left alone.
   static constexpr std::array<std::string_view, 7> kEndOfTurn = {
-      "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>",
+      "<|im_end|>",      "<|endoftext|>", "<|eot_id|>", "<|eom_id|>",
       "<|end_of_text|>", "<end_of_turn>", "<|end|>"};
   std::vector<int32_t> ids;
   auto add = [&](int32_t id) {
@@ -86,9 +86,8 @@ SpecialTokenMatcher::SpecialTokenMatcher(const std::vector<std::string>& tokens,
   }
   for (auto& list : by_first_byte_) {
     // Longest first; among equal pieces the lowest id (the stable sort keeps id order).
-    std::stable_sort(list.begin(), list.end(), [](const auto& a, const auto& b) {
-      return a.first.size() > b.first.size();
-    });
+    std::stable_sort(list.begin(), list.end(),
+                     [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   }
 }
 

@@ -54,16 +54,19 @@ struct VocabData {
 // leftmost first, into normal and user-defined pieces only; characters that no piece covers
 // fall back to <0xXX> byte tokens (unk_id where those are missing). Control tokens never come
 // out of text. Decoding maps U+2581 to a space and byte tokens to their byte; control tokens
-// give "", unknown ones " \u2047 ", and a leading space right after BOS is dropped when
-// add_space_prefix is set.
+// give "", unknown ones " \xE2\x81\x87 " (U+2047, as SentencePiece), and a leading space right
+// after BOS is dropped when add_space_prefix is set. merges and pre are not used.
 //
 // gpt2: control, user-defined and unknown tokens written literally in the text are matched first
 // (leftmost, longest) and emitted as their ids, as llama.cpp does with parse_special and HF does
 // for added tokens. The rest is split by the pre-tokenizer; each chunk's bytes are mapped
 // through GPT-2's byte-to-unicode table and merged by rank, lowest first (leftmost on ties),
-// until no merge applies. Decoding reverses the byte mapping; special tokens decode to their
-// text. stop_ids() is eos, eot and any control token named <|im_end|>, <|endoftext|>,
-// <|eot_id|>, <|eom_id|>, <|end_of_text|>, <end_of_turn> or <|end|> (both models).
+// until no merge applies (for the Llama 3 family of `pre` names, a chunk that is itself a piece
+// is taken whole first: llama.cpp's and HF's ignore_merges). Decoding reverses the byte mapping;
+// special tokens decode to their text.
+//
+// Both: stop_ids() is eos, eot and any control token spelled <|im_end|>, <|endoftext|>,
+// <|eot_id|>, <|eom_id|>, <|end_of_text|>, <end_of_turn> or <|end|>.
 //
 // Errors: InvalidArgument naming the field (empty or inconsistent sizes, ids out of range, bad
 // token types, NaN scores, unparsable merges, an unknown pre-tokenizer); Unimplemented for a
