@@ -8,7 +8,7 @@
 #include "engine/backend/cpu/cpu_backend.h"
 #include "engine/common/log.h"
 #include "engine/kv_cache/sequence_kv.h"
-#include "engine/model/llama2c_loader.h"
+#include "engine/model/model_loader.h"
 #include "engine/request/stop_matcher.h"
 #include "engine/sampler/sampler.h"
 
@@ -48,26 +48,6 @@ int64_t AvailableMemoryBytes() {
   return 0;
 }
 
-StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) {
-    return Unimplemented("model '" + path +
-                         "' is a directory (Hugging Face format), which this build cannot load "
-                         "yet; use a llama2.c .bin checkpoint");
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return NotFound("cannot open model file '" + path + "'");
-  char magic[4] = {};
-  in.read(magic, 4);
-  if (in.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) {
-    return Unimplemented("model '" + path +
-                         "' is GGUF, which this build cannot load yet; use a llama2.c .bin "
-                         "checkpoint");
-  }
-  return LoadLlama2cModel(path);
-}
-
 }  // namespace
 
 StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
@@ -87,15 +67,10 @@ Status Engine::Init(const EngineOptions& o) {
   if (o.max_batch_size < 1 || o.max_num_tokens < 1 || o.max_seq_len < 0) {
     return InvalidArgument("max_batch_size and max_num_tokens must be >= 1, max_seq_len >= 0");
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<LoadedModel> loaded, LoadModel(o.model_path));
+  ASSIGN_OR_RETURN(ModelBundle bundle, LoadModelBundle(o.model_path, o.tokenizer_path));
+  std::unique_ptr<LoadedModel> loaded = std::move(bundle.model);
+  tokenizer_ = std::move(bundle.tokenizer);
   const ModelConfig cfg = loaded->config;
-  if (o.tokenizer_path.empty()) {
-    return InvalidArgument("model '" + o.model_path +
-                           "' is a llama2.c checkpoint, which needs a tokenizer file "
-                           "(--tokenizer / \"tokenizer\")");
-  }
-  ASSIGN_OR_RETURN(tokenizer_,
-                   LoadLlama2cTokenizer(o.tokenizer_path, static_cast<int32_t>(cfg.vocab_size)));
   default_stop_ids_ = tokenizer_->stop_ids();
 
   max_seq_len_ = o.max_seq_len == 0 ? cfg.max_seq_len : std::min(o.max_seq_len, cfg.max_seq_len);
@@ -130,8 +105,9 @@ Status Engine::Init(const EngineOptions& o) {
   kv.base = pool_->base();
 
   backend_ = std::make_unique<CpuBackend>(o.num_threads);
-  HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << cfg.n_layers << " layers, dim "
-                   << cfg.dim << ", heads " << cfg.n_heads << "/" << cfg.n_kv_heads << " kv, vocab "
+  HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << ModelFormatName(bundle.format)
+                   << ", " << cfg.architecture << ", " << cfg.n_layers << " layers, dim " << cfg.dim
+                   << ", heads " << cfg.n_heads << "/" << cfg.n_kv_heads << " kv, vocab "
                    << cfg.vocab_size << "), KV pool " << num_blocks << " blocks x "
                    << o.tokens_per_block << " tokens ("
                    << (num_blocks * pool_->block_bytes()) / (1 << 20) << " MiB, "

@@ -138,8 +138,11 @@ int main(int argc, char** argv) {
 
   GenerateFlags g;
   auto* gen = app.add_subcommand("generate", "Generate text offline; the text goes to stdout");
-  gen->add_option("--model", g.model, "Model file (llama2.c .bin)")->required();
-  gen->add_option("--tokenizer", g.tokenizer, "Tokenizer file (llama2.c tokenizer .bin)");
+  gen->add_option("--model", g.model, "Model: llama2.c .bin, GGUF file, or Hugging Face directory")
+      ->required();
+  gen->add_option(
+      "--tokenizer", g.tokenizer,
+      "Tokenizer: llama2.c tokenizer .bin or tokenizer.json (default: the model's own)");
   gen->add_option("--prompt", g.prompt, "Prompt text (default: empty, i.e. BOS only)");
   gen->add_option("--max-tokens", g.max_tokens, "Tokens to generate")->capture_default_str();
   gen->add_option("--temperature", g.temperature, "0 = greedy")->capture_default_str();

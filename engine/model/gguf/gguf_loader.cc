@@ -1,0 +1,275 @@
+#include "engine/model/gguf/gguf_loader.h"
+
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "engine/model/gguf/dequant.h"
+
+namespace helix {
+namespace {
+
+using gguf::GgufFile;
+using gguf::GgufTensorInfo;
+
+std::string ShapeString(const std::vector<int64_t>& ne) {
+  std::string s = "[";
+  for (size_t i = 0; i < ne.size(); ++i) s += (i > 0 ? ", " : "") + std::to_string(ne[i]);
+  return s + "]";
+}
+
+// A tensor the model needs, with the shape it must have (innermost first) and where it goes.
+struct Wanted {
+  std::string name;
+  std::vector<int64_t> ne;
+  std::vector<float>* out;
+};
+
+// Checks presence, shape and type of `w` (nothing is allocated).
+StatusOr<const GgufTensorInfo*> Check(const GgufFile& f, const Wanted& w) {
+  const GgufTensorInfo* t = f.FindTensor(w.name);
+  if (t == nullptr) {
+    return InvalidArgument(f.path() + ": tensor '" + w.name + "' is missing (expected " +
+                           ShapeString(w.ne) + ")");
+  }
+  if (t->ne != w.ne) {
+    return InvalidArgument(f.path() + ": tensor '" + w.name + "' has shape " + t->ShapeString() +
+                           ", expected " + ShapeString(w.ne));
+  }
+  if (!gguf::CanDequantize(t->type)) {
+    return Unimplemented(f.path() + ": tensor '" + w.name + "' has ggml type " +
+                         gguf::GgmlTypeName(t->type) +
+                         ", which this build cannot dequantise (supported: F32, F16, BF16, "
+                         "Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)");
+  }
+  return t;
+}
+
+// An integer hyper-parameter that must fit comfortably in int32 (ModelConfig::Validate checks
+// the finer limits).
+StatusOr<int64_t> GetDim(const GgufFile& f, const std::string& key) {
+  ASSIGN_OR_RETURN(int64_t v, f.GetInt(key));
+  if (v < 0 || v > std::numeric_limits<int32_t>::max()) {
+    return InvalidArgument(f.path() + ": GGUF key '" + key + "' = " + std::to_string(v) +
+                           " is out of range");
+  }
+  return v;
+}
+
+StatusOr<int64_t> GetDimOr(const GgufFile& f, const std::string& key, int64_t fallback) {
+  if (f.FindKey(key) == nullptr) return fallback;
+  return GetDim(f, key);
+}
+
+StatusOr<int32_t> GetTokenId(const GgufFile& f, const std::string& key) {
+  if (f.FindKey(key) == nullptr) return -1;
+  ASSIGN_OR_RETURN(int64_t v, f.GetInt(key));
+  if (v < -1 || v > std::numeric_limits<int32_t>::max()) {
+    return InvalidArgument(f.path() + ": GGUF key '" + key + "' = " + std::to_string(v) +
+                           " is not a token id");
+  }
+  return static_cast<int32_t>(v);
+}
+
+Status ReadConfig(const GgufFile& f, const std::string& arch, ModelConfig* c) {
+  const std::string& path = f.path();
+  const std::string p = arch + ".";
+  c->architecture = arch;
+  ASSIGN_OR_RETURN(c->n_layers, GetDim(f, p + "block_count"));
+  ASSIGN_OR_RETURN(c->dim, GetDim(f, p + "embedding_length"));
+  ASSIGN_OR_RETURN(c->hidden_dim, GetDim(f, p + "feed_forward_length"));
+  ASSIGN_OR_RETURN(c->n_heads, GetDim(f, p + "attention.head_count"));
+  ASSIGN_OR_RETURN(c->n_kv_heads, GetDimOr(f, p + "attention.head_count_kv", c->n_heads));
+  ASSIGN_OR_RETURN(c->max_seq_len, GetDim(f, p + "context_length"));
+  if (c->n_heads == 0) return InvalidArgument(path + ": " + p + "attention.head_count is 0");
+  ASSIGN_OR_RETURN(int64_t key_len, GetDimOr(f, p + "attention.key_length", c->dim / c->n_heads));
+  ASSIGN_OR_RETURN(int64_t value_len, GetDimOr(f, p + "attention.value_length", key_len));
+  if (key_len != value_len) {
+    return Unimplemented(path + ": attention.key_length " + std::to_string(key_len) +
+                         " differs from attention.value_length " + std::to_string(value_len));
+  }
+  c->head_dim = key_len;
+  if (f.FindKey(p + "attention.key_length") == nullptr && c->dim % c->n_heads != 0) {
+    return InvalidArgument(path + ": embedding_length " + std::to_string(c->dim) +
+                           " is not a multiple of head_count " + std::to_string(c->n_heads));
+  }
+  ASSIGN_OR_RETURN(int64_t rot, GetDimOr(f, p + "rope.dimension_count", c->head_dim));
+  if (rot != c->head_dim) {
+    return Unimplemented(path + ": rope.dimension_count " + std::to_string(rot) +
+                         " is not the head dimension " + std::to_string(c->head_dim) +
+                         " (partial rotary embeddings are not supported)");
+  }
+  double theta = 10000.0;
+  if (f.FindKey(p + "rope.freq_base") != nullptr) {
+    ASSIGN_OR_RETURN(theta, f.GetFloat(p + "rope.freq_base"));
+  }
+  if (!(theta > 0)) {
+    return InvalidArgument(path + ": rope.freq_base = " + std::to_string(theta) +
+                           ": expected a positive value");
+  }
+  c->rope_theta = static_cast<float>(theta);
+  ASSIGN_OR_RETURN(double eps, f.GetFloat(p + "attention.layer_norm_rms_epsilon"));
+  if (!(eps > 0 && eps < 1)) {
+    return InvalidArgument(path + ": attention.layer_norm_rms_epsilon = " + std::to_string(eps) +
+                           ": expected a small positive value");
+  }
+  c->norm_eps = static_cast<float>(eps);
+  if (f.FindKey(p + "rope.scaling.type") != nullptr) {
+    ASSIGN_OR_RETURN(std::string scaling, f.GetString(p + "rope.scaling.type"));
+    if (scaling != "none") {
+      return Unimplemented(path + ": RoPE scaling '" + scaling + "' is not supported");
+    }
+  }
+  if (f.FindKey(p + "expert_count") != nullptr) {
+    ASSIGN_OR_RETURN(int64_t experts, f.GetInt(p + "expert_count"));
+    if (experts > 0) {
+      return Unimplemented(path + ": mixture-of-experts models (" + p + "expert_count " +
+                           std::to_string(experts) + ") are not supported");
+    }
+  }
+  if (f.FindTensor("rope_freqs.weight") != nullptr) {
+    return Unimplemented(path +
+                         ": tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) "
+                         "is not supported");
+  }
+  c->rope_style = arch == "qwen2" ? kernels::RopeStyle::kHalf : kernels::RopeStyle::kInterleaved;
+
+  const GgufTensorInfo* embd = f.FindTensor("token_embd.weight");
+  if (embd == nullptr) return InvalidArgument(path + ": tensor 'token_embd.weight' is missing");
+  if (embd->ne.size() != 2 || embd->ne[0] != c->dim) {
+    return InvalidArgument(path + ": tensor 'token_embd.weight' has shape " + embd->ShapeString() +
+                           ", expected [" + std::to_string(c->dim) + ", vocab]");
+  }
+  c->vocab_size = embd->ne[1];
+  if (f.FindKey(p + "vocab_size") != nullptr) {
+    ASSIGN_OR_RETURN(int64_t v, GetDim(f, p + "vocab_size"));
+    if (v != c->vocab_size) {
+      return InvalidArgument(path + ": " + p + "vocab_size = " + std::to_string(v) +
+                             " but token_embd.weight has " + std::to_string(c->vocab_size) +
+                             " rows");
+    }
+  }
+  c->tied_embeddings = f.FindTensor("output.weight") == nullptr;
+  // qwen2 always has q/k/v biases; a llama-architecture file may carry them too.
+  c->qkv_bias = arch == "qwen2" || f.FindTensor("blk.0.attn_q.bias") != nullptr;
+  return c->Validate().WithPrefix(path);
+}
+
+}  // namespace
+
+StatusOr<std::optional<VocabData>> ReadGgufVocab(const GgufFile& f) {
+  if (f.FindKey("tokenizer.ggml.model") == nullptr) return std::optional<VocabData>();
+  VocabData v;
+  ASSIGN_OR_RETURN(v.model, f.GetString("tokenizer.ggml.model"));
+  if (f.FindKey("tokenizer.ggml.pre") != nullptr) {
+    ASSIGN_OR_RETURN(v.pre, f.GetString("tokenizer.ggml.pre"));
+  }
+  ASSIGN_OR_RETURN(v.tokens, f.GetStringArray("tokenizer.ggml.tokens"));
+  const size_t n = v.tokens.size();
+  auto size_mismatch = [&](const char* key, size_t got) {
+    return InvalidArgument(f.path() + ": GGUF key '" + key + "' has " + std::to_string(got) +
+                           " entries but tokenizer.ggml.tokens has " + std::to_string(n));
+  };
+  if (f.FindKey("tokenizer.ggml.scores") != nullptr) {
+    ASSIGN_OR_RETURN(v.scores, f.GetFloatArray("tokenizer.ggml.scores"));
+    if (v.scores.size() != n) return size_mismatch("tokenizer.ggml.scores", v.scores.size());
+  }
+  if (f.FindKey("tokenizer.ggml.token_type") != nullptr) {
+    ASSIGN_OR_RETURN(std::vector<int64_t> types, f.GetIntArray("tokenizer.ggml.token_type"));
+    if (types.size() != n) return size_mismatch("tokenizer.ggml.token_type", types.size());
+    v.token_types.reserve(n);
+    for (int64_t t : types) {
+      if (t < std::numeric_limits<int32_t>::min() || t > std::numeric_limits<int32_t>::max()) {
+        return InvalidArgument(f.path() + ": tokenizer.ggml.token_type holds " + std::to_string(t) +
+                               ", not a token type");
+      }
+      v.token_types.push_back(static_cast<int32_t>(t));
+    }
+  }
+  if (f.FindKey("tokenizer.ggml.merges") != nullptr) {
+    ASSIGN_OR_RETURN(v.merges, f.GetStringArray("tokenizer.ggml.merges"));
+  }
+  ASSIGN_OR_RETURN(v.bos_id, GetTokenId(f, "tokenizer.ggml.bos_token_id"));
+  ASSIGN_OR_RETURN(v.eos_id, GetTokenId(f, "tokenizer.ggml.eos_token_id"));
+  ASSIGN_OR_RETURN(v.eot_id, GetTokenId(f, "tokenizer.ggml.eot_token_id"));
+  ASSIGN_OR_RETURN(v.unk_id, GetTokenId(f, "tokenizer.ggml.unknown_token_id"));
+  ASSIGN_OR_RETURN(v.pad_id, GetTokenId(f, "tokenizer.ggml.padding_token_id"));
+  if (v.model == "gpt2") {
+    v.add_space_prefix = false;
+    v.add_bos =
+        v.pre == "llama3" || v.pre == "llama-v3" || v.pre == "llama-bpe" || v.pre == "falcon3";
+  }
+  if (f.FindKey("tokenizer.ggml.add_bos_token") != nullptr) {
+    ASSIGN_OR_RETURN(v.add_bos, f.GetBool("tokenizer.ggml.add_bos_token"));
+  }
+  if (f.FindKey("tokenizer.ggml.add_space_prefix") != nullptr) {
+    ASSIGN_OR_RETURN(v.add_space_prefix, f.GetBool("tokenizer.ggml.add_space_prefix"));
+  }
+  if (f.FindKey("tokenizer.chat_template") != nullptr) {
+    ASSIGN_OR_RETURN(v.chat_template, f.GetString("tokenizer.chat_template"));
+  }
+  return std::optional<VocabData>(std::move(v));
+}
+
+StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
+  ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path));
+  const GgufFile& f = *file;
+  ASSIGN_OR_RETURN(std::string arch, f.GetString("general.architecture"));
+  if (arch != "llama" && arch != "qwen2") {
+    return Unimplemented(path + ": GGUF architecture '" + arch +
+                         "' is not supported (supported: llama, qwen2)");
+  }
+  GgufModel result;
+  result.model = std::make_unique<LoadedModel>();
+  ModelConfig& c = result.model->config;
+  RETURN_IF_ERROR(ReadConfig(f, arch, &c));
+
+  // Everything the model needs, checked before any of it is allocated.
+  ModelWeights& w = result.model->weights;
+  const int64_t D = c.dim, F = c.hidden_dim, V = c.vocab_size;
+  const int64_t qd = c.n_heads * c.head_dim, kvd = c.n_kv_heads * c.head_dim;
+  std::vector<Wanted> wanted;
+  wanted.push_back({"token_embd.weight", {D, V}, &w.token_embedding});
+  w.layers.resize(c.n_layers);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    LayerWeights& lw = w.layers[l];
+    const std::string b = "blk." + std::to_string(l) + ".";
+    wanted.push_back({b + "attn_norm.weight", {D}, &lw.attn_norm});
+    wanted.push_back({b + "attn_q.weight", {D, qd}, &lw.wq});
+    wanted.push_back({b + "attn_k.weight", {D, kvd}, &lw.wk});
+    wanted.push_back({b + "attn_v.weight", {D, kvd}, &lw.wv});
+    if (c.qkv_bias) {
+      wanted.push_back({b + "attn_q.bias", {qd}, &lw.bq});
+      wanted.push_back({b + "attn_k.bias", {kvd}, &lw.bk});
+      wanted.push_back({b + "attn_v.bias", {kvd}, &lw.bv});
+    }
+    if (f.FindTensor(b + "attn_output.bias") != nullptr) {
+      return Unimplemented(path + ": tensor '" + b +
+                           "attn_output.bias' (an output-projection bias) is not supported");
+    }
+    wanted.push_back({b + "attn_output.weight", {qd, D}, &lw.wo});
+    wanted.push_back({b + "ffn_norm.weight", {D}, &lw.ffn_norm});
+    wanted.push_back({b + "ffn_gate.weight", {D, F}, &lw.w1});
+    wanted.push_back({b + "ffn_down.weight", {F, D}, &lw.w2});
+    wanted.push_back({b + "ffn_up.weight", {D, F}, &lw.w3});
+  }
+  wanted.push_back({"output_norm.weight", {D}, &w.final_norm});
+  if (!c.tied_embeddings) wanted.push_back({"output.weight", {D, V}, &w.classifier});
+
+  ASSIGN_OR_RETURN(result.vocab, ReadGgufVocab(f));
+  std::vector<const GgufTensorInfo*> infos;
+  infos.reserve(wanted.size());
+  for (const Wanted& x : wanted) {
+    ASSIGN_OR_RETURN(const GgufTensorInfo* t, Check(f, x));
+    infos.push_back(t);
+  }
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    const GgufTensorInfo& t = *infos[i];
+    wanted[i].out->resize(static_cast<size_t>(t.num_elements));
+    RETURN_IF_ERROR(gguf::Dequantize(t.type, f.TensorData(t), t.num_elements, wanted[i].out->data(),
+                                     path + ": tensor '" + t.name + "'"));
+  }
+  return result;
+}
+
+}  // namespace helix

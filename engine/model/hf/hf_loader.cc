@@ -1,0 +1,327 @@
+#include "engine/model/hf/hf_loader.h"
+
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#include "engine/model/hf/safetensors.h"
+
+namespace helix {
+namespace {
+
+namespace fs = std::filesystem;
+using hf::SafetensorsFile;
+using hf::SafetensorsTensor;
+using nlohmann::json;
+
+// config.json and the shard index are small; anything far larger is not one of them.
+constexpr uintmax_t kMaxJsonBytes = 64 << 20;
+
+StatusOr<json> ReadJson(const std::string& path) {
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(path, ec);
+  if (ec) return NotFound("cannot open '" + path + "': " + ec.message());
+  if (size > kMaxJsonBytes) {
+    return InvalidArgument(path + ": " + std::to_string(size) +
+                           " bytes is too large for a JSON "
+                           "configuration file");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFound("cannot open '" + path + "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
+  if (!j.is_object()) return InvalidArgument(path + ": expected a JSON object at the top level");
+  return j;
+}
+
+// Typed access to config.json fields; errors name the file and the field.
+class Config {
+ public:
+  Config(const json& j, std::string path) : j_(j), path_(std::move(path)) {}
+
+  bool Has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
+
+  StatusOr<int64_t> Int(const char* key) const {
+    if (!Has(key)) return InvalidArgument(path_ + ": field '" + key + "' is missing");
+    const json& v = j_[key];
+    if (!v.is_number_integer()) return Wrong(key, "an integer");
+    const int64_t x = v.get<int64_t>();
+    if (x < 0 || x > std::numeric_limits<int32_t>::max()) {
+      return InvalidArgument(path_ + ": field '" + key + "' = " + std::to_string(x) +
+                             " is out of range");
+    }
+    return x;
+  }
+  StatusOr<int64_t> IntOr(const char* key, int64_t fallback) const {
+    if (!Has(key)) return fallback;
+    return Int(key);
+  }
+  StatusOr<double> Number(const char* key) const {
+    if (!Has(key)) return InvalidArgument(path_ + ": field '" + key + "' is missing");
+    if (!j_[key].is_number()) return Wrong(key, "a number");
+    return j_[key].get<double>();
+  }
+  StatusOr<double> NumberOr(const char* key, double fallback) const {
+    if (!Has(key)) return fallback;
+    return Number(key);
+  }
+  StatusOr<bool> BoolOr(const char* key, bool fallback) const {
+    if (!Has(key)) return fallback;
+    if (!j_[key].is_boolean()) return Wrong(key, "true or false");
+    return j_[key].get<bool>();
+  }
+  StatusOr<std::string> StringOr(const char* key, std::string fallback) const {
+    if (!Has(key)) return fallback;
+    if (!j_[key].is_string()) return Wrong(key, "a string");
+    return j_[key].get<std::string>();
+  }
+  const json& raw(const char* key) const { return j_[key]; }
+  const std::string& path() const { return path_; }
+
+ private:
+  Status Wrong(const char* key, const char* expected) const {
+    return InvalidArgument(path_ + ": field '" + key + "' = " + j_[key].dump() + ": expected " +
+                           expected);
+  }
+
+  const json& j_;
+  std::string path_;
+};
+
+Status ReadConfig(const Config& j, ModelConfig* c) {
+  const std::string& path = j.path();
+  if (!j.Has("architectures") || !j.raw("architectures").is_array() ||
+      j.raw("architectures").empty() || !j.raw("architectures")[0].is_string()) {
+    return InvalidArgument(path +
+                           ": field 'architectures' is missing (expected e.g. "
+                           "[\"LlamaForCausalLM\"])");
+  }
+  const std::string arch = j.raw("architectures")[0].get<std::string>();
+  if (arch == "LlamaForCausalLM") {
+    c->architecture = "llama";
+  } else if (arch == "Qwen2ForCausalLM") {
+    c->architecture = "qwen2";
+  } else {
+    return Unimplemented(path + ": architecture '" + arch +
+                         "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM)");
+  }
+  const bool qwen2 = c->architecture == "qwen2";
+  ASSIGN_OR_RETURN(c->dim, j.Int("hidden_size"));
+  ASSIGN_OR_RETURN(c->hidden_dim, j.Int("intermediate_size"));
+  ASSIGN_OR_RETURN(c->n_layers, j.Int("num_hidden_layers"));
+  ASSIGN_OR_RETURN(c->n_heads, j.Int("num_attention_heads"));
+  ASSIGN_OR_RETURN(c->n_kv_heads, j.IntOr("num_key_value_heads", c->n_heads));
+  ASSIGN_OR_RETURN(c->vocab_size, j.Int("vocab_size"));
+  ASSIGN_OR_RETURN(c->max_seq_len, j.Int("max_position_embeddings"));
+  if (c->n_heads == 0) return InvalidArgument(path + ": field 'num_attention_heads' is 0");
+  if (!j.Has("head_dim") && c->dim % c->n_heads != 0) {
+    return InvalidArgument(path + ": hidden_size " + std::to_string(c->dim) +
+                           " is not a multiple of num_attention_heads " +
+                           std::to_string(c->n_heads));
+  }
+  ASSIGN_OR_RETURN(c->head_dim, j.IntOr("head_dim", c->dim / c->n_heads));
+  ASSIGN_OR_RETURN(double theta, j.NumberOr("rope_theta", 10000.0));
+  if (!(theta > 0)) {
+    return InvalidArgument(path + ": field 'rope_theta' = " + std::to_string(theta) +
+                           ": expected a positive value");
+  }
+  c->rope_theta = static_cast<float>(theta);
+  ASSIGN_OR_RETURN(double eps, j.Number("rms_norm_eps"));
+  if (!(eps > 0 && eps < 1)) {
+    return InvalidArgument(path + ": field 'rms_norm_eps' = " + std::to_string(eps) +
+                           ": expected a small positive value");
+  }
+  c->norm_eps = static_cast<float>(eps);
+  c->rope_style = kernels::RopeStyle::kHalf;
+  ASSIGN_OR_RETURN(c->tied_embeddings, j.BoolOr("tie_word_embeddings", false));
+
+  ASSIGN_OR_RETURN(std::string act, j.StringOr("hidden_act", "silu"));
+  if (act != "silu") {
+    return Unimplemented(path + ": hidden_act '" + act + "' is not supported (only silu)");
+  }
+  if (j.Has("rope_scaling")) {
+    const json& rs = j.raw("rope_scaling");
+    std::string type = "?";
+    if (rs.is_object()) {
+      for (const char* k : {"rope_type", "type"}) {
+        if (rs.contains(k) && rs[k].is_string()) type = rs[k].get<std::string>();
+      }
+    }
+    if (type != "default") {
+      return Unimplemented(path + ": rope_scaling " + rs.dump() + " is not supported");
+    }
+  }
+  if (j.Has("partial_rotary_factor")) {
+    ASSIGN_OR_RETURN(double prf, j.Number("partial_rotary_factor"));
+    if (prf != 1.0) {
+      return Unimplemented(path + ": partial_rotary_factor " + std::to_string(prf) +
+                           " is not supported");
+    }
+  }
+  ASSIGN_OR_RETURN(bool sliding, j.BoolOr("use_sliding_window", false));
+  if (sliding) return Unimplemented(path + ": sliding-window attention is not supported");
+  ASSIGN_OR_RETURN(bool mlp_bias, j.BoolOr("mlp_bias", false));
+  if (mlp_bias) return Unimplemented(path + ": mlp_bias is not supported");
+  // Llama's attention_bias puts biases on q, k, v and o; Qwen2 has them on q, k, v only.
+  ASSIGN_OR_RETURN(bool attention_bias, j.BoolOr("attention_bias", false));
+  if (!qwen2 && attention_bias) {
+    return Unimplemented(path +
+                         ": attention_bias (which includes an o_proj bias) is not "
+                         "supported for LlamaForCausalLM");
+  }
+  c->qkv_bias = qwen2;
+  return c->Validate().WithPrefix(path);
+}
+
+// Where each tensor of the model lives: one file, or the shards an index names.
+class TensorSource {
+ public:
+  Status Open(const std::string& dir) {
+    const std::string single = (fs::path(dir) / "model.safetensors").string();
+    const std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
+    std::error_code ec;
+    if (fs::exists(single, ec)) {
+      ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> f, SafetensorsFile::Open(single));
+      for (const SafetensorsTensor& t : f->tensors()) where_[t.name] = {f.get(), &t};
+      files_.push_back(std::move(f));
+      return Status::Ok();
+    }
+    if (!fs::exists(index, ec)) {
+      std::string hint;
+      if (fs::exists(fs::path(dir) / "pytorch_model.bin", ec)) {
+        hint = " (pytorch_model.bin is not supported: convert it to safetensors)";
+      }
+      return NotFound(dir + ": no model.safetensors or model.safetensors.index.json" + hint);
+    }
+    ASSIGN_OR_RETURN(json j, ReadJson(index));
+    if (!j.contains("weight_map") || !j["weight_map"].is_object()) {
+      return InvalidArgument(index + ": field 'weight_map' is missing or not an object");
+    }
+    std::map<std::string, SafetensorsFile*> shards;
+    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+      if (!it.value().is_string()) {
+        return InvalidArgument(index + ": weight_map entry '" + it.key() + "' is not a file name");
+      }
+      const std::string shard = it.value().get<std::string>();
+      if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
+        return InvalidArgument(index + ": weight_map entry '" + it.key() + "' names '" + shard +
+                               "', not a file in the model directory");
+      }
+      auto [pos, added] = shards.emplace(shard, nullptr);
+      if (added) {
+        ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> f,
+                         SafetensorsFile::Open((fs::path(dir) / shard).string()));
+        pos->second = f.get();
+        files_.push_back(std::move(f));
+      }
+      const SafetensorsTensor* t = pos->second->Find(it.key());
+      if (t == nullptr) {
+        return DataLoss(index + ": tensor '" + it.key() + "' is mapped to " + shard +
+                        ", which does not contain it");
+      }
+      where_[it.key()] = {pos->second, t};
+    }
+    return Status::Ok();
+  }
+
+  bool Has(const std::string& name) const { return where_.count(name) > 0; }
+
+  // Checks name's shape against `shape` (nothing is read).
+  Status Check(const std::string& dir, const std::string& name,
+               const std::vector<int64_t>& shape) const {
+    auto it = where_.find(name);
+    if (it == where_.end()) return InvalidArgument(dir + ": tensor '" + name + "' is missing");
+    const SafetensorsTensor& t = *it->second.second;
+    if (t.shape != shape) {
+      SafetensorsTensor want;
+      want.shape = shape;
+      return InvalidArgument(it->second.first->path() + ": tensor '" + name + "' has shape " +
+                             t.ShapeString() + ", expected " + want.ShapeString());
+    }
+    if (t.dtype != "F32" && t.dtype != "F16" && t.dtype != "BF16") {
+      return Unimplemented(it->second.first->path() + ": tensor '" + name + "' has dtype " +
+                           t.dtype + " (supported: F32, F16, BF16)");
+    }
+    return Status::Ok();
+  }
+
+  // REQUIRES: Check(name, ...) passed.
+  Status Read(const std::string& name, std::vector<float>* out) const {
+    const auto& [file, t] = where_.at(name);
+    out->resize(static_cast<size_t>(t->num_elements));
+    return file->ReadFloat(*t, out->data());
+  }
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, std::pair<const SafetensorsFile*, const SafetensorsTensor*>> where_;
+};
+
+}  // namespace
+
+StatusOr<HfModel> LoadHfModel(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return NotFound("'" + dir + "' is not a directory");
+  const std::string config_path = (fs::path(dir) / "config.json").string();
+  ASSIGN_OR_RETURN(json config_json, ReadJson(config_path));
+  HfModel result;
+  result.model = std::make_unique<LoadedModel>();
+  ModelConfig& c = result.model->config;
+  RETURN_IF_ERROR(ReadConfig(Config(config_json, config_path), &c));
+
+  TensorSource src;
+  RETURN_IF_ERROR(src.Open(dir));
+  if (!c.tied_embeddings && !src.Has("lm_head.weight")) c.tied_embeddings = true;
+
+  struct Wanted {
+    std::string name;
+    std::vector<int64_t> shape;
+    std::vector<float>* out;
+  };
+  ModelWeights& w = result.model->weights;
+  const int64_t D = c.dim, F = c.hidden_dim, V = c.vocab_size;
+  const int64_t qd = c.n_heads * c.head_dim, kvd = c.n_kv_heads * c.head_dim;
+  std::vector<Wanted> wanted;
+  wanted.push_back({"model.embed_tokens.weight", {V, D}, &w.token_embedding});
+  w.layers.resize(c.n_layers);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    LayerWeights& lw = w.layers[l];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    wanted.push_back({p + "input_layernorm.weight", {D}, &lw.attn_norm});
+    wanted.push_back({p + "self_attn.q_proj.weight", {qd, D}, &lw.wq});
+    wanted.push_back({p + "self_attn.k_proj.weight", {kvd, D}, &lw.wk});
+    wanted.push_back({p + "self_attn.v_proj.weight", {kvd, D}, &lw.wv});
+    if (c.qkv_bias) {
+      wanted.push_back({p + "self_attn.q_proj.bias", {qd}, &lw.bq});
+      wanted.push_back({p + "self_attn.k_proj.bias", {kvd}, &lw.bk});
+      wanted.push_back({p + "self_attn.v_proj.bias", {kvd}, &lw.bv});
+    }
+    wanted.push_back({p + "self_attn.o_proj.weight", {D, qd}, &lw.wo});
+    wanted.push_back({p + "post_attention_layernorm.weight", {D}, &lw.ffn_norm});
+    wanted.push_back({p + "mlp.gate_proj.weight", {F, D}, &lw.w1});
+    wanted.push_back({p + "mlp.down_proj.weight", {D, F}, &lw.w2});
+    wanted.push_back({p + "mlp.up_proj.weight", {F, D}, &lw.w3});
+  }
+  wanted.push_back({"model.norm.weight", {D}, &w.final_norm});
+  if (!c.tied_embeddings) wanted.push_back({"lm_head.weight", {V, D}, &w.classifier});
+  for (const Wanted& x : wanted) RETURN_IF_ERROR(src.Check(dir, x.name, x.shape));
+
+  const fs::path tok_json = fs::path(dir) / "tokenizer.json";
+  const fs::path tok_config = fs::path(dir) / "tokenizer_config.json";
+  if (fs::exists(tok_json, ec)) {
+    ASSIGN_OR_RETURN(result.vocab,
+                     LoadHfTokenizerJson(tok_json.string(),
+                                         fs::exists(tok_config, ec) ? tok_config.string() : ""));
+  }
+  for (const Wanted& x : wanted) RETURN_IF_ERROR(src.Read(x.name, x.out));
+  return result;
+}
+
+}  // namespace helix
