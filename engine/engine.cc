@@ -71,6 +71,8 @@ Status Engine::Init(const EngineOptions& o) {
   std::unique_ptr<LoadedModel> loaded = std::move(bundle.model);
   tokenizer_ = std::move(bundle.tokenizer);
   const ModelConfig cfg = loaded->config;
+  const kernels::DType weight_dtype = o.weight_dtype.value_or(loaded->stored_dtype);
+  loaded->weights.ConvertMatricesTo(weight_dtype);
   default_stop_ids_ = tokenizer_->stop_ids();
 
   max_seq_len_ = o.max_seq_len == 0 ? cfg.max_seq_len : std::min(o.max_seq_len, cfg.max_seq_len);
@@ -108,9 +110,9 @@ Status Engine::Init(const EngineOptions& o) {
   HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << ModelFormatName(bundle.format)
                    << ", " << cfg.architecture << ", " << cfg.n_layers << " layers, dim " << cfg.dim
                    << ", heads " << cfg.n_heads << "/" << cfg.n_kv_heads << " kv, vocab "
-                   << cfg.vocab_size << "), KV pool " << num_blocks << " blocks x "
-                   << o.tokens_per_block << " tokens ("
-                   << (num_blocks * pool_->block_bytes()) / (1 << 20) << " MiB, "
+                   << cfg.vocab_size << ", weights " << kernels::DTypeName(weight_dtype)
+                   << "), KV pool " << num_blocks << " blocks x " << o.tokens_per_block
+                   << " tokens (" << (num_blocks * pool_->block_bytes()) / (1 << 20) << " MiB, "
                    << kernels::DTypeName(o.kv_dtype) << "), max_seq_len " << max_seq_len_
                    << ", backend cpu";
   model_ = std::make_unique<LlamaModel>(std::move(loaded), backend_.get(), kv);

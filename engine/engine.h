@@ -28,6 +28,9 @@ struct EngineOptions {
   int num_threads = 0;         // CPU backend; 0 = all cores
   int64_t tokens_per_block = 32;
   kernels::DType kv_dtype = kernels::DType::kF32;
+  // Precision of the weight matrices in memory (norms, biases and the embedding gather stay
+  // float32); nullopt ("auto") keeps the checkpoint's (LoadedModel::stored_dtype).
+  std::optional<kernels::DType> weight_dtype;
   std::optional<int64_t> kv_max_tokens;           // pool size in tokens
   std::optional<double> kv_free_memory_fraction;  // of available memory; smaller one wins
   int64_t max_batch_size = 64;

@@ -6,6 +6,8 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
+#include <string_view>
 
 namespace helix::kernels {
 
@@ -23,6 +25,14 @@ constexpr const char* DTypeName(DType t) {
       return "bf16";
   }
   return "unknown";
+}
+
+// The config / CLI spelling ("float32", "float16", "bfloat16"); nullopt for anything else.
+inline std::optional<DType> DTypeFromName(std::string_view name) {
+  if (name == "float32") return DType::kF32;
+  if (name == "float16") return DType::kF16;
+  if (name == "bfloat16") return DType::kBF16;
+  return std::nullopt;
 }
 
 // IEEE binary16 -> fp32; exact for every input (subnormals, inf, NaN payload kept).

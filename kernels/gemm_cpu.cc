@@ -15,10 +15,11 @@ constexpr int kXRows = 2;
 // k is walked in panels so that a weight tile panel (4 x 512 floats = 8 KiB) stays in L1
 // while every x row streams past it.
 constexpr int64_t kPanel = 512;
+constexpr int64_t kPrefetchBytes = 8192;
 
 // acc[r][c] += dot(x[r][k0:k1], w[c][k0:k1]) for R x rows and C weight rows.
-template <int R, int C>
-inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t k0, int64_t k1,
+template <DType T, int R, int C>
+inline void MicroKernel(const float* const* xr, const void* const* wr, int64_t k0, int64_t k1,
                         float out[R][C]) {
   V8 acc[R][C];
   for (int r = 0; r < R; ++r) {
@@ -27,10 +28,19 @@ inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t 
     }
   }
   int64_t i = k0;
+  // Weight rows are streamed from memory once per call: prefetch each row kPrefetchBytes ahead
+  // (one line per 64 bytes of weights) so that several lines per row are in flight.
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(DTypeSize(T));  // elements per line
   for (; i + 8 <= k1; i += 8) {
+    if (i % kLine == 0) {
+      for (int c = 0; c < C; ++c) {
+        __builtin_prefetch(static_cast<const char*>(wr[c]) +
+                           (i * static_cast<int64_t>(DTypeSize(T))) + kPrefetchBytes);
+      }
+    }
     V8 wv[C];
     for (int c = 0; c < C; ++c) {
-      wv[c] = vec::Load(wr[c] + i);
+      wv[c] = vec::LoadAs<T>(wr[c], i);
     }
     for (int r = 0; r < R; ++r) {
       const V8 xv = vec::Load(xr[r] + i);
@@ -43,7 +53,7 @@ inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t 
     for (int c = 0; c < C; ++c) {
       float s = vec::HorizontalSum(acc[r][c]);
       for (int64_t j = i; j < k1; ++j) {
-        s += xr[r][j] * wr[c][j];
+        s += xr[r][j] * vec::LoadScalarAs<T>(wr[c], j);
       }
       out[r][c] = s;
     }
@@ -51,11 +61,11 @@ inline void MicroKernel(const float* const* xr, const float* const* wr, int64_t 
 }
 
 // y[:, n0:n0+C] for all m rows.
-template <int C>
+template <DType T, int C>
 void WeightTile(const GemmParams& p, int64_t n0) {
-  const float* wr[C];
+  const void* wr[C];
   for (int c = 0; c < C; ++c) {
-    wr[c] = p.w + (n0 + c) * p.k;
+    wr[c] = static_cast<const char*>(p.w) + (n0 + c) * p.k * static_cast<int64_t>(DTypeSize(T));
   }
   for (int64_t k0 = 0; k0 < p.k || k0 == 0; k0 += kPanel) {
     const int64_t k1 = std::min(p.k, k0 + kPanel);
@@ -64,7 +74,7 @@ void WeightTile(const GemmParams& p, int64_t n0) {
     for (; r + kXRows <= p.m; r += kXRows) {
       const float* xr[kXRows] = {p.x + r * p.k, p.x + (r + 1) * p.k};
       float out[kXRows][C];
-      MicroKernel<kXRows, C>(xr, wr, k0, k1, out);
+      MicroKernel<T, kXRows, C>(xr, wr, k0, k1, out);
       for (int rr = 0; rr < kXRows; ++rr) {
         float* y = p.y + (r + rr) * p.n + n0;
         for (int c = 0; c < C; ++c) {
@@ -76,7 +86,7 @@ void WeightTile(const GemmParams& p, int64_t n0) {
     for (; r < p.m; ++r) {
       const float* xr[1] = {p.x + r * p.k};
       float out[1][C];
-      MicroKernel<1, C>(xr, wr, k0, k1, out);
+      MicroKernel<T, 1, C>(xr, wr, k0, k1, out);
       float* y = p.y + r * p.n + n0;
       for (int c = 0; c < C; ++c) {
         const float init = first ? (p.bias ? p.bias[n0 + c] : 0.0f) : y[c];
@@ -89,12 +99,8 @@ void WeightTile(const GemmParams& p, int64_t n0) {
   }
 }
 
-}  // namespace
-
-void GemmCpu(const GemmParams& p, ThreadPool* pool) {
-  if (p.m <= 0 || p.n <= 0) {
-    return;
-  }
+template <DType T>
+void GemmTyped(const GemmParams& p, ThreadPool* pool) {
   const int64_t tiles = (p.n + kTileRows - 1) / kTileRows;
   // About 64K multiply-adds per chunk before it is worth waking another thread.
   const int64_t min_tiles =
@@ -104,20 +110,39 @@ void GemmCpu(const GemmParams& p, ThreadPool* pool) {
       const int64_t n0 = t * kTileRows;
       switch (std::min<int64_t>(kTileRows, p.n - n0)) {
         case 4:
-          WeightTile<4>(p, n0);
+          WeightTile<T, 4>(p, n0);
           break;
         case 3:
-          WeightTile<3>(p, n0);
+          WeightTile<T, 3>(p, n0);
           break;
         case 2:
-          WeightTile<2>(p, n0);
+          WeightTile<T, 2>(p, n0);
           break;
         default:
-          WeightTile<1>(p, n0);
+          WeightTile<T, 1>(p, n0);
           break;
       }
     }
   });
+}
+
+}  // namespace
+
+void GemmCpu(const GemmParams& p, ThreadPool* pool) {
+  if (p.m <= 0 || p.n <= 0) {
+    return;
+  }
+  switch (p.w_dtype) {
+    case DType::kF32:
+      GemmTyped<DType::kF32>(p, pool);
+      break;
+    case DType::kF16:
+      GemmTyped<DType::kF16>(p, pool);
+      break;
+    case DType::kBF16:
+      GemmTyped<DType::kBF16>(p, pool);
+      break;
+  }
 }
 
 }  // namespace helix::kernels

@@ -14,22 +14,36 @@ namespace {
 
 using testing::RandomVector;
 
-void CheckGemm(int64_t m, int64_t n, int64_t k, bool with_bias, ThreadPool* pool, uint32_t seed) {
+void CheckGemm(int64_t m, int64_t n, int64_t k, bool with_bias, ThreadPool* pool, uint32_t seed,
+               DType w_dtype = DType::kF32) {
   std::mt19937 rng(seed);
   const std::vector<float> x = RandomVector(rng, m * k);
-  const std::vector<float> w = RandomVector(rng, n * k);
+  std::vector<float> w = RandomVector(rng, n * k);
   const std::vector<float> bias = RandomVector(rng, n);
+  // 16-bit weights: the kernel must compute with exactly the stored values.
+  std::vector<uint16_t> w16(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (w_dtype == DType::kF16) {
+      w16[i] = FloatToHalf(w[i]);
+      w[i] = HalfToFloat(w16[i]);
+    } else if (w_dtype == DType::kBF16) {
+      w16[i] = FloatToBf16(w[i]);
+      w[i] = Bf16ToFloat(w16[i]);
+    }
+  }
   std::vector<float> y(m * n, -12345.0f);
   GemmCpu({.x = x.data(),
-           .w = w.data(),
+           .w = w_dtype == DType::kF32 ? static_cast<const void*>(w.data()) : w16.data(),
            .bias = with_bias ? bias.data() : nullptr,
            .y = y.data(),
            .m = m,
            .n = n,
-           .k = k},
+           .k = k,
+           .w_dtype = w_dtype},
           pool);
   const std::string what = "m=" + std::to_string(m) + " n=" + std::to_string(n) +
-                           " k=" + std::to_string(k) + (with_bias ? " bias" : "");
+                           " k=" + std::to_string(k) + (with_bias ? " bias " : " ") +
+                           DTypeName(w_dtype);
   int failures = 0;
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t c = 0; c < n; ++c) {
@@ -57,7 +71,9 @@ TEST(GemmTest, MatchesFloat64Reference) {
       for (auto [n, k] :
            {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {37, 67}, {131, 1031}, {9, 16}}) {
         for (bool bias : {false, true}) {
-          CheckGemm(m, n, k, bias, p, seed++);
+          for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+            CheckGemm(m, n, k, bias, p, seed++, t);
+          }
         }
       }
     }

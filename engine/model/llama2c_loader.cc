@@ -98,26 +98,34 @@ StatusOr<std::unique_ptr<LoadedModel>> LoadLlama2cModel(const std::string& path)
   RETURN_IF_ERROR(r.Floats("token_embedding", c.vocab_size * D, &w.token_embedding));
   // llama2.c stores each tensor kind for all layers together.
   std::vector<float> all;
-  auto split = [&](const char* what, int64_t per, std::vector<float> LayerWeights::*field) {
+  auto split = [&](const char* what, int64_t per, auto field) {
     Status s = r.Floats(what, L * per, &all);
     if (!s.ok()) return s;
     for (int64_t l = 0; l < L; ++l) {
-      (w.layers[l].*field).assign(all.begin() + l * per, all.begin() + (l + 1) * per);
+      std::vector<float>& dst = field(w.layers[l]);
+      dst.assign(all.begin() + l * per, all.begin() + (l + 1) * per);
     }
     return Status::Ok();
   };
-  RETURN_IF_ERROR(split("rms_att", D, &LayerWeights::attn_norm));
-  RETURN_IF_ERROR(split("wq", q_out * D, &LayerWeights::wq));
-  RETURN_IF_ERROR(split("wk", kv_out * D, &LayerWeights::wk));
-  RETURN_IF_ERROR(split("wv", kv_out * D, &LayerWeights::wv));
-  RETURN_IF_ERROR(split("wo", D * q_out, &LayerWeights::wo));
-  RETURN_IF_ERROR(split("rms_ffn", D, &LayerWeights::ffn_norm));
-  RETURN_IF_ERROR(split("w1", F * D, &LayerWeights::w1));
-  RETURN_IF_ERROR(split("w2", D * F, &LayerWeights::w2));
-  RETURN_IF_ERROR(split("w3", F * D, &LayerWeights::w3));
+  using LW = LayerWeights;
+  auto vec = [](std::vector<float> LW::*f) {
+    return [f](LW& l) -> std::vector<float>& { return l.*f; };
+  };
+  auto mat = [](WeightMatrix LW::*f) {
+    return [f](LW& l) -> std::vector<float>& { return (l.*f).f32; };
+  };
+  RETURN_IF_ERROR(split("rms_att", D, vec(&LW::attn_norm)));
+  RETURN_IF_ERROR(split("wq", q_out * D, mat(&LW::wq)));
+  RETURN_IF_ERROR(split("wk", kv_out * D, mat(&LW::wk)));
+  RETURN_IF_ERROR(split("wv", kv_out * D, mat(&LW::wv)));
+  RETURN_IF_ERROR(split("wo", D * q_out, mat(&LW::wo)));
+  RETURN_IF_ERROR(split("rms_ffn", D, vec(&LW::ffn_norm)));
+  RETURN_IF_ERROR(split("w1", F * D, mat(&LW::w1)));
+  RETURN_IF_ERROR(split("w2", D * F, mat(&LW::w2)));
+  RETURN_IF_ERROR(split("w3", F * D, mat(&LW::w3)));
   RETURN_IF_ERROR(r.Floats("rms_final", D, &w.final_norm));
   RETURN_IF_ERROR(r.Skip(c.max_seq_len * hd));  // legacy freq_cis_real + freq_cis_imag
-  if (!c.tied_embeddings) RETURN_IF_ERROR(r.Floats("wcls", c.vocab_size * D, &w.classifier));
+  if (!c.tied_embeddings) RETURN_IF_ERROR(r.Floats("wcls", c.vocab_size * D, &w.classifier.f32));
   return m;
 }
 

@@ -49,12 +49,12 @@ void LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     backend_->RmsNorm({x_.data(), nullptr, lw.attn_norm.data(), xb_.data(), T, D, c.norm_eps});
-    backend_->Gemm(
-        {xb_.data(), lw.wq.data(), lw.bq.empty() ? nullptr : lw.bq.data(), q_.data(), T, qd, D});
-    backend_->Gemm(
-        {xb_.data(), lw.wk.data(), lw.bk.empty() ? nullptr : lw.bk.data(), k_.data(), T, kvd, D});
-    backend_->Gemm(
-        {xb_.data(), lw.wv.data(), lw.bv.empty() ? nullptr : lw.bv.data(), v_.data(), T, kvd, D});
+    backend_->Gemm({xb_.data(), lw.wq.data(), lw.bq.empty() ? nullptr : lw.bq.data(), q_.data(), T,
+                    qd, D, lw.wq.dtype});
+    backend_->Gemm({xb_.data(), lw.wk.data(), lw.bk.empty() ? nullptr : lw.bk.data(), k_.data(), T,
+                    kvd, D, lw.wk.dtype});
+    backend_->Gemm({xb_.data(), lw.wv.data(), lw.bv.empty() ? nullptr : lw.bv.data(), v_.data(), T,
+                    kvd, D, lw.wv.dtype});
     backend_->Rope(
         {q_.data(), b.positions.data(), T, c.n_heads, hd, hd, c.rope_theta, c.rope_style});
     backend_->Rope(
@@ -67,14 +67,14 @@ void LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
     ap.layer = l;
     backend_->PagedAttention(ap, workspace_.data());
     // x += Wo · att
-    backend_->Gemm({att_.data(), lw.wo.data(), nullptr, xb_.data(), T, D, qd});
+    backend_->Gemm({att_.data(), lw.wo.data(), nullptr, xb_.data(), T, D, qd, lw.wo.dtype});
     for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n))
     backend_->RmsNorm({x_.data(), nullptr, lw.ffn_norm.data(), xb_.data(), T, D, c.norm_eps});
-    backend_->Gemm({xb_.data(), lw.w1.data(), nullptr, h1_.data(), T, F, D});
-    backend_->Gemm({xb_.data(), lw.w3.data(), nullptr, h3_.data(), T, F, D});
+    backend_->Gemm({xb_.data(), lw.w1.data(), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
+    backend_->Gemm({xb_.data(), lw.w3.data(), nullptr, h3_.data(), T, F, D, lw.w3.dtype});
     backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
-    backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, xb_.data(), T, D, F});
+    backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
     for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
   }
 
@@ -87,7 +87,8 @@ void LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   xb_.resize(std::max(T, R) * D);
   backend_->RmsNorm({rows_.data(), nullptr, w.final_norm.data(), xb_.data(), R, D, c.norm_eps});
   logits->resize(R * c.vocab_size);
-  backend_->Gemm({xb_.data(), w.classifier_data(), nullptr, logits->data(), R, c.vocab_size, D});
+  backend_->Gemm({xb_.data(), w.classifier_data(), nullptr, logits->data(), R, c.vocab_size, D,
+                  w.classifier_dtype()});
 }
 
 }  // namespace helix

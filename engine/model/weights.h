@@ -1,41 +1,82 @@
-// Host weights of a Llama-style model in float32, row-major [out][in] (y = W·x).
-// Immutable after loading; safe to read from many threads.
+// Host weights of a Llama-style model, row-major [out][in] (y = W·x). Loaders fill float32;
+// the model may then convert the matrices to a 16-bit type once (ConvertTo). Immutable after
+// that; safe to read from many threads.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "engine/model/model_config.h"
+#include "kernels/dtype.h"
 
 namespace helix {
 
+// A [out][in] matrix in float32 (as loaded) or, after ConvertTo, float16 / bfloat16.
+struct WeightMatrix {
+  std::vector<float> f32;        // filled by the loaders; emptied by ConvertTo a 16-bit type
+  std::vector<uint16_t> bits16;  // the 16-bit values after ConvertTo
+  kernels::DType dtype = kernels::DType::kF32;
+
+  const void* data() const {
+    return dtype == kernels::DType::kF32 ? static_cast<const void*>(f32.data()) : bits16.data();
+  }
+  bool empty() const { return f32.empty() && bits16.empty(); }
+  // Rounds to `t` (nearest even) and frees the float32 copy. REQUIRES: dtype is kF32 or t.
+  void ConvertTo(kernels::DType t);
+};
+
 struct LayerWeights {
   std::vector<float> attn_norm;   // [dim]
-  std::vector<float> wq;          // [n_heads*head_dim][dim]
-  std::vector<float> wk;          // [n_kv_heads*head_dim][dim]
-  std::vector<float> wv;          // [n_kv_heads*head_dim][dim]
+  WeightMatrix wq;                // [n_heads*head_dim][dim]
+  WeightMatrix wk;                // [n_kv_heads*head_dim][dim]
+  WeightMatrix wv;                // [n_kv_heads*head_dim][dim]
   std::vector<float> bq, bk, bv;  // biases (empty unless qkv_bias)
-  std::vector<float> wo;          // [dim][n_heads*head_dim]
+  WeightMatrix wo;                // [dim][n_heads*head_dim]
   std::vector<float> ffn_norm;    // [dim]
-  std::vector<float> w1;          // gate [hidden][dim]
-  std::vector<float> w2;          // down [dim][hidden]
-  std::vector<float> w3;          // up   [hidden][dim]
+  WeightMatrix w1;                // gate [hidden][dim]
+  WeightMatrix w2;                // down [dim][hidden]
+  WeightMatrix w3;                // up   [hidden][dim]
 };
 
 struct ModelWeights {
   std::vector<float> token_embedding;  // [vocab][dim]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;  // [dim]
-  std::vector<float> classifier;  // [vocab][dim]; empty when tied to the embedding
+  // [vocab][dim]. Tied to the embedding: empty while float32 (the embedding is used), a
+  // 16-bit copy of the embedding once converted (the gathers keep the float32 table).
+  WeightMatrix classifier;
 
-  const float* classifier_data() const {
-    return classifier.empty() ? token_embedding.data() : classifier.data();
+  const void* classifier_data() const {
+    return classifier.empty() ? static_cast<const void*>(token_embedding.data())
+                              : classifier.data();
   }
+  kernels::DType classifier_dtype() const {
+    return classifier.empty() ? kernels::DType::kF32 : classifier.dtype;
+  }
+  // Converts every matrix (and the classifier, copying a tied embedding) to `t`.
+  void ConvertMatricesTo(kernels::DType t);
+};
+
+// The precision a checkpoint stores its matrices in, which weight dtype "auto" keeps: every
+// matrix float32 -> float32; the non-float32 ones all float16 -> float16; anything else
+// (bfloat16, quantised GGUF types) -> bfloat16.
+class StoredPrecision {
+ public:
+  // `kind`: 32 for float32, 16 for float16, anything else for bf16 / quantised.
+  void Add(int kind) { (kind == 32 ? any32_ : kind == 16 ? any16_ : other_) = true; }
+  kernels::DType Resolve() const {
+    if (other_) return kernels::DType::kBF16;
+    return any16_ ? kernels::DType::kF16 : kernels::DType::kF32;
+  }
+
+ private:
+  bool any32_ = false, any16_ = false, other_ = false;
 };
 
 struct LoadedModel {
   ModelConfig config;
   ModelWeights weights;
+  kernels::DType stored_dtype = kernels::DType::kF32;  // StoredPrecision of the checkpoint
 };
 
 }  // namespace helix

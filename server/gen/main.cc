@@ -17,7 +17,8 @@ using helix::server::kExitOk;
 using helix::server::kExitUsage;
 
 struct GenerateFlags {
-  std::string model, tokenizer, prompt, kv_dtype = "float32", log_level = "warn";
+  std::string model, tokenizer, prompt, kv_dtype = "float32", weight_dtype = "auto",
+                                        log_level = "warn";
   int max_tokens = 256, threads = 0, tp = 1, cp = 1, top_k = 0;
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f;
   float repetition_penalty = 1.0f, presence_penalty = 0.0f, frequency_penalty = 0.0f;
@@ -47,16 +48,20 @@ int RunGenerate(const GenerateFlags& f) {
   o.tokens_per_block = f.tokens_per_block;
   o.max_batch_size = 1;
   o.max_seq_len = f.max_seq_len;
-  if (f.kv_dtype == "float32") {
-    o.kv_dtype = helix::kernels::DType::kF32;
-  } else if (f.kv_dtype == "float16") {
-    o.kv_dtype = helix::kernels::DType::kF16;
-  } else if (f.kv_dtype == "bfloat16") {
-    o.kv_dtype = helix::kernels::DType::kBF16;
+  if (auto t = helix::kernels::DTypeFromName(f.kv_dtype)) {
+    o.kv_dtype = *t;
   } else {
     std::cerr << "helix-gen generate: --kv-dtype " << f.kv_dtype
               << ": expected float32, float16 or bfloat16\n";
     return kExitUsage;
+  }
+  if (f.weight_dtype != "auto") {
+    o.weight_dtype = helix::kernels::DTypeFromName(f.weight_dtype);
+    if (!o.weight_dtype) {
+      std::cerr << "helix-gen generate: --weight-dtype " << f.weight_dtype
+                << ": expected auto, float32, float16 or bfloat16\n";
+      return kExitUsage;
+    }
   }
   auto engine = helix::Engine::Create(o);
   if (!engine.ok()) {
@@ -158,6 +163,10 @@ int main(int argc, char** argv) {
   gen->add_option("--tokens-per-block", g.tokens_per_block, "KV cache block size")
       ->capture_default_str();
   gen->add_option("--kv-dtype", g.kv_dtype, "float32 | float16 | bfloat16")->capture_default_str();
+  gen->add_option("--weight-dtype", g.weight_dtype,
+                  "Weight matrices in memory: auto (the checkpoint's precision) | float32 | "
+                  "float16 | bfloat16")
+      ->capture_default_str();
   gen->add_option("--max-seq-len", g.max_seq_len, "0 = the model's maximum")->capture_default_str();
   gen->add_option("--threads", g.threads, "CPU threads (0 = all cores)")->capture_default_str();
   gen->add_option("--tp", g.tp, "Tensor-parallel size")->capture_default_str();

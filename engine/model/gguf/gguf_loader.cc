@@ -235,9 +235,9 @@ StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
     LayerWeights& lw = w.layers[l];
     const std::string b = "blk." + std::to_string(l) + ".";
     wanted.push_back({b + "attn_norm.weight", {D}, &lw.attn_norm});
-    wanted.push_back({b + "attn_q.weight", {D, qd}, &lw.wq});
-    wanted.push_back({b + "attn_k.weight", {D, kvd}, &lw.wk});
-    wanted.push_back({b + "attn_v.weight", {D, kvd}, &lw.wv});
+    wanted.push_back({b + "attn_q.weight", {D, qd}, &lw.wq.f32});
+    wanted.push_back({b + "attn_k.weight", {D, kvd}, &lw.wk.f32});
+    wanted.push_back({b + "attn_v.weight", {D, kvd}, &lw.wv.f32});
     if (c.qkv_bias) {
       wanted.push_back({b + "attn_q.bias", {qd}, &lw.bq});
       wanted.push_back({b + "attn_k.bias", {kvd}, &lw.bk});
@@ -247,22 +247,28 @@ StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
       return Unimplemented(path + ": tensor '" + b +
                            "attn_output.bias' (an output-projection bias) is not supported");
     }
-    wanted.push_back({b + "attn_output.weight", {qd, D}, &lw.wo});
+    wanted.push_back({b + "attn_output.weight", {qd, D}, &lw.wo.f32});
     wanted.push_back({b + "ffn_norm.weight", {D}, &lw.ffn_norm});
-    wanted.push_back({b + "ffn_gate.weight", {D, F}, &lw.w1});
-    wanted.push_back({b + "ffn_down.weight", {F, D}, &lw.w2});
-    wanted.push_back({b + "ffn_up.weight", {D, F}, &lw.w3});
+    wanted.push_back({b + "ffn_gate.weight", {D, F}, &lw.w1.f32});
+    wanted.push_back({b + "ffn_down.weight", {F, D}, &lw.w2.f32});
+    wanted.push_back({b + "ffn_up.weight", {D, F}, &lw.w3.f32});
   }
   wanted.push_back({"output_norm.weight", {D}, &w.final_norm});
-  if (!c.tied_embeddings) wanted.push_back({"output.weight", {D, V}, &w.classifier});
+  if (!c.tied_embeddings) wanted.push_back({"output.weight", {D, V}, &w.classifier.f32});
 
   ASSIGN_OR_RETURN(result.vocab, ReadGgufVocab(f));
   std::vector<const GgufTensorInfo*> infos;
   infos.reserve(wanted.size());
+  StoredPrecision precision;
   for (const Wanted& x : wanted) {
     ASSIGN_OR_RETURN(const GgufTensorInfo* t, Check(f, x));
     infos.push_back(t);
+    if (t->ne.size() == 2) {
+      const auto type = static_cast<gguf::GgmlType>(t->type);
+      precision.Add(type == gguf::GgmlType::kF32 ? 32 : type == gguf::GgmlType::kF16 ? 16 : 0);
+    }
   }
+  result.model->stored_dtype = precision.Resolve();
   for (size_t i = 0; i < wanted.size(); ++i) {
     const GgufTensorInfo& t = *infos[i];
     wanted[i].out->resize(static_cast<size_t>(t.num_elements));

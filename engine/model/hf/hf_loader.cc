@@ -253,6 +253,9 @@ class TensorSource {
   }
 
   // REQUIRES: Check(name, ...) passed.
+  const std::string& Dtype(const std::string& name) const { return where_.at(name).second->dtype; }
+
+  // REQUIRES: Check(name, ...) passed.
   Status Read(const std::string& name, std::vector<float>* out) const {
     const auto& [file, t] = where_.at(name);
     out->resize(static_cast<size_t>(t->num_elements));
@@ -295,23 +298,31 @@ StatusOr<HfModel> LoadHfModel(const std::string& dir) {
     LayerWeights& lw = w.layers[l];
     const std::string p = "model.layers." + std::to_string(l) + ".";
     wanted.push_back({p + "input_layernorm.weight", {D}, &lw.attn_norm});
-    wanted.push_back({p + "self_attn.q_proj.weight", {qd, D}, &lw.wq});
-    wanted.push_back({p + "self_attn.k_proj.weight", {kvd, D}, &lw.wk});
-    wanted.push_back({p + "self_attn.v_proj.weight", {kvd, D}, &lw.wv});
+    wanted.push_back({p + "self_attn.q_proj.weight", {qd, D}, &lw.wq.f32});
+    wanted.push_back({p + "self_attn.k_proj.weight", {kvd, D}, &lw.wk.f32});
+    wanted.push_back({p + "self_attn.v_proj.weight", {kvd, D}, &lw.wv.f32});
     if (c.qkv_bias) {
       wanted.push_back({p + "self_attn.q_proj.bias", {qd}, &lw.bq});
       wanted.push_back({p + "self_attn.k_proj.bias", {kvd}, &lw.bk});
       wanted.push_back({p + "self_attn.v_proj.bias", {kvd}, &lw.bv});
     }
-    wanted.push_back({p + "self_attn.o_proj.weight", {D, qd}, &lw.wo});
+    wanted.push_back({p + "self_attn.o_proj.weight", {D, qd}, &lw.wo.f32});
     wanted.push_back({p + "post_attention_layernorm.weight", {D}, &lw.ffn_norm});
-    wanted.push_back({p + "mlp.gate_proj.weight", {F, D}, &lw.w1});
-    wanted.push_back({p + "mlp.down_proj.weight", {D, F}, &lw.w2});
-    wanted.push_back({p + "mlp.up_proj.weight", {F, D}, &lw.w3});
+    wanted.push_back({p + "mlp.gate_proj.weight", {F, D}, &lw.w1.f32});
+    wanted.push_back({p + "mlp.down_proj.weight", {D, F}, &lw.w2.f32});
+    wanted.push_back({p + "mlp.up_proj.weight", {F, D}, &lw.w3.f32});
   }
   wanted.push_back({"model.norm.weight", {D}, &w.final_norm});
-  if (!c.tied_embeddings) wanted.push_back({"lm_head.weight", {V, D}, &w.classifier});
-  for (const Wanted& x : wanted) RETURN_IF_ERROR(src.Check(dir, x.name, x.shape));
+  if (!c.tied_embeddings) wanted.push_back({"lm_head.weight", {V, D}, &w.classifier.f32});
+  StoredPrecision precision;
+  for (const Wanted& x : wanted) {
+    RETURN_IF_ERROR(src.Check(dir, x.name, x.shape));
+    if (x.shape.size() == 2) {
+      const std::string& d = src.Dtype(x.name);
+      precision.Add(d == "F32" ? 32 : d == "F16" ? 16 : 0);
+    }
+  }
+  result.model->stored_dtype = precision.Resolve();
 
   const fs::path tok_json = fs::path(dir) / "tokenizer.json";
   const fs::path tok_config = fs::path(dir) / "tokenizer_config.json";

@@ -1,0 +1,25 @@
+#include "engine/model/weights.h"
+
+namespace helix {
+
+void WeightMatrix::ConvertTo(kernels::DType t) {
+  if (t == dtype) return;
+  bits16.resize(f32.size());
+  for (size_t i = 0; i < f32.size(); ++i) {
+    bits16[i] =
+        t == kernels::DType::kF16 ? kernels::FloatToHalf(f32[i]) : kernels::FloatToBf16(f32[i]);
+  }
+  std::vector<float>().swap(f32);
+  dtype = t;
+}
+
+void ModelWeights::ConvertMatricesTo(kernels::DType t) {
+  if (t == kernels::DType::kF32) return;
+  for (LayerWeights& l : layers) {
+    for (WeightMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) m->ConvertTo(t);
+  }
+  if (classifier.empty()) classifier.f32 = token_embedding;  // tied: the GEMM reads a copy
+  classifier.ConvertTo(t);
+}
+
+}  // namespace helix

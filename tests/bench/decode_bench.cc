@@ -1,0 +1,146 @@
+// Decode throughput of the engine: `batch` requests, each with a `context`-token prompt,
+// prefilled together, then `steps` decode steps; prints one line of key=value pairs with the
+// decode tokens/s (all requests together) and the prefill time. Greedy sampling, EOS ignored,
+// so every request runs all its steps.
+//   decode_bench --model PATH [--tokenizer PATH] [--context N] [--batch B] [--steps S]
+//                [--threads T] [--kv-dtype float32|float16|bfloat16] [--tokens-per-block N]
+//                [--weight-dtype auto|float32|float16|bfloat16]
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "engine/engine.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Args {
+  std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto";
+  int64_t context = 512, batch = 1, steps = 64, threads = 0, tokens_per_block = 32;
+};
+
+[[noreturn]] void Usage(const std::string& why) {
+  std::fprintf(stderr,
+               "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
+               "[--context N] [--batch B] [--steps S] [--threads T] [--kv-dtype D] "
+               "[--tokens-per-block N] [--weight-dtype D]\n",
+               why.c_str());
+  std::exit(2);
+}
+
+Args Parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i];
+    if (i + 1 >= argc) Usage(k + " needs a value");
+    const std::string v = argv[i + 1];
+    if (k == "--model") {
+      a.model = v;
+    } else if (k == "--tokenizer") {
+      a.tokenizer = v;
+    } else if (k == "--weight-dtype") {
+      a.weight_dtype = v;
+    } else if (k == "--kv-dtype") {
+      a.kv_dtype = v;
+    } else if (k == "--context") {
+      a.context = std::atoll(v.c_str());
+    } else if (k == "--batch") {
+      a.batch = std::atoll(v.c_str());
+    } else if (k == "--steps") {
+      a.steps = std::atoll(v.c_str());
+    } else if (k == "--threads") {
+      a.threads = std::atoll(v.c_str());
+    } else if (k == "--tokens-per-block") {
+      a.tokens_per_block = std::atoll(v.c_str());
+    } else {
+      Usage("unknown flag " + k);
+    }
+  }
+  if (a.model.empty()) Usage("--model is required");
+  if (a.context < 1 || a.batch < 1 || a.steps < 2)
+    Usage("need context >= 1, batch >= 1, steps >= 2");
+  return a;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = Parse(argc, argv);
+  helix::EngineOptions o;
+  o.model_path = a.model;
+  o.tokenizer_path = a.tokenizer;
+  o.num_threads = static_cast<int>(a.threads);
+  o.tokens_per_block = a.tokens_per_block;
+  o.max_batch_size = a.batch;
+  o.max_seq_len = a.context + a.steps;
+  o.max_num_tokens = a.batch * a.context;
+  o.kv_max_tokens = a.batch * (a.context + a.steps + a.tokens_per_block);
+  if (auto t = helix::kernels::DTypeFromName(a.kv_dtype)) {
+    o.kv_dtype = *t;
+  } else {
+    Usage("--kv-dtype " + a.kv_dtype + ": expected float32, float16 or bfloat16");
+  }
+  if (a.weight_dtype != "auto") {
+    o.weight_dtype = helix::kernels::DTypeFromName(a.weight_dtype);
+    if (!o.weight_dtype) Usage("--weight-dtype " + a.weight_dtype + ": expected auto or a dtype");
+  }
+  auto engine = helix::Engine::Create(o);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "decode_bench: %s\n", engine.status().ToString().c_str());
+    return 1;
+  }
+  const int64_t vocab = (*engine)->tokenizer().vocab_size();
+  if (a.context + a.steps > (*engine)->max_seq_len()) {
+    std::fprintf(stderr, "decode_bench: context + steps = %lld exceeds the model's %lld\n",
+                 static_cast<long long>(a.context + a.steps),
+                 static_cast<long long>((*engine)->max_seq_len()));
+    return 2;
+  }
+  // Random prompts from a fixed seed (ids 3.. avoid the usual control tokens).
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> tok(3, static_cast<int32_t>(vocab - 1));
+  int64_t generated = 0, errors = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    helix::GenerateRequest r;
+    for (int64_t i = 0; i < a.context; ++i) r.prompt_tokens.push_back(tok(rng));
+    r.max_tokens = static_cast<int32_t>(a.steps);
+    r.ignore_eos = true;
+    r.sampling.temperature = 0;
+    r.sink = [&](const helix::TokenEvent& ev) {
+      if (ev.token >= 0) ++generated;
+      if (ev.finished && ev.finish_reason == helix::FinishReason::kError) ++errors;
+    };
+    auto id = (*engine)->Submit(std::move(r));
+    if (!id.ok()) {
+      std::fprintf(stderr, "decode_bench: %s\n", id.status().ToString().c_str());
+      return 1;
+    }
+  }
+  // The first step prefills every prompt (and samples each request's first token); the rest
+  // are decode steps of `batch` tokens each.
+  const auto t0 = Clock::now();
+  (*engine)->Step();
+  const auto t1 = Clock::now();
+  const int64_t after_prefill = generated;
+  while ((*engine)->HasWork()) (*engine)->Step();
+  const auto t2 = Clock::now();
+  if (errors > 0 || after_prefill != a.batch || generated != a.batch * a.steps) {
+    std::fprintf(stderr, "decode_bench: %lld errors, %lld tokens after prefill, %lld in all\n",
+                 static_cast<long long>(errors), static_cast<long long>(after_prefill),
+                 static_cast<long long>(generated));
+    return 1;
+  }
+  const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
+  const double decode_s = std::chrono::duration<double>(t2 - t1).count();
+  const double decode_tokens = static_cast<double>(generated - after_prefill);
+  std::printf(
+      "engine=helix model=%s context=%lld batch=%lld steps=%lld kv_dtype=%s weight_dtype=%s "
+      "prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f\n",
+      a.model.c_str(), static_cast<long long>(a.context), static_cast<long long>(a.batch),
+      static_cast<long long>(a.steps), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
+      decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps - 1));
+  return 0;
+}
