@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "engine/backend/cpu/cpu_backend.h"
@@ -64,10 +65,13 @@ class ModelLoaderTest : public ::testing::Test {
   }
 
   // Logits of every prompt position: [T][vocab], from one prefill pass.
-  static std::vector<float> Logits(const std::string& model, const std::string& tokenizer = "") {
+  // `weights`: the matrices' dtype in memory (nullopt: as loaded, float32).
+  static std::vector<float> Logits(const std::string& model, const std::string& tokenizer = "",
+                                   std::optional<kernels::DType> weights = std::nullopt) {
     auto bundle = LoadModelBundle(model, tokenizer);
     EXPECT_TRUE(bundle.ok()) << bundle.status().ToString();
     if (!bundle.ok()) return {};
+    if (weights) bundle->model->weights.ConvertMatricesTo(*weights);
     const ModelConfig c = bundle->model->config;
     const std::vector<int32_t> prompt = Prompt();
     const int64_t T = static_cast<int64_t>(prompt.size()), tpb = 8;
@@ -139,6 +143,31 @@ TEST_F(ModelLoaderTest, QuantisedGgufStaysCloseToTheReference) {
   const double err = RelError(q8, ref);
   EXPECT_GT(err, 0.0);  // it really is quantised
   EXPECT_LT(err, 0.05);
+}
+
+TEST_F(ModelLoaderTest, SixteenBitWeightsInMemory) {
+  const std::vector<double> ref = ReadRaw<double>(Path("llama_logits.f64"));
+  const std::vector<float> f32 = Logits(Path("llama_F32.gguf"));
+  // The test weights are exactly representable in both 16-bit types: converting them changes
+  // nothing, so the 16-bit GEMM path must give the float32 logits bit for bit.
+  EXPECT_EQ(Logits(Path("llama_F32.gguf"), "", kernels::DType::kF16), f32);
+  EXPECT_EQ(Logits(Path("llama_hf"), StoriesTokenizer(), kernels::DType::kBF16),
+            Logits(Path("llama_hf"), StoriesTokenizer()));
+  // Real rounding: the Q8_0 model's dequantised weights rounded to bf16 stay close.
+  const double err = RelError(Logits(Path("llama_Q8_0.gguf"), "", kernels::DType::kBF16), ref);
+  EXPECT_GT(err, 0.0);
+  EXPECT_LT(err, 0.05);
+  // What dtype "auto" keeps: the checkpoint's precision.
+  const std::vector<std::pair<std::string, kernels::DType>> stored = {
+      {"llama_F32.gguf", kernels::DType::kF32},   {"llama_F16.gguf", kernels::DType::kF16},
+      {"llama_BF16.gguf", kernels::DType::kBF16}, {"llama_Q8_0.gguf", kernels::DType::kBF16},
+      {"llama_hf", kernels::DType::kF32},         {"llama_hf_f16", kernels::DType::kF16},
+      {"llama_hf_bf16", kernels::DType::kBF16},   {"llama.bin", kernels::DType::kF32}};
+  for (const auto& [name, want] : stored) {
+    auto b = LoadModelBundle(Path(name), StoriesTokenizer());
+    ASSERT_TRUE(b.ok()) << name << ": " << b.status().ToString();
+    EXPECT_EQ(b->model->stored_dtype, want) << name;
+  }
 }
 
 TEST_F(ModelLoaderTest, Qwen2GgufAndHfGiveTheReferenceLogits) {
