@@ -1,0 +1,153 @@
+// Gloo communicator and TCP rendezvous store across real processes (fork): every collective's
+// result, a dead peer and a peer that never joins turn into errors within the timeout.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <vector>
+
+#include "engine/parallel/communicator.h"
+#include "engine/parallel/tcp_store.h"
+
+namespace helix::parallel {
+namespace {
+
+using std::chrono::milliseconds;
+
+// Runs body(rank) in `n` child processes; returns each child's exit code (0 = passed).
+std::vector<int> RunRanks(int n, const std::function<int(int)>& body) {
+  std::vector<pid_t> pids;
+  for (int r = 0; r < n; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) _exit(body(r));
+    pids.push_back(pid);
+  }
+  std::vector<int> codes;
+  for (pid_t pid : pids) {
+    int st = 0;
+    waitpid(pid, &st, 0);
+    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+  }
+  return codes;
+}
+
+#define CHILD_CHECK(cond, code)                          \
+  do {                                                   \
+    if (!(cond)) {                                       \
+      fprintf(stderr, "rank check failed: %s\n", #cond); \
+      return code;                                       \
+    }                                                    \
+  } while (0)
+
+TEST(TcpStoreTest, SetGetAndMissingKeyTimesOut) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  auto a = TcpStore::Connect("127.0.0.1", (*server)->port(), milliseconds(2000));
+  auto b = TcpStore::Connect("127.0.0.1", (*server)->port(), milliseconds(2000));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE((*a)->Set("k", std::string("v\0w", 3)).ok());
+  auto v = (*b)->Get("k");
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, std::string("v\0w", 3));
+  const auto t0 = std::chrono::steady_clock::now();
+  auto missing = (*b)->Get("nope", milliseconds(200));
+  EXPECT_EQ(missing.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(missing.status().message().find("nope"), std::string::npos);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(2000));
+}
+
+TEST(TcpStoreTest, ConnectToNobodyFailsWithinTheTimeout) {
+  int port = 0;
+  {
+    auto s = TcpStoreServer::Start("127.0.0.1", 0);  // a port that is then closed again
+    ASSERT_TRUE(s.ok());
+    port = (*s)->port();
+  }
+  auto c = TcpStore::Connect("127.0.0.1", port, milliseconds(300));
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kDeadlineExceeded);
+}
+
+TEST(GlooCommunicatorTest, CollectivesAcrossProcesses) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok());
+  const int port = (*server)->port();
+  for (int n : {1, 2, 3}) {
+    SCOPED_TRACE(n);
+    const std::vector<int> codes = RunRanks(n, [&](int r) {
+      auto store = TcpStore::Connect("127.0.0.1", port, milliseconds(5000));
+      CHILD_CHECK(store.ok(), 2);
+      auto comm = CreateGlooCommunicator(store->get(), std::string("t").append(std::to_string(n)),
+                                         r, n, {});
+      CHILD_CHECK(comm.ok(), 3);
+      Communicator& c = **comm;
+      CHILD_CHECK(c.rank() == r && c.size() == n, 4);
+      std::vector<float> x = {1.0f + r, 10.0f * r, -1.0f};
+      CHILD_CHECK(c.AllReduceSum(x.data(), x.size()).ok(), 5);
+      const float s = n * (n + 1) / 2.0f;
+      CHILD_CHECK(x[0] == s && x[1] == 10.0f * (s - n) && x[2] == -n, 6);
+      int32_t mine[2] = {r, 100 + r};
+      std::vector<int32_t> all(2 * n);
+      CHILD_CHECK(c.AllGather(mine, all.data(), sizeof(mine)).ok(), 7);
+      for (int i = 0; i < n; ++i) CHILD_CHECK(all[2 * i] == i && all[2 * i + 1] == 100 + i, 8);
+      std::vector<int32_t> send(n), recv(n);
+      for (int j = 0; j < n; ++j) send[j] = 1000 * r + j;  // chunk j goes to rank j
+      CHILD_CHECK(c.AllToAll(send.data(), recv.data(), sizeof(int32_t)).ok(), 9);
+      for (int i = 0; i < n; ++i) CHILD_CHECK(recv[i] == 1000 * i + r, 10);
+      char msg[6] = {};
+      if (r == n - 1) std::memcpy(msg, "hello", 6);
+      CHILD_CHECK(c.Broadcast(msg, sizeof(msg), n - 1).ok(), 11);
+      CHILD_CHECK(std::string(msg) == "hello", 12);
+      CHILD_CHECK(c.Barrier().ok(), 13);
+      return 0;
+    });
+    for (int code : codes) EXPECT_EQ(code, 0);
+  }
+}
+
+TEST(GlooCommunicatorTest, DeadPeerIsAnErrorNotAHang) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok());
+  const int port = (*server)->port();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<int> codes = RunRanks(2, [&](int r) {
+    auto store = TcpStore::Connect("127.0.0.1", port, milliseconds(5000));
+    CHILD_CHECK(store.ok(), 2);
+    GlooOptions o;
+    o.timeout = milliseconds(3000);
+    auto comm = CreateGlooCommunicator(store->get(), "dead", r, 2, o);
+    CHILD_CHECK(comm.ok(), 3);
+    float x = 1;
+    CHILD_CHECK((*comm)->AllReduceSum(&x, 1).ok(), 4);
+    if (r == 1) _exit(0);  // dies without a word
+    Status s = (*comm)->AllReduceSum(&x, 1);
+    CHILD_CHECK(!s.ok(), 5);
+    CHILD_CHECK(s.message().find("all-reduce") != std::string::npos, 6);
+    CHILD_CHECK(!(*comm)->Barrier().ok(), 7);  // stays broken
+    return 0;
+  });
+  EXPECT_EQ(codes[0], 0);
+  EXPECT_EQ(codes[1], 0);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(10000));
+}
+
+TEST(GlooCommunicatorTest, PeerThatNeverJoinsFailsStartUp) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok());
+  auto store = TcpStore::Connect("127.0.0.1", (*server)->port(), milliseconds(500));
+  ASSERT_TRUE(store.ok());
+  GlooOptions o;
+  o.timeout = milliseconds(500);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto comm = CreateGlooCommunicator(store->get(), "lonely", 0, 2, o);
+  ASSERT_FALSE(comm.ok());
+  EXPECT_NE(comm.status().message().find("lonely"), std::string::npos) << comm.status().ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(5000));
+}
+
+}  // namespace
+}  // namespace helix::parallel

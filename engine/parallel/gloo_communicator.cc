@@ -1,0 +1,139 @@
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/alltoall.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/common/error.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/prefix_store.h>
+#include <gloo/transport/tcp/device.h>
+
+#include <cstring>
+#include <exception>
+
+#include "engine/parallel/communicator.h"
+#include "engine/parallel/tcp_store.h"
+
+namespace helix::parallel {
+namespace {
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(std::shared_ptr<gloo::rendezvous::Context> ctx, std::string name,
+                   std::chrono::milliseconds timeout)
+      : ctx_(std::move(ctx)), name_(std::move(name)), timeout_(timeout) {}
+
+  int rank() const override { return ctx_->rank; }
+  int size() const override { return ctx_->size; }
+
+  Status AllReduceSum(float* data, size_t n) override {
+    return Run("all-reduce", [&] {
+      gloo::AllreduceOptions o(ctx_);
+      o.setOutput(data, n);
+      o.setReduceFunction(
+          static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      o.setTag(NextTag());
+      o.setTimeout(timeout_);
+      gloo::allreduce(o);
+    });
+  }
+
+  Status AllGather(const void* in, void* out, size_t bytes) override {
+    return Run("all-gather", [&] {
+      gloo::AllgatherOptions o(ctx_);
+      o.setInput(const_cast<char*>(static_cast<const char*>(in)), bytes);
+      o.setOutput(static_cast<char*>(out), bytes * static_cast<size_t>(size()));
+      o.setTag(NextTag());
+      o.setTimeout(timeout_);
+      gloo::allgather(o);
+    });
+  }
+
+  Status AllToAll(const void* in, void* out, size_t bytes) override {
+    if (size() == 1) {
+      std::memcpy(out, in, bytes);
+      return Status::Ok();
+    }
+    return Run("all-to-all", [&] {
+      gloo::AlltoallOptions o(ctx_);
+      o.setInput(const_cast<char*>(static_cast<const char*>(in)), bytes * size());
+      o.setOutput(static_cast<char*>(out), bytes * static_cast<size_t>(size()));
+      o.setTag(NextTag());
+      o.setTimeout(timeout_);
+      gloo::alltoall(o);
+    });
+  }
+
+  Status Broadcast(void* data, size_t bytes, int root) override {
+    return Broadcast(data, bytes, root, timeout_);
+  }
+
+  Status Broadcast(void* data, size_t bytes, int root, std::chrono::milliseconds timeout) override {
+    return Run("broadcast", [&] {
+      gloo::BroadcastOptions o(ctx_);
+      o.setOutput(static_cast<char*>(data), bytes);
+      o.setRoot(root);
+      o.setTag(NextTag());
+      o.setTimeout(timeout);
+      gloo::broadcast(o);
+    });
+  }
+
+  Status Barrier() override {
+    return Run("barrier", [&] {
+      gloo::BarrierOptions o(ctx_);
+      o.setTag(NextTag());
+      o.setTimeout(timeout_);
+      gloo::barrier(o);
+    });
+  }
+
+ private:
+  uint32_t NextTag() { return tag_++; }
+
+  template <typename F>
+  Status Run(const char* what, F&& f) {
+    if (!broken_.ok()) return broken_;
+    try {
+      f();
+      return Status::Ok();
+    } catch (const std::exception& e) {
+      // Gloo's pairs are unusable after an error: every later call fails fast with it.
+      broken_ = Unavailable(name_ + ": " + what + " failed on rank " + std::to_string(rank()) +
+                            " of " + std::to_string(size()) + " (a peer died or timed out after " +
+                            std::to_string(timeout_.count()) + " ms): " + e.what());
+      return broken_;
+    }
+  }
+
+  std::shared_ptr<gloo::rendezvous::Context> ctx_;
+  std::string name_;
+  std::chrono::milliseconds timeout_;
+  uint32_t tag_ = 0;
+  Status broken_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(TcpStore* store,
+                                                               const std::string& prefix,
+                                                               int my_index, int group_size,
+                                                               const GlooOptions& options) {
+  try {
+    gloo::transport::tcp::attr attr;
+    attr.hostname = options.host;
+    auto device = gloo::transport::tcp::CreateDevice(attr);
+    auto ctx = std::make_shared<gloo::rendezvous::Context>(my_index, group_size);
+    ctx->setTimeout(options.timeout);
+    gloo::rendezvous::PrefixStore prefixed(prefix, *store);
+    ctx->connectFullMesh(prefixed, device);
+    return std::unique_ptr<Communicator>(std::make_unique<GlooCommunicator>(
+        std::move(ctx), "group '" + prefix + "'", options.timeout));
+  } catch (const std::exception& e) {
+    return Unavailable("group '" + prefix + "': rank " + std::to_string(my_index) + " of " +
+                       std::to_string(group_size) + " could not connect to its peers within " +
+                       std::to_string(options.timeout.count()) + " ms: " + e.what());
+  }
+}
+
+}  // namespace helix::parallel

@@ -1,0 +1,243 @@
+#include "engine/parallel/tcp_store.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <gloo/common/error.h>
+
+namespace helix::parallel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Whole-buffer I/O; false on EOF or error.
+bool WriteAll(int fd, const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+bool ReadAll(int fd, void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  while (n > 0) {
+    const ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool WriteString(int fd, const std::string& s) {
+  const uint32_t n = static_cast<uint32_t>(s.size());
+  return WriteAll(fd, &n, 4) && WriteAll(fd, s.data(), s.size());
+}
+
+// Strings longer than this are refused: store values are addresses and sizes.
+constexpr uint32_t kMaxString = 64u << 20;
+
+bool ReadString(int fd, std::string* s) {
+  uint32_t n = 0;
+  if (!ReadAll(fd, &n, 4) || n > kMaxString) return false;
+  s->resize(n);
+  return ReadAll(fd, s->data(), n);
+}
+
+StatusOr<sockaddr_in> Resolve(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
+    return InvalidArgument("cannot resolve host '" + host + "'");
+  }
+  sockaddr_in addr = *reinterpret_cast<sockaddr_in*>(res->ai_addr);
+  freeaddrinfo(res);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  return addr;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<TcpStoreServer>> TcpStoreServer::Start(const std::string& host, int port) {
+  ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
+  std::unique_ptr<TcpStoreServer> s(new TcpStoreServer());
+  s->listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (s->listen_fd_ < 0) return Internal(std::string("socket: ") + std::strerror(errno));
+  const int one = 1;
+  ::setsockopt(s->listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(s->listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return Unavailable("rendezvous store: cannot listen on " + host + ":" + std::to_string(port) +
+                       ": " + std::strerror(errno));
+  }
+  if (::listen(s->listen_fd_, 256) != 0) {
+    return Internal(std::string("listen: ") + std::strerror(errno));
+  }
+  socklen_t len = sizeof(addr);
+  ::getsockname(s->listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+  s->port_ = ntohs(addr.sin_port);
+  s->accept_thread_ = std::thread([p = s.get()] { p->AcceptLoop(); });
+  return s;
+}
+
+TcpStoreServer::~TcpStoreServer() {
+  stop_ = true;
+  if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+  if (accept_thread_.joinable()) accept_thread_.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int fd : client_fds_) ::shutdown(fd, SHUT_RDWR);
+    threads.swap(client_threads_);
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+void TcpStoreServer::AcceptLoop() {
+  while (!stop_) {
+    pollfd pfd{listen_fd_, POLLIN, 0};
+    if (::poll(&pfd, 1, 200) <= 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) {
+      ::close(fd);
+      break;
+    }
+    client_fds_.push_back(fd);
+    client_threads_.emplace_back([this, fd] { Serve(fd); });
+  }
+}
+
+void TcpStoreServer::Serve(int fd) {
+  for (;;) {
+    char op = 0;
+    std::string key, value;
+    if (!ReadAll(fd, &op, 1) || !ReadString(fd, &key) || !ReadString(fd, &value)) break;
+    bool ok = true;
+    if (op == 'S') {
+      std::lock_guard<std::mutex> lock(mu_);
+      data_[key].assign(value.begin(), value.end());
+      const char found = 1;
+      ok = WriteAll(fd, &found, 1) && WriteString(fd, "");
+    } else if (op == 'G') {
+      std::string out;
+      char found = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = data_.find(key);
+        if (it != data_.end()) {
+          found = 1;
+          out.assign(it->second.begin(), it->second.end());
+        }
+      }
+      ok = WriteAll(fd, &found, 1) && WriteString(fd, out);
+    } else {
+      break;
+    }
+    if (!ok) break;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  ::close(fd);
+  for (int& f : client_fds_) {
+    if (f == fd) f = -1;
+  }
+}
+
+StatusOr<std::unique_ptr<TcpStore>> TcpStore::Connect(const std::string& host, int port,
+                                                      std::chrono::milliseconds timeout) {
+  ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
+  const auto deadline = Clock::now() + timeout;
+  std::string last;
+  for (;;) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return Internal(std::string("socket: ") + std::strerror(errno));
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      const int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      return std::unique_ptr<TcpStore>(new TcpStore(fd, timeout));
+    }
+    last = std::strerror(errno);
+    ::close(fd);
+    if (Clock::now() >= deadline) {
+      return DeadlineExceeded("cannot reach the leader's rendezvous store at " + host + ":" +
+                              std::to_string(port) + " within " + std::to_string(timeout.count()) +
+                              " ms: " + last);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+TcpStore::~TcpStore() { ::close(fd_); }
+
+StatusOr<std::pair<bool, std::string>> TcpStore::Call(char op, const std::string& key,
+                                                      const std::string& value) {
+  std::lock_guard<std::mutex> lock(mu_);
+  char found = 0;
+  std::string out;
+  if (!WriteAll(fd_, &op, 1) || !WriteString(fd_, key) || !WriteString(fd_, value) ||
+      !ReadAll(fd_, &found, 1) || !ReadString(fd_, &out)) {
+    return Unavailable("rendezvous store: connection to the leader lost (key '" + key + "')");
+  }
+  return std::make_pair(found != 0, std::move(out));
+}
+
+Status TcpStore::Set(const std::string& key, const std::string& value) {
+  return Call('S', key, value).status();
+}
+
+StatusOr<std::string> TcpStore::Get(const std::string& key) { return Get(key, timeout_); }
+
+StatusOr<std::string> TcpStore::Get(const std::string& key, std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  auto delay = std::chrono::milliseconds(1);
+  for (;;) {
+    ASSIGN_OR_RETURN(auto r, Call('G', key, ""));
+    if (r.first) return std::move(r.second);
+    if (Clock::now() >= deadline) {
+      return DeadlineExceeded("rendezvous: key '" + key + "' did not appear within " +
+                              std::to_string(timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(delay);
+    delay = std::min(delay * 2, std::chrono::milliseconds(50));
+  }
+}
+
+void TcpStore::set(const std::string& key, const std::vector<char>& data) {
+  Status s = Set(key, std::string(data.begin(), data.end()));
+  if (!s.ok()) throw gloo::IoException(s.ToString());
+}
+
+std::vector<char> TcpStore::get(const std::string& key) {
+  StatusOr<std::string> v = Get(key);
+  if (!v.ok()) throw gloo::IoException(v.status().ToString());
+  return std::vector<char>(v->begin(), v->end());
+}
+
+void TcpStore::wait(const std::vector<std::string>& keys) { wait(keys, timeout_); }
+
+void TcpStore::wait(const std::vector<std::string>& keys,
+                    const std::chrono::milliseconds& timeout) {
+  for (const std::string& k : keys) {
+    StatusOr<std::string> v = Get(k, timeout);
+    if (!v.ok()) throw gloo::IoException(v.status().ToString());
+  }
+}
+
+}  // namespace helix::parallel

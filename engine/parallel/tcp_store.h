@@ -1,0 +1,81 @@
+// Rendezvous key-value store over TCP: the leader runs a TcpStoreServer, every rank (the
+// leader too) talks to it through a TcpStore client, which implements Gloo's
+// rendezvous::Store (this Gloo has no TCP store of its own). Keys are write-once by
+// convention; values are small (addresses, sizes).
+// Thread-safety: the server is internally synchronised; a TcpStore client serialises its own
+// calls with a mutex.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gloo/rendezvous/store.h>
+
+#include "engine/common/status.h"
+
+namespace helix::parallel {
+
+class TcpStoreServer {
+ public:
+  // Listens on host:port (port 0 = any free port; see port()).
+  static StatusOr<std::unique_ptr<TcpStoreServer>> Start(const std::string& host, int port);
+  ~TcpStoreServer();
+  TcpStoreServer(const TcpStoreServer&) = delete;
+  TcpStoreServer& operator=(const TcpStoreServer&) = delete;
+
+  int port() const { return port_; }
+
+ private:
+  TcpStoreServer() = default;
+  void AcceptLoop();
+  void Serve(int fd);
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread accept_thread_;
+  std::mutex mu_;
+  std::map<std::string, std::vector<char>> data_;  // GUARDED_BY(mu_)
+  std::vector<int> client_fds_;                    // GUARDED_BY(mu_)
+  std::vector<std::thread> client_threads_;        // GUARDED_BY(mu_)
+};
+
+class TcpStore final : public gloo::rendezvous::Store {
+ public:
+  // Connects to the server, retrying until `timeout` (the leader may start after a worker).
+  // `timeout` also bounds every later wait for a key.
+  static StatusOr<std::unique_ptr<TcpStore>> Connect(const std::string& host, int port,
+                                                     std::chrono::milliseconds timeout);
+  ~TcpStore() override;
+
+  // Status-returning forms for Helix's own use.
+  Status Set(const std::string& key, const std::string& value);
+  // Waits up to the store's timeout for `key`; DeadlineExceeded names the key.
+  StatusOr<std::string> Get(const std::string& key);
+  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout);
+
+  // gloo::rendezvous::Store (throws gloo::IoException on failure, as Gloo expects).
+  void set(const std::string& key, const std::vector<char>& data) override;
+  std::vector<char> get(const std::string& key) override;
+  void wait(const std::vector<std::string>& keys) override;
+  void wait(const std::vector<std::string>& keys,
+            const std::chrono::milliseconds& timeout) override;
+
+ private:
+  explicit TcpStore(int fd, std::chrono::milliseconds timeout) : fd_(fd), timeout_(timeout) {}
+  // One request/response: op 'S' (set), 'G' (get: found flag + value).
+  StatusOr<std::pair<bool, std::string>> Call(char op, const std::string& key,
+                                              const std::string& value);
+
+  std::mutex mu_;
+  int fd_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace helix::parallel
