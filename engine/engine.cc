@@ -9,6 +9,7 @@
 #include "engine/common/log.h"
 #include "engine/kv_cache/sequence_kv.h"
 #include "engine/model/model_loader.h"
+#include "engine/model/shard.h"
 #include "engine/request/stop_matcher.h"
 #include "engine/sampler/sampler.h"
 
@@ -21,14 +22,14 @@ struct Engine::Sequence {
   int64_t num_computed = 0;  // tokens whose K/V is in the cache
   int64_t generated = 0;
   int64_t reserve_tokens = 0;  // positions reserved in the KV cache at admission
-  SequenceKv kv;
+  uint64_t uid = 0;            // the sequence's id in step plans and every rank's kv_ map
+  bool announced = false;      // the workers have been told to reserve its blocks
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<IncrementalDetokenizer> detok;
   StopMatcher stop;
   bool finished = false;
 
-  Sequence(GenerateRequest r, int64_t tpb, const Tokenizer& tok)
-      : req(std::move(r)), kv(tpb, 1, 0), stop(req.stop) {
+  Sequence(GenerateRequest r, const Tokenizer& tok) : req(std::move(r)), stop(req.stop) {
     detok = std::make_unique<IncrementalDetokenizer>(
         tok, req.prompt_tokens.empty() ? -1 : req.prompt_tokens.back());
   }
@@ -56,7 +57,17 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   return e;
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  // Tell the workers to exit; a broken instance has nobody left to tell.
+  if (is_leader() && world_comm_ != nullptr && broken_.ok()) {
+    parallel::StepPlan plan;
+    plan.shutdown = true;
+    Status s = BroadcastPlan(&plan, options_.comm_timeout);
+    if (!s.ok()) {
+      HELIX_LOG(kWarn) << "engine: shutdown broadcast failed: " << s.ToString();
+    }
+  }
+}
 
 Status Engine::Init(const EngineOptions& o) {
   options_ = o;
@@ -71,6 +82,14 @@ Status Engine::Init(const EngineOptions& o) {
   std::unique_ptr<LoadedModel> loaded = std::move(bundle.model);
   tokenizer_ = std::move(bundle.tokenizer);
   const ModelConfig cfg = loaded->config;
+  RETURN_IF_ERROR(parallel::ValidateHelixLayout(cfg, o.tensor_parallel, o.context_parallel));
+  if (o.rank < 0 || o.rank >= o.tensor_parallel * o.context_parallel) {
+    return InvalidArgument("rank " + std::to_string(o.rank) + " is outside the instance's " +
+                           std::to_string(o.tensor_parallel * o.context_parallel) + " ranks");
+  }
+  layout_ = parallel::HelixLayout::ForRank(o.rank, o.tensor_parallel, o.context_parallel);
+  const ShardDims dims = ComputeShardDims(cfg, layout_);
+  ShardWeights(cfg, layout_, &loaded->weights);
   const kernels::DType weight_dtype = o.weight_dtype.value_or(loaded->stored_dtype);
   loaded->weights.ConvertMatricesTo(weight_dtype);
   default_stop_ids_ = tokenizer_->stop_ids();
@@ -84,7 +103,7 @@ Status Engine::Init(const EngineOptions& o) {
   kernels::KvPoolView kv{};
   kv.dtype = o.kv_dtype;
   kv.num_layers = cfg.n_layers;
-  kv.num_kv_heads = cfg.n_kv_heads;
+  kv.num_kv_heads = dims.kv_heads;
   kv.tokens_per_block = o.tokens_per_block;
   kv.head_dim = cfg.head_dim;
   const int64_t block_bytes =
@@ -103,6 +122,8 @@ Status Engine::Init(const EngineOptions& o) {
   if (num_blocks < 0) {
     num_blocks = (o.max_batch_size * max_seq_len_ + o.tokens_per_block - 1) / o.tokens_per_block;
   }
+  // The leader's admission decisions stand for every rank: all pools have its size.
+  if (!layout_.single()) RETURN_IF_ERROR(ConnectRanks(&num_blocks));
   ASSIGN_OR_RETURN(pool_, BlockPool::Create(num_blocks, block_bytes));
   kv.base = pool_->base();
 
@@ -114,9 +135,113 @@ Status Engine::Init(const EngineOptions& o) {
                    << "), KV pool " << num_blocks << " blocks x " << o.tokens_per_block
                    << " tokens (" << (num_blocks * pool_->block_bytes()) / (1 << 20) << " MiB, "
                    << kernels::DTypeName(o.kv_dtype) << "), max_seq_len " << max_seq_len_
-                   << ", backend cpu";
-  model_ = std::make_unique<LlamaModel>(std::move(loaded), backend_.get(), kv);
+                   << ", backend cpu, " << layout_.ToString();
+  ParallelContext par;
+  par.layout = layout_;
+  par.world = world_comm_.get();
+  par.cp = cp_comm_.get();
+  model_ = std::make_unique<LlamaModel>(std::move(loaded), backend_.get(), kv, par);
   return Status::Ok();
+}
+
+Status Engine::ConnectRanks(int64_t* num_blocks) {
+  const EngineOptions& o = options_;
+  if (is_leader()) {
+    ASSIGN_OR_RETURN(store_server_, parallel::TcpStoreServer::Start(o.leader_host, o.leader_port));
+  }
+  const int port = store_server_ ? store_server_->port() : o.leader_port;
+  ASSIGN_OR_RETURN(store_, parallel::TcpStore::Connect(o.leader_host, port, o.comm_timeout));
+  parallel::GlooOptions g;
+  g.host = o.bind_host;
+  g.timeout = o.comm_timeout;
+  ASSIGN_OR_RETURN(world_comm_, parallel::CreateGlooCommunicator(
+                                    store_.get(), "world", layout_.rank(), layout_.world(), g));
+  ASSIGN_OR_RETURN(cp_comm_, parallel::CreateGlooCommunicator(
+                                 store_.get(), "cp" + std::to_string(layout_.tp_rank),
+                                 layout_.cp_rank, layout_.cp, g));
+  // One broadcast settles the pool size (the leader's) for every rank.
+  int64_t n = *num_blocks;
+  RETURN_IF_ERROR(world_comm_->Broadcast(&n, sizeof(n), 0));
+  *num_blocks = n;
+  HELIX_LOG(kInfo) << "engine: " << layout_.ToString() << " joined the instance";
+  return Status::Ok();
+}
+
+Status Engine::BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds timeout) {
+  std::string bytes;
+  uint64_t size = 0;
+  if (is_leader()) {
+    bytes = parallel::EncodeStepPlan(*plan);
+    size = bytes.size();
+  }
+  RETURN_IF_ERROR(world_comm_->Broadcast(&size, sizeof(size), 0, timeout));
+  bytes.resize(size);
+  RETURN_IF_ERROR(world_comm_->Broadcast(bytes.data(), size, 0));
+  if (!is_leader()) {
+    ASSIGN_OR_RETURN(*plan, parallel::DecodeStepPlan(bytes));
+  }
+  return Status::Ok();
+}
+
+Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
+  for (uint64_t uid : plan.released) {
+    auto it = kv_.find(uid);
+    if (it == kv_.end()) continue;  // the leader freed its own blocks at Finish
+    it->second.Release(pool_.get());
+    kv_.erase(it);
+  }
+  ForwardBatch b;
+  b.num_seqs = static_cast<int64_t>(plan.seqs.size());
+  std::vector<SequenceKv*> seqs;
+  for (const parallel::PlanSeq& ps : plan.seqs) {
+    auto it = kv_.find(ps.uid);
+    if (it == kv_.end()) {
+      // A worker's share of any sequence never exceeds the leader's (CP rank 0 owns global
+      // block 0), and every pool has the leader's size: this cannot fail unless the ranks'
+      // states diverged.
+      SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
+      if (ps.reserve_tokens <= 0 || !kv.Reserve(pool_.get(), ps.reserve_tokens)) {
+        return Internal(layout_.ToString() + ": cannot reserve " +
+                        std::to_string(ps.reserve_tokens) + " positions for sequence " +
+                        std::to_string(ps.uid) + " (ranks out of step)");
+      }
+      it = kv_.emplace(ps.uid, std::move(kv)).first;
+    }
+    seqs.push_back(&it->second);
+    b.max_blocks = std::max<int64_t>(b.max_blocks, it->second.blocks().size());
+  }
+  b.block_tables.assign(b.num_seqs * b.max_blocks, 0);
+  b.block_first_pos.assign(b.num_seqs * b.max_blocks, 0);
+  for (int64_t i = 0; i < b.num_seqs; ++i) {
+    const parallel::PlanSeq& ps = plan.seqs[i];
+    SequenceKv& kv = *seqs[i];
+    for (size_t j = 0; j < ps.tokens.size(); ++j) {
+      const int64_t p = ps.first_pos + static_cast<int64_t>(j);
+      int32_t block = -1, slot = -1;
+      if (kv.Owns(p)) std::tie(block, slot) = kv.Append(p);
+      b.tokens.push_back(ps.tokens[j]);
+      b.positions.push_back(static_cast<int32_t>(p));
+      b.token_seq.push_back(static_cast<int32_t>(i));
+      b.kv_block.push_back(block);
+      b.kv_slot.push_back(slot);
+    }
+    b.logits_rows.push_back(static_cast<int32_t>(b.tokens.size() - 1));
+    b.kv_lens.push_back(static_cast<int32_t>(kv.local_tokens()));
+    std::copy(kv.blocks().begin(), kv.blocks().end(), b.block_tables.begin() + i * b.max_blocks);
+    std::copy(kv.block_first_pos().begin(), kv.block_first_pos().end(),
+              b.block_first_pos.begin() + i * b.max_blocks);
+  }
+  return model_->Forward(b, &logits_);
+}
+
+Status Engine::RunWorker() {
+  if (is_leader()) return FailedPrecondition("RunWorker is for ranks other than 0");
+  for (;;) {
+    parallel::StepPlan plan;
+    RETURN_IF_ERROR(BroadcastPlan(&plan, options_.worker_idle_timeout));
+    if (plan.shutdown) return Status::Ok();
+    RETURN_IF_ERROR(ExecutePlan(plan));
+  }
 }
 
 StatusOr<std::string> Engine::Submit(GenerateRequest r) {
@@ -154,18 +279,25 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
                            " tokens) exceeds max_num_tokens " +
                            std::to_string(options_.max_num_tokens) + " (no chunked prefill)");
   }
-  auto seq = std::make_unique<Sequence>(std::move(r), options_.tokens_per_block, *tokenizer_);
+  if (!broken_.ok()) {
+    return Unavailable("the Helix instance is down after a failed collective: " +
+                       broken_.message());
+  }
+  auto seq = std::make_unique<Sequence>(std::move(r), *tokenizer_);
   seq->prompt_len = prompt_len;
   seq->tokens = seq->req.prompt_tokens;
   seq->reserve_tokens = prompt_len + seq->req.max_tokens;
-  if (seq->kv.BlocksNeeded(seq->reserve_tokens) > pool_->num_blocks()) {
-    return InvalidArgument("request needs " +
-                           std::to_string(seq->kv.BlocksNeeded(seq->reserve_tokens)) +
-                           " KV blocks but the pool has only " +
+  // This rank is CP rank 0, whose share of any sequence is the largest.
+  const int64_t need = SequenceKv(options_.tokens_per_block, layout_.cp, layout_.cp_rank)
+                           .BlocksNeeded(seq->reserve_tokens);
+  if (need > pool_->num_blocks()) {
+    return InvalidArgument("request needs " + std::to_string(need) +
+                           " KV blocks per rank but the pool has only " +
                            std::to_string(pool_->num_blocks()) + ": it can never fit");
   }
   seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->tokens);
   std::lock_guard<std::mutex> lock(inbox_mu_);
+  seq->uid = next_uid_++;
   if (seq->req.id.empty()) seq->req.id = "req-" + std::to_string(next_id_++);
   std::string id = seq->req.id;
   inbox_.push_back(std::move(seq));
@@ -212,7 +344,9 @@ void Engine::Admit() {
     Sequence* s = waiting_.front().get();
     if (s->prompt_len > budget) break;  // next step
     // Reserve the whole request up front: no preemption is ever needed.
-    if (!s->kv.Reserve(pool_.get(), s->reserve_tokens)) break;  // wait for blocks
+    SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
+    if (!kv.Reserve(pool_.get(), s->reserve_tokens)) break;  // wait for blocks
+    kv_.emplace(s->uid, std::move(kv));
     budget -= s->prompt_len;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -222,7 +356,11 @@ void Engine::Admit() {
 void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_text) {
   if (s->finished) return;
   s->finished = true;
-  s->kv.Release(pool_.get());
+  if (auto it = kv_.find(s->uid); it != kv_.end()) {
+    it->second.Release(pool_.get());
+    kv_.erase(it);
+    if (s->announced) pending_release_.push_back(s->uid);
+  }
   TokenEvent ev;
   ev.request_id = s->req.id;
   ev.finished = true;
@@ -273,36 +411,31 @@ bool Engine::Step() {
   Admit();
   if (running_.empty()) return false;
 
-  // One forward pass over every running sequence's uncomputed tokens.
-  ForwardBatch b;
-  b.num_seqs = static_cast<int64_t>(running_.size());
-  for (const auto& s : running_) {
-    b.max_blocks = std::max<int64_t>(b.max_blocks, s->kv.blocks().size());
-  }
-  b.block_tables.assign(b.num_seqs * b.max_blocks, 0);
-  b.block_first_pos.assign(b.num_seqs * b.max_blocks, 0);
-  for (int64_t i = 0; i < b.num_seqs; ++i) {
-    Sequence* s = running_[i].get();
-    for (int64_t p = s->num_computed; p < static_cast<int64_t>(s->tokens.size()); ++p) {
-      auto [block, slot] = s->kv.Append(p);
-      b.tokens.push_back(s->tokens[p]);
-      b.positions.push_back(static_cast<int32_t>(p));
-      b.token_seq.push_back(static_cast<int32_t>(i));
-      b.kv_block.push_back(block);
-      b.kv_slot.push_back(slot);
-    }
+  // One forward pass over every running sequence's uncomputed tokens, on every rank.
+  parallel::StepPlan plan;
+  plan.released.swap(pending_release_);
+  for (const auto& sp : running_) {
+    Sequence* s = sp.get();
+    parallel::PlanSeq ps;
+    ps.uid = s->uid;
+    ps.reserve_tokens = s->announced ? 0 : static_cast<int32_t>(s->reserve_tokens);
+    s->announced = true;
+    ps.first_pos = static_cast<int32_t>(s->num_computed);
+    ps.tokens.assign(s->tokens.begin() + s->num_computed, s->tokens.end());
     s->num_computed = static_cast<int64_t>(s->tokens.size());
-    b.logits_rows.push_back(static_cast<int32_t>(b.tokens.size() - 1));
-    b.kv_lens.push_back(static_cast<int32_t>(s->kv.local_tokens()));
-    std::copy(s->kv.blocks().begin(), s->kv.blocks().end(),
-              b.block_tables.begin() + i * b.max_blocks);
-    std::copy(s->kv.block_first_pos().begin(), s->kv.block_first_pos().end(),
-              b.block_first_pos.begin() + i * b.max_blocks);
+    plan.seqs.push_back(std::move(ps));
   }
-  model_->Forward(b, &logits_);
-
+  Status st = layout_.single() ? Status::Ok() : BroadcastPlan(&plan, options_.comm_timeout);
+  if (st.ok()) st = ExecutePlan(plan);
+  if (!st.ok()) {
+    broken_ = st;
+    HELIX_LOG(kError) << "engine: step failed, failing every request: " << st.ToString();
+    AbortAll(st);
+    return true;
+  }
+  const int64_t num_seqs = static_cast<int64_t>(running_.size());
   const int64_t vocab = model_config().vocab_size;
-  for (int64_t i = 0; i < b.num_seqs; ++i) {
+  for (int64_t i = 0; i < num_seqs; ++i) {
     Sequence* s = running_[i].get();
     SampleResult r = s->sampler->Sample(logits_.data() + i * vocab, vocab);
     EmitToken(s, r.token, r);

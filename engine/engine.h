@@ -3,19 +3,25 @@
 // the one engine thread, which also calls the request sinks.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
 #include "engine/backend/backend.h"
 #include "engine/common/status.h"
 #include "engine/kv_cache/block_pool.h"
+#include "engine/kv_cache/sequence_kv.h"
 #include "engine/model/llama_model.h"
+#include "engine/parallel/communicator.h"
+#include "engine/parallel/step_plan.h"
+#include "engine/parallel/tcp_store.h"
 #include "engine/request/request.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "kernels/dtype.h"
@@ -36,6 +42,19 @@ struct EngineOptions {
   int64_t max_batch_size = 64;
   int64_t max_num_tokens = 8192;  // tokens in one forward pass
   int64_t max_seq_len = 0;        // 0 = the model's maximum
+
+  // Helix: this process is rank `rank` of tensor_parallel x context_parallel ranks. Every rank
+  // creates an Engine with the same options but `rank`; rank 0 (the leader) schedules,
+  // samples and serves the rendezvous store at leader_host:leader_port, the others call
+  // RunWorker. KV pool sizes are per rank (max_tokens), and the leader's count is used by all.
+  int tensor_parallel = 1;
+  int context_parallel = 1;
+  int rank = 0;
+  std::string leader_host = "127.0.0.1";
+  int leader_port = 0;
+  std::string bind_host = "127.0.0.1";            // this rank's address for the Gloo pairs
+  std::chrono::milliseconds comm_timeout{30000};  // rendezvous and every collective
+  std::chrono::milliseconds worker_idle_timeout{std::chrono::hours(24)};  // wait for a step
 };
 
 struct KvStats {
@@ -69,6 +88,14 @@ class Engine {
   void AbortAll(const Status& error);
   KvStats kv_stats() const;
 
+  // Workers (rank > 0): run the steps the leader broadcasts until it shuts the instance down
+  // (Ok) or a collective fails (the error).
+  Status RunWorker();
+  bool is_leader() const { return layout_.rank() == 0; }
+  const parallel::HelixLayout& layout() const { return layout_; }
+  // Set once a collective failed: the instance is unusable and refuses new requests.
+  const Status& broken() const { return broken_; }
+
  private:
   struct Sequence;
   Engine() = default;
@@ -80,6 +107,10 @@ class Engine {
   void Finish(Sequence* s, FinishReason reason, Status error = Status::Ok(),
               bool flush_text = false);
   void EmitToken(Sequence* s, int32_t token, const struct SampleResult& sample);
+  Status ConnectRanks(int64_t* num_blocks);
+  // Every rank: frees, reserves and runs one step of the plan; fills logits_ (all ranks).
+  Status ExecutePlan(const parallel::StepPlan& plan);
+  Status BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds timeout);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
@@ -93,6 +124,15 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> inbox_;  // GUARDED_BY(inbox_mu_)
   std::unordered_set<std::string> cancels_;       // GUARDED_BY(inbox_mu_)
   uint64_t next_id_ = 0;                          // GUARDED_BY(inbox_mu_)
+
+  parallel::HelixLayout layout_;
+  std::unique_ptr<parallel::TcpStoreServer> store_server_;  // leader of a multi-rank instance
+  std::unique_ptr<parallel::TcpStore> store_;
+  std::unique_ptr<parallel::Communicator> world_comm_, cp_comm_;
+  std::unordered_map<uint64_t, SequenceKv> kv_;  // this rank's blocks of each sequence
+  std::vector<uint64_t> pending_release_;        // leader: freed here, announced next step
+  uint64_t next_uid_ = 1;
+  Status broken_;
 
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;

@@ -1,6 +1,7 @@
 // Forward pass of a Llama-family decoder (RMSNorm, RoPE, GQA attention over the paged KV
-// cache, SwiGLU FFN) on one rank with the whole model. Not thread-safe: the engine thread
-// runs it; scratch buffers are reused between steps.
+// cache, SwiGLU FFN) on one rank: the whole model, or one Helix rank's shard of it (see
+// ../shared/DESIGN.md §3). Not thread-safe: the rank's engine thread runs it; scratch buffers
+// are reused between steps.
 #pragma once
 
 #include <memory>
@@ -9,25 +10,48 @@
 #include "engine/backend/backend.h"
 #include "engine/common/status.h"
 #include "engine/model/forward_batch.h"
+#include "engine/model/shard.h"
 #include "engine/model/weights.h"
+#include "engine/parallel/communicator.h"
+#include "engine/parallel/helix_layout.h"
 
 namespace helix {
 
+// A rank's place in a Helix instance and its communicators (not owned). Single rank: the
+// defaults, no communicators.
+struct ParallelContext {
+  parallel::HelixLayout layout;
+  parallel::Communicator* world = nullptr;  // all N ranks: all-reduces, logits gather
+  parallel::Communicator* cp = nullptr;     // this rank's CP group: the attention all-to-all
+};
+
 class LlamaModel {
  public:
-  // `kv` describes the KV pool the model writes to and attends over.
-  LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, kernels::KvPoolView kv);
+  // `model` holds this rank's shard (ShardWeights already applied); `kv` describes the rank's
+  // KV pool (its KV heads only), which the model writes to and attends over.
+  LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, kernels::KvPoolView kv,
+             ParallelContext parallel = {});
 
   const ModelConfig& config() const { return model_->config; }
-  // Runs the batch; fills *logits with [logits_rows.size()][vocab] floats.
-  void Forward(const ForwardBatch& batch, std::vector<float>* logits);
+
+  // Runs the batch on this rank; every rank of the instance must run the same batch (its own
+  // kv_block / block tables) in lockstep. Fills *logits with [logits_rows.size()][vocab] floats
+  // on every rank. Errors come only from the collectives (a dead or stalled peer).
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits);
 
  private:
+  // att_ [T][q_heads][hd] + lse_ -> att_ [T][out_heads][hd]: all-to-all inside the CP group
+  // and the exact (O, LSE) merge.
+  Status CombineAttention(int64_t T);
+
   std::unique_ptr<LoadedModel> model_;
   Backend* backend_;
   kernels::KvPoolView kv_;
+  ParallelContext par_;
+  ShardDims dims_;
   // Scratch, grown as needed.
   std::vector<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_;
+  std::vector<float> send_, recv_, parts_o_, parts_lse_, local_logits_, gathered_;
   std::vector<uint8_t> workspace_;
 };
 

@@ -103,7 +103,7 @@ class ModelLoaderTest : public ::testing::Test {
     }
     b.kv_lens.push_back(static_cast<int32_t>(T));
     std::vector<float> logits;
-    m.Forward(b, &logits);
+    EXPECT_TRUE(m.Forward(b, &logits).ok());
     return logits;
   }
 

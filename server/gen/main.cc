@@ -1,11 +1,15 @@
 // helix-gen: the generation server. Subcommands: serve (daemon), generate (offline),
 // check-config.
+#include <chrono>
 #include <iostream>
+#include <memory>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
 
 #include "engine/engine.h"
+#include "engine/parallel/launcher.h"
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
@@ -25,7 +29,13 @@ struct GenerateFlags {
   int64_t tokens_per_block = 32, seed = -1, max_seq_len = 0;
   bool ignore_eos = false;
   std::vector<std::string> stop;
+  // Helix ranks: set by the local leader for the ranks it spawns, or by an external launcher.
+  std::optional<int> rank, world_size;
+  std::string leader_addr;
+  int64_t comm_timeout_ms = 30000;
 };
+
+std::vector<std::string> g_argv;  // this process's arguments, for the ranks it spawns
 
 int RunGenerate(const GenerateFlags& f) {
   helix::config::LoggingConfig log;
@@ -35,13 +45,40 @@ int RunGenerate(const GenerateFlags& f) {
     return kExitUsage;
   }
   if (!helix::server::SetUpLogging(log, "gen").ok()) return kExitFailure;
-  if (f.tp != 1 || f.cp != 1) {
-    std::cerr << "helix-gen generate: --tp " << f.tp << " --cp " << f.cp
-              << ": multi-rank (Helix) generation is not available in this build yet; "
-                 "use --tp 1 --cp 1\n";
+  if (f.tp < 1 || f.cp < 1) {
+    std::cerr << "helix-gen generate: --tp " << f.tp << " --cp " << f.cp << ": both must be >= 1\n";
+    return kExitUsage;
+  }
+  auto assigned = helix::parallel::AssignRank(f.tp * f.cp, f.rank, f.world_size, f.leader_addr);
+  if (!assigned.ok()) {
+    std::cerr << "helix-gen generate: " << assigned.status().message() << "\n";
     return kExitUsage;
   }
   helix::EngineOptions o;
+  o.tensor_parallel = f.tp;
+  o.context_parallel = f.cp;
+  o.rank = assigned->rank;
+  o.leader_host = assigned->leader_host;
+  o.leader_port = assigned->leader_port;
+  o.comm_timeout = std::chrono::milliseconds(f.comm_timeout_ms);
+  std::unique_ptr<helix::parallel::LocalRanks> local_ranks;
+  if (assigned->spawn_local) {
+    if (o.leader_port == 0) {
+      auto port = helix::parallel::PickFreePort(o.leader_host);
+      if (!port.ok()) {
+        std::cerr << "helix-gen generate: " << port.status().message() << "\n";
+        return kExitFailure;
+      }
+      o.leader_port = *port;
+    }
+    auto spawned =
+        helix::parallel::LocalRanks::Spawn(g_argv, f.tp * f.cp, o.leader_host, o.leader_port);
+    if (!spawned.ok()) {
+      std::cerr << "helix-gen generate: " << spawned.status().message() << "\n";
+      return kExitFailure;
+    }
+    local_ranks = std::move(*spawned);
+  }
   o.model_path = f.model;
   o.tokenizer_path = f.tokenizer;
   o.num_threads = f.threads;
@@ -65,8 +102,18 @@ int RunGenerate(const GenerateFlags& f) {
   }
   auto engine = helix::Engine::Create(o);
   if (!engine.ok()) {
-    std::cerr << "helix-gen generate: " << engine.status().ToString() << "\n";
+    std::cerr << "helix-gen generate: "
+              << (o.rank > 0 ? "rank " + std::to_string(o.rank) + ": " : "")
+              << engine.status().ToString() << "\n";
     return kExitFailure;
+  }
+  if (!(*engine)->is_leader()) {
+    helix::Status st = (*engine)->RunWorker();
+    if (!st.ok()) {
+      std::cerr << "helix-gen generate: rank " << o.rank << ": " << st.ToString() << "\n";
+      return kExitFailure;
+    }
+    return kExitOk;
   }
   helix::GenerateRequest r;
   r.prompt = f.prompt;
@@ -126,6 +173,7 @@ int RunServe(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  g_argv.assign(argv, argv + argc);
   CLI::App app{
       "helix-gen: Helix generation server (decode with the KV cache sharded across a "
       "context-parallel group)"};
@@ -171,6 +219,16 @@ int main(int argc, char** argv) {
   gen->add_option("--threads", g.threads, "CPU threads (0 = all cores)")->capture_default_str();
   gen->add_option("--tp", g.tp, "Tensor-parallel size")->capture_default_str();
   gen->add_option("--cp", g.cp, "Context-parallel (Helix) size")->capture_default_str();
+  gen->add_option("--rank", g.rank,
+                  "This process's Helix rank (set by the leader for the ranks it starts, or by "
+                  "a multi-node launcher; also OMPI_COMM_WORLD_RANK, SLURM_PROCID, HELIX_RANK)");
+  gen->add_option("--world-size", g.world_size, "Number of ranks (must be tp x cp)");
+  gen->add_option("--leader-addr", g.leader_addr,
+                  "HOST:PORT of the leader's rendezvous store (ranks other than 0; the leader "
+                  "listens there when given)");
+  gen->add_option("--comm-timeout-ms", g.comm_timeout_ms,
+                  "Rendezvous and collective timeout in milliseconds")
+      ->capture_default_str();
   gen->add_option("--log-level", g.log_level, "trace|debug|info|warn|error|off")
       ->capture_default_str();
 

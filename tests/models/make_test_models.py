@@ -118,22 +118,24 @@ def reference_logits(w, theta):
     return h @ f(head).T
 
 
-def write_llama2c(path, w):
+def write_llama2c(path, w, seq=SEQ, heads=HEADS, kv_heads=KV_HEADS):
     """llama2.c checkpoint: interleaved q/k, negative vocab = separate classifier."""
     tied = w["lm_head"] is None
+    dim, hidden = w["embed"].shape[1], w["layers"][0]["w1"].shape[0]
+    hd = dim // heads
     with open(path, "wb") as out:
-        out.write(struct.pack("<7i", DIM, HIDDEN, LAYERS, HEADS, KV_HEADS,
-                              VOCAB if tied else -VOCAB, SEQ))
+        out.write(struct.pack("<7i", dim, hidden, len(w["layers"]), heads, kv_heads,
+                              VOCAB if tied else -VOCAB, seq))
         out.write(w["embed"].tobytes())
         layers = w["layers"]
-        for key, fn in [("attn_norm", None), ("wq", HEADS), ("wk", KV_HEADS), ("wv", None),
+        for key, fn in [("attn_norm", None), ("wq", heads), ("wk", kv_heads), ("wv", None),
                         ("wo", None), ("ffn_norm", None), ("w1", None), ("w2", None),
                         ("w3", None)]:
             for lw in layers:
                 m = lw[key] if fn is None else to_interleaved(lw[key], fn)
                 out.write(np.ascontiguousarray(m).tobytes())
         out.write(w["final_norm"].tobytes())
-        out.write(np.zeros(SEQ * HD, dtype=np.float32).tobytes())  # old RoPE tables, skipped
+        out.write(np.zeros(seq * hd, dtype=np.float32).tobytes())  # old RoPE tables, skipped
         if not tied:
             out.write(w["lm_head"].tobytes())
 
@@ -353,6 +355,18 @@ def main():
         f.write(" ".join(map(str, PROMPT)) + "\n")
 
     write_quant_checks(out, rng)
+
+    # A small model with a long context for the Helix long-prompt test (20K-token prompts).
+    lr = np.random.default_rng(SEED + 1)
+    long_w = {"embed": exact_weights(lr, (VOCAB, 64), 1.0), "final_norm": exact_weights(
+        lr, (64,), 0.2, 1.0), "lm_head": None, "layers": [{
+            "attn_norm": exact_weights(lr, (64,), 0.2, 1.0),
+            "wq": exact_weights(lr, (64, 64), 0.5), "wk": exact_weights(lr, (32, 64), 0.5),
+            "wv": exact_weights(lr, (32, 64), 0.125), "wo": exact_weights(lr, (64, 64), 0.125),
+            "ffn_norm": exact_weights(lr, (64,), 0.2, 1.0),
+            "w1": exact_weights(lr, (128, 64), 0.125), "w2": exact_weights(lr, (64, 128), 0.09),
+            "w3": exact_weights(lr, (128, 64), 0.125)} for _ in range(2)]}
+    write_llama2c(os.path.join(out, "long.bin"), long_w, seq=32768, heads=4, kv_heads=2)
 
     # Broken inputs for the error tests.
     good = open(os.path.join(out, "llama_F32.gguf"), "rb").read()

@@ -1,0 +1,305 @@
+// Helix across real processes (fork): a TP x CP instance decodes the same tokens as the
+// single-rank engine with logprobs within 1e-4, for batches with short and long prompts and
+// requests joining mid-flight; a 20K-token prompt on CP = 4; a rank killed mid-decode fails the
+// requests with a clear error in bounded time; a rank that never joins fails start-up; bad head
+// splits are refused. Every test forks its worker ranks before it creates any thread.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/parallel/launcher.h"
+
+namespace helix {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+std::string Shared() {
+  const char* s = std::getenv("HELIX_SHARED_DIR");
+  return s == nullptr ? "" : s;
+}
+
+EngineOptions StoriesOptions(int tp, int cp, int64_t tpb) {
+  EngineOptions o;
+  o.model_path = Shared() + "/models/stories260K/stories260K.bin";
+  o.tokenizer_path = Shared() + "/models/stories260K/tok512.bin";
+  o.num_threads = 1;  // one thread per rank: no thread exists when the test forks
+  o.tokens_per_block = tpb;
+  o.max_batch_size = 16;
+  o.kv_max_tokens = 16 * 512;
+  o.tensor_parallel = tp;
+  o.context_parallel = cp;
+  o.comm_timeout = std::chrono::milliseconds(20000);
+  return o;
+}
+
+// Forks ranks 1..world-1 of `o`; each runs RunWorker and exits 0 on a clean shutdown.
+std::vector<pid_t> ForkWorkers(EngineOptions o) {
+  std::vector<pid_t> pids;
+  const int world = o.tensor_parallel * o.context_parallel;
+  for (int r = 1; r < world; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      o.rank = r;
+      auto e = Engine::Create(o);
+      if (!e.ok()) {
+        fprintf(stderr, "rank %d: %s\n", r, e.status().ToString().c_str());
+        _exit(2);
+      }
+      Status s = (*e)->RunWorker();
+      if (!s.ok()) fprintf(stderr, "rank %d: %s\n", r, s.ToString().c_str());
+      _exit(s.ok() ? 0 : 3);
+    }
+    pids.push_back(pid);
+  }
+  return pids;
+}
+
+// Waits for the workers (up to `grace`, then kills them); returns their exit codes.
+std::vector<int> Reap(const std::vector<pid_t>& pids, std::chrono::milliseconds grace) {
+  const auto deadline = Clock::now() + grace;
+  std::vector<int> codes;
+  for (pid_t pid : pids) {
+    int st = 0;
+    while (waitpid(pid, &st, WNOHANG) == 0) {
+      if (Clock::now() > deadline) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        break;
+      }
+      usleep(10000);
+    }
+    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+  }
+  return codes;
+}
+
+struct Result {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<std::pair<int32_t, float>>> top;  // per token
+  FinishReason reason = FinishReason::kNone;
+  Status error;
+};
+
+std::vector<Result> RunAll(Engine* e, std::vector<GenerateRequest> reqs, std::vector<int> join_at,
+                           int kill_after_steps = -1, pid_t victim = 0) {
+  std::vector<Result> out(reqs.size());
+  join_at.resize(reqs.size(), 0);
+  std::vector<bool> submitted(reqs.size(), false);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].sink = [&out, i](const TokenEvent& ev) {
+      if (ev.token >= 0) {
+        out[i].tokens.push_back(ev.token);
+        out[i].top.push_back(ev.top_logprobs);
+      }
+      if (ev.finished) {
+        out[i].reason = ev.finish_reason;
+        out[i].error = ev.error;
+      }
+    };
+  }
+  for (int step = 0;; ++step) {
+    bool pending = false;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      if (submitted[i]) continue;
+      if (join_at[i] <= step) {
+        auto id = e->Submit(reqs[i]);
+        EXPECT_TRUE(id.ok()) << id.status().ToString();
+        submitted[i] = true;
+      } else {
+        pending = true;
+      }
+    }
+    if (!e->HasWork() && !pending) break;
+    if (step == kill_after_steps) kill(victim, SIGKILL);
+    e->Step();
+  }
+  return out;
+}
+
+std::vector<GenerateRequest> Batch(const Tokenizer& tok) {
+  const char* prompts[] = {"",
+                           "Once",
+                           "The dog",
+                           "Lily and Ben went to the park",
+                           "Tim",
+                           "A cat",
+                           "One day, a little bird flew over the big tree and saw",
+                           "Sue"};
+  const int lens[] = {40, 25, 60, 30, 12, 50, 35, 20};
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 8; ++i) {
+    GenerateRequest r;
+    r.prompt_tokens = tok.Encode(prompts[i], true);
+    r.max_tokens = lens[i];
+    r.sampling.temperature = 0;
+    r.sampling.top_logprobs = 5;
+    r.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  return reqs;
+}
+
+void ExpectSameDecoding(const std::vector<Result>& got, const std::vector<Result>& want,
+                        double tol) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i));
+    EXPECT_EQ(got[i].reason, want[i].reason) << got[i].error.ToString();
+    EXPECT_EQ(got[i].tokens, want[i].tokens);
+    double worst = 0;
+    for (size_t t = 0; t < std::min(got[i].top.size(), want[i].top.size()); ++t) {
+      ASSERT_EQ(got[i].top[t].size(), want[i].top[t].size());
+      for (size_t k = 0; k < got[i].top[t].size(); ++k) {
+        if (got[i].top[t][k].first != want[i].top[t][k].first) continue;  // near-tie reorder
+        worst = std::max(worst, std::abs(static_cast<double>(got[i].top[t][k].second) -
+                                         want[i].top[t][k].second));
+      }
+    }
+    EXPECT_LT(worst, tol);
+  }
+}
+
+class HelixTest : public ::testing::TestWithParam<std::tuple<int, int, int>> {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) {
+      GTEST_SKIP() << "stories260K not found under " << Shared() << "/models (HELIX_SHARED_DIR)";
+    }
+  }
+};
+
+TEST_P(HelixTest, SameTokensAndLogprobsAsOneRank) {
+  const auto [tp, cp, tpb] = GetParam();
+  EngineOptions o = StoriesOptions(tp, cp, tpb);
+  auto port = parallel::PickFreePort("127.0.0.1");
+  ASSERT_TRUE(port.ok());
+  o.leader_port = *port;
+  const std::vector<pid_t> workers = ForkWorkers(o);
+  std::vector<Result> helix;
+  {
+    auto e = Engine::Create(o);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    helix = RunAll(e->get(), Batch((*e)->tokenizer()), {0, 0, 0, 3, 3, 7, 20, 21});
+    EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+  }  // the leader's destructor shuts the workers down
+  for (int code : Reap(workers, std::chrono::milliseconds(20000))) EXPECT_EQ(code, 0);
+
+  auto single = Engine::Create(StoriesOptions(1, 1, tpb));
+  ASSERT_TRUE(single.ok());
+  const std::vector<Result> want =
+      RunAll(single->get(), Batch((*single)->tokenizer()), {0, 0, 0, 3, 3, 7, 20, 21});
+  ExpectSameDecoding(helix, want, 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, HelixTest,
+                         ::testing::Values(std::make_tuple(1, 2, 5), std::make_tuple(1, 4, 1),
+                                           std::make_tuple(2, 2, 4), std::make_tuple(1, 8, 32),
+                                           std::make_tuple(2, 1, 4)),
+                         [](const auto& info) {
+                           return "tp" + std::to_string(std::get<0>(info.param)) + "_cp" +
+                                  std::to_string(std::get<1>(info.param)) + "_tpb" +
+                                  std::to_string(std::get<2>(info.param));
+                         });
+
+TEST(HelixLongContextTest, TwentyThousandTokenPromptOnFourCpRanks) {
+  const char* dir = std::getenv("HELIX_TEST_MODELS_DIR");
+  ASSERT_NE(dir, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";
+  EngineOptions o;
+  o.model_path = std::string(dir) + "/long.bin";
+  o.tokenizer_path = Shared() + "/models/stories260K/tok512.bin";
+  o.num_threads = 1;
+  o.tokens_per_block = 32;
+  o.max_batch_size = 1;
+  o.max_num_tokens = 20100;
+  o.kv_max_tokens = 20480;
+  o.comm_timeout = std::chrono::milliseconds(120000);
+  GenerateRequest r;
+  srand(7);
+  for (int i = 0; i < 20000; ++i) r.prompt_tokens.push_back(3 + rand() % 500);
+  r.max_tokens = 4;
+  r.sampling.temperature = 0;
+  r.sampling.top_logprobs = 5;
+  r.ignore_eos = true;
+
+  EngineOptions h = o;
+  h.context_parallel = 4;
+  auto port = parallel::PickFreePort("127.0.0.1");
+  ASSERT_TRUE(port.ok());
+  h.leader_port = *port;
+  const std::vector<pid_t> workers = ForkWorkers(h);
+  std::vector<Result> helix;
+  {
+    auto e = Engine::Create(h);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    helix = RunAll(e->get(), {r}, {});
+  }
+  for (int code : Reap(workers, std::chrono::milliseconds(30000))) EXPECT_EQ(code, 0);
+  auto single = Engine::Create(o);
+  ASSERT_TRUE(single.ok()) << single.status().ToString();
+  ExpectSameDecoding(helix, RunAll(single->get(), {r}, {}), 1e-3);
+}
+
+TEST(HelixFaultTest, KilledRankFailsRequestsWithinTheTimeout) {
+  if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) GTEST_SKIP() << "no model";
+  EngineOptions o = StoriesOptions(1, 2, 4);
+  o.comm_timeout = std::chrono::milliseconds(3000);
+  auto port = parallel::PickFreePort("127.0.0.1");
+  ASSERT_TRUE(port.ok());
+  o.leader_port = *port;
+  const std::vector<pid_t> workers = ForkWorkers(o);
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  std::vector<GenerateRequest> reqs = Batch((*e)->tokenizer());
+  for (auto& r : reqs) r.max_tokens = 200;
+  const auto t0 = Clock::now();
+  const std::vector<Result> got = RunAll(e->get(), reqs, {}, 10, workers[0]);
+  EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(15000));
+  for (const Result& r : got) {
+    EXPECT_EQ(r.reason, FinishReason::kError);
+    EXPECT_NE(r.error.message().find("failed"), std::string::npos) << r.error.ToString();
+    EXPECT_LT(r.tokens.size(), 200u);
+  }
+  EXPECT_FALSE((*e)->broken().ok());
+  EXPECT_EQ((*e)->Submit(reqs[0]).status().code(), StatusCode::kUnavailable);
+  EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+  const std::vector<int> codes = Reap(workers, std::chrono::milliseconds(5000));
+  EXPECT_EQ(codes[0], 128 + SIGKILL);
+}
+
+TEST(HelixFaultTest, RankThatNeverJoinsFailsStartUp) {
+  if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) GTEST_SKIP() << "no model";
+  EngineOptions o = StoriesOptions(1, 2, 4);
+  o.comm_timeout = std::chrono::milliseconds(1500);
+  const auto t0 = Clock::now();
+  auto e = Engine::Create(o);  // rank 1 is never started
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("could not connect"), std::string::npos)
+      << e.status().ToString();
+  EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(10000));
+}
+
+TEST(HelixLayoutTest, BadHeadSplitsAreRefused) {
+  if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) GTEST_SKIP() << "no model";
+  for (auto [tp, cp, says] : {std::tuple{1, 3, "8 query heads are not divisible"},
+                              std::tuple{8, 1, "4 KV heads are not divisible"},
+                              std::tuple{4, 4, "query heads are not divisible"}}) {
+    auto e = Engine::Create(StoriesOptions(tp, cp, 4));
+    ASSERT_FALSE(e.ok());
+    EXPECT_EQ(e.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(e.status().message().find(says), std::string::npos) << e.status().ToString();
+  }
+}
+
+}  // namespace
+}  // namespace helix

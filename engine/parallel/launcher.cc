@@ -1,0 +1,177 @@
+#include "engine/parallel/launcher.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+namespace helix::parallel {
+namespace {
+
+std::optional<int> EnvInt(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return std::nullopt;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  if (*end != '\0') return std::nullopt;
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& addr) {
+  const size_t colon = addr.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return InvalidArgument("leader address '" + addr + "': expected HOST:PORT");
+  }
+  char* end = nullptr;
+  const long port = std::strtol(addr.c_str() + colon + 1, &end, 10);
+  if (*end != '\0' || port < 1 || port > 65535) {
+    return InvalidArgument("leader address '" + addr + "': the port must be 1..65535");
+  }
+  return std::make_pair(addr.substr(0, colon), static_cast<int>(port));
+}
+
+StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
+                                    std::optional<int> flag_world_size,
+                                    const std::string& leader_addr) {
+  RankAssignment a;
+  a.world_size = world;
+  std::optional<int> rank = flag_rank, size = flag_world_size;
+  std::string source = "flags";
+  for (auto [r, n, what] : {std::tuple{"HELIX_RANK", "HELIX_WORLD_SIZE", "HELIX_*"},
+                            std::tuple{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI"},
+                            std::tuple{"SLURM_PROCID", "SLURM_NTASKS", "Slurm"}}) {
+    if (rank) break;
+    rank = EnvInt(r);
+    if (rank) {
+      size = EnvInt(n);
+      source = what;
+    }
+  }
+  std::string addr = leader_addr;
+  if (addr.empty() && std::getenv("HELIX_LEADER_ADDR") != nullptr) {
+    addr = std::getenv("HELIX_LEADER_ADDR");
+  }
+  if (!rank) {
+    a.rank = 0;
+    a.spawn_local = world > 1;
+    if (!addr.empty()) {
+      ASSIGN_OR_RETURN(auto hp, ParseHostPort(addr));
+      std::tie(a.leader_host, a.leader_port) = hp;
+    }
+    return a;
+  }
+  if (size && *size != world) {
+    return InvalidArgument(
+        "world size " + std::to_string(*size) + " (from " + source +
+        ") differs from tensor_parallel_size x context_parallel_size = " + std::to_string(world));
+  }
+  if (*rank < 0 || *rank >= world) {
+    return InvalidArgument("rank " + std::to_string(*rank) + " (from " + source +
+                           ") is outside 0.." + std::to_string(world - 1));
+  }
+  if (addr.empty()) {
+    return InvalidArgument("rank " + std::to_string(*rank) + " of " + std::to_string(world) +
+                           " needs the leader's address (--leader-addr HOST:PORT or "
+                           "HELIX_LEADER_ADDR)");
+  }
+  a.rank = *rank;
+  ASSIGN_OR_RETURN(auto hp, ParseHostPort(addr));
+  std::tie(a.leader_host, a.leader_port) = hp;
+  return a;
+}
+
+StatusOr<int> PickFreePort(const std::string& host) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Internal(std::string("socket: ") + std::strerror(errno));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = 0;
+  if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
+    ::close(fd);
+    return InvalidArgument("'" + host + "' is not an IPv4 address");
+  }
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    const std::string err = std::strerror(errno);
+    ::close(fd);
+    return Unavailable("cannot bind " + host + ": " + err);
+  }
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return static_cast<int>(ntohs(addr.sin_port));
+}
+
+StatusOr<std::unique_ptr<LocalRanks>> LocalRanks::Spawn(const std::vector<std::string>& argv,
+                                                        int world, const std::string& host,
+                                                        int port) {
+  std::unique_ptr<LocalRanks> lr(new LocalRanks());
+  const pid_t leader = ::getpid();
+  for (int r = 1; r < world; ++r) {
+    std::vector<std::string> args = argv;
+    args.insert(args.end(),
+                {"--rank", std::to_string(r), "--leader-addr", host + ":" + std::to_string(port)});
+    std::vector<char*> cargs;
+    for (std::string& s : args) cargs.push_back(s.data());
+    cargs.push_back(nullptr);
+    const pid_t pid = ::fork();
+    if (pid < 0) return Internal(std::string("fork: ") + std::strerror(errno));
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != leader) _exit(111);  // the leader is already gone
+      ::execv("/proc/self/exe", cargs.data());
+      _exit(127);
+    }
+    lr->pids_.push_back(pid);
+    lr->ranks_.push_back(r);
+  }
+  return lr;
+}
+
+Status LocalRanks::Wait(std::chrono::milliseconds grace) {
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  Status first;
+  for (size_t i = 0; i < pids_.size(); ++i) {
+    if (pids_[i] <= 0) continue;
+    int st = 0;
+    for (;;) {
+      const pid_t w = ::waitpid(pids_[i], &st, WNOHANG);
+      if (w == pids_[i]) break;
+      if (w < 0) {
+        st = 0;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        ::kill(pids_[i], SIGKILL);
+        ::waitpid(pids_[i], &st, 0);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    pids_[i] = -1;
+    const bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    if (!ok && first.ok()) {
+      first =
+          Unavailable("rank " + std::to_string(ranks_[i]) +
+                      (WIFEXITED(st) ? " exited with code " + std::to_string(WEXITSTATUS(st))
+                                     : " was killed by signal " + std::to_string(WTERMSIG(st))));
+    }
+  }
+  return first;
+}
+
+LocalRanks::~LocalRanks() {
+  Status ignored = Wait(std::chrono::milliseconds(5000));  // the leader reported any failure
+  (void)ignored;
+}
+
+}  // namespace helix::parallel

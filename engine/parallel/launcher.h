@@ -1,0 +1,60 @@
+// Starting the ranks of one Helix instance. Single node: the leader re-executes its own
+// binary once per other rank (same arguments plus --rank R --leader-addr HOST:PORT) and reaps
+// them. Multi-node: an external launcher starts every rank and tells it rank / world size /
+// leader address by flags or environment (OMPI_COMM_WORLD_RANK/SIZE, SLURM_PROCID/NTASKS,
+// HELIX_RANK/HELIX_WORLD_SIZE/HELIX_LEADER_ADDR).
+// Thread-safety: LocalRanks is owned by the leader's main thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/common/status.h"
+
+namespace helix::parallel {
+
+struct RankAssignment {
+  int rank = 0;
+  int world_size = 1;
+  std::string leader_host = "127.0.0.1";
+  int leader_port = 0;
+  bool spawn_local = false;  // this process is the leader and starts the others itself
+};
+
+// Decides this process's rank. Flags win over the environment; without either a multi-rank
+// instance is started locally by this process (rank 0). `world` is TP x CP; a world size from
+// flags or environment must equal it. `leader_addr` is "host:port" ("" = none given).
+StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
+                                    std::optional<int> flag_world_size,
+                                    const std::string& leader_addr);
+
+// "host:port" -> (host, port). InvalidArgument names the text.
+StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& addr);
+
+// A port on `host` that was free a moment ago (for the local leader's rendezvous store).
+StatusOr<int> PickFreePort(const std::string& host);
+
+class LocalRanks {
+ public:
+  // Starts ranks 1..world-1 as `/proc/self/exe argv[1..] --rank R --leader-addr host:port`.
+  // The children die with the leader (PR_SET_PDEATHSIG).
+  static StatusOr<std::unique_ptr<LocalRanks>> Spawn(const std::vector<std::string>& argv,
+                                                     int world, const std::string& host, int port);
+  // Waits up to `grace` for every child to exit, then kills the rest (SIGKILL) and reaps them.
+  ~LocalRanks();
+  // Waits for the children; returns the first failure ("rank R exited with code C").
+  Status Wait(std::chrono::milliseconds grace);
+  const std::vector<pid_t>& pids() const { return pids_; }
+
+ private:
+  LocalRanks() = default;
+  std::vector<pid_t> pids_;
+  std::vector<int> ranks_;
+};
+
+}  // namespace helix::parallel
