@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `helix-gen generate --tp T --cp C` on stories260K: the leader spawns its ranks, and 255 greedy
+# tokens come out exactly as on one rank, for (T, C) in (1,2) (1,4) (2,2) (1,8) and
+# tokens_per_block 1, 4, 5, 32; no rank process outlives the run; a bad head split is refused.
+# Exit 77 = skipped (model missing).
+set -u
+gen=$1
+m="$2/models/stories260K"
+if [ ! -f "$m/stories260K.bin" ]; then echo "SKIP: $m/stories260K.bin not found"; exit 77; fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# A path unique to this run, so that leftover rank processes can be found by their arguments.
+ln -s "$m/stories260K.bin" "$tmp/model.bin"
+run() {
+  timeout 300 "$gen" generate --model "$tmp/model.bin" --tokenizer "$m/tok512.bin" \
+    --temperature 0 --max-tokens 255 --threads 1 "$@" 2>"$tmp/err"
+}
+fail=0
+for tpb in 1 4 5 32; do
+  run --tokens-per-block "$tpb" >"$tmp/want" || { echo "FAIL: single rank tpb=$tpb"; cat "$tmp/err"; exit 1; }
+  for layout in "1 2" "1 4" "2 2" "1 8"; do
+    set -- $layout
+    start=$(date +%s)
+    if ! run --tp "$1" --cp "$2" --tokens-per-block "$tpb" >"$tmp/got"; then
+      echo "FAIL: tp=$1 cp=$2 tpb=$tpb exited non-zero"; cat "$tmp/err"; fail=1; continue
+    fi
+    if ! cmp -s "$tmp/want" "$tmp/got"; then
+      echo "FAIL: tp=$1 cp=$2 tpb=$tpb text differs from one rank"; diff "$tmp/want" "$tmp/got" | head -5
+      fail=1
+    fi
+    if pgrep -f "$tmp/model.bin" >/dev/null; then
+      echo "FAIL: tp=$1 cp=$2 tpb=$tpb left rank processes behind:"; pgrep -af "$tmp/model.bin"
+      pkill -9 -f "$tmp/model.bin"; fail=1
+    fi
+    echo "ok: tp=$1 cp=$2 tokens_per_block=$tpb identical ($(( $(date +%s) - start )) s)"
+  done
+done
+# A head split that does not divide: refused with a message about it, exit 1, nothing left.
+run --cp 3 >/dev/null
+rc=$?
+if [ "$rc" -eq 0 ] || ! grep -q "query heads are not divisible" "$tmp/err"; then
+  echo "FAIL: --cp 3 gave rc $rc:"; cat "$tmp/err"; fail=1
+fi
+sleep 0.5
+if pgrep -f "$tmp/model.bin" >/dev/null; then
+  echo "FAIL: --cp 3 left rank processes behind"; pkill -9 -f "$tmp/model.bin"; fail=1
+fi
+[ "$fail" -eq 0 ] && echo "ok: every layout matches one rank"
+exit "$fail"
