@@ -1,9 +1,26 @@
 #include "engine/model/llama_model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 namespace helix {
+namespace {
+
+// Adds the time since the last Lap (or construction) to *bucket.
+class Stopwatch {
+ public:
+  void Lap(double* bucket) {
+    const auto now = std::chrono::steady_clock::now();
+    *bucket += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
+}  // namespace
 
 LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, kernels::KvPoolView kv,
                        ParallelContext parallel)
@@ -62,6 +79,9 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   h1_.resize(T * F);
   h3_.resize(T * F);
 
+  ForwardTimings& tm = timings_;
+  ++tm.calls;
+  Stopwatch sw;
   backend_->Embedding(w.token_embedding.data(), b.tokens.data(), T, D, x_.data());
 
   kernels::PagedAttentionParams ap{};
@@ -89,12 +109,14 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     backend_->RmsNorm({x_.data(), nullptr, lw.attn_norm.data(), xb_.data(), T, D, c.norm_eps});
+    sw.Lap(&tm.other);
     backend_->Gemm({xb_.data(), lw.wq.data(), lw.bq.empty() ? nullptr : lw.bq.data(), q_.data(), T,
                     qd, D, lw.wq.dtype});
     backend_->Gemm({xb_.data(), lw.wk.data(), lw.bk.empty() ? nullptr : lw.bk.data(), k_.data(), T,
                     kvd, D, lw.wk.dtype});
     backend_->Gemm({xb_.data(), lw.wv.data(), lw.bv.empty() ? nullptr : lw.bv.data(), v_.data(), T,
                     kvd, D, lw.wv.dtype});
+    sw.Lap(&tm.gemm);
     // RoPE at global positions; only the owner of a position writes its K/V.
     backend_->Rope(
         {q_.data(), b.positions.data(), T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
@@ -106,21 +128,42 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
                         v_.data() + t * kvd);
     }
     ap.layer = l;
+    sw.Lap(&tm.other);
     backend_->PagedAttention(ap, workspace_.data());
+    sw.Lap(&tm.attention);
+    if (par_.barrier_before_collectives && par_.cp != nullptr && par_.layout.cp > 1) {
+      RETURN_IF_ERROR(par_.cp->Barrier());
+      sw.Lap(&tm.wait);
+    }
     RETURN_IF_ERROR(CombineAttention(T));
+    sw.Lap(&tm.combine);
     // x += Wo · att: row-parallel over the N ranks (each holds Wo's columns for its heads).
     backend_->Gemm({att_.data(), lw.wo.data(), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
+    sw.Lap(&tm.gemm);
+    if (world != nullptr && par_.barrier_before_collectives) {
+      RETURN_IF_ERROR(world->Barrier());
+      sw.Lap(&tm.wait);
+    }
     if (world != nullptr) RETURN_IF_ERROR(world->AllReduceSum(xb_.data(), T * D));
+    sw.Lap(&tm.all_reduce);
     for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks.
     backend_->RmsNorm({x_.data(), nullptr, lw.ffn_norm.data(), xb_.data(), T, D, c.norm_eps});
+    sw.Lap(&tm.other);
     backend_->Gemm({xb_.data(), lw.w1.data(), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
     backend_->Gemm({xb_.data(), lw.w3.data(), nullptr, h3_.data(), T, F, D, lw.w3.dtype});
     backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
     backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
+    sw.Lap(&tm.gemm);
+    if (world != nullptr && par_.barrier_before_collectives) {
+      RETURN_IF_ERROR(world->Barrier());
+      sw.Lap(&tm.wait);
+    }
     if (world != nullptr) RETURN_IF_ERROR(world->AllReduceSum(xb_.data(), T * D));
+    sw.Lap(&tm.all_reduce);
     for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
   }
+  sw.Lap(&tm.other);
 
   // Final norm and the classifier, only for the rows that sample; vocab-parallel, gathered.
   const int64_t R = static_cast<int64_t>(b.logits_rows.size());
@@ -159,6 +202,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
       std::copy_n(gathered_.data() + (i * R + r) * vmax, v1 - v0, logits->data() + r * V + v0);
     }
   }
+  sw.Lap(&tm.logits);
   return Status::Ok();
 }
 

@@ -23,6 +23,21 @@ struct ParallelContext {
   parallel::HelixLayout layout;
   parallel::Communicator* world = nullptr;  // all N ranks: all-reduces, logits gather
   parallel::Communicator* cp = nullptr;     // this rank's CP group: the attention all-to-all
+  // Benchmarks only: a barrier before each collective, timed as `wait`, so that a collective's
+  // time is its own and not the wait for a slower peer.
+  bool barrier_before_collectives = false;
+};
+
+// Wall time spent in each part of Forward, summed over calls (seconds).
+struct ForwardTimings {
+  double gemm = 0;        // projections and FFN (SiLU·mul included)
+  double attention = 0;   // paged attention over this rank's KV
+  double combine = 0;     // CP all-to-all + (O, LSE) merge
+  double all_reduce = 0;  // the two row-parallel all-reduces per layer
+  double logits = 0;      // final norm, classifier, vocab gather
+  double other = 0;       // embedding, norms, RoPE, KV writes, residual adds
+  double wait = 0;        // with ParallelContext::barrier_before_collectives: skew between ranks
+  int64_t calls = 0;
 };
 
 class LlamaModel {
@@ -39,6 +54,9 @@ class LlamaModel {
   // on every rank. Errors come only from the collectives (a dead or stalled peer).
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits);
 
+  const ForwardTimings& timings() const { return timings_; }
+  void ResetTimings() { timings_ = {}; }
+
  private:
   // att_ [T][q_heads][hd] + lse_ -> att_ [T][out_heads][hd]: all-to-all inside the CP group
   // and the exact (O, LSE) merge.
@@ -49,6 +67,7 @@ class LlamaModel {
   kernels::KvPoolView kv_;
   ParallelContext par_;
   ShardDims dims_;
+  ForwardTimings timings_;
   // Scratch, grown as needed.
   std::vector<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_;
   std::vector<float> send_, recv_, parts_o_, parts_lse_, local_logits_, gathered_;

@@ -1,0 +1,273 @@
+// One Helix decode step's time split — attention, all-to-all + combine, GEMMs, all-reduce —
+// for CP = 1 and CP = 2 (or any list) at context lengths 4K…128K, one thread per rank, on a
+// random-weight model whose attention dominates at long context (Llama-3-8B-like attention:
+// 32 query heads, 8 KV heads, head dim 128; hidden size 1024). The KV cache is filled with
+// random values directly (no prefill), then `steps` batch-1 decode steps are timed and the
+// best is kept. A barrier before each collective (timed as "skew") keeps the wait for a slower
+// rank out of the collectives' own time; the step total includes it. Ranks are forked processes
+// joined over Gloo on loopback, as in the engine.
+//   helix_bench [--contexts 4096,8192,...] [--cps 1,2] [--layers 2] [--steps 5]
+//               [--kv-dtype float32|float16|bfloat16]
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "engine/backend/cpu/cpu_backend.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/shard.h"
+#include "engine/parallel/communicator.h"
+#include "engine/parallel/launcher.h"
+#include "engine/parallel/tcp_store.h"
+
+namespace {
+
+using namespace helix;
+
+struct Args {
+  std::vector<int64_t> contexts = {4096, 8192, 16384, 32768, 65536, 131072};
+  std::vector<int> cps = {1, 2};
+  int layers = 2, steps = 5;
+  kernels::DType kv_dtype = kernels::DType::kF32;
+};
+
+std::vector<int64_t> ParseList(const std::string& s) {
+  std::vector<int64_t> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) v.push_back(std::atoll(item.c_str()));
+  return v;
+}
+
+Args Parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--contexts") {
+      a.contexts = ParseList(v);
+    } else if (k == "--cps") {
+      a.cps.clear();
+      for (int64_t x : ParseList(v)) a.cps.push_back(static_cast<int>(x));
+    } else if (k == "--layers") {
+      a.layers = std::atoi(v.c_str());
+    } else if (k == "--steps") {
+      a.steps = std::atoi(v.c_str());
+    } else if (k == "--kv-dtype" && kernels::DTypeFromName(v)) {
+      a.kv_dtype = *kernels::DTypeFromName(v);
+    } else {
+      std::fprintf(stderr, "helix_bench: bad flag %s %s\n", k.c_str(), v.c_str());
+      std::exit(2);
+    }
+  }
+  return a;
+}
+
+std::unique_ptr<LoadedModel> RandomModel(int layers) {
+  auto m = std::make_unique<LoadedModel>();
+  ModelConfig& c = m->config;
+  c.architecture = "llama";
+  c.dim = 1024;
+  c.hidden_dim = 1024;
+  c.n_layers = layers;
+  c.n_heads = 32;
+  c.n_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 512;
+  c.max_seq_len = 1 << 20;
+  c.rope_theta = 500000.0f;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 0.03f);
+  auto fill = [&](std::vector<float>* v, int64_t n) {
+    v->resize(static_cast<size_t>(n));
+    for (float& x : *v) x = nd(rng);
+  };
+  const int64_t D = c.dim, F = c.hidden_dim, qd = c.n_heads * c.head_dim,
+                kvd = c.n_kv_heads * c.head_dim;
+  fill(&m->weights.token_embedding, c.vocab_size * D);
+  m->weights.final_norm.assign(D, 1.0f);
+  m->weights.layers.resize(layers);
+  for (LayerWeights& l : m->weights.layers) {
+    l.attn_norm.assign(D, 1.0f);
+    l.ffn_norm.assign(D, 1.0f);
+    fill(&l.wq.f32, qd * D);
+    fill(&l.wk.f32, kvd * D);
+    fill(&l.wv.f32, kvd * D);
+    fill(&l.wo.f32, D * qd);
+    fill(&l.w1.f32, F * D);
+    fill(&l.w2.f32, D * F);
+    fill(&l.w3.f32, F * D);
+  }
+  return m;
+}
+
+// One rank of a CP group: builds its shard and KV, times decode steps; returns the best step's
+// timings (rank 0 prints them).
+int RunRank(const Args& a, int64_t ctx, int cp, int rank, int port, ForwardTimings* best_out) {
+  std::unique_ptr<parallel::TcpStore> store;
+  std::unique_ptr<parallel::Communicator> comm;
+  parallel::HelixLayout layout = parallel::HelixLayout::ForRank(rank, 1, cp);
+  if (cp > 1) {
+    auto s = parallel::TcpStore::Connect("127.0.0.1", port, std::chrono::milliseconds(60000));
+    if (!s.ok()) return 2;
+    store = std::move(*s);
+    parallel::GlooOptions g;
+    g.timeout = std::chrono::milliseconds(120000);
+    auto c = parallel::CreateGlooCommunicator(
+        store.get(), "bench" + std::to_string(ctx) + "_" + std::to_string(cp), rank, cp, g);
+    if (!c.ok()) {
+      std::fprintf(stderr, "%s\n", c.status().ToString().c_str());
+      return 3;
+    }
+    comm = std::move(*c);
+  }
+  std::unique_ptr<LoadedModel> model = RandomModel(a.layers);
+  const ModelConfig cfg = model->config;
+  ShardWeights(cfg, layout, &model->weights);
+  const ShardDims dims = ComputeShardDims(cfg, layout);
+  const int64_t tpb = 32;
+  // This rank's blocks for positions [0, ctx] (the new token is at position ctx).
+  std::vector<int32_t> table, first_pos;
+  for (int64_t g = 0; g * tpb <= ctx; ++g) {
+    if (g % cp != layout.cp_rank) continue;
+    table.push_back(static_cast<int32_t>(table.size()));
+    first_pos.push_back(static_cast<int32_t>(g * tpb));
+  }
+  kernels::KvPoolView kv{};
+  kv.dtype = a.kv_dtype;
+  kv.num_layers = cfg.n_layers;
+  kv.num_kv_heads = dims.kv_heads;
+  kv.tokens_per_block = tpb;
+  kv.head_dim = cfg.head_dim;
+  const size_t elems = table.size() * static_cast<size_t>(kv.block_elems());
+  std::vector<uint16_t> pool16;
+  std::vector<float> pool32;
+  std::mt19937 rng(11 + rank);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  // Random values, tiled from a 1 MiB pattern (the contents do not change the timing).
+  if (a.kv_dtype == kernels::DType::kF32) {
+    pool32.resize(elems);
+    std::vector<float> pat(1 << 18);
+    for (float& x : pat) x = ud(rng);
+    for (size_t i = 0; i < elems; i += pat.size()) {
+      std::copy_n(pat.begin(), std::min(pat.size(), elems - i), pool32.begin() + i);
+    }
+    kv.base = pool32.data();
+  } else {
+    pool16.resize(elems);
+    std::vector<uint16_t> pat(1 << 19);
+    for (uint16_t& x : pat) {
+      x = a.kv_dtype == kernels::DType::kF16 ? kernels::FloatToHalf(ud(rng))
+                                             : kernels::FloatToBf16(ud(rng));
+    }
+    for (size_t i = 0; i < elems; i += pat.size()) {
+      std::copy_n(pat.begin(), std::min(pat.size(), elems - i), pool16.begin() + i);
+    }
+    kv.base = pool16.data();
+  }
+  CpuBackend backend(1);
+  ParallelContext par;
+  par.layout = layout;
+  par.world = comm.get();
+  par.cp = comm.get();
+  par.barrier_before_collectives = true;
+  LlamaModel m(std::move(model), &backend, kv, par);
+
+  ForwardBatch b;
+  b.tokens = {5};
+  b.positions = {static_cast<int32_t>(ctx)};
+  b.token_seq = {0};
+  const int64_t owner_block = ctx / tpb;
+  const bool mine = owner_block % cp == layout.cp_rank;
+  b.kv_block = {mine ? table.back() : -1};
+  b.kv_slot = {mine ? static_cast<int32_t>(ctx % tpb) : -1};
+  b.num_seqs = 1;
+  b.max_blocks = static_cast<int64_t>(table.size());
+  b.block_tables = table;
+  b.block_first_pos = first_pos;
+  // Local tokens: every local block full except possibly the one holding position ctx.
+  int64_t local = 0;
+  for (int32_t fp : first_pos) local += std::min<int64_t>(tpb, ctx + 1 - fp);
+  b.kv_lens = {static_cast<int32_t>(local)};
+  b.logits_rows = {0};
+  std::vector<float> logits;
+  ForwardTimings best;
+  double best_total = 1e30;
+  for (int s = 0; s < a.steps + 1; ++s) {  // the first step warms up
+    m.ResetTimings();
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!m.Forward(b, &logits).ok()) return 4;
+    const double total =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s > 0 && total < best_total) {
+      best_total = total;
+      best = m.timings();
+    }
+  }
+  *best_out = best;
+  return 0;
+}
+
+double Total(const ForwardTimings& t) {
+  return t.gemm + t.attention + t.combine + t.all_reduce + t.logits + t.other + t.wait;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = Parse(argc, argv);
+  std::printf(
+      "# helix_bench: %d layers, 32 q / 8 kv heads, head dim 128, dim 1024, KV %s, "
+      "1 thread per rank, best of %d steps (ms)\n",
+      a.layers, kernels::DTypeName(a.kv_dtype), a.steps);
+  std::printf("%8s %3s %9s %10s %10s %8s %10s %8s %8s %8s\n", "context", "cp", "step", "attention",
+              "a2a+comb", "gemm", "allreduce", "skew", "other", "comb%");
+  for (int64_t ctx : a.contexts) {
+    std::vector<double> attention_by_cp;
+    for (int cp : a.cps) {
+      int port = 0;
+      std::unique_ptr<parallel::TcpStoreServer> server;
+      if (cp > 1) {
+        auto s = parallel::TcpStoreServer::Start("127.0.0.1", 0);
+        if (!s.ok()) return 1;
+        server = std::move(*s);
+        port = server->port();
+      }
+      std::vector<pid_t> pids;
+      for (int r = 1; r < cp; ++r) {
+        const pid_t pid = fork();
+        if (pid == 0) {
+          ForwardTimings t;
+          _exit(RunRank(a, ctx, cp, r, port, &t));
+        }
+        pids.push_back(pid);
+      }
+      ForwardTimings t;
+      const int rc = RunRank(a, ctx, cp, 0, port, &t);
+      for (pid_t pid : pids) waitpid(pid, nullptr, 0);
+      if (rc != 0) {
+        std::fprintf(stderr, "helix_bench: context %lld cp %d failed (%d)\n",
+                     static_cast<long long>(ctx), cp, rc);
+        return 1;
+      }
+      const double total = Total(t);
+      std::printf("%8lld %3d %9.3f %10.3f %10.3f %8.3f %10.3f %8.3f %8.3f %7.2f%%\n",
+                  static_cast<long long>(ctx), cp, 1e3 * total, 1e3 * t.attention, 1e3 * t.combine,
+                  1e3 * t.gemm, 1e3 * t.all_reduce, 1e3 * t.wait, 1e3 * (t.other + t.logits),
+                  100.0 * t.combine / total);
+      std::fflush(stdout);
+      attention_by_cp.push_back(t.attention);
+    }
+    if (attention_by_cp.size() >= 2) {
+      std::printf("# context %lld: attention cp%d / cp%d = %.3f\n", static_cast<long long>(ctx),
+                  a.cps[1], a.cps[0], attention_by_cp[1] / attention_by_cp[0]);
+    }
+  }
+  return 0;
+}
