@@ -2,6 +2,7 @@
 // invariance under continuous batching, KV dtypes and block sizes, stop handling, bad input,
 // and that the KV pool is whole after every scenario.
 #include "engine/engine.h"
+#include "engine/engine_test_util.h"
 
 #include <cstdlib>
 #include <filesystem>
@@ -59,49 +60,8 @@ class EngineTest : public ::testing::Test {
   }
 };
 
-struct Result {
-  std::vector<int32_t> tokens;
-  std::string text;
-  FinishReason reason = FinishReason::kNone;
-  Status error;
-  int64_t completion_tokens = 0;
-};
-
-// Runs requests to completion on one engine; `join_at` delays a request's submission until
-// that many steps have run (requests joining mid-flight).
-std::vector<Result> RunAll(Engine* e, std::vector<GenerateRequest> reqs,
-                           std::vector<int> join_at = {}) {
-  std::vector<Result> out(reqs.size());
-  join_at.resize(reqs.size(), 0);
-  std::vector<bool> submitted(reqs.size(), false);
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    reqs[i].sink = [&out, i](const TokenEvent& ev) {
-      if (ev.token >= 0) out[i].tokens.push_back(ev.token);
-      out[i].text += ev.text;
-      if (ev.finished) {
-        out[i].reason = ev.finish_reason;
-        out[i].error = ev.error;
-        out[i].completion_tokens = ev.completion_tokens;
-      }
-    };
-  }
-  for (int step = 0;; ++step) {
-    bool pending = false;
-    for (size_t i = 0; i < reqs.size(); ++i) {
-      if (submitted[i]) continue;
-      if (join_at[i] <= step) {
-        auto id = e->Submit(reqs[i]);
-        EXPECT_TRUE(id.ok()) << id.status().ToString();
-        submitted[i] = true;
-      } else {
-        pending = true;
-      }
-    }
-    if (!e->HasWork() && !pending) break;
-    e->Step();
-  }
-  return out;
-}
+using Result = testing::RunResult;
+using testing::RunAll;
 
 GenerateRequest Greedy(std::string prompt, int max_tokens) {
   GenerateRequest r;

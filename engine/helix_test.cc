@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/engine_test_util.h"
 #include "engine/parallel/launcher.h"
 
 namespace helix {
@@ -84,47 +85,14 @@ std::vector<int> Reap(const std::vector<pid_t>& pids, std::chrono::milliseconds 
   return codes;
 }
 
-struct Result {
-  std::vector<int32_t> tokens;
-  std::vector<std::vector<std::pair<int32_t, float>>> top;  // per token
-  FinishReason reason = FinishReason::kNone;
-  Status error;
-};
+using Result = testing::RunResult;
 
+// RunAll, killing `victim` before step `kill_at` (-1: never).
 std::vector<Result> RunAll(Engine* e, std::vector<GenerateRequest> reqs, std::vector<int> join_at,
-                           int kill_after_steps = -1, pid_t victim = 0) {
-  std::vector<Result> out(reqs.size());
-  join_at.resize(reqs.size(), 0);
-  std::vector<bool> submitted(reqs.size(), false);
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    reqs[i].sink = [&out, i](const TokenEvent& ev) {
-      if (ev.token >= 0) {
-        out[i].tokens.push_back(ev.token);
-        out[i].top.push_back(ev.top_logprobs);
-      }
-      if (ev.finished) {
-        out[i].reason = ev.finish_reason;
-        out[i].error = ev.error;
-      }
-    };
-  }
-  for (int step = 0;; ++step) {
-    bool pending = false;
-    for (size_t i = 0; i < reqs.size(); ++i) {
-      if (submitted[i]) continue;
-      if (join_at[i] <= step) {
-        auto id = e->Submit(reqs[i]);
-        EXPECT_TRUE(id.ok()) << id.status().ToString();
-        submitted[i] = true;
-      } else {
-        pending = true;
-      }
-    }
-    if (!e->HasWork() && !pending) break;
-    if (step == kill_after_steps) kill(victim, SIGKILL);
-    e->Step();
-  }
-  return out;
+                           int kill_at = -1, pid_t victim = 0) {
+  return testing::RunAll(e, std::move(reqs), std::move(join_at), [&](int step) {
+    if (step == kill_at) kill(victim, SIGKILL);
+  });
 }
 
 std::vector<GenerateRequest> Batch(const Tokenizer& tok) {
@@ -158,12 +126,13 @@ void ExpectSameDecoding(const std::vector<Result>& got, const std::vector<Result
     EXPECT_EQ(got[i].reason, want[i].reason) << got[i].error.ToString();
     EXPECT_EQ(got[i].tokens, want[i].tokens);
     double worst = 0;
-    for (size_t t = 0; t < std::min(got[i].top.size(), want[i].top.size()); ++t) {
-      ASSERT_EQ(got[i].top[t].size(), want[i].top[t].size());
-      for (size_t k = 0; k < got[i].top[t].size(); ++k) {
-        if (got[i].top[t][k].first != want[i].top[t][k].first) continue;  // near-tie reorder
-        worst = std::max(worst, std::abs(static_cast<double>(got[i].top[t][k].second) -
-                                         want[i].top[t][k].second));
+    for (size_t t = 0; t < std::min(got[i].top_logprobs.size(), want[i].top_logprobs.size()); ++t) {
+      ASSERT_EQ(got[i].top_logprobs[t].size(), want[i].top_logprobs[t].size());
+      for (size_t k = 0; k < got[i].top_logprobs[t].size(); ++k) {
+        if (got[i].top_logprobs[t][k].first != want[i].top_logprobs[t][k].first)
+          continue;  // near-tie reorder
+        worst = std::max(worst, std::abs(static_cast<double>(got[i].top_logprobs[t][k].second) -
+                                         want[i].top_logprobs[t][k].second));
       }
     }
     EXPECT_LT(worst, tol);

@@ -106,6 +106,17 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   const size_t ws = backend_->PagedAttentionWorkspaceBytes(ap);
   if (workspace_.size() < ws) workspace_.resize(ws);
 
+  // x += the sum over ranks of each rank's row-parallel partial in xb_.
+  const auto AddRowParallel = [&]() -> Status {
+    if (world != nullptr && par_.barrier_before_collectives) {
+      RETURN_IF_ERROR(world->Barrier());
+      sw.Lap(&tm.wait);
+    }
+    if (world != nullptr) RETURN_IF_ERROR(world->AllReduceSum(xb_.data(), T * D));
+    sw.Lap(&tm.all_reduce);
+    for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
+    return Status::Ok();
+  };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     backend_->RmsNorm({x_.data(), nullptr, lw.attn_norm.data(), xb_.data(), T, D, c.norm_eps});
@@ -140,13 +151,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
     // x += Wo · att: row-parallel over the N ranks (each holds Wo's columns for its heads).
     backend_->Gemm({att_.data(), lw.wo.data(), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
     sw.Lap(&tm.gemm);
-    if (world != nullptr && par_.barrier_before_collectives) {
-      RETURN_IF_ERROR(world->Barrier());
-      sw.Lap(&tm.wait);
-    }
-    if (world != nullptr) RETURN_IF_ERROR(world->AllReduceSum(xb_.data(), T * D));
-    sw.Lap(&tm.all_reduce);
-    for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
+    RETURN_IF_ERROR(AddRowParallel());
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks.
     backend_->RmsNorm({x_.data(), nullptr, lw.ffn_norm.data(), xb_.data(), T, D, c.norm_eps});
     sw.Lap(&tm.other);
@@ -155,13 +160,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
     backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
     backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
     sw.Lap(&tm.gemm);
-    if (world != nullptr && par_.barrier_before_collectives) {
-      RETURN_IF_ERROR(world->Barrier());
-      sw.Lap(&tm.wait);
-    }
-    if (world != nullptr) RETURN_IF_ERROR(world->AllReduceSum(xb_.data(), T * D));
-    sw.Lap(&tm.all_reduce);
-    for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
+    RETURN_IF_ERROR(AddRowParallel());
   }
   sw.Lap(&tm.other);
 

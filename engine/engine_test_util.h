@@ -1,0 +1,66 @@
+// Test helper: runs requests to completion on one Engine and collects what each streamed.
+// For tests only; single-threaded (the caller is the engine thread).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/engine.h"
+
+namespace helix::testing {
+
+struct RunResult {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;  // per token
+  std::string text;
+  FinishReason reason = FinishReason::kNone;
+  Status error;
+  int64_t completion_tokens = 0;
+};
+
+// Submits reqs[i] once `join_at[i]` steps have run (0 when absent: requests joining
+// mid-flight), calls before_step(step) ahead of every step, and steps until nothing is left.
+inline std::vector<RunResult> RunAll(Engine* e, std::vector<GenerateRequest> reqs,
+                                     std::vector<int> join_at = {},
+                                     const std::function<void(int)>& before_step = nullptr) {
+  std::vector<RunResult> out(reqs.size());
+  join_at.resize(reqs.size(), 0);
+  std::vector<bool> submitted(reqs.size(), false);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].sink = [&out, i](const TokenEvent& ev) {
+      if (ev.token >= 0) {
+        out[i].tokens.push_back(ev.token);
+        out[i].top_logprobs.push_back(ev.top_logprobs);
+      }
+      out[i].text += ev.text;
+      if (ev.finished) {
+        out[i].reason = ev.finish_reason;
+        out[i].error = ev.error;
+        out[i].completion_tokens = ev.completion_tokens;
+      }
+    };
+  }
+  for (int step = 0;; ++step) {
+    bool pending = false;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      if (submitted[i]) continue;
+      if (join_at[i] <= step) {
+        auto id = e->Submit(reqs[i]);
+        EXPECT_TRUE(id.ok()) << id.status().ToString();
+        submitted[i] = true;
+      } else {
+        pending = true;
+      }
+    }
+    if (!e->HasWork() && !pending) break;
+    if (before_step) before_step(step);
+    e->Step();
+  }
+  return out;
+}
+
+}  // namespace helix::testing
