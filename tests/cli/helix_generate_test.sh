@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `helix-gen generate --tp T --cp C` on stories260K: the leader spawns its ranks, and 255 greedy
 # tokens come out exactly as on one rank, for (T, C) in (1,2) (1,4) (2,2) (1,8) and
-# tokens_per_block 1, 4, 5, 32; no rank process outlives the run; a bad head split is refused.
+# tokens_per_block 1, 4, 5, 32; no rank process outlives the run (nor a killed leader); a bad
+# head split is refused.
 # Exit 77 = skipped (model missing).
 set -u
 gen=$1
@@ -44,6 +45,27 @@ fi
 sleep 0.5
 if pgrep -f "$tmp/model.bin" >/dev/null; then
   echo "FAIL: --cp 3 left rank processes behind"; pkill -9 -f "$tmp/model.bin"; fail=1
+fi
+# The leader killed mid-run: its ranks die with it (no orphans).
+"$gen" generate --model "$tmp/model.bin" --tokenizer "$m/tok512.bin" --temperature 0 \
+  --max-tokens 400 --ignore-eos --threads 1 --cp 4 >/dev/null 2>&1 &
+leader=$!
+for _ in $(seq 100); do
+  [ "$(pgrep -f -- "$tmp/model.bin.*--rank" | wc -l)" -ge 3 ] && break
+  sleep 0.1
+done
+sleep 0.5
+if [ "$(pgrep -f -- "$tmp/model.bin.*--rank" | wc -l)" -ne 3 ]; then
+  echo "FAIL: --cp 4 did not start 3 rank processes"; fail=1
+fi
+kill -9 "$leader"
+wait "$leader" 2>/dev/null || true
+for _ in $(seq 50); do pgrep -f "$tmp/model.bin" >/dev/null || break; sleep 0.1; done
+if pgrep -f "$tmp/model.bin" >/dev/null; then
+  echo "FAIL: ranks outlived their killed leader:"; pgrep -af "$tmp/model.bin"
+  pkill -9 -f "$tmp/model.bin"; fail=1
+else
+  echo "ok: killing the leader took its ranks down"
 fi
 [ "$fail" -eq 0 ] && echo "ok: every layout matches one rank"
 exit "$fail"

@@ -1,0 +1,81 @@
+// Rank assignment from flags and launcher environments, and leader-address parsing.
+#include "engine/parallel/launcher.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+namespace helix::parallel {
+namespace {
+
+class AssignRankTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Clear(); }
+  void TearDown() override { Clear(); }
+  static void Clear() {
+    for (const char* v :
+         {"HELIX_RANK", "HELIX_WORLD_SIZE", "HELIX_LEADER_ADDR", "OMPI_COMM_WORLD_RANK",
+          "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"}) {
+      unsetenv(v);
+    }
+  }
+};
+
+TEST_F(AssignRankTest, NoRankMeansTheLocalLeaderSpawnsTheOthers) {
+  auto a = AssignRank(4, std::nullopt, std::nullopt, "");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->rank, 0);
+  EXPECT_TRUE(a->spawn_local);
+  auto one = AssignRank(1, std::nullopt, std::nullopt, "");
+  ASSERT_TRUE(one.ok());
+  EXPECT_FALSE(one->spawn_local);
+}
+
+TEST_F(AssignRankTest, FlagsThenOpenMpiThenSlurm) {
+  auto f = AssignRank(4, 2, 4, "10.1.2.3:29500");
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->rank, 2);
+  EXPECT_FALSE(f->spawn_local);
+  EXPECT_EQ(f->leader_host, "10.1.2.3");
+  EXPECT_EQ(f->leader_port, 29500);
+
+  setenv("OMPI_COMM_WORLD_RANK", "3", 1);
+  setenv("OMPI_COMM_WORLD_SIZE", "4", 1);
+  setenv("SLURM_PROCID", "1", 1);
+  setenv("SLURM_NTASKS", "4", 1);
+  setenv("HELIX_LEADER_ADDR", "node0:7000", 1);
+  auto m = AssignRank(4, std::nullopt, std::nullopt, "");
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(m->rank, 3);  // Open MPI before Slurm
+  EXPECT_EQ(m->leader_host, "node0");
+  unsetenv("OMPI_COMM_WORLD_RANK");
+  auto s = AssignRank(4, std::nullopt, std::nullopt, "");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->rank, 1);
+}
+
+TEST_F(AssignRankTest, InconsistentInputsAreRefusedWithReasons) {
+  auto size = AssignRank(4, 1, 8, "h:1");
+  EXPECT_NE(size.status().message().find("differs"), std::string::npos);
+  auto range = AssignRank(4, 4, std::nullopt, "h:1");
+  EXPECT_NE(range.status().message().find("outside"), std::string::npos);
+  auto no_leader = AssignRank(4, 1, std::nullopt, "");
+  EXPECT_NE(no_leader.status().message().find("leader"), std::string::npos);
+  setenv("SLURM_PROCID", "0", 1);
+  setenv("SLURM_NTASKS", "2", 1);
+  auto slurm = AssignRank(4, std::nullopt, std::nullopt, "h:1");
+  EXPECT_NE(slurm.status().message().find("Slurm"), std::string::npos);
+}
+
+TEST(ParseHostPortTest, GoodAndBad) {
+  auto ok = ParseHostPort("127.0.0.1:80");
+  ASSERT_TRUE(ok.ok());
+  EXPECT_EQ(ok->first, "127.0.0.1");
+  EXPECT_EQ(ok->second, 80);
+  for (const char* bad : {"nohost", ":80", "h:", "h:0", "h:70000", "h:8x"}) {
+    EXPECT_FALSE(ParseHostPort(bad).ok()) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace helix::parallel
