@@ -59,7 +59,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
 
 Engine::~Engine() {
   // Tell the workers to exit; a broken instance has nobody left to tell.
-  if (is_leader() && world_comm_ != nullptr && broken_.ok()) {
+  if (is_leader() && world_comm_ != nullptr && broken().ok()) {
     parallel::StepPlan plan;
     plan.shutdown = true;
     Status s = BroadcastPlan(&plan, options_.comm_timeout);
@@ -279,9 +279,8 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
                            " tokens) exceeds max_num_tokens " +
                            std::to_string(options_.max_num_tokens) + " (no chunked prefill)");
   }
-  if (!broken_.ok()) {
-    return Unavailable("the Helix instance is down after a failed collective: " +
-                       broken_.message());
+  if (Status b = broken(); !b.ok()) {
+    return Unavailable("the Helix instance is down after a failed collective: " + b.message());
   }
   auto seq = std::make_unique<Sequence>(std::move(r), *tokenizer_);
   seq->prompt_len = prompt_len;
@@ -428,7 +427,10 @@ bool Engine::Step() {
   Status st = layout_.single() ? Status::Ok() : BroadcastPlan(&plan, options_.comm_timeout);
   if (st.ok()) st = ExecutePlan(plan);
   if (!st.ok()) {
-    broken_ = st;
+    {
+      std::lock_guard<std::mutex> lock(inbox_mu_);
+      broken_ = st;
+    }
     HELIX_LOG(kError) << "engine: step failed, failing every request: " << st.ToString();
     AbortAll(st);
     return true;

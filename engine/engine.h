@@ -93,8 +93,12 @@ class Engine {
   Status RunWorker();
   bool is_leader() const { return layout_.rank() == 0; }
   const parallel::HelixLayout& layout() const { return layout_; }
-  // Set once a collective failed: the instance is unusable and refuses new requests.
-  const Status& broken() const { return broken_; }
+  // Thread-safe. Set once a collective failed: the instance is unusable and refuses new
+  // requests.
+  Status broken() const {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    return broken_;
+  }
 
  private:
   struct Sequence;
@@ -120,7 +124,7 @@ class Engine {
   int64_t max_seq_len_ = 0;
   std::vector<int32_t> default_stop_ids_;
 
-  std::mutex inbox_mu_;
+  mutable std::mutex inbox_mu_;
   std::vector<std::unique_ptr<Sequence>> inbox_;  // GUARDED_BY(inbox_mu_)
   std::unordered_set<std::string> cancels_;       // GUARDED_BY(inbox_mu_)
   uint64_t next_id_ = 0;                          // GUARDED_BY(inbox_mu_)
@@ -132,7 +136,7 @@ class Engine {
   std::unordered_map<uint64_t, SequenceKv> kv_;  // this rank's blocks of each sequence
   std::vector<uint64_t> pending_release_;        // leader: freed here, announced next step
   uint64_t next_uid_ = 1;
-  Status broken_;
+  Status broken_;  // GUARDED_BY(inbox_mu_)
 
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;

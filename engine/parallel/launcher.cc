@@ -127,6 +127,9 @@ StatusOr<std::unique_ptr<LocalRanks>> LocalRanks::Spawn(const std::vector<std::s
     if (pid < 0) return Internal(std::string("fork: ") + std::strerror(errno));
     if (pid == 0) {
       ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      sigset_t all;  // a rank starts with no signal blocked, whatever its leader blocked
+      sigemptyset(&all);
+      ::sigprocmask(SIG_SETMASK, &all, nullptr);
       if (::getppid() != leader) _exit(111);  // the leader is already gone
       ::execv("/proc/self/exe", cargs.data());
       _exit(127);

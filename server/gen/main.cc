@@ -8,11 +8,21 @@
 
 #include <CLI/CLI.hpp>
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <pthread.h>
+#include <signal.h>
+
+#include <filesystem>
+
+#include "engine/common/log.h"
 #include "engine/engine.h"
 #include "engine/parallel/launcher.h"
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
+#include "server/gen/generation_service.h"
 
 namespace {
 
@@ -155,19 +165,164 @@ int RunGenerate(const GenerateFlags& f) {
   return kExitOk;
 }
 
-int RunServe(const std::string& path) {
-  auto cfg = helix::config::LoadServingConfig(path, helix::config::Role::kGeneration);
+struct ServeFlags {
+  std::string config;
+  std::optional<int> rank;
+  std::string leader_addr;
+  int64_t drain_ms = 30000;
+};
+
+// The daemon: the leader serves gRPC; the other ranks follow its steps.
+int RunServe(const ServeFlags& f) {
+  auto cfg = helix::config::LoadServingConfig(f.config, helix::config::Role::kGeneration);
   if (!cfg.ok()) {
     std::cerr << "invalid config: " << cfg.status().message() << "\n";
     return kExitUsage;
   }
   if (!helix::server::SetUpLogging(cfg->logging, "gen").ok()) return kExitFailure;
-  std::cerr << "helix-gen serve: the gRPC generation service is not part of this build yet "
-               "(config "
-            << path
-            << " is valid); use `helix-gen generate` for offline "
-               "generation\n";
-  return kExitFailure;
+  if (cfg->backend != "cpu") {
+    std::cerr << "helix-gen serve: backend \"" << cfg->backend
+              << "\" is not part of this build yet; use \"cpu\"\n";
+    return kExitUsage;
+  }
+  // SIGTERM/SIGINT are taken by sigwait below: block them before any thread exists.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+  helix::EngineOptions o;
+  o.model_path = cfg->model;
+  o.tokenizer_path = cfg->tokenizer.value_or("");
+  o.num_threads = cfg->num_threads;
+  o.tokens_per_block = cfg->kv_cache_config.tokens_per_block;
+  o.kv_dtype = helix::kernels::DTypeFromName(cfg->kv_cache_config.dtype)
+                   .value_or(helix::kernels::DType::kF32);
+  o.kv_max_tokens = cfg->kv_cache_config.max_tokens;
+  o.kv_free_memory_fraction = cfg->kv_cache_config.free_memory_fraction;
+  o.max_batch_size = cfg->max_batch_size;
+  o.max_num_tokens = cfg->max_num_tokens;
+  o.max_seq_len = cfg->max_seq_len;
+  o.tensor_parallel = static_cast<int>(cfg->tensor_parallel_size);
+  o.context_parallel = static_cast<int>(cfg->context_parallel_size);
+  const int world = o.tensor_parallel * o.context_parallel;
+  auto assigned = helix::parallel::AssignRank(world, f.rank, std::nullopt, f.leader_addr);
+  if (!assigned.ok()) {
+    std::cerr << "helix-gen serve: " << assigned.status().message() << "\n";
+    return kExitUsage;
+  }
+  o.rank = assigned->rank;
+  o.leader_host = assigned->leader_host;
+  o.leader_port = assigned->leader_port;
+  std::unique_ptr<helix::parallel::LocalRanks> local_ranks;
+  if (assigned->spawn_local) {
+    auto port = helix::parallel::PickFreePort(o.leader_host);
+    if (!port.ok()) {
+      std::cerr << "helix-gen serve: " << port.status().message() << "\n";
+      return kExitFailure;
+    }
+    o.leader_port = *port;
+    auto spawned = helix::parallel::LocalRanks::Spawn(g_argv, world, o.leader_host, *port);
+    if (!spawned.ok()) {
+      std::cerr << "helix-gen serve: " << spawned.status().message() << "\n";
+      return kExitFailure;
+    }
+    local_ranks = std::move(*spawned);
+  }
+  auto engine = helix::Engine::Create(o);
+  if (!engine.ok()) {
+    std::cerr << "helix-gen serve: " << (o.rank > 0 ? "rank " + std::to_string(o.rank) + ": " : "")
+              << engine.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  if (!(*engine)->is_leader()) {
+    helix::Status st = (*engine)->RunWorker();
+    if (!st.ok()) {
+      std::cerr << "helix-gen serve: rank " << o.rank << ": " << st.ToString() << "\n";
+      return kExitFailure;
+    }
+    return kExitOk;
+  }
+  helix::server::GenerationServiceOptions so;
+  so.model_name = std::filesystem::path(cfg->model).filename().string();
+  so.kv_dtype = cfg->kv_cache_config.dtype;
+  so.max_in_flight = 4 * cfg->max_batch_size;
+  auto service = std::make_unique<helix::server::GenerationService>(std::move(*engine), so);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  const std::string addr = cfg->server.host + ":" + std::to_string(cfg->server.port);
+  int bound_port = 0;
+  builder.AddListeningPort(addr, grpc::InsecureServerCredentials(), &bound_port);
+  builder.RegisterService(service.get());
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxSendMessageSize(64 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    std::cerr << "helix-gen serve: cannot listen on " << addr << "\n";
+    service->Stop(std::chrono::milliseconds(0));
+    return kExitFailure;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  service->set_health_listener([health](bool ok) { health->SetServingStatus(ok); });
+  HELIX_LOG(kInfo) << "gen: serving helix.v1.GenerationService on " << cfg->server.host << ":"
+                   << bound_port << " (" << world << " rank" << (world > 1 ? "s" : "") << ")";
+  std::cerr << "helix-gen serve: listening on " << cfg->server.host << ":" << bound_port
+            << std::endl;
+
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  HELIX_LOG(kInfo) << "gen: signal " << sig << ": draining for up to " << f.drain_ms << " ms";
+  health->SetServingStatus(false);
+  service->Stop(std::chrono::milliseconds(f.drain_ms));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  server->Wait();
+  service.reset();
+  return kExitOk;
+}
+
+struct ClientFlags {
+  std::string target = "127.0.0.1:50052", prompt;
+  int max_tokens = 128, top_logprobs = -1;
+  float temperature = 1.0f, top_p = 1.0f;
+  int64_t seed = -1, timeout_ms = 0;
+};
+
+// A small client: streams one completion's text to stdout.
+int RunClient(const ClientFlags& f) {
+  auto channel = grpc::CreateChannel(f.target, grpc::InsecureChannelCredentials());
+  auto stub = helix::v1::GenerationService::NewStub(channel);
+  helix::v1::GenerateRequest req;
+  req.set_text(f.prompt);
+  req.set_max_tokens(f.max_tokens);
+  req.mutable_sampling()->set_temperature(f.temperature);
+  req.mutable_sampling()->set_top_p(f.top_p);
+  if (f.seed >= 0) req.mutable_sampling()->set_seed(static_cast<uint64_t>(f.seed));
+  grpc::ClientContext ctx;
+  if (f.timeout_ms > 0) {
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(f.timeout_ms));
+  }
+  auto reader = stub->Generate(&ctx, req);
+  helix::v1::GenerateResponse m;
+  helix::v1::GenerateResponse last;
+  while (reader->Read(&m)) {
+    std::cout << m.text() << std::flush;
+    if (m.finish_reason() != helix::v1::FINISH_REASON_UNSPECIFIED) last = m;
+  }
+  std::cout << "\n";
+  grpc::Status st = reader->Finish();
+  if (!st.ok()) {
+    std::cerr << "helix-gen client: " << st.error_code() << " " << st.error_message() << "\n";
+    return kExitFailure;
+  }
+  std::cerr << "[helix-gen client] finish_reason="
+            << helix::v1::FinishReason_Name(last.finish_reason())
+            << " prompt_tokens=" << last.usage().prompt_tokens()
+            << " completion_tokens=" << last.usage().completion_tokens() << "\n";
+  return kExitOk;
 }
 
 }  // namespace
@@ -180,9 +335,25 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("helix-gen ") + helix::kVersion);
   app.require_subcommand(1);
 
-  std::string serve_config;
-  auto* serve = app.add_subcommand("serve", "Run the generation server daemon");
-  serve->add_option("--config", serve_config, "JSON config file")->required();
+  ServeFlags sf;
+  auto* serve = app.add_subcommand("serve", "Run the generation server daemon (gRPC)");
+  serve->add_option("--config", sf.config, "JSON config file")->required();
+  serve->add_option("--rank", sf.rank, "This process's Helix rank (see generate --rank)");
+  serve->add_option("--leader-addr", sf.leader_addr, "HOST:PORT of the leader's rendezvous store");
+  serve
+      ->add_option("--drain-ms", sf.drain_ms,
+                   "On SIGTERM/SIGINT, how long in-flight streams may finish")
+      ->capture_default_str();
+
+  ClientFlags cf;
+  auto* client = app.add_subcommand("client", "Stream one completion from a running server");
+  client->add_option("--target", cf.target, "HOST:PORT of helix-gen serve")->capture_default_str();
+  client->add_option("--prompt", cf.prompt, "Prompt text")->required();
+  client->add_option("--max-tokens", cf.max_tokens)->capture_default_str();
+  client->add_option("--temperature", cf.temperature)->capture_default_str();
+  client->add_option("--top-p", cf.top_p)->capture_default_str();
+  client->add_option("--seed", cf.seed, "-1 = random")->capture_default_str();
+  client->add_option("--timeout-ms", cf.timeout_ms, "Deadline (0 = none)")->capture_default_str();
 
   std::string check_path;
   auto* check = app.add_subcommand(
@@ -240,6 +411,7 @@ int main(int argc, char** argv) {
   }
   if (*check)
     return helix::server::CheckConfigCommand(check_path, helix::server::ConfigKind::kGeneration);
-  if (*serve) return RunServe(serve_config);
+  if (*serve) return RunServe(sf);
+  if (*client) return RunClient(cf);
   return RunGenerate(g);
 }

@@ -1,0 +1,346 @@
+#include "server/gen/generation_service.h"
+
+#include <cmath>
+#include <deque>
+
+#include "engine/common/log.h"
+#include "helix/version.h"
+
+namespace helix::server {
+
+grpc::Status ToGrpc(const Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), s.message());
+}
+
+StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
+  GenerateRequest r;
+  r.id = p.request_id();
+  switch (p.prompt_case()) {
+    case v1::GenerateRequest::kText:
+      if (p.text().empty()) return InvalidArgument("prompt.text is empty");
+      r.prompt = p.text();
+      break;
+    case v1::GenerateRequest::kTokenIds:
+      if (p.token_ids().ids().empty()) return InvalidArgument("prompt.token_ids is empty");
+      r.prompt_tokens.assign(p.token_ids().ids().begin(), p.token_ids().ids().end());
+      break;
+    default:
+      return InvalidArgument("prompt: give text or token_ids");
+  }
+  if (p.has_kv_handle() || p.has_first_token()) {
+    return Unimplemented(
+        "kv_handle / first_token: disaggregated requests need the context-server transfer, "
+        "which this build does not have yet; send the prompt alone (aggregated mode)");
+  }
+  if (p.max_tokens() < 1) {
+    return InvalidArgument("max_tokens = " + std::to_string(p.max_tokens()) + ": expected >= 1");
+  }
+  r.max_tokens = p.max_tokens();
+  const v1::SamplingParams& s = p.sampling();
+  if (s.has_temperature()) r.sampling.temperature = s.temperature();
+  if (s.has_top_p()) r.sampling.top_p = s.top_p();
+  r.sampling.top_k = s.top_k();
+  r.sampling.min_p = s.min_p();
+  if (s.has_repetition_penalty()) r.sampling.repetition_penalty = s.repetition_penalty();
+  r.sampling.presence_penalty = s.presence_penalty();
+  r.sampling.frequency_penalty = s.frequency_penalty();
+  if (s.has_seed()) r.sampling.seed = s.seed();
+  if (p.has_top_logprobs()) {
+    if (p.top_logprobs() < 0 || p.top_logprobs() > 20) {
+      return InvalidArgument("top_logprobs = " + std::to_string(p.top_logprobs()) +
+                             ": expected 0..20");
+    }
+    r.sampling.top_logprobs = p.top_logprobs();
+  }
+  RETURN_IF_ERROR(r.sampling.Validate());
+  r.stop.assign(p.stop().begin(), p.stop().end());
+  r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
+  r.ignore_eos = p.ignore_eos();
+  if (p.has_add_bos()) r.add_bos = p.add_bos();
+  return r;
+}
+
+namespace {
+
+v1::FinishReason ToProto(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kError:
+      return v1::FINISH_REASON_ERROR;
+    case FinishReason::kNone:
+      break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// What a stream's sink (engine thread) and its reactor (gRPC threads) share. The reactor
+// pointer is cleared when gRPC is done with the stream; events after that are dropped.
+struct StreamShared {
+  std::mutex mu;
+  grpc::ServerWriteReactor<v1::GenerateResponse>* reactor = nullptr;  // GUARDED_BY(mu)
+  std::deque<v1::GenerateResponse> queue;                             // GUARDED_BY(mu)
+  bool writing = false;                                               // GUARDED_BY(mu)
+  bool finished = false;       // the final event is queued; GUARDED_BY(mu)
+  grpc::Status final_status;   // GUARDED_BY(mu)
+  bool finish_called = false;  // GUARDED_BY(mu)
+
+  // Under mu: what to do next (start a write of queue.front(), or finish).
+  enum class Next { kNothing, kWrite, kFinish };
+  Next DecideLocked() {
+    if (reactor == nullptr || writing || finish_called) return Next::kNothing;
+    if (!queue.empty()) {
+      writing = true;
+      return Next::kWrite;
+    }
+    if (finished) {
+      finish_called = true;
+      return Next::kFinish;
+    }
+    return Next::kNothing;
+  }
+  void Act(Next n) {
+    // gRPC may run reactions inline: never call into it with mu held.
+    grpc::ServerWriteReactor<v1::GenerateResponse>* r;
+    const v1::GenerateResponse* msg = nullptr;
+    grpc::Status st;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      r = reactor;
+      if (r == nullptr) return;
+      if (n == Next::kWrite) msg = &queue.front();
+      st = final_status;
+    }
+    if (n == Next::kWrite) r->StartWrite(msg);
+    if (n == Next::kFinish) r->Finish(st);
+  }
+};
+
+}  // namespace
+
+class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  Stream(GenerationService* svc, const v1::GenerateRequest* request)
+      : svc_(svc), shared_(std::make_shared<StreamShared>()) {
+    shared_->reactor = this;
+    Start(*request);
+  }
+
+  void OnWriteDone(bool ok) override {
+    StreamShared::Next n;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->writing = false;
+      if (!shared_->queue.empty()) shared_->queue.pop_front();
+      if (!ok) {
+        // The client is gone: nothing more can be written.
+        shared_->queue.clear();
+        shared_->finished = true;
+        shared_->final_status = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      }
+      n = shared_->DecideLocked();
+    }
+    if (!ok) CancelInEngine();
+    shared_->Act(n);
+  }
+
+  // Client cancel, disconnect or deadline: the engine frees the request at its next step and
+  // sends the final (cancelled) event, which finishes the stream.
+  void OnCancel() override { CancelInEngine(); }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  void FinishNow(const grpc::Status& s) {
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->finished = true;
+      shared_->finish_called = true;
+    }
+    Finish(s);
+  }
+
+  void CancelInEngine() {
+    if (!request_id_.empty()) {
+      svc_->engine_->Cancel(request_id_);
+      svc_->Kick();
+    }
+  }
+
+  void Start(const v1::GenerateRequest& p) {
+    StatusOr<GenerateRequest> r = FromProto(p);
+    if (!r.ok()) return FinishNow(ToGrpc(r.status()));
+    if (!svc_->accepting_.load()) {
+      return FinishNow(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+    }
+    if (svc_->in_flight_.fetch_add(1) >= svc_->options_.max_in_flight) {
+      svc_->in_flight_.fetch_sub(1);
+      return FinishNow(
+          grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                       "admission queue full: " + std::to_string(svc_->options_.max_in_flight) +
+                           " requests already in flight; retry later"));
+    }
+    GenerationService* svc = svc_;
+    std::shared_ptr<StreamShared> shared = shared_;
+    r->sink = [svc, shared](const TokenEvent& ev) {
+      v1::GenerateResponse m;
+      m.set_request_id(ev.request_id);
+      m.set_token_id(ev.token);
+      m.set_text(ev.text);
+      m.set_logprob(ev.logprob);
+      for (const auto& [id, lp] : ev.top_logprobs) {
+        v1::TopLogprob* t = m.add_top_logprobs();
+        t->set_token_id(id);
+        t->set_logprob(lp);
+      }
+      StreamShared::Next n;
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        if (ev.finished) {
+          m.set_finish_reason(ToProto(ev.finish_reason));
+          m.mutable_usage()->set_prompt_tokens(ev.prompt_tokens);
+          m.mutable_usage()->set_completion_tokens(ev.completion_tokens);
+          shared->finished = true;
+          if (ev.finish_reason == FinishReason::kError) {
+            m.set_error(ev.error.message());
+            shared->final_status = ToGrpc(ev.error);
+          } else if (ev.finish_reason == FinishReason::kCancelled) {
+            shared->final_status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+          }
+        }
+        if (shared->reactor != nullptr && !shared->finish_called) {
+          shared->queue.push_back(std::move(m));
+        }
+        n = shared->DecideLocked();
+      }
+      if (ev.finished) svc->in_flight_.fetch_sub(1);
+      shared->Act(n);
+    };
+    StatusOr<std::string> id = svc_->engine_->Submit(std::move(*r));
+    if (!id.ok()) {
+      svc_->in_flight_.fetch_sub(1);
+      return FinishNow(ToGrpc(id.status()));
+    }
+    request_id_ = *id;
+    svc_->Kick();
+  }
+
+  GenerationService* svc_;
+  std::shared_ptr<StreamShared> shared_;
+  std::string request_id_;
+};
+
+GenerationService::GenerationService(std::unique_ptr<Engine> engine,
+                                     GenerationServiceOptions options)
+    : engine_(std::move(engine)),
+      options_(std::move(options)),
+      total_blocks_(engine_->kv_stats().total_blocks),
+      block_bytes_(engine_->kv_stats().block_bytes),
+      tokens_per_block_(engine_->kv_stats().tokens_per_block),
+      free_blocks_(engine_->kv_stats().free_blocks) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+GenerationService::~GenerationService() { Stop(std::chrono::milliseconds(0)); }
+
+void GenerationService::Kick() {
+  std::lock_guard<std::mutex> lock(mu_);
+  kicked_ = true;
+  cv_.notify_one();
+}
+
+void GenerationService::Loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (stop_) break;
+    }
+    if (engine_->HasWork()) {
+      engine_->Step();
+      free_blocks_ = engine_->kv_stats().free_blocks;
+      const bool ok = engine_->broken().ok();
+      if (ok != healthy_.load()) {
+        healthy_ = ok;
+        if (!ok) {
+          HELIX_LOG(kError) << "gen: the instance lost a rank; health is NOT_SERVING";
+        }
+        if (health_listener_) health_listener_(ok);
+      }
+      continue;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return kicked_ || stop_; });
+    kicked_ = false;
+  }
+  // Whatever is still queued or running ends now, with a clear status.
+  engine_->AbortAll(Unavailable("the server is shutting down"));
+  engine_.reset();  // a leader's destructor tells its worker ranks to exit
+}
+
+void GenerationService::Stop(std::chrono::milliseconds drain) {
+  accepting_ = false;
+  const auto deadline = std::chrono::steady_clock::now() + drain;
+  while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    stop_ = true;
+    cv_.notify_one();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
+    grpc::CallbackServerContext* /*ctx*/, const v1::GenerateRequest* request) {
+  return new Stream(this, request);
+}
+
+grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext* ctx,
+                                                    const v1::CancelRequest* request,
+                                                    v1::CancelResponse* /*response*/) {
+  grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+  if (request->request_id().empty()) {
+    r->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is empty"));
+    return r;
+  }
+  engine_->Cancel(request->request_id());
+  Kick();
+  r->Finish(grpc::Status::OK);
+  return r;
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerContext* ctx,
+                                                           const v1::GetServerInfoRequest*,
+                                                           v1::ServerInfo* info) {
+  const parallel::HelixLayout& l = engine_->layout();
+  info->set_model_name(options_.model_name);
+  info->set_model_fingerprint(options_.model_fingerprint);
+  info->set_tensor_parallel_size(l.tp);
+  info->set_context_parallel_size(l.cp);
+  info->set_cp_type(l.cp > 1 ? "HELIX" : "");
+  info->set_tokens_per_block(static_cast<int32_t>(tokens_per_block_));
+  info->set_kv_total_blocks(total_blocks_);
+  info->set_kv_free_blocks(free_blocks_.load());
+  info->set_kv_block_bytes(block_bytes_);
+  info->set_kv_dtype(options_.kv_dtype);
+  info->set_max_seq_len(engine_->max_seq_len());
+  info->set_version(kVersion);
+  grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+  r->Finish(grpc::Status::OK);
+  return r;
+}
+
+}  // namespace helix::server
