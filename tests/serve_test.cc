@@ -1,0 +1,326 @@
+// helix-gen serve end to end: a CP = 2 daemon on stories260K (loopback, free port) driven by a
+// gRPC client. Concurrent streams return exactly what each returns alone; cancel, deadline
+// and client disconnect free their blocks without disturbing others; bad requests get
+// INVALID_ARGUMENT naming the field; a killed rank turns health NOT_SERVING and ends streams
+// with UNAVAILABLE; SIGTERM drains in-flight streams and exits 0.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/parallel/launcher.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "helix/v1/generation.grpc.pb.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using helix::v1::GenerateRequest;
+using helix::v1::GenerateResponse;
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? "" : v;
+}
+
+struct StreamResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  helix::v1::FinishReason reason = helix::v1::FINISH_REASON_UNSPECIFIED;
+  grpc::Status status;
+};
+
+class Daemon {
+ public:
+  // Starts helix-gen serve with context_parallel_size `cp`; waits until health is SERVING.
+  explicit Daemon(int cp) {
+    auto port = helix::parallel::PickFreePort("127.0.0.1");
+    EXPECT_TRUE(port.ok());
+    port_ = *port;
+    dir_ = fs::temp_directory_path() /
+           ("helix_serve_test_" + std::to_string(getpid()) + "_" + std::to_string(port_));
+    fs::create_directories(dir_);
+    const std::string m = Env("HELIX_SHARED_DIR") + "/models/stories260K";
+    // A model path unique to this daemon, so that its rank processes can be found.
+    fs::create_symlink(m + "/stories260K.bin", dir_ / "model.bin");
+    std::ofstream(dir_ / "gen.json") << R"({
+      "model": "model.bin", "tokenizer": ")"
+                                     << m << R"(/tok512.bin",
+      "backend": "cpu", "num_threads": 1, "context_parallel_size": )"
+                                     << cp << R"(,
+      "cp_config": {"cp_type": "HELIX", "tokens_per_block": 8},
+      "kv_cache_config": {"tokens_per_block": 8, "max_tokens": 8192},
+      "max_batch_size": 16, "max_seq_len": 512,
+      "server": {"host": "127.0.0.1", "port": )"
+                                     << port_ << R"(},
+      "logging": {"level": "warn"}})";
+    pid_ = fork();
+    if (pid_ == 0) {
+      const std::string bin = Env("HELIX_GEN_BIN");
+      const std::string cfg = (dir_ / "gen.json").string();
+      execl(bin.c_str(), bin.c_str(), "serve", "--config", cfg.c_str(), "--drain-ms", "20000",
+            static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = helix::v1::GenerationService::NewStub(channel_);
+    health_ = grpc::health::v1::Health::NewStub(channel_);
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    while (Clock::now() < deadline && Health() != grpc::health::v1::HealthCheckResponse::SERVING) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    // No rank may outlive the daemon (they die with their leader).
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    EXPECT_EQ(RankCount(), 0);
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  int RankCount() const {
+    // "[g]en.json" does not match the shell running pgrep itself.
+    const std::string cmd = "pgrep -f -- '" + dir_.string() + "/[g]en.json.*--rank' | wc -l";
+    FILE* p = popen(cmd.c_str(), "r");
+    int n = 0;
+    if (p != nullptr) {
+      if (fscanf(p, "%d", &n) != 1) n = -1;
+      pclose(p);
+    }
+    return n;
+  }
+  pid_t RankPid() const {
+    const std::string cmd = "pgrep -f -- '" + dir_.string() + "/[g]en.json.*--rank 1'";
+    FILE* p = popen(cmd.c_str(), "r");
+    int pid = 0;
+    if (p != nullptr) {
+      if (fscanf(p, "%d", &pid) != 1) pid = 0;
+      pclose(p);
+    }
+    return pid;
+  }
+
+  grpc::health::v1::HealthCheckResponse::ServingStatus Health() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    if (!health_->Check(&ctx, req, &resp).ok())
+      return grpc::health::v1::HealthCheckResponse::UNKNOWN;
+    return resp.status();
+  }
+
+  helix::v1::ServerInfo Info() {
+    grpc::ClientContext ctx;
+    helix::v1::ServerInfo info;
+    EXPECT_TRUE(stub_->GetServerInfo(&ctx, {}, &info).ok());
+    return info;
+  }
+
+  // Runs one stream; `cancel_after` > 0 cancels once that many tokens arrived; `deadline_ms`
+  // sets a deadline.
+  StreamResult Run(const GenerateRequest& req, int cancel_after = 0, int deadline_ms = 0) {
+    grpc::ClientContext ctx;
+    if (deadline_ms > 0) {
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    }
+    StreamResult r;
+    auto reader = stub_->Generate(&ctx, req);
+    GenerateResponse m;
+    while (reader->Read(&m)) {
+      if (m.token_id() >= 0) r.tokens.push_back(m.token_id());
+      r.text += m.text();
+      if (m.finish_reason() != helix::v1::FINISH_REASON_UNSPECIFIED) r.reason = m.finish_reason();
+      if (cancel_after > 0 && static_cast<int>(r.tokens.size()) == cancel_after) ctx.TryCancel();
+    }
+    r.status = reader->Finish();
+    return r;
+  }
+
+  pid_t pid() const { return pid_; }
+  void forget_pid() { pid_ = -1; }
+
+ private:
+  int port_ = 0;
+  pid_t pid_ = -1;
+  fs::path dir_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<helix::v1::GenerationService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+GenerateRequest Greedy(const std::string& text, int max_tokens) {
+  GenerateRequest r;
+  r.set_text(text);
+  r.set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_temperature(0);
+  r.set_ignore_eos(true);
+  return r;
+}
+
+class ServeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(Env("HELIX_SHARED_DIR") + "/models/stories260K/stories260K.bin")) {
+      GTEST_SKIP() << "stories260K not found under HELIX_SHARED_DIR";
+    }
+    ASSERT_FALSE(Env("HELIX_GEN_BIN").empty()) << "HELIX_GEN_BIN is not set";
+  }
+};
+
+TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
+  Daemon d(2);
+  ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  const helix::v1::ServerInfo info = d.Info();
+  EXPECT_EQ(info.context_parallel_size(), 2);
+  EXPECT_EQ(info.cp_type(), "HELIX");
+  EXPECT_EQ(info.tokens_per_block(), 8);
+  EXPECT_EQ(d.RankCount(), 1);
+
+  // 64 streams of different prompts and lengths, alone and then all at once.
+  const char* prompts[] = {"Once upon a time", "The dog", "Lily and Ben", "A big red ball",
+                           "Tim was",          "One day", "The sun",      "She said"};
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 64; ++i) reqs.push_back(Greedy(prompts[i % 8], 5 + (i * 7) % 30));
+  std::vector<StreamResult> alone;
+  for (const GenerateRequest& r : reqs) alone.push_back(d.Run(r));
+  std::vector<StreamResult> together(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] { together[i] = d.Run(reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    SCOPED_TRACE(i);
+    ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
+    EXPECT_EQ(together[i].reason, helix::v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(static_cast<int>(together[i].tokens.size()), reqs[i].max_tokens());
+    EXPECT_EQ(together[i].tokens, alone[i].tokens);
+    EXPECT_EQ(together[i].text, alone[i].text);
+  }
+
+  // Cancel mid-stream, a deadline, and a neighbour that must not notice.
+  const StreamResult ref = d.Run(Greedy("Once upon a time", 200));
+  StreamResult neighbour;
+  std::thread nt([&] { neighbour = d.Run(Greedy("Once upon a time", 200)); });
+  const StreamResult cancelled = d.Run(Greedy("The cat", 200), /*cancel_after=*/5);
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  const StreamResult late = d.Run(Greedy("The cat", 400), 0, /*deadline_ms=*/150);
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  nt.join();
+  ASSERT_TRUE(neighbour.status.ok()) << neighbour.status.error_message();
+  EXPECT_EQ(neighbour.tokens, ref.tokens);
+  // Blocks come back by the next step.
+  const auto deadline = Clock::now() + std::chrono::seconds(5);
+  while (Clock::now() < deadline && d.Info().kv_free_blocks() != info.kv_total_blocks()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(d.Info().kv_free_blocks(), info.kv_total_blocks());
+
+  // Bad input: INVALID_ARGUMENT (or UNIMPLEMENTED) naming the field; the daemon stays up.
+  struct Bad {
+    GenerateRequest req;
+    grpc::StatusCode code;
+    std::string says;
+  };
+  std::vector<Bad> bad;
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.clear_text();
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "prompt"});
+  }
+  {
+    GenerateRequest r = Greedy("", 5);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "prompt.text is empty"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.mutable_token_ids()->add_ids(100000);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "outside the vocabulary"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.mutable_sampling()->set_temperature(std::numeric_limits<float>::quiet_NaN());
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "temperature"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.mutable_sampling()->set_temperature(-1);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "temperature"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.mutable_sampling()->set_top_p(1.5f);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "top_p"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 0);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "max_tokens"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 100000);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "max_seq_len"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.mutable_kv_handle()->set_server_id("ctx-0");
+    bad.push_back({r, grpc::StatusCode::UNIMPLEMENTED, "kv_handle"});
+  }
+  for (const Bad& b : bad) {
+    const StreamResult r = d.Run(b.req);
+    EXPECT_EQ(r.status.error_code(), b.code) << b.says << ": " << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(b.says), std::string::npos) << r.status.error_message();
+  }
+  EXPECT_EQ(d.Run(Greedy("Once upon a time", 8)).tokens,
+            std::vector<int32_t>(ref.tokens.begin(), ref.tokens.begin() + 8));
+
+  // SIGTERM: the stream in flight finishes, then the daemon exits 0.
+  StreamResult draining;
+  std::thread dt([&] { draining = d.Run(Greedy("Once upon a time", 120)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  kill(d.pid(), SIGTERM);
+  dt.join();
+  EXPECT_TRUE(draining.status.ok()) << draining.status.error_message();
+  EXPECT_EQ(draining.tokens.size(), 120u);
+  int st = 0;
+  waitpid(d.pid(), &st, 0);
+  d.forget_pid();
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << st;
+}
+
+TEST_F(ServeTest, KilledRankMeansNotServingAndUnavailableStreams) {
+  Daemon d(2);
+  ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  const pid_t rank = d.RankPid();
+  ASSERT_GT(rank, 0);
+  StreamResult r;
+  std::thread t([&] { r = d.Run(Greedy("Once upon a time", 400)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  kill(rank, SIGKILL);
+  t.join();
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+  EXPECT_LT(r.tokens.size(), 400u);
+  EXPECT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  const StreamResult after = d.Run(Greedy("Once", 5));
+  EXPECT_EQ(after.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+}  // namespace
