@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -49,6 +50,33 @@ int64_t AvailableMemoryBytes() {
   return 0;
 }
 
+// FNV-1a over the fields that decide what a token id means and how KV is laid out.
+std::string Fingerprint(const ModelConfig& c, kernels::DType weights, kernels::DType kv,
+                        const Tokenizer& tok) {
+  uint64_t h = 1469598103934665603ull;
+  const auto mix = [&h](std::string_view s) {
+    for (unsigned char ch : s) {
+      h ^= ch;
+      h *= 1099511628211ull;
+    }
+    h ^= 0xff;  // field separator
+    h *= 1099511628211ull;
+  };
+  mix(c.architecture);
+  for (int64_t v : {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
+                    c.vocab_size, static_cast<int64_t>(c.rope_style), int64_t{c.qkv_bias}}) {
+    mix(std::to_string(v));
+  }
+  mix(std::to_string(c.rope_theta));
+  mix(std::to_string(c.norm_eps));
+  mix(kernels::DTypeName(weights));
+  mix(kernels::DTypeName(kv));
+  for (int32_t i = 0; i < tok.vocab_size(); ++i) mix(tok.piece(i));
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
 }  // namespace
 
 StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
@@ -92,6 +120,7 @@ Status Engine::Init(const EngineOptions& o) {
   ShardWeights(cfg, layout_, &loaded->weights);
   const kernels::DType weight_dtype = o.weight_dtype.value_or(loaded->stored_dtype);
   loaded->weights.ConvertMatricesTo(weight_dtype);
+  fingerprint_ = Fingerprint(cfg, weight_dtype, o.kv_dtype, *tokenizer_);
   default_stop_ids_ = tokenizer_->stop_ids();
 
   max_seq_len_ = o.max_seq_len == 0 ? cfg.max_seq_len : std::min(o.max_seq_len, cfg.max_seq_len);

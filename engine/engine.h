@@ -72,6 +72,9 @@ class Engine {
   const ModelConfig& model_config() const { return model_->config(); }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   int64_t max_seq_len() const { return max_seq_len_; }
+  // Hex digest (FNV-1a 64) of what two servers must share to exchange KV and tokens: the
+  // architecture and shapes, weight and KV dtypes, and the tokenizer's vocabulary.
+  const std::string& model_fingerprint() const { return fingerprint_; }
 
   // Thread-safe. Validates the request (bad input and requests that can never fit are
   // refused here with INVALID_ARGUMENT) and queues it. Returns the request id.
@@ -122,6 +125,7 @@ class Engine {
   std::unique_ptr<BlockPool> pool_;
   std::unique_ptr<LlamaModel> model_;
   int64_t max_seq_len_ = 0;
+  std::string fingerprint_;
   std::vector<int32_t> default_stop_ids_;
 
   mutable std::mutex inbox_mu_;

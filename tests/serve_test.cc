@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <string>
 #include <thread>
@@ -155,6 +156,29 @@ class Daemon {
     return r;
   }
 
+  grpc::Status Cancel(const std::string& id) {
+    grpc::ClientContext ctx;
+    helix::v1::CancelRequest req;
+    req.set_request_id(id);
+    helix::v1::CancelResponse resp;
+    return stub_->Cancel(&ctx, req, &resp);
+  }
+
+  // As Run, calling on_token(n) after the n-th token.
+  StreamResult RunWith(const GenerateRequest& req, const std::function<void(size_t)>& on_token) {
+    grpc::ClientContext ctx;
+    StreamResult r;
+    auto reader = stub_->Generate(&ctx, req);
+    GenerateResponse m;
+    while (reader->Read(&m)) {
+      if (m.token_id() >= 0) r.tokens.push_back(m.token_id());
+      if (m.finish_reason() != helix::v1::FINISH_REASON_UNSPECIFIED) r.reason = m.finish_reason();
+      if (m.token_id() >= 0) on_token(r.tokens.size());
+    }
+    r.status = reader->Finish();
+    return r;
+  }
+
   pid_t pid() const { return pid_; }
   void forget_pid() { pid_ = -1; }
 
@@ -193,6 +217,7 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   EXPECT_EQ(info.context_parallel_size(), 2);
   EXPECT_EQ(info.cp_type(), "HELIX");
   EXPECT_EQ(info.tokens_per_block(), 8);
+  EXPECT_EQ(info.model_fingerprint().size(), 16u);
   EXPECT_EQ(d.RankCount(), 1);
 
   // 64 streams of different prompts and lengths, alone and then all at once.
@@ -291,6 +316,39 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   }
   EXPECT_EQ(d.Run(Greedy("Once upon a time", 8)).tokens,
             std::vector<int32_t>(ref.tokens.begin(), ref.tokens.begin() + 8));
+
+  // An explicit Cancel by request id.
+  GenerateRequest named = Greedy("The cat", 300);
+  named.set_request_id("cancel-me");
+  const StreamResult by_id = d.RunWith(named, [&](size_t n) {
+    if (n == 5) {
+      EXPECT_TRUE(d.Cancel("cancel-me").ok());
+    }
+  });
+  EXPECT_EQ(by_id.reason, helix::v1::FINISH_REASON_CANCELLED);
+  EXPECT_EQ(by_id.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_LT(by_id.tokens.size(), 300u);
+
+  // Back-pressure: beyond 4 x max_batch_size requests in flight, RESOURCE_EXHAUSTED at once.
+  std::vector<StreamResult> flood(80);
+  threads.clear();
+  for (size_t i = 0; i < flood.size(); ++i) {
+    threads.emplace_back([&, i] { flood[i] = d.Run(Greedy("Once upon a time", 30)); });
+  }
+  for (auto& t : threads) t.join();
+  int refused = 0, served = 0;
+  for (const StreamResult& r : flood) {
+    if (r.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      ++refused;
+      EXPECT_NE(r.status.error_message().find("admission queue full"), std::string::npos);
+    } else {
+      ++served;
+      EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+      EXPECT_EQ(r.tokens, std::vector<int32_t>(ref.tokens.begin(), ref.tokens.begin() + 30));
+    }
+  }
+  EXPECT_GE(served, 64);
+  EXPECT_GE(refused, 1);
 
   // SIGTERM: the stream in flight finishes, then the daemon exits 0.
   StreamResult draining;

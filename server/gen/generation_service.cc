@@ -327,7 +327,7 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
                                                            v1::ServerInfo* info) {
   const parallel::HelixLayout& l = engine_->layout();
   info->set_model_name(options_.model_name);
-  info->set_model_fingerprint(options_.model_fingerprint);
+  info->set_model_fingerprint(engine_->model_fingerprint());
   info->set_tensor_parallel_size(l.tp);
   info->set_context_parallel_size(l.cp);
   info->set_cp_type(l.cp > 1 ? "HELIX" : "");

@@ -22,7 +22,6 @@ namespace helix::server {
 
 struct GenerationServiceOptions {
   std::string model_name;
-  std::string model_fingerprint;
   std::string kv_dtype;
   int64_t max_in_flight = 256;  // admitted + queued requests; beyond: RESOURCE_EXHAUSTED
 };
