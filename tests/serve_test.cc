@@ -46,8 +46,11 @@ struct StreamResult {
 
 class Daemon {
  public:
-  // Starts helix-gen serve with context_parallel_size `cp`; waits until health is SERVING.
-  explicit Daemon(int cp) {
+  // Starts helix-gen serve with context_parallel_size `cp` (and `server_extra`, more JSON
+  // members of "server"); connects with `creds` (default: insecure); waits until health is
+  // SERVING.
+  explicit Daemon(int cp, const std::string& server_extra = "",
+                  std::shared_ptr<grpc::ChannelCredentials> creds = nullptr) {
     auto port = helix::parallel::PickFreePort("127.0.0.1");
     EXPECT_TRUE(port.ok());
     port_ = *port;
@@ -66,7 +69,7 @@ class Daemon {
       "kv_cache_config": {"tokens_per_block": 8, "max_tokens": 8192},
       "max_batch_size": 16, "max_seq_len": 512,
       "server": {"host": "127.0.0.1", "port": )"
-                                     << port_ << R"(},
+                                     << port_ << server_extra << R"(},
       "logging": {"level": "warn"}})";
     pid_ = fork();
     if (pid_ == 0) {
@@ -76,8 +79,12 @@ class Daemon {
             static_cast<char*>(nullptr));
       _exit(127);
     }
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
-                                   grpc::InsecureChannelCredentials());
+    // Reconnect quickly while the daemon starts (gRPC's default backoff grows to seconds).
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+    channel_ = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port_),
+                                         creds ? creds : grpc::InsecureChannelCredentials(), args);
     stub_ = helix::v1::GenerationService::NewStub(channel_);
     health_ = grpc::health::v1::Health::NewStub(channel_);
     const auto deadline = Clock::now() + std::chrono::seconds(60);
@@ -129,17 +136,30 @@ class Daemon {
     return resp.status();
   }
 
-  helix::v1::ServerInfo Info() {
+  helix::v1::ServerInfo Info(grpc::Status* status = nullptr) {
     grpc::ClientContext ctx;
+    Authorize(&ctx);
     helix::v1::ServerInfo info;
-    EXPECT_TRUE(stub_->GetServerInfo(&ctx, {}, &info).ok());
+    grpc::Status st = stub_->GetServerInfo(&ctx, {}, &info);
+    if (status != nullptr) {
+      *status = st;
+    } else {
+      EXPECT_TRUE(st.ok()) << st.error_message();
+    }
     return info;
+  }
+
+  // The API key the next calls send ("" = none).
+  void set_api_key(std::string key) { api_key_ = std::move(key); }
+  void Authorize(grpc::ClientContext* ctx) const {
+    if (!api_key_.empty()) ctx->AddMetadata("authorization", "Bearer " + api_key_);
   }
 
   // Runs one stream; `cancel_after` > 0 cancels once that many tokens arrived; `deadline_ms`
   // sets a deadline.
   StreamResult Run(const GenerateRequest& req, int cancel_after = 0, int deadline_ms = 0) {
     grpc::ClientContext ctx;
+    Authorize(&ctx);
     if (deadline_ms > 0) {
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
     }
@@ -185,6 +205,7 @@ class Daemon {
  private:
   int port_ = 0;
   pid_t pid_ = -1;
+  std::string api_key_;
   fs::path dir_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<helix::v1::GenerationService::Stub> stub_;
@@ -379,6 +400,41 @@ TEST_F(ServeTest, KilledRankMeansNotServingAndUnavailableStreams) {
   EXPECT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
   const StreamResult after = d.Run(Greedy("Once", 5));
   EXPECT_EQ(after.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(ServeTest, TlsAndApiKey) {
+  // A self-signed certificate for 127.0.0.1, made for this test.
+  const fs::path dir = fs::temp_directory_path() / ("helix_tls_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  const std::string cert = (dir / "cert.pem").string(), key = (dir / "key.pem").string();
+  const std::string cmd =
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+      "-addext subjectAltName=IP:127.0.0.1 -keyout " +
+      key + " -out " + cert + " >/dev/null 2>&1";
+  if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "openssl could not make a test certificate";
+  std::ifstream in(cert);
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  {
+    Daemon d(1,
+             R"(, "tls_cert_file": ")" + cert + R"(", "tls_key_file": ")" + key +
+                 R"(", "api_key": "s3cret")",
+             grpc::SslCredentials(ssl));
+    ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);  // health is open
+    grpc::Status st;
+    d.Info(&st);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    EXPECT_EQ(d.Run(Greedy("Once", 5)).status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    d.set_api_key("wrong");
+    EXPECT_EQ(d.Run(Greedy("Once", 5)).status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    d.set_api_key("s3cret");
+    const StreamResult ok = d.Run(Greedy("Once", 5));
+    EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+    EXPECT_EQ(ok.tokens.size(), 5u);
+  }
+  // Without TLS on the client, the TLS server is unreachable (no silent plaintext).
+  std::error_code ec;
+  fs::remove_all(dir, ec);
 }
 
 }  // namespace

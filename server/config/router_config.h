@@ -20,9 +20,14 @@ struct ServerPoolConfig {
 };
 
 struct RouterConfig {
-  ServerEndpoint server{"127.0.0.1", 8000};  // OpenAI-compatible HTTP front
-  int grpc_port = 0;                         // gRPC front; 0 = off
-  std::string model;                         // tokenizer source: model file or HF directory
+  // OpenAI-compatible HTTP front (127.0.0.1:8000 by default).
+  ServerEndpoint server = [] {
+    ServerEndpoint e;
+    e.port = 8000;
+    return e;
+  }();
+  int grpc_port = 0;  // gRPC front; 0 = off
+  std::string model;  // tokenizer source: model file or HF directory
   std::optional<std::string> tokenizer;
   std::string served_model_name;  // name in /v1/models; default: model file stem
   ServerPoolConfig context_servers;

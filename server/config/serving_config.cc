@@ -145,6 +145,21 @@ Status ServingConfig::Validate() {
     return InvalidArgument("config field 'server.port' = " + std::to_string(server.port) +
                            ": expected 0 (any free port) to 65535");
   }
+  if (server.tls_cert_file.has_value() != server.tls_key_file.has_value()) {
+    return InvalidArgument(
+        "config fields 'server.tls_cert_file' and 'server.tls_key_file' go together: give both "
+        "(TLS) or neither");
+  }
+  for (const auto& [field, path] : {std::pair{"server.tls_cert_file", server.tls_cert_file},
+                                    std::pair{"server.tls_key_file", server.tls_key_file}}) {
+    if (path && !std::filesystem::is_regular_file(*path)) {
+      return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
+                             ": no such file");
+    }
+  }
+  if (server.api_key && server.api_key->empty()) {
+    return InvalidArgument("config field 'server.api_key' must not be empty (omit it instead)");
+  }
   if (cache_transceiver_config.backend != "UCX") {
     return InvalidArgument("config field 'cache_transceiver_config.backend' = " +
                            Quote(cache_transceiver_config.backend) + ": expected \"UCX\"");
@@ -184,6 +199,9 @@ nlohmann::json ServingConfig::ToJson() const {
   j["max_num_tokens"] = max_num_tokens;
   j["max_seq_len"] = max_seq_len;
   j["server"] = {{"host", server.host}, {"port", server.port}};
+  if (server.tls_cert_file) j["server"]["tls_cert_file"] = *server.tls_cert_file;
+  if (server.tls_key_file) j["server"]["tls_key_file"] = *server.tls_key_file;
+  if (server.api_key) j["server"]["api_key"] = "<set>";  // never printed
   j["cache_transceiver_config"] = {
       {"backend", cache_transceiver_config.backend},
       {"kv_transfer_timeout_ms", cache_transceiver_config.kv_transfer_timeout_ms}};
@@ -224,6 +242,9 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
   r.Object("server", [&](JsonReader& o) {
     o.String("host", &c.server.host);
     o.Int("port", &c.server.port);
+    o.OptionalString("tls_cert_file", &c.server.tls_cert_file);
+    o.OptionalString("tls_key_file", &c.server.tls_key_file);
+    o.OptionalString("api_key", &c.server.api_key);
   });
   r.Object("cache_transceiver_config", [&](JsonReader& o) {
     o.String("backend", &c.cache_transceiver_config.backend);
@@ -236,6 +257,9 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
   c.model = ResolvePath(base_dir, c.model);
   if (c.tokenizer) c.tokenizer = ResolvePath(base_dir, *c.tokenizer);
   c.logging.file = ResolvePath(base_dir, c.logging.file);
+  if (c.server.tls_cert_file)
+    c.server.tls_cert_file = ResolvePath(base_dir, *c.server.tls_cert_file);
+  if (c.server.tls_key_file) c.server.tls_key_file = ResolvePath(base_dir, *c.server.tls_key_file);
   RETURN_IF_ERROR(c.Validate());
   return c;
 }

@@ -30,6 +30,10 @@ struct KvCacheConfig {
 struct ServerEndpoint {
   std::string host = "127.0.0.1";
   int port = 50051;
+  // TLS: PEM certificate chain and private key files, both or neither.
+  std::optional<std::string> tls_cert_file, tls_key_file;
+  // When set, every service RPC must carry "authorization: Bearer <api_key>" (health is open).
+  std::optional<std::string> api_key;
 };
 
 struct CacheTransceiverConfig {

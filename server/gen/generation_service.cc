@@ -125,10 +125,11 @@ struct StreamShared {
 
 class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  Stream(GenerationService* svc, const v1::GenerateRequest* request)
+  Stream(GenerationService* svc, grpc::CallbackServerContext* ctx,
+         const v1::GenerateRequest* request)
       : svc_(svc), shared_(std::make_shared<StreamShared>()) {
     shared_->reactor = this;
-    Start(*request);
+    Start(ctx, *request);
   }
 
   void OnWriteDone(bool ok) override {
@@ -178,7 +179,8 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     }
   }
 
-  void Start(const v1::GenerateRequest& p) {
+  void Start(grpc::CallbackServerContext* ctx, const v1::GenerateRequest& p) {
+    if (grpc::Status auth = svc_->CheckAuth(ctx); !auth.ok()) return FinishNow(auth);
     StatusOr<GenerateRequest> r = FromProto(p);
     if (!r.ok()) return FinishNow(ToGrpc(r.status()));
     if (!svc_->accepting_.load()) {
@@ -304,14 +306,30 @@ void GenerationService::Stop(std::chrono::milliseconds drain) {
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
-    grpc::CallbackServerContext* /*ctx*/, const v1::GenerateRequest* request) {
-  return new Stream(this, request);
+    grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
+  return new Stream(this, ctx, request);
+}
+
+grpc::Status GenerationService::CheckAuth(const grpc::CallbackServerContext* ctx) const {
+  if (options_.api_key.empty()) return grpc::Status::OK;
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find("authorization");
+  if (it != md.end() &&
+      std::string(it->second.data(), it->second.size()) == "Bearer " + options_.api_key) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      "missing or wrong \"authorization: Bearer <api key>\" metadata");
 }
 
 grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext* ctx,
                                                     const v1::CancelRequest* request,
                                                     v1::CancelResponse* /*response*/) {
   grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckAuth(ctx); !auth.ok()) {
+    r->Finish(auth);
+    return r;
+  }
   if (request->request_id().empty()) {
     r->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is empty"));
     return r;
@@ -325,6 +343,11 @@ grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerContext* ctx,
                                                            const v1::GetServerInfoRequest*,
                                                            v1::ServerInfo* info) {
+  if (grpc::Status auth = CheckAuth(ctx); !auth.ok()) {
+    grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+    r->Finish(auth);
+    return r;
+  }
   const parallel::HelixLayout& l = engine_->layout();
   info->set_model_name(options_.model_name);
   info->set_model_fingerprint(engine_->model_fingerprint());

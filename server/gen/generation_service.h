@@ -24,6 +24,7 @@ struct GenerationServiceOptions {
   std::string model_name;
   std::string kv_dtype;
   int64_t max_in_flight = 256;  // admitted + queued requests; beyond: RESOURCE_EXHAUSTED
+  std::string api_key;          // non-empty: RPCs need "authorization: Bearer <api_key>"
 };
 
 // Converts a request; errors name the field (INVALID_ARGUMENT) or what is not supported.
@@ -57,6 +58,8 @@ class GenerationService final : public v1::GenerationService::CallbackService {
 
  private:
   class Stream;
+  // OK, or UNAUTHENTICATED when an API key is configured and the call does not carry it.
+  grpc::Status CheckAuth(const grpc::CallbackServerContext* ctx) const;
   void Kick();
   void Loop();
 

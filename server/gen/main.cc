@@ -15,6 +15,7 @@
 #include <signal.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "engine/common/log.h"
 #include "engine/engine.h"
@@ -248,6 +249,18 @@ int RunServe(const ServeFlags& f) {
   so.model_name = std::filesystem::path(cfg->model).filename().string();
   so.kv_dtype = cfg->kv_cache_config.dtype;
   so.max_in_flight = 4 * cfg->max_batch_size;
+  so.api_key = cfg->server.api_key.value_or("");
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (cfg->server.tls_cert_file) {
+    const auto read = [](const std::string& path) {
+      std::ifstream in(path, std::ios::binary);
+      return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    };
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back(
+        {read(*cfg->server.tls_key_file), read(*cfg->server.tls_cert_file)});
+    creds = grpc::SslServerCredentials(ssl);
+  }
   auto service = std::make_unique<helix::server::GenerationService>(std::move(*engine), so);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -255,7 +268,7 @@ int RunServe(const ServeFlags& f) {
   grpc::ServerBuilder builder;
   const std::string addr = cfg->server.host + ":" + std::to_string(cfg->server.port);
   int bound_port = 0;
-  builder.AddListeningPort(addr, grpc::InsecureServerCredentials(), &bound_port);
+  builder.AddListeningPort(addr, creds, &bound_port);
   builder.RegisterService(service.get());
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.SetMaxSendMessageSize(64 << 20);
@@ -289,11 +302,23 @@ struct ClientFlags {
   int max_tokens = 128, top_logprobs = -1;
   float temperature = 1.0f, top_p = 1.0f;
   int64_t seed = -1, timeout_ms = 0;
+  std::string api_key, tls_ca_file;
 };
 
 // A small client: streams one completion's text to stdout.
 int RunClient(const ClientFlags& f) {
-  auto channel = grpc::CreateChannel(f.target, grpc::InsecureChannelCredentials());
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!f.tls_ca_file.empty()) {
+    std::ifstream in(f.tls_ca_file, std::ios::binary);
+    if (!in) {
+      std::cerr << "helix-gen client: cannot read --tls-ca " << f.tls_ca_file << "\n";
+      return kExitUsage;
+    }
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    creds = grpc::SslCredentials(ssl);
+  }
+  auto channel = grpc::CreateChannel(f.target, creds);
   auto stub = helix::v1::GenerationService::NewStub(channel);
   helix::v1::GenerateRequest req;
   req.set_text(f.prompt);
@@ -302,6 +327,7 @@ int RunClient(const ClientFlags& f) {
   req.mutable_sampling()->set_top_p(f.top_p);
   if (f.seed >= 0) req.mutable_sampling()->set_seed(static_cast<uint64_t>(f.seed));
   grpc::ClientContext ctx;
+  if (!f.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + f.api_key);
   if (f.timeout_ms > 0) {
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(f.timeout_ms));
   }
@@ -354,6 +380,8 @@ int main(int argc, char** argv) {
   client->add_option("--top-p", cf.top_p)->capture_default_str();
   client->add_option("--seed", cf.seed, "-1 = random")->capture_default_str();
   client->add_option("--timeout-ms", cf.timeout_ms, "Deadline (0 = none)")->capture_default_str();
+  client->add_option("--api-key", cf.api_key, "Sent as \"authorization: Bearer KEY\"");
+  client->add_option("--tls-ca", cf.tls_ca_file, "PEM root certificate: connect with TLS");
 
   std::string check_path;
   auto* check = app.add_subcommand(
