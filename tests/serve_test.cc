@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -23,6 +24,7 @@
 
 #include "engine/parallel/launcher.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "helix/v1/generation.grpc.pb.h"
 
 namespace {
@@ -136,6 +138,23 @@ class Daemon {
     return resp.status();
   }
 
+  // The services server reflection lists.
+  std::vector<std::string> ReflectedServices() {
+    auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(channel_);
+    grpc::ClientContext ctx;
+    auto stream = stub->ServerReflectionInfo(&ctx);
+    grpc::reflection::v1alpha::ServerReflectionRequest req;
+    req.set_list_services("*");
+    std::vector<std::string> names;
+    grpc::reflection::v1alpha::ServerReflectionResponse resp;
+    if (stream->Write(req) && stream->Read(&resp)) {
+      for (const auto& s : resp.list_services_response().service()) names.push_back(s.name());
+    }
+    stream->WritesDone();
+    EXPECT_TRUE(stream->Finish().ok());
+    return names;
+  }
+
   helix::v1::ServerInfo Info(grpc::Status* status = nullptr) {
     grpc::ClientContext ctx;
     Authorize(&ctx);
@@ -239,6 +258,10 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   EXPECT_EQ(info.cp_type(), "HELIX");
   EXPECT_EQ(info.tokens_per_block(), 8);
   EXPECT_EQ(info.model_fingerprint().size(), 16u);
+  const std::vector<std::string> services = d.ReflectedServices();
+  for (const char* want : {"helix.v1.GenerationService", "grpc.health.v1.Health"}) {
+    EXPECT_NE(std::find(services.begin(), services.end(), want), services.end()) << want;
+  }
   EXPECT_EQ(d.RankCount(), 1);
 
   // 64 streams of different prompts and lengths, alone and then all at once.
