@@ -349,6 +349,10 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
     bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "max_seq_len"});
   }
   {
+    GenerateRequest r = Greedy(std::string(17 << 20, 'a'), 5);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "prompt.text is 17825792 bytes"});
+  }
+  {
     GenerateRequest r = Greedy("x", 5);
     r.mutable_kv_handle()->set_server_id("ctx-0");
     bad.push_back({r, grpc::StatusCode::UNIMPLEMENTED, "kv_handle"});

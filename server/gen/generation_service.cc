@@ -13,12 +13,19 @@ grpc::Status ToGrpc(const Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), s.message());
 }
 
+// Far beyond any context this server can hold; the transport's own limit is 64 MiB.
+constexpr size_t kMaxPromptBytes = 16u << 20;
+
 StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
   GenerateRequest r;
   r.id = p.request_id();
   switch (p.prompt_case()) {
     case v1::GenerateRequest::kText:
       if (p.text().empty()) return InvalidArgument("prompt.text is empty");
+      if (p.text().size() > kMaxPromptBytes) {
+        return InvalidArgument("prompt.text is " + std::to_string(p.text().size()) +
+                               " bytes; the limit is " + std::to_string(kMaxPromptBytes));
+      }
       r.prompt = p.text();
       break;
     case v1::GenerateRequest::kTokenIds:

@@ -186,13 +186,6 @@ int RunServe(const ServeFlags& f) {
               << "\" is not part of this build yet; use \"cpu\"\n";
     return kExitUsage;
   }
-  // SIGTERM/SIGINT are taken by sigwait below: block them before any thread exists.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGTERM);
-  sigaddset(&sigs, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-
   helix::EngineOptions o;
   o.model_path = cfg->model;
   o.tokenizer_path = cfg->tokenizer.value_or("");
@@ -216,6 +209,13 @@ int RunServe(const ServeFlags& f) {
   o.rank = assigned->rank;
   o.leader_host = assigned->leader_host;
   o.leader_port = assigned->leader_port;
+  // The leader takes SIGTERM/SIGINT with sigwait below: block them before any thread exists.
+  // Other ranks keep the default action (and die with, or are stopped by, their leader).
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  if (o.rank == 0) pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   std::unique_ptr<helix::parallel::LocalRanks> local_ranks;
   if (assigned->spawn_local) {
     auto port = helix::parallel::PickFreePort(o.leader_host);
