@@ -203,6 +203,8 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     GenerationService* svc = svc_;
     std::shared_ptr<StreamShared> shared = shared_;
     r->sink = [svc, shared](const TokenEvent& ev) {
+      // A lost rank: health turns NOT_SERVING before any stream sees the error.
+      if (ev.finished && ev.finish_reason == FinishReason::kError) svc->UpdateHealth();
       v1::GenerateResponse m;
       m.set_request_id(ev.request_id);
       m.set_token_id(ev.token);
@@ -278,14 +280,7 @@ void GenerationService::Loop() {
     if (engine_->HasWork()) {
       engine_->Step();
       free_blocks_ = engine_->kv_stats().free_blocks;
-      const bool ok = engine_->broken().ok();
-      if (ok != healthy_.load()) {
-        healthy_ = ok;
-        if (!ok) {
-          HELIX_LOG(kError) << "gen: the instance lost a rank; health is NOT_SERVING";
-        }
-        if (health_listener_) health_listener_(ok);
-      }
+      UpdateHealth();
       continue;
     }
     std::unique_lock<std::mutex> lock(mu_);
@@ -295,6 +290,16 @@ void GenerationService::Loop() {
   // Whatever is still queued or running ends now, with a clear status.
   engine_->AbortAll(Unavailable("the server is shutting down"));
   engine_.reset();  // a leader's destructor tells its worker ranks to exit
+}
+
+void GenerationService::UpdateHealth() {
+  const bool ok = engine_->broken().ok();
+  if (ok == healthy_.load()) return;
+  healthy_ = ok;
+  if (!ok) {
+    HELIX_LOG(kError) << "gen: the instance lost a rank; health is NOT_SERVING";
+  }
+  if (health_listener_) health_listener_(ok);
 }
 
 void GenerationService::Stop(std::chrono::milliseconds drain) {

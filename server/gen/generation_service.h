@@ -62,6 +62,8 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   grpc::Status CheckAuth(const grpc::CallbackServerContext* ctx) const;
   void Kick();
   void Loop();
+  // Engine thread: follows the engine's broken() into healthy_ and the listener.
+  void UpdateHealth();
 
   std::unique_ptr<Engine> engine_;
   const GenerationServiceOptions options_;
