@@ -5,6 +5,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
 
 #include <CLI/CLI.hpp>
 
@@ -48,6 +49,69 @@ struct GenerateFlags {
 
 std::vector<std::string> g_argv;  // this process's arguments, for the ranks it spawns
 
+// This process's part in a (possibly multi-rank) instance: the leader's engine, and the local
+// ranks it started (destroyed after the engine, whose destructor stops them).
+struct Instance {
+  std::unique_ptr<helix::parallel::LocalRanks> local_ranks;
+  std::unique_ptr<helix::Engine> engine;
+};
+
+// Assigns this process's rank (flags, launcher environment, or a single-node leader that
+// starts the other ranks itself), then creates its Engine. A rank other than 0 runs the
+// leader's steps until the instance stops. Returns the leader's Instance, or the exit code
+// the process ends with. `leader_signals` (may be null) are blocked on the leader before any
+// thread exists. `cmd` prefixes messages ("helix-gen serve").
+std::variant<Instance, int> StartInstance(const std::string& cmd, helix::EngineOptions o,
+                                          std::optional<int> rank, std::optional<int> world_size,
+                                          const std::string& leader_addr,
+                                          const sigset_t* leader_signals) {
+  const int world = o.tensor_parallel * o.context_parallel;
+  auto assigned = helix::parallel::AssignRank(world, rank, world_size, leader_addr);
+  if (!assigned.ok()) {
+    std::cerr << cmd << ": " << assigned.status().message() << "\n";
+    return kExitUsage;
+  }
+  o.rank = assigned->rank;
+  o.leader_host = assigned->leader_host;
+  o.leader_port = assigned->leader_port;
+  if (o.rank == 0 && leader_signals != nullptr) {
+    pthread_sigmask(SIG_BLOCK, leader_signals, nullptr);
+  }
+  Instance inst;
+  if (assigned->spawn_local) {
+    if (o.leader_port == 0) {
+      auto port = helix::parallel::PickFreePort(o.leader_host);
+      if (!port.ok()) {
+        std::cerr << cmd << ": " << port.status().message() << "\n";
+        return kExitFailure;
+      }
+      o.leader_port = *port;
+    }
+    auto spawned = helix::parallel::LocalRanks::Spawn(g_argv, world, o.leader_host, o.leader_port);
+    if (!spawned.ok()) {
+      std::cerr << cmd << ": " << spawned.status().message() << "\n";
+      return kExitFailure;
+    }
+    inst.local_ranks = std::move(*spawned);
+  }
+  const std::string who = o.rank > 0 ? "rank " + std::to_string(o.rank) + ": " : "";
+  auto engine = helix::Engine::Create(o);
+  if (!engine.ok()) {
+    std::cerr << cmd << ": " << who << engine.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  if (!(*engine)->is_leader()) {
+    helix::Status st = (*engine)->RunWorker();
+    if (!st.ok()) {
+      std::cerr << cmd << ": " << who << st.ToString() << "\n";
+      return kExitFailure;
+    }
+    return kExitOk;
+  }
+  inst.engine = std::move(*engine);
+  return inst;
+}
+
 int RunGenerate(const GenerateFlags& f) {
   helix::config::LoggingConfig log;
   log.level = f.log_level;
@@ -60,36 +124,10 @@ int RunGenerate(const GenerateFlags& f) {
     std::cerr << "helix-gen generate: --tp " << f.tp << " --cp " << f.cp << ": both must be >= 1\n";
     return kExitUsage;
   }
-  auto assigned = helix::parallel::AssignRank(f.tp * f.cp, f.rank, f.world_size, f.leader_addr);
-  if (!assigned.ok()) {
-    std::cerr << "helix-gen generate: " << assigned.status().message() << "\n";
-    return kExitUsage;
-  }
   helix::EngineOptions o;
   o.tensor_parallel = f.tp;
   o.context_parallel = f.cp;
-  o.rank = assigned->rank;
-  o.leader_host = assigned->leader_host;
-  o.leader_port = assigned->leader_port;
   o.comm_timeout = std::chrono::milliseconds(f.comm_timeout_ms);
-  std::unique_ptr<helix::parallel::LocalRanks> local_ranks;
-  if (assigned->spawn_local) {
-    if (o.leader_port == 0) {
-      auto port = helix::parallel::PickFreePort(o.leader_host);
-      if (!port.ok()) {
-        std::cerr << "helix-gen generate: " << port.status().message() << "\n";
-        return kExitFailure;
-      }
-      o.leader_port = *port;
-    }
-    auto spawned =
-        helix::parallel::LocalRanks::Spawn(g_argv, f.tp * f.cp, o.leader_host, o.leader_port);
-    if (!spawned.ok()) {
-      std::cerr << "helix-gen generate: " << spawned.status().message() << "\n";
-      return kExitFailure;
-    }
-    local_ranks = std::move(*spawned);
-  }
   o.model_path = f.model;
   o.tokenizer_path = f.tokenizer;
   o.num_threads = f.threads;
@@ -111,21 +149,10 @@ int RunGenerate(const GenerateFlags& f) {
       return kExitUsage;
     }
   }
-  auto engine = helix::Engine::Create(o);
-  if (!engine.ok()) {
-    std::cerr << "helix-gen generate: "
-              << (o.rank > 0 ? "rank " + std::to_string(o.rank) + ": " : "")
-              << engine.status().ToString() << "\n";
-    return kExitFailure;
-  }
-  if (!(*engine)->is_leader()) {
-    helix::Status st = (*engine)->RunWorker();
-    if (!st.ok()) {
-      std::cerr << "helix-gen generate: rank " << o.rank << ": " << st.ToString() << "\n";
-      return kExitFailure;
-    }
-    return kExitOk;
-  }
+  auto started =
+      StartInstance("helix-gen generate", o, f.rank, f.world_size, f.leader_addr, nullptr);
+  if (const int* code = std::get_if<int>(&started)) return *code;
+  helix::Engine* engine = std::get<Instance>(started).engine.get();
   helix::GenerateRequest r;
   r.prompt = f.prompt;
   r.max_tokens = f.max_tokens;
@@ -148,12 +175,12 @@ int RunGenerate(const GenerateFlags& f) {
     }
     if (ev.finished) last = ev;
   };
-  auto id = (*engine)->Submit(std::move(r));
+  auto id = engine->Submit(std::move(r));
   if (!id.ok()) {
     std::cerr << "helix-gen generate: " << id.status().ToString() << "\n";
     return kExitUsage;
   }
-  while ((*engine)->HasWork()) (*engine)->Step();
+  while (engine->HasWork()) engine->Step();
   std::cout << "\n";
   std::cout.flush();
   std::cerr << "[helix-gen] finish_reason=" << helix::FinishReasonName(last.finish_reason)
@@ -201,50 +228,15 @@ int RunServe(const ServeFlags& f) {
   o.tensor_parallel = static_cast<int>(cfg->tensor_parallel_size);
   o.context_parallel = static_cast<int>(cfg->context_parallel_size);
   const int world = o.tensor_parallel * o.context_parallel;
-  auto assigned = helix::parallel::AssignRank(world, f.rank, std::nullopt, f.leader_addr);
-  if (!assigned.ok()) {
-    std::cerr << "helix-gen serve: " << assigned.status().message() << "\n";
-    return kExitUsage;
-  }
-  o.rank = assigned->rank;
-  o.leader_host = assigned->leader_host;
-  o.leader_port = assigned->leader_port;
-  // The leader takes SIGTERM/SIGINT with sigwait below: block them before any thread exists.
-  // Other ranks keep the default action (and die with, or are stopped by, their leader).
+  // The leader takes SIGTERM/SIGINT with sigwait below; other ranks keep the default action
+  // (and die with, or are stopped by, their leader).
   sigset_t sigs;
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);
   sigaddset(&sigs, SIGINT);
-  if (o.rank == 0) pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  std::unique_ptr<helix::parallel::LocalRanks> local_ranks;
-  if (assigned->spawn_local) {
-    auto port = helix::parallel::PickFreePort(o.leader_host);
-    if (!port.ok()) {
-      std::cerr << "helix-gen serve: " << port.status().message() << "\n";
-      return kExitFailure;
-    }
-    o.leader_port = *port;
-    auto spawned = helix::parallel::LocalRanks::Spawn(g_argv, world, o.leader_host, *port);
-    if (!spawned.ok()) {
-      std::cerr << "helix-gen serve: " << spawned.status().message() << "\n";
-      return kExitFailure;
-    }
-    local_ranks = std::move(*spawned);
-  }
-  auto engine = helix::Engine::Create(o);
-  if (!engine.ok()) {
-    std::cerr << "helix-gen serve: " << (o.rank > 0 ? "rank " + std::to_string(o.rank) + ": " : "")
-              << engine.status().ToString() << "\n";
-    return kExitFailure;
-  }
-  if (!(*engine)->is_leader()) {
-    helix::Status st = (*engine)->RunWorker();
-    if (!st.ok()) {
-      std::cerr << "helix-gen serve: rank " << o.rank << ": " << st.ToString() << "\n";
-      return kExitFailure;
-    }
-    return kExitOk;
-  }
+  auto started = StartInstance("helix-gen serve", o, f.rank, std::nullopt, f.leader_addr, &sigs);
+  if (const int* code = std::get_if<int>(&started)) return *code;
+  Instance& inst = std::get<Instance>(started);
   helix::server::GenerationServiceOptions so;
   so.model_name = std::filesystem::path(cfg->model).filename().string();
   so.kv_dtype = cfg->kv_cache_config.dtype;
@@ -261,7 +253,7 @@ int RunServe(const ServeFlags& f) {
         {read(*cfg->server.tls_key_file), read(*cfg->server.tls_cert_file)});
     creds = grpc::SslServerCredentials(ssl);
   }
-  auto service = std::make_unique<helix::server::GenerationService>(std::move(*engine), so);
+  auto service = std::make_unique<helix::server::GenerationService>(std::move(inst.engine), so);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
