@@ -1,13 +1,18 @@
 // Gloo communicator and TCP rendezvous store across real processes (fork): every collective's
 // result, a dead peer and a peer that never joins turn into errors within the timeout.
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <functional>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #include "engine/parallel/communicator.h"
@@ -133,6 +138,31 @@ TEST(GlooCommunicatorTest, DeadPeerIsAnErrorNotAHang) {
   EXPECT_EQ(codes[0], 0);
   EXPECT_EQ(codes[1], 0);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(10000));
+}
+
+// Gloo's TCP transport writes with writev(), which raises SIGPIPE when the peer has reset the
+// connection (a rank killed mid-step). Once a communicator exists, such a write must fail with
+// EPIPE (which Gloo turns into an error) instead of killing the process. Checked on a socket
+// pair in a child, since whether Gloo itself hits that write first is a race.
+TEST(GlooCommunicatorTest, AWriteToAClosedSocketIsAnErrorNotSigpipe) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok());
+  const int port = (*server)->port();
+  const std::vector<int> codes = RunRanks(1, [&](int r) {
+    signal(SIGPIPE, SIG_DFL);
+    auto store = TcpStore::Connect("127.0.0.1", port, milliseconds(5000));
+    CHILD_CHECK(store.ok(), 2);
+    auto comm = CreateGlooCommunicator(store->get(), "pipe", r, 1, GlooOptions{});
+    CHILD_CHECK(comm.ok(), 3);
+    int sv[2];
+    CHILD_CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, 4);
+    close(sv[1]);
+    char byte = 0;
+    iovec iov{&byte, 1};
+    CHILD_CHECK(writev(sv[0], &iov, 1) == -1 && errno == EPIPE, 5);
+    return 0;
+  });
+  EXPECT_EQ(codes[0], 0) << "128 + 13 means the process died of SIGPIPE";
 }
 
 TEST(GlooCommunicatorTest, PeerThatNeverJoinsFailsStartUp) {

@@ -8,8 +8,10 @@
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/transport/tcp/device.h>
 
+#include <csignal>
 #include <cstring>
 #include <exception>
+#include <mutex>
 
 #include "engine/parallel/communicator.h"
 #include "engine/parallel/tcp_store.h"
@@ -113,12 +115,30 @@ class GlooCommunicator final : public Communicator {
   Status broken_;
 };
 
+// Gloo's TCP transport writes to its sockets without MSG_NOSIGNAL, so a peer that dies mid-step
+// would kill this process with SIGPIPE instead of turning into an error on the next collective.
+// Ignore SIGPIPE process-wide (unless the embedding program installed its own handler): every
+// write then fails with EPIPE, which Gloo reports as an exception.
+void IgnoreSigpipeOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction old {};
+    if (sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) {
+      struct sigaction ign {};
+      ign.sa_handler = SIG_IGN;
+      sigemptyset(&ign.sa_mask);
+      sigaction(SIGPIPE, &ign, nullptr);
+    }
+  });
+}
+
 }  // namespace
 
 StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(TcpStore* store,
                                                                const std::string& prefix,
                                                                int my_index, int group_size,
                                                                const GlooOptions& options) {
+  IgnoreSigpipeOnce();
   try {
     gloo::transport::tcp::attr attr;
     attr.hostname = options.host;
