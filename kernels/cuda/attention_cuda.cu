@@ -1,0 +1,758 @@
+#include "kernels/cuda/attention_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_util.cuh"
+
+namespace helix::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+// Query heads one thread block serves (a GQA group, or a sub-group of a larger one).
+constexpr int kMaxG = 8;
+// KV rows per pipeline tile; equal to the warp size so the softmax step maps a row per lane.
+constexpr int kTileRows = 32;
+// Largest head dim of the plain (non-pipelined) path.
+constexpr int kMaxGenericDim = 256;
+// Split-KV chunks are never shorter than this many tokens (per-chunk start-up cost).
+constexpr int64_t kMinChunkTokens = 256;
+
+// Shapes of one call, precomputed on the host and passed by value.
+struct Args {
+  const float* q;
+  const int32_t* q_seq;
+  const int32_t* q_pos;
+  const void* kv;
+  int64_t block_elems;  // elements per pool block
+  int64_t k_head_off;   // element offset of (layer, K, head 0, token 0) within a block
+  int64_t head_stride;  // elements between consecutive KV heads (tokens_per_block * d)
+  int64_t v_off;        // elements from a K row to the V row of the same token and head
+  const int32_t* tables;
+  const int32_t* first_pos;
+  const int32_t* kv_lens;
+  int64_t max_blocks;
+  int64_t rows;  // num_q_tokens * num_q_heads
+  int tpb, num_q_heads, num_kv_heads, group, subs, d;
+  int blocks_per_chunk;  // local blocks one thread block walks
+  int parts;             // chunks per sequence; > 1 writes the workspace
+  float scale;
+  float* out;
+  float* lse;
+  float* ws_o;    // [parts][rows][d] when parts > 1
+  float* ws_lse;  // [parts][rows]
+};
+
+int64_t BlocksPerChunk(const PagedAttentionParams& p) {
+  if (p.kv_split_tokens <= 0) {
+    return 0;
+  }
+  return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
+}
+
+int64_t NumParts(const PagedAttentionParams& p) {
+  const int64_t bpc = BlocksPerChunk(p);
+  if (bpc == 0) {
+    return 1;
+  }
+  return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces shared by both paths.
+
+struct Item {
+  int t, h, c, qh0, g;  // query token, KV head, chunk, first query head, heads in the group
+  int pos;
+  int64_t tok_begin, tok_end;  // this chunk's local token range [begin, end)
+  const int32_t* table;
+  const int32_t* first;
+};
+
+__device__ inline Item DecodeItem(const Args& a) {
+  Item it;
+  const int64_t bx = blockIdx.x;
+  const int sub = static_cast<int>(bx % a.subs);
+  const int64_t rest = bx / a.subs;
+  it.h = static_cast<int>(rest % a.num_kv_heads);
+  it.t = static_cast<int>(rest / a.num_kv_heads);
+  it.c = blockIdx.y;
+  it.qh0 = it.h * a.group + sub * kMaxG;
+  it.g = min(kMaxG, a.group - sub * kMaxG);
+  const int seq = a.q_seq[it.t];
+  it.pos = a.q_pos[it.t];
+  const int64_t kv_len = a.kv_lens[seq];
+  it.table = a.tables + seq * a.max_blocks;
+  it.first = a.first_pos + seq * a.max_blocks;
+  const int64_t chunk_tokens = static_cast<int64_t>(a.blocks_per_chunk) * a.tpb;
+  it.tok_begin = it.c * chunk_tokens;
+  it.tok_end = min(kv_len, it.tok_begin + chunk_tokens);
+  return it;
+}
+
+// Element offset of the K row of local token i of the item's KV head, or -1 when the token
+// is past the chunk or not visible to the query (causal limit on its global position).
+__device__ inline int64_t RowOffset(const Args& a, const Item& it, int64_t i) {
+  if (i >= it.tok_end) {
+    return -1;
+  }
+  const int64_t j = i / a.tpb;
+  const int tb = static_cast<int>(i - j * a.tpb);
+  if (static_cast<int64_t>(it.first[j]) + tb > it.pos) {
+    return -1;
+  }
+  return static_cast<int64_t>(it.table[j]) * a.block_elems + a.k_head_off + it.h * a.head_stride +
+         static_cast<int64_t>(tb) * a.d;
+}
+
+// Online-softmax step for one tile: scores [kTileRows][kMaxG] in s_p become probabilities;
+// the running max / sum of each head and the factor alpha that rescales its output are
+// updated. Warp w serves heads w, w + kWarps, ...; lane = row.
+__device__ inline void SoftmaxStep(float* s_p, float* s_m, float* s_l, float* s_alpha,
+                                   int g_count) {
+  const int lane = threadIdx.x & 31;
+  for (int g = threadIdx.x >> 5; g < g_count; g += kWarps) {
+    const float x = s_p[lane * kMaxG + g];
+    const float mx = WarpMax(x);
+    const float m_old = s_m[g];
+    const float m_new = fmaxf(m_old, mx);
+    const float pr = x == kNegInf ? 0.0f : expf(x - m_new);
+    const float sum = WarpSum(pr);
+    s_p[lane * kMaxG + g] = pr;
+    if (lane == 0) {
+      const float alpha = m_old == kNegInf ? 0.0f : expf(m_old - m_new);
+      s_alpha[g] = alpha;
+      s_l[g] = s_l[g] * alpha + sum;
+      s_m[g] = m_new;
+    }
+  }
+}
+
+// Writes the normalised output of head g (sum = unnormalised value of dim e) and its LSE,
+// to the final output or to this chunk's workspace slot.
+__device__ inline void StoreOut(const Args& a, const Item& it, int g, int e, float sum, float l) {
+  const int64_t row = static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g;
+  const float v = l > 0.0f ? sum * (1.0f / l) : 0.0f;
+  if (a.parts > 1) {
+    a.ws_o[(static_cast<int64_t>(it.c) * a.rows + row) * a.d + e] = v;
+  } else {
+    a.out[row * a.d + e] = v;
+  }
+}
+
+__device__ inline void StoreLse(const Args& a, const Item& it, int g, float m, float l) {
+  const int64_t row = static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g;
+  const float v = l > 0.0f ? m + logf(l) : kNegInf;
+  if (a.parts > 1) {
+    a.ws_lse[static_cast<int64_t>(it.c) * a.rows + row] = v;
+  } else if (a.lse != nullptr) {
+    a.lse[row] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fast path: head dim D in {64, 128}. Each KV row is cut into 16-byte chunks, one per thread
+// of a row group (kLanes threads); a tile of kTileRows K and V rows is copied into shared
+// memory with cp.async, kStages tiles in flight. Each thread reads back only the chunks it
+// copied, in the same order, so the shared-memory reads are conflict-free (8 consecutive
+// 16-byte chunks per quarter warp).
+
+template <typename T, int D>
+struct FastCfg {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per chunk
+  static constexpr int kLanes = D / kVec;                        // threads per row
+  static constexpr int kRowGroups = kThreads / kLanes;
+  static constexpr int kRowsPerThread = kTileRows / kRowGroups;
+  static constexpr int kTileBytes = 2 * kTileRows * D * static_cast<int>(sizeof(T));
+  static constexpr int kStages = 4 * kTileBytes <= 96 * 1024 ? 4 : 3;
+  static constexpr int kPipeBytes = kStages * kTileBytes;
+  static constexpr int kRedBytes = kRowGroups * kMaxG * D * 4;
+  static constexpr int kBigBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
+  static constexpr int kSmemBytes =
+      kBigBytes + (kTileRows * kMaxG + 3 * kMaxG) * 4 + kStages * kTileRows * 4;
+  static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32);
+  static_assert(kRowGroups * kRowsPerThread == kTileRows);
+};
+
+// Sums v[0..7] over the L lanes of a row group, leaving lane l the total of head
+// g = 4 [l & L/2] + 2 [l & L/4] + [l & L/8] in v[0] (halving exchange: 7 shuffles for L = 8
+// instead of 24 for eight separate tree reductions).
+template <int L>
+__device__ inline void ReduceScatter8(float (&v)[8], int lane) {
+  {
+    const bool up = (lane & (L / 2)) != 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float send = up ? v[i] : v[i + 4];
+      const float keep = up ? v[i + 4] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, L / 2);
+    }
+  }
+  {
+    const bool up = (lane & (L / 4)) != 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float send = up ? v[i] : v[i + 2];
+      const float keep = up ? v[i + 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, L / 4);
+    }
+  }
+  {
+    const bool up = (lane & (L / 8)) != 0;
+    const float send = up ? v[0] : v[1];
+    const float keep = up ? v[1] : v[0];
+    v[0] = keep + __shfl_xor_sync(0xffffffffu, send, L / 8);
+  }
+#pragma unroll
+  for (int o = L / 16; o >= 1; o >>= 1) {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
+  using C = FastCfg<T, D>;
+  constexpr int kVec = C::kVec;
+  constexpr int kLanes = C::kLanes;
+  constexpr int kRG = C::kRowGroups;
+  constexpr int kRPT = C::kRowsPerThread;
+  constexpr int kStages = C::kStages;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* pipe = reinterpret_cast<T*>(smem);         // [stages][K, V][kTileRows][D]
+  float* red = reinterpret_cast<float*>(smem);  // [kRG][kMaxG][D], after the pipeline is done
+  float* s_p = reinterpret_cast<float*>(smem + C::kBigBytes);  // [kTileRows][kMaxG]
+  float* s_m = s_p + kTileRows * kMaxG;
+  float* s_l = s_m + kMaxG;
+  float* s_alpha = s_l + kMaxG;
+  int* s_vis = reinterpret_cast<int*>(s_alpha + kMaxG);  // [stages][kTileRows]
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int rg = tid / kLanes;
+  const int cl = tid % kLanes;
+  const Item it = DecodeItem(a);
+  const int G = it.g;
+  const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
+  const int n_tiles = static_cast<int>((n_tok + kTileRows - 1) / kTileRows);
+
+  // This thread's slice of every query row of the group.
+  float q[kMaxG][kVec];
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+    if (g < G) {
+      const float4* src = reinterpret_cast<const float4*>(
+          a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
+#pragma unroll
+      for (int v = 0; v < kVec / 4; ++v) {
+        const float4 x = src[v];
+        q[g][4 * v] = x.x;
+        q[g][4 * v + 1] = x.y;
+        q[g][4 * v + 2] = x.z;
+        q[g][4 * v + 3] = x.w;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        q[g][e] = 0.0f;
+      }
+    }
+  }
+  if (tid < kMaxG) {
+    s_m[tid] = kNegInf;
+    s_l[tid] = 0.0f;
+    s_alpha[tid] = 0.0f;
+  }
+  float acc[kMaxG][kVec];
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      acc[g][e] = 0.0f;
+    }
+  }
+
+  const T* kv = static_cast<const T*>(a.kv);
+  // Row offsets of the next tile to issue, loaded one tile ahead so that the block-table
+  // reads are off the critical path of the copies.
+  int64_t next_off[kRPT];
+  auto plan_tile = [&](int tile) {
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      next_off[k] =
+          RowOffset(a, it, it.tok_begin + static_cast<int64_t>(tile) * kTileRows + rg + k * kRG);
+    }
+  };
+  auto issue_tile = [&](int tile) {
+    const int stage = tile % kStages;
+    T* ks = pipe + static_cast<size_t>(stage) * 2 * kTileRows * D;
+    T* vs = ks + kTileRows * D;
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      const int r = rg + k * kRG;
+      const bool ok = next_off[k] >= 0;
+      const T* src = ok ? kv + next_off[k] + cl * kVec : kv;
+      CpAsync16(ks + r * D + cl * kVec, src, ok);
+      CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
+      if (cl == 0) {
+        s_vis[stage * kTileRows + r] = ok ? 1 : 0;
+      }
+    }
+  };
+
+#pragma unroll
+  for (int tile = 0; tile < kStages - 1; ++tile) {
+    if (tile < n_tiles) {
+      plan_tile(tile);
+      issue_tile(tile);
+    }
+    CpAsyncCommit();
+  }
+  if (kStages - 1 < n_tiles) {
+    plan_tile(kStages - 1);
+  }
+  __syncthreads();  // s_m / s_l initialised
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int nt = tile + kStages - 1;
+    if (nt < n_tiles) {
+      issue_tile(nt);
+      if (nt + 1 < n_tiles) {
+        plan_tile(nt + 1);
+      }
+    }
+    CpAsyncCommit();
+    CpAsyncWait<kStages - 1>();
+    __syncthreads();
+
+    const int stage = tile % kStages;
+    const T* ks = pipe + static_cast<size_t>(stage) * 2 * kTileRows * D;
+    const T* vs = ks + kTileRows * D;
+    const int* vis = s_vis + stage * kTileRows;
+
+    // Scores of this thread's rows for all heads of the group.
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      const int r = rg + k * kRG;
+      float kf[kVec];
+      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(ks + r * D + cl * kVec), kf);
+      float v[kMaxG];
+#pragma unroll
+      for (int g = 0; g < kMaxG; ++g) {
+        float s = 0.0f;
+        if (g < G) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            s = fmaf(q[g][e], kf[e], s);
+          }
+        }
+        v[g] = s;
+      }
+      ReduceScatter8<kLanes>(v, lane);
+      if ((cl & (kLanes / 8 - 1)) == 0) {
+        const int g = ((cl & (kLanes / 2)) ? 4 : 0) | ((cl & (kLanes / 4)) ? 2 : 0) |
+                      ((cl & (kLanes / 8)) ? 1 : 0);
+        s_p[r * kMaxG + g] = vis[r] ? v[0] * a.scale : kNegInf;
+      }
+    }
+    __syncthreads();
+    SoftmaxStep(s_p, s_m, s_l, s_alpha, G);
+    __syncthreads();
+
+    // acc = acc * alpha + P V over this thread's rows and chunk.
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      if (g < G) {
+        const float al = s_alpha[g];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc[g][e] *= al;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      const int r = rg + k * kRG;
+      float vf[kVec];
+      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(vs + r * D + cl * kVec), vf);
+      const float4 p0 = *reinterpret_cast<const float4*>(s_p + r * kMaxG);
+      const float4 p1 = *reinterpret_cast<const float4*>(s_p + r * kMaxG + 4);
+      const float pr[kMaxG] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+      for (int g = 0; g < kMaxG; ++g) {
+        if (g < G) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            acc[g][e] = fmaf(pr[g], vf[e], acc[g][e]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the stage and s_p are rewritten next iteration
+  }
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Sum the row groups' partial outputs.
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+    if (g < G) {
+      float* dst = red + (rg * kMaxG + g) * D + cl * kVec;
+#pragma unroll
+      for (int v = 0; v < kVec / 4; ++v) {
+        *reinterpret_cast<float4*>(dst + 4 * v) =
+            make_float4(acc[g][4 * v], acc[g][4 * v + 1], acc[g][4 * v + 2], acc[g][4 * v + 3]);
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int g = idx / D;
+    const int e = idx % D;
+    float sum = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kRG; ++r) {
+      sum += red[(r * kMaxG + g) * D + e];
+    }
+    StoreOut(a, it, g, e, sum, s_l[g]);
+  }
+  if (tid < G) {
+    StoreLse(a, it, tid, s_m[tid], s_l[tid]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain path: any head dim up to kMaxGenericDim, element-wise loads converted to fp32 in
+// shared memory. For the tiny test dims and odd shapes; correctness over speed.
+
+size_t GenericSmemBytes(int d) {
+  return (static_cast<size_t>(2 * kTileRows * d + 2 * kMaxG * d + kTileRows * kMaxG + 3 * kMaxG) *
+          4) +
+         kTileRows * (sizeof(int64_t) + sizeof(int));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int d = a.d;
+  float* kf = reinterpret_cast<float*>(smem);  // [kTileRows][d]
+  float* vf = kf + kTileRows * d;              // [kTileRows][d]
+  float* qf = vf + kTileRows * d;              // [kMaxG][d]
+  float* acc = qf + kMaxG * d;                 // [kMaxG][d]
+  float* s_p = acc + kMaxG * d;                // [kTileRows][kMaxG]
+  float* s_m = s_p + kTileRows * kMaxG;
+  float* s_l = s_m + kMaxG;
+  float* s_alpha = s_l + kMaxG;
+  int64_t* s_off = reinterpret_cast<int64_t*>(s_alpha + kMaxG);  // 8-byte aligned: even count
+  int* s_vis = reinterpret_cast<int*>(s_off + kTileRows);
+
+  const int tid = threadIdx.x;
+  const Item it = DecodeItem(a);
+  const int G = it.g;
+  const T* kv = static_cast<const T*>(a.kv);
+  for (int idx = tid; idx < kMaxG * d; idx += kThreads) {
+    const int g = idx / d;
+    qf[idx] =
+        g < G ? a.q[(static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * d + idx % d] : 0.0f;
+    acc[idx] = 0.0f;
+  }
+  if (tid < kMaxG) {
+    s_m[tid] = kNegInf;
+    s_l[tid] = 0.0f;
+    s_alpha[tid] = 0.0f;
+  }
+  const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
+  for (int64_t i0 = 0; i0 < n_tok; i0 += kTileRows) {
+    if (tid < kTileRows) {
+      const int64_t off = RowOffset(a, it, it.tok_begin + i0 + tid);
+      s_off[tid] = off;
+      s_vis[tid] = off >= 0 ? 1 : 0;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < kTileRows * d; idx += kThreads) {
+      const int r = idx / d;
+      const int64_t off = s_off[r];
+      kf[idx] = off >= 0 ? ToFloat(kv[off + idx % d]) : 0.0f;
+      vf[idx] = off >= 0 ? ToFloat(kv[off + a.v_off + idx % d]) : 0.0f;
+    }
+    __syncthreads();
+    for (int pair = tid; pair < kTileRows * kMaxG; pair += kThreads) {
+      const int r = pair / kMaxG;
+      const int g = pair % kMaxG;
+      if (g >= G) {
+        continue;
+      }
+      float s = 0.0f;
+      for (int e = 0; e < d; ++e) {
+        s = fmaf(qf[g * d + e], kf[r * d + e], s);
+      }
+      s_p[r * kMaxG + g] = s_vis[r] ? s * a.scale : kNegInf;
+    }
+    __syncthreads();
+    SoftmaxStep(s_p, s_m, s_l, s_alpha, G);
+    __syncthreads();
+    for (int idx = tid; idx < G * d; idx += kThreads) {
+      const int g = idx / d;
+      const int e = idx % d;
+      float o = acc[idx] * s_alpha[g];
+      for (int r = 0; r < kTileRows; ++r) {
+        if (s_vis[r]) {
+          o = fmaf(s_p[r * kMaxG + g], vf[r * d + e], o);
+        }
+      }
+      acc[idx] = o;
+    }
+    __syncthreads();
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * d; idx += kThreads) {
+    StoreOut(a, it, idx / d, idx % d, acc[idx], s_l[idx / d]);
+  }
+  if (tid < G) {
+    StoreLse(a, it, tid, s_m[tid], s_l[tid]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge: one thread block per row; the warps take every kWarps-th part and combine in shared
+// memory, so that many parts (split-KV) are read with several loads in flight.
+
+constexpr int kMergeThreads = 128;
+constexpr int kMergePerLane = 8;  // a pass covers 32 * kMergePerLane dims
+
+__global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesParams p) {
+  constexpr int kPerLane = kMergePerLane;
+  __shared__ float s_sum[kMergeThreads / 32][32 * kPerLane];
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  float max_lse = kNegInf;
+  for (int64_t i = 0; i < p.num_parts; ++i) {
+    max_lse = fmaxf(max_lse, p.lse[i * p.rows + row]);
+  }
+  float* out = p.out + row * p.head_dim;
+  if (max_lse == kNegInf) {
+    for (int64_t e = tid; e < p.head_dim; e += kMergeThreads) {
+      out[e] = 0.0f;
+    }
+    if (tid == 0 && p.out_lse != nullptr) {
+      p.out_lse[row] = kNegInf;
+    }
+    return;
+  }
+  float sum = 0.0f;
+  for (int64_t i = 0; i < p.num_parts; ++i) {
+    const float l = p.lse[i * p.rows + row];
+    if (l != kNegInf) {
+      sum += expf(l - max_lse);
+    }
+  }
+  const float inv = 1.0f / sum;
+  // Each pass: lane covers dims e0 + lane + 32 j; warps sum disjoint parts.
+  for (int64_t e0 = 0; e0 < p.head_dim; e0 += 32 * kPerLane) {
+    float part[kPerLane];
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      part[j] = 0.0f;
+    }
+    for (int64_t i = warp; i < p.num_parts; i += kMergeThreads / 32) {
+      const float l = p.lse[i * p.rows + row];
+      if (l == kNegInf) {
+        continue;
+      }
+      const float w = expf(l - max_lse);
+      const float* o = p.o + (i * p.rows + row) * p.head_dim;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int64_t e = e0 + lane + 32 * j;
+        if (e < p.head_dim) {
+          part[j] = fmaf(w, o[e], part[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      s_sum[warp][lane + 32 * j] = part[j];
+    }
+    __syncthreads();
+    for (int k = tid; k < 32 * kPerLane; k += kMergeThreads) {
+      const int64_t e = e0 + k;
+      if (e < p.head_dim) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kMergeThreads / 32; ++w) {
+          v += s_sum[w][k];
+        }
+        out[e] = v * inv;
+      }
+    }
+    __syncthreads();
+  }
+  if (tid == 0 && p.out_lse != nullptr) {
+    p.out_lse[row] = max_lse + logf(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+using KernelFn = void (*)(Args);
+
+struct Choice {
+  KernelFn fn;
+  size_t smem;
+};
+
+template <typename T>
+Choice ChooseForType(int d) {
+  if (d == 64) {
+    return {&AttentionFastKernel<T, 64>, static_cast<size_t>(FastCfg<T, 64>::kSmemBytes)};
+  }
+  if (d == 128) {
+    return {&AttentionFastKernel<T, 128>, static_cast<size_t>(FastCfg<T, 128>::kSmemBytes)};
+  }
+  return {&AttentionGenericKernel<T>, GenericSmemBytes(d)};
+}
+
+Choice ChooseKernel(DType t, int d) {
+  switch (t) {
+    case DType::kF32:
+      return ChooseForType<float>(d);
+    case DType::kF16:
+      return ChooseForType<__half>(d);
+    case DType::kBF16:
+      return ChooseForType<__nv_bfloat16>(d);
+  }
+  return {nullptr, 0};
+}
+
+cudaError_t PrepareKernel(const Choice& ch) {
+  // Above 48 KiB of dynamic shared memory needs an opt-in per kernel.
+  if (ch.smem > 48 * 1024) {
+    HELIX_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        ch.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ch.smem)));
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
+  const int64_t tpb = p.kv.tokens_per_block;
+  if (p.num_q_tokens <= 0 || p.num_kv_heads <= 0 || tpb <= 0 || p.max_blocks_per_seq <= 0) {
+    return 0;
+  }
+  int device = 0;
+  int sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 0;
+  }
+  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim));
+  int per_sm = 1;
+  if (PrepareKernel(ch) != cudaSuccess || cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                              &per_sm, ch.fn, kThreads, ch.smem) != cudaSuccess) {
+    per_sm = 1;
+  }
+  const int64_t group = p.num_q_heads / p.num_kv_heads;
+  const int64_t subs = (group + kMaxG - 1) / kMaxG;
+  const int64_t base = p.num_q_tokens * p.num_kv_heads * subs;
+  const int64_t slots = static_cast<int64_t>(sms) * std::max(1, per_sm);
+  // One wave: as many chunks per sequence as leave every resident slot busy.
+  const int64_t want = slots / base;
+  if (want <= 1) {
+    return 0;
+  }
+  const int64_t min_blocks = std::max<int64_t>(1, (kMinChunkTokens + tpb - 1) / tpb);
+  const int64_t bpc = std::max(min_blocks, (p.max_blocks_per_seq + want - 1) / want);
+  if (bpc >= p.max_blocks_per_seq) {
+    return 0;
+  }
+  return bpc * tpb;
+}
+
+size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p) {
+  const int64_t parts = NumParts(p);
+  if (parts <= 1) {
+    return 0;
+  }
+  const int64_t rows = p.num_q_tokens * p.num_q_heads;
+  return static_cast<size_t>(parts * rows * (p.head_dim + 1)) * sizeof(float);
+}
+
+cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
+                               cudaStream_t stream) {
+  if (p.num_q_tokens <= 0 || p.num_q_heads <= 0 || p.num_kv_heads <= 0) {
+    return cudaSuccess;
+  }
+  if (p.head_dim <= 0 || p.head_dim > kMaxGenericDim || p.num_q_heads % p.num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t parts = NumParts(p);
+  if (parts > 65535) {
+    return cudaErrorInvalidValue;  // grid.y limit: use larger kv_split_tokens
+  }
+  const int64_t rows = p.num_q_tokens * p.num_q_heads;
+  Args a;
+  a.q = p.q;
+  a.q_seq = p.q_seq;
+  a.q_pos = p.q_pos;
+  a.kv = p.kv.base;
+  a.block_elems = p.kv.block_elems();
+  a.k_head_off = KvOffset(p.kv, 0, p.layer, 0, 0, 0);
+  a.head_stride = p.kv.tokens_per_block * p.head_dim;
+  a.v_off = KvOffset(p.kv, 0, p.layer, 1, 0, 0) - a.k_head_off;
+  a.tables = p.block_tables;
+  a.first_pos = p.block_first_pos;
+  a.kv_lens = p.kv_lens;
+  a.max_blocks = p.max_blocks_per_seq;
+  a.rows = rows;
+  a.tpb = static_cast<int>(p.kv.tokens_per_block);
+  a.num_q_heads = static_cast<int>(p.num_q_heads);
+  a.num_kv_heads = static_cast<int>(p.num_kv_heads);
+  a.group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
+  a.subs = (a.group + kMaxG - 1) / kMaxG;
+  a.d = static_cast<int>(p.head_dim);
+  a.blocks_per_chunk =
+      static_cast<int>(parts > 1 ? BlocksPerChunk(p) : std::max<int64_t>(1, p.max_blocks_per_seq));
+  a.parts = static_cast<int>(parts);
+  a.scale = p.scale;
+  a.out = p.out;
+  a.lse = p.lse;
+  a.ws_o = parts > 1 ? static_cast<float*>(workspace) : nullptr;
+  a.ws_lse = parts > 1 ? a.ws_o + parts * rows * p.head_dim : nullptr;
+
+  const Choice ch = ChooseKernel(p.kv.dtype, a.d);
+  HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
+  const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
+                  static_cast<unsigned>(parts));
+  ch.fn<<<grid, kThreads, ch.smem, stream>>>(a);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  if (parts > 1) {
+    return MergeStatesCuda({.o = a.ws_o,
+                            .lse = a.ws_lse,
+                            .out = p.out,
+                            .out_lse = p.lse,
+                            .num_parts = parts,
+                            .rows = rows,
+                            .head_dim = p.head_dim},
+                           stream);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
+  if (p.rows <= 0) {
+    return cudaSuccess;
+  }
+  MergeKernel<<<static_cast<unsigned>(p.rows), kMergeThreads, 0, stream>>>(p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+}  // namespace helix::kernels::cuda

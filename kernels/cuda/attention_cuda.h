@@ -1,0 +1,47 @@
+// CUDA paged decode/prefill attention (flash-decoding split-KV) and the (O, LSE) merge that
+// is both its second phase and the Helix combine. Same Params and semantics as the CPU
+// kernels in kernels/attention.h and kernels/merge.h; every pointer in the Params is a device
+// pointer. Launchers are stateless and thread-safe; they never allocate or synchronise
+// (except the debug-build launch check) and return the launch's cudaError_t.
+#ifndef HELIX_KERNELS_CUDA_ATTENTION_CUDA_H_
+#define HELIX_KERNELS_CUDA_ATTENTION_CUDA_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/attention.h"
+#include "kernels/merge.h"
+
+namespace helix::kernels::cuda {
+
+// The kv_split_tokens to put in p for this device: splits each sequence's blocks into chunks
+// so that one wave of thread blocks fills every SM (chunks of at least 256 tokens), or 0
+// (no split) when the batch alone fills the GPU. Uses p's shapes only (max_blocks_per_seq as
+// the length bound: kv_lens stay on the device). Host function; queries the current device.
+int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p);
+
+// Bytes of workspace PagedAttentionCuda needs for p (p.kv_split_tokens included): 0 without
+// split-KV, else [parts][rows][head_dim] partial outputs then [parts][rows] LSEs, fp32.
+size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
+
+// Online-softmax attention, fp32 accumulation, K/V read as stored (f32, f16, bf16). One
+// thread block per (query token, KV head, sub-group of <= 8 query heads, KV chunk); the query
+// heads of a group share every K/V load. Head dims 64 and 128 take the pipelined 16-byte
+// cp.async path; any other head dim (<= 512) a plain path. A query token that sees no KV
+// gets out = 0, lse = -inf. With split-KV the chunks' (O, LSE) go to the workspace and
+// MergeStatesCuda combines them.
+// REQUIRES: the CPU version's REQUIRES; device pointers; kv.base 16-byte aligned;
+//   workspace holds PagedAttentionCudaWorkspaceBytes(p) bytes (nullptr when that is 0),
+//   256-byte aligned as cudaMalloc returns.
+cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, cudaStream_t stream);
+
+// LSE = log sum_i exp(LSE_i), O = sum_i exp(LSE_i - LSE) O_i, empty parts (-inf) skipped, an
+// all-empty row gives O = 0, LSE = -inf (MergeStatesCpu semantics). Helix combine layout
+// [peers][tokens][heads][dim]: num_parts = peers, rows = tokens * heads.
+cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
+
+}  // namespace helix::kernels::cuda
+
+#endif  // HELIX_KERNELS_CUDA_ATTENTION_CUDA_H_

@@ -1,0 +1,240 @@
+// Decode attention bandwidth on the GPU: PagedAttentionCuda (bf16 KV, head_dim 128, 32 query
+// heads / 8 KV heads, 1 layer, 32 tokens per block, blocks shuffled in the pool) for KV 4K..256K
+// tokens x batch 1, 4, 16, against a device-to-device cudaMemcpy of the same byte count
+// measured in the same run. Both are timed as CUDA graphs of back-to-back iterations that cycle
+// over enough copies of the data to keep every iteration out of L2.
+//
+// Usage: attention_bench [--csv FILE] [--quick]. Exits 0 with a note when no GPU is visible.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/cuda/attention_cuda.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace helix {
+namespace {
+
+using gpu_testing::DeviceBuffer;
+using kernels::DType;
+using kernels::KvPoolView;
+using kernels::PagedAttentionParams;
+
+constexpr int64_t kQHeads = 32, kKvHeads = 8, kDim = 128, kTpb = 32;
+constexpr int64_t kElem = 2;  // bf16
+// Every timed iteration touches fresh data: iterations cycle over copies of the KV (and of
+// the copy's source and destination) adding up to at least this many bytes (H200 L2: 50 MB).
+constexpr int64_t kRotateBytes = 512ll << 20;
+
+int64_t KvBytes(int64_t batch, int64_t tokens) {
+  return batch * tokens * kKvHeads * kDim * kElem * 2;
+}
+
+// Median time of one iteration of `graph` (which runs `iters` of them) over `runs` launches.
+double TimeGraph(cudaGraphExec_t graph, int iters, int runs, cudaStream_t s) {
+  cudaEvent_t a, b;
+  HELIX_CUDA_OK(cudaEventCreate(&a));
+  HELIX_CUDA_OK(cudaEventCreate(&b));
+  HELIX_CUDA_OK(cudaGraphLaunch(graph, s));  // warm-up
+  HELIX_CUDA_OK(cudaStreamSynchronize(s));
+  std::vector<double> ms;
+  for (int r = 0; r < runs; ++r) {
+    HELIX_CUDA_OK(cudaEventRecord(a, s));
+    HELIX_CUDA_OK(cudaGraphLaunch(graph, s));
+    HELIX_CUDA_OK(cudaEventRecord(b, s));
+    HELIX_CUDA_OK(cudaEventSynchronize(b));
+    float t = 0;
+    HELIX_CUDA_OK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(static_cast<double>(t) / iters);
+  }
+  HELIX_CUDA_OK(cudaEventDestroy(a));
+  HELIX_CUDA_OK(cudaEventDestroy(b));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+template <typename F>
+cudaGraphExec_t Capture(cudaStream_t s, int iters, F&& body) {
+  cudaGraph_t g;
+  HELIX_CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+  for (int i = 0; i < iters; ++i) {
+    body(i);
+  }
+  HELIX_CUDA_OK(cudaStreamEndCapture(s, &g));
+  cudaGraphExec_t exec;
+  HELIX_CUDA_OK(cudaGraphInstantiate(&exec, g, 0));
+  HELIX_CUDA_OK(cudaGraphDestroy(g));
+  return exec;
+}
+
+int Main(int argc, char** argv) {
+  std::string csv_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc) {
+      csv_path = argv[++i];
+    } else if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--csv FILE] [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  const std::string why = gpu_testing::NoGpuReason();
+  if (!why.empty()) {
+    std::printf("attention_bench: skipped: %s\n", why.c_str());
+    return 0;
+  }
+  cudaDeviceProp prop;
+  HELIX_CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (%d SMs, %.0f MiB, L2 %.0f MiB)\n", prop.name, prop.multiProcessorCount,
+              prop.totalGlobalMem / 1048576.0, prop.l2CacheSize / 1048576.0);
+  std::printf(
+      "shapes: bf16 KV, head_dim %lld, %lld q heads / %lld kv heads (GQA group %lld), "
+      "1 layer, %lld tokens/block, 1 query token per sequence; KV blocks shuffled\n",
+      static_cast<long long>(kDim), static_cast<long long>(kQHeads),
+      static_cast<long long>(kKvHeads), static_cast<long long>(kQHeads / kKvHeads),
+      static_cast<long long>(kTpb));
+  std::printf(
+      "GB/s = KV bytes read / time; copy GB/s = 2 x bytes / time of a D2D cudaMemcpy of "
+      "the same byte count (read + write); frac = GB/s / copy GB/s\n");
+
+  std::vector<int64_t> token_counts = {4096, 8192, 32768, 65536, 131072, 262144};
+  std::vector<int64_t> batches = {1, 4, 16};
+  if (quick) {
+    token_counts = {4096, 32768};
+    batches = {1, 4};
+  }
+  int64_t max_pool = 0;
+  for (int64_t t : token_counts) {
+    for (int64_t b : batches) {
+      const int64_t bytes = KvBytes(b, t);
+      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
+      max_pool = std::max(max_pool, reps * bytes);
+    }
+  }
+  // The pool (all replicas) doubles as the copy's source; the copy's destination is as big.
+  DeviceBuffer<unsigned char> pool(static_cast<size_t>(max_pool));
+  DeviceBuffer<unsigned char> copy_dst(static_cast<size_t>(max_pool));
+  HELIX_CUDA_OK(cudaMemset(pool.get(), 0x3c, pool.size()));  // bf16 0x3c3c = 0.0115
+  HELIX_CUDA_OK(cudaMemset(copy_dst.get(), 0, copy_dst.size()));
+  cudaStream_t stream;
+  HELIX_CUDA_OK(cudaStreamCreate(&stream));
+
+  FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
+  if (csv != nullptr) {
+    std::fprintf(csv, "tokens,batch,kv_mb,ours_ms,ours_gbps,copy_gbps,frac,splits\n");
+  }
+  std::printf("%8s %5s %9s %6s %10s %9s %9s %6s\n", "tokens", "batch", "KV MiB", "splits",
+              "ours ms", "GB/s", "copy GB/s", "frac");
+  std::mt19937 rng(1);
+  for (int64_t tokens : token_counts) {
+    for (int64_t batch : batches) {
+      const int64_t bytes = KvBytes(batch, tokens);
+      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
+      const int64_t blocks_per_seq = tokens / kTpb;
+      const int64_t blocks_per_rep = batch * blocks_per_seq;
+      // Block tables of every replica: the replica's blocks in a random order.
+      std::vector<int32_t> tables(reps * batch * blocks_per_seq);
+      for (int64_t r = 0; r < reps; ++r) {
+        std::vector<int32_t> ids(blocks_per_rep);
+        std::iota(ids.begin(), ids.end(), static_cast<int32_t>(r * blocks_per_rep));
+        std::shuffle(ids.begin(), ids.end(), rng);
+        std::copy(ids.begin(), ids.end(), tables.begin() + r * blocks_per_rep);
+      }
+      std::vector<int32_t> firsts(batch * blocks_per_seq);
+      for (int64_t s = 0; s < batch; ++s) {
+        for (int64_t j = 0; j < blocks_per_seq; ++j) {
+          firsts[s * blocks_per_seq + j] = static_cast<int32_t>(j * kTpb);
+        }
+      }
+      std::vector<int32_t> q_seq(batch), q_pos(batch, static_cast<int32_t>(tokens - 1)),
+          lens(batch, static_cast<int32_t>(tokens));
+      std::iota(q_seq.begin(), q_seq.end(), 0);
+      std::vector<float> q(batch * kQHeads * kDim);
+      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+      for (float& x : q) {
+        x = dist(rng);
+      }
+      DeviceBuffer<int32_t> d_tables(tables), d_firsts(firsts), d_seq(q_seq), d_pos(q_pos),
+          d_lens(lens);
+      DeviceBuffer<float> d_q(q), d_out(batch * kQHeads * kDim), d_lse(batch * kQHeads);
+      const KvPoolView kv{pool.get(), DType::kBF16, 1, kKvHeads, kTpb, kDim};
+      PagedAttentionParams p{.q = d_q.get(),
+                             .q_seq = d_seq.get(),
+                             .q_pos = d_pos.get(),
+                             .kv = kv,
+                             .layer = 0,
+                             .block_tables = d_tables.get(),
+                             .block_first_pos = d_firsts.get(),
+                             .kv_lens = d_lens.get(),
+                             .max_blocks_per_seq = blocks_per_seq,
+                             .num_seqs = batch,
+                             .num_q_tokens = batch,
+                             .num_q_heads = kQHeads,
+                             .num_kv_heads = kKvHeads,
+                             .head_dim = kDim,
+                             .scale = 1.0f / std::sqrt(static_cast<float>(kDim)),
+                             .out = d_out.get(),
+                             .lse = d_lse.get(),
+                             .kv_split_tokens = 0};
+      p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
+      const int64_t splits =
+          p.kv_split_tokens > 0 ? (tokens + p.kv_split_tokens - 1) / p.kv_split_tokens : 1;
+      DeviceBuffer<unsigned char> ws(kernels::cuda::PagedAttentionCudaWorkspaceBytes(p));
+      HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(p, ws.get(), stream));  // sets attributes
+      HELIX_CUDA_OK(cudaStreamSynchronize(stream));
+
+      // Enough iterations per graph for ~2 ms of work at 4 TB/s, at least one per replica.
+      const int iters = static_cast<int>(
+          std::clamp<int64_t>((8ll << 30) / std::max<int64_t>(bytes, 1), reps, 200));
+      const int runs = quick ? 3 : 7;
+      cudaGraphExec_t attn = Capture(stream, iters, [&](int i) {
+        PagedAttentionParams pi = p;
+        pi.block_tables = d_tables.get() + (i % reps) * batch * blocks_per_seq;
+        HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(pi, ws.get(), stream));
+      });
+      cudaGraphExec_t copy = Capture(stream, iters, [&](int i) {
+        const int64_t off = (i % reps) * bytes;
+        HELIX_CUDA_OK(cudaMemcpyAsync(copy_dst.get() + off, pool.get() + off,
+                                      static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
+                                      stream));
+      });
+      const double copy_ms = TimeGraph(copy, iters, runs, stream);
+      const double ms = TimeGraph(attn, iters, runs, stream);
+      HELIX_CUDA_OK(cudaGraphExecDestroy(attn));
+      HELIX_CUDA_OK(cudaGraphExecDestroy(copy));
+      const double gbps = bytes / (ms * 1e6);
+      const double copy_gbps = 2.0 * bytes / (copy_ms * 1e6);
+      std::printf("%8lld %5lld %9.1f %6lld %10.4f %9.0f %9.0f %6.3f\n",
+                  static_cast<long long>(tokens), static_cast<long long>(batch), bytes / 1048576.0,
+                  static_cast<long long>(splits), ms, gbps, copy_gbps, gbps / copy_gbps);
+      std::fflush(stdout);
+      if (csv != nullptr) {
+        std::fprintf(csv, "%lld,%lld,%.1f,%.5f,%.1f,%.1f,%.4f,%lld\n",
+                     static_cast<long long>(tokens), static_cast<long long>(batch),
+                     bytes / 1048576.0, ms, gbps, copy_gbps, gbps / copy_gbps,
+                     static_cast<long long>(splits));
+      }
+    }
+  }
+  if (csv != nullptr) {
+    std::fclose(csv);
+  }
+  HELIX_CUDA_OK(cudaStreamDestroy(stream));
+  return 0;
+}
+
+}  // namespace
+}  // namespace helix
+
+int main(int argc, char** argv) { return helix::Main(argc, argv); }

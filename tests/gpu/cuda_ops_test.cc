@@ -1,0 +1,416 @@
+// Cross-backend op test (after llama.cpp's test-backend-ops): every CUDA op on random inputs
+// with fixed seeds against the CPU reference in kernels/; inf/NaN positions must agree, then
+// a per-dtype tolerance. Every test skips, saying why, where no CUDA device is visible.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/cuda/attention_cuda.h"
+#include "kernels/merge.h"
+#include "kernels/test_util.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace helix::kernels {
+namespace {
+
+using gpu_testing::DeviceBuffer;
+using testing::ExpectAllNear;
+using testing::RandomVector;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// fp32 results computed from the same inputs in a different order.
+constexpr double kF32Tol = 2e-5;
+
+class CudaOpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string why = gpu_testing::NoGpuReason();
+    if (!why.empty()) {
+      GTEST_SKIP() << why;
+    }
+  }
+};
+
+std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+uint16_t ToStorage(DType t, float f) { return t == DType::kF16 ? FloatToHalf(f) : FloatToBf16(f); }
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+// A KV pool on the host and its device copy.
+struct Pool {
+  std::vector<unsigned char> host;
+  KvPoolView view;  // host view
+  int64_t blocks;
+
+  Pool(DType dtype, int64_t layers, int64_t kv_heads, int64_t tpb, int64_t d, int64_t n)
+      : view{nullptr, dtype, layers, kv_heads, tpb, d}, blocks(n) {
+    host.resize(static_cast<size_t>(n * view.block_elems()) * DTypeSize(dtype));
+    view.base = host.data();
+  }
+  void Set(int64_t i, float f) {
+    if (view.dtype == DType::kF32) {
+      static_cast<float*>(view.base)[i] = f;
+    } else {
+      static_cast<uint16_t*>(view.base)[i] = ToStorage(view.dtype, f);
+    }
+  }
+  void FillRandom(std::mt19937& rng) {
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (int64_t i = 0; i < blocks * view.block_elems(); ++i) {
+      Set(i, dist(rng));
+    }
+  }
+};
+
+struct Problem {
+  int64_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0, layer = 0, max_blocks = 1;
+  std::vector<std::vector<int32_t>> tables, firsts;
+  std::vector<int32_t> kv_lens, q_seq, q_pos;
+  std::vector<float> q;
+
+  void AddSeq(std::vector<int32_t> table, std::vector<int32_t> first, int32_t kv_len) {
+    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(table.size()));
+    tables.push_back(std::move(table));
+    firsts.push_back(std::move(first));
+    kv_lens.push_back(kv_len);
+  }
+  int64_t tokens() const { return static_cast<int64_t>(q_seq.size()); }
+  std::vector<int32_t> Flat(const std::vector<std::vector<int32_t>>& v) const {
+    std::vector<int32_t> flat(v.size() * max_blocks, -1);
+    for (size_t s = 0; s < v.size(); ++s) {
+      std::copy(v[s].begin(), v[s].end(), flat.begin() + s * max_blocks);
+    }
+    return flat;
+  }
+};
+
+// Decode queries (one per sequence, at position kv_len - 1) over sequences on shuffled blocks.
+Problem DecodeBatch(const std::vector<int32_t>& lens, int64_t tpb, int64_t num_blocks,
+                    std::mt19937& rng) {
+  Problem pr;
+  std::vector<int32_t> ids(num_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  size_t next = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    std::vector<int32_t> table, first;
+    for (int64_t j = 0; j * tpb < lens[s]; ++j) {
+      table.push_back(ids.at(next++));
+      first.push_back(static_cast<int32_t>(j * tpb));
+    }
+    pr.AddSeq(table, first, lens[s]);
+    pr.q_seq.push_back(static_cast<int32_t>(s));
+    pr.q_pos.push_back(std::max(0, lens[s] - 1));
+  }
+  return pr;
+}
+
+// Puts NaN into every slot of the pool no query may read (past kv_len in a sequence's last
+// block, and blocks no table uses), so a kernel that reads them is caught.
+void PoisonUnusedSlots(const Problem& pr, Pool* pool) {
+  const KvPoolView& v = pool->view;
+  std::vector<bool> used(pool->blocks, false);
+  for (size_t s = 0; s < pr.tables.size(); ++s) {
+    for (size_t j = 0; j < pr.tables[s].size(); ++j) {
+      used[pr.tables[s][j]] = true;
+      const int64_t n_in = std::min<int64_t>(
+          v.tokens_per_block, pr.kv_lens[s] - static_cast<int64_t>(j) * v.tokens_per_block);
+      for (int64_t l = 0; l < v.num_layers; ++l) {
+        for (int c = 0; c < 2; ++c) {
+          for (int64_t h = 0; h < v.num_kv_heads; ++h) {
+            for (int64_t t = n_in; t < v.tokens_per_block; ++t) {
+              for (int64_t e = 0; e < v.head_dim; ++e) {
+                pool->Set(KvOffset(v, pr.tables[s][j], l, c, h, t) + e, std::nanf(""));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  for (int64_t b = 0; b < pool->blocks; ++b) {
+    if (!used[b]) {
+      for (int64_t i = 0; i < v.block_elems(); ++i) {
+        pool->Set(b * v.block_elems() + i, std::nanf(""));
+      }
+    }
+  }
+}
+
+struct AttnResult {
+  std::vector<float> out, lse;
+};
+
+PagedAttentionParams MakeParams(const Problem& pr, const KvPoolView& kv, const int32_t* q_seq,
+                                const int32_t* q_pos, const float* q, const int32_t* tables,
+                                const int32_t* firsts, const int32_t* lens, float* out, float* lse,
+                                int64_t split) {
+  return {.q = q,
+          .q_seq = q_seq,
+          .q_pos = q_pos,
+          .kv = kv,
+          .layer = pr.layer,
+          .block_tables = tables,
+          .block_first_pos = firsts,
+          .kv_lens = lens,
+          .max_blocks_per_seq = pr.max_blocks,
+          .num_seqs = static_cast<int64_t>(pr.tables.size()),
+          .num_q_tokens = pr.tokens(),
+          .num_q_heads = pr.num_q_heads,
+          .num_kv_heads = pr.num_kv_heads,
+          .head_dim = pr.head_dim,
+          .scale = 1.0f / std::sqrt(static_cast<float>(pr.head_dim)),
+          .out = out,
+          .lse = lse,
+          .kv_split_tokens = split};
+}
+
+AttnResult RunCpu(const Problem& pr, const KvPoolView& kv) {
+  AttnResult r;
+  r.out.assign(pr.tokens() * pr.num_q_heads * pr.head_dim, -777.0f);
+  r.lse.assign(pr.tokens() * pr.num_q_heads, -777.0f);
+  const std::vector<int32_t> tables = pr.Flat(pr.tables), firsts = pr.Flat(pr.firsts);
+  ThreadPool threads(2);
+  PagedAttentionCpu(MakeParams(pr, kv, pr.q_seq.data(), pr.q_pos.data(), pr.q.data(), tables.data(),
+                               firsts.data(), pr.kv_lens.data(), r.out.data(), r.lse.data(), 0),
+                    nullptr, &threads);
+  return r;
+}
+
+// split: -1 = PagedAttentionCudaSplitTokens's choice, 0 = none, else kv_split_tokens.
+AttnResult RunCuda(const Problem& pr, const Pool& pool, int64_t split, int64_t* used_split) {
+  DeviceBuffer<unsigned char> d_pool(pool.host);
+  KvPoolView kv = pool.view;
+  kv.base = d_pool.get();
+  DeviceBuffer<int32_t> q_seq(pr.q_seq), q_pos(pr.q_pos), tables(pr.Flat(pr.tables)),
+      firsts(pr.Flat(pr.firsts)), lens(pr.kv_lens);
+  DeviceBuffer<float> q(pr.q);
+  DeviceBuffer<float> out(std::vector<float>(pr.tokens() * pr.num_q_heads * pr.head_dim, -777.0f));
+  DeviceBuffer<float> lse(std::vector<float>(pr.tokens() * pr.num_q_heads, -777.0f));
+  PagedAttentionParams p = MakeParams(pr, kv, q_seq.get(), q_pos.get(), q.get(), tables.get(),
+                                      firsts.get(), lens.get(), out.get(), lse.get(), 0);
+  p.kv_split_tokens = split >= 0 ? split : cuda::PagedAttentionCudaSplitTokens(p);
+  if (used_split != nullptr) {
+    *used_split = p.kv_split_tokens;
+  }
+  DeviceBuffer<unsigned char> ws(cuda::PagedAttentionCudaWorkspaceBytes(p));
+  EXPECT_EQ(cuda::PagedAttentionCuda(p, ws.get(), nullptr), cudaSuccess);
+  HELIX_CUDA_OK(cudaDeviceSynchronize());
+  return {out.Download(), lse.Download()};
+}
+
+void ExpectSame(const AttnResult& want, const AttnResult& got, const std::string& what,
+                double tol = kF32Tol) {
+  ExpectAllNear(ToDouble(want.out), got.out.data(), tol, tol, what + " out");
+  ExpectAllNear(ToDouble(want.lse), got.lse.data(), tol, tol, what + " lse");
+}
+
+std::string Name(DType dt, int64_t group, int64_t d, int64_t split) {
+  return std::string(DTypeName(dt)) + " group=" + std::to_string(group) +
+         " d=" + std::to_string(d) + " split=" + std::to_string(split);
+}
+
+// Lengths 1, tpb - 1, tpb, tpb + 1, 40 blocks - 3, 0 (a Helix rank holding nothing), 33: every
+// dtype, GQA group 1..8, the fast head dims and odd ones, split-KV off, forced and automatic.
+TEST_F(CudaOpsTest, AttentionDecodeBatch) {
+  std::mt19937 rng(11);
+  const int64_t tpb = 16;
+  const std::vector<int32_t> lens = {1, 15, 16, 17, 40 * 16 - 3, 0, 33};
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t group : {1, 3, 4, 8}) {
+      for (int64_t d : {128, 64, 16, 8, 20}) {
+        const int64_t kv_heads = 2;
+        Pool pool(dt, 2, kv_heads, tpb, d, 52);
+        pool.FillRandom(rng);
+        Problem pr = DecodeBatch(lens, tpb, 52, rng);
+        pr.num_kv_heads = kv_heads;
+        pr.num_q_heads = kv_heads * group;
+        pr.head_dim = d;
+        pr.layer = 1;
+        pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * d);
+        PoisonUnusedSlots(pr, &pool);
+        const AttnResult want = RunCpu(pr, pool.view);
+        for (int64_t split : {int64_t{0}, 2 * tpb, int64_t{-1}}) {
+          const AttnResult got = RunCuda(pr, pool, split, nullptr);
+          ExpectSame(want, got, Name(dt, group, d, split));
+          for (int64_t h = 0; h < pr.num_q_heads; ++h) {  // the empty sequence (index 5)
+            EXPECT_EQ(got.lse[5 * pr.num_q_heads + h], -kInf);
+            for (int64_t e = 0; e < d; ++e) {
+              EXPECT_EQ(got.out[(5 * pr.num_q_heads + h) * d + e], 0.0f);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Groups above 8 run as sub-groups; large q makes the softmax peaky (the running max moves).
+TEST_F(CudaOpsTest, AttentionLargeGroupsPeakyScores) {
+  std::mt19937 rng(12);
+  const int64_t tpb = 32;
+  for (int64_t group : {5, 12, 16}) {
+    for (float q_scale : {1.0f, 12.0f}) {
+      for (int64_t d : {128, 24}) {
+        Pool pool(DType::kBF16, 1, 2, tpb, d, 20);
+        pool.FillRandom(rng);
+        Problem pr = DecodeBatch({1, 200, 8 * 32 + 7}, tpb, 20, rng);
+        pr.num_kv_heads = 2;
+        pr.num_q_heads = 2 * group;
+        pr.head_dim = d;
+        pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * d, -q_scale, q_scale);
+        const AttnResult want = RunCpu(pr, pool.view);
+        for (int64_t split : {int64_t{0}, int64_t{64}}) {
+          // Scores of magnitude ~40: the fp32 rounding of the dot products is amplified by exp.
+          ExpectSame(want, RunCuda(pr, pool, split, nullptr),
+                     Name(DType::kBF16, group, d, split) + " q_scale=" + std::to_string(q_scale),
+                     q_scale > 1.0f ? 5e-5 : kF32Tol);
+        }
+      }
+    }
+  }
+}
+
+// Multi-token (prefill) queries through the same API: token i sees KV 0..i.
+TEST_F(CudaOpsTest, AttentionCausalPrefill) {
+  std::mt19937 rng(13);
+  const int64_t tpb = 16, L = 16 * 5 + 5;
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t d : {128, 64, 20}) {
+      Pool pool(dt, 1, 2, tpb, d, 8);
+      pool.FillRandom(rng);
+      Problem pr = DecodeBatch({static_cast<int32_t>(L)}, tpb, 8, rng);
+      pr.q_seq.assign(L, 0);
+      pr.q_pos.resize(L);
+      std::iota(pr.q_pos.begin(), pr.q_pos.end(), 0);
+      pr.num_kv_heads = 2;
+      pr.num_q_heads = 4;
+      pr.head_dim = d;
+      pr.q = RandomVector(rng, L * 4 * d);
+      PoisonUnusedSlots(pr, &pool);
+      const AttnResult want = RunCpu(pr, pool.view);
+      for (int64_t split : {int64_t{0}, 2 * tpb}) {
+        ExpectSame(want, RunCuda(pr, pool, split, nullptr), "prefill " + Name(dt, 2, d, split));
+      }
+    }
+  }
+}
+
+// A CP rank holding global blocks 1, 3, 5 (the last partial): queries before (nothing
+// visible), inside a block (causal cut mid-block) and after.
+TEST_F(CudaOpsTest, AttentionContextParallelPositions) {
+  std::mt19937 rng(14);
+  const int64_t tpb = 16;
+  for (int64_t d : {8, 128}) {
+    Pool pool(DType::kF16, 1, 2, tpb, d, 7);
+    pool.FillRandom(rng);
+    Problem pr;
+    pr.AddSeq({4, 0, 6}, {16, 48, 80}, 2 * 16 + 11);
+    for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) {
+      pr.q_seq.push_back(0);
+      pr.q_pos.push_back(pos);
+    }
+    pr.num_kv_heads = 2;
+    pr.num_q_heads = 4;
+    pr.head_dim = d;
+    pr.q = RandomVector(rng, pr.tokens() * 4 * d);
+    const AttnResult want = RunCpu(pr, pool.view);
+    for (int64_t split : {0, 16, 32}) {
+      const AttnResult got = RunCuda(pr, pool, split, nullptr);
+      ExpectSame(want, got, "cp " + Name(DType::kF16, 2, d, split));
+      for (int64_t i = 0; i < 2 * 4; ++i) {  // positions 3 and 15 see nothing
+        EXPECT_EQ(got.lse[i], -kInf);
+        for (int64_t e = 0; e < d; ++e) {
+          EXPECT_EQ(got.out[i * d + e], 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// A long single-sequence decode, where the automatic split-KV cuts the context into many
+// chunks (the flash-decoding path the benchmark measures).
+TEST_F(CudaOpsTest, AttentionLongContextAutoSplit) {
+  std::mt19937 rng(15);
+  const int64_t tpb = 32;
+  for (int32_t len : {32 * 1024 - 5, 8 * 1024}) {
+    const int64_t blocks = (len + tpb - 1) / tpb + 3;
+    Pool pool(DType::kBF16, 1, 2, tpb, 128, blocks);
+    pool.FillRandom(rng);
+    Problem pr = DecodeBatch({len}, tpb, blocks, rng);
+    pr.num_kv_heads = 2;
+    pr.num_q_heads = 8;
+    pr.head_dim = 128;
+    pr.q = RandomVector(rng, 8 * 128, -3.0f, 3.0f);
+    const AttnResult want = RunCpu(pr, pool.view);
+    int64_t split = 0;
+    const AttnResult got = RunCuda(pr, pool, -1, &split);
+    EXPECT_GT(split, 0) << "a 1-sequence long decode should split";
+    ExpectSame(want, got, "long len=" + std::to_string(len) + " split=" + std::to_string(split));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge (split-KV second phase and the Helix combine)
+
+TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
+  std::mt19937 rng(21);
+  for (int64_t parts : {1, 2, 3, 8, 70}) {
+    for (int64_t d : {128, 8, 300}) {
+      const int64_t tokens = 5, heads = 4, rows = tokens * heads;
+      std::vector<float> o = RandomVector(rng, parts * rows * d);
+      std::vector<float> lse = RandomVector(rng, parts * rows, -20.0f, 20.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (r % 3 == 0) {  // an empty part: its O holds garbage that must not be read
+          lse[(r % parts) * rows + r] = -kInf;
+          std::fill_n(o.begin() + ((r % parts) * rows + r) * d, d, std::nanf(""));
+        }
+        if (r == 7) {  // all parts empty
+          for (int64_t i = 0; i < parts; ++i) {
+            lse[i * rows + r] = -kInf;
+          }
+        }
+      }
+      std::vector<float> want_out(rows * d), want_lse(rows);
+      MergeStatesCpu({.o = o.data(),
+                      .lse = lse.data(),
+                      .out = want_out.data(),
+                      .out_lse = want_lse.data(),
+                      .num_parts = parts,
+                      .rows = rows,
+                      .head_dim = d},
+                     nullptr);
+      DeviceBuffer<float> d_o(o), d_lse(lse), d_out(rows * d), d_out_lse(rows);
+      ASSERT_EQ(cuda::MergeStatesCuda({.o = d_o.get(),
+                                       .lse = d_lse.get(),
+                                       .out = d_out.get(),
+                                       .out_lse = d_out_lse.get(),
+                                       .num_parts = parts,
+                                       .rows = rows,
+                                       .head_dim = d},
+                                      nullptr),
+                cudaSuccess);
+      const std::string what = "parts=" + std::to_string(parts) + " d=" + std::to_string(d);
+      const std::vector<float> got_out = d_out.Download(), got_lse = d_out_lse.Download();
+      ExpectAllNear(ToDouble(want_out), got_out.data(), kF32Tol, kF32Tol, what + " out");
+      ExpectAllNear(ToDouble(want_lse), got_lse.data(), kF32Tol, kF32Tol, what + " lse");
+      EXPECT_EQ(got_lse[7], -kInf) << what;
+      for (int64_t e = 0; e < d; ++e) {
+        EXPECT_EQ(got_out[7 * d + e], 0.0f) << what;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace helix::kernels
