@@ -38,7 +38,8 @@ struct Args {
   const int32_t* kv_lens;
   int64_t max_blocks;
   int64_t rows;  // num_q_tokens * num_q_heads
-  int tpb, num_q_heads, num_kv_heads, group, subs, d;
+  int tpb, num_q_heads, num_kv_heads, group, d;
+  int sub_size, subs;    // query heads per thread block (4 or 8), thread blocks per group
   int blocks_per_chunk;  // local blocks one thread block walks
   int parts;             // chunks per sequence; > 1 writes the workspace
   float scale;
@@ -82,8 +83,8 @@ __device__ inline Item DecodeItem(const Args& a) {
   it.h = static_cast<int>(rest % a.num_kv_heads);
   it.t = static_cast<int>(rest / a.num_kv_heads);
   it.c = blockIdx.y;
-  it.qh0 = it.h * a.group + sub * kMaxG;
-  it.g = min(kMaxG, a.group - sub * kMaxG);
+  it.qh0 = it.h * a.group + sub * a.sub_size;
+  it.g = min(a.sub_size, a.group - sub * a.sub_size);
   const int seq = a.q_seq[it.t];
   it.pos = a.q_pos[it.t];
   const int64_t kv_len = a.kv_lens[seq];
@@ -110,20 +111,20 @@ __device__ inline int64_t RowOffset(const Args& a, const Item& it, int64_t i) {
          static_cast<int64_t>(tb) * a.d;
 }
 
-// Online-softmax step for one tile: scores [kTileRows][kMaxG] in s_p become probabilities;
+// Online-softmax step for one tile: scores [kTileRows][stride] in s_p become probabilities;
 // the running max / sum of each head and the factor alpha that rescales its output are
 // updated. Warp w serves heads w, w + kWarps, ...; lane = row.
-__device__ inline void SoftmaxStep(float* s_p, float* s_m, float* s_l, float* s_alpha,
+__device__ inline void SoftmaxStep(float* s_p, int stride, float* s_m, float* s_l, float* s_alpha,
                                    int g_count) {
   const int lane = threadIdx.x & 31;
   for (int g = threadIdx.x >> 5; g < g_count; g += kWarps) {
-    const float x = s_p[lane * kMaxG + g];
+    const float x = s_p[lane * stride + g];
     const float mx = WarpMax(x);
     const float m_old = s_m[g];
     const float m_new = fmaxf(m_old, mx);
     const float pr = x == kNegInf ? 0.0f : expf(x - m_new);
     const float sum = WarpSum(pr);
-    s_p[lane * kMaxG + g] = pr;
+    s_p[lane * stride + g] = pr;
     if (lane == 0) {
       const float alpha = m_old == kNegInf ? 0.0f : expf(m_old - m_new);
       s_alpha[g] = alpha;
@@ -160,9 +161,10 @@ __device__ inline void StoreLse(const Args& a, const Item& it, int g, float m, f
 // of a row group (kLanes threads); a tile of kTileRows K and V rows is copied into shared
 // memory with cp.async, kStages tiles in flight. Each thread reads back only the chunks it
 // copied, in the same order, so the shared-memory reads are conflict-free (8 consecutive
-// 16-byte chunks per quarter warp).
+// 16-byte chunks per quarter warp). kG (4 or 8) query heads per thread block: groups of up to
+// 4 use half the registers, so more thread blocks stay resident.
 
-template <typename T, int D>
+template <typename T, int D, int kG>
 struct FastCfg {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per chunk
   static constexpr int kLanes = D / kVec;                        // threads per row
@@ -171,52 +173,51 @@ struct FastCfg {
   static constexpr int kTileBytes = 2 * kTileRows * D * static_cast<int>(sizeof(T));
   static constexpr int kStages = 4 * kTileBytes <= 96 * 1024 ? 4 : 3;
   static constexpr int kPipeBytes = kStages * kTileBytes;
-  static constexpr int kRedBytes = kRowGroups * kMaxG * D * 4;
+  static constexpr int kRedBytes = kRowGroups * kG * D * 4;
   static constexpr int kBigBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
   static constexpr int kSmemBytes =
-      kBigBytes + (kTileRows * kMaxG + 3 * kMaxG) * 4 + kStages * kTileRows * 4;
+      kBigBytes + (kTileRows * kG + 3 * kMaxG) * 4 + kStages * kTileRows * 4;
   static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32);
   static_assert(kRowGroups * kRowsPerThread == kTileRows);
+  static_assert(kG == 4 || kG == 8);
 };
 
-// Sums v[0..7] over the L lanes of a row group, leaving lane l the total of head
-// g = 4 [l & L/2] + 2 [l & L/4] + [l & L/8] in v[0] (halving exchange: 7 shuffles for L = 8
-// instead of 24 for eight separate tree reductions).
-template <int L>
-__device__ inline void ReduceScatter8(float (&v)[8], int lane) {
-  {
-    const bool up = (lane & (L / 2)) != 0;
+// Sums v[0..N) over the L lanes of a row group by halving exchanges (N - 1 shuffles, then a
+// tree over the lanes left: 7 shuffles for N = 8, L = 16, instead of 32 for N separate
+// reductions). Lane l ends with the total of head HeadOfLane<N, L>(l) in v[0].
+template <int N, int L>
+__device__ inline void ReduceScatter(float (&v)[N], int lane) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float send = up ? v[i] : v[i + 4];
-      const float keep = up ? v[i + 4] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, L / 2);
+  for (int half = N / 2, off = L / 2; half >= 1; half /= 2, off /= 2) {
+    const bool up = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = up ? v[i] : v[i + half];
+      const float keep = up ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
     }
   }
-  {
-    const bool up = (lane & (L / 4)) != 0;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float send = up ? v[i] : v[i + 2];
-      const float keep = up ? v[i + 2] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, L / 4);
-    }
-  }
-  {
-    const bool up = (lane & (L / 8)) != 0;
-    const float send = up ? v[0] : v[1];
-    const float keep = up ? v[1] : v[0];
-    v[0] = keep + __shfl_xor_sync(0xffffffffu, send, L / 8);
-  }
-#pragma unroll
-  for (int o = L / 16; o >= 1; o >>= 1) {
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+  for (int off = L / (2 * N); off >= 1; off /= 2) {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
   }
 }
 
-template <typename T, int D>
+template <int N, int L>
+__device__ inline int HeadOfLane(int cl) {
+  int g = 0;
+#pragma unroll
+  for (int half = N / 2, off = L / 2; half >= 1; half /= 2, off /= 2) {
+    if (cl & off) {
+      g += half;
+    }
+  }
+  return g;
+}
+
+template <typename T, int D, int kG>
 __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
-  using C = FastCfg<T, D>;
+  using C = FastCfg<T, D, kG>;
   constexpr int kVec = C::kVec;
   constexpr int kLanes = C::kLanes;
   constexpr int kRG = C::kRowGroups;
@@ -224,9 +225,9 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
   constexpr int kStages = C::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
   T* pipe = reinterpret_cast<T*>(smem);         // [stages][K, V][kTileRows][D]
-  float* red = reinterpret_cast<float*>(smem);  // [kRG][kMaxG][D], after the pipeline is done
-  float* s_p = reinterpret_cast<float*>(smem + C::kBigBytes);  // [kTileRows][kMaxG]
-  float* s_m = s_p + kTileRows * kMaxG;
+  float* red = reinterpret_cast<float*>(smem);  // [kRG][kG][D], after the pipeline is done
+  float* s_p = reinterpret_cast<float*>(smem + C::kBigBytes);  // [kTileRows][kG]
+  float* s_m = s_p + kTileRows * kG;
   float* s_l = s_m + kMaxG;
   float* s_alpha = s_l + kMaxG;
   int* s_vis = reinterpret_cast<int*>(s_alpha + kMaxG);  // [stages][kTileRows]
@@ -241,9 +242,9 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
   const int n_tiles = static_cast<int>((n_tok + kTileRows - 1) / kTileRows);
 
   // This thread's slice of every query row of the group.
-  float q[kMaxG][kVec];
+  float q[kG][kVec];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < kG; ++g) {
     if (g < G) {
       const float4* src = reinterpret_cast<const float4*>(
           a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
@@ -267,9 +268,9 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
     s_l[tid] = 0.0f;
     s_alpha[tid] = 0.0f;
   }
-  float acc[kMaxG][kVec];
+  float acc[kG][kVec];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < kG; ++g) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       acc[g][e] = 0.0f;
@@ -340,9 +341,9 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
       const int r = rg + k * kRG;
       float kf[kVec];
       ChunkToFloats<T>(*reinterpret_cast<const uint4*>(ks + r * D + cl * kVec), kf);
-      float v[kMaxG];
+      float v[kG];
 #pragma unroll
-      for (int g = 0; g < kMaxG; ++g) {
+      for (int g = 0; g < kG; ++g) {
         float s = 0.0f;
         if (g < G) {
 #pragma unroll
@@ -352,20 +353,18 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
         }
         v[g] = s;
       }
-      ReduceScatter8<kLanes>(v, lane);
-      if ((cl & (kLanes / 8 - 1)) == 0) {
-        const int g = ((cl & (kLanes / 2)) ? 4 : 0) | ((cl & (kLanes / 4)) ? 2 : 0) |
-                      ((cl & (kLanes / 8)) ? 1 : 0);
-        s_p[r * kMaxG + g] = vis[r] ? v[0] * a.scale : kNegInf;
+      ReduceScatter<kG, kLanes>(v, lane);
+      if ((cl & (kLanes / kG - 1)) == 0) {
+        s_p[r * kG + HeadOfLane<kG, kLanes>(cl)] = vis[r] ? v[0] * a.scale : kNegInf;
       }
     }
     __syncthreads();
-    SoftmaxStep(s_p, s_m, s_l, s_alpha, G);
+    SoftmaxStep(s_p, kG, s_m, s_l, s_alpha, G);
     __syncthreads();
 
     // acc = acc * alpha + P V over this thread's rows and chunk.
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
+    for (int g = 0; g < kG; ++g) {
       if (g < G) {
         const float al = s_alpha[g];
 #pragma unroll
@@ -379,11 +378,17 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
       const int r = rg + k * kRG;
       float vf[kVec];
       ChunkToFloats<T>(*reinterpret_cast<const uint4*>(vs + r * D + cl * kVec), vf);
-      const float4 p0 = *reinterpret_cast<const float4*>(s_p + r * kMaxG);
-      const float4 p1 = *reinterpret_cast<const float4*>(s_p + r * kMaxG + 4);
-      const float pr[kMaxG] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+      float pr[kG];
 #pragma unroll
-      for (int g = 0; g < kMaxG; ++g) {
+      for (int j = 0; j < kG / 4; ++j) {
+        const float4 p4 = *reinterpret_cast<const float4*>(s_p + r * kG + 4 * j);
+        pr[4 * j] = p4.x;
+        pr[4 * j + 1] = p4.y;
+        pr[4 * j + 2] = p4.z;
+        pr[4 * j + 3] = p4.w;
+      }
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
         if (g < G) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
@@ -399,9 +404,9 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
 
   // Sum the row groups' partial outputs.
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < kG; ++g) {
     if (g < G) {
-      float* dst = red + (rg * kMaxG + g) * D + cl * kVec;
+      float* dst = red + (rg * kG + g) * D + cl * kVec;
 #pragma unroll
       for (int v = 0; v < kVec / 4; ++v) {
         *reinterpret_cast<float4*>(dst + 4 * v) =
@@ -416,7 +421,7 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
     float sum = 0.0f;
 #pragma unroll
     for (int r = 0; r < kRG; ++r) {
-      sum += red[(r * kMaxG + g) * D + e];
+      sum += red[(r * kG + g) * D + e];
     }
     StoreOut(a, it, g, e, sum, s_l[g]);
   }
@@ -493,7 +498,7 @@ __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a)
       s_p[r * kMaxG + g] = s_vis[r] ? s * a.scale : kNegInf;
     }
     __syncthreads();
-    SoftmaxStep(s_p, s_m, s_l, s_alpha, G);
+    SoftmaxStep(s_p, kMaxG, s_m, s_l, s_alpha, G);
     __syncthreads();
     for (int idx = tid; idx < G * d; idx += kThreads) {
       const int g = idx / d;
@@ -606,29 +611,38 @@ using KernelFn = void (*)(Args);
 struct Choice {
   KernelFn fn;
   size_t smem;
+  int sub_size;  // query heads per thread block
 };
 
-template <typename T>
-Choice ChooseForType(int d) {
-  if (d == 64) {
-    return {&AttentionFastKernel<T, 64>, static_cast<size_t>(FastCfg<T, 64>::kSmemBytes)};
+template <typename T, int D>
+Choice ChooseFast(int group) {
+  if (group <= 4) {
+    return {&AttentionFastKernel<T, D, 4>, static_cast<size_t>(FastCfg<T, D, 4>::kSmemBytes), 4};
   }
-  if (d == 128) {
-    return {&AttentionFastKernel<T, 128>, static_cast<size_t>(FastCfg<T, 128>::kSmemBytes)};
-  }
-  return {&AttentionGenericKernel<T>, GenericSmemBytes(d)};
+  return {&AttentionFastKernel<T, D, 8>, static_cast<size_t>(FastCfg<T, D, 8>::kSmemBytes), 8};
 }
 
-Choice ChooseKernel(DType t, int d) {
+template <typename T>
+Choice ChooseForType(int d, int group) {
+  if (d == 64) {
+    return ChooseFast<T, 64>(group);
+  }
+  if (d == 128) {
+    return ChooseFast<T, 128>(group);
+  }
+  return {&AttentionGenericKernel<T>, GenericSmemBytes(d), kMaxG};
+}
+
+Choice ChooseKernel(DType t, int d, int group) {
   switch (t) {
     case DType::kF32:
-      return ChooseForType<float>(d);
+      return ChooseForType<float>(d, group);
     case DType::kF16:
-      return ChooseForType<__half>(d);
+      return ChooseForType<__half>(d, group);
     case DType::kBF16:
-      return ChooseForType<__nv_bfloat16>(d);
+      return ChooseForType<__nv_bfloat16>(d, group);
   }
-  return {nullptr, 0};
+  return {nullptr, 0, kMaxG};
 }
 
 cudaError_t PrepareKernel(const Choice& ch) {
@@ -653,14 +667,14 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return 0;
   }
-  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim));
+  const int64_t group = p.num_q_heads / p.num_kv_heads;
+  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), static_cast<int>(group));
   int per_sm = 1;
   if (PrepareKernel(ch) != cudaSuccess || cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                                               &per_sm, ch.fn, kThreads, ch.smem) != cudaSuccess) {
     per_sm = 1;
   }
-  const int64_t group = p.num_q_heads / p.num_kv_heads;
-  const int64_t subs = (group + kMaxG - 1) / kMaxG;
+  const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
   const int64_t base = p.num_q_tokens * p.num_kv_heads * subs;
   const int64_t slots = static_cast<int64_t>(sms) * std::max(1, per_sm);
   // One wave: as many chunks per sequence as leave every resident slot busy.
@@ -716,7 +730,9 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.num_q_heads = static_cast<int>(p.num_q_heads);
   a.num_kv_heads = static_cast<int>(p.num_kv_heads);
   a.group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
-  a.subs = (a.group + kMaxG - 1) / kMaxG;
+  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), a.group);
+  a.sub_size = ch.sub_size;
+  a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk =
       static_cast<int>(parts > 1 ? BlocksPerChunk(p) : std::max<int64_t>(1, p.max_blocks_per_seq));
@@ -727,7 +743,6 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.ws_o = parts > 1 ? static_cast<float*>(workspace) : nullptr;
   a.ws_lse = parts > 1 ? a.ws_o + parts * rows * p.head_dim : nullptr;
 
-  const Choice ch = ChooseKernel(p.kv.dtype, a.d);
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
                   static_cast<unsigned>(parts));
