@@ -6,15 +6,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/sampler/sampler.h"
 #include "kernels/attention.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/ops_cuda.h"
+#include "kernels/gemm.h"
 #include "kernels/merge.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/silu_mul.h"
 #include "kernels/test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -410,6 +418,403 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, RoPE, SiLU*mul
+
+TEST_F(CudaOpsTest, RmsNormPlainResidualAndInPlace) {
+  std::mt19937 rng(31);
+  for (int64_t rows : {1, 7}) {
+    for (int64_t dim : {8, 1000, 4096}) {
+      for (int mode = 0; mode < 3; ++mode) {  // 0 plain, 1 fused residual, 2 out aliases x
+        const std::vector<float> x = RandomVector(rng, rows * dim, -3.0f, 3.0f);
+        const std::vector<float> w = RandomVector(rng, dim);
+        const std::vector<float> res0 = RandomVector(rng, rows * dim);
+        std::vector<float> res = res0, out(rows * dim), x_cpu = x;
+        RmsNormCpu({.x = x_cpu.data(),
+                    .residual = mode == 1 ? res.data() : nullptr,
+                    .weight = w.data(),
+                    .out = mode == 2 ? x_cpu.data() : out.data(),
+                    .rows = rows,
+                    .dim = dim,
+                    .eps = 1e-5f},
+                   nullptr);
+        DeviceBuffer<float> d_x(x), d_w(w), d_res(res0), d_out(rows * dim);
+        ASSERT_EQ(cuda::RmsNormCuda({.x = d_x.get(),
+                                     .residual = mode == 1 ? d_res.get() : nullptr,
+                                     .weight = d_w.get(),
+                                     .out = mode == 2 ? d_x.get() : d_out.get(),
+                                     .rows = rows,
+                                     .dim = dim,
+                                     .eps = 1e-5f},
+                                    nullptr),
+                  cudaSuccess);
+        const std::string what = "rows=" + std::to_string(rows) + " dim=" + std::to_string(dim) +
+                                 " mode=" + std::to_string(mode);
+        const std::vector<float> got = mode == 2 ? d_x.Download() : d_out.Download();
+        ExpectAllNear(ToDouble(mode == 2 ? x_cpu : out), got.data(), kF32Tol, kF32Tol, what);
+        if (mode == 1) {
+          ExpectAllNear(ToDouble(res), d_res.Download().data(), 0, 0, what + " residual");
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, RopeBothStyles) {
+  std::mt19937 rng(32);
+  const std::vector<int32_t> positions = {0, 1, 7, 4095, 500000, 1000000, 123457};
+  struct Shape {
+    int64_t heads, head_dim, rotary_dim;
+  };
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    for (Shape sh : {Shape{3, 16, 16}, Shape{2, 64, 32}, Shape{32, 128, 128}, Shape{1, 10, 6},
+                     Shape{2, 256, 200}}) {
+      for (float theta : {10000.0f, 1000000.0f}) {
+        const int64_t tokens = static_cast<int64_t>(positions.size());
+        std::vector<float> x = RandomVector(rng, tokens * sh.heads * sh.head_dim);
+        DeviceBuffer<float> d_x(x);
+        DeviceBuffer<int32_t> d_pos(positions);
+        RopeParams p{.x = x.data(),
+                     .positions = positions.data(),
+                     .tokens = tokens,
+                     .heads = sh.heads,
+                     .head_dim = sh.head_dim,
+                     .rotary_dim = sh.rotary_dim,
+                     .theta = theta,
+                     .style = style};
+        RopeCpu(p, nullptr);
+        p.x = d_x.get();
+        p.positions = d_pos.get();
+        ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+        ExpectAllNear(ToDouble(x), d_x.Download().data(), kF32Tol, kF32Tol,
+                      std::string(style == RopeStyle::kHalf ? "half" : "interleaved") + " d=" +
+                          std::to_string(sh.head_dim) + " rot=" + std::to_string(sh.rotary_dim));
+      }
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, SiluMul) {
+  std::mt19937 rng(33);
+  for (int64_t n : {1, 1000, 100003}) {
+    const std::vector<float> g = RandomVector(rng, n, -12.0f, 12.0f);
+    const std::vector<float> u = RandomVector(rng, n, -3.0f, 3.0f);
+    std::vector<float> want(n);
+    SiluMulCpu({.gate = g.data(), .up = u.data(), .out = want.data(), .n = n}, nullptr);
+    DeviceBuffer<float> d_g(g), d_u(u);
+    // In place on gate, as the CPU contract allows.
+    ASSERT_EQ(
+        cuda::SiluMulCuda({.gate = d_g.get(), .up = d_u.get(), .out = d_g.get(), .n = n}, nullptr),
+        cudaSuccess);
+    ExpectAllNear(ToDouble(want), d_g.Download().data(), kF32Tol, kF32Tol,
+                  "n=" + std::to_string(n));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// K/V write and embedding: exact (conversions round to nearest even on both backends).
+
+// Pool contents as floats (NaN stays NaN) for an exact comparison.
+std::vector<double> PoolValues(const KvPoolView& v, const unsigned char* bytes, int64_t blocks) {
+  std::vector<double> out(blocks * v.block_elems());
+  for (size_t i = 0; i < out.size(); ++i) {
+    uint16_t h;
+    switch (v.dtype) {
+      case DType::kF32:
+        out[i] = reinterpret_cast<const float*>(bytes)[i];
+        break;
+      case DType::kF16:
+        std::memcpy(&h, bytes + 2 * i, 2);
+        out[i] = HalfToFloat(h);
+        break;
+      case DType::kBF16:
+        std::memcpy(&h, bytes + 2 * i, 2);
+        out[i] = Bf16ToFloat(h);
+        break;
+    }
+  }
+  return out;
+}
+
+TEST_F(CudaOpsTest, WriteKvBatchAndSingle) {
+  std::mt19937 rng(34);
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    Pool pool(dt, 3, 2, 4, 8, 5);
+    pool.FillRandom(rng);
+    const int64_t tokens = 6, hd = 2 * 8;
+    std::vector<float> k = RandomVector(rng, tokens * hd, -2.0f, 2.0f);
+    std::vector<float> v = RandomVector(rng, tokens * hd, -2.0f, 2.0f);
+    // Values that exercise the rounding: half overflow / tie, subnormals, NaN, inf.
+    k[0] = 65520.0f;
+    k[1] = 65519.0f;
+    k[2] = 1e-7f;
+    k[3] = std::nanf("");
+    k[4] = -kInf;
+    k[5] = 1.00048828125f;  // half tie
+    v[0] = 3.0e38f;
+    const std::vector<int32_t> block = {3, 0, -1, 4, 3, 1};  // -1: not this rank's token
+    const std::vector<int32_t> slot = {1, 3, 0, 0, 2, 1};
+    const int64_t layer = 2;
+    DeviceBuffer<unsigned char> d_pool(pool.host);
+    KvPoolView dv = pool.view;
+    dv.base = d_pool.get();
+    DeviceBuffer<float> d_k(k), d_v(v);
+    DeviceBuffer<int32_t> d_block(block), d_slot(slot);
+    ASSERT_EQ(cuda::WriteKvBatchCuda({.kv = dv,
+                                      .layer = layer,
+                                      .k = d_k.get(),
+                                      .v = d_v.get(),
+                                      .block = d_block.get(),
+                                      .token_in_block = d_slot.get(),
+                                      .tokens = tokens - 1},
+                                     nullptr),
+              cudaSuccess);
+    // The last token through the single-token launcher.
+    ASSERT_EQ(cuda::WriteKvCuda(dv, block[5], layer, slot[5], d_k.get() + 5 * hd,
+                                d_v.get() + 5 * hd, nullptr),
+              cudaSuccess);
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (block[t] >= 0) {
+        WriteKv(pool.view, block[t], layer, slot[t], k.data() + t * hd, v.data() + t * hd);
+      }
+    }
+    const std::vector<unsigned char> got = d_pool.Download();
+    const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
+    const std::vector<float> got_f(got_v.begin(), got_v.end());
+    ExpectAllNear(PoolValues(pool.view, pool.host.data(), pool.blocks), got_f.data(), 0, 0,
+                  DTypeName(dt));
+  }
+}
+
+TEST_F(CudaOpsTest, EmbeddingGather) {
+  std::mt19937 rng(35);
+  const int64_t vocab = 50, dim = 24;
+  const std::vector<int32_t> ids = {0, 49, 7, 7, -1, 50, 13};
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    const std::vector<float> table = RandomVector(rng, vocab * dim);
+    std::vector<unsigned char> bytes(vocab * dim * DTypeSize(dt));
+    std::vector<float> want(ids.size() * dim, 0.0f);
+    for (int64_t i = 0; i < vocab * dim; ++i) {
+      if (dt == DType::kF32) {
+        std::memcpy(bytes.data() + 4 * i, &table[i], 4);
+      } else {
+        const uint16_t h = ToStorage(dt, table[i]);
+        std::memcpy(bytes.data() + 2 * i, &h, 2);
+      }
+    }
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (ids[i] < 0 || ids[i] >= vocab) {
+        continue;
+      }
+      for (int64_t e = 0; e < dim; ++e) {
+        const int64_t off = ids[i] * dim + e;
+        uint16_t h;
+        if (dt == DType::kF32) {
+          want[i * dim + e] = table[off];
+        } else {
+          std::memcpy(&h, bytes.data() + 2 * off, 2);
+          want[i * dim + e] = dt == DType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
+        }
+      }
+    }
+    DeviceBuffer<unsigned char> d_table(bytes);
+    DeviceBuffer<int32_t> d_ids(ids);
+    DeviceBuffer<float> d_out(ids.size() * dim);
+    ASSERT_EQ(cuda::EmbeddingCuda({.table = d_table.get(),
+                                   .dtype = dt,
+                                   .ids = d_ids.get(),
+                                   .out = d_out.get(),
+                                   .n = static_cast<int64_t>(ids.size()),
+                                   .dim = dim,
+                                   .vocab = vocab},
+                                  nullptr),
+              cudaSuccess);
+    ExpectAllNear(ToDouble(want), d_out.Download().data(), 0, 0, DTypeName(dt));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token selection, against engine/sampler itself.
+
+TEST_F(CudaOpsTest, ArgmaxMatchesGreedySampler) {
+  std::mt19937 rng(36);
+  std::vector<std::vector<float>> rows;
+  for (int64_t vocab : {1, 7, 32000, 151936}) {
+    rows.push_back(RandomVector(rng, vocab, -10.0f, 10.0f));
+  }
+  std::vector<float> ties = RandomVector(rng, 5000);
+  for (float& x : ties) {
+    x = std::round(x * 2.0f);  // many equal maxima: the lowest id wins
+  }
+  rows.push_back(ties);
+  std::vector<float> nan0 = RandomVector(rng, 100);
+  nan0[0] = std::nanf("");  // the sequential scan keeps index 0
+  rows.push_back(nan0);
+  std::vector<float> nan_mid = RandomVector(rng, 100);
+  nan_mid[40] = std::nanf("");
+  nan_mid[60] = 5.0f;
+  rows.push_back(nan_mid);
+  rows.push_back(std::vector<float>(300, -kInf));
+  std::vector<float> late = std::vector<float>(2000, -1.0f);
+  late[1999] = kInf;
+  rows.push_back(late);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    SamplingParams sp;
+    sp.temperature = 0;
+    std::vector<float> copy = rows[r];
+    const int32_t want =
+        Sampler(sp, {}).Sample(copy.data(), static_cast<int64_t>(copy.size())).token;
+    DeviceBuffer<float> d_logits(rows[r]);
+    DeviceBuffer<int32_t> d_out(1);
+    ASSERT_EQ(cuda::ArgmaxCuda({.logits = d_logits.get(),
+                                .out = d_out.get(),
+                                .rows = 1,
+                                .vocab = static_cast<int64_t>(rows[r].size())},
+                               nullptr),
+              cudaSuccess);
+    EXPECT_EQ(d_out.Download()[0], want) << "row " << r;
+  }
+  // Several rows in one launch.
+  const int64_t vocab = 1000, n = 5;
+  std::vector<float> batch = RandomVector(rng, vocab * n);
+  DeviceBuffer<float> d_batch(batch);
+  DeviceBuffer<int32_t> d_out(n);
+  ASSERT_EQ(cuda::ArgmaxCuda(
+                {.logits = d_batch.get(), .out = d_out.get(), .rows = n, .vocab = vocab}, nullptr),
+            cudaSuccess);
+  const std::vector<int32_t> got = d_out.Download();
+  for (int64_t r = 0; r < n; ++r) {
+    EXPECT_EQ(got[r], std::max_element(batch.begin() + r * vocab, batch.begin() + (r + 1) * vocab) -
+                          (batch.begin() + r * vocab));
+  }
+}
+
+TEST_F(CudaOpsTest, SampleMatchesSamplerGivenItsDraw) {
+  std::mt19937 rng(37);
+  struct Knobs {
+    float temperature;
+    int32_t top_k;
+    float top_p, min_p;
+  };
+  const std::vector<Knobs> knobs = {{1.0f, 0, 1.0f, 0.0f},    {0.7f, 40, 1.0f, 0.0f},
+                                    {1.0f, 0, 0.9f, 0.0f},    {1.5f, 50, 0.5f, 0.0f},
+                                    {1.0f, 0, 1.0f, 0.05f},   {0.8f, 1, 1.0f, 0.0f},
+                                    {1.0f, 999, 0.95f, 0.02f}};
+  int mismatches = 0, total = 0;
+  for (int64_t vocab : {1000, 32000}) {
+    for (bool tied : {false, true}) {
+      for (const Knobs& kn : knobs) {
+        for (uint64_t seed = 1; seed <= 6; ++seed) {
+          std::vector<float> logits = RandomVector(rng, vocab, -8.0f, 8.0f);
+          if (tied) {
+            for (float& x : logits) {
+              x = std::round(x);  // long runs of equal scores: ties cut by id
+            }
+          }
+          SamplingParams sp;
+          sp.temperature = kn.temperature;
+          sp.top_k = kn.top_k;
+          sp.top_p = kn.top_p;
+          sp.min_p = kn.min_p;
+          sp.seed = seed;
+          std::vector<float> copy = logits;
+          const int32_t want = Sampler(sp, {}).Sample(copy.data(), vocab).token;
+          // The sampler's one draw from its generator.
+          std::mt19937_64 gen(seed);
+          const double u = std::uniform_real_distribution<double>(0.0, 1.0)(gen);
+          DeviceBuffer<float> d_logits(logits), d_t(std::vector<float>{kn.temperature}),
+              d_p(std::vector<float>{kn.top_p}), d_m(std::vector<float>{kn.min_p});
+          DeviceBuffer<int32_t> d_k(std::vector<int32_t>{kn.top_k}), d_out(1);
+          DeviceBuffer<double> d_u(std::vector<double>{u});
+          ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
+                                      .temperature = d_t.get(),
+                                      .top_k = d_k.get(),
+                                      .top_p = d_p.get(),
+                                      .min_p = d_m.get(),
+                                      .u = d_u.get(),
+                                      .out = d_out.get(),
+                                      .rows = 1,
+                                      .vocab = vocab},
+                                     nullptr),
+                    cudaSuccess);
+          const int32_t got = d_out.Download()[0];
+          ++total;
+          if (got != want) {
+            ++mismatches;
+            ADD_FAILURE() << "vocab=" << vocab << " tied=" << tied << " T=" << kn.temperature
+                          << " top_k=" << kn.top_k << " top_p=" << kn.top_p << " min_p=" << kn.min_p
+                          << " seed=" << seed << ": got " << got << " want " << want;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM through cuBLAS
+
+TEST_F(CudaOpsTest, GemmAllWeightTypes) {
+  std::mt19937 rng(38);
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  struct Shape {
+    int64_t m, n, k;
+  };
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (Shape sh : {Shape{1, 64, 256}, Shape{3, 1000, 4096}, Shape{16, 288, 768}, Shape{2, 5, 0},
+                     Shape{7, 33, 17}}) {
+      for (bool bias : {false, true}) {
+        const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
+        const std::vector<float> w = RandomVector(rng, sh.n * sh.k);
+        const std::vector<float> b = RandomVector(rng, sh.n);
+        std::vector<unsigned char> wb(sh.n * sh.k * DTypeSize(dt));
+        for (int64_t i = 0; i < sh.n * sh.k; ++i) {
+          if (dt == DType::kF32) {
+            std::memcpy(wb.data() + 4 * i, &w[i], 4);
+          } else {
+            const uint16_t h = ToStorage(dt, w[i]);
+            std::memcpy(wb.data() + 2 * i, &h, 2);
+          }
+        }
+        GemmParams p{.x = x.data(),
+                     .w = wb.data(),
+                     .bias = bias ? b.data() : nullptr,
+                     .y = nullptr,
+                     .m = sh.m,
+                     .n = sh.n,
+                     .k = sh.k,
+                     .w_dtype = dt};
+        std::vector<float> want(sh.m * sh.n);
+        p.y = want.data();
+        GemmCpu(p, nullptr);
+        DeviceBuffer<float> d_x(x), d_b(b), d_y(sh.m * sh.n);
+        DeviceBuffer<unsigned char> d_w(wb);
+        p.x = d_x.get();
+        p.w = d_w.get();
+        p.bias = bias ? d_b.get() : nullptr;
+        p.y = d_y.get();
+        DeviceBuffer<unsigned char> ws(cuda::GemmCudaWorkspaceBytes(p));
+        ASSERT_EQ(cuda::GemmCuda(handle, p, ws.get(), nullptr), cudaSuccess);
+        // Tolerance relative to the outputs' scale: fp32 sums in another order; 16-bit weights
+        // also see activations rounded to the weight type.
+        double rms = 0;
+        for (float v : want) {
+          rms += static_cast<double>(v) * v;
+        }
+        rms = std::sqrt(rms / std::max<size_t>(1, want.size())) + 1e-30;
+        const double tol = dt == DType::kF32 ? 1e-5 : (dt == DType::kBF16 ? 1.5e-2 : 3e-3);
+        ExpectAllNear(ToDouble(want), d_y.Download().data(), tol, tol * rms,
+                      std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
+                          " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
+                          (bias ? " bias" : ""));
+      }
+    }
+  }
+  cublasDestroy(handle);
 }
 
 }  // namespace

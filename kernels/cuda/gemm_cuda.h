@@ -1,0 +1,31 @@
+// Dense y = x w^T (+ bias) on the GPU through cuBLAS, with GemmCpu's contract
+// (kernels/gemm.h): fp32 activations, bias and output; weights fp32, fp16 or bf16; fp32
+// accumulation. For 16-bit weights the activations are first rounded (nearest even) to the
+// weight type into the caller's workspace (cuBLAS multiplies equal input types), so results
+// agree with the CPU to bf16 / fp16 tolerance, not fp32's. fp32 weights use plain fp32 (no
+// TF32). Stateless; thread-safe for distinct handles.
+#ifndef HELIX_KERNELS_CUDA_GEMM_CUDA_H_
+#define HELIX_KERNELS_CUDA_GEMM_CUDA_H_
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "kernels/gemm.h"
+
+namespace helix::kernels::cuda {
+
+// Workspace bytes GemmCuda needs: m * k of the weight type for 16-bit weights, else 0.
+size_t GemmCudaWorkspaceBytes(const GemmParams& p);
+
+// REQUIRES: device pointers; workspace of GemmCudaWorkspaceBytes(p) bytes (256-byte aligned);
+//   `handle` is the caller's (created once; give it its own workspace with cublasSetWorkspace
+//   before capturing CUDA graphs, so that cuBLAS allocates nothing). Sets the handle's stream.
+// Returns cudaErrorUnknown (after printing the cuBLAS status) when cuBLAS fails.
+cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
+                     cudaStream_t stream);
+
+}  // namespace helix::kernels::cuda
+
+#endif  // HELIX_KERNELS_CUDA_GEMM_CUDA_H_

@@ -1,0 +1,566 @@
+#include "kernels/cuda/ops_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_util.cuh"
+
+namespace helix::kernels::cuda {
+namespace {
+
+constexpr int kElemThreads = 256;
+
+// KvOffset (kernels/attention.h) on the device.
+__device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_t layer, int c,
+                                      int64_t head, int64_t token) {
+  const int64_t block_elems = v.num_layers * 2 * v.num_kv_heads * v.tokens_per_block * v.head_dim;
+  return block * block_elems +
+         (((layer * 2 + c) * v.num_kv_heads + head) * v.tokens_per_block + token) * v.head_dim;
+}
+
+unsigned GridFor(int64_t n, int threads) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + threads - 1) / threads, 1, 1 << 20));
+}
+
+template <typename T>
+__device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? (other > v ? other : v) : v + other;
+  }
+  __syncthreads();  // smem32 may still be read by a previous reduction
+  if (lane == 0) {
+    smem32[warp] = v;
+  }
+  __syncthreads();
+  T r = smem32[0];
+  for (int w = 1; w < warps; ++w) {
+    r = is_max ? (smem32[w] > r ? smem32[w] : r) : r + smem32[w];
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: one thread block per row.
+
+__global__ void RmsNormKernel(const RmsNormParams p) {
+  __shared__ double red[32];
+  const int64_t r = blockIdx.x;
+  const float* x = p.x + r * p.dim;
+  float* res = p.residual != nullptr ? p.residual + r * p.dim : nullptr;
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
+    float v = x[i];
+    if (res != nullptr) {
+      v = res[i] + v;
+      res[i] = v;
+    }
+    s += static_cast<double>(v) * v;
+  }
+  s = BlockReduce(s, red, false);
+  const float inv =
+      static_cast<float>(1.0 / sqrt(s / static_cast<double>(p.dim) + static_cast<double>(p.eps)));
+  const float* v = res != nullptr ? res : x;
+  float* out = p.out + r * p.dim;
+  for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
+    out[i] = __fmul_rn(__fmul_rn(v[i], inv), p.weight[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE: one thread per (token, pair), applied to every head.
+
+__global__ void RopeKernel(const RopeParams p) {
+  const int64_t half = p.rotary_dim / 2;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < p.tokens * half; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / half;
+    const int64_t i = idx % half;
+    const double inv_freq = pow(static_cast<double>(p.theta),
+                                -2.0 * static_cast<double>(i) / static_cast<double>(p.rotary_dim));
+    const double angle = static_cast<double>(p.positions[t]) * inv_freq;
+    double sd, cd;
+    sincos(angle, &sd, &cd);
+    const float c = static_cast<float>(cd);
+    const float s = static_cast<float>(sd);
+    float* xt = p.x + t * p.heads * p.head_dim;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      float* xh = xt + h * p.head_dim;
+      const int64_t i0 = p.style == RopeStyle::kInterleaved ? 2 * i : i;
+      const int64_t i1 = p.style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+      const float a = xh[i0];
+      const float b = xh[i1];
+      xh[i0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+      xh[i1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU * mul, K/V write and embedding: element-wise, grid-stride.
+
+__global__ void SiluMulKernel(const SiluMulParams p) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = p.gate[i];
+    p.out[i] = g * p.up[i] / (1.0f + expf(-g));
+  }
+}
+
+template <typename T>
+__global__ void WriteKvKernel(const WriteKvBatchParams p) {
+  const int64_t d = p.kv.head_dim;
+  const int64_t per_token = 2 * p.kv.num_kv_heads * d;
+  T* base = static_cast<T*>(p.kv.base);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < p.tokens * per_token; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / per_token;
+    const int64_t rest = idx % per_token;
+    const int c = static_cast<int>(rest / (p.kv.num_kv_heads * d));
+    const int64_t he = rest % (p.kv.num_kv_heads * d);  // head * d + e
+    const int32_t block = p.block[t];
+    if (block < 0) {
+      continue;
+    }
+    const int64_t off = DevKvOffset(p.kv, block, p.layer, c, he / d, p.token_in_block[t]) + he % d;
+    base[off] = FromFloat<T>((c == 0 ? p.k : p.v)[t * p.kv.num_kv_heads * d + he]);
+  }
+}
+
+template <typename T>
+__global__ void EmbeddingKernel(const EmbeddingParams p) {
+  const T* table = static_cast<const T*>(p.table);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < p.n * p.dim;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / p.dim;
+    const int64_t id = p.ids[i];
+    p.out[idx] = id >= 0 && id < p.vocab ? ToFloat(table[id * p.dim + idx % p.dim]) : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy argmax: one thread block per row; (value desc, id asc) with NaN never better.
+
+constexpr int kRowThreads = 1024;
+
+__device__ inline bool Better(float v, int i, float bv, int bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+__global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p) {
+  __shared__ float s_v[32];
+  __shared__ int s_i[32];
+  const float* row = p.logits + blockIdx.x * p.vocab;
+  float bv = kNegInf;
+  int bi = INT_MAX;
+  for (int64_t i = threadIdx.x; i < p.vocab; i += blockDim.x) {
+    const float v = row[i];
+    if (!isnan(v) && Better(v, static_cast<int>(i), bv, bi)) {
+      bv = v;
+      bi = static_cast<int>(i);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (Better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    s_v[warp] = bv;
+    s_i[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) {
+      if (Better(s_v[w], s_i[w], bv, bi)) {
+        bv = s_v[w];
+        bi = s_i[w];
+      }
+    }
+    // A NaN at index 0 is never replaced by the sequential scan; all-NaN rows give 0 too.
+    p.out[blockIdx.x] = isnan(row[0]) || bi == INT_MAX ? 0 : bi;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling: one thread block per row. The sorted candidate order (score desc, id asc) is
+// never materialised: each cut (top-k, top-p, the draw) is found by a radix descent over the
+// scores' order-preserving bit patterns (4 passes of 8 bits, histograms of counts and
+// probability mass in shared memory), then among the tied scores by id.
+
+// Order-preserving map of a float to uint32 (larger float -> larger key); -0 as +0.
+__device__ inline uint32_t OrderKey(float f) {
+  const uint32_t b = __float_as_uint(f == 0.0f ? 0.0f : f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ inline float KeyToFloat(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+struct Cut {  // candidates: key > key, or key == key and id <= id
+  bool on;
+  uint32_t key;
+  int id;
+  __device__ bool Keeps(uint32_t k, int i) const { return !on || k > key || (k == key && i <= id); }
+};
+
+struct SampleRow {
+  const float* logits;
+  int64_t vocab;
+  float temp;
+  double top;  // max score
+  Cut top_k, top_p;
+  double min_p;  // 0 = off
+
+  __device__ float Score(int64_t i) const { return logits[i] / temp; }
+  __device__ double Prob(float s) const { return exp(static_cast<double>(s) - top); }
+  // level 0: every token; 1: after top-k; 2: after top-p; 3: after min-p.
+  __device__ bool In(int level, uint32_t k, int i, double prob) const {
+    return (level < 1 || top_k.Keeps(k, i)) && (level < 2 || top_p.Keeps(k, i)) &&
+           (level < 3 || min_p <= 0.0 || prob >= min_p);
+  }
+};
+
+struct SampleShared {
+  double hist[256];
+  int count[256];
+  double red_d[32];
+  int scan[32];
+  uint32_t prefix;
+  double above;
+  int found;
+};
+
+// Sum of the probabilities of the level's candidates.
+__device__ double LevelMass(const SampleRow& row, int level, SampleShared* sh) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < row.vocab; i += blockDim.x) {
+    const float sc = row.Score(i);
+    const double pr = row.Prob(sc);
+    if (row.In(level, OrderKey(sc), static_cast<int>(i), pr)) {
+      s += pr;
+    }
+  }
+  return BlockReduce(s, sh->red_d, false);
+}
+
+// The id of the n-th (1-based, in id order) candidate of `level` whose key is `key`.
+__device__ int NthTied(const SampleRow& row, int level, uint32_t key, int n, SampleShared* sh) {
+  const int64_t chunk = (row.vocab + blockDim.x - 1) / blockDim.x;
+  const int64_t b = threadIdx.x * chunk;
+  const int64_t e = min(row.vocab, b + chunk);
+  int c = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const float sc = row.Score(i);
+    c += OrderKey(sc) == key && row.In(level, key, static_cast<int>(i), row.Prob(sc));
+  }
+  // Exclusive scan of the counts over the block.
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int incl = c;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) {
+      incl += y;
+    }
+  }
+  __syncthreads();
+  if (lane == 31) {
+    sh->scan[warp] = incl;
+  }
+  if (threadIdx.x == 0) {
+    sh->found = -1;
+  }
+  __syncthreads();
+  int before = incl - c;
+  for (int w = 0; w < warp; ++w) {
+    before += sh->scan[w];
+  }
+  if (n > before && n <= before + c) {
+    int seen = before;
+    for (int64_t i = b; i < e; ++i) {
+      const float sc = row.Score(i);
+      if (OrderKey(sc) == key && row.In(level, key, static_cast<int>(i), row.Prob(sc)) &&
+          ++seen == n) {
+        sh->found = static_cast<int>(i);
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return sh->found;
+}
+
+// The first candidate of `level` in sorted order at which the cumulative weight (count, or
+// probability when use_prob) reaches target (>= target, or > target when strict); when none
+// does (target beyond the total), the last candidate. Returns its key and id.
+__device__ Cut SelectCut(const SampleRow& row, int level, bool use_prob, double target, bool strict,
+                         SampleShared* sh) {
+  if (threadIdx.x == 0) {
+    sh->prefix = 0;
+    sh->above = 0.0;
+  }
+  int tied = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+      sh->hist[b] = 0.0;
+      sh->count[b] = 0;
+    }
+    __syncthreads();
+    const uint32_t prefix = sh->prefix;
+    const uint32_t mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+    for (int64_t i = threadIdx.x; i < row.vocab; i += blockDim.x) {
+      const float sc = row.Score(i);
+      const uint32_t k = OrderKey(sc);
+      if ((k & mask) != prefix) {
+        continue;
+      }
+      const double pr = row.Prob(sc);
+      if (!row.In(level, k, static_cast<int>(i), pr)) {
+        continue;
+      }
+      const int bin = (k >> shift) & 255;
+      atomicAdd(&sh->hist[bin], use_prob ? pr : 1.0);
+      atomicAdd(&sh->count[bin], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double acc = sh->above;
+      int chosen = -1, last = -1;
+      double acc_last = acc;
+      for (int b = 255; b >= 0; --b) {
+        if (sh->count[b] == 0) {
+          continue;
+        }
+        const double next = acc + sh->hist[b];
+        if (strict ? next > target : next >= target) {
+          chosen = b;
+          break;
+        }
+        last = b;
+        acc_last = acc;
+        acc = next;
+      }
+      if (chosen < 0) {  // past the total: the last candidate
+        chosen = last;
+        acc = acc_last;
+      }
+      sh->above = acc;
+      sh->prefix = prefix | (static_cast<uint32_t>(chosen < 0 ? 0 : chosen) << shift);
+      sh->scan[0] = chosen < 0 ? 0 : sh->count[chosen];
+    }
+    __syncthreads();
+    tied = sh->scan[0];
+  }
+  const uint32_t key = sh->prefix;
+  const double above = sh->above;
+  __syncthreads();
+  // How many of the tied candidates (equal weight each) are needed.
+  const double w = use_prob ? row.Prob(KeyToFloat(key)) : 1.0;
+  int n;
+  if (strict) {
+    n = static_cast<int>(floor((target - above) / w)) + 1;
+  } else {
+    n = static_cast<int>(ceil((target - above) / w));
+  }
+  n = max(1, min(n, tied));
+  Cut cut;
+  cut.on = true;
+  cut.key = key;
+  cut.id = NthTied(row, level, key, n, sh);
+  return cut;
+}
+
+__global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p) {
+  __shared__ SampleShared sh;
+  const int64_t r = blockIdx.x;
+  SampleRow row;
+  row.logits = p.logits + r * p.vocab;
+  row.vocab = p.vocab;
+  row.temp = p.temperature[r];
+  row.top_k.on = false;
+  row.top_p.on = false;
+  row.min_p = 0.0;
+  float mx = kNegInf;
+  for (int64_t i = threadIdx.x; i < p.vocab; i += blockDim.x) {
+    mx = fmaxf(mx, row.Score(i));
+  }
+  __shared__ float red_f[32];
+  row.top = BlockReduce(mx, red_f, true);
+
+  const int k = p.top_k[r];
+  if (k > 0 && k < p.vocab) {
+    row.top_k = SelectCut(row, 0, false, static_cast<double>(k), false, &sh);
+  }
+  const float top_p = p.top_p[r];
+  if (top_p < 1.0f) {
+    const double total = LevelMass(row, 1, &sh);
+    row.top_p = SelectCut(row, 1, true, static_cast<double>(top_p) * total, false, &sh);
+  }
+  row.min_p = p.min_p[r];
+  const double kept = LevelMass(row, 3, &sh);
+  const Cut pick = SelectCut(row, 3, true, p.u[r] * kept, true, &sh);
+  if (threadIdx.x == 0) {
+    p.out[r] = pick.id;
+  }
+}
+
+}  // namespace
+
+cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.dim <= 0) {
+    return cudaSuccess;
+  }
+  RmsNormKernel<<<static_cast<unsigned>(p.rows), kElemThreads, 0, stream>>>(p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
+  if (p.tokens <= 0 || p.heads <= 0 || p.rotary_dim < 2) {
+    return cudaSuccess;
+  }
+  const int64_t n = p.tokens * (p.rotary_dim / 2);
+  RopeKernel<<<GridFor(n, kElemThreads), kElemThreads, 0, stream>>>(p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t SiluMulCuda(const SiluMulParams& p, cudaStream_t stream) {
+  if (p.n <= 0) {
+    return cudaSuccess;
+  }
+  SiluMulKernel<<<GridFor(p.n, kElemThreads), kElemThreads, 0, stream>>>(p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t WriteKvBatchCuda(const WriteKvBatchParams& p, cudaStream_t stream) {
+  const int64_t n = p.tokens * 2 * p.kv.num_kv_heads * p.kv.head_dim;
+  if (n <= 0) {
+    return cudaSuccess;
+  }
+  const unsigned grid = GridFor(n, kElemThreads);
+  switch (p.kv.dtype) {
+    case DType::kF32:
+      WriteKvKernel<float><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+    case DType::kF16:
+      WriteKvKernel<__half><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+    case DType::kBF16:
+      WriteKvKernel<__nv_bfloat16><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+  }
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+namespace {
+
+// One token's block and slot as a kernel argument (no device copy of the indices).
+template <typename T>
+__global__ void WriteKvOneKernel(const KvPoolView kv, int64_t block, int64_t layer, int64_t slot,
+                                 const float* k, const float* v) {
+  const int64_t hd = kv.num_kv_heads * kv.head_dim;
+  T* base = static_cast<T*>(kv.base);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < 2 * hd;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(idx / hd);
+    const int64_t he = idx % hd;
+    const int64_t off = DevKvOffset(kv, block, layer, c, he / kv.head_dim, slot) + he % kv.head_dim;
+    base[off] = FromFloat<T>((c == 0 ? k : v)[he]);
+  }
+}
+
+}  // namespace
+
+cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
+                        int64_t token_in_block, const float* k, const float* v,
+                        cudaStream_t stream) {
+  const int64_t n = 2 * view.num_kv_heads * view.head_dim;
+  if (n <= 0) {
+    return cudaSuccess;
+  }
+  const unsigned grid = GridFor(n, kElemThreads);
+  switch (view.dtype) {
+    case DType::kF32:
+      WriteKvOneKernel<float>
+          <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      break;
+    case DType::kF16:
+      WriteKvOneKernel<__half>
+          <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      break;
+    case DType::kBF16:
+      WriteKvOneKernel<__nv_bfloat16>
+          <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      break;
+  }
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream) {
+  const int64_t n = p.n * p.dim;
+  if (n <= 0) {
+    return cudaSuccess;
+  }
+  const unsigned grid = GridFor(n, kElemThreads);
+  switch (p.dtype) {
+    case DType::kF32:
+      EmbeddingKernel<float><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+    case DType::kF16:
+      EmbeddingKernel<__half><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+    case DType::kBF16:
+      EmbeddingKernel<__nv_bfloat16><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+  }
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.vocab <= 0) {
+    return cudaSuccess;
+  }
+  if (p.vocab > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  ArgmaxKernel<<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t SampleCuda(const SampleParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.vocab <= 0) {
+    return cudaSuccess;
+  }
+  if (p.vocab > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  SampleKernel<<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+}  // namespace helix::kernels::cuda

@@ -1,0 +1,93 @@
+// CUDA versions of the element-wise and row-wise ops of kernels/ (RMSNorm, RoPE, K/V write,
+// SiLU*mul), the embedding gather and token selection (greedy argmax, top-k / top-p / min-p
+// sampling). Same Params and semantics as the CPU kernels where one exists; every pointer is a
+// device pointer. Launchers are stateless and thread-safe, never allocate or synchronise
+// (except the debug-build launch check) and return the launch's cudaError_t.
+#ifndef HELIX_KERNELS_CUDA_OPS_CUDA_H_
+#define HELIX_KERNELS_CUDA_OPS_CUDA_H_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/attention.h"
+#include "kernels/dtype.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/silu_mul.h"
+
+namespace helix::kernels::cuda {
+
+// RmsNormCpu semantics (sum of squares in double; residual += x first when set).
+cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream);
+
+// RopeCpu semantics: angles and their sine / cosine in double, both styles.
+cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream);
+
+// SiluMulCpu semantics.
+cudaError_t SiluMulCuda(const SiluMulParams& p, cudaStream_t stream);
+
+// K/V of a batch of tokens into their block slots (WriteKv for each token), converted to the
+// pool dtype with round-to-nearest-even.
+struct WriteKvBatchParams {
+  KvPoolView kv;  // kv.base on the device
+  int64_t layer;
+  const float* k;                 // [tokens][kv.num_kv_heads][kv.head_dim]
+  const float* v;                 // [tokens][kv.num_kv_heads][kv.head_dim]
+  const int32_t* block;           // [tokens] physical block of each token; < 0: not stored here
+                                  // (a Helix rank that does not own the token's position)
+  const int32_t* token_in_block;  // [tokens] slot within the block
+  int64_t tokens;
+};
+cudaError_t WriteKvBatchCuda(const WriteKvBatchParams& p, cudaStream_t stream);
+
+// WriteKv's signature: one token whose block and slot the host knows.
+cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
+                        int64_t token_in_block, const float* k, const float* v,
+                        cudaStream_t stream);
+
+struct EmbeddingParams {
+  const void* table;  // [vocab][dim] of dtype
+  DType dtype = DType::kF32;
+  const int32_t* ids;  // [n]
+  float* out;          // [n][dim]; row i = table[ids[i]] in fp32, zeros for an id outside
+                       // [0, vocab)
+  int64_t n, dim, vocab;
+};
+cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream);
+
+// Greedy token of each row, exactly as engine/sampler's temperature 0: the first index of the
+// largest logit (ties -> lowest id); NaN logits never win, except that a NaN in logits[0]
+// gives 0 (the sequential scan starts from index 0).
+struct ArgmaxParams {
+  const float* logits;  // [rows][vocab]
+  int32_t* out;         // [rows]
+  int64_t rows, vocab;
+};
+cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream);
+
+// Temperature / top-k / top-p / min-p sampling of each row as engine/sampler does it (after
+// its penalties): candidates sorted by (logit / temperature desc, id asc), cut to top_k
+// (<= 0 or >= vocab: off), then to the shortest prefix whose probability reaches top_p
+// (>= 1: off), then to the tokens whose probability is >= min_p x the top one's; the token is
+// the first candidate whose cumulative probability exceeds u x (kept mass). u is the
+// request's uniform draw in [0, 1) (the CPU sampler's std::uniform_real_distribution<double>
+// on its generator), so the same u picks the same token on both backends up to rounding at a
+// boundary. Probabilities are exp(logit / T - max) in double. Done without a full sort:
+// radix selection over the logits' bit patterns, a few passes over each row.
+// REQUIRES: temperature[r] > 0; no NaN logits.
+struct SampleParams {
+  const float* logits;       // [rows][vocab]
+  const float* temperature;  // [rows]
+  const int32_t* top_k;      // [rows]
+  const float* top_p;        // [rows]
+  const float* min_p;        // [rows]
+  const double* u;           // [rows]
+  int32_t* out;              // [rows]
+  int64_t rows, vocab;
+};
+cudaError_t SampleCuda(const SampleParams& p, cudaStream_t stream);
+
+}  // namespace helix::kernels::cuda
+
+#endif  // HELIX_KERNELS_CUDA_OPS_CUDA_H_
