@@ -1,0 +1,449 @@
+#include "engine/transfer/ucx_transfer.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+#include "engine/common/log.h"
+
+namespace helix::transfer {
+
+const char* JobStateName(JobState s) {
+  switch (s) {
+    case JobState::kInProgress:
+      return "in progress";
+    case JobState::kDone:
+      return "done";
+    case JobState::kFailed:
+      return "failed";
+    case JobState::kCancelled:
+      return "cancelled";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr int kMaxOutstandingPerJob = 64;
+
+bool Terminal(JobState s) { return s != JobState::kInProgress; }
+
+}  // namespace
+
+struct UcxTransfer::Impl {
+  struct Record {
+    JobState state = JobState::kInProgress;
+    std::string error;
+  };
+  struct Peer {
+    std::string worker_address;
+    ucp_ep_h ep = nullptr;
+    std::string rkey_bytes;
+    ucp_rkey_h rkey = nullptr;
+    bool failed = false;
+    std::string error;
+  };
+  struct Active {
+    uint64_t id = 0;
+    PullJob job;
+    size_t next = 0;
+    int outstanding = 0;
+    bool cancel = false;
+    bool failed = false;
+    std::string error;
+    uint64_t bytes = 0;
+  };
+  struct OpCtx {
+    Impl* impl;
+    uint64_t job;
+    uint64_t bytes;
+  };
+
+  std::string name;
+  ucp_context_h ctx = nullptr;
+  ucp_worker_h worker = nullptr;
+  ucp_mem_h memh = nullptr;
+  int ucx_fd = -1;
+  int wake_fd = -1;
+  std::thread thread;
+  std::atomic<bool> stop{false};
+
+  mutable std::mutex mu;
+  mutable std::condition_variable cv;
+  std::deque<std::pair<uint64_t, PullJob>> starts;  // GUARDED_BY(mu)
+  std::vector<uint64_t> cancels;                    // GUARDED_BY(mu)
+  std::unordered_map<uint64_t, Record> records;     // GUARDED_BY(mu)
+  uint64_t next_id = 1;                             // GUARDED_BY(mu)
+  TransferStats stats;                              // GUARDED_BY(mu)
+
+  // Progress thread only.
+  std::unordered_map<std::string, Peer> peers;
+  std::unordered_map<uint64_t, Active> active;
+
+  ~Impl() {
+    if (memh != nullptr) ucp_mem_unmap(ctx, memh);
+    if (worker != nullptr) ucp_worker_destroy(worker);
+    if (ctx != nullptr) ucp_cleanup(ctx);
+    if (wake_fd >= 0) close(wake_fd);
+  }
+
+  void Wake() {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(wake_fd, &one, sizeof(one));
+  }
+
+  void Finish(Active& a) {
+    JobState st = a.failed                          ? JobState::kFailed
+                  : a.next == a.job.segments.size() ? JobState::kDone
+                                                    : JobState::kCancelled;
+    if (a.cancel && st == JobState::kFailed) st = JobState::kCancelled;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      Record& r = records[a.id];
+      r.state = st;
+      r.error = a.error;
+      if (st == JobState::kDone) ++stats.jobs_done;
+      if (st == JobState::kFailed) ++stats.jobs_failed;
+      if (st == JobState::kCancelled) ++stats.jobs_cancelled;
+      stats.bytes_pulled += a.bytes;
+    }
+    cv.notify_all();
+  }
+
+  static void OnGet(void* request, ucs_status_t status, void* user_data) {
+    auto* op = static_cast<OpCtx*>(user_data);
+    op->impl->Completed(op->job, op->bytes, status);
+    delete op;
+    ucp_request_free(request);
+  }
+
+  static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* self = static_cast<Impl*>(arg);
+    for (auto& [key, p] : self->peers) {
+      if (p.ep == ep && !p.failed) {
+        p.failed = true;
+        p.error = std::string("peer error: ") + ucs_status_string(status);
+      }
+    }
+  }
+
+  void Completed(uint64_t job, uint64_t bytes, ucs_status_t status) {
+    auto it = active.find(job);
+    if (it == active.end()) return;
+    Active& a = it->second;
+    --a.outstanding;
+    if (status == UCS_OK) {
+      a.bytes += bytes;
+    } else if (!a.failed) {
+      a.failed = true;
+      if (a.error.empty()) a.error = std::string("get failed: ") + ucs_status_string(status);
+    }
+  }
+
+  // Connects to (or reuses) the job's peer; nullptr and *error on failure.
+  Peer* GetPeer(const PullJob& job, std::string* error) {
+    auto it = peers.find(job.peer_key);
+    if (it != peers.end() && !it->second.failed &&
+        it->second.worker_address != job.worker_address) {
+      ClosePeer(job.peer_key, "the peer's worker address changed");
+      it = peers.end();
+    }
+    if (it != peers.end() && it->second.failed) {
+      *error = it->second.error;
+      return nullptr;
+    }
+    if (it == peers.end()) {
+      Peer p;
+      p.worker_address = job.worker_address;
+      ucp_ep_params_t ep{};
+      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.address = reinterpret_cast<const ucp_address_t*>(p.worker_address.data());
+      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep.err_handler.cb = &Impl::OnPeerError;
+      ep.err_handler.arg = this;
+      ucs_status_t st = ucp_ep_create(worker, &ep, &p.ep);
+      if (st != UCS_OK) {
+        *error = std::string("cannot connect: ") + ucs_status_string(st);
+        return nullptr;
+      }
+      it = peers.emplace(job.peer_key, std::move(p)).first;
+    }
+    Peer& p = it->second;
+    if (p.rkey == nullptr || p.rkey_bytes != job.rkey) {
+      if (p.rkey != nullptr) ucp_rkey_destroy(p.rkey);
+      p.rkey = nullptr;
+      p.rkey_bytes = job.rkey;
+      ucs_status_t st = ucp_ep_rkey_unpack(p.ep, p.rkey_bytes.data(), &p.rkey);
+      if (st != UCS_OK) {
+        *error = std::string("cannot unpack the peer's rkey: ") + ucs_status_string(st);
+        return nullptr;
+      }
+    }
+    return &p;
+  }
+
+  // Force-closes a peer's endpoint: its outstanding gets complete with errors. Blocks (on
+  // this thread) until the close is done.
+  void ClosePeer(const std::string& key, std::string why) {
+    auto it = peers.find(key);
+    if (it == peers.end()) return;
+    Peer& p = it->second;
+    for (auto& [id, a] : active) {
+      if (a.job.peer_key == key && !a.failed) {
+        a.failed = true;
+        a.error = why;
+      }
+    }
+    if (p.rkey != nullptr) ucp_rkey_destroy(p.rkey);
+    if (p.ep != nullptr) {
+      ucp_request_param_t prm{};
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      ucs_status_ptr_t req = ucp_ep_close_nbx(p.ep, &prm);
+      if (UCS_PTR_IS_PTR(req)) {
+        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
+        ucp_request_free(req);
+      }
+    }
+    peers.erase(it);
+    // Drain completions of the gets the close cancelled.
+    while (ucp_worker_progress(worker) != 0) {
+    }
+  }
+
+  void Post(Active& a) {
+    if (a.cancel || a.failed) return;
+    auto pit = peers.find(a.job.peer_key);
+    if (pit == peers.end() || pit->second.failed) return;
+    Peer& p = pit->second;
+    while (a.outstanding < kMaxOutstandingPerJob && a.next < a.job.segments.size()) {
+      const Segment& s = a.job.segments[a.next];
+      auto* op = new OpCtx{this, a.id, s.bytes};
+      ucp_request_param_t prm{};
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      prm.cb.send = &Impl::OnGet;
+      prm.user_data = op;
+      ucs_status_ptr_t req = ucp_get_nbx(p.ep, s.local, s.bytes, s.remote_addr, p.rkey, &prm);
+      ++a.next;
+      if (req == nullptr) {
+        a.bytes += s.bytes;
+        delete op;
+      } else if (UCS_PTR_IS_ERR(req)) {
+        delete op;
+        a.failed = true;
+        a.error = std::string("get failed: ") + ucs_status_string(UCS_PTR_STATUS(req));
+        return;
+      } else {
+        ++a.outstanding;
+      }
+    }
+  }
+
+  void Loop() {
+    while (true) {
+      std::deque<std::pair<uint64_t, PullJob>> new_jobs;
+      std::vector<uint64_t> new_cancels;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        new_jobs.swap(starts);
+        new_cancels.swap(cancels);
+      }
+      const bool stopping = stop.load();
+      for (auto& [id, job] : new_jobs) {
+        Active a;
+        a.id = id;
+        a.job = std::move(job);
+        std::string error;
+        if (stopping) {
+          a.failed = true;
+          a.error = "the transfer engine is shutting down";
+        } else if (GetPeer(a.job, &error) == nullptr) {
+          a.failed = true;
+          a.error = error;
+        }
+        active.emplace(id, std::move(a));
+      }
+      for (uint64_t id : new_cancels) {
+        if (auto it = active.find(id); it != active.end()) it->second.cancel = true;
+      }
+      if (stopping) {
+        std::vector<std::string> keys;
+        for (auto& [key, p] : peers) keys.push_back(key);
+        for (const std::string& key : keys) ClosePeer(key, "the transfer engine is shutting down");
+      }
+      // Peers that reported an error: fail their jobs and drop the endpoint.
+      std::vector<std::string> broken;
+      for (auto& [key, p] : peers) {
+        if (p.failed) broken.push_back(key);
+      }
+      for (const std::string& key : broken) ClosePeer(key, peers[key].error);
+      // Deadlines: a job still waiting on its peer closes that peer.
+      const auto now = std::chrono::steady_clock::now();
+      std::vector<std::string> late;
+      for (auto& [id, a] : active) {
+        if (!a.failed && now > a.job.deadline) {
+          a.failed = true;
+          a.error = "timed out (kv_transfer_timeout_ms)";
+          if (a.outstanding > 0) late.push_back(a.job.peer_key);
+        }
+      }
+      for (const std::string& key : late) {
+        ClosePeer(key, "the peer stalled: a transfer from it passed its deadline");
+      }
+      for (auto& [id, a] : active) Post(a);
+      const unsigned progressed = ucp_worker_progress(worker);
+      for (auto it = active.begin(); it != active.end();) {
+        Active& a = it->second;
+        if (a.outstanding == 0 && (a.cancel || a.failed || a.next == a.job.segments.size())) {
+          Finish(a);
+          it = active.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (stopping && active.empty()) return;
+      if (progressed != 0) continue;
+      // Nothing happened: sleep until UCX or a caller has something (a short nap while jobs
+      // are in flight, since some transports signal completions only to polling).
+      if (ucp_worker_arm(worker) == UCS_OK) {
+        pollfd fds[2] = {{ucx_fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+        poll(fds, 2, active.empty() ? 100 : 1);
+        if (fds[1].revents & POLLIN) {
+          uint64_t v;
+          [[maybe_unused]] ssize_t n = read(wake_fd, &v, sizeof(v));
+        }
+      }
+    }
+  }
+};
+
+UcxTransfer::UcxTransfer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+UcxTransfer::~UcxTransfer() {
+  if (impl_->thread.joinable()) {
+    impl_->stop = true;
+    impl_->Wake();
+    impl_->thread.join();
+  }
+}
+
+StatusOr<std::unique_ptr<UcxTransfer>> UcxTransfer::Create(const std::string& name,
+                                                           void* export_base,
+                                                           uint64_t export_bytes) {
+  auto impl = std::make_unique<Impl>();
+  impl->name = name;
+  auto fail = [&](const char* what, ucs_status_t st) {
+    return Unavailable(name + ": UCX " + what + " failed: " + ucs_status_string(st));
+  };
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) return fail("config", st);
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  st = ucp_init(&params, config, &impl->ctx);
+  ucp_config_release(config);
+  if (st != UCS_OK) return fail("init", st);
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  st = ucp_worker_create(impl->ctx, &wp, &impl->worker);
+  if (st != UCS_OK) return fail("worker", st);
+  st = ucp_worker_get_efd(impl->worker, &impl->ucx_fd);
+  if (st != UCS_OK) return fail("event fd", st);
+  impl->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (impl->wake_fd < 0) return Internal(name + ": eventfd failed");
+
+  std::unique_ptr<UcxTransfer> t(new UcxTransfer(std::move(impl)));
+  Impl& m = *t->impl_;
+  ucp_address_t* addr = nullptr;
+  size_t addr_len = 0;
+  st = ucp_worker_get_address(m.worker, &addr, &addr_len);
+  if (st != UCS_OK) return fail("worker address", st);
+  t->address_.assign(reinterpret_cast<const char*>(addr), addr_len);
+  ucp_worker_release_address(m.worker, addr);
+
+  if (export_bytes > 0) {
+    ucp_mem_map_params_t mp{};
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = export_base;
+    mp.length = export_bytes;
+    st = ucp_mem_map(m.ctx, &mp, &m.memh);
+    if (st != UCS_OK) return fail("mem_map of the KV pool", st);
+    void* rkey = nullptr;
+    size_t rkey_len = 0;
+    st = ucp_rkey_pack(m.ctx, m.memh, &rkey, &rkey_len);
+    if (st != UCS_OK) return fail("rkey_pack", st);
+    t->rkey_.assign(static_cast<const char*>(rkey), rkey_len);
+    ucp_rkey_buffer_release(rkey);
+  }
+  const char* tls = std::getenv("UCX_TLS");
+  t->transports_ = tls != nullptr ? tls : "UCX default";
+  m.thread = std::thread([&m] { m.Loop(); });
+  return t;
+}
+
+uint64_t UcxTransfer::StartPull(PullJob job) {
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    id = impl_->next_id++;
+    impl_->records[id] = {};
+    impl_->starts.emplace_back(id, std::move(job));
+  }
+  impl_->Wake();
+  return id;
+}
+
+JobState UcxTransfer::State(uint64_t id, std::string* error) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->records.find(id);
+  if (it == impl_->records.end()) {
+    if (error) *error = "unknown job";
+    return JobState::kFailed;
+  }
+  if (error) *error = it->second.error;
+  return it->second.state;
+}
+
+void UcxTransfer::Cancel(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->cancels.push_back(id);
+  }
+  impl_->Wake();
+}
+
+JobState UcxTransfer::Wait(uint64_t id, std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(impl_->mu);
+  impl_->cv.wait_for(lock, timeout, [&] {
+    auto it = impl_->records.find(id);
+    return it == impl_->records.end() || Terminal(it->second.state);
+  });
+  auto it = impl_->records.find(id);
+  return it == impl_->records.end() ? JobState::kFailed : it->second.state;
+}
+
+void UcxTransfer::Forget(uint64_t id) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->records.find(id);
+  if (it != impl_->records.end() && Terminal(it->second.state)) impl_->records.erase(it);
+}
+
+TransferStats UcxTransfer::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->stats;
+}
+
+}  // namespace helix::transfer

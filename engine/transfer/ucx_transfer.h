@@ -1,0 +1,91 @@
+// KV-cache transfer between servers over UCX one-sided gets (DESIGN.md §5).
+//
+// UcxTransfer owns one UCP context and worker and a progress thread that is the only thread to
+// touch them (UCS_THREAD_MODE_SINGLE). Both sides use it:
+//  * the context server maps its KV pool (ExportMemory) and publishes address() and the rkey;
+//    its progress thread serves the remote gets (UCX's TCP transport emulates RMA in software,
+//    so the target must progress);
+//  * a generation rank starts pull jobs (StartPull): lists of (remote address, local address,
+//    length) segments from one peer, fetched with non-blocking gets, a bounded number in
+//    flight. Endpoints and unpacked rkeys are cached per peer.
+// Every job reaches a terminal state (done, failed, cancelled): a peer error fails the jobs on
+// that peer; a job past its deadline force-closes its peer's endpoint, which completes every
+// outstanding get with an error. Only in a terminal state have all of a job's gets ended, so
+// only then may the caller reuse the destination memory.
+// UCX aborts the process on a malformed worker address or rkey: callers must only pass bytes
+// that a peer's address() / rkey() produced (the KV handle carries a checksum for that).
+// Thread-safety: every public method is thread-safe.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/common/status.h"
+
+namespace helix::transfer {
+
+enum class JobState : uint8_t { kInProgress = 0, kDone = 1, kFailed = 2, kCancelled = 3 };
+const char* JobStateName(JobState s);
+
+struct Segment {
+  uint64_t remote_addr;
+  void* local;
+  uint64_t bytes;
+};
+
+struct PullJob {
+  std::string peer_key;        // identifies the peer (e.g. its server id); endpoints are cached
+  std::string worker_address;  // the peer's UCX worker address
+  std::string rkey;            // the peer's packed rkey covering every remote segment
+  std::vector<Segment> segments;
+  std::chrono::steady_clock::time_point deadline;
+};
+
+struct TransferStats {
+  uint64_t jobs_done = 0, jobs_failed = 0, jobs_cancelled = 0;
+  uint64_t bytes_pulled = 0;
+};
+
+class UcxTransfer {
+ public:
+  // `name` is used in log lines and errors. With export_bytes > 0, [export_base, export_base +
+  // export_bytes) is registered for remote reads (the context server's KV pool) and rkey()
+  // is its packed remote key.
+  static StatusOr<std::unique_ptr<UcxTransfer>> Create(const std::string& name,
+                                                       void* export_base = nullptr,
+                                                       uint64_t export_bytes = 0);
+  ~UcxTransfer();
+  UcxTransfer(const UcxTransfer&) = delete;
+  UcxTransfer& operator=(const UcxTransfer&) = delete;
+
+  // The worker's address, for peers to connect to.
+  const std::string& address() const { return address_; }
+  // The packed rkey of the exported memory (empty without one).
+  const std::string& rkey() const { return rkey_; }
+  // The UCX transports the worker may use (for logs and benchmarks), e.g. "tcp".
+  const std::string& transports() const { return transports_; }
+
+  // Queues a job; returns its id (> 0). The job runs on the progress thread.
+  uint64_t StartPull(PullJob job);
+  // The job's state, and (failed) the reason. Unknown ids are kFailed "unknown job".
+  JobState State(uint64_t id, std::string* error = nullptr) const;
+  // Stops posting the job's remaining gets; it becomes kCancelled once the posted ones ended
+  // (or kDone / kFailed if it finished first). Idempotent.
+  void Cancel(uint64_t id);
+  // Waits until the job is terminal or `timeout` passes; returns the state.
+  JobState Wait(uint64_t id, std::chrono::milliseconds timeout) const;
+  // Drops a terminal job's record. REQUIRES: the job is terminal.
+  void Forget(uint64_t id);
+  TransferStats stats() const;
+
+ private:
+  struct Impl;
+  explicit UcxTransfer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  std::string address_, rkey_, transports_;
+};
+
+}  // namespace helix::transfer

@@ -1,0 +1,194 @@
+#include "engine/transfer/ucx_transfer.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace helix::transfer {
+namespace {
+
+using std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+
+std::string ReadAll(int fd) {
+  uint64_t n = 0;
+  if (read(fd, &n, sizeof(n)) != sizeof(n)) return {};
+  std::string s(n, '\0');
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = read(fd, s.data() + got, n - got);
+    if (r <= 0) return {};
+    got += r;
+  }
+  return s;
+}
+
+class UcxTransferTest : public ::testing::Test {
+ protected:
+  void SetUp() override { setenv("UCX_NET_DEVICES", "lo", 0); }
+};
+
+TEST_F(UcxTransferTest, PullsSegmentsAcrossTwoWorkers) {
+  std::vector<uint8_t> src(1 << 20);
+  std::iota(src.begin(), src.end(), 0);
+  auto exporter = UcxTransfer::Create("ctx", src.data(), src.size());
+  ASSERT_TRUE(exporter.ok()) << exporter.status().ToString();
+  auto puller = UcxTransfer::Create("gen");
+  ASSERT_TRUE(puller.ok()) << puller.status().ToString();
+  std::vector<uint8_t> dst(src.size() / 2, 0xee);
+  PullJob job;
+  job.peer_key = "ctx";
+  job.worker_address = (*exporter)->address();
+  job.rkey = (*exporter)->rkey();
+  job.deadline = Clock::now() + milliseconds(10000);
+  // Every other 4 KiB piece of src, packed.
+  for (size_t i = 0; i < dst.size() / 4096; ++i) {
+    job.segments.push_back(
+        {reinterpret_cast<uint64_t>(src.data() + 2 * i * 4096), dst.data() + i * 4096, 4096});
+  }
+  const uint64_t id = (*puller)->StartPull(job);
+  ASSERT_EQ((*puller)->Wait(id, milliseconds(10000)), JobState::kDone);
+  for (size_t i = 0; i < dst.size(); ++i) {
+    const size_t piece = i / 4096, off = i % 4096;
+    ASSERT_EQ(dst[i], src[2 * piece * 4096 + off]) << i;
+  }
+  EXPECT_EQ((*puller)->stats().bytes_pulled, dst.size());
+  // The endpoint is cached: a second job on the same peer works too.
+  std::fill(dst.begin(), dst.end(), 0);
+  const uint64_t id2 = (*puller)->StartPull(job);
+  ASSERT_EQ((*puller)->Wait(id2, milliseconds(10000)), JobState::kDone);
+  EXPECT_EQ(dst[4096], src[2 * 4096]);
+  (*puller)->Forget(id);
+  (*puller)->Forget(id2);
+}
+
+// The exporter runs in a child that publishes its address and rkey through a pipe, then is
+// stopped (SIGSTOP: the job must time out) or killed (the job must fail). UCX's global state
+// (its async thread) does not survive fork(), so the child re-executes this binary, which
+// becomes the exporter in a static initialiser before gtest runs.
+struct Child {
+  pid_t pid = -1;
+  std::string address, rkey;
+  uint64_t base = 0;
+  ~Child() {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  }
+};
+
+constexpr const char* kExporterEnv = "HELIX_UCX_TEST_EXPORTER_FD";
+
+[[maybe_unused]] const bool kIsExporter = [] {
+  const char* fd_env = std::getenv(kExporterEnv);
+  if (fd_env == nullptr) return false;
+  const int fd = std::atoi(fd_env);
+  std::vector<uint8_t> mem(size_t{8} << 20, 7);
+  auto t = UcxTransfer::Create("child", mem.data(), mem.size());
+  if (!t.ok()) _exit(2);
+  auto put = [&](const std::string& s) {
+    const uint64_t n = s.size();
+    if (write(fd, &n, sizeof(n)) != sizeof(n) || write(fd, s.data(), n) != (ssize_t)n) _exit(3);
+  };
+  put((*t)->address());
+  put((*t)->rkey());
+  put(std::to_string(reinterpret_cast<uint64_t>(mem.data())));
+  for (;;) pause();
+}();
+
+void StartExporter(Child* c) {
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    setenv(kExporterEnv, std::to_string(fds[1]).c_str(), 1);
+    execl("/proc/self/exe", "ucx_transfer_test_exporter", nullptr);
+    _exit(127);
+  }
+  close(fds[1]);
+  c->pid = pid;
+  c->address = ReadAll(fds[0]);
+  c->rkey = ReadAll(fds[0]);
+  const std::string base = ReadAll(fds[0]);
+  close(fds[0]);
+  ASSERT_FALSE(base.empty()) << "the exporter did not start";
+  c->base = std::stoull(base);
+}
+
+PullJob JobFrom(const Child& c, std::vector<uint8_t>* dst, milliseconds deadline) {
+  PullJob job;
+  job.peer_key = "child" + std::to_string(c.pid);
+  job.worker_address = c.address;
+  job.rkey = c.rkey;
+  for (size_t i = 0; i < dst->size() / 65536; ++i) {
+    job.segments.push_back({c.base + i * 65536, dst->data() + i * 65536, 65536});
+  }
+  job.deadline = Clock::now() + deadline;
+  return job;
+}
+
+TEST_F(UcxTransferTest, StalledPeerTimesOutAndKilledPeerFails) {
+  auto puller = UcxTransfer::Create("gen");
+  ASSERT_TRUE(puller.ok());
+  std::vector<uint8_t> dst(8 << 20);
+  {
+    Child c;
+    StartExporter(&c);
+    ASSERT_FALSE(c.address.empty());
+    const uint64_t ok = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+    ASSERT_EQ((*puller)->Wait(ok, milliseconds(10000)), JobState::kDone);
+    EXPECT_EQ(dst[12345], 7);
+    kill(c.pid, SIGSTOP);
+    const auto t0 = Clock::now();
+    const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(1000)));
+    std::string error;
+    ASSERT_EQ((*puller)->Wait(id, milliseconds(15000)), JobState::kFailed);
+    (*puller)->State(id, &error);
+    EXPECT_NE(error.find("timed out"), std::string::npos) << error;
+    EXPECT_LT(Clock::now() - t0, milliseconds(8000));
+  }
+  {
+    Child c;
+    StartExporter(&c);
+    kill(c.pid, SIGKILL);
+    waitpid(c.pid, nullptr, 0);
+    c.pid = -1;
+    const auto t0 = Clock::now();
+    const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(5000)));
+    EXPECT_EQ((*puller)->Wait(id, milliseconds(15000)), JobState::kFailed);
+    EXPECT_LT(Clock::now() - t0, milliseconds(8000));
+  }
+}
+
+TEST_F(UcxTransferTest, CancelEndsTheJob) {
+  auto puller = UcxTransfer::Create("gen");
+  ASSERT_TRUE(puller.ok());
+  std::vector<uint8_t> dst(8 << 20);
+  Child c;
+  StartExporter(&c);
+  const uint64_t first = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+  ASSERT_EQ((*puller)->Wait(first, milliseconds(10000)), JobState::kDone);
+  // Stalled: the gets in flight can only end by the deadline closing the endpoint, and the
+  // cancelled job must not report an end before that.
+  kill(c.pid, SIGSTOP);
+  const auto t0 = Clock::now();
+  const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(1500)));
+  std::this_thread::sleep_for(milliseconds(100));
+  (*puller)->Cancel(id);
+  const JobState s = (*puller)->Wait(id, milliseconds(10000));
+  EXPECT_TRUE(s == JobState::kCancelled) << JobStateName(s);
+  EXPECT_GT(Clock::now() - t0, milliseconds(1000));
+}
+
+}  // namespace
+}  // namespace helix::transfer
