@@ -13,9 +13,12 @@
 #include <string>
 #include <vector>
 
+#include "engine/model/gguf/dequant.h"
+#include "engine/model/gguf/ggml_type.h"
 #include "engine/sampler/sampler.h"
 #include "kernels/attention.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/dequant_cuda.h"
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/gemm.h"
@@ -815,6 +818,60 @@ TEST_F(CudaOpsTest, GemmAllWeightTypes) {
     }
   }
   cublasDestroy(handle);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF dequantisation: bit-identical to engine/model/gguf's CPU dequantiser on random bytes
+// (which include NaN / inf / subnormal scales and values).
+
+TEST_F(CudaOpsTest, DequantizeMatchesGgufCpu) {
+  std::mt19937 rng(39);
+  using gguf::GgmlType;
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kBF16, GgmlType::kQ8_0,
+                     GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ4_K, GgmlType::kQ6_K}) {
+    const uint32_t type = static_cast<uint32_t>(t);
+    const gguf::GgmlTypeInfo* info = gguf::GetGgmlTypeInfo(type);
+    ASSERT_NE(info, nullptr);
+    ASSERT_TRUE(cuda::CanDequantizeCuda(type)) << info->name;
+    const int64_t blocks = 333;
+    const int64_t n = blocks * info->block_size;
+    std::vector<uint8_t> bytes(blocks * info->block_bytes);
+    for (uint8_t& b : bytes) {
+      b = static_cast<uint8_t>(rng());
+    }
+    std::vector<float> want(n);
+    ASSERT_TRUE(gguf::Dequantize(type, bytes, n, want.data(), "test").ok()) << info->name;
+    DeviceBuffer<uint8_t> d_bytes(bytes);
+    DeviceBuffer<float> d_out(n);
+    DeviceBuffer<uint16_t> d_out16(n);
+    ASSERT_EQ(cuda::DequantizeCuda(
+                  {.ggml_type = type, .data = d_bytes.get(), .n = n, .out = d_out.get()}, nullptr),
+              cudaSuccess);
+    ExpectAllNear(ToDouble(want), d_out.Download().data(), 0, 0, info->name);
+    // bf16 output: the fp32 value rounded to nearest even.
+    ASSERT_EQ(cuda::DequantizeCuda({.ggml_type = type,
+                                    .data = d_bytes.get(),
+                                    .n = n,
+                                    .out = d_out16.get(),
+                                    .out_dtype = DType::kBF16},
+                                   nullptr),
+              cudaSuccess);
+    const std::vector<uint16_t> got16 = d_out16.Download();
+    std::vector<double> want16(n);
+    std::vector<float> got16f(n);
+    for (int64_t i = 0; i < n; ++i) {
+      want16[i] = Bf16ToFloat(FloatToBf16(want[i]));
+      got16f[i] = Bf16ToFloat(got16[i]);
+    }
+    ExpectAllNear(want16, got16f.data(), 0, 0, std::string(info->name) + " to bf16");
+  }
+  // A length that is not a whole number of blocks is refused.
+  EXPECT_EQ(cuda::DequantizeCuda({.ggml_type = static_cast<uint32_t>(GgmlType::kQ4_K),
+                                  .data = nullptr,
+                                  .n = 100,
+                                  .out = nullptr},
+                                 nullptr),
+            cudaErrorInvalidValue);
 }
 
 }  // namespace
