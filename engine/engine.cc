@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "engine/backend/cpu/cpu_backend.h"
 #include "engine/common/log.h"
@@ -29,6 +30,11 @@ struct Engine::Sequence {
   std::unique_ptr<IncrementalDetokenizer> detok;
   StopMatcher stop;
   bool finished = false;
+  // Disaggregated (req.kv_source): the pull's progress, leader only.
+  bool transfer_cancel = false;  // stop the pull on every rank (client cancel or a failure)
+  bool transfer_cancel_sent = false;
+  bool cancelled_by_client = false;
+  Status transfer_error;
 
   Sequence(GenerateRequest r, const Tokenizer& tok) : req(std::move(r)), stop(req.stop) {
     detok = std::make_unique<IncrementalDetokenizer>(
@@ -155,6 +161,24 @@ Status Engine::Init(const EngineOptions& o) {
   if (!layout_.single()) RETURN_IF_ERROR(ConnectRanks(&num_blocks));
   ASSIGN_OR_RETURN(pool_, BlockPool::Create(num_blocks, block_bytes));
   kv.base = pool_->base();
+  kv_layout_.dtype = o.kv_dtype;
+  kv_layout_.tokens_per_block = o.tokens_per_block;
+  kv_layout_.num_layers = cfg.n_layers;
+  kv_layout_.num_kv_heads = dims.kv_heads;
+  kv_layout_.head_dim = cfg.head_dim;
+  if (o.export_kv) {
+    if (!layout_.single()) {
+      return InvalidArgument("a context server (export_kv) runs one rank (TP = CP = 1), not " +
+                             layout_.ToString());
+    }
+    ASSIGN_OR_RETURN(
+        transfer_, transfer::UcxTransfer::Create("context server " + o.server_id, pool_->base(),
+                                                 static_cast<uint64_t>(num_blocks) * block_bytes));
+    export_.server_id = o.server_id;
+    export_.worker_address = transfer_->address();
+    export_.rkey = transfer_->rkey();
+    export_.layout = kv_layout_;
+  }
 
   backend_ = std::make_unique<CpuBackend>(o.num_threads);
   HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << ModelFormatName(bundle.format)
@@ -214,11 +238,18 @@ Status Engine::BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds
 
 Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
   for (uint64_t uid : plan.released) {
+    DropPull(uid);
     auto it = kv_.find(uid);
     if (it == kv_.end()) continue;  // the leader freed its own blocks at Finish
     it->second.Release(pool_.get());
     kv_.erase(it);
   }
+  for (const parallel::PlanTransfer& t : plan.transfers) RETURN_IF_ERROR(StartTransfer(t));
+  for (uint64_t uid : plan.transfer_cancels) {
+    auto it = pulls_.find(uid);
+    if (it != pulls_.end() && it->second.job != 0) transfer_->Cancel(it->second.job);
+  }
+  if (plan.seqs.empty()) return Status::Ok();
   ForwardBatch b;
   b.num_seqs = static_cast<int64_t>(plan.seqs.size());
   std::vector<SequenceKv*> seqs;
@@ -270,7 +301,138 @@ Status Engine::RunWorker() {
     RETURN_IF_ERROR(BroadcastPlan(&plan, options_.worker_idle_timeout));
     if (plan.shutdown) return Status::Ok();
     RETURN_IF_ERROR(ExecutePlan(plan));
+    if (!plan.transfer_polls.empty()) {
+      std::vector<uint8_t> all;
+      std::string error;
+      RETURN_IF_ERROR(GatherTransferStates(plan.transfer_polls, &all, &error));
+    }
   }
+}
+
+void Engine::DropPull(uint64_t uid) {
+  auto it = pulls_.find(uid);
+  if (it == pulls_.end()) return;
+  if (it->second.job != 0) transfer_->Forget(it->second.job);
+  pulls_.erase(it);
+}
+
+Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
+  auto it = kv_.find(t.uid);
+  if (it == kv_.end()) {
+    SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
+    if (t.reserve_tokens <= 0 || !kv.Reserve(pool_.get(), t.reserve_tokens)) {
+      return Internal(layout_.ToString() + ": cannot reserve " + std::to_string(t.reserve_tokens) +
+                      " positions for transferred sequence " + std::to_string(t.uid) +
+                      " (ranks out of step)");
+    }
+    it = kv_.emplace(t.uid, std::move(kv)).first;
+  }
+  SequenceKv& kv = it->second;
+  Pull& pull = pulls_[t.uid];
+  auto src = transfer::DecodeKvSource(t.source);
+  if (!src.ok()) {
+    pull.error = src.status().message();
+    return Status::Ok();
+  }
+  for (int64_t p = 0; p < src->token_count; ++p) {
+    if (kv.Owns(p)) kv.Append(p);
+  }
+  const transfer::KvLayout& L = kv_layout_;
+  const int64_t es = static_cast<int64_t>(kernels::DTypeSize(L.dtype));
+  const int64_t head_bytes = L.tokens_per_block * L.head_dim * es;
+  const int64_t src_heads = src->layout.num_kv_heads, h0 = layout_.tp_rank * L.num_kv_heads;
+  transfer::PullJob job;
+  job.peer_key = src->server_id;
+  job.worker_address = src->worker_address;
+  job.rkey = src->rkey;
+  job.deadline = std::chrono::steady_clock::now() + options_.kv_transfer_timeout;
+  auto* base = static_cast<uint8_t*>(pool_->base());
+  const int64_t nblocks = static_cast<int64_t>(src->block_addresses.size());
+  for (int64_t g = layout_.cp_rank; g < nblocks; g += layout_.cp) {
+    uint8_t* dst = base + static_cast<int64_t>(kv.blocks()[g / layout_.cp]) * pool_->block_bytes();
+    const uint64_t remote = src->block_addresses[g];
+    if (src_heads == L.num_kv_heads) {
+      job.segments.push_back({remote, dst, static_cast<uint64_t>(pool_->block_bytes())});
+      continue;
+    }
+    // TP differs between the two sides: this rank's KV-head slice of each (layer, K/V).
+    for (int64_t lc = 0; lc < L.num_layers * 2; ++lc) {
+      job.segments.push_back({remote + static_cast<uint64_t>((lc * src_heads + h0) * head_bytes),
+                              dst + lc * L.num_kv_heads * head_bytes,
+                              static_cast<uint64_t>(L.num_kv_heads * head_bytes)});
+    }
+  }
+  if (job.segments.empty()) return Status::Ok();  // this rank owns none of the prompt's blocks
+  if (transfer_ == nullptr) {
+    auto created = transfer::UcxTransfer::Create(layout_.ToString());
+    if (!created.ok()) {
+      pull.error = created.status().message();
+      return Status::Ok();
+    }
+    transfer_ = std::move(*created);
+  }
+  pull.job = transfer_->StartPull(std::move(job));
+  return Status::Ok();
+}
+
+std::vector<uint8_t> Engine::PollTransfers(const std::vector<uint64_t>& uids,
+                                           std::string* first_error) {
+  std::vector<uint8_t> out;
+  for (uint64_t uid : uids) {
+    transfer::JobState st = transfer::JobState::kFailed;
+    std::string error = "no transfer on this rank";
+    auto it = pulls_.find(uid);
+    if (it != pulls_.end()) {
+      if (it->second.job == 0) {
+        error = it->second.error;
+        st = error.empty() ? transfer::JobState::kDone : transfer::JobState::kFailed;
+      } else {
+        st = transfer_->State(it->second.job, &error);
+      }
+    }
+    if (st == transfer::JobState::kFailed && first_error->empty()) *first_error = error;
+    out.push_back(static_cast<uint8_t>(st));
+  }
+  return out;
+}
+
+Status Engine::GatherTransferStates(const std::vector<uint64_t>& uids, std::vector<uint8_t>* all,
+                                    std::string* local_error) {
+  std::vector<uint8_t> mine = PollTransfers(uids, local_error);
+  if (layout_.single()) {
+    *all = std::move(mine);
+    return Status::Ok();
+  }
+  all->assign(mine.size() * layout_.world(), 0);
+  return world_comm_->AllGather(mine.data(), all->data(), mine.size());
+}
+
+Status Engine::CheckKvSource(const GenerateRequest& r, int64_t prompt_len) {
+  const transfer::KvSource& src = *r.kv_source;
+  if (r.first_token < 0 || r.first_token >= model_config().vocab_size) {
+    return InvalidArgument("first_token = " + std::to_string(r.first_token) +
+                           ": a request with a KV handle needs the context server's first token "
+                           "(in [0, " +
+                           std::to_string(model_config().vocab_size) + "))");
+  }
+  if (src.token_count != prompt_len) {
+    return InvalidArgument("the KV handle holds " + std::to_string(src.token_count) +
+                           " tokens but the prompt has " + std::to_string(prompt_len));
+  }
+  Status st = transfer::CheckCompatible(src, fingerprint_, kv_layout_, layout_.tp);
+  // Pairing (model, dtype, layout) is judged once per context server and logged once; the
+  // per-handle checks (block count, checksum) run every time.
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  if (pairing_.emplace(src.server_id, st).second) {
+    if (st.ok()) {
+      HELIX_LOG(kInfo) << "engine: paired with context server '" << src.server_id << "' ("
+                       << src.layout.ToString() << ")";
+    } else if (st.code() == StatusCode::kFailedPrecondition) {
+      HELIX_LOG(kWarn) << "engine: refusing context server '" << src.server_id
+                       << "': " << st.message();
+    }
+  }
+  return st;
 }
 
 StatusOr<std::string> Engine::Submit(GenerateRequest r) {
@@ -298,12 +460,20 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
     }
   }
   const int64_t prompt_len = static_cast<int64_t>(r.prompt_tokens.size());
+  if (r.kv_source != nullptr) {
+    RETURN_IF_ERROR(CheckKvSource(r, prompt_len));
+  } else if (r.first_token >= 0) {
+    return InvalidArgument("first_token is only meaningful with a KV handle");
+  }
+  if (r.retain_kv && options_.export_kv == false) {
+    return FailedPrecondition("retain_kv needs a context server engine (export_kv)");
+  }
   if (prompt_len + r.max_tokens > max_seq_len_) {
     return InvalidArgument("prompt (" + std::to_string(prompt_len) + " tokens) + max_tokens (" +
                            std::to_string(r.max_tokens) + ") exceeds max_seq_len " +
                            std::to_string(max_seq_len_));
   }
-  if (prompt_len > options_.max_num_tokens) {
+  if (prompt_len > options_.max_num_tokens && r.kv_source == nullptr) {
     return InvalidArgument("prompt (" + std::to_string(prompt_len) +
                            " tokens) exceeds max_num_tokens " +
                            std::to_string(options_.max_num_tokens) + " (no chunked prefill)");
@@ -339,7 +509,8 @@ void Engine::Cancel(const std::string& request_id) {
 
 bool Engine::HasWork() {
   std::lock_guard<std::mutex> lock(inbox_mu_);
-  return !inbox_.empty() || !waiting_.empty() || !running_.empty() || !cancels_.empty();
+  return !inbox_.empty() || !waiting_.empty() || !running_.empty() || !cancels_.empty() ||
+         !transferring_.empty() || !releases_.empty();
 }
 
 KvStats Engine::kv_stats() const {
@@ -361,6 +532,13 @@ void Engine::DrainInbox() {
   for (auto& s : waiting_) {
     if (cancels.count(s->req.id)) Finish(s.get(), FinishReason::kCancelled);
   }
+  // A pull is stopped on every rank first; the request ends once no rank touches its blocks.
+  for (auto& s : transferring_) {
+    if (cancels.count(s->req.id)) {
+      s->transfer_cancel = true;
+      s->cancelled_by_client = true;
+    }
+  }
   auto done = [](const std::unique_ptr<Sequence>& s) { return s->finished; };
   running_.erase(std::remove_if(running_.begin(), running_.end(), done), running_.end());
   waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), done), waiting_.end());
@@ -370,11 +548,26 @@ void Engine::Admit() {
   int64_t budget = options_.max_num_tokens - static_cast<int64_t>(running_.size());
   while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_batch_size) {
     Sequence* s = waiting_.front().get();
-    if (s->prompt_len > budget) break;  // next step
+    const bool pulled = s->req.kv_source != nullptr;
+    if (!pulled && s->prompt_len > budget) break;  // next step
     // Reserve the whole request up front: no preemption is ever needed.
     SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
     if (!kv.Reserve(pool_.get(), s->reserve_tokens)) break;  // wait for blocks
     kv_.emplace(s->uid, std::move(kv));
+    if (pulled) {
+      // The context server's token streams first; decoding continues once the KV is here.
+      std::unique_ptr<Sequence> owned = std::move(waiting_.front());
+      waiting_.pop_front();
+      SampleResult first;
+      first.token = s->req.first_token;
+      EmitToken(s, first.token, first);
+      if (s->finished) {
+        if (s->req.on_kv_done) s->req.on_kv_done(Status::Ok());  // nothing to pull
+      } else {
+        transferring_.push_back(std::move(owned));
+      }
+      continue;
+    }
     budget -= s->prompt_len;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -384,12 +577,17 @@ void Engine::Admit() {
 void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_text) {
   if (s->finished) return;
   s->finished = true;
-  if (auto it = kv_.find(s->uid); it != kv_.end()) {
+  TokenEvent ev;
+  const bool retain = s->req.retain_kv && error.ok() &&
+                      (reason == FinishReason::kLength || reason == FinishReason::kStop);
+  if (retain) {
+    Retain(s, &ev);
+  } else if (auto it = kv_.find(s->uid); it != kv_.end()) {
+    DropPull(s->uid);
     it->second.Release(pool_.get());
     kv_.erase(it);
     if (s->announced) pending_release_.push_back(s->uid);
   }
-  TokenEvent ev;
   ev.request_id = s->req.id;
   ev.finished = true;
   ev.finish_reason = reason;
@@ -436,8 +634,10 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
 
 bool Engine::Step() {
   DrainInbox();
+  ExpireLeases();
   Admit();
-  if (running_.empty()) return false;
+  if (running_.empty() && transferring_.empty()) return false;
+  const bool only_polling = running_.empty();
 
   // One forward pass over every running sequence's uncomputed tokens, on every rank.
   parallel::StepPlan plan;
@@ -453,8 +653,29 @@ bool Engine::Step() {
     s->num_computed = static_cast<int64_t>(s->tokens.size());
     plan.seqs.push_back(std::move(ps));
   }
+  for (const auto& sp : transferring_) {
+    Sequence* s = sp.get();
+    if (!s->announced) {
+      parallel::PlanTransfer t;
+      t.uid = s->uid;
+      t.reserve_tokens = static_cast<int32_t>(s->reserve_tokens);
+      t.source = transfer::EncodeKvSource(*s->req.kv_source);
+      plan.transfers.push_back(std::move(t));
+      s->announced = true;
+    }
+    if (s->transfer_cancel && !s->transfer_cancel_sent) {
+      plan.transfer_cancels.push_back(s->uid);
+      s->transfer_cancel_sent = true;
+    }
+    plan.transfer_polls.push_back(s->uid);
+  }
   Status st = layout_.single() ? Status::Ok() : BroadcastPlan(&plan, options_.comm_timeout);
   if (st.ok()) st = ExecutePlan(plan);
+  std::vector<uint8_t> states;
+  std::string local_error;
+  if (st.ok() && !plan.transfer_polls.empty()) {
+    st = GatherTransferStates(plan.transfer_polls, &states, &local_error);
+  }
   if (!st.ok()) {
     {
       std::lock_guard<std::mutex> lock(inbox_mu_);
@@ -474,11 +695,158 @@ bool Engine::Step() {
   running_.erase(std::remove_if(running_.begin(), running_.end(),
                                 [](const std::unique_ptr<Sequence>& s) { return s->finished; }),
                  running_.end());
+  if (!plan.transfer_polls.empty()) {
+    ProcessTransferStates(plan.transfer_polls, states, local_error);
+  }
+  // Nothing but pulls in flight: do not spin the ranks through empty steps.
+  if (only_polling) std::this_thread::sleep_for(std::chrono::microseconds(200));
   return true;
+}
+
+void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
+                                   const std::vector<uint8_t>& all,
+                                   const std::string& local_error) {
+  const size_t n = uids.size();
+  const int ranks = static_cast<int>(all.size() / std::max<size_t>(n, 1));
+  for (size_t i = 0; i < n; ++i) {
+    auto it = std::find_if(transferring_.begin(), transferring_.end(),
+                           [&](const auto& s) { return s->uid == uids[i]; });
+    if (it == transferring_.end()) continue;
+    Sequence* s = it->get();
+    bool in_progress = false;
+    int bad_rank = -1;
+    for (int r = 0; r < ranks; ++r) {
+      const auto st = static_cast<transfer::JobState>(all[r * n + i]);
+      if (st == transfer::JobState::kInProgress) in_progress = true;
+      if ((st == transfer::JobState::kFailed || st == transfer::JobState::kCancelled) &&
+          bad_rank < 0) {
+        bad_rank = r;
+      }
+    }
+    if (bad_rank >= 0 && !s->transfer_cancel) {
+      s->transfer_cancel = true;  // the other ranks stop at the next step
+    }
+    if (bad_rank >= 0 && s->transfer_error.ok() && !s->cancelled_by_client) {
+      const std::string detail =
+          bad_rank == 0 && !local_error.empty()
+              ? local_error
+              : "rank " + std::to_string(bad_rank) + " of the instance could not pull its blocks";
+      s->transfer_error = Unavailable("KV transfer from context server '" +
+                                      s->req.kv_source->server_id + "' failed: " + detail);
+    }
+    if (in_progress) continue;
+    // Every rank is done with the blocks.
+    std::unique_ptr<Sequence> owned = std::move(*it);
+    transferring_.erase(it);
+    DropPull(s->uid);
+    Status outcome = Status::Ok();
+    {
+      std::lock_guard<std::mutex> lock(inbox_mu_);
+      if (s->cancelled_by_client) {
+        ++transfers_cancelled_;
+      } else if (bad_rank >= 0) {
+        ++transfers_failed_;
+      } else {
+        ++transfers_done_;
+      }
+    }
+    if (s->cancelled_by_client) {
+      outcome = Cancelled("request cancelled during the KV transfer");
+      Finish(s, FinishReason::kCancelled);
+    } else if (bad_rank >= 0) {
+      outcome = s->transfer_error;
+      HELIX_LOG(kWarn) << "engine: request " << s->req.id << ": " << outcome.message();
+      Finish(s, FinishReason::kError, outcome);
+    } else {
+      s->num_computed = s->prompt_len;
+      running_.push_back(std::move(owned));
+    }
+    if (s->req.on_kv_done) s->req.on_kv_done(outcome);
+  }
+}
+
+void Engine::Retain(Sequence* s, TokenEvent* ev) {
+  auto it = kv_.find(s->uid);
+  if (it == kv_.end()) return;
+  const int64_t blocks =
+      (s->prompt_len + options_.tokens_per_block - 1) / options_.tokens_per_block;
+  auto* base = static_cast<uint8_t*>(pool_->base());
+  for (int64_t j = 0; j < blocks; ++j) {
+    ev->kv_block_addresses.push_back(reinterpret_cast<uint64_t>(
+        base + static_cast<int64_t>(it->second.blocks()[j]) * pool_->block_bytes()));
+  }
+  retained_[s->req.id] = {s->uid, std::chrono::steady_clock::now() + options_.kv_lease};
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  retained_ids_.insert(s->req.id);
+}
+
+bool Engine::ReleaseRetained(const std::string& request_id) {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  if (retained_ids_.erase(request_id) == 0) return false;
+  releases_.push_back(request_id);
+  return true;
+}
+
+void Engine::ExpireLeases() {
+  std::vector<std::string> released;
+  {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    released.swap(releases_);
+  }
+  auto free_blocks = [&](uint64_t uid) {
+    if (auto it = kv_.find(uid); it != kv_.end()) {
+      it->second.Release(pool_.get());
+      kv_.erase(it);
+    }
+  };
+  for (const std::string& id : released) {
+    if (auto it = retained_.find(id); it != retained_.end()) {
+      free_blocks(it->second.uid);
+      retained_.erase(it);
+    }
+  }
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = retained_.begin(); it != retained_.end();) {
+    if (now < it->second.expiry) {
+      ++it;
+      continue;
+    }
+    HELIX_LOG(kWarn) << "engine: KV lease of request " << it->first << " expired after "
+                     << options_.kv_lease.count() << " ms without a release; freeing its blocks";
+    free_blocks(it->second.uid);
+    {
+      std::lock_guard<std::mutex> lock(inbox_mu_);
+      retained_ids_.erase(it->first);
+      ++leases_expired_;
+    }
+    it = retained_.erase(it);
+  }
+}
+
+DisaggStats Engine::disagg_stats() const {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  DisaggStats d;
+  d.retained_requests = static_cast<int64_t>(retained_ids_.size());
+  d.leases_expired = leases_expired_;
+  d.transfers_done = transfers_done_;
+  d.transfers_failed = transfers_failed_;
+  d.transfers_cancelled = transfers_cancelled_;
+  return d;
 }
 
 void Engine::AbortAll(const Status& error) {
   DrainInbox();
+  // This rank's own pulls must end before their blocks can be reused.
+  for (auto& s : transferring_) {
+    auto it = pulls_.find(s->uid);
+    if (it != pulls_.end() && it->second.job != 0) {
+      transfer_->Cancel(it->second.job);
+      transfer_->Wait(it->second.job, options_.kv_transfer_timeout + std::chrono::seconds(5));
+    }
+    Finish(s.get(), FinishReason::kError, error);
+    if (s->req.on_kv_done) s->req.on_kv_done(error);
+  }
+  transferring_.clear();
   for (auto& s : running_) Finish(s.get(), FinishReason::kError, error);
   for (auto& s : waiting_) Finish(s.get(), FinishReason::kError, error);
   running_.clear();

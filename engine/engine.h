@@ -24,6 +24,8 @@
 #include "engine/parallel/tcp_store.h"
 #include "engine/request/request.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/transfer/kv_handle.h"
+#include "engine/transfer/ucx_transfer.h"
 #include "kernels/dtype.h"
 
 namespace helix {
@@ -55,6 +57,28 @@ struct EngineOptions {
   std::string bind_host = "127.0.0.1";            // this rank's address for the Gloo pairs
   std::chrono::milliseconds comm_timeout{30000};  // rendezvous and every collective
   std::chrono::milliseconds worker_idle_timeout{std::chrono::hours(24)};  // wait for a step
+
+  // Disaggregated serving (DESIGN.md §5). A context server (export_kv; one rank) registers
+  // its pool for UCX reads and keeps each retain_kv request's blocks after it ends, until
+  // ReleaseRetained or until kv_lease passes.
+  bool export_kv = false;
+  std::string server_id;  // the context server's KvSource::server_id
+  std::chrono::milliseconds kv_lease{30000};
+  // Generation side: each rank's deadline for pulling one request's KV.
+  std::chrono::milliseconds kv_transfer_timeout{30000};
+};
+
+// What a context server publishes for its pool.
+struct KvExport {
+  std::string server_id, worker_address, rkey;
+  transfer::KvLayout layout;
+};
+
+struct DisaggStats {
+  int64_t retained_requests = 0;  // context server: handles not yet released
+  uint64_t leases_expired = 0;
+  int64_t transferring = 0;  // generation side: requests whose KV is being pulled
+  uint64_t transfers_done = 0, transfers_failed = 0, transfers_cancelled = 0;
 };
 
 struct KvStats {
@@ -91,6 +115,18 @@ class Engine {
   void AbortAll(const Status& error);
   KvStats kv_stats() const;
 
+  // Context server: frees a retained request's blocks (at the next step). Thread-safe; false
+  // when the id is not retained (never was, already released, or its lease expired).
+  bool ReleaseRetained(const std::string& request_id);
+  // Engine thread: frees retained KV whose lease has passed. Step calls it; an idle server's
+  // loop calls it too.
+  void ExpireLeases();
+  // Context server: its pool's UCX identity; nullptr unless export_kv.
+  const KvExport* kv_export() const { return export_.worker_address.empty() ? nullptr : &export_; }
+  // This rank's pool layout (its KV heads).
+  const transfer::KvLayout& kv_layout() const { return kv_layout_; }
+  DisaggStats disagg_stats() const;
+
   // Workers (rank > 0): run the steps the leader broadcasts until it shuts the instance down
   // (Ok) or a collective fails (the error).
   Status RunWorker();
@@ -118,6 +154,21 @@ class Engine {
   // Every rank: frees, reserves and runs one step of the plan; fills logits_ (all ranks).
   Status ExecutePlan(const parallel::StepPlan& plan);
   Status BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds timeout);
+  // Every rank: reserves a transferred sequence's blocks and starts pulling the owned ones.
+  // Errors only when the ranks are out of step; a pull that cannot start is a failed pull.
+  Status StartTransfer(const parallel::PlanTransfer& t);
+  // Every rank: forgets its pull of `uid` (terminal by then).
+  void DropPull(uint64_t uid);
+  // Every rank: the local state of each polled transfer (transfer::JobState as a byte).
+  std::vector<uint8_t> PollTransfers(const std::vector<uint64_t>& uids, std::string* first_error);
+  // Every rank: all ranks' states of `uids`, rank-major (a collective on multi-rank instances).
+  Status GatherTransferStates(const std::vector<uint64_t>& uids, std::vector<uint8_t>* all,
+                              std::string* local_error);
+  // Leader: acts on the transfers' states gathered from every rank.
+  void ProcessTransferStates(const std::vector<uint64_t>& uids, const std::vector<uint8_t>& all,
+                             const std::string& local_error);
+  void Retain(Sequence* s, struct TokenEvent* ev);
+  Status CheckKvSource(const GenerateRequest& r, int64_t prompt_len);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
@@ -144,7 +195,28 @@ class Engine {
 
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
+  std::vector<std::unique_ptr<Sequence>> transferring_;  // leader: KV being pulled
   std::vector<float> logits_;
+
+  // Disaggregation.
+  transfer::KvLayout kv_layout_;
+  KvExport export_;
+  std::unique_ptr<transfer::UcxTransfer> transfer_;  // created on first use (or export)
+  struct Pull {
+    uint64_t job = 0;   // 0: could not start (error)
+    std::string error;  // why it could not start
+  };
+  std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence
+  struct Retained {
+    uint64_t uid;
+    std::chrono::steady_clock::time_point expiry;
+  };
+  std::unordered_map<std::string, Retained> retained_;  // context server, engine thread
+  std::unordered_set<std::string> retained_ids_;        // GUARDED_BY(inbox_mu_)
+  std::vector<std::string> releases_;                   // GUARDED_BY(inbox_mu_)
+  std::unordered_map<std::string, Status> pairing_;     // GUARDED_BY(inbox_mu_): per server
+  uint64_t leases_expired_ = 0;                         // GUARDED_BY(inbox_mu_)
+  uint64_t transfers_done_ = 0, transfers_failed_ = 0, transfers_cancelled_ = 0;  // ditto
 };
 
 }  // namespace helix

@@ -34,6 +34,17 @@ std::string EncodeStepPlan(const StepPlan& p) {
   Put<uint8_t>(&out, p.shutdown ? 1 : 0);
   Put<uint32_t>(&out, static_cast<uint32_t>(p.released.size()));
   for (uint64_t id : p.released) Put(&out, id);
+  Put<uint32_t>(&out, static_cast<uint32_t>(p.transfers.size()));
+  for (const PlanTransfer& t : p.transfers) {
+    Put(&out, t.uid);
+    Put(&out, t.reserve_tokens);
+    Put<uint32_t>(&out, static_cast<uint32_t>(t.source.size()));
+    out.append(t.source);
+  }
+  for (const auto* ids : {&p.transfer_cancels, &p.transfer_polls}) {
+    Put<uint32_t>(&out, static_cast<uint32_t>(ids->size()));
+    for (uint64_t id : *ids) Put(&out, id);
+  }
   Put<uint32_t>(&out, static_cast<uint32_t>(p.seqs.size()));
   for (const PlanSeq& s : p.seqs) {
     Put(&out, s.uid);
@@ -56,6 +67,19 @@ StatusOr<StepPlan> DecodeStepPlan(const std::string& bytes) {
   p.shutdown = shutdown != 0;
   p.released.resize(n);
   for (uint64_t& id : p.released) r.Get(&id);
+  if (!r.Get(&n) || n > r.left() / 16) return bad;
+  p.transfers.resize(n);
+  for (PlanTransfer& t : p.transfers) {
+    uint32_t len = 0;
+    if (!r.Get(&t.uid) || !r.Get(&t.reserve_tokens) || !r.Get(&len) || len > r.left()) return bad;
+    t.source.resize(len);
+    for (char& c : t.source) r.Get(&c);
+  }
+  for (auto* ids : {&p.transfer_cancels, &p.transfer_polls}) {
+    if (!r.Get(&n) || n > r.left() / 8) return bad;
+    ids->resize(n);
+    for (uint64_t& id : *ids) r.Get(&id);
+  }
   if (!r.Get(&n) || n > r.left() / 20) return bad;
   p.seqs.resize(n);
   for (PlanSeq& s : p.seqs) {

@@ -19,10 +19,21 @@ struct PlanSeq {
   std::vector<int32_t> tokens;
 };
 
+// A sequence whose prompt KV comes from a context server: every rank reserves its blocks and
+// starts pulling the ones it owns.
+struct PlanTransfer {
+  uint64_t uid = 0;
+  int32_t reserve_tokens = 0;
+  std::string source;  // transfer::EncodeKvSource
+};
+
 struct StepPlan {
-  bool shutdown = false;           // the instance is stopping: workers exit
-  std::vector<uint64_t> released;  // sequences whose blocks go back to the pool first
-  std::vector<PlanSeq> seqs;       // the batch, in order; each samples from its last token
+  bool shutdown = false;                   // the instance is stopping: workers exit
+  std::vector<uint64_t> released;          // sequences whose blocks go back to the pool first
+  std::vector<PlanTransfer> transfers;     // pulls to start (after the releases)
+  std::vector<uint64_t> transfer_cancels;  // pulls to stop
+  std::vector<uint64_t> transfer_polls;    // pulls whose state every rank reports after the step
+  std::vector<PlanSeq> seqs;               // the batch, in order; each samples from its last token
 };
 
 std::string EncodeStepPlan(const StepPlan& plan);

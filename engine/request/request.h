@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -14,6 +15,9 @@
 #include "engine/sampler/sampling_params.h"
 
 namespace helix {
+namespace transfer {
+struct KvSource;
+}
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
 std::string_view FinishReasonName(FinishReason r);  // "stop", "length", "cancelled", "error"
@@ -29,6 +33,9 @@ struct TokenEvent {
   Status error;               // set when finish_reason == kError
   int64_t prompt_tokens = 0;  // usage, on the final event
   int64_t completion_tokens = 0;
+  // Final event of a retain_kv request that ended normally: the remote-readable address of
+  // each block holding the prompt's KV, in order (held until Engine::ReleaseRetained).
+  std::vector<uint64_t> kv_block_addresses;
 };
 
 using TokenSink = std::function<void(const TokenEvent&)>;
@@ -44,6 +51,17 @@ struct GenerateRequest {
   std::vector<std::string> stop;        // stop strings (excluded from the output text)
   bool ignore_eos = false;              // do not stop on the tokenizer's stop ids
   TokenSink sink;
+
+  // Context server (EngineOptions::export_kv): keep the prompt's KV after the request ends.
+  bool retain_kv = false;
+  // Generation side, disaggregated: the prompt's KV is pulled from a context server instead of
+  // computed. prompt_tokens must hold the prompt, first_token the token the context server
+  // sampled (it is emitted first, then decoding continues from it).
+  std::shared_ptr<const transfer::KvSource> kv_source;
+  int32_t first_token = -1;
+  // Called once on the engine thread when no rank touches kv_source's blocks any more (Ok
+  // when the KV arrived, else why not): the handle may then be released on the context server.
+  std::function<void(const Status&)> on_kv_done;
 };
 
 }  // namespace helix

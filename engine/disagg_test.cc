@@ -1,0 +1,315 @@
+// Disaggregated serving inside the engine: a context-server engine (export_kv) prefills and
+// retains the KV, a generation engine (one rank, or a Helix group of forked ranks) pulls it
+// over UCX and decodes; the tokens must equal aggregated decoding.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+#include "engine/engine.h"
+#include "engine/engine_test_util.h"
+#include "engine/parallel/launcher.h"
+
+namespace helix {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+std::string Shared() {
+  const char* s = std::getenv("HELIX_SHARED_DIR");
+  return s == nullptr ? "" : s;
+}
+
+EngineOptions Stories(int tp, int cp, int64_t tpb) {
+  EngineOptions o;
+  o.model_path = Shared() + "/models/stories260K/stories260K.bin";
+  o.tokenizer_path = Shared() + "/models/stories260K/tok512.bin";
+  o.num_threads = 1;
+  o.tokens_per_block = tpb;
+  o.max_batch_size = 16;
+  o.kv_max_tokens = 16 * 512;
+  o.tensor_parallel = tp;
+  o.context_parallel = cp;
+  o.comm_timeout = milliseconds(20000);
+  o.kv_transfer_timeout = milliseconds(10000);
+  return o;
+}
+
+EngineOptions ContextOptions(int64_t tpb) {
+  EngineOptions o = Stories(1, 1, tpb);
+  o.export_kv = true;
+  o.server_id = "ctx-test-" + std::to_string(getpid());
+  return o;
+}
+
+struct Prefilled {
+  std::shared_ptr<transfer::KvSource> source;
+  int32_t first_token = -1;
+};
+
+// Prefills `prompt` on the context engine and returns the handle the context service would.
+Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const std::string& id) {
+  GenerateRequest r;
+  r.id = id;
+  r.prompt_tokens = prompt;
+  r.max_tokens = 1;
+  r.ignore_eos = true;
+  r.retain_kv = true;
+  r.sampling.temperature = 0;
+  Prefilled out;
+  std::vector<uint64_t> blocks;
+  r.sink = [&](const TokenEvent& ev) {
+    if (ev.token >= 0) out.first_token = ev.token;
+    if (ev.finished) blocks = ev.kv_block_addresses;
+  };
+  EXPECT_TRUE(ctx->Submit(r).ok());
+  while (ctx->HasWork()) ctx->Step();
+  const KvExport* ex = ctx->kv_export();
+  EXPECT_NE(ex, nullptr);
+  auto s = std::make_shared<transfer::KvSource>();
+  s->server_id = ex->server_id;
+  s->server_address = "in-process";
+  s->request_id = id;
+  s->worker_address = ex->worker_address;
+  s->rkey = ex->rkey;
+  s->block_addresses = blocks;
+  s->token_count = static_cast<int64_t>(prompt.size());
+  s->layout = ex->layout;
+  s->model_fingerprint = ctx->model_fingerprint();
+  s->checksum = transfer::HandleChecksum(*s);
+  out.source = s;
+  return out;
+}
+
+std::vector<std::vector<int32_t>> Prompts(const Tokenizer& tok) {
+  std::vector<std::vector<int32_t>> p;
+  p.push_back(tok.Encode("", true));  // BOS alone: one token
+  p.push_back(tok.Encode("The dog", true));
+  p.push_back(tok.Encode("Lily and Ben went to the park. They saw a big red ball and", true));
+  std::vector<int32_t> longp = tok.Encode("Once upon a time", true);
+  while (longp.size() < 300) longp.push_back(longp[1 + longp.size() % 4]);
+  p.push_back(longp);
+  return p;
+}
+
+GenerateRequest Decode(const std::vector<int32_t>& prompt) {
+  GenerateRequest r;
+  r.prompt_tokens = prompt;
+  r.max_tokens = 24;
+  r.ignore_eos = true;
+  r.sampling.temperature = 0;
+  return r;
+}
+
+// Runs the prompts through ctx + gen (disaggregated) and through gen alone (aggregated).
+void ExpectDisaggMatches(Engine* ctx, Engine* gen) {
+  const auto prompts = Prompts(gen->tokenizer());
+  std::vector<GenerateRequest> disagg, agg;
+  int n = 0;
+  for (const auto& p : prompts) {
+    Prefilled pf = Prefill(ctx, p, "pf" + std::to_string(n++));
+    ASSERT_GE(pf.first_token, 0);
+    GenerateRequest r = Decode(p);
+    r.kv_source = pf.source;
+    r.first_token = pf.first_token;
+    r.on_kv_done = [ctx, id = pf.source->request_id](const Status& s) {
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      EXPECT_TRUE(ctx->ReleaseRetained(id));
+    };
+    disagg.push_back(r);
+    agg.push_back(Decode(p));
+  }
+  const auto got = testing::RunAll(gen, disagg);
+  const auto want = testing::RunAll(gen, agg);
+  for (size_t i = 0; i < got.size(); ++i) {
+    SCOPED_TRACE("prompt " + std::to_string(i) + " (" + std::to_string(prompts[i].size()) +
+                 " tokens)");
+    EXPECT_EQ(got[i].reason, FinishReason::kLength) << got[i].error.ToString();
+    EXPECT_EQ(got[i].tokens, want[i].tokens);
+    EXPECT_EQ(got[i].text, want[i].text);
+  }
+  ctx->ExpireLeases();
+  EXPECT_EQ(ctx->kv_stats().free_blocks, ctx->kv_stats().total_blocks);
+  EXPECT_EQ(ctx->disagg_stats().retained_requests, 0);
+  EXPECT_EQ(gen->kv_stats().free_blocks, gen->kv_stats().total_blocks);
+  EXPECT_EQ(gen->disagg_stats().transfers_done, prompts.size());
+}
+
+class DisaggTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) {
+      GTEST_SKIP() << "stories260K not found under " << Shared() << "/models (HELIX_SHARED_DIR)";
+    }
+    setenv("UCX_NET_DEVICES", "lo", 0);
+  }
+};
+
+TEST_F(DisaggTest, OneRankMatchesAggregated) {
+  for (int64_t tpb : {4, 32}) {
+    SCOPED_TRACE("tokens_per_block " + std::to_string(tpb));
+    auto ctx = Engine::Create(ContextOptions(tpb));
+    ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+    auto gen = Engine::Create(Stories(1, 1, tpb));
+    ASSERT_TRUE(gen.ok());
+    ExpectDisaggMatches(ctx->get(), gen->get());
+  }
+}
+
+// A Helix group (TP 2 x CP 2: each rank pulls the blocks it owns, and only its 2 of the 4 KV
+// heads). Workers are forked before anything in this process starts UCX (whose state does
+// not survive fork).
+TEST_F(DisaggTest, HelixGroupPullsItsBlocksAndHeadSlices) {
+  EngineOptions o = Stories(2, 2, 4);
+  auto port = parallel::PickFreePort("127.0.0.1");
+  ASSERT_TRUE(port.ok());
+  o.leader_port = *port;
+  std::vector<pid_t> pids;
+  for (int r = 1; r < 4; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      o.rank = r;
+      auto e = Engine::Create(o);
+      if (!e.ok()) _exit(2);
+      _exit((*e)->RunWorker().ok() ? 0 : 3);
+    }
+    pids.push_back(pid);
+  }
+  {
+    auto gen = Engine::Create(o);
+    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+    auto ctx = Engine::Create(ContextOptions(4));
+    ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+    ExpectDisaggMatches(ctx->get(), gen->get());
+  }
+  for (pid_t pid : pids) {
+    int st = 0;
+    const auto deadline = Clock::now() + milliseconds(20000);
+    while (waitpid(pid, &st, WNOHANG) == 0 && Clock::now() < deadline) usleep(10000);
+    if (Clock::now() >= deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+    }
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  }
+}
+
+TEST_F(DisaggTest, UnpulledKvIsFreedWhenItsLeaseExpires) {
+  EngineOptions o = ContextOptions(4);
+  o.kv_lease = milliseconds(200);
+  auto ctx = Engine::Create(o);
+  ASSERT_TRUE(ctx.ok());
+  Prefilled pf = Prefill(ctx->get(), (*ctx)->tokenizer().Encode("The dog", true), "never");
+  EXPECT_FALSE(pf.source->block_addresses.empty());
+  EXPECT_EQ((*ctx)->disagg_stats().retained_requests, 1);
+  EXPECT_LT((*ctx)->kv_stats().free_blocks, (*ctx)->kv_stats().total_blocks);
+  std::this_thread::sleep_for(milliseconds(300));
+  (*ctx)->ExpireLeases();
+  EXPECT_EQ((*ctx)->kv_stats().free_blocks, (*ctx)->kv_stats().total_blocks);
+  EXPECT_EQ((*ctx)->disagg_stats().leases_expired, 1u);
+  EXPECT_FALSE((*ctx)->ReleaseRetained("never"));
+}
+
+TEST_F(DisaggTest, IncompatibleOrAlteredHandlesAreRefused) {
+  auto ctx = Engine::Create(ContextOptions(4));
+  ASSERT_TRUE(ctx.ok());
+  auto gen = Engine::Create(Stories(1, 1, 8));  // tokens_per_block differs
+  ASSERT_TRUE(gen.ok());
+  const auto prompt = (*ctx)->tokenizer().Encode("The dog", true);
+  Prefilled pf = Prefill(ctx->get(), prompt, "a");
+  GenerateRequest r = Decode(prompt);
+  r.kv_source = pf.source;
+  r.first_token = pf.first_token;
+  auto id = (*gen)->Submit(r);
+  ASSERT_FALSE(id.ok());
+  EXPECT_EQ(id.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(id.status().message().find("tokens_per_block 4"), std::string::npos)
+      << id.status().ToString();
+
+  auto gen4 = Engine::Create(Stories(1, 1, 4));
+  ASSERT_TRUE(gen4.ok());
+  auto altered = std::make_shared<transfer::KvSource>(*pf.source);
+  altered->block_addresses[0] += 64;
+  r.kv_source = altered;
+  id = (*gen4)->Submit(r);
+  ASSERT_FALSE(id.ok());
+  EXPECT_NE(id.status().message().find("checksum"), std::string::npos) << id.status().ToString();
+  r.kv_source = pf.source;
+  r.prompt_tokens.push_back(5);
+  id = (*gen4)->Submit(r);
+  ASSERT_FALSE(id.ok());
+  EXPECT_NE(id.status().message().find("holds " + std::to_string(prompt.size()) + " tokens"),
+            std::string::npos)
+      << id.status().ToString();
+  EXPECT_TRUE((*ctx)->ReleaseRetained("a"));
+}
+
+// A context server that dies after prefill: the pull fails with a clear error, the request
+// ends, and every block on the generation side is free again.
+TEST_F(DisaggTest, DeadContextServerFailsOnlyItsRequest) {
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t child = fork();
+  if (child == 0) {
+    close(fds[0]);
+    // The child re-creates the context engine in a fresh image (exec) so UCX starts clean.
+    setenv("HELIX_DISAGG_TEST_CTX_FD", std::to_string(fds[1]).c_str(), 1);
+    execl("/proc/self/exe", "disagg_test_ctx", nullptr);
+    _exit(127);
+  }
+  close(fds[1]);
+  std::string bytes;
+  char buf[4096];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof(buf))) > 0;) bytes.append(buf, n);
+  close(fds[0]);
+  auto src = transfer::DecodeKvSource(bytes.substr(4));
+  ASSERT_TRUE(src.ok()) << "the context child did not start";
+  int32_t first = 0;
+  memcpy(&first, bytes.data(), 4);
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+
+  auto gen = Engine::Create(Stories(1, 1, 4));
+  ASSERT_TRUE(gen.ok());
+  auto prompt = (*gen)->tokenizer().Encode("The dog", true);
+  GenerateRequest dead = Decode(prompt);
+  dead.kv_source = std::make_shared<transfer::KvSource>(*src);
+  dead.first_token = first;
+  Status done_status;
+  dead.on_kv_done = [&](const Status& s) { done_status = s; };
+  const auto t0 = Clock::now();
+  const auto got = testing::RunAll(gen->get(), {dead, Decode(prompt)});
+  EXPECT_LT(Clock::now() - t0, milliseconds(9000));
+  EXPECT_EQ(got[0].reason, FinishReason::kError);
+  EXPECT_NE(got[0].error.message().find("KV transfer from context server"), std::string::npos)
+      << got[0].error.ToString();
+  EXPECT_FALSE(done_status.ok());
+  EXPECT_EQ(got[1].reason, FinishReason::kLength);  // the other request is untouched
+  EXPECT_EQ(got[1].tokens.size(), 24u);
+  EXPECT_EQ((*gen)->kv_stats().free_blocks, (*gen)->kv_stats().total_blocks);
+}
+
+// The context child of DeadContextServerFailsOnlyItsRequest: prefills, writes the first token
+// and the encoded handle to the pipe, and waits to be killed.
+[[maybe_unused]] const bool kIsContextChild = [] {
+  const char* fd_env = std::getenv("HELIX_DISAGG_TEST_CTX_FD");
+  if (fd_env == nullptr) return false;
+  const int fd = std::atoi(fd_env);
+  auto ctx = Engine::Create(ContextOptions(4));
+  if (!ctx.ok()) _exit(2);
+  Prefilled pf = Prefill(ctx->get(), (*ctx)->tokenizer().Encode("The dog", true), "doomed");
+  std::string out(reinterpret_cast<const char*>(&pf.first_token), 4);
+  out += transfer::EncodeKvSource(*pf.source);
+  if (write(fd, out.data(), out.size()) != static_cast<ssize_t>(out.size())) _exit(3);
+  close(fd);
+  for (;;) pause();
+}();
+
+}  // namespace
+}  // namespace helix
