@@ -67,6 +67,21 @@ int64_t NumParts(const PagedAttentionParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Pieces shared by both paths.
 
+// Programmatic dependent launch (Hopper): the attention grid lets the merge grid be launched
+// before it finishes; the merge waits for it (and its memory) before reading. Both are no-ops
+// where the launch did not ask for it, and compiled out before sm_90.
+__device__ inline void LaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ inline void WaitForPrerequisiteGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 struct Item {
   int t, h, c, qh0, g;  // query token, KV head, chunk, first query head, heads in the group
   int pos;
@@ -96,19 +111,23 @@ __device__ inline Item DecodeItem(const Args& a) {
   return it;
 }
 
-// Element offset of the K row of local token i of the item's KV head, or -1 when the token
-// is past the chunk or not visible to the query (causal limit on its global position).
-__device__ inline int64_t RowOffset(const Args& a, const Item& it, int64_t i) {
+// Element offset of the K row of local token i = j * tpb + tb (block j of the sequence, slot
+// tb) of the item's KV head, or -1 when the token is past the chunk or not visible to the
+// query (causal limit on its global position).
+__device__ inline int64_t RowOffset(const Args& a, const Item& it, int64_t i, int j, int tb) {
   if (i >= it.tok_end) {
     return -1;
   }
-  const int64_t j = i / a.tpb;
-  const int tb = static_cast<int>(i - j * a.tpb);
   if (static_cast<int64_t>(it.first[j]) + tb > it.pos) {
     return -1;
   }
   return static_cast<int64_t>(it.table[j]) * a.block_elems + a.k_head_off + it.h * a.head_stride +
          static_cast<int64_t>(tb) * a.d;
+}
+
+__device__ inline int64_t RowOffset(const Args& a, const Item& it, int64_t i) {
+  const int j = static_cast<int>(static_cast<uint32_t>(i) / static_cast<uint32_t>(a.tpb));
+  return RowOffset(a, it, i, j, static_cast<int>(i - static_cast<int64_t>(j) * a.tpb));
 }
 
 // Online-softmax step for one tile: scores [kTileRows][stride] in s_p become probabilities;
@@ -236,6 +255,7 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
   const int lane = tid & 31;
   const int rg = tid / kLanes;
   const int cl = tid % kLanes;
+  LaunchDependents();  // the split-KV merge may start its launch now (it waits for this grid)
   const Item it = DecodeItem(a);
   const int G = it.g;
   const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
@@ -281,11 +301,19 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
   // Row offsets of the next tile to issue, loaded one tile ahead so that the block-table
   // reads are off the critical path of the copies.
   int64_t next_off[kRPT];
+  // One 32-bit division per tile; the thread's rows then step through the blocks.
   auto plan_tile = [&](int tile) {
+    const int64_t first = it.tok_begin + static_cast<int64_t>(tile) * kTileRows + rg;
+    int j = static_cast<int>(static_cast<uint32_t>(first) / static_cast<uint32_t>(a.tpb));
+    int tb = static_cast<int>(first - static_cast<int64_t>(j) * a.tpb);
 #pragma unroll
     for (int k = 0; k < kRPT; ++k) {
-      next_off[k] =
-          RowOffset(a, it, it.tok_begin + static_cast<int64_t>(tile) * kTileRows + rg + k * kRG);
+      next_off[k] = RowOffset(a, it, first + k * kRG, j, tb);
+      tb += kRG;
+      while (tb >= a.tpb) {
+        tb -= a.tpb;
+        ++j;
+      }
     }
   };
   auto issue_tile = [&](int tile) {
@@ -530,6 +558,7 @@ constexpr int kMergeThreads = 128;
 constexpr int kMergePerLane = 8;  // a pass covers 32 * kMergePerLane dims
 
 __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesParams p) {
+  WaitForPrerequisiteGrids();  // launched early after split-KV attention: wait for its results
   constexpr int kPerLane = kMergePerLane;
   __shared__ float s_sum[kMergeThreads / 32][32 * kPerLane];
   const int64_t row = blockIdx.x;
@@ -749,14 +778,27 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   ch.fn<<<grid, kThreads, ch.smem, stream>>>(a);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   if (parts > 1) {
-    return MergeStatesCuda({.o = a.ws_o,
-                            .lse = a.ws_lse,
-                            .out = p.out,
-                            .out_lse = p.lse,
-                            .num_parts = parts,
-                            .rows = rows,
-                            .head_dim = p.head_dim},
-                           stream);
+    const MergeStatesParams mp{.o = a.ws_o,
+                               .lse = a.ws_lse,
+                               .out = p.out,
+                               .out_lse = p.lse,
+                               .num_parts = parts,
+                               .rows = rows,
+                               .head_dim = p.head_dim};
+    // Launched as a programmatic dependent of the attention grid: its launch overlaps the
+    // attention's tail instead of following it.
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(rows));
+    cfg.blockDim = dim3(kMergeThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, MergeKernel, mp));
+    HELIX_CUDA_CHECK_LAUNCH(stream);
   }
   return cudaSuccess;
 }
