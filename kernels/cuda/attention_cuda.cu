@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_util.cuh"
@@ -674,12 +677,24 @@ Choice ChooseKernel(DType t, int d, int group) {
   return {nullptr, 0, kMaxG};
 }
 
+// Above 48 KiB of dynamic shared memory needs an opt-in per kernel and device. Done once per
+// (device, kernel), so that later calls (e.g. while a stream is captured into a CUDA graph,
+// where such calls may be refused) make no runtime call besides the launch.
 cudaError_t PrepareKernel(const Choice& ch) {
-  // Above 48 KiB of dynamic shared memory needs an opt-in per kernel.
-  if (ch.smem > 48 * 1024) {
-    HELIX_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        ch.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ch.smem)));
+  if (ch.smem <= 48 * 1024) {
+    return cudaSuccess;
   }
+  int device = 0;
+  HELIX_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::vector<std::pair<int, KernelFn>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (std::find(done.begin(), done.end(), std::make_pair(device, ch.fn)) != done.end()) {
+    return cudaSuccess;
+  }
+  HELIX_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      ch.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ch.smem)));
+  done.emplace_back(device, ch.fn);
   return cudaSuccess;
 }
 

@@ -29,12 +29,16 @@ size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
 // Online-softmax attention, fp32 accumulation, K/V read as stored (f32, f16, bf16). One
 // thread block per (query token, KV head, sub-group of <= 8 query heads, KV chunk); the query
 // heads of a group share every K/V load. Head dims 64 and 128 take the pipelined 16-byte
-// cp.async path; any other head dim (<= 512) a plain path. A query token that sees no KV
+// cp.async path; any other head dim (<= 256) a plain path. A query token that sees no KV
 // gets out = 0, lse = -inf. With split-KV the chunks' (O, LSE) go to the workspace and
 // MergeStatesCuda combines them.
+// The first call for a (dtype, head dim, group) shape on a device sets the kernel's shared
+// memory opt-in (a runtime call); make it, or PagedAttentionCudaSplitTokens, once before
+// capturing a CUDA graph. With split-KV the merge is a programmatic dependent launch.
 // REQUIRES: the CPU version's REQUIRES; device pointers; kv.base 16-byte aligned;
 //   workspace holds PagedAttentionCudaWorkspaceBytes(p) bytes (nullptr when that is 0),
-//   256-byte aligned as cudaMalloc returns.
+//   256-byte aligned as cudaMalloc returns; chunks per sequence (see kv_split_tokens)
+//   <= 65535.
 cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, cudaStream_t stream);
 
 // LSE = log sum_i exp(LSE_i), O = sum_i exp(LSE_i - LSE) O_i, empty parts (-inf) skipped, an
