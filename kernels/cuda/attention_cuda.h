@@ -35,7 +35,7 @@ size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
 // The first call for a (dtype, head dim, group) shape on a device sets the kernel's shared
 // memory opt-in (a runtime call); make it, or PagedAttentionCudaSplitTokens, once before
 // capturing a CUDA graph. With split-KV the merge is a programmatic dependent launch.
-// REQUIRES: the CPU version's REQUIRES; device pointers; kv.base 16-byte aligned;
+// REQUIRES: the CPU version's REQUIRES; device pointers; kv.base and q 16-byte aligned;
 //   workspace holds PagedAttentionCudaWorkspaceBytes(p) bytes (nullptr when that is 0),
 //   256-byte aligned as cudaMalloc returns; chunks per sequence (see kv_split_tokens)
 //   <= 65535.
