@@ -1,24 +1,154 @@
 // helix-ctx: the context (prefill) server. Subcommands: serve, check-config.
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <string>
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
 #include <CLI/CLI.hpp>
 
+#include "engine/common/log.h"
+#include "engine/engine.h"
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
+#include "server/ctx/context_service.h"
+
+namespace {
+
+using helix::server::kExitFailure;
+using helix::server::kExitOk;
+using helix::server::kExitUsage;
+
+int RunServe(const std::string& config_path, int64_t drain_ms) {
+  auto cfg = helix::config::LoadServingConfig(config_path, helix::config::Role::kContext);
+  if (!cfg.ok()) {
+    std::cerr << "invalid config: " << cfg.status().message() << "\n";
+    return kExitUsage;
+  }
+  if (!helix::server::SetUpLogging(cfg->logging, "ctx").ok()) return kExitFailure;
+  if (cfg->backend != "cpu") {
+    std::cerr << "helix-ctx serve: backend \"" << cfg->backend
+              << "\" is not part of this build yet; use \"cpu\"\n";
+    return kExitUsage;
+  }
+  if (cfg->tensor_parallel_size != 1 || cfg->context_parallel_size != 1) {
+    std::cerr << "helix-ctx serve: a context server runs one rank (tensor_parallel_size = "
+                 "context_parallel_size = 1); got TP "
+              << cfg->tensor_parallel_size << ", CP " << cfg->context_parallel_size << "\n";
+    return kExitUsage;
+  }
+  // The gRPC port is known only once bound: bind first, then start the engine, whose handles
+  // carry this address.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+  helix::EngineOptions o;
+  o.model_path = cfg->model;
+  o.tokenizer_path = cfg->tokenizer.value_or("");
+  o.num_threads = cfg->num_threads;
+  o.tokens_per_block = cfg->kv_cache_config.tokens_per_block;
+  o.kv_dtype = helix::kernels::DTypeFromName(cfg->kv_cache_config.dtype)
+                   .value_or(helix::kernels::DType::kF32);
+  o.kv_max_tokens = cfg->kv_cache_config.max_tokens;
+  o.kv_free_memory_fraction = cfg->kv_cache_config.free_memory_fraction;
+  o.max_batch_size = cfg->max_batch_size;
+  o.max_num_tokens = cfg->max_num_tokens;
+  o.max_seq_len = cfg->max_seq_len;
+  o.export_kv = true;
+  o.kv_lease = std::chrono::milliseconds(cfg->kv_lease_ms);
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  o.server_id = std::string("ctx-") + host + "-" + std::to_string(getpid()) + "-" +
+                std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (cfg->server.tls_cert_file) {
+    const auto read = [](const std::string& path) {
+      std::ifstream in(path, std::ios::binary);
+      return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    };
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back(
+        {read(*cfg->server.tls_key_file), read(*cfg->server.tls_cert_file)});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  auto engine = helix::Engine::Create(o);
+  if (!engine.ok()) {
+    std::cerr << "helix-ctx serve: " << engine.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  helix::server::ContextServiceOptions so;
+  so.model_name = std::filesystem::path(cfg->model).filename().string();
+  so.kv_dtype = cfg->kv_cache_config.dtype;
+  so.max_in_flight = 4 * cfg->max_batch_size;
+  so.api_key = cfg->server.api_key.value_or("");
+  so.lease_ms = cfg->kv_lease_ms;
+  // With port 0 the address is completed once bound (handles are only made after that).
+  so.address = cfg->server.host + ":" + std::to_string(cfg->server.port);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(so.address, creds, &bound_port);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxSendMessageSize(64 << 20);
+  if (cfg->server.port == 0) {
+    std::cerr << "helix-ctx serve: server.port must be set (handles carry the address)\n";
+    return kExitUsage;
+  }
+  auto service = std::make_unique<helix::server::ContextService>(std::move(*engine), so);
+  builder.RegisterService(service.get());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    std::cerr << "helix-ctx serve: cannot listen on " << so.address << "\n";
+    service->Stop(std::chrono::milliseconds(0));
+    return kExitFailure;
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  HELIX_LOG(kInfo) << "ctx: serving helix.v1.ContextService on " << so.address << " (server id "
+                   << o.server_id << ", KV lease " << cfg->kv_lease_ms << " ms)";
+  std::cerr << "helix-ctx serve: listening on " << so.address << std::endl;
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  HELIX_LOG(kInfo) << "ctx: signal " << sig << ": draining for up to " << drain_ms << " ms";
+  health->SetServingStatus(false);
+  service->Stop(std::chrono::milliseconds(drain_ms));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  server->Wait();
+  service.reset();
+  return kExitOk;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  using helix::server::kExitFailure;
-  using helix::server::kExitUsage;
   CLI::App app{
       "helix-ctx: Helix context server (prefill; hands the KV cache to generation "
       "servers over UCX)"};
   app.set_version_flag("--version", std::string("helix-ctx ") + helix::kVersion);
   app.require_subcommand(1);
   std::string serve_config, check_path;
+  int64_t drain_ms = 10000;
   auto* serve = app.add_subcommand("serve", "Run the context server daemon");
   serve->add_option("--config", serve_config, "JSON config file")->required();
+  serve
+      ->add_option("--drain-ms", drain_ms,
+                   "On SIGTERM/SIGINT, how long in-flight prefills may finish")
+      ->capture_default_str();
   auto* check = app.add_subcommand(
       "check-config", "Validate a config and print it resolved (defaults filled in) as JSON");
   check->add_option("file", check_path, "JSON config file")->required();
@@ -29,14 +159,6 @@ int main(int argc, char** argv) {
   }
   if (*check)
     return helix::server::CheckConfigCommand(check_path, helix::server::ConfigKind::kContext);
-  auto cfg = helix::config::LoadServingConfig(serve_config, helix::config::Role::kContext);
-  if (!cfg.ok()) {
-    std::cerr << "invalid config: " << cfg.status().message() << "\n";
-    return kExitUsage;
-  }
-  if (!helix::server::SetUpLogging(cfg->logging, "ctx").ok()) return kExitFailure;
-  std::cerr << "helix-ctx serve: the context service (prefill + UCX KV hand-off) is not part of "
-               "this build yet (config "
-            << serve_config << " is valid)\n";
-  return kExitFailure;
+  (void)serve;
+  return RunServe(serve_config, drain_ms);
 }

@@ -35,10 +35,18 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
     default:
       return InvalidArgument("prompt: give text or token_ids");
   }
-  if (p.has_kv_handle() || p.has_first_token()) {
-    return Unimplemented(
-        "kv_handle / first_token: disaggregated requests need the context-server transfer, "
-        "which this build does not have yet; send the prompt alone (aggregated mode)");
+  if (p.has_kv_handle()) {
+    // Disaggregated: the prompt's KV comes from a context server.
+    ASSIGN_OR_RETURN(transfer::KvSource src, FromProto(p.kv_handle()));
+    if (!p.has_first_token()) {
+      return InvalidArgument(
+          "first_token: a request with a kv_handle needs the first token "
+          "the context server sampled");
+    }
+    r.kv_source = std::make_shared<transfer::KvSource>(std::move(src));
+    r.first_token = p.first_token();
+  } else if (p.has_first_token()) {
+    return InvalidArgument("first_token is only meaningful with a kv_handle");
   }
   if (p.max_tokens() < 1) {
     return InvalidArgument("max_tokens = " + std::to_string(p.max_tokens()) + ": expected >= 1");
@@ -238,6 +246,11 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       if (ev.finished) svc->in_flight_.fetch_sub(1);
       shared->Act(n);
     };
+    if (r->kv_source != nullptr) {
+      // Once no rank touches the blocks any more, the context server may free them.
+      r->on_kv_done = [svc, address = r->kv_source->server_address, id = r->kv_source->request_id](
+                          const Status&) { svc->releaser_.Release(address, id); };
+    }
     StatusOr<std::string> id = svc_->engine_->Submit(std::move(*r));
     if (!id.ok()) {
       svc_->in_flight_.fetch_sub(1);
@@ -373,6 +386,11 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
   info->set_kv_dtype(options_.kv_dtype);
   info->set_max_seq_len(engine_->max_seq_len());
   info->set_version(kVersion);
+  const DisaggStats d = engine_->disagg_stats();
+  info->set_kv_transfers_done(static_cast<int64_t>(d.transfers_done));
+  info->set_kv_transfers_failed(static_cast<int64_t>(d.transfers_failed));
+  info->set_kv_transfers_cancelled(static_cast<int64_t>(d.transfers_cancelled));
+  ToProto(engine_->kv_layout(), info->mutable_kv_layout());
   grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
   r->Finish(grpc::Status::OK);
   return r;

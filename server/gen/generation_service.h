@@ -17,6 +17,7 @@
 
 #include "engine/engine.h"
 #include "helix/v1/generation.grpc.pb.h"
+#include "server/common/kv_proto.h"
 
 namespace helix::server {
 
@@ -65,6 +66,7 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   // Engine thread: follows the engine's broken() into healthy_ and the listener.
   void UpdateHealth();
 
+  ContextReleaser releaser_;  // outlives the engine (declared first)
   std::unique_ptr<Engine> engine_;
   const GenerationServiceOptions options_;
   const int64_t total_blocks_, block_bytes_, tokens_per_block_;

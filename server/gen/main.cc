@@ -21,6 +21,7 @@
 #include "engine/common/log.h"
 #include "engine/engine.h"
 #include "engine/parallel/launcher.h"
+#include "helix/v1/context.grpc.pb.h"
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
@@ -227,6 +228,8 @@ int RunServe(const ServeFlags& f) {
   o.max_seq_len = cfg->max_seq_len;
   o.tensor_parallel = static_cast<int>(cfg->tensor_parallel_size);
   o.context_parallel = static_cast<int>(cfg->context_parallel_size);
+  o.kv_transfer_timeout =
+      std::chrono::milliseconds(cfg->cache_transceiver_config.kv_transfer_timeout_ms);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT with sigwait below; other ranks keep the default action
   // (and die with, or are stopped by, their leader).
@@ -295,6 +298,7 @@ struct ClientFlags {
   float temperature = 1.0f, top_p = 1.0f;
   int64_t seed = -1, timeout_ms = 0;
   std::string api_key, tls_ca_file;
+  std::string context;  // HOST:PORT of a context server: prefill there, then decode here
 };
 
 // A small client: streams one completion's text to stdout.
@@ -318,6 +322,24 @@ int RunClient(const ClientFlags& f) {
   req.mutable_sampling()->set_temperature(f.temperature);
   req.mutable_sampling()->set_top_p(f.top_p);
   if (f.seed >= 0) req.mutable_sampling()->set_seed(static_cast<uint64_t>(f.seed));
+  if (!f.context.empty()) {
+    // Disaggregated: the context server prefills and hands over the KV; this server decodes.
+    auto ctx_stub = helix::v1::ContextService::NewStub(grpc::CreateChannel(f.context, creds));
+    helix::v1::PrefillRequest pre;
+    *pre.mutable_request() = req;
+    helix::v1::PrefillResponse got;
+    grpc::ClientContext pctx;
+    if (!f.api_key.empty()) pctx.AddMetadata("authorization", "Bearer " + f.api_key);
+    grpc::Status st = ctx_stub->Prefill(&pctx, pre, &got);
+    if (!st.ok()) {
+      std::cerr << "helix-gen client: prefill on " << f.context << ": " << st.error_code() << " "
+                << st.error_message() << "\n";
+      return kExitFailure;
+    }
+    *req.mutable_token_ids() = got.prompt_token_ids();
+    req.set_first_token(got.first_token());
+    *req.mutable_kv_handle() = got.kv_handle();
+  }
   grpc::ClientContext ctx;
   if (!f.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + f.api_key);
   if (f.timeout_ms > 0) {
@@ -374,6 +396,9 @@ int main(int argc, char** argv) {
   client->add_option("--timeout-ms", cf.timeout_ms, "Deadline (0 = none)")->capture_default_str();
   client->add_option("--api-key", cf.api_key, "Sent as \"authorization: Bearer KEY\"");
   client->add_option("--tls-ca", cf.tls_ca_file, "PEM root certificate: connect with TLS");
+  client->add_option("--context", cf.context,
+                     "HOST:PORT of a helix-ctx server: prefill there and pull its KV "
+                     "(disaggregated); default: the generation server prefills");
 
   std::string check_path;
   auto* check = app.add_subcommand(

@@ -1,0 +1,120 @@
+#include "server/common/kv_proto.h"
+
+#include "engine/common/log.h"
+
+namespace helix::server {
+namespace {
+
+const char* ConfigName(kernels::DType t) {
+  switch (t) {
+    case kernels::DType::kF32:
+      return "float32";
+    case kernels::DType::kF16:
+      return "float16";
+    case kernels::DType::kBF16:
+      return "bfloat16";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+void ToProto(const transfer::KvLayout& l, v1::KvLayout* out) {
+  out->set_version(l.version);
+  out->set_dtype(ConfigName(l.dtype));
+  out->set_tokens_per_block(l.tokens_per_block);
+  out->set_num_layers(l.num_layers);
+  out->set_num_kv_heads(l.num_kv_heads);
+  out->set_head_dim(l.head_dim);
+  out->set_block_bytes(l.block_bytes());
+}
+
+void ToProto(const transfer::KvSource& s, v1::KvHandle* out) {
+  out->set_server_id(s.server_id);
+  out->set_server_address(s.server_address);
+  out->set_request_id(s.request_id);
+  out->set_worker_address(s.worker_address);
+  out->add_rkeys(s.rkey);
+  for (uint64_t a : s.block_addresses) out->add_block_addresses(a);
+  out->set_token_count(s.token_count);
+  out->set_model_fingerprint(s.model_fingerprint);
+  ToProto(s.layout, out->mutable_kv_layout());
+  out->set_checksum(s.checksum);
+}
+
+StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
+  transfer::KvSource s;
+  if (h.server_id().empty()) return InvalidArgument("kv_handle.server_id is empty");
+  if (h.rkeys_size() != 1) {
+    return InvalidArgument("kv_handle.rkeys has " + std::to_string(h.rkeys_size()) +
+                           " entries; expected 1");
+  }
+  if (!h.has_kv_layout()) return InvalidArgument("kv_handle.kv_layout is missing");
+  auto dtype = kernels::DTypeFromName(h.kv_layout().dtype());
+  if (!dtype) {
+    return InvalidArgument("kv_handle.kv_layout.dtype '" + h.kv_layout().dtype() +
+                           "' is not float32, float16 or bfloat16");
+  }
+  s.server_id = h.server_id();
+  s.server_address = h.server_address();
+  s.request_id = h.request_id();
+  s.worker_address = h.worker_address();
+  s.rkey = h.rkeys(0);
+  s.block_addresses.assign(h.block_addresses().begin(), h.block_addresses().end());
+  s.token_count = h.token_count();
+  s.model_fingerprint = h.model_fingerprint();
+  s.layout.version = h.kv_layout().version();
+  s.layout.dtype = *dtype;
+  s.layout.tokens_per_block = h.kv_layout().tokens_per_block();
+  s.layout.num_layers = h.kv_layout().num_layers();
+  s.layout.num_kv_heads = h.kv_layout().num_kv_heads();
+  s.layout.head_dim = h.kv_layout().head_dim();
+  s.checksum = h.checksum();
+  if (h.kv_layout().block_bytes() != s.layout.block_bytes()) {
+    return InvalidArgument("kv_handle.kv_layout.block_bytes " +
+                           std::to_string(h.kv_layout().block_bytes()) + " does not match its " +
+                           s.layout.ToString());
+  }
+  return s;
+}
+
+ContextReleaser::~ContextReleaser() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, timeout_ + std::chrono::seconds(1), [&] { return in_flight_ == 0; });
+}
+
+void ContextReleaser::Release(const std::string& address, const std::string& request_id) {
+  if (address.empty()) return;
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::ReleaseRequest req;
+    v1::ReleaseResponse resp;
+  };
+  auto call = std::make_shared<Call>();
+  call->req.set_request_id(request_id);
+  call->ctx.set_deadline(std::chrono::system_clock::now() + timeout_);
+  v1::ContextService::Stub* stub;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& s = stubs_[address];
+    if (s == nullptr) {
+      s = v1::ContextService::NewStub(
+          grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    }
+    stub = s.get();
+    ++in_flight_;
+  }
+  stub->async()->Release(
+      &call->ctx, &call->req, &call->resp, [this, call, address, request_id](grpc::Status st) {
+        if (!st.ok() && st.error_code() != grpc::StatusCode::NOT_FOUND) {
+          ++failures_;
+          HELIX_LOG(kWarn) << "release of " << request_id << " on context server " << address
+                           << " failed: " << st.error_message() << " (its lease frees the KV)";
+        }
+        std::lock_guard<std::mutex> lock(mu_);
+        --in_flight_;
+        cv_.notify_all();
+      });
+}
+
+}  // namespace helix::server

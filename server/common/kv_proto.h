@@ -1,0 +1,44 @@
+// Conversions between the engine's KV hand-off values (engine/transfer/kv_handle.h) and the
+// helix.v1 messages, and the generation side's release of handles on context servers.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "engine/transfer/kv_handle.h"
+#include "helix/v1/context.grpc.pb.h"
+
+namespace helix::server {
+
+void ToProto(const transfer::KvLayout& l, v1::KvLayout* out);
+void ToProto(const transfer::KvSource& s, v1::KvHandle* out);
+// INVALID_ARGUMENT naming the field when the handle is incomplete.
+StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h);
+
+// Sends Release for handles whose KV has been pulled (or given up), asynchronously, one
+// cached channel per context server. Thread-safe. The destructor waits (bounded) for calls in
+// flight.
+class ContextReleaser {
+ public:
+  explicit ContextReleaser(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000))
+      : timeout_(timeout) {}
+  ~ContextReleaser();
+  void Release(const std::string& address, const std::string& request_id);
+  uint64_t failures() const { return failures_.load(); }
+
+ private:
+  std::chrono::milliseconds timeout_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::string, std::unique_ptr<v1::ContextService::Stub>> stubs_;  // GUARDED_BY(mu_)
+  int in_flight_ = 0;                                                       // GUARDED_BY(mu_)
+  std::atomic<uint64_t> failures_{0};
+};
+
+}  // namespace helix::server

@@ -1,0 +1,221 @@
+#include "server/ctx/context_service.h"
+
+#include "engine/common/log.h"
+#include "helix/version.h"
+#include "server/common/kv_proto.h"
+#include "server/gen/generation_service.h"
+
+namespace helix::server {
+
+ContextService::ContextService(std::unique_ptr<Engine> engine, ContextServiceOptions options)
+    : engine_(std::move(engine)),
+      options_(std::move(options)),
+      free_blocks_(engine_->kv_stats().free_blocks) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+ContextService::~ContextService() { Stop(std::chrono::milliseconds(0)); }
+
+void ContextService::Kick() {
+  std::lock_guard<std::mutex> lock(mu_);
+  kicked_ = true;
+  cv_.notify_one();
+}
+
+void ContextService::Loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (stop_) break;
+    }
+    if (engine_->HasWork()) {
+      engine_->Step();
+      free_blocks_ = engine_->kv_stats().free_blocks;
+      continue;
+    }
+    engine_->ExpireLeases();  // an idle server still frees what nobody pulled
+    free_blocks_ = engine_->kv_stats().free_blocks;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return kicked_ || stop_; });
+    kicked_ = false;
+  }
+  engine_->AbortAll(Unavailable("the context server is shutting down"));
+  engine_.reset();
+}
+
+void ContextService::Stop(std::chrono::milliseconds drain) {
+  accepting_ = false;
+  const auto deadline = std::chrono::steady_clock::now() + drain;
+  while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    stop_ = true;
+    cv_.notify_one();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+grpc::Status ContextService::CheckAuth(const grpc::CallbackServerContext* ctx) const {
+  if (options_.api_key.empty()) return grpc::Status::OK;
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find("authorization");
+  if (it != md.end() &&
+      std::string(it->second.data(), it->second.size()) == "Bearer " + options_.api_key) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      "missing or wrong \"authorization: Bearer <api key>\" metadata");
+}
+
+grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* ctx,
+                                                  const v1::PrefillRequest* request,
+                                                  v1::PrefillResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckAuth(ctx); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
+  StatusOr<GenerateRequest> r = FromProto(request->request());
+  if (!r.ok()) {
+    reactor->Finish(ToGrpc(r.status()));
+    return reactor;
+  }
+  if (r->kv_source != nullptr) {
+    reactor->Finish(
+        ToGrpc(InvalidArgument("request.kv_handle: a context server prefills the "
+                               "prompt itself; send the prompt alone")));
+    return reactor;
+  }
+  if (!accepting_.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+    return reactor;
+  }
+  if (in_flight_.fetch_add(1) >= options_.max_in_flight) {
+    in_flight_.fetch_sub(1);
+    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                 "admission queue full: " + std::to_string(options_.max_in_flight) +
+                                     " prefills already in flight; retry later"));
+    return reactor;
+  }
+  // Prefill only: one token, whatever it is (the generation side applies the stop rules),
+  // and the prompt's KV stays for the generation instance.
+  const std::string client_id = r->id;
+  r->id =
+      "ctx" + std::to_string(next_id_.fetch_add(1)) + (client_id.empty() ? "" : "-") + client_id;
+  r->max_tokens = 1;
+  r->ignore_eos = true;
+  r->stop.clear();
+  r->stop_token_ids.clear();
+  r->retain_kv = true;
+  const bool add_bos = r->add_bos;
+  const std::string prompt_text = r->prompt;
+  std::vector<int32_t> prompt_ids = r->prompt_tokens;
+  if (prompt_ids.empty()) prompt_ids = engine_->tokenizer().Encode(prompt_text, add_bos);
+  response->mutable_prompt_token_ids()->mutable_ids()->Assign(prompt_ids.begin(), prompt_ids.end());
+  Engine* engine = engine_.get();
+  const KvExport* ex = engine_->kv_export();
+  ContextService* self = this;
+  r->sink = [self, engine, ex, reactor, response, ctx, prompt_ids](const TokenEvent& ev) {
+    if (ev.token >= 0) {
+      response->set_first_token(ev.token);
+      response->set_first_token_text(ev.text);
+      response->set_first_token_logprob(ev.logprob);
+      for (const auto& [id, lp] : ev.top_logprobs) {
+        v1::TopLogprob* t = response->add_top_logprobs();
+        t->set_token_id(id);
+        t->set_logprob(lp);
+      }
+    }
+    if (!ev.finished) return;
+    response->mutable_first_token_text()->append(ev.text);
+    self->in_flight_.fetch_sub(1);
+    if (ev.finish_reason == FinishReason::kError) {
+      reactor->Finish(ToGrpc(ev.error));
+      return;
+    }
+    if (ev.finish_reason == FinishReason::kCancelled) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+      return;
+    }
+    if (ctx->IsCancelled()) {  // nobody will pull it
+      engine->ReleaseRetained(ev.request_id);
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+      return;
+    }
+    response->set_request_id(ev.request_id);
+    response->set_lease_ms(self->options_.lease_ms);
+    transfer::KvSource src;
+    src.server_id = ex->server_id;
+    src.server_address = self->options_.address;
+    src.request_id = ev.request_id;
+    src.worker_address = ex->worker_address;
+    src.rkey = ex->rkey;
+    src.block_addresses = ev.kv_block_addresses;
+    src.token_count = static_cast<int64_t>(prompt_ids.size());
+    src.layout = ex->layout;
+    src.model_fingerprint = engine->model_fingerprint();
+    src.checksum = transfer::HandleChecksum(src);
+    ToProto(src, response->mutable_kv_handle());
+    reactor->Finish(grpc::Status::OK);
+  };
+  r->prompt_tokens = std::move(prompt_ids);
+  StatusOr<std::string> id = engine_->Submit(std::move(*r));
+  if (!id.ok()) {
+    in_flight_.fetch_sub(1);
+    reactor->Finish(ToGrpc(id.status()));
+    return reactor;
+  }
+  Kick();
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ContextService::Release(grpc::CallbackServerContext* ctx,
+                                                  const v1::ReleaseRequest* request,
+                                                  v1::ReleaseResponse*) {
+  // Not behind the API key: generation servers release what they pulled, and an id is only
+  // known to whoever got the handle.
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (engine_->ReleaseRetained(request->request_id())) {
+    Kick();
+    reactor->Finish(grpc::Status::OK);
+  } else {
+    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                 "request_id '" + request->request_id() +
+                                     "' holds no KV here (released, expired, or unknown)"));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ContextService::GetServerInfo(grpc::CallbackServerContext* ctx,
+                                                        const v1::GetServerInfoRequest*,
+                                                        v1::ServerInfo* info) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (grpc::Status auth = CheckAuth(ctx); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
+  const KvStats kv = engine_->kv_stats();
+  const DisaggStats d = engine_->disagg_stats();
+  info->set_model_name(options_.model_name);
+  info->set_model_fingerprint(engine_->model_fingerprint());
+  info->set_tensor_parallel_size(1);
+  info->set_context_parallel_size(1);
+  info->set_tokens_per_block(static_cast<int32_t>(kv.tokens_per_block));
+  info->set_kv_total_blocks(kv.total_blocks);
+  info->set_kv_free_blocks(free_blocks_.load());
+  info->set_kv_block_bytes(kv.block_bytes);
+  info->set_kv_dtype(options_.kv_dtype);
+  info->set_max_seq_len(engine_->max_seq_len());
+  info->set_version(kVersion);
+  info->set_server_id(engine_->kv_export()->server_id);
+  info->set_kv_retained_requests(d.retained_requests);
+  info->set_kv_leases_expired(d.leases_expired);
+  ToProto(engine_->kv_layout(), info->mutable_kv_layout());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace helix::server
