@@ -346,7 +346,9 @@ __device__ Cut SelectCut(const SampleRow& row, int level, bool use_prob, double 
       int chosen = -1, last = -1;
       double acc_last = acc;
       for (int b = 255; b >= 0; --b) {
-        if (sh->count[b] == 0) {
+        // Bins without weight can never be where the cumulative weight crosses the target
+        // (it was below it before them), nor the fallback's last candidate.
+        if (sh->count[b] == 0 || sh->hist[b] <= 0.0) {
           continue;
         }
         const double next = acc + sh->hist[b];
@@ -358,7 +360,7 @@ __device__ Cut SelectCut(const SampleRow& row, int level, bool use_prob, double 
         acc_last = acc;
         acc = next;
       }
-      if (chosen < 0) {  // past the total: the last candidate
+      if (chosen < 0) {  // past the total (rounding): the last candidate with weight
         chosen = last;
         acc = acc_last;
       }
@@ -374,13 +376,10 @@ __device__ Cut SelectCut(const SampleRow& row, int level, bool use_prob, double 
   __syncthreads();
   // How many of the tied candidates (equal weight each) are needed.
   const double w = use_prob ? row.Prob(KeyToFloat(key)) : 1.0;
-  int n;
-  if (strict) {
-    n = static_cast<int>(floor((target - above) / w)) + 1;
-  } else {
-    n = static_cast<int>(ceil((target - above) / w));
-  }
-  n = max(1, min(n, tied));
+  const double need = w > 0.0 ? (target - above) / w : static_cast<double>(tied);
+  double n_d = strict ? floor(need) + 1.0 : ceil(need);
+  n_d = fmin(fmax(n_d, 1.0), static_cast<double>(max(tied, 1)));
+  const int n = static_cast<int>(n_d);
   Cut cut;
   cut.on = true;
   cut.key = key;

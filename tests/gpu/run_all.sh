@@ -9,6 +9,11 @@
 # Full logs go to $OUT when set (else build-gpu/logs): configure.log build.log ctest.log
 # attention_bench.log attention_bench.csv sdpa_bench.log sdpa_bench.csv summary.txt.
 # Environment: BUILD_DIR (default build-gpu), QUICK=1 for a shorter benchmark.
+#
+# .devdeps (ignored by git through .git/info/exclude) holds the Debian googletest sources; to
+# recreate it on a Debian 12 machine:
+#   mkdir -p .devdeps && cd .devdeps && apt-get download googletest libgtest-dev &&
+#   for f in *.deb; do dpkg -x "$f" root; done && rm -f *.deb
 set -u
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -46,10 +51,22 @@ step() {  # step NAME LOG TIMEOUT COMMAND...: runs, records ok / FAILED (rc) and
   return $rc
 }
 
+# A build folder configured from another checkout path cannot be reused: start it afresh.
+if [[ -f $BUILD/CMakeCache.txt ]] &&
+  ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$BUILD/CMakeCache.txt"; then
+  rm -rf "$BUILD"
+  mkdir -p "$LOGS"
+fi
+GTEST_SRC=$ROOT/.devdeps/root/usr/src/googletest
+GTEST_FLAG=()
+if [[ -f $GTEST_SRC/CMakeLists.txt ]]; then
+  GTEST_FLAG=(-DHELIX_GTEST_SOURCE_DIR="$GTEST_SRC")
+else
+  echo "[run_all] warning: no $GTEST_SRC (carry .devdeps): configure needs an installed GTest"
+fi
 step configure configure.log 120 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-  -DCMAKE_PREFIX_PATH="$ROOT/.devdeps/root/usr" \
-  -DHELIX_GTEST_SOURCE_DIR="$ROOT/.devdeps/root/usr/src/googletest"
+  -DCMAKE_PREFIX_PATH="$ROOT/.devdeps/root/usr" "${GTEST_FLAG[@]}"
 step build build.log 300 cmake --build "$BUILD" -j "$JOBS"
 BUILD_OK=$?
 if [[ $BUILD_OK == 0 ]]; then
