@@ -304,19 +304,14 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
   // Row offsets of the next tile to issue, loaded one tile ahead so that the block-table
   // reads are off the critical path of the copies.
   int64_t next_off[kRPT];
-  // One 32-bit division per tile; the thread's rows then step through the blocks.
+  // Lane l of every warp looks up row l of the tile (kTileRows == 32); each thread then takes
+  // the offsets of its own rows from those lanes.
   auto plan_tile = [&](int tile) {
-    const int64_t first = it.tok_begin + static_cast<int64_t>(tile) * kTileRows + rg;
-    int j = static_cast<int>(static_cast<uint32_t>(first) / static_cast<uint32_t>(a.tpb));
-    int tb = static_cast<int>(first - static_cast<int64_t>(j) * a.tpb);
+    const int64_t row_off =
+        RowOffset(a, it, it.tok_begin + static_cast<int64_t>(tile) * kTileRows + lane);
 #pragma unroll
     for (int k = 0; k < kRPT; ++k) {
-      next_off[k] = RowOffset(a, it, first + k * kRG, j, tb);
-      tb += kRG;
-      while (tb >= a.tpb) {
-        tb -= a.tpb;
-        ++j;
-      }
+      next_off[k] = __shfl_sync(0xffffffffu, row_off, rg + k * kRG);
     }
   };
   auto issue_tile = [&](int tile) {
