@@ -147,6 +147,75 @@ __global__ void EmbeddingKernel(const EmbeddingParams p) {
   }
 }
 
+// Fused RoPE + K/V write: one thread per (token, dim e). The owner of a rotary pair (its
+// first element) rotates the pair in every q and k head and stores the rotated k pair; threads
+// of pass-through dims store k as is; every thread stores its v element.
+template <typename T>
+__global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
+  const int64_t d = p.kv.head_dim;
+  const int64_t hkv = p.kv.num_kv_heads;
+  const int64_t half = p.rotary_dim / 2;
+  T* base = static_cast<T*>(p.kv.base);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < p.tokens * d; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / d;
+    const int64_t e = idx % d;
+    const int32_t block = p.block[t];
+    const int32_t slot = p.token_in_block[t];
+    int64_t i = -1, partner = -1;  // pair index and the pair's second element
+    if (p.style == RopeStyle::kInterleaved) {
+      if (e < p.rotary_dim && e % 2 == 0) {
+        i = e / 2;
+        partner = e + 1;
+      }
+    } else if (e < half) {
+      i = e;
+      partner = e + half;
+    }
+    if (i >= 0) {
+      const double inv_freq =
+          pow(static_cast<double>(p.theta),
+              -2.0 * static_cast<double>(i) / static_cast<double>(p.rotary_dim));
+      double sd, cd;
+      sincos(static_cast<double>(p.positions[t]) * inv_freq, &sd, &cd);
+      const float c = static_cast<float>(cd);
+      const float s = static_cast<float>(sd);
+      for (int64_t h = 0; h < p.num_q_heads; ++h) {
+        float* x = p.q + (t * p.num_q_heads + h) * d;
+        const float a = x[e];
+        const float b = x[partner];
+        x[e] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        x[partner] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+      }
+      for (int64_t h = 0; h < hkv; ++h) {
+        float* x = p.k + (t * hkv + h) * d;
+        const float a = x[e];
+        const float b = x[partner];
+        const float ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        const float rb = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+        x[e] = ra;
+        x[partner] = rb;
+        if (block >= 0) {
+          const int64_t off = DevKvOffset(p.kv, block, p.layer, 0, h, slot);
+          base[off + e] = FromFloat<T>(ra);
+          base[off + partner] = FromFloat<T>(rb);
+        }
+      }
+    } else if (e >= p.rotary_dim && block >= 0) {
+      for (int64_t h = 0; h < hkv; ++h) {
+        base[DevKvOffset(p.kv, block, p.layer, 0, h, slot) + e] =
+            FromFloat<T>(p.k[(t * hkv + h) * d + e]);
+      }
+    }
+    if (block >= 0) {
+      for (int64_t h = 0; h < hkv; ++h) {
+        base[DevKvOffset(p.kv, block, p.layer, 1, h, slot) + e] =
+            FromFloat<T>(p.v[(t * hkv + h) * d + e]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Greedy argmax: one thread block per row; (value desc, id asc) with NaN never better.
 
@@ -511,6 +580,27 @@ cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
     case DType::kBF16:
       WriteKvOneKernel<__nv_bfloat16>
           <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      break;
+  }
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t RopeWriteKvCuda(const RopeWriteKvParams& p, cudaStream_t stream) {
+  const int64_t n = p.tokens * p.kv.head_dim;
+  if (n <= 0 || p.rotary_dim < 0 || p.rotary_dim % 2 != 0 || p.rotary_dim > p.kv.head_dim) {
+    return n <= 0 ? cudaSuccess : cudaErrorInvalidValue;
+  }
+  const unsigned grid = GridFor(n, kElemThreads);
+  switch (p.kv.dtype) {
+    case DType::kF32:
+      RopeWriteKvKernel<float><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+    case DType::kF16:
+      RopeWriteKvKernel<__half><<<grid, kElemThreads, 0, stream>>>(p);
+      break;
+    case DType::kBF16:
+      RopeWriteKvKernel<__nv_bfloat16><<<grid, kElemThreads, 0, stream>>>(p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);

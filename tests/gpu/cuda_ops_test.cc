@@ -874,5 +874,77 @@ TEST_F(CudaOpsTest, DequantizeMatchesGgufCpu) {
             cudaErrorInvalidValue);
 }
 
+// The fused decode-step RoPE + K/V write equals RopeCpu on q and k, then WriteKv.
+TEST_F(CudaOpsTest, RopeWriteKvFused) {
+  std::mt19937 rng(40);
+  struct Shape {
+    int64_t q_heads, kv_heads, head_dim, rotary_dim;
+  };
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    for (Shape sh : {Shape{8, 2, 16, 16}, Shape{32, 8, 128, 128}, Shape{4, 2, 64, 32}}) {
+      for (DType dt : {DType::kF32, DType::kBF16}) {
+        const int64_t tokens = 5, tpb = 4;
+        Pool pool(dt, 2, sh.kv_heads, tpb, sh.head_dim, 6);
+        pool.FillRandom(rng);
+        const std::vector<int32_t> positions = {0, 17, 4096, 999999, 3};
+        const std::vector<int32_t> block = {2, 5, -1, 0, 2};
+        const std::vector<int32_t> slot = {0, 3, 1, 2, 3};
+        std::vector<float> q = RandomVector(rng, tokens * sh.q_heads * sh.head_dim);
+        std::vector<float> k = RandomVector(rng, tokens * sh.kv_heads * sh.head_dim);
+        const std::vector<float> v = RandomVector(rng, tokens * sh.kv_heads * sh.head_dim);
+        DeviceBuffer<float> d_q(q), d_k(k), d_v(v);
+        DeviceBuffer<int32_t> d_pos(positions), d_block(block), d_slot(slot);
+        DeviceBuffer<unsigned char> d_pool(pool.host);
+        KvPoolView dv = pool.view;
+        dv.base = d_pool.get();
+        const float theta = 10000.0f;
+        ASSERT_EQ(cuda::RopeWriteKvCuda({.q = d_q.get(),
+                                         .k = d_k.get(),
+                                         .v = d_v.get(),
+                                         .positions = d_pos.get(),
+                                         .tokens = tokens,
+                                         .num_q_heads = sh.q_heads,
+                                         .rotary_dim = sh.rotary_dim,
+                                         .theta = theta,
+                                         .style = style,
+                                         .kv = dv,
+                                         .layer = 1,
+                                         .block = d_block.get(),
+                                         .token_in_block = d_slot.get()},
+                                        nullptr),
+                  cudaSuccess);
+        for (auto [x, heads] : {std::pair{&q, sh.q_heads}, std::pair{&k, sh.kv_heads}}) {
+          RopeCpu({.x = x->data(),
+                   .positions = positions.data(),
+                   .tokens = tokens,
+                   .heads = heads,
+                   .head_dim = sh.head_dim,
+                   .rotary_dim = sh.rotary_dim,
+                   .theta = theta,
+                   .style = style},
+                  nullptr);
+        }
+        const int64_t hd = sh.kv_heads * sh.head_dim;
+        for (int64_t t = 0; t < tokens; ++t) {
+          if (block[t] >= 0) {
+            WriteKv(pool.view, block[t], 1, slot[t], k.data() + t * hd, v.data() + t * hd);
+          }
+        }
+        const std::string what = std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") +
+                                 DTypeName(dt) + " d=" + std::to_string(sh.head_dim);
+        ExpectAllNear(ToDouble(q), d_q.Download().data(), kF32Tol, kF32Tol, what + " q");
+        ExpectAllNear(ToDouble(k), d_k.Download().data(), kF32Tol, kF32Tol, what + " k");
+        // The pool: the same rounded values, except where k's rotation differs in its last
+        // bits (then the stored value is within one unit of the pool type).
+        const std::vector<unsigned char> got = d_pool.Download();
+        const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
+        const std::vector<float> got_f(got_v.begin(), got_v.end());
+        ExpectAllNear(PoolValues(pool.view, pool.host.data(), pool.blocks), got_f.data(),
+                      dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol, what + " pool");
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace helix::kernels
