@@ -806,7 +806,9 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    // Only on a created stream (not the legacy / per-thread default streams).
+    cfg.numAttrs =
+        stream != nullptr && stream != cudaStreamLegacy && stream != cudaStreamPerThread ? 1 : 0;
     HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, MergeKernel, mp));
     HELIX_CUDA_CHECK_LAUNCH(stream);
   }

@@ -215,8 +215,12 @@ AttnResult RunCuda(const Problem& pr, const Pool& pool, int64_t split, int64_t* 
     *used_split = p.kv_split_tokens;
   }
   DeviceBuffer<unsigned char> ws(cuda::PagedAttentionCudaWorkspaceBytes(p));
-  EXPECT_EQ(cuda::PagedAttentionCuda(p, ws.get(), nullptr), cudaSuccess);
-  HELIX_CUDA_OK(cudaDeviceSynchronize());
+  // A created stream: the split-KV merge is then a programmatic dependent launch.
+  cudaStream_t stream;
+  HELIX_CUDA_OK(cudaStreamCreate(&stream));
+  EXPECT_EQ(cuda::PagedAttentionCuda(p, ws.get(), stream), cudaSuccess);
+  HELIX_CUDA_OK(cudaStreamSynchronize(stream));
+  HELIX_CUDA_OK(cudaStreamDestroy(stream));
   return {out.Download(), lse.Download()};
 }
 
