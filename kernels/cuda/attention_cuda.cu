@@ -809,7 +809,11 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
     // Only on a created stream (not the legacy / per-thread default streams).
     cfg.numAttrs =
         stream != nullptr && stream != cudaStreamLegacy && stream != cudaStreamPerThread ? 1 : 0;
-    HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, MergeKernel, mp));
+    if (cudaLaunchKernelEx(&cfg, MergeKernel, mp) != cudaSuccess && cfg.numAttrs > 0) {
+      (void)cudaGetLastError();  // a device or driver without it: an ordinary launch
+      cfg.numAttrs = 0;
+      HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, MergeKernel, mp));
+    }
     HELIX_CUDA_CHECK_LAUNCH(stream);
   }
   return cudaSuccess;
