@@ -72,14 +72,14 @@ step configure configure.log 60 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
 step build build.log 200 cmake --build "$BUILD" -j "$JOBS"
 BUILD_OK=$?
 if [[ $BUILD_OK == 0 ]]; then
-  step ctest ctest.log 100 bash -c "cd '$BUILD' && ctest -L gpu --output-on-failure"
+  step ctest ctest.log 90 bash -c "cd '$BUILD' && ctest -L gpu --output-on-failure"
   step attention_bench attention_bench.log 80 \
     "$BUILD/tests/gpu/attention_bench" --csv "$LOGS/attention_bench.csv" "${QUICK_FLAG[@]}"
 else
   RESULT[ctest]="not run (build failed)"
   RESULT[attention_bench]="not run (build failed)"
 fi
-step sdpa_bench sdpa_bench.log 80 python3 "$ROOT/tests/gpu/sdpa_bench.py" \
+step sdpa_bench sdpa_bench.log 110 python3 "$ROOT/tests/gpu/sdpa_bench.py" \
   --csv "$LOGS/sdpa_bench.csv" "${QUICK_FLAG[@]}"
 
 {
