@@ -37,16 +37,19 @@ def read_csv(path):
 
 
 def print_side_by_side(ours, torch_rows):
-    print(f"{'tokens':>7} {'batch':>5} {'KV MiB':>8} {'ours ms':>9} {'frac copy':>9} "
-          f"{'torch ms':>9} {'torch/ours':>10}")
+    print(f"{'tokens':>7} {'batch':>5} {'KV MiB':>8} {'ours ms':>9} {'GB/s':>6} {'copy GB/s':>9} "
+          f"{'frac':>6} {'torch ms':>9} {'torch/ours':>10}")
     for key in sorted(set(ours) | set(torch_rows)):
         o, t = ours.get(key), torch_rows.get(key)
         ours_ms = float(o["ours_ms"]) if o else math.nan
+        gbps = float(o["ours_gbps"]) if o else math.nan
+        copy = float(o["copy_gbps"]) if o else math.nan
         frac = float(o["frac"]) if o else math.nan
         torch_ms = float(t["torch_ms"]) if t and t["torch_ms"] else math.nan
         ratio = torch_ms / ours_ms if ours_ms == ours_ms and torch_ms == torch_ms else math.nan
         print(f"{key[0]:>7} {key[1]:>5} {kv_bytes(key[1], key[0]) / 2**20:>8.0f} "
-              f"{ours_ms:>9.4f} {frac:>9.3f} {torch_ms:>9.4f} {ratio:>10.2f}")
+              f"{ours_ms:>9.4f} {gbps:>6.0f} {copy:>9.0f} {frac:>6.3f} {torch_ms:>9.4f} "
+              f"{ratio:>10.2f}")
 
 
 def main():
