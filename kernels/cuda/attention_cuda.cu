@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
   constexpr int kRG = C::kRowGroups;
   constexpr int kRPT = C::kRowsPerThread;
   constexpr int kStages = C::kStages;
-  extern __shared__ __align__(16) unsigned char smem[];
+  HELIX_DYNAMIC_SMEM(smem);
   T* pipe = reinterpret_cast<T*>(smem);         // [stages][K, V][kTileRows][D]
   float* red = reinterpret_cast<float*>(smem);  // [kRG][kG][D], after the pipeline is done
   float* s_p = reinterpret_cast<float*>(smem + C::kBigBytes);  // [kTileRows][kG]
@@ -468,7 +468,7 @@ size_t GenericSmemBytes(int d) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  HELIX_DYNAMIC_SMEM(smem);
   const int d = a.d;
   float* kf = reinterpret_cast<float*>(smem);  // [kTileRows][d]
   float* vf = kf + kTileRows * d;              // [kTileRows][d]
@@ -558,7 +558,8 @@ constexpr int kMergePerLane = 8;  // a pass covers 32 * kMergePerLane dims
 __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesParams p) {
   WaitForPrerequisiteGrids();  // launched early after split-KV attention: wait for its results
   constexpr int kPerLane = kMergePerLane;
-  __shared__ float s_sum[kMergeThreads / 32][32 * kPerLane];
+  using SumArray = float[kMergeThreads / 32][32 * kPerLane];
+  HELIX_STATIC_SMEM(SumArray, s_sum);
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -676,6 +677,9 @@ Choice ChooseKernel(DType t, int d, int group) {
 // (device, kernel), so that later calls (e.g. while a stream is captured into a CUDA graph,
 // where such calls may be refused) make no runtime call besides the launch.
 cudaError_t PrepareKernel(const Choice& ch) {
+#ifdef HELIX_CUDA_EMULATION
+  return cudaSuccess;
+#endif
   if (ch.smem <= 48 * 1024) {
     return cudaSuccess;
   }
@@ -687,8 +691,9 @@ cudaError_t PrepareKernel(const Choice& ch) {
   if (std::find(done.begin(), done.end(), std::make_pair(device, ch.fn)) != done.end()) {
     return cudaSuccess;
   }
-  HELIX_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      ch.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ch.smem)));
+  HELIX_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(reinterpret_cast<const void*>(ch.fn),
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  static_cast<int>(ch.smem)));
   done.emplace_back(device, ch.fn);
   return cudaSuccess;
 }
@@ -709,8 +714,9 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   const int64_t group = p.num_q_heads / p.num_kv_heads;
   const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), static_cast<int>(group));
   int per_sm = 1;
-  if (PrepareKernel(ch) != cudaSuccess || cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                              &per_sm, ch.fn, kThreads, ch.smem) != cudaSuccess) {
+  if (PrepareKernel(ch) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(ch.fn),
+                                                    kThreads, ch.smem) != cudaSuccess) {
     per_sm = 1;
   }
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
@@ -785,7 +791,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
                   static_cast<unsigned>(parts));
-  ch.fn<<<grid, kThreads, ch.smem, stream>>>(a);
+  HELIX_LAUNCH(ch.fn, grid, kThreads, ch.smem, stream, a);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   if (parts > 1) {
     const MergeStatesParams mp{.o = a.ws_o,
@@ -795,6 +801,9 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
                                .num_parts = parts,
                                .rows = rows,
                                .head_dim = p.head_dim};
+#ifdef HELIX_CUDA_EMULATION
+    HELIX_LAUNCH(MergeKernel, static_cast<unsigned>(rows), kMergeThreads, 0, stream, mp);
+#else
     // Launched as a programmatic dependent of the attention grid: its launch overlaps the
     // attention's tail instead of following it.
     cudaLaunchConfig_t cfg = {};
@@ -814,6 +823,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
       cfg.numAttrs = 0;
       HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, MergeKernel, mp));
     }
+#endif
     HELIX_CUDA_CHECK_LAUNCH(stream);
   }
   return cudaSuccess;
@@ -823,7 +833,7 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   if (p.rows <= 0) {
     return cudaSuccess;
   }
-  MergeKernel<<<static_cast<unsigned>(p.rows), kMergeThreads, 0, stream>>>(p);
+  HELIX_LAUNCH(MergeKernel, static_cast<unsigned>(p.rows), kMergeThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

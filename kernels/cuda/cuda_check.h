@@ -50,11 +50,24 @@ inline cudaError_t CheckLaunch(cudaStream_t stream, const char* file, int line) 
   } while (0)
 
 // Placed right after every <<<...>>> launch in a launcher that returns cudaError_t.
+#ifdef HELIX_CUDA_EMULATION
+#define HELIX_CUDA_CHECK_LAUNCH(stream) (void)(stream)
+#else
 #define HELIX_CUDA_CHECK_LAUNCH(stream)                                    \
   do {                                                                     \
     const cudaError_t helix_cuda_err_ =                                    \
         ::helix::kernels::cuda::CheckLaunch((stream), __FILE__, __LINE__); \
     if (helix_cuda_err_ != cudaSuccess) return helix_cuda_err_;            \
   } while (0)
+#endif
+
+// A kernel launch; the CPU emulation of tests/gpu runs the grid on host threads instead.
+#ifdef HELIX_CUDA_EMULATION
+#define HELIX_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::helix_emu::Launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#define HELIX_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 #endif  // HELIX_KERNELS_CUDA_CUDA_CHECK_H_

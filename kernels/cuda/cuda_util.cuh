@@ -47,12 +47,11 @@ __device__ inline void ChunkToFloats<__half>(const uint4& raw, float* f) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    static_assert(sizeof(h) == 4);
-    __builtin_memcpy(&h, &w[i], 4);
-    const float2 v = __half22float2(h);
-    f[2 * i] = v.x;
-    f[2 * i + 1] = v.y;
+    __half_raw lo, hi;
+    lo.x = static_cast<unsigned short>(w[i] & 0xffffu);
+    hi.x = static_cast<unsigned short>(w[i] >> 16);
+    f[2 * i] = __half2float(__half(lo));
+    f[2 * i + 1] = __half2float(__half(hi));
   }
 }
 template <>
@@ -81,6 +80,8 @@ __device__ inline float WarpSum(float x) {
   return x;
 }
 
+#ifndef HELIX_CUDA_EMULATION
+
 // 16-byte global -> shared copy that bypasses L1; with valid == false nothing is read and the
 // destination is zero-filled.
 __device__ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
@@ -98,6 +99,12 @@ template <int N>
 __device__ inline void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+// Dynamic shared memory of a kernel, and a statically sized shared variable of type T.
+#define HELIX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define HELIX_STATIC_SMEM(T, name) __shared__ T name
+
+#endif  // HELIX_CUDA_EMULATION (tests/gpu/cuda_emu.h defines these for the CPU emulation)
 
 }  // namespace helix::kernels::cuda
 

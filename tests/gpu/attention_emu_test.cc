@@ -1,0 +1,149 @@
+// The CUDA attention and merge kernels of kernels/cuda/attention_cuda.cu compiled as C++ and
+// run by the CPU emulation of tests/gpu/cuda_emu.h (host threads as CUDA threads), against
+// PagedAttentionCpu: checks the kernels' indexing, pipeline stages, shuffles and barriers on
+// machines without a GPU. Slow per element, so the problems are small.
+#define HELIX_CUDA_EMULATION 1
+#include "tests/gpu/cuda_emu.h"
+// clang-format off
+#include "kernels/cuda/attention_cuda.cu"
+// clang-format on
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/test_util.h"
+
+namespace helix::kernels {
+namespace {
+
+using testing::ExpectAllNear;
+using testing::RandomVector;
+
+struct Case {
+  DType dtype;
+  int64_t group, d, tpb, split;
+  std::vector<int32_t> lens;  // one decode query per sequence, or a causal prefill when
+  bool prefill = false;       // prefill (of sequence 0 only)
+};
+
+void Store(DType t, void* base, int64_t i, float f) {
+  if (t == DType::kF32) {
+    static_cast<float*>(base)[i] = f;
+  } else {
+    static_cast<uint16_t*>(base)[i] = t == DType::kF16 ? FloatToHalf(f) : FloatToBf16(f);
+  }
+}
+
+void RunCase(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t kv_heads = 2, layers = 2, layer = 1;
+  const int64_t q_heads = kv_heads * c.group;
+  int64_t max_blocks = 1, total_blocks = 0;
+  for (int32_t len : c.lens) {
+    max_blocks = std::max<int64_t>(max_blocks, (len + c.tpb - 1) / c.tpb);
+    total_blocks += (len + c.tpb - 1) / c.tpb;
+  }
+  total_blocks += 2;
+  KvPoolView view{nullptr, c.dtype, layers, kv_heads, c.tpb, c.d};
+  std::vector<unsigned char> pool(total_blocks * view.block_elems() * DTypeSize(c.dtype));
+  view.base = pool.data();
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (int64_t i = 0; i < total_blocks * view.block_elems(); ++i) {
+    Store(c.dtype, view.base, i, dist(rng));
+  }
+  std::vector<int32_t> ids(total_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const int64_t seqs = static_cast<int64_t>(c.lens.size());
+  std::vector<int32_t> tables(seqs * max_blocks, -1), firsts(seqs * max_blocks, -1);
+  size_t next = 0;
+  for (int64_t s = 0; s < seqs; ++s) {
+    for (int64_t j = 0; j * c.tpb < c.lens[s]; ++j) {
+      tables[s * max_blocks + j] = ids[next++];
+      firsts[s * max_blocks + j] = static_cast<int32_t>(j * c.tpb);
+    }
+  }
+  std::vector<int32_t> q_seq, q_pos;
+  if (c.prefill) {
+    for (int32_t i = 0; i < c.lens[0]; ++i) {
+      q_seq.push_back(0);
+      q_pos.push_back(i);
+    }
+  } else {
+    for (int64_t s = 0; s < seqs; ++s) {
+      q_seq.push_back(static_cast<int32_t>(s));
+      q_pos.push_back(std::max(0, c.lens[s] - 1));
+    }
+  }
+  const int64_t tokens = static_cast<int64_t>(q_seq.size());
+  const std::vector<float> q = RandomVector(rng, tokens * q_heads * c.d);
+  PagedAttentionParams p{.q = q.data(),
+                         .q_seq = q_seq.data(),
+                         .q_pos = q_pos.data(),
+                         .kv = view,
+                         .layer = layer,
+                         .block_tables = tables.data(),
+                         .block_first_pos = firsts.data(),
+                         .kv_lens = c.lens.data(),
+                         .max_blocks_per_seq = max_blocks,
+                         .num_seqs = seqs,
+                         .num_q_tokens = tokens,
+                         .num_q_heads = q_heads,
+                         .num_kv_heads = kv_heads,
+                         .head_dim = c.d,
+                         .scale = 1.0f / std::sqrt(static_cast<float>(c.d)),
+                         .out = nullptr,
+                         .lse = nullptr,
+                         .kv_split_tokens = 0};
+  std::vector<float> want_out(tokens * q_heads * c.d), want_lse(tokens * q_heads);
+  p.out = want_out.data();
+  p.lse = want_lse.data();
+  PagedAttentionCpu(p, nullptr, nullptr);
+
+  std::vector<float> out(want_out.size(), -777.0f), lse(want_lse.size(), -777.0f);
+  p.out = out.data();
+  p.lse = lse.data();
+  p.kv_split_tokens = c.split;
+  std::vector<float> ws(cuda::PagedAttentionCudaWorkspaceBytes(p) / sizeof(float) + 1);
+  ASSERT_EQ(cuda::PagedAttentionCuda(p, ws.data(), nullptr), cudaSuccess);
+  const std::string what = std::string(DTypeName(c.dtype)) + " group=" + std::to_string(c.group) +
+                           " d=" + std::to_string(c.d) + " tpb=" + std::to_string(c.tpb) +
+                           " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "");
+  ExpectAllNear(std::vector<double>(want_out.begin(), want_out.end()), out.data(), 2e-5, 2e-5,
+                what + " out");
+  ExpectAllNear(std::vector<double>(want_lse.begin(), want_lse.end()), lse.data(), 2e-5, 2e-5,
+                what + " lse");
+}
+
+TEST(AttentionEmuTest, FastPathDecode) {
+  // Lengths 1, a partial block, 0 (a rank holding nothing), several tiles.
+  const std::vector<int32_t> lens = {1, 37, 0, 130};
+  uint32_t seed = 1;
+  for (DType dt : {DType::kBF16, DType::kF32, DType::kF16}) {
+    for (int64_t group : {4, 3, 8}) {
+      for (int64_t d : {128, 64}) {
+        for (int64_t split : {0, 64}) {
+          RunCase({dt, group, d, 16, split, lens}, seed++);
+        }
+      }
+    }
+  }
+}
+
+TEST(AttentionEmuTest, OddBlockSizesSubGroupsAndPrefill) {
+  RunCase({DType::kBF16, 12, 128, 5, 0, {1, 23, 71}}, 100);    // tokens per block not /32
+  RunCase({DType::kBF16, 4, 128, 64, 128, {1, 200, 0}}, 101);  // blocks longer than a tile
+  RunCase({DType::kF16, 2, 64, 16, 0, {45}, true}, 102);       // causal prefill
+  RunCase({DType::kF32, 4, 20, 16, 32, {1, 37, 0, 70}}, 103);  // generic path, split
+  RunCase({DType::kBF16, 8, 16, 4, 0, {9, 3}, true}, 104);     // generic path, prefill
+}
+
+}  // namespace
+}  // namespace helix::kernels

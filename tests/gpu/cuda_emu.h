@@ -1,0 +1,145 @@
+// A CPU emulation of the small part of CUDA that kernels/cuda/attention_cuda.cu uses, so that
+// its kernels (index math, pipeline stages, shuffles, barriers) can be checked against the CPU
+// reference on a machine without a GPU. Test-only; include before the .cu file, with
+// HELIX_CUDA_EMULATION defined. Each thread block runs as blockDim.x host threads with real
+// barriers; cp.async copies synchronously. One grid at a time (not thread-safe).
+#ifndef HELIX_TESTS_GPU_CUDA_EMU_H_
+#define HELIX_TESTS_GPU_CUDA_EMU_H_
+
+#ifndef HELIX_CUDA_EMULATION
+#error "define HELIX_CUDA_EMULATION before including cuda_emu.h"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace helix_emu {
+
+struct Block {
+  std::unique_ptr<std::barrier<>> cta;
+  std::vector<std::unique_ptr<std::barrier<>>> warp;
+  std::vector<unsigned char> dynamic_smem, static_smem;
+  std::vector<uint64_t> exchange;  // one slot per thread for shuffles
+};
+
+inline thread_local uint3 t_thread_idx, t_block_idx;
+inline thread_local Block* t_block = nullptr;
+inline dim3 g_block_dim, g_grid_dim;
+
+inline unsigned char* DynamicSmem() { return t_block->dynamic_smem.data(); }
+inline void* StaticSmem(size_t bytes) {
+  // Sized by the first caller; every thread of the block gets the same storage.
+  return t_block->static_smem.data() + 0 * bytes;
+}
+inline void SyncThreads() { t_block->cta->arrive_and_wait(); }
+
+template <typename T>
+T Exchange(T v, int src_lane_of_warp) {
+  static_assert(sizeof(T) <= 8);
+  const int tid = static_cast<int>(t_thread_idx.x);
+  const int warp = tid / 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  t_block->exchange[tid] = bits;
+  t_block->warp[warp]->arrive_and_wait();
+  T out;
+  const uint64_t got = t_block->exchange[warp * 32 + src_lane_of_warp];
+  std::memcpy(&out, &got, sizeof(T));
+  t_block->warp[warp]->arrive_and_wait();
+  return out;
+}
+
+// Runs kernel(args...) over the grid; dynamic shared memory of `smem` bytes per block.
+template <typename... P, typename... A>
+void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+  g_block_dim = block;
+  g_grid_dim = grid;
+  const int threads = static_cast<int>(block.x);
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      Block b;
+      b.cta = std::make_unique<std::barrier<>>(threads);
+      for (int w = 0; w < (threads + 31) / 32; ++w) {
+        b.warp.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+      }
+      b.dynamic_smem.assign(smem + 16, 0xcd);  // garbage, as on the device
+      b.static_smem.assign(64 * 1024, 0xcd);
+      b.exchange.assign(threads, 0);
+      std::vector<std::thread> pool;
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          t_thread_idx = {static_cast<unsigned>(t), 0, 0};
+          t_block_idx = {bx, by, 0};
+          t_block = &b;
+          kernel(args...);
+        });
+      }
+      for (std::thread& th : pool) {
+        th.join();
+      }
+    }
+  }
+}
+
+}  // namespace helix_emu
+
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx (::helix_emu::t_thread_idx)
+#define blockIdx (::helix_emu::t_block_idx)
+#define blockDim (::helix_emu::g_block_dim)
+#define gridDim (::helix_emu::g_grid_dim)
+#define __syncthreads() ::helix_emu::SyncThreads()
+#define HELIX_DYNAMIC_SMEM(name) unsigned char* name = ::helix_emu::DynamicSmem()
+#define HELIX_STATIC_SMEM(T, name) T& name = *static_cast<T*>(::helix_emu::StaticSmem(sizeof(T)))
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask) {
+  return ::helix_emu::Exchange(v, static_cast<int>(threadIdx.x % 32) ^ mask);
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+  return ::helix_emu::Exchange(v, src & 31);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, int delta) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const T other = ::helix_emu::Exchange(v, lane >= delta ? lane - delta : lane);
+  return other;
+}
+
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+using std::max;
+using std::min;
+
+inline void CpAsync16(void* smem, const void* gmem, bool valid) {
+  if (valid) {
+    std::memcpy(smem, gmem, 16);
+  } else {
+    std::memset(smem, 0, 16);
+  }
+}
+inline void CpAsyncCommit() {}
+template <int N>
+inline void CpAsyncWait() {}
+
+#endif  // HELIX_TESTS_GPU_CUDA_EMU_H_
