@@ -58,8 +58,9 @@ bool GetGeometry(uint32_t t, Geometry* g) {
 }
 
 __device__ inline float HalfAt(const uint8_t* p) {
-  const uint16_t h = static_cast<uint16_t>(p[0] | (p[1] << 8));
-  return __half2float(__ushort_as_half(h));
+  __half_raw h;
+  h.x = static_cast<unsigned short>(p[0] | (p[1] << 8));
+  return __half2float(__half(h));
 }
 
 // Element j of the block at b; products and sums rounded one at a time, as gguf-py does.
@@ -156,23 +157,28 @@ cudaError_t DequantizeCuda(const DequantParams& p, cudaStream_t stream) {
     return cudaSuccess;
   }
   constexpr int kThreads = 256;
+#ifdef HELIX_CUDA_EMULATION
+  constexpr int64_t kMaxGrid = 4;  // grid-stride loop: few emulated thread blocks suffice
+#else
+  constexpr int64_t kMaxGrid = 1 << 20;
+#endif
   const unsigned grid =
-      static_cast<unsigned>(std::clamp<int64_t>((p.n + kThreads - 1) / kThreads, 1, 1 << 20));
+      static_cast<unsigned>(std::clamp<int64_t>((p.n + kThreads - 1) / kThreads, 1, kMaxGrid));
   const auto* data = static_cast<const uint8_t*>(p.data);
   const int bs = static_cast<int>(g.block_size);
   const int bb = static_cast<int>(g.block_bytes);
   switch (p.out_dtype) {
     case DType::kF32:
-      DequantKernel<float><<<grid, kThreads, 0, stream>>>(p.ggml_type, data, p.n, bs, bb,
-                                                          static_cast<float*>(p.out));
+      HELIX_LAUNCH(DequantKernel<float>, grid, kThreads, 0, stream, p.ggml_type, data, p.n, bs, bb,
+                   static_cast<float*>(p.out));
       break;
     case DType::kF16:
-      DequantKernel<__half><<<grid, kThreads, 0, stream>>>(p.ggml_type, data, p.n, bs, bb,
-                                                           static_cast<__half*>(p.out));
+      HELIX_LAUNCH(DequantKernel<__half>, grid, kThreads, 0, stream, p.ggml_type, data, p.n, bs, bb,
+                   static_cast<__half*>(p.out));
       break;
     case DType::kBF16:
-      DequantKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          p.ggml_type, data, p.n, bs, bb, static_cast<__nv_bfloat16*>(p.out));
+      HELIX_LAUNCH(DequantKernel<__nv_bfloat16>, grid, kThreads, 0, stream, p.ggml_type, data, p.n,
+                   bs, bb, static_cast<__nv_bfloat16*>(p.out));
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);

@@ -24,7 +24,12 @@ __device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_
 }
 
 unsigned GridFor(int64_t n, int threads) {
-  return static_cast<unsigned>(std::clamp<int64_t>((n + threads - 1) / threads, 1, 1 << 20));
+#ifdef HELIX_CUDA_EMULATION
+  constexpr int64_t kMaxGrid = 4;  // grid-stride loops: few emulated thread blocks suffice
+#else
+  constexpr int64_t kMaxGrid = 1 << 20;
+#endif
+  return static_cast<unsigned>(std::clamp<int64_t>((n + threads - 1) / threads, 1, kMaxGrid));
 }
 
 template <typename T>
@@ -53,7 +58,8 @@ __device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
 // RMSNorm: one thread block per row.
 
 __global__ void RmsNormKernel(const RmsNormParams p) {
-  __shared__ double red[32];
+  using Red = double[32];
+  HELIX_STATIC_SMEM(Red, red);
   const int64_t r = blockIdx.x;
   const float* x = p.x + r * p.dim;
   float* res = p.residual != nullptr ? p.residual + r * p.dim : nullptr;
@@ -226,8 +232,10 @@ __device__ inline bool Better(float v, int i, float bv, int bi) {
 }
 
 __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p) {
-  __shared__ float s_v[32];
-  __shared__ int s_i[32];
+  using Vals = float[32];
+  using Ids = int[32];
+  HELIX_STATIC_SMEM(Vals, s_v);
+  HELIX_STATIC_SMEM(Ids, s_i);
   const float* row = p.logits + blockIdx.x * p.vocab;
   float bv = kNegInf;
   int bi = INT_MAX;
@@ -457,7 +465,7 @@ __device__ Cut SelectCut(const SampleRow& row, int level, bool use_prob, double 
 }
 
 __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p) {
-  __shared__ SampleShared sh;
+  HELIX_STATIC_SMEM(SampleShared, sh);
   const int64_t r = blockIdx.x;
   SampleRow row;
   row.logits = p.logits + r * p.vocab;
@@ -470,7 +478,8 @@ __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p
   for (int64_t i = threadIdx.x; i < p.vocab; i += blockDim.x) {
     mx = fmaxf(mx, row.Score(i));
   }
-  __shared__ float red_f[32];
+  using RedF = float[32];
+  HELIX_STATIC_SMEM(RedF, red_f);
   row.top = BlockReduce(mx, red_f, true);
 
   const int k = p.top_k[r];
@@ -496,7 +505,7 @@ cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.dim <= 0) {
     return cudaSuccess;
   }
-  RmsNormKernel<<<static_cast<unsigned>(p.rows), kElemThreads, 0, stream>>>(p);
+  HELIX_LAUNCH(RmsNormKernel, static_cast<unsigned>(p.rows), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -506,7 +515,7 @@ cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
     return cudaSuccess;
   }
   const int64_t n = p.tokens * (p.rotary_dim / 2);
-  RopeKernel<<<GridFor(n, kElemThreads), kElemThreads, 0, stream>>>(p);
+  HELIX_LAUNCH(RopeKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -515,7 +524,7 @@ cudaError_t SiluMulCuda(const SiluMulParams& p, cudaStream_t stream) {
   if (p.n <= 0) {
     return cudaSuccess;
   }
-  SiluMulKernel<<<GridFor(p.n, kElemThreads), kElemThreads, 0, stream>>>(p);
+  HELIX_LAUNCH(SiluMulKernel, GridFor(p.n, kElemThreads), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -528,13 +537,13 @@ cudaError_t WriteKvBatchCuda(const WriteKvBatchParams& p, cudaStream_t stream) {
   const unsigned grid = GridFor(n, kElemThreads);
   switch (p.kv.dtype) {
     case DType::kF32:
-      WriteKvKernel<float><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(WriteKvKernel<float>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kF16:
-      WriteKvKernel<__half><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(WriteKvKernel<__half>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kBF16:
-      WriteKvKernel<__nv_bfloat16><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(WriteKvKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -570,16 +579,16 @@ cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
   const unsigned grid = GridFor(n, kElemThreads);
   switch (view.dtype) {
     case DType::kF32:
-      WriteKvOneKernel<float>
-          <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      HELIX_LAUNCH(WriteKvOneKernel<float>, grid, kElemThreads, 0, stream, view, block, layer,
+                   token_in_block, k, v);
       break;
     case DType::kF16:
-      WriteKvOneKernel<__half>
-          <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      HELIX_LAUNCH(WriteKvOneKernel<__half>, grid, kElemThreads, 0, stream, view, block, layer,
+                   token_in_block, k, v);
       break;
     case DType::kBF16:
-      WriteKvOneKernel<__nv_bfloat16>
-          <<<grid, kElemThreads, 0, stream>>>(view, block, layer, token_in_block, k, v);
+      HELIX_LAUNCH(WriteKvOneKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, view, block,
+                   layer, token_in_block, k, v);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -594,13 +603,13 @@ cudaError_t RopeWriteKvCuda(const RopeWriteKvParams& p, cudaStream_t stream) {
   const unsigned grid = GridFor(n, kElemThreads);
   switch (p.kv.dtype) {
     case DType::kF32:
-      RopeWriteKvKernel<float><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(RopeWriteKvKernel<float>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kF16:
-      RopeWriteKvKernel<__half><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(RopeWriteKvKernel<__half>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kBF16:
-      RopeWriteKvKernel<__nv_bfloat16><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(RopeWriteKvKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -615,13 +624,13 @@ cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream) {
   const unsigned grid = GridFor(n, kElemThreads);
   switch (p.dtype) {
     case DType::kF32:
-      EmbeddingKernel<float><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(EmbeddingKernel<float>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kF16:
-      EmbeddingKernel<__half><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(EmbeddingKernel<__half>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kBF16:
-      EmbeddingKernel<__nv_bfloat16><<<grid, kElemThreads, 0, stream>>>(p);
+      HELIX_LAUNCH(EmbeddingKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -635,7 +644,7 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.vocab > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  ArgmaxKernel<<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(p);
+  HELIX_LAUNCH(ArgmaxKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -647,7 +656,7 @@ cudaError_t SampleCuda(const SampleParams& p, cudaStream_t stream) {
   if (p.vocab > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  SampleKernel<<<static_cast<unsigned>(p.rows), kRowThreads, 0, stream>>>(p);
+  HELIX_LAUNCH(SampleKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

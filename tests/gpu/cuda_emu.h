@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -36,10 +37,15 @@ inline thread_local uint3 t_thread_idx, t_block_idx;
 inline thread_local Block* t_block = nullptr;
 inline dim3 g_block_dim, g_grid_dim;
 
+inline thread_local size_t t_static_off = 0;
+
 inline unsigned char* DynamicSmem() { return t_block->dynamic_smem.data(); }
+// Every thread declares a kernel's shared variables in the same order, so a per-thread bump
+// offset gives each variable the same storage in all threads of the block.
 inline void* StaticSmem(size_t bytes) {
-  // Sized by the first caller; every thread of the block gets the same storage.
-  return t_block->static_smem.data() + 0 * bytes;
+  const size_t off = (t_static_off + 15) / 16 * 16;
+  t_static_off = off + bytes;
+  return t_block->static_smem.data() + off;
 }
 inline void SyncThreads() { t_block->cta->arrive_and_wait(); }
 
@@ -81,6 +87,7 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
           t_thread_idx = {static_cast<unsigned>(t), 0, 0};
           t_block_idx = {bx, by, 0};
           t_block = &b;
+          t_static_off = 0;
           kernel(args...);
         });
       }
@@ -128,8 +135,18 @@ inline uint32_t __float_as_uint(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 }
+using std::isnan;
 using std::max;
 using std::min;
+
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+
+template <typename T>
+T atomicAdd(T* addr, T v) {
+  return std::atomic_ref<T>(*addr).fetch_add(v);
+}
 
 inline void CpAsync16(void* smem, const void* gmem, bool valid) {
   if (valid) {
