@@ -69,7 +69,7 @@ fi
 step configure configure.log 60 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DCMAKE_PREFIX_PATH="$ROOT/.devdeps/root/usr" "${GTEST_FLAG[@]}"
-step build build.log 200 cmake --build "$BUILD" -j "$JOBS"
+step build build.log 200 cmake --build "$BUILD" -j "$JOBS" --target cuda_ops_test gpu_attention_bench
 BUILD_OK=$?
 if [[ $BUILD_OK == 0 ]]; then
   step ctest ctest.log 90 bash -c "cd '$BUILD' && ctest -L gpu --output-on-failure"
