@@ -727,8 +727,11 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
       s->transfer_cancel = true;  // the other ranks stop at the next step
     }
     if (bad_rank >= 0 && s->transfer_error.ok() && !s->cancelled_by_client) {
+      const auto leader = static_cast<transfer::JobState>(all[i]);
+      const bool leader_failed =
+          leader == transfer::JobState::kFailed || leader == transfer::JobState::kCancelled;
       const std::string detail =
-          bad_rank == 0 && !local_error.empty()
+          leader_failed && !local_error.empty()
               ? local_error
               : "rank " + std::to_string(bad_rank) + " of the instance could not pull its blocks";
       s->transfer_error = Unavailable("KV transfer from context server '" +
@@ -759,6 +762,9 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
       Finish(s, FinishReason::kError, outcome);
     } else {
       s->num_computed = s->prompt_len;
+      HELIX_LOG(kDebug) << "engine: request " << s->req.id << ": KV of " << s->prompt_len
+                        << " tokens pulled from context server '" << s->req.kv_source->server_id
+                        << "'";
       running_.push_back(std::move(owned));
     }
     if (s->req.on_kv_done) s->req.on_kv_done(outcome);

@@ -107,6 +107,9 @@ struct UcxTransfer::Impl {
                   : a.next == a.job.segments.size() ? JobState::kDone
                                                     : JobState::kCancelled;
     if (a.cancel && st == JobState::kFailed) st = JobState::kCancelled;
+    HELIX_LOG(kDebug) << name << ": job " << a.id << " from '" << a.job.peer_key << "' "
+                      << JobStateName(st) << ": " << a.job.segments.size() << " segments, "
+                      << a.bytes << " bytes" << (a.error.empty() ? "" : ", " + a.error);
     {
       std::lock_guard<std::mutex> lock(mu);
       Record& r = records[a.id];

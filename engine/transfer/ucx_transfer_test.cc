@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -33,7 +34,11 @@ std::string ReadAll(int fd) {
 
 class UcxTransferTest : public ::testing::Test {
  protected:
-  void SetUp() override { setenv("UCX_NET_DEVICES", "lo", 0); }
+  // TCP on loopback: a stopped peer must stall (shared-memory transports read it anyway).
+  void SetUp() override {
+    setenv("UCX_NET_DEVICES", "lo", 0);
+    setenv("UCX_TLS", "tcp,self", 0);
+  }
 };
 
 TEST_F(UcxTransferTest, PullsSegmentsAcrossTwoWorkers) {
@@ -125,13 +130,14 @@ void StartExporter(Child* c) {
   c->base = std::stoull(base);
 }
 
-PullJob JobFrom(const Child& c, std::vector<uint8_t>* dst, milliseconds deadline) {
+PullJob JobFrom(const Child& c, std::vector<uint8_t>* dst, milliseconds deadline,
+                size_t seg = 65536, size_t max_segs = SIZE_MAX) {
   PullJob job;
   job.peer_key = "child" + std::to_string(c.pid);
   job.worker_address = c.address;
   job.rkey = c.rkey;
-  for (size_t i = 0; i < dst->size() / 65536; ++i) {
-    job.segments.push_back({c.base + i * 65536, dst->data() + i * 65536, 65536});
+  for (size_t i = 0; i < dst->size() / seg && i < max_segs; ++i) {
+    job.segments.push_back({c.base + i * seg, dst->data() + i * seg, seg});
   }
   job.deadline = Clock::now() + deadline;
   return job;
@@ -167,6 +173,32 @@ TEST_F(UcxTransferTest, StalledPeerTimesOutAndKilledPeerFails) {
     const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(5000)));
     EXPECT_EQ((*puller)->Wait(id, milliseconds(15000)), JobState::kFailed);
     EXPECT_LT(Clock::now() - t0, milliseconds(8000));
+  }
+}
+
+// Killed while its gets are in flight: the job fails (never "done" with data that did not come).
+TEST_F(UcxTransferTest, PeerKilledMidTransferFailsTheJob) {
+  auto puller = UcxTransfer::Create("gen");
+  ASSERT_TRUE(puller.ok());
+  std::vector<uint8_t> dst(8 << 20, 0);
+  for (int round = 0; round < 3; ++round) {
+    Child c;
+    StartExporter(&c);
+    const uint64_t first = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+    ASSERT_EQ((*puller)->Wait(first, milliseconds(10000)), JobState::kDone);
+    kill(c.pid, SIGSTOP);
+    std::fill(dst.begin(), dst.end(), 0);
+    // Few small gets (as a short prompt's blocks) and many large ones.
+    const uint64_t id =
+        (*puller)->StartPull(round == 0 ? JobFrom(c, &dst, milliseconds(5000), 5120, 8)
+                                        : JobFrom(c, &dst, milliseconds(5000)));
+    std::this_thread::sleep_for(milliseconds(200));
+    kill(c.pid, SIGKILL);
+    waitpid(c.pid, nullptr, 0);
+    c.pid = -1;
+    const JobState s = (*puller)->Wait(id, milliseconds(10000));
+    EXPECT_EQ(s, JobState::kFailed)
+        << JobStateName(s) << " with " << std::count(dst.begin(), dst.end(), 7) << " bytes of data";
   }
 }
 

@@ -251,8 +251,10 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       r->on_kv_done = [svc, address = r->kv_source->server_address, id = r->kv_source->request_id](
                           const Status&) { svc->releaser_.Release(address, id); };
     }
+    std::function<void(const Status&)> release = r->on_kv_done;
     StatusOr<std::string> id = svc_->engine_->Submit(std::move(*r));
     if (!id.ok()) {
+      if (release) release(id.status());  // refused: the context server may free the KV now
       svc_->in_flight_.fetch_sub(1);
       return FinishNow(ToGrpc(id.status()));
     }

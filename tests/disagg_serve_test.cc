@@ -1,0 +1,466 @@
+// Disaggregated serving end to end: helix-ctx serve + helix-gen serve (Helix groups of
+// several layouts) on loopback, driven by a gRPC client that prefills on the context server
+// and decodes on the generation instance with the KV handle. Tokens must equal aggregated
+// decoding; pools on both sides must be whole afterwards; faults (a stalled, killed or
+// never-pulled-from context server, a cancel during the transfer, mismatched servers) fail
+// only the requests concerned, with clear errors.
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/parallel/launcher.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "helix/v1/context.grpc.pb.h"
+#include "helix/v1/generation.grpc.pb.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? "" : v;
+}
+
+bool PortOpen(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool ok = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  close(fd);
+  return ok;
+}
+
+std::string Stories() { return Env("HELIX_SHARED_DIR") + "/models/stories260K"; }
+
+// One server process (helix-ctx or helix-gen serve) with its own config and free port.
+class Server {
+ public:
+  struct Options {
+    bool context = false;
+    std::string model;  // default: stories260K
+    int tp = 1, cp = 1, tokens_per_block = 4;
+    int64_t lease_ms = 30000, transfer_timeout_ms = 10000, max_tokens = 16384;
+    int max_seq_len = 512;
+    int max_num_tokens = 8192;
+  };
+
+  explicit Server(const Options& o) : o_(o) {
+    auto port = helix::parallel::PickFreePort("127.0.0.1");
+    EXPECT_TRUE(port.ok());
+    port_ = *port;
+    dir_ = fs::temp_directory_path() /
+           ("helix_disagg_test_" + std::to_string(getpid()) + "_" + std::to_string(port_));
+    fs::create_directories(dir_);
+    const std::string model = o.model.empty() ? Stories() + "/stories260K.bin" : o.model;
+    std::ofstream(dir_ / "server.json")
+        << "{\"model\": \"" << model << "\", \"tokenizer\": \"" << Stories()
+        << "/tok512.bin\", \"num_threads\": 1, \"tensor_parallel_size\": " << o.tp
+        << ", \"context_parallel_size\": " << o.cp
+        << (o.cp > 1 ? ", \"cp_config\": {\"cp_type\": \"HELIX\", \"tokens_per_block\": " +
+                           std::to_string(o.tokens_per_block) + "}"
+                     : "")
+        << ", \"kv_cache_config\": {\"tokens_per_block\": " << o.tokens_per_block
+        << ", \"max_tokens\": " << o.max_tokens << ", \"dtype\": \"float32\"}"
+        << ", \"max_batch_size\": 32, \"max_seq_len\": " << o.max_seq_len
+        << ", \"max_num_tokens\": " << o.max_num_tokens
+        << ", \"server\": {\"host\": \"127.0.0.1\", \"port\": " << port_ << "}"
+        << ", \"cache_transceiver_config\": {\"backend\": \"UCX\", \"kv_transfer_timeout_ms\": "
+        << o.transfer_timeout_ms << "}"
+        << (o.context ? ", \"kv_lease_ms\": " + std::to_string(o.lease_ms) : "")
+        << ", \"logging\": {\"level\": \"warn\"}}";
+    pid_ = fork();
+    if (pid_ == 0) {
+      setpgid(0, 0);  // its own group: the test stops the whole instance by pid group
+      // TCP on loopback only: with shared-memory transports a stopped (SIGSTOP) peer's memory
+      // stays readable through cross-memory attach, so the stall tests would not stall.
+      setenv("UCX_NET_DEVICES", "lo", 1);
+      setenv("UCX_TLS", "tcp,self", 1);
+      const std::string bin = Env(o.context ? "HELIX_CTX_BIN" : "HELIX_GEN_BIN");
+      const std::string cfg = (dir_ / "server.json").string();
+      execl(bin.c_str(), bin.c_str(), "serve", "--config", cfg.c_str(), "--drain-ms", "0",
+            static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    setpgid(pid_, pid_);
+    // Connect only once the port accepts: a channel that saw "connection refused" waits out
+    // gRPC's reconnect backoff (seconds) before it tries again.
+    const auto up_by = Clock::now() + std::chrono::seconds(60);
+    while (Clock::now() < up_by && !PortOpen(port_)) std::this_thread::sleep_for(milliseconds(20));
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+    args.SetMaxReceiveMessageSize(64 << 20);
+    args.SetMaxSendMessageSize(64 << 20);
+    channel_ = grpc::CreateCustomChannel(address(), grpc::InsecureChannelCredentials(), args);
+    health_ = grpc::health::v1::Health::NewStub(channel_);
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    while (Clock::now() < deadline && !Serving()) std::this_thread::sleep_for(milliseconds(100));
+    EXPECT_TRUE(Serving()) << "server on " << address() << " did not come up";
+  }
+  ~Server() {
+    if (pid_ > 0) {
+      kill(-pid_, SIGKILL);  // the leader and its ranks (stopped or not)
+      waitpid(pid_, nullptr, 0);
+    }
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  bool Serving() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + milliseconds(500));
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    return health_->Check(&ctx, req, &resp).ok() &&
+           resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  pid_t pid() const { return pid_; }
+  void Signal(int sig) { kill(-pid_, sig); }
+  // SIGKILL also ends a stopped process, which never runs again (no SIGCONT first: it would
+  // serve the stalled transfer in the moment before it dies).
+  void Kill() {
+    kill(-pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+
+  helix::v1::ServerInfo Info() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + milliseconds(5000));
+    helix::v1::ServerInfo info;
+    helix::v1::GetServerInfoRequest req;
+    grpc::Status st =
+        o_.context
+            ? helix::v1::ContextService::NewStub(channel_)->GetServerInfo(&ctx, req, &info)
+            : helix::v1::GenerationService::NewStub(channel_)->GetServerInfo(&ctx, req, &info);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return info;
+  }
+  // Waits until `done(Info())` or `timeout`.
+  bool WaitFor(const std::function<bool(const helix::v1::ServerInfo&)>& done,
+               milliseconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      if (done(Info())) return true;
+      std::this_thread::sleep_for(milliseconds(50));
+    }
+    return done(Info());
+  }
+
+ private:
+  Options o_;
+  int port_ = 0;
+  pid_t pid_ = -1;
+  fs::path dir_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+bool PoolWhole(const helix::v1::ServerInfo& i) { return i.kv_free_blocks() == i.kv_total_blocks(); }
+
+struct Result {
+  std::vector<int32_t> tokens;
+  std::string text;
+  helix::v1::FinishReason reason = helix::v1::FINISH_REASON_UNSPECIFIED;
+  std::string error;
+  grpc::Status status;
+};
+
+helix::v1::GenerateRequest Request(const std::vector<int32_t>& prompt, int max_tokens) {
+  helix::v1::GenerateRequest r;
+  r.mutable_token_ids()->mutable_ids()->Assign(prompt.begin(), prompt.end());
+  r.set_max_tokens(max_tokens);
+  r.set_ignore_eos(true);
+  r.mutable_sampling()->set_temperature(0);
+  return r;
+}
+
+// Prefills on `ctx`; returns the request to send to the generation server.
+helix::v1::GenerateRequest Prefill(Server& ctx, helix::v1::GenerateRequest r,
+                                   grpc::Status* status = nullptr) {
+  auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  helix::v1::PrefillRequest pre;
+  *pre.mutable_request() = r;
+  helix::v1::PrefillResponse got;
+  grpc::Status st = stub->Prefill(&c, pre, &got);
+  if (status != nullptr) *status = st;
+  EXPECT_TRUE(st.ok() || status != nullptr) << st.error_message();
+  *r.mutable_token_ids() = got.prompt_token_ids();
+  r.set_first_token(got.first_token());
+  *r.mutable_kv_handle() = got.kv_handle();
+  return r;
+}
+
+Result Generate(Server& gen, const helix::v1::GenerateRequest& r,
+                const std::function<void(grpc::ClientContext*)>& during = nullptr) {
+  auto stub = helix::v1::GenerationService::NewStub(gen.channel());
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  Result out;
+  std::thread side;
+  if (during) side = std::thread([&] { during(&c); });
+  auto reader = stub->Generate(&c, r);
+  helix::v1::GenerateResponse m;
+  while (reader->Read(&m)) {
+    if (m.token_id() >= 0) out.tokens.push_back(m.token_id());
+    out.text += m.text();
+    if (m.finish_reason() != helix::v1::FINISH_REASON_UNSPECIFIED) {
+      out.reason = m.finish_reason();
+      out.error = m.error();
+    }
+  }
+  out.status = reader->Finish();
+  if (side.joinable()) side.join();
+  return out;
+}
+
+std::vector<int32_t> Tokens(int n, int seed) {
+  std::vector<int32_t> t{1};  // BOS
+  srand(seed);
+  while (static_cast<int>(t.size()) < n) t.push_back(3 + rand() % 500);
+  return t;
+}
+
+class DisaggServeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(Stories() + "/stories260K.bin")) {
+      GTEST_SKIP() << "stories260K not found under " << Stories() << " (HELIX_SHARED_DIR)";
+    }
+  }
+};
+
+// Every Helix layout and both block sizes: disaggregated tokens equal aggregated ones, for
+// prompts from 1 token up to the model's limit; both pools are whole afterwards.
+TEST_F(DisaggServeTest, LayoutsMatchAggregated) {
+  struct Case {
+    int tp, cp, tpb;
+  };
+  const Case cases[] = {{1, 1, 4}, {1, 2, 4}, {1, 4, 4}, {2, 1, 4}, {2, 2, 32}, {1, 4, 32}};
+  const int lens[] = {1, 7, 100, 400};
+  for (int tpb : {4, 32}) {
+    Server::Options co;
+    co.context = true;
+    co.tokens_per_block = tpb;
+    Server ctx(co);
+    for (const Case& c : cases) {
+      if (c.tpb != tpb) continue;
+      SCOPED_TRACE("tp " + std::to_string(c.tp) + " cp " + std::to_string(c.cp) + " tpb " +
+                   std::to_string(tpb));
+      Server::Options go;
+      go.tp = c.tp;
+      go.cp = c.cp;
+      go.tokens_per_block = tpb;
+      Server gen(go);
+      for (int len : lens) {
+        SCOPED_TRACE("prompt of " + std::to_string(len) + " tokens");
+        const auto req = Request(Tokens(len, len), 24);
+        const Result want = Generate(gen, req);
+        const Result got = Generate(gen, Prefill(ctx, req));
+        ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+        EXPECT_EQ(got.reason, helix::v1::FINISH_REASON_LENGTH) << got.error;
+        EXPECT_EQ(got.tokens, want.tokens);
+        EXPECT_EQ(got.text, want.text);
+      }
+      EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(5000)));
+      EXPECT_EQ(gen.Info().kv_transfers_done(), 4);
+      EXPECT_TRUE(
+          ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                      milliseconds(5000)));
+    }
+  }
+}
+
+// A 10K-token prompt (the long-context test model) on CP = 4.
+TEST_F(DisaggServeTest, TenThousandTokenPrompt) {
+  const std::string model = Env("HELIX_TEST_MODELS_DIR") + "/long.bin";
+  if (!fs::exists(model)) GTEST_SKIP() << "no " << model;
+  Server::Options o;
+  o.model = model;
+  o.tokens_per_block = 32;
+  o.max_seq_len = 16384;
+  o.max_num_tokens = 10100;
+  o.max_tokens = 10240 + 256;
+  o.context = true;
+  Server ctx(o);
+  o.context = false;
+  o.cp = 4;
+  Server gen(o);
+  const auto req = Request(Tokens(10000, 3), 8);
+  const Result want = Generate(gen, req);
+  const Result got = Generate(gen, Prefill(ctx, req));
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.tokens, want.tokens);
+  EXPECT_EQ(got.tokens.size(), 8u);
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(5000)));
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0; }, milliseconds(5000)));
+}
+
+// 32 concurrent disaggregated requests on one pair: each returns what it returns alone.
+TEST_F(DisaggServeTest, ThirtyTwoConcurrentRequests) {
+  Server::Options co;
+  co.context = true;
+  Server ctx(co);
+  Server::Options go;
+  go.cp = 2;
+  Server gen(go);
+  std::vector<helix::v1::GenerateRequest> reqs;
+  std::vector<Result> want;
+  for (int i = 0; i < 32; ++i) {
+    reqs.push_back(Request(Tokens(5 + 9 * i, 100 + i), 16));
+    want.push_back(Generate(gen, reqs.back()));
+  }
+  std::vector<Result> got(32);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 32; ++i) {
+    threads.emplace_back([&, i] { got[i] = Generate(gen, Prefill(ctx, reqs[i])); });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 32; ++i) {
+    SCOPED_TRACE("request " + std::to_string(i));
+    ASSERT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    EXPECT_EQ(got[i].tokens, want[i].tokens);
+  }
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(5000)));
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                  milliseconds(5000)));
+  EXPECT_EQ(gen.Info().kv_transfers_done(), 32);
+}
+
+// A stalled context server (SIGSTOP) past kv_transfer_timeout_ms fails its request with a
+// clear error; an aggregated request on the same instance meanwhile is untouched; the
+// generation pool is whole afterwards. The same with a server killed mid-transfer.
+TEST_F(DisaggServeTest, StalledOrKilledContextServerFailsOnlyItsRequests) {
+  Server::Options co;
+  co.context = true;
+  Server::Options go;
+  go.cp = 2;
+  go.transfer_timeout_ms = 2000;
+  Server gen(go);
+  for (bool kill_it : {false, true}) {
+    SCOPED_TRACE(kill_it ? "killed mid-transfer" : "stalled");
+    Server ctx(co);
+    const auto req = Request(Tokens(60, 9), 16);
+    // Stopped before this instance ever reached it (an established endpoint may still be
+    // served: then the stall is not a stall).
+    const auto handed = Prefill(ctx, req);
+    ctx.Signal(SIGSTOP);
+    Result other;
+    std::thread agg([&] { other = Generate(gen, req); });
+    const auto t0 = Clock::now();
+    const Result got = Generate(gen, handed, [&](grpc::ClientContext*) {
+      if (kill_it) {
+        std::this_thread::sleep_for(milliseconds(300));
+        ctx.Kill();
+      }
+    });
+    const auto took = Clock::now() - t0;
+    agg.join();
+    EXPECT_EQ(got.reason, helix::v1::FINISH_REASON_ERROR);
+    EXPECT_NE(got.error.find("KV transfer from context server"), std::string::npos) << got.error;
+    EXPECT_EQ(got.tokens.size(), 1u);  // the context server's first token, then the error
+    EXPECT_LT(took, milliseconds(kill_it ? 1900 : 6000));
+    EXPECT_TRUE(other.status.ok());
+    EXPECT_EQ(other.tokens.size(), 16u);
+    EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(5000)));
+    EXPECT_TRUE(gen.Serving());
+  }
+  EXPECT_EQ(gen.Info().kv_transfers_failed(), 2);
+}
+
+// A client cancel while the transfer is stalled ends the stream at once; the blocks are
+// returned only once the pull has ended (its deadline), and the instance keeps serving.
+TEST_F(DisaggServeTest, CancelDuringTransfer) {
+  Server::Options co;
+  co.context = true;
+  Server ctx(co);
+  Server::Options go;
+  go.cp = 2;
+  go.transfer_timeout_ms = 1500;
+  Server gen(go);
+  const auto req = Request(Tokens(60, 11), 16);
+  const auto handed = Prefill(ctx, req);
+  ctx.Signal(SIGSTOP);
+  const Result got = Generate(gen, handed, [](grpc::ClientContext* c) {
+    std::this_thread::sleep_for(milliseconds(300));
+    c->TryCancel();
+  });
+  EXPECT_EQ(got.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(6000)));
+  ctx.Signal(SIGCONT);
+  EXPECT_EQ(Generate(gen, req).tokens.size(), 16u);
+  EXPECT_TRUE(gen.WaitFor([](const auto& i) { return i.kv_transfers_cancelled() == 1; },
+                          milliseconds(5000)));
+}
+
+// Nobody pulls: the lease frees the context server's blocks.
+TEST_F(DisaggServeTest, LeaseFreesUnpulledKv) {
+  Server::Options co;
+  co.context = true;
+  co.lease_ms = 800;
+  Server ctx(co);
+  Prefill(ctx, Request(Tokens(50, 5), 4));
+  const auto i = ctx.Info();
+  EXPECT_EQ(i.kv_retained_requests(), 1);
+  EXPECT_LT(i.kv_free_blocks(), i.kv_total_blocks());
+  EXPECT_TRUE(ctx.WaitFor(
+      [](const auto& i) {
+        return i.kv_retained_requests() == 0 && i.kv_leases_expired() == 1 && PoolWhole(i);
+      },
+      milliseconds(5000)));
+}
+
+// Servers that cannot exchange KV are refused with the reason, before any transfer.
+TEST_F(DisaggServeTest, MismatchedServersAreRefused) {
+  Server::Options co;
+  co.context = true;
+  co.tokens_per_block = 8;
+  Server ctx(co);
+  Server::Options go;
+  go.cp = 2;
+  Server gen(go);  // tokens_per_block 4
+  const Result got = Generate(gen, Prefill(ctx, Request(Tokens(20, 1), 4)));
+  EXPECT_EQ(got.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(got.status.error_message().find("tokens_per_block 8"), std::string::npos)
+      << got.status.error_message();
+
+  const std::string other = Env("HELIX_TEST_MODELS_DIR") + "/llama.bin";
+  if (fs::exists(other)) {
+    Server::Options mo;
+    mo.context = true;
+    mo.model = other;
+    Server ctx2(mo);
+    const Result g2 = Generate(gen, Prefill(ctx2, Request(Tokens(20, 1), 4)));
+    EXPECT_EQ(g2.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(g2.status.error_message().find("model fingerprint"), std::string::npos)
+        << g2.status.error_message();
+  }
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(2000)));
+}
+
+}  // namespace
