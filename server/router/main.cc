@@ -1,17 +1,30 @@
 // helix-router: the OpenAI-compatible front door. `helix-router --config FILE` runs it;
 // `helix-router check-config FILE` validates a config.
+#include <pthread.h>
+#include <signal.h>
+
+#include <filesystem>
 #include <iostream>
 #include <string>
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
 #include <CLI/CLI.hpp>
 
+#include "engine/common/log.h"
+#include "engine/model/model_loader.h"
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
 #include "server/config/router_config.h"
+#include "server/router/grpc_front.h"
+#include "server/router/openai_http.h"
+#include "server/router/router.h"
 
 int main(int argc, char** argv) {
   using helix::server::kExitFailure;
+  using helix::server::kExitOk;
   using helix::server::kExitUsage;
   CLI::App app{"helix-router: OpenAI-compatible router pairing context and generation servers"};
   app.set_version_flag("--version", std::string("helix-router ") + helix::kVersion);
@@ -37,7 +50,59 @@ int main(int argc, char** argv) {
     return kExitUsage;
   }
   if (!helix::server::SetUpLogging(cfg->logging, "router").ok()) return kExitFailure;
-  std::cerr << "helix-router: the HTTP/gRPC router is not part of this build yet (config "
-            << config_path << " is valid)\n";
-  return kExitFailure;
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a client that hangs up mid-stream is an error, not our death
+
+  // The router owns tokenisation: it loads the model's tokenizer (and chat template).
+  auto bundle = helix::LoadModelBundle(cfg->model, cfg->tokenizer.value_or(""));
+  if (!bundle.ok()) {
+    std::cerr << "helix-router: " << bundle.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  bundle->model.reset();  // only the tokenizer is needed
+  if (cfg->served_model_name.empty()) {
+    cfg->served_model_name = std::filesystem::path(cfg->model).stem().string();
+  }
+  helix::router::Router router(*cfg, std::move(bundle->tokenizer));
+  HELIX_LOG(kInfo) << "router: model '" << router.model_name() << "', chat template "
+                   << helix::router::ChatStyleName(router.chat_style()) << ", "
+                   << cfg->context_servers.urls.size() << " context and "
+                   << cfg->generation_servers.urls.size() << " generation server(s)";
+  helix::router::OpenAiHttp http(&router, *cfg);
+  auto port = http.Start();
+  if (!port.ok()) {
+    std::cerr << "helix-router: " << port.status().message() << "\n";
+    return kExitFailure;
+  }
+  std::unique_ptr<grpc::Server> grpc_server;
+  helix::router::RouterGrpcService grpc_service(&router, cfg->api_key.value_or(""));
+  int grpc_port = 0;
+  if (cfg->grpc_port > 0) {
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::ServerBuilder b;
+    b.AddListeningPort(cfg->server.host + ":" + std::to_string(cfg->grpc_port),
+                       grpc::InsecureServerCredentials(), &grpc_port);
+    b.RegisterService(&grpc_service);
+    grpc_server = b.BuildAndStart();
+    if (grpc_server == nullptr || grpc_port == 0) {
+      std::cerr << "helix-router: cannot listen for gRPC on port " << cfg->grpc_port << "\n";
+      return kExitFailure;
+    }
+    grpc_server->GetHealthCheckService()->SetServingStatus(true);
+  }
+  std::cerr << "helix-router: listening on http://" << cfg->server.host << ":" << *port
+            << (grpc_port > 0 ? " and gRPC :" + std::to_string(grpc_port) : "") << std::endl;
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  HELIX_LOG(kInfo) << "router: signal " << sig << ", stopping";
+  http.Stop();
+  if (grpc_server) {
+    grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  }
+  return kExitOk;
 }

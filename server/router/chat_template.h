@@ -1,0 +1,34 @@
+// Chat templates the router can apply: the families the engine loads, recognised from the
+// model's own Jinja template (GGUF tokenizer.chat_template / tokenizer_config.json) and
+// rendered natively (there is no Jinja interpreter here). Pure functions; thread-safe.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/common/status.h"
+
+namespace helix::router {
+
+enum class ChatStyle {
+  kNone,    // the model has no template (or one we do not recognise): chat is refused
+  kChatML,  // <|im_start|>role\n...<|im_end|>\n  (SmolLM2, Qwen2)
+  kLlama3,  // <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>
+  kLlama2,  // [INST] <<SYS>>...<</SYS>> ... [/INST]
+};
+const char* ChatStyleName(ChatStyle s);
+
+struct ChatMessage {
+  std::string role;  // system | user | assistant
+  std::string content;
+};
+
+ChatStyle DetectChatStyle(std::string_view jinja_template);
+
+// The prompt text for `messages`, ending with the assistant's turn opened. The tokenizer adds
+// BOS (Llama 2/3) when it encodes. INVALID_ARGUMENT for an unknown role, or a Llama 2 history
+// whose turns do not alternate user/assistant.
+StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages);
+
+}  // namespace helix::router

@@ -1,0 +1,103 @@
+#include "server/router/grpc_front.h"
+
+namespace helix::router {
+
+grpc::Status RouterGrpcService::CheckAuth(const grpc::ServerContext* ctx) const {
+  if (api_key_.empty()) return grpc::Status::OK;
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find("authorization");
+  if (it != md.end() && std::string(it->second.data(), it->second.size()) == "Bearer " + api_key_) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      "missing or wrong \"authorization: Bearer <api key>\" metadata");
+}
+
+grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
+                                         const v1::GenerateRequest* request,
+                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  if (grpc::Status a = CheckAuth(ctx); !a.ok()) return a;
+  if (request->has_kv_handle() || request->has_first_token()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "kv_handle / first_token: the router does the hand-off itself; send the "
+                        "prompt alone");
+  }
+  if (request->max_tokens() < 1) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "max_tokens must be >= 1");
+  }
+  RouteRequest r;
+  r.proto = *request;
+  const Tokenizer& tok = router_->tokenizer();
+  if (request->has_text()) {
+    const bool bos = request->has_add_bos() ? request->add_bos() : true;
+    const std::vector<int32_t> ids = tok.Encode(request->text(), bos);
+    if (ids.empty()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt.text is empty");
+    }
+    r.proto.mutable_token_ids()->mutable_ids()->Assign(ids.begin(), ids.end());
+  } else if (!request->has_token_ids() || request->token_ids().ids().empty()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt: give text or token_ids");
+  }
+  r.stop.assign(request->stop().begin(), request->stop().end());
+  std::string id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    id = request->request_id().empty() ? "rt-" + std::to_string(next_id_++) : request->request_id();
+    if (!active_.insert(id).second) {
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                          "request_id '" + id + "' is already in flight");
+    }
+  }
+  r.proto.set_request_id(id);
+  grpc::Status st = router_->Run(r, [&](const RouteEvent& ev) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_.count(id)) return false;
+    }
+    if (ctx->IsCancelled()) return false;
+    v1::GenerateResponse m;
+    m.set_request_id(id);
+    m.set_token_id(ev.token);
+    m.set_text(ev.text);
+    m.set_logprob(ev.logprob);
+    for (const auto& [t, lp] : ev.top_logprobs) {
+      v1::TopLogprob* x = m.add_top_logprobs();
+      x->set_token_id(t);
+      x->set_logprob(lp);
+    }
+    if (ev.finished) {
+      m.set_finish_reason(ev.finish_reason == "stop" ? v1::FINISH_REASON_STOP
+                                                     : v1::FINISH_REASON_LENGTH);
+      m.mutable_usage()->set_prompt_tokens(ev.prompt_tokens);
+      m.mutable_usage()->set_completion_tokens(ev.completion_tokens);
+    }
+    return writer->Write(m);
+  });
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    active_.erase(id);
+    cancelled_.erase(id);
+  }
+  return st;
+}
+
+grpc::Status RouterGrpcService::Cancel(grpc::ServerContext* ctx, const v1::CancelRequest* request,
+                                       v1::CancelResponse*) {
+  if (grpc::Status a = CheckAuth(ctx); !a.ok()) return a;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (active_.count(request->request_id())) cancelled_.insert(request->request_id());
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterGrpcService::GetServerInfo(grpc::ServerContext* ctx,
+                                              const v1::GetServerInfoRequest*,
+                                              v1::ServerInfo* info) {
+  if (grpc::Status a = CheckAuth(ctx); !a.ok()) return a;
+  if (!router_->GenerationInfo(info)) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no healthy generation server");
+  }
+  info->set_model_name(router_->model_name());
+  return grpc::Status::OK;
+}
+
+}  // namespace helix::router

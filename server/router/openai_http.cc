@@ -1,0 +1,566 @@
+#include "server/router/openai_http.h"
+
+#include <httplib.h>
+
+#include <chrono>
+#include <cmath>
+#include <random>
+#include <sstream>
+
+#include "engine/common/log.h"
+
+namespace helix::router {
+namespace {
+
+using json = nlohmann::json;
+
+std::string NewId(const char* prefix) {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(rng()));
+  return std::string(prefix) + buf;
+}
+
+int64_t Now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+Status Bad(HttpError* e, const std::string& param, const std::string& message, int status = 400,
+           const std::string& code = "") {
+  e->status = status;
+  e->param = param;
+  e->message = message;
+  e->code = code;
+  if (status == 404) e->type = "invalid_request_error";
+  return InvalidArgument(message);
+}
+
+// Reads an optional number in [lo, hi] into *out.
+Status Number(const json& j, const char* key, double lo, double hi, double* out, HttpError* e) {
+  if (!j.contains(key) || j[key].is_null()) return Status::Ok();
+  if (!j[key].is_number()) return Bad(e, key, std::string("'") + key + "' must be a number");
+  const double v = j[key].get<double>();
+  if (!(v >= lo && v <= hi)) {
+    std::ostringstream m;
+    m << "'" << key << "' = " << v << " is out of range [" << lo << ", " << hi << "]";
+    return Bad(e, key, m.str());
+  }
+  *out = v;
+  return Status::Ok();
+}
+
+Status Integer(const json& j, const char* key, int64_t lo, int64_t hi, int64_t* out, HttpError* e) {
+  if (!j.contains(key) || j[key].is_null()) return Status::Ok();
+  if (!j[key].is_number_integer()) {
+    return Bad(e, key, std::string("'") + key + "' must be an integer");
+  }
+  const int64_t v = j[key].get<int64_t>();
+  if (v < lo || v > hi) {
+    return Bad(e, key,
+               std::string("'") + key + "' = " + std::to_string(v) + " is out of range [" +
+                   std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  }
+  *out = v;
+  return Status::Ok();
+}
+
+std::string TokenText(const Tokenizer& tok, int32_t id) { return tok.TokenBytes(id, -1); }
+
+json Bytes(const std::string& s) {
+  json b = json::array();
+  for (unsigned char c : s) b.push_back(static_cast<int>(c));
+  return b;
+}
+
+// The logprobs object of one choice, from the events that carried tokens.
+json CompletionLogprobs(const Tokenizer& tok, const std::vector<RouteEvent>& evs,
+                        size_t text_start) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
+  size_t off = text_start;
+  for (const RouteEvent& ev : evs) {
+    const std::string t = TokenText(tok, ev.token);
+    tokens.push_back(json(t).dump() == "null" ? "" : t);
+    lps.push_back(ev.logprob);
+    json top = json::object();
+    for (const auto& [id, lp] : ev.top_logprobs) top[TokenText(tok, id)] = lp;
+    tops.push_back(top);
+    offs.push_back(off);
+    off += ev.text.size();
+  }
+  return {
+      {"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
+}
+
+json ChatLogprobs(const Tokenizer& tok, const std::vector<RouteEvent>& evs) {
+  json content = json::array();
+  for (const RouteEvent& ev : evs) {
+    const std::string t = TokenText(tok, ev.token);
+    json top = json::array();
+    for (const auto& [id, lp] : ev.top_logprobs) {
+      const std::string tt = TokenText(tok, id);
+      top.push_back({{"token", tt}, {"logprob", lp}, {"bytes", Bytes(tt)}});
+    }
+    content.push_back(
+        {{"token", t}, {"logprob", ev.logprob}, {"bytes", Bytes(t)}, {"top_logprobs", top}});
+  }
+  return {{"content", content}};
+}
+
+int HttpStatusOf(const grpc::Status& s) {
+  switch (s.error_code()) {
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return 400;
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return 401;
+    case grpc::StatusCode::NOT_FOUND:
+      return 404;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return 429;
+    case grpc::StatusCode::UNAVAILABLE:
+      return 503;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return 504;
+    default:
+      return 500;
+  }
+}
+
+HttpError FromGrpc(const grpc::Status& s) {
+  HttpError e;
+  e.status = HttpStatusOf(s);
+  e.message = s.error_message();
+  e.type = e.status == 400   ? "invalid_request_error"
+           : e.status == 429 ? "rate_limit_error"
+           : e.status == 503 ? "service_unavailable"
+                             : "server_error";
+  return e;
+}
+
+}  // namespace
+
+json ErrorJson(const HttpError& e) {
+  json err = {{"message", e.message}, {"type", e.type}};
+  err["param"] = e.param.empty() ? json(nullptr) : json(e.param);
+  err["code"] = e.code.empty() ? json(nullptr) : json(e.code);
+  return {{"error", err}};
+}
+
+StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, const Router& router,
+                                           int64_t max_seq_len, HttpError* e) {
+  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Bad(e, "", "the request body is not valid JSON");
+  if (!j.is_object()) return Bad(e, "", "the request body must be a JSON object");
+  ParsedRequest p;
+  p.chat = chat;
+  if (!j.contains("model") || !j["model"].is_string()) {
+    return Bad(e, "model", "'model' is required (a string)");
+  }
+  if (j["model"].get<std::string>() != router.model_name()) {
+    return Bad(e, "model", "The model '" + j["model"].get<std::string>() + "' does not exist", 404,
+               "model_not_found");
+  }
+  // The prompt.
+  std::vector<int32_t> ids;
+  const Tokenizer& tok = router.tokenizer();
+  if (chat) {
+    if (!j.contains("messages") || !j["messages"].is_array()) {
+      return Bad(e, "messages", "'messages' is required (an array)");
+    }
+    std::vector<ChatMessage> msgs;
+    for (size_t i = 0; i < j["messages"].size(); ++i) {
+      const json& m = j["messages"][i];
+      const std::string at = "messages[" + std::to_string(i) + "]";
+      if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+        return Bad(e, at + ".role", at + " needs a string 'role'");
+      }
+      ChatMessage cm;
+      cm.role = m["role"].get<std::string>();
+      if (m.contains("content") && m["content"].is_string()) {
+        cm.content = m["content"].get<std::string>();
+      } else if (m.contains("content") && m["content"].is_array()) {
+        for (const json& part : m["content"]) {
+          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+              !part["text"].is_string()) {
+            return Bad(e, at + ".content", at + ".content: only text parts are supported");
+          }
+          cm.content += part["text"].get<std::string>();
+        }
+      } else {
+        return Bad(e, at + ".content", at + " needs 'content' (a string or text parts)");
+      }
+      msgs.push_back(std::move(cm));
+    }
+    if (router.chat_style() == ChatStyle::kNone) {
+      return Bad(e, "messages",
+                 "model '" + router.model_name() +
+                     "' has no chat template this server can apply; use /v1/completions");
+    }
+    auto text = RenderChat(router.chat_style(), msgs);
+    if (!text.ok()) return Bad(e, "messages", text.status().message());
+    ids = tok.Encode(*text, true);
+  } else {
+    if (!j.contains("prompt")) return Bad(e, "prompt", "'prompt' is required");
+    const json& pr = j["prompt"];
+    if (pr.is_string()) {
+      ids = tok.Encode(pr.get<std::string>(), true);
+    } else if (pr.is_array() && pr.size() == 1 && pr[0].is_string()) {
+      ids = tok.Encode(pr[0].get<std::string>(), true);
+    } else if (pr.is_array() && !pr.empty() && pr[0].is_number_integer()) {
+      for (const json& t : pr) {
+        if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
+            t.get<int64_t>() >= tok.vocab_size()) {
+          return Bad(e, "prompt",
+                     "'prompt' token ids must be integers in [0, " +
+                         std::to_string(tok.vocab_size()) + ")");
+        }
+        ids.push_back(t.get<int32_t>());
+      }
+    } else if (pr.is_array() && pr.size() > 1) {
+      return Bad(e, "prompt", "batched prompts are not supported: send one prompt per request");
+    } else {
+      return Bad(e, "prompt", "'prompt' must be a string, [string] or an array of token ids");
+    }
+  }
+  if (ids.empty()) return Bad(e, chat ? "messages" : "prompt", "the prompt is empty");
+  const int64_t prompt_len = static_cast<int64_t>(ids.size());
+  // Sampling and limits.
+  int64_t n = 1;
+  RETURN_IF_ERROR(Integer(j, "n", 1, 1, &n, e));
+  int64_t max_tokens = chat ? 0 : 16;
+  RETURN_IF_ERROR(Integer(j, "max_tokens", 1, 1 << 30, &max_tokens, e));
+  if (chat) RETURN_IF_ERROR(Integer(j, "max_completion_tokens", 1, 1 << 30, &max_tokens, e));
+  if (max_tokens == 0) {  // chat default: what is left of the context (at most 1024)
+    max_tokens = max_seq_len > prompt_len ? std::min<int64_t>(1024, max_seq_len - prompt_len) : 16;
+  }
+  if (max_seq_len > 0 && prompt_len + max_tokens > max_seq_len) {
+    return Bad(e, "max_tokens",
+               "the prompt (" + std::to_string(prompt_len) + " tokens) plus max_tokens (" +
+                   std::to_string(max_tokens) + ") exceeds the model's context of " +
+                   std::to_string(max_seq_len) + " tokens",
+               400, "context_length_exceeded");
+  }
+  double temperature = 1, top_p = 1, min_p = 0, presence = 0, frequency = 0, repetition = 1;
+  int64_t top_k = 0, seed = -1;
+  RETURN_IF_ERROR(Number(j, "temperature", 0, 2, &temperature, e));
+  RETURN_IF_ERROR(Number(j, "top_p", 1e-9, 1, &top_p, e));
+  RETURN_IF_ERROR(Number(j, "min_p", 0, 1, &min_p, e));
+  RETURN_IF_ERROR(Number(j, "presence_penalty", -2, 2, &presence, e));
+  RETURN_IF_ERROR(Number(j, "frequency_penalty", -2, 2, &frequency, e));
+  RETURN_IF_ERROR(Number(j, "repetition_penalty", 1e-6, 10, &repetition, e));
+  RETURN_IF_ERROR(Integer(j, "top_k", -1, 1 << 20, &top_k, e));
+  RETURN_IF_ERROR(Integer(j, "seed", 0, INT64_MAX, &seed, e));
+  if (j.contains("stop") && !j["stop"].is_null()) {
+    const json& s = j["stop"];
+    if (s.is_string()) {
+      p.route.stop.push_back(s.get<std::string>());
+    } else if (s.is_array() && s.size() <= 4) {
+      for (const json& x : s) {
+        if (!x.is_string() || x.get<std::string>().empty()) {
+          return Bad(e, "stop", "'stop' entries must be non-empty strings");
+        }
+        p.route.stop.push_back(x.get<std::string>());
+      }
+    } else {
+      return Bad(e, "stop", "'stop' must be a string or an array of at most 4 strings");
+    }
+  }
+  if (j.contains("stream") && !j["stream"].is_null()) {
+    if (!j["stream"].is_boolean()) return Bad(e, "stream", "'stream' must be a boolean");
+    p.stream = j["stream"].get<bool>();
+  }
+  if (j.contains("stream_options") && j["stream_options"].is_object()) {
+    const json& so = j["stream_options"];
+    if (so.contains("include_usage")) {
+      if (!so["include_usage"].is_boolean()) {
+        return Bad(e, "stream_options.include_usage", "'include_usage' must be a boolean");
+      }
+      p.include_usage = so["include_usage"].get<bool>();
+    }
+  }
+  if (chat) {
+    if (j.contains("logprobs") && !j["logprobs"].is_null()) {
+      if (!j["logprobs"].is_boolean()) return Bad(e, "logprobs", "'logprobs' must be a boolean");
+      p.logprobs = j["logprobs"].get<bool>();
+    }
+    int64_t top = 0;
+    RETURN_IF_ERROR(Integer(j, "top_logprobs", 0, 20, &top, e));
+    if (top > 0 && !p.logprobs) {
+      return Bad(e, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    }
+    p.top_logprobs = static_cast<int>(top);
+  } else {
+    int64_t lp = -1;
+    RETURN_IF_ERROR(Integer(j, "logprobs", 0, 20, &lp, e));
+    p.logprobs = lp >= 0;
+    p.top_logprobs = static_cast<int>(std::max<int64_t>(lp, 0));
+  }
+  bool ignore_eos = false;
+  if (j.contains("ignore_eos") && j["ignore_eos"].is_boolean()) {
+    ignore_eos = j["ignore_eos"].get<bool>();
+  }
+  v1::GenerateRequest& g = p.route.proto;
+  g.mutable_token_ids()->mutable_ids()->Assign(ids.begin(), ids.end());
+  g.set_max_tokens(static_cast<int32_t>(max_tokens));
+  v1::SamplingParams* sp = g.mutable_sampling();
+  sp->set_temperature(static_cast<float>(temperature));
+  sp->set_top_p(static_cast<float>(top_p));
+  sp->set_top_k(top_k < 0 ? 0 : static_cast<int32_t>(top_k));
+  sp->set_min_p(static_cast<float>(min_p));
+  sp->set_presence_penalty(static_cast<float>(presence));
+  sp->set_frequency_penalty(static_cast<float>(frequency));
+  sp->set_repetition_penalty(static_cast<float>(repetition));
+  if (seed >= 0) sp->set_seed(static_cast<uint64_t>(seed));
+  for (const std::string& s : p.route.stop) g.add_stop(s);
+  g.set_ignore_eos(ignore_eos);
+  if (p.logprobs) g.set_top_logprobs(p.top_logprobs);
+  return p;
+}
+
+OpenAiHttp::OpenAiHttp(Router* router, const config::RouterConfig& cfg)
+    : router_(router), cfg_(cfg), server_(std::make_unique<httplib::Server>()) {}
+
+OpenAiHttp::~OpenAiHttp() { Stop(); }
+
+void OpenAiHttp::Count(const std::string& route, int status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++responses_[{route, status}];
+}
+
+std::string OpenAiHttp::MetricsText() const {
+  std::ostringstream o;
+  o << "# HELP helix_router_http_responses_total HTTP responses by route and status.\n"
+    << "# TYPE helix_router_http_responses_total counter\n";
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [k, v] : responses_) {
+    o << "helix_router_http_responses_total{route=\"" << k.first << "\",code=\"" << k.second
+      << "\"} " << v << "\n";
+  }
+  return o.str();
+}
+
+StatusOr<int> OpenAiHttp::Start() {
+  httplib::Server& s = *server_;
+  const int threads = static_cast<int>(std::min<int64_t>(cfg_.max_inflight_requests + 16, 1024));
+  s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  s.set_payload_max_length(static_cast<size_t>(cfg_.max_request_bytes));
+  s.set_read_timeout(std::chrono::seconds(30));
+  s.set_write_timeout(std::chrono::seconds(30));
+  auto send_error = [this](httplib::Response& res, const HttpError& e, const std::string& route) {
+    res.status = e.status;
+    res.set_content(ErrorJson(e).dump(), "application/json");
+    Count(route, e.status);
+  };
+  s.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return;  // already answered
+    HttpError e;
+    e.status = res.status;
+    if (res.status == 413) {
+      e.message = "request body exceeds " + std::to_string(cfg_.max_request_bytes) + " bytes";
+    } else if (res.status == 404) {
+      e.message = "no route " + req.method + " " + req.path;
+    } else {
+      e.message = "HTTP " + std::to_string(res.status);
+    }
+    res.set_content(ErrorJson(e).dump(), "application/json");
+    Count(req.path, res.status);
+  });
+  auto authorized = [this](const httplib::Request& req) {
+    if (!cfg_.api_key || cfg_.api_key->empty()) return true;
+    return req.get_header_value("Authorization") == "Bearer " + *cfg_.api_key;
+  };
+
+  s.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content("{\"status\":\"ok\"}", "application/json");
+    Count("/health", 200);
+  });
+  s.Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
+    const bool ok = router_->Ready();
+    res.status = ok ? 200 : 503;
+    res.set_content(ok ? "{\"status\":\"ready\"}"
+                       : "{\"status\":\"not ready\",\"reason\":\"no healthy context/generation "
+                         "pair\"}",
+                    "application/json");
+    Count("/ready", res.status);
+  });
+  s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(router_->MetricsText() + MetricsText(), "text/plain; version=0.0.4");
+    Count("/metrics", 200);
+  });
+  s.Get("/v1/models",
+        [this, authorized, send_error](const httplib::Request& req, httplib::Response& res) {
+          if (!authorized(req)) {
+            return send_error(res,
+                              {401, "missing or wrong API key (Authorization: Bearer ...)",
+                               "authentication_error", "", "invalid_api_key"},
+                              "/v1/models");
+          }
+          json m = {{"object", "list"},
+                    {"data", json::array({{{"id", router_->model_name()},
+                                           {"object", "model"},
+                                           {"created", Now()},
+                                           {"owned_by", "helix"}}})}};
+          res.set_content(m.dump(), "application/json");
+          Count("/v1/models", 200);
+        });
+
+  auto generate = [this, authorized, send_error](bool chat) {
+    return [this, chat, authorized, send_error](const httplib::Request& req,
+                                                httplib::Response& res) {
+      const std::string route = chat ? "/v1/chat/completions" : "/v1/completions";
+      if (!authorized(req)) {
+        return send_error(res,
+                          {401, "missing or wrong API key (Authorization: Bearer ...)",
+                           "authentication_error", "", "invalid_api_key"},
+                          route);
+      }
+      HttpError err;
+      auto parsed = ParseOpenAiRequest(req.body, chat, *router_, router_->max_seq_len(), &err);
+      if (!parsed.ok()) return send_error(res, err, route);
+      if (router_->stats().in_flight >= cfg_.max_inflight_requests) {
+        return send_error(
+            res, {429, "too many requests in flight; retry later", "rate_limit_error", "", ""},
+            route);
+      }
+      if (!router_->Ready()) {
+        return send_error(
+            res, {503, "no healthy context/generation server pair", "service_unavailable", "", ""},
+            route);
+      }
+      const std::string id = NewId(chat ? "chatcmpl-" : "cmpl-");
+      const int64_t created = Now();
+      const std::string model = router_->model_name();
+      const Tokenizer& tok = router_->tokenizer();
+      if (!parsed->stream) {
+        std::string text, finish;
+        std::vector<RouteEvent> toks;
+        int64_t prompt_tokens = 0, completion_tokens = 0;
+        grpc::Status st = router_->Run(parsed->route, [&](const RouteEvent& ev) {
+          text += ev.text;
+          if (ev.token >= 0) toks.push_back(ev);
+          if (ev.finished) {
+            finish = ev.finish_reason;
+            prompt_tokens = ev.prompt_tokens;
+            completion_tokens = ev.completion_tokens;
+          }
+          return true;
+        });
+        if (!st.ok()) return send_error(res, FromGrpc(st), route);
+        json usage = {{"prompt_tokens", prompt_tokens},
+                      {"completion_tokens", completion_tokens},
+                      {"total_tokens", prompt_tokens + completion_tokens}};
+        json choice;
+        if (chat) {
+          choice = {{"index", 0},
+                    {"message", {{"role", "assistant"}, {"content", text}}},
+                    {"logprobs", parsed->logprobs ? ChatLogprobs(tok, toks) : json(nullptr)},
+                    {"finish_reason", finish}};
+        } else {
+          choice = {
+              {"index", 0},
+              {"text", text},
+              {"logprobs", parsed->logprobs ? CompletionLogprobs(tok, toks, 0) : json(nullptr)},
+              {"finish_reason", finish}};
+        }
+        json out = {{"id", id},
+                    {"object", chat ? "chat.completion" : "text_completion"},
+                    {"created", created},
+                    {"model", model},
+                    {"choices", json::array({choice})},
+                    {"usage", usage}};
+        res.set_content(out.dump(), "application/json");
+        Count(route, 200);
+        return;
+      }
+      // Streaming: Server-Sent Events, one "data: {json}\n\n" chunk per token, then the final
+      // chunk (finish_reason), the usage chunk if asked for, and "data: [DONE]".
+      Count(route, 200);
+      const ParsedRequest p = *parsed;
+      res.set_header("Cache-Control", "no-cache");
+      res.set_chunked_content_provider("text/event-stream", [this, p, id, created, model, chat](
+                                                                size_t, httplib::DataSink& sink) {
+        const Tokenizer& tok = router_->tokenizer();
+        auto send = [&](const json& j) {
+          const std::string s = "data: " + j.dump() + "\n\n";
+          return sink.is_writable() && sink.write(s.data(), s.size());
+        };
+        auto chunk = [&](json delta_or_text, json finish, json logprobs) {
+          json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish}};
+          if (chat) {
+            choice["delta"] = delta_or_text;
+          } else {
+            choice["text"] = delta_or_text;
+          }
+          return json{{"id", id},
+                      {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                      {"created", created},
+                      {"model", model},
+                      {"choices", json::array({choice})}};
+        };
+        bool ok = true;
+        if (chat) ok = send(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
+        int64_t prompt_tokens = 0, completion_tokens = 0;
+        size_t offset = 0;
+        grpc::Status st = router_->Run(p.route, [&](const RouteEvent& ev) {
+          if (!ok) return false;
+          if (ev.finished) {
+            prompt_tokens = ev.prompt_tokens;
+            completion_tokens = ev.completion_tokens;
+            json body = chat ? json{{"content", ev.text}} : json(ev.text);
+            if (chat && ev.text.empty()) body = json::object();
+            ok = send(chunk(body, ev.finish_reason, nullptr));
+            return ok;
+          }
+          json lp = nullptr;
+          if (p.logprobs) {
+            lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
+          }
+          offset += ev.text.size();
+          ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
+          return ok;
+        });
+        if (!ok) return false;  // the client went away: the request was cancelled
+        if (!st.ok()) {
+          send(ErrorJson(FromGrpc(st)));
+        } else if (p.include_usage) {
+          send({{"id", id},
+                {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                {"created", created},
+                {"model", model},
+                {"choices", json::array()},
+                {"usage",
+                 {{"prompt_tokens", prompt_tokens},
+                  {"completion_tokens", completion_tokens},
+                  {"total_tokens", prompt_tokens + completion_tokens}}}});
+        }
+        const std::string done = "data: [DONE]\n\n";
+        sink.write(done.data(), done.size());
+        sink.done();
+        return true;
+      });
+    };
+  };
+  s.Post("/v1/completions", generate(false));
+  s.Post("/v1/chat/completions", generate(true));
+
+  const int port =
+      cfg_.server.port == 0
+          ? s.bind_to_any_port(cfg_.server.host)
+          : (s.bind_to_port(cfg_.server.host, cfg_.server.port) ? cfg_.server.port : -1);
+  if (port <= 0) {
+    return Unavailable("cannot listen on " + cfg_.server.host + ":" +
+                       std::to_string(cfg_.server.port));
+  }
+  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  return port;
+}
+
+void OpenAiHttp::Stop() {
+  if (server_) server_->stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace helix::router

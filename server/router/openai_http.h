@@ -1,0 +1,64 @@
+// The router's OpenAI-compatible HTTP front (cpp-httplib): POST /v1/completions and
+// /v1/chat/completions (JSON or SSE streaming), GET /v1/models, /health, /ready, /metrics.
+// Requests are validated here (400 with an OpenAI error object naming the parameter),
+// tokenised (chat templates applied), and run through the Router on the connection's thread.
+// Thread-safety: one instance serves many connections concurrently.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "server/config/router_config.h"
+#include "server/router/router.h"
+
+namespace httplib {
+class Server;
+}
+
+namespace helix::router {
+
+// A request body turned into what the router runs, or the OpenAI-style error to answer.
+struct ParsedRequest {
+  bool chat = false;
+  bool stream = false;
+  bool include_usage = false;
+  bool logprobs = false;  // return logprobs (completions: "logprobs" >= 0; chat: true)
+  int top_logprobs = 0;
+  RouteRequest route;
+};
+struct HttpError {
+  int status = 400;
+  std::string message, type = "invalid_request_error", param, code;
+};
+// Parses and validates a /v1/completions (chat = false) or /v1/chat/completions body.
+StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, const Router& router,
+                                           int64_t max_seq_len, HttpError* error);
+nlohmann::json ErrorJson(const HttpError& e);
+
+class OpenAiHttp {
+ public:
+  OpenAiHttp(Router* router, const config::RouterConfig& cfg);
+  ~OpenAiHttp();
+  // Binds host:port (0 = any free port) and serves on a background thread. Returns the port,
+  // or an error.
+  StatusOr<int> Start();
+  void Stop();
+
+ private:
+  void Count(const std::string& route, int status);
+  std::string MetricsText() const;
+
+  Router* router_;
+  config::RouterConfig cfg_;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread thread_;
+  mutable std::mutex mu_;
+  std::map<std::pair<std::string, int>, uint64_t> responses_;  // GUARDED_BY(mu_)
+};
+
+}  // namespace helix::router

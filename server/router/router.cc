@@ -1,0 +1,480 @@
+#include "server/router/router.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "engine/common/log.h"
+#include "engine/request/stop_matcher.h"
+
+namespace helix::router {
+namespace {
+
+using Clock = std::chrono::system_clock;
+
+class RoundRobin final : public RoutingPolicy {
+ public:
+  Backend* Pick(const std::vector<Backend*>& c, const std::vector<int32_t>&) override {
+    if (c.empty()) return nullptr;
+    return c[next_++ % c.size()];
+  }
+
+ private:
+  uint64_t next_ = 0;
+};
+
+// Least outstanding tokens (prompt + max_tokens of requests in flight), then least requests;
+// ties go round robin so equal servers share the load.
+class LoadBalancing final : public RoutingPolicy {
+ public:
+  Backend* Pick(const std::vector<Backend*>& c, const std::vector<int32_t>&) override {
+    if (c.empty()) return nullptr;
+    Backend* best = nullptr;
+    const size_t start = next_++ % c.size();
+    for (size_t k = 0; k < c.size(); ++k) {
+      Backend* b = c[(start + k) % c.size()];
+      if (best == nullptr ||
+          std::make_pair(b->outstanding_tokens.load(), b->outstanding_requests.load()) <
+              std::make_pair(best->outstanding_tokens.load(), best->outstanding_requests.load())) {
+        best = b;
+      }
+    }
+    return best;
+  }
+
+ private:
+  uint64_t next_ = 0;
+};
+
+std::unique_ptr<Backend> MakeBackend(const std::string& url, bool context) {
+  auto b = std::make_unique<Backend>();
+  b->url = url;
+  b->context = context;
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  args.SetMaxReceiveMessageSize(64 << 20);
+  args.SetMaxSendMessageSize(64 << 20);
+  b->channel = grpc::CreateCustomChannel(url, grpc::InsecureChannelCredentials(), args);
+  if (context) {
+    b->ctx = v1::ContextService::NewStub(b->channel);
+  } else {
+    b->gen = v1::GenerationService::NewStub(b->channel);
+  }
+  b->health = grpc::health::v1::Health::NewStub(b->channel);
+  return b;
+}
+
+// RAII: a request counted against a backend's load.
+class Load {
+ public:
+  Load(Backend* b, int64_t tokens) : b_(b), tokens_(tokens) {
+    ++b_->outstanding_requests;
+    b_->outstanding_tokens += tokens_;
+    ++b_->requests_total;
+  }
+  ~Load() {
+    --b_->outstanding_requests;
+    b_->outstanding_tokens -= tokens_;
+  }
+
+ private:
+  Backend* b_;
+  int64_t tokens_;
+};
+
+bool Retryable(const grpc::Status& s) {
+  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+}
+
+std::string Escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::unique_ptr<RoutingPolicy> MakePolicy(const std::string& type) {
+  if (type == "load_balancing") return std::make_unique<LoadBalancing>();
+  return std::make_unique<RoundRobin>();
+}
+
+Router::Router(const config::RouterConfig& cfg, std::unique_ptr<Tokenizer> tokenizer)
+    : cfg_(cfg), tokenizer_(std::move(tokenizer)) {
+  chat_style_ = DetectChatStyle(tokenizer_->chat_template());
+  model_name_ = cfg_.served_model_name;
+  for (const std::string& u : cfg_.context_servers.urls) ctx_.push_back(MakeBackend(u, true));
+  for (const std::string& u : cfg_.generation_servers.urls) gen_.push_back(MakeBackend(u, false));
+  ctx_policy_ = MakePolicy(cfg_.context_servers.router_type);
+  gen_policy_ = MakePolicy(cfg_.generation_servers.router_type);
+  poller_ = std::thread([this] { PollLoop(); });
+}
+
+Router::~Router() {
+  {
+    std::lock_guard<std::mutex> lock(stop_mu_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  if (poller_.joinable()) poller_.join();
+}
+
+void Router::PollLoop() {
+  for (;;) {
+    PollNow();
+    std::unique_lock<std::mutex> lock(stop_mu_);
+    if (stop_cv_.wait_for(lock, std::chrono::milliseconds(cfg_.health_check_interval_ms),
+                          [&] { return stop_; })) {
+      return;
+    }
+  }
+}
+
+void Router::PollNow() {
+  for (auto& b : ctx_) Poll(b.get());
+  for (auto& b : gen_) Poll(b.get());
+}
+
+void Router::Poll(Backend* b) {
+  grpc::ClientContext hc;
+  hc.set_deadline(Clock::now() + std::chrono::milliseconds(1000));
+  grpc::health::v1::HealthCheckRequest hreq;
+  grpc::health::v1::HealthCheckResponse hresp;
+  grpc::Status st = b->health->Check(&hc, hreq, &hresp);
+  std::string why;
+  bool ok = st.ok() && hresp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+  if (!st.ok()) {
+    why = "health check failed: " + st.error_message();
+  } else if (!ok) {
+    why = "health says NOT_SERVING";
+  }
+  v1::ServerInfo info;
+  if (ok) {
+    grpc::ClientContext ic;
+    ic.set_deadline(Clock::now() + std::chrono::milliseconds(1000));
+    v1::GetServerInfoRequest ireq;
+    st = b->context ? b->ctx->GetServerInfo(&ic, ireq, &info)
+                    : b->gen->GetServerInfo(&ic, ireq, &info);
+    if (!st.ok()) {
+      ok = false;
+      why = "GetServerInfo failed: " + st.error_message();
+    }
+  }
+  if (ok) {
+    std::lock_guard<std::mutex> lock(b->mu);
+    b->info = info;
+    b->have_info = true;
+  }
+  const bool was = b->healthy.exchange(ok);
+  if (was != ok) {
+    const std::string what = std::string("router: ") + (b->context ? "context" : "generation") +
+                             " server " + b->url +
+                             (ok ? " is healthy: admitted" : " ejected: " + why);
+    if (ok) {
+      HELIX_LOG(kInfo) << what;
+    } else {
+      HELIX_LOG(kWarn) << what;
+    }
+  }
+}
+
+void Router::MarkDown(Backend* b, const std::string& why) {
+  ++b->failures_total;
+  if (b->healthy.exchange(false)) {
+    HELIX_LOG(kWarn) << "router: " << (b->context ? "context" : "generation") << " server "
+                     << b->url << " ejected: " << why;
+  }
+}
+
+std::vector<Backend*> Router::Healthy(const std::vector<std::unique_ptr<Backend>>& pool) const {
+  std::vector<Backend*> out;
+  for (const auto& b : pool) {
+    if (b->healthy.load()) out.push_back(b.get());
+  }
+  return out;
+}
+
+bool Router::Compatible(Backend* ctx, Backend* gen) const {
+  v1::ServerInfo ci, gi;
+  {
+    std::lock_guard<std::mutex> lock(ctx->mu);
+    if (!ctx->have_info) return false;
+    ci = ctx->info;
+  }
+  {
+    std::lock_guard<std::mutex> lock(gen->mu);
+    if (!gen->have_info) return false;
+    gi = gen->info;
+  }
+  std::string why;
+  if (ci.model_fingerprint() != gi.model_fingerprint()) {
+    why = "model fingerprints differ (" + ci.model_fingerprint() + " vs " + gi.model_fingerprint() +
+          ")";
+  } else if (ci.tokens_per_block() != gi.tokens_per_block()) {
+    why = "tokens_per_block differs (" + std::to_string(ci.tokens_per_block()) + " vs " +
+          std::to_string(gi.tokens_per_block()) + ")";
+  } else if (ci.kv_layout().dtype() != gi.kv_layout().dtype()) {
+    why = "KV dtype differs (" + ci.kv_layout().dtype() + " vs " + gi.kv_layout().dtype() + ")";
+  }
+  if (why.empty()) return true;
+  std::lock_guard<std::mutex> lock(log_mu_);
+  if (refused_.insert(ctx->url + "|" + gen->url + "|" + why).second) {
+    HELIX_LOG(kWarn) << "router: not pairing context server " << ctx->url
+                     << " with generation server " << gen->url << ": " << why;
+  }
+  return false;
+}
+
+bool Router::Ready() const {
+  for (Backend* g : Healthy(gen_)) {
+    if (ctx_.empty() || cfg_.max_local_prefill_length > 0) return true;
+    for (Backend* c : Healthy(ctx_)) {
+      if (Compatible(c, g)) return true;
+    }
+  }
+  return false;
+}
+
+int64_t Router::max_seq_len() const {
+  int64_t best = 0;
+  for (Backend* g : Healthy(gen_)) {
+    std::lock_guard<std::mutex> lock(g->mu);
+    if (g->have_info && (best == 0 || g->info.max_seq_len() < best)) best = g->info.max_seq_len();
+  }
+  return best;
+}
+
+bool Router::GenerationInfo(v1::ServerInfo* out) const {
+  for (Backend* g : Healthy(gen_)) {
+    std::lock_guard<std::mutex> lock(g->mu);
+    if (g->have_info) {
+      *out = g->info;
+      return true;
+    }
+  }
+  return false;
+}
+
+grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, v1::PrefillResponse* out) {
+  std::vector<Backend*> candidates;
+  for (Backend* c : Healthy(ctx_)) {
+    if (Compatible(c, gen)) candidates.push_back(c);
+  }
+  const std::vector<int32_t> prompt(r.proto.token_ids().ids().begin(),
+                                    r.proto.token_ids().ids().end());
+  grpc::Status last(grpc::StatusCode::UNAVAILABLE,
+                    "no healthy context server is compatible with generation server " + gen->url);
+  for (int64_t attempt = 0; attempt <= cfg_.max_retries && !candidates.empty(); ++attempt) {
+    Backend* c;
+    {
+      std::lock_guard<std::mutex> lock(policy_mu_);
+      c = ctx_policy_->Pick(candidates, prompt);
+    }
+    Load load(c, static_cast<int64_t>(prompt.size()));
+    grpc::ClientContext cc;
+    cc.set_deadline(Clock::now() + std::chrono::milliseconds(cfg_.request_timeout_ms));
+    v1::PrefillRequest pre;
+    *pre.mutable_request() = r.proto;
+    last = c->ctx->Prefill(&cc, pre, out);
+    if (last.ok() || !Retryable(last)) return last;
+    MarkDown(c, "prefill failed: " + last.error_message());
+    ++context_retries_;
+    candidates.erase(std::find(candidates.begin(), candidates.end(), c));
+  }
+  return last;
+}
+
+grpc::Status Router::Run(const RouteRequest& r,
+                         const std::function<bool(const RouteEvent&)>& sink) {
+  ++requests_;
+  ++in_flight_;
+  struct Done {
+    Router* self;
+    ~Done() { --self->in_flight_; }
+  } done{this};
+  const std::vector<int32_t> prompt(r.proto.token_ids().ids().begin(),
+                                    r.proto.token_ids().ids().end());
+  const bool disagg =
+      !ctx_.empty() && static_cast<int64_t>(prompt.size()) > cfg_.max_local_prefill_length;
+  grpc::Status st;
+  for (int64_t attempt = 0; attempt <= cfg_.max_retries; ++attempt) {
+    std::vector<Backend*> gens = Healthy(gen_);
+    if (gens.empty()) {
+      ++errors_;
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no healthy generation server");
+    }
+    Backend* g;
+    {
+      std::lock_guard<std::mutex> lock(policy_mu_);
+      g = gen_policy_->Pick(gens, prompt);
+    }
+    v1::GenerateRequest req = r.proto;
+    v1::PrefillResponse pre;
+    if (disagg) {
+      st = Prefill(r, g, &pre);
+      if (!st.ok()) {
+        ++errors_;
+        return st;
+      }
+      *req.mutable_token_ids() = pre.prompt_token_ids();
+      req.set_first_token(pre.first_token());
+      *req.mutable_kv_handle() = pre.kv_handle();
+    }
+    Load load(g, static_cast<int64_t>(prompt.size()) + r.proto.max_tokens());
+    grpc::ClientContext gc;
+    gc.set_deadline(Clock::now() + std::chrono::milliseconds(cfg_.request_timeout_ms));
+    auto reader = g->gen->Generate(&gc, req);
+    IncrementalDetokenizer detok(*tokenizer_, prompt.empty() ? -1 : prompt.back());
+    StopMatcher stops(r.stop);
+    v1::GenerateResponse m;
+    int64_t streamed = 0;
+    bool ended = false;
+    while (!ended && reader->Read(&m)) {
+      if (m.token_id() >= 0) {
+        RouteEvent ev;
+        ev.token = m.token_id();
+        bool stopped = false;
+        ev.text = stops.Push(detok.Push(m.token_id()), &stopped);
+        if (streamed == 0 && disagg) {
+          // The context server sampled this one: its logprobs travel with the prefill.
+          ev.logprob = pre.first_token_logprob();
+          for (const auto& t : pre.top_logprobs())
+            ev.top_logprobs.emplace_back(t.token_id(), t.logprob());
+        } else {
+          ev.logprob = m.logprob();
+          for (const auto& t : m.top_logprobs())
+            ev.top_logprobs.emplace_back(t.token_id(), t.logprob());
+        }
+        ++streamed;
+        if (!sink(ev)) {
+          gc.TryCancel();
+          reader->Finish();
+          return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+        }
+        if (stopped) {
+          // A stop string completed here: the request ends now (the server would stop at the
+          // same token).
+          RouteEvent fin;
+          fin.finished = true;
+          fin.finish_reason = "stop";
+          fin.prompt_tokens = static_cast<int64_t>(prompt.size());
+          fin.completion_tokens = streamed;
+          gc.TryCancel();
+          reader->Finish();
+          prompt_tokens_ += prompt.size();
+          completion_tokens_ += streamed;
+          (disagg ? disaggregated_ : aggregated_)++;
+          sink(fin);
+          return grpc::Status::OK;
+        }
+      }
+      if (m.finish_reason() == v1::FINISH_REASON_STOP ||
+          m.finish_reason() == v1::FINISH_REASON_LENGTH) {
+        RouteEvent fin;
+        fin.finished = true;
+        fin.finish_reason = m.finish_reason() == v1::FINISH_REASON_STOP ? "stop" : "length";
+        bool stopped = false;
+        fin.text = stops.Push(detok.Flush(), &stopped);
+        if (!stopped) fin.text += stops.Flush();
+        fin.prompt_tokens = m.usage().prompt_tokens();
+        fin.completion_tokens = m.usage().completion_tokens();
+        prompt_tokens_ += fin.prompt_tokens;
+        completion_tokens_ += fin.completion_tokens;
+        (disagg ? disaggregated_ : aggregated_)++;
+        ended = true;
+        sink(fin);
+      }
+    }
+    st = reader->Finish();
+    if (ended) return grpc::Status::OK;
+    if (st.ok()) {
+      st =
+          grpc::Status(grpc::StatusCode::INTERNAL,
+                       "generation server " + g->url + " ended the stream without a final message");
+    }
+    if (Retryable(st)) MarkDown(g, "generate failed: " + st.error_message());
+    if (disagg) {
+      // The generation server may never have pulled the KV: free it now (the lease would).
+      grpc::ClientContext rc;
+      rc.set_deadline(Clock::now() + std::chrono::milliseconds(2000));
+      v1::ReleaseRequest rel;
+      rel.set_request_id(pre.kv_handle().request_id());
+      v1::ReleaseResponse rr;
+      for (auto& c : ctx_) {
+        if (c->url == pre.kv_handle().server_address()) (void)c->ctx->Release(&rc, rel, &rr);
+      }
+    }
+    // Retry on another generation server only when nothing reached the client yet.
+    if (streamed > 0 || !Retryable(st)) break;
+  }
+  ++errors_;
+  return st;
+}
+
+RouterStats Router::stats() const {
+  RouterStats s;
+  s.requests = requests_.load();
+  s.disaggregated = disaggregated_.load();
+  s.aggregated = aggregated_.load();
+  s.errors = errors_.load();
+  s.context_retries = context_retries_.load();
+  s.prompt_tokens = prompt_tokens_.load();
+  s.completion_tokens = completion_tokens_.load();
+  s.in_flight = in_flight_.load();
+  return s;
+}
+
+std::string Router::MetricsText() const {
+  std::ostringstream o;
+  const RouterStats s = stats();
+  auto counter = [&](const char* name, const char* help, uint64_t v) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " counter\n"
+      << name << " " << v << "\n";
+  };
+  counter("helix_router_requests_total", "Requests routed.", s.requests);
+  counter("helix_router_disaggregated_requests_total",
+          "Requests completed through a context server (KV hand-off).", s.disaggregated);
+  counter("helix_router_aggregated_requests_total",
+          "Requests completed by a generation server alone.", s.aggregated);
+  counter("helix_router_request_errors_total", "Requests that ended with an error.", s.errors);
+  counter("helix_router_context_retries_total", "Prefills retried on another context server.",
+          s.context_retries);
+  counter("helix_router_prompt_tokens_total", "Prompt tokens of completed requests.",
+          s.prompt_tokens);
+  counter("helix_router_completion_tokens_total", "Tokens generated.", s.completion_tokens);
+  o << "# HELP helix_router_requests_in_flight Requests being routed now.\n"
+    << "# TYPE helix_router_requests_in_flight gauge\nhelix_router_requests_in_flight "
+    << s.in_flight << "\n";
+  o << "# HELP helix_router_backend_healthy Whether the router sends requests to the server.\n"
+    << "# TYPE helix_router_backend_healthy gauge\n";
+  auto each = [&](const std::function<void(const Backend&, const std::string&)>& f) {
+    for (const auto& b : ctx_) f(*b, "role=\"context\",url=\"" + Escape(b->url) + "\"");
+    for (const auto& b : gen_) f(*b, "role=\"generation\",url=\"" + Escape(b->url) + "\"");
+  };
+  each([&](const Backend& b, const std::string& l) {
+    o << "helix_router_backend_healthy{" << l << "} " << (b.healthy.load() ? 1 : 0) << "\n";
+  });
+  o << "# HELP helix_router_backend_outstanding_requests Requests in flight per server.\n"
+    << "# TYPE helix_router_backend_outstanding_requests gauge\n";
+  each([&](const Backend& b, const std::string& l) {
+    o << "helix_router_backend_outstanding_requests{" << l << "} " << b.outstanding_requests.load()
+      << "\n";
+  });
+  o << "# HELP helix_router_backend_requests_total Requests sent per server.\n"
+    << "# TYPE helix_router_backend_requests_total counter\n";
+  each([&](const Backend& b, const std::string& l) {
+    o << "helix_router_backend_requests_total{" << l << "} " << b.requests_total.load() << "\n";
+  });
+  o << "# HELP helix_router_backend_failures_total Failed calls per server.\n"
+    << "# TYPE helix_router_backend_failures_total counter\n";
+  each([&](const Backend& b, const std::string& l) {
+    o << "helix_router_backend_failures_total{" << l << "} " << b.failures_total.load() << "\n";
+  });
+  return o.str();
+}
+
+}  // namespace helix::router
