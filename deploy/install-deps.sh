@@ -9,11 +9,11 @@ set -euo pipefail
 cache=${HELIX_CACHE_DIR:-$HOME/.cache/helix}
 venv="$cache/venv"
 # Pinned: the test models and the reference dequantisation come from these exact versions.
-py_packages=(gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0)
+py_packages=(gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 openai==3.57.0)
 
 packages=(
   build-essential cmake ninja-build pkg-config git ca-certificates python3 python3-venv
-  unzip
+  unzip curl
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   nlohmann-json3-dev libspdlog-dev libfmt-dev
   libucx-dev ucx-utils

@@ -72,6 +72,13 @@ Status RouterConfig::Validate() {
                            ": no such file or directory");
   }
   if (served_model_name.empty()) served_model_name = fs::path(model).stem().string();
+  if (!chat_template.empty() && chat_template != "chatml" && chat_template != "llama3" &&
+      chat_template != "llama2" && chat_template.find("{%") == std::string::npos &&
+      chat_template.find("{{") == std::string::npos) {
+    return InvalidArgument(
+        "config field 'chat_template' = " + nlohmann::json(chat_template).dump() +
+        ": expected chatml, llama3, llama2 or a Jinja template");
+  }
   // Context servers are optional: without them every request runs aggregated.
   RETURN_IF_ERROR(ValidatePool("context_servers", context_servers, /*may_be_empty=*/true));
   RETURN_IF_ERROR(ValidatePool("generation_servers", generation_servers, false));
@@ -105,6 +112,7 @@ nlohmann::json RouterConfig::ToJson() const {
   j["model"] = model;
   j["tokenizer"] = tokenizer ? nlohmann::json(*tokenizer) : nlohmann::json(nullptr);
   j["served_model_name"] = served_model_name;
+  j["chat_template"] = chat_template;
   j["context_servers"] = PoolToJson(context_servers);
   j["generation_servers"] = PoolToJson(generation_servers);
   j["conditional_disagg"] = {{"max_local_prefill_length", max_local_prefill_length}};
@@ -130,6 +138,7 @@ StatusOr<RouterConfig> ParseRouterConfig(const nlohmann::json& j, const std::str
   r.String("model", &c.model);
   r.OptionalString("tokenizer", &c.tokenizer);
   r.String("served_model_name", &c.served_model_name);
+  r.String("chat_template", &c.chat_template);
   ReadPool(r, "context_servers", &c.context_servers);
   r.Require("generation_servers");
   ReadPool(r, "generation_servers", &c.generation_servers);

@@ -30,6 +30,9 @@ struct RouterConfig {
   std::string model;  // tokenizer source: model file or HF directory
   std::optional<std::string> tokenizer;
   std::string served_model_name;  // name in /v1/models; default: model file stem
+  // Chat template override: "chatml", "llama3", "llama2", or Jinja source to recognise;
+  // empty = the model's own (GGUF tokenizer.chat_template / tokenizer_config.json).
+  std::string chat_template;
   ServerPoolConfig context_servers;
   ServerPoolConfig generation_servers;
   int64_t max_local_prefill_length = 0;  // conditional_disagg; 0 = always disaggregate

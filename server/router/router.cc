@@ -105,7 +105,16 @@ std::unique_ptr<RoutingPolicy> MakePolicy(const std::string& type) {
 
 Router::Router(const config::RouterConfig& cfg, std::unique_ptr<Tokenizer> tokenizer)
     : cfg_(cfg), tokenizer_(std::move(tokenizer)) {
-  chat_style_ = DetectChatStyle(tokenizer_->chat_template());
+  const std::string& t = cfg_.chat_template;
+  chat_style_ = t == "chatml"   ? ChatStyle::kChatML
+                : t == "llama3" ? ChatStyle::kLlama3
+                : t == "llama2" ? ChatStyle::kLlama2
+                : t.empty()     ? DetectChatStyle(tokenizer_->chat_template())
+                                : DetectChatStyle(t);
+  if (chat_style_ == ChatStyle::kNone && !(t.empty() && tokenizer_->chat_template().empty())) {
+    HELIX_LOG(kWarn) << "router: the chat template is not one the router can apply (ChatML, "
+                        "Llama 3, Llama 2): chat requests will be refused";
+  }
   model_name_ = cfg_.served_model_name;
   for (const std::string& u : cfg_.context_servers.urls) ctx_.push_back(MakeBackend(u, true));
   for (const std::string& u : cfg_.generation_servers.urls) gen_.push_back(MakeBackend(u, false));

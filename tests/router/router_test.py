@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""helix-router end to end on loopback: context + generation servers (stories260K, CPU) behind
+the router, driven by the official `openai` client and by curl.
+
+Checks: completions and chat, streaming and not, text identical to the generation server's own
+output (helix-gen client against it directly), usage; SSE framing; error codes (bad JSON, bad
+parameters, unknown model, oversize body, 401, 429, 503); round robin and load balancing
+spread; a killed context server is ejected and its requests retried on another; a killed
+generation server fails its stream with an error event, is ejected, and is re-admitted when it
+is back. Every process is started in its own session and stopped by pid.
+
+Environment: HELIX_GEN_BIN, HELIX_CTX_BIN, HELIX_ROUTER_BIN, HELIX_SHARED_DIR,
+HELIX_TEST_MODELS_DIR.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from openai import APIStatusError, OpenAI
+
+GEN = os.environ.get("HELIX_GEN_BIN", "")
+CTX = os.environ.get("HELIX_CTX_BIN", "")
+ROUTER = os.environ.get("HELIX_ROUTER_BIN", "")
+SHARED = os.environ.get("HELIX_SHARED_DIR", "")
+MODELS = os.environ.get("HELIX_TEST_MODELS_DIR", "")
+STORIES = os.path.join(SHARED, "models", "stories260K")
+KEY = "test-key"
+NAME = "stories260K"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port):
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Proc:
+    """A server process in its own session, from a JSON config; stopped by pid."""
+
+    def __init__(self, tmp, kind, cfg, port):
+        self.port = port
+        self.path = os.path.join(tmp, f"{kind}_{port}.json")
+        with open(self.path, "w") as f:
+            json.dump(cfg, f)
+        self.log = open(os.path.join(tmp, f"{kind}_{port}.log"), "w")
+        env = dict(os.environ, UCX_NET_DEVICES="lo", UCX_TLS="tcp,self")
+        args = {"gen": [GEN, "serve", "--config", self.path, "--drain-ms", "0"],
+                "ctx": [CTX, "serve", "--config", self.path, "--drain-ms", "0"],
+                "router": [ROUTER, "--config", self.path]}[kind]
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not port_open(port):
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{kind} exited with {self.p.returncode}: {self.path}")
+            time.sleep(0.05)
+
+    def kill(self):
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
+        self.log.close()
+
+
+def server_cfg(port, context, cp=1):
+    cfg = {"model": f"{STORIES}/stories260K.bin", "tokenizer": f"{STORIES}/tok512.bin",
+           "num_threads": 1, "context_parallel_size": cp,
+           "kv_cache_config": {"tokens_per_block": 8, "max_tokens": 8192, "dtype": "float32"},
+           "max_batch_size": 16, "max_seq_len": 512,
+           "server": {"host": "127.0.0.1", "port": port},
+           "cache_transceiver_config": {"backend": "UCX", "kv_transfer_timeout_ms": 5000},
+           "logging": {"level": "warn"}}
+    if cp > 1:
+        cfg["cp_config"] = {"cp_type": "HELIX", "tokens_per_block": 8}
+    if context:
+        cfg["kv_lease_ms"] = 10000
+    return cfg
+
+
+def router_cfg(port, ctx_ports, gen_ports, policy="round_robin", **extra):
+    cfg = {"server": {"host": "127.0.0.1", "port": port},
+           "model": f"{STORIES}/stories260K.bin", "tokenizer": f"{STORIES}/tok512.bin",
+           "served_model_name": NAME,
+           "context_servers": {"urls": [f"127.0.0.1:{p}" for p in ctx_ports],
+                               "router": {"type": "round_robin"}},
+           "generation_servers": {"urls": [f"127.0.0.1:{p}" for p in gen_ports],
+                                  "router": {"type": policy}},
+           "health_check_interval_ms": 200, "max_retries": 1,
+           "logging": {"level": "warn"}}
+    cfg.update(extra)
+    return cfg
+
+
+def http(port, path, body=None, key=KEY, raw=None, method=None):
+    """(status, parsed JSON or text) of one HTTP call."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def wait_ready(port, want=True, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (http(port, "/ready")[0] == 200) == want:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def direct(gen_port, prompt, max_tokens):
+    """The generation server's own output for a greedy completion (no router)."""
+    out = subprocess.run([GEN, "client", "--target", f"127.0.0.1:{gen_port}", "--prompt", prompt,
+                          "--max-tokens", str(max_tokens), "--temperature", "0"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    usage = re.search(r"prompt_tokens=(\d+) completion_tokens=(\d+)", out.stderr)
+    return out.stdout[:-1], int(usage.group(1)), int(usage.group(2))  # client adds "\n"
+
+
+def metric(port, name, labels=""):
+    text = http(port, "/metrics")[1]
+    m = re.search(re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") +
+                  r" (\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+@unittest.skipUnless(os.path.exists(f"{STORIES}/stories260K.bin"), "stories260K not found")
+class RouterTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="helix_router_test_")
+        cls.procs = []
+        cls.ctx_ports = [free_port(), free_port()]
+        cls.gen_ports = [free_port(), free_port()]
+        for p in cls.ctx_ports:
+            cls.procs.append(Proc(cls.tmp, "ctx", server_cfg(p, True), p))
+        for p in cls.gen_ports:
+            cls.procs.append(Proc(cls.tmp, "gen", server_cfg(p, False, cp=2), p))
+        cls.port = free_port()
+        cls.procs.append(Proc(cls.tmp, "router",
+                              router_cfg(cls.port, cls.ctx_ports, cls.gen_ports, api_key=KEY,
+                                         max_request_bytes=65536), cls.port))
+        assert wait_ready(cls.port), "router never became ready"
+        cls.client = OpenAI(base_url=f"http://127.0.0.1:{cls.port}/v1", api_key=KEY,
+                            max_retries=0, timeout=60)
+
+    @classmethod
+    def tearDownClass(cls):
+        for p in cls.procs:
+            p.kill()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_completions_match_generation_server(self):
+        for prompt, n in [("Once upon a time", 40), ("The dog", 25), ("Lily and Ben", 60)]:
+            want, want_prompt, want_completion = direct(self.gen_ports[0], prompt, n)
+            r = self.client.completions.create(model=NAME, prompt=prompt, max_tokens=n,
+                                               temperature=0)
+            self.assertEqual(r.choices[0].text, want)
+            self.assertEqual(r.choices[0].finish_reason, "length")
+            self.assertEqual(r.usage.prompt_tokens, want_prompt)
+            self.assertEqual(r.usage.completion_tokens, want_completion)
+            self.assertEqual(r.usage.total_tokens, want_prompt + want_completion)
+            chunks = list(self.client.completions.create(
+                model=NAME, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                stream_options={"include_usage": True}))
+            self.assertEqual("".join(c.choices[0].text for c in chunks if c.choices), want)
+            self.assertEqual(chunks[-1].choices, [])
+            self.assertEqual(chunks[-1].usage.completion_tokens, want_completion)
+            self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1],
+                             "length")
+
+    def test_curl_sse_framing(self):
+        body = json.dumps({"model": NAME, "prompt": "Once upon a time", "max_tokens": 8,
+                           "temperature": 0, "stream": True})
+        out = subprocess.run(["curl", "-sN", "-H", f"Authorization: Bearer {KEY}",
+                              "-H", "Content-Type: application/json", "-d", body,
+                              f"http://127.0.0.1:{self.port}/v1/completions"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        events = out.split("\n\n")
+        self.assertEqual(events[-1], "")
+        self.assertEqual(events[-2], "data: [DONE]")
+        payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+        self.assertTrue(all(e.startswith("data: ") for e in events[:-1]))
+        text = "".join(p["choices"][0]["text"] for p in payloads)
+        self.assertEqual(text, direct(self.gen_ports[1], "Once upon a time", 8)[0])
+        out = subprocess.run(["curl", "-s", "-H", f"Authorization: Bearer {KEY}", "-d",
+                              json.dumps({"model": NAME, "prompt": "The dog", "max_tokens": 5,
+                                          "temperature": 0}),
+                              f"http://127.0.0.1:{self.port}/v1/completions"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        self.assertEqual(json.loads(out)["object"], "text_completion")
+
+    def test_logprobs_and_stop(self):
+        r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
+                                           temperature=0, logprobs=3)
+        lp = r.choices[0].logprobs
+        self.assertEqual(len(lp.tokens), 10)
+        self.assertTrue(all(len(t) == 3 for t in lp.top_logprobs))
+        self.assertTrue(all(x <= 0 for x in lp.token_logprobs))
+        full = direct(self.gen_ports[0], "Once upon a time", 40)[0]
+        stop = full.split()[5]
+        r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=40,
+                                           temperature=0, stop=[stop])
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertEqual(r.choices[0].text, full[:full.index(stop)])
+
+    def test_chat_without_template_is_refused(self):
+        with self.assertRaises(APIStatusError) as e:
+            self.client.chat.completions.create(model=NAME,
+                                                messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(e.exception.status_code, 400)
+        self.assertIn("chat template", e.exception.message)
+
+    def test_models_health_metrics(self):
+        self.assertEqual([m.id for m in self.client.models.list().data], [NAME])
+        self.assertEqual(http(self.port, "/health", key=None)[0], 200)
+        status, text = http(self.port, "/metrics", key=None)
+        self.assertEqual(status, 200)
+        self.assertIn("# TYPE helix_router_requests_total counter", text)
+        self.assertIn('helix_router_backend_healthy{role="context"', text)
+
+    def test_errors(self):
+        p = self.port
+        status, body = http(p, "/v1/completions", raw=b"{not json")
+        self.assertEqual(status, 400)
+        self.assertEqual(body["error"]["type"], "invalid_request_error")
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "temperature": 3})
+        self.assertEqual((status, body["error"]["param"]), (400, "temperature"))
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "n": 2})
+        self.assertEqual((status, body["error"]["param"]), (400, "n"))
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "max_tokens": 100000})
+        self.assertEqual((status, body["error"]["code"]), (400, "context_length_exceeded"))
+        status, body = http(p, "/v1/completions", {"model": "gpt-4", "prompt": "a"})
+        self.assertEqual((status, body["error"]["code"]), (404, "model_not_found"))
+        status, body = http(p, "/v1/completions",
+                            {"model": NAME, "prompt": "a" * 70000})
+        self.assertEqual(status, 413)
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a"}, key=None)
+        self.assertEqual(status, 401)
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a"}, key="wrong")
+        self.assertEqual(status, 401)
+        # Unknown parameters are ignored, as OpenAI-compatible servers do.
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
+                                                   "user": "u", "frobnicate": True})
+        self.assertEqual(status, 200)
+
+    def test_round_robin_spreads_generation_requests(self):
+        label = 'role="generation",url="127.0.0.1:{}"'
+        before = [metric(self.port, "helix_router_backend_requests_total", label.format(g))
+                  for g in self.gen_ports]
+        for _ in range(4):
+            self.client.completions.create(model=NAME, prompt="Tim", max_tokens=3)
+        after = [metric(self.port, "helix_router_backend_requests_total", label.format(g))
+                 for g in self.gen_ports]
+        self.assertEqual([a - b for a, b in zip(after, before)], [2, 2])
+
+
+@unittest.skipUnless(os.path.exists(f"{STORIES}/stories260K.bin"), "stories260K not found")
+class RouterFaultTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="helix_router_fault_")
+        self.procs = []
+
+    def tearDown(self):
+        for p in self.procs:
+            p.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def start(self, kind, cfg, port):
+        p = Proc(self.tmp, kind, cfg, port)
+        self.procs.append(p)
+        return p
+
+    def test_killed_context_server_is_ejected_and_requests_retried(self):
+        ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
+        ctx = [self.start("ctx", server_cfg(p, True), p) for p in ctx_ports]
+        self.start("gen", server_cfg(gen_port, False), gen_port)
+        self.start("router", router_cfg(port, ctx_ports, [gen_port],
+                                        health_check_interval_ms=60000), port)
+        # The long poll interval leaves the dead server "healthy" until a request finds out.
+        deadline = time.time() + 20
+        while time.time() < deadline and not wait_ready(port):
+            pass
+        time.sleep(0.5)
+        ctx[0].kill()
+        want = direct(gen_port, "The dog", 12)[0]
+        for _ in range(4):  # round robin would send half of these to the dead server
+            status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "The dog",
+                                                          "max_tokens": 12, "temperature": 0},
+                                key=None)
+            self.assertEqual(status, 200, body)
+            self.assertEqual(body["choices"][0]["text"], want)
+        self.assertGreaterEqual(metric(port, "helix_router_context_retries_total"), 1)
+        self.assertEqual(metric(port, "helix_router_backend_healthy",
+                                f'role="context",url="127.0.0.1:{ctx_ports[0]}"'), 0)
+
+    def test_killed_generation_server_fails_its_stream_and_comes_back(self):
+        ctx_port, gen_port, port = free_port(), free_port(), free_port()
+        self.start("ctx", server_cfg(ctx_port, True), ctx_port)
+        gen = self.start("gen", server_cfg(gen_port, False), gen_port)
+        self.start("router", router_cfg(port, [ctx_port], [gen_port]), port)
+        self.assertTrue(wait_ready(port))
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        stream = client.completions.create(model=NAME, prompt="Once upon a time",
+                                           max_tokens=400, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        got, error = 0, None
+        try:
+            for chunk in stream:
+                got += 1
+                if got == 3:
+                    gen.kill()
+        except Exception as e:  # the SSE error event surfaces as an API error
+            error = e
+        self.assertIsNotNone(error, f"stream ended normally after {got} chunks")
+        self.assertLess(got, 400)
+        self.assertTrue(wait_ready(port, want=False))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a"}, key=None)
+        self.assertEqual(status, 503)
+        self.start("gen", server_cfg(gen_port, False), gen_port)  # back on the same port
+        self.assertTrue(wait_ready(port, timeout=30))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                      "max_tokens": 3}, key=None)
+        self.assertEqual(status, 200, body)
+
+    def test_load_balancing_and_429(self):
+        ctx_port, gens, port = free_port(), [free_port(), free_port()], free_port()
+        self.start("ctx", server_cfg(ctx_port, True), ctx_port)
+        for g in gens:
+            self.start("gen", server_cfg(g, False), g)
+        self.start("router", router_cfg(port, [ctx_port], gens, policy="load_balancing",
+                                        max_inflight_requests=4), port)
+        self.assertTrue(wait_ready(port))
+        results = []
+
+        def one():
+            results.append(http(port, "/v1/completions",
+                                {"model": NAME, "prompt": "Once upon a time", "max_tokens": 150,
+                                 "ignore_eos": True}, key=None)[0])
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertIn(200, results)
+        self.assertIn(429, results)  # more than max_inflight_requests at once
+        label = 'role="generation",url="127.0.0.1:{}"'
+        counts = [metric(port, "helix_router_backend_requests_total", label.format(g))
+                  for g in gens]
+        self.assertTrue(all(c >= 1 for c in counts), counts)  # both servers took load
+
+    def test_no_servers_is_503(self):
+        port = free_port()
+        self.start("router", router_cfg(port, [], [free_port()]), port)
+        self.assertFalse(wait_ready(port, timeout=1))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a"}, key=None)
+        self.assertEqual(status, 503)
+        self.assertEqual(body["error"]["type"], "service_unavailable")
+
+
+@unittest.skipUnless(os.path.exists(f"{STORIES}/stories260K.bin"), "stories260K not found")
+class ChatTest(unittest.TestCase):
+    """Chat through a ChatML template (the router config's chat_template, as stories260K has
+    none): the reply equals the completion of the rendered prompt."""
+
+    def test_chat_matches_rendered_completion(self):
+        tmp = tempfile.mkdtemp(prefix="helix_router_chat_")
+        procs = []
+        try:
+            gen_port, port = free_port(), free_port()
+            procs.append(Proc(tmp, "gen", server_cfg(gen_port, False), gen_port))
+            cfg = router_cfg(port, [], [gen_port])
+            cfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                                    "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+            procs.append(Proc(tmp, "router", cfg, port))
+            self.assertTrue(wait_ready(port))
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            msgs = [{"role": "system", "content": "You tell stories."},
+                    {"role": "user", "content": "Once upon a time"}]
+            rendered = ("<|im_start|>system\nYou tell stories.<|im_end|>\n"
+                        "<|im_start|>user\nOnce upon a time<|im_end|>\n<|im_start|>assistant\n")
+            want = client.completions.create(model=NAME, prompt=rendered, max_tokens=20,
+                                             temperature=0)
+            r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=20,
+                                               temperature=0)
+            self.assertEqual(r.choices[0].message.role, "assistant")
+            self.assertEqual(r.choices[0].message.content, want.choices[0].text)
+            self.assertEqual(r.usage.prompt_tokens, want.usage.prompt_tokens)
+            chunks = list(client.chat.completions.create(model=NAME, messages=msgs,
+                                                         max_tokens=20, temperature=0,
+                                                         stream=True))
+            self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+            self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks),
+                             want.choices[0].text)
+            self.assertEqual(chunks[-1].choices[0].finish_reason, "length")
+            r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=5,
+                                               temperature=0, logprobs=True, top_logprobs=2)
+            self.assertEqual(len(r.choices[0].logprobs.content), 5)
+            self.assertEqual(len(r.choices[0].logprobs.content[0].top_logprobs), 2)
+            with self.assertRaises(APIStatusError) as e:
+                client.chat.completions.create(model=NAME, messages=[{"role": "robot",
+                                                                      "content": "x"}])
+            self.assertEqual(e.exception.status_code, 400)
+        finally:
+            for p in procs:
+                p.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
