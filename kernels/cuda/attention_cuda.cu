@@ -24,7 +24,7 @@ constexpr int kTileRows = 32;
 // Largest head dim of the plain (non-pipelined) path.
 constexpr int kMaxGenericDim = 256;
 // Split-KV chunks are never shorter than this many tokens (per-chunk start-up cost).
-constexpr int64_t kMinChunkTokens = 256;
+constexpr int64_t kMinChunkTokens = 128;
 
 // Shapes of one call, precomputed on the host and passed by value.
 struct Args {
@@ -45,6 +45,7 @@ struct Args {
   int sub_size, subs;    // query heads per thread block (4 or 8), thread blocks per group
   int blocks_per_chunk;  // local blocks one thread block walks
   int parts;             // chunks per sequence; > 1 writes the workspace
+  int stages;            // warp-pipelined path: ring depth, 2..kMaxStages
   float scale;
   float* out;
   float* lse;
@@ -457,6 +458,403 @@ __global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Warp-pipelined path (the default for head dims 64 and 128): every warp of a thread block
+// walks its own steps of kStepRows KV rows (steps w, w + W, w + 2W, ... of the chunk) through
+// a private cp.async ring of `stages` steps, with its own online softmax, and the warps' states
+// are combined once at the end. No block-wide barrier in the main loop, so a warp waiting for
+// memory never holds the others back, and each SM keeps stages - 1 steps per resident
+// warp in flight. A lane copies and later reads back only its own 16-byte chunks (rows
+// rg, rg + kRowsPerInstr, ..., chunk cl), so the ring needs no barrier either; the scores and
+// probabilities of a step go through a small per-warp array (two __syncwarp per step).
+// Scores are kept in log2 units (q is pre-scaled by scale * log2 e) so exp is one exp2.
+
+constexpr int kStepRows = 8;  // KV rows per warp step
+constexpr int kMaxWarps = 8;  // warps per thread block, at most
+constexpr int kDefaultWarps = 4;
+constexpr int kMaxStages = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T, int D, int kG>
+struct WarpCfg {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per chunk
+  static constexpr int kLanes = D / kVec;                        // lanes per row
+  static constexpr int kRowsPerInstr = 32 / kLanes;              // rows one warp copy covers
+  static constexpr int kRpl = kStepRows / kRowsPerInstr;         // rows per lane per step
+  static constexpr int kStepElems = kStepRows * D;               // of K (and of V)
+  static constexpr int kStageBytes = 2 * kStepElems * static_cast<int>(sizeof(T));
+  static constexpr int kDefaultStages = kStageBytes <= 4096 ? 4 : 3;
+  // Per warp after its ring: scores and probabilities [kStepRows][kG], alphas [kG] (floats),
+  // row visibility [kMaxStages][kStepRows] (ints).
+  static constexpr int kSmallBytes = (2 * kStepRows * kG + kG + kMaxStages * kStepRows) * 4;
+  __host__ __device__ static int WarpBytes(int stages) {
+    return stages * kStageBytes + kSmallBytes;
+  }
+  static size_t SmemBytes(int warps, int stages) {
+    return static_cast<size_t>(warps) * WarpBytes(stages) + 2 * kMaxWarps * kG * 4;
+  }
+  static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32);
+  static_assert(kRpl * kRowsPerInstr == kStepRows);
+  static_assert(kG == 4 || kG == 8);
+  static_assert(kSmallBytes % 16 == 0 && kStageBytes % 16 == 0);
+  static_assert(kG * D * 4 <= 2 * kStageBytes);  // the final reduction reuses the rings
+};
+
+// Sums the N values v[] of each lane over aligned groups of L lanes, leaving the totals
+// scattered: by halving exchanges (N - 1 shuffles when N <= L) while values remain, then a
+// plain tree. Afterwards lane l holds max(1, N / L) consecutive totals starting at index
+// ScatterBase<N, L>(l) in v[0...]; when N < L, L / N lanes hold each (replicas differ in their
+// low bits).
+template <int N, int L, int M>
+__device__ inline void ReduceScatterN(float (&v)[M], int lane) {
+  if constexpr (L > 1) {
+    constexpr int off = L / 2;
+    if constexpr (N > 1) {
+      constexpr int half = N / 2;
+      const bool up = (lane & off) != 0;
+#pragma unroll
+      for (int i = 0; i < half; ++i) {
+        const float send = up ? v[i] : v[i + half];
+        const float keep = up ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+      }
+      ReduceScatterN<half, off, M>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+      ReduceScatterN<1, off, M>(v, lane);
+    }
+  }
+}
+
+template <int N, int L>
+__device__ inline int ScatterBase(int lane) {
+  if constexpr (L > 1 && N > 1) {
+    return ((lane & (L / 2)) != 0 ? N / 2 : 0) + ScatterBase<N / 2, L / 2>(lane);
+  } else {
+    return 0;
+  }
+}
+
+// Block-table entries of the row a lane < kStepRows plans, loaded one step before use.
+struct RowPlan {
+  int32_t block, first, tb;
+  bool in;  // within the chunk
+};
+
+template <typename T, int D, int kG>
+__global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args a) {
+  using C = WarpCfg<T, D, kG>;
+  constexpr int kVec = C::kVec;
+  constexpr int kLanes = C::kLanes;
+  constexpr int kRpi = C::kRowsPerInstr;
+  constexpr int kRpl = C::kRpl;
+  const int stages = a.stages;
+  const int warp_bytes = C::WarpBytes(stages);
+  constexpr int kN = kRpl * kG;                          // partial scores per lane per step
+  constexpr int kHeld = kN >= kLanes ? kN / kLanes : 1;  // totals per lane after the reduction
+  constexpr int kSmPerLane = kG / 4;                     // softmax entries per lane
+  HELIX_DYNAMIC_SMEM(smem);
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warps = static_cast<int>(blockDim.x) >> 5;
+  const int rg = lane / kLanes;  // row group: rows rg + kRpi * i
+  const int cl = lane % kLanes;  // 16-byte chunk of the row
+  unsigned char* wbase = smem + static_cast<size_t>(warp) * warp_bytes;
+  T* pipe = reinterpret_cast<T*>(wbase);  // [stages][K, V][kStepRows][D]
+  float* s_sc = reinterpret_cast<float*>(wbase + stages * C::kStageBytes);  // [kStepRows][kG]
+  float* s_p = s_sc + kStepRows * kG;                                       // [kStepRows][kG]
+  float* s_alpha = s_p + kStepRows * kG;                                    // [kG]
+  int* s_vis = reinterpret_cast<int*>(s_alpha + kG);                        // [stages][kStepRows]
+  float* s_wm = reinterpret_cast<float*>(smem + static_cast<size_t>(warps) * warp_bytes);
+  float* s_wl = s_wm + kMaxWarps * kG;          // [warps][kG] each: per-warp max (log2) and sum
+  float* red = reinterpret_cast<float*>(smem);  // [warps][kG][D], after the rings are done
+
+  LaunchDependents();  // the split-KV merge may start its launch now (it waits for this grid)
+  const Item it = DecodeItem(a);
+  const int G = it.g;
+  const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
+  const int n_steps = static_cast<int>((n_tok + kStepRows - 1) / kStepRows);
+  const int my_steps = warp < n_steps ? (n_steps - 1 - warp) / warps + 1 : 0;
+
+  // This lane's slice of every query row of the group, scaled so that q.k is in log2 units.
+  const float qscale = a.scale * kLog2e;
+  float q[kG][kVec];
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    if (g < G) {
+      const float4* src = reinterpret_cast<const float4*>(
+          a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
+#pragma unroll
+      for (int v = 0; v < kVec / 4; ++v) {
+        const float4 x = src[v];
+        q[g][4 * v] = x.x * qscale;
+        q[g][4 * v + 1] = x.y * qscale;
+        q[g][4 * v + 2] = x.z * qscale;
+        q[g][4 * v + 3] = x.w * qscale;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        q[g][e] = 0.0f;
+      }
+    }
+  }
+  float acc[kG][kVec];
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      acc[g][e] = 0.0f;
+    }
+  }
+  // Softmax state of the heads this lane serves in the softmax step: (lane >> 3) + 4 e.
+  float m_run[kSmPerLane], l_run[kSmPerLane];
+#pragma unroll
+  for (int e = 0; e < kSmPerLane; ++e) {
+    m_run[e] = kNegInf;
+    l_run[e] = 0.0f;
+  }
+
+  const T* kv = static_cast<const T*>(a.kv);
+  // Lane r < kStepRows plans row r of this warp's k-th step.
+  auto load_plan = [&](int k) {
+    RowPlan pl{0, 0, 0, false};
+    if (lane < kStepRows && k < my_steps) {
+      const int64_t i = it.tok_begin +
+                        (static_cast<int64_t>(warp) + static_cast<int64_t>(k) * warps) * kStepRows +
+                        lane;
+      if (i < it.tok_end) {
+        const int j = static_cast<int>(static_cast<uint32_t>(i) / static_cast<uint32_t>(a.tpb));
+        pl.tb = static_cast<int>(i - static_cast<int64_t>(j) * a.tpb);
+        pl.block = it.table[j];
+        pl.first = it.first[j];
+        pl.in = true;
+      }
+    }
+    return pl;
+  };
+  auto issue = [&](int stage, const RowPlan& pl) {
+    int64_t off = -1;
+    if (pl.in && static_cast<int64_t>(pl.first) + pl.tb <= it.pos) {
+      off = static_cast<int64_t>(pl.block) * a.block_elems + a.k_head_off + it.h * a.head_stride +
+            static_cast<int64_t>(pl.tb) * D;
+    }
+    if (lane < kStepRows) {
+      s_vis[stage * kStepRows + lane] = off >= 0 ? 1 : 0;
+    }
+    T* ks = pipe + static_cast<size_t>(stage) * 2 * C::kStepElems;
+    T* vs = ks + C::kStepElems;
+#pragma unroll
+    for (int i = 0; i < kRpl; ++i) {
+      const int r = rg + kRpi * i;
+      const int64_t o = __shfl_sync(0xffffffffu, off, r);
+      const bool ok = o >= 0;
+      const T* src = ok ? kv + o + cl * kVec : kv;
+      CpAsync16(ks + r * D + cl * kVec, src, ok);
+      CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
+    }
+  };
+
+  RowPlan pa = load_plan(0);
+  for (int k = 0; k < stages - 1; ++k) {
+    if (k < my_steps) {
+      issue(k, pa);
+    }
+    CpAsyncCommit();
+    pa = load_plan(k + 1);
+  }
+  RowPlan pb = load_plan(stages);
+
+  int stage = 0;                 // ring slot of step k
+  int issue_stage = stages - 1;  // ring slot of step k + stages - 1
+  for (int k = 0; k < my_steps; ++k) {
+    const int nk = k + stages - 1;
+    if (nk < my_steps) {
+      issue(issue_stage, pa);
+    }
+    CpAsyncCommit();
+    pa = pb;
+    pb = load_plan(nk + 2);  // the table reads have two steps to arrive
+    if (stages == 4) {       // step k's group is complete once stages - 1 are left in flight
+      CpAsyncWait<3>();
+    } else if (stages == 3) {
+      CpAsyncWait<2>();
+    } else {
+      CpAsyncWait<1>();
+    }
+    issue_stage = stage;
+    const T* ks = pipe + static_cast<size_t>(stage) * 2 * C::kStepElems;
+    const T* vs = ks + C::kStepElems;
+
+    // Partial scores of this lane's rows and chunk for every head, summed over the row's lanes.
+    float v[kN];
+#pragma unroll
+    for (int i = 0; i < kRpl; ++i) {
+      const int r = rg + kRpi * i;
+      float kf[kVec];
+      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(ks + r * D + cl * kVec), kf);
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          s = fmaf(q[g][e], kf[e], s);
+        }
+        v[i * kG + g] = s;
+      }
+    }
+    ReduceScatterN<kN, kLanes, kN>(v, cl);
+    if (kN >= kLanes || (cl & (kLanes / kN - 1)) == 0) {
+      const int base = ScatterBase<kN, kLanes>(cl);
+#pragma unroll
+      for (int j = 0; j < kHeld; ++j) {
+        const int idx = base + j;
+        s_sc[(rg + kRpi * (idx / kG)) * kG + idx % kG] = v[j];
+      }
+    }
+    __syncwarp();
+
+    // Online softmax: lane serves row lane & 7 of heads (lane >> 3) + 4 e.
+    {
+      const int r = lane & (kStepRows - 1);
+      const bool visible = s_vis[stage * kStepRows + r] != 0;
+#pragma unroll
+      for (int e = 0; e < kSmPerLane; ++e) {
+        const int g = (lane >> 3) + 4 * e;
+        const float x = visible ? s_sc[r * kG + g] : kNegInf;
+        float mx = x;
+#pragma unroll
+        for (int o = 1; o < kStepRows; o <<= 1) {
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+        const float m_new = fmaxf(m_run[e], mx);
+        const float pr = x == kNegInf ? 0.0f : exp2f(x - m_new);
+        const float alpha = m_run[e] == kNegInf ? 0.0f : exp2f(m_run[e] - m_new);
+        float sum = pr;
+#pragma unroll
+        for (int o = 1; o < kStepRows; o <<= 1) {
+          sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        }
+        l_run[e] = l_run[e] * alpha + sum;
+        m_run[e] = m_new;
+        s_p[r * kG + g] = pr;
+        if (r == 0) {
+          s_alpha[g] = alpha;
+        }
+      }
+    }
+    __syncwarp();
+
+    // acc = acc * alpha + P V over this lane's rows and chunk.
+    float al[kG];
+#pragma unroll
+    for (int j = 0; j < kG / 4; ++j) {
+      const float4 a4 = *reinterpret_cast<const float4*>(s_alpha + 4 * j);
+      al[4 * j] = a4.x;
+      al[4 * j + 1] = a4.y;
+      al[4 * j + 2] = a4.z;
+      al[4 * j + 3] = a4.w;
+    }
+    bool rescale = false;
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      rescale = rescale || al[g] != 1.0f;
+    }
+    if (rescale) {  // the same in every lane: the maxima rarely move after the first steps
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc[g][e] *= al[g];
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRpl; ++i) {
+      const int r = rg + kRpi * i;
+      float vf[kVec];
+      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(vs + r * D + cl * kVec), vf);
+      float pr[kG];
+#pragma unroll
+      for (int j = 0; j < kG / 4; ++j) {
+        const float4 p4 = *reinterpret_cast<const float4*>(s_p + r * kG + 4 * j);
+        pr[4 * j] = p4.x;
+        pr[4 * j + 1] = p4.y;
+        pr[4 * j + 2] = p4.z;
+        pr[4 * j + 3] = p4.w;
+      }
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc[g][e] = fmaf(pr[g], vf[e], acc[g][e]);
+        }
+      }
+    }
+    stage = stage + 1 == stages ? 0 : stage + 1;
+  }
+  CpAsyncWait<0>();
+
+  // Sum the row groups of the warp (same dims, other rows), then combine the warps.
+#pragma unroll
+  for (int o = kLanes; o < 32; o <<= 1) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+      }
+    }
+  }
+  __syncthreads();  // every ring is drained: red may overwrite them
+  if (rg == 0) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      float* dst = red + (warp * kG + g) * D + cl * kVec;
+#pragma unroll
+      for (int v = 0; v < kVec / 4; ++v) {
+        *reinterpret_cast<float4*>(dst + 4 * v) =
+            make_float4(acc[g][4 * v], acc[g][4 * v + 1], acc[g][4 * v + 2], acc[g][4 * v + 3]);
+      }
+    }
+  }
+  if ((lane & (kStepRows - 1)) == 0) {
+#pragma unroll
+    for (int e = 0; e < kSmPerLane; ++e) {
+      const int g = (lane >> 3) + 4 * e;
+      s_wm[warp * kG + g] = m_run[e];
+      s_wl[warp * kG + g] = l_run[e];
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += static_cast<int>(blockDim.x)) {
+    const int g = idx / D;
+    const int e = idx % D;
+    float m = kNegInf;
+    for (int w = 0; w < warps; ++w) {
+      m = fmaxf(m, s_wm[w * kG + g]);
+    }
+    float l = 0.0f;
+    float o = 0.0f;
+    if (m != kNegInf) {
+      for (int w = 0; w < warps; ++w) {
+        const float mw = s_wm[w * kG + g];
+        if (mw != kNegInf) {
+          const float f = exp2f(mw - m);
+          l = fmaf(s_wl[w * kG + g], f, l);
+          o = fmaf(red[(w * kG + g) * D + e], f, o);
+        }
+      }
+    }
+    StoreOut(a, it, g, e, o, l);
+    if (e == 0) {
+      StoreLse(a, it, g, m * kLn2, l);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Plain path: any head dim up to kMaxGenericDim, element-wise loads converted to fp32 in
 // shared memory. For the tiny test dims and odd shapes; correctness over speed.
 
@@ -640,14 +1038,49 @@ struct Choice {
   KernelFn fn;
   size_t smem;
   int sub_size;  // query heads per thread block
+  int threads;
+  int stages;  // warp-pipelined path
 };
+
+PagedAttentionCudaTuning& Tuning() {
+  static PagedAttentionCudaTuning t;
+  return t;
+}
+
+int WarpsPerBlock() {
+  const int w = Tuning().warps_per_block;
+  return w >= 1 && w <= kMaxWarps ? w : kDefaultWarps;
+}
+
+template <typename T, int D, int kG>
+int StagesFor() {
+  const int s = Tuning().stages;
+  return s >= 2 && s <= kMaxStages ? s : WarpCfg<T, D, kG>::kDefaultStages;
+}
+
+int64_t MinChunkTokens() {
+  const int64_t t = Tuning().min_chunk_tokens;
+  return t > 0 ? t : kMinChunkTokens;
+}
 
 template <typename T, int D>
 Choice ChooseFast(int group) {
-  if (group <= 4) {
-    return {&AttentionFastKernel<T, D, 4>, static_cast<size_t>(FastCfg<T, D, 4>::kSmemBytes), 4};
+  if (Tuning().legacy_kernel) {
+    if (group <= 4) {
+      return {&AttentionFastKernel<T, D, 4>, static_cast<size_t>(FastCfg<T, D, 4>::kSmemBytes), 4,
+              kThreads, 0};
+    }
+    return {&AttentionFastKernel<T, D, 8>, static_cast<size_t>(FastCfg<T, D, 8>::kSmemBytes), 8,
+            kThreads, 0};
   }
-  return {&AttentionFastKernel<T, D, 8>, static_cast<size_t>(FastCfg<T, D, 8>::kSmemBytes), 8};
+  const int warps = WarpsPerBlock();
+  if (group <= 4) {
+    const int st = StagesFor<T, D, 4>();
+    return {&AttentionWarpKernel<T, D, 4>, WarpCfg<T, D, 4>::SmemBytes(warps, st), 4, warps * 32,
+            st};
+  }
+  const int st = StagesFor<T, D, 8>();
+  return {&AttentionWarpKernel<T, D, 8>, WarpCfg<T, D, 8>::SmemBytes(warps, st), 8, warps * 32, st};
 }
 
 template <typename T>
@@ -658,7 +1091,7 @@ Choice ChooseForType(int d, int group) {
   if (d == 128) {
     return ChooseFast<T, 128>(group);
   }
-  return {&AttentionGenericKernel<T>, GenericSmemBytes(d), kMaxG};
+  return {&AttentionGenericKernel<T>, GenericSmemBytes(d), kMaxG, kThreads, 0};
 }
 
 Choice ChooseKernel(DType t, int d, int group) {
@@ -670,12 +1103,13 @@ Choice ChooseKernel(DType t, int d, int group) {
     case DType::kBF16:
       return ChooseForType<__nv_bfloat16>(d, group);
   }
-  return {nullptr, 0, kMaxG};
+  return {nullptr, 0, kMaxG, kThreads, 0};
 }
 
 // Above 48 KiB of dynamic shared memory needs an opt-in per kernel and device. Done once per
-// (device, kernel), so that later calls (e.g. while a stream is captured into a CUDA graph,
-// where such calls may be refused) make no runtime call besides the launch.
+// (device, kernel) with the largest size the kernel can ask for, so that later calls (e.g.
+// while a stream is captured into a CUDA graph, where such calls may be refused) make no
+// runtime call besides the launch.
 cudaError_t PrepareKernel(const Choice& ch) {
 #ifdef HELIX_CUDA_EMULATION
   return cudaSuccess;
@@ -686,15 +1120,17 @@ cudaError_t PrepareKernel(const Choice& ch) {
   int device = 0;
   HELIX_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   static std::mutex mu;
-  static std::vector<std::pair<int, KernelFn>> done;
+  static std::vector<std::pair<std::pair<int, KernelFn>, size_t>> done;
   std::lock_guard<std::mutex> lock(mu);
-  if (std::find(done.begin(), done.end(), std::make_pair(device, ch.fn)) != done.end()) {
-    return cudaSuccess;
+  for (const auto& d : done) {
+    if (d.first == std::make_pair(device, ch.fn) && d.second >= ch.smem) {
+      return cudaSuccess;
+    }
   }
   HELIX_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(reinterpret_cast<const void*>(ch.fn),
                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                   static_cast<int>(ch.smem)));
-  done.emplace_back(device, ch.fn);
+  done.emplace_back(std::make_pair(device, ch.fn), ch.smem);
   return cudaSuccess;
 }
 
@@ -716,7 +1152,7 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   int per_sm = 1;
   if (PrepareKernel(ch) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(ch.fn),
-                                                    kThreads, ch.smem) != cudaSuccess) {
+                                                    ch.threads, ch.smem) != cudaSuccess) {
     per_sm = 1;
   }
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
@@ -727,7 +1163,7 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   if (want <= 1) {
     return 0;
   }
-  const int64_t min_blocks = std::max<int64_t>(1, (kMinChunkTokens + tpb - 1) / tpb);
+  const int64_t min_blocks = std::max<int64_t>(1, (MinChunkTokens() + tpb - 1) / tpb);
   const int64_t bpc = std::max(min_blocks, (p.max_blocks_per_seq + want - 1) / want);
   if (bpc >= p.max_blocks_per_seq) {
     return 0;
@@ -777,6 +1213,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
   const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), a.group);
   a.sub_size = ch.sub_size;
+  a.stages = ch.stages;
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk =
@@ -791,7 +1228,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
                   static_cast<unsigned>(parts));
-  HELIX_LAUNCH(ch.fn, grid, kThreads, ch.smem, stream, a);
+  HELIX_LAUNCH(ch.fn, grid, ch.threads, ch.smem, stream, a);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   if (parts > 1) {
     const MergeStatesParams mp{.o = a.ws_o,
@@ -837,5 +1274,7 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
+
+void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t) { Tuning() = t; }
 
 }  // namespace helix::kernels::cuda

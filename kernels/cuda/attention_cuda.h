@@ -28,14 +28,15 @@ size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
 
 // Online-softmax attention, fp32 accumulation, K/V read as stored (f32, f16, bf16). One
 // thread block per (query token, KV head, sub-group of <= 8 query heads, KV chunk); the query
-// heads of a group share every K/V load. Head dims 64 and 128 take the pipelined 16-byte
-// cp.async path; any other head dim (<= 256) a plain path. A query token that sees no KV
-// gets out = 0, lse = -inf. With split-KV the chunks' (O, LSE) go to the workspace and
-// MergeStatesCuda combines them.
-// The first call for a (dtype, head dim, group) shape on a device sets the kernel's shared
-// memory opt-in (a runtime call); make it, or PagedAttentionCudaSplitTokens, once before
-// capturing a CUDA graph. With split-KV the merge is a programmatic dependent launch.
-// REQUIRES: the CPU version's REQUIRES; device pointers; kv.base and q 16-byte aligned;
+// heads of a group share every K/V load. Head dims 64 and 128 take the warp-pipelined path
+// (each warp streams its own rows through a private 16-byte cp.async ring and keeps its own
+// softmax state; the warps combine at the end); any other head dim (<= 256) a plain path. A query
+// token that sees no KV gets out = 0, lse = -inf. With split-KV the chunks' (O, LSE) go to the
+// workspace and MergeStatesCuda combines them. The first call for a (dtype, head dim, group) shape
+// on a device sets the kernel's shared memory opt-in (a runtime call); make it, or
+// PagedAttentionCudaSplitTokens, once before capturing a CUDA graph. With split-KV the merge is a
+// programmatic dependent launch. REQUIRES: the CPU version's REQUIRES; device pointers; kv.base and
+// q 16-byte aligned;
 //   workspace holds PagedAttentionCudaWorkspaceBytes(p) bytes (nullptr when that is 0),
 //   256-byte aligned as cudaMalloc returns; chunks per sequence (see kv_split_tokens)
 //   <= 65535.
@@ -45,6 +46,21 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, c
 // all-empty row gives O = 0, LSE = -inf (MergeStatesCpu semantics). Helix combine layout
 // [peers][tokens][heads][dim]: num_parts = peers, rows = tokens * heads.
 cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
+
+// Benchmark and test knobs of PagedAttentionCuda / PagedAttentionCudaSplitTokens,
+// process-wide. Not synchronised: set them from one thread while no other thread launches or
+// sizes attention (the split and workspace must be computed under the same knobs as the
+// launch). Zero / false keeps the default.
+struct PagedAttentionCudaTuning {
+  int warps_per_block = 0;       // head dims 64 / 128: warps per thread block, 1..8 (default 4)
+  int stages = 0;                // head dims 64 / 128: cp.async ring depth per warp, 2..4
+                                 // (default 4, or 3 where a step exceeds 4 KiB)
+  int64_t min_chunk_tokens = 0;  // shortest split-KV chunk PagedAttentionCudaSplitTokens picks
+                                 // (default 128)
+  bool legacy_kernel = false;    // head dims 64 / 128: the previous kernel (128 threads sharing
+                                 // one cp.async pipeline, block-wide softmax), for comparison
+};
+void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 
 }  // namespace helix::kernels::cuda
 

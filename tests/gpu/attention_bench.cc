@@ -1,10 +1,15 @@
 // Decode attention bandwidth on the GPU: PagedAttentionCuda (bf16 KV, head_dim 128, 32 query
-// heads / 8 KV heads, 1 layer, 32 tokens per block, blocks shuffled in the pool) for KV 4K..256K
-// tokens x batch 1, 4, 16, against a device-to-device cudaMemcpy of the same byte count
-// measured in the same run. Both are timed as CUDA graphs of back-to-back iterations that cycle
-// over enough copies of the data to keep every iteration out of L2.
+// heads / 8 KV heads, 1 layer, 32 tokens per block, blocks shuffled in the pool, pseudo-random
+// K/V) for KV 4K..256K tokens x batch 1, 4, 16, against two references over the same byte
+// count measured in the same run: a pure-read kernel (the main reference: attention only reads
+// the KV) and a device-to-device cudaMemcpy (read + write counted). Everything is timed as CUDA
+// graphs of back-to-back iterations that cycle over enough copies of the data to keep every
+// iteration out of L2. With variants on (the default), a few settings of the kernel
+// (PagedAttentionCudaTuning) are timed side by side and their outputs checked against the
+// default's.
 //
-// Usage: attention_bench [--csv FILE] [--quick]. Exits 0 with a note when no GPU is visible.
+// Usage: attention_bench [--csv FILE] [--quick] [--no-variants]. Exits 0 with a note when no
+// GPU is visible.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <string>
@@ -19,6 +25,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "tests/gpu/bench_kernels.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace helix {
@@ -28,6 +35,21 @@ using gpu_testing::DeviceBuffer;
 using kernels::DType;
 using kernels::KvPoolView;
 using kernels::PagedAttentionParams;
+using kernels::cuda::PagedAttentionCudaTuning;
+
+// Kernel settings timed side by side; the first is the default and the reported "ours".
+struct Variant {
+  const char* name;
+  PagedAttentionCudaTuning tuning;
+};
+const Variant kVariants[] = {
+    {"ours", {}},
+    {"w4s3", {.warps_per_block = 4, .stages = 3}},
+    {"w2s4", {.warps_per_block = 2, .stages = 4}},
+    {"w8s3", {.warps_per_block = 8, .stages = 3}},
+    {"c64", {.min_chunk_tokens = 64}},
+    {"legacy", {.legacy_kernel = true}},
+};
 
 constexpr int64_t kQHeads = 32, kKvHeads = 8, kDim = 128, kTpb = 32;
 constexpr int64_t kElem = 2;  // bf16
@@ -79,13 +101,16 @@ cudaGraphExec_t Capture(cudaStream_t s, int iters, F&& body) {
 int Main(int argc, char** argv) {
   std::string csv_path;
   bool quick = false;
+  bool variants = true;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc) {
       csv_path = argv[++i];
     } else if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--no-variants") == 0) {
+      variants = false;
     } else {
-      std::fprintf(stderr, "usage: %s [--csv FILE] [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--csv FILE] [--quick] [--no-variants]\n", argv[0]);
       return 2;
     }
   }
@@ -105,8 +130,20 @@ int Main(int argc, char** argv) {
       static_cast<long long>(kKvHeads), static_cast<long long>(kQHeads / kKvHeads),
       static_cast<long long>(kTpb));
   std::printf(
-      "GB/s = KV bytes read / time; copy GB/s = 2 x bytes / time of a D2D cudaMemcpy of "
-      "the same byte count (read + write); frac = GB/s / copy GB/s\n");
+      "GB/s = KV bytes read / time; read GB/s = the same bytes read by a plain streaming-read "
+      "kernel; frac = GB/s / read GB/s; D2D GB/s = 2 x bytes / time of a D2D cudaMemcpy of the "
+      "same bytes (read + write)\n");
+  const size_t num_variants = variants ? std::size(kVariants) : 1;
+  if (num_variants > 1) {
+    std::printf("variants (ms; maxdiff = largest |out - ours out| over them):");
+    for (size_t v = 1; v < num_variants; ++v) {
+      const PagedAttentionCudaTuning& t = kVariants[v].tuning;
+      std::printf(" %s = {warps %d, stages %d, min chunk %lld%s}", kVariants[v].name,
+                  t.warps_per_block, t.stages, static_cast<long long>(t.min_chunk_tokens),
+                  t.legacy_kernel ? ", previous kernel" : "");
+    }
+    std::printf(" (0 = default)\n");
+  }
 
   std::vector<int64_t> token_counts = {4096, 8192, 32768, 65536, 131072, 262144};
   std::vector<int64_t> batches = {1, 4, 16};
@@ -122,20 +159,31 @@ int Main(int argc, char** argv) {
       max_pool = std::max(max_pool, reps * bytes);
     }
   }
-  // The pool (all replicas) doubles as the copy's source; the copy's destination is as big.
+  // The pool (all replicas) doubles as the references' source; the copy's destination is as
+  // big.
   DeviceBuffer<unsigned char> pool(static_cast<size_t>(max_pool));
   DeviceBuffer<unsigned char> copy_dst(static_cast<size_t>(max_pool));
-  HELIX_CUDA_OK(cudaMemset(pool.get(), 0x3c, pool.size()));  // bf16 0x3c3c = 0.0115
-  HELIX_CUDA_OK(cudaMemset(copy_dst.get(), 0, copy_dst.size()));
+  DeviceBuffer<unsigned> sink(1);
   cudaStream_t stream;
   HELIX_CUDA_OK(cudaStreamCreate(&stream));
+  HELIX_CUDA_OK(gpu_testing::LaunchFillBf16(pool.get(), pool.size() / 2, 7, stream));
+  HELIX_CUDA_OK(cudaMemsetAsync(copy_dst.get(), 0, copy_dst.size(), stream));
+  HELIX_CUDA_OK(cudaStreamSynchronize(stream));
 
   FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
   if (csv != nullptr) {
-    std::fprintf(csv, "tokens,batch,kv_mb,ours_ms,ours_gbps,copy_gbps,frac,splits\n");
+    std::fprintf(csv, "tokens,batch,kv_mb,ours_ms,ours_gbps,read_gbps,frac,copy_gbps,splits");
+    for (size_t v = 1; v < num_variants; ++v) {
+      std::fprintf(csv, ",%s_ms", kVariants[v].name);
+    }
+    std::fprintf(csv, ",maxdiff\n");
   }
-  std::printf("%8s %5s %9s %6s %10s %9s %9s %6s\n", "tokens", "batch", "KV MiB", "splits",
-              "ours ms", "GB/s", "copy GB/s", "frac");
+  std::printf("%8s %5s %8s %6s %9s %6s %8s %6s %8s", "tokens", "batch", "KV MiB", "splits",
+              "ours ms", "GB/s", "read GB/s", "frac", "D2D GB/s");
+  for (size_t v = 1; v < num_variants; ++v) {
+    std::printf(" %8s", kVariants[v].name);
+  }
+  std::printf("%s\n", num_variants > 1 ? "  maxdiff" : "");
   std::mt19937 rng(1);
   for (int64_t tokens : token_counts) {
     for (int64_t batch : batches) {
@@ -169,61 +217,106 @@ int Main(int argc, char** argv) {
           d_lens(lens);
       DeviceBuffer<float> d_q(q), d_out(batch * kQHeads * kDim), d_lse(batch * kQHeads);
       const KvPoolView kv{pool.get(), DType::kBF16, 1, kKvHeads, kTpb, kDim};
-      PagedAttentionParams p{.q = d_q.get(),
-                             .q_seq = d_seq.get(),
-                             .q_pos = d_pos.get(),
-                             .kv = kv,
-                             .layer = 0,
-                             .block_tables = d_tables.get(),
-                             .block_first_pos = d_firsts.get(),
-                             .kv_lens = d_lens.get(),
-                             .max_blocks_per_seq = blocks_per_seq,
-                             .num_seqs = batch,
-                             .num_q_tokens = batch,
-                             .num_q_heads = kQHeads,
-                             .num_kv_heads = kKvHeads,
-                             .head_dim = kDim,
-                             .scale = 1.0f / std::sqrt(static_cast<float>(kDim)),
-                             .out = d_out.get(),
-                             .lse = d_lse.get(),
-                             .kv_split_tokens = 0};
-      p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
-      const int64_t splits =
-          p.kv_split_tokens > 0 ? (tokens + p.kv_split_tokens - 1) / p.kv_split_tokens : 1;
-      DeviceBuffer<unsigned char> ws(kernels::cuda::PagedAttentionCudaWorkspaceBytes(p));
-      HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(p, ws.get(), stream));  // sets attributes
-      HELIX_CUDA_OK(cudaStreamSynchronize(stream));
-
+      const PagedAttentionParams base{.q = d_q.get(),
+                                      .q_seq = d_seq.get(),
+                                      .q_pos = d_pos.get(),
+                                      .kv = kv,
+                                      .layer = 0,
+                                      .block_tables = d_tables.get(),
+                                      .block_first_pos = d_firsts.get(),
+                                      .kv_lens = d_lens.get(),
+                                      .max_blocks_per_seq = blocks_per_seq,
+                                      .num_seqs = batch,
+                                      .num_q_tokens = batch,
+                                      .num_q_heads = kQHeads,
+                                      .num_kv_heads = kKvHeads,
+                                      .head_dim = kDim,
+                                      .scale = 1.0f / std::sqrt(static_cast<float>(kDim)),
+                                      .out = d_out.get(),
+                                      .lse = d_lse.get(),
+                                      .kv_split_tokens = 0};
       // Enough iterations per graph for ~2 ms of work at 4 TB/s, at least one per replica.
       const int iters = static_cast<int>(
           std::clamp<int64_t>((8ll << 30) / std::max<int64_t>(bytes, 1), reps, 200));
       const int runs = quick ? 3 : 7;
-      cudaGraphExec_t attn = Capture(stream, iters, [&](int i) {
-        PagedAttentionParams pi = p;
-        pi.block_tables = d_tables.get() + (i % reps) * batch * blocks_per_seq;
-        HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(pi, ws.get(), stream));
-      });
+
       cudaGraphExec_t copy = Capture(stream, iters, [&](int i) {
         const int64_t off = (i % reps) * bytes;
         HELIX_CUDA_OK(cudaMemcpyAsync(copy_dst.get() + off, pool.get() + off,
                                       static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
                                       stream));
       });
+      cudaGraphExec_t read = Capture(stream, iters, [&](int i) {
+        HELIX_CUDA_OK(gpu_testing::LaunchReadReduce(
+            pool.get() + (i % reps) * bytes, static_cast<size_t>(bytes), sink.get(), stream));
+      });
       const double copy_ms = TimeGraph(copy, iters, runs, stream);
-      const double ms = TimeGraph(attn, iters, runs, stream);
-      HELIX_CUDA_OK(cudaGraphExecDestroy(attn));
+      const double read_ms = TimeGraph(read, iters, runs, stream);
       HELIX_CUDA_OK(cudaGraphExecDestroy(copy));
-      const double gbps = bytes / (ms * 1e6);
+      HELIX_CUDA_OK(cudaGraphExecDestroy(read));
+
+      std::vector<double> ms(num_variants);
+      int64_t splits = 1;
+      std::vector<float> ref_out, got_out(batch * kQHeads * kDim);
+      double max_diff = 0.0;
+      for (size_t v = 0; v < num_variants; ++v) {
+        kernels::cuda::SetPagedAttentionCudaTuningForTesting(kVariants[v].tuning);
+        PagedAttentionParams p = base;
+        p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
+        if (v == 0) {
+          splits = p.kv_split_tokens > 0 ? (tokens + p.kv_split_tokens - 1) / p.kv_split_tokens : 1;
+        }
+        DeviceBuffer<unsigned char> ws(kernels::cuda::PagedAttentionCudaWorkspaceBytes(p));
+        HELIX_CUDA_OK(cudaMemsetAsync(d_out.get(), 0xff, d_out.size() * sizeof(float), stream));
+        HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(p, ws.get(), stream));  // attributes
+        HELIX_CUDA_OK(cudaStreamSynchronize(stream));
+        HELIX_CUDA_OK(cudaMemcpy(got_out.data(), d_out.get(), got_out.size() * sizeof(float),
+                                 cudaMemcpyDeviceToHost));
+        if (v == 0) {
+          ref_out = got_out;
+        } else {
+          for (size_t k = 0; k < got_out.size(); ++k) {
+            const double d = std::fabs(static_cast<double>(got_out[k]) - ref_out[k]);
+            max_diff = std::isnan(d) ? INFINITY : std::max(max_diff, d);
+          }
+        }
+        cudaGraphExec_t attn = Capture(stream, iters, [&](int i) {
+          PagedAttentionParams pi = p;
+          pi.block_tables = d_tables.get() + (i % reps) * batch * blocks_per_seq;
+          HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(pi, ws.get(), stream));
+        });
+        ms[v] = TimeGraph(attn, iters, runs, stream);
+        HELIX_CUDA_OK(cudaGraphExecDestroy(attn));
+      }
+      kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
+      bool bad = false;
+      for (float x : ref_out) {
+        bad = bad || !std::isfinite(x);
+      }
+      const double gbps = bytes / (ms[0] * 1e6);
+      const double read_gbps = bytes / (read_ms * 1e6);
       const double copy_gbps = 2.0 * bytes / (copy_ms * 1e6);
-      std::printf("%8lld %5lld %9.1f %6lld %10.4f %9.0f %9.0f %6.3f\n",
+      std::printf("%8lld %5lld %8.1f %6lld %9.4f %6.0f %8.0f %6.3f %8.0f",
                   static_cast<long long>(tokens), static_cast<long long>(batch), bytes / 1048576.0,
-                  static_cast<long long>(splits), ms, gbps, copy_gbps, gbps / copy_gbps);
+                  static_cast<long long>(splits), ms[0], gbps, read_gbps, gbps / read_gbps,
+                  copy_gbps);
+      for (size_t v = 1; v < num_variants; ++v) {
+        std::printf(" %8.4f", ms[v]);
+      }
+      if (num_variants > 1) {
+        std::printf("  %.2e", max_diff);
+      }
+      std::printf("%s\n", bad ? "  NON-FINITE OUTPUT" : "");
       std::fflush(stdout);
       if (csv != nullptr) {
-        std::fprintf(csv, "%lld,%lld,%.1f,%.5f,%.1f,%.1f,%.4f,%lld\n",
+        std::fprintf(csv, "%lld,%lld,%.1f,%.5f,%.1f,%.1f,%.4f,%.1f,%lld",
                      static_cast<long long>(tokens), static_cast<long long>(batch),
-                     bytes / 1048576.0, ms, gbps, copy_gbps, gbps / copy_gbps,
+                     bytes / 1048576.0, ms[0], gbps, read_gbps, gbps / read_gbps, copy_gbps,
                      static_cast<long long>(splits));
+        for (size_t v = 1; v < num_variants; ++v) {
+          std::fprintf(csv, ",%.5f", ms[v]);
+        }
+        std::fprintf(csv, ",%.3g\n", max_diff);
       }
     }
   }

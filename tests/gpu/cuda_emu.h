@@ -48,6 +48,7 @@ inline void* StaticSmem(size_t bytes) {
   return t_block->static_smem.data() + off;
 }
 inline void SyncThreads() { t_block->cta->arrive_and_wait(); }
+inline void SyncWarp() { t_block->warp[t_thread_idx.x / 32]->arrive_and_wait(); }
 
 template <typename T>
 T Exchange(T v, int src_lane_of_warp) {
@@ -107,6 +108,7 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
 #define blockDim (::helix_emu::g_block_dim)
 #define gridDim (::helix_emu::g_grid_dim)
 #define __syncthreads() ::helix_emu::SyncThreads()
+inline void __syncwarp(unsigned = 0xffffffffu) { ::helix_emu::SyncWarp(); }
 #define HELIX_DYNAMIC_SMEM(name) unsigned char* name = ::helix_emu::DynamicSmem()
 #define HELIX_STATIC_SMEM(T, name) T& name = *static_cast<T*>(::helix_emu::StaticSmem(sizeof(T)))
 

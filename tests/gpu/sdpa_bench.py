@@ -36,20 +36,42 @@ def read_csv(path):
         return {(int(r["tokens"]), int(r["batch"])): r for r in csv.DictReader(f)}
 
 
+def _f(row, key):
+    try:
+        return float(row[key]) if row and row.get(key) not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
 def print_side_by_side(ours, torch_rows):
-    print(f"{'tokens':>7} {'batch':>5} {'KV MiB':>8} {'ours ms':>9} {'GB/s':>6} {'copy GB/s':>9} "
-          f"{'frac':>6} {'torch ms':>9} {'torch/ours':>10}")
+    """ours (attention_bench.csv) beside torch; frac = ours GB/s / pure-read GB/s of the same
+    bytes (same run); D2D = cudaMemcpy GB/s counting read + write; variant columns in ms."""
+    variants = []
+    for o in ours.values():
+        variants = [k[:-3] for k in o if k.endswith("_ms") and k != "ours_ms"]
+        break
+    print(f"{'tokens':>7} {'batch':>5} {'KV MiB':>7} {'ours ms':>8} {'GB/s':>6} "
+          f"{'read GB/s':>9} {'frac':>6} {'D2D GB/s':>8} | {'torch ms':>8} {'torch GB/s':>10} "
+          f"{'torch/ours':>10}" + ("  | " + " ".join(f"{v:>8}" for v in variants)
+                                  if variants else ""))
     for key in sorted(set(ours) | set(torch_rows)):
         o, t = ours.get(key), torch_rows.get(key)
-        ours_ms = float(o["ours_ms"]) if o else math.nan
-        gbps = float(o["ours_gbps"]) if o else math.nan
-        copy = float(o["copy_gbps"]) if o else math.nan
-        frac = float(o["frac"]) if o else math.nan
-        torch_ms = float(t["torch_ms"]) if t and t["torch_ms"] else math.nan
+        nbytes = kv_bytes(key[1], key[0])
+        ours_ms = _f(o, "ours_ms")
+        gbps = _f(o, "ours_gbps")
+        read = _f(o, "read_gbps")
+        frac = gbps / read if read == read else math.nan
+        copy = _f(o, "copy_gbps")
+        torch_ms = _f(t, "torch_ms")
+        torch_gbps = nbytes / (torch_ms * 1e6) if torch_ms == torch_ms else math.nan
         ratio = torch_ms / ours_ms if ours_ms == ours_ms and torch_ms == torch_ms else math.nan
-        print(f"{key[0]:>7} {key[1]:>5} {kv_bytes(key[1], key[0]) / 2**20:>8.0f} "
-              f"{ours_ms:>9.4f} {gbps:>6.0f} {copy:>9.0f} {frac:>6.3f} {torch_ms:>9.4f} "
-              f"{ratio:>10.2f}")
+        line = (f"{key[0]:>7} {key[1]:>5} {nbytes / 2**20:>7.0f} {ours_ms:>8.4f} {gbps:>6.0f} "
+                f"{read:>9.0f} {frac:>6.3f} {copy:>8.0f} | {torch_ms:>8.4f} {torch_gbps:>10.0f} "
+                f"{ratio:>10.2f}")
+        if variants:
+            line += "  | " + " ".join(f"{_f(o, v + '_ms'):>8.4f}" for v in variants)
+            line += f"  maxdiff {_f(o, 'maxdiff'):.1e}"
+        print(line)
 
 
 def main():
