@@ -3,7 +3,9 @@
 // through `helix-gen serve` over gRPC on loopback. Prints time to first token and inter-token
 // latency (p50/p99, ms) and tokens/s for each, and the gRPC / in-process tokens/s ratio.
 //   serve_bench --gen PATH/helix-gen --model M --tokenizer T [--concurrency 1,8,32]
-//               [--tokens 64] [--rounds 3] [--threads 2]
+//               [--tokens 64] [--rounds 3] [--threads 2] [--router PATH/helix-router]
+// With --router, helix-router (its gRPC front) is also put in front of the same daemon and
+// measured against the direct gRPC path in the same run.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -32,7 +34,7 @@ using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
 struct Args {
-  std::string gen, model, tokenizer;
+  std::string gen, model, tokenizer, router;
   std::vector<int> concurrency = {1, 8, 32};
   int tokens = 64, rounds = 3, threads = 2;
 };
@@ -144,6 +146,8 @@ int main(int argc, char** argv) {
       a.model = v;
     } else if (k == "--tokenizer") {
       a.tokenizer = v;
+    } else if (k == "--router") {
+      a.router = v;
     } else if (k == "--tokens") {
       a.tokens = std::atoi(v.c_str());
     } else if (k == "--rounds") {
@@ -192,6 +196,41 @@ int main(int argc, char** argv) {
   }
   auto stub = helix::v1::GenerationService::NewStub(channel);
 
+  // Optionally helix-router in front of the same daemon (its gRPC front, aggregated mode): the
+  // router's added latency per token is its row minus the direct gRPC row.
+  pid_t router_pid = -1;
+  std::unique_ptr<helix::v1::GenerationService::Stub> router_stub;
+  const fs::path rcfg =
+      fs::temp_directory_path() / ("serve_bench_router_" + std::to_string(getpid()) + ".json");
+  if (!a.router.empty()) {
+    auto http_port = helix::parallel::PickFreePort("127.0.0.1");
+    auto grpc_port = helix::parallel::PickFreePort("127.0.0.1");
+    if (!http_port.ok() || !grpc_port.ok()) return 1;
+    std::ofstream(rcfg) << "{\"server\": {\"host\": \"127.0.0.1\", \"port\": " << *http_port
+                        << "}, \"grpc_port\": " << *grpc_port << ", \"model\": \"" << a.model
+                        << "\", "
+                        << (a.tokenizer.empty() ? "" : "\"tokenizer\": \"" + a.tokenizer + "\", ")
+                        << "\"generation_servers\": {\"urls\": [\"127.0.0.1:" << *port
+                        << "\"]}, \"health_check_interval_ms\": 200, "
+                        << "\"logging\": {\"level\": \"warn\"}}";
+    router_pid = fork();
+    if (router_pid == 0) {
+      execl(a.router.c_str(), a.router.c_str(), "--config", rcfg.c_str(),
+            static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    auto rch = grpc::CreateChannel("127.0.0.1:" + std::to_string(*grpc_port),
+                                   grpc::InsecureChannelCredentials());
+    if (!rch->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(60))) {
+      std::fprintf(stderr, "serve_bench: the router did not come up\n");
+      kill(pid, SIGKILL);
+      kill(router_pid, SIGKILL);
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));  // a health poll admits the server
+    router_stub = helix::v1::GenerationService::NewStub(rch);
+  }
+
   helix::EngineOptions o;
   o.model_path = a.model;
   o.tokenizer_path = a.tokenizer;
@@ -217,7 +256,24 @@ int main(int argc, char** argv) {
     Print("grpc", conc, rpc);
     std::printf("# concurrency %d: grpc / in-process tokens/s = %.3f\n", conc,
                 rpc.tok_s / in.tok_s);
+    if (router_stub) {
+      RunGrpc(router_stub.get(), conc, a);  // warm-up
+      const Summary direct = RunGrpc(stub.get(), conc, a);
+      const Summary routed = RunGrpc(router_stub.get(), conc, a);
+      Print("grpc", conc, direct);
+      Print("router", conc, routed);
+      std::printf(
+          "# concurrency %d: router adds %.3f ms per token (itl p50), %.3f ms to ttft "
+          "(p50); router / direct tokens/s = %.3f\n",
+          conc, routed.itl_p50 - direct.itl_p50, routed.ttft_p50 - direct.ttft_p50,
+          routed.tok_s / direct.tok_s);
+    }
     std::fflush(stdout);
+  }
+  if (router_pid > 0) {
+    kill(router_pid, SIGTERM);
+    waitpid(router_pid, nullptr, 0);
+    fs::remove(rcfg);
   }
   kill(pid, SIGTERM);
   waitpid(pid, nullptr, 0);
