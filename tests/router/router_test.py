@@ -378,6 +378,41 @@ class RouterFaultTest(unittest.TestCase):
                   for g in gens]
         self.assertTrue(all(c >= 1 for c in counts), counts)  # both servers took load
 
+    def test_grpc_front_and_conditional_disaggregation(self):
+        ctx_port, gen_port, port, grpc_port = free_port(), free_port(), free_port(), free_port()
+        self.start("ctx", server_cfg(ctx_port, True), ctx_port)
+        self.start("gen", server_cfg(gen_port, False), gen_port)
+        cfg = router_cfg(port, [ctx_port], [gen_port], grpc_port=grpc_port,
+                         conditional_disagg={"max_local_prefill_length": 4})
+        self.start("router", cfg, port)
+        self.assertTrue(wait_ready(port))
+        # The router's gRPC front speaks the generation API: the same client works on both.
+        for prompt in ["Tim", "Lily and Ben went to the park"]:  # 2 and 8 tokens
+            routed = direct(grpc_port, prompt, 20)
+            self.assertEqual(routed, direct(gen_port, prompt, 20))
+        # "Tim" (BOS + 1 token) stayed on the generation server; the long prompt went through
+        # the context server.
+        self.assertEqual(metric(port, "helix_router_aggregated_requests_total"), 1)
+        self.assertEqual(metric(port, "helix_router_disaggregated_requests_total"), 1)
+
+    def test_incompatible_pair_is_refused_and_context_server_readmitted(self):
+        ctx_port, gen_port, port = free_port(), free_port(), free_port()
+        bad = server_cfg(ctx_port, True)
+        bad["kv_cache_config"]["tokens_per_block"] = 16  # the generation server uses 8
+        ctx = self.start("ctx", bad, ctx_port)
+        self.start("gen", server_cfg(gen_port, False), gen_port)
+        self.start("router", router_cfg(port, [ctx_port], [gen_port]), port)
+        self.assertFalse(wait_ready(port, timeout=2))  # healthy, but no compatible pair
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a"}, key=None)
+        self.assertEqual(status, 503)
+        ctx.kill()
+        self.start("ctx", server_cfg(ctx_port, True), ctx_port)  # a compatible one, same port
+        self.assertTrue(wait_ready(port, timeout=30))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "The dog",
+                                                      "max_tokens": 4}, key=None)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(metric(port, "helix_router_disaggregated_requests_total"), 1)
+
     def test_no_servers_is_503(self):
         port = free_port()
         self.start("router", router_cfg(port, [], [free_port()]), port)
