@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -15,11 +16,12 @@
 namespace helix::kernels::cuda {
 namespace {
 
+// Threads of a plain-path thread block.
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 // Query heads one thread block serves (a GQA group, or a sub-group of a larger one).
 constexpr int kMaxG = 8;
-// KV rows per pipeline tile; equal to the warp size so the softmax step maps a row per lane.
+// KV rows per plain-path tile; equal to the warp size so the softmax step maps a row per lane.
 constexpr int kTileRows = 32;
 // Largest head dim of the plain (non-pipelined) path.
 constexpr int kMaxGenericDim = 256;
@@ -46,6 +48,7 @@ struct Args {
   int blocks_per_chunk;  // local blocks one thread block walks
   int parts;             // chunks per sequence; > 1 writes the workspace
   int stages;            // warp-pipelined path: ring depth, 2..kMaxStages
+  int prefetch_steps;    // warp-pipelined path: L2 bulk prefetch distance beyond the ring
   float scale;
   float* out;
   float* lse;
@@ -180,284 +183,6 @@ __device__ inline void StoreLse(const Args& a, const Item& it, int g, float m, f
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fast path: head dim D in {64, 128}. Each KV row is cut into 16-byte chunks, one per thread
-// of a row group (kLanes threads); a tile of kTileRows K and V rows is copied into shared
-// memory with cp.async, kStages tiles in flight. Each thread reads back only the chunks it
-// copied, in the same order, so the shared-memory reads are conflict-free (8 consecutive
-// 16-byte chunks per quarter warp). kG (4 or 8) query heads per thread block: groups of up to
-// 4 use half the registers, so more thread blocks stay resident.
-
-template <typename T, int D, int kG>
-struct FastCfg {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per chunk
-  static constexpr int kLanes = D / kVec;                        // threads per row
-  static constexpr int kRowGroups = kThreads / kLanes;
-  static constexpr int kRowsPerThread = kTileRows / kRowGroups;
-  static constexpr int kTileBytes = 2 * kTileRows * D * static_cast<int>(sizeof(T));
-  static constexpr int kStages = 4 * kTileBytes <= 96 * 1024 ? 4 : 3;
-  static constexpr int kPipeBytes = kStages * kTileBytes;
-  static constexpr int kRedBytes = kRowGroups * kG * D * 4;
-  static constexpr int kBigBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
-  static constexpr int kSmemBytes =
-      kBigBytes + (kTileRows * kG + 3 * kMaxG) * 4 + kStages * kTileRows * 4;
-  static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32);
-  static_assert(kRowGroups * kRowsPerThread == kTileRows);
-  static_assert(kG == 4 || kG == 8);
-};
-
-// Sums v[0..N) over the L lanes of a row group by halving exchanges (N - 1 shuffles, then a
-// tree over the lanes left: 7 shuffles for N = 8, L = 16, instead of 32 for N separate
-// reductions). Lane l ends with the total of head HeadOfLane<N, L>(l) in v[0].
-template <int N, int L>
-__device__ inline void ReduceScatter(float (&v)[N], int lane) {
-#pragma unroll
-  for (int half = N / 2, off = L / 2; half >= 1; half /= 2, off /= 2) {
-    const bool up = (lane & off) != 0;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = up ? v[i] : v[i + half];
-      const float keep = up ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-    }
-  }
-#pragma unroll
-  for (int off = L / (2 * N); off >= 1; off /= 2) {
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
-  }
-}
-
-template <int N, int L>
-__device__ inline int HeadOfLane(int cl) {
-  int g = 0;
-#pragma unroll
-  for (int half = N / 2, off = L / 2; half >= 1; half /= 2, off /= 2) {
-    if (cl & off) {
-      g += half;
-    }
-  }
-  return g;
-}
-
-template <typename T, int D, int kG>
-__global__ void __launch_bounds__(kThreads) AttentionFastKernel(const Args a) {
-  using C = FastCfg<T, D, kG>;
-  constexpr int kVec = C::kVec;
-  constexpr int kLanes = C::kLanes;
-  constexpr int kRG = C::kRowGroups;
-  constexpr int kRPT = C::kRowsPerThread;
-  constexpr int kStages = C::kStages;
-  HELIX_DYNAMIC_SMEM(smem);
-  T* pipe = reinterpret_cast<T*>(smem);         // [stages][K, V][kTileRows][D]
-  float* red = reinterpret_cast<float*>(smem);  // [kRG][kG][D], after the pipeline is done
-  float* s_p = reinterpret_cast<float*>(smem + C::kBigBytes);  // [kTileRows][kG]
-  float* s_m = s_p + kTileRows * kG;
-  float* s_l = s_m + kMaxG;
-  float* s_alpha = s_l + kMaxG;
-  int* s_vis = reinterpret_cast<int*>(s_alpha + kMaxG);  // [stages][kTileRows]
-
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int rg = tid / kLanes;
-  const int cl = tid % kLanes;
-  LaunchDependents();  // the split-KV merge may start its launch now (it waits for this grid)
-  const Item it = DecodeItem(a);
-  const int G = it.g;
-  const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
-  const int n_tiles = static_cast<int>((n_tok + kTileRows - 1) / kTileRows);
-
-  // This thread's slice of every query row of the group.
-  float q[kG][kVec];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    if (g < G) {
-      const float4* src = reinterpret_cast<const float4*>(
-          a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
-#pragma unroll
-      for (int v = 0; v < kVec / 4; ++v) {
-        const float4 x = src[v];
-        q[g][4 * v] = x.x;
-        q[g][4 * v + 1] = x.y;
-        q[g][4 * v + 2] = x.z;
-        q[g][4 * v + 3] = x.w;
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        q[g][e] = 0.0f;
-      }
-    }
-  }
-  if (tid < kMaxG) {
-    s_m[tid] = kNegInf;
-    s_l[tid] = 0.0f;
-    s_alpha[tid] = 0.0f;
-  }
-  float acc[kG][kVec];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      acc[g][e] = 0.0f;
-    }
-  }
-
-  const T* kv = static_cast<const T*>(a.kv);
-  // Row offsets of the next tile to issue, loaded one tile ahead so that the block-table
-  // reads are off the critical path of the copies.
-  int64_t next_off[kRPT];
-  // Lane l of every warp looks up row l of the tile (kTileRows == 32); each thread then takes
-  // the offsets of its own rows from those lanes.
-  auto plan_tile = [&](int tile) {
-    const int64_t row_off =
-        RowOffset(a, it, it.tok_begin + static_cast<int64_t>(tile) * kTileRows + lane);
-#pragma unroll
-    for (int k = 0; k < kRPT; ++k) {
-      next_off[k] = __shfl_sync(0xffffffffu, row_off, rg + k * kRG);
-    }
-  };
-  auto issue_tile = [&](int tile) {
-    const int stage = tile % kStages;
-    T* ks = pipe + static_cast<size_t>(stage) * 2 * kTileRows * D;
-    T* vs = ks + kTileRows * D;
-#pragma unroll
-    for (int k = 0; k < kRPT; ++k) {
-      const int r = rg + k * kRG;
-      const bool ok = next_off[k] >= 0;
-      const T* src = ok ? kv + next_off[k] + cl * kVec : kv;
-      CpAsync16(ks + r * D + cl * kVec, src, ok);
-      CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
-      if (cl == 0) {
-        s_vis[stage * kTileRows + r] = ok ? 1 : 0;
-      }
-    }
-  };
-
-#pragma unroll
-  for (int tile = 0; tile < kStages - 1; ++tile) {
-    if (tile < n_tiles) {
-      plan_tile(tile);
-      issue_tile(tile);
-    }
-    CpAsyncCommit();
-  }
-  if (kStages - 1 < n_tiles) {
-    plan_tile(kStages - 1);
-  }
-  __syncthreads();  // s_m / s_l initialised
-
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int nt = tile + kStages - 1;
-    if (nt < n_tiles) {
-      issue_tile(nt);
-      if (nt + 1 < n_tiles) {
-        plan_tile(nt + 1);
-      }
-    }
-    CpAsyncCommit();
-    CpAsyncWait<kStages - 1>();
-    __syncthreads();
-
-    const int stage = tile % kStages;
-    const T* ks = pipe + static_cast<size_t>(stage) * 2 * kTileRows * D;
-    const T* vs = ks + kTileRows * D;
-    const int* vis = s_vis + stage * kTileRows;
-
-    // Scores of this thread's rows for all heads of the group.
-#pragma unroll
-    for (int k = 0; k < kRPT; ++k) {
-      const int r = rg + k * kRG;
-      float kf[kVec];
-      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(ks + r * D + cl * kVec), kf);
-      float v[kG];
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        float s = 0.0f;
-        if (g < G) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            s = fmaf(q[g][e], kf[e], s);
-          }
-        }
-        v[g] = s;
-      }
-      ReduceScatter<kG, kLanes>(v, lane);
-      if ((cl & (kLanes / kG - 1)) == 0) {
-        s_p[r * kG + HeadOfLane<kG, kLanes>(cl)] = vis[r] ? v[0] * a.scale : kNegInf;
-      }
-    }
-    __syncthreads();
-    SoftmaxStep(s_p, kG, s_m, s_l, s_alpha, G);
-    __syncthreads();
-
-    // acc = acc * alpha + P V over this thread's rows and chunk.
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      if (g < G) {
-        const float al = s_alpha[g];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          acc[g][e] *= al;
-        }
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kRPT; ++k) {
-      const int r = rg + k * kRG;
-      float vf[kVec];
-      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(vs + r * D + cl * kVec), vf);
-      float pr[kG];
-#pragma unroll
-      for (int j = 0; j < kG / 4; ++j) {
-        const float4 p4 = *reinterpret_cast<const float4*>(s_p + r * kG + 4 * j);
-        pr[4 * j] = p4.x;
-        pr[4 * j + 1] = p4.y;
-        pr[4 * j + 2] = p4.z;
-        pr[4 * j + 3] = p4.w;
-      }
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        if (g < G) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            acc[g][e] = fmaf(pr[g], vf[e], acc[g][e]);
-          }
-        }
-      }
-    }
-    __syncthreads();  // the stage and s_p are rewritten next iteration
-  }
-  CpAsyncWait<0>();
-  __syncthreads();
-
-  // Sum the row groups' partial outputs.
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    if (g < G) {
-      float* dst = red + (rg * kG + g) * D + cl * kVec;
-#pragma unroll
-      for (int v = 0; v < kVec / 4; ++v) {
-        *reinterpret_cast<float4*>(dst + 4 * v) =
-            make_float4(acc[g][4 * v], acc[g][4 * v + 1], acc[g][4 * v + 2], acc[g][4 * v + 3]);
-      }
-    }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    const int g = idx / D;
-    const int e = idx % D;
-    float sum = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kRG; ++r) {
-      sum += red[(r * kG + g) * D + e];
-    }
-    StoreOut(a, it, g, e, sum, s_l[g]);
-  }
-  if (tid < G) {
-    StoreLse(a, it, tid, s_m[tid], s_l[tid]);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Warp-pipelined path (the default for head dims 64 and 128): every warp of a thread block
 // walks its own steps of kStepRows KV rows (steps w, w + W, w + 2W, ... of the chunk) through
 // a private cp.async ring of `stages` steps, with its own online softmax, and the warps' states
@@ -472,6 +197,9 @@ constexpr int kStepRows = 8;  // KV rows per warp step
 constexpr int kMaxWarps = 8;  // warps per thread block, at most
 constexpr int kDefaultWarps = 4;
 constexpr int kMaxStages = 4;
+// Off: distances of 2, 4 and 8 steps were 15-70% slower on an H200 (the prefetched lines
+// compete with the ring's own copies).
+constexpr int kDefaultPrefetchSteps = 0;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -535,14 +263,25 @@ __device__ inline int ScatterBase(int lane) {
   }
 }
 
-// Block-table entries of the row a lane < kStepRows plans, loaded one step before use.
+// Block-table entries of a step, loaded two steps before use. When tokens_per_block is a
+// multiple of kStepRows a step lies in one block: every lane holds the step's block, first
+// position, first slot tb and n = its rows within the chunk. Otherwise lane r < kStepRows holds
+// row r's block, first position and slot, n = 1 when the row is within the chunk.
 struct RowPlan {
-  int32_t block, first, tb;
-  bool in;  // within the chunk
+  int32_t block, first, tb, n;
 };
 
-template <typename T, int D, int kG>
-__global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args a) {
+// Variants of the warp-pipelined kernel: the default, and one for the benchmark only.
+enum WarpMode : int {
+  kWarpDefault = 0,
+  kWarpLoadOnly = 1,  // the copies without the math (output meaningless): memory ceiling
+};
+
+// Groups of <= 4 heads: at most 128 registers a thread, so two 8-warp thread blocks fit an SM
+// (8 heads need more).
+template <typename T, int D, int kG, int kMode = kWarpDefault>
+__global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
+    AttentionWarpKernel(const Args a) {
   using C = WarpCfg<T, D, kG>;
   constexpr int kVec = C::kVec;
   constexpr int kLanes = C::kLanes;
@@ -617,34 +356,53 @@ __global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args
   }
 
   const T* kv = static_cast<const T*>(a.kv);
-  // Lane r < kStepRows plans row r of this warp's k-th step.
+  const bool aligned = a.tpb % kStepRows == 0;  // chunks start at block boundaries
   auto load_plan = [&](int k) {
-    RowPlan pl{0, 0, 0, false};
-    if (lane < kStepRows && k < my_steps) {
+    RowPlan pl{0, 0, 0, 0};
+    if (k < my_steps && (aligned || lane < kStepRows)) {
       const int64_t i = it.tok_begin +
                         (static_cast<int64_t>(warp) + static_cast<int64_t>(k) * warps) * kStepRows +
-                        lane;
+                        (aligned ? 0 : lane);
       if (i < it.tok_end) {
         const int j = static_cast<int>(static_cast<uint32_t>(i) / static_cast<uint32_t>(a.tpb));
         pl.tb = static_cast<int>(i - static_cast<int64_t>(j) * a.tpb);
         pl.block = it.table[j];
         pl.first = it.first[j];
-        pl.in = true;
+        pl.n =
+            aligned ? static_cast<int>(it.tok_end - i < kStepRows ? it.tok_end - i : kStepRows) : 1;
       }
     }
     return pl;
   };
   auto issue = [&](int stage, const RowPlan& pl) {
+    T* ks = pipe + static_cast<size_t>(stage) * 2 * C::kStepElems;
+    T* vs = ks + C::kStepElems;
+    if (aligned) {
+      // Every row of the step is slot tb + r of the same block.
+      const int64_t base = static_cast<int64_t>(pl.block) * a.block_elems + a.k_head_off +
+                           it.h * a.head_stride + static_cast<int64_t>(pl.tb) * D;
+      const int64_t last_visible = it.pos - pl.first - pl.tb;  // rows r <= this are visible
+      if (lane < kStepRows) {
+        s_vis[stage * kStepRows + lane] = lane < pl.n && lane <= last_visible ? 1 : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < kRpl; ++i) {
+        const int r = rg + kRpi * i;
+        const bool ok = r < pl.n && r <= last_visible;
+        const T* src = ok ? kv + base + r * D + cl * kVec : kv;
+        CpAsync16(ks + r * D + cl * kVec, src, ok);
+        CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
+      }
+      return;
+    }
     int64_t off = -1;
-    if (pl.in && static_cast<int64_t>(pl.first) + pl.tb <= it.pos) {
+    if (pl.n > 0 && static_cast<int64_t>(pl.first) + pl.tb <= it.pos) {
       off = static_cast<int64_t>(pl.block) * a.block_elems + a.k_head_off + it.h * a.head_stride +
             static_cast<int64_t>(pl.tb) * D;
     }
     if (lane < kStepRows) {
       s_vis[stage * kStepRows + lane] = off >= 0 ? 1 : 0;
     }
-    T* ks = pipe + static_cast<size_t>(stage) * 2 * C::kStepElems;
-    T* vs = ks + C::kStepElems;
 #pragma unroll
     for (int i = 0; i < kRpl; ++i) {
       const int r = rg + kRpi * i;
@@ -653,6 +411,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args
       const T* src = ok ? kv + o + cl * kVec : kv;
       CpAsync16(ks + r * D + cl * kVec, src, ok);
       CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
+    }
+  };
+
+  // Optional (off by default, see kDefaultPrefetchSteps): with whole steps in one block, the K
+  // and V rows of the step `pf` steps beyond the ring's newest are prefetched into L2 by one
+  // bulk prefetch each, for more bytes in flight per SM than shared memory could hold.
+  const int pf = aligned ? a.prefetch_steps : 0;
+  auto prefetch = [&](int k, const RowPlan& pl) {
+    if (lane == 0 && k < my_steps && pl.n > 0) {
+      const T* src = kv + static_cast<int64_t>(pl.block) * a.block_elems + a.k_head_off +
+                     it.h * a.head_stride + static_cast<int64_t>(pl.tb) * D;
+      const unsigned bytes = static_cast<unsigned>(pl.n * D * sizeof(T));
+      BulkPrefetchL2(src, bytes);
+      BulkPrefetchL2(src + a.v_off, bytes);
     }
   };
 
@@ -665,6 +437,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args
     pa = load_plan(k + 1);
   }
   RowPlan pb = load_plan(stages);
+  RowPlan pp{0, 0, 0, 0};  // plan of the next step to prefetch
+  if (pf > 0) {
+    for (int k = stages - 1; k < stages - 1 + pf; ++k) {
+      prefetch(k, load_plan(k));
+    }
+    pp = load_plan(stages - 1 + pf);
+  }
 
   int stage = 0;                 // ring slot of step k
   int issue_stage = stages - 1;  // ring slot of step k + stages - 1
@@ -674,6 +453,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args
       issue(issue_stage, pa);
     }
     CpAsyncCommit();
+    if (pf > 0) {
+      prefetch(nk + pf, pp);
+      pp = load_plan(nk + pf + 1);
+    }
     pa = pb;
     pb = load_plan(nk + 2);  // the table reads have two steps to arrive
     if (stages == 4) {       // step k's group is complete once stages - 1 are left in flight
@@ -684,6 +467,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32) AttentionWarpKernel(const Args
       CpAsyncWait<1>();
     }
     issue_stage = stage;
+    if constexpr (kMode == kWarpLoadOnly) {
+      stage = stage + 1 == stages ? 0 : stage + 1;
+      continue;
+    }
     const T* ks = pipe + static_cast<size_t>(stage) * 2 * C::kStepElems;
     const T* vs = ks + C::kStepElems;
 
@@ -1047,15 +834,33 @@ PagedAttentionCudaTuning& Tuning() {
   return t;
 }
 
-int WarpsPerBlock() {
+// Below this many (query token, KV head) items the warp-pipelined kernel runs 8 warps with
+// 3-step rings per thread block instead of 4 warps with 4-step rings (faster there on H200;
+// the items are then split into many chunks).
+constexpr int64_t kFewItems = 16;
+
+int WarpsFor(int64_t items) {
   const int w = Tuning().warps_per_block;
-  return w >= 1 && w <= kMaxWarps ? w : kDefaultWarps;
+  if (w >= 1 && w <= kMaxWarps) {
+    return w;
+  }
+  return items <= kFewItems ? 8 : kDefaultWarps;
 }
 
 template <typename T, int D, int kG>
-int StagesFor() {
+int StagesFor(int64_t items) {
   const int s = Tuning().stages;
-  return s >= 2 && s <= kMaxStages ? s : WarpCfg<T, D, kG>::kDefaultStages;
+  if (s >= 2 && s <= kMaxStages) {
+    return s;
+  }
+  return items <= kFewItems && Tuning().warps_per_block == 0
+             ? std::min(3, WarpCfg<T, D, kG>::kDefaultStages)
+             : WarpCfg<T, D, kG>::kDefaultStages;
+}
+
+int PrefetchSteps() {
+  const int s = Tuning().prefetch_steps;
+  return s == 0 ? kDefaultPrefetchSteps : std::max(0, s);
 }
 
 int64_t MinChunkTokens() {
@@ -1064,44 +869,44 @@ int64_t MinChunkTokens() {
 }
 
 template <typename T, int D>
-Choice ChooseFast(int group) {
-  if (Tuning().legacy_kernel) {
-    if (group <= 4) {
-      return {&AttentionFastKernel<T, D, 4>, static_cast<size_t>(FastCfg<T, D, 4>::kSmemBytes), 4,
-              kThreads, 0};
+Choice ChooseFast(int group, int64_t items) {
+  const int warps = WarpsFor(items);
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && D == 128) {  // benchmark-only mode
+    if (group <= 4 && Tuning().load_only) {
+      const int st = StagesFor<T, D, 4>(items);
+      return {&AttentionWarpKernel<T, D, 4, kWarpLoadOnly>, WarpCfg<T, D, 4>::SmemBytes(warps, st),
+              4, warps * 32, st};
     }
-    return {&AttentionFastKernel<T, D, 8>, static_cast<size_t>(FastCfg<T, D, 8>::kSmemBytes), 8,
-            kThreads, 0};
   }
-  const int warps = WarpsPerBlock();
   if (group <= 4) {
-    const int st = StagesFor<T, D, 4>();
+    const int st = StagesFor<T, D, 4>(items);
     return {&AttentionWarpKernel<T, D, 4>, WarpCfg<T, D, 4>::SmemBytes(warps, st), 4, warps * 32,
             st};
   }
-  const int st = StagesFor<T, D, 8>();
+  const int st = StagesFor<T, D, 8>(items);
   return {&AttentionWarpKernel<T, D, 8>, WarpCfg<T, D, 8>::SmemBytes(warps, st), 8, warps * 32, st};
 }
 
 template <typename T>
-Choice ChooseForType(int d, int group) {
+Choice ChooseForType(int d, int group, int64_t items) {
   if (d == 64) {
-    return ChooseFast<T, 64>(group);
+    return ChooseFast<T, 64>(group, items);
   }
   if (d == 128) {
-    return ChooseFast<T, 128>(group);
+    return ChooseFast<T, 128>(group, items);
   }
   return {&AttentionGenericKernel<T>, GenericSmemBytes(d), kMaxG, kThreads, 0};
 }
 
-Choice ChooseKernel(DType t, int d, int group) {
+// items: query tokens x KV heads of the call.
+Choice ChooseKernel(DType t, int d, int group, int64_t items) {
   switch (t) {
     case DType::kF32:
-      return ChooseForType<float>(d, group);
+      return ChooseForType<float>(d, group, items);
     case DType::kF16:
-      return ChooseForType<__half>(d, group);
+      return ChooseForType<__half>(d, group, items);
     case DType::kBF16:
-      return ChooseForType<__nv_bfloat16>(d, group);
+      return ChooseForType<__nv_bfloat16>(d, group, items);
   }
   return {nullptr, 0, kMaxG, kThreads, 0};
 }
@@ -1148,7 +953,8 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
     return 0;
   }
   const int64_t group = p.num_q_heads / p.num_kv_heads;
-  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), static_cast<int>(group));
+  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), static_cast<int>(group),
+                                 p.num_q_tokens * p.num_kv_heads);
   int per_sm = 1;
   if (PrepareKernel(ch) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(ch.fn),
@@ -1211,9 +1017,11 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.num_q_heads = static_cast<int>(p.num_q_heads);
   a.num_kv_heads = static_cast<int>(p.num_kv_heads);
   a.group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
-  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), a.group);
+  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), a.group,
+                                 p.num_q_tokens * p.num_kv_heads);
   a.sub_size = ch.sub_size;
   a.stages = ch.stages;
+  a.prefetch_steps = PrefetchSteps();
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk =

@@ -52,13 +52,17 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
 // sizes attention (the split and workspace must be computed under the same knobs as the
 // launch). Zero / false keeps the default.
 struct PagedAttentionCudaTuning {
-  int warps_per_block = 0;       // head dims 64 / 128: warps per thread block, 1..8 (default 4)
+  int warps_per_block = 0;       // head dims 64 / 128: warps per thread block, 1..8 (default 4,
+                                 // or 8 for <= 16 query tokens x KV heads)
   int stages = 0;                // head dims 64 / 128: cp.async ring depth per warp, 2..4
-                                 // (default 4, or 3 where a step exceeds 4 KiB)
+                                 // (default 4, or 3 where a step exceeds 4 KiB or with 8
+                                 // default warps)
+  int prefetch_steps = 0;        // tokens_per_block a multiple of 8: L2 bulk-prefetch distance
+                                 // in steps beyond the ring (default none; < 0: none)
   int64_t min_chunk_tokens = 0;  // shortest split-KV chunk PagedAttentionCudaSplitTokens picks
                                  // (default 128)
-  bool legacy_kernel = false;    // head dims 64 / 128: the previous kernel (128 threads sharing
-                                 // one cp.async pipeline, block-wide softmax), for comparison
+  bool load_only = false;        // bf16, head dim 128, groups <= 4: only the K/V copies, no
+                                 // math (the output is meaningless): the kernel's memory ceiling
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

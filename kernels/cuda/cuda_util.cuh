@@ -92,6 +92,14 @@ __device__ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
                : "memory");
 }
 
+// Asks the L2 to fetch [gmem, gmem + bytes) (sm_90 bulk prefetch; a hint, nothing waits).
+// REQUIRES: gmem 16-byte aligned, bytes a multiple of 16.
+__device__ inline void BulkPrefetchL2(const void* gmem, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(gmem), "r"(bytes) : "memory");
+#endif
+}
+
 __device__ inline void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Waits until at most N of this thread's committed groups are still in flight.

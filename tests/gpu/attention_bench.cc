@@ -38,17 +38,21 @@ using kernels::PagedAttentionParams;
 using kernels::cuda::PagedAttentionCudaTuning;
 
 // Kernel settings timed side by side; the first is the default and the reported "ours".
+// sequential: the same kernel with every sequence's blocks in pool order (not shuffled), to
+// show what the paged layout costs; diagnostic: output not checked (load_only).
 struct Variant {
   const char* name;
   PagedAttentionCudaTuning tuning;
+  bool sequential = false;
+  bool diagnostic = false;
 };
 const Variant kVariants[] = {
     {"ours", {}},
+    {"pf2", {.prefetch_steps = 2}},
     {"w4s3", {.warps_per_block = 4, .stages = 3}},
-    {"w2s4", {.warps_per_block = 2, .stages = 4}},
+    {"w4s4", {.warps_per_block = 4, .stages = 4}},
     {"w8s3", {.warps_per_block = 8, .stages = 3}},
-    {"c64", {.min_chunk_tokens = 64}},
-    {"legacy", {.legacy_kernel = true}},
+    {"loadonly", {.load_only = true}, false, true},
 };
 
 constexpr int64_t kQHeads = 32, kKvHeads = 8, kDim = 128, kTpb = 32;
@@ -138,9 +142,12 @@ int Main(int argc, char** argv) {
     std::printf("variants (ms; maxdiff = largest |out - ours out| over them):");
     for (size_t v = 1; v < num_variants; ++v) {
       const PagedAttentionCudaTuning& t = kVariants[v].tuning;
-      std::printf(" %s = {warps %d, stages %d, min chunk %lld%s}", kVariants[v].name,
-                  t.warps_per_block, t.stages, static_cast<long long>(t.min_chunk_tokens),
-                  t.legacy_kernel ? ", previous kernel" : "");
+      std::printf(" %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s}%s",
+                  kVariants[v].name, t.warps_per_block, t.stages, t.prefetch_steps,
+                  static_cast<long long>(t.min_chunk_tokens),
+                  kVariants[v].sequential ? ", blocks in pool order" : "",
+                  t.load_only ? ", copies only (no math; output not checked)" : "",
+                  v + 1 < num_variants ? ";" : "");
     }
     std::printf(" (0 = default)\n");
   }
@@ -213,8 +220,10 @@ int Main(int argc, char** argv) {
       for (float& x : q) {
         x = dist(rng);
       }
-      DeviceBuffer<int32_t> d_tables(tables), d_firsts(firsts), d_seq(q_seq), d_pos(q_pos),
-          d_lens(lens);
+      std::vector<int32_t> seq_tables(tables.size());
+      std::iota(seq_tables.begin(), seq_tables.end(), 0);
+      DeviceBuffer<int32_t> d_tables(tables), d_seq_tables(seq_tables), d_firsts(firsts),
+          d_seq(q_seq), d_pos(q_pos), d_lens(lens);
       DeviceBuffer<float> d_q(q), d_out(batch * kQHeads * kDim), d_lse(batch * kQHeads);
       const KvPoolView kv{pool.get(), DType::kBF16, 1, kKvHeads, kTpb, kDim};
       const PagedAttentionParams base{.q = d_q.get(),
@@ -261,7 +270,9 @@ int Main(int argc, char** argv) {
       double max_diff = 0.0;
       for (size_t v = 0; v < num_variants; ++v) {
         kernels::cuda::SetPagedAttentionCudaTuningForTesting(kVariants[v].tuning);
+        const int32_t* var_tables = kVariants[v].sequential ? d_seq_tables.get() : d_tables.get();
         PagedAttentionParams p = base;
+        p.block_tables = var_tables;
         p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
         if (v == 0) {
           splits = p.kv_split_tokens > 0 ? (tokens + p.kv_split_tokens - 1) / p.kv_split_tokens : 1;
@@ -274,7 +285,7 @@ int Main(int argc, char** argv) {
                                  cudaMemcpyDeviceToHost));
         if (v == 0) {
           ref_out = got_out;
-        } else {
+        } else if (!kVariants[v].diagnostic && !kVariants[v].sequential) {
           for (size_t k = 0; k < got_out.size(); ++k) {
             const double d = std::fabs(static_cast<double>(got_out[k]) - ref_out[k]);
             max_diff = std::isnan(d) ? INFINITY : std::max(max_diff, d);
@@ -282,7 +293,7 @@ int Main(int argc, char** argv) {
         }
         cudaGraphExec_t attn = Capture(stream, iters, [&](int i) {
           PagedAttentionParams pi = p;
-          pi.block_tables = d_tables.get() + (i % reps) * batch * blocks_per_seq;
+          pi.block_tables = var_tables + (i % reps) * batch * blocks_per_seq;
           HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(pi, ws.get(), stream));
         });
         ms[v] = TimeGraph(attn, iters, runs, stream);

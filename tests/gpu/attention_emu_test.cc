@@ -145,22 +145,23 @@ TEST(AttentionEmuTest, OddBlockSizesSubGroupsAndPrefill) {
   RunCase({DType::kBF16, 8, 16, 4, 0, {9, 3}, true}, 104);     // generic path, prefill
 }
 
-// The warp-pipelined kernel with 1 and 8 warps per thread block (some warps get no rows) and
-// ring depths 2 and 3, and the previous kernel that the benchmark compares against.
+// The warp-pipelined kernel with 1, 4 and 8 warps per thread block (some warps get no rows)
+// and ring depths 2 to 4, and with the L2 bulk prefetch on.
 TEST(AttentionEmuTest, WarpCountsAndLegacyKernel) {
   struct Restore {
     ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
   } restore;
-  for (int warps : {1, 8}) {
-    cuda::SetPagedAttentionCudaTuningForTesting(
-        {.warps_per_block = warps, .stages = warps == 1 ? 2 : 3});
+  for (int warps : {1, 4, 8}) {
+    cuda::SetPagedAttentionCudaTuningForTesting({.warps_per_block = warps,
+                                                 .stages = warps == 1   ? 2
+                                                           : warps == 4 ? 4
+                                                                        : 3});
     RunCase({DType::kBF16, 4, 128, 16, 0, {1, 37, 0, 130}}, 200 + warps);
     RunCase({DType::kF16, 8, 64, 5, 64, {3, 71}}, 210 + warps);
     RunCase({DType::kF32, 3, 128, 16, 0, {45}, true}, 220 + warps);
   }
-  cuda::SetPagedAttentionCudaTuningForTesting({.legacy_kernel = true});
-  RunCase({DType::kBF16, 4, 128, 16, 64, {1, 37, 0, 130}}, 230);
-  RunCase({DType::kF32, 8, 64, 16, 0, {20}, true}, 231);
+  cuda::SetPagedAttentionCudaTuningForTesting({.prefetch_steps = 3});
+  RunCase({DType::kBF16, 4, 128, 16, 64, {1, 37, 0, 130}}, 225);
 }
 
 }  // namespace

@@ -157,6 +157,7 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
     std::memset(smem, 0, 16);
   }
 }
+inline void BulkPrefetchL2(const void*, unsigned) {}
 inline void CpAsyncCommit() {}
 template <int N>
 inline void CpAsyncWait() {}
