@@ -354,8 +354,13 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   }
   {
     GenerateRequest r = Greedy("x", 5);
-    r.mutable_kv_handle()->set_server_id("ctx-0");
-    bad.push_back({r, grpc::StatusCode::UNIMPLEMENTED, "kv_handle"});
+    r.mutable_kv_handle()->set_server_id("ctx-0");  // an incomplete handle
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "kv_handle.rkeys"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
+    r.set_first_token(7);
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "first_token"});
   }
   for (const Bad& b : bad) {
     const StreamResult r = d.Run(b.req);

@@ -326,7 +326,9 @@ class RouterFaultTest(unittest.TestCase):
     def test_killed_generation_server_fails_its_stream_and_comes_back(self):
         ctx_port, gen_port, port = free_port(), free_port(), free_port()
         self.start("ctx", server_cfg(ctx_port, True), ctx_port)
-        gen = self.start("gen", server_cfg(gen_port, False), gen_port)
+        # Two ranks: slow enough per step that 400 tokens are still being generated when the
+        # instance dies.
+        gen = self.start("gen", server_cfg(gen_port, False, cp=2), gen_port)
         self.start("router", router_cfg(port, [ctx_port], [gen_port]), port)
         self.assertTrue(wait_ready(port))
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
@@ -346,7 +348,7 @@ class RouterFaultTest(unittest.TestCase):
         self.assertTrue(wait_ready(port, want=False))
         status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a"}, key=None)
         self.assertEqual(status, 503)
-        self.start("gen", server_cfg(gen_port, False), gen_port)  # back on the same port
+        self.start("gen", server_cfg(gen_port, False, cp=2), gen_port)  # back on the same port
         self.assertTrue(wait_ready(port, timeout=30))
         status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
                                                       "max_tokens": 3}, key=None)
