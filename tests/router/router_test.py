@@ -40,9 +40,18 @@ NAME = "stories260K"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), so that no socket another process
+    opens (Gloo and UCX listen on ephemeral ports) takes it while a server restarts on it."""
+    import random
+    for _ in range(1000):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
 
 
 def port_open(port):
