@@ -21,10 +21,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-std::string Shared() {
-  const char* s = std::getenv("HELIX_SHARED_DIR");
-  return s == nullptr ? "" : s;
-}
+std::string Shared() { return testing::SharedDir(); }
 
 EngineOptions Stories(int tp, int cp, int64_t tpb) {
   EngineOptions o;

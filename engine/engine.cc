@@ -794,6 +794,7 @@ bool Engine::ReleaseRetained(const std::string& request_id) {
 }
 
 void Engine::ExpireLeases() {
+  if (!options_.export_kv) return;  // only a context engine retains KV
   std::vector<std::string> released;
   {
     std::lock_guard<std::mutex> lock(inbox_mu_);

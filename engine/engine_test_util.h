@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <utility>
@@ -12,6 +13,12 @@
 #include "engine/engine.h"
 
 namespace helix::testing {
+
+// The shared/ folder with the real test models (HELIX_SHARED_DIR; "" when unset).
+inline std::string SharedDir() {
+  const char* s = std::getenv("HELIX_SHARED_DIR");
+  return s == nullptr ? "" : s;
+}
 
 struct RunResult {
   std::vector<int32_t> tokens;

@@ -25,10 +25,7 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-std::string Shared() {
-  const char* s = std::getenv("HELIX_SHARED_DIR");
-  return s == nullptr ? "" : s;
-}
+std::string Shared() { return testing::SharedDir(); }
 
 EngineOptions StoriesOptions(int tp, int cp, int64_t tpb) {
   EngineOptions o;

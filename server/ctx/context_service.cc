@@ -3,6 +3,7 @@
 #include "engine/common/log.h"
 #include "helix/version.h"
 #include "server/common/kv_proto.h"
+#include "server/common/serve_setup.h"
 #include "server/gen/generation_service.h"
 
 namespace helix::server {
@@ -59,15 +60,7 @@ void ContextService::Stop(std::chrono::milliseconds drain) {
 }
 
 grpc::Status ContextService::CheckAuth(const grpc::CallbackServerContext* ctx) const {
-  if (options_.api_key.empty()) return grpc::Status::OK;
-  const auto& md = ctx->client_metadata();
-  const auto it = md.find("authorization");
-  if (it != md.end() &&
-      std::string(it->second.data(), it->second.size()) == "Bearer " + options_.api_key) {
-    return grpc::Status::OK;
-  }
-  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                      "missing or wrong \"authorization: Bearer <api key>\" metadata");
+  return CheckBearer(ctx->client_metadata(), options_.api_key);
 }
 
 grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* ctx,

@@ -5,7 +5,6 @@
 
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <string>
 
@@ -19,6 +18,7 @@
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
+#include "server/common/serve_setup.h"
 #include "server/ctx/context_service.h"
 
 namespace {
@@ -53,18 +53,7 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   sigaddset(&sigs, SIGINT);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
-  helix::EngineOptions o;
-  o.model_path = cfg->model;
-  o.tokenizer_path = cfg->tokenizer.value_or("");
-  o.num_threads = cfg->num_threads;
-  o.tokens_per_block = cfg->kv_cache_config.tokens_per_block;
-  o.kv_dtype = helix::kernels::DTypeFromName(cfg->kv_cache_config.dtype)
-                   .value_or(helix::kernels::DType::kF32);
-  o.kv_max_tokens = cfg->kv_cache_config.max_tokens;
-  o.kv_free_memory_fraction = cfg->kv_cache_config.free_memory_fraction;
-  o.max_batch_size = cfg->max_batch_size;
-  o.max_num_tokens = cfg->max_num_tokens;
-  o.max_seq_len = cfg->max_seq_len;
+  helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
   o.export_kv = true;
   o.kv_lease = std::chrono::milliseconds(cfg->kv_lease_ms);
   char host[256] = {0};
@@ -74,17 +63,7 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
                                    std::chrono::system_clock::now().time_since_epoch())
                                    .count());
 
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (cfg->server.tls_cert_file) {
-    const auto read = [](const std::string& path) {
-      std::ifstream in(path, std::ios::binary);
-      return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    };
-    grpc::SslServerCredentialsOptions ssl;
-    ssl.pem_key_cert_pairs.push_back(
-        {read(*cfg->server.tls_key_file), read(*cfg->server.tls_cert_file)});
-    creds = grpc::SslServerCredentials(ssl);
-  }
+  std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);
   auto engine = helix::Engine::Create(o);
   if (!engine.ok()) {
     std::cerr << "helix-ctx serve: " << engine.status().ToString() << "\n";

@@ -1,5 +1,7 @@
 #include "server/gen/generation_service.h"
 
+#include "server/common/serve_setup.h"
+
 #include <cmath>
 #include <deque>
 
@@ -338,15 +340,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
 }
 
 grpc::Status GenerationService::CheckAuth(const grpc::CallbackServerContext* ctx) const {
-  if (options_.api_key.empty()) return grpc::Status::OK;
-  const auto& md = ctx->client_metadata();
-  const auto it = md.find("authorization");
-  if (it != md.end() &&
-      std::string(it->second.data(), it->second.size()) == "Bearer " + options_.api_key) {
-    return grpc::Status::OK;
-  }
-  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                      "missing or wrong \"authorization: Bearer <api key>\" metadata");
+  return CheckBearer(ctx->client_metadata(), options_.api_key);
 }
 
 grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext* ctx,

@@ -25,6 +25,7 @@
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
+#include "server/common/serve_setup.h"
 #include "server/gen/generation_service.h"
 
 namespace {
@@ -214,22 +215,7 @@ int RunServe(const ServeFlags& f) {
               << "\" is not part of this build yet; use \"cpu\"\n";
     return kExitUsage;
   }
-  helix::EngineOptions o;
-  o.model_path = cfg->model;
-  o.tokenizer_path = cfg->tokenizer.value_or("");
-  o.num_threads = cfg->num_threads;
-  o.tokens_per_block = cfg->kv_cache_config.tokens_per_block;
-  o.kv_dtype = helix::kernels::DTypeFromName(cfg->kv_cache_config.dtype)
-                   .value_or(helix::kernels::DType::kF32);
-  o.kv_max_tokens = cfg->kv_cache_config.max_tokens;
-  o.kv_free_memory_fraction = cfg->kv_cache_config.free_memory_fraction;
-  o.max_batch_size = cfg->max_batch_size;
-  o.max_num_tokens = cfg->max_num_tokens;
-  o.max_seq_len = cfg->max_seq_len;
-  o.tensor_parallel = static_cast<int>(cfg->tensor_parallel_size);
-  o.context_parallel = static_cast<int>(cfg->context_parallel_size);
-  o.kv_transfer_timeout =
-      std::chrono::milliseconds(cfg->cache_transceiver_config.kv_transfer_timeout_ms);
+  helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT with sigwait below; other ranks keep the default action
   // (and die with, or are stopped by, their leader).
@@ -245,17 +231,7 @@ int RunServe(const ServeFlags& f) {
   so.kv_dtype = cfg->kv_cache_config.dtype;
   so.max_in_flight = 4 * cfg->max_batch_size;
   so.api_key = cfg->server.api_key.value_or("");
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (cfg->server.tls_cert_file) {
-    const auto read = [](const std::string& path) {
-      std::ifstream in(path, std::ios::binary);
-      return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    };
-    grpc::SslServerCredentialsOptions ssl;
-    ssl.pem_key_cert_pairs.push_back(
-        {read(*cfg->server.tls_key_file), read(*cfg->server.tls_cert_file)});
-    creds = grpc::SslServerCredentials(ssl);
-  }
+  std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);
   auto service = std::make_unique<helix::server::GenerationService>(std::move(inst.engine), so);
 
   grpc::EnableDefaultHealthCheckService(true);

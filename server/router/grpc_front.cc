@@ -1,16 +1,11 @@
 #include "server/router/grpc_front.h"
 
+#include "server/common/serve_setup.h"
+
 namespace helix::router {
 
 grpc::Status RouterGrpcService::CheckAuth(const grpc::ServerContext* ctx) const {
-  if (api_key_.empty()) return grpc::Status::OK;
-  const auto& md = ctx->client_metadata();
-  const auto it = md.find("authorization");
-  if (it != md.end() && std::string(it->second.data(), it->second.size()) == "Bearer " + api_key_) {
-    return grpc::Status::OK;
-  }
-  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                      "missing or wrong \"authorization: Bearer <api key>\" metadata");
+  return server::CheckBearer(ctx->client_metadata(), api_key_);
 }
 
 grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
