@@ -21,6 +21,10 @@ std::string NewId(const char* prefix) {
   return std::string(prefix) + buf;
 }
 
+// A token's bytes may be part of a UTF-8 character (logprobs show single tokens): serialise
+// with U+FFFD for ill-formed bytes instead of throwing.
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 int64_t Now() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -81,7 +85,7 @@ json CompletionLogprobs(const Tokenizer& tok, const std::vector<RouteEvent>& evs
   size_t off = text_start;
   for (const RouteEvent& ev : evs) {
     const std::string t = TokenText(tok, ev.token);
-    tokens.push_back(json(t).dump() == "null" ? "" : t);
+    tokens.push_back(t);
     lps.push_back(ev.logprob);
     json top = json::object();
     for (const auto& [id, lp] : ev.top_logprobs) top[TokenText(tok, id)] = lp;
@@ -351,7 +355,7 @@ StatusOr<int> OpenAiHttp::Start() {
   s.set_write_timeout(std::chrono::seconds(30));
   auto send_error = [this](httplib::Response& res, const HttpError& e, const std::string& route) {
     res.status = e.status;
-    res.set_content(ErrorJson(e).dump(), "application/json");
+    res.set_content(Dump(ErrorJson(e)), "application/json");
     Count(route, e.status);
   };
   s.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -365,7 +369,7 @@ StatusOr<int> OpenAiHttp::Start() {
     } else {
       e.message = "HTTP " + std::to_string(res.status);
     }
-    res.set_content(ErrorJson(e).dump(), "application/json");
+    res.set_content(Dump(ErrorJson(e)), "application/json");
     Count(req.path, res.status);
   });
   auto authorized = [this](const httplib::Request& req) {
@@ -403,7 +407,7 @@ StatusOr<int> OpenAiHttp::Start() {
                                            {"object", "model"},
                                            {"created", Now()},
                                            {"owned_by", "helix"}}})}};
-          res.set_content(m.dump(), "application/json");
+          res.set_content(Dump(m), "application/json");
           Count("/v1/models", 200);
         });
 
@@ -471,7 +475,7 @@ StatusOr<int> OpenAiHttp::Start() {
                     {"model", model},
                     {"choices", json::array({choice})},
                     {"usage", usage}};
-        res.set_content(out.dump(), "application/json");
+        res.set_content(Dump(out), "application/json");
         Count(route, 200);
         return;
       }
@@ -484,7 +488,7 @@ StatusOr<int> OpenAiHttp::Start() {
                                                                 size_t, httplib::DataSink& sink) {
         const Tokenizer& tok = router_->tokenizer();
         auto send = [&](const json& j) {
-          const std::string s = "data: " + j.dump() + "\n\n";
+          const std::string s = "data: " + Dump(j) + "\n\n";
           return sink.is_writable() && sink.write(s.data(), s.size());
         };
         auto chunk = [&](json delta_or_text, json finish, json logprobs) {
