@@ -14,14 +14,17 @@ namespace helix::kernels {
 
 // Non-owning view of one rank's KV pool. A block holds tokens_per_block tokens for all layers
 // and this rank's KV heads; within a block the element order is
-// [layer][k=0 / v=1][kv_head][token][head_dim], so one head's tokens in a block are contiguous.
+// [layer][plane: k=0 / v=1][kv_head][token][head_dim], so one head's tokens in a block are
+// contiguous. GQA pools have two planes (K and V); an MLA pool has one (the latent c_kv followed
+// by the rotary k_pe, one "head" of kv_lora_rank + qk_rope_head_dim; see mla_attention.h).
 struct KvPoolView {
   void* base;  // the pool: [num_blocks][block_elems()] elements of dtype
   DType dtype;
   int64_t num_layers, num_kv_heads, tokens_per_block, head_dim;
+  int64_t num_planes = 2;  // 2: K and V; 1: MLA latent
 
   int64_t block_elems() const {
-    return num_layers * 2 * num_kv_heads * tokens_per_block * head_dim;
+    return num_layers * num_planes * num_kv_heads * tokens_per_block * head_dim;
   }
 };
 
@@ -30,12 +33,13 @@ struct KvPoolView {
 inline int64_t KvOffset(const KvPoolView& view, int64_t block, int64_t layer, int c, int64_t head,
                         int64_t token) {
   return block * view.block_elems() +
-         (((layer * 2 + c) * view.num_kv_heads + head) * view.tokens_per_block + token) *
+         (((layer * view.num_planes + c) * view.num_kv_heads + head) * view.tokens_per_block +
+          token) *
              view.head_dim;
 }
 
 // Stores one token's K and V for all of the view's KV heads, converted (round to nearest
-// even) to the pool dtype.
+// even) to the pool dtype. A one-plane (MLA) view stores k only; v is ignored (may be nullptr).
 void WriteKv(const KvPoolView& view, int64_t block, int64_t layer, int64_t token_in_block,
              const float* k,   // [num_kv_heads][head_dim]
              const float* v);  // [num_kv_heads][head_dim]

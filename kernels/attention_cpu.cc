@@ -380,7 +380,7 @@ void ConvertRow(const float* src, int64_t n, Dst* dst, Dst (*convert)(float)) {
 
 void WriteKv(const KvPoolView& view, int64_t block, int64_t layer, int64_t token_in_block,
              const float* k, const float* v) {
-  for (int c = 0; c < 2; ++c) {
+  for (int c = 0; c < view.num_planes; ++c) {
     const float* src = c == 0 ? k : v;
     for (int64_t h = 0; h < view.num_kv_heads; ++h) {
       const int64_t off = KvOffset(view, block, layer, c, h, token_in_block);

@@ -21,10 +21,14 @@ struct RopeParams {
   int64_t rotary_dim;  // <= head_dim, even; the first rotary_dim dims rotate, the rest pass
   float theta;         // base, e.g. 10000
   RopeStyle style;
+  // Optional: rotary_dim/2 inverse frequencies replacing theta^(-2i/rotary_dim) (yarn), and a
+  // factor applied to cos and sin (yarn's mscale).
+  const double* inv_freq = nullptr;
+  float mscale = 1.0f;
 };
 
-// Pair i (0 <= i < rotary_dim/2) rotates by pos * theta^(-2i/rotary_dim); the angle and its
-// sine/cosine are computed in double, so positions up to millions stay accurate.
+// Pair i (0 <= i < rotary_dim/2) rotates by pos * theta^(-2i/rotary_dim) (or inv_freq[i]); the
+// angle and its sine/cosine are computed in double, so positions up to millions stay accurate.
 // pool may be nullptr.
 void RopeCpu(const RopeParams& p, ThreadPool* pool);
 

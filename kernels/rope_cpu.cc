@@ -27,11 +27,13 @@ void RopeCpu(const RopeParams& p, ThreadPool* pool) {
         const int64_t cnt = std::min(kPairChunk, half - i0);
         for (int64_t j = 0; j < cnt; ++j) {
           const double inv_freq =
-              std::pow(static_cast<double>(p.theta),
-                       -2.0 * static_cast<double>(i0 + j) / static_cast<double>(p.rotary_dim));
+              p.inv_freq != nullptr
+                  ? p.inv_freq[i0 + j]
+                  : std::pow(static_cast<double>(p.theta), -2.0 * static_cast<double>(i0 + j) /
+                                                               static_cast<double>(p.rotary_dim));
           const double angle = pos * inv_freq;
-          cos_v[j] = static_cast<float>(std::cos(angle));
-          sin_v[j] = static_cast<float>(std::sin(angle));
+          cos_v[j] = static_cast<float>(std::cos(angle) * p.mscale);
+          sin_v[j] = static_cast<float>(std::sin(angle) * p.mscale);
         }
         for (int64_t h = 0; h < p.heads; ++h) {
           float* xh = xt + h * p.head_dim;

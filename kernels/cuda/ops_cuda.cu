@@ -18,9 +18,11 @@ constexpr int kElemThreads = 256;
 // KvOffset (kernels/attention.h) on the device.
 __device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_t layer, int c,
                                       int64_t head, int64_t token) {
-  const int64_t block_elems = v.num_layers * 2 * v.num_kv_heads * v.tokens_per_block * v.head_dim;
+  const int64_t block_elems =
+      v.num_layers * v.num_planes * v.num_kv_heads * v.tokens_per_block * v.head_dim;
   return block * block_elems +
-         (((layer * 2 + c) * v.num_kv_heads + head) * v.tokens_per_block + token) * v.head_dim;
+         (((layer * v.num_planes + c) * v.num_kv_heads + head) * v.tokens_per_block + token) *
+             v.head_dim;
 }
 
 unsigned GridFor(int64_t n, int threads) {
@@ -213,7 +215,7 @@ __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
             FromFloat<T>(p.k[(t * hkv + h) * d + e]);
       }
     }
-    if (block >= 0) {
+    if (block >= 0 && p.kv.num_planes == 2) {  // a one-plane (MLA) pool has no V
       for (int64_t h = 0; h < hkv; ++h) {
         base[DevKvOffset(p.kv, block, p.layer, 1, h, slot) + e] =
             FromFloat<T>(p.v[(t * hkv + h) * d + e]);
@@ -511,6 +513,8 @@ cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
 }
 
 cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
+  // Explicit frequency tables and mscale (yarn, DeepSeek) are CPU-only so far: refuse them.
+  if (p.inv_freq != nullptr || p.mscale != 1.0f) return cudaErrorNotSupported;
   if (p.tokens <= 0 || p.heads <= 0 || p.rotary_dim < 2) {
     return cudaSuccess;
   }

@@ -20,9 +20,11 @@
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/cuda/dequant_cuda.h"
 #include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/mla_attention_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/gemm.h"
 #include "kernels/merge.h"
+#include "kernels/mla_attention.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "kernels/silu_mul.h"
@@ -956,6 +958,127 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
         const std::vector<float> got_f(got_v.begin(), got_v.end());
         ExpectAllNear(PoolValues(pool.view, pool.host.data(), pool.blocks), got_f.data(),
                       dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol, what + " pool");
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLA attention (DeepSeek absorbed form, one-plane pool)
+
+// DeepSeek rows (latent 512 + rope 64) in every pool dtype; 16 heads and 40 (head groups of 16,
+// the last partial); decode lengths 1, a partial block, 0 (a rank holding nothing) and longer
+// ones; split-KV off, forced and automatic, which must split a 16K-token single-sequence
+// decode. Pool slots no query may read hold NaN.
+TEST_F(CudaOpsTest, MlaAttentionDeepSeekShapes) {
+  SKIP_IF_EMULATED("too slow; see mla_attention_emu_test");
+  std::mt19937 rng(41);
+  const int64_t tpb = 64, latent = 512, rope = 64, dk = latent + rope;
+  struct Shape {
+    DType dt;
+    int64_t heads;
+    std::vector<int32_t> lens;
+  };
+  for (const Shape& sh :
+       {Shape{DType::kBF16, 16, {1, 63, 0, 1000}}, Shape{DType::kF16, 40, {65, 300}},
+        Shape{DType::kF32, 16, {129, 7}}, Shape{DType::kBF16, 16, {16384 - 5}}}) {
+    int64_t blocks = 2;
+    for (int32_t len : sh.lens) {
+      blocks += (len + tpb - 1) / tpb;
+    }
+    KvPoolView view{.base = nullptr,
+                    .dtype = sh.dt,
+                    .num_layers = 1,
+                    .num_kv_heads = 1,
+                    .tokens_per_block = tpb,
+                    .head_dim = dk,
+                    .num_planes = 1};
+    std::vector<unsigned char> host(blocks * view.block_elems() * DTypeSize(sh.dt));
+    view.base = host.data();
+    const auto set = [&](int64_t i, float f) {
+      if (sh.dt == DType::kF32) {
+        static_cast<float*>(view.base)[i] = f;
+      } else {
+        static_cast<uint16_t*>(view.base)[i] = ToStorage(sh.dt, f);
+      }
+    };
+    for (int64_t i = 0; i < blocks * view.block_elems(); ++i) {
+      set(i, std::nanf(""));
+    }
+    Problem pr = DecodeBatch(sh.lens, tpb, blocks, rng);
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (size_t s = 0; s < pr.tables.size(); ++s) {
+      for (int64_t t = 0; t < pr.kv_lens[s]; ++t) {
+        for (int64_t e = 0; e < dk; ++e) {
+          set(KvOffset(view, pr.tables[s][t / tpb], 0, 0, 0, t % tpb) + e, dist(rng));
+        }
+      }
+    }
+    pr.q = RandomVector(rng, pr.tokens() * sh.heads * dk);
+    const std::vector<int32_t> tables = pr.Flat(pr.tables), firsts = pr.Flat(pr.firsts);
+    MlaAttentionParams p{.q = pr.q.data(),
+                         .q_seq = pr.q_seq.data(),
+                         .q_pos = pr.q_pos.data(),
+                         .kv = view,
+                         .layer = 0,
+                         .block_tables = tables.data(),
+                         .block_first_pos = firsts.data(),
+                         .kv_lens = pr.kv_lens.data(),
+                         .max_blocks_per_seq = pr.max_blocks,
+                         .num_seqs = static_cast<int64_t>(pr.tables.size()),
+                         .num_q_tokens = pr.tokens(),
+                         .num_heads = sh.heads,
+                         .latent_dim = latent,
+                         .rope_dim = rope,
+                         .scale = 0.1352f,
+                         .out = nullptr,
+                         .lse = nullptr,
+                         .kv_split_tokens = 0};
+    AttnResult want;
+    want.out.assign(pr.tokens() * sh.heads * latent, -777.0f);
+    want.lse.assign(pr.tokens() * sh.heads, -777.0f);
+    p.out = want.out.data();
+    p.lse = want.lse.data();
+    ThreadPool threads(2);
+    MlaAttentionCpu(p, nullptr, &threads);
+
+    DeviceBuffer<unsigned char> d_pool(host);
+    DeviceBuffer<int32_t> d_q_seq(pr.q_seq), d_q_pos(pr.q_pos), d_tables(tables), d_firsts(firsts),
+        d_lens(pr.kv_lens);
+    DeviceBuffer<float> d_q(pr.q);
+    p.kv.base = d_pool.get();
+    p.q = d_q.get();
+    p.q_seq = d_q_seq.get();
+    p.q_pos = d_q_pos.get();
+    p.block_tables = d_tables.get();
+    p.block_first_pos = d_firsts.get();
+    p.kv_lens = d_lens.get();
+    const int64_t auto_split = cuda::MlaAttentionCudaSplitTokens(p);
+    if (sh.lens.size() == 1) {
+      EXPECT_GT(auto_split, 0) << "a 1-sequence long decode should split";
+    }
+    for (int64_t split : {int64_t{0}, 2 * tpb, auto_split}) {
+      DeviceBuffer<float> d_out(std::vector<float>(want.out.size(), -777.0f));
+      DeviceBuffer<float> d_lse(std::vector<float>(want.lse.size(), -777.0f));
+      p.out = d_out.get();
+      p.lse = d_lse.get();
+      p.kv_split_tokens = split;
+      DeviceBuffer<unsigned char> ws(cuda::MlaAttentionCudaWorkspaceBytes(p));
+      const gpu_testing::Stream stream;
+      ASSERT_EQ(cuda::MlaAttentionCuda(p, ws.get(), stream.get()), cudaSuccess);
+      stream.Sync();
+      const AttnResult got{d_out.Download(), d_lse.Download()};
+      const std::string what = std::string("mla ") + DTypeName(sh.dt) +
+                               " heads=" + std::to_string(sh.heads) +
+                               " split=" + std::to_string(split);
+      ExpectSame(want, got, what);
+      if (sh.lens.size() == 4) {  // the empty sequence (index 2)
+        for (int64_t i = 2 * sh.heads; i < 3 * sh.heads; ++i) {
+          EXPECT_EQ(got.lse[i], -kInf) << what;
+          for (int64_t e = 0; e < latent; ++e) {
+            EXPECT_EQ(got.out[i * latent + e], 0.0f) << what;
+          }
+        }
       }
     }
   }

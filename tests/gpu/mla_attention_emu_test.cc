@@ -1,0 +1,166 @@
+// The CUDA MLA kernel of kernels/cuda/mla_attention_cuda.cu compiled as C++ and run by the CPU
+// emulation of tests/gpu/cuda_emu.h (host threads as CUDA threads), against MlaAttentionCpu:
+// checks the kernel's tiling, cp.async ring, reduce-scatter, barriers and split-KV merge on
+// machines without a GPU. Every emulated thread block is 256 host threads, so the problems are
+// small (a few tiles each).
+#define HELIX_CUDA_EMULATION 1
+#include "tests/gpu/cuda_emu.h"
+// clang-format off
+#include "kernels/cuda/mla_attention_cuda.cu"
+// clang-format on
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/mla_attention.h"
+#include "kernels/test_util.h"
+
+namespace helix::kernels {
+namespace {
+
+using testing::ExpectAllNear;
+using testing::RandomVector;
+
+void Store(DType t, void* base, int64_t i, float f) {
+  if (t == DType::kF32) {
+    static_cast<float*>(base)[i] = f;
+  } else {
+    static_cast<uint16_t*>(base)[i] = t == DType::kF16 ? FloatToHalf(f) : FloatToBf16(f);
+  }
+}
+
+struct Case {
+  DType dtype;
+  int64_t heads, latent, rope, tpb, split;
+  std::vector<int32_t> lens;  // one decode query per sequence, unless
+  bool prefill = false;       // queries at every position of sequence 0
+  int64_t cp = 1;             // > 1: the sequences' blocks are those of CP rank 1 of cp
+};
+
+void RunCase(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int64_t dk = c.latent + c.rope, layers = 2, layer = 1;
+  const int64_t seqs = static_cast<int64_t>(c.lens.size());
+  int64_t max_blocks = 1, total_blocks = 2;
+  for (int32_t len : c.lens) {
+    max_blocks = std::max<int64_t>(max_blocks, (len + c.tpb - 1) / c.tpb);
+    total_blocks += (len + c.tpb - 1) / c.tpb;
+  }
+  KvPoolView view{.base = nullptr,
+                  .dtype = c.dtype,
+                  .num_layers = layers,
+                  .num_kv_heads = 1,
+                  .tokens_per_block = c.tpb,
+                  .head_dim = dk,
+                  .num_planes = 1};
+  std::vector<unsigned char> pool(total_blocks * view.block_elems() * DTypeSize(c.dtype));
+  view.base = pool.data();
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (int64_t i = 0; i < total_blocks * view.block_elems(); ++i) {
+    Store(c.dtype, view.base, i, dist(rng));
+  }
+  std::vector<int32_t> ids(total_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  // Local block j holds global block j (cp == 1) or cp j + 1 (rank 1 of cp).
+  std::vector<int32_t> tables(seqs * max_blocks, -1), firsts(seqs * max_blocks, -1);
+  size_t next = 0;
+  for (int64_t s = 0; s < seqs; ++s) {
+    for (int64_t j = 0; j * c.tpb < c.lens[s]; ++j) {
+      tables[s * max_blocks + j] = ids[next++];
+      firsts[s * max_blocks + j] = static_cast<int32_t>((c.cp > 1 ? c.cp * j + 1 : j) * c.tpb);
+    }
+  }
+  std::vector<int32_t> q_seq, q_pos;
+  const int64_t span = c.cp * c.lens[0];  // global positions sequence 0 covers, about
+  if (c.prefill) {
+    for (int64_t i = 0; i<span; i += c.cp> 1 ? 7 : 1) {
+      q_seq.push_back(0);
+      q_pos.push_back(static_cast<int32_t>(i));
+    }
+  } else {
+    for (int64_t s = 0; s < seqs; ++s) {
+      q_seq.push_back(static_cast<int32_t>(s));
+      q_pos.push_back(c.cp > 1 ? static_cast<int32_t>(c.cp * c.lens[s] + c.tpb)
+                               : std::max<int32_t>(0, c.lens[s] - 1));
+    }
+  }
+  const int64_t tokens = static_cast<int64_t>(q_seq.size());
+  const std::vector<float> q = RandomVector(rng, tokens * c.heads * dk, -2.0f, 2.0f);
+  MlaAttentionParams p{.q = q.data(),
+                       .q_seq = q_seq.data(),
+                       .q_pos = q_pos.data(),
+                       .kv = view,
+                       .layer = layer,
+                       .block_tables = tables.data(),
+                       .block_first_pos = firsts.data(),
+                       .kv_lens = c.lens.data(),
+                       .max_blocks_per_seq = max_blocks,
+                       .num_seqs = seqs,
+                       .num_q_tokens = tokens,
+                       .num_heads = c.heads,
+                       .latent_dim = c.latent,
+                       .rope_dim = c.rope,
+                       .scale = 1.0f / std::sqrt(static_cast<float>(dk)),
+                       .out = nullptr,
+                       .lse = nullptr,
+                       .kv_split_tokens = 0};
+  std::vector<float> want_out(tokens * c.heads * c.latent), want_lse(tokens * c.heads);
+  p.out = want_out.data();
+  p.lse = want_lse.data();
+  MlaAttentionCpu(p, nullptr, nullptr);
+
+  std::vector<float> out(want_out.size(), -777.0f), lse(want_lse.size(), -777.0f);
+  p.out = out.data();
+  p.lse = lse.data();
+  p.kv_split_tokens = c.split;
+  std::vector<float> ws(cuda::MlaAttentionCudaWorkspaceBytes(p) / sizeof(float) + 1);
+  ASSERT_EQ(cuda::MlaAttentionCuda(p, ws.data(), nullptr), cudaSuccess);
+  const std::string what = std::string(DTypeName(c.dtype)) + " heads=" + std::to_string(c.heads) +
+                           " latent=" + std::to_string(c.latent) +
+                           " rope=" + std::to_string(c.rope) + " tpb=" + std::to_string(c.tpb) +
+                           " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "") +
+                           " cp=" + std::to_string(c.cp);
+  ExpectAllNear(std::vector<double>(want_out.begin(), want_out.end()), out.data(), 2e-5, 2e-5,
+                what + " out");
+  ExpectAllNear(std::vector<double>(want_lse.begin(), want_lse.end()), lse.data(), 2e-5, 2e-5,
+                what + " lse");
+}
+
+// Small latent 64 + rope 16 (rows padded to 128 in shared memory), 8 heads (half a head
+// group), lengths 1, a partial block, 0 (a rank holding nothing) and several tiles; split-KV
+// off and on; every pool dtype.
+TEST(MlaAttentionEmuTest, DecodeBatchAllDtypes) {
+  uint32_t seed = 1;
+  for (DType dt : {DType::kBF16, DType::kF16, DType::kF32}) {
+    for (int64_t split : {0, 32}) {
+      RunCase({dt, 8, 64, 16, 16, split, {1, 37, 0, 70}}, seed++);
+    }
+  }
+}
+
+// The DeepSeek row (latent 512 + rope 64, 16 heads), split into chunks of 48 tokens (tiles
+// cut across blocks of 16).
+TEST(MlaAttentionEmuTest, DeepSeekShapeSplit) {
+  RunCase({DType::kBF16, 16, 512, 64, 16, 48, {75}}, 10);
+}
+
+// Two head groups (the second partial), rows that are not 16-byte multiples (element copies),
+// a latent dim that is not a multiple of 4, odd block sizes; causal prefill; blocks placed as
+// on Helix CP rank 1 of 3 (queries before, inside and after them).
+TEST(MlaAttentionEmuTest, HeadGroupsOddRowsPrefillAndContextParallel) {
+  RunCase({DType::kBF16, 20, 64, 8, 5, 0, {23, 9}}, 20);
+  RunCase({DType::kF16, 8, 61, 7, 4, 8, {30, 6}}, 21);
+  RunCase({DType::kF32, 4, 64, 16, 16, 0, {21}, true}, 22);
+  RunCase({DType::kBF16, 8, 64, 16, 4, 12, {26}, true, 3}, 23);
+}
+
+}  // namespace
+}  // namespace helix::kernels
