@@ -1,6 +1,7 @@
 // Disaggregated serving inside the engine: a context-server engine (export_kv) prefills and
 // retains the KV, a generation engine (one rank, or a Helix group of forked ranks) pulls it
-// over UCX and decodes; the tokens must equal aggregated decoding.
+// over UCX and decodes; the tokens must equal aggregated decoding. Also for an MLA model
+// (DeepSeek-V3-shaped, latent blocks) into a CP = 2 group.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -195,6 +196,32 @@ TEST_F(DisaggTest, HelixGroupPullsItsBlocksAndHeadSlices) {
     }
     EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0);
   }
+}
+
+// DeepSeek V3 (MLA): the context server's latent blocks scattered over a TP 1 x CP 2 group;
+// each rank pulls the whole latent of the blocks it owns.
+TEST_F(DisaggTest, MlaLatentBlocksIntoCpTwoGroup) {
+  const char* models = std::getenv("HELIX_TEST_MODELS_DIR");
+  ASSERT_NE(models, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";
+  const std::string mla = std::string(models) + "/deepseek_v3_tiny";
+  ASSERT_TRUE(fs::exists(mla + "/config.json")) << mla;
+  EngineOptions o = Stories(1, 2, 4);
+  o.model_path = mla;
+  auto port = parallel::PickFreePort("127.0.0.1");
+  ASSERT_TRUE(port.ok());
+  o.leader_port = *port;
+  const std::vector<pid_t> pids = testing::ForkWorkers(o);
+  {
+    auto gen = Engine::Create(o);
+    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+    EngineOptions c = ContextOptions(4);
+    c.model_path = mla;
+    auto ctx = Engine::Create(c);
+    ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+    EXPECT_EQ((*ctx)->kv_layout().num_planes, 1);
+    ExpectDisaggMatches(ctx->get(), gen->get());
+  }
+  for (int code : testing::Reap(pids, milliseconds(20000))) EXPECT_EQ(code, 0);
 }
 
 TEST_F(DisaggTest, UnpulledKvIsFreedWhenItsLeaseExpires) {

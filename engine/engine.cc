@@ -75,6 +75,19 @@ std::string Fingerprint(const ModelConfig& c, kernels::DType weights, kernels::D
   }
   mix(std::to_string(c.rope_theta));
   mix(std::to_string(c.norm_eps));
+  if (c.mla() || c.n_routed_experts > 0) {
+    for (int64_t v :
+         {c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+          c.n_routed_experts, c.n_shared_experts, c.experts_per_token, c.moe_hidden_dim,
+          c.first_k_dense_replace, c.moe_layer_freq, static_cast<int64_t>(c.topk_method),
+          static_cast<int64_t>(c.scoring), c.n_group, c.topk_group, int64_t{c.norm_topk_prob},
+          int64_t{c.yarn.enabled}}) {
+      mix(std::to_string(v));
+    }
+    mix(std::to_string(c.routed_scaling_factor));
+    mix(std::to_string(c.yarn.factor) + "/" + std::to_string(c.yarn.mscale) + "/" +
+        std::to_string(c.yarn.mscale_all_dim));
+  }
   mix(kernels::DTypeName(weights));
   mix(kernels::DTypeName(kv));
   for (int32_t i = 0; i < tok.vocab_size(); ++i) mix(tok.piece(i));
@@ -141,6 +154,7 @@ Status Engine::Init(const EngineOptions& o) {
   kv.num_kv_heads = dims.kv_heads;
   kv.tokens_per_block = o.tokens_per_block;
   kv.head_dim = cfg.head_dim;
+  kv.num_planes = cfg.kv_planes();
   const int64_t block_bytes =
       kv.block_elems() * static_cast<int64_t>(kernels::DTypeSize(o.kv_dtype));
   int64_t num_blocks = -1;
@@ -166,6 +180,7 @@ Status Engine::Init(const EngineOptions& o) {
   kv_layout_.num_layers = cfg.n_layers;
   kv_layout_.num_kv_heads = dims.kv_heads;
   kv_layout_.head_dim = cfg.head_dim;
+  kv_layout_.num_planes = cfg.kv_planes();
   if (o.export_kv) {
     if (!layout_.single()) {
       return InvalidArgument("a context server (export_kv) runs one rank (TP = CP = 1), not " +
@@ -356,7 +371,7 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
       continue;
     }
     // TP differs between the two sides: this rank's KV-head slice of each (layer, K/V).
-    for (int64_t lc = 0; lc < L.num_layers * 2; ++lc) {
+    for (int64_t lc = 0; lc < L.num_layers * L.num_planes; ++lc) {
       job.segments.push_back({remote + static_cast<uint64_t>((lc * src_heads + h0) * head_bytes),
                               dst + lc * L.num_kv_heads * head_bytes,
                               static_cast<uint64_t>(L.num_kv_heads * head_bytes)});

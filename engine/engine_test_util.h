@@ -3,6 +3,11 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 
 #include <cstdlib>
 #include <functional>
@@ -68,6 +73,47 @@ inline std::vector<RunResult> RunAll(Engine* e, std::vector<GenerateRequest> req
     e->Step();
   }
   return out;
+}
+
+// Forks ranks 1..world-1 of `o`; each runs RunWorker and exits 0 on a clean shutdown.
+inline std::vector<pid_t> ForkWorkers(EngineOptions o) {
+  std::vector<pid_t> pids;
+  const int world = o.tensor_parallel * o.context_parallel;
+  for (int r = 1; r < world; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      o.rank = r;
+      auto e = Engine::Create(o);
+      if (!e.ok()) {
+        fprintf(stderr, "rank %d: %s\n", r, e.status().ToString().c_str());
+        _exit(2);
+      }
+      Status s = (*e)->RunWorker();
+      if (!s.ok()) fprintf(stderr, "rank %d: %s\n", r, s.ToString().c_str());
+      _exit(s.ok() ? 0 : 3);
+    }
+    pids.push_back(pid);
+  }
+  return pids;
+}
+
+// Waits for the workers (up to `grace`, then kills them); returns their exit codes.
+inline std::vector<int> Reap(const std::vector<pid_t>& pids, std::chrono::milliseconds grace) {
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  std::vector<int> codes;
+  for (pid_t pid : pids) {
+    int st = 0;
+    while (waitpid(pid, &st, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        break;
+      }
+      usleep(10000);
+    }
+    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+  }
+  return codes;
 }
 
 }  // namespace helix::testing

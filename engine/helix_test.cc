@@ -41,46 +41,8 @@ EngineOptions StoriesOptions(int tp, int cp, int64_t tpb) {
   return o;
 }
 
-// Forks ranks 1..world-1 of `o`; each runs RunWorker and exits 0 on a clean shutdown.
-std::vector<pid_t> ForkWorkers(EngineOptions o) {
-  std::vector<pid_t> pids;
-  const int world = o.tensor_parallel * o.context_parallel;
-  for (int r = 1; r < world; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      o.rank = r;
-      auto e = Engine::Create(o);
-      if (!e.ok()) {
-        fprintf(stderr, "rank %d: %s\n", r, e.status().ToString().c_str());
-        _exit(2);
-      }
-      Status s = (*e)->RunWorker();
-      if (!s.ok()) fprintf(stderr, "rank %d: %s\n", r, s.ToString().c_str());
-      _exit(s.ok() ? 0 : 3);
-    }
-    pids.push_back(pid);
-  }
-  return pids;
-}
-
-// Waits for the workers (up to `grace`, then kills them); returns their exit codes.
-std::vector<int> Reap(const std::vector<pid_t>& pids, std::chrono::milliseconds grace) {
-  const auto deadline = Clock::now() + grace;
-  std::vector<int> codes;
-  for (pid_t pid : pids) {
-    int st = 0;
-    while (waitpid(pid, &st, WNOHANG) == 0) {
-      if (Clock::now() > deadline) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &st, 0);
-        break;
-      }
-      usleep(10000);
-    }
-    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
-  }
-  return codes;
-}
+using testing::ForkWorkers;
+using testing::Reap;
 
 using Result = testing::RunResult;
 

@@ -9,6 +9,7 @@
 #include "kernels/attention.h"
 #include "kernels/gemm.h"
 #include "kernels/merge.h"
+#include "kernels/mla_attention.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "kernels/silu_mul.h"
@@ -30,6 +31,9 @@ class Backend {
   virtual size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) = 0;
   virtual void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) = 0;
   virtual void MergeStates(const kernels::MergeStatesParams& p) = 0;
+  // MLA decode attention in the latent space (absorbed form) over a one-plane pool.
+  virtual size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) = 0;
+  virtual void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) = 0;
   // out[i] = table[ids[i]] rows of `dim` floats.
   virtual void Embedding(const float* table, const int32_t* ids, int64_t n, int64_t dim,
                          float* out) = 0;

@@ -1,5 +1,6 @@
 // Forward pass of a Llama-family decoder (RMSNorm, RoPE, GQA attention over the paged KV
-// cache, SwiGLU FFN) on one rank: the whole model, or one Helix rank's shard of it (see
+// cache, SwiGLU FFN) or a DeepSeek V2/V3 one (MLA attention over a latent KV cache in the
+// absorbed form, MoE FFN) on one rank: the whole model, or one Helix rank's shard of it (see
 // ../shared/DESIGN.md §3). Not thread-safe: the rank's engine thread runs it; scratch buffers
 // are reused between steps.
 #pragma once
@@ -58,9 +59,15 @@ class LlamaModel {
   void ResetTimings() { timings_ = {}; }
 
  private:
-  // att_ [T][q_heads][hd] + lse_ -> att_ [T][out_heads][hd]: all-to-all inside the CP group
-  // and the exact (O, LSE) merge.
-  Status CombineAttention(int64_t T);
+  // att_ [T][q_heads][dim] + lse_ -> att_ [T][out_heads][dim]: all-to-all inside the CP group
+  // and the exact (O, LSE) merge. dim = head_dim (GQA) or kv_lora_rank (MLA, latent space).
+  Status CombineAttention(int64_t T, int64_t dim);
+  // MLA attention of layer l: xb_ (normed hidden) -> xb_ = this rank's o_proj partial.
+  // Adds its time to timings_.
+  Status MlaAttention(const ForwardBatch& b, int64_t l);
+  // MoE FFN of layer l: xb_ (normed hidden) -> xb_ = this rank's partial (its experts and its
+  // slice of the shared experts).
+  void MoeFfn(int64_t l, int64_t T);
 
   std::unique_ptr<LoadedModel> model_;
   Backend* backend_;
@@ -72,6 +79,12 @@ class LlamaModel {
   std::vector<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_;
   std::vector<float> send_, recv_, parts_o_, parts_lse_, local_logits_, gathered_;
   std::vector<uint8_t> workspace_;
+  // MLA / MoE.
+  std::vector<double> inv_freq_;  // RoPE table (yarn)
+  double rope_mscale_ = 1.0;
+  std::vector<float> cq_, kva_, ckv_, qfull_, tmp_a_, tmp_b_, ov_;
+  std::vector<float> gate_logits_, route_w_, moe_out_, xe_, ye_, he1_, he3_;
+  std::vector<int32_t> route_e_;
 };
 
 }  // namespace helix

@@ -16,7 +16,13 @@ void WeightMatrix::ConvertTo(kernels::DType t) {
 void ModelWeights::ConvertMatricesTo(kernels::DType t) {
   if (t == kernels::DType::kF32) return;
   for (LayerWeights& l : layers) {
-    for (WeightMatrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) m->ConvertTo(t);
+    for (WeightMatrix* m :
+         {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3, &l.wq_a, &l.wkv_a, &l.wuk_t, &l.wuv}) {
+      m->ConvertTo(t);
+    }
+    for (LayerWeights::Expert& e : l.experts) {
+      for (WeightMatrix* m : {&e.w1, &e.w2, &e.w3}) m->ConvertTo(t);
+    }
   }
   if (classifier.empty()) classifier.f32 = token_embedding;  // tied: the GEMM reads a copy
   classifier.ConvertTo(t);

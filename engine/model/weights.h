@@ -36,6 +36,27 @@ struct LayerWeights {
   WeightMatrix w1;                // gate [hidden][dim]
   WeightMatrix w2;                // down [dim][hidden]
   WeightMatrix w3;                // up   [hidden][dim]
+  // In an MoE layer w1/w2/w3 are the shared experts (hidden = n_shared * moe_hidden; empty
+  // when there are none).
+
+  // MLA (DeepSeek). wq is q_proj when q_lora_rank is 0, else q_b_proj ([H * qk_head][q_lora]).
+  WeightMatrix wq_a;             // q_a_proj [q_lora][dim]
+  std::vector<float> q_a_norm;   // [q_lora]
+  WeightMatrix wkv_a;            // kv_a_proj_with_mqa [kv_lora + rope][dim]
+  std::vector<float> kv_a_norm;  // [kv_lora]
+  std::vector<float> wkv_b;      // kv_b_proj as loaded [H * (nope + v)][kv_lora]; ShardWeights
+                                 // splits it into wuk_t and wuv and empties it
+  WeightMatrix wuk_t;            // per local query head W_UK^T: [q_heads][kv_lora][nope]
+  WeightMatrix wuv;              // per combined head W_UV: [out_heads][v][kv_lora]
+
+  // MoE: the gate (kept float32, as DeepSeek routes in fp32) and this rank's routed experts.
+  struct Expert {
+    WeightMatrix w1, w2, w3;  // [moe_hidden][dim], [dim][moe_hidden], [moe_hidden][dim]
+  };
+  std::vector<float> gate;       // [n_routed_experts][dim]
+  std::vector<float> gate_bias;  // [n_routed_experts] e_score_correction_bias (noaux_tc)
+  std::vector<Expert> experts;   // experts [expert_begin, expert_begin + experts.size())
+  int64_t expert_begin = 0;
 };
 
 struct ModelWeights {

@@ -28,7 +28,7 @@ Status ValidateHelixLayout(const ModelConfig& c, int tp, int cp) {
         std::to_string(tp) + " x " + std::to_string(cp) + " = " + std::to_string(n) +
         " (after the all-to-all every rank combines n_heads / (TP x CP) heads)");
   }
-  if (c.n_kv_heads % tp != 0) {
+  if (!c.mla() && c.n_kv_heads % tp != 0) {  // MLA: every TP shard holds the one latent
     return InvalidArgument("Helix head split: the model's " + std::to_string(c.n_kv_heads) +
                            " KV heads are not divisible by tensor_parallel_size = " +
                            std::to_string(tp) + " (each TP shard holds whole KV heads)");

@@ -69,7 +69,8 @@ std::string EncodeKvSource(const KvSource& s) {
   for (uint64_t a : s.block_addresses) PutU64(&out, a);
   for (int64_t v :
        {s.token_count, static_cast<int64_t>(s.layout.version), static_cast<int64_t>(s.layout.dtype),
-        s.layout.tokens_per_block, s.layout.num_layers, s.layout.num_kv_heads, s.layout.head_dim}) {
+        s.layout.tokens_per_block, s.layout.num_layers, s.layout.num_kv_heads, s.layout.head_dim,
+        s.layout.num_planes}) {
     PutU64(&out, static_cast<uint64_t>(v));
   }
   PutU64(&out, s.checksum);
@@ -92,8 +93,8 @@ StatusOr<KvSource> DecodeKvSource(const std::string& bytes) {
   int64_t version = 0, dtype = 0;
   if (!r.I64(&s.token_count) || !r.I64(&version) || !r.I64(&dtype) ||
       !r.I64(&s.layout.tokens_per_block) || !r.I64(&s.layout.num_layers) ||
-      !r.I64(&s.layout.num_kv_heads) || !r.I64(&s.layout.head_dim) || !r.U64(&s.checksum) ||
-      !r.done() || dtype < 0 || dtype > 2) {
+      !r.I64(&s.layout.num_kv_heads) || !r.I64(&s.layout.head_dim) ||
+      !r.I64(&s.layout.num_planes) || !r.U64(&s.checksum) || !r.done() || dtype < 0 || dtype > 2) {
     return bad;
   }
   s.layout.version = static_cast<int>(version);
@@ -104,7 +105,10 @@ StatusOr<KvSource> DecodeKvSource(const std::string& bytes) {
 std::string KvLayout::ToString() const {
   return "layout v" + std::to_string(version) + " " + kernels::DTypeName(dtype) + ", " +
          std::to_string(tokens_per_block) + " tokens/block, " + std::to_string(num_layers) +
-         " layers, " + std::to_string(num_kv_heads) + " KV heads x " + std::to_string(head_dim);
+         " layers, " +
+         (num_planes == 1
+              ? "MLA latent of " + std::to_string(head_dim)
+              : std::to_string(num_kv_heads) + " KV heads x " + std::to_string(head_dim));
 }
 
 uint64_t HandleChecksum(const KvSource& s) {
@@ -123,6 +127,7 @@ uint64_t HandleChecksum(const KvSource& s) {
   f.U64(static_cast<uint64_t>(s.layout.num_layers));
   f.U64(static_cast<uint64_t>(s.layout.num_kv_heads));
   f.U64(static_cast<uint64_t>(s.layout.head_dim));
+  if (s.layout.num_planes != 2) f.U64(static_cast<uint64_t>(s.layout.num_planes));
   f.Str(s.model_fingerprint);
   return f.h;
 }
@@ -148,8 +153,10 @@ Status CheckCompatible(const KvSource& s, const std::string& model_fingerprint,
                               std::to_string(s.layout.tokens_per_block) + ", this server's is " +
                               std::to_string(local.tokens_per_block));
   }
+  // MLA's one latent "head" is whole on every TP shard; GQA heads are split over TP.
+  const int64_t want_heads = local.num_planes == 1 ? local.num_kv_heads : local.num_kv_heads * tp;
   if (s.layout.num_layers != local.num_layers || s.layout.head_dim != local.head_dim ||
-      s.layout.num_kv_heads != local.num_kv_heads * tp) {
+      s.layout.num_planes != local.num_planes || s.layout.num_kv_heads != want_heads) {
     return FailedPrecondition(from + s.layout.ToString() + " does not match this server's " +
                               local.ToString() + " x TP " + std::to_string(tp));
   }

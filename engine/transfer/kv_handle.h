@@ -25,9 +25,10 @@ struct KvLayout {
   int64_t num_layers = 0;
   int64_t num_kv_heads = 0;  // heads in this pool (all of the model's on a TP = 1 server)
   int64_t head_dim = 0;
+  int64_t num_planes = 2;  // 2: K and V (GQA); 1: the MLA latent
 
   int64_t block_bytes() const {
-    return num_layers * 2 * num_kv_heads * tokens_per_block * head_dim *
+    return num_layers * num_planes * num_kv_heads * tokens_per_block * head_dim *
            static_cast<int64_t>(kernels::DTypeSize(dtype));
   }
   std::string ToString() const;

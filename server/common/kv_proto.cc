@@ -26,6 +26,7 @@ void ToProto(const transfer::KvLayout& l, v1::KvLayout* out) {
   out->set_num_layers(l.num_layers);
   out->set_num_kv_heads(l.num_kv_heads);
   out->set_head_dim(l.head_dim);
+  out->set_num_planes(l.num_planes);
   out->set_block_bytes(l.block_bytes());
 }
 
@@ -69,6 +70,11 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
   s.layout.num_layers = h.kv_layout().num_layers();
   s.layout.num_kv_heads = h.kv_layout().num_kv_heads();
   s.layout.head_dim = h.kv_layout().head_dim();
+  s.layout.num_planes = h.kv_layout().num_planes() == 0 ? 2 : h.kv_layout().num_planes();
+  if (s.layout.num_planes != 1 && s.layout.num_planes != 2) {
+    return InvalidArgument("kv_handle.kv_layout.num_planes " + std::to_string(s.layout.num_planes) +
+                           ": expected 1 (MLA) or 2");
+  }
   s.checksum = h.checksum();
   if (h.kv_layout().block_bytes() != s.layout.block_bytes()) {
     return InvalidArgument("kv_handle.kv_layout.block_bytes " +

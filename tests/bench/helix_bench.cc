@@ -6,8 +6,13 @@
 // best is kept. A barrier before each collective (timed as "skew") keeps the wait for a slower
 // rank out of the collectives' own time; the step total includes it. Ranks are forked processes
 // joined over Gloo on loopback, as in the engine.
+// --mla 1 swaps the attention for DeepSeek-V3-shaped MLA (16 query heads as on one of 8 TP
+// ranks of V3, kv_lora_rank 512 + rope 64 latent cache, qk_nope 128, v 128; absorbed decode,
+// combine in the latent space). --moe 1 (with --mla) makes the FFN an MoE layer: 32 routed
+// experts of 512 (top-4, sigmoid, noaux_tc over 4 groups) + 1 shared, experts dealt out whole
+// to the ranks. Each row also gives this rank's KV bytes.
 //   helix_bench [--contexts 4096,8192,...] [--cps 1,2] [--layers 2] [--steps 5]
-//               [--kv-dtype float32|float16|bfloat16]
+//               [--kv-dtype float32|float16|bfloat16] [--mla 0|1] [--moe 0|1]
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,6 +40,7 @@ struct Args {
   std::vector<int64_t> contexts = {4096, 8192, 16384, 32768, 65536, 131072};
   std::vector<int> cps = {1, 2};
   int layers = 2, steps = 5;
+  bool mla = false, moe = false;
   kernels::DType kv_dtype = kernels::DType::kF32;
 };
 
@@ -57,6 +63,10 @@ Args Parse(int argc, char** argv) {
       for (int64_t x : ParseList(v)) a.cps.push_back(static_cast<int>(x));
     } else if (k == "--layers") {
       a.layers = std::atoi(v.c_str());
+    } else if (k == "--mla") {
+      a.mla = v == "1";
+    } else if (k == "--moe") {
+      a.moe = v == "1";
     } else if (k == "--steps") {
       a.steps = std::atoi(v.c_str());
     } else if (k == "--kv-dtype" && kernels::DTypeFromName(v)) {
@@ -67,6 +77,76 @@ Args Parse(int argc, char** argv) {
     }
   }
   return a;
+}
+
+void Fill(std::mt19937* rng, std::vector<float>* v, int64_t n) {
+  std::normal_distribution<float> nd(0.0f, 0.03f);
+  v->resize(static_cast<size_t>(n));
+  for (float& x : *v) x = nd(*rng);
+}
+
+// DeepSeek-V3-shaped MLA attention (per TP-8 rank: 16 heads) with a dense FFN.
+std::unique_ptr<LoadedModel> RandomMlaModel(int layers, bool moe) {
+  auto m = std::make_unique<LoadedModel>();
+  ModelConfig& c = m->config;
+  c.architecture = "deepseek_v3";
+  c.attention = AttentionKind::kMla;
+  c.dim = 1024;
+  c.hidden_dim = 1024;
+  c.n_layers = layers;
+  c.n_heads = 16;
+  c.kv_lora_rank = 512;
+  c.qk_rope_head_dim = 64;
+  c.qk_nope_head_dim = 128;
+  c.v_head_dim = 128;
+  c.n_kv_heads = 1;
+  c.head_dim = c.kv_lora_rank + c.qk_rope_head_dim;
+  c.vocab_size = 512;
+  c.max_seq_len = 1 << 20;
+  c.rope_theta = 10000.0f;
+  c.rope_style = kernels::RopeStyle::kInterleaved;
+  if (moe) {
+    c.n_routed_experts = 32;
+    c.n_shared_experts = 1;
+    c.experts_per_token = 4;
+    c.moe_hidden_dim = 512;
+    c.topk_method = TopkMethod::kNoauxTc;
+    c.scoring = ScoringFunc::kSigmoid;
+    c.n_group = 4;
+    c.topk_group = 2;
+    c.norm_topk_prob = true;
+    c.routed_scaling_factor = 2.5;
+  }
+  std::mt19937 rng(7);
+  const int64_t D = c.dim, F = c.hidden_dim, H = c.n_heads;
+  Fill(&rng, &m->weights.token_embedding, c.vocab_size * D);
+  m->weights.final_norm.assign(D, 1.0f);
+  m->weights.layers.resize(layers);
+  for (LayerWeights& l : m->weights.layers) {
+    l.attn_norm.assign(D, 1.0f);
+    l.ffn_norm.assign(D, 1.0f);
+    l.kv_a_norm.assign(c.kv_lora_rank, 1.0f);
+    Fill(&rng, &l.wq.f32, H * c.qk_head_dim() * D);
+    Fill(&rng, &l.wkv_a.f32, c.head_dim * D);
+    Fill(&rng, &l.wkv_b, H * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank);
+    Fill(&rng, &l.wo.f32, D * H * c.v_head_dim);
+    const int64_t S = moe ? c.n_shared_experts * c.moe_hidden_dim : F;
+    Fill(&rng, &l.w1.f32, S * D);
+    Fill(&rng, &l.w2.f32, D * S);
+    Fill(&rng, &l.w3.f32, S * D);
+    if (moe) {
+      const int64_t M = c.moe_hidden_dim;
+      Fill(&rng, &l.gate, c.n_routed_experts * D);
+      Fill(&rng, &l.gate_bias, c.n_routed_experts);
+      l.experts.resize(c.n_routed_experts);
+      for (LayerWeights::Expert& e : l.experts) {
+        Fill(&rng, &e.w1.f32, M * D);
+        Fill(&rng, &e.w2.f32, D * M);
+        Fill(&rng, &e.w3.f32, M * D);
+      }
+    }
+  }
+  return m;
 }
 
 std::unique_ptr<LoadedModel> RandomModel(int layers) {
@@ -109,7 +189,8 @@ std::unique_ptr<LoadedModel> RandomModel(int layers) {
 
 // One rank of a CP group: builds its shard and KV, times decode steps; returns the best step's
 // timings (rank 0 prints them).
-int RunRank(const Args& a, int64_t ctx, int cp, int rank, int port, ForwardTimings* best_out) {
+int RunRank(const Args& a, int64_t ctx, int cp, int rank, int port, ForwardTimings* best_out,
+            int64_t* kv_bytes_out) {
   std::unique_ptr<parallel::TcpStore> store;
   std::unique_ptr<parallel::Communicator> comm;
   parallel::HelixLayout layout = parallel::HelixLayout::ForRank(rank, 1, cp);
@@ -127,7 +208,8 @@ int RunRank(const Args& a, int64_t ctx, int cp, int rank, int port, ForwardTimin
     }
     comm = std::move(*c);
   }
-  std::unique_ptr<LoadedModel> model = RandomModel(a.layers);
+  std::unique_ptr<LoadedModel> model =
+      a.mla ? RandomMlaModel(a.layers, a.moe) : RandomModel(a.layers);
   const ModelConfig cfg = model->config;
   ShardWeights(cfg, layout, &model->weights);
   const ShardDims dims = ComputeShardDims(cfg, layout);
@@ -145,6 +227,7 @@ int RunRank(const Args& a, int64_t ctx, int cp, int rank, int port, ForwardTimin
   kv.num_kv_heads = dims.kv_heads;
   kv.tokens_per_block = tpb;
   kv.head_dim = cfg.head_dim;
+  kv.num_planes = cfg.kv_planes();
   const size_t elems = table.size() * static_cast<size_t>(kv.block_elems());
   std::vector<uint16_t> pool16;
   std::vector<float> pool32;
@@ -195,6 +278,7 @@ int RunRank(const Args& a, int64_t ctx, int cp, int rank, int port, ForwardTimin
   int64_t local = 0;
   for (int32_t fp : first_pos) local += std::min<int64_t>(tpb, ctx + 1 - fp);
   b.kv_lens = {static_cast<int32_t>(local)};
+  *kv_bytes_out = local * cfg.KvBytesPerToken(dims.kv_heads, kernels::DTypeSize(a.kv_dtype));
   b.logits_rows = {0};
   std::vector<float> logits;
   ForwardTimings best;
@@ -222,12 +306,21 @@ double Total(const ForwardTimings& t) {
 
 int main(int argc, char** argv) {
   const Args a = Parse(argc, argv);
-  std::printf(
-      "# helix_bench: %d layers, 32 q / 8 kv heads, head dim 128, dim 1024, KV %s, "
-      "1 thread per rank, best of %d steps (ms)\n",
-      a.layers, kernels::DTypeName(a.kv_dtype), a.steps);
-  std::printf("%8s %3s %9s %10s %10s %8s %10s %8s %8s %8s\n", "context", "cp", "step", "attention",
-              "a2a+comb", "gemm", "allreduce", "skew", "other", "comb%");
+  if (a.mla) {
+    std::printf(
+        "# helix_bench: %d layers, MLA 16 heads, latent 512 + rope 64, qk_nope 128, v 128, dim "
+        "1024, %s, KV %s, 1 thread per rank, best of %d steps (ms)\n",
+        a.layers, a.moe ? "MoE 32x512 top-4 + 1 shared" : "dense FFN 1024",
+        kernels::DTypeName(a.kv_dtype), a.steps);
+  } else {
+    std::printf(
+        "# helix_bench: %d layers, 32 q / 8 kv heads, head dim 128, dim 1024, KV %s, "
+        "1 thread per rank, best of %d steps (ms)\n",
+        a.layers, kernels::DTypeName(a.kv_dtype), a.steps);
+  }
+  std::printf("%8s %3s %9s %10s %10s %8s %10s %8s %8s %8s %12s\n", "context", "cp", "step",
+              "attention", "a2a+comb", "gemm", "allreduce", "skew", "other", "comb%",
+              "KV MiB/rank");
   for (int64_t ctx : a.contexts) {
     std::vector<double> attention_by_cp;
     for (int cp : a.cps) {
@@ -244,12 +337,14 @@ int main(int argc, char** argv) {
         const pid_t pid = fork();
         if (pid == 0) {
           ForwardTimings t;
-          _exit(RunRank(a, ctx, cp, r, port, &t));
+          int64_t kvb = 0;
+          _exit(RunRank(a, ctx, cp, r, port, &t, &kvb));
         }
         pids.push_back(pid);
       }
       ForwardTimings t;
-      const int rc = RunRank(a, ctx, cp, 0, port, &t);
+      int64_t kv_bytes = 0;
+      const int rc = RunRank(a, ctx, cp, 0, port, &t, &kv_bytes);
       for (pid_t pid : pids) waitpid(pid, nullptr, 0);
       if (rc != 0) {
         std::fprintf(stderr, "helix_bench: context %lld cp %d failed (%d)\n",
@@ -257,10 +352,10 @@ int main(int argc, char** argv) {
         return 1;
       }
       const double total = Total(t);
-      std::printf("%8lld %3d %9.3f %10.3f %10.3f %8.3f %10.3f %8.3f %8.3f %7.2f%%\n",
+      std::printf("%8lld %3d %9.3f %10.3f %10.3f %8.3f %10.3f %8.3f %8.3f %7.2f%% %12.2f\n",
                   static_cast<long long>(ctx), cp, 1e3 * total, 1e3 * t.attention, 1e3 * t.combine,
                   1e3 * t.gemm, 1e3 * t.all_reduce, 1e3 * t.wait, 1e3 * (t.other + t.logits),
-                  100.0 * t.combine / total);
+                  100.0 * t.combine / total, static_cast<double>(kv_bytes) / (1 << 20));
       std::fflush(stdout);
       attention_by_cp.push_back(t.attention);
     }

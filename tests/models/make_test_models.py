@@ -10,6 +10,8 @@ index). A float64 NumPy forward pass with Hugging Face semantics writes the refe
 every format must reproduce. Weights are rounded to values that fp16 and bf16 hold exactly,
 so the F16/BF16 files describe the very same model.
 
+make_mla_models.py then adds the DeepSeek V2/V3 (MLA + MoE) models.
+
 Also written: each ggml type the loader dequantises next to gguf-py's own dequantisation of
 it (Q4_K and Q6_K, which gguf-py cannot quantise, from random well-formed blocks), and a few
 broken files for the error tests.
@@ -17,6 +19,7 @@ broken files for the error tests.
 import json
 import os
 import struct
+import subprocess
 import sys
 
 import numpy as np
@@ -388,6 +391,9 @@ def main():
     cfg = json.load(open(os.path.join(bad, "config.json")))
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
+    # The DeepSeek V2/V3 (MLA + MoE) models and their float64 references.
+    subprocess.check_call([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                        "make_mla_models.py"), out])
     print(f"make_test_models: wrote {len(os.listdir(out))} entries to {out}")
 
 

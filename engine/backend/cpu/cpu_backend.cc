@@ -29,6 +29,14 @@ void CpuBackend::MergeStates(const kernels::MergeStatesParams& p) {
   kernels::MergeStatesCpu(p, pool_.get());
 }
 
+size_t CpuBackend::MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) {
+  return kernels::MlaAttentionWorkspaceBytes(p);
+}
+
+void CpuBackend::MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) {
+  kernels::MlaAttentionCpu(p, workspace, pool_.get());
+}
+
 void CpuBackend::Embedding(const float* table, const int32_t* ids, int64_t n, int64_t dim,
                            float* out) {
   for (int64_t i = 0; i < n; ++i) {

@@ -25,6 +25,8 @@ class CpuBackend final : public Backend {
   size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) override;
   void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) override;
   void MergeStates(const kernels::MergeStatesParams& p) override;
+  size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) override;
+  void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) override;
   void Embedding(const float* table, const int32_t* ids, int64_t n, int64_t dim,
                  float* out) override;
 

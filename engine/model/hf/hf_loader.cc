@@ -95,6 +95,109 @@ class Config {
   std::string path_;
 };
 
+// DeepSeek V2/V3: MLA attention, yarn RoPE, MoE. Fields and defaults as their config classes.
+Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
+  const std::string& path = j.path();
+  const bool v3 = c->architecture == "deepseek_v3";
+  c->attention = AttentionKind::kMla;
+  ASSIGN_OR_RETURN(c->dim, j.Int("hidden_size"));
+  ASSIGN_OR_RETURN(c->hidden_dim, j.Int("intermediate_size"));
+  ASSIGN_OR_RETURN(c->n_layers, j.Int("num_hidden_layers"));
+  ASSIGN_OR_RETURN(c->n_heads, j.Int("num_attention_heads"));
+  ASSIGN_OR_RETURN(c->vocab_size, j.Int("vocab_size"));
+  ASSIGN_OR_RETURN(c->max_seq_len, j.Int("max_position_embeddings"));
+  ASSIGN_OR_RETURN(c->q_lora_rank, j.IntOr("q_lora_rank", 0));  // null: no q compression
+  ASSIGN_OR_RETURN(c->kv_lora_rank, j.Int("kv_lora_rank"));
+  ASSIGN_OR_RETURN(c->qk_nope_head_dim, j.Int("qk_nope_head_dim"));
+  ASSIGN_OR_RETURN(c->qk_rope_head_dim, j.Int("qk_rope_head_dim"));
+  ASSIGN_OR_RETURN(c->v_head_dim, j.Int("v_head_dim"));
+  c->n_kv_heads = 1;
+  c->head_dim = c->kv_lora_rank + c->qk_rope_head_dim;
+  ASSIGN_OR_RETURN(double theta, j.NumberOr("rope_theta", 10000.0));
+  if (!(theta > 0)) {
+    return InvalidArgument(path + ": field 'rope_theta' = " + std::to_string(theta) +
+                           ": expected a positive value");
+  }
+  c->rope_theta = static_cast<float>(theta);
+  ASSIGN_OR_RETURN(double eps, j.NumberOr("rms_norm_eps", 1e-6));
+  if (!(eps > 0 && eps < 1)) {
+    return InvalidArgument(path + ": field 'rms_norm_eps' = " + std::to_string(eps) +
+                           ": expected a small positive value");
+  }
+  c->norm_eps = static_cast<float>(eps);
+  // DeepSeek rotates pairs (x[2i], x[2i+1]) of q_pe and k_pe: its code de-interleaves them
+  // before rotate_half, the same permutation for q and k, so scores equal interleaved RoPE.
+  c->rope_style = kernels::RopeStyle::kInterleaved;
+  ASSIGN_OR_RETURN(bool interleave, j.BoolOr("rope_interleave", true));
+  if (!interleave) {
+    return Unimplemented(path + ": rope_interleave false is not supported for DeepSeek");
+  }
+  ASSIGN_OR_RETURN(c->tied_embeddings, j.BoolOr("tie_word_embeddings", false));
+  ASSIGN_OR_RETURN(std::string act, j.StringOr("hidden_act", "silu"));
+  if (act != "silu") {
+    return Unimplemented(path + ": hidden_act '" + act + "' is not supported (only silu)");
+  }
+  ASSIGN_OR_RETURN(bool attention_bias, j.BoolOr("attention_bias", false));
+  if (attention_bias) return Unimplemented(path + ": attention_bias is not supported");
+  if (j.Has("rope_scaling")) {
+    const json& rs = j.raw("rope_scaling");
+    if (!rs.is_object()) return InvalidArgument(path + ": rope_scaling must be an object");
+    Config r(rs, path + ": rope_scaling");
+    std::string type = "?";
+    for (const char* k : {"rope_type", "type"}) {
+      if (rs.contains(k) && rs[k].is_string()) type = rs[k].get<std::string>();
+    }
+    if (type == "yarn") {
+      YarnScaling& y = c->yarn;
+      y.enabled = true;
+      ASSIGN_OR_RETURN(y.factor, r.Number("factor"));
+      ASSIGN_OR_RETURN(y.original_max_position_embeddings,
+                       r.Int("original_max_position_embeddings"));
+      ASSIGN_OR_RETURN(y.beta_fast, r.NumberOr("beta_fast", 32.0));
+      ASSIGN_OR_RETURN(y.beta_slow, r.NumberOr("beta_slow", 1.0));
+      ASSIGN_OR_RETURN(y.mscale, r.NumberOr("mscale", 1.0));
+      ASSIGN_OR_RETURN(y.mscale_all_dim, r.NumberOr("mscale_all_dim", 0.0));
+    } else if (type != "default") {
+      return Unimplemented(path + ": rope_scaling " + rs.dump() +
+                           " is not supported (DeepSeek: yarn or none)");
+    }
+  }
+  ASSIGN_OR_RETURN(c->n_routed_experts, j.IntOr("n_routed_experts", 0));
+  if (c->n_routed_experts > 0) {
+    ASSIGN_OR_RETURN(c->n_shared_experts, j.IntOr("n_shared_experts", 0));
+    ASSIGN_OR_RETURN(c->experts_per_token, j.Int("num_experts_per_tok"));
+    ASSIGN_OR_RETURN(c->moe_hidden_dim, j.Int("moe_intermediate_size"));
+    ASSIGN_OR_RETURN(c->first_k_dense_replace, j.IntOr("first_k_dense_replace", 0));
+    ASSIGN_OR_RETURN(c->moe_layer_freq, j.IntOr("moe_layer_freq", 1));
+    ASSIGN_OR_RETURN(std::string topk, j.StringOr("topk_method", v3 ? "noaux_tc" : "greedy"));
+    if (topk == "greedy") {
+      c->topk_method = TopkMethod::kGreedy;
+    } else if (topk == "group_limited_greedy") {
+      c->topk_method = TopkMethod::kGroupLimitedGreedy;
+    } else if (topk == "noaux_tc") {
+      c->topk_method = TopkMethod::kNoauxTc;
+    } else {
+      return Unimplemented(path + ": topk_method '" + topk +
+                           "' is not supported (greedy, group_limited_greedy, noaux_tc)");
+    }
+    ASSIGN_OR_RETURN(std::string scoring, j.StringOr("scoring_func", v3 ? "sigmoid" : "softmax"));
+    if (scoring == "softmax") {
+      c->scoring = ScoringFunc::kSoftmax;
+    } else if (scoring == "sigmoid") {
+      c->scoring = ScoringFunc::kSigmoid;
+    } else {
+      return Unimplemented(path + ": scoring_func '" + scoring +
+                           "' is not supported (softmax, sigmoid)");
+    }
+    ASSIGN_OR_RETURN(c->n_group, j.IntOr("n_group", 1));
+    ASSIGN_OR_RETURN(c->topk_group, j.IntOr("topk_group", 1));
+    ASSIGN_OR_RETURN(c->norm_topk_prob, j.BoolOr("norm_topk_prob", false));
+    ASSIGN_OR_RETURN(c->routed_scaling_factor, j.NumberOr("routed_scaling_factor", 1.0));
+    c->scale_after_norm = v3;
+  }
+  return c->Validate().WithPrefix(path);
+}
+
 Status ReadConfig(const Config& j, ModelConfig* c) {
   const std::string& path = j.path();
   if (!j.Has("architectures") || !j.raw("architectures").is_array() ||
@@ -108,9 +211,13 @@ Status ReadConfig(const Config& j, ModelConfig* c) {
     c->architecture = "llama";
   } else if (arch == "Qwen2ForCausalLM") {
     c->architecture = "qwen2";
+  } else if (arch == "DeepseekV2ForCausalLM" || arch == "DeepseekV3ForCausalLM") {
+    c->architecture = arch == "DeepseekV2ForCausalLM" ? "deepseek_v2" : "deepseek_v3";
+    return ReadDeepseekConfig(j, c);
   } else {
     return Unimplemented(path + ": architecture '" + arch +
-                         "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM)");
+                         "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+                         "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM)");
   }
   const bool qwen2 = c->architecture == "qwen2";
   ASSIGN_OR_RETURN(c->dim, j.Int("hidden_size"));
@@ -294,7 +401,51 @@ StatusOr<HfModel> LoadHfModel(const std::string& dir) {
   std::vector<Wanted> wanted;
   wanted.push_back({"model.embed_tokens.weight", {V, D}, &w.token_embedding});
   w.layers.resize(c.n_layers);
-  for (int64_t l = 0; l < c.n_layers; ++l) {
+  for (int64_t l = 0; l < c.n_layers && c.mla(); ++l) {
+    LayerWeights& lw = w.layers[l];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const std::string a = p + "self_attn.";
+    const int64_t H = c.n_heads, R = c.kv_lora_rank, Q = c.q_lora_rank;
+    wanted.push_back({p + "input_layernorm.weight", {D}, &lw.attn_norm});
+    if (Q > 0) {
+      wanted.push_back({a + "q_a_proj.weight", {Q, D}, &lw.wq_a.f32});
+      wanted.push_back({a + "q_a_layernorm.weight", {Q}, &lw.q_a_norm});
+      wanted.push_back({a + "q_b_proj.weight", {H * c.qk_head_dim(), Q}, &lw.wq.f32});
+    } else {
+      wanted.push_back({a + "q_proj.weight", {H * c.qk_head_dim(), D}, &lw.wq.f32});
+    }
+    wanted.push_back({a + "kv_a_proj_with_mqa.weight", {R + c.qk_rope_head_dim, D}, &lw.wkv_a.f32});
+    wanted.push_back({a + "kv_a_layernorm.weight", {R}, &lw.kv_a_norm});
+    wanted.push_back(
+        {a + "kv_b_proj.weight", {H * (c.qk_nope_head_dim + c.v_head_dim), R}, &lw.wkv_b});
+    wanted.push_back({a + "o_proj.weight", {D, H * c.v_head_dim}, &lw.wo.f32});
+    wanted.push_back({p + "post_attention_layernorm.weight", {D}, &lw.ffn_norm});
+    if (!c.IsMoeLayer(l)) {
+      wanted.push_back({p + "mlp.gate_proj.weight", {F, D}, &lw.w1.f32});
+      wanted.push_back({p + "mlp.down_proj.weight", {D, F}, &lw.w2.f32});
+      wanted.push_back({p + "mlp.up_proj.weight", {F, D}, &lw.w3.f32});
+      continue;
+    }
+    const int64_t E = c.n_routed_experts, M = c.moe_hidden_dim, S = c.n_shared_experts * M;
+    wanted.push_back({p + "mlp.gate.weight", {E, D}, &lw.gate});
+    if (c.topk_method == TopkMethod::kNoauxTc) {
+      wanted.push_back({p + "mlp.gate.e_score_correction_bias", {E}, &lw.gate_bias});
+    }
+    lw.experts.resize(E);
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+      wanted.push_back({x + "gate_proj.weight", {M, D}, &lw.experts[e].w1.f32});
+      wanted.push_back({x + "down_proj.weight", {D, M}, &lw.experts[e].w2.f32});
+      wanted.push_back({x + "up_proj.weight", {M, D}, &lw.experts[e].w3.f32});
+    }
+    if (S > 0) {
+      const std::string x = p + "mlp.shared_experts.";
+      wanted.push_back({x + "gate_proj.weight", {S, D}, &lw.w1.f32});
+      wanted.push_back({x + "down_proj.weight", {D, S}, &lw.w2.f32});
+      wanted.push_back({x + "up_proj.weight", {S, D}, &lw.w3.f32});
+    }
+  }
+  for (int64_t l = 0; l < c.n_layers && !c.mla(); ++l) {
     LayerWeights& lw = w.layers[l];
     const std::string p = "model.layers." + std::to_string(l) + ".";
     wanted.push_back({p + "input_layernorm.weight", {D}, &lw.attn_norm});
