@@ -9,6 +9,7 @@
 //   logprobs within 1e-4, for a batch with prompts shorter than CP blocks and ones spanning
 //   many blocks, requests joining mid-flight.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <string>
 #include <tuple>
@@ -170,6 +172,56 @@ TEST_P(MlaTest, LatentCacheSizeAndGreedyContinuation) {
   r.sampling.temperature = 0;
   const auto got = testing::RunAll(e->get(), {r});
   EXPECT_EQ(got[0].tokens, want);
+}
+
+// A DeepSeek directory with config.json edited by `edit`: LoadModelBundle's error message.
+std::string LoadError(const std::string& model, const std::string& name,
+                      const std::function<void(std::string*)>& edit) {
+  const fs::path dir = fs::temp_directory_path() / ("mla_bad_" + name + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy(fs::path(model) / "model.safetensors", dir / "model.safetensors");
+  std::ifstream in(fs::path(model) / "config.json");
+  std::string cfg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  edit(&cfg);
+  std::ofstream(dir / "config.json") << cfg;
+  auto b = LoadModelBundle(dir.string(), Tokenizer512());
+  fs::remove_all(dir);
+  return b.ok() ? "loaded" : b.status().ToString();
+}
+
+void Replace(std::string* s, const std::string& from, const std::string& to) {
+  const size_t at = s->find(from);
+  ASSERT_NE(at, std::string::npos) << from;
+  s->replace(at, from.size(), to);
+}
+
+TEST_P(MlaTest, BadConfigsAreRefusedNamingTheField) {
+  if (GetParam() != "deepseek_v3_tiny") GTEST_SKIP() << "one model suffices";
+  EXPECT_NE(
+      LoadError(Model(), "topk", [](std::string* c) { Replace(c, "\"noaux_tc\"", "\"weird\""); })
+          .find("topk_method 'weird' is not supported"),
+      std::string::npos);
+  EXPECT_NE(
+      LoadError(Model(), "scoring", [](std::string* c) { Replace(c, "\"sigmoid\"", "\"relu\""); })
+          .find("scoring_func 'relu'"),
+      std::string::npos);
+  // A latent rank that does not match the tensors: the tensor and both shapes are named.
+  EXPECT_NE(
+      LoadError(Model(), "rank",
+                [](std::string* c) { Replace(c, "\"kv_lora_rank\": 64", "\"kv_lora_rank\": 48"); })
+          .find("kv_a_proj_with_mqa.weight' has shape"),
+      std::string::npos);
+  EXPECT_NE(LoadError(Model(), "missing",
+                      [](std::string* c) {
+                        Replace(c, "\"qk_rope_head_dim\": 16", "\"qk_rope_headdim\": 16");
+                      })
+                .find("'qk_rope_head_dim' is missing"),
+            std::string::npos);
+  EXPECT_NE(
+      LoadError(Model(), "rope", [](std::string* c) { Replace(c, "\"yarn\"", "\"dynamic\""); })
+          .find("rope_scaling"),
+      std::string::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, MlaTest,
