@@ -85,6 +85,10 @@ void Scatter(const float* src, int64_t rows, int64_t n, float* dst, int64_t stri
 
 }  // namespace
 
+// DeepSeek's q_a_layernorm and kv_a_layernorm are built with their RMSNorm's default eps,
+// not config.rms_norm_eps.
+constexpr float kLatentEps = 1e-6f;
+
 Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   const ModelConfig& c = model_->config;
   const LayerWeights& lw = model_->weights.layers[l];
@@ -99,7 +103,7 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   if (QL > 0) {
     cq_.resize(T * QL);
     backend_->Gemm({xb_.data(), lw.wq_a.data(), nullptr, cq_.data(), T, QL, D, lw.wq_a.dtype});
-    backend_->RmsNorm({cq_.data(), nullptr, lw.q_a_norm.data(), cq_.data(), T, QL, c.norm_eps});
+    backend_->RmsNorm({cq_.data(), nullptr, lw.q_a_norm.data(), cq_.data(), T, QL, kLatentEps});
     qin = cq_.data();
     qk = QL;
   }
@@ -111,7 +115,7 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   sw.Lap(&tm.gemm);
   ckv_.resize(T * L);
   Gather(kva_.data(), LR, T, L, ckv_.data());
-  backend_->RmsNorm({ckv_.data(), nullptr, lw.kv_a_norm.data(), ckv_.data(), T, L, c.norm_eps});
+  backend_->RmsNorm({ckv_.data(), nullptr, lw.kv_a_norm.data(), ckv_.data(), T, L, kLatentEps});
   Scatter(ckv_.data(), T, L, kva_.data(), LR);
   // RoPE (yarn tables) on q_pe of every head and on k_pe, at global positions.
   kernels::RopeParams rq{q_.data() + nope, b.positions.data(), T, Hq, qh, R,
