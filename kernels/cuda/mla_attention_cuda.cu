@@ -445,12 +445,18 @@ cudaError_t PrepareKernel(const Choice& ch) {
 #ifdef HELIX_CUDA_EMULATION
   return cudaSuccess;
 #endif
-  const size_t max_smem = SmemBytes(ch.stages, kMaxDk, ch.elem);
+  size_t max_smem = SmemBytes(ch.stages, kMaxDk, ch.elem);
   if (ch.smem <= 48 * 1024) {
     return cudaSuccess;
   }
   int device = 0;
   HELIX_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  // GPUs with a smaller opt-in limit (about 99 KiB on sm_86/89) get what they allow; a shape
+  // that needs more then fails at launch with a clear error instead of every shape failing here.
+  int optin = 0;
+  HELIX_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  max_smem = std::min(max_smem, static_cast<size_t>(optin));
   static std::mutex mu;
   static std::vector<std::pair<int, KernelFn>> done;
   std::lock_guard<std::mutex> lock(mu);
