@@ -21,8 +21,8 @@ struct RopeParams {
   int64_t rotary_dim;  // <= head_dim, even; the first rotary_dim dims rotate, the rest pass
   float theta;         // base, e.g. 10000
   RopeStyle style;
-  // Optional: rotary_dim/2 inverse frequencies replacing theta^(-2i/rotary_dim) (yarn), and a
-  // factor applied to cos and sin (yarn's mscale).
+  // Optional: rotary_dim/2 inverse frequencies replacing theta^(-2i/rotary_dim) (yarn; in the
+  // backend's memory space like x), and a factor applied to cos and sin (yarn's mscale).
   const double* inv_freq = nullptr;
   float mscale = 1.0f;
 };

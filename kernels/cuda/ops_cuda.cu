@@ -93,13 +93,16 @@ __global__ void RopeKernel(const RopeParams p) {
        idx < p.tokens * half; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = idx / half;
     const int64_t i = idx % half;
-    const double inv_freq = pow(static_cast<double>(p.theta),
-                                -2.0 * static_cast<double>(i) / static_cast<double>(p.rotary_dim));
+    const double inv_freq =
+        p.inv_freq != nullptr
+            ? p.inv_freq[i]
+            : pow(static_cast<double>(p.theta),
+                  -2.0 * static_cast<double>(i) / static_cast<double>(p.rotary_dim));
     const double angle = static_cast<double>(p.positions[t]) * inv_freq;
     double sd, cd;
     sincos(angle, &sd, &cd);
-    const float c = static_cast<float>(cd);
-    const float s = static_cast<float>(sd);
+    const float c = static_cast<float>(cd * static_cast<double>(p.mscale));
+    const float s = static_cast<float>(sd * static_cast<double>(p.mscale));
     float* xt = p.x + t * p.heads * p.head_dim;
     for (int64_t h = 0; h < p.heads; ++h) {
       float* xh = xt + h * p.head_dim;
@@ -513,8 +516,6 @@ cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
 }
 
 cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
-  // Explicit frequency tables and mscale (yarn, DeepSeek) are CPU-only so far: refuse them.
-  if (p.inv_freq != nullptr || p.mscale != 1.0f) return cudaErrorNotSupported;
   if (p.tokens <= 0 || p.heads <= 0 || p.rotary_dim < 2) {
     return cudaSuccess;
   }

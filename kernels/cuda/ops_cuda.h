@@ -21,8 +21,8 @@ namespace helix::kernels::cuda {
 // RmsNormCpu semantics (sum of squares in double; residual += x first when set).
 cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream);
 
-// RopeCpu semantics: angles and their sine / cosine in double, both styles. Explicit inv_freq
-// tables and mscale (yarn) are not supported yet: cudaErrorNotSupported.
+// RopeCpu semantics: angles and their sine / cosine in double, both styles, an optional
+// inv_freq table (a device pointer) and mscale (yarn).
 cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream);
 
 // SiluMulCpu semantics.

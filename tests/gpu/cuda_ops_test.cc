@@ -514,6 +514,36 @@ TEST_F(CudaOpsTest, RopeBothStyles) {
   }
 }
 
+// DeepSeek's yarn: an explicit frequency table and an mscale on cos/sin, at a row stride wider
+// than the rotated part (q_pe after q_nope in each head).
+TEST_F(CudaOpsTest, RopeYarnTableAndMscale) {
+  std::mt19937 rng(35);
+  const std::vector<int32_t> positions = {0, 3, 1023, 4095, 70000};
+  std::vector<double> inv_freq(8);
+  for (size_t i = 0; i < inv_freq.size(); ++i) inv_freq[i] = std::pow(10000.0, -0.25 * i) / 3.0;
+  const int64_t tokens = static_cast<int64_t>(positions.size()), heads = 4, stride = 48;
+  std::vector<float> x = RandomVector(rng, tokens * heads * stride);
+  DeviceBuffer<float> d_x(x);
+  DeviceBuffer<int32_t> d_pos(positions);
+  DeviceBuffer<double> d_freq(inv_freq);
+  RopeParams p{.x = x.data() + 32,
+               .positions = positions.data(),
+               .tokens = tokens,
+               .heads = heads,
+               .head_dim = stride,
+               .rotary_dim = 16,
+               .theta = 10000.0f,
+               .style = RopeStyle::kInterleaved,
+               .inv_freq = inv_freq.data(),
+               .mscale = 1.0249f};
+  RopeCpu(p, nullptr);
+  p.x = d_x.get() + 32;
+  p.positions = d_pos.get();
+  p.inv_freq = d_freq.get();
+  ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+  ExpectAllNear(ToDouble(x), d_x.Download().data(), kF32Tol, kF32Tol, "yarn rope");
+}
+
 TEST_F(CudaOpsTest, SiluMul) {
   std::mt19937 rng(33);
   for (int64_t n : {1, 1000, 100003}) {
