@@ -1,7 +1,7 @@
 // Disaggregated serving inside the engine: a context-server engine (export_kv) prefills and
 // retains the KV, a generation engine (one rank, or a Helix group of forked ranks) pulls it
 // over UCX and decodes; the tokens must equal aggregated decoding. Also for an MLA model
-// (DeepSeek-V3-shaped, latent blocks) into a CP = 2 group.
+// (DeepSeek-V3-shaped, latent blocks) into a TP 2 x CP 2 group.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -198,14 +198,14 @@ TEST_F(DisaggTest, HelixGroupPullsItsBlocksAndHeadSlices) {
   }
 }
 
-// DeepSeek V3 (MLA): the context server's latent blocks scattered over a TP 1 x CP 2 group;
-// each rank pulls the whole latent of the blocks it owns.
-TEST_F(DisaggTest, MlaLatentBlocksIntoCpTwoGroup) {
+// DeepSeek V3 (MLA): the context server's latent blocks scattered over a TP 2 x CP 2 group;
+// each rank pulls the whole latent of the blocks it owns (TP does not split the latent).
+TEST_F(DisaggTest, MlaLatentBlocksIntoTpTwoCpTwoGroup) {
   const char* models = std::getenv("HELIX_TEST_MODELS_DIR");
   ASSERT_NE(models, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";
   const std::string mla = std::string(models) + "/deepseek_v3_tiny";
   ASSERT_TRUE(fs::exists(mla + "/config.json")) << mla;
-  EngineOptions o = Stories(1, 2, 4);
+  EngineOptions o = Stories(2, 2, 4);
   o.model_path = mla;
   auto port = parallel::PickFreePort("127.0.0.1");
   ASSERT_TRUE(port.ok());
