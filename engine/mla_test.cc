@@ -3,7 +3,8 @@
 // * single rank: every prompt position's logits within 1e-5 (relative to the row's largest
 //   logit) of a naive float64 forward pass (K/V expanded from the latent, no absorption), both
 //   as one prefill and token by token through the latent cache (absorbed decode), and the
-//   greedy continuation equals the reference's;
+//   greedy continuation equals the reference's (HELIX_MLA_DUMP_DIR=DIR writes the prefill
+//   logits there as <model>_engine_logits.f32, for tests/gpu/deepseek_hf_check.py);
 // * the latent cache holds kv_lora_rank + qk_rope_head_dim values per token and layer;
 // * Helix: TP x CP ranks (forked processes) decode 128 greedy tokens identical to one rank,
 //   logprobs within 1e-4, for a batch with prompts shorter than CP blocks and ones spanning
@@ -146,6 +147,12 @@ TEST_P(MlaTest, LogitsMatchTheFloat64ReferencePrefillAndDecode) {
     EXPECT_LE(worst, 1e-5);
     printf("%s %s: worst relative logit error %.3g\n", GetParam().c_str(),
            decode ? "decode" : "prefill", worst);
+    // For tests/gpu/deepseek_hf_check.py --engine-logits: transformers against the engine.
+    if (const char* dump = std::getenv("HELIX_MLA_DUMP_DIR"); dump != nullptr && !decode) {
+      std::ofstream(std::string(dump) + "/" + GetParam() + "_engine_logits.f32", std::ios::binary)
+          .write(reinterpret_cast<const char*>(got.data()),
+                 static_cast<std::streamsize>(got.size() * sizeof(float)));
+    }
   }
 }
 

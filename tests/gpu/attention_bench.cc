@@ -8,8 +8,14 @@
 // (PagedAttentionCudaTuning) are timed side by side and their outputs checked against the
 // default's.
 //
-// Usage: attention_bench [--csv FILE] [--quick] [--no-variants]. Exits 0 with a note when no
-// GPU is visible.
+// --mla times MlaAttentionCuda instead (DeepSeek V2/V3 absorbed decode: bf16 rows of latent 512 +
+// rope 64, 64 tokens per block, blocks shuffled) for 16 and 128 heads per rank, KV 4K..128K
+// tokens x batch 1, 4, 16, against the same two references, and also reports TFLOP/s (2 x heads
+// x (576 + 512) per cached row) against an fp32 FMA throughput kernel timed in the same run: at
+// these head counts the kernel does ~30-240 flops per KV byte, so it is compute bound.
+//
+// Usage: attention_bench [--mla] [--csv FILE] [--quick] [--no-variants]. Exits 0 with a note when
+// no GPU is visible.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -25,6 +31,8 @@
 
 #include "kernels/attention.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/mla_attention_cuda.h"
+#include "kernels/mla_attention.h"
 #include "tests/gpu/bench_kernels.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -34,6 +42,7 @@ namespace {
 using gpu_testing::DeviceBuffer;
 using kernels::DType;
 using kernels::KvPoolView;
+using kernels::MlaAttentionParams;
 using kernels::PagedAttentionParams;
 using kernels::cuda::PagedAttentionCudaTuning;
 
@@ -102,10 +111,237 @@ cudaGraphExec_t Capture(cudaStream_t s, int iters, F&& body) {
   return exec;
 }
 
+// ---------------------------------------------------------------------------------------------
+// MLA mode
+
+constexpr int64_t kMlaLatent = 512, kMlaRope = 64, kMlaRow = kMlaLatent + kMlaRope, kMlaTpb = 64;
+
+int64_t MlaKvBytes(int64_t batch, int64_t tokens) { return batch * tokens * kMlaRow * kElem; }
+
+// Milliseconds of one direct launch of `launch` (after one warm-up), to size the graphs.
+template <typename F>
+double TimeOnce(cudaStream_t s, F&& launch) {
+  cudaEvent_t a, b;
+  HELIX_CUDA_OK(cudaEventCreate(&a));
+  HELIX_CUDA_OK(cudaEventCreate(&b));
+  launch();
+  HELIX_CUDA_OK(cudaEventRecord(a, s));
+  launch();
+  HELIX_CUDA_OK(cudaEventRecord(b, s));
+  HELIX_CUDA_OK(cudaEventSynchronize(b));
+  float t = 0;
+  HELIX_CUDA_OK(cudaEventElapsedTime(&t, a, b));
+  HELIX_CUDA_OK(cudaEventDestroy(a));
+  HELIX_CUDA_OK(cudaEventDestroy(b));
+  return static_cast<double>(t);
+}
+
+// Practical fp32 FMA throughput of the device in TFLOP/s (best of a few ~20 ms launches).
+double MeasureFmaPeak(cudaStream_t s) {
+  DeviceBuffer<float> sink(1);
+  double flops = 0.0;
+  const auto launch = [&](int iters) {
+    HELIX_CUDA_OK(gpu_testing::LaunchFmaPeak(iters, sink.get(), &flops, s));
+  };
+  int iters = 64;
+  double ms = TimeOnce(s, [&] { launch(iters); });
+  iters = static_cast<int>(std::clamp(iters * 20.0 / std::max(ms, 1e-3), 64.0, 1e6));
+  double best = 0.0;
+  for (int r = 0; r < 3; ++r) {
+    ms = TimeOnce(s, [&] { launch(iters); });
+    best = std::max(best, flops / (ms * 1e9));
+  }
+  return best;
+}
+
+int MlaMain(const std::string& csv_path, bool quick) {
+  cudaDeviceProp prop;
+  HELIX_CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (%d SMs, %.0f MiB, L2 %.0f MiB)\n", prop.name, prop.multiProcessorCount,
+              prop.totalGlobalMem / 1048576.0, prop.l2CacheSize / 1048576.0);
+  cudaStream_t stream;
+  HELIX_CUDA_OK(cudaStreamCreate(&stream));
+  const double fma_tflops = MeasureFmaPeak(stream);
+  std::printf(
+      "MLA decode (MlaAttentionCuda): bf16 pool rows of latent %lld + rope %lld, 1 layer, %lld "
+      "tokens/block, blocks shuffled, 1 query token per sequence, split-KV as "
+      "MlaAttentionCudaSplitTokens chooses\n",
+      static_cast<long long>(kMlaLatent), static_cast<long long>(kMlaRope),
+      static_cast<long long>(kMlaTpb));
+  std::printf(
+      "GB/s = KV bytes (each cached row counted once, though every 16-head group reads it) / time; "
+      "/read = GB/s over a streaming-read kernel's GB/s on the same bytes; /D2D = GB/s over a D2D "
+      "cudaMemcpy's GB/s (read + write counted) on the same bytes; TFLOP/s = 2 x heads x (%lld + "
+      "%lld) flops per cached row / time; /FMA = over an fp32 FMA kernel's %.1f TFLOP/s measured "
+      "in this run\n",
+      static_cast<long long>(kMlaRow), static_cast<long long>(kMlaLatent), fma_tflops);
+
+  std::vector<int64_t> token_counts = {4096, 16384, 32768, 65536, 131072};
+  std::vector<int64_t> batches = {1, 4, 16};
+  const std::vector<int64_t> head_counts = {16, 128};
+  if (quick) {
+    token_counts = {4096, 32768};
+    batches = {1, 4};
+  }
+  int64_t max_pool = 0;
+  for (int64_t t : token_counts) {
+    for (int64_t b : batches) {
+      const int64_t bytes = MlaKvBytes(b, t);
+      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
+      max_pool = std::max(max_pool, reps * bytes);
+    }
+  }
+  DeviceBuffer<unsigned char> pool(static_cast<size_t>(max_pool));
+  DeviceBuffer<unsigned char> copy_dst(static_cast<size_t>(max_pool));
+  DeviceBuffer<unsigned> sink(1);
+  HELIX_CUDA_OK(gpu_testing::LaunchFillBf16(pool.get(), pool.size() / 2, 11, stream));
+  HELIX_CUDA_OK(cudaMemsetAsync(copy_dst.get(), 0, copy_dst.size(), stream));
+  HELIX_CUDA_OK(cudaStreamSynchronize(stream));
+
+  FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
+  if (csv != nullptr) {
+    std::fprintf(csv,
+                 "tokens,batch,heads,kv_mb,splits,ms,gbps,read_gbps,frac_read,copy_gbps,frac_copy,"
+                 "tflops,fma_tflops,frac_fma\n");
+  }
+  std::printf("%8s %5s %5s %8s %6s %9s %6s %9s %6s %8s %6s %7s %6s\n", "tokens", "batch", "heads",
+              "KV MiB", "splits", "ms", "GB/s", "read GB/s", "/read", "D2D GB/s", "/D2D", "TFLOP/s",
+              "/FMA");
+  std::mt19937 rng(2);
+  const int runs = quick ? 3 : 5;
+  for (int64_t tokens : token_counts) {
+    for (int64_t batch : batches) {
+      const int64_t bytes = MlaKvBytes(batch, tokens);
+      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
+      const int64_t blocks_per_seq = tokens / kMlaTpb;
+      const int64_t blocks_per_rep = batch * blocks_per_seq;
+      std::vector<int32_t> tables(reps * blocks_per_rep);
+      for (int64_t r = 0; r < reps; ++r) {
+        std::vector<int32_t> ids(blocks_per_rep);
+        std::iota(ids.begin(), ids.end(), static_cast<int32_t>(r * blocks_per_rep));
+        std::shuffle(ids.begin(), ids.end(), rng);
+        std::copy(ids.begin(), ids.end(), tables.begin() + r * blocks_per_rep);
+      }
+      std::vector<int32_t> firsts(blocks_per_rep);
+      for (int64_t s = 0; s < batch; ++s) {
+        for (int64_t j = 0; j < blocks_per_seq; ++j) {
+          firsts[s * blocks_per_seq + j] = static_cast<int32_t>(j * kMlaTpb);
+        }
+      }
+      std::vector<int32_t> q_seq(batch), q_pos(batch, static_cast<int32_t>(tokens - 1)),
+          lens(batch, static_cast<int32_t>(tokens));
+      std::iota(q_seq.begin(), q_seq.end(), 0);
+      DeviceBuffer<int32_t> d_tables(tables), d_firsts(firsts), d_seq(q_seq), d_pos(q_pos),
+          d_lens(lens);
+
+      // The references depend on the bytes only: timed once for both head counts.
+      const auto copy_body = [&](int i) {
+        const int64_t off = (i % reps) * bytes;
+        HELIX_CUDA_OK(cudaMemcpyAsync(copy_dst.get() + off, pool.get() + off,
+                                      static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
+                                      stream));
+      };
+      const auto read_body = [&](int i) {
+        HELIX_CUDA_OK(gpu_testing::LaunchReadReduce(
+            pool.get() + (i % reps) * bytes, static_cast<size_t>(bytes), sink.get(), stream));
+      };
+      // Enough iterations per graph for ~2 ms at 4 TB/s, at least one per replica.
+      const int ref_iters = static_cast<int>(
+          std::clamp<int64_t>((8ll << 30) / std::max<int64_t>(bytes, 1), reps, 200));
+      cudaGraphExec_t copy = Capture(stream, ref_iters, copy_body);
+      cudaGraphExec_t read = Capture(stream, ref_iters, read_body);
+      const double copy_ms = TimeGraph(copy, ref_iters, runs, stream);
+      const double read_ms = TimeGraph(read, ref_iters, runs, stream);
+      HELIX_CUDA_OK(cudaGraphExecDestroy(copy));
+      HELIX_CUDA_OK(cudaGraphExecDestroy(read));
+      const double read_gbps = bytes / (read_ms * 1e6);
+      const double copy_gbps = 2.0 * bytes / (copy_ms * 1e6);
+
+      for (int64_t heads : head_counts) {
+        std::vector<float> q(batch * heads * kMlaRow);
+        std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+        for (float& x : q) {
+          x = dist(rng);
+        }
+        DeviceBuffer<float> d_q(q), d_out(batch * heads * kMlaLatent), d_lse(batch * heads);
+        MlaAttentionParams p{.q = d_q.get(),
+                             .q_seq = d_seq.get(),
+                             .q_pos = d_pos.get(),
+                             .kv = KvPoolView{pool.get(), DType::kBF16, 1, 1, kMlaTpb, kMlaRow, 1},
+                             .layer = 0,
+                             .block_tables = d_tables.get(),
+                             .block_first_pos = d_firsts.get(),
+                             .kv_lens = d_lens.get(),
+                             .max_blocks_per_seq = blocks_per_seq,
+                             .num_seqs = batch,
+                             .num_q_tokens = batch,
+                             .num_heads = heads,
+                             .latent_dim = kMlaLatent,
+                             .rope_dim = kMlaRope,
+                             // DeepSeek V3: 192^-0.5 x yarn mscale(40, 1)^2.
+                             .scale = 0.1352f,
+                             .out = d_out.get(),
+                             .lse = d_lse.get(),
+                             .kv_split_tokens = 0};
+        p.kv_split_tokens = kernels::cuda::MlaAttentionCudaSplitTokens(p);
+        const int64_t splits =
+            p.kv_split_tokens > 0 ? (tokens + p.kv_split_tokens - 1) / p.kv_split_tokens : 1;
+        DeviceBuffer<unsigned char> ws(kernels::cuda::MlaAttentionCudaWorkspaceBytes(p));
+        HELIX_CUDA_OK(cudaMemsetAsync(d_out.get(), 0xff, d_out.size() * sizeof(float), stream));
+        const double once_ms = TimeOnce(
+            stream, [&] { HELIX_CUDA_OK(kernels::cuda::MlaAttentionCuda(p, ws.get(), stream)); });
+        bool bad = false;
+        for (float x : d_out.Download()) {
+          bad = bad || !std::isfinite(x);
+        }
+        for (float x : d_lse.Download()) {
+          bad = bad || !std::isfinite(x);
+        }
+        // Compute bound at many heads: size the graph by the measured time (~3 ms), not the
+        // bytes, but still cycle through every replica.
+        const int iters = static_cast<int>(std::clamp<int64_t>(
+            static_cast<int64_t>(std::ceil(3.0 / std::max(once_ms, 1e-3))), reps, 400));
+        cudaGraphExec_t attn = Capture(stream, iters, [&](int i) {
+          MlaAttentionParams pi = p;
+          pi.block_tables = d_tables.get() + (i % reps) * blocks_per_rep;
+          HELIX_CUDA_OK(kernels::cuda::MlaAttentionCuda(pi, ws.get(), stream));
+        });
+        const double ms = TimeGraph(attn, iters, runs, stream);
+        HELIX_CUDA_OK(cudaGraphExecDestroy(attn));
+
+        const double gbps = bytes / (ms * 1e6);
+        const double tflops =
+            2.0 * heads * (kMlaRow + kMlaLatent) * static_cast<double>(batch * tokens) / (ms * 1e9);
+        std::printf(
+            "%8lld %5lld %5lld %8.1f %6lld %9.4f %6.0f %9.0f %6.3f %8.0f %6.3f %7.1f %6.3f%s\n",
+            static_cast<long long>(tokens), static_cast<long long>(batch),
+            static_cast<long long>(heads), bytes / 1048576.0, static_cast<long long>(splits), ms,
+            gbps, read_gbps, gbps / read_gbps, copy_gbps, gbps / copy_gbps, tflops,
+            tflops / fma_tflops, bad ? "  NON-FINITE OUTPUT" : "");
+        std::fflush(stdout);
+        if (csv != nullptr) {
+          std::fprintf(csv,
+                       "%lld,%lld,%lld,%.1f,%lld,%.5f,%.1f,%.1f,%.4f,%.1f,%.4f,%.2f,%.2f,%.4f\n",
+                       static_cast<long long>(tokens), static_cast<long long>(batch),
+                       static_cast<long long>(heads), bytes / 1048576.0,
+                       static_cast<long long>(splits), ms, gbps, read_gbps, gbps / read_gbps,
+                       copy_gbps, gbps / copy_gbps, tflops, fma_tflops, tflops / fma_tflops);
+        }
+      }
+    }
+  }
+  if (csv != nullptr) {
+    std::fclose(csv);
+  }
+  HELIX_CUDA_OK(cudaStreamDestroy(stream));
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   std::string csv_path;
   bool quick = false;
   bool variants = true;
+  bool mla = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc) {
       csv_path = argv[++i];
@@ -113,8 +349,10 @@ int Main(int argc, char** argv) {
       quick = true;
     } else if (std::strcmp(argv[i], "--no-variants") == 0) {
       variants = false;
+    } else if (std::strcmp(argv[i], "--mla") == 0) {
+      mla = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--csv FILE] [--quick] [--no-variants]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--mla] [--csv FILE] [--quick] [--no-variants]\n", argv[0]);
       return 2;
     }
   }
@@ -122,6 +360,9 @@ int Main(int argc, char** argv) {
   if (!why.empty()) {
     std::printf("attention_bench: skipped: %s\n", why.c_str());
     return 0;
+  }
+  if (mla) {
+    return MlaMain(csv_path, quick);
   }
   cudaDeviceProp prop;
   HELIX_CUDA_OK(cudaGetDeviceProperties(&prop, 0));

@@ -54,6 +54,35 @@ __global__ void FillBf16Kernel(uint32_t* dst, size_t pairs, uint32_t seed) {
   }
 }
 
+constexpr int kFmaThreads = 256;
+constexpr int kFmaChains = 8;  // independent accumulators per thread (hides the FMA latency)
+
+__global__ void __launch_bounds__(kFmaThreads)
+    FmaPeakKernel(int iters, float b, float c, float* sink) {
+  float acc[kFmaChains];
+#pragma unroll
+  for (int k = 0; k < kFmaChains; ++k) {
+    acc[k] = static_cast<float>(threadIdx.x + k);
+  }
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+#pragma unroll
+      for (int k = 0; k < kFmaChains; ++k) {
+        acc[k] = fmaf(acc[k], b, c);
+      }
+    }
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kFmaChains; ++k) {
+    sum += acc[k];
+  }
+  if (sum == 1234.5f) {
+    *sink = sum;
+  }
+}
+
 int GridFor(const void* fn, int threads) {
   int device = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -70,6 +99,14 @@ cudaError_t LaunchReadReduce(const void* src, size_t bytes, unsigned* sink, cuda
   static const int grid = GridFor(reinterpret_cast<const void*>(&ReadReduceKernel), kReadThreads);
   ReadReduceKernel<<<grid, kReadThreads, 0, stream>>>(static_cast<const uint4*>(src), bytes / 16,
                                                       sink);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchFmaPeak(int iters, float* sink, double* flops, cudaStream_t stream) {
+  static const int grid = GridFor(reinterpret_cast<const void*>(&FmaPeakKernel), kFmaThreads);
+  // b < 1 keeps the chains finite: they converge to c / (1 - b).
+  FmaPeakKernel<<<grid, kFmaThreads, 0, stream>>>(iters, 0.999f, 0.001f, sink);
+  *flops = 2.0 * grid * kFmaThreads * kFmaChains * 16.0 * iters;
   return cudaGetLastError();
 }
 
