@@ -4,6 +4,7 @@
 #ifndef HELIX_KERNELS_ATTENTION_H_
 #define HELIX_KERNELS_ATTENTION_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -66,6 +67,25 @@ struct PagedAttentionParams {
                             // this many tokens (a multiple of tokens_per_block), each chunk's
                             // (O, LSE) is computed separately and MergeStatesCpu merges them
 };
+
+// Split-KV chunking, shared by every attention kernel (CPU and CUDA, GQA and MLA: P is
+// PagedAttentionParams or MlaAttentionParams) so that workspaces and merges agree: blocks per
+// chunk (0 when kv_split_tokens is 0: no split) and chunks per sequence (1 without a split).
+template <typename P>
+int64_t SplitKvBlocksPerChunk(const P& p) {
+  if (p.kv_split_tokens <= 0) {
+    return 0;
+  }
+  return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
+}
+template <typename P>
+int64_t SplitKvParts(const P& p) {
+  const int64_t bpc = SplitKvBlocksPerChunk(p);
+  if (bpc == 0) {
+    return 1;
+  }
+  return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
+}
 
 // Workspace PagedAttentionCpu needs for p: 0 without split-KV, else the per-chunk partial
 // outputs and LSEs (ceil(max_blocks_per_seq / blocks per chunk) chunks of every output row).

@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -21,21 +20,6 @@ constexpr int64_t kTile = 32;
 constexpr int kMaxPairs = 32;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t BlocksPerChunk(const PagedAttentionParams& p) {
-  if (p.kv_split_tokens <= 0) {
-    return 0;
-  }
-  return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
-}
-
-int64_t NumParts(const PagedAttentionParams& p) {
-  const int64_t bpc = BlocksPerChunk(p);
-  if (bpc == 0) {
-    return 1;
-  }
-  return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
-}
 
 // Dot products of G query heads with TT consecutive K rows starting at element row0. Lane
 // tt * G + g of the result is q[g] . k[tt]. The rows are walked one after the other so the
@@ -403,7 +387,7 @@ void WriteKv(const KvPoolView& view, int64_t block, int64_t layer, int64_t token
 }
 
 size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p) {
-  const int64_t parts = NumParts(p);
+  const int64_t parts = SplitKvParts(p);
   if (parts <= 1) {
     return 0;
   }
@@ -419,8 +403,8 @@ void PagedAttentionCpu(const PagedAttentionParams& p, void* workspace, ThreadPoo
   Plan plan;
   plan.group = p.num_q_heads / p.num_kv_heads;
   plan.subs = (plan.group + kMaxGroup - 1) / kMaxGroup;
-  plan.parts = NumParts(p);
-  plan.blocks_per_part = plan.parts > 1 ? BlocksPerChunk(p) : p.max_blocks_per_seq;
+  plan.parts = SplitKvParts(p);
+  plan.blocks_per_part = plan.parts > 1 ? SplitKvBlocksPerChunk(p) : p.max_blocks_per_seq;
   // Whole KV-head sets per item stream best; cut them only to give every thread about two
   // items (and to keep each item's state within kMaxPairs sub-groups).
   const int64_t threads = pool != nullptr ? pool->size() : 1;
@@ -452,18 +436,7 @@ void PagedAttentionCpu(const PagedAttentionParams& p, void* workspace, ThreadPoo
     float* lse = plan.parts > 1 ? ws_lse + c * rows + row : (p.lse ? p.lse + row : lse_tmp);
     AttendItem(p, plan, t, c, h_begin, h_end, o, lse);
   };
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t, int64_t) {
-    for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < items;
-         it = next.fetch_add(1, std::memory_order_relaxed)) {
-      run_item(it);
-    }
-  };
-  if (threads == 1 || items == 1) {
-    worker(0, 0);
-  } else {
-    pool->ParallelFor(std::min<int64_t>(items, threads), worker);
-  }
+  ParallelForEachItem(pool, items, run_item);
 
   if (plan.parts > 1) {
     MergeStatesCpu({.o = ws_o,

@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -33,21 +32,6 @@ constexpr int kTb = 3;
 constexpr int kEb = 3;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t BlocksPerChunk(const MlaAttentionParams& p) {
-  if (p.kv_split_tokens <= 0) {
-    return 0;
-  }
-  return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
-}
-
-int64_t NumParts(const MlaAttentionParams& p) {
-  const int64_t bpc = BlocksPerChunk(p);
-  if (bpc == 0) {
-    return 1;
-  }
-  return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
-}
 
 // s[h * kTileRows + t] = scale * q_h . k_t for HB heads (rows q + h * dk) and TB cached rows.
 // Each (head, row) score is one 8-lane accumulator over the dk / 8 vectors of the row, summed
@@ -371,7 +355,7 @@ void AttendItem(const MlaAttentionParams& p, int64_t blocks_per_part, int64_t t,
 }  // namespace
 
 size_t MlaAttentionWorkspaceBytes(const MlaAttentionParams& p) {
-  const int64_t parts = NumParts(p);
+  const int64_t parts = SplitKvParts(p);
   if (parts <= 1) {
     return 0;
   }
@@ -385,8 +369,8 @@ void MlaAttentionCpu(const MlaAttentionParams& p, void* workspace, ThreadPool* p
   }
   const int64_t H = p.num_heads;
   const int64_t latent = p.latent_dim;
-  const int64_t parts = NumParts(p);
-  const int64_t blocks_per_part = parts > 1 ? BlocksPerChunk(p) : p.max_blocks_per_seq;
+  const int64_t parts = SplitKvParts(p);
+  const int64_t blocks_per_part = parts > 1 ? SplitKvBlocksPerChunk(p) : p.max_blocks_per_seq;
 
   // Work items are (query token, chunk, head group). Heads are grouped only as far as needed
   // to give every thread about two items (at least 8 heads an item) or to stay within
@@ -421,18 +405,7 @@ void MlaAttentionCpu(const MlaAttentionParams& p, void* workspace, ThreadPool* p
     float* lse = parts > 1 ? ws_lse + c * rows + row : (p.lse ? p.lse + row : lse_tmp);
     AttendItem(p, blocks_per_part, t, c, h0, nh, o, lse);
   };
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t, int64_t) {
-    for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < items;
-         it = next.fetch_add(1, std::memory_order_relaxed)) {
-      run_item(it);
-    }
-  };
-  if (threads == 1 || items == 1) {
-    worker(0, 0);
-  } else {
-    pool->ParallelFor(std::min<int64_t>(items, threads), worker);
-  }
+  ParallelForEachItem(pool, items, run_item);
 
   if (parts > 1) {
     MergeStatesCpu({.o = ws_o,

@@ -138,4 +138,22 @@ void ParallelForMin(ThreadPool* pool, int64_t n, int64_t min_chunk,
   });
 }
 
+void ParallelForEachItem(ThreadPool* pool, int64_t n, const std::function<void(int64_t i)>& fn) {
+  if (n <= 0) {
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(i);
+    }
+  };
+  if (pool == nullptr || pool->size() == 1 || n == 1) {
+    worker(0, 0);
+  } else {
+    pool->ParallelFor(std::min<int64_t>(n, pool->size()), worker);
+  }
+}
+
 }  // namespace helix::kernels

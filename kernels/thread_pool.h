@@ -62,6 +62,10 @@ class ThreadPool {
 void ParallelForMin(ThreadPool* pool, int64_t n, int64_t min_chunk,
                     const std::function<void(int64_t begin, int64_t end)>& fn);
 
+// Runs fn(i) for every i in [0, n), handing the items out one at a time to the pool's threads
+// (for items of uneven cost); inline when pool is null, has one thread, or n is 1.
+void ParallelForEachItem(ThreadPool* pool, int64_t n, const std::function<void(int64_t i)>& fn);
+
 }  // namespace helix::kernels
 
 #endif  // HELIX_KERNELS_THREAD_POOL_H_

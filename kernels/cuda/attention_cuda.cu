@@ -56,21 +56,6 @@ struct Args {
   float* ws_lse;  // [parts][rows]
 };
 
-int64_t BlocksPerChunk(const PagedAttentionParams& p) {
-  if (p.kv_split_tokens <= 0) {
-    return 0;
-  }
-  return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
-}
-
-int64_t NumParts(const PagedAttentionParams& p) {
-  const int64_t bpc = BlocksPerChunk(p);
-  if (bpc == 0) {
-    return 1;
-  }
-  return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Pieces shared by both paths.
 
@@ -227,41 +212,6 @@ struct WarpCfg {
   static_assert(kSmallBytes % 16 == 0 && kStageBytes % 16 == 0);
   static_assert(kG * D * 4 <= 2 * kStageBytes);  // the final reduction reuses the rings
 };
-
-// Sums the N values v[] of each lane over aligned groups of L lanes, leaving the totals
-// scattered: by halving exchanges (N - 1 shuffles when N <= L) while values remain, then a
-// plain tree. Afterwards lane l holds max(1, N / L) consecutive totals starting at index
-// ScatterBase<N, L>(l) in v[0...]; when N < L, L / N lanes hold each (replicas differ in their
-// low bits).
-template <int N, int L, int M>
-__device__ inline void ReduceScatterN(float (&v)[M], int lane) {
-  if constexpr (L > 1) {
-    constexpr int off = L / 2;
-    if constexpr (N > 1) {
-      constexpr int half = N / 2;
-      const bool up = (lane & off) != 0;
-#pragma unroll
-      for (int i = 0; i < half; ++i) {
-        const float send = up ? v[i] : v[i + half];
-        const float keep = up ? v[i + half] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-      }
-      ReduceScatterN<half, off, M>(v, lane);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
-      ReduceScatterN<1, off, M>(v, lane);
-    }
-  }
-}
-
-template <int N, int L>
-__device__ inline int ScatterBase(int lane) {
-  if constexpr (L > 1 && N > 1) {
-    return ((lane & (L / 2)) != 0 ? N / 2 : 0) + ScatterBase<N / 2, L / 2>(lane);
-  } else {
-    return 0;
-  }
-}
 
 // Block-table entries of a step, loaded two steps before use. When tokens_per_block is a
 // multiple of kStepRows a step lies in one block: every lane holds the step's block, first
@@ -962,23 +912,13 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
     per_sm = 1;
   }
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
-  const int64_t base = p.num_q_tokens * p.num_kv_heads * subs;
-  const int64_t slots = static_cast<int64_t>(sms) * std::max(1, per_sm);
-  // One wave: as many chunks per sequence as leave every resident slot busy.
-  const int64_t want = slots / base;
-  if (want <= 1) {
-    return 0;
-  }
-  const int64_t min_blocks = std::max<int64_t>(1, (MinChunkTokens() + tpb - 1) / tpb);
-  const int64_t bpc = std::max(min_blocks, (p.max_blocks_per_seq + want - 1) / want);
-  if (bpc >= p.max_blocks_per_seq) {
-    return 0;
-  }
-  return bpc * tpb;
+  return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),
+                               p.num_q_tokens * p.num_kv_heads * subs, p.max_blocks_per_seq, tpb,
+                               MinChunkTokens());
 }
 
 size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p) {
-  const int64_t parts = NumParts(p);
+  const int64_t parts = SplitKvParts(p);
   if (parts <= 1) {
     return 0;
   }
@@ -994,7 +934,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   if (p.head_dim <= 0 || p.head_dim > kMaxGenericDim || p.num_q_heads % p.num_kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
-  const int64_t parts = NumParts(p);
+  const int64_t parts = SplitKvParts(p);
   if (parts > 65535) {
     return cudaErrorInvalidValue;  // grid.y limit: use larger kv_split_tokens
   }
@@ -1024,8 +964,8 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.prefetch_steps = PrefetchSteps();
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
-  a.blocks_per_chunk =
-      static_cast<int>(parts > 1 ? BlocksPerChunk(p) : std::max<int64_t>(1, p.max_blocks_per_seq));
+  a.blocks_per_chunk = static_cast<int>(parts > 1 ? SplitKvBlocksPerChunk(p)
+                                                  : std::max<int64_t>(1, p.max_blocks_per_seq));
   a.parts = static_cast<int>(parts);
   a.scale = p.scale;
   a.out = p.out;

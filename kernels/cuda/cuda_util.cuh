@@ -1,11 +1,13 @@
-// Device helpers shared by the kernels/cuda .cu files: element conversion, warp reductions
-// and cp.async wrappers. Header-only, internal to kernels/cuda.
+// Helpers shared by the kernels/cuda .cu files: element conversion, warp reductions (and the
+// reduce-scatter), cp.async wrappers, and the host-side split-KV sizing for one wave.
+// Header-only, internal to kernels/cuda.
 #ifndef HELIX_KERNELS_CUDA_CUDA_UTIL_CUH_
 #define HELIX_KERNELS_CUDA_CUDA_UTIL_CUH_
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace helix::kernels::cuda {
@@ -64,6 +66,25 @@ __device__ inline void ChunkToFloats<__nv_bfloat16>(const uint4& raw, float* f) 
   }
 }
 
+// Host: the kv_split_tokens that cuts every sequence into enough chunks for `items` thread
+// blocks per chunk (query tokens x head units) to fill `slots` resident blocks in one wave,
+// with chunks of at least min_chunk_tokens; 0 (no split) when the batch alone fills the wave
+// or one chunk would hold the longest sequence.
+inline int64_t SplitTokensForOneWave(int64_t slots, int64_t items, int64_t max_blocks,
+                                     int64_t tokens_per_block, int64_t min_chunk_tokens) {
+  const int64_t want = slots / items;  // chunks per sequence that fill one wave
+  if (want <= 1) {
+    return 0;
+  }
+  const int64_t min_blocks =
+      std::max<int64_t>(1, (min_chunk_tokens + tokens_per_block - 1) / tokens_per_block);
+  const int64_t bpc = std::max(min_blocks, (max_blocks + want - 1) / want);
+  if (bpc >= max_blocks) {
+    return 0;
+  }
+  return bpc * tokens_per_block;
+}
+
 __device__ inline float WarpMax(float x) {
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) {
@@ -78,6 +99,41 @@ __device__ inline float WarpSum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, o);
   }
   return x;
+}
+
+// Sums the N values v[] of each lane over aligned groups of L lanes, leaving the totals
+// scattered: by halving exchanges (N - 1 shuffles when N <= L) while values remain, then a
+// plain tree. Afterwards lane l holds max(1, N / L) consecutive totals starting at index
+// ScatterBase<N, L>(l) in v[0...]; when N < L, L / N lanes hold each (replicas differ in their
+// low bits).
+template <int N, int L, int M>
+__device__ inline void ReduceScatterN(float (&v)[M], int lane) {
+  if constexpr (L > 1) {
+    constexpr int off = L / 2;
+    if constexpr (N > 1) {
+      constexpr int half = N / 2;
+      const bool up = (lane & off) != 0;
+#pragma unroll
+      for (int i = 0; i < half; ++i) {
+        const float send = up ? v[i] : v[i + half];
+        const float keep = up ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+      }
+      ReduceScatterN<half, off, M>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+      ReduceScatterN<1, off, M>(v, lane);
+    }
+  }
+}
+
+template <int N, int L>
+__device__ inline int ScatterBase(int lane) {
+  if constexpr (L > 1 && N > 1) {
+    return ((lane & (L / 2)) != 0 ? N / 2 : 0) + ScatterBase<N / 2, L / 2>(lane);
+  } else {
+    return 0;
+  }
 }
 
 #ifndef HELIX_CUDA_EMULATION

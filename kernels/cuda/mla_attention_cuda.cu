@@ -70,21 +70,6 @@ struct MlaArgs {
   float* ws_lse;  // [parts][rows]
 };
 
-int64_t BlocksPerChunk(const MlaAttentionParams& p) {
-  if (p.kv_split_tokens <= 0) {
-    return 0;
-  }
-  return std::max<int64_t>(1, p.kv_split_tokens / p.kv.tokens_per_block);
-}
-
-int64_t NumParts(const MlaAttentionParams& p) {
-  const int64_t bpc = BlocksPerChunk(p);
-  if (bpc == 0) {
-    return 1;
-  }
-  return std::max<int64_t>(1, (p.max_blocks_per_seq + bpc - 1) / bpc);
-}
-
 int64_t HeadGroups(const MlaAttentionParams& p) { return (p.num_heads + kHeads - 1) / kHeads; }
 
 // Two consecutive elements (the first at an even index) as floats.
@@ -124,39 +109,6 @@ __device__ inline void LoadQuad(const T* p, float* f) {
     f[1] = a.y;
     f[2] = b.x;
     f[3] = b.y;
-  }
-}
-
-// Sums the N values v[] of each lane over aligned groups of L lanes, leaving the totals
-// scattered (the reduce-scatter of attention_cuda.cu): with N == L each lane ends up holding
-// one total, v[0], of value index ScatterBase<N, L>(lane).
-template <int N, int L, int M>
-__device__ inline void ReduceScatterN(float (&v)[M], int lane) {
-  if constexpr (L > 1) {
-    constexpr int off = L / 2;
-    if constexpr (N > 1) {
-      constexpr int half = N / 2;
-      const bool up = (lane & off) != 0;
-#pragma unroll
-      for (int i = 0; i < half; ++i) {
-        const float send = up ? v[i] : v[i + half];
-        const float keep = up ? v[i + half] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-      }
-      ReduceScatterN<half, off, M>(v, lane);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
-      ReduceScatterN<1, off, M>(v, lane);
-    }
-  }
-}
-
-template <int N, int L>
-__device__ inline int ScatterBase(int lane) {
-  if constexpr (L > 1 && N > 1) {
-    return ((lane & (L / 2)) != 0 ? N / 2 : 0) + ScatterBase<N / 2, L / 2>(lane);
-  } else {
-    return 0;
   }
 }
 
@@ -497,22 +449,13 @@ int64_t MlaAttentionCudaSplitTokens(const MlaAttentionParams& p) {
                                                     kThreads, ch.smem) != cudaSuccess) {
     per_sm = 1;
   }
-  const int64_t base = p.num_q_tokens * HeadGroups(p);
-  const int64_t slots = static_cast<int64_t>(sms) * std::max(1, per_sm);
-  const int64_t want = slots / base;  // chunks per sequence that fill one wave
-  if (want <= 1) {
-    return 0;
-  }
-  const int64_t min_blocks = std::max<int64_t>(1, (kMinChunkTokens + tpb - 1) / tpb);
-  const int64_t bpc = std::max(min_blocks, (p.max_blocks_per_seq + want - 1) / want);
-  if (bpc >= p.max_blocks_per_seq) {
-    return 0;
-  }
-  return bpc * tpb;
+  return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),
+                               p.num_q_tokens * HeadGroups(p), p.max_blocks_per_seq, tpb,
+                               kMinChunkTokens);
 }
 
 size_t MlaAttentionCudaWorkspaceBytes(const MlaAttentionParams& p) {
-  const int64_t parts = NumParts(p);
+  const int64_t parts = SplitKvParts(p);
   if (parts <= 1) {
     return 0;
   }
@@ -527,7 +470,7 @@ cudaError_t MlaAttentionCuda(const MlaAttentionParams& p, void* workspace, cudaS
   if (!ShapeSupported(p) || p.kv.tokens_per_block <= 0) {
     return cudaErrorInvalidValue;
   }
-  const int64_t parts = NumParts(p);
+  const int64_t parts = SplitKvParts(p);
   const int64_t head_groups = HeadGroups(p);
   if (parts > 65535 || p.num_q_tokens * head_groups > 0x7fffffff) {
     return cudaErrorInvalidValue;  // grid limits (use a larger kv_split_tokens)
@@ -553,8 +496,8 @@ cudaError_t MlaAttentionCuda(const MlaAttentionParams& p, void* workspace, cudaS
   a.dk = static_cast<int>(p.latent_dim + p.rope_dim);
   a.dkp = dkp;
   a.latent = static_cast<int>(p.latent_dim);
-  a.blocks_per_chunk =
-      static_cast<int>(parts > 1 ? BlocksPerChunk(p) : std::max<int64_t>(1, p.max_blocks_per_seq));
+  a.blocks_per_chunk = static_cast<int>(parts > 1 ? SplitKvBlocksPerChunk(p)
+                                                  : std::max<int64_t>(1, p.max_blocks_per_seq));
   a.parts = static_cast<int>(parts);
   a.stages = ch.stages;
   // Every row starts dk elements after the previous one (blocks and layers are whole rows).
