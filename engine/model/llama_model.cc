@@ -203,21 +203,30 @@ void LlamaModel::MoeFfn(int64_t l, int64_t T) {
   RouteTokens(c, gate_logits_.data(), lw.gate_bias.empty() ? nullptr : lw.gate_bias.data(), T,
               &route_e_, &route_w_);
   moe_out_.assign(T * D, 0.0f);
-  std::vector<int32_t> rows;
-  std::vector<float> row_w;
-  for (size_t i = 0; i < lw.experts.size(); ++i) {
-    const int32_t e = static_cast<int32_t>(lw.expert_begin + static_cast<int64_t>(i));
-    rows.clear();
-    row_w.clear();
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t k = 0; k < K; ++k) {
-        if (route_e_[t * K + k] == e) {
-          rows.push_back(static_cast<int32_t>(t));
-          row_w.push_back(route_w_[t * K + k]);
-        }
-      }
+  // Bucket the (token, choice) pairs by local expert in one pass (a counting sort, tokens in
+  // order within each expert): expert i's pairs are [expert_start_[i], expert_start_[i + 1]).
+  const int64_t E_local = static_cast<int64_t>(lw.experts.size());
+  expert_start_.assign(E_local + 1, 0);
+  for (int32_t e : route_e_) {
+    const int64_t i = e - lw.expert_begin;
+    if (i >= 0 && i < E_local) ++expert_start_[i + 1];
+  }
+  for (int64_t i = 0; i < E_local; ++i) expert_start_[i + 1] += expert_start_[i];
+  expert_rows_.resize(expert_start_[E_local]);
+  expert_w_.resize(expert_start_[E_local]);
+  expert_fill_.assign(expert_start_.begin(), expert_start_.end() - 1);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = route_e_[t * K + k] - lw.expert_begin;
+      if (i < 0 || i >= E_local) continue;  // another rank's expert
+      expert_rows_[expert_fill_[i]] = static_cast<int32_t>(t);
+      expert_w_[expert_fill_[i]++] = route_w_[t * K + k];
     }
-    const int64_t n = static_cast<int64_t>(rows.size());
+  }
+  for (int64_t i = 0; i < E_local; ++i) {
+    const int32_t* rows = expert_rows_.data() + expert_start_[i];
+    const float* row_w = expert_w_.data() + expert_start_[i];
+    const int64_t n = expert_start_[i + 1] - expert_start_[i];
     if (n == 0) continue;
     const LayerWeights::Expert& ex = lw.experts[i];
     xe_.resize(n * D);

@@ -84,7 +84,8 @@ class LlamaModel {
   double rope_mscale_ = 1.0;
   std::vector<float> cq_, kva_, ckv_, qfull_, tmp_a_, tmp_b_, ov_;
   std::vector<float> gate_logits_, route_w_, moe_out_, xe_, ye_, he1_, he3_;
-  std::vector<int32_t> route_e_;
+  std::vector<int32_t> route_e_, expert_start_, expert_fill_, expert_rows_;
+  std::vector<float> expert_w_;
 };
 
 }  // namespace helix

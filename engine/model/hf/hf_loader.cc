@@ -5,6 +5,7 @@
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <utility>
 #include <vector>
@@ -95,17 +96,54 @@ class Config {
   std::string path_;
 };
 
-// DeepSeek V2/V3: MLA attention, yarn RoPE, MoE. Fields and defaults as their config classes.
-Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
+// The fields every supported architecture reads alike: shapes, context, rope_theta, the RMSNorm
+// eps (required unless eps_default is given), tied embeddings and the silu activation.
+Status ReadSharedFields(const Config& j, std::optional<double> eps_default, ModelConfig* c) {
   const std::string& path = j.path();
-  const bool v3 = c->architecture == "deepseek_v3";
-  c->attention = AttentionKind::kMla;
   ASSIGN_OR_RETURN(c->dim, j.Int("hidden_size"));
   ASSIGN_OR_RETURN(c->hidden_dim, j.Int("intermediate_size"));
   ASSIGN_OR_RETURN(c->n_layers, j.Int("num_hidden_layers"));
   ASSIGN_OR_RETURN(c->n_heads, j.Int("num_attention_heads"));
   ASSIGN_OR_RETURN(c->vocab_size, j.Int("vocab_size"));
   ASSIGN_OR_RETURN(c->max_seq_len, j.Int("max_position_embeddings"));
+  ASSIGN_OR_RETURN(double theta, j.NumberOr("rope_theta", 10000.0));
+  if (!(theta > 0)) {
+    return InvalidArgument(path + ": field 'rope_theta' = " + std::to_string(theta) +
+                           ": expected a positive value");
+  }
+  c->rope_theta = static_cast<float>(theta);
+  ASSIGN_OR_RETURN(double eps, eps_default ? j.NumberOr("rms_norm_eps", *eps_default)
+                                           : j.Number("rms_norm_eps"));
+  if (!(eps > 0 && eps < 1)) {
+    return InvalidArgument(path + ": field 'rms_norm_eps' = " + std::to_string(eps) +
+                           ": expected a small positive value");
+  }
+  c->norm_eps = static_cast<float>(eps);
+  ASSIGN_OR_RETURN(c->tied_embeddings, j.BoolOr("tie_word_embeddings", false));
+  ASSIGN_OR_RETURN(std::string act, j.StringOr("hidden_act", "silu"));
+  if (act != "silu") {
+    return Unimplemented(path + ": hidden_act '" + act + "' is not supported (only silu)");
+  }
+  return Status::Ok();
+}
+
+// rope_scaling's "rope_type" (or the older "type"), "?" when neither is a string.
+std::string RopeScalingType(const json& rs) {
+  std::string type = "?";
+  if (rs.is_object()) {
+    for (const char* k : {"rope_type", "type"}) {
+      if (rs.contains(k) && rs[k].is_string()) type = rs[k].get<std::string>();
+    }
+  }
+  return type;
+}
+
+// DeepSeek V2/V3: MLA attention, yarn RoPE, MoE. Fields and defaults as their config classes.
+Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
+  const std::string& path = j.path();
+  const bool v3 = c->architecture == "deepseek_v3";
+  c->attention = AttentionKind::kMla;
+  RETURN_IF_ERROR(ReadSharedFields(j, 1e-6, c));
   ASSIGN_OR_RETURN(c->q_lora_rank, j.IntOr("q_lora_rank", 0));  // null: no q compression
   ASSIGN_OR_RETURN(c->kv_lora_rank, j.Int("kv_lora_rank"));
   ASSIGN_OR_RETURN(c->qk_nope_head_dim, j.Int("qk_nope_head_dim"));
@@ -113,18 +151,6 @@ Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
   ASSIGN_OR_RETURN(c->v_head_dim, j.Int("v_head_dim"));
   c->n_kv_heads = 1;
   c->head_dim = c->kv_lora_rank + c->qk_rope_head_dim;
-  ASSIGN_OR_RETURN(double theta, j.NumberOr("rope_theta", 10000.0));
-  if (!(theta > 0)) {
-    return InvalidArgument(path + ": field 'rope_theta' = " + std::to_string(theta) +
-                           ": expected a positive value");
-  }
-  c->rope_theta = static_cast<float>(theta);
-  ASSIGN_OR_RETURN(double eps, j.NumberOr("rms_norm_eps", 1e-6));
-  if (!(eps > 0 && eps < 1)) {
-    return InvalidArgument(path + ": field 'rms_norm_eps' = " + std::to_string(eps) +
-                           ": expected a small positive value");
-  }
-  c->norm_eps = static_cast<float>(eps);
   // DeepSeek rotates pairs (x[2i], x[2i+1]) of q_pe and k_pe: its code de-interleaves them
   // before rotate_half, the same permutation for q and k, so scores equal interleaved RoPE.
   c->rope_style = kernels::RopeStyle::kInterleaved;
@@ -132,21 +158,13 @@ Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
   if (!interleave) {
     return Unimplemented(path + ": rope_interleave false is not supported for DeepSeek");
   }
-  ASSIGN_OR_RETURN(c->tied_embeddings, j.BoolOr("tie_word_embeddings", false));
-  ASSIGN_OR_RETURN(std::string act, j.StringOr("hidden_act", "silu"));
-  if (act != "silu") {
-    return Unimplemented(path + ": hidden_act '" + act + "' is not supported (only silu)");
-  }
   ASSIGN_OR_RETURN(bool attention_bias, j.BoolOr("attention_bias", false));
   if (attention_bias) return Unimplemented(path + ": attention_bias is not supported");
   if (j.Has("rope_scaling")) {
     const json& rs = j.raw("rope_scaling");
     if (!rs.is_object()) return InvalidArgument(path + ": rope_scaling must be an object");
     Config r(rs, path + ": rope_scaling");
-    std::string type = "?";
-    for (const char* k : {"rope_type", "type"}) {
-      if (rs.contains(k) && rs[k].is_string()) type = rs[k].get<std::string>();
-    }
+    const std::string type = RopeScalingType(rs);
     if (type == "yarn") {
       YarnScaling& y = c->yarn;
       y.enabled = true;
@@ -220,13 +238,8 @@ Status ReadConfig(const Config& j, ModelConfig* c) {
                          "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM)");
   }
   const bool qwen2 = c->architecture == "qwen2";
-  ASSIGN_OR_RETURN(c->dim, j.Int("hidden_size"));
-  ASSIGN_OR_RETURN(c->hidden_dim, j.Int("intermediate_size"));
-  ASSIGN_OR_RETURN(c->n_layers, j.Int("num_hidden_layers"));
-  ASSIGN_OR_RETURN(c->n_heads, j.Int("num_attention_heads"));
+  RETURN_IF_ERROR(ReadSharedFields(j, std::nullopt, c));
   ASSIGN_OR_RETURN(c->n_kv_heads, j.IntOr("num_key_value_heads", c->n_heads));
-  ASSIGN_OR_RETURN(c->vocab_size, j.Int("vocab_size"));
-  ASSIGN_OR_RETURN(c->max_seq_len, j.Int("max_position_embeddings"));
   if (c->n_heads == 0) return InvalidArgument(path + ": field 'num_attention_heads' is 0");
   if (!j.Has("head_dim") && c->dim % c->n_heads != 0) {
     return InvalidArgument(path + ": hidden_size " + std::to_string(c->dim) +
@@ -234,34 +247,10 @@ Status ReadConfig(const Config& j, ModelConfig* c) {
                            std::to_string(c->n_heads));
   }
   ASSIGN_OR_RETURN(c->head_dim, j.IntOr("head_dim", c->dim / c->n_heads));
-  ASSIGN_OR_RETURN(double theta, j.NumberOr("rope_theta", 10000.0));
-  if (!(theta > 0)) {
-    return InvalidArgument(path + ": field 'rope_theta' = " + std::to_string(theta) +
-                           ": expected a positive value");
-  }
-  c->rope_theta = static_cast<float>(theta);
-  ASSIGN_OR_RETURN(double eps, j.Number("rms_norm_eps"));
-  if (!(eps > 0 && eps < 1)) {
-    return InvalidArgument(path + ": field 'rms_norm_eps' = " + std::to_string(eps) +
-                           ": expected a small positive value");
-  }
-  c->norm_eps = static_cast<float>(eps);
   c->rope_style = kernels::RopeStyle::kHalf;
-  ASSIGN_OR_RETURN(c->tied_embeddings, j.BoolOr("tie_word_embeddings", false));
-
-  ASSIGN_OR_RETURN(std::string act, j.StringOr("hidden_act", "silu"));
-  if (act != "silu") {
-    return Unimplemented(path + ": hidden_act '" + act + "' is not supported (only silu)");
-  }
   if (j.Has("rope_scaling")) {
     const json& rs = j.raw("rope_scaling");
-    std::string type = "?";
-    if (rs.is_object()) {
-      for (const char* k : {"rope_type", "type"}) {
-        if (rs.contains(k) && rs[k].is_string()) type = rs[k].get<std::string>();
-      }
-    }
-    if (type != "default") {
+    if (RopeScalingType(rs) != "default") {
       return Unimplemented(path + ": rope_scaling " + rs.dump() + " is not supported");
     }
   }
