@@ -17,7 +17,9 @@
 namespace helix::kernels {
 namespace {
 
+using testing::DecodeSeqs;
 using testing::ExpectAllNear;
+using testing::PagedSeqs;
 using testing::RandomVector;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -69,29 +71,13 @@ struct Pool {
 };
 
 // Sequences and query tokens of one call.
-struct Problem {
-  int64_t heads = 8, latent = 64, rope = 16, layer = 1, max_blocks = 1;
+struct Problem : PagedSeqs {
+  int64_t heads = 8, latent = 64, rope = 16, layer = 1;
   float scale = 0.0f;  // 0: 1 / sqrt(latent + rope)
-  std::vector<std::vector<int32_t>> tables, firsts;
-  std::vector<int32_t> kv_lens, q_seq, q_pos;
   std::vector<float> q;
 
   int64_t dk() const { return latent + rope; }
-  int64_t tokens() const { return static_cast<int64_t>(q_seq.size()); }
   float Scale() const { return scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(dk())); }
-  void AddSeq(std::vector<int32_t> table, std::vector<int32_t> first, int32_t kv_len) {
-    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(table.size()));
-    tables.push_back(std::move(table));
-    firsts.push_back(std::move(first));
-    kv_lens.push_back(kv_len);
-  }
-  std::vector<int32_t> Flat(const std::vector<std::vector<int32_t>>& v) const {
-    std::vector<int32_t> flat(v.size() * max_blocks, -1);
-    for (size_t s = 0; s < v.size(); ++s) {
-      std::copy(v[s].begin(), v[s].end(), flat.begin() + s * max_blocks);
-    }
-    return flat;
-  }
   void RandomQ(std::mt19937& rng, float amplitude = 1.0f) {
     q = RandomVector(rng, tokens() * heads * dk(), -amplitude, amplitude);
   }
@@ -101,22 +87,7 @@ struct Problem {
 // decode query each (at kv_len - 1).
 Problem DecodeBatch(const std::vector<int32_t>& lens, int64_t tpb, int64_t pool_blocks,
                     std::mt19937& rng) {
-  Problem pr;
-  std::vector<int32_t> ids(pool_blocks);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);
-  size_t next = 0;
-  for (size_t s = 0; s < lens.size(); ++s) {
-    std::vector<int32_t> table, first;
-    for (int64_t j = 0; j * tpb < lens[s]; ++j) {
-      table.push_back(ids.at(next++));
-      first.push_back(static_cast<int32_t>(j * tpb));
-    }
-    pr.AddSeq(table, first, lens[s]);
-    pr.q_seq.push_back(static_cast<int32_t>(s));
-    pr.q_pos.push_back(std::max(0, lens[s] - 1));
-  }
-  return pr;
+  return DecodeSeqs<Problem>(lens, tpb, pool_blocks, rng);
 }
 
 struct Result {

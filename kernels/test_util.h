@@ -5,8 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,6 +44,53 @@ inline void ExpectAllNear(const std::vector<double>& want, const float* got, dou
       ADD_FAILURE() << what << ": element " << i << " got " << g << " want " << w;
     }
   }
+}
+
+// Sequences over a paged KV pool, as the attention kernels see them: per sequence its block
+// table, each block's first global position and its length; per query token its sequence and
+// position.
+struct PagedSeqs {
+  int64_t max_blocks = 1;
+  std::vector<std::vector<int32_t>> tables, firsts;
+  std::vector<int32_t> kv_lens, q_seq, q_pos;
+
+  void AddSeq(std::vector<int32_t> table, std::vector<int32_t> first, int32_t kv_len) {
+    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(table.size()));
+    tables.push_back(std::move(table));
+    firsts.push_back(std::move(first));
+    kv_lens.push_back(kv_len);
+  }
+  int64_t tokens() const { return static_cast<int64_t>(q_seq.size()); }
+  // [sequences][max_blocks], padded with -1.
+  std::vector<int32_t> Flat(const std::vector<std::vector<int32_t>>& v) const {
+    std::vector<int32_t> flat(v.size() * max_blocks, -1);
+    for (size_t s = 0; s < v.size(); ++s) {
+      std::copy(v[s].begin(), v[s].end(), flat.begin() + s * max_blocks);
+    }
+    return flat;
+  }
+};
+
+// A P (a PagedSeqs) holding sequences of the given lengths on shuffled blocks of a num_blocks
+// pool, contiguous positions, and one decode query each (at position kv_len - 1).
+template <typename P>
+P DecodeSeqs(const std::vector<int32_t>& lens, int64_t tpb, int64_t num_blocks, std::mt19937& rng) {
+  P pr;
+  std::vector<int32_t> ids(num_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  size_t next = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    std::vector<int32_t> table, first;
+    for (int64_t j = 0; j * tpb < lens[s]; ++j) {
+      table.push_back(ids.at(next++));
+      first.push_back(static_cast<int32_t>(j * tpb));
+    }
+    pr.AddSeq(table, first, lens[s]);
+    pr.q_seq.push_back(static_cast<int32_t>(s));
+    pr.q_pos.push_back(std::max(0, lens[s] - 1));
+  }
+  return pr;
 }
 
 }  // namespace helix::kernels::testing

@@ -163,26 +163,21 @@ std::unique_ptr<LoadedModel> RandomModel(int layers) {
   c.max_seq_len = 1 << 20;
   c.rope_theta = 500000.0f;
   std::mt19937 rng(7);
-  std::normal_distribution<float> nd(0.0f, 0.03f);
-  auto fill = [&](std::vector<float>* v, int64_t n) {
-    v->resize(static_cast<size_t>(n));
-    for (float& x : *v) x = nd(rng);
-  };
   const int64_t D = c.dim, F = c.hidden_dim, qd = c.n_heads * c.head_dim,
                 kvd = c.n_kv_heads * c.head_dim;
-  fill(&m->weights.token_embedding, c.vocab_size * D);
+  Fill(&rng, &m->weights.token_embedding, c.vocab_size * D);
   m->weights.final_norm.assign(D, 1.0f);
   m->weights.layers.resize(layers);
   for (LayerWeights& l : m->weights.layers) {
     l.attn_norm.assign(D, 1.0f);
     l.ffn_norm.assign(D, 1.0f);
-    fill(&l.wq.f32, qd * D);
-    fill(&l.wk.f32, kvd * D);
-    fill(&l.wv.f32, kvd * D);
-    fill(&l.wo.f32, D * qd);
-    fill(&l.w1.f32, F * D);
-    fill(&l.w2.f32, D * F);
-    fill(&l.w3.f32, F * D);
+    Fill(&rng, &l.wq.f32, qd * D);
+    Fill(&rng, &l.wk.f32, kvd * D);
+    Fill(&rng, &l.wv.f32, kvd * D);
+    Fill(&rng, &l.wo.f32, D * qd);
+    Fill(&rng, &l.w1.f32, F * D);
+    Fill(&rng, &l.w2.f32, D * F);
+    Fill(&rng, &l.w3.f32, F * D);
   }
   return m;
 }

@@ -75,6 +75,22 @@ int64_t KvBytes(int64_t batch, int64_t tokens) {
 }
 
 // Median time of one iteration of `graph` (which runs `iters` of them) over `runs` launches.
+// The largest pool any (tokens, batch) shape needs: enough replicas of its KV bytes to cover
+// kRotateBytes, so that the timed launches cycle through more memory than the L2 holds.
+int64_t RotatedPoolBytes(const std::vector<int64_t>& token_counts,
+                         const std::vector<int64_t>& batches,
+                         int64_t (*kv_bytes)(int64_t batch, int64_t tokens)) {
+  int64_t max_pool = 0;
+  for (int64_t t : token_counts) {
+    for (int64_t b : batches) {
+      const int64_t bytes = kv_bytes(b, t);
+      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
+      max_pool = std::max(max_pool, reps * bytes);
+    }
+  }
+  return max_pool;
+}
+
 double TimeGraph(cudaGraphExec_t graph, int iters, int runs, cudaStream_t s) {
   cudaEvent_t a, b;
   HELIX_CUDA_OK(cudaEventCreate(&a));
@@ -183,14 +199,7 @@ int MlaMain(const std::string& csv_path, bool quick) {
     token_counts = {4096, 32768};
     batches = {1, 4};
   }
-  int64_t max_pool = 0;
-  for (int64_t t : token_counts) {
-    for (int64_t b : batches) {
-      const int64_t bytes = MlaKvBytes(b, t);
-      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
-      max_pool = std::max(max_pool, reps * bytes);
-    }
-  }
+  const int64_t max_pool = RotatedPoolBytes(token_counts, batches, MlaKvBytes);
   DeviceBuffer<unsigned char> pool(static_cast<size_t>(max_pool));
   DeviceBuffer<unsigned char> copy_dst(static_cast<size_t>(max_pool));
   DeviceBuffer<unsigned> sink(1);
@@ -399,14 +408,7 @@ int Main(int argc, char** argv) {
     token_counts = {4096, 32768};
     batches = {1, 4};
   }
-  int64_t max_pool = 0;
-  for (int64_t t : token_counts) {
-    for (int64_t b : batches) {
-      const int64_t bytes = KvBytes(b, t);
-      const int64_t reps = std::max<int64_t>(1, (kRotateBytes + bytes - 1) / bytes);
-      max_pool = std::max(max_pool, reps * bytes);
-    }
-  }
+  const int64_t max_pool = RotatedPoolBytes(token_counts, batches, KvBytes);
   // The pool (all replicas) doubles as the references' source; the copy's destination is as
   // big.
   DeviceBuffer<unsigned char> pool(static_cast<size_t>(max_pool));

@@ -35,7 +35,9 @@ namespace helix::kernels {
 namespace {
 
 using gpu_testing::DeviceBuffer;
+using testing::DecodeSeqs;
 using testing::ExpectAllNear;
+using testing::PagedSeqs;
 using testing::RandomVector;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -92,47 +94,15 @@ struct Pool {
   }
 };
 
-struct Problem {
-  int64_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0, layer = 0, max_blocks = 1;
-  std::vector<std::vector<int32_t>> tables, firsts;
-  std::vector<int32_t> kv_lens, q_seq, q_pos;
+struct Problem : PagedSeqs {
+  int64_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0, layer = 0;
   std::vector<float> q;
-
-  void AddSeq(std::vector<int32_t> table, std::vector<int32_t> first, int32_t kv_len) {
-    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(table.size()));
-    tables.push_back(std::move(table));
-    firsts.push_back(std::move(first));
-    kv_lens.push_back(kv_len);
-  }
-  int64_t tokens() const { return static_cast<int64_t>(q_seq.size()); }
-  std::vector<int32_t> Flat(const std::vector<std::vector<int32_t>>& v) const {
-    std::vector<int32_t> flat(v.size() * max_blocks, -1);
-    for (size_t s = 0; s < v.size(); ++s) {
-      std::copy(v[s].begin(), v[s].end(), flat.begin() + s * max_blocks);
-    }
-    return flat;
-  }
 };
 
 // Decode queries (one per sequence, at position kv_len - 1) over sequences on shuffled blocks.
 Problem DecodeBatch(const std::vector<int32_t>& lens, int64_t tpb, int64_t num_blocks,
                     std::mt19937& rng) {
-  Problem pr;
-  std::vector<int32_t> ids(num_blocks);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), rng);
-  size_t next = 0;
-  for (size_t s = 0; s < lens.size(); ++s) {
-    std::vector<int32_t> table, first;
-    for (int64_t j = 0; j * tpb < lens[s]; ++j) {
-      table.push_back(ids.at(next++));
-      first.push_back(static_cast<int32_t>(j * tpb));
-    }
-    pr.AddSeq(table, first, lens[s]);
-    pr.q_seq.push_back(static_cast<int32_t>(s));
-    pr.q_pos.push_back(std::max(0, lens[s] - 1));
-  }
-  return pr;
+  return DecodeSeqs<Problem>(lens, tpb, num_blocks, rng);
 }
 
 // Puts NaN into every slot of the pool no query may read (past kv_len in a sequence's last

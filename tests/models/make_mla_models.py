@@ -154,7 +154,8 @@ MODELS = [("deepseek_v3_tiny", V3_CONFIG, 20260626), ("deepseek_v2_tiny", V2_CON
 
 
 def exact_weights(rng, shape, std, mean=0.0):
-    """Random values that float16 and bfloat16 both represent exactly (as make_test_models.py)."""
+    """Random values that float16 and bfloat16 both represent exactly (make_test_models.py uses
+    this one too)."""
     w = (rng.standard_normal(shape) * std + mean).astype(np.float32)
     bits = w.view(np.uint32)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round to bf16
@@ -423,10 +424,9 @@ def reference(c, w):
     return logits, seq[len(PROMPT):], stats
 
 
-def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: make_mla_models.py OUT_DIR")
-    out = sys.argv[1]
+def write_all(out):
+    """Writes both models, the prompt and the references into OUT (make_test_models.py calls
+    this too)."""
     os.makedirs(out, exist_ok=True)
     assert all(1 <= t < 512 for t in PROMPT) and len(PROMPT) == 40
     with open(os.path.join(out, "mla_prompt.txt"), "w") as f:
@@ -448,6 +448,12 @@ def main():
                  f"{st['decisions']} token choices" if "bias_changed" in st else ""))
         print(f"  greedy: {' '.join(map(str, gen))}")
     print(f"make_mla_models: wrote {len(os.listdir(out))} entries to {out}")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: make_mla_models.py OUT_DIR")
+    write_all(sys.argv[1])
 
 
 if __name__ == "__main__":

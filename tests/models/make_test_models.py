@@ -19,13 +19,15 @@ broken files for the error tests.
 import json
 import os
 import struct
-import subprocess
 import sys
 
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 from safetensors.numpy import save_file
+
+import make_mla_models  # same folder: the DeepSeek models, and exact_weights
+from make_mla_models import exact_weights
 
 SEED = 20261125
 # Inner dimensions are multiples of 256 so that every quantised type (K-quants use 256-element
@@ -34,17 +36,6 @@ DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ = 256, 512, 2, 4, 2, 512, 128
 HD = DIM // HEADS
 EPS = 1e-5
 PROMPT = [1, 317, 45, 290, 7, 411, 99, 260, 301, 18, 502, 263, 77, 480, 3, 259, 345, 128, 64, 33]
-
-
-def exact_weights(rng, shape, std, mean=0.0):
-    """Random values that float16 and bfloat16 both represent exactly."""
-    w = (rng.standard_normal(shape) * std + mean).astype(np.float32)
-    bits = w.view(np.uint32)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round to bf16
-    w = bits.view(np.float32).copy()
-    w[np.abs(w) < 2.0 ** -12] = 0.0  # below fp16's normal range the mantissa would shrink
-    assert np.array_equal(w.astype(np.float16).astype(np.float32), w)
-    return w
 
 
 def make_weights(rng, qwen2):
@@ -392,8 +383,7 @@ def main():
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
     # The DeepSeek V2/V3 (MLA + MoE) models and their float64 references.
-    subprocess.check_call([sys.executable, os.path.join(os.path.dirname(__file__),
-                                                        "make_mla_models.py"), out])
+    make_mla_models.write_all(out)
     print(f"make_test_models: wrote {len(os.listdir(out))} entries to {out}")
 
 
