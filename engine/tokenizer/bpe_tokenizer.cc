@@ -37,10 +37,11 @@ constexpr size_t kMaxCachedWords = size_t{1} << 16;
 
 class BpeTokenizer final : public Tokenizer {
  public:
-  BpeTokenizer(VocabData data, std::vector<int32_t> types, PreTokenizer pre, bool ignore_merges)
+  BpeTokenizer(VocabData data, std::vector<int32_t> types, CompiledPreTokenizer pre,
+               bool ignore_merges)
       : data_(std::move(data)),
         types_(std::move(types)),
-        pre_(pre),
+        pre_(std::move(pre)),
         ignore_merges_(ignore_merges),
         special_(data_.tokens, types_, {kTokenControl, kTokenUserDefined, kTokenUnknown}),
         stop_ids_(StopIds(data_, types_)) {
@@ -122,7 +123,7 @@ class BpeTokenizer final : public Tokenizer {
         out.push_back(f.id);
         continue;
       }
-      for (std::string_view chunk : PreTokenize(pre_, f.text)) EncodeChunk(chunk, &out);
+      for (std::string_view chunk : pre_.Split(f.text)) EncodeChunk(chunk, &out);
     }
     return out;
   }
@@ -232,7 +233,7 @@ class BpeTokenizer final : public Tokenizer {
 
   VocabData data_;  // merges emptied once parsed.
   const std::vector<int32_t> types_;
-  const PreTokenizer pre_;
+  const CompiledPreTokenizer pre_;
   const bool ignore_merges_;
   const SpecialTokenMatcher special_;
   const std::vector<int32_t> stop_ids_;
@@ -252,9 +253,11 @@ class BpeTokenizer final : public Tokenizer {
 
 StatusOr<std::unique_ptr<Tokenizer>> NewBpeTokenizer(VocabData data) {
   std::vector<int32_t> types = ResolveTokenTypes(data);
-  const PreTokenizer pre = *PreTokenizerFromName(data.pre);
+  ASSIGN_OR_RETURN(CompiledPreTokenizer pre,
+                   CompiledPreTokenizer::Create(data.pre, data.pre_regexes));
   const bool ignore_merges = PreTokenizerIgnoresMerges(data.pre);
-  auto tok = std::make_unique<BpeTokenizer>(std::move(data), std::move(types), pre, ignore_merges);
+  auto tok = std::make_unique<BpeTokenizer>(std::move(data), std::move(types), std::move(pre),
+                                            ignore_merges);
   RETURN_IF_ERROR(tok->BuildMerges());
   return std::unique_ptr<Tokenizer>(std::move(tok));
 }

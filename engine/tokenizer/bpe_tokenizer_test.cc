@@ -1,5 +1,5 @@
 // Tests of the byte-level BPE tokenizer (VocabData model "gpt2"), the pre-tokenizers, the Unicode
-// classes and LoadHfTokenizerJson.
+// classes and LoadHfTokenizerJson, DeepSeek's tokenizer.json files included.
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
@@ -13,9 +13,12 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "engine/tokenizer/pre_tokenizer.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -475,6 +478,12 @@ TEST(CreateTokenizerTest, RejectsBadDataNamingTheField) {
       {[](VocabData& d) { d.merges.push_back("a "); }, StatusCode::kInvalidArgument,
        "VocabData.merges[1]"},
       {[](VocabData& d) { d.pre = "klingon"; }, StatusCode::kInvalidArgument, "VocabData.pre"},
+      {[](VocabData& d) {
+         d.pre_regexes = {"a", "(?<=b)c"};
+       },
+       StatusCode::kUnimplemented, "VocabData.pre_regexes[1] \"(?<=b)c\""},
+      {[](VocabData& d) { d.pre_regexes = {"[b-a]"}; }, StatusCode::kInvalidArgument,
+       "VocabData.pre_regexes[0]"},
   };
   for (const Case& c : cases) {
     VocabData d = good;
@@ -488,6 +497,18 @@ TEST(CreateTokenizerTest, RejectsBadDataNamingTheField) {
   VocabData d = good;
   d.merges.push_back("x y");
   EXPECT_TRUE(CreateTokenizer(d).ok());
+  // The regex-engine names and regex lists are accepted.
+  for (const char* name : {"deepseek-v3", "deepseek-llm", "deepseek-coder"}) {
+    VocabData named = good;
+    named.pre = name;
+    EXPECT_TRUE(CreateTokenizer(named).ok()) << name;
+  }
+  VocabData regexes = good;
+  regexes.pre_regexes = {R"(\p{N}{1,3})", R"(\s+|\S+)"};
+  auto tok = CreateTokenizer(regexes);
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  EXPECT_EQ((*tok)->Encode("ab ab1234", false),
+            (Ids{kFirstExtra, ' ', kFirstExtra, '1', '2', '3', '4'}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,11 +635,48 @@ TEST(HfTokenizerJsonTest, Errors) {
   auto dup_id = load(Replace(good, R"("ab": 2)", R"("ab": 1)"));
   EXPECT_EQ(dup_id.status().code(), StatusCode::kInvalidArgument);
 
+  // Any Split regex is read; one the engine cannot run is refused, naming the pattern.
   auto other_regex = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
       {"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated"},
       {"type": "ByteLevel", "use_regex": false}]})"));
-  EXPECT_EQ(other_regex.status().code(), StatusCode::kUnimplemented)
-      << other_regex.status().ToString();
+  ASSERT_TRUE(other_regex.ok()) << other_regex.status().ToString();
+  EXPECT_EQ(other_regex->pre_regexes, (std::vector<std::string>{"\\w+"}));
+  auto lookbehind = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated"},
+      {"type": "Split", "pattern": {"Regex": "(?<=a)b|c"}, "behavior": "Isolated"},
+      {"type": "ByteLevel", "use_regex": false}]})"));
+  EXPECT_EQ(lookbehind.status().code(), StatusCode::kUnimplemented)
+      << lookbehind.status().ToString();
+  EXPECT_NE(lookbehind.status().message().find("Split regex \"(?<=a)b|c\""), std::string::npos)
+      << lookbehind.status().ToString();
+  EXPECT_NE(lookbehind.status().message().find("lookbehind"), std::string::npos);
+  auto merged = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "MergedWithPrevious"},
+      {"type": "ByteLevel", "use_regex": false}]})"));
+  EXPECT_EQ(merged.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(merged.status().message().find("MergedWithPrevious"), std::string::npos)
+      << merged.status().ToString();
+  auto after_byte_level = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "ByteLevel", "use_regex": false},
+      {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "Isolated"}]})"));
+  EXPECT_EQ(after_byte_level.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(after_byte_level.status().message().find("after ByteLevel"), std::string::npos)
+      << after_byte_level.status().ToString();
+  // A String pattern matches literally; Digits is \p{N} (one at a time) or \p{N}+.
+  auto literal = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"String": "a.b"}, "behavior": "Isolated"},
+      {"type": "Digits", "individual_digits": false},
+      {"type": "ByteLevel", "use_regex": true}]})"));
+  ASSERT_TRUE(literal.ok()) << literal.status().ToString();
+  EXPECT_EQ(literal->pre, "");
+  ASSERT_EQ(literal->pre_regexes.size(), 3u);
+  EXPECT_EQ(literal->pre_regexes[0], "a\\.b");
+  EXPECT_EQ(literal->pre_regexes[1], "\\p{N}+");
+  auto smollm = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Digits", "individual_digits": true}, {"type": "ByteLevel"}]})"));
+  ASSERT_TRUE(smollm.ok()) << smollm.status().ToString();
+  EXPECT_EQ(smollm->pre, "smollm");
+  EXPECT_TRUE(smollm->pre_regexes.empty());
   auto not_byte_level = load(SmallTokenizerJson(R"({"type": "Metaspace"})"));
   EXPECT_EQ(not_byte_level.status().code(), StatusCode::kUnimplemented);
   // Llama 3's form of the same thing is understood (the regex as JSON-escaped in the file).
@@ -702,6 +760,150 @@ TEST(HfTokenizerJsonTest, LongPromptEncodesFast) {
   EXPECT_GE(ids.size(), 10000u);
   EXPECT_LT(seconds, 1.0) << ids.size() << " tokens";
   EXPECT_EQ((*tok)->Decode(ids), "<|begin_of_text|>" + text);
+}
+
+// ---------------------------------------------------------------------------------------------
+// DeepSeek pre-tokenizers against Hugging Face tokenizers 0.23.3. testdata/make_deepseek_cases.py
+// trained the tiny byte-level BPE in tiny_deepseek_v3 (DeepSeek V3's pre_tokenizer, special
+// tokens and BOS template; tiny_deepseek_llm is the same model with DeepSeek LLM's) and wrote
+// deepseek_cases.json: per text, HF's pre-tokenizer chunks and encode() ids under each
+// pre-tokenizer (deepseek_*_gguf are llama.cpp's regex lists for those GGUF names), and the
+// chunks of the GPT-2, Llama 3, Qwen 2 and SmolLM pre-tokenizers.
+
+struct HfCase {
+  std::string text;
+  std::map<std::string, std::vector<std::string>> chunks;  // By pre-tokenizer.
+  std::map<std::string, Ids> ids;
+};
+
+std::vector<HfCase> LoadDeepSeekCases() {
+  const std::string path = SourceDir() + "/engine/tokenizer/testdata/deepseek_cases.json";
+  std::ifstream file(path);
+  std::stringstream buffer;
+  buffer << file.rdbuf();
+  std::vector<HfCase> cases;
+  if (!file) return cases;
+  const nlohmann::json root = nlohmann::json::parse(buffer.str());
+  for (const nlohmann::json& c : root.at("cases")) {
+    HfCase hc;
+    hc.text = c.at("text").get<std::string>();
+    for (auto it = c.begin(); it != c.end(); ++it) {
+      if (it.key() == "text") continue;
+      hc.chunks[it.key()] = it.value().at("chunks").get<std::vector<std::string>>();
+      if (it.value().contains("ids")) hc.ids[it.key()] = it.value().at("ids").get<Ids>();
+    }
+    cases.push_back(std::move(hc));
+  }
+  return cases;
+}
+
+std::vector<std::string> Strings(const std::vector<std::string_view>& views) {
+  return std::vector<std::string>(views.begin(), views.end());
+}
+
+class DeepSeekTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    cases_ = LoadDeepSeekCases();
+    if (cases_.empty()) GTEST_SKIP() << "testdata not found under " << SourceDir();
+    ASSERT_GE(cases_.size(), 200u);
+  }
+
+  VocabData Load(const std::string& name) {
+    const std::string dir = SourceDir() + "/engine/tokenizer/testdata/" + name;
+    // Both directories hold the same model; the V3 one has the tokenizer_config.json.
+    auto data = LoadHfTokenizerJson(dir + "/tokenizer.json",
+                                    SourceDir() +
+                                        "/engine/tokenizer/testdata/tiny_deepseek_v3/"
+                                        "tokenizer_config.json");
+    EXPECT_TRUE(data.ok()) << data.status().ToString();
+    return data.ok() ? std::move(data).value() : VocabData{};
+  }
+
+  // Every case's chunks and ids under `key` equal HF's. Returns the number of cases checked.
+  int ExpectMatchesHf(const VocabData& data, const std::string& key) {
+    auto pre = CompiledPreTokenizer::Create(data.pre, data.pre_regexes);
+    EXPECT_TRUE(pre.ok()) << pre.status().ToString();
+    auto tok = CreateTokenizer(data);
+    EXPECT_TRUE(tok.ok()) << tok.status().ToString();
+    if (!pre.ok() || !tok.ok()) return 0;
+    int checked = 0;
+    for (const HfCase& c : cases_) {
+      EXPECT_EQ(Strings(pre->Split(c.text)), c.chunks.at(key))
+          << key << " text " << testing::PrintToString(c.text);
+      EXPECT_EQ((*tok)->Encode(c.text, true), c.ids.at(key))
+          << key << " text " << testing::PrintToString(c.text);
+      ++checked;
+    }
+    return checked;
+  }
+
+  std::vector<HfCase> cases_;
+};
+
+TEST_F(DeepSeekTest, V3TokenizerJsonMatchesHuggingFace) {
+  const VocabData data = Load("tiny_deepseek_v3");
+  EXPECT_EQ(data.pre, "");
+  ASSERT_EQ(data.pre_regexes.size(), 3u);
+  EXPECT_EQ(data.pre_regexes[0], R"(\p{N}{1,3})");
+  EXPECT_TRUE(data.add_bos);
+  EXPECT_EQ(data.bos_id, 0);
+  EXPECT_EQ(data.eos_id, 1);
+  EXPECT_EQ(ExpectMatchesHf(data, "deepseek_v3"), static_cast<int>(cases_.size()));
+}
+
+TEST_F(DeepSeekTest, LlmTokenizerJsonMatchesHuggingFace) {
+  // DeepSeek LLM: five Splits, then Digits(individual_digits).
+  const VocabData data = Load("tiny_deepseek_llm");
+  ASSERT_EQ(data.pre_regexes.size(), 6u);
+  EXPECT_EQ(data.pre_regexes[5], R"(\p{N})");
+  EXPECT_EQ(ExpectMatchesHf(data, "deepseek_llm_json"), static_cast<int>(cases_.size()));
+}
+
+TEST_F(DeepSeekTest, GgufNamesMatchHuggingFace) {
+  // A GGUF vocabulary names its pre-tokenizer; the regexes come from the name.
+  VocabData data = Load("tiny_deepseek_v3");
+  data.pre_regexes.clear();
+  for (const auto& [name, key] : {std::pair<std::string, std::string>{"deepseek-v3", "deepseek_v3"},
+                                  {"deepseek-llm", "deepseek_llm_gguf"},
+                                  {"deepseek-coder", "deepseek_coder_gguf"}}) {
+    data.pre = name;
+    EXPECT_EQ(ExpectMatchesHf(data, key), static_cast<int>(cases_.size())) << name;
+  }
+}
+
+TEST_F(DeepSeekTest, HandWrittenPreTokenizersMatchHuggingFace) {
+  // The same texts through the GPT-2, Llama 3, Qwen 2 and SmolLM splits: the hand-written
+  // matchers and the regex engine running their regexes both give HF's chunks.
+  const std::pair<PreTokenizer, std::string> kinds[] = {{PreTokenizer::kGpt2, "gpt2"},
+                                                        {PreTokenizer::kLlama3, "llama3"},
+                                                        {PreTokenizer::kQwen2, "qwen2"},
+                                                        {PreTokenizer::kSmolLm, "smollm"}};
+  for (const auto& [kind, key] : kinds) {
+    auto regex = RegexPreTokenizer::Create(PreTokenizerRegexes(kind));
+    ASSERT_TRUE(regex.ok()) << regex.status().ToString();
+    for (const HfCase& c : cases_) {
+      EXPECT_EQ(Strings(PreTokenize(kind, c.text)), c.chunks.at(key))
+          << key << " text " << testing::PrintToString(c.text);
+      EXPECT_EQ(Strings(regex->Split(c.text)), c.chunks.at(key))
+          << key << " (regex engine) text " << testing::PrintToString(c.text);
+    }
+  }
+}
+
+TEST_F(DeepSeekTest, LongPromptEncodesFast) {
+  auto tok = CreateTokenizer(Load("tiny_deepseek_v3"));
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  std::mt19937 rng(3);
+  std::string text;
+  while (text.size() < 40000) text += RandomText(rng, 20) + " the tokens 12345 ";
+  const auto t0 = std::chrono::steady_clock::now();
+  const Ids ids = (*tok)->Encode(text, true);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(ids.size(), 10000u);
+  EXPECT_LT(seconds, 1.0) << ids.size() << " tokens";
+  EXPECT_EQ((*tok)->Decode(ids), "<｜begin▁of▁sentence｜>" + text);
 }
 
 // ---------------------------------------------------------------------------------------------

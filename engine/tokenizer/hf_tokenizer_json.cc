@@ -1,5 +1,6 @@
 // LoadHfTokenizerJson: a Hugging Face tokenizer.json (+ tokenizer_config.json) with a byte-level
 // BPE model, read into VocabData. nlohmann::json exceptions stay inside this file.
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -7,9 +8,12 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/tokenizer/pre_tokenizer.h"
+#include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/vocab_data.h"
 
 namespace helix {
@@ -19,17 +23,6 @@ using nlohmann::json;
 
 constexpr size_t kMaxVocabSize = size_t{1} << 24;
 constexpr uintmax_t kMaxFileBytes = uintmax_t{1} << 30;
-
-// The split regexes of the tokenizer.json files this module has matchers for (as the JSON
-// string holds them, after unescaping).
-constexpr std::string_view kLlama3Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|)"
-    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-constexpr std::string_view kQwen2Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|)"
-    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-constexpr std::string_view kGpt2Regex =
-    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 StatusOr<std::string> ReadWholeFile(const std::string& path) {
   std::error_code ec;
@@ -101,47 +94,76 @@ bool BoolOr(const json& node, const char* key, bool fallback) {
   return it != node.end() && it->is_boolean() ? it->get<bool>() : fallback;
 }
 
-// Picks VocabData::pre from the pre_tokenizer, or says what is not supported.
-StatusOr<std::string> DetectPre(const json& root, const std::string& where) {
+// A Split pattern {"String": s} as a regex matching s literally.
+std::string EscapeLiteral(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x80 && std::ispunct(u)) out.push_back('\\');
+    out.push_back(c);
+  }
+  return out;
+}
+
+struct PreTokenizerFields {
+  std::string pre;
+  std::vector<std::string> regexes;
+};
+
+// Reads the pre_tokenizer into VocabData's pre / pre_regexes, or says what is not supported.
+StatusOr<PreTokenizerFields> DetectPre(const json& root, const std::string& where) {
   auto pt = root.find("pre_tokenizer");
   if (pt == root.end() || pt->is_null()) {
     return Unimplemented(where + ": no pre_tokenizer; only byte-level BPE is supported");
   }
   std::vector<const json*> steps;
   Flatten(*pt, &steps);
-  bool byte_level = false, byte_level_regex = false, digits = false;
-  std::optional<std::string> split;
+  // Every step but ByteLevel's mapping is a split into isolated pieces; ByteLevel must come last,
+  // since a Split after it would see the mapped characters.
+  std::vector<std::string> regexes;
+  bool byte_level = false;
   for (const json* step : steps) {
     const std::string type = TypeOf(*step);
+    if (byte_level) {
+      return Unimplemented(where + ": pre_tokenizer " + type + " after ByteLevel is not supported");
+    }
     if (type == "ByteLevel") {
       byte_level = true;
-      byte_level_regex = BoolOr(*step, "use_regex", true);
       if (BoolOr(*step, "add_prefix_space", false)) {
         return Unimplemented(where +
                              ": pre_tokenizer ByteLevel with add_prefix_space is not "
                              "supported");
       }
-    } else if (type == "Digits") {
-      if (!BoolOr(*step, "individual_digits", false)) {
-        return Unimplemented(where +
-                             ": pre_tokenizer Digits without individual_digits is not "
-                             "supported");
+      if (BoolOr(*step, "use_regex", true)) {
+        regexes.push_back(PreTokenizerRegexes(PreTokenizer::kGpt2)[0]);
       }
-      digits = true;
+    } else if (type == "Digits") {
+      // Digits splits at char::is_numeric, i.e. \p{N}: each digit alone, or runs of them.
+      regexes.push_back(BoolOr(*step, "individual_digits", false) ? "\\p{N}" : "\\p{N}+");
     } else if (type == "Split") {
       auto pattern = step->find("pattern");
       auto behavior = step->find("behavior");
-      if (pattern == step->end() || !pattern->is_object() || !pattern->contains("Regex") ||
-          !(*pattern)["Regex"].is_string()) {
+      const bool is_regex = pattern != step->end() && pattern->is_object() &&
+                            pattern->contains("Regex") && (*pattern)["Regex"].is_string();
+      const bool is_string = pattern != step->end() && pattern->is_object() &&
+                             pattern->contains("String") && (*pattern)["String"].is_string();
+      if (!is_regex && !is_string) {
         return Unimplemented(where +
-                             ": pre_tokenizer Split without a Regex pattern is not "
+                             ": pre_tokenizer Split without a Regex or String pattern is not "
                              "supported");
       }
-      if (behavior == step->end() || *behavior != "Isolated" || BoolOr(*step, "invert", false)) {
-        return Unimplemented(where + ": pre_tokenizer Split must be Isolated, not inverted");
+      const bool inverted = BoolOr(*step, "invert", false);
+      if (behavior == step->end() || *behavior != "Isolated" || inverted) {
+        const std::string got = (behavior == step->end() ? std::string("no behavior")
+                                                         : "behavior " + behavior->dump()) +
+                                (inverted ? ", inverted" : "");
+        return Unimplemented(where +
+                             ": pre_tokenizer Split is supported with behavior Isolated, not "
+                             "inverted; this one has " +
+                             got);
       }
-      if (split) return Unimplemented(where + ": more than one Split pre_tokenizer");
-      split = (*pattern)["Regex"].get<std::string>();
+      regexes.push_back(is_regex ? (*pattern)["Regex"].get<std::string>()
+                                 : EscapeLiteral((*pattern)["String"].get<std::string>()));
     } else {
       return Unimplemented(where + ": pre_tokenizer type " + type + " is not supported");
     }
@@ -152,22 +174,23 @@ StatusOr<std::string> DetectPre(const json& root, const std::string& where) {
                          "SentencePiece-style tokenizer.json files (Llama 2) are not "
                          "supported, load the GGUF vocabulary instead");
   }
-  if (split) {
-    if (byte_level_regex || digits) {
-      return Unimplemented(where + ": Split combined with Digits or ByteLevel's own regex");
-    }
-    if (*split == kLlama3Regex) return std::string("llama-bpe");
-    if (*split == kQwen2Regex) return std::string("qwen2");
-    if (*split == kGpt2Regex) return std::string("gpt2");
-    return Unimplemented(where +
-                         ": pre_tokenizer Split regex is not one this module "
-                         "implements: " +
-                         *split);
-  }
-  if (!byte_level_regex) {
+  if (regexes.empty()) {
     return Unimplemented(where + ": ByteLevel without a regex split is not supported");
   }
-  return std::string(digits ? "smollm" : "gpt2");
+  PreTokenizerFields fields;
+  if (std::optional<PreTokenizer> kind = PreTokenizerForRegexes(regexes)) {
+    fields.pre = std::string(PreTokenizerName(*kind));
+    return fields;
+  }
+  for (const std::string& r : regexes) {
+    StatusOr<Regex> compiled = Regex::Compile(r);
+    if (!compiled.ok()) {
+      return Status(compiled.status().code(), where + ": pre_tokenizer Split regex \"" + r +
+                                                  "\": " + compiled.status().message());
+    }
+  }
+  fields.regexes = std::move(regexes);
+  return fields;
 }
 
 // The first token of the post_processor's single-sequence template when it is a special token
@@ -237,7 +260,9 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
   data.model = "gpt2";
   data.add_space_prefix = false;
   data.add_bos = false;
-  ASSIGN_OR_RETURN(data.pre, DetectPre(root, path));
+  ASSIGN_OR_RETURN(PreTokenizerFields pre, DetectPre(root, path));
+  data.pre = std::move(pre.pre);
+  data.pre_regexes = std::move(pre.regexes);
 
   // Vocabulary: ids may leave holes (filled as unused) and added tokens may extend it.
   auto vocab_it = model.find("vocab");

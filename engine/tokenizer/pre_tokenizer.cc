@@ -3,11 +3,72 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <iterator>
+#include <string>
 
 #include "engine/tokenizer/unicode.h"
 
 namespace helix {
 namespace {
+
+// The regexes of the hand-written kinds, as tokenizer.json files hold them (after unescaping).
+constexpr std::string_view kGpt2Regex =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+constexpr std::string_view kLlama3Regex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|)"
+    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+constexpr std::string_view kQwen2Regex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|)"
+    R"( ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+// HF's Digits(individual_digits=true) as a Split: every \p{N} character on its own.
+constexpr std::string_view kDigitRegex = R"(\p{N})";
+
+// DeepSeek V3 (and R1): numbers in threes, runs of CJK ideographs and kana
+// (一-龥 ぀-ゟ ゠-ヿ), then words, punctuation runs and whitespace.
+constexpr std::string_view kDeepSeekV3Regexes[] = {
+    R"(\p{N}{1,3})",
+    R"([\x{4E00}-\x{9FA5}\x{3040}-\x{309F}\x{30A0}-\x{30FF}]+)",
+    R"re([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|)re"
+    R"re( ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)re",
+};
+
+// CJK ideographs and Hangul of DeepSeek LLM and DeepSeek Coder (一-龥 ࠀ-一 가-퟿).
+constexpr std::string_view kDeepSeekCjkRegex =
+    R"([\x{4E00}-\x{9FA5}\x{0800}-\x{4E00}\x{AC00}-\x{D7FF}]+)";
+
+// DeepSeek LLM, as llama.cpp runs it: the second regex is a list of cased-letter ranges, written
+// with escapes because several of its characters (U+1F7D, U+1FBE, U+1FD3, U+1FDB, U+2126,
+// U+212A) are Unicode normalisation singletons that an editor could silently replace.
+constexpr std::string_view kDeepSeekLlmRegexes[] = {
+    R"([\r\n])",
+    R"(\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF})"
+    R"(\x{1C4}-\x{293}\x{295}-\x{2AF}\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D})"
+    R"(\x{37F}\x{386}\x{388}-\x{38A}\x{38C}\x{38E}-\x{3A1}\x{3A3}-\x{3F5})"
+    R"(\x{3F7}-\x{481}\x{48A}-\x{52F}\x{531}-\x{556}\x{10A0}-\x{10C5}\x{13A0}-\x{13F5})"
+    R"(\x{13F8}-\x{13FD}\x{1C90}-\x{1CBA}\x{1CBD}-\x{1CBF}\x{1D00}-\x{1D2B})"
+    R"(\x{1D6B}-\x{1D77}\x{1D79}-\x{1D9A}\x{1E00}-\x{1F15}\x{1F18}-\x{1F1D})"
+    R"(\x{1F20}-\x{1F45}\x{1F48}-\x{1F4D}\x{1F50}-\x{1F57}\x{1F59}\x{1F5B}\x{1F5D})"
+    R"(\x{1F5F}-\x{1F7D}\x{1F80}-\x{1FB4}\x{1FB6}-\x{1FBC}\x{1FBE}\x{1FC2}-\x{1FC4})"
+    R"(\x{1FC6}-\x{1FCC}\x{1FD0}-\x{1FD3}\x{1FD6}-\x{1FDB}\x{1FE0}-\x{1FEC})"
+    R"(\x{1FF2}-\x{1FF4}\x{1FF6}-\x{1FFC}\x{2102}\x{2107}\x{210A}-\x{2113}\x{2115})"
+    R"(\x{2119}-\x{211D}\x{2124}\x{2126}\x{2128}\x{212A}-\x{212D}\x{212F}-\x{2134})"
+    R"(\x{2139}\x{213C}-\x{213F}\x{2145}-\x{2149}\x{214E}\x{2183}\x{2184})"
+    R"(\x{2C00}-\x{2C7B}\x{2C7E}-\x{2CE4}\x{2CEB}-\x{2CEE}\x{2CF2}\x{2CF3})"
+    R"(\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}\x{A771}-\x{A787})"
+    R"(\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}\x{FB00}-\x{FB06}\x{FB13}-\x{FB17})"
+    R"(\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}\x{10400}-\x{1044F}\x{104B0}-\x{104D3})"
+    R"(\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}\x{118A0}-\x{118DF})"
+    R"(\x{1E900}-\x{1E943}]+)",
+    // ASCII and full-width punctuation, quotation marks ‘-‟, and 　、。.
+    R"(\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+)",
+    R"(\s+$)",
+    kDeepSeekCjkRegex,
+    R"(\p{N}+)",
+};
+
+constexpr std::string_view kDeepSeekCoderRegexes[] = {
+    R"([\r\n])", R"(\s?\p{L}+)", R"(\s?\p{P}+)", kDeepSeekCjkRegex, R"(\p{N})",
+};
 
 using C = UnicodeClass;
 
@@ -180,6 +241,50 @@ bool PreTokenizerIgnoresMerges(std::string_view name) {
          name == "pixtral";
 }
 
+std::string_view PreTokenizerName(PreTokenizer kind) {
+  switch (kind) {
+    case PreTokenizer::kLlama3:
+      return "llama-bpe";
+    case PreTokenizer::kQwen2:
+      return "qwen2";
+    case PreTokenizer::kSmolLm:
+      return "smollm";
+    default:
+      return "gpt2";
+  }
+}
+
+std::vector<std::string> PreTokenizerRegexes(PreTokenizer kind) {
+  switch (kind) {
+    case PreTokenizer::kLlama3:
+      return {std::string(kLlama3Regex)};
+    case PreTokenizer::kQwen2:
+      return {std::string(kQwen2Regex)};
+    case PreTokenizer::kSmolLm:
+      return {std::string(kDigitRegex), std::string(kGpt2Regex)};
+    default:
+      return {std::string(kGpt2Regex)};
+  }
+}
+
+std::optional<PreTokenizer> PreTokenizerForRegexes(const std::vector<std::string>& regexes) {
+  for (PreTokenizer kind :
+       {PreTokenizer::kGpt2, PreTokenizer::kLlama3, PreTokenizer::kQwen2, PreTokenizer::kSmolLm}) {
+    if (PreTokenizerRegexes(kind) == regexes) return kind;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::vector<std::string>> RegexesForPreTokenizerName(std::string_view name) {
+  const auto list = [](const auto& regexes) {
+    return std::vector<std::string>(std::begin(regexes), std::end(regexes));
+  };
+  if (name == "deepseek-v3") return list(kDeepSeekV3Regexes);
+  if (name == "deepseek-llm") return list(kDeepSeekLlmRegexes);
+  if (name == "deepseek-coder") return list(kDeepSeekCoderRegexes);
+  return std::nullopt;
+}
+
 std::vector<std::string_view> PreTokenize(PreTokenizer kind, std::string_view text) {
   const Chars c(text);
   std::vector<std::pair<size_t, size_t>> spans;
@@ -203,6 +308,61 @@ std::vector<std::string_view> PreTokenize(PreTokenizer kind, std::string_view te
     out.push_back(text.substr(c.offset[b], c.offset[e] - c.offset[b]));
   }
   return out;
+}
+
+StatusOr<RegexPreTokenizer> RegexPreTokenizer::Create(const std::vector<std::string>& patterns) {
+  RegexPreTokenizer pre;
+  for (const std::string& p : patterns) {
+    StatusOr<Regex> re = Regex::Compile(p);
+    if (!re.ok()) return re.status().WithPrefix("regex \"" + p + "\"");
+    pre.regexes_.push_back(std::move(re).value());
+  }
+  return pre;
+}
+
+std::vector<std::string_view> RegexPreTokenizer::Split(std::string_view text) const {
+  const RegexInput in(text);
+  std::vector<CharSpan> spans, next;
+  if (in.size() > 0) spans.push_back({0, in.size()});
+  for (const Regex& re : regexes_) {
+    next.clear();
+    next.reserve(spans.size() * 2);
+    // Out of budget, the rest of a span stays one chunk (documented); nothing else to do.
+    (void)re.SplitEach(in, spans, &next);
+    spans.swap(next);
+  }
+  std::vector<std::string_view> out;
+  out.reserve(spans.size());
+  for (const CharSpan& s : spans) {
+    out.push_back(text.substr(in.offset(s.begin), in.offset(s.end) - in.offset(s.begin)));
+  }
+  return out;
+}
+
+StatusOr<CompiledPreTokenizer> CompiledPreTokenizer::Create(
+    std::string_view name, const std::vector<std::string>& regexes) {
+  CompiledPreTokenizer pre;
+  std::vector<std::string> patterns = regexes;
+  if (patterns.empty()) {
+    pre.kind_ = PreTokenizerFromName(name);
+    if (pre.kind_) return pre;
+    std::optional<std::vector<std::string>> named = RegexesForPreTokenizerName(name);
+    if (!named) {
+      return InvalidArgument("pre-tokenizer \"" + std::string(name) +
+                             "\" is not known (e.g. gpt2, llama-bpe, qwen2, smollm, deepseek-v3)");
+    }
+    patterns = std::move(*named);
+  }
+  pre.kind_ = PreTokenizerForRegexes(patterns);
+  if (pre.kind_) return pre;
+  ASSIGN_OR_RETURN(RegexPreTokenizer compiled, RegexPreTokenizer::Create(patterns));
+  pre.regexes_ = std::move(compiled);
+  return pre;
+}
+
+std::vector<std::string_view> CompiledPreTokenizer::Split(std::string_view text) const {
+  if (kind_) return PreTokenize(*kind_, text);
+  return regexes_->Split(text);
 }
 
 }  // namespace helix

@@ -24,24 +24,38 @@ bool IsWhiteSpace(uint32_t cp) {
   }
 }
 
-UnicodeClass LookUp(uint32_t cp) {
-  using unicode_internal::kCategoryRanges;
-  using unicode_internal::kNumCategoryRanges;
-  if (IsWhiteSpace(cp)) return UnicodeClass::kWhitespace;
-  const auto* end = kCategoryRanges + kNumCategoryRanges;
-  const auto* it = std::upper_bound(
-      kCategoryRanges, end, cp,
-      [](uint32_t value, const unicode_internal::CategoryRange& r) { return value < r.first; });
-  if (it == kCategoryRanges) return UnicodeClass::kOther;
-  --it;
-  return cp <= it->last ? it->cls : UnicodeClass::kOther;
+GeneralCategory LookUp(uint32_t cp) {
+  using unicode_internal::CategoryRun;
+  using unicode_internal::kCategoryRuns;
+  using unicode_internal::kNumCategoryRuns;
+  if (cp > 0x10FFFF) return GeneralCategory::kCn;
+  const auto* it =
+      std::upper_bound(kCategoryRuns, kCategoryRuns + kNumCategoryRuns, cp,
+                       [](uint32_t value, const CategoryRun& r) { return value < r.first; });
+  return (it - 1)->category;  // The first run starts at 0.
 }
 
-// Latin-1 is most of what real prompts hold: answer it from a table.
+UnicodeClass ClassFromCategory(uint32_t cp, GeneralCategory cat) {
+  if (IsWhiteSpace(cp)) return UnicodeClass::kWhitespace;
+  if (cat >= GeneralCategory::kLu && cat <= GeneralCategory::kLo) return UnicodeClass::kLetter;
+  if (cat >= GeneralCategory::kNd && cat <= GeneralCategory::kNo) return UnicodeClass::kNumber;
+  return UnicodeClass::kOther;
+}
+
+// Latin-1 is most of what real prompts hold: answer it from tables.
+const std::array<GeneralCategory, 256>& Latin1Categories() {
+  static const std::array<GeneralCategory, 256> table = [] {
+    std::array<GeneralCategory, 256> t{};
+    for (uint32_t cp = 0; cp < 256; ++cp) t[cp] = LookUp(cp);
+    return t;
+  }();
+  return table;
+}
+
 const std::array<UnicodeClass, 256>& Latin1Classes() {
   static const std::array<UnicodeClass, 256> table = [] {
     std::array<UnicodeClass, 256> t{};
-    for (uint32_t cp = 0; cp < 256; ++cp) t[cp] = LookUp(cp);
+    for (uint32_t cp = 0; cp < 256; ++cp) t[cp] = ClassFromCategory(cp, LookUp(cp));
     return t;
   }();
   return table;
@@ -101,8 +115,28 @@ void AppendUtf8(uint32_t cp, std::string* out) {
 
 UnicodeClass ClassOf(uint32_t cp) {
   if (cp < 256) return Latin1Classes()[cp];
-  if (cp == kInvalidCodePoint) return UnicodeClass::kOther;
+  return ClassFromCategory(cp, LookUp(cp));
+}
+
+GeneralCategory CategoryOf(uint32_t cp) {
+  if (cp < 256) return Latin1Categories()[cp];
   return LookUp(cp);
+}
+
+bool AnyCodePointIn(uint32_t first, uint32_t last, CategoryMask mask) {
+  using unicode_internal::CategoryRun;
+  using unicode_internal::kCategoryRuns;
+  using unicode_internal::kNumCategoryRuns;
+  if (first > last || first > 0x10FFFF) return false;
+  const CategoryRun* end = kCategoryRuns + kNumCategoryRuns;
+  const CategoryRun* it =
+      std::upper_bound(kCategoryRuns, end, first,
+                       [](uint32_t value, const CategoryRun& r) { return value < r.first; }) -
+      1;
+  for (; it != end && it->first <= last; ++it) {
+    if (mask & MaskOf(it->category)) return true;
+  }
+  return false;
 }
 
 }  // namespace helix

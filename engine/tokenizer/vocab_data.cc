@@ -4,6 +4,7 @@
 #include <string>
 
 #include "engine/tokenizer/pre_tokenizer.h"
+#include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/tokenizer_internal.h"
 #include "engine/tokenizer/vocab_data.h"
 
@@ -174,9 +175,20 @@ Status Validate(const VocabData& d) {
                              "; expected -1 (none) or 0.." + std::to_string(n - 1));
     }
   }
-  if (d.model == "gpt2" && !PreTokenizerFromName(d.pre)) {
-    return InvalidArgument("VocabData.pre \"" + d.pre +
-                           "\" is not a known pre-tokenizer (e.g. gpt2, llama-bpe, qwen2, smollm)");
+  if (d.model == "gpt2") {
+    if (!PreTokenizerFromName(d.pre) && !RegexesForPreTokenizerName(d.pre)) {
+      return InvalidArgument(
+          "VocabData.pre \"" + d.pre +
+          "\" is not a known pre-tokenizer (e.g. gpt2, llama-bpe, qwen2, smollm, "
+          "deepseek-v3)");
+    }
+    for (size_t i = 0; i < d.pre_regexes.size(); ++i) {
+      StatusOr<Regex> re = Regex::Compile(d.pre_regexes[i]);
+      if (!re.ok()) {
+        return re.status().WithPrefix("VocabData.pre_regexes[" + std::to_string(i) + "] \"" +
+                                      d.pre_regexes[i] + "\"");
+      }
+    }
   }
   return Status::Ok();
 }

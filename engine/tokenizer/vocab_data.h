@@ -28,8 +28,13 @@ struct VocabData {
   // "gpt2": byte-level BPE with merges (GGUF gpt2; HF tokenizer.json BPE with ByteLevel).
   std::string model;
   // gpt2 only: the pre-tokenizer, by GGUF tokenizer.ggml.pre name ("" = GPT-2's regex); see
-  // PreTokenizerFromName for the names understood.
+  // PreTokenizerFromName and RegexesForPreTokenizerName for the names understood. With
+  // pre_regexes set it only decides ignore_merges (the Llama 3 names).
   std::string pre;
+  // gpt2 only: when not empty, the pre-tokenizer instead: Hugging Face Split regexes (behavior
+  // Isolated) applied in order, each to every chunk the ones before it left (regex.h lists the
+  // syntax understood). HF tokenizer.json files whose pre_tokenizer is not one of pre's kinds.
+  std::vector<std::string> pre_regexes;
   // id -> piece as stored: GPT-2 byte-to-unicode mapped for gpt2 (special and user-defined
   // tokens as plain text), U+2581 for spaces and <0xXX> byte pieces for llama.
   std::vector<std::string> tokens;
@@ -69,19 +74,23 @@ struct VocabData {
 // <|eot_id|>, <|eom_id|>, <|end_of_text|>, <end_of_turn> or <|end|>.
 //
 // Errors: InvalidArgument naming the field (empty or inconsistent sizes, ids out of range, bad
-// token types, NaN scores, unparsable merges, an unknown pre-tokenizer); Unimplemented for a
-// model other than llama and gpt2.
+// token types, NaN scores, unparsable merges, an unknown pre-tokenizer, a malformed pre_regexes
+// pattern); Unimplemented for a model other than llama and gpt2, or a pre_regexes pattern using a
+// construct the regex engine lacks.
 StatusOr<std::unique_ptr<Tokenizer>> CreateTokenizer(VocabData data);
 
 // Reads a Hugging Face tokenizer.json whose model is byte-level BPE (Llama 3, SmolLM2, Qwen2,
-// GPT-2): vocab, merges ("a b" strings or ["a", "b"] arrays), added_tokens (special ones become
-// control tokens, the others user-defined), and the pre-tokenizer (its split regex picks `pre`:
-// llama-bpe, qwen2, smollm or gpt2). From tokenizer_config.json (path may be ""): bos_token,
+// GPT-2, DeepSeek LLM/V3): vocab, merges ("a b" strings or ["a", "b"] arrays), added_tokens
+// (special ones become control tokens, the others user-defined), and the pre-tokenizer: a
+// Sequence of Split (Regex or String pattern, Isolated, not inverted) and Digits steps, then
+// ByteLevel (its own regex or none). Regexes that a hand-written kind implements set `pre`
+// (llama-bpe, qwen2, smollm or gpt2); any others go to pre_regexes, compiled here to check them.
+// From tokenizer_config.json (path may be ""): bos_token,
 // eos_token, pad_token, unk_token, add_bos_token and chat_template. Without add_bos_token, BOS is
 // added when the post_processor's template starts with the BOS token.
 // Errors: NotFound (missing file), InvalidArgument (not JSON, or fields of the wrong shape,
-// named), Unimplemented (a model other than BPE, a BPE that is not byte-level, or a pre-tokenizer
-// or normalizer this module does not implement).
+// named), Unimplemented (a model other than BPE, a BPE that is not byte-level, or a pre-tokenizer,
+// Split regex construct or normalizer this module does not implement; a regex's error names it).
 StatusOr<VocabData> LoadHfTokenizerJson(const std::string& tokenizer_json_path,
                                         const std::string& tokenizer_config_json_path);
 
