@@ -8,6 +8,12 @@
 #include <thread>
 
 #include "engine/backend/cpu/cpu_backend.h"
+#ifdef HELIX_HAVE_CUDA_BACKEND
+#include "engine/backend/cuda/cuda_backend.h"
+#endif
+#ifdef HELIX_HAVE_NCCL
+#include "engine/parallel/nccl_communicator.h"
+#endif
 #include "engine/common/log.h"
 #include "engine/kv_cache/sequence_kv.h"
 #include "engine/model/model_loader.h"
@@ -116,6 +122,33 @@ Engine::~Engine() {
   }
 }
 
+namespace {
+
+constexpr bool HaveNccl() {
+#ifdef HELIX_HAVE_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
+StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
+  if (o.backend_factory) return o.backend_factory();
+  if (o.backend == "cpu") return std::unique_ptr<Backend>(new CpuBackend(o.num_threads));
+  if (o.backend == "cuda") {
+#ifdef HELIX_HAVE_CUDA_BACKEND
+    return CreateCudaBackend(o.cuda_device >= 0 ? o.cuda_device : o.rank);
+#else
+    return Unimplemented(
+        "backend \"cuda\": this build has no CUDA backend (no nvcc was found when it was "
+        "configured, or HELIX_WITH_CUDA=OFF)");
+#endif
+  }
+  return InvalidArgument("backend \"" + o.backend + "\": expected \"cpu\" or \"cuda\"");
+}
+
+}  // namespace
+
 Status Engine::Init(const EngineOptions& o) {
   options_ = o;
   if (o.tokens_per_block < 1) {
@@ -171,9 +204,22 @@ Status Engine::Init(const EngineOptions& o) {
   if (num_blocks < 0) {
     num_blocks = (o.max_batch_size * max_seq_len_ + o.tokens_per_block - 1) / o.tokens_per_block;
   }
+  ASSIGN_OR_RETURN(backend_, MakeBackend(o));
+  BlockPool::Memory pool_memory;
+  if (!backend_->host_memory()) {
+    if (o.export_kv) {
+      return Unimplemented(std::string("a context server (export_kv) runs on the CPU backend; "
+                                       "UCX export of ") +
+                           backend_->name() + " device memory is not implemented");
+    }
+    Backend* be = backend_.get();
+    pool_memory.alloc = [be](size_t bytes) { return be->Alloc(bytes); };
+    pool_memory.free = [be](void* p) { be->Free(p); };
+    pool_memory.what = std::string(be->name()) + " device";
+  }
   // The leader's admission decisions stand for every rank: all pools have its size.
   if (!layout_.single()) RETURN_IF_ERROR(ConnectRanks(&num_blocks));
-  ASSIGN_OR_RETURN(pool_, BlockPool::Create(num_blocks, block_bytes));
+  ASSIGN_OR_RETURN(pool_, BlockPool::Create(num_blocks, block_bytes, std::move(pool_memory)));
   kv.base = pool_->base();
   kv_layout_.dtype = o.kv_dtype;
   kv_layout_.tokens_per_block = o.tokens_per_block;
@@ -195,7 +241,6 @@ Status Engine::Init(const EngineOptions& o) {
     export_.layout = kv_layout_;
   }
 
-  backend_ = std::make_unique<CpuBackend>(o.num_threads);
   HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << ModelFormatName(bundle.format)
                    << ", " << cfg.architecture << ", " << cfg.n_layers << " layers, dim " << cfg.dim
                    << ", heads " << cfg.n_heads << "/" << cfg.n_kv_heads << " kv, vocab "
@@ -203,12 +248,12 @@ Status Engine::Init(const EngineOptions& o) {
                    << "), KV pool " << num_blocks << " blocks x " << o.tokens_per_block
                    << " tokens (" << (num_blocks * pool_->block_bytes()) / (1 << 20) << " MiB, "
                    << kernels::DTypeName(o.kv_dtype) << "), max_seq_len " << max_seq_len_
-                   << ", backend cpu, " << layout_.ToString();
+                   << ", backend " << backend_->name() << ", " << layout_.ToString();
   ParallelContext par;
   par.layout = layout_;
-  par.world = world_comm_.get();
-  par.cp = cp_comm_.get();
-  model_ = std::make_unique<LlamaModel>(std::move(loaded), backend_.get(), kv, par);
+  par.world = nccl_world_ ? nccl_world_.get() : world_comm_.get();
+  par.cp = nccl_cp_ ? nccl_cp_.get() : cp_comm_.get();
+  ASSIGN_OR_RETURN(model_, LlamaModel::Create(std::move(loaded), backend_.get(), kv, par));
   return Status::Ok();
 }
 
@@ -227,11 +272,45 @@ Status Engine::ConnectRanks(int64_t* num_blocks) {
   ASSIGN_OR_RETURN(cp_comm_, parallel::CreateGlooCommunicator(
                                  store_.get(), "cp" + std::to_string(layout_.tp_rank),
                                  layout_.cp_rank, layout_.cp, g));
-  // One broadcast settles the pool size (the leader's) for every rank.
-  int64_t n = *num_blocks;
-  RETURN_IF_ERROR(world_comm_->Broadcast(&n, sizeof(n), 0));
-  *num_blocks = n;
-  HELIX_LOG(kInfo) << "engine: " << layout_.ToString() << " joined the instance";
+  // The model's collectives: Gloo (host buffers) unless the ranks run on distinct GPUs.
+  if (o.collectives != "auto" && o.collectives != "gloo" && o.collectives != "nccl") {
+    return InvalidArgument("collectives \"" + o.collectives +
+                           "\": expected \"auto\", \"gloo\" or \"nccl\"");
+  }
+  int64_t use_nccl = 0;
+  if (is_leader() && !backend_->host_memory()) {
+#if defined(HELIX_HAVE_NCCL) && defined(HELIX_HAVE_CUDA_BACKEND)
+    use_nccl = o.collectives == "nccl" ||
+               (o.collectives == "auto" && CudaDeviceCount() >= layout_.world());
+#endif
+  }
+  if (o.collectives == "nccl" && (backend_->host_memory() || !HaveNccl())) {
+    return Unimplemented(std::string("collectives \"nccl\" need the cuda backend and a build "
+                                     "with NCCL; backend is ") +
+                         backend_->name() + (HaveNccl() ? "" : ", and this build has no NCCL"));
+  }
+  // One broadcast settles the pool size (the leader's) and the collectives for every rank.
+  int64_t settle[2] = {*num_blocks, use_nccl};
+  RETURN_IF_ERROR(world_comm_->Broadcast(settle, sizeof(settle), 0));
+  *num_blocks = settle[0];
+  if (settle[1] != 0) {
+#ifdef HELIX_HAVE_NCCL
+    RETURN_IF_ERROR(backend_->Activate());
+    parallel::NcclOptions no;
+    no.timeout = o.comm_timeout;
+    no.stream = backend_->native_stream();
+    ASSIGN_OR_RETURN(nccl_world_,
+                     parallel::CreateNcclCommunicator(store_.get(), "nccl_world", layout_.rank(),
+                                                      layout_.world(), no));
+    ASSIGN_OR_RETURN(nccl_cp_, parallel::CreateNcclCommunicator(
+                                   store_.get(), "nccl_cp" + std::to_string(layout_.tp_rank),
+                                   layout_.cp_rank, layout_.cp, no));
+#else
+    return Unimplemented("the leader chose NCCL collectives but this rank's build has no NCCL");
+#endif
+  }
+  HELIX_LOG(kInfo) << "engine: " << layout_.ToString() << " joined the instance (model collectives "
+                   << (nccl_world_ ? "NCCL" : "Gloo") << ")";
   return Status::Ok();
 }
 
@@ -424,6 +503,11 @@ Status Engine::GatherTransferStates(const std::vector<uint64_t>& uids, std::vect
 
 Status Engine::CheckKvSource(const GenerateRequest& r, int64_t prompt_len) {
   const transfer::KvSource& src = *r.kv_source;
+  if (!backend_->host_memory()) {
+    return Unimplemented(std::string("KV transfer from a context server into ") + backend_->name() +
+                         " device memory is not implemented; run this generation instance "
+                         "on the CPU backend for disaggregated requests");
+  }
   if (r.first_token < 0 || r.first_token >= model_config().vocab_size) {
     return InvalidArgument("first_token = " + std::to_string(r.first_token) +
                            ": a request with a KV handle needs the context server's first token "

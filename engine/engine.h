@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -34,6 +35,18 @@ struct EngineOptions {
   std::string model_path;
   std::string tokenizer_path;  // llama2.c models need one
   int num_threads = 0;         // CPU backend; 0 = all cores
+  // "cpu" or "cuda" (a CUDA build only). The CUDA backend runs rank r on device cuda_device,
+  // or r modulo the visible devices when cuda_device < 0 (ranks share a GPU when there are
+  // fewer GPUs than ranks; their collectives go through Gloo on the host).
+  std::string backend = "cpu";
+  int cuda_device = -1;
+  // The model's collectives between ranks of the cuda backend: "nccl" (device buffers; one GPU
+  // per rank), "gloo" (staged through host memory; ranks may share a GPU) or "auto" (nccl when
+  // this build has NCCL and the leader sees at least as many GPUs as ranks). The CPU backend
+  // always uses Gloo.
+  std::string collectives = "auto";
+  // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
+  std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;
   kernels::DType kv_dtype = kernels::DType::kF32;
   // Precision of the weight matrices in memory (norms, biases and the embedding gather stay
@@ -188,6 +201,9 @@ class Engine {
   std::unique_ptr<parallel::TcpStoreServer> store_server_;  // leader of a multi-rank instance
   std::unique_ptr<parallel::TcpStore> store_;
   std::unique_ptr<parallel::Communicator> world_comm_, cp_comm_;
+  // The model's collectives over NCCL (device buffers) when the ranks use it; the Gloo ones
+  // above still carry the step plans.
+  std::unique_ptr<parallel::Communicator> nccl_world_, nccl_cp_;
   std::unordered_map<uint64_t, SequenceKv> kv_;  // this rank's blocks of each sequence
   std::vector<uint64_t> pending_release_;        // leader: freed here, announced next step
   uint64_t next_uid_ = 1;

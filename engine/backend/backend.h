@@ -1,11 +1,14 @@
 // The ops a model's forward pass needs, behind one interface so the CPU backend (the
 // reference) and the CUDA backend are interchangeable. Pointers are in the backend's memory
-// space. One Backend per rank; calls come from the engine thread only.
+// space ("device" memory: host memory for the CPU backend) unless a comment says host. Ops are
+// queued in order on the backend's one stream; CopyToHost and Sync wait for them. One Backend
+// per rank; calls come from one thread at a time (the rank's engine thread).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "engine/common/status.h"
 #include "kernels/attention.h"
 #include "kernels/gemm.h"
 #include "kernels/merge.h"
@@ -21,22 +24,75 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
 
+  // True when backend memory is host memory that the caller may read and write directly (the
+  // CPU backend); then the copies below are plain memcpy and callers may skip them.
+  virtual bool host_memory() const = 0;
+
+  // Binds the calling thread to the backend's device (CUDA: the current device is per thread).
+  // Call it on the thread that runs the ops before the first op of a step.
+  virtual Status Activate() { return Status::Ok(); }
+
+  // Backend memory, at least 256-byte aligned; nullptr when out of memory. Free is ordered
+  // after the ops already queued (the memory may still be in use by them). Free(nullptr) is
+  // a no-op.
+  virtual void* Alloc(size_t bytes) = 0;
+  virtual void Free(void* p) = 0;
+  // Host memory the backend copies from and to fastest (CUDA: pinned), for staging; nullptr
+  // when out of memory.
+  virtual void* AllocHost(size_t bytes) = 0;
+  virtual void FreeHost(void* p) = 0;
+  // host -> backend, queued: `src` must stay unchanged until the next Sync or CopyToHost.
+  virtual void CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  // backend -> host: waits for every queued op, then copies. Returns the first error of any op
+  // since the last check (the CUDA backend's launch and runtime errors).
+  virtual Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // backend -> backend, queued.
+  virtual void CopyDevice(void* dst, const void* src, size_t bytes) = 0;
+  // `rows` rows of `width` bytes: dst + r * dst_pitch <- src + r * src_pitch, queued.
+  virtual void CopyDevice2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                            size_t width, size_t rows) = 0;
+  // The stream the ops are queued on (CUDA: a cudaStream_t), for collectives that queue on it
+  // too (NCCL); nullptr for the CPU backend.
+  virtual void* native_stream() { return nullptr; }
+  // Waits for every queued op; returns the first error since the last check.
+  virtual Status Sync() = 0;
+
   virtual void Gemm(const kernels::GemmParams& p) = 0;
   virtual void RmsNorm(const kernels::RmsNormParams& p) = 0;
   virtual void Rope(const kernels::RopeParams& p) = 0;
   virtual void SiluMul(const kernels::SiluMulParams& p) = 0;
-  // Writes one token's K and V (this rank's KV heads) into its block slot.
+  // x[i] += y[i] for i < n (the residual add).
+  virtual void Add(float* x, const float* y, int64_t n) = 0;
+  // out[r][0..n) = in[rows[r]][0..n) for r < num_rows, rows of `stride` floats in `in`; rows
+  // in backend memory.
+  virtual void GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows,
+                          int64_t n, float* out) = 0;
+  // Writes one token's K and V (this rank's KV heads) into its block slot; host block/slot.
   virtual void WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,
                        const float* k, const float* v) = 0;
+  // WriteKv for a batch: token t goes to (block[t], slot[t]) unless block[t] < 0 (another CP
+  // rank owns its position). k, v: [tokens][kv.num_kv_heads][kv.head_dim]; block and slot in
+  // backend memory.
+  virtual void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k,
+                            const float* v, const int32_t* block, const int32_t* slot,
+                            int64_t tokens) = 0;
   virtual size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) = 0;
   virtual void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) = 0;
   virtual void MergeStates(const kernels::MergeStatesParams& p) = 0;
+  // The Helix combine's all-to-all layout. Pack: att [tokens][peers * hp][dim] and lse
+  // [tokens][peers * hp] -> send [peers][tokens][hp][dim + 1] (peer c gets heads [c hp, c hp +
+  // hp) of every token, each head's LSE after its output). Unpack: recv [peers][rows][dim + 1]
+  // -> parts_o [peers][rows][dim] and parts_lse [peers][rows] (MergeStates' input).
+  virtual void PackCombine(const float* att, const float* lse, int64_t tokens, int64_t peers,
+                           int64_t hp, int64_t dim, float* send) = 0;
+  virtual void UnpackCombine(const float* recv, int64_t peers, int64_t rows, int64_t dim,
+                             float* parts_o, float* parts_lse) = 0;
   // MLA decode attention in the latent space (absorbed form) over a one-plane pool.
   virtual size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) = 0;
   virtual void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) = 0;
-  // out[i] = table[ids[i]] rows of `dim` floats.
-  virtual void Embedding(const float* table, const int32_t* ids, int64_t n, int64_t dim,
-                         float* out) = 0;
+  // out[i] = table[ids[i]] rows of `dim` floats; REQUIRES: 0 <= ids[i] < vocab.
+  virtual void Embedding(const float* table, int64_t vocab, const int32_t* ids, int64_t n,
+                         int64_t dim, float* out) = 0;
 };
 
 }  // namespace helix

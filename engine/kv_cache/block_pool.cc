@@ -7,7 +7,8 @@
 
 namespace helix {
 
-StatusOr<std::unique_ptr<BlockPool>> BlockPool::Create(int64_t num_blocks, int64_t block_bytes) {
+StatusOr<std::unique_ptr<BlockPool>> BlockPool::Create(int64_t num_blocks, int64_t block_bytes,
+                                                       Memory memory) {
   if (num_blocks <= 0 || block_bytes <= 0) {
     return InvalidArgument("KV block pool needs a positive size (blocks " +
                            std::to_string(num_blocks) + ", bytes per block " +
@@ -22,22 +23,33 @@ StatusOr<std::unique_ptr<BlockPool>> BlockPool::Create(int64_t num_blocks, int64
     return InvalidArgument("KV block pool size overflows");
   }
   const size_t total = static_cast<size_t>(aligned_block * num_blocks);
-  void* base = std::aligned_alloc(64, total);
-  if (!base) {
-    return ResourceExhausted("cannot allocate the KV block pool: " + std::to_string(num_blocks) +
-                             " blocks × " + std::to_string(aligned_block) + " bytes");
+  if (!memory.alloc) {
+    memory.alloc = [](size_t bytes) { return std::aligned_alloc(64, bytes); };
+    memory.free = [](void* p) { std::free(p); };
   }
-  return std::unique_ptr<BlockPool>(new BlockPool(base, num_blocks, aligned_block));
+  void* base = memory.alloc(total);
+  if (!base) {
+    return ResourceExhausted("cannot allocate the KV block pool in " + memory.what +
+                             " memory: " + std::to_string(num_blocks) + " blocks × " +
+                             std::to_string(aligned_block) + " bytes");
+  }
+  return std::unique_ptr<BlockPool>(
+      new BlockPool(base, num_blocks, aligned_block, std::move(memory.free)));
 }
 
-BlockPool::BlockPool(void* base, int64_t num_blocks, int64_t block_bytes)
-    : base_(base), num_blocks_(num_blocks), block_bytes_(block_bytes), in_use_(num_blocks, 0) {
+BlockPool::BlockPool(void* base, int64_t num_blocks, int64_t block_bytes,
+                     std::function<void(void*)> free)
+    : base_(base),
+      free_memory_(std::move(free)),
+      num_blocks_(num_blocks),
+      block_bytes_(block_bytes),
+      in_use_(num_blocks, 0) {
   free_.reserve(num_blocks);
   // Hand out low ids first.
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }
 
-BlockPool::~BlockPool() { std::free(base_); }
+BlockPool::~BlockPool() { free_memory_(base_); }
 
 bool BlockPool::Allocate(int64_t n, std::vector<int32_t>* out) {
   if (n < 0 || n > num_free()) return false;

@@ -3,17 +3,29 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/common/status.h"
 
 namespace helix {
 
+// Where a pool's memory comes from: host memory by default (64-byte aligned; pages are
+// committed on first use), or e.g. a device backend's Alloc/Free ("what" names it in errors).
+struct BlockPoolMemory {
+  std::function<void*(size_t)> alloc;  // nullptr on failure; at least 64-byte aligned
+  std::function<void(void*)> free;
+  std::string what = "host";
+};
+
 class BlockPool {
  public:
-  // Reserves num_blocks × block_bytes (64-byte aligned; pages are committed on first use).
-  static StatusOr<std::unique_ptr<BlockPool>> Create(int64_t num_blocks, int64_t block_bytes);
+  using Memory = BlockPoolMemory;
+  // Reserves num_blocks × block_bytes (rounded up to 64 bytes per block).
+  static StatusOr<std::unique_ptr<BlockPool>> Create(int64_t num_blocks, int64_t block_bytes,
+                                                     Memory memory = {});
   ~BlockPool();
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
@@ -30,9 +42,10 @@ class BlockPool {
   void Free(const std::vector<int32_t>& blocks);
 
  private:
-  BlockPool(void* base, int64_t num_blocks, int64_t block_bytes);
+  BlockPool(void* base, int64_t num_blocks, int64_t block_bytes, std::function<void(void*)> free);
 
   void* base_;
+  std::function<void(void*)> free_memory_;
   int64_t num_blocks_;
   int64_t block_bytes_;
   std::vector<int32_t> free_;    // stack of free ids

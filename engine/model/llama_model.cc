@@ -30,39 +30,137 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       backend_(backend),
       kv_(kv),
       par_(parallel),
-      dims_(ComputeShardDims(model_->config, par_.layout)) {
+      dims_(ComputeShardDims(model_->config, par_.layout)),
+      host_(backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
+  for (auto* a : {&x_, &xb_, &q_, &k_, &v_, &att_, &lse_, &h1_, &h3_, &rows_, &parts_o_,
+                  &parts_lse_, &logits_dev_, &send_, &recv_}) {
+    a->Bind(backend);
+  }
+  workspace_.Bind(backend);
+  meta_.Bind(backend);
+  meta_host_.Bind(backend);
+  stage_a_.Bind(backend);
+  stage_b_.Bind(backend);
+}
+
+LlamaModel::~LlamaModel() {
+  for (auto& [host, dev] : device_) backend_->Free(dev);
+}
+
+StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(std::unique_ptr<LoadedModel> model,
+                                                         Backend* backend, kernels::KvPoolView kv,
+                                                         ParallelContext parallel) {
+  if (!backend->host_memory() && model->config.mla()) {
+    return Unimplemented(std::string("MLA models (") + model->config.architecture +
+                         ") run on the CPU backend only; the " + backend->name() +
+                         " backend runs Llama-family (GQA) models");
+  }
+  std::unique_ptr<LlamaModel> m(new LlamaModel(std::move(model), backend, kv, parallel));
+  RETURN_IF_ERROR(m->UploadWeights());
+  return m;
+}
+
+Status LlamaModel::UploadWeights() {
+  if (host_) return Status::Ok();
+  RETURN_IF_ERROR(backend_->Activate());
+  const ModelWeights& w = model_->weights;
+  const auto upload = [&](const void* data, size_t bytes) -> Status {
+    if (data == nullptr || bytes == 0 || device_.count(data) != 0) return Status::Ok();
+    void* dev = backend_->Alloc(bytes);
+    if (dev == nullptr) {
+      return ResourceExhausted(std::string(backend_->name()) + " backend: out of memory for the " +
+                               "weights (" + std::to_string(bytes) + " more bytes)");
+    }
+    device_[data] = dev;
+    backend_->CopyToDevice(dev, data, bytes);
+    // Bounded staging: the copy reads the host tensor in place, so wait before the next one
+    // may be freed or changed (they are not, but a sync per tensor keeps the rule simple).
+    return backend_->Sync();
+  };
+  const auto vec = [&](const std::vector<float>& v) {
+    return upload(v.data(), v.size() * sizeof(float));
+  };
+  const auto mat = [&](const WeightMatrix& m) {
+    return upload(m.data(), m.empty() ? 0 : m.size_bytes());
+  };
+  RETURN_IF_ERROR(vec(w.token_embedding));
+  RETURN_IF_ERROR(vec(w.final_norm));
+  RETURN_IF_ERROR(mat(w.classifier));
+  for (const LayerWeights& lw : w.layers) {
+    for (const std::vector<float>* v : {&lw.attn_norm, &lw.bq, &lw.bk, &lw.bv, &lw.ffn_norm}) {
+      RETURN_IF_ERROR(vec(*v));
+    }
+    for (const WeightMatrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3}) {
+      RETURN_IF_ERROR(mat(*m));
+    }
+  }
+  return Status::Ok();
+}
+
+const void* LlamaModel::Dev(const void* host) const {
+  if (host_ || host == nullptr) return host;
+  auto it = device_.find(host);
+  return it == device_.end() ? nullptr : it->second;
+}
+
+StatusOr<LlamaModel::BatchMeta> LlamaModel::UploadBatch(const ForwardBatch& b) {
+  const std::vector<int32_t>* parts[] = {&b.tokens,          &b.positions, &b.token_seq,
+                                         &b.kv_block,        &b.kv_slot,   &b.block_tables,
+                                         &b.block_first_pos, &b.kv_lens,   &b.logits_rows};
+  const int32_t* ptr[9];
+  if (host_) {
+    for (int i = 0; i < 9; ++i) ptr[i] = parts[i]->data();
+  } else {
+    int64_t total = 0;
+    for (const auto* v : parts) total += static_cast<int64_t>(v->size());
+    // The staging area is rewritten below: the previous step's copy out of it must be done.
+    RETURN_IF_ERROR(backend_->Sync());
+    RETURN_IF_ERROR(meta_host_.Resize(std::max<int64_t>(total, 1)));
+    RETURN_IF_ERROR(meta_.Resize(std::max<int64_t>(total, 1)));
+    int64_t off = 0;
+    for (int i = 0; i < 9; ++i) {
+      std::copy(parts[i]->begin(), parts[i]->end(), meta_host_.data() + off);
+      ptr[i] = meta_.data() + off;
+      off += static_cast<int64_t>(parts[i]->size());
+    }
+    backend_->CopyToDevice(meta_.data(), meta_host_.data(), total * sizeof(int32_t));
+  }
+  return BatchMeta{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7], ptr[8]};
+}
+
+Status LlamaModel::AllReduceSum(float* p, int64_t n) {
+  if (host_ || par_.world->device_memory()) return par_.world->AllReduceSum(p, n);
+  RETURN_IF_ERROR(stage_a_.Resize(n));
+  RETURN_IF_ERROR(backend_->CopyToHost(stage_a_.data(), p, n * sizeof(float)));
+  RETURN_IF_ERROR(par_.world->AllReduceSum(stage_a_.data(), n));
+  backend_->CopyToDevice(p, stage_a_.data(), n * sizeof(float));
+  return Status::Ok();
 }
 
 Status LlamaModel::CombineAttention(int64_t T, int64_t hd) {
   const int cp = par_.layout.cp;
   if (cp == 1) return Status::Ok();  // q_heads == out_heads: nothing to exchange
-  const int64_t hq = dims_.q_heads, ho = dims_.out_heads;
+  const int64_t ho = dims_.out_heads, rows = T * ho;
   // Chunk for peer c: [T][ho][hd + 1] (the LSE rides after each head's output).
   const int64_t chunk = T * ho * (hd + 1);
-  send_.resize(cp * chunk);
-  recv_.resize(cp * chunk);
-  for (int c = 0; c < cp; ++c) {
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t h = 0; h < ho; ++h) {
-        const int64_t src = t * hq + c * ho + h;
-        float* dst = send_.data() + c * chunk + (t * ho + h) * (hd + 1);
-        std::copy_n(att_.data() + src * hd, hd, dst);
-        dst[hd] = lse_[src];
-      }
-    }
+  RETURN_IF_ERROR(send_.Resize(cp * chunk));
+  RETURN_IF_ERROR(recv_.Resize(cp * chunk));
+  backend_->PackCombine(att_.data(), lse_.data(), T, cp, ho, hd, send_.data());
+  if (host_ || par_.cp->device_memory()) {
+    RETURN_IF_ERROR(par_.cp->AllToAll(send_.data(), recv_.data(), chunk * sizeof(float)));
+  } else {
+    // Gloo between ranks of a device backend: through host memory.
+    RETURN_IF_ERROR(stage_a_.Resize(cp * chunk));
+    RETURN_IF_ERROR(stage_b_.Resize(cp * chunk));
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(stage_a_.data(), send_.data(), cp * chunk * sizeof(float)));
+    RETURN_IF_ERROR(par_.cp->AllToAll(stage_a_.data(), stage_b_.data(), chunk * sizeof(float)));
+    backend_->CopyToDevice(recv_.data(), stage_b_.data(), cp * chunk * sizeof(float));
   }
-  RETURN_IF_ERROR(par_.cp->AllToAll(send_.data(), recv_.data(), chunk * sizeof(float)));
-  const int64_t rows = T * ho;
-  parts_o_.resize(cp * rows * hd);
-  parts_lse_.resize(cp * rows);
-  for (int i = 0; i < cp; ++i) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* src = recv_.data() + i * chunk + r * (hd + 1);
-      std::copy_n(src, hd, parts_o_.data() + (i * rows + r) * hd);
-      parts_lse_[i * rows + r] = src[hd];
-    }
-  }
+  RETURN_IF_ERROR(parts_o_.Resize(cp * rows * hd));
+  RETURN_IF_ERROR(parts_lse_.Resize(cp * rows));
+  backend_->UnpackCombine(recv_.data(), cp, rows, hd, parts_o_.data(), parts_lse_.data());
   backend_->MergeStates({parts_o_.data(), parts_lse_.data(), att_.data(), nullptr, cp, rows, hd});
   return Status::Ok();
 }
@@ -170,7 +268,7 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   // Long sequences are cut into ~1K-token chunks so that one sequence uses every thread.
   mp.kv_split_tokens = kv_.tokens_per_block * std::max<int64_t>(1, 1024 / kv_.tokens_per_block);
   const size_t ws = backend_->MlaAttentionWorkspaceBytes(mp);
-  if (workspace_.size() < ws) workspace_.resize(ws);
+  if (workspace_.size() < static_cast<int64_t>(ws)) workspace_.resize(ws);
   backend_->MlaAttention(mp, workspace_.data());
   sw.Lap(&tm.attention);
   if (par_.barrier_before_collectives && par_.cp != nullptr && par_.layout.cp > 1) {
@@ -255,7 +353,7 @@ void LlamaModel::MoeFfn(int64_t l, int64_t T) {
     backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, ye_.data(), T, D, S, lw.w2.dtype});
     for (int64_t i = 0; i < T * D; ++i) moe_out_[i] += ye_[i];
   }
-  xb_.swap(moe_out_);
+  std::copy(moe_out_.begin(), moe_out_.end(), xb_.data());
 }
 
 Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
@@ -265,28 +363,30 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   const int64_t F = dims_.ffn_end - dims_.ffn_begin;
   const int64_t qd = dims_.q_heads * hd, kvd = dims_.kv_heads * hd, od = dims_.out_heads * hd;
   parallel::Communicator* world = par_.layout.single() ? nullptr : par_.world;
-  x_.resize(T * D);
-  xb_.resize(T * D);
+  RETURN_IF_ERROR(backend_->Activate());
+  ASSIGN_OR_RETURN(const BatchMeta m, UploadBatch(b));
+  RETURN_IF_ERROR(x_.Resize(T * D));
+  RETURN_IF_ERROR(xb_.Resize(T * D));
   if (!c.mla()) {
-    q_.resize(T * qd);
-    k_.resize(T * kvd);
-    v_.resize(T * kvd);
-    att_.resize(T * qd);
+    RETURN_IF_ERROR(q_.Resize(T * qd));
+    RETURN_IF_ERROR(k_.Resize(T * kvd));
+    RETURN_IF_ERROR(v_.Resize(T * kvd));
+    RETURN_IF_ERROR(att_.Resize(T * qd));
   }
 
   ForwardTimings& tm = timings_;
   ++tm.calls;
   Stopwatch sw;
-  backend_->Embedding(w.token_embedding.data(), b.tokens.data(), T, D, x_.data());
+  backend_->Embedding(Dev(w.token_embedding), c.vocab_size, m.tokens, T, D, x_.data());
 
   kernels::PagedAttentionParams ap{};
   ap.q = q_.data();
-  ap.q_seq = b.token_seq.data();
-  ap.q_pos = b.positions.data();
+  ap.q_seq = m.token_seq;
+  ap.q_pos = m.positions;
   ap.kv = kv_;
-  ap.block_tables = b.block_tables.data();
-  ap.block_first_pos = b.block_first_pos.data();
-  ap.kv_lens = b.kv_lens.data();
+  ap.block_tables = m.block_tables;
+  ap.block_first_pos = m.block_first_pos;
+  ap.kv_lens = m.kv_lens;
   ap.max_blocks_per_seq = b.max_blocks;
   ap.num_seqs = b.num_seqs;
   ap.num_q_tokens = T;
@@ -295,11 +395,11 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   ap.head_dim = hd;
   ap.scale = 1.0f / std::sqrt(static_cast<float>(hd));
   ap.out = att_.data();
-  lse_.resize(T * dims_.q_heads);
+  RETURN_IF_ERROR(lse_.Resize(T * dims_.q_heads));
   ap.lse = lse_.data();
-  ap.kv_split_tokens = 0;
+  ap.kv_split_tokens = 0;  // the backend picks its split
   const size_t ws = backend_->PagedAttentionWorkspaceBytes(ap);
-  if (workspace_.size() < ws) workspace_.resize(ws);
+  if (workspace_.size() < static_cast<int64_t>(ws)) RETURN_IF_ERROR(workspace_.Resize(ws));
 
   // x += the sum over ranks of each rank's row-parallel partial in xb_.
   const auto AddRowParallel = [&]() -> Status {
@@ -307,36 +407,30 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
       RETURN_IF_ERROR(world->Barrier());
       sw.Lap(&tm.wait);
     }
-    if (world != nullptr) RETURN_IF_ERROR(world->AllReduceSum(xb_.data(), T * D));
+    if (world != nullptr) RETURN_IF_ERROR(AllReduceSum(xb_.data(), T * D));
     sw.Lap(&tm.all_reduce);
-    for (int64_t i = 0; i < T * D; ++i) x_[i] += xb_[i];
+    backend_->Add(x_.data(), xb_.data(), T * D);
     return Status::Ok();
   };
+  const auto F32 = [&](const std::vector<float>& v) { return Dev(v); };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
-    backend_->RmsNorm({x_.data(), nullptr, lw.attn_norm.data(), xb_.data(), T, D, c.norm_eps});
+    backend_->RmsNorm({x_.data(), nullptr, F32(lw.attn_norm), xb_.data(), T, D, c.norm_eps});
     sw.Lap(&tm.other);
     if (c.mla()) {
       RETURN_IF_ERROR(MlaAttention(b, l));
       sw = Stopwatch();
     } else {
-      backend_->Gemm({xb_.data(), lw.wq.data(), lw.bq.empty() ? nullptr : lw.bq.data(), q_.data(),
-                      T, qd, D, lw.wq.dtype});
-      backend_->Gemm({xb_.data(), lw.wk.data(), lw.bk.empty() ? nullptr : lw.bk.data(), k_.data(),
-                      T, kvd, D, lw.wk.dtype});
-      backend_->Gemm({xb_.data(), lw.wv.data(), lw.bv.empty() ? nullptr : lw.bv.data(), v_.data(),
-                      T, kvd, D, lw.wv.dtype});
+      backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
+      backend_->Gemm({xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype});
+      backend_->Gemm({xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype});
       sw.Lap(&tm.gemm);
       // RoPE at global positions; only the owner of a position writes its K/V.
       backend_->Rope(
-          {q_.data(), b.positions.data(), T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
+          {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
       backend_->Rope(
-          {k_.data(), b.positions.data(), T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
-      for (int64_t t = 0; t < T; ++t) {
-        if (b.kv_block[t] < 0) continue;  // another CP rank owns this position
-        backend_->WriteKv(kv_, b.kv_block[t], l, b.kv_slot[t], k_.data() + t * kvd,
-                          v_.data() + t * kvd);
-      }
+          {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
+      backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
       ap.layer = l;
       sw.Lap(&tm.other);
       backend_->PagedAttention(ap, workspace_.data());
@@ -348,23 +442,23 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
       RETURN_IF_ERROR(CombineAttention(T, hd));
       sw.Lap(&tm.combine);
       // x += Wo · att: row-parallel over the N ranks (each holds Wo's columns for its heads).
-      backend_->Gemm({att_.data(), lw.wo.data(), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
+      backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
       sw.Lap(&tm.gemm);
     }
     RETURN_IF_ERROR(AddRowParallel());
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks;
     // an MoE layer adds its experts' and shared experts' partials instead.
-    backend_->RmsNorm({x_.data(), nullptr, lw.ffn_norm.data(), xb_.data(), T, D, c.norm_eps});
+    backend_->RmsNorm({x_.data(), nullptr, F32(lw.ffn_norm), xb_.data(), T, D, c.norm_eps});
     sw.Lap(&tm.other);
     if (c.IsMoeLayer(l)) {
       MoeFfn(l, T);
     } else {
-      h1_.resize(T * F);
-      h3_.resize(T * F);
-      backend_->Gemm({xb_.data(), lw.w1.data(), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
-      backend_->Gemm({xb_.data(), lw.w3.data(), nullptr, h3_.data(), T, F, D, lw.w3.dtype});
+      RETURN_IF_ERROR(h1_.Resize(T * F));
+      RETURN_IF_ERROR(h3_.Resize(T * F));
+      backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
+      backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype});
       backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
-      backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
+      backend_->Gemm({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
     }
     sw.Lap(&tm.gemm);
     RETURN_IF_ERROR(AddRowParallel());
@@ -374,38 +468,72 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   // Final norm and the classifier, only for the rows that sample; vocab-parallel, gathered.
   const int64_t R = static_cast<int64_t>(b.logits_rows.size());
   const int64_t V = c.vocab_size, Vl = dims_.vocab_end - dims_.vocab_begin;
-  rows_.resize(R * D);
-  for (int64_t r = 0; r < R; ++r) {
-    std::copy_n(x_.data() + static_cast<int64_t>(b.logits_rows[r]) * D, D, rows_.data() + r * D);
-  }
-  xb_.resize(std::max(T, R) * D);
-  backend_->RmsNorm({rows_.data(), nullptr, w.final_norm.data(), xb_.data(), R, D, c.norm_eps});
+  RETURN_IF_ERROR(rows_.Resize(R * D));
+  backend_->GatherRows(x_.data(), D, m.logits_rows, R, D, rows_.data());
+  RETURN_IF_ERROR(xb_.Resize(std::max(T, R) * D));
+  backend_->RmsNorm({rows_.data(), nullptr, F32(w.final_norm), xb_.data(), R, D, c.norm_eps});
+  const void* classifier = Dev(w.classifier_data());
   if (world == nullptr) {
     logits->resize(R * V);
-    backend_->Gemm(
-        {xb_.data(), w.classifier_data(), nullptr, logits->data(), R, V, D, w.classifier_dtype()});
-    return Status::Ok();
+    float* out = logits->data();
+    if (!host_) {
+      RETURN_IF_ERROR(logits_dev_.Resize(R * V));
+      out = logits_dev_.data();
+    }
+    backend_->Gemm({xb_.data(), classifier, nullptr, out, R, V, D, w.classifier_dtype()});
+    if (!host_) {
+      RETURN_IF_ERROR(backend_->CopyToHost(logits->data(), out, R * V * sizeof(float)));
+    }
+    sw.Lap(&tm.logits);
+    return backend_->Sync();
   }
   // Every rank's slice padded to the largest, so the all-gather moves equal chunks.
   const int n = par_.layout.world();
   const int64_t vmax = parallel::SplitRange(V, n, 0).second;
-  local_logits_.assign(R * vmax, 0.0f);
-  if (R > 0) {
-    rows_.resize(R * Vl);
-    backend_->Gemm(
-        {xb_.data(), w.classifier_data(), nullptr, rows_.data(), R, Vl, D, w.classifier_dtype()});
-    for (int64_t r = 0; r < R; ++r) {
-      std::copy_n(rows_.data() + r * Vl, Vl, local_logits_.data() + r * vmax);
+  const float* gathered = nullptr;
+  if (!host_ && world->device_memory()) {
+    // NCCL: pad and gather on the device, one copy of the gathered rows to the host.
+    RETURN_IF_ERROR(logits_dev_.Resize(R * Vl));
+    RETURN_IF_ERROR(send_.Resize(std::max<int64_t>(R * vmax, 1)));
+    RETURN_IF_ERROR(recv_.Resize(std::max<int64_t>(n * R * vmax, 1)));
+    if (R > 0) {
+      backend_->Gemm(
+          {xb_.data(), classifier, nullptr, logits_dev_.data(), R, Vl, D, w.classifier_dtype()});
+      backend_->CopyDevice2D(send_.data(), vmax * sizeof(float), logits_dev_.data(),
+                             Vl * sizeof(float), Vl * sizeof(float), R);
     }
+    RETURN_IF_ERROR(world->AllGather(send_.data(), recv_.data(), R * vmax * sizeof(float)));
+    gathered_.resize(n * R * vmax);
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(gathered_.data(), recv_.data(), n * R * vmax * sizeof(float)));
+    gathered = gathered_.data();
+  } else {
+    local_logits_.assign(R * vmax, 0.0f);
+    if (R > 0) {
+      RETURN_IF_ERROR(logits_dev_.Resize(R * Vl));
+      backend_->Gemm(
+          {xb_.data(), classifier, nullptr, logits_dev_.data(), R, Vl, D, w.classifier_dtype()});
+      const float* lg = logits_dev_.data();
+      if (!host_) {
+        RETURN_IF_ERROR(stage_a_.Resize(R * Vl));
+        RETURN_IF_ERROR(backend_->CopyToHost(stage_a_.data(), lg, R * Vl * sizeof(float)));
+        lg = stage_a_.data();
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        std::copy_n(lg + r * Vl, Vl, local_logits_.data() + r * vmax);
+      }
+    }
+    RETURN_IF_ERROR(backend_->Sync());
+    gathered_.resize(n * R * vmax);
+    RETURN_IF_ERROR(
+        world->AllGather(local_logits_.data(), gathered_.data(), R * vmax * sizeof(float)));
+    gathered = gathered_.data();
   }
-  gathered_.resize(n * R * vmax);
-  RETURN_IF_ERROR(
-      world->AllGather(local_logits_.data(), gathered_.data(), R * vmax * sizeof(float)));
   logits->resize(R * V);
   for (int i = 0; i < n; ++i) {
     const auto [v0, v1] = parallel::SplitRange(V, n, i);
     for (int64_t r = 0; r < R; ++r) {
-      std::copy_n(gathered_.data() + (i * R + r) * vmax, v1 - v0, logits->data() + r * V + v0);
+      std::copy_n(gathered + (i * R + r) * vmax, v1 - v0, logits->data() + r * V + v0);
     }
   }
   sw.Lap(&tm.logits);

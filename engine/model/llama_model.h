@@ -5,7 +5,10 @@
 // are reused between steps.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <new>
+#include <string>
 #include <vector>
 
 #include "engine/backend/backend.h"
@@ -41,18 +44,78 @@ struct ForwardTimings {
   int64_t calls = 0;
 };
 
+// A grow-only scratch array in a backend's memory (device memory, or with host = true the
+// backend's staging host memory). Growing drops the contents; shrinking keeps the allocation.
+template <typename T, bool kHost = false>
+class BackendArray {
+ public:
+  BackendArray() = default;
+  ~BackendArray() { Release(); }
+  BackendArray(const BackendArray&) = delete;
+  BackendArray& operator=(const BackendArray&) = delete;
+
+  void Bind(Backend* backend) { backend_ = backend; }
+  // Sets the size to n elements; ResourceExhausted naming the bytes when the backend is out
+  // of memory.
+  Status Resize(int64_t n) {
+    if (n > cap_) {
+      Release();
+      const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+      p_ = static_cast<T*>(kHost ? backend_->AllocHost(bytes) : backend_->Alloc(bytes));
+      if (p_ == nullptr) {
+        return ResourceExhausted(std::string(backend_->name()) + " backend: cannot allocate " +
+                                 std::to_string(bytes) + " bytes of scratch memory");
+      }
+      cap_ = n;
+    }
+    n_ = n;
+    return Status::Ok();
+  }
+  // Resize for code that runs on host-memory backends only (like std::vector's, throws
+  // std::bad_alloc).
+  void resize(int64_t n) {
+    if (!Resize(n).ok()) throw std::bad_alloc();
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  int64_t size() const { return n_; }
+
+ private:
+  void Release() {
+    if (p_ == nullptr) return;
+    if (kHost) {
+      backend_->FreeHost(p_);
+    } else {
+      backend_->Free(p_);
+    }
+    p_ = nullptr;
+    cap_ = n_ = 0;
+  }
+  Backend* backend_ = nullptr;
+  T* p_ = nullptr;
+  int64_t n_ = 0, cap_ = 0;
+};
+
 class LlamaModel {
  public:
   // `model` holds this rank's shard (ShardWeights already applied); `kv` describes the rank's
   // KV pool (its KV heads only), which the model writes to and attends over.
+  // On a backend without host memory (CUDA) the weights are copied to it here (Create);
+  // MLA models need a host-memory backend.
+  static StatusOr<std::unique_ptr<LlamaModel>> Create(std::unique_ptr<LoadedModel> model,
+                                                      Backend* backend, kernels::KvPoolView kv,
+                                                      ParallelContext parallel = {});
+  // REQUIRES: backend->host_memory() (the CPU backend); Create checks and uploads otherwise.
   LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, kernels::KvPoolView kv,
              ParallelContext parallel = {});
+  ~LlamaModel();
 
   const ModelConfig& config() const { return model_->config; }
 
   // Runs the batch on this rank; every rank of the instance must run the same batch (its own
   // kv_block / block tables) in lockstep. Fills *logits with [logits_rows.size()][vocab] floats
-  // on every rank. Errors come only from the collectives (a dead or stalled peer).
+  // on every rank. Errors come from the collectives (a dead or stalled peer) and from the
+  // backend (a CUDA error, out of device memory).
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits);
 
   const ForwardTimings& timings() const { return timings_; }
@@ -68,6 +131,24 @@ class LlamaModel {
   // MoE FFN of layer l: xb_ (normed hidden) -> xb_ = this rank's partial (its experts and its
   // slice of the shared experts).
   void MoeFfn(int64_t l, int64_t T);
+  // Copies every tensor the GQA forward pass reads to backend memory (device_); no-op on a
+  // host-memory backend.
+  Status UploadWeights();
+  // The backend copy of a host tensor (itself on a host-memory backend).
+  const void* Dev(const void* host) const;
+  const float* Dev(const std::vector<float>& v) const {
+    return v.empty() ? nullptr : static_cast<const float*>(Dev(v.data()));
+  }
+  const void* Dev(const WeightMatrix& m) const { return Dev(m.data()); }
+  // The batch's index arrays in backend memory (meta_), one copy on a device backend.
+  struct BatchMeta {
+    const int32_t *tokens, *positions, *token_seq, *kv_block, *kv_slot;
+    const int32_t *block_tables, *block_first_pos, *kv_lens, *logits_rows;
+  };
+  StatusOr<BatchMeta> UploadBatch(const ForwardBatch& b);
+  // The sum over the world of each rank's `n` floats at p (backend memory), in place; staged
+  // through host memory on a device backend (Gloo works on host buffers).
+  Status AllReduceSum(float* p, int64_t n);
 
   std::unique_ptr<LoadedModel> model_;
   Backend* backend_;
@@ -75,10 +156,17 @@ class LlamaModel {
   ParallelContext par_;
   ShardDims dims_;
   ForwardTimings timings_;
-  // Scratch, grown as needed.
-  std::vector<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_;
-  std::vector<float> send_, recv_, parts_o_, parts_lse_, local_logits_, gathered_;
-  std::vector<uint8_t> workspace_;
+  bool host_;                            // backend_->host_memory()
+  std::map<const void*, void*> device_;  // host tensor -> its backend copy (device backends)
+  // Scratch in backend memory, grown as needed.
+  BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;
+  BackendArray<float> logits_dev_, send_, recv_;
+  BackendArray<uint8_t> workspace_;
+  BackendArray<int32_t> meta_;
+  // Host scratch: collectives' buffers, and the staging of a device backend.
+  BackendArray<int32_t, true> meta_host_;
+  BackendArray<float, true> stage_a_, stage_b_;
+  std::vector<float> local_logits_, gathered_;
   // MLA / MoE.
   std::vector<double> inv_freq_;  // RoPE table (yarn)
   double rope_mscale_ = 1.0;

@@ -3,6 +3,7 @@
 // that; safe to read from many threads.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -21,6 +22,9 @@ struct WeightMatrix {
     return dtype == kernels::DType::kF32 ? static_cast<const void*>(f32.data()) : bits16.data();
   }
   bool empty() const { return f32.empty() && bits16.empty(); }
+  size_t size_bytes() const {
+    return f32.size() * sizeof(float) + bits16.size() * sizeof(uint16_t);
+  }
   // Rounds to `t` (nearest even) and frees the float32 copy. REQUIRES: dtype is kF32 or t.
   void ConvertTo(kernels::DType t);
 };

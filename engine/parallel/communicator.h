@@ -1,5 +1,6 @@
 // Collectives between the ranks of one generation instance (or a sub-group of them, e.g. one
-// CP group). One interface, implemented over Gloo (TCP, CPU ranks) and later NCCL. Every call
+// CP group). One interface, implemented over Gloo (TCP, host buffers) and NCCL (GPU buffers,
+// nccl_communicator.h). Every call
 // is bounded by the communicator's timeout: a timeout or a dead peer returns an error (and
 // leaves the communicator unusable), never hangs.
 // Thread-safety: one thread (the rank's engine thread) drives a communicator.
@@ -20,6 +21,9 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // True when the buffers of the collectives are device memory (NCCL), false for host memory
+  // (Gloo).
+  virtual bool device_memory() const { return false; }
 
   // In place: data[0, n) becomes the element-wise sum over ranks (identical on every rank).
   virtual Status AllReduceSum(float* data, size_t n) = 0;

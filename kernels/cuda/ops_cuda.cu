@@ -127,10 +127,54 @@ __global__ void SiluMulKernel(const SiluMulParams p) {
   }
 }
 
+__global__ void AddKernel(const AddParams p) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p.x[i] += p.y[i];
+  }
+}
+
+__global__ void GatherRowsKernel(const GatherRowsParams p) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < p.num_rows * p.n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / p.n, j = i - r * p.n;
+    p.out[i] = p.in[static_cast<int64_t>(p.rows[r]) * p.stride + j];
+  }
+}
+
+__global__ void PackCombineKernel(const PackCombineParams p) {
+  const int64_t d1 = p.dim + 1;
+  const int64_t total = p.peers * p.tokens * p.heads_per_peer * d1;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i % d1;
+    const int64_t row = i / d1;  // (c * tokens + t) * heads_per_peer + h
+    const int64_t h = row % p.heads_per_peer;
+    const int64_t ct = row / p.heads_per_peer;
+    const int64_t t = ct % p.tokens, c = ct / p.tokens;
+    const int64_t src = t * p.peers * p.heads_per_peer + c * p.heads_per_peer + h;
+    p.send[i] = e < p.dim ? p.att[src * p.dim + e] : p.lse[src];
+  }
+}
+
+__global__ void UnpackCombineKernel(const UnpackCombineParams p) {
+  const int64_t d1 = p.dim + 1;
+  const int64_t total = p.peers * p.rows * d1;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i % d1, r = i / d1;  // r = peer * rows + row
+    if (e < p.dim) {
+      p.parts_o[r * p.dim + e] = p.recv[i];
+    } else {
+      p.parts_lse[r] = p.recv[i];
+    }
+  }
+}
+
 template <typename T>
 __global__ void WriteKvKernel(const WriteKvBatchParams p) {
   const int64_t d = p.kv.head_dim;
-  const int64_t per_token = 2 * p.kv.num_kv_heads * d;
+  const int64_t per_token = p.kv.num_planes * p.kv.num_kv_heads * d;  // one plane: K only
   T* base = static_cast<T*>(p.kv.base);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        idx < p.tokens * per_token; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -534,8 +578,47 @@ cudaError_t SiluMulCuda(const SiluMulParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+cudaError_t AddCuda(const AddParams& p, cudaStream_t stream) {
+  if (p.n <= 0) {
+    return cudaSuccess;
+  }
+  HELIX_LAUNCH(AddKernel, GridFor(p.n, kElemThreads), kElemThreads, 0, stream, p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t GatherRowsCuda(const GatherRowsParams& p, cudaStream_t stream) {
+  if (p.num_rows <= 0 || p.n <= 0) {
+    return cudaSuccess;
+  }
+  HELIX_LAUNCH(GatherRowsKernel, GridFor(p.num_rows * p.n, kElemThreads), kElemThreads, 0, stream,
+               p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t PackCombineCuda(const PackCombineParams& p, cudaStream_t stream) {
+  const int64_t n = p.peers * p.tokens * p.heads_per_peer * (p.dim + 1);
+  if (n <= 0) {
+    return cudaSuccess;
+  }
+  HELIX_LAUNCH(PackCombineKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
+cudaError_t UnpackCombineCuda(const UnpackCombineParams& p, cudaStream_t stream) {
+  const int64_t n = p.peers * p.rows * (p.dim + 1);
+  if (n <= 0) {
+    return cudaSuccess;
+  }
+  HELIX_LAUNCH(UnpackCombineKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
 cudaError_t WriteKvBatchCuda(const WriteKvBatchParams& p, cudaStream_t stream) {
-  const int64_t n = p.tokens * 2 * p.kv.num_kv_heads * p.kv.head_dim;
+  const int64_t n = p.tokens * p.kv.num_planes * p.kv.num_kv_heads * p.kv.head_dim;
   if (n <= 0) {
     return cudaSuccess;
   }

@@ -28,6 +28,42 @@ cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream);
 // SiluMulCpu semantics.
 cudaError_t SiluMulCuda(const SiluMulParams& p, cudaStream_t stream);
 
+// x[i] += y[i] for i < n (the residual add).
+struct AddParams {
+  float* x;
+  const float* y;
+  int64_t n;
+};
+cudaError_t AddCuda(const AddParams& p, cudaStream_t stream);
+
+// out[r][0..n) = in[rows[r] * stride + 0..n) for r < num_rows (the rows that get logits).
+struct GatherRowsParams {
+  const float* in;
+  int64_t stride;
+  const int32_t* rows;  // [num_rows]
+  int64_t num_rows, n;
+  float* out;  // [num_rows][n]
+};
+cudaError_t GatherRowsCuda(const GatherRowsParams& p, cudaStream_t stream);
+
+// The Helix combine's all-to-all layout (see engine/model/llama_model.cc CombineAttention):
+// pack: send[c][t][h][0..dim) = att[t][c * heads_per_peer + h], send[c][t][h][dim] = that
+// head's LSE, for c < peers; unpack: recv[i][r][0..dim] -> parts_o[i][r][0..dim), parts_lse[i][r].
+struct PackCombineParams {
+  const float* att;  // [tokens][peers * heads_per_peer][dim]
+  const float* lse;  // [tokens][peers * heads_per_peer]
+  float* send;       // [peers][tokens][heads_per_peer][dim + 1]
+  int64_t tokens, peers, heads_per_peer, dim;
+};
+cudaError_t PackCombineCuda(const PackCombineParams& p, cudaStream_t stream);
+struct UnpackCombineParams {
+  const float* recv;  // [peers][rows][dim + 1]
+  float* parts_o;     // [peers][rows][dim]
+  float* parts_lse;   // [peers][rows]
+  int64_t peers, rows, dim;
+};
+cudaError_t UnpackCombineCuda(const UnpackCombineParams& p, cudaStream_t stream);
+
 // K/V of a batch of tokens into their block slots (WriteKv for each token), converted to the
 // pool dtype with round-to-nearest-even.
 struct WriteKvBatchParams {

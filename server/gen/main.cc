@@ -36,7 +36,7 @@ using helix::server::kExitUsage;
 
 struct GenerateFlags {
   std::string model, tokenizer, prompt, kv_dtype = "float32", weight_dtype = "auto",
-                                        log_level = "warn";
+                                        log_level = "warn", backend = "cpu";
   int max_tokens = 256, threads = 0, tp = 1, cp = 1, top_k = 0;
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f;
   float repetition_penalty = 1.0f, presence_penalty = 0.0f, frequency_penalty = 0.0f;
@@ -133,6 +133,7 @@ int RunGenerate(const GenerateFlags& f) {
   o.model_path = f.model;
   o.tokenizer_path = f.tokenizer;
   o.num_threads = f.threads;
+  o.backend = f.backend;
   o.tokens_per_block = f.tokens_per_block;
   o.max_batch_size = 1;
   o.max_seq_len = f.max_seq_len;
@@ -210,11 +211,6 @@ int RunServe(const ServeFlags& f) {
     return kExitUsage;
   }
   if (!helix::server::SetUpLogging(cfg->logging, "gen").ok()) return kExitFailure;
-  if (cfg->backend != "cpu") {
-    std::cerr << "helix-gen serve: backend \"" << cfg->backend
-              << "\" is not part of this build yet; use \"cpu\"\n";
-    return kExitUsage;
-  }
   helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT with sigwait below; other ranks keep the default action
@@ -409,6 +405,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   gen->add_option("--max-seq-len", g.max_seq_len, "0 = the model's maximum")->capture_default_str();
   gen->add_option("--threads", g.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  gen->add_option("--backend", g.backend,
+                  "cpu | cuda (CUDA builds; rank r on GPU r modulo the visible GPUs)")
+      ->capture_default_str();
   gen->add_option("--tp", g.tp, "Tensor-parallel size")->capture_default_str();
   gen->add_option("--cp", g.cp, "Context-parallel (Helix) size")->capture_default_str();
   gen->add_option("--rank", g.rank,

@@ -2,7 +2,8 @@
 // its kernels (index math, pipeline stages, shuffles, barriers) can be checked against the CPU
 // reference on a machine without a GPU. Test-only; include before the .cu file, with
 // HELIX_CUDA_EMULATION defined. Each thread block runs as blockDim.x host threads with real
-// barriers; cp.async copies synchronously. One grid at a time (not thread-safe).
+// barriers (on a pool of host threads kept between launches); cp.async copies synchronously.
+// One grid at a time (not thread-safe).
 #ifndef HELIX_TESTS_GPU_CUDA_EMU_H_
 #define HELIX_TESTS_GPU_CUDA_EMU_H_
 
@@ -18,11 +19,16 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 namespace helix_emu {
 
@@ -66,12 +72,69 @@ T Exchange(T v, int src_lane_of_warp) {
   return out;
 }
 
+// Host threads that play the threads of one block at a time, kept between launches (creating
+// a thread per CUDA thread per block made launches cost milliseconds). Workers are detached and
+// wait on a condition variable; a forked child (tests fork Helix ranks) cannot use its parent's
+// workers, so the pool belongs to a pid and a child starts its own (the old one is leaked).
+class ThreadPool {
+ public:
+  // Runs body(t) on `threads` workers, t = 0..threads-1, and returns when all are done.
+  void Run(int threads, const std::function<void(int)>& body) {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (static_cast<int>(started_) < threads) {
+      const int id = static_cast<int>(started_++);
+      std::thread([this, id] { Work(id); }).detach();
+    }
+    body_ = &body;
+    active_ = threads;
+    remaining_ = threads;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lock, [&] { return remaining_ == 0; });
+    body_ = nullptr;
+  }
+  static ThreadPool& ForThisProcess() {
+    static std::atomic<ThreadPool*> pool{nullptr};
+    static std::atomic<pid_t> owner{0};
+    ThreadPool* p = pool.load();
+    if (p == nullptr || owner.load() != getpid()) {
+      p = new ThreadPool();  // a parent's pool, if any, is leaked: its workers are not here
+      pool.store(p);
+      owner.store(getpid());
+    }
+    return *p;
+  }
+
+ private:
+  void Work(int id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;
+      const std::function<void(int)>* body = body_;
+      lock.unlock();
+      (*body)(id);
+      lock.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* body_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, remaining_ = 0;
+  size_t started_ = 0;
+};
+
 // Runs kernel(args...) over the grid; dynamic shared memory of `smem` bytes per block.
 template <typename... P, typename... A>
 void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
   g_block_dim = block;
   g_grid_dim = grid;
   const int threads = static_cast<int>(block.x);
+  ThreadPool& pool = ThreadPool::ForThisProcess();
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block b;
@@ -82,19 +145,14 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
       b.dynamic_smem.assign(smem + 16, 0xcd);  // garbage, as on the device
       b.static_smem.assign(64 * 1024, 0xcd);
       b.exchange.assign(threads, 0);
-      std::vector<std::thread> pool;
-      for (int t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-          t_thread_idx = {static_cast<unsigned>(t), 0, 0};
-          t_block_idx = {bx, by, 0};
-          t_block = &b;
-          t_static_off = 0;
-          kernel(args...);
-        });
-      }
-      for (std::thread& th : pool) {
-        th.join();
-      }
+      const std::function<void(int)> body = [&](int t) {
+        t_thread_idx = {static_cast<unsigned>(t), 0, 0};
+        t_block_idx = {bx, by, 0};
+        t_block = &b;
+        t_static_off = 0;
+        kernel(args...);
+      };
+      pool.Run(threads, body);
     }
   }
 }

@@ -1,0 +1,34 @@
+// CUDA backend: every Backend op on one GPU (kernels/cuda, GEMMs through cuBLAS), queued in
+// order on one stream; memory is device memory, staging memory is pinned. Errors of launches
+// and runtime calls are kept (the first one) and returned by the next CopyToHost or Sync.
+// Built only when CUDA is enabled (HELIX_HAVE_CUDA_BACKEND). Not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "engine/backend/backend.h"
+#include "engine/common/status.h"
+
+namespace helix {
+
+struct CudaBackendOptions {
+  // The GPU: `device` modulo the visible devices (ranks share GPUs when there are fewer).
+  int device = 0;
+  // Split-KV chunk of decode attention in tokens; 0: the kernel's choice (one wave of thread
+  // blocks over the GPU). Tests set it to exercise the split path on small contexts.
+  int64_t attention_split_tokens = 0;
+};
+
+// CUDA devices visible to this process (0 when none or on error).
+int CudaDeviceCount();
+
+// FailedPrecondition naming the CUDA error when no device is visible or it cannot be used.
+StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options);
+inline StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(int device) {
+  CudaBackendOptions o;
+  o.device = device;
+  return CreateCudaBackend(o);
+}
+
+}  // namespace helix
