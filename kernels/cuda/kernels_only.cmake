@@ -46,3 +46,47 @@ target_link_libraries(helix_common PUBLIC Threads::Threads)
 
 add_subdirectory(kernels)
 message(STATUS "Helix: kernels-only build (HELIX_KERNELS_ONLY=ON)")
+
+# HELIX_DEVICE_ENGINE=ON adds engine/ (the engine on the CUDA backend, its tests and
+# tests/bench) with the few libraries it needs (Gloo, UCX, nlohmann-json and theirs) taken from
+# Debian packages unpacked under HELIX_DEPS_ROOT (tests/gpu/run_all.sh says how to make it):
+# the GPU machine has no package manager access. Their CMake files name /usr, so the imported
+# targets are made here.
+option(HELIX_DEVICE_ENGINE "Kernels-only build: also build engine/ from HELIX_DEPS_ROOT" OFF)
+if(HELIX_DEVICE_ENGINE)
+  set(HELIX_DEPS_ROOT "${CMAKE_SOURCE_DIR}/.devdeps/root" CACHE PATH
+      "Root the Debian packages of the device engine build are unpacked under")
+  set(_usr ${HELIX_DEPS_ROOT}/usr)
+  set(_arch ${_usr}/lib/x86_64-linux-gnu)
+  foreach(_f ${_usr}/lib/libgloo.so.0 ${_arch}/libucp.so.0 ${_usr}/include/nlohmann/json.hpp)
+    if(NOT EXISTS ${_f})
+      message(FATAL_ERROR "HELIX_DEVICE_ENGINE: ${_f} is missing (HELIX_DEPS_ROOT=${HELIX_DEPS_ROOT})")
+    endif()
+  endforeach()
+  add_library(gloo SHARED IMPORTED GLOBAL)
+  set_target_properties(gloo PROPERTIES IMPORTED_LOCATION ${_usr}/lib/libgloo.so.0
+                        INTERFACE_INCLUDE_DIRECTORIES ${_usr}/include)
+  foreach(_lib ucp ucs uct)
+    add_library(ucx::${_lib} SHARED IMPORTED GLOBAL)
+    set_target_properties(ucx::${_lib} PROPERTIES IMPORTED_LOCATION ${_arch}/lib${_lib}.so.0
+                          INTERFACE_INCLUDE_DIRECTORIES ${_usr}/include)
+  endforeach()
+  add_library(nlohmann_json::nlohmann_json INTERFACE IMPORTED GLOBAL)
+  set_target_properties(nlohmann_json::nlohmann_json PROPERTIES
+                        INTERFACE_INCLUDE_DIRECTORIES ${_usr}/include)
+  # The libraries' own dependencies (hiredis, ibverbs, libnl, numa) are found at link and run
+  # time through these directories.
+  set(_rpath ${_usr}/lib ${_arch} ${HELIX_DEPS_ROOT}/lib/x86_64-linux-gnu)
+  string(REPLACE ";" ":" _rpath_link "${_rpath}")
+  add_link_options("LINKER:-rpath-link,${_rpath_link}")
+  set(CMAKE_BUILD_RPATH ${_rpath})
+  get_filename_component(_shared_default "${CMAKE_SOURCE_DIR}/../shared" ABSOLUTE)
+  set(HELIX_SHARED_DIR "${_shared_default}" CACHE PATH "The shared/ folder with test models")
+  set(HELIX_PYTHON python3 CACHE FILEPATH "Python for the tests' model writers")
+  add_subdirectory(engine)
+  if(HELIX_BUILD_BENCHMARKS)
+    add_executable(decode_bench tests/bench/decode_bench.cc)
+    target_link_libraries(decode_bench PRIVATE helix_engine)
+  endif()
+  message(STATUS "Helix: device engine build from ${HELIX_DEPS_ROOT}")
+endif()

@@ -4,10 +4,11 @@
 // so every request runs all its steps.
 //   decode_bench --model PATH [--tokenizer PATH] [--context N] [--batch B] [--steps S]
 //                [--threads T] [--kv-dtype float32|float16|bfloat16] [--tokens-per-block N]
-//                [--weight-dtype auto|float32|float16|bfloat16]
+//                [--weight-dtype auto|float32|float16|bfloat16] [--backend cpu|cuda]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <random>
 #include <string>
 
@@ -18,7 +19,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Args {
-  std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto";
+  std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto", backend = "cpu";
   int64_t context = 512, batch = 1, steps = 64, threads = 0, tokens_per_block = 32;
 };
 
@@ -26,7 +27,7 @@ struct Args {
   std::fprintf(stderr,
                "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
                "[--context N] [--batch B] [--steps S] [--threads T] [--kv-dtype D] "
-               "[--tokens-per-block N] [--weight-dtype D]\n",
+               "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda]\n",
                why.c_str());
   std::exit(2);
 }
@@ -43,6 +44,8 @@ Args Parse(int argc, char** argv) {
       a.tokenizer = v;
     } else if (k == "--weight-dtype") {
       a.weight_dtype = v;
+    } else if (k == "--backend") {
+      a.backend = v;
     } else if (k == "--kv-dtype") {
       a.kv_dtype = v;
     } else if (k == "--context") {
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
   o.model_path = a.model;
   o.tokenizer_path = a.tokenizer;
   o.num_threads = static_cast<int>(a.threads);
+  o.backend = a.backend;
   o.tokens_per_block = a.tokens_per_block;
   o.max_batch_size = a.batch;
   o.max_seq_len = a.context + a.steps;
@@ -133,14 +137,31 @@ int main(int argc, char** argv) {
                  static_cast<long long>(generated));
     return 1;
   }
+  // What one decode step must read at least (Llama-family GQA models): every weight matrix once
+  // (classifier included) and the KV cache of every request at the mean decode context. Divided
+  // by a measured copy bandwidth this is the step's roofline.
+  const helix::ModelConfig& c = (*engine)->model_config();
+  const std::optional<helix::kernels::DType> wd = helix::kernels::DTypeFromName(a.weight_dtype);
+  const double w_elem = wd ? helix::kernels::DTypeSize(*wd) : 4.0;  // auto: f32 for llama2.c
+  const double kv_elem =
+      helix::kernels::DTypeSize(helix::kernels::DTypeFromName(a.kv_dtype).value());
+  const double matrix_elems = static_cast<double>(c.n_layers) *
+                                  (c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim +
+                                   c.n_heads * c.head_dim * c.dim + 3.0 * c.dim * c.hidden_dim) +
+                              static_cast<double>(c.vocab_size) * c.dim;
+  const double weight_bytes = matrix_elems * w_elem;
+  const double kv_read_bytes = static_cast<double>(a.batch) * (a.context + a.steps / 2.0) *
+                               c.n_layers * 2.0 * c.n_kv_heads * c.head_dim * kv_elem;
   const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
   const double decode_s = std::chrono::duration<double>(t2 - t1).count();
   const double decode_tokens = static_cast<double>(generated - after_prefill);
   std::printf(
-      "engine=helix model=%s context=%lld batch=%lld steps=%lld kv_dtype=%s weight_dtype=%s "
-      "prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f\n",
-      a.model.c_str(), static_cast<long long>(a.context), static_cast<long long>(a.batch),
-      static_cast<long long>(a.steps), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
-      decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps - 1));
+      "engine=helix backend=%s model=%s context=%lld batch=%lld steps=%lld kv_dtype=%s "
+      "weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f weight_bytes=%.0f "
+      "kv_read_bytes=%.0f\n",
+      a.backend.c_str(), a.model.c_str(), static_cast<long long>(a.context),
+      static_cast<long long>(a.batch), static_cast<long long>(a.steps), a.kv_dtype.c_str(),
+      a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
+      1e3 * decode_s / static_cast<double>(a.steps - 1), weight_bytes, kv_read_bytes);
   return 0;
 }

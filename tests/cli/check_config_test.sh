@@ -39,6 +39,8 @@ check "gen check-config shipped" 0 "$bin/helix-gen" check-config "$src/configs/g
 expect_in "gen resolved json" "$tmp/out" '"context_parallel_size": 2'
 expect_in "gen resolved json" "$tmp/out" '"cp_type": "HELIX"'
 expect_in "gen resolved defaults" "$tmp/out" '"kv_transfer_timeout_ms": 10000'
+check "gen check-config shipped cuda" 0 "$bin/helix-gen" check-config "$src/configs/gen_cuda_cp2.json"
+expect_in "gen cuda resolved json" "$tmp/out" '"backend": "cuda"'
 check "ctx check-config shipped" 0 "$bin/helix-ctx" check-config "$src/configs/ctx_cpu.json"
 expect_in "ctx resolved json" "$tmp/out" '"kv_lease_ms": 30000'
 check "router check-config shipped" 0 "$bin/helix-router" check-config "$src/configs/router.json"

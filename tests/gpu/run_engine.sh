@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One device call on the lent GPU machine for the engine on the CUDA backend: configure the
+# kernels-only tree with HELIX_DEVICE_ENGINE=ON (Gloo, UCX and nlohmann-json from the Debian
+# packages unpacked in .devdeps; NCCL from the toolkit or from Python's nvidia-nccl package),
+# build, run the engine-on-CUDA tests (cuda_backend_test: stories260K on the GPU vs the CPU
+# engine, Helix CP/TP ranks sharing the GPU over Gloo; nccl_communicator_test), then the
+# end-to-end decode benchmark on a random-weight model of SmolLM2-135M's shape at 8K and 32K
+# context against its roofline (weight + KV bytes / the D2D copy bandwidth measured in the same
+# run), and print a short summary last.
+#
+#   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
+#
+# .devdeps must hold: root/ (googletest sources and the unpacked debs: libgloo-dev libgloo0
+# libhiredis0.14 libibverbs1 libnl-3-200 libnl-route-3-200 libucx-dev libucx0 libnuma1
+# nlohmann-json3-dev, e.g. `apt-get download ...; for f in *.deb; do dpkg -x $f root; done`) and
+# shared/models/stories260K (a copy of ../shared/models/stories260K, which does not travel).
+# Logs go to $OUT when set (else build-gpu-engine/logs). RUN_ENGINE_BUDGET_S (default 540).
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+ROOT=$PWD
+BUILD=${BUILD_DIR:-$ROOT/build-gpu-engine}
+LOGS=${OUT:-$BUILD/logs}
+mkdir -p "$LOGS"
+if [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+GENERATOR=()
+if command -v ninja > /dev/null; then
+  GENERATOR=(-G Ninja)
+fi
+T0=$(date +%s)
+BUDGET=${RUN_ENGINE_BUDGET_S:-540}
+declare -A RESULT
+step() {
+  local name=$1 log=$2 limit=$3
+  shift 3
+  local left=$(( T0 + BUDGET - $(date +%s) ))
+  if (( left < 10 )); then
+    RESULT[$name]="not run (the ${BUDGET}s budget is spent)"
+    echo "[run_engine] $name: ${RESULT[$name]}"
+    return 124
+  fi
+  (( limit > left )) && limit=$left
+  local t
+  t=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$LOGS/$log" 2>&1
+  local rc=$?
+  local secs=$(( $(date +%s) - t ))
+  if [[ $rc == 0 ]]; then
+    RESULT[$name]="ok (${secs}s)"
+  elif [[ $rc == 124 || $rc == 137 ]]; then
+    RESULT[$name]="FAILED: timed out after ${secs}s (limit ${limit}s, see $log)"
+  else
+    RESULT[$name]="FAILED rc=$rc (${secs}s, see $log)"
+  fi
+  echo "[run_engine] $name: ${RESULT[$name]}"
+  return $rc
+}
+
+SHARED=${HELIX_SHARED_DIR:-}
+if [[ -z $SHARED ]]; then
+  if [[ -d $ROOT/.devdeps/shared/models/stories260K ]]; then
+    SHARED=$ROOT/.devdeps/shared
+  else
+    SHARED=$ROOT/../shared
+  fi
+fi
+export HELIX_SHARED_DIR=$SHARED
+NCCL_FLAGS=()
+if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
+  NCCL_DIR=$(python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null)
+  if [[ -n $NCCL_DIR && -f $NCCL_DIR/include/nccl.h ]]; then
+    NCCL_LIB=$(ls "$NCCL_DIR"/lib/libnccl.so* 2>/dev/null | head -1)
+    NCCL_FLAGS=(-DNCCL_INCLUDE_DIR="$NCCL_DIR/include" -DNCCL_LIBRARY="$NCCL_LIB")
+    export LD_LIBRARY_PATH=$NCCL_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+fi
+if [[ -f $BUILD/CMakeCache.txt ]] &&
+  ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$BUILD/CMakeCache.txt"; then
+  rm -rf "$BUILD"
+  mkdir -p "$LOGS"
+fi
+step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
+  -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
+TARGETS=(cuda_backend_test decode_bench gpu_copy_bench)
+if cmake --build "$BUILD" --target help 2>/dev/null | grep -q nccl_communicator_test; then
+  TARGETS+=(nccl_communicator_test)
+fi
+step build build.log 240 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}"
+BUILD_OK=$?
+BENCH_ROWS=()
+if [[ $BUILD_OK == 0 ]]; then
+  step cuda_backend_test cuda_backend_test.log 150 "$BUILD/engine/cuda_backend_test"
+  if [[ -x $BUILD/engine/nccl_communicator_test ]]; then
+    step nccl_test nccl_test.log 90 "$BUILD/engine/nccl_communicator_test"
+  else
+    RESULT[nccl_test]="not built (no NCCL found; see configure.log)"
+  fi
+  step copy_bench copy_bench.log 60 "$BUILD/tests/gpu/copy_bench"
+  MODEL=$BUILD/bench_model
+  if step bench_model bench_model.log 120 python3 "$ROOT/tests/bench/make_bench_model.py" \
+    "$MODEL" --seq 33000; then
+    for ctx in 8192 32768; do
+      step decode_$ctx decode_$ctx.log 120 "$BUILD/decode_bench" --backend cuda \
+        --model "$MODEL/model.bin" --tokenizer "$MODEL/tok.bin" --context $ctx --batch 1 \
+        --steps 32 --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
+    done
+  fi
+fi
+
+{
+  echo "==== run_engine summary ($(( $(date +%s) - T0 ))s total) ===="
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
+    sed 's/^/device: /'
+  for s in configure build cuda_backend_test nccl_test copy_bench bench_model decode_8192 \
+    decode_32768; do
+    printf '%-18s %s\n' "$s" "${RESULT[$s]:-not run}"
+  done
+  for t in cuda_backend_test nccl_test; do
+    [[ -f $LOGS/$t.log ]] && grep -hE "^\[  (PASSED|FAILED|SKIPPED) |tests? ran" "$LOGS/$t.log" |
+      grep -v " ms)$" | head -8
+  done
+  [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
+  D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
+  echo "end-to-end decode (random SmolLM2-135M-shaped model, bf16 weights and KV, batch 1;"
+  echo "roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the same run):"
+  for ctx in 8192 32768; do
+    f=$LOGS/decode_$ctx.log
+    [[ -f $f ]] || continue
+    line=$(grep '^engine=' "$f")
+    [[ -n $line ]] || { tail -3 "$f"; continue; }
+    ms=$(sed -n 's/.*ms_per_step=\([0-9.]*\).*/\1/p' <<<"$line")
+    wb=$(sed -n 's/.*weight_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
+    kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
+    awk -v c=$ctx -v ms="$ms" -v wb="$wb" -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
+      roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
+      printf "context %6d: %.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), " \
+             "ratio %.2f\n", c, ms, roof, wb / 1e6, kb / 1e6, roof > 0 ? ms / roof : 0 }'
+  done
+} > "$LOGS/summary.txt" 2>&1
+cat "$LOGS/summary.txt"
