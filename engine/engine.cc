@@ -207,11 +207,6 @@ Status Engine::Init(const EngineOptions& o) {
   ASSIGN_OR_RETURN(backend_, MakeBackend(o));
   BlockPool::Memory pool_memory;
   if (!backend_->host_memory()) {
-    if (o.export_kv) {
-      return Unimplemented(std::string("a context server (export_kv) runs on the CPU backend; "
-                                       "UCX export of ") +
-                           backend_->name() + " device memory is not implemented");
-    }
     Backend* be = backend_.get();
     pool_memory.alloc = [be](size_t bytes) { return be->Alloc(bytes); };
     pool_memory.free = [be](void* p) { be->Free(p); };
@@ -232,9 +227,21 @@ Status Engine::Init(const EngineOptions& o) {
       return InvalidArgument("a context server (export_kv) runs one rank (TP = CP = 1), not " +
                              layout_.ToString());
     }
-    ASSIGN_OR_RETURN(
-        transfer_, transfer::UcxTransfer::Create("context server " + o.server_id, pool_->base(),
-                                                 static_cast<uint64_t>(num_blocks) * block_bytes));
+    // UCX reads host memory: a device pool is exported through a pinned mirror of itself.
+    void* exported = pool_->base();
+    const uint64_t pool_bytes = static_cast<uint64_t>(num_blocks) * pool_->block_bytes();
+    if (!backend_->host_memory()) {
+      Backend* be = backend_.get();
+      export_mirror_ = std::unique_ptr<void, std::function<void(void*)>>(
+          be->AllocHost(pool_bytes), [be](void* p) { be->FreeHost(p); });
+      if (export_mirror_ == nullptr) {
+        return ResourceExhausted("cannot allocate " + std::to_string(pool_bytes) +
+                                 " bytes of pinned host memory to export the KV pool from");
+      }
+      exported = export_mirror_.get();
+    }
+    ASSIGN_OR_RETURN(transfer_, transfer::UcxTransfer::Create("context server " + o.server_id,
+                                                              exported, pool_bytes));
     export_.server_id = o.server_id;
     export_.worker_address = transfer_->address();
     export_.rkey = transfer_->rkey();
@@ -407,7 +414,23 @@ void Engine::DropPull(uint64_t uid) {
   auto it = pulls_.find(uid);
   if (it == pulls_.end()) return;
   if (it->second.job != 0) transfer_->Forget(it->second.job);
+  if (it->second.staging != nullptr) backend_->FreeHost(it->second.staging);
   pulls_.erase(it);
+}
+
+std::string Engine::CopyStagedKv(Pull* pull) {
+  Status s = backend_->Activate();
+  auto* dev = static_cast<uint8_t*>(pool_->base());
+  const auto* stage = static_cast<const uint8_t*>(pull->staging);
+  for (const auto& [stage_off, block_off] : pull->staged_blocks) {
+    backend_->CopyToDevice(dev + block_off, stage + stage_off,
+                           static_cast<size_t>(pool_->block_bytes()));
+  }
+  if (s.ok()) s = backend_->Sync();  // the staging is freed next: the copies must be done
+  backend_->FreeHost(pull->staging);
+  pull->staging = nullptr;
+  pull->staged_blocks.clear();
+  return s.ok() ? "" : "copying the pulled KV to the device: " + s.message();
 }
 
 Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
@@ -442,11 +465,29 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
   job.deadline = std::chrono::steady_clock::now() + options_.kv_transfer_timeout;
   auto* base = static_cast<uint8_t*>(pool_->base());
   const int64_t nblocks = static_cast<int64_t>(src->block_addresses.size());
+  const int64_t bb = pool_->block_bytes();
+  if (!backend_->host_memory() && nblocks > layout_.cp_rank) {
+    // Pinned staging for the blocks this rank owns, copied to the device when the pull is done.
+    const int64_t owned = (nblocks - layout_.cp_rank + layout_.cp - 1) / layout_.cp;
+    pull.staging = backend_->AllocHost(static_cast<size_t>(owned * bb));
+    if (pull.staging == nullptr) {
+      pull.error = "cannot allocate " + std::to_string(owned * bb) +
+                   " bytes of pinned host memory to stage the KV transfer";
+      return Status::Ok();
+    }
+    base = static_cast<uint8_t*>(pull.staging);
+  }
   for (int64_t g = layout_.cp_rank; g < nblocks; g += layout_.cp) {
-    uint8_t* dst = base + static_cast<int64_t>(kv.blocks()[g / layout_.cp]) * pool_->block_bytes();
+    const int64_t block_off = static_cast<int64_t>(kv.blocks()[g / layout_.cp]) * bb;
+    uint8_t* dst = base + block_off;
+    if (pull.staging != nullptr) {
+      const int64_t stage_off = static_cast<int64_t>(pull.staged_blocks.size()) * bb;
+      pull.staged_blocks.emplace_back(stage_off, block_off);
+      dst = base + stage_off;
+    }
     const uint64_t remote = src->block_addresses[g];
     if (src_heads == L.num_kv_heads) {
-      job.segments.push_back({remote, dst, static_cast<uint64_t>(pool_->block_bytes())});
+      job.segments.push_back({remote, dst, static_cast<uint64_t>(bb)});
       continue;
     }
     // TP differs between the two sides: this rank's KV-head slice of each (layer, K/V).
@@ -482,6 +523,13 @@ std::vector<uint8_t> Engine::PollTransfers(const std::vector<uint64_t>& uids,
         st = error.empty() ? transfer::JobState::kDone : transfer::JobState::kFailed;
       } else {
         st = transfer_->State(it->second.job, &error);
+        if (st == transfer::JobState::kDone && it->second.staging != nullptr) {
+          it->second.copy_error = CopyStagedKv(&it->second);
+        }
+        if (st == transfer::JobState::kDone && !it->second.copy_error.empty()) {
+          st = transfer::JobState::kFailed;
+          error = it->second.copy_error;
+        }
       }
     }
     if (st == transfer::JobState::kFailed && first_error->empty()) *first_error = error;
@@ -503,11 +551,6 @@ Status Engine::GatherTransferStates(const std::vector<uint64_t>& uids, std::vect
 
 Status Engine::CheckKvSource(const GenerateRequest& r, int64_t prompt_len) {
   const transfer::KvSource& src = *r.kv_source;
-  if (!backend_->host_memory()) {
-    return Unimplemented(std::string("KV transfer from a context server into ") + backend_->name() +
-                         " device memory is not implemented; run this generation instance "
-                         "on the CPU backend for disaggregated requests");
-  }
   if (r.first_token < 0 || r.first_token >= model_config().vocab_size) {
     return InvalidArgument("first_token = " + std::to_string(r.first_token) +
                            ": a request with a KV handle needs the context server's first token "
@@ -677,10 +720,17 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
   if (s->finished) return;
   s->finished = true;
   TokenEvent ev;
-  const bool retain = s->req.retain_kv && error.ok() &&
-                      (reason == FinishReason::kLength || reason == FinishReason::kStop);
+  bool retain = s->req.retain_kv && error.ok() &&
+                (reason == FinishReason::kLength || reason == FinishReason::kStop);
   if (retain) {
-    Retain(s, &ev);
+    if (Status st = Retain(s, &ev); !st.ok()) {
+      retain = false;
+      reason = FinishReason::kError;
+      error = st;
+    }
+  }
+  if (retain) {
+    // kept under a lease
   } else if (auto it = kv_.find(s->uid); it != kv_.end()) {
     DropPull(s->uid);
     it->second.Release(pool_.get());
@@ -870,19 +920,36 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
   }
 }
 
-void Engine::Retain(Sequence* s, TokenEvent* ev) {
+Status Engine::Retain(Sequence* s, TokenEvent* ev) {
   auto it = kv_.find(s->uid);
-  if (it == kv_.end()) return;
+  if (it == kv_.end()) return Status::Ok();
   const int64_t blocks =
       (s->prompt_len + options_.tokens_per_block - 1) / options_.tokens_per_block;
   auto* base = static_cast<uint8_t*>(pool_->base());
+  const int64_t bb = pool_->block_bytes();
+  if (export_mirror_ != nullptr) {
+    // Device pool: the blocks go to the pinned mirror UCX exports (same offsets).
+    auto* mirror = static_cast<uint8_t*>(export_mirror_.get());
+    Status st = backend_->Activate();
+    for (int64_t j = 0; j < blocks && st.ok(); ++j) {
+      const int64_t off = static_cast<int64_t>(it->second.blocks()[j]) * bb;
+      st = backend_->CopyToHost(mirror + off, base + off, static_cast<size_t>(bb));
+    }
+    if (!st.ok()) {
+      ev->kv_block_addresses.clear();
+      return Internal("copying the KV of request " + s->req.id +
+                      " to the export mirror failed: " + st.message());
+    }
+    base = mirror;
+  }
   for (int64_t j = 0; j < blocks; ++j) {
-    ev->kv_block_addresses.push_back(reinterpret_cast<uint64_t>(
-        base + static_cast<int64_t>(it->second.blocks()[j]) * pool_->block_bytes()));
+    ev->kv_block_addresses.push_back(
+        reinterpret_cast<uint64_t>(base + static_cast<int64_t>(it->second.blocks()[j]) * bb));
   }
   retained_[s->req.id] = {s->uid, std::chrono::steady_clock::now() + options_.kv_lease};
   std::lock_guard<std::mutex> lock(inbox_mu_);
   retained_ids_.insert(s->req.id);
+  return Status::Ok();
 }
 
 bool Engine::ReleaseRetained(const std::string& request_id) {

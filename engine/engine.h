@@ -180,13 +180,18 @@ class Engine {
   // Leader: acts on the transfers' states gathered from every rank.
   void ProcessTransferStates(const std::vector<uint64_t>& uids, const std::vector<uint8_t>& all,
                              const std::string& local_error);
-  void Retain(Sequence* s, struct TokenEvent* ev);
+  // Keeps a finished context request's blocks under a lease and puts their addresses (as UCX
+  // exports them) in *ev; an error leaves nothing retained.
+  Status Retain(Sequence* s, struct TokenEvent* ev);
   Status CheckKvSource(const GenerateRequest& r, int64_t prompt_len);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<BlockPool> pool_;
+  // A context server on a device backend: pinned host memory the size of the pool, registered
+  // with UCX; a retained request's blocks are copied here for the generation ranks to read.
+  std::unique_ptr<void, std::function<void(void*)>> export_mirror_;
   std::unique_ptr<LlamaModel> model_;
   int64_t max_seq_len_ = 0;
   std::string fingerprint_;
@@ -221,8 +226,16 @@ class Engine {
   struct Pull {
     uint64_t job = 0;   // 0: could not start (error)
     std::string error;  // why it could not start
+    // A device backend: UCX writes into pinned host staging (no CUDA transports in Debian's
+    // UCX), copied into the device blocks once the pull is done. (staging offset, pool offset)
+    // per block, bytes of a block each.
+    void* staging = nullptr;
+    std::vector<std::pair<int64_t, int64_t>> staged_blocks;
+    std::string copy_error;  // the copy to the device failed
   };
   std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence
+  // A done pull's staged blocks to the device (then frees the staging); "" or the error.
+  std::string CopyStagedKv(Pull* pull);
   struct Retained {
     uint64_t uid;
     std::chrono::steady_clock::time_point expiry;
