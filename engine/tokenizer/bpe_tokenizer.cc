@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "engine/tokenizer/pre_tokenizer.h"
+#include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/tokenizer_internal.h"
 #include "engine/tokenizer/unicode.h"
 
@@ -118,12 +119,15 @@ class BpeTokenizer final : public Tokenizer {
     if (add_bos && data_.add_bos && data_.bos_id >= 0) out.push_back(data_.bos_id);
     std::vector<SpecialTokenMatcher::Fragment> fragments;
     special_.Split(text, &fragments);
+    // One backtracking budget for the whole text, however many special tokens cut it (a byte
+    // count bounds the character count).
+    RegexBudget budget = RegexBudget::ForChars(text.size());
     for (const auto& f : fragments) {
       if (f.id >= 0) {
         out.push_back(f.id);
         continue;
       }
-      for (std::string_view chunk : pre_.Split(f.text)) EncodeChunk(chunk, &out);
+      for (std::string_view chunk : pre_.Split(f.text, &budget)) EncodeChunk(chunk, &out);
     }
     return out;
   }
@@ -255,7 +259,8 @@ StatusOr<std::unique_ptr<Tokenizer>> NewBpeTokenizer(VocabData data) {
   std::vector<int32_t> types = ResolveTokenTypes(data);
   ASSIGN_OR_RETURN(CompiledPreTokenizer pre,
                    CompiledPreTokenizer::Create(data.pre, data.pre_regexes));
-  const bool ignore_merges = PreTokenizerIgnoresMerges(data.pre);
+  // A tokenizer.json says (model.ignore_merges); a GGUF vocabulary goes by its pre name.
+  const bool ignore_merges = data.ignore_merges.value_or(PreTokenizerIgnoresMerges(data.pre));
   auto tok = std::make_unique<BpeTokenizer>(std::move(data), std::move(types), std::move(pre),
                                             ignore_merges);
   RETURN_IF_ERROR(tok->BuildMerges());

@@ -379,6 +379,30 @@ TEST(BpeTokenizerTest, SpecialTokensMatchFirst) {
   EXPECT_EQ(tok->stop_ids(), (Ids{end}));  // No eos given: <|im_end|> by its name.
 }
 
+TEST(BpeTokenizerTest, OneRegexBudgetAcrossSpecialTokens) {
+  // The fragments between special tokens share the text's backtracking budget: (?:a|a)*b tries
+  // about 2^14 ways per start on a run of 12 a's, little for one fragment but far more than a
+  // 100 KB text's budget over all of them. Once it is spent, the later fragments stay whole (and
+  // merge into aa's) instead of each starting a budget afresh.
+  VocabData d = ByteLevelVocab({"aa"}, {"a|a"}, {"<s>"});
+  d.pre_regexes = {"(?:a|a)*b|a"};
+  auto tok = MustCreate(std::move(d));
+  ASSERT_TRUE(tok);
+  const int32_t aa = kFirstExtra, s = kFirstExtra + 1;
+  const std::string unit = std::string(12, 'a') + "<s>";
+  std::string text;
+  while (text.size() < 100000) text += unit;
+  const Ids ids = tok->Encode(text, false);
+  ASSERT_GE(ids.size(), 13u);
+  Ids first(12, 'a');
+  first.push_back(s);
+  EXPECT_EQ(Ids(ids.begin(), ids.begin() + 13), first);
+  EXPECT_EQ(Ids(ids.end() - 7, ids.end()), (Ids{aa, aa, aa, aa, aa, aa, s}));
+  // 13 ids a unit when split, 7 when whole: most stay whole.
+  EXPECT_LT(ids.size(), text.size() / unit.size() * 8);
+  EXPECT_EQ(tok->Decode(ids), text);
+}
+
 TEST(BpeTokenizerTest, BosAndStopIds) {
   VocabData d = ByteLevelVocab({}, {}, {"<s>", "</s>", "<|eot|>", "<|endoftext|>"});
   d.bos_id = 256;
@@ -516,6 +540,18 @@ TEST(CreateTokenizerTest, RejectsBadDataNamingTheField) {
 
 constexpr char kByteLevelPreTokenizer[] =
     R"({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})";
+
+// Llama 3's Split regex as a tokenizer.json holds it (JSON-escaped).
+constexpr char kLlama3RegexJson[] =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}|)"
+    R"( ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+)";
+
+std::string Llama3PreTokenizerJson() {
+  return R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": ")" +
+         std::string(kLlama3RegexJson) + R"("}, "behavior": "Isolated"},
+      {"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}]})";
+}
 
 // A hand-written tokenizer.json: GPT-2 style, merges in both of the forms HF writes.
 std::string SmallTokenizerJson(const std::string& pre_tokenizer = kByteLevelPreTokenizer) {
@@ -680,15 +716,29 @@ TEST(HfTokenizerJsonTest, Errors) {
   auto not_byte_level = load(SmallTokenizerJson(R"({"type": "Metaspace"})"));
   EXPECT_EQ(not_byte_level.status().code(), StatusCode::kUnimplemented);
   // Llama 3's form of the same thing is understood (the regex as JSON-escaped in the file).
-  const std::string llama3_regex =
-      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}|)"
-      R"( ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+)";
-  auto llama3 = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
-      {"type": "Split", "pattern": {"Regex": ")" +
-                                        llama3_regex + R"("}, "behavior": "Isolated"},
-      {"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}]})"));
+  auto llama3 = load(SmallTokenizerJson(Llama3PreTokenizerJson()));
   ASSERT_TRUE(llama3.ok()) << llama3.status().ToString();
   EXPECT_EQ(llama3->pre, "llama-bpe");
+  // A Sequence entry that is not a pre-tokenizer object is an error naming it, not skipped.
+  auto null_step = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated"}, null,
+      {"type": "ByteLevel", "use_regex": false}]})"));
+  EXPECT_EQ(null_step.status().code(), StatusCode::kInvalidArgument)
+      << null_step.status().ToString();
+  EXPECT_NE(null_step.status().message().find("pre_tokenizer.pretokenizers[1] is not an object"),
+            std::string::npos)
+      << null_step.status().ToString();
+  auto nested = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
+      {"type": "Sequence", "pretokenizers": [{"type": "ByteLevel"}, 7]}]})"));
+  EXPECT_EQ(nested.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(nested.status().message().find("pre_tokenizer.pretokenizers[0].pretokenizers[1]"),
+            std::string::npos)
+      << nested.status().ToString();
+  auto no_list = load(SmallTokenizerJson(R"({"type": "Sequence"})"));
+  EXPECT_EQ(no_list.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(no_list.status().message().find("pre_tokenizer.pretokenizers is not an array"),
+            std::string::npos)
+      << no_list.status().ToString();
 
   auto spm_style = load(Replace(good, R"("byte_fallback": false)", R"("byte_fallback": true)"));
   EXPECT_EQ(spm_style.status().code(), StatusCode::kUnimplemented);
@@ -697,6 +747,45 @@ TEST(HfTokenizerJsonTest, Errors) {
   auto unknown_eos = LoadHfTokenizerJson(dir.Write("ok.json", good), bad_config);
   EXPECT_EQ(unknown_eos.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(unknown_eos.status().message().find("eos_token"), std::string::npos);
+}
+
+// A tokenizer.json whose vocabulary holds "abc" while its merges make [a, bc] of it; `fields`
+// goes into the model object (e.g. "ignore_merges": true,).
+std::string AbcTokenizerJson(const std::string& fields,
+                             const std::string& pre_tokenizer = kByteLevelPreTokenizer) {
+  return R"({"added_tokens": [], "normalizer": null, "pre_tokenizer": )" + pre_tokenizer +
+         R"(, "model": {"type": "BPE", )" + fields +
+         R"( "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5},
+             "merges": ["b c", "a b"]}})";
+}
+
+TEST(HfTokenizerJsonTest, IgnoreMergesFromTheFile) {
+  TempDir dir;
+  const auto encode = [&](const std::string& json_text, const std::string& text) -> Ids {
+    auto data = LoadHfTokenizerJson(dir.Write("t.json", json_text), "");
+    EXPECT_TRUE(data.ok()) << data.status().ToString();
+    if (!data.ok()) return {};
+    auto tok = CreateTokenizer(*data);
+    EXPECT_TRUE(tok.ok()) << tok.status().ToString();
+    return tok.ok() ? (*tok)->Encode(text, false) : Ids{};
+  };
+  const std::string on = R"("ignore_merges": true,)", off = R"("ignore_merges": false,)";
+  // With ignore_merges a chunk that is a piece is that token; the others still merge.
+  EXPECT_EQ(encode(AbcTokenizerJson(on), "abc"), (Ids{5}));
+  EXPECT_EQ(encode(AbcTokenizerJson(on), "abcb"), (Ids{0, 4, 1}));
+  EXPECT_EQ(encode(AbcTokenizerJson(off), "abc"), (Ids{0, 4}));
+  EXPECT_EQ(encode(AbcTokenizerJson(""), "abc"), (Ids{0, 4}));  // Absent: false, as in HF.
+  // The file decides, not the pre-tokenizer that Llama 3's regex maps to (llama-bpe).
+  EXPECT_EQ(encode(AbcTokenizerJson(off, Llama3PreTokenizerJson()), "abc"), (Ids{0, 4}));
+  EXPECT_EQ(encode(AbcTokenizerJson(on, Llama3PreTokenizerJson()), "abc"), (Ids{5}));
+  auto loaded = LoadHfTokenizerJson(dir.Write("t.json", AbcTokenizerJson(on)), "");
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  EXPECT_EQ(loaded->ignore_merges, std::optional<bool>(true));
+  auto bad =
+      LoadHfTokenizerJson(dir.Write("t.json", AbcTokenizerJson(R"("ignore_merges": 1,)")), "");
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("model.ignore_merges"), std::string::npos)
+      << bad.status().ToString();
 }
 
 // A byte-level BPE with Llama 3's pre-tokenizer, ignore_merges and BOS template, trained and

@@ -70,18 +70,22 @@ StatusOr<std::optional<std::string>> TokenText(const json& config, const char* k
   return InvalidArgument(where + ": " + key + " is neither a string nor {\"content\": string}");
 }
 
-// Flattens a pre_tokenizer (a Sequence or a single one) into its steps.
-void Flatten(const json& node, std::vector<const json*>* out) {
-  if (!node.is_object()) return;
+// Flattens a pre_tokenizer (a Sequence or a single one), `name` in the file, into its steps.
+Status Flatten(const json& node, const std::string& name, std::vector<const json*>* out) {
+  if (!node.is_object()) return InvalidArgument(name + " is not an object");
   auto type = node.find("type");
   if (type != node.end() && *type == "Sequence") {
     auto list = node.find("pretokenizers");
-    if (list != node.end() && list->is_array()) {
-      for (const json& child : *list) Flatten(child, out);
+    if (list == node.end() || !list->is_array()) {
+      return InvalidArgument(name + ".pretokenizers is not an array");
     }
-    return;
+    for (size_t i = 0; i < list->size(); ++i) {
+      RETURN_IF_ERROR(Flatten((*list)[i], name + ".pretokenizers[" + std::to_string(i) + "]", out));
+    }
+    return Status::Ok();
   }
   out->push_back(&node);
+  return Status::Ok();
 }
 
 std::string TypeOf(const json& node) {
@@ -117,7 +121,7 @@ StatusOr<PreTokenizerFields> DetectPre(const json& root, const std::string& wher
     return Unimplemented(where + ": no pre_tokenizer; only byte-level BPE is supported");
   }
   std::vector<const json*> steps;
-  Flatten(*pt, &steps);
+  RETURN_IF_ERROR(Flatten(*pt, "pre_tokenizer", &steps).WithPrefix(where));
   // Every step but ByteLevel's mapping is a split into isolated pieces; ByteLevel must come last,
   // since a Split after it would see the mapped characters.
   std::vector<std::string> regexes;
@@ -260,6 +264,12 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
   data.model = "gpt2";
   data.add_space_prefix = false;
   data.add_bos = false;
+  // HF's BPE takes a chunk that is itself a piece whole (Llama 3 sets it); absent means false.
+  data.ignore_merges = false;
+  if (auto it = model.find("ignore_merges"); it != model.end() && !it->is_null()) {
+    if (!it->is_boolean()) return InvalidArgument(path + ": model.ignore_merges is not a bool");
+    data.ignore_merges = it->get<bool>();
+  }
   ASSIGN_OR_RETURN(PreTokenizerFields pre, DetectPre(root, path));
   data.pre = std::move(pre.pre);
   data.pre_regexes = std::move(pre.regexes);

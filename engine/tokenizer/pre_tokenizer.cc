@@ -320,15 +320,18 @@ StatusOr<RegexPreTokenizer> RegexPreTokenizer::Create(const std::vector<std::str
   return pre;
 }
 
-std::vector<std::string_view> RegexPreTokenizer::Split(std::string_view text) const {
+std::vector<std::string_view> RegexPreTokenizer::Split(std::string_view text,
+                                                       RegexBudget* budget) const {
   const RegexInput in(text);
+  RegexBudget own = RegexBudget::ForChars(in.size());
+  if (budget == nullptr) budget = &own;
   std::vector<CharSpan> spans, next;
   if (in.size() > 0) spans.push_back({0, in.size()});
   for (const Regex& re : regexes_) {
     next.clear();
     next.reserve(spans.size() * 2);
     // Out of budget, the rest of a span stays one chunk (documented); nothing else to do.
-    (void)re.SplitEach(in, spans, &next);
+    (void)re.SplitEach(in, spans, &next, budget);
     spans.swap(next);
   }
   std::vector<std::string_view> out;
@@ -360,9 +363,10 @@ StatusOr<CompiledPreTokenizer> CompiledPreTokenizer::Create(
   return pre;
 }
 
-std::vector<std::string_view> CompiledPreTokenizer::Split(std::string_view text) const {
+std::vector<std::string_view> CompiledPreTokenizer::Split(std::string_view text,
+                                                          RegexBudget* budget) const {
   if (kind_) return PreTokenize(*kind_, text);
-  return regexes_->Split(text);
+  return regexes_->Split(text, budget);
 }
 
 }  // namespace helix

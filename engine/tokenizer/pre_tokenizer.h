@@ -63,10 +63,13 @@ class RegexPreTokenizer {
   // Errors: a pattern's compile error (InvalidArgument or Unimplemented) naming it.
   static StatusOr<RegexPreTokenizer> Create(const std::vector<std::string>& patterns);
 
-  // The chunks of `text` in order; non-empty and concatenating to `text`. Should a regex use up
-  // its backtracking budget (Regex::kStepsPerChar per character) on a chunk, the rest of that
-  // chunk stays whole, as HF's Split leaves it when Oniguruma's retry limit ends the matching.
-  std::vector<std::string_view> Split(std::string_view text) const;
+  // The chunks of `text` in order; non-empty and concatenating to `text`. All the regexes, on all
+  // the chunks, spend one backtracking budget: `budget` (which a caller may share between the
+  // fragments of one text), else RegexBudget::ForChars(the characters of text). Should a search
+  // run out (of steps or stack), the rest of its chunk stays whole, and so does every later chunk
+  // once the steps are spent, as HF's Split leaves a chunk when Oniguruma's retry limit ends the
+  // matching: never an error, never more than the budget's steps.
+  std::vector<std::string_view> Split(std::string_view text, RegexBudget* budget = nullptr) const;
 
  private:
   std::vector<Regex> regexes_;
@@ -81,7 +84,8 @@ class CompiledPreTokenizer {
   static StatusOr<CompiledPreTokenizer> Create(std::string_view name,
                                                const std::vector<std::string>& regexes);
 
-  std::vector<std::string_view> Split(std::string_view text) const;
+  // As RegexPreTokenizer::Split; the hand-written kinds take linear time and no budget.
+  std::vector<std::string_view> Split(std::string_view text, RegexBudget* budget = nullptr) const;
 
   // The hand-written kind in use, or nullopt when the regex engine runs.
   std::optional<PreTokenizer> kind() const { return kind_; }

@@ -32,7 +32,10 @@ constexpr CategoryMask kCasedLetters = MaskOf(GC::kLu, GC::kLt);
 // them beyond ASCII (see MayHaveCase).
 constexpr CategoryMask kCased = kCasedLetters | MaskOf(GC::kNl);
 
-constexpr int kMaxNesting = 100;       // Groups within groups.
+// Groups and quantifiers within each other (each quantifier is a level: a{1}{1} has two). The
+// syntax tree is at most about three nodes deep per level, which bounds the recursion over it
+// (Nullable, Emit, ~Node) and the matcher's (through nested lookaheads and atomic groups).
+constexpr int kMaxNesting = 100;
 constexpr int kMaxRepeat = 1000;       // The largest n or m in {n,m}.
 constexpr size_t kMaxInsts = 1 << 17;  // After counted repetitions are expanded.
 
@@ -207,6 +210,7 @@ struct Node {
   bool negate = false;   // kLook: (?! rather than (?=.
   bool greedy = true;    // kRepeat.
   int min = 0, max = 0;  // kRepeat; max < 0 for no limit.
+  int levels = 0;        // Groups and quantifiers on the deepest path down from here, this one's.
   std::vector<Node> kids;
 
   static Node Of(Kind kind, uint32_t value = 0) {
@@ -336,10 +340,25 @@ class Parser {
   Status Unsupported(size_t at, const std::string& what) const {
     return Error(StatusCode::kUnimplemented, at, what + " is not supported");
   }
+  Status TooDeep(size_t at) const {
+    return Unsupported(at,
+                       "nesting groups and quantifiers deeper than " + std::to_string(kMaxNesting));
+  }
+  // Sets n's levels: one more than `inner`'s.
+  Status Wrap(Node* n, int inner, size_t at) const {
+    if (inner + 1 > kMaxNesting) return TooDeep(at);
+    n->levels = inner + 1;
+    return Status::Ok();
+  }
+  static int MaxLevels(const std::vector<Node>& nodes) {
+    int levels = 0;
+    for (const Node& n : nodes) levels = std::max(levels, n.levels);
+    return levels;
+  }
 
   // alternation := concatenation ('|' concatenation)*, up to ')' or the end.
   Status ParseAlternation(bool icase, int depth, Node* out) {
-    if (depth > kMaxNesting) return Unsupported(i_, "nesting deeper than 100 groups");
+    if (depth > kMaxNesting) return TooDeep(i_);
     std::vector<Node> alternatives;
     for (;;) {
       Node seq;
@@ -352,6 +371,7 @@ class Parser {
       *out = std::move(alternatives[0]);
     } else {
       *out = Node::Of(Node::Kind::kAlt);
+      out->levels = MaxLevels(alternatives);
       out->kids = std::move(alternatives);
     }
     return Status::Ok();
@@ -371,11 +391,14 @@ class Parser {
         // (?i) and (?-i) apply to the rest of the group, its later alternatives included.
         Node rest;
         RETURN_IF_ERROR(ParseAlternation(*inline_icase, depth + 1, &rest));
+        RETURN_IF_ERROR(Wrap(&rest, rest.levels, at));
+        out->levels = std::max(out->levels, rest.levels);
         seq.push_back(std::move(rest));
         break;
       }
       bool quantified = false;
       RETURN_IF_ERROR(ParseQuantifiers(&atom, &quantified));
+      out->levels = std::max(out->levels, atom.levels);
       const bool bare_fold = !quantified && atom.kind == Node::Kind::kChar && atom.fold;
       if (bare_fold && last_was_bare_fold) {
         // Oniguruma matches e.g. (?i:ss) against ß and (?i:fi) against ﬁ (multi-character case
@@ -476,9 +499,11 @@ class Parser {
       rep.min = min;
       rep.max = max;
       rep.greedy = greedy;
+      RETURN_IF_ERROR(Wrap(&rep, atom->levels, at));
       rep.kids.push_back(std::move(*atom));
       if (possessive) {
         Node atomic = Node::Of(Node::Kind::kAtomic);
+        atomic.levels = rep.levels;  // X*+ is one quantifier.
         atomic.kids.push_back(std::move(rep));
         *atom = std::move(atomic);
       } else {
@@ -656,6 +681,7 @@ class Parser {
     RETURN_IF_ERROR(ParseAlternation(group_icase, depth + 1, &inner));
     if (AtEnd()) return Error(StatusCode::kInvalidArgument, at, "end pattern with unmatched (");
     ++i_;  // ')'
+    const int inner_levels = inner.levels;
     if (kind == Node::Kind::kConcat) {
       *out = std::move(inner);
     } else {
@@ -663,7 +689,7 @@ class Parser {
       out->negate = negate;
       out->kids.push_back(std::move(inner));
     }
-    return Status::Ok();
+    return Wrap(out, inner_levels, at);
   }
 
   // A \p / \P property at i_ (after the letter).
@@ -917,6 +943,7 @@ enum class Op : uint8_t {
   kChar,        // arg: the code point.
   kCharFold,    // arg: a lower-case ASCII letter, matched in either case (and ſ for s, K for k).
   kClass,       // arg: the class index.
+  kRun,         // arg: the index of a RunSpec: a quantifier over one character, as one instruction.
   kSplit,       // Try x; on failure y.
   kJmp,         // Go to x.
   kSaveReg,     // reg[arg] = position (undone on backtracking).
@@ -934,11 +961,28 @@ struct Inst {
   int32_t x = 0, y = 0;
 };
 
+// A quantifier over a single character or class (\s+, [a-z]*?, \p{N}{1,3}, a*+). It takes its
+// whole run in one instruction and at most one backtracking frame, which gives back (or, lazy,
+// takes) one character at a time, where a loop would push a frame per character.
+struct RunSpec {
+  Op what;                   // kChar, kCharFold or kClass, with
+  uint32_t arg;              // that instruction's arg.
+  int32_t min = 0, max = 0;  // max < 0 for no limit.
+  bool greedy = true;
+  bool possessive = false;  // X*+ X++ X?+ (greedy): never gives back.
+  // Greedy, not possessive, and in no loop body with an empty check: then whether the rest of the
+  // (sub-)program matches from a position depends on that position alone (loop registers are set
+  // afresh before any check they meet), so the run may remember the ends from which the rest
+  // failed and skip them when tried again from a later start.
+  bool remember_failures = false;
+};
+
 }  // namespace
 
 struct Regex::Program {
   std::vector<Inst> insts;
   std::vector<CharClass> classes;
+  std::vector<RunSpec> runs;
   uint32_t num_regs = 0;
 };
 
@@ -962,6 +1006,10 @@ class Compiler {
     }
     prog_->insts.push_back(inst);
     return Status::Ok();
+  }
+
+  static bool IsOneChar(const Node& n) {
+    return n.kind == Node::Kind::kChar || n.kind == Node::Kind::kClass;
   }
 
   Status Emit(const Node& n) {
@@ -991,8 +1039,14 @@ class Compiler {
         for (int32_t j : jumps) At(j).x = Pc();
         return Status::Ok();
       }
-      case Node::Kind::kLook:
       case Node::Kind::kAtomic: {
+        const Node& kid = n.kids[0];
+        if (kid.kind == Node::Kind::kRepeat && kid.greedy && IsOneChar(kid.kids[0])) {
+          return EmitRun(kid, /*possessive=*/true);
+        }
+        [[fallthrough]];
+      }
+      case Node::Kind::kLook: {
         const int32_t start = Pc();
         const Op op = n.kind == Node::Kind::kLook ? Op::kLook : Op::kAtomic;
         RETURN_IF_ERROR(Push({op, static_cast<uint8_t>(n.negate ? 1 : 0), 0, start + 1}));
@@ -1002,8 +1056,24 @@ class Compiler {
         return Status::Ok();
       }
       case Node::Kind::kRepeat:
+        if (IsOneChar(n.kids[0])) return EmitRun(n, /*possessive=*/false);
         return EmitRepeat(n);
     }
+    return Status::Ok();
+  }
+
+  Status EmitRun(const Node& n, bool possessive) {
+    const Node& c = n.kids[0];
+    RunSpec run;
+    run.what = c.kind == Node::Kind::kClass ? Op::kClass : c.fold ? Op::kCharFold : Op::kChar;
+    run.arg = c.value;
+    run.min = n.min;
+    run.max = n.max;
+    run.greedy = n.greedy;
+    run.possessive = possessive;
+    run.remember_failures = n.greedy && !possessive && checked_loops_ == 0;
+    RETURN_IF_ERROR(Push({Op::kRun, 0, static_cast<uint32_t>(prog_->runs.size())}));
+    prog_->runs.push_back(run);
     return Status::Ok();
   }
 
@@ -1033,7 +1103,10 @@ class Compiler {
     const int32_t loop = Pc();
     RETURN_IF_ERROR(Push({Op::kSplit}));
     if (nullable) RETURN_IF_ERROR(Push({Op::kSaveReg, 0, reg}));
-    RETURN_IF_ERROR(Emit(body));
+    checked_loops_ += nullable ? 1 : 0;
+    const Status body_status = Emit(body);
+    checked_loops_ -= nullable ? 1 : 0;
+    RETURN_IF_ERROR(body_status);
     int32_t check = -1;
     if (nullable) {
       check = Pc();
@@ -1048,45 +1121,92 @@ class Compiler {
   }
 
   Regex::Program* prog_;
+  int checked_loops_ = 0;  // Loops with an empty check around what is being emitted.
 };
 
+// What a search or a run of the machine came to, besides a match's end (>= 0).
 constexpr int64_t kNoMatch = -1;
-constexpr int64_t kOutOfSteps = -2;
+constexpr int64_t kOutOfSteps = -2;  // The budget's steps are spent.
+constexpr int64_t kOutOfStack = -3;  // It would need more than RegexBudget::kMaxFrames frames.
 
-// The state of the searches of one call: the backtracking stack, the loop registers and the steps
-// left, over one window of one input.
+bool GaveUp(int64_t result) { return result == kOutOfSteps || result == kOutOfStack; }
+
+// The state of the searches of one call: the backtracking stack, the loop registers, what the runs
+// learnt in the current window, over one input; steps come from the caller's budget.
 class Matcher {
  public:
-  Matcher(const Regex::Program& prog, const RegexInput& in)
-      : prog_(prog), in_(in), regs_(prog.num_regs, std::numeric_limits<size_t>::max()) {}
+  Matcher(const Regex::Program& prog, const RegexInput& in, RegexBudget* budget)
+      : prog_(prog),
+        in_(in),
+        budget_(budget),
+        regs_(prog.num_regs, std::numeric_limits<size_t>::max()),
+        memos_(prog.runs.size()) {}
 
-  // Starts on `window` with a fresh budget; the buffers are kept from window to window.
+  // Starts on `window`; the buffers are kept from window to window, what the runs learnt is not.
   void Start(CharSpan window) {
     window_ = window;
-    steps_left_ = budget();
+    ++generation_;
   }
 
-  // The leftmost match starting at or after `from`, kNoMatch or kOutOfSteps (as begin).
+  // The leftmost match starting at or after `from`: {begin, end}, or {kNoMatch, 0},
+  // {kOutOfSteps, 0} or {kOutOfStack, 0}.
   std::pair<int64_t, int64_t> Search(size_t from) {
+    steps_left_ = budget_->steps_left;
+    std::pair<int64_t, int64_t> result = {kNoMatch, 0};
     for (size_t start = from; start <= window_.end; ++start) {
       const int64_t end = Run(0, start);
-      if (end == kOutOfSteps) return {kOutOfSteps, 0};
-      if (end >= 0) return {static_cast<int64_t>(start), end};
+      if (GaveUp(end)) {
+        result = {end, 0};
+        break;
+      }
+      if (end >= 0) {
+        result = {static_cast<int64_t>(start), end};
+        break;
+      }
     }
-    return {kNoMatch, 0};
-  }
-
-  uint64_t budget() const {
-    return Regex::kBaseSteps + Regex::kStepsPerChar * (window_.end - window_.begin);
+    budget_->steps_left = steps_left_;
+    budget_->peak_frames = std::max(budget_->peak_frames, peak_frames_);
+    return result;
   }
 
  private:
   struct Frame {
-    int64_t pc;  // A branch to resume, or -1 - r for "restore register r to `value`".
-    size_t value;
+    enum Kind : uint8_t {
+      kBranch,     // Resume at pc, pos.
+      kRestore,    // Set register aux back to pos.
+      kGreedyRun,  // The run at pc ended at pos gives back a character (not below aux).
+      kLazyRun,    // The run at pc (which started at aux) ended at pos takes another character.
+    };
+    size_t pos;
+    size_t aux;
+    int32_t pc;
+    Kind kind;
+  };
+
+  // What a run instruction learnt in the current window (generation): the characters of
+  // [match_from, match_end) all match it and the one at match_end does not (or is the window's
+  // end); the rest of the program after it fails from every position in [fail_lo, fail_hi].
+  struct RunMemo {
+    uint64_t generation = 0;
+    size_t match_from = 1, match_end = 0;  // Empty.
+    size_t fail_lo = 1, fail_hi = 0;       // Empty.
   };
 
   bool IsWord(size_t i) const { return Word().Contains(in_.cp(i), in_.category(i)); }
+
+  // Whether the character at pos (< window end) matches kChar, kCharFold or kClass `arg`.
+  bool CharMatches(Op op, uint32_t arg, size_t pos) const {
+    const uint32_t cp = in_.cp(pos);
+    switch (op) {
+      case Op::kChar:
+        return cp == arg;
+      case Op::kCharFold:
+        return ((cp | 0x20) == arg && IsAsciiLetter(cp)) || (arg == 's' && cp == 0x17F) ||
+               (arg == 'k' && cp == 0x212A);
+      default:
+        return prog_.classes[arg].Matches(cp, in_.category(pos));
+    }
+  }
 
   bool Check(AssertKind kind, size_t pos) const {
     const size_t b = window_.begin, e = window_.end;
@@ -1111,47 +1231,152 @@ class Matcher {
     return false;
   }
 
-  // Runs the (sub-)program from pc at pos: the end of its first match, kNoMatch or kOutOfSteps.
-  // Leaves the stack as it found it.
+  bool Push(Frame f) {
+    if (stack_.size() >= RegexBudget::kMaxFrames) return false;
+    stack_.push_back(f);
+    peak_frames_ = std::max(peak_frames_, stack_.size());
+    return true;
+  }
+
+  RunMemo& Memo(uint32_t run) {
+    RunMemo& m = memos_[run];
+    if (m.generation != generation_) m = RunMemo{generation_};
+    return m;
+  }
+
+  // How far the run's characters match from pos, up to limit; one step per character read.
+  size_t RunEnd(const RunSpec& run, RunMemo& memo, size_t pos, size_t limit) {
+    if (memo.match_from <= pos && pos <= memo.match_end) return std::min(memo.match_end, limit);
+    size_t end = pos;
+    while (end < limit && CharMatches(run.what, run.arg, end)) ++end;
+    steps_left_ -= std::min<uint64_t>(steps_left_, end - pos);
+    if (end < limit || end == window_.end) {  // Where the characters stop matching.
+      memo.match_from = pos;
+      memo.match_end = end;
+    }
+    return end;
+  }
+
+  // Notes that the rest of the program failed from `end`.
+  static void NoteFailure(RunMemo& memo, size_t end) {
+    if (memo.fail_lo <= end && end <= memo.fail_hi) return;
+    if (end + 1 == memo.fail_lo) {
+      memo.fail_lo = end;
+    } else if (end == memo.fail_hi + 1 && memo.fail_lo <= memo.fail_hi) {
+      memo.fail_hi = end;
+    } else {
+      memo.fail_lo = memo.fail_hi = end;
+    }
+  }
+
+  // Starts the run of instruction pc at *pos: moves *pos to its first end and pushes the frame
+  // that tries the others. kNoMatch, kOutOfStack, or 0.
+  int64_t StartRun(int32_t pc, size_t* pos) {
+    const uint32_t index = prog_.insts[pc].arg;
+    const RunSpec& run = prog_.runs[index];
+    RunMemo& memo = Memo(index);
+    const size_t start = *pos;
+    const size_t room = window_.end - start;
+    const size_t low = start + static_cast<size_t>(run.min);
+    if (static_cast<size_t>(run.min) > room) return kNoMatch;
+    if (!run.greedy) {
+      if (RunEnd(run, memo, start, low) < low) return kNoMatch;
+      const bool more = run.max < 0 || run.max > run.min;
+      if (more && low < window_.end && !Push({low, start, pc, Frame::kLazyRun})) {
+        return kOutOfStack;
+      }
+      *pos = low;
+      return 0;
+    }
+    const size_t limit = run.max < 0 ? window_.end : start + std::min<size_t>(run.max, room);
+    size_t end = RunEnd(run, memo, start, limit);
+    if (end < low) return kNoMatch;
+    if (run.remember_failures && memo.fail_lo <= end && end <= memo.fail_hi) {
+      if (memo.fail_lo <= low) return kNoMatch;
+      end = memo.fail_lo - 1;
+    }
+    if (!run.possessive && end > low && !Push({end, low, pc, Frame::kGreedyRun})) {
+      return kOutOfStack;
+    }
+    *pos = end;
+    return 0;
+  }
+
+  // Resumes the run frame on top of the stack after the rest failed from its end: the next end to
+  // try, or nullopt (the frame is popped) when there is none.
+  std::optional<size_t> ResumeRun() {
+    Frame& f = stack_.back();
+    const uint32_t index = prog_.insts[f.pc].arg;
+    const RunSpec& run = prog_.runs[index];
+    size_t end = f.pos;
+    bool last = false;
+    if (f.kind == Frame::kGreedyRun) {
+      if (run.remember_failures) {
+        RunMemo& memo = Memo(index);
+        NoteFailure(memo, end);
+        end = memo.fail_lo;  // Every end from there to f.pos failed.
+      }
+      if (end <= f.aux) {
+        stack_.pop_back();
+        return std::nullopt;
+      }
+      --end;
+      last = end == f.aux;
+    } else {
+      const bool room = run.max < 0 || end - f.aux < static_cast<size_t>(run.max);
+      if (!room || end >= window_.end || !CharMatches(run.what, run.arg, end)) {
+        stack_.pop_back();
+        return std::nullopt;
+      }
+      ++end;
+      last = end >= window_.end || (run.max >= 0 && end - f.aux >= static_cast<size_t>(run.max));
+    }
+    if (last) {
+      stack_.pop_back();
+    } else {
+      f.pos = end;
+    }
+    return end;
+  }
+
+  // Runs the (sub-)program from pc at pos: the end of its first match, kNoMatch, kOutOfSteps or
+  // kOutOfStack. Leaves the stack as it found it. Recurses only into lookaheads and atomic groups,
+  // so no deeper than the pattern's nesting (kMaxNesting).
   int64_t Run(int32_t pc, size_t pos) {
     const size_t base = stack_.size();
     const Inst* insts = prog_.insts.data();
+    const auto give_up = [&](int64_t why) {
+      stack_.resize(base);
+      return why;
+    };
     for (;;) {
-      if (steps_left_ == 0) {
-        stack_.resize(base);
-        return kOutOfSteps;
-      }
+      if (steps_left_ == 0) return give_up(kOutOfSteps);
       --steps_left_;
       const Inst& inst = insts[pc];
       bool ok = true;
       switch (inst.op) {
         case Op::kChar:
-          ok = pos < window_.end && in_.cp(pos) == inst.arg;
+        case Op::kCharFold:
+        case Op::kClass:
+          ok = pos < window_.end && CharMatches(inst.op, inst.arg, pos);
           ++pos, ++pc;
           break;
-        case Op::kCharFold: {
-          ok = false;
-          if (pos < window_.end) {
-            const uint32_t cp = in_.cp(pos);
-            ok = (cp | 0x20) == inst.arg && IsAsciiLetter(cp);
-            if (!ok) ok = (inst.arg == 's' && cp == 0x17F) || (inst.arg == 'k' && cp == 0x212A);
-          }
-          ++pos, ++pc;
+        case Op::kRun: {
+          const int64_t started = StartRun(pc, &pos);
+          if (started == kOutOfStack) return give_up(kOutOfStack);
+          ok = started == 0;
+          ++pc;
           break;
         }
-        case Op::kClass:
-          ok = pos < window_.end && prog_.classes[inst.arg].Matches(in_.cp(pos), in_.category(pos));
-          ++pos, ++pc;
-          break;
         case Op::kSplit:
-          stack_.push_back({inst.y, pos});
+          if (!Push({pos, 0, inst.y, Frame::kBranch})) return give_up(kOutOfStack);
           pc = inst.x;
           break;
         case Op::kJmp:
           pc = inst.x;
           break;
         case Op::kSaveReg:
-          stack_.push_back({-1 - static_cast<int64_t>(inst.arg), regs_[inst.arg]});
+          if (!Push({regs_[inst.arg], inst.arg, 0, Frame::kRestore})) return give_up(kOutOfStack);
           regs_[inst.arg] = pos;
           ++pc;
           break;
@@ -1165,10 +1390,7 @@ class Matcher {
         case Op::kLook:
         case Op::kAtomic: {
           const int64_t end = Run(inst.x, pos);
-          if (end == kOutOfSteps) {
-            stack_.resize(base);
-            return kOutOfSteps;
-          }
+          if (GaveUp(end)) return give_up(end);
           if (inst.op == Op::kLook) {
             ok = (end >= 0) != (inst.flag != 0);
           } else {
@@ -1187,13 +1409,25 @@ class Matcher {
       while (!ok) {
         if (stack_.size() == base) return kNoMatch;
         const Frame f = stack_.back();
-        stack_.pop_back();
-        if (f.pc < 0) {
-          regs_[-1 - f.pc] = f.value;
-        } else {
-          pc = static_cast<int32_t>(f.pc);
-          pos = f.value;
-          ok = true;
+        switch (f.kind) {
+          case Frame::kBranch:
+            stack_.pop_back();
+            pc = f.pc;
+            pos = f.pos;
+            ok = true;
+            break;
+          case Frame::kRestore:
+            stack_.pop_back();
+            regs_[f.aux] = f.pos;
+            break;
+          case Frame::kGreedyRun:
+          case Frame::kLazyRun:
+            if (const std::optional<size_t> end = ResumeRun()) {
+              pc = f.pc + 1;
+              pos = *end;
+              ok = true;
+            }
+            break;
         }
       }
     }
@@ -1201,22 +1435,26 @@ class Matcher {
 
   const Regex::Program& prog_;
   const RegexInput& in_;
+  RegexBudget* budget_;
   CharSpan window_;
+  uint64_t generation_ = 0;
+  uint64_t steps_left_ = 0;  // The budget's, while a search runs.
+  size_t peak_frames_ = 0;
   std::vector<Frame> stack_;
   std::vector<size_t> regs_;
-  uint64_t steps_left_ = 0;
+  std::vector<RunMemo> memos_;  // By run index.
 };
 
 // Calls on_match(begin, end) for each match HF's Split walks in the matcher's window (see
-// Regex::FindAll); false when the budget ran out.
+// Regex::FindAll): kNoMatch when the walk is complete, else kOutOfSteps or kOutOfStack.
 template <typename OnMatch>
-bool WalkMatches(Matcher& m, CharSpan window, OnMatch on_match) {
+int64_t WalkMatches(Matcher& m, CharSpan window, OnMatch on_match) {
   m.Start(window);
   size_t search_from = window.begin;
   std::optional<size_t> last_match_end;
   while (search_from <= window.end) {
     const auto [begin, end] = m.Search(search_from);
-    if (begin == kOutOfSteps) return false;
+    if (GaveUp(begin)) return begin;
     if (begin == kNoMatch) break;
     const size_t b = static_cast<size_t>(begin), e = static_cast<size_t>(end);
     if (b == e && last_match_end == e) {
@@ -1227,25 +1465,41 @@ bool WalkMatches(Matcher& m, CharSpan window, OnMatch on_match) {
     search_from = e;
     last_match_end = e;
   }
-  return true;
+  return kNoMatch;
 }
 
-// Regex::SplitIsolated with a matcher that may be reused.
-bool SplitWindow(Matcher& m, CharSpan window, std::vector<CharSpan>* out) {
+// Regex::SplitIsolated with a matcher that may be reused; returns as WalkMatches.
+int64_t SplitWindow(Matcher& m, CharSpan window, std::vector<CharSpan>* out) {
   size_t piece_begin = window.begin;  // Of the text not yet cut off.
-  const bool ok = WalkMatches(m, window, [&](size_t b, size_t e) {
+  const int64_t result = WalkMatches(m, window, [&](size_t b, size_t e) {
     if (piece_begin < b) out->push_back({piece_begin, b});
     if (b < e) out->push_back({b, e});
     piece_begin = e;
   });
   if (piece_begin < window.end) out->push_back({piece_begin, window.end});
-  return ok;
+  return result;
 }
 
-Status OutOfSteps(const std::string& pattern, uint64_t budget, CharSpan window) {
-  return ResourceExhausted("regex \"" + pattern + "\" used up its budget of " +
-                           std::to_string(budget) + " backtracking steps on " +
-                           std::to_string(window.end - window.begin) + " characters");
+Status GaveUpError(const std::string& pattern, int64_t why, CharSpan window) {
+  constexpr size_t kShown = 80;  // Of the pattern, which may be long.
+  const std::string shown = pattern.size() <= kShown ? pattern : pattern.substr(0, kShown) + "...";
+  const std::string where = " in a window of " + std::to_string(window.end - window.begin) +
+                            " characters at character " + std::to_string(window.begin);
+  if (why == kOutOfStack) {
+    return ResourceExhausted("regex \"" + shown + "\" needs more than " +
+                             std::to_string(RegexBudget::kMaxFrames) + " backtracking frames" +
+                             where);
+  }
+  return ResourceExhausted("regex \"" + shown + "\" used up the text's budget of backtracking " +
+                           "steps (" + std::to_string(RegexBudget::kBaseSteps) + " + " +
+                           std::to_string(RegexBudget::kStepsPerChar) + " per character)" + where);
+}
+
+// `budget`, or `own` set up for `chars` characters.
+RegexBudget* BudgetOr(RegexBudget* budget, RegexBudget* own, size_t chars) {
+  if (budget != nullptr) return budget;
+  *own = RegexBudget::ForChars(chars);
+  return own;
 }
 
 }  // namespace
@@ -1261,35 +1515,43 @@ StatusOr<Regex> Regex::Compile(std::string_view pattern) {
   return re;
 }
 
-StatusOr<std::optional<CharSpan>> Regex::Search(const RegexInput& in, CharSpan window,
-                                                size_t from) const {
-  Matcher m(*program_, in);
+StatusOr<std::optional<CharSpan>> Regex::Search(const RegexInput& in, CharSpan window, size_t from,
+                                                RegexBudget* budget) const {
+  RegexBudget own;
+  Matcher m(*program_, in, BudgetOr(budget, &own, window.end - window.begin));
   m.Start(window);
   const auto [begin, end] = m.Search(from);
-  if (begin == kOutOfSteps) return OutOfSteps(pattern_, m.budget(), window);
+  if (GaveUp(begin)) return GaveUpError(pattern_, begin, window);
   if (begin == kNoMatch) return std::optional<CharSpan>();
   return std::optional<CharSpan>(CharSpan{static_cast<size_t>(begin), static_cast<size_t>(end)});
 }
 
-Status Regex::FindAll(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out) const {
-  Matcher m(*program_, in);
-  if (!WalkMatches(m, window, [&](size_t b, size_t e) { out->push_back({b, e}); })) {
-    return OutOfSteps(pattern_, m.budget(), window);
-  }
+Status Regex::FindAll(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out,
+                      RegexBudget* budget) const {
+  RegexBudget own;
+  Matcher m(*program_, in, BudgetOr(budget, &own, window.end - window.begin));
+  const int64_t result = WalkMatches(m, window, [&](size_t b, size_t e) {
+    out->push_back({b, e});
+  });
+  if (GaveUp(result)) return GaveUpError(pattern_, result, window);
   return Status::Ok();
 }
 
-Status Regex::SplitIsolated(const RegexInput& in, CharSpan window,
-                            std::vector<CharSpan>* out) const {
-  return SplitEach(in, {window}, out);
+Status Regex::SplitIsolated(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out,
+                            RegexBudget* budget) const {
+  return SplitEach(in, {window}, out, budget);
 }
 
 Status Regex::SplitEach(const RegexInput& in, const std::vector<CharSpan>& windows,
-                        std::vector<CharSpan>* out) const {
-  Matcher m(*program_, in);
+                        std::vector<CharSpan>* out, RegexBudget* budget) const {
+  size_t chars = 0;
+  for (const CharSpan& w : windows) chars += w.end - w.begin;
+  RegexBudget own;
+  Matcher m(*program_, in, BudgetOr(budget, &own, chars));
   Status status;
   for (const CharSpan& w : windows) {
-    if (!SplitWindow(m, w, out) && status.ok()) status = OutOfSteps(pattern_, m.budget(), w);
+    const int64_t result = SplitWindow(m, w, out);
+    if (GaveUp(result) && status.ok()) status = GaveUpError(pattern_, result, w);
   }
   return status;
 }

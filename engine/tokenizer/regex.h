@@ -43,6 +43,26 @@ struct CharSpan {
   bool operator==(const CharSpan&) const = default;
 };
 
+// The backtracking work that the searches over one text may do in all, shared by every search of
+// it: every regex of a pre-tokenizer, every window an earlier regex left, every fragment between
+// special tokens. Matching a text of n characters (or bytes) under one budget thus takes at most
+// kBaseSteps + kStepsPerChar * n steps, however the regexes and the cuts fall; real tokenizer
+// patterns take a few steps per character. A plain value; one per text, not shared by threads.
+struct RegexBudget {
+  static constexpr uint64_t kBaseSteps = uint64_t{1} << 20;
+  static constexpr uint64_t kStepsPerChar = 256;
+  // The deepest one search's backtracking stack may grow (24 bytes a frame); a search that would
+  // need more ends as one that ran out of steps does. A greedy or lazy quantifier over a single
+  // character or class takes one frame for its whole run.
+  static constexpr size_t kMaxFrames = size_t{1} << 18;
+
+  // kBaseSteps + kStepsPerChar * chars steps.
+  static RegexBudget ForChars(size_t chars) { return {kBaseSteps + kStepsPerChar * chars}; }
+
+  uint64_t steps_left = 0;  // An instruction takes one step; a quantifier's run one per character.
+  size_t peak_frames = 0;   // The deepest backtracking stack a search used so far.
+};
+
 // Matching is leftmost-first: alternatives in order, quantifiers greedy (or lazy, or possessive)
 // with backtracking, as Oniguruma (Ruby syntax) matches. What Compile accepts:
 //   literals (UTF-8), `.` (anything but \n), ^ $ (line anchors), \A \z \Z \b \B;
@@ -53,6 +73,8 @@ struct CharSpan {
 //   classes [...] [^...] of those, literals and code point ranges;
 //   * + ? {n} {n,} {,m} {n,m}, each greedy, lazy (?; not {n}) or possessive (+; not {..});
 //   | ( ) (?: ) (?<name> ) (?> ) (?= ) (?! ) (?# ), and the flag i in (?i: ) (?-i: ) (?i) (?-i).
+// Groups and quantifiers nest at most 100 deep, each quantifier one level (a{1}{1} is two), which
+// bounds the recursion of compiling and matching.
 // Case-insensitive matching covers ASCII letters (with U+017F ſ ~ s and U+212A K ~ k, as Unicode
 // case folding has them); a pattern that would need more (a cased non-ASCII literal or range, a
 // cased property in a class, a letter pair with a one-character fold such as ss ~ ß) is refused.
@@ -60,42 +82,43 @@ class Regex {
  public:
   // Parses `pattern` as a tokenizer.json holds it (after JSON unescaping).
   // Errors: InvalidArgument for a malformed pattern, Unimplemented for a construct this engine
-  // does not implement (lookbehind, backreferences, scripts, ...); the message names the construct
-  // and its byte offset in the pattern.
+  // does not implement (lookbehind, backreferences, scripts, nesting deeper than 100, ...); the
+  // message names the construct and its byte offset in the pattern.
   static StatusOr<Regex> Compile(std::string_view pattern);
+
+  // Each search below spends `budget` when one is given, else a budget of its own:
+  // RegexBudget::ForChars of the window (of all the windows for SplitEach).
 
   // The leftmost match starting in [from, window.end] (an empty match may start at window.end).
   // The window stands for the whole subject: anchors and lookahead see nothing outside it.
   // REQUIRES: window.begin <= from <= window.end <= in.size().
-  // Errors: ResourceExhausted when the backtracking budget (proportional to the window) runs out.
-  StatusOr<std::optional<CharSpan>> Search(const RegexInput& in, CharSpan window,
-                                           size_t from) const;
+  // Errors: ResourceExhausted when the budget's steps run out or the search would need more than
+  // RegexBudget::kMaxFrames backtracking frames.
+  StatusOr<std::optional<CharSpan>> Search(const RegexInput& in, CharSpan window, size_t from,
+                                           RegexBudget* budget = nullptr) const;
 
   // Appends the matches HF's Split walks in `window`, empty ones included: the leftmost match,
   // then the leftmost from its end on, and so on (the onig crate's find_iter, which skips an
   // empty match right where the previous match ended by moving on one character).
-  // Errors: ResourceExhausted when the budget runs out; the matches found before it are appended.
-  Status FindAll(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out) const;
+  // Errors: ResourceExhausted as for Search; the matches found before it are appended.
+  Status FindAll(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out,
+                 RegexBudget* budget = nullptr) const;
 
   // Appends the pieces of `window` as HF's Split(pattern, behavior=Isolated) cuts a text: every
   // match and every stretch between matches, in order; empty pieces (from empty matches) are left
-  // out, so the pieces are non-empty and cover the window exactly. If the budget runs out, the
-  // rest of the window after the last match found is one piece (as Oniguruma's retry limit ends
-  // HF's match iteration) and ResourceExhausted is returned.
-  Status SplitIsolated(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out) const;
+  // out, so the pieces are non-empty and cover the window exactly. If a search runs out (of
+  // steps or of stack), the rest of the window after the last match found is one piece (as
+  // Oniguruma's retry limit ends HF's match iteration) and ResourceExhausted is returned.
+  Status SplitIsolated(const RegexInput& in, CharSpan window, std::vector<CharSpan>* out,
+                       RegexBudget* budget = nullptr) const;
 
-  // SplitIsolated on each of `windows` in turn, each a whole subject with its own budget; the
-  // pieces of all of them are appended in order. Returns the first error (the later windows are
-  // still split).
+  // SplitIsolated on each of `windows` in turn, each a whole subject, all on one budget; the
+  // pieces of all of them are appended in order. Returns the first error; the later windows are
+  // still split (once the steps are spent, each stays one piece).
   Status SplitEach(const RegexInput& in, const std::vector<CharSpan>& windows,
-                   std::vector<CharSpan>* out) const;
+                   std::vector<CharSpan>* out, RegexBudget* budget = nullptr) const;
 
   const std::string& pattern() const { return pattern_; }
-
-  // Backtracking steps one Search or SplitIsolated call may take: kBaseSteps plus kStepsPerChar
-  // per character of the window; real tokenizer patterns take a few per character.
-  static constexpr uint64_t kBaseSteps = uint64_t{1} << 20;
-  static constexpr uint64_t kStepsPerChar = 256;
 
   // The compiled form; defined in regex.cc.
   struct Program;

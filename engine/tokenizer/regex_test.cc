@@ -279,10 +279,115 @@ TEST(RegexTest, BacktrackingBudgetEndsInAnErrorNotAHang) {
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_LT(seconds, 5.0);
-  // A pre-tokenizer keeps going: the chunk stays whole.
+  // A pre-tokenizer keeps going without an error; the budget is the text's, shared by its
+  // regexes, so once it is spent the later regexes leave their chunks whole too.
   auto pre = RegexPreTokenizer::Create({"(?:a|a)*b", "x"});
   ASSERT_TRUE(pre.ok());
-  EXPECT_EQ(pre->Split(text + "x"), (std::vector<std::string_view>{text, "x"}));
+  EXPECT_EQ(pre->Split(text + "x"), (std::vector<std::string_view>{text + "x"}));
+}
+
+TEST(RegexTest, OneBudgetForAllTheWindowsOfAText) {
+  // Each window of 12 a's costs (?:a|a)*b about 2^14 tries per start, well within a budget of its
+  // own, but the windows of a 100 KB text together take far more than the text's budget. Once it
+  // is spent, the later windows stay whole instead of each starting a budget afresh.
+  constexpr size_t kRun = 12;
+  const std::string unit = std::string(kRun, 'a') + "\n";
+  std::string text;
+  while (text.size() < 100000) text += unit;
+  const size_t units = text.size() / unit.size();
+  auto pre = RegexPreTokenizer::Create({"\n", "(?:a|a)*b|a"});
+  ASSERT_TRUE(pre.ok()) << pre.status().ToString();
+  RegexBudget budget = RegexBudget::ForChars(text.size());
+  const std::vector<std::string_view> chunks = pre->Split(text, &budget);
+  EXPECT_EQ(budget.steps_left, 0u);
+  std::string joined;
+  for (std::string_view c : chunks) joined += c;
+  ASSERT_EQ(joined, text);
+  // The first windows are split into single a's, the last stays whole; far fewer chunks than the
+  // kRun + 1 per unit that splitting every window would give.
+  ASSERT_GE(chunks.size(), kRun + 1);
+  EXPECT_EQ(chunks.front(), "a");
+  EXPECT_EQ(chunks[kRun], "\n");
+  EXPECT_EQ(chunks[chunks.size() - 2], std::string(kRun, 'a'));
+  EXPECT_LT(chunks.size(), units * (kRun + 1) / 2);
+  // Without a budget given, Split makes the same one for the text.
+  EXPECT_EQ(pre->Split(text), chunks);
+}
+
+TEST(RegexTest, TrailingSpaceRunsAreLinear) {
+  // DeepSeek LLM's \s+$ on windows of spaces before a digit (what [\r\n] leaves): each start
+  // would take the run and give it all back, quadratic in the run; a greedy run remembers the
+  // ends from which the rest already failed.
+  const std::string unit = std::string(1000, ' ') + "1\n";
+  std::string text;
+  for (int i = 0; i < 150; ++i) text += unit;
+  auto pre = CompiledPreTokenizer::Create("deepseek-llm", {});
+  ASSERT_TRUE(pre.ok()) << pre.status().ToString();
+  RegexBudget budget = RegexBudget::ForChars(text.size());
+  const uint64_t steps = budget.steps_left;
+  const std::vector<std::string_view> chunks = pre->Split(text, &budget);
+  ASSERT_EQ(chunks.size(), 3u * 150);
+  for (size_t i = 0; i < chunks.size(); i += 3) {
+    ASSERT_EQ(chunks[i], std::string(1000, ' ')) << i;
+    ASSERT_EQ(chunks[i + 1], "1") << i;
+    ASSERT_EQ(chunks[i + 2], "\n") << i;
+  }
+  EXPECT_LT(steps - budget.steps_left, 64 * text.size());
+}
+
+TEST(RegexTest, RunsTakeOneBacktrackingFrame) {
+  // A quantifier over one character or class takes one frame for its run, not one per
+  // character; a loop that needs a frame per character gives up past kMaxFrames, as when the
+  // steps run out, instead of growing without bound.
+  const size_t n = RegexBudget::kMaxFrames + 40000;
+  const std::string spaces(n, ' '), as(n, 'a');
+  const RegexInput in_spaces(spaces), in_as(as);
+  for (const char* pattern :
+       {R"(\s+)", R"(\s*\S?)", R"( {2,}+)", R"(\s+?$)", R"([\p{L}\s]+(?!\S))"}) {
+    const Regex re = MustCompile(pattern);
+    RegexBudget budget = RegexBudget::ForChars(n);
+    std::vector<CharSpan> spans;
+    const Status st = re.SplitIsolated(in_spaces, {0, n}, &spans, &budget);
+    EXPECT_TRUE(st.ok()) << pattern << ": " << st.ToString();
+    EXPECT_EQ(spans, (std::vector<CharSpan>{{0, n}})) << pattern;
+    EXPECT_LE(budget.peak_frames, 2u) << pattern;
+  }
+  const Regex loop = MustCompile("(?:a|b)+");
+  std::vector<CharSpan> spans;
+  const Status st = loop.SplitIsolated(in_as, {0, n}, &spans);
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted) << st.ToString();
+  EXPECT_NE(st.message().find("frames"), std::string::npos) << st.ToString();
+  EXPECT_EQ(spans, (std::vector<CharSpan>{{0, n}}));  // The window stays whole.
+}
+
+TEST(RegexTest, NestingCountsQuantifiers) {
+  // Groups and quantifiers share the nesting limit, each quantifier one level, so the syntax
+  // tree (and the recursion over it, compiling and matching) stays shallow.
+  std::string braces = "a";
+  for (int i = 0; i < 100; ++i) braces += "{1}";
+  EXPECT_TRUE(Regex::Compile(braces).ok());
+  ExpectError(braces + "{1}", StatusCode::kUnimplemented, "nesting");
+  std::string deep = "a";
+  for (int i = 0; i < 100000; ++i) deep += "{1}";
+  ExpectError(deep, StatusCode::kUnimplemented, "nesting");
+  std::string possessive = "a";
+  for (int i = 0; i < 21000; ++i) possessive += "*+";
+  ExpectError(possessive, StatusCode::kUnimplemented, "nesting");
+  // 50 quantified groups are 100 levels; 51 are too many.
+  const auto groups = [](int n) {
+    std::string p;
+    for (int i = 0; i < n; ++i) p += "(?:";
+    p += "a";
+    for (int i = 0; i < n; ++i) p += ")?";
+    return p;
+  };
+  EXPECT_EQ(Matches(groups(50), "aa"), (Strings{"a", "a"}));
+  ExpectError(groups(51), StatusCode::kUnimplemented, "nesting");
+  // A pre-tokenizer's error names the pattern.
+  auto pre = RegexPreTokenizer::Create({"x", braces + "{1}"});
+  EXPECT_EQ(pre.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(pre.status().message().find("regex \"a{1}{1}"), std::string::npos)
+      << pre.status().ToString();
 }
 
 TEST(RegexTest, LongInputsStayLinear) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,8 +30,11 @@ struct VocabData {
   std::string model;
   // gpt2 only: the pre-tokenizer, by GGUF tokenizer.ggml.pre name ("" = GPT-2's regex); see
   // PreTokenizerFromName and RegexesForPreTokenizerName for the names understood. With
-  // pre_regexes set it only decides ignore_merges (the Llama 3 names).
+  // pre_regexes set it only decides ignore_merges when that is not set (the Llama 3 names).
   std::string pre;
+  // gpt2 only: whether a chunk that is itself a piece becomes that token without merging (HF's
+  // model.ignore_merges, which LoadHfTokenizerJson sets); nullopt: as `pre` names (GGUF).
+  std::optional<bool> ignore_merges;
   // gpt2 only: when not empty, the pre-tokenizer instead: Hugging Face Split regexes (behavior
   // Isolated) applied in order, each to every chunk the ones before it left (regex.h lists the
   // syntax understood). HF tokenizer.json files whose pre_tokenizer is not one of pre's kinds.
@@ -66,9 +70,11 @@ struct VocabData {
 // (leftmost, longest) and emitted as their ids, as llama.cpp does with parse_special and HF does
 // for added tokens. The rest is split by the pre-tokenizer; each chunk's bytes are mapped
 // through GPT-2's byte-to-unicode table and merged by rank, lowest first (leftmost on ties),
-// until no merge applies (for the Llama 3 family of `pre` names, a chunk that is itself a piece
-// is taken whole first: llama.cpp's and HF's ignore_merges). Decoding reverses the byte mapping;
-// special tokens decode to their text.
+// until no merge applies (with ignore_merges, or without it for the Llama 3 family of `pre`
+// names, a chunk that is itself a piece is taken whole first: llama.cpp's and HF's ignore_merges).
+// The pre_regexes of one Encode call share one backtracking budget (RegexBudget::ForChars of the
+// text's bytes); once it is spent, the rest of the text stays in whole chunks, never an error.
+// Decoding reverses the byte mapping; special tokens decode to their text.
 //
 // Both: stop_ids() is eos, eot and any control token spelled <|im_end|>, <|endoftext|>,
 // <|eot_id|>, <|eom_id|>, <|end_of_text|>, <end_of_turn> or <|end|>.
@@ -85,6 +91,7 @@ StatusOr<std::unique_ptr<Tokenizer>> CreateTokenizer(VocabData data);
 // Sequence of Split (Regex or String pattern, Isolated, not inverted) and Digits steps, then
 // ByteLevel (its own regex or none). Regexes that a hand-written kind implements set `pre`
 // (llama-bpe, qwen2, smollm or gpt2); any others go to pre_regexes, compiled here to check them.
+// model.ignore_merges (default false) sets ignore_merges.
 // From tokenizer_config.json (path may be ""): bos_token,
 // eos_token, pad_token, unk_token, add_bos_token and chat_template. Without add_bos_token, BOS is
 // added when the post_processor's template starts with the BOS token.
