@@ -1,9 +1,9 @@
 // A CPU emulation of the small part of CUDA that kernels/cuda/attention_cuda.cu uses, so that
 // its kernels (index math, pipeline stages, shuffles, barriers) can be checked against the CPU
 // reference on a machine without a GPU. Test-only; include before the .cu file, with
-// HELIX_CUDA_EMULATION defined. Each thread block runs as blockDim.x host threads with real
-// barriers (on a pool of host threads kept between launches); cp.async copies synchronously.
-// One grid at a time (not thread-safe).
+// HELIX_CUDA_EMULATION defined. Each thread block runs as blockDim.x fibers on the launching
+// host thread, switching at barriers; cp.async copies synchronously. One grid at a time per host
+// thread.
 #ifndef HELIX_TESTS_GPU_CUDA_EMU_H_
 #define HELIX_TESTS_GPU_CUDA_EMU_H_
 
@@ -15,46 +15,83 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <ucontext.h>
+
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
-
-#include <unistd.h>
 
 namespace helix_emu {
 
+// Each CUDA thread of a block is a fiber (ucontext) on the launching host thread: fibers run one
+// at a time and switch only at barriers (__syncthreads, __syncwarp, the shuffles), which keeps
+// the barriers' semantics and costs a context switch instead of a host thread wake-up.
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;
+  unsigned tid = 0;
+  size_t static_off = 0;
+  int wait = 0;  // 0: runnable; 1: at the block barrier; 2: at its warp's barrier
+  uint64_t wait_gen = 0;
+  bool done = false;
+};
+
 struct Block {
-  std::unique_ptr<std::barrier<>> cta;
-  std::vector<std::unique_ptr<std::barrier<>>> warp;
   std::vector<unsigned char> dynamic_smem, static_smem;
   std::vector<uint64_t> exchange;  // one slot per thread for shuffles
+  int threads = 0;
+  int cta_count = 0;
+  uint64_t cta_gen = 0;
+  std::vector<int> warp_count, warp_size;
+  std::vector<uint64_t> warp_gen;
 };
 
 inline thread_local uint3 t_thread_idx, t_block_idx;
 inline thread_local Block* t_block = nullptr;
-inline dim3 g_block_dim, g_grid_dim;
-
-inline thread_local size_t t_static_off = 0;
+inline thread_local Fiber* t_fiber = nullptr;
+inline thread_local ucontext_t* t_scheduler = nullptr;
+inline thread_local const std::function<void()>* t_body = nullptr;
+inline thread_local dim3 g_block_dim, g_grid_dim;
 
 inline unsigned char* DynamicSmem() { return t_block->dynamic_smem.data(); }
 // Every thread declares a kernel's shared variables in the same order, so a per-thread bump
 // offset gives each variable the same storage in all threads of the block.
 inline void* StaticSmem(size_t bytes) {
-  const size_t off = (t_static_off + 15) / 16 * 16;
-  t_static_off = off + bytes;
+  const size_t off = (t_fiber->static_off + 15) / 16 * 16;
+  t_fiber->static_off = off + bytes;
   return t_block->static_smem.data() + off;
 }
-inline void SyncThreads() { t_block->cta->arrive_and_wait(); }
-inline void SyncWarp() { t_block->warp[t_thread_idx.x / 32]->arrive_and_wait(); }
+inline void Yield() { swapcontext(&t_fiber->ctx, t_scheduler); }
+inline void SyncThreads() {
+  Block& b = *t_block;
+  if (++b.cta_count == b.threads) {  // the last to arrive releases the others
+    b.cta_count = 0;
+    ++b.cta_gen;
+    return;
+  }
+  t_fiber->wait = 1;
+  t_fiber->wait_gen = b.cta_gen;
+  Yield();
+}
+inline void SyncWarp() {
+  Block& b = *t_block;
+  const int w = static_cast<int>(t_thread_idx.x / 32);
+  if (++b.warp_count[w] == b.warp_size[w]) {
+    b.warp_count[w] = 0;
+    ++b.warp_gen[w];
+    return;
+  }
+  t_fiber->wait = 2;
+  t_fiber->wait_gen = b.warp_gen[w];
+  Yield();
+}
 
 template <typename T>
 T Exchange(T v, int src_lane_of_warp) {
@@ -64,98 +101,95 @@ T Exchange(T v, int src_lane_of_warp) {
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   t_block->exchange[tid] = bits;
-  t_block->warp[warp]->arrive_and_wait();
+  SyncWarp();
   T out;
   const uint64_t got = t_block->exchange[warp * 32 + src_lane_of_warp];
   std::memcpy(&out, &got, sizeof(T));
-  t_block->warp[warp]->arrive_and_wait();
+  SyncWarp();
   return out;
 }
 
-// Host threads that play the threads of one block at a time, kept between launches (creating
-// a thread per CUDA thread per block made launches cost milliseconds). Workers are detached and
-// wait on a condition variable; a forked child (tests fork Helix ranks) cannot use its parent's
-// workers, so the pool belongs to a pid and a child starts its own (the old one is leaked).
-class ThreadPool {
- public:
-  // Runs body(t) on `threads` workers, t = 0..threads-1, and returns when all are done.
-  void Run(int threads, const std::function<void(int)>& body) {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (static_cast<int>(started_) < threads) {
-      const int id = static_cast<int>(started_++);
-      std::thread([this, id] { Work(id); }).detach();
-    }
-    body_ = &body;
-    active_ = threads;
-    remaining_ = threads;
-    ++generation_;
-    wake_.notify_all();
-    done_.wait(lock, [&] { return remaining_ == 0; });
-    body_ = nullptr;
-  }
-  static ThreadPool& ForThisProcess() {
-    static std::atomic<ThreadPool*> pool{nullptr};
-    static std::atomic<pid_t> owner{0};
-    ThreadPool* p = pool.load();
-    if (p == nullptr || owner.load() != getpid()) {
-      p = new ThreadPool();  // a parent's pool, if any, is leaked: its workers are not here
-      pool.store(p);
-      owner.store(getpid());
-    }
-    return *p;
-  }
+inline void FiberMain() {
+  (*t_body)();
+  t_fiber->done = true;  // returning resumes the scheduler (uc_link)
+}
 
- private:
-  void Work(int id) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mu_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;
-      const std::function<void(int)>* body = body_;
-      lock.unlock();
-      (*body)(id);
-      lock.lock();
-      if (--remaining_ == 0) done_.notify_one();
-    }
-  }
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int)>* body_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0, remaining_ = 0;
-  size_t started_ = 0;
-};
+// Fiber stacks, kept between launches on this host thread.
+inline char* FiberStack(size_t i) {
+  constexpr size_t kStack = 128 * 1024;
+  static thread_local std::vector<std::unique_ptr<char[]>> stacks;
+  while (stacks.size() <= i) stacks.emplace_back(new char[kStack]);
+  return stacks[i].get();
+}
 
 // Runs kernel(args...) over the grid; dynamic shared memory of `smem` bytes per block.
+// (GCC treats swapcontext like setjmp and warns that locals "might be clobbered"; each switch
+// back here restores the scheduler's saved context, registers included, so they are not.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wclobbered"
 template <typename... P, typename... A>
 void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
   g_block_dim = block;
   g_grid_dim = grid;
   const int threads = static_cast<int>(block.x);
-  ThreadPool& pool = ThreadPool::ForThisProcess();
+  const std::function<void()> body = [&] { kernel(args...); };
+  std::vector<Fiber> fibers(threads);
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block b;
-      b.cta = std::make_unique<std::barrier<>>(threads);
+      b.threads = threads;
       for (int w = 0; w < (threads + 31) / 32; ++w) {
-        b.warp.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+        b.warp_size.push_back(std::min(32, threads - 32 * w));
       }
+      b.warp_count.assign(b.warp_size.size(), 0);
+      b.warp_gen.assign(b.warp_size.size(), 0);
       b.dynamic_smem.assign(smem + 16, 0xcd);  // garbage, as on the device
       b.static_smem.assign(64 * 1024, 0xcd);
       b.exchange.assign(threads, 0);
-      const std::function<void(int)> body = [&](int t) {
-        t_thread_idx = {static_cast<unsigned>(t), 0, 0};
-        t_block_idx = {bx, by, 0};
-        t_block = &b;
-        t_static_off = 0;
-        kernel(args...);
-      };
-      pool.Run(threads, body);
+      ucontext_t scheduler;
+      for (int t = 0; t < threads; ++t) {
+        Fiber& f = fibers[t];
+        f = Fiber{};
+        f.tid = static_cast<unsigned>(t);
+        f.stack = FiberStack(t);
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = 128 * 1024;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, FiberMain, 0);
+      }
+      t_block = &b;
+      t_block_idx = {bx, by, 0};
+      t_scheduler = &scheduler;
+      t_body = &body;
+      // Odd blocks schedule their threads last to first, so that code relying on an order
+      // between barriers (a missing __syncthreads) sees both orders.
+      const bool reverse = ((bx + by) & 1) != 0;
+      for (int left = threads; left > 0;) {
+        bool ran = false;
+        for (int k = 0; k < threads; ++k) {
+          Fiber& f = fibers[reverse ? threads - 1 - k : k];
+          if (f.done) continue;
+          if (f.wait == 1 && b.cta_gen == f.wait_gen) continue;
+          if (f.wait == 2 && b.warp_gen[f.tid / 32] == f.wait_gen) continue;
+          f.wait = 0;
+          t_fiber = &f;
+          t_thread_idx = {f.tid, 0, 0};
+          swapcontext(&scheduler, &f.ctx);
+          ran = true;
+          if (f.done) --left;
+        }
+        if (!ran) {
+          std::fprintf(stderr, "cuda_emu: deadlock in block (%u, %u): no thread can proceed\n", bx,
+                       by);
+          std::abort();
+        }
+      }
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace helix_emu
 
