@@ -194,9 +194,21 @@ Status Engine::Init(const EngineOptions& o) {
   if (o.kv_max_tokens) {
     num_blocks = (*o.kv_max_tokens + o.tokens_per_block - 1) / o.tokens_per_block;
   }
+  ASSIGN_OR_RETURN(backend_, MakeBackend(o));
   if (o.kv_free_memory_fraction) {
-    const int64_t avail = AvailableMemoryBytes();
-    if (avail <= 0) return Internal("cannot read MemAvailable from /proc/meminfo");
+    // Of the memory the pool lives in: the GPU's free memory less the weights about to be
+    // uploaded, or the host's MemAvailable.
+    int64_t avail = backend_->FreeMemoryBytes();
+    if (avail >= 0) {
+      avail -= LlamaModel::DeviceWeightBytes(loaded->weights);
+      if (avail <= 0) {
+        return ResourceExhausted(std::string("the ") + backend_->name() +
+                                 " device has no memory left for a KV pool after the weights");
+      }
+    } else {
+      avail = AvailableMemoryBytes();
+      if (avail <= 0) return Internal("cannot read MemAvailable from /proc/meminfo");
+    }
     int64_t n =
         static_cast<int64_t>(static_cast<double>(avail) * *o.kv_free_memory_fraction) / block_bytes;
     num_blocks = num_blocks < 0 ? n : std::min(num_blocks, n);
@@ -204,7 +216,6 @@ Status Engine::Init(const EngineOptions& o) {
   if (num_blocks < 0) {
     num_blocks = (o.max_batch_size * max_seq_len_ + o.tokens_per_block - 1) / o.tokens_per_block;
   }
-  ASSIGN_OR_RETURN(backend_, MakeBackend(o));
   BlockPool::Memory pool_memory;
   if (!backend_->host_memory()) {
     Backend* be = backend_.get();
@@ -261,6 +272,7 @@ Status Engine::Init(const EngineOptions& o) {
   par.world = nccl_world_ ? nccl_world_.get() : world_comm_.get();
   par.cp = nccl_cp_ ? nccl_cp_.get() : cp_comm_.get();
   ASSIGN_OR_RETURN(model_, LlamaModel::Create(std::move(loaded), backend_.get(), kv, par));
+  model_->set_use_graphs(o.cuda_graphs);
   return Status::Ok();
 }
 
@@ -284,17 +296,36 @@ Status Engine::ConnectRanks(int64_t* num_blocks) {
     return InvalidArgument("collectives \"" + o.collectives +
                            "\": expected \"auto\", \"gloo\" or \"nccl\"");
   }
-  int64_t use_nccl = 0;
-  if (is_leader() && !backend_->host_memory()) {
-#if defined(HELIX_HAVE_NCCL) && defined(HELIX_HAVE_CUDA_BACKEND)
-    use_nccl = o.collectives == "nccl" ||
-               (o.collectives == "auto" && CudaDeviceCount() >= layout_.world());
-#endif
-  }
   if (o.collectives == "nccl" && (backend_->host_memory() || !HaveNccl())) {
     return Unimplemented(std::string("collectives \"nccl\" need the cuda backend and a build "
                                      "with NCCL; backend is ") +
                          backend_->name() + (HaveNccl() ? "" : ", and this build has no NCCL"));
+  }
+  // NCCL needs one GPU per rank: every rank's device identity, compared on the leader.
+  constexpr size_t kIdBytes = 128;
+  std::string my_id = backend_->DeviceId();
+  my_id.resize(kIdBytes, '\0');
+  std::string ids(kIdBytes * layout_.world(), '\0');
+  RETURN_IF_ERROR(world_comm_->AllGather(my_id.data(), ids.data(), kIdBytes));
+  int64_t use_nccl = 0;
+  if (is_leader() && !backend_->host_memory() && HaveNccl() && o.collectives != "gloo") {
+    std::string shared;
+    for (int a = 0; a < layout_.world() && shared.empty(); ++a) {
+      for (int b = a + 1; b < layout_.world(); ++b) {
+        if (ids.compare(a * kIdBytes, kIdBytes, ids, b * kIdBytes, kIdBytes) == 0) {
+          shared = "ranks " + std::to_string(a) + " and " + std::to_string(b) + " share " +
+                   std::string(ids.c_str() + a * kIdBytes);
+          break;
+        }
+      }
+    }
+    if (!shared.empty() && o.collectives == "nccl") {
+      return FailedPrecondition(
+          "collectives \"nccl\" need one GPU per rank (NCCL refuses two "
+          "ranks on one GPU): " +
+          shared);
+    }
+    use_nccl = shared.empty();
   }
   // One broadcast settles the pool size (the leader's) and the collectives for every rank.
   int64_t settle[2] = {*num_blocks, use_nccl};
@@ -392,7 +423,10 @@ Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
     std::copy(kv.block_first_pos().begin(), kv.block_first_pos().end(),
               b.block_first_pos.begin() + i * b.max_blocks);
   }
-  return model_->Forward(b, &logits_);
+  device_tokens_.clear();
+  if (device_rows_.size() != b.logits_rows.size()) device_rows_.clear();  // workers: none
+  return model_->Forward(b, &logits_, device_rows_.empty() ? nullptr : &device_rows_,
+                         &device_tokens_);
 }
 
 Status Engine::RunWorker() {
@@ -413,8 +447,25 @@ Status Engine::RunWorker() {
 void Engine::DropPull(uint64_t uid) {
   auto it = pulls_.find(uid);
   if (it == pulls_.end()) return;
-  if (it->second.job != 0) transfer_->Forget(it->second.job);
-  if (it->second.staging != nullptr) backend_->FreeHost(it->second.staging);
+  Pull& pull = it->second;
+  bool in_flight = false;
+  if (pull.job != 0 && pull.staging != nullptr &&
+      transfer_->State(pull.job) == transfer::JobState::kInProgress) {
+    // UCX may still write into the staging: stop the job and wait for its gets to end.
+    transfer_->Cancel(pull.job);
+    in_flight = transfer_->Wait(pull.job, options_.kv_transfer_timeout + std::chrono::seconds(5)) ==
+                transfer::JobState::kInProgress;
+  }
+  if (pull.job != 0 && !in_flight) transfer_->Forget(pull.job);
+  if (pull.staging != nullptr) {
+    if (in_flight) {
+      // Never free memory a get may still write: leak it (and the job's record) instead.
+      HELIX_LOG(kError) << "engine: the KV pull of sequence " << uid
+                        << " did not end after its cancel; leaving its staging allocated";
+    } else {
+      backend_->FreeHost(pull.staging);
+    }
+  }
   pulls_.erase(it);
 }
 
@@ -818,6 +869,25 @@ bool Engine::Step() {
     }
     plan.transfer_polls.push_back(s->uid);
   }
+  // A single-rank device backend picks the tokens of the rows that need no penalty or logprobs
+  // itself (one draw per sampled row from the request's RNG, as Sample would make).
+  device_rows_.clear();
+  if (layout_.single() && !backend_->host_memory()) {
+    for (const auto& sp : running_) {
+      Sampler* sm = sp->sampler.get();
+      DeviceSampleRow row;
+      if (sm->DeviceEligible()) {
+        const SamplingParams& sp_params = sm->params();
+        row.on_device = true;
+        row.temperature = sp_params.temperature;
+        row.top_k = sp_params.top_k;
+        row.top_p = sp_params.top_p;
+        row.min_p = sp_params.min_p;
+        row.u = sm->DrawForDevice();
+      }
+      device_rows_.push_back(row);
+    }
+  }
   Status st = layout_.single() ? Status::Ok() : BroadcastPlan(&plan, options_.comm_timeout);
   if (st.ok()) st = ExecutePlan(plan);
   std::vector<uint8_t> states;
@@ -838,7 +908,13 @@ bool Engine::Step() {
   const int64_t vocab = model_config().vocab_size;
   for (int64_t i = 0; i < num_seqs; ++i) {
     Sequence* s = running_[i].get();
-    SampleResult r = s->sampler->Sample(logits_.data() + i * vocab, vocab);
+    SampleResult r;
+    if (i < static_cast<int64_t>(device_tokens_.size()) && device_tokens_[i] >= 0 &&
+        device_tokens_[i] < vocab) {
+      r.token = device_tokens_[i];
+    } else {
+      r = s->sampler->Sample(logits_.data() + i * vocab, vocab);
+    }
     EmitToken(s, r.token, r);
   }
   running_.erase(std::remove_if(running_.begin(), running_.end(),
@@ -933,8 +1009,9 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
     Status st = backend_->Activate();
     for (int64_t j = 0; j < blocks && st.ok(); ++j) {
       const int64_t off = static_cast<int64_t>(it->second.blocks()[j]) * bb;
-      st = backend_->CopyToHost(mirror + off, base + off, static_cast<size_t>(bb));
+      backend_->CopyToHostAsync(mirror + off, base + off, static_cast<size_t>(bb));
     }
+    if (st.ok()) st = backend_->Sync();
     if (!st.ok()) {
       ev->kv_block_addresses.clear();
       return Internal("copying the KV of request " + s->req.id +

@@ -42,9 +42,11 @@ struct EngineOptions {
   int cuda_device = -1;
   // The model's collectives between ranks of the cuda backend: "nccl" (device buffers; one GPU
   // per rank), "gloo" (staged through host memory; ranks may share a GPU) or "auto" (nccl when
-  // this build has NCCL and the leader sees at least as many GPUs as ranks). The CPU backend
-  // always uses Gloo.
+  // this build has NCCL and no two ranks share a GPU, by host name and GPU UUID). The CPU
+  // backend always uses Gloo.
   std::string collectives = "auto";
+  // The cuda backend on one rank: run decode steps as CUDA graphs (LlamaModel::set_use_graphs).
+  bool cuda_graphs = false;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;
@@ -107,6 +109,8 @@ class Engine {
   ~Engine();
 
   const ModelConfig& model_config() const { return model_->config(); }
+  // The forward pass's time split and graph counters on this rank (engine thread).
+  const ForwardTimings& model_timings() const { return model_->timings(); }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   int64_t max_seq_len() const { return max_seq_len_; }
   // Hex digest (FNV-1a 64) of what two servers must share to exchange KV and tokens: the
@@ -218,6 +222,8 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> transferring_;  // leader: KV being pulled
   std::vector<float> logits_;
+  std::vector<DeviceSampleRow> device_rows_;  // leader, single-rank device backend: per row
+  std::vector<int32_t> device_tokens_;        // the tokens the backend picked (-1: host samples)
 
   // Disaggregation.
   transfer::KvLayout kv_layout_;

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "engine/common/status.h"
 #include "kernels/attention.h"
@@ -32,6 +33,12 @@ class Backend {
   // Call it on the thread that runs the ops before the first op of a step.
   virtual Status Activate() { return Status::Ok(); }
 
+  // Which device this backend computes on, unique across hosts (CUDA: host name and GPU UUID);
+  // "" for the CPU backend. Ranks compare them to tell whether each has its own GPU.
+  virtual std::string DeviceId() { return ""; }
+  // Free backend memory in bytes (CUDA: cudaMemGetInfo), or -1 when backend memory is host
+  // memory (then /proc/meminfo says).
+  virtual int64_t FreeMemoryBytes() { return -1; }
   // Backend memory, at least 256-byte aligned; nullptr when out of memory. Free is ordered
   // after the ops already queued (the memory may still be in use by them). Free(nullptr) is
   // a no-op.
@@ -54,8 +61,24 @@ class Backend {
   // The stream the ops are queued on (CUDA: a cudaStream_t), for collectives that queue on it
   // too (NCCL); nullptr for the CPU backend.
   virtual void* native_stream() { return nullptr; }
+  // backend -> host memory from AllocHost, queued (a graph may hold it): the data is there
+  // after the next Sync.
+  virtual void CopyToHostAsync(void* dst, const void* src, size_t bytes) = 0;
   // Waits for every queued op; returns the first error since the last check.
   virtual Status Sync() = 0;
+
+  // Graphs (CUDA Graphs): between BeginCapture and EndCapture the ops are recorded, not run;
+  // Replay(graph) runs the recording again, with kernel arguments as they were captured and
+  // buffer contents as they are then. While capturing nothing may wait (CopyToHost, Sync) or
+  // allocate. A failed capture is an error of EndCapture only (the backend stays usable).
+  virtual bool SupportsGraphs() const { return false; }
+  virtual Status BeginCapture() { return Unimplemented("this backend has no graphs"); }
+  virtual StatusOr<int> EndCapture() { return Unimplemented("this backend has no graphs"); }
+  virtual Status Replay(int /*graph*/) { return Unimplemented("this backend has no graphs"); }
+  // Frees every graph (their buffers are about to move).
+  virtual void DropGraphs() {}
+  // How often the backend's own scratch (e.g. a GEMM workspace a graph holds) has moved.
+  virtual uint64_t scratch_moves() const { return 0; }
 
   virtual void Gemm(const kernels::GemmParams& p) = 0;
   virtual void RmsNorm(const kernels::RmsNormParams& p) = 0;
@@ -63,6 +86,12 @@ class Backend {
   virtual void SiluMul(const kernels::SiluMulParams& p) = 0;
   // x[i] += y[i] for i < n (the residual add).
   virtual void Add(float* x, const float* y, int64_t n) = 0;
+  // out[rows[j]][d] += w[j] * y[j][d] for j < n, d < dim (an MoE expert's weighted output into
+  // its tokens' rows). REQUIRES: the rows are distinct.
+  virtual void ScatterAddRows(const float* y, const int32_t* rows, const float* w, int64_t n,
+                              int64_t dim, float* out) = 0;
+  // bytes of zeros at p, queued.
+  virtual void Zero(void* p, size_t bytes) = 0;
   // out[r][0..n) = in[rows[r]][0..n) for r < num_rows, rows of `stride` floats in `in`; rows
   // in backend memory.
   virtual void GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows,
@@ -90,6 +119,18 @@ class Backend {
   // MLA decode attention in the latent space (absorbed form) over a one-plane pool.
   virtual size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) = 0;
   virtual void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) = 0;
+  // Token selection per row of logits [rows][vocab] (arrays in backend memory): greedy[r] =
+  // the first index of the largest logit (engine/sampler's temperature 0); sampled[r] = the
+  // token temperature / top-k / top-p / min-p sampling picks with the uniform draw u[r] (as
+  // engine/sampler does after its penalties; REQUIRES temperature[r] > 0). Either output may
+  // be nullptr (not wanted). False when the backend does not sample (the CPU backend: the engine
+  // samples on the host from the logits).
+  virtual bool SampleTokens(const float* /*logits*/, int64_t /*rows*/, int64_t /*vocab*/,
+                            const float* /*temperature*/, const int32_t* /*top_k*/,
+                            const float* /*top_p*/, const float* /*min_p*/, const double* /*u*/,
+                            int32_t* /*greedy*/, int32_t* /*sampled*/) {
+    return false;
+  }
   // out[i] = table[ids[i]] rows of `dim` floats; REQUIRES: 0 <= ids[i] < vocab.
   virtual void Embedding(const float* table, int64_t vocab, const int32_t* ids, int64_t n,
                          int64_t dim, float* out) = 0;

@@ -1,5 +1,6 @@
 #include "engine/model/llama_model.h"
 
+#include "engine/common/log.h"
 #include "engine/model/moe_router.h"
 
 #include <algorithm>
@@ -33,15 +34,22 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       dims_(ComputeShardDims(model_->config, par_.layout)),
       host_(backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
-  for (auto* a : {&x_, &xb_, &q_, &k_, &v_, &att_, &lse_, &h1_, &h3_, &rows_, &parts_o_,
-                  &parts_lse_, &logits_dev_, &send_, &recv_}) {
-    a->Bind(backend);
+  for (auto* a : {&x_,    &xb_,          &q_,       &k_,       &v_,         &att_,        &lse_,
+                  &h1_,   &h3_,          &rows_,    &parts_o_, &parts_lse_, &logits_dev_, &send_,
+                  &recv_, &cq_,          &kva_,     &ckv_,     &qfull_,     &tmp_a_,      &tmp_b_,
+                  &ov_,   &gate_logits_, &moe_out_, &xe_,      &ye_,        &he1_,        &he3_}) {
+    a->Bind(backend, &scratch_moves_);
   }
-  workspace_.Bind(backend);
-  meta_.Bind(backend);
-  meta_host_.Bind(backend);
-  stage_a_.Bind(backend);
-  stage_b_.Bind(backend);
+  inv_freq_dev_.Bind(backend, &scratch_moves_);
+  expert_dev_.Bind(backend, &scratch_moves_);
+  expert_host_.Bind(backend, &scratch_moves_);
+  workspace_.Bind(backend, &scratch_moves_);
+  meta_.Bind(backend, &scratch_moves_);
+  sample_dev_.Bind(backend, &scratch_moves_);
+  sample_host_.Bind(backend, &scratch_moves_);
+  meta_host_.Bind(backend, &scratch_moves_);
+  stage_a_.Bind(backend, &scratch_moves_);
+  stage_b_.Bind(backend, &scratch_moves_);
 }
 
 LlamaModel::~LlamaModel() {
@@ -51,49 +59,74 @@ LlamaModel::~LlamaModel() {
 StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(std::unique_ptr<LoadedModel> model,
                                                          Backend* backend, kernels::KvPoolView kv,
                                                          ParallelContext parallel) {
-  if (!backend->host_memory() && model->config.mla()) {
-    return Unimplemented(std::string("MLA models (") + model->config.architecture +
-                         ") run on the CPU backend only; the " + backend->name() +
-                         " backend runs Llama-family (GQA) models");
-  }
   std::unique_ptr<LlamaModel> m(new LlamaModel(std::move(model), backend, kv, parallel));
   RETURN_IF_ERROR(m->UploadWeights());
   return m;
 }
 
-Status LlamaModel::UploadWeights() {
-  if (host_) return Status::Ok();
-  RETURN_IF_ERROR(backend_->Activate());
-  const ModelWeights& w = model_->weights;
-  const auto upload = [&](const void* data, size_t bytes) -> Status {
-    if (data == nullptr || bytes == 0 || device_.count(data) != 0) return Status::Ok();
-    void* dev = backend_->Alloc(bytes);
-    if (dev == nullptr) {
-      return ResourceExhausted(std::string(backend_->name()) + " backend: out of memory for the " +
-                               "weights (" + std::to_string(bytes) + " more bytes)");
-    }
-    device_[data] = dev;
-    backend_->CopyToDevice(dev, data, bytes);
-    // Bounded staging: the copy reads the host tensor in place, so wait before the next one
-    // may be freed or changed (they are not, but a sync per tensor keeps the rule simple).
-    return backend_->Sync();
-  };
+namespace {
+
+// Calls fn(data, bytes) for every tensor the forward pass reads from backend memory.
+template <typename F>
+Status ForEachDeviceTensor(const ModelWeights& w, F&& fn) {
   const auto vec = [&](const std::vector<float>& v) {
-    return upload(v.data(), v.size() * sizeof(float));
+    return fn(static_cast<const void*>(v.data()), v.size() * sizeof(float));
   };
   const auto mat = [&](const WeightMatrix& m) {
-    return upload(m.data(), m.empty() ? 0 : m.size_bytes());
+    return fn(m.data(), m.empty() ? size_t{0} : m.size_bytes());
   };
   RETURN_IF_ERROR(vec(w.token_embedding));
   RETURN_IF_ERROR(vec(w.final_norm));
   RETURN_IF_ERROR(mat(w.classifier));
   for (const LayerWeights& lw : w.layers) {
-    for (const std::vector<float>* v : {&lw.attn_norm, &lw.bq, &lw.bk, &lw.bv, &lw.ffn_norm}) {
+    for (const std::vector<float>* v : {&lw.attn_norm, &lw.bq, &lw.bk, &lw.bv, &lw.ffn_norm,
+                                        &lw.q_a_norm, &lw.kv_a_norm, &lw.gate}) {
       RETURN_IF_ERROR(vec(*v));
     }
-    for (const WeightMatrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3}) {
+    for (const WeightMatrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3, &lw.wq_a,
+                                  &lw.wkv_a, &lw.wuk_t, &lw.wuv}) {
       RETURN_IF_ERROR(mat(*m));
     }
+    for (const LayerWeights::Expert& ex : lw.experts) {
+      for (const WeightMatrix* m : {&ex.w1, &ex.w2, &ex.w3}) RETURN_IF_ERROR(mat(*m));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+int64_t LlamaModel::DeviceWeightBytes(const ModelWeights& w) {
+  int64_t total = 0;
+  (void)ForEachDeviceTensor(w, [&](const void* data, size_t bytes) {
+    if (data != nullptr) total += static_cast<int64_t>(bytes);
+    return Status::Ok();
+  });
+  return total;
+}
+
+Status LlamaModel::UploadWeights() {
+  if (host_) return Status::Ok();
+  RETURN_IF_ERROR(backend_->Activate());
+  RETURN_IF_ERROR(
+      ForEachDeviceTensor(model_->weights, [&](const void* data, size_t bytes) -> Status {
+        if (data == nullptr || bytes == 0 || device_.count(data) != 0) return Status::Ok();
+        void* dev = backend_->Alloc(bytes);
+        if (dev == nullptr) {
+          return ResourceExhausted(std::string(backend_->name()) +
+                                   " backend: out of memory for the " + "weights (" +
+                                   std::to_string(bytes) + " more bytes)");
+        }
+        device_[data] = dev;
+        backend_->CopyToDevice(dev, data, bytes);
+        // The copy reads the host tensor in place (pageable memory): wait before the next one.
+        return backend_->Sync();
+      }));
+  if (!inv_freq_.empty()) {
+    RETURN_IF_ERROR(inv_freq_dev_.Resize(static_cast<int64_t>(inv_freq_.size())));
+    backend_->CopyToDevice(inv_freq_dev_.data(), inv_freq_.data(),
+                           inv_freq_.size() * sizeof(double));
+    RETURN_IF_ERROR(backend_->Sync());
   }
   return Status::Ok();
 }
@@ -104,7 +137,7 @@ const void* LlamaModel::Dev(const void* host) const {
   return it == device_.end() ? nullptr : it->second;
 }
 
-StatusOr<LlamaModel::BatchMeta> LlamaModel::UploadBatch(const ForwardBatch& b) {
+StatusOr<LlamaModel::BatchMeta> LlamaModel::UploadBatch(const ForwardBatch& b, bool copy) {
   const std::vector<int32_t>* parts[] = {&b.tokens,          &b.positions, &b.token_seq,
                                          &b.kv_block,        &b.kv_slot,   &b.block_tables,
                                          &b.block_first_pos, &b.kv_lens,   &b.logits_rows};
@@ -124,9 +157,14 @@ StatusOr<LlamaModel::BatchMeta> LlamaModel::UploadBatch(const ForwardBatch& b) {
       ptr[i] = meta_.data() + off;
       off += static_cast<int64_t>(parts[i]->size());
     }
-    backend_->CopyToDevice(meta_.data(), meta_host_.data(), total * sizeof(int32_t));
+    meta_elems_ = total;
+    if (copy) CopyBatch();
   }
   return BatchMeta{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7], ptr[8]};
+}
+
+void LlamaModel::CopyBatch() {
+  backend_->CopyToDevice(meta_.data(), meta_host_.data(), meta_elems_ * sizeof(int32_t));
 }
 
 Status LlamaModel::AllReduceSum(float* p, int64_t n) {
@@ -165,29 +203,11 @@ Status LlamaModel::CombineAttention(int64_t T, int64_t hd) {
   return Status::Ok();
 }
 
-namespace {
-
-// Pointer to element `offset` of a matrix of dtype t.
-const void* At(const WeightMatrix& m, int64_t offset) {
-  return static_cast<const char*>(m.data()) +
-         offset * static_cast<int64_t>(kernels::DTypeSize(m.dtype));
-}
-
-// dst[t][0..n) = src[t * stride + 0..n) for t < rows.
-void Gather(const float* src, int64_t stride, int64_t rows, int64_t n, float* dst) {
-  for (int64_t t = 0; t < rows; ++t) std::copy_n(src + t * stride, n, dst + t * n);
-}
-void Scatter(const float* src, int64_t rows, int64_t n, float* dst, int64_t stride) {
-  for (int64_t t = 0; t < rows; ++t) std::copy_n(src + t * n, n, dst + t * stride);
-}
-
-}  // namespace
-
 // DeepSeek's q_a_layernorm and kv_a_layernorm are built with their RMSNorm's default eps,
 // not config.rms_norm_eps.
 constexpr float kLatentEps = 1e-6f;
 
-Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
+Status LlamaModel::MlaAttention(const ForwardBatch& b, const BatchMeta& m, int64_t l) {
   const ModelConfig& c = model_->config;
   const LayerWeights& lw = model_->weights.layers[l];
   ForwardTimings& tm = timings_;
@@ -195,30 +215,30 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   const int64_t T = b.num_tokens(), D = c.dim, Hq = dims_.q_heads, Ho = dims_.out_heads;
   const int64_t nope = c.qk_nope_head_dim, R = c.qk_rope_head_dim, L = c.kv_lora_rank;
   const int64_t V = c.v_head_dim, qh = nope + R, LR = L + R, QL = c.q_lora_rank;
+  constexpr size_t kF = sizeof(float);
   // Queries: x -> (q_a -> RMSNorm ->) q_b, this TP shard's heads, each [nope | rope].
   const float* qin = xb_.data();
   int64_t qk = D;
   if (QL > 0) {
-    cq_.resize(T * QL);
-    backend_->Gemm({xb_.data(), lw.wq_a.data(), nullptr, cq_.data(), T, QL, D, lw.wq_a.dtype});
-    backend_->RmsNorm({cq_.data(), nullptr, lw.q_a_norm.data(), cq_.data(), T, QL, kLatentEps});
+    RETURN_IF_ERROR(cq_.Resize(T * QL));
+    backend_->Gemm({xb_.data(), Dev(lw.wq_a), nullptr, cq_.data(), T, QL, D, lw.wq_a.dtype});
+    backend_->RmsNorm({cq_.data(), nullptr, Dev(lw.q_a_norm), cq_.data(), T, QL, kLatentEps});
     qin = cq_.data();
     qk = QL;
   }
-  q_.resize(T * Hq * qh);
-  backend_->Gemm({qin, lw.wq.data(), nullptr, q_.data(), T, Hq * qh, qk, lw.wq.dtype});
+  RETURN_IF_ERROR(q_.Resize(T * Hq * qh));
+  backend_->Gemm({qin, Dev(lw.wq), nullptr, q_.data(), T, Hq * qh, qk, lw.wq.dtype});
   // The latent: x -> [c_kv | k_pe]; c_kv through its RMSNorm.
-  kva_.resize(T * LR);
-  backend_->Gemm({xb_.data(), lw.wkv_a.data(), nullptr, kva_.data(), T, LR, D, lw.wkv_a.dtype});
+  RETURN_IF_ERROR(kva_.Resize(T * LR));
+  backend_->Gemm({xb_.data(), Dev(lw.wkv_a), nullptr, kva_.data(), T, LR, D, lw.wkv_a.dtype});
   sw.Lap(&tm.gemm);
-  ckv_.resize(T * L);
-  Gather(kva_.data(), LR, T, L, ckv_.data());
-  backend_->RmsNorm({ckv_.data(), nullptr, lw.kv_a_norm.data(), ckv_.data(), T, L, kLatentEps});
-  Scatter(ckv_.data(), T, L, kva_.data(), LR);
+  RETURN_IF_ERROR(ckv_.Resize(T * L));
+  backend_->CopyDevice2D(ckv_.data(), L * kF, kva_.data(), LR * kF, L * kF, T);
+  backend_->RmsNorm({ckv_.data(), nullptr, Dev(lw.kv_a_norm), ckv_.data(), T, L, kLatentEps});
+  backend_->CopyDevice2D(kva_.data(), LR * kF, ckv_.data(), L * kF, L * kF, T);
   // RoPE (yarn tables) on q_pe of every head and on k_pe, at global positions.
-  kernels::RopeParams rq{q_.data() + nope, b.positions.data(), T, Hq, qh, R,
-                         c.rope_theta,     c.rope_style};
-  rq.inv_freq = inv_freq_.data();
+  kernels::RopeParams rq{q_.data() + nope, m.positions, T, Hq, qh, R, c.rope_theta, c.rope_style};
+  rq.inv_freq = host_ ? inv_freq_.data() : inv_freq_dev_.data();
   rq.mscale = static_cast<float>(rope_mscale_);
   backend_->Rope(rq);
   kernels::RopeParams rk = rq;
@@ -226,34 +246,35 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   rk.heads = 1;
   rk.head_dim = LR;
   backend_->Rope(rk);
-  for (int64_t t = 0; t < T; ++t) {
-    if (b.kv_block[t] < 0) continue;  // another CP rank owns this position
-    backend_->WriteKv(kv_, b.kv_block[t], l, b.kv_slot[t], kva_.data() + t * LR, nullptr);
-  }
+  // Only the owner of a position writes its latent row (one plane: no V).
+  backend_->WriteKvBatch(kv_, l, kva_.data(), nullptr, m.kv_block, m.kv_slot, T);
   sw.Lap(&tm.other);
   // Absorption: per head q_lat = W_UK^T q_nope; the query is [q_lat | q_pe].
-  qfull_.resize(T * Hq * LR);
-  tmp_a_.resize(T * std::max(nope, L));
-  tmp_b_.resize(T * std::max(L, V));
+  RETURN_IF_ERROR(qfull_.Resize(T * Hq * LR));
+  RETURN_IF_ERROR(tmp_a_.Resize(T * std::max(nope, L)));
+  RETURN_IF_ERROR(tmp_b_.Resize(T * std::max(L, V)));
+  const auto* wuk = static_cast<const char*>(Dev(lw.wuk_t));
+  const auto* wuv = static_cast<const char*>(Dev(lw.wuv));
+  const int64_t wes = static_cast<int64_t>(kernels::DTypeSize(lw.wuk_t.dtype));
   for (int64_t h = 0; h < Hq; ++h) {
-    Gather(q_.data() + h * qh, Hq * qh, T, nope, tmp_a_.data());
-    backend_->Gemm({tmp_a_.data(), At(lw.wuk_t, h * L * nope), nullptr, tmp_b_.data(), T, L, nope,
+    backend_->CopyDevice2D(tmp_a_.data(), nope * kF, q_.data() + h * qh, Hq * qh * kF, nope * kF,
+                           T);
+    backend_->Gemm({tmp_a_.data(), wuk + h * L * nope * wes, nullptr, tmp_b_.data(), T, L, nope,
                     lw.wuk_t.dtype});
-    Scatter(tmp_b_.data(), T, L, qfull_.data() + h * LR, Hq * LR);
-    for (int64_t t = 0; t < T; ++t) {
-      std::copy_n(q_.data() + (t * Hq + h) * qh + nope, R, qfull_.data() + (t * Hq + h) * LR + L);
-    }
+    backend_->CopyDevice2D(qfull_.data() + h * LR, Hq * LR * kF, tmp_b_.data(), L * kF, L * kF, T);
+    backend_->CopyDevice2D(qfull_.data() + h * LR + L, Hq * LR * kF, q_.data() + h * qh + nope,
+                           Hq * qh * kF, R * kF, T);
   }
   sw.Lap(&tm.gemm);
   kernels::MlaAttentionParams mp{};
   mp.q = qfull_.data();
-  mp.q_seq = b.token_seq.data();
-  mp.q_pos = b.positions.data();
+  mp.q_seq = m.token_seq;
+  mp.q_pos = m.positions;
   mp.kv = kv_;
   mp.layer = l;
-  mp.block_tables = b.block_tables.data();
-  mp.block_first_pos = b.block_first_pos.data();
-  mp.kv_lens = b.kv_lens.data();
+  mp.block_tables = m.block_tables;
+  mp.block_first_pos = m.block_first_pos;
+  mp.kv_lens = m.kv_lens;
   mp.max_blocks_per_seq = b.max_blocks;
   mp.num_seqs = b.num_seqs;
   mp.num_q_tokens = T;
@@ -261,14 +282,14 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   mp.latent_dim = L;
   mp.rope_dim = R;
   mp.scale = static_cast<float>(c.SoftmaxScale());
-  att_.resize(T * Hq * L);
-  lse_.resize(T * Hq);
+  RETURN_IF_ERROR(att_.Resize(T * Hq * L));
+  RETURN_IF_ERROR(lse_.Resize(T * Hq));
   mp.out = att_.data();
   mp.lse = lse_.data();
   // Long sequences are cut into ~1K-token chunks so that one sequence uses every thread.
   mp.kv_split_tokens = kv_.tokens_per_block * std::max<int64_t>(1, 1024 / kv_.tokens_per_block);
   const size_t ws = backend_->MlaAttentionWorkspaceBytes(mp);
-  if (workspace_.size() < static_cast<int64_t>(ws)) workspace_.resize(ws);
+  if (workspace_.size() < static_cast<int64_t>(ws)) RETURN_IF_ERROR(workspace_.Resize(ws));
   backend_->MlaAttention(mp, workspace_.data());
   sw.Lap(&tm.attention);
   if (par_.barrier_before_collectives && par_.cp != nullptr && par_.layout.cp > 1) {
@@ -279,28 +300,36 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, int64_t l) {
   RETURN_IF_ERROR(CombineAttention(T, L));
   sw.Lap(&tm.combine);
   // Per combined head o = W_UV · o_lat, then this rank's row-parallel slice of o_proj.
-  ov_.resize(T * Ho * V);
+  RETURN_IF_ERROR(ov_.Resize(T * Ho * V));
   for (int64_t h = 0; h < Ho; ++h) {
-    Gather(att_.data() + h * L, Ho * L, T, L, tmp_a_.data());
+    backend_->CopyDevice2D(tmp_a_.data(), L * kF, att_.data() + h * L, Ho * L * kF, L * kF, T);
     backend_->Gemm(
-        {tmp_a_.data(), At(lw.wuv, h * V * L), nullptr, tmp_b_.data(), T, V, L, lw.wuv.dtype});
-    Scatter(tmp_b_.data(), T, V, ov_.data() + h * V, Ho * V);
+        {tmp_a_.data(), wuv + h * V * L * wes, nullptr, tmp_b_.data(), T, V, L, lw.wuv.dtype});
+    backend_->CopyDevice2D(ov_.data() + h * V, Ho * V * kF, tmp_b_.data(), V * kF, V * kF, T);
   }
-  backend_->Gemm({ov_.data(), lw.wo.data(), nullptr, xb_.data(), T, D, Ho * V, lw.wo.dtype});
+  backend_->Gemm({ov_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, Ho * V, lw.wo.dtype});
   sw.Lap(&tm.gemm);
   return Status::Ok();
 }
 
-void LlamaModel::MoeFfn(int64_t l, int64_t T) {
+Status LlamaModel::MoeFfn(int64_t l, int64_t T) {
   const ModelConfig& c = model_->config;
   const LayerWeights& lw = model_->weights.layers[l];
   const int64_t D = c.dim, E = c.n_routed_experts, K = c.experts_per_token, M = c.moe_hidden_dim;
-  // The gate in fp32 on every rank (the same normed hidden state everywhere).
-  gate_logits_.resize(T * E);
-  backend_->Gemm({xb_.data(), lw.gate.data(), nullptr, gate_logits_.data(), T, E, D});
-  RouteTokens(c, gate_logits_.data(), lw.gate_bias.empty() ? nullptr : lw.gate_bias.data(), T,
-              &route_e_, &route_w_);
-  moe_out_.assign(T * D, 0.0f);
+  // The gate in fp32 on every rank (the same normed hidden state everywhere); routing on the
+  // host.
+  RETURN_IF_ERROR(gate_logits_.Resize(T * E));
+  backend_->Gemm({xb_.data(), Dev(lw.gate), nullptr, gate_logits_.data(), T, E, D});
+  const float* gate = gate_logits_.data();
+  if (!host_) {
+    gate_host_.resize(T * E);
+    RETURN_IF_ERROR(backend_->CopyToHost(gate_host_.data(), gate, T * E * sizeof(float)));
+    gate = gate_host_.data();
+  }
+  RouteTokens(c, gate, lw.gate_bias.empty() ? nullptr : lw.gate_bias.data(), T, &route_e_,
+              &route_w_);
+  RETURN_IF_ERROR(moe_out_.Resize(T * D));
+  backend_->Zero(moe_out_.data(), T * D * sizeof(float));
   // Bucket the (token, choice) pairs by local expert in one pass (a counting sort, tokens in
   // order within each expert): expert i's pairs are [expert_start_[i], expert_start_[i + 1]).
   const int64_t E_local = static_cast<int64_t>(lw.experts.size());
@@ -310,61 +339,262 @@ void LlamaModel::MoeFfn(int64_t l, int64_t T) {
     if (i >= 0 && i < E_local) ++expert_start_[i + 1];
   }
   for (int64_t i = 0; i < E_local; ++i) expert_start_[i + 1] += expert_start_[i];
-  expert_rows_.resize(expert_start_[E_local]);
-  expert_w_.resize(expert_start_[E_local]);
+  const int64_t pairs = expert_start_[E_local];
+  // Rows (int32) then weights (float) of every pair, one copy to the backend.
+  RETURN_IF_ERROR(expert_host_.Resize(std::max<int64_t>(2 * pairs, 1)));
+  auto* rows_h = reinterpret_cast<int32_t*>(expert_host_.data());
+  float* w_h = reinterpret_cast<float*>(expert_host_.data() + pairs);
   expert_fill_.assign(expert_start_.begin(), expert_start_.end() - 1);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t i = route_e_[t * K + k] - lw.expert_begin;
       if (i < 0 || i >= E_local) continue;  // another rank's expert
-      expert_rows_[expert_fill_[i]] = static_cast<int32_t>(t);
-      expert_w_[expert_fill_[i]++] = route_w_[t * K + k];
+      rows_h[expert_fill_[i]] = static_cast<int32_t>(t);
+      w_h[expert_fill_[i]++] = route_w_[t * K + k];
     }
   }
+  const int32_t* rows_d = rows_h;
+  const float* w_d = w_h;
+  if (!host_ && pairs > 0) {
+    RETURN_IF_ERROR(expert_dev_.Resize(2 * pairs));
+    backend_->CopyToDevice(expert_dev_.data(), expert_host_.data(), 2 * pairs * sizeof(int32_t));
+    rows_d = reinterpret_cast<const int32_t*>(expert_dev_.data());
+    w_d = reinterpret_cast<const float*>(expert_dev_.data() + pairs);
+  }
   for (int64_t i = 0; i < E_local; ++i) {
-    const int32_t* rows = expert_rows_.data() + expert_start_[i];
-    const float* row_w = expert_w_.data() + expert_start_[i];
-    const int64_t n = expert_start_[i + 1] - expert_start_[i];
+    const int64_t start = expert_start_[i];
+    const int64_t n = expert_start_[i + 1] - start;
     if (n == 0) continue;
     const LayerWeights::Expert& ex = lw.experts[i];
-    xe_.resize(n * D);
-    for (int64_t j = 0; j < n; ++j) std::copy_n(xb_.data() + rows[j] * D, D, xe_.data() + j * D);
-    he1_.resize(n * M);
-    he3_.resize(n * M);
-    ye_.resize(n * D);
-    backend_->Gemm({xe_.data(), ex.w1.data(), nullptr, he1_.data(), n, M, D, ex.w1.dtype});
-    backend_->Gemm({xe_.data(), ex.w3.data(), nullptr, he3_.data(), n, M, D, ex.w3.dtype});
+    RETURN_IF_ERROR(xe_.Resize(n * D));
+    RETURN_IF_ERROR(he1_.Resize(n * M));
+    RETURN_IF_ERROR(he3_.Resize(n * M));
+    RETURN_IF_ERROR(ye_.Resize(n * D));
+    backend_->GatherRows(xb_.data(), D, rows_d + start, n, D, xe_.data());
+    backend_->Gemm({xe_.data(), Dev(ex.w1), nullptr, he1_.data(), n, M, D, ex.w1.dtype});
+    backend_->Gemm({xe_.data(), Dev(ex.w3), nullptr, he3_.data(), n, M, D, ex.w3.dtype});
     backend_->SiluMul({he1_.data(), he3_.data(), he1_.data(), n * M});
-    backend_->Gemm({he1_.data(), ex.w2.data(), nullptr, ye_.data(), n, D, M, ex.w2.dtype});
-    for (int64_t j = 0; j < n; ++j) {
-      float* out = moe_out_.data() + rows[j] * D;
-      const float* y = ye_.data() + j * D;
-      for (int64_t d = 0; d < D; ++d) out[d] += row_w[j] * y[d];
-    }
+    backend_->Gemm({he1_.data(), Dev(ex.w2), nullptr, ye_.data(), n, D, M, ex.w2.dtype});
+    backend_->ScatterAddRows(ye_.data(), rows_d + start, w_d + start, n, D, moe_out_.data());
   }
   const int64_t S = dims_.shared_end - dims_.shared_begin;
   if (S > 0) {
-    h1_.resize(T * S);
-    h3_.resize(T * S);
-    ye_.resize(T * D);
-    backend_->Gemm({xb_.data(), lw.w1.data(), nullptr, h1_.data(), T, S, D, lw.w1.dtype});
-    backend_->Gemm({xb_.data(), lw.w3.data(), nullptr, h3_.data(), T, S, D, lw.w3.dtype});
+    RETURN_IF_ERROR(h1_.Resize(T * S));
+    RETURN_IF_ERROR(h3_.Resize(T * S));
+    RETURN_IF_ERROR(ye_.Resize(T * D));
+    backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, S, D, lw.w1.dtype});
+    backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, S, D, lw.w3.dtype});
     backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * S});
-    backend_->Gemm({h1_.data(), lw.w2.data(), nullptr, ye_.data(), T, D, S, lw.w2.dtype});
-    for (int64_t i = 0; i < T * D; ++i) moe_out_[i] += ye_[i];
+    backend_->Gemm({h1_.data(), Dev(lw.w2), nullptr, ye_.data(), T, D, S, lw.w2.dtype});
+    backend_->Add(moe_out_.data(), ye_.data(), T * D);
   }
-  std::copy(moe_out_.begin(), moe_out_.end(), xb_.data());
+  backend_->CopyDevice(xb_.data(), moe_out_.data(), T * D * sizeof(float));
+  return Status::Ok();
 }
 
-Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
+Status LlamaModel::PackSample(const std::vector<DeviceSampleRow>& rows, int64_t R) {
+  // One staging area: u [R] f64, temperature, top_k, top_p, min_p [R] each, then the outputs
+  // greedy and sampled [R] i32.
+  RETURN_IF_ERROR(sample_host_.Resize(32 * R));
+  RETURN_IF_ERROR(sample_dev_.Resize(32 * R));
+  uint8_t* h = sample_host_.data();
+  auto* u = reinterpret_cast<double*>(h);
+  auto* temp = reinterpret_cast<float*>(h + 8 * R);
+  auto* top_k = reinterpret_cast<int32_t*>(h + 12 * R);
+  auto* top_p = reinterpret_cast<float*>(h + 16 * R);
+  auto* min_p = reinterpret_cast<float*>(h + 20 * R);
+  for (int64_t r = 0; r < R; ++r) {
+    const DeviceSampleRow& x = rows[r];
+    u[r] = x.u;
+    temp[r] = x.temperature > 0 ? x.temperature : 1.0f;  // a greedy row's sample is unused
+    top_k[r] = x.top_k;
+    top_p[r] = x.top_p;
+    min_p[r] = x.min_p;
+  }
+  return Status::Ok();
+}
+
+bool LlamaModel::SampleQueued(const float* logits, int64_t R, int64_t V, bool greedy,
+                              bool sampled) {
+  uint8_t* h = sample_host_.data();
+  uint8_t* d = sample_dev_.data();
+  backend_->CopyToDevice(d, h, 24 * R);
+  if (!backend_->SampleTokens(
+          logits, R, V, reinterpret_cast<const float*>(d + 8 * R),
+          reinterpret_cast<const int32_t*>(d + 12 * R), reinterpret_cast<const float*>(d + 16 * R),
+          reinterpret_cast<const float*>(d + 20 * R), reinterpret_cast<const double*>(d),
+          greedy ? reinterpret_cast<int32_t*>(d + 24 * R) : nullptr,
+          sampled ? reinterpret_cast<int32_t*>(d + 28 * R) : nullptr)) {
+    return false;
+  }
+  backend_->CopyToHostAsync(h + 24 * R, d + 24 * R, 8 * R);
+  return true;
+}
+
+void LlamaModel::ReadSample(const std::vector<DeviceSampleRow>& rows, int64_t R, int64_t n,
+                            std::vector<int32_t>* tokens) const {
+  const uint8_t* h = sample_host_.data();
+  const auto* hg = reinterpret_cast<const int32_t*>(h + 24 * R);
+  const auto* hs = reinterpret_cast<const int32_t*>(h + 28 * R);
+  tokens->assign(n, -1);
+  for (int64_t r = 0; r < n; ++r) {
+    if (rows[r].on_device) (*tokens)[r] = rows[r].temperature > 0 ? hs[r] : hg[r];
+  }
+}
+
+StatusOr<bool> LlamaModel::SampleOnDevice(const std::vector<DeviceSampleRow>& rows,
+                                          const float* logits, int64_t R, int64_t V,
+                                          std::vector<int32_t>* tokens) {
+  tokens->assign(R, -1);
+  bool any_greedy = false, any_sampled = false, any_host = false;
+  for (int64_t r = 0; r < R; ++r) {
+    const DeviceSampleRow& d = rows[r];
+    any_host |= !d.on_device;
+    any_greedy |= d.on_device && d.temperature == 0;
+    any_sampled |= d.on_device && d.temperature > 0;
+  }
+  if (!any_greedy && !any_sampled) return true;
+  RETURN_IF_ERROR(PackSample(rows, R));
+  if (!SampleQueued(logits, R, V, any_greedy, any_sampled)) {
+    return true;  // this backend does not sample: the host does
+  }
+  RETURN_IF_ERROR(backend_->Sync());
+  ReadSample(rows, R, R, tokens);
+  return any_host;
+}
+
+bool LlamaModel::GraphEligible(const ForwardBatch& b, const std::vector<DeviceSampleRow>* rows,
+                               const std::vector<int32_t>* tokens) const {
+  if (!use_graphs_ || graph_failed_ || host_ || !par_.layout.single() || rows == nullptr ||
+      tokens == nullptr || !backend_->SupportsGraphs()) {
+    return false;
+  }
+  const ModelConfig& c = model_->config;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    if (c.IsMoeLayer(l)) return false;  // routes on the host mid-step
+  }
+  // Decode-shaped: one new token per sequence, each sampled on the device.
+  const int64_t T = b.num_tokens();
+  if (T == 0 || T != b.num_seqs || static_cast<int64_t>(b.logits_rows.size()) != T ||
+      static_cast<int64_t>(rows->size()) != T) {
+    return false;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (b.logits_rows[t] != t || b.token_seq[t] != t || !(*rows)[t].on_device) return false;
+  }
+  return true;
+}
+
+namespace {
+
+int64_t NextPow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+}  // namespace
+
+Status LlamaModel::ForwardGraph(const ForwardBatch& b, const std::vector<DeviceSampleRow>& rows,
+                                std::vector<int32_t>* tokens) {
+  const ModelConfig& c = model_->config;
+  const ModelWeights& w = model_->weights;
+  const int64_t T = b.num_tokens(), D = c.dim, V = c.vocab_size;
+  // Pad to the bucket: B sequences (padding ones have no KV, write nothing and sample greedily),
+  // block tables W wide.
+  const int64_t B = NextPow2(T), W = NextPow2(std::max<int64_t>(b.max_blocks, 1));
+  ForwardBatch& p = padded_;
+  p.tokens.assign(b.tokens.begin(), b.tokens.end());
+  p.tokens.resize(B, 0);
+  p.positions.assign(b.positions.begin(), b.positions.end());
+  p.positions.resize(B, 0);
+  p.token_seq.resize(B);
+  p.logits_rows.resize(B);
+  for (int64_t t = 0; t < B; ++t) p.token_seq[t] = p.logits_rows[t] = static_cast<int32_t>(t);
+  p.kv_block.assign(b.kv_block.begin(), b.kv_block.end());
+  p.kv_block.resize(B, -1);
+  p.kv_slot.assign(b.kv_slot.begin(), b.kv_slot.end());
+  p.kv_slot.resize(B, 0);
+  p.kv_lens.assign(b.kv_lens.begin(), b.kv_lens.end());
+  p.kv_lens.resize(B, 0);
+  p.num_seqs = B;
+  p.max_blocks = W;
+  p.block_tables.assign(B * W, 0);
+  p.block_first_pos.assign(B * W, 0);
+  for (int64_t s = 0; s < T; ++s) {
+    std::copy_n(b.block_tables.begin() + s * b.max_blocks, b.max_blocks,
+                p.block_tables.begin() + s * W);
+    std::copy_n(b.block_first_pos.begin() + s * b.max_blocks, b.max_blocks,
+                p.block_first_pos.begin() + s * W);
+  }
+  padded_rows_.assign(rows.begin(), rows.end());
+  DeviceSampleRow pad;
+  pad.on_device = true;
+  padded_rows_.resize(B, pad);
+
+  GraphState& g = graphs_[{B, W}];
+  // Host side: the batch's indices and the sampling inputs into their pinned staging (the
+  // previous step is done: UploadBatch waits first).
+  ASSIGN_OR_RETURN(const BatchMeta m, UploadBatch(p, false));
+  RETURN_IF_ERROR(PackSample(padded_rows_, B));
+  const auto moves = [&] { return scratch_moves_ + backend_->scratch_moves(); };
+  if (g.graph >= 0 && g.moves != moves()) {
+    // Scratch memory has moved since the capture: every graph points at old memory.
+    backend_->DropGraphs();
+    for (auto& [key, other] : graphs_) other.graph = -1;
+  }
+  // Device side: everything from the index copy to the tokens' copy back, as one graph.
+  const auto device_part = [&]() -> Status {
+    CopyBatch();
+    RETURN_IF_ERROR(RunLayers(p, m));
+    RETURN_IF_ERROR(logits_dev_.Resize(B * V));
+    backend_->Gemm({xb_.data(), Dev(w.classifier_data()), nullptr, logits_dev_.data(), B, V, D,
+                    w.classifier_dtype()});
+    if (!SampleQueued(logits_dev_.data(), B, V, true, true)) {
+      return Internal(std::string(backend_->name()) + " backend: graphs but no SampleTokens");
+    }
+    return Status::Ok();
+  };
+  if (!g.warmed) {
+    // The first step of a shape runs eagerly: it sizes every buffer the capture will use.
+    RETURN_IF_ERROR(device_part());
+    g.warmed = true;
+  } else {
+    if (g.graph < 0) {
+      const uint64_t before = moves();
+      RETURN_IF_ERROR(backend_->BeginCapture());
+      const Status st = device_part();
+      StatusOr<int> id = backend_->EndCapture();
+      if (!st.ok() || !id.ok() || moves() != before) {
+        graph_failed_ = true;
+        backend_->DropGraphs();
+        const std::string why = !st.ok()   ? st.ToString()
+                                : !id.ok() ? id.status().ToString()
+                                           : "a scratch array moved while capturing";
+        HELIX_LOG(kWarn) << "model: capturing the decode step as a graph failed (" << why
+                         << "); running without graphs from now on";
+        return FailedPrecondition("graph capture failed: " + why);
+      }
+      g.graph = *id;
+      g.moves = moves();
+      ++timings_.graph_captures;
+    }
+    RETURN_IF_ERROR(backend_->Replay(g.graph));
+    ++timings_.graph_replays;
+  }
+  RETURN_IF_ERROR(backend_->Sync());
+  ReadSample(padded_rows_, B, T, tokens);
+  ++timings_.calls;
+  return Status::Ok();
+}
+
+Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   const ModelConfig& c = model_->config;
   const ModelWeights& w = model_->weights;
   const int64_t T = b.num_tokens(), D = c.dim, hd = c.head_dim;
   const int64_t F = dims_.ffn_end - dims_.ffn_begin;
   const int64_t qd = dims_.q_heads * hd, kvd = dims_.kv_heads * hd, od = dims_.out_heads * hd;
   parallel::Communicator* world = par_.layout.single() ? nullptr : par_.world;
-  RETURN_IF_ERROR(backend_->Activate());
-  ASSIGN_OR_RETURN(const BatchMeta m, UploadBatch(b));
   RETURN_IF_ERROR(x_.Resize(T * D));
   RETURN_IF_ERROR(xb_.Resize(T * D));
   if (!c.mla()) {
@@ -375,7 +605,6 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   }
 
   ForwardTimings& tm = timings_;
-  ++tm.calls;
   Stopwatch sw;
   backend_->Embedding(Dev(w.token_embedding), c.vocab_size, m.tokens, T, D, x_.data());
 
@@ -418,7 +647,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
     backend_->RmsNorm({x_.data(), nullptr, F32(lw.attn_norm), xb_.data(), T, D, c.norm_eps});
     sw.Lap(&tm.other);
     if (c.mla()) {
-      RETURN_IF_ERROR(MlaAttention(b, l));
+      RETURN_IF_ERROR(MlaAttention(b, m, l));
       sw = Stopwatch();
     } else {
       backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
@@ -451,7 +680,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
     backend_->RmsNorm({x_.data(), nullptr, F32(lw.ffn_norm), xb_.data(), T, D, c.norm_eps});
     sw.Lap(&tm.other);
     if (c.IsMoeLayer(l)) {
-      MoeFfn(l, T);
+      RETURN_IF_ERROR(MoeFfn(l, T));
     } else {
       RETURN_IF_ERROR(h1_.Resize(T * F));
       RETURN_IF_ERROR(h3_.Resize(T * F));
@@ -465,24 +694,56 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits) {
   }
   sw.Lap(&tm.other);
 
-  // Final norm and the classifier, only for the rows that sample; vocab-parallel, gathered.
+  // Final norm for the rows that sample (the classifier follows in the caller).
   const int64_t R = static_cast<int64_t>(b.logits_rows.size());
-  const int64_t V = c.vocab_size, Vl = dims_.vocab_end - dims_.vocab_begin;
   RETURN_IF_ERROR(rows_.Resize(R * D));
   backend_->GatherRows(x_.data(), D, m.logits_rows, R, D, rows_.data());
   RETURN_IF_ERROR(xb_.Resize(std::max(T, R) * D));
   backend_->RmsNorm({rows_.data(), nullptr, F32(w.final_norm), xb_.data(), R, D, c.norm_eps});
+  return Status::Ok();
+}
+
+Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
+                           const std::vector<DeviceSampleRow>* sample_rows,
+                           std::vector<int32_t>* tokens) {
+  const ModelConfig& c = model_->config;
+  const ModelWeights& w = model_->weights;
+  const int64_t D = c.dim;
+  parallel::Communicator* world = par_.layout.single() ? nullptr : par_.world;
+  RETURN_IF_ERROR(backend_->Activate());
+  if (GraphEligible(b, sample_rows, tokens)) {
+    Status st = ForwardGraph(b, *sample_rows, tokens);
+    if (st.ok() || !graph_failed_) return st;
+    // The capture failed (not the step): graphs are off from now on, run this step eagerly.
+  }
+  ForwardTimings& tm = timings_;
+  ++tm.calls;
+  Stopwatch sw;
+  ASSIGN_OR_RETURN(const BatchMeta m, UploadBatch(b, true));
+  RETURN_IF_ERROR(RunLayers(b, m));
+  sw = Stopwatch();
+  // The classifier, only for the rows that sample; vocab-parallel and gathered on several ranks.
+  const int64_t R = static_cast<int64_t>(b.logits_rows.size());
+  const int64_t V = c.vocab_size, Vl = dims_.vocab_end - dims_.vocab_begin;
   const void* classifier = Dev(w.classifier_data());
+  if (tokens != nullptr) tokens->assign(R, -1);
   if (world == nullptr) {
-    logits->resize(R * V);
-    float* out = logits->data();
-    if (!host_) {
+    if (host_) {
+      logits->resize(R * V);
+      backend_->Gemm(
+          {xb_.data(), classifier, nullptr, logits->data(), R, V, D, w.classifier_dtype()});
+    } else {
       RETURN_IF_ERROR(logits_dev_.Resize(R * V));
-      out = logits_dev_.data();
-    }
-    backend_->Gemm({xb_.data(), classifier, nullptr, out, R, V, D, w.classifier_dtype()});
-    if (!host_) {
-      RETURN_IF_ERROR(backend_->CopyToHost(logits->data(), out, R * V * sizeof(float)));
+      float* out = logits_dev_.data();
+      backend_->Gemm({xb_.data(), classifier, nullptr, out, R, V, D, w.classifier_dtype()});
+      bool need_logits = true;
+      if (sample_rows != nullptr && tokens != nullptr && R > 0) {
+        ASSIGN_OR_RETURN(need_logits, SampleOnDevice(*sample_rows, out, R, V, tokens));
+      }
+      if (need_logits) {
+        logits->resize(R * V);
+        RETURN_IF_ERROR(backend_->CopyToHost(logits->data(), out, R * V * sizeof(float)));
+      }
     }
     sw.Lap(&tm.logits);
     return backend_->Sync();

@@ -32,6 +32,15 @@ struct ParallelContext {
   bool barrier_before_collectives = false;
 };
 
+// How one logits row's token is picked on a device backend (Backend::SampleTokens).
+struct DeviceSampleRow {
+  bool on_device = false;  // false: the engine samples this row on the host from the logits
+  float temperature = 0;   // 0: greedy
+  int32_t top_k = 0;
+  float top_p = 1.0f, min_p = 0.0f;
+  double u = 0;  // the request's uniform draw (Sampler::DrawForDevice)
+};
+
 // Wall time spent in each part of Forward, summed over calls (seconds).
 struct ForwardTimings {
   double gemm = 0;        // projections and FFN (SiLU·mul included)
@@ -42,6 +51,7 @@ struct ForwardTimings {
   double other = 0;       // embedding, norms, RoPE, KV writes, residual adds
   double wait = 0;        // with ParallelContext::barrier_before_collectives: skew between ranks
   int64_t calls = 0;
+  int64_t graph_captures = 0, graph_replays = 0;  // decode steps captured / run as graphs
 };
 
 // A grow-only scratch array in a backend's memory (device memory, or with host = true the
@@ -54,7 +64,11 @@ class BackendArray {
   BackendArray(const BackendArray&) = delete;
   BackendArray& operator=(const BackendArray&) = delete;
 
-  void Bind(Backend* backend) { backend_ = backend; }
+  // `moves` (optional) is incremented whenever the array moves to new memory.
+  void Bind(Backend* backend, uint64_t* moves = nullptr) {
+    backend_ = backend;
+    moves_ = moves;
+  }
   // Sets the size to n elements; ResourceExhausted naming the bytes when the backend is out
   // of memory.
   Status Resize(int64_t n) {
@@ -67,6 +81,7 @@ class BackendArray {
                                  std::to_string(bytes) + " bytes of scratch memory");
       }
       cap_ = n;
+      if (moves_ != nullptr) ++*moves_;
     }
     n_ = n;
     return Status::Ok();
@@ -92,6 +107,7 @@ class BackendArray {
     cap_ = n_ = 0;
   }
   Backend* backend_ = nullptr;
+  uint64_t* moves_ = nullptr;
   T* p_ = nullptr;
   int64_t n_ = 0, cap_ = 0;
 };
@@ -100,23 +116,38 @@ class LlamaModel {
  public:
   // `model` holds this rank's shard (ShardWeights already applied); `kv` describes the rank's
   // KV pool (its KV heads only), which the model writes to and attends over.
-  // On a backend without host memory (CUDA) the weights are copied to it here (Create);
-  // MLA models need a host-memory backend.
+  // On a backend without host memory (CUDA) the weights are copied to it here (Create).
   static StatusOr<std::unique_ptr<LlamaModel>> Create(std::unique_ptr<LoadedModel> model,
                                                       Backend* backend, kernels::KvPoolView kv,
                                                       ParallelContext parallel = {});
-  // REQUIRES: backend->host_memory() (the CPU backend); Create checks and uploads otherwise.
+  // REQUIRES: backend->host_memory() (the CPU backend); use Create otherwise.
   LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, kernels::KvPoolView kv,
              ParallelContext parallel = {});
   ~LlamaModel();
 
   const ModelConfig& config() const { return model_->config; }
 
+  // Bytes a device backend holds for these weights (what UploadWeights copies).
+  static int64_t DeviceWeightBytes(const ModelWeights& w);
+
   // Runs the batch on this rank; every rank of the instance must run the same batch (its own
   // kv_block / block tables) in lockstep. Fills *logits with [logits_rows.size()][vocab] floats
   // on every rank. Errors come from the collectives (a dead or stalled peer) and from the
   // backend (a CUDA error, out of device memory).
-  Status Forward(const ForwardBatch& batch, std::vector<float>* logits);
+  //
+  // Device sampling: with `sample_rows` (one per logits row) and `tokens`, a single-rank device
+  // backend picks the tokens of the rows marked on_device itself; (*tokens)[r] is that token or
+  // -1 (the host samples the row), and *logits is filled only when some row is left to the host.
+  // Anywhere else (CPU backend, several ranks) *tokens is all -1 and *logits is filled.
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits,
+                 const std::vector<DeviceSampleRow>* sample_rows = nullptr,
+                 std::vector<int32_t>* tokens = nullptr);
+
+  // Decode steps as graphs (Backend::SupportsGraphs, one rank, no MoE layer, every row sampled on
+  // the device): each (batch, block-table width) bucket runs eagerly once, is captured the
+  // second time and replayed after; batches are padded to the bucket (a power of two). A failed
+  // capture turns graphs off for good (logged) and the step runs eagerly.
+  void set_use_graphs(bool on) { use_graphs_ = on; }
 
   const ForwardTimings& timings() const { return timings_; }
   void ResetTimings() { timings_ = {}; }
@@ -125,14 +156,8 @@ class LlamaModel {
   // att_ [T][q_heads][dim] + lse_ -> att_ [T][out_heads][dim]: all-to-all inside the CP group
   // and the exact (O, LSE) merge. dim = head_dim (GQA) or kv_lora_rank (MLA, latent space).
   Status CombineAttention(int64_t T, int64_t dim);
-  // MLA attention of layer l: xb_ (normed hidden) -> xb_ = this rank's o_proj partial.
-  // Adds its time to timings_.
-  Status MlaAttention(const ForwardBatch& b, int64_t l);
-  // MoE FFN of layer l: xb_ (normed hidden) -> xb_ = this rank's partial (its experts and its
-  // slice of the shared experts).
-  void MoeFfn(int64_t l, int64_t T);
-  // Copies every tensor the GQA forward pass reads to backend memory (device_); no-op on a
-  // host-memory backend.
+  // Copies every tensor the forward pass reads to backend memory (device_), and the MLA RoPE
+  // table; no-op on a host-memory backend.
   Status UploadWeights();
   // The backend copy of a host tensor (itself on a host-memory backend).
   const void* Dev(const void* host) const;
@@ -145,10 +170,36 @@ class LlamaModel {
     const int32_t *tokens, *positions, *token_seq, *kv_block, *kv_slot;
     const int32_t *block_tables, *block_first_pos, *kv_lens, *logits_rows;
   };
-  StatusOr<BatchMeta> UploadBatch(const ForwardBatch& b);
+  // copy = false leaves the copy to CopyBatch (inside a graph).
+  StatusOr<BatchMeta> UploadBatch(const ForwardBatch& b, bool copy);
+  void CopyBatch();
+  // Embedding through the final norm of the rows that sample (xb_ [R][dim]).
+  Status RunLayers(const ForwardBatch& b, const BatchMeta& m);
+  // Device sampling in pieces: the inputs into pinned staging (host), the queued copy + kernels +
+  // copy back (false when the backend does not sample), the tokens of the first n of R rows
+  // after a wait.
+  Status PackSample(const std::vector<DeviceSampleRow>& rows, int64_t R);
+  bool SampleQueued(const float* logits, int64_t R, int64_t V, bool greedy, bool sampled);
+  void ReadSample(const std::vector<DeviceSampleRow>& rows, int64_t R, int64_t n,
+                  std::vector<int32_t>* tokens) const;
+  bool GraphEligible(const ForwardBatch& b, const std::vector<DeviceSampleRow>* rows,
+                     const std::vector<int32_t>* tokens) const;
+  Status ForwardGraph(const ForwardBatch& b, const std::vector<DeviceSampleRow>& rows,
+                      std::vector<int32_t>* tokens);
+  // MLA attention of layer l: xb_ (normed hidden) -> xb_ = this rank's o_proj partial.
+  // Adds its time to timings_.
+  Status MlaAttention(const ForwardBatch& b, const BatchMeta& m, int64_t l);
+  // MoE FFN of layer l: xb_ (normed hidden) -> xb_ = this rank's partial (its experts and its
+  // slice of the shared experts). The routing runs on the host (a device backend copies the
+  // gate's logits back: one wait per MoE layer).
+  Status MoeFfn(int64_t l, int64_t T);
   // The sum over the world of each rank's `n` floats at p (backend memory), in place; staged
   // through host memory on a device backend (Gloo works on host buffers).
   Status AllReduceSum(float* p, int64_t n);
+  // Device sampling of `logits` [R][V] (backend memory) into *tokens; returns whether some row
+  // still needs the logits on the host.
+  StatusOr<bool> SampleOnDevice(const std::vector<DeviceSampleRow>& rows, const float* logits,
+                                int64_t R, int64_t V, std::vector<int32_t>* tokens);
 
   std::unique_ptr<LoadedModel> model_;
   Backend* backend_;
@@ -156,24 +207,42 @@ class LlamaModel {
   ParallelContext par_;
   ShardDims dims_;
   ForwardTimings timings_;
-  bool host_;                            // backend_->host_memory()
+  bool host_;  // backend_->host_memory()
+  // Graphs: per (batch bucket, block-table width) bucket; scratch_moves_ counts reallocations of
+  // the scratch arrays (a graph captured before one is stale).
+  struct GraphState {
+    bool warmed = false;
+    int graph = -1;
+    uint64_t moves = 0;
+  };
+  bool use_graphs_ = false, graph_failed_ = false;
+  std::map<std::pair<int64_t, int64_t>, GraphState> graphs_;
+  uint64_t scratch_moves_ = 0;
+  ForwardBatch padded_;
+  std::vector<DeviceSampleRow> padded_rows_;
   std::map<const void*, void*> device_;  // host tensor -> its backend copy (device backends)
   // Scratch in backend memory, grown as needed.
   BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;
   BackendArray<float> logits_dev_, send_, recv_;
   BackendArray<uint8_t> workspace_;
   BackendArray<int32_t> meta_;
+  int64_t meta_elems_ = 0;
+  BackendArray<uint8_t> sample_dev_;
+  BackendArray<uint8_t, true> sample_host_;
   // Host scratch: collectives' buffers, and the staging of a device backend.
   BackendArray<int32_t, true> meta_host_;
   BackendArray<float, true> stage_a_, stage_b_;
   std::vector<float> local_logits_, gathered_;
   // MLA / MoE.
-  std::vector<double> inv_freq_;  // RoPE table (yarn)
+  std::vector<double> inv_freq_;       // RoPE table (yarn), host
+  BackendArray<double> inv_freq_dev_;  // the same in backend memory
   double rope_mscale_ = 1.0;
-  std::vector<float> cq_, kva_, ckv_, qfull_, tmp_a_, tmp_b_, ov_;
-  std::vector<float> gate_logits_, route_w_, moe_out_, xe_, ye_, he1_, he3_;
-  std::vector<int32_t> route_e_, expert_start_, expert_fill_, expert_rows_;
-  std::vector<float> expert_w_;
+  BackendArray<float> cq_, kva_, ckv_, qfull_, tmp_a_, tmp_b_, ov_;
+  BackendArray<float> gate_logits_, moe_out_, xe_, ye_, he1_, he3_;
+  BackendArray<int32_t> expert_dev_;         // the routed pairs' rows, then their weights
+  BackendArray<int32_t, true> expert_host_;  // (the weights as float bits)
+  std::vector<float> gate_host_, route_w_;
+  std::vector<int32_t> route_e_, expert_start_, expert_fill_;
 };
 
 }  // namespace helix

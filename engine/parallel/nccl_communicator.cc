@@ -24,14 +24,25 @@ class NcclCommunicator final : public Communicator {
         stream_(static_cast<cudaStream_t>(o.stream)) {}
 
   ~NcclCommunicator() override {
-    if (scratch_ != nullptr) cudaFree(scratch_);
-    if (comm_ == nullptr) return;
-    if (broken_.ok()) {
-      cudaStreamSynchronize(stream_);
-      ncclCommDestroy(comm_);
-    } else {
-      ncclCommAbort(comm_);
+    if (comm_ != nullptr) {
+      // Finalize flushes and may wait on the peers: bounded by the timeout, then abort.
+      const ncclResult_t fin = broken_.ok() ? ncclCommFinalize(comm_) : ncclInternalError;
+      bool clean = fin == ncclSuccess || fin == ncclInProgress;
+      const Clock::time_point deadline = Clock::now() + timeout_;
+      while (clean) {
+        ncclResult_t async = ncclSuccess;
+        if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess) clean = false;
+        if (async == ncclSuccess) break;
+        if (async != ncclInProgress || Clock::now() > deadline) clean = false;
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      if (clean) {
+        ncclCommDestroy(comm_);
+      } else {
+        ncclCommAbort(comm_);
+      }
     }
+    if (scratch_ != nullptr) cudaFree(scratch_);
   }
 
   Status Init(TcpStore* store) {

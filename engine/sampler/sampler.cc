@@ -23,6 +23,16 @@ void Sampler::Accept(int32_t token) {
   }
 }
 
+bool Sampler::DeviceEligible() const {
+  return p_.repetition_penalty == 1.0f && p_.presence_penalty == 0 && p_.frequency_penalty == 0 &&
+         p_.top_logprobs < 0;
+}
+
+double Sampler::DrawForDevice() {
+  if (p_.temperature == 0.0f) return 0.0;
+  return std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+}
+
 SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   SampleResult res;
   // Log-probabilities of the raw distribution, as OpenAI-style logprobs report them.

@@ -26,6 +26,13 @@ class Sampler {
 
   // Samples from `logits` (vocab entries; modified in place as scratch).
   SampleResult Sample(float* logits, int64_t vocab);
+
+  // Device sampling (the CUDA backend picks the token): possible when no penalty changes the
+  // logits and no logprobs are asked for. DrawForDevice makes the one uniform draw Sample would
+  // make (none at temperature 0), so the request's random stream is the same either way.
+  bool DeviceEligible() const;
+  double DrawForDevice();
+  const SamplingParams& params() const { return p_; }
   // Records a generated token (for the penalties).
   void Accept(int32_t token);
 

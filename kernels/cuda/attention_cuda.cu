@@ -900,6 +900,7 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   int sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // not left for the next launch check to report
     return 0;
   }
   const int64_t group = p.num_q_heads / p.num_kv_heads;
@@ -909,6 +910,7 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   if (PrepareKernel(ch) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(ch.fn),
                                                     ch.threads, ch.smem) != cudaSuccess) {
+    cudaGetLastError();
     per_sm = 1;
   }
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;

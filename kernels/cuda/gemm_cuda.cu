@@ -55,9 +55,14 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
     HELIX_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(p.y, 0, static_cast<size_t>(p.m * p.n) * sizeof(float), stream));
   } else {
-    cublasStatus_t st = cublasSetStream(handle, stream);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-      return CublasError(st, "cublasSetStream");
+    // Only when it changes: setting the stream drops a workspace given with cublasSetWorkspace.
+    cudaStream_t current = nullptr;
+    cublasStatus_t st = cublasGetStream(handle, &current);
+    if (st != CUBLAS_STATUS_SUCCESS || current != stream) {
+      st = cublasSetStream(handle, stream);
+      if (st != CUBLAS_STATUS_SUCCESS) {
+        return CublasError(st, "cublasSetStream");
+      }
     }
     const void* x = p.x;
     cudaDataType_t in_type = CUDA_R_32F;

@@ -21,7 +21,8 @@ size_t GemmCudaWorkspaceBytes(const GemmParams& p);
 
 // REQUIRES: device pointers; workspace of GemmCudaWorkspaceBytes(p) bytes (256-byte aligned);
 //   `handle` is the caller's (created once; give it its own workspace with cublasSetWorkspace
-//   before capturing CUDA graphs, so that cuBLAS allocates nothing). Sets the handle's stream.
+//   before capturing CUDA graphs, so that cuBLAS allocates nothing). Sets the handle's stream
+//   when it is another one (which also drops such a workspace: set the stream first).
 // Returns cudaErrorUnknown (after printing the cuBLAS status) when cuBLAS fails.
 cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
                      cudaStream_t stream);

@@ -134,6 +134,15 @@ __global__ void AddKernel(const AddParams p) {
   }
 }
 
+__global__ void ScatterAddRowsKernel(const ScatterAddRowsParams p) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n * p.dim;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i / p.dim, d = i - j * p.dim;
+    float* o = p.out + static_cast<int64_t>(p.rows[j]) * p.dim + d;
+    *o += p.w[j] * p.y[i];
+  }
+}
+
 __global__ void GatherRowsKernel(const GatherRowsParams p) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        i < p.num_rows * p.n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -587,6 +596,16 @@ cudaError_t AddCuda(const AddParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+cudaError_t ScatterAddRowsCuda(const ScatterAddRowsParams& p, cudaStream_t stream) {
+  if (p.n <= 0 || p.dim <= 0) {
+    return cudaSuccess;
+  }
+  HELIX_LAUNCH(ScatterAddRowsKernel, GridFor(p.n * p.dim, kElemThreads), kElemThreads, 0, stream,
+               p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
 cudaError_t GatherRowsCuda(const GatherRowsParams& p, cudaStream_t stream) {
   if (p.num_rows <= 0 || p.n <= 0) {
     return cudaSuccess;
@@ -646,7 +665,8 @@ __global__ void WriteKvOneKernel(const KvPoolView kv, int64_t block, int64_t lay
                                  const float* k, const float* v) {
   const int64_t hd = kv.num_kv_heads * kv.head_dim;
   T* base = static_cast<T*>(kv.base);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < 2 * hd;
+  const int64_t n = kv.num_planes * hd;  // a one-plane (MLA) pool has no V
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int c = static_cast<int>(idx / hd);
     const int64_t he = idx % hd;
@@ -660,7 +680,7 @@ __global__ void WriteKvOneKernel(const KvPoolView kv, int64_t block, int64_t lay
 cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
                         int64_t token_in_block, const float* k, const float* v,
                         cudaStream_t stream) {
-  const int64_t n = 2 * view.num_kv_heads * view.head_dim;
+  const int64_t n = view.num_planes * view.num_kv_heads * view.head_dim;
   if (n <= 0) {
     return cudaSuccess;
   }

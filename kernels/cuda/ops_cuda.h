@@ -36,6 +36,16 @@ struct AddParams {
 };
 cudaError_t AddCuda(const AddParams& p, cudaStream_t stream);
 
+// out[rows[j]][d] += w[j] * y[j][d] for j < n, d < dim. REQUIRES: distinct rows.
+struct ScatterAddRowsParams {
+  const float* y;       // [n][dim]
+  const int32_t* rows;  // [n]
+  const float* w;       // [n]
+  int64_t n, dim;
+  float* out;
+};
+cudaError_t ScatterAddRowsCuda(const ScatterAddRowsParams& p, cudaStream_t stream);
+
 // out[r][0..n) = in[rows[r] * stride + 0..n) for r < num_rows (the rows that get logits).
 struct GatherRowsParams {
   const float* in;

@@ -5,6 +5,7 @@
 //   decode_bench --model PATH [--tokenizer PATH] [--context N] [--batch B] [--steps S]
 //                [--threads T] [--kv-dtype float32|float16|bfloat16] [--tokens-per-block N]
 //                [--weight-dtype auto|float32|float16|bfloat16] [--backend cpu|cuda]
+//                [--cuda-graphs 0|1]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -20,15 +21,17 @@ using Clock = std::chrono::steady_clock;
 
 struct Args {
   std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto", backend = "cpu";
+  bool cuda_graphs = false;
   int64_t context = 512, batch = 1, steps = 64, threads = 0, tokens_per_block = 32;
 };
 
 [[noreturn]] void Usage(const std::string& why) {
-  std::fprintf(stderr,
-               "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
-               "[--context N] [--batch B] [--steps S] [--threads T] [--kv-dtype D] "
-               "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda]\n",
-               why.c_str());
+  std::fprintf(
+      stderr,
+      "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
+      "[--context N] [--batch B] [--steps S] [--threads T] [--kv-dtype D] "
+      "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1]\n",
+      why.c_str());
   std::exit(2);
 }
 
@@ -46,6 +49,8 @@ Args Parse(int argc, char** argv) {
       a.weight_dtype = v;
     } else if (k == "--backend") {
       a.backend = v;
+    } else if (k == "--cuda-graphs") {
+      a.cuda_graphs = v == "1";
     } else if (k == "--kv-dtype") {
       a.kv_dtype = v;
     } else if (k == "--context") {
@@ -77,6 +82,7 @@ int main(int argc, char** argv) {
   o.tokenizer_path = a.tokenizer;
   o.num_threads = static_cast<int>(a.threads);
   o.backend = a.backend;
+  o.cuda_graphs = a.cuda_graphs;
   o.tokens_per_block = a.tokens_per_block;
   o.max_batch_size = a.batch;
   o.max_seq_len = a.context + a.steps;
@@ -156,10 +162,11 @@ int main(int argc, char** argv) {
   const double decode_s = std::chrono::duration<double>(t2 - t1).count();
   const double decode_tokens = static_cast<double>(generated - after_prefill);
   std::printf(
-      "engine=helix backend=%s model=%s context=%lld batch=%lld steps=%lld kv_dtype=%s "
+      "engine=helix backend=%s cuda_graphs=%d model=%s context=%lld batch=%lld steps=%lld "
+      "kv_dtype=%s "
       "weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f weight_bytes=%.0f "
       "kv_read_bytes=%.0f\n",
-      a.backend.c_str(), a.model.c_str(), static_cast<long long>(a.context),
+      a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.model.c_str(), static_cast<long long>(a.context),
       static_cast<long long>(a.batch), static_cast<long long>(a.steps), a.kv_dtype.c_str(),
       a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
       1e3 * decode_s / static_cast<double>(a.steps - 1), weight_bytes, kv_read_bytes);

@@ -2,8 +2,9 @@
 # One device call on the lent GPU machine for the engine on the CUDA backend: configure the
 # kernels-only tree with HELIX_DEVICE_ENGINE=ON (Gloo, UCX and nlohmann-json from the Debian
 # packages unpacked in .devdeps; NCCL from the toolkit or from Python's nvidia-nccl package),
-# build, run the engine-on-CUDA tests (cuda_backend_test: stories260K on the GPU vs the CPU
-# engine, Helix CP/TP ranks sharing the GPU over Gloo; nccl_communicator_test), then the
+# build, run the engine-on-CUDA tests (cuda_backend_test: stories260K and the tiny DeepSeek
+# models on the GPU vs the CPU engine, seeded device sampling, Helix CP/TP ranks sharing the GPU
+# over Gloo, disaggregated KV through pinned staging; nccl_communicator_test), then the
 # end-to-end decode benchmark on a random-weight model of SmolLM2-135M's shape at 8K and 32K
 # context against its roofline (weight + KV bytes / the D2D copy bandwidth measured in the same
 # run), and print a short summary last.
@@ -66,6 +67,8 @@ if [[ -z $SHARED ]]; then
   fi
 fi
 export HELIX_SHARED_DIR=$SHARED
+# UCX's transport modules from the same debs (its compiled-in module folder is /usr/lib/...).
+export UCX_MODULE_DIR=$ROOT/.devdeps/root/usr/lib/x86_64-linux-gnu/ucx
 NCCL_FLAGS=()
 if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   NCCL_DIR=$(python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null)
@@ -89,8 +92,11 @@ if cmake --build "$BUILD" --target help 2>/dev/null | grep -q nccl_communicator_
 fi
 step build build.log 240 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}"
 BUILD_OK=$?
-BENCH_ROWS=()
 if [[ $BUILD_OK == 0 ]]; then
+  # The tiny DeepSeek checkpoints for the MLA cases (numpy + safetensors are on the machine).
+  export HELIX_TEST_MODELS_DIR=$BUILD/test_models
+  step mla_models mla_models.log 60 python3 "$ROOT/tests/models/make_mla_models.py" \
+    "$HELIX_TEST_MODELS_DIR"
   step cuda_backend_test cuda_backend_test.log 150 "$BUILD/engine/cuda_backend_test"
   if [[ -x $BUILD/engine/nccl_communicator_test ]]; then
     step nccl_test nccl_test.log 90 "$BUILD/engine/nccl_communicator_test"
@@ -102,9 +108,12 @@ if [[ $BUILD_OK == 0 ]]; then
   if step bench_model bench_model.log 120 python3 "$ROOT/tests/bench/make_bench_model.py" \
     "$MODEL" --seq 33000; then
     for ctx in 8192 32768; do
-      step decode_$ctx decode_$ctx.log 120 "$BUILD/decode_bench" --backend cuda \
-        --model "$MODEL/model.bin" --tokenizer "$MODEL/tok.bin" --context $ctx --batch 1 \
-        --steps 32 --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
+      for g in 0 1; do
+        step decode_${ctx}_g$g decode_${ctx}_g$g.log 90 "$BUILD/decode_bench" --backend cuda \
+          --cuda-graphs $g --model "$MODEL/model.bin" --tokenizer "$MODEL/tok.bin" \
+          --context $ctx --batch 1 --steps 32 --weight-dtype bfloat16 --kv-dtype bfloat16 \
+          --tokens-per-block 32
+      done
     done
   fi
 fi
@@ -113,8 +122,8 @@ fi
   echo "==== run_engine summary ($(( $(date +%s) - T0 ))s total) ===="
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
-  for s in configure build cuda_backend_test nccl_test copy_bench bench_model decode_8192 \
-    decode_32768; do
+  for s in configure build mla_models cuda_backend_test nccl_test copy_bench bench_model \
+    decode_8192_g0 decode_8192_g1 decode_32768_g0 decode_32768_g1; do
     printf '%-18s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
   for t in cuda_backend_test nccl_test; do
@@ -125,18 +134,20 @@ fi
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
   echo "end-to-end decode (random SmolLM2-135M-shaped model, bf16 weights and KV, batch 1;"
   echo "roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the same run):"
-  for ctx in 8192 32768; do
-    f=$LOGS/decode_$ctx.log
+  for run in 8192_g0 8192_g1 32768_g0 32768_g1; do
+    ctx=${run%_g*}
+    f=$LOGS/decode_$run.log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
     [[ -n $line ]] || { tail -3 "$f"; continue; }
     ms=$(sed -n 's/.*ms_per_step=\([0-9.]*\).*/\1/p' <<<"$line")
     wb=$(sed -n 's/.*weight_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
-    awk -v c=$ctx -v ms="$ms" -v wb="$wb" -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
+    awk -v c=$ctx -v g=${run#*_g} -v ms="$ms" -v wb="$wb" -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "context %6d: %.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), " \
-             "ratio %.2f\n", c, ms, roof, wb / 1e6, kb / 1e6, roof > 0 ? ms / roof : 0 }'
+      printf "context %6d graphs %d: %.3f ms/step, roofline %.3f ms (%.0f MB weights + " \
+             "%.0f MB KV), ratio %.2f\n", c, g, ms, roof, wb / 1e6, kb / 1e6,
+             roof > 0 ? ms / roof : 0 }'
   done
 } > "$LOGS/summary.txt" 2>&1
 cat "$LOGS/summary.txt"

@@ -64,6 +64,19 @@ void CpuBackend::Add(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
+void CpuBackend::ScatterAddRows(const float* y, const int32_t* rows, const float* w, int64_t n,
+                                int64_t dim, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    float* o = out + static_cast<int64_t>(rows[j]) * dim;
+    const float* yj = y + j * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] += w[j] * yj[d];
+  }
+}
+
+void CpuBackend::Zero(void* p, size_t bytes) {
+  if (bytes > 0) std::memset(p, 0, bytes);
+}
+
 void CpuBackend::GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows,
                             int64_t n, float* out) {
   for (int64_t r = 0; r < num_rows; ++r) {

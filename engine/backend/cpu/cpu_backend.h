@@ -27,6 +27,9 @@ class CpuBackend final : public Backend {
   void CopyDevice(void* dst, const void* src, size_t bytes) override;
   void CopyDevice2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
                     size_t rows) override;
+  void CopyToHostAsync(void* dst, const void* src, size_t bytes) override {
+    CopyToDevice(dst, src, bytes);  // both host memory
+  }
   Status Sync() override { return Status::Ok(); }
 
   void Gemm(const kernels::GemmParams& p) override;
@@ -34,6 +37,9 @@ class CpuBackend final : public Backend {
   void Rope(const kernels::RopeParams& p) override;
   void SiluMul(const kernels::SiluMulParams& p) override;
   void Add(float* x, const float* y, int64_t n) override;
+  void ScatterAddRows(const float* y, const int32_t* rows, const float* w, int64_t n, int64_t dim,
+                      float* out) override;
+  void Zero(void* p, size_t bytes) override;
   void GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows, int64_t n,
                   float* out) override;
   void WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,

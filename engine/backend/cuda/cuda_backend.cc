@@ -1,11 +1,14 @@
 #include "engine/backend/cuda/cuda_backend.h"
 
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "engine/common/log.h"
 #include "kernels/cuda/attention_cuda.h"
@@ -19,16 +22,26 @@
 #include "kernels/cuda/gemm_cuda.h"
 #endif
 
-// With HELIX_CUDA_EMULATION (tests only: the kernels compiled as C++ and run on host threads by
+// With HELIX_CUDA_EMULATION (tests only: the kernels compiled as C++ and run on the host by
 // tests/gpu/cuda_emu.h) "device" memory is host memory and copies are memcpy, while the
 // backend still reports host_memory() == false, so the model takes the device path (weights
-// uploaded, batch indices copied, collectives staged). cuBLAS cannot be emulated: GEMMs run
-// GemmCpu there; cuda_ops_test checks GemmCuda against it on a GPU.
+// uploaded, batch indices copied, collectives staged). A graph there is the list of the ops
+// recorded as closures, replayed in order: like a CUDA graph it keeps the kernel arguments of
+// the capture and reads the buffers when it runs. cuBLAS cannot be emulated: GEMMs run GemmCpu
+// there; cuda_ops_test checks GemmCuda against it on a GPU.
 
 namespace helix {
 namespace {
 
 namespace kc = kernels::cuda;
+
+#ifndef HELIX_CUDA_EMULATION
+constexpr size_t kCublasWorkspace = 32u << 20;  // cuBLAS's own, so that graphs allocate nothing
+#endif
+
+void* HostAlignedAlloc(size_t bytes) {
+  return std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+}
 
 class CudaBackend final : public Backend {
  public:
@@ -51,6 +64,12 @@ class CudaBackend final : public Backend {
       return FailedPrecondition("backend cuda: cublasCreate failed on device " +
                                 std::to_string(device_));
     }
+    // The stream first: setting it drops a workspace given before.
+    RETURN_IF_ERROR(Check(cudaMalloc(&cublas_ws_, kCublasWorkspace), "cuBLAS workspace"));
+    if (cublasSetStream(cublas_, stream_) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(cublas_, cublas_ws_, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS) {
+      return FailedPrecondition("backend cuda: cannot give cuBLAS its stream and workspace");
+    }
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, device_) == cudaSuccess) {
       HELIX_LOG(kInfo) << "backend cuda: device " << device_ << " of " << count << " (" << prop.name
@@ -61,10 +80,13 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    BindDevice();
+    DropGraphs();
 #ifndef HELIX_CUDA_EMULATION
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     if (gemm_ws_ != nullptr) cudaFree(gemm_ws_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (cublas_ws_ != nullptr) cudaFree(cublas_ws_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
 #else
     std::free(gemm_ws_);
@@ -81,10 +103,47 @@ class CudaBackend final : public Backend {
     return error_;
   }
 
-  void* Alloc(size_t bytes) override {
+  std::string DeviceId() override {
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    std::string id = std::string(host) + "/";
 #ifdef HELIX_CUDA_EMULATION
-    return std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+    id += "emulated-0";  // one emulated device per host
 #else
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, device_) == cudaSuccess) {
+      static const char* kHex = "0123456789abcdef";
+      for (unsigned char c : prop.uuid.bytes) {
+        id += kHex[c >> 4];
+        id += kHex[c & 15];
+      }
+    } else {
+      id += "device-" + std::to_string(device_);
+    }
+#endif
+    return id;
+  }
+
+  int64_t FreeMemoryBytes() override {
+#ifdef HELIX_CUDA_EMULATION
+    return -1;
+#else
+    size_t free_bytes = 0, total = 0;
+    BindDevice();
+    if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return static_cast<int64_t>(free_bytes);
+#endif
+  }
+
+  void* Alloc(size_t bytes) override {
+    if (capturing_) return Refuse("Alloc");
+#ifdef HELIX_CUDA_EMULATION
+    return HostAlignedAlloc(bytes);
+#else
+    BindDevice();  // memory calls may come from another thread than the ops
     void* p = nullptr;
     // cudaMalloc: 256-byte aligned; it may wait for the device, which is fine outside the step.
     if (cudaMalloc(&p, std::max<size_t>(bytes, 1)) != cudaSuccess) {
@@ -96,17 +155,25 @@ class CudaBackend final : public Backend {
   }
   void Free(void* p) override {
     if (p == nullptr) return;
+    if (capturing_) {  // freeing (and the wait before it) would break the capture: later
+      Refuse("Free");
+      deferred_frees_.emplace_back(p, false);
+      return;
+    }
 #ifdef HELIX_CUDA_EMULATION
     std::free(p);
 #else
+    BindDevice();
     Note(cudaStreamSynchronize(stream_), "stream synchronize");  // queued ops are done with p
     Note(cudaFree(p), "cudaFree");
 #endif
   }
   void* AllocHost(size_t bytes) override {
+    if (capturing_) return Refuse("AllocHost");
 #ifdef HELIX_CUDA_EMULATION
-    return std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
+    return HostAlignedAlloc(bytes);
 #else
+    BindDevice();
     void* p = nullptr;
     if (cudaMallocHost(&p, std::max<size_t>(bytes, 1)) != cudaSuccess) {
       cudaGetLastError();
@@ -117,9 +184,15 @@ class CudaBackend final : public Backend {
   }
   void FreeHost(void* p) override {
     if (p == nullptr) return;
+    if (capturing_) {
+      Refuse("FreeHost");
+      deferred_frees_.emplace_back(p, true);
+      return;
+    }
 #ifdef HELIX_CUDA_EMULATION
     std::free(p);
 #else
+    BindDevice();
     Note(cudaStreamSynchronize(stream_), "stream synchronize");
     Note(cudaFreeHost(p), "cudaFreeHost");
 #endif
@@ -127,85 +200,198 @@ class CudaBackend final : public Backend {
 
   void CopyToDevice(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
-#ifdef HELIX_CUDA_EMULATION
-    std::memcpy(dst, src, bytes);
-#else
-    Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
-#endif
+    Op("copy to device", [=, this] { return Memcpy(dst, src, bytes, cudaMemcpyHostToDevice); });
+  }
+  void CopyToHostAsync(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    Op("copy to host", [=, this] { return Memcpy(dst, src, bytes, cudaMemcpyDeviceToHost); });
   }
   Status CopyToHost(void* dst, const void* src, size_t bytes) override {
-#ifdef HELIX_CUDA_EMULATION
-    if (bytes > 0) std::memcpy(dst, src, bytes);
-#else
-    if (bytes > 0) {
-      Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
+    if (capturing_) {
+      Refuse("CopyToHost");
+      return capture_error_;
     }
-    Note(cudaStreamSynchronize(stream_), "stream synchronize");
-#endif
-    return error_;
+    CopyToHostAsync(dst, src, bytes);
+    return Sync();
   }
   void CopyDevice(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
-#ifdef HELIX_CUDA_EMULATION
-    std::memmove(dst, src, bytes);
-#else
-    Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "device copy");
-#endif
+    Op("device copy", [=, this] { return Memcpy(dst, src, bytes, cudaMemcpyDeviceToDevice); });
   }
   void CopyDevice2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
                     size_t rows) override {
     if (width == 0 || rows == 0) return;
+    Op("2D device copy", [=, this] {
 #ifdef HELIX_CUDA_EMULATION
-    for (size_t r = 0; r < rows; ++r) {
-      std::memmove(static_cast<char*>(dst) + r * dst_pitch,
-                   static_cast<const char*>(src) + r * src_pitch, width);
-    }
+      for (size_t r = 0; r < rows; ++r) {
+        std::memmove(static_cast<char*>(dst) + r * dst_pitch,
+                     static_cast<const char*>(src) + r * src_pitch, width);
+      }
+      return cudaSuccess;
 #else
-    Note(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDeviceToDevice,
-                           stream_),
-         "2D device copy");
+      return cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows,
+                               cudaMemcpyDeviceToDevice, stream_);
 #endif
+    });
   }
   void* native_stream() override { return stream_; }
   Status Sync() override {
+    if (capturing_) {
+      Refuse("Sync");
+      return capture_error_;
+    }
 #ifndef HELIX_CUDA_EMULATION
     Note(cudaStreamSynchronize(stream_), "stream synchronize");
 #endif
     return error_;
   }
 
+  bool SupportsGraphs() const override { return true; }
+  uint64_t scratch_moves() const override { return scratch_moves_; }
+  Status BeginCapture() override {
+    if (capturing_) return FailedPrecondition("backend cuda: already capturing a graph");
+    RETURN_IF_ERROR(error_);
+    capture_error_ = Status::Ok();
+#ifdef HELIX_CUDA_EMULATION
+    emu_graphs_.emplace_back();
+#else
+    RETURN_IF_ERROR(Check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
+                          "cudaStreamBeginCapture"));
+#endif
+    capturing_ = true;
+    return Status::Ok();
+  }
+  StatusOr<int> EndCapture() override {
+    if (!capturing_) return FailedPrecondition("backend cuda: EndCapture without BeginCapture");
+    capturing_ = false;
+    // What the capture wanted freed (its capture has failed: Free is refused while capturing).
+    const auto frees = std::move(deferred_frees_);
+    deferred_frees_.clear();
+    struct FreeLater {
+      CudaBackend* b;
+      std::vector<std::pair<void*, bool>> list;
+      ~FreeLater() {
+        for (const auto& [p, host] : list) host ? b->FreeHost(p) : b->Free(p);
+      }
+    } free_later{this, frees};
+#ifdef HELIX_CUDA_EMULATION
+    if (!capture_error_.ok()) {
+      emu_graphs_.pop_back();
+      return capture_error_;
+    }
+    return static_cast<int>(emu_graphs_.size()) - 1;
+#else
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t inst = cudaErrorUnknown;
+    if (end == cudaSuccess && capture_error_.ok()) {
+      inst = cudaGraphInstantiate(&exec, graph, 0);
+    }
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    if (end != cudaSuccess || inst != cudaSuccess || !capture_error_.ok()) {
+      cudaGetLastError();  // a failed capture leaves no sticky error behind
+      if (!capture_error_.ok()) return capture_error_;
+      const cudaError_t e = end != cudaSuccess ? end : inst;
+      return Internal(std::string("backend cuda: capturing a graph failed: ") +
+                      cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+    }
+    graphs_.push_back(exec);
+    return static_cast<int>(graphs_.size()) - 1;
+#endif
+  }
+  Status Replay(int graph) override {
+#ifdef HELIX_CUDA_EMULATION
+    if (graph < 0 || graph >= static_cast<int>(emu_graphs_.size())) {
+      return InvalidArgument("backend cuda: no graph " + std::to_string(graph));
+    }
+    for (const std::function<void()>& op : emu_graphs_[graph]) op();
+#else
+    if (graph < 0 || graph >= static_cast<int>(graphs_.size()) || graphs_[graph] == nullptr) {
+      return InvalidArgument("backend cuda: no graph " + std::to_string(graph));
+    }
+    Note(cudaGraphLaunch(graphs_[graph], stream_), "cudaGraphLaunch");
+#endif
+    return error_;
+  }
+  void DropGraphs() override {
+#ifdef HELIX_CUDA_EMULATION
+    emu_graphs_.clear();
+#else
+    if (!graphs_.empty() && stream_ != nullptr) cudaStreamSynchronize(stream_);
+    for (cudaGraphExec_t g : graphs_) {
+      if (g != nullptr) cudaGraphExecDestroy(g);
+    }
+    graphs_.clear();
+#endif
+  }
+
   void Gemm(const kernels::GemmParams& p) override {
 #ifdef HELIX_CUDA_EMULATION
-    kernels::GemmCpu(p, nullptr);
+    Op("GemmCpu", [=] {
+      kernels::GemmCpu(p, nullptr);
+      return cudaSuccess;
+    });
 #else
     const size_t ws = kc::GemmCudaWorkspaceBytes(p);
     if (ws > gemm_ws_bytes_) {
+      if (capturing_) {
+        Refuse("GEMM workspace growth");
+        return;
+      }
       if (gemm_ws_ != nullptr) Free(gemm_ws_);
       gemm_ws_ = nullptr;
       gemm_ws_bytes_ = 0;
-      if (!Note(cudaMalloc(&gemm_ws_, ws), "GEMM workspace cudaMalloc")) return;
+      ++scratch_moves_;
+      if (cudaMalloc(&gemm_ws_, ws) != cudaSuccess) {
+        cudaGetLastError();  // out of memory is not sticky; the step fails with it
+        gemm_ws_ = nullptr;
+        Note(cudaErrorMemoryAllocation, "GEMM workspace cudaMalloc");
+        return;
+      }
       gemm_ws_bytes_ = ws;
     }
     Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_), "GemmCuda");
 #endif
   }
   void RmsNorm(const kernels::RmsNormParams& p) override {
-    Note(kc::RmsNormCuda(p, stream_), "RmsNormCuda");
+    Op("RmsNormCuda", [=, this] { return kc::RmsNormCuda(p, stream_); });
   }
-  void Rope(const kernels::RopeParams& p) override { Note(kc::RopeCuda(p, stream_), "RopeCuda"); }
+  void Rope(const kernels::RopeParams& p) override {
+    Op("RopeCuda", [=, this] { return kc::RopeCuda(p, stream_); });
+  }
   void SiluMul(const kernels::SiluMulParams& p) override {
-    Note(kc::SiluMulCuda(p, stream_), "SiluMulCuda");
+    Op("SiluMulCuda", [=, this] { return kc::SiluMulCuda(p, stream_); });
   }
   void Add(float* x, const float* y, int64_t n) override {
-    Note(kc::AddCuda({x, y, n}, stream_), "AddCuda");
+    Op("AddCuda", [=, this] { return kc::AddCuda({x, y, n}, stream_); });
+  }
+  void ScatterAddRows(const float* y, const int32_t* rows, const float* w, int64_t n, int64_t dim,
+                      float* out) override {
+    Op("ScatterAddRowsCuda", [=, this] {
+      return kc::ScatterAddRowsCuda({y, rows, w, n, dim, out}, stream_);
+    });
+  }
+  void Zero(void* p, size_t bytes) override {
+    if (bytes == 0) return;
+    Op("memset", [=, this] {
+#ifdef HELIX_CUDA_EMULATION
+      std::memset(p, 0, bytes);
+      return cudaSuccess;
+#else
+      return cudaMemsetAsync(p, 0, bytes, stream_);
+#endif
+    });
   }
   void GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows, int64_t n,
                   float* out) override {
-    Note(kc::GatherRowsCuda({in, stride, rows, num_rows, n, out}, stream_), "GatherRowsCuda");
+    Op("GatherRowsCuda", [=, this] {
+      return kc::GatherRowsCuda({in, stride, rows, num_rows, n, out}, stream_);
+    });
   }
   void WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,
                const float* k, const float* v) override {
-    Note(kc::WriteKvCuda(kv, block, layer, slot, k, v, stream_), "WriteKvCuda");
+    Op("WriteKvCuda", [=, this] { return kc::WriteKvCuda(kv, block, layer, slot, k, v, stream_); });
   }
   void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k, const float* v,
                     const int32_t* block, const int32_t* slot, int64_t tokens) override {
@@ -217,31 +403,51 @@ class CudaBackend final : public Backend {
     p.block = block;
     p.token_in_block = slot;
     p.tokens = tokens;
-    Note(kc::WriteKvBatchCuda(p, stream_), "WriteKvBatchCuda");
+    Op("WriteKvBatchCuda", [=, this] { return kc::WriteKvBatchCuda(p, stream_); });
   }
   size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) override {
     return kc::PagedAttentionCudaWorkspaceBytes(WithSplit(p));
   }
   void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) override {
-    Note(kc::PagedAttentionCuda(WithSplit(p), workspace, stream_), "PagedAttentionCuda");
+    const kernels::PagedAttentionParams q = WithSplit(p);
+    Op("PagedAttentionCuda", [=, this] { return kc::PagedAttentionCuda(q, workspace, stream_); });
   }
   void MergeStates(const kernels::MergeStatesParams& p) override {
-    Note(kc::MergeStatesCuda(p, stream_), "MergeStatesCuda");
+    Op("MergeStatesCuda", [=, this] { return kc::MergeStatesCuda(p, stream_); });
   }
   void PackCombine(const float* att, const float* lse, int64_t tokens, int64_t peers, int64_t hp,
                    int64_t dim, float* send) override {
-    Note(kc::PackCombineCuda({att, lse, send, tokens, peers, hp, dim}, stream_), "PackCombineCuda");
+    Op("PackCombineCuda", [=, this] {
+      return kc::PackCombineCuda({att, lse, send, tokens, peers, hp, dim}, stream_);
+    });
   }
   void UnpackCombine(const float* recv, int64_t peers, int64_t rows, int64_t dim, float* parts_o,
                      float* parts_lse) override {
-    Note(kc::UnpackCombineCuda({recv, parts_o, parts_lse, peers, rows, dim}, stream_),
-         "UnpackCombineCuda");
+    Op("UnpackCombineCuda", [=, this] {
+      return kc::UnpackCombineCuda({recv, parts_o, parts_lse, peers, rows, dim}, stream_);
+    });
   }
   size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) override {
     return kc::MlaAttentionCudaWorkspaceBytes(p);
   }
   void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) override {
-    Note(kc::MlaAttentionCuda(p, workspace, stream_), "MlaAttentionCuda");
+    Op("MlaAttentionCuda", [=, this] { return kc::MlaAttentionCuda(p, workspace, stream_); });
+  }
+  bool SampleTokens(const float* logits, int64_t rows, int64_t vocab, const float* temperature,
+                    const int32_t* top_k, const float* top_p, const float* min_p, const double* u,
+                    int32_t* greedy, int32_t* sampled) override {
+    if (greedy != nullptr) {
+      Op("ArgmaxCuda", [=, this] {
+        return kc::ArgmaxCuda({logits, greedy, rows, vocab}, stream_);
+      });
+    }
+    if (sampled != nullptr) {
+      Op("SampleCuda", [=, this] {
+        return kc::SampleCuda({logits, temperature, top_k, top_p, min_p, u, sampled, rows, vocab},
+                              stream_);
+      });
+    }
+    return true;
   }
   void Embedding(const float* table, int64_t vocab, const int32_t* ids, int64_t n, int64_t dim,
                  float* out) override {
@@ -253,10 +459,36 @@ class CudaBackend final : public Backend {
     p.n = n;
     p.dim = dim;
     p.vocab = vocab;
-    Note(kc::EmbeddingCuda(p, stream_), "EmbeddingCuda");
+    Op("EmbeddingCuda", [=, this] { return kc::EmbeddingCuda(p, stream_); });
   }
 
  private:
+  void BindDevice() {
+#ifndef HELIX_CUDA_EMULATION
+    cudaSetDevice(device_);
+#endif
+  }
+  // Runs one queued op (a CUDA capture records it by itself); the emulation records the closure
+  // while capturing.
+  template <typename F>
+  void Op(const char* what, F&& f) {
+#ifdef HELIX_CUDA_EMULATION
+    if (capturing_) {
+      emu_graphs_.back().push_back([this, what, f] { Note(f(), what); });
+      return;
+    }
+#endif
+    Note(f(), what);
+  }
+  cudaError_t Memcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+#ifdef HELIX_CUDA_EMULATION
+    (void)kind;
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+#else
+    return cudaMemcpyAsync(dst, src, bytes, kind, stream_);
+#endif
+  }
   // The split the attention launch and its workspace size both use (same shapes, same split).
   kernels::PagedAttentionParams WithSplit(kernels::PagedAttentionParams p) const {
     if (p.kv_split_tokens == 0) {
@@ -266,13 +498,22 @@ class CudaBackend final : public Backend {
     }
     return p;
   }
-  // Keeps the first error; false when `err` is one.
+  // Something a capture may not do: the capture fails (EndCapture says what).
+  std::nullptr_t Refuse(const char* what) {
+    if (capture_error_.ok()) {
+      capture_error_ =
+          FailedPrecondition(std::string("backend cuda: ") + what + " while capturing a graph");
+    }
+    return nullptr;
+  }
+  // Keeps the first error (while capturing: the capture's); false when `err` is one.
   bool Note(cudaError_t err, const char* what) {
     if (err == cudaSuccess) return true;
-    if (error_.ok()) {
-      error_ = Internal(std::string("backend cuda: ") + what + " failed: " + cudaGetErrorName(err) +
-                        " (" + cudaGetErrorString(err) + ")");
-      HELIX_LOG(kError) << error_.message();
+    Status& slot = capturing_ ? capture_error_ : error_;
+    if (slot.ok()) {
+      slot = Internal(std::string("backend cuda: ") + what + " failed: " + cudaGetErrorName(err) +
+                      " (" + cudaGetErrorString(err) + ")");
+      HELIX_LOG(kError) << slot.message();
     }
     return false;
   }
@@ -287,10 +528,17 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
 #ifndef HELIX_CUDA_EMULATION
   cublasHandle_t cublas_ = nullptr;
+  void* cublas_ws_ = nullptr;
+  std::vector<cudaGraphExec_t> graphs_;
+#else
+  std::vector<std::vector<std::function<void()>>> emu_graphs_;
 #endif
   void* gemm_ws_ = nullptr;
   size_t gemm_ws_bytes_ = 0;
-  Status error_;
+  bool capturing_ = false;
+  uint64_t scratch_moves_ = 0;
+  std::vector<std::pair<void*, bool>> deferred_frees_;  // (pointer, host) freed after a capture
+  Status error_, capture_error_;
 };
 
 }  // namespace

@@ -1,6 +1,7 @@
 // CUDA backend: every Backend op on one GPU (kernels/cuda, GEMMs through cuBLAS), queued in
 // order on one stream; memory is device memory, staging memory is pinned. Errors of launches
-// and runtime calls are kept (the first one) and returned by the next CopyToHost or Sync.
+// and runtime calls are kept (the first one) and returned by every later CopyToHost, Sync and
+// Activate: a CUDA error leaves the backend failed (most are sticky in the CUDA context too).
 // Built only when CUDA is enabled (HELIX_HAVE_CUDA_BACKEND). Not thread-safe.
 #pragma once
 

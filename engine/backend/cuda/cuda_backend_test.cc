@@ -1,15 +1,21 @@
-// The engine on the CUDA backend against the engine on the CPU backend (the reference), on the
-// real stories260K model: greedy tokens identical and logprobs close, one rank and Helix ranks
-// sharing the device (collectives staged through host memory over Gloo).
+// The engine on the CUDA backend against the engine on the CPU backend (the reference): on the
+// real stories260K model (greedy and seeded sampling, KV dtypes, split-KV, CUDA graphs, Helix
+// ranks sharing the device with collectives staged through host memory over Gloo, KV from a
+// context server through pinned staging) and on the tiny DeepSeek models (MLA + MoE) of the
+// test_models fixture: tokens identical, logprobs close.
 //
-// Compiled twice: as cuda_backend_emu_test with HELIX_CUDA_EMULATION (kernels run on host
-// threads by tests/gpu/cuda_emu.h; no GPU needed, so CI runs it) and as cuda_backend_test on
-// the real GPU (label gpu; skips when no CUDA device is visible).
+// Compiled twice: as cuda_backend_emu_test with HELIX_CUDA_EMULATION (the kernels run on the
+// host by tests/gpu/cuda_emu.h; no GPU needed, so CI runs it) and as cuda_backend_test on the
+// real GPU (label gpu; skips when no CUDA device is visible). Helix worker ranks are this binary
+// spawned again (CudaBackendWorker.Run), never forked: CUDA does not survive fork.
 #include <gtest/gtest.h>
+#include <spawn.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -23,6 +29,8 @@
 #include "engine/parallel/launcher.h"
 #include "engine/transfer/kv_handle.h"
 
+extern char** environ;
+
 namespace helix {
 namespace {
 
@@ -30,9 +38,28 @@ namespace fs = std::filesystem;
 using testing::RunAll;
 using testing::RunResult;
 
+#ifdef HELIX_CUDA_EMULATION
+constexpr int kSteps = 20;  // the emulated kernels are slow
+#else
+constexpr int kSteps = 64;
+#endif
+
 std::string Shared() {
   const char* s = std::getenv("HELIX_SHARED_DIR");
   return s ? s : "../shared";
+}
+std::string ModelsDir() {
+  const char* s = std::getenv("HELIX_TEST_MODELS_DIR");
+  return s ? s : "";
+}
+
+bool HaveDevice() {
+#ifdef HELIX_CUDA_EMULATION
+  return true;
+#else
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+#endif
 }
 
 struct Case {
@@ -42,7 +69,25 @@ struct Case {
   int64_t tokens_per_block;
   int64_t split_tokens;  // CudaBackendOptions::attention_split_tokens
   int tp, cp;
+  bool sampled = false;  // SampledBatch (seeded sampling, mostly on the device) instead of Batch
+  bool graphs = false;   // EngineOptions::cuda_graphs (and no logprobs, so that steps qualify)
 };
+
+const std::vector<Case>& StoriesCases() {
+  static const std::vector<Case> cases = {
+      {"f32", kernels::DType::kF32, std::nullopt, 32, 0, 1, 1},
+      {"f32_sampled", kernels::DType::kF32, std::nullopt, 16, 0, 1, 1, true},
+      {"f32_graphs", kernels::DType::kF32, std::nullopt, 8, 0, 1, 1, false, true},
+      {"sampled_graphs", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1, true, true},
+      {"bf16kv_tpb4_split8", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1},
+      {"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2},
+      {"f16kv_tp2_cp2_tpb8", kernels::DType::kF16, std::nullopt, 8, 0, 2, 2},
+#ifndef HELIX_CUDA_EMULATION
+      {"bf16_weights", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1},
+#endif
+  };
+  return cases;
+}
 
 EngineOptions Options(const Case& c) {
   EngineOptions o;
@@ -53,8 +98,9 @@ EngineOptions Options(const Case& c) {
   o.kv_dtype = c.kv_dtype;
   o.weight_dtype = c.weight_dtype;
   o.kv_max_tokens = 4 * 256;
-  o.max_batch_size = 4;
+  o.max_batch_size = 8;
   o.max_seq_len = 256;
+  o.kv_transfer_timeout = std::chrono::milliseconds(20000);
   return o;
 }
 
@@ -62,15 +108,95 @@ EngineOptions CudaOptions(const Case& c) {
   EngineOptions o = Options(c);
   o.tensor_parallel = c.tp;
   o.context_parallel = c.cp;
+  o.cuda_graphs = c.graphs;
   CudaBackendOptions bo;
   bo.attention_split_tokens = c.split_tokens;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   return o;
 }
 
+EngineOptions MlaOptions(const std::string& model, int tp, int cp, bool cuda) {
+  EngineOptions o;
+  o.model_path = ModelsDir() + "/" + model;
+  o.tokenizer_path = Shared() + "/models/stories260K/tok512.bin";
+  o.num_threads = 1;
+  o.tokens_per_block = 4;
+  o.max_batch_size = 4;
+  o.kv_max_tokens = 4 * 256;
+  o.tensor_parallel = tp;
+  o.context_parallel = cp;
+  if (cuda) o.backend_factory = []() { return CreateCudaBackend(CudaBackendOptions{}); };
+  return o;
+}
+
+// The options a spawned worker rank runs with: "stories/<case>" or "mla/<model>/<tp>/<cp>".
+std::optional<EngineOptions> WorkerOptions(const std::string& id) {
+  if (id.rfind("stories/", 0) == 0) {
+    for (const Case& c : StoriesCases()) {
+      if ("stories/" + c.name == id) return CudaOptions(c);
+    }
+  }
+  if (id.rfind("mla/", 0) == 0) {
+    const std::string rest = id.substr(4);
+    const size_t a = rest.find('/'), b = rest.rfind('/');
+    if (a != std::string::npos && b != a) {
+      return MlaOptions(rest.substr(0, a), std::stoi(rest.substr(a + 1, b - a - 1)),
+                        std::stoi(rest.substr(b + 1)), true);
+    }
+  }
+  return std::nullopt;
+}
+
+// Ranks 1..world-1 of the instance `id` whose leader listens on `port`, as new processes.
+std::vector<pid_t> SpawnWorkers(const std::string& id, int world, int port) {
+  std::vector<pid_t> pids;
+  for (int r = 1; r < world; ++r) {
+    std::vector<std::string> env_s;
+    for (char** e = environ; *e != nullptr; ++e) env_s.push_back(*e);
+    env_s.push_back("HELIX_CUDA_TEST_WORKER=" + id);
+    env_s.push_back("HELIX_CUDA_TEST_RANK=" + std::to_string(r));
+    env_s.push_back("HELIX_CUDA_TEST_PORT=" + std::to_string(port));
+    std::vector<char*> envp;
+    for (std::string& s : env_s) envp.push_back(s.data());
+    envp.push_back(nullptr);
+    std::string exe = "/proc/self/exe", filter = "--gtest_filter=CudaBackendWorker.Run";
+    char* argv[] = {exe.data(), filter.data(), nullptr};
+    pid_t pid = 0;
+    if (posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0) {
+      pids.push_back(pid);
+    } else {
+      ADD_FAILURE() << "cannot spawn rank " << r;
+    }
+  }
+  return pids;
+}
+
+// A worker rank (runs only when spawned by SpawnWorkers): exits 0 after a clean shutdown.
+TEST(CudaBackendWorker, Run) {
+  const char* id = std::getenv("HELIX_CUDA_TEST_WORKER");
+  if (id == nullptr) GTEST_SKIP() << "only as a rank spawned by the tests below";
+  std::optional<EngineOptions> o = WorkerOptions(id);
+  int code = 2;
+  if (o) {
+    o->rank = std::atoi(std::getenv("HELIX_CUDA_TEST_RANK"));
+    o->leader_port = std::atoi(std::getenv("HELIX_CUDA_TEST_PORT"));
+    auto e = Engine::Create(*o);
+    if (e.ok()) {
+      const Status s = (*e)->RunWorker();
+      if (!s.ok()) std::fprintf(stderr, "worker %s: %s\n", id, s.ToString().c_str());
+      code = s.ok() ? 0 : 3;
+    } else {
+      std::fprintf(stderr, "worker %s: %s\n", id, e.status().ToString().c_str());
+    }
+  }
+  std::fflush(stderr);
+  _exit(code);
+}
+
 // Prompts of different lengths (one shorter than a block at the small block sizes, one
-// spanning several), greedy, with the sampled token's logprob and the top 3.
-std::vector<GenerateRequest> Batch(int max_tokens) {
+// spanning several), greedy; with the sampled token's logprob and the top 3 unless graphs are
+// tested (a row with logprobs is sampled on the host, so its step does not run as a graph).
+std::vector<GenerateRequest> Batch(int max_tokens, bool logprobs) {
   std::vector<GenerateRequest> reqs;
   for (const char* p :
        {"Once upon a time", "Lily", "The little dog ran to the park and saw a big"}) {
@@ -78,12 +204,45 @@ std::vector<GenerateRequest> Batch(int max_tokens) {
     r.prompt = p;
     r.max_tokens = max_tokens;
     r.sampling.temperature = 0;
-    r.sampling.top_logprobs = 3;
+    r.sampling.top_logprobs = logprobs ? 3 : -1;
     reqs.push_back(r);
   }
   return reqs;
 }
 
+// Seeded sampling on the device (temperature with top-k / top-p / min-p, and a greedy row);
+// unless graphs are tested also a row with logprobs and one with a repetition penalty, which
+// the host samples.
+std::vector<GenerateRequest> SampledBatch(int max_tokens, bool host_rows) {
+  std::vector<GenerateRequest> reqs(host_rows ? 5 : 3);
+  const char* prompts[] = {"Once upon a time", "Lily",
+                           "The little dog ran to the park and saw a big", "Tom had a red ball",
+                           "One day"};
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].prompt = prompts[i];
+    reqs[i].max_tokens = max_tokens;
+    reqs[i].sampling.seed = 100 + i;
+  }
+  reqs[0].sampling.temperature = 0.8f;
+  reqs[0].sampling.top_k = 40;
+  reqs[0].sampling.top_p = 0.9f;
+  reqs[1].sampling.temperature = 1.0f;
+  reqs[1].sampling.min_p = 0.05f;
+  reqs[2].sampling.temperature = 0;  // greedy on the device
+  if (host_rows) {
+    reqs[3].sampling.temperature = 0.7f;
+    reqs[3].sampling.top_logprobs = 2;
+    reqs[4].sampling.temperature = 0.9f;
+    reqs[4].sampling.repetition_penalty = 1.3f;
+  }
+  return reqs;
+}
+
+std::vector<GenerateRequest> BatchFor(const Case& c) {
+  return c.sampled ? SampledBatch(kSteps, !c.graphs) : Batch(kSteps, !c.graphs);
+}
+
+// Tokens and text equal; with tol >= 0 also the top logprobs (ids equal, values within tol).
 void ExpectSame(const std::vector<RunResult>& got, const std::vector<RunResult>& want, double tol) {
   ASSERT_EQ(got.size(), want.size());
   for (size_t i = 0; i < got.size(); ++i) {
@@ -110,83 +269,64 @@ void ExpectSame(const std::vector<RunResult>& got, const std::vector<RunResult>&
 class CudaBackendTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
+    if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) GTEST_SKIP() << "a worker rank";
     if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) {
       GTEST_SKIP() << "stories260K not found under " << Shared() << "/models (HELIX_SHARED_DIR)";
     }
-#ifndef HELIX_CUDA_EMULATION
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-      GTEST_SKIP() << "no CUDA device visible";
-    }
-#endif
+    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   }
 };
 
-using CudaBackendDisaggTest = CudaBackendTest;
-
-#ifdef HELIX_CUDA_EMULATION
-constexpr int kSteps = 12;  // emulated kernels are slow: a few thousand host threads per step
-#else
-constexpr int kSteps = 64;
-#endif
-
-TEST_P(CudaBackendTest, SameGreedyTokensAsCpu) {
+TEST_P(CudaBackendTest, SameTokensAsCpu) {
   const Case c = GetParam();
   const std::vector<int> join_at = {0, 0, 3};  // the third joins mid-flight
   std::vector<RunResult> got;
-  const EngineOptions co = CudaOptions(c);
+  EngineOptions lead = CudaOptions(c);
   std::vector<pid_t> workers;
-  EngineOptions lead = co;
   if (c.tp * c.cp > 1) {
     auto port = parallel::PickFreePort("127.0.0.1");
     ASSERT_TRUE(port.ok());
     lead.leader_port = *port;
-    workers = testing::ForkWorkers(lead);
+    workers = SpawnWorkers("stories/" + c.name, c.tp * c.cp, *port);
   }
   {
     auto e = Engine::Create(lead);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
-    got = RunAll(e->get(), Batch(kSteps), join_at);
+    got = RunAll(e->get(), BatchFor(c), join_at);
     EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+    if (c.graphs) {
+      // Every bucket runs once eagerly, then as a captured graph: most steps are replays.
+      const ForwardTimings& t = (*e)->model_timings();
+      EXPECT_GE(t.graph_captures, 1);
+      EXPECT_GE(t.graph_replays, kSteps / 2) << "of " << t.calls << " steps";
+    }
   }
   for (int code : testing::Reap(workers, std::chrono::milliseconds(30000))) EXPECT_EQ(code, 0);
 
   auto cpu = Engine::Create(Options(c));
   ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
-  const std::vector<RunResult> want = RunAll(cpu->get(), Batch(kSteps), join_at);
+  const std::vector<RunResult> want = RunAll(cpu->get(), BatchFor(c), join_at);
   const bool exact = c.kv_dtype == kernels::DType::kF32 && !c.weight_dtype;
   ExpectSame(got, want, exact ? 1e-4 : 2e-2);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Stories, CudaBackendTest,
-    ::testing::Values(Case{"f32", kernels::DType::kF32, std::nullopt, 32, 0, 1, 1},
-                      Case{"bf16kv_tpb4_split8", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1},
-                      Case{"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2},
-                      Case{"f16kv_tp2_cp2_tpb8", kernels::DType::kF16, std::nullopt, 8, 0, 2, 2}
-#ifndef HELIX_CUDA_EMULATION
-                      ,
-                      Case{"bf16_weights", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1,
-                           1}
-#endif
-                      ),
-    [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Stories, CudaBackendTest, ::testing::ValuesIn(StoriesCases()),
+                         [](const auto& info) { return info.param.name; });
 
 // Disaggregated on the CUDA backend: a context engine on it exports its device blocks through
 // a pinned mirror, a CP 2 generation group on it pulls them into pinned staging and copies them
 // to its device blocks; the tokens equal the CPU engine's aggregated decoding.
-TEST_P(CudaBackendDisaggTest, ContextToCpTwoGroupMatchesCpu) {
+TEST_F(CudaBackendTest, DisaggregatedIntoCpTwoGroupMatchesCpu) {
   setenv("UCX_NET_DEVICES", "lo", 0);
-  const Case c = GetParam();
+  const Case c = StoriesCases()[5];  // f32_cp2_tpb4
+  ASSERT_EQ(c.name, "f32_cp2_tpb4");
   EngineOptions go = CudaOptions(c);
-  go.kv_transfer_timeout = std::chrono::milliseconds(20000);
   auto port = parallel::PickFreePort("127.0.0.1");
   ASSERT_TRUE(port.ok());
   go.leader_port = *port;
-  // Workers first: UCX state does not survive fork.
-  const std::vector<pid_t> workers = testing::ForkWorkers(go);
+  const std::vector<pid_t> workers = SpawnWorkers("stories/" + c.name, 2, *port);
   std::vector<RunResult> got;
-  std::vector<GenerateRequest> reqs = Batch(kSteps);
+  std::vector<GenerateRequest> reqs = Batch(kSteps, false);
   {
     auto gen = Engine::Create(go);
     ASSERT_TRUE(gen.ok()) << gen.status().ToString();
@@ -246,14 +386,67 @@ TEST_P(CudaBackendDisaggTest, ContextToCpTwoGroupMatchesCpu) {
 
   auto cpu = Engine::Create(Options(c));
   ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
-  const std::vector<RunResult> want = RunAll(cpu->get(), Batch(kSteps));
+  const std::vector<RunResult> want = RunAll(cpu->get(), Batch(kSteps, false));
   ExpectSame(got, want, -1);  // the first token's logprobs stay on the context server
 }
 
-INSTANTIATE_TEST_SUITE_P(Stories, CudaBackendDisaggTest,
-                         ::testing::Values(Case{"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt,
-                                                4, 0, 1, 2}),
-                         [](const auto& info) { return info.param.name; });
+// DeepSeek (MLA + MoE) tiny models from the test_models fixture on the CUDA backend: the latent
+// cache, absorbed decode with the yarn RoPE table on the device, the combine in the latent space
+// and the MoE (routing on the host, experts on the device) give the CPU engine's tokens.
+class CudaBackendMlaTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {
+ protected:
+  void SetUp() override {
+    if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) GTEST_SKIP() << "a worker rank";
+    if (ModelsDir().empty() || !fs::exists(ModelsDir() + "/deepseek_v3_tiny/config.json")) {
+      GTEST_SKIP() << "no DeepSeek test models (HELIX_TEST_MODELS_DIR)";
+    }
+    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  }
+};
+
+TEST_P(CudaBackendMlaTest, SameTokensAsCpu) {
+  const auto [model, tp, cp] = GetParam();
+  std::vector<GenerateRequest> reqs;
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int32_t> id(1, 511);
+  for (int len : {1, 6, 21}) {
+    GenerateRequest r;
+    for (int i = 0; i < len; ++i) r.prompt_tokens.push_back(id(rng));
+    r.max_tokens = kSteps;
+    r.ignore_eos = true;
+    r.sampling.temperature = 0;
+    r.sampling.top_logprobs = 3;
+    reqs.push_back(r);
+  }
+  EngineOptions co = MlaOptions(model, tp, cp, true);
+  std::vector<pid_t> workers;
+  if (tp * cp > 1) {
+    auto port = parallel::PickFreePort("127.0.0.1");
+    ASSERT_TRUE(port.ok());
+    co.leader_port = *port;
+    workers = SpawnWorkers("mla/" + model + "/" + std::to_string(tp) + "/" + std::to_string(cp),
+                           tp * cp, *port);
+  }
+  std::vector<RunResult> got;
+  {
+    auto e = Engine::Create(co);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    got = RunAll(e->get(), reqs);
+  }
+  for (int code : testing::Reap(workers, std::chrono::milliseconds(30000))) EXPECT_EQ(code, 0);
+  auto cpu = Engine::Create(MlaOptions(model, 1, 1, false));
+  ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+  ExpectSame(got, RunAll(cpu->get(), reqs), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(DeepSeek, CudaBackendMlaTest,
+                         ::testing::Values(std::make_tuple("deepseek_v3_tiny", 1, 1),
+                                           std::make_tuple("deepseek_v2_tiny", 2, 2)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_tp" +
+                                  std::to_string(std::get<1>(info.param)) + "_cp" +
+                                  std::to_string(std::get<2>(info.param));
+                         });
 
 }  // namespace
 }  // namespace helix
