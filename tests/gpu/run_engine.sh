@@ -14,7 +14,9 @@
 # .devdeps must hold: root/ (googletest sources and the unpacked debs: libgloo-dev libgloo0
 # libhiredis0.14 libibverbs1 libnl-3-200 libnl-route-3-200 libucx-dev libucx0 libnuma1
 # nlohmann-json3-dev, e.g. `apt-get download ...; for f in *.deb; do dpkg -x $f root; done`) and
-# shared/models/stories260K (a copy of ../shared/models/stories260K, which does not travel).
+# shared/models/stories260K (a copy of ../shared/models/stories260K, which does not travel) and
+# test_models/llama_BF16.gguf, llama_Q8_0.gguf (copies of build/test_models' after a local ctest
+# run: tests/models/make_test_models.py writes them with gguf-py).
 # Logs go to $OUT when set (else build-gpu-engine/logs). RUN_ENGINE_BUDGET_S (default 540).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
@@ -97,6 +99,8 @@ if [[ $BUILD_OK == 0 ]]; then
   export HELIX_TEST_MODELS_DIR=$BUILD/test_models
   step mla_models mla_models.log 60 python3 "$ROOT/tests/models/make_mla_models.py" \
     "$HELIX_TEST_MODELS_DIR"
+  # The GGUF cases need gguf-py to write their models, which the machine lacks: carried ones.
+  cp "$ROOT"/.devdeps/test_models/*.gguf "$HELIX_TEST_MODELS_DIR"/ 2>/dev/null
   step cuda_backend_test cuda_backend_test.log 150 "$BUILD/engine/cuda_backend_test"
   if [[ -x $BUILD/engine/nccl_communicator_test ]]; then
     step nccl_test nccl_test.log 90 "$BUILD/engine/nccl_communicator_test"

@@ -1,8 +1,9 @@
 // The engine on the CUDA backend against the engine on the CPU backend (the reference): on the
 // real stories260K model (greedy and seeded sampling, KV dtypes, split-KV, CUDA graphs, Helix
 // ranks sharing the device with collectives staged through host memory over Gloo, KV from a
-// context server through pinned staging) and on the tiny DeepSeek models (MLA + MoE) of the
-// test_models fixture: tokens identical, logprobs close.
+// context server through pinned staging), on the tiny DeepSeek models (MLA + MoE) of the
+// test_models fixture (tokens identical, logprobs close) and on its GGUF models (bf16 weights:
+// within bf16 tolerance, the first divergent step reported).
 //
 // Compiled twice: as cuda_backend_emu_test with HELIX_CUDA_EMULATION (the kernels run on the
 // host by tests/gpu/cuda_emu.h; no GPU needed, so CI runs it) and as cuda_backend_test on the
@@ -446,6 +447,84 @@ INSTANTIATE_TEST_SUITE_P(DeepSeek, CudaBackendMlaTest,
                            return std::get<0>(info.param) + "_tp" +
                                   std::to_string(std::get<1>(info.param)) + "_cp" +
                                   std::to_string(std::get<2>(info.param));
+                         });
+
+// The GGUF models of the test_models fixture (BF16 weights as stored, Q8_0 dequantized to bf16)
+// on the CUDA backend: greedy decoding agrees with the CPU engine within bf16 tolerance. On a
+// GPU the bf16 GEMMs also round the activations to bf16 (the CPU keeps them in fp32), so a near
+// tie may flip a token: the test reports the first step where the tokens differ and checks the
+// logprobs of every step up to it (after it the two continue from different text).
+class CudaBackendGgufTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) GTEST_SKIP() << "a worker rank";
+    if (ModelsDir().empty() || !fs::exists(ModelsDir() + "/" + GetParam())) {
+      GTEST_SKIP() << "no " << GetParam() << " (HELIX_TEST_MODELS_DIR)";
+    }
+    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  }
+};
+
+TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
+  EngineOptions o;
+  o.model_path = ModelsDir() + "/" + GetParam();
+  o.num_threads = 1;
+  o.tokens_per_block = 8;
+  o.max_batch_size = 4;
+  o.kv_max_tokens = 4 * 128;
+  o.kv_dtype = kernels::DType::kBF16;
+  std::vector<GenerateRequest> reqs;
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> id(3, 511);
+  for (int len : {2, 17}) {
+    GenerateRequest r;
+    for (int i = 0; i < len; ++i) r.prompt_tokens.push_back(id(rng));
+    r.max_tokens = kSteps;
+    r.ignore_eos = true;
+    r.sampling.temperature = 0;
+    r.sampling.top_logprobs = 1;
+    reqs.push_back(r);
+  }
+  auto cpu = Engine::Create(o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+  const std::vector<RunResult> want = RunAll(cpu->get(), reqs);
+  o.backend_factory = []() { return CreateCudaBackend(CudaBackendOptions{}); };
+  auto gpu = Engine::Create(o);
+  ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+  const std::vector<RunResult> got = RunAll(gpu->get(), reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(got[i].error.ok()) << got[i].error.ToString();
+    ASSERT_EQ(got[i].tokens.size(), want[i].tokens.size());
+    size_t first_diff = got[i].tokens.size();
+    double worst = 0;
+    for (size_t t = 0; t < got[i].tokens.size(); ++t) {
+      // The sampled token's logprob (the first entry of top_logprobs is the top-1).
+      ASSERT_FALSE(got[i].top_logprobs[t].empty());
+      worst = std::max<double>(
+          worst, std::fabs(got[i].top_logprobs[t][0].second - want[i].top_logprobs[t][0].second));
+      if (got[i].tokens[t] != want[i].tokens[t]) {
+        first_diff = t;
+        break;
+      }
+    }
+    std::printf("%s request %zu: %s; worst top-1 logprob difference %.2e before it\n",
+                GetParam().c_str(), i,
+                first_diff == got[i].tokens.size()
+                    ? "greedy tokens identical for every step"
+                    : ("first divergent step " + std::to_string(first_diff)).c_str(),
+                worst);
+    EXPECT_LT(worst, 5e-2) << "request " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
+                         ::testing::Values("llama_BF16.gguf", "llama_Q8_0.gguf"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           for (char& ch : n) {
+                             if (ch == '.') ch = '_';
+                           }
+                           return n;
                          });
 
 }  // namespace
