@@ -11,6 +11,8 @@ EngineOptions EngineOptionsFromConfig(const config::ServingConfig& cfg) {
   o.tokenizer_path = cfg.tokenizer.value_or("");
   o.num_threads = cfg.num_threads;
   o.backend = cfg.backend;
+  o.collectives = cfg.collectives;
+  o.cuda_graphs = cfg.cuda_graphs;
   o.tokens_per_block = cfg.kv_cache_config.tokens_per_block;
   o.kv_dtype = kernels::DTypeFromName(cfg.kv_cache_config.dtype).value_or(kernels::DType::kF32);
   o.kv_max_tokens = cfg.kv_cache_config.max_tokens;

@@ -70,6 +70,10 @@ Status ServingConfig::Validate() {
     return InvalidArgument("config field 'backend' = " + Quote(backend) +
                            ": expected \"cpu\" or \"cuda\"");
   }
+  if (collectives != "auto" && collectives != "nccl" && collectives != "gloo") {
+    return InvalidArgument("config field 'collectives' = " + Quote(collectives) +
+                           ": expected \"auto\", \"nccl\" or \"gloo\"");
+  }
   if (num_threads < 0) {
     return InvalidArgument("config field 'num_threads' = " + std::to_string(num_threads) +
                            ": expected 0 (all cores) or a positive thread count");
@@ -176,6 +180,8 @@ nlohmann::json ServingConfig::ToJson() const {
   j["tokenizer"] = tokenizer ? nlohmann::json(*tokenizer) : nlohmann::json(nullptr);
   j["backend"] = backend;
   j["num_threads"] = num_threads;
+  j["collectives"] = collectives;
+  j["cuda_graphs"] = cuda_graphs;
   j["tensor_parallel_size"] = tensor_parallel_size;
   j["context_parallel_size"] = context_parallel_size;
   if (cp_config) {
@@ -220,6 +226,8 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
   r.OptionalString("tokenizer", &c.tokenizer);
   r.String("backend", &c.backend);
   r.Int("num_threads", &c.num_threads);
+  r.String("collectives", &c.collectives);
+  r.Bool("cuda_graphs", &c.cuda_graphs);
   r.Int("tensor_parallel_size", &c.tensor_parallel_size);
   r.Int("context_parallel_size", &c.context_parallel_size);
   if (role == Role::kGeneration) {

@@ -53,6 +53,10 @@ struct ServingConfig {
   std::optional<std::string> tokenizer;
   std::string backend = "cpu";  // cpu | cuda
   int num_threads = 0;          // CPU backend threads per rank; 0 = all cores
+  // cuda backend: "auto" | "nccl" | "gloo" (EngineOptions::collectives) and CUDA graphs of the
+  // decode step on one rank (EngineOptions::cuda_graphs).
+  std::string collectives = "auto";
+  bool cuda_graphs = false;
   int64_t tensor_parallel_size = 1;
   int64_t context_parallel_size = 1;
   std::optional<CpConfig> cp_config;
