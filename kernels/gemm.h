@@ -26,6 +26,25 @@ struct GemmParams {
 // pool may be nullptr (runs on the calling thread).
 void GemmCpu(const GemmParams& p, ThreadPool* pool);
 
+// `batch` GEMMs over strided views, y_b = x_b w_b^T for b < batch: x_b is m rows of k floats,
+// row i at x + b * x_stride + i * ldx; w_b is [n][k] of w_dtype at w + b * w_stride elements;
+// y_b is m rows of n floats, row i at y + b * y_stride + i * ldy (e.g. one GEMM per attention
+// head over interleaved heads). No bias. REQUIRES: ldx >= k, ldy >= n; the y_b do not overlap
+// each other or any x_b.
+struct GemmBatchedParams {
+  const float* x;
+  int64_t ldx, x_stride;
+  const void* w;
+  int64_t w_stride;
+  float* y;
+  int64_t ldy, y_stride;
+  int64_t m, n, k, batch;
+  DType w_dtype = DType::kF32;
+};
+// Each entry as GemmCpu computes it (same sums): strided rows are gathered into contiguous
+// scratch first.
+void GemmBatchedCpu(const GemmBatchedParams& p, ThreadPool* pool);
+
 }  // namespace helix::kernels
 
 #endif  // HELIX_KERNELS_GEMM_H_

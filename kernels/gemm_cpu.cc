@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <vector>
 
 #include "kernels/cpu_vec.h"
 #include "kernels/gemm.h"
@@ -142,6 +143,33 @@ void GemmCpu(const GemmParams& p, ThreadPool* pool) {
     case DType::kBF16:
       GemmTyped<DType::kBF16>(p, pool);
       break;
+  }
+}
+
+void GemmBatchedCpu(const GemmBatchedParams& p, ThreadPool* pool) {
+  if (p.m <= 0 || p.n <= 0 || p.batch <= 0) {
+    return;
+  }
+  const size_t es = DTypeSize(p.w_dtype);
+  std::vector<float> xs, ys;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const float* x = p.x + b * p.x_stride;
+    float* y = p.y + b * p.y_stride;
+    const void* w = static_cast<const char*>(p.w) + b * p.w_stride * static_cast<int64_t>(es);
+    const bool dense_x = p.ldx == p.k, dense_y = p.ldy == p.n;
+    if (!dense_x) {
+      xs.resize(p.m * p.k);
+      for (int64_t i = 0; i < p.m; ++i) {
+        std::copy_n(x + i * p.ldx, p.k, xs.data() + i * p.k);
+      }
+    }
+    if (!dense_y) ys.resize(p.m * p.n);
+    GemmCpu(
+        {dense_x ? x : xs.data(), w, nullptr, dense_y ? y : ys.data(), p.m, p.n, p.k, p.w_dtype},
+        pool);
+    if (!dense_y) {
+      for (int64_t i = 0; i < p.m; ++i) std::copy_n(ys.data() + i * p.n, p.n, y + i * p.ldy);
+    }
   }
 }
 

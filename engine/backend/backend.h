@@ -81,6 +81,8 @@ class Backend {
   virtual uint64_t scratch_moves() const { return 0; }
 
   virtual void Gemm(const kernels::GemmParams& p) = 0;
+  // `batch` GEMMs over strided views in one call (kernels/gemm.h GemmBatchedParams).
+  virtual void GemmBatched(const kernels::GemmBatchedParams& p) = 0;
   virtual void RmsNorm(const kernels::RmsNormParams& p) = 0;
   virtual void Rope(const kernels::RopeParams& p) = 0;
   virtual void SiluMul(const kernels::SiluMulParams& p) = 0;

@@ -34,10 +34,10 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       dims_(ComputeShardDims(model_->config, par_.layout)),
       host_(backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
-  for (auto* a : {&x_,    &xb_,          &q_,       &k_,       &v_,         &att_,        &lse_,
-                  &h1_,   &h3_,          &rows_,    &parts_o_, &parts_lse_, &logits_dev_, &send_,
-                  &recv_, &cq_,          &kva_,     &ckv_,     &qfull_,     &tmp_a_,      &tmp_b_,
-                  &ov_,   &gate_logits_, &moe_out_, &xe_,      &ye_,        &he1_,        &he3_}) {
+  for (auto* a :
+       {&x_,     &xb_,      &q_,           &k_,          &v_,    &att_,  &lse_, &h1_,  &h3_,
+        &rows_,  &parts_o_, &parts_lse_,   &logits_dev_, &send_, &recv_, &cq_,  &kva_, &ckv_,
+        &qfull_, &ov_,      &gate_logits_, &moe_out_,    &xe_,   &ye_,   &he1_, &he3_}) {
     a->Bind(backend, &scratch_moves_);
   }
   inv_freq_dev_.Bind(backend, &scratch_moves_);
@@ -249,22 +249,13 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, const BatchMeta& m, int64
   // Only the owner of a position writes its latent row (one plane: no V).
   backend_->WriteKvBatch(kv_, l, kva_.data(), nullptr, m.kv_block, m.kv_slot, T);
   sw.Lap(&tm.other);
-  // Absorption: per head q_lat = W_UK^T q_nope; the query is [q_lat | q_pe].
+  // Absorption: per head q_lat = W_UK^T q_nope, one batched GEMM over the interleaved heads
+  // written straight into the query [q_lat | q_pe]; q_pe copied beside it for every
+  // (token, head) row at once.
   RETURN_IF_ERROR(qfull_.Resize(T * Hq * LR));
-  RETURN_IF_ERROR(tmp_a_.Resize(T * std::max(nope, L)));
-  RETURN_IF_ERROR(tmp_b_.Resize(T * std::max(L, V)));
-  const auto* wuk = static_cast<const char*>(Dev(lw.wuk_t));
-  const auto* wuv = static_cast<const char*>(Dev(lw.wuv));
-  const int64_t wes = static_cast<int64_t>(kernels::DTypeSize(lw.wuk_t.dtype));
-  for (int64_t h = 0; h < Hq; ++h) {
-    backend_->CopyDevice2D(tmp_a_.data(), nope * kF, q_.data() + h * qh, Hq * qh * kF, nope * kF,
-                           T);
-    backend_->Gemm({tmp_a_.data(), wuk + h * L * nope * wes, nullptr, tmp_b_.data(), T, L, nope,
-                    lw.wuk_t.dtype});
-    backend_->CopyDevice2D(qfull_.data() + h * LR, Hq * LR * kF, tmp_b_.data(), L * kF, L * kF, T);
-    backend_->CopyDevice2D(qfull_.data() + h * LR + L, Hq * LR * kF, q_.data() + h * qh + nope,
-                           Hq * qh * kF, R * kF, T);
-  }
+  backend_->GemmBatched({q_.data(), Hq * qh, qh, Dev(lw.wuk_t), L * nope, qfull_.data(), Hq * LR,
+                         LR, T, L, nope, Hq, lw.wuk_t.dtype});
+  backend_->CopyDevice2D(qfull_.data() + L, LR * kF, q_.data() + nope, qh * kF, R * kF, T * Hq);
   sw.Lap(&tm.gemm);
   kernels::MlaAttentionParams mp{};
   mp.q = qfull_.data();
@@ -299,14 +290,11 @@ Status LlamaModel::MlaAttention(const ForwardBatch& b, const BatchMeta& m, int64
   // The Helix combine in the latent space: att_ [T][Ho][L].
   RETURN_IF_ERROR(CombineAttention(T, L));
   sw.Lap(&tm.combine);
-  // Per combined head o = W_UV · o_lat, then this rank's row-parallel slice of o_proj.
+  // Per combined head o = W_UV · o_lat (one batched GEMM), then this rank's row-parallel
+  // slice of o_proj.
   RETURN_IF_ERROR(ov_.Resize(T * Ho * V));
-  for (int64_t h = 0; h < Ho; ++h) {
-    backend_->CopyDevice2D(tmp_a_.data(), L * kF, att_.data() + h * L, Ho * L * kF, L * kF, T);
-    backend_->Gemm(
-        {tmp_a_.data(), wuv + h * V * L * wes, nullptr, tmp_b_.data(), T, V, L, lw.wuv.dtype});
-    backend_->CopyDevice2D(ov_.data() + h * V, Ho * V * kF, tmp_b_.data(), V * kF, V * kF, T);
-  }
+  backend_->GemmBatched({att_.data(), Ho * L, L, Dev(lw.wuv), V * L, ov_.data(), Ho * V, V, T, V, L,
+                         Ho, lw.wuv.dtype});
   backend_->Gemm({ov_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, Ho * V, lw.wo.dtype});
   sw.Lap(&tm.gemm);
   return Status::Ok();

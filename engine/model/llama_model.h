@@ -237,7 +237,7 @@ class LlamaModel {
   std::vector<double> inv_freq_;       // RoPE table (yarn), host
   BackendArray<double> inv_freq_dev_;  // the same in backend memory
   double rope_mscale_ = 1.0;
-  BackendArray<float> cq_, kva_, ckv_, qfull_, tmp_a_, tmp_b_, ov_;
+  BackendArray<float> cq_, kva_, ckv_, qfull_, ov_;
   BackendArray<float> gate_logits_, moe_out_, xe_, ye_, he1_, he3_;
   BackendArray<int32_t> expert_dev_;         // the routed pairs' rows, then their weights
   BackendArray<int32_t, true> expert_host_;  // (the weights as float bits)

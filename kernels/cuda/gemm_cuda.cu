@@ -27,6 +27,19 @@ __global__ void ConvertKernel(const float* x, T* out, int64_t n) {
   }
 }
 
+// out[b][i][j] = x[b * x_stride + i * ldx + j] for j < k, rounded to T.
+template <typename T>
+__global__ void ConvertStridedKernel(const float* x, int64_t ldx, int64_t x_stride, T* out,
+                                     int64_t m, int64_t k, int64_t batch) {
+  const int64_t n = batch * m * k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i % k, row = i / k;
+    const int64_t r = row % m, b = row / m;
+    out[i] = FromFloat<T>(x[b * x_stride + r * ldx + j]);
+  }
+}
+
 __global__ void AddBiasKernel(float* y, const float* bias, int64_t m, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m * n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -93,6 +106,64 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
   if (p.bias != nullptr) {
     AddBiasKernel<<<GridFor(p.m * p.n), kThreads, 0, stream>>>(p.y, p.bias, p.m, p.n);
     HELIX_CUDA_CHECK_LAUNCH(stream);
+  }
+  return cudaSuccess;
+}
+
+size_t GemmBatchedCudaWorkspaceBytes(const GemmBatchedParams& p) {
+  return p.w_dtype == DType::kF32 ? 0 : static_cast<size_t>(p.batch * p.m * p.k) * 2;
+}
+
+cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, void* workspace,
+                            cudaStream_t stream) {
+  if (p.m <= 0 || p.n <= 0 || p.batch <= 0) {
+    return cudaSuccess;
+  }
+  if (p.k <= 0) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      HELIX_CUDA_RETURN_IF_ERROR(cudaMemset2DAsync(p.y + b * p.y_stride, p.ldy * sizeof(float), 0,
+                                                   p.n * sizeof(float), p.m, stream));
+    }
+    return cudaSuccess;
+  }
+  cudaStream_t current = nullptr;
+  cublasStatus_t st = cublasGetStream(handle, &current);
+  if (st != CUBLAS_STATUS_SUCCESS || current != stream) {
+    st = cublasSetStream(handle, stream);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      return CublasError(st, "cublasSetStream");
+    }
+  }
+  const void* x = p.x;
+  int64_t ldx = p.ldx, x_stride = p.x_stride;
+  cudaDataType_t in_type = CUDA_R_32F;
+  const int64_t conv = p.batch * p.m * p.k;
+  if (p.w_dtype == DType::kBF16) {
+    ConvertStridedKernel<__nv_bfloat16><<<GridFor(conv), kThreads, 0, stream>>>(
+        p.x, p.ldx, p.x_stride, static_cast<__nv_bfloat16*>(workspace), p.m, p.k, p.batch);
+    HELIX_CUDA_CHECK_LAUNCH(stream);
+    in_type = CUDA_R_16BF;
+  } else if (p.w_dtype == DType::kF16) {
+    ConvertStridedKernel<__half><<<GridFor(conv), kThreads, 0, stream>>>(
+        p.x, p.ldx, p.x_stride, static_cast<__half*>(workspace), p.m, p.k, p.batch);
+    HELIX_CUDA_CHECK_LAUNCH(stream);
+    in_type = CUDA_R_16F;
+  }
+  if (p.w_dtype != DType::kF32) {
+    x = workspace;
+    ldx = p.k;
+    x_stride = p.m * p.k;
+  }
+  // Per entry, as in GemmCuda: column-major y^T (n x m, ld ldy) = w^T (k x n, ld k, op T) x^T
+  // (k x m, ld ldx).
+  const float one = 1.0f, zero = 0.0f;
+  st = cublasGemmStridedBatchedEx(
+      handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(p.n), static_cast<int>(p.m),
+      static_cast<int>(p.k), &one, p.w, in_type, static_cast<int>(p.k), p.w_stride, x, in_type,
+      static_cast<int>(ldx), x_stride, &zero, p.y, CUDA_R_32F, static_cast<int>(p.ldy), p.y_stride,
+      static_cast<int>(p.batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    return CublasError(st, "cublasGemmStridedBatchedEx");
   }
   return cudaSuccess;
 }

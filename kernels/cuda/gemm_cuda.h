@@ -27,6 +27,14 @@ size_t GemmCudaWorkspaceBytes(const GemmParams& p);
 cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
                      cudaStream_t stream);
 
+// Workspace bytes GemmBatchedCuda needs: batch * m * k of the weight type for 16-bit weights
+// (the activations converted into contiguous rows), else 0.
+size_t GemmBatchedCudaWorkspaceBytes(const GemmBatchedParams& p);
+// GemmBatchedCpu's contract (kernels/gemm.h) with GemmCuda's numerics, as one
+// cublasGemmStridedBatchedEx (plus one conversion kernel for 16-bit weights).
+cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, void* workspace,
+                            cudaStream_t stream);
+
 }  // namespace helix::kernels::cuda
 
 #endif  // HELIX_KERNELS_CUDA_GEMM_CUDA_H_

@@ -835,6 +835,49 @@ TEST_F(CudaOpsTest, GemmAllWeightTypes) {
   }
   cublasDestroy(handle);
 }
+
+// Strided batched GEMM as the MLA absorption uses it: one GEMM per head over interleaved heads
+// (x rows of heads * k floats, y rows of heads * n floats).
+TEST_F(CudaOpsTest, GemmBatchedStridedHeads) {
+  std::mt19937 rng(41);
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int64_t m : {1, 5}) {
+      const int64_t heads = 3, k = 40, n = 24, pad = 8;  // x rows carry an extra tail
+      const int64_t ldx = heads * k + pad, ldy = heads * n;
+      const std::vector<float> x = RandomVector(rng, m * ldx);
+      const std::vector<float> w = RandomVector(rng, heads * n * k);
+      std::vector<unsigned char> wb(w.size() * DTypeSize(dt));
+      for (size_t i = 0; i < w.size(); ++i) {
+        if (dt == DType::kF32) {
+          std::memcpy(wb.data() + 4 * i, &w[i], 4);
+        } else {
+          const uint16_t h = ToStorage(dt, w[i]);
+          std::memcpy(wb.data() + 2 * i, &h, 2);
+        }
+      }
+      GemmBatchedParams p{x.data(), ldx, k, wb.data(), n * k, nullptr, ldy, n, m, n, k, heads, dt};
+      std::vector<float> want(m * ldy);
+      p.y = want.data();
+      GemmBatchedCpu(p, nullptr);
+      DeviceBuffer<float> d_x(x), d_y(m * ldy);
+      DeviceBuffer<unsigned char> d_w(wb);
+      p.x = d_x.get();
+      p.w = d_w.get();
+      p.y = d_y.get();
+      DeviceBuffer<unsigned char> ws(cuda::GemmBatchedCudaWorkspaceBytes(p));
+      ASSERT_EQ(cuda::GemmBatchedCuda(handle, p, ws.get(), nullptr), cudaSuccess);
+      double rms = 0;
+      for (float v : want) rms += static_cast<double>(v) * v;
+      rms = std::sqrt(rms / want.size()) + 1e-30;
+      const double tol = dt == DType::kF32 ? 1e-5 : (dt == DType::kBF16 ? 1.5e-2 : 3e-3);
+      ExpectAllNear(ToDouble(want), d_y.Download().data(), tol, tol * rms,
+                    std::string("batched ") + DTypeName(dt) + " m=" + std::to_string(m));
+    }
+  }
+  cublasDestroy(handle);
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ void CpuBackend::UnpackCombine(const float* recv, int64_t peers, int64_t rows, i
 }
 
 void CpuBackend::Gemm(const kernels::GemmParams& p) { kernels::GemmCpu(p, pool_.get()); }
+void CpuBackend::GemmBatched(const kernels::GemmBatchedParams& p) {
+  kernels::GemmBatchedCpu(p, pool_.get());
+}
 void CpuBackend::RmsNorm(const kernels::RmsNormParams& p) { kernels::RmsNormCpu(p, pool_.get()); }
 void CpuBackend::Rope(const kernels::RopeParams& p) { kernels::RopeCpu(p, pool_.get()); }
 void CpuBackend::SiluMul(const kernels::SiluMulParams& p) { kernels::SiluMulCpu(p, pool_.get()); }

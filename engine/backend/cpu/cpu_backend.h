@@ -33,6 +33,7 @@ class CpuBackend final : public Backend {
   Status Sync() override { return Status::Ok(); }
 
   void Gemm(const kernels::GemmParams& p) override;
+  void GemmBatched(const kernels::GemmBatchedParams& p) override;
   void RmsNorm(const kernels::RmsNormParams& p) override;
   void Rope(const kernels::RopeParams& p) override;
   void SiluMul(const kernels::SiluMulParams& p) override;

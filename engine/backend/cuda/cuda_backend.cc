@@ -333,25 +333,19 @@ class CudaBackend final : public Backend {
       return cudaSuccess;
     });
 #else
-    const size_t ws = kc::GemmCudaWorkspaceBytes(p);
-    if (ws > gemm_ws_bytes_) {
-      if (capturing_) {
-        Refuse("GEMM workspace growth");
-        return;
-      }
-      if (gemm_ws_ != nullptr) Free(gemm_ws_);
-      gemm_ws_ = nullptr;
-      gemm_ws_bytes_ = 0;
-      ++scratch_moves_;
-      if (cudaMalloc(&gemm_ws_, ws) != cudaSuccess) {
-        cudaGetLastError();  // out of memory is not sticky; the step fails with it
-        gemm_ws_ = nullptr;
-        Note(cudaErrorMemoryAllocation, "GEMM workspace cudaMalloc");
-        return;
-      }
-      gemm_ws_bytes_ = ws;
-    }
+    if (!GrowGemmWorkspace(kc::GemmCudaWorkspaceBytes(p))) return;
     Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_), "GemmCuda");
+#endif
+  }
+  void GemmBatched(const kernels::GemmBatchedParams& p) override {
+#ifdef HELIX_CUDA_EMULATION
+    Op("GemmBatchedCpu", [=] {
+      kernels::GemmBatchedCpu(p, nullptr);
+      return cudaSuccess;
+    });
+#else
+    if (!GrowGemmWorkspace(kc::GemmBatchedCudaWorkspaceBytes(p))) return;
+    Note(kc::GemmBatchedCuda(cublas_, p, gemm_ws_, stream_), "GemmBatchedCuda");
 #endif
   }
   void RmsNorm(const kernels::RmsNormParams& p) override {
@@ -463,6 +457,29 @@ class CudaBackend final : public Backend {
   }
 
  private:
+#ifndef HELIX_CUDA_EMULATION
+  // The GEMMs' activation-conversion workspace, grown to `ws` bytes; false (error noted) when
+  // that fails.
+  bool GrowGemmWorkspace(size_t ws) {
+    if (ws <= gemm_ws_bytes_) return true;
+    if (capturing_) {
+      Refuse("GEMM workspace growth");
+      return false;
+    }
+    if (gemm_ws_ != nullptr) Free(gemm_ws_);
+    gemm_ws_ = nullptr;
+    gemm_ws_bytes_ = 0;
+    ++scratch_moves_;
+    if (cudaMalloc(&gemm_ws_, ws) != cudaSuccess) {
+      cudaGetLastError();  // out of memory is not sticky; the step fails with it
+      gemm_ws_ = nullptr;
+      Note(cudaErrorMemoryAllocation, "GEMM workspace cudaMalloc");
+      return false;
+    }
+    gemm_ws_bytes_ = ws;
+    return true;
+  }
+#endif
   void BindDevice() {
 #ifndef HELIX_CUDA_EMULATION
     cudaSetDevice(device_);
