@@ -34,6 +34,17 @@ unsigned GridFor(int64_t n, int threads) {
   return static_cast<unsigned>(std::clamp<int64_t>((n + threads - 1) / threads, 1, kMaxGrid));
 }
 
+// Launches a grid-stride kernel over n elements with Params p (nothing when n <= 0).
+template <typename P>
+cudaError_t LaunchElementwise(void (*kernel)(P), int64_t n, const P& p, cudaStream_t stream) {
+  if (n <= 0) {
+    return cudaSuccess;
+  }
+  HELIX_LAUNCH(kernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
 template <typename T>
 __device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
   const int lane = threadIdx.x & 31;
@@ -579,61 +590,30 @@ cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
 }
 
 cudaError_t SiluMulCuda(const SiluMulParams& p, cudaStream_t stream) {
-  if (p.n <= 0) {
-    return cudaSuccess;
-  }
-  HELIX_LAUNCH(SiluMulKernel, GridFor(p.n, kElemThreads), kElemThreads, 0, stream, p);
-  HELIX_CUDA_CHECK_LAUNCH(stream);
-  return cudaSuccess;
+  return LaunchElementwise(SiluMulKernel, p.n, p, stream);
 }
 
 cudaError_t AddCuda(const AddParams& p, cudaStream_t stream) {
-  if (p.n <= 0) {
-    return cudaSuccess;
-  }
-  HELIX_LAUNCH(AddKernel, GridFor(p.n, kElemThreads), kElemThreads, 0, stream, p);
-  HELIX_CUDA_CHECK_LAUNCH(stream);
-  return cudaSuccess;
+  return LaunchElementwise(AddKernel, p.n, p, stream);
 }
 
 cudaError_t ScatterAddRowsCuda(const ScatterAddRowsParams& p, cudaStream_t stream) {
-  if (p.n <= 0 || p.dim <= 0) {
-    return cudaSuccess;
-  }
-  HELIX_LAUNCH(ScatterAddRowsKernel, GridFor(p.n * p.dim, kElemThreads), kElemThreads, 0, stream,
-               p);
-  HELIX_CUDA_CHECK_LAUNCH(stream);
-  return cudaSuccess;
+  return LaunchElementwise(ScatterAddRowsKernel, p.n <= 0 || p.dim <= 0 ? 0 : p.n * p.dim, p,
+                           stream);
 }
 
 cudaError_t GatherRowsCuda(const GatherRowsParams& p, cudaStream_t stream) {
-  if (p.num_rows <= 0 || p.n <= 0) {
-    return cudaSuccess;
-  }
-  HELIX_LAUNCH(GatherRowsKernel, GridFor(p.num_rows * p.n, kElemThreads), kElemThreads, 0, stream,
-               p);
-  HELIX_CUDA_CHECK_LAUNCH(stream);
-  return cudaSuccess;
+  return LaunchElementwise(GatherRowsKernel, p.num_rows <= 0 || p.n <= 0 ? 0 : p.num_rows * p.n, p,
+                           stream);
 }
 
 cudaError_t PackCombineCuda(const PackCombineParams& p, cudaStream_t stream) {
-  const int64_t n = p.peers * p.tokens * p.heads_per_peer * (p.dim + 1);
-  if (n <= 0) {
-    return cudaSuccess;
-  }
-  HELIX_LAUNCH(PackCombineKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
-  HELIX_CUDA_CHECK_LAUNCH(stream);
-  return cudaSuccess;
+  return LaunchElementwise(PackCombineKernel, p.peers * p.tokens * p.heads_per_peer * (p.dim + 1),
+                           p, stream);
 }
 
 cudaError_t UnpackCombineCuda(const UnpackCombineParams& p, cudaStream_t stream) {
-  const int64_t n = p.peers * p.rows * (p.dim + 1);
-  if (n <= 0) {
-    return cudaSuccess;
-  }
-  HELIX_LAUNCH(UnpackCombineKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
-  HELIX_CUDA_CHECK_LAUNCH(stream);
-  return cudaSuccess;
+  return LaunchElementwise(UnpackCombineKernel, p.peers * p.rows * (p.dim + 1), p, stream);
 }
 
 cudaError_t WriteKvBatchCuda(const WriteKvBatchParams& p, cudaStream_t stream) {
