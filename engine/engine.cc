@@ -301,12 +301,16 @@ Status Engine::ConnectRanks(int64_t* num_blocks) {
                                      "with NCCL; backend is ") +
                          backend_->name() + (HaveNccl() ? "" : ", and this build has no NCCL"));
   }
-  // NCCL needs one GPU per rank: every rank's device identity, compared on the leader.
+  // NCCL needs one GPU per rank: every rank's device identity, compared on the leader (all
+  // ranks run the same backend, so all gather or none).
   constexpr size_t kIdBytes = 128;
-  std::string my_id = backend_->DeviceId();
-  my_id.resize(kIdBytes, '\0');
-  std::string ids(kIdBytes * layout_.world(), '\0');
-  RETURN_IF_ERROR(world_comm_->AllGather(my_id.data(), ids.data(), kIdBytes));
+  std::string ids;
+  if (!backend_->host_memory()) {
+    std::string my_id = backend_->DeviceId();
+    my_id.resize(kIdBytes, '\0');
+    ids.assign(kIdBytes * layout_.world(), '\0');
+    RETURN_IF_ERROR(world_comm_->AllGather(my_id.data(), ids.data(), kIdBytes));
+  }
   int64_t use_nccl = 0;
   if (is_leader() && !backend_->host_memory() && HaveNccl() && o.collectives != "gloo") {
     std::string shared;

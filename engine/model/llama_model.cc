@@ -114,21 +114,20 @@ Status LlamaModel::UploadWeights() {
         void* dev = backend_->Alloc(bytes);
         if (dev == nullptr) {
           return ResourceExhausted(std::string(backend_->name()) +
-                                   " backend: out of memory for the " + "weights (" +
+                                   " backend: out of memory for the weights (" +
                                    std::to_string(bytes) + " more bytes)");
         }
         device_[data] = dev;
+        // The host tensors stay as they are for the model's life: one wait at the end will do.
         backend_->CopyToDevice(dev, data, bytes);
-        // The copy reads the host tensor in place (pageable memory): wait before the next one.
-        return backend_->Sync();
+        return Status::Ok();
       }));
   if (!inv_freq_.empty()) {
     RETURN_IF_ERROR(inv_freq_dev_.Resize(static_cast<int64_t>(inv_freq_.size())));
     backend_->CopyToDevice(inv_freq_dev_.data(), inv_freq_.data(),
                            inv_freq_.size() * sizeof(double));
-    RETURN_IF_ERROR(backend_->Sync());
   }
-  return Status::Ok();
+  return backend_->Sync();
 }
 
 const void* LlamaModel::Dev(const void* host) const {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/common/log.h"
@@ -263,42 +264,13 @@ class CudaBackend final : public Backend {
   }
   StatusOr<int> EndCapture() override {
     if (!capturing_) return FailedPrecondition("backend cuda: EndCapture without BeginCapture");
+    StatusOr<int> graph = FinishCapture();
     capturing_ = false;
-    // What the capture wanted freed (its capture has failed: Free is refused while capturing).
-    const auto frees = std::move(deferred_frees_);
-    deferred_frees_.clear();
-    struct FreeLater {
-      CudaBackend* b;
-      std::vector<std::pair<void*, bool>> list;
-      ~FreeLater() {
-        for (const auto& [p, host] : list) host ? b->FreeHost(p) : b->Free(p);
-      }
-    } free_later{this, frees};
-#ifdef HELIX_CUDA_EMULATION
-    if (!capture_error_.ok()) {
-      emu_graphs_.pop_back();
-      return capture_error_;
+    // What the capture wanted freed (which failed it: Free is refused while capturing).
+    for (const auto& [p, host] : std::exchange(deferred_frees_, {})) {
+      host ? FreeHost(p) : Free(p);
     }
-    return static_cast<int>(emu_graphs_.size()) - 1;
-#else
-    cudaGraph_t graph = nullptr;
-    const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
-    cudaGraphExec_t exec = nullptr;
-    cudaError_t inst = cudaErrorUnknown;
-    if (end == cudaSuccess && capture_error_.ok()) {
-      inst = cudaGraphInstantiate(&exec, graph, 0);
-    }
-    if (graph != nullptr) cudaGraphDestroy(graph);
-    if (end != cudaSuccess || inst != cudaSuccess || !capture_error_.ok()) {
-      cudaGetLastError();  // a failed capture leaves no sticky error behind
-      if (!capture_error_.ok()) return capture_error_;
-      const cudaError_t e = end != cudaSuccess ? end : inst;
-      return Internal(std::string("backend cuda: capturing a graph failed: ") +
-                      cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
-    }
-    graphs_.push_back(exec);
-    return static_cast<int>(graphs_.size()) - 1;
-#endif
+    return graph;
   }
   Status Replay(int graph) override {
 #ifdef HELIX_CUDA_EMULATION
@@ -457,6 +429,34 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Ends the capture begun by BeginCapture: the new graph's id, or why the capture failed.
+  StatusOr<int> FinishCapture() {
+#ifdef HELIX_CUDA_EMULATION
+    if (!capture_error_.ok()) {
+      emu_graphs_.pop_back();
+      return capture_error_;
+    }
+    return static_cast<int>(emu_graphs_.size()) - 1;
+#else
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t inst = cudaErrorUnknown;
+    if (end == cudaSuccess && capture_error_.ok()) {
+      inst = cudaGraphInstantiate(&exec, graph, 0);
+    }
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    if (end != cudaSuccess || inst != cudaSuccess || !capture_error_.ok()) {
+      cudaGetLastError();  // a failed capture leaves no sticky error behind
+      if (!capture_error_.ok()) return capture_error_;
+      const cudaError_t e = end != cudaSuccess ? end : inst;
+      return Internal(std::string("backend cuda: capturing a graph failed: ") +
+                      cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+    }
+    graphs_.push_back(exec);
+    return static_cast<int>(graphs_.size()) - 1;
+#endif
+  }
 #ifndef HELIX_CUDA_EMULATION
   // The GEMMs' activation-conversion workspace, grown to `ws` bytes; false (error noted) when
   // that fails.
