@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/spawn_test_util.h"
 
 namespace helix::testing {
 
@@ -95,25 +96,6 @@ inline std::vector<pid_t> ForkWorkers(EngineOptions o) {
     pids.push_back(pid);
   }
   return pids;
-}
-
-// Waits for the workers (up to `grace`, then kills them); returns their exit codes.
-inline std::vector<int> Reap(const std::vector<pid_t>& pids, std::chrono::milliseconds grace) {
-  const auto deadline = std::chrono::steady_clock::now() + grace;
-  std::vector<int> codes;
-  for (pid_t pid : pids) {
-    int st = 0;
-    while (waitpid(pid, &st, WNOHANG) == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &st, 0);
-        break;
-      }
-      usleep(10000);
-    }
-    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
-  }
-  return codes;
 }
 
 }  // namespace helix::testing

@@ -5,9 +5,6 @@
 // device, and the test checks that the refusal is a clear error and never a hang.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -17,8 +14,7 @@
 
 #include "engine/parallel/nccl_communicator.h"
 #include "engine/parallel/tcp_store.h"
-
-extern char** environ;
+#include "engine/spawn_test_util.h"
 
 namespace helix::parallel {
 namespace {
@@ -127,35 +123,17 @@ TEST_F(NcclCommunicatorTest, TwoRanksWorkOrFailClearly) {
   const int devices = DeviceCount();
   std::vector<pid_t> pids;
   for (int r = 0; r < 2; ++r) {
-    std::vector<std::string> env_s;
-    for (char** e = environ; *e != nullptr; ++e) env_s.push_back(*e);
-    env_s.push_back("HELIX_NCCL_TEST_RANK=" + std::to_string(r));
-    env_s.push_back("HELIX_NCCL_TEST_PORT=" + std::to_string((*server)->port()));
-    env_s.push_back("HELIX_NCCL_TEST_DEVICES=" + std::to_string(devices));
-    std::vector<char*> envp;
-    for (std::string& s : env_s) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    std::string exe = "/proc/self/exe", filter = "--gtest_filter=NcclRank.Run";
-    char* argv[] = {exe.data(), filter.data(), nullptr};
-    pid_t pid = 0;
-    ASSERT_EQ(posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv, envp.data()), 0);
+    const pid_t pid = testing::SpawnSelf(
+        "NcclRank.Run", {"HELIX_NCCL_TEST_RANK=" + std::to_string(r),
+                         "HELIX_NCCL_TEST_PORT=" + std::to_string((*server)->port()),
+                         "HELIX_NCCL_TEST_DEVICES=" + std::to_string(devices)});
+    ASSERT_GT(pid, 0) << "cannot spawn rank " << r;
     pids.push_back(pid);
   }
   // Both ranks end (their NCCL timeout is 20 s) with exit 0: results right, or (one GPU) a
-  // clear refusal. A hang is killed after 60 s and fails the test.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  for (pid_t pid : pids) {
-    int st = 0;
-    while (waitpid(pid, &st, WNOHANG) == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &st, 0);
-        ADD_FAILURE() << "rank process " << pid << " hung";
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "rank process status " << st;
+  // clear refusal. A hang is killed after 60 s (exit 137) and fails the test.
+  for (int code : testing::Reap(pids, std::chrono::seconds(60))) {
+    EXPECT_EQ(code, 0) << "rank process exit code (137: hung and killed)";
   }
 }
 

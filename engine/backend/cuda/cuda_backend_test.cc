@@ -10,7 +10,6 @@
 // real GPU (label gpu; skips when no CUDA device is visible). Helix worker ranks are this binary
 // spawned again (CudaBackendWorker.Run), never forked: CUDA does not survive fork.
 #include <gtest/gtest.h>
-#include <spawn.h>
 
 #include <chrono>
 #include <cmath>
@@ -28,9 +27,8 @@
 #include "engine/engine.h"
 #include "engine/engine_test_util.h"
 #include "engine/parallel/launcher.h"
+#include "engine/spawn_test_util.h"
 #include "engine/transfer/kv_handle.h"
-
-extern char** environ;
 
 namespace helix {
 namespace {
@@ -152,24 +150,58 @@ std::optional<EngineOptions> WorkerOptions(const std::string& id) {
 std::vector<pid_t> SpawnWorkers(const std::string& id, int world, int port) {
   std::vector<pid_t> pids;
   for (int r = 1; r < world; ++r) {
-    std::vector<std::string> env_s;
-    for (char** e = environ; *e != nullptr; ++e) env_s.push_back(*e);
-    env_s.push_back("HELIX_CUDA_TEST_WORKER=" + id);
-    env_s.push_back("HELIX_CUDA_TEST_RANK=" + std::to_string(r));
-    env_s.push_back("HELIX_CUDA_TEST_PORT=" + std::to_string(port));
-    std::vector<char*> envp;
-    for (std::string& s : env_s) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    std::string exe = "/proc/self/exe", filter = "--gtest_filter=CudaBackendWorker.Run";
-    char* argv[] = {exe.data(), filter.data(), nullptr};
-    pid_t pid = 0;
-    if (posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0) {
+    const pid_t pid = testing::SpawnSelf(
+        "CudaBackendWorker.Run",
+        {"HELIX_CUDA_TEST_WORKER=" + id, "HELIX_CUDA_TEST_RANK=" + std::to_string(r),
+         "HELIX_CUDA_TEST_PORT=" + std::to_string(port)});
+    if (pid > 0) {
       pids.push_back(pid);
     } else {
       ADD_FAILURE() << "cannot spawn rank " << r;
     }
   }
   return pids;
+}
+
+// The other ranks of the instance `lead` describes (rank 0 is this process), spawned as
+// worker `id` after picking the leader's port; none for a single rank.
+std::vector<pid_t> StartWorkers(const std::string& id, EngineOptions* lead) {
+  const int world = lead->tensor_parallel * lead->context_parallel;
+  if (world == 1) return {};
+  auto port = parallel::PickFreePort("127.0.0.1");
+  if (!port.ok()) {
+    ADD_FAILURE() << port.status().ToString();
+    return {};
+  }
+  lead->leader_port = *port;
+  return SpawnWorkers(id, world, *port);
+}
+
+// Why a test cannot run here ("" when it can): it is itself a spawned worker, `needed` is
+// missing (`what` says what it is), or there is no device.
+std::string Unready(const std::string& needed, const std::string& what) {
+  if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) return "a worker rank";
+  if (!fs::exists(needed)) return what + " not found (" + needed + ")";
+  if (!HaveDevice()) return "no CUDA device visible";
+  return "";
+}
+
+// Greedy requests with random prompts of the given lengths (ids in [lo, 511]), EOS ignored.
+std::vector<GenerateRequest> RandomPrompts(uint32_t seed, const std::vector<int>& lens, int32_t lo,
+                                           int32_t top_logprobs) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> id(lo, 511);
+  std::vector<GenerateRequest> reqs;
+  for (int len : lens) {
+    GenerateRequest r;
+    for (int i = 0; i < len; ++i) r.prompt_tokens.push_back(id(rng));
+    r.max_tokens = kSteps;
+    r.ignore_eos = true;
+    r.sampling.temperature = 0;
+    r.sampling.top_logprobs = top_logprobs;
+    reqs.push_back(r);
+  }
+  return reqs;
 }
 
 // A worker rank (runs only when spawned by SpawnWorkers): exits 0 after a clean shutdown.
@@ -270,11 +302,9 @@ void ExpectSame(const std::vector<RunResult>& got, const std::vector<RunResult>&
 class CudaBackendTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
-    if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) GTEST_SKIP() << "a worker rank";
-    if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) {
-      GTEST_SKIP() << "stories260K not found under " << Shared() << "/models (HELIX_SHARED_DIR)";
-    }
-    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+    const std::string why =
+        Unready(Shared() + "/models/stories260K/stories260K.bin", "stories260K (HELIX_SHARED_DIR)");
+    if (!why.empty()) GTEST_SKIP() << why;
   }
 };
 
@@ -283,13 +313,7 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
   const std::vector<int> join_at = {0, 0, 3};  // the third joins mid-flight
   std::vector<RunResult> got;
   EngineOptions lead = CudaOptions(c);
-  std::vector<pid_t> workers;
-  if (c.tp * c.cp > 1) {
-    auto port = parallel::PickFreePort("127.0.0.1");
-    ASSERT_TRUE(port.ok());
-    lead.leader_port = *port;
-    workers = SpawnWorkers("stories/" + c.name, c.tp * c.cp, *port);
-  }
+  const std::vector<pid_t> workers = StartWorkers("stories/" + c.name, &lead);
   {
     auto e = Engine::Create(lead);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
@@ -322,10 +346,7 @@ TEST_F(CudaBackendTest, DisaggregatedIntoCpTwoGroupMatchesCpu) {
   const Case c = StoriesCases()[5];  // f32_cp2_tpb4
   ASSERT_EQ(c.name, "f32_cp2_tpb4");
   EngineOptions go = CudaOptions(c);
-  auto port = parallel::PickFreePort("127.0.0.1");
-  ASSERT_TRUE(port.ok());
-  go.leader_port = *port;
-  const std::vector<pid_t> workers = SpawnWorkers("stories/" + c.name, 2, *port);
+  const std::vector<pid_t> workers = StartWorkers("stories/" + c.name, &go);
   std::vector<RunResult> got;
   std::vector<GenerateRequest> reqs = Batch(kSteps, false);
   {
@@ -397,37 +418,18 @@ TEST_F(CudaBackendTest, DisaggregatedIntoCpTwoGroupMatchesCpu) {
 class CudaBackendMlaTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {
  protected:
   void SetUp() override {
-    if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) GTEST_SKIP() << "a worker rank";
-    if (ModelsDir().empty() || !fs::exists(ModelsDir() + "/deepseek_v3_tiny/config.json")) {
-      GTEST_SKIP() << "no DeepSeek test models (HELIX_TEST_MODELS_DIR)";
-    }
-    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+    const std::string why = Unready(ModelsDir() + "/deepseek_v3_tiny/config.json",
+                                    "the DeepSeek test models (HELIX_TEST_MODELS_DIR)");
+    if (!why.empty()) GTEST_SKIP() << why;
   }
 };
 
 TEST_P(CudaBackendMlaTest, SameTokensAsCpu) {
   const auto [model, tp, cp] = GetParam();
-  std::vector<GenerateRequest> reqs;
-  std::mt19937 rng(3);
-  std::uniform_int_distribution<int32_t> id(1, 511);
-  for (int len : {1, 6, 21}) {
-    GenerateRequest r;
-    for (int i = 0; i < len; ++i) r.prompt_tokens.push_back(id(rng));
-    r.max_tokens = kSteps;
-    r.ignore_eos = true;
-    r.sampling.temperature = 0;
-    r.sampling.top_logprobs = 3;
-    reqs.push_back(r);
-  }
+  const std::vector<GenerateRequest> reqs = RandomPrompts(3, {1, 6, 21}, 1, 3);
   EngineOptions co = MlaOptions(model, tp, cp, true);
-  std::vector<pid_t> workers;
-  if (tp * cp > 1) {
-    auto port = parallel::PickFreePort("127.0.0.1");
-    ASSERT_TRUE(port.ok());
-    co.leader_port = *port;
-    workers = SpawnWorkers("mla/" + model + "/" + std::to_string(tp) + "/" + std::to_string(cp),
-                           tp * cp, *port);
-  }
+  const std::vector<pid_t> workers =
+      StartWorkers("mla/" + model + "/" + std::to_string(tp) + "/" + std::to_string(cp), &co);
   std::vector<RunResult> got;
   {
     auto e = Engine::Create(co);
@@ -457,11 +459,9 @@ INSTANTIATE_TEST_SUITE_P(DeepSeek, CudaBackendMlaTest,
 class CudaBackendGgufTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    if (std::getenv("HELIX_CUDA_TEST_WORKER") != nullptr) GTEST_SKIP() << "a worker rank";
-    if (ModelsDir().empty() || !fs::exists(ModelsDir() + "/" + GetParam())) {
-      GTEST_SKIP() << "no " << GetParam() << " (HELIX_TEST_MODELS_DIR)";
-    }
-    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+    const std::string why =
+        Unready(ModelsDir() + "/" + GetParam(), GetParam() + " (HELIX_TEST_MODELS_DIR)");
+    if (!why.empty()) GTEST_SKIP() << why;
   }
 };
 
@@ -473,18 +473,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   o.max_batch_size = 4;
   o.kv_max_tokens = 4 * 128;
   o.kv_dtype = kernels::DType::kBF16;
-  std::vector<GenerateRequest> reqs;
-  std::mt19937 rng(5);
-  std::uniform_int_distribution<int32_t> id(3, 511);
-  for (int len : {2, 17}) {
-    GenerateRequest r;
-    for (int i = 0; i < len; ++i) r.prompt_tokens.push_back(id(rng));
-    r.max_tokens = kSteps;
-    r.ignore_eos = true;
-    r.sampling.temperature = 0;
-    r.sampling.top_logprobs = 1;
-    reqs.push_back(r);
-  }
+  const std::vector<GenerateRequest> reqs = RandomPrompts(5, {2, 17}, 3, 1);
   auto cpu = Engine::Create(o);
   ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
   const std::vector<RunResult> want = RunAll(cpu->get(), reqs);

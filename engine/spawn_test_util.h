@@ -1,0 +1,55 @@
+// Test helpers for tests that run parts of themselves as other processes: SpawnSelf starts this
+// test binary again (a new process, not a fork: CUDA and UCX state do not survive fork) on one
+// gtest filter with extra environment variables; Reap waits for such processes within a grace
+// period and kills what is left. For tests only.
+#pragma once
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+extern char** environ;
+
+namespace helix::testing {
+
+// Runs `/proc/self/exe --gtest_filter=<filter>` with this process's environment plus
+// `extra_env` ("NAME=value" entries). Returns the child's pid, or -1 when it cannot start.
+inline pid_t SpawnSelf(const std::string& filter, const std::vector<std::string>& extra_env) {
+  std::vector<std::string> env_s;
+  for (char** e = environ; *e != nullptr; ++e) env_s.push_back(*e);
+  env_s.insert(env_s.end(), extra_env.begin(), extra_env.end());
+  std::vector<char*> envp;
+  for (std::string& s : env_s) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::string exe = "/proc/self/exe", flag = "--gtest_filter=" + filter;
+  char* argv[] = {exe.data(), flag.data(), nullptr};
+  pid_t pid = 0;
+  return posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0 ? pid : -1;
+}
+
+// Waits for the processes (up to `grace` in all, then kills them); returns their exit codes
+// (128 + the signal for one that was killed or died by a signal).
+inline std::vector<int> Reap(const std::vector<pid_t>& pids, std::chrono::milliseconds grace) {
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  std::vector<int> codes;
+  for (pid_t pid : pids) {
+    int st = 0;
+    while (waitpid(pid, &st, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        break;
+      }
+      usleep(10000);
+    }
+    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+  }
+  return codes;
+}
+
+}  // namespace helix::testing
