@@ -776,6 +776,33 @@ TEST_F(CudaOpsTest, SampleMatchesSamplerGivenItsDraw) {
 // GEMM through cuBLAS
 
 #ifndef HELIX_CUDA_EMULATION  // cuBLAS has no emulation
+// Weights as stored for `dt`: fp32 bytes, or each value rounded to the 16-bit type.
+std::vector<unsigned char> StoreWeights(DType dt, const std::vector<float>& w) {
+  std::vector<unsigned char> wb(w.size() * DTypeSize(dt));
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (dt == DType::kF32) {
+      std::memcpy(wb.data() + 4 * i, &w[i], 4);
+    } else {
+      const uint16_t h = ToStorage(dt, w[i]);
+      std::memcpy(wb.data() + 2 * i, &h, 2);
+    }
+  }
+  return wb;
+}
+
+// GEMM results against the CPU's: tolerance relative to the outputs' RMS. fp32 sums in another
+// order; 16-bit weights also see activations rounded to the weight type.
+void ExpectGemmNear(DType dt, const std::vector<float>& want, const float* got,
+                    const std::string& what) {
+  double rms = 0;
+  for (float v : want) {
+    rms += static_cast<double>(v) * v;
+  }
+  rms = std::sqrt(rms / std::max<size_t>(1, want.size())) + 1e-30;
+  const double tol = dt == DType::kF32 ? 1e-5 : (dt == DType::kBF16 ? 1.5e-2 : 3e-3);
+  ExpectAllNear(ToDouble(want), got, tol, tol * rms, what);
+}
+
 TEST_F(CudaOpsTest, GemmAllWeightTypes) {
   std::mt19937 rng(38);
   cublasHandle_t handle;
@@ -790,15 +817,7 @@ TEST_F(CudaOpsTest, GemmAllWeightTypes) {
         const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
         const std::vector<float> w = RandomVector(rng, sh.n * sh.k);
         const std::vector<float> b = RandomVector(rng, sh.n);
-        std::vector<unsigned char> wb(sh.n * sh.k * DTypeSize(dt));
-        for (int64_t i = 0; i < sh.n * sh.k; ++i) {
-          if (dt == DType::kF32) {
-            std::memcpy(wb.data() + 4 * i, &w[i], 4);
-          } else {
-            const uint16_t h = ToStorage(dt, w[i]);
-            std::memcpy(wb.data() + 2 * i, &h, 2);
-          }
-        }
+        const std::vector<unsigned char> wb = StoreWeights(dt, w);
         GemmParams p{.x = x.data(),
                      .w = wb.data(),
                      .bias = bias ? b.data() : nullptr,
@@ -818,18 +837,10 @@ TEST_F(CudaOpsTest, GemmAllWeightTypes) {
         p.y = d_y.get();
         DeviceBuffer<unsigned char> ws(cuda::GemmCudaWorkspaceBytes(p));
         ASSERT_EQ(cuda::GemmCuda(handle, p, ws.get(), nullptr), cudaSuccess);
-        // Tolerance relative to the outputs' scale: fp32 sums in another order; 16-bit weights
-        // also see activations rounded to the weight type.
-        double rms = 0;
-        for (float v : want) {
-          rms += static_cast<double>(v) * v;
-        }
-        rms = std::sqrt(rms / std::max<size_t>(1, want.size())) + 1e-30;
-        const double tol = dt == DType::kF32 ? 1e-5 : (dt == DType::kBF16 ? 1.5e-2 : 3e-3);
-        ExpectAllNear(ToDouble(want), d_y.Download().data(), tol, tol * rms,
-                      std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
-                          " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
-                          (bias ? " bias" : ""));
+        ExpectGemmNear(dt, want, d_y.Download().data(),
+                       std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
+                           " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
+                           (bias ? " bias" : ""));
       }
     }
   }
@@ -848,15 +859,7 @@ TEST_F(CudaOpsTest, GemmBatchedStridedHeads) {
       const int64_t ldx = heads * k + pad, ldy = heads * n;
       const std::vector<float> x = RandomVector(rng, m * ldx);
       const std::vector<float> w = RandomVector(rng, heads * n * k);
-      std::vector<unsigned char> wb(w.size() * DTypeSize(dt));
-      for (size_t i = 0; i < w.size(); ++i) {
-        if (dt == DType::kF32) {
-          std::memcpy(wb.data() + 4 * i, &w[i], 4);
-        } else {
-          const uint16_t h = ToStorage(dt, w[i]);
-          std::memcpy(wb.data() + 2 * i, &h, 2);
-        }
-      }
+      const std::vector<unsigned char> wb = StoreWeights(dt, w);
       GemmBatchedParams p{x.data(), ldx, k, wb.data(), n * k, nullptr, ldy, n, m, n, k, heads, dt};
       std::vector<float> want(m * ldy);
       p.y = want.data();
@@ -868,12 +871,8 @@ TEST_F(CudaOpsTest, GemmBatchedStridedHeads) {
       p.y = d_y.get();
       DeviceBuffer<unsigned char> ws(cuda::GemmBatchedCudaWorkspaceBytes(p));
       ASSERT_EQ(cuda::GemmBatchedCuda(handle, p, ws.get(), nullptr), cudaSuccess);
-      double rms = 0;
-      for (float v : want) rms += static_cast<double>(v) * v;
-      rms = std::sqrt(rms / want.size()) + 1e-30;
-      const double tol = dt == DType::kF32 ? 1e-5 : (dt == DType::kBF16 ? 1.5e-2 : 3e-3);
-      ExpectAllNear(ToDouble(want), d_y.Download().data(), tol, tol * rms,
-                    std::string("batched ") + DTypeName(dt) + " m=" + std::to_string(m));
+      ExpectGemmNear(dt, want, d_y.Download().data(),
+                     std::string("batched ") + DTypeName(dt) + " m=" + std::to_string(m));
     }
   }
   cublasDestroy(handle);
