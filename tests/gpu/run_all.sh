@@ -34,51 +34,11 @@ QUICK_FLAG=()
 if [[ "${QUICK:-0}" == 1 ]]; then
   QUICK_FLAG=(--quick)
 fi
-if [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  export PATH=/usr/local/cuda/bin:$PATH
-fi
-GENERATOR=()
-if command -v ninja > /dev/null; then
-  GENERATOR=(-G Ninja)
-fi
-
-T0=$(date +%s)
 BUDGET=${RUN_ALL_BUDGET_S:-540}
-declare -A RESULT
-# step NAME LOG TIMEOUT COMMAND...: runs (the timeout cut to what is left of the budget), records
-# ok / FAILED (rc) and seconds; skipped when less than 10 s of the budget is left.
-step() {
-  local name=$1 log=$2 limit=$3
-  shift 3
-  local left=$(( T0 + BUDGET - $(date +%s) ))
-  if (( left < 10 )); then
-    RESULT[$name]="not run (the ${BUDGET}s budget is spent)"
-    echo "[run_all] $name: ${RESULT[$name]}"
-    return 124
-  fi
-  (( limit > left )) && limit=$left
-  local t
-  t=$(date +%s)
-  timeout -k 5 "$limit" "$@" > "$LOGS/$log" 2>&1
-  local rc=$?
-  local secs=$(( $(date +%s) - t ))
-  if [[ $rc == 0 ]]; then
-    RESULT[$name]="ok (${secs}s)"
-  elif [[ $rc == 124 || $rc == 137 ]]; then
-    RESULT[$name]="FAILED: timed out after ${secs}s (limit ${limit}s, see $log)"
-  else
-    RESULT[$name]="FAILED rc=$rc (${secs}s, see $log)"
-  fi
-  echo "[run_all] $name: ${RESULT[$name]}"
-  return $rc
-}
+TAG=run_all
+source "$ROOT/tests/gpu/run_lib.sh"
 
-# A build folder configured from another checkout path cannot be reused: start it afresh.
-if [[ -f $BUILD/CMakeCache.txt ]] &&
-  ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$BUILD/CMakeCache.txt"; then
-  rm -rf "$BUILD"
-  mkdir -p "$LOGS"
-fi
+reset_foreign_build
 GTEST_SRC=$ROOT/.devdeps/root/usr/src/googletest
 GTEST_FLAG=()
 if [[ -f $GTEST_SRC/CMakeLists.txt ]]; then

@@ -24,41 +24,9 @@ ROOT=$PWD
 BUILD=${BUILD_DIR:-$ROOT/build-gpu-engine}
 LOGS=${OUT:-$BUILD/logs}
 mkdir -p "$LOGS"
-if [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  export PATH=/usr/local/cuda/bin:$PATH
-fi
-GENERATOR=()
-if command -v ninja > /dev/null; then
-  GENERATOR=(-G Ninja)
-fi
-T0=$(date +%s)
 BUDGET=${RUN_ENGINE_BUDGET_S:-540}
-declare -A RESULT
-step() {
-  local name=$1 log=$2 limit=$3
-  shift 3
-  local left=$(( T0 + BUDGET - $(date +%s) ))
-  if (( left < 10 )); then
-    RESULT[$name]="not run (the ${BUDGET}s budget is spent)"
-    echo "[run_engine] $name: ${RESULT[$name]}"
-    return 124
-  fi
-  (( limit > left )) && limit=$left
-  local t
-  t=$(date +%s)
-  timeout -k 5 "$limit" "$@" > "$LOGS/$log" 2>&1
-  local rc=$?
-  local secs=$(( $(date +%s) - t ))
-  if [[ $rc == 0 ]]; then
-    RESULT[$name]="ok (${secs}s)"
-  elif [[ $rc == 124 || $rc == 137 ]]; then
-    RESULT[$name]="FAILED: timed out after ${secs}s (limit ${limit}s, see $log)"
-  else
-    RESULT[$name]="FAILED rc=$rc (${secs}s, see $log)"
-  fi
-  echo "[run_engine] $name: ${RESULT[$name]}"
-  return $rc
-}
+TAG=run_engine
+source "$ROOT/tests/gpu/run_lib.sh"
 
 SHARED=${HELIX_SHARED_DIR:-}
 if [[ -z $SHARED ]]; then
@@ -80,11 +48,7 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
     export LD_LIBRARY_PATH=$NCCL_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   fi
 fi
-if [[ -f $BUILD/CMakeCache.txt ]] &&
-  ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$BUILD/CMakeCache.txt"; then
-  rm -rf "$BUILD"
-  mkdir -p "$LOGS"
-fi
+reset_foreign_build
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
