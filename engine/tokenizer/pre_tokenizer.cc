@@ -79,17 +79,9 @@ struct Chars {
   std::vector<uint32_t> offset;  // size() + 1 entries; the last is the text's length.
 
   explicit Chars(std::string_view text) {
-    cp.reserve(text.size());
-    cls.reserve(text.size());
-    offset.reserve(text.size() + 1);
-    for (size_t pos = 0; pos < text.size();) {
-      const Utf8Char c = DecodeUtf8(text, pos);
-      cp.push_back(c.cp);
-      cls.push_back(ClassOf(c.cp));
-      offset.push_back(static_cast<uint32_t>(pos));
-      pos += c.len;
-    }
-    offset.push_back(static_cast<uint32_t>(text.size()));
+    DecodeAll(text, &cp, &offset);
+    cls.reserve(cp.size());
+    for (uint32_t c : cp) cls.push_back(ClassOf(c));
   }
   size_t size() const { return cp.size(); }
 };

@@ -8,17 +8,9 @@
 namespace helix {
 
 RegexInput::RegexInput(std::string_view text) : text_(text) {
-  cp_.reserve(text.size());
-  cat_.reserve(text.size());
-  offset_.reserve(text.size() + 1);
-  for (size_t pos = 0; pos < text.size();) {
-    const Utf8Char c = DecodeUtf8(text, pos);
-    cp_.push_back(c.cp);
-    cat_.push_back(CategoryOf(c.cp));
-    offset_.push_back(static_cast<uint32_t>(pos));
-    pos += c.len;
-  }
-  offset_.push_back(static_cast<uint32_t>(text.size()));
+  DecodeAll(text, &cp_, &offset_);
+  cat_.reserve(cp_.size());
+  for (uint32_t cp : cp_) cat_.push_back(CategoryOf(cp));
 }
 
 namespace {

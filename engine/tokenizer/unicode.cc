@@ -139,4 +139,16 @@ bool AnyCodePointIn(uint32_t first, uint32_t last, CategoryMask mask) {
   return false;
 }
 
+void DecodeAll(std::string_view s, std::vector<uint32_t>* cps, std::vector<uint32_t>* offsets) {
+  cps->reserve(cps->size() + s.size());
+  offsets->reserve(offsets->size() + s.size() + 1);
+  for (size_t pos = 0; pos < s.size();) {
+    const Utf8Char c = DecodeUtf8(s, pos);
+    cps->push_back(c.cp);
+    offsets->push_back(static_cast<uint32_t>(pos));
+    pos += c.len;
+  }
+  offsets->push_back(static_cast<uint32_t>(s.size()));
+}
+
 }  // namespace helix

@@ -8,6 +8,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 namespace helix {
 
@@ -62,6 +63,10 @@ struct Utf8Char {
 // values past U+10FFFF); anything else consumes one byte as kInvalidCodePoint.
 // REQUIRES: pos < s.size().
 Utf8Char DecodeUtf8(std::string_view s, size_t pos);
+
+// Every character of s: its code point (DecodeUtf8's) into *cps and its byte offset into
+// *offsets, which gets one more entry, s.size(). Appends to both.
+void DecodeAll(std::string_view s, std::vector<uint32_t>* cps, std::vector<uint32_t>* offsets);
 
 // Appends the UTF-8 encoding of `cp`. REQUIRES: cp <= 0x10FFFF.
 void AppendUtf8(uint32_t cp, std::string* out);
