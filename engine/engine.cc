@@ -477,9 +477,10 @@ std::string Engine::CopyStagedKv(Pull* pull) {
   Status s = backend_->Activate();
   auto* dev = static_cast<uint8_t*>(pool_->base());
   const auto* stage = static_cast<const uint8_t*>(pull->staging);
-  for (const auto& [stage_off, block_off] : pull->staged_blocks) {
-    backend_->CopyToDevice(dev + block_off, stage + stage_off,
-                           static_cast<size_t>(pool_->block_bytes()));
+  const int64_t bb = pool_->block_bytes();
+  for (size_t i = 0; i < pull->staged_blocks.size(); ++i) {
+    backend_->CopyToDevice(dev + pull->staged_blocks[i], stage + static_cast<int64_t>(i) * bb,
+                           static_cast<size_t>(bb));
   }
   if (s.ok()) s = backend_->Sync();  // the staging is freed next: the copies must be done
   backend_->FreeHost(pull->staging);
@@ -536,9 +537,8 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
     const int64_t block_off = static_cast<int64_t>(kv.blocks()[g / layout_.cp]) * bb;
     uint8_t* dst = base + block_off;
     if (pull.staging != nullptr) {
-      const int64_t stage_off = static_cast<int64_t>(pull.staged_blocks.size()) * bb;
-      pull.staged_blocks.emplace_back(stage_off, block_off);
-      dst = base + stage_off;
+      dst = base + static_cast<int64_t>(pull.staged_blocks.size()) * bb;
+      pull.staged_blocks.push_back(block_off);
     }
     const uint64_t remote = src->block_addresses[g];
     if (src_heads == L.num_kv_heads) {

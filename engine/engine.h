@@ -233,10 +233,10 @@ class Engine {
     uint64_t job = 0;   // 0: could not start (error)
     std::string error;  // why it could not start
     // A device backend: UCX writes into pinned host staging (no CUDA transports in Debian's
-    // UCX), copied into the device blocks once the pull is done. (staging offset, pool offset)
-    // per block, bytes of a block each.
+    // UCX), copied into the device blocks once the pull is done: block i of the staging goes
+    // to pool byte offset staged_blocks[i].
     void* staging = nullptr;
-    std::vector<std::pair<int64_t, int64_t>> staged_blocks;
+    std::vector<int64_t> staged_blocks;
     std::string copy_error;  // the copy to the device failed
   };
   std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence

@@ -7,7 +7,6 @@
 
 #include <map>
 #include <memory>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -85,11 +84,6 @@ class BackendArray {
     }
     n_ = n;
     return Status::Ok();
-  }
-  // Resize for code that runs on host-memory backends only (like std::vector's, throws
-  // std::bad_alloc).
-  void resize(int64_t n) {
-    if (!Resize(n).ok()) throw std::bad_alloc();
   }
   T* data() { return p_; }
   const T* data() const { return p_; }
