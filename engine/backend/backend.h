@@ -98,12 +98,10 @@ class Backend {
   // in backend memory.
   virtual void GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows,
                           int64_t n, float* out) = 0;
-  // Writes one token's K and V (this rank's KV heads) into its block slot; host block/slot.
-  virtual void WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,
-                       const float* k, const float* v) = 0;
-  // WriteKv for a batch: token t goes to (block[t], slot[t]) unless block[t] < 0 (another CP
-  // rank owns its position). k, v: [tokens][kv.num_kv_heads][kv.head_dim]; block and slot in
-  // backend memory.
+  // Writes a batch of tokens' K and V (this rank's KV heads) into their block slots: token t
+  // goes to (block[t], slot[t]) unless block[t] < 0 (another CP rank owns its position).
+  // k, v: [tokens][kv.num_kv_heads][kv.head_dim] (v nullptr for a one-plane pool); block and
+  // slot in backend memory.
   virtual void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k,
                             const float* v, const int32_t* block, const int32_t* slot,
                             int64_t tokens) = 0;

@@ -87,11 +87,6 @@ void CpuBackend::GatherRows(const float* in, int64_t stride, const int32_t* rows
   }
 }
 
-void CpuBackend::WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,
-                         const float* k, const float* v) {
-  kernels::WriteKv(kv, block, layer, slot, k, v);
-}
-
 void CpuBackend::WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k,
                               const float* v, const int32_t* block, const int32_t* slot,
                               int64_t tokens) {

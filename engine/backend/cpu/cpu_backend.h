@@ -43,8 +43,6 @@ class CpuBackend final : public Backend {
   void Zero(void* p, size_t bytes) override;
   void GatherRows(const float* in, int64_t stride, const int32_t* rows, int64_t num_rows, int64_t n,
                   float* out) override;
-  void WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,
-               const float* k, const float* v) override;
   void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k, const float* v,
                     const int32_t* block, const int32_t* slot, int64_t tokens) override;
   size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) override;

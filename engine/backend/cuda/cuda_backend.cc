@@ -355,10 +355,6 @@ class CudaBackend final : public Backend {
       return kc::GatherRowsCuda({in, stride, rows, num_rows, n, out}, stream_);
     });
   }
-  void WriteKv(const kernels::KvPoolView& kv, int64_t block, int64_t layer, int64_t slot,
-               const float* k, const float* v) override {
-    Op("WriteKvCuda", [=, this] { return kc::WriteKvCuda(kv, block, layer, slot, k, v, stream_); });
-  }
   void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k, const float* v,
                     const int32_t* block, const int32_t* slot, int64_t tokens) override {
     kc::WriteKvBatchParams p{};
