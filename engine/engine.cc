@@ -50,6 +50,9 @@ struct Engine::Sequence {
 
 namespace {
 
+constexpr size_t kStagingGranule = 4u << 20;       // staging sizes round up to this
+constexpr size_t kStagingCacheBytes = 1ull << 30;  // pinned staging kept for reuse, at most
+
 // Bytes of memory the OS reports as available (MemAvailable), or 0 when unknown.
 int64_t AvailableMemoryBytes() {
   std::ifstream in("/proc/meminfo");
@@ -118,6 +121,12 @@ Engine::~Engine() {
     Status s = BroadcastPlan(&plan, options_.comm_timeout);
     if (!s.ok()) {
       HELIX_LOG(kWarn) << "engine: shutdown broadcast failed: " << s.ToString();
+    }
+  }
+  if (backend_ != nullptr) {
+    for (const StagingBuffer& b : staging_cache_) {
+      backend_->UploadsDone(b.mark, /*wait=*/true);
+      backend_->FreeHost(b.p);
     }
   }
 }
@@ -467,26 +476,84 @@ void Engine::DropPull(uint64_t uid) {
       HELIX_LOG(kError) << "engine: the KV pull of sequence " << uid
                         << " did not end after its cancel; leaving its staging allocated";
     } else {
-      backend_->FreeHost(pull.staging);
+      // Uploads may still be writing the blocks, which are about to be freed: the ops queued
+      // from now on (a later owner's KV writes) wait for them.
+      const uint64_t mark = pull.uploaded > 0 ? backend_->FenceUploads() : 0;
+      ReleaseStaging(pull.staging, pull.staging_bytes, mark);
     }
   }
   pulls_.erase(it);
 }
 
-std::string Engine::CopyStagedKv(Pull* pull) {
-  Status s = backend_->Activate();
+std::string Engine::UploadStagedKv(Pull* pull, bool done) {
   auto* dev = static_cast<uint8_t*>(pool_->base());
   const auto* stage = static_cast<const uint8_t*>(pull->staging);
   const int64_t bb = pool_->block_bytes();
-  for (size_t i = 0; i < pull->staged_blocks.size(); ++i) {
-    backend_->CopyToDevice(dev + pull->staged_blocks[i], stage + static_cast<int64_t>(i) * bb,
-                           static_cast<size_t>(bb));
+  for (uint32_t g : transfer_->TakeDoneGroups(pull->job)) {
+    if (g >= pull->staged_blocks.size()) {  // one group per staged block: cannot happen
+      return "the transfer reported group " + std::to_string(g) + " of a pull of " +
+             std::to_string(pull->staged_blocks.size()) + " blocks";
+    }
+    backend_->Upload(dev + pull->staged_blocks[g], stage + static_cast<int64_t>(g) * bb,
+                     static_cast<size_t>(bb));
+    ++pull->uploaded;
   }
-  if (s.ok()) s = backend_->Sync();  // the staging is freed next: the copies must be done
-  backend_->FreeHost(pull->staging);
+  Status s = backend_->Activate();  // the first error of the uploads, if any
+  if (!done) return s.ok() ? "" : "copying the pulled KV to the device: " + s.message();
+  if (s.ok() && pull->uploaded != pull->staged_blocks.size()) {
+    s = Internal("the pull ended with " + std::to_string(pull->uploaded) + " of " +
+                 std::to_string(pull->staged_blocks.size()) + " blocks uploaded");
+  }
+  ReleaseStaging(pull->staging, pull->staging_bytes, backend_->FenceUploads());
   pull->staging = nullptr;
   pull->staged_blocks.clear();
   return s.ok() ? "" : "copying the pulled KV to the device: " + s.message();
+}
+
+void* Engine::AcquireStaging(size_t bytes, size_t* got) {
+  // The smallest reusable buffer that is large enough.
+  size_t best = staging_cache_.size();
+  for (size_t i = 0; i < staging_cache_.size(); ++i) {
+    const StagingBuffer& b = staging_cache_[i];
+    if (b.bytes >= bytes &&
+        (best == staging_cache_.size() || b.bytes < staging_cache_[best].bytes) &&
+        backend_->UploadsDone(b.mark, /*wait=*/false)) {
+      best = i;
+    }
+  }
+  if (best < staging_cache_.size()) {
+    const StagingBuffer b = staging_cache_[best];
+    staging_cache_.erase(staging_cache_.begin() + static_cast<std::ptrdiff_t>(best));
+    *got = b.bytes;
+    return b.p;
+  }
+  const size_t size = (bytes + kStagingGranule - 1) / kStagingGranule * kStagingGranule;
+  void* p = backend_->AllocHost(size);
+  if (p == nullptr && !staging_cache_.empty()) {  // make room, then try again
+    TrimStaging(0);
+    p = backend_->AllocHost(size);
+  }
+  *got = p != nullptr ? size : 0;
+  return p;
+}
+
+void Engine::ReleaseStaging(void* p, size_t bytes, uint64_t mark) {
+  staging_cache_.push_back({p, bytes, mark});
+  TrimStaging(kStagingCacheBytes);
+}
+
+void Engine::TrimStaging(size_t keep_bytes) {
+  size_t total = 0;
+  for (const StagingBuffer& b : staging_cache_) total += b.bytes;
+  for (auto it = staging_cache_.begin(); it != staging_cache_.end() && total > keep_bytes;) {
+    if (backend_->UploadsDone(it->mark, /*wait=*/false)) {
+      total -= it->bytes;
+      backend_->FreeHost(it->p);
+      it = staging_cache_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
@@ -523,15 +590,19 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
   const int64_t nblocks = static_cast<int64_t>(src->block_addresses.size());
   const int64_t bb = pool_->block_bytes();
   if (!backend_->host_memory() && nblocks > layout_.cp_rank) {
-    // Pinned staging for the blocks this rank owns, copied to the device when the pull is done.
+    // Pinned staging for the blocks this rank owns, each uploaded to the device when its gets
+    // are done.
     const int64_t owned = (nblocks - layout_.cp_rank + layout_.cp - 1) / layout_.cp;
-    pull.staging = backend_->AllocHost(static_cast<size_t>(owned * bb));
+    pull.staging = AcquireStaging(static_cast<size_t>(owned * bb), &pull.staging_bytes);
     if (pull.staging == nullptr) {
       pull.error = "cannot allocate " + std::to_string(owned * bb) +
                    " bytes of pinned host memory to stage the KV transfer";
       return Status::Ok();
     }
     base = static_cast<uint8_t*>(pull.staging);
+    // One group of gets per block: 1 segment, or one per (layer, plane) when TP differs.
+    job.segments_per_group =
+        src_heads == L.num_kv_heads ? 1 : static_cast<size_t>(L.num_layers * L.num_planes);
   }
   for (int64_t g = layout_.cp_rank; g < nblocks; g += layout_.cp) {
     const int64_t block_off = static_cast<int64_t>(kv.blocks()[g / layout_.cp]) * bb;
@@ -578,8 +649,9 @@ std::vector<uint8_t> Engine::PollTransfers(const std::vector<uint64_t>& uids,
         st = error.empty() ? transfer::JobState::kDone : transfer::JobState::kFailed;
       } else {
         st = transfer_->State(it->second.job, &error);
-        if (st == transfer::JobState::kDone && it->second.staging != nullptr) {
-          it->second.copy_error = CopyStagedKv(&it->second);
+        if (it->second.staging != nullptr && it->second.copy_error.empty() &&
+            (st == transfer::JobState::kInProgress || st == transfer::JobState::kDone)) {
+          it->second.copy_error = UploadStagedKv(&it->second, st == transfer::JobState::kDone);
         }
         if (st == transfer::JobState::kDone && !it->second.copy_error.empty()) {
           st = transfer::JobState::kFailed;

@@ -233,15 +233,31 @@ class Engine {
     uint64_t job = 0;   // 0: could not start (error)
     std::string error;  // why it could not start
     // A device backend: UCX writes into pinned host staging (no CUDA transports in Debian's
-    // UCX), copied into the device blocks once the pull is done: block i of the staging goes
-    // to pool byte offset staged_blocks[i].
+    // UCX); block i of the staging goes to pool byte offset staged_blocks[i]. Each block is
+    // uploaded (Backend::Upload, beside the decode steps) as soon as its gets are done.
     void* staging = nullptr;
+    size_t staging_bytes = 0;
     std::vector<int64_t> staged_blocks;
+    size_t uploaded = 0;     // staged blocks queued for upload so far
     std::string copy_error;  // the copy to the device failed
   };
   std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence
-  // A done pull's staged blocks to the device (then frees the staging); "" or the error.
-  std::string CopyStagedKv(Pull* pull);
+  // Uploads the pull's staged blocks whose gets are done; when the pull is `done`, fences the
+  // uploads (the decode steps read the blocks after them) and gives the staging back. "" or
+  // the error.
+  std::string UploadStagedKv(Pull* pull, bool done);
+  // Pinned staging buffers kept for reuse (pinning memory is slow, and freeing it waits for the
+  // device): a buffer is reusable once the uploads up to its mark are done.
+  struct StagingBuffer {
+    void* p;
+    size_t bytes;
+    uint64_t mark;
+  };
+  std::vector<StagingBuffer> staging_cache_;
+  void* AcquireStaging(size_t bytes, size_t* got);
+  void ReleaseStaging(void* p, size_t bytes, uint64_t mark);
+  // Frees reusable buffers while the cache holds more than `keep_bytes`.
+  void TrimStaging(size_t keep_bytes);
   struct Retained {
     uint64_t uid;
     std::chrono::steady_clock::time_point expiry;

@@ -50,6 +50,15 @@ class Backend {
   virtual void FreeHost(void* p) = 0;
   // host -> backend, queued: `src` must stay unchanged until the next Sync or CopyToHost.
   virtual void CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  // Uploads: host -> backend copies on a queue of their own that runs beside the ops (CUDA: a
+  // second stream), for KV pulled into staging while the decode steps go on. `src` is AllocHost
+  // memory that must stay unchanged until UploadsDone says so. FenceUploads marks the uploads
+  // queued so far and makes the ops queued after it wait for them (no host wait); UploadsDone
+  // tells whether the uploads up to a mark have finished (with `wait`, waits until they have).
+  // Not while capturing. Defaults for backends with one queue: the copies join the ops.
+  virtual void Upload(void* dst, const void* src, size_t bytes) { CopyToDevice(dst, src, bytes); }
+  virtual uint64_t FenceUploads() { return 0; }
+  virtual bool UploadsDone(uint64_t /*mark*/, bool /*wait*/) { return Sync().ok(); }
   // backend -> host: waits for every queued op, then copies. Returns the first error of any op
   // since the last check (the CUDA backend's launch and runtime errors).
   virtual Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;

@@ -44,6 +44,7 @@ struct UcxTransfer::Impl {
   struct Record {
     JobState state = JobState::kInProgress;
     std::string error;
+    std::vector<uint32_t> done_groups;  // completed, not yet taken
   };
   struct Peer {
     std::string worker_address;
@@ -62,11 +63,14 @@ struct UcxTransfer::Impl {
     bool failed = false;
     std::string error;
     uint64_t bytes = 0;
+    std::vector<uint32_t> group_left;   // per group: gets not yet succeeded
+    std::vector<uint32_t> done_groups;  // completed since the last flush into the record
   };
   struct OpCtx {
     Impl* impl;
     uint64_t job;
     uint64_t bytes;
+    size_t segment;
   };
 
   std::string name;
@@ -102,7 +106,17 @@ struct UcxTransfer::Impl {
     [[maybe_unused]] ssize_t n = write(wake_fd, &one, sizeof(one));
   }
 
+  // Publishes the groups completed since the last call (progress thread).
+  void FlushGroups(Active& a) {
+    if (a.done_groups.empty()) return;
+    std::lock_guard<std::mutex> lock(mu);
+    auto& out = records[a.id].done_groups;
+    out.insert(out.end(), a.done_groups.begin(), a.done_groups.end());
+    a.done_groups.clear();
+  }
+
   void Finish(Active& a) {
+    FlushGroups(a);
     JobState st = a.failed                          ? JobState::kFailed
                   : a.next == a.job.segments.size() ? JobState::kDone
                                                     : JobState::kCancelled;
@@ -125,7 +139,7 @@ struct UcxTransfer::Impl {
 
   static void OnGet(void* request, ucs_status_t status, void* user_data) {
     auto* op = static_cast<OpCtx*>(user_data);
-    op->impl->Completed(op->job, op->bytes, status);
+    op->impl->Completed(op->job, op->segment, op->bytes, status);
     delete op;
     ucp_request_free(request);
   }
@@ -140,17 +154,24 @@ struct UcxTransfer::Impl {
     }
   }
 
-  void Completed(uint64_t job, uint64_t bytes, ucs_status_t status) {
+  void Completed(uint64_t job, size_t segment, uint64_t bytes, ucs_status_t status) {
     auto it = active.find(job);
     if (it == active.end()) return;
     Active& a = it->second;
     --a.outstanding;
     if (status == UCS_OK) {
-      a.bytes += bytes;
+      SegmentDone(a, segment, bytes);
     } else if (!a.failed) {
       a.failed = true;
       if (a.error.empty()) a.error = std::string("get failed: ") + ucs_status_string(status);
     }
+  }
+
+  void SegmentDone(Active& a, size_t segment, uint64_t bytes) {
+    a.bytes += bytes;
+    if (a.group_left.empty()) return;
+    const size_t g = segment / a.job.segments_per_group;
+    if (--a.group_left[g] == 0) a.done_groups.push_back(static_cast<uint32_t>(g));
   }
 
   // Connects to (or reuses) the job's peer; nullptr and *error on failure.
@@ -232,7 +253,7 @@ struct UcxTransfer::Impl {
     Peer& p = pit->second;
     while (a.outstanding < kMaxOutstandingPerJob && a.next < a.job.segments.size()) {
       const Segment& s = a.job.segments[a.next];
-      auto* op = new OpCtx{this, a.id, s.bytes};
+      auto* op = new OpCtx{this, a.id, s.bytes, a.next};
       ucp_request_param_t prm{};
       prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       prm.cb.send = &Impl::OnGet;
@@ -240,7 +261,7 @@ struct UcxTransfer::Impl {
       ucs_status_ptr_t req = ucp_get_nbx(p.ep, s.local, s.bytes, s.remote_addr, p.rkey, &prm);
       ++a.next;
       if (req == nullptr) {
-        a.bytes += s.bytes;
+        SegmentDone(a, op->segment, s.bytes);
         delete op;
       } else if (UCS_PTR_IS_ERR(req)) {
         delete op;
@@ -267,6 +288,11 @@ struct UcxTransfer::Impl {
         Active a;
         a.id = id;
         a.job = std::move(job);
+        if (const size_t per = a.job.segments_per_group; per > 0) {
+          const size_t n = a.job.segments.size();
+          a.group_left.assign((n + per - 1) / per, static_cast<uint32_t>(per));
+          if (n % per != 0) a.group_left.back() = static_cast<uint32_t>(n % per);
+        }
         std::string error;
         if (stopping) {
           a.failed = true;
@@ -312,6 +338,7 @@ struct UcxTransfer::Impl {
           Finish(a);
           it = active.erase(it);
         } else {
+          FlushGroups(a);
           ++it;
         }
       }
@@ -426,6 +453,14 @@ void UcxTransfer::Cancel(uint64_t id) {
     impl_->cancels.push_back(id);
   }
   impl_->Wake();
+}
+
+std::vector<uint32_t> UcxTransfer::TakeDoneGroups(uint64_t id) {
+  std::vector<uint32_t> out;
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->records.find(id);
+  if (it != impl_->records.end()) out.swap(it->second.done_groups);
+  return out;
 }
 
 JobState UcxTransfer::Wait(uint64_t id, std::chrono::milliseconds timeout) const {

@@ -42,6 +42,10 @@ struct PullJob {
   std::string rkey;            // the peer's packed rkey covering every remote segment
   std::vector<Segment> segments;
   std::chrono::steady_clock::time_point deadline;
+  // > 0: segments [g * n, g * n + n) form group g (the last one may be shorter), and
+  // TakeDoneGroups reports each group once all its gets have succeeded, so the caller can use
+  // that part of the destination while the rest is still in flight.
+  size_t segments_per_group = 0;
 };
 
 struct TransferStats {
@@ -75,6 +79,9 @@ class UcxTransfer {
   // Stops posting the job's remaining gets; it becomes kCancelled once the posted ones ended
   // (or kDone / kFailed if it finished first). Idempotent.
   void Cancel(uint64_t id);
+  // The groups (PullJob::segments_per_group) of the job that completed since the last call,
+  // each reported once; a done job has reported every group by the time State says kDone.
+  std::vector<uint32_t> TakeDoneGroups(uint64_t id);
   // Waits until the job is terminal or `timeout` passes; returns the state.
   JobState Wait(uint64_t id, std::chrono::milliseconds timeout) const;
   // Drops a terminal job's record. REQUIRES: the job is terminal.

@@ -75,6 +75,56 @@ TEST_F(UcxTransferTest, PullsSegmentsAcrossTwoWorkers) {
   (*puller)->Forget(id2);
 }
 
+// Groups of segments are reported once each, and only after their bytes have landed: the
+// caller may copy a reported group out while the rest of the job is in flight.
+TEST_F(UcxTransferTest, ReportsEachGroupOnceItsBytesHaveLanded) {
+  std::vector<uint8_t> src(4 << 20);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 131 + (i >> 12));
+  auto exporter = UcxTransfer::Create("ctx", src.data(), src.size());
+  ASSERT_TRUE(exporter.ok()) << exporter.status().ToString();
+  auto puller = UcxTransfer::Create("gen");
+  ASSERT_TRUE(puller.ok()) << puller.status().ToString();
+  constexpr size_t kPiece = 4096, kPerGroup = 3;
+  const size_t pieces = src.size() / kPiece;  // 1024: 341 groups of 3 and one of 1
+  std::vector<uint8_t> dst(src.size(), 0);
+  PullJob job;
+  job.peer_key = "ctx";
+  job.worker_address = (*exporter)->address();
+  job.rkey = (*exporter)->rkey();
+  job.deadline = Clock::now() + milliseconds(20000);
+  job.segments_per_group = kPerGroup;
+  for (size_t i = 0; i < pieces; ++i) {  // reversed pieces, so a group is not a prefix
+    job.segments.push_back({reinterpret_cast<uint64_t>(src.data() + (pieces - 1 - i) * kPiece),
+                            dst.data() + i * kPiece, kPiece});
+  }
+  const size_t groups = (pieces + kPerGroup - 1) / kPerGroup;
+  std::vector<int> seen(groups, 0);
+  auto check = [&](const std::vector<uint32_t>& done) {
+    for (uint32_t g : done) {
+      ASSERT_LT(g, groups);
+      ++seen[g];
+      for (size_t i = g * kPerGroup; i < std::min(pieces, g * kPerGroup + kPerGroup); ++i) {
+        ASSERT_EQ(
+            std::memcmp(dst.data() + i * kPiece, src.data() + (pieces - 1 - i) * kPiece, kPiece), 0)
+            << "group " << g << " reported before piece " << i << " landed";
+      }
+    }
+  };
+  const uint64_t id = (*puller)->StartPull(job);
+  size_t polls_in_flight = 0;
+  while ((*puller)->State(id) == JobState::kInProgress) {
+    check((*puller)->TakeDoneGroups(id));
+    ++polls_in_flight;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  ASSERT_EQ((*puller)->State(id), JobState::kDone);
+  check((*puller)->TakeDoneGroups(id));
+  for (size_t g = 0; g < groups; ++g) EXPECT_EQ(seen[g], 1) << "group " << g;
+  EXPECT_TRUE((*puller)->TakeDoneGroups(id).empty());
+  EXPECT_GT(polls_in_flight, 0u);
+  (*puller)->Forget(id);
+}
+
 // The exporter runs in a child that publishes its address and rkey through a pipe, then is
 // stopped (SIGSTOP: the job must time out) or killed (the job must fail). UCX's global state
 // (its async thread) does not survive fork(), so the child re-executes this binary, which

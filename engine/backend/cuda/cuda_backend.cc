@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <string>
 #include <utility>
@@ -61,6 +62,8 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(Check(cudaSetDevice(device_), "cudaSetDevice"));
     RETURN_IF_ERROR(
         Check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+    RETURN_IF_ERROR(Check(cudaStreamCreateWithFlags(&upload_stream_, cudaStreamNonBlocking),
+                          "cudaStreamCreate (uploads)"));
     if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
       return FailedPrecondition("backend cuda: cublasCreate failed on device " +
                                 std::to_string(device_));
@@ -85,6 +88,9 @@ class CudaBackend final : public Backend {
     DropGraphs();
 #ifndef HELIX_CUDA_EMULATION
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    if (upload_stream_ != nullptr) cudaStreamSynchronize(upload_stream_);
+    for (const auto& [mark, event] : upload_events_) cudaEventDestroy(event);
+    if (upload_stream_ != nullptr) cudaStreamDestroy(upload_stream_);
     if (gemm_ws_ != nullptr) cudaFree(gemm_ws_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_ws_ != nullptr) cudaFree(cublas_ws_);
@@ -202,6 +208,56 @@ class CudaBackend final : public Backend {
   void CopyToDevice(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     Op("copy to device", [=, this] { return Memcpy(dst, src, bytes, cudaMemcpyHostToDevice); });
+  }
+  void Upload(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    if (capturing_) {
+      Refuse("Upload");
+      return;
+    }
+#ifdef HELIX_CUDA_EMULATION
+    std::memmove(dst, src, bytes);
+#else
+    BindDevice();  // the uploads' stream, not the ops': they run beside the step
+    Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, upload_stream_), "upload");
+#endif
+  }
+  uint64_t FenceUploads() override {
+    if (capturing_) {
+      Refuse("FenceUploads");
+      return upload_marks_;
+    }
+    ++upload_marks_;
+#ifndef HELIX_CUDA_EMULATION
+    BindDevice();
+    cudaEvent_t event = nullptr;
+    // Without the event the ops would not wait: the error fails the next step.
+    if (!Note(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate")) {
+      return upload_marks_;
+    }
+    Note(cudaEventRecord(event, upload_stream_), "cudaEventRecord (uploads)");
+    Note(cudaStreamWaitEvent(stream_, event, 0), "cudaStreamWaitEvent (uploads)");
+    upload_events_.emplace_back(upload_marks_, event);
+#endif
+    return upload_marks_;
+  }
+  bool UploadsDone(uint64_t mark, bool wait) override {
+#ifndef HELIX_CUDA_EMULATION
+    BindDevice();
+    // One stream: the marks finish in order.
+    while (!upload_events_.empty() && upload_events_.front().first <= mark) {
+      cudaEvent_t event = upload_events_.front().second;
+      const cudaError_t r = wait ? cudaEventSynchronize(event) : cudaEventQuery(event);
+      if (r == cudaErrorNotReady) return false;
+      Note(r, "upload");  // a failed upload has ended too; its error fails the next step
+      cudaEventDestroy(event);
+      upload_events_.pop_front();
+    }
+#else
+    (void)mark;
+    (void)wait;
+#endif
+    return true;
   }
   void CopyToHostAsync(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
@@ -539,7 +595,10 @@ class CudaBackend final : public Backend {
   CudaBackendOptions options_;
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t upload_stream_ = nullptr;  // Upload's copies, beside the ops
+  uint64_t upload_marks_ = 0;
 #ifndef HELIX_CUDA_EMULATION
+  std::deque<std::pair<uint64_t, cudaEvent_t>> upload_events_;  // (mark, its event), in order
   cublasHandle_t cublas_ = nullptr;
   void* cublas_ws_ = nullptr;
   std::vector<cudaGraphExec_t> graphs_;

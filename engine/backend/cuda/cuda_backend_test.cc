@@ -88,6 +88,15 @@ const std::vector<Case>& StoriesCases() {
   return cases;
 }
 
+// The generation side of the disaggregated tests; with prompts of several blocks per rank.
+const std::vector<Case>& DisaggCases() {
+  static const std::vector<Case> cases = {
+      {"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2},
+      {"f16kv_tp2_cp2_tpb2", kernels::DType::kF16, std::nullopt, 2, 0, 2, 2},
+  };
+  return cases;
+}
+
 EngineOptions Options(const Case& c) {
   EngineOptions o;
   o.model_path = Shared() + "/models/stories260K/stories260K.bin";
@@ -131,8 +140,10 @@ EngineOptions MlaOptions(const std::string& model, int tp, int cp, bool cuda) {
 // The options a spawned worker rank runs with: "stories/<case>" or "mla/<model>/<tp>/<cp>".
 std::optional<EngineOptions> WorkerOptions(const std::string& id) {
   if (id.rfind("stories/", 0) == 0) {
-    for (const Case& c : StoriesCases()) {
-      if ("stories/" + c.name == id) return CudaOptions(c);
+    for (const auto* cases : {&StoriesCases(), &DisaggCases()}) {
+      for (const Case& c : *cases) {
+        if ("stories/" + c.name == id) return CudaOptions(c);
+      }
     }
   }
   if (id.rfind("mla/", 0) == 0) {
@@ -202,6 +213,49 @@ std::vector<GenerateRequest> RandomPrompts(uint32_t seed, const std::vector<int>
     reqs.push_back(r);
   }
   return reqs;
+}
+
+// Uploads run on a stream of their own: FenceUploads must order the ops queued after it behind
+// them (a device copy right after a large upload reads the uploaded bytes, not what was there),
+// and UploadsDone must not say done before the bytes are on the device.
+TEST(CudaBackendUploads, FenceOrdersLaterOpsBehindUploads) {
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  auto be = CreateCudaBackend(CudaBackendOptions{});
+  ASSERT_TRUE(be.ok()) << be.status().ToString();
+  Backend& b = **be;
+  constexpr size_t kWords = 64u << 20;  // 256 MiB: the upload takes milliseconds
+  constexpr size_t kBytes = kWords * sizeof(uint32_t);
+  auto* host = static_cast<uint32_t*>(b.AllocHost(kBytes));
+  auto* back = static_cast<uint32_t*>(b.AllocHost(kBytes));
+  void* up = b.Alloc(kBytes);
+  void* copy = b.Alloc(kBytes);
+  ASSERT_TRUE(host != nullptr && back != nullptr && up != nullptr && copy != nullptr);
+  for (int round = 0; round < 3; ++round) {
+    for (size_t i = 0; i < kWords; ++i) host[i] = static_cast<uint32_t>(i * 2654435761u) + round;
+    b.Zero(up, kBytes);
+    b.Zero(copy, kBytes);
+    ASSERT_TRUE(b.Sync().ok());
+    b.Upload(up, host, kBytes);
+    const uint64_t mark = b.FenceUploads();
+    b.CopyDevice(copy, up, kBytes);  // on the ops' stream: must see the upload
+    ASSERT_TRUE(b.CopyToHost(back, copy, kBytes).ok());
+    ASSERT_TRUE(b.UploadsDone(mark, /*wait=*/false));  // the ops waited for it
+    size_t bad = 0;
+    for (size_t i = 0; i < kWords; ++i) bad += back[i] != host[i];
+    ASSERT_EQ(bad, 0u) << "round " << round << ": the copy ran before the upload it was fenced on";
+  }
+  // UploadsDone(wait) returns once the bytes are there: the host buffer may change after it.
+  b.Upload(up, host, kBytes);
+  ASSERT_TRUE(b.UploadsDone(b.FenceUploads(), /*wait=*/true));
+  const uint32_t first = host[0];
+  for (size_t i = 0; i < kWords; ++i) host[i] = ~host[i];
+  ASSERT_TRUE(b.CopyToHost(back, up, sizeof(uint32_t) * 1024).ok());
+  EXPECT_EQ(back[0], first);
+  b.Free(up);
+  b.Free(copy);
+  b.FreeHost(host);
+  b.FreeHost(back);
+  EXPECT_TRUE(b.Sync().ok());
 }
 
 // A worker rank (runs only when spawned by SpawnWorkers): exits 0 after a clean shutdown.
@@ -338,13 +392,15 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
 INSTANTIATE_TEST_SUITE_P(Stories, CudaBackendTest, ::testing::ValuesIn(StoriesCases()),
                          [](const auto& info) { return info.param.name; });
 
-// Disaggregated on the CUDA backend: a context engine on it exports its device blocks through
-// a pinned mirror, a CP 2 generation group on it pulls them into pinned staging and copies them
-// to its device blocks; the tokens equal the CPU engine's aggregated decoding.
-TEST_F(CudaBackendTest, DisaggregatedIntoCpTwoGroupMatchesCpu) {
+// Disaggregated on the CUDA backend: a context engine on it (TP = CP = 1) exports its device
+// blocks through a pinned mirror, a CP 2 generation group on it pulls them into pinned staging
+// and uploads each block as its gets finish; the tokens equal the CPU engine's aggregated
+// decoding. With TP 2 on the generation side each block arrives as one get per (layer, plane).
+class CudaBackendDisaggTest : public CudaBackendTest {};
+
+TEST_P(CudaBackendDisaggTest, ContextServerIntoCpTwoGroupMatchesCpu) {
   setenv("UCX_NET_DEVICES", "lo", 0);
-  const Case c = StoriesCases()[5];  // f32_cp2_tpb4
-  ASSERT_EQ(c.name, "f32_cp2_tpb4");
+  const Case c = GetParam();
   EngineOptions go = CudaOptions(c);
   const std::vector<pid_t> workers = StartWorkers("stories/" + c.name, &go);
   std::vector<RunResult> got;
@@ -411,6 +467,9 @@ TEST_F(CudaBackendTest, DisaggregatedIntoCpTwoGroupMatchesCpu) {
   const std::vector<RunResult> want = RunAll(cpu->get(), Batch(kSteps, false));
   ExpectSame(got, want, -1);  // the first token's logprobs stay on the context server
 }
+
+INSTANTIATE_TEST_SUITE_P(Stories, CudaBackendDisaggTest, ::testing::ValuesIn(DisaggCases()),
+                         [](const auto& info) { return info.param.name; });
 
 // DeepSeek (MLA + MoE) tiny models from the test_models fixture on the CUDA backend: the latent
 // cache, absorbed decode with the yarn RoPE table on the device, the combine in the latent space
