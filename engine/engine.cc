@@ -247,21 +247,37 @@ Status Engine::Init(const EngineOptions& o) {
       return InvalidArgument("a context server (export_kv) runs one rank (TP = CP = 1), not " +
                              layout_.ToString());
     }
-    // UCX reads host memory: a device pool is exported through a pinned mirror of itself.
+    // UCX reads host memory: a device pool is exported through a pinned buffer of its own.
     void* exported = pool_->base();
-    const uint64_t pool_bytes = static_cast<uint64_t>(num_blocks) * pool_->block_bytes();
+    uint64_t exported_bytes = static_cast<uint64_t>(num_blocks) * pool_->block_bytes();
     if (!backend_->host_memory()) {
+      if (o.kv_export_buffer_tokens < 0) {
+        return InvalidArgument("kv_export_buffer_tokens = " +
+                               std::to_string(o.kv_export_buffer_tokens) + ": expected >= 0");
+      }
+      export_blocks_ =
+          o.kv_export_buffer_tokens > 0
+              ? (o.kv_export_buffer_tokens + o.tokens_per_block - 1) / o.tokens_per_block
+              : num_blocks;
+      exported_bytes = static_cast<uint64_t>(export_blocks_) * pool_->block_bytes();
       Backend* be = backend_.get();
       export_mirror_ = std::unique_ptr<void, std::function<void(void*)>>(
-          be->AllocHost(pool_bytes), [be](void* p) { be->FreeHost(p); });
+          be->AllocHost(exported_bytes), [be](void* p) { be->FreeHost(p); });
       if (export_mirror_ == nullptr) {
-        return ResourceExhausted("cannot allocate " + std::to_string(pool_bytes) +
-                                 " bytes of pinned host memory to export the KV pool from");
+        return ResourceExhausted(
+            "cannot allocate " + std::to_string(exported_bytes) +
+            " bytes of pinned host memory for the KV export buffer (" +
+            std::to_string(export_blocks_) +
+            " blocks; cache_transceiver_config.max_tokens_in_buffer sets its size)");
       }
+      for (int64_t b = export_blocks_ - 1; b >= 0; --b) {
+        export_free_.push_back(static_cast<int32_t>(b));
+      }
+      export_free_count_ = export_blocks_;
       exported = export_mirror_.get();
     }
     ASSIGN_OR_RETURN(transfer_, transfer::UcxTransfer::Create("context server " + o.server_id,
-                                                              exported, pool_bytes));
+                                                              exported, exported_bytes));
     export_.server_id = o.server_id;
     export_.worker_address = transfer_->address();
     export_.rkey = transfer_->rkey();
@@ -1079,27 +1095,49 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
       (s->prompt_len + options_.tokens_per_block - 1) / options_.tokens_per_block;
   auto* base = static_cast<uint8_t*>(pool_->base());
   const int64_t bb = pool_->block_bytes();
+  Retained kept{s->uid, std::chrono::steady_clock::now() + options_.kv_lease, {}};
   if (export_mirror_ != nullptr) {
-    // Device pool: the blocks go to the pinned mirror UCX exports (same offsets).
+    // Device pool: the blocks go to free blocks of the pinned export buffer UCX reads; the
+    // device blocks are freed once they are copied (the caller releases what stays in kv_).
+    if (static_cast<int64_t>(export_free_.size()) < blocks) {
+      return ResourceExhausted("the KV export buffer is full: request " + s->req.id + " needs " +
+                               std::to_string(blocks) + " blocks, " +
+                               std::to_string(export_free_.size()) + " of " +
+                               std::to_string(export_blocks_) +
+                               " are free (retained KV is freed when pulled or after kv_lease_ms; "
+                               "cache_transceiver_config.max_tokens_in_buffer sets the size)");
+    }
     auto* mirror = static_cast<uint8_t*>(export_mirror_.get());
     Status st = backend_->Activate();
-    for (int64_t j = 0; j < blocks && st.ok(); ++j) {
-      const int64_t off = static_cast<int64_t>(it->second.blocks()[j]) * bb;
-      backend_->CopyToHostAsync(mirror + off, base + off, static_cast<size_t>(bb));
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int32_t e = export_free_.back();
+      export_free_.pop_back();
+      kept.export_blocks.push_back(e);
+      backend_->CopyToHostAsync(mirror + static_cast<int64_t>(e) * bb,
+                                base + static_cast<int64_t>(it->second.blocks()[j]) * bb,
+                                static_cast<size_t>(bb));
     }
     if (st.ok()) st = backend_->Sync();
     if (!st.ok()) {
+      export_free_.insert(export_free_.end(), kept.export_blocks.begin(), kept.export_blocks.end());
       ev->kv_block_addresses.clear();
       return Internal("copying the KV of request " + s->req.id +
-                      " to the export mirror failed: " + st.message());
+                      " to the export buffer failed: " + st.message());
     }
-    base = mirror;
+    for (int32_t e : kept.export_blocks) {
+      ev->kv_block_addresses.push_back(
+          reinterpret_cast<uint64_t>(mirror + static_cast<int64_t>(e) * bb));
+    }
+    export_free_count_ = static_cast<int64_t>(export_free_.size());
+    it->second.Release(pool_.get());
+    kv_.erase(it);
+  } else {
+    for (int64_t j = 0; j < blocks; ++j) {
+      ev->kv_block_addresses.push_back(
+          reinterpret_cast<uint64_t>(base + static_cast<int64_t>(it->second.blocks()[j]) * bb));
+    }
   }
-  for (int64_t j = 0; j < blocks; ++j) {
-    ev->kv_block_addresses.push_back(
-        reinterpret_cast<uint64_t>(base + static_cast<int64_t>(it->second.blocks()[j]) * bb));
-  }
-  retained_[s->req.id] = {s->uid, std::chrono::steady_clock::now() + options_.kv_lease};
+  retained_[s->req.id] = std::move(kept);
   std::lock_guard<std::mutex> lock(inbox_mu_);
   retained_ids_.insert(s->req.id);
   return Status::Ok();
@@ -1119,15 +1157,18 @@ void Engine::ExpireLeases() {
     std::lock_guard<std::mutex> lock(inbox_mu_);
     released.swap(releases_);
   }
-  auto free_blocks = [&](uint64_t uid) {
-    if (auto it = kv_.find(uid); it != kv_.end()) {
+  auto free_blocks = [&](Retained& r) {
+    export_free_.insert(export_free_.end(), r.export_blocks.begin(), r.export_blocks.end());
+    export_free_count_ = static_cast<int64_t>(export_free_.size());
+    r.export_blocks.clear();
+    if (auto it = kv_.find(r.uid); it != kv_.end()) {
       it->second.Release(pool_.get());
       kv_.erase(it);
     }
   };
   for (const std::string& id : released) {
     if (auto it = retained_.find(id); it != retained_.end()) {
-      free_blocks(it->second.uid);
+      free_blocks(it->second);
       retained_.erase(it);
     }
   }
@@ -1139,7 +1180,7 @@ void Engine::ExpireLeases() {
     }
     HELIX_LOG(kWarn) << "engine: KV lease of request " << it->first << " expired after "
                      << options_.kv_lease.count() << " ms without a release; freeing its blocks";
-    free_blocks(it->second.uid);
+    free_blocks(it->second);
     {
       std::lock_guard<std::mutex> lock(inbox_mu_);
       retained_ids_.erase(it->first);
@@ -1154,6 +1195,8 @@ DisaggStats Engine::disagg_stats() const {
   DisaggStats d;
   d.retained_requests = static_cast<int64_t>(retained_ids_.size());
   d.leases_expired = leases_expired_;
+  d.export_blocks_total = export_blocks_;
+  d.export_blocks_free = export_free_count_;
   d.transfers_done = transfers_done_;
   d.transfers_failed = transfers_failed_;
   d.transfers_cancelled = transfers_cancelled_;

@@ -3,6 +3,7 @@
 // the one engine thread, which also calls the request sinks.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -79,6 +80,10 @@ struct EngineOptions {
   bool export_kv = false;
   std::string server_id;  // the context server's KvSource::server_id
   std::chrono::milliseconds kv_lease{30000};
+  // A context server on a device backend hands retained KV out of pinned host memory (UCX
+  // reads host memory): tokens it holds, rounded up to blocks; 0 = as many as the KV pool.
+  // A retained request's device blocks are freed as soon as they are copied there.
+  int64_t kv_export_buffer_tokens = 0;
   // Generation side: each rank's deadline for pulling one request's KV.
   std::chrono::milliseconds kv_transfer_timeout{30000};
 };
@@ -92,6 +97,8 @@ struct KvExport {
 struct DisaggStats {
   int64_t retained_requests = 0;  // context server: handles not yet released
   uint64_t leases_expired = 0;
+  // Context server on a device backend: the export buffer's blocks (0 without one).
+  int64_t export_blocks_total = 0, export_blocks_free = 0;
   int64_t transferring = 0;  // generation side: requests whose KV is being pulled
   uint64_t transfers_done = 0, transfers_failed = 0, transfers_cancelled = 0;
 };
@@ -193,9 +200,13 @@ class Engine {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<BlockPool> pool_;
-  // A context server on a device backend: pinned host memory the size of the pool, registered
-  // with UCX; a retained request's blocks are copied here for the generation ranks to read.
+  // A context server on a device backend: pinned host memory registered with UCX (the export
+  // buffer, kv_export_buffer_tokens); a retained request's blocks are copied into free blocks
+  // of it for the generation ranks to read, and its device blocks are freed.
   std::unique_ptr<void, std::function<void(void*)>> export_mirror_;
+  std::vector<int32_t> export_free_;           // free blocks of the export buffer (engine thread)
+  std::atomic<int64_t> export_free_count_{0};  // its size, for disagg_stats on other threads
+  int64_t export_blocks_ = 0;
   std::unique_ptr<LlamaModel> model_;
   int64_t max_seq_len_ = 0;
   std::string fingerprint_;
@@ -261,6 +272,7 @@ class Engine {
   struct Retained {
     uint64_t uid;
     std::chrono::steady_clock::time_point expiry;
+    std::vector<int32_t> export_blocks;  // in the export buffer (device backend)
   };
   std::unordered_map<std::string, Retained> retained_;  // context server, engine thread
   std::unordered_set<std::string> retained_ids_;        // GUARDED_BY(inbox_mu_)

@@ -171,6 +171,10 @@ Status ServingConfig::Validate() {
   RETURN_IF_ERROR(Positive("cache_transceiver_config.kv_transfer_timeout_ms",
                            cache_transceiver_config.kv_transfer_timeout_ms));
   if (!gen) RETURN_IF_ERROR(Positive("kv_lease_ms", kv_lease_ms));
+  if (cache_transceiver_config.max_tokens_in_buffer) {
+    RETURN_IF_ERROR(Positive("cache_transceiver_config.max_tokens_in_buffer",
+                             *cache_transceiver_config.max_tokens_in_buffer));
+  }
   return ValidateLogging(logging);
 }
 
@@ -211,6 +215,10 @@ nlohmann::json ServingConfig::ToJson() const {
   j["cache_transceiver_config"] = {
       {"backend", cache_transceiver_config.backend},
       {"kv_transfer_timeout_ms", cache_transceiver_config.kv_transfer_timeout_ms}};
+  if (cache_transceiver_config.max_tokens_in_buffer) {
+    j["cache_transceiver_config"]["max_tokens_in_buffer"] =
+        *cache_transceiver_config.max_tokens_in_buffer;
+  }
   if (role == Role::kContext) j["kv_lease_ms"] = kv_lease_ms;
   j["logging"] = LoggingToJson(logging);
   return j;
@@ -257,6 +265,9 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
   r.Object("cache_transceiver_config", [&](JsonReader& o) {
     o.String("backend", &c.cache_transceiver_config.backend);
     o.Int("kv_transfer_timeout_ms", &c.cache_transceiver_config.kv_transfer_timeout_ms);
+    if (role == Role::kContext) {
+      o.OptionalInt("max_tokens_in_buffer", &c.cache_transceiver_config.max_tokens_in_buffer);
+    }
   });
   if (role == Role::kContext) r.Int("kv_lease_ms", &c.kv_lease_ms);
   ReadLogging(r, &c.logging);

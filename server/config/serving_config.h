@@ -39,6 +39,9 @@ struct ServerEndpoint {
 struct CacheTransceiverConfig {
   std::string backend = "UCX";
   int64_t kv_transfer_timeout_ms = 30000;
+  // Context server on a device backend: tokens of retained KV the pinned host buffer that UCX
+  // reads from holds (unset: as many as the KV pool).
+  std::optional<int64_t> max_tokens_in_buffer;
 };
 
 struct LoggingConfig {

@@ -56,6 +56,7 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
   o.export_kv = true;
   o.kv_lease = std::chrono::milliseconds(cfg->kv_lease_ms);
+  o.kv_export_buffer_tokens = cfg->cache_transceiver_config.max_tokens_in_buffer.value_or(0);
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   o.server_id = std::string("ctx-") + host + "-" + std::to_string(getpid()) + "-" +

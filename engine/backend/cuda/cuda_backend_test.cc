@@ -459,6 +459,8 @@ TEST_P(CudaBackendDisaggTest, ContextServerIntoCpTwoGroupMatchesCpu) {
     EXPECT_EQ((*gen)->kv_stats().free_blocks, (*gen)->kv_stats().total_blocks);
     (*ctx)->ExpireLeases();
     EXPECT_EQ((*ctx)->kv_stats().free_blocks, (*ctx)->kv_stats().total_blocks);
+    EXPECT_EQ((*ctx)->disagg_stats().export_blocks_free,
+              (*ctx)->disagg_stats().export_blocks_total);
   }
   for (int code : testing::Reap(workers, std::chrono::milliseconds(30000))) EXPECT_EQ(code, 0);
 
@@ -470,6 +472,64 @@ TEST_P(CudaBackendDisaggTest, ContextServerIntoCpTwoGroupMatchesCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Stories, CudaBackendDisaggTest, ::testing::ValuesIn(DisaggCases()),
                          [](const auto& info) { return info.param.name; });
+
+// A context server on a device backend hands retained KV out of a bounded pinned buffer: the
+// device blocks are free as soon as a request is retained, a request that does not fit fails
+// with a clear error (nothing leaks), and released blocks are reused.
+TEST_F(CudaBackendTest, ExportBufferBoundsRetainedKv) {
+  setenv("UCX_NET_DEVICES", "lo", 0);
+  Case c = DisaggCases()[0];  // f32, 4 tokens per block
+  c.tp = c.cp = 1;
+  EngineOptions co = CudaOptions(c);
+  co.export_kv = true;
+  co.server_id = "cuda-ctx-buffer-" + std::to_string(getpid());
+  co.kv_export_buffer_tokens = 14;  // 4 blocks
+  auto ctx = Engine::Create(co);
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  Engine& e = **ctx;
+  EXPECT_EQ(e.disagg_stats().export_blocks_total, 4);
+  // Prefills `tokens` prompt tokens with retain_kv; returns the finish event.
+  auto prefill = [&](const std::string& id, int tokens) {
+    GenerateRequest p;
+    p.id = id;
+    for (int i = 0; i < tokens; ++i) p.prompt_tokens.push_back(10 + i);
+    p.max_tokens = 1;
+    p.ignore_eos = true;
+    p.retain_kv = true;
+    p.sampling.temperature = 0;
+    TokenEvent last;
+    p.sink = [&](const TokenEvent& ev) {
+      if (ev.finished) last = ev;
+    };
+    EXPECT_TRUE(e.Submit(p).ok());
+    while (e.HasWork()) e.Step();
+    return last;
+  };
+  const TokenEvent a = prefill("a", 10);  // 3 blocks
+  ASSERT_TRUE(a.error.ok()) << a.error.ToString();
+  EXPECT_EQ(a.kv_block_addresses.size(), 3u);
+  EXPECT_EQ(e.kv_stats().free_blocks, e.kv_stats().total_blocks);  // device blocks freed
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
+  const TokenEvent b = prefill("b", 9);  // 3 blocks: only 1 free
+  EXPECT_FALSE(b.error.ok());
+  EXPECT_NE(b.error.message().find("export buffer is full"), std::string::npos)
+      << b.error.ToString();
+  EXPECT_NE(b.error.message().find("max_tokens_in_buffer"), std::string::npos);
+  EXPECT_TRUE(b.kv_block_addresses.empty());
+  EXPECT_EQ(e.kv_stats().free_blocks, e.kv_stats().total_blocks);
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
+  EXPECT_EQ(e.disagg_stats().retained_requests, 1);
+  EXPECT_TRUE(e.ReleaseRetained("a"));
+  e.ExpireLeases();
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 4);
+  const TokenEvent c2 = prefill("c", 16);  // 4 blocks: fits now
+  ASSERT_TRUE(c2.error.ok()) << c2.error.ToString();
+  EXPECT_EQ(c2.kv_block_addresses.size(), 4u);
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 0);
+  EXPECT_TRUE(e.ReleaseRetained("c"));
+  e.ExpireLeases();
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 4);
+}
 
 // DeepSeek (MLA + MoE) tiny models from the test_models fixture on the CUDA backend: the latent
 // cache, absorbed decode with the yarn RoPE table on the device, the combine in the latent space
