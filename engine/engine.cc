@@ -487,14 +487,14 @@ void Engine::DropPull(uint64_t uid) {
   }
   if (pull.job != 0 && !in_flight) transfer_->Forget(pull.job);
   if (pull.staging != nullptr) {
+    // Uploads may still be writing the blocks, which the caller frees next: the ops queued from
+    // now on (a later owner's KV writes) wait for them.
+    const uint64_t mark = pull.uploaded > 0 ? backend_->FenceUploads() : 0;
     if (in_flight) {
       // Never free memory a get may still write: leak it (and the job's record) instead.
       HELIX_LOG(kError) << "engine: the KV pull of sequence " << uid
                         << " did not end after its cancel; leaving its staging allocated";
     } else {
-      // Uploads may still be writing the blocks, which are about to be freed: the ops queued
-      // from now on (a later owner's KV writes) wait for them.
-      const uint64_t mark = pull.uploaded > 0 ? backend_->FenceUploads() : 0;
       ReleaseStaging(pull.staging, pull.staging_bytes, mark);
     }
   }

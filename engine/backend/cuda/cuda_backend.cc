@@ -201,6 +201,7 @@ class CudaBackend final : public Backend {
 #else
     BindDevice();
     Note(cudaStreamSynchronize(stream_), "stream synchronize");
+    Note(cudaStreamSynchronize(upload_stream_), "upload stream synchronize");  // staging
     Note(cudaFreeHost(p), "cudaFreeHost");
 #endif
   }
@@ -231,12 +232,14 @@ class CudaBackend final : public Backend {
 #ifndef HELIX_CUDA_EMULATION
     BindDevice();
     cudaEvent_t event = nullptr;
-    // Without the event the ops would not wait: the error fails the next step.
-    if (!Note(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate")) {
+    if (!Note(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate") ||
+        !Note(cudaEventRecord(event, upload_stream_), "cudaEventRecord (uploads)") ||
+        !Note(cudaStreamWaitEvent(stream_, event, 0), "cudaStreamWaitEvent (uploads)")) {
+      // No fence: wait for the uploads here instead (the error fails the next step).
+      if (event != nullptr) cudaEventDestroy(event);
+      Note(cudaStreamSynchronize(upload_stream_), "upload stream synchronize");
       return upload_marks_;
     }
-    Note(cudaEventRecord(event, upload_stream_), "cudaEventRecord (uploads)");
-    Note(cudaStreamWaitEvent(stream_, event, 0), "cudaStreamWaitEvent (uploads)");
     upload_events_.emplace_back(upload_marks_, event);
 #endif
     return upload_marks_;
