@@ -175,6 +175,12 @@ Status LlamaModel::AllReduceSum(float* p, int64_t n) {
   return Status::Ok();
 }
 
+Status LlamaModel::CollectivesOk() {
+  if (par_.layout.single()) return Status::Ok();
+  RETURN_IF_ERROR(par_.world->Check());
+  return par_.cp != nullptr ? par_.cp->Check() : Status::Ok();
+}
+
 Status LlamaModel::CombineAttention(int64_t T, int64_t hd) {
   const int cp = par_.layout.cp;
   if (cp == 1) return Status::Ok();  // q_heads == out_heads: nothing to exchange
@@ -311,6 +317,7 @@ Status LlamaModel::MoeFfn(int64_t l, int64_t T) {
   if (!host_) {
     gate_host_.resize(T * E);
     RETURN_IF_ERROR(backend_->CopyToHost(gate_host_.data(), gate, T * E * sizeof(float)));
+    RETURN_IF_ERROR(CollectivesOk());  // the gate logits come from the all-reduced stream
     gate = gate_host_.data();
   }
   RouteTokens(c, gate, lw.gate_bias.empty() ? nullptr : lw.gate_bias.data(), T, &route_e_,
@@ -754,6 +761,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
     gathered_.resize(n * R * vmax);
     RETURN_IF_ERROR(
         backend_->CopyToHost(gathered_.data(), recv_.data(), n * R * vmax * sizeof(float)));
+    RETURN_IF_ERROR(CollectivesOk());
     gathered = gathered_.data();
   } else {
     local_logits_.assign(R * vmax, 0.0f);

@@ -190,6 +190,9 @@ class LlamaModel {
   // The sum over the world of each rank's `n` floats at p (backend memory), in place; staged
   // through host memory on a device backend (Gloo works on host buffers).
   Status AllReduceSum(float* p, int64_t n);
+  // The first failure of the collectives queued on the stream (NCCL queues them and returns);
+  // call after waiting for the stream.
+  Status CollectivesOk();
   // Device sampling of `logits` [R][V] (backend memory) into *tokens; returns whether some row
   // still needs the logits on the host.
   StatusOr<bool> SampleOnDevice(const std::vector<DeviceSampleRow>& rows, const float* logits,

@@ -2,7 +2,9 @@
 // CP group). One interface, implemented over Gloo (TCP, host buffers) and NCCL (GPU buffers,
 // nccl_communicator.h). Every call
 // is bounded by the communicator's timeout: a timeout or a dead peer returns an error (and
-// leaves the communicator unusable), never hangs.
+// leaves the communicator unusable), never hangs. A device communicator (NCCL) may only queue
+// a collective on the GPU stream and return: its result is there once the stream has run it,
+// and after waiting for the stream the caller must ask Check() whether it succeeded.
 // Thread-safety: one thread (the rank's engine thread) drives a communicator.
 #pragma once
 
@@ -24,6 +26,9 @@ class Communicator {
   // True when the buffers of the collectives are device memory (NCCL), false for host memory
   // (Gloo).
   virtual bool device_memory() const { return false; }
+  // The first failure of a collective that was queued and returned Ok (device communicators;
+  // host ones finish each call before returning, so Ok). Ask after waiting for the stream.
+  virtual Status Check() { return Status::Ok(); }
 
   // In place: data[0, n) becomes the element-wise sum over ranks (identical on every rank).
   virtual Status AllReduceSum(float* data, size_t n) = 0;

@@ -1,11 +1,13 @@
 // Communicator over NCCL: the collectives of the model's forward pass between GPU ranks, on
 // device buffers, queued on the CUDA backend's stream. NCCL's unique id travels through the
-// instance's rendezvous store. Each call waits for its collective to finish (polling the
-// stream and ncclCommGetAsyncError) so that it keeps the Communicator contract: bounded by the
-// timeout, a failed or stalled peer is an error (the communicator is aborted and stays
-// unusable), never a hang. NCCL refuses two ranks on one GPU: ranks sharing a GPU use Gloo
-// with host staging instead (Engine's `collectives` option). Built when NCCL is found
-// (HELIX_HAVE_NCCL). Thread-safety: one thread drives a communicator.
+// instance's rendezvous store. The model's collectives (all-reduce, all-gather, all-to-all)
+// are only queued: the step waits for the GPU once, for its sampled tokens. A watchdog thread
+// per communicator follows the queued collectives (an event after each) and aborts the
+// communicator when NCCL reports an error or one outlives the timeout, which ends its kernels,
+// so the caller's wait on the stream returns and Check() names the failure: never a hang.
+// Broadcast and Barrier wait until the stream has run them. NCCL refuses two ranks on one GPU:
+// ranks sharing a GPU use Gloo with host staging instead (Engine's `collectives` option). Built
+// when NCCL is found (HELIX_HAVE_NCCL). Thread-safety: one thread drives a communicator.
 #pragma once
 
 #include <chrono>

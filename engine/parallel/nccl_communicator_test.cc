@@ -26,7 +26,8 @@ int DeviceCount() {
 }
 
 // Runs every collective of a group of `size` (this is `rank`) and returns "" when each result
-// is right, else what was wrong.
+// is right, else what was wrong. The model's collectives only queue on the stream: each result
+// is read after a wait on it, then Check() says whether the collective succeeded.
 std::string CheckCollectives(Communicator* c, int rank, int size, cudaStream_t stream) {
   const size_t n = 1000;
   std::vector<float> h(n * size);
@@ -49,6 +50,7 @@ std::string CheckCollectives(Communicator* c, int rank, int size, cudaStream_t s
   put();
   if (Status s = c->AllReduceSum(d, n); !s.ok()) return s.ToString();
   get(d);
+  if (Status s = c->Check(); !s.ok()) return s.ToString();
   for (size_t i = 0; i < n && err.empty(); ++i) {
     if (h[i] != static_cast<float>(i * size * (size + 1) / 2))
       err = "all-reduce at " + std::to_string(i);
@@ -58,6 +60,7 @@ std::string CheckCollectives(Communicator* c, int rank, int size, cudaStream_t s
   put();
   if (Status s = c->AllGather(d, e, n * sizeof(float)); !s.ok()) return s.ToString();
   get(e);
+  if (Status s = c->Check(); !s.ok()) return s.ToString();
   for (int r = 0; r < size && err.empty(); ++r) {
     for (size_t i = 0; i < n; ++i) {
       if (h[r * n + i] != static_cast<float>(r * 10000 + i)) {
@@ -73,6 +76,7 @@ std::string CheckCollectives(Communicator* c, int rank, int size, cudaStream_t s
   put();
   if (Status s = c->AllToAll(d, e, n * sizeof(float)); !s.ok()) return s.ToString();
   get(e);
+  if (Status s = c->Check(); !s.ok()) return s.ToString();
   for (int i = 0; i < size && err.empty(); ++i) {
     if (h[i * n] != static_cast<float>(i * 100 + rank))
       err = "all-to-all chunk " + std::to_string(i);
@@ -82,6 +86,7 @@ std::string CheckCollectives(Communicator* c, int rank, int size, cudaStream_t s
   put();
   if (Status s = c->Broadcast(d, n * sizeof(float), size - 1); !s.ok()) return s.ToString();
   get(d);
+  if (Status s = c->Check(); !s.ok()) return s.ToString();
   for (size_t i = 0; i < n && err.empty(); ++i) {
     if (h[i] != static_cast<float>(7 * i)) err = "broadcast at " + std::to_string(i);
   }
