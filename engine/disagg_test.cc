@@ -224,6 +224,27 @@ TEST_F(DisaggTest, MlaLatentBlocksIntoTpTwoCpTwoGroup) {
   for (int code : testing::Reap(pids, milliseconds(20000))) EXPECT_EQ(code, 0);
 }
 
+// A block whose size is not a multiple of 64 bytes (bf16 latent, 3 tokens per block: 1440
+// bytes): the pool keeps blocks back to back, at the stride the kernels and the handles use.
+TEST_F(DisaggTest, BlocksOfAnyByteSizeTransfer) {
+  const char* models = std::getenv("HELIX_TEST_MODELS_DIR");
+  ASSERT_NE(models, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";
+  const std::string mla = std::string(models) + "/deepseek_v3_tiny";
+  ASSERT_TRUE(fs::exists(mla + "/config.json")) << mla;
+  EngineOptions g = Stories(1, 1, 3);
+  g.model_path = mla;
+  g.kv_dtype = kernels::DType::kBF16;
+  EngineOptions c = ContextOptions(3);
+  c.model_path = mla;
+  c.kv_dtype = kernels::DType::kBF16;
+  auto ctx = Engine::Create(c);
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  ASSERT_NE((*ctx)->kv_layout().block_bytes() % 64, 0) << "the case needs an unaligned block size";
+  auto gen = Engine::Create(g);
+  ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+  ExpectDisaggMatches(ctx->get(), gen->get());
+}
+
 TEST_F(DisaggTest, UnpulledKvIsFreedWhenItsLeaseExpires) {
   EngineOptions o = ContextOptions(4);
   o.kv_lease = milliseconds(200);

@@ -18,11 +18,13 @@ StatusOr<std::unique_ptr<BlockPool>> BlockPool::Create(int64_t num_blocks, int64
     return InvalidArgument("KV block pool of " + std::to_string(num_blocks) +
                            " blocks exceeds the 2^31 block-id limit");
   }
-  const int64_t aligned_block = (block_bytes + 63) / 64 * 64;
-  if (aligned_block > std::numeric_limits<int64_t>::max() / num_blocks) {
+  // No padding between blocks: the kernels and the KV transfer address block b at b ×
+  // block_bytes. Only the total is rounded up (aligned_alloc wants a multiple of 64).
+  const int64_t aligned_block = block_bytes;
+  if (aligned_block > (std::numeric_limits<int64_t>::max() - 63) / num_blocks) {
     return InvalidArgument("KV block pool size overflows");
   }
-  const size_t total = static_cast<size_t>(aligned_block * num_blocks);
+  const size_t total = static_cast<size_t>((aligned_block * num_blocks + 63) / 64 * 64);
   if (!memory.alloc) {
     memory.alloc = [](size_t bytes) { return std::aligned_alloc(64, bytes); };
     memory.free = [](void* p) { std::free(p); };

@@ -23,7 +23,8 @@ struct BlockPoolMemory {
 class BlockPool {
  public:
   using Memory = BlockPoolMemory;
-  // Reserves num_blocks × block_bytes (rounded up to 64 bytes per block).
+  // Reserves num_blocks × block_bytes, blocks back to back (block b at base + b ×
+  // block_bytes, the stride the kernels address the pool with: no per-block padding).
   static StatusOr<std::unique_ptr<BlockPool>> Create(int64_t num_blocks, int64_t block_bytes,
                                                      Memory memory = {});
   ~BlockPool();
