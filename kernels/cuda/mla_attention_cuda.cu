@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(const MlaArgs 
       s_l[h] = l_run[j];
       if (h < G) {
         const int64_t row = static_cast<int64_t>(t) * a.num_heads + h0 + h;
-        const float v = l_run[j] > 0.0f ? m_run[j] * kLn2 + logf(l_run[j]) : kNegInf;
+        const float v = l_run[j] > 0.0f ? __fmul_rn(m_run[j], kLn2) + logf(l_run[j]) : kNegInf;
         if (a.parts > 1) {
           a.ws_lse[static_cast<int64_t>(c) * a.rows + row] = v;
         } else if (a.lse != nullptr) {

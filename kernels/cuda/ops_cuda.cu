@@ -150,7 +150,7 @@ __global__ void ScatterAddRowsKernel(const ScatterAddRowsParams p) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = i / p.dim, d = i - j * p.dim;
     float* o = p.out + static_cast<int64_t>(p.rows[j]) * p.dim + d;
-    *o += p.w[j] * p.y[i];
+    *o = __fadd_rn(*o, __fmul_rn(p.w[j], p.y[i]));  // no FMA: the CPU's rounding
   }
 }
 

@@ -449,10 +449,11 @@ class CudaBackend final : public Backend {
     });
   }
   size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) override {
-    return kc::MlaAttentionCudaWorkspaceBytes(p);
+    return kc::MlaAttentionCudaWorkspaceBytes(WithMlaSplit(p));
   }
   void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) override {
-    Op("MlaAttentionCuda", [=, this] { return kc::MlaAttentionCuda(p, workspace, stream_); });
+    const kernels::MlaAttentionParams q = WithMlaSplit(p);
+    Op("MlaAttentionCuda", [=, this] { return kc::MlaAttentionCuda(q, workspace, stream_); });
   }
   bool SampleTokens(const float* logits, int64_t rows, int64_t vocab, const float* temperature,
                     const int32_t* top_k, const float* top_p, const float* min_p, const double* u,
@@ -568,6 +569,13 @@ class CudaBackend final : public Backend {
                               ? options_.attention_split_tokens
                               : kc::PagedAttentionCudaSplitTokens(p);
     }
+    return p;
+  }
+  // The caller's MLA split suits the CPU's threads; here one wave of thread blocks over the
+  // GPU's SMs decides (or the test option). Shapes only: fixed for a graph's bucket.
+  kernels::MlaAttentionParams WithMlaSplit(kernels::MlaAttentionParams p) const {
+    p.kv_split_tokens = options_.attention_split_tokens > 0 ? options_.attention_split_tokens
+                                                            : kc::MlaAttentionCudaSplitTokens(p);
     return p;
   }
   // Something a capture may not do: the capture fails (EndCapture says what).

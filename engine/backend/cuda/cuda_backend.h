@@ -16,8 +16,9 @@ namespace helix {
 struct CudaBackendOptions {
   // The GPU: `device` modulo the visible devices (ranks share GPUs when there are fewer).
   int device = 0;
-  // Split-KV chunk of decode attention in tokens; 0: the kernel's choice (one wave of thread
-  // blocks over the GPU). Tests set it to exercise the split path on small contexts.
+  // Split-KV chunk of decode attention (GQA and MLA) in tokens, a multiple of tokens_per_block;
+  // 0: the kernel's choice (one wave of thread blocks over the GPU). Tests set it to exercise
+  // the split path on small contexts.
   int64_t attention_split_tokens = 0;
 };
 
