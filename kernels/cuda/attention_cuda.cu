@@ -49,6 +49,7 @@ struct Args {
   int parts;             // chunks per sequence; > 1 writes the workspace
   int stages;            // warp-pipelined path: ring depth, 2..kMaxStages
   int prefetch_steps;    // warp-pipelined path: L2 bulk prefetch distance beyond the ring
+  bool bulk;             // warp-pipelined path, whole steps in a block: TMA bulk copies (sm_90)
   float scale;
   float* out;
   float* lse;
@@ -198,13 +199,15 @@ struct WarpCfg {
   static constexpr int kStageBytes = 2 * kStepElems * static_cast<int>(sizeof(T));
   static constexpr int kDefaultStages = kStageBytes <= 4096 ? 4 : 3;
   // Per warp after its ring: scores and probabilities [kStepRows][kG], alphas [kG] (floats),
-  // row visibility [kMaxStages][kStepRows] (ints).
+  // row visibility [kMaxStages][kStepRows] (ints). After every warp: the warps' maxima and
+  // sums [kMaxWarps][kG] each, then the bulk copies' mbarriers [kMaxWarps][kMaxStages].
   static constexpr int kSmallBytes = (2 * kStepRows * kG + kG + kMaxStages * kStepRows) * 4;
   __host__ __device__ static int WarpBytes(int stages) {
     return stages * kStageBytes + kSmallBytes;
   }
   static size_t SmemBytes(int warps, int stages) {
-    return static_cast<size_t>(warps) * WarpBytes(stages) + 2 * kMaxWarps * kG * 4;
+    return static_cast<size_t>(warps) * WarpBytes(stages) + 2 * kMaxWarps * kG * 4 +
+           kMaxWarps * kMaxStages * 8;
   }
   static_assert(kLanes == 8 || kLanes == 16 || kLanes == 32);
   static_assert(kRpl * kRowsPerInstr == kStepRows);
@@ -256,7 +259,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
   float* s_alpha = s_p + kStepRows * kG;                                    // [kG]
   int* s_vis = reinterpret_cast<int*>(s_alpha + kG);                        // [stages][kStepRows]
   float* s_wm = reinterpret_cast<float*>(smem + static_cast<size_t>(warps) * warp_bytes);
-  float* s_wl = s_wm + kMaxWarps * kG;          // [warps][kG] each: per-warp max (log2) and sum
+  float* s_wl = s_wm + kMaxWarps * kG;  // [warps][kG] each: per-warp max (log2) and sum
+  uint64_t* bars = reinterpret_cast<uint64_t*>(s_wl + kMaxWarps * kG) + warp * kMaxStages;
   float* red = reinterpret_cast<float*>(smem);  // [warps][kG][D], after the rings are done
 
   LaunchDependents();  // the split-KV merge may start its launch now (it waits for this grid)
@@ -307,6 +311,32 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
 
   const T* kv = static_cast<const T*>(a.kv);
   const bool aligned = a.tpb % kStepRows == 0;  // chunks start at block boundaries
+  // With whole steps in one block, a step's K rows (and its V rows) are contiguous: lane 0
+  // can fetch each with one bulk copy completing on the slot's mbarrier, instead of every
+  // lane copying 16-byte chunks. A copy covers only the step's visible rows; the rest of the
+  // slot keeps what an earlier step left there (finite KV, or the zeros written here), which
+  // the softmax masks: their probability is exactly 0.
+  const bool bulk = aligned && a.bulk;
+  uint32_t phases = 0;  // bit s: the parity of slot s's barrier phase to wait for next
+  if (bulk) {
+    for (int st = 0; st < stages; ++st) {
+      T* ks = pipe + static_cast<size_t>(st) * 2 * C::kStepElems;
+#pragma unroll
+      for (int i = 0; i < kRpl; ++i) {
+        const int r = rg + kRpi * i;
+        *reinterpret_cast<uint4*>(ks + r * D + cl * kVec) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(ks + C::kStepElems + r * D + cl * kVec) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (lane == 0) {
+      for (int st = 0; st < stages; ++st) {
+        MbarInit(&bars[st], 1);
+      }
+      FenceMbarInit();
+    }
+    FenceProxyAsync();  // the zeros before any bulk copy into the ring
+    __syncwarp();
+  }
   auto load_plan = [&](int k) {
     RowPlan pl{0, 0, 0, 0};
     if (k < my_steps && (aligned || lane < kStepRows)) {
@@ -334,6 +364,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
       const int64_t last_visible = it.pos - pl.first - pl.tb;  // rows r <= this are visible
       if (lane < kStepRows) {
         s_vis[stage * kStepRows + lane] = lane < pl.n && lane <= last_visible ? 1 : 0;
+      }
+      if (bulk) {
+        const int64_t rows = last_visible + 1 < pl.n ? last_visible + 1 : pl.n;
+        const unsigned bytes = rows > 0 ? static_cast<unsigned>(rows * D * sizeof(T)) : 0u;
+        __syncwarp();  // every lane is done with the slot (read a step ago) before it is rewritten
+        if (lane == 0) {
+          FenceProxyAsync();
+          MbarArriveExpectTx(&bars[stage], 2 * bytes);
+          if (bytes > 0) {
+            BulkCopyG2S(ks, kv + base, bytes, &bars[stage]);
+            BulkCopyG2S(vs, kv + base + a.v_off, bytes, &bars[stage]);
+          }
+        }
+        return;
       }
 #pragma unroll
       for (int i = 0; i < kRpl; ++i) {
@@ -415,6 +459,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
       CpAsyncWait<2>();
     } else {
       CpAsyncWait<1>();
+    }
+    if (bulk) {
+      MbarWait(&bars[stage], (phases >> stage) & 1u);
+      phases ^= 1u << stage;
     }
     issue_stage = stage;
     if constexpr (kMode == kWarpLoadOnly) {
@@ -808,6 +856,21 @@ int StagesFor(int64_t items) {
              : WarpCfg<T, D, kG>::kDefaultStages;
 }
 
+// cp.async.bulk and mbarrier transaction counts: sm_90 and later.
+bool BulkCopyAvailable() {
+#ifdef HELIX_CUDA_EMULATION
+  return true;
+#else
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+#endif
+}
+
 int PrefetchSteps() {
   const int s = Tuning().prefetch_steps;
   return s == 0 ? kDefaultPrefetchSteps : std::max(0, s);
@@ -964,6 +1027,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.sub_size = ch.sub_size;
   a.stages = ch.stages;
   a.prefetch_steps = PrefetchSteps();
+  a.bulk = Tuning().bulk_copy && BulkCopyAvailable();
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk = static_cast<int>(parts > 1 ? SplitKvBlocksPerChunk(p)

@@ -63,6 +63,10 @@ struct PagedAttentionCudaTuning {
                                  // (default 128)
   bool load_only = false;        // bf16, head dim 128, groups <= 4: only the K/V copies, no
                                  // math (the output is meaningless): the kernel's memory ceiling
+  bool bulk_copy = false;        // head dims 64 / 128, tokens_per_block a multiple of 8, sm_90:
+                                 // each warp step's K and V rows arrive as two TMA bulk copies
+                                 // completing on an mbarrier (instead of 16-byte cp.async per
+                                 // lane); ignored on older GPUs
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

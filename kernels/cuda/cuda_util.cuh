@@ -156,6 +156,63 @@ __device__ inline void BulkPrefetchL2(const void* gmem, unsigned bytes) {
 #endif
 }
 
+// Bulk copies (sm_90 TMA, one dimension) completing on an mbarrier in shared memory. The
+// barrier is initialised once with the number of arrivals per phase (MbarInit, then
+// FenceMbarInit before the async proxy may use it); each phase, one thread announces the
+// bytes to expect and arrives (MbarArriveExpectTx), then issues the copies (BulkCopyG2S);
+// waiters spin on the phase's parity (MbarWait). Before an async copy overwrites shared
+// memory that threads have read or written, FenceProxyAsync orders those accesses first.
+// Compiled out below sm_90: callers select them only on such devices.
+__device__ inline unsigned SmemAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ inline void MbarInit(uint64_t* bar, unsigned arrivals) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(arrivals)
+               : "memory");
+#endif
+}
+__device__ inline void FenceMbarInit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ inline void FenceProxyAsync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ inline void MbarArriveExpectTx(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+// REQUIRES: smem and gmem 16-byte aligned, bytes a multiple of 16.
+__device__ inline void BulkCopyG2S(void* smem, const void* gmem, unsigned bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(SmemAddr(smem)),
+      "l"(gmem), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+#endif
+}
+__device__ inline void MbarWait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
 __device__ inline void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Waits until at most N of this thread's committed groups are still in flight.

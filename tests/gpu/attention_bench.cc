@@ -61,7 +61,9 @@ const Variant kVariants[] = {
     {"w4s3", {.warps_per_block = 4, .stages = 3}},
     {"w4s4", {.warps_per_block = 4, .stages = 4}},
     {"w8s3", {.warps_per_block = 8, .stages = 3}},
+    {"bulk", {.bulk_copy = true}},
     {"loadonly", {.load_only = true}, false, true},
+    {"bulkload", {.load_only = true, .bulk_copy = true}, false, true},
 };
 
 constexpr int64_t kQHeads = 32, kKvHeads = 8, kDim = 128, kTpb = 32;
@@ -392,10 +394,11 @@ int Main(int argc, char** argv) {
     std::printf("variants (ms; maxdiff = largest |out - ours out| over them):");
     for (size_t v = 1; v < num_variants; ++v) {
       const PagedAttentionCudaTuning& t = kVariants[v].tuning;
-      std::printf(" %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s}%s",
+      std::printf(" %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s}%s",
                   kVariants[v].name, t.warps_per_block, t.stages, t.prefetch_steps,
                   static_cast<long long>(t.min_chunk_tokens),
                   kVariants[v].sequential ? ", blocks in pool order" : "",
+                  t.bulk_copy ? ", TMA bulk copies per warp step" : "",
                   t.load_only ? ", copies only (no math; output not checked)" : "",
                   v + 1 < num_variants ? ";" : "");
     }

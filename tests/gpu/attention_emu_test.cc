@@ -149,7 +149,7 @@ TEST(AttentionEmuTest, OddBlockSizesSubGroupsAndPrefill) {
 }
 
 // The warp-pipelined kernel with 1, 4 and 8 warps per thread block (some warps get no rows)
-// and ring depths 2 to 4, and with the L2 bulk prefetch on.
+// and ring depths 2 to 4, with the L2 bulk prefetch on, and with TMA bulk copies.
 TEST(AttentionEmuTest, WarpCountsAndLegacyKernel) {
   struct Restore {
     ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
@@ -165,6 +165,16 @@ TEST(AttentionEmuTest, WarpCountsAndLegacyKernel) {
   }
   cuda::SetPagedAttentionCudaTuningForTesting({.prefetch_steps = 3});
   RunCase({DType::kBF16, 4, 128, 16, 64, {1, 37, 0, 130}}, 225);
+  // TMA bulk copies per warp step: partial steps, causal cuts inside a step (prefill), groups
+  // of 8, 2-deep rings, and a block size that keeps the cp.async path.
+  cuda::SetPagedAttentionCudaTuningForTesting({.bulk_copy = true});
+  RunCase({DType::kBF16, 4, 128, 16, 64, {1, 37, 0, 130}}, 226);
+  RunCase({DType::kF16, 8, 64, 8, 0, {3, 71}}, 227);
+  RunCase({DType::kF32, 3, 128, 16, 0, {45}, true}, 228);
+  RunCase({DType::kBF16, 4, 128, 5, 0, {1, 23}}, 229);
+  cuda::SetPagedAttentionCudaTuningForTesting(
+      {.warps_per_block = 1, .stages = 2, .bulk_copy = true});
+  RunCase({DType::kBF16, 4, 128, 8, 0, {1, 37, 0, 130}}, 230);
 }
 
 }  // namespace

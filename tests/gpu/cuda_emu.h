@@ -250,6 +250,40 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
   }
 }
 inline void BulkPrefetchL2(const void*, unsigned) {}
+// mbarriers with bulk copies: a copy lands when it is issued (the issuing thread arrives
+// first, then copies, without a switch in between), and a waiter yields to the other threads
+// until the barrier's phase has completed, so a thread that reads a slot before its copy was
+// issued sees the barrier still pending, as on the device. The barrier word: arrivals pending
+// in the current phase (bits 0-15), arrivals per phase (16-31), completed phases (32-63).
+inline void MbarInit(uint64_t* bar, unsigned arrivals) {
+  *bar = (static_cast<uint64_t>(arrivals) << 16) | arrivals;
+}
+inline void FenceMbarInit() {}
+inline void FenceProxyAsync() {}
+inline void MbarArriveExpectTx(uint64_t* bar, unsigned) {
+  const uint64_t v = *bar;
+  uint64_t pending = v & 0xffff, phase = v >> 32;
+  const uint64_t count = (v >> 16) & 0xffff;
+  if (--pending == 0) {
+    pending = count;
+    ++phase;
+  }
+  *bar = (phase << 32) | (count << 16) | pending;
+}
+inline void BulkCopyG2S(void* smem, const void* gmem, unsigned bytes, uint64_t*) {
+  std::memcpy(smem, gmem, bytes);
+}
+// Returns once the phase of parity `parity` has completed (the completed-phase count's parity
+// differs from it).
+inline void MbarWait(uint64_t* bar, unsigned parity) {
+  for (int64_t spins = 0; ((*bar >> 32) & 1) == parity; ++spins) {
+    if (spins > (int64_t{1} << 24)) {
+      std::fprintf(stderr, "cuda_emu: an mbarrier phase never completed\n");
+      std::abort();
+    }
+    ::helix_emu::Yield();
+  }
+}
 inline void CpAsyncCommit() {}
 template <int N>
 inline void CpAsyncWait() {}

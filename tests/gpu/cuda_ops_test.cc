@@ -356,6 +356,54 @@ TEST_F(CudaOpsTest, AttentionLongContextAutoSplit) {
   }
 }
 
+// The TMA bulk-copy variant of the warp-pipelined kernel (PagedAttentionCudaTuning::bulk_copy,
+// sm_90): decode with partial steps and an empty sequence, causal prefill (cuts inside a step)
+// and a CP rank's positions, against the CPU; slots past each sequence are poisoned, so a copy
+// that reads beyond the visible rows shows.
+TEST_F(CudaOpsTest, AttentionBulkCopies) {
+  SKIP_IF_EMULATED("see attention_emu_test");
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
+  cuda::SetPagedAttentionCudaTuningForTesting({.bulk_copy = true});
+  std::mt19937 rng(16);
+  const int64_t tpb = 16;
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t group : {1, 4, 8}) {
+      for (int64_t d : {128, 64}) {
+        Pool pool(dt, 2, 2, tpb, d, 52);
+        pool.FillRandom(rng);
+        Problem pr = DecodeBatch({1, 15, 16, 17, 40 * 16 - 3, 0, 33}, tpb, 52, rng);
+        pr.num_kv_heads = 2;
+        pr.num_q_heads = 2 * group;
+        pr.head_dim = d;
+        pr.layer = 1;
+        pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * d);
+        PoisonUnusedSlots(pr, &pool);
+        const AttnResult want = RunCpu(pr, pool.view);
+        for (int64_t split : {int64_t{0}, 2 * tpb, int64_t{-1}}) {
+          ExpectSame(want, RunCuda(pr, pool, split, nullptr), "bulk " + Name(dt, group, d, split));
+        }
+      }
+    }
+  }
+  const int64_t L = 16 * 5 + 5;
+  Pool pool(DType::kBF16, 1, 2, tpb, 128, 8);
+  pool.FillRandom(rng);
+  Problem pr = DecodeBatch({static_cast<int32_t>(L)}, tpb, 8, rng);
+  pr.q_seq.assign(L, 0);
+  pr.q_pos.resize(L);
+  std::iota(pr.q_pos.begin(), pr.q_pos.end(), 0);
+  pr.num_kv_heads = 2;
+  pr.num_q_heads = 8;
+  pr.head_dim = 128;
+  pr.q = RandomVector(rng, L * 8 * 128);
+  PoisonUnusedSlots(pr, &pool);
+  const AttnResult want = RunCpu(pr, pool.view);
+  ExpectSame(want, RunCuda(pr, pool, 0, nullptr), "bulk prefill");
+  ExpectSame(want, RunCuda(pr, pool, 2 * tpb, nullptr), "bulk prefill split");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Merge (split-KV second phase and the Helix combine)
 
