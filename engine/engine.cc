@@ -41,6 +41,9 @@ struct Engine::Sequence {
   bool transfer_cancel_sent = false;
   bool cancelled_by_client = false;
   Status transfer_error;
+  // Context server on a device backend, retain_kv: the export-buffer blocks reserved at
+  // admission for its prompt's KV (handed to the lease, or returned when it is not retained).
+  std::vector<int32_t> export_blocks;
 
   Sequence(GenerateRequest r, const Tokenizer& tok) : req(std::move(r)), stop(req.stop) {
     detok = std::make_unique<IncrementalDetokenizer>(
@@ -753,6 +756,12 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   if (r.retain_kv && options_.export_kv == false) {
     return FailedPrecondition("retain_kv needs a context server engine (export_kv)");
   }
+  if (r.retain_kv && export_mirror_ != nullptr && ExportBlocksFor(prompt_len) > export_blocks_) {
+    return ResourceExhausted(
+        "the prompt's KV needs " + std::to_string(ExportBlocksFor(prompt_len)) +
+        " blocks of the KV export buffer, which holds " + std::to_string(export_blocks_) +
+        " (cache_transceiver_config.max_tokens_in_buffer sets its size)");
+  }
   if (prompt_len + r.max_tokens > max_seq_len_) {
     return InvalidArgument("prompt (" + std::to_string(prompt_len) + " tokens) + max_tokens (" +
                            std::to_string(r.max_tokens) + ") exceeds max_seq_len " +
@@ -835,10 +844,20 @@ void Engine::Admit() {
     Sequence* s = waiting_.front().get();
     const bool pulled = s->req.kv_source != nullptr;
     if (!pulled && s->prompt_len > budget) break;  // next step
+    // A retained prompt's room in the export buffer is reserved now, so that its hand-off
+    // cannot fail after the prefill: the request waits while leases hold the buffer.
+    const int64_t export_need =
+        s->req.retain_kv && export_mirror_ != nullptr ? ExportBlocksFor(s->prompt_len) : 0;
+    if (static_cast<int64_t>(export_free_.size()) < export_need) break;  // wait for releases
     // Reserve the whole request up front: no preemption is ever needed.
     SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
     if (!kv.Reserve(pool_.get(), s->reserve_tokens)) break;  // wait for blocks
     kv_.emplace(s->uid, std::move(kv));
+    for (int64_t j = 0; j < export_need; ++j) {
+      s->export_blocks.push_back(export_free_.back());
+      export_free_.pop_back();
+    }
+    if (export_need > 0) export_free_count_ = static_cast<int64_t>(export_free_.size());
     if (pulled) {
       // The context server's token streams first; decoding continues once the KV is here.
       std::unique_ptr<Sequence> owned = std::move(waiting_.front());
@@ -871,6 +890,11 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
       reason = FinishReason::kError;
       error = st;
     }
+  }
+  if (!retain && !s->export_blocks.empty()) {  // its export-buffer room goes back
+    export_free_.insert(export_free_.end(), s->export_blocks.begin(), s->export_blocks.end());
+    export_free_count_ = static_cast<int64_t>(export_free_.size());
+    s->export_blocks.clear();
   }
   if (retain) {
     // kept under a lease
@@ -1097,38 +1121,33 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
   const int64_t bb = pool_->block_bytes();
   Retained kept{s->uid, std::chrono::steady_clock::now() + options_.kv_lease, {}};
   if (export_mirror_ != nullptr) {
-    // Device pool: the blocks go to free blocks of the pinned export buffer UCX reads; the
-    // device blocks are freed once they are copied (the caller releases what stays in kv_).
-    if (static_cast<int64_t>(export_free_.size()) < blocks) {
-      return ResourceExhausted("the KV export buffer is full: request " + s->req.id + " needs " +
-                               std::to_string(blocks) + " blocks, " +
-                               std::to_string(export_free_.size()) + " of " +
-                               std::to_string(export_blocks_) +
-                               " are free (retained KV is freed when pulled or after kv_lease_ms; "
-                               "cache_transceiver_config.max_tokens_in_buffer sets the size)");
+    // Device pool: the blocks go to the export-buffer blocks reserved at admission (pinned
+    // memory UCX reads); the device blocks are freed once they are copied (what Retain keeps
+    // out of kv_ the caller does not release).
+    if (static_cast<int64_t>(s->export_blocks.size()) != blocks) {
+      return Internal("request " + s->req.id + " reserved " +
+                      std::to_string(s->export_blocks.size()) + " export-buffer blocks for " +
+                      std::to_string(blocks));
     }
     auto* mirror = static_cast<uint8_t*>(export_mirror_.get());
     Status st = backend_->Activate();
     for (int64_t j = 0; j < blocks; ++j) {
-      const int32_t e = export_free_.back();
-      export_free_.pop_back();
-      kept.export_blocks.push_back(e);
-      backend_->CopyToHostAsync(mirror + static_cast<int64_t>(e) * bb,
+      backend_->CopyToHostAsync(mirror + static_cast<int64_t>(s->export_blocks[j]) * bb,
                                 base + static_cast<int64_t>(it->second.blocks()[j]) * bb,
                                 static_cast<size_t>(bb));
     }
     if (st.ok()) st = backend_->Sync();
     if (!st.ok()) {
-      export_free_.insert(export_free_.end(), kept.export_blocks.begin(), kept.export_blocks.end());
       ev->kv_block_addresses.clear();
       return Internal("copying the KV of request " + s->req.id +
                       " to the export buffer failed: " + st.message());
     }
+    kept.export_blocks = std::move(s->export_blocks);
+    s->export_blocks.clear();
     for (int32_t e : kept.export_blocks) {
       ev->kv_block_addresses.push_back(
           reinterpret_cast<uint64_t>(mirror + static_cast<int64_t>(e) * bb));
     }
-    export_free_count_ = static_cast<int64_t>(export_free_.size());
     it->second.Release(pool_.get());
     kv_.erase(it);
   } else {

@@ -204,6 +204,10 @@ class Engine {
   // buffer, kv_export_buffer_tokens); a retained request's blocks are copied into free blocks
   // of it for the generation ranks to read, and its device blocks are freed.
   std::unique_ptr<void, std::function<void(void*)>> export_mirror_;
+  // Export-buffer blocks a prompt of `tokens` needs.
+  int64_t ExportBlocksFor(int64_t tokens) const {
+    return (tokens + options_.tokens_per_block - 1) / options_.tokens_per_block;
+  }
   std::vector<int32_t> export_free_;           // free blocks of the export buffer (engine thread)
   std::atomic<int64_t> export_free_count_{0};  // its size, for disagg_stats on other threads
   int64_t export_blocks_ = 0;

@@ -30,8 +30,15 @@ void ContextService::Loop() {
       if (stop_) break;
     }
     if (engine_->HasWork()) {
-      engine_->Step();
+      const bool ran = engine_->Step();
       free_blocks_ = engine_->kv_stats().free_blocks;
+      if (!ran) {
+        // Queued requests wait for leases to free KV (or export-buffer) room: wait for a
+        // release or a new request instead of spinning.
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, std::chrono::milliseconds(5), [&] { return kicked_ || stop_; });
+        kicked_ = false;
+      }
       continue;
     }
     engine_->ExpireLeases();  // an idle server still frees what nobody pulled

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -474,8 +475,10 @@ INSTANTIATE_TEST_SUITE_P(Stories, CudaBackendDisaggTest, ::testing::ValuesIn(Dis
                          [](const auto& info) { return info.param.name; });
 
 // A context server on a device backend hands retained KV out of a bounded pinned buffer: the
-// device blocks are free as soon as a request is retained, a request that does not fit fails
-// with a clear error (nothing leaks), and released blocks are reused.
+// device blocks are free as soon as a request is retained; a request whose prompt does not fit
+// in the free part waits (its room is reserved at admission, so the hand-off never fails after
+// the prefill) and runs once a lease is released; one larger than the whole buffer is refused
+// at once, naming the setting; nothing leaks.
 TEST_F(CudaBackendTest, ExportBufferBoundsRetainedKv) {
   setenv("UCX_NET_DEVICES", "lo", 0);
   Case c = DisaggCases()[0];  // f32, 4 tokens per block
@@ -488,8 +491,9 @@ TEST_F(CudaBackendTest, ExportBufferBoundsRetainedKv) {
   ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
   Engine& e = **ctx;
   EXPECT_EQ(e.disagg_stats().export_blocks_total, 4);
-  // Prefills `tokens` prompt tokens with retain_kv; returns the finish event.
-  auto prefill = [&](const std::string& id, int tokens) {
+  std::map<std::string, TokenEvent> done;
+  // Submits `tokens` prompt tokens with retain_kv; the finish event lands in done[id].
+  auto submit = [&](const std::string& id, int tokens) {
     GenerateRequest p;
     p.id = id;
     for (int i = 0; i < tokens; ++i) p.prompt_tokens.push_back(10 + i);
@@ -497,38 +501,55 @@ TEST_F(CudaBackendTest, ExportBufferBoundsRetainedKv) {
     p.ignore_eos = true;
     p.retain_kv = true;
     p.sampling.temperature = 0;
-    TokenEvent last;
-    p.sink = [&](const TokenEvent& ev) {
-      if (ev.finished) last = ev;
+    p.sink = [&done, id](const TokenEvent& ev) {
+      if (ev.finished) done[id] = ev;
     };
-    EXPECT_TRUE(e.Submit(p).ok());
-    while (e.HasWork()) e.Step();
-    return last;
+    return e.Submit(p);
   };
-  const TokenEvent a = prefill("a", 10);  // 3 blocks
-  ASSERT_TRUE(a.error.ok()) << a.error.ToString();
-  EXPECT_EQ(a.kv_block_addresses.size(), 3u);
+  auto steps = [&](int n) {
+    for (int i = 0; i < n; ++i) e.Step();
+  };
+  ASSERT_TRUE(submit("a", 10).ok());  // 3 blocks
+  steps(5);
+  ASSERT_EQ(done.count("a"), 1u);
+  ASSERT_TRUE(done["a"].error.ok()) << done["a"].error.ToString();
+  EXPECT_EQ(done["a"].kv_block_addresses.size(), 3u);
   EXPECT_EQ(e.kv_stats().free_blocks, e.kv_stats().total_blocks);  // device blocks freed
   EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
-  const TokenEvent b = prefill("b", 9);  // 3 blocks: only 1 free
-  EXPECT_FALSE(b.error.ok());
-  EXPECT_NE(b.error.message().find("export buffer is full"), std::string::npos)
-      << b.error.ToString();
-  EXPECT_NE(b.error.message().find("max_tokens_in_buffer"), std::string::npos);
-  EXPECT_TRUE(b.kv_block_addresses.empty());
+  ASSERT_TRUE(submit("b", 9).ok());  // 3 blocks, 1 free: waits
+  steps(5);
+  EXPECT_EQ(done.count("b"), 0u) << "b ran without room to hand its KV off";
   EXPECT_EQ(e.kv_stats().free_blocks, e.kv_stats().total_blocks);
   EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
-  EXPECT_EQ(e.disagg_stats().retained_requests, 1);
+  // Larger than the whole buffer: refused now.
+  const StatusOr<std::string> big = submit("big", 17);  // 5 blocks
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("max_tokens_in_buffer"), std::string::npos)
+      << big.status().ToString();
   EXPECT_TRUE(e.ReleaseRetained("a"));
-  e.ExpireLeases();
-  EXPECT_EQ(e.disagg_stats().export_blocks_free, 4);
-  const TokenEvent c2 = prefill("c", 16);  // 4 blocks: fits now
-  ASSERT_TRUE(c2.error.ok()) << c2.error.ToString();
-  EXPECT_EQ(c2.kv_block_addresses.size(), 4u);
+  steps(5);  // the release frees a's blocks, then b runs
+  ASSERT_EQ(done.count("b"), 1u);
+  ASSERT_TRUE(done["b"].error.ok()) << done["b"].error.ToString();
+  EXPECT_EQ(done["b"].kv_block_addresses.size(), 3u);
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
+  // A request that fails before its hand-off gives its reserved room back.
+  GenerateRequest bad;
+  bad.id = "cancelled";
+  for (int i = 0; i < 4; ++i) bad.prompt_tokens.push_back(10 + i);
+  bad.max_tokens = 3;
+  bad.ignore_eos = true;
+  bad.retain_kv = true;
+  ASSERT_TRUE(e.Submit(bad).ok());
+  steps(1);  // admitted: its block is reserved, one token out
   EXPECT_EQ(e.disagg_stats().export_blocks_free, 0);
-  EXPECT_TRUE(e.ReleaseRetained("c"));
-  e.ExpireLeases();
+  e.Cancel("cancelled");
+  steps(2);
+  EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
+  EXPECT_TRUE(e.ReleaseRetained("b"));
+  steps(2);
   EXPECT_EQ(e.disagg_stats().export_blocks_free, 4);
+  EXPECT_EQ(e.kv_stats().free_blocks, e.kv_stats().total_blocks);
+  EXPECT_EQ(e.disagg_stats().retained_requests, 0);
 }
 
 // DeepSeek (MLA + MoE) tiny models from the test_models fixture on the CUDA backend: the latent
