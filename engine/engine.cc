@@ -278,6 +278,16 @@ Status Engine::Init(const EngineOptions& o) {
       }
       export_free_count_ = export_blocks_;
       exported = export_mirror_.get();
+      if (export_blocks_ * o.tokens_per_block < max_seq_len_) {
+        HELIX_LOG(kWarn) << "engine: the KV export buffer holds "
+                         << export_blocks_ * o.tokens_per_block << " tokens, less than max_seq_len "
+                         << max_seq_len_
+                         << ": longer prompts are refused (cache_transceiver_config."
+                            "max_tokens_in_buffer)";
+      }
+    } else if (o.kv_export_buffer_tokens > 0) {
+      HELIX_LOG(kWarn) << "engine: kv_export_buffer_tokens is ignored on the " << backend_->name()
+                       << " backend: its KV pool is host memory, exported as it is";
     }
     ASSIGN_OR_RETURN(transfer_, transfer::UcxTransfer::Create("context server " + o.server_id,
                                                               exported, exported_bytes));
@@ -756,8 +766,15 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   if (r.retain_kv && options_.export_kv == false) {
     return FailedPrecondition("retain_kv needs a context server engine (export_kv)");
   }
+  if (r.retain_kv && !r.id.empty()) {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    if (retained_ids_.count(r.id) != 0) {
+      return InvalidArgument("request id " + r.id +
+                             " already holds retained KV; retained requests need unique ids");
+    }
+  }
   if (r.retain_kv && export_mirror_ != nullptr && ExportBlocksFor(prompt_len) > export_blocks_) {
-    return ResourceExhausted(
+    return InvalidArgument(  // can never fit: not a retry-later
         "the prompt's KV needs " + std::to_string(ExportBlocksFor(prompt_len)) +
         " blocks of the KV export buffer, which holds " + std::to_string(export_blocks_) +
         " (cache_transceiver_config.max_tokens_in_buffer sets its size)");
@@ -1114,7 +1131,15 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
 
 Status Engine::Retain(Sequence* s, TokenEvent* ev) {
   auto it = kv_.find(s->uid);
-  if (it == kv_.end()) return Status::Ok();
+  if (it == kv_.end()) {
+    return Internal("request " + s->req.id + " has no KV to retain");
+  }
+  if (retained_.count(s->req.id) != 0) {
+    // Two requests with one id (the engine does not make ids unique): the earlier handle may
+    // be being pulled, so it stays and this one fails (its blocks go back).
+    return FailedPrecondition("request id " + s->req.id +
+                              " already holds retained KV; retained requests need unique ids");
+  }
   const int64_t blocks =
       (s->prompt_len + options_.tokens_per_block - 1) / options_.tokens_per_block;
   auto* base = static_cast<uint8_t*>(pool_->base());
@@ -1162,6 +1187,16 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
   return Status::Ok();
 }
 
+void Engine::FreeRetained(Retained& r) {
+  export_free_.insert(export_free_.end(), r.export_blocks.begin(), r.export_blocks.end());
+  export_free_count_ = static_cast<int64_t>(export_free_.size());
+  r.export_blocks.clear();
+  if (auto it = kv_.find(r.uid); it != kv_.end()) {
+    it->second.Release(pool_.get());
+    kv_.erase(it);
+  }
+}
+
 bool Engine::ReleaseRetained(const std::string& request_id) {
   std::lock_guard<std::mutex> lock(inbox_mu_);
   if (retained_ids_.erase(request_id) == 0) return false;
@@ -1176,15 +1211,7 @@ void Engine::ExpireLeases() {
     std::lock_guard<std::mutex> lock(inbox_mu_);
     released.swap(releases_);
   }
-  auto free_blocks = [&](Retained& r) {
-    export_free_.insert(export_free_.end(), r.export_blocks.begin(), r.export_blocks.end());
-    export_free_count_ = static_cast<int64_t>(export_free_.size());
-    r.export_blocks.clear();
-    if (auto it = kv_.find(r.uid); it != kv_.end()) {
-      it->second.Release(pool_.get());
-      kv_.erase(it);
-    }
-  };
+  auto free_blocks = [&](Retained& r) { FreeRetained(r); };
   for (const std::string& id : released) {
     if (auto it = retained_.find(id); it != retained_.end()) {
       free_blocks(it->second);

@@ -279,10 +279,12 @@ class Engine {
     std::vector<int32_t> export_blocks;  // in the export buffer (device backend)
   };
   std::unordered_map<std::string, Retained> retained_;  // context server, engine thread
-  std::unordered_set<std::string> retained_ids_;        // GUARDED_BY(inbox_mu_)
-  std::vector<std::string> releases_;                   // GUARDED_BY(inbox_mu_)
-  std::unordered_map<std::string, Status> pairing_;     // GUARDED_BY(inbox_mu_): per server
-  uint64_t leases_expired_ = 0;                         // GUARDED_BY(inbox_mu_)
+  // Returns a retained request's export-buffer blocks and device blocks to their pools.
+  void FreeRetained(Retained& r);
+  std::unordered_set<std::string> retained_ids_;     // GUARDED_BY(inbox_mu_)
+  std::vector<std::string> releases_;                // GUARDED_BY(inbox_mu_)
+  std::unordered_map<std::string, Status> pairing_;  // GUARDED_BY(inbox_mu_): per server
+  uint64_t leases_expired_ = 0;                      // GUARDED_BY(inbox_mu_)
   uint64_t transfers_done_ = 0, transfers_failed_ = 0, transfers_cancelled_ = 0;  // ditto
 };
 

@@ -179,6 +179,15 @@ __device__ inline void StoreLse(const Args& a, const Item& it, int g, float m, f
 // probabilities of a step go through a small per-warp array (two __syncwarp per step).
 // Scores are kept in log2 units (q is pre-scaled by scale * log2 e) so exp is one exp2.
 
+// The bulk-copy helpers exist only in code compiled for sm_90+ (a device of compute
+// capability 9 may run code JIT-compiled from an older arch's PTX): elsewhere the copy path
+// stays on.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool kBulkCompiled = false;
+#else
+constexpr bool kBulkCompiled = true;
+#endif
+
 constexpr int kStepRows = 8;  // KV rows per warp step
 constexpr int kMaxWarps = 8;  // warps per thread block, at most
 constexpr int kDefaultWarps = 4;
@@ -316,7 +325,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
   // lane copying 16-byte chunks. A copy covers only the step's visible rows; the rest of the
   // slot keeps what an earlier step left there (finite KV, or the zeros written here), which
   // the softmax masks: their probability is exactly 0.
-  const bool bulk = aligned && a.bulk;
+  const bool bulk = kBulkCompiled && aligned && a.bulk;
   uint32_t phases = 0;  // bit s: the parity of slot s's barrier phase to wait for next
   if (bulk) {
     for (int st = 0; st < stages; ++st) {

@@ -170,6 +170,8 @@ __device__ inline void MbarInit(uint64_t* bar, unsigned arrivals) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(arrivals)
                : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_90+ devices with code built for them
 #endif
 }
 __device__ inline void FenceMbarInit() {
@@ -187,6 +189,8 @@ __device__ inline void MbarArriveExpectTx(uint64_t* bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
                "r"(bytes)
                : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_90+ devices with code built for them
 #endif
 }
 // REQUIRES: smem and gmem 16-byte aligned, bytes a multiple of 16.
@@ -197,6 +201,8 @@ __device__ inline void BulkCopyG2S(void* smem, const void* gmem, unsigned bytes,
           "r"(SmemAddr(smem)),
       "l"(gmem), "r"(bytes), "r"(SmemAddr(bar))
       : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_90+ devices with code built for them
 #endif
 }
 __device__ inline void MbarWait(uint64_t* bar, unsigned parity) {
@@ -210,6 +216,8 @@ __device__ inline void MbarWait(uint64_t* bar, unsigned parity) {
       "}\n" ::"r"(SmemAddr(bar)),
       "r"(parity)
       : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_90+ devices with code built for them
 #endif
 }
 

@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -250,37 +251,69 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
   }
 }
 inline void BulkPrefetchL2(const void*, unsigned) {}
-// mbarriers with bulk copies: a copy lands when it is issued (the issuing thread arrives
-// first, then copies, without a switch in between), and a waiter yields to the other threads
-// until the barrier's phase has completed, so a thread that reads a slot before its copy was
-// issued sees the barrier still pending, as on the device. The barrier word: arrivals pending
-// in the current phase (bits 0-15), arrivals per phase (16-31), completed phases (32-63).
+// mbarriers with bulk copies: a copy lands when it is issued, and a waiter yields to the other
+// threads until the barrier's phase has completed, so a thread that reads a slot before its copy
+// was issued finds the barrier still pending, as on the device. A phase completes when its
+// arrivals are in and the bytes announced by arrive.expect_tx have all been delivered: bytes
+// beyond the announced count, and copies that break cp.async.bulk's alignment rules, abort.
+namespace helix_emu {
+struct Mbar {  // the barrier word's meaning here
+  uint16_t arrivals, pending;
+  uint32_t phase;  // completed phases
+};
+static_assert(sizeof(Mbar) == 8);
+inline int64_t& MbarTx(const uint64_t* bar) {  // announced bytes not yet delivered
+  static thread_local std::map<const uint64_t*, int64_t> tx;
+  return tx[bar];
+}
+inline void MbarFail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s\n", what);
+  std::abort();
+}
+inline void MbarMaybeComplete(uint64_t* bar) {
+  Mbar m;
+  std::memcpy(&m, bar, 8);
+  if (m.pending != 0 || MbarTx(bar) != 0) return;
+  m.pending = m.arrivals;
+  ++m.phase;
+  std::memcpy(bar, &m, 8);
+}
+}  // namespace helix_emu
+
 inline void MbarInit(uint64_t* bar, unsigned arrivals) {
-  *bar = (static_cast<uint64_t>(arrivals) << 16) | arrivals;
+  const ::helix_emu::Mbar m{static_cast<uint16_t>(arrivals), static_cast<uint16_t>(arrivals), 0};
+  std::memcpy(bar, &m, 8);
+  ::helix_emu::MbarTx(bar) = 0;
 }
 inline void FenceMbarInit() {}
 inline void FenceProxyAsync() {}
-inline void MbarArriveExpectTx(uint64_t* bar, unsigned) {
-  const uint64_t v = *bar;
-  uint64_t pending = v & 0xffff, phase = v >> 32;
-  const uint64_t count = (v >> 16) & 0xffff;
-  if (--pending == 0) {
-    pending = count;
-    ++phase;
+inline void MbarArriveExpectTx(uint64_t* bar, unsigned bytes) {
+  ::helix_emu::Mbar m;
+  std::memcpy(&m, bar, 8);
+  if (m.pending == 0) ::helix_emu::MbarFail("mbarrier arrive with no arrival pending");
+  --m.pending;
+  std::memcpy(bar, &m, 8);
+  ::helix_emu::MbarTx(bar) += bytes;
+  ::helix_emu::MbarMaybeComplete(bar);
+}
+inline void BulkCopyG2S(void* smem, const void* gmem, unsigned bytes, uint64_t* bar) {
+  if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem) % 16 != 0 ||
+      bytes % 16 != 0 || bytes == 0) {
+    ::helix_emu::MbarFail("cp.async.bulk needs 16-byte aligned addresses and a size of 16k > 0");
   }
-  *bar = (phase << 32) | (count << 16) | pending;
-}
-inline void BulkCopyG2S(void* smem, const void* gmem, unsigned bytes, uint64_t*) {
   std::memcpy(smem, gmem, bytes);
+  int64_t& tx = ::helix_emu::MbarTx(bar);
+  tx -= bytes;
+  if (tx < 0) ::helix_emu::MbarFail("a bulk copy delivered more bytes than its barrier expects");
+  ::helix_emu::MbarMaybeComplete(bar);
 }
-// Returns once the phase of parity `parity` has completed (the completed-phase count's parity
-// differs from it).
+// Returns once the phase of parity `parity` has completed.
 inline void MbarWait(uint64_t* bar, unsigned parity) {
-  for (int64_t spins = 0; ((*bar >> 32) & 1) == parity; ++spins) {
-    if (spins > (int64_t{1} << 24)) {
-      std::fprintf(stderr, "cuda_emu: an mbarrier phase never completed\n");
-      std::abort();
-    }
+  for (int64_t spins = 0;; ++spins) {
+    ::helix_emu::Mbar m;
+    std::memcpy(&m, bar, 8);
+    if ((m.phase & 1u) != parity) return;
+    if (spins > (int64_t{1} << 24)) ::helix_emu::MbarFail("an mbarrier phase never completed");
     ::helix_emu::Yield();
   }
 }

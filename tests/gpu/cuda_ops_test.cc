@@ -362,6 +362,10 @@ TEST_F(CudaOpsTest, AttentionLongContextAutoSplit) {
 // that reads beyond the visible rows shows.
 TEST_F(CudaOpsTest, AttentionBulkCopies) {
   SKIP_IF_EMULATED("see attention_emu_test");
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major < 9) GTEST_SKIP() << "bulk copies need sm_90 (compute capability " << major << ")";
   struct Restore {
     ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
   } restore;

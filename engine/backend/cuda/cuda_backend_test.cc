@@ -246,12 +246,19 @@ TEST(CudaBackendUploads, FenceOrdersLaterOpsBehindUploads) {
     ASSERT_EQ(bad, 0u) << "round " << round << ": the copy ran before the upload it was fenced on";
   }
   // UploadsDone(wait) returns once the bytes are there: the host buffer may change after it.
+  // Rewritten from the end (the copy's last bytes) so that an early return shows.
+  for (size_t i = 0; i < kWords; ++i) host[i] = static_cast<uint32_t>(i * 2654435761u) + 7;
+  b.Zero(up, kBytes);
+  ASSERT_TRUE(b.Sync().ok());
   b.Upload(up, host, kBytes);
   ASSERT_TRUE(b.UploadsDone(b.FenceUploads(), /*wait=*/true));
-  const uint32_t first = host[0];
-  for (size_t i = 0; i < kWords; ++i) host[i] = ~host[i];
-  ASSERT_TRUE(b.CopyToHost(back, up, sizeof(uint32_t) * 1024).ok());
-  EXPECT_EQ(back[0], first);
+  for (size_t i = kWords; i-- > 0;) host[i] = ~host[i];
+  ASSERT_TRUE(b.CopyToHost(back, up, kBytes).ok());
+  size_t changed = 0;
+  for (size_t i = 0; i < kWords; ++i) {
+    changed += back[i] != static_cast<uint32_t>(i * 2654435761u) + 7;
+  }
+  EXPECT_EQ(changed, 0u) << "UploadsDone(wait) returned before the upload had read its source";
   b.Free(up);
   b.Free(copy);
   b.FreeHost(host);
@@ -516,6 +523,10 @@ TEST_F(CudaBackendTest, ExportBufferBoundsRetainedKv) {
   EXPECT_EQ(done["a"].kv_block_addresses.size(), 3u);
   EXPECT_EQ(e.kv_stats().free_blocks, e.kv_stats().total_blocks);  // device blocks freed
   EXPECT_EQ(e.disagg_stats().export_blocks_free, 1);
+  const StatusOr<std::string> again = submit("a", 4);  // its id holds retained KV
+  ASSERT_FALSE(again.ok());
+  EXPECT_NE(again.status().message().find("unique ids"), std::string::npos)
+      << again.status().ToString();
   ASSERT_TRUE(submit("b", 9).ok());  // 3 blocks, 1 free: waits
   steps(5);
   EXPECT_EQ(done.count("b"), 0u) << "b ran without room to hand its KV off";
