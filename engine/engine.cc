@@ -518,14 +518,28 @@ std::string Engine::UploadStagedKv(Pull* pull, bool done) {
   auto* dev = static_cast<uint8_t*>(pool_->base());
   const auto* stage = static_cast<const uint8_t*>(pull->staging);
   const int64_t bb = pool_->block_bytes();
+  std::vector<uint32_t> now;
   for (uint32_t g : transfer_->TakeDoneGroups(pull->job)) {
     if (g >= pull->staged_blocks.size()) {  // one group per staged block: cannot happen
       return "the transfer reported group " + std::to_string(g) + " of a pull of " +
              std::to_string(pull->staged_blocks.size()) + " blocks";
     }
-    backend_->Upload(dev + pull->staged_blocks[g], stage + static_cast<int64_t>(g) * bb,
-                     static_cast<size_t>(bb));
+    backend_->Upload(dev + pull->staged_blocks[g],
+                     stage + static_cast<int64_t>(g % pull->ring) * bb, static_cast<size_t>(bb));
     ++pull->uploaded;
+    now.push_back(g);
+  }
+  if (pull->ring < pull->staged_blocks.size()) {
+    // A ring: the slots whose uploads have finished are fetched into again.
+    if (!now.empty()) pull->uploading.emplace_back(backend_->MarkUploads(), std::move(now));
+    std::vector<uint32_t> free_slots;
+    while (!pull->uploading.empty() &&
+           backend_->UploadsDone(pull->uploading.front().first, /*wait=*/false)) {
+      const std::vector<uint32_t>& g = pull->uploading.front().second;
+      free_slots.insert(free_slots.end(), g.begin(), g.end());
+      pull->uploading.pop_front();
+    }
+    transfer_->ReleaseGroups(pull->job, free_slots);
   }
   Status s = backend_->Activate();  // the first error of the uploads, if any
   if (!done) return s.ok() ? "" : "copying the pulled KV to the device: " + s.message();
@@ -620,11 +634,16 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
   const int64_t bb = pool_->block_bytes();
   if (!backend_->host_memory() && nblocks > layout_.cp_rank) {
     // Pinned staging for the blocks this rank owns, each uploaded to the device when its gets
-    // are done.
+    // are done; a ring of slots when they are more than kv_staging_tokens.
     const int64_t owned = (nblocks - layout_.cp_rank + layout_.cp - 1) / layout_.cp;
-    pull.staging = AcquireStaging(static_cast<size_t>(owned * bb), &pull.staging_bytes);
+    const int64_t cap = options_.kv_staging_tokens > 0
+                            ? (options_.kv_staging_tokens + options_.tokens_per_block - 1) /
+                                  options_.tokens_per_block
+                            : std::max<int64_t>(1, (int64_t{256} << 20) / bb);
+    pull.ring = static_cast<size_t>(std::min(owned, cap));
+    pull.staging = AcquireStaging(pull.ring * static_cast<size_t>(bb), &pull.staging_bytes);
     if (pull.staging == nullptr) {
-      pull.error = "cannot allocate " + std::to_string(owned * bb) +
+      pull.error = "cannot allocate " + std::to_string(pull.ring * bb) +
                    " bytes of pinned host memory to stage the KV transfer";
       return Status::Ok();
     }
@@ -632,12 +651,13 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
     // One group of gets per block: 1 segment, or one per (layer, plane) when TP differs.
     job.segments_per_group =
         src_heads == L.num_kv_heads ? 1 : static_cast<size_t>(L.num_layers * L.num_planes);
+    job.window_groups = static_cast<int64_t>(pull.ring) < owned ? pull.ring : 0;
   }
   for (int64_t g = layout_.cp_rank; g < nblocks; g += layout_.cp) {
     const int64_t block_off = static_cast<int64_t>(kv.blocks()[g / layout_.cp]) * bb;
     uint8_t* dst = base + block_off;
     if (pull.staging != nullptr) {
-      dst = base + static_cast<int64_t>(pull.staged_blocks.size()) * bb;
+      dst = base + static_cast<int64_t>(pull.staged_blocks.size() % pull.ring) * bb;
       pull.staged_blocks.push_back(block_off);
     }
     const uint64_t remote = src->block_addresses[g];

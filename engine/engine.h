@@ -84,6 +84,10 @@ struct EngineOptions {
   // reads host memory): tokens it holds, rounded up to blocks; 0 = as many as the KV pool.
   // A retained request's device blocks are freed as soon as they are copied there.
   int64_t kv_export_buffer_tokens = 0;
+  // Generation side on a device backend: the pinned staging one pull goes through, in tokens
+  // per rank (rounded up to blocks; a ring when the rank's share is larger: a block's slot is
+  // fetched into again once its upload is done); 0 = 256 MiB worth.
+  int64_t kv_staging_tokens = 0;
   // Generation side: each rank's deadline for pulling one request's KV.
   std::chrono::milliseconds kv_transfer_timeout{30000};
 };
@@ -253,7 +257,11 @@ class Engine {
     void* staging = nullptr;
     size_t staging_bytes = 0;
     std::vector<int64_t> staged_blocks;
-    size_t uploaded = 0;     // staged blocks queued for upload so far
+    size_t ring = 0;      // staging slots: block i goes through slot i % ring
+    size_t uploaded = 0;  // staged blocks queued for upload so far
+    // With fewer slots than blocks: uploads in flight (their mark, their blocks), whose slots
+    // go back to the transfer (UcxTransfer::ReleaseGroups) once UploadsDone says so.
+    std::deque<std::pair<uint64_t, std::vector<uint32_t>>> uploading;
     std::string copy_error;  // the copy to the device failed
   };
   std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence

@@ -58,6 +58,8 @@ class Backend {
   // Not while capturing. Defaults for backends with one queue: the copies join the ops.
   virtual void Upload(void* dst, const void* src, size_t bytes) { CopyToDevice(dst, src, bytes); }
   virtual uint64_t FenceUploads() { return 0; }
+  // As FenceUploads, but the ops do not wait: only UploadsDone can tell about the mark.
+  virtual uint64_t MarkUploads() { return 0; }
   virtual bool UploadsDone(uint64_t /*mark*/, bool /*wait*/) { return Sync().ok(); }
   // backend -> host: waits for every queued op, then copies. Returns the first error of any op
   // since the last check (the CUDA backend's launch and runtime errors).

@@ -64,6 +64,8 @@ struct UcxTransfer::Impl {
     std::string error;
     uint64_t bytes = 0;
     std::vector<uint32_t> group_left;   // per group: gets not yet succeeded
+    std::vector<bool> released;         // per group: handed back (window_groups)
+    size_t low = 0;                     // the first group not handed back
     std::vector<uint32_t> done_groups;  // completed since the last flush into the record
   };
   struct OpCtx {
@@ -84,11 +86,12 @@ struct UcxTransfer::Impl {
 
   mutable std::mutex mu;
   mutable std::condition_variable cv;
-  std::deque<std::pair<uint64_t, PullJob>> starts;  // GUARDED_BY(mu)
-  std::vector<uint64_t> cancels;                    // GUARDED_BY(mu)
-  std::unordered_map<uint64_t, Record> records;     // GUARDED_BY(mu)
-  uint64_t next_id = 1;                             // GUARDED_BY(mu)
-  TransferStats stats;                              // GUARDED_BY(mu)
+  std::deque<std::pair<uint64_t, PullJob>> starts;                   // GUARDED_BY(mu)
+  std::vector<uint64_t> cancels;                                     // GUARDED_BY(mu)
+  std::vector<std::pair<uint64_t, std::vector<uint32_t>>> releases;  // GUARDED_BY(mu)
+  std::unordered_map<uint64_t, Record> records;                      // GUARDED_BY(mu)
+  uint64_t next_id = 1;                                              // GUARDED_BY(mu)
+  TransferStats stats;                                               // GUARDED_BY(mu)
 
   // Progress thread only.
   std::unordered_map<std::string, Peer> peers;
@@ -252,6 +255,10 @@ struct UcxTransfer::Impl {
     if (pit == peers.end() || pit->second.failed) return;
     Peer& p = pit->second;
     while (a.outstanding < kMaxOutstandingPerJob && a.next < a.job.segments.size()) {
+      if (a.job.window_groups > 0 &&
+          a.next / a.job.segments_per_group >= a.low + a.job.window_groups) {
+        break;  // its slot is still the caller's: wait for ReleaseGroups
+      }
       const Segment& s = a.job.segments[a.next];
       auto* op = new OpCtx{this, a.id, s.bytes, a.next};
       ucp_request_param_t prm{};
@@ -278,10 +285,12 @@ struct UcxTransfer::Impl {
     while (true) {
       std::deque<std::pair<uint64_t, PullJob>> new_jobs;
       std::vector<uint64_t> new_cancels;
+      std::vector<std::pair<uint64_t, std::vector<uint32_t>>> new_releases;
       {
         std::lock_guard<std::mutex> lock(mu);
         new_jobs.swap(starts);
         new_cancels.swap(cancels);
+        new_releases.swap(releases);
       }
       const bool stopping = stop.load();
       for (auto& [id, job] : new_jobs) {
@@ -292,6 +301,9 @@ struct UcxTransfer::Impl {
           const size_t n = a.job.segments.size();
           a.group_left.assign((n + per - 1) / per, static_cast<uint32_t>(per));
           if (n % per != 0) a.group_left.back() = static_cast<uint32_t>(n % per);
+          a.released.assign(a.group_left.size(), false);
+        } else {
+          a.job.window_groups = 0;  // a window needs groups
         }
         std::string error;
         if (stopping) {
@@ -305,6 +317,15 @@ struct UcxTransfer::Impl {
       }
       for (uint64_t id : new_cancels) {
         if (auto it = active.find(id); it != active.end()) it->second.cancel = true;
+      }
+      for (auto& [id, groups] : new_releases) {
+        auto it = active.find(id);
+        if (it == active.end()) continue;
+        Active& a = it->second;
+        for (uint32_t g : groups) {
+          if (g < a.released.size()) a.released[g] = true;
+        }
+        while (a.low < a.released.size() && a.released[a.low]) ++a.low;
       }
       if (stopping) {
         std::vector<std::string> keys;
@@ -461,6 +482,15 @@ std::vector<uint32_t> UcxTransfer::TakeDoneGroups(uint64_t id) {
   auto it = impl_->records.find(id);
   if (it != impl_->records.end()) out.swap(it->second.done_groups);
   return out;
+}
+
+void UcxTransfer::ReleaseGroups(uint64_t id, const std::vector<uint32_t>& groups) {
+  if (groups.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->releases.emplace_back(id, groups);
+  }
+  impl_->Wake();
 }
 
 JobState UcxTransfer::Wait(uint64_t id, std::chrono::milliseconds timeout) const {

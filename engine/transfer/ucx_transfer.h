@@ -46,6 +46,10 @@ struct PullJob {
   // TakeDoneGroups reports each group once all its gets have succeeded, so the caller can use
   // that part of the destination while the rest is still in flight.
   size_t segments_per_group = 0;
+  // With groups: > 0 bounds the groups in flight. Group g is fetched only once every group
+  // before g - window_groups has been handed back with ReleaseGroups (so its destination can
+  // be a ring of window_groups slots the caller empties as groups land). 0: no bound.
+  size_t window_groups = 0;
 };
 
 struct TransferStats {
@@ -82,6 +86,8 @@ class UcxTransfer {
   // The groups (PullJob::segments_per_group) of the job that completed since the last call,
   // each reported once; a done job has reported every group by the time State says kDone.
   std::vector<uint32_t> TakeDoneGroups(uint64_t id);
+  // The caller is done with these groups' destinations (see PullJob::window_groups).
+  void ReleaseGroups(uint64_t id, const std::vector<uint32_t>& groups);
   // Waits until the job is terminal or `timeout` passes; returns the state.
   JobState Wait(uint64_t id, std::chrono::milliseconds timeout) const;
   // Drops a terminal job's record. REQUIRES: the job is terminal.

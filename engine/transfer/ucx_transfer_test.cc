@@ -125,6 +125,60 @@ TEST_F(UcxTransferTest, ReportsEachGroupOnceItsBytesHaveLanded) {
   (*puller)->Forget(id);
 }
 
+// With a window, a group is fetched only after the group `window` places before it was handed
+// back: the destination can be a ring of `window` slots, each group checked in its slot before
+// the slot is released (late, so that a transfer running ahead would overwrite it first).
+TEST_F(UcxTransferTest, WindowKeepsGroupsInARing) {
+  std::vector<uint8_t> src(2 << 20);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + (i >> 10));
+  auto exporter = UcxTransfer::Create("ctx", src.data(), src.size());
+  ASSERT_TRUE(exporter.ok()) << exporter.status().ToString();
+  auto puller = UcxTransfer::Create("gen");
+  ASSERT_TRUE(puller.ok()) << puller.status().ToString();
+  constexpr size_t kPiece = 4096, kPerGroup = 2, kWindow = 3;
+  constexpr size_t kGroupBytes = kPiece * kPerGroup;
+  const size_t groups = src.size() / kGroupBytes;  // 256
+  std::vector<uint8_t> ring(kWindow * kGroupBytes, 0);
+  PullJob job;
+  job.peer_key = "ctx";
+  job.worker_address = (*exporter)->address();
+  job.rkey = (*exporter)->rkey();
+  job.deadline = Clock::now() + milliseconds(20000);
+  job.segments_per_group = kPerGroup;
+  job.window_groups = kWindow;
+  for (size_t g = 0; g < groups; ++g) {
+    for (size_t p = 0; p < kPerGroup; ++p) {
+      job.segments.push_back({reinterpret_cast<uint64_t>(src.data() + g * kGroupBytes + p * kPiece),
+                              ring.data() + (g % kWindow) * kGroupBytes + p * kPiece, kPiece});
+    }
+  }
+  const uint64_t id = (*puller)->StartPull(job);
+  std::vector<int> seen(groups, 0);
+  size_t held_max = 0;
+  std::vector<uint32_t> held;  // reported, not yet released
+  while (true) {
+    const JobState st = (*puller)->State(id);
+    for (uint32_t g : (*puller)->TakeDoneGroups(id)) {
+      ASSERT_LT(g, groups);
+      ++seen[g];
+      ASSERT_EQ(std::memcmp(ring.data() + (g % kWindow) * kGroupBytes, src.data() + g * kGroupBytes,
+                            kGroupBytes),
+                0)
+          << "group " << g << "'s slot was overwritten before it was released";
+      held.push_back(g);
+    }
+    held_max = std::max(held_max, held.size());
+    if (st != JobState::kInProgress) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+    (*puller)->ReleaseGroups(id, held);
+    held.clear();
+  }
+  ASSERT_EQ((*puller)->State(id), JobState::kDone);
+  for (size_t g = 0; g < groups; ++g) EXPECT_EQ(seen[g], 1) << "group " << g;
+  EXPECT_LE(held_max, kWindow);
+  (*puller)->Forget(id);
+}
+
 // The exporter runs in a child that publishes its address and rkey through a pipe, then is
 // stopped (SIGSTOP: the job must time out) or killed (the job must fail). UCX's global state
 // (its async thread) does not survive fork(), so the child re-executes this binary, which

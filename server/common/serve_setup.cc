@@ -22,6 +22,7 @@ EngineOptions EngineOptionsFromConfig(const config::ServingConfig& cfg) {
   o.max_seq_len = cfg.max_seq_len;
   o.tensor_parallel = static_cast<int>(cfg.tensor_parallel_size);
   o.context_parallel = static_cast<int>(cfg.context_parallel_size);
+  o.kv_staging_tokens = cfg.cache_transceiver_config.max_tokens_in_buffer.value_or(0);
   o.kv_transfer_timeout =
       std::chrono::milliseconds(cfg.cache_transceiver_config.kv_transfer_timeout_ms);
   return o;

@@ -250,24 +250,23 @@ INSTANTIATE_TEST_SUITE_P(
                 R"({"model": "model.bin",
                     "cache_transceiver_config": {"max_tokens_in_buffer": 0}})",
                 {"cache_transceiver_config.max_tokens_in_buffer", "positive"}},
-        BadCase{"GenerationServerHasNoExportBuffer",
-                G,
-                R"({"model": "model.bin",
-                    "cache_transceiver_config": {"max_tokens_in_buffer": 4096}})",
-                {"unknown config field 'cache_transceiver_config.max_tokens_in_buffer'"}},
         BadCase{"GenerationServerHasNoLease",
                 G,
                 R"({"model": "model.bin", "kv_lease_ms": 5})",
                 {"unknown config field 'kv_lease_ms'"}}),
     [](const ::testing::TestParamInfo<BadCase>& info) { return info.param.name; });
 
-TEST_F(ConfigTest, ContextServerExportBuffer) {
+TEST_F(ConfigTest, MaxTokensInBuffer) {
   auto c = Load(R"({"model": "model.bin", "kv_lease_ms": 1000,
                     "cache_transceiver_config": {"max_tokens_in_buffer": 65536}})",
                 Role::kContext);
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->cache_transceiver_config.max_tokens_in_buffer, 65536);
   EXPECT_EQ(c->ToJson()["cache_transceiver_config"]["max_tokens_in_buffer"], 65536);
+  auto g = Load(R"({"model": "model.bin",
+                    "cache_transceiver_config": {"max_tokens_in_buffer": 4096}})");
+  ASSERT_TRUE(g.ok()) << g.status().ToString();  // a generation rank's staging
+  EXPECT_EQ(g->cache_transceiver_config.max_tokens_in_buffer, 4096);
   auto d = Load(kMinimal, Role::kContext);
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   EXPECT_FALSE(d->cache_transceiver_config.max_tokens_in_buffer.has_value());

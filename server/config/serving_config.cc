@@ -265,9 +265,7 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
   r.Object("cache_transceiver_config", [&](JsonReader& o) {
     o.String("backend", &c.cache_transceiver_config.backend);
     o.Int("kv_transfer_timeout_ms", &c.cache_transceiver_config.kv_transfer_timeout_ms);
-    if (role == Role::kContext) {
-      o.OptionalInt("max_tokens_in_buffer", &c.cache_transceiver_config.max_tokens_in_buffer);
-    }
+    o.OptionalInt("max_tokens_in_buffer", &c.cache_transceiver_config.max_tokens_in_buffer);
   });
   if (role == Role::kContext) r.Int("kv_lease_ms", &c.kv_lease_ms);
   ReadLogging(r, &c.logging);

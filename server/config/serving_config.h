@@ -39,8 +39,9 @@ struct ServerEndpoint {
 struct CacheTransceiverConfig {
   std::string backend = "UCX";
   int64_t kv_transfer_timeout_ms = 30000;
-  // Context server on a device backend: tokens of retained KV the pinned host buffer that UCX
-  // reads from holds (unset: as many as the KV pool).
+  // On a device backend, pinned host memory in tokens (UCX reads and writes host memory). A
+  // context server: the retained KV it hands out from (unset: as many tokens as the KV pool).
+  // A generation rank: the staging one pull goes through, as a ring of blocks (unset: 256 MiB).
   std::optional<int64_t> max_tokens_in_buffer;
 };
 

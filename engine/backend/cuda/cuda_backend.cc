@@ -223,27 +223,8 @@ class CudaBackend final : public Backend {
     Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, upload_stream_), "upload");
 #endif
   }
-  uint64_t FenceUploads() override {
-    if (capturing_) {
-      Refuse("FenceUploads");
-      return upload_marks_;
-    }
-    ++upload_marks_;
-#ifndef HELIX_CUDA_EMULATION
-    BindDevice();
-    cudaEvent_t event = nullptr;
-    if (!Note(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate") ||
-        !Note(cudaEventRecord(event, upload_stream_), "cudaEventRecord (uploads)") ||
-        !Note(cudaStreamWaitEvent(stream_, event, 0), "cudaStreamWaitEvent (uploads)")) {
-      // No fence: wait for the uploads here instead (the error fails the next step).
-      if (event != nullptr) cudaEventDestroy(event);
-      Note(cudaStreamSynchronize(upload_stream_), "upload stream synchronize");
-      return upload_marks_;
-    }
-    upload_events_.emplace_back(upload_marks_, event);
-#endif
-    return upload_marks_;
-  }
+  uint64_t FenceUploads() override { return RecordUploads(/*ops_wait=*/true); }
+  uint64_t MarkUploads() override { return RecordUploads(/*ops_wait=*/false); }
   bool UploadsDone(uint64_t mark, bool wait) override {
 #ifndef HELIX_CUDA_EMULATION
     BindDevice();
@@ -485,6 +466,30 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // An event after the uploads queued so far (and, with ops_wait, the ops stream waiting for
+  // it); its mark.
+  uint64_t RecordUploads(bool ops_wait) {
+    if (capturing_) {
+      Refuse("FenceUploads / MarkUploads");
+      return upload_marks_;
+    }
+    ++upload_marks_;
+#ifndef HELIX_CUDA_EMULATION
+    BindDevice();
+    cudaEvent_t event = nullptr;
+    if (!Note(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate") ||
+        !Note(cudaEventRecord(event, upload_stream_), "cudaEventRecord (uploads)") ||
+        (ops_wait &&
+         !Note(cudaStreamWaitEvent(stream_, event, 0), "cudaStreamWaitEvent (uploads)"))) {
+      // No fence: wait for the uploads here instead (the error fails the next step).
+      if (event != nullptr) cudaEventDestroy(event);
+      Note(cudaStreamSynchronize(upload_stream_), "upload stream synchronize");
+      return upload_marks_;
+    }
+    upload_events_.emplace_back(upload_marks_, event);
+#endif
+    return upload_marks_;
+  }
   // Ends the capture begun by BeginCapture: the new graph's id, or why the capture failed.
   StatusOr<int> FinishCapture() {
 #ifdef HELIX_CUDA_EMULATION

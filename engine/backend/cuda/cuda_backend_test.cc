@@ -118,6 +118,7 @@ EngineOptions CudaOptions(const Case& c) {
   o.tensor_parallel = c.tp;
   o.context_parallel = c.cp;
   o.cuda_graphs = c.graphs;
+  o.kv_staging_tokens = 2 * c.tokens_per_block;  // a 2-slot ring when a rank pulls more blocks
   CudaBackendOptions bo;
   bo.attention_split_tokens = c.split_tokens;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
