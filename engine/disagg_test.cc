@@ -39,50 +39,17 @@ EngineOptions Stories(int tp, int cp, int64_t tpb) {
   return o;
 }
 
+// The tiny DeepSeek V3 model of the test_models fixture.
+std::string MlaModel() {
+  const char* models = std::getenv("HELIX_TEST_MODELS_DIR");
+  return std::string(models != nullptr ? models : "") + "/deepseek_v3_tiny";
+}
+
 EngineOptions ContextOptions(int64_t tpb) {
   EngineOptions o = Stories(1, 1, tpb);
   o.export_kv = true;
   o.server_id = "ctx-test-" + std::to_string(getpid());
   return o;
-}
-
-struct Prefilled {
-  std::shared_ptr<transfer::KvSource> source;
-  int32_t first_token = -1;
-};
-
-// Prefills `prompt` on the context engine and returns the handle the context service would.
-Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const std::string& id) {
-  GenerateRequest r;
-  r.id = id;
-  r.prompt_tokens = prompt;
-  r.max_tokens = 1;
-  r.ignore_eos = true;
-  r.retain_kv = true;
-  r.sampling.temperature = 0;
-  Prefilled out;
-  std::vector<uint64_t> blocks;
-  r.sink = [&](const TokenEvent& ev) {
-    if (ev.token >= 0) out.first_token = ev.token;
-    if (ev.finished) blocks = ev.kv_block_addresses;
-  };
-  EXPECT_TRUE(ctx->Submit(r).ok());
-  while (ctx->HasWork()) ctx->Step();
-  const KvExport* ex = ctx->kv_export();
-  EXPECT_NE(ex, nullptr);
-  auto s = std::make_shared<transfer::KvSource>();
-  s->server_id = ex->server_id;
-  s->server_address = "in-process";
-  s->request_id = id;
-  s->worker_address = ex->worker_address;
-  s->rkey = ex->rkey;
-  s->block_addresses = blocks;
-  s->token_count = static_cast<int64_t>(prompt.size());
-  s->layout = ex->layout;
-  s->model_fingerprint = ctx->model_fingerprint();
-  s->checksum = transfer::HandleChecksum(*s);
-  out.source = s;
-  return out;
 }
 
 std::vector<std::vector<int32_t>> Prompts(const Tokenizer& tok) {
@@ -111,7 +78,7 @@ void ExpectDisaggMatches(Engine* ctx, Engine* gen) {
   std::vector<GenerateRequest> disagg, agg;
   int n = 0;
   for (const auto& p : prompts) {
-    Prefilled pf = Prefill(ctx, p, "pf" + std::to_string(n++));
+    testing::Prefilled pf = testing::Prefill(ctx, p, "pf" + std::to_string(n++));
     ASSERT_GE(pf.first_token, 0);
     GenerateRequest r = Decode(p);
     r.kv_source = pf.source;
@@ -201,10 +168,9 @@ TEST_F(DisaggTest, HelixGroupPullsItsBlocksAndHeadSlices) {
 // DeepSeek V3 (MLA): the context server's latent blocks scattered over a TP 2 x CP 2 group;
 // each rank pulls the whole latent of the blocks it owns (TP does not split the latent).
 TEST_F(DisaggTest, MlaLatentBlocksIntoTpTwoCpTwoGroup) {
-  const char* models = std::getenv("HELIX_TEST_MODELS_DIR");
-  ASSERT_NE(models, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";
-  const std::string mla = std::string(models) + "/deepseek_v3_tiny";
-  ASSERT_TRUE(fs::exists(mla + "/config.json")) << mla;
+  const std::string mla = MlaModel();
+  ASSERT_TRUE(fs::exists(mla + "/config.json"))
+      << mla << " (HELIX_TEST_MODELS_DIR: the ctest fixture test_models)";
   EngineOptions o = Stories(2, 2, 4);
   o.model_path = mla;
   auto port = parallel::PickFreePort("127.0.0.1");
@@ -227,10 +193,9 @@ TEST_F(DisaggTest, MlaLatentBlocksIntoTpTwoCpTwoGroup) {
 // A block whose size is not a multiple of 64 bytes (bf16 latent, 3 tokens per block: 1440
 // bytes): the pool keeps blocks back to back, at the stride the kernels and the handles use.
 TEST_F(DisaggTest, BlocksOfAnyByteSizeTransfer) {
-  const char* models = std::getenv("HELIX_TEST_MODELS_DIR");
-  ASSERT_NE(models, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";
-  const std::string mla = std::string(models) + "/deepseek_v3_tiny";
-  ASSERT_TRUE(fs::exists(mla + "/config.json")) << mla;
+  const std::string mla = MlaModel();
+  ASSERT_TRUE(fs::exists(mla + "/config.json"))
+      << mla << " (HELIX_TEST_MODELS_DIR: the ctest fixture test_models)";
   EngineOptions g = Stories(1, 1, 3);
   g.model_path = mla;
   g.kv_dtype = kernels::DType::kBF16;
@@ -250,7 +215,8 @@ TEST_F(DisaggTest, UnpulledKvIsFreedWhenItsLeaseExpires) {
   o.kv_lease = milliseconds(200);
   auto ctx = Engine::Create(o);
   ASSERT_TRUE(ctx.ok());
-  Prefilled pf = Prefill(ctx->get(), (*ctx)->tokenizer().Encode("The dog", true), "never");
+  testing::Prefilled pf =
+      testing::Prefill(ctx->get(), (*ctx)->tokenizer().Encode("The dog", true), "never");
   EXPECT_FALSE(pf.source->block_addresses.empty());
   EXPECT_EQ((*ctx)->disagg_stats().retained_requests, 1);
   EXPECT_LT((*ctx)->kv_stats().free_blocks, (*ctx)->kv_stats().total_blocks);
@@ -267,7 +233,7 @@ TEST_F(DisaggTest, IncompatibleOrAlteredHandlesAreRefused) {
   auto gen = Engine::Create(Stories(1, 1, 8));  // tokens_per_block differs
   ASSERT_TRUE(gen.ok());
   const auto prompt = (*ctx)->tokenizer().Encode("The dog", true);
-  Prefilled pf = Prefill(ctx->get(), prompt, "a");
+  testing::Prefilled pf = testing::Prefill(ctx->get(), prompt, "a");
   GenerateRequest r = Decode(prompt);
   r.kv_source = pf.source;
   r.first_token = pf.first_token;
@@ -348,7 +314,8 @@ TEST_F(DisaggTest, DeadContextServerFailsOnlyItsRequest) {
   const int fd = std::atoi(fd_env);
   auto ctx = Engine::Create(ContextOptions(4));
   if (!ctx.ok()) _exit(2);
-  Prefilled pf = Prefill(ctx->get(), (*ctx)->tokenizer().Encode("The dog", true), "doomed");
+  testing::Prefilled pf =
+      testing::Prefill(ctx->get(), (*ctx)->tokenizer().Encode("The dog", true), "doomed");
   std::string out(reinterpret_cast<const char*>(&pf.first_token), 4);
   out += transfer::EncodeKvSource(*pf.source);
   if (write(fd, out.data(), out.size()) != static_cast<ssize_t>(out.size())) _exit(3);

@@ -259,9 +259,7 @@ Status Engine::Init(const EngineOptions& o) {
                                std::to_string(o.kv_export_buffer_tokens) + ": expected >= 0");
       }
       export_blocks_ =
-          o.kv_export_buffer_tokens > 0
-              ? (o.kv_export_buffer_tokens + o.tokens_per_block - 1) / o.tokens_per_block
-              : num_blocks;
+          o.kv_export_buffer_tokens > 0 ? BlocksFor(o.kv_export_buffer_tokens) : num_blocks;
       exported_bytes = static_cast<uint64_t>(export_blocks_) * pool_->block_bytes();
       Backend* be = backend_.get();
       export_mirror_ = std::unique_ptr<void, std::function<void(void*)>>(
@@ -637,8 +635,7 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
     // are done; a ring of slots when they are more than kv_staging_tokens.
     const int64_t owned = (nblocks - layout_.cp_rank + layout_.cp - 1) / layout_.cp;
     const int64_t cap = options_.kv_staging_tokens > 0
-                            ? (options_.kv_staging_tokens + options_.tokens_per_block - 1) /
-                                  options_.tokens_per_block
+                            ? BlocksFor(options_.kv_staging_tokens)
                             : std::max<int64_t>(1, (int64_t{256} << 20) / bb);
     pull.ring = static_cast<size_t>(std::min(owned, cap));
     pull.staging = AcquireStaging(pull.ring * static_cast<size_t>(bb), &pull.staging_bytes);
@@ -793,9 +790,9 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
                              " already holds retained KV; retained requests need unique ids");
     }
   }
-  if (r.retain_kv && export_mirror_ != nullptr && ExportBlocksFor(prompt_len) > export_blocks_) {
+  if (r.retain_kv && export_mirror_ != nullptr && BlocksFor(prompt_len) > export_blocks_) {
     return InvalidArgument(  // can never fit: not a retry-later
-        "the prompt's KV needs " + std::to_string(ExportBlocksFor(prompt_len)) +
+        "the prompt's KV needs " + std::to_string(BlocksFor(prompt_len)) +
         " blocks of the KV export buffer, which holds " + std::to_string(export_blocks_) +
         " (cache_transceiver_config.max_tokens_in_buffer sets its size)");
   }
@@ -884,7 +881,7 @@ void Engine::Admit() {
     // A retained prompt's room in the export buffer is reserved now, so that its hand-off
     // cannot fail after the prefill: the request waits while leases hold the buffer.
     const int64_t export_need =
-        s->req.retain_kv && export_mirror_ != nullptr ? ExportBlocksFor(s->prompt_len) : 0;
+        s->req.retain_kv && export_mirror_ != nullptr ? BlocksFor(s->prompt_len) : 0;
     if (static_cast<int64_t>(export_free_.size()) < export_need) break;  // wait for releases
     // Reserve the whole request up front: no preemption is ever needed.
     SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
@@ -1160,8 +1157,7 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
     return FailedPrecondition("request id " + s->req.id +
                               " already holds retained KV; retained requests need unique ids");
   }
-  const int64_t blocks =
-      (s->prompt_len + options_.tokens_per_block - 1) / options_.tokens_per_block;
+  const int64_t blocks = BlocksFor(s->prompt_len);
   auto* base = static_cast<uint8_t*>(pool_->base());
   const int64_t bb = pool_->block_bytes();
   Retained kept{s->uid, std::chrono::steady_clock::now() + options_.kv_lease, {}};
@@ -1231,10 +1227,9 @@ void Engine::ExpireLeases() {
     std::lock_guard<std::mutex> lock(inbox_mu_);
     released.swap(releases_);
   }
-  auto free_blocks = [&](Retained& r) { FreeRetained(r); };
   for (const std::string& id : released) {
     if (auto it = retained_.find(id); it != retained_.end()) {
-      free_blocks(it->second);
+      FreeRetained(it->second);
       retained_.erase(it);
     }
   }
@@ -1246,7 +1241,7 @@ void Engine::ExpireLeases() {
     }
     HELIX_LOG(kWarn) << "engine: KV lease of request " << it->first << " expired after "
                      << options_.kv_lease.count() << " ms without a release; freeing its blocks";
-    free_blocks(it->second);
+    FreeRetained(it->second);
     {
       std::lock_guard<std::mutex> lock(inbox_mu_);
       retained_ids_.erase(it->first);

@@ -208,8 +208,8 @@ class Engine {
   // buffer, kv_export_buffer_tokens); a retained request's blocks are copied into free blocks
   // of it for the generation ranks to read, and its device blocks are freed.
   std::unique_ptr<void, std::function<void(void*)>> export_mirror_;
-  // Export-buffer blocks a prompt of `tokens` needs.
-  int64_t ExportBlocksFor(int64_t tokens) const {
+  // Blocks `tokens` positions fill (a prompt's KV, its export-buffer room).
+  int64_t BlocksFor(int64_t tokens) const {
     return (tokens + options_.tokens_per_block - 1) / options_.tokens_per_block;
   }
   std::vector<int32_t> export_free_;           // free blocks of the export buffer (engine thread)

@@ -11,12 +11,14 @@
 
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "engine/engine.h"
 #include "engine/spawn_test_util.h"
+#include "engine/transfer/kv_handle.h"
 
 namespace helix::testing {
 
@@ -96,6 +98,46 @@ inline std::vector<pid_t> ForkWorkers(EngineOptions o) {
     pids.push_back(pid);
   }
   return pids;
+}
+
+struct Prefilled {
+  std::shared_ptr<transfer::KvSource> source;
+  int32_t first_token = -1;
+};
+
+// Prefills `prompt` on a context engine (export_kv) with its KV retained, and returns the
+// handle the context service would hand out.
+inline Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const std::string& id) {
+  GenerateRequest r;
+  r.id = id;
+  r.prompt_tokens = prompt;
+  r.max_tokens = 1;
+  r.ignore_eos = true;
+  r.retain_kv = true;
+  r.sampling.temperature = 0;
+  Prefilled out;
+  std::vector<uint64_t> blocks;
+  r.sink = [&](const TokenEvent& ev) {
+    if (ev.token >= 0) out.first_token = ev.token;
+    if (ev.finished) blocks = ev.kv_block_addresses;
+  };
+  EXPECT_TRUE(ctx->Submit(r).ok());
+  while (ctx->HasWork()) ctx->Step();
+  const KvExport* ex = ctx->kv_export();
+  EXPECT_NE(ex, nullptr);
+  auto s = std::make_shared<transfer::KvSource>();
+  s->server_id = ex->server_id;
+  s->server_address = "in-process";
+  s->request_id = id;
+  s->worker_address = ex->worker_address;
+  s->rkey = ex->rkey;
+  s->block_addresses = blocks;
+  s->token_count = static_cast<int64_t>(prompt.size());
+  s->layout = ex->layout;
+  s->model_fingerprint = ctx->model_fingerprint();
+  s->checksum = transfer::HandleChecksum(*s);
+  out.source = s;
+  return out;
 }
 
 }  // namespace helix::testing

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <thread>
@@ -39,40 +40,52 @@ class UcxTransferTest : public ::testing::Test {
     setenv("UCX_NET_DEVICES", "lo", 0);
     setenv("UCX_TLS", "tcp,self", 0);
   }
+  // An exporter of `src` and a puller, both in this process.
+  void Connect(std::vector<uint8_t>& src) {
+    auto e = UcxTransfer::Create("ctx", src.data(), src.size());
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    exporter_ = std::move(*e);
+    auto p = UcxTransfer::Create("gen");
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    puller_ = std::move(*p);
+  }
+  // A job on the exporter with no segments yet.
+  PullJob Job(milliseconds timeout) const {
+    PullJob job;
+    job.peer_key = "ctx";
+    job.worker_address = exporter_->address();
+    job.rkey = exporter_->rkey();
+    job.deadline = Clock::now() + timeout;
+    return job;
+  }
+  std::unique_ptr<UcxTransfer> exporter_, puller_;
 };
 
 TEST_F(UcxTransferTest, PullsSegmentsAcrossTwoWorkers) {
   std::vector<uint8_t> src(1 << 20);
   std::iota(src.begin(), src.end(), 0);
-  auto exporter = UcxTransfer::Create("ctx", src.data(), src.size());
-  ASSERT_TRUE(exporter.ok()) << exporter.status().ToString();
-  auto puller = UcxTransfer::Create("gen");
-  ASSERT_TRUE(puller.ok()) << puller.status().ToString();
+  ASSERT_NO_FATAL_FAILURE(Connect(src));
   std::vector<uint8_t> dst(src.size() / 2, 0xee);
-  PullJob job;
-  job.peer_key = "ctx";
-  job.worker_address = (*exporter)->address();
-  job.rkey = (*exporter)->rkey();
-  job.deadline = Clock::now() + milliseconds(10000);
+  PullJob job = Job(milliseconds(10000));
   // Every other 4 KiB piece of src, packed.
   for (size_t i = 0; i < dst.size() / 4096; ++i) {
     job.segments.push_back(
         {reinterpret_cast<uint64_t>(src.data() + 2 * i * 4096), dst.data() + i * 4096, 4096});
   }
-  const uint64_t id = (*puller)->StartPull(job);
-  ASSERT_EQ((*puller)->Wait(id, milliseconds(10000)), JobState::kDone);
+  const uint64_t id = puller_->StartPull(job);
+  ASSERT_EQ(puller_->Wait(id, milliseconds(10000)), JobState::kDone);
   for (size_t i = 0; i < dst.size(); ++i) {
     const size_t piece = i / 4096, off = i % 4096;
     ASSERT_EQ(dst[i], src[2 * piece * 4096 + off]) << i;
   }
-  EXPECT_EQ((*puller)->stats().bytes_pulled, dst.size());
+  EXPECT_EQ(puller_->stats().bytes_pulled, dst.size());
   // The endpoint is cached: a second job on the same peer works too.
   std::fill(dst.begin(), dst.end(), 0);
-  const uint64_t id2 = (*puller)->StartPull(job);
-  ASSERT_EQ((*puller)->Wait(id2, milliseconds(10000)), JobState::kDone);
+  const uint64_t id2 = puller_->StartPull(job);
+  ASSERT_EQ(puller_->Wait(id2, milliseconds(10000)), JobState::kDone);
   EXPECT_EQ(dst[4096], src[2 * 4096]);
-  (*puller)->Forget(id);
-  (*puller)->Forget(id2);
+  puller_->Forget(id);
+  puller_->Forget(id2);
 }
 
 // Groups of segments are reported once each, and only after their bytes have landed: the
@@ -80,18 +93,11 @@ TEST_F(UcxTransferTest, PullsSegmentsAcrossTwoWorkers) {
 TEST_F(UcxTransferTest, ReportsEachGroupOnceItsBytesHaveLanded) {
   std::vector<uint8_t> src(4 << 20);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 131 + (i >> 12));
-  auto exporter = UcxTransfer::Create("ctx", src.data(), src.size());
-  ASSERT_TRUE(exporter.ok()) << exporter.status().ToString();
-  auto puller = UcxTransfer::Create("gen");
-  ASSERT_TRUE(puller.ok()) << puller.status().ToString();
+  ASSERT_NO_FATAL_FAILURE(Connect(src));
   constexpr size_t kPiece = 4096, kPerGroup = 3;
   const size_t pieces = src.size() / kPiece;  // 1024: 341 groups of 3 and one of 1
   std::vector<uint8_t> dst(src.size(), 0);
-  PullJob job;
-  job.peer_key = "ctx";
-  job.worker_address = (*exporter)->address();
-  job.rkey = (*exporter)->rkey();
-  job.deadline = Clock::now() + milliseconds(20000);
+  PullJob job = Job(milliseconds(20000));
   job.segments_per_group = kPerGroup;
   for (size_t i = 0; i < pieces; ++i) {  // reversed pieces, so a group is not a prefix
     job.segments.push_back({reinterpret_cast<uint64_t>(src.data() + (pieces - 1 - i) * kPiece),
@@ -110,19 +116,19 @@ TEST_F(UcxTransferTest, ReportsEachGroupOnceItsBytesHaveLanded) {
       }
     }
   };
-  const uint64_t id = (*puller)->StartPull(job);
+  const uint64_t id = puller_->StartPull(job);
   size_t polls_in_flight = 0;
-  while ((*puller)->State(id) == JobState::kInProgress) {
-    check((*puller)->TakeDoneGroups(id));
+  while (puller_->State(id) == JobState::kInProgress) {
+    check(puller_->TakeDoneGroups(id));
     ++polls_in_flight;
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
-  ASSERT_EQ((*puller)->State(id), JobState::kDone);
-  check((*puller)->TakeDoneGroups(id));
+  ASSERT_EQ(puller_->State(id), JobState::kDone);
+  check(puller_->TakeDoneGroups(id));
   for (size_t g = 0; g < groups; ++g) EXPECT_EQ(seen[g], 1) << "group " << g;
-  EXPECT_TRUE((*puller)->TakeDoneGroups(id).empty());
+  EXPECT_TRUE(puller_->TakeDoneGroups(id).empty());
   EXPECT_GT(polls_in_flight, 0u);
-  (*puller)->Forget(id);
+  puller_->Forget(id);
 }
 
 // With a window, a group is fetched only after the group `window` places before it was handed
@@ -131,19 +137,12 @@ TEST_F(UcxTransferTest, ReportsEachGroupOnceItsBytesHaveLanded) {
 TEST_F(UcxTransferTest, WindowKeepsGroupsInARing) {
   std::vector<uint8_t> src(2 << 20);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + (i >> 10));
-  auto exporter = UcxTransfer::Create("ctx", src.data(), src.size());
-  ASSERT_TRUE(exporter.ok()) << exporter.status().ToString();
-  auto puller = UcxTransfer::Create("gen");
-  ASSERT_TRUE(puller.ok()) << puller.status().ToString();
+  ASSERT_NO_FATAL_FAILURE(Connect(src));
   constexpr size_t kPiece = 4096, kPerGroup = 2, kWindow = 3;
   constexpr size_t kGroupBytes = kPiece * kPerGroup;
   const size_t groups = src.size() / kGroupBytes;  // 256
   std::vector<uint8_t> ring(kWindow * kGroupBytes, 0);
-  PullJob job;
-  job.peer_key = "ctx";
-  job.worker_address = (*exporter)->address();
-  job.rkey = (*exporter)->rkey();
-  job.deadline = Clock::now() + milliseconds(20000);
+  PullJob job = Job(milliseconds(20000));
   job.segments_per_group = kPerGroup;
   job.window_groups = kWindow;
   for (size_t g = 0; g < groups; ++g) {
@@ -152,13 +151,13 @@ TEST_F(UcxTransferTest, WindowKeepsGroupsInARing) {
                               ring.data() + (g % kWindow) * kGroupBytes + p * kPiece, kPiece});
     }
   }
-  const uint64_t id = (*puller)->StartPull(job);
+  const uint64_t id = puller_->StartPull(job);
   std::vector<int> seen(groups, 0);
   size_t held_max = 0;
   std::vector<uint32_t> held;  // reported, not yet released
   while (true) {
-    const JobState st = (*puller)->State(id);
-    for (uint32_t g : (*puller)->TakeDoneGroups(id)) {
+    const JobState st = puller_->State(id);
+    for (uint32_t g : puller_->TakeDoneGroups(id)) {
       ASSERT_LT(g, groups);
       ++seen[g];
       ASSERT_EQ(std::memcmp(ring.data() + (g % kWindow) * kGroupBytes, src.data() + g * kGroupBytes,
@@ -170,13 +169,13 @@ TEST_F(UcxTransferTest, WindowKeepsGroupsInARing) {
     held_max = std::max(held_max, held.size());
     if (st != JobState::kInProgress) break;
     std::this_thread::sleep_for(std::chrono::microseconds(500));
-    (*puller)->ReleaseGroups(id, held);
+    puller_->ReleaseGroups(id, held);
     held.clear();
   }
-  ASSERT_EQ((*puller)->State(id), JobState::kDone);
+  ASSERT_EQ(puller_->State(id), JobState::kDone);
   for (size_t g = 0; g < groups; ++g) EXPECT_EQ(seen[g], 1) << "group " << g;
   EXPECT_LE(held_max, kWindow);
-  (*puller)->Forget(id);
+  puller_->Forget(id);
 }
 
 // The exporter runs in a child that publishes its address and rkey through a pipe, then is
@@ -248,22 +247,23 @@ PullJob JobFrom(const Child& c, std::vector<uint8_t>* dst, milliseconds deadline
 }
 
 TEST_F(UcxTransferTest, StalledPeerTimesOutAndKilledPeerFails) {
-  auto puller = UcxTransfer::Create("gen");
-  ASSERT_TRUE(puller.ok());
+  auto created = UcxTransfer::Create("gen");
+  ASSERT_TRUE(created.ok());
+  puller_ = std::move(*created);
   std::vector<uint8_t> dst(8 << 20);
   {
     Child c;
     StartExporter(&c);
     ASSERT_FALSE(c.address.empty());
-    const uint64_t ok = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(10000)));
-    ASSERT_EQ((*puller)->Wait(ok, milliseconds(10000)), JobState::kDone);
+    const uint64_t ok = puller_->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+    ASSERT_EQ(puller_->Wait(ok, milliseconds(10000)), JobState::kDone);
     EXPECT_EQ(dst[12345], 7);
     kill(c.pid, SIGSTOP);
     const auto t0 = Clock::now();
-    const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(1000)));
+    const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(1000)));
     std::string error;
-    ASSERT_EQ((*puller)->Wait(id, milliseconds(15000)), JobState::kFailed);
-    (*puller)->State(id, &error);
+    ASSERT_EQ(puller_->Wait(id, milliseconds(15000)), JobState::kFailed);
+    puller_->State(id, &error);
     EXPECT_NE(error.find("timed out"), std::string::npos) << error;
     EXPECT_LT(Clock::now() - t0, milliseconds(8000));
   }
@@ -274,54 +274,56 @@ TEST_F(UcxTransferTest, StalledPeerTimesOutAndKilledPeerFails) {
     waitpid(c.pid, nullptr, 0);
     c.pid = -1;
     const auto t0 = Clock::now();
-    const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(5000)));
-    EXPECT_EQ((*puller)->Wait(id, milliseconds(15000)), JobState::kFailed);
+    const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(5000)));
+    EXPECT_EQ(puller_->Wait(id, milliseconds(15000)), JobState::kFailed);
     EXPECT_LT(Clock::now() - t0, milliseconds(8000));
   }
 }
 
 // Killed while its gets are in flight: the job fails (never "done" with data that did not come).
 TEST_F(UcxTransferTest, PeerKilledMidTransferFailsTheJob) {
-  auto puller = UcxTransfer::Create("gen");
-  ASSERT_TRUE(puller.ok());
+  auto created = UcxTransfer::Create("gen");
+  ASSERT_TRUE(created.ok());
+  puller_ = std::move(*created);
   std::vector<uint8_t> dst(8 << 20, 0);
   for (int round = 0; round < 3; ++round) {
     Child c;
     StartExporter(&c);
-    const uint64_t first = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(10000)));
-    ASSERT_EQ((*puller)->Wait(first, milliseconds(10000)), JobState::kDone);
+    const uint64_t first = puller_->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+    ASSERT_EQ(puller_->Wait(first, milliseconds(10000)), JobState::kDone);
     kill(c.pid, SIGSTOP);
     std::fill(dst.begin(), dst.end(), 0);
     // Few small gets (as a short prompt's blocks) and many large ones.
     const uint64_t id =
-        (*puller)->StartPull(round == 0 ? JobFrom(c, &dst, milliseconds(5000), 5120, 8)
-                                        : JobFrom(c, &dst, milliseconds(5000)));
+        puller_->StartPull(round == 0 ? JobFrom(c, &dst, milliseconds(5000), 5120, 8)
+                                      : JobFrom(c, &dst, milliseconds(5000)));
     std::this_thread::sleep_for(milliseconds(200));
     kill(c.pid, SIGKILL);
     waitpid(c.pid, nullptr, 0);
     c.pid = -1;
-    const JobState s = (*puller)->Wait(id, milliseconds(10000));
+    const JobState s = puller_->Wait(id, milliseconds(10000));
     EXPECT_EQ(s, JobState::kFailed)
         << JobStateName(s) << " with " << std::count(dst.begin(), dst.end(), 7) << " bytes of data";
   }
 }
 
 TEST_F(UcxTransferTest, CancelEndsTheJob) {
-  auto puller = UcxTransfer::Create("gen");
-  ASSERT_TRUE(puller.ok());
+  auto created = UcxTransfer::Create("gen");
+  ASSERT_TRUE(created.ok());
+  puller_ = std::move(*created);
   std::vector<uint8_t> dst(8 << 20);
   Child c;
   StartExporter(&c);
-  const uint64_t first = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(10000)));
-  ASSERT_EQ((*puller)->Wait(first, milliseconds(10000)), JobState::kDone);
+  const uint64_t first = puller_->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+  ASSERT_EQ(puller_->Wait(first, milliseconds(10000)), JobState::kDone);
   // Stalled: the gets in flight can only end by the deadline closing the endpoint, and the
   // cancelled job must not report an end before that.
   kill(c.pid, SIGSTOP);
   const auto t0 = Clock::now();
-  const uint64_t id = (*puller)->StartPull(JobFrom(c, &dst, milliseconds(1500)));
+  const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(1500)));
   std::this_thread::sleep_for(milliseconds(100));
-  (*puller)->Cancel(id);
-  const JobState s = (*puller)->Wait(id, milliseconds(10000));
+  puller_->Cancel(id);
+  const JobState s = puller_->Wait(id, milliseconds(10000));
   EXPECT_TRUE(s == JobState::kCancelled) << JobStateName(s);
   EXPECT_GT(Clock::now() - t0, milliseconds(1000));
 }

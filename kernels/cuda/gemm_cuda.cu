@@ -53,6 +53,18 @@ cudaError_t CublasError(cublasStatus_t st, const char* what) {
   return cudaErrorUnknown;
 }
 
+// Puts the handle on `stream`, only when it is on another one: setting the stream drops a
+// workspace given with cublasSetWorkspace.
+cudaError_t UseStream(cublasHandle_t handle, cudaStream_t stream) {
+  cudaStream_t current = nullptr;
+  cublasStatus_t st = cublasGetStream(handle, &current);
+  if (st == CUBLAS_STATUS_SUCCESS && current == stream) {
+    return cudaSuccess;
+  }
+  st = cublasSetStream(handle, stream);
+  return st == CUBLAS_STATUS_SUCCESS ? cudaSuccess : CublasError(st, "cublasSetStream");
+}
+
 }  // namespace
 
 size_t GemmCudaWorkspaceBytes(const GemmParams& p) {
@@ -68,15 +80,7 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
     HELIX_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(p.y, 0, static_cast<size_t>(p.m * p.n) * sizeof(float), stream));
   } else {
-    // Only when it changes: setting the stream drops a workspace given with cublasSetWorkspace.
-    cudaStream_t current = nullptr;
-    cublasStatus_t st = cublasGetStream(handle, &current);
-    if (st != CUBLAS_STATUS_SUCCESS || current != stream) {
-      st = cublasSetStream(handle, stream);
-      if (st != CUBLAS_STATUS_SUCCESS) {
-        return CublasError(st, "cublasSetStream");
-      }
-    }
+    HELIX_CUDA_RETURN_IF_ERROR(UseStream(handle, stream));
     const void* x = p.x;
     cudaDataType_t in_type = CUDA_R_32F;
     if (p.w_dtype == DType::kBF16) {
@@ -95,10 +99,11 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
     // Row-major y[m][n] = x[m][k] w[n][k]^T is column-major y^T (n x m) = w^T x^T with w seen
     // as a column-major k x n matrix (ld k) and x as k x m (ld k).
     const float one = 1.0f, zero = 0.0f;
-    st = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(p.n),
-                      static_cast<int>(p.m), static_cast<int>(p.k), &one, p.w, in_type,
-                      static_cast<int>(p.k), x, in_type, static_cast<int>(p.k), &zero, p.y,
-                      CUDA_R_32F, static_cast<int>(p.n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    const cublasStatus_t st =
+        cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(p.n), static_cast<int>(p.m),
+                     static_cast<int>(p.k), &one, p.w, in_type, static_cast<int>(p.k), x, in_type,
+                     static_cast<int>(p.k), &zero, p.y, CUDA_R_32F, static_cast<int>(p.n),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS) {
       return CublasError(st, "cublasGemmEx");
     }
@@ -126,14 +131,7 @@ cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, v
     }
     return cudaSuccess;
   }
-  cudaStream_t current = nullptr;
-  cublasStatus_t st = cublasGetStream(handle, &current);
-  if (st != CUBLAS_STATUS_SUCCESS || current != stream) {
-    st = cublasSetStream(handle, stream);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-      return CublasError(st, "cublasSetStream");
-    }
-  }
+  HELIX_CUDA_RETURN_IF_ERROR(UseStream(handle, stream));
   const void* x = p.x;
   int64_t ldx = p.ldx, x_stride = p.x_stride;
   cudaDataType_t in_type = CUDA_R_32F;
@@ -157,7 +155,7 @@ cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, v
   // Per entry, as in GemmCuda: column-major y^T (n x m, ld ldy) = w^T (k x n, ld k, op T) x^T
   // (k x m, ld ldx).
   const float one = 1.0f, zero = 0.0f;
-  st = cublasGemmStridedBatchedEx(
+  const cublasStatus_t st = cublasGemmStridedBatchedEx(
       handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(p.n), static_cast<int>(p.m),
       static_cast<int>(p.k), &one, p.w, in_type, static_cast<int>(p.k), p.w_stride, x, in_type,
       static_cast<int>(ldx), x_stride, &zero, p.y, CUDA_R_32F, static_cast<int>(p.ldy), p.y_stride,

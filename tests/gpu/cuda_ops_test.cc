@@ -212,6 +212,22 @@ std::string Name(DType dt, int64_t group, int64_t d, int64_t split) {
          " d=" + std::to_string(d) + " split=" + std::to_string(split);
 }
 
+// Decode queries of sequences of `lens` tokens over `pool` (filled with random KV first): all
+// of its KV heads in layer 1, `group` query heads each; the slots past each sequence poisoned.
+Problem PoisonedDecode(Pool* pool, const std::vector<int32_t>& lens, int64_t group,
+                       std::mt19937& rng) {
+  const KvPoolView& v = pool->view;
+  pool->FillRandom(rng);
+  Problem pr = DecodeBatch(lens, v.tokens_per_block, pool->blocks, rng);
+  pr.num_kv_heads = v.num_kv_heads;
+  pr.num_q_heads = v.num_kv_heads * group;
+  pr.head_dim = v.head_dim;
+  pr.layer = 1;
+  pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * v.head_dim);
+  PoisonUnusedSlots(pr, pool);
+  return pr;
+}
+
 // Lengths 1, tpb - 1, tpb, tpb + 1, 40 blocks - 3, 0 (a Helix rank holding nothing), 33: every
 // dtype, GQA group 1..8, the fast head dims and odd ones, split-KV off, forced and automatic.
 TEST_F(CudaOpsTest, AttentionDecodeBatch) {
@@ -224,14 +240,7 @@ TEST_F(CudaOpsTest, AttentionDecodeBatch) {
       for (int64_t d : {128, 64, 16, 8, 20}) {
         const int64_t kv_heads = 2;
         Pool pool(dt, 2, kv_heads, tpb, d, 52);
-        pool.FillRandom(rng);
-        Problem pr = DecodeBatch(lens, tpb, 52, rng);
-        pr.num_kv_heads = kv_heads;
-        pr.num_q_heads = kv_heads * group;
-        pr.head_dim = d;
-        pr.layer = 1;
-        pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * d);
-        PoisonUnusedSlots(pr, &pool);
+        const Problem pr = PoisonedDecode(&pool, lens, group, rng);
         const AttnResult want = RunCpu(pr, pool.view);
         for (int64_t split : {int64_t{0}, 2 * tpb, int64_t{-1}}) {
           const AttnResult got = RunCuda(pr, pool, split, nullptr);
@@ -275,6 +284,21 @@ TEST_F(CudaOpsTest, AttentionLargeGroupsPeakyScores) {
   }
 }
 
+// One sequence of L tokens queried by all of them (token i at position i: a causal prefill),
+// its blocks among `pool_blocks`, random queries.
+Problem CausalPrefill(int64_t L, int64_t tpb, int64_t pool_blocks, int64_t kv_heads,
+                      int64_t q_heads, int64_t d, std::mt19937& rng) {
+  Problem pr = DecodeBatch({static_cast<int32_t>(L)}, tpb, pool_blocks, rng);
+  pr.q_seq.assign(L, 0);
+  pr.q_pos.resize(L);
+  std::iota(pr.q_pos.begin(), pr.q_pos.end(), 0);
+  pr.num_kv_heads = kv_heads;
+  pr.num_q_heads = q_heads;
+  pr.head_dim = d;
+  pr.q = RandomVector(rng, L * q_heads * d);
+  return pr;
+}
+
 // Multi-token (prefill) queries through the same API: token i sees KV 0..i.
 TEST_F(CudaOpsTest, AttentionCausalPrefill) {
   SKIP_IF_EMULATED("too slow; see attention_emu_test");
@@ -284,14 +308,7 @@ TEST_F(CudaOpsTest, AttentionCausalPrefill) {
     for (int64_t d : {128, 64, 20}) {
       Pool pool(dt, 1, 2, tpb, d, 8);
       pool.FillRandom(rng);
-      Problem pr = DecodeBatch({static_cast<int32_t>(L)}, tpb, 8, rng);
-      pr.q_seq.assign(L, 0);
-      pr.q_pos.resize(L);
-      std::iota(pr.q_pos.begin(), pr.q_pos.end(), 0);
-      pr.num_kv_heads = 2;
-      pr.num_q_heads = 4;
-      pr.head_dim = d;
-      pr.q = RandomVector(rng, L * 4 * d);
+      Problem pr = CausalPrefill(L, tpb, 8, 2, 4, d, rng);
       PoisonUnusedSlots(pr, &pool);
       const AttnResult want = RunCpu(pr, pool.view);
       for (int64_t split : {int64_t{0}, 2 * tpb}) {
@@ -376,14 +393,7 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
     for (int64_t group : {1, 4, 8}) {
       for (int64_t d : {128, 64}) {
         Pool pool(dt, 2, 2, tpb, d, 52);
-        pool.FillRandom(rng);
-        Problem pr = DecodeBatch({1, 15, 16, 17, 40 * 16 - 3, 0, 33}, tpb, 52, rng);
-        pr.num_kv_heads = 2;
-        pr.num_q_heads = 2 * group;
-        pr.head_dim = d;
-        pr.layer = 1;
-        pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * d);
-        PoisonUnusedSlots(pr, &pool);
+        const Problem pr = PoisonedDecode(&pool, {1, 15, 16, 17, 40 * 16 - 3, 0, 33}, group, rng);
         const AttnResult want = RunCpu(pr, pool.view);
         for (int64_t split : {int64_t{0}, 2 * tpb, int64_t{-1}}) {
           ExpectSame(want, RunCuda(pr, pool, split, nullptr), "bulk " + Name(dt, group, d, split));
@@ -394,14 +404,7 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
   const int64_t L = 16 * 5 + 5;
   Pool pool(DType::kBF16, 1, 2, tpb, 128, 8);
   pool.FillRandom(rng);
-  Problem pr = DecodeBatch({static_cast<int32_t>(L)}, tpb, 8, rng);
-  pr.q_seq.assign(L, 0);
-  pr.q_pos.resize(L);
-  std::iota(pr.q_pos.begin(), pr.q_pos.end(), 0);
-  pr.num_kv_heads = 2;
-  pr.num_q_heads = 8;
-  pr.head_dim = 128;
-  pr.q = RandomVector(rng, L * 8 * 128);
+  Problem pr = CausalPrefill(L, tpb, 8, 2, 8, 128, rng);
   PoisonUnusedSlots(pr, &pool);
   const AttnResult want = RunCpu(pr, pool.view);
   ExpectSame(want, RunCuda(pr, pool, 0, nullptr), "bulk prefill");

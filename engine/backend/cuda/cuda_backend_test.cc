@@ -29,7 +29,6 @@
 #include "engine/engine_test_util.h"
 #include "engine/parallel/launcher.h"
 #include "engine/spawn_test_util.h"
-#include "engine/transfer/kv_handle.h"
 
 namespace helix {
 namespace {
@@ -426,39 +425,13 @@ TEST_P(CudaBackendDisaggTest, ContextServerIntoCpTwoGroupMatchesCpu) {
     ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
     for (size_t i = 0; i < reqs.size(); ++i) {
       // Prefill on the context engine: one token, KV retained.
-      GenerateRequest p;
-      p.id = "pf" + std::to_string(i);
-      p.prompt_tokens = (*gen)->tokenizer().Encode(reqs[i].prompt, true);
-      p.max_tokens = 1;
-      p.ignore_eos = true;
-      p.retain_kv = true;
-      p.sampling.temperature = 0;
-      int32_t first = -1;
-      std::vector<uint64_t> blocks;
-      p.sink = [&](const TokenEvent& ev) {
-        if (ev.token >= 0) first = ev.token;
-        if (ev.finished) blocks = ev.kv_block_addresses;
-      };
-      ASSERT_TRUE((*ctx)->Submit(p).ok());
-      while ((*ctx)->HasWork()) (*ctx)->Step();
-      ASSERT_GE(first, 0);
-      const KvExport* ex = (*ctx)->kv_export();
-      ASSERT_NE(ex, nullptr);
-      auto src = std::make_shared<transfer::KvSource>();
-      src->server_id = ex->server_id;
-      src->server_address = "in-process";
-      src->request_id = p.id;
-      src->worker_address = ex->worker_address;
-      src->rkey = ex->rkey;
-      src->block_addresses = blocks;
-      src->token_count = static_cast<int64_t>(p.prompt_tokens.size());
-      src->layout = ex->layout;
-      src->model_fingerprint = (*ctx)->model_fingerprint();
-      src->checksum = transfer::HandleChecksum(*src);
-      reqs[i].prompt_tokens = p.prompt_tokens;
-      reqs[i].kv_source = src;
-      reqs[i].first_token = first;
-      reqs[i].on_kv_done = [e = ctx->get(), id = p.id](const Status& s) {
+      const std::string id = "pf" + std::to_string(i);
+      reqs[i].prompt_tokens = (*gen)->tokenizer().Encode(reqs[i].prompt, true);
+      const testing::Prefilled pf = testing::Prefill(ctx->get(), reqs[i].prompt_tokens, id);
+      ASSERT_GE(pf.first_token, 0);
+      reqs[i].kv_source = pf.source;
+      reqs[i].first_token = pf.first_token;
+      reqs[i].on_kv_done = [e = ctx->get(), id](const Status& s) {
         EXPECT_TRUE(s.ok()) << s.ToString();
         EXPECT_TRUE(e->ReleaseRetained(id));
       };
