@@ -39,6 +39,10 @@ fi
 export HELIX_SHARED_DIR=$SHARED
 # UCX's transport modules from the same debs (its compiled-in module folder is /usr/lib/...).
 export UCX_MODULE_DIR=$ROOT/.devdeps/root/usr/lib/x86_64-linux-gnu/ucx
+# The executables' RUNPATH covers only their direct libraries; UCX's and Gloo's own (uct, ucm,
+# numa, hiredis, ibverbs, libnl) are not installed on the GPU machine.
+DEPS=$ROOT/.devdeps/root
+export LD_LIBRARY_PATH=$DEPS/usr/lib:$DEPS/usr/lib/x86_64-linux-gnu:$DEPS/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 NCCL_FLAGS=()
 if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   NCCL_DIR=$(python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null)
@@ -65,9 +69,13 @@ if [[ $BUILD_OK == 0 ]]; then
     "$HELIX_TEST_MODELS_DIR"
   # The GGUF cases need gguf-py to write their models, which the machine lacks: carried ones.
   cp "$ROOT"/.devdeps/test_models/*.gguf "$HELIX_TEST_MODELS_DIR"/ 2>/dev/null
-  step cuda_backend_test cuda_backend_test.log 150 "$BUILD/engine/cuda_backend_test"
+  # Each test in its own process (a crash fails that test alone), four at a time.
+  EACH=(bash -c 'source "$0"; gtest_each "$@"' "$ROOT/tests/gpu/run_lib.sh")
+  step cuda_backend_test cuda_backend_test.log 200 "${EACH[@]}" \
+    "$BUILD/engine/cuda_backend_test" "$LOGS/cuda_backend_test" 4 150
   if [[ -x $BUILD/engine/nccl_communicator_test ]]; then
-    step nccl_test nccl_test.log 90 "$BUILD/engine/nccl_communicator_test"
+    step nccl_test nccl_test.log 90 "${EACH[@]}" \
+      "$BUILD/engine/nccl_communicator_test" "$LOGS/nccl_test" 1 80
   else
     RESULT[nccl_test]="not built (no NCCL found; see configure.log)"
   fi
@@ -95,8 +103,14 @@ fi
     printf '%-18s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
   for t in cuda_backend_test nccl_test; do
-    [[ -f $LOGS/$t.log ]] && grep -hE "^\[  (PASSED|FAILED|SKIPPED) |tests? ran" "$LOGS/$t.log" |
-      grep -v " ms)$" | head -8
+    [[ -f $LOGS/$t/results.txt ]] || continue
+    echo "$t (one process per test):"
+    sed 's/^/  /' "$LOGS/$t/results.txt"
+    grep -E " (FAILED|TIMEOUT)" "$LOGS/$t/results.txt" | while read -r name _; do
+      echo "  --- $name:"
+      grep -hE "Failure|error|Error|FATAL|Expected|Which is|Value of|actual" \
+        "$LOGS/$t/${name//\//_}.log" | head -6 | cut -c1-200 | sed 's/^/    /'
+    done
   done
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)

@@ -47,3 +47,23 @@ reset_foreign_build() {
     mkdir -p "$LOGS"
   fi
 }
+# gtest_each BIN LOGDIR JOBS LIMIT: runs every test of the GoogleTest binary BIN in its own process
+# (a crash or hang fails that test alone), JOBS at a time, each bounded by LIMIT seconds; writes
+# LOGDIR/<test>.log and LOGDIR/results.txt ("<test> ok|FAILED rc=N|SKIPPED|TIMEOUT"). Returns 1
+# when any test failed.
+gtest_each() {
+  local bin=$1 dir=$2 jobs=$3 limit=$4
+  mkdir -p "$dir"
+  "$bin" --gtest_list_tests |
+    awk '/^[^ ]/ { suite = $1; next } /^  / { print suite $1 }' > "$dir/tests.txt"
+  HELIX_GTEST_BIN=$bin HELIX_GTEST_DIR=$dir HELIX_GTEST_LIMIT=$limit \
+    xargs -a "$dir/tests.txt" -P "$jobs" -I{} bash -c '
+      t=$1; f=$HELIX_GTEST_DIR/${t//\//_}.log
+      timeout -k 5 "$HELIX_GTEST_LIMIT" "$HELIX_GTEST_BIN" --gtest_filter="$t" > "$f" 2>&1
+      rc=$?
+      if [[ $rc == 124 || $rc == 137 ]]; then echo "$t TIMEOUT (${HELIX_GTEST_LIMIT}s)"
+      elif [[ $rc != 0 ]]; then echo "$t FAILED rc=$rc"
+      elif grep -q "^\[  SKIPPED \]" "$f"; then echo "$t SKIPPED"
+      else echo "$t ok"; fi' _ {} > "$dir/results.txt"
+  ! grep -qE " (FAILED|TIMEOUT)" "$dir/results.txt"
+}
