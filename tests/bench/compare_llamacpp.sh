@@ -28,10 +28,11 @@ bench="$build/tests/decode_bench"
 
 echo "# machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; threads=$threads"
 "$py" -c "import llama_cpp; print('# llama-cpp-python', llama_cpp.__version__)"
-# The model's context is 8192: 8192 - steps tokens of prompt leave room for every step.
+# The model's context is 8192: 8192 - steps tokens of prompt leave room for every step. Both
+# sides time the steps - 1 decode steps after the prefill's token, with no warm-up.
 for ctx in 512 $((8192 - steps)); do
-  ours=$("$bench" --model "$model" --context "$ctx" --steps "$steps" --threads "$threads" \
-         --kv-dtype float16 2>/dev/null)
+  ours=$("$bench" --model "$model" --context "$ctx" --steps $((steps - 1)) --warmup 0 \
+         --threads "$threads" --kv-dtype float16 2>/dev/null)
   theirs=$("$py" tests/bench/llamacpp_decode.py "$model" "$ctx" "$steps" "$threads")
   echo "$ours"
   echo "$theirs"
@@ -39,10 +40,10 @@ for ctx in 512 $((8192 - steps)); do
   b=$(sed -n 's/.*decode_tok_s=\([0-9.]*\).*/\1/p' <<<"$theirs")
   echo "ratio context=$ctx helix/llama.cpp decode_tok_s = $(awk -v a="$a" -v b="$b" 'BEGIN{printf "%.2f", a/b}')"
 done
-"$bench" --model "$model" --context 512 --batch 16 --steps 32 --threads "$threads" \
+"$bench" --model "$model" --context 512 --batch 16 --steps 31 --warmup 0 --threads "$threads" \
   --kv-dtype float16 2>/dev/null
 for b in 1 16; do
   "$bench" --model "$shared/models/stories260K/stories260K.bin" \
     --tokenizer "$shared/models/stories260K/tok512.bin" --context 256 --batch "$b" \
-    --steps 200 --threads "$threads" 2>/dev/null
+    --steps 199 --warmup 0 --threads "$threads" 2>/dev/null
 done

@@ -1,11 +1,12 @@
 // Decode throughput of the engine: `batch` requests, each with a `context`-token prompt,
-// prefilled together, then `steps` decode steps; prints one line of key=value pairs with the
-// decode tokens/s (all requests together) and the prefill time. Greedy sampling, EOS ignored,
-// so every request runs all its steps.
+// prefilled together, then `warmup` untimed decode steps (first-use allocations, cuBLAS's
+// heuristics, CUDA graph captures) and `steps` timed ones; prints one line of key=value pairs
+// with the decode tokens/s (all requests together) and the prefill time. Greedy sampling, EOS
+// ignored, so every request runs all its steps.
 //   decode_bench --model PATH [--tokenizer PATH] [--context N] [--batch B] [--steps S]
-//                [--threads T] [--kv-dtype float32|float16|bfloat16] [--tokens-per-block N]
-//                [--weight-dtype auto|float32|float16|bfloat16] [--backend cpu|cuda]
-//                [--cuda-graphs 0|1]
+//                [--warmup W] [--threads T] [--kv-dtype float32|float16|bfloat16]
+//                [--tokens-per-block N] [--weight-dtype auto|float32|float16|bfloat16]
+//                [--backend cpu|cuda] [--cuda-graphs 0|1]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -22,14 +23,14 @@ using Clock = std::chrono::steady_clock;
 struct Args {
   std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto", backend = "cpu";
   bool cuda_graphs = false;
-  int64_t context = 512, batch = 1, steps = 64, threads = 0, tokens_per_block = 32;
+  int64_t context = 512, batch = 1, steps = 64, warmup = 8, threads = 0, tokens_per_block = 32;
 };
 
 [[noreturn]] void Usage(const std::string& why) {
   std::fprintf(
       stderr,
       "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
-      "[--context N] [--batch B] [--steps S] [--threads T] [--kv-dtype D] "
+      "[--context N] [--batch B] [--steps S] [--warmup W] [--threads T] [--kv-dtype D] "
       "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1]\n",
       why.c_str());
   std::exit(2);
@@ -59,6 +60,8 @@ Args Parse(int argc, char** argv) {
       a.batch = std::atoll(v.c_str());
     } else if (k == "--steps") {
       a.steps = std::atoll(v.c_str());
+    } else if (k == "--warmup") {
+      a.warmup = std::atoll(v.c_str());
     } else if (k == "--threads") {
       a.threads = std::atoll(v.c_str());
     } else if (k == "--tokens-per-block") {
@@ -68,8 +71,8 @@ Args Parse(int argc, char** argv) {
     }
   }
   if (a.model.empty()) Usage("--model is required");
-  if (a.context < 1 || a.batch < 1 || a.steps < 2)
-    Usage("need context >= 1, batch >= 1, steps >= 2");
+  if (a.context < 1 || a.batch < 1 || a.steps < 1 || a.warmup < 0)
+    Usage("need context >= 1, batch >= 1, steps >= 1, warmup >= 0");
   return a;
 }
 
@@ -85,9 +88,11 @@ int main(int argc, char** argv) {
   o.cuda_graphs = a.cuda_graphs;
   o.tokens_per_block = a.tokens_per_block;
   o.max_batch_size = a.batch;
-  o.max_seq_len = a.context + a.steps;
+  // Tokens per request: the prefill's first, the warm-up steps', the timed steps'.
+  const int64_t tokens = 1 + a.warmup + a.steps;
+  o.max_seq_len = a.context + tokens;
   o.max_num_tokens = a.batch * a.context;
-  o.kv_max_tokens = a.batch * (a.context + a.steps + a.tokens_per_block);
+  o.kv_max_tokens = a.batch * (a.context + tokens + a.tokens_per_block);
   if (auto t = helix::kernels::DTypeFromName(a.kv_dtype)) {
     o.kv_dtype = *t;
   } else {
@@ -103,9 +108,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int64_t vocab = (*engine)->tokenizer().vocab_size();
-  if (a.context + a.steps > (*engine)->max_seq_len()) {
-    std::fprintf(stderr, "decode_bench: context + steps = %lld exceeds the model's %lld\n",
-                 static_cast<long long>(a.context + a.steps),
+  if (a.context + tokens > (*engine)->max_seq_len()) {
+    std::fprintf(stderr,
+                 "decode_bench: context + 1 + warmup + steps = %lld exceeds the model's %lld\n",
+                 static_cast<long long>(a.context + tokens),
                  static_cast<long long>((*engine)->max_seq_len()));
     return 2;
   }
@@ -116,7 +122,7 @@ int main(int argc, char** argv) {
   for (int64_t b = 0; b < a.batch; ++b) {
     helix::GenerateRequest r;
     for (int64_t i = 0; i < a.context; ++i) r.prompt_tokens.push_back(tok(rng));
-    r.max_tokens = static_cast<int32_t>(a.steps);
+    r.max_tokens = static_cast<int32_t>(tokens);
     r.ignore_eos = true;
     r.sampling.temperature = 0;
     r.sink = [&](const helix::TokenEvent& ev) {
@@ -130,14 +136,24 @@ int main(int argc, char** argv) {
     }
   }
   // The first step prefills every prompt (and samples each request's first token); the rest
-  // are decode steps of `batch` tokens each.
+  // are decode steps of `batch` tokens each: `warmup` untimed, then the timed ones.
   const auto t0 = Clock::now();
   (*engine)->Step();
   const auto t1 = Clock::now();
   const int64_t after_prefill = generated;
-  while ((*engine)->HasWork()) (*engine)->Step();
+  for (int64_t i = 0; i < a.warmup && (*engine)->HasWork(); ++i) (*engine)->Step();
+  const int64_t after_warmup = generated;
+  const helix::ForwardTimings before = (*engine)->model_timings();
   const auto t2 = Clock::now();
-  if (errors > 0 || after_prefill != a.batch || generated != a.batch * a.steps) {
+  int64_t timed_steps = 0;
+  while ((*engine)->HasWork()) {
+    (*engine)->Step();
+    ++timed_steps;
+  }
+  const auto t3 = Clock::now();
+  const helix::ForwardTimings after = (*engine)->model_timings();
+  if (errors > 0 || after_prefill != a.batch || generated != a.batch * tokens ||
+      timed_steps != a.steps) {
     std::fprintf(stderr, "decode_bench: %lld errors, %lld tokens after prefill, %lld in all\n",
                  static_cast<long long>(errors), static_cast<long long>(after_prefill),
                  static_cast<long long>(generated));
@@ -156,19 +172,21 @@ int main(int argc, char** argv) {
                                    c.n_heads * c.head_dim * c.dim + 3.0 * c.dim * c.hidden_dim) +
                               static_cast<double>(c.vocab_size) * c.dim;
   const double weight_bytes = matrix_elems * w_elem;
-  const double kv_read_bytes = static_cast<double>(a.batch) * (a.context + a.steps / 2.0) *
-                               c.n_layers * 2.0 * c.n_kv_heads * c.head_dim * kv_elem;
+  const double kv_read_bytes = static_cast<double>(a.batch) *
+                               (a.context + 1 + a.warmup + a.steps / 2.0) * c.n_layers * 2.0 *
+                               c.n_kv_heads * c.head_dim * kv_elem;
   const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
-  const double decode_s = std::chrono::duration<double>(t2 - t1).count();
-  const double decode_tokens = static_cast<double>(generated - after_prefill);
+  const double decode_s = std::chrono::duration<double>(t3 - t2).count();
+  const double decode_tokens = static_cast<double>(generated - after_warmup);
   std::printf(
       "engine=helix backend=%s cuda_graphs=%d model=%s context=%lld batch=%lld steps=%lld "
-      "kv_dtype=%s "
-      "weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f weight_bytes=%.0f "
-      "kv_read_bytes=%.0f\n",
+      "warmup=%lld kv_dtype=%s weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f "
+      "graph_replays=%lld weight_bytes=%.0f kv_read_bytes=%.0f\n",
       a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.model.c_str(), static_cast<long long>(a.context),
-      static_cast<long long>(a.batch), static_cast<long long>(a.steps), a.kv_dtype.c_str(),
-      a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
-      1e3 * decode_s / static_cast<double>(a.steps - 1), weight_bytes, kv_read_bytes);
+      static_cast<long long>(a.batch), static_cast<long long>(a.steps),
+      static_cast<long long>(a.warmup), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
+      decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps),
+      static_cast<long long>(after.graph_replays - before.graph_replays), weight_bytes,
+      kv_read_bytes);
   return 0;
 }

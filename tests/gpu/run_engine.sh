@@ -7,7 +7,7 @@
 # over Gloo, disaggregated KV through pinned staging; nccl_communicator_test), then the
 # end-to-end decode benchmark on a random-weight model of SmolLM2-135M's shape at 8K and 32K
 # context against its roofline (weight + KV bytes / the D2D copy bandwidth measured in the same
-# run), and print a short summary last.
+# run), and print a short summary last. PROFILE=1 adds a per-kernel GPU time profile (ncu).
 #
 #   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
 #
@@ -53,6 +53,9 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
+# The decode benchmark runs (shape:context:cuda graphs).
+RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:32768:0 smollm2-135m:32768:1
+  llama3-1b:8192:0 llama3-1b:8192:1 llama3-1b:32768:1)
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
@@ -80,17 +83,29 @@ if [[ $BUILD_OK == 0 ]]; then
     RESULT[nccl_test]="not built (no NCCL found; see configure.log)"
   fi
   step copy_bench copy_bench.log 60 "$BUILD/tests/gpu/copy_bench"
-  MODEL=$BUILD/bench_model
-  if step bench_model bench_model.log 120 python3 "$ROOT/tests/bench/make_bench_model.py" \
-    "$MODEL" --seq 33000; then
-    for ctx in 8192 32768; do
-      for g in 0 1; do
-        step decode_${ctx}_g$g decode_${ctx}_g$g.log 90 "$BUILD/decode_bench" --backend cuda \
-          --cuda-graphs $g --model "$MODEL/model.bin" --tokenizer "$MODEL/tok.bin" \
-          --context $ctx --batch 1 --steps 32 --weight-dtype bfloat16 --kv-dtype bfloat16 \
-          --tokens-per-block 32
-      done
+  # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
+  # Each run: 8 untimed warm-up steps, then 64 timed ones.
+  for shape in smollm2-135m llama3-1b; do
+    step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
+      "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
+    for r in "${RUNS[@]}"; do
+      IFS=: read -r s ctx g <<<"$r"
+      [[ $s == "$shape" ]] || continue
+      step decode_${s}_${ctx}_g$g decode_${s}_${ctx}_g$g.log 120 "$BUILD/decode_bench" \
+        --backend cuda --cuda-graphs $g --model "$BUILD/bench_$s/model.bin" \
+        --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
+        --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
+  done
+  # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric) over the prefill, one warm-up
+  # and two timed decode steps of the SmolLM2-shaped model at 8K without graphs.
+  NCU=$(command -v ncu || true)
+  if [[ ${PROFILE:-0} == 1 && -n $NCU && -f $BUILD/bench_smollm2-135m/model.bin ]]; then
+    step ncu_profile ncu_profile.csv 150 "$NCU" --metrics gpu__time_duration.sum --csv \
+      --print-units base "$BUILD/decode_bench" --backend cuda --cuda-graphs 0 \
+      --model "$BUILD/bench_smollm2-135m/model.bin" \
+      --tokenizer "$BUILD/bench_smollm2-135m/tok.bin" --context 8192 --batch 1 --steps 2 \
+      --warmup 1 --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
   fi
 fi
 
@@ -98,9 +113,10 @@ fi
   echo "==== run_engine summary ($(( $(date +%s) - T0 ))s total) ===="
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
-  for s in configure build mla_models cuda_backend_test nccl_test copy_bench bench_model \
-    decode_8192_g0 decode_8192_g1 decode_32768_g0 decode_32768_g1; do
-    printf '%-18s %s\n' "$s" "${RESULT[$s]:-not run}"
+  for s in configure build mla_models cuda_backend_test nccl_test copy_bench \
+    model_smollm2-135m model_llama3-1b "${RUNS[@]}" ncu_profile; do
+    [[ $s == *:* ]] && { IFS=: read -r sh ctx g <<<"$s"; s=decode_${sh}_${ctx}_g$g; }
+    printf '%-30s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
   for t in cuda_backend_test nccl_test; do
     [[ -f $LOGS/$t/results.txt ]] || continue
@@ -114,22 +130,25 @@ fi
   done
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
-  echo "end-to-end decode (random SmolLM2-135M-shaped model, bf16 weights and KV, batch 1;"
-  echo "roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the same run):"
-  for run in 8192_g0 8192_g1 32768_g0 32768_g1; do
-    ctx=${run%_g*}
-    f=$LOGS/decode_$run.log
+  echo "end-to-end decode (random-weight models, bf16 weights and KV, batch 1, 64 timed steps"
+  echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
+  echo "same run):"
+  for r in "${RUNS[@]}"; do
+    IFS=: read -r sh ctx g <<<"$r"
+    f=$LOGS/decode_${sh}_${ctx}_g$g.log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
     [[ -n $line ]] || { tail -3 "$f"; continue; }
     ms=$(sed -n 's/.*ms_per_step=\([0-9.]*\).*/\1/p' <<<"$line")
     wb=$(sed -n 's/.*weight_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
-    awk -v c=$ctx -v g=${run#*_g} -v ms="$ms" -v wb="$wb" -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
+    rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
+    awk -v m=$sh -v c=$ctx -v g=$g -v rp="$rp" -v ms="$ms" -v wb="$wb" -v kb="$kb" \
+      -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "context %6d graphs %d: %.3f ms/step, roofline %.3f ms (%.0f MB weights + " \
-             "%.0f MB KV), ratio %.2f\n", c, g, ms, roof, wb / 1e6, kb / 1e6,
-             roof > 0 ? ms / roof : 0 }'
+      printf "%-13s context %6d graphs %d (%2d replays): %.3f ms/step, roofline %.3f ms " \
+             "(%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, rp, ms, roof, wb / 1e6,
+             kb / 1e6, (roof > 0 ? ms / roof : 0) }'
   done
 } > "$LOGS/summary.txt" 2>&1
 cat "$LOGS/summary.txt"
