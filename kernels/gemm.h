@@ -19,6 +19,10 @@ struct GemmParams {
   float* y;           // [m][n]; must not alias x, w or bias
   int64_t m, n, k;
   DType w_dtype = DType::kF32;
+  // A hint: x, values included, is the x of the backend's previous Gemm (q/k/v or gate/up off
+  // one normalised input), so a backend that converts x for 16-bit weights may reuse that
+  // conversion. Ignored by GemmCpu.
+  bool same_x = false;
 };
 
 // Parallel over n; each weight row is read from memory once per call for all m rows, which

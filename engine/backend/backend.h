@@ -116,6 +116,16 @@ class Backend {
   virtual void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k,
                             const float* v, const int32_t* block, const int32_t* slot,
                             int64_t tokens) = 0;
+  // Rope of q ([tokens][q_heads][kv.head_dim]) and k (RopeParams semantics: base theta, no
+  // inverse-frequency table, mscale 1) and WriteKvBatch of the rotated k and of v, as one op.
+  // False (nothing done) where the backend has none: the caller runs the three ops instead.
+  virtual bool RopeWriteKv(float* /*q*/, float* /*k*/, const float* /*v*/,
+                           const int32_t* /*positions*/, int64_t /*tokens*/, int64_t /*q_heads*/,
+                           int64_t /*rotary_dim*/, float /*theta*/, kernels::RopeStyle /*style*/,
+                           const kernels::KvPoolView& /*kv*/, int64_t /*layer*/,
+                           const int32_t* /*block*/, const int32_t* /*slot*/) {
+    return false;
+  }
   virtual size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) = 0;
   virtual void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) = 0;
   virtual void MergeStates(const kernels::MergeStatesParams& p) = 0;
@@ -133,7 +143,7 @@ class Backend {
   // Token selection per row of logits [rows][vocab] (arrays in backend memory): greedy[r] =
   // the first index of the largest logit (engine/sampler's temperature 0); sampled[r] = the
   // token temperature / top-k / top-p / min-p sampling picks with the uniform draw u[r] (as
-  // engine/sampler does after its penalties; REQUIRES temperature[r] > 0). Either output may
+  // engine/sampler does after its penalties; -1 where temperature[r] <= 0). Either output may
   // be nullptr (not wanted). False when the backend does not sample (the CPU backend: the engine
   // samples on the host from the logits).
   virtual bool SampleTokens(const float* /*logits*/, int64_t /*rows*/, int64_t /*vocab*/,

@@ -624,36 +624,52 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   const size_t ws = backend_->PagedAttentionWorkspaceBytes(ap);
   if (workspace_.size() < static_cast<int64_t>(ws)) RETURN_IF_ERROR(workspace_.Resize(ws));
 
-  // x += the sum over ranks of each rank's row-parallel partial in xb_.
-  const auto AddRowParallel = [&]() -> Status {
+  const auto F32 = [&](const std::vector<float>& v) { return Dev(v); };
+  // x += the sum over ranks of each rank's row-parallel partial in xb_. With `norm`, the same
+  // kernel then writes the next sublayer's input xb_ = RMSNorm(x) * norm (one launch, not two).
+  const auto AddRowParallel = [&](const std::vector<float>* norm) -> Status {
     if (world != nullptr && par_.barrier_before_collectives) {
       RETURN_IF_ERROR(world->Barrier());
       sw.Lap(&tm.wait);
     }
     if (world != nullptr) RETURN_IF_ERROR(AllReduceSum(xb_.data(), T * D));
     sw.Lap(&tm.all_reduce);
-    backend_->Add(x_.data(), xb_.data(), T * D);
+    if (norm != nullptr) {
+      backend_->RmsNorm({xb_.data(), x_.data(), F32(*norm), xb_.data(), T, D, c.norm_eps});
+      sw.Lap(&tm.other);
+    } else {
+      backend_->Add(x_.data(), xb_.data(), T * D);
+    }
     return Status::Ok();
   };
-  const auto F32 = [&](const std::vector<float>& v) { return Dev(v); };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
-    backend_->RmsNorm({x_.data(), nullptr, F32(lw.attn_norm), xb_.data(), T, D, c.norm_eps});
+    if (l == 0) {  // later layers' attention norm comes with the previous layer's last add
+      backend_->RmsNorm({x_.data(), nullptr, F32(lw.attn_norm), xb_.data(), T, D, c.norm_eps});
+    }
     sw.Lap(&tm.other);
     if (c.mla()) {
       RETURN_IF_ERROR(MlaAttention(b, m, l));
       sw = Stopwatch();
     } else {
       backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
-      backend_->Gemm({xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype});
-      backend_->Gemm({xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype});
+      // k and v read the same xb_ as q (same_x: a backend may reuse q's conversion of it).
+      backend_->Gemm({xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype, true});
+      backend_->Gemm({xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype, true});
       sw.Lap(&tm.gemm);
-      // RoPE at global positions; only the owner of a position writes its K/V.
-      backend_->Rope(
-          {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
-      backend_->Rope(
-          {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
-      backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
+      // RoPE at global positions; only the owner of a position writes its K/V. One op where the
+      // backend fuses them.
+      const bool fused =
+          kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == hd &&
+          backend_->RopeWriteKv(q_.data(), k_.data(), v_.data(), m.positions, T, dims_.q_heads, hd,
+                                c.rope_theta, c.rope_style, kv_, l, m.kv_block, m.kv_slot);
+      if (!fused) {
+        backend_->Rope(
+            {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
+        backend_->Rope(
+            {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
+        backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
+      }
       ap.layer = l;
       sw.Lap(&tm.other);
       backend_->PagedAttention(ap, workspace_.data());
@@ -668,23 +684,21 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
       sw.Lap(&tm.gemm);
     }
-    RETURN_IF_ERROR(AddRowParallel());
+    RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm));
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks;
     // an MoE layer adds its experts' and shared experts' partials instead.
-    backend_->RmsNorm({x_.data(), nullptr, F32(lw.ffn_norm), xb_.data(), T, D, c.norm_eps});
-    sw.Lap(&tm.other);
     if (c.IsMoeLayer(l)) {
       RETURN_IF_ERROR(MoeFfn(l, T));
     } else {
       RETURN_IF_ERROR(h1_.Resize(T * F));
       RETURN_IF_ERROR(h3_.Resize(T * F));
       backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
-      backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype});
+      backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true});
       backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
       backend_->Gemm({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
     }
     sw.Lap(&tm.gemm);
-    RETURN_IF_ERROR(AddRowParallel());
+    RETURN_IF_ERROR(AddRowParallel(l + 1 < c.n_layers ? &w.layers[l + 1].attn_norm : nullptr));
   }
   sw.Lap(&tm.other);
 

@@ -741,28 +741,56 @@ __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merge: one thread block per row; the warps take every kWarps-th part and combine in shared
-// memory, so that many parts (split-KV) are read with several loads in flight.
+// Merge: one thread block per row. Every step reads many parts at once: the block's threads
+// take the parts' LSEs side by side (max, then the sum of the weights), the weights of up to
+// kMergeChunk parts go to shared memory, and for the output each dimension tile of up to
+// kMergeThreads dims is split among groups of threads that take every G-th part, summed in
+// shared memory at the end. (A row's parts read one after another would put the latency of
+// each load on the path: at batch 1 the split-KV merge took longer than the attention.)
 
 constexpr int kMergeThreads = 128;
-constexpr int kMergePerLane = 8;  // a pass covers 32 * kMergePerLane dims
+constexpr int kMergeChunk = 256;  // part weights held in shared memory at a time
+
+// Block-wide max or sum of v (every thread gets the result); s holds one value per warp.
+__device__ inline float MergeBlockReduce(float v, float* s, bool is_max) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, other) : v + other;
+  }
+  __syncthreads();  // s may still be read by the previous reduction
+  if ((threadIdx.x & 31) == 0) {
+    s[threadIdx.x >> 5] = v;
+  }
+  __syncthreads();
+  float r = s[0];
+#pragma unroll
+  for (int w = 1; w < kMergeThreads / 32; ++w) {
+    r = is_max ? fmaxf(r, s[w]) : r + s[w];
+  }
+  return r;
+}
 
 __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesParams p) {
   WaitForPrerequisiteGrids();  // launched early after split-KV attention: wait for its results
-  constexpr int kPerLane = kMergePerLane;
-  using SumArray = float[kMergeThreads / 32][32 * kPerLane];
-  HELIX_STATIC_SMEM(SumArray, s_sum);
+  using Red = float[kMergeThreads / 32];
+  using Weights = float[kMergeChunk];
+  using Acc = float[kMergeThreads];
+  HELIX_STATIC_SMEM(Red, s_red);
+  HELIX_STATIC_SMEM(Weights, s_w);
+  HELIX_STATIC_SMEM(Acc, s_acc);
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  float max_lse = kNegInf;
-  for (int64_t i = 0; i < p.num_parts; ++i) {
-    max_lse = fmaxf(max_lse, p.lse[i * p.rows + row]);
+  const int64_t parts = p.num_parts, D = p.head_dim;
+  const float* lse = p.lse + row;  // part i at lse[i * rows]
+  float mx = kNegInf;
+  for (int64_t i = tid; i < parts; i += kMergeThreads) {
+    mx = fmaxf(mx, lse[i * p.rows]);
   }
-  float* out = p.out + row * p.head_dim;
-  if (max_lse == kNegInf) {
-    for (int64_t e = tid; e < p.head_dim; e += kMergeThreads) {
+  mx = MergeBlockReduce(mx, s_red, true);
+  float* out = p.out + row * D;
+  if (mx == kNegInf) {
+    for (int64_t e = tid; e < D; e += kMergeThreads) {
       out[e] = 0.0f;
     }
     if (tid == 0 && p.out_lse != nullptr) {
@@ -771,55 +799,53 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesPa
     return;
   }
   float sum = 0.0f;
-  for (int64_t i = 0; i < p.num_parts; ++i) {
-    const float l = p.lse[i * p.rows + row];
+  for (int64_t i = tid; i < parts; i += kMergeThreads) {
+    const float l = lse[i * p.rows];
     if (l != kNegInf) {
-      sum += expf(l - max_lse);
+      sum += expf(l - mx);
     }
   }
+  sum = MergeBlockReduce(sum, s_red, false);
   const float inv = 1.0f / sum;
-  // Each pass: lane covers dims e0 + lane + 32 j; warps sum disjoint parts.
-  for (int64_t e0 = 0; e0 < p.head_dim; e0 += 32 * kPerLane) {
-    float part[kPerLane];
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      part[j] = 0.0f;
-    }
-    for (int64_t i = warp; i < p.num_parts; i += kMergeThreads / 32) {
-      const float l = p.lse[i * p.rows + row];
-      if (l == kNegInf) {
-        continue;
+  for (int64_t e0 = 0; e0 < D; e0 += kMergeThreads) {
+    // This tile: `width` dims, `groups` groups of threads, thread (g, e) takes parts g, g + G...
+    const int width = static_cast<int>(D - e0 < kMergeThreads ? D - e0 : kMergeThreads);
+    const int groups = kMergeThreads / width;
+    const int g = tid / width;
+    const int64_t e = e0 + tid % width;
+    const float* o = p.o + row * D + e;  // part i at o[i * rows * D]
+    float acc = 0.0f;
+    for (int64_t c0 = 0; c0 < parts; c0 += kMergeChunk) {
+      const int n = static_cast<int>(parts - c0 < kMergeChunk ? parts - c0 : kMergeChunk);
+      __syncthreads();  // the previous chunk's weights are no longer read
+      for (int j = tid; j < n; j += kMergeThreads) {
+        const float l = lse[(c0 + j) * p.rows];
+        s_w[j] = l == kNegInf ? 0.0f : expf(l - mx);
       }
-      const float w = expf(l - max_lse);
-      const float* o = p.o + (i * p.rows + row) * p.head_dim;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int64_t e = e0 + lane + 32 * j;
-        if (e < p.head_dim) {
-          part[j] = fmaf(w, o[e], part[j]);
+      __syncthreads();
+      if (g < groups) {
+#pragma unroll 4
+        for (int j = g; j < n; j += groups) {
+          const float w = s_w[j];
+          if (w != 0.0f) {  // an empty part's O may hold anything
+            acc = fmaf(w, o[(c0 + j) * p.rows * D], acc);
+          }
         }
       }
     }
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      s_sum[warp][lane + 32 * j] = part[j];
-    }
+    s_acc[tid] = acc;
     __syncthreads();
-    for (int k = tid; k < 32 * kPerLane; k += kMergeThreads) {
-      const int64_t e = e0 + k;
-      if (e < p.head_dim) {
-        float v = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kMergeThreads / 32; ++w) {
-          v += s_sum[w][k];
-        }
-        out[e] = v * inv;
+    if (tid < width) {
+      float v = 0.0f;
+      for (int k = 0; k < groups; ++k) {
+        v += s_acc[k * width + tid];
       }
+      out[e] = v * inv;
     }
     __syncthreads();
   }
   if (tid == 0 && p.out_lse != nullptr) {
-    p.out_lse[row] = max_lse + logf(sum);
+    p.out_lse[row] = mx + logf(sum);
   }
 }
 
@@ -978,12 +1004,37 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   const int64_t group = p.num_q_heads / p.num_kv_heads;
   const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), static_cast<int>(group),
                                  p.num_q_tokens * p.num_kv_heads);
+  // Thread blocks per SM, asked once per (device, kernel): every layer of every eager decode
+  // step asks for its split.
   int per_sm = 1;
-  if (PrepareKernel(ch) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, reinterpret_cast<const void*>(ch.fn),
-                                                    ch.threads, ch.smem) != cudaSuccess) {
-    cudaGetLastError();
-    per_sm = 1;
+  static std::mutex mu;
+  struct Known {
+    int device;
+    KernelFn fn;
+    int threads;
+    size_t smem;
+    int per_sm;
+  };
+  static std::vector<Known> occupancy;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    bool known = false;
+    for (const Known& o : occupancy) {
+      if (o.device == device && o.fn == ch.fn && o.threads == ch.threads && o.smem == ch.smem) {
+        per_sm = o.per_sm;
+        known = true;
+      }
+    }
+    if (!known) {
+      if (PrepareKernel(ch) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+              &per_sm, reinterpret_cast<const void*>(ch.fn), ch.threads, ch.smem) != cudaSuccess) {
+        cudaGetLastError();
+        per_sm = 1;
+      } else {
+        occupancy.push_back({device, ch.fn, ch.threads, ch.smem, per_sm});
+      }
+    }
   }
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
   return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),

@@ -72,7 +72,7 @@ size_t GemmCudaWorkspaceBytes(const GemmParams& p) {
 }
 
 cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, bool x_converted) {
   if (p.m <= 0 || p.n <= 0) {
     return cudaSuccess;
   }
@@ -84,15 +84,19 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
     const void* x = p.x;
     cudaDataType_t in_type = CUDA_R_32F;
     if (p.w_dtype == DType::kBF16) {
-      ConvertKernel<__nv_bfloat16><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
-          p.x, static_cast<__nv_bfloat16*>(workspace), p.m * p.k);
-      HELIX_CUDA_CHECK_LAUNCH(stream);
+      if (!x_converted) {
+        ConvertKernel<__nv_bfloat16><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
+            p.x, static_cast<__nv_bfloat16*>(workspace), p.m * p.k);
+        HELIX_CUDA_CHECK_LAUNCH(stream);
+      }
       x = workspace;
       in_type = CUDA_R_16BF;
     } else if (p.w_dtype == DType::kF16) {
-      ConvertKernel<__half><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
-          p.x, static_cast<__half*>(workspace), p.m * p.k);
-      HELIX_CUDA_CHECK_LAUNCH(stream);
+      if (!x_converted) {
+        ConvertKernel<__half><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
+            p.x, static_cast<__half*>(workspace), p.m * p.k);
+        HELIX_CUDA_CHECK_LAUNCH(stream);
+      }
       x = workspace;
       in_type = CUDA_R_16F;
     }

@@ -24,8 +24,11 @@ size_t GemmCudaWorkspaceBytes(const GemmParams& p);
 //   before capturing CUDA graphs, so that cuBLAS allocates nothing). Sets the handle's stream
 //   when it is another one (which also drops such a workspace: set the stream first).
 // Returns cudaErrorUnknown (after printing the cuBLAS status) when cuBLAS fails.
+// x_converted: the workspace already holds x converted to the weight type (by the previous
+// GemmCuda call with the same x, m, k and w_dtype, which nothing wrote in between): no
+// conversion kernel.
 cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
-                     cudaStream_t stream);
+                     cudaStream_t stream, bool x_converted = false);
 
 // Workspace bytes GemmBatchedCuda needs: batch * m * k of the weight type for 16-bit weights
 // (the activations converted into contiguous rows), else 0.

@@ -96,13 +96,17 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE: one thread per (token, pair), applied to every head.
+// RoPE: one thread per (token, head, pair); the angle in double as on the CPU (each head's
+// thread computes it again, in parallel: at decode a thread per pair alone left the heads'
+// loads one after another on its path).
 
 __global__ void RopeKernel(const RopeParams p) {
   const int64_t half = p.rotary_dim / 2;
+  const int64_t per_token = p.heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       idx < p.tokens * half; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = idx / half;
+       idx < p.tokens * per_token; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / per_token;
+    const int64_t h = (idx % per_token) / half;
     const int64_t i = idx % half;
     const double inv_freq =
         p.inv_freq != nullptr
@@ -114,16 +118,13 @@ __global__ void RopeKernel(const RopeParams p) {
     sincos(angle, &sd, &cd);
     const float c = static_cast<float>(cd * static_cast<double>(p.mscale));
     const float s = static_cast<float>(sd * static_cast<double>(p.mscale));
-    float* xt = p.x + t * p.heads * p.head_dim;
-    for (int64_t h = 0; h < p.heads; ++h) {
-      float* xh = xt + h * p.head_dim;
-      const int64_t i0 = p.style == RopeStyle::kInterleaved ? 2 * i : i;
-      const int64_t i1 = p.style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
-      const float a = xh[i0];
-      const float b = xh[i1];
-      xh[i0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-      xh[i1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
-    }
+    float* xh = p.x + (t * p.heads + h) * p.head_dim;
+    const int64_t i0 = p.style == RopeStyle::kInterleaved ? 2 * i : i;
+    const int64_t i1 = p.style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+    const float a = xh[i0];
+    const float b = xh[i1];
+    xh[i0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    xh[i1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
   }
 }
 
@@ -222,18 +223,22 @@ __global__ void EmbeddingKernel(const EmbeddingParams p) {
   }
 }
 
-// Fused RoPE + K/V write: one thread per (token, dim e). The owner of a rotary pair (its
-// first element) rotates the pair in every q and k head and stores the rotated k pair; threads
-// of pass-through dims store k as is; every thread stores its v element.
+// Fused RoPE + K/V write: one thread per (token, head row, dim e), the head rows being the q
+// heads then the k heads. The owner of a rotary pair (its first element) rotates the pair in its
+// row (and for a k row stores the rotated pair); a k row's pass-through dims store k as is;
+// every k row's thread stores its v element.
 template <typename T>
 __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
   const int64_t d = p.kv.head_dim;
+  const int64_t hq = p.num_q_heads;
   const int64_t hkv = p.kv.num_kv_heads;
+  const int64_t rows = hq + hkv;
   const int64_t half = p.rotary_dim / 2;
   T* base = static_cast<T*>(p.kv.base);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       idx < p.tokens * d; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = idx / d;
+       idx < p.tokens * rows * d; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / (rows * d);
+    const int64_t r = (idx / d) % rows;
     const int64_t e = idx % d;
     const int32_t block = p.block[t];
     const int32_t slot = p.token_in_block[t];
@@ -247,6 +252,9 @@ __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
       i = e;
       partner = e + half;
     }
+    const bool is_k = r >= hq;
+    const int64_t h = is_k ? r - hq : r;
+    float* x = is_k ? p.k + (t * hkv + h) * d : p.q + (t * hq + h) * d;
     if (i >= 0) {
       const double inv_freq =
           pow(static_cast<double>(p.theta),
@@ -255,38 +263,23 @@ __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
       sincos(static_cast<double>(p.positions[t]) * inv_freq, &sd, &cd);
       const float c = static_cast<float>(cd);
       const float s = static_cast<float>(sd);
-      for (int64_t h = 0; h < p.num_q_heads; ++h) {
-        float* x = p.q + (t * p.num_q_heads + h) * d;
-        const float a = x[e];
-        const float b = x[partner];
-        x[e] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-        x[partner] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+      const float a = x[e];
+      const float b = x[partner];
+      const float ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+      const float rb = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+      x[e] = ra;
+      x[partner] = rb;
+      if (is_k && block >= 0) {
+        const int64_t off = DevKvOffset(p.kv, block, p.layer, 0, h, slot);
+        base[off + e] = FromFloat<T>(ra);
+        base[off + partner] = FromFloat<T>(rb);
       }
-      for (int64_t h = 0; h < hkv; ++h) {
-        float* x = p.k + (t * hkv + h) * d;
-        const float a = x[e];
-        const float b = x[partner];
-        const float ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-        const float rb = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
-        x[e] = ra;
-        x[partner] = rb;
-        if (block >= 0) {
-          const int64_t off = DevKvOffset(p.kv, block, p.layer, 0, h, slot);
-          base[off + e] = FromFloat<T>(ra);
-          base[off + partner] = FromFloat<T>(rb);
-        }
-      }
-    } else if (e >= p.rotary_dim && block >= 0) {
-      for (int64_t h = 0; h < hkv; ++h) {
-        base[DevKvOffset(p.kv, block, p.layer, 0, h, slot) + e] =
-            FromFloat<T>(p.k[(t * hkv + h) * d + e]);
-      }
+    } else if (is_k && e >= p.rotary_dim && block >= 0) {
+      base[DevKvOffset(p.kv, block, p.layer, 0, h, slot) + e] = FromFloat<T>(x[e]);
     }
-    if (block >= 0 && p.kv.num_planes == 2) {  // a one-plane (MLA) pool has no V
-      for (int64_t h = 0; h < hkv; ++h) {
-        base[DevKvOffset(p.kv, block, p.layer, 1, h, slot) + e] =
-            FromFloat<T>(p.v[(t * hkv + h) * d + e]);
-      }
+    if (is_k && block >= 0 && p.kv.num_planes == 2) {  // a one-plane (MLA) pool has no V
+      base[DevKvOffset(p.kv, block, p.layer, 1, h, slot) + e] =
+          FromFloat<T>(p.v[(t * hkv + h) * d + e]);
     }
   }
 }
@@ -540,6 +533,12 @@ __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p
   row.logits = p.logits + r * p.vocab;
   row.vocab = p.vocab;
   row.temp = p.temperature[r];
+  if (!(row.temp > 0.0f)) {  // a greedy row (its token comes from the argmax): not sampled
+    if (threadIdx.x == 0) {
+      p.out[r] = -1;
+    }
+    return;
+  }
   row.top_k.on = false;
   row.top_p.on = false;
   row.min_p = 0.0;
@@ -583,7 +582,7 @@ cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
   if (p.tokens <= 0 || p.heads <= 0 || p.rotary_dim < 2) {
     return cudaSuccess;
   }
-  const int64_t n = p.tokens * (p.rotary_dim / 2);
+  const int64_t n = p.tokens * p.heads * (p.rotary_dim / 2);
   HELIX_LAUNCH(RopeKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
@@ -684,7 +683,7 @@ cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
 }
 
 cudaError_t RopeWriteKvCuda(const RopeWriteKvParams& p, cudaStream_t stream) {
-  const int64_t n = p.tokens * p.kv.head_dim;
+  const int64_t n = p.tokens * (p.num_q_heads + p.kv.num_kv_heads) * p.kv.head_dim;
   if (n <= 0 || p.rotary_dim < 0 || p.rotary_dim % 2 != 0 || p.rotary_dim > p.kv.head_dim) {
     return n <= 0 ? cudaSuccess : cudaErrorInvalidValue;
   }

@@ -141,7 +141,8 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream);
 // on its generator), so the same u picks the same token on both backends up to rounding at a
 // boundary. Probabilities are exp(logit / T - max) in double. Done without a full sort:
 // radix selection over the logits' bit patterns, a few passes over each row.
-// REQUIRES: temperature[r] > 0; no NaN logits.
+// A row with temperature <= 0 (greedy: the argmax gives its token) is skipped with out = -1,
+// so that a captured decode step can run both kernels over every row. REQUIRES: no NaN logits.
 struct SampleParams {
   const float* logits;       // [rows][vocab]
   const float* temperature;  // [rows]

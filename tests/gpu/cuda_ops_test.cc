@@ -416,8 +416,10 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
 
 TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
   std::mt19937 rng(21);
-  for (int64_t parts : {1, 2, 3, 8, 70}) {
-    for (int64_t d : {128, 8, 300}) {
+  // 300 parts: more than the kernel's shared-memory chunk of part weights (256); d = 24 and 40:
+  // thread groups that do not fill the block; 300: dimension tiles.
+  for (int64_t parts : {1, 2, 3, 8, 70, 300}) {
+    for (int64_t d : {128, 8, 24, 40, 300}) {
       const int64_t tokens = 5, heads = 4, rows = tokens * heads;
       std::vector<float> o = RandomVector(rng, parts * rows * d);
       std::vector<float> lse = RandomVector(rng, parts * rows, -20.0f, 20.0f);
@@ -827,6 +829,55 @@ TEST_F(CudaOpsTest, SampleMatchesSamplerGivenItsDraw) {
   EXPECT_EQ(mismatches, 0) << "of " << total;
 }
 
+// A captured decode step samples every row both ways: rows with temperature 0 (greedy, and the
+// graph's padding) are skipped with -1, and the rows around them still sample as alone.
+TEST_F(CudaOpsTest, SampleSkipsGreedyRows) {
+  std::mt19937 rng(41);
+  const int64_t vocab = 5000, rows = 4;
+  const std::vector<float> logits = RandomVector(rng, vocab * rows, -8.0f, 8.0f);
+  const std::vector<float> temps = {0.9f, 0.0f, 1.2f, 0.0f};
+  const std::vector<double> us = {0.25, 0.5, 0.75, 0.1};
+  std::vector<int32_t> want(rows, -1);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (temps[r] == 0.0f) continue;
+    DeviceBuffer<float> d_logits(
+        std::vector<float>(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab)),
+        d_t(std::vector<float>{temps[r]}), d_p(std::vector<float>{1.0f}),
+        d_m(std::vector<float>{0.0f});
+    DeviceBuffer<int32_t> d_k(std::vector<int32_t>{0}), d_out(1);
+    DeviceBuffer<double> d_u(std::vector<double>{us[r]});
+    ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
+                                .temperature = d_t.get(),
+                                .top_k = d_k.get(),
+                                .top_p = d_p.get(),
+                                .min_p = d_m.get(),
+                                .u = d_u.get(),
+                                .out = d_out.get(),
+                                .rows = 1,
+                                .vocab = vocab},
+                               nullptr),
+              cudaSuccess);
+    want[r] = d_out.Download()[0];
+    ASSERT_GE(want[r], 0);
+  }
+  DeviceBuffer<float> d_logits(logits), d_t(temps), d_p(std::vector<float>(rows, 1.0f)),
+      d_m(std::vector<float>(rows, 0.0f));
+  DeviceBuffer<int32_t> d_k(std::vector<int32_t>(rows, 0)), d_out(rows);
+  DeviceBuffer<double> d_u(us);
+  ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
+                              .temperature = d_t.get(),
+                              .top_k = d_k.get(),
+                              .top_p = d_p.get(),
+                              .min_p = d_m.get(),
+                              .u = d_u.get(),
+                              .out = d_out.get(),
+                              .rows = rows,
+                              .vocab = vocab},
+                             nullptr),
+            cudaSuccess);
+  EXPECT_EQ(d_out.Download(), want);
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMM through cuBLAS
 
@@ -892,10 +943,30 @@ TEST_F(CudaOpsTest, GemmAllWeightTypes) {
         p.y = d_y.get();
         DeviceBuffer<unsigned char> ws(cuda::GemmCudaWorkspaceBytes(p));
         ASSERT_EQ(cuda::GemmCuda(handle, p, ws.get(), nullptr), cudaSuccess);
-        ExpectGemmNear(dt, want, d_y.Download().data(),
-                       std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
-                           " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
-                           (bias ? " bias" : ""));
+        const std::string what = std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
+                                 " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
+                                 (bias ? " bias" : "");
+        ExpectGemmNear(dt, want, d_y.Download().data(), what);
+        // A second GEMM off the same x reusing the first one's conversion in the workspace (the
+        // backend's same_x): x itself is wiped first, so only the converted copy can be read.
+        const std::vector<float> w2 = RandomVector(rng, sh.n * sh.k);
+        const std::vector<unsigned char> wb2 = StoreWeights(dt, w2);
+        GemmParams p2 = p;
+        p2.x = x.data();
+        p2.w = wb2.data();
+        p2.bias = nullptr;
+        std::vector<float> want2(sh.m * sh.n);
+        p2.y = want2.data();
+        GemmCpu(p2, nullptr);
+        DeviceBuffer<unsigned char> d_w2(wb2);
+        p2.x = d_x.get();
+        p2.w = d_w2.get();
+        p2.y = d_y.get();
+        if (dt != DType::kF32 && sh.k > 0) {
+          ASSERT_EQ(cudaMemset(d_x.get(), 0xff, x.size() * sizeof(float)), cudaSuccess);  // NaNs
+        }
+        ASSERT_EQ(cuda::GemmCuda(handle, p2, ws.get(), nullptr, dt != DType::kF32), cudaSuccess);
+        ExpectGemmNear(dt, want2, d_y.Download().data(), what + " (x converted once)");
       }
     }
   }

@@ -345,8 +345,15 @@ class CudaBackend final : public Backend {
       return cudaSuccess;
     });
 #else
+    const uint64_t moves = scratch_moves_;
     if (!GrowGemmWorkspace(kc::GemmCudaWorkspaceBytes(p))) return;
-    Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_), "GemmCuda");
+    // The previous Gemm's conversion of the same x is reused when the model says x is unchanged
+    // (and the workspace did not move and no batched GEMM wrote it since).
+    const bool reuse = p.same_x && p.w_dtype != kernels::DType::kF32 && converted_.x == p.x &&
+                       converted_.m == p.m && converted_.k == p.k &&
+                       converted_.dtype == p.w_dtype && moves == scratch_moves_;
+    Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_, reuse), "GemmCuda");
+    converted_ = {p.x, p.m, p.k, p.w_dtype};
 #endif
   }
   void GemmBatched(const kernels::GemmBatchedParams& p) override {
@@ -357,6 +364,7 @@ class CudaBackend final : public Backend {
     });
 #else
     if (!GrowGemmWorkspace(kc::GemmBatchedCudaWorkspaceBytes(p))) return;
+    converted_ = {};  // the workspace now holds the batched GEMM's rows
     Note(kc::GemmBatchedCuda(cublas_, p, gemm_ws_, stream_), "GemmBatchedCuda");
 #endif
   }
@@ -406,6 +414,27 @@ class CudaBackend final : public Backend {
     p.token_in_block = slot;
     p.tokens = tokens;
     Op("WriteKvBatchCuda", [=, this] { return kc::WriteKvBatchCuda(p, stream_); });
+  }
+  bool RopeWriteKv(float* q, float* k, const float* v, const int32_t* positions, int64_t tokens,
+                   int64_t q_heads, int64_t rotary_dim, float theta, kernels::RopeStyle style,
+                   const kernels::KvPoolView& kv, int64_t layer, const int32_t* block,
+                   const int32_t* slot) override {
+    kc::RopeWriteKvParams p{};
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.positions = positions;
+    p.tokens = tokens;
+    p.num_q_heads = q_heads;
+    p.rotary_dim = rotary_dim;
+    p.theta = theta;
+    p.style = style;
+    p.kv = kv;
+    p.layer = layer;
+    p.block = block;
+    p.token_in_block = slot;
+    Op("RopeWriteKvCuda", [=, this] { return kc::RopeWriteKvCuda(p, stream_); });
+    return true;
   }
   size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) override {
     return kc::PagedAttentionCudaWorkspaceBytes(WithSplit(p));
@@ -623,6 +652,11 @@ class CudaBackend final : public Backend {
 #endif
   void* gemm_ws_ = nullptr;
   size_t gemm_ws_bytes_ = 0;
+  struct Converted {  // what the last GemmCuda converted into gemm_ws_
+    const float* x = nullptr;
+    int64_t m = 0, k = 0;
+    kernels::DType dtype = kernels::DType::kF32;
+  } converted_;
   bool capturing_ = false;
   uint64_t scratch_moves_ = 0;
   std::vector<std::pair<void*, bool>> deferred_frees_;  // (pointer, host) freed after a capture
