@@ -2,11 +2,12 @@
 # One device call on the lent GPU machine for the engine on the CUDA backend: configure the
 # kernels-only tree with HELIX_DEVICE_ENGINE=ON (Gloo, UCX and nlohmann-json from the Debian
 # packages unpacked in .devdeps; NCCL from the toolkit or from Python's nvidia-nccl package),
-# build, run the engine-on-CUDA tests (cuda_backend_test: stories260K and the tiny DeepSeek
-# models on the GPU vs the CPU engine, seeded device sampling, Helix CP/TP ranks sharing the GPU
-# over Gloo, disaggregated KV through pinned staging; nccl_communicator_test), then the
-# end-to-end decode benchmark on a random-weight model of SmolLM2-135M's shape at 8K and 32K
-# context against its roofline (weight + KV bytes / the D2D copy bandwidth measured in the same
+# build, run the tests (cuda_ops_test: every CUDA op against the CPU; cuda_backend_test, each
+# test in its own process: stories260K, the GGUF and the tiny DeepSeek models on the GPU vs the
+# CPU engine, seeded device sampling, Helix CP/TP ranks sharing the GPU over Gloo,
+# disaggregated KV through pinned staging; nccl_communicator_test), then the end-to-end decode
+# benchmark on random-weight models of SmolLM2-135M's and Llama-3.2-1B's shapes at 8K and 32K
+# context against the roofline (weight + KV bytes / the D2D copy bandwidth measured in the same
 # run), and print a short summary last. PROFILE=1 adds a per-kernel GPU time profile (ncu).
 #
 #   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
@@ -59,7 +60,7 @@ RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:32768:0 smollm2-135m:
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
-TARGETS=(cuda_backend_test decode_bench gpu_copy_bench)
+TARGETS=(cuda_backend_test cuda_ops_test decode_bench gpu_copy_bench)
 if cmake --build "$BUILD" --target help 2>/dev/null | grep -q nccl_communicator_test; then
   TARGETS+=(nccl_communicator_test)
 fi
@@ -82,6 +83,7 @@ if [[ $BUILD_OK == 0 ]]; then
   else
     RESULT[nccl_test]="not built (no NCCL found; see configure.log)"
   fi
+  step cuda_ops_test cuda_ops_test.log 90 "$BUILD/tests/gpu/cuda_ops_test"
   step copy_bench copy_bench.log 60 "$BUILD/tests/gpu/copy_bench"
   # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
   # Each run: 8 untimed warm-up steps, then 64 timed ones.
@@ -113,7 +115,7 @@ fi
   echo "==== run_engine summary ($(( $(date +%s) - T0 ))s total) ===="
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
-  for s in configure build mla_models cuda_backend_test nccl_test copy_bench \
+  for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
     model_smollm2-135m model_llama3-1b "${RUNS[@]}" ncu_profile; do
     [[ $s == *:* ]] && { IFS=: read -r sh ctx g <<<"$s"; s=decode_${sh}_${ctx}_g$g; }
     printf '%-30s %s\n' "$s" "${RESULT[$s]:-not run}"
@@ -128,6 +130,8 @@ fi
         "$LOGS/$t/${name//\//_}.log" | head -6 | cut -c1-200 | sed 's/^/    /'
     done
   done
+  [[ -f $LOGS/cuda_ops_test.log ]] &&
+    grep -hE "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure" "$LOGS/cuda_ops_test.log" | head -8
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
   echo "end-to-end decode (random-weight models, bf16 weights and KV, batch 1, 64 timed steps"
