@@ -487,6 +487,15 @@ int64_t NextPow2(int64_t n) {
   return p;
 }
 
+// A graph bucket's block-table width: max_blocks rounded up to an eighth of its power of two
+// (at most 1/8 over, instead of up to 2x: the attention's split is sized for the width, so a
+// width twice the context left half of its thread blocks on empty parts).
+int64_t WidthBucket(int64_t max_blocks) {
+  const int64_t n = std::max<int64_t>(max_blocks, 1);
+  const int64_t step = std::max<int64_t>(1, NextPow2(n) / 8);
+  return (n + step - 1) / step * step;
+}
+
 }  // namespace
 
 Status LlamaModel::ForwardGraph(const ForwardBatch& b, const std::vector<DeviceSampleRow>& rows,
@@ -496,7 +505,7 @@ Status LlamaModel::ForwardGraph(const ForwardBatch& b, const std::vector<DeviceS
   const int64_t T = b.num_tokens(), D = c.dim, V = c.vocab_size;
   // Pad to the bucket: B sequences (padding ones have no KV, write nothing and sample greedily),
   // block tables W wide.
-  const int64_t B = NextPow2(T), W = NextPow2(std::max<int64_t>(b.max_blocks, 1));
+  const int64_t B = NextPow2(T), W = WidthBucket(b.max_blocks);
   ForwardBatch& p = padded_;
   p.tokens.assign(b.tokens.begin(), b.tokens.end());
   p.tokens.resize(B, 0);

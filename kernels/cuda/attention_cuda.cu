@@ -743,12 +743,13 @@ __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a)
 // ---------------------------------------------------------------------------------------------
 // Merge: one thread block per row. Every step reads many parts at once: the block's threads
 // take the parts' LSEs side by side (max, then the sum of the weights), the weights of up to
-// kMergeChunk parts go to shared memory, and for the output each dimension tile of up to
-// kMergeThreads dims is split among groups of threads that take every G-th part, summed in
-// shared memory at the end. (A row's parts read one after another would put the latency of
-// each load on the path: at batch 1 the split-KV merge took longer than the attention.)
+// kMergeChunk parts go to shared memory, and for the output each tile of up to kMergeThreads
+// units (4 dims with 16-byte loads, else 1) is split among groups of threads that take every
+// G-th part, summed in shared memory at the end. (A row's parts read one after another would
+// put the latency of each load on the path: at batch 1 the split-KV merge took longer than the
+// attention.)
 
-constexpr int kMergeThreads = 128;
+constexpr int kMergeThreads = 256;
 constexpr int kMergeChunk = 256;  // part weights held in shared memory at a time
 
 // Block-wide max or sum of v (every thread gets the result); s holds one value per warp.
@@ -771,11 +772,14 @@ __device__ inline float MergeBlockReduce(float v, float* s, bool is_max) {
   return r;
 }
 
+// kVec floats of O per thread and load (4: one 16-byte load; REQUIRES head_dim % 4 == 0 and
+// 16-byte aligned o and out).
+template <int kVec>
 __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesParams p) {
   WaitForPrerequisiteGrids();  // launched early after split-KV attention: wait for its results
   using Red = float[kMergeThreads / 32];
   using Weights = float[kMergeChunk];
-  using Acc = float[kMergeThreads];
+  using Acc = float[kVec * kMergeThreads];
   HELIX_STATIC_SMEM(Red, s_red);
   HELIX_STATIC_SMEM(Weights, s_w);
   HELIX_STATIC_SMEM(Acc, s_acc);
@@ -807,14 +811,19 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesPa
   }
   sum = MergeBlockReduce(sum, s_red, false);
   const float inv = 1.0f / sum;
-  for (int64_t e0 = 0; e0 < D; e0 += kMergeThreads) {
-    // This tile: `width` dims, `groups` groups of threads, thread (g, e) takes parts g, g + G...
-    const int width = static_cast<int>(D - e0 < kMergeThreads ? D - e0 : kMergeThreads);
+  const int64_t units = D / kVec;  // kVec dims each
+  for (int64_t u0 = 0; u0 < units; u0 += kMergeThreads) {
+    // This tile: `width` units, `groups` groups of threads, thread (g, u) takes parts g, g + G...
+    const int width = static_cast<int>(units - u0 < kMergeThreads ? units - u0 : kMergeThreads);
     const int groups = kMergeThreads / width;
     const int g = tid / width;
-    const int64_t e = e0 + tid % width;
-    const float* o = p.o + row * D + e;  // part i at o[i * rows * D]
-    float acc = 0.0f;
+    const int64_t u = u0 + tid % width;
+    const float* o = p.o + row * D + u * kVec;  // part i at o[i * rows * D]
+    float acc[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      acc[v] = 0.0f;
+    }
     for (int64_t c0 = 0; c0 < parts; c0 += kMergeChunk) {
       const int n = static_cast<int>(parts - c0 < kMergeChunk ? parts - c0 : kMergeChunk);
       __syncthreads();  // the previous chunk's weights are no longer read
@@ -828,25 +837,53 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesPa
         for (int j = g; j < n; j += groups) {
           const float w = s_w[j];
           if (w != 0.0f) {  // an empty part's O may hold anything
-            acc = fmaf(w, o[(c0 + j) * p.rows * D], acc);
+            const float* src = o + (c0 + j) * p.rows * D;
+            float val[kVec];
+            if constexpr (kVec == 4) {
+              const float4 x = *reinterpret_cast<const float4*>(src);
+              val[0] = x.x;
+              val[1] = x.y;
+              val[2] = x.z;
+              val[3] = x.w;
+            } else {
+              val[0] = src[0];
+            }
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) {
+              acc[v] = fmaf(w, val[v], acc[v]);
+            }
           }
         }
       }
     }
-    s_acc[tid] = acc;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      s_acc[v * kMergeThreads + tid] = acc[v];
+    }
     __syncthreads();
     if (tid < width) {
-      float v = 0.0f;
-      for (int k = 0; k < groups; ++k) {
-        v += s_acc[k * width + tid];
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        float x = 0.0f;
+        for (int k = 0; k < groups; ++k) {
+          x += s_acc[v * kMergeThreads + k * width + tid];
+        }
+        out[u * kVec + v] = x * inv;
       }
-      out[e] = v * inv;
     }
     __syncthreads();
   }
   if (tid == 0 && p.out_lse != nullptr) {
     p.out_lse[row] = mx + logf(sum);
   }
+}
+
+// The merge kernel for p: 16-byte loads where the layout allows them.
+using MergeFn = void (*)(MergeStatesParams);
+MergeFn MergeKernelFor(const MergeStatesParams& p) {
+  const bool vec4 = p.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(p.o) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  return vec4 ? MergeKernel<4> : MergeKernel<1>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1113,7 +1150,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
                                .rows = rows,
                                .head_dim = p.head_dim};
 #ifdef HELIX_CUDA_EMULATION
-    HELIX_LAUNCH(MergeKernel, static_cast<unsigned>(rows), kMergeThreads, 0, stream, mp);
+    HELIX_LAUNCH(MergeKernelFor(mp), static_cast<unsigned>(rows), kMergeThreads, 0, stream, mp);
 #else
     // Launched as a programmatic dependent of the attention grid: its launch overlaps the
     // attention's tail instead of following it.
@@ -1129,10 +1166,11 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
     // Only on a created stream (not the legacy / per-thread default streams).
     cfg.numAttrs =
         stream != nullptr && stream != cudaStreamLegacy && stream != cudaStreamPerThread ? 1 : 0;
-    if (cudaLaunchKernelEx(&cfg, MergeKernel, mp) != cudaSuccess && cfg.numAttrs > 0) {
+    const MergeFn merge = MergeKernelFor(mp);
+    if (cudaLaunchKernelEx(&cfg, merge, mp) != cudaSuccess && cfg.numAttrs > 0) {
       (void)cudaGetLastError();  // a device or driver without it: an ordinary launch
       cfg.numAttrs = 0;
-      HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, MergeKernel, mp));
+      HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, merge, mp));
     }
 #endif
     HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -1144,7 +1182,7 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   if (p.rows <= 0) {
     return cudaSuccess;
   }
-  HELIX_LAUNCH(MergeKernel, static_cast<unsigned>(p.rows), kMergeThreads, 0, stream, p);
+  HELIX_LAUNCH(MergeKernelFor(p), static_cast<unsigned>(p.rows), kMergeThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

@@ -301,11 +301,29 @@ __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p
   const float* row = p.logits + blockIdx.x * p.vocab;
   float bv = kNegInf;
   int bi = INT_MAX;
-  for (int64_t i = threadIdx.x; i < p.vocab; i += blockDim.x) {
-    const float v = row[i];
-    if (!isnan(v) && Better(v, static_cast<int>(i), bv, bi)) {
+  const auto consider = [&](float v, int i) {
+    if (!isnan(v) && Better(v, i, bv, bi)) {
       bv = v;
-      bi = static_cast<int>(i);
+      bi = i;
+    }
+  };
+  if (p.vocab % 4 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0) {
+    // 16-byte loads, several in flight per thread (the order of the scan does not matter:
+    // Better is a total order).
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+#pragma unroll 4
+    for (int64_t j = threadIdx.x; j < p.vocab / 4; j += blockDim.x) {
+      const float4 x = row4[j];
+      const int i = static_cast<int>(4 * j);
+      consider(x.x, i);
+      consider(x.y, i + 1);
+      consider(x.z, i + 2);
+      consider(x.w, i + 3);
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < p.vocab; i += blockDim.x) {
+      consider(row[i], static_cast<int>(i));
     }
   }
 #pragma unroll

@@ -181,12 +181,13 @@ int main(int argc, char** argv) {
   std::printf(
       "engine=helix backend=%s cuda_graphs=%d model=%s context=%lld batch=%lld steps=%lld "
       "warmup=%lld kv_dtype=%s weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f "
-      "graph_replays=%lld weight_bytes=%.0f kv_read_bytes=%.0f\n",
+      "graph_replays=%lld graph_captures=%lld weight_bytes=%.0f kv_read_bytes=%.0f\n",
       a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.model.c_str(), static_cast<long long>(a.context),
       static_cast<long long>(a.batch), static_cast<long long>(a.steps),
       static_cast<long long>(a.warmup), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
       decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps),
-      static_cast<long long>(after.graph_replays - before.graph_replays), weight_bytes,
+      static_cast<long long>(after.graph_replays - before.graph_replays),
+      static_cast<long long>(after.graph_captures - before.graph_captures), weight_bytes,
       kv_read_bytes);
   return 0;
 }

@@ -417,9 +417,9 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
 TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
   std::mt19937 rng(21);
   // 300 parts: more than the kernel's shared-memory chunk of part weights (256); d = 24 and 40:
-  // thread groups that do not fill the block; 300: dimension tiles.
+  // thread groups that do not fill the block; 1100: dimension tiles; 30 and 7: no 16-byte loads.
   for (int64_t parts : {1, 2, 3, 8, 70, 300}) {
-    for (int64_t d : {128, 8, 24, 40, 300}) {
+    for (int64_t d : {128, 8, 24, 40, 1100, 30, 7}) {
       const int64_t tokens = 5, heads = 4, rows = tokens * heads;
       std::vector<float> o = RandomVector(rng, parts * rows * d);
       std::vector<float> lse = RandomVector(rng, parts * rows, -20.0f, 20.0f);
@@ -735,6 +735,10 @@ TEST_F(CudaOpsTest, ArgmaxMatchesGreedySampler) {
   std::vector<float> late = std::vector<float>(2000, -1.0f);
   late[1999] = kInf;
   rows.push_back(late);
+  std::vector<float> odd = RandomVector(rng, 1001);  // no 16-byte loads
+  odd[1000] = 9.0f;
+  rows.push_back(odd);
+  rows.push_back(RandomVector(rng, 1001));
   for (size_t r = 0; r < rows.size(); ++r) {
     SamplingParams sp;
     sp.temperature = 0;

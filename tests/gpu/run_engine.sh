@@ -54,7 +54,8 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs).
+# The decode benchmark runs and the profiled ones (shape:context:cuda graphs).
+PROFILES=(smollm2-135m:8192:1 llama3-1b:8192:0 llama3-1b:8192:1)
 RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:32768:0 smollm2-135m:32768:1
   llama3-1b:8192:0 llama3-1b:8192:1 llama3-1b:32768:1)
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
@@ -100,14 +101,18 @@ if [[ $BUILD_OK == 0 ]]; then
     done
   done
   # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric) over the prefill, one warm-up
-  # and two timed decode steps of the SmolLM2-shaped model at 8K without graphs.
+  # and two timed decode steps of each PROFILES run (shape:context:cuda graphs).
   NCU=$(command -v ncu || true)
-  if [[ ${PROFILE:-0} == 1 && -n $NCU && -f $BUILD/bench_smollm2-135m/model.bin ]]; then
-    step ncu_profile ncu_profile.csv 150 "$NCU" --metrics gpu__time_duration.sum --csv \
-      --print-units base "$BUILD/decode_bench" --backend cuda --cuda-graphs 0 \
-      --model "$BUILD/bench_smollm2-135m/model.bin" \
-      --tokenizer "$BUILD/bench_smollm2-135m/tok.bin" --context 8192 --batch 1 --steps 2 \
-      --warmup 1 --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
+  if [[ ${PROFILE:-0} == 1 && -n $NCU ]]; then
+    for r in "${PROFILES[@]}"; do
+      IFS=: read -r s ctx g <<<"$r"
+      [[ -f $BUILD/bench_$s/model.bin ]] || continue
+      step ncu_${s}_${ctx}_g$g ncu_${s}_${ctx}_g$g.csv 90 "$NCU" --metrics gpu__time_duration.sum \
+        --csv --print-units base "$BUILD/decode_bench" --backend cuda --cuda-graphs $g \
+        --model "$BUILD/bench_$s/model.bin" --tokenizer "$BUILD/bench_$s/tok.bin" \
+        --context $ctx --batch 1 --steps 2 --warmup 1 --weight-dtype bfloat16 \
+        --kv-dtype bfloat16 --tokens-per-block 32
+    done
   fi
 fi
 
@@ -116,8 +121,14 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
-    model_smollm2-135m model_llama3-1b "${RUNS[@]}" ncu_profile; do
-    [[ $s == *:* ]] && { IFS=: read -r sh ctx g <<<"$s"; s=decode_${sh}_${ctx}_g$g; }
+    model_smollm2-135m model_llama3-1b "${RUNS[@]}" "${PROFILES[@]/#/ncu:}"; do
+    if [[ $s == ncu:* ]]; then
+      IFS=: read -r _ sh ctx g <<<"$s"
+      s=ncu_${sh}_${ctx}_g$g
+    elif [[ $s == *:* ]]; then
+      IFS=: read -r sh ctx g <<<"$s"
+      s=decode_${sh}_${ctx}_g$g
+    fi
     printf '%-30s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
   for t in cuda_backend_test nccl_test; do
@@ -147,12 +158,21 @@ fi
     wb=$(sed -n 's/.*weight_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
-    awk -v m=$sh -v c=$ctx -v g=$g -v rp="$rp" -v ms="$ms" -v wb="$wb" -v kb="$kb" \
+    cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
+    awk -v m=$sh -v c=$ctx -v g=$g -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" -v kb="$kb" \
       -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d (%2d replays): %.3f ms/step, roofline %.3f ms " \
-             "(%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, rp, ms, roof, wb / 1e6,
+      printf "%-13s context %6d graphs %d (%2d replays, %d captures): %.3f ms/step, " \
+             "roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, rp, cp,
+             ms, roof, wb / 1e6,
              kb / 1e6, (roof > 0 ? ms / roof : 0) }'
+  done
+  for r in "${PROFILES[@]}"; do
+    IFS=: read -r sh ctx g <<<"$r"
+    f=$LOGS/ncu_${sh}_${ctx}_g$g.csv
+    [[ -f $f ]] || continue
+    echo "kernel profile $sh context $ctx graphs $g (ncu: one kernel at a time, cold caches):"
+    python3 "$ROOT/tests/gpu/ncu_summary.py" "$f" --top 8 | sed 's/^/  /'
   done
 } > "$LOGS/summary.txt" 2>&1
 cat "$LOGS/summary.txt"
