@@ -12,8 +12,12 @@ namespace helix::kernels {
 struct SiluMulParams {
   const float* gate;  // [n]
   const float* up;    // [n]
-  float* out;         // [n]; may alias gate or up
+  float* out;         // [n]; may alias gate or up (not with cols > 0)
   int64_t n;
+  // cols > 0: gate and up are rows of ld floats (element c of row r at r * ld + c, e.g. the
+  // gate and up halves of one fused GEMM's [rows][2F] output), out is [n / cols][cols].
+  // REQUIRES: n % cols == 0, ld >= cols.
+  int64_t cols = 0, ld = 0;
 };
 
 // silu(x) = x / (1 + e^-x). pool may be nullptr.

@@ -6,6 +6,12 @@
 namespace helix::kernels {
 
 void SiluMulCpu(const SiluMulParams& p, ThreadPool* pool) {
+  if (p.cols > 0) {
+    for (int64_t r = 0; r < p.n / p.cols; ++r) {
+      SiluMulCpu({p.gate + r * p.ld, p.up + r * p.ld, p.out + r * p.cols, p.cols}, pool);
+    }
+    return;
+  }
   ParallelForMin(pool, p.n, 16384, [&](int64_t b, int64_t e) {
     int64_t i = b;
     const vec::V8 one = vec::Set1(1.0f);

@@ -48,5 +48,25 @@ TEST(SiluMulTest, InPlace) {
   EXPECT_EQ(gate, expected);
 }
 
+// Rows of a fused gate|up GEMM output: row r's gate at r * ld, its up `cols` further.
+TEST(SiluMulTest, StridedRowsOfAFusedGemm) {
+  std::mt19937 rng(3);
+  const int64_t rows = 5, cols = 19, ld = 2 * cols;
+  const std::vector<float> h13 = RandomVector(rng, rows * ld, -6.0f, 6.0f);
+  std::vector<float> gate(rows * cols), up(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      gate[r * cols + c] = h13[r * ld + c];
+      up[r * cols + c] = h13[r * ld + cols + c];
+    }
+  }
+  std::vector<float> want(rows * cols), got(rows * cols);
+  SiluMulCpu({gate.data(), up.data(), want.data(), rows * cols}, nullptr);
+  SiluMulCpu({h13.data(), h13.data() + cols, got.data(), rows * cols, cols, ld}, nullptr);
+  // Not bitwise: rows of 19 split into vector and scalar parts differently.
+  std::vector<double> want_d(want.begin(), want.end());
+  ExpectAllNear(want_d, got.data(), 1e-6, 1e-7, "strided");
+}
+
 }  // namespace
 }  // namespace helix::kernels

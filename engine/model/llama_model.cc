@@ -34,10 +34,10 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       dims_(ComputeShardDims(model_->config, par_.layout)),
       host_(backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
-  for (auto* a :
-       {&x_,     &xb_,      &q_,           &k_,          &v_,    &att_,  &lse_, &h1_,  &h3_,
-        &rows_,  &parts_o_, &parts_lse_,   &logits_dev_, &send_, &recv_, &cq_,  &kva_, &ckv_,
-        &qfull_, &ov_,      &gate_logits_, &moe_out_,    &xe_,   &ye_,   &he1_, &he3_}) {
+  for (auto* a : {&x_,       &xb_, &q_,    &k_,       &v_,         &att_,        &lse_,
+                  &h1_,      &h3_, &rows_, &parts_o_, &parts_lse_, &logits_dev_, &send_,
+                  &recv_,    &cq_, &kva_,  &ckv_,     &qfull_,     &ov_,         &gate_logits_,
+                  &moe_out_, &xe_, &ye_,   &he1_,     &he3_,       &qkv_,        &h13_}) {
     a->Bind(backend, &scratch_moves_);
   }
   inv_freq_dev_.Bind(backend, &scratch_moves_);
@@ -53,7 +53,7 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
 }
 
 LlamaModel::~LlamaModel() {
-  for (auto& [host, dev] : device_) backend_->Free(dev);
+  for (void* dev : allocs_) backend_->Free(dev);
 }
 
 StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(std::unique_ptr<LoadedModel> model,
@@ -108,15 +108,62 @@ int64_t LlamaModel::DeviceWeightBytes(const ModelWeights& w) {
 Status LlamaModel::UploadWeights() {
   if (host_) return Status::Ok();
   RETURN_IF_ERROR(backend_->Activate());
+  const auto alloc = [&](size_t bytes) -> StatusOr<void*> {
+    void* dev = backend_->Alloc(bytes);
+    if (dev == nullptr) {
+      return ResourceExhausted(std::string(backend_->name()) +
+                               " backend: out of memory for the weights (" + std::to_string(bytes) +
+                               " more bytes)");
+    }
+    allocs_.push_back(dev);
+    return dev;
+  };
+  // Matrices one GEMM can compute together (same input, same dtype, no bias), packed back to
+  // back: the rows of wq, wk, wv (w1, w3) form one [q + k + v][dim] ([2F][dim]) matrix. Only
+  // where the backend fuses RoPE with the K/V write, which reads q, k and v out of the packed
+  // GEMM's rows.
+  const ModelConfig& c = model_->config;
+  const ModelWeights& w = model_->weights;
+  packed_qkv_.assign(w.layers.size(), 0);
+  packed_ffn_.assign(w.layers.size(), 0);
+  const auto packable = [&](std::initializer_list<const WeightMatrix*> ms) {
+    for (const WeightMatrix* m : ms) {
+      if (m->empty() || m->dtype != (*ms.begin())->dtype || device_.count(m->data()) != 0) {
+        return false;
+      }
+    }
+    return true;
+  };
+  const auto pack = [&](std::initializer_list<const WeightMatrix*> ms) -> Status {
+    size_t total = 0;
+    for (const WeightMatrix* m : ms) total += m->size_bytes();
+    ASSIGN_OR_RETURN(void* dev, alloc(total));
+    size_t off = 0;
+    for (const WeightMatrix* m : ms) {
+      device_[m->data()] = static_cast<char*>(dev) + off;
+      backend_->CopyToDevice(static_cast<char*>(dev) + off, m->data(), m->size_bytes());
+      off += m->size_bytes();
+    }
+    return Status::Ok();
+  };
+  if (backend_->HasRopeWriteKv() && !c.mla() && kv_.num_kv_heads == dims_.kv_heads &&
+      kv_.head_dim == c.head_dim) {
+    for (size_t l = 0; l < w.layers.size(); ++l) {
+      const LayerWeights& lw = w.layers[l];
+      if (lw.bq.empty() && lw.bk.empty() && lw.bv.empty() && packable({&lw.wq, &lw.wk, &lw.wv})) {
+        RETURN_IF_ERROR(pack({&lw.wq, &lw.wk, &lw.wv}));
+        packed_qkv_[l] = 1;
+      }
+      if (!c.IsMoeLayer(static_cast<int64_t>(l)) && packable({&lw.w1, &lw.w3})) {
+        RETURN_IF_ERROR(pack({&lw.w1, &lw.w3}));
+        packed_ffn_[l] = 1;
+      }
+    }
+  }
   RETURN_IF_ERROR(
       ForEachDeviceTensor(model_->weights, [&](const void* data, size_t bytes) -> Status {
         if (data == nullptr || bytes == 0 || device_.count(data) != 0) return Status::Ok();
-        void* dev = backend_->Alloc(bytes);
-        if (dev == nullptr) {
-          return ResourceExhausted(std::string(backend_->name()) +
-                                   " backend: out of memory for the weights (" +
-                                   std::to_string(bytes) + " more bytes)");
-        }
+        ASSIGN_OR_RETURN(void* dev, alloc(bytes));
         device_[data] = dev;
         // The host tensors stay as they are for the model's life: one wait at the end will do.
         backend_->CopyToDevice(dev, data, bytes);
@@ -661,23 +708,66 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       RETURN_IF_ERROR(MlaAttention(b, m, l));
       sw = Stopwatch();
     } else {
-      backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
-      // k and v read the same xb_ as q (same_x: a backend may reuse q's conversion of it).
-      backend_->Gemm({xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype, true});
-      backend_->Gemm({xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype, true});
-      sw.Lap(&tm.gemm);
-      // RoPE at global positions; only the owner of a position writes its K/V. One op where the
-      // backend fuses them.
-      const bool fused =
-          kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == hd &&
-          backend_->RopeWriteKv(q_.data(), k_.data(), v_.data(), m.positions, T, dims_.q_heads, hd,
-                                c.rope_theta, c.rope_style, kv_, l, m.kv_block, m.kv_slot);
-      if (!fused) {
-        backend_->Rope(
-            {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
-        backend_->Rope(
-            {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
-        backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
+      if (packed_qkv_[l]) {
+        // One GEMM for q|k|v per token, then RoPE and the K/V write read their slices of it
+        // (the rotated q into q_ for the attention).
+        const int64_t n = qd + 2 * kvd;
+        RETURN_IF_ERROR(qkv_.Resize(T * n));
+        backend_->Gemm({xb_.data(), Dev(lw.wq), nullptr, qkv_.data(), T, n, D, lw.wq.dtype});
+        sw.Lap(&tm.gemm);
+        Backend::RopeWriteKvArgs a{};
+        a.q = qkv_.data();
+        a.k = qkv_.data() + qd;
+        a.v = qkv_.data() + qd + kvd;
+        a.row_stride = n;
+        a.q_out = q_.data();
+        a.positions = m.positions;
+        a.tokens = T;
+        a.q_heads = dims_.q_heads;
+        a.rotary_dim = hd;
+        a.theta = c.rope_theta;
+        a.style = c.rope_style;
+        a.kv = kv_;
+        a.layer = l;
+        a.block = m.kv_block;
+        a.slot = m.kv_slot;
+        if (!backend_->RopeWriteKv(a)) {
+          return Internal(std::string(backend_->name()) +
+                          " backend: packed q/k/v weights but no RopeWriteKv");
+        }
+      } else {
+        backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
+        // k and v read the same xb_ as q (same_x: a backend may reuse q's conversion of it).
+        backend_->Gemm(
+            {xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype, true});
+        backend_->Gemm(
+            {xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype, true});
+        sw.Lap(&tm.gemm);
+        // RoPE at global positions; only the owner of a position writes its K/V. One op where
+        // the backend fuses them.
+        Backend::RopeWriteKvArgs a{};
+        a.q = q_.data();
+        a.k = k_.data();
+        a.v = v_.data();
+        a.positions = m.positions;
+        a.tokens = T;
+        a.q_heads = dims_.q_heads;
+        a.rotary_dim = hd;
+        a.theta = c.rope_theta;
+        a.style = c.rope_style;
+        a.kv = kv_;
+        a.layer = l;
+        a.block = m.kv_block;
+        a.slot = m.kv_slot;
+        const bool fused =
+            kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == hd && backend_->RopeWriteKv(a);
+        if (!fused) {
+          backend_->Rope(
+              {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
+          backend_->Rope(
+              {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
+          backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
+        }
       }
       ap.layer = l;
       sw.Lap(&tm.other);
@@ -701,9 +791,16 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     } else {
       RETURN_IF_ERROR(h1_.Resize(T * F));
       RETURN_IF_ERROR(h3_.Resize(T * F));
-      backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
-      backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true});
-      backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
+      if (packed_ffn_[l]) {
+        // One GEMM for gate|up per token; SiluMul reads the halves of each row.
+        RETURN_IF_ERROR(h13_.Resize(T * 2 * F));
+        backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype});
+        backend_->SiluMul({h13_.data(), h13_.data() + F, h1_.data(), T * F, F, 2 * F});
+      } else {
+        backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
+        backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true});
+        backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
+      }
       backend_->Gemm({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
     }
     sw.Lap(&tm.gemm);

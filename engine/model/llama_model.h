@@ -218,6 +218,11 @@ class LlamaModel {
   ForwardBatch padded_;
   std::vector<DeviceSampleRow> padded_rows_;
   std::map<const void*, void*> device_;  // host tensor -> its backend copy (device backends)
+  std::vector<void*> allocs_;            // the backend allocations behind device_
+  // Per layer: wq, wk, wv (w1, w3) are back to back in one allocation, so one GEMM computes
+  // q|k|v (gate|up) per token (device backends with the fused RoPE + K/V write).
+  std::vector<char> packed_qkv_, packed_ffn_;
+  BackendArray<float> qkv_, h13_;
   // Scratch in backend memory, grown as needed.
   BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;
   BackendArray<float> logits_dev_, send_, recv_;

@@ -134,8 +134,9 @@ __global__ void RopeKernel(const RopeParams p) {
 __global__ void SiluMulKernel(const SiluMulParams p) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float g = p.gate[i];
-    p.out[i] = g * p.up[i] / (1.0f + expf(-g));
+    const int64_t in = p.cols > 0 ? i / p.cols * p.ld + i % p.cols : i;
+    const float g = p.gate[in];
+    p.out[i] = g * p.up[in] / (1.0f + expf(-g));
   }
 }
 
@@ -254,7 +255,11 @@ __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
     }
     const bool is_k = r >= hq;
     const int64_t h = is_k ? r - hq : r;
-    float* x = is_k ? p.k + (t * hkv + h) * d : p.q + (t * hq + h) * d;
+    const int64_t kv_row = p.row_stride > 0 ? t * p.row_stride + h * d : (t * hkv + h) * d;
+    float* x =
+        is_k ? p.k + kv_row : p.q + (p.row_stride > 0 ? t * p.row_stride : t * hq * d) + h * d;
+    // Where this row's rotated values go: x itself, or for q the separate contiguous q_out.
+    float* y = !is_k && p.q_out != nullptr ? p.q_out + (t * hq + h) * d : x;
     if (i >= 0) {
       const double inv_freq =
           pow(static_cast<double>(p.theta),
@@ -267,19 +272,22 @@ __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
       const float b = x[partner];
       const float ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
       const float rb = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
-      x[e] = ra;
-      x[partner] = rb;
+      y[e] = ra;
+      y[partner] = rb;
       if (is_k && block >= 0) {
         const int64_t off = DevKvOffset(p.kv, block, p.layer, 0, h, slot);
         base[off + e] = FromFloat<T>(ra);
         base[off + partner] = FromFloat<T>(rb);
       }
-    } else if (is_k && e >= p.rotary_dim && block >= 0) {
-      base[DevKvOffset(p.kv, block, p.layer, 0, h, slot) + e] = FromFloat<T>(x[e]);
+    } else if (e >= p.rotary_dim) {  // pass-through dims
+      if (is_k && block >= 0) {
+        base[DevKvOffset(p.kv, block, p.layer, 0, h, slot) + e] = FromFloat<T>(x[e]);
+      } else if (y != x) {
+        y[e] = x[e];
+      }
     }
     if (is_k && block >= 0 && p.kv.num_planes == 2) {  // a one-plane (MLA) pool has no V
-      base[DevKvOffset(p.kv, block, p.layer, 1, h, slot) + e] =
-          FromFloat<T>(p.v[(t * hkv + h) * d + e]);
+      base[DevKvOffset(p.kv, block, p.layer, 1, h, slot) + e] = FromFloat<T>(p.v[kv_row + e]);
     }
   }
 }

@@ -586,6 +586,27 @@ TEST_F(CudaOpsTest, SiluMul) {
     ExpectAllNear(ToDouble(want), d_g.Download().data(), kF32Tol, kF32Tol,
                   "n=" + std::to_string(n));
   }
+  // Rows of a fused gate|up GEMM output ([rows][2 * cols]) into [rows][cols].
+  const int64_t rows = 7, cols = 333;
+  const std::vector<float> h13 = RandomVector(rng, rows * 2 * cols, -8.0f, 8.0f);
+  std::vector<float> want(rows * cols);
+  SiluMulCpu({.gate = h13.data(),
+              .up = h13.data() + cols,
+              .out = want.data(),
+              .n = rows * cols,
+              .cols = cols,
+              .ld = 2 * cols},
+             nullptr);
+  DeviceBuffer<float> d_h13(h13), d_out(rows * cols);
+  ASSERT_EQ(cuda::SiluMulCuda({.gate = d_h13.get(),
+                               .up = d_h13.get() + cols,
+                               .out = d_out.get(),
+                               .n = rows * cols,
+                               .cols = cols,
+                               .ld = 2 * cols},
+                              nullptr),
+            cudaSuccess);
+  ExpectAllNear(ToDouble(want), d_out.Download().data(), kF32Tol, kF32Tol, "strided rows");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1072,64 +1093,89 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
   for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
     for (Shape sh : {Shape{8, 2, 16, 16}, Shape{32, 8, 128, 128}, Shape{4, 2, 64, 32}}) {
       for (DType dt : {DType::kF32, DType::kBF16}) {
-        const int64_t tokens = 5, tpb = 4;
-        Pool pool(dt, 2, sh.kv_heads, tpb, sh.head_dim, 6);
-        pool.FillRandom(rng);
-        const std::vector<int32_t> positions = {0, 17, 4096, 999999, 3};
-        const std::vector<int32_t> block = {2, 5, -1, 0, 2};
-        const std::vector<int32_t> slot = {0, 3, 1, 2, 3};
-        std::vector<float> q = RandomVector(rng, tokens * sh.q_heads * sh.head_dim);
-        std::vector<float> k = RandomVector(rng, tokens * sh.kv_heads * sh.head_dim);
-        const std::vector<float> v = RandomVector(rng, tokens * sh.kv_heads * sh.head_dim);
-        DeviceBuffer<float> d_q(q), d_k(k), d_v(v);
-        DeviceBuffer<int32_t> d_pos(positions), d_block(block), d_slot(slot);
-        DeviceBuffer<unsigned char> d_pool(pool.host);
-        KvPoolView dv = pool.view;
-        dv.base = d_pool.get();
-        const float theta = 10000.0f;
-        ASSERT_EQ(cuda::RopeWriteKvCuda({.q = d_q.get(),
-                                         .k = d_k.get(),
-                                         .v = d_v.get(),
-                                         .positions = d_pos.get(),
-                                         .tokens = tokens,
-                                         .num_q_heads = sh.q_heads,
-                                         .rotary_dim = sh.rotary_dim,
-                                         .theta = theta,
-                                         .style = style,
-                                         .kv = dv,
-                                         .layer = 1,
-                                         .block = d_block.get(),
-                                         .token_in_block = d_slot.get()},
-                                        nullptr),
-                  cudaSuccess);
-        for (auto [x, heads] : {std::pair{&q, sh.q_heads}, std::pair{&k, sh.kv_heads}}) {
-          RopeCpu({.x = x->data(),
-                   .positions = positions.data(),
-                   .tokens = tokens,
-                   .heads = heads,
-                   .head_dim = sh.head_dim,
-                   .rotary_dim = sh.rotary_dim,
-                   .theta = theta,
-                   .style = style},
-                  nullptr);
-        }
-        const int64_t hd = sh.kv_heads * sh.head_dim;
-        for (int64_t t = 0; t < tokens; ++t) {
-          if (block[t] >= 0) {
-            WriteKv(pool.view, block[t], 1, slot[t], k.data() + t * hd, v.data() + t * hd);
+        for (bool packed : {false, true}) {
+          const int64_t tokens = 5, tpb = 4;
+          Pool pool(dt, 2, sh.kv_heads, tpb, sh.head_dim, 6);
+          pool.FillRandom(rng);
+          const std::vector<int32_t> positions = {0, 17, 4096, 999999, 3};
+          const std::vector<int32_t> block = {2, 5, -1, 0, 2};
+          const std::vector<int32_t> slot = {0, 3, 1, 2, 3};
+          std::vector<float> q = RandomVector(rng, tokens * sh.q_heads * sh.head_dim);
+          std::vector<float> k = RandomVector(rng, tokens * sh.kv_heads * sh.head_dim);
+          const std::vector<float> v = RandomVector(rng, tokens * sh.kv_heads * sh.head_dim);
+          // packed: q, k and v as the rows of one fused GEMM's output [tokens][q | k | v], the
+          // rotated q written to a separate contiguous array.
+          const int64_t qn = sh.q_heads * sh.head_dim, kn = sh.kv_heads * sh.head_dim;
+          const int64_t row = qn + 2 * kn;
+          std::vector<float> qkv(tokens * row);
+          for (int64_t t = 0; t < tokens; ++t) {
+            std::copy_n(q.begin() + t * qn, qn, qkv.begin() + t * row);
+            std::copy_n(k.begin() + t * kn, kn, qkv.begin() + t * row + qn);
+            std::copy_n(v.begin() + t * kn, kn, qkv.begin() + t * row + qn + kn);
           }
+          DeviceBuffer<float> d_q(q), d_k(k), d_v(v), d_qkv(qkv), d_q_out(q.size());
+          DeviceBuffer<int32_t> d_pos(positions), d_block(block), d_slot(slot);
+          DeviceBuffer<unsigned char> d_pool(pool.host);
+          KvPoolView dv = pool.view;
+          dv.base = d_pool.get();
+          const float theta = 10000.0f;
+          ASSERT_EQ(cuda::RopeWriteKvCuda({.q = packed ? d_qkv.get() : d_q.get(),
+                                           .k = packed ? d_qkv.get() + qn : d_k.get(),
+                                           .v = packed ? d_qkv.get() + qn + kn : d_v.get(),
+                                           .row_stride = packed ? row : 0,
+                                           .q_out = packed ? d_q_out.get() : nullptr,
+                                           .positions = d_pos.get(),
+                                           .tokens = tokens,
+                                           .num_q_heads = sh.q_heads,
+                                           .rotary_dim = sh.rotary_dim,
+                                           .theta = theta,
+                                           .style = style,
+                                           .kv = dv,
+                                           .layer = 1,
+                                           .block = d_block.get(),
+                                           .token_in_block = d_slot.get()},
+                                          nullptr),
+                    cudaSuccess);
+          for (auto [x, heads] : {std::pair{&q, sh.q_heads}, std::pair{&k, sh.kv_heads}}) {
+            RopeCpu({.x = x->data(),
+                     .positions = positions.data(),
+                     .tokens = tokens,
+                     .heads = heads,
+                     .head_dim = sh.head_dim,
+                     .rotary_dim = sh.rotary_dim,
+                     .theta = theta,
+                     .style = style},
+                    nullptr);
+          }
+          const int64_t hd = sh.kv_heads * sh.head_dim;
+          for (int64_t t = 0; t < tokens; ++t) {
+            if (block[t] >= 0) {
+              WriteKv(pool.view, block[t], 1, slot[t], k.data() + t * hd, v.data() + t * hd);
+            }
+          }
+          const std::string what =
+              std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") + DTypeName(dt) +
+              " d=" + std::to_string(sh.head_dim) + (packed ? " packed" : "");
+          ExpectAllNear(ToDouble(q), (packed ? d_q_out : d_q).Download().data(), kF32Tol, kF32Tol,
+                        what + " q");
+          if (packed) {
+            const std::vector<float> got_qkv = d_qkv.Download();
+            std::vector<float> got_k(k.size());
+            for (int64_t t = 0; t < tokens; ++t) {
+              std::copy_n(got_qkv.begin() + t * row + qn, kn, got_k.begin() + t * kn);
+            }
+            ExpectAllNear(ToDouble(k), got_k.data(), kF32Tol, kF32Tol, what + " k");
+          } else {
+            ExpectAllNear(ToDouble(k), d_k.Download().data(), kF32Tol, kF32Tol, what + " k");
+          }
+          // The pool: the same rounded values, except where k's rotation differs in its last
+          // bits (then the stored value is within one unit of the pool type).
+          const std::vector<unsigned char> got = d_pool.Download();
+          const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
+          const std::vector<float> got_f(got_v.begin(), got_v.end());
+          ExpectAllNear(PoolValues(pool.view, pool.host.data(), pool.blocks), got_f.data(),
+                        dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol, what + " pool");
         }
-        const std::string what = std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") +
-                                 DTypeName(dt) + " d=" + std::to_string(sh.head_dim);
-        ExpectAllNear(ToDouble(q), d_q.Download().data(), kF32Tol, kF32Tol, what + " q");
-        ExpectAllNear(ToDouble(k), d_k.Download().data(), kF32Tol, kF32Tol, what + " k");
-        // The pool: the same rounded values, except where k's rotation differs in its last
-        // bits (then the stored value is within one unit of the pool type).
-        const std::vector<unsigned char> got = d_pool.Download();
-        const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
-        const std::vector<float> got_f(got_v.begin(), got_v.end());
-        ExpectAllNear(PoolValues(pool.view, pool.host.data(), pool.blocks), got_f.data(),
-                      dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol, what + " pool");
       }
     }
   }

@@ -415,24 +415,24 @@ class CudaBackend final : public Backend {
     p.tokens = tokens;
     Op("WriteKvBatchCuda", [=, this] { return kc::WriteKvBatchCuda(p, stream_); });
   }
-  bool RopeWriteKv(float* q, float* k, const float* v, const int32_t* positions, int64_t tokens,
-                   int64_t q_heads, int64_t rotary_dim, float theta, kernels::RopeStyle style,
-                   const kernels::KvPoolView& kv, int64_t layer, const int32_t* block,
-                   const int32_t* slot) override {
+  bool HasRopeWriteKv() const override { return true; }
+  bool RopeWriteKv(const RopeWriteKvArgs& a) override {
     kc::RopeWriteKvParams p{};
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.positions = positions;
-    p.tokens = tokens;
-    p.num_q_heads = q_heads;
-    p.rotary_dim = rotary_dim;
-    p.theta = theta;
-    p.style = style;
-    p.kv = kv;
-    p.layer = layer;
-    p.block = block;
-    p.token_in_block = slot;
+    p.q = a.q;
+    p.k = a.k;
+    p.v = a.v;
+    p.row_stride = a.row_stride;
+    p.q_out = a.q_out;
+    p.positions = a.positions;
+    p.tokens = a.tokens;
+    p.num_q_heads = a.q_heads;
+    p.rotary_dim = a.rotary_dim;
+    p.theta = a.theta;
+    p.style = a.style;
+    p.kv = a.kv;
+    p.layer = a.layer;
+    p.block = a.block;
+    p.token_in_block = a.slot;
     Op("RopeWriteKvCuda", [=, this] { return kc::RopeWriteKvCuda(p, stream_); });
     return true;
   }
