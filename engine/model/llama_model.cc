@@ -34,6 +34,8 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       dims_(ComputeShardDims(model_->config, par_.layout)),
       host_(backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
+  packed_qkv_.assign(model_->weights.layers.size(), 0);  // UploadWeights packs (device backends)
+  packed_ffn_.assign(model_->weights.layers.size(), 0);
   for (auto* a : {&x_,       &xb_, &q_,    &k_,       &v_,         &att_,        &lse_,
                   &h1_,      &h3_, &rows_, &parts_o_, &parts_lse_, &logits_dev_, &send_,
                   &recv_,    &cq_, &kva_,  &ckv_,     &qfull_,     &ov_,         &gate_logits_,
@@ -124,8 +126,6 @@ Status LlamaModel::UploadWeights() {
   // GEMM's rows.
   const ModelConfig& c = model_->config;
   const ModelWeights& w = model_->weights;
-  packed_qkv_.assign(w.layers.size(), 0);
-  packed_ffn_.assign(w.layers.size(), 0);
   const auto packable = [&](std::initializer_list<const WeightMatrix*> ms) {
     for (const WeightMatrix* m : ms) {
       if (m->empty() || m->dtype != (*ms.begin())->dtype || device_.count(m->data()) != 0) {

@@ -55,7 +55,7 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
 fi
 reset_foreign_build
 # The decode benchmark runs and the profiled ones (shape:context:cuda graphs).
-PROFILES=(smollm2-135m:8192:1 llama3-1b:8192:0 llama3-1b:8192:1)
+PROFILES=(llama3-1b:8192:0 llama3-1b:8192:1)
 RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:32768:0 smollm2-135m:32768:1
   llama3-1b:8192:0 llama3-1b:8192:1 llama3-1b:32768:1)
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
