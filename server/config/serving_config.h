@@ -60,7 +60,7 @@ struct ServingConfig {
   // cuda backend: "auto" | "nccl" | "gloo" (EngineOptions::collectives) and CUDA graphs of the
   // decode step on one rank (EngineOptions::cuda_graphs).
   std::string collectives = "auto";
-  bool cuda_graphs = false;
+  bool cuda_graphs = true;
   int64_t tensor_parallel_size = 1;
   int64_t context_parallel_size = 1;
   std::optional<CpConfig> cp_config;

@@ -38,7 +38,7 @@ struct GenerateFlags {
   std::string model, tokenizer, prompt, kv_dtype = "float32", weight_dtype = "auto",
                                         log_level = "warn", backend = "cpu";
   int max_tokens = 256, threads = 0, tp = 1, cp = 1, top_k = 0;
-  bool cuda_graphs = false;
+  bool cuda_graphs = true;
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f;
   float repetition_penalty = 1.0f, presence_penalty = 0.0f, frequency_penalty = 0.0f;
   int64_t tokens_per_block = 32, seed = -1, max_seq_len = 0;
@@ -410,8 +410,8 @@ int main(int argc, char** argv) {
   gen->add_option("--backend", g.backend,
                   "cpu | cuda (CUDA builds; rank r on GPU r modulo the visible GPUs)")
       ->capture_default_str();
-  gen->add_flag("--cuda-graphs", g.cuda_graphs,
-                "cuda backend, one rank: run decode steps as CUDA graphs");
+  gen->add_flag("--cuda-graphs,!--no-cuda-graphs", g.cuda_graphs,
+                "cuda backend, one rank: run decode steps as CUDA graphs (default on)");
   gen->add_option("--tp", g.tp, "Tensor-parallel size")->capture_default_str();
   gen->add_option("--cp", g.cp, "Context-parallel (Helix) size")->capture_default_str();
   gen->add_option("--rank", g.rank,
