@@ -50,6 +50,10 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
   sample_dev_.Bind(backend, &scratch_moves_);
   sample_host_.Bind(backend, &scratch_moves_);
   meta_host_.Bind(backend, &scratch_moves_);
+  // Sized by the block tables' width: they grow with the context (graph buckets).
+  meta_.set_geometric();
+  meta_host_.set_geometric();
+  workspace_.set_geometric();
   stage_a_.Bind(backend, &scratch_moves_);
   stage_b_.Bind(backend, &scratch_moves_);
 }
@@ -537,12 +541,14 @@ int64_t NextPow2(int64_t n) {
   return p;
 }
 
-// A graph bucket's block-table width: max_blocks rounded up to an eighth of its power of two
-// (at most 1/8 over, instead of up to 2x: the attention's split is sized for the width, so a
-// width twice the context left half of its thread blocks on empty parts).
+// A graph bucket's block-table width: max_blocks rounded up to a multiple of an eighth of its
+// power of two, at least 4 (at most 1/8 over from 32 blocks on, instead of up to 2x: the
+// attention's split is sized for the width, so a width twice the context left half of its
+// thread blocks on empty parts). The scratch arrays sized by the width grow geometrically, so
+// a new bucket seldom moves them (which would drop every captured graph).
 int64_t WidthBucket(int64_t max_blocks) {
   const int64_t n = std::max<int64_t>(max_blocks, 1);
-  const int64_t step = std::max<int64_t>(1, NextPow2(n) / 8);
+  const int64_t step = std::max<int64_t>(4, NextPow2(n) / 8);
   return (n + step - 1) / step * step;
 }
 

@@ -68,18 +68,22 @@ class BackendArray {
     backend_ = backend;
     moves_ = moves;
   }
+  // Growth at least doubles the capacity (for small arrays whose size creeps up with the
+  // context, e.g. the block tables: each move drops every captured graph).
+  void set_geometric() { geometric_ = true; }
   // Sets the size to n elements; ResourceExhausted naming the bytes when the backend is out
   // of memory.
   Status Resize(int64_t n) {
     if (n > cap_) {
+      const int64_t cap = geometric_ ? std::max(n, 2 * cap_) : n;
       Release();
-      const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+      const size_t bytes = static_cast<size_t>(cap) * sizeof(T);
       p_ = static_cast<T*>(kHost ? backend_->AllocHost(bytes) : backend_->Alloc(bytes));
       if (p_ == nullptr) {
         return ResourceExhausted(std::string(backend_->name()) + " backend: cannot allocate " +
                                  std::to_string(bytes) + " bytes of scratch memory");
       }
-      cap_ = n;
+      cap_ = cap;
       if (moves_ != nullptr) ++*moves_;
     }
     n_ = n;
@@ -104,6 +108,7 @@ class BackendArray {
   uint64_t* moves_ = nullptr;
   T* p_ = nullptr;
   int64_t n_ = 0, cap_ = 0;
+  bool geometric_ = false;
 };
 
 class LlamaModel {

@@ -173,7 +173,7 @@ int main(int argc, char** argv) {
                               static_cast<double>(c.vocab_size) * c.dim;
   const double weight_bytes = matrix_elems * w_elem;
   const double kv_read_bytes = static_cast<double>(a.batch) *
-                               (a.context + 1 + a.warmup + a.steps / 2.0) * c.n_layers * 2.0 *
+                               (a.context + 1 + a.warmup + (a.steps - 1) / 2.0) * c.n_layers * 2.0 *
                                c.n_kv_heads * c.head_dim * kv_elem;
   const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
   const double decode_s = std::chrono::duration<double>(t3 - t2).count();

@@ -300,12 +300,14 @@ class CudaBackend final : public Backend {
                           "cudaStreamBeginCapture"));
 #endif
     capturing_ = true;
+    converted_ = {};  // a captured GEMM never reuses a conversion made outside the graph
     return Status::Ok();
   }
   StatusOr<int> EndCapture() override {
     if (!capturing_) return FailedPrecondition("backend cuda: EndCapture without BeginCapture");
     StatusOr<int> graph = FinishCapture();
     capturing_ = false;
+    converted_ = {};
     // What the capture wanted freed (which failed it: Free is refused while capturing).
     for (const auto& [p, host] : std::exchange(deferred_frees_, {})) {
       host ? FreeHost(p) : Free(p);
@@ -323,6 +325,7 @@ class CudaBackend final : public Backend {
       return InvalidArgument("backend cuda: no graph " + std::to_string(graph));
     }
     Note(cudaGraphLaunch(graphs_[graph], stream_), "cudaGraphLaunch");
+    converted_ = {};  // the graph's GEMMs rewrote the workspace
 #endif
     return error_;
   }
@@ -352,8 +355,11 @@ class CudaBackend final : public Backend {
     const bool reuse = p.same_x && p.w_dtype != kernels::DType::kF32 && converted_.x == p.x &&
                        converted_.m == p.m && converted_.k == p.k &&
                        converted_.dtype == p.w_dtype && moves == scratch_moves_;
-    Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_, reuse), "GemmCuda");
-    converted_ = {p.x, p.m, p.k, p.w_dtype};
+    const bool ok = Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_, reuse), "GemmCuda");
+    // What gemm_ws_ now holds: x converted, where a conversion ran (16-bit weights and a
+    // non-empty product; GemmCuda returns early otherwise) or was reused.
+    const bool converts = p.w_dtype != kernels::DType::kF32 && p.m > 0 && p.n > 0 && p.k > 0;
+    converted_ = ok && converts ? Converted{p.x, p.m, p.k, p.w_dtype} : Converted{};
 #endif
   }
   void GemmBatched(const kernels::GemmBatchedParams& p) override {

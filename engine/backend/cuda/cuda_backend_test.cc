@@ -29,6 +29,8 @@
 #include "engine/engine_test_util.h"
 #include "engine/parallel/launcher.h"
 #include "engine/spawn_test_util.h"
+#include "kernels/dtype.h"
+#include "kernels/gemm.h"
 
 namespace helix {
 namespace {
@@ -219,6 +221,72 @@ std::vector<GenerateRequest> RandomPrompts(uint32_t seed, const std::vector<int>
 // Uploads run on a stream of their own: FenceUploads must order the ops queued after it behind
 // them (a device copy right after a large upload reads the uploaded bytes, not what was there),
 // and UploadsDone must not say done before the bytes are on the device.
+// GemmParams::same_x: the backend reuses the previous GEMM's bf16 conversion of x only when it
+// was a conversion of that same x. Each product is checked against GemmCpu.
+TEST(CudaBackendGemm, SameXReusesOnlyItsOwnConversion) {
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  auto be = CreateCudaBackend(CudaBackendOptions{});
+  ASSERT_TRUE(be.ok()) << be.status().ToString();
+  Backend& b = **be;
+  const int64_t m = 3, k = 64, n1 = 40, n2 = 24;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  const auto random = [&](int64_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    return v;
+  };
+  const auto bf16 = [](const std::vector<float>& v) {
+    std::vector<uint16_t> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = kernels::FloatToBf16(v[i]);
+    return out;
+  };
+  const std::vector<float> x1 = random(m * k), x2 = random(m * k);
+  const std::vector<uint16_t> w1 = bf16(random(n1 * k)), w2 = bf16(random(n2 * k));
+  const auto upload = [&](const void* host, size_t bytes) {
+    void* d = b.Alloc(bytes);
+    b.CopyToDevice(d, host, bytes);
+    return d;
+  };
+  const auto* dx1 = static_cast<const float*>(upload(x1.data(), x1.size() * 4));
+  const auto* dx2 = static_cast<const float*>(upload(x2.data(), x2.size() * 4));
+  const void* dw1 = upload(w1.data(), w1.size() * 2);
+  const void* dw2 = upload(w2.data(), w2.size() * 2);
+  auto* dy = static_cast<float*>(b.Alloc(m * n1 * 4));
+  const auto want = [&](const std::vector<float>& x, const std::vector<uint16_t>& w, int64_t n) {
+    std::vector<float> y(m * n);
+    kernels::GemmCpu({x.data(), w.data(), nullptr, y.data(), m, n, k, kernels::DType::kBF16},
+                     nullptr);
+    return y;
+  };
+  const auto check = [&](const std::vector<float>& expect, int64_t n, const std::string& what) {
+    std::vector<float> got(m * n);
+    ASSERT_TRUE(b.CopyToHost(got.data(), dy, got.size() * 4).ok());
+    for (size_t i = 0; i < got.size(); ++i) {
+      // bf16 activations on the GPU, fp32 on the CPU: ~1e-2 relative of sums of 64 terms ~1.
+      ASSERT_NEAR(got[i], expect[i], 5e-2) << what << " at " << i;
+    }
+  };
+  const kernels::DType bf = kernels::DType::kBF16;
+  // The same x: the second product reuses the first one's conversion.
+  b.Gemm({dx1, dw1, nullptr, dy, m, n1, k, bf});
+  b.Gemm({dx1, dw2, nullptr, dy, m, n2, k, bf, true});
+  check(want(x1, w2, n2), n2, "same x");
+  // Another x marked same_x: converted again (the pointers differ).
+  b.Gemm({dx1, dw1, nullptr, dy, m, n1, k, bf});
+  b.Gemm({dx2, dw2, nullptr, dy, m, n2, k, bf, true});
+  check(want(x2, w2, n2), n2, "another x");
+  // A product with n = 0 converts nothing: the next same_x GEMM of that x must convert it.
+  b.Gemm({dx1, dw1, nullptr, dy, m, n1, k, bf});
+  b.Gemm({dx2, dw1, nullptr, dy, m, 0, k, bf});
+  b.Gemm({dx2, dw2, nullptr, dy, m, n2, k, bf, true});
+  check(want(x2, w2, n2), n2, "after an empty product");
+  for (const void* p : {static_cast<const void*>(dx1), static_cast<const void*>(dx2), dw1, dw2,
+                        static_cast<const void*>(dy)}) {
+    b.Free(const_cast<void*>(p));
+  }
+}
+
 TEST(CudaBackendUploads, FenceOrdersLaterOpsBehindUploads) {
   if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   auto be = CreateCudaBackend(CudaBackendOptions{});
