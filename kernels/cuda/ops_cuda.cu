@@ -70,14 +70,56 @@ __device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: one thread block per row.
 
+// A row of up to blockDim.x * kRmsRegs floats is held in registers: all its loads are issued
+// at once and it is read from memory once (a row is a few KB, so the kernel is bound by load
+// latency, not bandwidth). Each thread sums its squares in the same order either way.
+constexpr int kRmsRegs = 16;
+
 __global__ void RmsNormKernel(const RmsNormParams p) {
   using Red = double[32];
   HELIX_STATIC_SMEM(Red, red);
   const int64_t r = blockIdx.x;
+  const int64_t step = blockDim.x;
   const float* x = p.x + r * p.dim;
   float* res = p.residual != nullptr ? p.residual + r * p.dim : nullptr;
+  float* out = p.out + r * p.dim;
   double s = 0.0;
-  for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
+  if (p.dim <= step * kRmsRegs) {
+    float vals[kRmsRegs];
+#pragma unroll
+    for (int j = 0; j < kRmsRegs; ++j) {
+      const int64_t i = threadIdx.x + j * step;
+      vals[j] = i < p.dim ? x[i] : 0.0f;
+    }
+    if (res != nullptr) {
+#pragma unroll
+      for (int j = 0; j < kRmsRegs; ++j) {
+        const int64_t i = threadIdx.x + j * step;
+        if (i < p.dim) {
+          vals[j] = res[i] + vals[j];
+          res[i] = vals[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRmsRegs; ++j) {
+      if (threadIdx.x + j * step < p.dim) {
+        s += static_cast<double>(vals[j]) * vals[j];
+      }
+    }
+    s = BlockReduce(s, red, false);  // every thread's reads of x are done past its barrier
+    const float inv =
+        static_cast<float>(1.0 / sqrt(s / static_cast<double>(p.dim) + static_cast<double>(p.eps)));
+#pragma unroll
+    for (int j = 0; j < kRmsRegs; ++j) {
+      const int64_t i = threadIdx.x + j * step;
+      if (i < p.dim) {
+        out[i] = __fmul_rn(__fmul_rn(vals[j], inv), p.weight[i]);
+      }
+    }
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < p.dim; i += step) {
     float v = x[i];
     if (res != nullptr) {
       v = res[i] + v;
@@ -89,8 +131,7 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
   const float inv =
       static_cast<float>(1.0 / sqrt(s / static_cast<double>(p.dim) + static_cast<double>(p.eps)));
   const float* v = res != nullptr ? res : x;
-  float* out = p.out + r * p.dim;
-  for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < p.dim; i += step) {
     out[i] = __fmul_rn(__fmul_rn(v[i], inv), p.weight[i]);
   }
 }

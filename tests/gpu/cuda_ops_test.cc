@@ -471,8 +471,8 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
 TEST_F(CudaOpsTest, RmsNormPlainResidualAndInPlace) {
   std::mt19937 rng(31);
   for (int64_t rows : {1, 7}) {
-    for (int64_t dim : {8, 1000, 4096}) {
-      for (int mode = 0; mode < 3; ++mode) {  // 0 plain, 1 fused residual, 2 out aliases x
+    for (int64_t dim : {8, 1000, 4096, 5000}) {  // 5000: more than the kernel keeps in registers
+      for (int mode = 0; mode < 3; ++mode) {     // 0 plain, 1 fused residual, 2 out aliases x
         const std::vector<float> x = RandomVector(rng, rows * dim, -3.0f, 3.0f);
         const std::vector<float> w = RandomVector(rng, dim);
         const std::vector<float> res0 = RandomVector(rng, rows * dim);
