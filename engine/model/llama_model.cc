@@ -124,7 +124,7 @@ Status LlamaModel::UploadWeights() {
     allocs_.push_back(dev);
     return dev;
   };
-  // Matrices one GEMM can compute together (same input, same dtype, no bias), packed back to
+  // Matrices one GEMM can compute together (same input, same dtype), packed back to
   // back: the rows of wq, wk, wv (w1, w3) form one [q + k + v][dim] ([2F][dim]) matrix. Only
   // where the backend fuses RoPE with the K/V write, which reads q, k and v out of the packed
   // GEMM's rows.
@@ -154,8 +154,24 @@ Status LlamaModel::UploadWeights() {
       kv_.head_dim == c.head_dim) {
     for (size_t l = 0; l < w.layers.size(); ++l) {
       const LayerWeights& lw = w.layers[l];
-      if (lw.bq.empty() && lw.bk.empty() && lw.bv.empty() && packable({&lw.wq, &lw.wk, &lw.wv})) {
+      // Biases (Qwen2) are packed the same way, or all absent.
+      const bool no_bias = lw.bq.empty() && lw.bk.empty() && lw.bv.empty();
+      const bool all_bias = !lw.bq.empty() && !lw.bk.empty() && !lw.bv.empty() &&
+                            device_.count(lw.bq.data()) == 0 && device_.count(lw.bk.data()) == 0 &&
+                            device_.count(lw.bv.data()) == 0;
+      if ((no_bias || all_bias) && packable({&lw.wq, &lw.wk, &lw.wv})) {
         RETURN_IF_ERROR(pack({&lw.wq, &lw.wk, &lw.wv}));
+        if (all_bias) {
+          const size_t bytes = (lw.bq.size() + lw.bk.size() + lw.bv.size()) * sizeof(float);
+          ASSIGN_OR_RETURN(void* dev, alloc(bytes));
+          size_t off = 0;
+          for (const std::vector<float>* b : {&lw.bq, &lw.bk, &lw.bv}) {
+            device_[b->data()] = static_cast<char*>(dev) + off;
+            backend_->CopyToDevice(static_cast<char*>(dev) + off, b->data(),
+                                   b->size() * sizeof(float));
+            off += b->size() * sizeof(float);
+          }
+        }
         packed_qkv_[l] = 1;
       }
       if (!c.IsMoeLayer(static_cast<int64_t>(l)) && packable({&lw.w1, &lw.w3})) {
@@ -722,7 +738,8 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         // (the rotated q into q_ for the attention).
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        backend_->Gemm({xb_.data(), Dev(lw.wq), nullptr, qkv_.data(), T, n, D, lw.wq.dtype});
+        // q|k|v bias (packed with the weights) or none.
+        backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype});
         sw.Lap(&tm.gemm);
         Backend::RopeWriteKvArgs a{};
         a.q = qkv_.data();
