@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "kernels/attention.h"
 #include "kernels/thread_pool.h"
 
 namespace helix::kernels {
@@ -31,6 +32,30 @@ struct RopeParams {
 // angle and its sine/cosine are computed in double, so positions up to millions stay accurate.
 // pool may be nullptr.
 void RopeCpu(const RopeParams& p, ThreadPool* pool);
+
+// The decode step's RoPE and K/V write in one launch: q and k rotated in place (RopeCuda
+// semantics, global positions), then each token's rotated K and its V stored into its block
+// slot (WriteKvBatchCuda semantics; block < 0: rotated but not stored on this rank).
+struct RopeWriteKvParams {
+  float* q;        // [tokens][num_q_heads][kv.head_dim], rotated in place
+  float* k;        // [tokens][kv.num_kv_heads][kv.head_dim], rotated in place
+  const float* v;  // [tokens][kv.num_kv_heads][kv.head_dim]
+  // row_stride > 0: token t's q, k and v start at t * row_stride floats from q, k and v (the
+  // slices of one fused q/k/v GEMM's [tokens][q + k + v] output).
+  int64_t row_stride = 0;
+  // Not nullptr: the rotated q goes here ([tokens][num_q_heads][kv.head_dim], contiguous)
+  // instead of in place.
+  float* q_out = nullptr;
+  const int32_t* positions;  // [tokens] global positions
+  int64_t tokens, num_q_heads;
+  int64_t rotary_dim;  // <= head_dim, even
+  float theta;
+  RopeStyle style;
+  KvPoolView kv;  // kv.base in the backend's memory
+  int64_t layer;
+  const int32_t* block;           // [tokens] physical block, < 0: not stored here
+  const int32_t* token_in_block;  // [tokens]
+};
 
 }  // namespace helix::kernels
 

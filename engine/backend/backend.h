@@ -116,30 +116,13 @@ class Backend {
   virtual void WriteKvBatch(const kernels::KvPoolView& kv, int64_t layer, const float* k,
                             const float* v, const int32_t* block, const int32_t* slot,
                             int64_t tokens) = 0;
-  // Rope of q and k (RopeParams semantics: base theta, no inverse-frequency table, mscale 1)
-  // and WriteKvBatch of the rotated k and of v, as one op (kernels/cuda RopeWriteKvCuda).
-  struct RopeWriteKvArgs {
-    float* q;  // [tokens][q_heads][kv.head_dim], rotated in place unless q_out is set
-    float* k;  // [tokens][kv.num_kv_heads][kv.head_dim], rotated in place
-    const float* v;
-    // > 0: token t's q, k and v start at t * row_stride floats from q, k and v (the slices of a
-    // fused q/k/v GEMM's output); 0: each contiguous as above.
-    int64_t row_stride = 0;
-    float* q_out = nullptr;  // the rotated q, contiguous [tokens][q_heads][kv.head_dim]
-    const int32_t* positions;
-    int64_t tokens, q_heads, rotary_dim;
-    float theta;
-    kernels::RopeStyle style;
-    kernels::KvPoolView kv;
-    int64_t layer;
-    const int32_t* block;  // [tokens] physical block, < 0: not stored on this rank
-    const int32_t* slot;   // [tokens]
-  };
+  // RoPE of q and k (RopeParams semantics: base theta, no inverse-frequency table, mscale 1)
+  // and WriteKvBatch of the rotated k and of v, as one op (kernels/rope.h RopeWriteKvParams).
   // Whether RopeWriteKv runs here; where it does not, callers run Rope, Rope and WriteKvBatch
   // (and keep q, k and v contiguous).
   virtual bool HasRopeWriteKv() const { return false; }
   // False (nothing done) where !HasRopeWriteKv().
-  virtual bool RopeWriteKv(const RopeWriteKvArgs& /*a*/) { return false; }
+  virtual bool RopeWriteKv(const kernels::RopeWriteKvParams& /*p*/) { return false; }
   virtual size_t PagedAttentionWorkspaceBytes(const kernels::PagedAttentionParams& p) = 0;
   virtual void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) = 0;
   virtual void MergeStates(const kernels::MergeStatesParams& p) = 0;

@@ -34,6 +34,8 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       dims_(ComputeShardDims(model_->config, par_.layout)),
       host_(backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
+  rope_kv_fused_ = backend->HasRopeWriteKv() && !model_->config.mla() &&
+                   kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == model_->config.head_dim;
   packed_qkv_.assign(model_->weights.layers.size(), 0);  // UploadWeights packs (device backends)
   packed_ffn_.assign(model_->weights.layers.size(), 0);
   for (auto* a : {&x_,       &xb_, &q_,    &k_,       &v_,         &att_,        &lse_,
@@ -150,8 +152,7 @@ Status LlamaModel::UploadWeights() {
     }
     return Status::Ok();
   };
-  if (backend_->HasRopeWriteKv() && !c.mla() && kv_.num_kv_heads == dims_.kv_heads &&
-      kv_.head_dim == c.head_dim) {
+  if (rope_kv_fused_) {
     for (size_t l = 0; l < w.layers.size(); ++l) {
       const LayerWeights& lw = w.layers[l];
       // Biases (Qwen2) are packed the same way, or all absent.
@@ -733,34 +734,29 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       RETURN_IF_ERROR(MlaAttention(b, m, l));
       sw = Stopwatch();
     } else {
+      // RoPE at global positions; only the owner of a position writes its K/V. One op where the
+      // backend fuses them (then q, k and v may be slices of one packed GEMM's rows).
+      kernels::RopeWriteKvParams rk{};
+      rk.positions = m.positions;
+      rk.tokens = T;
+      rk.num_q_heads = dims_.q_heads;
+      rk.rotary_dim = hd;
+      rk.theta = c.rope_theta;
+      rk.style = c.rope_style;
+      rk.kv = kv_;
+      rk.layer = l;
+      rk.block = m.kv_block;
+      rk.token_in_block = m.kv_slot;
       if (packed_qkv_[l]) {
-        // One GEMM for q|k|v per token, then RoPE and the K/V write read their slices of it
-        // (the rotated q into q_ for the attention).
+        // One GEMM for q|k|v (and their packed biases) per token; the rotated q into q_.
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        // q|k|v bias (packed with the weights) or none.
         backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype});
-        sw.Lap(&tm.gemm);
-        Backend::RopeWriteKvArgs a{};
-        a.q = qkv_.data();
-        a.k = qkv_.data() + qd;
-        a.v = qkv_.data() + qd + kvd;
-        a.row_stride = n;
-        a.q_out = q_.data();
-        a.positions = m.positions;
-        a.tokens = T;
-        a.q_heads = dims_.q_heads;
-        a.rotary_dim = hd;
-        a.theta = c.rope_theta;
-        a.style = c.rope_style;
-        a.kv = kv_;
-        a.layer = l;
-        a.block = m.kv_block;
-        a.slot = m.kv_slot;
-        if (!backend_->RopeWriteKv(a)) {
-          return Internal(std::string(backend_->name()) +
-                          " backend: packed q/k/v weights but no RopeWriteKv");
-        }
+        rk.q = qkv_.data();
+        rk.k = qkv_.data() + qd;
+        rk.v = qkv_.data() + qd + kvd;
+        rk.row_stride = n;
+        rk.q_out = q_.data();
       } else {
         backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
         // k and v read the same xb_ as q (same_x: a backend may reuse q's conversion of it).
@@ -768,32 +764,21 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
             {xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype, true});
         backend_->Gemm(
             {xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype, true});
-        sw.Lap(&tm.gemm);
-        // RoPE at global positions; only the owner of a position writes its K/V. One op where
-        // the backend fuses them.
-        Backend::RopeWriteKvArgs a{};
-        a.q = q_.data();
-        a.k = k_.data();
-        a.v = v_.data();
-        a.positions = m.positions;
-        a.tokens = T;
-        a.q_heads = dims_.q_heads;
-        a.rotary_dim = hd;
-        a.theta = c.rope_theta;
-        a.style = c.rope_style;
-        a.kv = kv_;
-        a.layer = l;
-        a.block = m.kv_block;
-        a.slot = m.kv_slot;
-        const bool fused =
-            kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == hd && backend_->RopeWriteKv(a);
-        if (!fused) {
-          backend_->Rope(
-              {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
-          backend_->Rope(
-              {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
-          backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
+        rk.q = q_.data();
+        rk.k = k_.data();
+        rk.v = v_.data();
+      }
+      sw.Lap(&tm.gemm);
+      if (!rope_kv_fused_ || !backend_->RopeWriteKv(rk)) {
+        if (packed_qkv_[l]) {
+          return Internal(std::string(backend_->name()) +
+                          " backend: packed q/k/v weights but no RopeWriteKv");
         }
+        backend_->Rope(
+            {q_.data(), m.positions, T, dims_.q_heads, hd, hd, c.rope_theta, c.rope_style});
+        backend_->Rope(
+            {k_.data(), m.positions, T, dims_.kv_heads, hd, hd, c.rope_theta, c.rope_style});
+        backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
       }
       ap.layer = l;
       sw.Lap(&tm.other);

@@ -227,6 +227,8 @@ class LlamaModel {
   // Per layer: wq, wk, wv (w1, w3) are back to back in one allocation, so one GEMM computes
   // q|k|v (gate|up) per token (device backends with the fused RoPE + K/V write).
   std::vector<char> packed_qkv_, packed_ffn_;
+  // The backend runs RoPE and the K/V write as one op for this model's layout (and packs).
+  bool rope_kv_fused_ = false;
   BackendArray<float> qkv_, h13_;
   // Scratch in backend memory, grown as needed.
   BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;

@@ -93,29 +93,7 @@ cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
                         int64_t token_in_block, const float* k, const float* v,
                         cudaStream_t stream);
 
-// The decode step's RoPE and K/V write in one launch: q and k rotated in place (RopeCuda
-// semantics, global positions), then each token's rotated K and its V stored into its block
-// slot (WriteKvBatchCuda semantics; block < 0: rotated but not stored on this rank).
-struct RopeWriteKvParams {
-  float* q;        // [tokens][num_q_heads][kv.head_dim], rotated in place
-  float* k;        // [tokens][kv.num_kv_heads][kv.head_dim], rotated in place
-  const float* v;  // [tokens][kv.num_kv_heads][kv.head_dim]
-  // row_stride > 0: token t's q, k and v start at t * row_stride floats from q, k and v (the
-  // slices of one fused q/k/v GEMM's [tokens][q + k + v] output).
-  int64_t row_stride = 0;
-  // Not nullptr: the rotated q goes here ([tokens][num_q_heads][kv.head_dim], contiguous)
-  // instead of in place.
-  float* q_out = nullptr;
-  const int32_t* positions;  // [tokens] global positions
-  int64_t tokens, num_q_heads;
-  int64_t rotary_dim;  // <= head_dim, even
-  float theta;
-  RopeStyle style;
-  KvPoolView kv;  // kv.base on the device
-  int64_t layer;
-  const int32_t* block;           // [tokens] physical block, < 0: not stored here
-  const int32_t* token_in_block;  // [tokens]
-};
+// RopeWriteKvParams (kernels/rope.h): the decode step's RoPE and K/V write in one launch.
 cudaError_t RopeWriteKvCuda(const RopeWriteKvParams& p, cudaStream_t stream);
 
 struct EmbeddingParams {

@@ -791,6 +791,30 @@ TEST_F(CudaOpsTest, ArgmaxMatchesGreedySampler) {
   }
 }
 
+// SampleCuda over the rows of `logits` (each `vocab` long) with each row's knobs and draw u;
+// *out gets the tokens it picked.
+void SampleRows(const std::vector<float>& logits, int64_t vocab, const std::vector<float>& temp,
+                const std::vector<int32_t>& top_k, const std::vector<float>& top_p,
+                const std::vector<float>& min_p, const std::vector<double>& u,
+                std::vector<int32_t>* out) {
+  const int64_t rows = static_cast<int64_t>(temp.size());
+  DeviceBuffer<float> d_logits(logits), d_t(temp), d_p(top_p), d_m(min_p);
+  DeviceBuffer<int32_t> d_k(top_k), d_out(rows);
+  DeviceBuffer<double> d_u(u);
+  ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
+                              .temperature = d_t.get(),
+                              .top_k = d_k.get(),
+                              .top_p = d_p.get(),
+                              .min_p = d_m.get(),
+                              .u = d_u.get(),
+                              .out = d_out.get(),
+                              .rows = rows,
+                              .vocab = vocab},
+                             nullptr),
+            cudaSuccess);
+  *out = d_out.Download();
+}
+
 TEST_F(CudaOpsTest, SampleMatchesSamplerGivenItsDraw) {
   std::mt19937 rng(37);
   struct Knobs {
@@ -824,22 +848,10 @@ TEST_F(CudaOpsTest, SampleMatchesSamplerGivenItsDraw) {
           // The sampler's one draw from its generator.
           std::mt19937_64 gen(seed);
           const double u = std::uniform_real_distribution<double>(0.0, 1.0)(gen);
-          DeviceBuffer<float> d_logits(logits), d_t(std::vector<float>{kn.temperature}),
-              d_p(std::vector<float>{kn.top_p}), d_m(std::vector<float>{kn.min_p});
-          DeviceBuffer<int32_t> d_k(std::vector<int32_t>{kn.top_k}), d_out(1);
-          DeviceBuffer<double> d_u(std::vector<double>{u});
-          ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
-                                      .temperature = d_t.get(),
-                                      .top_k = d_k.get(),
-                                      .top_p = d_p.get(),
-                                      .min_p = d_m.get(),
-                                      .u = d_u.get(),
-                                      .out = d_out.get(),
-                                      .rows = 1,
-                                      .vocab = vocab},
-                                     nullptr),
-                    cudaSuccess);
-          const int32_t got = d_out.Download()[0];
+          std::vector<int32_t> picked;
+          ASSERT_NO_FATAL_FAILURE(SampleRows(logits, vocab, {kn.temperature}, {kn.top_k},
+                                             {kn.top_p}, {kn.min_p}, {u}, &picked));
+          const int32_t got = picked[0];
           ++total;
           if (got != want) {
             ++mismatches;
@@ -865,42 +877,18 @@ TEST_F(CudaOpsTest, SampleSkipsGreedyRows) {
   std::vector<int32_t> want(rows, -1);
   for (int64_t r = 0; r < rows; ++r) {
     if (temps[r] == 0.0f) continue;
-    DeviceBuffer<float> d_logits(
-        std::vector<float>(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab)),
-        d_t(std::vector<float>{temps[r]}), d_p(std::vector<float>{1.0f}),
-        d_m(std::vector<float>{0.0f});
-    DeviceBuffer<int32_t> d_k(std::vector<int32_t>{0}), d_out(1);
-    DeviceBuffer<double> d_u(std::vector<double>{us[r]});
-    ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
-                                .temperature = d_t.get(),
-                                .top_k = d_k.get(),
-                                .top_p = d_p.get(),
-                                .min_p = d_m.get(),
-                                .u = d_u.get(),
-                                .out = d_out.get(),
-                                .rows = 1,
-                                .vocab = vocab},
-                               nullptr),
-              cudaSuccess);
-    want[r] = d_out.Download()[0];
+    std::vector<int32_t> alone;
+    ASSERT_NO_FATAL_FAILURE(
+        SampleRows(std::vector<float>(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab),
+                   vocab, {temps[r]}, {0}, {1.0f}, {0.0f}, {us[r]}, &alone));
+    want[r] = alone[0];
     ASSERT_GE(want[r], 0);
   }
-  DeviceBuffer<float> d_logits(logits), d_t(temps), d_p(std::vector<float>(rows, 1.0f)),
-      d_m(std::vector<float>(rows, 0.0f));
-  DeviceBuffer<int32_t> d_k(std::vector<int32_t>(rows, 0)), d_out(rows);
-  DeviceBuffer<double> d_u(us);
-  ASSERT_EQ(cuda::SampleCuda({.logits = d_logits.get(),
-                              .temperature = d_t.get(),
-                              .top_k = d_k.get(),
-                              .top_p = d_p.get(),
-                              .min_p = d_m.get(),
-                              .u = d_u.get(),
-                              .out = d_out.get(),
-                              .rows = rows,
-                              .vocab = vocab},
-                             nullptr),
-            cudaSuccess);
-  EXPECT_EQ(d_out.Download(), want);
+  std::vector<int32_t> got;
+  ASSERT_NO_FATAL_FAILURE(SampleRows(logits, vocab, temps, std::vector<int32_t>(rows, 0),
+                                     std::vector<float>(rows, 1.0f), std::vector<float>(rows, 0.0f),
+                                     us, &got));
+  EXPECT_EQ(got, want);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -422,23 +422,7 @@ class CudaBackend final : public Backend {
     Op("WriteKvBatchCuda", [=, this] { return kc::WriteKvBatchCuda(p, stream_); });
   }
   bool HasRopeWriteKv() const override { return true; }
-  bool RopeWriteKv(const RopeWriteKvArgs& a) override {
-    kc::RopeWriteKvParams p{};
-    p.q = a.q;
-    p.k = a.k;
-    p.v = a.v;
-    p.row_stride = a.row_stride;
-    p.q_out = a.q_out;
-    p.positions = a.positions;
-    p.tokens = a.tokens;
-    p.num_q_heads = a.q_heads;
-    p.rotary_dim = a.rotary_dim;
-    p.theta = a.theta;
-    p.style = a.style;
-    p.kv = a.kv;
-    p.layer = a.layer;
-    p.block = a.block;
-    p.token_in_block = a.slot;
+  bool RopeWriteKv(const kernels::RopeWriteKvParams& p) override {
     Op("RopeWriteKvCuda", [=, this] { return kc::RopeWriteKvCuda(p, stream_); });
     return true;
   }
