@@ -315,10 +315,16 @@ Status Engine::Init(const EngineOptions& o) {
 Status Engine::ConnectRanks(int64_t* num_blocks) {
   const EngineOptions& o = options_;
   if (is_leader()) {
-    ASSIGN_OR_RETURN(store_server_, parallel::TcpStoreServer::Start(o.leader_host, o.leader_port));
+    if (o.store_server) {
+      store_server_ = o.store_server;
+    } else {
+      ASSIGN_OR_RETURN(store_server_, parallel::TcpStoreServer::Start(o.leader_host, o.leader_port,
+                                                                      o.group_token));
+    }
   }
   const int port = store_server_ ? store_server_->port() : o.leader_port;
-  ASSIGN_OR_RETURN(store_, parallel::TcpStore::Connect(o.leader_host, port, o.comm_timeout));
+  ASSIGN_OR_RETURN(store_,
+                   parallel::TcpStore::Connect(o.leader_host, port, o.comm_timeout, o.group_token));
   parallel::GlooOptions g;
   g.host = o.bind_host;
   g.timeout = o.comm_timeout;

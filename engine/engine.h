@@ -71,6 +71,10 @@ struct EngineOptions {
   int rank = 0;
   std::string leader_host = "127.0.0.1";
   int leader_port = 0;
+  // The leader's rendezvous store when it already listens (a leader that spawns its ranks
+  // starts it first, so they never find the port unbound); null = the leader starts one.
+  std::shared_ptr<parallel::TcpStoreServer> store_server;
+  std::string group_token;  // every rank's, checked by the store (RankAssignment::group_token)
   std::string bind_host = "127.0.0.1";            // this rank's address for the Gloo pairs
   std::chrono::milliseconds comm_timeout{30000};  // rendezvous and every collective
   std::chrono::milliseconds worker_idle_timeout{std::chrono::hours(24)};  // wait for a step
@@ -227,7 +231,7 @@ class Engine {
   uint64_t next_id_ = 0;                          // GUARDED_BY(inbox_mu_)
 
   parallel::HelixLayout layout_;
-  std::unique_ptr<parallel::TcpStoreServer> store_server_;  // leader of a multi-rank instance
+  std::shared_ptr<parallel::TcpStoreServer> store_server_;  // leader of a multi-rank instance
   std::unique_ptr<parallel::TcpStore> store_;
   std::unique_ptr<parallel::Communicator> world_comm_, cp_comm_;
   // The model's collectives over NCCL (device buffers) when the ranks use it; the Gloo ones

@@ -1,11 +1,14 @@
 // Gloo communicator and TCP rendezvous store across real processes (fork): every collective's
 // result, a dead peer and a peer that never joins turn into errors within the timeout.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -75,6 +78,89 @@ TEST(TcpStoreTest, ConnectToNobodyFailsWithinTheTimeout) {
   auto c = TcpStore::Connect("127.0.0.1", port, milliseconds(300));
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kDeadlineExceeded);
+}
+
+// A listener that answers every connection with `reply(bytes received)`, then closes it.
+class FakeListener {
+ public:
+  explicit FakeListener(std::function<std::string(const std::string&)> reply)
+      : reply_(std::move(reply)) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(listen(fd_, 16), 0);
+    socklen_t len = sizeof(a);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        const int c = accept(fd_, nullptr, nullptr);
+        if (c < 0) return;
+        ++connections_;
+        char buf[256];
+        const ssize_t n = recv(c, buf, sizeof(buf), 0);
+        const std::string out = reply_(std::string(buf, n > 0 ? static_cast<size_t>(n) : 0));
+        if (!out.empty()) send(c, out.data(), out.size(), MSG_NOSIGNAL);
+        close(c);
+      }
+    });
+  }
+  ~FakeListener() {
+    shutdown(fd_, SHUT_RDWR);
+    close(fd_);
+    thread_.join();
+  }
+  int port() const { return port_; }
+  int connections() const { return connections_; }
+
+ private:
+  std::function<std::string(const std::string&)> reply_;
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<int> connections_{0};
+  std::thread thread_;
+};
+
+// The store is found only by its own handshake: a client never takes another program on the
+// port, or its own echo (what a TCP self-connection to a not-yet-bound port reads back), for
+// the store, and keeps retrying them until its timeout with a reason.
+TEST(TcpStoreTest, WhatIsNotTheStoreIsRetriedNotUsed) {
+  FakeListener echo([](const std::string& in) { return in; });
+  auto c = TcpStore::Connect("127.0.0.1", echo.port(), milliseconds(400));
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(c.status().message().find("not a Helix rendezvous store"), std::string::npos)
+      << c.status().ToString();
+  EXPECT_GT(echo.connections(), 1);  // retried
+
+  FakeListener http([](const std::string&) { return std::string("HTTP/1.1 400 Bad\r\n\r\n"); });
+  auto h = TcpStore::Connect("127.0.0.1", http.port(), milliseconds(300));
+  ASSERT_FALSE(h.ok());
+  EXPECT_NE(h.status().message().find("not a Helix rendezvous store"), std::string::npos);
+}
+
+// Each instance's store serves only its own ranks (the group token of the launching leader):
+// a rank that reaches another instance's store on a reused port is refused and told so.
+TEST(TcpStoreTest, AnotherGroupsStoreRefusesTheClient) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0, "group-a");
+  ASSERT_TRUE(server.ok());
+  const int port = (*server)->port();
+  auto mine = TcpStore::Connect("127.0.0.1", port, milliseconds(2000), "group-a");
+  ASSERT_TRUE(mine.ok()) << mine.status().ToString();
+  ASSERT_TRUE((*mine)->Set("k", "v").ok());
+  for (const char* other : {"group-b", ""}) {
+    auto theirs = TcpStore::Connect("127.0.0.1", port, milliseconds(300), other);
+    ASSERT_FALSE(theirs.ok()) << other;
+    EXPECT_EQ(theirs.status().code(), StatusCode::kDeadlineExceeded);
+    EXPECT_NE(theirs.status().message().find("another Helix instance"), std::string::npos)
+        << theirs.status().ToString();
+  }
+  auto v = (*mine)->Get("k");  // the refused clients left the store serving its own
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, "v");
+  EXPECT_FALSE(TcpStoreServer::Start("127.0.0.1", 0, std::string(300, 't')).ok());
 }
 
 TEST(GlooCommunicatorTest, CollectivesAcrossProcesses) {

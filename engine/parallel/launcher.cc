@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <thread>
 
 namespace helix::parallel {
@@ -23,6 +24,18 @@ std::optional<int> EnvInt(const char* name) {
   const long x = std::strtol(v, &end, 10);
   if (*end != '\0') return std::nullopt;
   return static_cast<int>(x);
+}
+
+// 128 random bits, hex.
+std::string RandomToken() {
+  std::random_device rd;
+  static const char kHex[] = "0123456789abcdef";
+  std::string t;
+  for (int i = 0; i < 4; ++i) {
+    uint32_t x = rd();
+    for (int j = 0; j < 8; ++j, x >>= 4) t.push_back(kHex[x & 15]);
+  }
+  return t;
 }
 
 }  // namespace
@@ -61,9 +74,11 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
   if (addr.empty() && std::getenv("HELIX_LEADER_ADDR") != nullptr) {
     addr = std::getenv("HELIX_LEADER_ADDR");
   }
+  if (const char* t = std::getenv("HELIX_GROUP_TOKEN"); t != nullptr) a.group_token = t;
   if (!rank) {
     a.rank = 0;
     a.spawn_local = world > 1;
+    if (a.spawn_local && a.group_token.empty()) a.group_token = RandomToken();
     if (!addr.empty()) {
       ASSIGN_OR_RETURN(auto hp, ParseHostPort(addr));
       std::tie(a.leader_host, a.leader_port) = hp;
@@ -113,9 +128,19 @@ StatusOr<int> PickFreePort(const std::string& host) {
 
 StatusOr<std::unique_ptr<LocalRanks>> LocalRanks::Spawn(const std::vector<std::string>& argv,
                                                         int world, const std::string& host,
-                                                        int port) {
+                                                        int port, const std::string& group_token) {
   std::unique_ptr<LocalRanks> lr(new LocalRanks());
   const pid_t leader = ::getpid();
+  // The children's environment, built before fork (the leader may have threads by now: its
+  // rendezvous store's, so the child calls nothing that allocates before exec).
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::strncmp(*e, "HELIX_GROUP_TOKEN=", 18) != 0) env_strings.emplace_back(*e);
+  }
+  env_strings.push_back("HELIX_GROUP_TOKEN=" + group_token);
+  std::vector<char*> envp;
+  for (std::string& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
   for (int r = 1; r < world; ++r) {
     std::vector<std::string> args = argv;
     args.insert(args.end(),
@@ -131,7 +156,7 @@ StatusOr<std::unique_ptr<LocalRanks>> LocalRanks::Spawn(const std::vector<std::s
       sigemptyset(&all);
       ::sigprocmask(SIG_SETMASK, &all, nullptr);
       if (::getppid() != leader) _exit(111);  // the leader is already gone
-      ::execv("/proc/self/exe", cargs.data());
+      ::execve("/proc/self/exe", cargs.data(), envp.data());
       _exit(127);
     }
     lr->pids_.push_back(pid);

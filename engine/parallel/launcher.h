@@ -24,6 +24,9 @@ struct RankAssignment {
   std::string leader_host = "127.0.0.1";
   int leader_port = 0;
   bool spawn_local = false;  // this process is the leader and starts the others itself
+  // Proves membership to the leader's rendezvous store (tcp_store.h): HELIX_GROUP_TOKEN, or a
+  // fresh random one when this process spawns the others (they inherit it); "" = none.
+  std::string group_token;
 };
 
 // Decides this process's rank. Flags win over the environment; without either a multi-rank
@@ -41,10 +44,13 @@ StatusOr<int> PickFreePort(const std::string& host);
 
 class LocalRanks {
  public:
-  // Starts ranks 1..world-1 as `/proc/self/exe argv[1..] --rank R --leader-addr host:port`.
+  // Starts ranks 1..world-1 as `/proc/self/exe argv[1..] --rank R --leader-addr host:port`
+  // with HELIX_GROUP_TOKEN=group_token in their environment. The leader's rendezvous store
+  // should already listen on host:port (a port picked but not held can be taken meanwhile).
   // The children die with the leader (PR_SET_PDEATHSIG).
   static StatusOr<std::unique_ptr<LocalRanks>> Spawn(const std::vector<std::string>& argv,
-                                                     int world, const std::string& host, int port);
+                                                     int world, const std::string& host, int port,
+                                                     const std::string& group_token);
   // Waits up to `grace` for every child to exit, then kills the rest (SIGKILL) and reaps them.
   ~LocalRanks();
   // Waits for the children; returns the first failure ("rank R exited with code C").

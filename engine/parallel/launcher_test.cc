@@ -15,7 +15,7 @@ class AssignRankTest : public ::testing::Test {
   static void Clear() {
     for (const char* v :
          {"HELIX_RANK", "HELIX_WORLD_SIZE", "HELIX_LEADER_ADDR", "OMPI_COMM_WORLD_RANK",
-          "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"}) {
+          "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "HELIX_GROUP_TOKEN"}) {
       unsetenv(v);
     }
   }
@@ -29,6 +29,25 @@ TEST_F(AssignRankTest, NoRankMeansTheLocalLeaderSpawnsTheOthers) {
   auto one = AssignRank(1, std::nullopt, std::nullopt, "");
   ASSERT_TRUE(one.ok());
   EXPECT_FALSE(one->spawn_local);
+}
+
+// A spawning leader makes a fresh group token for its instance (its ranks inherit it through
+// HELIX_GROUP_TOKEN); every other rank takes the environment's, or none.
+TEST_F(AssignRankTest, GroupTokenIsFreshPerLocalInstanceOrFromTheEnvironment) {
+  auto a = AssignRank(2, std::nullopt, std::nullopt, "");
+  auto b = AssignRank(2, std::nullopt, std::nullopt, "");
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->group_token.size(), 32u);
+  EXPECT_NE(a->group_token, b->group_token);
+  auto worker = AssignRank(2, 1, 2, "h:1");
+  ASSERT_TRUE(worker.ok());
+  EXPECT_EQ(worker->group_token, "");
+  setenv("HELIX_GROUP_TOKEN", "tok", 1);
+  for (std::optional<int> rank : {std::optional<int>(), std::optional<int>(1)}) {
+    auto t = AssignRank(2, rank, std::nullopt, "h:1");
+    ASSERT_TRUE(t.ok());
+    EXPECT_EQ(t->group_token, "tok");
+  }
 }
 
 TEST_F(AssignRankTest, FlagsThenOpenMpiThenSlurm) {

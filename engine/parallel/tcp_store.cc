@@ -6,8 +6,10 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -50,12 +52,28 @@ bool WriteString(int fd, const std::string& s) {
 
 // Strings longer than this are refused: store values are addresses and sizes.
 constexpr uint32_t kMaxString = 64u << 20;
+constexpr uint32_t kMaxToken = 256;  // group tokens
 
-bool ReadString(int fd, std::string* s) {
+bool ReadString(int fd, std::string* s, uint32_t max_bytes = kMaxString) {
   uint32_t n = 0;
-  if (!ReadAll(fd, &n, 4) || n > kMaxString) return false;
+  if (!ReadAll(fd, &n, 4) || n > max_bytes) return false;
   s->resize(n);
   return ReadAll(fd, s->data(), n);
+}
+
+// The handshake (see tcp_store.h): client hello, then the server's answers. Distinct words,
+// so that a self-connected client, which reads its own hello back, never takes it for a yes.
+constexpr char kHello[8] = {'H', 'L', 'X', 'S', 'T', 'O', 'R', '?'};
+constexpr char kWelcome[8] = {'H', 'L', 'X', 'S', 'T', 'O', 'R', '!'};
+constexpr char kOtherGroup[8] = {'H', 'L', 'X', 'S', 'T', 'O', 'R', 'x'};
+
+// Bounds blocking send/recv on `fd` (0 = no bound).
+void SetIoTimeout(int fd, std::chrono::milliseconds t) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(t.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 }
 
 StatusOr<sockaddr_in> Resolve(const std::string& host, int port) {
@@ -74,9 +92,15 @@ StatusOr<sockaddr_in> Resolve(const std::string& host, int port) {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<TcpStoreServer>> TcpStoreServer::Start(const std::string& host, int port) {
+StatusOr<std::unique_ptr<TcpStoreServer>> TcpStoreServer::Start(const std::string& host, int port,
+                                                                std::string group_token) {
+  if (group_token.size() > kMaxToken) {
+    return InvalidArgument("rendezvous store: the group token is longer than " +
+                           std::to_string(kMaxToken) + " bytes");
+  }
   ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
   std::unique_ptr<TcpStoreServer> s(new TcpStoreServer());
+  s->group_token_ = std::move(group_token);
   s->listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (s->listen_fd_ < 0) return Internal(std::string("socket: ") + std::strerror(errno));
   const int one = 1;
@@ -126,7 +150,19 @@ void TcpStoreServer::AcceptLoop() {
 }
 
 void TcpStoreServer::Serve(int fd) {
-  for (;;) {
+  // The handshake first; a client that is not one of this group's ranks is dropped. Bounded,
+  // so that a peer which never speaks does not hold this thread.
+  char hello[sizeof(kHello)];
+  std::string token;
+  SetIoTimeout(fd, std::chrono::milliseconds(10000));
+  bool ours = ReadAll(fd, hello, sizeof(hello)) && std::memcmp(hello, kHello, sizeof(hello)) == 0 &&
+              ReadString(fd, &token, kMaxToken);
+  if (ours) {
+    ours = token == group_token_;
+    WriteAll(fd, ours ? kWelcome : kOtherGroup, sizeof(kWelcome));
+  }
+  SetIoTimeout(fd, std::chrono::milliseconds(0));
+  for (; ours;) {
     char op = 0;
     std::string key, value;
     if (!ReadAll(fd, &op, 1) || !ReadString(fd, &key) || !ReadString(fd, &value)) break;
@@ -161,7 +197,12 @@ void TcpStoreServer::Serve(int fd) {
 }
 
 StatusOr<std::unique_ptr<TcpStore>> TcpStore::Connect(const std::string& host, int port,
-                                                      std::chrono::milliseconds timeout) {
+                                                      std::chrono::milliseconds timeout,
+                                                      const std::string& group_token) {
+  if (group_token.size() > kMaxToken) {
+    return InvalidArgument("rendezvous store: the group token is longer than " +
+                           std::to_string(kMaxToken) + " bytes");
+  }
   ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
   const auto deadline = Clock::now() + timeout;
   std::string last;
@@ -171,9 +212,23 @@ StatusOr<std::unique_ptr<TcpStore>> TcpStore::Connect(const std::string& host, i
     if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
       const int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-      return std::unique_ptr<TcpStore>(new TcpStore(fd, timeout));
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      SetIoTimeout(
+          fd, std::clamp(left, std::chrono::milliseconds(100), std::chrono::milliseconds(5000)));
+      char answer[sizeof(kWelcome)] = {};
+      const bool answered = WriteAll(fd, kHello, sizeof(kHello)) && WriteString(fd, group_token) &&
+                            ReadAll(fd, answer, sizeof(answer));
+      if (answered && std::memcmp(answer, kWelcome, sizeof(answer)) == 0) {
+        SetIoTimeout(fd, std::chrono::milliseconds(0));
+        return std::unique_ptr<TcpStore>(new TcpStore(fd, timeout));
+      }
+      last = answered && std::memcmp(answer, kOtherGroup, sizeof(answer)) == 0
+                 ? "the store there belongs to another Helix instance (its group token differs)"
+                 : "what answers there is not a Helix rendezvous store";
+    } else {
+      last = std::strerror(errno);
     }
-    last = std::strerror(errno);
     ::close(fd);
     if (Clock::now() >= deadline) {
       return DeadlineExceeded("cannot reach the leader's rendezvous store at " + host + ":" +

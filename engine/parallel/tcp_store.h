@@ -2,6 +2,11 @@
 // leader too) talks to it through a TcpStore client, which implements Gloo's
 // rendezvous::Store (this Gloo has no TCP store of its own). Keys are write-once by
 // convention; values are small (addresses, sizes).
+// Every connection opens with a handshake: the client sends a magic word and its group token,
+// the server answers with a different magic word when the token is its own. A client retries
+// (until its timeout) whatever else answers: another instance's store (token differs), another
+// program on the port, or its own socket (a connect to a port nobody listens on yet can pick
+// that very port as its source: a TCP self-connection, which echoes the request back).
 // Thread-safety: the server is internally synchronised; a TcpStore client serialises its own
 // calls with a mutex.
 #pragma once
@@ -23,8 +28,10 @@ namespace helix::parallel {
 
 class TcpStoreServer {
  public:
-  // Listens on host:port (port 0 = any free port; see port()).
-  static StatusOr<std::unique_ptr<TcpStoreServer>> Start(const std::string& host, int port);
+  // Listens on host:port (port 0 = any free port; see port()). Only clients that present
+  // `group_token` are served ("" = the clients that present none).
+  static StatusOr<std::unique_ptr<TcpStoreServer>> Start(const std::string& host, int port,
+                                                         std::string group_token = "");
   ~TcpStoreServer();
   TcpStoreServer(const TcpStoreServer&) = delete;
   TcpStoreServer& operator=(const TcpStoreServer&) = delete;
@@ -38,6 +45,7 @@ class TcpStoreServer {
 
   int listen_fd_ = -1;
   int port_ = 0;
+  std::string group_token_;
   std::atomic<bool> stop_{false};
   std::thread accept_thread_;
   std::mutex mu_;
@@ -48,10 +56,12 @@ class TcpStoreServer {
 
 class TcpStore final : public gloo::rendezvous::Store {
  public:
-  // Connects to the server, retrying until `timeout` (the leader may start after a worker).
-  // `timeout` also bounds every later wait for a key.
+  // Connects to the server, retrying until `timeout` (the leader may start after a worker)
+  // and until a store of `group_token` answers the handshake. `timeout` also bounds every
+  // later wait for a key.
   static StatusOr<std::unique_ptr<TcpStore>> Connect(const std::string& host, int port,
-                                                     std::chrono::milliseconds timeout);
+                                                     std::chrono::milliseconds timeout,
+                                                     const std::string& group_token = "");
   ~TcpStore() override;
 
   // Status-returning forms for Helix's own use.

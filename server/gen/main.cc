@@ -77,20 +77,24 @@ std::variant<Instance, int> StartInstance(const std::string& cmd, helix::EngineO
   o.rank = assigned->rank;
   o.leader_host = assigned->leader_host;
   o.leader_port = assigned->leader_port;
+  o.group_token = assigned->group_token;
   if (o.rank == 0 && leader_signals != nullptr) {
     pthread_sigmask(SIG_BLOCK, leader_signals, nullptr);
   }
   Instance inst;
   if (assigned->spawn_local) {
-    if (o.leader_port == 0) {
-      auto port = helix::parallel::PickFreePort(o.leader_host);
-      if (!port.ok()) {
-        std::cerr << cmd << ": " << port.status().message() << "\n";
-        return kExitFailure;
-      }
-      o.leader_port = *port;
+    // The rendezvous store listens before any rank starts: a port only picked could be taken
+    // (or, by a rank's own connect, self-connected to) before the engine got to bind it.
+    auto store =
+        helix::parallel::TcpStoreServer::Start(o.leader_host, o.leader_port, o.group_token);
+    if (!store.ok()) {
+      std::cerr << cmd << ": " << store.status().message() << "\n";
+      return kExitFailure;
     }
-    auto spawned = helix::parallel::LocalRanks::Spawn(g_argv, world, o.leader_host, o.leader_port);
+    o.store_server = std::move(*store);
+    o.leader_port = o.store_server->port();
+    auto spawned = helix::parallel::LocalRanks::Spawn(g_argv, world, o.leader_host, o.leader_port,
+                                                      o.group_token);
     if (!spawned.ok()) {
       std::cerr << cmd << ": " << spawned.status().message() << "\n";
       return kExitFailure;
