@@ -103,6 +103,15 @@ inline uint16_t FloatToBf16(float f) {
   return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+// out[i] = x[i] rounded to `dtype` (kF16 or kBF16; to nearest even) for i < n.
+inline void StoreLowp(const float* x, int64_t n, DType dtype, uint16_t* out) {
+  if (dtype == DType::kF16) {
+    for (int64_t i = 0; i < n; ++i) out[i] = FloatToHalf(x[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(x[i]);
+  }
+}
+
 }  // namespace helix::kernels
 
 #endif  // HELIX_KERNELS_DTYPE_H_

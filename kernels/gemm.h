@@ -23,6 +23,11 @@ struct GemmParams {
   // one normalised input), so a backend that converts x for 16-bit weights may reuse that
   // conversion. Ignored by GemmCpu.
   bool same_x = false;
+  // x rounded to w_dtype ([m][k], to nearest even), when the op that made x wrote that too
+  // (RmsNormParams::out_lowp, SiluMulParams::out_lowp): a backend that would round x for
+  // 16-bit weights reads this instead. REQUIRES: it equals x so rounded, and w_dtype is its
+  // type. Ignored for fp32 weights and by GemmCpu (which reads x).
+  const void* x_lowp = nullptr;
 };
 
 // Parallel over n; each weight row is read from memory once per call for all m rows, which

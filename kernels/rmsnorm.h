@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "kernels/dtype.h"
 #include "kernels/thread_pool.h"
 
 namespace helix::kernels {
@@ -17,6 +18,11 @@ struct RmsNormParams {
   float* out;           // [rows][dim]; may alias x
   int64_t rows, dim;
   float eps;
+  // Optional second output: out rounded to out_lowp_dtype (kF16 or kBF16, to nearest even),
+  // [rows][dim], for a GEMM with 16-bit weights that takes it as its x (GemmParams::x_lowp)
+  // instead of rounding out itself. nullptr = not written.
+  void* out_lowp = nullptr;
+  DType out_lowp_dtype = DType::kBF16;
 };
 
 // out = v / sqrt(mean(v^2) + eps) * weight, v = x or the updated residual. The sum of

@@ -39,6 +39,9 @@ void RmsNormCpu(const RmsNormParams& p, ThreadPool* pool) {
       for (int64_t j = 0; j < p.dim; ++j) {
         out[j] = v[j] * inv * p.weight[j];
       }
+      if (p.out_lowp != nullptr) {
+        StoreLowp(out, p.dim, p.out_lowp_dtype, static_cast<uint16_t*>(p.out_lowp) + r * p.dim);
+      }
     }
   });
 }

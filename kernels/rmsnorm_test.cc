@@ -88,5 +88,29 @@ TEST(RmsNormTest, ZeroInputGivesZeroNotNaN) {
   }
 }
 
+// The optional 16-bit copy of the output (for the next GEMM): exactly the output rounded, both
+// types, with and without the residual.
+TEST(RmsNormTest, LowpCopyIsTheRoundedOutput) {
+  std::mt19937 rng(5);
+  ThreadPool pool(3);
+  const int64_t rows = 9, dim = 2050;
+  const std::vector<float> x = RandomVector(rng, rows * dim, -3.0f, 3.0f);
+  const std::vector<float> weight = RandomVector(rng, dim, 0.5f, 1.5f);
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (bool with_residual : {false, true}) {
+      std::vector<float> residual = RandomVector(rng, rows * dim), out(rows * dim);
+      std::vector<uint16_t> lowp(rows * dim), want(rows * dim);
+      RmsNormParams p{
+          x.data(), with_residual ? residual.data() : nullptr, weight.data(), out.data(), rows, dim,
+          1e-5f};
+      p.out_lowp = lowp.data();
+      p.out_lowp_dtype = dt;
+      RmsNormCpu(p, &pool);
+      StoreLowp(out.data(), rows * dim, dt, want.data());
+      EXPECT_EQ(lowp, want) << DTypeName(dt) << (with_residual ? " residual" : "");
+    }
+  }
+}
+
 }  // namespace
 }  // namespace helix::kernels

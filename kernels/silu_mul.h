@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "kernels/dtype.h"
 #include "kernels/thread_pool.h"
 
 namespace helix::kernels {
@@ -18,6 +19,10 @@ struct SiluMulParams {
   // gate and up halves of one fused GEMM's [rows][2F] output), out is [n / cols][cols].
   // REQUIRES: n % cols == 0, ld >= cols.
   int64_t cols = 0, ld = 0;
+  // Optional second output: out rounded to out_lowp_dtype (kF16 or kBF16, to nearest even),
+  // [n], as RmsNormParams::out_lowp. nullptr = not written.
+  void* out_lowp = nullptr;
+  DType out_lowp_dtype = DType::kBF16;
 };
 
 // silu(x) = x / (1 + e^-x). pool may be nullptr.

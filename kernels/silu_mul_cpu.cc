@@ -8,7 +8,12 @@ namespace helix::kernels {
 void SiluMulCpu(const SiluMulParams& p, ThreadPool* pool) {
   if (p.cols > 0) {
     for (int64_t r = 0; r < p.n / p.cols; ++r) {
-      SiluMulCpu({p.gate + r * p.ld, p.up + r * p.ld, p.out + r * p.cols, p.cols}, pool);
+      SiluMulParams row{p.gate + r * p.ld, p.up + r * p.ld, p.out + r * p.cols, p.cols};
+      if (p.out_lowp != nullptr) {
+        row.out_lowp = static_cast<uint16_t*>(p.out_lowp) + r * p.cols;
+        row.out_lowp_dtype = p.out_lowp_dtype;
+      }
+      SiluMulCpu(row, pool);
     }
     return;
   }
@@ -24,6 +29,9 @@ void SiluMulCpu(const SiluMulParams& p, ThreadPool* pool) {
     for (; i < e; ++i) {
       const float g = p.gate[i];
       p.out[i] = g * p.up[i] / (1.0f + std::exp(-g));
+    }
+    if (p.out_lowp != nullptr) {
+      StoreLowp(p.out + b, e - b, p.out_lowp_dtype, static_cast<uint16_t*>(p.out_lowp) + b);
     }
   });
 }

@@ -68,5 +68,27 @@ TEST(SiluMulTest, StridedRowsOfAFusedGemm) {
   ExpectAllNear(want_d, got.data(), 1e-6, 1e-7, "strided");
 }
 
+// The optional 16-bit copy of the output (for the next GEMM): exactly the output rounded, both
+// types, plain and strided (a pool splits the plain range).
+TEST(SiluMulTest, LowpCopyIsTheRoundedOutput) {
+  std::mt19937 rng(4);
+  ThreadPool pool(3);
+  const int64_t rows = 3, cols = 40000, ld = 2 * cols, n = rows * cols;
+  const std::vector<float> h13 = RandomVector(rng, rows * ld, -6.0f, 6.0f);
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (bool strided : {false, true}) {
+      std::vector<float> out(n);
+      std::vector<uint16_t> lowp(n), want(n);
+      SiluMulParams p{h13.data(), h13.data() + n, out.data(), n};
+      if (strided) p = {h13.data(), h13.data() + cols, out.data(), n, cols, ld};
+      p.out_lowp = lowp.data();
+      p.out_lowp_dtype = dt;
+      SiluMulCpu(p, &pool);
+      StoreLowp(out.data(), n, dt, want.data());
+      EXPECT_EQ(lowp, want) << DTypeName(dt) << (strided ? " strided" : "");
+    }
+  }
+}
+
 }  // namespace
 }  // namespace helix::kernels

@@ -32,7 +32,8 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       kv_(kv),
       par_(parallel),
       dims_(ComputeShardDims(model_->config, par_.layout)),
-      host_(backend->host_memory()) {
+      host_(backend->host_memory()),
+      lowp_inputs_(!backend->host_memory()) {
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
   rope_kv_fused_ = backend->HasRopeWriteKv() && !model_->config.mla() &&
                    kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == model_->config.head_dim;
@@ -58,6 +59,26 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
   workspace_.set_geometric();
   stage_a_.Bind(backend, &scratch_moves_);
   stage_b_.Bind(backend, &scratch_moves_);
+  xb_lowp_.Bind(backend, &scratch_moves_);
+  h1_lowp_.Bind(backend, &scratch_moves_);
+}
+
+kernels::DType LlamaModel::AttnInputLowp(int64_t l) const {
+  const LayerWeights& lw = model_->weights.layers[l];
+  const bool one_type =
+      packed_qkv_[l] || (lw.wk.dtype == lw.wq.dtype && lw.wv.dtype == lw.wq.dtype);
+  return lowp_inputs_ && !model_->config.mla() && one_type ? lw.wq.dtype : kernels::DType::kF32;
+}
+
+kernels::DType LlamaModel::FfnInputLowp(int64_t l) const {
+  const LayerWeights& lw = model_->weights.layers[l];
+  const bool one_type = packed_ffn_[l] || lw.w3.dtype == lw.w1.dtype;
+  return lowp_inputs_ && !model_->config.IsMoeLayer(l) && one_type ? lw.w1.dtype
+                                                                   : kernels::DType::kF32;
+}
+
+kernels::DType LlamaModel::ClassifierInputLowp() const {
+  return lowp_inputs_ ? model_->weights.classifier_dtype() : kernels::DType::kF32;
 }
 
 LlamaModel::~LlamaModel() {
@@ -624,8 +645,10 @@ Status LlamaModel::ForwardGraph(const ForwardBatch& b, const std::vector<DeviceS
     CopyBatch();
     RETURN_IF_ERROR(RunLayers(p, m));
     RETURN_IF_ERROR(logits_dev_.Resize(B * V));
-    backend_->Gemm({xb_.data(), Dev(w.classifier_data()), nullptr, logits_dev_.data(), B, V, D,
-                    w.classifier_dtype()});
+    kernels::GemmParams gp{xb_.data(), Dev(w.classifier_data()), nullptr, logits_dev_.data(), B, V,
+                           D,          w.classifier_dtype()};
+    if (ClassifierInputLowp() != kernels::DType::kF32) gp.x_lowp = xb_lowp_.data();
+    backend_->Gemm(gp);
     if (!SampleQueued(logits_dev_.data(), B, V, true, true)) {
       return Internal(std::string(backend_->name()) + " backend: graphs but no SampleTokens");
     }
@@ -673,6 +696,10 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   parallel::Communicator* world = par_.layout.single() ? nullptr : par_.world;
   RETURN_IF_ERROR(x_.Resize(T * D));
   RETURN_IF_ERROR(xb_.Resize(T * D));
+  if (lowp_inputs_) {
+    RETURN_IF_ERROR(
+        xb_lowp_.Resize(std::max<int64_t>(T, static_cast<int64_t>(b.logits_rows.size())) * D));
+  }
   if (!c.mla()) {
     RETURN_IF_ERROR(q_.Resize(T * qd));
     RETURN_IF_ERROR(k_.Resize(T * kvd));
@@ -707,9 +734,27 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   if (workspace_.size() < static_cast<int64_t>(ws)) RETURN_IF_ERROR(workspace_.Resize(ws));
 
   const auto F32 = [&](const std::vector<float>& v) { return Dev(v); };
+  constexpr kernels::DType kF32 = kernels::DType::kF32;
+  // RMSNorm into xb_, and into xb_lowp_ rounded to `lowp` unless that is kF32.
+  const auto Norm = [&](const float* x, float* residual, const std::vector<float>& weight,
+                        int64_t rows, kernels::DType lowp) {
+    kernels::RmsNormParams p{x, residual, F32(weight), xb_.data(), rows, D, c.norm_eps};
+    if (lowp != kF32) {
+      p.out_lowp = xb_lowp_.data();
+      p.out_lowp_dtype = lowp;
+    }
+    backend_->RmsNorm(p);
+  };
+  // A GEMM of xb_ (or h1_), reading its 16-bit copy when `lowp` says the norm (SiLU·mul)
+  // wrote one.
+  const auto GemmIn = [&](kernels::GemmParams p, kernels::DType lowp, const void* copy) {
+    if (lowp != kF32) p.x_lowp = copy;
+    backend_->Gemm(p);
+  };
   // x += the sum over ranks of each rank's row-parallel partial in xb_. With `norm`, the same
-  // kernel then writes the next sublayer's input xb_ = RMSNorm(x) * norm (one launch, not two).
-  const auto AddRowParallel = [&](const std::vector<float>* norm) -> Status {
+  // kernel then writes the next sublayer's input xb_ = RMSNorm(x) * norm (one launch, not two),
+  // and its 16-bit copy for a `lowp` GEMM.
+  const auto AddRowParallel = [&](const std::vector<float>* norm, kernels::DType lowp) -> Status {
     if (world != nullptr && par_.barrier_before_collectives) {
       RETURN_IF_ERROR(world->Barrier());
       sw.Lap(&tm.wait);
@@ -717,7 +762,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     if (world != nullptr) RETURN_IF_ERROR(AllReduceSum(xb_.data(), T * D));
     sw.Lap(&tm.all_reduce);
     if (norm != nullptr) {
-      backend_->RmsNorm({xb_.data(), x_.data(), F32(*norm), xb_.data(), T, D, c.norm_eps});
+      Norm(xb_.data(), x_.data(), *norm, T, lowp);
       sw.Lap(&tm.other);
     } else {
       backend_->Add(x_.data(), xb_.data(), T * D);
@@ -726,8 +771,9 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
+    const kernels::DType attn_lowp = AttnInputLowp(l), ffn_lowp = FfnInputLowp(l);
     if (l == 0) {  // later layers' attention norm comes with the previous layer's last add
-      backend_->RmsNorm({x_.data(), nullptr, F32(lw.attn_norm), xb_.data(), T, D, c.norm_eps});
+      Norm(x_.data(), nullptr, lw.attn_norm, T, attn_lowp);
     }
     sw.Lap(&tm.other);
     if (c.mla()) {
@@ -751,19 +797,21 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         // One GEMM for q|k|v (and their packed biases) per token; the rotated q into q_.
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype});
+        GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype}, attn_lowp,
+               xb_lowp_.data());
         rk.q = qkv_.data();
         rk.k = qkv_.data() + qd;
         rk.v = qkv_.data() + qd + kvd;
         rk.row_stride = n;
         rk.q_out = q_.data();
       } else {
-        backend_->Gemm({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype});
+        GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype}, attn_lowp,
+               xb_lowp_.data());
         // k and v read the same xb_ as q (same_x: a backend may reuse q's conversion of it).
-        backend_->Gemm(
-            {xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype, true});
-        backend_->Gemm(
-            {xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype, true});
+        GemmIn({xb_.data(), Dev(lw.wk), F32(lw.bk), k_.data(), T, kvd, D, lw.wk.dtype, true},
+               attn_lowp, xb_lowp_.data());
+        GemmIn({xb_.data(), Dev(lw.wv), F32(lw.bv), v_.data(), T, kvd, D, lw.wv.dtype, true},
+               attn_lowp, xb_lowp_.data());
         rk.q = q_.data();
         rk.k = k_.data();
         rk.v = v_.data();
@@ -794,7 +842,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
       sw.Lap(&tm.gemm);
     }
-    RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm));
+    RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm, ffn_lowp));
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks;
     // an MoE layer adds its experts' and shared experts' partials instead.
     if (c.IsMoeLayer(l)) {
@@ -802,20 +850,33 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     } else {
       RETURN_IF_ERROR(h1_.Resize(T * F));
       RETURN_IF_ERROR(h3_.Resize(T * F));
+      const kernels::DType down_lowp = lowp_inputs_ ? lw.w2.dtype : kF32;
+      if (down_lowp != kF32) RETURN_IF_ERROR(h1_lowp_.Resize(T * F));
+      kernels::SiluMulParams act{h1_.data(), h3_.data(), h1_.data(), T * F};
       if (packed_ffn_[l]) {
         // One GEMM for gate|up per token; SiluMul reads the halves of each row.
         RETURN_IF_ERROR(h13_.Resize(T * 2 * F));
-        backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype});
-        backend_->SiluMul({h13_.data(), h13_.data() + F, h1_.data(), T * F, F, 2 * F});
+        GemmIn({xb_.data(), Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype}, ffn_lowp,
+               xb_lowp_.data());
+        act = {h13_.data(), h13_.data() + F, h1_.data(), T * F, F, 2 * F};
       } else {
-        backend_->Gemm({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype});
-        backend_->Gemm({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true});
-        backend_->SiluMul({h1_.data(), h3_.data(), h1_.data(), T * F});
+        GemmIn({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype}, ffn_lowp,
+               xb_lowp_.data());
+        GemmIn({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true}, ffn_lowp,
+               xb_lowp_.data());
       }
-      backend_->Gemm({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype});
+      if (down_lowp != kF32) {
+        act.out_lowp = h1_lowp_.data();
+        act.out_lowp_dtype = down_lowp;
+      }
+      backend_->SiluMul(act);
+      GemmIn({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype}, down_lowp,
+             h1_lowp_.data());
     }
     sw.Lap(&tm.gemm);
-    RETURN_IF_ERROR(AddRowParallel(l + 1 < c.n_layers ? &w.layers[l + 1].attn_norm : nullptr));
+    RETURN_IF_ERROR(l + 1 < c.n_layers
+                        ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1))
+                        : AddRowParallel(nullptr, kF32));
   }
   sw.Lap(&tm.other);
 
@@ -824,7 +885,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   RETURN_IF_ERROR(rows_.Resize(R * D));
   backend_->GatherRows(x_.data(), D, m.logits_rows, R, D, rows_.data());
   RETURN_IF_ERROR(xb_.Resize(std::max(T, R) * D));
-  backend_->RmsNorm({rows_.data(), nullptr, F32(w.final_norm), xb_.data(), R, D, c.norm_eps});
+  Norm(rows_.data(), nullptr, w.final_norm, R, ClassifierInputLowp());
   return Status::Ok();
 }
 
@@ -851,6 +912,13 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
   const int64_t R = static_cast<int64_t>(b.logits_rows.size());
   const int64_t V = c.vocab_size, Vl = dims_.vocab_end - dims_.vocab_begin;
   const void* classifier = Dev(w.classifier_data());
+  // The classifier GEMM into out [R][n] (this rank's n vocabulary rows), on a device backend,
+  // reading the final norm's 16-bit copy of xb_ where it wrote one.
+  const auto Classifier = [&](float* out, int64_t n) {
+    kernels::GemmParams gp{xb_.data(), classifier, nullptr, out, R, n, D, w.classifier_dtype()};
+    if (ClassifierInputLowp() != kernels::DType::kF32) gp.x_lowp = xb_lowp_.data();
+    backend_->Gemm(gp);
+  };
   if (tokens != nullptr) tokens->assign(R, -1);
   if (world == nullptr) {
     if (host_) {
@@ -860,7 +928,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
     } else {
       RETURN_IF_ERROR(logits_dev_.Resize(R * V));
       float* out = logits_dev_.data();
-      backend_->Gemm({xb_.data(), classifier, nullptr, out, R, V, D, w.classifier_dtype()});
+      Classifier(out, V);
       bool need_logits = true;
       if (sample_rows != nullptr && tokens != nullptr && R > 0) {
         ASSIGN_OR_RETURN(need_logits, SampleOnDevice(*sample_rows, out, R, V, tokens));
@@ -883,8 +951,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
     RETURN_IF_ERROR(send_.Resize(std::max<int64_t>(R * vmax, 1)));
     RETURN_IF_ERROR(recv_.Resize(std::max<int64_t>(n * R * vmax, 1)));
     if (R > 0) {
-      backend_->Gemm(
-          {xb_.data(), classifier, nullptr, logits_dev_.data(), R, Vl, D, w.classifier_dtype()});
+      Classifier(logits_dev_.data(), Vl);
       backend_->CopyDevice2D(send_.data(), vmax * sizeof(float), logits_dev_.data(),
                              Vl * sizeof(float), Vl * sizeof(float), R);
     }
@@ -898,8 +965,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
     local_logits_.assign(R * vmax, 0.0f);
     if (R > 0) {
       RETURN_IF_ERROR(logits_dev_.Resize(R * Vl));
-      backend_->Gemm(
-          {xb_.data(), classifier, nullptr, logits_dev_.data(), R, Vl, D, w.classifier_dtype()});
+      Classifier(logits_dev_.data(), Vl);
       const float* lg = logits_dev_.data();
       if (!host_) {
         RETURN_IF_ERROR(stage_a_.Resize(R * Vl));

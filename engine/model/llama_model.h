@@ -230,6 +230,17 @@ class LlamaModel {
   // The backend runs RoPE and the K/V write as one op for this model's layout (and packs).
   bool rope_kv_fused_ = false;
   BackendArray<float> qkv_, h13_;
+  // 16-bit copies of GEMM inputs, written by the op that makes the input (RMSNorm into
+  // xb_lowp_, SiLU·mul into h1_lowp_) for the GEMMs with 16-bit weights that read it, which
+  // then convert nothing (device backends: lowp_inputs_).
+  bool lowp_inputs_ = false;
+  BackendArray<uint16_t> xb_lowp_, h1_lowp_;
+  // The 16-bit type the GEMMs reading layer l's attention (FFN) input, or the classifier, take
+  // their input in when it is written beside it; kF32 = not written (fp32 weights, a host
+  // backend, mixed types, MLA or MoE layers).
+  kernels::DType AttnInputLowp(int64_t l) const;
+  kernels::DType FfnInputLowp(int64_t l) const;
+  kernels::DType ClassifierInputLowp() const;
   // Scratch in backend memory, grown as needed.
   BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;
   BackendArray<float> logits_dev_, send_, recv_;

@@ -68,7 +68,7 @@ cudaError_t UseStream(cublasHandle_t handle, cudaStream_t stream) {
 }  // namespace
 
 size_t GemmCudaWorkspaceBytes(const GemmParams& p) {
-  return p.w_dtype == DType::kF32 ? 0 : static_cast<size_t>(p.m * p.k) * 2;
+  return p.w_dtype == DType::kF32 || p.x_lowp != nullptr ? 0 : static_cast<size_t>(p.m * p.k) * 2;
 }
 
 cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
@@ -83,7 +83,10 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
     HELIX_CUDA_RETURN_IF_ERROR(UseStream(handle, stream));
     const void* x = p.x;
     cudaDataType_t in_type = CUDA_R_32F;
-    if (p.w_dtype == DType::kBF16) {
+    if (p.w_dtype != DType::kF32 && p.x_lowp != nullptr) {
+      x = p.x_lowp;  // the op that made x rounded it already
+      in_type = p.w_dtype == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
+    } else if (p.w_dtype == DType::kBF16) {
       if (!x_converted) {
         ConvertKernel<__nv_bfloat16><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
             p.x, static_cast<__nv_bfloat16*>(workspace), p.m * p.k);

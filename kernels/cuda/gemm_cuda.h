@@ -16,7 +16,8 @@
 
 namespace helix::kernels::cuda {
 
-// Workspace bytes GemmCuda needs: m * k of the weight type for 16-bit weights, else 0.
+// Workspace bytes GemmCuda needs: m * k of the weight type for 16-bit weights without
+// p.x_lowp, else 0.
 size_t GemmCudaWorkspaceBytes(const GemmParams& p);
 
 // REQUIRES: device pointers; workspace of GemmCudaWorkspaceBytes(p) bytes (256-byte aligned);
@@ -26,7 +27,8 @@ size_t GemmCudaWorkspaceBytes(const GemmParams& p);
 // Returns cudaErrorUnknown (after printing the cuBLAS status) when cuBLAS fails.
 // x_converted: the workspace already holds x converted to the weight type (by the previous
 // GemmCuda call with the same x, m, k and w_dtype, which nothing wrote in between): no
-// conversion kernel.
+// conversion kernel. With p.x_lowp (16-bit weights) the GEMM reads that, converts nothing and
+// leaves the workspace as it was.
 cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace,
                      cudaStream_t stream, bool x_converted = false);
 

@@ -25,6 +25,16 @@ __device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_
              v.head_dim;
 }
 
+// base[i] = v rounded to `dtype` (kF16 or kBF16, to nearest even): the optional 16-bit copy of
+// an op's output for the GEMM that reads it (RmsNormParams::out_lowp).
+__device__ inline void StoreLowp(void* base, DType dtype, int64_t i, float v) {
+  if (dtype == DType::kF16) {
+    static_cast<__half*>(base)[i] = FromFloat<__half>(v);
+  } else {
+    static_cast<__nv_bfloat16*>(base)[i] = FromFloat<__nv_bfloat16>(v);
+  }
+}
+
 unsigned GridFor(int64_t n, int threads) {
 #ifdef HELIX_CUDA_EMULATION
   constexpr int64_t kMaxGrid = 4;  // grid-stride loops: few emulated thread blocks suffice
@@ -83,6 +93,7 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
   const float* x = p.x + r * p.dim;
   float* res = p.residual != nullptr ? p.residual + r * p.dim : nullptr;
   float* out = p.out + r * p.dim;
+  const int64_t lowp_row = r * p.dim;
   double s = 0.0;
   if (p.dim <= step * kRmsRegs) {
     float vals[kRmsRegs];
@@ -114,7 +125,9 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
     for (int j = 0; j < kRmsRegs; ++j) {
       const int64_t i = threadIdx.x + j * step;
       if (i < p.dim) {
-        out[i] = __fmul_rn(__fmul_rn(vals[j], inv), p.weight[i]);
+        const float o = __fmul_rn(__fmul_rn(vals[j], inv), p.weight[i]);
+        out[i] = o;
+        if (p.out_lowp != nullptr) StoreLowp(p.out_lowp, p.out_lowp_dtype, lowp_row + i, o);
       }
     }
     return;
@@ -132,7 +145,9 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
       static_cast<float>(1.0 / sqrt(s / static_cast<double>(p.dim) + static_cast<double>(p.eps)));
   const float* v = res != nullptr ? res : x;
   for (int64_t i = threadIdx.x; i < p.dim; i += step) {
-    out[i] = __fmul_rn(__fmul_rn(v[i], inv), p.weight[i]);
+    const float o = __fmul_rn(__fmul_rn(v[i], inv), p.weight[i]);
+    out[i] = o;
+    if (p.out_lowp != nullptr) StoreLowp(p.out_lowp, p.out_lowp_dtype, lowp_row + i, o);
   }
 }
 
@@ -177,7 +192,9 @@ __global__ void SiluMulKernel(const SiluMulParams p) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t in = p.cols > 0 ? i / p.cols * p.ld + i % p.cols : i;
     const float g = p.gate[in];
-    p.out[i] = g * p.up[in] / (1.0f + expf(-g));
+    const float o = g * p.up[in] / (1.0f + expf(-g));
+    p.out[i] = o;
+    if (p.out_lowp != nullptr) StoreLowp(p.out_lowp, p.out_lowp_dtype, i, o);
   }
 }
 

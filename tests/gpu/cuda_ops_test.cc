@@ -468,6 +468,23 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, RoPE, SiLU*mul
 
+// `lowp` holds exactly `out` rounded to `dtype` (an op's out_lowp copy).
+void ExpectRoundedCopy(const std::vector<float>& out, DType dtype,
+                       const std::vector<uint16_t>& lowp, const std::string& what) {
+  std::vector<uint16_t> want(out.size());
+  StoreLowp(out.data(), static_cast<int64_t>(out.size()), dtype, want.data());
+  ASSERT_EQ(lowp.size(), want.size()) << what;
+  int64_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (lowp[i] != want[i] && bad++ < 3) {
+      ADD_FAILURE() << what << ": 16-bit copy [" << i << "] = 0x" << std::hex << lowp[i]
+                    << ", want 0x" << want[i] << std::dec << " (" << out[i] << " as "
+                    << DTypeName(dtype) << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0) << what;
+}
+
 TEST_F(CudaOpsTest, RmsNormPlainResidualAndInPlace) {
   std::mt19937 rng(31);
   for (int64_t rows : {1, 7}) {
@@ -477,28 +494,38 @@ TEST_F(CudaOpsTest, RmsNormPlainResidualAndInPlace) {
         const std::vector<float> w = RandomVector(rng, dim);
         const std::vector<float> res0 = RandomVector(rng, rows * dim);
         std::vector<float> res = res0, out(rows * dim), x_cpu = x;
+        // The 16-bit copy of the output for the next GEMM (out_lowp), in both types.
+        const DType lowp = (mode + dim) % 2 == 0 ? DType::kBF16 : DType::kF16;
+        std::vector<uint16_t> lowp_cpu(rows * dim);
         RmsNormCpu({.x = x_cpu.data(),
                     .residual = mode == 1 ? res.data() : nullptr,
                     .weight = w.data(),
                     .out = mode == 2 ? x_cpu.data() : out.data(),
                     .rows = rows,
                     .dim = dim,
-                    .eps = 1e-5f},
+                    .eps = 1e-5f,
+                    .out_lowp = lowp_cpu.data(),
+                    .out_lowp_dtype = lowp},
                    nullptr);
         DeviceBuffer<float> d_x(x), d_w(w), d_res(res0), d_out(rows * dim);
+        DeviceBuffer<uint16_t> d_lowp(rows * dim);
         ASSERT_EQ(cuda::RmsNormCuda({.x = d_x.get(),
                                      .residual = mode == 1 ? d_res.get() : nullptr,
                                      .weight = d_w.get(),
                                      .out = mode == 2 ? d_x.get() : d_out.get(),
                                      .rows = rows,
                                      .dim = dim,
-                                     .eps = 1e-5f},
+                                     .eps = 1e-5f,
+                                     .out_lowp = d_lowp.get(),
+                                     .out_lowp_dtype = lowp},
                                     nullptr),
                   cudaSuccess);
         const std::string what = "rows=" + std::to_string(rows) + " dim=" + std::to_string(dim) +
                                  " mode=" + std::to_string(mode);
         const std::vector<float> got = mode == 2 ? d_x.Download() : d_out.Download();
         ExpectAllNear(ToDouble(mode == 2 ? x_cpu : out), got.data(), kF32Tol, kF32Tol, what);
+        ExpectRoundedCopy(mode == 2 ? x_cpu : out, lowp, lowp_cpu, what + " cpu");
+        ExpectRoundedCopy(got, lowp, d_lowp.Download(), what);
         if (mode == 1) {
           ExpectAllNear(ToDouble(res), d_res.Download().data(), 0, 0, what + " residual");
         }
@@ -579,34 +606,49 @@ TEST_F(CudaOpsTest, SiluMul) {
     std::vector<float> want(n);
     SiluMulCpu({.gate = g.data(), .up = u.data(), .out = want.data(), .n = n}, nullptr);
     DeviceBuffer<float> d_g(g), d_u(u);
+    DeviceBuffer<uint16_t> d_lowp(n);
+    const DType lowp = n % 2 == 0 ? DType::kBF16 : DType::kF16;
     // In place on gate, as the CPU contract allows.
-    ASSERT_EQ(
-        cuda::SiluMulCuda({.gate = d_g.get(), .up = d_u.get(), .out = d_g.get(), .n = n}, nullptr),
-        cudaSuccess);
-    ExpectAllNear(ToDouble(want), d_g.Download().data(), kF32Tol, kF32Tol,
-                  "n=" + std::to_string(n));
+    ASSERT_EQ(cuda::SiluMulCuda({.gate = d_g.get(),
+                                 .up = d_u.get(),
+                                 .out = d_g.get(),
+                                 .n = n,
+                                 .out_lowp = d_lowp.get(),
+                                 .out_lowp_dtype = lowp},
+                                nullptr),
+              cudaSuccess);
+    const std::vector<float> got = d_g.Download();
+    ExpectAllNear(ToDouble(want), got.data(), kF32Tol, kF32Tol, "n=" + std::to_string(n));
+    ExpectRoundedCopy(got, lowp, d_lowp.Download(), "n=" + std::to_string(n));
   }
   // Rows of a fused gate|up GEMM output ([rows][2 * cols]) into [rows][cols].
   const int64_t rows = 7, cols = 333;
   const std::vector<float> h13 = RandomVector(rng, rows * 2 * cols, -8.0f, 8.0f);
   std::vector<float> want(rows * cols);
+  std::vector<uint16_t> want_lowp(rows * cols);
   SiluMulCpu({.gate = h13.data(),
               .up = h13.data() + cols,
               .out = want.data(),
               .n = rows * cols,
               .cols = cols,
-              .ld = 2 * cols},
+              .ld = 2 * cols,
+              .out_lowp = want_lowp.data()},
              nullptr);
+  ExpectRoundedCopy(want, DType::kBF16, want_lowp, "strided rows cpu");
   DeviceBuffer<float> d_h13(h13), d_out(rows * cols);
+  DeviceBuffer<uint16_t> d_lowp(rows * cols);
   ASSERT_EQ(cuda::SiluMulCuda({.gate = d_h13.get(),
                                .up = d_h13.get() + cols,
                                .out = d_out.get(),
                                .n = rows * cols,
                                .cols = cols,
-                               .ld = 2 * cols},
+                               .ld = 2 * cols,
+                               .out_lowp = d_lowp.get()},
                               nullptr),
             cudaSuccess);
-  ExpectAllNear(ToDouble(want), d_out.Download().data(), kF32Tol, kF32Tol, "strided rows");
+  const std::vector<float> got = d_out.Download();
+  ExpectAllNear(ToDouble(want), got.data(), kF32Tol, kF32Tol, "strided rows");
+  ExpectRoundedCopy(got, DType::kBF16, d_lowp.Download(), "strided rows");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -959,7 +1001,23 @@ TEST_F(CudaOpsTest, GemmAllWeightTypes) {
         const std::string what = std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
                                  " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
                                  (bias ? " bias" : "");
-        ExpectGemmNear(dt, want, d_y.Download().data(), what);
+        const std::vector<float> y1 = d_y.Download();
+        ExpectGemmNear(dt, want, y1.data(), what);
+        if (dt != DType::kF32) {
+          // x given already rounded (GemmParams::x_lowp, as RMSNorm writes it): the same
+          // product, with no workspace and x itself unreadable (NaNs).
+          std::vector<uint16_t> x16(x.size());
+          StoreLowp(x.data(), static_cast<int64_t>(x.size()), dt, x16.data());
+          DeviceBuffer<uint16_t> d_x16(x16);
+          DeviceBuffer<float> d_nan(std::vector<float>(x.size(), NAN)), d_y3(sh.m * sh.n);
+          GemmParams p3 = p;
+          p3.x = d_nan.get();
+          p3.x_lowp = d_x16.get();
+          p3.y = d_y3.get();
+          EXPECT_EQ(cuda::GemmCudaWorkspaceBytes(p3), 0u);
+          ASSERT_EQ(cuda::GemmCuda(handle, p3, nullptr, nullptr), cudaSuccess);
+          EXPECT_EQ(d_y3.Download(), y1) << what << " (x_lowp)";
+        }
         // A second GEMM off the same x reusing the first one's conversion in the workspace (the
         // backend's same_x): x itself is wiped first, so only the converted copy can be read.
         const std::vector<float> w2 = RandomVector(rng, sh.n * sh.k);

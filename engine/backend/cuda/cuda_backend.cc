@@ -344,7 +344,23 @@ class CudaBackend final : public Backend {
   void Gemm(const kernels::GemmParams& p) override {
 #ifdef HELIX_CUDA_EMULATION
     Op("GemmCpu", [=] {
-      kernels::GemmCpu(p, nullptr);
+      // GemmCuda's numerics: with 16-bit weights cuBLAS multiplies x rounded to their type,
+      // which is x_lowp where the caller gives it (so a wrong or stale copy shows here too).
+      if (p.w_dtype == kernels::DType::kF32 || p.m <= 0 || p.k <= 0) {
+        kernels::GemmCpu(p, nullptr);
+        return cudaSuccess;
+      }
+      std::vector<float> xr(static_cast<size_t>(p.m * p.k));
+      const bool bf16 = p.w_dtype == kernels::DType::kBF16;
+      for (size_t i = 0; i < xr.size(); ++i) {
+        const uint16_t h = p.x_lowp != nullptr ? static_cast<const uint16_t*>(p.x_lowp)[i]
+                                               : (bf16 ? kernels::FloatToBf16(p.x[i])
+                                                       : kernels::FloatToHalf(p.x[i]));
+        xr[i] = bf16 ? kernels::Bf16ToFloat(h) : kernels::HalfToFloat(h);
+      }
+      kernels::GemmParams rounded = p;
+      rounded.x = xr.data();
+      kernels::GemmCpu(rounded, nullptr);
       return cudaSuccess;
     });
 #else
@@ -356,9 +372,12 @@ class CudaBackend final : public Backend {
                        converted_.m == p.m && converted_.k == p.k &&
                        converted_.dtype == p.w_dtype && moves == scratch_moves_;
     const bool ok = Note(kc::GemmCuda(cublas_, p, gemm_ws_, stream_, reuse), "GemmCuda");
-    // What gemm_ws_ now holds: x converted, where a conversion ran (16-bit weights and a
-    // non-empty product; GemmCuda returns early otherwise) or was reused.
-    const bool converts = p.w_dtype != kernels::DType::kF32 && p.m > 0 && p.n > 0 && p.k > 0;
+    // What gemm_ws_ now holds: x converted, where a conversion ran (16-bit weights without
+    // x_lowp and a non-empty product; GemmCuda returns early otherwise) or was reused. After a
+    // GEMM that read x_lowp nothing is reused: its x may be a rewritten buffer of an older
+    // conversion.
+    const bool converts =
+        p.w_dtype != kernels::DType::kF32 && p.x_lowp == nullptr && p.m > 0 && p.n > 0 && p.k > 0;
     converted_ = ok && converts ? Converted{p.x, p.m, p.k, p.w_dtype} : Converted{};
 #endif
   }
