@@ -149,7 +149,10 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
   if (o.backend == "cpu") return std::unique_ptr<Backend>(new CpuBackend(o.num_threads));
   if (o.backend == "cuda") {
 #ifdef HELIX_HAVE_CUDA_BACKEND
-    return CreateCudaBackend(o.cuda_device >= 0 ? o.cuda_device : o.rank);
+    CudaBackendOptions c;
+    c.device = o.cuda_device >= 0 ? o.cuda_device : o.rank;
+    c.decode_gemv = o.cuda_decode_gemv;
+    return CreateCudaBackend(c);
 #else
     return Unimplemented(
         "backend \"cuda\": this build has no CUDA backend (no nvcc was found when it was "

@@ -20,6 +20,7 @@
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/cuda/dequant_cuda.h"
 #include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/mla_attention_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/gemm.h"
@@ -931,6 +932,76 @@ TEST_F(CudaOpsTest, SampleSkipsGreedyRows) {
                                      std::vector<float>(rows, 1.0f), std::vector<float>(rows, 0.0f),
                                      us, &got));
   EXPECT_EQ(got, want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode GEMV (16-bit weights, fp32 x, no cuBLAS): GemmCpu's products up to summation order.
+
+TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
+  std::mt19937 rng(43);
+  struct Shape {
+    int64_t m, n, k;
+  };
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    // k: one chunk, whole unrolled steps, and partial ones (1032 = 4 * 256 + 8, 2056).
+    for (Shape sh : {Shape{1, 1, 8}, Shape{1, 37, 256}, Shape{2, 100, 1032}, Shape{3, 64, 4096},
+                     Shape{4, 9, 2056}}) {
+      for (bool bias : {false, true}) {
+        const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
+        const std::vector<float> w = RandomVector(rng, sh.n * sh.k);
+        const std::vector<float> b = RandomVector(rng, sh.n);
+        std::vector<uint16_t> w16(w.size());
+        StoreLowp(w.data(), static_cast<int64_t>(w.size()), dt, w16.data());
+        std::vector<float> want(sh.m * sh.n);
+        GemmParams p{.x = x.data(),
+                     .w = w16.data(),
+                     .bias = bias ? b.data() : nullptr,
+                     .y = want.data(),
+                     .m = sh.m,
+                     .n = sh.n,
+                     .k = sh.k,
+                     .w_dtype = dt};
+        GemmCpu(p, nullptr);
+        DeviceBuffer<float> d_x(x), d_b(b), d_y(std::vector<float>(sh.m * sh.n, NAN));
+        DeviceBuffer<uint16_t> d_w(w16);
+        p.x = d_x.get();
+        p.w = d_w.get();
+        p.bias = bias ? d_b.get() : nullptr;
+        p.y = d_y.get();
+        const std::string what = std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
+                                 " n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k) +
+                                 (bias ? " bias" : "");
+        ASSERT_TRUE(cuda::GemvApplies(p)) << what;
+        ASSERT_EQ(cuda::GemvCuda(p, nullptr), cudaSuccess) << what;
+        ExpectAllNear(ToDouble(want), d_y.Download().data(), 1e-4, 1e-4, what);
+      }
+    }
+  }
+  // What it does not take: more rows, fp32 weights, k not a multiple of 8, unaligned x.
+  DeviceBuffer<float> d_x(64 * 16);
+  DeviceBuffer<uint16_t> d_w(64 * 16);
+  GemmParams p{.x = d_x.get(),
+               .w = d_w.get(),
+               .bias = nullptr,
+               .y = nullptr,
+               .m = 1,
+               .n = 16,
+               .k = 64,
+               .w_dtype = DType::kBF16};
+  EXPECT_TRUE(cuda::GemvApplies(p));
+  GemmParams q = p;
+  q.m = cuda::kGemvMaxRows + 1;
+  EXPECT_FALSE(cuda::GemvApplies(q));
+  q = p;
+  q.w_dtype = DType::kF32;
+  EXPECT_FALSE(cuda::GemvApplies(q));
+  q = p;
+  q.k = 60;
+  EXPECT_FALSE(cuda::GemvApplies(q));
+  q = p;
+  q.x = d_x.get() + 1;
+  EXPECT_FALSE(cuda::GemvApplies(q));
+  EXPECT_EQ(cuda::GemvCuda(q, nullptr), cudaErrorInvalidValue);
 }
 
 // ---------------------------------------------------------------------------------------------

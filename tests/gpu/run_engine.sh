@@ -54,10 +54,18 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs and the profiled ones (shape:context:cuda graphs).
-PROFILES=(llama3-1b:8192:0 llama3-1b:8192:1)
-RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:32768:0 smollm2-135m:32768:1
-  llama3-1b:8192:0 llama3-1b:8192:1 llama3-1b:32768:1)
+# The decode benchmark runs (shape:context:cuda graphs[:gemv], gemv = decode_bench --gemv 1,
+# the decode GEMMs as GemvCuda instead of cuBLAS) and the profiled ones (shape:context:graphs).
+PROFILES=(llama3-1b:8192:1)
+RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:32768:1
+  llama3-1b:8192:0 llama3-1b:8192:0:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:32768:1
+  llama3-1b:32768:1:1)
+# The log / result name of a RUNS entry.
+run_name() {
+  local s ctx g v
+  IFS=: read -r s ctx g v <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)"
+}
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
@@ -92,10 +100,11 @@ if [[ $BUILD_OK == 0 ]]; then
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g <<<"$r"
+      IFS=: read -r s ctx g v <<<"$r"
       [[ $s == "$shape" ]] || continue
-      step decode_${s}_${ctx}_g$g decode_${s}_${ctx}_g$g.log 120 "$BUILD/decode_bench" \
-        --backend cuda --cuda-graphs $g --model "$BUILD/bench_$s/model.bin" \
+      n=$(run_name "$r")
+      step $n $n.log 120 "$BUILD/decode_bench" \
+        --backend cuda --cuda-graphs $g --gemv ${v:-0} --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
@@ -126,8 +135,7 @@ fi
       IFS=: read -r _ sh ctx g <<<"$s"
       s=ncu_${sh}_${ctx}_g$g
     elif [[ $s == *:* ]]; then
-      IFS=: read -r sh ctx g <<<"$s"
-      s=decode_${sh}_${ctx}_g$g
+      s=$(run_name "$s")
     fi
     printf '%-30s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
@@ -149,8 +157,8 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g <<<"$r"
-    f=$LOGS/decode_${sh}_${ctx}_g$g.log
+    IFS=: read -r sh ctx g v <<<"$r"
+    f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
     [[ -n $line ]] || { tail -3 "$f"; continue; }
@@ -159,11 +167,11 @@ fi
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
-    awk -v m=$sh -v c=$ctx -v g=$g -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" -v kb="$kb" \
-      -v bw="${D2D:-0}" 'BEGIN {
+    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+      -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d (%2d replays, %d captures): %.3f ms/step, " \
-             "roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, rp, cp,
+      printf "%-13s context %6d graphs %d gemv %d (%2d replays, %d captures): %.3f ms/step, " \
+             "roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, v, rp, cp,
              ms, roof, wb / 1e6,
              kb / 1e6, (roof > 0 ? ms / roof : 0) }'
   done

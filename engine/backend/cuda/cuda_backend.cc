@@ -14,6 +14,7 @@
 
 #include "engine/common/log.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/mla_attention_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
 #ifdef HELIX_CUDA_EMULATION
@@ -342,6 +343,13 @@ class CudaBackend final : public Backend {
   }
 
   void Gemm(const kernels::GemmParams& p) override {
+    if (options_.decode_gemv && kc::GemvApplies(p)) {
+      Op("GemvCuda", [=, this] { return kc::GemvCuda(p, stream_); });
+#ifndef HELIX_CUDA_EMULATION
+      converted_ = {};  // the workspace is as it was, but x may be a rewritten buffer
+#endif
+      return;
+    }
 #ifdef HELIX_CUDA_EMULATION
     Op("GemmCpu", [=] {
       // GemmCuda's numerics: with 16-bit weights cuBLAS multiplies x rounded to their type,

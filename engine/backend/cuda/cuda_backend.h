@@ -20,6 +20,11 @@ struct CudaBackendOptions {
   // 0: the kernel's choice (one wave of thread blocks over the GPU). Tests set it to exercise
   // the split path on small contexts.
   int64_t attention_split_tokens = 0;
+  // GEMMs of at most kernels::cuda::kGemvMaxRows rows with 16-bit weights (decode) run as
+  // GemvCuda (fp32 x read directly: no conversion kernel, no cuBLAS) instead of cuBLAS. Off by
+  // default until a GPU run measures it against cuBLAS (decode_bench --gemv,
+  // tests/gpu/run_engine.sh).
+  bool decode_gemv = false;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

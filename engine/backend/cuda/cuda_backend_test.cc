@@ -73,6 +73,7 @@ struct Case {
   int tp, cp;
   bool sampled = false;  // SampledBatch (seeded sampling, mostly on the device) instead of Batch
   bool graphs = false;   // EngineOptions::cuda_graphs (and no logprobs, so that steps qualify)
+  bool gemv = false;     // CudaBackendOptions::decode_gemv
 };
 
 const std::vector<Case>& StoriesCases() {
@@ -84,8 +85,13 @@ const std::vector<Case>& StoriesCases() {
       {"bf16kv_tpb4_split8", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1},
       {"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2},
       {"f16kv_tp2_cp2_tpb8", kernels::DType::kF16, std::nullopt, 8, 0, 2, 2},
+      // bf16 weights with the decode steps' GEMMs (up to 4 rows) as GemvCuda (on the GPU also
+      // inside a graph).
+      {"bf16w_gemv", kernels::DType::kBF16, kernels::DType::kBF16, 8, 0, 1, 1, false, false, true},
 #ifndef HELIX_CUDA_EMULATION
       {"bf16_weights", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1},
+      {"bf16w_gemv_graphs", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1, false, true,
+       true},
 #endif
   };
   return cases;
@@ -123,6 +129,7 @@ EngineOptions CudaOptions(const Case& c) {
   o.kv_staging_tokens = 2 * c.tokens_per_block;  // a 2-slot ring when a rank pulls more blocks
   CudaBackendOptions bo;
   bo.attention_split_tokens = c.split_tokens;
+  bo.decode_gemv = c.gemv;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   return o;
 }
