@@ -69,7 +69,7 @@ run_name() {
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
-TARGETS=(cuda_backend_test cuda_ops_test decode_bench gpu_copy_bench)
+TARGETS=(cuda_backend_test cuda_ops_test decode_bench gpu_copy_bench gpu_gemv_bench)
 if cmake --build "$BUILD" --target help 2>/dev/null | grep -q nccl_communicator_test; then
   TARGETS+=(nccl_communicator_test)
 fi
@@ -94,6 +94,8 @@ if [[ $BUILD_OK == 0 ]]; then
   fi
   step cuda_ops_test cuda_ops_test.log 90 "$BUILD/tests/gpu/cuda_ops_test"
   step copy_bench copy_bench.log 60 "$BUILD/tests/gpu/copy_bench"
+  # Decode GEMMs: cuBLAS (converting x or not) vs GemvCuda vs a read of the same weights.
+  step gemv_bench gemv_bench.log 60 "$BUILD/tests/gpu/gemv_bench"
   # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
   # Each run: 8 untimed warm-up steps, then 64 timed ones.
   for shape in smollm2-135m llama3-1b; do
@@ -130,7 +132,7 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
-    model_smollm2-135m model_llama3-1b "${RUNS[@]}" "${PROFILES[@]/#/ncu:}"; do
+    gemv_bench model_smollm2-135m model_llama3-1b "${RUNS[@]}" "${PROFILES[@]/#/ncu:}"; do
     if [[ $s == ncu:* ]]; then
       IFS=: read -r _ sh ctx g <<<"$s"
       s=ncu_${sh}_${ctx}_g$g
@@ -152,6 +154,14 @@ fi
   [[ -f $LOGS/cuda_ops_test.log ]] &&
     grep -hE "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure" "$LOGS/cuda_ops_test.log" | head -8
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
+  if [[ -f $LOGS/gemv_bench.log ]]; then
+    echo "decode GEMMs, bf16 weights (us per call; fraction of the read kernel's bandwidth):"
+    awk '/^shape=/ { for (i = 1; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      printf "  %-22s m %s: cublas %7s (%s), cublas+lowp x %7s, gemv %7s (%s), read %7s\n",
+             v["shape"], v["m"], v["cublas_us"], v["cublas_vs_read"], v["cublas_lowp_us"],
+             v["gemv_us"], v["gemv_vs_read"], v["read_us"] }
+      !/^shape=/ { print "  " $0 }' "$LOGS/gemv_bench.log" | head -24
+  fi
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
   echo "end-to-end decode (random-weight models, bf16 weights and KV, batch 1, 64 timed steps"
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"

@@ -1,0 +1,152 @@
+// Decode GEMMs with bf16 weights (the layer shapes of Llama-3.2-1B and SmolLM2-135M, 1 and 4
+// rows of x), three ways in one run: cuBLAS after converting x (GemmCuda), cuBLAS on an x
+// already in bf16 (GemmCuda with x_lowp, as after a fused RMSNorm), and GemvCuda (fp32 x, no
+// conversion); each against a pure-read kernel over the same weight bytes. Weights are cycled
+// through enough copies to exceed the L2 cache, so every call reads them from memory; each
+// figure is the best of 5 timings of 50 back-to-back calls. One line per shape, key=value.
+//   gemv_bench
+// Exits 0 with a note when no GPU is visible.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <vector>
+
+#include "kernels/cuda/gemm_cuda.h"
+#include "kernels/cuda/gemv_cuda.h"
+#include "tests/gpu/bench_kernels.h"
+
+namespace {
+
+namespace kc = helix::kernels::cuda;
+using helix::kernels::DType;
+using helix::kernels::GemmParams;
+
+bool Ok(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return true;
+  std::fprintf(stderr, "gemv_bench: %s: %s\n", what, cudaGetErrorString(e));
+  return false;
+}
+
+struct Shape {
+  const char* name;
+  int64_t n, k;
+};
+
+constexpr int kCalls = 50;
+
+// Best of 5 timings of kCalls calls of f(call index), in microseconds per call.
+double TimeUs(cudaStream_t s, const std::function<cudaError_t(int)>& f, bool* ok) {
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  double best = 1e30;
+  for (int rep = 0; rep < 6 && *ok; ++rep) {
+    cudaEventRecord(e0, s);
+    for (int c = 0; c < kCalls && *ok; ++c) *ok = Ok(f(rep * kCalls + c), "kernel");
+    cudaEventRecord(e1, s);
+    *ok = *ok && Ok(cudaEventSynchronize(e1), "sync");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (rep > 0) best = std::min(best, 1e3 * ms / kCalls);  // the first is a warm-up
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return best;
+}
+
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("gemv_bench: no CUDA device visible\n");
+    return 0;
+  }
+  const Shape shapes[] = {
+      {"llama3-1b.qkv", 3072, 2048},        {"llama3-1b.o", 2048, 2048},
+      {"llama3-1b.gate_up", 16384, 2048},   {"llama3-1b.down", 2048, 8192},
+      {"llama3-1b.lm_head", 128256, 2048},  {"smollm2-135m.qkv", 960, 576},
+      {"smollm2-135m.gate_up", 3072, 576},  {"smollm2-135m.down", 576, 1536},
+      {"smollm2-135m.lm_head", 49152, 576},
+  };
+  cudaStream_t s = nullptr;
+  cublasHandle_t cublas = nullptr;
+  unsigned* sink = nullptr;
+  if (!Ok(cudaStreamCreate(&s), "stream") || cublasCreate(&cublas) != CUBLAS_STATUS_SUCCESS ||
+      !Ok(cudaMalloc(&sink, sizeof(unsigned)), "sink")) {
+    return 1;
+  }
+  // Copies of each weight matrix past 256 MiB in all (the H100's L2 is 50 MB).
+  constexpr size_t kCycleBytes = size_t{256} << 20;
+  bool ok = true;
+  for (const Shape& sh : shapes) {
+    const size_t wbytes = static_cast<size_t>(sh.n * sh.k) * 2;
+    const int copies = static_cast<int>(std::max<size_t>(1, (kCycleBytes + wbytes - 1) / wbytes));
+    void* w = nullptr;
+    float *x = nullptr, *y = nullptr;
+    void *x16 = nullptr, *ws = nullptr;
+    const int64_t max_m = kc::kGemvMaxRows;
+    ok = Ok(cudaMalloc(&w, wbytes * copies), "weights") &&
+         Ok(cudaMalloc(&x, max_m * sh.k * sizeof(float)), "x") &&
+         Ok(cudaMalloc(&x16, max_m * sh.k * 2), "x16") &&
+         Ok(cudaMalloc(&y, max_m * sh.n * sizeof(float)), "y") &&
+         Ok(cudaMalloc(&ws, max_m * sh.k * 2), "workspace") &&
+         Ok(helix::gpu_testing::LaunchFillBf16(w, wbytes / 2 * copies, 1, s), "fill") &&
+         Ok(helix::gpu_testing::LaunchFillBf16(x16, max_m * sh.k, 2, s), "fill") &&
+         Ok(cudaMemsetAsync(x, 0, max_m * sh.k * sizeof(float), s), "memset");
+    for (int64_t m : {int64_t{1}, max_m}) {
+      if (!ok) break;
+      const auto params = [&](int call) {
+        GemmParams p{};
+        p.x = x;
+        p.w = static_cast<const char*>(w) + (call % copies) * wbytes;
+        p.y = y;
+        p.m = m;
+        p.n = sh.n;
+        p.k = sh.k;
+        p.w_dtype = DType::kBF16;
+        return p;
+      };
+      const double cublas_us = TimeUs(
+          s, [&](int c) { return kc::GemmCuda(cublas, params(c), ws, s); }, &ok);
+      const double lowp_us = TimeUs(
+          s,
+          [&](int c) {
+            GemmParams p = params(c);
+            p.x_lowp = x16;
+            return kc::GemmCuda(cublas, p, ws, s);
+          },
+          &ok);
+      const double gemv_us = TimeUs(
+          s, [&](int c) { return kc::GemvCuda(params(c), s); }, &ok);
+      const double read_us = TimeUs(
+          s,
+          [&](int c) {
+            return helix::gpu_testing::LaunchReadReduce(
+                static_cast<const char*>(w) + (c % copies) * wbytes, wbytes, sink, s);
+          },
+          &ok);
+      if (!ok) break;
+      const double gb = static_cast<double>(wbytes) / 1e9;
+      std::printf(
+          "shape=%s m=%lld n=%lld k=%lld weight_mb=%.1f cublas_us=%.2f cublas_lowp_us=%.2f "
+          "gemv_us=%.2f read_us=%.2f gemv_gb_s=%.0f read_gb_s=%.0f gemv_vs_read=%.2f "
+          "cublas_vs_read=%.2f gemv_speedup_vs_cublas=%.2f\n",
+          sh.name, static_cast<long long>(m), static_cast<long long>(sh.n),
+          static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, read_us,
+          gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us, read_us / cublas_us,
+          cublas_us / gemv_us);
+    }
+    cudaFree(w);
+    cudaFree(x);
+    cudaFree(x16);
+    cudaFree(y);
+    cudaFree(ws);
+    if (!ok) return 1;
+  }
+  cublasDestroy(cublas);
+  return 0;
+}
