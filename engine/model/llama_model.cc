@@ -32,8 +32,15 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
       kv_(kv),
       par_(parallel),
       dims_(ComputeShardDims(model_->config, par_.layout)),
-      host_(backend->host_memory()),
-      lowp_inputs_(!backend->host_memory()) {
+      host_(backend->host_memory()) {
+  // 16-bit copies of GEMM inputs only on a device backend with some 16-bit weight matrix.
+  bool any16 = model_->weights.classifier_dtype() != kernels::DType::kF32;
+  for (const LayerWeights& lw : model_->weights.layers) {
+    for (const WeightMatrix* m : {&lw.wq, &lw.wk, &lw.wv, &lw.w1, &lw.w2, &lw.w3}) {
+      any16 = any16 || m->dtype != kernels::DType::kF32;
+    }
+  }
+  lowp_inputs_ = !host_ && any16;
   if (model_->config.mla()) model_->config.RopeTables(&inv_freq_, &rope_mscale_);
   rope_kv_fused_ = backend->HasRopeWriteKv() && !model_->config.mla() &&
                    kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == model_->config.head_dim;

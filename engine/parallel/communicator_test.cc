@@ -100,6 +100,8 @@ class FakeListener {
         if (c < 0) return;
         ++connections_;
         char buf[256];
+        timeval tv{2, 0};  // a client that never sends does not hold the listener
+        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
         const ssize_t n = recv(c, buf, sizeof(buf), 0);
         const std::string out = reply_(std::string(buf, n > 0 ? static_cast<size_t>(n) : 0));
         if (!out.empty()) send(c, out.data(), out.size(), MSG_NOSIGNAL);
@@ -160,6 +162,12 @@ TEST(TcpStoreTest, AnotherGroupsStoreRefusesTheClient) {
   auto v = (*mine)->Get("k");  // the refused clients left the store serving its own
   ASSERT_TRUE(v.ok());
   EXPECT_EQ(*v, "v");
+  // The refused attempts' threads are reaped: only `mine` is left.
+  const auto deadline = std::chrono::steady_clock::now() + milliseconds(3000);
+  while ((*server)->connections() > 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  EXPECT_EQ((*server)->connections(), 1u);
   EXPECT_FALSE(TcpStoreServer::Start("127.0.0.1", 0, std::string(300, 't')).ok());
 }
 

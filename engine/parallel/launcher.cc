@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <random>
 #include <thread>
 
@@ -26,13 +28,23 @@ std::optional<int> EnvInt(const char* name) {
   return static_cast<int>(x);
 }
 
-// 128 random bits, hex.
+// 128 random bits, hex (from the clock and the pid where no random device can be opened).
 std::string RandomToken() {
-  std::random_device rd;
+  uint32_t words[4];
+  try {
+    std::random_device rd;
+    for (uint32_t& w : words) w = rd();
+  } catch (const std::exception&) {
+    std::seed_seq seq{
+        static_cast<uint32_t>(std::chrono::steady_clock::now().time_since_epoch().count()),
+        static_cast<uint32_t>(std::chrono::system_clock::now().time_since_epoch().count()),
+        static_cast<uint32_t>(::getpid())};
+    std::mt19937 gen(seq);
+    for (uint32_t& w : words) w = gen();
+  }
   static const char kHex[] = "0123456789abcdef";
   std::string t;
-  for (int i = 0; i < 4; ++i) {
-    uint32_t x = rd();
+  for (uint32_t x : words) {
     for (int j = 0; j < 8; ++j, x >>= 4) t.push_back(kHex[x & 15]);
   }
   return t;
@@ -78,7 +90,9 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
   if (!rank) {
     a.rank = 0;
     a.spawn_local = world > 1;
-    if (a.spawn_local && a.group_token.empty()) a.group_token = RandomToken();
+    // A leader that spawns its ranks makes its own token (an exported one could be shared by
+    // two such instances).
+    if (a.spawn_local) a.group_token = RandomToken();
     if (!addr.empty()) {
       ASSIGN_OR_RETURN(auto hp, ParseHostPort(addr));
       std::tie(a.leader_host, a.leader_port) = hp;

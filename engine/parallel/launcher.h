@@ -24,8 +24,8 @@ struct RankAssignment {
   std::string leader_host = "127.0.0.1";
   int leader_port = 0;
   bool spawn_local = false;  // this process is the leader and starts the others itself
-  // Proves membership to the leader's rendezvous store (tcp_store.h): HELIX_GROUP_TOKEN, or a
-  // fresh random one when this process spawns the others (they inherit it); "" = none.
+  // Proves membership to the leader's rendezvous store (tcp_store.h): a fresh random one when
+  // this process spawns the others (they inherit it), else HELIX_GROUP_TOKEN; "" = none.
   std::string group_token;
 };
 

@@ -43,11 +43,19 @@ TEST_F(AssignRankTest, GroupTokenIsFreshPerLocalInstanceOrFromTheEnvironment) {
   ASSERT_TRUE(worker.ok());
   EXPECT_EQ(worker->group_token, "");
   setenv("HELIX_GROUP_TOKEN", "tok", 1);
-  for (std::optional<int> rank : {std::optional<int>(), std::optional<int>(1)}) {
-    auto t = AssignRank(2, rank, std::nullopt, "h:1");
-    ASSERT_TRUE(t.ok());
-    EXPECT_EQ(t->group_token, "tok");
-  }
+  auto t = AssignRank(2, 1, std::nullopt, "h:1");  // a rank started by a launcher
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->group_token, "tok");
+  setenv("HELIX_RANK", "0", 1);  // its leader
+  auto l = AssignRank(2, std::nullopt, std::nullopt, "h:1");
+  ASSERT_TRUE(l.ok());
+  EXPECT_FALSE(l->spawn_local);
+  EXPECT_EQ(l->group_token, "tok");
+  unsetenv("HELIX_RANK");
+  auto own = AssignRank(2, std::nullopt, std::nullopt, "");  // spawns: its own, not the export
+  ASSERT_TRUE(own.ok());
+  EXPECT_TRUE(own->spawn_local);
+  EXPECT_EQ(own->group_token.size(), 32u);
 }
 
 TEST_F(AssignRankTest, FlagsThenOpenMpiThenSlurm) {

@@ -127,29 +127,50 @@ TcpStoreServer::~TcpStoreServer() {
   std::vector<std::thread> threads;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (int fd : client_fds_) ::shutdown(fd, SHUT_RDWR);
-    threads.swap(client_threads_);
+    for (Client& c : clients_) {
+      if (c.fd >= 0) ::shutdown(c.fd, SHUT_RDWR);
+    }
+    for (Client& c : clients_) threads.push_back(std::move(c.thread));
   }
   for (std::thread& t : threads) t.join();
+}
+
+size_t TcpStoreServer::connections() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return clients_.size();
+}
+
+void TcpStoreServer::ReapFinished() {
+  for (auto it = clients_.begin(); it != clients_.end();) {
+    if (it->fd < 0) {
+      it->thread.join();  // its Serve has returned from its last locked section
+      it = clients_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 void TcpStoreServer::AcceptLoop() {
   while (!stop_) {
     pollfd pfd{listen_fd_, POLLIN, 0};
-    if (::poll(&pfd, 1, 200) <= 0) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    const bool ready = ::poll(&pfd, 1, 200) > 0;
+    const int fd = ready ? ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC) : -1;
     std::lock_guard<std::mutex> lock(mu_);
+    ReapFinished();
+    if (fd < 0) continue;
     if (stop_) {
       ::close(fd);
       break;
     }
-    client_fds_.push_back(fd);
-    client_threads_.emplace_back([this, fd] { Serve(fd); });
+    Client& c = clients_.emplace_back();
+    c.fd = fd;
+    c.thread = std::thread([this, p = &c] { Serve(p); });
   }
 }
 
-void TcpStoreServer::Serve(int fd) {
+void TcpStoreServer::Serve(Client* client) {
+  const int fd = client->fd;  // written before this thread started
   // The handshake first; a client that is not one of this group's ranks is dropped. Bounded,
   // so that a peer which never speaks does not hold this thread.
   char hello[sizeof(kHello)];
@@ -191,9 +212,7 @@ void TcpStoreServer::Serve(int fd) {
   }
   std::lock_guard<std::mutex> lock(mu_);
   ::close(fd);
-  for (int& f : client_fds_) {
-    if (f == fd) f = -1;
-  }
+  client->fd = -1;
 }
 
 StatusOr<std::unique_ptr<TcpStore>> TcpStore::Connect(const std::string& host, int port,

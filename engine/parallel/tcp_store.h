@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -37,11 +38,20 @@ class TcpStoreServer {
   TcpStoreServer& operator=(const TcpStoreServer&) = delete;
 
   int port() const { return port_; }
+  // Connections it holds a thread for (open ones, and ended ones not yet reaped: the accept
+  // loop reaps those within ~200 ms).
+  size_t connections();
 
  private:
+  struct Client {
+    int fd = -1;
+    std::thread thread;
+  };
   TcpStoreServer() = default;
   void AcceptLoop();
-  void Serve(int fd);
+  void Serve(Client* client);
+  // Joins and drops the clients whose Serve has ended. REQUIRES mu_.
+  void ReapFinished();
 
   int listen_fd_ = -1;
   int port_ = 0;
@@ -50,8 +60,9 @@ class TcpStoreServer {
   std::thread accept_thread_;
   std::mutex mu_;
   std::map<std::string, std::vector<char>> data_;  // GUARDED_BY(mu_)
-  std::vector<int> client_fds_;                    // GUARDED_BY(mu_)
-  std::vector<std::thread> client_threads_;        // GUARDED_BY(mu_)
+  // One thread per connection; fd becomes -1 when its Serve ends, and the accept loop joins
+  // and drops such entries (a refused client retries many times: they must not pile up).
+  std::list<Client> clients_;  // GUARDED_BY(mu_)
 };
 
 class TcpStore final : public gloo::rendezvous::Store {
