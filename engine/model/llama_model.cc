@@ -88,6 +88,14 @@ kernels::DType LlamaModel::ClassifierInputLowp() const {
   return lowp_inputs_ ? model_->weights.classifier_dtype() : kernels::DType::kF32;
 }
 
+void LlamaModel::ClassifierGemm(float* out, int64_t rows, int64_t n) {
+  const ModelWeights& w = model_->weights;
+  kernels::GemmParams p{xb_.data(),         Dev(w.classifier_data()), nullptr, out, rows, n,
+                        model_->config.dim, w.classifier_dtype()};
+  if (ClassifierInputLowp() != kernels::DType::kF32) p.x_lowp = xb_lowp_.data();
+  backend_->Gemm(p);
+}
+
 LlamaModel::~LlamaModel() {
   for (void* dev : allocs_) backend_->Free(dev);
 }
@@ -602,8 +610,7 @@ int64_t WidthBucket(int64_t max_blocks) {
 Status LlamaModel::ForwardGraph(const ForwardBatch& b, const std::vector<DeviceSampleRow>& rows,
                                 std::vector<int32_t>* tokens) {
   const ModelConfig& c = model_->config;
-  const ModelWeights& w = model_->weights;
-  const int64_t T = b.num_tokens(), D = c.dim, V = c.vocab_size;
+  const int64_t T = b.num_tokens(), V = c.vocab_size;
   // Pad to the bucket: B sequences (padding ones have no KV, write nothing and sample greedily),
   // block tables W wide.
   const int64_t B = NextPow2(T), W = WidthBucket(b.max_blocks);
@@ -652,10 +659,7 @@ Status LlamaModel::ForwardGraph(const ForwardBatch& b, const std::vector<DeviceS
     CopyBatch();
     RETURN_IF_ERROR(RunLayers(p, m));
     RETURN_IF_ERROR(logits_dev_.Resize(B * V));
-    kernels::GemmParams gp{xb_.data(), Dev(w.classifier_data()), nullptr, logits_dev_.data(), B, V,
-                           D,          w.classifier_dtype()};
-    if (ClassifierInputLowp() != kernels::DType::kF32) gp.x_lowp = xb_lowp_.data();
-    backend_->Gemm(gp);
+    ClassifierGemm(logits_dev_.data(), B, V);
     if (!SampleQueued(logits_dev_.data(), B, V, true, true)) {
       return Internal(std::string(backend_->name()) + " backend: graphs but no SampleTokens");
     }
@@ -900,8 +904,6 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
                            const std::vector<DeviceSampleRow>* sample_rows,
                            std::vector<int32_t>* tokens) {
   const ModelConfig& c = model_->config;
-  const ModelWeights& w = model_->weights;
-  const int64_t D = c.dim;
   parallel::Communicator* world = par_.layout.single() ? nullptr : par_.world;
   RETURN_IF_ERROR(backend_->Activate());
   if (GraphEligible(b, sample_rows, tokens)) {
@@ -918,24 +920,15 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
   // The classifier, only for the rows that sample; vocab-parallel and gathered on several ranks.
   const int64_t R = static_cast<int64_t>(b.logits_rows.size());
   const int64_t V = c.vocab_size, Vl = dims_.vocab_end - dims_.vocab_begin;
-  const void* classifier = Dev(w.classifier_data());
-  // The classifier GEMM into out [R][n] (this rank's n vocabulary rows), on a device backend,
-  // reading the final norm's 16-bit copy of xb_ where it wrote one.
-  const auto Classifier = [&](float* out, int64_t n) {
-    kernels::GemmParams gp{xb_.data(), classifier, nullptr, out, R, n, D, w.classifier_dtype()};
-    if (ClassifierInputLowp() != kernels::DType::kF32) gp.x_lowp = xb_lowp_.data();
-    backend_->Gemm(gp);
-  };
   if (tokens != nullptr) tokens->assign(R, -1);
   if (world == nullptr) {
     if (host_) {
       logits->resize(R * V);
-      backend_->Gemm(
-          {xb_.data(), classifier, nullptr, logits->data(), R, V, D, w.classifier_dtype()});
+      ClassifierGemm(logits->data(), R, V);
     } else {
       RETURN_IF_ERROR(logits_dev_.Resize(R * V));
       float* out = logits_dev_.data();
-      Classifier(out, V);
+      ClassifierGemm(out, R, V);
       bool need_logits = true;
       if (sample_rows != nullptr && tokens != nullptr && R > 0) {
         ASSIGN_OR_RETURN(need_logits, SampleOnDevice(*sample_rows, out, R, V, tokens));
@@ -958,7 +951,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
     RETURN_IF_ERROR(send_.Resize(std::max<int64_t>(R * vmax, 1)));
     RETURN_IF_ERROR(recv_.Resize(std::max<int64_t>(n * R * vmax, 1)));
     if (R > 0) {
-      Classifier(logits_dev_.data(), Vl);
+      ClassifierGemm(logits_dev_.data(), R, Vl);
       backend_->CopyDevice2D(send_.data(), vmax * sizeof(float), logits_dev_.data(),
                              Vl * sizeof(float), Vl * sizeof(float), R);
     }
@@ -972,7 +965,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
     local_logits_.assign(R * vmax, 0.0f);
     if (R > 0) {
       RETURN_IF_ERROR(logits_dev_.Resize(R * Vl));
-      Classifier(logits_dev_.data(), Vl);
+      ClassifierGemm(logits_dev_.data(), R, Vl);
       const float* lg = logits_dev_.data();
       if (!host_) {
         RETURN_IF_ERROR(stage_a_.Resize(R * Vl));

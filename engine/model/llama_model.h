@@ -241,6 +241,9 @@ class LlamaModel {
   kernels::DType AttnInputLowp(int64_t l) const;
   kernels::DType FfnInputLowp(int64_t l) const;
   kernels::DType ClassifierInputLowp() const;
+  // The classifier GEMM of the final norm's rows xb_ [rows][dim] into out [rows][n] (this
+  // rank's n vocabulary rows), reading the norm's 16-bit copy where it wrote one.
+  void ClassifierGemm(float* out, int64_t rows, int64_t n);
   // Scratch in backend memory, grown as needed.
   BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;
   BackendArray<float> logits_dev_, send_, recv_;

@@ -27,12 +27,12 @@ struct Args {
 };
 
 [[noreturn]] void Usage(const std::string& why) {
-  std::fprintf(
-      stderr,
-      "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
-      "[--context N] [--batch B] [--steps S] [--warmup W] [--threads T] [--kv-dtype D] "
-      "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1] [--gemv 0|1]\n",
-      why.c_str());
+  std::fprintf(stderr,
+               "decode_bench: %s\nusage: decode_bench --model PATH [--tokenizer PATH] "
+               "[--context N] [--batch B] [--steps S] [--warmup W] [--threads T] [--kv-dtype D] "
+               "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1] "
+               "[--gemv 0|1]\n",
+               why.c_str());
   std::exit(2);
 }
 
@@ -185,10 +185,11 @@ int main(int argc, char** argv) {
       "engine=helix backend=%s cuda_graphs=%d gemv=%d model=%s context=%lld batch=%lld steps=%lld "
       "warmup=%lld kv_dtype=%s weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f "
       "graph_replays=%lld graph_captures=%lld weight_bytes=%.0f kv_read_bytes=%.0f\n",
-      a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.gemv ? 1 : 0, a.model.c_str(), static_cast<long long>(a.context),
-      static_cast<long long>(a.batch), static_cast<long long>(a.steps),
-      static_cast<long long>(a.warmup), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
-      decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps),
+      a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.gemv ? 1 : 0, a.model.c_str(),
+      static_cast<long long>(a.context), static_cast<long long>(a.batch),
+      static_cast<long long>(a.steps), static_cast<long long>(a.warmup), a.kv_dtype.c_str(),
+      a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
+      1e3 * decode_s / static_cast<double>(a.steps),
       static_cast<long long>(after.graph_replays - before.graph_replays),
       static_cast<long long>(after.graph_captures - before.graph_captures), weight_bytes,
       kv_read_bytes);

@@ -358,13 +358,18 @@ class CudaBackend final : public Backend {
         kernels::GemmCpu(p, nullptr);
         return cudaSuccess;
       }
-      std::vector<float> xr(static_cast<size_t>(p.m * p.k));
+      const size_t n = static_cast<size_t>(p.m * p.k);
+      std::vector<uint16_t> rounded_x;
+      const uint16_t* h = static_cast<const uint16_t*>(p.x_lowp);
+      if (h == nullptr) {
+        rounded_x.resize(n);
+        kernels::StoreLowp(p.x, static_cast<int64_t>(n), p.w_dtype, rounded_x.data());
+        h = rounded_x.data();
+      }
+      std::vector<float> xr(n);
       const bool bf16 = p.w_dtype == kernels::DType::kBF16;
-      for (size_t i = 0; i < xr.size(); ++i) {
-        const uint16_t h = p.x_lowp != nullptr ? static_cast<const uint16_t*>(p.x_lowp)[i]
-                                               : (bf16 ? kernels::FloatToBf16(p.x[i])
-                                                       : kernels::FloatToHalf(p.x[i]));
-        xr[i] = bf16 ? kernels::Bf16ToFloat(h) : kernels::HalfToFloat(h);
+      for (size_t i = 0; i < n; ++i) {
+        xr[i] = bf16 ? kernels::Bf16ToFloat(h[i]) : kernels::HalfToFloat(h[i]);
       }
       kernels::GemmParams rounded = p;
       rounded.x = xr.data();
