@@ -49,9 +49,13 @@ struct EngineOptions {
   // The cuda backend on one rank: run decode steps as CUDA graphs (LlamaModel::set_use_graphs).
   // On by default since they passed the engine tests on an H100 and ran faster there.
   bool cuda_graphs = true;
-  // The cuda backend: decode GEMMs with 16-bit weights as a GEMV kernel instead of cuBLAS
-  // (CudaBackendOptions::decode_gemv; off until measured on a GPU; decode_bench --gemv 1).
-  bool cuda_decode_gemv = false;
+  // The cuda backend: decode GEMMs with 16-bit weights as a GEMV kernel instead of cuBLAS, and
+  // the gate|up GEMM fused with its SiLU·mul (CudaBackendOptions::decode_gemv; on by default
+  // since it ran faster on an H100; decode_bench --gemv 0 measures without it).
+  bool cuda_decode_gemv = true;
+  // The cuda backend: programmatic dependent launch of the decode-step kernels
+  // (CudaBackendOptions::programmatic_launch; decode_bench --pdl 0 measures without it).
+  bool cuda_programmatic_launch = true;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

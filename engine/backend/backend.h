@@ -90,6 +90,9 @@ class Backend {
   virtual void DropGraphs() {}
   // How often the backend's own scratch (e.g. a GEMM workspace a graph holds) has moved.
   virtual uint64_t scratch_moves() const { return 0; }
+  // How many ops of kernel `op` (e.g. "GemvCuda") the backend has queued, captures included;
+  // -1 where it does not count (tests check which kernels a model's step took).
+  virtual int64_t ops_queued(const std::string& /*op*/) const { return -1; }
 
   virtual void Gemm(const kernels::GemmParams& p) = 0;
   // `batch` GEMMs over strided views in one call (kernels/gemm.h GemmBatchedParams).
@@ -97,6 +100,18 @@ class Backend {
   virtual void RmsNorm(const kernels::RmsNormParams& p) = 0;
   virtual void Rope(const kernels::RopeParams& p) = 0;
   virtual void SiluMul(const kernels::SiluMulParams& p) = 0;
+  // The packed gate|up product p, then act (the SiluMul that reads its two halves of each row
+  // of p.y), in one op where the backend has one: true = done (p.y may be left unwritten);
+  // false = nothing done, the caller runs Gemm(p) then SiluMul(act).
+  virtual bool GemmSiluMul(const kernels::GemmParams& /*p*/,
+                           const kernels::SiluMulParams& /*act*/) {
+    return false;
+  }
+  // Whether Gemm of `rows` rows of x with `w` weights reads x rounded to 16 bits (then a
+  // producer's GemmParams::x_lowp copy saves it a conversion; false: such a copy goes unread).
+  virtual bool GemmReadsLowpX(int64_t /*rows*/, kernels::DType w) const {
+    return w != kernels::DType::kF32;
+  }
   // x[i] += y[i] for i < n (the residual add).
   virtual void Add(float* x, const float* y, int64_t n) = 0;
   // out[rows[j]][d] += w[j] * y[j][d] for j < n, d < dim (an MoE expert's weighted output into

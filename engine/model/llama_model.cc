@@ -70,29 +70,39 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
   h1_lowp_.Bind(backend, &scratch_moves_);
 }
 
-kernels::DType LlamaModel::AttnInputLowp(int64_t l) const {
+kernels::DType LlamaModel::LowpIfRead(kernels::DType lowp, int64_t rows) const {
+  return lowp_inputs_ && lowp != kernels::DType::kF32 && backend_->GemmReadsLowpX(rows, lowp)
+             ? lowp
+             : kernels::DType::kF32;
+}
+
+kernels::DType LlamaModel::AttnInputLowp(int64_t l, int64_t rows) const {
   const LayerWeights& lw = model_->weights.layers[l];
   const bool one_type =
       packed_qkv_[l] || (lw.wk.dtype == lw.wq.dtype && lw.wv.dtype == lw.wq.dtype);
-  return lowp_inputs_ && !model_->config.mla() && one_type ? lw.wq.dtype : kernels::DType::kF32;
+  return !model_->config.mla() && one_type ? LowpIfRead(lw.wq.dtype, rows) : kernels::DType::kF32;
 }
 
-kernels::DType LlamaModel::FfnInputLowp(int64_t l) const {
+kernels::DType LlamaModel::FfnInputLowp(int64_t l, int64_t rows) const {
   const LayerWeights& lw = model_->weights.layers[l];
   const bool one_type = packed_ffn_[l] || lw.w3.dtype == lw.w1.dtype;
-  return lowp_inputs_ && !model_->config.IsMoeLayer(l) && one_type ? lw.w1.dtype
-                                                                   : kernels::DType::kF32;
+  return !model_->config.IsMoeLayer(l) && one_type ? LowpIfRead(lw.w1.dtype, rows)
+                                                   : kernels::DType::kF32;
 }
 
-kernels::DType LlamaModel::ClassifierInputLowp() const {
-  return lowp_inputs_ ? model_->weights.classifier_dtype() : kernels::DType::kF32;
+kernels::DType LlamaModel::DownInputLowp(int64_t l, int64_t rows) const {
+  return LowpIfRead(model_->weights.layers[l].w2.dtype, rows);
+}
+
+kernels::DType LlamaModel::ClassifierInputLowp(int64_t rows) const {
+  return LowpIfRead(model_->weights.classifier_dtype(), rows);
 }
 
 void LlamaModel::ClassifierGemm(float* out, int64_t rows, int64_t n) {
   const ModelWeights& w = model_->weights;
   kernels::GemmParams p{xb_.data(),         Dev(w.classifier_data()), nullptr, out, rows, n,
                         model_->config.dim, w.classifier_dtype()};
-  if (ClassifierInputLowp() != kernels::DType::kF32) p.x_lowp = xb_lowp_.data();
+  if (ClassifierInputLowp(rows) != kernels::DType::kF32) p.x_lowp = xb_lowp_.data();
   backend_->Gemm(p);
 }
 
@@ -782,7 +792,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
-    const kernels::DType attn_lowp = AttnInputLowp(l), ffn_lowp = FfnInputLowp(l);
+    const kernels::DType attn_lowp = AttnInputLowp(l, T), ffn_lowp = FfnInputLowp(l, T);
     if (l == 0) {  // later layers' attention norm comes with the previous layer's last add
       Norm(x_.data(), nullptr, lw.attn_norm, T, attn_lowp);
     }
@@ -861,32 +871,41 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     } else {
       RETURN_IF_ERROR(h1_.Resize(T * F));
       RETURN_IF_ERROR(h3_.Resize(T * F));
-      const kernels::DType down_lowp = lowp_inputs_ ? lw.w2.dtype : kF32;
+      const kernels::DType down_lowp = DownInputLowp(l, T);
       if (down_lowp != kF32) RETURN_IF_ERROR(h1_lowp_.Resize(T * F));
       kernels::SiluMulParams act{h1_.data(), h3_.data(), h1_.data(), T * F};
+      if (down_lowp != kF32) {
+        act.out_lowp = h1_lowp_.data();
+        act.out_lowp_dtype = down_lowp;
+      }
       if (packed_ffn_[l]) {
-        // One GEMM for gate|up per token; SiluMul reads the halves of each row.
+        // One GEMM for gate|up per token; SiluMul reads the halves of each row (one op where
+        // the backend fuses them).
         RETURN_IF_ERROR(h13_.Resize(T * 2 * F));
-        GemmIn({xb_.data(), Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype}, ffn_lowp,
-               xb_lowp_.data());
-        act = {h13_.data(), h13_.data() + F, h1_.data(), T * F, F, 2 * F};
+        kernels::GemmParams gu{xb_.data(), Dev(lw.w1), nullptr, h13_.data(),
+                               T,          2 * F,      D,       lw.w1.dtype};
+        if (ffn_lowp != kF32) gu.x_lowp = xb_lowp_.data();
+        act.gate = h13_.data();
+        act.up = h13_.data() + F;
+        act.cols = F;
+        act.ld = 2 * F;
+        if (!backend_->GemmSiluMul(gu, act)) {
+          backend_->Gemm(gu);
+          backend_->SiluMul(act);
+        }
       } else {
         GemmIn({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype}, ffn_lowp,
                xb_lowp_.data());
         GemmIn({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true}, ffn_lowp,
                xb_lowp_.data());
+        backend_->SiluMul(act);
       }
-      if (down_lowp != kF32) {
-        act.out_lowp = h1_lowp_.data();
-        act.out_lowp_dtype = down_lowp;
-      }
-      backend_->SiluMul(act);
       GemmIn({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype}, down_lowp,
              h1_lowp_.data());
     }
     sw.Lap(&tm.gemm);
     RETURN_IF_ERROR(l + 1 < c.n_layers
-                        ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1))
+                        ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T))
                         : AddRowParallel(nullptr, kF32));
   }
   sw.Lap(&tm.other);
@@ -896,7 +915,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   RETURN_IF_ERROR(rows_.Resize(R * D));
   backend_->GatherRows(x_.data(), D, m.logits_rows, R, D, rows_.data());
   RETURN_IF_ERROR(xb_.Resize(std::max(T, R) * D));
-  Norm(rows_.data(), nullptr, w.final_norm, R, ClassifierInputLowp());
+  Norm(rows_.data(), nullptr, w.final_norm, R, ClassifierInputLowp(R));
   return Status::Ok();
 }
 

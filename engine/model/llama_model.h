@@ -235,12 +235,16 @@ class LlamaModel {
   // then convert nothing (device backends: lowp_inputs_).
   bool lowp_inputs_ = false;
   BackendArray<uint16_t> xb_lowp_, h1_lowp_;
-  // The 16-bit type the GEMMs reading layer l's attention (FFN) input, or the classifier, take
-  // their input in when it is written beside it; kF32 = not written (fp32 weights, a host
-  // backend, mixed types, MLA or MoE layers).
-  kernels::DType AttnInputLowp(int64_t l) const;
-  kernels::DType FfnInputLowp(int64_t l) const;
-  kernels::DType ClassifierInputLowp() const;
+  // The 16-bit type the GEMMs of `rows` rows reading layer l's attention (FFN) input, the
+  // down projection's, or the classifier's take their input in when it is written beside it;
+  // kF32 = not written (fp32 weights, a host backend, mixed types, MLA or MoE layers, or a
+  // backend that would not read it for so many rows: Backend::GemmReadsLowpX).
+  kernels::DType AttnInputLowp(int64_t l, int64_t rows) const;
+  kernels::DType FfnInputLowp(int64_t l, int64_t rows) const;
+  kernels::DType DownInputLowp(int64_t l, int64_t rows) const;
+  kernels::DType ClassifierInputLowp(int64_t rows) const;
+  // `lowp` where a backend GEMM of `rows` rows reads a 16-bit x of that type, else kF32.
+  kernels::DType LowpIfRead(kernels::DType lowp, int64_t rows) const;
   // The classifier GEMM of the final norm's rows xb_ [rows][dim] into out [rows][n] (this
   // rank's n vocabulary rows), reading the norm's 16-bit copy where it wrote one.
   void ClassifierGemm(float* out, int64_t rows, int64_t n);

@@ -60,21 +60,6 @@ struct Args {
 // ---------------------------------------------------------------------------------------------
 // Pieces shared by both paths.
 
-// Programmatic dependent launch (Hopper): the attention grid lets the merge grid be launched
-// before it finishes; the merge waits for it (and its memory) before reading. Both are no-ops
-// where the launch did not ask for it, and compiled out before sm_90.
-__device__ inline void LaunchDependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ inline void WaitForPrerequisiteGrids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 struct Item {
   int t, h, c, qh0, g;  // query token, KV head, chunk, first query head, heads in the group
   int pos;
@@ -272,7 +257,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
   uint64_t* bars = reinterpret_cast<uint64_t*>(s_wl + kMaxWarps * kG) + warp * kMaxStages;
   float* red = reinterpret_cast<float*>(smem);  // [warps][kG][D], after the rings are done
 
-  LaunchDependents();  // the split-KV merge may start its launch now (it waits for this grid)
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
   const Item it = DecodeItem(a);
   const int G = it.g;
   const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
@@ -660,6 +645,7 @@ size_t GenericSmemBytes(int d) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   HELIX_DYNAMIC_SMEM(smem);
   const int d = a.d;
   float* kf = reinterpret_cast<float*>(smem);  // [kTileRows][d]
@@ -776,7 +762,7 @@ __device__ inline float MergeBlockReduce(float v, float* s, bool is_max) {
 // 16-byte aligned o and out).
 template <int kVec>
 __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesParams p) {
-  WaitForPrerequisiteGrids();  // launched early after split-KV attention: wait for its results
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL (launched early after split-KV attention)
   using Red = float[kMergeThreads / 32];
   using Weights = float[kMergeChunk];
   using Acc = float[kVec * kMergeThreads];
@@ -1139,7 +1125,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
                   static_cast<unsigned>(parts));
-  HELIX_LAUNCH(ch.fn, grid, ch.threads, ch.smem, stream, a);
+  HELIX_LAUNCH_PDL(ch.fn, grid, ch.threads, ch.smem, stream, a);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   if (parts > 1) {
     const MergeStatesParams mp{.o = a.ws_o,
@@ -1149,30 +1135,8 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
                                .num_parts = parts,
                                .rows = rows,
                                .head_dim = p.head_dim};
-#ifdef HELIX_CUDA_EMULATION
-    HELIX_LAUNCH(MergeKernelFor(mp), static_cast<unsigned>(rows), kMergeThreads, 0, stream, mp);
-#else
-    // Launched as a programmatic dependent of the attention grid: its launch overlaps the
-    // attention's tail instead of following it.
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(rows));
-    cfg.blockDim = dim3(kMergeThreads);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    // Only on a created stream (not the legacy / per-thread default streams).
-    cfg.numAttrs =
-        stream != nullptr && stream != cudaStreamLegacy && stream != cudaStreamPerThread ? 1 : 0;
-    const MergeFn merge = MergeKernelFor(mp);
-    if (cudaLaunchKernelEx(&cfg, merge, mp) != cudaSuccess && cfg.numAttrs > 0) {
-      (void)cudaGetLastError();  // a device or driver without it: an ordinary launch
-      cfg.numAttrs = 0;
-      HELIX_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, merge, mp));
-    }
-#endif
+    // A programmatic dependent of the attention grid: its launch overlaps the attention's tail.
+    HELIX_LAUNCH_PDL(MergeKernelFor(mp), static_cast<unsigned>(rows), kMergeThreads, 0, stream, mp);
     HELIX_CUDA_CHECK_LAUNCH(stream);
   }
   return cudaSuccess;
@@ -1182,7 +1146,7 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   if (p.rows <= 0) {
     return cudaSuccess;
   }
-  HELIX_LAUNCH(MergeKernelFor(p), static_cast<unsigned>(p.rows), kMergeThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(MergeKernelFor(p), static_cast<unsigned>(p.rows), kMergeThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

@@ -1,5 +1,5 @@
-// Error checks for CUDA runtime calls and kernel launches in kernels/cuda (and its tests).
-// Stateless macros; thread-safe.
+// Error checks for CUDA runtime calls and kernel launches in kernels/cuda (and its tests), and
+// the programmatic dependent launch. Thread-safe.
 #ifndef HELIX_KERNELS_CUDA_CUDA_CHECK_H_
 #define HELIX_KERNELS_CUDA_CUDA_CHECK_H_
 
@@ -38,6 +38,42 @@ inline cudaError_t CheckLaunch(cudaStream_t stream, const char* file, int line) 
   return ReportCudaError(err, "kernel launch", file, line);
 }
 
+// Whether HELIX_LAUNCH_PDL asks for programmatic dependent launch (ops_cuda.h
+// SetProgrammaticLaunch; on by default).
+bool ProgrammaticLaunch();
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch (Hopper and
+// later): its thread blocks may be launched while the previous kernel in the stream is still
+// running, and wait at PdlEnter (cuda_util.cuh), their first statement, for it to finish. Only
+// on a created stream (not the legacy or per-thread default streams) and while
+// ProgrammaticLaunch(); a driver or device without it gets an ordinary launch.
+#ifndef HELIX_CUDA_EMULATION
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = ProgrammaticLaunch() && stream != nullptr && stream != cudaStreamLegacy &&
+                         stream != cudaStreamPerThread
+                     ? 1
+                     : 0;
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  if (err != cudaSuccess && cfg.numAttrs > 0) {
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  }
+  return err;
+}
+#endif
+
 }  // namespace helix::kernels::cuda
 
 // Returns the cudaError_t of `call` from the enclosing function when it fails.
@@ -68,6 +104,17 @@ inline cudaError_t CheckLaunch(cudaStream_t stream, const char* file, int line) 
 #else
 #define HELIX_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
+// A programmatic dependent launch (LaunchPdl) in a launcher that returns cudaError_t. The kernel
+// must begin with PdlEnter(): nothing in it may touch global memory before that.
+#ifdef HELIX_CUDA_EMULATION
+#define HELIX_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
+  ::helix_emu::Launch(kernel, grid, block, smem, __VA_ARGS__)
+#else
+#define HELIX_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
+  HELIX_CUDA_RETURN_IF_ERROR(                                    \
+      ::helix::kernels::cuda::LaunchPdl(kernel, grid, block, smem, stream, __VA_ARGS__))
 #endif
 
 #endif  // HELIX_KERNELS_CUDA_CUDA_CHECK_H_

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/dtype.h"
+
 namespace helix::kernels::cuda {
 
 constexpr float kNegInf = -__builtin_huge_valf();
@@ -33,6 +35,31 @@ template <>
 __device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
+
+// The first statement of every kernel launched with HELIX_LAUNCH_PDL (cuda_check.h): waits until
+// the kernels before it in the stream have finished and their writes are visible (nothing before
+// it may read or write global memory), then lets the next kernel in the stream be launched (it
+// waits the same way). No-ops in an ordinary launch, and compiled out before sm_90.
+__device__ inline void PdlEnter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// base[i] = v rounded to `dtype` (kF16 or kBF16, to nearest even): the optional 16-bit copy of
+// an op's output for the GEMM that reads it (RmsNormParams::out_lowp).
+__device__ inline void StoreLowpAt(void* base, DType dtype, int64_t i, float v) {
+  if (dtype == DType::kF16) {
+    static_cast<__half*>(base)[i] = FromFloat<__half>(v);
+  } else {
+    static_cast<__nv_bfloat16*>(base)[i] = FromFloat<__nv_bfloat16>(v);
+  }
+}
+
+// SiLU(g) * u as SiluMulParams computes it (one expression, so the fused GEMV epilogue and the
+// element-wise kernel agree bit for bit).
+__device__ inline float SiluMulValue(float g, float u) { return g * u / (1.0f + expf(-g)); }
 
 // The 16 bytes of `raw` as 16 / sizeof(T) floats (little-endian element order).
 template <typename T>

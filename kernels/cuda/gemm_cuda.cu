@@ -21,6 +21,7 @@ unsigned GridFor(int64_t n) {
 
 template <typename T>
 __global__ void ConvertKernel(const float* x, T* out, int64_t n) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = FromFloat<T>(x[i]);
@@ -31,6 +32,7 @@ __global__ void ConvertKernel(const float* x, T* out, int64_t n) {
 template <typename T>
 __global__ void ConvertStridedKernel(const float* x, int64_t ldx, int64_t x_stride, T* out,
                                      int64_t m, int64_t k, int64_t batch) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t n = batch * m * k;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -41,6 +43,7 @@ __global__ void ConvertStridedKernel(const float* x, int64_t ldx, int64_t x_stri
 }
 
 __global__ void AddBiasKernel(float* y, const float* bias, int64_t m, int64_t n) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m * n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     y[i] += bias[i % n];
@@ -88,16 +91,16 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
       in_type = p.w_dtype == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
     } else if (p.w_dtype == DType::kBF16) {
       if (!x_converted) {
-        ConvertKernel<__nv_bfloat16><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
-            p.x, static_cast<__nv_bfloat16*>(workspace), p.m * p.k);
+        HELIX_LAUNCH_PDL(ConvertKernel<__nv_bfloat16>, GridFor(p.m * p.k), kThreads, 0, stream, p.x,
+                         static_cast<__nv_bfloat16*>(workspace), p.m * p.k);
         HELIX_CUDA_CHECK_LAUNCH(stream);
       }
       x = workspace;
       in_type = CUDA_R_16BF;
     } else if (p.w_dtype == DType::kF16) {
       if (!x_converted) {
-        ConvertKernel<__half><<<GridFor(p.m * p.k), kThreads, 0, stream>>>(
-            p.x, static_cast<__half*>(workspace), p.m * p.k);
+        HELIX_LAUNCH_PDL(ConvertKernel<__half>, GridFor(p.m * p.k), kThreads, 0, stream, p.x,
+                         static_cast<__half*>(workspace), p.m * p.k);
         HELIX_CUDA_CHECK_LAUNCH(stream);
       }
       x = workspace;
@@ -116,7 +119,7 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
     }
   }
   if (p.bias != nullptr) {
-    AddBiasKernel<<<GridFor(p.m * p.n), kThreads, 0, stream>>>(p.y, p.bias, p.m, p.n);
+    HELIX_LAUNCH_PDL(AddBiasKernel, GridFor(p.m * p.n), kThreads, 0, stream, p.y, p.bias, p.m, p.n);
     HELIX_CUDA_CHECK_LAUNCH(stream);
   }
   return cudaSuccess;
@@ -144,13 +147,13 @@ cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, v
   cudaDataType_t in_type = CUDA_R_32F;
   const int64_t conv = p.batch * p.m * p.k;
   if (p.w_dtype == DType::kBF16) {
-    ConvertStridedKernel<__nv_bfloat16><<<GridFor(conv), kThreads, 0, stream>>>(
-        p.x, p.ldx, p.x_stride, static_cast<__nv_bfloat16*>(workspace), p.m, p.k, p.batch);
+    HELIX_LAUNCH_PDL(ConvertStridedKernel<__nv_bfloat16>, GridFor(conv), kThreads, 0, stream, p.x,
+                     p.ldx, p.x_stride, static_cast<__nv_bfloat16*>(workspace), p.m, p.k, p.batch);
     HELIX_CUDA_CHECK_LAUNCH(stream);
     in_type = CUDA_R_16BF;
   } else if (p.w_dtype == DType::kF16) {
-    ConvertStridedKernel<__half><<<GridFor(conv), kThreads, 0, stream>>>(
-        p.x, p.ldx, p.x_stride, static_cast<__half*>(workspace), p.m, p.k, p.batch);
+    HELIX_LAUNCH_PDL(ConvertStridedKernel<__half>, GridFor(conv), kThreads, 0, stream, p.x, p.ldx,
+                     p.x_stride, static_cast<__half*>(workspace), p.m, p.k, p.batch);
     HELIX_CUDA_CHECK_LAUNCH(stream);
     in_type = CUDA_R_16F;
   }

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/gemm.h"
+#include "kernels/silu_mul.h"
 
 namespace helix::kernels::cuda {
 
@@ -18,8 +19,26 @@ constexpr int64_t kGemvMaxRows = 4;
 // a multiple of 8, x and w 16-byte aligned. p.x_lowp and p.same_x are not used.
 bool GemvApplies(const GemmParams& p);
 
-// REQUIRES: GemvApplies(p); device pointers.
-cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream);
+// Whether a decode backend should give a product of m rows of x and an n x k matrix of 16-bit
+// weights to GemvCuda rather than cuBLAS (measured on an H100, docs/benchmarks.md: one row always;
+// up to kGemvMaxRows rows only while the matrix is small, as the GEMV re-reads x per weight row
+// and falls behind cuBLAS on large matrices).
+bool GemvPreferred(int64_t m, int64_t n, int64_t k);
+
+// REQUIRES: GemvApplies(p); device pointers. unroll: 16-byte weight loads in flight per lane
+// (4 or 8; 0 = the kernel's choice by k). The result does not depend on it.
+cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, int unroll = 0);
+
+// Whether GemvSiluMulCuda takes (p, act): GemvApplies(p), p.n even, and act the SiluMul of the
+// packed gate|up product p would write: act.gate == p.y, act.up == p.y + n/2, act.cols == n/2,
+// act.ld == n, act.n == m * n/2, act.out outside p.y's rows.
+bool GemvSiluMulApplies(const GemmParams& p, const SiluMulParams& act);
+
+// GemvCuda(p) then SiluMul(act) in one kernel, bit for bit: out[r][j] = silu(g) * u of
+// g = y[r][j], u = y[r][j + n/2] (and act.out_lowp when set). p.y is not written.
+// REQUIRES: GemvSiluMulApplies(p, act). unroll as GemvCuda's.
+cudaError_t GemvSiluMulCuda(const GemmParams& p, const SiluMulParams& act, cudaStream_t stream,
+                            int unroll = 0);
 
 }  // namespace helix::kernels::cuda
 

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 
@@ -25,16 +26,6 @@ __device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_
              v.head_dim;
 }
 
-// base[i] = v rounded to `dtype` (kF16 or kBF16, to nearest even): the optional 16-bit copy of
-// an op's output for the GEMM that reads it (RmsNormParams::out_lowp).
-__device__ inline void StoreLowp(void* base, DType dtype, int64_t i, float v) {
-  if (dtype == DType::kF16) {
-    static_cast<__half*>(base)[i] = FromFloat<__half>(v);
-  } else {
-    static_cast<__nv_bfloat16*>(base)[i] = FromFloat<__nv_bfloat16>(v);
-  }
-}
-
 unsigned GridFor(int64_t n, int threads) {
 #ifdef HELIX_CUDA_EMULATION
   constexpr int64_t kMaxGrid = 4;  // grid-stride loops: few emulated thread blocks suffice
@@ -50,7 +41,7 @@ cudaError_t LaunchElementwise(void (*kernel)(P), int64_t n, const P& p, cudaStre
   if (n <= 0) {
     return cudaSuccess;
   }
-  HELIX_LAUNCH(kernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(kernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -86,6 +77,7 @@ __device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
 constexpr int kRmsRegs = 16;
 
 __global__ void RmsNormKernel(const RmsNormParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   using Red = double[32];
   HELIX_STATIC_SMEM(Red, red);
   const int64_t r = blockIdx.x;
@@ -96,18 +88,22 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
   const int64_t lowp_row = r * p.dim;
   double s = 0.0;
   if (p.dim <= step * kRmsRegs) {
-    float vals[kRmsRegs];
+    // x, the residual and the norm weight are all loaded before any is used: one round trip to
+    // memory before the reduction, not three in a row.
+    float vals[kRmsRegs], resv[kRmsRegs], wts[kRmsRegs];
 #pragma unroll
     for (int j = 0; j < kRmsRegs; ++j) {
       const int64_t i = threadIdx.x + j * step;
       vals[j] = i < p.dim ? x[i] : 0.0f;
+      resv[j] = res != nullptr && i < p.dim ? res[i] : 0.0f;
+      wts[j] = i < p.dim ? p.weight[i] : 0.0f;
     }
     if (res != nullptr) {
 #pragma unroll
       for (int j = 0; j < kRmsRegs; ++j) {
         const int64_t i = threadIdx.x + j * step;
         if (i < p.dim) {
-          vals[j] = res[i] + vals[j];
+          vals[j] = resv[j] + vals[j];
           res[i] = vals[j];
         }
       }
@@ -125,9 +121,9 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
     for (int j = 0; j < kRmsRegs; ++j) {
       const int64_t i = threadIdx.x + j * step;
       if (i < p.dim) {
-        const float o = __fmul_rn(__fmul_rn(vals[j], inv), p.weight[i]);
+        const float o = __fmul_rn(__fmul_rn(vals[j], inv), wts[j]);
         out[i] = o;
-        if (p.out_lowp != nullptr) StoreLowp(p.out_lowp, p.out_lowp_dtype, lowp_row + i, o);
+        if (p.out_lowp != nullptr) StoreLowpAt(p.out_lowp, p.out_lowp_dtype, lowp_row + i, o);
       }
     }
     return;
@@ -147,7 +143,7 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
   for (int64_t i = threadIdx.x; i < p.dim; i += step) {
     const float o = __fmul_rn(__fmul_rn(v[i], inv), p.weight[i]);
     out[i] = o;
-    if (p.out_lowp != nullptr) StoreLowp(p.out_lowp, p.out_lowp_dtype, lowp_row + i, o);
+    if (p.out_lowp != nullptr) StoreLowpAt(p.out_lowp, p.out_lowp_dtype, lowp_row + i, o);
   }
 }
 
@@ -157,6 +153,7 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
 // loads one after another on its path).
 
 __global__ void RopeKernel(const RopeParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t half = p.rotary_dim / 2;
   const int64_t per_token = p.heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -188,17 +185,19 @@ __global__ void RopeKernel(const RopeParams p) {
 // SiLU * mul, K/V write and embedding: element-wise, grid-stride.
 
 __global__ void SiluMulKernel(const SiluMulParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t in = p.cols > 0 ? i / p.cols * p.ld + i % p.cols : i;
     const float g = p.gate[in];
-    const float o = g * p.up[in] / (1.0f + expf(-g));
+    const float o = SiluMulValue(g, p.up[in]);
     p.out[i] = o;
-    if (p.out_lowp != nullptr) StoreLowp(p.out_lowp, p.out_lowp_dtype, i, o);
+    if (p.out_lowp != nullptr) StoreLowpAt(p.out_lowp, p.out_lowp_dtype, i, o);
   }
 }
 
 __global__ void AddKernel(const AddParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     p.x[i] += p.y[i];
@@ -206,6 +205,7 @@ __global__ void AddKernel(const AddParams p) {
 }
 
 __global__ void ScatterAddRowsKernel(const ScatterAddRowsParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n * p.dim;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = i / p.dim, d = i - j * p.dim;
@@ -215,6 +215,7 @@ __global__ void ScatterAddRowsKernel(const ScatterAddRowsParams p) {
 }
 
 __global__ void GatherRowsKernel(const GatherRowsParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        i < p.num_rows * p.n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / p.n, j = i - r * p.n;
@@ -223,6 +224,7 @@ __global__ void GatherRowsKernel(const GatherRowsParams p) {
 }
 
 __global__ void PackCombineKernel(const PackCombineParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t d1 = p.dim + 1;
   const int64_t total = p.peers * p.tokens * p.heads_per_peer * d1;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -238,6 +240,7 @@ __global__ void PackCombineKernel(const PackCombineParams p) {
 }
 
 __global__ void UnpackCombineKernel(const UnpackCombineParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t d1 = p.dim + 1;
   const int64_t total = p.peers * p.rows * d1;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -253,6 +256,7 @@ __global__ void UnpackCombineKernel(const UnpackCombineParams p) {
 
 template <typename T>
 __global__ void WriteKvKernel(const WriteKvBatchParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t d = p.kv.head_dim;
   const int64_t per_token = p.kv.num_planes * p.kv.num_kv_heads * d;  // one plane: K only
   T* base = static_cast<T*>(p.kv.base);
@@ -273,6 +277,7 @@ __global__ void WriteKvKernel(const WriteKvBatchParams p) {
 
 template <typename T>
 __global__ void EmbeddingKernel(const EmbeddingParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const T* table = static_cast<const T*>(p.table);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < p.n * p.dim;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -288,6 +293,7 @@ __global__ void EmbeddingKernel(const EmbeddingParams p) {
 // every k row's thread stores its v element.
 template <typename T>
 __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t d = p.kv.head_dim;
   const int64_t hq = p.num_q_heads;
   const int64_t hkv = p.kv.num_kv_heads;
@@ -360,6 +366,7 @@ __device__ inline bool Better(float v, int i, float bv, int bi) {
 }
 
 __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   using Vals = float[32];
   using Ids = int[32];
   HELIX_STATIC_SMEM(Vals, s_v);
@@ -611,6 +618,7 @@ __device__ Cut SelectCut(const SampleRow& row, int level, bool use_prob, double 
 }
 
 __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   HELIX_STATIC_SMEM(SampleShared, sh);
   const int64_t r = blockIdx.x;
   SampleRow row;
@@ -653,11 +661,18 @@ __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_programmatic_launch{true};
+}  // namespace
+
+void SetProgrammaticLaunch(bool on) { g_programmatic_launch.store(on); }
+bool ProgrammaticLaunch() { return g_programmatic_launch.load(std::memory_order_relaxed); }
+
 cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.dim <= 0) {
     return cudaSuccess;
   }
-  HELIX_LAUNCH(RmsNormKernel, static_cast<unsigned>(p.rows), kElemThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(RmsNormKernel, static_cast<unsigned>(p.rows), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -667,7 +682,7 @@ cudaError_t RopeCuda(const RopeParams& p, cudaStream_t stream) {
     return cudaSuccess;
   }
   const int64_t n = p.tokens * p.heads * (p.rotary_dim / 2);
-  HELIX_LAUNCH(RopeKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(RopeKernel, GridFor(n, kElemThreads), kElemThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -707,13 +722,13 @@ cudaError_t WriteKvBatchCuda(const WriteKvBatchParams& p, cudaStream_t stream) {
   const unsigned grid = GridFor(n, kElemThreads);
   switch (p.kv.dtype) {
     case DType::kF32:
-      HELIX_LAUNCH(WriteKvKernel<float>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(WriteKvKernel<float>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kF16:
-      HELIX_LAUNCH(WriteKvKernel<__half>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(WriteKvKernel<__half>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kBF16:
-      HELIX_LAUNCH(WriteKvKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(WriteKvKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -726,6 +741,7 @@ namespace {
 template <typename T>
 __global__ void WriteKvOneKernel(const KvPoolView kv, int64_t block, int64_t layer, int64_t slot,
                                  const float* k, const float* v) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t hd = kv.num_kv_heads * kv.head_dim;
   T* base = static_cast<T*>(kv.base);
   const int64_t n = kv.num_planes * hd;  // a one-plane (MLA) pool has no V
@@ -750,16 +766,16 @@ cudaError_t WriteKvCuda(const KvPoolView& view, int64_t block, int64_t layer,
   const unsigned grid = GridFor(n, kElemThreads);
   switch (view.dtype) {
     case DType::kF32:
-      HELIX_LAUNCH(WriteKvOneKernel<float>, grid, kElemThreads, 0, stream, view, block, layer,
-                   token_in_block, k, v);
+      HELIX_LAUNCH_PDL(WriteKvOneKernel<float>, grid, kElemThreads, 0, stream, view, block, layer,
+                       token_in_block, k, v);
       break;
     case DType::kF16:
-      HELIX_LAUNCH(WriteKvOneKernel<__half>, grid, kElemThreads, 0, stream, view, block, layer,
-                   token_in_block, k, v);
+      HELIX_LAUNCH_PDL(WriteKvOneKernel<__half>, grid, kElemThreads, 0, stream, view, block, layer,
+                       token_in_block, k, v);
       break;
     case DType::kBF16:
-      HELIX_LAUNCH(WriteKvOneKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, view, block,
-                   layer, token_in_block, k, v);
+      HELIX_LAUNCH_PDL(WriteKvOneKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, view, block,
+                       layer, token_in_block, k, v);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -774,13 +790,13 @@ cudaError_t RopeWriteKvCuda(const RopeWriteKvParams& p, cudaStream_t stream) {
   const unsigned grid = GridFor(n, kElemThreads);
   switch (p.kv.dtype) {
     case DType::kF32:
-      HELIX_LAUNCH(RopeWriteKvKernel<float>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(RopeWriteKvKernel<float>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kF16:
-      HELIX_LAUNCH(RopeWriteKvKernel<__half>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(RopeWriteKvKernel<__half>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kBF16:
-      HELIX_LAUNCH(RopeWriteKvKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(RopeWriteKvKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -795,13 +811,13 @@ cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream) {
   const unsigned grid = GridFor(n, kElemThreads);
   switch (p.dtype) {
     case DType::kF32:
-      HELIX_LAUNCH(EmbeddingKernel<float>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(EmbeddingKernel<float>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kF16:
-      HELIX_LAUNCH(EmbeddingKernel<__half>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(EmbeddingKernel<__half>, grid, kElemThreads, 0, stream, p);
       break;
     case DType::kBF16:
-      HELIX_LAUNCH(EmbeddingKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
+      HELIX_LAUNCH_PDL(EmbeddingKernel<__nv_bfloat16>, grid, kElemThreads, 0, stream, p);
       break;
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
@@ -815,7 +831,7 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.vocab > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  HELIX_LAUNCH(ArgmaxKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(ArgmaxKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
@@ -827,7 +843,7 @@ cudaError_t SampleCuda(const SampleParams& p, cudaStream_t stream) {
   if (p.vocab > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  HELIX_LAUNCH(SampleKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(SampleKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

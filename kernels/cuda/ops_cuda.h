@@ -18,6 +18,13 @@
 
 namespace helix::kernels::cuda {
 
+// Programmatic dependent launch of the decode-step kernels (ops here, GemvCuda, GemmCuda's
+// conversions, decode attention and its merge; Hopper and later): each may be launched while
+// the kernel before it in the stream runs, and waits for it before touching memory, which hides
+// the launch gaps between the step's ~200 small kernels. Process-wide, on by default
+// (CudaBackendOptions::programmatic_launch; decode_bench --pdl 0 measures without it).
+void SetProgrammaticLaunch(bool on);
+
 // RmsNormCpu semantics (sum of squares in double; residual += x first when set).
 cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream);
 

@@ -973,7 +973,14 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
                                  (bias ? " bias" : "");
         ASSERT_TRUE(cuda::GemvApplies(p)) << what;
         ASSERT_EQ(cuda::GemvCuda(p, nullptr), cudaSuccess) << what;
-        ExpectAllNear(ToDouble(want), d_y.Download().data(), 1e-4, 1e-4, what);
+        const std::vector<float> got = d_y.Download();
+        ExpectAllNear(ToDouble(want), got.data(), 1e-4, 1e-4, what);
+        // 4 or 8 loads in flight per lane: the same sums, bit for bit.
+        for (int unroll : {4, 8}) {
+          ASSERT_EQ(cuda::GemvCuda(p, nullptr, unroll), cudaSuccess) << what;
+          EXPECT_EQ(std::memcmp(d_y.Download().data(), got.data(), got.size() * sizeof(float)), 0)
+              << what << " unroll " << unroll;
+        }
       }
     }
   }
@@ -1002,6 +1009,105 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   q.x = d_x.get() + 1;
   EXPECT_FALSE(cuda::GemvApplies(q));
   EXPECT_EQ(cuda::GemvCuda(q, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::GemvCuda(p, nullptr, 3), cudaErrorInvalidValue);
+  // Where a backend prefers it to cuBLAS: one row always; a few rows on small matrices only.
+  EXPECT_TRUE(cuda::GemvPreferred(1, 128256, 2048));
+  EXPECT_TRUE(cuda::GemvPreferred(4, 3072, 2048));
+  EXPECT_FALSE(cuda::GemvPreferred(4, 16384, 2048));
+  EXPECT_FALSE(cuda::GemvPreferred(cuda::kGemvMaxRows + 1, 16, 64));
+  EXPECT_FALSE(cuda::GemvPreferred(0, 16, 64));
+}
+
+// The packed gate|up GEMV with SiLU·mul in its epilogue: GemvCuda then SiluMulCuda, bit for bit
+// (both outputs), and GemmCpu then SiluMulCpu up to summation order.
+TEST_F(CudaOpsTest, GemvSiluMulEqualsGemvThenSiluMul) {
+  std::mt19937 rng(47);
+  struct Shape {
+    int64_t m, f, k;  // n = 2f
+  };
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (Shape sh : {Shape{1, 1, 8}, Shape{1, 37, 1032}, Shape{2, 100, 256}, Shape{4, 9, 2056}}) {
+      for (bool bias : {false, true}) {
+        const int64_t n = 2 * sh.f;
+        const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
+        const std::vector<float> w = RandomVector(rng, n * sh.k);
+        const std::vector<float> b = RandomVector(rng, n);
+        std::vector<uint16_t> w16(w.size());
+        StoreLowp(w.data(), static_cast<int64_t>(w.size()), dt, w16.data());
+        // The CPU reference: GemmCpu, then SiluMulCpu over the halves of each row.
+        std::vector<float> y(sh.m * n), want(sh.m * sh.f);
+        GemmParams p{.x = x.data(),
+                     .w = w16.data(),
+                     .bias = bias ? b.data() : nullptr,
+                     .y = y.data(),
+                     .m = sh.m,
+                     .n = n,
+                     .k = sh.k,
+                     .w_dtype = dt};
+        GemmCpu(p, nullptr);
+        SiluMulParams act{y.data(), y.data() + sh.f, want.data(), sh.m * sh.f, sh.f, n};
+        SiluMulCpu(act, nullptr);
+
+        DeviceBuffer<float> d_x(x), d_b(b), d_y(std::vector<float>(sh.m * n, NAN));
+        DeviceBuffer<float> d_split(std::vector<float>(sh.m * sh.f, NAN));
+        DeviceBuffer<float> d_fused(std::vector<float>(sh.m * sh.f, NAN));
+        DeviceBuffer<uint16_t> d_w(w16), d_split16(sh.m * sh.f), d_fused16(sh.m * sh.f);
+        p.x = d_x.get();
+        p.w = d_w.get();
+        p.bias = bias ? d_b.get() : nullptr;
+        p.y = d_y.get();
+        act.gate = d_y.get();
+        act.up = d_y.get() + sh.f;
+        act.out = d_split.get();
+        act.out_lowp = d_split16.get();
+        act.out_lowp_dtype = dt;
+        const std::string what = std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
+                                 " f=" + std::to_string(sh.f) + " k=" + std::to_string(sh.k) +
+                                 (bias ? " bias" : "");
+        ASSERT_EQ(cuda::GemvCuda(p, nullptr), cudaSuccess) << what;
+        ASSERT_EQ(cuda::SiluMulCuda(act, nullptr), cudaSuccess) << what;
+        const std::vector<float> split = d_split.Download();
+        const std::vector<uint16_t> split16 = d_split16.Download();
+        ExpectAllNear(ToDouble(want), split.data(), 1e-4, 1e-4, what);
+        act.out = d_fused.get();
+        act.out_lowp = d_fused16.get();
+        ASSERT_TRUE(cuda::GemvSiluMulApplies(p, act)) << what;
+        for (int unroll : {0, 4, 8}) {
+          ASSERT_EQ(cuda::GemvSiluMulCuda(p, act, nullptr, unroll), cudaSuccess) << what;
+          EXPECT_EQ(
+              std::memcmp(d_fused.Download().data(), split.data(), split.size() * sizeof(float)), 0)
+              << what << " unroll " << unroll;
+          EXPECT_EQ(d_fused16.Download(), split16) << what << " unroll " << unroll;
+        }
+      }
+    }
+  }
+  // What it does not take: a SiluMul that is not the packed product's own.
+  DeviceBuffer<float> d_x(64), d_y(2 * 16), d_out(16);
+  DeviceBuffer<uint16_t> d_w(32 * 64);
+  GemmParams p{.x = d_x.get(),
+               .w = d_w.get(),
+               .bias = nullptr,
+               .y = d_y.get(),
+               .m = 1,
+               .n = 32,
+               .k = 64,
+               .w_dtype = DType::kBF16};
+  const SiluMulParams act{d_y.get(), d_y.get() + 16, d_out.get(), 16, 16, 32};
+  EXPECT_TRUE(cuda::GemvSiluMulApplies(p, act));
+  SiluMulParams bad = act;
+  bad.up = d_y.get() + 8;
+  EXPECT_FALSE(cuda::GemvSiluMulApplies(p, bad));
+  bad = act;
+  bad.cols = 0;
+  EXPECT_FALSE(cuda::GemvSiluMulApplies(p, bad));
+  bad = act;
+  bad.out = d_y.get();  // the output inside the product's rows
+  EXPECT_FALSE(cuda::GemvSiluMulApplies(p, bad));
+  EXPECT_EQ(cuda::GemvSiluMulCuda(p, bad, nullptr), cudaErrorInvalidValue);
+  GemmParams odd = p;
+  odd.n = 31;
+  EXPECT_FALSE(cuda::GemvSiluMulApplies(odd, act));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 // Decode GEMMs with bf16 weights (the layer shapes of Llama-3.2-1B and SmolLM2-135M, 1 and 4
-// rows of x), three ways in one run: cuBLAS after converting x (GemmCuda), cuBLAS on an x
-// already in bf16 (GemmCuda with x_lowp, as after a fused RMSNorm), and GemvCuda (fp32 x, no
-// conversion); each against a pure-read kernel over the same weight bytes. Weights are cycled
+// rows of x), several ways in one run: cuBLAS after converting x (GemmCuda), cuBLAS on an x
+// already in bf16 (GemmCuda with x_lowp, as after a fused RMSNorm), GemvCuda (fp32 x, no
+// conversion) with its default and with 4 and 8 loads in flight per lane, and for the gate|up
+// shapes GemvCuda then SiluMulCuda against the fused GemvSiluMulCuda; each against a pure-read
+// kernel over the same weight bytes. Weights are cycled
 // through enough copies to exceed the L2 cache, so every call reads them from memory; each
 // figure is the best of 5 timings of 50 back-to-back calls. One line per shape, key=value.
 //   gemv_bench
@@ -11,11 +13,13 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <vector>
 
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
+#include "kernels/cuda/ops_cuda.h"
 #include "tests/gpu/bench_kernels.h"
 
 namespace {
@@ -86,13 +90,14 @@ int main() {
     const size_t wbytes = static_cast<size_t>(sh.n * sh.k) * 2;
     const int copies = static_cast<int>(std::max<size_t>(1, (kCycleBytes + wbytes - 1) / wbytes));
     void* w = nullptr;
-    float *x = nullptr, *y = nullptr;
+    float *x = nullptr, *y = nullptr, *glu_out = nullptr;
     void *x16 = nullptr, *ws = nullptr;
     const int64_t max_m = kc::kGemvMaxRows;
     ok = Ok(cudaMalloc(&w, wbytes * copies), "weights") &&
          Ok(cudaMalloc(&x, max_m * sh.k * sizeof(float)), "x") &&
          Ok(cudaMalloc(&x16, max_m * sh.k * 2), "x16") &&
          Ok(cudaMalloc(&y, max_m * sh.n * sizeof(float)), "y") &&
+         Ok(cudaMalloc(&glu_out, max_m * sh.n / 2 * sizeof(float)), "glu_out") &&
          Ok(cudaMalloc(&ws, max_m * sh.k * 2), "workspace") &&
          Ok(helix::gpu_testing::LaunchFillBf16(w, wbytes / 2 * copies, 1, s), "fill") &&
          Ok(helix::gpu_testing::LaunchFillBf16(x16, max_m * sh.k, 2, s), "fill") &&
@@ -122,6 +127,33 @@ int main() {
           &ok);
       const double gemv_us = TimeUs(
           s, [&](int c) { return kc::GemvCuda(params(c), s); }, &ok);
+      const double gemv4_us = TimeUs(
+          s, [&](int c) { return kc::GemvCuda(params(c), s, 4); }, &ok);
+      const double gemv8_us = TimeUs(
+          s, [&](int c) { return kc::GemvCuda(params(c), s, 8); }, &ok);
+      // gate|up: the GEMV then the element-wise SiLU·mul, against the fused kernel.
+      double split_glu_us = 0, fused_glu_us = 0;
+      if (std::strstr(sh.name, "gate_up") != nullptr) {
+        const auto act = [&] {
+          helix::kernels::SiluMulParams a{};
+          a.gate = y;
+          a.up = y + sh.n / 2;
+          a.out = glu_out;
+          a.n = m * (sh.n / 2);
+          a.cols = sh.n / 2;
+          a.ld = sh.n;
+          return a;
+        };
+        split_glu_us = TimeUs(
+            s,
+            [&](int c) {
+              const cudaError_t e = kc::GemvCuda(params(c), s);
+              return e != cudaSuccess ? e : kc::SiluMulCuda(act(), s);
+            },
+            &ok);
+        fused_glu_us = TimeUs(
+            s, [&](int c) { return kc::GemvSiluMulCuda(params(c), act(), s); }, &ok);
+      }
       const double read_us = TimeUs(
           s,
           [&](int c) {
@@ -133,17 +165,19 @@ int main() {
       const double gb = static_cast<double>(wbytes) / 1e9;
       std::printf(
           "shape=%s m=%lld n=%lld k=%lld weight_mb=%.1f cublas_us=%.2f cublas_lowp_us=%.2f "
-          "gemv_us=%.2f read_us=%.2f gemv_gb_s=%.0f read_gb_s=%.0f gemv_vs_read=%.2f "
-          "cublas_vs_read=%.2f gemv_speedup_vs_cublas=%.2f\n",
+          "gemv_us=%.2f gemv_u4_us=%.2f gemv_u8_us=%.2f read_us=%.2f gemv_gb_s=%.0f "
+          "read_gb_s=%.0f gemv_vs_read=%.2f cublas_vs_read=%.2f gemv_speedup_vs_cublas=%.2f "
+          "gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f\n",
           sh.name, static_cast<long long>(m), static_cast<long long>(sh.n),
-          static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, read_us,
-          gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us, read_us / cublas_us,
-          cublas_us / gemv_us);
+          static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, gemv4_us,
+          gemv8_us, read_us, gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us,
+          read_us / cublas_us, cublas_us / gemv_us, split_glu_us, fused_glu_us);
     }
     cudaFree(w);
     cudaFree(x);
     cudaFree(x16);
     cudaFree(y);
+    cudaFree(glu_out);
     cudaFree(ws);
     if (!ok) return 1;
   }

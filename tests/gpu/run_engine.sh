@@ -54,17 +54,20 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv], gemv = decode_bench --gemv 1,
-# the decode GEMMs as GemvCuda instead of cuBLAS) and the profiled ones (shape:context:graphs).
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl]]; gemv 1 = the decode GEMMs as
+# GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic dependent launch of
+# the step's kernels (--pdl 1); both default to 0 here, the old path, so that each change is
+# measured against it in the same call) and the profiled ones (shape:context:graphs, with
+# decode_bench's defaults: GEMV and PDL on).
 PROFILES=(llama3-1b:8192:1)
-RUNS=(smollm2-135m:8192:0 smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:32768:1
-  llama3-1b:8192:0 llama3-1b:8192:0:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:32768:1
-  llama3-1b:32768:1:1)
+RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:8192:1:1:1
+  llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:8192:1:0:1
+  llama3-1b:8192:1:1:1 llama3-1b:32768:1 llama3-1b:32768:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v
-  IFS=: read -r s ctx g v <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)"
+  local s ctx g v d
+  IFS=: read -r s ctx g v d <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)"
 }
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
@@ -102,24 +105,25 @@ if [[ $BUILD_OK == 0 ]]; then
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v <<<"$r"
+      IFS=: read -r s ctx g v d <<<"$r"
       [[ $s == "$shape" ]] || continue
       n=$(run_name "$r")
       step $n $n.log 120 "$BUILD/decode_bench" \
-        --backend cuda --cuda-graphs $g --gemv ${v:-0} --model "$BUILD/bench_$s/model.bin" \
+        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
   done
-  # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric) over the prefill, one warm-up
-  # and two timed decode steps of each PROFILES run (shape:context:cuda graphs).
+  # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric; caches not flushed and clocks
+  # not locked between kernels, as in a real step) over the prefill, one warm-up and two timed
+  # decode steps of each PROFILES run (shape:context:cuda graphs; decode_bench's default GEMMs).
   NCU=$(command -v ncu || true)
   if [[ ${PROFILE:-0} == 1 && -n $NCU ]]; then
     for r in "${PROFILES[@]}"; do
       IFS=: read -r s ctx g <<<"$r"
       [[ -f $BUILD/bench_$s/model.bin ]] || continue
       step ncu_${s}_${ctx}_g$g ncu_${s}_${ctx}_g$g.csv 90 "$NCU" --metrics gpu__time_duration.sum \
-        --csv --print-units base "$BUILD/decode_bench" --backend cuda --cuda-graphs $g \
+        --cache-control none --clock-control none --csv --print-units base "$BUILD/decode_bench" --backend cuda --cuda-graphs $g \
         --model "$BUILD/bench_$s/model.bin" --tokenizer "$BUILD/bench_$s/tok.bin" \
         --context $ctx --batch 1 --steps 2 --warmup 1 --weight-dtype bfloat16 \
         --kv-dtype bfloat16 --tokens-per-block 32
@@ -156,10 +160,14 @@ fi
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
   if [[ -f $LOGS/gemv_bench.log ]]; then
     echo "decode GEMMs, bf16 weights (us per call; fraction of the read kernel's bandwidth):"
+    echo "  (gemv u4/u8: 4/8 loads in flight per lane; glu: gemv then SiLU·mul / fused)"
     awk '/^shape=/ { for (i = 1; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
-      printf "  %-22s m %s: cublas %7s (%s), cublas+lowp x %7s, gemv %7s (%s), read %7s\n",
+      printf "  %-20s m %s: cublas %6s (%s) +lowp %6s, gemv %6s (%s) u4 %6s u8 %6s, read %6s",
              v["shape"], v["m"], v["cublas_us"], v["cublas_vs_read"], v["cublas_lowp_us"],
-             v["gemv_us"], v["gemv_vs_read"], v["read_us"] }
+             v["gemv_us"], v["gemv_vs_read"], v["gemv_u4_us"], v["gemv_u8_us"], v["read_us"]
+      if (v["gemv_silu_fused_us"] + 0 > 0)
+        printf ", glu %s / %s", v["gemv_then_silu_us"], v["gemv_silu_fused_us"]
+      printf "\n" }
       !/^shape=/ { print "  " $0 }' "$LOGS/gemv_bench.log" | head -24
   fi
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
@@ -167,7 +175,7 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v <<<"$r"
+    IFS=: read -r sh ctx g v d <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -177,11 +185,12 @@ fi
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
-    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d (%2d replays, %d captures): %.3f ms/step, " \
-             "roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, v, rp, cp,
+      printf "%-13s context %6d graphs %d gemv %d pdl %d (%2d replays, %d captures): %.3f " \
+             "ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, v,
+             d, rp, cp,
              ms, roof, wb / 1e6,
              kb / 1e6, (roof > 0 ? ms / roof : 0) }'
   done
@@ -189,7 +198,7 @@ fi
     IFS=: read -r sh ctx g <<<"$r"
     f=$LOGS/ncu_${sh}_${ctx}_g$g.csv
     [[ -f $f ]] || continue
-    echo "kernel profile $sh context $ctx graphs $g (ncu: one kernel at a time, cold caches):"
+    echo "kernel profile $sh context $ctx graphs $g (ncu: one kernel at a time, caches kept, clocks unlocked):"
     python3 "$ROOT/tests/gpu/ncu_summary.py" "$f" --top 8 | sed 's/^/  /'
   done
 } > "$LOGS/summary.txt" 2>&1

@@ -9,6 +9,7 @@
 #include <deque>
 #include <functional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -342,8 +343,30 @@ class CudaBackend final : public Backend {
 #endif
   }
 
+  int64_t ops_queued(const std::string& op) const override {
+    int64_t n = 0;
+    for (const auto& [name, count] : ops_queued_) {
+      if (op == name) n += count;
+    }
+    return n;
+  }
+
+  bool GemmSiluMul(const kernels::GemmParams& p, const kernels::SiluMulParams& act) override {
+    if (!TakesGemv(p) || !kc::GemvSiluMulApplies(p, act)) return false;
+    Op("GemvSiluMulCuda", [=, this] { return kc::GemvSiluMulCuda(p, act, stream_); });
+#ifndef HELIX_CUDA_EMULATION
+    converted_ = {};  // as after GemvCuda (Gemm below)
+#endif
+    return true;
+  }
+  bool GemmReadsLowpX(int64_t rows, kernels::DType w) const override {
+    // A one-row GEMM goes to GemvCuda, which reads the fp32 x (TakesGemv). With more rows
+    // the copy is kept: cuBLAS takes the large matrices.
+    return w != kernels::DType::kF32 && !(options_.decode_gemv && rows == 1);
+  }
+
   void Gemm(const kernels::GemmParams& p) override {
-    if (options_.decode_gemv && kc::GemvApplies(p)) {
+    if (TakesGemv(p)) {
       Op("GemvCuda", [=, this] { return kc::GemvCuda(p, stream_); });
 #ifndef HELIX_CUDA_EMULATION
       converted_ = {};  // the workspace is as it was, but x may be a rewritten buffer
@@ -517,6 +540,13 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Ops queued per kernel name (a string literal: counted by its address, summed by name).
+  std::unordered_map<const char*, int64_t> ops_queued_;
+  // Whether Gemm(p) runs as GemvCuda (decode_gemv, a shape it takes and where it beats cuBLAS).
+  bool TakesGemv(const kernels::GemmParams& p) const {
+    return options_.decode_gemv && kc::GemvApplies(p) && kc::GemvPreferred(p.m, p.n, p.k);
+  }
+
   // An event after the uploads queued so far (and, with ops_wait, the ops stream waiting for
   // it); its mark.
   uint64_t RecordUploads(bool ops_wait) {
@@ -601,6 +631,7 @@ class CudaBackend final : public Backend {
   // while capturing.
   template <typename F>
   void Op(const char* what, F&& f) {
+    ++ops_queued_[what];
 #ifdef HELIX_CUDA_EMULATION
     if (capturing_) {
       emu_graphs_.back().push_back([this, what, f] { Note(f(), what); });
@@ -703,6 +734,7 @@ int CudaDeviceCount() {
 StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options) {
   auto b = std::make_unique<CudaBackend>(options);
   RETURN_IF_ERROR(b->Init());
+  kc::SetProgrammaticLaunch(options.programmatic_launch);
   return std::unique_ptr<Backend>(std::move(b));
 }
 

@@ -20,11 +20,14 @@ struct CudaBackendOptions {
   // 0: the kernel's choice (one wave of thread blocks over the GPU). Tests set it to exercise
   // the split path on small contexts.
   int64_t attention_split_tokens = 0;
-  // GEMMs of at most kernels::cuda::kGemvMaxRows rows with 16-bit weights (decode) run as
-  // GemvCuda (fp32 x read directly: no conversion kernel, no cuBLAS) instead of cuBLAS. Off by
-  // default until a GPU run measures it against cuBLAS (decode_bench --gemv,
-  // tests/gpu/run_engine.sh).
-  bool decode_gemv = false;
+  // Decode GEMMs with 16-bit weights run as GemvCuda (fp32 x read directly: no conversion
+  // kernel, no cuBLAS) where kernels::cuda::GemvPreferred says it beats cuBLAS (one row of x
+  // always; a few rows on small matrices), and a packed gate|up GEMM with its SiLU·mul as one
+  // GemvSiluMulCuda. Measured on an H100 (docs/benchmarks.md); false: cuBLAS for every GEMM.
+  bool decode_gemv = true;
+  // Programmatic dependent launch of the decode-step kernels (kernels::cuda::
+  // SetProgrammaticLaunch; process-wide: the last backend created sets it).
+  bool programmatic_launch = true;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

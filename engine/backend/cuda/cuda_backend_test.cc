@@ -134,6 +134,31 @@ EngineOptions CudaOptions(const Case& c) {
   return o;
 }
 
+// Records every backend o's factory makes in this process (the engine owns them: valid while it
+// lives).
+std::shared_ptr<std::vector<Backend*>> WatchBackends(EngineOptions* o) {
+  auto seen = std::make_shared<std::vector<Backend*>>();
+  o->backend_factory = [make = o->backend_factory, seen]() {
+    StatusOr<std::unique_ptr<Backend>> b = make();
+    if (b.ok()) seen->push_back(b->get());
+    return b;
+  };
+  return seen;
+}
+
+// With decode_gemv, a bf16-weight model's decode GEMMs ran as GemvCuda and its packed gate|up
+// with SiLU·mul as GemvSiluMulCuda; without it neither ran.
+void ExpectGemvUse(const Backend& b, bool gemv, const std::string& what) {
+  const int64_t plain = b.ops_queued("GemvCuda"), fused = b.ops_queued("GemvSiluMulCuda");
+  if (gemv) {
+    EXPECT_GT(plain, 0) << what;
+    EXPECT_GT(fused, 0) << what;
+  } else {
+    EXPECT_EQ(plain, 0) << what;
+    EXPECT_EQ(fused, 0) << what;
+  }
+}
+
 EngineOptions MlaOptions(const std::string& model, int tp, int cp, bool cuda) {
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
@@ -504,11 +529,17 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
   std::vector<RunResult> got;
   EngineOptions lead = CudaOptions(c);
   const std::vector<pid_t> workers = StartWorkers("stories/" + c.name, &lead);
+  const auto backends = WatchBackends(&lead);
   {
     auto e = Engine::Create(lead);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     got = RunAll(e->get(), BatchFor(c), join_at);
     EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+    if (c.weight_dtype == kernels::DType::kBF16) {
+      // The decode GEMMs took the GEMV (and gate|up its fused SiLU·mul) exactly when asked.
+      ASSERT_EQ(backends->size(), 1u);
+      ExpectGemvUse(*backends->front(), c.gemv, c.name);
+    }
     if (c.graphs) {
       // Every bucket runs once eagerly, then as a captured graph: most steps are replays.
       const ForwardTimings& t = (*e)->model_timings();
@@ -723,16 +754,18 @@ INSTANTIATE_TEST_SUITE_P(DeepSeek, CudaBackendMlaTest,
 class CudaBackendGgufTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    const std::string why =
-        Unready(ModelsDir() + "/" + GetParam(), GetParam() + " (HELIX_TEST_MODELS_DIR)");
+    const std::string why = Unready(ModelsDir() + "/" + GetParam().substr(0, GetParam().find(':')),
+                                    GetParam() + " (HELIX_TEST_MODELS_DIR)");
     if (!why.empty()) GTEST_SKIP() << why;
   }
 };
 
 TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
+  const std::string model = GetParam().substr(0, GetParam().find(':'));
+  const bool cublas = GetParam().find(":cublas") != std::string::npos;
   EngineOptions o;
-  o.model_path = ModelsDir() + "/" + GetParam();
-  if (GetParam().rfind("qwen2", 0) == 0) {
+  o.model_path = ModelsDir() + "/" + model;
+  if (model.rfind("qwen2", 0) == 0) {
     o.tokenizer_path = Shared() + "/models/stories260K/tok512.bin";  // it carries none
   }
   o.num_threads = 1;
@@ -742,16 +775,25 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   o.kv_dtype = kernels::DType::kBF16;
   // Qwen2 in F32: its top-1 is near certain (logprob ~0), so its 3 largest logprobs are compared,
   // within 1e-2 (fp32 weights; a missing q/k/v bias moves them by 15-24).
-  const bool f32 = GetParam().find("F32") != std::string::npos;
+  const bool f32 = model.find("F32") != std::string::npos;
   // Three top logprobs each, so that a divergent step can be checked for a near tie.
   const std::vector<GenerateRequest> reqs = RandomPrompts(5, {2, 17}, 3, 3);
   auto cpu = Engine::Create(o);
   ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
   const std::vector<RunResult> want = RunAll(cpu->get(), reqs);
-  o.backend_factory = []() { return CreateCudaBackend(CudaBackendOptions{}); };
+  // The default backend options (decode GEMMs as GemvCuda); ":cublas" with decode_gemv off,
+  // so that cuBLAS reading the norms' and SiLU·mul's 16-bit copies decodes too.
+  CudaBackendOptions bo;
+  bo.decode_gemv = !cublas;
+  o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
+  const auto backends = WatchBackends(&o);
   auto gpu = Engine::Create(o);
   ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
   const std::vector<RunResult> got = RunAll(gpu->get(), reqs);
+  if (model.find("BF16") != std::string::npos) {
+    ASSERT_EQ(backends->size(), 1u);
+    ExpectGemvUse(*backends->front(), !cublas, GetParam());
+  }
   for (const RunResult& r : got) {
     ASSERT_EQ(r.top_logprobs.size(), r.tokens.size()) << "every step has its logprobs";
   }
@@ -759,12 +801,13 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
-                         ::testing::Values("llama_BF16.gguf", "llama_Q8_0.gguf",
+                         ::testing::Values("llama_BF16.gguf", "llama_BF16.gguf:cublas",
+                                           "llama_Q8_0.gguf",
                                            "qwen2_F32.gguf"),  // q/k/v biases
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n) {
-                             if (ch == '.') ch = '_';
+                             if (ch == '.' || ch == ':') ch = '_';
                            }
                            return n;
                          });
