@@ -30,6 +30,18 @@ struct GemmParams {
   const void* x_lowp = nullptr;
 };
 
+// What a backend may fold into one decode product (Backend::GemmFused; the CUDA GEMV, kernels/
+// cuda/gemv_cuda.h), with the separate ops it stands for.
+struct GemmFusion {
+  // The product's input is RmsNorm(x) * norm_weight ([k] floats, norm_eps): GemmParams::x holds
+  // the rows before the norm, and the normalised rows are written nowhere (RmsNormParams without
+  // residual, then the GEMM). nullptr: x as it is.
+  const float* norm_weight = nullptr;
+  float norm_eps = 0.0f;
+  // y += x w^T (+ bias): the residual add after the product (Gemm into scratch, then Add).
+  bool accumulate = false;
+};
+
 // Parallel over n; each weight row is read from memory once per call for all m rows, which
 // is what makes decode (m = batch) run at weight-streaming bandwidth.
 // pool may be nullptr (runs on the calling thread).

@@ -101,10 +101,17 @@ class Backend {
   virtual void Rope(const kernels::RopeParams& p) = 0;
   virtual void SiluMul(const kernels::SiluMulParams& p) = 0;
   // The packed gate|up product p, then act (the SiluMul that reads its two halves of each row
-  // of p.y), in one op where the backend has one: true = done (p.y may be left unwritten);
-  // false = nothing done, the caller runs Gemm(p) then SiluMul(act).
-  virtual bool GemmSiluMul(const kernels::GemmParams& /*p*/,
-                           const kernels::SiluMulParams& /*act*/) {
+  // of p.y), in one op where the backend has one, with fusion f (its RMSNorm of x; no
+  // accumulate): true = done (p.y may be left unwritten); false = nothing done, the caller runs
+  // the separate ops (RmsNorm, Gemm(p), SiluMul(act)).
+  virtual bool GemmSiluMul(const kernels::GemmParams& /*p*/, const kernels::SiluMulParams& /*act*/,
+                           const kernels::GemmFusion& /*f*/) {
+    return false;
+  }
+  // Gemm(p) with fusion f (the RMSNorm of its input, the residual add of its output) in one op
+  // where the backend has it: true = done; false = nothing done, the caller runs the separate
+  // ops (kernels::GemmFusion says which).
+  virtual bool GemmFused(const kernels::GemmParams& /*p*/, const kernels::GemmFusion& /*f*/) {
     return false;
   }
   // Whether Gemm of `rows` rows of x with `w` weights reads x rounded to 16 bits (then a

@@ -790,14 +790,41 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     }
     return Status::Ok();
   };
+  // One rank: a backend may fold each residual add into the product that makes it
+  // (GemmFusion::accumulate into x_) and each RMSNorm into the product that reads it
+  // (norm_weight). Then x_ holds the residual stream and `pending` is the norm its next reader
+  // still owes; where the backend declines a fusion (a shape it does not take), Normed runs
+  // that norm as its own op into xb_ (and its 16-bit copy).
+  const bool fuse = world == nullptr;
+  const std::vector<float>* pending = nullptr;
+  kernels::DType pending_lowp = kF32;
+  const auto Normed = [&] {
+    if (pending != nullptr) Norm(x_.data(), nullptr, *pending, T, pending_lowp);
+    pending = nullptr;
+  };
+  const auto NormOf = [&](const std::vector<float>& weight) {
+    kernels::GemmFusion f;
+    f.norm_weight = F32(weight);
+    f.norm_eps = c.norm_eps;
+    return f;
+  };
+  kernels::GemmFusion add_into;
+  add_into.accumulate = true;
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     const kernels::DType attn_lowp = AttnInputLowp(l, T), ffn_lowp = FfnInputLowp(l, T);
     if (l == 0) {  // later layers' attention norm comes with the previous layer's last add
-      Norm(x_.data(), nullptr, lw.attn_norm, T, attn_lowp);
+      if (fuse) {
+        pending = &lw.attn_norm;
+        pending_lowp = attn_lowp;
+      } else {
+        Norm(x_.data(), nullptr, lw.attn_norm, T, attn_lowp);
+      }
     }
     sw.Lap(&tm.other);
+    bool ffn_norm_pending = false;  // the attention's output was added into x_ by its product
     if (c.mla()) {
+      Normed();
       RETURN_IF_ERROR(MlaAttention(b, m, l));
       sw = Stopwatch();
     } else {
@@ -818,14 +845,22 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         // One GEMM for q|k|v (and their packed biases) per token; the rotated q into q_.
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype}, attn_lowp,
-               xb_lowp_.data());
+        if (pending != nullptr && backend_->GemmFused({x_.data(), Dev(lw.wq), F32(lw.bq),
+                                                       qkv_.data(), T, n, D, lw.wq.dtype},
+                                                      NormOf(*pending))) {
+          pending = nullptr;
+        } else {
+          Normed();
+          GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype}, attn_lowp,
+                 xb_lowp_.data());
+        }
         rk.q = qkv_.data();
         rk.k = qkv_.data() + qd;
         rk.v = qkv_.data() + qd + kvd;
         rk.row_stride = n;
         rk.q_out = q_.data();
       } else {
+        Normed();
         GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype}, attn_lowp,
                xb_lowp_.data());
         // k and v read the same xb_ as q (same_x: a backend may reuse q's conversion of it).
@@ -860,13 +895,26 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       RETURN_IF_ERROR(CombineAttention(T, hd));
       sw.Lap(&tm.combine);
       // x += Wo · att: row-parallel over the N ranks (each holds Wo's columns for its heads).
-      backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
+      if (fuse &&
+          backend_->GemmFused({att_.data(), Dev(lw.wo), nullptr, x_.data(), T, D, od, lw.wo.dtype},
+                              add_into)) {
+        ffn_norm_pending = true;
+      } else {
+        backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
+      }
       sw.Lap(&tm.gemm);
     }
-    RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm, ffn_lowp));
+    if (ffn_norm_pending) {
+      pending = &lw.ffn_norm;
+      pending_lowp = ffn_lowp;
+    } else {
+      RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm, ffn_lowp));
+    }
+    bool next_norm_pending = false;  // the FFN's output was added into x_ by its product
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks;
     // an MoE layer adds its experts' and shared experts' partials instead.
     if (c.IsMoeLayer(l)) {
+      Normed();
       RETURN_IF_ERROR(MoeFfn(l, T));
     } else {
       RETURN_IF_ERROR(h1_.Resize(T * F));
@@ -889,24 +937,48 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         act.up = h13_.data() + F;
         act.cols = F;
         act.ld = 2 * F;
-        if (!backend_->GemmSiluMul(gu, act)) {
-          backend_->Gemm(gu);
-          backend_->SiluMul(act);
+        kernels::GemmParams gu_raw = gu;  // the norm folded in: x_ before it
+        gu_raw.x = x_.data();
+        gu_raw.x_lowp = nullptr;
+        if (pending != nullptr && backend_->GemmSiluMul(gu_raw, act, NormOf(*pending))) {
+          pending = nullptr;
+        } else {
+          Normed();
+          if (!backend_->GemmSiluMul(gu, act, {})) {
+            backend_->Gemm(gu);
+            backend_->SiluMul(act);
+          }
         }
       } else {
+        Normed();
         GemmIn({xb_.data(), Dev(lw.w1), nullptr, h1_.data(), T, F, D, lw.w1.dtype}, ffn_lowp,
                xb_lowp_.data());
         GemmIn({xb_.data(), Dev(lw.w3), nullptr, h3_.data(), T, F, D, lw.w3.dtype, true}, ffn_lowp,
                xb_lowp_.data());
         backend_->SiluMul(act);
       }
-      GemmIn({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype}, down_lowp,
-             h1_lowp_.data());
+      if (fuse &&
+          backend_->GemmFused({h1_.data(), Dev(lw.w2), nullptr, x_.data(), T, D, F, lw.w2.dtype},
+                              add_into)) {
+        next_norm_pending = true;
+      } else {
+        GemmIn({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype}, down_lowp,
+               h1_lowp_.data());
+      }
     }
     sw.Lap(&tm.gemm);
-    RETURN_IF_ERROR(l + 1 < c.n_layers
-                        ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T))
-                        : AddRowParallel(nullptr, kF32));
+    if (next_norm_pending) {
+      // x_ is complete; the next layer's attention norm is owed (none after the last layer:
+      // the final norm below reads x_).
+      if (l + 1 < c.n_layers) {
+        pending = &w.layers[l + 1].attn_norm;
+        pending_lowp = AttnInputLowp(l + 1, T);
+      }
+    } else {
+      RETURN_IF_ERROR(l + 1 < c.n_layers
+                          ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T))
+                          : AddRowParallel(nullptr, kF32));
+    }
   }
   sw.Lap(&tm.other);
 

@@ -106,8 +106,9 @@ cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sm
   kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 
-// A programmatic dependent launch (LaunchPdl) in a launcher that returns cudaError_t. The kernel
-// must begin with PdlEnter(): nothing in it may touch global memory before that.
+// A programmatic dependent launch (LaunchPdl) in a launcher that returns cudaError_t. Every path
+// through the kernel must call PdlEnter() before it touches global memory that another kernel of
+// the stream writes, or writes anything (weights, which no kernel writes, may be read before).
 #ifdef HELIX_CUDA_EMULATION
 #define HELIX_LAUNCH_PDL(kernel, grid, block, smem, stream, ...) \
   ::helix_emu::Launch(kernel, grid, block, smem, __VA_ARGS__)

@@ -36,9 +36,9 @@ __device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// The first statement of every kernel launched with HELIX_LAUNCH_PDL (cuda_check.h): waits until
-// the kernels before it in the stream have finished and their writes are visible (nothing before
-// it may read or write global memory), then lets the next kernel in the stream be launched (it
+// Called by every kernel launched with HELIX_LAUNCH_PDL (cuda_check.h), first or after reading
+// only memory no kernel writes (weights): waits until the kernels before it in the stream have
+// finished and their writes are visible, then lets the next kernel in the stream be launched (it
 // waits the same way). No-ops in an ordinary launch, and compiled out before sm_90.
 __device__ inline void PdlEnter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -60,6 +60,31 @@ __device__ inline void StoreLowpAt(void* base, DType dtype, int64_t i, float v) 
 // SiLU(g) * u as SiluMulParams computes it (one expression, so the fused GEMV epilogue and the
 // element-wise kernel agree bit for bit).
 __device__ inline float SiluMulValue(float g, float u) { return g * u / (1.0f + expf(-g)); }
+
+// The sum (is_max: the maximum) of v over the thread block, every thread getting the result:
+// warp shuffles, then the warps' values in order from smem32 (32 slots). Same order on every
+// call, so two kernels reducing the same per-thread values get the same bits.
+template <typename T>
+__device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? (other > v ? other : v) : v + other;
+  }
+  __syncthreads();  // smem32 may still be read by a previous reduction
+  if (lane == 0) {
+    smem32[warp] = v;
+  }
+  __syncthreads();
+  T r = smem32[0];
+  for (int w = 1; w < warps; ++w) {
+    r = is_max ? (smem32[w] > r ? smem32[w] : r) : r + smem32[w];
+  }
+  return r;
+}
 
 // The 16 bytes of `raw` as 16 / sizeof(T) floats (little-endian element order).
 template <typename T>

@@ -14,27 +14,88 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kChunk = 8;               // weights per 16-byte load
 constexpr int64_t kStep = 32 * kChunk;  // weights a warp reads per load
+// 16-byte weight loads in flight per lane and row: 4 matched or beat 8 on every decode shape
+// measured on an H100 (gemv_bench, docs/results/gpu-h100-2026-11-26b.md; 8 up to 14 % slower).
+constexpr int kUnroll = 4;
+// Rows of at least this many weights are split over kSplitWarps warps (each a quarter of the
+// row, summed in a fixed order): a long row alone keeps too few bytes in flight per warp (the
+// down projection's 8192 reached 0.80 of the read kernel's bandwidth, the 2048-wide ones ~1.0).
+constexpr int64_t kSplitMinK = 4096;
+constexpr int kSplitWarps = 4;
 
-// One warp per output j. Plain: y[r][j] = x[r] . w[j] (+ bias[j]) for r < m <= M. kGlu: the
-// warp also reads weight row j + n/2 and writes out[r][j] = silu(y[r][j]) * y[r][j + n/2]
-// (SiluMulValue) instead. Lane l reads the 16-byte chunks l, l + 32, ... of each of its rows
-// (U of them per row issued together) and the same eight floats of each row of x (from cache:
-// x is small and every warp reads it). A row's sum is the same sequence of FMAs and the same
-// warp reduction whatever U and kGlu are, so the fused result equals GEMV then SiLU·mul.
-template <typename W, int M, int U, bool kGlu>
-__global__ void GemvKernel(const GemmParams p, const SiluMulParams act) {
-  PdlEnter();                      // first: see HELIX_LAUNCH_PDL
-  constexpr int R = kGlu ? 2 : 1;  // weight rows per warp
-  const int64_t outs = kGlu ? p.n / 2 : p.n;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  if (j >= outs) {
-    return;
+// Round `k0` of a warp's weights: chunk u of row q at k0 + u * S * kStep (zeros past k).
+template <typename W, int R, int U, int S>
+__device__ inline void LoadRound(uint4 (&raw)[R][U], const W* const (&w)[R], int64_t k0,
+                                 int64_t k) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t kk = k0 + u * S * kStep;
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      raw[q][u] = kk < k ? *reinterpret_cast<const uint4*>(w[q] + kk) : make_uint4(0, 0, 0, 0);
+    }
   }
-  const W* __restrict__ w[R];
+}
+
+// S warps per output j (S = 1, or kSplitWarps for long rows). Plain: y[r][j] = x[r] . w[j]
+// (+ bias[j]) for r < m <= M (f.accumulate: y[r][j] += that). kGlu: the warps also read weight
+// row j + n/2 and write out[r][j] = silu(y[r][j]) * y[r][j + n/2] (SiluMulValue) instead. Lane l
+// of slice s reads the 16-byte chunks c = 32 s + l, c + 32 S, c + 64 S, ... of each of its rows
+// (kUnroll of them per row issued together) and the same eight floats of each row of x (from
+// cache: x is small and every warp reads it). A row's sum is the same sequence of FMAs, warp
+// reductions and (S > 1) slice sum whatever kGlu is, so the fused result equals GEMV then
+// SiLU·mul bit for bit. kNorm: the thread block first writes RMSNorm(x) * f.norm_weight into
+// shared memory exactly as RmsNormKernel computes it (same 256 threads, same sums), and the
+// products read that: bit for bit RmsNormCuda then the GEMV.
+// Weights are never written by a kernel of the step, so each warp's first round of them is
+// loaded before PdlEnter: under HELIX_LAUNCH_PDL those loads overlap the kernel before it.
+template <typename W, int M, bool kGlu, int S, bool kNorm>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    GemvKernel(const GemmParams p, const SiluMulParams act, const GemmFusion f) {
+  constexpr int U = kUnroll;
+  constexpr int R = kGlu ? 2 : 1;  // weight rows per warp
+  constexpr int kRowsPerBlock = kWarpsPerBlock / S;
+  using Parts = float[kWarpsPerBlock * R * M];  // S > 1: each warp's sums
+  HELIX_STATIC_SMEM(Parts, parts);
+  const int64_t outs = kGlu ? p.n / 2 : p.n;
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int slice = warp % S;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp / S;
+  const bool active = j < outs;
+  const W* w[R];
 #pragma unroll
   for (int q = 0; q < R; ++q) {
-    w[q] = static_cast<const W*>(p.w) + (j + q * outs) * p.k;
+    w[q] = static_cast<const W*>(p.w) + (active ? j + q * outs : 0) * p.k;
+  }
+  const int64_t k_first = (static_cast<int64_t>(slice) * 32 + lane) * kChunk;
+  constexpr int64_t kRound = static_cast<int64_t>(U) * S * kStep;  // k advanced per round
+  uint4 raw[R][U];
+  if (active) {
+    LoadRound<W, R, U, S>(raw, w, k_first, p.k);
+  }
+  PdlEnter();  // x (and y) only after this: see HELIX_LAUNCH_PDL
+  const float* x = p.x;
+  if constexpr (kNorm) {
+    using Red = double[32];
+    HELIX_STATIC_SMEM(Red, red);
+    HELIX_DYNAMIC_SMEM(smem);
+    float* xs = reinterpret_cast<float*>(smem);  // [m][k], the normalised rows
+    for (int r = 0; r < M && r < p.m; ++r) {
+      const float* xr = p.x + r * p.k;
+      double ss = 0.0;
+      for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) {
+        ss += static_cast<double>(xr[i]) * xr[i];
+      }
+      ss = BlockReduce(ss, red, false);
+      const float inv = static_cast<float>(
+          1.0 / sqrt(ss / static_cast<double>(p.k) + static_cast<double>(f.norm_eps)));
+      for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) {
+        xs[r * p.k + i] = __fmul_rn(__fmul_rn(xr[i], inv), f.norm_weight[i]);
+      }
+    }
+    __syncthreads();
+    x = xs;
   }
   float acc[R][M];
 #pragma unroll
@@ -44,19 +105,13 @@ __global__ void GemvKernel(const GemmParams p, const SiluMulParams act) {
       acc[q][r] = 0.0f;
     }
   }
-  for (int64_t k0 = lane * kChunk; k0 < p.k; k0 += U * kStep) {
-    uint4 raw[R][U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = k0 + u * kStep;
-#pragma unroll
-      for (int q = 0; q < R; ++q) {
-        raw[q][u] = k < p.k ? *reinterpret_cast<const uint4*>(w[q] + k) : make_uint4(0, 0, 0, 0);
-      }
+  for (int64_t k0 = k_first; active && k0 < p.k; k0 += kRound) {
+    if (k0 != k_first) {
+      LoadRound<W, R, U, S>(raw, w, k0, p.k);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t k = k0 + u * kStep;
+      const int64_t k = k0 + u * S * kStep;
       if (k >= p.k) {
         break;
       }
@@ -68,7 +123,7 @@ __global__ void GemvKernel(const GemmParams p, const SiluMulParams act) {
 #pragma unroll
       for (int r = 0; r < M; ++r) {
         if (r < p.m) {
-          const float4* xr = reinterpret_cast<const float4*>(p.x + r * p.k + k);
+          const float4* xr = reinterpret_cast<const float4*>(x + r * p.k + k);
           const float4 a = xr[0];
           const float4 b = xr[1];
 #pragma unroll
@@ -89,66 +144,102 @@ __global__ void GemvKernel(const GemmParams p, const SiluMulParams act) {
     }
   }
 #pragma unroll
+  for (int q = 0; q < R; ++q) {
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) {
+        acc[q][r] += __shfl_xor_sync(0xffffffffu, acc[q][r], off);
+      }
+    }
+  }
+  if constexpr (S > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+          parts[(warp * R + q) * M + r] = acc[q][r];
+        }
+      }
+    }
+    __syncthreads();
+    if (slice == 0 && lane == 0) {
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+          float t = parts[(warp * R + q) * M + r];
+          for (int o = 1; o < S; ++o) {
+            t += parts[((warp + o) * R + q) * M + r];
+          }
+          acc[q][r] = t;
+        }
+      }
+    }
+  }
+  if (!active || slice != 0 || lane != 0) {
+    return;
+  }
+#pragma unroll
   for (int r = 0; r < M; ++r) {
+    if (r >= p.m) {
+      break;
+    }
     float s[R];
 #pragma unroll
     for (int q = 0; q < R; ++q) {
-      s[q] = acc[q][r];
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        s[q] += __shfl_xor_sync(0xffffffffu, s[q], off);
-      }
-      if (p.bias != nullptr) {
-        s[q] += p.bias[j + q * outs];
-      }
+      s[q] = p.bias != nullptr ? acc[q][r] + p.bias[j + q * outs] : acc[q][r];
     }
-    if (lane == 0 && r < p.m) {
-      if constexpr (kGlu) {
-        const float o = SiluMulValue(s[0], s[1]);
-        act.out[r * outs + j] = o;
-        if (act.out_lowp != nullptr) {
-          StoreLowpAt(act.out_lowp, act.out_lowp_dtype, r * outs + j, o);
-        }
-      } else {
-        p.y[r * p.n + j] = s[0];
+    if constexpr (kGlu) {
+      const float o = SiluMulValue(s[0], s[1]);
+      act.out[r * outs + j] = o;
+      if (act.out_lowp != nullptr) {
+        StoreLowpAt(act.out_lowp, act.out_lowp_dtype, r * outs + j, o);
       }
+    } else {
+      float* y = p.y + r * p.n + j;
+      *y = f.accumulate ? *y + s[0] : s[0];
     }
   }
 }
 
-template <typename W, int U, bool kGlu>
-cudaError_t LaunchRows(const GemmParams& p, const SiluMulParams& act, cudaStream_t stream) {
+template <typename W, bool kGlu, int S, bool kNorm>
+cudaError_t LaunchRows(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
+                       cudaStream_t stream) {
   const int64_t outs = kGlu ? p.n / 2 : p.n;
-  const unsigned grid = static_cast<unsigned>((outs + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  constexpr int64_t kRowsPerBlock = kWarpsPerBlock / S;
+  const unsigned grid = static_cast<unsigned>((outs + kRowsPerBlock - 1) / kRowsPerBlock);
   const unsigned block = 32 * kWarpsPerBlock;
+  const size_t smem = kNorm ? static_cast<size_t>(p.m * p.k) * sizeof(float) : 0;
   if (p.m == 1) {
-    HELIX_LAUNCH_PDL((GemvKernel<W, 1, U, kGlu>), grid, block, 0, stream, p, act);
+    HELIX_LAUNCH_PDL((GemvKernel<W, 1, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
   } else if (p.m == 2) {
-    HELIX_LAUNCH_PDL((GemvKernel<W, 2, U, kGlu>), grid, block, 0, stream, p, act);
+    HELIX_LAUNCH_PDL((GemvKernel<W, 2, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
   } else {
-    HELIX_LAUNCH_PDL((GemvKernel<W, 4, U, kGlu>), grid, block, 0, stream, p, act);
+    HELIX_LAUNCH_PDL((GemvKernel<W, 4, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
 
+template <typename W, bool kGlu, bool kNorm>
+cudaError_t LaunchSplit(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
+                        cudaStream_t stream) {
+  return p.k >= kSplitMinK ? LaunchRows<W, kGlu, kSplitWarps, kNorm>(p, act, f, stream)
+                           : LaunchRows<W, kGlu, 1, kNorm>(p, act, f, stream);
+}
+
 template <bool kGlu>
-cudaError_t Launch(const GemmParams& p, const SiluMulParams& act, cudaStream_t stream, int unroll) {
-  if (unroll == 0) {
-    // A lane's share of a short row in one round of loads; long rows (the down projection's)
-    // keep more bytes in flight per warp too, as their warps are few.
-    unroll = 8;
-  }
-  if (unroll != 4 && unroll != 8) {
-    return cudaErrorInvalidValue;
-  }
+cudaError_t Launch(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
+                   cudaStream_t stream) {
   const bool bf16 = p.w_dtype == DType::kBF16;
-  if (unroll == 4) {
-    return bf16 ? LaunchRows<__nv_bfloat16, 4, kGlu>(p, act, stream)
-                : LaunchRows<__half, 4, kGlu>(p, act, stream);
+  if (f.norm_weight != nullptr) {
+    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, true>(p, act, f, stream)
+                : LaunchSplit<__half, kGlu, true>(p, act, f, stream);
   }
-  return bf16 ? LaunchRows<__nv_bfloat16, 8, kGlu>(p, act, stream)
-              : LaunchRows<__half, 8, kGlu>(p, act, stream);
+  return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, false>(p, act, f, stream)
+              : LaunchSplit<__half, kGlu, false>(p, act, f, stream);
 }
 
 }  // namespace
@@ -168,11 +259,24 @@ bool GemvPreferred(int64_t m, int64_t n, int64_t k) {
   return m == 1 || (m >= 1 && m <= kGemvMaxRows && n * k * 2 <= kSmallBytes);
 }
 
-cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, int unroll) {
-  if (!GemvApplies(p)) {
+bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul) {
+  if (f.norm_weight != nullptr && (f.norm_eps < 0.0f || p.m < 1 || p.m > kGemvMaxRows || p.k < 1 ||
+                                   p.m * p.k > kGemvNormMaxFloats)) {
+    return false;
+  }
+  if (f.accumulate) {
+    // y is read and written by the warp that sums it; x must not be y.
+    const bool apart = p.y + p.m * p.n <= p.x || p.y >= p.x + p.m * p.k;
+    return !silu_mul && p.y != nullptr && apart;
+  }
+  return true;
+}
+
+cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion& f) {
+  if (!GemvApplies(p) || !GemvFusionApplies(p, f, false)) {
     return cudaErrorInvalidValue;
   }
-  return Launch<false>(p, SiluMulParams{}, stream, unroll);
+  return Launch<false>(p, SiluMulParams{}, f, stream);
 }
 
 bool GemvSiluMulApplies(const GemmParams& p, const SiluMulParams& act) {
@@ -187,11 +291,11 @@ bool GemvSiluMulApplies(const GemmParams& p, const SiluMulParams& act) {
 }
 
 cudaError_t GemvSiluMulCuda(const GemmParams& p, const SiluMulParams& act, cudaStream_t stream,
-                            int unroll) {
-  if (!GemvSiluMulApplies(p, act)) {
+                            const GemmFusion& f) {
+  if (!GemvSiluMulApplies(p, act) || !GemvFusionApplies(p, f, true)) {
     return cudaErrorInvalidValue;
   }
-  return Launch<true>(p, act, stream, unroll);
+  return Launch<true>(p, act, f, stream);
 }
 
 }  // namespace helix::kernels::cuda

@@ -1,7 +1,9 @@
 // Decode-sized products with 16-bit weights without cuBLAS: y = x w^T (+ bias) for a few rows
 // of x (GemmCpu's contract, kernels/gemm.h). x stays fp32 (no conversion kernel, and the
 // numerics are the CPU's up to summation order), weights are read once with 16-byte loads, fp32
-// accumulation; one warp per weight row, the bias added as the row's sum is written.
+// accumulation; one warp per weight row (four for rows of 4096 weights or more), the bias added
+// as the row's sum is written. Launched as programmatic dependents (HELIX_LAUNCH_PDL) that load
+// their first weights before waiting for the kernel before them.
 #ifndef HELIX_KERNELS_CUDA_GEMV_CUDA_H_
 #define HELIX_KERNELS_CUDA_GEMV_CUDA_H_
 
@@ -25,9 +27,17 @@ bool GemvApplies(const GemmParams& p);
 // and falls behind cuBLAS on large matrices).
 bool GemvPreferred(int64_t m, int64_t n, int64_t k);
 
-// REQUIRES: GemvApplies(p); device pointers. unroll: 16-byte weight loads in flight per lane
-// (4 or 8; 0 = the kernel's choice by k). The result does not depend on it.
-cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, int unroll = 0);
+// The most floats of x (m * k) a GEMV with GemmFusion::norm_weight normalises into shared memory.
+constexpr int64_t kGemvNormMaxFloats = 10240;
+
+// Whether GemvCuda (silu_mul: GemvSiluMulCuda) takes fusion f with p: norm_weight with m * k <=
+// kGemvNormMaxFloats and eps >= 0; accumulate only without SiLU·mul and with y apart from x.
+bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul);
+
+// REQUIRES: GemvApplies(p) and GemvFusionApplies(p, f, false); device pointers. With
+// f.norm_weight the products read RMSNorm(x) * norm_weight, bit for bit what RmsNormCuda (no
+// residual) would have written, and write it nowhere; with f.accumulate y += the product.
+cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion& f = {});
 
 // Whether GemvSiluMulCuda takes (p, act): GemvApplies(p), p.n even, and act the SiluMul of the
 // packed gate|up product p would write: act.gate == p.y, act.up == p.y + n/2, act.cols == n/2,
@@ -36,9 +46,9 @@ bool GemvSiluMulApplies(const GemmParams& p, const SiluMulParams& act);
 
 // GemvCuda(p) then SiluMul(act) in one kernel, bit for bit: out[r][j] = silu(g) * u of
 // g = y[r][j], u = y[r][j + n/2] (and act.out_lowp when set). p.y is not written.
-// REQUIRES: GemvSiluMulApplies(p, act). unroll as GemvCuda's.
+// REQUIRES: GemvSiluMulApplies(p, act) and GemvFusionApplies(p, f, true).
 cudaError_t GemvSiluMulCuda(const GemmParams& p, const SiluMulParams& act, cudaStream_t stream,
-                            int unroll = 0);
+                            const GemmFusion& f = {});
 
 }  // namespace helix::kernels::cuda
 

@@ -46,28 +46,6 @@ cudaError_t LaunchElementwise(void (*kernel)(P), int64_t n, const P& p, cudaStre
   return cudaSuccess;
 }
 
-template <typename T>
-__device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warps = (blockDim.x + 31) >> 5;
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) {
-    const T other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? (other > v ? other : v) : v + other;
-  }
-  __syncthreads();  // smem32 may still be read by a previous reduction
-  if (lane == 0) {
-    smem32[warp] = v;
-  }
-  __syncthreads();
-  T r = smem32[0];
-  for (int w = 1; w < warps; ++w) {
-    r = is_max ? (smem32[w] > r ? smem32[w] : r) : r + smem32[w];
-  }
-  return r;
-}
-
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: one thread block per row.
 
@@ -77,7 +55,6 @@ __device__ inline T BlockReduce(T v, T* smem32, bool is_max) {
 constexpr int kRmsRegs = 16;
 
 __global__ void RmsNormKernel(const RmsNormParams p) {
-  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   using Red = double[32];
   HELIX_STATIC_SMEM(Red, red);
   const int64_t r = blockIdx.x;
@@ -89,14 +66,20 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
   double s = 0.0;
   if (p.dim <= step * kRmsRegs) {
     // x, the residual and the norm weight are all loaded before any is used: one round trip to
-    // memory before the reduction, not three in a row.
+    // memory before the reduction, not three in a row. The weight (never written by a kernel of
+    // the step) even before PdlEnter, overlapping the kernel before this one.
     float vals[kRmsRegs], resv[kRmsRegs], wts[kRmsRegs];
+#pragma unroll
+    for (int j = 0; j < kRmsRegs; ++j) {
+      const int64_t i = threadIdx.x + j * step;
+      wts[j] = i < p.dim ? p.weight[i] : 0.0f;
+    }
+    PdlEnter();  // x and the residual only after this: see HELIX_LAUNCH_PDL
 #pragma unroll
     for (int j = 0; j < kRmsRegs; ++j) {
       const int64_t i = threadIdx.x + j * step;
       vals[j] = i < p.dim ? x[i] : 0.0f;
       resv[j] = res != nullptr && i < p.dim ? res[i] : 0.0f;
-      wts[j] = i < p.dim ? p.weight[i] : 0.0f;
     }
     if (res != nullptr) {
 #pragma unroll
@@ -128,6 +111,7 @@ __global__ void RmsNormKernel(const RmsNormParams p) {
     }
     return;
   }
+  PdlEnter();  // see HELIX_LAUNCH_PDL
   for (int64_t i = threadIdx.x; i < p.dim; i += step) {
     float v = x[i];
     if (res != nullptr) {

@@ -25,7 +25,9 @@ namespace helix::kernels::cuda {
 // (CudaBackendOptions::programmatic_launch; decode_bench --pdl 0 measures without it).
 void SetProgrammaticLaunch(bool on);
 
-// RmsNormCpu semantics (sum of squares in double; residual += x first when set).
+// RmsNormCpu semantics (sum of squares in double; residual += x first when set). p.weight must
+// not be written by a kernel queued before it on the stream: it is read before the programmatic
+// launch's wait (a model's norm weights are written only by uploads).
 cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream);
 
 // RopeCpu semantics: angles and their sine / cosine in double, both styles, an optional

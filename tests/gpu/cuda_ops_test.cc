@@ -944,8 +944,9 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   };
   for (DType dt : {DType::kBF16, DType::kF16}) {
     // k: one chunk, whole unrolled steps, and partial ones (1032 = 4 * 256 + 8, 2056).
+    // k >= 4096: four warps per row (a partial last round at 8200).
     for (Shape sh : {Shape{1, 1, 8}, Shape{1, 37, 256}, Shape{2, 100, 1032}, Shape{3, 64, 4096},
-                     Shape{4, 9, 2056}}) {
+                     Shape{4, 9, 2056}, Shape{1, 13, 8200}}) {
       for (bool bias : {false, true}) {
         const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
         const std::vector<float> w = RandomVector(rng, sh.n * sh.k);
@@ -975,12 +976,46 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
         ASSERT_EQ(cuda::GemvCuda(p, nullptr), cudaSuccess) << what;
         const std::vector<float> got = d_y.Download();
         ExpectAllNear(ToDouble(want), got.data(), 1e-4, 1e-4, what);
-        // 4 or 8 loads in flight per lane: the same sums, bit for bit.
-        for (int unroll : {4, 8}) {
-          ASSERT_EQ(cuda::GemvCuda(p, nullptr, unroll), cudaSuccess) << what;
-          EXPECT_EQ(std::memcmp(d_y.Download().data(), got.data(), got.size() * sizeof(float)), 0)
-              << what << " unroll " << unroll;
+        // Fused residual add: y += the product, bit for bit the product then the add.
+        const std::vector<float> r = RandomVector(rng, sh.m * sh.n);
+        std::vector<float> want_acc(r.size());
+        for (size_t i = 0; i < r.size(); ++i) want_acc[i] = r[i] + got[i];
+        DeviceBuffer<float> d_acc(r);
+        GemmParams pa = p;
+        pa.y = d_acc.get();
+        GemmFusion acc;
+        acc.accumulate = true;
+        ASSERT_TRUE(cuda::GemvFusionApplies(pa, acc, false)) << what;
+        ASSERT_EQ(cuda::GemvCuda(pa, nullptr, acc), cudaSuccess) << what;
+        EXPECT_EQ(std::memcmp(d_acc.Download().data(), want_acc.data(), r.size() * sizeof(float)),
+                  0)
+            << what << " accumulate";
+        // Fused RMSNorm of x: bit for bit RmsNormCuda into scratch, then the GEMV of that.
+        const std::vector<float> g = RandomVector(rng, sh.k);
+        DeviceBuffer<float> d_g(g), d_xn(sh.m * sh.k), d_yn(std::vector<float>(sh.m * sh.n, NAN));
+        GemmFusion norm;
+        norm.norm_weight = d_g.get();
+        norm.norm_eps = 1e-5f;
+        if (sh.m * sh.k > cuda::kGemvNormMaxFloats) {
+          EXPECT_FALSE(cuda::GemvFusionApplies(p, norm, false)) << what;
+          EXPECT_EQ(cuda::GemvCuda(p, nullptr, norm), cudaErrorInvalidValue) << what;
+          continue;
         }
+        ASSERT_EQ(cuda::RmsNormCuda({d_x.get(), nullptr, d_g.get(), d_xn.get(), sh.m, sh.k, 1e-5f},
+                                    nullptr),
+                  cudaSuccess);
+        GemmParams pn = p;
+        pn.x = d_xn.get();
+        ASSERT_EQ(cuda::GemvCuda(pn, nullptr), cudaSuccess) << what;
+        const std::vector<float> want_norm = d_y.Download();
+        pn.x = d_x.get();
+        pn.y = d_yn.get();
+        ASSERT_TRUE(cuda::GemvFusionApplies(pn, norm, false)) << what;
+        ASSERT_EQ(cuda::GemvCuda(pn, nullptr, norm), cudaSuccess) << what;
+        EXPECT_EQ(
+            std::memcmp(d_yn.Download().data(), want_norm.data(), want_norm.size() * sizeof(float)),
+            0)
+            << what << " norm";
       }
     }
   }
@@ -1009,7 +1044,15 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   q.x = d_x.get() + 1;
   EXPECT_FALSE(cuda::GemvApplies(q));
   EXPECT_EQ(cuda::GemvCuda(q, nullptr), cudaErrorInvalidValue);
-  EXPECT_EQ(cuda::GemvCuda(p, nullptr, 3), cudaErrorInvalidValue);
+  // A residual add into x itself, or with SiLU·mul, is refused.
+  GemmFusion acc;
+  acc.accumulate = true;
+  q = p;
+  q.y = d_x.get();
+  EXPECT_FALSE(cuda::GemvFusionApplies(q, acc, false));
+  q.y = d_x.get() + 64 * 8;
+  EXPECT_TRUE(cuda::GemvFusionApplies(q, acc, false));
+  EXPECT_FALSE(cuda::GemvFusionApplies(q, acc, true));
   // Where a backend prefers it to cuBLAS: one row always; a few rows on small matrices only.
   EXPECT_TRUE(cuda::GemvPreferred(1, 128256, 2048));
   EXPECT_TRUE(cuda::GemvPreferred(4, 3072, 2048));
@@ -1026,7 +1069,8 @@ TEST_F(CudaOpsTest, GemvSiluMulEqualsGemvThenSiluMul) {
     int64_t m, f, k;  // n = 2f
   };
   for (DType dt : {DType::kBF16, DType::kF16}) {
-    for (Shape sh : {Shape{1, 1, 8}, Shape{1, 37, 1032}, Shape{2, 100, 256}, Shape{4, 9, 2056}}) {
+    for (Shape sh : {Shape{1, 1, 8}, Shape{1, 37, 1032}, Shape{2, 100, 256}, Shape{4, 9, 2056},
+                     Shape{2, 5, 4104}}) {
       for (bool bias : {false, true}) {
         const int64_t n = 2 * sh.f;
         const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
@@ -1072,13 +1116,32 @@ TEST_F(CudaOpsTest, GemvSiluMulEqualsGemvThenSiluMul) {
         act.out = d_fused.get();
         act.out_lowp = d_fused16.get();
         ASSERT_TRUE(cuda::GemvSiluMulApplies(p, act)) << what;
-        for (int unroll : {0, 4, 8}) {
-          ASSERT_EQ(cuda::GemvSiluMulCuda(p, act, nullptr, unroll), cudaSuccess) << what;
-          EXPECT_EQ(
-              std::memcmp(d_fused.Download().data(), split.data(), split.size() * sizeof(float)), 0)
-              << what << " unroll " << unroll;
-          EXPECT_EQ(d_fused16.Download(), split16) << what << " unroll " << unroll;
-        }
+        ASSERT_EQ(cuda::GemvSiluMulCuda(p, act, nullptr), cudaSuccess) << what;
+        EXPECT_EQ(
+            std::memcmp(d_fused.Download().data(), split.data(), split.size() * sizeof(float)), 0)
+            << what;
+        EXPECT_EQ(d_fused16.Download(), split16) << what;
+        // With the input's RMSNorm fused too: bit for bit RmsNormCuda, then the fused kernel.
+        const std::vector<float> g = RandomVector(rng, sh.k);
+        DeviceBuffer<float> d_g(g), d_xn(sh.m * sh.k);
+        ASSERT_EQ(cuda::RmsNormCuda({d_x.get(), nullptr, d_g.get(), d_xn.get(), sh.m, sh.k, 1e-6f},
+                                    nullptr),
+                  cudaSuccess);
+        GemmParams pn = p;
+        pn.x = d_xn.get();
+        ASSERT_EQ(cuda::GemvSiluMulCuda(pn, act, nullptr), cudaSuccess) << what;
+        const std::vector<float> want_norm = d_fused.Download();
+        const std::vector<uint16_t> want_norm16 = d_fused16.Download();
+        ASSERT_EQ(cuda::GemvSiluMulCuda(p, act, nullptr), cudaSuccess) << what;  // other values
+        GemmFusion norm;
+        norm.norm_weight = d_g.get();
+        norm.norm_eps = 1e-6f;
+        ASSERT_EQ(cuda::GemvSiluMulCuda(p, act, nullptr, norm), cudaSuccess) << what;
+        EXPECT_EQ(std::memcmp(d_fused.Download().data(), want_norm.data(),
+                              want_norm.size() * sizeof(float)),
+                  0)
+            << what << " norm";
+        EXPECT_EQ(d_fused16.Download(), want_norm16) << what << " norm";
       }
     }
   }

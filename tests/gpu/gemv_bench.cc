@@ -1,9 +1,9 @@
 // Decode GEMMs with bf16 weights (the layer shapes of Llama-3.2-1B and SmolLM2-135M, 1 and 4
 // rows of x), several ways in one run: cuBLAS after converting x (GemmCuda), cuBLAS on an x
 // already in bf16 (GemmCuda with x_lowp, as after a fused RMSNorm), GemvCuda (fp32 x, no
-// conversion) with its default and with 4 and 8 loads in flight per lane, and for the gate|up
-// shapes GemvCuda then SiluMulCuda against the fused GemvSiluMulCuda; each against a pure-read
-// kernel over the same weight bytes. Weights are cycled
+// conversion), RmsNormCuda then GemvCuda against GemvCuda with the norm fused (GemmFusion), and
+// for the gate|up shapes GemvCuda then SiluMulCuda against the fused GemvSiluMulCuda; each
+// against a pure-read kernel over the same weight bytes. Weights are cycled
 // through enough copies to exceed the L2 cache, so every call reads them from memory; each
 // figure is the best of 5 timings of 50 back-to-back calls. One line per shape, key=value.
 //   gemv_bench
@@ -20,6 +20,8 @@
 #include "kernels/cuda/gemm_cuda.h"
 #include "kernels/cuda/gemv_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
+#include "kernels/gemm.h"
+#include "kernels/rmsnorm.h"
 #include "tests/gpu/bench_kernels.h"
 
 namespace {
@@ -90,7 +92,7 @@ int main() {
     const size_t wbytes = static_cast<size_t>(sh.n * sh.k) * 2;
     const int copies = static_cast<int>(std::max<size_t>(1, (kCycleBytes + wbytes - 1) / wbytes));
     void* w = nullptr;
-    float *x = nullptr, *y = nullptr, *glu_out = nullptr;
+    float *x = nullptr, *y = nullptr, *glu_out = nullptr, *xn = nullptr, *norm_w = nullptr;
     void *x16 = nullptr, *ws = nullptr;
     const int64_t max_m = kc::kGemvMaxRows;
     ok = Ok(cudaMalloc(&w, wbytes * copies), "weights") &&
@@ -98,6 +100,9 @@ int main() {
          Ok(cudaMalloc(&x16, max_m * sh.k * 2), "x16") &&
          Ok(cudaMalloc(&y, max_m * sh.n * sizeof(float)), "y") &&
          Ok(cudaMalloc(&glu_out, max_m * sh.n / 2 * sizeof(float)), "glu_out") &&
+         Ok(cudaMalloc(&xn, max_m * sh.k * sizeof(float)), "xn") &&
+         Ok(cudaMalloc(&norm_w, sh.k * sizeof(float)), "norm_w") &&
+         Ok(cudaMemsetAsync(norm_w, 0, sh.k * sizeof(float), s), "memset") &&
          Ok(cudaMalloc(&ws, max_m * sh.k * 2), "workspace") &&
          Ok(helix::gpu_testing::LaunchFillBf16(w, wbytes / 2 * copies, 1, s), "fill") &&
          Ok(helix::gpu_testing::LaunchFillBf16(x16, max_m * sh.k, 2, s), "fill") &&
@@ -127,10 +132,29 @@ int main() {
           &ok);
       const double gemv_us = TimeUs(
           s, [&](int c) { return kc::GemvCuda(params(c), s); }, &ok);
-      const double gemv4_us = TimeUs(
-          s, [&](int c) { return kc::GemvCuda(params(c), s, 4); }, &ok);
-      const double gemv8_us = TimeUs(
-          s, [&](int c) { return kc::GemvCuda(params(c), s, 8); }, &ok);
+      // The input's RMSNorm as its own kernel, then the GEMV, against the GEMV normalising x
+      // itself (x is zeros: the norm's output is too, which does not change the work).
+      helix::kernels::GemmFusion norm{};
+      norm.norm_weight = norm_w;
+      norm.norm_eps = 1e-5f;
+      const bool norm_fits = kc::GemvFusionApplies(params(0), norm, false);
+      const double split_norm_us =
+          !norm_fits
+              ? 0
+              : TimeUs(
+                    s,
+                    [&](int c) {
+                      const cudaError_t e = kc::RmsNormCuda(
+                          helix::kernels::RmsNormParams{x, nullptr, norm_w, xn, m, sh.k, 1e-5f}, s);
+                      GemmParams p = params(c);
+                      p.x = xn;
+                      return e != cudaSuccess ? e : kc::GemvCuda(p, s);
+                    },
+                    &ok);
+      const double fused_norm_us =
+          !norm_fits ? 0
+                     : TimeUs(
+                           s, [&](int c) { return kc::GemvCuda(params(c), s, norm); }, &ok);
       // gate|up: the GEMV then the element-wise SiLU·mul, against the fused kernel.
       double split_glu_us = 0, fused_glu_us = 0;
       if (std::strstr(sh.name, "gate_up") != nullptr) {
@@ -165,12 +189,12 @@ int main() {
       const double gb = static_cast<double>(wbytes) / 1e9;
       std::printf(
           "shape=%s m=%lld n=%lld k=%lld weight_mb=%.1f cublas_us=%.2f cublas_lowp_us=%.2f "
-          "gemv_us=%.2f gemv_u4_us=%.2f gemv_u8_us=%.2f read_us=%.2f gemv_gb_s=%.0f "
-          "read_gb_s=%.0f gemv_vs_read=%.2f cublas_vs_read=%.2f gemv_speedup_vs_cublas=%.2f "
-          "gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f\n",
+          "gemv_us=%.2f norm_then_gemv_us=%.2f gemv_norm_fused_us=%.2f read_us=%.2f "
+          "gemv_gb_s=%.0f read_gb_s=%.0f gemv_vs_read=%.2f cublas_vs_read=%.2f "
+          "gemv_speedup_vs_cublas=%.2f gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f\n",
           sh.name, static_cast<long long>(m), static_cast<long long>(sh.n),
-          static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, gemv4_us,
-          gemv8_us, read_us, gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us,
+          static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, split_norm_us,
+          fused_norm_us, read_us, gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us,
           read_us / cublas_us, cublas_us / gemv_us, split_glu_us, fused_glu_us);
     }
     cudaFree(w);
@@ -178,6 +202,8 @@ int main() {
     cudaFree(x16);
     cudaFree(y);
     cudaFree(glu_out);
+    cudaFree(xn);
+    cudaFree(norm_w);
     cudaFree(ws);
     if (!ok) return 1;
   }

@@ -60,9 +60,9 @@ reset_foreign_build
 # measured against it in the same call) and the profiled ones (shape:context:graphs, with
 # decode_bench's defaults: GEMV and PDL on).
 PROFILES=(llama3-1b:8192:1)
-RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:8192:1:1:1
-  llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:8192:1:0:1
-  llama3-1b:8192:1:1:1 llama3-1b:32768:1 llama3-1b:32768:1:1:1)
+RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:8192:1:1:1 smollm2-135m:32768:1:1:1
+  llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:8192:1:1:1
+  llama3-1b:32768:1 llama3-1b:32768:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
   local s ctx g v d
@@ -160,11 +160,12 @@ fi
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
   if [[ -f $LOGS/gemv_bench.log ]]; then
     echo "decode GEMMs, bf16 weights (us per call; fraction of the read kernel's bandwidth):"
-    echo "  (gemv u4/u8: 4/8 loads in flight per lane; glu: gemv then SiLU·mul / fused)"
+    echo "  (norm: RMSNorm then gemv / fused; glu: gemv then SiLU·mul / fused)"
     awk '/^shape=/ { for (i = 1; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] }
-      printf "  %-20s m %s: cublas %6s (%s) +lowp %6s, gemv %6s (%s) u4 %6s u8 %6s, read %6s",
+      printf "  %-20s m %s: cublas %6s (%s) +lowp %6s, gemv %6s (%s), read %6s, norm %s / %s",
              v["shape"], v["m"], v["cublas_us"], v["cublas_vs_read"], v["cublas_lowp_us"],
-             v["gemv_us"], v["gemv_vs_read"], v["gemv_u4_us"], v["gemv_u8_us"], v["read_us"]
+             v["gemv_us"], v["gemv_vs_read"], v["read_us"], v["norm_then_gemv_us"],
+             v["gemv_norm_fused_us"]
       if (v["gemv_silu_fused_us"] + 0 > 0)
         printf ", glu %s / %s", v["gemv_then_silu_us"], v["gemv_silu_fused_us"]
       printf "\n" }

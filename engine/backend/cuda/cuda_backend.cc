@@ -351,11 +351,26 @@ class CudaBackend final : public Backend {
     return n;
   }
 
-  bool GemmSiluMul(const kernels::GemmParams& p, const kernels::SiluMulParams& act) override {
-    if (!TakesGemv(p) || !kc::GemvSiluMulApplies(p, act)) return false;
-    Op("GemvSiluMulCuda", [=, this] { return kc::GemvSiluMulCuda(p, act, stream_); });
+  bool GemmSiluMul(const kernels::GemmParams& p, const kernels::SiluMulParams& act,
+                   const kernels::GemmFusion& f) override {
+    if (!TakesGemv(p) || !kc::GemvSiluMulApplies(p, act) || !kc::GemvFusionApplies(p, f, true)) {
+      return false;
+    }
+    Op(f.norm_weight != nullptr ? "GemvNormSiluMulCuda" : "GemvSiluMulCuda",
+       [=, this] { return kc::GemvSiluMulCuda(p, act, stream_, f); });
 #ifndef HELIX_CUDA_EMULATION
     converted_ = {};  // as after GemvCuda (Gemm below)
+#endif
+    return true;
+  }
+  bool GemmFused(const kernels::GemmParams& p, const kernels::GemmFusion& f) override {
+    if (!TakesGemv(p) || !kc::GemvFusionApplies(p, f, false)) return false;
+    const char* what = f.norm_weight != nullptr
+                           ? (f.accumulate ? "GemvNormAddCuda" : "GemvNormCuda")
+                           : (f.accumulate ? "GemvAddCuda" : "GemvCuda");
+    Op(what, [=, this] { return kc::GemvCuda(p, stream_, f); });
+#ifndef HELIX_CUDA_EMULATION
+    converted_ = {};
 #endif
     return true;
   }
