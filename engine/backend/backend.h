@@ -114,6 +114,13 @@ class Backend {
   virtual bool GemmFused(const kernels::GemmParams& /*p*/, const kernels::GemmFusion& /*f*/) {
     return false;
   }
+  // Whether GemmFused(p, f) (silu_mul: GemmSiluMul(p, its packed act, f)) would run fused, for
+  // a caller planning ahead (the residual add is folded into a product only when the next
+  // product takes the norm that follows it).
+  virtual bool TakesFusion(const kernels::GemmParams& /*p*/, const kernels::GemmFusion& /*f*/,
+                           bool /*silu_mul*/) const {
+    return false;
+  }
   // Whether Gemm of `rows` rows of x with `w` weights reads x rounded to 16 bits (then a
   // producer's GemmParams::x_lowp copy saves it a conversion; false: such a copy goes unread).
   virtual bool GemmReadsLowpX(int64_t /*rows*/, kernels::DType w) const {

@@ -810,6 +810,23 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   };
   kernels::GemmFusion add_into;
   add_into.accumulate = true;
+  // Whether the backend folds the norm into the product that reads it next: layer l's packed
+  // gate|up (ffn) or q|k|v. A residual add is folded into its product only then (or after the
+  // last layer, where it replaces the plain add): otherwise the norm with the residual add
+  // built in is one kernel either way, and the add inside the product would only cost.
+  const auto NormFolds = [&](int64_t l, bool ffn) {
+    const LayerWeights& lw = w.layers[l];
+    if (ffn) {
+      return !c.IsMoeLayer(l) && packed_ffn_[l] &&
+             backend_->TakesFusion(
+                 {x_.data(), Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype},
+                 NormOf(lw.ffn_norm), true);
+    }
+    return !c.mla() && packed_qkv_[l] &&
+           backend_->TakesFusion(
+               {x_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, qd + 2 * kvd, D, lw.wq.dtype},
+               NormOf(lw.attn_norm), false);
+  };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     const kernels::DType attn_lowp = AttnInputLowp(l, T), ffn_lowp = FfnInputLowp(l, T);
@@ -895,7 +912,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       RETURN_IF_ERROR(CombineAttention(T, hd));
       sw.Lap(&tm.combine);
       // x += Wo · att: row-parallel over the N ranks (each holds Wo's columns for its heads).
-      if (fuse &&
+      if (fuse && NormFolds(l, true) &&
           backend_->GemmFused({att_.data(), Dev(lw.wo), nullptr, x_.data(), T, D, od, lw.wo.dtype},
                               add_into)) {
         ffn_norm_pending = true;
@@ -957,7 +974,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
                xb_lowp_.data());
         backend_->SiluMul(act);
       }
-      if (fuse &&
+      if (fuse && (l + 1 == c.n_layers || NormFolds(l + 1, false)) &&
           backend_->GemmFused({h1_.data(), Dev(lw.w2), nullptr, x_.data(), T, D, F, lw.w2.dtype},
                               add_into)) {
         next_norm_pending = true;

@@ -272,6 +272,16 @@ bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul) 
   return true;
 }
 
+bool GemvNormPreferred(const GemmParams& p, bool silu_mul) {
+  // gemv_bench (docs/results/gpu-h100-2026-11-26b.md): fused faster at thread blocks x k of
+  // 69K-221K (SmolLM2 q|k|v, down, gate|up), slower from 524K (Llama-3.2-1B o) up.
+  constexpr int64_t kMaxBlocksTimesK = int64_t{1} << 18;
+  const int64_t outs = silu_mul ? p.n / 2 : p.n;
+  const int64_t rows_per_block = kWarpsPerBlock / (p.k >= kSplitMinK ? kSplitWarps : 1);
+  const int64_t blocks = (outs + rows_per_block - 1) / rows_per_block;
+  return blocks * p.k <= kMaxBlocksTimesK;
+}
+
 cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion& f) {
   if (!GemvApplies(p) || !GemvFusionApplies(p, f, false)) {
     return cudaErrorInvalidValue;

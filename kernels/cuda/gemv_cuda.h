@@ -34,6 +34,13 @@ constexpr int64_t kGemvNormMaxFloats = 10240;
 // kGemvNormMaxFloats and eps >= 0; accumulate only without SiLU·mul and with y apart from x.
 bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul);
 
+// Whether folding the input's RMSNorm into this GEMV (silu_mul: GemvSiluMulCuda) beats a
+// separate RmsNormCuda: every thread block normalises x itself, which pays off while thread blocks
+// times k stays small (measured on an H100, gemv_bench: SmolLM2-135M's q|k|v, gate|up and down
+// took 5-37 % less time fused; Llama-3.2-1B's q|k|v, o, gate|up and down 7-19 % more, and
+// SmolLM2's 49152-row classifier 31 % more).
+bool GemvNormPreferred(const GemmParams& p, bool silu_mul);
+
 // REQUIRES: GemvApplies(p) and GemvFusionApplies(p, f, false); device pointers. With
 // f.norm_weight the products read RMSNorm(x) * norm_weight, bit for bit what RmsNormCuda (no
 // residual) would have written, and write it nowhere; with f.accumulate y += the product.

@@ -1044,6 +1044,20 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   q.x = d_x.get() + 1;
   EXPECT_FALSE(cuda::GemvApplies(q));
   EXPECT_EQ(cuda::GemvCuda(q, nullptr), cudaErrorInvalidValue);
+  // The norm is folded in where thread blocks x k stay small (SmolLM2-135M's products), not on
+  // Llama-3.2-1B's.
+  const auto shape = [&](int64_t n, int64_t k) {
+    GemmParams s = p;
+    s.n = n;
+    s.k = k;
+    return s;
+  };
+  EXPECT_TRUE(cuda::GemvNormPreferred(shape(960, 576), false));
+  EXPECT_TRUE(cuda::GemvNormPreferred(shape(2 * 1536, 576), true));
+  EXPECT_TRUE(cuda::GemvNormPreferred(shape(576, 1536), false));
+  EXPECT_FALSE(cuda::GemvNormPreferred(shape(3072, 2048), false));
+  EXPECT_FALSE(cuda::GemvNormPreferred(shape(2 * 8192, 2048), true));
+  EXPECT_FALSE(cuda::GemvNormPreferred(shape(49152, 576), false));
   // A residual add into x itself, or with SiLU·mul, is refused.
   GemmFusion acc;
   acc.accumulate = true;

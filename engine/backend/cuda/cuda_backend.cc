@@ -353,9 +353,7 @@ class CudaBackend final : public Backend {
 
   bool GemmSiluMul(const kernels::GemmParams& p, const kernels::SiluMulParams& act,
                    const kernels::GemmFusion& f) override {
-    if (!TakesGemv(p) || !kc::GemvSiluMulApplies(p, act) || !kc::GemvFusionApplies(p, f, true)) {
-      return false;
-    }
+    if (!TakesFusion(p, f, true) || !kc::GemvSiluMulApplies(p, act)) return false;
     Op(f.norm_weight != nullptr ? "GemvNormSiluMulCuda" : "GemvSiluMulCuda",
        [=, this] { return kc::GemvSiluMulCuda(p, act, stream_, f); });
 #ifndef HELIX_CUDA_EMULATION
@@ -363,8 +361,15 @@ class CudaBackend final : public Backend {
 #endif
     return true;
   }
+  bool TakesFusion(const kernels::GemmParams& p, const kernels::GemmFusion& f,
+                   bool silu_mul) const override {
+    if (silu_mul && p.n % 2 != 0) return false;
+    return TakesGemv(p) && kc::GemvFusionApplies(p, f, silu_mul) &&
+           (f.norm_weight == nullptr ||
+            (options_.fold_norms && kc::GemvNormPreferred(p, silu_mul)));
+  }
   bool GemmFused(const kernels::GemmParams& p, const kernels::GemmFusion& f) override {
-    if (!TakesGemv(p) || !kc::GemvFusionApplies(p, f, false)) return false;
+    if (!TakesFusion(p, f, false)) return false;
     const char* what = f.norm_weight != nullptr
                            ? (f.accumulate ? "GemvNormAddCuda" : "GemvNormCuda")
                            : (f.accumulate ? "GemvAddCuda" : "GemvCuda");

@@ -25,6 +25,10 @@ struct CudaBackendOptions {
   // always; a few rows on small matrices), and a packed gate|up GEMM with its SiLU·mul as one
   // GemvSiluMulCuda. Measured on an H100 (docs/benchmarks.md); false: cuBLAS for every GEMM.
   bool decode_gemv = true;
+  // With decode_gemv: fold an RMSNorm into the GEMV that reads it where
+  // kernels::cuda::GemvNormPreferred says that pays (and then the residual add before it into
+  // the product that makes it); false: never (the other path, for tests and measurements).
+  bool fold_norms = true;
   // Programmatic dependent launch of the decode-step kernels (kernels::cuda::
   // SetProgrammaticLaunch; process-wide: the last backend created sets it).
   bool programmatic_launch = true;
