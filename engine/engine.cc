@@ -153,6 +153,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.device = o.cuda_device >= 0 ? o.cuda_device : o.rank;
     c.decode_gemv = o.cuda_decode_gemv;
     c.programmatic_launch = o.cuda_programmatic_launch;
+    c.fold_norms = o.cuda_fold_norms;
     return CreateCudaBackend(c);
 #else
     return Unimplemented(

@@ -56,6 +56,9 @@ struct EngineOptions {
   // The cuda backend: programmatic dependent launch of the decode-step kernels
   // (CudaBackendOptions::programmatic_launch; decode_bench --pdl 0 measures without it).
   bool cuda_programmatic_launch = true;
+  // The cuda backend: fold RMSNorms (and the residual adds before them) into the decode GEMV
+  // where that pays (CudaBackendOptions::fold_norms; decode_bench --fold 0 measures without).
+  bool cuda_fold_norms = true;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

@@ -121,9 +121,9 @@ class Backend {
                            bool /*silu_mul*/) const {
     return false;
   }
-  // Whether Gemm of `rows` rows of x with `w` weights reads x rounded to 16 bits (then a
-  // producer's GemmParams::x_lowp copy saves it a conversion; false: such a copy goes unread).
-  virtual bool GemmReadsLowpX(int64_t /*rows*/, kernels::DType w) const {
+  // Whether Gemm of `rows` rows of x (k wide) with `w` weights reads x rounded to 16 bits (then
+  // a producer's GemmParams::x_lowp copy saves it a conversion; false: such a copy goes unread).
+  virtual bool GemmReadsLowpX(int64_t /*rows*/, int64_t /*k*/, kernels::DType w) const {
     return w != kernels::DType::kF32;
   }
   // x[i] += y[i] for i < n (the residual add).

@@ -70,8 +70,8 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
   h1_lowp_.Bind(backend, &scratch_moves_);
 }
 
-kernels::DType LlamaModel::LowpIfRead(kernels::DType lowp, int64_t rows) const {
-  return lowp_inputs_ && lowp != kernels::DType::kF32 && backend_->GemmReadsLowpX(rows, lowp)
+kernels::DType LlamaModel::LowpIfRead(kernels::DType lowp, int64_t rows, int64_t k) const {
+  return lowp_inputs_ && lowp != kernels::DType::kF32 && backend_->GemmReadsLowpX(rows, k, lowp)
              ? lowp
              : kernels::DType::kF32;
 }
@@ -80,22 +80,24 @@ kernels::DType LlamaModel::AttnInputLowp(int64_t l, int64_t rows) const {
   const LayerWeights& lw = model_->weights.layers[l];
   const bool one_type =
       packed_qkv_[l] || (lw.wk.dtype == lw.wq.dtype && lw.wv.dtype == lw.wq.dtype);
-  return !model_->config.mla() && one_type ? LowpIfRead(lw.wq.dtype, rows) : kernels::DType::kF32;
+  return !model_->config.mla() && one_type ? LowpIfRead(lw.wq.dtype, rows, model_->config.dim)
+                                           : kernels::DType::kF32;
 }
 
 kernels::DType LlamaModel::FfnInputLowp(int64_t l, int64_t rows) const {
   const LayerWeights& lw = model_->weights.layers[l];
   const bool one_type = packed_ffn_[l] || lw.w3.dtype == lw.w1.dtype;
-  return !model_->config.IsMoeLayer(l) && one_type ? LowpIfRead(lw.w1.dtype, rows)
-                                                   : kernels::DType::kF32;
+  return !model_->config.IsMoeLayer(l) && one_type
+             ? LowpIfRead(lw.w1.dtype, rows, model_->config.dim)
+             : kernels::DType::kF32;
 }
 
 kernels::DType LlamaModel::DownInputLowp(int64_t l, int64_t rows) const {
-  return LowpIfRead(model_->weights.layers[l].w2.dtype, rows);
+  return LowpIfRead(model_->weights.layers[l].w2.dtype, rows, dims_.ffn_end - dims_.ffn_begin);
 }
 
 kernels::DType LlamaModel::ClassifierInputLowp(int64_t rows) const {
-  return LowpIfRead(model_->weights.classifier_dtype(), rows);
+  return LowpIfRead(model_->weights.classifier_dtype(), rows, model_->config.dim);
 }
 
 void LlamaModel::ClassifierGemm(float* out, int64_t rows, int64_t n) {

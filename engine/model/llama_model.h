@@ -243,8 +243,8 @@ class LlamaModel {
   kernels::DType FfnInputLowp(int64_t l, int64_t rows) const;
   kernels::DType DownInputLowp(int64_t l, int64_t rows) const;
   kernels::DType ClassifierInputLowp(int64_t rows) const;
-  // `lowp` where a backend GEMM of `rows` rows reads a 16-bit x of that type, else kF32.
-  kernels::DType LowpIfRead(kernels::DType lowp, int64_t rows) const;
+  // `lowp` where a backend GEMM of `rows` rows of k reads a 16-bit x of that type, else kF32.
+  kernels::DType LowpIfRead(kernels::DType lowp, int64_t rows, int64_t k) const;
   // The classifier GEMM of the final norm's rows xb_ [rows][dim] into out [rows][n] (this
   // rank's n vocabulary rows), reading the norm's 16-bit copy where it wrote one.
   void ClassifierGemm(float* out, int64_t rows, int64_t n);

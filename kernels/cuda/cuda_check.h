@@ -39,12 +39,13 @@ inline cudaError_t CheckLaunch(cudaStream_t stream, const char* file, int line) 
 }
 
 // Whether HELIX_LAUNCH_PDL asks for programmatic dependent launch (ops_cuda.h
-// SetProgrammaticLaunch; on by default).
+// SetProgrammaticLaunch; on by default, and only where the kernels were built for sm_90+).
 bool ProgrammaticLaunch();
 
 // kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch (Hopper and
 // later): its thread blocks may be launched while the previous kernel in the stream is still
-// running, and wait at PdlEnter (cuda_util.cuh), their first statement, for it to finish. Only
+// running, and wait at PdlEnter (cuda_util.cuh) for it to finish before touching memory another
+// kernel writes (a kernel may read its weights first). Only
 // on a created stream (not the legacy or per-thread default streams) and while
 // ProgrammaticLaunch(); a driver or device without it gets an ordinary launch.
 #ifndef HELIX_CUDA_EMULATION

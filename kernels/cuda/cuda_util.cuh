@@ -61,6 +61,10 @@ __device__ inline void StoreLowpAt(void* base, DType dtype, int64_t i, float v) 
 // element-wise kernel agree bit for bit).
 __device__ inline float SiluMulValue(float g, float u) { return g * u / (1.0f + expf(-g)); }
 
+// Threads of RmsNormKernel's blocks, and of the GEMV's that fold a norm in: the two must be equal
+// for the folded norm to sum its squares in the same order (gemv_cuda.cu asserts it).
+constexpr int kNormBlockThreads = 256;
+
 // The sum (is_max: the maximum) of v over the thread block, every thread getting the result:
 // warp shuffles, then the warps' values in order from smem32 (32 slots). Same order on every
 // call, so two kernels reducing the same per-thread values get the same bits.

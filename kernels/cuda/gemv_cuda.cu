@@ -12,6 +12,8 @@ namespace helix::kernels::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
+static_assert(32 * kWarpsPerBlock == kNormBlockThreads,
+              "a folded norm sums its squares as RmsNormKernel does only with its block size");
 constexpr int kChunk = 8;               // weights per 16-byte load
 constexpr int64_t kStep = 32 * kChunk;  // weights a warp reads per load
 // 16-byte weight loads in flight per lane and row: 4 matched or beat 8 on every decode shape
@@ -254,8 +256,9 @@ bool GemvApplies(const GemmParams& p) {
 bool GemvPreferred(int64_t m, int64_t n, int64_t k) {
   // gemv_bench on the H100 (docs/results/gpu-h100-2026-11-26b.md): with one row the GEMV beats
   // cuBLAS on every decode shape measured; with four rows only on matrices up to Llama-3.2-1B's
-  // q|k|v (12 MiB), and it loses by up to 1.6x on its gate|up and the classifier.
-  constexpr int64_t kSmallBytes = int64_t{16} << 20;
+  // o (8 MiB; its q|k|v, 12 MiB, took 12.1 us against cuBLAS's 9.1 on the norm's 16-bit copy),
+  // and it loses by up to 1.6x on its gate|up and the classifier.
+  constexpr int64_t kSmallBytes = int64_t{8} << 20;
   return m == 1 || (m >= 1 && m <= kGemvMaxRows && n * k * 2 <= kSmallBytes);
 }
 
@@ -275,7 +278,10 @@ bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul) 
 bool GemvNormPreferred(const GemmParams& p, bool silu_mul) {
   // gemv_bench (docs/results/gpu-h100-2026-11-26b.md): fused faster at thread blocks x k of
   // 69K-221K (SmolLM2 q|k|v, down, gate|up), slower from 524K (Llama-3.2-1B o) up.
+  // With 4 rows folding lost on every shape measured (SmolLM2's q|k|v, gate|up and down took
+  // 43-62 % more time): one row only.
   constexpr int64_t kMaxBlocksTimesK = int64_t{1} << 18;
+  if (p.m != 1) return false;
   const int64_t outs = silu_mul ? p.n / 2 : p.n;
   const int64_t rows_per_block = kWarpsPerBlock / (p.k >= kSplitMinK ? kSplitWarps : 1);
   const int64_t blocks = (outs + rows_per_block - 1) / rows_per_block;

@@ -23,8 +23,8 @@ bool GemvApplies(const GemmParams& p);
 
 // Whether a decode backend should give a product of m rows of x and an n x k matrix of 16-bit
 // weights to GemvCuda rather than cuBLAS (measured on an H100, docs/benchmarks.md: one row always;
-// up to kGemvMaxRows rows only while the matrix is small, as the GEMV re-reads x per weight row
-// and falls behind cuBLAS on large matrices).
+// up to kGemvMaxRows rows only for matrices of at most 8 MiB, as the GEMV re-reads x per weight
+// row and falls behind cuBLAS on larger ones).
 bool GemvPreferred(int64_t m, int64_t n, int64_t k);
 
 // The most floats of x (m * k) a GEMV with GemmFusion::norm_weight normalises into shared memory.
@@ -36,9 +36,10 @@ bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul);
 
 // Whether folding the input's RMSNorm into this GEMV (silu_mul: GemvSiluMulCuda) beats a
 // separate RmsNormCuda: every thread block normalises x itself, which pays off while thread blocks
-// times k stays small (measured on an H100, gemv_bench: SmolLM2-135M's q|k|v, gate|up and down
-// took 5-37 % less time fused; Llama-3.2-1B's q|k|v, o, gate|up and down 7-19 % more, and
-// SmolLM2's 49152-row classifier 31 % more).
+// times k stays small, with one row (measured on an H100, gemv_bench, one row: SmolLM2-135M's
+// q|k|v, gate|up and down took 5-37 % less time fused; Llama-3.2-1B's q|k|v, o, gate|up and
+// down 7-19 % more, and SmolLM2's 49152-row classifier 31 % more; with four rows every shape
+// took more).
 bool GemvNormPreferred(const GemmParams& p, bool silu_mul);
 
 // REQUIRES: GemvApplies(p) and GemvFusionApplies(p, f, false); device pointers. With

@@ -647,16 +647,41 @@ __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p
 
 namespace {
 std::atomic<bool> g_programmatic_launch{true};
+
+// Whether this binary's kernels wait in PdlEnter on the current device: they were compiled, or
+// JIT-compiled from PTX, for sm_90 or later (PdlEnter is compiled out below that, and a
+// programmatic launch without the wait would race). RmsNormKernel stands for them all: the
+// library has one architecture list.
+bool PdlCompiled() {
+#ifdef HELIX_CUDA_EMULATION
+  return true;
+#else
+  static const bool compiled = [] {
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, RmsNormKernel) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return a.ptxVersion >= 90;
+  }();
+  return compiled;
+#endif
+}
 }  // namespace
 
-void SetProgrammaticLaunch(bool on) { g_programmatic_launch.store(on); }
-bool ProgrammaticLaunch() { return g_programmatic_launch.load(std::memory_order_relaxed); }
+void SetProgrammaticLaunch(bool on) {
+  g_programmatic_launch.store(on);
+  if (on) (void)PdlCompiled();  // decided now, outside any stream capture
+}
+bool ProgrammaticLaunch() {
+  return g_programmatic_launch.load(std::memory_order_relaxed) && PdlCompiled();
+}
 
 cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.dim <= 0) {
     return cudaSuccess;
   }
-  HELIX_LAUNCH_PDL(RmsNormKernel, static_cast<unsigned>(p.rows), kElemThreads, 0, stream, p);
+  HELIX_LAUNCH_PDL(RmsNormKernel, static_cast<unsigned>(p.rows), kNormBlockThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

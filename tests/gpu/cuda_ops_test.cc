@@ -1058,6 +1058,9 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   EXPECT_FALSE(cuda::GemvNormPreferred(shape(3072, 2048), false));
   EXPECT_FALSE(cuda::GemvNormPreferred(shape(2 * 8192, 2048), true));
   EXPECT_FALSE(cuda::GemvNormPreferred(shape(49152, 576), false));
+  GemmParams rows4 = shape(960, 576);  // one row only
+  rows4.m = 4;
+  EXPECT_FALSE(cuda::GemvNormPreferred(rows4, false));
   // A residual add into x itself, or with SiLU·mul, is refused.
   GemmFusion acc;
   acc.accumulate = true;
@@ -1069,7 +1072,8 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   EXPECT_FALSE(cuda::GemvFusionApplies(q, acc, true));
   // Where a backend prefers it to cuBLAS: one row always; a few rows on small matrices only.
   EXPECT_TRUE(cuda::GemvPreferred(1, 128256, 2048));
-  EXPECT_TRUE(cuda::GemvPreferred(4, 3072, 2048));
+  EXPECT_TRUE(cuda::GemvPreferred(4, 2048, 2048));
+  EXPECT_FALSE(cuda::GemvPreferred(4, 3072, 2048));
   EXPECT_FALSE(cuda::GemvPreferred(4, 16384, 2048));
   EXPECT_FALSE(cuda::GemvPreferred(cuda::kGemvMaxRows + 1, 16, 64));
   EXPECT_FALSE(cuda::GemvPreferred(0, 16, 64));
@@ -1077,6 +1081,60 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
 
 // The packed gate|up GEMV with SiLU·mul in its epilogue: GemvCuda then SiluMulCuda, bit for bit
 // (both outputs), and GemmCpu then SiluMulCpu up to summation order.
+// Programmatic dependent launch on a created stream: a chain of kernels, each reading what the
+// one before wrote (norm, GEMV with the norm folded in, GEMV adding into the stream, SiLU·mul),
+// gives bit for bit the results of ordinary launches. A kernel that touched memory before
+// waiting for the one before it would read stale values here. Only a GPU shows anything: the
+// emulation has no programmatic launch.
+TEST_F(CudaOpsTest, ProgrammaticLaunchChainMatchesOrdinary) {
+  SKIP_IF_EMULATED("no programmatic launch to check");
+  std::mt19937 rng(53);
+  constexpr int64_t kD = 1024, kF = 2048;
+  const auto bf16 = [&](int64_t n) {
+    const std::vector<float> w = RandomVector(rng, n);
+    std::vector<uint16_t> w16(w.size());
+    StoreLowp(w.data(), n, DType::kBF16, w16.data());
+    return w16;
+  };
+  const std::vector<float> x0 = RandomVector(rng, kD), g = RandomVector(rng, kD);
+  DeviceBuffer<uint16_t> d_wa(bf16(kD * kD)), d_wb(bf16(kF * kD)), d_wc(bf16(kD * kF / 2));
+  DeviceBuffer<float> d_g(g);
+  const auto run = [&](bool pdl) {
+    cuda::SetProgrammaticLaunch(pdl);
+    gpu_testing::Stream stream;
+    DeviceBuffer<float> x(x0), xn(kD), a(kD), h(kF), hs(kF / 2);
+    for (int i = 0; i < 20; ++i) {
+      // xn = RMSNorm(x) g; a = Wa xn; h = Wb RMSNorm(a) g; hs = SiLU(h_0) h_1; x += Wc hs.
+      EXPECT_EQ(
+          cuda::RmsNormCuda({x.get(), nullptr, d_g.get(), xn.get(), 1, kD, 1e-5f}, stream.get()),
+          cudaSuccess);
+      EXPECT_EQ(cuda::GemvCuda({xn.get(), d_wa.get(), nullptr, a.get(), 1, kD, kD, DType::kBF16},
+                               stream.get()),
+                cudaSuccess);
+      GemmFusion norm;
+      norm.norm_weight = d_g.get();
+      norm.norm_eps = 1e-5f;
+      EXPECT_EQ(cuda::GemvCuda({a.get(), d_wb.get(), nullptr, h.get(), 1, kF, kD, DType::kBF16},
+                               stream.get(), norm),
+                cudaSuccess);
+      EXPECT_EQ(cuda::SiluMulCuda({h.get(), h.get() + kF / 2, hs.get(), kF / 2}, stream.get()),
+                cudaSuccess);
+      GemmFusion add;
+      add.accumulate = true;
+      EXPECT_EQ(
+          cuda::GemvCuda({hs.get(), d_wc.get(), nullptr, x.get(), 1, kD, kF / 2, DType::kBF16},
+                         stream.get(), add),
+          cudaSuccess);
+    }
+    stream.Sync();
+    return x.Download();
+  };
+  const std::vector<float> ordinary = run(false);
+  const std::vector<float> programmatic = run(true);
+  cuda::SetProgrammaticLaunch(true);
+  EXPECT_EQ(std::memcmp(ordinary.data(), programmatic.data(), ordinary.size() * sizeof(float)), 0);
+}
+
 TEST_F(CudaOpsTest, GemvSiluMulEqualsGemvThenSiluMul) {
   std::mt19937 rng(47);
   struct Shape {

@@ -6,7 +6,11 @@
 // against a pure-read kernel over the same weight bytes. Weights are cycled
 // through enough copies to exceed the L2 cache, so every call reads them from memory; each
 // figure is the best of 5 timings of 50 back-to-back calls. One line per shape, key=value.
-//   gemv_bench
+// The GEMV, RMSNorm and SiLU·mul kernels are launched as the engine launches them, programmatic
+// dependents (--pdl 0: ordinary launches), so back-to-back calls overlap a little (the GEMV
+// loads its first weights before waiting for the call before it); the read reference and cuBLAS
+// are ordinary launches, which is how a GEMV can exceed the read kernel's bandwidth.
+//   gemv_bench [--pdl 0|1]
 // Exits 0 with a note when no GPU is visible.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -65,7 +69,17 @@ double TimeUs(cudaStream_t s, const std::function<cudaError_t(int)>& f, bool* ok
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  bool pdl = true;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--pdl") == 0 && i + 1 < argc) {
+      pdl = std::strcmp(argv[++i], "0") != 0;
+    } else {
+      std::fprintf(stderr, "usage: gemv_bench [--pdl 0|1]\n");
+      return 2;
+    }
+  }
+  kc::SetProgrammaticLaunch(pdl);
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("gemv_bench: no CUDA device visible\n");
@@ -188,11 +202,11 @@ int main() {
       if (!ok) break;
       const double gb = static_cast<double>(wbytes) / 1e9;
       std::printf(
-          "shape=%s m=%lld n=%lld k=%lld weight_mb=%.1f cublas_us=%.2f cublas_lowp_us=%.2f "
+          "shape=%s pdl=%d m=%lld n=%lld k=%lld weight_mb=%.1f cublas_us=%.2f cublas_lowp_us=%.2f "
           "gemv_us=%.2f norm_then_gemv_us=%.2f gemv_norm_fused_us=%.2f read_us=%.2f "
           "gemv_gb_s=%.0f read_gb_s=%.0f gemv_vs_read=%.2f cublas_vs_read=%.2f "
           "gemv_speedup_vs_cublas=%.2f gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f\n",
-          sh.name, static_cast<long long>(m), static_cast<long long>(sh.n),
+          sh.name, pdl ? 1 : 0, static_cast<long long>(m), static_cast<long long>(sh.n),
           static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, split_norm_us,
           fused_norm_us, read_us, gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us,
           read_us / cublas_us, cublas_us / gemv_us, split_glu_us, fused_glu_us);

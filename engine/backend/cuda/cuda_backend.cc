@@ -379,10 +379,13 @@ class CudaBackend final : public Backend {
 #endif
     return true;
   }
-  bool GemmReadsLowpX(int64_t rows, kernels::DType w) const override {
-    // A one-row GEMM goes to GemvCuda, which reads the fp32 x (TakesGemv). With more rows
-    // the copy is kept: cuBLAS takes the large matrices.
-    return w != kernels::DType::kF32 && !(options_.decode_gemv && rows == 1);
+  bool GemmReadsLowpX(int64_t rows, int64_t k, kernels::DType w) const override {
+    // A one-row GEMM of a shape the GEMV takes (k a multiple of 8; the model's buffers are
+    // aligned) goes to GemvCuda, which reads the fp32 x (TakesGemv). With more rows the copy is
+    // kept: cuBLAS takes the large matrices.
+    const bool gemv = options_.decode_gemv && rows == 1 && k >= 1 && k % 8 == 0 &&
+                      (w == kernels::DType::kBF16 || w == kernels::DType::kF16);
+    return w != kernels::DType::kF32 && !gemv;
   }
 
   void Gemm(const kernels::GemmParams& p) override {
