@@ -54,20 +54,22 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl]]; gemv 1 = the decode GEMMs as
-# GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic dependent launch of
-# the step's kernels (--pdl 1); both default to 0 here, the old path, so that each change is
-# measured against it in the same call) and the profiled ones (shape:context:graphs, with
-# decode_bench's defaults: GEMV and PDL on).
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold]]]; gemv 1 = the decode
+# GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic dependent
+# launch of the step's kernels (--pdl 1); both default to 0 here, the old path, so that each
+# change is measured against it in the same call; fold 0 = no norms folded into the GEMV
+# (--fold 0), default 1) and the profiled ones (shape:context:graphs, with decode_bench's
+# defaults: GEMV, PDL and folding on).
 PROFILES=(llama3-1b:8192:1)
-RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:8192:1:1:1 smollm2-135m:32768:1:1:1
+RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:8192:1:1:1:0 smollm2-135m:8192:1:1:1
+  smollm2-135m:32768:1:1:1
   llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:8192:1:1:1
   llama3-1b:32768:1 llama3-1b:32768:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v d
-  IFS=: read -r s ctx g v d <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)"
+  local s ctx g v d f
+  IFS=: read -r s ctx g v d f <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)"
 }
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
@@ -105,11 +107,11 @@ if [[ $BUILD_OK == 0 ]]; then
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v d <<<"$r"
+      IFS=: read -r s ctx g v d f <<<"$r"
       [[ $s == "$shape" ]] || continue
       n=$(run_name "$r")
       step $n $n.log 120 "$BUILD/decode_bench" \
-        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --model "$BUILD/bench_$s/model.bin" \
+        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
@@ -176,7 +178,7 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v d <<<"$r"
+    IFS=: read -r sh ctx g v d fo <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -186,12 +188,12 @@ fi
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
-    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d pdl %d (%2d replays, %d captures): %.3f " \
-             "ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c, g, v,
-             d, rp, cp,
+      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d (%2d replays, %d captures): " \
+             "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c,
+             g, v, d, fo, rp, cp,
              ms, roof, wb / 1e6,
              kb / 1e6, (roof > 0 ? ms / roof : 0) }'
   done
