@@ -800,6 +800,10 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   const bool fuse = world == nullptr;
   const std::vector<float>* pending = nullptr;
   kernels::DType pending_lowp = kF32;
+  const auto Owe = [&](const std::vector<float>& norm, kernels::DType lowp) {
+    pending = &norm;
+    pending_lowp = lowp;
+  };
   const auto Normed = [&] {
     if (pending != nullptr) Norm(x_.data(), nullptr, *pending, T, pending_lowp);
     pending = nullptr;
@@ -812,6 +816,15 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   };
   kernels::GemmFusion add_into;
   add_into.accumulate = true;
+  // Layer l's packed q|k|v and gate|up products of the rows x (xb_, or x_ with the norm folded).
+  const auto QkvGemm = [&](int64_t l, const float* x) -> kernels::GemmParams {
+    const LayerWeights& lw = w.layers[l];
+    return {x, Dev(lw.wq), F32(lw.bq), qkv_.data(), T, qd + 2 * kvd, D, lw.wq.dtype};
+  };
+  const auto GateUpGemm = [&](int64_t l, const float* x) -> kernels::GemmParams {
+    const LayerWeights& lw = w.layers[l];
+    return {x, Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype};
+  };
   // Whether the backend folds the norm into the product that reads it next: layer l's packed
   // gate|up (ffn) or q|k|v. A residual add is folded into its product only then (or after the
   // last layer, where it replaces the plain add): otherwise the norm with the residual add
@@ -820,28 +833,22 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     const LayerWeights& lw = w.layers[l];
     if (ffn) {
       return !c.IsMoeLayer(l) && packed_ffn_[l] &&
-             backend_->TakesFusion(
-                 {x_.data(), Dev(lw.w1), nullptr, h13_.data(), T, 2 * F, D, lw.w1.dtype},
-                 NormOf(lw.ffn_norm), true);
+             backend_->TakesFusion(GateUpGemm(l, x_.data()), NormOf(lw.ffn_norm), true);
     }
     return !c.mla() && packed_qkv_[l] &&
-           backend_->TakesFusion(
-               {x_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, qd + 2 * kvd, D, lw.wq.dtype},
-               NormOf(lw.attn_norm), false);
+           backend_->TakesFusion(QkvGemm(l, x_.data()), NormOf(lw.attn_norm), false);
   };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
     const kernels::DType attn_lowp = AttnInputLowp(l, T), ffn_lowp = FfnInputLowp(l, T);
     if (l == 0) {  // later layers' attention norm comes with the previous layer's last add
       if (fuse) {
-        pending = &lw.attn_norm;
-        pending_lowp = attn_lowp;
+        Owe(lw.attn_norm, attn_lowp);
       } else {
         Norm(x_.data(), nullptr, lw.attn_norm, T, attn_lowp);
       }
     }
     sw.Lap(&tm.other);
-    bool ffn_norm_pending = false;  // the attention's output was added into x_ by its product
     if (c.mla()) {
       Normed();
       RETURN_IF_ERROR(MlaAttention(b, m, l));
@@ -864,14 +871,11 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         // One GEMM for q|k|v (and their packed biases) per token; the rotated q into q_.
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        if (pending != nullptr && backend_->GemmFused({x_.data(), Dev(lw.wq), F32(lw.bq),
-                                                       qkv_.data(), T, n, D, lw.wq.dtype},
-                                                      NormOf(*pending))) {
+        if (pending != nullptr && backend_->GemmFused(QkvGemm(l, x_.data()), NormOf(*pending))) {
           pending = nullptr;
         } else {
           Normed();
-          GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), qkv_.data(), T, n, D, lw.wq.dtype}, attn_lowp,
-                 xb_lowp_.data());
+          GemmIn(QkvGemm(l, xb_.data()), attn_lowp, xb_lowp_.data());
         }
         rk.q = qkv_.data();
         rk.k = qkv_.data() + qd;
@@ -917,18 +921,14 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       if (fuse && NormFolds(l, true) &&
           backend_->GemmFused({att_.data(), Dev(lw.wo), nullptr, x_.data(), T, D, od, lw.wo.dtype},
                               add_into)) {
-        ffn_norm_pending = true;
+        Owe(lw.ffn_norm, ffn_lowp);  // x_ has the attention's output added
       } else {
         backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
       }
       sw.Lap(&tm.gemm);
     }
-    if (ffn_norm_pending) {
-      pending = &lw.ffn_norm;
-      pending_lowp = ffn_lowp;
-    } else {
-      RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm, ffn_lowp));
-    }
+    // (Nothing else is owed here: the attention's input norm was folded or run.)
+    if (pending == nullptr) RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm, ffn_lowp));
     bool next_norm_pending = false;  // the FFN's output was added into x_ by its product
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks;
     // an MoE layer adds its experts' and shared experts' partials instead.
@@ -949,20 +949,17 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         // One GEMM for gate|up per token; SiluMul reads the halves of each row (one op where
         // the backend fuses them).
         RETURN_IF_ERROR(h13_.Resize(T * 2 * F));
-        kernels::GemmParams gu{xb_.data(), Dev(lw.w1), nullptr, h13_.data(),
-                               T,          2 * F,      D,       lw.w1.dtype};
-        if (ffn_lowp != kF32) gu.x_lowp = xb_lowp_.data();
         act.gate = h13_.data();
         act.up = h13_.data() + F;
         act.cols = F;
         act.ld = 2 * F;
-        kernels::GemmParams gu_raw = gu;  // the norm folded in: x_ before it
-        gu_raw.x = x_.data();
-        gu_raw.x_lowp = nullptr;
-        if (pending != nullptr && backend_->GemmSiluMul(gu_raw, act, NormOf(*pending))) {
+        if (pending != nullptr &&
+            backend_->GemmSiluMul(GateUpGemm(l, x_.data()), act, NormOf(*pending))) {
           pending = nullptr;
         } else {
           Normed();
+          kernels::GemmParams gu = GateUpGemm(l, xb_.data());
+          if (ffn_lowp != kF32) gu.x_lowp = xb_lowp_.data();
           if (!backend_->GemmSiluMul(gu, act, {})) {
             backend_->Gemm(gu);
             backend_->SiluMul(act);
@@ -989,10 +986,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     if (next_norm_pending) {
       // x_ is complete; the next layer's attention norm is owed (none after the last layer:
       // the final norm below reads x_).
-      if (l + 1 < c.n_layers) {
-        pending = &w.layers[l + 1].attn_norm;
-        pending_lowp = AttnInputLowp(l + 1, T);
-      }
+      if (l + 1 < c.n_layers) Owe(w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T));
     } else {
       RETURN_IF_ERROR(l + 1 < c.n_layers
                           ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T))

@@ -66,6 +66,14 @@ std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v
 
 uint16_t ToStorage(DType t, float f) { return t == DType::kF16 ? FloatToHalf(f) : FloatToBf16(f); }
 
+// n random values (RandomVector's draw) rounded to the 16-bit type dt.
+std::vector<uint16_t> RandomLowp(std::mt19937& rng, int64_t n, DType dt) {
+  const std::vector<float> w = RandomVector(rng, n);
+  std::vector<uint16_t> w16(w.size());
+  StoreLowp(w.data(), n, dt, w16.data());
+  return w16;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention
 
@@ -949,10 +957,8 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
                      Shape{4, 9, 2056}, Shape{1, 13, 8200}}) {
       for (bool bias : {false, true}) {
         const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
-        const std::vector<float> w = RandomVector(rng, sh.n * sh.k);
+        const std::vector<uint16_t> w16 = RandomLowp(rng, sh.n * sh.k, dt);
         const std::vector<float> b = RandomVector(rng, sh.n);
-        std::vector<uint16_t> w16(w.size());
-        StoreLowp(w.data(), static_cast<int64_t>(w.size()), dt, w16.data());
         std::vector<float> want(sh.m * sh.n);
         GemmParams p{.x = x.data(),
                      .w = w16.data(),
@@ -1090,12 +1096,7 @@ TEST_F(CudaOpsTest, ProgrammaticLaunchChainMatchesOrdinary) {
   SKIP_IF_EMULATED("no programmatic launch to check");
   std::mt19937 rng(53);
   constexpr int64_t kD = 1024, kF = 2048;
-  const auto bf16 = [&](int64_t n) {
-    const std::vector<float> w = RandomVector(rng, n);
-    std::vector<uint16_t> w16(w.size());
-    StoreLowp(w.data(), n, DType::kBF16, w16.data());
-    return w16;
-  };
+  const auto bf16 = [&](int64_t n) { return RandomLowp(rng, n, DType::kBF16); };
   const std::vector<float> x0 = RandomVector(rng, kD), g = RandomVector(rng, kD);
   DeviceBuffer<uint16_t> d_wa(bf16(kD * kD)), d_wb(bf16(kF * kD)), d_wc(bf16(kD * kF / 2));
   DeviceBuffer<float> d_g(g);
@@ -1146,10 +1147,8 @@ TEST_F(CudaOpsTest, GemvSiluMulEqualsGemvThenSiluMul) {
       for (bool bias : {false, true}) {
         const int64_t n = 2 * sh.f;
         const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
-        const std::vector<float> w = RandomVector(rng, n * sh.k);
+        const std::vector<uint16_t> w16 = RandomLowp(rng, n * sh.k, dt);
         const std::vector<float> b = RandomVector(rng, n);
-        std::vector<uint16_t> w16(w.size());
-        StoreLowp(w.data(), static_cast<int64_t>(w.size()), dt, w16.data());
         // The CPU reference: GemmCpu, then SiluMulCpu over the halves of each row.
         std::vector<float> y(sh.m * n), want(sh.m * sh.f);
         GemmParams p{.x = x.data(),

@@ -375,27 +375,24 @@ class CudaBackend final : public Backend {
                            : (f.accumulate ? "GemvAddCuda" : "GemvCuda");
     Op(what, [=, this] { return kc::GemvCuda(p, stream_, f); });
 #ifndef HELIX_CUDA_EMULATION
-    converted_ = {};
+    converted_ = {};  // the workspace is as it was, but x may be a rewritten buffer
 #endif
     return true;
   }
   bool GemmReadsLowpX(int64_t rows, int64_t k, kernels::DType w) const override {
-    // A one-row GEMM of a shape the GEMV takes (k a multiple of 8; the model's buffers are
-    // aligned) goes to GemvCuda, which reads the fp32 x (TakesGemv). With more rows the copy is
-    // kept: cuBLAS takes the large matrices.
-    const bool gemv = options_.decode_gemv && rows == 1 && k >= 1 && k % 8 == 0 &&
-                      (w == kernels::DType::kBF16 || w == kernels::DType::kF16);
-    return w != kernels::DType::kF32 && !gemv;
+    // A one-row GEMM of a shape the GEMV takes goes to GemvCuda, which reads the fp32 x
+    // (TakesGemv; the shape alone decides: the model's buffers are aligned). With more rows the
+    // copy is kept: cuBLAS takes the large matrices.
+    kernels::GemmParams shape{};
+    shape.m = rows;
+    shape.n = 1;
+    shape.k = k;
+    shape.w_dtype = w;
+    return w != kernels::DType::kF32 && !(rows == 1 && TakesGemv(shape));
   }
 
   void Gemm(const kernels::GemmParams& p) override {
-    if (TakesGemv(p)) {
-      Op("GemvCuda", [=, this] { return kc::GemvCuda(p, stream_); });
-#ifndef HELIX_CUDA_EMULATION
-      converted_ = {};  // the workspace is as it was, but x may be a rewritten buffer
-#endif
-      return;
-    }
+    if (GemmFused(p, {})) return;  // the GEMV, where it takes p
 #ifdef HELIX_CUDA_EMULATION
     Op("GemmCpu", [=] {
       // GemmCuda's numerics: with 16-bit weights cuBLAS multiplies x rounded to their type,
