@@ -154,6 +154,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.decode_gemv = o.cuda_decode_gemv;
     c.programmatic_launch = o.cuda_programmatic_launch;
     c.fold_norms = o.cuda_fold_norms;
+    c.attention_tensor_cores = o.cuda_attention_tensor_cores;
     return CreateCudaBackend(c);
 #else
     return Unimplemented(

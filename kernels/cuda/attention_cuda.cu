@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <type_traits>
@@ -222,12 +223,23 @@ struct RowPlan {
 enum WarpMode : int {
   kWarpDefault = 0,
   kWarpLoadOnly = 1,  // the copies without the math (output meaningless): memory ceiling
+  kWarpMma = 2,       // 16-bit KV, kG = 8: q.K and P.V on the tensor cores (see below)
 };
+
+// The kWarpMma variant keeps the ring, the row plans and the final combine of the default, and
+// does a step's math with mma.sync: S = Q K^T as m16n8k16 products (the 8 rows of the step are
+// the n dimension) and O += P V as m16n8k8 products (the step's rows are k). The 16 rows of the
+// m dimension hold the group's 8 query heads twice: row g the head's q rounded to T (hi), row
+// g + 8 the rounding's remainder (lo), so q.k = S[g] + S[g + 8] keeps about 16 bits of q's
+// mantissa; P is split the same way, and the output is the sum of the two halves. The ring's
+// 16-byte chunks are swizzled (chunk c of row r at c ^ r) so that ldmatrix's eight row
+// addresses fall in different banks. A lane's fragments: g = lane / 4 is its head, t = lane % 4
+// its pair of rows (2t, 2t + 1) of the step, or of dims within each 8-dim tile of O.
 
 // Groups of <= 4 heads: at most 128 registers a thread, so two 8-warp thread blocks fit an SM
 // (8 heads need more).
 template <typename T, int D, int kG, int kMode = kWarpDefault>
-__global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
+__global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ? 2 : 1)
     AttentionWarpKernel(const Args a) {
   using C = WarpCfg<T, D, kG>;
   constexpr int kVec = C::kVec;
@@ -266,10 +278,35 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
 
   // This lane's slice of every query row of the group, scaled so that q.k is in log2 units.
   const float qscale = a.scale * kLog2e;
+  constexpr bool kMma = kMode == kWarpMma;
+  constexpr int kKSteps = D / 16;  // kMma: k-steps of q.k
   float q[kG][kVec];
+  uint32_t qa[kMma ? kKSteps : 1][4];  // kMma: q's A fragments, hi and lo rows
+  if constexpr (kMma) {
+    const int gq = lane >> 2;
+    const int t2 = 2 * (lane & 3);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float x0 = 0.0f, x1 = 0.0f;
+        if (gq < G) {
+          const float2 v = *reinterpret_cast<const float2*>(
+              a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + gq) * D + 16 * kk +
+              8 * half + t2);
+          x0 = v.x * qscale;
+          x1 = v.y * qscale;
+        }
+        const T h0 = FromFloat<T>(x0), h1 = FromFloat<T>(x1);
+        qa[kk][2 * half] = PackPair(h0, h1);
+        qa[kk][2 * half + 1] =
+            PackPair(FromFloat<T>(x0 - ToFloat(h0)), FromFloat<T>(x1 - ToFloat(h1)));
+      }
+    }
+  }
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
-    if (g < G) {
+    if (!kMma && g < G) {
       const float4* src = reinterpret_cast<const float4*>(
           a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
 #pragma unroll
@@ -295,6 +332,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
       acc[g][e] = 0.0f;
     }
   }
+  // kMma: O's C fragments, one per 8 dims: [0], [1] the hi rows, [2], [3] the lo rows.
+  float acc_m[kMma ? D / 8 : 1][4];
+#pragma unroll
+  for (int n = 0; n < (kMma ? D / 8 : 1); ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_m[n][e] = 0.0f;
+    }
+  }
   // Softmax state of the heads this lane serves in the softmax step: (lane >> 3) + 4 e.
   float m_run[kSmPerLane], l_run[kSmPerLane];
 #pragma unroll
@@ -310,7 +356,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
   // lane copying 16-byte chunks. A copy covers only the step's visible rows; the rest of the
   // slot keeps what an earlier step left there (finite KV, or the zeros written here), which
   // the softmax masks: their probability is exactly 0.
-  const bool bulk = kBulkCompiled && aligned && a.bulk;
+  const bool bulk = !kMma && kBulkCompiled && aligned && a.bulk;
+  // Where chunk c of row r goes in a ring slot: swizzled for kMma's ldmatrix.
+  auto chunk_at = [](int r, int c) { return kMma ? c ^ (r & 7) : c; };
   uint32_t phases = 0;  // bit s: the parity of slot s's barrier phase to wait for next
   if (bulk) {
     for (int st = 0; st < stages; ++st) {
@@ -378,8 +426,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
         const int r = rg + kRpi * i;
         const bool ok = r < pl.n && r <= last_visible;
         const T* src = ok ? kv + base + r * D + cl * kVec : kv;
-        CpAsync16(ks + r * D + cl * kVec, src, ok);
-        CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
+        CpAsync16(ks + r * D + chunk_at(r, cl) * kVec, src, ok);
+        CpAsync16(vs + r * D + chunk_at(r, cl) * kVec, ok ? src + a.v_off : kv, ok);
       }
       return;
     }
@@ -397,8 +445,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
       const int64_t o = __shfl_sync(0xffffffffu, off, r);
       const bool ok = o >= 0;
       const T* src = ok ? kv + o + cl * kVec : kv;
-      CpAsync16(ks + r * D + cl * kVec, src, ok);
-      CpAsync16(vs + r * D + cl * kVec, ok ? src + a.v_off : kv, ok);
+      CpAsync16(ks + r * D + chunk_at(r, cl) * kVec, src, ok);
+      CpAsync16(vs + r * D + chunk_at(r, cl) * kVec, ok ? src + a.v_off : kv, ok);
     }
   };
 
@@ -465,109 +513,165 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
     }
     const T* ks = pipe + static_cast<size_t>(stage) * 2 * C::kStepElems;
     const T* vs = ks + C::kStepElems;
+    if constexpr (kMma) {
+      __syncwarp();  // every lane's copies of the step are in: ldmatrix reads the others' rows
+      const int r8 = lane & 7;   // the row of the step whose address this lane gives
+      const int mi = lane >> 3;  // the matrix of the x4 load it gives it for
+      // S for the step's 8 rows: two accumulators, so that consecutive mma do not wait on each
+      // other.
+      float sa[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; kk += 2) {
+        uint32_t b[4];  // K^T fragments of dims 16 kk .. 16 kk + 31
+        LdMatrixX4<false>(b, ks + r8 * D + ((2 * kk + mi) ^ r8) * kVec);
+        MmaK16<T>(sa, qa[kk], b[0], b[1]);
+        MmaK16<T>(sb, qa[kk + 1], b[2], b[3]);
+      }
+      const int t2 = 2 * (lane & 3);
+      const float x0 =
+          s_vis[stage * kStepRows + t2] != 0 ? (sa[0] + sa[2]) + (sb[0] + sb[2]) : kNegInf;
+      const float x1 =
+          s_vis[stage * kStepRows + t2 + 1] != 0 ? (sa[1] + sa[3]) + (sb[1] + sb[3]) : kNegInf;
+      // Online softmax of head lane / 4 over the step's rows, held by its four lanes.
+      float mx = fmaxf(x0, x1);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[0], mx);
+      const float p0 = x0 == kNegInf ? 0.0f : exp2f(x0 - m_new);
+      const float p1 = x1 == kNegInf ? 0.0f : exp2f(x1 - m_new);
+      const float alpha = m_run[0] == kNegInf ? 0.0f : exp2f(m_run[0] - m_new);
+      float sum = p0 + p1;
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      l_run[0] = l_run[0] * alpha + sum;
+      m_run[0] = m_new;
+      if (__any_sync(0xffffffffu, alpha != 1.0f)) {  // rare once the maxima settle
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            acc_m[n][e] *= alpha;
+          }
+        }
+      }
+      const T h0 = FromFloat<T>(p0), h1 = FromFloat<T>(p1);
+      const uint32_t p_hi = PackPair(h0, h1);
+      const uint32_t p_lo =
+          PackPair(FromFloat<T>(p0 - ToFloat(h0)), FromFloat<T>(p1 - ToFloat(h1)));
+#pragma unroll
+      for (int n4 = 0; n4 < D / 32; ++n4) {
+        uint32_t b[4];  // V fragments of dims 32 n4 .. 32 n4 + 31
+        LdMatrixX4<true>(b, vs + r8 * D + ((4 * n4 + mi) ^ r8) * kVec);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          MmaK8<T>(acc_m[4 * n4 + j], p_hi, p_lo, b[j]);
+        }
+      }
+      __syncwarp();  // every lane has read the slot before a later step's copies refill it
+    } else {
+      // Partial scores of this lane's rows and chunk for every head, summed over the row's lanes.
+      float v[kN];
+#pragma unroll
+      for (int i = 0; i < kRpl; ++i) {
+        const int r = rg + kRpi * i;
+        float kf[kVec];
+        ChunkToFloats<T>(*reinterpret_cast<const uint4*>(ks + r * D + cl * kVec), kf);
+#pragma unroll
+        for (int g = 0; g < kG; ++g) {
+          float s = 0.0f;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            s = fmaf(q[g][e], kf[e], s);
+          }
+          v[i * kG + g] = s;
+        }
+      }
+      ReduceScatterN<kN, kLanes, kN>(v, cl);
+      if (kN >= kLanes || (cl & (kLanes / kN - 1)) == 0) {
+        const int base = ScatterBase<kN, kLanes>(cl);
+#pragma unroll
+        for (int j = 0; j < kHeld; ++j) {
+          const int idx = base + j;
+          s_sc[(rg + kRpi * (idx / kG)) * kG + idx % kG] = v[j];
+        }
+      }
+      __syncwarp();
 
-    // Partial scores of this lane's rows and chunk for every head, summed over the row's lanes.
-    float v[kN];
+      // Online softmax: lane serves row lane & 7 of heads (lane >> 3) + 4 e.
+      {
+        const int r = lane & (kStepRows - 1);
+        const bool visible = s_vis[stage * kStepRows + r] != 0;
 #pragma unroll
-    for (int i = 0; i < kRpl; ++i) {
-      const int r = rg + kRpi * i;
-      float kf[kVec];
-      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(ks + r * D + cl * kVec), kf);
+        for (int e = 0; e < kSmPerLane; ++e) {
+          const int g = (lane >> 3) + 4 * e;
+          const float x = visible ? s_sc[r * kG + g] : kNegInf;
+          float mx = x;
 #pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        float s = 0.0f;
+          for (int o = 1; o < kStepRows; o <<= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+          }
+          const float m_new = fmaxf(m_run[e], mx);
+          const float pr = x == kNegInf ? 0.0f : exp2f(x - m_new);
+          const float alpha = m_run[e] == kNegInf ? 0.0f : exp2f(m_run[e] - m_new);
+          float sum = pr;
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          s = fmaf(q[g][e], kf[e], s);
+          for (int o = 1; o < kStepRows; o <<= 1) {
+            sum += __shfl_xor_sync(0xffffffffu, sum, o);
+          }
+          l_run[e] = l_run[e] * alpha + sum;
+          m_run[e] = m_new;
+          s_p[r * kG + g] = pr;
+          if (r == 0) {
+            s_alpha[g] = alpha;
+          }
         }
-        v[i * kG + g] = s;
       }
-    }
-    ReduceScatterN<kN, kLanes, kN>(v, cl);
-    if (kN >= kLanes || (cl & (kLanes / kN - 1)) == 0) {
-      const int base = ScatterBase<kN, kLanes>(cl);
-#pragma unroll
-      for (int j = 0; j < kHeld; ++j) {
-        const int idx = base + j;
-        s_sc[(rg + kRpi * (idx / kG)) * kG + idx % kG] = v[j];
-      }
-    }
-    __syncwarp();
+      __syncwarp();
 
-    // Online softmax: lane serves row lane & 7 of heads (lane >> 3) + 4 e.
-    {
-      const int r = lane & (kStepRows - 1);
-      const bool visible = s_vis[stage * kStepRows + r] != 0;
-#pragma unroll
-      for (int e = 0; e < kSmPerLane; ++e) {
-        const int g = (lane >> 3) + 4 * e;
-        const float x = visible ? s_sc[r * kG + g] : kNegInf;
-        float mx = x;
-#pragma unroll
-        for (int o = 1; o < kStepRows; o <<= 1) {
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        }
-        const float m_new = fmaxf(m_run[e], mx);
-        const float pr = x == kNegInf ? 0.0f : exp2f(x - m_new);
-        const float alpha = m_run[e] == kNegInf ? 0.0f : exp2f(m_run[e] - m_new);
-        float sum = pr;
-#pragma unroll
-        for (int o = 1; o < kStepRows; o <<= 1) {
-          sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        }
-        l_run[e] = l_run[e] * alpha + sum;
-        m_run[e] = m_new;
-        s_p[r * kG + g] = pr;
-        if (r == 0) {
-          s_alpha[g] = alpha;
-        }
-      }
-    }
-    __syncwarp();
-
-    // acc = acc * alpha + P V over this lane's rows and chunk.
-    float al[kG];
-#pragma unroll
-    for (int j = 0; j < kG / 4; ++j) {
-      const float4 a4 = *reinterpret_cast<const float4*>(s_alpha + 4 * j);
-      al[4 * j] = a4.x;
-      al[4 * j + 1] = a4.y;
-      al[4 * j + 2] = a4.z;
-      al[4 * j + 3] = a4.w;
-    }
-    bool rescale = false;
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      rescale = rescale || al[g] != 1.0f;
-    }
-    if (rescale) {  // the same in every lane: the maxima rarely move after the first steps
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          acc[g][e] *= al[g];
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kRpl; ++i) {
-      const int r = rg + kRpi * i;
-      float vf[kVec];
-      ChunkToFloats<T>(*reinterpret_cast<const uint4*>(vs + r * D + cl * kVec), vf);
-      float pr[kG];
+      // acc = acc * alpha + P V over this lane's rows and chunk.
+      float al[kG];
 #pragma unroll
       for (int j = 0; j < kG / 4; ++j) {
-        const float4 p4 = *reinterpret_cast<const float4*>(s_p + r * kG + 4 * j);
-        pr[4 * j] = p4.x;
-        pr[4 * j + 1] = p4.y;
-        pr[4 * j + 2] = p4.z;
-        pr[4 * j + 3] = p4.w;
+        const float4 a4 = *reinterpret_cast<const float4*>(s_alpha + 4 * j);
+        al[4 * j] = a4.x;
+        al[4 * j + 1] = a4.y;
+        al[4 * j + 2] = a4.z;
+        al[4 * j + 3] = a4.w;
       }
+      bool rescale = false;
 #pragma unroll
       for (int g = 0; g < kG; ++g) {
+        rescale = rescale || al[g] != 1.0f;
+      }
+      if (rescale) {  // the same in every lane: the maxima rarely move after the first steps
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          acc[g][e] = fmaf(pr[g], vf[e], acc[g][e]);
+        for (int g = 0; g < kG; ++g) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            acc[g][e] *= al[g];
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRpl; ++i) {
+        const int r = rg + kRpi * i;
+        float vf[kVec];
+        ChunkToFloats<T>(*reinterpret_cast<const uint4*>(vs + r * D + cl * kVec), vf);
+        float pr[kG];
+#pragma unroll
+        for (int j = 0; j < kG / 4; ++j) {
+          const float4 p4 = *reinterpret_cast<const float4*>(s_p + r * kG + 4 * j);
+          pr[4 * j] = p4.x;
+          pr[4 * j + 1] = p4.y;
+          pr[4 * j + 2] = p4.z;
+          pr[4 * j + 3] = p4.w;
+        }
+#pragma unroll
+        for (int g = 0; g < kG; ++g) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            acc[g][e] = fmaf(pr[g], vf[e], acc[g][e]);
+          }
         }
       }
     }
@@ -575,35 +679,50 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 ? 2 : 1)
   }
   CpAsyncWait<0>();
 
-  // Sum the row groups of the warp (same dims, other rows), then combine the warps.
+  if constexpr (kMma) {
+    __syncthreads();  // every ring is drained: red may overwrite them
+    const int gq = lane >> 2;
+    float* dst = red + (warp * kG + gq) * D + 2 * (lane & 3);
 #pragma unroll
-  for (int o = kLanes; o < 32; o <<= 1) {
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<float2*>(dst + 8 * n) =
+          make_float2(acc_m[n][0] + acc_m[n][2], acc_m[n][1] + acc_m[n][3]);
+    }
+    if ((lane & 3) == 0) {
+      s_wm[warp * kG + gq] = m_run[0];
+      s_wl[warp * kG + gq] = l_run[0];
+    }
+  } else {
+    // Sum the row groups of the warp (same dims, other rows), then combine the warps.
 #pragma unroll
-    for (int g = 0; g < kG; ++g) {
+    for (int o = kLanes; o < 32; o <<= 1) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+      for (int g = 0; g < kG; ++g) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+        }
       }
     }
-  }
-  __syncthreads();  // every ring is drained: red may overwrite them
-  if (rg == 0) {
+    __syncthreads();  // every ring is drained: red may overwrite them
+    if (rg == 0) {
 #pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      float* dst = red + (warp * kG + g) * D + cl * kVec;
+      for (int g = 0; g < kG; ++g) {
+        float* dst = red + (warp * kG + g) * D + cl * kVec;
 #pragma unroll
-      for (int v = 0; v < kVec / 4; ++v) {
-        *reinterpret_cast<float4*>(dst + 4 * v) =
-            make_float4(acc[g][4 * v], acc[g][4 * v + 1], acc[g][4 * v + 2], acc[g][4 * v + 3]);
+        for (int v = 0; v < kVec / 4; ++v) {
+          *reinterpret_cast<float4*>(dst + 4 * v) =
+              make_float4(acc[g][4 * v], acc[g][4 * v + 1], acc[g][4 * v + 2], acc[g][4 * v + 3]);
+        }
       }
     }
-  }
-  if ((lane & (kStepRows - 1)) == 0) {
+    if ((lane & (kStepRows - 1)) == 0) {
 #pragma unroll
-    for (int e = 0; e < kSmPerLane; ++e) {
-      const int g = (lane >> 3) + 4 * e;
-      s_wm[warp * kG + g] = m_run[e];
-      s_wl[warp * kG + g] = l_run[e];
+      for (int e = 0; e < kSmPerLane; ++e) {
+        const int g = (lane >> 3) + 4 * e;
+        s_wm[warp * kG + g] = m_run[e];
+        s_wl[warp * kG + g] = l_run[e];
+      }
     }
   }
   __syncthreads();
@@ -882,12 +1001,19 @@ struct Choice {
   size_t smem;
   int sub_size;  // query heads per thread block
   int threads;
-  int stages;  // warp-pipelined path
+  int stages;        // warp-pipelined path
+  const char* name;  // PagedAttentionCudaKernelName
 };
 
 PagedAttentionCudaTuning& Tuning() {
   static PagedAttentionCudaTuning t;
   return t;
+}
+
+std::atomic<bool> g_tensor_cores{false};  // SetPagedAttentionCudaTensorCores
+
+bool UseTensorCores() {
+  return Tuning().tensor_cores || g_tensor_cores.load(std::memory_order_relaxed);
 }
 
 // Below this many (query token, KV head) items the warp-pipelined kernel runs 8 warps with
@@ -929,6 +1055,21 @@ bool BulkCopyAvailable() {
 #endif
 }
 
+// mma.sync with bf16 / f16 inputs and fp32 accumulation: sm_80 and later.
+bool TensorCoresAvailable() {
+#ifdef HELIX_CUDA_EMULATION
+  return true;
+#else
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major >= 8;
+#endif
+}
+
 int PrefetchSteps() {
   const int s = Tuning().prefetch_steps;
   return s == 0 ? kDefaultPrefetchSteps : std::max(0, s);
@@ -945,17 +1086,41 @@ Choice ChooseFast(int group, int64_t items) {
   if constexpr (std::is_same_v<T, __nv_bfloat16> && D == 128) {  // benchmark-only mode
     if (group <= 4 && Tuning().load_only) {
       const int st = StagesFor<T, D, 4>(items);
-      return {&AttentionWarpKernel<T, D, 4, kWarpLoadOnly>, WarpCfg<T, D, 4>::SmemBytes(warps, st),
-              4, warps * 32, st};
+      return {&AttentionWarpKernel<T, D, 4, kWarpLoadOnly>,
+              WarpCfg<T, D, 4>::SmemBytes(warps, st),
+              4,
+              warps * 32,
+              st,
+              "loadonly"};
+    }
+  }
+  if constexpr (!std::is_same_v<T, float>) {
+    if (UseTensorCores() && TensorCoresAvailable()) {
+      const int st = StagesFor<T, D, 8>(items);
+      return {&AttentionWarpKernel<T, D, 8, kWarpMma>,
+              WarpCfg<T, D, 8>::SmemBytes(warps, st),
+              8,
+              warps * 32,
+              st,
+              "mma"};
     }
   }
   if (group <= 4) {
     const int st = StagesFor<T, D, 4>(items);
-    return {&AttentionWarpKernel<T, D, 4>, WarpCfg<T, D, 4>::SmemBytes(warps, st), 4, warps * 32,
-            st};
+    return {&AttentionWarpKernel<T, D, 4>,
+            WarpCfg<T, D, 4>::SmemBytes(warps, st),
+            4,
+            warps * 32,
+            st,
+            "warp"};
   }
   const int st = StagesFor<T, D, 8>(items);
-  return {&AttentionWarpKernel<T, D, 8>, WarpCfg<T, D, 8>::SmemBytes(warps, st), 8, warps * 32, st};
+  return {&AttentionWarpKernel<T, D, 8>,
+          WarpCfg<T, D, 8>::SmemBytes(warps, st),
+          8,
+          warps * 32,
+          st,
+          "warp"};
 }
 
 template <typename T>
@@ -966,7 +1131,7 @@ Choice ChooseForType(int d, int group, int64_t items) {
   if (d == 128) {
     return ChooseFast<T, 128>(group, items);
   }
-  return {&AttentionGenericKernel<T>, GenericSmemBytes(d), kMaxG, kThreads, 0};
+  return {&AttentionGenericKernel<T>, GenericSmemBytes(d), kMaxG, kThreads, 0, "generic"};
 }
 
 // items: query tokens x KV heads of the call.
@@ -979,7 +1144,7 @@ Choice ChooseKernel(DType t, int d, int group, int64_t items) {
     case DType::kBF16:
       return ChooseForType<__nv_bfloat16>(d, group, items);
   }
-  return {nullptr, 0, kMaxG, kThreads, 0};
+  return {nullptr, 0, kMaxG, kThreads, 0, "none"};
 }
 
 // Above 48 KiB of dynamic shared memory needs an opt-in per kernel and device. Done once per
@@ -1063,6 +1228,13 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),
                                p.num_q_tokens * p.num_kv_heads * subs, p.max_blocks_per_seq, tpb,
                                MinChunkTokens());
+}
+
+const char* PagedAttentionCudaKernelName(const PagedAttentionParams& p) {
+  const int group = static_cast<int>(p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1);
+  const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), group,
+                                 p.num_q_tokens * p.num_kv_heads);
+  return ch.name;
 }
 
 size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p) {
@@ -1150,6 +1322,8 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
+
+void SetPagedAttentionCudaTensorCores(bool on) { g_tensor_cores.store(on); }
 
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t) { Tuning() = t; }
 

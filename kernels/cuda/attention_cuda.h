@@ -22,6 +22,12 @@ namespace helix::kernels::cuda {
 // the length bound: kv_lens stay on the device). Host function; queries the current device.
 int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p);
 
+// Which kernel PagedAttentionCuda runs for p under the current tuning (see
+// PagedAttentionCudaTuning): "mma" (warp-pipelined, tensor-core math), "warp" (warp-pipelined,
+// fp32 math), "loadonly" (the benchmark's copies-only variant) or "generic" (other head dims).
+// Host function; queries the current device.
+const char* PagedAttentionCudaKernelName(const PagedAttentionParams& p);
+
 // Bytes of workspace PagedAttentionCuda needs for p (p.kv_split_tokens included): 0 without
 // split-KV, else [parts][rows][head_dim] partial outputs then [parts][rows] LSEs, fp32.
 size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
@@ -47,6 +53,13 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, c
 // [peers][tokens][heads][dim]: num_parts = peers, rows = tokens * heads.
 cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
 
+// Whether PagedAttentionCuda does the math of 16-bit KV on the tensor cores (as
+// PagedAttentionCudaTuning::tensor_cores, which also turns it on). Process-wide; off by default
+// until it has been measured against the fp32-math kernel (CudaBackendOptions::
+// attention_tensor_cores, decode_bench --attn-mma 1, attention_bench's "mma" variants). Safe to
+// call while other threads launch; set it before capturing graphs that should use it.
+void SetPagedAttentionCudaTensorCores(bool on);
+
 // Benchmark and test knobs of PagedAttentionCuda / PagedAttentionCudaSplitTokens,
 // process-wide. Not synchronised: set them from one thread while no other thread launches or
 // sizes attention (the split and workspace must be computed under the same knobs as the
@@ -67,6 +80,10 @@ struct PagedAttentionCudaTuning {
                                  // each warp step's K and V rows arrive as two TMA bulk copies
                                  // completing on an mbarrier (instead of 16-byte cp.async per
                                  // lane); ignored on older GPUs
+  bool tensor_cores = false;     // f16 / bf16 KV, head dims 64 / 128, sm_80+: q.K and P.V of
+                                 // each warp step on the tensor cores (mma.sync), 8 query heads
+                                 // per thread block, q and P split into two 16-bit halves each
+                                 // (about fp32 accuracy); ignored for f32 KV and older GPUs
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/dtype.h"
 
@@ -139,6 +140,17 @@ inline int64_t SplitTokensForOneWave(int64_t slots, int64_t items, int64_t max_b
     return 0;
   }
   return bpc * tokens_per_block;
+}
+
+// Two 16-bit values as one 32-bit register of an mma fragment: `lo` in the low half (the element
+// of the lower column / k index), `hi` in the high half.
+template <typename T>
+__device__ inline uint32_t PackPair(T lo, T hi) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
+  using Raw = std::conditional_t<std::is_same_v<T, __half>, __half_raw, __nv_bfloat16_raw>;
+  const Raw l = lo;
+  const Raw h = hi;
+  return static_cast<uint32_t>(l.x) | (static_cast<uint32_t>(h.x) << 16);
 }
 
 __device__ inline float WarpMax(float x) {
@@ -274,6 +286,75 @@ __device__ inline void MbarWait(uint64_t* bar, unsigned parity) {
       : "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();  // selected only on sm_90+ devices with code built for them
+#endif
+}
+
+// Warp-collective tensor-core pieces (every lane of the warp calls them together). LdMatrixX4:
+// four 8x8 matrices of 16-bit elements from shared memory; lanes 8i..8i+7 give the addresses of
+// matrix i's rows 0..7 (16 bytes each, 16-byte aligned), and lane l gets in r[i] row l / 4,
+// columns 2 (l % 4) and 2 (l % 4) + 1 of matrix i (kTrans: of its transpose, i.e. rows 2 (l % 4)
+// and 2 (l % 4) + 1 of column l / 4). sm_75+.
+template <bool kTrans>
+__device__ inline void LdMatrixX4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SmemAddr(row))
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SmemAddr(row))
+                 : "memory");
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_80+ devices with code built for them
+#endif
+}
+
+// c += A B on the tensor cores, fp32 accumulation, A 16 x K row-major and B K x 8 column-major in
+// T (half or bf16). Lane l, with g = l / 4 and t = l % 4, holds: c = C[g][2t, 2t+1],
+// C[g+8][2t, 2t+1]. K = 16: a = A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..] (pairs);
+// b = B[2t..][g], B[2t+8..][g]. K = 8: a = A[g][2t..], A[g+8][2t..]; b = B[2t..][g]. sm_80+.
+template <typename T>
+__device__ inline void MmaK16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_80+ devices with code built for them
+#endif
+}
+template <typename T>
+__device__ inline void MmaK8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // selected only on sm_80+ devices with code built for them
 #endif
 }
 

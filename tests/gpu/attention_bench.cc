@@ -62,6 +62,8 @@ const Variant kVariants[] = {
     {"w4s4", {.warps_per_block = 4, .stages = 4}},
     {"w8s3", {.warps_per_block = 8, .stages = 3}},
     {"bulk", {.bulk_copy = true}},
+    {"mma", {.tensor_cores = true}},
+    {"mma8w", {.warps_per_block = 8, .stages = 3, .tensor_cores = true}},
     {"loadonly", {.load_only = true}, false, true},
     {"bulkload", {.load_only = true, .bulk_copy = true}, false, true},
 };
@@ -394,13 +396,13 @@ int Main(int argc, char** argv) {
     std::printf("variants (ms; maxdiff = largest |out - ours out| over them):");
     for (size_t v = 1; v < num_variants; ++v) {
       const PagedAttentionCudaTuning& t = kVariants[v].tuning;
-      std::printf(" %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s}%s",
-                  kVariants[v].name, t.warps_per_block, t.stages, t.prefetch_steps,
-                  static_cast<long long>(t.min_chunk_tokens),
-                  kVariants[v].sequential ? ", blocks in pool order" : "",
-                  t.bulk_copy ? ", TMA bulk copies per warp step" : "",
-                  t.load_only ? ", copies only (no math; output not checked)" : "",
-                  v + 1 < num_variants ? ";" : "");
+      std::printf(
+          " %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s%s}%s", kVariants[v].name,
+          t.warps_per_block, t.stages, t.prefetch_steps, static_cast<long long>(t.min_chunk_tokens),
+          kVariants[v].sequential ? ", blocks in pool order" : "",
+          t.bulk_copy ? ", TMA bulk copies per warp step" : "",
+          t.load_only ? ", copies only (no math; output not checked)" : "",
+          t.tensor_cores ? ", tensor-core math (mma.sync)" : "", v + 1 < num_variants ? ";" : "");
     }
     std::printf(" (0 = default)\n");
   }

@@ -41,7 +41,8 @@ void Store(DType t, void* base, int64_t i, float f) {
   }
 }
 
-void RunCase(const Case& c, uint32_t seed) {
+// kernel: the PagedAttentionCudaKernelName the case must run, or nullptr for any.
+void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   std::mt19937 rng(seed);
   const int64_t kv_heads = 2, layers = 2, layer = 1;
   const int64_t q_heads = kv_heads * c.group;
@@ -111,6 +112,9 @@ void RunCase(const Case& c, uint32_t seed) {
   p.out = out.data();
   p.lse = lse.data();
   p.kv_split_tokens = c.split;
+  if (kernel != nullptr) {
+    ASSERT_STREQ(cuda::PagedAttentionCudaKernelName(p), kernel);
+  }
   std::vector<float> ws(cuda::PagedAttentionCudaWorkspaceBytes(p) / sizeof(float) + 1);
   ASSERT_EQ(cuda::PagedAttentionCuda(p, ws.data(), nullptr), cudaSuccess);
   const std::string what = std::string(DTypeName(c.dtype)) + " group=" + std::to_string(c.group) +
@@ -175,6 +179,32 @@ TEST(AttentionEmuTest, WarpCountsAndLegacyKernel) {
   cuda::SetPagedAttentionCudaTuningForTesting(
       {.warps_per_block = 1, .stages = 2, .bulk_copy = true});
   RunCase({DType::kBF16, 4, 128, 8, 0, {1, 37, 0, 130}}, 230);
+}
+
+// The tensor-core (mma.sync) variant of the warp-pipelined kernel: both 16-bit KV types and head
+// dims, groups of 1 to 8 and 12 (two thread blocks, 8 + 4 heads), block sizes that put a step in
+// one block or across blocks, split-KV, a causal prefill (cuts inside a step), an empty
+// sequence, 1 to 8 warps and ring depths 2 to 4. Its q.k and P.V keep about fp32 accuracy (q and
+// P as two 16-bit halves each), so the tolerance is the fp32 kernel's. f32 KV keeps the fp32
+// kernel.
+TEST(AttentionEmuTest, TensorCoreKernel) {
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
+  cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = true});
+  RunCase({DType::kBF16, 4, 128, 16, 0, {1, 37, 0, 130}}, 300, "mma");
+  RunCase({DType::kF16, 8, 64, 16, 64, {1, 37, 0, 130}}, 301, "mma");
+  RunCase({DType::kBF16, 3, 64, 5, 0, {1, 23, 71}}, 302, "mma");
+  RunCase({DType::kF16, 12, 128, 16, 32, {3, 45}}, 303, "mma");
+  RunCase({DType::kBF16, 2, 128, 16, 0, {45}, true}, 304, "mma");
+  RunCase({DType::kBF16, 1, 64, 64, 128, {1, 200, 0}}, 305, "mma");
+  RunCase({DType::kF32, 4, 128, 16, 0, {1, 37}}, 306, "warp");
+  cuda::SetPagedAttentionCudaTuningForTesting(
+      {.warps_per_block = 1, .stages = 2, .tensor_cores = true});
+  RunCase({DType::kF16, 4, 128, 8, 0, {1, 37, 0, 130}}, 307, "mma");
+  cuda::SetPagedAttentionCudaTuningForTesting(
+      {.warps_per_block = 8, .stages = 4, .tensor_cores = true});
+  RunCase({DType::kBF16, 6, 64, 16, 64, {3, 71, 130}}, 308, "mma");
 }
 
 }  // namespace

@@ -27,6 +27,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace helix_emu {
@@ -44,9 +45,12 @@ struct Fiber {
   bool done = false;
 };
 
+constexpr int kWords = 8;
+
 struct Block {
   std::vector<unsigned char> dynamic_smem, static_smem;
   std::vector<uint64_t> exchange;  // one slot per thread for shuffles
+  std::vector<uint32_t> words;     // kWords per thread: operands of the warp-collective mma
   int threads = 0;
   int cta_count = 0;
   uint64_t cta_gen = 0;
@@ -110,6 +114,32 @@ T Exchange(T v, int src_lane_of_warp) {
   return out;
 }
 
+// Lane i of the calling thread's warp: its slot of the warp-collective operand words.
+inline uint32_t* LaneWords(int lane) {
+  const int warp = static_cast<int>(t_thread_idx.x) / 32;
+  return &t_block->words[static_cast<size_t>(warp * 32 + lane) * kWords];
+}
+
+template <typename T>
+float HalfBits(uint32_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    uint32_t u = bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    __half_raw r;
+    r.x = static_cast<unsigned short>(bits);
+    return __half2float(__half(r));
+  }
+}
+
+// The 16-bit element `half` (0: low, 1: high) of word `reg` of lane `lane`'s operand words.
+template <typename T>
+float Elem(int lane, int reg, int half) {
+  return HalfBits<T>(LaneWords(lane)[reg] >> (16 * half));
+}
+
 inline void FiberMain() {
   (*t_body)();
   t_fiber->done = true;  // returning resumes the scheduler (uc_link)
@@ -147,6 +177,7 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
       b.dynamic_smem.assign(smem + 16, 0xcd);  // garbage, as on the device
       b.static_smem.assign(64 * 1024, 0xcd);
       b.exchange.assign(threads, 0);
+      b.words.assign(static_cast<size_t>(threads) * kWords, 0);
       ucontext_t scheduler;
       for (int t = 0; t < threads; ++t) {
         Fiber& f = fibers[t];
@@ -317,6 +348,98 @@ inline void MbarWait(uint64_t* bar, unsigned parity) {
     ::helix_emu::Yield();
   }
 }
+// Warp-collective tensor-core pieces with the register layouts of ldmatrix and mma.sync (see
+// kernels/cuda/cuda_util.cuh): every lane publishes its operands, the warp synchronises, each
+// lane computes its own results from the others', and the warp synchronises again before the
+// slots are reused. ldmatrix's rows must be 16-byte aligned, as on the device.
+template <bool kTrans>
+inline void LdMatrixX4(uint32_t (&r)[4], const void* row) {
+  namespace e = ::helix_emu;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+    e::MbarFail("ldmatrix row address not 16-byte aligned");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  e::LaneWords(lane)[0] = static_cast<uint32_t>(addr);
+  e::LaneWords(lane)[1] = static_cast<uint32_t>(static_cast<uint64_t>(addr) >> 32);
+  e::SyncWarp();
+  auto row_of = [](int m, int i) {
+    const uint32_t* w = e::LaneWords(8 * m + i);
+    return reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[0]) |
+                                             (static_cast<uintptr_t>(w[1]) << 32));
+  };
+  for (int m = 0; m < 4; ++m) {
+    uint32_t lo, hi;
+    if (kTrans) {
+      lo = row_of(m, 2 * (lane % 4))[lane / 4];
+      hi = row_of(m, 2 * (lane % 4) + 1)[lane / 4];
+    } else {
+      lo = row_of(m, lane / 4)[2 * (lane % 4)];
+      hi = row_of(m, lane / 4)[2 * (lane % 4) + 1];
+    }
+    r[m] = lo | (hi << 16);
+  }
+  e::SyncWarp();
+}
+
+template <typename T>
+inline void MmaK16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  namespace e = ::helix_emu;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  uint32_t* w = e::LaneWords(lane);
+  for (int i = 0; i < 4; ++i) w[i] = a[i];
+  w[4] = b0;
+  w[5] = b1;
+  e::SyncWarp();
+  const int g = lane / 4, t = lane % 4;
+  for (int ci = 0; ci < 4; ++ci) {
+    const int row = g + (ci >= 2 ? 8 : 0), col = 2 * t + (ci & 1);
+    float s = c[ci];
+    for (int k = 0; k < 16; ++k) {
+      const float av =
+          e::Elem<T>((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
+      const float bv = e::Elem<T>(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2);
+      s = std::fma(av, bv, s);
+    }
+    c[ci] = s;
+  }
+  e::SyncWarp();
+}
+
+template <typename T>
+inline void MmaK8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b) {
+  namespace e = ::helix_emu;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  uint32_t* w = e::LaneWords(lane);
+  w[0] = a0;
+  w[1] = a1;
+  w[4] = b;
+  e::SyncWarp();
+  const int g = lane / 4, t = lane % 4;
+  for (int ci = 0; ci < 4; ++ci) {
+    const int row = g + (ci >= 2 ? 8 : 0), col = 2 * t + (ci & 1);
+    float s = c[ci];
+    for (int k = 0; k < 8; ++k) {
+      const float av = e::Elem<T>((row % 8) * 4 + k / 2, row >= 8 ? 1 : 0, k % 2);
+      const float bv = e::Elem<T>(col * 4 + k / 2, 4, k % 2);
+      s = std::fma(av, bv, s);
+    }
+    c[ci] = s;
+  }
+  e::SyncWarp();
+}
+
+inline bool __any_sync(unsigned, bool p) {
+  namespace e = ::helix_emu;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  e::LaneWords(lane)[0] = p ? 1u : 0u;
+  e::SyncWarp();
+  bool any = false;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  for (int i = 0; i < e::t_block->warp_size[warp]; ++i) any = any || e::LaneWords(i)[0] != 0;
+  e::SyncWarp();
+  return any;
+}
+
 inline void CpAsyncCommit() {}
 template <int N>
 inline void CpAsyncWait() {}

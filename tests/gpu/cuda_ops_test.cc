@@ -420,6 +420,84 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
   ExpectSame(want, RunCuda(pr, pool, 2 * tpb, nullptr), "bulk prefill split");
 }
 
+// The tensor-core variant of the warp-pipelined kernel (PagedAttentionCudaTuning::tensor_cores,
+// sm_80+): the register layouts of ldmatrix and mma.sync it assumes are checked here, on the
+// device, against the CPU at the fp32 kernel's tolerance (q and P go in as two 16-bit halves).
+// Decode with every group size up to 8 and sub-groups above it, partial steps and an empty
+// sequence, split-KV, peaky scores, a causal prefill and a CP rank's positions; slots past each
+// sequence are poisoned.
+TEST_F(CudaOpsTest, AttentionTensorCores) {
+  SKIP_IF_EMULATED("see attention_emu_test");
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major < 8)
+    GTEST_SKIP() << "mma.sync with bf16 needs sm_80 (compute capability " << major << ")";
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
+  std::mt19937 rng(17);
+  const int64_t tpb = 16;
+  for (int warps : {0, 8}) {
+    cuda::SetPagedAttentionCudaTuningForTesting(
+        {.warps_per_block = warps, .stages = warps == 8 ? 3 : 0, .tensor_cores = true});
+    for (DType dt : {DType::kF16, DType::kBF16}) {
+      for (int64_t group : {1, 3, 4, 8, 12}) {
+        for (int64_t d : {128, 64}) {
+          Pool pool(dt, 2, 2, tpb, d, 52);
+          const Problem pr = PoisonedDecode(&pool, {1, 15, 16, 17, 40 * 16 - 3, 0, 33}, group, rng);
+          PagedAttentionParams probe = MakeParams(pr, pool.view, nullptr, nullptr, nullptr, nullptr,
+                                                  nullptr, nullptr, nullptr, nullptr, 0);
+          ASSERT_STREQ(cuda::PagedAttentionCudaKernelName(probe), "mma");
+          const AttnResult want = RunCpu(pr, pool.view);
+          for (int64_t split : {int64_t{0}, 2 * tpb, int64_t{-1}}) {
+            ExpectSame(want, RunCuda(pr, pool, split, nullptr),
+                       "mma warps=" + std::to_string(warps) + " " + Name(dt, group, d, split));
+          }
+        }
+      }
+    }
+  }
+  cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = true});
+  for (float q_scale : {1.0f, 12.0f}) {
+    Pool pool(DType::kBF16, 1, 2, 32, 128, 20);
+    pool.FillRandom(rng);
+    Problem pr = DecodeBatch({1, 200, 8 * 32 + 7}, 32, 20, rng);
+    pr.num_kv_heads = 2;
+    pr.num_q_heads = 8;
+    pr.head_dim = 128;
+    pr.q = RandomVector(rng, pr.tokens() * 8 * 128, -q_scale, q_scale);
+    const AttnResult want = RunCpu(pr, pool.view);
+    ExpectSame(want, RunCuda(pr, pool, 64, nullptr), "mma peaky q_scale=" + std::to_string(q_scale),
+               q_scale > 1.0f ? 5e-5 : kF32Tol);
+  }
+  const int64_t L = 16 * 5 + 5;
+  Pool pool(DType::kF16, 1, 2, tpb, 64, 8);
+  pool.FillRandom(rng);
+  Problem pr = CausalPrefill(L, tpb, 8, 2, 8, 64, rng);
+  PoisonUnusedSlots(pr, &pool);
+  const AttnResult want = RunCpu(pr, pool.view);
+  ExpectSame(want, RunCuda(pr, pool, 0, nullptr), "mma prefill");
+  ExpectSame(want, RunCuda(pr, pool, 2 * tpb, nullptr), "mma prefill split");
+  Pool cp_pool(DType::kBF16, 1, 2, tpb, 128, 7);
+  cp_pool.FillRandom(rng);
+  Problem cp;
+  cp.AddSeq({4, 0, 6}, {16, 48, 80}, 2 * 16 + 11);
+  for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) {
+    cp.q_seq.push_back(0);
+    cp.q_pos.push_back(pos);
+  }
+  cp.num_kv_heads = 2;
+  cp.num_q_heads = 4;
+  cp.head_dim = 128;
+  cp.q = RandomVector(rng, cp.tokens() * 4 * 128);
+  const AttnResult cp_want = RunCpu(cp, cp_pool.view);
+  for (int64_t split : {0, 16, 32}) {
+    ExpectSame(cp_want, RunCuda(cp, cp_pool, split, nullptr),
+               "mma cp split=" + std::to_string(split));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Merge (split-KV second phase and the Helix combine)
 

@@ -54,27 +54,35 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold]]]; gemv 1 = the decode
-# GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic dependent
-# launch of the step's kernels (--pdl 1); both default to 0 here, the old path, so that each
-# change is measured against it in the same call; fold 0 = no norms folded into the GEMV
-# (--fold 0), default 1) and the profiled ones (shape:context:graphs, with decode_bench's
-# defaults: GEMV, PDL and folding on).
-PROFILES=(llama3-1b:8192:1)
-RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1 smollm2-135m:8192:1:1:1:0 smollm2-135m:8192:1:1:1
-  smollm2-135m:32768:1:1:1
-  llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1 llama3-1b:8192:1:1:1
-  llama3-1b:32768:1 llama3-1b:32768:1:1:1)
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma]]]]; gemv 1 = the
+# decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
+# dependent launch of the step's kernels (--pdl 1); both default to 0 here, the old path, so that
+# each change is measured against it in the same call; fold 0 = no norms folded into the GEMV
+# (--fold 0), default 1; mma 1 = decode attention's math on the tensor cores (--attn-mma 1),
+# default 0) and the profiled ones (shape:context:graphs[:mma], with decode_bench's defaults:
+# GEMV, PDL and folding on).
+PROFILES=(llama3-1b:8192:1 llama3-1b:8192:1:1)
+RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1:1:0 smollm2-135m:8192:1:1:1
+  smollm2-135m:8192:1:1:1:1:1 smollm2-135m:32768:1:1:1
+  llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1:1
+  llama3-1b:8192:1:1:1:1:1 llama3-1b:32768:1 llama3-1b:32768:1:1:1 llama3-1b:32768:1:1:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v d f
-  IFS=: read -r s ctx g v d f <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)"
+  local s ctx g v d f m
+  IFS=: read -r s ctx g v d f m <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)"
+}
+# The log / result name of a PROFILES entry.
+profile_name() {
+  local s ctx g m
+  IFS=: read -r s ctx g m <<<"$1"
+  echo "ncu_${s}_${ctx}_g$g$([[ ${m:-0} == 1 ]] && echo _mma)"
 }
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 "${NCCL_FLAGS[@]}"
-TARGETS=(cuda_backend_test cuda_ops_test decode_bench gpu_copy_bench gpu_gemv_bench)
+TARGETS=(cuda_backend_test cuda_ops_test decode_bench gpu_copy_bench gpu_gemv_bench
+  gpu_attention_bench)
 if cmake --build "$BUILD" --target help 2>/dev/null | grep -q nccl_communicator_test; then
   TARGETS+=(nccl_communicator_test)
 fi
@@ -101,31 +109,42 @@ if [[ $BUILD_OK == 0 ]]; then
   step copy_bench copy_bench.log 60 "$BUILD/tests/gpu/copy_bench"
   # Decode GEMMs: cuBLAS (converting x or not) vs GemvCuda vs a read of the same weights.
   step gemv_bench gemv_bench.log 60 "$BUILD/tests/gpu/gemv_bench"
+  # Decode attention (GQA 32 / 8 heads, head dim 128, bf16 KV): the default kernel and its
+  # variants, the tensor-core ones among them, against a read kernel; then PyTorch's SDPA on the
+  # same shapes (both --quick: 4K and 32K tokens, batch 1 and 4).
+  step attention_bench attention_bench.log 90 "$BUILD/tests/gpu/attention_bench" --quick \
+    --csv "$LOGS/attention_bench.csv"
+  step sdpa_bench sdpa_bench.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
+    --csv "$LOGS/sdpa_bench.csv"
   # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
   # Each run: 8 untimed warm-up steps, then 64 timed ones.
   for shape in smollm2-135m llama3-1b; do
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v d f <<<"$r"
+      IFS=: read -r s ctx g v d f m <<<"$r"
       [[ $s == "$shape" ]] || continue
       n=$(run_name "$r")
       step $n $n.log 120 "$BUILD/decode_bench" \
-        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} --model "$BUILD/bench_$s/model.bin" \
+        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} \
+        --attn-mma ${m:-0} --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
   done
   # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric; caches not flushed and clocks
   # not locked between kernels, as in a real step) over the prefill, one warm-up and two timed
-  # decode steps of each PROFILES run (shape:context:cuda graphs; decode_bench's default GEMMs).
+  # decode steps of each PROFILES run (shape:context:cuda graphs[:mma]; decode_bench's default
+  # GEMMs).
   NCU=$(command -v ncu || true)
   if [[ ${PROFILE:-0} == 1 && -n $NCU ]]; then
     for r in "${PROFILES[@]}"; do
-      IFS=: read -r s ctx g <<<"$r"
+      IFS=: read -r s ctx g m <<<"$r"
       [[ -f $BUILD/bench_$s/model.bin ]] || continue
-      step ncu_${s}_${ctx}_g$g ncu_${s}_${ctx}_g$g.csv 90 "$NCU" --metrics gpu__time_duration.sum \
-        --cache-control none --clock-control none --csv --print-units base "$BUILD/decode_bench" --backend cuda --cuda-graphs $g \
+      n=$(profile_name "$r")
+      step $n $n.csv 90 "$NCU" --metrics gpu__time_duration.sum \
+        --cache-control none --clock-control none --csv --print-units base "$BUILD/decode_bench" \
+        --backend cuda --cuda-graphs $g --attn-mma ${m:-0} \
         --model "$BUILD/bench_$s/model.bin" --tokenizer "$BUILD/bench_$s/tok.bin" \
         --context $ctx --batch 1 --steps 2 --warmup 1 --weight-dtype bfloat16 \
         --kv-dtype bfloat16 --tokens-per-block 32
@@ -138,10 +157,10 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
-    gemv_bench model_smollm2-135m model_llama3-1b "${RUNS[@]}" "${PROFILES[@]/#/ncu:}"; do
+    gemv_bench attention_bench sdpa_bench model_smollm2-135m model_llama3-1b "${RUNS[@]}" \
+    "${PROFILES[@]/#/ncu:}"; do
     if [[ $s == ncu:* ]]; then
-      IFS=: read -r _ sh ctx g <<<"$s"
-      s=ncu_${sh}_${ctx}_g$g
+      s=$(profile_name "${s#ncu:}")
     elif [[ $s == *:* ]]; then
       s=$(run_name "$s")
     fi
@@ -173,12 +192,19 @@ fi
       printf "\n" }
       !/^shape=/ { print "  " $0 }' "$LOGS/gemv_bench.log" | head -24
   fi
+  if [[ -s $LOGS/attention_bench.csv ]]; then
+    echo "decode attention (ours: PagedAttentionCuda defaults; frac = KV GB/s / pure-read GB/s of"
+    echo "the same bytes; torch = SDPA, same run; variants in ms, mma = tensor-core math):"
+    grep -E "^variants" "$LOGS/attention_bench.log" | cut -c1-400
+    python3 "$ROOT/tests/gpu/sdpa_bench.py" --summary --ours "$LOGS/attention_bench.csv" \
+      --torch "$LOGS/sdpa_bench.csv"
+  fi
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
   echo "end-to-end decode (random-weight models, bf16 weights and KV, batch 1, 64 timed steps"
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v d fo <<<"$r"
+    IFS=: read -r sh ctx g v d fo mm <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -188,20 +214,20 @@ fi
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
-    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d (%2d replays, %d captures): " \
+      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d (%2d replays, %d captures): " \
              "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c,
-             g, v, d, fo, rp, cp,
+             g, v, d, fo, mm, rp, cp,
              ms, roof, wb / 1e6,
              kb / 1e6, (roof > 0 ? ms / roof : 0) }'
   done
   for r in "${PROFILES[@]}"; do
-    IFS=: read -r sh ctx g <<<"$r"
-    f=$LOGS/ncu_${sh}_${ctx}_g$g.csv
+    IFS=: read -r sh ctx g m <<<"$r"
+    f=$LOGS/$(profile_name "$r").csv
     [[ -f $f ]] || continue
-    echo "kernel profile $sh context $ctx graphs $g (ncu: one kernel at a time, caches kept, clocks unlocked):"
+    echo "kernel profile $sh context $ctx graphs $g attn-mma ${m:-0} (ncu: one kernel at a time, caches kept, clocks unlocked):"
     python3 "$ROOT/tests/gpu/ncu_summary.py" "$f" --top 8 | sed 's/^/  /'
   done
 } > "$LOGS/summary.txt" 2>&1

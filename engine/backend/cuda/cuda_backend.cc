@@ -9,6 +9,7 @@
 #include <deque>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -506,7 +507,10 @@ class CudaBackend final : public Backend {
   }
   void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) override {
     const kernels::PagedAttentionParams q = WithSplit(p);
-    Op("PagedAttentionCuda", [=, this] { return kc::PagedAttentionCuda(q, workspace, stream_); });
+    // Counted apart when its math runs on the tensor cores (attention_tensor_cores).
+    const bool mma = std::string_view(kc::PagedAttentionCudaKernelName(q)) == "mma";
+    Op(mma ? "PagedAttentionCudaMma" : "PagedAttentionCuda",
+       [=, this] { return kc::PagedAttentionCuda(q, workspace, stream_); });
   }
   void MergeStates(const kernels::MergeStatesParams& p) override {
     Op("MergeStatesCuda", [=, this] { return kc::MergeStatesCuda(p, stream_); });
@@ -755,6 +759,7 @@ StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& o
   auto b = std::make_unique<CudaBackend>(options);
   RETURN_IF_ERROR(b->Init());
   kc::SetProgrammaticLaunch(options.programmatic_launch);
+  kc::SetPagedAttentionCudaTensorCores(options.attention_tensor_cores);
   return std::unique_ptr<Backend>(std::move(b));
 }
 

@@ -32,6 +32,10 @@ struct CudaBackendOptions {
   // Programmatic dependent launch of the decode-step kernels (kernels::cuda::
   // SetProgrammaticLaunch; process-wide: the last backend created sets it).
   bool programmatic_launch = true;
+  // Decode attention over 16-bit KV with its q.K and P.V on the tensor cores (kernels::cuda::
+  // SetPagedAttentionCudaTensorCores; process-wide: the last backend created sets it). Off until
+  // measured against the fp32-math kernel on a GPU.
+  bool attention_tensor_cores = false;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

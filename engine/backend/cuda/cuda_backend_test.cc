@@ -770,6 +770,7 @@ class CudaBackendGgufTest : public ::testing::TestWithParam<std::string> {
 TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   const std::string model = GetParam().substr(0, GetParam().find(':'));
   const bool cublas = GetParam().find(":cublas") != std::string::npos;
+  const bool mma = GetParam().find(":mma") != std::string::npos;
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
   if (model.rfind("qwen2", 0) == 0) {
@@ -793,6 +794,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   // its weights are bf16 on the device, so it is the BF16 case's other path).
   CudaBackendOptions bo;
   bo.decode_gemv = !cublas;
+  bo.attention_tensor_cores = mma;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   const auto backends = WatchBackends(&o);
   auto gpu = Engine::Create(o);
@@ -803,6 +805,15 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
     // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS.
     ExpectGemvUse(*backends->front(), !cublas, {"GemvCuda", "GemvSiluMulCuda"}, GetParam());
   }
+  // ":mma": decode attention on the tensor cores (its head dim is 64), and only then.
+  ASSERT_EQ(backends->size(), 1u);
+  if (mma) {
+    EXPECT_GT(backends->front()->ops_queued("PagedAttentionCudaMma"), 0);
+    EXPECT_EQ(backends->front()->ops_queued("PagedAttentionCuda"), 0);
+  } else {
+    EXPECT_EQ(backends->front()->ops_queued("PagedAttentionCudaMma"), 0);
+    EXPECT_GT(backends->front()->ops_queued("PagedAttentionCuda"), 0);
+  }
   for (const RunResult& r : got) {
     ASSERT_EQ(r.top_logprobs.size(), r.tokens.size()) << "every step has its logprobs";
   }
@@ -811,7 +822,8 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
                          ::testing::Values("llama_BF16.gguf", "llama_Q8_0.gguf:cublas",
-                                           "qwen2_F32.gguf"),  // q/k/v biases
+                                           "qwen2_F32.gguf",  // q/k/v biases
+                                           "llama_Q8_0.gguf:cublas:mma"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n) {
