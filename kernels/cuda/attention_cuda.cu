@@ -227,14 +227,122 @@ enum WarpMode : int {
 };
 
 // The kWarpMma variant keeps the ring, the row plans and the final combine of the default, and
-// does a step's math with mma.sync: S = Q K^T as m16n8k16 products (the 8 rows of the step are
-// the n dimension) and O += P V as m16n8k8 products (the step's rows are k). The 16 rows of the
-// m dimension hold the group's 8 query heads twice: row g the head's q rounded to T (hi), row
-// g + 8 the rounding's remainder (lo), so q.k = S[g] + S[g + 8] keeps about 16 bits of q's
-// mantissa; P is split the same way, and the output is the sum of the two halves. The ring's
-// 16-byte chunks are swizzled (chunk c of row r at c ^ r) so that ldmatrix's eight row
-// addresses fall in different banks. A lane's fragments: g = lane / 4 is its head, t = lane % 4
-// its pair of rows (2t, 2t + 1) of the step, or of dims within each 8-dim tile of O.
+// does a step's math on the tensor cores (MmaStepScores, MmaStepSoftmaxPv below): S = Q K^T as
+// m16n8k16 products (the step's 8 rows are the n dimension) and O += P V as m16n8k8 products (the
+// step's rows are k), the group's (up to) 8 query heads as the query rows.
+
+// The tensor-core step (kWarpMma, and the prefill kernel below). A warp's 16 m rows are 8 query
+// rows twice: row g holds query row g's q rounded to T (hi), row g + 8 the remainder (lo), so
+// that the sum of the two rows' scores keeps about 16 bits of q; P is split the same way for
+// P.V, and the output is the sum of the two halves. Lane l works on query row l / 4 and on the
+// step's KV rows (or each 8-dim tile's dims) 2 (l % 4) and 2 (l % 4) + 1. KV rows live in a
+// ring slot or tile with their 16-byte chunks swizzled: chunk c of row r at c ^ (r % 8), so
+// that ldmatrix's eight row addresses fall in different banks.
+template <int D>
+using MmaQFrags = uint32_t[D / 16][4];
+template <int D>
+using MmaAcc = float[D / 8][4];
+
+// The A fragments of q for this lane's query row, `row` (nullptr: a row of zeros), scaled by
+// qscale.
+template <typename T, int D>
+__device__ inline void MmaLoadQ(const float* row, float qscale, MmaQFrags<D>& qa) {
+  const int t2 = 2 * (threadIdx.x & 3);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float x0 = 0.0f, x1 = 0.0f;
+      if (row != nullptr) {
+        const float2 v = *reinterpret_cast<const float2*>(row + 16 * kk + 8 * half + t2);
+        x0 = v.x * qscale;
+        x1 = v.y * qscale;
+      }
+      const T h0 = FromFloat<T>(x0), h1 = FromFloat<T>(x1);
+      qa[kk][2 * half] = PackPair(h0, h1);
+      qa[kk][2 * half + 1] =
+          PackPair(FromFloat<T>(x0 - ToFloat(h0)), FromFloat<T>(x1 - ToFloat(h1)));
+    }
+  }
+}
+
+// q.k (log2 units) of this lane's query row with KV rows 2 (l % 4) and 2 (l % 4) + 1 of the 8
+// rows at `rows` (a swizzled slot; 8-row aligned within it).
+template <typename T, int D>
+__device__ inline void MmaStepScores(const T* rows, const MmaQFrags<D>& qa, float* x0, float* x1) {
+  constexpr int kVec = 8;
+  const int lane = threadIdx.x & 31;
+  const int r8 = lane & 7;   // the row whose address this lane gives
+  const int mi = lane >> 3;  // the matrix of the x4 load it gives it for
+  // Two accumulators, so that consecutive mma do not wait on each other.
+  float sa[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk += 2) {
+    uint32_t b[4];  // K^T fragments of dims 16 kk .. 16 kk + 31
+    LdMatrixX4<false>(b, rows + r8 * D + ((2 * kk + mi) ^ r8) * kVec);
+    MmaK16<T>(sa, qa[kk], b[0], b[1]);
+    MmaK16<T>(sb, qa[kk + 1], b[2], b[3]);
+  }
+  *x0 = (sa[0] + sa[2]) + (sb[0] + sb[2]);
+  *x1 = (sa[1] + sa[3]) + (sb[1] + sb[3]);
+}
+
+// One online-softmax step of this lane's query row over the 8 rows' scores (x0, x1 here; -inf:
+// not visible), then acc = acc * alpha + P V with the V rows at `vrows` (a swizzled slot).
+template <typename T, int D>
+__device__ inline void MmaStepSoftmaxPv(float x0, float x1, const T* vrows, MmaAcc<D>& acc,
+                                        float* m_run, float* l_run) {
+  constexpr int kVec = 8;
+  const int lane = threadIdx.x & 31;
+  const int r8 = lane & 7;
+  const int mi = lane >> 3;
+  // The query row's four lanes hold the step's 8 rows.
+  float mx = fmaxf(x0, x1);
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(*m_run, mx);
+  const float p0 = x0 == kNegInf ? 0.0f : exp2f(x0 - m_new);
+  const float p1 = x1 == kNegInf ? 0.0f : exp2f(x1 - m_new);
+  const float alpha = *m_run == kNegInf ? 0.0f : exp2f(*m_run - m_new);
+  float sum = p0 + p1;
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  *l_run = *l_run * alpha + sum;
+  *m_run = m_new;
+  if (__any_sync(0xffffffffu, alpha != 1.0f)) {  // rare once the maxima settle
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[n][e] *= alpha;
+      }
+    }
+  }
+  const T h0 = FromFloat<T>(p0), h1 = FromFloat<T>(p1);
+  const uint32_t p_hi = PackPair(h0, h1);
+  const uint32_t p_lo = PackPair(FromFloat<T>(p0 - ToFloat(h0)), FromFloat<T>(p1 - ToFloat(h1)));
+#pragma unroll
+  for (int n4 = 0; n4 < D / 32; ++n4) {
+    uint32_t b[4];  // V fragments of dims 32 n4 .. 32 n4 + 31
+    LdMatrixX4<true>(b, vrows + r8 * D + ((4 * n4 + mi) ^ r8) * kVec);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      MmaK8<T>(acc[4 * n4 + j], p_hi, p_lo, b[j]);
+    }
+  }
+}
+
+// Writes this lane's part (dims 8 n + 2 (l % 4), + 1) of its query row's output, hi + lo, times
+// `scale`, to dst (the row's first dim).
+template <int D>
+__device__ inline void MmaStoreRow(const MmaAcc<D>& acc, float* dst, float scale) {
+  const int t2 = 2 * (threadIdx.x & 3);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    *reinterpret_cast<float2*>(dst + 8 * n + t2) =
+        make_float2((acc[n][0] + acc[n][2]) * scale, (acc[n][1] + acc[n][3]) * scale);
+  }
+}
 
 // Groups of <= 4 heads: at most 128 registers a thread, so two 8-warp thread blocks fit an SM
 // (8 heads need more).
@@ -281,28 +389,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
   constexpr bool kMma = kMode == kWarpMma;
   constexpr int kKSteps = D / 16;  // kMma: k-steps of q.k
   float q[kG][kVec];
-  uint32_t qa[kMma ? kKSteps : 1][4];  // kMma: q's A fragments, hi and lo rows
+  uint32_t qa[kMma ? kKSteps : 1][4];  // kMma: q's A fragments (MmaLoadQ)
   if constexpr (kMma) {
     const int gq = lane >> 2;
-    const int t2 = 2 * (lane & 3);
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float x0 = 0.0f, x1 = 0.0f;
-        if (gq < G) {
-          const float2 v = *reinterpret_cast<const float2*>(
-              a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + gq) * D + 16 * kk +
-              8 * half + t2);
-          x0 = v.x * qscale;
-          x1 = v.y * qscale;
-        }
-        const T h0 = FromFloat<T>(x0), h1 = FromFloat<T>(x1);
-        qa[kk][2 * half] = PackPair(h0, h1);
-        qa[kk][2 * half + 1] =
-            PackPair(FromFloat<T>(x0 - ToFloat(h0)), FromFloat<T>(x1 - ToFloat(h1)));
-      }
-    }
+    MmaLoadQ<T, D>(
+        gq < G ? a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + gq) * D : nullptr,
+        qscale, qa);
   }
 #pragma unroll
   for (int g = 0; g < kG; ++g) {
@@ -515,58 +607,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     const T* vs = ks + C::kStepElems;
     if constexpr (kMma) {
       __syncwarp();  // every lane's copies of the step are in: ldmatrix reads the others' rows
-      const int r8 = lane & 7;   // the row of the step whose address this lane gives
-      const int mi = lane >> 3;  // the matrix of the x4 load it gives it for
-      // S for the step's 8 rows: two accumulators, so that consecutive mma do not wait on each
-      // other.
-      float sa[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; kk += 2) {
-        uint32_t b[4];  // K^T fragments of dims 16 kk .. 16 kk + 31
-        LdMatrixX4<false>(b, ks + r8 * D + ((2 * kk + mi) ^ r8) * kVec);
-        MmaK16<T>(sa, qa[kk], b[0], b[1]);
-        MmaK16<T>(sb, qa[kk + 1], b[2], b[3]);
-      }
+      float x0, x1;
+      MmaStepScores<T, D>(ks, qa, &x0, &x1);
       const int t2 = 2 * (lane & 3);
-      const float x0 =
-          s_vis[stage * kStepRows + t2] != 0 ? (sa[0] + sa[2]) + (sb[0] + sb[2]) : kNegInf;
-      const float x1 =
-          s_vis[stage * kStepRows + t2 + 1] != 0 ? (sa[1] + sa[3]) + (sb[1] + sb[3]) : kNegInf;
-      // Online softmax of head lane / 4 over the step's rows, held by its four lanes.
-      float mx = fmaxf(x0, x1);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[0], mx);
-      const float p0 = x0 == kNegInf ? 0.0f : exp2f(x0 - m_new);
-      const float p1 = x1 == kNegInf ? 0.0f : exp2f(x1 - m_new);
-      const float alpha = m_run[0] == kNegInf ? 0.0f : exp2f(m_run[0] - m_new);
-      float sum = p0 + p1;
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      l_run[0] = l_run[0] * alpha + sum;
-      m_run[0] = m_new;
-      if (__any_sync(0xffffffffu, alpha != 1.0f)) {  // rare once the maxima settle
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            acc_m[n][e] *= alpha;
-          }
-        }
+      if (s_vis[stage * kStepRows + t2] == 0) {
+        x0 = kNegInf;
       }
-      const T h0 = FromFloat<T>(p0), h1 = FromFloat<T>(p1);
-      const uint32_t p_hi = PackPair(h0, h1);
-      const uint32_t p_lo =
-          PackPair(FromFloat<T>(p0 - ToFloat(h0)), FromFloat<T>(p1 - ToFloat(h1)));
-#pragma unroll
-      for (int n4 = 0; n4 < D / 32; ++n4) {
-        uint32_t b[4];  // V fragments of dims 32 n4 .. 32 n4 + 31
-        LdMatrixX4<true>(b, vs + r8 * D + ((4 * n4 + mi) ^ r8) * kVec);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          MmaK8<T>(acc_m[4 * n4 + j], p_hi, p_lo, b[j]);
-        }
+      if (s_vis[stage * kStepRows + t2 + 1] == 0) {
+        x1 = kNegInf;
       }
+      MmaStepSoftmaxPv<T, D>(x0, x1, vs, acc_m, &m_run[0], &l_run[0]);
       __syncwarp();  // every lane has read the slot before a later step's copies refill it
     } else {
       // Partial scores of this lane's rows and chunk for every head, summed over the row's lanes.
@@ -682,12 +732,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
   if constexpr (kMma) {
     __syncthreads();  // every ring is drained: red may overwrite them
     const int gq = lane >> 2;
-    float* dst = red + (warp * kG + gq) * D + 2 * (lane & 3);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<float2*>(dst + 8 * n) =
-          make_float2(acc_m[n][0] + acc_m[n][2], acc_m[n][1] + acc_m[n][3]);
-    }
+    MmaStoreRow<D>(acc_m, red + (warp * kG + gq) * D, 1.0f);
     if ((lane & 3) == 0) {
       s_wm[warp * kG + gq] = m_run[0];
       s_wl[warp * kG + gq] = l_run[0];
@@ -748,6 +793,176 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     StoreOut(a, it, g, e, o, l);
     if (e == 0) {
       StoreLse(a, it, g, m * kLn2, l);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core prefill path: the kWarpMma step's math for calls whose sequences have several query
+// tokens (a prefill, or a chunk of one). A thread block serves kPrefillPairs consecutive (query
+// token, query head) pairs of one KV head, token-major (pair = token * group + head in the group),
+// 8 per warp as its query rows, and walks their sequence's KV once, in tiles of kPrefillTileRows
+// rows that the whole block copies (two buffers: the next tile's copies fly while this one is
+// used) and every warp reads: one KV read per block instead of one per query token. Each warp
+// keeps the online softmax of its own rows with per-row causal masks, so nothing is combined at
+// the end. A block whose pairs span several sequences makes one pass over each one's KV (its
+// other rows masked). The walk stops at the first tile past the block's last query position
+// (a sequence's blocks are in position order). Without split-KV only.
+
+constexpr int kPrefillWarps = 8;
+constexpr int kPrefillPairs = 8 * kPrefillWarps;  // query rows per thread block
+constexpr int kPrefillTileRows = 32;              // KV rows per shared tile: 4 warp steps
+
+template <typename T, int D>
+struct PrefillCfg {
+  static constexpr int kVec = 8;                           // elements per 16-byte chunk
+  static constexpr int kChunks = D / kVec;                 // chunks per KV row
+  static constexpr int kTileElems = kPrefillTileRows * D;  // of K (and of V)
+  // [2][K, V][rows][D] tiles, then the tiles' row positions [2][rows], then the block's tokens'
+  // sequences and positions [kPrefillPairs] each.
+  static constexpr size_t kSmemBytes =
+      4 * kTileElems * sizeof(T) + (2 * kPrefillTileRows + 2 * kPrefillPairs) * sizeof(int);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillWarps * 32, 2) AttentionPrefillMmaKernel(const Args a) {
+  using C = PrefillCfg<T, D>;
+  constexpr int kNoPos = 0x7fffffff;  // the position of a tile row past the sequence
+  HELIX_DYNAMIC_SMEM(smem);
+  T* tiles = reinterpret_cast<T*>(smem);
+  int* s_kpos = reinterpret_cast<int*>(tiles + 4 * C::kTileElems);  // [2][kPrefillTileRows]
+  int* s_seq = s_kpos + 2 * kPrefillTileRows;  // [kPrefillPairs]: the block's query tokens'
+  int* s_pos = s_seq + kPrefillPairs;          // sequences and positions
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int threads = static_cast<int>(blockDim.x);
+
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
+  const int64_t num_tokens = a.rows / a.num_q_heads;
+  const int64_t head_pairs = num_tokens * a.group;  // pairs of one KV head
+  const int64_t blocks_per_head = (head_pairs + kPrefillPairs - 1) / kPrefillPairs;
+  const int h = static_cast<int>(blockIdx.x / blocks_per_head);
+  const int64_t pb = (blockIdx.x % blocks_per_head) * kPrefillPairs;
+  const int64_t pe = min(pb + kPrefillPairs, head_pairs);  // pairs [pb, pe)
+  const int64_t t_first = pb / a.group;
+  const int n_tok = static_cast<int>((pe - 1) / a.group - t_first + 1);  // <= kPrefillPairs
+  for (int u = tid; u < n_tok; u += threads) {
+    s_seq[u] = a.q_seq[t_first + u];
+    s_pos[u] = a.q_pos[t_first + u];
+  }
+
+  // This lane's query row.
+  const int64_t pair = pb + warp * 8 + (lane >> 2);
+  const bool has = pair < pe;
+  const int64_t t = has ? pair / a.group : t_first;
+  const int qh = h * a.group + static_cast<int>(has ? pair % a.group : 0);
+  MmaQFrags<D> qa;
+  MmaLoadQ<T, D>(has ? a.q + (t * a.num_q_heads + qh) * D : nullptr, a.scale * kLog2e, qa);
+  MmaAcc<D> acc;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc[n][e] = 0.0f;
+    }
+  }
+  float m_run = kNegInf, l_run = 0.0f;
+  __syncthreads();  // s_seq, s_pos
+  const int my_tok = static_cast<int>(t - t_first);
+
+  const T* kv = static_cast<const T*>(a.kv);
+  const int t2 = 2 * (lane & 3);
+  for (int tf = 0; tf < n_tok; ++tf) {
+    // One pass per sequence, in the order of its first token in the block.
+    const int seq = s_seq[tf];
+    bool seen = false;
+    for (int u = 0; u < tf && !seen; ++u) {
+      seen = s_seq[u] == seq;
+    }
+    if (seen) {
+      continue;
+    }
+    int max_pos = -1;
+    for (int u = tf; u < n_tok; ++u) {
+      if (s_seq[u] == seq) {
+        max_pos = max(max_pos, s_pos[u]);
+      }
+    }
+    const int row_pos = has && s_seq[my_tok] == seq ? s_pos[my_tok] : -1;  // -1: sees nothing
+    const int64_t kv_len = a.kv_lens[seq];
+    const int32_t* table = a.tables + static_cast<int64_t>(seq) * a.max_blocks;
+    const int32_t* first = a.first_pos + static_cast<int64_t>(seq) * a.max_blocks;
+    // Whether tile n holds a row the block's queries may see (same answer in every thread).
+    auto tile_needed = [&](int64_t n) {
+      const int64_t i = n * kPrefillTileRows;
+      if (i >= kv_len) {
+        return false;
+      }
+      const int64_t j = i / a.tpb;
+      return static_cast<int64_t>(first[j]) + (i - j * a.tpb) <= max_pos;
+    };
+    auto issue = [&](int64_t n, int buf) {
+      T* kt = tiles + static_cast<size_t>(buf) * 2 * C::kTileElems;
+      T* vt = kt + C::kTileElems;
+      for (int c = tid; c < kPrefillTileRows * C::kChunks; c += threads) {
+        const int r = c / C::kChunks;
+        const int ch = c % C::kChunks;
+        const int64_t i = n * kPrefillTileRows + r;
+        const bool ok = i < kv_len;
+        int64_t off = 0;
+        int pos = kNoPos;
+        if (ok) {
+          const int64_t j = i / a.tpb;
+          const int64_t tb = i - j * a.tpb;
+          off = static_cast<int64_t>(table[j]) * a.block_elems + a.k_head_off + h * a.head_stride +
+                tb * D;
+          pos = first[j] + static_cast<int>(tb);
+        }
+        const int dst = r * D + (ch ^ (r & 7)) * C::kVec;
+        CpAsync16(kt + dst, ok ? kv + off + ch * C::kVec : kv, ok);
+        CpAsync16(vt + dst, ok ? kv + off + a.v_off + ch * C::kVec : kv, ok);
+        if (ch == 0) {
+          s_kpos[buf * kPrefillTileRows + r] = pos;
+        }
+      }
+    };
+    if (tile_needed(0)) {
+      issue(0, 0);
+    }
+    CpAsyncCommit();
+    for (int64_t n = 0; tile_needed(n); ++n) {
+      const int buf = static_cast<int>(n & 1);
+      if (tile_needed(n + 1)) {
+        issue(n + 1, buf ^ 1);
+      }
+      CpAsyncCommit();
+      CpAsyncWait<1>();  // tile n's copies (this thread's) are in
+      __syncthreads();   // and every thread's, with their row positions
+      const T* kt = tiles + static_cast<size_t>(buf) * 2 * C::kTileElems;
+      const T* vt = kt + C::kTileElems;
+#pragma unroll 1  // unrolled, the steps' fragments would not fit in 128 registers
+      for (int st = 0; st < kPrefillTileRows / 8; ++st) {
+        float x0, x1;
+        MmaStepScores<T, D>(kt + st * 8 * D, qa, &x0, &x1);
+        if (s_kpos[buf * kPrefillTileRows + st * 8 + t2] > row_pos) {
+          x0 = kNegInf;
+        }
+        if (s_kpos[buf * kPrefillTileRows + st * 8 + t2 + 1] > row_pos) {
+          x1 = kNegInf;
+        }
+        MmaStepSoftmaxPv<T, D>(x0, x1, vt + st * 8 * D, acc, &m_run, &l_run);
+      }
+      __syncthreads();  // every warp is done with the buffer before tile n + 2 refills it
+    }
+    CpAsyncWait<0>();
+  }
+
+  if (has) {
+    const int64_t row = t * a.num_q_heads + qh;
+    MmaStoreRow<D>(acc, a.out + row * D, l_run > 0.0f ? 1.0f / l_run : 0.0f);
+    if ((lane & 3) == 0 && a.lse != nullptr) {
+      a.lse[row] = l_run > 0.0f ? m_run * kLn2 + logf(l_run) : kNegInf;
     }
   }
 }
@@ -1070,6 +1285,27 @@ bool TensorCoresAvailable() {
 #endif
 }
 
+// Whether PagedAttentionCuda runs p (split into `parts` chunks) with AttentionPrefillMmaKernel:
+// tensor cores on, 16-bit KV at head dim 64 or 128, no split, and a sequence with several query
+// tokens.
+bool UsePrefillMma(const PagedAttentionParams& p, int64_t parts) {
+  return parts == 1 && (p.kv.dtype == DType::kF16 || p.kv.dtype == DType::kBF16) &&
+         (p.head_dim == 64 || p.head_dim == 128) && p.num_q_tokens > p.num_seqs &&
+         UseTensorCores() && TensorCoresAvailable();
+}
+
+template <typename T, int D>
+cudaError_t LaunchPrefillMma(const Args& a, int64_t num_tokens, cudaStream_t stream) {
+  const int64_t blocks =
+      a.num_kv_heads * ((num_tokens * a.group + kPrefillPairs - 1) / kPrefillPairs);
+  const KernelFn fn = &AttentionPrefillMmaKernel<T, D>;
+  constexpr size_t kSmem = PrefillCfg<T, D>::kSmemBytes;
+  static_assert(kSmem <= 48 * 1024);  // no shared-memory opt-in needed
+  HELIX_LAUNCH_PDL(fn, static_cast<unsigned>(blocks), kPrefillWarps * 32, kSmem, stream, a);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  return cudaSuccess;
+}
+
 int PrefetchSteps() {
   const int s = Tuning().prefetch_steps;
   return s == 0 ? kDefaultPrefetchSteps : std::max(0, s);
@@ -1231,6 +1467,9 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
 }
 
 const char* PagedAttentionCudaKernelName(const PagedAttentionParams& p) {
+  if (UsePrefillMma(p, SplitKvParts(p))) {
+    return "mma_prefill";
+  }
   const int group = static_cast<int>(p.num_kv_heads > 0 ? p.num_q_heads / p.num_kv_heads : 1);
   const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), group,
                                  p.num_q_tokens * p.num_kv_heads);
@@ -1294,6 +1533,14 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.ws_o = parts > 1 ? static_cast<float*>(workspace) : nullptr;
   a.ws_lse = parts > 1 ? a.ws_o + parts * rows * p.head_dim : nullptr;
 
+  if (UsePrefillMma(p, parts)) {
+    if (p.kv.dtype == DType::kBF16) {
+      return p.head_dim == 64 ? LaunchPrefillMma<__nv_bfloat16, 64>(a, p.num_q_tokens, stream)
+                              : LaunchPrefillMma<__nv_bfloat16, 128>(a, p.num_q_tokens, stream);
+    }
+    return p.head_dim == 64 ? LaunchPrefillMma<__half, 64>(a, p.num_q_tokens, stream)
+                            : LaunchPrefillMma<__half, 128>(a, p.num_q_tokens, stream);
+  }
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
                   static_cast<unsigned>(parts));

@@ -23,8 +23,10 @@ namespace helix::kernels::cuda {
 int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p);
 
 // Which kernel PagedAttentionCuda runs for p under the current tuning (see
-// PagedAttentionCudaTuning): "mma" (warp-pipelined, tensor-core math), "warp" (warp-pipelined,
-// fp32 math), "loadonly" (the benchmark's copies-only variant) or "generic" (other head dims).
+// PagedAttentionCudaTuning): "mma" (warp-pipelined, tensor-core math), "mma_prefill" (tensor-core
+// math, the KV shared by the query tokens of a sequence: calls with more query tokens than
+// sequences and no split-KV), "warp" (warp-pipelined, fp32 math), "loadonly" (the benchmark's
+// copies-only variant) or "generic" (other head dims).
 // Host function; queries the current device.
 const char* PagedAttentionCudaKernelName(const PagedAttentionParams& p);
 
@@ -83,7 +85,10 @@ struct PagedAttentionCudaTuning {
   bool tensor_cores = false;     // f16 / bf16 KV, head dims 64 / 128, sm_80+: q.K and P.V of
                                  // each warp step on the tensor cores (mma.sync), 8 query heads
                                  // per thread block, q and P split into two 16-bit halves each
-                                 // (about fp32 accuracy); ignored for f32 KV and older GPUs
+                                 // (about fp32 accuracy); and calls with more query tokens than
+                                 // sequences (prefill) and no split-KV on a kernel whose thread
+                                 // blocks share each KV tile among 64 (query token, head) rows;
+                                 // ignored for f32 KV and older GPUs
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

@@ -29,8 +29,9 @@ using testing::RandomVector;
 struct Case {
   DType dtype;
   int64_t group, d, tpb, split;
-  std::vector<int32_t> lens;  // one decode query per sequence, or a causal prefill when
-  bool prefill = false;       // prefill (of sequence 0 only)
+  std::vector<int32_t> lens;  // one decode query per sequence, or with prefill a query at every
+  bool prefill = false;       // position from prefill_from (or the last, if smaller) of every
+  int32_t prefill_from = 0;   // sequence: a causal (chunked) prefill
 };
 
 void Store(DType t, void* base, int64_t i, float f) {
@@ -73,9 +74,11 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   }
   std::vector<int32_t> q_seq, q_pos;
   if (c.prefill) {
-    for (int32_t i = 0; i < c.lens[0]; ++i) {
-      q_seq.push_back(0);
-      q_pos.push_back(i);
+    for (int64_t s = 0; s < seqs; ++s) {
+      for (int32_t i = std::min(c.prefill_from, std::max(0, c.lens[s] - 1)); i < c.lens[s]; ++i) {
+        q_seq.push_back(static_cast<int32_t>(s));
+        q_pos.push_back(i);
+      }
     }
   } else {
     for (int64_t s = 0; s < seqs; ++s) {
@@ -196,7 +199,7 @@ TEST(AttentionEmuTest, TensorCoreKernel) {
   RunCase({DType::kF16, 8, 64, 16, 64, {1, 37, 0, 130}}, 301, "mma");
   RunCase({DType::kBF16, 3, 64, 5, 0, {1, 23, 71}}, 302, "mma");
   RunCase({DType::kF16, 12, 128, 16, 32, {3, 45}}, 303, "mma");
-  RunCase({DType::kBF16, 2, 128, 16, 0, {45}, true}, 304, "mma");
+  RunCase({DType::kBF16, 2, 128, 16, 16, {45}, true}, 304, "mma");  // split: not the prefill one
   RunCase({DType::kBF16, 1, 64, 64, 128, {1, 200, 0}}, 305, "mma");
   RunCase({DType::kF32, 4, 128, 16, 0, {1, 37}}, 306, "warp");
   cuda::SetPagedAttentionCudaTuningForTesting(
@@ -205,6 +208,27 @@ TEST(AttentionEmuTest, TensorCoreKernel) {
   cuda::SetPagedAttentionCudaTuningForTesting(
       {.warps_per_block = 8, .stages = 4, .tensor_cores = true});
   RunCase({DType::kBF16, 6, 64, 16, 64, {3, 71, 130}}, 308, "mma");
+}
+
+// The tensor-core prefill kernel (the KV shared by a thread block's query tokens): group sizes
+// whose query rows do and do not fill a thread block's 64 evenly, both 16-bit types and head
+// dims, tiles past the last query's position, partial tiles and blocks, tokens per block not a
+// multiple of the tile; thread blocks spanning sequences (one pass each), a chunk of a prefill
+// (queries from position 40 on, earlier KV only read), an empty sequence and one-token ones.
+// With split-KV the call keeps the decode kernel.
+TEST(AttentionEmuTest, TensorCorePrefill) {
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
+  cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = true});
+  RunCase({DType::kBF16, 4, 128, 16, 0, {45}, true}, 320, "mma_prefill");
+  RunCase({DType::kF16, 3, 64, 5, 0, {37}, true}, 321, "mma_prefill");
+  RunCase({DType::kBF16, 1, 64, 32, 0, {70}, true}, 322, "mma_prefill");
+  RunCase({DType::kF16, 12, 128, 8, 0, {21}, true}, 323, "mma_prefill");
+  RunCase({DType::kBF16, 2, 64, 16, 0, {45, 1, 0, 30, 2}, true}, 326, "mma_prefill");
+  RunCase({DType::kF16, 8, 128, 16, 0, {70, 50, 1}, true, 40}, 327, "mma_prefill");
+  RunCase({DType::kBF16, 4, 64, 16, 32, {45}, true}, 324, "mma");
+  RunCase({DType::kF32, 4, 64, 16, 0, {45}, true}, 325, "warp");
 }
 
 }  // namespace

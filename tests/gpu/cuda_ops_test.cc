@@ -479,6 +479,40 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
   const AttnResult want = RunCpu(pr, pool.view);
   ExpectSame(want, RunCuda(pr, pool, 0, nullptr), "mma prefill");
   ExpectSame(want, RunCuda(pr, pool, 2 * tpb, nullptr), "mma prefill split");
+  // The prefill kernel (no split): a long prompt (many shared tiles, a causal cut in each block's
+  // last ones), and chunks of three prompts in one call (queries from position 100 on; thread
+  // blocks spanning two sequences), every dtype and head dim it takes.
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    for (int64_t d : {128, 64}) {
+      const int64_t blocks = 1100 / 32 + 1 + 3 * (300 / 32 + 1) + 2;
+      Pool big(dt, 1, 2, 32, d, blocks);
+      big.FillRandom(rng);
+      Problem one = CausalPrefill(1100, 32, blocks, 2, 8, d, rng);
+      PoisonUnusedSlots(one, &big);
+      PagedAttentionParams probe = MakeParams(one, big.view, nullptr, nullptr, nullptr, nullptr,
+                                              nullptr, nullptr, nullptr, nullptr, 0);
+      ASSERT_STREQ(cuda::PagedAttentionCudaKernelName(probe), "mma_prefill");
+      ExpectSame(RunCpu(one, big.view), RunCuda(one, big, 0, nullptr),
+                 "mma_prefill " + Name(dt, 4, d, 0));
+      big.FillRandom(rng);  // no poison left from the first problem
+      Problem chunks = DecodeBatch({300, 257, 180}, 32, blocks, rng);
+      chunks.q_seq.clear();
+      chunks.q_pos.clear();
+      for (int32_t s = 0; s < 3; ++s) {
+        for (int32_t i = 100; i < chunks.kv_lens[s]; ++i) {
+          chunks.q_seq.push_back(s);
+          chunks.q_pos.push_back(i);
+        }
+      }
+      chunks.num_kv_heads = 2;
+      chunks.num_q_heads = 6;
+      chunks.head_dim = d;
+      chunks.q = RandomVector(rng, chunks.tokens() * 6 * d);
+      PoisonUnusedSlots(chunks, &big);
+      ExpectSame(RunCpu(chunks, big.view), RunCuda(chunks, big, 0, nullptr),
+                 "mma_prefill chunks " + Name(dt, 3, d, 0));
+    }
+  }
   Pool cp_pool(DType::kBF16, 1, 2, tpb, 128, 7);
   cp_pool.FillRandom(rng);
   Problem cp;

@@ -214,14 +214,14 @@ fi
     kb=$(sed -n 's/.*kv_read_bytes=\([0-9.]*\).*/\1/p' <<<"$line")
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
-    awk -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    pf=$(sed -n 's/.*prefill_s=\([0-9.]*\).*/\1/p' <<<"$line")
+    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
       printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d (%2d replays, %d captures): " \
-             "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f\n", m, c,
-             g, v, d, fo, mm, rp, cp,
-             ms, roof, wb / 1e6,
-             kb / 1e6, (roof > 0 ? ms / roof : 0) }'
+             "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f; " \
+             "prefill %.2f s\n", m, c, g, v, d, fo, mm, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
+             (roof > 0 ? ms / roof : 0), pf }'
   done
   for r in "${PROFILES[@]}"; do
     IFS=: read -r sh ctx g m <<<"$r"

@@ -507,9 +507,12 @@ class CudaBackend final : public Backend {
   }
   void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) override {
     const kernels::PagedAttentionParams q = WithSplit(p);
-    // Counted apart when its math runs on the tensor cores (attention_tensor_cores).
-    const bool mma = std::string_view(kc::PagedAttentionCudaKernelName(q)) == "mma";
-    Op(mma ? "PagedAttentionCudaMma" : "PagedAttentionCuda",
+    // Counted apart when its math runs on the tensor cores (attention_tensor_cores), for decode
+    // and for steps with several query tokens of a sequence.
+    const std::string_view kernel = kc::PagedAttentionCudaKernelName(q);
+    Op(kernel == "mma"           ? "PagedAttentionCudaMma"
+       : kernel == "mma_prefill" ? "PagedAttentionCudaMmaPrefill"
+                                 : "PagedAttentionCuda",
        [=, this] { return kc::PagedAttentionCuda(q, workspace, stream_); });
   }
   void MergeStates(const kernels::MergeStatesParams& p) override {

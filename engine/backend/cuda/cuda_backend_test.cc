@@ -805,14 +805,20 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
     // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS.
     ExpectGemvUse(*backends->front(), !cublas, {"GemvCuda", "GemvSiluMulCuda"}, GetParam());
   }
-  // ":mma": decode attention on the tensor cores (its head dim is 64), and only then.
+  // ":mma": attention on the tensor cores (its head dim is 64), decode and prefill, and only then.
   ASSERT_EQ(backends->size(), 1u);
+  const Backend& b = *backends->front();
+  for (const char* op : {"PagedAttentionCudaMma", "PagedAttentionCudaMmaPrefill"}) {
+    if (mma) {
+      EXPECT_GT(b.ops_queued(op), 0) << op;
+    } else {
+      EXPECT_EQ(b.ops_queued(op), 0) << op;
+    }
+  }
   if (mma) {
-    EXPECT_GT(backends->front()->ops_queued("PagedAttentionCudaMma"), 0);
-    EXPECT_EQ(backends->front()->ops_queued("PagedAttentionCuda"), 0);
+    EXPECT_EQ(b.ops_queued("PagedAttentionCuda"), 0);
   } else {
-    EXPECT_EQ(backends->front()->ops_queued("PagedAttentionCudaMma"), 0);
-    EXPECT_GT(backends->front()->ops_queued("PagedAttentionCuda"), 0);
+    EXPECT_GT(b.ops_queued("PagedAttentionCuda"), 0);
   }
   for (const RunResult& r : got) {
     ASSERT_EQ(r.top_logprobs.size(), r.tokens.size()) << "every step has its logprobs";
