@@ -14,8 +14,11 @@
 // x (576 + 512) per cached row) against an fp32 FMA throughput kernel timed in the same run: at
 // these head counts the kernel does ~30-240 flops per KV byte, so it is compute bound.
 //
-// Usage: attention_bench [--mla] [--csv FILE] [--quick] [--no-variants]. Exits 0 with a note when
-// no GPU is visible.
+// --prefill times one causal prompt of 1K..32K tokens (bf16 KV, 32 / 8 heads, head dims 128 and
+// 64) on the default kernel (up to 8K) and on the tensor-core prefill kernel, with TFLOP/s.
+//
+// Usage: attention_bench [--mla | --prefill] [--csv FILE] [--quick] [--no-variants]. Exits 0 with a
+// note when no GPU is visible.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -350,11 +353,140 @@ int MlaMain(const std::string& csv_path, bool quick) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prefill mode: one causal prompt of L tokens (every token queries positions 0..itself), bf16 KV,
+// 32 query / 8 KV heads, head dims 128 and 64, 32 tokens per block, blocks shuffled. The default
+// kernel reads the KV once per query token; the tensor-core prefill kernel
+// (PagedAttentionCudaTuning::tensor_cores) once per 64 (query token, head) rows. TFLOP/s counts
+// 4 x heads x head_dim flops per visible (query, key) pair (q.k and p.v).
+
+int PrefillMain(const std::string& csv_path, bool quick) {
+  cudaDeviceProp prop;
+  HELIX_CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
+  std::printf(
+      "prefill: one causal prompt, bf16 KV, %lld q heads / %lld kv heads, %lld tokens/block; "
+      "default = PagedAttentionCuda's default kernel (run up to 8K tokens: it reads the KV once "
+      "per query token), mma = its tensor-core prefill kernel; ms = median of 3 launches; "
+      "maxdiff = largest |default - mma| over the outputs\n",
+      static_cast<long long>(kQHeads), static_cast<long long>(kKvHeads),
+      static_cast<long long>(kTpb));
+  std::vector<int64_t> lengths = {1024, 4096, 8192, 16384, 32768};
+  if (quick) {
+    lengths = {4096, 16384};
+  }
+  cudaStream_t stream;
+  HELIX_CUDA_OK(cudaStreamCreate(&stream));
+  FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
+  if (csv != nullptr) {
+    std::fprintf(csv, "tokens,head_dim,default_ms,mma_ms,mma_tflops,speedup,maxdiff\n");
+  }
+  std::printf("%8s %8s %11s %9s %11s %8s %9s\n", "tokens", "head_dim", "default ms", "mma ms",
+              "mma TFLOP/s", "speedup", "maxdiff");
+  std::mt19937 rng(2);
+  for (int64_t d : {int64_t{128}, int64_t{64}}) {
+    for (int64_t len : lengths) {
+      const int64_t blocks = len / kTpb;
+      KvPoolView view{nullptr, DType::kBF16, 1, kKvHeads, kTpb, d};
+      DeviceBuffer<unsigned char> pool(static_cast<size_t>(blocks * view.block_elems() * kElem));
+      HELIX_CUDA_OK(gpu_testing::LaunchFillBf16(pool.get(), pool.size() / 2, 11, stream));
+      view.base = pool.get();
+      std::vector<int32_t> tables(blocks), firsts(blocks);
+      std::iota(tables.begin(), tables.end(), 0);
+      std::shuffle(tables.begin(), tables.end(), rng);
+      for (int64_t j = 0; j < blocks; ++j) {
+        firsts[j] = static_cast<int32_t>(j * kTpb);
+      }
+      std::vector<int32_t> q_seq(len, 0), q_pos(len), lens(1, static_cast<int32_t>(len));
+      std::iota(q_pos.begin(), q_pos.end(), 0);
+      std::vector<float> q(len * kQHeads * d);
+      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+      for (float& x : q) {
+        x = dist(rng);
+      }
+      DeviceBuffer<int32_t> d_tables(tables), d_firsts(firsts), d_seq(q_seq), d_pos(q_pos),
+          d_lens(lens);
+      DeviceBuffer<float> d_q(q), d_out(q.size()), d_lse(len * kQHeads);
+      PagedAttentionParams p{.q = d_q.get(),
+                             .q_seq = d_seq.get(),
+                             .q_pos = d_pos.get(),
+                             .kv = view,
+                             .layer = 0,
+                             .block_tables = d_tables.get(),
+                             .block_first_pos = d_firsts.get(),
+                             .kv_lens = d_lens.get(),
+                             .max_blocks_per_seq = blocks,
+                             .num_seqs = 1,
+                             .num_q_tokens = len,
+                             .num_q_heads = kQHeads,
+                             .num_kv_heads = kKvHeads,
+                             .head_dim = d,
+                             .scale = 1.0f / std::sqrt(static_cast<float>(d)),
+                             .out = d_out.get(),
+                             .lse = d_lse.get(),
+                             .kv_split_tokens = 0};
+      // Median of 3 timed launches; the outputs of the last.
+      const auto run = [&](bool mma, std::vector<float>* out) {
+        kernels::cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = mma});
+        PagedAttentionParams pp = p;
+        pp.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(pp);
+        DeviceBuffer<unsigned char> ws(kernels::cuda::PagedAttentionCudaWorkspaceBytes(pp));
+        const std::string name = kernels::cuda::PagedAttentionCudaKernelName(pp);
+        if (mma && name != "mma_prefill") {
+          std::printf("attention_bench: expected the prefill kernel, got %s\n", name.c_str());
+        }
+        std::vector<double> ms;
+        for (int r = 0; r < 3; ++r) {  // each: one untimed launch, then one timed
+          ms.push_back(TimeOnce(stream, [&] {
+            HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(pp, ws.get(), stream));
+          }));
+        }
+        out->resize(q.size());
+        HELIX_CUDA_OK(cudaStreamSynchronize(stream));
+        HELIX_CUDA_OK(cudaMemcpy(out->data(), d_out.get(), out->size() * sizeof(float),
+                                 cudaMemcpyDeviceToHost));
+        kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
+        std::sort(ms.begin(), ms.end());
+        return ms[ms.size() / 2];
+      };
+      std::vector<float> out_default, out_mma;
+      const double mma_ms = run(true, &out_mma);
+      const double default_ms = len <= 8192 ? run(false, &out_default) : NAN;
+      double max_diff = NAN;
+      if (!out_default.empty()) {
+        max_diff = 0.0;
+        for (size_t k = 0; k < out_mma.size(); ++k) {
+          const double df = std::fabs(static_cast<double>(out_mma[k]) - out_default[k]);
+          max_diff = std::isnan(df) ? INFINITY : std::max(max_diff, df);
+        }
+      }
+      const double flops = 4.0 * static_cast<double>(len) * static_cast<double>(len + 1) / 2.0 *
+                           static_cast<double>(kQHeads * d);
+      const double tflops = flops / (mma_ms * 1e9);
+      std::printf("%8lld %8lld %11.3f %9.3f %11.1f %8.1f %9.2e\n", static_cast<long long>(len),
+                  static_cast<long long>(d), default_ms, mma_ms, tflops, default_ms / mma_ms,
+                  max_diff);
+      std::fflush(stdout);
+      if (csv != nullptr) {
+        std::fprintf(csv, "%lld,%lld,%.4f,%.4f,%.2f,%.2f,%.3g\n", static_cast<long long>(len),
+                     static_cast<long long>(d), default_ms, mma_ms, tflops, default_ms / mma_ms,
+                     max_diff);
+      }
+    }
+  }
+  if (csv != nullptr) {
+    std::fclose(csv);
+  }
+  HELIX_CUDA_OK(cudaStreamDestroy(stream));
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   std::string csv_path;
   bool quick = false;
   bool variants = true;
   bool mla = false;
+  bool prefill = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--csv") == 0 && i + 1 < argc) {
       csv_path = argv[++i];
@@ -364,8 +496,11 @@ int Main(int argc, char** argv) {
       variants = false;
     } else if (std::strcmp(argv[i], "--mla") == 0) {
       mla = true;
+    } else if (std::strcmp(argv[i], "--prefill") == 0) {
+      prefill = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--mla] [--csv FILE] [--quick] [--no-variants]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--mla | --prefill] [--csv FILE] [--quick] [--no-variants]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -376,6 +511,9 @@ int Main(int argc, char** argv) {
   }
   if (mla) {
     return MlaMain(csv_path, quick);
+  }
+  if (prefill) {
+    return PrefillMain(csv_path, quick);
   }
   cudaDeviceProp prop;
   HELIX_CUDA_OK(cudaGetDeviceProperties(&prop, 0));

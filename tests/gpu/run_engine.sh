@@ -5,10 +5,12 @@
 # build, run the tests (cuda_ops_test: every CUDA op against the CPU; cuda_backend_test, each
 # test in its own process: stories260K, the GGUF and the tiny DeepSeek models on the GPU vs the
 # CPU engine, seeded device sampling, Helix CP/TP ranks sharing the GPU over Gloo,
-# disaggregated KV through pinned staging; nccl_communicator_test), then the end-to-end decode
-# benchmark on random-weight models of SmolLM2-135M's and Llama-3.2-1B's shapes at 8K and 32K
-# context against the roofline (weight + KV bytes / the D2D copy bandwidth measured in the same
-# run), and print a short summary last. PROFILE=1 adds a per-kernel GPU time profile (ncu).
+# disaggregated KV through pinned staging; nccl_communicator_test), the kernel benchmarks (decode
+# GEMMs; decode attention with its variants against a read kernel and PyTorch SDPA; causal
+# prefill attention, default vs tensor-core kernel), then the end-to-end decode benchmark on
+# random-weight models of SmolLM2-135M's and Llama-3.2-1B's shapes at 8K and 32K context against
+# the roofline (weight + KV bytes / the D2D copy bandwidth measured in the same run), and print a
+# short summary last. PROFILE=1 adds a per-kernel GPU time profile (ncu).
 #
 #   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
 #
@@ -116,6 +118,9 @@ if [[ $BUILD_OK == 0 ]]; then
     --csv "$LOGS/attention_bench.csv"
   step sdpa_bench sdpa_bench.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
     --csv "$LOGS/sdpa_bench.csv"
+  # Causal prefill attention: the default kernel against the tensor-core prefill kernel.
+  step prefill_bench prefill_bench.log 60 "$BUILD/tests/gpu/attention_bench" --prefill --quick \
+    --csv "$LOGS/prefill_bench.csv"
   # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
   # Each run: 8 untimed warm-up steps, then 64 timed ones.
   for shape in smollm2-135m llama3-1b; do
@@ -157,7 +162,7 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
-    gemv_bench attention_bench sdpa_bench model_smollm2-135m model_llama3-1b "${RUNS[@]}" \
+    gemv_bench attention_bench sdpa_bench prefill_bench model_smollm2-135m model_llama3-1b "${RUNS[@]}" \
     "${PROFILES[@]/#/ncu:}"; do
     if [[ $s == ncu:* ]]; then
       s=$(profile_name "${s#ncu:}")
@@ -198,6 +203,10 @@ fi
     grep -E "^variants" "$LOGS/attention_bench.log" | cut -c1-400
     python3 "$ROOT/tests/gpu/sdpa_bench.py" --summary --ours "$LOGS/attention_bench.csv" \
       --torch "$LOGS/sdpa_bench.csv"
+  fi
+  if [[ -f $LOGS/prefill_bench.log ]]; then
+    echo "causal prefill attention (attention_bench --prefill --quick):"
+    grep -vE "^device|^prefill:" "$LOGS/prefill_bench.log" | sed 's/^/  /'
   fi
   D2D=$(sed -n 's/.*d2d_gb_s=\([0-9.]*\).*/\1/p' "$LOGS/copy_bench.log" 2>/dev/null)
   echo "end-to-end decode (random-weight models, bf16 weights and KV, batch 1, 64 timed steps"
