@@ -51,6 +51,8 @@ struct Args {
   int stages;            // warp-pipelined path: ring depth, 2..kMaxStages
   int prefetch_steps;    // warp-pipelined path: L2 bulk prefetch distance beyond the ring
   bool bulk;             // warp-pipelined path, whole steps in a block: TMA bulk copies (sm_90)
+  bool prefill_done;     // warp-pipelined path: skip the query tokens AttentionPrefillMmaKernel
+                         // serves (PrefillBlockServed)
   float scale;
   float* out;
   float* lse;
@@ -88,6 +90,29 @@ __device__ inline Item DecodeItem(const Args& a) {
   it.tok_begin = it.c * chunk_tokens;
   it.tok_end = min(kv_len, it.tok_begin + chunk_tokens);
   return it;
+}
+
+// The tensor-core prefill kernel (AttentionPrefillMmaKernel) gives each thread block
+// kPrefillPairs consecutive (query token, query head) pairs of one KV head, token-major (pair =
+// token * group + head in the group), and serves them only when all their query tokens belong to
+// one sequence; the warp-pipelined kernel, launched after it, serves the query tokens of the
+// other blocks (Args::prefill_done).
+constexpr int kPrefillWarps = 8;
+constexpr int kPrefillPairs = 8 * kPrefillWarps;
+
+// Whether the prefill kernel's thread block b (of a KV head) serves its pairs: their query tokens
+// all have the same sequence.
+__device__ inline bool PrefillBlockServed(const Args& a, int64_t b) {
+  const int64_t head_pairs = a.rows / a.num_q_heads * a.group;
+  const int64_t t0 = b * kPrefillPairs / a.group;
+  const int64_t t1 = (min((b + 1) * kPrefillPairs, head_pairs) - 1) / a.group;
+  const int32_t seq = a.q_seq[t0];
+  for (int64_t t = t0 + 1; t <= t1; ++t) {
+    if (a.q_seq[t] != seq) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Element offset of the K row of local token i = j * tpb + tb (block j of the sequence, slot
@@ -378,6 +403,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
   float* red = reinterpret_cast<float*>(smem);  // [warps][kG][D], after the rings are done
 
   PdlEnter();  // first: see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
+  if (a.prefill_done) {
+    // This query token's pairs lie in one or two of the prefill kernel's blocks: done if each
+    // of them was served there (the same answer in every thread).
+    const int64_t t = static_cast<int64_t>(blockIdx.x) / a.subs / a.num_kv_heads;
+    const int64_t b0 = t * a.group / kPrefillPairs;
+    const int64_t b1 = (t * a.group + a.group - 1) / kPrefillPairs;
+    if (PrefillBlockServed(a, b0) && (b1 == b0 || PrefillBlockServed(a, b1))) {
+      return;
+    }
+  }
   const Item it = DecodeItem(a);
   const int G = it.g;
   const int64_t n_tok = it.tok_end > it.tok_begin ? it.tok_end - it.tok_begin : 0;
@@ -800,18 +835,19 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
 // ---------------------------------------------------------------------------------------------
 // Tensor-core prefill path: the kWarpMma step's math for calls whose sequences have several query
 // tokens (a prefill, or a chunk of one). A thread block serves kPrefillPairs consecutive (query
-// token, query head) pairs of one KV head, token-major (pair = token * group + head in the group),
-// 8 per warp as its query rows, and walks their sequence's KV once, in tiles of kPrefillTileRows
-// rows that the whole block copies (two buffers: the next tile's copies fly while this one is
-// used) and every warp reads: one KV read per block instead of one per query token. Each warp
-// keeps the online softmax of its own rows with per-row causal masks, so nothing is combined at
-// the end. A block whose pairs span several sequences makes one pass over each one's KV (its
-// other rows masked). The walk stops at the first tile past the block's last query position
-// (a sequence's blocks are in position order). Without split-KV only.
+// token, query head) pairs of one KV head (see PrefillBlockServed), 8 per warp as its query rows,
+// when their query tokens all belong to one sequence; it walks that sequence's KV once, in tiles
+// of kPrefillTileRows rows that the whole block copies (two buffers: the next tile's copies fly
+// while this one is used) and every warp reads: one KV read per block instead of one per query
+// token. Each warp keeps the online softmax of its own rows with per-row causal masks, so nothing
+// is combined at the end. The walk stops at the first tile past the block's last query position
+// (a sequence's blocks are in position order), and rows past it are not read. A block whose
+// tokens span sequences leaves them to the warp-pipelined kernel launched after it (a decode
+// token batched with a prompt is served there, in parallel with the others, instead of in turn
+// inside a shared block). Blocks run latest tokens first (they walk the most KV). Without
+// split-KV only.
 
-constexpr int kPrefillWarps = 8;
-constexpr int kPrefillPairs = 8 * kPrefillWarps;  // query rows per thread block
-constexpr int kPrefillTileRows = 32;              // KV rows per shared tile: 4 warp steps
+constexpr int kPrefillTileRows = 32;  // KV rows per shared tile: 4 warp steps
 
 template <typename T, int D>
 struct PrefillCfg {
@@ -819,36 +855,38 @@ struct PrefillCfg {
   static constexpr int kChunks = D / kVec;                 // chunks per KV row
   static constexpr int kTileElems = kPrefillTileRows * D;  // of K (and of V)
   // [2][K, V][rows][D] tiles, then the tiles' row positions [2][rows], then the block's tokens'
-  // sequences and positions [kPrefillPairs] each.
+  // positions [kPrefillPairs].
   static constexpr size_t kSmemBytes =
-      4 * kTileElems * sizeof(T) + (2 * kPrefillTileRows + 2 * kPrefillPairs) * sizeof(int);
+      4 * kTileElems * sizeof(T) + (2 * kPrefillTileRows + kPrefillPairs) * sizeof(int);
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillWarps * 32, 2) AttentionPrefillMmaKernel(const Args a) {
   using C = PrefillCfg<T, D>;
-  constexpr int kNoPos = 0x7fffffff;  // the position of a tile row past the sequence
+  constexpr int kNoPos = 0x7fffffff;  // the position of a tile row not read
   HELIX_DYNAMIC_SMEM(smem);
   T* tiles = reinterpret_cast<T*>(smem);
   int* s_kpos = reinterpret_cast<int*>(tiles + 4 * C::kTileElems);  // [2][kPrefillTileRows]
-  int* s_seq = s_kpos + 2 * kPrefillTileRows;  // [kPrefillPairs]: the block's query tokens'
-  int* s_pos = s_seq + kPrefillPairs;          // sequences and positions
+  int* s_pos = s_kpos + 2 * kPrefillTileRows;  // [kPrefillPairs]: the block's tokens' positions
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int threads = static_cast<int>(blockDim.x);
 
-  PdlEnter();  // first: see HELIX_LAUNCH_PDL
-  const int64_t num_tokens = a.rows / a.num_q_heads;
-  const int64_t head_pairs = num_tokens * a.group;  // pairs of one KV head
+  PdlEnter();                                                   // first: see HELIX_LAUNCH_PDL
+  const int64_t head_pairs = a.rows / a.num_q_heads * a.group;  // pairs of one KV head
   const int64_t blocks_per_head = (head_pairs + kPrefillPairs - 1) / kPrefillPairs;
   const int h = static_cast<int>(blockIdx.x / blocks_per_head);
-  const int64_t pb = (blockIdx.x % blocks_per_head) * kPrefillPairs;
+  const int64_t b = blocks_per_head - 1 - blockIdx.x % blocks_per_head;  // latest tokens first
+  if (!PrefillBlockServed(a, b)) {
+    return;  // the same answer in every thread
+  }
+  const int64_t pb = b * kPrefillPairs;
   const int64_t pe = min(pb + kPrefillPairs, head_pairs);  // pairs [pb, pe)
   const int64_t t_first = pb / a.group;
   const int n_tok = static_cast<int>((pe - 1) / a.group - t_first + 1);  // <= kPrefillPairs
+  const int seq = a.q_seq[t_first];
   for (int u = tid; u < n_tok; u += threads) {
-    s_seq[u] = a.q_seq[t_first + u];
     s_pos[u] = a.q_pos[t_first + u];
   }
 
@@ -868,95 +906,84 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2) AttentionPrefillMmaKern
     }
   }
   float m_run = kNegInf, l_run = 0.0f;
-  __syncthreads();  // s_seq, s_pos
-  const int my_tok = static_cast<int>(t - t_first);
+  __syncthreads();   // s_pos
+  int max_pos = -1;  // the block's last query position
+  for (int u = 0; u < n_tok; ++u) {
+    max_pos = max(max_pos, s_pos[u]);
+  }
+  const int row_pos = has ? s_pos[t - t_first] : -1;  // -1: sees nothing
 
   const T* kv = static_cast<const T*>(a.kv);
   const int t2 = 2 * (lane & 3);
-  for (int tf = 0; tf < n_tok; ++tf) {
-    // One pass per sequence, in the order of its first token in the block.
-    const int seq = s_seq[tf];
-    bool seen = false;
-    for (int u = 0; u < tf && !seen; ++u) {
-      seen = s_seq[u] == seq;
+  const int kv_len = a.kv_lens[seq];
+  const int32_t* table = a.tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const int32_t* first = a.first_pos + static_cast<int64_t>(seq) * a.max_blocks;
+  const uint32_t tpb = static_cast<uint32_t>(a.tpb);
+  // Whether tile n holds a row the block's queries may see (the same answer in every thread).
+  auto tile_needed = [&](int n) {
+    const int i = n * kPrefillTileRows;
+    if (i >= kv_len) {
+      return false;
     }
-    if (seen) {
-      continue;
-    }
-    int max_pos = -1;
-    for (int u = tf; u < n_tok; ++u) {
-      if (s_seq[u] == seq) {
-        max_pos = max(max_pos, s_pos[u]);
-      }
-    }
-    const int row_pos = has && s_seq[my_tok] == seq ? s_pos[my_tok] : -1;  // -1: sees nothing
-    const int64_t kv_len = a.kv_lens[seq];
-    const int32_t* table = a.tables + static_cast<int64_t>(seq) * a.max_blocks;
-    const int32_t* first = a.first_pos + static_cast<int64_t>(seq) * a.max_blocks;
-    // Whether tile n holds a row the block's queries may see (same answer in every thread).
-    auto tile_needed = [&](int64_t n) {
-      const int64_t i = n * kPrefillTileRows;
-      if (i >= kv_len) {
-        return false;
-      }
-      const int64_t j = i / a.tpb;
-      return static_cast<int64_t>(first[j]) + (i - j * a.tpb) <= max_pos;
-    };
-    auto issue = [&](int64_t n, int buf) {
-      T* kt = tiles + static_cast<size_t>(buf) * 2 * C::kTileElems;
-      T* vt = kt + C::kTileElems;
-      for (int c = tid; c < kPrefillTileRows * C::kChunks; c += threads) {
-        const int r = c / C::kChunks;
-        const int ch = c % C::kChunks;
-        const int64_t i = n * kPrefillTileRows + r;
-        const bool ok = i < kv_len;
-        int64_t off = 0;
-        int pos = kNoPos;
-        if (ok) {
-          const int64_t j = i / a.tpb;
-          const int64_t tb = i - j * a.tpb;
+    const uint32_t j = static_cast<uint32_t>(i) / tpb;
+    return first[j] + static_cast<int>(static_cast<uint32_t>(i) - j * tpb) <= max_pos;
+  };
+  auto issue = [&](int n, int buf) {
+    T* kt = tiles + static_cast<size_t>(buf) * 2 * C::kTileElems;
+    T* vt = kt + C::kTileElems;
+    for (int c = tid; c < kPrefillTileRows * C::kChunks; c += threads) {
+      const int r = c / C::kChunks;
+      const int ch = c % C::kChunks;
+      const int i = n * kPrefillTileRows + r;
+      int64_t off = 0;
+      int pos = kNoPos;
+      if (i < kv_len) {
+        const uint32_t j = static_cast<uint32_t>(i) / tpb;
+        const uint32_t tb = static_cast<uint32_t>(i) - j * tpb;
+        if (first[j] + static_cast<int>(tb) <= max_pos) {  // else no query of the block sees it
           off = static_cast<int64_t>(table[j]) * a.block_elems + a.k_head_off + h * a.head_stride +
-                tb * D;
+                static_cast<int64_t>(tb) * D;
           pos = first[j] + static_cast<int>(tb);
         }
-        const int dst = r * D + (ch ^ (r & 7)) * C::kVec;
-        CpAsync16(kt + dst, ok ? kv + off + ch * C::kVec : kv, ok);
-        CpAsync16(vt + dst, ok ? kv + off + a.v_off + ch * C::kVec : kv, ok);
-        if (ch == 0) {
-          s_kpos[buf * kPrefillTileRows + r] = pos;
-        }
       }
-    };
-    if (tile_needed(0)) {
-      issue(0, 0);
+      const bool ok = pos != kNoPos;
+      const int dst = r * D + (ch ^ (r & 7)) * C::kVec;
+      CpAsync16(kt + dst, ok ? kv + off + ch * C::kVec : kv, ok);
+      CpAsync16(vt + dst, ok ? kv + off + a.v_off + ch * C::kVec : kv, ok);
+      if (ch == 0) {
+        s_kpos[buf * kPrefillTileRows + r] = pos;
+      }
+    }
+  };
+  if (tile_needed(0)) {
+    issue(0, 0);
+  }
+  CpAsyncCommit();
+  for (int n = 0; tile_needed(n); ++n) {
+    const int buf = n & 1;
+    if (tile_needed(n + 1)) {
+      issue(n + 1, buf ^ 1);
     }
     CpAsyncCommit();
-    for (int64_t n = 0; tile_needed(n); ++n) {
-      const int buf = static_cast<int>(n & 1);
-      if (tile_needed(n + 1)) {
-        issue(n + 1, buf ^ 1);
-      }
-      CpAsyncCommit();
-      CpAsyncWait<1>();  // tile n's copies (this thread's) are in
-      __syncthreads();   // and every thread's, with their row positions
-      const T* kt = tiles + static_cast<size_t>(buf) * 2 * C::kTileElems;
-      const T* vt = kt + C::kTileElems;
+    CpAsyncWait<1>();  // tile n's copies (this thread's) are in
+    __syncthreads();   // and every thread's, with their row positions
+    const T* kt = tiles + static_cast<size_t>(buf) * 2 * C::kTileElems;
+    const T* vt = kt + C::kTileElems;
 #pragma unroll 1  // unrolled, the steps' fragments would not fit in 128 registers
-      for (int st = 0; st < kPrefillTileRows / 8; ++st) {
-        float x0, x1;
-        MmaStepScores<T, D>(kt + st * 8 * D, qa, &x0, &x1);
-        if (s_kpos[buf * kPrefillTileRows + st * 8 + t2] > row_pos) {
-          x0 = kNegInf;
-        }
-        if (s_kpos[buf * kPrefillTileRows + st * 8 + t2 + 1] > row_pos) {
-          x1 = kNegInf;
-        }
-        MmaStepSoftmaxPv<T, D>(x0, x1, vt + st * 8 * D, acc, &m_run, &l_run);
+    for (int st = 0; st < kPrefillTileRows / 8; ++st) {
+      float x0, x1;
+      MmaStepScores<T, D>(kt + st * 8 * D, qa, &x0, &x1);
+      if (s_kpos[buf * kPrefillTileRows + st * 8 + t2] > row_pos) {
+        x0 = kNegInf;
       }
-      __syncthreads();  // every warp is done with the buffer before tile n + 2 refills it
+      if (s_kpos[buf * kPrefillTileRows + st * 8 + t2 + 1] > row_pos) {
+        x1 = kNegInf;
+      }
+      MmaStepSoftmaxPv<T, D>(x0, x1, vt + st * 8 * D, acc, &m_run, &l_run);
     }
-    CpAsyncWait<0>();
+    __syncthreads();  // every warp is done with the buffer before tile n + 2 refills it
   }
+  CpAsyncWait<0>();
 
   if (has) {
     const int64_t row = t * a.num_q_heads + qh;
@@ -1270,18 +1297,29 @@ bool BulkCopyAvailable() {
 #endif
 }
 
-// mma.sync with bf16 / f16 inputs and fp32 accumulation: sm_80 and later.
+// mma.sync with bf16 / f16 inputs and fp32 accumulation: sm_80 and later, on the device and in
+// the code it runs (a device may run code JIT-compiled from an older arch's PTX, where the mma
+// helpers are compiled out).
 bool TensorCoresAvailable() {
 #ifdef HELIX_CUDA_EMULATION
   return true;
 #else
+  static const bool compiled = [] {  // first asked outside a capture (see the setters)
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, AttentionWarpKernel<__nv_bfloat16, 128, 8, kWarpMma>) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attr.ptxVersion >= 80;
+  }();
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return major >= 8;
+  return compiled && major >= 8;
 #endif
 }
 
@@ -1522,6 +1560,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.stages = ch.stages;
   a.prefetch_steps = PrefetchSteps();
   a.bulk = Tuning().bulk_copy && BulkCopyAvailable();
+  a.prefill_done = false;
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk = static_cast<int>(parts > 1 ? SplitKvBlocksPerChunk(p)
@@ -1534,12 +1573,17 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.ws_lse = parts > 1 ? a.ws_o + parts * rows * p.head_dim : nullptr;
 
   if (UsePrefillMma(p, parts)) {
-    if (p.kv.dtype == DType::kBF16) {
-      return p.head_dim == 64 ? LaunchPrefillMma<__nv_bfloat16, 64>(a, p.num_q_tokens, stream)
-                              : LaunchPrefillMma<__nv_bfloat16, 128>(a, p.num_q_tokens, stream);
+    const bool bf16 = p.kv.dtype == DType::kBF16;
+    const cudaError_t e =
+        p.head_dim == 64 ? (bf16 ? LaunchPrefillMma<__nv_bfloat16, 64>(a, p.num_q_tokens, stream)
+                                 : LaunchPrefillMma<__half, 64>(a, p.num_q_tokens, stream))
+                         : (bf16 ? LaunchPrefillMma<__nv_bfloat16, 128>(a, p.num_q_tokens, stream)
+                                 : LaunchPrefillMma<__half, 128>(a, p.num_q_tokens, stream));
+    HELIX_CUDA_RETURN_IF_ERROR(e);
+    if (p.num_seqs <= 1) {
+      return cudaSuccess;  // every prefill block had one sequence
     }
-    return p.head_dim == 64 ? LaunchPrefillMma<__half, 64>(a, p.num_q_tokens, stream)
-                            : LaunchPrefillMma<__half, 128>(a, p.num_q_tokens, stream);
+    a.prefill_done = true;  // the warp kernel below serves the tokens of the other blocks
   }
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
@@ -1570,8 +1614,18 @@ cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-void SetPagedAttentionCudaTensorCores(bool on) { g_tensor_cores.store(on); }
+void SetPagedAttentionCudaTensorCores(bool on) {
+  g_tensor_cores.store(on);
+  if (on) {
+    (void)TensorCoresAvailable();  // decided now, outside any stream capture
+  }
+}
 
-void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t) { Tuning() = t; }
+void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t) {
+  Tuning() = t;
+  if (t.tensor_cores) {
+    (void)TensorCoresAvailable();
+  }
+}
 
 }  // namespace helix::kernels::cuda

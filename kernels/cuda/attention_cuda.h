@@ -87,8 +87,10 @@ struct PagedAttentionCudaTuning {
                                  // per thread block, q and P split into two 16-bit halves each
                                  // (about fp32 accuracy); and calls with more query tokens than
                                  // sequences (prefill) and no split-KV on a kernel whose thread
-                                 // blocks share each KV tile among 64 (query token, head) rows;
-                                 // ignored for f32 KV and older GPUs
+                                 // blocks share each KV tile among 64 (query token, head) rows of
+                                 // one sequence (rows of blocks that span sequences, e.g. decode
+                                 // tokens batched with a prompt, go to the decode kernel after
+                                 // it); ignored for f32 KV and older GPUs
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

@@ -29,9 +29,10 @@ using testing::RandomVector;
 struct Case {
   DType dtype;
   int64_t group, d, tpb, split;
-  std::vector<int32_t> lens;  // one decode query per sequence, or with prefill a query at every
-  bool prefill = false;       // position from prefill_from (or the last, if smaller) of every
-  int32_t prefill_from = 0;   // sequence: a causal (chunked) prefill
+  std::vector<int32_t> lens;   // one decode query per sequence, or with prefill a query at every
+  bool prefill = false;        // position from prefill_from (or the last, if smaller) of every
+  int32_t prefill_from = 0;    // sequence: a causal (chunked) prefill
+  std::vector<int32_t> froms;  // with prefill: prefill_from of each sequence, if given
 };
 
 void Store(DType t, void* base, int64_t i, float f) {
@@ -75,7 +76,8 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   std::vector<int32_t> q_seq, q_pos;
   if (c.prefill) {
     for (int64_t s = 0; s < seqs; ++s) {
-      for (int32_t i = std::min(c.prefill_from, std::max(0, c.lens[s] - 1)); i < c.lens[s]; ++i) {
+      const int32_t from = c.froms.empty() ? c.prefill_from : c.froms[s];
+      for (int32_t i = std::min(from, std::max(0, c.lens[s] - 1)); i < c.lens[s]; ++i) {
         q_seq.push_back(static_cast<int32_t>(s));
         q_pos.push_back(i);
       }
@@ -214,7 +216,8 @@ TEST(AttentionEmuTest, TensorCoreKernel) {
 // whose query rows do and do not fill a thread block's 64 evenly, both 16-bit types and head
 // dims, tiles past the last query's position, partial tiles and blocks, tokens per block not a
 // multiple of the tile; thread blocks spanning sequences (one pass each), a chunk of a prefill
-// (queries from position 40 on, earlier KV only read), an empty sequence and one-token ones.
+// (queries from position 40 on, earlier KV only read), an empty sequence and one-token ones, and
+// decode tokens batched with prompts.
 // With split-KV the call keeps the decode kernel.
 TEST(AttentionEmuTest, TensorCorePrefill) {
   struct Restore {
@@ -227,6 +230,10 @@ TEST(AttentionEmuTest, TensorCorePrefill) {
   RunCase({DType::kF16, 12, 128, 8, 0, {21}, true}, 323, "mma_prefill");
   RunCase({DType::kBF16, 2, 64, 16, 0, {45, 1, 0, 30, 2}, true}, 326, "mma_prefill");
   RunCase({DType::kF16, 8, 128, 16, 0, {70, 50, 1}, true, 40}, 327, "mma_prefill");
+  // Decode tokens of long contexts batched around a prompt: the thread blocks they share with
+  // other sequences are left to the warp kernel.
+  RunCase({DType::kBF16, 4, 64, 16, 0, {300, 90, 200, 5, 150}, true, 0, {1000, 0, 1000, 1000, 120}},
+          328, "mma_prefill");
   RunCase({DType::kBF16, 4, 64, 16, 32, {45}, true}, 324, "mma");
   RunCase({DType::kF32, 4, 64, 16, 0, {45}, true}, 325, "warp");
 }

@@ -511,6 +511,28 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
       PoisonUnusedSlots(chunks, &big);
       ExpectSame(RunCpu(chunks, big.view), RunCuda(chunks, big, 0, nullptr),
                  "mma_prefill chunks " + Name(dt, 3, d, 0));
+      // Decode tokens of long contexts batched with prompts (their shared thread blocks are left
+      // to the warp kernel), groups of 1 (64 tokens a block) and 12.
+      for (int64_t group : {1, 12}) {
+        big.FillRandom(rng);
+        Problem mixed = DecodeBatch({700, 300, 600, 200}, 32, blocks, rng);
+        mixed.q_seq.clear();
+        mixed.q_pos.clear();
+        const int32_t froms[] = {699, 0, 599, 100};
+        for (int32_t s = 0; s < 4; ++s) {
+          for (int32_t i = froms[s]; i < mixed.kv_lens[s]; ++i) {
+            mixed.q_seq.push_back(s);
+            mixed.q_pos.push_back(i);
+          }
+        }
+        mixed.num_kv_heads = 2;
+        mixed.num_q_heads = 2 * group;
+        mixed.head_dim = d;
+        mixed.q = RandomVector(rng, mixed.tokens() * 2 * group * d);
+        PoisonUnusedSlots(mixed, &big);
+        ExpectSame(RunCpu(mixed, big.view), RunCuda(mixed, big, 0, nullptr),
+                   "mma_prefill mixed " + Name(dt, group, d, 0));
+      }
     }
   }
   Pool cp_pool(DType::kBF16, 1, 2, tpb, 128, 7);
