@@ -90,7 +90,8 @@ struct PagedAttentionCudaTuning {
                                  // blocks share each KV tile among 64 (query token, head) rows of
                                  // one sequence (rows of blocks that span sequences, e.g. decode
                                  // tokens batched with a prompt, go to the decode kernel after
-                                 // it); ignored for f32 KV and older GPUs
+                                 // it); ignored for f32 KV and older GPUs. With f16 KV, q x
+                                 // scale x log2(e) must stay within f16's range (65504)
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

@@ -29,10 +29,10 @@ using testing::RandomVector;
 struct Case {
   DType dtype;
   int64_t group, d, tpb, split;
-  std::vector<int32_t> lens;   // one decode query per sequence, or with prefill a query at every
-  bool prefill = false;        // position from prefill_from (or the last, if smaller) of every
-  int32_t prefill_from = 0;    // sequence: a causal (chunked) prefill
-  std::vector<int32_t> froms;  // with prefill: prefill_from of each sequence, if given
+  std::vector<int32_t> lens;  // one decode query per sequence, or with prefill a query at every
+  bool prefill = false;       // position from prefill_from (or the last, if smaller) of every
+  int32_t prefill_from = 0;   // sequence: a causal (chunked) prefill
+  std::vector<int32_t> froms = {};  // with prefill: prefill_from of each sequence, if given
 };
 
 void Store(DType t, void* base, int64_t i, float f) {

@@ -194,22 +194,46 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
       t_block_idx = {bx, by, 0};
       t_scheduler = &scheduler;
       t_body = &body;
-      // Odd blocks schedule their threads last to first, so that code relying on an order
-      // between barriers (a missing __syncthreads) sees both orders.
-      const bool reverse = ((bx + by) & 1) != 0;
-      for (int left = threads; left > 0;) {
+      // Even blocks run their threads in turn, one barrier interval each. Odd blocks run one warp
+      // at a time, last warp first and its lanes last to first, until all of its threads wait at
+      // __syncthreads or have ended: a warp gets ahead of the others by any number of warp-level
+      // steps. Code relying on an order between barriers (a missing __syncthreads, a buffer
+      // refilled while another warp may still read it) sees both orders.
+      const bool greedy = ((bx + by) & 1) != 0;
+      const int warps = (threads + 31) / 32;
+      int left = threads;
+      const auto runnable = [&](const Fiber& f) {
+        return !f.done && !(f.wait == 1 && b.cta_gen == f.wait_gen) &&
+               !(f.wait == 2 && b.warp_gen[f.tid / 32] == f.wait_gen);
+      };
+      const auto run = [&](Fiber& f) {
+        f.wait = 0;
+        t_fiber = &f;
+        t_thread_idx = {f.tid, 0, 0};
+        swapcontext(&scheduler, &f.ctx);
+        if (f.done) --left;
+      };
+      while (left > 0) {
         bool ran = false;
-        for (int k = 0; k < threads; ++k) {
-          Fiber& f = fibers[reverse ? threads - 1 - k : k];
-          if (f.done) continue;
-          if (f.wait == 1 && b.cta_gen == f.wait_gen) continue;
-          if (f.wait == 2 && b.warp_gen[f.tid / 32] == f.wait_gen) continue;
-          f.wait = 0;
-          t_fiber = &f;
-          t_thread_idx = {f.tid, 0, 0};
-          swapcontext(&scheduler, &f.ctx);
-          ran = true;
-          if (f.done) --left;
+        if (!greedy) {
+          for (int k = 0; k < threads; ++k) {
+            if (runnable(fibers[k])) {
+              run(fibers[k]);
+              ran = true;
+            }
+          }
+        } else {
+          for (int w = warps - 1; w >= 0; --w) {
+            for (bool progressed = true; progressed;) {
+              progressed = false;
+              for (int k = std::min(threads, 32 * w + 32) - 1; k >= 32 * w; --k) {
+                if (runnable(fibers[k])) {
+                  run(fibers[k]);
+                  ran = progressed = true;
+                }
+              }
+            }
+          }
         }
         if (!ran) {
           std::fprintf(stderr, "cuda_emu: deadlock in block (%u, %u): no thread can proceed\n", bx,
