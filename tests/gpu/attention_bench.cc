@@ -471,6 +471,7 @@ int PrefillMain(const std::string& csv_path, bool quick) {
         std::fprintf(csv, "%lld,%lld,%.4f,%.4f,%.2f,%.2f,%.3g\n", static_cast<long long>(len),
                      static_cast<long long>(d), default_ms, mma_ms, tflops, default_ms / mma_ms,
                      max_diff);
+        std::fflush(csv);
       }
     }
   }
@@ -714,6 +715,7 @@ int Main(int argc, char** argv) {
           std::fprintf(csv, ",%.5f", ms[v]);
         }
         std::fprintf(csv, ",%.3g\n", max_diff);
+        std::fflush(csv);  // a row survives a step timeout (run_engine.sh, run_all.sh)
       }
     }
   }
