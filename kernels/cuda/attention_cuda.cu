@@ -1282,18 +1282,25 @@ int StagesFor(int64_t items) {
              : WarpCfg<T, D, kG>::kDefaultStages;
 }
 
+#ifndef HELIX_CUDA_EMULATION
+// The current device's compute capability major, or 0 when it cannot be asked.
+int DeviceMajor() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+#endif
+
 // cp.async.bulk and mbarrier transaction counts: sm_90 and later.
 bool BulkCopyAvailable() {
 #ifdef HELIX_CUDA_EMULATION
   return true;
 #else
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return major >= 9;
+  return DeviceMajor() >= 9;
 #endif
 }
 
@@ -1313,13 +1320,7 @@ bool TensorCoresAvailable() {
     }
     return attr.ptxVersion >= 80;
   }();
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return compiled && major >= 8;
+  return compiled && DeviceMajor() >= 8;
 #endif
 }
 
@@ -1354,47 +1355,33 @@ int64_t MinChunkTokens() {
   return t > 0 ? t : kMinChunkTokens;
 }
 
+// The warp-pipelined kernel <T, D, kG, kMode> with its warps, ring depth and shared memory for
+// a call of `items` (query token, KV head) items.
+template <typename T, int D, int kG, int kMode = kWarpDefault>
+Choice WarpChoice(int64_t items, const char* name) {
+  const int warps = WarpsFor(items);
+  const int st = StagesFor<T, D, kG>(items);
+  return {&AttentionWarpKernel<T, D, kG, kMode>,
+          WarpCfg<T, D, kG>::SmemBytes(warps, st),
+          kG,
+          warps * 32,
+          st,
+          name};
+}
+
 template <typename T, int D>
 Choice ChooseFast(int group, int64_t items) {
-  const int warps = WarpsFor(items);
   if constexpr (std::is_same_v<T, __nv_bfloat16> && D == 128) {  // benchmark-only mode
     if (group <= 4 && Tuning().load_only) {
-      const int st = StagesFor<T, D, 4>(items);
-      return {&AttentionWarpKernel<T, D, 4, kWarpLoadOnly>,
-              WarpCfg<T, D, 4>::SmemBytes(warps, st),
-              4,
-              warps * 32,
-              st,
-              "loadonly"};
+      return WarpChoice<T, D, 4, kWarpLoadOnly>(items, "loadonly");
     }
   }
   if constexpr (!std::is_same_v<T, float>) {
     if (UseTensorCores() && TensorCoresAvailable()) {
-      const int st = StagesFor<T, D, 8>(items);
-      return {&AttentionWarpKernel<T, D, 8, kWarpMma>,
-              WarpCfg<T, D, 8>::SmemBytes(warps, st),
-              8,
-              warps * 32,
-              st,
-              "mma"};
+      return WarpChoice<T, D, 8, kWarpMma>(items, "mma");
     }
   }
-  if (group <= 4) {
-    const int st = StagesFor<T, D, 4>(items);
-    return {&AttentionWarpKernel<T, D, 4>,
-            WarpCfg<T, D, 4>::SmemBytes(warps, st),
-            4,
-            warps * 32,
-            st,
-            "warp"};
-  }
-  const int st = StagesFor<T, D, 8>(items);
-  return {&AttentionWarpKernel<T, D, 8>,
-          WarpCfg<T, D, 8>::SmemBytes(warps, st),
-          8,
-          warps * 32,
-          st,
-          "warp"};
+  return group <= 4 ? WarpChoice<T, D, 4>(items, "warp") : WarpChoice<T, D, 8>(items, "warp");
 }
 
 template <typename T>

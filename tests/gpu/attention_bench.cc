@@ -98,6 +98,16 @@ int64_t RotatedPoolBytes(const std::vector<int64_t>& token_counts,
   return max_pool;
 }
 
+// n draws, uniform in [-1, 1): the queries.
+std::vector<float> UniformVector(std::mt19937& rng, int64_t n) {
+  std::vector<float> v(n);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (float& x : v) {
+    x = dist(rng);
+  }
+  return v;
+}
+
 double TimeGraph(cudaGraphExec_t graph, int iters, int runs, cudaStream_t s) {
   cudaEvent_t a, b;
   HELIX_CUDA_OK(cudaEventCreate(&a));
@@ -274,11 +284,7 @@ int MlaMain(const std::string& csv_path, bool quick) {
       const double copy_gbps = 2.0 * bytes / (copy_ms * 1e6);
 
       for (int64_t heads : head_counts) {
-        std::vector<float> q(batch * heads * kMlaRow);
-        std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-        for (float& x : q) {
-          x = dist(rng);
-        }
+        const std::vector<float> q = UniformVector(rng, batch * heads * kMlaRow);
         DeviceBuffer<float> d_q(q), d_out(batch * heads * kMlaLatent), d_lse(batch * heads);
         MlaAttentionParams p{.q = d_q.get(),
                              .q_seq = d_seq.get(),
@@ -399,11 +405,7 @@ int PrefillMain(const std::string& csv_path, bool quick) {
       }
       std::vector<int32_t> q_seq(len, 0), q_pos(len), lens(1, static_cast<int32_t>(len));
       std::iota(q_pos.begin(), q_pos.end(), 0);
-      std::vector<float> q(len * kQHeads * d);
-      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-      for (float& x : q) {
-        x = dist(rng);
-      }
+      const std::vector<float> q = UniformVector(rng, len * kQHeads * d);
       DeviceBuffer<int32_t> d_tables(tables), d_firsts(firsts), d_seq(q_seq), d_pos(q_pos),
           d_lens(lens);
       DeviceBuffer<float> d_q(q), d_out(q.size()), d_lse(len * kQHeads);
@@ -602,11 +604,7 @@ int Main(int argc, char** argv) {
       std::vector<int32_t> q_seq(batch), q_pos(batch, static_cast<int32_t>(tokens - 1)),
           lens(batch, static_cast<int32_t>(tokens));
       std::iota(q_seq.begin(), q_seq.end(), 0);
-      std::vector<float> q(batch * kQHeads * kDim);
-      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-      for (float& x : q) {
-        x = dist(rng);
-      }
+      const std::vector<float> q = UniformVector(rng, batch * kQHeads * kDim);
       std::vector<int32_t> seq_tables(tables.size());
       std::iota(seq_tables.begin(), seq_tables.end(), 0);
       DeviceBuffer<int32_t> d_tables(tables), d_seq_tables(seq_tables), d_firsts(firsts),

@@ -405,51 +405,44 @@ inline void LdMatrixX4(uint32_t (&r)[4], const void* row) {
   e::SyncWarp();
 }
 
-template <typename T>
-inline void MmaK16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  namespace e = ::helix_emu;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  uint32_t* w = e::LaneWords(lane);
-  for (int i = 0; i < 4; ++i) w[i] = a[i];
-  w[4] = b0;
-  w[5] = b1;
-  e::SyncWarp();
+namespace helix_emu {
+// c += A B for m16n8kK (K = 16 or 8) from the warp's published operand words: A's words at 0..3
+// (K = 8: 0..1), B's at 4..5 (K = 8: 4). Lane (row % 8) * 4 + (k % 8) / 2 holds A[row][k] in word
+// (row >= 8) + 2 (k >= 8), and lane n * 4 + (k % 8) / 2 holds B[k][n] in word 4 + (k >= 8); lane
+// l's c is C[l / 4 (+ 8)][2 (l % 4) (+ 1)].
+template <typename T, int K>
+void Mma(float (&c)[4], const uint32_t* a, const uint32_t* b) {
+  const int lane = static_cast<int>(t_thread_idx.x % 32);
+  uint32_t* w = LaneWords(lane);
+  for (int i = 0; i < K / 4; ++i) w[i] = a[i];
+  for (int i = 0; i < K / 8; ++i) w[4 + i] = b[i];
+  SyncWarp();
   const int g = lane / 4, t = lane % 4;
   for (int ci = 0; ci < 4; ++ci) {
     const int row = g + (ci >= 2 ? 8 : 0), col = 2 * t + (ci & 1);
     float s = c[ci];
-    for (int k = 0; k < 16; ++k) {
+    for (int k = 0; k < K; ++k) {
       const float av =
-          e::Elem<T>((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
-      const float bv = e::Elem<T>(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2);
+          Elem<T>((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
+      const float bv = Elem<T>(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2);
       s = std::fma(av, bv, s);
     }
     c[ci] = s;
   }
-  e::SyncWarp();
+  SyncWarp();
+}
+}  // namespace helix_emu
+
+template <typename T>
+inline void MmaK16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  ::helix_emu::Mma<T, 16>(c, a, b);
 }
 
 template <typename T>
 inline void MmaK8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b) {
-  namespace e = ::helix_emu;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  uint32_t* w = e::LaneWords(lane);
-  w[0] = a0;
-  w[1] = a1;
-  w[4] = b;
-  e::SyncWarp();
-  const int g = lane / 4, t = lane % 4;
-  for (int ci = 0; ci < 4; ++ci) {
-    const int row = g + (ci >= 2 ? 8 : 0), col = 2 * t + (ci & 1);
-    float s = c[ci];
-    for (int k = 0; k < 8; ++k) {
-      const float av = e::Elem<T>((row % 8) * 4 + k / 2, row >= 8 ? 1 : 0, k % 2);
-      const float bv = e::Elem<T>(col * 4 + k / 2, 4, k % 2);
-      s = std::fma(av, bv, s);
-    }
-    c[ci] = s;
-  }
-  e::SyncWarp();
+  const uint32_t a[2] = {a0, a1};
+  ::helix_emu::Mma<T, 8>(c, a, &b);
 }
 
 inline bool __any_sync(unsigned, bool p) {

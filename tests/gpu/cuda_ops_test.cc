@@ -308,6 +308,45 @@ Problem CausalPrefill(int64_t L, int64_t tpb, int64_t pool_blocks, int64_t kv_he
   return pr;
 }
 
+// Sequences of `lens` tokens among `pool_blocks` (tpb per block), sequence s queried at each of
+// its positions from froms[s] on (a prompt chunk; its last alone: a decode token), 2 KV heads of
+// `group` query heads each, random queries.
+Problem PromptChunks(const std::vector<int32_t>& lens, const std::vector<int32_t>& froms,
+                     int64_t tpb, int64_t pool_blocks, int64_t group, int64_t d,
+                     std::mt19937& rng) {
+  Problem pr = DecodeBatch(lens, tpb, pool_blocks, rng);
+  pr.q_seq.clear();
+  pr.q_pos.clear();
+  for (int32_t s = 0; s < static_cast<int32_t>(lens.size()); ++s) {
+    for (int32_t i = froms[s]; i < pr.kv_lens[s]; ++i) {
+      pr.q_seq.push_back(s);
+      pr.q_pos.push_back(i);
+    }
+  }
+  pr.num_kv_heads = 2;
+  pr.num_q_heads = 2 * group;
+  pr.head_dim = d;
+  pr.q = RandomVector(rng, pr.tokens() * 2 * group * d);
+  return pr;
+}
+
+// A CP rank holding global blocks 1, 3, 5 of 16 tokens (the last partial; pool blocks 4, 0, 6),
+// queried before them (nothing visible), inside a block (causal cut mid-block) and after: 2 KV
+// heads, 4 query heads, random queries.
+Problem ContextParallelRank(int64_t d, std::mt19937& rng) {
+  Problem pr;
+  pr.AddSeq({4, 0, 6}, {16, 48, 80}, 2 * 16 + 11);
+  for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) {
+    pr.q_seq.push_back(0);
+    pr.q_pos.push_back(pos);
+  }
+  pr.num_kv_heads = 2;
+  pr.num_q_heads = 4;
+  pr.head_dim = d;
+  pr.q = RandomVector(rng, pr.tokens() * 4 * d);
+  return pr;
+}
+
 // Multi-token (prefill) queries through the same API: token i sees KV 0..i.
 TEST_F(CudaOpsTest, AttentionCausalPrefill) {
   SKIP_IF_EMULATED("too slow; see attention_emu_test");
@@ -335,16 +374,7 @@ TEST_F(CudaOpsTest, AttentionContextParallelPositions) {
   for (int64_t d : {8, 128}) {
     Pool pool(DType::kF16, 1, 2, tpb, d, 7);
     pool.FillRandom(rng);
-    Problem pr;
-    pr.AddSeq({4, 0, 6}, {16, 48, 80}, 2 * 16 + 11);
-    for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) {
-      pr.q_seq.push_back(0);
-      pr.q_pos.push_back(pos);
-    }
-    pr.num_kv_heads = 2;
-    pr.num_q_heads = 4;
-    pr.head_dim = d;
-    pr.q = RandomVector(rng, pr.tokens() * 4 * d);
+    const Problem pr = ContextParallelRank(d, rng);
     const AttnResult want = RunCpu(pr, pool.view);
     for (int64_t split : {0, 16, 32}) {
       const AttnResult got = RunCuda(pr, pool, split, nullptr);
@@ -495,19 +525,7 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
       ExpectSame(RunCpu(one, big.view), RunCuda(one, big, 0, nullptr),
                  "mma_prefill " + Name(dt, 4, d, 0));
       big.FillRandom(rng);  // no poison left from the first problem
-      Problem chunks = DecodeBatch({300, 257, 180}, 32, blocks, rng);
-      chunks.q_seq.clear();
-      chunks.q_pos.clear();
-      for (int32_t s = 0; s < 3; ++s) {
-        for (int32_t i = 100; i < chunks.kv_lens[s]; ++i) {
-          chunks.q_seq.push_back(s);
-          chunks.q_pos.push_back(i);
-        }
-      }
-      chunks.num_kv_heads = 2;
-      chunks.num_q_heads = 6;
-      chunks.head_dim = d;
-      chunks.q = RandomVector(rng, chunks.tokens() * 6 * d);
+      Problem chunks = PromptChunks({300, 257, 180}, {100, 100, 100}, 32, blocks, 3, d, rng);
       PoisonUnusedSlots(chunks, &big);
       ExpectSame(RunCpu(chunks, big.view), RunCuda(chunks, big, 0, nullptr),
                  "mma_prefill chunks " + Name(dt, 3, d, 0));
@@ -515,20 +533,8 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
       // to the warp kernel), groups of 1 (64 tokens a block) and 12.
       for (int64_t group : {1, 12}) {
         big.FillRandom(rng);
-        Problem mixed = DecodeBatch({700, 300, 600, 200}, 32, blocks, rng);
-        mixed.q_seq.clear();
-        mixed.q_pos.clear();
-        const int32_t froms[] = {699, 0, 599, 100};
-        for (int32_t s = 0; s < 4; ++s) {
-          for (int32_t i = froms[s]; i < mixed.kv_lens[s]; ++i) {
-            mixed.q_seq.push_back(s);
-            mixed.q_pos.push_back(i);
-          }
-        }
-        mixed.num_kv_heads = 2;
-        mixed.num_q_heads = 2 * group;
-        mixed.head_dim = d;
-        mixed.q = RandomVector(rng, mixed.tokens() * 2 * group * d);
+        Problem mixed =
+            PromptChunks({700, 300, 600, 200}, {699, 0, 599, 100}, 32, blocks, group, d, rng);
         PoisonUnusedSlots(mixed, &big);
         ExpectSame(RunCpu(mixed, big.view), RunCuda(mixed, big, 0, nullptr),
                    "mma_prefill mixed " + Name(dt, group, d, 0));
@@ -537,16 +543,7 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
   }
   Pool cp_pool(DType::kBF16, 1, 2, tpb, 128, 7);
   cp_pool.FillRandom(rng);
-  Problem cp;
-  cp.AddSeq({4, 0, 6}, {16, 48, 80}, 2 * 16 + 11);
-  for (int32_t pos : {3, 15, 16, 20, 47, 50, 63, 64, 81, 90, 100, 5000}) {
-    cp.q_seq.push_back(0);
-    cp.q_pos.push_back(pos);
-  }
-  cp.num_kv_heads = 2;
-  cp.num_q_heads = 4;
-  cp.head_dim = 128;
-  cp.q = RandomVector(rng, cp.tokens() * 4 * 128);
+  const Problem cp = ContextParallelRank(128, rng);
   const AttnResult cp_want = RunCpu(cp, cp_pool.view);
   for (int64_t split : {0, 16, 32}) {
     ExpectSame(cp_want, RunCuda(cp, cp_pool, split, nullptr),
