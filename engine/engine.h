@@ -60,8 +60,8 @@ struct EngineOptions {
   // where that pays (CudaBackendOptions::fold_norms; decode_bench --fold 0 measures without).
   bool cuda_fold_norms = true;
   // The cuda backend: decode attention's math on the tensor cores for 16-bit KV
-  // (CudaBackendOptions::attention_tensor_cores; decode_bench --attn-mma 1). Off by default.
-  bool cuda_attention_tensor_cores = false;
+  // (CudaBackendOptions::attention_tensor_cores; decode_bench --attn-mma 0 measures without).
+  bool cuda_attention_tensor_cores = true;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

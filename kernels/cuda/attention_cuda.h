@@ -56,10 +56,11 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, c
 cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
 
 // Whether PagedAttentionCuda does the math of 16-bit KV on the tensor cores (as
-// PagedAttentionCudaTuning::tensor_cores, which also turns it on). Process-wide; off by default
-// until it has been measured against the fp32-math kernel (CudaBackendOptions::
-// attention_tensor_cores, decode_bench --attn-mma 1, attention_bench's "mma" variants). Safe to
-// call while other threads launch; set it before capturing graphs that should use it.
+// PagedAttentionCudaTuning::tensor_cores, which also turns it on). Process-wide; off here until
+// set (the kernel library's default, the fp32-math kernel); the CUDA backend sets it from
+// CudaBackendOptions::attention_tensor_cores, on by default since it was measured faster on an
+// H100 (docs/results/gpu-h100-2026-11-26c.md; attention_bench's "mma" variants). Safe to call
+// while other threads launch; set it before capturing graphs that should use it.
 void SetPagedAttentionCudaTensorCores(bool on);
 
 // Benchmark and test knobs of PagedAttentionCuda / PagedAttentionCudaSplitTokens,

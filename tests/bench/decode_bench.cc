@@ -23,7 +23,7 @@ using Clock = std::chrono::steady_clock;
 
 struct Args {
   std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto", backend = "cpu";
-  bool cuda_graphs = false, gemv = true, pdl = true, fold = true, attn_mma = false;
+  bool cuda_graphs = false, gemv = true, pdl = true, fold = true, attn_mma = true;
   int64_t context = 512, batch = 1, steps = 64, warmup = 8, threads = 0, tokens_per_block = 32;
 };
 

@@ -60,14 +60,13 @@ reset_foreign_build
 # decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
 # dependent launch of the step's kernels (--pdl 1); both default to 0 here, the old path, so that
 # each change is measured against it in the same call; fold 0 = no norms folded into the GEMV
-# (--fold 0), default 1; mma 1 = decode attention's math on the tensor cores (--attn-mma 1),
-# default 0) and the profiled ones (shape:context:graphs[:mma], with decode_bench's defaults:
-# GEMV, PDL and folding on).
+# (--fold 0), default 1; mma 1 = decode attention's math on the tensor cores (--attn-mma 1, the
+# engine's default since 2026-11-26; 0 here unless given) and the profiled ones
+# (shape:context:graphs[:mma], with decode_bench's defaults otherwise: GEMV, PDL and folding on).
 PROFILES=(llama3-1b:8192:1 llama3-1b:8192:1:1)
-RUNS=(smollm2-135m:8192:1 smollm2-135m:8192:1:1:1:0 smollm2-135m:8192:1:1:1
-  smollm2-135m:8192:1:1:1:1:1 smollm2-135m:32768:1:1:1
-  llama3-1b:8192:0 llama3-1b:8192:0:1:1 llama3-1b:8192:1 llama3-1b:8192:1:1:1
-  llama3-1b:8192:1:1:1:1:1 llama3-1b:32768:1 llama3-1b:32768:1:1:1 llama3-1b:32768:1:1:1:1:1)
+RUNS=(smollm2-135m:8192:1:1:1 smollm2-135m:8192:1:1:1:1:1
+  llama3-1b:8192:1 llama3-1b:8192:1:1:1 llama3-1b:8192:1:1:1:1:1
+  llama3-1b:32768:1:1:1 llama3-1b:32768:1:1:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
   local s ctx g v d f m

@@ -770,7 +770,9 @@ class CudaBackendGgufTest : public ::testing::TestWithParam<std::string> {
 TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   const std::string model = GetParam().substr(0, GetParam().find(':'));
   const bool cublas = GetParam().find(":cublas") != std::string::npos;
-  const bool mma = GetParam().find(":mma") != std::string::npos;
+  // ":fp32attn": attention's math on the CUDA cores (attention_tensor_cores off); otherwise the
+  // default, the tensor cores (these models' head dim is 64, their KV bf16).
+  const bool mma = GetParam().find(":fp32attn") == std::string::npos;
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
   if (model.rfind("qwen2", 0) == 0) {
@@ -805,7 +807,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
     // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS.
     ExpectGemvUse(*backends->front(), !cublas, {"GemvCuda", "GemvSiluMulCuda"}, GetParam());
   }
-  // ":mma": attention on the tensor cores (its head dim is 64), decode and prefill, and only then.
+  // Attention on the tensor cores, decode and prefill, exactly when asked.
   ASSERT_EQ(backends->size(), 1u);
   const Backend& b = *backends->front();
   for (const char* op : {"PagedAttentionCudaMma", "PagedAttentionCudaMmaPrefill"}) {
@@ -829,7 +831,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
                          ::testing::Values("llama_BF16.gguf", "llama_Q8_0.gguf:cublas",
                                            "qwen2_F32.gguf",  // q/k/v biases
-                                           "llama_Q8_0.gguf:cublas:mma"),
+                                           "llama_Q8_0.gguf:cublas:fp32attn"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (char& ch : n) {
