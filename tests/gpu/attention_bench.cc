@@ -45,6 +45,7 @@ namespace {
 using gpu_testing::DeviceBuffer;
 using kernels::DType;
 using kernels::KvPoolView;
+using kernels::MergeStatesParams;
 using kernels::MlaAttentionParams;
 using kernels::PagedAttentionParams;
 using kernels::cuda::PagedAttentionCudaTuning;
@@ -67,6 +68,11 @@ const Variant kVariants[] = {
     {"bulk", {.bulk_copy = true}},
     {"mma", {.tensor_cores = true}},
     {"mma8w", {.warps_per_block = 8, .stages = 3, .tensor_cores = true}},
+    // Fewer, longer split-KV chunks than the one-wave default (fewer partial rows to merge; at
+    // 4K x 1 mc4k is no split at all).
+    {"mc512", {.min_chunk_tokens = 512}},
+    {"mc2k", {.min_chunk_tokens = 2048}},
+    {"mc4k", {.min_chunk_tokens = 4096}},
     {"loadonly", {.load_only = true}, false, true},
     {"bulkload", {.load_only = true, .bulk_copy = true}, false, true},
 };
@@ -572,14 +578,14 @@ int Main(int argc, char** argv) {
     for (size_t v = 1; v < num_variants; ++v) {
       std::fprintf(csv, ",%s_ms", kVariants[v].name);
     }
-    std::fprintf(csv, ",maxdiff\n");
+    std::fprintf(csv, ",merge_ms,maxdiff\n");
   }
   std::printf("%8s %5s %8s %6s %9s %6s %8s %6s %8s", "tokens", "batch", "KV MiB", "splits",
               "ours ms", "GB/s", "read GB/s", "frac", "D2D GB/s");
   for (size_t v = 1; v < num_variants; ++v) {
     std::printf(" %8s", kVariants[v].name);
   }
-  std::printf("%s\n", num_variants > 1 ? "  maxdiff" : "");
+  std::printf(" %8s%s\n", "merge", num_variants > 1 ? "  maxdiff" : "");
   std::mt19937 rng(1);
   for (int64_t tokens : token_counts) {
     for (int64_t batch : batches) {
@@ -685,6 +691,25 @@ int Main(int argc, char** argv) {
         HELIX_CUDA_OK(cudaGraphExecDestroy(attn));
       }
       kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
+      // The default's split-KV merge alone (MergeStatesCuda over its parts), for its share of
+      // "ours"; 0 without a split.
+      double merge_ms = 0.0;
+      if (splits > 1) {
+        const int64_t rows = batch * kQHeads;
+        DeviceBuffer<float> parts(static_cast<size_t>(splits * rows * (kDim + 1)));
+        HELIX_CUDA_OK(cudaMemsetAsync(parts.get(), 0, parts.size() * sizeof(float), stream));
+        const MergeStatesParams mp{.o = parts.get(),
+                                   .lse = parts.get() + splits * rows * kDim,
+                                   .out = d_out.get(),
+                                   .out_lse = d_lse.get(),
+                                   .num_parts = splits,
+                                   .rows = rows,
+                                   .head_dim = kDim};
+        cudaGraphExec_t merge = Capture(
+            stream, iters, [&](int) { HELIX_CUDA_OK(kernels::cuda::MergeStatesCuda(mp, stream)); });
+        merge_ms = TimeGraph(merge, iters, runs, stream);
+        HELIX_CUDA_OK(cudaGraphExecDestroy(merge));
+      }
       bool bad = false;
       for (float x : ref_out) {
         bad = bad || !std::isfinite(x);
@@ -699,6 +724,7 @@ int Main(int argc, char** argv) {
       for (size_t v = 1; v < num_variants; ++v) {
         std::printf(" %8.4f", ms[v]);
       }
+      std::printf(" %8.4f", merge_ms);
       if (num_variants > 1) {
         std::printf("  %.2e", max_diff);
       }
@@ -712,7 +738,7 @@ int Main(int argc, char** argv) {
         for (size_t v = 1; v < num_variants; ++v) {
           std::fprintf(csv, ",%.5f", ms[v]);
         }
-        std::fprintf(csv, ",%.3g\n", max_diff);
+        std::fprintf(csv, ",%.5f,%.3g\n", merge_ms, max_diff);
         std::fflush(csv);  // a row survives a step timeout (run_engine.sh, run_all.sh)
       }
     }
