@@ -155,6 +155,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.programmatic_launch = o.cuda_programmatic_launch;
     c.fold_norms = o.cuda_fold_norms;
     c.attention_tensor_cores = o.cuda_attention_tensor_cores;
+    c.split_argmax = o.cuda_split_argmax;
     return CreateCudaBackend(c);
 #else
     return Unimplemented(

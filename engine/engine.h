@@ -62,6 +62,9 @@ struct EngineOptions {
   // The cuda backend: decode attention's math on the tensor cores for 16-bit KV
   // (CudaBackendOptions::attention_tensor_cores; decode_bench --attn-mma 0 measures without).
   bool cuda_attention_tensor_cores = true;
+  // The cuda backend: greedy argmax chunked over several thread blocks per row
+  // (CudaBackendOptions::split_argmax; decode_bench --split-argmax 1). Off by default.
+  bool cuda_split_argmax = false;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

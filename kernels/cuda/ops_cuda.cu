@@ -349,27 +349,21 @@ __device__ inline bool Better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
-__global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p) {
-  PdlEnter();  // first: see HELIX_LAUNCH_PDL
-  using Vals = float[32];
-  using Ids = int[32];
-  HELIX_STATIC_SMEM(Vals, s_v);
-  HELIX_STATIC_SMEM(Ids, s_i);
-  const float* row = p.logits + blockIdx.x * p.vocab;
-  float bv = kNegInf;
-  int bi = INT_MAX;
+// The best (value, id) of row[begin, end) in this thread (bv, bi updated): 16-byte loads when
+// vec4 (row 16-byte aligned, begin and end multiples of 4), several in flight per thread (the
+// order of the scan does not matter: Better is a total order). NaN never wins.
+__device__ inline void ArgmaxScan(const float* row, int64_t begin, int64_t end, bool vec4,
+                                  float& bv, int& bi) {
   const auto consider = [&](float v, int i) {
     if (!isnan(v) && Better(v, i, bv, bi)) {
       bv = v;
       bi = i;
     }
   };
-  if (p.vocab % 4 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0) {
-    // 16-byte loads, several in flight per thread (the order of the scan does not matter:
-    // Better is a total order).
+  if (vec4) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
 #pragma unroll 4
-    for (int64_t j = threadIdx.x; j < p.vocab / 4; j += blockDim.x) {
+    for (int64_t j = begin / 4 + threadIdx.x; j < end / 4; j += blockDim.x) {
       const float4 x = row4[j];
       const int i = static_cast<int>(4 * j);
       consider(x.x, i);
@@ -379,10 +373,18 @@ __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p
     }
   } else {
 #pragma unroll 4
-    for (int64_t i = threadIdx.x; i < p.vocab; i += blockDim.x) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       consider(row[i], static_cast<int>(i));
     }
   }
+}
+
+// The block's best (value, id), in thread 0 (bv, bi); every thread calls it.
+__device__ inline void ArgmaxBlockReduce(float& bv, int& bi) {
+  using Vals = float[32];
+  using Ids = int[32];
+  HELIX_STATIC_SMEM(Vals, s_v);
+  HELIX_STATIC_SMEM(Ids, s_i);
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
@@ -406,8 +408,75 @@ __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p
         bi = s_i[w];
       }
     }
+  }
+}
+
+bool ArgmaxVec4(const ArgmaxParams& p) {
+  return p.vocab % 4 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
+}
+
+__global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p, bool vec4) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
+  const float* row = p.logits + blockIdx.x * p.vocab;
+  float bv = kNegInf;
+  int bi = INT_MAX;
+  ArgmaxScan(row, 0, p.vocab, vec4, bv, bi);
+  ArgmaxBlockReduce(bv, bi);
+  if (threadIdx.x == 0) {
     // A NaN at index 0 is never replaced by the sequential scan; all-NaN rows give 0 too.
     p.out[blockIdx.x] = isnan(row[0]) || bi == INT_MAX ? 0 : bi;
+  }
+}
+
+// The chunked argmax: thread block (c, r) writes the best (value, id) of chunk c of row r
+// (`chunk` logits, a multiple of 4) to the workspace, [rows][chunks] values then ids;
+// ArgmaxChunksKernel picks among them per row.
+constexpr int kArgmaxChunkThreads = 256;
+
+// Logits per chunk of a row of `vocab`: the row in at most kArgmaxMaxChunks chunks of at least
+// kArgmaxMinChunk, a multiple of 4.
+int64_t ArgmaxChunkLen(int64_t vocab) {
+  const int64_t chunks =
+      std::min(kArgmaxMaxChunks, (vocab + kArgmaxMinChunk - 1) / kArgmaxMinChunk);
+  const int64_t len = (vocab + chunks - 1) / chunks;
+  return (len + 3) / 4 * 4;
+}
+
+__global__ void __launch_bounds__(kArgmaxChunkThreads)
+    ArgmaxChunkKernel(const ArgmaxParams p, bool vec4, int chunks, int64_t chunk) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
+  const int64_t r = blockIdx.y;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = begin + chunk < p.vocab ? begin + chunk : p.vocab;
+  float bv = kNegInf;
+  int bi = INT_MAX;
+  ArgmaxScan(p.logits + r * p.vocab, begin, end, vec4, bv, bi);
+  ArgmaxBlockReduce(bv, bi);
+  if (threadIdx.x == 0) {
+    const int64_t slot = r * chunks + blockIdx.x;
+    static_cast<float*>(p.workspace)[slot] = bv;
+    (static_cast<int*>(p.workspace) + p.rows * chunks)[slot] = bi;
+  }
+}
+
+__global__ void __launch_bounds__(kArgmaxChunkThreads)
+    ArgmaxChunksKernel(const ArgmaxParams p, int chunks) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL
+  const int64_t r = blockIdx.x;
+  const float* vals = static_cast<const float*>(p.workspace) + r * chunks;
+  const int* ids = static_cast<const int*>(p.workspace) + p.rows * chunks + r * chunks;
+  float bv = kNegInf;
+  int bi = INT_MAX;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+    if (Better(vals[c], ids[c], bv, bi)) {  // never NaN: a chunk's winner is a number or none
+      bv = vals[c];
+      bi = ids[c];
+    }
+  }
+  ArgmaxBlockReduce(bv, bi);
+  if (threadIdx.x == 0) {
+    // As ArgmaxKernel: a NaN at index 0 keeps 0, all-NaN rows give 0.
+    p.out[r] = isnan(p.logits[r * p.vocab]) || bi == INT_MAX ? 0 : bi;
   }
 }
 
@@ -833,6 +902,18 @@ cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+size_t ArgmaxCudaWorkspaceBytes(const ArgmaxParams& p) {
+  if (p.rows <= 0 || p.vocab <= 0) {
+    return 0;
+  }
+  const int64_t chunk = ArgmaxChunkLen(p.vocab);
+  const int64_t chunks = (p.vocab + chunk - 1) / chunk;
+  if (chunks <= 1) {
+    return 0;
+  }
+  return static_cast<size_t>(p.rows * chunks) * (sizeof(float) + sizeof(int));
+}
+
 cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.vocab <= 0) {
     return cudaSuccess;
@@ -840,7 +921,23 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.vocab > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  HELIX_LAUNCH_PDL(ArgmaxKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);
+  const bool vec4 = ArgmaxVec4(p);
+  const int64_t chunk = ArgmaxChunkLen(p.vocab);
+  const int64_t chunks = (p.vocab + chunk - 1) / chunk;
+  if (p.workspace == nullptr || chunks <= 1) {
+    HELIX_LAUNCH_PDL(ArgmaxKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p, vec4);
+    HELIX_CUDA_CHECK_LAUNCH(stream);
+    return cudaSuccess;
+  }
+  if (p.rows > 65535) {
+    return cudaErrorInvalidValue;  // grid.y
+  }
+  const int c = static_cast<int>(chunks);
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(p.rows));
+  HELIX_LAUNCH_PDL(ArgmaxChunkKernel, grid, kArgmaxChunkThreads, 0, stream, p, vec4, c, chunk);
+  HELIX_CUDA_CHECK_LAUNCH(stream);
+  HELIX_LAUNCH_PDL(ArgmaxChunksKernel, static_cast<unsigned>(p.rows), kArgmaxChunkThreads, 0,
+                   stream, p, c);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }

@@ -118,11 +118,21 @@ cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream);
 // Greedy token of each row, exactly as engine/sampler's temperature 0: the first index of the
 // largest logit (ties -> lowest id); NaN logits never win, except that a NaN in logits[0]
 // gives 0 (the sequential scan starts from index 0).
+// One thread block per row; with a workspace (ArgmaxCudaWorkspaceBytes) each row is cut into up
+// to kArgmaxMaxChunks chunks of at least kArgmaxMinChunk logits (a multiple of 4), one thread
+// block each, whose winners a second kernel reduces (one thread block alone reads a 128K-entry
+// row at a fraction of the memory bandwidth).
 struct ArgmaxParams {
   const float* logits;  // [rows][vocab]
   int32_t* out;         // [rows]
   int64_t rows, vocab;
+  void* workspace = nullptr;  // nullptr, or ArgmaxCudaWorkspaceBytes(*this) bytes, 4-aligned
 };
+constexpr int64_t kArgmaxMaxChunks = 32;
+constexpr int64_t kArgmaxMinChunk = 128;
+// Bytes of workspace for the chunked argmax of p: 0 when a row is one chunk (then the workspace
+// is not used), else a (value, id) pair per chunk of every row.
+size_t ArgmaxCudaWorkspaceBytes(const ArgmaxParams& p);
 cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream);
 
 // Temperature / top-k / top-p / min-p sampling of each row as engine/sampler does it (after

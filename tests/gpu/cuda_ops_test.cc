@@ -942,34 +942,65 @@ TEST_F(CudaOpsTest, ArgmaxMatchesGreedySampler) {
   odd[1000] = 9.0f;
   rows.push_back(odd);
   rows.push_back(RandomVector(rng, 1001));
-  for (size_t r = 0; r < rows.size(); ++r) {
-    SamplingParams sp;
-    sp.temperature = 0;
-    std::vector<float> copy = rows[r];
-    const int32_t want =
-        Sampler(sp, {}).Sample(copy.data(), static_cast<int64_t>(copy.size())).token;
-    DeviceBuffer<float> d_logits(rows[r]);
-    DeviceBuffer<int32_t> d_out(1);
-    ASSERT_EQ(cuda::ArgmaxCuda({.logits = d_logits.get(),
-                                .out = d_out.get(),
-                                .rows = 1,
-                                .vocab = static_cast<int64_t>(rows[r].size())},
-                               nullptr),
-              cudaSuccess);
-    EXPECT_EQ(d_out.Download()[0], want) << "row " << r;
-  }
-  // Several rows in one launch.
-  const int64_t vocab = 1000, n = 5;
-  std::vector<float> batch = RandomVector(rng, vocab * n);
-  DeviceBuffer<float> d_batch(batch);
-  DeviceBuffer<int32_t> d_out(n);
-  ASSERT_EQ(cuda::ArgmaxCuda(
-                {.logits = d_batch.get(), .out = d_out.get(), .rows = n, .vocab = vocab}, nullptr),
-            cudaSuccess);
-  const std::vector<int32_t> got = d_out.Download();
-  for (int64_t r = 0; r < n; ++r) {
-    EXPECT_EQ(got[r], std::max_element(batch.begin() + r * vocab, batch.begin() + (r + 1) * vocab) -
-                          (batch.begin() + r * vocab));
+  // Chunked rows' edge cases: a NaN at index 0 of a long row, equal maxima in different chunks,
+  // a long all -inf row, the winner in the short last chunk, and no 16-byte loads.
+  std::vector<float> nan0_long = RandomVector(rng, 20000);
+  nan0_long[0] = std::nanf("");
+  rows.push_back(nan0_long);
+  std::vector<float> tie_chunks(20000, 1.0f);
+  tie_chunks[19999] = 3.0f;
+  tie_chunks[7001] = 3.0f;
+  rows.push_back(tie_chunks);
+  rows.push_back(std::vector<float>(9000, -kInf));
+  std::vector<float> last_chunk = RandomVector(rng, 128 * 32 + 8);
+  last_chunk[128 * 32 + 7] = 11.0f;
+  rows.push_back(last_chunk);
+  std::vector<float> odd_long = RandomVector(rng, 10001);
+  odd_long[5003] = 12.0f;
+  rows.push_back(odd_long);
+  for (bool chunked : {false, true}) {
+    for (size_t r = 0; r < rows.size(); ++r) {
+      SamplingParams sp;
+      sp.temperature = 0;
+      std::vector<float> copy = rows[r];
+      const int32_t want =
+          Sampler(sp, {}).Sample(copy.data(), static_cast<int64_t>(copy.size())).token;
+      DeviceBuffer<float> d_logits(rows[r]);
+      DeviceBuffer<int32_t> d_out(1);
+      cuda::ArgmaxParams p{.logits = d_logits.get(),
+                           .out = d_out.get(),
+                           .rows = 1,
+                           .vocab = static_cast<int64_t>(rows[r].size())};
+      DeviceBuffer<unsigned char> ws(cuda::ArgmaxCudaWorkspaceBytes(p));
+      if (chunked) {
+        p.workspace = ws.get();
+        EXPECT_EQ(ws.size() > 0, rows[r].size() > 128) << "row " << r << " is chunked";
+      }
+      ASSERT_EQ(cuda::ArgmaxCuda(p, nullptr), cudaSuccess);
+      EXPECT_EQ(d_out.Download()[0], want) << "row " << r << (chunked ? " chunked" : "");
+    }
+    // Several rows in one launch; row r of the first `vocab` has its maximum at r (every
+    // position of every chunk, its first and last included, wins once).
+    const int64_t vocab = 300, n = vocab + 5;
+    std::vector<float> batch = RandomVector(rng, vocab * n);
+    for (int64_t r = 0; r < vocab; ++r) {
+      batch[r * vocab + r] = 2.0f;
+    }
+    DeviceBuffer<float> d_batch(batch);
+    DeviceBuffer<int32_t> d_out(n);
+    cuda::ArgmaxParams p{.logits = d_batch.get(), .out = d_out.get(), .rows = n, .vocab = vocab};
+    DeviceBuffer<unsigned char> ws(cuda::ArgmaxCudaWorkspaceBytes(p));
+    if (chunked) {
+      p.workspace = ws.get();
+    }
+    ASSERT_EQ(cuda::ArgmaxCuda(p, nullptr), cudaSuccess);
+    const std::vector<int32_t> got = d_out.Download();
+    for (int64_t r = 0; r < n; ++r) {
+      EXPECT_EQ(got[r],
+                std::max_element(batch.begin() + r * vocab, batch.begin() + (r + 1) * vocab) -
+                    (batch.begin() + r * vocab))
+          << "batch row " << r << (chunked ? " chunked" : "");
+    }
   }
 }
 

@@ -43,6 +43,10 @@ namespace kc = kernels::cuda;
 #ifndef HELIX_CUDA_EMULATION
 constexpr size_t kCublasWorkspace = 32u << 20;  // cuBLAS's own, so that graphs allocate nothing
 #endif
+// The chunked greedy argmax's workspace (CudaBackendOptions::split_argmax), allocated once:
+// 8 bytes per (row, 4096-logit chunk), e.g. 32 rows of a 128K vocabulary in 8 KiB; larger calls
+// take the one-block-per-row kernel.
+constexpr size_t kArgmaxWorkspace = 1u << 20;
 
 void* HostAlignedAlloc(size_t bytes) {
   return std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
@@ -53,6 +57,9 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaBackendOptions& o) : options_(o) {}
 
   Status Init() {
+#ifdef HELIX_CUDA_EMULATION
+    if (options_.split_argmax) argmax_ws_ = std::malloc(kArgmaxWorkspace);
+#endif
 #ifndef HELIX_CUDA_EMULATION
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
@@ -77,6 +84,9 @@ class CudaBackend final : public Backend {
         cublasSetWorkspace(cublas_, cublas_ws_, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS) {
       return FailedPrecondition("backend cuda: cannot give cuBLAS its stream and workspace");
     }
+    if (options_.split_argmax) {
+      RETURN_IF_ERROR(Check(cudaMalloc(&argmax_ws_, kArgmaxWorkspace), "argmax workspace"));
+    }
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, device_) == cudaSuccess) {
       HELIX_LOG(kInfo) << "backend cuda: device " << device_ << " of " << count << " (" << prop.name
@@ -95,11 +105,13 @@ class CudaBackend final : public Backend {
     for (const auto& [mark, event] : upload_events_) cudaEventDestroy(event);
     if (upload_stream_ != nullptr) cudaStreamDestroy(upload_stream_);
     if (gemm_ws_ != nullptr) cudaFree(gemm_ws_);
+    if (argmax_ws_ != nullptr) cudaFree(argmax_ws_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_ws_ != nullptr) cudaFree(cublas_ws_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
 #else
     std::free(gemm_ws_);
+    std::free(argmax_ws_);
 #endif
   }
 
@@ -541,9 +553,13 @@ class CudaBackend final : public Backend {
                     const int32_t* top_k, const float* top_p, const float* min_p, const double* u,
                     int32_t* greedy, int32_t* sampled) override {
     if (greedy != nullptr) {
-      Op("ArgmaxCuda", [=, this] {
-        return kc::ArgmaxCuda({logits, greedy, rows, vocab}, stream_);
-      });
+      kc::ArgmaxParams ap{logits, greedy, rows, vocab};
+      // Chunked over several thread blocks per row where the workspace suffices.
+      if (argmax_ws_ != nullptr && kc::ArgmaxCudaWorkspaceBytes(ap) <= kArgmaxWorkspace) {
+        ap.workspace = argmax_ws_;
+      }
+      Op(ap.workspace != nullptr ? "ArgmaxChunkedCuda" : "ArgmaxCuda",
+         [=, this] { return kc::ArgmaxCuda(ap, stream_); });
     }
     if (sampled != nullptr) {
       Op("SampleCuda", [=, this] {
@@ -732,7 +748,8 @@ class CudaBackend final : public Backend {
 #endif
   void* gemm_ws_ = nullptr;
   size_t gemm_ws_bytes_ = 0;
-  struct Converted {  // what the last GemmCuda converted into gemm_ws_
+  void* argmax_ws_ = nullptr;  // kArgmaxWorkspace bytes with options_.split_argmax
+  struct Converted {           // what the last GemmCuda converted into gemm_ws_
     const float* x = nullptr;
     int64_t m = 0, k = 0;
     kernels::DType dtype = kernels::DType::kF32;

@@ -74,6 +74,7 @@ struct Case {
   bool sampled = false;  // SampledBatch (seeded sampling, mostly on the device) instead of Batch
   bool graphs = false;   // EngineOptions::cuda_graphs (and no logprobs, so that steps qualify)
   bool gemv = false;     // CudaBackendOptions::decode_gemv
+  bool split_argmax = false;  // CudaBackendOptions::split_argmax (the vocabulary's 512: 4 chunks)
 };
 
 const std::vector<Case>& StoriesCases() {
@@ -81,6 +82,9 @@ const std::vector<Case>& StoriesCases() {
       {"f32", kernels::DType::kF32, std::nullopt, 32, 0, 1, 1},
       {"f32_sampled", kernels::DType::kF32, std::nullopt, 16, 0, 1, 1, true},
       {"f32_graphs", kernels::DType::kF32, std::nullopt, 8, 0, 1, 1, false, true},
+      // The greedy argmax chunked over several thread blocks per row, eager and in graphs.
+      {"f32_graphs_split_argmax", kernels::DType::kF32, std::nullopt, 8, 0, 1, 1, false, true,
+       false, true},
       {"sampled_graphs", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1, true, true},
       {"bf16kv_tpb4_split8", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1},
       {"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2},
@@ -131,6 +135,7 @@ EngineOptions CudaOptions(const Case& c) {
   CudaBackendOptions bo;
   bo.attention_split_tokens = c.split_tokens;
   bo.decode_gemv = c.gemv;
+  bo.split_argmax = c.split_argmax;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   return o;
 }
@@ -536,6 +541,14 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     got = RunAll(e->get(), BatchFor(c), join_at);
     EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+    if (c.graphs && !c.sampled && c.tp * c.cp == 1) {
+      // Greedy steps without logprobs (graphs) pick on the device: the greedy argmax took the
+      // chunked kernels exactly when asked.
+      ASSERT_EQ(backends->size(), 1u);
+      const Backend& b = *backends->front();
+      EXPECT_EQ(b.ops_queued("ArgmaxChunkedCuda") > 0, c.split_argmax) << c.name;
+      EXPECT_EQ(b.ops_queued("ArgmaxCuda") > 0, !c.split_argmax) << c.name;
+    }
     if (c.weight_dtype == kernels::DType::kBF16) {
       // The decode GEMMs took the GEMV (and gate|up its fused SiLU·mul) exactly when asked.
       ASSERT_EQ(backends->size(), 1u);
