@@ -1283,13 +1283,29 @@ int StagesFor(int64_t items) {
 }
 
 #ifndef HELIX_CUDA_EMULATION
-// The current device's compute capability major, or 0 when it cannot be asked.
+// The current device's compute capability major, or 0 when it cannot be asked. Asked once per
+// device: every attention call chooses its kernel with it (several times: split, name, launch).
 int DeviceMajor() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};  // major + 1 once asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return 0;
+  }
+  if (device >= 0 && device < kDevices) {
+    const int k = known[device].load(std::memory_order_relaxed);
+    if (k > 0) {
+      return k - 1;
+    }
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (device >= 0 && device < kDevices) {
+    known[device].store(major + 1, std::memory_order_relaxed);
   }
   return major;
 }

@@ -411,6 +411,12 @@ __device__ inline void ArgmaxBlockReduce(float& bv, int& bi) {
   }
 }
 
+// The token of a row whose best id is bi: a NaN at index 0 is never replaced by the sequential
+// scan, and all-NaN rows give 0 too.
+__device__ inline int ArgmaxToken(const float* row, int bi) {
+  return isnan(row[0]) || bi == INT_MAX ? 0 : bi;
+}
+
 bool ArgmaxVec4(const ArgmaxParams& p) {
   return p.vocab % 4 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
 }
@@ -423,8 +429,7 @@ __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p
   ArgmaxScan(row, 0, p.vocab, vec4, bv, bi);
   ArgmaxBlockReduce(bv, bi);
   if (threadIdx.x == 0) {
-    // A NaN at index 0 is never replaced by the sequential scan; all-NaN rows give 0 too.
-    p.out[blockIdx.x] = isnan(row[0]) || bi == INT_MAX ? 0 : bi;
+    p.out[blockIdx.x] = ArgmaxToken(row, bi);
   }
 }
 
@@ -433,13 +438,24 @@ __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p
 // ArgmaxChunksKernel picks among them per row.
 constexpr int kArgmaxChunkThreads = 256;
 
-// Logits per chunk of a row of `vocab`: the row in at most kArgmaxMaxChunks chunks of at least
-// kArgmaxMinChunk, a multiple of 4.
-int64_t ArgmaxChunkLen(int64_t vocab) {
-  const int64_t chunks =
-      std::min(kArgmaxMaxChunks, (vocab + kArgmaxMinChunk - 1) / kArgmaxMinChunk);
-  const int64_t len = (vocab + chunks - 1) / chunks;
-  return (len + 3) / 4 * 4;
+// A row of `vocab` logits in at most kArgmaxMaxChunks chunks of at least kArgmaxMinChunk, each
+// `len` long (a multiple of 4; the last may be shorter).
+struct ArgmaxChunking {
+  int64_t len, count;
+};
+ArgmaxChunking ArgmaxChunks(int64_t vocab) {
+  const int64_t most = std::max<int64_t>(
+      1, std::min(kArgmaxMaxChunks, (vocab + kArgmaxMinChunk - 1) / kArgmaxMinChunk));
+  const int64_t len = ((vocab + most - 1) / most + 3) / 4 * 4;
+  return {len, (vocab + len - 1) / len};
+}
+
+// The workspace's chunk winners: values [rows][chunks], then ids [rows][chunks].
+__device__ inline float* ArgmaxWsValues(const ArgmaxParams& p, int chunks, int64_t r) {
+  return static_cast<float*>(p.workspace) + r * chunks;
+}
+__device__ inline int* ArgmaxWsIds(const ArgmaxParams& p, int chunks, int64_t r) {
+  return static_cast<int*>(p.workspace) + (p.rows + r) * chunks;
 }
 
 __global__ void __launch_bounds__(kArgmaxChunkThreads)
@@ -453,9 +469,8 @@ __global__ void __launch_bounds__(kArgmaxChunkThreads)
   ArgmaxScan(p.logits + r * p.vocab, begin, end, vec4, bv, bi);
   ArgmaxBlockReduce(bv, bi);
   if (threadIdx.x == 0) {
-    const int64_t slot = r * chunks + blockIdx.x;
-    static_cast<float*>(p.workspace)[slot] = bv;
-    (static_cast<int*>(p.workspace) + p.rows * chunks)[slot] = bi;
+    ArgmaxWsValues(p, chunks, r)[blockIdx.x] = bv;
+    ArgmaxWsIds(p, chunks, r)[blockIdx.x] = bi;
   }
 }
 
@@ -463,8 +478,8 @@ __global__ void __launch_bounds__(kArgmaxChunkThreads)
     ArgmaxChunksKernel(const ArgmaxParams p, int chunks) {
   PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t r = blockIdx.x;
-  const float* vals = static_cast<const float*>(p.workspace) + r * chunks;
-  const int* ids = static_cast<const int*>(p.workspace) + p.rows * chunks + r * chunks;
+  const float* vals = ArgmaxWsValues(p, chunks, r);
+  const int* ids = ArgmaxWsIds(p, chunks, r);
   float bv = kNegInf;
   int bi = INT_MAX;
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
@@ -475,8 +490,7 @@ __global__ void __launch_bounds__(kArgmaxChunkThreads)
   }
   ArgmaxBlockReduce(bv, bi);
   if (threadIdx.x == 0) {
-    // As ArgmaxKernel: a NaN at index 0 keeps 0, all-NaN rows give 0.
-    p.out[r] = isnan(p.logits[r * p.vocab]) || bi == INT_MAX ? 0 : bi;
+    p.out[r] = ArgmaxToken(p.logits + r * p.vocab, bi);
   }
 }
 
@@ -906,8 +920,7 @@ size_t ArgmaxCudaWorkspaceBytes(const ArgmaxParams& p) {
   if (p.rows <= 0 || p.vocab <= 0) {
     return 0;
   }
-  const int64_t chunk = ArgmaxChunkLen(p.vocab);
-  const int64_t chunks = (p.vocab + chunk - 1) / chunk;
+  const int64_t chunks = ArgmaxChunks(p.vocab).count;
   if (chunks <= 1) {
     return 0;
   }
@@ -922,9 +935,8 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const bool vec4 = ArgmaxVec4(p);
-  const int64_t chunk = ArgmaxChunkLen(p.vocab);
-  const int64_t chunks = (p.vocab + chunk - 1) / chunk;
-  if (p.workspace == nullptr || chunks <= 1) {
+  const ArgmaxChunking ch = ArgmaxChunks(p.vocab);
+  if (p.workspace == nullptr || ch.count <= 1) {
     HELIX_LAUNCH_PDL(ArgmaxKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p, vec4);
     HELIX_CUDA_CHECK_LAUNCH(stream);
     return cudaSuccess;
@@ -932,9 +944,9 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.rows > 65535) {
     return cudaErrorInvalidValue;  // grid.y
   }
-  const int c = static_cast<int>(chunks);
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(p.rows));
-  HELIX_LAUNCH_PDL(ArgmaxChunkKernel, grid, kArgmaxChunkThreads, 0, stream, p, vec4, c, chunk);
+  const int c = static_cast<int>(ch.count);
+  const dim3 grid(static_cast<unsigned>(ch.count), static_cast<unsigned>(p.rows));
+  HELIX_LAUNCH_PDL(ArgmaxChunkKernel, grid, kArgmaxChunkThreads, 0, stream, p, vec4, c, ch.len);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   HELIX_LAUNCH_PDL(ArgmaxChunksKernel, static_cast<unsigned>(p.rows), kArgmaxChunkThreads, 0,
                    stream, p, c);

@@ -44,8 +44,8 @@ namespace kc = kernels::cuda;
 constexpr size_t kCublasWorkspace = 32u << 20;  // cuBLAS's own, so that graphs allocate nothing
 #endif
 // The chunked greedy argmax's workspace (CudaBackendOptions::split_argmax), allocated once:
-// 8 bytes per (row, 4096-logit chunk), e.g. 32 rows of a 128K vocabulary in 8 KiB; larger calls
-// take the one-block-per-row kernel.
+// 8 bytes per (row, chunk), at most 32 chunks a row, so 4096 rows of any vocabulary; larger
+// calls take the one-block-per-row kernel.
 constexpr size_t kArgmaxWorkspace = 1u << 20;
 
 void* HostAlignedAlloc(size_t bytes) {
@@ -59,8 +59,7 @@ class CudaBackend final : public Backend {
   Status Init() {
 #ifdef HELIX_CUDA_EMULATION
     if (options_.split_argmax) argmax_ws_ = std::malloc(kArgmaxWorkspace);
-#endif
-#ifndef HELIX_CUDA_EMULATION
+#else
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess || count == 0) {

@@ -38,8 +38,8 @@ struct CudaBackendOptions {
   // prefill from 10.25 to 1.32 s (docs/results/gpu-h100-2026-11-26c.md); false: the fp32-math
   // kernel (CUDA cores) everywhere. Ignored for f32 KV, other head dims and GPUs before sm_80.
   bool attention_tensor_cores = true;
-  // Greedy sampling's argmax over each row in chunks of 4096 logits, one thread block each, then
-  // a second kernel over the chunks' winners (kernels::cuda::ArgmaxCuda with a workspace);
+  // Greedy sampling's argmax over each row in up to 32 chunks, one thread block each, then a
+  // second kernel over the chunks' winners (kernels::cuda::ArgmaxCuda with a workspace);
   // false: one thread block per row (18 us for a 128K vocabulary on an H100). Off until
   // measured (decode_bench --split-argmax 1).
   bool split_argmax = false;
