@@ -321,6 +321,8 @@ grpc::Status Router::Run(const RouteRequest& r,
       std::lock_guard<std::mutex> lock(policy_mu_);
       g = gen_policy_->Pick(gens, prompt);
     }
+    // Counted from the pick, so requests still in prefill weigh on the server they will use.
+    Load load(g, static_cast<int64_t>(prompt.size()) + r.proto.max_tokens());
     v1::GenerateRequest req = r.proto;
     v1::PrefillResponse pre;
     if (disagg) {
@@ -333,7 +335,6 @@ grpc::Status Router::Run(const RouteRequest& r,
       req.set_first_token(pre.first_token());
       *req.mutable_kv_handle() = pre.kv_handle();
     }
-    Load load(g, static_cast<int64_t>(prompt.size()) + r.proto.max_tokens());
     grpc::ClientContext gc;
     gc.set_deadline(Clock::now() + std::chrono::milliseconds(cfg_.request_timeout_ms));
     auto reader = g->gen->Generate(&gc, req);

@@ -144,6 +144,18 @@ def wait_ready(port, want=True, timeout=20):
     return False
 
 
+def wait_admitted(port, ctx_ports, gen_ports, timeout=20):
+    """Every listed server healthy at the router (/ready needs only one compatible pair)."""
+    labels = [f'role="context",url="127.0.0.1:{p}"' for p in ctx_ports] + \
+        [f'role="generation",url="127.0.0.1:{p}"' for p in gen_ports]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if all(metric(port, "helix_router_backend_healthy", l) == 1 for l in labels):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def direct(gen_port, prompt, max_tokens):
     """The generation server's own output for a greedy completion (no router)."""
     out = subprocess.run([GEN, "client", "--target", f"127.0.0.1:{gen_port}", "--prompt", prompt,
@@ -177,6 +189,7 @@ class RouterTest(unittest.TestCase):
                               router_cfg(cls.port, cls.ctx_ports, cls.gen_ports, api_key=KEY,
                                          max_request_bytes=65536), cls.port))
         assert wait_ready(cls.port), "router never became ready"
+        assert wait_admitted(cls.port, cls.ctx_ports, cls.gen_ports), "a server never admitted"
         cls.client = OpenAI(base_url=f"http://127.0.0.1:{cls.port}/v1", api_key=KEY,
                             max_retries=0, timeout=60)
 
@@ -319,7 +332,7 @@ class RouterFaultTest(unittest.TestCase):
         deadline = time.time() + 20
         while time.time() < deadline and not wait_ready(port):
             pass
-        time.sleep(0.5)
+        self.assertTrue(wait_admitted(port, ctx_ports, [gen_port]))
         ctx[0].kill()
         want = direct(gen_port, "The dog", 12)[0]
         for _ in range(4):  # round robin would send half of these to the dead server
@@ -370,7 +383,7 @@ class RouterFaultTest(unittest.TestCase):
             self.start("gen", server_cfg(g, False), g)
         self.start("router", router_cfg(port, [ctx_port], gens, policy="load_balancing",
                                         max_inflight_requests=4), port)
-        self.assertTrue(wait_ready(port))
+        self.assertTrue(wait_admitted(port, [ctx_port], gens))
         results = []
 
         def one():
