@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <latch>
 #include <limits>
 #include <string>
 #include <thread>
@@ -383,10 +384,19 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   EXPECT_LT(by_id.tokens.size(), 300u);
 
   // Back-pressure: beyond 4 x max_batch_size requests in flight, RESOURCE_EXHAUSTED at once.
+  // The 80 requests are sent together (every thread waits for the others first) and each runs
+  // 300 tokens, so that more than 64 are in flight at one moment even on a loaded machine: short
+  // requests from threads started one by one could finish before the last ones were sent.
+  const StreamResult long_ref = d.Run(Greedy("Once upon a time", 300));
+  ASSERT_EQ(long_ref.tokens.size(), 300u) << long_ref.status.error_message();
   std::vector<StreamResult> flood(80);
+  std::latch start(std::ssize(flood));
   threads.clear();
   for (size_t i = 0; i < flood.size(); ++i) {
-    threads.emplace_back([&, i] { flood[i] = d.Run(Greedy("Once upon a time", 30)); });
+    threads.emplace_back([&, i] {
+      start.arrive_and_wait();
+      flood[i] = d.Run(Greedy("Once upon a time", 300));
+    });
   }
   for (auto& t : threads) t.join();
   int refused = 0, served = 0;
@@ -397,7 +407,7 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
     } else {
       ++served;
       EXPECT_TRUE(r.status.ok()) << r.status.error_message();
-      EXPECT_EQ(r.tokens, std::vector<int32_t>(ref.tokens.begin(), ref.tokens.begin() + 30));
+      EXPECT_EQ(r.tokens, long_ref.tokens);
     }
   }
   EXPECT_GE(served, 64);
@@ -422,11 +432,11 @@ TEST_F(ServeTest, KilledRankMeansNotServingAndUnavailableStreams) {
   ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
   const pid_t rank = d.RankPid();
   ASSERT_GT(rank, 0);
-  StreamResult r;
-  std::thread t([&] { r = d.Run(Greedy("Once upon a time", 400)); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  kill(rank, SIGKILL);
-  t.join();
+  // The rank is killed from the stream itself, once 3 tokens arrived: a kill after a fixed delay
+  // could come after all 400 tokens on a fast machine (or before the first on a slow one).
+  const StreamResult r = d.RunWith(Greedy("Once upon a time", 400), [&](size_t n) {
+    if (n == 3) kill(rank, SIGKILL);
+  });
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
   EXPECT_LT(r.tokens.size(), 400u);
   EXPECT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);

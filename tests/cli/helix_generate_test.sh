@@ -50,17 +50,23 @@ sleep 0.5
 if pgrep -f "$tmp/model.bin" >/dev/null; then
   echo "FAIL: --cp 3 left rank processes behind"; pkill -9 -f "$tmp/model.bin"; fail=1
 fi
-# The leader killed mid-run: its ranks die with it (no orphans).
+# The leader killed mid-run: its ranks die with it (no orphans). Its tokens go to a file (it
+# flushes each one): the ranks are counted, and the leader killed, as soon as decoding is under
+# way, rather than after a fixed sleep by which a fast run could be over (no ranks left to
+# count). 500 tokens (BOS + 500 within the model's 512) keep it running well past that point.
 "$gen" generate --model "$tmp/model.bin" --tokenizer "$m/tok512.bin" --temperature 0 \
-  --max-tokens 400 --ignore-eos --threads 1 --cp 4 >/dev/null 2>&1 &
+  --max-tokens 500 --ignore-eos --threads 1 --cp 4 >"$tmp/killed" 2>/dev/null &
 leader=$!
-for _ in $(seq 100); do
-  [ "$(pgrep -f -- "$tmp/model.bin.*--rank" | wc -l)" -ge 3 ] && break
-  sleep 0.1
+ranks=0
+for _ in $(seq 300); do
+  if [ -s "$tmp/killed" ]; then
+    ranks=$(pgrep -f -- "$tmp/model.bin.*--rank" | wc -l)
+    break
+  fi
+  sleep 0.05
 done
-sleep 0.5
-if [ "$(pgrep -f -- "$tmp/model.bin.*--rank" | wc -l)" -ne 3 ]; then
-  echo "FAIL: --cp 4 did not start 3 rank processes"; fail=1
+if [ "$ranks" -ne 3 ]; then
+  echo "FAIL: --cp 4 was not decoding on 3 rank processes (saw $ranks)"; fail=1
 fi
 kill -9 "$leader"
 wait "$leader" 2>/dev/null || true
