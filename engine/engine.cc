@@ -156,6 +156,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.fold_norms = o.cuda_fold_norms;
     c.attention_tensor_cores = o.cuda_attention_tensor_cores;
     c.split_argmax = o.cuda_split_argmax;
+    c.norm_sums = o.cuda_norm_sums;
     return CreateCudaBackend(c);
 #else
     return Unimplemented(

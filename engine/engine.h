@@ -65,6 +65,9 @@ struct EngineOptions {
   // The cuda backend: greedy argmax chunked over several thread blocks per row
   // (CudaBackendOptions::split_argmax; decode_bench --split-argmax 1). Off by default.
   bool cuda_split_argmax = false;
+  // The cuda backend: each RMSNorm taken from partial sums of squares left by the product
+  // before it (CudaBackendOptions::norm_sums; decode_bench --norm-sums 1). Off by default.
+  bool cuda_norm_sums = false;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

@@ -40,6 +40,17 @@ struct GemmFusion {
   float norm_eps = 0.0f;
   // y += x w^T (+ bias): the residual add after the product (Gemm into scratch, then Add).
   bool accumulate = false;
+  // Not nullptr: the product also leaves, for the RMSNorm of the next product that reads its y,
+  // partial sums of squares of y's rows as written (after the add): row r's at
+  // norm_sums_out[r * parts ... r * parts + parts - 1], parts = the backend's count for this
+  // product (CUDA: kernels::cuda::GemvNormSumParts). Their sum is the row's sum of squares.
+  double* norm_sums_out = nullptr;
+  // With norm_weight, not nullptr: the norm's sum of squares of each row of x is the sum of
+  // norm_sum_parts partials there (a product's norm_sums_out over this x), instead of being
+  // summed from x. The same RMSNorm up to rounding (the sums' order, and the norm's scale
+  // applied to each output instead of to each input).
+  const double* norm_sums_in = nullptr;
+  int64_t norm_sum_parts = 0;
 };
 
 // Parallel over n; each weight row is read from memory once per call for all m rows, which

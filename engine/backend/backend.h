@@ -121,6 +121,9 @@ class Backend {
                            bool /*silu_mul*/) const {
     return false;
   }
+  // The partial sums of squares per row that GemmFused(p, f) writes with f.norm_sums_out (for
+  // the next product's f.norm_sums_in), or 0 when this backend leaves none for p.
+  virtual int64_t NormSumParts(const kernels::GemmParams& /*p*/) const { return 0; }
   // Whether Gemm of `rows` rows of x (k wide) with `w` weights reads x rounded to 16 bits (then
   // a producer's GemmParams::x_lowp copy saves it a conversion; false: such a copy goes unread).
   virtual bool GemmReadsLowpX(int64_t /*rows*/, int64_t /*k*/, kernels::DType w) const {

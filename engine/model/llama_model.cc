@@ -68,6 +68,7 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
   stage_b_.Bind(backend, &scratch_moves_);
   xb_lowp_.Bind(backend, &scratch_moves_);
   h1_lowp_.Bind(backend, &scratch_moves_);
+  norm_sums_.Bind(backend, &scratch_moves_);
 }
 
 kernels::DType LlamaModel::LowpIfRead(kernels::DType lowp, int64_t rows, int64_t k) const {
@@ -797,12 +798,17 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   // (norm_weight). Then x_ holds the residual stream and `pending` is the norm its next reader
   // still owes; where the backend declines a fusion (a shape it does not take), Normed runs
   // that norm as its own op into xb_ (and its 16-bit copy).
+  // A backend may also have the product that adds into x_ leave its rows' sums of squares
+  // (GemmFusion::norm_sums_out into norm_sums_, pending_parts of them a row), so that the norm
+  // folded into the next product needs no pass over x_ (norm_sums_in).
   const bool fuse = world == nullptr;
   const std::vector<float>* pending = nullptr;
   kernels::DType pending_lowp = kF32;
-  const auto Owe = [&](const std::vector<float>& norm, kernels::DType lowp) {
+  int64_t pending_parts = 0;
+  const auto Owe = [&](const std::vector<float>& norm, kernels::DType lowp, int64_t parts = 0) {
     pending = &norm;
     pending_lowp = lowp;
+    pending_parts = parts;
   };
   const auto Normed = [&] {
     if (pending != nullptr) Norm(x_.data(), nullptr, *pending, T, pending_lowp);
@@ -812,6 +818,15 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     kernels::GemmFusion f;
     f.norm_weight = F32(weight);
     f.norm_eps = c.norm_eps;
+    return f;
+  };
+  // The fusion of the product that reads x_ and owes the pending norm.
+  const auto PendingNorm = [&] {
+    kernels::GemmFusion f = NormOf(*pending);
+    if (pending_parts > 0) {
+      f.norm_sums_in = norm_sums_.data();
+      f.norm_sum_parts = pending_parts;
+    }
     return f;
   };
   kernels::GemmFusion add_into;
@@ -837,6 +852,30 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     }
     return !c.mla() && packed_qkv_[l] &&
            backend_->TakesFusion(QkvGemm(l, x_.data()), NormOf(lw.attn_norm), false);
+  };
+  // The product `adding` into x_, as it runs: with the partial sums of squares for layer l's
+  // packed gate|up (ffn) or q|k|v where the backend leaves them and that product takes its
+  // norm from them; *parts = their count a row (0: none).
+  const auto AddInto = [&](const kernels::GemmParams& adding, int64_t l, bool ffn,
+                           int64_t* parts) -> StatusOr<kernels::GemmFusion> {
+    kernels::GemmFusion f = add_into;
+    *parts = 0;
+    const int64_t n = backend_->NormSumParts(adding);
+    if (n <= 0 || n > D) return f;              // (at most one part per output)
+    RETURN_IF_ERROR(norm_sums_.Resize(T * D));  // every producer's fits: the first call sizes it
+    const LayerWeights& lw = w.layers[l];
+    kernels::GemmFusion next = NormOf(ffn ? lw.ffn_norm : lw.attn_norm);
+    next.norm_sums_in = norm_sums_.data();
+    next.norm_sum_parts = n;
+    const bool takes = ffn ? !c.IsMoeLayer(l) && packed_ffn_[l] &&
+                                 backend_->TakesFusion(GateUpGemm(l, x_.data()), next, true)
+                           : !c.mla() && packed_qkv_[l] &&
+                                 backend_->TakesFusion(QkvGemm(l, x_.data()), next, false);
+    if (takes) {
+      f.norm_sums_out = norm_sums_.data();
+      *parts = n;
+    }
+    return f;
   };
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
@@ -871,7 +910,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         // One GEMM for q|k|v (and their packed biases) per token; the rotated q into q_.
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        if (pending != nullptr && backend_->GemmFused(QkvGemm(l, x_.data()), NormOf(*pending))) {
+        if (pending != nullptr && backend_->GemmFused(QkvGemm(l, x_.data()), PendingNorm())) {
           pending = nullptr;
         } else {
           Normed();
@@ -918,10 +957,15 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       RETURN_IF_ERROR(CombineAttention(T, hd));
       sw.Lap(&tm.combine);
       // x += Wo · att: row-parallel over the N ranks (each holds Wo's columns for its heads).
-      if (fuse && NormFolds(l, true) &&
-          backend_->GemmFused({att_.data(), Dev(lw.wo), nullptr, x_.data(), T, D, od, lw.wo.dtype},
-                              add_into)) {
-        Owe(lw.ffn_norm, ffn_lowp);  // x_ has the attention's output added
+      const kernels::GemmParams wo{att_.data(), Dev(lw.wo), nullptr, x_.data(),
+                                   T,           D,          od,      lw.wo.dtype};
+      int64_t parts = 0;
+      kernels::GemmFusion wo_fusion = add_into;
+      if (fuse) {
+        ASSIGN_OR_RETURN(wo_fusion, AddInto(wo, l, true, &parts));
+      }
+      if (fuse && (parts > 0 || NormFolds(l, true)) && backend_->GemmFused(wo, wo_fusion)) {
+        Owe(lw.ffn_norm, ffn_lowp, parts);  // x_ has the attention's output added
       } else {
         backend_->Gemm({att_.data(), Dev(lw.wo), nullptr, xb_.data(), T, D, od, lw.wo.dtype});
       }
@@ -930,6 +974,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     // (Nothing else is owed here: the attention's input norm was folded or run.)
     if (pending == nullptr) RETURN_IF_ERROR(AddRowParallel(&lw.ffn_norm, ffn_lowp));
     bool next_norm_pending = false;  // the FFN's output was added into x_ by its product
+    int64_t next_parts = 0;          // and left its partial sums of squares (AddInto)
     // FFN: x += W2 · (silu(W1 · n) ⊙ (W3 · n)), column- then row-parallel over the N ranks;
     // an MoE layer adds its experts' and shared experts' partials instead.
     if (c.IsMoeLayer(l)) {
@@ -954,7 +999,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         act.cols = F;
         act.ld = 2 * F;
         if (pending != nullptr &&
-            backend_->GemmSiluMul(GateUpGemm(l, x_.data()), act, NormOf(*pending))) {
+            backend_->GemmSiluMul(GateUpGemm(l, x_.data()), act, PendingNorm())) {
           pending = nullptr;
         } else {
           Normed();
@@ -973,9 +1018,14 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
                xb_lowp_.data());
         backend_->SiluMul(act);
       }
-      if (fuse && (l + 1 == c.n_layers || NormFolds(l + 1, false)) &&
-          backend_->GemmFused({h1_.data(), Dev(lw.w2), nullptr, x_.data(), T, D, F, lw.w2.dtype},
-                              add_into)) {
+      const kernels::GemmParams down{h1_.data(), Dev(lw.w2), nullptr, x_.data(),
+                                     T,          D,          F,       lw.w2.dtype};
+      kernels::GemmFusion down_fusion = add_into;
+      if (fuse && l + 1 < c.n_layers) {
+        ASSIGN_OR_RETURN(down_fusion, AddInto(down, l + 1, false, &next_parts));
+      }
+      if (fuse && (l + 1 == c.n_layers || next_parts > 0 || NormFolds(l + 1, false)) &&
+          backend_->GemmFused(down, down_fusion)) {
         next_norm_pending = true;
       } else {
         GemmIn({h1_.data(), Dev(lw.w2), nullptr, xb_.data(), T, D, F, lw.w2.dtype}, down_lowp,
@@ -986,7 +1036,9 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     if (next_norm_pending) {
       // x_ is complete; the next layer's attention norm is owed (none after the last layer:
       // the final norm below reads x_).
-      if (l + 1 < c.n_layers) Owe(w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T));
+      if (l + 1 < c.n_layers) {
+        Owe(w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T), next_parts);
+      }
     } else {
       RETURN_IF_ERROR(l + 1 < c.n_layers
                           ? AddRowParallel(&w.layers[l + 1].attn_norm, AttnInputLowp(l + 1, T))

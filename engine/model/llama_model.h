@@ -235,6 +235,9 @@ class LlamaModel {
   // then convert nothing (device backends: lowp_inputs_).
   bool lowp_inputs_ = false;
   BackendArray<uint16_t> xb_lowp_, h1_lowp_;
+  // Partial sums of squares of x_'s rows, left by the product that added into it for the norm
+  // of the product that reads it next (Backend::NormSumParts; [rows][parts]).
+  BackendArray<double> norm_sums_;
   // The 16-bit type the GEMMs of `rows` rows reading layer l's attention (FFN) input, the
   // down projection's, or the classifier's take their input in when it is written beside it;
   // kF32 = not written (fp32 weights, a host backend, mixed types, MLA or MoE layers, or a

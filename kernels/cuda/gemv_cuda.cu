@@ -25,6 +25,18 @@ constexpr int kUnroll = 4;
 constexpr int64_t kSplitMinK = 4096;
 constexpr int kSplitWarps = 4;
 
+// How a GEMV applies the RMSNorm of its input (GemmFusion::norm_weight).
+constexpr int kNormNone = 0;
+constexpr int kNormSmem = 1;  // the block normalises x into shared memory first
+constexpr int kNormSums = 2;  // from a producer's partial sums of squares (norm_sums_in)
+
+// Thread blocks of the GEMV of p: one per kWarpsPerBlock / S outputs.
+int64_t GemvBlocks(const GemmParams& p, bool silu_mul) {
+  const int64_t outs = silu_mul ? p.n / 2 : p.n;
+  const int64_t rows_per_block = kWarpsPerBlock / (p.k >= kSplitMinK ? kSplitWarps : 1);
+  return (outs + rows_per_block - 1) / rows_per_block;
+}
+
 // Round `k0` of a warp's weights: chunk u of row q at k0 + u * S * kStep (zeros past k).
 template <typename W, int R, int U, int S>
 __device__ inline void LoadRound(uint4 (&raw)[R][U], const W* const (&w)[R], int64_t k0,
@@ -48,10 +60,17 @@ __device__ inline void LoadRound(uint4 (&raw)[R][U], const W* const (&w)[R], int
 // reductions and (S > 1) slice sum whatever kGlu is, so the fused result equals GEMV then
 // SiLU·mul bit for bit. kNorm: the thread block first writes RMSNorm(x) * f.norm_weight into
 // shared memory exactly as RmsNormKernel computes it (same 256 threads, same sums), and the
-// products read that: bit for bit RmsNormCuda then the GEMV.
+// products read that: bit for bit RmsNormCuda then the GEMV. kNormSums: the norm's sum of squares
+// of row r comes from f.norm_sum_parts partials (a producer's f.norm_sums_out), each thread summing
+// its share as soon as the kernel may read them and the block combining them after the products,
+// which read x * norm_weight; the row's scale multiplies each output (the same RMSNorm up to
+// rounding, and no block-wide step before the products). f.norm_sums_out (not kGlu): the block
+// also writes the sum of squares of the values it wrote to y, row r's at
+// norm_sums_out[r * gridDim.x + blockIdx.x]. Every sum is in double and in a fixed order, so
+// runs repeat bit for bit.
 // Weights are never written by a kernel of the step, so each warp's first round of them is
 // loaded before PdlEnter: under HELIX_LAUNCH_PDL those loads overlap the kernel before it.
-template <typename W, int M, bool kGlu, int S, bool kNorm>
+template <typename W, int M, bool kGlu, int S, int kNorm>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     GemvKernel(const GemmParams p, const SiluMulParams act, const GemmFusion f) {
   constexpr int U = kUnroll;
@@ -59,6 +78,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   constexpr int kRowsPerBlock = kWarpsPerBlock / S;
   using Parts = float[kWarpsPerBlock * R * M];  // S > 1: each warp's sums
   HELIX_STATIC_SMEM(Parts, parts);
+  using Squares = double[kWarpsPerBlock * M];  // each warp's part of the sums of squares
+  HELIX_STATIC_SMEM(Squares, squares);
   const int64_t outs = kGlu ? p.n / 2 : p.n;
   const int warp = static_cast<int>(threadIdx.x / 32);
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -78,7 +99,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
   PdlEnter();  // x (and y) only after this: see HELIX_LAUNCH_PDL
   const float* x = p.x;
-  if constexpr (kNorm) {
+  double norm_ss[M];  // kNormSums: this thread's share of each row's sum of squares
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+    norm_ss[r] = 0.0;
+    if constexpr (kNorm == kNormSums) {
+      if (r < p.m) {
+        const double* in = f.norm_sums_in + r * f.norm_sum_parts;
+        for (int64_t i = threadIdx.x; i < f.norm_sum_parts; i += blockDim.x) {
+          norm_ss[r] += in[i];
+        }
+      }
+    }
+  }
+  if constexpr (kNorm == kNormSmem) {
     using Red = double[32];
     HELIX_STATIC_SMEM(Red, red);
     HELIX_DYNAMIC_SMEM(smem);
@@ -122,12 +156,23 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       for (int q = 0; q < R; ++q) {
         ChunkToFloats<W>(raw[q][u], wf[q]);
       }
+      float4 na, nb;  // kNormSums: the norm's weights of these eight inputs
+      if constexpr (kNorm == kNormSums) {
+        na = reinterpret_cast<const float4*>(f.norm_weight + k)[0];
+        nb = reinterpret_cast<const float4*>(f.norm_weight + k)[1];
+      }
 #pragma unroll
       for (int r = 0; r < M; ++r) {
         if (r < p.m) {
           const float4* xr = reinterpret_cast<const float4*>(x + r * p.k + k);
-          const float4 a = xr[0];
-          const float4 b = xr[1];
+          float4 a = xr[0];
+          float4 b = xr[1];
+          if constexpr (kNorm == kNormSums) {
+            a = make_float4(__fmul_rn(a.x, na.x), __fmul_rn(a.y, na.y), __fmul_rn(a.z, na.z),
+                            __fmul_rn(a.w, na.w));
+            b = make_float4(__fmul_rn(b.x, nb.x), __fmul_rn(b.y, nb.y), __fmul_rn(b.z, nb.z),
+                            __fmul_rn(b.w, nb.w));
+          }
 #pragma unroll
           for (int q = 0; q < R; ++q) {
             float s = acc[q][r];
@@ -155,6 +200,34 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       }
     }
   }
+  if constexpr (kNorm == kNormSums) {
+    // The block's sum of each row's partials (warps in order), then its scale on the sums.
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) {
+        norm_ss[r] += __shfl_xor_sync(0xffffffffu, norm_ss[r], off);
+      }
+      if (lane == 0) {
+        squares[warp * M + r] = norm_ss[r];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      double ss = 0.0;
+      for (int w2 = 0; w2 < kWarpsPerBlock; ++w2) {
+        ss += squares[w2 * M + r];
+      }
+      const float inv = static_cast<float>(
+          1.0 / sqrt(ss / static_cast<double>(p.k) + static_cast<double>(f.norm_eps)));
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        acc[q][r] = __fmul_rn(acc[q][r], inv);
+      }
+    }
+    __syncthreads();  // squares is reused below
+  }
   if constexpr (S > 1) {
     if (lane == 0) {
 #pragma unroll
@@ -180,12 +253,16 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       }
     }
   }
-  if (!active || slice != 0 || lane != 0) {
-    return;
-  }
+  // Row r's square of the value this warp wrote (lane 0 of slice 0 of an active warp; else 0).
+  double written_sq[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) {
-    if (r >= p.m) {
+    written_sq[r] = 0.0;
+  }
+  const bool writes = active && slice == 0 && lane == 0;
+#pragma unroll
+  for (int r = 0; r < M; ++r) {
+    if (!writes || r >= p.m) {
       break;
     }
     float s[R];
@@ -201,19 +278,38 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       }
     } else {
       float* y = p.y + r * p.n + j;
-      *y = f.accumulate ? *y + s[0] : s[0];
+      const float v = f.accumulate ? *y + s[0] : s[0];
+      *y = v;
+      written_sq[r] = static_cast<double>(v) * v;
     }
+  }
+  if (kGlu || f.norm_sums_out == nullptr) {
+    return;
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      squares[warp * M + r] = written_sq[r];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < M && static_cast<int64_t>(threadIdx.x) < p.m) {
+    double t = 0.0;
+    for (int w2 = 0; w2 < kWarpsPerBlock; ++w2) {
+      t += squares[w2 * M + threadIdx.x];
+    }
+    f.norm_sums_out[threadIdx.x * gridDim.x + blockIdx.x] = t;
   }
 }
 
-template <typename W, bool kGlu, int S, bool kNorm>
+template <typename W, bool kGlu, int S, int kNorm>
 cudaError_t LaunchRows(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
                        cudaStream_t stream) {
   const int64_t outs = kGlu ? p.n / 2 : p.n;
   constexpr int64_t kRowsPerBlock = kWarpsPerBlock / S;
   const unsigned grid = static_cast<unsigned>((outs + kRowsPerBlock - 1) / kRowsPerBlock);
   const unsigned block = 32 * kWarpsPerBlock;
-  const size_t smem = kNorm ? static_cast<size_t>(p.m * p.k) * sizeof(float) : 0;
+  const size_t smem = kNorm == kNormSmem ? static_cast<size_t>(p.m * p.k) * sizeof(float) : 0;
   if (p.m == 1) {
     HELIX_LAUNCH_PDL((GemvKernel<W, 1, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
   } else if (p.m == 2) {
@@ -225,7 +321,7 @@ cudaError_t LaunchRows(const GemmParams& p, const SiluMulParams& act, const Gemm
   return cudaSuccess;
 }
 
-template <typename W, bool kGlu, bool kNorm>
+template <typename W, bool kGlu, int kNorm>
 cudaError_t LaunchSplit(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
                         cudaStream_t stream) {
   return p.k >= kSplitMinK ? LaunchRows<W, kGlu, kSplitWarps, kNorm>(p, act, f, stream)
@@ -236,12 +332,16 @@ template <bool kGlu>
 cudaError_t Launch(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
                    cudaStream_t stream) {
   const bool bf16 = p.w_dtype == DType::kBF16;
-  if (f.norm_weight != nullptr) {
-    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, true>(p, act, f, stream)
-                : LaunchSplit<__half, kGlu, true>(p, act, f, stream);
+  if (f.norm_weight != nullptr && f.norm_sums_in != nullptr) {
+    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormSums>(p, act, f, stream)
+                : LaunchSplit<__half, kGlu, kNormSums>(p, act, f, stream);
   }
-  return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, false>(p, act, f, stream)
-              : LaunchSplit<__half, kGlu, false>(p, act, f, stream);
+  if (f.norm_weight != nullptr) {
+    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormSmem>(p, act, f, stream)
+                : LaunchSplit<__half, kGlu, kNormSmem>(p, act, f, stream);
+  }
+  return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormNone>(p, act, f, stream)
+              : LaunchSplit<__half, kGlu, kNormNone>(p, act, f, stream);
 }
 
 }  // namespace
@@ -262,10 +362,27 @@ bool GemvPreferred(int64_t m, int64_t n, int64_t k) {
   return m == 1 || (m >= 1 && m <= kGemvMaxRows && n * k * 2 <= kSmallBytes);
 }
 
+int64_t GemvNormSumParts(const GemmParams& p) { return GemvBlocks(p, false); }
+
 bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul) {
-  if (f.norm_weight != nullptr && (f.norm_eps < 0.0f || p.m < 1 || p.m > kGemvMaxRows || p.k < 1 ||
-                                   p.m * p.k > kGemvNormMaxFloats)) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (f.norm_sums_in != nullptr) {
+    // The products read norm_weight 16 bytes at a time.
+    if (f.norm_weight == nullptr || f.norm_eps < 0.0f || f.norm_sum_parts < 1 ||
+        !aligned(f.norm_weight)) {
+      return false;
+    }
+  } else if (f.norm_weight != nullptr && (f.norm_eps < 0.0f || p.m < 1 || p.m > kGemvMaxRows ||
+                                          p.k < 1 || p.m * p.k > kGemvNormMaxFloats)) {
     return false;
+  }
+  if (f.norm_sums_out != nullptr) {
+    if (silu_mul || p.y == nullptr) return false;
+    if (f.norm_sums_in != nullptr) {  // one block's writes must not meet another's reads
+      const double* out_end = f.norm_sums_out + p.m * GemvNormSumParts(p);
+      const double* in_end = f.norm_sums_in + p.m * f.norm_sum_parts;
+      if (f.norm_sums_out < in_end && f.norm_sums_in < out_end) return false;
+    }
   }
   if (f.accumulate) {
     // y is read and written by the warp that sums it; x must not be y.
@@ -282,10 +399,7 @@ bool GemvNormPreferred(const GemmParams& p, bool silu_mul) {
   // 43-62 % more time): one row only.
   constexpr int64_t kMaxBlocksTimesK = int64_t{1} << 18;
   if (p.m != 1) return false;
-  const int64_t outs = silu_mul ? p.n / 2 : p.n;
-  const int64_t rows_per_block = kWarpsPerBlock / (p.k >= kSplitMinK ? kSplitWarps : 1);
-  const int64_t blocks = (outs + rows_per_block - 1) / rows_per_block;
-  return blocks * p.k <= kMaxBlocksTimesK;
+  return GemvBlocks(p, silu_mul) * p.k <= kMaxBlocksTimesK;
 }
 
 cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion& f) {

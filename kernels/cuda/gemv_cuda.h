@@ -30,9 +30,15 @@ bool GemvPreferred(int64_t m, int64_t n, int64_t k);
 // The most floats of x (m * k) a GEMV with GemmFusion::norm_weight normalises into shared memory.
 constexpr int64_t kGemvNormMaxFloats = 10240;
 
-// Whether GemvCuda (silu_mul: GemvSiluMulCuda) takes fusion f with p: norm_weight with m * k <=
-// kGemvNormMaxFloats and eps >= 0; accumulate only without SiLU·mul and with y apart from x.
+// Whether GemvCuda (silu_mul: GemvSiluMulCuda) takes fusion f with p: norm_weight with eps >= 0
+// and either norm_sums_in (norm_sum_parts >= 1, norm_weight 16-byte aligned) or m * k <=
+// kGemvNormMaxFloats; accumulate only without SiLU·mul and with y apart from x; norm_sums_out
+// only without SiLU·mul, apart from norm_sums_in.
 bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul);
+
+// The partial sums of squares per row of y that GemvCuda(p) writes with GemmFusion::
+// norm_sums_out (one per thread block): the norm_sum_parts of the product that reads them.
+int64_t GemvNormSumParts(const GemmParams& p);
 
 // Whether folding the input's RMSNorm into this GEMV (silu_mul: GemvSiluMulCuda) beats a
 // separate RmsNormCuda: every thread block normalises x itself, which pays off while thread blocks
@@ -44,7 +50,10 @@ bool GemvNormPreferred(const GemmParams& p, bool silu_mul);
 
 // REQUIRES: GemvApplies(p) and GemvFusionApplies(p, f, false); device pointers. With
 // f.norm_weight the products read RMSNorm(x) * norm_weight, bit for bit what RmsNormCuda (no
-// residual) would have written, and write it nowhere; with f.accumulate y += the product.
+// residual) would have written, and write it nowhere; with f.norm_sums_in too, the norm's sums
+// of squares are those partials' (x is not summed) and the rows' scales multiply the products
+// (RMSNorm up to rounding); with f.accumulate y += the product; with f.norm_sums_out the sums
+// of squares of y's rows as written, in GemvNormSumParts(p) partials per row.
 cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion& f = {});
 
 // Whether GemvSiluMulCuda takes (p, act): GemvApplies(p), p.n even, and act the SiluMul of the

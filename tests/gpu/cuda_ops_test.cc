@@ -1406,6 +1406,182 @@ TEST_F(CudaOpsTest, GemvSiluMulEqualsGemvThenSiluMul) {
   EXPECT_FALSE(cuda::GemvSiluMulApplies(odd, act));
 }
 
+// The RMSNorm handed from product to product (GemmFusion::norm_sums_out / norm_sums_in): a GEMV
+// adding into the residual stream also leaves its rows' sums of squares in partials, and the
+// next GEMV (plain and with SiLU·mul) normalises its x from those instead of summing x. The
+// producer's y is bit for bit the one without the partials, the partials add up to y's sums of
+// squares, the consumer matches RmsNormCuda then the GEMV up to rounding, and both repeat bit
+// for bit.
+TEST_F(CudaOpsTest, GemvNormSumsHandOff) {
+  std::mt19937 rng(53);
+  struct Shape {
+    int64_t m, d, kp, n2;  // rows; residual width d; producer's k; consumer's n (SiLU: 2 n2)
+  };
+  // Producer k >= 4096 and consumer k = d >= 4096 take four warps per row; d = 1032 and 4104
+  // leave a partial last thread block; m * d above kGemvNormMaxFloats (4 x 4104) is fine here.
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (Shape sh : {Shape{1, 8, 8, 3}, Shape{1, 256, 8200, 37}, Shape{3, 1032, 64, 100},
+                     Shape{4, 4104, 1032, 9}}) {
+      const std::string what = std::string(DTypeName(dt)) + " m=" + std::to_string(sh.m) +
+                               " d=" + std::to_string(sh.d) + " kp=" + std::to_string(sh.kp) +
+                               " n2=" + std::to_string(sh.n2);
+      const std::vector<float> h = RandomVector(rng, sh.m * sh.kp);
+      const std::vector<uint16_t> wp = RandomLowp(rng, sh.d * sh.kp, dt);
+      const std::vector<float> resid = RandomVector(rng, sh.m * sh.d);
+      const std::vector<uint16_t> wc = RandomLowp(rng, 2 * sh.n2 * sh.d, dt);
+      const std::vector<float> bc = RandomVector(rng, 2 * sh.n2);
+      const std::vector<float> g = RandomVector(rng, sh.d);
+      DeviceBuffer<float> d_h(h), d_g(g), d_bc(bc);
+      DeviceBuffer<uint16_t> d_wp(wp), d_wc(wc);
+      // Producer: x += h wp^T, with and without the partials.
+      GemmParams pp{.x = d_h.get(),
+                    .w = d_wp.get(),
+                    .bias = nullptr,
+                    .y = nullptr,
+                    .m = sh.m,
+                    .n = sh.d,
+                    .k = sh.kp,
+                    .w_dtype = dt};
+      const int64_t parts = cuda::GemvNormSumParts(pp);
+      ASSERT_GE(parts, 1) << what;
+      DeviceBuffer<float> d_plain(resid), d_x(resid);
+      DeviceBuffer<double> d_sums(std::vector<double>(sh.m * parts, NAN));
+      GemmFusion add;
+      add.accumulate = true;
+      pp.y = d_plain.get();
+      ASSERT_EQ(cuda::GemvCuda(pp, nullptr, add), cudaSuccess) << what;
+      GemmFusion add_sums = add;
+      add_sums.norm_sums_out = d_sums.get();
+      pp.y = d_x.get();
+      ASSERT_TRUE(cuda::GemvFusionApplies(pp, add_sums, false)) << what;
+      ASSERT_EQ(cuda::GemvCuda(pp, nullptr, add_sums), cudaSuccess) << what;
+      const std::vector<float> x = d_x.Download();
+      ASSERT_EQ(std::memcmp(x.data(), d_plain.Download().data(), x.size() * sizeof(float)), 0)
+          << what << " producer's y";
+      const std::vector<double> sums = d_sums.Download();
+      for (int64_t r = 0; r < sh.m; ++r) {
+        double want = 0.0, got = 0.0;
+        for (int64_t i = 0; i < sh.d; ++i)
+          want += static_cast<double>(x[r * sh.d + i]) * x[r * sh.d + i];
+        for (int64_t b = 0; b < parts; ++b) got += sums[r * parts + b];
+        EXPECT_NEAR(got, want, 1e-12 * want) << what << " row " << r;
+      }
+      // Without the residual add the partials are those of the product itself.
+      DeviceBuffer<float> d_only(sh.m * sh.d);
+      DeviceBuffer<double> d_sums2(std::vector<double>(sh.m * parts, NAN));
+      GemmFusion only;
+      only.norm_sums_out = d_sums2.get();
+      GemmParams po = pp;
+      po.y = d_only.get();
+      ASSERT_EQ(cuda::GemvCuda(po, nullptr, only), cudaSuccess) << what;
+      {
+        const std::vector<float> y = d_only.Download();
+        const std::vector<double> s2 = d_sums2.Download();
+        for (int64_t r = 0; r < sh.m; ++r) {
+          double want = 0.0, got = 0.0;
+          for (int64_t i = 0; i < sh.d; ++i)
+            want += static_cast<double>(y[r * sh.d + i]) * y[r * sh.d + i];
+          for (int64_t b = 0; b < parts; ++b) got += s2[r * parts + b];
+          EXPECT_NEAR(got, want, 1e-12 * want) << what << " row " << r << " no add";
+        }
+      }
+      // Consumers of x: the CPU's RMSNorm then GemmCpu (with its bias), against the GEMV taking
+      // the norm from the partials; plain (n = 2 n2) and with SiLU·mul (n2 outputs).
+      std::vector<float> xn(x.size());
+      RmsNormCpu({x.data(), nullptr, g.data(), xn.data(), sh.m, sh.d, 1e-5f}, nullptr);
+      std::vector<float> want_y(sh.m * 2 * sh.n2), want_act(sh.m * sh.n2);
+      GemmCpu({xn.data(), wc.data(), bc.data(), want_y.data(), sh.m, 2 * sh.n2, sh.d, dt}, nullptr);
+      SiluMulCpu(
+          {want_y.data(), want_y.data() + sh.n2, want_act.data(), sh.m * sh.n2, sh.n2, 2 * sh.n2},
+          nullptr);
+      GemmFusion norm;
+      norm.norm_weight = d_g.get();
+      norm.norm_eps = 1e-5f;
+      norm.norm_sums_in = d_sums.get();
+      norm.norm_sum_parts = parts;
+      GemmParams pc{.x = d_x.get(),
+                    .w = d_wc.get(),
+                    .bias = d_bc.get(),
+                    .y = nullptr,
+                    .m = sh.m,
+                    .n = 2 * sh.n2,
+                    .k = sh.d,
+                    .w_dtype = dt};
+      DeviceBuffer<float> d_y(std::vector<float>(sh.m * 2 * sh.n2, NAN));
+      pc.y = d_y.get();
+      ASSERT_TRUE(cuda::GemvFusionApplies(pc, norm, false)) << what;
+      ASSERT_EQ(cuda::GemvCuda(pc, nullptr, norm), cudaSuccess) << what;
+      const std::vector<float> got_y = d_y.Download();
+      ExpectAllNear(ToDouble(want_y), got_y.data(), 1e-4, 1e-4, what + " consumer");
+      ASSERT_EQ(cuda::GemvCuda(pc, nullptr, norm), cudaSuccess) << what;
+      EXPECT_EQ(std::memcmp(d_y.Download().data(), got_y.data(), got_y.size() * sizeof(float)), 0)
+          << what << " consumer repeats";
+      DeviceBuffer<float> d_act(std::vector<float>(sh.m * sh.n2, NAN));
+      const SiluMulParams act{d_y.get(), d_y.get() + sh.n2, d_act.get(), sh.m * sh.n2,
+                              sh.n2,     2 * sh.n2};
+      ASSERT_TRUE(cuda::GemvFusionApplies(pc, norm, true)) << what;
+      ASSERT_EQ(cuda::GemvSiluMulCuda(pc, act, nullptr, norm), cudaSuccess) << what;
+      ExpectAllNear(ToDouble(want_act), d_act.Download().data(), 1e-4, 1e-4,
+                    what + " SiLU consumer");
+      // The scale comes from the partials, not from x: halving them moves every output.
+      std::vector<double> half = sums;
+      for (double& v : half) v *= 0.25;
+      DeviceBuffer<double> d_quarter(half);
+      GemmFusion wrong = norm;
+      wrong.norm_sums_in = d_quarter.get();
+      ASSERT_EQ(cuda::GemvCuda(pc, nullptr, wrong), cudaSuccess) << what;
+      const std::vector<float> doubled = d_y.Download();
+      for (int64_t r = 0; r < sh.m; ++r) {
+        for (int64_t j = 0; j < 2 * sh.n2; ++j) {
+          const int64_t i = r * 2 * sh.n2 + j;
+          EXPECT_NEAR(doubled[i] - bc[j], 2.0 * (got_y[i] - bc[j]),
+                      1e-4 * (1.0 + std::fabs(got_y[i])))
+              << what << " quarter sums " << i;
+        }
+      }
+    }
+  }
+  // What it does not take: partials without a norm weight, no parts, an unaligned norm weight,
+  // partials out of a SiLU·mul, and partials written over the ones being read.
+  DeviceBuffer<float> d_x(4 * 64), d_y(4 * 64), d_g(65);
+  DeviceBuffer<uint16_t> d_w(64 * 64);
+  DeviceBuffer<double> d_s(64);
+  GemmParams p{.x = d_x.get(),
+               .w = d_w.get(),
+               .bias = nullptr,
+               .y = d_y.get(),
+               .m = 1,
+               .n = 64,
+               .k = 64,
+               .w_dtype = DType::kBF16};
+  GemmFusion in;
+  in.norm_weight = d_g.get();
+  in.norm_eps = 1e-5f;
+  in.norm_sums_in = d_s.get();
+  in.norm_sum_parts = 8;
+  EXPECT_TRUE(cuda::GemvFusionApplies(p, in, false));
+  GemmFusion bad = in;
+  bad.norm_weight = nullptr;
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, bad, false));
+  bad = in;
+  bad.norm_sum_parts = 0;
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, bad, false));
+  bad = in;
+  bad.norm_weight = d_g.get() + 1;
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, bad, false));
+  EXPECT_EQ(cuda::GemvCuda(p, nullptr, bad), cudaErrorInvalidValue);
+  GemmFusion out;
+  out.norm_sums_out = d_s.get();
+  EXPECT_TRUE(cuda::GemvFusionApplies(p, out, false));
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, out, true));
+  GemmFusion both = in;
+  both.norm_sums_out = d_s.get() + 4;  // overlaps the 8 read
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, both, false));
+  both.norm_sums_out = d_s.get() + 8;
+  EXPECT_TRUE(cuda::GemvFusionApplies(p, both, false));
+  EXPECT_EQ(cuda::GemvNormSumParts(p), 8);  // 64 outputs, 8 a thread block
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMM through cuBLAS
 

@@ -2,7 +2,10 @@
 // rows of x), several ways in one run: cuBLAS after converting x (GemmCuda), cuBLAS on an x
 // already in bf16 (GemmCuda with x_lowp, as after a fused RMSNorm), GemvCuda (fp32 x, no
 // conversion), RmsNormCuda then GemvCuda against GemvCuda with the norm fused (GemmFusion), and
-// for the gate|up shapes GemvCuda then SiluMulCuda against the fused GemvSiluMulCuda; each
+// for the gate|up shapes GemvCuda then SiluMulCuda against the fused GemvSiluMulCuda; the norm
+// taken from a producer's partial sums of squares instead (GemmFusion::norm_sums_in, as many
+// partials as a down projection of width k leaves), and the residual-adding GEMV with and
+// without writing those partials (norm_sums_out); each
 // against a pure-read kernel over the same weight bytes. Weights are cycled
 // through enough copies to exceed the L2 cache, so every call reads them from memory; each
 // figure is the best of 5 timings of 50 back-to-back calls. One line per shape, key=value.
@@ -108,19 +111,30 @@ int main(int argc, char** argv) {
     void* w = nullptr;
     float *x = nullptr, *y = nullptr, *glu_out = nullptr, *xn = nullptr, *norm_w = nullptr;
     void *x16 = nullptr, *ws = nullptr;
+    double* sums = nullptr;  // partial sums of squares, [rows][parts] (zeros)
+    GemmParams down_like{};  // a product writing a stream of width k: k / 2 partials a row
+    down_like.m = 1;
+    down_like.n = sh.k;
+    down_like.k = 8192;
+    const int64_t parts = kc::GemvNormSumParts(down_like);
     const int64_t max_m = kc::kGemvMaxRows;
-    ok = Ok(cudaMalloc(&w, wbytes * copies), "weights") &&
-         Ok(cudaMalloc(&x, max_m * sh.k * sizeof(float)), "x") &&
-         Ok(cudaMalloc(&x16, max_m * sh.k * 2), "x16") &&
-         Ok(cudaMalloc(&y, max_m * sh.n * sizeof(float)), "y") &&
-         Ok(cudaMalloc(&glu_out, max_m * sh.n / 2 * sizeof(float)), "glu_out") &&
-         Ok(cudaMalloc(&xn, max_m * sh.k * sizeof(float)), "xn") &&
-         Ok(cudaMalloc(&norm_w, sh.k * sizeof(float)), "norm_w") &&
-         Ok(cudaMemsetAsync(norm_w, 0, sh.k * sizeof(float), s), "memset") &&
-         Ok(cudaMalloc(&ws, max_m * sh.k * 2), "workspace") &&
-         Ok(helix::gpu_testing::LaunchFillBf16(w, wbytes / 2 * copies, 1, s), "fill") &&
-         Ok(helix::gpu_testing::LaunchFillBf16(x16, max_m * sh.k, 2, s), "fill") &&
-         Ok(cudaMemsetAsync(x, 0, max_m * sh.k * sizeof(float), s), "memset");
+    ok =
+        Ok(cudaMalloc(&w, wbytes * copies), "weights") &&
+        Ok(cudaMalloc(&x, max_m * sh.k * sizeof(float)), "x") &&
+        Ok(cudaMalloc(&x16, max_m * sh.k * 2), "x16") &&
+        Ok(cudaMalloc(&y, max_m * sh.n * sizeof(float)), "y") &&
+        Ok(cudaMalloc(&glu_out, max_m * sh.n / 2 * sizeof(float)), "glu_out") &&
+        Ok(cudaMalloc(&xn, max_m * sh.k * sizeof(float)), "xn") &&
+        Ok(cudaMalloc(&norm_w, sh.k * sizeof(float)), "norm_w") &&
+        Ok(cudaMemsetAsync(norm_w, 0, sh.k * sizeof(float), s), "memset") &&
+        Ok(cudaMalloc(&ws, max_m * sh.k * 2), "workspace") &&
+        // At most one partial per output: enough for this shape's own (add_sums below).
+        Ok(cudaMalloc(&sums, max_m * std::max(parts, sh.n) * sizeof(double)), "sums") &&
+        Ok(cudaMemsetAsync(sums, 0, max_m * std::max(parts, sh.n) * sizeof(double), s), "memset") &&
+        Ok(cudaMemsetAsync(y, 0, max_m * sh.n * sizeof(float), s), "memset") &&
+        Ok(helix::gpu_testing::LaunchFillBf16(w, wbytes / 2 * copies, 1, s), "fill") &&
+        Ok(helix::gpu_testing::LaunchFillBf16(x16, max_m * sh.k, 2, s), "fill") &&
+        Ok(cudaMemsetAsync(x, 0, max_m * sh.k * sizeof(float), s), "memset");
     for (int64_t m : {int64_t{1}, max_m}) {
       if (!ok) break;
       const auto params = [&](int call) {
@@ -169,6 +183,21 @@ int main(int argc, char** argv) {
           !norm_fits ? 0
                      : TimeUs(
                            s, [&](int c) { return kc::GemvCuda(params(c), s, norm); }, &ok);
+      // The norm from partial sums of squares (any shape: no pass over x first).
+      helix::kernels::GemmFusion sums_norm = norm;
+      sums_norm.norm_sums_in = sums;
+      sums_norm.norm_sum_parts = parts;
+      const double sums_norm_us = TimeUs(
+          s, [&](int c) { return kc::GemvCuda(params(c), s, sums_norm); }, &ok);
+      // The residual add, without and with the partials for the next norm (y += x w^T).
+      helix::kernels::GemmFusion add{};
+      add.accumulate = true;
+      const double add_us = TimeUs(
+          s, [&](int c) { return kc::GemvCuda(params(c), s, add); }, &ok);
+      helix::kernels::GemmFusion add_sums = add;
+      add_sums.norm_sums_out = sums;
+      const double add_sums_us = TimeUs(
+          s, [&](int c) { return kc::GemvCuda(params(c), s, add_sums); }, &ok);
       // gate|up: the GEMV then the element-wise SiLU·mul, against the fused kernel.
       double split_glu_us = 0, fused_glu_us = 0;
       if (std::strstr(sh.name, "gate_up") != nullptr) {
@@ -205,11 +234,13 @@ int main(int argc, char** argv) {
           "shape=%s pdl=%d m=%lld n=%lld k=%lld weight_mb=%.1f cublas_us=%.2f cublas_lowp_us=%.2f "
           "gemv_us=%.2f norm_then_gemv_us=%.2f gemv_norm_fused_us=%.2f read_us=%.2f "
           "gemv_gb_s=%.0f read_gb_s=%.0f gemv_vs_read=%.2f cublas_vs_read=%.2f "
-          "gemv_speedup_vs_cublas=%.2f gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f\n",
+          "gemv_speedup_vs_cublas=%.2f gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f "
+          "gemv_sums_norm_us=%.2f gemv_add_us=%.2f gemv_add_sums_us=%.2f\n",
           sh.name, pdl ? 1 : 0, static_cast<long long>(m), static_cast<long long>(sh.n),
           static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, split_norm_us,
           fused_norm_us, read_us, gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us,
-          read_us / cublas_us, cublas_us / gemv_us, split_glu_us, fused_glu_us);
+          read_us / cublas_us, cublas_us / gemv_us, split_glu_us, fused_glu_us, sums_norm_us,
+          add_us, add_sums_us);
     }
     cudaFree(w);
     cudaFree(x);
@@ -219,6 +250,7 @@ int main(int argc, char** argv) {
     cudaFree(xn);
     cudaFree(norm_w);
     cudaFree(ws);
+    cudaFree(sums);
     if (!ok) return 1;
   }
   cublasDestroy(cublas);

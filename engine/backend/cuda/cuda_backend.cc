@@ -366,8 +366,7 @@ class CudaBackend final : public Backend {
   bool GemmSiluMul(const kernels::GemmParams& p, const kernels::SiluMulParams& act,
                    const kernels::GemmFusion& f) override {
     if (!TakesFusion(p, f, true) || !kc::GemvSiluMulApplies(p, act)) return false;
-    Op(f.norm_weight != nullptr ? "GemvNormSiluMulCuda" : "GemvSiluMulCuda",
-       [=, this] { return kc::GemvSiluMulCuda(p, act, stream_, f); });
+    Op(GemvOpName(f, true), [=, this] { return kc::GemvSiluMulCuda(p, act, stream_, f); });
 #ifndef HELIX_CUDA_EMULATION
     converted_ = {};  // as after GemvCuda (Gemm below)
 #endif
@@ -376,16 +375,20 @@ class CudaBackend final : public Backend {
   bool TakesFusion(const kernels::GemmParams& p, const kernels::GemmFusion& f,
                    bool silu_mul) const override {
     if (silu_mul && p.n % 2 != 0) return false;
+    const bool sums = f.norm_sums_in != nullptr || f.norm_sums_out != nullptr;
+    if (sums && !(options_.norm_sums && options_.fold_norms)) return false;
+    // A norm from the partials costs the GEMV little on any shape; summing x itself pays only
+    // where GemvNormPreferred says so.
     return TakesGemv(p) && kc::GemvFusionApplies(p, f, silu_mul) &&
-           (f.norm_weight == nullptr ||
+           (f.norm_weight == nullptr || f.norm_sums_in != nullptr ||
             (options_.fold_norms && kc::GemvNormPreferred(p, silu_mul)));
+  }
+  int64_t NormSumParts(const kernels::GemmParams& p) const override {
+    return options_.norm_sums && options_.fold_norms && TakesGemv(p) ? kc::GemvNormSumParts(p) : 0;
   }
   bool GemmFused(const kernels::GemmParams& p, const kernels::GemmFusion& f) override {
     if (!TakesFusion(p, f, false)) return false;
-    const char* what = f.norm_weight != nullptr
-                           ? (f.accumulate ? "GemvNormAddCuda" : "GemvNormCuda")
-                           : (f.accumulate ? "GemvAddCuda" : "GemvCuda");
-    Op(what, [=, this] { return kc::GemvCuda(p, stream_, f); });
+    Op(GemvOpName(f, false), [=, this] { return kc::GemvCuda(p, stream_, f); });
 #ifndef HELIX_CUDA_EMULATION
     converted_ = {};  // the workspace is as it was, but x may be a rewritten buffer
 #endif
@@ -585,6 +588,27 @@ class CudaBackend final : public Backend {
   // Ops queued per kernel name (a string literal: counted by its address, summed by name).
   std::unordered_map<const char*, int64_t> ops_queued_;
   // Whether Gemm(p) runs as GemvCuda (decode_gemv, a shape it takes and where it beats cuBLAS).
+  // The op name ops_queued counts a GEMV with fusion f under: Gemv, then SumsNorm (the norm from
+  // partials) or Norm, Add (the residual add), Sums (partials written), SiluMul, then Cuda; e.g.
+  // GemvNormSiluMulCuda, GemvAddSumsCuda, GemvSumsNormCuda.
+  static const char* GemvOpName(const kernels::GemmFusion& f, bool silu_mul) {
+    static const std::vector<std::string> names = [] {
+      std::vector<std::string> n;
+      for (int i = 0; i < 32; ++i) {
+        std::string s = "Gemv";
+        if (i & 1) s += (i & 2) ? "SumsNorm" : "Norm";
+        if (i & 4) s += "Add";
+        if (i & 8) s += "Sums";
+        if (i & 16) s += "SiluMul";
+        n.push_back(s + "Cuda");
+      }
+      return n;
+    }();
+    const int i = (f.norm_weight != nullptr ? 1 : 0) | (f.norm_sums_in != nullptr ? 2 : 0) |
+                  (f.accumulate ? 4 : 0) | (f.norm_sums_out != nullptr ? 8 : 0) |
+                  (silu_mul ? 16 : 0);
+    return names[i].c_str();
+  }
   bool TakesGemv(const kernels::GemmParams& p) const {
     return options_.decode_gemv && kc::GemvApplies(p) && kc::GemvPreferred(p.m, p.n, p.k);
   }

@@ -43,6 +43,12 @@ struct CudaBackendOptions {
   // false: one thread block per row (18 us for a 128K vocabulary on an H100). Off until
   // measured (decode_bench --split-argmax 1).
   bool split_argmax = false;
+  // With decode_gemv and fold_norms: the GEMV that adds into the residual stream also leaves
+  // each row's sum of squares in partials (kernels::GemmFusion::norm_sums_out), and the GEMV
+  // that reads the stream next takes its RMSNorm from them (norm_sums_in) instead of a
+  // separate RMSNorm kernel, whatever the shape (the norm costs it a few multiplies and no
+  // block-wide step before its products). Off until measured (decode_bench --norm-sums 1).
+  bool norm_sums = false;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

@@ -75,6 +75,7 @@ struct Case {
   bool graphs = false;   // EngineOptions::cuda_graphs (and no logprobs, so that steps qualify)
   bool gemv = false;     // CudaBackendOptions::decode_gemv
   bool split_argmax = false;  // CudaBackendOptions::split_argmax (the vocabulary's 512: 4 chunks)
+  bool norm_sums = false;     // CudaBackendOptions::norm_sums
 };
 
 const std::vector<Case>& StoriesCases() {
@@ -93,6 +94,11 @@ const std::vector<Case>& StoriesCases() {
       // (the last request alone) with the norms and residual adds folded in, two- and three-row
       // ones with the norms as kernels (on the GPU also inside a graph).
       {"bf16w_gemv", kernels::DType::kBF16, kernels::DType::kBF16, 8, 0, 1, 1, false, false, true},
+      // The same with each norm after o_proj taken from the partial sums of squares o_proj
+      // leaves (in steps of every row count: stories260K's down projection, k = 172, is no GEMV
+      // shape, so the attention norms stay as they are).
+      {"bf16w_gemv_norm_sums", kernels::DType::kBF16, kernels::DType::kBF16, 8, 0, 1, 1, false,
+       false, true, false, true},
 #ifndef HELIX_CUDA_EMULATION
       {"bf16_weights", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1},
       {"bf16w_gemv_graphs", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1, false, true,
@@ -136,6 +142,7 @@ EngineOptions CudaOptions(const Case& c) {
   bo.attention_split_tokens = c.split_tokens;
   bo.decode_gemv = c.gemv;
   bo.split_argmax = c.split_argmax;
+  bo.norm_sums = c.norm_sums;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   return o;
 }
@@ -157,8 +164,11 @@ std::shared_ptr<std::vector<Backend*>> WatchBackends(EngineOptions* o) {
 void ExpectGemvUse(const Backend& b, bool gemv, std::initializer_list<const char*> ran,
                    const std::string& what) {
   for (const char* op : {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormAddCuda",
-                         "GemvSiluMulCuda", "GemvNormSiluMulCuda"}) {
-    if (!gemv) EXPECT_EQ(b.ops_queued(op), 0) << what << ": " << op;
+                         "GemvSiluMulCuda", "GemvNormSiluMulCuda", "GemvAddSumsCuda",
+                         "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda"}) {
+    if (!gemv) {
+      EXPECT_EQ(b.ops_queued(op), 0) << what << ": " << op;
+    }
   }
   if (gemv) {
     for (const char* op : ran) EXPECT_GT(b.ops_queued(op), 0) << what << ": " << op;
@@ -555,10 +565,22 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
       // One row: q|k|v and gate|up with their norms folded in, o_proj adding into the stream
       // (stories260K's down projection, k = 172, is no GEMV shape); more rows: the norms as
       // kernels, gate|up with SiLU·mul; the classifier plain.
-      ExpectGemvUse(
-          *backends->front(), c.gemv,
-          {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormSiluMulCuda", "GemvSiluMulCuda"},
-          c.name);
+      const Backend& b = *backends->front();
+      if (c.norm_sums) {
+        // o_proj leaves the partials in every step, and gate|up always takes its norm from
+        // them (no RMSNorm kernel and no norm summed by the GEMV for it).
+        ExpectGemvUse(b, c.gemv, {"GemvNormCuda", "GemvAddSumsCuda", "GemvSumsNormSiluMulCuda"},
+                      c.name);
+        EXPECT_EQ(b.ops_queued("GemvAddCuda"), 0) << c.name;
+        EXPECT_EQ(b.ops_queued("GemvNormSiluMulCuda"), 0) << c.name;
+        EXPECT_EQ(b.ops_queued("GemvSiluMulCuda"), 0) << c.name;
+      } else {
+        ExpectGemvUse(
+            b, c.gemv,
+            {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormSiluMulCuda", "GemvSiluMulCuda"},
+            c.name);
+        EXPECT_EQ(b.ops_queued("GemvAddSumsCuda"), 0) << c.name;
+      }
     }
     if (c.graphs) {
       // Every bucket runs once eagerly, then as a captured graph: most steps are replays.
@@ -786,6 +808,9 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   // ":fp32attn": attention's math on the CUDA cores (attention_tensor_cores off); otherwise the
   // default, the tensor cores (these models' head dim is 64, their KV bf16).
   const bool mma = GetParam().find(":fp32attn") == std::string::npos;
+  // ":sums": CudaBackendOptions::norm_sums (each norm after the first from the partial sums of
+  // squares of the product before it).
+  const bool sums = GetParam().find(":sums") != std::string::npos;
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
   if (model.rfind("qwen2", 0) == 0) {
@@ -810,6 +835,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   CudaBackendOptions bo;
   bo.decode_gemv = !cublas;
   bo.attention_tensor_cores = mma;
+  bo.norm_sums = sums;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   const auto backends = WatchBackends(&o);
   auto gpu = Engine::Create(o);
@@ -817,8 +843,16 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   const std::vector<RunResult> got = RunAll(gpu->get(), reqs);
   if (model.find("BF16") != std::string::npos) {
     ASSERT_EQ(backends->size(), 1u);
-    // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS.
-    ExpectGemvUse(*backends->front(), !cublas, {"GemvCuda", "GemvSiluMulCuda"}, GetParam());
+    // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS; with
+    // ":sums" the norms of up to 4 rows come with the products adding into the stream (o_proj
+    // and the down projection), the first layer's excepted.
+    if (sums) {
+      ExpectGemvUse(*backends->front(), true,
+                    {"GemvAddSumsCuda", "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda"}, GetParam());
+    } else {
+      ExpectGemvUse(*backends->front(), !cublas, {"GemvCuda", "GemvSiluMulCuda"}, GetParam());
+      EXPECT_EQ(backends->front()->ops_queued("GemvAddSumsCuda"), 0);
+    }
   }
   // Attention on the tensor cores, decode and prefill, exactly when asked.
   ASSERT_EQ(backends->size(), 1u);
@@ -842,7 +876,8 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
-                         ::testing::Values("llama_BF16.gguf", "llama_Q8_0.gguf:cublas",
+                         ::testing::Values("llama_BF16.gguf", "llama_BF16.gguf:sums",
+                                           "llama_Q8_0.gguf:cublas",
                                            "qwen2_F32.gguf",  // q/k/v biases
                                            "llama_Q8_0.gguf:cublas:fp32attn"),
                          [](const auto& info) {
