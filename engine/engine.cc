@@ -157,6 +157,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.attention_tensor_cores = o.cuda_attention_tensor_cores;
     c.split_argmax = o.cuda_split_argmax;
     c.norm_sums = o.cuda_norm_sums;
+    c.gemv_rope_kv = o.cuda_gemv_rope_kv;
     return CreateCudaBackend(c);
 #else
     return Unimplemented(

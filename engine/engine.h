@@ -68,6 +68,9 @@ struct EngineOptions {
   // The cuda backend: each RMSNorm taken from partial sums of squares left by the product
   // before it (CudaBackendOptions::norm_sums; decode_bench --norm-sums 1). Off by default.
   bool cuda_norm_sums = false;
+  // The cuda backend: RoPE and the K/V write in the q|k|v GEMV's epilogue
+  // (CudaBackendOptions::gemv_rope_kv; decode_bench --gemv-rope 1). Off by default.
+  bool cuda_gemv_rope_kv = false;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

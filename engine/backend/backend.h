@@ -121,6 +121,12 @@ class Backend {
                            bool /*silu_mul*/) const {
     return false;
   }
+  // Gemm(p) with fusion f, then RopeWriteKv(rk) over its output (p the packed q|k|v product whose
+  // rows rk describes), in one op where the backend has it: true = done; false = nothing done.
+  virtual bool GemmRopeWriteKv(const kernels::GemmParams& /*p*/, const kernels::GemmFusion& /*f*/,
+                               const kernels::RopeWriteKvParams& /*rk*/) {
+    return false;
+  }
   // The partial sums of squares per row that GemmFused(p, f) writes with f.norm_sums_out (for
   // the next product's f.norm_sums_in), or 0 when this backend leaves none for p.
   virtual int64_t NormSumParts(const kernels::GemmParams& /*p*/) const { return 0; }

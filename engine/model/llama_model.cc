@@ -906,21 +906,29 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
       rk.layer = l;
       rk.block = m.kv_block;
       rk.token_in_block = m.kv_slot;
+      bool roped = false;  // done with the q|k|v product
       if (packed_qkv_[l]) {
         // One GEMM for q|k|v (and their packed biases) per token; the rotated q into q_.
+        // A backend may run the RoPE and K/V write in the GEMM's epilogue (roped).
         const int64_t n = qd + 2 * kvd;
         RETURN_IF_ERROR(qkv_.Resize(T * n));
-        if (pending != nullptr && backend_->GemmFused(QkvGemm(l, x_.data()), PendingNorm())) {
-          pending = nullptr;
-        } else {
-          Normed();
-          GemmIn(QkvGemm(l, xb_.data()), attn_lowp, xb_lowp_.data());
-        }
         rk.q = qkv_.data();
         rk.k = qkv_.data() + qd;
         rk.v = qkv_.data() + qd + kvd;
         rk.row_stride = n;
         rk.q_out = q_.data();
+        bool done = false;
+        if (pending != nullptr) {
+          const kernels::GemmFusion pf = PendingNorm();
+          roped = rope_kv_fused_ && backend_->GemmRopeWriteKv(QkvGemm(l, x_.data()), pf, rk);
+          done = roped || backend_->GemmFused(QkvGemm(l, x_.data()), pf);
+          if (done) pending = nullptr;
+        }
+        if (!done) {
+          Normed();
+          roped = rope_kv_fused_ && backend_->GemmRopeWriteKv(QkvGemm(l, xb_.data()), {}, rk);
+          if (!roped) GemmIn(QkvGemm(l, xb_.data()), attn_lowp, xb_lowp_.data());
+        }
       } else {
         Normed();
         GemmIn({xb_.data(), Dev(lw.wq), F32(lw.bq), q_.data(), T, qd, D, lw.wq.dtype}, attn_lowp,
@@ -935,7 +943,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         rk.v = v_.data();
       }
       sw.Lap(&tm.gemm);
-      if (!rope_kv_fused_ || !backend_->RopeWriteKv(rk)) {
+      if (!roped && (!rope_kv_fused_ || !backend_->RopeWriteKv(rk))) {
         if (packed_qkv_[l]) {
           return Internal(std::string(backend_->name()) +
                           " backend: packed q/k/v weights but no RopeWriteKv");

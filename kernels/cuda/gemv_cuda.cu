@@ -30,6 +30,81 @@ constexpr int kNormNone = 0;
 constexpr int kNormSmem = 1;  // the block normalises x into shared memory first
 constexpr int kNormSums = 2;  // from a producer's partial sums of squares (norm_sums_in)
 
+// Element offset of dim 0 of (block, layer, plane c, kv head, token in block) in a KV pool
+// (kernels::KvOffset).
+__device__ inline int64_t PoolOffset(const KvPoolView& v, int64_t block, int64_t layer, int c,
+                                     int64_t head, int64_t token) {
+  const int64_t block_elems =
+      v.num_layers * v.num_planes * v.num_kv_heads * v.tokens_per_block * v.head_dim;
+  return block * block_elems +
+         (((layer * v.num_planes + c) * v.num_kv_heads + head) * v.tokens_per_block + token) *
+             v.head_dim;
+}
+
+// base[i] = v in the pool's type (FromFloat: round to nearest even).
+__device__ inline void StorePool(void* base, DType dtype, int64_t i, float v) {
+  if (dtype == DType::kF32) {
+    static_cast<float*>(base)[i] = v;
+  } else if (dtype == DType::kF16) {
+    static_cast<__half*>(base)[i] = FromFloat<__half>(v);
+  } else {
+    static_cast<__nv_bfloat16*>(base)[i] = FromFloat<__nv_bfloat16>(v);
+  }
+}
+
+// The fused RoPE + K/V write (kRope): the thread blocks of the rotated rows (q and k, the first
+// qd + kvd outputs) each compute whole rotation pairs, RoPE's (e, e + d/2) or (2i, 2i + 1) of a
+// head, a pair on consecutive row slots; the later blocks take the v rows in order.
+__host__ __device__ inline int64_t RopeRotatedBlocks(const RopeWriteKvParams& rk,
+                                                     int rows_per_block) {
+  return (rk.num_q_heads + rk.kv.num_kv_heads) * rk.kv.head_dim / rows_per_block;
+}
+
+// The kRope epilogue of output row j (rotation pair `pair`, -1 for a v row; its pair's values in
+// rope_vals at row slots slot & ~1 and slot | 1, token r's at [slot * M + r]) for tokens r < m:
+// RopeWriteKvKernel's work on this row's element, with the same expressions.
+template <int M>
+__device__ inline void RopeWriteRows(const RopeWriteKvParams& rk, int64_t j, int64_t pair, int slot,
+                                     const float* rope_vals, int64_t m) {
+  const int64_t d = rk.kv.head_dim;
+  const int64_t hq = rk.num_q_heads;
+  const int64_t hkv = rk.kv.num_kv_heads;
+  const int64_t qd = hq * d, kvd = hkv * d;
+  void* base = rk.kv.base;
+  for (int r = 0; r < M && r < m; ++r) {
+    const int32_t block = rk.block[r];
+    const int32_t tok = rk.token_in_block[r];
+    if (pair < 0) {  // a v row: into the pool's V plane
+      const int64_t h = (j - qd - kvd) / d;
+      if (block >= 0 && rk.kv.num_planes == 2) {
+        StorePool(base, rk.kv.dtype, PoolOffset(rk.kv, block, rk.layer, 1, h, tok) + j % d,
+                  rope_vals[slot * M + r]);
+      }
+      continue;
+    }
+    const double inv_freq =
+        pow(static_cast<double>(rk.theta),
+            -2.0 * static_cast<double>(pair) / static_cast<double>(rk.rotary_dim));
+    double sd, cd;
+    sincos(static_cast<double>(rk.positions[r]) * inv_freq, &sd, &cd);
+    const float c = static_cast<float>(cd);
+    const float s = static_cast<float>(sd);
+    const float a = rope_vals[(slot & ~1) * M + r];
+    const float b = rope_vals[(slot | 1) * M + r];
+    const float v = (slot & 1) == 0 ? __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s))
+                                    : __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+    const int64_t h = j / d, e = j % d;
+    if (h < hq) {
+      rk.q_out[(r * hq + h) * d + e] = v;
+    } else {
+      rk.k[r * rk.row_stride + (h - hq) * d + e] = v;
+      if (block >= 0) {
+        StorePool(base, rk.kv.dtype, PoolOffset(rk.kv, block, rk.layer, 0, h - hq, tok) + e, v);
+      }
+    }
+  }
+}
+
 // Thread blocks of the GEMV of p: one per kWarpsPerBlock / S outputs.
 int64_t GemvBlocks(const GemmParams& p, bool silu_mul) {
   const int64_t outs = silu_mul ? p.n / 2 : p.n;
@@ -67,12 +142,18 @@ __device__ inline void LoadRound(uint4 (&raw)[R][U], const W* const (&w)[R], int
 // rounding, and no block-wide step before the products). f.norm_sums_out (not kGlu): the block
 // also writes the sum of squares of the values it wrote to y, row r's at
 // norm_sums_out[r * gridDim.x + blockIdx.x]. Every sum is in double and in a fixed order, so
-// runs repeat bit for bit.
+// runs repeat bit for bit. kRope (not kGlu; p is the packed q|k|v product that rk describes, see
+// GemvRopeKvApplies): row slots are mapped to outputs as RopeRotatedBlocks says, and after y is
+// written each rotated row's pair meets in shared memory and the epilogue does what
+// RopeWriteKvKernel does with it (same expressions: bit for bit): the rotated q into rk.q_out,
+// the rotated k over y, and k and v into the token's pool slot.
 // Weights are never written by a kernel of the step, so each warp's first round of them is
 // loaded before PdlEnter: under HELIX_LAUNCH_PDL those loads overlap the kernel before it.
-template <typename W, int M, bool kGlu, int S, int kNorm>
+template <typename W, int M, bool kGlu, int S, int kNorm, bool kRope>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    GemvKernel(const GemmParams p, const SiluMulParams act, const GemmFusion f) {
+    GemvKernel(const GemmParams p, const SiluMulParams act, const GemmFusion f,
+               const RopeWriteKvParams rk) {
+  static_assert(!(kRope && kGlu));
   constexpr int U = kUnroll;
   constexpr int R = kGlu ? 2 : 1;  // weight rows per warp
   constexpr int kRowsPerBlock = kWarpsPerBlock / S;
@@ -80,11 +161,30 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   HELIX_STATIC_SMEM(Parts, parts);
   using Squares = double[kWarpsPerBlock * M];  // each warp's part of the sums of squares
   HELIX_STATIC_SMEM(Squares, squares);
+  using RopeVals = float[kRowsPerBlock * M];  // kRope: each row slot's y, for its pair
+  HELIX_STATIC_SMEM(RopeVals, rope_vals);
   const int64_t outs = kGlu ? p.n / 2 : p.n;
   const int warp = static_cast<int>(threadIdx.x / 32);
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int slice = warp % S;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp / S;
+  const int row_slot = warp / S;
+  int64_t j = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + row_slot;
+  [[maybe_unused]] int64_t pair =
+      -1;  // kRope: the rotation pair of a rotated row (its index within the head)
+  if constexpr (kRope) {
+    const int64_t d = rk.kv.head_dim;
+    const int64_t rotated_blocks = RopeRotatedBlocks(rk, kRowsPerBlock);
+    if (blockIdx.x < rotated_blocks) {
+      const int64_t g = static_cast<int64_t>(blockIdx.x) * (kRowsPerBlock / 2) + row_slot / 2;
+      const int64_t head = g / (d / 2);
+      pair = g % (d / 2);
+      j = head * d + (rk.style == RopeStyle::kInterleaved ? 2 * pair + (row_slot & 1)
+                                                          : pair + (row_slot & 1) * (d / 2));
+    } else {
+      j = (rk.num_q_heads + rk.kv.num_kv_heads) * d +
+          (static_cast<int64_t>(blockIdx.x) - rotated_blocks) * kRowsPerBlock + row_slot;
+    }
+  }
   const bool active = j < outs;
   const W* w[R];
 #pragma unroll
@@ -281,6 +381,15 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       const float v = f.accumulate ? *y + s[0] : s[0];
       *y = v;
       written_sq[r] = static_cast<double>(v) * v;
+      if constexpr (kRope) {
+        rope_vals[row_slot * M + r] = v;
+      }
+    }
+  }
+  if constexpr (kRope) {
+    __syncthreads();
+    if (writes) {
+      RopeWriteRows<M>(rk, j, pair, row_slot, rope_vals, p.m);
     }
   }
   if (kGlu || f.norm_sums_out == nullptr) {
@@ -302,46 +411,52 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
 }
 
-template <typename W, bool kGlu, int S, int kNorm>
+template <typename W, bool kGlu, int S, int kNorm, bool kRope = false>
 cudaError_t LaunchRows(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
-                       cudaStream_t stream) {
+                       const RopeWriteKvParams& rk, cudaStream_t stream) {
   const int64_t outs = kGlu ? p.n / 2 : p.n;
   constexpr int64_t kRowsPerBlock = kWarpsPerBlock / S;
-  const unsigned grid = static_cast<unsigned>((outs + kRowsPerBlock - 1) / kRowsPerBlock);
+  const int64_t kv_rows = rk.kv.num_kv_heads * rk.kv.head_dim;  // kRope: the v rows after them
+  const unsigned grid = static_cast<unsigned>(
+      kRope ? RopeRotatedBlocks(rk, kRowsPerBlock) + (kv_rows + kRowsPerBlock - 1) / kRowsPerBlock
+            : (outs + kRowsPerBlock - 1) / kRowsPerBlock);
   const unsigned block = 32 * kWarpsPerBlock;
   const size_t smem = kNorm == kNormSmem ? static_cast<size_t>(p.m * p.k) * sizeof(float) : 0;
   if (p.m == 1) {
-    HELIX_LAUNCH_PDL((GemvKernel<W, 1, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
+    HELIX_LAUNCH_PDL((GemvKernel<W, 1, kGlu, S, kNorm, kRope>), grid, block, smem, stream, p, act,
+                     f, rk);
   } else if (p.m == 2) {
-    HELIX_LAUNCH_PDL((GemvKernel<W, 2, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
+    HELIX_LAUNCH_PDL((GemvKernel<W, 2, kGlu, S, kNorm, kRope>), grid, block, smem, stream, p, act,
+                     f, rk);
   } else {
-    HELIX_LAUNCH_PDL((GemvKernel<W, 4, kGlu, S, kNorm>), grid, block, smem, stream, p, act, f);
+    HELIX_LAUNCH_PDL((GemvKernel<W, 4, kGlu, S, kNorm, kRope>), grid, block, smem, stream, p, act,
+                     f, rk);
   }
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
 }
 
-template <typename W, bool kGlu, int kNorm>
+template <typename W, bool kGlu, int kNorm, bool kRope>
 cudaError_t LaunchSplit(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
-                        cudaStream_t stream) {
-  return p.k >= kSplitMinK ? LaunchRows<W, kGlu, kSplitWarps, kNorm>(p, act, f, stream)
-                           : LaunchRows<W, kGlu, 1, kNorm>(p, act, f, stream);
+                        const RopeWriteKvParams& rk, cudaStream_t stream) {
+  return p.k >= kSplitMinK ? LaunchRows<W, kGlu, kSplitWarps, kNorm, kRope>(p, act, f, rk, stream)
+                           : LaunchRows<W, kGlu, 1, kNorm, kRope>(p, act, f, rk, stream);
 }
 
-template <bool kGlu>
+template <bool kGlu, bool kRope = false>
 cudaError_t Launch(const GemmParams& p, const SiluMulParams& act, const GemmFusion& f,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, const RopeWriteKvParams& rk = {}) {
   const bool bf16 = p.w_dtype == DType::kBF16;
   if (f.norm_weight != nullptr && f.norm_sums_in != nullptr) {
-    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormSums>(p, act, f, stream)
-                : LaunchSplit<__half, kGlu, kNormSums>(p, act, f, stream);
+    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormSums, kRope>(p, act, f, rk, stream)
+                : LaunchSplit<__half, kGlu, kNormSums, kRope>(p, act, f, rk, stream);
   }
   if (f.norm_weight != nullptr) {
-    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormSmem>(p, act, f, stream)
-                : LaunchSplit<__half, kGlu, kNormSmem>(p, act, f, stream);
+    return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormSmem, kRope>(p, act, f, rk, stream)
+                : LaunchSplit<__half, kGlu, kNormSmem, kRope>(p, act, f, rk, stream);
   }
-  return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormNone>(p, act, f, stream)
-              : LaunchSplit<__half, kGlu, kNormNone>(p, act, f, stream);
+  return bf16 ? LaunchSplit<__nv_bfloat16, kGlu, kNormNone, kRope>(p, act, f, rk, stream)
+              : LaunchSplit<__half, kGlu, kNormNone, kRope>(p, act, f, rk, stream);
 }
 
 }  // namespace
@@ -407,6 +522,35 @@ cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion&
     return cudaErrorInvalidValue;
   }
   return Launch<false>(p, SiluMulParams{}, f, stream);
+}
+
+bool GemvRopeKvApplies(const GemmParams& p, const GemmFusion& f, const RopeWriteKvParams& rk) {
+  if (!GemvApplies(p) || !GemvFusionApplies(p, f, false) || f.accumulate ||
+      f.norm_sums_out != nullptr) {
+    return false;
+  }
+  const int64_t d = rk.kv.head_dim;
+  const int64_t qd = rk.num_q_heads * d, kvd = rk.kv.num_kv_heads * d;
+  const int64_t rows_per_block = kWarpsPerBlock / (p.k >= kSplitMinK ? kSplitWarps : 1);
+  const bool dtype_ok =
+      rk.kv.dtype == DType::kF32 || rk.kv.dtype == DType::kF16 || rk.kv.dtype == DType::kBF16;
+  const bool q_out_apart =
+      rk.q_out != nullptr && (rk.q_out + p.m * qd <= p.y || rk.q_out >= p.y + p.m * p.n);
+  return d >= 2 && d % 2 == 0 && rk.num_q_heads >= 1 && rk.kv.num_kv_heads >= 1 &&
+         rk.rotary_dim == d && p.n == qd + 2 * kvd && (qd + kvd) % rows_per_block == 0 &&
+         rk.tokens == p.m && rk.row_stride == p.n && rk.q == p.y && rk.k == p.y + qd &&
+         rk.v == p.y + qd + kvd && q_out_apart && rk.kv.num_planes == 2 && dtype_ok &&
+         rk.kv.base != nullptr && rk.positions != nullptr && rk.block != nullptr &&
+         rk.token_in_block != nullptr &&
+         (rk.style == RopeStyle::kInterleaved || rk.style == RopeStyle::kHalf);
+}
+
+cudaError_t GemvRopeKvCuda(const GemmParams& p, const RopeWriteKvParams& rk, cudaStream_t stream,
+                           const GemmFusion& f) {
+  if (!GemvRopeKvApplies(p, f, rk)) {
+    return cudaErrorInvalidValue;
+  }
+  return Launch<false, true>(p, SiluMulParams{}, f, stream, rk);
 }
 
 bool GemvSiluMulApplies(const GemmParams& p, const SiluMulParams& act) {

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/gemm.h"
+#include "kernels/rope.h"
 #include "kernels/silu_mul.h"
 
 namespace helix::kernels::cuda {
@@ -55,6 +56,19 @@ bool GemvNormPreferred(const GemmParams& p, bool silu_mul);
 // (RMSNorm up to rounding); with f.accumulate y += the product; with f.norm_sums_out the sums
 // of squares of y's rows as written, in GemvNormSumParts(p) partials per row.
 cudaError_t GemvCuda(const GemmParams& p, cudaStream_t stream, const GemmFusion& f = {});
+
+// Whether GemvRopeKvCuda takes (p, f, rk): GemvApplies(p) and GemvFusionApplies(p, f, false)
+// without accumulate or norm_sums_out; p the packed q|k|v product (n = qd + 2 kvd) whose rows
+// rk describes (q, k, v the slices of p.y, row_stride = n, tokens = m, q_out set and apart from
+// y), full rotary (rotary_dim = head_dim, even), a K/V pool of f32, f16 or bf16, and the rotated
+// rows' outputs (qd + kvd) a whole number of thread blocks (multiples of 8, or of 2 for k >= 4096).
+bool GemvRopeKvApplies(const GemmParams& p, const GemmFusion& f, const RopeWriteKvParams& rk);
+
+// GemvCuda(p, f) then RopeWriteKvCuda(rk) in one kernel, bit for bit (y, rk.q_out and the pool):
+// each thread block computes whole rotation pairs of q and k (or rows of v) and rotates and
+// stores them as it writes them. REQUIRES: GemvRopeKvApplies(p, f, rk); device pointers.
+cudaError_t GemvRopeKvCuda(const GemmParams& p, const RopeWriteKvParams& rk, cudaStream_t stream,
+                           const GemmFusion& f = {});
 
 // Whether GemvSiluMulCuda takes (p, act): GemvApplies(p), p.n even, and act the SiluMul of the
 // packed gate|up product p would write: act.gate == p.y, act.up == p.y + n/2, act.cols == n/2,

@@ -7,7 +7,7 @@
 //                [--warmup W] [--threads T] [--kv-dtype float32|float16|bfloat16]
 //                [--tokens-per-block N] [--weight-dtype auto|float32|float16|bfloat16]
 //                [--backend cpu|cuda] [--cuda-graphs 0|1] [--gemv 0|1] [--pdl 0|1] [--fold 0|1]
-//                [--attn-mma 0|1] [--split-argmax 0|1] [--norm-sums 0|1]
+//                [--attn-mma 0|1] [--split-argmax 0|1] [--norm-sums 0|1] [--gemv-rope 0|1]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -24,7 +24,7 @@ using Clock = std::chrono::steady_clock;
 struct Args {
   std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto", backend = "cpu";
   bool cuda_graphs = false, gemv = true, pdl = true, fold = true, attn_mma = true,
-       split_argmax = false, norm_sums = false;
+       split_argmax = false, norm_sums = false, gemv_rope = false;
   int64_t context = 512, batch = 1, steps = 64, warmup = 8, threads = 0, tokens_per_block = 32;
 };
 
@@ -34,7 +34,7 @@ struct Args {
                "[--context N] [--batch B] [--steps S] [--warmup W] [--threads T] [--kv-dtype D] "
                "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1] "
                "[--gemv 0|1] [--pdl 0|1] [--fold 0|1] [--attn-mma 0|1] [--split-argmax 0|1] "
-               "[--norm-sums 0|1]\n",
+               "[--norm-sums 0|1] [--gemv-rope 0|1]\n",
                why.c_str());
   std::exit(2);
 }
@@ -67,6 +67,8 @@ Args Parse(int argc, char** argv) {
       a.split_argmax = v == "1";
     } else if (k == "--norm-sums") {
       a.norm_sums = v == "1";
+    } else if (k == "--gemv-rope") {
+      a.gemv_rope = v == "1";
     } else if (k == "--kv-dtype") {
       a.kv_dtype = v;
     } else if (k == "--context") {
@@ -107,6 +109,7 @@ int main(int argc, char** argv) {
   o.cuda_attention_tensor_cores = a.attn_mma;
   o.cuda_split_argmax = a.split_argmax;
   o.cuda_norm_sums = a.norm_sums;
+  o.cuda_gemv_rope_kv = a.gemv_rope;
   o.tokens_per_block = a.tokens_per_block;
   o.max_batch_size = a.batch;
   // Tokens per request: the prefill's first, the warm-up steps', the timed steps'.
@@ -201,15 +204,15 @@ int main(int argc, char** argv) {
   const double decode_tokens = static_cast<double>(generated - after_warmup);
   std::printf(
       "engine=helix backend=%s cuda_graphs=%d gemv=%d pdl=%d fold=%d attn_mma=%d split_argmax=%d "
-      "norm_sums=%d model=%s "
+      "norm_sums=%d gemv_rope=%d model=%s "
       "context=%lld "
       "batch=%lld "
       "steps=%lld "
       "warmup=%lld kv_dtype=%s weight_dtype=%s prefill_s=%.3f decode_tok_s=%.2f ms_per_step=%.3f "
       "graph_replays=%lld graph_captures=%lld weight_bytes=%.0f kv_read_bytes=%.0f\n",
       a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.gemv ? 1 : 0, a.pdl ? 1 : 0, a.fold ? 1 : 0,
-      a.attn_mma ? 1 : 0, a.split_argmax ? 1 : 0, a.norm_sums ? 1 : 0, a.model.c_str(),
-      static_cast<long long>(a.context), static_cast<long long>(a.batch),
+      a.attn_mma ? 1 : 0, a.split_argmax ? 1 : 0, a.norm_sums ? 1 : 0, a.gemv_rope ? 1 : 0,
+      a.model.c_str(), static_cast<long long>(a.context), static_cast<long long>(a.batch),
       static_cast<long long>(a.steps), static_cast<long long>(a.warmup), a.kv_dtype.c_str(),
       a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
       1e3 * decode_s / static_cast<double>(a.steps),

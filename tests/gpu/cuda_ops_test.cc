@@ -1876,6 +1876,178 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
   }
 }
 
+// The packed q|k|v GEMV with RoPE and the K/V write in its epilogue (GemvRopeKvCuda): bit for bit
+// GemvCuda (with the same fusion: none, the norm summed by the GEMV, the norm from partial sums)
+// then RopeWriteKvCuda, in y (q as the GEMV wrote it, k rotated, v), q_out and the pool, for
+// both styles, every pool type, 1-4 tokens (one not stored on this rank) and k >= 4096 (two
+// rows a thread block: one pair).
+TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
+  std::mt19937 rng(59);
+  struct Shape {
+    int64_t hq, hkv, d, k, m;
+  };
+  const std::vector<int32_t> positions = {7, 4096, 0, 999999};
+  const std::vector<int32_t> block = {2, -1, 0, 5};
+  const std::vector<int32_t> slot = {0, 1, 3, 2};
+  for (RopeStyle style : {RopeStyle::kHalf, RopeStyle::kInterleaved}) {
+    for (Shape sh : {Shape{4, 2, 64, 256, 1}, Shape{8, 4, 8, 64, 4}, Shape{2, 1, 128, 4104, 3}}) {
+      for (DType kv : {DType::kF32, DType::kF16, DType::kBF16}) {
+        for (int norm_mode : {0, 1, 2}) {
+          if (norm_mode == 1 && sh.m * sh.k > cuda::kGemvNormMaxFloats) continue;  // no room
+          if (sh.k > 4096 && kv != DType::kBF16) continue;  // (emulation time)
+          const int64_t qd = sh.hq * sh.d, kvd = sh.hkv * sh.d, n = qd + 2 * kvd;
+          const bool bias = norm_mode == 1;
+          const DType wt = kv == DType::kF16 ? DType::kF16 : DType::kBF16;
+          const std::string what =
+              std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") + DTypeName(kv) +
+              " hq=" + std::to_string(sh.hq) + " d=" + std::to_string(sh.d) +
+              " k=" + std::to_string(sh.k) + " m=" + std::to_string(sh.m) +
+              " norm=" + std::to_string(norm_mode);
+          const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
+          const std::vector<uint16_t> w = RandomLowp(rng, n * sh.k, wt);
+          const std::vector<float> b = RandomVector(rng, n);
+          const std::vector<float> g = RandomVector(rng, sh.k);
+          std::vector<double> sums(sh.m * 3);
+          for (double& v : sums) v = 0.5 + std::uniform_real_distribution<double>(0, 1)(rng);
+          Pool pool(kv, 2, sh.hkv, 4, sh.d, 6);
+          pool.FillRandom(rng);
+          DeviceBuffer<float> d_x(x), d_b(b), d_g(g);
+          DeviceBuffer<uint16_t> d_w(w);
+          DeviceBuffer<double> d_sums(sums);
+          DeviceBuffer<int32_t> d_pos(
+              std::vector<int32_t>(positions.begin(), positions.begin() + sh.m)),
+              d_block(std::vector<int32_t>(block.begin(), block.begin() + sh.m)),
+              d_slot(std::vector<int32_t>(slot.begin(), slot.begin() + sh.m));
+          GemmFusion f;
+          if (norm_mode > 0) {
+            f.norm_weight = d_g.get();
+            f.norm_eps = 1e-5f;
+          }
+          if (norm_mode == 2) {
+            f.norm_sums_in = d_sums.get();
+            f.norm_sum_parts = 3;
+          }
+          // Reference and fused runs, each on its own y, q_out and copy of the pool.
+          struct Out {
+            DeviceBuffer<float> y, q_out;
+            DeviceBuffer<unsigned char> pool;
+          };
+          const auto run = [&](bool fused, Out* o) {
+            GemmParams p{.x = d_x.get(),
+                         .w = d_w.get(),
+                         .bias = bias ? d_b.get() : nullptr,
+                         .y = o->y.get(),
+                         .m = sh.m,
+                         .n = n,
+                         .k = sh.k,
+                         .w_dtype = wt};
+            KvPoolView view = pool.view;
+            view.base = o->pool.get();
+            const RopeWriteKvParams rk{.q = o->y.get(),
+                                       .k = o->y.get() + qd,
+                                       .v = o->y.get() + qd + kvd,
+                                       .row_stride = n,
+                                       .q_out = o->q_out.get(),
+                                       .positions = d_pos.get(),
+                                       .tokens = sh.m,
+                                       .num_q_heads = sh.hq,
+                                       .rotary_dim = sh.d,
+                                       .theta = 500000.0f,
+                                       .style = style,
+                                       .kv = view,
+                                       .layer = 1,
+                                       .block = d_block.get(),
+                                       .token_in_block = d_slot.get()};
+            if (fused) {
+              ASSERT_TRUE(cuda::GemvRopeKvApplies(p, f, rk)) << what;
+              ASSERT_EQ(cuda::GemvRopeKvCuda(p, rk, nullptr, f), cudaSuccess) << what;
+            } else {
+              ASSERT_EQ(cuda::GemvCuda(p, nullptr, f), cudaSuccess) << what;
+              ASSERT_EQ(cuda::RopeWriteKvCuda(rk, nullptr), cudaSuccess) << what;
+            }
+          };
+          Out want{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
+                   DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
+                   DeviceBuffer<unsigned char>(pool.host)};
+          Out got{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
+                  DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
+                  DeviceBuffer<unsigned char>(pool.host)};
+          ASSERT_NO_FATAL_FAILURE(run(false, &want));
+          ASSERT_NO_FATAL_FAILURE(run(true, &got));
+          const std::vector<float> wy = want.y.Download(), gy = got.y.Download();
+          const std::vector<float> wq = want.q_out.Download(), gq = got.q_out.Download();
+          EXPECT_EQ(std::memcmp(wy.data(), gy.data(), wy.size() * sizeof(float)), 0)
+              << what << " y";
+          EXPECT_EQ(std::memcmp(wq.data(), gq.data(), wq.size() * sizeof(float)), 0)
+              << what << " q_out";
+          EXPECT_EQ(want.pool.Download(), got.pool.Download()) << what << " pool";
+          // The pool did change (the stored tokens' K and V), so the comparison means something.
+          EXPECT_NE(got.pool.Download(), pool.host) << what;
+        }
+      }
+    }
+  }
+  // What it does not take.
+  DeviceBuffer<float> d_x(64), d_y(4 * 96), d_q(4 * 64);
+  DeviceBuffer<uint16_t> d_w(96 * 64);
+  DeviceBuffer<int32_t> d_i(4);
+  DeviceBuffer<unsigned char> d_pool(64);
+  const GemmParams p{.x = d_x.get(),
+                     .w = d_w.get(),
+                     .bias = nullptr,
+                     .y = d_y.get(),
+                     .m = 1,
+                     .n = 96,
+                     .k = 64,
+                     .w_dtype = DType::kBF16};
+  RopeWriteKvParams rk{.q = d_y.get(),
+                       .k = d_y.get() + 64,
+                       .v = d_y.get() + 80,
+                       .row_stride = 96,
+                       .q_out = d_q.get(),
+                       .positions = d_i.get(),
+                       .tokens = 1,
+                       .num_q_heads = 4,
+                       .rotary_dim = 16,
+                       .theta = 10000.0f,
+                       .style = RopeStyle::kHalf,
+                       .kv = {d_pool.get(), DType::kBF16, 1, 1, 4, 16},
+                       .layer = 0,
+                       .block = d_i.get(),
+                       .token_in_block = d_i.get()};
+  EXPECT_TRUE(cuda::GemvRopeKvApplies(p, {}, rk));
+  RopeWriteKvParams bad = rk;
+  bad.rotary_dim = 8;  // partial rotary
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
+  bad = rk;
+  bad.q_out = nullptr;
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
+  bad = rk;
+  bad.tokens = 2;
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
+  bad = rk;
+  bad.k = d_y.get() + 60;  // not the product's k slice
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
+  bad = rk;
+  bad.q_out = d_y.get() + 32;  // inside y
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
+  EXPECT_EQ(cuda::GemvRopeKvCuda(p, bad, nullptr), cudaErrorInvalidValue);
+  GemmFusion acc;
+  acc.accumulate = true;
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, acc, rk));
+  // q and k rows not a whole number of thread blocks (4 + 2 heads of 2 dims: 12 rows).
+  GemmParams small = p;
+  small.n = 16;
+  RopeWriteKvParams tiny = rk;
+  tiny.kv.head_dim = 2;
+  tiny.kv.num_kv_heads = 2;
+  tiny.rotary_dim = 2;
+  tiny.row_stride = 16;
+  tiny.k = d_y.get() + 8;
+  tiny.v = d_y.get() + 12;
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(small, {}, tiny));
+}
+
 // ---------------------------------------------------------------------------------------------
 // MLA attention (DeepSeek absorbed form, one-plane pool)
 

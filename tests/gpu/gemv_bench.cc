@@ -5,14 +5,15 @@
 // for the gate|up shapes GemvCuda then SiluMulCuda against the fused GemvSiluMulCuda; the norm
 // taken from a producer's partial sums of squares instead (GemmFusion::norm_sums_in, as many
 // partials as a down projection of width k leaves), and the residual-adding GEMV with and
-// without writing those partials (norm_sums_out); each
-// against a pure-read kernel over the same weight bytes. Weights are cycled
-// through enough copies to exceed the L2 cache, so every call reads them from memory; each
-// figure is the best of 5 timings of 50 back-to-back calls. One line per shape, key=value.
-// The GEMV, RMSNorm and SiLU·mul kernels are launched as the engine launches them, programmatic
-// dependents (--pdl 0: ordinary launches), so back-to-back calls overlap a little (the GEMV
-// loads its first weights before waiting for the call before it); the read reference and cuBLAS
-// are ordinary launches, which is how a GEMV can exceed the read kernel's bandwidth.
+// without writing those partials (norm_sums_out); for the q|k|v shapes GemvCuda then
+// RopeWriteKvCuda against GemvRopeKvCuda (RoPE and the K/V write in the GEMV's epilogue, bf16
+// pool); each against a pure-read kernel over the same weight bytes. Weights are cycled through
+// enough copies to exceed the L2 cache, so every call reads them from memory; each figure is the
+// best of 5 timings of 50 back-to-back calls. One line per shape, key=value. The GEMV, RMSNorm and
+// SiLU·mul kernels are launched as the engine launches them, programmatic dependents (--pdl 0:
+// ordinary launches), so back-to-back calls overlap a little (the GEMV loads its first weights
+// before waiting for the call before it); the read reference and cuBLAS are ordinary launches,
+// which is how a GEMV can exceed the read kernel's bandwidth.
 //   gemv_bench [--pdl 0|1]
 // Exits 0 with a note when no GPU is visible.
 #include <cublas_v2.h>
@@ -46,6 +47,7 @@ bool Ok(cudaError_t e, const char* what) {
 struct Shape {
   const char* name;
   int64_t n, k;
+  int64_t q_heads = 0, kv_heads = 0, head_dim = 0;  // q|k|v shapes
 };
 
 constexpr int kCalls = 50;
@@ -89,10 +91,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   const Shape shapes[] = {
-      {"llama3-1b.qkv", 3072, 2048},        {"llama3-1b.o", 2048, 2048},
-      {"llama3-1b.gate_up", 16384, 2048},   {"llama3-1b.down", 2048, 8192},
-      {"llama3-1b.lm_head", 128256, 2048},  {"smollm2-135m.qkv", 960, 576},
-      {"smollm2-135m.gate_up", 3072, 576},  {"smollm2-135m.down", 576, 1536},
+      {"llama3-1b.qkv", 3072, 2048, 32, 8, 64}, {"llama3-1b.o", 2048, 2048},
+      {"llama3-1b.gate_up", 16384, 2048},       {"llama3-1b.down", 2048, 8192},
+      {"llama3-1b.lm_head", 128256, 2048},      {"smollm2-135m.qkv", 960, 576, 9, 3, 64},
+      {"smollm2-135m.gate_up", 3072, 576},      {"smollm2-135m.down", 576, 1536},
       {"smollm2-135m.lm_head", 49152, 576},
   };
   cudaStream_t s = nullptr;
@@ -198,6 +200,56 @@ int main(int argc, char** argv) {
       add_sums.norm_sums_out = sums;
       const double add_sums_us = TimeUs(
           s, [&](int c) { return kc::GemvCuda(params(c), s, add_sums); }, &ok);
+      // q|k|v: the GEMV then RoPE + the K/V write (one token a row, each into its own block of a
+      // bf16 pool), against the GEMV doing both.
+      double split_rope_us = 0, fused_rope_us = 0;
+      if (sh.head_dim > 0) {
+        void* pool = nullptr;
+        int32_t* meta = nullptr;  // positions, blocks, slots: [3][max_m]
+        float* q_out = nullptr;
+        const helix::kernels::KvPoolView view{nullptr,     DType::kBF16, 1,
+                                              sh.kv_heads, 16,           sh.head_dim};
+        ok = ok && Ok(cudaMalloc(&pool, max_m * view.block_elems() * 2), "pool") &&
+             Ok(cudaMalloc(&meta, 3 * max_m * sizeof(int32_t)), "meta") &&
+             Ok(cudaMemsetAsync(meta, 0, 3 * max_m * sizeof(int32_t), s), "memset") &&
+             Ok(cudaMalloc(&q_out, max_m * sh.q_heads * sh.head_dim * sizeof(float)), "q_out");
+        if (ok) {
+          const std::vector<int32_t> host_meta = {8191, 8191, 8191, 8191, 0, 1, 2, 3, 5, 5, 5, 5};
+          ok = Ok(cudaMemcpy(meta, host_meta.data(), host_meta.size() * sizeof(int32_t),
+                             cudaMemcpyHostToDevice),
+                  "meta");
+          const int64_t qd = sh.q_heads * sh.head_dim, kvd = sh.kv_heads * sh.head_dim;
+          helix::kernels::RopeWriteKvParams rk{};
+          rk.q = y;
+          rk.k = y + qd;
+          rk.v = y + qd + kvd;
+          rk.row_stride = sh.n;
+          rk.q_out = q_out;
+          rk.positions = meta;
+          rk.tokens = m;
+          rk.num_q_heads = sh.q_heads;
+          rk.rotary_dim = sh.head_dim;
+          rk.theta = 500000.0f;
+          rk.style = helix::kernels::RopeStyle::kHalf;
+          rk.kv = view;
+          rk.kv.base = pool;
+          rk.layer = 0;
+          rk.block = meta + max_m;
+          rk.token_in_block = meta + 2 * max_m;
+          split_rope_us = TimeUs(
+              s,
+              [&](int c) {
+                const cudaError_t e = kc::GemvCuda(params(c), s);
+                return e != cudaSuccess ? e : kc::RopeWriteKvCuda(rk, s);
+              },
+              &ok);
+          fused_rope_us = TimeUs(
+              s, [&](int c) { return kc::GemvRopeKvCuda(params(c), rk, s); }, &ok);
+        }
+        cudaFree(pool);
+        cudaFree(meta);
+        cudaFree(q_out);
+      }
       // gate|up: the GEMV then the element-wise SiLU·mul, against the fused kernel.
       double split_glu_us = 0, fused_glu_us = 0;
       if (std::strstr(sh.name, "gate_up") != nullptr) {
@@ -235,12 +287,13 @@ int main(int argc, char** argv) {
           "gemv_us=%.2f norm_then_gemv_us=%.2f gemv_norm_fused_us=%.2f read_us=%.2f "
           "gemv_gb_s=%.0f read_gb_s=%.0f gemv_vs_read=%.2f cublas_vs_read=%.2f "
           "gemv_speedup_vs_cublas=%.2f gemv_then_silu_us=%.2f gemv_silu_fused_us=%.2f "
-          "gemv_sums_norm_us=%.2f gemv_add_us=%.2f gemv_add_sums_us=%.2f\n",
+          "gemv_sums_norm_us=%.2f gemv_add_us=%.2f gemv_add_sums_us=%.2f "
+          "gemv_then_rope_us=%.2f gemv_rope_fused_us=%.2f\n",
           sh.name, pdl ? 1 : 0, static_cast<long long>(m), static_cast<long long>(sh.n),
           static_cast<long long>(sh.k), wbytes / 1e6, cublas_us, lowp_us, gemv_us, split_norm_us,
           fused_norm_us, read_us, gb / (gemv_us * 1e-6), gb / (read_us * 1e-6), read_us / gemv_us,
           read_us / cublas_us, cublas_us / gemv_us, split_glu_us, fused_glu_us, sums_norm_us,
-          add_us, add_sums_us);
+          add_us, add_sums_us, split_rope_us, fused_rope_us);
     }
     cudaFree(w);
     cudaFree(x);

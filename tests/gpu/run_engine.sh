@@ -56,32 +56,35 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns]]]]]]; gemv 1 = the
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr]]]]]]]; gemv 1 = the
 # decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
 # dependent launch of the step's kernels (--pdl 1); both default to 0 here, the old path, so that
 # each change is measured against it in the same call; fold 0 = no norms folded into the GEMV
 # (--fold 0), default 1; mma 1 = decode attention's math on the tensor cores (--attn-mma 1, the
 # engine's default since 2026-11-26; 0 here unless given); sa 1 = the chunked greedy argmax
 # (--split-argmax 1), default 0; ns 1 = the norms from the partial sums of squares the products
-# adding into the residual stream leave (--norm-sums 1), default 0) and the profiled ones
-# (shape:context:graphs[:mma[:sa[:ns]]], with decode_bench's defaults otherwise: GEMV, PDL and
+# adding into the residual stream leave (--norm-sums 1), default 0; gr 1 = RoPE and the K/V write
+# in the q|k|v GEMV (--gemv-rope 1), default 0) and the profiled ones
+# (shape:context:graphs[:mma[:sa[:ns[:gr]]]], with decode_bench's defaults otherwise: GEMV, PDL and
 # folding on; the kernel table shows the argmax kernels' own times, which a 1 % change of the
 # step hides in the end-to-end runs' noise).
-PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1 llama3-1b:8192:1:1:0:1)
+PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
 RUNS=(smollm2-135m:8192:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1:0:1
+  smollm2-135m:8192:1:1:1:1:1:0:0:1 smollm2-135m:8192:1:1:1:1:1:1:1:1
   llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
-  llama3-1b:8192:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1:0:1)
+  llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1
+  llama3-1b:32768:1:1:1:1:1:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v d f m sa ns
-  IFS=: read -r s ctx g v d f m sa ns <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)"
+  local s ctx g v d f m sa ns gr
+  IFS=: read -r s ctx g v d f m sa ns gr <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)"
 }
 # The log / result name of a PROFILES entry.
 profile_name() {
-  local s ctx g m sa ns
-  IFS=: read -r s ctx g m sa ns <<<"$1"
-  echo "ncu_${s}_${ctx}_g$g$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)"
+  local s ctx g m sa ns gr
+  IFS=: read -r s ctx g m sa ns gr <<<"$1"
+  echo "ncu_${s}_${ctx}_g$g$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)"
 }
 step configure configure.log 90 cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
   -DHELIX_KERNELS_ONLY=ON -DHELIX_DEVICE_ENGINE=ON -DCMAKE_BUILD_TYPE=Release \
@@ -130,12 +133,13 @@ if [[ $BUILD_OK == 0 ]]; then
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v d f m sa ns <<<"$r"
+      IFS=: read -r s ctx g v d f m sa ns gr <<<"$r"
       [[ $s == "$shape" ]] || continue
       n=$(run_name "$r")
       step $n $n.log 120 "$BUILD/decode_bench" \
         --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} \
-        --attn-mma ${m:-0} --split-argmax ${sa:-0} --norm-sums ${ns:-0} --model "$BUILD/bench_$s/model.bin" \
+        --attn-mma ${m:-0} --split-argmax ${sa:-0} --norm-sums ${ns:-0} --gemv-rope ${gr:-0} \
+        --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
@@ -147,13 +151,14 @@ if [[ $BUILD_OK == 0 ]]; then
   NCU=$(command -v ncu || true)
   if [[ ${PROFILE:-0} == 1 && -n $NCU ]]; then
     for r in "${PROFILES[@]}"; do
-      IFS=: read -r s ctx g m sa ns <<<"$r"
+      IFS=: read -r s ctx g m sa ns gr <<<"$r"
       [[ -f $BUILD/bench_$s/model.bin ]] || continue
       n=$(profile_name "$r")
       step $n $n.csv 90 "$NCU" --metrics gpu__time_duration.sum \
         --cache-control none --clock-control none --csv --print-units base "$BUILD/decode_bench" \
         --backend cuda --cuda-graphs $g --attn-mma ${m:-0} --split-argmax ${sa:-0} \
-        --norm-sums ${ns:-0} --model "$BUILD/bench_$s/model.bin" --tokenizer "$BUILD/bench_$s/tok.bin" \
+        --norm-sums ${ns:-0} --gemv-rope ${gr:-0} --model "$BUILD/bench_$s/model.bin" \
+        --tokenizer "$BUILD/bench_$s/tok.bin" \
         --context $ctx --batch 1 --steps 2 --warmup 1 --weight-dtype bfloat16 \
         --kv-dtype bfloat16 --tokens-per-block 32
     done
@@ -216,7 +221,7 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v d fo mm sa ns <<<"$r"
+    IFS=: read -r sh ctx g v d fo mm sa ns gr <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -227,19 +232,19 @@ fi
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
     pf=$(sed -n 's/.*prefill_s=\([0-9.]*\).*/\1/p' <<<"$line")
-    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d (%2d replays, %d captures): " \
+      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d (%2d replays, %d captures): " \
              "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f; " \
-             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
+             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
              (roof > 0 ? ms / roof : 0), pf }'
   done
   for r in "${PROFILES[@]}"; do
-    IFS=: read -r sh ctx g m sa ns <<<"$r"
+    IFS=: read -r sh ctx g m sa ns gr <<<"$r"
     f=$LOGS/$(profile_name "$r").csv
     [[ -f $f ]] || continue
-    echo "kernel profile $sh context $ctx graphs $g attn-mma ${m:-0} split-argmax ${sa:-0} norm-sums ${ns:-0} (ncu: one kernel at a time, caches kept, clocks unlocked):"
+    echo "kernel profile $sh context $ctx graphs $g attn-mma ${m:-0} split-argmax ${sa:-0} norm-sums ${ns:-0} gemv-rope ${gr:-0} (ncu: one kernel at a time, caches kept, clocks unlocked):"
     python3 "$ROOT/tests/gpu/ncu_summary.py" "$f" --top 12 | sed 's/^/  /'
   done
 } > "$LOGS/summary.txt" 2>&1

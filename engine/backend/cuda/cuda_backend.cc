@@ -386,6 +386,17 @@ class CudaBackend final : public Backend {
   int64_t NormSumParts(const kernels::GemmParams& p) const override {
     return options_.norm_sums && options_.fold_norms && TakesGemv(p) ? kc::GemvNormSumParts(p) : 0;
   }
+  bool GemmRopeWriteKv(const kernels::GemmParams& p, const kernels::GemmFusion& f,
+                       const kernels::RopeWriteKvParams& rk) override {
+    if (!options_.gemv_rope_kv || !TakesFusion(p, f, false) || !kc::GemvRopeKvApplies(p, f, rk)) {
+      return false;
+    }
+    Op(GemvOpName(f, false, true), [=, this] { return kc::GemvRopeKvCuda(p, rk, stream_, f); });
+#ifndef HELIX_CUDA_EMULATION
+    converted_ = {};  // as after GemvCuda
+#endif
+    return true;
+  }
   bool GemmFused(const kernels::GemmParams& p, const kernels::GemmFusion& f) override {
     if (!TakesFusion(p, f, false)) return false;
     Op(GemvOpName(f, false), [=, this] { return kc::GemvCuda(p, stream_, f); });
@@ -589,24 +600,26 @@ class CudaBackend final : public Backend {
   std::unordered_map<const char*, int64_t> ops_queued_;
   // Whether Gemm(p) runs as GemvCuda (decode_gemv, a shape it takes and where it beats cuBLAS).
   // The op name ops_queued counts a GEMV with fusion f under: Gemv, then SumsNorm (the norm from
-  // partials) or Norm, Add (the residual add), Sums (partials written), SiluMul, then Cuda; e.g.
-  // GemvNormSiluMulCuda, GemvAddSumsCuda, GemvSumsNormCuda.
-  static const char* GemvOpName(const kernels::GemmFusion& f, bool silu_mul) {
+  // partials) or Norm, Add (the residual add), Sums (partials written), SiluMul or RopeKv (the
+  // RoPE and K/V write), then Cuda; e.g. GemvNormSiluMulCuda, GemvAddSumsCuda,
+  // GemvSumsNormRopeKvCuda.
+  static const char* GemvOpName(const kernels::GemmFusion& f, bool silu_mul, bool rope = false) {
     static const std::vector<std::string> names = [] {
       std::vector<std::string> n;
-      for (int i = 0; i < 32; ++i) {
+      for (int i = 0; i < 64; ++i) {
         std::string s = "Gemv";
         if (i & 1) s += (i & 2) ? "SumsNorm" : "Norm";
         if (i & 4) s += "Add";
         if (i & 8) s += "Sums";
         if (i & 16) s += "SiluMul";
+        if (i & 32) s += "RopeKv";
         n.push_back(s + "Cuda");
       }
       return n;
     }();
     const int i = (f.norm_weight != nullptr ? 1 : 0) | (f.norm_sums_in != nullptr ? 2 : 0) |
                   (f.accumulate ? 4 : 0) | (f.norm_sums_out != nullptr ? 8 : 0) |
-                  (silu_mul ? 16 : 0);
+                  (silu_mul ? 16 : 0) | (rope ? 32 : 0);
     return names[i].c_str();
   }
   bool TakesGemv(const kernels::GemmParams& p) const {

@@ -49,6 +49,10 @@ struct CudaBackendOptions {
   // separate RMSNorm kernel, whatever the shape (the norm costs it a few multiplies and no
   // block-wide step before its products). Off until measured (decode_bench --norm-sums 1).
   bool norm_sums = false;
+  // With decode_gemv: the packed q|k|v GEMV also rotates q and k and writes k and v into the KV
+  // pool (kernels::cuda::GemvRopeKvCuda, bit for bit the GEMV then RopeWriteKvCuda), one
+  // kernel less per layer. Off until measured (decode_bench --gemv-rope 1).
+  bool gemv_rope_kv = false;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

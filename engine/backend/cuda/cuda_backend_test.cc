@@ -76,6 +76,7 @@ struct Case {
   bool gemv = false;     // CudaBackendOptions::decode_gemv
   bool split_argmax = false;  // CudaBackendOptions::split_argmax (the vocabulary's 512: 4 chunks)
   bool norm_sums = false;     // CudaBackendOptions::norm_sums
+  bool gemv_rope = false;     // CudaBackendOptions::gemv_rope_kv
 };
 
 const std::vector<Case>& StoriesCases() {
@@ -99,6 +100,9 @@ const std::vector<Case>& StoriesCases() {
       // shape, so the attention norms stay as they are).
       {"bf16w_gemv_norm_sums", kernels::DType::kBF16, kernels::DType::kBF16, 8, 0, 1, 1, false,
        false, true, false, true},
+      // With RoPE and the K/V write in the q|k|v GEMV's epilogue (every step up to 4 rows).
+      {"bf16w_gemv_rope", kernels::DType::kBF16, kernels::DType::kBF16, 8, 0, 1, 1, false, false,
+       true, false, false, true},
 #ifndef HELIX_CUDA_EMULATION
       {"bf16_weights", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1},
       {"bf16w_gemv_graphs", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1, false, true,
@@ -143,6 +147,7 @@ EngineOptions CudaOptions(const Case& c) {
   bo.decode_gemv = c.gemv;
   bo.split_argmax = c.split_argmax;
   bo.norm_sums = c.norm_sums;
+  bo.gemv_rope_kv = c.gemv_rope;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   return o;
 }
@@ -163,9 +168,9 @@ std::shared_ptr<std::vector<Backend*>> WatchBackends(EngineOptions* o) {
 // least each of `ran` (names as Backend::ops_queued counts them).
 void ExpectGemvUse(const Backend& b, bool gemv, std::initializer_list<const char*> ran,
                    const std::string& what) {
-  for (const char* op : {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormAddCuda",
-                         "GemvSiluMulCuda", "GemvNormSiluMulCuda", "GemvAddSumsCuda",
-                         "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda"}) {
+  for (const char* op :
+       {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormAddCuda", "GemvSiluMulCuda",
+        "GemvNormSiluMulCuda", "GemvAddSumsCuda", "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda"}) {
     if (!gemv) {
       EXPECT_EQ(b.ops_queued(op), 0) << what << ": " << op;
     }
@@ -574,12 +579,20 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
         EXPECT_EQ(b.ops_queued("GemvAddCuda"), 0) << c.name;
         EXPECT_EQ(b.ops_queued("GemvNormSiluMulCuda"), 0) << c.name;
         EXPECT_EQ(b.ops_queued("GemvSiluMulCuda"), 0) << c.name;
+      } else if (c.gemv_rope) {
+        // Every q|k|v GEMV rotates and writes the K/V itself: the first layer's with its norm
+        // folded in (one row), the others after a norm kernel.
+        ExpectGemvUse(
+            b, c.gemv,
+            {"GemvNormRopeKvCuda", "GemvRopeKvCuda", "GemvAddCuda", "GemvNormSiluMulCuda"}, c.name);
+        EXPECT_EQ(b.ops_queued("GemvNormCuda"), 0) << c.name;
       } else {
         ExpectGemvUse(
             b, c.gemv,
             {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormSiluMulCuda", "GemvSiluMulCuda"},
             c.name);
         EXPECT_EQ(b.ops_queued("GemvAddSumsCuda"), 0) << c.name;
+        EXPECT_EQ(b.ops_queued("GemvRopeKvCuda"), 0) << c.name;
       }
     }
     if (c.graphs) {
@@ -811,6 +824,8 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   // ":sums": CudaBackendOptions::norm_sums (each norm after the first from the partial sums of
   // squares of the product before it).
   const bool sums = GetParam().find(":sums") != std::string::npos;
+  // ":rope": CudaBackendOptions::gemv_rope_kv (RoPE and the K/V write in the q|k|v GEMV).
+  const bool rope = GetParam().find(":rope") != std::string::npos;
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
   if (model.rfind("qwen2", 0) == 0) {
@@ -836,6 +851,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   bo.decode_gemv = !cublas;
   bo.attention_tensor_cores = mma;
   bo.norm_sums = sums;
+  bo.gemv_rope_kv = rope;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   const auto backends = WatchBackends(&o);
   auto gpu = Engine::Create(o);
@@ -846,7 +862,12 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
     // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS; with
     // ":sums" the norms of up to 4 rows come with the products adding into the stream (o_proj
     // and the down projection), the first layer's excepted.
-    if (sums) {
+    if (sums && rope) {
+      ExpectGemvUse(*backends->front(), true,
+                    {"GemvAddSumsCuda", "GemvSumsNormRopeKvCuda", "GemvSumsNormSiluMulCuda"},
+                    GetParam());
+      EXPECT_EQ(backends->front()->ops_queued("GemvSumsNormCuda"), 0);
+    } else if (sums) {
       ExpectGemvUse(*backends->front(), true,
                     {"GemvAddSumsCuda", "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda"}, GetParam());
     } else {
@@ -877,7 +898,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
                          ::testing::Values("llama_BF16.gguf", "llama_BF16.gguf:sums",
-                                           "llama_Q8_0.gguf:cublas",
+                                           "llama_BF16.gguf:sums:rope", "llama_Q8_0.gguf:cublas",
                                            "qwen2_F32.gguf",  // q/k/v biases
                                            "llama_Q8_0.gguf:cublas:fp32attn"),
                          [](const auto& info) {
