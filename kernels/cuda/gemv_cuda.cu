@@ -60,12 +60,27 @@ __host__ __device__ inline int64_t RopeRotatedBlocks(const RopeWriteKvParams& rk
   return (rk.num_q_heads + rk.kv.num_kv_heads) * rk.kv.head_dim / rows_per_block;
 }
 
+// The cosine and sine of token r's angle for rotation pair `pair` (RopeWriteKvKernel's
+// expressions, in double).
+__device__ inline void RopeAngle(const RopeWriteKvParams& rk, int64_t pair, int r, float* c,
+                                 float* s) {
+  const double inv_freq =
+      pow(static_cast<double>(rk.theta),
+          -2.0 * static_cast<double>(pair) / static_cast<double>(rk.rotary_dim));
+  double sd, cd;
+  sincos(static_cast<double>(rk.positions[r]) * inv_freq, &sd, &cd);
+  *c = static_cast<float>(cd);
+  *s = static_cast<float>(sd);
+}
+
 // The kRope epilogue of output row j (rotation pair `pair`, -1 for a v row; its pair's values in
-// rope_vals at row slots slot & ~1 and slot | 1, token r's at [slot * M + r]) for tokens r < m:
-// RopeWriteKvKernel's work on this row's element, with the same expressions.
+// rope_vals at row slots slot & ~1 and slot | 1, token r's at [slot * M + r]; the pair's cosines
+// and sines cs[r], sn[r]) for tokens r < m: RopeWriteKvKernel's work on this row's element, with
+// the same expressions.
 template <int M>
 __device__ inline void RopeWriteRows(const RopeWriteKvParams& rk, int64_t j, int64_t pair, int slot,
-                                     const float* rope_vals, int64_t m) {
+                                     const float* rope_vals, const float* cs, const float* sn,
+                                     int64_t m) {
   const int64_t d = rk.kv.head_dim;
   const int64_t hq = rk.num_q_heads;
   const int64_t hkv = rk.kv.num_kv_heads;
@@ -82,13 +97,8 @@ __device__ inline void RopeWriteRows(const RopeWriteKvParams& rk, int64_t j, int
       }
       continue;
     }
-    const double inv_freq =
-        pow(static_cast<double>(rk.theta),
-            -2.0 * static_cast<double>(pair) / static_cast<double>(rk.rotary_dim));
-    double sd, cd;
-    sincos(static_cast<double>(rk.positions[r]) * inv_freq, &sd, &cd);
-    const float c = static_cast<float>(cd);
-    const float s = static_cast<float>(sd);
+    const float c = cs[r];
+    const float s = sn[r];
     const float a = rope_vals[(slot & ~1) * M + r];
     const float b = rope_vals[(slot | 1) * M + r];
     const float v = (slot & 1) == 0 ? __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s))
@@ -199,6 +209,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
   PdlEnter();  // x (and y) only after this: see HELIX_LAUNCH_PDL
   const float* x = p.x;
+  // kRope: the angles of this row's pair, lane r computing token r's (while the first weights
+  // are in flight), then every lane holding all of them.
+  [[maybe_unused]] float rope_c[M], rope_s[M];
+  if constexpr (kRope) {
+    float c = 1.0f, sn = 0.0f;
+    if (pair >= 0 && lane < p.m) {
+      RopeAngle(rk, pair, lane, &c, &sn);
+    }
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      rope_c[r] = __shfl_sync(0xffffffffu, c, r);
+      rope_s[r] = __shfl_sync(0xffffffffu, sn, r);
+    }
+  }
   double norm_ss[M];  // kNormSums: this thread's share of each row's sum of squares
 #pragma unroll
   for (int r = 0; r < M; ++r) {
@@ -389,7 +413,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if constexpr (kRope) {
     __syncthreads();
     if (writes) {
-      RopeWriteRows<M>(rk, j, pair, row_slot, rope_vals, p.m);
+      RopeWriteRows<M>(rk, j, pair, row_slot, rope_vals, rope_c, rope_s, p.m);
     }
   }
   if (kGlu || f.norm_sums_out == nullptr) {
