@@ -503,12 +503,25 @@ bool GemvPreferred(int64_t m, int64_t n, int64_t k) {
 
 int64_t GemvNormSumParts(const GemmParams& p) { return GemvBlocks(p, false); }
 
+// Whether the byte ranges [a, a + a_bytes) and [b, b + b_bytes) do not meet.
+bool Apart(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x + a_bytes <= y || y + b_bytes <= x;
+}
+
 bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const size_t x_bytes = static_cast<size_t>(p.m * p.k) * sizeof(float);
+  const size_t y_bytes = static_cast<size_t>(p.m * p.n) * sizeof(float);
   if (f.norm_sums_in != nullptr) {
     // The products read norm_weight 16 bytes at a time.
     if (f.norm_weight == nullptr || f.norm_eps < 0.0f || f.norm_sum_parts < 1 ||
         !aligned(f.norm_weight)) {
+      return false;
+    }
+    // Read by every thread block while others write y.
+    const size_t in_bytes = static_cast<size_t>(p.m * f.norm_sum_parts) * sizeof(double);
+    if (!silu_mul && p.y != nullptr && !Apart(f.norm_sums_in, in_bytes, p.y, y_bytes)) {
       return false;
     }
   } else if (f.norm_weight != nullptr && (f.norm_eps < 0.0f || p.m < 1 || p.m > kGemvMaxRows ||
@@ -517,10 +530,16 @@ bool GemvFusionApplies(const GemmParams& p, const GemmFusion& f, bool silu_mul) 
   }
   if (f.norm_sums_out != nullptr) {
     if (silu_mul || p.y == nullptr) return false;
-    if (f.norm_sums_in != nullptr) {  // one block's writes must not meet another's reads
-      const double* out_end = f.norm_sums_out + p.m * GemvNormSumParts(p);
-      const double* in_end = f.norm_sums_in + p.m * f.norm_sum_parts;
-      if (f.norm_sums_out < in_end && f.norm_sums_in < out_end) return false;
+    // One block's writes must not meet another's reads (x, y, the partials read).
+    const size_t out_bytes = static_cast<size_t>(p.m * GemvNormSumParts(p)) * sizeof(double);
+    if (!Apart(f.norm_sums_out, out_bytes, p.x, x_bytes) ||
+        !Apart(f.norm_sums_out, out_bytes, p.y, y_bytes)) {
+      return false;
+    }
+    if (f.norm_sums_in != nullptr &&
+        !Apart(f.norm_sums_out, out_bytes, f.norm_sums_in,
+               static_cast<size_t>(p.m * f.norm_sum_parts) * sizeof(double))) {
+      return false;
     }
   }
   if (f.accumulate) {
@@ -558,8 +577,13 @@ bool GemvRopeKvApplies(const GemmParams& p, const GemmFusion& f, const RopeWrite
   const int64_t rows_per_block = kWarpsPerBlock / (p.k >= kSplitMinK ? kSplitWarps : 1);
   const bool dtype_ok =
       rk.kv.dtype == DType::kF32 || rk.kv.dtype == DType::kF16 || rk.kv.dtype == DType::kBF16;
-  const bool q_out_apart =
-      rk.q_out != nullptr && (rk.q_out + p.m * qd <= p.y || rk.q_out >= p.y + p.m * p.n);
+  // Blocks write y (k rotated in place), q_out and the pool while others still read x.
+  const size_t x_bytes = static_cast<size_t>(p.m * p.k) * sizeof(float);
+  const size_t y_bytes = static_cast<size_t>(p.m * p.n) * sizeof(float);
+  const size_t q_bytes = static_cast<size_t>(p.m * qd) * sizeof(float);
+  const bool q_out_apart = rk.q_out != nullptr && Apart(rk.q_out, q_bytes, p.y, y_bytes) &&
+                           Apart(rk.q_out, q_bytes, p.x, x_bytes) &&
+                           Apart(p.y, y_bytes, p.x, x_bytes);
   return d >= 2 && d % 2 == 0 && rk.num_q_heads >= 1 && rk.kv.num_kv_heads >= 1 &&
          rk.rotary_dim == d && p.n == qd + 2 * kvd && (qd + kvd) % rows_per_block == 0 &&
          rk.tokens == p.m && rk.row_stride == p.n && rk.q == p.y && rk.k == p.y + qd &&

@@ -1579,6 +1579,14 @@ TEST_F(CudaOpsTest, GemvNormSumsHandOff) {
   EXPECT_FALSE(cuda::GemvFusionApplies(p, both, false));
   both.norm_sums_out = d_s.get() + 8;
   EXPECT_TRUE(cuda::GemvFusionApplies(p, both, false));
+  GemmFusion over = out;  // partials written over y or x, or read from y
+  over.norm_sums_out = reinterpret_cast<double*>(d_y.get());
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, over, false));
+  over.norm_sums_out = reinterpret_cast<double*>(d_x.get());
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, over, false));
+  GemmFusion in_y = in;
+  in_y.norm_sums_in = reinterpret_cast<const double*>(d_y.get());
+  EXPECT_FALSE(cuda::GemvFusionApplies(p, in_y, false));
   EXPECT_EQ(cuda::GemvNormSumParts(p), 8);  // 64 outputs, 8 a thread block
 }
 
@@ -1890,7 +1898,10 @@ TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
   const std::vector<int32_t> block = {2, -1, 0, 5};
   const std::vector<int32_t> slot = {0, 1, 3, 2};
   for (RopeStyle style : {RopeStyle::kHalf, RopeStyle::kInterleaved}) {
-    for (Shape sh : {Shape{4, 2, 64, 256, 1}, Shape{8, 4, 8, 64, 4}, Shape{2, 1, 128, 4104, 3}}) {
+    // 5 + 1 heads of 12 dims: thread blocks whose pairs span heads and the q/k boundary, and a
+    // last thread block of v rows only partly used.
+    for (Shape sh : {Shape{4, 2, 64, 256, 1}, Shape{8, 4, 8, 64, 4}, Shape{5, 1, 12, 64, 2},
+                     Shape{2, 1, 128, 4104, 3}}) {
       for (DType kv : {DType::kF32, DType::kF16, DType::kBF16}) {
         for (int norm_mode : {0, 1, 2}) {
           if (norm_mode == 1 && sh.m * sh.k > cuda::kGemvNormMaxFloats) continue;  // no room
@@ -2032,6 +2043,9 @@ TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
   bad.q_out = d_y.get() + 32;  // inside y
   EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
   EXPECT_EQ(cuda::GemvRopeKvCuda(p, bad, nullptr), cudaErrorInvalidValue);
+  bad = rk;
+  bad.q_out = d_x.get();  // over x, which other thread blocks still read
+  EXPECT_FALSE(cuda::GemvRopeKvApplies(p, {}, bad));
   GemmFusion acc;
   acc.accumulate = true;
   EXPECT_FALSE(cuda::GemvRopeKvApplies(p, acc, rk));

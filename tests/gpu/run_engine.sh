@@ -58,8 +58,8 @@ fi
 reset_foreign_build
 # The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr]]]]]]]; gemv 1 = the
 # decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
-# dependent launch of the step's kernels (--pdl 1); both default to 0 here, the old path, so that
-# each change is measured against it in the same call; fold 0 = no norms folded into the GEMV
+# dependent launch of the step's kernels (--pdl 1); both default to 0 here (the old path; no run
+# below measures it any more: every one has both on, as the engine does); fold 0 = no norms folded into the GEMV
 # (--fold 0), default 1; mma 1 = decode attention's math on the tensor cores (--attn-mma 1, the
 # engine's default since 2026-11-26; 0 here unless given); sa 1 = the chunked greedy argmax
 # (--split-argmax 1), default 0; ns 1 = the norms from the partial sums of squares the products

@@ -598,7 +598,6 @@ class CudaBackend final : public Backend {
  private:
   // Ops queued per kernel name (a string literal: counted by its address, summed by name).
   std::unordered_map<const char*, int64_t> ops_queued_;
-  // Whether Gemm(p) runs as GemvCuda (decode_gemv, a shape it takes and where it beats cuBLAS).
   // The op name ops_queued counts a GEMV with fusion f under: Gemv, then SumsNorm (the norm from
   // partials) or Norm, Add (the residual add), Sums (partials written), SiluMul or RopeKv (the
   // RoPE and K/V write), then Cuda; e.g. GemvNormSiluMulCuda, GemvAddSumsCuda,
@@ -622,6 +621,7 @@ class CudaBackend final : public Backend {
                   (silu_mul ? 16 : 0) | (rope ? 32 : 0);
     return names[i].c_str();
   }
+  // Whether Gemm(p) runs as GemvCuda (decode_gemv, a shape it takes and where it beats cuBLAS).
   bool TakesGemv(const kernels::GemmParams& p) const {
     return options_.decode_gemv && kc::GemvApplies(p) && kc::GemvPreferred(p.m, p.n, p.k);
   }

@@ -107,6 +107,10 @@ const std::vector<Case>& StoriesCases() {
       {"bf16_weights", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1},
       {"bf16w_gemv_graphs", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1, false, true,
        true},
+      // Both optional GEMV fusions captured and replayed (the partials' buffer and the fused
+      // RoPE's pool writes inside graphs).
+      {"bf16w_gemv_graphs_sums_rope", kernels::DType::kBF16, kernels::DType::kBF16, 16, 0, 1, 1,
+       false, true, true, false, true, true},
 #endif
   };
   return cases;
@@ -170,7 +174,8 @@ void ExpectGemvUse(const Backend& b, bool gemv, std::initializer_list<const char
                    const std::string& what) {
   for (const char* op :
        {"GemvCuda", "GemvNormCuda", "GemvAddCuda", "GemvNormAddCuda", "GemvSiluMulCuda",
-        "GemvNormSiluMulCuda", "GemvAddSumsCuda", "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda"}) {
+        "GemvNormSiluMulCuda", "GemvAddSumsCuda", "GemvSumsNormCuda", "GemvSumsNormSiluMulCuda",
+        "GemvRopeKvCuda", "GemvNormRopeKvCuda", "GemvSumsNormRopeKvCuda"}) {
     if (!gemv) {
       EXPECT_EQ(b.ops_queued(op), 0) << what << ": " << op;
     }
@@ -573,9 +578,13 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
       const Backend& b = *backends->front();
       if (c.norm_sums) {
         // o_proj leaves the partials in every step, and gate|up always takes its norm from
-        // them (no RMSNorm kernel and no norm summed by the GEMV for it).
-        ExpectGemvUse(b, c.gemv, {"GemvNormCuda", "GemvAddSumsCuda", "GemvSumsNormSiluMulCuda"},
+        // them (no RMSNorm kernel and no norm summed by the GEMV for it); with gemv_rope the
+        // first layer's q|k|v (its norm folded in) also rotates and writes the K/V.
+        ExpectGemvUse(b, c.gemv,
+                      {c.gemv_rope ? "GemvNormRopeKvCuda" : "GemvNormCuda", "GemvAddSumsCuda",
+                       "GemvSumsNormSiluMulCuda"},
                       c.name);
+        EXPECT_EQ(b.ops_queued("GemvNormRopeKvCuda") > 0, c.gemv_rope) << c.name;
         EXPECT_EQ(b.ops_queued("GemvAddCuda"), 0) << c.name;
         EXPECT_EQ(b.ops_queued("GemvNormSiluMulCuda"), 0) << c.name;
         EXPECT_EQ(b.ops_queued("GemvSiluMulCuda"), 0) << c.name;
