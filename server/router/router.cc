@@ -133,11 +133,26 @@ Router::~Router() {
 }
 
 void Router::PollLoop() {
+  // Every backend each interval; an ejected one (a failed check, or a request that found it
+  // down) also every kRecheck in between, so that one failed check does not keep a server out
+  // for a long interval.
+  constexpr auto kRecheck = std::chrono::milliseconds(1000);
+  const auto interval = std::chrono::milliseconds(cfg_.health_check_interval_ms);
+  auto next_full = std::chrono::steady_clock::now();
   for (;;) {
-    PollNow();
+    if (std::chrono::steady_clock::now() >= next_full) {
+      PollNow();
+      next_full = std::chrono::steady_clock::now() + interval;
+    } else {
+      for (auto* pool : {&ctx_, &gen_}) {
+        for (auto& b : *pool) {
+          if (!b->healthy.load()) Poll(b.get());
+        }
+      }
+    }
+    const auto wake = std::min(next_full, std::chrono::steady_clock::now() + kRecheck);
     std::unique_lock<std::mutex> lock(stop_mu_);
-    if (stop_cv_.wait_for(lock, std::chrono::milliseconds(cfg_.health_check_interval_ms),
-                          [&] { return stop_; })) {
+    if (stop_cv_.wait_until(lock, wake, [&] { return stop_; })) {
       return;
     }
   }

@@ -390,6 +390,28 @@ class RouterFaultTest(unittest.TestCase):
                                                       "max_tokens": 3}, key=None)
         self.assertEqual(status, 200, body)
 
+    def test_ejected_server_rechecked_between_long_polls(self):
+        # With a minute between full health polls, a server found down by a request is still
+        # checked again every second, and admitted as soon as it answers.
+        ctx_port, gen_port, port = free_port(), free_port(), free_port()
+        self.start("ctx", server_cfg(ctx_port, True), ctx_port)
+        gen = self.start("gen", server_cfg(gen_port, False), gen_port)
+        self.start("router", router_cfg(port, [ctx_port], [gen_port],
+                                        health_check_interval_ms=60000), port)
+        self.assertTrue(wait_admitted(port, [ctx_port], [gen_port]))
+        gen.kill()
+        status, _ = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "max_tokens": 3}, key=None)
+        self.assertNotEqual(status, 200)  # the request found it down: ejected
+        label = f'role="generation",url="127.0.0.1:{gen_port}"'
+        self.assertEqual(metric(port, "helix_router_backend_healthy", label), 0)
+        self.start("gen", server_cfg(gen_port, False), gen_port)  # back on the same port
+        # Long before the next full poll (60 s after the first).
+        self.assertTrue(wait_admitted(port, [ctx_port], [gen_port], timeout=20))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                      "max_tokens": 3}, key=None)
+        self.assertEqual(status, 200, body)
+
     def test_load_balancing_and_429(self):
         ctx_port, gens, port = free_port(), [free_port(), free_port()], free_port()
         self.start("ctx", server_cfg(ctx_port, True), ctx_port)
