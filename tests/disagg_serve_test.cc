@@ -434,8 +434,9 @@ TEST_F(DisaggServeTest, LeaseFreesUnpulledKv) {
   Server::Options co;
   co.context = true;
   // Long enough that the lease cannot run out between the Prefill answer and the Info call on
-  // a loaded 2-core machine (with 800 ms it once did, and with 3000 ms once more on a machine
-  // running two builds beside the tests: Info saw the blocks freed).
+  // a loaded 2-core machine. (Info once saw every block free with 800, 3000 and 8000 ms leases
+  // while the request was still retained: the server refreshed the free count it reports only
+  // after the engine step that answered the prefill. It now does so before answering.)
   co.lease_ms = 8000;
   Server ctx(co);
   Prefill(ctx, Request(Tokens(50, 5), 4));

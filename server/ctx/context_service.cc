@@ -130,6 +130,10 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
       }
     }
     if (!ev.finished) return;
+    // The engine thread (the sink runs inside Step): the free count GetServerInfo reports is
+    // brought up to date before the answer, or an Info call right after it could still see the
+    // count from before this prefill's blocks were taken (the loop refreshes it after Step).
+    self->free_blocks_ = engine->kv_stats().free_blocks;
     response->mutable_first_token_text()->append(ev.text);
     self->in_flight_.fetch_sub(1);
     if (ev.finish_reason == FinishReason::kError) {
