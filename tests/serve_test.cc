@@ -385,17 +385,17 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
 
   // Back-pressure: beyond 4 x max_batch_size requests in flight, RESOURCE_EXHAUSTED at once.
   // The 80 requests are sent together (every thread waits for the others first) and each runs
-  // 300 tokens, so that more than 64 are in flight at one moment even on a loaded machine: short
+  // 120 tokens, so that more than 64 are in flight at one moment even on a loaded machine: short
   // requests from threads started one by one could finish before the last ones were sent.
-  const StreamResult long_ref = d.Run(Greedy("Once upon a time", 300));
-  ASSERT_EQ(long_ref.tokens.size(), 300u) << long_ref.status.error_message();
+  const StreamResult long_ref = d.Run(Greedy("Once upon a time", 120));
+  ASSERT_EQ(long_ref.tokens.size(), 120u) << long_ref.status.error_message();
   std::vector<StreamResult> flood(80);
   std::latch start(std::ssize(flood));
   threads.clear();
   for (size_t i = 0; i < flood.size(); ++i) {
     threads.emplace_back([&, i] {
       start.arrive_and_wait();
-      flood[i] = d.Run(Greedy("Once upon a time", 300));
+      flood[i] = d.Run(Greedy("Once upon a time", 120));
     });
   }
   for (auto& t : threads) t.join();
