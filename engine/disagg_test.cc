@@ -279,12 +279,14 @@ TEST_F(DisaggTest, DeadContextServerFailsOnlyItsRequest) {
   char buf[4096];
   for (ssize_t n; (n = read(fds[0], buf, sizeof(buf))) > 0;) bytes.append(buf, n);
   close(fds[0]);
+  // Dead before anything is checked: a failed assert below must not leave it running.
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  ASSERT_GE(bytes.size(), 4u) << "the context child did not start";
   auto src = transfer::DecodeKvSource(bytes.substr(4));
   ASSERT_TRUE(src.ok()) << "the context child did not start";
   int32_t first = 0;
   memcpy(&first, bytes.data(), 4);
-  kill(child, SIGKILL);
-  waitpid(child, nullptr, 0);
 
   auto gen = Engine::Create(Stories(1, 1, 4));
   ASSERT_TRUE(gen.ok());
