@@ -814,18 +814,15 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     if (pending != nullptr) Norm(x_.data(), nullptr, *pending, T, pending_lowp);
     pending = nullptr;
   };
-  const auto NormOf = [&](const std::vector<float>& weight) {
+  // The fusion of a product reading x_ with this norm folded in: summed by the product, or
+  // (parts > 0) from that many partial sums of squares a row in norm_sums_.
+  const auto NormOf = [&](const std::vector<float>& weight, int64_t parts = 0) {
     kernels::GemmFusion f;
     f.norm_weight = F32(weight);
     f.norm_eps = c.norm_eps;
-    return f;
-  };
-  // The fusion of the product that reads x_ and owes the pending norm.
-  const auto PendingNorm = [&] {
-    kernels::GemmFusion f = NormOf(*pending);
-    if (pending_parts > 0) {
+    if (parts > 0) {
       f.norm_sums_in = norm_sums_.data();
-      f.norm_sum_parts = pending_parts;
+      f.norm_sum_parts = parts;
     }
     return f;
   };
@@ -844,14 +841,15 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   // gate|up (ffn) or q|k|v. A residual add is folded into its product only then (or after the
   // last layer, where it replaces the plain add): otherwise the norm with the residual add
   // built in is one kernel either way, and the add inside the product would only cost.
-  const auto NormFolds = [&](int64_t l, bool ffn) {
+  // (parts > 0: the norm from that many partial sums of squares a row.)
+  const auto NormFolds = [&](int64_t l, bool ffn, int64_t parts = 0) {
     const LayerWeights& lw = w.layers[l];
     if (ffn) {
       return !c.IsMoeLayer(l) && packed_ffn_[l] &&
-             backend_->TakesFusion(GateUpGemm(l, x_.data()), NormOf(lw.ffn_norm), true);
+             backend_->TakesFusion(GateUpGemm(l, x_.data()), NormOf(lw.ffn_norm, parts), true);
     }
     return !c.mla() && packed_qkv_[l] &&
-           backend_->TakesFusion(QkvGemm(l, x_.data()), NormOf(lw.attn_norm), false);
+           backend_->TakesFusion(QkvGemm(l, x_.data()), NormOf(lw.attn_norm, parts), false);
   };
   // The product `adding` into x_, as it runs: with the partial sums of squares for layer l's
   // packed gate|up (ffn) or q|k|v where the backend leaves them and that product takes its
@@ -863,15 +861,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
     const int64_t n = backend_->NormSumParts(adding);
     if (n <= 0 || n > D) return f;              // (at most one part per output)
     RETURN_IF_ERROR(norm_sums_.Resize(T * D));  // every producer's fits: the first call sizes it
-    const LayerWeights& lw = w.layers[l];
-    kernels::GemmFusion next = NormOf(ffn ? lw.ffn_norm : lw.attn_norm);
-    next.norm_sums_in = norm_sums_.data();
-    next.norm_sum_parts = n;
-    const bool takes = ffn ? !c.IsMoeLayer(l) && packed_ffn_[l] &&
-                                 backend_->TakesFusion(GateUpGemm(l, x_.data()), next, true)
-                           : !c.mla() && packed_qkv_[l] &&
-                                 backend_->TakesFusion(QkvGemm(l, x_.data()), next, false);
-    if (takes) {
+    if (NormFolds(l, ffn, n)) {
       f.norm_sums_out = norm_sums_.data();
       *parts = n;
     }
@@ -919,7 +909,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         rk.q_out = q_.data();
         bool done = false;
         if (pending != nullptr) {
-          const kernels::GemmFusion pf = PendingNorm();
+          const kernels::GemmFusion pf = NormOf(*pending, pending_parts);
           roped = rope_kv_fused_ && backend_->GemmRopeWriteKv(QkvGemm(l, x_.data()), pf, rk);
           done = roped || backend_->GemmFused(QkvGemm(l, x_.data()), pf);
           if (done) pending = nullptr;
@@ -1007,7 +997,7 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         act.cols = F;
         act.ld = 2 * F;
         if (pending != nullptr &&
-            backend_->GemmSiluMul(GateUpGemm(l, x_.data()), act, PendingNorm())) {
+            backend_->GemmSiluMul(GateUpGemm(l, x_.data()), act, NormOf(*pending, pending_parts))) {
           pending = nullptr;
         } else {
           Normed();

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/attention.h"
 #include "kernels/dtype.h"
 
 namespace helix::kernels::cuda {
@@ -35,6 +36,36 @@ __device__ inline __half FromFloat<__half>(float x) {
 template <>
 __device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// KvOffset (kernels/attention.h) on the device: element offset from v.base of dim 0 of (block,
+// layer, plane c, kv head, token within the block).
+__device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_t layer, int c,
+                                      int64_t head, int64_t token) {
+  const int64_t block_elems =
+      v.num_layers * v.num_planes * v.num_kv_heads * v.tokens_per_block * v.head_dim;
+  return block * block_elems +
+         (((layer * v.num_planes + c) * v.num_kv_heads + head) * v.tokens_per_block + token) *
+             v.head_dim;
+}
+
+// RoPE (RopeCpu's numerics): the cosine and sine of `position` times pair i's frequency
+// theta^(-2i / rotary_dim), in double, rounded to float.
+__device__ inline void RopeCosSin(float theta, int64_t rotary_dim, int64_t i, int64_t position,
+                                  float* c, float* s) {
+  const double inv_freq = pow(static_cast<double>(theta),
+                              -2.0 * static_cast<double>(i) / static_cast<double>(rotary_dim));
+  double sd, cd;
+  sincos(static_cast<double>(position) * inv_freq, &sd, &cd);
+  *c = static_cast<float>(cd);
+  *s = static_cast<float>(sd);
+}
+
+// The rotated first (a' = a c - b s) or second (b' = a s + b c) element of the pair (a, b),
+// rounded at each step the same way wherever it is computed.
+__device__ inline float RopeRotate(float a, float b, float c, float s, bool second) {
+  return second ? __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c))
+                : __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
 }
 
 // Called by every kernel launched with HELIX_LAUNCH_PDL (cuda_check.h), first or after reading

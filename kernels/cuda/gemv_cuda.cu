@@ -30,17 +30,6 @@ constexpr int kNormNone = 0;
 constexpr int kNormSmem = 1;  // the block normalises x into shared memory first
 constexpr int kNormSums = 2;  // from a producer's partial sums of squares (norm_sums_in)
 
-// Element offset of dim 0 of (block, layer, plane c, kv head, token in block) in a KV pool
-// (kernels::KvOffset).
-__device__ inline int64_t PoolOffset(const KvPoolView& v, int64_t block, int64_t layer, int c,
-                                     int64_t head, int64_t token) {
-  const int64_t block_elems =
-      v.num_layers * v.num_planes * v.num_kv_heads * v.tokens_per_block * v.head_dim;
-  return block * block_elems +
-         (((layer * v.num_planes + c) * v.num_kv_heads + head) * v.tokens_per_block + token) *
-             v.head_dim;
-}
-
 // base[i] = v in the pool's type (FromFloat: round to nearest even).
 __device__ inline void StorePool(void* base, DType dtype, int64_t i, float v) {
   if (dtype == DType::kF32) {
@@ -58,19 +47,6 @@ __device__ inline void StorePool(void* base, DType dtype, int64_t i, float v) {
 __host__ __device__ inline int64_t RopeRotatedBlocks(const RopeWriteKvParams& rk,
                                                      int rows_per_block) {
   return (rk.num_q_heads + rk.kv.num_kv_heads) * rk.kv.head_dim / rows_per_block;
-}
-
-// The cosine and sine of token r's angle for rotation pair `pair` (RopeWriteKvKernel's
-// expressions, in double).
-__device__ inline void RopeAngle(const RopeWriteKvParams& rk, int64_t pair, int r, float* c,
-                                 float* s) {
-  const double inv_freq =
-      pow(static_cast<double>(rk.theta),
-          -2.0 * static_cast<double>(pair) / static_cast<double>(rk.rotary_dim));
-  double sd, cd;
-  sincos(static_cast<double>(rk.positions[r]) * inv_freq, &sd, &cd);
-  *c = static_cast<float>(cd);
-  *s = static_cast<float>(sd);
 }
 
 // The kRope epilogue of output row j (rotation pair `pair`, -1 for a v row; its pair's values in
@@ -92,7 +68,7 @@ __device__ inline void RopeWriteRows(const RopeWriteKvParams& rk, int64_t j, int
     if (pair < 0) {  // a v row: into the pool's V plane
       const int64_t h = (j - qd - kvd) / d;
       if (block >= 0 && rk.kv.num_planes == 2) {
-        StorePool(base, rk.kv.dtype, PoolOffset(rk.kv, block, rk.layer, 1, h, tok) + j % d,
+        StorePool(base, rk.kv.dtype, DevKvOffset(rk.kv, block, rk.layer, 1, h, tok) + j % d,
                   rope_vals[slot * M + r]);
       }
       continue;
@@ -101,15 +77,14 @@ __device__ inline void RopeWriteRows(const RopeWriteKvParams& rk, int64_t j, int
     const float s = sn[r];
     const float a = rope_vals[(slot & ~1) * M + r];
     const float b = rope_vals[(slot | 1) * M + r];
-    const float v = (slot & 1) == 0 ? __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s))
-                                    : __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+    const float v = RopeRotate(a, b, c, s, (slot & 1) != 0);
     const int64_t h = j / d, e = j % d;
     if (h < hq) {
       rk.q_out[(r * hq + h) * d + e] = v;
     } else {
       rk.k[r * rk.row_stride + (h - hq) * d + e] = v;
       if (block >= 0) {
-        StorePool(base, rk.kv.dtype, PoolOffset(rk.kv, block, rk.layer, 0, h - hq, tok) + e, v);
+        StorePool(base, rk.kv.dtype, DevKvOffset(rk.kv, block, rk.layer, 0, h - hq, tok) + e, v);
       }
     }
   }
@@ -215,7 +190,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if constexpr (kRope) {
     float c = 1.0f, sn = 0.0f;
     if (pair >= 0 && lane < p.m) {
-      RopeAngle(rk, pair, lane, &c, &sn);
+      RopeCosSin(rk.theta, rk.rotary_dim, pair, rk.positions[lane], &c, &sn);
     }
 #pragma unroll
     for (int r = 0; r < M; ++r) {

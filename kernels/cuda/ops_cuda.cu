@@ -16,16 +16,6 @@ namespace {
 
 constexpr int kElemThreads = 256;
 
-// KvOffset (kernels/attention.h) on the device.
-__device__ inline int64_t DevKvOffset(const KvPoolView& v, int64_t block, int64_t layer, int c,
-                                      int64_t head, int64_t token) {
-  const int64_t block_elems =
-      v.num_layers * v.num_planes * v.num_kv_heads * v.tokens_per_block * v.head_dim;
-  return block * block_elems +
-         (((layer * v.num_planes + c) * v.num_kv_heads + head) * v.tokens_per_block + token) *
-             v.head_dim;
-}
-
 unsigned GridFor(int64_t n, int threads) {
 #ifdef HELIX_CUDA_EMULATION
   constexpr int64_t kMaxGrid = 4;  // grid-stride loops: few emulated thread blocks suffice
@@ -309,17 +299,12 @@ __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
     // Where this row's rotated values go: x itself, or for q the separate contiguous q_out.
     float* y = !is_k && p.q_out != nullptr ? p.q_out + (t * hq + h) * d : x;
     if (i >= 0) {
-      const double inv_freq =
-          pow(static_cast<double>(p.theta),
-              -2.0 * static_cast<double>(i) / static_cast<double>(p.rotary_dim));
-      double sd, cd;
-      sincos(static_cast<double>(p.positions[t]) * inv_freq, &sd, &cd);
-      const float c = static_cast<float>(cd);
-      const float s = static_cast<float>(sd);
+      float c, s;
+      RopeCosSin(p.theta, p.rotary_dim, i, p.positions[t], &c, &s);
       const float a = x[e];
       const float b = x[partner];
-      const float ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-      const float rb = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+      const float ra = RopeRotate(a, b, c, s, false);
+      const float rb = RopeRotate(a, b, c, s, true);
       y[e] = ra;
       y[partner] = rb;
       if (is_k && block >= 0) {
