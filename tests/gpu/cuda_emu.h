@@ -30,13 +30,111 @@
 #include <type_traits>
 #include <vector>
 
+// Switching fibers. glibc's swapcontext saves and restores the signal mask, a system call each
+// way, which made the switch most of an emulated kernel's time. On x86-64 the switch is a few
+// instructions instead: it saves the registers a call must preserve (rbx, rbp, r12-r15, the SSE
+// and x87 control words) on the current stack, stores the stack pointer, loads the other one and
+// pops its registers (helix_emu_switch below). Under a sanitizer (which must be told about stack
+// switches; its swapcontext interceptor is) and elsewhere: ucontext.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define HELIX_EMU_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define HELIX_EMU_SANITIZED 1
+#endif
+#if defined(__x86_64__) && !defined(HELIX_EMU_SANITIZED)
+#define HELIX_EMU_STACK_SWITCH 1
+// helix_emu_switch(&from_sp, to_sp): see above. Weak, as every file that includes this header
+// defines it (the linker keeps one).
+extern "C" void helix_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .pushsection .text
+  .weak helix_emu_switch
+  .type helix_emu_switch, @function
+helix_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw (%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size helix_emu_switch, .-helix_emu_switch
+  .popsection
+)");
+#endif
+
 namespace helix_emu {
 
-// Each CUDA thread of a block is a fiber (ucontext) on the launching host thread: fibers run one
-// at a time and switch only at barriers (__syncthreads, __syncwarp, the shuffles), which keeps
-// the barriers' semantics and costs a context switch instead of a host thread wake-up.
+// A fiber's saved execution state (or the scheduler's, while a fiber runs).
+struct Context {
+#ifdef HELIX_EMU_STACK_SWITCH
+  void* sp = nullptr;  // its stack pointer, its saved registers on top
+#else
+  ucontext_t uc;
+#endif
+};
+
+// Saves the running context into *from and resumes *to.
+inline void SwitchContext(Context* from, Context* to) {
+#ifdef HELIX_EMU_STACK_SWITCH
+  helix_emu_switch(&from->sp, to->sp);
+#else
+  swapcontext(&from->uc, &to->uc);
+#endif
+}
+
+// Makes *c start entry() on the stack [stack, stack + size) when first switched to; entry never
+// returns (it switches away for good when done).
+inline void StartContext(Context* c, char* stack, size_t size, void (*entry)()) {
+#ifdef HELIX_EMU_STACK_SWITCH
+  // What helix_emu_switch pops, from the lowest address: the two control words (the current
+  // ones), six registers (zero), then the address `ret` goes to. The return address sits
+  // 16-byte aligned, so that entry starts with the stack as a call leaves it (rsp = 8 mod 16).
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
+  auto* slot = reinterpret_cast<uint64_t*>(top - 16);
+  slot[0] = reinterpret_cast<uint64_t>(entry);
+  slot[1] = 0;
+  uint64_t* p = slot - 6;
+  for (int i = 0; i < 6; ++i) p[i] = 0;
+  p -= 2;  // [0]: x87 control word, [1]: MXCSR
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  p[0] = fpucw;
+  p[1] = mxcsr;
+  c->sp = p;
+#else
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack;
+  c->uc.uc_stack.ss_size = size;
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, entry, 0);
+#endif
+}
+
+// Each CUDA thread of a block is a fiber on the launching host thread: fibers run one at a time
+// and switch only at barriers (__syncthreads, __syncwarp, the shuffles), which keeps the
+// barriers' semantics and costs a context switch instead of a host thread wake-up.
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   char* stack = nullptr;
   unsigned tid = 0;
   size_t static_off = 0;
@@ -61,7 +159,7 @@ struct Block {
 inline thread_local uint3 t_thread_idx, t_block_idx;
 inline thread_local Block* t_block = nullptr;
 inline thread_local Fiber* t_fiber = nullptr;
-inline thread_local ucontext_t* t_scheduler = nullptr;
+inline thread_local Context* t_scheduler = nullptr;
 inline thread_local const std::function<void()>* t_body = nullptr;
 inline thread_local dim3 g_block_dim, g_grid_dim;
 
@@ -73,7 +171,7 @@ inline void* StaticSmem(size_t bytes) {
   t_fiber->static_off = off + bytes;
   return t_block->static_smem.data() + off;
 }
-inline void Yield() { swapcontext(&t_fiber->ctx, t_scheduler); }
+inline void Yield() { SwitchContext(&t_fiber->ctx, t_scheduler); }
 inline void SyncThreads() {
   Block& b = *t_block;
   if (++b.cta_count == b.threads) {  // the last to arrive releases the others
@@ -140,14 +238,16 @@ float Elem(int lane, int reg, int half) {
   return HalfBits<T>(LaneWords(lane)[reg] >> (16 * half));
 }
 
-inline void FiberMain() {
+[[noreturn]] inline void FiberMain() {
   (*t_body)();
-  t_fiber->done = true;  // returning resumes the scheduler (uc_link)
+  t_fiber->done = true;
+  SwitchContext(&t_fiber->ctx, t_scheduler);  // never resumed
+  std::abort();
 }
 
 // Fiber stacks, kept between launches on this host thread.
+constexpr size_t kStack = 128 * 1024;
 inline char* FiberStack(size_t i) {
-  constexpr size_t kStack = 128 * 1024;
   static thread_local std::vector<std::unique_ptr<char[]>> stacks;
   while (stacks.size() <= i) stacks.emplace_back(new char[kStack]);
   return stacks[i].get();
@@ -178,17 +278,13 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
       b.static_smem.assign(64 * 1024, 0xcd);
       b.exchange.assign(threads, 0);
       b.words.assign(static_cast<size_t>(threads) * kWords, 0);
-      ucontext_t scheduler;
+      Context scheduler;
       for (int t = 0; t < threads; ++t) {
         Fiber& f = fibers[t];
         f = Fiber{};
         f.tid = static_cast<unsigned>(t);
         f.stack = FiberStack(t);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack;
-        f.ctx.uc_stack.ss_size = 128 * 1024;
-        f.ctx.uc_link = &scheduler;
-        makecontext(&f.ctx, FiberMain, 0);
+        StartContext(&f.ctx, f.stack, kStack, FiberMain);
       }
       t_block = &b;
       t_block_idx = {bx, by, 0};
@@ -210,7 +306,7 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
         f.wait = 0;
         t_fiber = &f;
         t_thread_idx = {f.tid, 0, 0};
-        swapcontext(&scheduler, &f.ctx);
+        SwitchContext(&scheduler, &f.ctx);
         if (f.done) --left;
       };
       while (left > 0) {

@@ -40,11 +40,7 @@ namespace fs = std::filesystem;
 using testing::RunAll;
 using testing::RunResult;
 
-#ifdef HELIX_CUDA_EMULATION
-constexpr int kSteps = 20;  // the emulated kernels are slow
-#else
 constexpr int kSteps = 64;
-#endif
 
 std::string Shared() {
   const char* s = std::getenv("HELIX_SHARED_DIR");
