@@ -18,7 +18,8 @@ if [ "${HELIX_SKIP_ASAN:-0}" != 1 ]; then
   echo "== [2/4] unit tests under ASan+UBSan (${build}-asan)"
   cmake -S . -B "${build}-asan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DHELIX_SANITIZE=address -DHELIX_WITH_CUDA=OFF -DHELIX_BUILD_BENCHMARKS=OFF >/dev/null
-  cmake --build "${build}-asan" -j "$jobs"
+  # Only what `ctest -L unit` runs: the servers and the tests that start them are not built here.
+  cmake --build "${build}-asan" -j "$jobs" --target helix_unit_tests
   (cd "${build}-asan" && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
      ctest -L unit -j "$jobs" --output-on-failure --timeout 600)
