@@ -3,9 +3,12 @@
 // and client disconnect free their blocks without disturbing others; bad requests get
 // INVALID_ARGUMENT naming the field; a killed rank turns health NOT_SERVING and ends streams
 // with UNAVAILABLE; SIGTERM drains in-flight streams and exits 0.
+#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -38,6 +41,30 @@ using helix::v1::GenerateResponse;
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr ? "" : v;
+}
+
+// Whether process `pid` has ended (left unreaped).
+bool Ended(pid_t pid) {
+  siginfo_t info{};
+  return waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0 ||
+         info.si_pid == pid;
+}
+
+// Whether something accepts TCP connections on 127.0.0.1:port by `deadline`, polling while
+// process `pid` lives.
+bool WaitListening(int port, pid_t pid, Clock::time_point deadline) {
+  while (Clock::now() < deadline && !Ended(pid)) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const bool up = fd >= 0 && connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    if (fd >= 0) close(fd);
+    if (up) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
 }
 
 struct StreamResult {
@@ -82,7 +109,11 @@ class Daemon {
             static_cast<char*>(nullptr));
       _exit(127);
     }
-    // Reconnect quickly while the daemon starts (gRPC's default backoff grows to seconds).
+    // The channel is made once the daemon listens: a TLS channel whose first attempt found no
+    // listener stalled for about 20 s (gRPC's minimum connect timeout) before its next.
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    EXPECT_TRUE(WaitListening(port_, pid_, deadline)) << "helix-gen serve never listened";
+    // Reconnect quickly should the daemon stall (gRPC's default backoff grows to seconds).
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
@@ -90,8 +121,8 @@ class Daemon {
                                          creds ? creds : grpc::InsecureChannelCredentials(), args);
     stub_ = helix::v1::GenerationService::NewStub(channel_);
     health_ = grpc::health::v1::Health::NewStub(channel_);
-    const auto deadline = Clock::now() + std::chrono::seconds(60);
-    while (Clock::now() < deadline && Health() != grpc::health::v1::HealthCheckResponse::SERVING) {
+    while (Clock::now() < deadline && !Ended(pid_) &&
+           Health() != grpc::health::v1::HealthCheckResponse::SERVING) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   }
