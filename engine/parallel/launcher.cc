@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -119,25 +120,64 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
   return a;
 }
 
-StatusOr<int> PickFreePort(const std::string& host) {
+namespace {
+
+// The kernel's range of ephemeral ports (what bind(0) and outgoing connections take).
+std::pair<int, int> EphemeralPorts() {
+  int lo = 32768, hi = 60999;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    int a = 0, b = 0;
+    if (std::fscanf(f, "%d %d", &a, &b) == 2 && a > 0 && b >= a) {
+      lo = a;
+      hi = b;
+    }
+    std::fclose(f);
+  }
+  return {lo, hi};
+}
+
+// Binds a TCP socket to host:port (0: the kernel's pick) and returns the port bound, or -1.
+int BindPort(const sockaddr_in& at) {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return Internal(std::string("socket: ") + std::strerror(errno));
+  if (fd < 0) return -1;
+  sockaddr_in addr = at;
+  int port = -1;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    socklen_t len = sizeof(addr);
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      port = ntohs(addr.sin_port);
+    }
+  }
+  ::close(fd);
+  return port;
+}
+
+}  // namespace
+
+StatusOr<int> PickFreePort(const std::string& host) {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_port = 0;
   if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
-    ::close(fd);
     return InvalidArgument("'" + host + "' is not an IPv4 address");
   }
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    const std::string err = std::strerror(errno);
-    ::close(fd);
-    return Unavailable("cannot bind " + host + ": " + err);
+  // Preferably a random port below the ephemeral range: one inside it may be taken, before its
+  // user binds it, by any outgoing connection on the machine (the kernel hands those out).
+  const auto [lo, hi] = EphemeralPorts();
+  constexpr int kLowest = 10000;
+  if (lo - kLowest >= 1000) {
+    std::random_device rd;
+    std::mt19937 rng(rd());
+    std::uniform_int_distribution<int> pick(kLowest, lo - 1);
+    for (int attempt = 0; attempt < 64; ++attempt) {
+      addr.sin_port = htons(static_cast<uint16_t>(pick(rng)));
+      const int port = BindPort(addr);
+      if (port > 0) return port;
+    }
   }
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return static_cast<int>(ntohs(addr.sin_port));
+  addr.sin_port = 0;
+  const int port = BindPort(addr);
+  if (port <= 0) return Unavailable("cannot bind " + host + ": " + std::strerror(errno));
+  return port;
 }
 
 StatusOr<std::unique_ptr<LocalRanks>> LocalRanks::Spawn(const std::vector<std::string>& argv,

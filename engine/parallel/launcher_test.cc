@@ -1,9 +1,13 @@
-// Rank assignment from flags and launcher environments, and leader-address parsing.
+// Rank assignment from flags and launcher environments, leader-address parsing, test ports.
 #include "engine/parallel/launcher.h"
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
+#include <set>
+
+#include "engine/parallel/tcp_store.h"
 
 namespace helix::parallel {
 namespace {
@@ -102,6 +106,30 @@ TEST(ParseHostPortTest, GoodAndBad) {
   for (const char* bad : {"nohost", ":80", "h:", "h:0", "h:70000", "h:8x"}) {
     EXPECT_FALSE(ParseHostPort(bad).ok()) << bad;
   }
+}
+
+// Test servers' ports: free (a listener binds it), below the ephemeral range where the kernel
+// leaves room, and not the same one each call; a bad host is refused.
+TEST(PickFreePortTest, FreeAndOutsideTheEphemeralRange) {
+  int lo = 32768;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    ASSERT_EQ(std::fscanf(f, "%d", &lo), 1);
+    std::fclose(f);
+  }
+  std::set<int> seen;
+  for (int i = 0; i < 8; ++i) {
+    auto port = PickFreePort("127.0.0.1");
+    ASSERT_TRUE(port.ok()) << port.status().ToString();
+    if (lo - 10000 >= 1000) {
+      EXPECT_GE(*port, 10000);
+      EXPECT_LT(*port, lo);
+    }
+    auto server = TcpStoreServer::Start("127.0.0.1", *port);
+    EXPECT_TRUE(server.ok()) << *port << ": " << server.status().ToString();
+    seen.insert(*port);
+  }
+  EXPECT_GT(seen.size(), 1u);
+  EXPECT_FALSE(PickFreePort("not-an-address").ok());
 }
 
 }  // namespace
