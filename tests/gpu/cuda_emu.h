@@ -345,6 +345,44 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
 
 }  // namespace helix_emu
 
+// The device the kernels' host code asks about: one like the lent H100 (132 SMs, sm_90, 227 KiB
+// of opt-in shared memory per block, one thread block per SM), so that the emulated kernels take
+// the paths they take there (e.g. the automatic split-KV, which divides the context among the
+// SMs). Only these queries: device memory and launches are the test's own.
+namespace helix_emu {
+inline cudaError_t GetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t DeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = 132;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = 227 * 1024;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+inline cudaError_t OccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* /*fn*/,
+                                                             int /*threads*/, size_t /*smem*/) {
+  *blocks = 1;
+  return cudaSuccess;
+}
+}  // namespace helix_emu
+#define cudaGetDevice ::helix_emu::GetDevice
+#define cudaDeviceGetAttribute ::helix_emu::DeviceGetAttribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor \
+  ::helix_emu::OccupancyMaxActiveBlocksPerMultiprocessor
+
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 #define threadIdx (::helix_emu::t_thread_idx)

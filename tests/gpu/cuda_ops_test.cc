@@ -64,6 +64,18 @@ std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v
     GTEST_SKIP() << "emulation: " why; \
   }
 
+// The device's compute capability major (the emulation's device is an sm_90 one: its
+// kernels run every path an H100 runs), -1 when it cannot be asked.
+int DeviceMajor() {
+  if (gpu_testing::kEmulated) return 9;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return -1;
+  }
+  return major;
+}
+
 uint16_t ToStorage(DType t, float f) { return t == DType::kF16 ? FloatToHalf(f) : FloatToBf16(f); }
 
 // n random values (RandomVector's draw) rounded to the 16-bit type dt.
@@ -389,7 +401,6 @@ TEST_F(CudaOpsTest, AttentionContextParallelPositions) {
 // A long single-sequence decode, where the automatic split-KV cuts the context into many
 // chunks (the flash-decoding path the benchmark measures).
 TEST_F(CudaOpsTest, AttentionLongContextAutoSplit) {
-  SKIP_IF_EMULATED("no device to ask for its SM count, so no automatic split");
   std::mt19937 rng(15);
   const int64_t tpb = 32;
   for (int32_t len : {32 * 1024 - 5, 8 * 1024}) {
@@ -414,10 +425,8 @@ TEST_F(CudaOpsTest, AttentionLongContextAutoSplit) {
 // and a CP rank's positions, against the CPU; slots past each sequence are poisoned, so a copy
 // that reads beyond the visible rows shows.
 TEST_F(CudaOpsTest, AttentionBulkCopies) {
-  SKIP_IF_EMULATED("see attention_emu_test");
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  const int major = DeviceMajor();
+  ASSERT_GE(major, 0) << "cannot ask the device for its compute capability";
   if (major < 9) GTEST_SKIP() << "bulk copies need sm_90 (compute capability " << major << ")";
   struct Restore {
     ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
@@ -454,10 +463,9 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
 // sequence, split-KV, peaky scores, a causal prefill and a CP rank's positions; slots past each
 // sequence are poisoned.
 TEST_F(CudaOpsTest, AttentionTensorCores) {
-  SKIP_IF_EMULATED("see attention_emu_test");
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  SKIP_IF_EMULATED("72 s emulated; attention_emu_test runs the tensor-core kernels");
+  const int major = DeviceMajor();
+  ASSERT_GE(major, 0) << "cannot ask the device for its compute capability";
   if (major < 8)
     GTEST_SKIP() << "mma.sync with bf16 needs sm_80 (compute capability " << major << ")";
   struct Restore {
@@ -2066,7 +2074,6 @@ TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
 // ones; split-KV off, forced and automatic, which must split a 16K-token single-sequence
 // decode. Pool slots no query may read hold NaN.
 TEST_F(CudaOpsTest, MlaAttentionDeepSeekShapes) {
-  SKIP_IF_EMULATED("no device to ask for its SM count, so no automatic split");
   std::mt19937 rng(41);
   const int64_t tpb = 64, latent = 512, rope = 64, dk = latent + rope;
   struct Shape {
