@@ -202,6 +202,8 @@ TEST(GlooCommunicatorTest, CollectivesAcrossProcesses) {
       // Both all-reduce paths: small buffers (n x size floats up to 64K) as one exchange summed
       // in rank order on every rank, larger ones by Gloo's ring. Either way every rank holds the
       // same bits; the small one the rank-order sum exactly, the large one up to rounding.
+      float none = 0;
+      CHILD_CHECK(c.AllReduceSum(&none, 0).ok(), 18);  // nothing to sum: no exchange, no error
       for (size_t len : {size_t{1000}, size_t{50000}}) {
         const auto value = [](int q, size_t i) { return 1.0f / static_cast<float>(3 + i + q); };
         std::vector<float> y(len);
