@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -162,12 +163,15 @@ StatusOr<int> PickFreePort(const std::string& host) {
   }
   // Preferably a random port below the ephemeral range: one inside it may be taken, before its
   // user binds it, by any outgoing connection on the machine (the kernel hands those out).
+  // 10000-19999: tests/router/router_test.py picks its ports from 20000-31999 (and restarts
+  // servers on theirs), so that the two never take each other's.
   const auto [lo, hi] = EphemeralPorts();
   constexpr int kLowest = 10000;
-  if (lo - kLowest >= 1000) {
+  const int highest = std::min(lo, 20000) - 1;
+  if (highest - kLowest >= 1000) {
     std::random_device rd;
     std::mt19937 rng(rd());
-    std::uniform_int_distribution<int> pick(kLowest, lo - 1);
+    std::uniform_int_distribution<int> pick(kLowest, highest);
     for (int attempt = 0; attempt < 64; ++attempt) {
       addr.sin_port = htons(static_cast<uint16_t>(pick(rng)));
       const int port = BindPort(addr);

@@ -39,9 +39,9 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
 // "host:port" -> (host, port). InvalidArgument names the text.
 StatusOr<std::pair<std::string, int>> ParseHostPort(const std::string& addr);
 
-// A port on `host` that was free a moment ago (for tests that start servers): a random one
-// below the kernel's ephemeral range where there is room (ports in that range are also handed
-// to outgoing connections), else one the kernel picks.
+// A port on `host` that was free a moment ago (for tests that start servers): a random one in
+// 10000-19999 (below the kernel's ephemeral range, whose ports are also handed to outgoing
+// connections, and apart from router_test.py's) where there is room, else one the kernel picks.
 StatusOr<int> PickFreePort(const std::string& host);
 
 class LocalRanks {

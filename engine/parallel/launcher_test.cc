@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <set>
@@ -120,9 +121,9 @@ TEST(PickFreePortTest, FreeAndOutsideTheEphemeralRange) {
   for (int i = 0; i < 8; ++i) {
     auto port = PickFreePort("127.0.0.1");
     ASSERT_TRUE(port.ok()) << port.status().ToString();
-    if (lo - 10000 >= 1000) {
+    if (std::min(lo, 20000) - 10000 >= 1000) {
       EXPECT_GE(*port, 10000);
-      EXPECT_LT(*port, lo);
+      EXPECT_LT(*port, std::min(lo, 20000));
     }
     auto server = TcpStoreServer::Start("127.0.0.1", *port);
     EXPECT_TRUE(server.ok()) << *port << ": " << server.status().ToString();

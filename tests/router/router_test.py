@@ -46,7 +46,8 @@ _given_ports = set()
 
 def free_port():
     """A free port below Linux's ephemeral range (32768+), so that no socket another process
-    opens (Gloo and UCX listen on ephemeral ports) takes it while a server restarts on it."""
+    opens (Gloo and UCX listen on ephemeral ports) takes it while a server restarts on it, and
+    apart from the C++ tests' PickFreePort (10000-19999)."""
     import random
     for _ in range(1000):
         port = random.randrange(20000, 32000)
@@ -384,8 +385,16 @@ class RouterFaultTest(unittest.TestCase):
         self.assertTrue(wait_ready(port, want=False))
         status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a"}, key=None)
         self.assertEqual(status, 503)
-        self.start("gen", server_cfg(gen_port, False, cp=2), gen_port)  # back on the same port
-        self.assertTrue(wait_ready(port, timeout=30))
+        back = self.start("gen", server_cfg(gen_port, False, cp=2), gen_port)  # the same port
+        ready = wait_ready(port, timeout=30)
+        if not ready:  # what the router and the restarted server saw, for the failure report
+            metrics = "\n".join(l for l in http(port, "/metrics")[1].splitlines()
+                                 if l.startswith("helix_router_backend_healthy"))
+            back.log.flush()
+            with open(back.log.name) as f:
+                log = f.read()[-3000:]
+            self.fail(f"router not ready 30 s after the generation server came back "
+                      f"(exited: {back.p.poll()}):\n{metrics}\n--- its log:\n{log}")
         status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
                                                       "max_tokens": 3}, key=None)
         self.assertEqual(status, 200, body)
