@@ -4,12 +4,9 @@
 // decoding; pools on both sides must be whole afterwards; faults (a stalled, killed or
 // never-pulled-from context server, a cancel during the transfer, mismatched servers) fail
 // only the requests concerned, with clear errors.
-#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -26,6 +23,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "helix/v1/context.grpc.pb.h"
 #include "helix/v1/generation.grpc.pb.h"
+#include "tests/port_util.h"
 
 namespace {
 
@@ -38,16 +36,7 @@ std::string Env(const char* name) {
   return v == nullptr ? "" : v;
 }
 
-bool PortOpen(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  const bool ok = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
-  close(fd);
-  return ok;
-}
+using helix::testing::PortOpen;
 
 std::string Stories() { return Env("HELIX_SHARED_DIR") + "/models/stories260K"; }
 

@@ -3,12 +3,9 @@
 // and client disconnect free their blocks without disturbing others; bad requests get
 // INVALID_ARGUMENT naming the field; a killed rank turns health NOT_SERVING and ends streams
 // with UNAVAILABLE; SIGTERM drains in-flight streams and exits 0.
-#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,6 +27,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "helix/v1/generation.grpc.pb.h"
+#include "tests/port_util.h"
 
 namespace {
 
@@ -54,14 +52,7 @@ bool Ended(pid_t pid) {
 // process `pid` lives.
 bool WaitListening(int port, pid_t pid, Clock::time_point deadline) {
   while (Clock::now() < deadline && !Ended(pid)) {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(static_cast<uint16_t>(port));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    const bool up = fd >= 0 && connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
-    if (fd >= 0) close(fd);
-    if (up) return true;
+    if (helix::testing::PortOpen(port)) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return false;

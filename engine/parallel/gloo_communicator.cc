@@ -39,17 +39,8 @@ class GlooCommunicator final : public Communicator {
     const size_t ranks = static_cast<size_t>(size());
     if (n * ranks <= kDirectFloats) {
       return Run("all-reduce", [&] {
-        send_.resize(n * ranks);
         recv_.resize(n * ranks);
-        for (size_t r = 0; r < ranks; ++r) {
-          std::memcpy(send_.data() + r * n, data, n * sizeof(float));
-        }
-        gloo::AlltoallOptions o(ctx_);
-        o.setInput(send_.data(), n * ranks);
-        o.setOutput(recv_.data(), n * ranks);
-        o.setTag(NextTag());
-        o.setTimeout(timeout_);
-        gloo::alltoall(o);
+        GatherCopies(data, recv_.data(), n * sizeof(float));
         for (size_t i = 0; i < n; ++i) {
           float acc = recv_[i];
           for (size_t r = 1; r < ranks; ++r) acc += recv_[r * n + i];
@@ -73,16 +64,7 @@ class GlooCommunicator final : public Communicator {
   Status AllGather(const void* in, void* out, size_t bytes) override {
     const size_t ranks = static_cast<size_t>(size());
     if (ranks > 2 && bytes > 0 && bytes * ranks <= kDirectFloats * sizeof(float)) {
-      return Run("all-gather", [&] {
-        gather_.resize(bytes * ranks);
-        for (size_t r = 0; r < ranks; ++r) std::memcpy(gather_.data() + r * bytes, in, bytes);
-        gloo::AlltoallOptions o(ctx_);
-        o.setInput(gather_.data(), bytes * ranks);
-        o.setOutput(static_cast<char*>(out), bytes * ranks);
-        o.setTag(NextTag());
-        o.setTimeout(timeout_);
-        gloo::alltoall(o);
-      });
+      return Run("all-gather", [&] { GatherCopies(in, out, bytes); });
     }
     return Run("all-gather", [&] {
       gloo::AllgatherOptions o(ctx_);
@@ -136,6 +118,20 @@ class GlooCommunicator final : public Communicator {
  private:
   uint32_t NextTag() { return tag_++; }
 
+  // The one-exchange gather: `bytes` of `in` to every rank in one all-to-all of its copies, rank
+  // r's into out[r * bytes]. Throws as Gloo does (inside Run).
+  void GatherCopies(const void* in, void* out, size_t bytes) {
+    const size_t ranks = static_cast<size_t>(size());
+    copies_.resize(bytes * ranks);
+    for (size_t r = 0; r < ranks; ++r) std::memcpy(copies_.data() + r * bytes, in, bytes);
+    gloo::AlltoallOptions o(ctx_);
+    o.setInput(copies_.data(), bytes * ranks);
+    o.setOutput(static_cast<char*>(out), bytes * ranks);
+    o.setTag(NextTag());
+    o.setTimeout(timeout_);
+    gloo::alltoall(o);
+  }
+
   template <typename F>
   Status Run(const char* what, F&& f) {
     if (!broken_.ok()) return broken_;
@@ -159,8 +155,8 @@ class GlooCommunicator final : public Communicator {
   // The one-exchange paths of AllReduceSum and AllGather: up to this many floats over all ranks
   // (256 KiB), and their buffers (kept between calls).
   static constexpr size_t kDirectFloats = size_t{1} << 16;
-  std::vector<float> send_, recv_;
-  std::vector<char> gather_;  // AllGather's copies of its input
+  std::vector<char> copies_;  // GatherCopies' copies of its input
+  std::vector<float> recv_;   // AllReduceSum's gathered rows
 };
 
 // Gloo's TCP transport writes to its sockets without MSG_NOSIGNAL, so a peer that dies mid-step

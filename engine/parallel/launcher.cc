@@ -123,18 +123,15 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
 
 namespace {
 
-// The kernel's range of ephemeral ports (what bind(0) and outgoing connections take).
-std::pair<int, int> EphemeralPorts() {
-  int lo = 32768, hi = 60999;
+// The lowest of the kernel's ephemeral ports (what bind(0) and outgoing connections take).
+int LowestEphemeralPort() {
+  int lo = 32768;
   if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
-    int a = 0, b = 0;
-    if (std::fscanf(f, "%d %d", &a, &b) == 2 && a > 0 && b >= a) {
-      lo = a;
-      hi = b;
-    }
+    int a = 0;
+    if (std::fscanf(f, "%d", &a) == 1 && a > 0) lo = a;
     std::fclose(f);
   }
-  return {lo, hi};
+  return lo;
 }
 
 // Binds a TCP socket to host:port (0: the kernel's pick) and returns the port bound, or -1.
@@ -165,9 +162,8 @@ StatusOr<int> PickFreePort(const std::string& host) {
   // user binds it, by any outgoing connection on the machine (the kernel hands those out).
   // 10000-19999: tests/router/router_test.py picks its ports from 20000-31999 (and restarts
   // servers on theirs), so that the two never take each other's.
-  const auto [lo, hi] = EphemeralPorts();
   constexpr int kLowest = 10000;
-  const int highest = std::min(lo, 20000) - 1;
+  const int highest = std::min(LowestEphemeralPort(), 20000) - 1;
   if (highest - kLowest >= 1000) {
     std::random_device rd;
     std::mt19937 rng(rd());
