@@ -44,6 +44,13 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
     }
   }
   r.proto.set_request_id(id);
+  r.client_gone = [&] {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_.count(id)) return true;
+    }
+    return ctx->IsCancelled();
+  };
   grpc::Status st = router_->Run(r, [&](const RouteEvent& ev) {
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -49,7 +49,10 @@ int main(int argc, char** argv) {
     std::cerr << "invalid config: " << cfg.status().message() << "\n";
     return kExitUsage;
   }
-  if (!helix::server::SetUpLogging(cfg->logging, "router").ok()) return kExitFailure;
+  if (helix::Status st = helix::server::SetUpLogging(cfg->logging, "router"); !st.ok()) {
+    std::cerr << "helix-router: logging: " << st.message() << "\n";
+    return kExitFailure;
+  }
   sigset_t sigs;
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);
@@ -85,6 +88,8 @@ int main(int argc, char** argv) {
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
     grpc::ServerBuilder b;
+    // gRPC turns SO_REUSEPORT on by default: a second server on a taken port would share it.
+    b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     b.AddListeningPort(cfg->server.host + ":" + std::to_string(cfg->grpc_port),
                        grpc::InsecureServerCredentials(), &grpc_port);
     b.RegisterService(&grpc_service);

@@ -1,10 +1,19 @@
 #include "server/router/openai_http.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 
 #include "engine/common/log.h"
@@ -60,13 +69,28 @@ Status Integer(const json& j, const char* key, int64_t lo, int64_t hi, int64_t* 
   if (!j[key].is_number_integer()) {
     return Bad(e, key, std::string("'") + key + "' must be an integer");
   }
-  const int64_t v = j[key].get<int64_t>();
-  if (v < lo || v > hi) {
+  // Above INT64_MAX the JSON holds an unsigned value (named as sent, not wrapped).
+  const bool huge =
+      j[key].is_number_unsigned() && j[key].get<uint64_t>() > static_cast<uint64_t>(INT64_MAX);
+  const int64_t v = huge ? 0 : j[key].get<int64_t>();
+  if (huge || v < lo || v > hi) {
     return Bad(e, key,
-               std::string("'") + key + "' = " + std::to_string(v) + " is out of range [" +
+               std::string("'") + key + "' = " + j[key].dump() + " is out of range [" +
                    std::to_string(lo) + ", " + std::to_string(hi) + "]");
   }
   *out = v;
+  return Status::Ok();
+}
+
+// The seed: any integer in [0, 2^64) (the protocol's is a uint64).
+Status Seed(const json& j, std::optional<uint64_t>* out, HttpError* e) {
+  if (!j.contains("seed") || j["seed"].is_null()) return Status::Ok();
+  const json& v = j["seed"];
+  if (!v.is_number_integer()) return Bad(e, "seed", "'seed' must be an integer");
+  if (!v.is_number_unsigned() && v.get<int64_t>() < 0) {
+    return Bad(e, "seed", "'seed' = " + v.dump() + " is out of range [0, 2^64)");
+  }
+  *out = v.get<uint64_t>();
   return Status::Ok();
 }
 
@@ -79,6 +103,8 @@ json Bytes(const std::string& s) {
 }
 
 // The logprobs object of one choice, from the events that carried tokens.
+// text_offset: where each token's text starts in the completion, counted from the text the
+// tokens produced (a stop string may delay an event's `text`, not where its token starts).
 json CompletionLogprobs(const Tokenizer& tok, const std::vector<RouteEvent>& evs,
                         size_t text_start) {
   json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
@@ -91,7 +117,7 @@ json CompletionLogprobs(const Tokenizer& tok, const std::vector<RouteEvent>& evs
     for (const auto& [id, lp] : ev.top_logprobs) top[TokenText(tok, id)] = lp;
     tops.push_back(top);
     offs.push_back(off);
-    off += ev.text.size();
+    off += ev.token_text_bytes;
   }
   return {
       {"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
@@ -131,6 +157,81 @@ int HttpStatusOf(const grpc::Status& s) {
     default:
       return 500;
   }
+}
+
+// The socket of the connection a request came on, or -1. httplib (0.11) hands handlers no
+// socket, so it is found among the process's descriptors by its two ends; the connection's
+// thread is the one running the handler, so the descriptor stays this connection's until the
+// handler returns.
+std::string SockAddr(const sockaddr_storage& a, int* port) {
+  char buf[INET6_ADDRSTRLEN] = {};
+  if (a.ss_family == AF_INET) {
+    const auto* v4 = reinterpret_cast<const sockaddr_in*>(&a);
+    *port = ntohs(v4->sin_port);
+    inet_ntop(AF_INET, &v4->sin_addr, buf, sizeof(buf));
+  } else if (a.ss_family == AF_INET6) {
+    const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&a);
+    *port = ntohs(v6->sin6_port);
+    inet_ntop(AF_INET6, &v6->sin6_addr, buf, sizeof(buf));
+  } else {
+    *port = -1;
+  }
+  return buf;
+}
+
+int ConnectionFd(const httplib::Request& req) {
+  if (req.remote_port <= 0 || req.local_port <= 0) return -1;
+  DIR* d = opendir("/proc/self/fd");
+  if (d == nullptr) return -1;
+  int found = -1;
+  while (dirent* ent = readdir(d)) {
+    char* end = nullptr;
+    const long fd = std::strtol(ent->d_name, &end, 10);
+    if (end == ent->d_name || *end != '\0' || fd == dirfd(d)) continue;
+    struct stat st;
+    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+    sockaddr_storage local{}, peer{};
+    socklen_t ll = sizeof(local), pl = sizeof(peer);
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &ll) != 0 ||
+        getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &pl) != 0) {
+      continue;
+    }
+    int lport = -1, pport = -1;
+    SockAddr(local, &lport);
+    const std::string paddr = SockAddr(peer, &pport);
+    if (lport == req.local_port && pport == req.remote_port && paddr == req.remote_addr) {
+      found = static_cast<int>(fd);
+      break;
+    }
+  }
+  closedir(d);
+  return found;
+}
+
+// Whether the client has closed (or reset) its end of the connection. A request is one
+// exchange (httplib reads the next one only after this response), so an end of stream now
+// means the client left.
+bool PeerClosed(int fd) {
+  pollfd pf{fd, POLLIN | POLLRDHUP, 0};
+  if (poll(&pf, 1, 0) <= 0) return false;
+  if (pf.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) return true;
+  char c;
+  return recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+// A client-gone probe for Router::Run (none when the socket cannot be found).
+std::function<bool()> ClientGoneProbe(const httplib::Request& req) {
+  const int fd = ConnectionFd(req);
+  if (fd < 0) return nullptr;
+  return [fd] { return PeerClosed(fd); };
+}
+
+// The route label of the HTTP metrics: the served routes by name, anything else "other" (a
+// label per unknown path would let any client grow the metrics without bound).
+std::string RouteLabel(const std::string& path) {
+  static const std::set<std::string> kRoutes = {
+      "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"};
+  return kRoutes.count(path) ? path : "other";
 }
 
 HttpError FromGrpc(const grpc::Status& s) {
@@ -187,8 +288,8 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
         cm.content = m["content"].get<std::string>();
       } else if (m.contains("content") && m["content"].is_array()) {
         for (const json& part : m["content"]) {
-          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
-              !part["text"].is_string()) {
+          if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
+              !part.contains("text") || !part["text"].is_string()) {
             return Bad(e, at + ".content", at + ".content: only text parts are supported");
           }
           cm.content += part["text"].get<std::string>();
@@ -237,6 +338,13 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   int64_t max_tokens = chat ? 0 : 16;
   RETURN_IF_ERROR(Integer(j, "max_tokens", 1, 1 << 30, &max_tokens, e));
   if (chat) RETURN_IF_ERROR(Integer(j, "max_completion_tokens", 1, 1 << 30, &max_tokens, e));
+  if (max_tokens == 0 && max_seq_len > 0 && prompt_len >= max_seq_len) {
+    return Bad(e, "messages",
+               "the prompt (" + std::to_string(prompt_len) +
+                   " tokens) leaves no room to generate in the model's context of " +
+                   std::to_string(max_seq_len) + " tokens",
+               400, "context_length_exceeded");
+  }
   if (max_tokens == 0) {  // chat default: what is left of the context (at most 1024)
     max_tokens = max_seq_len > prompt_len ? std::min<int64_t>(1024, max_seq_len - prompt_len) : 16;
   }
@@ -248,7 +356,8 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
                400, "context_length_exceeded");
   }
   double temperature = 1, top_p = 1, min_p = 0, presence = 0, frequency = 0, repetition = 1;
-  int64_t top_k = 0, seed = -1;
+  int64_t top_k = 0;
+  std::optional<uint64_t> seed;
   RETURN_IF_ERROR(Number(j, "temperature", 0, 2, &temperature, e));
   RETURN_IF_ERROR(Number(j, "top_p", 1e-9, 1, &top_p, e));
   RETURN_IF_ERROR(Number(j, "min_p", 0, 1, &min_p, e));
@@ -256,7 +365,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   RETURN_IF_ERROR(Number(j, "frequency_penalty", -2, 2, &frequency, e));
   RETURN_IF_ERROR(Number(j, "repetition_penalty", 1e-6, 10, &repetition, e));
   RETURN_IF_ERROR(Integer(j, "top_k", -1, 1 << 20, &top_k, e));
-  RETURN_IF_ERROR(Integer(j, "seed", 0, INT64_MAX, &seed, e));
+  RETURN_IF_ERROR(Seed(j, &seed, e));
   if (j.contains("stop") && !j["stop"].is_null()) {
     const json& s = j["stop"];
     if (s.is_string()) {
@@ -276,7 +385,13 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
     if (!j["stream"].is_boolean()) return Bad(e, "stream", "'stream' must be a boolean");
     p.stream = j["stream"].get<bool>();
   }
-  if (j.contains("stream_options") && j["stream_options"].is_object()) {
+  if (j.contains("stream_options") && !j["stream_options"].is_null()) {
+    if (!j["stream_options"].is_object()) {
+      return Bad(e, "stream_options", "'stream_options' must be an object");
+    }
+    if (!p.stream) {
+      return Bad(e, "stream_options", "'stream_options' is only allowed with 'stream': true");
+    }
     const json& so = j["stream_options"];
     if (so.contains("include_usage")) {
       if (!so["include_usage"].is_boolean()) {
@@ -317,7 +432,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   sp->set_presence_penalty(static_cast<float>(presence));
   sp->set_frequency_penalty(static_cast<float>(frequency));
   sp->set_repetition_penalty(static_cast<float>(repetition));
-  if (seed >= 0) sp->set_seed(static_cast<uint64_t>(seed));
+  if (seed) sp->set_seed(*seed);
   for (const std::string& s : p.route.stop) g.add_stop(s);
   g.set_ignore_eos(ignore_eos);
   if (p.logprobs) g.set_top_logprobs(p.top_logprobs);
@@ -363,15 +478,43 @@ StatusOr<int> OpenAiHttp::Start() {
     HttpError e;
     e.status = res.status;
     if (res.status == 413) {
-      e.message = "request body exceeds " + std::to_string(cfg_.max_request_bytes) + " bytes";
+      // httplib reads form-encoded bodies (curl -d's default Content-Type) only up to 8 KiB.
+      const bool form =
+          req.get_header_value("Content-Type").rfind("application/x-www-form-urlencoded", 0) == 0;
+      e.message = form
+                      ? "request body exceeds 8192 bytes, the limit for Content-Type "
+                        "application/x-www-form-urlencoded; send it as application/json (up "
+                        "to " +
+                            std::to_string(cfg_.max_request_bytes) + " bytes)"
+                      : "request body exceeds " + std::to_string(cfg_.max_request_bytes) + " bytes";
     } else if (res.status == 404) {
       e.message = "no route " + req.method + " " + req.path;
     } else {
       e.message = "HTTP " + std::to_string(res.status);
     }
+    if (res.status >= 500) e.type = "server_error";
     res.set_content(Dump(ErrorJson(e)), "application/json");
-    Count(req.path, res.status);
+    Count(RouteLabel(req.path), res.status);
   });
+  // A handler that throws (a bug: requests are validated first) answers 500 with the error in
+  // the body, not in a response header.
+  s.set_exception_handler(
+      [this](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
+        HttpError e;
+        e.status = 500;
+        e.type = "server_error";
+        e.message = "internal error";
+        try {
+          if (ep) std::rethrow_exception(ep);
+        } catch (const std::exception& x) {
+          e.message = std::string("internal error: ") + x.what();
+        } catch (...) {
+        }
+        HELIX_LOG(kError) << "router: " << req.method << " " << req.path << ": " << e.message;
+        res.status = 500;
+        res.set_content(Dump(ErrorJson(e)), "application/json");
+        Count(RouteLabel(req.path), 500);
+      });
   auto authorized = [this](const httplib::Request& req) {
     if (!cfg_.api_key || cfg_.api_key->empty()) return true;
     return req.get_header_value("Authorization") == "Bearer " + *cfg_.api_key;
@@ -431,7 +574,11 @@ StatusOr<int> OpenAiHttp::Start() {
       }
       if (!router_->Ready()) {
         return send_error(
-            res, {503, "no healthy context/generation server pair", "service_unavailable", "", ""},
+            res,
+            {503,
+             router_->has_context_servers() ? "no healthy context/generation server pair"
+                                            : "no healthy generation server",
+             "service_unavailable", "", ""},
             route);
       }
       const std::string id = NewId(chat ? "chatcmpl-" : "cmpl-");
@@ -439,6 +586,8 @@ StatusOr<int> OpenAiHttp::Start() {
       const std::string model = router_->model_name();
       const Tokenizer& tok = router_->tokenizer();
       if (!parsed->stream) {
+        // No token reaches a client that left until the end: watch its socket instead.
+        parsed->route.client_gone = ClientGoneProbe(req);
         std::string text, finish;
         std::vector<RouteEvent> toks;
         int64_t prompt_tokens = 0, completion_tokens = 0;
@@ -452,6 +601,11 @@ StatusOr<int> OpenAiHttp::Start() {
           }
           return true;
         });
+        if (st.error_code() == grpc::StatusCode::CANCELLED && parsed->route.client_gone &&
+            parsed->route.client_gone()) {
+          Count(route, 499);  // nginx's "client closed request": no one reads an answer
+          return;
+        }
         if (!st.ok()) return send_error(res, FromGrpc(st), route);
         json usage = {{"prompt_tokens", prompt_tokens},
                       {"completion_tokens", completion_tokens},
@@ -482,7 +636,8 @@ StatusOr<int> OpenAiHttp::Start() {
       // Streaming: Server-Sent Events, one "data: {json}\n\n" chunk per token, then the final
       // chunk (finish_reason), the usage chunk if asked for, and "data: [DONE]".
       Count(route, 200);
-      const ParsedRequest p = *parsed;
+      ParsedRequest p = *parsed;
+      p.route.client_gone = ClientGoneProbe(req);
       res.set_header("Cache-Control", "no-cache");
       res.set_chunked_content_provider("text/event-stream", [this, p, id, created, model, chat](
                                                                 size_t, httplib::DataSink& sink) {
@@ -522,7 +677,7 @@ StatusOr<int> OpenAiHttp::Start() {
           if (p.logprobs) {
             lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
           }
-          offset += ev.text.size();
+          offset += ev.token_text_bytes;
           ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
           return ok;
         });

@@ -9,8 +9,6 @@
 namespace helix::router {
 namespace {
 
-using Clock = std::chrono::system_clock;
-
 class RoundRobin final : public RoutingPolicy {
  public:
   Backend* Pick(const std::vector<Backend*>& c, const std::vector<int32_t>&) override {
@@ -82,9 +80,12 @@ class Load {
   int64_t tokens_;
 };
 
-bool Retryable(const grpc::Status& s) {
-  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
-         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+// An unreachable server: ejected, and the request tried on another. A deadline is the
+// request's own (one covers all its calls): it fails that request alone.
+bool Retryable(const grpc::Status& s) { return s.error_code() == grpc::StatusCode::UNAVAILABLE; }
+
+grpc::Status ClientGone() {
+  return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
 }
 
 std::string Escape(const std::string& s) {
@@ -121,6 +122,7 @@ Router::Router(const config::RouterConfig& cfg, std::unique_ptr<Tokenizer> token
   ctx_policy_ = MakePolicy(cfg_.context_servers.router_type);
   gen_policy_ = MakePolicy(cfg_.generation_servers.router_type);
   poller_ = std::thread([this] { PollLoop(); });
+  watcher_ = std::thread([this] { WatchLoop(); });
 }
 
 Router::~Router() {
@@ -130,6 +132,43 @@ Router::~Router() {
   }
   stop_cv_.notify_all();
   if (poller_.joinable()) poller_.join();
+  if (watcher_.joinable()) watcher_.join();
+}
+
+bool Router::Arm(Watched* w, grpc::ClientContext* cc) {
+  if (w == nullptr) return true;
+  std::lock_guard<std::mutex> lock(w->mu);
+  w->call = cc;
+  return !w->cancelled;
+}
+
+void Router::Disarm(Watched* w) {
+  if (w == nullptr) return;
+  std::lock_guard<std::mutex> lock(w->mu);
+  w->call = nullptr;
+}
+
+bool Router::Cancelled(Watched* w) {
+  if (w == nullptr) return false;
+  std::lock_guard<std::mutex> lock(w->mu);
+  return w->cancelled;
+}
+
+void Router::WatchLoop() {
+  constexpr auto kEvery = std::chrono::milliseconds(100);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(watched_mu_);
+      for (Watched* w : watched_) {
+        if (Cancelled(w) || !w->gone()) continue;
+        std::lock_guard<std::mutex> wl(w->mu);
+        w->cancelled = true;
+        if (w->call != nullptr) w->call->TryCancel();
+      }
+    }
+    std::unique_lock<std::mutex> lock(stop_mu_);
+    if (stop_cv_.wait_for(lock, kEvery, [&] { return stop_; })) return;
+  }
 }
 
 void Router::PollLoop() {
@@ -283,7 +322,9 @@ bool Router::GenerationInfo(v1::ServerInfo* out) const {
   return false;
 }
 
-grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, v1::PrefillResponse* out) {
+grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_point deadline,
+                             Watched* w, v1::PrefillResponse* out, Backend** used) {
+  *used = nullptr;
   std::vector<Backend*> candidates;
   for (Backend* c : Healthy(ctx_)) {
     if (Compatible(c, gen)) candidates.push_back(c);
@@ -300,11 +341,16 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, v1::PrefillRes
     }
     Load load(c, static_cast<int64_t>(prompt.size()));
     grpc::ClientContext cc;
-    cc.set_deadline(Clock::now() + std::chrono::milliseconds(cfg_.request_timeout_ms));
+    cc.set_deadline(deadline);
     v1::PrefillRequest pre;
     *pre.mutable_request() = r.proto;
+    if (!Arm(w, &cc)) return ClientGone();
     last = c->ctx->Prefill(&cc, pre, out);
+    Disarm(w);
+    if (Cancelled(w)) return ClientGone();
+    *used = c;
     if (last.ok() || !Retryable(last)) return last;
+    *used = nullptr;
     MarkDown(c, "prefill failed: " + last.error_message());
     ++context_retries_;
     candidates.erase(std::find(candidates.begin(), candidates.end(), c));
@@ -316,10 +362,26 @@ grpc::Status Router::Run(const RouteRequest& r,
                          const std::function<bool(const RouteEvent&)>& sink) {
   ++requests_;
   ++in_flight_;
+  Watched watched;
+  Watched* w = nullptr;
+  if (r.client_gone) {
+    watched.gone = r.client_gone;
+    w = &watched;
+    std::lock_guard<std::mutex> lock(watched_mu_);
+    watched_.insert(w);
+  }
   struct Done {
     Router* self;
-    ~Done() { --self->in_flight_; }
-  } done{this};
+    Watched* w;
+    ~Done() {
+      if (w != nullptr) {
+        std::lock_guard<std::mutex> lock(self->watched_mu_);
+        self->watched_.erase(w);
+      }
+      --self->in_flight_;
+    }
+  } done{this, w};
+  const auto deadline = Clock::now() + std::chrono::milliseconds(cfg_.request_timeout_ms);
   const std::vector<int32_t> prompt(r.proto.token_ids().ids().begin(),
                                     r.proto.token_ids().ids().end());
   const bool disagg =
@@ -340,9 +402,11 @@ grpc::Status Router::Run(const RouteRequest& r,
     Load load(g, static_cast<int64_t>(prompt.size()) + r.proto.max_tokens());
     v1::GenerateRequest req = r.proto;
     v1::PrefillResponse pre;
+    Backend* prefilled_on = nullptr;
     if (disagg) {
-      st = Prefill(r, g, &pre);
+      st = Prefill(r, g, deadline, w, &pre, &prefilled_on);
       if (!st.ok()) {
+        if (Cancelled(w)) return st;
         ++errors_;
         return st;
       }
@@ -350,8 +414,28 @@ grpc::Status Router::Run(const RouteRequest& r,
       req.set_first_token(pre.first_token());
       *req.mutable_kv_handle() = pre.kv_handle();
     }
+    // The KV the context server retains for this attempt, freed when the attempt fails (the
+    // generation server may never have pulled it; the lease would free it later).
+    auto release_kv = [&] {
+      if (prefilled_on == nullptr) return;
+      grpc::ClientContext rc;
+      rc.set_deadline(Clock::now() + std::chrono::milliseconds(2000));
+      v1::ReleaseRequest rel;
+      rel.set_request_id(pre.kv_handle().request_id());
+      v1::ReleaseResponse rr;
+      (void)prefilled_on->ctx->Release(&rc, rel, &rr);
+    };
     grpc::ClientContext gc;
-    gc.set_deadline(Clock::now() + std::chrono::milliseconds(cfg_.request_timeout_ms));
+    gc.set_deadline(deadline);
+    if (!Arm(w, &gc)) {
+      release_kv();
+      return ClientGone();
+    }
+    // Disarmed before gc goes out of scope, whichever way this attempt ends.
+    struct DisarmAtEnd {
+      Watched* w;
+      ~DisarmAtEnd() { Disarm(w); }
+    } disarm{w};
     auto reader = g->gen->Generate(&gc, req);
     IncrementalDetokenizer detok(*tokenizer_, prompt.empty() ? -1 : prompt.back());
     StopMatcher stops(r.stop);
@@ -363,7 +447,9 @@ grpc::Status Router::Run(const RouteRequest& r,
         RouteEvent ev;
         ev.token = m.token_id();
         bool stopped = false;
-        ev.text = stops.Push(detok.Push(m.token_id()), &stopped);
+        std::string piece = detok.Push(m.token_id());
+        ev.token_text_bytes = piece.size();
+        ev.text = stops.Push(std::move(piece), &stopped);
         if (streamed == 0 && disagg) {
           // The context server sampled this one: its logprobs travel with the prefill.
           ev.logprob = pre.first_token_logprob();
@@ -378,7 +464,7 @@ grpc::Status Router::Run(const RouteRequest& r,
         if (!sink(ev)) {
           gc.TryCancel();
           reader->Finish();
-          return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+          return ClientGone();
         }
         if (stopped) {
           // A stop string completed here: the request ends now (the server would stop at the
@@ -416,23 +502,17 @@ grpc::Status Router::Run(const RouteRequest& r,
     }
     st = reader->Finish();
     if (ended) return grpc::Status::OK;
+    if (Cancelled(w)) {
+      release_kv();
+      return ClientGone();
+    }
     if (st.ok()) {
       st =
           grpc::Status(grpc::StatusCode::INTERNAL,
                        "generation server " + g->url + " ended the stream without a final message");
     }
     if (Retryable(st)) MarkDown(g, "generate failed: " + st.error_message());
-    if (disagg) {
-      // The generation server may never have pulled the KV: free it now (the lease would).
-      grpc::ClientContext rc;
-      rc.set_deadline(Clock::now() + std::chrono::milliseconds(2000));
-      v1::ReleaseRequest rel;
-      rel.set_request_id(pre.kv_handle().request_id());
-      v1::ReleaseResponse rr;
-      for (auto& c : ctx_) {
-        if (c->url == pre.kv_handle().server_address()) (void)c->ctx->Release(&rc, rel, &rr);
-      }
-    }
+    release_kv();
     // Retry on another generation server only when nothing reached the client yet.
     if (streamed > 0 || !Retryable(st)) break;
   }

@@ -29,6 +29,8 @@
 
 namespace helix::router {
 
+using Clock = std::chrono::system_clock;
+
 // One server the router talks to.
 struct Backend {
   std::string url;
@@ -59,11 +61,19 @@ std::unique_ptr<RoutingPolicy> MakePolicy(const std::string& type);  // round_ro
 struct RouteRequest {
   v1::GenerateRequest proto;  // token_ids prompt, sampling, max_tokens, stop ids, top_logprobs
   std::vector<std::string> stop;
+  // Whether the client has gone away (optional; thread-safe: asked on the router's watcher
+  // thread every ~100 ms while Run waits on a server). When it says so, the call in progress
+  // (prefill or generation) is cancelled at once, so a client that leaves while no token is
+  // coming (a long prefill, a non-streaming request) frees its server's work and KV.
+  std::function<bool()> client_gone;
 };
 
 struct RouteEvent {
   int32_t token = -1;
   std::string text;  // UTF-8 delta, stop strings cut
+  // Bytes of detokenised text this token produced before stop strings held any back (the
+  // completion's text_offset advances by these; a stop string may delay `text` to a later event).
+  size_t token_text_bytes = 0;
   float logprob = 0;
   std::vector<std::pair<int32_t, float>> top_logprobs;
   bool finished = false;
@@ -87,7 +97,11 @@ class Router {
   const std::string& model_name() const { return model_name_; }
 
   // Takes the request through the servers, calling `sink` for every event (in order, on this
-  // thread); `sink` returning false means the client is gone: the request is cancelled.
+  // thread); `sink` returning false, or r.client_gone saying so, means the client is gone: the
+  // request is cancelled (CANCELLED, not counted as an error). One deadline,
+  // request_timeout_ms from the call, covers the prefill, the generation and any retries; a
+  // request that runs out of it fails alone (DEADLINE_EXCEEDED): only an unreachable server
+  // (UNAVAILABLE) is ejected and the request retried on another (when nothing was streamed yet).
   // Returns OK after the final event, else the error (gRPC codes: UNAVAILABLE when no server
   // can take it, RESOURCE_EXHAUSTED when they are full, INVALID_ARGUMENT / FAILED_PRECONDITION
   // from the servers, ...). Events may have been sent before an error.
@@ -96,6 +110,7 @@ class Router {
   // At least one generation server is healthy and, with context servers configured, paired
   // with a healthy compatible context server.
   bool Ready() const;
+  bool has_context_servers() const { return !ctx_.empty(); }
   // The smallest max_seq_len among the healthy generation servers (0 when none is known).
   int64_t max_seq_len() const;
   // A healthy generation server's ServerInfo (GetServerInfo of the router's gRPC front).
@@ -113,7 +128,22 @@ class Router {
   std::vector<Backend*> Healthy(const std::vector<std::unique_ptr<Backend>>& pool) const;
   // Whether a context server's KV can go to a generation server (logs a refusal once).
   bool Compatible(Backend* ctx, Backend* gen) const;
-  grpc::Status Prefill(const RouteRequest& r, Backend* gen, v1::PrefillResponse* out);
+  // A Run in progress whose client can go away: the watcher asks `gone` and cancels `call`.
+  struct Watched {
+    std::function<bool()> gone;
+    std::mutex mu;
+    grpc::ClientContext* call = nullptr;  // GUARDED_BY(mu): the RPC in progress
+    bool cancelled = false;               // GUARDED_BY(mu)
+  };
+  // Makes `cc` the call the watcher cancels (false: already cancelled; do not start it); then
+  // Disarm before cc goes away.
+  static bool Arm(Watched* w, grpc::ClientContext* cc);
+  static void Disarm(Watched* w);
+  static bool Cancelled(Watched* w);
+  void WatchLoop();
+  // used: the context server that answered (or nullptr).
+  grpc::Status Prefill(const RouteRequest& r, Backend* gen, Clock::time_point deadline, Watched* w,
+                       v1::PrefillResponse* out, Backend** used);
 
   config::RouterConfig cfg_;
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -131,6 +161,9 @@ class Router {
   std::condition_variable stop_cv_;
   bool stop_ = false;  // GUARDED_BY(stop_mu_)
   std::thread poller_;
+  std::mutex watched_mu_;
+  std::set<Watched*> watched_;  // GUARDED_BY(watched_mu_)
+  std::thread watcher_;
 };
 
 }  // namespace helix::router

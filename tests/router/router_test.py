@@ -268,6 +268,44 @@ class RouterTest(unittest.TestCase):
         self.assertEqual(r.choices[0].finish_reason, "stop")
         self.assertEqual(r.choices[0].text, full[:full.index(stop)])
 
+    def test_text_offset_ignores_held_back_stop_prefixes(self):
+        # A stop string that starts like the text but never completes holds text back for a
+        # token or more: the offsets must still be where each token's text starts.
+        plain = self.client.completions.create(model=NAME, prompt="Once upon", max_tokens=14,
+                                               temperature=0, logprobs=0)
+        words = plain.choices[0].text.split()
+        stop = words[len(words) // 2] + "#"
+        held = self.client.completions.create(model=NAME, prompt="Once upon", max_tokens=14,
+                                              temperature=0, logprobs=0, stop=[stop])
+        self.assertEqual(held.choices[0].text, plain.choices[0].text)
+        self.assertEqual(held.choices[0].logprobs.text_offset,
+                         plain.choices[0].logprobs.text_offset)
+
+    def test_client_that_leaves_cancels_its_request(self):
+        # A non-streaming request sends nothing until it ends: the router watches the client's
+        # socket and cancels the request when the client leaves, instead of generating every
+        # token for no one and holding an in-flight slot meanwhile.
+        before = metric(self.port, "helix_router_completion_tokens_total")
+        body = json.dumps({"model": NAME, "prompt": "Once", "max_tokens": 480,
+                           "ignore_eos": True}).encode()
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", self.port)) as c:
+                c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\n"
+                          b"Authorization: Bearer " + KEY.encode() + b"\r\n" +
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                time.sleep(0.3)
+        deadline = time.time() + 30
+        while time.time() < deadline and metric(self.port, "helix_router_requests_in_flight"):
+            time.sleep(0.05)
+        self.assertEqual(metric(self.port, "helix_router_requests_in_flight"), 0)
+        # Tokens count when a request completes: the two cancelled ones add none.
+        self.assertEqual(metric(self.port, "helix_router_completion_tokens_total"), before)
+        # Both generation servers are idle again.
+        for g in self.gen_ports:
+            self.assertEqual(metric(self.port, "helix_router_backend_outstanding_requests",
+                                    f'role="generation",url="127.0.0.1:{g}"'), 0)
+
     def test_chat_without_template_is_refused(self):
         with self.assertRaises(APIStatusError) as e:
             self.client.chat.completions.create(model=NAME,
@@ -305,6 +343,41 @@ class RouterTest(unittest.TestCase):
         self.assertEqual(status, 401)
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a"}, key="wrong")
         self.assertEqual(status, 401)
+        # A content part whose type is not a string is a bad request, not a server error.
+        status, body = http(p, "/v1/chat/completions",
+                            {"model": NAME, "messages": [{"role": "user",
+                                                          "content": [{"type": 5, "text": "hi"}]}]})
+        self.assertEqual((status, body["error"]["param"]), (400, "messages[0].content"))
+        # Any 64-bit seed is a seed; integers beyond are named as sent.
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
+                                                   "seed": 18446744073709551615})
+        self.assertEqual(status, 200, body)
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "max_tokens": 18446744073709551615})
+        self.assertEqual((status, body["error"]["param"]), (400, "max_tokens"))
+        self.assertIn("18446744073709551615", body["error"]["message"])
+        # stream_options only with stream: true, and only as an object.
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "stream_options": {"include_usage": True}})
+        self.assertEqual((status, body["error"]["param"]), (400, "stream_options"))
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "stream": True,
+                                                   "stream_options": "yes"})
+        self.assertEqual((status, body["error"]["param"]), (400, "stream_options"))
+        # curl -d sends form-encoded bodies, which httplib caps at 8 KiB: the error says so.
+        req = urllib.request.Request(f"http://127.0.0.1:{p}/v1/completions",
+                                     data=json.dumps({"model": NAME, "prompt": "a" * 9000})
+                                     .encode(), method="POST")
+        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+        req.add_header("Authorization", f"Bearer {KEY}")
+        with self.assertRaises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        self.assertEqual(e.exception.code, 413)
+        self.assertIn("application/json", json.loads(e.exception.read())["error"]["message"])
+        # Unknown paths share one metrics label (no label per path a client makes up).
+        self.assertEqual(http(p, "/abc%22%7D%201%0Afake_metric%7Bx%3D%22y")[0], 404)
+        metrics = http(p, "/metrics")[1]
+        self.assertNotIn("fake_metric", metrics)
+        self.assertIn('helix_router_http_responses_total{route="other",code="404"}', metrics)
         # Unknown parameters are ignored, as OpenAI-compatible servers do.
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
                                                    "user": "u", "frobnicate": True})
@@ -398,6 +471,29 @@ class RouterFaultTest(unittest.TestCase):
         status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
                                                       "max_tokens": 3}, key=None)
         self.assertEqual(status, 200, body)
+
+    def test_request_past_its_deadline_fails_alone(self):
+        # request_timeout_ms is each request's own deadline: one long request running out of
+        # it gets 504, and its generation server stays in the pool for the next request.
+        gen = free_port()
+        self.start("gen", server_cfg(gen, False, cp=2), gen)  # CP 2: ~10 ms a token here
+        port = free_port()
+        self.start("router", router_cfg(port, [], [gen], request_timeout_ms=1000), port)
+        self.assertTrue(wait_ready(port))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "Once",
+                                                      "max_tokens": 480, "ignore_eos": True})
+        self.assertEqual(status, 504, body)
+        self.assertEqual(metric(port, "helix_router_backend_healthy",
+                                f'role="generation",url="127.0.0.1:{gen}"'), 1)
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "Once",
+                                                      "max_tokens": 3})
+        self.assertEqual(status, 200, body)
+        # With no context servers configured, 503 names only what is missing.
+        self.procs[0].kill()
+        self.assertTrue(wait_ready(port, want=False))
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "Once"})
+        self.assertEqual(status, 503)
+        self.assertEqual(body["error"]["message"], "no healthy generation server")
 
     def test_ejected_server_rechecked_between_long_polls(self):
         # With a minute between full health polls, a server found down by a request is still
