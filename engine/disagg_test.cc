@@ -127,6 +127,117 @@ TEST_F(DisaggTest, OneRankMatchesAggregated) {
   }
 }
 
+// confirm_kv: a pull that landed decodes only once the context server confirms it still
+// held the KV. A lease that ran out before the pull let another prompt's prefill take the
+// blocks; the request then fails instead of decoding the other prompt's KV.
+TEST_F(DisaggTest, ExpiredLeaseFailsThePullInsteadOfDecodingReusedBlocks) {
+  EngineOptions co = ContextOptions(32);
+  co.kv_max_tokens = 32;  // one block: a later prefill must reuse the expired one's
+  co.kv_lease = milliseconds(50);
+  auto ctx = Engine::Create(co);
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  auto gen = Engine::Create(Stories(1, 1, 32));
+  ASSERT_TRUE(gen.ok());
+  Engine* c = ctx->get();
+  const Tokenizer& tok = (*gen)->tokenizer();
+  const std::vector<int32_t> cat = tok.Encode("The cat sat on the mat", true);
+  const std::vector<int32_t> dog = tok.Encode("Once upon a time there was a big dog", true);
+  auto confirm = [c](const std::string& id) {
+    return [c, id](std::function<void(const Status&)> verdict) {
+      verdict(c->ReleaseRetained(id) ? Status::Ok()
+                                     : DeadlineExceeded("lease of " + id + " ran out"));
+    };
+  };
+  // Confirmed in time: decodes as aggregated.
+  testing::Prefilled live = testing::Prefill(c, cat, "live");
+  GenerateRequest ok = Decode(cat);
+  ok.kv_source = live.source;
+  ok.first_token = live.first_token;
+  ok.confirm_kv = confirm("live");
+  const auto got = testing::RunAll(gen->get(), {ok, Decode(cat)});
+  EXPECT_EQ(got[0].reason, FinishReason::kLength) << got[0].error.ToString();
+  EXPECT_EQ(got[0].tokens, got[1].tokens);
+  c->ExpireLeases();
+  ASSERT_EQ(c->kv_stats().free_blocks, c->kv_stats().total_blocks);
+
+  // The lease runs out, the dog prompt's prefill takes the block, then the pull happens.
+  testing::Prefilled stale = testing::Prefill(c, cat, "stale");
+  std::this_thread::sleep_for(milliseconds(120));
+  c->ExpireLeases();
+  testing::Prefilled other = testing::Prefill(c, dog, "other");
+  ASSERT_EQ(other.source->block_addresses, stale.source->block_addresses);
+  GenerateRequest late = Decode(cat);
+  late.kv_source = stale.source;
+  late.first_token = stale.first_token;
+  late.confirm_kv = confirm("stale");
+  const auto failed = testing::RunAll(gen->get(), {late});
+  EXPECT_EQ(failed[0].reason, FinishReason::kError);
+  EXPECT_NE(failed[0].error.message().find("ran out"), std::string::npos)
+      << failed[0].error.ToString();
+  EXPECT_LE(failed[0].tokens.size(), 1u);  // the context server's token, nothing decoded
+  EXPECT_TRUE(c->ReleaseRetained("other"));
+  c->ExpireLeases();
+  EXPECT_EQ(c->kv_stats().free_blocks, c->kv_stats().total_blocks);
+  EXPECT_EQ((*gen)->kv_stats().free_blocks, (*gen)->kv_stats().total_blocks);
+}
+
+// A request pulling its KV counts against max_batch_size; one cancelled while it waits for
+// a batch slot hands the context server its KV back at once (on_kv_done), not at the lease.
+TEST_F(DisaggTest, WaitingPullsCountInTheBatchAndReleaseWhenCancelled) {
+  auto ctx = Engine::Create(ContextOptions(32));
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  EngineOptions go = Stories(1, 1, 32);
+  go.max_batch_size = 1;
+  auto gen = Engine::Create(go);
+  ASSERT_TRUE(gen.ok());
+  Engine* c = ctx->get();
+  Engine* g = gen->get();
+  const auto prompts = Prompts(g->tokenizer());
+  std::vector<std::string> events;  // "<id> first" / "<id> end", in order
+  std::vector<Status> kv_done(3);
+  std::vector<bool> kv_done_called(3, false);
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = "w" + std::to_string(i);
+    testing::Prefilled pf = testing::Prefill(c, prompts[1 + i % 2], id);
+    GenerateRequest r = Decode(prompts[1 + i % 2]);
+    r.id = id;
+    r.kv_source = pf.source;
+    r.first_token = pf.first_token;
+    r.on_kv_done = [&, c, i, id](const Status& s) {
+      kv_done[i] = s;
+      kv_done_called[i] = true;
+      c->ReleaseRetained(id);
+    };
+    r.sink = [&events, id](const TokenEvent& ev) {
+      if (ev.finished) {
+        events.push_back(id + " end");
+      } else if (ev.token >= 0 && (events.empty() || events.back() != id + " tok")) {
+        events.push_back(id + " tok");
+      }
+    };
+    ASSERT_TRUE(g->Submit(r).ok());
+  }
+  g->Step();
+  g->Cancel("w2");  // still waiting for the batch slot
+  while (g->HasWork()) g->Step();
+  // w1's first token (emitted when it is admitted to pull) comes after w0 ended; w2 never ran.
+  auto at = [&](const std::string& e) {
+    return std::find(events.begin(), events.end(), e) - events.begin();
+  };
+  ASSERT_LT(at("w1 tok"), static_cast<long>(events.size())) << ::testing::PrintToString(events);
+  EXPECT_GT(at("w1 tok"), at("w0 end")) << ::testing::PrintToString(events);
+  EXPECT_EQ(at("w2 tok"), static_cast<long>(events.size())) << ::testing::PrintToString(events);
+  EXPECT_LT(at("w2 end"), static_cast<long>(events.size()));
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(kv_done_called[i]) << i;
+  EXPECT_TRUE(kv_done[0].ok());
+  EXPECT_TRUE(kv_done[1].ok());
+  EXPECT_EQ(kv_done[2].code(), StatusCode::kCancelled);
+  EXPECT_EQ(c->disagg_stats().retained_requests, 0);
+  c->ExpireLeases();
+  EXPECT_EQ(c->kv_stats().free_blocks, c->kv_stats().total_blocks);
+  EXPECT_EQ(g->kv_stats().free_blocks, g->kv_stats().total_blocks);
+}
+
 // A Helix group (TP 2 x CP 2: each rank pulls the blocks it owns, and only its 2 of the 4 KV
 // heads). Workers are forked before anything in this process starts UCX (whose state does
 // not survive fork).

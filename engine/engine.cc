@@ -767,6 +767,10 @@ Status Engine::CheckKvSource(const GenerateRequest& r, int64_t prompt_len) {
 
 StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   RETURN_IF_ERROR(r.sampling.Validate());
+  // Below this a temperature is greedy (vLLM's rule): logits / 1e-40 overflow to inf, and a
+  // softmax over infinities is NaN.
+  constexpr float kGreedyBelow = 1e-5f;
+  if (r.sampling.temperature < kGreedyBelow) r.sampling.temperature = 0;
   if (r.max_tokens < 1) {
     return InvalidArgument("max_tokens = " + std::to_string(r.max_tokens) + ": expected >= 1");
   }
@@ -838,8 +842,16 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   }
   seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->tokens);
   std::lock_guard<std::mutex> lock(inbox_mu_);
+  if (seq->req.id.empty()) {
+    do {
+      seq->req.id = "req-" + std::to_string(next_id_++);
+    } while (live_ids_.count(seq->req.id) != 0);
+  } else if (live_ids_.count(seq->req.id) != 0) {
+    return AlreadyExists("request id '" + seq->req.id +
+                         "' is already in flight: ids of running requests must be unique");
+  }
+  live_ids_.insert(seq->req.id);
   seq->uid = next_uid_++;
-  if (seq->req.id.empty()) seq->req.id = "req-" + std::to_string(next_id_++);
   std::string id = seq->req.id;
   inbox_.push_back(std::move(seq));
   return id;
@@ -853,7 +865,7 @@ void Engine::Cancel(const std::string& request_id) {
 bool Engine::HasWork() {
   std::lock_guard<std::mutex> lock(inbox_mu_);
   return !inbox_.empty() || !waiting_.empty() || !running_.empty() || !cancels_.empty() ||
-         !transferring_.empty() || !releases_.empty();
+         !transferring_.empty() || !releases_.empty() || HasKvVerdicts();
 }
 
 KvStats Engine::kv_stats() const {
@@ -882,14 +894,47 @@ void Engine::DrainInbox() {
       s->cancelled_by_client = true;
     }
   }
+  for (auto& s : confirming_) {  // pulled: no rank reads the source any more
+    if (cancels.count(s->req.id)) Finish(s.get(), FinishReason::kCancelled);
+  }
   auto done = [](const std::unique_ptr<Sequence>& s) { return s->finished; };
   running_.erase(std::remove_if(running_.begin(), running_.end(), done), running_.end());
   waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), done), waiting_.end());
+  confirming_.erase(std::remove_if(confirming_.begin(), confirming_.end(), done),
+                    confirming_.end());
+}
+
+bool Engine::HasKvVerdicts() const {
+  std::lock_guard<std::mutex> lock(kv_verdicts_->mu);
+  return !kv_verdicts_->list.empty();
+}
+
+void Engine::TakeKvVerdicts() {
+  std::vector<std::pair<uint64_t, Status>> verdicts;
+  {
+    std::lock_guard<std::mutex> lock(kv_verdicts_->mu);
+    verdicts.swap(kv_verdicts_->list);
+  }
+  for (auto& [uid, outcome] : verdicts) {
+    auto it = std::find_if(confirming_.begin(), confirming_.end(),
+                           [&](const auto& s) { return s->uid == uid; });
+    if (it == confirming_.end()) continue;  // cancelled meanwhile
+    std::unique_ptr<Sequence> owned = std::move(*it);
+    confirming_.erase(it);
+    if (outcome.ok()) {
+      running_.push_back(std::move(owned));
+    } else {
+      HELIX_LOG(kWarn) << "engine: request " << owned->req.id << ": " << outcome.message();
+      Finish(owned.get(), FinishReason::kError, outcome);
+    }
+  }
 }
 
 void Engine::Admit() {
   int64_t budget = options_.max_num_tokens - static_cast<int64_t>(running_.size());
-  while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_batch_size) {
+  // A request pulling its KV joins the batch when the pull lands: it counts already.
+  while (!waiting_.empty() &&
+         static_cast<int64_t>(running_.size() + transferring_.size()) < options_.max_batch_size) {
     Sequence* s = waiting_.front().get();
     const bool pulled = s->req.kv_source != nullptr;
     if (!pulled && s->prompt_len > budget) break;  // next step
@@ -915,7 +960,7 @@ void Engine::Admit() {
       first.token = s->req.first_token;
       EmitToken(s, first.token, first);
       if (s->finished) {
-        if (s->req.on_kv_done) s->req.on_kv_done(Status::Ok());  // nothing to pull
+        ReportKvDone(s, Status::Ok());  // nothing to pull
       } else {
         transferring_.push_back(std::move(owned));
       }
@@ -966,7 +1011,22 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
   }
   ev.prompt_tokens = s->prompt_len;
   ev.completion_tokens = s->generated;
+  // A request that ends before pulling its KV (cancelled or refused while it waited) hands
+  // the context server its blocks back now, not at the lease's end. A pull in progress ends on
+  // every rank before its request is finished (PollTransfers, AbortAll), so this is safe then too.
+  ReportKvDone(s,
+               ev.error.ok() ? Cancelled("the request ended before its KV was pulled") : ev.error);
+  {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    live_ids_.erase(s->req.id);
+  }
   if (s->req.sink) s->req.sink(ev);
+}
+
+void Engine::ReportKvDone(Sequence* s, const Status& outcome) {
+  std::function<void(const Status&)> done = std::move(s->req.on_kv_done);
+  s->req.on_kv_done = nullptr;
+  if (done) done(outcome);
 }
 
 void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
@@ -999,6 +1059,7 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
 
 bool Engine::Step() {
   DrainInbox();
+  TakeKvVerdicts();
   ExpireLeases();
   Admit();
   if (running_.empty() && transferring_.empty()) return false;
@@ -1145,19 +1206,33 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
     }
     if (s->cancelled_by_client) {
       outcome = Cancelled("request cancelled during the KV transfer");
+      ReportKvDone(s, outcome);
       Finish(s, FinishReason::kCancelled);
     } else if (bad_rank >= 0) {
       outcome = s->transfer_error;
       HELIX_LOG(kWarn) << "engine: request " << s->req.id << ": " << outcome.message();
+      ReportKvDone(s, outcome);
       Finish(s, FinishReason::kError, outcome);
     } else {
       s->num_computed = s->prompt_len;
       HELIX_LOG(kDebug) << "engine: request " << s->req.id << ": KV of " << s->prompt_len
                         << " tokens pulled from context server '" << s->req.kv_source->server_id
                         << "'";
-      running_.push_back(std::move(owned));
+      if (s->req.confirm_kv) {
+        // Decodes once the source confirms it still held the KV after the pull.
+        s->req.on_kv_done = nullptr;  // the confirmation releases it
+        auto confirm = std::move(s->req.confirm_kv);
+        s->req.confirm_kv = nullptr;
+        confirming_.push_back(std::move(owned));
+        confirm([box = kv_verdicts_, uid = s->uid](const Status& v) {
+          std::lock_guard<std::mutex> lock(box->mu);
+          box->list.emplace_back(uid, v);
+        });
+      } else {
+        running_.push_back(std::move(owned));
+      }
     }
-    if (s->req.on_kv_done) s->req.on_kv_done(outcome);
+    ReportKvDone(s, outcome);
   }
 }
 
@@ -1289,9 +1364,10 @@ void Engine::AbortAll(const Status& error) {
       transfer_->Wait(it->second.job, options_.kv_transfer_timeout + std::chrono::seconds(5));
     }
     Finish(s.get(), FinishReason::kError, error);
-    if (s->req.on_kv_done) s->req.on_kv_done(error);
   }
   transferring_.clear();
+  for (auto& s : confirming_) Finish(s.get(), FinishReason::kError, error);
+  confirming_.clear();
   for (auto& s : running_) Finish(s.get(), FinishReason::kError, error);
   for (auto& s : waiting_) Finish(s.get(), FinishReason::kError, error);
   running_.clear();

@@ -202,6 +202,8 @@ class Engine {
   void Admit();
   // Ends a request: frees its blocks and sends the final event. `flush_text` releases text
   // still held back (on stop token or length; not after a stop string or a cancel).
+  // Calls the request's on_kv_done once (later calls do nothing).
+  static void ReportKvDone(Sequence* s, const Status& outcome);
   void Finish(Sequence* s, FinishReason reason, Status error = Status::Ok(),
               bool flush_text = false);
   void EmitToken(Sequence* s, int32_t token, const struct SampleResult& sample);
@@ -250,7 +252,9 @@ class Engine {
   mutable std::mutex inbox_mu_;
   std::vector<std::unique_ptr<Sequence>> inbox_;  // GUARDED_BY(inbox_mu_)
   std::unordered_set<std::string> cancels_;       // GUARDED_BY(inbox_mu_)
-  uint64_t next_id_ = 0;                          // GUARDED_BY(inbox_mu_)
+  // Ids of the submitted requests not finished yet: Cancel names one request.
+  std::unordered_set<std::string> live_ids_;  // GUARDED_BY(inbox_mu_)
+  uint64_t next_id_ = 0;                      // GUARDED_BY(inbox_mu_)
 
   parallel::HelixLayout layout_;
   std::shared_ptr<parallel::TcpStoreServer> store_server_;  // leader of a multi-rank instance
@@ -267,6 +271,16 @@ class Engine {
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> transferring_;  // leader: KV being pulled
+  std::vector<std::unique_ptr<Sequence>> confirming_;    // leader: pulled, awaiting confirm_kv
+  // confirm_kv verdicts (uid, outcome), taken by the engine thread; shared with the verdict
+  // callbacks, which may run after the engine is gone.
+  struct KvVerdicts {
+    std::mutex mu;
+    std::vector<std::pair<uint64_t, Status>> list;  // GUARDED_BY(mu)
+  };
+  std::shared_ptr<KvVerdicts> kv_verdicts_ = std::make_shared<KvVerdicts>();
+  void TakeKvVerdicts();
+  bool HasKvVerdicts() const;
   std::vector<float> logits_;
   std::vector<DeviceSampleRow> device_rows_;  // leader, single-rank device backend: per row
   std::vector<int32_t> device_tokens_;        // the tokens the backend picked (-1: host samples)

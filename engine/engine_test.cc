@@ -237,6 +237,55 @@ TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
   EXPECT_EQ(r[0].text.substr(0, 20), std::string(kOracle).substr(0, 20));
 }
 
+// Cancel names one request: a second request with the id of one still running is refused
+// (not left to be cancelled with it), and an id is free again once its request ended.
+TEST_F(EngineTest, IdsOfRunningRequestsAreUnique) {
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  GenerateRequest a = Greedy("", 50);
+  a.id = "dup";
+  Result ra;
+  a.sink = [&](const TokenEvent& ev) {
+    if (ev.token >= 0) ra.tokens.push_back(ev.token);
+    if (ev.finished) ra.reason = ev.finish_reason;
+  };
+  ASSERT_TRUE(e->Submit(a).ok());
+  e->Step();
+  GenerateRequest b = Greedy("", 5);
+  b.id = "dup";
+  auto refused = e->Submit(b);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kAlreadyExists);
+  EXPECT_NE(refused.status().message().find("'dup'"), std::string::npos);
+  // The engine's own ids skip any a client already uses.
+  GenerateRequest c = Greedy("", 5);
+  c.id = "req-0";
+  ASSERT_TRUE(e->Submit(c).ok());
+  auto own = e->Submit(Greedy("", 5));
+  ASSERT_TRUE(own.ok());
+  EXPECT_NE(*own, "req-0");
+  while (e->HasWork()) e->Step();
+  EXPECT_EQ(ra.reason, FinishReason::kLength);
+  EXPECT_EQ(ra.tokens.size(), 50u);
+  auto again = e->Submit(b);  // "dup" has ended
+  EXPECT_TRUE(again.ok()) << again.status().ToString();
+  while (e->HasWork()) e->Step();
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
+// A temperature too small to divide by (logits / 1e-40 overflow) samples greedily.
+TEST_F(EngineTest, TinyTemperatureIsGreedy) {
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  GenerateRequest greedy = Greedy("", 30);
+  GenerateRequest tiny = Greedy("", 30);
+  tiny.sampling.temperature = 1e-40f;
+  tiny.sampling.seed = 7;
+  auto r = RunAll(e.get(), {greedy, tiny});
+  EXPECT_EQ(r[1].tokens, r[0].tokens);
+  EXPECT_EQ(r[1].text, r[0].text);
+}
+
 TEST(EngineLoadTest, LoaderErrorsAreClear) {
   fs::path dir = fs::temp_directory_path() / ("helix_engine_test_" + std::to_string(::getpid()));
   fs::create_directories(dir);

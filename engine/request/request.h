@@ -62,6 +62,12 @@ struct GenerateRequest {
   // Called once on the engine thread when no rank touches kv_source's blocks any more (Ok
   // when the KV arrived, else why not): the handle may then be released on the context server.
   std::function<void(const Status&)> on_kv_done;
+  // Optional: asked on the engine thread once the KV has landed on every rank, before the
+  // request decodes from it, instead of on_kv_done(Ok). It releases the KV on the context
+  // server and calls `verdict` (on any thread) with Ok if the server still held it then, so
+  // that no other prompt's KV could have overwritten the blocks while they were read (a lease
+  // that expired before or during the pull), else with the error that fails the request.
+  std::function<void(std::function<void(const Status&)> verdict)> confirm_kv;
 };
 
 }  // namespace helix

@@ -90,7 +90,15 @@ ContextReleaser::~ContextReleaser() {
 }
 
 void ContextReleaser::Release(const std::string& address, const std::string& request_id) {
-  if (address.empty()) return;
+  Confirm(address, request_id, nullptr);
+}
+
+void ContextReleaser::Confirm(const std::string& address, const std::string& request_id,
+                              std::function<void(const Status&)> verdict) {
+  if (address.empty()) {
+    if (verdict) verdict(InvalidArgument("the KV handle names no context server to confirm with"));
+    return;
+  }
   struct Call {
     grpc::ClientContext ctx;
     v1::ReleaseRequest req;
@@ -111,11 +119,27 @@ void ContextReleaser::Release(const std::string& address, const std::string& req
     ++in_flight_;
   }
   stub->async()->Release(
-      &call->ctx, &call->req, &call->resp, [this, call, address, request_id](grpc::Status st) {
+      &call->ctx, &call->req, &call->resp,
+      [this, call, address, request_id, verdict = std::move(verdict)](grpc::Status st) {
         if (!st.ok() && st.error_code() != grpc::StatusCode::NOT_FOUND) {
           ++failures_;
           HELIX_LOG(kWarn) << "release of " << request_id << " on context server " << address
                            << " failed: " << st.error_message() << " (its lease frees the KV)";
+        }
+        if (verdict) {
+          if (st.ok()) {
+            verdict(Status::Ok());
+          } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+            verdict(DeadlineExceeded(
+                "the KV of request '" + request_id + "' was no longer held by context server " +
+                address +
+                " once pulled (its lease, kv_lease_ms, ran out first): the blocks may "
+                "have been reused while they were read, so the request is not decoded from them"));
+          } else {
+            verdict(Unavailable("could not confirm with context server " + address +
+                                " that it still held the KV of request '" + request_id +
+                                "' after the pull: " + st.error_message()));
+          }
         }
         std::lock_guard<std::mutex> lock(mu_);
         --in_flight_;

@@ -30,6 +30,12 @@ class ContextReleaser {
       : timeout_(timeout) {}
   ~ContextReleaser();
   void Release(const std::string& address, const std::string& request_id);
+  // Release that tells whether the context server still held the KV: `verdict` gets Ok, or
+  // the error that must fail the request (NOT_FOUND: its lease expired, so the blocks may have
+  // been reused while they were read; the server unreachable: it cannot be told). Called on a
+  // gRPC thread.
+  void Confirm(const std::string& address, const std::string& request_id,
+               std::function<void(const Status&)> verdict);
   uint64_t failures() const { return failures_.load(); }
 
  private:

@@ -198,19 +198,32 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
 
   void Start(grpc::CallbackServerContext* ctx, const v1::GenerateRequest& p) {
     if (grpc::Status auth = svc_->CheckAuth(ctx); !auth.ok()) return FinishNow(auth);
+    GenerationService* svc = svc_;
+    // A refused request with a KV handle hands the context server its KV back at once (the
+    // lease would free it only at its end).
+    auto release_refused = [svc, &p] {
+      if (p.has_kv_handle() && !p.kv_handle().server_address().empty() &&
+          !p.kv_handle().request_id().empty()) {
+        svc->releaser_.Release(p.kv_handle().server_address(), p.kv_handle().request_id());
+      }
+    };
     StatusOr<GenerateRequest> r = FromProto(p);
-    if (!r.ok()) return FinishNow(ToGrpc(r.status()));
+    if (!r.ok()) {
+      release_refused();
+      return FinishNow(ToGrpc(r.status()));
+    }
     if (!svc_->accepting_.load()) {
+      release_refused();
       return FinishNow(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
     }
     if (svc_->in_flight_.fetch_add(1) >= svc_->options_.max_in_flight) {
       svc_->in_flight_.fetch_sub(1);
+      release_refused();
       return FinishNow(
           grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                        "admission queue full: " + std::to_string(svc_->options_.max_in_flight) +
                            " requests already in flight; retry later"));
     }
-    GenerationService* svc = svc_;
     std::shared_ptr<StreamShared> shared = shared_;
     r->sink = [svc, shared](const TokenEvent& ev) {
       // A lost rank: health turns NOT_SERVING before any stream sees the error.
@@ -252,6 +265,15 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       // Once no rank touches the blocks any more, the context server may free them.
       r->on_kv_done = [svc, address = r->kv_source->server_address, id = r->kv_source->request_id](
                           const Status&) { svc->releaser_.Release(address, id); };
+      // After a pull that landed: the release also confirms the context server still held
+      // the KV (an expired lease may have let another prompt overwrite it mid-pull).
+      r->confirm_kv = [svc, address = r->kv_source->server_address,
+                       id = r->kv_source->request_id](std::function<void(const Status&)> verdict) {
+        svc->releaser_.Confirm(address, id, [svc, verdict](const Status& v) {
+          verdict(v);
+          svc->Kick();
+        });
+      };
     }
     std::function<void(const Status&)> release = r->on_kv_done;
     StatusOr<std::string> id = svc_->engine_->Submit(std::move(*r));

@@ -66,7 +66,12 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   // Engine thread: follows the engine's broken() into healthy_ and the listener.
   void UpdateHealth();
 
-  ContextReleaser releaser_;  // outlives the engine (declared first)
+  // Kick's state outlives the releaser, whose confirmations kick the engine thread.
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool kicked_ = false;       // GUARDED_BY(mu_)
+  bool stop_ = false;         // GUARDED_BY(mu_)
+  ContextReleaser releaser_;  // outlives the engine (declared before it)
   std::unique_ptr<Engine> engine_;
   const GenerationServiceOptions options_;
   const int64_t total_blocks_, block_bytes_, tokens_per_block_;
@@ -75,10 +80,6 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   std::atomic<bool> accepting_{true};
   std::atomic<bool> healthy_{true};
   std::function<void(bool)> health_listener_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool kicked_ = false;  // GUARDED_BY(mu_)
-  bool stop_ = false;    // GUARDED_BY(mu_)
   std::thread thread_;
 };
 
