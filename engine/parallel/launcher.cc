@@ -84,6 +84,11 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
       source = what;
     }
   }
+  // A launcher's single task (sbatch, mpirun -n 1) is a leader like a process started alone.
+  if (rank && source != "flags" && size && *size == 1 && *rank == 0) {
+    rank.reset();
+    size.reset();
+  }
   std::string addr = leader_addr;
   if (addr.empty() && std::getenv("HELIX_LEADER_ADDR") != nullptr) {
     addr = std::getenv("HELIX_LEADER_ADDR");
@@ -195,8 +200,20 @@ StatusOr<std::unique_ptr<LocalRanks>> LocalRanks::Spawn(const std::vector<std::s
   std::vector<char*> envp;
   for (std::string& e : env_strings) envp.push_back(e.data());
   envp.push_back(nullptr);
+  // The leader's own --rank / --leader-addr (e.g. `serve --leader-addr` naming where it
+  // listens) give way to each child's: a flag given twice is an error.
+  std::vector<std::string> base;
+  for (size_t i = 0; i < argv.size(); ++i) {
+    const std::string& a = argv[i];
+    if (a == "--rank" || a == "--leader-addr") {
+      ++i;  // and its value
+      continue;
+    }
+    if (a.rfind("--rank=", 0) == 0 || a.rfind("--leader-addr=", 0) == 0) continue;
+    base.push_back(a);
+  }
   for (int r = 1; r < world; ++r) {
-    std::vector<std::string> args = argv;
+    std::vector<std::string> args = base;
     args.insert(args.end(),
                 {"--rank", std::to_string(r), "--leader-addr", host + ":" + std::to_string(port)});
     std::vector<char*> cargs;

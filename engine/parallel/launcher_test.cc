@@ -86,6 +86,26 @@ TEST_F(AssignRankTest, FlagsThenOpenMpiThenSlurm) {
   EXPECT_EQ(s->rank, 1);
 }
 
+// One task of a launcher (sbatch's SLURM_NTASKS=1, mpirun -n 1) runs like a process started
+// alone: one rank needs no leader address, and a larger instance spawns its own ranks.
+TEST_F(AssignRankTest, ALaunchersSingleTaskIsALocalLeader) {
+  for (auto [r, n] : {std::pair{"SLURM_PROCID", "SLURM_NTASKS"},
+                      std::pair{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"}}) {
+    SCOPED_TRACE(r);
+    setenv(r, "0", 1);
+    setenv(n, "1", 1);
+    auto one = AssignRank(1, std::nullopt, std::nullopt, "");
+    ASSERT_TRUE(one.ok()) << one.status().ToString();
+    EXPECT_EQ(one->rank, 0);
+    EXPECT_FALSE(one->spawn_local);
+    auto two = AssignRank(2, std::nullopt, std::nullopt, "");
+    ASSERT_TRUE(two.ok()) << two.status().ToString();
+    EXPECT_EQ(two->rank, 0);
+    EXPECT_TRUE(two->spawn_local);
+    Clear();
+  }
+}
+
 TEST_F(AssignRankTest, InconsistentInputsAreRefusedWithReasons) {
   auto size = AssignRank(4, 1, 8, "h:1");
   EXPECT_NE(size.status().message().find("differs"), std::string::npos);

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -250,6 +251,71 @@ INSTANTIATE_TEST_SUITE_P(
                 R"({"model": "model.bin",
                     "cache_transceiver_config": {"max_tokens_in_buffer": 0}})",
                 {"cache_transceiver_config.max_tokens_in_buffer", "positive"}},
+        // Upper bounds: values the engine would overflow on or truncate to int.
+        BadCase{"HugeTokensPerBlock",
+                G,
+                R"({"model": "model.bin",
+                    "kv_cache_config": {"tokens_per_block": 4611686018427387904}})",
+                {"'kv_cache_config.tokens_per_block' = 4611686018427387904", "at most 65536"}},
+        BadCase{"HugeCpTokensPerBlock",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": 2,
+                    "cp_config": {"cp_type": "HELIX", "tokens_per_block": 131072}})",
+                {"'cp_config.tokens_per_block' = 131072", "at most 65536"}},
+        BadCase{"HugeTp",
+                G,
+                R"({"model": "model.bin", "tensor_parallel_size": 4294967297})",
+                {"'tensor_parallel_size' = 4294967297", "at most 1024"}},
+        BadCase{"HugeCp",
+                G,
+                R"({"model": "model.bin", "context_parallel_size": 4294967298,
+                    "cp_config": {"cp_type": "HELIX"}})",
+                {"'context_parallel_size' = 4294967298", "at most 1024"}},
+        BadCase{"HugeNumThreads",
+                G,
+                R"({"model": "model.bin", "num_threads": 100000})",
+                {"'num_threads' = 100000", "at most 4096"}},
+        BadCase{"HugeBatch",
+                G,
+                R"({"model": "model.bin", "max_batch_size": 1099511627776})",
+                {"'max_batch_size' = 1099511627776", "at most 1048576"}},
+        BadCase{"HugeNumTokens",
+                G,
+                R"({"model": "model.bin", "max_num_tokens": 4294967296})",
+                {"'max_num_tokens' = 4294967296", "at most 2147483647"}},
+        BadCase{"HugeSeqLen",
+                G,
+                R"({"model": "model.bin", "max_seq_len": 4294967296})",
+                {"'max_seq_len' = 4294967296", "at most 2147483647"}},
+        BadCase{
+            "HugeTransferTimeout",
+            G,
+            R"({"model": "model.bin",
+                    "cache_transceiver_config": {"kv_transfer_timeout_ms": 4611686018427387904}})",
+            {"'cache_transceiver_config.kv_transfer_timeout_ms' = 4611686018427387904", "30 days"}},
+        BadCase{"ContextServerHugeLease",
+                C,
+                R"({"model": "model.bin", "kv_lease_ms": 4611686018427387904})",
+                {"'kv_lease_ms' = 4611686018427387904", "30 days"}},
+        // Integers in [2^63, 2^64) are stored unsigned by the JSON parser; they must be named as
+        // written, not wrapped to negative values.
+        BadCase{"UnsignedIntNotWrapped",
+                G,
+                R"({"model": "model.bin", "num_threads": 18446744073709551615})",
+                {"num_threads", "signed 64-bit", "got number 18446744073709551615"}},
+        BadCase{"UnsignedInt64NotWrapped",
+                G,
+                R"({"model": "model.bin", "max_batch_size": 9223372036854775808})",
+                {"max_batch_size", "signed 64-bit", "got number 9223372036854775808"}},
+        BadCase{"UnsignedOptionalIntNotWrapped",
+                G,
+                R"({"model": "model.bin",
+                    "kv_cache_config": {"max_tokens": 18446744073709551615}})",
+                {"kv_cache_config.max_tokens", "signed 64-bit", "got number 18446744073709551615"}},
+        BadCase{"ContextServerPortZero",
+                C,
+                R"({"model": "model.bin", "server": {"port": 0}})",
+                {"'server.port' = 0", "a context server needs a fixed port"}},
         BadCase{"GenerationServerHasNoLease",
                 G,
                 R"({"model": "model.bin", "kv_lease_ms": 5})",
@@ -323,6 +389,79 @@ TEST_F(ConfigTest, RouterConfig) {
     EXPECT_NE(c.status().message().find(b.expect), std::string::npos)
         << "message lacks \"" << b.expect << "\": " << c.status().message();
   }
+}
+
+TEST_F(ConfigTest, GenerationServerPortZeroIsAllowed) {
+  auto c = Load(R"({"model": "model.bin", "server": {"port": 0}})");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();  // any free port; the router is told the address
+  EXPECT_EQ(c->server.port, 0);
+}
+
+TEST_F(ConfigTest, BoundsAreInclusive) {
+  auto c = Load(R"({"model": "model.bin", "tensor_parallel_size": 1024, "num_threads": 4096,
+                    "kv_cache_config": {"tokens_per_block": 65536},
+                    "max_batch_size": 1048576, "max_num_tokens": 2147483647,
+                    "max_seq_len": 2147483647,
+                    "cache_transceiver_config": {"kv_transfer_timeout_ms": 2592000000}})");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->kv_cache_config.tokens_per_block, 65536);
+  EXPECT_EQ(c->cache_transceiver_config.kv_transfer_timeout_ms, 2592000000);
+  auto x = Load(R"({"model": "model.bin", "kv_lease_ms": 2592000000})", Role::kContext);
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  auto r = LoadRouter(dir_, R"({"model": "model.bin",
+      "generation_servers": {"urls": ["[::1]:65535"]}, "request_timeout_ms": 2592000000,
+      "health_check_interval_ms": 2592000000, "max_inflight_requests": 1048576})");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+}
+
+// Each case: a router config text and the substrings its error must contain.
+void ExpectRouterRefused(const fs::path& dir,
+                         const std::vector<std::pair<std::string, std::vector<std::string>>>& bad) {
+  for (const auto& [json, expect] : bad) {
+    StatusOr<RouterConfig> c = InvalidArgument("not run");
+    ASSERT_NO_THROW(c = LoadRouter(dir, json)) << json;
+    ASSERT_FALSE(c.ok()) << "accepted: " << json;
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << c.status().ToString();
+    for (const auto& s : expect) {
+      EXPECT_NE(c.status().message().find(s), std::string::npos)
+          << "message lacks \"" << s << "\": " << c.status().message();
+    }
+  }
+}
+
+TEST_F(ConfigTest, RouterRefusesPortOutOfRange) {
+  ExpectRouterRefused(dir_,
+                      {{R"({"model": "model.bin",
+                  "generation_servers": {"urls": ["127.0.0.1:99999999999999999999999"]}})",
+                        {"'generation_servers.urls[0]' = \"127.0.0.1:99999999999999999999999\"",
+                         "port in 1..65535"}},
+                       {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+                  "context_servers": {"urls": ["h:2", "h:65536"]}})",
+                        {"'context_servers.urls[1]' = \"h:65536\"", "port in 1..65535"}}});
+}
+
+TEST_F(ConfigTest, RouterRefusesUrlsWithAScheme) {
+  ExpectRouterRefused(
+      dir_,
+      {{R"({"model": "model.bin", "generation_servers": {"urls": ["http://127.0.0.1:50052"]}})",
+        {"'generation_servers.urls[0]' = \"http://127.0.0.1:50052\"", "host:port", "gRPC target",
+         "\"http://\""}},
+       {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+                  "context_servers": {"urls": ["grpc://ctx:50051"]}})",
+        {"'context_servers.urls[0]' = \"grpc://ctx:50051\"", "host:port", "\"grpc://\""}}});
+}
+
+TEST_F(ConfigTest, RouterBoundsDurationsAndInflight) {
+  ExpectRouterRefused(dir_,
+                      {{R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+            "request_timeout_ms": 4611686018427387904})",
+                        {"'request_timeout_ms' = 4611686018427387904", "30 days"}},
+                       {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+            "health_check_interval_ms": 2592000001})",
+                        {"'health_check_interval_ms' = 2592000001", "30 days"}},
+                       {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+            "max_inflight_requests": 9223372036854775807})",
+                        {"'max_inflight_requests' = 9223372036854775807", "at most 1048576"}}});
 }
 
 // Every shipped config must validate (its role is named by its file name).

@@ -99,10 +99,13 @@ void JsonReader::TypeError(const char* key, const char* expected, const nlohmann
 void JsonReader::Int(const char* key, int64_t* out) {
   const nlohmann::json* v = Find(key);
   if (!v) return;
-  if (v->is_number_integer()) {
+  // The parser stores integers in [2^63, 2^64) as unsigned, and is_number_integer() holds for
+  // those too: check them first, or get<int64_t>() wraps them to negative values.
+  if (v->is_number_unsigned() &&
+      v->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    TypeError(key, "a signed 64-bit integer (at most 9223372036854775807)", *v);
+  } else if (v->is_number_integer()) {
     *out = v->get<int64_t>();
-  } else if (v->is_number_unsigned()) {
-    TypeError(key, "an integer that fits in 64 bits", *v);
   } else {
     TypeError(key, "an integer", *v);
   }

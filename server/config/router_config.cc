@@ -1,6 +1,8 @@
 #include "server/config/router_config.h"
 
+#include <charconv>
 #include <filesystem>
+#include <system_error>
 
 #include "server/config/json_reader.h"
 
@@ -10,18 +12,25 @@ namespace {
 namespace fs = std::filesystem;
 
 Status ValidateHostPort(const std::string& field, const std::string& url) {
+  const std::string prefix = "config field '" + field + "' = " + nlohmann::json(url).dump();
+  // The urls are gRPC targets; "http://h:p" passes the port check but never connects.
+  if (auto scheme = url.find("://"); scheme != std::string::npos) {
+    const std::string drop = url.substr(0, scheme + 3);
+    return InvalidArgument(prefix + ": expected \"host:port\" (the server's gRPC target), not " +
+                           "a URL; drop \"" + drop + "\"");
+  }
   auto colon = url.rfind(':');
   bool ok = colon != std::string::npos && colon > 0 && colon + 1 < url.size();
   if (ok) {
-    for (size_t i = colon + 1; i < url.size(); ++i) ok = ok && std::isdigit(url[i]);
-  }
-  if (ok) {
-    long port = std::stol(url.substr(colon + 1));
-    ok = port > 0 && port <= 65535;
+    // from_chars rejects overlong digit strings (std::stol threw out_of_range on them).
+    const char* first = url.data() + colon + 1;
+    const char* last = url.data() + url.size();
+    int port = 0;
+    auto [end, ec] = std::from_chars(first, last, port);
+    ok = ec == std::errc() && end == last && port > 0 && port <= 65535;
   }
   if (ok) return Status::Ok();
-  return InvalidArgument("config field '" + field + "' = " + nlohmann::json(url).dump() +
-                         ": expected \"host:port\" with a port in 1..65535");
+  return InvalidArgument(prefix + ": expected \"host:port\" with a port in 1..65535");
 }
 
 Status ValidatePool(const std::string& name, const ServerPoolConfig& p, bool may_be_empty) {
@@ -95,9 +104,12 @@ Status RouterConfig::Validate() {
   RETURN_IF_ERROR(
       non_negative("conditional_disagg.max_local_prefill_length", max_local_prefill_length));
   RETURN_IF_ERROR(non_negative("max_retries", max_retries));
-  RETURN_IF_ERROR(positive("request_timeout_ms", request_timeout_ms));
-  RETURN_IF_ERROR(positive("health_check_interval_ms", health_check_interval_ms));
+  RETURN_IF_ERROR(ValidateDurationMs("request_timeout_ms", request_timeout_ms));
+  RETURN_IF_ERROR(ValidateDurationMs("health_check_interval_ms", health_check_interval_ms));
   RETURN_IF_ERROR(positive("max_inflight_requests", max_inflight_requests));
+  // The HTTP front sizes its thread pool from it (narrowed to int).
+  RETURN_IF_ERROR(ValidateAtMost("max_inflight_requests", max_inflight_requests,
+                                 kMaxInflightRequests, "requests"));
   RETURN_IF_ERROR(positive("max_request_bytes", max_request_bytes));
   if (api_key && api_key->empty()) {
     return InvalidArgument("config field 'api_key' must not be empty (omit it or use null)");

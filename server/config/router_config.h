@@ -14,6 +14,8 @@
 
 namespace helix::config {
 
+inline constexpr int64_t kMaxInflightRequests = int64_t{1} << 20;
+
 struct ServerPoolConfig {
   std::vector<std::string> urls;            // "host:port" of each server's gRPC endpoint
   std::string router_type = "round_robin";  // round_robin | load_balancing

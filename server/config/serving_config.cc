@@ -11,10 +11,15 @@ namespace fs = std::filesystem;
 
 std::string Quote(const std::string& s) { return nlohmann::json(s).dump(); }
 
-Status Positive(const char* field, int64_t v) {
+Status Positive(const std::string& field, int64_t v) {
   if (v >= 1) return Status::Ok();
-  return InvalidArgument("config field '" + std::string(field) + "' = " + std::to_string(v) +
+  return InvalidArgument("config field '" + field + "' = " + std::to_string(v) +
                          ": expected a positive integer");
+}
+
+Status PositiveAtMost(const std::string& field, int64_t v, int64_t max, const std::string& unit) {
+  RETURN_IF_ERROR(Positive(field, v));
+  return ValidateAtMost(field, v, max, unit);
 }
 
 Status PathExists(const char* field, const std::string& path, bool allow_dir) {
@@ -57,6 +62,17 @@ Status ValidateLogging(const LoggingConfig& c) {
                          ": expected one of trace, debug, info, warn, error, off");
 }
 
+Status ValidateAtMost(const std::string& field, int64_t v, int64_t max, const std::string& unit) {
+  if (v <= max) return Status::Ok();
+  return InvalidArgument("config field '" + field + "' = " + std::to_string(v) +
+                         ": expected at most " + std::to_string(max) + " " + unit);
+}
+
+Status ValidateDurationMs(const std::string& field, int64_t v) {
+  RETURN_IF_ERROR(Positive(field, v));
+  return ValidateAtMost(field, v, kMaxDurationMs, "ms (30 days)");
+}
+
 nlohmann::json LoggingToJson(const LoggingConfig& c) {
   return {{"level", c.level}, {"pattern", c.pattern}, {"file", c.file}};
 }
@@ -78,8 +94,12 @@ Status ServingConfig::Validate() {
     return InvalidArgument("config field 'num_threads' = " + std::to_string(num_threads) +
                            ": expected 0 (all cores) or a positive thread count");
   }
-  RETURN_IF_ERROR(Positive("tensor_parallel_size", tensor_parallel_size));
-  RETURN_IF_ERROR(Positive("context_parallel_size", context_parallel_size));
+  RETURN_IF_ERROR(ValidateAtMost("num_threads", num_threads, kMaxNumThreads, "threads"));
+  // Both are narrowed to int for the engine; the bound keeps that exact.
+  RETURN_IF_ERROR(
+      PositiveAtMost("tensor_parallel_size", tensor_parallel_size, kMaxParallelSize, "ranks"));
+  RETURN_IF_ERROR(
+      PositiveAtMost("context_parallel_size", context_parallel_size, kMaxParallelSize, "ranks"));
   if (!gen && context_parallel_size != 1) {
     return InvalidArgument(
         "config field 'context_parallel_size' = " + std::to_string(context_parallel_size) +
@@ -92,7 +112,9 @@ Status ServingConfig::Validate() {
         ": context servers support tensor_parallel_size 1 only so far");
   }
 
-  RETURN_IF_ERROR(Positive("kv_cache_config.tokens_per_block", kv_cache_config.tokens_per_block));
+  RETURN_IF_ERROR(PositiveAtMost("kv_cache_config.tokens_per_block",
+                                 kv_cache_config.tokens_per_block, kMaxTokensPerBlock,
+                                 "tokens per block"));
   if (kv_cache_config.max_tokens) {
     RETURN_IF_ERROR(Positive("kv_cache_config.max_tokens", *kv_cache_config.max_tokens));
   }
@@ -120,7 +142,8 @@ Status ServingConfig::Validate() {
                              "implements)");
     }
     if (cp_config->tokens_per_block) {
-      RETURN_IF_ERROR(Positive("cp_config.tokens_per_block", *cp_config->tokens_per_block));
+      RETURN_IF_ERROR(PositiveAtMost("cp_config.tokens_per_block", *cp_config->tokens_per_block,
+                                     kMaxTokensPerBlock, "tokens per block"));
       if (*cp_config->tokens_per_block != kv_cache_config.tokens_per_block) {
         return InvalidArgument(
             "config fields 'cp_config.tokens_per_block' = " +
@@ -138,16 +161,22 @@ Status ServingConfig::Validate() {
         ": context parallelism needs \"cp_config\": {\"cp_type\": \"HELIX\"}");
   }
 
-  RETURN_IF_ERROR(Positive("max_batch_size", max_batch_size));
-  RETURN_IF_ERROR(Positive("max_num_tokens", max_num_tokens));
+  RETURN_IF_ERROR(PositiveAtMost("max_batch_size", max_batch_size, kMaxBatchSize, "requests"));
+  RETURN_IF_ERROR(PositiveAtMost("max_num_tokens", max_num_tokens, kMaxTokenCount, "tokens"));
   if (max_seq_len < 0) {
     return InvalidArgument("config field 'max_seq_len' = " + std::to_string(max_seq_len) +
                            ": expected 0 (the model's maximum) or a positive length");
   }
+  RETURN_IF_ERROR(ValidateAtMost("max_seq_len", max_seq_len, kMaxTokenCount, "tokens"));
   if (server.host.empty()) return InvalidArgument("config field 'server.host' must not be empty");
   if (server.port < 0 || server.port > 65535) {
     return InvalidArgument("config field 'server.port' = " + std::to_string(server.port) +
                            ": expected 0 (any free port) to 65535");
+  }
+  if (!gen && server.port == 0) {
+    return InvalidArgument(
+        "config field 'server.port' = 0: a context server needs a fixed port (its address goes "
+        "into the KV handles it hands out); expected 1 to 65535");
   }
   if (server.tls_cert_file.has_value() != server.tls_key_file.has_value()) {
     return InvalidArgument(
@@ -168,9 +197,9 @@ Status ServingConfig::Validate() {
     return InvalidArgument("config field 'cache_transceiver_config.backend' = " +
                            Quote(cache_transceiver_config.backend) + ": expected \"UCX\"");
   }
-  RETURN_IF_ERROR(Positive("cache_transceiver_config.kv_transfer_timeout_ms",
-                           cache_transceiver_config.kv_transfer_timeout_ms));
-  if (!gen) RETURN_IF_ERROR(Positive("kv_lease_ms", kv_lease_ms));
+  RETURN_IF_ERROR(ValidateDurationMs("cache_transceiver_config.kv_transfer_timeout_ms",
+                                     cache_transceiver_config.kv_transfer_timeout_ms));
+  if (!gen) RETURN_IF_ERROR(ValidateDurationMs("kv_lease_ms", kv_lease_ms));
   if (cache_transceiver_config.max_tokens_in_buffer) {
     RETURN_IF_ERROR(Positive("cache_transceiver_config.max_tokens_in_buffer",
                              *cache_transceiver_config.max_tokens_in_buffer));

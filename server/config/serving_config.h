@@ -15,6 +15,15 @@ namespace helix::config {
 
 enum class Role { kGeneration, kContext };
 
+// Upper bounds Validate() enforces, so that no accepted value overflows the engine's arithmetic
+// (block bytes, std::chrono deadlines) or is truncated where it is narrowed to int.
+inline constexpr int64_t kMaxTokensPerBlock = 65536;
+inline constexpr int64_t kMaxParallelSize = 1024;  // tensor_parallel_size, context_parallel_size
+inline constexpr int64_t kMaxNumThreads = 4096;
+inline constexpr int64_t kMaxBatchSize = int64_t{1} << 20;
+inline constexpr int64_t kMaxTokenCount = 2147483647;  // max_num_tokens, max_seq_len: int32
+inline constexpr int64_t kMaxDurationMs = int64_t{30} * 24 * 3600 * 1000;  // 30 days, any *_ms
+
 struct CpConfig {
   std::string cp_type = "HELIX";
   std::optional<int64_t> tokens_per_block;  // defaults to kv_cache_config.tokens_per_block
@@ -89,6 +98,10 @@ StatusOr<ServingConfig> LoadServingConfig(const std::string& path, Role role);
 // Shared pieces, also used by the router config.
 void ReadLogging(class JsonReader& r, LoggingConfig* out);
 Status ValidateLogging(const LoggingConfig& c);
+// A duration field in milliseconds: 1..kMaxDurationMs, the error naming `field`.
+Status ValidateDurationMs(const std::string& field, int64_t v);
+// Refuses v > max: "config field '<field>' = <v>: expected at most <max> <unit>".
+Status ValidateAtMost(const std::string& field, int64_t v, int64_t max, const std::string& unit);
 nlohmann::json LoggingToJson(const LoggingConfig& c);
 std::string ResolvePath(const std::string& base_dir, const std::string& path);
 

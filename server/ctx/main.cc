@@ -33,11 +33,9 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
     std::cerr << "invalid config: " << cfg.status().message() << "\n";
     return kExitUsage;
   }
-  if (!helix::server::SetUpLogging(cfg->logging, "ctx").ok()) return kExitFailure;
-  if (cfg->backend != "cpu") {
-    std::cerr << "helix-ctx serve: backend \"" << cfg->backend
-              << "\" is not part of this build yet; use \"cpu\"\n";
-    return kExitUsage;
+  if (helix::Status st = helix::server::SetUpLogging(cfg->logging, "ctx"); !st.ok()) {
+    std::cerr << "helix-ctx serve: logging: " << st.message() << "\n";
+    return kExitFailure;
   }
   if (cfg->tensor_parallel_size != 1 || cfg->context_parallel_size != 1) {
     std::cerr << "helix-ctx serve: a context server runs one rank (tensor_parallel_size = "
@@ -82,6 +80,8 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int bound_port = 0;
+  // gRPC turns SO_REUSEPORT on by default: a second server on a taken port would share it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(so.address, creds, &bound_port);
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.SetMaxSendMessageSize(64 << 20);

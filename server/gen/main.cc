@@ -126,7 +126,10 @@ int RunGenerate(const GenerateFlags& f) {
     std::cerr << "helix-gen generate: --log-level " << f.log_level << ": " << st.message() << "\n";
     return kExitUsage;
   }
-  if (!helix::server::SetUpLogging(log, "gen").ok()) return kExitFailure;
+  if (helix::Status st = helix::server::SetUpLogging(log, "gen"); !st.ok()) {
+    std::cerr << "helix-gen: logging: " << st.message() << "\n";
+    return kExitFailure;
+  }
   if (f.tp < 1 || f.cp < 1) {
     std::cerr << "helix-gen generate: --tp " << f.tp << " --cp " << f.cp << ": both must be >= 1\n";
     return kExitUsage;
@@ -216,7 +219,10 @@ int RunServe(const ServeFlags& f) {
     std::cerr << "invalid config: " << cfg.status().message() << "\n";
     return kExitUsage;
   }
-  if (!helix::server::SetUpLogging(cfg->logging, "gen").ok()) return kExitFailure;
+  if (helix::Status st = helix::server::SetUpLogging(cfg->logging, "gen"); !st.ok()) {
+    std::cerr << "helix-gen: logging: " << st.message() << "\n";
+    return kExitFailure;
+  }
   helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT with sigwait below; other ranks keep the default action
@@ -241,6 +247,8 @@ int RunServe(const ServeFlags& f) {
   grpc::ServerBuilder builder;
   const std::string addr = cfg->server.host + ":" + std::to_string(cfg->server.port);
   int bound_port = 0;
+  // gRPC turns SO_REUSEPORT on by default: a second server on a taken port would share it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(addr, creds, &bound_port);
   builder.RegisterService(service.get());
   builder.SetMaxReceiveMessageSize(64 << 20);
