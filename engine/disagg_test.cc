@@ -181,6 +181,51 @@ TEST_F(DisaggTest, ExpiredLeaseFailsThePullInsteadOfDecodingReusedBlocks) {
   EXPECT_EQ((*gen)->kv_stats().free_blocks, (*gen)->kv_stats().total_blocks);
 }
 
+// check_kv_source: asked once a request is admitted, before any rank pulls; a refusal fails
+// the request with its reason, and its handle goes back (on_kv_done) without a pull.
+TEST_F(DisaggTest, SourceCheckRunsBeforeThePull) {
+  auto ctx = Engine::Create(ContextOptions(32));
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  auto gen = Engine::Create(Stories(1, 1, 32));
+  ASSERT_TRUE(gen.ok());
+  Engine* c = ctx->get();
+  Engine* g = gen->get();
+  const auto prompts = Prompts(g->tokenizer());
+  std::vector<GenerateRequest> reqs;
+  std::vector<int> kv_done(2, 0);
+  for (int i = 0; i < 2; ++i) {
+    const std::string id = "chk" + std::to_string(i);
+    testing::Prefilled pf = testing::Prefill(c, prompts[2], id);
+    GenerateRequest r = Decode(prompts[2]);
+    r.kv_source = pf.source;
+    r.first_token = pf.first_token;
+    r.check_kv_source = [i](std::function<void(const Status&)> verdict) {
+      // Answered from another thread, as a gRPC callback would.
+      std::thread([i, verdict] {
+        verdict(i == 0 ? Status::Ok() : InvalidArgument("not a handle this server gave out"));
+      }).detach();
+    };
+    r.on_kv_done = [&kv_done, c, i, id](const Status&) {
+      ++kv_done[i];
+      c->ReleaseRetained(id);
+    };
+    reqs.push_back(r);
+  }
+  reqs.push_back(Decode(prompts[2]));
+  const auto got = testing::RunAll(g, reqs);
+  EXPECT_EQ(got[0].reason, FinishReason::kLength) << got[0].error.ToString();
+  EXPECT_EQ(got[0].tokens, got[2].tokens);
+  EXPECT_EQ(got[1].reason, FinishReason::kError);
+  EXPECT_NE(got[1].error.message().find("not a handle"), std::string::npos);
+  EXPECT_EQ(got[1].tokens.size(), 1u);  // the context server's token only
+  EXPECT_EQ(kv_done, (std::vector<int>{1, 1}));
+  EXPECT_EQ(g->disagg_stats().transfers_done, 1u);
+  EXPECT_EQ(g->disagg_stats().transfers_failed, 1u);
+  c->ExpireLeases();
+  EXPECT_EQ(c->kv_stats().free_blocks, c->kv_stats().total_blocks);
+  EXPECT_EQ(g->kv_stats().free_blocks, g->kv_stats().total_blocks);
+}
+
 // A request pulling its KV counts against max_batch_size; one cancelled while it waits for
 // a batch slot hands the context server its KV back at once (on_kv_done), not at the lease.
 TEST_F(DisaggTest, WaitingPullsCountInTheBatchAndReleaseWhenCancelled) {

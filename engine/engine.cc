@@ -302,6 +302,8 @@ Status Engine::Init(const EngineOptions& o) {
     export_.worker_address = transfer_->address();
     export_.rkey = transfer_->rkey();
     export_.layout = kv_layout_;
+    export_.region_base = reinterpret_cast<uint64_t>(exported);
+    export_.region_bytes = exported_bytes;
   }
 
   HELIX_LOG(kInfo) << "engine: model " << o.model_path << " (" << ModelFormatName(bundle.format)
@@ -897,11 +899,22 @@ void Engine::DrainInbox() {
   for (auto& s : confirming_) {  // pulled: no rank reads the source any more
     if (cancels.count(s->req.id)) Finish(s.get(), FinishReason::kCancelled);
   }
+  for (auto& s : checking_) {  // no rank has started pulling
+    if (cancels.count(s->req.id)) {
+      {
+        std::lock_guard<std::mutex> lock(inbox_mu_);
+        ++transfers_cancelled_;
+      }
+      ReportKvDone(s.get(), Cancelled("request cancelled before its KV transfer"));
+      Finish(s.get(), FinishReason::kCancelled);
+    }
+  }
   auto done = [](const std::unique_ptr<Sequence>& s) { return s->finished; };
   running_.erase(std::remove_if(running_.begin(), running_.end(), done), running_.end());
   waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), done), waiting_.end());
   confirming_.erase(std::remove_if(confirming_.begin(), confirming_.end(), done),
                     confirming_.end());
+  checking_.erase(std::remove_if(checking_.begin(), checking_.end(), done), checking_.end());
 }
 
 bool Engine::HasKvVerdicts() const {
@@ -916,6 +929,24 @@ void Engine::TakeKvVerdicts() {
     verdicts.swap(kv_verdicts_->list);
   }
   for (auto& [uid, outcome] : verdicts) {
+    auto ck = std::find_if(checking_.begin(), checking_.end(),
+                           [&](const auto& s) { return s->uid == uid; });
+    if (ck != checking_.end()) {
+      std::unique_ptr<Sequence> owned = std::move(*ck);
+      checking_.erase(ck);
+      if (outcome.ok()) {
+        transferring_.push_back(std::move(owned));
+      } else {
+        HELIX_LOG(kWarn) << "engine: request " << owned->req.id << ": " << outcome.message();
+        {
+          std::lock_guard<std::mutex> lock(inbox_mu_);
+          ++transfers_failed_;
+        }
+        ReportKvDone(owned.get(), outcome);
+        Finish(owned.get(), FinishReason::kError, outcome);
+      }
+      continue;
+    }
     auto it = std::find_if(confirming_.begin(), confirming_.end(),
                            [&](const auto& s) { return s->uid == uid; });
     if (it == confirming_.end()) continue;  // cancelled meanwhile
@@ -934,7 +965,8 @@ void Engine::Admit() {
   int64_t budget = options_.max_num_tokens - static_cast<int64_t>(running_.size());
   // A request pulling its KV joins the batch when the pull lands: it counts already.
   while (!waiting_.empty() &&
-         static_cast<int64_t>(running_.size() + transferring_.size()) < options_.max_batch_size) {
+         static_cast<int64_t>(running_.size() + transferring_.size() + checking_.size() +
+                              confirming_.size()) < options_.max_batch_size) {
     Sequence* s = waiting_.front().get();
     const bool pulled = s->req.kv_source != nullptr;
     if (!pulled && s->prompt_len > budget) break;  // next step
@@ -961,6 +993,15 @@ void Engine::Admit() {
       EmitToken(s, first.token, first);
       if (s->finished) {
         ReportKvDone(s, Status::Ok());  // nothing to pull
+      } else if (s->req.check_kv_source) {
+        // Pulled once the source is known good.
+        auto check = std::move(s->req.check_kv_source);
+        s->req.check_kv_source = nullptr;
+        checking_.push_back(std::move(owned));
+        check([box = kv_verdicts_, uid = s->uid](const Status& v) {
+          std::lock_guard<std::mutex> lock(box->mu);
+          box->list.emplace_back(uid, v);
+        });
       } else {
         transferring_.push_back(std::move(owned));
       }
@@ -1368,6 +1409,8 @@ void Engine::AbortAll(const Status& error) {
   transferring_.clear();
   for (auto& s : confirming_) Finish(s.get(), FinishReason::kError, error);
   confirming_.clear();
+  for (auto& s : checking_) Finish(s.get(), FinishReason::kError, error);
+  checking_.clear();
   for (auto& s : running_) Finish(s.get(), FinishReason::kError, error);
   for (auto& s : waiting_) Finish(s.get(), FinishReason::kError, error);
   running_.clear();

@@ -123,6 +123,7 @@ struct EngineOptions {
 struct KvExport {
   std::string server_id, worker_address, rkey;
   transfer::KvLayout layout;
+  uint64_t region_base = 0, region_bytes = 0;  // the exported memory (blocks from its start)
 };
 
 struct DisaggStats {
@@ -164,8 +165,12 @@ class Engine {
   // Engine thread: one scheduling step (admit, forward, sample, emit). Returns whether any
   // work was done.
   bool Step();
-  // Engine thread: true while requests are queued or running.
+  // Engine thread: true while requests are queued or running, or a verdict (check_kv_source,
+  // confirm_kv) has arrived. Not while requests only wait for verdicts: a caller that waits
+  // for those may sleep until it is woken (the verdict callbacks' owner wakes it).
   bool HasWork();
+  // Engine thread: requests waiting for a check_kv_source or confirm_kv verdict.
+  bool AwaitingVerdicts() const { return !checking_.empty() || !confirming_.empty(); }
   // Engine thread: fails every queued and running request with `error` (e.g. shutdown).
   void AbortAll(const Status& error);
   KvStats kv_stats() const;
@@ -272,8 +277,10 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> transferring_;  // leader: KV being pulled
   std::vector<std::unique_ptr<Sequence>> confirming_;    // leader: pulled, awaiting confirm_kv
-  // confirm_kv verdicts (uid, outcome), taken by the engine thread; shared with the verdict
-  // callbacks, which may run after the engine is gone.
+  std::vector<std::unique_ptr<Sequence>> checking_;  // leader: admitted, awaiting check_kv_source
+  // check_kv_source / confirm_kv verdicts (uid, outcome), taken by the engine thread; shared
+  // with the verdict callbacks, which may run after the engine is gone. (A uid is in at most one
+  // of checking_ and confirming_.)
   struct KvVerdicts {
     std::mutex mu;
     std::vector<std::pair<uint64_t, Status>> list;  // GUARDED_BY(mu)

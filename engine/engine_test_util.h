@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -71,7 +72,11 @@ inline std::vector<RunResult> RunAll(Engine* e, std::vector<GenerateRequest> req
         pending = true;
       }
     }
-    if (!e->HasWork() && !pending) break;
+    if (!e->HasWork() && !pending) {
+      if (!e->AwaitingVerdicts()) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // a verdict is on its way
+      continue;
+    }
     if (before_step) before_step(step);
     e->Step();
   }

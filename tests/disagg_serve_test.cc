@@ -23,6 +23,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "helix/v1/context.grpc.pb.h"
 #include "helix/v1/generation.grpc.pb.h"
+#include "server/common/kv_proto.h"
 #include "tests/port_util.h"
 
 namespace {
@@ -464,6 +465,58 @@ TEST_F(DisaggServeTest, MismatchedServersAreRefused) {
     EXPECT_NE(g2.status.error_message().find("model fingerprint"), std::string::npos)
         << g2.status.error_message();
   }
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(2000)));
+}
+
+// A handle a client changed and re-checksummed: the generation server checks it against what
+// its context server exports and refuses it, before UCX sees it (a made-up rkey aborted the
+// generation server inside UCX; an address outside the export crashed the context server).
+TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
+  Server::Options co;
+  co.context = true;
+  Server ctx(co);
+  Server::Options go;
+  go.cp = 2;
+  Server gen(go);
+  const auto req = Request(Tokens(40, 3), 6);
+  auto forge = [&](const std::function<void(helix::transfer::KvSource*)>& change) {
+    helix::v1::GenerateRequest r = Prefill(ctx, req);
+    auto src = helix::server::FromProto(r.kv_handle());
+    EXPECT_TRUE(src.ok()) << src.status().ToString();
+    change(&*src);
+    src->checksum = helix::transfer::HandleChecksum(*src);
+    r.mutable_kv_handle()->Clear();
+    helix::server::ToProto(*src, r.mutable_kv_handle());
+    return r;
+  };
+  struct Case {
+    const char* what;
+    std::function<void(helix::transfer::KvSource*)> change;
+    const char* expect;
+  };
+  const std::vector<Case> cases = {
+      {"rkey", [](auto* s) { s->rkey[s->rkey.size() / 2] ^= 0x5a; }, "rkey"},
+      {"worker address", [](auto* s) { s->worker_address[4] ^= 0x21; }, "worker address"},
+      {"block far away", [](auto* s) { s->block_addresses[0] += uint64_t{1} << 40; },
+       "not a block"},
+      {"block off its boundary", [](auto* s) { s->block_addresses.back() += 8; }, "not a block"},
+      {"another instance", [](auto* s) { s->server_id += "x"; }, "instance"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const Result got = Generate(gen, forge(c.change));
+    EXPECT_NE(got.status.error_code(), grpc::StatusCode::OK);
+    EXPECT_NE(got.status.error_code(), grpc::StatusCode::UNAVAILABLE) << got.status.error_message();
+    EXPECT_NE(got.status.error_message().find(c.expect), std::string::npos)
+        << got.status.error_message();
+  }
+  // Both servers still serve, and every refused handle's KV went back to the context server.
+  const Result ok = Generate(gen, Prefill(ctx, req));
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.tokens.size(), 6u);
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                  milliseconds(5000)));
   EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(2000)));
 }
 

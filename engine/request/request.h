@@ -62,6 +62,10 @@ struct GenerateRequest {
   // Called once on the engine thread when no rank touches kv_source's blocks any more (Ok
   // when the KV arrived, else why not): the handle may then be released on the context server.
   std::function<void(const Status&)> on_kv_done;
+  // Optional: asked on the engine thread when the request is admitted, before any rank pulls:
+  // calls `verdict` (on any thread) with Ok when kv_source may be pulled (e.g. it matches what
+  // its context server exports), else with the error that fails the request.
+  std::function<void(std::function<void(const Status&)> verdict)> check_kv_source;
   // Optional: asked on the engine thread once the KV has landed on every rank, before the
   // request decodes from it, instead of on_kv_done(Ok). It releases the KV on the context
   // server and calls `verdict` (on any thread) with Ok if the server still held it then, so

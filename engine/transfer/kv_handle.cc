@@ -132,6 +132,34 @@ uint64_t HandleChecksum(const KvSource& s) {
   return f.h;
 }
 
+Status CheckAgainstExport(const KvSource& s, const KvExportInfo& e) {
+  const std::string who = "KV handle of request '" + s.request_id + "' (context server " +
+                          (s.server_address.empty() ? s.server_id : s.server_address) + ")";
+  if (s.server_id != e.server_id) {
+    return FailedPrecondition(who + " is from instance '" + s.server_id +
+                              "', but that server now runs instance '" + e.server_id +
+                              "' (restarted?): its KV is gone");
+  }
+  if (s.worker_address != e.worker_address || s.rkey != e.rkey) {
+    return InvalidArgument(who + ": its UCX worker address or rkey is not what the server exports");
+  }
+  const uint64_t bb = static_cast<uint64_t>(s.layout.block_bytes());
+  if (e.block_bytes <= 0 || bb != static_cast<uint64_t>(e.block_bytes)) {
+    return InvalidArgument(who + ": blocks of " + std::to_string(bb) +
+                           " bytes, but the server's are " + std::to_string(e.block_bytes));
+  }
+  for (size_t i = 0; i < s.block_addresses.size(); ++i) {
+    const uint64_t a = s.block_addresses[i];
+    const bool inside = a >= e.region_base && a - e.region_base <= e.region_bytes &&
+                        e.region_bytes - (a - e.region_base) >= bb && (a - e.region_base) % bb == 0;
+    if (!inside) {
+      return InvalidArgument(who + ": block " + std::to_string(i) +
+                             " is not a block of the server's exported KV");
+    }
+  }
+  return Status::Ok();
+}
+
 Status CheckCompatible(const KvSource& s, const std::string& model_fingerprint,
                        const KvLayout& local, int64_t tp) {
   const std::string from = "KV handle from context server '" + s.server_id + "': ";

@@ -52,6 +52,20 @@ struct KvSource {
 // address or rkey, so a handle is used only when its checksum matches.
 uint64_t HandleChecksum(const KvSource& s);
 
+// What a context server exports, the same for every handle it gives out (the generation
+// server asks it for this rather than trusting a client's handle).
+struct KvExportInfo {
+  std::string server_id, worker_address, rkey;
+  uint64_t region_base = 0, region_bytes = 0;
+  int64_t block_bytes = 0;
+};
+
+// Whether `s` refers to `e`'s export: the same instance, worker address and rkey, and every
+// block address a whole block inside the exported region, on a block boundary. The checksum
+// catches damage, not a client that recomputes it; UCX aborts on a malformed rkey, and reads
+// whatever address it is given.
+Status CheckAgainstExport(const KvSource& s, const KvExportInfo& e);
+
 // Compact binary form of a KvSource (for step plans between ranks of one instance).
 std::string EncodeKvSource(const KvSource& s);
 StatusOr<KvSource> DecodeKvSource(const std::string& bytes);

@@ -1,5 +1,7 @@
 #include "server/common/kv_proto.h"
 
+#include <optional>
+
 #include "engine/common/log.h"
 
 namespace helix::server {
@@ -82,6 +84,72 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
                            s.layout.ToString());
   }
   return s;
+}
+
+KvExportCache::~KvExportCache() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, timeout_ + std::chrono::seconds(1), [&] { return in_flight_ == 0; });
+}
+
+void KvExportCache::CheckAsync(const transfer::KvSource& s,
+                               std::function<void(const Status&)> done) {
+  if (s.server_address.empty()) {
+    return done(InvalidArgument("the KV handle names no context server (server_address)"));
+  }
+  v1::ContextService::Stub* stub = nullptr;
+  std::optional<transfer::KvExportInfo> known;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = known_.find(s.server_address);
+    if (it != known_.end() && it->second.server_id == s.server_id) known = it->second;
+  }
+  if (known) return done(transfer::CheckAgainstExport(s, *known));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& st = stubs_[s.server_address];
+    if (st == nullptr) {
+      st = v1::ContextService::NewStub(
+          grpc::CreateChannel(s.server_address, grpc::InsecureChannelCredentials()));
+    }
+    stub = st.get();
+    ++in_flight_;
+  }
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::GetKvExportRequest req;
+    v1::KvExport resp;
+    transfer::KvSource src;
+    std::function<void(const Status&)> done;
+  };
+  auto call = std::make_shared<Call>();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + timeout_);
+  call->src = s;
+  call->done = std::move(done);
+  stub->async()->GetKvExport(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status st) {
+    Status verdict;
+    if (!st.ok()) {
+      verdict = Unavailable("KV transfer from context server '" + call->src.server_id +
+                            "' failed: cannot ask " + call->src.server_address +
+                            " what it exports, to check the KV handle: " + st.error_message());
+    } else {
+      transfer::KvExportInfo e;
+      e.server_id = call->resp.server_id();
+      e.worker_address = call->resp.worker_address();
+      e.rkey = call->resp.rkey();
+      e.region_base = call->resp.region_base();
+      e.region_bytes = call->resp.region_bytes();
+      e.block_bytes = call->resp.block_bytes();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        known_[call->src.server_address] = e;
+      }
+      verdict = transfer::CheckAgainstExport(call->src, e);
+    }
+    call->done(verdict);
+    std::lock_guard<std::mutex> lock(mu_);
+    --in_flight_;
+    cv_.notify_all();
+  });
 }
 
 ContextReleaser::~ContextReleaser() {

@@ -193,6 +193,23 @@ grpc::ServerUnaryReactor* ContextService::Release(grpc::CallbackServerContext* c
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ContextService::GetKvExport(grpc::CallbackServerContext* ctx,
+                                                      const v1::GetKvExportRequest*,
+                                                      v1::KvExport* out) {
+  // Not behind the API key: generation servers check the handles they are sent against it
+  // (every client that prefills gets the same values in its handles anyway).
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const KvExport* ex = engine_->kv_export();
+  out->set_server_id(ex->server_id);
+  out->set_worker_address(ex->worker_address);
+  out->set_rkey(ex->rkey);
+  out->set_region_base(ex->region_base);
+  out->set_region_bytes(ex->region_bytes);
+  out->set_block_bytes(ex->layout.block_bytes());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* ContextService::GetServerInfo(grpc::CallbackServerContext* ctx,
                                                         const v1::GetServerInfoRequest*,
                                                         v1::ServerInfo* info) {

@@ -43,6 +43,9 @@ class ContextService final : public v1::ContextService::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
+  grpc::ServerUnaryReactor* GetKvExport(grpc::CallbackServerContext* ctx,
+                                        const v1::GetKvExportRequest* request,
+                                        v1::KvExport* response) override;
 
   // Refuses new prefills, waits up to `drain` for those in flight, then stops the engine.
   void Stop(std::chrono::milliseconds drain);

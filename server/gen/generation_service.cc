@@ -265,6 +265,15 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       // Once no rank touches the blocks any more, the context server may free them.
       r->on_kv_done = [svc, address = r->kv_source->server_address, id = r->kv_source->request_id](
                           const Status&) { svc->releaser_.Release(address, id); };
+      // Before any rank pulls: the handle must be one its context server gave out (its rkey,
+      // worker address and block addresses go to UCX, which aborts on a bad rkey and reads
+      // any address it is given). Asked without blocking a gRPC thread.
+      r->check_kv_source = [svc, src = r->kv_source](std::function<void(const Status&)> verdict) {
+        svc->exports_.CheckAsync(*src, [svc, verdict](const Status& v) {
+          verdict(v);
+          svc->Kick();
+        });
+      };
       // After a pull that landed: the release also confirms the context server still held
       // the KV (an expired lease may have let another prompt overwrite it mid-pull).
       r->confirm_kv = [svc, address = r->kv_source->server_address,
@@ -293,7 +302,8 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
 
 GenerationService::GenerationService(std::unique_ptr<Engine> engine,
                                      GenerationServiceOptions options)
-    : engine_(std::move(engine)),
+    : exports_(options.kv_check_timeout),
+      engine_(std::move(engine)),
       options_(std::move(options)),
       total_blocks_(engine_->kv_stats().total_blocks),
       block_bytes_(engine_->kv_stats().block_bytes),

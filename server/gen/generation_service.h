@@ -26,6 +26,8 @@ struct GenerationServiceOptions {
   std::string kv_dtype;
   int64_t max_in_flight = 256;  // admitted + queued requests; beyond: RESOURCE_EXHAUSTED
   std::string api_key;          // non-empty: RPCs need "authorization: Bearer <api_key>"
+  // How long asking a context server what it exports (to check a KV handle) may take.
+  std::chrono::milliseconds kv_check_timeout{5000};
 };
 
 // Converts a request; errors name the field (INVALID_ARGUMENT) or what is not supported.
@@ -72,6 +74,7 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   bool kicked_ = false;       // GUARDED_BY(mu_)
   bool stop_ = false;         // GUARDED_BY(mu_)
   ContextReleaser releaser_;  // outlives the engine (declared before it)
+  KvExportCache exports_;     // what each context server exports, to check handles against
   std::unique_ptr<Engine> engine_;
   const GenerationServiceOptions options_;
   const int64_t total_blocks_, block_bytes_, tokens_per_block_;

@@ -239,6 +239,8 @@ int RunServe(const ServeFlags& f) {
   so.kv_dtype = cfg->kv_cache_config.dtype;
   so.max_in_flight = 4 * cfg->max_batch_size;
   so.api_key = cfg->server.api_key.value_or("");
+  so.kv_check_timeout =
+      std::chrono::milliseconds(cfg->cache_transceiver_config.kv_transfer_timeout_ms);
   std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);
   auto service = std::make_unique<helix::server::GenerationService>(std::move(inst.engine), so);
 
