@@ -323,6 +323,60 @@ Status Engine::Init(const EngineOptions& o) {
   return Status::Ok();
 }
 
+// Every rank must run the same model and layout, or their shards do not fit together and
+// the text is wrong with no error (ranks are started separately under mpirun or srun, each
+// from its own command line). Through the store, before any collective (a different world
+// size would make Gloo fail with its own message): each rank posts what it runs, and
+// compares it with the leader's; the leader compares every rank's.
+Status Engine::AgreeOnConfig() {
+  const EngineOptions& o = options_;
+  const std::vector<std::pair<std::string, std::string>> mine = {
+      {"model fingerprint", fingerprint_},
+      {"tensor_parallel_size x context_parallel_size",
+       std::to_string(layout_.tp) + " x " + std::to_string(layout_.cp)},
+      {"tokens_per_block", std::to_string(o.tokens_per_block)},
+      {"kv dtype", kernels::DTypeName(o.kv_dtype)},
+      {"max_seq_len", std::to_string(max_seq_len_)},
+      {"backend", backend_->name()},
+  };
+  std::string desc;
+  for (const auto& [k, v] : mine) desc += k + "=" + v + "\n";
+  RETURN_IF_ERROR(store_->Set("config/" + std::to_string(layout_.rank()), desc));
+  auto differs = [&](const std::string& other, int other_rank) -> Status {
+    if (other == desc) return Status::Ok();
+    std::string what;
+    size_t at = 0;
+    for (const auto& [k, v] : mine) {
+      const size_t end = other.find('\n', at);
+      const std::string line = other.substr(at, end == std::string::npos ? end : end - at);
+      at = end == std::string::npos ? other.size() : end + 1;
+      if (line != k + "=" + v) {
+        what = k + ": rank " + std::to_string(other_rank) + " has " +
+               (line.rfind(k + "=", 0) == 0 ? line.substr(k.size() + 1) : line) + ", rank " +
+               std::to_string(layout_.rank()) + " has " + v;
+        break;
+      }
+    }
+    return FailedPrecondition("the ranks of this instance do not run the same configuration (" +
+                              what + "); start every rank with the same model and config");
+  };
+  if (is_leader()) {
+    for (int r = 1; r < layout_.world(); ++r) {
+      auto other = store_->Get("config/" + std::to_string(r), o.comm_timeout);
+      if (!other.ok()) {
+        return Unavailable("rank " + std::to_string(r) + " of the instance could not connect to " +
+                           "the leader within " + std::to_string(o.comm_timeout.count()) +
+                           " ms: " + other.status().message());
+      }
+      RETURN_IF_ERROR(differs(*other, r));
+    }
+  } else {
+    ASSIGN_OR_RETURN(std::string leader, store_->Get("config/0", o.comm_timeout));
+    RETURN_IF_ERROR(differs(leader, 0));
+  }
+  return Status::Ok();
+}
+
 Status Engine::ConnectRanks(int64_t* num_blocks) {
   const EngineOptions& o = options_;
   if (is_leader()) {
@@ -336,6 +390,7 @@ Status Engine::ConnectRanks(int64_t* num_blocks) {
   const int port = store_server_ ? store_server_->port() : o.leader_port;
   ASSIGN_OR_RETURN(store_,
                    parallel::TcpStore::Connect(o.leader_host, port, o.comm_timeout, o.group_token));
+  RETURN_IF_ERROR(AgreeOnConfig());
   parallel::GlooOptions g;
   g.host = o.bind_host;
   g.timeout = o.comm_timeout;

@@ -209,6 +209,7 @@ class Engine {
   // still held back (on stop token or length; not after a stop string or a cancel).
   // Calls the request's on_kv_done once (later calls do nothing).
   static void ReportKvDone(Sequence* s, const Status& outcome);
+  Status AgreeOnConfig();
   void Finish(Sequence* s, FinishReason reason, Status error = Status::Ok(),
               bool flush_text = false);
   void EmitToken(Sequence* s, int32_t token, const struct SampleResult& sample);

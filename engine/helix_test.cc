@@ -217,6 +217,29 @@ TEST(HelixFaultTest, RankThatNeverJoinsFailsStartUp) {
   EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(10000));
 }
 
+// Ranks started separately (mpirun, srun) from different configs: refused by name at start-up
+// (a rank with another tokens_per_block placed its blocks differently and the text was wrong).
+TEST(HelixFaultTest, RanksWithDifferentConfigsAreRefused) {
+  if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) GTEST_SKIP() << "no model";
+  EngineOptions o = StoriesOptions(1, 2, 8);
+  o.comm_timeout = std::chrono::milliseconds(5000);
+  auto port = parallel::PickFreePort("127.0.0.1");
+  ASSERT_TRUE(port.ok());
+  o.leader_port = *port;
+  EngineOptions other = o;
+  other.tokens_per_block = 16;
+  const std::vector<pid_t> workers = ForkWorkers(other);
+  auto e = Engine::Create(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(e.status().message().find("tokens_per_block: rank 1 has 16, rank 0 has 8"),
+            std::string::npos)
+      << e.status().ToString();
+  const std::vector<int> codes = Reap(workers, std::chrono::milliseconds(10000));
+  ASSERT_EQ(codes.size(), 1u);
+  EXPECT_NE(codes[0], 0);  // the worker refused too
+}
+
 TEST(HelixLayoutTest, BadHeadSplitsAreRefused) {
   if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) GTEST_SKIP() << "no model";
   for (auto [tp, cp, says] : {std::tuple{1, 3, "8 query heads are not divisible"},
