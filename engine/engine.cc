@@ -1,5 +1,10 @@
 #include "engine/engine.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -328,6 +333,36 @@ Status Engine::Init(const EngineOptions& o) {
 // from its own command line). Through the store, before any collective (a different world
 // size would make Gloo fail with its own message): each rank posts what it runs, and
 // compares it with the leader's; the leader compares every rank's.
+StatusOr<std::string> LocalAddressToward(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (int rc = getaddrinfo(host.c_str(), "9", &hints, &res); rc != 0 || res == nullptr) {
+    return InvalidArgument("leader host '" + host + "': " + gai_strerror(rc));
+  }
+  std::string out;
+  // A UDP "connect" sends nothing: it only picks the route, whose source address is ours.
+  const int fd = socket(res->ai_family, SOCK_DGRAM, 0);
+  sockaddr_storage me{};
+  socklen_t len = sizeof(me);
+  char buf[INET6_ADDRSTRLEN] = {};
+  if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&me), &len) == 0) {
+    const void* a = me.ss_family == AF_INET6
+                        ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&me)->sin6_addr)
+                        : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&me)->sin_addr);
+    if (inet_ntop(me.ss_family, a, buf, sizeof(buf)) != nullptr) out = buf;
+  }
+  const int err = errno;
+  if (fd >= 0) close(fd);
+  freeaddrinfo(res);
+  if (out.empty()) {
+    return Unavailable("no local address reaches the leader at '" + host +
+                       "': " + std::strerror(err));
+  }
+  return out;
+}
+
 Status Engine::AgreeOnConfig() {
   const EngineOptions& o = options_;
   const std::vector<std::pair<std::string, std::string>> mine = {
@@ -392,7 +427,11 @@ Status Engine::ConnectRanks(int64_t* num_blocks) {
                    parallel::TcpStore::Connect(o.leader_host, port, o.comm_timeout, o.group_token));
   RETURN_IF_ERROR(AgreeOnConfig());
   parallel::GlooOptions g;
-  g.host = o.bind_host;
+  if (o.bind_host.empty()) {
+    ASSIGN_OR_RETURN(g.host, LocalAddressToward(o.leader_host));
+  } else {
+    g.host = o.bind_host;
+  }
   g.timeout = o.comm_timeout;
   ASSIGN_OR_RETURN(world_comm_, parallel::CreateGlooCommunicator(
                                     store_.get(), "world", layout_.rank(), layout_.world(), g));

@@ -97,7 +97,9 @@ struct EngineOptions {
   // starts it first, so they never find the port unbound); null = the leader starts one.
   std::shared_ptr<parallel::TcpStoreServer> store_server;
   std::string group_token;  // every rank's, checked by the store (RankAssignment::group_token)
-  std::string bind_host = "127.0.0.1";            // this rank's address for the Gloo pairs
+  // This rank's address for the Gloo pairs; empty: the local address that reaches the leader
+  // (127.0.0.1 for a leader on loopback), so ranks on several hosts find each other.
+  std::string bind_host;
   std::chrono::milliseconds comm_timeout{30000};  // rendezvous and every collective
   std::chrono::milliseconds worker_idle_timeout{std::chrono::hours(24)};  // wait for a step
 
@@ -120,6 +122,10 @@ struct EngineOptions {
 };
 
 // What a context server publishes for its pool.
+// The local address this host uses to reach `host` (a rank's address for the others, when
+// not set: ranks on one host get 127.0.0.1 for a leader on loopback).
+StatusOr<std::string> LocalAddressToward(const std::string& host);
+
 struct KvExport {
   std::string server_id, worker_address, rkey;
   transfer::KvLayout layout;

@@ -286,6 +286,16 @@ TEST_F(EngineTest, TinyTemperatureIsGreedy) {
   EXPECT_EQ(r[1].text, r[0].text);
 }
 
+// A rank's own address for the Gloo pairs: the one its host reaches the leader from.
+TEST(LocalAddressTest, TowardTheLeader) {
+  auto loop = LocalAddressToward("127.0.0.1");
+  ASSERT_TRUE(loop.ok()) << loop.status().ToString();
+  EXPECT_EQ(*loop, "127.0.0.1");
+  auto bad = LocalAddressToward("no-such-host.invalid");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("no-such-host.invalid"), std::string::npos);
+}
+
 TEST(EngineLoadTest, LoaderErrorsAreClear) {
   fs::path dir = fs::temp_directory_path() / ("helix_engine_test_" + std::to_string(::getpid()));
   fs::create_directories(dir);
