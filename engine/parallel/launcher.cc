@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -21,13 +22,41 @@
 namespace helix::parallel {
 namespace {
 
-std::optional<int> EnvInt(const char* name) {
+// Reads environment variable `name` into `*out`: nullopt when it is unset or empty. Anything
+// but a whole number is InvalidArgument naming the variable and its value (taken as unset, a
+// malformed rank made a process the leader of an instance of its own).
+Status EnvInt(const char* name, std::optional<int>* out) {
+  out->reset();
   const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return std::nullopt;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (*end != '\0') return std::nullopt;
-  return static_cast<int>(x);
+  if (v == nullptr || *v == '\0') return Status::Ok();
+  const char* end = v + std::strlen(v);
+  int x = 0;
+  const auto [stop, ec] = std::from_chars(v, end, x);
+  if (ec != std::errc() || stop != end) {
+    return InvalidArgument(std::string(name) + "='" + v + "': expected a whole number");
+  }
+  *out = x;
+  return Status::Ok();
+}
+
+// What the first launcher that set a rank says (rank unset: none did). Every launcher's
+// variables are checked, those of the launchers behind that one too.
+struct LauncherRank {
+  std::optional<int> rank, world_size;
+  std::string source;
+};
+
+StatusOr<LauncherRank> RankFromEnvironment() {
+  LauncherRank found;
+  for (auto [r, n, what] : {std::tuple{"HELIX_RANK", "HELIX_WORLD_SIZE", "HELIX_*"},
+                            std::tuple{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI"},
+                            std::tuple{"SLURM_PROCID", "SLURM_NTASKS", "Slurm"}}) {
+    std::optional<int> rank, size;
+    RETURN_IF_ERROR(EnvInt(r, &rank));
+    RETURN_IF_ERROR(EnvInt(n, &size));
+    if (!found.rank && rank) found = {rank, size, what};
+  }
+  return found;
 }
 
 // 128 random bits, hex (from the clock and the pid where no random device can be opened).
@@ -74,14 +103,12 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
   a.world_size = world;
   std::optional<int> rank = flag_rank, size = flag_world_size;
   std::string source = "flags";
-  for (auto [r, n, what] : {std::tuple{"HELIX_RANK", "HELIX_WORLD_SIZE", "HELIX_*"},
-                            std::tuple{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI"},
-                            std::tuple{"SLURM_PROCID", "SLURM_NTASKS", "Slurm"}}) {
-    if (rank) break;
-    rank = EnvInt(r);
-    if (rank) {
-      size = EnvInt(n);
-      source = what;
+  if (!rank) {
+    ASSIGN_OR_RETURN(LauncherRank env, RankFromEnvironment());
+    if (env.rank) {
+      rank = env.rank;
+      size = env.world_size;
+      source = env.source;
     }
   }
   // A launcher's single task (sbatch, mpirun -n 1) is a leader like a process started alone.
@@ -111,16 +138,16 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
         "world size " + std::to_string(*size) + " (from " + source +
         ") differs from tensor_parallel_size x context_parallel_size = " + std::to_string(world));
   }
-  if (*rank < 0 || *rank >= world) {
-    return InvalidArgument("rank " + std::to_string(*rank) + " (from " + source +
+  a.rank = *rank;
+  if (a.rank < 0 || a.rank >= world) {
+    return InvalidArgument("rank " + std::to_string(a.rank) + " (from " + source +
                            ") is outside 0.." + std::to_string(world - 1));
   }
   if (addr.empty()) {
-    return InvalidArgument("rank " + std::to_string(*rank) + " of " + std::to_string(world) +
+    return InvalidArgument("rank " + std::to_string(a.rank) + " of " + std::to_string(world) +
                            " needs the leader's address (--leader-addr HOST:PORT or "
                            "HELIX_LEADER_ADDR)");
   }
-  a.rank = *rank;
   ASSIGN_OR_RETURN(auto hp, ParseHostPort(addr));
   std::tie(a.leader_host, a.leader_port) = hp;
   return a;

@@ -32,6 +32,8 @@ struct RankAssignment {
 // Decides this process's rank. Flags win over the environment; without either a multi-rank
 // instance is started locally by this process (rank 0). `world` is TP x CP; a world size from
 // flags or environment must equal it. `leader_addr` is "host:port" ("" = none given).
+// Without a rank flag, a launcher variable that is set to anything but a whole number (empty
+// counts as unset) is InvalidArgument naming it and its value.
 StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
                                     std::optional<int> flag_world_size,
                                     const std::string& leader_addr);

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <set>
+#include <string>
 
 #include "engine/parallel/tcp_store.h"
 
@@ -117,6 +119,52 @@ TEST_F(AssignRankTest, InconsistentInputsAreRefusedWithReasons) {
   setenv("SLURM_NTASKS", "2", 1);
   auto slurm = AssignRank(4, std::nullopt, std::nullopt, "h:1");
   EXPECT_NE(slurm.status().message().find("Slurm"), std::string::npos);
+}
+
+// A launcher variable that is set but not a whole number is refused, naming it and its value:
+// taken as unset, HELIX_RANK=1x made the process a leader that spawned an instance of its own.
+// Every one is checked, not only those of the launcher that is used.
+TEST_F(AssignRankTest, MalformedLauncherVariablesAreRefused) {
+  setenv("HELIX_RANK", "1x", 1);
+  setenv("HELIX_WORLD_SIZE", "2", 1);
+  setenv("HELIX_LEADER_ADDR", "h:1", 1);
+  auto a = AssignRank(2, std::nullopt, std::nullopt, "");
+  ASSERT_FALSE(a.ok()) << "rank " << a->rank << ", spawn_local " << a->spawn_local;
+  EXPECT_EQ(a.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(a.status().message().find("HELIX_RANK='1x'"), std::string::npos)
+      << a.status().ToString();
+  Clear();
+
+  const char* kVars[] = {"HELIX_RANK",           "HELIX_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                         "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID",     "SLURM_NTASKS"};
+  for (const char* bad_var : kVars) {
+    for (const char* bad : {"1x", " 1", "1 ", "+", "0x1", "99999999999"}) {
+      SCOPED_TRACE(std::string(bad_var) + "=" + bad);
+      for (const char* v : kVars) {  // a consistent rank 1 of 2 from every launcher
+        const bool is_rank = std::strstr(v, "RANK") != nullptr || std::strstr(v, "PROCID");
+        setenv(v, is_rank ? "1" : "2", 1);
+      }
+      setenv("HELIX_LEADER_ADDR", "h:1", 1);
+      setenv(bad_var, bad, 1);
+      auto r = AssignRank(2, std::nullopt, std::nullopt, "");
+      ASSERT_FALSE(r.ok()) << "rank " << r->rank << ", spawn_local " << r->spawn_local;
+      EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+      EXPECT_NE(r.status().message().find(std::string(bad_var) + "='" + bad + "'"),
+                std::string::npos)
+          << r.status().ToString();
+      Clear();
+    }
+  }
+
+  // Empty is unset (as before); flags win over the environment, which is then not read.
+  setenv("HELIX_RANK", "", 1);
+  auto empty = AssignRank(2, std::nullopt, std::nullopt, "");
+  ASSERT_TRUE(empty.ok()) << empty.status().ToString();
+  EXPECT_TRUE(empty->spawn_local);
+  setenv("HELIX_RANK", "1x", 1);
+  auto flags = AssignRank(2, 1, 2, "h:1");
+  ASSERT_TRUE(flags.ok()) << flags.status().ToString();
+  EXPECT_EQ(flags->rank, 1);
 }
 
 TEST(ParseHostPortTest, GoodAndBad) {

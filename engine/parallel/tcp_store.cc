@@ -6,11 +6,12 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 
 #include <gloo/common/error.h>
@@ -19,46 +20,91 @@ namespace helix::parallel {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr Clock::time_point kNoDeadline = Clock::time_point::max();
 
-// Whole-buffer I/O; false on EOF or error.
-bool WriteAll(int fd, const void* data, size_t n) {
+// `timeout` from now; one too large to add is no deadline (rather than an overflow).
+Clock::time_point DeadlineAfter(std::chrono::milliseconds timeout) {
+  const auto now = Clock::now();
+  if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(kNoDeadline - now)) {
+    return kNoDeadline;
+  }
+  return now + timeout;
+}
+
+// How a deadline-bounded transfer ended. kClosed: EOF, an error, or a malformed message.
+enum class Io { kOk, kClosed, kTimedOut };
+
+// Waits until `fd` is ready for `events` (or has an error to report) or `deadline` passes
+// (past it, still one look without waiting).
+Io WaitFor(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    int ms = -1;
+    if (deadline != kNoDeadline) {
+      const auto left = deadline - Clock::now();
+      // Rounded up: a poll that wakes before the deadline would spin.
+      ms = left <= Clock::duration::zero()
+               ? 0
+               : static_cast<int>(std::min<int64_t>(
+                     std::chrono::ceil<std::chrono::milliseconds>(left).count(), INT_MAX));
+    }
+    pollfd p{fd, events, 0};
+    const int r = ::poll(&p, 1, ms);
+    if (r > 0) return Io::kOk;
+    if (r < 0 && errno != EINTR) return Io::kClosed;
+    if (r == 0 && ms == 0) return Io::kTimedOut;
+  }
+}
+
+// Whole-buffer I/O on a non-blocking socket, bounded by `deadline` (kNoDeadline: none).
+Io WriteAll(int fd, const void* data, size_t n, Clock::time_point deadline) {
   const char* p = static_cast<const char*>(data);
   while (n > 0) {
     const ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return false;
-    p += w;
-    n -= static_cast<size_t>(w);
+    if (w > 0) {
+      p += w;
+      n -= static_cast<size_t>(w);
+    } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (const Io io = WaitFor(fd, POLLOUT, deadline); io != Io::kOk) return io;
+    } else if (!(w < 0 && errno == EINTR)) {
+      return Io::kClosed;
+    }
   }
-  return true;
+  return Io::kOk;
 }
 
-bool ReadAll(int fd, void* data, size_t n) {
+Io ReadAll(int fd, void* data, size_t n, Clock::time_point deadline) {
   char* p = static_cast<char*>(data);
   while (n > 0) {
     const ssize_t r = ::recv(fd, p, n, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
+    if (r > 0) {
+      p += r;
+      n -= static_cast<size_t>(r);
+    } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (const Io io = WaitFor(fd, POLLIN, deadline); io != Io::kOk) return io;
+    } else if (!(r < 0 && errno == EINTR)) {
+      return Io::kClosed;
+    }
   }
-  return true;
+  return Io::kOk;
 }
 
-bool WriteString(int fd, const std::string& s) {
+Io WriteString(int fd, const std::string& s, Clock::time_point deadline) {
   const uint32_t n = static_cast<uint32_t>(s.size());
-  return WriteAll(fd, &n, 4) && WriteAll(fd, s.data(), s.size());
+  const Io io = WriteAll(fd, &n, 4, deadline);
+  return io == Io::kOk ? WriteAll(fd, s.data(), s.size(), deadline) : io;
 }
 
 // Strings longer than this are refused: store values are addresses and sizes.
 constexpr uint32_t kMaxString = 64u << 20;
 constexpr uint32_t kMaxToken = 256;  // group tokens
 
-bool ReadString(int fd, std::string* s, uint32_t max_bytes = kMaxString) {
+Io ReadString(int fd, std::string* s, Clock::time_point deadline, uint32_t max_bytes = kMaxString) {
   uint32_t n = 0;
-  if (!ReadAll(fd, &n, 4) || n > max_bytes) return false;
+  const Io io = ReadAll(fd, &n, 4, deadline);
+  if (io != Io::kOk) return io;
+  if (n > max_bytes) return Io::kClosed;
   s->resize(n);
-  return ReadAll(fd, s->data(), n);
+  return ReadAll(fd, s->data(), n, deadline);
 }
 
 // The handshake (see tcp_store.h): client hello, then the server's answers. Distinct words,
@@ -67,14 +113,13 @@ constexpr char kHello[8] = {'H', 'L', 'X', 'S', 'T', 'O', 'R', '?'};
 constexpr char kWelcome[8] = {'H', 'L', 'X', 'S', 'T', 'O', 'R', '!'};
 constexpr char kOtherGroup[8] = {'H', 'L', 'X', 'S', 'T', 'O', 'R', 'x'};
 
-// Bounds blocking send/recv on `fd` (0 = no bound).
-void SetIoTimeout(int fd, std::chrono::milliseconds t) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(t.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
+// How long the server waits for a client's handshake, and the longest one connection attempt
+// of a client may take (then it dials again: something that accepted and never answers may
+// give way to the store, e.g. a leader starting on a port another program just left).
+constexpr std::chrono::milliseconds kHandshakeTimeout(10000);
+constexpr std::chrono::milliseconds kAttemptTimeout(5000);
+
+std::string Ms(std::chrono::milliseconds t) { return std::to_string(t.count()) + " ms"; }
 
 StatusOr<sockaddr_in> Resolve(const std::string& host, int port) {
   addrinfo hints{};
@@ -88,6 +133,51 @@ StatusOr<sockaddr_in> Resolve(const std::string& host, int port) {
   freeaddrinfo(res);
   addr.sin_port = htons(static_cast<uint16_t>(port));
   return addr;
+}
+
+// Connects `fd` (non-blocking) to a store and passes its handshake, by `deadline`. The reason
+// when not: DeadlineExceeded when time ran out, Unavailable when something else answered.
+Status ConnectAndGreet(int fd, const sockaddr_in& addr, const std::string& group_token,
+                       Clock::time_point deadline) {
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    if (errno != EINPROGRESS && errno != EINTR) return Unavailable(std::strerror(errno));
+    if (WaitFor(fd, POLLOUT, deadline) == Io::kTimedOut) {
+      return DeadlineExceeded(
+          "no answer to the connection request (a firewall that drops it, or a listener that "
+          "accepts no more connections?)");
+    }
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    if (err != 0) return Unavailable(std::strerror(err));
+  }
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  char answer[sizeof(kWelcome)] = {};
+  Io io = WriteAll(fd, kHello, sizeof(kHello), deadline);
+  if (io == Io::kOk) io = WriteString(fd, group_token, deadline);
+  if (io == Io::kOk) io = ReadAll(fd, answer, sizeof(answer), deadline);
+  if (io == Io::kTimedOut) {
+    return DeadlineExceeded("connected, but no answer to the store's handshake");
+  }
+  if (io == Io::kOk && std::memcmp(answer, kWelcome, sizeof(answer)) == 0) return Status::Ok();
+  if (io == Io::kOk && std::memcmp(answer, kOtherGroup, sizeof(answer)) == 0) {
+    return Unavailable(
+        "the store there belongs to another Helix instance (its group token differs)");
+  }
+  return Unavailable("what answers there is not a Helix rendezvous store");
+}
+
+// One attempt at the store at `addr`: a connected, greeted non-blocking socket, or why not
+// (see ConnectAndGreet; Internal when no socket could be made).
+StatusOr<int> Dial(const sockaddr_in& addr, const std::string& group_token,
+                   Clock::time_point deadline) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Internal(std::string("socket: ") + std::strerror(errno));
+  Status s = ConnectAndGreet(fd, addr, group_token, deadline);
+  if (s.ok()) return fd;
+  ::close(fd);
+  return s;
 }
 
 }  // namespace
@@ -155,7 +245,8 @@ void TcpStoreServer::AcceptLoop() {
   while (!stop_) {
     pollfd pfd{listen_fd_, POLLIN, 0};
     const bool ready = ::poll(&pfd, 1, 200) > 0;
-    const int fd = ready ? ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC) : -1;
+    const int fd =
+        ready ? ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC) : -1;
     std::lock_guard<std::mutex> lock(mu_);
     ReapFinished();
     if (fd < 0) continue;
@@ -172,27 +263,33 @@ void TcpStoreServer::AcceptLoop() {
 void TcpStoreServer::Serve(Client* client) {
   const int fd = client->fd;  // written before this thread started
   // The handshake first; a client that is not one of this group's ranks is dropped. Bounded,
-  // so that a peer which never speaks does not hold this thread.
+  // so that a peer which never speaks does not hold this thread; a rank may then stay idle
+  // between requests as long as it likes.
   char hello[sizeof(kHello)];
   std::string token;
-  SetIoTimeout(fd, std::chrono::milliseconds(10000));
-  bool ours = ReadAll(fd, hello, sizeof(hello)) && std::memcmp(hello, kHello, sizeof(hello)) == 0 &&
-              ReadString(fd, &token, kMaxToken);
+  const auto handshake = DeadlineAfter(kHandshakeTimeout);
+  bool ours = ReadAll(fd, hello, sizeof(hello), handshake) == Io::kOk &&
+              std::memcmp(hello, kHello, sizeof(hello)) == 0 &&
+              ReadString(fd, &token, handshake, kMaxToken) == Io::kOk;
   if (ours) {
     ours = token == group_token_;
-    WriteAll(fd, ours ? kWelcome : kOtherGroup, sizeof(kWelcome));
+    (void)WriteAll(fd, ours ? kWelcome : kOtherGroup, sizeof(kWelcome), handshake);
   }
-  SetIoTimeout(fd, std::chrono::milliseconds(0));
   for (; ours;) {
     char op = 0;
     std::string key, value;
-    if (!ReadAll(fd, &op, 1) || !ReadString(fd, &key) || !ReadString(fd, &value)) break;
+    if (ReadAll(fd, &op, 1, kNoDeadline) != Io::kOk ||
+        ReadString(fd, &key, kNoDeadline) != Io::kOk ||
+        ReadString(fd, &value, kNoDeadline) != Io::kOk) {
+      break;
+    }
     bool ok = true;
     if (op == 'S') {
       std::lock_guard<std::mutex> lock(mu_);
       data_[key].assign(value.begin(), value.end());
       const char found = 1;
-      ok = WriteAll(fd, &found, 1) && WriteString(fd, "");
+      ok = WriteAll(fd, &found, 1, kNoDeadline) == Io::kOk &&
+           WriteString(fd, "", kNoDeadline) == Io::kOk;
     } else if (op == 'G') {
       std::string out;
       char found = 0;
@@ -204,7 +301,8 @@ void TcpStoreServer::Serve(Client* client) {
           out.assign(it->second.begin(), it->second.end());
         }
       }
-      ok = WriteAll(fd, &found, 1) && WriteString(fd, out);
+      ok = WriteAll(fd, &found, 1, kNoDeadline) == Io::kOk &&
+           WriteString(fd, out, kNoDeadline) == Io::kOk;
     } else {
       break;
     }
@@ -223,74 +321,101 @@ StatusOr<std::unique_ptr<TcpStore>> TcpStore::Connect(const std::string& host, i
                            std::to_string(kMaxToken) + " bytes");
   }
   ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
-  const auto deadline = Clock::now() + timeout;
+  const std::string address = host + ":" + std::to_string(port);
+  const auto deadline = DeadlineAfter(timeout);
   std::string last;
   for (;;) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return Internal(std::string("socket: ") + std::strerror(errno));
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-      const int one = 1;
-      ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      SetIoTimeout(
-          fd, std::clamp(left, std::chrono::milliseconds(100), std::chrono::milliseconds(5000)));
-      char answer[sizeof(kWelcome)] = {};
-      const bool answered = WriteAll(fd, kHello, sizeof(kHello)) && WriteString(fd, group_token) &&
-                            ReadAll(fd, answer, sizeof(answer));
-      if (answered && std::memcmp(answer, kWelcome, sizeof(answer)) == 0) {
-        SetIoTimeout(fd, std::chrono::milliseconds(0));
-        return std::unique_ptr<TcpStore>(new TcpStore(fd, timeout));
-      }
-      last = answered && std::memcmp(answer, kOtherGroup, sizeof(answer)) == 0
-                 ? "the store there belongs to another Helix instance (its group token differs)"
-                 : "what answers there is not a Helix rendezvous store";
-    } else {
-      last = std::strerror(errno);
+    const auto attempt_deadline = std::min(deadline, DeadlineAfter(kAttemptTimeout));
+    StatusOr<int> fd = Dial(addr, group_token, attempt_deadline);
+    if (fd.ok()) {
+      return std::unique_ptr<TcpStore>(new TcpStore(*fd, addr, address, group_token, timeout));
     }
-    ::close(fd);
-    if (Clock::now() >= deadline) {
-      return DeadlineExceeded("cannot reach the leader's rendezvous store at " + host + ":" +
-                              std::to_string(port) + " within " + std::to_string(timeout.count()) +
-                              " ms: " + last);
+    if (fd.status().code() == StatusCode::kInternal) return fd.status();
+    // An attempt cut short by the deadline says less than an earlier one that was answered
+    // (e.g. by another instance's store).
+    const bool cut_short =
+        fd.status().code() == StatusCode::kDeadlineExceeded && attempt_deadline == deadline;
+    if (!cut_short || last.empty()) last = fd.status().message();
+    const auto now = Clock::now();
+    if (now >= deadline) {
+      return DeadlineExceeded("cannot reach the leader's rendezvous store at " + address +
+                              " within " + Ms(timeout) + ": " + last);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::this_thread::sleep_for(
+        std::min<Clock::duration>(std::chrono::milliseconds(50), deadline - now));
   }
 }
 
-TcpStore::~TcpStore() { ::close(fd_); }
+TcpStore::~TcpStore() {
+  if (fd_ >= 0) ::close(fd_);
+}
 
 StatusOr<std::pair<bool, std::string>> TcpStore::Call(char op, const std::string& key,
-                                                      const std::string& value) {
+                                                      const std::string& value,
+                                                      Clock::time_point deadline,
+                                                      std::chrono::milliseconds timeout) {
   std::lock_guard<std::mutex> lock(mu_);
+  const std::string which = " (key '" + key + "')";
+  if (!lost_.empty()) return Unavailable(lost_ + which);
+  if (fd_ < 0) {  // an earlier request ran out of time; the store may answer again
+    StatusOr<int> fd = Dial(addr_, group_token_, deadline);
+    if (!fd.ok()) {
+      if (fd.status().code() == StatusCode::kDeadlineExceeded) {
+        return DeadlineExceeded("rendezvous store at " + address_ + " did not answer within " +
+                                Ms(timeout) + which + ", reconnecting: " + fd.status().message());
+      }
+      return Unavailable("rendezvous store at " + address_ + ": cannot reconnect" + which + ": " +
+                         fd.status().message());
+    }
+    fd_ = *fd;
+  }
   char found = 0;
   std::string out;
-  if (!WriteAll(fd_, &op, 1) || !WriteString(fd_, key) || !WriteString(fd_, value) ||
-      !ReadAll(fd_, &found, 1) || !ReadString(fd_, &out)) {
-    return Unavailable("rendezvous store: connection to the leader lost (key '" + key + "')");
+  Io io = WriteAll(fd_, &op, 1, deadline);
+  if (io == Io::kOk) io = WriteString(fd_, key, deadline);
+  if (io == Io::kOk) io = WriteString(fd_, value, deadline);
+  if (io == Io::kOk) io = ReadAll(fd_, &found, 1, deadline);
+  if (io == Io::kOk) io = ReadString(fd_, &out, deadline);
+  if (io == Io::kOk) return std::make_pair(found != 0, std::move(out));
+  ::close(fd_);
+  fd_ = -1;
+  if (io == Io::kTimedOut) {
+    return DeadlineExceeded("rendezvous store at " + address_ + " did not answer within " +
+                            Ms(timeout) + which);
   }
-  return std::make_pair(found != 0, std::move(out));
+  lost_ = "rendezvous store: connection to the leader's store at " + address_ + " lost";
+  return Unavailable(lost_ + which);
 }
 
 Status TcpStore::Set(const std::string& key, const std::string& value) {
-  return Call('S', key, value).status();
+  return Call('S', key, value, DeadlineAfter(timeout_), timeout_).status();
 }
 
 StatusOr<std::string> TcpStore::Get(const std::string& key) { return Get(key, timeout_); }
 
 StatusOr<std::string> TcpStore::Get(const std::string& key, std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
+  return GetBy(key, DeadlineAfter(timeout), timeout);
+}
+
+StatusOr<std::string> TcpStore::GetBy(const std::string& key, Clock::time_point deadline,
+                                      std::chrono::milliseconds timeout) {
   auto delay = std::chrono::milliseconds(1);
+  bool answered = false;  // then a request cut off by the deadline only says the key is missing
   for (;;) {
-    ASSIGN_OR_RETURN(auto r, Call('G', key, ""));
-    if (r.first) return std::move(r.second);
-    if (Clock::now() >= deadline) {
-      return DeadlineExceeded("rendezvous: key '" + key + "' did not appear within " +
-                              std::to_string(timeout.count()) + " ms");
+    StatusOr<std::pair<bool, std::string>> r = Call('G', key, "", deadline, timeout);
+    if (!r.ok()) {
+      if (answered && r.status().code() == StatusCode::kDeadlineExceeded) break;
+      return r.status();
     }
-    std::this_thread::sleep_for(delay);
+    if (r->first) return std::move(r->second);
+    answered = true;
+    const auto now = Clock::now();
+    if (now >= deadline) break;
+    std::this_thread::sleep_for(std::min<Clock::duration>(delay, deadline - now));
     delay = std::min(delay * 2, std::chrono::milliseconds(50));
   }
+  return DeadlineExceeded("rendezvous: key '" + key + "' did not appear within " + Ms(timeout) +
+                          " (store at " + address_ + ")");
 }
 
 void TcpStore::set(const std::string& key, const std::vector<char>& data) {
@@ -308,8 +433,9 @@ void TcpStore::wait(const std::vector<std::string>& keys) { wait(keys, timeout_)
 
 void TcpStore::wait(const std::vector<std::string>& keys,
                     const std::chrono::milliseconds& timeout) {
+  const auto deadline = DeadlineAfter(timeout);
   for (const std::string& k : keys) {
-    StatusOr<std::string> v = Get(k, timeout);
+    StatusOr<std::string> v = GetBy(k, deadline, timeout);
     if (!v.ok()) throw gloo::IoException(v.status().ToString());
   }
 }

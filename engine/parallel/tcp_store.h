@@ -7,9 +7,14 @@
 // (until its timeout) whatever else answers: another instance's store (token differs), another
 // program on the port, or its own socket (a connect to a port nobody listens on yet can pick
 // that very port as its source: a TCP self-connection, which echoes the request back).
+// A client never waits past its caller's time: connecting (a firewall that drops the SYNs), the
+// handshake and every request are bounded, so a leader that does not answer is an error naming
+// its address and the timeout, not a hang.
 // Thread-safety: the server is internally synchronised; a TcpStore client serialises its own
 // calls with a mutex.
 #pragma once
+
+#include <netinet/in.h>
 
 #include <atomic>
 #include <chrono>
@@ -69,19 +74,21 @@ class TcpStore final : public gloo::rendezvous::Store {
  public:
   // Connects to the server, retrying until `timeout` (the leader may start after a worker)
   // and until a store of `group_token` answers the handshake. `timeout` also bounds every
-  // later wait for a key.
+  // later set, and every wait for a key that is given no timeout of its own.
   static StatusOr<std::unique_ptr<TcpStore>> Connect(const std::string& host, int port,
                                                      std::chrono::milliseconds timeout,
                                                      const std::string& group_token = "");
   ~TcpStore() override;
 
-  // Status-returning forms for Helix's own use.
+  // Status-returning forms for Helix's own use. A request the store does not answer in time is
+  // DeadlineExceeded naming the store's address and the timeout.
   Status Set(const std::string& key, const std::string& value);
   // Waits up to the store's timeout for `key`; DeadlineExceeded names the key.
   StatusOr<std::string> Get(const std::string& key);
   StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout);
 
-  // gloo::rendezvous::Store (throws gloo::IoException on failure, as Gloo expects).
+  // gloo::rendezvous::Store (throws gloo::IoException on failure, as Gloo expects). A wait for
+  // several keys has one deadline for them all.
   void set(const std::string& key, const std::vector<char>& data) override;
   std::vector<char> get(const std::string& key) override;
   void wait(const std::vector<std::string>& keys) override;
@@ -89,14 +96,31 @@ class TcpStore final : public gloo::rendezvous::Store {
             const std::chrono::milliseconds& timeout) override;
 
  private:
-  explicit TcpStore(int fd, std::chrono::milliseconds timeout) : fd_(fd), timeout_(timeout) {}
-  // One request/response: op 'S' (set), 'G' (get: found flag + value).
+  using Clock = std::chrono::steady_clock;
+  TcpStore(int fd, const sockaddr_in& addr, std::string address, std::string group_token,
+           std::chrono::milliseconds timeout)
+      : fd_(fd),
+        addr_(addr),
+        address_(std::move(address)),
+        group_token_(std::move(group_token)),
+        timeout_(timeout) {}
+  // One request/response by `deadline` (`timeout` is its length, for messages): op 'S' (set),
+  // 'G' (get: found flag + value).
   StatusOr<std::pair<bool, std::string>> Call(char op, const std::string& key,
-                                              const std::string& value);
+                                              const std::string& value, Clock::time_point deadline,
+                                              std::chrono::milliseconds timeout);
+  StatusOr<std::string> GetBy(const std::string& key, Clock::time_point deadline,
+                              std::chrono::milliseconds timeout);
 
   std::mutex mu_;
-  int fd_;
-  std::chrono::milliseconds timeout_;
+  // -1 after a request ran out of time: what was left of that exchange would answer the next
+  // one, so the connection is dropped and the next request dials again.
+  int fd_;            // GUARDED_BY(mu_)
+  std::string lost_;  // GUARDED_BY(mu_); why the connection is gone for good ("" = it is not)
+  const sockaddr_in addr_;
+  const std::string address_;  // host:port, for messages
+  const std::string group_token_;
+  const std::chrono::milliseconds timeout_;
 };
 
 }  // namespace helix::parallel
