@@ -1,10 +1,13 @@
 // helix-gen: the generation server. Subcommands: serve (daemon), generate (offline),
 // check-config.
 #include <chrono>
+#include <condition_variable>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <variant>
 
 #include <CLI/CLI.hpp>
@@ -59,6 +62,32 @@ struct Instance {
   std::unique_ptr<helix::Engine> engine;
 };
 
+// The serving leader's SIGTERM/SIGINT, taken by one thread from before the engine starts: one
+// during start-up (a rendezvous may wait comm_timeout) ends the process at once; later, it
+// starts the drain.
+struct SignalWatch {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool serving = false;  // GUARDED_BY(mu)
+  int signal = 0;        // GUARDED_BY(mu)
+};
+SignalWatch g_signals;
+
+void WatchSignals(const char* cmd, sigset_t sigs) {
+  std::thread([cmd, sigs] {
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    std::lock_guard<std::mutex> lock(g_signals.mu);
+    if (!g_signals.serving) {
+      // Ranks this leader spawned die with it (PR_SET_PDEATHSIG).
+      std::cerr << cmd << ": signal " << sig << " during start-up: exiting" << std::endl;
+      _exit(128 + sig);
+    }
+    g_signals.signal = sig;
+    g_signals.cv.notify_all();
+  }).detach();
+}
+
 // Assigns this process's rank (flags, launcher environment, or a single-node leader that
 // starts the other ranks itself), then creates its Engine. A rank other than 0 runs the
 // leader's steps until the instance stops. Returns the leader's Instance, or the exit code
@@ -80,6 +109,14 @@ std::variant<Instance, int> StartInstance(const std::string& cmd, helix::EngineO
   o.group_token = assigned->group_token;
   if (o.rank == 0 && leader_signals != nullptr) {
     pthread_sigmask(SIG_BLOCK, leader_signals, nullptr);
+    WatchSignals(cmd.c_str(), *leader_signals);
+  } else if (leader_signals != nullptr) {
+    // A worker of a serving instance outlives a SIGTERM/SIGINT sent to the whole process group
+    // (Ctrl-C, systemd, killpg), so that its leader can drain the streams in flight: the leader
+    // stops it afterwards, and it dies with a leader that spawned it.
+    for (int s = 1; s < NSIG; ++s) {
+      if (sigismember(leader_signals, s) == 1) signal(s, SIG_IGN);
+    }
   }
   Instance inst;
   if (assigned->spawn_local) {
@@ -225,8 +262,8 @@ int RunServe(const ServeFlags& f) {
   }
   helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
   const int world = o.tensor_parallel * o.context_parallel;
-  // The leader takes SIGTERM/SIGINT with sigwait below; other ranks keep the default action
-  // (and die with, or are stopped by, their leader).
+  // The leader takes SIGTERM/SIGINT on a thread of its own (WatchSignals); other ranks ignore
+  // them (and die with, or are stopped by, their leader).
   sigset_t sigs;
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);
@@ -270,7 +307,12 @@ int RunServe(const ServeFlags& f) {
             << std::endl;
 
   int sig = 0;
-  sigwait(&sigs, &sig);
+  {
+    std::unique_lock<std::mutex> lock(g_signals.mu);
+    g_signals.serving = true;
+    g_signals.cv.wait(lock, [] { return g_signals.signal != 0; });
+    sig = g_signals.signal;
+  }
   HELIX_LOG(kInfo) << "gen: signal " << sig << ": draining for up to " << f.drain_ms << " ms";
   health->SetServingStatus(false);
   service->Stop(std::chrono::milliseconds(f.drain_ms));
