@@ -90,6 +90,12 @@ Status ServingConfig::Validate() {
     return InvalidArgument("config field 'collectives' = " + Quote(collectives) +
                            ": expected \"auto\", \"nccl\" or \"gloo\"");
   }
+  if (collectives == "nccl" && backend != "cuda") {
+    return InvalidArgument(
+        "config field 'collectives' = \"nccl\" needs 'backend' = \"cuda\" "
+        "(NCCL runs between GPUs); backend is " +
+        Quote(backend));
+  }
   if (num_threads < 0) {
     return InvalidArgument("config field 'num_threads' = " + std::to_string(num_threads) +
                            ": expected 0 (all cores) or a positive thread count");

@@ -284,6 +284,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
       }
       ChatMessage cm;
       cm.role = m["role"].get<std::string>();
+      if (cm.role == "developer") cm.role = "system";  // OpenAI's newer name for it
       if (m.contains("content") && m["content"].is_string()) {
         cm.content = m["content"].get<std::string>();
       } else if (m.contains("content") && m["content"].is_array()) {
@@ -332,6 +333,25 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   }
   if (ids.empty()) return Bad(e, chat ? "messages" : "prompt", "the prompt is empty");
   const int64_t prompt_len = static_cast<int64_t>(ids.size());
+  // Parameters this server does not implement: refused by name rather than silently dropped
+  // (a client would otherwise get output that ignores them).
+  auto unsupported = [&](const char* key, bool given) -> Status {
+    if (!given) return Status::Ok();
+    return Bad(e, key, std::string("'") + key + "' is not supported by this server");
+  };
+  auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  auto non_empty = [&](const char* key) { return present(key) && !j[key].empty(); };
+  RETURN_IF_ERROR(unsupported("echo", present("echo") && j["echo"] != false));
+  RETURN_IF_ERROR(unsupported("suffix", present("suffix") && j["suffix"] != ""));
+  RETURN_IF_ERROR(unsupported("best_of", present("best_of") && j["best_of"] != 1));
+  RETURN_IF_ERROR(unsupported("logit_bias", non_empty("logit_bias")));
+  RETURN_IF_ERROR(unsupported("tools", non_empty("tools")));
+  RETURN_IF_ERROR(unsupported("functions", non_empty("functions")));
+  RETURN_IF_ERROR(unsupported("tool_choice", present("tool_choice") && j["tool_choice"] != "none"));
+  RETURN_IF_ERROR(unsupported(
+      "response_format",
+      present("response_format") && !(j["response_format"].is_object() &&
+                                      j["response_format"].value("type", json()) == "text")));
   // Sampling and limits.
   int64_t n = 1;
   RETURN_IF_ERROR(Integer(j, "n", 1, 1, &n, e));

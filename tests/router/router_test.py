@@ -378,6 +378,18 @@ class RouterTest(unittest.TestCase):
         metrics = http(p, "/metrics")[1]
         self.assertNotIn("fake_metric", metrics)
         self.assertIn('helix_router_http_responses_total{route="other",code="404"}', metrics)
+        # Parameters this server does not implement are refused by name, not dropped.
+        for extra in ({"echo": True}, {"best_of": 2}, {"suffix": "x"}, {"logit_bias": {"5": 10}},
+                      {"response_format": {"type": "json_object"}},
+                      {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+            status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", **extra})
+            self.assertEqual((status, body["error"]["param"]), (400, next(iter(extra))), body)
+        # ... and their neutral values pass.
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
+                                                   "echo": False, "best_of": 1, "logit_bias": {},
+                                                   "response_format": {"type": "text"},
+                                                   "tools": [], "tool_choice": "none"})
+        self.assertEqual(status, 200, body)
         # Unknown parameters are ignored, as OpenAI-compatible servers do.
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
                                                    "user": "u", "frobnicate": True})
@@ -615,6 +627,11 @@ class ChatTest(unittest.TestCase):
             self.assertEqual(r.choices[0].message.role, "assistant")
             self.assertEqual(r.choices[0].message.content, want.choices[0].text)
             self.assertEqual(r.usage.prompt_tokens, want.usage.prompt_tokens)
+            # "developer" is OpenAI's newer name for the system role.
+            dev = client.chat.completions.create(
+                model=NAME, messages=[dict(msgs[0], role="developer"), msgs[1]], max_tokens=20,
+                temperature=0)
+            self.assertEqual(dev.choices[0].message.content, want.choices[0].text)
             chunks = list(client.chat.completions.create(model=NAME, messages=msgs,
                                                          max_tokens=20, temperature=0,
                                                          stream=True))
