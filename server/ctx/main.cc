@@ -1,4 +1,5 @@
 // helix-ctx: the context (prefill) server. Subcommands: serve, check-config.
+#include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -74,15 +75,30 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   so.max_in_flight = 4 * cfg->max_batch_size;
   so.api_key = cfg->server.api_key.value_or("");
   so.lease_ms = cfg->kv_lease_ms;
-  // With port 0 the address is completed once bound (handles are only made after that).
-  so.address = cfg->server.host + ":" + std::to_string(cfg->server.port);
+  const std::string listen = cfg->server.host + ":" + std::to_string(cfg->server.port);
+  // Handles carry the address generation servers call back (export check, release): a
+  // wildcard listen address names no host, so this host's name goes there instead.
+  std::string advertised = cfg->server.host;
+  if (advertised == "0.0.0.0" || advertised == "::" || advertised == "[::]") {
+    // gethostname's, above, when it resolves (else the wildcard, which reaches this host from
+    // itself only).
+    addrinfo* res = nullptr;
+    if (host[0] != '\0' && getaddrinfo(host, nullptr, nullptr, &res) == 0) advertised = host;
+    if (res != nullptr) freeaddrinfo(res);
+    if (advertised == cfg->server.host) {
+      HELIX_LOG(kWarn) << "ctx: server.host " << advertised << " is a wildcard and this host's "
+                       << "name does not resolve: KV handles name " << advertised
+                       << ", which only this host can reach";
+    }
+  }
+  so.address = advertised + ":" + std::to_string(cfg->server.port);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int bound_port = 0;
   // gRPC turns SO_REUSEPORT on by default: a second server on a taken port would share it.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder.AddListeningPort(so.address, creds, &bound_port);
+  builder.AddListeningPort(listen, creds, &bound_port);
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.SetMaxSendMessageSize(64 << 20);
   if (cfg->server.port == 0) {
@@ -93,7 +109,7 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   builder.RegisterService(service.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
-    std::cerr << "helix-ctx serve: cannot listen on " << so.address << "\n";
+    std::cerr << "helix-ctx serve: cannot listen on " << listen << "\n";
     service->Stop(std::chrono::milliseconds(0));
     return kExitFailure;
   }
@@ -101,7 +117,8 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   health->SetServingStatus(true);
   HELIX_LOG(kInfo) << "ctx: serving helix.v1.ContextService on " << so.address << " (server id "
                    << o.server_id << ", KV lease " << cfg->kv_lease_ms << " ms)";
-  std::cerr << "helix-ctx serve: listening on " << so.address << std::endl;
+  std::cerr << "helix-ctx serve: listening on " << listen
+            << (listen == so.address ? "" : " (handles name " + so.address + ")") << std::endl;
   int sig = 0;
   sigwait(&sigs, &sig);
   HELIX_LOG(kInfo) << "ctx: signal " << sig << ": draining for up to " << drain_ms << " ms";
