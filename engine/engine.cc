@@ -810,9 +810,17 @@ std::vector<uint8_t> Engine::PollTransfers(const std::vector<uint64_t>& uids,
             (st == transfer::JobState::kInProgress || st == transfer::JobState::kDone)) {
           it->second.copy_error = UploadStagedKv(&it->second, st == transfer::JobState::kDone);
         }
-        if (st == transfer::JobState::kDone && !it->second.copy_error.empty()) {
-          st = transfer::JobState::kFailed;
-          error = it->second.copy_error;
+        if (!it->second.copy_error.empty()) {
+          if (st == transfer::JobState::kInProgress) {
+            // No use pulling the rest: the pull ends at once (its gets land in this rank's
+            // staging, never in the pool), and is reported with the copy's error, not the
+            // transfer timeout it would otherwise run into.
+            if (!it->second.copy_cancelled) transfer_->Cancel(it->second.job);
+            it->second.copy_cancelled = true;
+          } else {
+            st = transfer::JobState::kFailed;
+            error = it->second.copy_error;
+          }
         }
       }
     }

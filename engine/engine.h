@@ -318,6 +318,7 @@ class Engine {
     // go back to the transfer (UcxTransfer::ReleaseGroups) once UploadsDone says so.
     std::deque<std::pair<uint64_t, std::vector<uint32_t>>> uploading;
     std::string copy_error;  // the copy to the device failed
+    bool copy_cancelled = false;  // and the pull was cancelled for it
   };
   std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence
   // Uploads the pull's staged blocks whose gets are done; when the pull is `done`, fences the
