@@ -41,10 +41,29 @@ else
   fi
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port below Linux's ephemeral range (32768+): one the kernel hands out could be taken by
+# a socket Gloo or UCX opens before the server it was picked for binds it. Arguments: ports
+# already picked.
+free_port() {
+  python3 -c '
+import random, socket, sys
+taken = set(int(p) for p in sys.argv[1:])
+for _ in range(1000):
+    p = random.randrange(20000, 32000)
+    if p in taken:
+        continue
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+    print(p)
+    break
+' "$@"
+}
 router_port=$(free_port)
-ctx_port=$(free_port)
-gen_port=$(free_port)
+ctx_port=$(free_port "$router_port")
+gen_port=$(free_port "$router_port" "$ctx_port")
 cat > "$run/cluster.json" <<JSON
 {
   "model": "$model", "tokenizer": $tokenizer, "host": "127.0.0.1",
