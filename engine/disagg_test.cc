@@ -193,17 +193,18 @@ TEST_F(DisaggTest, SourceCheckRunsBeforeThePull) {
   const auto prompts = Prompts(g->tokenizer());
   std::vector<GenerateRequest> reqs;
   std::vector<int> kv_done(2, 0);
+  std::vector<std::thread> answering;
   for (int i = 0; i < 2; ++i) {
     const std::string id = "chk" + std::to_string(i);
     testing::Prefilled pf = testing::Prefill(c, prompts[2], id);
     GenerateRequest r = Decode(prompts[2]);
     r.kv_source = pf.source;
     r.first_token = pf.first_token;
-    r.check_kv_source = [i](std::function<void(const Status&)> verdict) {
+    r.check_kv_source = [i, &answering](std::function<void(const Status&)> verdict) {
       // Answered from another thread, as a gRPC callback would.
-      std::thread([i, verdict] {
+      answering.emplace_back([i, verdict] {
         verdict(i == 0 ? Status::Ok() : InvalidArgument("not a handle this server gave out"));
-      }).detach();
+      });
     };
     r.on_kv_done = [&kv_done, c, i, id](const Status&) {
       ++kv_done[i];
@@ -213,6 +214,7 @@ TEST_F(DisaggTest, SourceCheckRunsBeforeThePull) {
   }
   reqs.push_back(Decode(prompts[2]));
   const auto got = testing::RunAll(g, reqs);
+  for (std::thread& t : answering) t.join();
   EXPECT_EQ(got[0].reason, FinishReason::kLength) << got[0].error.ToString();
   EXPECT_EQ(got[0].tokens, got[2].tokens);
   EXPECT_EQ(got[1].reason, FinishReason::kError);
