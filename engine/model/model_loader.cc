@@ -45,6 +45,10 @@ const char* ModelFormatName(ModelFormat f) {
 StatusOr<ModelFormat> DetectModelFormat(const std::string& model_path) {
   std::error_code ec;
   if (fs::is_directory(model_path, ec)) return ModelFormat::kHuggingFace;
+  if (fs::exists(model_path, ec) && !fs::is_regular_file(model_path, ec)) {
+    // Opening a FIFO would wait for a writer forever.
+    return InvalidArgument("model '" + model_path + "' is not a regular file or a directory");
+  }
   std::ifstream in(model_path, std::ios::binary);
   if (!in) return NotFound("cannot open model file '" + model_path + "'");
   char magic[4] = {};

@@ -5,6 +5,8 @@
 #include "engine/model/model_loader.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -226,6 +228,83 @@ TEST_F(ModelLoaderTest, FormatsAreDetected) {
   EXPECT_EQ(*DetectModelFormat(Path("llama_F32.gguf")), ModelFormat::kGguf);
   EXPECT_EQ(*DetectModelFormat(Path("llama_hf")), ModelFormat::kHuggingFace);
   EXPECT_EQ(DetectModelFormat(Path("nothing-here")).status().code(), StatusCode::kNotFound);
+}
+
+// Files damaged in ways a size check does not see: a tensor moved onto another one's bytes, a
+// tensor whose type was changed under its data, a FIFO (opening it would wait forever).
+TEST_F(ModelLoaderTest, TensorsThatDoNotFollowEachOtherAndNonFilesAreRefused) {
+  std::ifstream in(Path("llama_F32.gguf"), std::ios::binary);
+  const std::string good((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_FALSE(good.empty());
+  // The tensor info after a tensor's name: u32 dims, u64 each, u32 type, u64 offset.
+  const std::string name = "blk.0.attn_q.weight";
+  const size_t at = good.find(name);
+  ASSERT_NE(at, std::string::npos);
+  uint32_t dims = 0;
+  std::memcpy(&dims, good.data() + at + name.size(), 4);
+  const size_t type_at = at + name.size() + 4 + 8 * dims;
+  const size_t offset_at = type_at + 4;
+  const fs::path dir = fs::temp_directory_path() / ("helix_gguf_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  auto write = [&](const std::string& file, const std::string& bytes) {
+    std::ofstream((dir / file).string(), std::ios::binary) << bytes;
+    return (dir / file).string();
+  };
+  std::string moved = good;
+  std::memset(moved.data() + offset_at, 0, 8);  // onto the first tensor's bytes
+  std::string retyped = good;
+  const uint32_t q8_0 = 8;
+  std::memcpy(retyped.data() + type_at, &q8_0, 4);
+  for (const auto& [file, bytes] :
+       {std::pair{"moved.gguf", moved}, std::pair{"retyped.gguf", retyped}}) {
+    SCOPED_TRACE(file);
+    auto b = LoadModelBundle(write(file, bytes), "");
+    ASSERT_FALSE(b.ok());
+    EXPECT_EQ(b.status().code(), StatusCode::kInvalidArgument) << b.status().ToString();
+    EXPECT_NE(b.status().message().find("GGUF tensors follow each other"), std::string::npos)
+        << b.status().ToString();
+  }
+  const std::string fifo = (dir / "model.fifo").string();
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  auto f = LoadModelBundle(fifo, StoriesTokenizer());
+  ASSERT_FALSE(f.ok());
+  EXPECT_EQ(f.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(f.status().message().find("not a regular file"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+// A DeepSeek config.json promising far more experts than its checkpoint holds is refused before
+// the loader lists the tensors it wants (4096 layers of 4096 experts asked for gigabytes).
+TEST_F(ModelLoaderTest, ConfigWithMoreExpertsThanTheCheckpointIsRefused) {
+  const fs::path src = Path("deepseek_v2_tiny");
+  if (!fs::exists(src / "config.json")) GTEST_SKIP() << "no " << src;
+  const fs::path dir = fs::temp_directory_path() / ("helix_moe_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  for (const auto& e : fs::directory_iterator(src)) {
+    if (e.path().filename() != "config.json")
+      fs::create_symlink(e.path(), dir / e.path().filename());
+  }
+  std::ifstream in(src / "config.json");
+  std::string config((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto set = [&](const std::string& key, const std::string& value) {
+    const size_t at = config.find("\"" + key + "\"");
+    ASSERT_NE(at, std::string::npos) << key;
+    const size_t colon = config.find(':', at);
+    const size_t end = config.find_first_of(",}", colon);
+    config.replace(colon + 1, end - colon - 1, " " + value);
+  };
+  set("num_hidden_layers", "4096");
+  set("n_routed_experts", "4096");
+  set("first_k_dense_replace", "0");
+  set("n_group", "1");
+  set("topk_group", "1");
+  std::ofstream((dir / "config.json").string()) << config;
+  auto b = LoadModelBundle(dir.string(), StoriesTokenizer());
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), StatusCode::kInvalidArgument) << b.status().ToString();
+  EXPECT_NE(b.status().message().find("expert tensors"), std::string::npos)
+      << b.status().ToString();
+  fs::remove_all(dir);
 }
 
 TEST_F(ModelLoaderTest, BrokenOrUnsupportedFilesGiveClearErrors) {

@@ -686,6 +686,19 @@ TEST(HfTokenizerJsonTest, Errors) {
   EXPECT_NE(lookbehind.status().message().find("Split regex \"(?<=a)b|c\""), std::string::npos)
       << lookbehind.status().ToString();
   EXPECT_NE(lookbehind.status().message().find("lookbehind"), std::string::npos);
+  // Sequences nested past any real tokenizer's depth are refused (memory grew with the square
+  // of the depth); 16 levels still load.
+  auto nested_to = [](int depth) {
+    std::string s = R"({"type": "ByteLevel"})";
+    for (int i = 0; i < depth; ++i) s = R"({"type": "Sequence", "pretokenizers": [)" + s + "]}";
+    return SmallTokenizerJson(s);
+  };
+  auto deep_ok = load(nested_to(16));
+  EXPECT_TRUE(deep_ok.ok()) << deep_ok.status().ToString();
+  auto deep = load(nested_to(2000));
+  EXPECT_EQ(deep.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(deep.status().message().find("nested deeper than 16"), std::string::npos)
+      << deep.status().ToString();
   auto merged = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
       {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "MergedWithPrevious"},
       {"type": "ByteLevel", "use_regex": false}]})"));

@@ -70,17 +70,27 @@ StatusOr<std::optional<std::string>> TokenText(const json& config, const char* k
   return InvalidArgument(where + ": " + key + " is neither a string nor {\"content\": string}");
 }
 
+// Sequences nest one or two deep in real tokenizers; far deeper is a broken file (and cost
+// memory quadratic in the depth, for the names).
+constexpr int kMaxSequenceDepth = 16;
+
 // Flattens a pre_tokenizer (a Sequence or a single one), `name` in the file, into its steps.
-Status Flatten(const json& node, const std::string& name, std::vector<const json*>* out) {
+Status Flatten(const json& node, const std::string& name, std::vector<const json*>* out,
+               int depth = 0) {
   if (!node.is_object()) return InvalidArgument(name + " is not an object");
   auto type = node.find("type");
   if (type != node.end() && *type == "Sequence") {
+    if (depth >= kMaxSequenceDepth) {
+      return InvalidArgument(name + ": Sequence pre_tokenizers nested deeper than " +
+                             std::to_string(kMaxSequenceDepth));
+    }
     auto list = node.find("pretokenizers");
     if (list == node.end() || !list->is_array()) {
       return InvalidArgument(name + ".pretokenizers is not an array");
     }
     for (size_t i = 0; i < list->size(); ++i) {
-      RETURN_IF_ERROR(Flatten((*list)[i], name + ".pretokenizers[" + std::to_string(i) + "]", out));
+      RETURN_IF_ERROR(
+          Flatten((*list)[i], name + ".pretokenizers[" + std::to_string(i) + "]", out, depth + 1));
     }
     return Status::Ok();
   }

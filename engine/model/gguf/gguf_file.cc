@@ -371,6 +371,20 @@ Status GgufFile::Parse() {
     tensors_.push_back(std::move(t));
   }
 
+  // Tensors follow each other in the data section in the order they are listed, each padded to
+  // the alignment (ggml's own reader requires exactly that): overlapping tensors, or a tensor
+  // whose type was changed under its data, break the chain.
+  uint64_t next = 0;
+  for (const GgufTensorInfo& t : tensors_) {
+    if (t.offset != next) {
+      return InvalidArgument(path + ": tensor '" + t.name + "' starts at data offset " +
+                             Str(t.offset) + ", but the tensor before it ends at " + Str(next) +
+                             " (GGUF tensors follow each other, each padded to the alignment " +
+                             Str(alignment_) + ")");
+    }
+    if (t.size > std::numeric_limits<uint64_t>::max() - alignment_ - next) break;  // checked below
+    next += (t.size + alignment_ - 1) / alignment_ * alignment_;
+  }
   // The data section starts at the next multiple of the alignment.
   data_offset_ = (c.pos() + alignment_ - 1) / alignment_ * alignment_;
   for (GgufTensorInfo& t : tensors_) {

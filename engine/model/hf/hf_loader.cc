@@ -279,6 +279,7 @@ Status ReadConfig(const Config& j, ModelConfig* c) {
 // Where each tensor of the model lives: one file, or the shards an index names.
 class TensorSource {
  public:
+  size_t count() const { return where_.size(); }
   Status Open(const std::string& dir) {
     const std::string single = (fs::path(dir) / "model.safetensors").string();
     const std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
@@ -387,6 +388,20 @@ StatusOr<HfModel> LoadHfModel(const std::string& dir) {
   ModelWeights& w = result.model->weights;
   const int64_t D = c.dim, F = c.hidden_dim, V = c.vocab_size;
   const int64_t qd = c.n_heads * c.head_dim, kvd = c.n_kv_heads * c.head_dim;
+  // Routed experts: three tensors each per MoE layer. A config promising more than the files
+  // hold is refused before the tensor list is built (a 1 KB config.json could otherwise ask for
+  // tens of millions of entries: gigabytes before the first "missing tensor").
+  int64_t expert_tensors = 0;
+  for (int64_t l = 0; l < c.n_layers && c.mla(); ++l) {
+    if (c.IsMoeLayer(l)) expert_tensors += 3 * c.n_routed_experts;
+  }
+  if (expert_tensors > static_cast<int64_t>(src.count())) {
+    return InvalidArgument(config_path + ": " + std::to_string(c.n_layers) + " layers with " +
+                           std::to_string(c.n_routed_experts) + " routed experts need " +
+                           std::to_string(expert_tensors) +
+                           " expert tensors, but the checkpoint in " + dir + " holds " +
+                           std::to_string(src.count()) + " tensors in all");
+  }
   std::vector<Wanted> wanted;
   wanted.push_back({"model.embed_tokens.weight", {V, D}, &w.token_embedding});
   w.layers.resize(c.n_layers);
