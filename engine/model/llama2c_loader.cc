@@ -90,6 +90,15 @@ StatusOr<std::unique_ptr<LoadedModel>> LoadLlama2cModel(const std::string& path)
     return DataLoss(path + ": truncated llama2.c checkpoint: header describes " +
                     std::to_string(expected) + " bytes but the file has " + std::to_string(size));
   }
+  // The header fixes the layout; bytes beyond it mean the header does not describe this file
+  // (e.g. a damaged n_layers or vocab sign), which would load as a smaller, wrong model.
+  if (size > expected) {
+    return InvalidArgument(path + ": the llama2.c header describes " + std::to_string(expected) +
+                           " bytes (" + std::to_string(L) + " layers, vocab " +
+                           std::to_string(c.vocab_size) +
+                           (c.tied_embeddings ? ", shared classifier" : ", own classifier") +
+                           ") but the file has " + std::to_string(size));
+  }
 
   Reader r(in, path, size);
   r.set_pos(sizeof(h));

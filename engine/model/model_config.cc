@@ -27,6 +27,15 @@ Status ModelConfig::Validate() const {
     return InvalidArgument("model head_dim = " + std::to_string(head_dim) +
                            ": RoPE needs an even head dimension");
   }
+  // Stored as floats: a value checked as a double can still become inf or 0 here.
+  if (!std::isfinite(rope_theta) || rope_theta <= 0) {
+    return InvalidArgument("model rope_theta = " + std::to_string(rope_theta) +
+                           ": expected a finite positive value (as a 32-bit float)");
+  }
+  if (!std::isfinite(norm_eps) || norm_eps <= 0) {
+    return InvalidArgument("model norm_eps = " + std::to_string(norm_eps) +
+                           ": expected a finite positive value (as a 32-bit float)");
+  }
   // Guard against absurd headers before anything is allocated from them.
   if (dim > (1 << 20) || hidden_dim > (1 << 22) || n_layers > 4096 || n_heads > 4096 ||
       vocab_size > (1 << 24) || head_dim > 4096) {

@@ -273,6 +273,41 @@ TEST_F(ModelLoaderTest, TensorsThatDoNotFollowEachOtherAndNonFilesAreRefused) {
   fs::remove_all(dir);
 }
 
+// A llama2.c header that describes less than the file holds (a damaged n_layers) loaded as a
+// smaller, wrong model.
+TEST_F(ModelLoaderTest, Llama2cHeaderMustDescribeTheWholeFile) {
+  std::ifstream in(Path("llama.bin"), std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(bytes.size(), 28u);
+  int32_t layers = 0;
+  std::memcpy(&layers, bytes.data() + 8, 4);
+  ASSERT_GT(layers, 1);
+  const int32_t one = 1;
+  std::memcpy(bytes.data() + 8, &one, 4);
+  const std::string path =
+      (fs::temp_directory_path() / ("helix_l2c_" + std::to_string(getpid()) + ".bin")).string();
+  std::ofstream(path, std::ios::binary) << bytes;
+  auto b = LoadModelBundle(path, StoriesTokenizer());
+  fs::remove(path);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), StatusCode::kInvalidArgument) << b.status().ToString();
+  EXPECT_NE(b.status().message().find("header describes"), std::string::npos)
+      << b.status().ToString();
+}
+
+// Header values that pass as doubles but not as the floats they are stored in.
+TEST_F(ModelLoaderTest, RopeThetaAndNormEpsMustBeFinitePositiveFloats) {
+  auto b = LoadModelBundle(Path("llama.bin"), StoriesTokenizer());
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  ModelConfig c = b->model->config;
+  ASSERT_TRUE(c.Validate().ok());
+  c.rope_theta = static_cast<float>(1e300);  // inf
+  EXPECT_NE(c.Validate().message().find("rope_theta"), std::string::npos);
+  c = b->model->config;
+  c.norm_eps = static_cast<float>(1e-50);  // 0
+  EXPECT_NE(c.Validate().message().find("norm_eps"), std::string::npos);
+}
+
 // A DeepSeek config.json promising far more experts than its checkpoint holds is refused before
 // the loader lists the tensors it wants (4096 layers of 4096 experts asked for gigabytes).
 TEST_F(ModelLoaderTest, ConfigWithMoreExpertsThanTheCheckpointIsRefused) {
