@@ -3,7 +3,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
+#include <nlohmann/json.hpp>
+
+#include "engine/model/gguf/gguf_file.h"
 #include "engine/model/gguf/gguf_loader.h"
 #include "engine/model/hf/hf_loader.h"
 #include "engine/model/llama2c_loader.h"
@@ -100,6 +104,62 @@ StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
                            std::to_string(model_vocab) + " embedding rows");
   }
   return b;
+}
+
+StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
+                                                        const std::string& tokenizer_path) {
+  ASSIGN_OR_RETURN(ModelFormat format, DetectModelFormat(model_path));
+  int64_t model_vocab = 0;  // embedding rows, where a tokenizer file needs them
+  std::optional<VocabData> vocab;
+  switch (format) {
+    case ModelFormat::kLlama2c: {
+      if (tokenizer_path.empty()) {
+        return InvalidArgument("model '" + model_path +
+                               "' is a llama2.c checkpoint, which needs a tokenizer file "
+                               "(--tokenizer / \"tokenizer\")");
+      }
+      std::ifstream in(model_path, std::ios::binary);
+      int32_t h[7] = {};
+      in.read(reinterpret_cast<char*>(h), sizeof(h));
+      if (!in) return DataLoss(model_path + ": shorter than a llama2.c header");
+      model_vocab = h[5] < 0 ? -static_cast<int64_t>(h[5]) : h[5];
+      if (model_vocab <= 0 || model_vocab > (1 << 24)) {
+        return InvalidArgument(model_path + ": llama2.c vocab_size " + std::to_string(model_vocab) +
+                               " is out of range");
+      }
+      break;
+    }
+    case ModelFormat::kGguf: {
+      ASSIGN_OR_RETURN(std::unique_ptr<gguf::GgufFile> file, gguf::GgufFile::Open(model_path));
+      if (const gguf::GgufTensorInfo* t = file->FindTensor("token_embd.weight");
+          t != nullptr && t->ne.size() == 2) {
+        model_vocab = t->ne[1];
+      }
+      ASSIGN_OR_RETURN(vocab, ReadGgufVocab(*file));
+      break;
+    }
+    case ModelFormat::kHuggingFace: {
+      std::error_code ec;
+      const fs::path json = fs::path(model_path) / "tokenizer.json";
+      const fs::path config = fs::path(model_path) / "tokenizer_config.json";
+      if (tokenizer_path.empty() && fs::exists(json, ec)) {
+        ASSIGN_OR_RETURN(
+            vocab, LoadHfTokenizerJson(json.string(),
+                                       fs::exists(config, ec) ? config.string() : std::string()));
+      } else if (!tokenizer_path.empty()) {
+        std::ifstream in(fs::path(model_path) / "config.json");
+        const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+        if (j.is_object() && j.contains("vocab_size") && j["vocab_size"].is_number_integer()) {
+          model_vocab = j["vocab_size"].get<int64_t>();
+        }
+      }
+      break;
+    }
+  }
+  if (!tokenizer_path.empty()) return LoadTokenizerFile(tokenizer_path, model_vocab);
+  if (vocab) return CreateTokenizer(std::move(*vocab));
+  return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(format) +
+                         ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
 }
 
 }  // namespace helix

@@ -33,4 +33,10 @@ StatusOr<ModelFormat> DetectModelFormat(const std::string& model_path);
 StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
                                       const std::string& tokenizer_path);
 
+// The tokenizer LoadModelBundle would give, without reading the weights (a router needs only
+// this): from tokenizer_path when given, else the one the model carries (GGUF metadata,
+// tokenizer.json of a Hugging Face folder). A llama2.c checkpoint's header sizes its tokenizer.
+StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
+                                                        const std::string& tokenizer_path);
+
 }  // namespace helix

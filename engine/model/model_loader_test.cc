@@ -295,6 +295,34 @@ TEST_F(ModelLoaderTest, Llama2cHeaderMustDescribeTheWholeFile) {
       << b.status().ToString();
 }
 
+// The router's tokenizer, read without the weights, is the one the full load gives.
+TEST_F(ModelLoaderTest, TokenizerAloneMatchesTheFullLoad) {
+  const std::string text = "Once upon a time, Lily saw 42 cats. \xc3\xa9t\xc3\xa9!";
+  struct Case {
+    std::string model, tokenizer;
+  };
+  std::vector<Case> cases = {{"llama.bin", StoriesTokenizer()},
+                             {"llama_F32.gguf", ""},
+                             {"qwen2_F32.gguf", StoriesTokenizer()},
+                             {"llama_Q8_0.gguf", StoriesTokenizer()},
+                             {"llama_hf", StoriesTokenizer()}};
+  for (const char* hf : {"deepseek_v3_tiny"}) {
+    if (fs::exists(Path(hf))) cases.push_back({hf, StoriesTokenizer()});
+  }
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.model);
+    auto full = LoadModelBundle(Path(c.model), c.tokenizer);
+    ASSERT_TRUE(full.ok()) << full.status().ToString();
+    auto alone = LoadModelTokenizer(Path(c.model), c.tokenizer);
+    ASSERT_TRUE(alone.ok()) << alone.status().ToString();
+    EXPECT_EQ((*alone)->vocab_size(), full->tokenizer->vocab_size());
+    EXPECT_EQ((*alone)->Encode(text, true), full->tokenizer->Encode(text, true));
+    EXPECT_EQ((*alone)->chat_template(), full->tokenizer->chat_template());
+  }
+  EXPECT_EQ(LoadModelTokenizer(Path("llama.bin"), "").status().code(),
+            StatusCode::kInvalidArgument);
+}
+
 // Header values that pass as doubles but not as the floats they are stored in.
 TEST_F(ModelLoaderTest, RopeThetaAndNormEpsMustBeFinitePositiveFloats) {
   auto b = LoadModelBundle(Path("llama.bin"), StoriesTokenizer());

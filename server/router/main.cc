@@ -60,17 +60,17 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   signal(SIGPIPE, SIG_IGN);  // a client that hangs up mid-stream is an error, not our death
 
-  // The router owns tokenisation: it loads the model's tokenizer (and chat template).
-  auto bundle = helix::LoadModelBundle(cfg->model, cfg->tokenizer.value_or(""));
-  if (!bundle.ok()) {
-    std::cerr << "helix-router: " << bundle.status().ToString() << "\n";
+  // The router owns tokenisation: it loads the model's tokenizer (and chat template), not its
+  // weights.
+  auto tokenizer = helix::LoadModelTokenizer(cfg->model, cfg->tokenizer.value_or(""));
+  if (!tokenizer.ok()) {
+    std::cerr << "helix-router: " << tokenizer.status().ToString() << "\n";
     return kExitFailure;
   }
-  bundle->model.reset();  // only the tokenizer is needed
   if (cfg->served_model_name.empty()) {
     cfg->served_model_name = std::filesystem::path(cfg->model).stem().string();
   }
-  helix::router::Router router(*cfg, std::move(bundle->tokenizer));
+  helix::router::Router router(*cfg, std::move(*tokenizer));
   HELIX_LOG(kInfo) << "router: model '" << router.model_name() << "', chat template "
                    << helix::router::ChatStyleName(router.chat_style()) << ", "
                    << cfg->context_servers.urls.size() << " context and "

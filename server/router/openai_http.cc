@@ -486,6 +486,12 @@ StatusOr<int> OpenAiHttp::Start() {
   const int threads = static_cast<int>(std::min<int64_t>(cfg_.max_inflight_requests + 16, 1024));
   s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   s.set_payload_max_length(static_cast<size_t>(cfg_.max_request_bytes));
+  // httplib's defaults add SO_REUSEPORT, which let a second router bind a taken port and split
+  // its traffic: SO_REUSEADDR alone (a restart may still take a port in TIME_WAIT).
+  s.set_socket_options([](socket_t sock) {
+    const int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
   s.set_read_timeout(std::chrono::seconds(30));
   s.set_write_timeout(std::chrono::seconds(30));
   auto send_error = [this](httplib::Response& res, const HttpError& e, const std::string& route) {
