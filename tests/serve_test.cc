@@ -1,8 +1,8 @@
 // helix-gen serve end to end: a CP = 2 daemon on stories260K (loopback, free port) driven by a
 // gRPC client. Concurrent streams return exactly what each returns alone; cancel, deadline
 // and client disconnect free their blocks without disturbing others; bad requests get
-// INVALID_ARGUMENT naming the field; a killed rank turns health NOT_SERVING and ends streams
-// with UNAVAILABLE; SIGTERM drains in-flight streams and exits 0.
+// INVALID_ARGUMENT naming the field; a killed rank ends streams with UNAVAILABLE and its leader
+// exits 1 (busy or idle); SIGTERM drains in-flight streams and exits 0.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -449,7 +449,7 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << st;
 }
 
-TEST_F(ServeTest, KilledRankMeansNotServingAndUnavailableStreams) {
+TEST_F(ServeTest, KilledRankEndsStreamsAndStopsTheLeader) {
   Daemon d(2);
   ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
   const pid_t rank = d.RankPid();
@@ -461,9 +461,37 @@ TEST_F(ServeTest, KilledRankMeansNotServingAndUnavailableStreams) {
   });
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
   EXPECT_LT(r.tokens.size(), 400u);
-  EXPECT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
   const StreamResult after = d.Run(Greedy("Once", 5));
   EXPECT_EQ(after.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  // The leader notices its rank is gone and stops with a failure status (a supervisor
+  // restarts the instance), rather than serving NOT_SERVING forever beside a zombie.
+  int st = 0;
+  const auto deadline = Clock::now() + std::chrono::seconds(20);
+  pid_t w = 0;
+  while ((w = waitpid(d.pid(), &st, WNOHANG)) == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(w, d.pid()) << "the leader did not exit after its rank died";
+  d.forget_pid();
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << st;
+}
+
+// A rank that dies while no request runs is noticed too: the leader exits at once.
+TEST_F(ServeTest, IdleRankDeathStopsTheLeader) {
+  Daemon d(2);
+  ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  const pid_t rank = d.RankPid();
+  ASSERT_GT(rank, 0);
+  kill(rank, SIGKILL);
+  int st = 0;
+  const auto deadline = Clock::now() + std::chrono::seconds(20);
+  pid_t w = 0;
+  while ((w = waitpid(d.pid(), &st, WNOHANG)) == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(w, d.pid()) << "the leader did not exit after its idle rank died";
+  d.forget_pid();
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << st;
 }
 
 TEST_F(ServeTest, TlsAndApiKey) {

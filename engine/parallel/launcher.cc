@@ -295,6 +295,19 @@ Status LocalRanks::Wait(std::chrono::milliseconds grace) {
   return first;
 }
 
+Status LocalRanks::ReapExited() {
+  for (size_t i = 0; i < pids_.size(); ++i) {
+    if (pids_[i] <= 0) continue;
+    int st = 0;
+    if (::waitpid(pids_[i], &st, WNOHANG) != pids_[i]) continue;
+    pids_[i] = -1;
+    return Unavailable("rank " + std::to_string(ranks_[i]) +
+                       (WIFEXITED(st) ? " exited with code " + std::to_string(WEXITSTATUS(st))
+                                      : " was killed by signal " + std::to_string(WTERMSIG(st))));
+  }
+  return Status::Ok();
+}
+
 LocalRanks::~LocalRanks() {
   Status ignored = Wait(std::chrono::milliseconds(5000));  // the leader reported any failure
   (void)ignored;

@@ -59,6 +59,10 @@ class LocalRanks {
   ~LocalRanks();
   // Waits for the children; returns the first failure ("rank R exited with code C").
   Status Wait(std::chrono::milliseconds grace);
+  // Without waiting: the first child that has exited since (reaped), as the error Wait would
+  // give for it ("rank R exited with code C" / "was killed by signal S"); Ok when none has.
+  // Not concurrently with Wait.
+  Status ReapExited();
   const std::vector<pid_t>& pids() const { return pids_; }
 
  private:

@@ -1,5 +1,6 @@
 // helix-gen: the generation server. Subcommands: serve (daemon), generate (offline),
 // check-config.
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <iostream>
@@ -70,6 +71,7 @@ struct SignalWatch {
   std::condition_variable cv;
   bool serving = false;  // GUARDED_BY(mu)
   int signal = 0;        // GUARDED_BY(mu)
+  std::string lost;      // GUARDED_BY(mu): a spawned rank exited (why), so serving ends
 };
 SignalWatch g_signals;
 
@@ -306,12 +308,45 @@ int RunServe(const ServeFlags& f) {
   std::cerr << "helix-gen serve: listening on " << cfg->server.host << ":" << bound_port
             << std::endl;
 
+  // The ranks this leader spawned are watched: one that exits (killed, crashed) leaves an
+  // instance that can no longer serve, so the leader stops too, with a failure status a
+  // supervisor (cluster.py, systemd) sees, instead of staying up NOT_SERVING with a zombie.
+  std::atomic<bool> watching{true};
+  std::thread rank_watch;
+  if (inst.local_ranks) {
+    rank_watch = std::thread([&] {
+      while (watching.load()) {
+        helix::Status st = inst.local_ranks->ReapExited();
+        if (!st.ok()) {
+          std::lock_guard<std::mutex> lock(g_signals.mu);
+          g_signals.lost = st.message();
+          g_signals.cv.notify_all();
+          return;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+  }
   int sig = 0;
+  std::string lost;
   {
     std::unique_lock<std::mutex> lock(g_signals.mu);
     g_signals.serving = true;
-    g_signals.cv.wait(lock, [] { return g_signals.signal != 0; });
+    g_signals.cv.wait(lock, [] { return g_signals.signal != 0 || !g_signals.lost.empty(); });
     sig = g_signals.signal;
+    lost = g_signals.lost;
+  }
+  watching = false;
+  if (rank_watch.joinable()) rank_watch.join();
+  if (sig == 0) {
+    HELIX_LOG(kError) << "gen: " << lost << ": the instance cannot serve any more; stopping";
+    std::cerr << "helix-gen serve: " << lost << ": stopping" << std::endl;
+    health->SetServingStatus(false);
+    service->Stop(std::chrono::milliseconds(0));
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    server->Wait();
+    service.reset();
+    return kExitFailure;
   }
   HELIX_LOG(kInfo) << "gen: signal " << sig << ": draining for up to " << f.drain_ms << " ms";
   health->SetServingStatus(false);
