@@ -54,16 +54,48 @@ def http_json(url, body=None, key=None, timeout=5):
         return r.status, r.read()
 
 
+class UsageError(Exception):
+    """A bad cluster file or argument: one line, exit code 2."""
+
+
+def load_cluster(path):
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON: {e}")
+    if not isinstance(c, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    if not isinstance(c.get("model"), str):
+        raise UsageError(f"{path}: 'model' is required (a path)")
+    for k in ("router", "context_servers", "generation_servers", "server"):
+        if k in c and not isinstance(c[k], dict):
+            raise UsageError(f"{path}: '{k}' must be an object")
+    return c
+
+
 def up(args):
+    try:
+        return run_up(args)
+    except UsageError as e:
+        print(f"cluster: {e}", file=sys.stderr)
+        return 2
+
+
+def run_up(args):
     base = os.path.dirname(os.path.abspath(args.config))
-    with open(args.config) as f:
-        c = json.load(f)
+    c = load_cluster(args.config)
 
     def path(p):
         return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
     host = c.get("host", "127.0.0.1")
     build = os.path.abspath(args.build)
+    for b in ("helix-ctx", "helix-gen", "helix-router"):
+        if not os.access(os.path.join(build, "server", b), os.X_OK):
+            raise UsageError(f"no {b} under {build}/server (build first, or give --build)")
     run = tempfile.mkdtemp(prefix="helix_cluster_")
     server = c.get("server", {})
     procs = []
@@ -79,6 +111,10 @@ def up(args):
         return p
 
     def stop_all():
+        # A second Ctrl-C or SIGTERM must not cut this short (a hung server would outlive us).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for name, p, log in reversed(procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -106,8 +142,31 @@ def up(args):
             json.dump(cfg, f, indent=2)
         return p
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM, and SIGHUP (the terminal or ssh session closed), stop the cluster as Ctrl-C does:
+    # the servers run in their own sessions and would otherwise be left running.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    ready = False
     try:
+        # Every port must be free first: a server of another cluster on one would answer in its
+        # place (the router's /ready among them).
+        r = c.get("router", {})
+        ctx_cfg = c.get("context_servers", {"count": 0})
+        gen_cfg = c.get("generation_servers", {"count": 1})
+        ports = [("router", r.get("port", 8000))]
+        if r.get("grpc_port"):
+            ports.append(("router gRPC", r["grpc_port"]))
+        ports += [(f"ctx{i}", ctx_cfg.get("base_port", 50051) + i)
+                  for i in range(ctx_cfg.get("count", 0))]
+        ports += [(f"gen{i}", gen_cfg.get("base_port", 50061) + i)
+                  for i in range(gen_cfg.get("count", 1))]
+        seen = {}
+        for name, port in ports:
+            if port in seen:
+                raise UsageError(f"{name} and {seen[port]} would both use port {port}")
+            seen[port] = name
+            if port_open(host, port):
+                raise UsageError(f"port {port} ({name}) is already in use on {host}")
         ctx = c.get("context_servers", {"count": 0})
         ctx_urls = []
         for i in range(ctx.get("count", 0)):
@@ -142,7 +201,6 @@ def up(args):
         start("router", [os.path.join(build, "server", "helix-router")], write("router", rcfg))
         url = f"http://{host}:{rcfg['server']['port']}"
         deadline = time.time() + args.timeout
-        ready = False
         while time.time() < deadline and not ready:
             for name, p, log in procs:
                 if p.poll() is not None:
@@ -164,6 +222,9 @@ def up(args):
                     raise RuntimeError(f"{name} exited with {p.returncode}; see {run}/{name}.log")
             time.sleep(0.5)
     except KeyboardInterrupt:
+        if not ready:
+            print("cluster: interrupted before the cluster was ready", file=sys.stderr)
+            return 130
         return 0
     except RuntimeError as e:
         print(f"cluster: {e}", file=sys.stderr)
@@ -203,6 +264,9 @@ def chat(args):
                 usage = chunk.get("usage") or usage
     except urllib.error.HTTPError as e:
         print(f"error {e.code}: {e.read().decode()}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, ValueError, OSError) as e:
+        print(f"cannot reach {args.url}: {getattr(e, 'reason', e)}", file=sys.stderr)
         return 1
     print()
     if usage:
