@@ -477,7 +477,9 @@ int main(int argc, char** argv) {
   gen->add_option(
       "--tokenizer", g.tokenizer,
       "Tokenizer: llama2.c tokenizer .bin or tokenizer.json (default: the model's own)");
-  gen->add_option("--prompt", g.prompt, "Prompt text (default: empty, i.e. BOS only)");
+  gen->add_option("--prompt", g.prompt,
+                  "Prompt text (default: empty: the BOS token alone, for a tokenizer that adds "
+                  "one; others need a prompt)");
   gen->add_option("--max-tokens", g.max_tokens, "Tokens to generate")->capture_default_str();
   gen->add_option("--temperature", g.temperature, "0 = greedy")->capture_default_str();
   gen->add_option("--top-p", g.top_p)->capture_default_str();
