@@ -181,6 +181,11 @@ def run_up(args):
             port = gen.get("base_port", 50061) + i
             tp, cp = gen.get("tensor_parallel_size", 1), gen.get("context_parallel_size", 1)
             extra = {"tensor_parallel_size": tp, "context_parallel_size": cp}
+            if ctx_urls and host not in ("0.0.0.0", "::"):
+                # Handles from these context servers only (their handles name exactly these).
+                ctc = dict(server.get("cache_transceiver_config", {}))
+                ctc["allowed_context_servers"] = ctx_urls
+                extra["cache_transceiver_config"] = ctc
             if cp > 1:
                 tpb = server.get("kv_cache_config", {}).get("tokens_per_block", 32)
                 extra["cp_config"] = {"cp_type": "HELIX", "tokens_per_block": tpb}

@@ -41,6 +41,14 @@ using helix::testing::PortOpen;
 
 std::string Stories() { return Env("HELIX_SHARED_DIR") + "/models/stories260K"; }
 
+// `, "allowed_context_servers": [...]` when `list` is not empty.
+std::string AllowList(const std::vector<std::string>& list) {
+  if (list.empty()) return "";
+  std::string out = ", \"allowed_context_servers\": [";
+  for (size_t i = 0; i < list.size(); ++i) out += (i ? ", \"" : "\"") + list[i] + "\"";
+  return out + "]";
+}
+
 // One server process (helix-ctx or helix-gen serve) with its own config and free port.
 class Server {
  public:
@@ -51,6 +59,7 @@ class Server {
     int64_t lease_ms = 30000, transfer_timeout_ms = 10000, max_tokens = 16384;
     int max_seq_len = 512;
     int max_num_tokens = 8192;
+    std::vector<std::string> allowed_context_servers;  // generation: the allow-list, if any
   };
 
   explicit Server(const Options& o) : o_(o) {
@@ -74,7 +83,7 @@ class Server {
         << ", \"max_num_tokens\": " << o.max_num_tokens
         << ", \"server\": {\"host\": \"127.0.0.1\", \"port\": " << port_ << "}"
         << ", \"cache_transceiver_config\": {\"backend\": \"UCX\", \"kv_transfer_timeout_ms\": "
-        << o.transfer_timeout_ms << "}"
+        << o.transfer_timeout_ms << AllowList(o.allowed_context_servers) << "}"
         << (o.context ? ", \"kv_lease_ms\": " + std::to_string(o.lease_ms) : "")
         << ", \"logging\": {\"level\": \"warn\"}}";
     pid_ = fork();
@@ -518,6 +527,22 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
       ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
                   milliseconds(5000)));
   EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(2000)));
+
+  // A generation server with an allow-list refuses a handle naming any other server before it
+  // contacts anything (that KV waits for its lease), and takes those of the servers listed.
+  Server::Options lo;
+  lo.cp = 2;
+  lo.allowed_context_servers = {"127.0.0.1:1"};
+  Server listed_elsewhere(lo);
+  const Result refused = Generate(listed_elsewhere, Prefill(ctx, req));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+      << refused.status.error_message();
+  EXPECT_NE(refused.status.error_message().find("allowed_context_servers"), std::string::npos);
+  lo.allowed_context_servers = {ctx.address()};
+  Server listed(lo);
+  const Result taken = Generate(listed, Prefill(ctx, req));
+  EXPECT_TRUE(taken.status.ok()) << taken.status.error_message();
+  EXPECT_EQ(taken.tokens.size(), 6u);
 }
 
 }  // namespace

@@ -156,10 +156,21 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model
       break;
     }
   }
-  if (!tokenizer_path.empty()) return LoadTokenizerFile(tokenizer_path, model_vocab);
-  if (vocab) return CreateTokenizer(std::move(*vocab));
-  return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(format) +
-                         ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
+  std::unique_ptr<Tokenizer> tok;
+  if (!tokenizer_path.empty()) {
+    ASSIGN_OR_RETURN(tok, LoadTokenizerFile(tokenizer_path, model_vocab));
+  } else if (vocab) {
+    ASSIGN_OR_RETURN(tok, CreateTokenizer(std::move(*vocab)));
+  } else {
+    return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(format) +
+                           ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
+  }
+  if (model_vocab > 0 && tok->vocab_size() > model_vocab) {  // as LoadModelBundle refuses it
+    return InvalidArgument("tokenizer has " + std::to_string(tok->vocab_size()) +
+                           " tokens but model '" + model_path + "' has only " +
+                           std::to_string(model_vocab) + " embedding rows");
+  }
+  return tok;
 }
 
 }  // namespace helix

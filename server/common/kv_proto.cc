@@ -106,6 +106,15 @@ void KvExportCache::CheckAsync(const transfer::KvSource& s,
   if (known) return done(transfer::CheckAgainstExport(s, *known));
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // Handles name the address; without an allow-list a client could make this table (one
+    // channel each) grow without bound.
+    constexpr size_t kMaxServers = 256;
+    if (stubs_.size() >= kMaxServers && stubs_.count(s.server_address) == 0) {
+      return done(ResourceExhausted(
+          "KV handles have named " + std::to_string(kMaxServers) +
+          " distinct context servers; list the real ones in "
+          "cache_transceiver_config.allowed_context_servers"));
+    }
     auto& st = stubs_[s.server_address];
     if (st == nullptr) {
       st = v1::ContextService::NewStub(

@@ -210,6 +210,16 @@ Status ServingConfig::Validate() {
     RETURN_IF_ERROR(Positive("cache_transceiver_config.max_tokens_in_buffer",
                              *cache_transceiver_config.max_tokens_in_buffer));
   }
+  const auto& allowed = cache_transceiver_config.allowed_context_servers;
+  for (size_t i = 0; i < allowed.size(); ++i) {
+    const std::string& a = allowed[i];
+    const size_t colon = a.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == a.size() ||
+        a.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+      return InvalidArgument("config field 'cache_transceiver_config.allowed_context_servers[" +
+                             std::to_string(i) + "]' = " + Quote(a) + ": expected \"host:port\"");
+    }
+  }
   return ValidateLogging(logging);
 }
 
@@ -250,6 +260,10 @@ nlohmann::json ServingConfig::ToJson() const {
   j["cache_transceiver_config"] = {
       {"backend", cache_transceiver_config.backend},
       {"kv_transfer_timeout_ms", cache_transceiver_config.kv_transfer_timeout_ms}};
+  if (!cache_transceiver_config.allowed_context_servers.empty()) {
+    j["cache_transceiver_config"]["allowed_context_servers"] =
+        cache_transceiver_config.allowed_context_servers;
+  }
   if (cache_transceiver_config.max_tokens_in_buffer) {
     j["cache_transceiver_config"]["max_tokens_in_buffer"] =
         *cache_transceiver_config.max_tokens_in_buffer;
@@ -301,6 +315,9 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
     o.String("backend", &c.cache_transceiver_config.backend);
     o.Int("kv_transfer_timeout_ms", &c.cache_transceiver_config.kv_transfer_timeout_ms);
     o.OptionalInt("max_tokens_in_buffer", &c.cache_transceiver_config.max_tokens_in_buffer);
+    if (role == Role::kGeneration) {
+      o.StringList("allowed_context_servers", &c.cache_transceiver_config.allowed_context_servers);
+    }
   });
   if (role == Role::kContext) r.Int("kv_lease_ms", &c.kv_lease_ms);
   ReadLogging(r, &c.logging);

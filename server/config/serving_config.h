@@ -52,6 +52,11 @@ struct CacheTransceiverConfig {
   // context server: the retained KV it hands out from (unset: as many tokens as the KV pool).
   // A generation rank: the staging one pull goes through, as a ring of blocks (unset: 256 MiB).
   std::optional<int64_t> max_tokens_in_buffer;
+  // A generation server: the context servers (host:port) whose KV handles it takes. A handle
+  // naming another address is refused before the server is contacted (its rkey and worker
+  // address reach UCX, which aborts on bad ones). Empty: any address a handle names (trust the
+  // clients: use server.api_key).
+  std::vector<std::string> allowed_context_servers;
 };
 
 struct LoggingConfig {

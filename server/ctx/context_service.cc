@@ -48,7 +48,8 @@ void ContextService::Loop() {
     kicked_ = false;
   }
   engine_->AbortAll(Unavailable("the context server is shutting down"));
-  engine_.reset();
+  // The engine lives until the service is destroyed, after the gRPC server stopped: a Release or
+  // GetKvExport that arrives meanwhile (generation servers finishing their pulls) may call it.
 }
 
 void ContextService::Stop(std::chrono::milliseconds drain) {

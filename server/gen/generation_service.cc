@@ -1,5 +1,7 @@
 #include "server/gen/generation_service.h"
 
+#include <algorithm>
+
 #include "server/common/serve_setup.h"
 
 #include <cmath>
@@ -208,6 +210,15 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       }
     };
     StatusOr<GenerateRequest> r = FromProto(p);
+    const auto& allowed = svc_->options_.allowed_context_servers;
+    if (r.ok() && r->kv_source != nullptr && !allowed.empty() &&
+        std::find(allowed.begin(), allowed.end(), r->kv_source->server_address) == allowed.end()) {
+      // Refused before anything is contacted, and nothing released there either.
+      return FinishNow(
+          grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                       "kv_handle names context server '" + r->kv_source->server_address +
+                           "', which is not in cache_transceiver_config.allowed_context_servers"));
+    }
     if (!r.ok()) {
       release_refused();
       return FinishNow(ToGrpc(r.status()));
@@ -327,9 +338,16 @@ void GenerationService::Loop() {
       if (stop_) break;
     }
     if (engine_->HasWork()) {
-      engine_->Step();
+      const bool ran = engine_->Step();
       free_blocks_ = engine_->kv_stats().free_blocks;
       UpdateHealth();
+      if (!ran) {
+        // Queued requests wait for batch slots held by requests awaiting a verdict (handle
+        // check, release): wait for a kick instead of spinning.
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, std::chrono::milliseconds(5), [&] { return kicked_ || stop_; });
+        kicked_ = false;
+      }
       continue;
     }
     std::unique_lock<std::mutex> lock(mu_);
@@ -338,7 +356,9 @@ void GenerationService::Loop() {
   }
   // Whatever is still queued or running ends now, with a clear status.
   engine_->AbortAll(Unavailable("the server is shutting down"));
-  engine_.reset();  // a leader's destructor tells its worker ranks to exit
+  // The engine itself lives until the service is destroyed (a leader's destructor then tells
+  // its worker ranks to exit): RPCs that arrive while the gRPC server shuts down may still
+  // call it.
 }
 
 void GenerationService::UpdateHealth() {

@@ -28,6 +28,9 @@ struct GenerationServiceOptions {
   std::string api_key;          // non-empty: RPCs need "authorization: Bearer <api_key>"
   // How long asking a context server what it exports (to check a KV handle) may take.
   std::chrono::milliseconds kv_check_timeout{5000};
+  // The context servers whose handles are taken (host:port); empty: any (see
+  // CacheTransceiverConfig::allowed_context_servers).
+  std::vector<std::string> allowed_context_servers;
 };
 
 // Converts a request; errors name the field (INVALID_ARGUMENT) or what is not supported.

@@ -75,7 +75,7 @@ struct SignalWatch {
 };
 SignalWatch g_signals;
 
-void WatchSignals(const char* cmd, sigset_t sigs) {
+void WatchSignals(std::string cmd, sigset_t sigs) {
   std::thread([cmd, sigs] {
     int sig = 0;
     sigwait(&sigs, &sig);
@@ -111,7 +111,7 @@ std::variant<Instance, int> StartInstance(const std::string& cmd, helix::EngineO
   o.group_token = assigned->group_token;
   if (o.rank == 0 && leader_signals != nullptr) {
     pthread_sigmask(SIG_BLOCK, leader_signals, nullptr);
-    WatchSignals(cmd.c_str(), *leader_signals);
+    WatchSignals(cmd, *leader_signals);
   } else if (leader_signals != nullptr) {
     // A worker of a serving instance outlives a SIGTERM/SIGINT sent to the whole process group
     // (Ctrl-C, systemd, killpg), so that its leader can drain the streams in flight: the leader
@@ -278,6 +278,7 @@ int RunServe(const ServeFlags& f) {
   so.kv_dtype = cfg->kv_cache_config.dtype;
   so.max_in_flight = 4 * cfg->max_batch_size;
   so.api_key = cfg->server.api_key.value_or("");
+  so.allowed_context_servers = cfg->cache_transceiver_config.allowed_context_servers;
   so.kv_check_timeout =
       std::chrono::milliseconds(cfg->cache_transceiver_config.kv_transfer_timeout_ms);
   std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);

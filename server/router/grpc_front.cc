@@ -1,8 +1,19 @@
 #include "server/router/grpc_front.h"
 
+#include <cstdio>
+#include <random>
+
 #include "server/common/serve_setup.h"
 
 namespace helix::router {
+
+std::string NewIdPrefix() {
+  std::random_device rd;
+  const uint64_t r = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(r));
+  return std::string("rt-") + buf + "-";
+}
 
 grpc::Status RouterGrpcService::CheckAuth(const grpc::ServerContext* ctx) const {
   return server::CheckBearer(ctx->client_metadata(), api_key_);
@@ -37,7 +48,9 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
   std::string id;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    id = request->request_id().empty() ? "rt-" + std::to_string(next_id_++) : request->request_id();
+    // Unique across router processes too: context servers key retained KV by request id.
+    id = request->request_id().empty() ? id_prefix_ + std::to_string(next_id_++)
+                                       : request->request_id();
     if (!active_.insert(id).second) {
       return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
                           "request_id '" + id + "' is already in flight");

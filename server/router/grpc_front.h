@@ -13,6 +13,9 @@
 
 namespace helix::router {
 
+// "rt-<16 random hex digits>-": the prefix of the request ids a router process assigns.
+std::string NewIdPrefix();
+
 class RouterGrpcService final : public v1::GenerationService::Service {
  public:
   explicit RouterGrpcService(Router* router, std::string api_key = "")
@@ -33,6 +36,7 @@ class RouterGrpcService final : public v1::GenerationService::Service {
   std::mutex mu_;
   std::unordered_set<std::string> active_, cancelled_;  // GUARDED_BY(mu_)
   uint64_t next_id_ = 0;                                // GUARDED_BY(mu_)
+  const std::string id_prefix_ = NewIdPrefix();         // "rt-<random>-"
 };
 
 }  // namespace helix::router

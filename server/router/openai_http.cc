@@ -629,8 +629,12 @@ StatusOr<int> OpenAiHttp::Start() {
         });
         if (st.error_code() == grpc::StatusCode::CANCELLED && parsed->route.client_gone &&
             parsed->route.client_gone()) {
-          Count(route, 499);  // nginx's "client closed request": no one reads an answer
-          return;
+          // nginx's "client closed request". A client that only half-closed (shut down its
+          // sending side) and still reads gets this, not an empty 200.
+          return send_error(res,
+                            {499, "the client closed the connection: the request was cancelled",
+                             "invalid_request_error", "", "client_closed_request"},
+                            route);
         }
         if (!st.ok()) return send_error(res, FromGrpc(st), route);
         json usage = {{"prompt_tokens", prompt_tokens},

@@ -347,6 +347,7 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_po
     if (!Arm(w, &cc)) return ClientGone();
     last = c->ctx->Prefill(&cc, pre, out);
     Disarm(w);
+    if (last.ok()) *used = c;  // holds KV now, even if the client left meanwhile
     if (Cancelled(w)) return ClientGone();
     *used = c;
     if (last.ok() || !Retryable(last)) return last;
@@ -406,7 +407,17 @@ grpc::Status Router::Run(const RouteRequest& r,
     if (disagg) {
       st = Prefill(r, g, deadline, w, &pre, &prefilled_on);
       if (!st.ok()) {
-        if (Cancelled(w)) return st;
+        if (Cancelled(w)) {
+          if (prefilled_on != nullptr) {  // the client left as the prefill answered
+            grpc::ClientContext rc;
+            rc.set_deadline(Clock::now() + std::chrono::milliseconds(2000));
+            v1::ReleaseRequest rel;
+            rel.set_request_id(pre.kv_handle().request_id());
+            v1::ReleaseResponse rr;
+            (void)prefilled_on->ctx->Release(&rc, rel, &rr);
+          }
+          return st;
+        }
         ++errors_;
         return st;
       }
