@@ -146,6 +146,9 @@ def run_up(args):
     # the servers run in their own sessions and would otherwise be left running.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Started in the background by a shell without job control, SIGINT arrives ignored, and
+    # Python then leaves it so: `kill -INT` must stop the cluster too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ready = False
     try:
         # Every port must be free first: a server of another cluster on one would answer in its
