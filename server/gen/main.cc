@@ -517,6 +517,7 @@ int main(int argc, char** argv) {
                   "listens there when given)");
   gen->add_option("--comm-timeout-ms", g.comm_timeout_ms,
                   "Rendezvous and collective timeout in milliseconds")
+      ->check(CLI::Range(int64_t{1}, helix::config::kMaxDurationMs))
       ->capture_default_str();
   gen->add_option("--log-level", g.log_level, "trace|debug|info|warn|error|off")
       ->capture_default_str();

@@ -693,24 +693,30 @@ StatusOr<int> OpenAiHttp::Start() {
         if (chat) ok = send(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
         int64_t prompt_tokens = 0, completion_tokens = 0;
         size_t offset = 0;
-        grpc::Status st = router_->Run(p.route, [&](const RouteEvent& ev) {
-          if (!ok) return false;
-          if (ev.finished) {
-            prompt_tokens = ev.prompt_tokens;
-            completion_tokens = ev.completion_tokens;
-            json body = chat ? json{{"content", ev.text}} : json(ev.text);
-            if (chat && ev.text.empty()) body = json::object();
-            ok = send(chunk(body, ev.finish_reason, nullptr));
+        grpc::Status st;
+        try {  // an exception here would reach httplib's pool thread and end the router
+          st = router_->Run(p.route, [&](const RouteEvent& ev) {
+            if (!ok) return false;
+            if (ev.finished) {
+              prompt_tokens = ev.prompt_tokens;
+              completion_tokens = ev.completion_tokens;
+              json body = chat ? json{{"content", ev.text}} : json(ev.text);
+              if (chat && ev.text.empty()) body = json::object();
+              ok = send(chunk(body, ev.finish_reason, nullptr));
+              return ok;
+            }
+            json lp = nullptr;
+            if (p.logprobs) {
+              lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
+            }
+            offset += ev.token_text_bytes;
+            ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
             return ok;
-          }
-          json lp = nullptr;
-          if (p.logprobs) {
-            lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
-          }
-          offset += ev.token_text_bytes;
-          ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
-          return ok;
-        });
+          });
+        } catch (const std::exception& x) {
+          HELIX_LOG(kError) << "router: streaming request failed: " << x.what();
+          st = grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + x.what());
+        }
         if (!ok) return false;  // the client went away: the request was cancelled
         if (!st.ok()) {
           send(ErrorJson(FromGrpc(st)));
