@@ -1007,7 +1007,6 @@ void Engine::DrainInbox() {
         std::lock_guard<std::mutex> lock(inbox_mu_);
         ++transfers_cancelled_;
       }
-      ReportKvDone(s.get(), Cancelled("request cancelled before its KV transfer"));
       Finish(s.get(), FinishReason::kCancelled);
     }
   }
@@ -1044,7 +1043,6 @@ void Engine::TakeKvVerdicts() {
           std::lock_guard<std::mutex> lock(inbox_mu_);
           ++transfers_failed_;
         }
-        ReportKvDone(owned.get(), outcome);
         Finish(owned.get(), FinishReason::kError, outcome);
       }
       continue;
@@ -1094,7 +1092,7 @@ void Engine::Admit() {
       first.token = s->req.first_token;
       EmitToken(s, first.token, first);
       if (s->finished) {
-        ReportKvDone(s, Status::Ok());  // nothing to pull
+        // Nothing to pull: Finish reported it.
       } else if (s->req.check_kv_source) {
         // Pulled once the source is known good.
         auto check = std::move(s->req.check_kv_source);
@@ -1154,11 +1152,13 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
   }
   ev.prompt_tokens = s->prompt_len;
   ev.completion_tokens = s->generated;
-  // A request that ends before pulling its KV (cancelled or refused while it waited) hands
-  // the context server its blocks back now, not at the lease's end. A pull in progress ends on
-  // every rank before its request is finished (PollTransfers, AbortAll), so this is safe then too.
-  ReportKvDone(s,
-               ev.error.ok() ? Cancelled("the request ended before its KV was pulled") : ev.error);
+  // A request that ends before pulling its KV (cancelled or refused while it waited, or done
+  // with the context server's token) hands the context server its blocks back now, not at the
+  // lease's end. A pull in progress ends on every rank before its request is finished
+  // (PollTransfers, AbortAll), so this is safe then too.
+  ReportKvDone(s, !ev.error.ok()                       ? ev.error
+                  : reason == FinishReason::kCancelled ? Cancelled("the request was cancelled")
+                                                       : Status::Ok());
   {
     std::lock_guard<std::mutex> lock(inbox_mu_);
     live_ids_.erase(s->req.id);
@@ -1336,7 +1336,6 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
     std::unique_ptr<Sequence> owned = std::move(*it);
     transferring_.erase(it);
     DropPull(s->uid);
-    Status outcome = Status::Ok();
     {
       std::lock_guard<std::mutex> lock(inbox_mu_);
       if (s->cancelled_by_client) {
@@ -1348,14 +1347,10 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
       }
     }
     if (s->cancelled_by_client) {
-      outcome = Cancelled("request cancelled during the KV transfer");
-      ReportKvDone(s, outcome);
       Finish(s, FinishReason::kCancelled);
     } else if (bad_rank >= 0) {
-      outcome = s->transfer_error;
-      HELIX_LOG(kWarn) << "engine: request " << s->req.id << ": " << outcome.message();
-      ReportKvDone(s, outcome);
-      Finish(s, FinishReason::kError, outcome);
+      HELIX_LOG(kWarn) << "engine: request " << s->req.id << ": " << s->transfer_error.message();
+      Finish(s, FinishReason::kError, s->transfer_error);
     } else {
       s->num_computed = s->prompt_len;
       HELIX_LOG(kDebug) << "engine: request " << s->req.id << ": KV of " << s->prompt_len
@@ -1372,10 +1367,10 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
           box->list.emplace_back(uid, v);
         });
       } else {
+        ReportKvDone(s, Status::Ok());
         running_.push_back(std::move(owned));
       }
     }
-    ReportKvDone(s, outcome);
   }
 }
 

@@ -317,7 +317,7 @@ class Engine {
     // With fewer slots than blocks: uploads in flight (their mark, their blocks), whose slots
     // go back to the transfer (UcxTransfer::ReleaseGroups) once UploadsDone says so.
     std::deque<std::pair<uint64_t, std::vector<uint32_t>>> uploading;
-    std::string copy_error;  // the copy to the device failed
+    std::string copy_error;       // the copy to the device failed
     bool copy_cancelled = false;  // and the pull was cancelled for it
   };
   std::unordered_map<uint64_t, Pull> pulls_;  // this rank's pull of each transferred sequence

@@ -243,6 +243,19 @@ class Daemon {
 
   pid_t pid() const { return pid_; }
   void forget_pid() { pid_ = -1; }
+  // The daemon's exit code once it exits within `wait` (reaped), else -1 (it is left running).
+  int ExitStatus(std::chrono::milliseconds wait) {
+    const auto deadline = Clock::now() + wait;
+    int st = 0;
+    while (Clock::now() < deadline) {
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return -1;
+  }
 
  private:
   int port_ = 0;
@@ -465,15 +478,7 @@ TEST_F(ServeTest, KilledRankEndsStreamsAndStopsTheLeader) {
   EXPECT_EQ(after.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   // The leader notices its rank is gone and stops with a failure status (a supervisor
   // restarts the instance), rather than serving NOT_SERVING forever beside a zombie.
-  int st = 0;
-  const auto deadline = Clock::now() + std::chrono::seconds(20);
-  pid_t w = 0;
-  while ((w = waitpid(d.pid(), &st, WNOHANG)) == 0 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  ASSERT_EQ(w, d.pid()) << "the leader did not exit after its rank died";
-  d.forget_pid();
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << st;
+  EXPECT_EQ(d.ExitStatus(std::chrono::seconds(20)), 1) << "the leader did not exit 1";
 }
 
 // A rank that dies while no request runs is noticed too: the leader exits at once.
@@ -483,15 +488,7 @@ TEST_F(ServeTest, IdleRankDeathStopsTheLeader) {
   const pid_t rank = d.RankPid();
   ASSERT_GT(rank, 0);
   kill(rank, SIGKILL);
-  int st = 0;
-  const auto deadline = Clock::now() + std::chrono::seconds(20);
-  pid_t w = 0;
-  while ((w = waitpid(d.pid(), &st, WNOHANG)) == 0 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  ASSERT_EQ(w, d.pid()) << "the leader did not exit after its idle rank died";
-  d.forget_pid();
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1) << st;
+  EXPECT_EQ(d.ExitStatus(std::chrono::seconds(20)), 1) << "the leader did not exit 1";
 }
 
 TEST_F(ServeTest, TlsAndApiKey) {

@@ -61,6 +61,40 @@ StatusOr<ModelFormat> DetectModelFormat(const std::string& model_path) {
   return ModelFormat::kLlama2c;
 }
 
+namespace {
+
+Status NeedsTokenizerFile(const std::string& model_path) {
+  return InvalidArgument("model '" + model_path +
+                         "' is a llama2.c checkpoint, which needs a tokenizer file "
+                         "(--tokenizer / \"tokenizer\")");
+}
+
+// The tokenizer of a model: tokenizer_path when given, else the model's own `vocab`; refused
+// when it has more tokens than the model's `model_vocab` embedding rows (0: unknown).
+StatusOr<std::unique_ptr<Tokenizer>> ChooseTokenizer(const std::string& model_path,
+                                                     ModelFormat format,
+                                                     const std::string& tokenizer_path,
+                                                     std::optional<VocabData> vocab,
+                                                     int64_t model_vocab) {
+  std::unique_ptr<Tokenizer> tok;
+  if (!tokenizer_path.empty()) {
+    ASSIGN_OR_RETURN(tok, LoadTokenizerFile(tokenizer_path, model_vocab));
+  } else if (vocab) {
+    ASSIGN_OR_RETURN(tok, CreateTokenizer(std::move(*vocab)));
+  } else {
+    return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(format) +
+                           ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
+  }
+  if (model_vocab > 0 && tok->vocab_size() > model_vocab) {
+    return InvalidArgument("tokenizer has " + std::to_string(tok->vocab_size()) +
+                           " tokens but model '" + model_path + "' has only " +
+                           std::to_string(model_vocab) + " embedding rows");
+  }
+  return tok;
+}
+
+}  // namespace
+
 StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
                                       const std::string& tokenizer_path) {
   ModelBundle b;
@@ -69,11 +103,7 @@ StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
   switch (b.format) {
     case ModelFormat::kLlama2c: {
       ASSIGN_OR_RETURN(b.model, LoadLlama2cModel(model_path));
-      if (tokenizer_path.empty()) {
-        return InvalidArgument("model '" + model_path +
-                               "' is a llama2.c checkpoint, which needs a tokenizer file "
-                               "(--tokenizer / \"tokenizer\")");
-      }
+      if (tokenizer_path.empty()) return NeedsTokenizerFile(model_path);
       break;
     }
     case ModelFormat::kGguf: {
@@ -89,35 +119,19 @@ StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
       break;
     }
   }
-  const int64_t model_vocab = b.model->config.vocab_size;
-  if (!tokenizer_path.empty()) {
-    ASSIGN_OR_RETURN(b.tokenizer, LoadTokenizerFile(tokenizer_path, model_vocab));
-  } else if (vocab) {
-    ASSIGN_OR_RETURN(b.tokenizer, CreateTokenizer(std::move(*vocab)));
-  } else {
-    return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(b.format) +
-                           ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
-  }
-  if (b.tokenizer->vocab_size() > model_vocab) {
-    return InvalidArgument("tokenizer has " + std::to_string(b.tokenizer->vocab_size()) +
-                           " tokens but model '" + model_path + "' has only " +
-                           std::to_string(model_vocab) + " embedding rows");
-  }
+  ASSIGN_OR_RETURN(b.tokenizer, ChooseTokenizer(model_path, b.format, tokenizer_path,
+                                                std::move(vocab), b.model->config.vocab_size));
   return b;
 }
 
 StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
                                                         const std::string& tokenizer_path) {
   ASSIGN_OR_RETURN(ModelFormat format, DetectModelFormat(model_path));
-  int64_t model_vocab = 0;  // embedding rows, where a tokenizer file needs them
+  int64_t model_vocab = 0;  // embedding rows, where they can be read without the weights
   std::optional<VocabData> vocab;
   switch (format) {
     case ModelFormat::kLlama2c: {
-      if (tokenizer_path.empty()) {
-        return InvalidArgument("model '" + model_path +
-                               "' is a llama2.c checkpoint, which needs a tokenizer file "
-                               "(--tokenizer / \"tokenizer\")");
-      }
+      if (tokenizer_path.empty()) return NeedsTokenizerFile(model_path);
       std::ifstream in(model_path, std::ios::binary);
       int32_t h[7] = {};
       in.read(reinterpret_cast<char*>(h), sizeof(h));
@@ -156,21 +170,7 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model
       break;
     }
   }
-  std::unique_ptr<Tokenizer> tok;
-  if (!tokenizer_path.empty()) {
-    ASSIGN_OR_RETURN(tok, LoadTokenizerFile(tokenizer_path, model_vocab));
-  } else if (vocab) {
-    ASSIGN_OR_RETURN(tok, CreateTokenizer(std::move(*vocab)));
-  } else {
-    return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(format) +
-                           ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
-  }
-  if (model_vocab > 0 && tok->vocab_size() > model_vocab) {  // as LoadModelBundle refuses it
-    return InvalidArgument("tokenizer has " + std::to_string(tok->vocab_size()) +
-                           " tokens but model '" + model_path + "' has only " +
-                           std::to_string(model_vocab) + " embedding rows");
-  }
-  return tok;
+  return ChooseTokenizer(model_path, format, tokenizer_path, std::move(vocab), model_vocab);
 }
 
 }  // namespace helix

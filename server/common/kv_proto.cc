@@ -1,5 +1,7 @@
 #include "server/common/kv_proto.h"
 
+#include <algorithm>
+
 #include <optional>
 
 #include "engine/common/log.h"
@@ -86,43 +88,49 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
   return s;
 }
 
-KvExportCache::~KvExportCache() {
+ContextClient::~ContextClient() {
   std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait_for(lock, timeout_ + std::chrono::seconds(1), [&] { return in_flight_ == 0; });
+  cv_.wait_for(lock, std::max(release_timeout_, check_timeout_) + std::chrono::seconds(1),
+               [&] { return in_flight_ == 0; });
 }
 
-void KvExportCache::CheckAsync(const transfer::KvSource& s,
-                               std::function<void(const Status&)> done) {
+StatusOr<v1::ContextService::Stub*> ContextClient::BeginCall(const std::string& address) {
+  constexpr size_t kMaxServers = 256;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stubs_.size() >= kMaxServers && stubs_.count(address) == 0) {
+    return ResourceExhausted("KV handles have named " + std::to_string(kMaxServers) +
+                             " distinct context servers; list the real ones in "
+                             "cache_transceiver_config.allowed_context_servers");
+  }
+  auto& stub = stubs_[address];
+  if (stub == nullptr) {
+    stub = v1::ContextService::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  }
+  ++in_flight_;
+  return stub.get();
+}
+
+void ContextClient::EndCall() {
+  std::lock_guard<std::mutex> lock(mu_);
+  --in_flight_;
+  cv_.notify_all();
+}
+
+void ContextClient::CheckExport(const transfer::KvSource& s,
+                                std::function<void(const Status&)> done) {
   if (s.server_address.empty()) {
     return done(InvalidArgument("the KV handle names no context server (server_address)"));
   }
-  v1::ContextService::Stub* stub = nullptr;
   std::optional<transfer::KvExportInfo> known;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = known_.find(s.server_address);
-    if (it != known_.end() && it->second.server_id == s.server_id) known = it->second;
+    auto it = exports_.find(s.server_address);
+    if (it != exports_.end() && it->second.server_id == s.server_id) known = it->second;
   }
   if (known) return done(transfer::CheckAgainstExport(s, *known));
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    // Handles name the address; without an allow-list a client could make this table (one
-    // channel each) grow without bound.
-    constexpr size_t kMaxServers = 256;
-    if (stubs_.size() >= kMaxServers && stubs_.count(s.server_address) == 0) {
-      return done(ResourceExhausted(
-          "KV handles have named " + std::to_string(kMaxServers) +
-          " distinct context servers; list the real ones in "
-          "cache_transceiver_config.allowed_context_servers"));
-    }
-    auto& st = stubs_[s.server_address];
-    if (st == nullptr) {
-      st = v1::ContextService::NewStub(
-          grpc::CreateChannel(s.server_address, grpc::InsecureChannelCredentials()));
-    }
-    stub = st.get();
-    ++in_flight_;
-  }
+  StatusOr<v1::ContextService::Stub*> stub = BeginCall(s.server_address);
+  if (!stub.ok()) return done(stub.status());
   struct Call {
     grpc::ClientContext ctx;
     v1::GetKvExportRequest req;
@@ -131,10 +139,10 @@ void KvExportCache::CheckAsync(const transfer::KvSource& s,
     std::function<void(const Status&)> done;
   };
   auto call = std::make_shared<Call>();
-  call->ctx.set_deadline(std::chrono::system_clock::now() + timeout_);
+  call->ctx.set_deadline(std::chrono::system_clock::now() + check_timeout_);
   call->src = s;
   call->done = std::move(done);
-  stub->async()->GetKvExport(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status st) {
+  (*stub)->async()->GetKvExport(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status st) {
     Status verdict;
     if (!st.ok()) {
       verdict = Unavailable("KV transfer from context server '" + call->src.server_id +
@@ -150,30 +158,29 @@ void KvExportCache::CheckAsync(const transfer::KvSource& s,
       e.block_bytes = call->resp.block_bytes();
       {
         std::lock_guard<std::mutex> lock(mu_);
-        known_[call->src.server_address] = e;
+        exports_[call->src.server_address] = e;
       }
       verdict = transfer::CheckAgainstExport(call->src, e);
     }
     call->done(verdict);
-    std::lock_guard<std::mutex> lock(mu_);
-    --in_flight_;
-    cv_.notify_all();
+    EndCall();
   });
 }
 
-ContextReleaser::~ContextReleaser() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait_for(lock, timeout_ + std::chrono::seconds(1), [&] { return in_flight_ == 0; });
-}
-
-void ContextReleaser::Release(const std::string& address, const std::string& request_id) {
+void ContextClient::Release(const std::string& address, const std::string& request_id) {
   Confirm(address, request_id, nullptr);
 }
 
-void ContextReleaser::Confirm(const std::string& address, const std::string& request_id,
-                              std::function<void(const Status&)> verdict) {
+void ContextClient::Confirm(const std::string& address, const std::string& request_id,
+                            std::function<void(const Status&)> verdict) {
   if (address.empty()) {
     if (verdict) verdict(InvalidArgument("the KV handle names no context server to confirm with"));
+    return;
+  }
+  StatusOr<v1::ContextService::Stub*> stub = BeginCall(address);
+  if (!stub.ok()) {
+    ++failures_;
+    if (verdict) verdict(stub.status());
     return;
   }
   struct Call {
@@ -183,19 +190,8 @@ void ContextReleaser::Confirm(const std::string& address, const std::string& req
   };
   auto call = std::make_shared<Call>();
   call->req.set_request_id(request_id);
-  call->ctx.set_deadline(std::chrono::system_clock::now() + timeout_);
-  v1::ContextService::Stub* stub;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto& s = stubs_[address];
-    if (s == nullptr) {
-      s = v1::ContextService::NewStub(
-          grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
-    }
-    stub = s.get();
-    ++in_flight_;
-  }
-  stub->async()->Release(
+  call->ctx.set_deadline(std::chrono::system_clock::now() + release_timeout_);
+  (*stub)->async()->Release(
       &call->ctx, &call->req, &call->resp,
       [this, call, address, request_id, verdict = std::move(verdict)](grpc::Status st) {
         if (!st.ok() && st.error_code() != grpc::StatusCode::NOT_FOUND) {
@@ -218,9 +214,7 @@ void ContextReleaser::Confirm(const std::string& address, const std::string& req
                                 "' after the pull: " + st.error_message()));
           }
         }
-        std::lock_guard<std::mutex> lock(mu_);
-        --in_flight_;
-        cv_.notify_all();
+        EndCall();
       });
 }
 

@@ -21,36 +21,20 @@ void ToProto(const transfer::KvSource& s, v1::KvHandle* out);
 // INVALID_ARGUMENT naming the field when the handle is incomplete.
 StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h);
 
-// Sends Release for handles whose KV has been pulled (or given up), asynchronously, one
-// cached channel per context server. Thread-safe. The destructor waits (bounded) for calls in
-// flight.
-// The exports of the context servers a generation server pulls from, asked once per server
-// (again when a handle names another instance: the server restarted) and kept. Thread-safe.
-class KvExportCache {
+// A generation server's calls to the context servers whose KV it pulls, asynchronous, over one
+// cached channel per server (at most 256 servers: handles name the address, so without
+// cache_transceiver_config.allowed_context_servers a client could grow the table). Thread-safe;
+// the destructor waits (bounded) for the calls in flight.
+class ContextClient {
  public:
-  explicit KvExportCache(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000))
-      : timeout_(timeout) {}
-  ~KvExportCache();  // waits for the questions in flight
-  // Checks `s` against the export of the server at s.server_address, asking the server when it
-  // is not known yet, and calls `done` (at once, or on a gRPC thread within the timeout):
-  // InvalidArgument / FailedPrecondition naming what does not match, Unavailable when the
-  // server cannot be asked.
-  void CheckAsync(const transfer::KvSource& s, std::function<void(const Status&)> done);
-
- private:
-  std::chrono::milliseconds timeout_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<std::string, transfer::KvExportInfo> known_;  // GUARDED_BY(mu_), by address
-  std::map<std::string, std::unique_ptr<v1::ContextService::Stub>> stubs_;  // GUARDED_BY(mu_)
-  int in_flight_ = 0;                                                       // GUARDED_BY(mu_)
-};
-
-class ContextReleaser {
- public:
-  explicit ContextReleaser(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000))
-      : timeout_(timeout) {}
-  ~ContextReleaser();
+  // release_timeout bounds Release and Confirm; check_timeout bounds CheckExport's question.
+  explicit ContextClient(
+      std::chrono::milliseconds release_timeout = std::chrono::milliseconds(5000),
+      std::chrono::milliseconds check_timeout = std::chrono::milliseconds(5000))
+      : release_timeout_(release_timeout), check_timeout_(check_timeout) {}
+  ~ContextClient();
+  // Frees a handle's KV on its context server; a failure is logged and counted (the lease
+  // frees it anyway).
   void Release(const std::string& address, const std::string& request_id);
   // Release that tells whether the context server still held the KV: `verdict` gets Ok, or
   // the error that must fail the request (NOT_FOUND: its lease expired, so the blocks may have
@@ -58,14 +42,24 @@ class ContextReleaser {
   // gRPC thread.
   void Confirm(const std::string& address, const std::string& request_id,
                std::function<void(const Status&)> verdict);
+  // Checks `s` against the export of the server at s.server_address (GetKvExport, asked once
+  // per server, and again when a handle names another instance: the server restarted), and
+  // calls `done` (at once, or on a gRPC thread): InvalidArgument / FailedPrecondition naming
+  // what does not match, Unavailable when the server cannot be asked.
+  void CheckExport(const transfer::KvSource& s, std::function<void(const Status&)> done);
   uint64_t failures() const { return failures_.load(); }
 
  private:
-  std::chrono::milliseconds timeout_;
+  // The server's stub with a call counted in flight (EndCall when it completes), or the error.
+  StatusOr<v1::ContextService::Stub*> BeginCall(const std::string& address);
+  void EndCall();
+
+  std::chrono::milliseconds release_timeout_, check_timeout_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::string, std::unique_ptr<v1::ContextService::Stub>> stubs_;  // GUARDED_BY(mu_)
-  int in_flight_ = 0;                                                       // GUARDED_BY(mu_)
+  std::map<std::string, transfer::KvExportInfo> exports_;  // GUARDED_BY(mu_), by address
+  int in_flight_ = 0;                                      // GUARDED_BY(mu_)
   std::atomic<uint64_t> failures_{0};
 };
 

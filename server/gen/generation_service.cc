@@ -206,7 +206,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     auto release_refused = [svc, &p] {
       if (p.has_kv_handle() && !p.kv_handle().server_address().empty() &&
           !p.kv_handle().request_id().empty()) {
-        svc->releaser_.Release(p.kv_handle().server_address(), p.kv_handle().request_id());
+        svc->context_.Release(p.kv_handle().server_address(), p.kv_handle().request_id());
       }
     };
     StatusOr<GenerateRequest> r = FromProto(p);
@@ -275,12 +275,12 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     if (r->kv_source != nullptr) {
       // Once no rank touches the blocks any more, the context server may free them.
       r->on_kv_done = [svc, address = r->kv_source->server_address, id = r->kv_source->request_id](
-                          const Status&) { svc->releaser_.Release(address, id); };
+                          const Status&) { svc->context_.Release(address, id); };
       // Before any rank pulls: the handle must be one its context server gave out (its rkey,
       // worker address and block addresses go to UCX, which aborts on a bad rkey and reads
       // any address it is given). Asked without blocking a gRPC thread.
       r->check_kv_source = [svc, src = r->kv_source](std::function<void(const Status&)> verdict) {
-        svc->exports_.CheckAsync(*src, [svc, verdict](const Status& v) {
+        svc->context_.CheckExport(*src, [svc, verdict](const Status& v) {
           verdict(v);
           svc->Kick();
         });
@@ -289,7 +289,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       // the KV (an expired lease may have let another prompt overwrite it mid-pull).
       r->confirm_kv = [svc, address = r->kv_source->server_address,
                        id = r->kv_source->request_id](std::function<void(const Status&)> verdict) {
-        svc->releaser_.Confirm(address, id, [svc, verdict](const Status& v) {
+        svc->context_.Confirm(address, id, [svc, verdict](const Status& v) {
           verdict(v);
           svc->Kick();
         });
@@ -313,7 +313,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
 
 GenerationService::GenerationService(std::unique_ptr<Engine> engine,
                                      GenerationServiceOptions options)
-    : exports_(options.kv_check_timeout),
+    : context_(std::chrono::milliseconds(5000), options.kv_check_timeout),
       engine_(std::move(engine)),
       options_(std::move(options)),
       total_blocks_(engine_->kv_stats().total_blocks),

@@ -74,10 +74,11 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   // Kick's state outlives the releaser, whose confirmations kick the engine thread.
   std::mutex mu_;
   std::condition_variable cv_;
-  bool kicked_ = false;       // GUARDED_BY(mu_)
-  bool stop_ = false;         // GUARDED_BY(mu_)
-  ContextReleaser releaser_;  // outlives the engine (declared before it)
-  KvExportCache exports_;     // what each context server exports, to check handles against
+  bool kicked_ = false;  // GUARDED_BY(mu_)
+  bool stop_ = false;    // GUARDED_BY(mu_)
+  // Releases, their confirmation, and the handle check against each server's export; outlives
+  // the engine (declared before it).
+  ContextClient context_;
   std::unique_ptr<Engine> engine_;
   const GenerationServiceOptions options_;
   const int64_t total_blocks_, block_bytes_, tokens_per_block_;

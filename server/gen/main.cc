@@ -339,23 +339,21 @@ int RunServe(const ServeFlags& f) {
   }
   watching = false;
   if (rank_watch.joinable()) rank_watch.join();
+  // A lost rank: nothing left to drain (its streams failed), and the exit status says so.
+  std::chrono::milliseconds drain(f.drain_ms);
   if (sig == 0) {
     HELIX_LOG(kError) << "gen: " << lost << ": the instance cannot serve any more; stopping";
     std::cerr << "helix-gen serve: " << lost << ": stopping" << std::endl;
-    health->SetServingStatus(false);
-    service->Stop(std::chrono::milliseconds(0));
-    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    server->Wait();
-    service.reset();
-    return kExitFailure;
+    drain = std::chrono::milliseconds(0);
+  } else {
+    HELIX_LOG(kInfo) << "gen: signal " << sig << ": draining for up to " << f.drain_ms << " ms";
   }
-  HELIX_LOG(kInfo) << "gen: signal " << sig << ": draining for up to " << f.drain_ms << " ms";
   health->SetServingStatus(false);
-  service->Stop(std::chrono::milliseconds(f.drain_ms));
+  service->Stop(drain);
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
   service.reset();
-  return kExitOk;
+  return sig == 0 ? kExitFailure : kExitOk;
 }
 
 struct ClientFlags {

@@ -179,8 +179,8 @@ std::string SockAddr(const sockaddr_storage& a, int* port) {
   return buf;
 }
 
-int ConnectionFd(const httplib::Request& req) {
-  if (req.remote_port <= 0 || req.local_port <= 0) return -1;
+int ConnectionFd(const std::string& remote_addr, int remote_port, int local_port) {
+  if (remote_port <= 0 || local_port <= 0) return -1;
   DIR* d = opendir("/proc/self/fd");
   if (d == nullptr) return -1;
   int found = -1;
@@ -199,7 +199,7 @@ int ConnectionFd(const httplib::Request& req) {
     int lport = -1, pport = -1;
     SockAddr(local, &lport);
     const std::string paddr = SockAddr(peer, &pport);
-    if (lport == req.local_port && pport == req.remote_port && paddr == req.remote_addr) {
+    if (lport == local_port && pport == remote_port && paddr == remote_addr) {
       found = static_cast<int>(fd);
       break;
     }
@@ -219,11 +219,15 @@ bool PeerClosed(int fd) {
   return recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
-// A client-gone probe for Router::Run (none when the socket cannot be found).
+// A client-gone probe for Router::Run. The socket is looked up on the probe's first call (the
+// router's watcher asks after 100 ms), so the many requests that end sooner never scan the
+// process's descriptors; the connection's thread is still in the handler whenever it asks.
 std::function<bool()> ClientGoneProbe(const httplib::Request& req) {
-  const int fd = ConnectionFd(req);
-  if (fd < 0) return nullptr;
-  return [fd] { return PeerClosed(fd); };
+  return [remote = req.remote_addr, rport = req.remote_port, lport = req.local_port,
+          fd = -2]() mutable {  // fd -2: not looked up yet; -1: not found
+    if (fd == -2) fd = ConnectionFd(remote, rport, lport);
+    return fd >= 0 && PeerClosed(fd);
+  };
 }
 
 // The route label of the HTTP metrics: the served routes by name, anything else "other" (a

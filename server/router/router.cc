@@ -347,11 +347,9 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_po
     if (!Arm(w, &cc)) return ClientGone();
     last = c->ctx->Prefill(&cc, pre, out);
     Disarm(w);
-    if (last.ok()) *used = c;  // holds KV now, even if the client left meanwhile
+    *used = last.ok() ? c : nullptr;  // holds KV now, even if the client left meanwhile
     if (Cancelled(w)) return ClientGone();
-    *used = c;
     if (last.ok() || !Retryable(last)) return last;
-    *used = nullptr;
     MarkDown(c, "prefill failed: " + last.error_message());
     ++context_retries_;
     candidates.erase(std::find(candidates.begin(), candidates.end(), c));
@@ -404,27 +402,6 @@ grpc::Status Router::Run(const RouteRequest& r,
     v1::GenerateRequest req = r.proto;
     v1::PrefillResponse pre;
     Backend* prefilled_on = nullptr;
-    if (disagg) {
-      st = Prefill(r, g, deadline, w, &pre, &prefilled_on);
-      if (!st.ok()) {
-        if (Cancelled(w)) {
-          if (prefilled_on != nullptr) {  // the client left as the prefill answered
-            grpc::ClientContext rc;
-            rc.set_deadline(Clock::now() + std::chrono::milliseconds(2000));
-            v1::ReleaseRequest rel;
-            rel.set_request_id(pre.kv_handle().request_id());
-            v1::ReleaseResponse rr;
-            (void)prefilled_on->ctx->Release(&rc, rel, &rr);
-          }
-          return st;
-        }
-        ++errors_;
-        return st;
-      }
-      *req.mutable_token_ids() = pre.prompt_token_ids();
-      req.set_first_token(pre.first_token());
-      *req.mutable_kv_handle() = pre.kv_handle();
-    }
     // The KV the context server retains for this attempt, freed when the attempt fails (the
     // generation server may never have pulled it; the lease would free it later).
     auto release_kv = [&] {
@@ -436,6 +413,20 @@ grpc::Status Router::Run(const RouteRequest& r,
       v1::ReleaseResponse rr;
       (void)prefilled_on->ctx->Release(&rc, rel, &rr);
     };
+    if (disagg) {
+      st = Prefill(r, g, deadline, w, &pre, &prefilled_on);
+      if (!st.ok()) {
+        if (Cancelled(w)) {
+          release_kv();  // the client may have left just as the prefill answered
+          return st;
+        }
+        ++errors_;
+        return st;
+      }
+      *req.mutable_token_ids() = pre.prompt_token_ids();
+      req.set_first_token(pre.first_token());
+      *req.mutable_kv_handle() = pre.kv_handle();
+    }
     grpc::ClientContext gc;
     gc.set_deadline(deadline);
     if (!Arm(w, &gc)) {
