@@ -5,6 +5,7 @@
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -35,6 +36,11 @@ const char* JobStateName(JobState s) {
 namespace {
 
 constexpr int kMaxOutstandingPerJob = 64;
+// A job past its deadline whose gets are still in flight closes its peer (failing every job
+// from it) only once the peer has completed no get for this long, or for the job's whole
+// timeout when that is shorter: a peer that is only busy (a large pull beside a small one) is
+// not stalled, and its other jobs go on.
+constexpr std::chrono::milliseconds kPeerStall{1000};
 
 bool Terminal(JobState s) { return s != JobState::kInProgress; }
 
@@ -53,10 +59,12 @@ struct UcxTransfer::Impl {
     ucp_rkey_h rkey = nullptr;
     bool failed = false;
     std::string error;
+    std::chrono::steady_clock::time_point last_progress;  // connected, or its last get done
   };
   struct Active {
     uint64_t id = 0;
     PullJob job;
+    std::chrono::steady_clock::duration stall;  // the peer silence that closes it when late
     size_t next = 0;
     int outstanding = 0;
     bool cancel = false;
@@ -163,6 +171,9 @@ struct UcxTransfer::Impl {
     Active& a = it->second;
     --a.outstanding;
     if (status == UCS_OK) {
+      if (auto p = peers.find(a.job.peer_key); p != peers.end()) {
+        p->second.last_progress = std::chrono::steady_clock::now();
+      }
       SegmentDone(a, segment, bytes);
     } else if (!a.failed) {
       a.failed = true;
@@ -192,6 +203,7 @@ struct UcxTransfer::Impl {
     if (it == peers.end()) {
       Peer p;
       p.worker_address = job.worker_address;
+      p.last_progress = std::chrono::steady_clock::now();
       ucp_ep_params_t ep{};
       ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -297,6 +309,9 @@ struct UcxTransfer::Impl {
         Active a;
         a.id = id;
         a.job = std::move(job);
+        a.stall = std::min<std::chrono::steady_clock::duration>(
+            kPeerStall, std::max<std::chrono::steady_clock::duration>(
+                            a.job.deadline - std::chrono::steady_clock::now(), {}));
         if (const size_t per = a.job.segments_per_group; per > 0) {
           const size_t n = a.job.segments.size();
           a.group_left.assign((n + per - 1) / per, static_cast<uint32_t>(per));
@@ -338,14 +353,22 @@ struct UcxTransfer::Impl {
         if (p.failed) broken.push_back(key);
       }
       for (const std::string& key : broken) ClosePeer(key, peers[key].error);
-      // Deadlines: a job still waiting on its peer closes that peer.
+      // Deadlines: a job past its deadline fails and posts no more gets. The gets it has in
+      // flight still write into its destination, so it ends when they have: at once from a
+      // peer that is making progress (its other jobs go on), or by closing a peer that has
+      // gone silent (which ends every job from it).
       const auto now = std::chrono::steady_clock::now();
       std::vector<std::string> late;
       for (auto& [id, a] : active) {
-        if (!a.failed && now > a.job.deadline) {
+        if (now <= a.job.deadline) continue;
+        if (!a.failed) {
           a.failed = true;
           a.error = "timed out (kv_transfer_timeout_ms)";
-          if (a.outstanding > 0) late.push_back(a.job.peer_key);
+        }
+        if (a.outstanding == 0) continue;
+        auto p = peers.find(a.job.peer_key);
+        if (p != peers.end() && now - p->second.last_progress > a.stall) {
+          late.push_back(a.job.peer_key);
         }
       }
       for (const std::string& key : late) {

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -194,6 +196,59 @@ struct Child {
   }
 };
 
+// A job that passes its deadline while its peer is busy serving another job fails alone: the
+// peer is not closed under the other job (only a peer that has gone silent is).
+TEST_F(UcxTransferTest, LateJobFromABusyPeerFailsAlone) {
+  std::vector<uint8_t> src(8 << 20, 9);
+  Connect(src);
+  std::vector<uint8_t> late_dst(src.size()), other_dst(src.size());
+  auto fill = [&](PullJob* job, std::vector<uint8_t>* dst, size_t n) {
+    const size_t seg = 65536, per = src.size() / seg;
+    for (size_t i = 0; i < n; ++i) {
+      job->segments.push_back({reinterpret_cast<uint64_t>(src.data()) + (i % per) * seg,
+                               dst->data() + (i % per) * seg, seg});
+    }
+  };
+  PullJob warm = Job(milliseconds(10000));
+  fill(&warm, &other_dst, 4);
+  ASSERT_EQ(puller_->Wait(puller_->StartPull(std::move(warm)), milliseconds(10000)),
+            JobState::kDone);
+  std::fill(other_dst.begin(), other_dst.end(), 0);
+  PullJob late = Job(milliseconds(30));
+  fill(&late, &late_dst, 16384);  // 1 GiB: far from done after 30 ms
+  PullJob other = Job(milliseconds(60000));
+  fill(&other, &other_dst, 4096);  // 256 MiB, still in flight when the first one is late
+  const uint64_t late_id = puller_->StartPull(std::move(late));
+  const uint64_t other_id = puller_->StartPull(std::move(other));
+  EXPECT_EQ(puller_->Wait(late_id, milliseconds(10000)), JobState::kFailed);
+  std::string error;
+  puller_->State(late_id, &error);
+  EXPECT_NE(error.find("timed out"), std::string::npos) << error;
+  const JobState s = puller_->Wait(other_id, milliseconds(60000));
+  puller_->State(other_id, &error);
+  EXPECT_EQ(s, JobState::kDone) << JobStateName(s) << ": " << error;
+  EXPECT_EQ(std::count(other_dst.begin(), other_dst.end(), 9),
+            static_cast<std::ptrdiff_t>(other_dst.size()));
+}
+
+// SIGSTOPs `pid` and waits until it is stopped (kill returns before the signal takes effect, and
+// a get posted meanwhile could still be served).
+void Stop(pid_t pid) {
+  kill(pid, SIGSTOP);
+  const auto until = Clock::now() + milliseconds(5000);
+  while (Clock::now() < until) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const size_t close = stat.rfind(')');  // the state follows the command name
+    if (close != std::string::npos && close + 2 < stat.size() &&
+        (stat[close + 2] == 'T' || stat[close + 2] == 't')) {
+      return;
+    }
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  ADD_FAILURE() << "process " << pid << " did not stop";
+}
+
 constexpr const char* kExporterEnv = "HELIX_UCX_TEST_EXPORTER_FD";
 
 [[maybe_unused]] const bool kIsExporter = [] {
@@ -258,7 +313,7 @@ TEST_F(UcxTransferTest, StalledPeerTimesOutAndKilledPeerFails) {
     const uint64_t ok = puller_->StartPull(JobFrom(c, &dst, milliseconds(10000)));
     ASSERT_EQ(puller_->Wait(ok, milliseconds(10000)), JobState::kDone);
     EXPECT_EQ(dst[12345], 7);
-    kill(c.pid, SIGSTOP);
+    Stop(c.pid);
     const auto t0 = Clock::now();
     const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(1000)));
     std::string error;
@@ -291,7 +346,7 @@ TEST_F(UcxTransferTest, PeerKilledMidTransferFailsTheJob) {
     StartExporter(&c);
     const uint64_t first = puller_->StartPull(JobFrom(c, &dst, milliseconds(10000)));
     ASSERT_EQ(puller_->Wait(first, milliseconds(10000)), JobState::kDone);
-    kill(c.pid, SIGSTOP);
+    Stop(c.pid);
     std::fill(dst.begin(), dst.end(), 0);
     // Few small gets (as a short prompt's blocks) and many large ones.
     const uint64_t id =
@@ -318,7 +373,7 @@ TEST_F(UcxTransferTest, CancelEndsTheJob) {
   ASSERT_EQ(puller_->Wait(first, milliseconds(10000)), JobState::kDone);
   // Stalled: the gets in flight can only end by the deadline closing the endpoint, and the
   // cancelled job must not report an end before that.
-  kill(c.pid, SIGSTOP);
+  Stop(c.pid);
   const auto t0 = Clock::now();
   const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(1500)));
   std::this_thread::sleep_for(milliseconds(100));
