@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <thread>
 
 #include "engine/backend/cpu/cpu_backend.h"
@@ -171,6 +172,18 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
 #endif
   }
   return InvalidArgument("backend \"" + o.backend + "\": expected \"cpu\" or \"cuda\"");
+}
+
+// A retained request's lease secret: 128 random bits as 32 hex digits.
+std::string NewLeaseToken() {
+  std::random_device rd;
+  std::string out;
+  char buf[9];
+  for (int i = 0; i < 4; ++i) {
+    std::snprintf(buf, sizeof(buf), "%08x", static_cast<unsigned>(rd()));
+    out += buf;
+  }
+  return out;
 }
 
 }  // namespace
@@ -1426,8 +1439,9 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
     }
   }
   retained_[s->req.id] = std::move(kept);
+  ev->kv_lease_token = NewLeaseToken();
   std::lock_guard<std::mutex> lock(inbox_mu_);
-  retained_ids_.insert(s->req.id);
+  retained_ids_[s->req.id] = Lease{ev->kv_lease_token, ev->kv_block_addresses};
   return Status::Ok();
 }
 
@@ -1446,6 +1460,35 @@ bool Engine::ReleaseRetained(const std::string& request_id) {
   if (retained_ids_.erase(request_id) == 0) return false;
   releases_.push_back(request_id);
   return true;
+}
+
+Status Engine::ReleaseLease(const std::string& request_id, const std::string& lease_token,
+                            const std::vector<uint64_t>& block_addresses) {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  auto it = retained_ids_.find(request_id);
+  if (it == retained_ids_.end()) {
+    return NotFound("request_id '" + request_id +
+                    "' holds no KV here (released, expired, or unknown)");
+  }
+  const Lease& l = it->second;
+  // Compared in time independent of where they differ (the token is a secret).
+  unsigned diff = l.token.size() == lease_token.size() ? 0u : 1u;
+  for (size_t i = 0; i < l.token.size(); ++i) {
+    diff |= static_cast<unsigned char>(l.token[i]) ^
+            static_cast<unsigned char>(i < lease_token.size() ? lease_token[i] : 0);
+  }
+  if (diff != 0 || l.token.empty()) {
+    return PermissionDenied("the lease token does not match the one request '" + request_id +
+                            "' was given; its KV stays held");
+  }
+  if (block_addresses != l.block_addresses) {
+    return PermissionDenied("the block addresses are not the ones request '" + request_id +
+                            "' holds (" + std::to_string(block_addresses.size()) + " given, " +
+                            std::to_string(l.block_addresses.size()) + " held); its KV stays held");
+  }
+  retained_ids_.erase(it);
+  releases_.push_back(request_id);
+  return Status::Ok();
 }
 
 void Engine::ExpireLeases() {

@@ -184,6 +184,14 @@ class Engine {
   // Context server: frees a retained request's blocks (at the next step). Thread-safe; false
   // when the id is not retained (never was, already released, or its lease expired).
   bool ReleaseRetained(const std::string& request_id);
+  // ReleaseRetained for a caller in another process (a Release RPC): frees the KV only when
+  // `lease_token` is the lease's secret (TokenEvent::kv_lease_token, a random 128-bit value in
+  // the handle) and `block_addresses` are its blocks, so that knowing or guessing a request id
+  // is not enough to free someone else's KV, or to have it read through a handle that names
+  // that id beside other blocks. NotFound when the id holds no KV (never did, released, or
+  // expired); PermissionDenied naming what does not match (nothing is freed then).
+  Status ReleaseLease(const std::string& request_id, const std::string& lease_token,
+                      const std::vector<uint64_t>& block_addresses);
   // Engine thread: frees retained KV whose lease has passed. Step calls it; an idle server's
   // loop calls it too.
   void ExpireLeases();
@@ -345,10 +353,14 @@ class Engine {
   std::unordered_map<std::string, Retained> retained_;  // context server, engine thread
   // Returns a retained request's export-buffer blocks and device blocks to their pools.
   void FreeRetained(Retained& r);
-  std::unordered_set<std::string> retained_ids_;     // GUARDED_BY(inbox_mu_)
-  std::vector<std::string> releases_;                // GUARDED_BY(inbox_mu_)
-  std::unordered_map<std::string, Status> pairing_;  // GUARDED_BY(inbox_mu_): per server
-  uint64_t leases_expired_ = 0;                      // GUARDED_BY(inbox_mu_)
+  struct Lease {
+    std::string token;
+    std::vector<uint64_t> block_addresses;
+  };
+  std::unordered_map<std::string, Lease> retained_ids_;  // GUARDED_BY(inbox_mu_)
+  std::vector<std::string> releases_;                    // GUARDED_BY(inbox_mu_)
+  std::unordered_map<std::string, Status> pairing_;      // GUARDED_BY(inbox_mu_): per server
+  uint64_t leases_expired_ = 0;                          // GUARDED_BY(inbox_mu_)
   uint64_t transfers_done_ = 0, transfers_failed_ = 0, transfers_cancelled_ = 0;  // ditto
 };
 

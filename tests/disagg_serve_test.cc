@@ -488,8 +488,10 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
   go.cp = 2;
   Server gen(go);
   const auto req = Request(Tokens(40, 3), 6);
+  std::vector<helix::v1::KvHandle> originals;
   auto forge = [&](const std::function<void(helix::transfer::KvSource*)>& change) {
     helix::v1::GenerateRequest r = Prefill(ctx, req);
+    originals.push_back(r.kv_handle());
     auto src = helix::server::FromProto(r.kv_handle());
     EXPECT_TRUE(src.ok()) << src.status().ToString();
     change(&*src);
@@ -510,6 +512,7 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
        "not a block"},
       {"block off its boundary", [](auto* s) { s->block_addresses.back() += 8; }, "not a block"},
       {"another instance", [](auto* s) { s->server_id += "x"; }, "instance"},
+      {"no lease token", [](auto* s) { s->lease_token.clear(); }, "lease_token"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
@@ -519,10 +522,23 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
     EXPECT_NE(got.status.error_message().find(c.expect), std::string::npos)
         << got.status.error_message();
   }
-  // Both servers still serve, and every refused handle's KV went back to the context server.
+  // Both servers still serve. The refused handles whose request id, lease token and blocks
+  // were intact had their KV released by the generation server; the ones with other blocks
+  // could not (their Release does not match the lease), and their owner releases them.
   const Result ok = Generate(gen, Prefill(ctx, req));
   EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
   EXPECT_EQ(ok.tokens.size(), 6u);
+  int released_by_owner = 0;
+  for (const helix::v1::KvHandle& h : originals) {
+    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    helix::v1::ReleaseResponse resp;
+    const grpc::Status st = stub->Release(&c, helix::server::ReleaseRequestFor(h), &resp);
+    EXPECT_TRUE(st.ok() || st.error_code() == grpc::StatusCode::NOT_FOUND) << st.error_message();
+    released_by_owner += st.ok();
+  }
+  EXPECT_EQ(released_by_owner, 3);  // the two with moved blocks and the one without a token
   EXPECT_TRUE(
       ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
                   milliseconds(5000)));
@@ -543,6 +559,85 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
   const Result taken = Generate(listed, Prefill(ctx, req));
   EXPECT_TRUE(taken.status.ok()) << taken.status.error_message();
   EXPECT_EQ(taken.tokens.size(), 6u);
+}
+
+// A handle's lease token guards its KV: a handle that names another live request's id and blocks
+// (ids are sequential and block addresses follow from the export) but carries the forger's own
+// token is refused before anything is decoded from them, and so is one with the forger's id and
+// token beside the other request's blocks. A Release without the token frees nothing. The
+// other request's KV stays held and then generates as it should.
+TEST_F(DisaggServeTest, LeaseTokenGuardsAnotherRequestsKv) {
+  Server::Options co;
+  co.context = true;
+  Server ctx(co);
+  Server::Options go;
+  go.cp = 2;
+  Server gen(go);
+  const auto victim_req = Request(Tokens(70, 5), 6);
+  const auto victim = Prefill(ctx, victim_req);
+  const auto own = Prefill(ctx, Request(Tokens(70, 6), 6));
+  ASSERT_FALSE(victim.kv_handle().lease_token().empty());
+  ASSERT_NE(victim.kv_handle().lease_token(), own.kv_handle().lease_token());
+  auto forge = [&](bool victims_id) {
+    auto src = helix::server::FromProto(own.kv_handle());
+    EXPECT_TRUE(src.ok()) << src.status().ToString();
+    if (victims_id) src->request_id = victim.kv_handle().request_id();
+    src->block_addresses.assign(victim.kv_handle().block_addresses().begin(),
+                                victim.kv_handle().block_addresses().end());
+    src->token_count = victim.kv_handle().token_count();
+    src->checksum = helix::transfer::HandleChecksum(*src);
+    helix::v1::GenerateRequest r = victim;
+    r.mutable_kv_handle()->Clear();
+    helix::server::ToProto(*src, r.mutable_kv_handle());
+    return r;
+  };
+  for (const bool victims_id : {true, false}) {
+    SCOPED_TRACE(victims_id ? "the other request's id" : "the forger's own id");
+    const Result got = Generate(gen, forge(victims_id));
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << got.status.error_message();
+    EXPECT_NE(got.status.error_message().find(victims_id ? "lease token" : "block addresses"),
+              std::string::npos)
+        << got.status.error_message();
+    // At most the first token the request itself carried, never one decoded from the KV.
+    EXPECT_LE(got.tokens.size(), 1u);
+    if (!got.tokens.empty()) EXPECT_EQ(got.tokens[0], victim.first_token());
+  }
+  // The Release RPC itself: no token, or the wrong one, frees nothing.
+  auto release = [&](const std::string& token) {
+    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    helix::v1::ReleaseRequest rel = helix::server::ReleaseRequestFor(victim.kv_handle());
+    rel.set_lease_token(token);
+    helix::v1::ReleaseResponse resp;
+    return stub->Release(&c, rel, &resp);
+  };
+  EXPECT_EQ(release("").error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(release(own.kv_handle().lease_token()).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(ctx.Info().kv_retained_requests(), 2);
+  // The other request is untouched: it generates what a fresh prefill of its prompt does.
+  const Result theirs = Generate(gen, victim);
+  EXPECT_TRUE(theirs.status.ok()) << theirs.status.error_message();
+  const Result again = Generate(gen, Prefill(ctx, victim_req));
+  EXPECT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(theirs.tokens, again.tokens);
+  EXPECT_EQ(theirs.tokens.size(), 6u);
+  // The forger's own KV is freed by a Release with its token (the refused ones freed nothing).
+  {
+    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    helix::v1::ReleaseResponse resp;
+    const grpc::Status st =
+        stub->Release(&c, helix::server::ReleaseRequestFor(own.kv_handle()), &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+  }
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                  milliseconds(5000)));
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(2000)));
 }
 
 }  // namespace

@@ -34,8 +34,10 @@ struct TokenEvent {
   int64_t prompt_tokens = 0;  // usage, on the final event
   int64_t completion_tokens = 0;
   // Final event of a retain_kv request that ended normally: the remote-readable address of
-  // each block holding the prompt's KV, in order (held until Engine::ReleaseRetained).
+  // each block holding the prompt's KV, in order (held until Engine::ReleaseRetained), and the
+  // lease's secret (a release from another process must show it: Engine::ReleaseLease).
   std::vector<uint64_t> kv_block_addresses;
+  std::string kv_lease_token;
 };
 
 using TokenSink = std::function<void(const TokenEvent&)>;

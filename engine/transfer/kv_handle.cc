@@ -62,7 +62,7 @@ class Reader {
 std::string EncodeKvSource(const KvSource& s) {
   std::string out;
   for (const std::string* f : {&s.server_id, &s.server_address, &s.request_id, &s.worker_address,
-                               &s.rkey, &s.model_fingerprint}) {
+                               &s.rkey, &s.model_fingerprint, &s.lease_token}) {
     PutStr(&out, *f);
   }
   PutU64(&out, s.block_addresses.size());
@@ -83,7 +83,7 @@ StatusOr<KvSource> DecodeKvSource(const std::string& bytes) {
   const Status bad =
       DataLoss("KV source of " + std::to_string(bytes.size()) + " bytes is malformed");
   for (std::string* f : {&s.server_id, &s.server_address, &s.request_id, &s.worker_address, &s.rkey,
-                         &s.model_fingerprint}) {
+                         &s.model_fingerprint, &s.lease_token}) {
     if (!r.Str(f)) return bad;
   }
   uint64_t n = 0;
@@ -129,6 +129,7 @@ uint64_t HandleChecksum(const KvSource& s) {
   f.U64(static_cast<uint64_t>(s.layout.head_dim));
   if (s.layout.num_planes != 2) f.U64(static_cast<uint64_t>(s.layout.num_planes));
   f.Str(s.model_fingerprint);
+  f.Str(s.lease_token);
   return f.h;
 }
 

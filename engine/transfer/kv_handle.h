@@ -45,6 +45,9 @@ struct KvSource {
   int64_t token_count = 0;                // prompt tokens whose KV the blocks hold
   KvLayout layout;
   std::string model_fingerprint;
+  // The lease's secret (random, per handle): a Release must show it, with the block addresses,
+  // for the context server to free or confirm the KV (Engine::ReleaseLease).
+  std::string lease_token;
   uint64_t checksum = 0;  // HandleChecksum of the fields above
 };
 

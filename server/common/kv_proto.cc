@@ -43,6 +43,7 @@ void ToProto(const transfer::KvSource& s, v1::KvHandle* out) {
   for (uint64_t a : s.block_addresses) out->add_block_addresses(a);
   out->set_token_count(s.token_count);
   out->set_model_fingerprint(s.model_fingerprint);
+  out->set_lease_token(s.lease_token);
   ToProto(s.layout, out->mutable_kv_layout());
   out->set_checksum(s.checksum);
 }
@@ -68,6 +69,7 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
   s.block_addresses.assign(h.block_addresses().begin(), h.block_addresses().end());
   s.token_count = h.token_count();
   s.model_fingerprint = h.model_fingerprint();
+  s.lease_token = h.lease_token();
   s.layout.version = h.kv_layout().version();
   s.layout.dtype = *dtype;
   s.layout.tokens_per_block = h.kv_layout().tokens_per_block();
@@ -84,6 +86,11 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
     return InvalidArgument("kv_handle.kv_layout.block_bytes " +
                            std::to_string(h.kv_layout().block_bytes()) + " does not match its " +
                            s.layout.ToString());
+  }
+  if (h.lease_token().empty()) {
+    return InvalidArgument(
+        "kv_handle.lease_token is empty (a context server gives one with "
+        "every handle)");
   }
   return s;
 }
@@ -167,12 +174,29 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
   });
 }
 
-void ContextClient::Release(const std::string& address, const std::string& request_id) {
-  Confirm(address, request_id, nullptr);
+v1::ReleaseRequest ReleaseRequestFor(const transfer::KvSource& s) {
+  v1::ReleaseRequest r;
+  r.set_request_id(s.request_id);
+  r.set_lease_token(s.lease_token);
+  r.mutable_block_addresses()->Assign(s.block_addresses.begin(), s.block_addresses.end());
+  return r;
 }
 
-void ContextClient::Confirm(const std::string& address, const std::string& request_id,
+v1::ReleaseRequest ReleaseRequestFor(const v1::KvHandle& h) {
+  v1::ReleaseRequest r;
+  r.set_request_id(h.request_id());
+  r.set_lease_token(h.lease_token());
+  *r.mutable_block_addresses() = h.block_addresses();
+  return r;
+}
+
+void ContextClient::Release(const std::string& address, v1::ReleaseRequest release) {
+  Confirm(address, std::move(release), nullptr);
+}
+
+void ContextClient::Confirm(const std::string& address, v1::ReleaseRequest release,
                             std::function<void(const Status&)> verdict) {
+  const std::string request_id = release.request_id();
   if (address.empty()) {
     if (verdict) verdict(InvalidArgument("the KV handle names no context server to confirm with"));
     return;
@@ -189,7 +213,7 @@ void ContextClient::Confirm(const std::string& address, const std::string& reque
     v1::ReleaseResponse resp;
   };
   auto call = std::make_shared<Call>();
-  call->req.set_request_id(request_id);
+  call->req = std::move(release);
   call->ctx.set_deadline(std::chrono::system_clock::now() + release_timeout_);
   (*stub)->async()->Release(
       &call->ctx, &call->req, &call->resp,
@@ -202,6 +226,12 @@ void ContextClient::Confirm(const std::string& address, const std::string& reque
         if (verdict) {
           if (st.ok()) {
             verdict(Status::Ok());
+          } else if (st.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+            verdict(PermissionDenied("context server " + address +
+                                     " refused the KV handle of "
+                                     "request '" +
+                                     request_id + "': " + st.error_message() +
+                                     "; the request is not decoded from it"));
           } else if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
             verdict(DeadlineExceeded(
                 "the KV of request '" + request_id + "' was no longer held by context server " +

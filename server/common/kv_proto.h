@@ -20,6 +20,9 @@ void ToProto(const transfer::KvLayout& l, v1::KvLayout* out);
 void ToProto(const transfer::KvSource& s, v1::KvHandle* out);
 // INVALID_ARGUMENT naming the field when the handle is incomplete.
 StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h);
+// The Release of a handle's KV: its request id, lease token and block addresses.
+v1::ReleaseRequest ReleaseRequestFor(const transfer::KvSource& s);
+v1::ReleaseRequest ReleaseRequestFor(const v1::KvHandle& h);
 
 // A generation server's calls to the context servers whose KV it pulls, asynchronous, over one
 // cached channel per server (at most 256 servers: handles name the address, so without
@@ -35,12 +38,12 @@ class ContextClient {
   ~ContextClient();
   // Frees a handle's KV on its context server; a failure is logged and counted (the lease
   // frees it anyway).
-  void Release(const std::string& address, const std::string& request_id);
+  void Release(const std::string& address, v1::ReleaseRequest release);
   // Release that tells whether the context server still held the KV: `verdict` gets Ok, or
   // the error that must fail the request (NOT_FOUND: its lease expired, so the blocks may have
   // been reused while they were read; the server unreachable: it cannot be told). Called on a
   // gRPC thread.
-  void Confirm(const std::string& address, const std::string& request_id,
+  void Confirm(const std::string& address, v1::ReleaseRequest release,
                std::function<void(const Status&)> verdict);
   // Checks `s` against the export of the server at s.server_address (GetKvExport, asked once
   // per server, and again when a handle names another instance: the server restarted), and

@@ -162,6 +162,7 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
     src.token_count = static_cast<int64_t>(prompt_ids.size());
     src.layout = ex->layout;
     src.model_fingerprint = engine->model_fingerprint();
+    src.lease_token = ev.kv_lease_token;
     src.checksum = transfer::HandleChecksum(src);
     ToProto(src, response->mutable_kv_handle());
     reactor->Finish(grpc::Status::OK);
@@ -180,17 +181,14 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* ContextService::Release(grpc::CallbackServerContext* ctx,
                                                   const v1::ReleaseRequest* request,
                                                   v1::ReleaseResponse*) {
-  // Not behind the API key: generation servers release what they pulled, and an id is only
-  // known to whoever got the handle.
+  // Not behind the API key: generation servers release what they pulled. The lease token is
+  // known only to whoever got the handle, and must come with the handle's blocks.
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  if (engine_->ReleaseRetained(request->request_id())) {
-    Kick();
-    reactor->Finish(grpc::Status::OK);
-  } else {
-    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
-                                 "request_id '" + request->request_id() +
-                                     "' holds no KV here (released, expired, or unknown)"));
-  }
+  const Status st = engine_->ReleaseLease(
+      request->request_id(), request->lease_token(),
+      std::vector<uint64_t>(request->block_addresses().begin(), request->block_addresses().end()));
+  if (st.ok()) Kick();
+  reactor->Finish(ToGrpc(st));
   return reactor;
 }
 

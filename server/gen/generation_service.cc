@@ -206,7 +206,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     auto release_refused = [svc, &p] {
       if (p.has_kv_handle() && !p.kv_handle().server_address().empty() &&
           !p.kv_handle().request_id().empty()) {
-        svc->context_.Release(p.kv_handle().server_address(), p.kv_handle().request_id());
+        svc->context_.Release(p.kv_handle().server_address(), ReleaseRequestFor(p.kv_handle()));
       }
     };
     StatusOr<GenerateRequest> r = FromProto(p);
@@ -274,8 +274,10 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     };
     if (r->kv_source != nullptr) {
       // Once no rank touches the blocks any more, the context server may free them.
-      r->on_kv_done = [svc, address = r->kv_source->server_address, id = r->kv_source->request_id](
-                          const Status&) { svc->context_.Release(address, id); };
+      r->on_kv_done = [svc, address = r->kv_source->server_address,
+                       rel = ReleaseRequestFor(*r->kv_source)](const Status&) {
+        svc->context_.Release(address, rel);
+      };
       // Before any rank pulls: the handle must be one its context server gave out (its rkey,
       // worker address and block addresses go to UCX, which aborts on a bad rkey and reads
       // any address it is given). Asked without blocking a gRPC thread.
@@ -287,13 +289,14 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       };
       // After a pull that landed: the release also confirms the context server still held
       // the KV (an expired lease may have let another prompt overwrite it mid-pull).
-      r->confirm_kv = [svc, address = r->kv_source->server_address,
-                       id = r->kv_source->request_id](std::function<void(const Status&)> verdict) {
-        svc->context_.Confirm(address, id, [svc, verdict](const Status& v) {
-          verdict(v);
-          svc->Kick();
-        });
-      };
+      r->confirm_kv =
+          [svc, address = r->kv_source->server_address,
+           rel = ReleaseRequestFor(*r->kv_source)](std::function<void(const Status&)> verdict) {
+            svc->context_.Confirm(address, rel, [svc, verdict](const Status& v) {
+              verdict(v);
+              svc->Kick();
+            });
+          };
     }
     std::function<void(const Status&)> release = r->on_kv_done;
     StatusOr<std::string> id = svc_->engine_->Submit(std::move(*r));

@@ -5,6 +5,7 @@
 
 #include "engine/common/log.h"
 #include "engine/request/stop_matcher.h"
+#include "server/common/kv_proto.h"
 
 namespace helix::router {
 namespace {
@@ -408,8 +409,7 @@ grpc::Status Router::Run(const RouteRequest& r,
       if (prefilled_on == nullptr) return;
       grpc::ClientContext rc;
       rc.set_deadline(Clock::now() + std::chrono::milliseconds(2000));
-      v1::ReleaseRequest rel;
-      rel.set_request_id(pre.kv_handle().request_id());
+      v1::ReleaseRequest rel = server::ReleaseRequestFor(pre.kv_handle());
       v1::ReleaseResponse rr;
       (void)prefilled_on->ctx->Release(&rc, rel, &rr);
     };
