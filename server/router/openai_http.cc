@@ -485,6 +485,8 @@ std::string OpenAiHttp::MetricsText() const {
   return o.str();
 }
 
+constexpr int kListenBacklog = 4096;
+
 StatusOr<int> OpenAiHttp::Start() {
   httplib::Server& s = *server_;
   const int threads = static_cast<int>(std::min<int64_t>(cfg_.max_inflight_requests + 16, 1024));
@@ -492,9 +494,12 @@ StatusOr<int> OpenAiHttp::Start() {
   s.set_payload_max_length(static_cast<size_t>(cfg_.max_request_bytes));
   // httplib's defaults add SO_REUSEPORT, which let a second router bind a taken port and split
   // its traffic: SO_REUSEADDR alone (a restart may still take a port in TIME_WAIT).
-  s.set_socket_options([](socket_t sock) {
+  // The callback sees each socket httplib tries to bind; the last one is the one it listens on.
+  auto listening = std::make_shared<int>(-1);
+  s.set_socket_options([listening](socket_t sock) {
     const int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    *listening = sock;
   });
   s.set_read_timeout(std::chrono::seconds(30));
   s.set_write_timeout(std::chrono::seconds(30));
@@ -752,6 +757,13 @@ StatusOr<int> OpenAiHttp::Start() {
   if (port <= 0) {
     return Unavailable("cannot listen on " + cfg_.server.host + ":" +
                        std::to_string(cfg_.server.port));
+  }
+  // httplib 0.11 listens with a backlog of 5: a burst of new connections overflows it and the
+  // clients' SYNs are dropped, to be retried after 1, 3, 7 ... s. Listening again on the bound
+  // socket raises the backlog (Linux caps it at net.core.somaxconn).
+  if (*listening < 0 || ::listen(*listening, kListenBacklog) != 0) {
+    HELIX_LOG(kWarn) << "router: could not raise the listen backlog of port " << port
+                     << "; bursts of new connections may wait for SYN retries";
   }
   thread_ = std::thread([this] { server_->listen_after_bind(); });
   return port;
