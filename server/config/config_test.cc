@@ -29,6 +29,11 @@ class ConfigTest : public ::testing::Test {
     fs::create_directories(dir_);
     std::ofstream(dir_ / "model.bin") << "weights";
     std::ofstream(dir_ / "tok.bin") << "tokenizer";
+    // PEM-shaped (gRPC checks their contents when a server starts; Validate the markers).
+    std::ofstream(dir_ / "cert.pem")
+        << "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::ofstream(dir_ / "key.pem")
+        << "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
   }
   void TearDown() override { fs::remove_all(dir_); }
 
@@ -113,6 +118,16 @@ INSTANTIATE_TEST_SUITE_P(
                 R"({"model": "model.bin",
                     "server": {"tls_cert_file": "model.bin", "tls_key_file": "nope.pem"}})",
                 {"'server.tls_key_file'", "no such file"}},
+        BadCase{"TlsCertNotPem",
+                G,
+                R"({"model": "model.bin",
+                    "server": {"tls_cert_file": "model.bin", "tls_key_file": "key.pem"}})",
+                {"'server.tls_cert_file'", "not a PEM certificate"}},
+        BadCase{"TlsKeyNotPem",
+                C,
+                R"({"model": "model.bin",
+                    "server": {"port": 5000, "tls_cert_file": "cert.pem", "tls_key_file": "cert.pem"}})",
+                {"'server.tls_key_file'", "not a PEM private key", "PRIVATE KEY-----"}},
         BadCase{"EmptyApiKey",
                 G,
                 R"({"model": "model.bin", "server": {"api_key": ""}})",
@@ -403,6 +418,13 @@ TEST_F(ConfigTest, RouterConfig) {
     EXPECT_NE(c.status().message().find(b.expect), std::string::npos)
         << "message lacks \"" << b.expect << "\": " << c.status().message();
   }
+}
+
+TEST_F(ConfigTest, PemTlsFilesAreAccepted) {
+  auto c = Load(R"({"model": "model.bin",
+                    "server": {"tls_cert_file": "cert.pem", "tls_key_file": "key.pem"}})");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(*c->server.tls_key_file, (dir_ / "key.pem").string());
 }
 
 TEST_F(ConfigTest, GenerationServerPortZeroIsAllowed) {

@@ -1,6 +1,8 @@
 #include "server/config/serving_config.h"
 
 #include <filesystem>
+#include <fstream>
+#include <tuple>
 
 #include "server/config/json_reader.h"
 
@@ -189,11 +191,33 @@ Status ServingConfig::Validate() {
         "config fields 'server.tls_cert_file' and 'server.tls_key_file' go together: give both "
         "(TLS) or neither");
   }
-  for (const auto& [field, path] : {std::pair{"server.tls_cert_file", server.tls_cert_file},
-                                    std::pair{"server.tls_key_file", server.tls_key_file}}) {
+  // gRPC reads them only when the server starts listening, after the model has loaded, and
+  // then says only "Invalid cert chain file": a file that is not PEM is named here.
+  for (const auto& [field, path, want] :
+       {std::tuple{"server.tls_cert_file", server.tls_cert_file, "CERTIFICATE-----"},
+        std::tuple{"server.tls_key_file", server.tls_key_file, "PRIVATE KEY-----"}}) {
     if (path && !std::filesystem::is_regular_file(*path)) {
       return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
                              ": no such file");
+    }
+  }
+  for (const auto& [field, path, want] :
+       {std::tuple{"server.tls_cert_file", server.tls_cert_file, "CERTIFICATE-----"},
+        std::tuple{"server.tls_key_file", server.tls_key_file, "PRIVATE KEY-----"}}) {
+    if (!path) continue;
+    std::ifstream in(*path, std::ios::binary);
+    std::string text(size_t{1} << 20, '\0');
+    in.read(text.data(), static_cast<std::streamsize>(text.size()));
+    if (in.bad() || (!in.eof() && !in.good())) {
+      return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
+                             ": cannot be read");
+    }
+    text.resize(static_cast<size_t>(in.gcount()));
+    const size_t begin = text.find("-----BEGIN ");
+    if (begin == std::string::npos || text.find(want, begin) == std::string::npos) {
+      return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
+                             ": not a PEM " + (want[0] == 'C' ? "certificate" : "private key") +
+                             " (no '-----BEGIN " + want + "' line in its first MiB)");
     }
   }
   if (server.api_key && server.api_key->empty()) {

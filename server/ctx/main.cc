@@ -109,7 +109,11 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   builder.RegisterService(service.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
-    std::cerr << "helix-ctx serve: cannot listen on " << listen << "\n";
+    std::cerr << "helix-ctx serve: cannot listen on " << listen
+              << (cfg->server.tls_cert_file ? " (or gRPC refused the TLS certificate or key: "
+                                              "see its error above)"
+                                            : "")
+              << "\n";
     service->Stop(std::chrono::milliseconds(0));
     return kExitFailure;
   }

@@ -297,7 +297,11 @@ int RunServe(const ServeFlags& f) {
   builder.SetMaxSendMessageSize(64 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || bound_port == 0) {
-    std::cerr << "helix-gen serve: cannot listen on " << addr << "\n";
+    std::cerr << "helix-gen serve: cannot listen on " << addr
+              << (cfg->server.tls_cert_file ? " (or gRPC refused the TLS certificate or key: "
+                                              "see its error above)"
+                                            : "")
+              << "\n";
     service->Stop(std::chrono::milliseconds(0));
     return kExitFailure;
   }
