@@ -386,6 +386,7 @@ Status Engine::AgreeOnConfig() {
       {"kv dtype", kernels::DTypeName(o.kv_dtype)},
       {"max_seq_len", std::to_string(max_seq_len_)},
       {"backend", backend_->name()},
+      {"worker_idle_timeout (ms)", std::to_string(o.worker_idle_timeout.count())},
   };
   std::string desc;
   for (const auto& [k, v] : mine) desc += k + "=" + v + "\n";
@@ -522,6 +523,7 @@ Status Engine::BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds
   if (is_leader()) {
     bytes = parallel::EncodeStepPlan(*plan);
     size = bytes.size();
+    last_plan_ = std::chrono::steady_clock::now();
   }
   RETURN_IF_ERROR(world_comm_->Broadcast(&size, sizeof(size), 0, timeout));
   bytes.resize(size);
@@ -593,11 +595,32 @@ Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
                          &device_tokens_);
 }
 
+Status Engine::Heartbeat(std::chrono::milliseconds interval) {
+  if (!is_leader() || layout_.single() || world_comm_ == nullptr) return Status::Ok();
+  if (Status b = broken(); !b.ok()) return b;
+  if (std::chrono::steady_clock::now() - last_plan_ < interval) return Status::Ok();
+  parallel::StepPlan plan;  // empty: the workers execute nothing
+  const Status st = BroadcastPlan(&plan, options_.comm_timeout);
+  if (!st.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(inbox_mu_);
+      broken_ = st;
+    }
+    HELIX_LOG(kError) << "engine: a worker rank did not take the idle heartbeat: " << st.ToString();
+    AbortAll(st);
+  }
+  return st;
+}
+
 Status Engine::RunWorker() {
   if (is_leader()) return FailedPrecondition("RunWorker is for ranks other than 0");
   for (;;) {
     parallel::StepPlan plan;
-    RETURN_IF_ERROR(BroadcastPlan(&plan, options_.worker_idle_timeout));
+    if (Status st = BroadcastPlan(&plan, options_.worker_idle_timeout); !st.ok()) {
+      return Unavailable("no step from the leader within " +
+                         std::to_string(options_.worker_idle_timeout.count()) +
+                         " ms (worker_idle_timeout), or its connection failed: " + st.ToString());
+    }
     if (plan.shutdown) return Status::Ok();
     RETURN_IF_ERROR(ExecutePlan(plan));
     if (!plan.transfer_polls.empty()) {

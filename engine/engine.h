@@ -101,7 +101,10 @@ struct EngineOptions {
   // (127.0.0.1 for a leader on loopback), so ranks on several hosts find each other.
   std::string bind_host;
   std::chrono::milliseconds comm_timeout{30000};  // rendezvous and every collective
-  std::chrono::milliseconds worker_idle_timeout{std::chrono::hours(24)};  // wait for a step
+  // How long a worker rank waits for the leader's next step. A leader that serves (helix-gen
+  // serve) sends an empty one while idle (Heartbeat), so its workers set this short and notice a
+  // leader whose host vanished without closing the connections.
+  std::chrono::milliseconds worker_idle_timeout{std::chrono::hours(24)};
 
   // Disaggregated serving (DESIGN.md §5). A context server (export_kv; one rank) registers
   // its pool for UCX reads and keeps each retain_kv request's blocks after it ends, until
@@ -177,6 +180,11 @@ class Engine {
   bool HasWork();
   // Engine thread: requests waiting for a check_kv_source or confirm_kv verdict.
   bool AwaitingVerdicts() const { return !checking_.empty() || !confirming_.empty(); }
+  // Leader, engine thread: broadcasts an empty step when no step went out for `interval`, so
+  // that the worker ranks' wait for the next one (worker_idle_timeout) stays bounded while the
+  // leader idles. A failure (a rank gone) breaks the instance as a failed step does, and is
+  // returned. Does nothing on a single rank or a broken instance.
+  Status Heartbeat(std::chrono::milliseconds interval);
   // Engine thread: fails every queued and running request with `error` (e.g. shutdown).
   void AbortAll(const Status& error);
   KvStats kv_stats() const;
@@ -231,6 +239,7 @@ class Engine {
   // Every rank: frees, reserves and runs one step of the plan; fills logits_ (all ranks).
   Status ExecutePlan(const parallel::StepPlan& plan);
   Status BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds timeout);
+  std::chrono::steady_clock::time_point last_plan_ = std::chrono::steady_clock::now();  // leader
   // Every rank: reserves a transferred sequence's blocks and starts pulling the owned ones.
   // Errors only when the ranks are out of step; a pull that cannot start is a failed pull.
   Status StartTransfer(const parallel::PlanTransfer& t);

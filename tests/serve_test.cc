@@ -69,9 +69,10 @@ class Daemon {
  public:
   // Starts helix-gen serve with context_parallel_size `cp` (and `server_extra`, more JSON
   // members of "server"); connects with `creds` (default: insecure); waits until health is
-  // SERVING.
+  // SERVING. `args` go to helix-gen serve after its own.
   explicit Daemon(int cp, const std::string& server_extra = "",
-                  std::shared_ptr<grpc::ChannelCredentials> creds = nullptr) {
+                  std::shared_ptr<grpc::ChannelCredentials> creds = nullptr,
+                  const std::vector<std::string>& args = {}) {
     auto port = helix::parallel::PickFreePort("127.0.0.1");
     EXPECT_TRUE(port.ok());
     port_ = *port;
@@ -96,8 +97,12 @@ class Daemon {
     if (pid_ == 0) {
       const std::string bin = Env("HELIX_GEN_BIN");
       const std::string cfg = (dir_ / "gen.json").string();
-      execl(bin.c_str(), bin.c_str(), "serve", "--config", cfg.c_str(), "--drain-ms", "20000",
-            static_cast<char*>(nullptr));
+      std::vector<std::string> all = {bin, "serve", "--config", cfg, "--drain-ms", "20000"};
+      all.insert(all.end(), args.begin(), args.end());
+      std::vector<char*> argv;
+      for (std::string& a : all) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(bin.c_str(), argv.data());
       _exit(127);
     }
     // The channel is made once the daemon listens: a TLS channel whose first attempt found no
@@ -140,6 +145,7 @@ class Daemon {
     }
     return n;
   }
+  void Signal(int sig) const { kill(pid_, sig); }
   pid_t RankPid() const {
     const std::string cmd = "pgrep -f -- '" + dir_.string() + "/[g]en.json.*--rank 1'";
     FILE* p = popen(cmd.c_str(), "r");
@@ -489,6 +495,29 @@ TEST_F(ServeTest, IdleRankDeathStopsTheLeader) {
   ASSERT_GT(rank, 0);
   kill(rank, SIGKILL);
   EXPECT_EQ(d.ExitStatus(std::chrono::seconds(20)), 1) << "the leader did not exit 1";
+}
+
+// A leader that stops answering without closing its connections (its host gone; here SIGSTOP)
+// no longer leaves its worker ranks waiting for a day: they exit once 12 heartbeats are missed.
+// While the leader lives and idles, its heartbeats keep them.
+TEST_F(ServeTest, WorkersLeaveALeaderThatWentSilent) {
+  Daemon d(2, "", nullptr, {"--heartbeat-ms", "250"});  // workers wait 3 s for a step
+  ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  ASSERT_GT(d.RankPid(), 0);
+  std::this_thread::sleep_for(std::chrono::seconds(7));  // idle for twice the workers' wait
+  const StreamResult r = d.Run(Greedy("Once", 5));
+  EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens.size(), 5u);
+  EXPECT_EQ(d.RankCount(), 1);
+  d.Signal(SIGSTOP);
+  const auto t0 = Clock::now();
+  while (d.RankCount() > 0 && Clock::now() - t0 < std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(d.RankCount(), 0) << "the worker still waits for its silent leader";
+  // (Woken, the leader finds its rank gone and exits 1 once its own heartbeat's send to that
+  // rank has timed out, comm_timeout = 30 s: not waited for here.)
+  d.Signal(SIGCONT);
 }
 
 TEST_F(ServeTest, TlsAndApiKey) {

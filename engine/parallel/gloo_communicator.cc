@@ -96,14 +96,17 @@ class GlooCommunicator final : public Communicator {
   }
 
   Status Broadcast(void* data, size_t bytes, int root, std::chrono::milliseconds timeout) override {
-    return Run("broadcast", [&] {
-      gloo::BroadcastOptions o(ctx_);
-      o.setOutput(static_cast<char*>(data), bytes);
-      o.setRoot(root);
-      o.setTag(NextTag());
-      o.setTimeout(timeout);
-      gloo::broadcast(o);
-    });
+    return Run(
+        "broadcast",
+        [&] {
+          gloo::BroadcastOptions o(ctx_);
+          o.setOutput(static_cast<char*>(data), bytes);
+          o.setRoot(root);
+          o.setTag(NextTag());
+          o.setTimeout(timeout);
+          gloo::broadcast(o);
+        },
+        timeout);
   }
 
   Status Barrier() override {
@@ -132,8 +135,9 @@ class GlooCommunicator final : public Communicator {
     gloo::alltoall(o);
   }
 
+  // `timeout`: the call's own, when not the communicator's (for the error message).
   template <typename F>
-  Status Run(const char* what, F&& f) {
+  Status Run(const char* what, F&& f, std::chrono::milliseconds timeout = {}) {
     if (!broken_.ok()) return broken_;
     try {
       f();
@@ -142,7 +146,8 @@ class GlooCommunicator final : public Communicator {
       // Gloo's pairs are unusable after an error: every later call fails fast with it.
       broken_ = Unavailable(name_ + ": " + what + " failed on rank " + std::to_string(rank()) +
                             " of " + std::to_string(size()) + " (a peer died or timed out after " +
-                            std::to_string(timeout_.count()) + " ms): " + e.what());
+                            std::to_string((timeout.count() > 0 ? timeout : timeout_).count()) +
+                            " ms): " + e.what());
       return broken_;
     }
   }

@@ -340,6 +340,8 @@ void GenerationService::Loop() {
       std::unique_lock<std::mutex> lock(mu_);
       if (stop_) break;
     }
+    // Also while requests only wait for verdicts (Step runs nothing then).
+    if (!engine_->Heartbeat(options_.heartbeat).ok()) UpdateHealth();
     if (engine_->HasWork()) {
       const bool ran = engine_->Step();
       free_blocks_ = engine_->kv_stats().free_blocks;

@@ -31,6 +31,9 @@ struct GenerationServiceOptions {
   // The context servers whose handles are taken (host:port); empty: any (see
   // CacheTransceiverConfig::allowed_context_servers).
   std::vector<std::string> allowed_context_servers;
+  // With several ranks: an empty step goes to the workers when none went out for this long
+  // (Engine::Heartbeat), so they notice a leader that is gone without closing its connections.
+  std::chrono::milliseconds heartbeat{5000};
 };
 
 // Converts a request; errors name the field (INVALID_ARGUMENT) or what is not supported.

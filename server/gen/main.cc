@@ -249,6 +249,7 @@ struct ServeFlags {
   std::optional<int> rank;
   std::string leader_addr;
   int64_t drain_ms = 30000;
+  int64_t heartbeat_ms = 5000;
 };
 
 // The daemon: the leader serves gRPC; the other ranks follow its steps.
@@ -263,6 +264,13 @@ int RunServe(const ServeFlags& f) {
     return kExitFailure;
   }
   helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
+  if (f.heartbeat_ms < 10 || f.heartbeat_ms > 3600000) {
+    std::cerr << "helix-gen serve: --heartbeat-ms " << f.heartbeat_ms
+              << ": expected 10 to 3600000\n";
+    return kExitUsage;
+  }
+  // Workers exit when their leader has sent nothing, not even its idle heartbeat, for 12 beats.
+  o.worker_idle_timeout = std::chrono::milliseconds(12 * f.heartbeat_ms);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT on a thread of its own (WatchSignals); other ranks ignore
   // them (and die with, or are stopped by, their leader).
@@ -279,6 +287,7 @@ int RunServe(const ServeFlags& f) {
   so.max_in_flight = 4 * cfg->max_batch_size;
   so.api_key = cfg->server.api_key.value_or("");
   so.allowed_context_servers = cfg->cache_transceiver_config.allowed_context_servers;
+  so.heartbeat = std::chrono::milliseconds(f.heartbeat_ms);
   so.kv_check_timeout =
       std::chrono::milliseconds(cfg->cache_transceiver_config.kv_transfer_timeout_ms);
   std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);
@@ -451,6 +460,13 @@ int main(int argc, char** argv) {
   serve
       ->add_option("--drain-ms", sf.drain_ms,
                    "On SIGTERM/SIGINT, how long in-flight streams may finish")
+      ->capture_default_str();
+  serve
+      ->add_option("--heartbeat-ms", sf.heartbeat_ms,
+                   "With several ranks: while idle, the leader sends its workers an empty step "
+                   "this often, and a worker that hears nothing for 12 times as long exits (its "
+                   "leader is gone, e.g. its host without closing the connections); every rank "
+                   "must be given the same value")
       ->capture_default_str();
 
   ClientFlags cf;
