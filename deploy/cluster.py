@@ -18,7 +18,8 @@ cluster.json:
     "context_servers": {"count": 1, "base_port": 50051},
     "generation_servers": {"count": 1, "base_port": 50061, "tensor_parallel_size": 1,
                            "context_parallel_size": 2},
-    "server": {  # merged into every context and generation server's config
+    "server": {  # merged into every context and generation server's config (no "server" in it:
+                 # cluster.py sets their host and port)
       "num_threads": 1, "max_seq_len": 2048,
       "kv_cache_config": {"tokens_per_block": 32, "max_tokens": 65536, "dtype": "float32"},
       "cache_transceiver_config": {"backend": "UCX", "kv_transfer_timeout_ms": 30000}
@@ -96,8 +97,14 @@ def run_up(args):
     for b in ("helix-ctx", "helix-gen", "helix-router"):
         if not os.access(os.path.join(build, "server", b), os.X_OK):
             raise UsageError(f"no {b} under {build}/server (build first, or give --build)")
-    run = tempfile.mkdtemp(prefix="helix_cluster_")
     server = c.get("server", {})
+    if "server" in server:
+        # It would replace the host and port each server is given, and the router sends servers
+        # no API key and does not use TLS towards them.
+        raise UsageError("'server.server' is not taken by cluster.py: it sets each server's host "
+                         "and port itself (from 'host' and the base ports), and the router talks "
+                         "to the servers without an API key or TLS")
+    run = tempfile.mkdtemp(prefix="helix_cluster_")
     procs = []
 
     def start(name, argv, cfg_path):

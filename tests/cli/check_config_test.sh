@@ -67,4 +67,14 @@ echo '{"model": "'"$model"'", "generation_servers": {"urls": ["nohost"]}}' >"$tm
 check "router bad url" 2 "$bin/helix-router" check-config "$tmp/r.json"
 check "gen serve invalid config" 2 "$bin/helix-gen" serve --config "$tmp/mismatch.json"
 
+# deploy/cluster.py refuses a bad cluster file (exit 2, one line) before it starts anything.
+printf '{"model": "%s", "server": {"server": {"api_key": "k"}}}\n' "$model" >"$tmp/cl1.json"
+check "cluster server.server" 2 python3 "$src/deploy/cluster.py" up --config "$tmp/cl1.json" \
+  --build "$bin/.."
+expect_in "cluster server.server message" "$tmp/err" "'server.server' is not taken"
+printf '{"model": "%s", "server": 3}\n' "$model" >"$tmp/cl2.json"
+check "cluster server not an object" 2 python3 "$src/deploy/cluster.py" up \
+  --config "$tmp/cl2.json" --build "$bin/.."
+expect_in "cluster server message" "$tmp/err" "'server' must be an object"
+
 exit $fail
