@@ -617,9 +617,9 @@ Status Engine::RunWorker() {
   for (;;) {
     parallel::StepPlan plan;
     if (Status st = BroadcastPlan(&plan, options_.worker_idle_timeout); !st.ok()) {
-      return Unavailable("no step from the leader within " +
+      return Unavailable("waiting for the leader's next step (worker_idle_timeout " +
                          std::to_string(options_.worker_idle_timeout.count()) +
-                         " ms (worker_idle_timeout), or its connection failed: " + st.ToString());
+                         " ms) failed: " + st.ToString());
     }
     if (plan.shutdown) return Status::Ok();
     RETURN_IF_ERROR(ExecutePlan(plan));

@@ -501,10 +501,13 @@ TEST_F(ServeTest, IdleRankDeathStopsTheLeader) {
 // no longer leaves its worker ranks waiting for a day: they exit once 12 heartbeats are missed.
 // While the leader lives and idles, its heartbeats keep them.
 TEST_F(ServeTest, WorkersLeaveALeaderThatWentSilent) {
-  Daemon d(2, "", nullptr, {"--heartbeat-ms", "250"});  // workers wait 3 s for a step
+  // Workers wait 12 x 100 ms + kv_transfer_timeout_ms + 5 s = 6.3 s for a step (the server
+  // extra closes "server" to set a top-level field).
+  Daemon d(2, R"(}, "cache_transceiver_config": {"kv_transfer_timeout_ms": 100)", nullptr,
+           {"--heartbeat-ms", "100"});
   ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
   ASSERT_GT(d.RankPid(), 0);
-  std::this_thread::sleep_for(std::chrono::seconds(7));  // idle for twice the workers' wait
+  std::this_thread::sleep_for(std::chrono::seconds(8));  // idle for longer than the workers wait
   const StreamResult r = d.Run(Greedy("Once", 5));
   EXPECT_TRUE(r.status.ok()) << r.status.error_message();
   EXPECT_EQ(r.tokens.size(), 5u);

@@ -12,6 +12,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 
@@ -38,9 +39,10 @@ namespace {
 constexpr int kMaxOutstandingPerJob = 64;
 // A job past its deadline whose gets are still in flight closes its peer (failing every job
 // from it) only once the peer has completed no get for this long, or for the job's whole
-// timeout when that is shorter: a peer that is only busy (a large pull beside a small one) is
-// not stalled, and its other jobs go on.
+// timeout when that is shorter (but never less than kMinPeerStall): a peer that is only busy
+// (a large pull beside a small one) is not stalled, and its other jobs go on.
 constexpr std::chrono::milliseconds kPeerStall{1000};
+constexpr std::chrono::milliseconds kMinPeerStall{100};
 
 bool Terminal(JobState s) { return s != JobState::kInProgress; }
 
@@ -94,7 +96,9 @@ struct UcxTransfer::Impl {
 
   mutable std::mutex mu;
   mutable std::condition_variable cv;
-  std::deque<std::pair<uint64_t, PullJob>> starts;                   // GUARDED_BY(mu)
+  // Queued jobs, with their timeout (the deadline as seen when queued).
+  std::deque<std::tuple<uint64_t, PullJob, std::chrono::steady_clock::duration>>
+      starts;                                                        // GUARDED_BY(mu)
   std::vector<uint64_t> cancels;                                     // GUARDED_BY(mu)
   std::vector<std::pair<uint64_t, std::vector<uint32_t>>> releases;  // GUARDED_BY(mu)
   std::unordered_map<uint64_t, Record> records;                      // GUARDED_BY(mu)
@@ -295,7 +299,7 @@ struct UcxTransfer::Impl {
 
   void Loop() {
     while (true) {
-      std::deque<std::pair<uint64_t, PullJob>> new_jobs;
+      std::deque<std::tuple<uint64_t, PullJob, std::chrono::steady_clock::duration>> new_jobs;
       std::vector<uint64_t> new_cancels;
       std::vector<std::pair<uint64_t, std::vector<uint32_t>>> new_releases;
       {
@@ -305,13 +309,12 @@ struct UcxTransfer::Impl {
         new_releases.swap(releases);
       }
       const bool stopping = stop.load();
-      for (auto& [id, job] : new_jobs) {
+      for (auto& [id, job, timeout] : new_jobs) {
         Active a;
         a.id = id;
         a.job = std::move(job);
-        a.stall = std::min<std::chrono::steady_clock::duration>(
-            kPeerStall, std::max<std::chrono::steady_clock::duration>(
-                            a.job.deadline - std::chrono::steady_clock::now(), {}));
+        a.stall =
+            std::clamp<std::chrono::steady_clock::duration>(timeout, kMinPeerStall, kPeerStall);
         if (const size_t per = a.job.segments_per_group; per > 0) {
           const size_t n = a.job.segments.size();
           a.group_left.assign((n + per - 1) / per, static_cast<uint32_t>(per));
@@ -357,19 +360,29 @@ struct UcxTransfer::Impl {
       // flight still write into its destination, so it ends when they have: at once from a
       // peer that is making progress (its other jobs go on), or by closing a peer that has
       // gone silent (which ends every job from it).
-      const auto now = std::chrono::steady_clock::now();
-      std::vector<std::string> late;
-      for (auto& [id, a] : active) {
-        if (now <= a.job.deadline) continue;
-        if (!a.failed) {
-          a.failed = true;
-          a.error = "timed out (kv_transfer_timeout_ms)";
+      auto silent_peers = [&] {
+        const auto now = std::chrono::steady_clock::now();
+        std::vector<std::string> keys;
+        for (auto& [id, a] : active) {
+          if (now <= a.job.deadline) continue;
+          if (!a.failed) {
+            a.failed = true;
+            a.error = "timed out (kv_transfer_timeout_ms)";
+          }
+          if (a.outstanding == 0) continue;
+          auto p = peers.find(a.job.peer_key);
+          if (p != peers.end() && now - p->second.last_progress > a.stall) {
+            keys.push_back(a.job.peer_key);
+          }
         }
-        if (a.outstanding == 0) continue;
-        auto p = peers.find(a.job.peer_key);
-        if (p != peers.end() && now - p->second.last_progress > a.stall) {
-          late.push_back(a.job.peer_key);
+        return keys;
+      };
+      std::vector<std::string> late = silent_peers();
+      if (!late.empty()) {
+        // Completions that arrived while this thread was not running count first.
+        while (ucp_worker_progress(worker) != 0) {
         }
+        late = silent_peers();
       }
       for (const std::string& key : late) {
         ClosePeer(key, "the peer stalled: a transfer from it passed its deadline");
@@ -474,7 +487,8 @@ uint64_t UcxTransfer::StartPull(PullJob job) {
     std::lock_guard<std::mutex> lock(impl_->mu);
     id = impl_->next_id++;
     impl_->records[id] = {};
-    impl_->starts.emplace_back(id, std::move(job));
+    const auto timeout = job.deadline - std::chrono::steady_clock::now();
+    impl_->starts.emplace_back(id, std::move(job), timeout);
   }
   impl_->Wake();
   return id;

@@ -214,10 +214,10 @@ TEST_F(UcxTransferTest, LateJobFromABusyPeerFailsAlone) {
   ASSERT_EQ(puller_->Wait(puller_->StartPull(std::move(warm)), milliseconds(10000)),
             JobState::kDone);
   std::fill(other_dst.begin(), other_dst.end(), 0);
-  PullJob late = Job(milliseconds(30));
-  fill(&late, &late_dst, 16384);  // 1 GiB: far from done after 30 ms
+  PullJob late = Job(milliseconds(300));
+  fill(&late, &late_dst, 32768);  // 2 GiB: far from done after 300 ms
   PullJob other = Job(milliseconds(60000));
-  fill(&other, &other_dst, 4096);  // 256 MiB, still in flight when the first one is late
+  fill(&other, &other_dst, 16384);  // 1 GiB, still in flight when the first one is late
   const uint64_t late_id = puller_->StartPull(std::move(late));
   const uint64_t other_id = puller_->StartPull(std::move(other));
   EXPECT_EQ(puller_->Wait(late_id, milliseconds(10000)), JobState::kFailed);

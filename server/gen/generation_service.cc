@@ -356,7 +356,11 @@ void GenerationService::Loop() {
       continue;
     }
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return kicked_ || stop_; });
+    // Woken often enough for the heartbeat to go out on time.
+    cv_.wait_for(
+        lock,
+        std::min<std::chrono::milliseconds>(std::chrono::milliseconds(100), options_.heartbeat / 4),
+        [&] { return kicked_ || stop_; });
     kicked_ = false;
   }
   // Whatever is still queued or running ends now, with a clear status.

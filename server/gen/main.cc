@@ -264,13 +264,16 @@ int RunServe(const ServeFlags& f) {
     return kExitFailure;
   }
   helix::EngineOptions o = helix::server::EngineOptionsFromConfig(*cfg);
-  if (f.heartbeat_ms < 10 || f.heartbeat_ms > 3600000) {
+  if (f.heartbeat_ms < 100 || f.heartbeat_ms > 3600000) {
     std::cerr << "helix-gen serve: --heartbeat-ms " << f.heartbeat_ms
-              << ": expected 10 to 3600000\n";
+              << ": expected 100 to 3600000\n";
     return kExitUsage;
   }
-  // Workers exit when their leader has sent nothing, not even its idle heartbeat, for 12 beats.
-  o.worker_idle_timeout = std::chrono::milliseconds(12 * f.heartbeat_ms);
+  // Workers exit when their leader has sent nothing, not even its idle heartbeat, for 12 beats
+  // beyond the longest the leader may spend between two steps waiting for cancelled KV pulls
+  // to end (kv_transfer_timeout + 5 s, Engine::DropPull).
+  o.worker_idle_timeout = std::chrono::milliseconds(12 * f.heartbeat_ms) + o.kv_transfer_timeout +
+                          std::chrono::seconds(5);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT on a thread of its own (WatchSignals); other ranks ignore
   // them (and die with, or are stopped by, their leader).
@@ -464,9 +467,9 @@ int main(int argc, char** argv) {
   serve
       ->add_option("--heartbeat-ms", sf.heartbeat_ms,
                    "With several ranks: while idle, the leader sends its workers an empty step "
-                   "this often, and a worker that hears nothing for 12 times as long exits (its "
-                   "leader is gone, e.g. its host without closing the connections); every rank "
-                   "must be given the same value")
+                   "this often, and a worker that hears nothing for 12 times as long plus "
+                   "kv_transfer_timeout_ms + 5 s exits: its leader is gone, e.g. its host "
+                   "without closing the connections. Every rank must be given the same value")
       ->capture_default_str();
 
   ClientFlags cf;

@@ -509,16 +509,18 @@ StatusOr<int> OpenAiHttp::Start() {
     Count(route, e.status);
   };
   // A request without Content-Length or Transfer-Encoding has no body (RFC 9112 §6.3), but
-  // httplib 0.11 reads a POST's body until the client closes, so `curl -X POST` without -d
-  // waited out the 30 s read timeout: such a POST is answered at once (before any body is read).
+  // httplib 0.11 reads the body of a POST, PUT, PATCH or DELETE until the client closes, so
+  // `curl -X POST` without -d waited out the 30 s read timeout: such a request is answered at
+  // once (before any body is read).
   s.set_pre_routing_handler([send_error](const httplib::Request& req, httplib::Response& res) {
-    if (req.method != "POST" || req.has_header("Content-Length") ||
-        req.has_header("Transfer-Encoding")) {
+    if (req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS" ||
+        req.has_header("Content-Length") || req.has_header("Transfer-Encoding")) {
       return httplib::Server::HandlerResponse::Unhandled;
     }
     HttpError e;
     e.status = 411;
-    e.message = "a POST needs a JSON body with a Content-Length header (or chunked "
+    e.message = "a " + req.method +
+                " needs a JSON body with a Content-Length header (or chunked "
                 "Transfer-Encoding)";
     send_error(res, e, RouteLabel(req.path));
     return httplib::Server::HandlerResponse::Handled;

@@ -247,18 +247,20 @@ class RouterTest(unittest.TestCase):
     def test_post_without_a_body_is_answered_at_once(self):
         # No Content-Length and no Transfer-Encoding means no body: 411 at once (httplib waited
         # for the client to close, 30 s, for `curl -X POST` without -d).
-        with socket.socket() as s:
-            s.settimeout(10)
-            s.connect(("127.0.0.1", self.port))
-            t0 = time.monotonic()
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n")
-            got = b""
-            while chunk := s.recv(4096):
-                got += chunk
-            self.assertLess(time.monotonic() - t0, 5)
-        self.assertTrue(got.startswith(b"HTTP/1.1 411"), got[:200])
-        self.assertIn(b"a POST needs a JSON body", got)
+        for method in (b"POST", b"PUT"):
+            with socket.socket() as s:
+                s.settimeout(10)
+                s.connect(("127.0.0.1", self.port))
+                t0 = time.monotonic()
+                s.sendall(method + b" /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\nAuthorization: Bearer " + KEY.encode() +
+                          b"\r\n\r\n")
+                got = b""
+                while chunk := s.recv(4096):
+                    got += chunk
+                self.assertLess(time.monotonic() - t0, 5)
+            self.assertTrue(got.startswith(b"HTTP/1.1 411"), got[:200])
+            self.assertIn(b"a " + method + b" needs a JSON body", got)
 
     def test_completions_match_generation_server(self):
         for prompt, n in [("Once upon a time", 40), ("The dog", 25), ("Lily and Ben", 60)]:
