@@ -127,6 +127,38 @@ TEST_F(DisaggTest, OneRankMatchesAggregated) {
   }
 }
 
+// A seeded request samples the same tokens whether its first token came from a context server
+// or not: the context server's sample took the seed's first draw, and the generation server
+// goes on from the second (it drew the first again, shifting every later token).
+TEST_F(DisaggTest, SeededSamplingMatchesAggregated) {
+  auto ctx = Engine::Create(ContextOptions(32));
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  auto gen = Engine::Create(Stories(1, 1, 32));
+  ASSERT_TRUE(gen.ok());
+  const auto prompt = (*gen)->tokenizer().Encode("Once upon a time", true);
+  for (uint64_t seed : {1, 7, 42}) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    SamplingParams sp;
+    sp.temperature = 1.0f;
+    sp.seed = seed;
+    testing::Prefilled pf = testing::Prefill(ctx->get(), prompt, "s" + std::to_string(seed), &sp);
+    ASSERT_GE(pf.first_token, 0);
+    GenerateRequest d = Decode(prompt);
+    d.sampling = sp;
+    d.kv_source = pf.source;
+    d.first_token = pf.first_token;
+    d.on_kv_done = [c = ctx->get(), id = pf.source->request_id](const Status&) {
+      c->ReleaseRetained(id);
+    };
+    GenerateRequest a = Decode(prompt);
+    a.sampling = sp;
+    const auto got = testing::RunAll(gen->get(), {d});
+    const auto want = testing::RunAll(gen->get(), {a});
+    EXPECT_EQ(got[0].reason, FinishReason::kLength) << got[0].error.ToString();
+    EXPECT_EQ(got[0].tokens, want[0].tokens);
+  }
+}
+
 // confirm_kv: a pull that landed decodes only once the context server confirms it still
 // held the KV. A lease that ran out before the pull let another prompt's prefill take the
 // blocks; the request then fails instead of decoding the other prompt's KV.

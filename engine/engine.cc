@@ -1126,6 +1126,10 @@ void Engine::Admit() {
       waiting_.pop_front();
       SampleResult first;
       first.token = s->req.first_token;
+      // The context server sampled it with the request's first random draw: this server's
+      // sampler goes on from the second, so a seeded request gets the tokens it would get
+      // from one server (no draw at temperature 0, as in Sample).
+      (void)s->sampler->DrawForDevice();
       EmitToken(s, first.token, first);
       if (s->finished) {
         // Nothing to pull: Finish reported it.

@@ -112,7 +112,9 @@ struct Prefilled {
 
 // Prefills `prompt` on a context engine (export_kv) with its KV retained, and returns the
 // handle the context service would hand out.
-inline Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const std::string& id) {
+// `sampling`: the request's sampling parameters (default: greedy).
+inline Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const std::string& id,
+                         const SamplingParams* sampling = nullptr) {
   GenerateRequest r;
   r.id = id;
   r.prompt_tokens = prompt;
@@ -120,6 +122,7 @@ inline Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const 
   r.ignore_eos = true;
   r.retain_kv = true;
   r.sampling.temperature = 0;
+  if (sampling != nullptr) r.sampling = *sampling;
   Prefilled out;
   std::vector<uint64_t> blocks;
   r.sink = [&](const TokenEvent& ev) {
