@@ -23,7 +23,55 @@ ChatStyle DetectChatStyle(std::string_view t) {
   return ChatStyle::kNone;
 }
 
-StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages) {
+namespace {
+
+// Jinja's `trim`: white space off both ends.
+std::string Trim(const std::string& s) {
+  const char* ws = " \t\n\r\f\v";
+  const size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+// The value of a Jinja string literal's body (the escapes \n \t \\ \' \").
+std::string Unescape(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '\\' || i + 1 == s.size()) {
+      out += s[i];
+      continue;
+    }
+    const char c = s[++i];
+    out += c == 'n' ? '\n' : c == 't' ? '\t' : c;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string DefaultSystemPrompt(std::string_view t) {
+  const std::string_view open = "<|im_start|>system", close = "<|im_end|>";
+  for (size_t at = t.find(open); at != std::string_view::npos; at = t.find(open, at + 1)) {
+    size_t body = at + open.size();
+    if (t.substr(body, 2) == "\\n") {
+      body += 2;
+    } else if (t.substr(body, 1) == "\n") {
+      body += 1;
+    } else {
+      continue;
+    }
+    const size_t end = t.find(close, body);
+    if (end == std::string_view::npos) break;
+    const std::string_view text = t.substr(body, end - body);
+    // Inside one string literal: no quote, no expression (`'\n' + messages[0]['content']`).
+    if (text.empty() || text.find_first_of("'\"{}") != std::string_view::npos) continue;
+    return Unescape(text);
+  }
+  return "";
+}
+
+StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages,
+                                 std::string_view default_system) {
   if (messages.empty()) return InvalidArgument("messages: at least one message is required");
   for (size_t i = 0; i < messages.size(); ++i) {
     const std::string& r = messages[i].role;
@@ -38,6 +86,9 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
       return InvalidArgument(
           "this model has no chat template the server knows; use /v1/completions");
     case ChatStyle::kChatML:
+      if (!default_system.empty() && messages[0].role != "system") {
+        out += "<|im_start|>system\n" + std::string(default_system) + "<|im_end|>\n";
+      }
       for (const ChatMessage& m : messages) {
         out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
       }
@@ -45,7 +96,8 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
       return out;
     case ChatStyle::kLlama3:
       for (const ChatMessage& m : messages) {
-        out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + m.content + "<|eot_id|>";
+        out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + Trim(m.content) +
+               "<|eot_id|>";
       }
       out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
       return out;
@@ -56,7 +108,7 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
       size_t i = 0;
       std::string system;
       if (messages[0].role == "system") {
-        system = "<<SYS>>\n" + messages[0].content + "\n<</SYS>>\n\n";
+        system = "<<SYS>>\n" + Trim(messages[0].content) + "\n<</SYS>>\n\n";
         i = 1;
       }
       bool first = true;
@@ -66,14 +118,15 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
                                  "]: Llama 2 chat expects user/assistant turns to alternate");
         }
         if (!first) out += "<s>";
-        out += "[INST] " + (first ? system : std::string()) + messages[i].content + " [/INST]";
+        out +=
+            "[INST] " + (first ? system : std::string()) + Trim(messages[i].content) + " [/INST]";
         first = false;
         if (i + 1 < messages.size()) {
           if (messages[i + 1].role != "assistant") {
             return InvalidArgument("messages[" + std::to_string(i + 1) +
                                    "]: Llama 2 chat expects user/assistant turns to alternate");
           }
-          out += " " + messages[i + 1].content + " </s>";
+          out += " " + Trim(messages[i + 1].content) + " </s>";
         }
       }
       if (messages.back().role != "user") {

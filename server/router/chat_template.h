@@ -26,9 +26,19 @@ struct ChatMessage {
 
 ChatStyle DetectChatStyle(std::string_view jinja_template);
 
-// The prompt text for `messages`, ending with the assistant's turn opened. The tokenizer adds
-// BOS (Llama 2/3) when it encodes. INVALID_ARGUMENT for an unknown role, or a Llama 2 history
-// whose turns do not alternate user/assistant.
-StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages);
+// The system message a ChatML template writes when the conversation does not start with one
+// (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."; Qwen2: "You are a helpful
+// assistant."), found as a literal '<|im_start|>system\n...<|im_end|>' string in the template;
+// empty when it has none.
+std::string DefaultSystemPrompt(std::string_view jinja_template);
+
+// The prompt text for `messages`, ending with the assistant's turn opened, as the model's
+// template renders it: ChatML with `default_system` first when the first message is not a
+// system one; Llama 3 and Llama 2 with each message's content trimmed of surrounding white space
+// (their templates' `| trim` / `.strip()`). The tokenizer adds BOS (Llama 2/3) when it
+// encodes. INVALID_ARGUMENT for an unknown role, or a Llama 2 history whose turns do not
+// alternate user/assistant.
+StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages,
+                                 std::string_view default_system = {});
 
 }  // namespace helix::router

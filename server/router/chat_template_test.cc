@@ -32,6 +32,47 @@ TEST(ChatTemplateTest, RendersEachFamily) {
             "[INST] a [/INST] b </s><s>[INST] c [/INST]");
 }
 
+TEST(ChatTemplateTest, ChatMLDefaultSystemMessage) {
+  // SmolLM2's template (as in its GGUF), Qwen2's, a Qwen2.5-style one whose first
+  // '<|im_start|>system' is followed by an expression, and plain ChatML.
+  const std::string smol =
+      "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+      "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+      "Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+      "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}";
+  EXPECT_EQ(DefaultSystemPrompt(smol),
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+  EXPECT_EQ(DefaultSystemPrompt("{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>"
+                                "\n' }}"),
+            "You are a helpful assistant.");
+  EXPECT_EQ(DefaultSystemPrompt("{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+                                "'<|im_end|>' }}{%- else %}{{- '<|im_start|>system\\nYou are "
+                                "Qwen.<|im_end|>\\n' }}"),
+            "You are Qwen.");
+  EXPECT_EQ(DefaultSystemPrompt("{{'<|im_start|>' + message['role'] + '\\n'}}"), "");
+  EXPECT_EQ(DefaultSystemPrompt(""), "");
+  // Written only when the conversation does not open with a system message.
+  EXPECT_EQ(*RenderChat(ChatStyle::kChatML, {{"user", "Hi"}}, "Be kind."),
+            "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n");
+  EXPECT_EQ(*RenderChat(ChatStyle::kChatML, {{"system", "Be brief."}, {"user", "Hi"}}, "Be kind."),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n");
+}
+
+TEST(ChatTemplateTest, LlamaTemplatesTrimContent) {
+  const std::vector<ChatMessage> m = {{"system", " Be brief.\n"}, {"user", "\n Hi  "}};
+  EXPECT_EQ(*RenderChat(ChatStyle::kLlama3, m),
+            "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  EXPECT_EQ(*RenderChat(ChatStyle::kLlama2, m),
+            "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]");
+  // ChatML keeps content as given.
+  EXPECT_EQ(*RenderChat(ChatStyle::kChatML, {{"user", " x "}}),
+            "<|im_start|>user\n x <|im_end|>\n<|im_start|>assistant\n");
+}
+
 TEST(ChatTemplateTest, RefusesWhatItCannotRender) {
   EXPECT_FALSE(RenderChat(ChatStyle::kNone, {{"user", "x"}}).ok());
   EXPECT_FALSE(RenderChat(ChatStyle::kChatML, {}).ok());

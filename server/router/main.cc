@@ -72,8 +72,10 @@ int main(int argc, char** argv) {
   }
   helix::router::Router router(*cfg, std::move(*tokenizer));
   HELIX_LOG(kInfo) << "router: model '" << router.model_name() << "', chat template "
-                   << helix::router::ChatStyleName(router.chat_style()) << ", "
-                   << cfg->context_servers.urls.size() << " context and "
+                   << helix::router::ChatStyleName(router.chat_style())
+                   << (router.chat_default_system().empty() ? ""
+                                                            : " (with its default system message)")
+                   << ", " << cfg->context_servers.urls.size() << " context and "
                    << cfg->generation_servers.urls.size() << " generation server(s)";
   helix::router::OpenAiHttp http(&router, *cfg);
   auto port = http.Start();

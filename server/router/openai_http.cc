@@ -309,7 +309,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
                  "model '" + router.model_name() +
                      "' has no chat template this server can apply; use /v1/completions");
     }
-    auto text = RenderChat(router.chat_style(), msgs);
+    auto text = RenderChat(router.chat_style(), msgs, router.chat_default_system());
     if (!text.ok()) return Bad(e, "messages", text.status().message());
     ids = tok.Encode(*text, true);
   } else {

@@ -113,6 +113,12 @@ Router::Router(const config::RouterConfig& cfg, std::unique_ptr<Tokenizer> token
                 : t == "llama2" ? ChatStyle::kLlama2
                 : t.empty()     ? DetectChatStyle(tokenizer_->chat_template())
                                 : DetectChatStyle(t);
+  // A ChatML template's own default system message (the model's, unless the config gives a
+  // whole template).
+  const bool named = t.empty() || t == "chatml" || t == "llama3" || t == "llama2";
+  if (chat_style_ == ChatStyle::kChatML) {
+    chat_default_system_ = DefaultSystemPrompt(named ? tokenizer_->chat_template() : t);
+  }
   if (chat_style_ == ChatStyle::kNone && !(t.empty() && tokenizer_->chat_template().empty())) {
     HELIX_LOG(kWarn) << "router: the chat template is not one the router can apply (ChatML, "
                         "Llama 3, Llama 2): chat requests will be refused";

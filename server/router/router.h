@@ -94,6 +94,8 @@ class Router {
 
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   ChatStyle chat_style() const { return chat_style_; }
+  // The system message the chat template writes when a conversation has none (ChatML).
+  const std::string& chat_default_system() const { return chat_default_system_; }
   const std::string& model_name() const { return model_name_; }
 
   // Takes the request through the servers, calling `sink` for every event (in order, on this
@@ -148,6 +150,7 @@ class Router {
   config::RouterConfig cfg_;
   std::unique_ptr<Tokenizer> tokenizer_;
   ChatStyle chat_style_ = ChatStyle::kNone;
+  std::string chat_default_system_;
   std::string model_name_;
   std::vector<std::unique_ptr<Backend>> ctx_, gen_;
   std::unique_ptr<RoutingPolicy> ctx_policy_, gen_policy_;
