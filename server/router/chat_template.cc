@@ -70,8 +70,36 @@ std::string DefaultSystemPrompt(std::string_view t) {
   return "";
 }
 
+std::vector<int32_t> EncodeChat(const Tokenizer& tok, const std::vector<ChatPiece>& pieces) {
+  std::vector<int32_t> ids;
+  bool first = true;
+  for (const ChatPiece& p : pieces) {
+    if (p.kind == ChatPiece::kText) {
+      const std::vector<int32_t> t = tok.Encode(p.text, /*add_bos=*/first);
+      ids.insert(ids.end(), t.begin(), t.end());
+    } else if (const int32_t id = p.kind == ChatPiece::kBos ? tok.bos_id() : tok.eos_id();
+               id >= 0) {
+      ids.push_back(id);
+    }
+    first = false;
+  }
+  return ids;
+}
+
 StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages,
                                  std::string_view default_system) {
+  auto pieces = RenderChatPieces(style, messages, default_system);
+  if (!pieces.ok()) return pieces.status();
+  std::string out;
+  for (const ChatPiece& p : *pieces) {
+    out += p.kind == ChatPiece::kBos ? "<s>" : p.kind == ChatPiece::kEos ? "</s>" : p.text;
+  }
+  return out;
+}
+
+StatusOr<std::vector<ChatPiece>> RenderChatPieces(ChatStyle style,
+                                                  const std::vector<ChatMessage>& messages,
+                                                  std::string_view default_system) {
   if (messages.empty()) return InvalidArgument("messages: at least one message is required");
   for (size_t i = 0; i < messages.size(); ++i) {
     const std::string& r = messages[i].role;
@@ -81,6 +109,12 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
     }
   }
   std::string out;
+  std::vector<ChatPiece> pieces;
+  auto text = [&] {
+    pieces.push_back({ChatPiece::kText, std::move(out)});
+    out.clear();
+    return pieces;
+  };
   switch (style) {
     case ChatStyle::kNone:
       return InvalidArgument(
@@ -93,18 +127,19 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
         out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
       }
       out += "<|im_start|>assistant\n";
-      return out;
+      return text();
     case ChatStyle::kLlama3:
       for (const ChatMessage& m : messages) {
         out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + Trim(m.content) +
                "<|eot_id|>";
       }
       out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
-      return out;
+      return text();
     case ChatStyle::kLlama2: {
       // Llama 2: an optional system prompt folded into the first user turn; user and
-      // assistant turns alternate, each exchange closed by </s><s> (written as text here only
-      // between exchanges: the tokenizer's BOS opens the first).
+      // assistant turns alternate, each answered exchange closed by the EOS token and the next
+      // opened by the BOS token (as tokens: a SentencePiece tokenizer never makes control
+      // tokens from text; the tokenizer's own BOS opens the first).
       size_t i = 0;
       std::string system;
       if (messages[0].role == "system") {
@@ -117,7 +152,7 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
           return InvalidArgument("messages[" + std::to_string(i) +
                                  "]: Llama 2 chat expects user/assistant turns to alternate");
         }
-        if (!first) out += "<s>";
+        if (!first) pieces.push_back({ChatPiece::kBos, {}});
         out +=
             "[INST] " + (first ? system : std::string()) + Trim(messages[i].content) + " [/INST]";
         first = false;
@@ -126,13 +161,15 @@ StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>
             return InvalidArgument("messages[" + std::to_string(i + 1) +
                                    "]: Llama 2 chat expects user/assistant turns to alternate");
           }
-          out += " " + Trim(messages[i + 1].content) + " </s>";
+          out += " " + Trim(messages[i + 1].content) + " ";
+          text();
+          pieces.push_back({ChatPiece::kEos, {}});
         }
       }
       if (messages.back().role != "user") {
         return InvalidArgument("the last message must be the user's for a Llama 2 chat");
       }
-      return out;
+      return text();
     }
   }
   return InvalidArgument("unknown chat style");

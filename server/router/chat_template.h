@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine/common/status.h"
+#include "engine/tokenizer/tokenizer.h"
 
 namespace helix::router {
 
@@ -40,5 +41,19 @@ std::string DefaultSystemPrompt(std::string_view jinja_template);
 // alternate user/assistant.
 StatusOr<std::string> RenderChat(ChatStyle style, const std::vector<ChatMessage>& messages,
                                  std::string_view default_system = {});
+
+// RenderChat as the tokenizer must see it: text to encode, and the BOS / EOS tokens the
+// template writes between Llama 2 exchanges (RenderChat shows them as <s> / </s>), which a
+// SentencePiece tokenizer does not make from text.
+struct ChatPiece {
+  enum Kind { kText, kBos, kEos } kind = kText;
+  std::string text;  // kText
+};
+StatusOr<std::vector<ChatPiece>> RenderChatPieces(ChatStyle style,
+                                                  const std::vector<ChatMessage>& messages,
+                                                  std::string_view default_system = {});
+// The prompt's token ids: BOS first (when the tokenizer adds one), each text piece encoded
+// after it, the BOS / EOS pieces as the tokenizer's ids.
+std::vector<int32_t> EncodeChat(const Tokenizer& tok, const std::vector<ChatPiece>& pieces);
 
 }  // namespace helix::router

@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <filesystem>
+
 namespace helix::router {
 namespace {
 
@@ -71,6 +74,36 @@ TEST(ChatTemplateTest, LlamaTemplatesTrimContent) {
   // ChatML keeps content as given.
   EXPECT_EQ(*RenderChat(ChatStyle::kChatML, {{"user", " x "}}),
             "<|im_start|>user\n x <|im_end|>\n<|im_start|>assistant\n");
+}
+
+// Llama 2's </s><s> between exchanges are the tokenizer's EOS and BOS ids, not text (a
+// SentencePiece tokenizer never makes control tokens from text).
+TEST(ChatTemplateTest, Llama2ExchangesAreSeparatedByEosBosTokens) {
+  const std::vector<ChatMessage> m = {{"user", "a"}, {"assistant", "b"}, {"user", "c"}};
+  auto pieces = RenderChatPieces(ChatStyle::kLlama2, m);
+  ASSERT_TRUE(pieces.ok());
+  ASSERT_EQ(pieces->size(), 4u);
+  EXPECT_EQ((*pieces)[0].text, "[INST] a [/INST] b ");
+  EXPECT_EQ((*pieces)[1].kind, ChatPiece::kEos);
+  EXPECT_EQ((*pieces)[2].kind, ChatPiece::kBos);
+  EXPECT_EQ((*pieces)[3].text, "[INST] c [/INST]");
+  const char* shared = std::getenv("HELIX_SHARED_DIR");
+  const std::string path =
+      std::string(shared ? shared : "../shared") + "/models/stories260K/tok512.bin";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " not found (HELIX_SHARED_DIR)";
+  auto tok = LoadLlama2cTokenizer(path, 512);
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  std::vector<int32_t> want = (*tok)->Encode("[INST] a [/INST] b ", true);
+  want.push_back((*tok)->eos_id());
+  want.push_back((*tok)->bos_id());
+  const std::vector<int32_t> rest = (*tok)->Encode("[INST] c [/INST]", false);
+  want.insert(want.end(), rest.begin(), rest.end());
+  EXPECT_EQ(EncodeChat(**tok, *pieces), want);
+  // Single-piece styles encode as their text does.
+  auto chatml = RenderChatPieces(ChatStyle::kChatML, {{"user", "Hi"}});
+  ASSERT_TRUE(chatml.ok());
+  EXPECT_EQ(EncodeChat(**tok, *chatml),
+            (*tok)->Encode(*RenderChat(ChatStyle::kChatML, {{"user", "Hi"}}), true));
 }
 
 TEST(ChatTemplateTest, RefusesWhatItCannotRender) {

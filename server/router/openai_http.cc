@@ -309,9 +309,9 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
                  "model '" + router.model_name() +
                      "' has no chat template this server can apply; use /v1/completions");
     }
-    auto text = RenderChat(router.chat_style(), msgs, router.chat_default_system());
-    if (!text.ok()) return Bad(e, "messages", text.status().message());
-    ids = tok.Encode(*text, true);
+    auto pieces = RenderChatPieces(router.chat_style(), msgs, router.chat_default_system());
+    if (!pieces.ok()) return Bad(e, "messages", pieces.status().message());
+    ids = EncodeChat(tok, *pieces);
   } else {
     if (!j.contains("prompt")) return Bad(e, "prompt", "'prompt' is required");
     const json& pr = j["prompt"];
