@@ -52,8 +52,10 @@ struct Engine::Sequence {
   std::vector<int32_t> export_blocks;
 
   Sequence(GenerateRequest r, const Tokenizer& tok) : req(std::move(r)), stop(req.stop) {
+    // Generated text leaves control tokens out (<|im_end|> after ignore_eos, say), as vLLM's
+    // default skip_special_tokens does.
     detok = std::make_unique<IncrementalDetokenizer>(
-        tok, req.prompt_tokens.empty() ? -1 : req.prompt_tokens.back());
+        tok, req.prompt_tokens.empty() ? -1 : req.prompt_tokens.back(), /*skip_control=*/true);
   }
 };
 

@@ -146,6 +146,9 @@ class BpeTokenizer final : public Tokenizer {
     return data_.tokens[id];
   }
   std::string_view chat_template() const override { return data_.chat_template; }
+  bool is_control(int32_t id) const override {
+    return id >= 0 && id < vocab_size() && types_[id] == kTokenControl;
+  }
 
  private:
   struct Merge {

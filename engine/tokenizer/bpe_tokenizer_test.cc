@@ -445,6 +445,28 @@ TEST(BpeTokenizerTest, RandomRoundTrips) {
   }
 }
 
+// Generated text skips control tokens (skip_control), but not user-defined ones; by default the
+// stream is Decode's.
+TEST(BpeTokenizerTest, DetokenizerCanSkipControlTokens) {
+  VocabData d = ByteLevelVocab({}, {}, {"<|im_start|>", "<|im_end|>"});
+  d.tokens.push_back("<tool>");
+  d.token_types.push_back(kTokenUserDefined);
+  auto tok = MustCreate(d);
+  ASSERT_TRUE(tok);
+  const Ids ids = tok->Encode("a<|im_end|>b<tool>c<|im_start|>", false);
+  ASSERT_EQ(tok->Decode(ids), "a<|im_end|>b<tool>c<|im_start|>");
+  for (const bool skip : {false, true}) {
+    IncrementalDetokenizer detok(*tok, -1, skip);
+    std::string out;
+    for (int32_t id : ids) out += detok.Push(id);
+    out += detok.Flush();
+    EXPECT_EQ(out, skip ? "ab<tool>c" : "a<|im_end|>b<tool>c<|im_start|>");
+  }
+  EXPECT_TRUE(tok->is_control(tok->Encode("<|im_end|>", false)[0]));
+  EXPECT_FALSE(tok->is_control(tok->Encode("<tool>", false)[0]));
+  EXPECT_FALSE(tok->is_control('a'));
+}
+
 TEST(BpeTokenizerTest, ConcurrentEncodesAgree) {
   auto tok = MustCreate(ByteLevelVocab({" t", "he", " the"}, {" |t", "h|e", " t|he"}));
   ASSERT_TRUE(tok);

@@ -22,7 +22,9 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
 std::vector<int32_t> Tokenizer::stop_ids() const { return {eos_id()}; }
 
 std::string IncrementalDetokenizer::Push(int32_t id) {
-  pending_ += tokenizer_.TokenBytes(id, prev_id_);
+  if (!skip_control_ || !tokenizer_.is_control(id)) {
+    pending_ += tokenizer_.TokenBytes(id, prev_id_);
+  }
   prev_id_ = id;
   return TakeComplete();
 }

@@ -46,6 +46,11 @@ class Tokenizer {
   // The model's chat template (Jinja source from GGUF tokenizer.chat_template or
   // tokenizer_config.json), "" when it has none. The view lives as long as the Tokenizer.
   virtual std::string_view chat_template() const { return {}; }
+
+  // Whether `id` is a control (special) token with text of its own, e.g. <|im_end|> in a
+  // byte-level BPE vocabulary. Generated text leaves those out (vLLM's skip_special_tokens,
+  // its default); SentencePiece-style control tokens contribute no text anyway.
+  virtual bool is_control(int32_t) const { return false; }
 };
 
 // Loads a llama2.c tokenizer file (int32 max_token_length, then per token: float32 score,
@@ -67,8 +72,11 @@ class IncrementalDetokenizer {
  public:
   // `prev_id` is the token before the first one pushed (the prompt's last token, e.g. BOS),
   // which decides e.g. whether a leading space is dropped; -1 at the very start.
-  explicit IncrementalDetokenizer(const Tokenizer& tokenizer, int32_t prev_id = -1)
-      : tokenizer_(tokenizer), prev_id_(prev_id) {}
+  // `skip_control`: control tokens (Tokenizer::is_control) add no text, as generated text
+  // should read (vLLM's skip_special_tokens); the concatenation below then leaves them out.
+  explicit IncrementalDetokenizer(const Tokenizer& tokenizer, int32_t prev_id = -1,
+                                  bool skip_control = false)
+      : tokenizer_(tokenizer), prev_id_(prev_id), skip_control_(skip_control) {}
 
   // Appends token `id` and returns the text that is now complete (possibly "").
   std::string Push(int32_t id);
@@ -82,6 +90,7 @@ class IncrementalDetokenizer {
 
   const Tokenizer& tokenizer_;
   int32_t prev_id_ = -1;
+  bool skip_control_ = false;
   std::string pending_;  // Bytes of an incomplete UTF-8 character, at most 3.
 };
 

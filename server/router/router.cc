@@ -445,7 +445,8 @@ grpc::Status Router::Run(const RouteRequest& r,
       ~DisarmAtEnd() { Disarm(w); }
     } disarm{w};
     auto reader = g->gen->Generate(&gc, req);
-    IncrementalDetokenizer detok(*tokenizer_, prompt.empty() ? -1 : prompt.back());
+    IncrementalDetokenizer detok(*tokenizer_, prompt.empty() ? -1 : prompt.back(),
+                                 /*skip_control=*/true);  // as the generation server's text
     StopMatcher stops(r.stop);
     v1::GenerateResponse m;
     int64_t streamed = 0;
