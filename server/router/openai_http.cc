@@ -117,7 +117,7 @@ json CompletionLogprobs(const Tokenizer& tok, const std::vector<RouteEvent>& evs
     for (const auto& [id, lp] : ev.top_logprobs) top[TokenText(tok, id)] = lp;
     tops.push_back(top);
     offs.push_back(off);
-    off += ev.token_text_bytes;
+    off += ev.token_text_chars;
   }
   return {
       {"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
@@ -735,7 +735,7 @@ StatusOr<int> OpenAiHttp::Start() {
             if (p.logprobs) {
               lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
             }
-            offset += ev.token_text_bytes;
+            offset += ev.token_text_chars;
             ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
             return ok;
           });

@@ -457,7 +457,9 @@ grpc::Status Router::Run(const RouteRequest& r,
         ev.token = m.token_id();
         bool stopped = false;
         std::string piece = detok.Push(m.token_id());
-        ev.token_text_bytes = piece.size();
+        // Complete UTF-8 characters: one per byte that does not continue a character.
+        ev.token_text_chars = static_cast<size_t>(std::count_if(
+            piece.begin(), piece.end(), [](char c) { return (c & 0xC0) != 0x80; }));
         ev.text = stops.Push(std::move(piece), &stopped);
         if (streamed == 0 && disagg) {
           // The context server sampled this one: its logprobs travel with the prefill.

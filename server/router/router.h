@@ -71,9 +71,10 @@ struct RouteRequest {
 struct RouteEvent {
   int32_t token = -1;
   std::string text;  // UTF-8 delta, stop strings cut
-  // Bytes of detokenised text this token produced before stop strings held any back (the
-  // completion's text_offset advances by these; a stop string may delay `text` to a later event).
-  size_t token_text_bytes = 0;
+  // Characters (code points) of detokenised text this token produced before stop strings held
+  // any back (the completion's text_offset advances by these, counted in characters as OpenAI
+  // and vLLM count them; a stop string may delay `text` to a later event).
+  size_t token_text_chars = 0;
   float logprob = 0;
   std::vector<std::pair<int32_t, float>> top_logprobs;
   bool finished = false;
