@@ -1370,8 +1370,10 @@ void Engine::ProcessTransferStates(const std::vector<uint64_t>& uids,
           leader_failed && !local_error.empty()
               ? local_error
               : "rank " + std::to_string(bad_rank) + " of the instance could not pull its blocks";
-      s->transfer_error = Unavailable("KV transfer from context server '" +
-                                      s->req.kv_source->server_id + "' failed: " + detail);
+      // ABORTED, not UNAVAILABLE: the context server (or the way to it) failed, not this
+      // server, which a router must not take out of its pool for it.
+      s->transfer_error = Aborted("KV transfer from context server '" +
+                                  s->req.kv_source->server_id + "' failed: " + detail);
     }
     if (in_progress) continue;
     // Every rank is done with the blocks.

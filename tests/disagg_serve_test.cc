@@ -390,6 +390,8 @@ TEST_F(DisaggServeTest, StalledOrKilledContextServerFailsOnlyItsRequests) {
     agg.join();
     EXPECT_EQ(got.reason, helix::v1::FINISH_REASON_ERROR);
     EXPECT_NE(got.error.find("KV transfer from context server"), std::string::npos) << got.error;
+    // ABORTED: the context server failed, not this server (a router keeps it in its pool).
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::ABORTED) << got.status.error_message();
     EXPECT_EQ(got.tokens.size(), 1u);  // the context server's first token, then the error
     // Killed: well inside the 20 s timeout, so the dead peer ended the pull, not the timeout.
     EXPECT_LT(took, milliseconds(kill_it ? 10000 : 6000));

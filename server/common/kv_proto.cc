@@ -152,9 +152,9 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
   (*stub)->async()->GetKvExport(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status st) {
     Status verdict;
     if (!st.ok()) {
-      verdict = Unavailable("KV transfer from context server '" + call->src.server_id +
-                            "' failed: cannot ask " + call->src.server_address +
-                            " what it exports, to check the KV handle: " + st.error_message());
+      verdict = Aborted("KV transfer from context server '" + call->src.server_id +
+                        "' failed: cannot ask " + call->src.server_address +
+                        " what it exports, to check the KV handle: " + st.error_message());
     } else {
       transfer::KvExportInfo e;
       e.server_id = call->resp.server_id();
@@ -239,9 +239,9 @@ void ContextClient::Confirm(const std::string& address, v1::ReleaseRequest relea
                 " once pulled (its lease, kv_lease_ms, ran out first): the blocks may "
                 "have been reused while they were read, so the request is not decoded from them"));
           } else {
-            verdict(Unavailable("could not confirm with context server " + address +
-                                " that it still held the KV of request '" + request_id +
-                                "' after the pull: " + st.error_message()));
+            verdict(Aborted("could not confirm with context server " + address +
+                            " that it still held the KV of request '" + request_id +
+                            "' after the pull: " + st.error_message()));
           }
         }
         EndCall();

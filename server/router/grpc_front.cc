@@ -31,6 +31,11 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
   if (request->max_tokens() < 1) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "max_tokens must be >= 1");
   }
+  std::shared_ptr<void> slot = router_->Admit();  // until Run returns
+  if (slot == nullptr) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        "too many requests in flight (max_inflight_requests); retry later");
+  }
   RouteRequest r;
   r.proto = *request;
   const Tokenizer& tok = router_->tokenizer();

@@ -151,6 +151,7 @@ int HttpStatusOf(const grpc::Status& s) {
     case grpc::StatusCode::RESOURCE_EXHAUSTED:
       return 429;
     case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::ABORTED:  // e.g. a KV hand-off that failed: retry
       return 503;
     case grpc::StatusCode::DEADLINE_EXCEEDED:
       return 504;
@@ -619,10 +620,14 @@ StatusOr<int> OpenAiHttp::Start() {
       HttpError err;
       auto parsed = ParseOpenAiRequest(req.body, chat, *router_, router_->max_seq_len(), &err);
       if (!parsed.ok()) return send_error(res, err, route);
-      if (router_->stats().in_flight >= cfg_.max_inflight_requests) {
-        return send_error(
-            res, {429, "too many requests in flight; retry later", "rate_limit_error", "", ""},
-            route);
+      std::shared_ptr<void> slot = router_->Admit();  // held until the response is done
+      if (slot == nullptr) {
+        return send_error(res,
+                          {429,
+                           "too many requests in flight (max_inflight_requests " +
+                               std::to_string(cfg_.max_inflight_requests) + "); retry later",
+                           "rate_limit_error", "", ""},
+                          route);
       }
       if (!router_->Ready()) {
         return send_error(
@@ -695,8 +700,9 @@ StatusOr<int> OpenAiHttp::Start() {
       ParsedRequest p = *parsed;
       p.route.client_gone = ClientGoneProbe(req);
       res.set_header("Cache-Control", "no-cache");
-      res.set_chunked_content_provider("text/event-stream", [this, p, id, created, model, chat](
-                                                                size_t, httplib::DataSink& sink) {
+      res.set_chunked_content_provider("text/event-stream", [this, p, id, created, model, chat,
+                                                             slot](size_t,
+                                                                   httplib::DataSink& sink) {
         const Tokenizer& tok = router_->tokenizer();
         auto send = [&](const json& j) {
           const std::string s = "data: " + Dump(j) + "\n\n";

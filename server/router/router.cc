@@ -82,7 +82,9 @@ class Load {
 };
 
 // An unreachable server: ejected, and the request tried on another. A deadline is the
-// request's own (one covers all its calls): it fails that request alone.
+// request's own (one covers all its calls): it fails that request alone. ABORTED from a
+// generation server (a KV hand-off its context server failed) fails the request alone too: the
+// generation server is not taken out of the pool for it.
 bool Retryable(const grpc::Status& s) { return s.error_code() == grpc::StatusCode::UNAVAILABLE; }
 
 grpc::Status ClientGone() {
@@ -364,6 +366,14 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_po
   return last;
 }
 
+std::shared_ptr<void> Router::Admit() {
+  int64_t n = admitted_.load();
+  do {
+    if (n >= cfg_.max_inflight_requests) return nullptr;
+  } while (!admitted_.compare_exchange_weak(n, n + 1));
+  return std::shared_ptr<void>(this, [](Router* self) { --self->admitted_; });
+}
+
 grpc::Status Router::Run(const RouteRequest& r,
                          const std::function<bool(const RouteEvent&)>& sink) {
   ++requests_;
@@ -393,12 +403,16 @@ grpc::Status Router::Run(const RouteRequest& r,
   const bool disagg =
       !ctx_.empty() && static_cast<int64_t>(prompt.size()) > cfg_.max_local_prefill_length;
   grpc::Status st;
+  std::vector<Backend*> full;  // answered RESOURCE_EXHAUSTED: busy, not down
   for (int64_t attempt = 0; attempt <= cfg_.max_retries; ++attempt) {
     std::vector<Backend*> gens = Healthy(gen_);
     if (gens.empty()) {
       ++errors_;
       return grpc::Status(grpc::StatusCode::UNAVAILABLE, "no healthy generation server");
     }
+    std::erase_if(gens,
+                  [&](Backend* b) { return std::find(full.begin(), full.end(), b) != full.end(); });
+    if (gens.empty()) break;  // every healthy one is full: st says so
     Backend* g;
     {
       std::lock_guard<std::mutex> lock(policy_mu_);
@@ -458,8 +472,8 @@ grpc::Status Router::Run(const RouteRequest& r,
         bool stopped = false;
         std::string piece = detok.Push(m.token_id());
         // Complete UTF-8 characters: one per byte that does not continue a character.
-        ev.token_text_chars = static_cast<size_t>(std::count_if(
-            piece.begin(), piece.end(), [](char c) { return (c & 0xC0) != 0x80; }));
+        ev.token_text_chars = static_cast<size_t>(
+            std::count_if(piece.begin(), piece.end(), [](char c) { return (c & 0xC0) != 0x80; }));
         ev.text = stops.Push(std::move(piece), &stopped);
         if (streamed == 0 && disagg) {
           // The context server sampled this one: its logprobs travel with the prefill.
@@ -524,8 +538,12 @@ grpc::Status Router::Run(const RouteRequest& r,
     }
     if (Retryable(st)) MarkDown(g, "generate failed: " + st.error_message());
     release_kv();
-    // Retry on another generation server only when nothing reached the client yet.
-    if (streamed > 0 || !Retryable(st)) break;
+    // Retry on another generation server only when nothing reached the client yet: one that is
+    // down (ejected), or one whose admission queue is full (left in the pool, not asked again
+    // for this request).
+    const bool busy = st.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+    if (streamed > 0 || !(Retryable(st) || busy)) break;
+    if (busy) full.push_back(g);
   }
   ++errors_;
   return st;

@@ -110,6 +110,11 @@ class Router {
   // from the servers, ...). Events may have been sent before an error.
   grpc::Status Run(const RouteRequest& r, const std::function<bool(const RouteEvent&)>& sink);
 
+  // A place among max_inflight_requests for one request, held (by both fronts) from its
+  // admission until the returned handle is dropped: after Run, or when a stream's provider is
+  // done. nullptr when every place is taken (answer 429 / RESOURCE_EXHAUSTED).
+  std::shared_ptr<void> Admit();
+
   // At least one generation server is healthy and, with context servers configured, paired
   // with a healthy compatible context server.
   bool Ready() const;
@@ -161,6 +166,7 @@ class Router {
   std::atomic<uint64_t> requests_{0}, disaggregated_{0}, aggregated_{0}, errors_{0};
   std::atomic<uint64_t> context_retries_{0}, prompt_tokens_{0}, completion_tokens_{0};
   std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> admitted_{0};  // Admit's places taken
   std::mutex stop_mu_;
   std::condition_variable stop_cv_;
   bool stop_ = false;  // GUARDED_BY(stop_mu_)

@@ -494,6 +494,50 @@ class RouterFaultTest(unittest.TestCase):
         self.procs.append(p)
         return p
 
+    def test_full_server_is_skipped_and_grpc_front_admits_up_to_the_limit(self):
+        # A generation server whose admission queue is full (RESOURCE_EXHAUSTED) is not down:
+        # the request goes to another one instead of failing with 429.
+        small, big, port, port2, grpc_port = (free_port(), free_port(), free_port(), free_port(),
+                                              free_port())
+        cfg = server_cfg(small, False)
+        cfg["max_batch_size"] = 1  # admits 4 requests at a time
+        self.start("gen", cfg, small)
+        self.start("gen", server_cfg(big, False, cp=2), big)  # CP 2: slow enough to overlap
+        self.start("router", router_cfg(port, [], [small, big], policy="load_balancing"), port)
+        self.assertTrue(wait_admitted(port, [], [small, big]))
+        n = 12  # at once: load balancing sends the small one about 6
+        for _ in range(2):
+            statuses = [None] * n
+            barrier = threading.Barrier(n)
+
+            def one(i):
+                barrier.wait()
+                statuses[i] = http(port, "/v1/completions",
+                                   {"model": NAME, "prompt": "Once", "max_tokens": 200,
+                                    "ignore_eos": True})[0]
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.assertEqual(statuses, [200] * n)
+        # The gRPC front counts against max_inflight_requests as the HTTP one does: of 8
+        # clients at once, the ones beyond 2 are refused with RESOURCE_EXHAUSTED.
+        self.start("router", router_cfg(port2, [], [big], grpc_port=grpc_port,
+                                        max_inflight_requests=2), port2)
+        self.assertTrue(wait_admitted(port2, [], [big]))
+        procs = [subprocess.Popen([GEN, "client", "--target", f"127.0.0.1:{grpc_port}",
+                                   "--prompt", "Once", "--max-tokens", "400",
+                                   "--temperature", "0"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(8)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        refused = sum("too many requests in flight" in e for e in errors)
+        self.assertGreaterEqual(refused, 1, errors)
+        self.assertEqual(refused + sum(p.returncode == 0 for p in procs), 8, errors)
+        self.assertEqual(metric(port2, "helix_router_requests_in_flight"), 0)
+
     def test_killed_context_server_is_ejected_and_requests_retried(self):
         ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
         ctx = [self.start("ctx", server_cfg(p, True), p) for p in ctx_ports]
