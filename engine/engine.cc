@@ -935,6 +935,13 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
       return InvalidArgument("stop token id " + std::to_string(t) + " is outside the vocabulary");
     }
   }
+  // Generated text leaves control tokens out, so a stop string that is one control token's
+  // text (stop: ["<|im_end|>"]) could never match it: it stops at that token instead.
+  for (int32_t id : ControlTokensNamedBy(tokenizer(), r.stop)) {
+    if (std::count(r.stop_token_ids.begin(), r.stop_token_ids.end(), id) == 0) {
+      r.stop_token_ids.push_back(id);
+    }
+  }
   const int64_t prompt_len = static_cast<int64_t>(r.prompt_tokens.size());
   if (r.kv_source != nullptr) {
     RETURN_IF_ERROR(CheckKvSource(r, prompt_len));

@@ -467,6 +467,18 @@ TEST(BpeTokenizerTest, DetokenizerCanSkipControlTokens) {
   EXPECT_FALSE(tok->is_control('a'));
 }
 
+// A stop string that is exactly one control token's text names that token.
+TEST(BpeTokenizerTest, StopStringsNamingControlTokens) {
+  auto tok = MustCreate(ByteLevelVocab({}, {}, {"<|im_start|>", "<|im_end|>"}));
+  ASSERT_TRUE(tok);
+  const int32_t end = tok->Encode("<|im_end|>", false)[0];
+  EXPECT_EQ(ControlTokensNamedBy(*tok, {"x", "<|im_end|>", "<|im_end|>x", "<|im_end|>"}),
+            (Ids{end}));
+  EXPECT_EQ(ControlTokensNamedBy(*tok, {"<|im_start|>", "a"}),
+            (Ids{tok->Encode("<|im_start|>", false)[0]}));
+  EXPECT_TRUE(ControlTokensNamedBy(*tok, {"<|im_end", ""}).empty());
+}
+
 TEST(BpeTokenizerTest, ConcurrentEncodesAgree) {
   auto tok = MustCreate(ByteLevelVocab({" t", "he", " the"}, {" |t", "h|e", " t|he"}));
   ASSERT_TRUE(tok);

@@ -1,5 +1,6 @@
 #include "engine/tokenizer/tokenizer.h"
 
+#include <algorithm>
 #include <cstddef>
 
 namespace helix {
@@ -20,6 +21,19 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
 }
 
 std::vector<int32_t> Tokenizer::stop_ids() const { return {eos_id()}; }
+
+std::vector<int32_t> ControlTokensNamedBy(const Tokenizer& tokenizer,
+                                          const std::vector<std::string>& texts) {
+  std::vector<int32_t> out;
+  for (const std::string& t : texts) {
+    const std::vector<int32_t> ids = tokenizer.Encode(t, /*add_bos=*/false);
+    if (ids.size() == 1 && tokenizer.is_control(ids[0]) &&
+        std::find(out.begin(), out.end(), ids[0]) == out.end()) {
+      out.push_back(ids[0]);
+    }
+  }
+  return out;
+}
 
 std::string IncrementalDetokenizer::Push(int32_t id) {
   if (!skip_control_ || !tokenizer_.is_control(id)) {

@@ -62,6 +62,12 @@ class Tokenizer {
 StatusOr<std::unique_ptr<Tokenizer>> LoadLlama2cTokenizer(const std::string& path,
                                                           int32_t vocab_size);
 
+// The control tokens (Tokenizer::is_control) whose whole text is one of `texts`, e.g. the id of
+// <|im_end|> for a stop string "<|im_end|>" (generated text leaves control tokens out, so such
+// a stop string must stop at the token instead). In the order of `texts`, without repeats.
+std::vector<int32_t> ControlTokensNamedBy(const Tokenizer& tokenizer,
+                                          const std::vector<std::string>& texts);
+
 // Turns a stream of token ids into text one token at a time without ever splitting a UTF-8
 // character: Push returns only complete characters and holds back the bytes of one that is
 // still incomplete. An ill-formed sequence becomes U+FFFD (one per maximal ill-formed

@@ -358,8 +358,11 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_po
     Disarm(w);
     *used = last.ok() ? c : nullptr;  // holds KV now, even if the client left meanwhile
     if (Cancelled(w)) return ClientGone();
-    if (last.ok() || !Retryable(last)) return last;
-    MarkDown(c, "prefill failed: " + last.error_message());
+    // A full context server (RESOURCE_EXHAUSTED) is busy, not down: the next one is tried and
+    // this one stays in the pool.
+    const bool busy = last.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+    if (last.ok() || !(Retryable(last) || busy)) return last;
+    if (!busy) MarkDown(c, "prefill failed: " + last.error_message());
     ++context_retries_;
     candidates.erase(std::find(candidates.begin(), candidates.end(), c));
   }

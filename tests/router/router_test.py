@@ -538,6 +538,36 @@ class RouterFaultTest(unittest.TestCase):
         self.assertEqual(refused + sum(p.returncode == 0 for p in procs), 8, errors)
         self.assertEqual(metric(port2, "helix_router_requests_in_flight"), 0)
 
+    def test_full_context_server_is_skipped(self):
+        # Likewise a context server whose prefill queue is full: the prefill goes to another one.
+        small, big, gen, port = free_port(), free_port(), free_port(), free_port()
+        cfg = server_cfg(small, True)
+        cfg["max_batch_size"] = 1  # 4 prefills in flight at most
+        self.start("ctx", cfg, small)
+        self.start("ctx", server_cfg(big, True), big)
+        self.start("gen", server_cfg(gen, False), gen)
+        self.start("router", router_cfg(port, [small, big], [gen]), port)
+        self.assertTrue(wait_admitted(port, [small, big], [gen]))
+        prompt = " ".join(["Once upon a time there was a little girl named Lily."] * 20)
+        n = 40
+        statuses = [None] * n
+        barrier = threading.Barrier(n)
+
+        def one(i):
+            barrier.wait()
+            statuses[i] = http(port, "/v1/completions",
+                               {"model": NAME, "prompt": prompt, "max_tokens": 2})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual([s for s, _ in statuses], [200] * n,
+                         [b for s, b in statuses if s != 200][:3])
+        self.assertEqual(metric(port, "helix_router_backend_healthy",
+                                f'role="context",url="127.0.0.1:{small}"'), 1)
+
     def test_killed_context_server_is_ejected_and_requests_retried(self):
         ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
         ctx = [self.start("ctx", server_cfg(p, True), p) for p in ctx_ports]
@@ -563,7 +593,7 @@ class RouterFaultTest(unittest.TestCase):
 
     def test_killed_generation_server_fails_its_stream_and_comes_back(self):
         ctx_port, gen_port, port = free_port(), free_port(), free_port()
-        self.start("ctx", server_cfg(ctx_port, True), ctx_port)
+        ctx = self.start("ctx", server_cfg(ctx_port, True), ctx_port)
         # Two ranks: slow enough per step that 480 tokens are still being generated when the
         # instance dies on the first chunk (480 + the 5-token prompt fit max_seq_len 512).
         gen = self.start("gen", server_cfg(gen_port, False, cp=2), gen_port)
@@ -591,11 +621,13 @@ class RouterFaultTest(unittest.TestCase):
         if not ready:  # what the router and the restarted server saw, for the failure report
             metrics = "\n".join(l for l in http(port, "/metrics")[1].splitlines()
                                  if l.startswith("helix_router_backend_healthy"))
-            back.log.flush()
-            with open(back.log.name) as f:
-                log = f.read()[-3000:]
-            self.fail(f"router not ready 30 s after the generation server came back "
-                      f"(exited: {back.p.poll()}):\n{metrics}\n--- its log:\n{log}")
+            logs = ""
+            for name, proc in (("generation server", back), ("context server", ctx)):
+                proc.log.flush()
+                with open(proc.log.name) as f:
+                    logs += f"\n--- {name} (exited: {proc.p.poll()}):\n" + f.read()[-3000:]
+            self.fail(f"router not ready 30 s after the generation server came back:\n"
+                      f"{metrics}{logs}")
         status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
                                                       "max_tokens": 3}, key=None)
         self.assertEqual(status, 200, body)
