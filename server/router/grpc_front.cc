@@ -31,11 +31,6 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
   if (request->max_tokens() < 1) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "max_tokens must be >= 1");
   }
-  std::shared_ptr<void> slot = router_->Admit();  // until Run returns
-  if (slot == nullptr) {
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        "too many requests in flight (max_inflight_requests); retry later");
-  }
   RouteRequest r;
   r.proto = *request;
   const Tokenizer& tok = router_->tokenizer();
@@ -50,6 +45,12 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt: give text or token_ids");
   }
   r.stop.assign(request->stop().begin(), request->stop().end());
+  // After the request's own checks, so that a malformed one is told so even at the limit.
+  std::shared_ptr<void> slot = router_->Admit();  // until Run returns
+  if (slot == nullptr) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        "too many requests in flight (max_inflight_requests); retry later");
+  }
   std::string id;
   {
     std::lock_guard<std::mutex> lock(mu_);
