@@ -603,15 +603,17 @@ Status Engine::Heartbeat(std::chrono::milliseconds interval) {
   if (std::chrono::steady_clock::now() - last_plan_ < interval) return Status::Ok();
   parallel::StepPlan plan;  // empty: the workers execute nothing
   const Status st = BroadcastPlan(&plan, options_.comm_timeout);
-  if (!st.ok()) {
-    {
-      std::lock_guard<std::mutex> lock(inbox_mu_);
-      broken_ = st;
-    }
-    HELIX_LOG(kError) << "engine: a worker rank did not take the idle heartbeat: " << st.ToString();
-    AbortAll(st);
-  }
+  if (!st.ok()) BreakInstance(st, "a worker rank did not take the idle heartbeat");
   return st;
+}
+
+void Engine::BreakInstance(const Status& error, const char* what) {
+  {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    broken_ = error;
+  }
+  HELIX_LOG(kError) << "engine: " << what << ": " << error.ToString();
+  AbortAll(error);
 }
 
 Status Engine::RunWorker() {
@@ -1314,12 +1316,7 @@ bool Engine::Step() {
     st = GatherTransferStates(plan.transfer_polls, &states, &local_error);
   }
   if (!st.ok()) {
-    {
-      std::lock_guard<std::mutex> lock(inbox_mu_);
-      broken_ = st;
-    }
-    HELIX_LOG(kError) << "engine: step failed, failing every request: " << st.ToString();
-    AbortAll(st);
+    BreakInstance(st, "step failed, failing every request");
     return true;
   }
   const int64_t num_seqs = static_cast<int64_t>(running_.size());

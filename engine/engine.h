@@ -239,6 +239,9 @@ class Engine {
   // Every rank: frees, reserves and runs one step of the plan; fills logits_ (all ranks).
   Status ExecutePlan(const parallel::StepPlan& plan);
   Status BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds timeout);
+  // Marks the instance broken by `error` (a collective failed: a rank is gone), logs `what`,
+  // and fails every request with it.
+  void BreakInstance(const Status& error, const char* what);
   std::chrono::steady_clock::time_point last_plan_ = std::chrono::steady_clock::now();  // leader
   // Every rank: reserves a transferred sequence's blocks and starts pulling the owned ones.
   // Errors only when the ranks are out of step; a pull that cannot start is a failed pull.

@@ -237,6 +237,27 @@ Result Generate(Server& gen, const helix::v1::GenerateRequest& r,
   return out;
 }
 
+// `h` changed by `change` as a client that recomputes the checksum would (a forged handle).
+helix::v1::KvHandle Reforged(const helix::v1::KvHandle& h,
+                             const std::function<void(helix::transfer::KvSource*)>& change) {
+  auto src = helix::server::FromProto(h);
+  EXPECT_TRUE(src.ok()) << src.status().ToString();
+  change(&*src);
+  src->checksum = helix::transfer::HandleChecksum(*src);
+  helix::v1::KvHandle out;
+  helix::server::ToProto(*src, &out);
+  return out;
+}
+
+// The context server's answer to `rel`.
+grpc::Status ReleaseOn(Server& ctx, const helix::v1::ReleaseRequest& rel) {
+  auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+  grpc::ClientContext c;
+  c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  helix::v1::ReleaseResponse resp;
+  return stub->Release(&c, rel, &resp);
+}
+
 std::vector<int32_t> Tokens(int n, int seed) {
   std::vector<int32_t> t{1};  // BOS
   srand(seed);
@@ -494,12 +515,7 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
   auto forge = [&](const std::function<void(helix::transfer::KvSource*)>& change) {
     helix::v1::GenerateRequest r = Prefill(ctx, req);
     originals.push_back(r.kv_handle());
-    auto src = helix::server::FromProto(r.kv_handle());
-    EXPECT_TRUE(src.ok()) << src.status().ToString();
-    change(&*src);
-    src->checksum = helix::transfer::HandleChecksum(*src);
-    r.mutable_kv_handle()->Clear();
-    helix::server::ToProto(*src, r.mutable_kv_handle());
+    *r.mutable_kv_handle() = Reforged(r.kv_handle(), change);
     return r;
   };
   struct Case {
@@ -532,11 +548,7 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
   EXPECT_EQ(ok.tokens.size(), 6u);
   int released_by_owner = 0;
   for (const helix::v1::KvHandle& h : originals) {
-    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
-    grpc::ClientContext c;
-    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    helix::v1::ReleaseResponse resp;
-    const grpc::Status st = stub->Release(&c, helix::server::ReleaseRequestFor(h), &resp);
+    const grpc::Status st = ReleaseOn(ctx, helix::server::ReleaseRequestFor(h));
     EXPECT_TRUE(st.ok() || st.error_code() == grpc::StatusCode::NOT_FOUND) << st.error_message();
     released_by_owner += st.ok();
   }
@@ -581,16 +593,13 @@ TEST_F(DisaggServeTest, LeaseTokenGuardsAnotherRequestsKv) {
   ASSERT_FALSE(victim.kv_handle().lease_token().empty());
   ASSERT_NE(victim.kv_handle().lease_token(), own.kv_handle().lease_token());
   auto forge = [&](bool victims_id) {
-    auto src = helix::server::FromProto(own.kv_handle());
-    EXPECT_TRUE(src.ok()) << src.status().ToString();
-    if (victims_id) src->request_id = victim.kv_handle().request_id();
-    src->block_addresses.assign(victim.kv_handle().block_addresses().begin(),
-                                victim.kv_handle().block_addresses().end());
-    src->token_count = victim.kv_handle().token_count();
-    src->checksum = helix::transfer::HandleChecksum(*src);
     helix::v1::GenerateRequest r = victim;
-    r.mutable_kv_handle()->Clear();
-    helix::server::ToProto(*src, r.mutable_kv_handle());
+    *r.mutable_kv_handle() = Reforged(own.kv_handle(), [&](helix::transfer::KvSource* src) {
+      if (victims_id) src->request_id = victim.kv_handle().request_id();
+      src->block_addresses.assign(victim.kv_handle().block_addresses().begin(),
+                                  victim.kv_handle().block_addresses().end());
+      src->token_count = victim.kv_handle().token_count();
+    });
     return r;
   };
   for (const bool victims_id : {true, false}) {
@@ -603,17 +612,15 @@ TEST_F(DisaggServeTest, LeaseTokenGuardsAnotherRequestsKv) {
         << got.status.error_message();
     // At most the first token the request itself carried, never one decoded from the KV.
     EXPECT_LE(got.tokens.size(), 1u);
-    if (!got.tokens.empty()) EXPECT_EQ(got.tokens[0], victim.first_token());
+    if (!got.tokens.empty()) {
+      EXPECT_EQ(got.tokens[0], victim.first_token());
+    }
   }
   // The Release RPC itself: no token, or the wrong one, frees nothing.
   auto release = [&](const std::string& token) {
-    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
-    grpc::ClientContext c;
-    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     helix::v1::ReleaseRequest rel = helix::server::ReleaseRequestFor(victim.kv_handle());
     rel.set_lease_token(token);
-    helix::v1::ReleaseResponse resp;
-    return stub->Release(&c, rel, &resp);
+    return ReleaseOn(ctx, rel);
   };
   EXPECT_EQ(release("").error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_EQ(release(own.kv_handle().lease_token()).error_code(),
@@ -627,15 +634,8 @@ TEST_F(DisaggServeTest, LeaseTokenGuardsAnotherRequestsKv) {
   EXPECT_EQ(theirs.tokens, again.tokens);
   EXPECT_EQ(theirs.tokens.size(), 6u);
   // The forger's own KV is freed by a Release with its token (the refused ones freed nothing).
-  {
-    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
-    grpc::ClientContext c;
-    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    helix::v1::ReleaseResponse resp;
-    const grpc::Status st =
-        stub->Release(&c, helix::server::ReleaseRequestFor(own.kv_handle()), &resp);
-    EXPECT_TRUE(st.ok()) << st.error_message();
-  }
+  const grpc::Status freed = ReleaseOn(ctx, helix::server::ReleaseRequestFor(own.kv_handle()));
+  EXPECT_TRUE(freed.ok()) << freed.error_message();
   EXPECT_TRUE(
       ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
                   milliseconds(5000)));

@@ -69,10 +69,11 @@ class Daemon {
  public:
   // Starts helix-gen serve with context_parallel_size `cp` (and `server_extra`, more JSON
   // members of "server"); connects with `creds` (default: insecure); waits until health is
-  // SERVING. `args` go to helix-gen serve after its own.
+  // SERVING. `args` go to helix-gen serve after its own; `config_extra`, more top-level JSON
+  // members of the config (each preceded by a comma).
   explicit Daemon(int cp, const std::string& server_extra = "",
                   std::shared_ptr<grpc::ChannelCredentials> creds = nullptr,
-                  const std::vector<std::string>& args = {}) {
+                  const std::vector<std::string>& args = {}, const std::string& config_extra = "") {
     auto port = helix::parallel::PickFreePort("127.0.0.1");
     EXPECT_TRUE(port.ok());
     port_ = *port;
@@ -92,7 +93,8 @@ class Daemon {
       "max_batch_size": 16, "max_seq_len": 512,
       "server": {"host": "127.0.0.1", "port": )"
                                      << port_ << server_extra << R"(},
-      "logging": {"level": "warn"}})";
+      "logging": {"level": "warn"})" << config_extra
+                                     << "}";
     pid_ = fork();
     if (pid_ == 0) {
       const std::string bin = Env("HELIX_GEN_BIN");
@@ -501,10 +503,9 @@ TEST_F(ServeTest, IdleRankDeathStopsTheLeader) {
 // no longer leaves its worker ranks waiting for a day: they exit once 12 heartbeats are missed.
 // While the leader lives and idles, its heartbeats keep them.
 TEST_F(ServeTest, WorkersLeaveALeaderThatWentSilent) {
-  // Workers wait 12 x 100 ms + kv_transfer_timeout_ms + 5 s = 6.3 s for a step (the server
-  // extra closes "server" to set a top-level field).
-  Daemon d(2, R"(}, "cache_transceiver_config": {"kv_transfer_timeout_ms": 100)", nullptr,
-           {"--heartbeat-ms", "100"});
+  // Workers wait 12 x 100 ms + kv_transfer_timeout_ms + 5 s = 6.3 s for a step.
+  Daemon d(2, "", nullptr, {"--heartbeat-ms", "100"},
+           R"(, "cache_transceiver_config": {"kv_transfer_timeout_ms": 100})");
   ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
   ASSERT_GT(d.RankPid(), 0);
   std::this_thread::sleep_for(std::chrono::seconds(8));  // idle for longer than the workers wait

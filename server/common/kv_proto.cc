@@ -174,14 +174,6 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
   });
 }
 
-v1::ReleaseRequest ReleaseRequestFor(const transfer::KvSource& s) {
-  v1::ReleaseRequest r;
-  r.set_request_id(s.request_id);
-  r.set_lease_token(s.lease_token);
-  r.mutable_block_addresses()->Assign(s.block_addresses.begin(), s.block_addresses.end());
-  return r;
-}
-
 v1::ReleaseRequest ReleaseRequestFor(const v1::KvHandle& h) {
   v1::ReleaseRequest r;
   r.set_request_id(h.request_id());

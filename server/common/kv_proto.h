@@ -21,7 +21,6 @@ void ToProto(const transfer::KvSource& s, v1::KvHandle* out);
 // INVALID_ARGUMENT naming the field when the handle is incomplete.
 StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h);
 // The Release of a handle's KV: its request id, lease token and block addresses.
-v1::ReleaseRequest ReleaseRequestFor(const transfer::KvSource& s);
 v1::ReleaseRequest ReleaseRequestFor(const v1::KvHandle& h);
 
 // A generation server's calls to the context servers whose KV it pulls, asynchronous, over one

@@ -2,7 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
-#include <tuple>
+#include <optional>
 
 #include "server/config/json_reader.h"
 
@@ -192,32 +192,38 @@ Status ServingConfig::Validate() {
         "(TLS) or neither");
   }
   // gRPC reads them only when the server starts listening, after the model has loaded, and
-  // then says only "Invalid cert chain file": a file that is not PEM is named here.
-  for (const auto& [field, path, want] :
-       {std::tuple{"server.tls_cert_file", server.tls_cert_file, "CERTIFICATE-----"},
-        std::tuple{"server.tls_key_file", server.tls_key_file, "PRIVATE KEY-----"}}) {
-    if (path && !std::filesystem::is_regular_file(*path)) {
-      return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
+  // then says only "Invalid cert chain file": a missing file, or one that is not PEM, is named
+  // here (every file is looked for before any is read).
+  struct TlsFile {
+    const char* field;
+    const std::optional<std::string>& path;
+    const char* marker;  // ends its PEM "-----BEGIN ..." line
+    const char* kind;
+  };
+  const TlsFile tls_files[] = {
+      {"server.tls_cert_file", server.tls_cert_file, "CERTIFICATE-----", "certificate"},
+      {"server.tls_key_file", server.tls_key_file, "PRIVATE KEY-----", "private key"}};
+  for (const TlsFile& f : tls_files) {
+    if (f.path && !std::filesystem::is_regular_file(*f.path)) {
+      return InvalidArgument(std::string("config field '") + f.field + "' = " + Quote(*f.path) +
                              ": no such file");
     }
   }
-  for (const auto& [field, path, want] :
-       {std::tuple{"server.tls_cert_file", server.tls_cert_file, "CERTIFICATE-----"},
-        std::tuple{"server.tls_key_file", server.tls_key_file, "PRIVATE KEY-----"}}) {
-    if (!path) continue;
-    std::ifstream in(*path, std::ios::binary);
+  for (const TlsFile& f : tls_files) {
+    if (!f.path) continue;
+    std::ifstream in(*f.path, std::ios::binary);
     std::string text(size_t{1} << 20, '\0');
     in.read(text.data(), static_cast<std::streamsize>(text.size()));
     if (in.bad() || (!in.eof() && !in.good())) {
-      return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
+      return InvalidArgument(std::string("config field '") + f.field + "' = " + Quote(*f.path) +
                              ": cannot be read");
     }
     text.resize(static_cast<size_t>(in.gcount()));
     const size_t begin = text.find("-----BEGIN ");
-    if (begin == std::string::npos || text.find(want, begin) == std::string::npos) {
-      return InvalidArgument(std::string("config field '") + field + "' = " + Quote(*path) +
-                             ": not a PEM " + (want[0] == 'C' ? "certificate" : "private key") +
-                             " (no '-----BEGIN " + want + "' line in its first MiB)");
+    if (begin == std::string::npos || text.find(f.marker, begin) == std::string::npos) {
+      return InvalidArgument(std::string("config field '") + f.field + "' = " + Quote(*f.path) +
+                             ": not a PEM " + f.kind + " (no '-----BEGIN " + f.marker +
+                             "' line in its first MiB)");
     }
   }
   if (server.api_key && server.api_key->empty()) {

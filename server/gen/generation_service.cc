@@ -273,9 +273,10 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       shared->Act(n);
     };
     if (r->kv_source != nullptr) {
+      // The handle's release (its id, lease token and blocks), for on_kv_done and confirm_kv.
+      const v1::ReleaseRequest rel = ReleaseRequestFor(p.kv_handle());
       // Once no rank touches the blocks any more, the context server may free them.
-      r->on_kv_done = [svc, address = r->kv_source->server_address,
-                       rel = ReleaseRequestFor(*r->kv_source)](const Status&) {
+      r->on_kv_done = [svc, address = r->kv_source->server_address, rel](const Status&) {
         svc->context_.Release(address, rel);
       };
       // Before any rank pulls: the handle must be one its context server gave out (its rkey,
@@ -289,14 +290,13 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       };
       // After a pull that landed: the release also confirms the context server still held
       // the KV (an expired lease may have let another prompt overwrite it mid-pull).
-      r->confirm_kv =
-          [svc, address = r->kv_source->server_address,
-           rel = ReleaseRequestFor(*r->kv_source)](std::function<void(const Status&)> verdict) {
-            svc->context_.Confirm(address, rel, [svc, verdict](const Status& v) {
-              verdict(v);
-              svc->Kick();
-            });
-          };
+      r->confirm_kv = [svc, address = r->kv_source->server_address,
+                       rel](std::function<void(const Status&)> verdict) {
+        svc->context_.Confirm(address, rel, [svc, verdict](const Status& v) {
+          verdict(v);
+          svc->Kick();
+        });
+      };
     }
     std::function<void(const Status&)> release = r->on_kv_done;
     StatusOr<std::string> id = svc_->engine_->Submit(std::move(*r));

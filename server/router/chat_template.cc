@@ -110,7 +110,8 @@ StatusOr<std::vector<ChatPiece>> RenderChatPieces(ChatStyle style,
   }
   std::string out;
   std::vector<ChatPiece> pieces;
-  auto text = [&] {
+  // Ends the text piece being written (`out`); returns the pieces so far.
+  auto text = [&]() -> std::vector<ChatPiece>& {
     pieces.push_back({ChatPiece::kText, std::move(out)});
     out.clear();
     return pieces;
@@ -127,14 +128,14 @@ StatusOr<std::vector<ChatPiece>> RenderChatPieces(ChatStyle style,
         out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
       }
       out += "<|im_start|>assistant\n";
-      return text();
+      return std::move(text());
     case ChatStyle::kLlama3:
       for (const ChatMessage& m : messages) {
         out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + Trim(m.content) +
                "<|eot_id|>";
       }
       out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
-      return text();
+      return std::move(text());
     case ChatStyle::kLlama2: {
       // Llama 2: an optional system prompt folded into the first user turn; user and
       // assistant turns alternate, each answered exchange closed by the EOS token and the next
@@ -161,7 +162,9 @@ StatusOr<std::vector<ChatPiece>> RenderChatPieces(ChatStyle style,
             return InvalidArgument("messages[" + std::to_string(i + 1) +
                                    "]: Llama 2 chat expects user/assistant turns to alternate");
           }
-          out += " " + Trim(messages[i + 1].content) + " ";
+          out += ' ';
+          out += Trim(messages[i + 1].content);
+          out += ' ';
           text();
           pieces.push_back({ChatPiece::kEos, {}});
         }
@@ -169,7 +172,7 @@ StatusOr<std::vector<ChatPiece>> RenderChatPieces(ChatStyle style,
       if (messages.back().role != "user") {
         return InvalidArgument("the last message must be the user's for a Llama 2 chat");
       }
-      return text();
+      return std::move(text());
     }
   }
   return InvalidArgument("unknown chat style");
