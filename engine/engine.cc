@@ -1164,7 +1164,8 @@ void Engine::Admit() {
   }
 }
 
-void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_text) {
+void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_text,
+                    const SampleResult* stop_token) {
   if (s->finished) return;
   s->finished = true;
   TokenEvent ev;
@@ -1194,6 +1195,11 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
   ev.finished = true;
   ev.finish_reason = reason;
   ev.error = std::move(error);
+  if (stop_token != nullptr && reason == FinishReason::kStop) {
+    ev.token = stop_token->token;
+    ev.logprob = stop_token->logprob;
+    ev.top_logprobs = stop_token->top;
+  }
   if (flush_text) {
     // Held-back text (an incomplete character, a possible stop-string prefix) is released;
     // a stop string that completes only now still cuts it.
@@ -1232,7 +1238,9 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
        std::count(default_stop_ids_.begin(), default_stop_ids_.end(), token)) ||
       std::count(s->req.stop_token_ids.begin(), s->req.stop_token_ids.end(), token);
   if (stop_token) {
-    Finish(s, FinishReason::kStop, Status::Ok(), /*flush_text=*/true);
+    SampleResult stop = sample;
+    stop.token = token;
+    Finish(s, FinishReason::kStop, Status::Ok(), /*flush_text=*/true, &stop);
     return;
   }
   TokenEvent ev;

@@ -227,13 +227,15 @@ class Engine {
   Status Init(const EngineOptions& options);
   void DrainInbox();
   void Admit();
-  // Ends a request: frees its blocks and sends the final event. `flush_text` releases text
-  // still held back (on stop token or length; not after a stop string or a cancel).
   // Calls the request's on_kv_done once (later calls do nothing).
   static void ReportKvDone(Sequence* s, const Status& outcome);
   Status AgreeOnConfig();
+  // Ends a request: frees its blocks and sends the final event. `flush_text` releases text
+  // still held back (on stop token or length; not after a stop string or a cancel).
+  // `stop_token`: the stop token that ended it, which the final event carries (id and
+  // logprobs; no text), as it counts in completion_tokens.
   void Finish(Sequence* s, FinishReason reason, Status error = Status::Ok(),
-              bool flush_text = false);
+              bool flush_text = false, const struct SampleResult* stop_token = nullptr);
   void EmitToken(Sequence* s, int32_t token, const struct SampleResult& sample);
   Status ConnectRanks(int64_t* num_blocks);
   // Every rank: frees, reserves and runs one step of the plan; fills logits_ (all ranks).

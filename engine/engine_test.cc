@@ -158,7 +158,9 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   GenerateRequest s = Greedy("", 100);
   s.stop = {"park"};
   GenerateRequest t = Greedy("", 100);
-  t.stop_token_ids = {e->tokenizer().Encode("Lily", false).back()};
+  const int32_t lily = e->tokenizer().Encode("Lily", false).back();
+  t.stop_token_ids = {lily};
+  t.sampling.top_logprobs = 2;
   GenerateRequest c = Greedy("", 200);
   c.id = "to-cancel";
   auto r = RunAll(e.get(), {s, t});
@@ -167,6 +169,14 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
             "Once upon a time, there was a little girl named Lily. She loved to play outside in "
             "the ");
   EXPECT_EQ(r[1].reason, FinishReason::kStop);
+  // The stop token counts in completion_tokens, and the final event carries it with its
+  // logprobs (greedy: it is the top candidate), but not its text.
+  ASSERT_FALSE(r[1].tokens.empty());
+  EXPECT_EQ(r[1].tokens.back(), lily);
+  EXPECT_EQ(static_cast<int64_t>(r[1].tokens.size()), r[1].completion_tokens);
+  ASSERT_EQ(r[1].top_logprobs.back().size(), 2u);
+  EXPECT_EQ(r[1].top_logprobs.back()[0].first, lily);
+  EXPECT_EQ(r[1].text, "Once upon a time, there was a little girl named");  // "▁Lily" left out
 
   Result cancelled;
   c.sink = [&](const TokenEvent& ev) {

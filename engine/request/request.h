@@ -24,9 +24,11 @@ std::string_view FinishReasonName(FinishReason r);  // "stop", "length", "cancel
 
 struct TokenEvent {
   std::string request_id;
-  int32_t token = -1;  // -1 on a final event that carries no token
-  std::string text;    // UTF-8 text delta (complete characters only)
-  float logprob = 0;   // when requested
+  // -1 on a final event that carries no token. The final event of a request ended by a stop
+  // token (EOS, stop_token_ids) carries that token's id and logprobs but not its text.
+  int32_t token = -1;
+  std::string text;   // UTF-8 text delta (complete characters only)
+  float logprob = 0;  // when requested
   std::vector<std::pair<int32_t, float>> top_logprobs;
   bool finished = false;
   FinishReason finish_reason = FinishReason::kNone;

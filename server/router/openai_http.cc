@@ -10,11 +10,15 @@
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
 #include <optional>
 #include <random>
 #include <set>
 #include <sstream>
+#include <system_error>
+#include <thread>
 
 #include "engine/common/log.h"
 
@@ -238,6 +242,17 @@ std::string RouteLabel(const std::string& path) {
       "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"};
   return kRoutes.count(path) ? path : "other";
 }
+
+// A streaming request's run, on its own thread: the events not yet sent and how it ended.
+struct StreamRun {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<RouteEvent> events;  // GUARDED_BY(mu)
+  bool done = false;              // GUARDED_BY(mu)
+  bool reader_gone = false;       // GUARDED_BY(mu): the response is over; cancel the request
+  grpc::Status status;            // GUARDED_BY(mu)
+  std::thread thread;
+};
 
 HttpError FromGrpc(const grpc::Status& s) {
   HttpError e;
@@ -695,79 +710,149 @@ StatusOr<int> OpenAiHttp::Start() {
         return;
       }
       // Streaming: Server-Sent Events, one "data: {json}\n\n" chunk per token, then the final
-      // chunk (finish_reason), the usage chunk if asked for, and "data: [DONE]".
-      Count(route, 200);
+      // chunk (finish_reason), the usage chunk if asked for, and "data: [DONE]". The request
+      // runs on its own thread from here, and the headers wait for its first event: a request
+      // that fails before any token (every server full or down, a failed prefill) is answered
+      // with its HTTP status and a JSON error, as a non-streaming one is, instead of 200 and
+      // an error event (clients retry 429 and 503 by status).
       ParsedRequest p = *parsed;
       p.route.client_gone = ClientGoneProbe(req);
-      res.set_header("Cache-Control", "no-cache");
-      res.set_chunked_content_provider("text/event-stream", [this, p, id, created, model, chat,
-                                                             slot](size_t,
-                                                                   httplib::DataSink& sink) {
-        const Tokenizer& tok = router_->tokenizer();
-        auto send = [&](const json& j) {
-          const std::string s = "data: " + Dump(j) + "\n\n";
-          return sink.is_writable() && sink.write(s.data(), s.size());
-        };
-        auto chunk = [&](json delta_or_text, json finish, json logprobs) {
-          json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish}};
-          if (chat) {
-            choice["delta"] = delta_or_text;
-          } else {
-            choice["text"] = delta_or_text;
+      auto run = std::make_shared<StreamRun>();
+      try {
+        run->thread = std::thread([this, run, route = p.route] {
+          grpc::Status st;
+          try {  // an exception here would end the router
+            st = router_->Run(route, [&](const RouteEvent& ev) {
+              std::lock_guard<std::mutex> lock(run->mu);
+              if (run->reader_gone) return false;  // the client went away: cancel
+              run->events.push_back(ev);
+              run->cv.notify_all();
+              return true;
+            });
+          } catch (const std::exception& x) {
+            HELIX_LOG(kError) << "router: streaming request failed: " << x.what();
+            st = grpc::Status(grpc::StatusCode::INTERNAL,
+                              std::string("internal error: ") + x.what());
           }
-          return json{{"id", id},
-                      {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                      {"created", created},
-                      {"model", model},
-                      {"choices", json::array({choice})}};
-        };
-        bool ok = true;
-        if (chat) ok = send(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
-        int64_t prompt_tokens = 0, completion_tokens = 0;
-        size_t offset = 0;
-        grpc::Status st;
-        try {  // an exception here would reach httplib's pool thread and end the router
-          st = router_->Run(p.route, [&](const RouteEvent& ev) {
-            if (!ok) return false;
-            if (ev.finished) {
-              prompt_tokens = ev.prompt_tokens;
-              completion_tokens = ev.completion_tokens;
-              json body = chat ? json{{"content", ev.text}} : json(ev.text);
-              if (chat && ev.text.empty()) body = json::object();
-              ok = send(chunk(body, ev.finish_reason, nullptr));
-              return ok;
+          std::lock_guard<std::mutex> lock(run->mu);
+          run->status = st;
+          run->done = true;
+          run->cv.notify_all();
+        });
+      } catch (const std::system_error& x) {
+        return send_error(
+            res,
+            {500, std::string("cannot start the request: ") + x.what(), "server_error", "", ""},
+            route);
+      }
+      {
+        std::unique_lock<std::mutex> lock(run->mu);
+        run->cv.wait(lock, [&] { return !run->events.empty() || run->done; });
+        if (run->events.empty() && !run->status.ok()) {
+          const grpc::Status st = run->status;
+          lock.unlock();
+          run->thread.join();
+          if (st.error_code() == grpc::StatusCode::CANCELLED && p.route.client_gone &&
+              p.route.client_gone()) {
+            return send_error(res,
+                              {499, "the client closed the connection: the request was cancelled",
+                               "invalid_request_error", "", "client_closed_request"},
+                              route);
+          }
+          return send_error(res, FromGrpc(st), route);
+        }
+      }
+      Count(route, 200);
+      res.set_header("Cache-Control", "no-cache");
+      res.set_chunked_content_provider(
+          "text/event-stream",
+          [this, p, id, created, model, chat, slot, run](size_t, httplib::DataSink& sink) {
+            const Tokenizer& tok = router_->tokenizer();
+            auto send = [&](const json& j) {
+              const std::string s = "data: " + Dump(j) + "\n\n";
+              return sink.is_writable() && sink.write(s.data(), s.size());
+            };
+            auto chunk = [&](json delta_or_text, json finish, json logprobs) {
+              json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish}};
+              if (chat) {
+                choice["delta"] = delta_or_text;
+              } else {
+                choice["text"] = delta_or_text;
+              }
+              return json{{"id", id},
+                          {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                          {"created", created},
+                          {"model", model},
+                          {"choices", json::array({choice})}};
+            };
+            auto reader_gone = [&] {  // the release joins the request's thread
+              std::lock_guard<std::mutex> lock(run->mu);
+              run->reader_gone = true;
+              return false;
+            };
+            if (chat && !send(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr))) {
+              return reader_gone();
             }
-            json lp = nullptr;
-            if (p.logprobs) {
-              lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
+            int64_t prompt_tokens = 0, completion_tokens = 0;
+            size_t offset = 0;
+            grpc::Status st;
+            for (bool done = false; !done;) {
+              std::deque<RouteEvent> events;
+              {
+                std::unique_lock<std::mutex> lock(run->mu);
+                run->cv.wait(lock, [&] { return !run->events.empty() || run->done; });
+                events.swap(run->events);
+                done = run->done;  // every event came before done: none is left behind
+                st = run->status;
+              }
+              for (const RouteEvent& ev : events) {
+                bool ok;
+                if (ev.finished) {
+                  prompt_tokens = ev.prompt_tokens;
+                  completion_tokens = ev.completion_tokens;
+                  json body = chat ? json{{"content", ev.text}} : json(ev.text);
+                  if (chat && ev.text.empty()) body = json::object();
+                  json lp = nullptr;  // the stop token that ended it, if any
+                  if (p.logprobs && ev.token >= 0) {
+                    lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
+                  }
+                  ok = send(chunk(body, ev.finish_reason, lp));
+                } else {
+                  json lp = nullptr;
+                  if (p.logprobs) {
+                    lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
+                  }
+                  offset += ev.token_text_chars;
+                  ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
+                }
+                if (!ok) return reader_gone();  // the request is cancelled
+              }
             }
-            offset += ev.token_text_chars;
-            ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
-            return ok;
+            if (!st.ok()) {
+              send(ErrorJson(FromGrpc(st)));
+            } else if (p.include_usage) {
+              send({{"id", id},
+                    {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                    {"created", created},
+                    {"model", model},
+                    {"choices", json::array()},
+                    {"usage",
+                     {{"prompt_tokens", prompt_tokens},
+                      {"completion_tokens", completion_tokens},
+                      {"total_tokens", prompt_tokens + completion_tokens}}}});
+            }
+            const std::string done = "data: [DONE]\n\n";
+            sink.write(done.data(), done.size());
+            sink.done();
+            return true;
+          },
+          [run](bool) {  // the response is over (sent, or the client left): end the request
+            {
+              std::lock_guard<std::mutex> lock(run->mu);
+              run->reader_gone = true;
+            }
+            if (run->thread.joinable()) run->thread.join();
           });
-        } catch (const std::exception& x) {
-          HELIX_LOG(kError) << "router: streaming request failed: " << x.what();
-          st = grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + x.what());
-        }
-        if (!ok) return false;  // the client went away: the request was cancelled
-        if (!st.ok()) {
-          send(ErrorJson(FromGrpc(st)));
-        } else if (p.include_usage) {
-          send({{"id", id},
-                {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                {"created", created},
-                {"model", model},
-                {"choices", json::array()},
-                {"usage",
-                 {{"prompt_tokens", prompt_tokens},
-                  {"completion_tokens", completion_tokens},
-                  {"total_tokens", prompt_tokens + completion_tokens}}}});
-        }
-        const std::string done = "data: [DONE]\n\n";
-        sink.write(done.data(), done.size());
-        sink.done();
-        return true;
-      });
     };
   };
   s.Post("/v1/completions", generate(false));

@@ -469,7 +469,10 @@ grpc::Status Router::Run(const RouteRequest& r,
     int64_t streamed = 0;
     bool ended = false;
     while (!ended && reader->Read(&m)) {
-      if (m.token_id() >= 0) {
+      // The stop token that ended the request rides on the final message: it has logprobs
+      // but no text.
+      const bool stop_token = m.token_id() >= 0 && m.finish_reason() == v1::FINISH_REASON_STOP;
+      if (m.token_id() >= 0 && !stop_token) {
         RouteEvent ev;
         ev.token = m.token_id();
         bool stopped = false;
@@ -516,6 +519,18 @@ grpc::Status Router::Run(const RouteRequest& r,
         RouteEvent fin;
         fin.finished = true;
         fin.finish_reason = m.finish_reason() == v1::FINISH_REASON_STOP ? "stop" : "length";
+        if (stop_token) {
+          fin.token = m.token_id();
+          if (streamed == 0 && disagg) {  // the context server sampled it
+            fin.logprob = pre.first_token_logprob();
+            for (const auto& t : pre.top_logprobs())
+              fin.top_logprobs.emplace_back(t.token_id(), t.logprob());
+          } else {
+            fin.logprob = m.logprob();
+            for (const auto& t : m.top_logprobs())
+              fin.top_logprobs.emplace_back(t.token_id(), t.logprob());
+          }
+        }
         bool stopped = false;
         fin.text = stops.Push(detok.Flush(), &stopped);
         if (!stopped) fin.text += stops.Flush();

@@ -69,8 +69,8 @@ struct RouteRequest {
 };
 
 struct RouteEvent {
-  int32_t token = -1;
-  std::string text;  // UTF-8 delta, stop strings cut
+  int32_t token = -1;  // on the final event: the stop token that ended it, or -1
+  std::string text;    // UTF-8 delta, stop strings cut
   // Characters (code points) of detokenised text this token produced before stop strings held
   // any back (the completion's text_offset advances by these, counted in characters as OpenAI
   // and vLLM count them; a stop string may delay `text` to a later event).

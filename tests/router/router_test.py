@@ -316,6 +316,25 @@ class RouterTest(unittest.TestCase):
         self.assertEqual(r.choices[0].finish_reason, "stop")
         self.assertEqual(r.choices[0].text, full[:full.index(stop)])
 
+    def test_stop_token_is_in_logprobs(self):
+        # A completion that ends on EOS counts it in completion_tokens (as vLLM does) and lists
+        # it in logprobs, without its text; streamed, the final chunk carries it.
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=400, temperature=0,
+                  logprobs=1)
+        r = self.client.completions.create(**kw)
+        c = r.choices[0]
+        self.assertEqual(c.finish_reason, "stop")  # EOS after 342 tokens
+        n = r.usage.completion_tokens
+        self.assertEqual(len(c.logprobs.tokens), n)
+        self.assertEqual(len(c.logprobs.token_logprobs), n)
+        self.assertLessEqual(c.logprobs.token_logprobs[-1], 0)
+        self.assertEqual(c.logprobs.text_offset[-1], len(c.text))
+        chunks = list(self.client.completions.create(stream=True, **kw))
+        self.assertEqual([t for ch in chunks if ch.choices[0].logprobs
+                          for t in ch.choices[0].logprobs.tokens], c.logprobs.tokens)
+        self.assertEqual("".join(ch.choices[0].text for ch in chunks), c.text)
+        self.assertIsNotNone(chunks[-1].choices[0].logprobs)
+
     def test_text_offset_ignores_held_back_stop_prefixes(self):
         # A stop string that starts like the text but never completes holds text back for a
         # token or more: the offsets must still be where each token's text starts.
@@ -665,9 +684,12 @@ class RouterFaultTest(unittest.TestCase):
                                         health_check_interval_ms=60000), port)
         self.assertTrue(wait_admitted(port, [ctx_port], [gen_port]))
         gen.kill()
-        status, _ = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
-                                                   "max_tokens": 3}, key=None)
-        self.assertNotEqual(status, 200)  # the request found it down: ejected
+        # The request finds it down (and ejects it) before any token: a stream is answered
+        # with the HTTP status and a JSON error, not 200 and an error event.
+        status, body = http(port, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                      "max_tokens": 3, "stream": True}, key=None)
+        self.assertEqual(status, 503, body)
+        self.assertEqual(body["error"]["type"], "service_unavailable", body)
         label = f'role="generation",url="127.0.0.1:{gen_port}"'
         self.assertEqual(metric(port, "helix_router_backend_healthy", label), 0)
         self.start("gen", server_cfg(gen_port, False), gen_port)  # back on the same port
