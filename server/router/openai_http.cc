@@ -528,9 +528,27 @@ StatusOr<int> OpenAiHttp::Start() {
   // httplib 0.11 reads the body of a POST, PUT, PATCH or DELETE until the client closes, so
   // `curl -X POST` without -d waited out the 30 s read timeout: such a request is answered at
   // once (before any body is read).
+  //
+  // A chunked body (which httplib would read whole into memory before routing, whatever its
+  // size) is read only by the two generation routes, which stop at max_request_bytes; any
+  // other request with one is answered before reading it.
   s.set_pre_routing_handler([send_error](const httplib::Request& req, httplib::Response& res) {
+    if (req.has_header("Transfer-Encoding")) {
+      if (req.method == "POST" &&
+          (req.path == "/v1/completions" || req.path == "/v1/chat/completions")) {
+        return httplib::Server::HandlerResponse::Unhandled;
+      }
+      HttpError e;
+      const std::string label = RouteLabel(req.path);
+      e.status = label == "other" ? 404 : 400;
+      e.message = label == "other" ? "no route " + req.method + " " + req.path
+                                   : req.method + " " + req.path + " takes no chunked request body";
+      res.set_header("Connection", "close");  // its body is left unread
+      send_error(res, e, label);
+      return httplib::Server::HandlerResponse::Handled;
+    }
     if (req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS" ||
-        req.has_header("Content-Length") || req.has_header("Transfer-Encoding")) {
+        req.has_header("Content-Length")) {
       return httplib::Server::HandlerResponse::Unhandled;
     }
     HttpError e;
@@ -540,6 +558,16 @@ StatusOr<int> OpenAiHttp::Start() {
                 "Transfer-Encoding)";
     send_error(res, e, RouteLabel(req.path));
     return httplib::Server::HandlerResponse::Handled;
+  });
+  // A client that waits for 100 Continue before sending a body over the limit is refused
+  // before sending it (httplib would ask for the body and then discard it).
+  s.set_expect_100_continue_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (req.has_header("Content-Length") && req.get_header_value<uint64_t>("Content-Length") >
+                                                static_cast<uint64_t>(cfg_.max_request_bytes)) {
+      res.status = 413;
+      return 413;
+    }
+    return 100;
   });
   s.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;  // already answered
@@ -623,9 +651,38 @@ StatusOr<int> OpenAiHttp::Start() {
         });
 
   auto generate = [this, authorized, send_error](bool chat) {
-    return [this, chat, authorized, send_error](const httplib::Request& req,
-                                                httplib::Response& res) {
+    return [this, chat, authorized, send_error](const httplib::Request& req, httplib::Response& res,
+                                                const httplib::ContentReader& read_body) {
       const std::string route = chat ? "/v1/chat/completions" : "/v1/completions";
+      // The body is read here, up to max_request_bytes: httplib 0.11 applies its payload limit
+      // to Content-Length bodies only and would buffer a chunked one whole.
+      std::string body;
+      bool too_large = false;
+      const bool read = read_body([&](const char* data, size_t n) {
+        if (body.size() + n > static_cast<size_t>(cfg_.max_request_bytes)) {
+          too_large = true;
+          return false;
+        }
+        body.append(data, n);
+        return true;
+      });
+      if (too_large || res.status == 413) {
+        // The rest of a chunked body is unread: the connection cannot carry another request.
+        res.set_header("Connection", "close");
+        return send_error(res,
+                          {413,
+                           "request body exceeds " + std::to_string(cfg_.max_request_bytes) +
+                               " bytes (max_request_bytes)",
+                           "invalid_request_error", "", ""},
+                          route);
+      }
+      if (!read) {
+        res.set_header("Connection", "close");
+        return send_error(res,
+                          {400, "could not read the request body (malformed chunked encoding?)",
+                           "invalid_request_error", "", ""},
+                          route);
+      }
       if (!authorized(req)) {
         return send_error(res,
                           {401, "missing or wrong API key (Authorization: Bearer ...)",
@@ -633,7 +690,7 @@ StatusOr<int> OpenAiHttp::Start() {
                           route);
       }
       HttpError err;
-      auto parsed = ParseOpenAiRequest(req.body, chat, *router_, router_->max_seq_len(), &err);
+      auto parsed = ParseOpenAiRequest(body, chat, *router_, router_->max_seq_len(), &err);
       if (!parsed.ok()) return send_error(res, err, route);
       std::shared_ptr<void> slot = router_->Admit();  // held until the response is done
       if (slot == nullptr) {
