@@ -11,10 +11,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -449,6 +451,59 @@ TEST_F(DisaggServeTest, CancelDuringTransfer) {
   EXPECT_EQ(Generate(gen, req).tokens.size(), 16u);
   EXPECT_TRUE(gen.WaitFor([](const auto& i) { return i.kv_transfers_cancelled() == 1; },
                           milliseconds(5000)));
+}
+
+// Clients that cancel their prefill at any moment, before, during or just after the engine's
+// answer, leave no KV on the context server: none of them holds a handle, and the lease is
+// far away. (The sink frees the KV of a call cancelled before the answer; the reactor's OnDone
+// that of an answer that did not reach its client.)
+TEST_F(DisaggServeTest, CancelledPrefillsLeaveNoKv) {
+  Server::Options co;
+  co.context = true;
+  co.lease_ms = 120000;  // far beyond the test: only a release frees the blocks in time
+  Server ctx(co);
+  auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+  helix::v1::PrefillRequest pre;
+  *pre.mutable_request() = Request(Tokens(200, 12), 4);
+  auto start = Clock::now();
+  Prefill(ctx, pre.request());
+  const auto took = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
+  ASSERT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 1; }, milliseconds(5000)));
+  int cancelled = 0, answered = 0;
+  for (int k = 0; k < 60; ++k) {
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    helix::v1::PrefillResponse got;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status st;
+    stub->async()->Prefill(&c, &pre, &got, [&](grpc::Status s) {
+      std::lock_guard<std::mutex> lock(mu);
+      st = std::move(s);
+      done = true;
+      cv.notify_all();
+    });
+    std::this_thread::sleep_for(took * (k % 30 + 5) / 20);  // 0.25 ... 1.7 prefills
+    c.TryCancel();
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    if (st.ok()) {
+      ++answered;  // the client holds this handle: release it as a generation server would
+      grpc::ClientContext rc;
+      helix::v1::ReleaseResponse rr;
+      ASSERT_TRUE(stub->Release(&rc, helix::server::ReleaseRequestFor(got.kv_handle()), &rr).ok());
+    } else {
+      ++cancelled;
+    }
+  }
+  EXPECT_GT(cancelled, 0);
+  // Only the first prefill's KV is left (its lease runs on).
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 1; }, milliseconds(3000)))
+      << ctx.Info().kv_retained_requests() << " retained after " << cancelled << " cancelled and "
+      << answered << " answered prefills";
 }
 
 // Nobody pulls: the lease frees the context server's blocks.

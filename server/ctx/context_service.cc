@@ -71,32 +71,61 @@ grpc::Status ContextService::CheckAuth(const grpc::CallbackServerContext* ctx) c
   return CheckBearer(ctx->client_metadata(), options_.api_key);
 }
 
+// A prefill's reactor. When its call ends without the answer reaching the client (the
+// client cancelled or its deadline passed just as the prefill finished, or the connection was
+// lost), the KV it retained is released at once: nobody holds the handle, and the blocks
+// would otherwise stay taken until the lease ends.
+class ContextService::PrefillReactor final : public grpc::ServerUnaryReactor {
+ public:
+  PrefillReactor(ContextService* svc, grpc::CallbackServerContext* ctx) : svc_(svc), ctx_(ctx) {}
+  // Finishes the call with `st`; `retained_id`: the engine request whose KV the answer hands
+  // out.
+  void Answer(const grpc::Status& st, std::string retained_id = "") {
+    retained_id_ = std::move(retained_id);
+    Finish(st);
+  }
+  void OnDone() override {
+    if (!retained_id_.empty() && ctx_->IsCancelled() &&
+        svc_->engine_->ReleaseRetained(retained_id_)) {
+      HELIX_LOG(kInfo) << "ctx: prefill " << retained_id_
+                       << " did not reach its client (cancelled or timed out): KV released";
+      svc_->Kick();
+    }
+    delete this;
+  }
+
+ private:
+  ContextService* svc_;
+  grpc::CallbackServerContext* ctx_;
+  std::string retained_id_;  // written before Finish, read in OnDone (after it)
+};
+
 grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* ctx,
                                                   const v1::PrefillRequest* request,
                                                   v1::PrefillResponse* response) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  PrefillReactor* reactor = new PrefillReactor(this, ctx);
   if (grpc::Status auth = CheckAuth(ctx); !auth.ok()) {
-    reactor->Finish(auth);
+    reactor->Answer(auth);
     return reactor;
   }
   StatusOr<GenerateRequest> r = FromProto(request->request());
   if (!r.ok()) {
-    reactor->Finish(ToGrpc(r.status()));
+    reactor->Answer(ToGrpc(r.status()));
     return reactor;
   }
   if (r->kv_source != nullptr) {
-    reactor->Finish(
+    reactor->Answer(
         ToGrpc(InvalidArgument("request.kv_handle: a context server prefills the "
                                "prompt itself; send the prompt alone")));
     return reactor;
   }
   if (!accepting_.load()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+    reactor->Answer(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
     return reactor;
   }
   if (in_flight_.fetch_add(1) >= options_.max_in_flight) {
     in_flight_.fetch_sub(1);
-    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+    reactor->Answer(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                  "admission queue full: " + std::to_string(options_.max_in_flight) +
                                      " prefills already in flight; retry later"));
     return reactor;
@@ -138,16 +167,16 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
     response->mutable_first_token_text()->append(ev.text);
     self->in_flight_.fetch_sub(1);
     if (ev.finish_reason == FinishReason::kError) {
-      reactor->Finish(ToGrpc(ev.error));
+      reactor->Answer(ToGrpc(ev.error));
       return;
     }
     if (ev.finish_reason == FinishReason::kCancelled) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+      reactor->Answer(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
       return;
     }
     if (ctx->IsCancelled()) {  // nobody will pull it
       engine->ReleaseRetained(ev.request_id);
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+      reactor->Answer(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
       return;
     }
     response->set_request_id(ev.request_id);
@@ -165,13 +194,13 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
     src.lease_token = ev.kv_lease_token;
     src.checksum = transfer::HandleChecksum(src);
     ToProto(src, response->mutable_kv_handle());
-    reactor->Finish(grpc::Status::OK);
+    reactor->Answer(grpc::Status::OK, ev.request_id);
   };
   r->prompt_tokens = std::move(prompt_ids);
   StatusOr<std::string> id = engine_->Submit(std::move(*r));
   if (!id.ok()) {
     in_flight_.fetch_sub(1);
-    reactor->Finish(ToGrpc(id.status()));
+    reactor->Answer(ToGrpc(id.status()));
     return reactor;
   }
   Kick();

@@ -51,6 +51,7 @@ class ContextService final : public v1::ContextService::CallbackService {
   void Stop(std::chrono::milliseconds drain);
 
  private:
+  class PrefillReactor;
   grpc::Status CheckAuth(const grpc::CallbackServerContext* ctx) const;
   void Kick();
   void Loop();

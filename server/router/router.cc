@@ -353,9 +353,11 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_po
     cc.set_deadline(deadline);
     v1::PrefillRequest pre;
     *pre.mutable_request() = r.proto;
-    if (!Arm(w, &cc)) return ClientGone();
+    // The watcher does not cancel a prefill: one cancelled just as the context server answers
+    // would leave KV there that nobody holds a handle for (until the lease ends); the context
+    // server computes the prefill anyway. A client that left meanwhile has it released below.
+    if (Cancelled(w)) return ClientGone();
     last = c->ctx->Prefill(&cc, pre, out);
-    Disarm(w);
     *used = last.ok() ? c : nullptr;  // holds KV now, even if the client left meanwhile
     if (Cancelled(w)) return ClientGone();
     // A full context server (RESOURCE_EXHAUSTED) is busy, not down: the next one is tried and
@@ -495,6 +497,7 @@ grpc::Status Router::Run(const RouteRequest& r,
         if (!sink(ev)) {
           gc.TryCancel();
           reader->Finish();
+          release_kv();  // normally pulled and released by now: then this finds nothing
           return ClientGone();
         }
         if (stopped) {
@@ -626,6 +629,28 @@ std::string Router::MetricsText() const {
   each([&](const Backend& b, const std::string& l) {
     o << "helix_router_backend_failures_total{" << l << "} " << b.failures_total.load() << "\n";
   });
+  // The KV pools as each server last reported them (its GetServerInfo, polled with the health
+  // checks); a server not reached yet has no sample.
+  auto kv = [&](const char* name, const char* type, const char* help, bool context_only,
+                const std::function<int64_t(const v1::ServerInfo&)>& value) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n";
+    each([&](const Backend& b, const std::string& l) {
+      if (context_only && !b.context) return;
+      std::lock_guard<std::mutex> lock(b.mu);
+      if (b.have_info) o << name << "{" << l << "} " << value(b.info) << "\n";
+    });
+  };
+  kv("helix_router_backend_kv_total_blocks", "gauge",
+     "KV cache blocks per server, as it reports them.", false,
+     [](const v1::ServerInfo& i) { return i.kv_total_blocks(); });
+  kv("helix_router_backend_kv_free_blocks", "gauge", "Free KV cache blocks per server.", false,
+     [](const v1::ServerInfo& i) { return i.kv_free_blocks(); });
+  kv("helix_router_backend_kv_retained_requests", "gauge",
+     "Prefilled prompts whose KV a context server holds for a generation server.", true,
+     [](const v1::ServerInfo& i) { return i.kv_retained_requests(); });
+  kv("helix_router_backend_kv_leases_expired_total", "counter",
+     "Prefilled KV a context server freed because nobody released it within its lease.", true,
+     [](const v1::ServerInfo& i) { return static_cast<int64_t>(i.kv_leases_expired()); });
   return o.str();
 }
 

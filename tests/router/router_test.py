@@ -15,6 +15,7 @@ HELIX_TEST_MODELS_DIR.
 import http.client as http_client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -617,6 +618,60 @@ class RouterFaultTest(unittest.TestCase):
                          [b for s, b in statuses if s != 200][:3])
         self.assertEqual(metric(port, "helix_router_backend_healthy",
                                 f'role="context",url="127.0.0.1:{small}"'), 1)
+
+    def test_clients_leaving_during_prefill_strand_no_kv(self):
+        # Clients that leave while their prompt is prefilled: the router lets each prefill
+        # answer and releases its KV. Before, it cancelled the prefill call: the context server
+        # computed it anyway (a backlog the router no longer counted), and a cancel that
+        # crossed the answer left KV that nobody had a handle for until its lease ended.
+        ctx_port, gen_port, port = free_port(), free_port(), free_port()
+        cfg = server_cfg(ctx_port, True)
+        cfg["kv_lease_ms"] = 600000  # only a release frees the KV within this test
+        self.start("ctx", cfg, ctx_port)
+        self.start("gen", server_cfg(gen_port, False), gen_port)
+        self.start("router", router_cfg(port, [ctx_port], [gen_port]), port)
+        self.assertTrue(wait_admitted(port, [ctx_port], [gen_port]))
+        label = f'role="context",url="127.0.0.1:{ctx_port}"'
+        prompt = " ".join(["Once upon a time there was a little girl named Lily."] * 28)
+        body = json.dumps({"model": NAME, "prompt": prompt, "max_tokens": 8,
+                           "stream": True}).encode()
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                   b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        start = time.time()
+        self.assertEqual(http(port, "/v1/completions", json.loads(body) | {"stream": False},
+                              key=None)[0], 200)
+        took = time.time() - start  # a whole request: prefill, hand-off, 8 tokens
+        # Twelve clients, each sending the request and leaving at a random moment within one
+        # request's time, 30 times over: prefills finish at many moments, and the watcher's
+        # 100 ms polls land in many of them.
+        def client(seed):
+            rng = random.Random(seed)
+            for _ in range(30):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                    c.sendall(request)
+                    time.sleep(rng.uniform(0, took))
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        deadline = time.time() + 10
+        while time.time() < deadline and metric(port, "helix_router_requests_in_flight") != 0:
+            time.sleep(0.1)
+        # Nothing in flight at the router means nothing left at the context server either: no
+        # prefill still computing for a client that left, no KV stranded (within the next
+        # few health polls' samples, every 200 ms).
+        deadline = time.time() + 1
+        while time.time() < deadline:
+            time.sleep(0.2)
+            retained, free, total = (
+                metric(port, f"helix_router_backend_kv_{m}", label)
+                for m in ("retained_requests", "free_blocks", "total_blocks"))
+            if retained == 0 and free == total:
+                break
+        self.assertEqual(retained, 0)
+        self.assertEqual(free, total)
+        self.assertEqual(metric(port, "helix_router_backend_kv_leases_expired_total", label), 0)
 
     def test_killed_context_server_is_ejected_and_requests_retried(self):
         ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
