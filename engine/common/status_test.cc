@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+
+#include "engine/common/json_nesting.h"
+
 namespace helix {
 namespace {
 
@@ -42,6 +46,14 @@ TEST(StatusTest, StatusOrFromOkStatusIsAnError) {
 #else
   GTEST_SKIP() << "asserts in debug builds; the release path is checked in release builds";
 #endif
+}
+
+TEST(JsonNestingTest, CountsBracketsOutsideStrings) {
+  EXPECT_EQ(JsonNestingDepth(R"({"a": [1, {"b": []}]})", 64), 4);
+  EXPECT_EQ(JsonNestingDepth(R"({"a": "[[[{{{", "b": "\"[["})", 64), 1);  // in strings
+  EXPECT_EQ(JsonNestingDepth("3", 64), 0);
+  EXPECT_EQ(JsonNestingDepth(std::string(100000, '['), 64), 65);  // stops past the limit
+  EXPECT_EQ(JsonNestingDepth("]]]][", 64), 1);                    // malformed: left to the parser
 }
 
 }  // namespace

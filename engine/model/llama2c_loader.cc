@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <new>
 
 namespace helix {
 namespace {
@@ -20,7 +21,12 @@ class Reader {
                       std::to_string(bytes) + " bytes at offset " + std::to_string(pos_) +
                       " but the file has " + std::to_string(size_) + " bytes");
     }
-    out->resize(count);
+    try {
+      out->resize(count);
+    } catch (const std::bad_alloc&) {
+      return ResourceExhausted(path_ + ": cannot allocate " + std::to_string(bytes) +
+                               " bytes of host memory for tensor " + what);
+    }
     in_.read(reinterpret_cast<char*>(out->data()), static_cast<std::streamsize>(bytes));
     if (!in_) return DataLoss(path_ + ": read error in tensor " + std::string(what));
     pos_ += bytes;
@@ -100,6 +106,7 @@ StatusOr<std::unique_ptr<LoadedModel>> LoadLlama2cModel(const std::string& path)
                            ") but the file has " + std::to_string(size));
   }
 
+  RETURN_IF_ERROR(CheckHostMemoryFor(expected, path));
   Reader r(in, path, size);
   r.set_pos(sizeof(h));
   ModelWeights& w = m->weights;

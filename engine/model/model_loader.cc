@@ -3,10 +3,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/common/json_nesting.h"
 #include "engine/model/gguf/gguf_file.h"
 #include "engine/model/gguf/gguf_loader.h"
 #include "engine/model/hf/hf_loader.h"
@@ -29,7 +31,51 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerFile(const std::string& path,
                          path, fs::is_regular_file(config, ec) ? config.string() : std::string()));
     return CreateTokenizer(std::move(v));
   }
+  {
+    std::ifstream in(path, std::ios::binary);
+    char magic[4] = {};
+    in.read(magic, 4);
+    if (in.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) {
+      return InvalidArgument("tokenizer '" + path +
+                             "' is a GGUF model file: a GGUF model carries its own tokenizer; "
+                             "give the file as the model and no tokenizer");
+    }
+  }
   return LoadLlama2cTokenizer(path, static_cast<int32_t>(model_vocab));
+}
+
+// A file that is recognisably something other than a llama2.c checkpoint: an error naming
+// what it is and what to give instead. `head`: its first `n` bytes (up to 16).
+Status NotAModel(const std::string& path, const unsigned char* head, size_t n) {
+  const std::string what = "model '" + path + "' is ";
+  uint64_t header_len = 0;
+  if (n >= 9) std::memcpy(&header_len, head, 8);
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(path, ec);
+  if (n >= 9 && head[8] == '{' && !ec && header_len > 1 && header_len <= size - 8) {
+    return InvalidArgument(what +
+                           "a safetensors file: give the Hugging Face model's directory (with "
+                           "config.json) instead");
+  }
+  size_t i = 0;
+  while (i < n && (head[i] == ' ' || head[i] == '\n' || head[i] == '\r' || head[i] == '\t')) ++i;
+  if (i + 1 < n && head[i] == '{' &&
+      (head[i + 1] == '"' || head[i + 1] == '}' || head[i + 1] == ' ' || head[i + 1] == '\n')) {
+    return InvalidArgument(what +
+                           "a JSON file, not a model: give a .gguf file, a llama2.c checkpoint "
+                           "or a Hugging Face model's directory");
+  }
+  if (n >= 4 && std::memcmp(head, "PK\x03\x04", 4) == 0) {
+    return InvalidArgument(what +
+                           "a zip archive (a PyTorch checkpoint?), which is not supported: "
+                           "convert it to safetensors or GGUF");
+  }
+  if (n >= 3 && head[0] == 0x80 && head[1] >= 2 && head[1] <= 5 && head[2] != 0) {
+    return InvalidArgument(what +
+                           "a Python pickle (a PyTorch checkpoint?), which is not supported: "
+                           "convert it to safetensors or GGUF");
+  }
+  return Status::Ok();
 }
 
 }  // namespace
@@ -55,9 +101,13 @@ StatusOr<ModelFormat> DetectModelFormat(const std::string& model_path) {
   }
   std::ifstream in(model_path, std::ios::binary);
   if (!in) return NotFound("cannot open model file '" + model_path + "'");
-  char magic[4] = {};
-  in.read(magic, 4);
-  if (in.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) return ModelFormat::kGguf;
+  unsigned char head[16] = {};
+  in.read(reinterpret_cast<char*>(head), sizeof(head));
+  const size_t got = static_cast<size_t>(in.gcount());
+  if (got >= 4 && std::memcmp(head, "GGUF", 4) == 0) return ModelFormat::kGguf;
+  // A llama2.c checkpoint has no magic: anything else would be read as one and refused for a
+  // nonsense header. Files often given by mistake are named instead.
+  if (Status s = NotAModel(model_path, head, got); !s.ok()) return s;
   return ModelFormat::kLlama2c;
 }
 
@@ -156,16 +206,28 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model
       std::error_code ec;
       const fs::path json = fs::path(model_path) / "tokenizer.json";
       const fs::path config = fs::path(model_path) / "tokenizer_config.json";
+      {
+        // config.json is read only for the vocabulary size (the router loads no weights): one
+        // that is not a small JSON object leaves it unknown, as a missing one does, and the
+        // generation servers' own loading reports what is wrong with it.
+        const fs::path cfg = fs::path(model_path) / "config.json";
+        const uintmax_t size = fs::file_size(cfg, ec);
+        std::string text;
+        if (!ec && fs::is_regular_file(cfg, ec) && size <= (64u << 20)) {
+          std::ifstream in(cfg, std::ios::binary);
+          text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+        }
+        if (!text.empty() && JsonNestingDepth(text, kMaxJsonNesting) <= kMaxJsonNesting) {
+          const auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+          if (j.is_object() && j.contains("vocab_size") && j["vocab_size"].is_number_integer()) {
+            model_vocab = j["vocab_size"].get<int64_t>();
+          }
+        }
+      }
       if (tokenizer_path.empty() && fs::exists(json, ec)) {
         ASSIGN_OR_RETURN(
             vocab, LoadHfTokenizerJson(json.string(),
                                        fs::exists(config, ec) ? config.string() : std::string()));
-      } else if (!tokenizer_path.empty()) {
-        std::ifstream in(fs::path(model_path) / "config.json");
-        const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-        if (j.is_object() && j.contains("vocab_size") && j["vocab_size"].is_number_integer()) {
-          model_vocab = j["vocab_size"].get<int64_t>();
-        }
       }
       break;
     }

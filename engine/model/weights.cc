@@ -1,5 +1,8 @@
 #include "engine/model/weights.h"
 
+#include <fstream>
+#include <sstream>
+
 namespace helix {
 
 void WeightMatrix::ConvertTo(kernels::DType t) {
@@ -26,6 +29,41 @@ void ModelWeights::ConvertMatricesTo(kernels::DType t) {
   }
   if (classifier.empty()) classifier.f32 = token_embedding;  // tied: the GEMM reads a copy
   classifier.ConvertTo(t);
+}
+
+namespace {
+
+std::string GiB(uint64_t bytes) {
+  std::ostringstream o;
+  o.precision(3);
+  o << static_cast<double>(bytes) / (1u << 30) << " GiB";
+  return o.str();
+}
+
+}  // namespace
+
+Status CheckHostMemoryFor(uint64_t bytes, const std::string& what, uint64_t available) {
+  if (bytes <= available) return Status::Ok();
+  return ResourceExhausted(what + " needs " + GiB(bytes) +
+                           " of host memory (its weights as float32, before any conversion), "
+                           "but only " +
+                           GiB(available) + " is available (MemAvailable + SwapFree)");
+}
+
+Status CheckHostMemoryFor(uint64_t bytes, const std::string& what) {
+  std::ifstream in("/proc/meminfo");
+  uint64_t available = 0;
+  bool found = false;
+  std::string key, unit;
+  uint64_t kib = 0;
+  while (in >> key >> kib) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:" || key == "SwapFree:") {
+      available += kib * 1024;
+      found = true;
+    }
+  }
+  return found ? CheckHostMemoryFor(bytes, what, available) : Status::Ok();
 }
 
 }  // namespace helix

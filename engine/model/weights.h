@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "engine/common/status.h"
 #include "engine/model/model_config.h"
 #include "kernels/dtype.h"
 
@@ -97,6 +99,13 @@ class StoredPrecision {
  private:
   bool any32_ = false, any16_ = false, other_ = false;
 };
+
+// Whether this machine can hold `bytes` more of host memory (the loaders fill every weight as
+// float32 before any conversion): ResourceExhausted naming `what`, the need and what is
+// available (/proc/meminfo's MemAvailable + SwapFree) otherwise; Ok where that is unknown.
+Status CheckHostMemoryFor(uint64_t bytes, const std::string& what);
+// CheckHostMemoryFor's verdict for a machine with `available` bytes.
+Status CheckHostMemoryFor(uint64_t bytes, const std::string& what, uint64_t available);
 
 struct LoadedModel {
   ModelConfig config;

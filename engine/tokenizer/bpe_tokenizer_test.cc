@@ -729,10 +729,27 @@ TEST(HfTokenizerJsonTest, Errors) {
   };
   auto deep_ok = load(nested_to(16));
   EXPECT_TRUE(deep_ok.ok()) << deep_ok.status().ToString();
-  auto deep = load(nested_to(2000));
+  auto deep = load(nested_to(20));
   EXPECT_EQ(deep.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(deep.status().message().find("nested deeper than 16"), std::string::npos)
       << deep.status().ToString();
+  // A few tokens with a huge id would allocate a table of millions of empty entries (1.5 GB
+  // from an 8.7 KB file): sparse ids are refused.
+  std::string sparse = SmallTokenizerJson();
+  const std::string tool = R"("<tool>": 7})";
+  ASSERT_NE(sparse.find(tool), std::string::npos);
+  sparse.replace(sparse.find(tool), tool.size(), R"("<tool>": 7, "zz": 16777215})");
+  auto sparse_ids = load(sparse);
+  EXPECT_EQ(sparse_ids.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(sparse_ids.status().message().find("token ids are sparse: 9 tokens but the largest "
+                                               "id is 16777215"),
+            std::string::npos)
+      << sparse_ids.status().ToString();
+  // Far deeper JSON is refused before it is parsed (the parser's memory grows with it).
+  auto deeper = load(nested_to(2000));
+  EXPECT_EQ(deeper.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(deeper.status().message().find("JSON nested deeper than 64 levels"), std::string::npos)
+      << deeper.status().ToString();
   auto merged = load(SmallTokenizerJson(R"({"type": "Sequence", "pretokenizers": [
       {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "MergedWithPrevious"},
       {"type": "ByteLevel", "use_regex": false}]})"));

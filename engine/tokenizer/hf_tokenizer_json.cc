@@ -8,10 +8,12 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "engine/common/json_nesting.h"
 #include "engine/tokenizer/pre_tokenizer.h"
 #include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/vocab_data.h"
@@ -50,6 +52,10 @@ StatusOr<std::string> ReadWholeFile(const std::string& path) {
 
 StatusOr<json> ParseJsonFile(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path));
+  if (JsonNestingDepth(text, kMaxJsonNesting) > kMaxJsonNesting) {
+    return InvalidArgument(path + ": JSON nested deeper than " + std::to_string(kMaxJsonNesting) +
+                           " levels");
+  }
   json j = json::parse(text, /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(path + ": the top level is not a JSON object");
@@ -337,6 +343,16 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
     max_id = std::max(max_id, a.id);
   }
   if (max_id < 0) return InvalidArgument(path + ": model.vocab is empty");
+  // Ids index a dense table: a handful of tokens with a huge id would allocate millions of
+  // empty entries. Real vocabularies leave at most a few gaps.
+  std::unordered_set<int64_t> distinct;
+  for (const auto& e : entries) distinct.insert(e.first);
+  for (const Added& a : added) distinct.insert(a.id);
+  const int64_t listed = static_cast<int64_t>(distinct.size());
+  if (max_id >= 2 * listed + 1024) {
+    return InvalidArgument(path + ": token ids are sparse: " + std::to_string(listed) +
+                           " tokens but the largest id is " + std::to_string(max_id));
+  }
   data.tokens.resize(static_cast<size_t>(max_id + 1));
   data.token_types.assign(data.tokens.size(), kTokenUnused);
   for (const auto& [id, piece] : entries) {

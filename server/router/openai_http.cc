@@ -20,6 +20,7 @@
 #include <system_error>
 #include <thread>
 
+#include "engine/common/json_nesting.h"
 #include "engine/common/log.h"
 
 namespace helix::router {
@@ -276,6 +277,11 @@ json ErrorJson(const HttpError& e) {
 
 StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, const Router& router,
                                            int64_t max_seq_len, HttpError* e) {
+  if (JsonNestingDepth(body, kMaxJsonNesting) > kMaxJsonNesting) {
+    return Bad(
+        e, "",
+        "the request body nests JSON deeper than " + std::to_string(kMaxJsonNesting) + " levels");
+  }
   json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Bad(e, "", "the request body is not valid JSON");
   if (!j.is_object()) return Bad(e, "", "the request body must be a JSON object");

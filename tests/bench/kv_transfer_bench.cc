@@ -105,7 +105,7 @@ void HandOff(const std::string& model, const std::string& tokenizer, int64_t pro
   std::vector<double> handoff_ms, first_step_ms;
   for (int rep = 0; rep < 5; ++rep) {
     helix::GenerateRequest r;
-    r.id = "p" + std::to_string(rep);
+    r.id = std::string("p").append(std::to_string(rep));  // gcc 12 -Wrestrict on "p" + s
     for (int64_t i = 0; i < prompt_len; ++i) {
       r.prompt_tokens.push_back(static_cast<int32_t>(3 + (i * 7 + rep) % 400));
     }

@@ -377,6 +377,32 @@ def main():
     write_hf(bad, "llama", llama)
     st = open(os.path.join(bad, "model.safetensors"), "rb").read()
     open(os.path.join(bad, "model.safetensors"), "wb").write(st[: len(st) - 1000])
+    # Headers that describe less than the file holds: a tensor count one short (every tensor
+    # would be read from the wrong place), a block_count one short (a layer dropped).
+    n_tensors = struct.unpack_from("<Q", good, 8)[0]
+    open(os.path.join(out, "short_count.gguf"), "wb").write(
+        good[:8] + struct.pack("<Q", n_tensors - 1) + good[16:])
+    key = b"llama.block_count"
+    at = good.index(key) + len(key)
+    vtype = struct.unpack_from("<I", good, at)[0]
+    fmt = {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[vtype]  # GGUF uint32, int32, uint64, int64
+    layers = struct.unpack_from(fmt, good, at + 4)[0]
+    fewer = bytearray(good)
+    struct.pack_into(fmt, fewer, at + 4, layers - 1)
+    open(os.path.join(out, "fewer_layers.gguf"), "wb").write(bytes(fewer))
+    bad = os.path.join(out, "hf_fewer_layers")
+    write_hf(bad, "llama", llama)
+    cfg = json.load(open(os.path.join(bad, "config.json")))
+    cfg["num_hidden_layers"] -= 1
+    json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
+    # An untied output projection (tie_word_embeddings false) whose tensor is missing.
+    bad = os.path.join(out, "hf_no_lm_head")
+    no_head = dict(llama)
+    no_head["lm_head"] = None
+    write_hf(bad, "llama", no_head)
+    cfg = json.load(open(os.path.join(bad, "config.json")))
+    cfg["tie_word_embeddings"] = False
+    json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
     bad = os.path.join(out, "hf_bad_arch")
     write_hf(bad, "llama", llama)
     cfg = json.load(open(os.path.join(bad, "config.json")))

@@ -419,6 +419,12 @@ class RouterTest(unittest.TestCase):
         status, body = http(p, "/v1/completions", raw=b"{not json")
         self.assertEqual(status, 400)
         self.assertEqual(body["error"]["type"], "invalid_request_error")
+        # JSON nested past any real request is refused before it is parsed.
+        status, body = http(p, "/v1/completions",
+                            raw=b'{"model": "%s", "prompt": "a", "x": %s%s}' % (
+                                NAME.encode(), b"[" * 65, b"]" * 65))
+        self.assertEqual(status, 400, body)
+        self.assertIn("deeper than 64 levels", body["error"]["message"])
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
                                                    "temperature": 3})
         self.assertEqual((status, body["error"]["param"]), (400, "temperature"))

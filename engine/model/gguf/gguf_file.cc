@@ -211,7 +211,7 @@ std::string GgufTensorInfo::ShapeString() const {
 }
 
 StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO: no wait
   if (fd < 0) return NotFound("cannot open GGUF file '" + path + "': " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -396,6 +396,15 @@ Status GgufFile::Parse() {
                       Str(size_) + "-byte file");
     }
     t.offset += data_offset_;
+  }
+  // Nor does anything follow the last tensor (beyond its padding): bytes there mean that the
+  // header does not describe the file, e.g. a tensor count one short, which would move the
+  // data section's start and read every tensor from the wrong place.
+  if (size_ > data_offset_ && size_ - data_offset_ > next) {
+    return InvalidArgument(path + ": " + Str(size_ - data_offset_ - next) +
+                           " bytes follow the last tensor's data (" + Str(tensors_.size()) +
+                           " tensors listed): the header's tensor count or tensor list does "
+                           "not match the file");
   }
   for (size_t i = 0; i < tensors_.size(); ++i) {
     if (!tensor_index_.emplace(tensors_[i].name, i).second) {

@@ -1,6 +1,7 @@
 #include "engine/model/gguf/gguf_loader.h"
 
 #include <limits>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -253,6 +254,22 @@ StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
     wanted.push_back({b + "ffn_down.weight", {F, D}, &lw.w2.f32});
     wanted.push_back({b + "ffn_up.weight", {D, F}, &lw.w3.f32});
   }
+  // A tensor of a layer at or past block_count: the header describes fewer layers than the
+  // file holds, and the extra ones would be silently dropped.
+  for (const gguf::GgufTensorInfo& t : f.tensors()) {
+    if (t.name.rfind("blk.", 0) != 0) continue;
+    const size_t end = t.name.find('.', 4);
+    const std::string index = t.name.substr(4, end == std::string::npos ? end : end - 4);
+    if (index.empty() || index.size() > 9 ||
+        index.find_first_not_of("0123456789") != std::string::npos) {
+      continue;
+    }
+    if (std::stoll(index) >= c.n_layers) {
+      return InvalidArgument(path + ": tensor '" + t.name + "' belongs to layer " + index +
+                             ", but the metadata's " + arch + ".block_count is " +
+                             std::to_string(c.n_layers));
+    }
+  }
   wanted.push_back({"output_norm.weight", {D}, &w.final_norm});
   if (!c.tied_embeddings) wanted.push_back({"output.weight", {D, V}, &w.classifier.f32});
 
@@ -269,9 +286,21 @@ StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
     }
   }
   result.model->stored_dtype = precision.Resolve();
+  uint64_t f32_bytes = 0;
+  for (const GgufTensorInfo* t : infos) {
+    const uint64_t n = static_cast<uint64_t>(t->num_elements) * sizeof(float);
+    f32_bytes = n > UINT64_MAX - f32_bytes ? UINT64_MAX : f32_bytes + n;
+  }
+  RETURN_IF_ERROR(CheckHostMemoryFor(f32_bytes, path));
   for (size_t i = 0; i < wanted.size(); ++i) {
     const GgufTensorInfo& t = *infos[i];
-    wanted[i].out->resize(static_cast<size_t>(t.num_elements));
+    try {
+      wanted[i].out->resize(static_cast<size_t>(t.num_elements));
+    } catch (const std::bad_alloc&) {
+      return ResourceExhausted(path + ": cannot allocate " +
+                               std::to_string(t.num_elements * sizeof(float)) +
+                               " bytes of host memory for tensor '" + t.name + "'");
+    }
     RETURN_IF_ERROR(gguf::Dequantize(t.type, f.TensorData(t), t.num_elements, wanted[i].out->data(),
                                      path + ": tensor '" + t.name + "'"));
   }

@@ -1,15 +1,18 @@
 #include "engine/model/hf/hf_loader.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <utility>
 #include <vector>
 
+#include "engine/common/json_nesting.h"
 #include "engine/model/hf/safetensors.h"
 
 namespace helix {
@@ -25,6 +28,11 @@ constexpr uintmax_t kMaxJsonBytes = 64 << 20;
 
 StatusOr<json> ReadJson(const std::string& path) {
   std::error_code ec;
+  const fs::file_status status = fs::status(path, ec);
+  if (status.type() == fs::file_type::not_found) return NotFound("cannot open '" + path + "'");
+  if (!ec && !fs::is_regular_file(status)) {  // a FIFO would block the read
+    return InvalidArgument("'" + path + "' is not a regular file");
+  }
   const uintmax_t size = fs::file_size(path, ec);
   if (ec) return NotFound("cannot open '" + path + "': " + ec.message());
   if (size > kMaxJsonBytes) {
@@ -36,7 +44,12 @@ StatusOr<json> ReadJson(const std::string& path) {
   if (!in) return NotFound("cannot open '" + path + "'");
   std::stringstream ss;
   ss << in.rdbuf();
-  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  const std::string text = ss.str();
+  if (JsonNestingDepth(text, kMaxJsonNesting) > kMaxJsonNesting) {
+    return InvalidArgument(path + ": JSON nested deeper than " + std::to_string(kMaxJsonNesting) +
+                           " levels: not a configuration file");
+  }
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(path + ": expected a JSON object at the top level");
   return j;
@@ -330,6 +343,28 @@ class TensorSource {
 
   bool Has(const std::string& name) const { return where_.count(name) > 0; }
 
+  // A tensor of a layer at or past n_layers (model.layers.N.*): the config describes fewer
+  // layers than the checkpoint holds, and the extra ones would be silently dropped.
+  Status CheckNoLayerBeyond(int64_t n_layers, const std::string& config_path) const {
+    static const std::string kPrefix = "model.layers.";
+    for (const auto& [name, where] : where_) {
+      if (name.rfind(kPrefix, 0) != 0) continue;
+      const size_t end = name.find('.', kPrefix.size());
+      const std::string index = name.substr(kPrefix.size(), end - kPrefix.size());
+      if (index.empty() || index.size() > 9 ||
+          index.find_first_not_of("0123456789") != std::string::npos) {
+        continue;
+      }
+      if (std::stoll(index) >= n_layers) {
+        return InvalidArgument(where.first->path() + ": tensor '" + name + "' belongs to layer " +
+                               index + ", but " + config_path + " describes " +
+                               std::to_string(n_layers) +
+                               " (num_hidden_layers, plus num_nextn_predict_layers)");
+      }
+    }
+    return Status::Ok();
+  }
+
   // Checks name's shape against `shape` (nothing is read).
   Status Check(const std::string& dir, const std::string& name,
                const std::vector<int64_t>& shape) const {
@@ -355,7 +390,13 @@ class TensorSource {
   // REQUIRES: Check(name, ...) passed.
   Status Read(const std::string& name, std::vector<float>* out) const {
     const auto& [file, t] = where_.at(name);
-    out->resize(static_cast<size_t>(t->num_elements));
+    try {
+      out->resize(static_cast<size_t>(t->num_elements));
+    } catch (const std::bad_alloc&) {
+      return ResourceExhausted(file->path() + ": cannot allocate " +
+                               std::to_string(t->num_elements * sizeof(float)) +
+                               " bytes of host memory for tensor '" + name + "'");
+    }
     return file->ReadFloat(*t, out->data());
   }
 
@@ -378,7 +419,26 @@ StatusOr<HfModel> LoadHfModel(const std::string& dir) {
 
   TensorSource src;
   RETURN_IF_ERROR(src.Open(dir));
-  if (!c.tied_embeddings && !src.Has("lm_head.weight")) c.tied_embeddings = true;
+  {
+    // DeepSeek V3 checkpoints keep their multi-token-prediction layers after the model's own
+    // (model.layers.61 of 61): present, and not used here.
+    int64_t extra = 0;
+    const auto mtp = config_json.find("num_nextn_predict_layers");
+    if (mtp != config_json.end() && mtp->is_number_integer()) {
+      extra = std::clamp<int64_t>(mtp->get<int64_t>(), 0, 64);
+    }
+    RETURN_IF_ERROR(src.CheckNoLayerBeyond(c.n_layers + extra, config_path));
+  }
+  if (!c.tied_embeddings && !src.Has("lm_head.weight")) {
+    // A config that says outright that the output projection is its own tensor must have it;
+    // one that does not say ties it to the embeddings (HF would start it from random weights).
+    const auto tie = config_json.find("tie_word_embeddings");
+    if (tie != config_json.end() && tie->is_boolean() && !tie->get<bool>()) {
+      return InvalidArgument(dir + ": tensor 'lm_head.weight' is missing, and " + config_path +
+                             " has tie_word_embeddings false");
+    }
+    c.tied_embeddings = true;
+  }
 
   struct Wanted {
     std::string name;
@@ -478,6 +538,13 @@ StatusOr<HfModel> LoadHfModel(const std::string& dir) {
     }
   }
   result.model->stored_dtype = precision.Resolve();
+  uint64_t f32_bytes = 0;
+  for (const Wanted& x : wanted) {
+    uint64_t n = sizeof(float);
+    for (int64_t d : x.shape) n *= static_cast<uint64_t>(d);  // checked shapes: no overflow
+    f32_bytes += n;
+  }
+  RETURN_IF_ERROR(CheckHostMemoryFor(f32_bytes, dir));
 
   const fs::path tok_json = fs::path(dir) / "tokenizer.json";
   const fs::path tok_config = fs::path(dir) / "tokenizer_config.json";

@@ -11,6 +11,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "engine/common/json_nesting.h"
 #include "kernels/dtype.h"
 
 namespace helix::hf {
@@ -39,7 +40,9 @@ std::string SafetensorsTensor::ShapeString() const {
 }
 
 StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (no effect on a
+  // regular file, the only kind accepted below).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     return NotFound("cannot open safetensors file '" + path + "': " + std::strerror(errno));
   }
@@ -84,6 +87,10 @@ Status SafetensorsFile::Parse() {
                     " bytes but only " + Str(size_ - 8) + " follow the length");
   }
   const char* begin = reinterpret_cast<const char*>(base_ + 8);
+  if (JsonNestingDepth(std::string_view(begin, header_len), kMaxJsonNesting) > kMaxJsonNesting) {
+    return InvalidArgument(path + ": safetensors header nests JSON deeper than " +
+                           std::to_string(kMaxJsonNesting) + " levels");
+  }
   nlohmann::json h = nlohmann::json::parse(begin, begin + header_len, nullptr,
                                            /*allow_exceptions=*/false);
   if (h.is_discarded() || !h.is_object()) {
