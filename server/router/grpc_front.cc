@@ -44,6 +44,17 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
   } else if (!request->has_token_ids() || request->token_ids().ids().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt: give text or token_ids");
   }
+  // The servers' context, checked here as the HTTP front does (a context server would
+  // otherwise refuse the prompt with its own prefill-only max_tokens of 1 in the message).
+  const int64_t prompt_len = r.proto.token_ids().ids_size();
+  if (const int64_t max_seq_len = router_->max_seq_len();
+      max_seq_len > 0 && prompt_len + request->max_tokens() > max_seq_len) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "the prompt (" + std::to_string(prompt_len) + " tokens) plus max_tokens (" +
+                            std::to_string(request->max_tokens()) +
+                            ") exceeds the model's context of " + std::to_string(max_seq_len) +
+                            " tokens");
+  }
   r.stop.assign(request->stop().begin(), request->stop().end());
   // After the request's own checks, so that a malformed one is told so even at the limit.
   std::shared_ptr<void> slot = router_->Admit();  // until Run returns

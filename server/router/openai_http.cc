@@ -412,19 +412,22 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   RETURN_IF_ERROR(Number(j, "repetition_penalty", 1e-6, 10, &repetition, e));
   RETURN_IF_ERROR(Integer(j, "top_k", -1, 1 << 20, &top_k, e));
   RETURN_IF_ERROR(Seed(j, &seed, e));
+  // Up to 64 stop strings (OpenAI allows 4, vLLM any number); an empty one stops nothing,
+  // alone or in a list.
+  constexpr size_t kMaxStops = 64;
   if (j.contains("stop") && !j["stop"].is_null()) {
     const json& s = j["stop"];
     if (s.is_string()) {
       p.route.stop.push_back(s.get<std::string>());
-    } else if (s.is_array() && s.size() <= 4) {
+    } else if (s.is_array() && s.size() <= kMaxStops) {
       for (const json& x : s) {
-        if (!x.is_string() || x.get<std::string>().empty()) {
-          return Bad(e, "stop", "'stop' entries must be non-empty strings");
-        }
+        if (!x.is_string()) return Bad(e, "stop", "'stop' entries must be strings");
         p.route.stop.push_back(x.get<std::string>());
       }
     } else {
-      return Bad(e, "stop", "'stop' must be a string or an array of at most 4 strings");
+      return Bad(e, "stop",
+                 "'stop' must be a string or an array of at most " + std::to_string(kMaxStops) +
+                     " strings");
     }
   }
   if (j.contains("stream") && !j["stream"].is_null()) {
@@ -464,7 +467,10 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
     p.top_logprobs = static_cast<int>(std::max<int64_t>(lp, 0));
   }
   bool ignore_eos = false;
-  if (j.contains("ignore_eos") && j["ignore_eos"].is_boolean()) {
+  if (j.contains("ignore_eos") && !j["ignore_eos"].is_null()) {
+    if (!j["ignore_eos"].is_boolean()) {
+      return Bad(e, "ignore_eos", "'ignore_eos' must be a boolean");
+    }
     ignore_eos = j["ignore_eos"].get<bool>();
   }
   v1::GenerateRequest& g = p.route.proto;
@@ -539,6 +545,24 @@ StatusOr<int> OpenAiHttp::Start() {
   // size) is read only by the two generation routes, which stop at max_request_bytes; any
   // other request with one is answered before reading it.
   s.set_pre_routing_handler([send_error](const httplib::Request& req, httplib::Response& res) {
+    // A served path with another method: 405 and the methods it takes, as FastAPI answers
+    // (before any body is read).
+    if (const std::string label = RouteLabel(req.path); label != "other") {
+      const bool post = label == "/v1/completions" || label == "/v1/chat/completions";
+      const char* allow = post ? "POST" : "GET, HEAD";
+      if (post ? req.method != "POST" : req.method != "GET" && req.method != "HEAD") {
+        res.set_header("Allow", allow);
+        if (req.has_header("Content-Length") || req.has_header("Transfer-Encoding")) {
+          res.set_header("Connection", "close");  // its body is left unread
+        }
+        HttpError e;
+        e.status = 405;
+        e.message =
+            "method " + req.method + " is not allowed on " + req.path + " (allowed: " + allow + ")";
+        send_error(res, e, label);
+        return httplib::Server::HandlerResponse::Handled;
+      }
+    }
     if (req.has_header("Transfer-Encoding")) {
       if (req.method == "POST" &&
           (req.path == "/v1/completions" || req.path == "/v1/chat/completions")) {

@@ -249,20 +249,24 @@ class RouterTest(unittest.TestCase):
     def test_post_without_a_body_is_answered_at_once(self):
         # No Content-Length and no Transfer-Encoding means no body: 411 at once (httplib waited
         # for the client to close, 30 s, for `curl -X POST` without -d).
-        for method in (b"POST", b"PUT"):
+        # A served path with a method it does not take is answered 405 as fast.
+        for method, path, status in ((b"POST", b"/v1/completions", b"411"),
+                                     (b"PUT", b"/v1/somewhere", b"411"),
+                                     (b"PUT", b"/v1/completions", b"405")):
             with socket.socket() as s:
                 s.settimeout(10)
                 s.connect(("127.0.0.1", self.port))
                 t0 = time.monotonic()
-                s.sendall(method + b" /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                s.sendall(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n"
                           b"Connection: close\r\nAuthorization: Bearer " + KEY.encode() +
                           b"\r\n\r\n")
                 got = b""
                 while chunk := s.recv(4096):
                     got += chunk
                 self.assertLess(time.monotonic() - t0, 5)
-            self.assertTrue(got.startswith(b"HTTP/1.1 411"), got[:200])
-            self.assertIn(b"a " + method + b" needs a JSON body", got)
+            self.assertTrue(got.startswith(b"HTTP/1.1 " + status), got[:200])
+            if status == b"411":
+                self.assertIn(b"a " + method + b" needs a JSON body", got)
 
     def test_completions_match_generation_server(self):
         for prompt, n in [("Once upon a time", 40), ("The dog", 25), ("Lily and Ben", 60)]:
@@ -419,6 +423,26 @@ class RouterTest(unittest.TestCase):
         status, body = http(p, "/v1/completions", raw=b"{not json")
         self.assertEqual(status, 400)
         self.assertEqual(body["error"]["type"], "invalid_request_error")
+        # A served path with another method: 405 and Allow, as FastAPI (vLLM) answers.
+        for method, path, allow in (("GET", "/v1/completions", "POST"),
+                                    ("DELETE", "/health", "GET, HEAD")):
+            req = urllib.request.Request(f"http://127.0.0.1:{p}{path}", method=method)
+            with self.assertRaises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=60)
+            self.assertEqual((e.exception.code, e.exception.headers["Allow"]), (405, allow))
+            self.assertIn("not allowed", json.loads(e.exception.read())["error"]["message"])
+        # Non-boolean ignore_eos is named; stop may list more than OpenAI's 4 strings, and an
+        # empty one stops nothing, alone or listed.
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "ignore_eos": "yes"})
+        self.assertEqual((status, body["error"]["param"]), (400, "ignore_eos"))
+        want = http(p, "/v1/completions", {"model": NAME, "prompt": "Once", "max_tokens": 6,
+                                           "temperature": 0})[1]["choices"][0]["text"]
+        for stop in ("", [""], [f"zz{i}" for i in range(10)]):
+            status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "Once",
+                                                       "max_tokens": 6, "temperature": 0,
+                                                       "stop": stop})
+            self.assertEqual((status, body["choices"][0]["text"]), (200, want), stop)
         # JSON nested past any real request is refused before it is parsed.
         status, body = http(p, "/v1/completions",
                             raw=b'{"model": "%s", "prompt": "a", "x": %s%s}' % (
@@ -494,7 +518,7 @@ class RouterTest(unittest.TestCase):
                                json.dumps({"model": NAME, "prompt": "Once", "max_tokens": 2})
                                .encode())
         self.assertEqual(status, 200, body)
-        self.assertEqual(chunked("/health", b"x" * 10000)[0], 400)  # read by no route
+        self.assertEqual(chunked("/health", b"x" * 10000)[0], 405)  # GET only, body unread
         self.assertEqual(chunked("/nowhere", b"x" * 10000)[0], 404)
         # Expect: 100-continue with a body over the limit is refused before it is sent.
         with socket.create_connection(("127.0.0.1", p), timeout=10) as c:
@@ -833,6 +857,13 @@ class RouterFaultTest(unittest.TestCase):
         # the context server.
         self.assertEqual(metric(port, "helix_router_aggregated_requests_total"), 1)
         self.assertEqual(metric(port, "helix_router_disaggregated_requests_total"), 1)
+        # Past the context: the client's own numbers, not a context server's prefill-only ones.
+        out = subprocess.run([GEN, "client", "--target", f"127.0.0.1:{grpc_port}", "--prompt",
+                              "Lily and Ben went to the park", "--max-tokens", "600"],
+                             capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("plus max_tokens (600) exceeds the model's context of 512 tokens",
+                      out.stderr)
 
     def test_incompatible_pair_is_refused_and_context_server_readmitted(self):
         ctx_port, gen_port, port = free_port(), free_port(), free_port()
