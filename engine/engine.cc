@@ -254,7 +254,8 @@ Status Engine::Init(const EngineOptions& o) {
         static_cast<int64_t>(static_cast<double>(avail) * *o.kv_free_memory_fraction) / block_bytes;
     num_blocks = num_blocks < 0 ? n : std::min(num_blocks, n);
   }
-  if (num_blocks < 0) {
+  const bool pool_from_seq_len = num_blocks < 0;
+  if (pool_from_seq_len) {
     num_blocks = (o.max_batch_size * max_seq_len_ + o.tokens_per_block - 1) / o.tokens_per_block;
   }
   BlockPool::Memory pool_memory;
@@ -266,7 +267,21 @@ Status Engine::Init(const EngineOptions& o) {
   }
   // The leader's admission decisions stand for every rank: all pools have its size.
   if (!layout_.single()) RETURN_IF_ERROR(ConnectRanks(&num_blocks));
-  ASSIGN_OR_RETURN(pool_, BlockPool::Create(num_blocks, block_bytes, std::move(pool_memory)));
+  {
+    auto pool = BlockPool::Create(num_blocks, block_bytes, std::move(pool_memory));
+    if (!pool.ok() && pool_from_seq_len) {
+      // Sized by default for max_batch_size sequences of max_seq_len: a model advertising a
+      // huge context asks for far more than any machine has.
+      return Status(pool.status().code(),
+                    pool.status().message() + " (the default pool holds max_batch_size " +
+                        std::to_string(o.max_batch_size) + " x max_seq_len " +
+                        std::to_string(max_seq_len_) +
+                        " tokens: set kv_cache_config.max_tokens or "
+                        "kv_cache_config.free_memory_fraction, or a smaller max_seq_len)");
+    }
+    if (!pool.ok()) return pool.status();
+    pool_ = std::move(*pool);
+  }
   kv.base = pool_->base();
   kv_layout_.dtype = o.kv_dtype;
   kv_layout_.tokens_per_block = o.tokens_per_block;
@@ -982,7 +997,9 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   auto seq = std::make_unique<Sequence>(std::move(r), *tokenizer_);
   seq->prompt_len = prompt_len;
   seq->tokens = seq->req.prompt_tokens;
-  seq->reserve_tokens = prompt_len + seq->req.max_tokens;
+  // Positions whose KV is written: the prompt's and every generated token's but the last
+  // (which ends the request before it is fed back).
+  seq->reserve_tokens = prompt_len + seq->req.max_tokens - 1;
   // This rank is CP rank 0, whose share of any sequence is the largest.
   const int64_t need = SequenceKv(options_.tokens_per_block, layout_.cp, layout_.cp_rank)
                            .BlocksNeeded(seq->reserve_tokens);

@@ -152,6 +152,31 @@ TEST_F(EngineTest, WaitsForBlocksWhenThePoolIsFull) {
   EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
 }
 
+// A request takes the KV of its prompt and of every generated token but the last: one that
+// exactly fills the pool that way runs (it was refused as "can never fit", a block short).
+TEST_F(EngineTest, RequestFillingThePoolExactlyRuns) {
+  EngineOptions o = Options();
+  o.kv_max_tokens = 64;
+  o.tokens_per_block = 16;  // 4 blocks
+  auto e = Make(o);
+  ASSERT_NE(e, nullptr);
+  GenerateRequest r = Greedy("Once upon a time", 8);
+  const int64_t prompt =
+      static_cast<int64_t>(e->tokenizer().Encode("Once upon a time", true).size());
+  r.max_tokens = static_cast<int32_t>(64 - prompt + 1);
+  r.ignore_eos = true;
+  auto out = RunAll(e.get(), {r});
+  EXPECT_TRUE(out[0].error.ok()) << out[0].error.ToString();
+  EXPECT_EQ(out[0].reason, FinishReason::kLength);
+  EXPECT_EQ(out[0].completion_tokens, r.max_tokens);
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+  r.max_tokens += 1;  // one position more than the pool
+  auto refused = e->Submit(r);
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("can never fit"), std::string::npos)
+      << refused.status().ToString();
+}
+
 TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   auto e = Make(Options());
   ASSERT_NE(e, nullptr);
