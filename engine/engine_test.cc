@@ -364,6 +364,17 @@ TEST(EngineLoadTest, LoaderErrorsAreClear) {
     ASSERT_FALSE(t.ok());
     EXPECT_NE(t.status().message().find("n_layers"), std::string::npos) << t.status().message();
   }
+  // A damaged dim: named as implausibly large, not as the odd head_dim derived from it.
+  {
+    fs::path p = dir / "huge.bin";
+    int32_t h[7] = {2147483647, 172, 5, 8, 4, 512, 512};
+    std::ofstream(p, std::ios::binary).write(reinterpret_cast<char*>(h), sizeof(h));
+    o.model_path = p.string();
+    auto t = Engine::Create(o);
+    ASSERT_FALSE(t.ok());
+    EXPECT_NE(t.status().message().find("implausibly large (dim 2147483647"), std::string::npos)
+        << t.status().message();
+  }
   // GGUF magic and nothing after it: read as GGUF, refused as truncated.
   {
     fs::path p = dir / "model.gguf";

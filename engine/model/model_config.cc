@@ -19,6 +19,16 @@ Status ModelConfig::Validate() const {
   RETURN_IF_ERROR(positive("head_dim", head_dim));
   RETURN_IF_ERROR(positive("vocab_size", vocab_size));
   RETURN_IF_ERROR(positive("max_seq_len", max_seq_len));
+  // Guard against absurd headers before anything is allocated from them, and before checks
+  // of derived values, whose messages would mislead (an odd head_dim of a damaged dim).
+  if (dim > (1 << 20) || hidden_dim > (1 << 22) || n_layers > 4096 || n_heads > 4096 ||
+      vocab_size > (1 << 24) || head_dim > 4096) {
+    return InvalidArgument("model shape is implausibly large (dim " + std::to_string(dim) +
+                           ", hidden_dim " + std::to_string(hidden_dim) + ", layers " +
+                           std::to_string(n_layers) + ", heads " + std::to_string(n_heads) +
+                           ", head_dim " + std::to_string(head_dim) + ", vocab " +
+                           std::to_string(vocab_size) + ")");
+  }
   if (n_heads % n_kv_heads != 0) {
     return InvalidArgument("model n_heads = " + std::to_string(n_heads) +
                            " is not a multiple of n_kv_heads = " + std::to_string(n_kv_heads));
@@ -35,13 +45,6 @@ Status ModelConfig::Validate() const {
   if (!std::isfinite(norm_eps) || norm_eps <= 0) {
     return InvalidArgument("model norm_eps = " + std::to_string(norm_eps) +
                            ": expected a finite positive value (as a 32-bit float)");
-  }
-  // Guard against absurd headers before anything is allocated from them.
-  if (dim > (1 << 20) || hidden_dim > (1 << 22) || n_layers > 4096 || n_heads > 4096 ||
-      vocab_size > (1 << 24) || head_dim > 4096) {
-    return InvalidArgument("model shape is implausibly large (dim " + std::to_string(dim) +
-                           ", layers " + std::to_string(n_layers) + ", vocab " +
-                           std::to_string(vocab_size) + ")");
   }
   if (mla()) {
     RETURN_IF_ERROR(positive("kv_lora_rank", kv_lora_rank));

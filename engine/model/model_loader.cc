@@ -130,7 +130,15 @@ StatusOr<std::unique_ptr<Tokenizer>> ChooseTokenizer(const std::string& model_pa
   if (!tokenizer_path.empty()) {
     ASSIGN_OR_RETURN(tok, LoadTokenizerFile(tokenizer_path, model_vocab));
   } else if (vocab) {
-    ASSIGN_OR_RETURN(tok, CreateTokenizer(std::move(*vocab)));
+    // The vocabulary's own errors name its fields (VocabData.bos_id ...): say whose it is.
+    auto made = CreateTokenizer(std::move(*vocab));
+    if (!made.ok()) {
+      return made.status().WithPrefix(
+          "model '" + model_path + "': its tokenizer (" +
+          (format == ModelFormat::kGguf ? "the GGUF tokenizer.ggml.* keys" : "tokenizer.json") +
+          ")");
+    }
+    tok = std::move(*made);
   } else {
     return InvalidArgument("model '" + model_path + "' (" + ModelFormatName(format) +
                            ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");

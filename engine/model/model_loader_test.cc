@@ -410,6 +410,10 @@ TEST_F(ModelLoaderTest, BrokenOrUnsupportedFilesGiveClearErrors) {
        "'model.layers.1.input_layernorm.weight' belongs to layer 1"},
       {"hf_no_lm_head", StoriesTokenizer(), StatusCode::kInvalidArgument,
        "'lm_head.weight' is missing"},
+      // The embedded vocabulary's errors say whose vocabulary it is.
+      {"bad_bos.gguf", "", StatusCode::kInvalidArgument,
+       "bad_bos.gguf': its tokenizer (the GGUF tokenizer.ggml.* keys): VocabData.bos_id is "
+       "100000"},
       // Files given by mistake are named as what they are, not read as llama2.c checkpoints.
       {"llama_hf/model.safetensors", StoriesTokenizer(), StatusCode::kInvalidArgument,
        "is a safetensors file"},

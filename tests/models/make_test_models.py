@@ -390,6 +390,13 @@ def main():
     fewer = bytearray(good)
     struct.pack_into(fmt, fewer, at + 4, layers - 1)
     open(os.path.join(out, "fewer_layers.gguf"), "wb").write(bytes(fewer))
+    # An embedded vocabulary whose BOS id is past its tokens.
+    key = b"tokenizer.ggml.bos_token_id"
+    at = good.index(key) + len(key)
+    fmt = {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[struct.unpack_from("<I", good, at)[0]]
+    bad_bos = bytearray(good)
+    struct.pack_into(fmt, bad_bos, at + 4, 100000)
+    open(os.path.join(out, "bad_bos.gguf"), "wb").write(bytes(bad_bos))
     bad = os.path.join(out, "hf_fewer_layers")
     write_hf(bad, "llama", llama)
     cfg = json.load(open(os.path.join(bad, "config.json")))
