@@ -517,7 +517,10 @@ constexpr int kListenBacklog = 4096;
 
 StatusOr<int> OpenAiHttp::Start() {
   httplib::Server& s = *server_;
-  const int threads = static_cast<int>(std::min<int64_t>(cfg_.max_inflight_requests + 16, 1024));
+  // httplib holds a pooled thread per open connection, idle or not: besides the requests in
+  // flight, room for 256 connections that are idle (keep-alive, up to 5 s), slow to send their
+  // request, or asking /health, /ready or /metrics, which would otherwise wait behind them.
+  const int threads = static_cast<int>(std::min<int64_t>(cfg_.max_inflight_requests + 256, 4096));
   s.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   s.set_payload_max_length(static_cast<size_t>(cfg_.max_request_bytes));
   // httplib's defaults add SO_REUSEPORT, which let a second router bind a taken port and split
@@ -529,7 +532,8 @@ StatusOr<int> OpenAiHttp::Start() {
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
     *listening = sock;
   });
-  s.set_read_timeout(std::chrono::seconds(30));
+  // A client that stops sending mid-request holds its thread for this long at most per wait.
+  s.set_read_timeout(std::chrono::seconds(10));
   s.set_write_timeout(std::chrono::seconds(30));
   auto send_error = [this](httplib::Response& res, const HttpError& e, const std::string& route) {
     res.status = e.status;

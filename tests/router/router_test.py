@@ -883,6 +883,26 @@ class RouterFaultTest(unittest.TestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(metric(port, "helix_router_disaggregated_requests_total"), 1)
 
+    def test_idle_connections_do_not_starve_health_checks(self):
+        # Connections that send part of a request and stop (or sit idle on keep-alive) each hold
+        # one of httplib's pooled threads: with max_inflight_requests 4 the pool had 16 threads
+        # to spare, and 100 such connections made /health wait for the 30 s read timeout.
+        port = free_port()
+        self.start("router", router_cfg(port, [], [free_port()], max_inflight_requests=4), port)
+        idle = []
+        try:
+            for _ in range(100):
+                c = socket.create_connection(("127.0.0.1", port), timeout=10)
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: unfinished
+                idle.append(c)
+            time.sleep(0.5)  # every one taken by a thread
+            t0 = time.monotonic()
+            self.assertEqual(http(port, "/health", key=None)[0], 200)
+            self.assertLess(time.monotonic() - t0, 2)
+        finally:
+            for c in idle:
+                c.close()
+
     def test_no_servers_is_503(self):
         port = free_port()
         self.start("router", router_cfg(port, [], [free_port()]), port)
