@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -246,6 +247,7 @@ std::string RouteLabel(const std::string& path) {
 
 // A streaming request's run, on its own thread: the events not yet sent and how it ended.
 struct StreamRun {
+  std::atomic<bool> starting{true};  // counted in OpenAiHttp's streams_starting_
   std::mutex mu;
   std::condition_variable cv;
   std::deque<RouteEvent> events;  // GUARDED_BY(mu)
@@ -808,7 +810,14 @@ StatusOr<int> OpenAiHttp::Start() {
       // an error event (clients retry 429 and 503 by status).
       ParsedRequest p = *parsed;
       p.route.client_gone = ClientGoneProbe(req);
+      if (!BeginStream()) {
+        return send_error(res, {503, "the router is shutting down", "service_unavailable", "", ""},
+                          route);
+      }
       auto run = std::make_shared<StreamRun>();
+      auto started = [this, run] {  // once, whichever way the response goes
+        if (run->starting.exchange(false)) StreamStarted();
+      };
       try {
         run->thread = std::thread([this, run, route = p.route] {
           grpc::Status st;
@@ -831,6 +840,7 @@ StatusOr<int> OpenAiHttp::Start() {
           run->cv.notify_all();
         });
       } catch (const std::system_error& x) {
+        started();
         return send_error(
             res,
             {500, std::string("cannot start the request: ") + x.what(), "server_error", "", ""},
@@ -843,6 +853,7 @@ StatusOr<int> OpenAiHttp::Start() {
           const grpc::Status st = run->status;
           lock.unlock();
           run->thread.join();
+          started();
           if (st.error_code() == grpc::StatusCode::CANCELLED && p.route.client_gone &&
               p.route.client_gone()) {
             return send_error(res,
@@ -857,7 +868,8 @@ StatusOr<int> OpenAiHttp::Start() {
       res.set_header("Cache-Control", "no-cache");
       res.set_chunked_content_provider(
           "text/event-stream",
-          [this, p, id, created, model, chat, slot, run](size_t, httplib::DataSink& sink) {
+          [this, p, id, created, model, chat, slot, run, started](size_t, httplib::DataSink& sink) {
+            started();  // from here the body runs to its end, even while the router stops
             const Tokenizer& tok = router_->tokenizer();
             auto send = [&](const json& j) {
               const std::string s = "data: " + Dump(j) + "\n\n";
@@ -937,7 +949,8 @@ StatusOr<int> OpenAiHttp::Start() {
             sink.done();
             return true;
           },
-          [run](bool) {  // the response is over (sent, or the client left): end the request
+          [run, started](bool) {  // the response is over (sent, or the client left): end it
+            started();            // a response whose body never started (its client left first)
             {
               std::lock_guard<std::mutex> lock(run->mu);
               run->reader_gone = true;
@@ -968,7 +981,28 @@ StatusOr<int> OpenAiHttp::Start() {
   return port;
 }
 
+bool OpenAiHttp::BeginStream() {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  if (stopping_) return false;
+  ++streams_starting_;
+  return true;
+}
+
+void OpenAiHttp::StreamStarted() {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  --streams_starting_;
+  streams_cv_.notify_all();
+}
+
 void OpenAiHttp::Stop() {
+  {
+    // Streams still waiting for their first event have no body yet, and httplib starts none
+    // once stopped: they would end as bare headers. Each starts (or fails) when its first event
+    // comes, as soon as its server answers; then the server stops, and the bodies run on.
+    std::unique_lock<std::mutex> lock(streams_mu_);
+    stopping_ = true;
+    streams_cv_.wait(lock, [&] { return streams_starting_ == 0; });
+  }
   if (server_) server_->stop();
   if (thread_.joinable()) thread_.join();
 }

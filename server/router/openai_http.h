@@ -5,6 +5,7 @@
 // Thread-safety: one instance serves many connections concurrently.
 #pragma once
 
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -52,6 +53,16 @@ class OpenAiHttp {
  private:
   void Count(const std::string& route, int status);
   std::string MetricsText() const;
+
+  // A stream counts from its start until its SSE body starts (or it ends without one). httplib
+  // never starts the body of a response once it is stopping, so Stop waits for these first;
+  // a body already started runs to its end. New streams are refused while stopping.
+  bool BeginStream();    // false: the router is stopping
+  void StreamStarted();  // the body started, or the response ended without one
+  std::mutex streams_mu_;
+  std::condition_variable streams_cv_;
+  int64_t streams_starting_ = 0;  // GUARDED_BY(streams_mu_)
+  bool stopping_ = false;         // GUARDED_BY(streams_mu_)
 
   Router* router_;
   config::RouterConfig cfg_;

@@ -883,6 +883,46 @@ class RouterFaultTest(unittest.TestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(metric(port, "helix_router_disaggregated_requests_total"), 1)
 
+    def test_stopping_router_finishes_streams_still_waiting_for_their_first_token(self):
+        # SIGTERM while a stream waits for its first token (its generation server stopped): the
+        # router waits for it to start, and it runs to [DONE]. httplib starts no response body
+        # once stopped, so the stream ended as bare headers.
+        gen_port, port = free_port(), free_port()
+        gen = self.start("gen", server_cfg(gen_port, False), gen_port)
+        router = self.start("router", router_cfg(port, [], [gen_port]), port)
+        self.assertTrue(wait_admitted(port, [], [gen_port]))
+        os.killpg(gen.p.pid, signal.SIGSTOP)
+        got = {}
+
+        def client():
+            body = json.dumps({"model": NAME, "prompt": "Once", "max_tokens": 8,
+                               "temperature": 0, "stream": True}).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+                c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                          % len(body) + body)
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+                got["data"] = data
+        t = threading.Thread(target=client)
+        t.start()
+        try:
+            deadline = time.time() + 10
+            while time.time() < deadline and metric(port, "helix_router_requests_in_flight") != 1:
+                time.sleep(0.05)
+            self.assertEqual(metric(port, "helix_router_requests_in_flight"), 1)
+            os.killpg(router.p.pid, signal.SIGTERM)
+            time.sleep(0.5)  # the router is stopping, the stream still waits
+        finally:
+            os.killpg(gen.p.pid, signal.SIGCONT)
+        t.join(60)
+        self.assertEqual(router.p.wait(timeout=30), 0)
+        data = got.get("data", b"")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:200])
+        self.assertIn(b"data: [DONE]", data)
+        self.assertEqual(data.count(b'"finish_reason":"length"'), 1, data[-500:])
+
     def test_idle_connections_do_not_starve_health_checks(self):
         # Connections that send part of a request and stop (or sit idle on keep-alive) each hold
         # one of httplib's pooled threads: with max_inflight_requests 4 the pool had 16 threads
