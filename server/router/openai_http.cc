@@ -245,6 +245,53 @@ std::string RouteLabel(const std::string& path) {
   return kRoutes.count(path) ? path : "other";
 }
 
+// A served path asked with a method it does not take: fills `e` (405, naming the methods) and
+// `res`'s Allow header, as FastAPI (and so vLLM) answers.
+bool NotAllowed(const httplib::Request& req, httplib::Response* res, HttpError* e) {
+  const std::string label = RouteLabel(req.path);
+  if (label == "other") return false;
+  const bool post = label == "/v1/completions" || label == "/v1/chat/completions";
+  if (post ? req.method == "POST" : req.method == "GET" || req.method == "HEAD") return false;
+  const char* allow = post ? "POST" : "GET, HEAD";
+  res->set_header("Allow", allow);
+  e->status = 405;
+  e->message =
+      "method " + req.method + " is not allowed on " + req.path + " (allowed: " + allow + ")";
+  return true;
+}
+
+// Reads a request's body through httplib's content reader, keeping up to `keep_limit` bytes
+// in *kept and reading past it without keeping, so that the connection stays in step for the
+// next request (as httplib skips a Content-Length body over its own limit). A body longer than
+// kMaxBodyRead is not read to its end. A multipart body is read and dropped.
+enum class BodyRead { kOk, kTooLarge, kMultipart, kFailed };
+constexpr uint64_t kMaxBodyRead = uint64_t{1} << 30;
+BodyRead ReadBody(const httplib::Request& req, httplib::Response* res,
+                  const httplib::ContentReader& read, size_t keep_limit, std::string* kept) {
+  uint64_t seen = 0;
+  bool too_large = false;
+  bool ok;
+  if (req.is_multipart_form_data()) {
+    ok = read([](const httplib::MultipartFormData&) { return true; },
+              [&](const char*, size_t n) { return (seen += n) <= kMaxBodyRead; });
+    return ok ? BodyRead::kMultipart : BodyRead::kFailed;
+  }
+  ok = read([&](const char* data, size_t n) {
+    if ((seen += n) > kMaxBodyRead) return false;
+    if (too_large) return true;
+    if (kept->size() + n > keep_limit) {
+      too_large = true;
+      std::string().swap(*kept);
+      return true;
+    }
+    kept->append(data, n);
+    return true;
+  });
+  if (res->status == 413) return BodyRead::kTooLarge;  // httplib skipped a Content-Length one
+  if (!ok) return seen > kMaxBodyRead ? BodyRead::kTooLarge : BodyRead::kFailed;
+  return too_large ? BodyRead::kTooLarge : BodyRead::kOk;
+}
+
 // A streaming request's run, on its own thread: the events not yet sent and how it ended.
 struct StreamRun {
   std::atomic<bool> starting{true};  // counted in OpenAiHttp's streams_starting_
@@ -545,46 +592,19 @@ StatusOr<int> OpenAiHttp::Start() {
   // A request without Content-Length or Transfer-Encoding has no body (RFC 9112 §6.3), but
   // httplib 0.11 reads the body of a POST, PUT, PATCH or DELETE until the client closes, so
   // `curl -X POST` without -d waited out the 30 s read timeout: such a request is answered at
-  // once (before any body is read).
-  //
-  // A chunked body (which httplib would read whole into memory before routing, whatever its
-  // size) is read only by the two generation routes, which stop at max_request_bytes; any
-  // other request with one is answered before reading it.
+  // once: 405 on a served path that does not take its method, else 411. A request with a body
+  // goes on: the generation routes and the catch-all handlers below read it through a content
+  // reader (httplib would buffer a chunked body whole, whatever its size), so that the
+  // connection stays in step for the next request.
   s.set_pre_routing_handler([send_error](const httplib::Request& req, httplib::Response& res) {
-    // A served path with another method: 405 and the methods it takes, as FastAPI answers
-    // (before any body is read).
-    if (const std::string label = RouteLabel(req.path); label != "other") {
-      const bool post = label == "/v1/completions" || label == "/v1/chat/completions";
-      const char* allow = post ? "POST" : "GET, HEAD";
-      if (post ? req.method != "POST" : req.method != "GET" && req.method != "HEAD") {
-        res.set_header("Allow", allow);
-        if (req.has_header("Content-Length") || req.has_header("Transfer-Encoding")) {
-          res.set_header("Connection", "close");  // its body is left unread
-        }
-        HttpError e;
-        e.status = 405;
-        e.message =
-            "method " + req.method + " is not allowed on " + req.path + " (allowed: " + allow + ")";
-        send_error(res, e, label);
-        return httplib::Server::HandlerResponse::Handled;
-      }
+    if (req.has_header("Content-Length") || req.has_header("Transfer-Encoding")) {
+      return httplib::Server::HandlerResponse::Unhandled;
     }
-    if (req.has_header("Transfer-Encoding")) {
-      if (req.method == "POST" &&
-          (req.path == "/v1/completions" || req.path == "/v1/chat/completions")) {
-        return httplib::Server::HandlerResponse::Unhandled;
-      }
-      HttpError e;
-      const std::string label = RouteLabel(req.path);
-      e.status = label == "other" ? 404 : 400;
-      e.message = label == "other" ? "no route " + req.method + " " + req.path
-                                   : req.method + " " + req.path + " takes no chunked request body";
-      res.set_header("Connection", "close");  // its body is left unread
-      send_error(res, e, label);
+    if (HttpError e; NotAllowed(req, &res, &e)) {
+      send_error(res, e, RouteLabel(req.path));
       return httplib::Server::HandlerResponse::Handled;
     }
-    if (req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS" ||
-        req.has_header("Content-Length")) {
+    if (req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS") {
       return httplib::Server::HandlerResponse::Unhandled;
     }
     HttpError e;
@@ -601,6 +621,7 @@ StatusOr<int> OpenAiHttp::Start() {
     if (req.has_header("Content-Length") && req.get_header_value<uint64_t>("Content-Length") >
                                                 static_cast<uint64_t>(cfg_.max_request_bytes)) {
       res.status = 413;
+      res.set_header("Connection", "close");  // a client that sends the body anyway: go
       return 413;
     }
     return 100;
@@ -619,6 +640,8 @@ StatusOr<int> OpenAiHttp::Start() {
                         "to " +
                             std::to_string(cfg_.max_request_bytes) + " bytes)"
                       : "request body exceeds " + std::to_string(cfg_.max_request_bytes) + " bytes";
+    } else if (res.status == 404 && NotAllowed(req, &res, &e)) {
+      res.status = 405;  // a served path with a method it does not take (OPTIONS, ...)
     } else if (res.status == 404) {
       e.message = "no route " + req.method + " " + req.path;
     } else {
@@ -690,21 +713,12 @@ StatusOr<int> OpenAiHttp::Start() {
     return [this, chat, authorized, send_error](const httplib::Request& req, httplib::Response& res,
                                                 const httplib::ContentReader& read_body) {
       const std::string route = chat ? "/v1/chat/completions" : "/v1/completions";
-      // The body is read here, up to max_request_bytes: httplib 0.11 applies its payload limit
-      // to Content-Length bodies only and would buffer a chunked one whole.
+      // The body is kept up to max_request_bytes: httplib 0.11 applies its payload limit to
+      // Content-Length bodies only and would buffer a chunked one whole.
       std::string body;
-      bool too_large = false;
-      const bool read = read_body([&](const char* data, size_t n) {
-        if (body.size() + n > static_cast<size_t>(cfg_.max_request_bytes)) {
-          too_large = true;
-          return false;
-        }
-        body.append(data, n);
-        return true;
-      });
-      if (too_large || res.status == 413) {
-        // The rest of a chunked body is unread: the connection cannot carry another request.
-        res.set_header("Connection", "close");
+      const BodyRead read =
+          ReadBody(req, &res, read_body, static_cast<size_t>(cfg_.max_request_bytes), &body);
+      if (read == BodyRead::kTooLarge) {
         return send_error(res,
                           {413,
                            "request body exceeds " + std::to_string(cfg_.max_request_bytes) +
@@ -712,8 +726,16 @@ StatusOr<int> OpenAiHttp::Start() {
                            "invalid_request_error", "", ""},
                           route);
       }
-      if (!read) {
-        res.set_header("Connection", "close");
+      if (read == BodyRead::kMultipart) {
+        return send_error(res,
+                          {415,
+                           "a multipart/form-data body is not accepted: send the request as "
+                           "JSON (Content-Type: application/json)",
+                           "invalid_request_error", "", ""},
+                          route);
+      }
+      if (read == BodyRead::kFailed) {
+        res.set_header("Connection", "close");  // what is left of the body was not read
         return send_error(res,
                           {400, "could not read the request body (malformed chunked encoding?)",
                            "invalid_request_error", "", ""},
@@ -961,6 +983,28 @@ StatusOr<int> OpenAiHttp::Start() {
   };
   s.Post("/v1/completions", generate(false));
   s.Post("/v1/chat/completions", generate(true));
+  // Any other request with a body: read (and dropped) through a content reader, so that a
+  // chunked one is not buffered whole and the connection stays in step; then 405 on a served
+  // path, 404 elsewhere (413 past httplib's limit for a Content-Length body).
+  auto other = [send_error](const httplib::Request& req, httplib::Response& res,
+                            const httplib::ContentReader& read_body) {
+    std::string dropped;
+    const BodyRead read = ReadBody(req, &res, read_body, 0, &dropped);
+    if (read == BodyRead::kFailed) res.set_header("Connection", "close");
+    HttpError e;
+    if (res.status == 413) {
+      e.status = 413;
+      e.message = "request body too large";
+    } else if (!NotAllowed(req, &res, &e)) {
+      e.status = 404;
+      e.message = "no route " + req.method + " " + req.path;
+    }
+    send_error(res, e, RouteLabel(req.path));
+  };
+  s.Post(".*", other);
+  s.Put(".*", other);
+  s.Patch(".*", other);
+  s.Delete(".*", other);
 
   const int port =
       cfg_.server.port == 0

@@ -520,6 +520,40 @@ class RouterTest(unittest.TestCase):
         self.assertEqual(status, 200, body)
         self.assertEqual(chunked("/health", b"x" * 10000)[0], 405)  # GET only, body unread
         self.assertEqual(chunked("/nowhere", b"x" * 10000)[0], 404)
+        # Refused bodies are still read to their end, so that the connection stays in step: on
+        # one keep-alive connection, an oversized chunked body, a body on a path that does not
+        # take the method, a multipart body, then a plain request each get their own answer.
+        def exchange(c, raw):
+            c.sendall(raw)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += c.recv(65536)
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            n = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+            while len(rest) < n:
+                rest += c.recv(65536)
+            return int(head.split()[1]), rest[:n]
+        big = json.dumps({"model": NAME, "prompt": "a" * 70000}).encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 4096]), big[i:i + 4096])
+                          for i in range(0, len(big), 4096)) + b"0\r\n\r\n"
+        small = json.dumps({"model": NAME, "prompt": "a"}).encode()
+        form = (b"--XyZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhello\r\n"
+                b"--XyZ--\r\n")
+        auth = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+        with socket.create_connection(("127.0.0.1", p), timeout=30) as c:
+            status, body = exchange(c, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                                    b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
+            self.assertEqual(status, 413, body)
+            status, body = exchange(c, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                                    b"Content-Length: %d\r\n\r\n" % len(small) + small)
+            self.assertEqual(status, 405, body)
+            status, body = exchange(c, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                                    b"Content-Type: multipart/form-data; boundary=XyZ\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % len(form) + form)
+            self.assertEqual(status, 415, body)  # was 500 "bad_function_call"
+            self.assertIn(b"application/json", body)
+            status, body = exchange(c, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(status, 200, body)
         # Expect: 100-continue with a body over the limit is refused before it is sent.
         with socket.create_connection(("127.0.0.1", p), timeout=10) as c:
             c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
