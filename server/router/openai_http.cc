@@ -292,17 +292,90 @@ BodyRead ReadBody(const httplib::Request& req, httplib::Response* res,
   return too_large ? BodyRead::kTooLarge : BodyRead::kOk;
 }
 
-// A streaming request's run, on its own thread: the events not yet sent and how it ended.
+// A request's runs, one per choice (n), each on its own thread: the events not yet taken,
+// tagged with their choice's index, and how each run ended.
 struct StreamRun {
-  std::atomic<bool> starting{true};  // counted in OpenAiHttp's streams_starting_
+  std::atomic<bool> starting{false};   // a stream counted in OpenAiHttp's streams_starting_
+  std::atomic<bool> cancelled{false};  // the response is over, or a run failed: end them all
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<RouteEvent> events;  // GUARDED_BY(mu)
-  bool done = false;              // GUARDED_BY(mu)
-  bool reader_gone = false;       // GUARDED_BY(mu): the response is over; cancel the request
-  grpc::Status status;            // GUARDED_BY(mu)
-  std::thread thread;
+  std::deque<std::pair<int, RouteEvent>> events;  // GUARDED_BY(mu)
+  int running = 0;                                // GUARDED_BY(mu): runs not ended yet
+  std::vector<grpc::Status> status;               // GUARDED_BY(mu): each run's, once ended
+  std::vector<std::thread> threads;
+
+  void Cancel() { cancelled = true; }
+  // Once every thread has started (REQUIRES: no other thread joins at the same time).
+  void Join() {
+    for (std::thread& t : threads) {
+      if (t.joinable()) t.join();
+    }
+  }
+  // The answer's error once the runs have ended: the first run's failure in choice order,
+  // preferring a real failure to the cancellations it caused in the others.
+  grpc::Status Failure() {
+    std::lock_guard<std::mutex> lock(mu);
+    grpc::Status cancelled_status;
+    for (const grpc::Status& s : status) {
+      if (s.ok()) continue;
+      if (s.error_code() != grpc::StatusCode::CANCELLED) return s;
+      if (cancelled_status.ok()) cancelled_status = s;
+    }
+    return cancelled_status;
+  }
 };
+
+// Starts p.n runs of p.route (choice i seeded with seed + i when a seed is given), each on a
+// thread of its own. A run that fails ends the others (run->cancelled), as does the end of
+// the response.
+Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const ParsedRequest& p) {
+  {
+    std::lock_guard<std::mutex> lock(run->mu);
+    run->status.assign(static_cast<size_t>(p.n), grpc::Status::OK);
+    run->running = p.n;
+  }
+  for (int i = 0; i < p.n; ++i) {
+    RouteRequest r = p.route;
+    if (p.n > 1 && r.proto.sampling().has_seed()) {
+      r.proto.mutable_sampling()->set_seed(r.proto.sampling().seed() + static_cast<uint64_t>(i));
+    }
+    r.client_gone = [gone = p.route.client_gone, run] {
+      return run->cancelled.load() || (gone && gone());
+    };
+    try {
+      run->threads.emplace_back([router, run, r = std::move(r), i] {
+        grpc::Status st;
+        try {  // an exception here would end the router
+          st = router->Run(r, [&](const RouteEvent& ev) {
+            if (run->cancelled) return false;  // the response is over: cancel
+            std::lock_guard<std::mutex> lock(run->mu);
+            run->events.emplace_back(i, ev);
+            run->cv.notify_all();
+            return true;
+          });
+        } catch (const std::exception& x) {
+          HELIX_LOG(kError) << "router: request failed: " << x.what();
+          st = grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + x.what());
+        }
+        if (!st.ok()) run->Cancel();  // one failed choice fails the request
+        std::lock_guard<std::mutex> lock(run->mu);
+        run->status[static_cast<size_t>(i)] = st;
+        --run->running;
+        run->cv.notify_all();
+      });
+    } catch (const std::system_error& x) {
+      run->Cancel();  // the runs already started end at once
+      std::lock_guard<std::mutex> lock(run->mu);
+      for (int j = i; j < p.n; ++j) {
+        run->status[static_cast<size_t>(j)] = grpc::Status(grpc::StatusCode::INTERNAL, x.what());
+      }
+      run->running -= p.n - i;
+      run->cv.notify_all();
+      return Internal(std::string("cannot start the request: ") + x.what());
+    }
+  }
+  return Status::Ok();
+}
 
 HttpError FromGrpc(const grpc::Status& s) {
   HttpError e;
@@ -418,7 +491,6 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   auto non_empty = [&](const char* key) { return present(key) && !j[key].empty(); };
   RETURN_IF_ERROR(unsupported("echo", present("echo") && j["echo"] != false));
   RETURN_IF_ERROR(unsupported("suffix", present("suffix") && j["suffix"] != ""));
-  RETURN_IF_ERROR(unsupported("best_of", present("best_of") && j["best_of"] != 1));
   RETURN_IF_ERROR(unsupported("logit_bias", non_empty("logit_bias")));
   RETURN_IF_ERROR(unsupported("tools", non_empty("tools")));
   RETURN_IF_ERROR(unsupported("functions", non_empty("functions")));
@@ -428,8 +500,13 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
       present("response_format") && !(j["response_format"].is_object() &&
                                       j["response_format"].value("type", json()) == "text")));
   // Sampling and limits.
+  // n choices, each its own run of the request (vLLM allows any number; 64 bounds the work one
+  // request can ask for).
   int64_t n = 1;
-  RETURN_IF_ERROR(Integer(j, "n", 1, 1, &n, e));
+  RETURN_IF_ERROR(Integer(j, "n", 1, 64, &n, e));
+  p.n = static_cast<int>(n);
+  RETURN_IF_ERROR(
+      unsupported("best_of", present("best_of") && j["best_of"] != 1 && j["best_of"] != n));
   int64_t max_tokens = chat ? 0 : 16;
   RETURN_IF_ERROR(Integer(j, "max_tokens", 1, 1 << 30, &max_tokens, e));
   if (chat) RETURN_IF_ERROR(Integer(j, "max_completion_tokens", 1, 1 << 30, &max_tokens, e));
@@ -772,120 +849,103 @@ StatusOr<int> OpenAiHttp::Start() {
       const int64_t created = Now();
       const std::string model = router_->model_name();
       const Tokenizer& tok = router_->tokenizer();
-      if (!parsed->stream) {
-        // No token reaches a client that left until the end: watch its socket instead.
-        parsed->route.client_gone = ClientGoneProbe(req);
-        std::string text, finish;
-        std::vector<RouteEvent> toks;
-        int64_t prompt_tokens = 0, completion_tokens = 0;
-        grpc::Status st = router_->Run(parsed->route, [&](const RouteEvent& ev) {
-          text += ev.text;
-          if (ev.token >= 0) toks.push_back(ev);
-          if (ev.finished) {
-            finish = ev.finish_reason;
-            prompt_tokens = ev.prompt_tokens;
-            completion_tokens = ev.completion_tokens;
-          }
-          return true;
-        });
-        if (st.error_code() == grpc::StatusCode::CANCELLED && parsed->route.client_gone &&
-            parsed->route.client_gone()) {
+      // The request's n runs (one per choice) go on threads of their own, whose events the
+      // response takes in order. A stream's headers wait for the first event: a request that
+      // fails before any token (every server full or down, a failed prefill) is answered with
+      // its HTTP status and a JSON error, streaming or not, instead of 200 and an error event
+      // (clients retry 429 and 503 by status).
+      ParsedRequest p = *parsed;
+      // No token reaches a client that left until the end: its socket is watched.
+      p.route.client_gone = ClientGoneProbe(req);
+      const bool counted = p.stream;  // a stream until its body starts: Stop waits for it
+      if (counted && !BeginStream()) {
+        return send_error(res, {503, "the router is shutting down", "service_unavailable", "", ""},
+                          route);
+      }
+      auto run = std::make_shared<StreamRun>();
+      run->starting = counted;
+      auto started = [this, run] {  // once, whichever way the response goes
+        if (run->starting.exchange(false)) StreamStarted();
+      };
+      if (Status st = StartRuns(router_, run, p); !st.ok()) {
+        run->Join();
+        started();
+        return send_error(res, {500, st.message(), "server_error", "", ""}, route);
+      }
+      // Whether the runs failed (the answer's status), once they have all ended.
+      auto failure = [&]() -> std::optional<HttpError> {
+        const grpc::Status st = run->Failure();
+        if (st.ok()) return std::nullopt;
+        if (st.error_code() == grpc::StatusCode::CANCELLED && p.route.client_gone &&
+            p.route.client_gone()) {
           // nginx's "client closed request". A client that only half-closed (shut down its
           // sending side) and still reads gets this, not an empty 200.
-          return send_error(res,
-                            {499, "the client closed the connection: the request was cancelled",
-                             "invalid_request_error", "", "client_closed_request"},
-                            route);
+          return HttpError{499, "the client closed the connection: the request was cancelled",
+                           "invalid_request_error", "", "client_closed_request"};
         }
-        if (!st.ok()) return send_error(res, FromGrpc(st), route);
-        json usage = {{"prompt_tokens", prompt_tokens},
-                      {"completion_tokens", completion_tokens},
-                      {"total_tokens", prompt_tokens + completion_tokens}};
-        json choice;
-        if (chat) {
-          choice = {{"index", 0},
-                    {"message", {{"role", "assistant"}, {"content", text}}},
-                    {"logprobs", parsed->logprobs ? ChatLogprobs(tok, toks) : json(nullptr)},
-                    {"finish_reason", finish}};
-        } else {
-          choice = {
-              {"index", 0},
-              {"text", text},
-              {"logprobs", parsed->logprobs ? CompletionLogprobs(tok, toks, 0) : json(nullptr)},
-              {"finish_reason", finish}};
+        return FromGrpc(st);
+      };
+      if (!p.stream) {
+        {
+          std::unique_lock<std::mutex> lock(run->mu);
+          run->cv.wait(lock, [&] { return run->running == 0; });
+        }
+        run->Join();
+        if (auto e = failure()) return send_error(res, *e, route);
+        std::vector<std::string> text(p.n), finish(p.n);
+        std::vector<std::vector<RouteEvent>> toks(p.n);
+        int64_t prompt_tokens = 0, completion_tokens = 0;
+        for (const auto& [i, ev] : run->events) {
+          text[i] += ev.text;
+          if (ev.token >= 0) toks[i].push_back(ev);
+          if (ev.finished) {
+            finish[i] = ev.finish_reason;
+            prompt_tokens = ev.prompt_tokens;
+            completion_tokens += ev.completion_tokens;
+          }
+        }
+        json choices = json::array();
+        for (int i = 0; i < p.n; ++i) {
+          if (chat) {
+            choices.push_back(
+                {{"index", i},
+                 {"message", {{"role", "assistant"}, {"content", text[i]}}},
+                 {"logprobs", p.logprobs ? ChatLogprobs(tok, toks[i]) : json(nullptr)},
+                 {"finish_reason", finish[i]}});
+          } else {
+            choices.push_back(
+                {{"index", i},
+                 {"text", text[i]},
+                 {"logprobs", p.logprobs ? CompletionLogprobs(tok, toks[i], 0) : json(nullptr)},
+                 {"finish_reason", finish[i]}});
+          }
         }
         json out = {{"id", id},
                     {"object", chat ? "chat.completion" : "text_completion"},
                     {"created", created},
                     {"model", model},
-                    {"choices", json::array({choice})},
-                    {"usage", usage}};
+                    {"choices", choices},
+                    {"usage",
+                     {{"prompt_tokens", prompt_tokens},
+                      {"completion_tokens", completion_tokens},
+                      {"total_tokens", prompt_tokens + completion_tokens}}}};
         res.set_content(Dump(out), "application/json");
         Count(route, 200);
         return;
       }
-      // Streaming: Server-Sent Events, one "data: {json}\n\n" chunk per token, then the final
-      // chunk (finish_reason), the usage chunk if asked for, and "data: [DONE]". The request
-      // runs on its own thread from here, and the headers wait for its first event: a request
-      // that fails before any token (every server full or down, a failed prefill) is answered
-      // with its HTTP status and a JSON error, as a non-streaming one is, instead of 200 and
-      // an error event (clients retry 429 and 503 by status).
-      ParsedRequest p = *parsed;
-      p.route.client_gone = ClientGoneProbe(req);
-      if (!BeginStream()) {
-        return send_error(res, {503, "the router is shutting down", "service_unavailable", "", ""},
-                          route);
-      }
-      auto run = std::make_shared<StreamRun>();
-      auto started = [this, run] {  // once, whichever way the response goes
-        if (run->starting.exchange(false)) StreamStarted();
-      };
-      try {
-        run->thread = std::thread([this, run, route = p.route] {
-          grpc::Status st;
-          try {  // an exception here would end the router
-            st = router_->Run(route, [&](const RouteEvent& ev) {
-              std::lock_guard<std::mutex> lock(run->mu);
-              if (run->reader_gone) return false;  // the client went away: cancel
-              run->events.push_back(ev);
-              run->cv.notify_all();
-              return true;
-            });
-          } catch (const std::exception& x) {
-            HELIX_LOG(kError) << "router: streaming request failed: " << x.what();
-            st = grpc::Status(grpc::StatusCode::INTERNAL,
-                              std::string("internal error: ") + x.what());
-          }
-          std::lock_guard<std::mutex> lock(run->mu);
-          run->status = st;
-          run->done = true;
-          run->cv.notify_all();
-        });
-      } catch (const std::system_error& x) {
-        started();
-        return send_error(
-            res,
-            {500, std::string("cannot start the request: ") + x.what(), "server_error", "", ""},
-            route);
-      }
       {
         std::unique_lock<std::mutex> lock(run->mu);
-        run->cv.wait(lock, [&] { return !run->events.empty() || run->done; });
-        if (run->events.empty() && !run->status.ok()) {
-          const grpc::Status st = run->status;
+        run->cv.wait(lock, [&] { return !run->events.empty() || run->running == 0; });
+        if (run->events.empty()) {  // every run ended before its first token
           lock.unlock();
-          run->thread.join();
+          run->Join();
           started();
-          if (st.error_code() == grpc::StatusCode::CANCELLED && p.route.client_gone &&
-              p.route.client_gone()) {
-            return send_error(res,
-                              {499, "the client closed the connection: the request was cancelled",
-                               "invalid_request_error", "", "client_closed_request"},
-                              route);
-          }
-          return send_error(res, FromGrpc(st), route);
+          if (auto e = failure()) return send_error(res, *e, route);
         }
       }
+      // Server-Sent Events: one "data: {json}\n\n" chunk per token (its choice's index), then
+      // each choice's final chunk (finish_reason), the usage chunk if asked for, and
+      // "data: [DONE]".
       Count(route, 200);
       res.set_header("Cache-Control", "no-cache");
       res.set_chunked_content_provider(
@@ -897,8 +957,8 @@ StatusOr<int> OpenAiHttp::Start() {
               const std::string s = "data: " + Dump(j) + "\n\n";
               return sink.is_writable() && sink.write(s.data(), s.size());
             };
-            auto chunk = [&](json delta_or_text, json finish, json logprobs) {
-              json choice = {{"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish}};
+            auto chunk = [&](int index, json delta_or_text, json finish, json logprobs) {
+              json choice = {{"index", index}, {"logprobs", logprobs}, {"finish_reason", finish}};
               if (chat) {
                 choice["delta"] = delta_or_text;
               } else {
@@ -910,50 +970,48 @@ StatusOr<int> OpenAiHttp::Start() {
                           {"model", model},
                           {"choices", json::array({choice})}};
             };
-            auto reader_gone = [&] {  // the release joins the request's thread
-              std::lock_guard<std::mutex> lock(run->mu);
-              run->reader_gone = true;
+            auto reader_gone = [&] {  // the release joins the runs' threads
+              run->Cancel();
               return false;
             };
-            if (chat && !send(chunk({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr))) {
-              return reader_gone();
+            if (chat) {
+              for (int i = 0; i < p.n; ++i) {
+                if (!send(chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr))) {
+                  return reader_gone();
+                }
+              }
             }
             int64_t prompt_tokens = 0, completion_tokens = 0;
-            size_t offset = 0;
-            grpc::Status st;
+            std::vector<size_t> offset(p.n, 0);
             for (bool done = false; !done;) {
-              std::deque<RouteEvent> events;
+              std::deque<std::pair<int, RouteEvent>> events;
               {
                 std::unique_lock<std::mutex> lock(run->mu);
-                run->cv.wait(lock, [&] { return !run->events.empty() || run->done; });
+                run->cv.wait(lock, [&] { return !run->events.empty() || run->running == 0; });
                 events.swap(run->events);
-                done = run->done;  // every event came before done: none is left behind
-                st = run->status;
+                done = run->running == 0;  // every event came before: none is left behind
               }
-              for (const RouteEvent& ev : events) {
+              for (const auto& [i, ev] : events) {
                 bool ok;
+                json lp = nullptr;
+                if (p.logprobs && ev.token >= 0) {  // a token, or the stop token that ended it
+                  lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset[i]);
+                }
                 if (ev.finished) {
                   prompt_tokens = ev.prompt_tokens;
-                  completion_tokens = ev.completion_tokens;
+                  completion_tokens += ev.completion_tokens;
                   json body = chat ? json{{"content", ev.text}} : json(ev.text);
                   if (chat && ev.text.empty()) body = json::object();
-                  json lp = nullptr;  // the stop token that ended it, if any
-                  if (p.logprobs && ev.token >= 0) {
-                    lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
-                  }
-                  ok = send(chunk(body, ev.finish_reason, lp));
+                  ok = send(chunk(i, body, ev.finish_reason, lp));
                 } else {
-                  json lp = nullptr;
-                  if (p.logprobs) {
-                    lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset);
-                  }
-                  offset += ev.token_text_chars;
-                  ok = send(chunk(chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
+                  offset[i] += ev.token_text_chars;
+                  ok = send(
+                      chunk(i, chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));
                 }
                 if (!ok) return reader_gone();  // the request is cancelled
               }
             }
-            if (!st.ok()) {
+            if (const grpc::Status st = run->Failure(); !st.ok()) {
               send(ErrorJson(FromGrpc(st)));
             } else if (p.include_usage) {
               send({{"id", id},
@@ -973,11 +1031,8 @@ StatusOr<int> OpenAiHttp::Start() {
           },
           [run, started](bool) {  // the response is over (sent, or the client left): end it
             started();            // a response whose body never started (its client left first)
-            {
-              std::lock_guard<std::mutex> lock(run->mu);
-              run->reader_gone = true;
-            }
-            if (run->thread.joinable()) run->thread.join();
+            run->Cancel();
+            run->Join();
           });
     };
   };

@@ -30,6 +30,7 @@ struct ParsedRequest {
   bool include_usage = false;
   bool logprobs = false;  // return logprobs (completions: "logprobs" >= 0; chat: true)
   int top_logprobs = 0;
+  int n = 1;  // choices, each its own run of `route`
   RouteRequest route;
 };
 struct HttpError {

@@ -308,6 +308,30 @@ class RouterTest(unittest.TestCase):
                              capture_output=True, text=True, timeout=60, check=True).stdout
         self.assertEqual(json.loads(out)["object"], "text_completion")
 
+    def test_n_choices(self):
+        # n choices are n runs of the request; with a seed, choice i is seeded seed + i, so it
+        # is what a single request seeded so gives. Streamed, each chunk names its choice.
+        base = dict(model=NAME, prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                    extra_body={"ignore_eos": True})
+        singles = [self.client.completions.create(seed=7 + i, **base).choices[0].text
+                   for i in range(3)]
+        self.assertEqual(len(set(singles)), 3, singles)
+        r = self.client.completions.create(n=3, seed=7, logprobs=1, **base)
+        self.assertEqual([c.index for c in r.choices], [0, 1, 2])
+        self.assertEqual([c.text for c in r.choices], singles)
+        self.assertEqual([len(c.logprobs.tokens) for c in r.choices], [12, 12, 12])
+        self.assertEqual(r.usage.completion_tokens, 36)
+        texts, finishes, usage = ["", "", ""], [None] * 3, None
+        for ch in self.client.completions.create(n=3, seed=7, best_of=3, stream=True,
+                                                 stream_options={"include_usage": True}, **base):
+            for c in ch.choices:
+                texts[c.index] += c.text
+                finishes[c.index] = c.finish_reason or finishes[c.index]
+            usage = ch.usage or usage
+        self.assertEqual(texts, singles)
+        self.assertEqual(finishes, ["length"] * 3)
+        self.assertEqual(usage.completion_tokens, 36)
+
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
                                            temperature=0, logprobs=3)
@@ -452,8 +476,11 @@ class RouterTest(unittest.TestCase):
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
                                                    "temperature": 3})
         self.assertEqual((status, body["error"]["param"]), (400, "temperature"))
-        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "n": 2})
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "n": 65})
         self.assertEqual((status, body["error"]["param"]), (400, "n"))
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "n": 2,
+                                                   "best_of": 3})
+        self.assertEqual((status, body["error"]["param"]), (400, "best_of"))
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
                                                    "max_tokens": 100000})
         self.assertEqual((status, body["error"]["code"]), (400, "context_length_exceeded"))
@@ -1030,6 +1057,18 @@ class ChatTest(unittest.TestCase):
                                                temperature=0, logprobs=True, top_logprobs=2)
             self.assertEqual(len(r.choices[0].logprobs.content), 5)
             self.assertEqual(len(r.choices[0].logprobs.content[0].top_logprobs), 2)
+            # n choices: a message each; streamed, a role chunk each, then their deltas.
+            r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=20,
+                                               temperature=0, n=2)
+            self.assertEqual([(c.index, c.message.content) for c in r.choices],
+                             [(0, want.choices[0].text), (1, want.choices[0].text)])
+            got, roles = ["", ""], [0, 0]
+            for ch in client.chat.completions.create(model=NAME, messages=msgs, max_tokens=20,
+                                                     temperature=0, n=2, stream=True):
+                for c in ch.choices:
+                    roles[c.index] += c.delta.role == "assistant"
+                    got[c.index] += c.delta.content or ""
+            self.assertEqual((got, roles), ([want.choices[0].text] * 2, [1, 1]))
             with self.assertRaises(APIStatusError) as e:
                 client.chat.completions.create(model=NAME, messages=[{"role": "robot",
                                                                       "content": "x"}])
