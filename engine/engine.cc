@@ -912,7 +912,8 @@ Status Engine::CheckKvSource(const GenerateRequest& r, int64_t prompt_len) {
   // Pairing (model, dtype, layout) is judged once per context server and logged once; the
   // per-handle checks (block count, checksum) run every time.
   std::lock_guard<std::mutex> lock(inbox_mu_);
-  if (pairing_.emplace(src.server_id, st).second) {
+  constexpr size_t kMaxPairings = 1024;  // handles may name any number of server ids
+  if (pairing_.size() < kMaxPairings && pairing_.emplace(src.server_id, st).second) {
     if (st.ok()) {
       HELIX_LOG(kInfo) << "engine: paired with context server '" << src.server_id << "' ("
                        << src.layout.ToString() << ")";
@@ -954,11 +955,12 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   }
   // Generated text leaves control tokens out, so a stop string that is one control token's
   // text (stop: ["<|im_end|>"]) could never match it: it stops at that token instead.
-  for (int32_t id : ControlTokensNamedBy(tokenizer(), r.stop)) {
-    if (std::count(r.stop_token_ids.begin(), r.stop_token_ids.end(), id) == 0) {
-      r.stop_token_ids.push_back(id);
-    }
-  }
+  for (int32_t id : ControlTokensNamedBy(tokenizer(), r.stop)) r.stop_token_ids.push_back(id);
+  // Sorted and unique: every generated token is looked up in it (a list of millions of
+  // duplicates, scanned per token, slowed every request on the engine thread).
+  std::sort(r.stop_token_ids.begin(), r.stop_token_ids.end());
+  r.stop_token_ids.erase(std::unique(r.stop_token_ids.begin(), r.stop_token_ids.end()),
+                         r.stop_token_ids.end());
   const int64_t prompt_len = static_cast<int64_t>(r.prompt_tokens.size());
   if (r.kv_source != nullptr) {
     RETURN_IF_ERROR(CheckKvSource(r, prompt_len));
@@ -1027,7 +1029,9 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
 
 void Engine::Cancel(const std::string& request_id) {
   std::lock_guard<std::mutex> lock(inbox_mu_);
-  cancels_.insert(request_id);
+  // Only a request that is live now: a cancel for an unknown or finished id would otherwise
+  // wait in cancels_ and end the next request submitted with that id.
+  if (live_ids_.count(request_id) != 0) cancels_.insert(request_id);
 }
 
 bool Engine::HasWork() {
@@ -1253,7 +1257,7 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
   const bool stop_token =
       (!s->req.ignore_eos &&
        std::count(default_stop_ids_.begin(), default_stop_ids_.end(), token)) ||
-      std::count(s->req.stop_token_ids.begin(), s->req.stop_token_ids.end(), token);
+      std::binary_search(s->req.stop_token_ids.begin(), s->req.stop_token_ids.end(), token);
   if (stop_token) {
     SampleResult stop = sample;
     stop.token = token;

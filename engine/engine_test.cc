@@ -198,11 +198,23 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   // logprobs (greedy: it is the top candidate), but not its text.
   ASSERT_FALSE(r[1].tokens.empty());
   EXPECT_EQ(r[1].tokens.back(), lily);
+  // A long list of duplicate stop tokens is the same list (kept sorted and unique).
+  GenerateRequest dup = t;
+  dup.stop_token_ids.assign(100000, lily);
+  EXPECT_EQ(RunAll(e.get(), {dup})[0].tokens, r[1].tokens);
   EXPECT_EQ(static_cast<int64_t>(r[1].tokens.size()), r[1].completion_tokens);
   ASSERT_EQ(r[1].top_logprobs.back().size(), 2u);
   EXPECT_EQ(r[1].top_logprobs.back()[0].first, lily);
   EXPECT_EQ(r[1].text, "Once upon a time, there was a little girl named");  // "▁Lily" left out
 
+  // A cancel for an id that is not live is dropped: it does not end a request submitted with
+  // that id later (it waited in the cancel set and did).
+  e->Cancel("to-cancel");
+  {
+    GenerateRequest later = c;
+    later.max_tokens = 5;
+    EXPECT_EQ(RunAll(e.get(), {later})[0].reason, FinishReason::kLength);
+  }
   Result cancelled;
   c.sink = [&](const TokenEvent& ev) {
     if (ev.token >= 0) cancelled.tokens.push_back(ev.token);

@@ -506,6 +506,71 @@ TEST_F(DisaggServeTest, CancelledPrefillsLeaveNoKv) {
       << answered << " answered prefills";
 }
 
+// Handles naming many addresses cannot lock the generation server out of its real context
+// server, nor make it call addresses off its allow list; oversized client strings are refused
+// before anything keeps or repeats them.
+TEST_F(DisaggServeTest, HandlesNamingManyServersOrHugeFieldsAreHarmless) {
+  Server::Options co;
+  co.context = true;
+  Server ctx(co);
+  Server gen(Server::Options{});
+  const auto req = Request(Tokens(40, 21), 4);
+  const Result want = Generate(gen, req);  // aggregated: no context server named yet
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  // 300 handles, each naming another address where nothing listens: the generation server
+  // kept at most 256 context servers, and refused every later one, the real one too
+  // (RESOURCE_EXHAUSTED "KV handles have named 256 distinct context servers").
+  for (int i = 0; i < 300; ++i) {
+    auto r = Prefill(ctx, req);
+    *r.mutable_kv_handle() = Reforged(r.kv_handle(), [&](helix::transfer::KvSource* s) {
+      s->server_address = "127.0.0.1:" + std::to_string(1 + i);
+    });
+    const Result refused = Generate(gen, r);
+    EXPECT_FALSE(refused.status.ok());
+    ReleaseOn(ctx, helix::server::ReleaseRequestFor(r.kv_handle()));  // the real KV back
+  }
+  const Result again = Generate(gen, Prefill(ctx, req));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.tokens, want.tokens);
+  // A 1 MiB request id or server id: refused, not repeated in every message or kept.
+  auto big_id = Prefill(ctx, req);
+  big_id.set_request_id(std::string(1 << 20, 'x'));
+  Result r = Generate(gen, big_id);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r.status.error_message().find("request_id is 1048576 bytes"), std::string::npos)
+      << r.status.error_message();
+  ReleaseOn(ctx, helix::server::ReleaseRequestFor(big_id.kv_handle()));
+  auto big_server = Prefill(ctx, req);
+  big_server.mutable_kv_handle()->set_server_id(std::string(1 << 20, 's'));
+  r = Generate(gen, big_server);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r.status.error_message().find("kv_handle.server_id is 1048576 bytes"),
+            std::string::npos)
+      << r.status.error_message();
+  ReleaseOn(ctx, helix::server::ReleaseRequestFor(big_server.kv_handle()));
+  // Stop strings are matched at every token: their number and size are bounded.
+  auto many_stops = req;
+  for (int i = 0; i < 257; ++i) many_stops.add_stop("s" + std::to_string(i));
+  r = Generate(gen, many_stops);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r.status.error_message().find("stop: 257 strings"), std::string::npos)
+      << r.status.error_message();
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                  milliseconds(5000)));
+  // With an allow list, an invalid request naming another server is refused as off the list,
+  // and that server is not called (it was sent a Release).
+  Server::Options go;
+  go.allowed_context_servers = {ctx.address()};
+  Server listed(go);
+  auto bad = Prefill(ctx, req);
+  bad.set_max_tokens(0);
+  bad.mutable_kv_handle()->set_server_address("127.0.0.1:9");
+  r = Generate(listed, bad);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << r.status.error_message();
+  ReleaseOn(ctx, helix::server::ReleaseRequestFor(bad.kv_handle()));
+}
+
 // Nobody pulls: the lease frees the context server's blocks.
 TEST_F(DisaggServeTest, LeaseFreesUnpulledKv) {
   Server::Options co;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include <optional>
+#include <tuple>
 
 #include "engine/common/log.h"
 
@@ -48,9 +49,27 @@ void ToProto(const transfer::KvSource& s, v1::KvHandle* out) {
   out->set_checksum(s.checksum);
 }
 
+std::string Clip(const std::string& s) {
+  return s.size() <= 64 ? s : s.substr(0, 64) + "... (" + std::to_string(s.size()) + " bytes)";
+}
+
 StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
   transfer::KvSource s;
   if (h.server_id().empty()) return InvalidArgument("kv_handle.server_id is empty");
+  for (const auto& [field, value, limit] :
+       {std::tuple<const char*, const std::string*, size_t>{"server_id", &h.server_id(),
+                                                            kMaxIdBytes},
+        {"server_address", &h.server_address(), kMaxIdBytes},
+        {"request_id", &h.request_id(), kMaxIdBytes},
+        {"lease_token", &h.lease_token(), kMaxIdBytes},
+        {"model_fingerprint", &h.model_fingerprint(), kMaxIdBytes},
+        {"worker_address", &h.worker_address(), size_t{1} << 16}}) {
+    if (value->size() > limit) {
+      return InvalidArgument("kv_handle." + std::string(field) + " is " +
+                             std::to_string(value->size()) + " bytes; the limit is " +
+                             std::to_string(limit));
+    }
+  }
   if (h.rkeys_size() != 1) {
     return InvalidArgument("kv_handle.rkeys has " + std::to_string(h.rkeys_size()) +
                            " entries; expected 1");
@@ -101,21 +120,25 @@ ContextClient::~ContextClient() {
                [&] { return in_flight_ == 0; });
 }
 
-StatusOr<v1::ContextService::Stub*> ContextClient::BeginCall(const std::string& address) {
+std::shared_ptr<v1::ContextService::Stub> ContextClient::BeginCall(const std::string& address) {
   constexpr size_t kMaxServers = 256;
   std::lock_guard<std::mutex> lock(mu_);
   if (stubs_.size() >= kMaxServers && stubs_.count(address) == 0) {
-    return ResourceExhausted("KV handles have named " + std::to_string(kMaxServers) +
-                             " distinct context servers; list the real ones in "
-                             "cache_transceiver_config.allowed_context_servers");
+    auto oldest = stubs_.begin();
+    for (auto it = stubs_.begin(); it != stubs_.end(); ++it) {
+      if (it->second.last_use < oldest->second.last_use) oldest = it;
+    }
+    exports_.erase(oldest->first);
+    stubs_.erase(oldest);
   }
-  auto& stub = stubs_[address];
-  if (stub == nullptr) {
-    stub = v1::ContextService::NewStub(
+  CachedStub& c = stubs_[address];
+  if (c.stub == nullptr) {
+    c.stub = v1::ContextService::NewStub(
         grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
   }
+  c.last_use = ++uses_;
   ++in_flight_;
-  return stub.get();
+  return c.stub;
 }
 
 void ContextClient::EndCall() {
@@ -136,9 +159,9 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
     if (it != exports_.end() && it->second.server_id == s.server_id) known = it->second;
   }
   if (known) return done(transfer::CheckAgainstExport(s, *known));
-  StatusOr<v1::ContextService::Stub*> stub = BeginCall(s.server_address);
-  if (!stub.ok()) return done(stub.status());
+  std::shared_ptr<v1::ContextService::Stub> stub = BeginCall(s.server_address);
   struct Call {
+    std::shared_ptr<v1::ContextService::Stub> stub;  // alive until the call ends
     grpc::ClientContext ctx;
     v1::GetKvExportRequest req;
     v1::KvExport resp;
@@ -146,10 +169,11 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
     std::function<void(const Status&)> done;
   };
   auto call = std::make_shared<Call>();
+  call->stub = stub;
   call->ctx.set_deadline(std::chrono::system_clock::now() + check_timeout_);
   call->src = s;
   call->done = std::move(done);
-  (*stub)->async()->GetKvExport(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status st) {
+  stub->async()->GetKvExport(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status st) {
     Status verdict;
     if (!st.ok()) {
       verdict = Aborted("KV transfer from context server '" + call->src.server_id +
@@ -193,21 +217,18 @@ void ContextClient::Confirm(const std::string& address, v1::ReleaseRequest relea
     if (verdict) verdict(InvalidArgument("the KV handle names no context server to confirm with"));
     return;
   }
-  StatusOr<v1::ContextService::Stub*> stub = BeginCall(address);
-  if (!stub.ok()) {
-    ++failures_;
-    if (verdict) verdict(stub.status());
-    return;
-  }
+  std::shared_ptr<v1::ContextService::Stub> stub = BeginCall(address);
   struct Call {
+    std::shared_ptr<v1::ContextService::Stub> stub;  // alive until the call ends
     grpc::ClientContext ctx;
     v1::ReleaseRequest req;
     v1::ReleaseResponse resp;
   };
   auto call = std::make_shared<Call>();
+  call->stub = stub;
   call->req = std::move(release);
   call->ctx.set_deadline(std::chrono::system_clock::now() + release_timeout_);
-  (*stub)->async()->Release(
+  stub->async()->Release(
       &call->ctx, &call->req, &call->resp,
       [this, call, address, request_id, verdict = std::move(verdict)](grpc::Status st) {
         if (!st.ok() && st.error_code() != grpc::StatusCode::NOT_FOUND) {

@@ -16,6 +16,12 @@
 
 namespace helix::server {
 
+// A client-given identifier or address (a request id, a handle's server id and address) is at
+// most this long: longer ones are refused before anything keeps, repeats or contacts them.
+constexpr size_t kMaxIdBytes = 256;
+// `s` cut to at most 64 bytes, for an error message.
+std::string Clip(const std::string& s);
+
 void ToProto(const transfer::KvLayout& l, v1::KvLayout* out);
 void ToProto(const transfer::KvSource& s, v1::KvHandle* out);
 // INVALID_ARGUMENT naming the field when the handle is incomplete.
@@ -52,14 +58,21 @@ class ContextClient {
   uint64_t failures() const { return failures_.load(); }
 
  private:
-  // The server's stub with a call counted in flight (EndCall when it completes), or the error.
-  StatusOr<v1::ContextService::Stub*> BeginCall(const std::string& address);
+  // The server's stub with a call counted in flight (EndCall when it completes). At most
+  // kMaxServers stubs are kept: past that the least recently used is dropped (a call still
+  // using it holds it), so handles naming many addresses cannot lock real servers out.
+  std::shared_ptr<v1::ContextService::Stub> BeginCall(const std::string& address);
   void EndCall();
 
   std::chrono::milliseconds release_timeout_, check_timeout_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::map<std::string, std::unique_ptr<v1::ContextService::Stub>> stubs_;  // GUARDED_BY(mu_)
+  struct CachedStub {
+    std::shared_ptr<v1::ContextService::Stub> stub;
+    uint64_t last_use = 0;
+  };
+  std::map<std::string, CachedStub> stubs_;                // GUARDED_BY(mu_)
+  uint64_t uses_ = 0;                                      // GUARDED_BY(mu_)
   std::map<std::string, transfer::KvExportInfo> exports_;  // GUARDED_BY(mu_), by address
   int in_flight_ = 0;                                      // GUARDED_BY(mu_)
   std::atomic<uint64_t> failures_{0};

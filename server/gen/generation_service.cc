@@ -22,6 +22,11 @@ constexpr size_t kMaxPromptBytes = 16u << 20;
 
 StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
   GenerateRequest r;
+  // Every message of the stream repeats it.
+  if (p.request_id().size() > kMaxIdBytes) {
+    return InvalidArgument("request_id is " + std::to_string(p.request_id().size()) +
+                           " bytes; the limit is " + std::to_string(kMaxIdBytes));
+  }
   r.id = p.request_id();
   switch (p.prompt_case()) {
     case v1::GenerateRequest::kText:
@@ -73,6 +78,22 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
     r.sampling.top_logprobs = p.top_logprobs();
   }
   RETURN_IF_ERROR(r.sampling.Validate());
+  // Stop strings are matched against the text at every token: bounded in number and size.
+  constexpr int kMaxStops = 256;
+  constexpr size_t kMaxStopBytes = 64u << 10;
+  size_t stop_bytes = 0;
+  for (const std::string& s : p.stop()) stop_bytes += s.size();
+  if (p.stop_size() > kMaxStops || stop_bytes > kMaxStopBytes) {
+    return InvalidArgument("stop: " + std::to_string(p.stop_size()) + " strings of " +
+                           std::to_string(stop_bytes) + " bytes; the limits are " +
+                           std::to_string(kMaxStops) + " strings and " +
+                           std::to_string(kMaxStopBytes) + " bytes");
+  }
+  constexpr int kMaxStopTokens = 1 << 16;
+  if (p.stop_token_ids_size() > kMaxStopTokens) {
+    return InvalidArgument("stop_token_ids has " + std::to_string(p.stop_token_ids_size()) +
+                           " entries; the limit is " + std::to_string(kMaxStopTokens));
+  }
   r.stop.assign(p.stop().begin(), p.stop().end());
   r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
   r.ignore_eos = p.ignore_eos();
@@ -209,16 +230,18 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
         svc->context_.Release(p.kv_handle().server_address(), ReleaseRequestFor(p.kv_handle()));
       }
     };
-    StatusOr<GenerateRequest> r = FromProto(p);
+    // A handle naming a server off the allow list is refused before anything is contacted,
+    // and nothing is released there either, whether the rest of the request is valid or not.
     const auto& allowed = svc_->options_.allowed_context_servers;
-    if (r.ok() && r->kv_source != nullptr && !allowed.empty() &&
-        std::find(allowed.begin(), allowed.end(), r->kv_source->server_address) == allowed.end()) {
-      // Refused before anything is contacted, and nothing released there either.
+    if (p.has_kv_handle() && !allowed.empty() &&
+        std::find(allowed.begin(), allowed.end(), p.kv_handle().server_address()) ==
+            allowed.end()) {
       return FinishNow(
           grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                       "kv_handle names context server '" + r->kv_source->server_address +
+                       "kv_handle names context server '" + Clip(p.kv_handle().server_address()) +
                            "', which is not in cache_transceiver_config.allowed_context_servers"));
     }
+    StatusOr<GenerateRequest> r = FromProto(p);
     if (!r.ok()) {
       release_refused();
       return FinishNow(ToGrpc(r.status()));
