@@ -62,6 +62,7 @@ class Server {
     int max_seq_len = 512;
     int max_num_tokens = 8192;
     std::vector<std::string> allowed_context_servers;  // generation: the allow-list, if any
+    int drain_ms = 0;                                  // --drain-ms on SIGTERM
   };
 
   explicit Server(const Options& o) : o_(o) {
@@ -97,7 +98,8 @@ class Server {
       setenv("UCX_TLS", "tcp,self", 1);
       const std::string bin = Env(o.context ? "HELIX_CTX_BIN" : "HELIX_GEN_BIN");
       const std::string cfg = (dir_ / "server.json").string();
-      execl(bin.c_str(), bin.c_str(), "serve", "--config", cfg.c_str(), "--drain-ms", "0",
+      const std::string drain = std::to_string(o.drain_ms);
+      execl(bin.c_str(), bin.c_str(), "serve", "--config", cfg.c_str(), "--drain-ms", drain.c_str(),
             static_cast<char*>(nullptr));
       _exit(127);
     }
@@ -145,6 +147,18 @@ class Server {
     pid_ = -1;
   }
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+  // Waits up to `timeout` for the process to exit by itself; true when it did.
+  bool WaitExit(milliseconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        return true;
+      }
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    return false;
+  }
 
   helix::v1::ServerInfo Info() {
     grpc::ClientContext ctx;
@@ -569,6 +583,27 @@ TEST_F(DisaggServeTest, HandlesNamingManyServersOrHugeFieldsAreHarmless) {
   r = Generate(listed, bad);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << r.status.error_message();
   ReleaseOn(ctx, helix::server::ReleaseRequestFor(bad.kv_handle()));
+}
+
+// A context server told to stop (SIGTERM, with a drain) still serves the handles it gave out
+// until they are released: it stopped as soon as no prefill was in flight, and their pulls
+// failed ("cannot ask ... what it exports").
+TEST_F(DisaggServeTest, DrainingContextServerServesTheHandlesItGaveOut) {
+  Server::Options co;
+  co.context = true;
+  co.drain_ms = 20000;
+  Server ctx(co);
+  Server gen(Server::Options{});
+  const auto req = Request(Tokens(40, 23), 4);
+  const Result want = Generate(gen, req);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  const auto handed = Prefill(ctx, req);
+  ctx.Signal(SIGTERM);
+  std::this_thread::sleep_for(milliseconds(500));  // draining now
+  const Result got = Generate(gen, handed);
+  EXPECT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.tokens, want.tokens);
+  EXPECT_TRUE(ctx.WaitExit(milliseconds(10000)));  // released: it leaves before the drain ends
 }
 
 // Nobody pulls: the lease frees the context server's blocks.

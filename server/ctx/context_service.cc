@@ -58,6 +58,12 @@ void ContextService::Stop(std::chrono::milliseconds drain) {
   while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  // The handles already given out are pulled and released through this server (its exported
+  // memory, GetKvExport, Release): it serves them until they are released, within the drain.
+  while (engine_->disagg_stats().retained_requests > 0 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return;
