@@ -543,9 +543,17 @@ TEST_F(DisaggServeTest, HandlesNamingManyServersOrHugeFieldsAreHarmless) {
     EXPECT_FALSE(refused.status.ok());
     ReleaseOn(ctx, helix::server::ReleaseRequestFor(r.kv_handle()));  // the real KV back
   }
-  const Result again = Generate(gen, Prefill(ctx, req));
+  const auto handed = Prefill(ctx, req);
+  const Result again = Generate(gen, handed);
   ASSERT_TRUE(again.status.ok()) << again.status.error_message();
   EXPECT_EQ(again.tokens, want.tokens);
+  // The same handle once more: its KV was released by the first request, and the error says
+  // so (it blamed the lease alone).
+  const Result reused = Generate(gen, handed);
+  EXPECT_FALSE(reused.status.ok());
+  EXPECT_NE(reused.status.error_message().find("released already, by an earlier request"),
+            std::string::npos)
+      << reused.status.error_message();
   // A 1 MiB request id or server id: refused, not repeated in every message or kept.
   auto big_id = Prefill(ctx, req);
   big_id.set_request_id(std::string(1 << 20, 'x'));

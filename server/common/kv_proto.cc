@@ -249,8 +249,9 @@ void ContextClient::Confirm(const std::string& address, v1::ReleaseRequest relea
             verdict(DeadlineExceeded(
                 "the KV of request '" + request_id + "' was no longer held by context server " +
                 address +
-                " once pulled (its lease, kv_lease_ms, ran out first): the blocks may "
-                "have been reused while they were read, so the request is not decoded from them"));
+                " once pulled (released already, by an earlier request with the same handle, "
+                "or its lease, kv_lease_ms, ran out first): the blocks may have been reused "
+                "while they were read, so the request is not decoded from them"));
           } else {
             verdict(Aborted("could not confirm with context server " + address +
                             " that it still held the KV of request '" + request_id +
