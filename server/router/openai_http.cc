@@ -325,19 +325,25 @@ struct StreamRun {
   }
 };
 
-// Starts p.n runs of p.route (choice i seeded with seed + i when a seed is given), each on a
-// thread of its own. A run that fails ends the others (run->cancelled), as does the end of
-// the response.
+// Starts p.runs() runs, each on a thread of its own: choice i is prompt i / n (p.route's, or
+// p.batch[i / n]), seeded with seed + i % n when a seed is given. A run that fails ends the
+// others (run->cancelled), as does the end of the response.
 Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const ParsedRequest& p) {
+  const int runs = p.runs();
   {
     std::lock_guard<std::mutex> lock(run->mu);
-    run->status.assign(static_cast<size_t>(p.n), grpc::Status::OK);
-    run->running = p.n;
+    run->status.assign(static_cast<size_t>(runs), grpc::Status::OK);
+    run->running = runs;
   }
-  for (int i = 0; i < p.n; ++i) {
+  for (int i = 0; i < runs; ++i) {
     RouteRequest r = p.route;
+    if (!p.batch.empty()) {  // choice i: prompt i / n, its sample i % n
+      const std::vector<int32_t>& ids = p.batch[static_cast<size_t>(i / p.n)];
+      r.proto.mutable_token_ids()->mutable_ids()->Assign(ids.begin(), ids.end());
+    }
     if (p.n > 1 && r.proto.sampling().has_seed()) {
-      r.proto.mutable_sampling()->set_seed(r.proto.sampling().seed() + static_cast<uint64_t>(i));
+      r.proto.mutable_sampling()->set_seed(r.proto.sampling().seed() +
+                                           static_cast<uint64_t>(i % p.n));
     }
     r.client_gone = [gone = p.route.client_gone, run] {
       return run->cancelled.load() || (gone && gone());
@@ -366,10 +372,10 @@ Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const Pa
     } catch (const std::system_error& x) {
       run->Cancel();  // the runs already started end at once
       std::lock_guard<std::mutex> lock(run->mu);
-      for (int j = i; j < p.n; ++j) {
+      for (int j = i; j < runs; ++j) {
         run->status[static_cast<size_t>(j)] = grpc::Status(grpc::StatusCode::INTERNAL, x.what());
       }
-      run->running -= p.n - i;
+      run->running -= runs - i;
       run->cv.notify_all();
       return Internal(std::string("cannot start the request: ") + x.what());
     }
@@ -459,28 +465,56 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   } else {
     if (!j.contains("prompt")) return Bad(e, "prompt", "'prompt' is required");
     const json& pr = j["prompt"];
-    if (pr.is_string()) {
-      ids = tok.Encode(pr.get<std::string>(), true);
-    } else if (pr.is_array() && pr.size() == 1 && pr[0].is_string()) {
-      ids = tok.Encode(pr[0].get<std::string>(), true);
-    } else if (pr.is_array() && !pr.empty() && pr[0].is_number_integer()) {
-      for (const json& t : pr) {
+    // One prompt: a string or token ids; several: an array of strings or of token-id arrays
+    // (at most kMaxPrompts).
+    constexpr size_t kMaxPrompts = 64;
+    auto token_ids = [&](const json& list, std::vector<int32_t>* out) -> Status {
+      for (const json& t : list) {
         if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
             t.get<int64_t>() >= tok.vocab_size()) {
           return Bad(e, "prompt",
                      "'prompt' token ids must be integers in [0, " +
                          std::to_string(tok.vocab_size()) + ")");
         }
-        ids.push_back(t.get<int32_t>());
+        out->push_back(t.get<int32_t>());
       }
-    } else if (pr.is_array() && pr.size() > 1) {
-      return Bad(e, "prompt", "batched prompts are not supported: send one prompt per request");
+      return Status::Ok();
+    };
+    if (pr.is_string()) {
+      ids = tok.Encode(pr.get<std::string>(), true);
+    } else if (pr.is_array() && !pr.empty() && pr[0].is_number_integer()) {
+      RETURN_IF_ERROR(token_ids(pr, &ids));
+    } else if (pr.is_array() && !pr.empty() && pr.size() <= kMaxPrompts &&
+               (pr[0].is_string() || pr[0].is_array())) {
+      const bool text = pr[0].is_string();
+      for (size_t i = 0; i < pr.size(); ++i) {
+        std::vector<int32_t> one;
+        if (text && pr[i].is_string()) {
+          one = tok.Encode(pr[i].get<std::string>(), true);
+        } else if (!text && pr[i].is_array()) {
+          RETURN_IF_ERROR(token_ids(pr[i], &one));
+        } else {
+          return Bad(e, "prompt",
+                     "'prompt' lists must hold only strings or only arrays of token ids");
+        }
+        if (one.empty()) {
+          return Bad(e, "prompt", "prompt " + std::to_string(i) + " of the list is empty");
+        }
+        p.batch.push_back(std::move(one));
+      }
+      ids = p.batch[0];
+      if (p.batch.size() == 1) p.batch.clear();
+    } else if (pr.is_array() && pr.size() > kMaxPrompts) {
+      return Bad(e, "prompt", "at most " + std::to_string(kMaxPrompts) + " prompts in one request");
     } else {
-      return Bad(e, "prompt", "'prompt' must be a string, [string] or an array of token ids");
+      return Bad(e, "prompt",
+                 "'prompt' must be a string, an array of token ids, or an array of either");
     }
   }
   if (ids.empty()) return Bad(e, chat ? "messages" : "prompt", "the prompt is empty");
-  const int64_t prompt_len = static_cast<int64_t>(ids.size());
+  // The longest prompt bounds max_tokens.
+  int64_t prompt_len = static_cast<int64_t>(ids.size());
+  for (const auto& one : p.batch) prompt_len = std::max<int64_t>(prompt_len, one.size());
   // Parameters this server does not implement: refused by name rather than silently dropped
   // (a client would otherwise get output that ignores them).
   auto unsupported = [&](const char* key, bool given) -> Status {
@@ -505,6 +539,11 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   int64_t n = 1;
   RETURN_IF_ERROR(Integer(j, "n", 1, 64, &n, e));
   p.n = static_cast<int>(n);
+  if (p.runs() > 256) {
+    return Bad(e, "n",
+               std::to_string(p.batch.size()) + " prompts x n " + std::to_string(n) +
+                   " choices: at most 256 in one request");
+  }
   RETURN_IF_ERROR(
       unsupported("best_of", present("best_of") && j["best_of"] != 1 && j["best_of"] != n));
   int64_t max_tokens = chat ? 0 : 16;
@@ -892,20 +931,21 @@ StatusOr<int> OpenAiHttp::Start() {
         }
         run->Join();
         if (auto e = failure()) return send_error(res, *e, route);
-        std::vector<std::string> text(p.n), finish(p.n);
-        std::vector<std::vector<RouteEvent>> toks(p.n);
+        const int runs = p.runs();
+        std::vector<std::string> text(runs), finish(runs);
+        std::vector<std::vector<RouteEvent>> toks(runs);
         int64_t prompt_tokens = 0, completion_tokens = 0;
         for (const auto& [i, ev] : run->events) {
           text[i] += ev.text;
           if (ev.token >= 0) toks[i].push_back(ev);
           if (ev.finished) {
             finish[i] = ev.finish_reason;
-            prompt_tokens = ev.prompt_tokens;
+            if (i % p.n == 0) prompt_tokens += ev.prompt_tokens;  // each prompt once
             completion_tokens += ev.completion_tokens;
           }
         }
         json choices = json::array();
-        for (int i = 0; i < p.n; ++i) {
+        for (int i = 0; i < runs; ++i) {
           if (chat) {
             choices.push_back(
                 {{"index", i},
@@ -975,14 +1015,14 @@ StatusOr<int> OpenAiHttp::Start() {
               return false;
             };
             if (chat) {
-              for (int i = 0; i < p.n; ++i) {
+              for (int i = 0; i < p.runs(); ++i) {
                 if (!send(chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr))) {
                   return reader_gone();
                 }
               }
             }
             int64_t prompt_tokens = 0, completion_tokens = 0;
-            std::vector<size_t> offset(p.n, 0);
+            std::vector<size_t> offset(static_cast<size_t>(p.runs()), 0);
             for (bool done = false; !done;) {
               std::deque<std::pair<int, RouteEvent>> events;
               {
@@ -998,7 +1038,7 @@ StatusOr<int> OpenAiHttp::Start() {
                   lp = chat ? ChatLogprobs(tok, {ev}) : CompletionLogprobs(tok, {ev}, offset[i]);
                 }
                 if (ev.finished) {
-                  prompt_tokens = ev.prompt_tokens;
+                  if (i % p.n == 0) prompt_tokens += ev.prompt_tokens;  // each prompt once
                   completion_tokens += ev.completion_tokens;
                   json body = chat ? json{{"content", ev.text}} : json(ev.text);
                   if (chat && ev.text.empty()) body = json::object();

@@ -30,7 +30,11 @@ struct ParsedRequest {
   bool include_usage = false;
   bool logprobs = false;  // return logprobs (completions: "logprobs" >= 0; chat: true)
   int top_logprobs = 0;
-  int n = 1;  // choices, each its own run of `route`
+  int n = 1;  // choices per prompt, each its own run of `route`
+  // Completions given several prompts: each prompt's token ids (route holds the first's);
+  // choice index = prompt × n + sample, as vLLM and OpenAI number them.
+  std::vector<std::vector<int32_t>> batch;
+  int runs() const { return n * static_cast<int>(batch.empty() ? 1 : batch.size()); }
   RouteRequest route;
 };
 struct HttpError {

@@ -332,6 +332,37 @@ class RouterTest(unittest.TestCase):
         self.assertEqual(finishes, ["length"] * 3)
         self.assertEqual(usage.completion_tokens, 36)
 
+    def test_several_prompts(self):
+        # A list of prompts (strings, or token-id lists): choice index = prompt x n + sample,
+        # each what the prompt alone gives; usage counts every prompt once.
+        prompts = ["Once upon a time", "The dog"]
+        base = dict(model=NAME, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        singles = [self.client.completions.create(prompt=q, **base) for q in prompts]
+        want = [s.choices[0].text for s in singles for _ in range(2)]
+        prompt_tokens = sum(s.usage.prompt_tokens for s in singles)
+        r = self.client.completions.create(prompt=prompts, n=2, **base)
+        self.assertEqual([c.index for c in r.choices], [0, 1, 2, 3])
+        self.assertEqual([c.text for c in r.choices], want)
+        self.assertEqual((r.usage.prompt_tokens, r.usage.completion_tokens), (prompt_tokens, 24))
+        ids = [[1] + [t for t in range(10, 20)], [1, 30, 31]]
+        by_ids = self.client.completions.create(prompt=ids, **base)
+        self.assertEqual(by_ids.usage.prompt_tokens, 14)
+        self.assertEqual([c.text for c in by_ids.choices],
+                         [self.client.completions.create(prompt=q, **base).choices[0].text
+                          for q in ids])
+        texts, usage = [""] * 4, None
+        for ch in self.client.completions.create(prompt=prompts, n=2, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 **base):
+            for c in ch.choices:
+                texts[c.index] += c.text
+            usage = ch.usage or usage
+        self.assertEqual(texts, want)
+        self.assertEqual((usage.prompt_tokens, usage.completion_tokens), (prompt_tokens, 24))
+        status, body = http(self.port, "/v1/completions",
+                            {"model": NAME, "prompt": ["a", [1, 2]]})
+        self.assertEqual((status, body["error"]["param"]), (400, "prompt"))
+
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
                                            temperature=0, logprobs=3)
