@@ -523,7 +523,28 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   };
   auto present = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
   auto non_empty = [&](const char* key) { return present(key) && !j[key].empty(); };
-  RETURN_IF_ERROR(unsupported("echo", present("echo") && j["echo"] != false));
+  // echo (completions): the prompt's text before each choice's; prompt logprobs, which echo
+  // adds to logprobs, are not computed.
+  if (present("echo") && !j["echo"].is_boolean()) {
+    return Bad(e, "echo", "'echo' must be a boolean");
+  }
+  const bool echo = present("echo") && j["echo"].get<bool>();
+  RETURN_IF_ERROR(unsupported("echo", echo && chat));
+  if (echo) {
+    const json& pr = j["prompt"];
+    const size_t prompts = p.batch.empty() ? 1 : p.batch.size();
+    for (size_t i = 0; i < prompts; ++i) {
+      const json& one = pr.is_array() && (pr[0].is_string() || pr[0].is_array()) ? pr[i] : pr;
+      if (one.is_string()) {
+        p.echo.push_back(one.get<std::string>());
+      } else {  // token ids: their text, control tokens left out as in generated text
+        IncrementalDetokenizer detok(tok, -1, /*skip_control=*/true);
+        std::string text;
+        for (int32_t id : p.batch.empty() ? ids : p.batch[i]) text += detok.Push(id);
+        p.echo.push_back(text + detok.Flush());
+      }
+    }
+  }
   RETURN_IF_ERROR(unsupported("suffix", present("suffix") && j["suffix"] != ""));
   RETURN_IF_ERROR(unsupported("logit_bias", non_empty("logit_bias")));
   RETURN_IF_ERROR(unsupported("tools", non_empty("tools")));
@@ -630,6 +651,24 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
     RETURN_IF_ERROR(Integer(j, "logprobs", 0, 20, &lp, e));
     p.logprobs = lp >= 0;
     p.top_logprobs = static_cast<int>(std::max<int64_t>(lp, 0));
+    if (p.logprobs && !p.echo.empty()) {
+      return Bad(e, "echo", "'echo' with 'logprobs' is not supported (no prompt logprobs)");
+    }
+  }
+  // vLLM's stop_token_ids: generation stops at any of them.
+  if (j.contains("stop_token_ids") && !j["stop_token_ids"].is_null()) {
+    const json& st = j["stop_token_ids"];
+    if (!st.is_array() || st.size() > 1024) {
+      return Bad(e, "stop_token_ids", "'stop_token_ids' must be an array of at most 1024 ids");
+    }
+    for (const json& t : st) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.vocab_size()) {
+        return Bad(
+            e, "stop_token_ids",
+            "'stop_token_ids' must be integers in [0, " + std::to_string(tok.vocab_size()) + ")");
+      }
+      p.route.proto.add_stop_token_ids(t.get<int32_t>());
+    }
   }
   bool ignore_eos = false;
   if (j.contains("ignore_eos") && !j["ignore_eos"].is_null()) {
@@ -955,7 +994,7 @@ StatusOr<int> OpenAiHttp::Start() {
           } else {
             choices.push_back(
                 {{"index", i},
-                 {"text", text[i]},
+                 {"text", (p.echo.empty() ? "" : p.echo[static_cast<size_t>(i / p.n)]) + text[i]},
                  {"logprobs", p.logprobs ? CompletionLogprobs(tok, toks[i], 0) : json(nullptr)},
                  {"finish_reason", finish[i]}});
           }
@@ -1014,6 +1053,12 @@ StatusOr<int> OpenAiHttp::Start() {
               run->Cancel();
               return false;
             };
+            for (int i = 0; i < static_cast<int>(p.echo.empty() ? 0 : p.runs()); ++i) {
+              // echo: each choice's prompt first
+              if (!send(chunk(i, p.echo[static_cast<size_t>(i / p.n)], nullptr, nullptr))) {
+                return reader_gone();
+              }
+            }
             if (chat) {
               for (int i = 0; i < p.runs(); ++i) {
                 if (!send(chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr))) {

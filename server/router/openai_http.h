@@ -35,6 +35,8 @@ struct ParsedRequest {
   // choice index = prompt × n + sample, as vLLM and OpenAI number them.
   std::vector<std::vector<int32_t>> batch;
   int runs() const { return n * static_cast<int>(batch.empty() ? 1 : batch.size()); }
+  // Completions with echo: each prompt's text, put before its choices' text.
+  std::vector<std::string> echo;
   RouteRequest route;
 };
 struct HttpError {

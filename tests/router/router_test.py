@@ -363,6 +363,30 @@ class RouterTest(unittest.TestCase):
                             {"model": NAME, "prompt": ["a", [1, 2]]})
         self.assertEqual((status, body["error"]["param"]), (400, "prompt"))
 
+    def test_echo_and_stop_token_ids(self):
+        # echo puts the prompt before the completion (streamed: as each choice's first chunk);
+        # vLLM's stop_token_ids ends generation at any of them.
+        base = dict(model=NAME, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        prompt = "Once upon a time"
+        plain = self.client.completions.create(prompt=prompt, **base).choices[0].text
+        r = self.client.completions.create(prompt=[prompt, "The dog"], echo=True, **base)
+        self.assertEqual(r.choices[0].text, prompt + plain)
+        self.assertTrue(r.choices[1].text.startswith("The dog"), r.choices[1].text)
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(
+            prompt=prompt, echo=True, stream=True, **base))
+        self.assertEqual(streamed, prompt + plain)
+        status, body = http(self.port, "/v1/completions",
+                            {"model": NAME, "prompt": "a", "echo": True, "logprobs": 1})
+        self.assertEqual((status, body["error"]["param"]), (400, "echo"))
+        r = self.client.completions.create(prompt=prompt, model=NAME, max_tokens=8,
+                                           temperature=0,
+                                           extra_body={"stop_token_ids": list(range(3, 512))})
+        self.assertEqual((r.choices[0].finish_reason, r.choices[0].text,
+                          r.usage.completion_tokens), ("stop", "", 1))
+        status, body = http(self.port, "/v1/completions",
+                            {"model": NAME, "prompt": "a", "stop_token_ids": [512]})
+        self.assertEqual((status, body["error"]["param"]), (400, "stop_token_ids"))
+
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
                                            temperature=0, logprobs=3)
@@ -624,7 +648,7 @@ class RouterTest(unittest.TestCase):
         self.assertNotIn("fake_metric", metrics)
         self.assertIn('helix_router_http_responses_total{route="other",code="404"}', metrics)
         # Parameters this server does not implement are refused by name, not dropped.
-        for extra in ({"echo": True}, {"best_of": 2}, {"suffix": "x"}, {"logit_bias": {"5": 10}},
+        for extra in ({"best_of": 2}, {"suffix": "x"}, {"logit_bias": {"5": 10}},
                       {"response_format": {"type": "json_object"}},
                       {"tools": [{"type": "function", "function": {"name": "f"}}]}):
             status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", **extra})
