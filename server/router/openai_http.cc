@@ -449,6 +449,9 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
           }
           cm.content += part["text"].get<std::string>();
         }
+      } else if (cm.role == "assistant" && (!m.contains("content") || m["content"].is_null())) {
+        // OpenAI allows an assistant message without content (it had tool calls, which this
+        // server does not make): it renders empty, as vLLM's templates render it.
       } else {
         return Bad(e, at + ".content", at + " needs 'content' (a string or text parts)");
       }

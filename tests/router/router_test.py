@@ -1124,6 +1124,12 @@ class ChatTest(unittest.TestCase):
                     roles[c.index] += c.delta.role == "assistant"
                     got[c.index] += c.delta.content or ""
             self.assertEqual((got, roles), ([want.choices[0].text] * 2, [1, 1]))
+            # An assistant message may come without content (null): it renders empty.
+            r = client.chat.completions.create(
+                model=NAME, max_tokens=3, temperature=0,
+                messages=msgs + [{"role": "assistant", "content": None},
+                                 {"role": "user", "content": "Again"}])
+            self.assertEqual(r.choices[0].finish_reason, "length")
             with self.assertRaises(APIStatusError) as e:
                 client.chat.completions.create(model=NAME, messages=[{"role": "robot",
                                                                       "content": "x"}])
