@@ -411,6 +411,9 @@ TEST_F(ConfigTest, RouterConfig) {
        "api_key"},
       {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]}, "hostname": "x"})",
        "unknown config field 'hostname'"},
+      {R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+           "server": {"port": 8000}, "grpc_port": 8000})",
+       "is also 'server.port'"},
   };
   for (const auto& b : bad) {
     auto c = LoadRouter(dir_, b.json);

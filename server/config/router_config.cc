@@ -71,6 +71,10 @@ Status RouterConfig::Validate() {
     return InvalidArgument("config field 'grpc_port' = " + std::to_string(grpc_port) +
                            ": expected 0 (off) to 65535");
   }
+  if (grpc_port != 0 && grpc_port == server.port) {
+    return InvalidArgument("config field 'grpc_port' = " + std::to_string(grpc_port) +
+                           " is also 'server.port': the HTTP and gRPC fronts need a port each");
+  }
   if (model.empty()) return InvalidArgument("config field 'model' is required but missing");
   if (!fs::exists(model)) {
     return InvalidArgument("config field 'model' = " + nlohmann::json(model).dump() +

@@ -1164,7 +1164,18 @@ StatusOr<int> OpenAiHttp::Start() {
     HELIX_LOG(kWarn) << "router: could not raise the listen backlog of port " << port
                      << "; bursts of new connections may wait for SYN retries";
   }
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  thread_ = std::thread([this] {
+    server_->listen_after_bind();
+    listening_done_ = true;
+  });
+  // httplib 0.11's stop() does nothing until the listening loop has marked itself running, so
+  // a Stop right after Start (a signal during start-up, a later start-up step failing) would
+  // leave the loop, and the join, waiting for ever: Start returns once it runs.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!server_->is_running() && !listening_done_ &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   return port;
 }
 
@@ -1190,7 +1201,11 @@ void OpenAiHttp::Stop() {
     stopping_ = true;
     streams_cv_.wait(lock, [&] { return streams_starting_ == 0; });
   }
-  if (server_) server_->stop();
+  // Repeated until the listening loop has returned (see Start).
+  while (server_ && thread_.joinable() && !listening_done_) {
+    server_->stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   if (thread_.joinable()) thread_.join();
 }
 

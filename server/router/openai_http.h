@@ -5,6 +5,7 @@
 // Thread-safety: one instance serves many connections concurrently.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -75,6 +76,7 @@ class OpenAiHttp {
   config::RouterConfig cfg_;
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
+  std::atomic<bool> listening_done_{false};  // listen_after_bind returned
   mutable std::mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> responses_;  // GUARDED_BY(mu_)
 };
