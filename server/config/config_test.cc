@@ -60,9 +60,28 @@ TEST_F(ConfigTest, MinimalGenerationConfigGetsDefaults) {
   EXPECT_DOUBLE_EQ(*c->kv_cache_config.free_memory_fraction, 0.9);
   EXPECT_EQ(c->server.host, "127.0.0.1");
   nlohmann::json j = c->ToJson();
-  EXPECT_TRUE(j["cp_config"].is_null());
+  EXPECT_FALSE(j.contains("cp_config"));
   EXPECT_EQ(j["kv_cache_config"]["dtype"], "float32");
   EXPECT_FALSE(j.contains("kv_lease_ms"));
+}
+
+// check-config's output reads back as the same config, for every role (a null cp_config was
+// refused by the generation role and unknown to the context role).
+TEST_F(ConfigTest, PrintedConfigReadsBack) {
+  for (const auto& [role, text] :
+       {std::pair{Role::kGeneration, std::string(kMinimal)},
+        std::pair{Role::kGeneration,
+                  std::string(R"({"model": "model.bin", "context_parallel_size": 2,
+                                  "cp_config": {"cp_type": "HELIX"}})")},
+        std::pair{Role::kContext,
+                  std::string(R"({"model": "model.bin", "server": {"port": 50051}})")}}) {
+    auto c = Load(text, role);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    const nlohmann::json printed = c->ToJson();
+    auto again = Load(printed.dump(), role);
+    ASSERT_TRUE(again.ok()) << again.status().ToString() << "\n" << printed.dump(2);
+    EXPECT_EQ(again->ToJson(), printed);
+  }
 }
 
 TEST_F(ConfigTest, HelixConfigFillsCpTokensPerBlock) {

@@ -263,12 +263,10 @@ nlohmann::json ServingConfig::ToJson() const {
   j["cuda_graphs"] = cuda_graphs;
   j["tensor_parallel_size"] = tensor_parallel_size;
   j["context_parallel_size"] = context_parallel_size;
-  if (cp_config) {
+  if (cp_config) {  // absent otherwise: null is not a valid cp_config (the output reads back)
     j["cp_config"] = {{"cp_type", cp_config->cp_type},
                       {"tokens_per_block",
                        cp_config->tokens_per_block.value_or(kv_cache_config.tokens_per_block)}};
-  } else {
-    j["cp_config"] = nullptr;
   }
   auto opt_int = [](const std::optional<int64_t>& v) {
     return v ? nlohmann::json(*v) : nlohmann::json(nullptr);
