@@ -111,8 +111,10 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
       source = env.source;
     }
   }
-  // A launcher's single task (sbatch, mpirun -n 1) is a leader like a process started alone.
-  if (rank && source != "flags" && size && *size == 1 && *rank == 0) {
+  // A launcher's single task (sbatch, mpirun -n 1) is a leader like a process started alone;
+  // so is rank 0 of an instance of one rank, however it was told its rank (a Slurm step sets
+  // SLURM_PROCID for every task).
+  if (rank && *rank == 0 && (world == 1 || (source != "flags" && size && *size == 1))) {
     rank.reset();
     size.reset();
   }
@@ -122,6 +124,11 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
   }
   if (const char* t = std::getenv("HELIX_GROUP_TOKEN"); t != nullptr) a.group_token = t;
   if (!rank) {
+    if (size && *size != world) {
+      return InvalidArgument("world size " + std::to_string(*size) + " (from " + source +
+                             ") differs from tensor_parallel_size x context_parallel_size = " +
+                             std::to_string(world));
+    }
     a.rank = 0;
     a.spawn_local = world > 1;
     // A leader that spawns its ranks makes its own token (an exported one could be shared by

@@ -108,7 +108,31 @@ TEST_F(AssignRankTest, ALaunchersSingleTaskIsALocalLeader) {
   }
 }
 
+// Rank 0 of an instance of one rank needs no leader's address, however it learnt its rank:
+// in a Slurm step (SLURM_PROCID set for every task, with any SLURM_NTASKS), with HELIX_RANK=0,
+// or with --rank 0 (each refused with "rank 0 of 1 needs the leader's address").
+TEST_F(AssignRankTest, RankZeroOfOneRankIsALeader) {
+  auto flag = AssignRank(1, 0, std::nullopt, "");
+  ASSERT_TRUE(flag.ok()) << flag.status().ToString();
+  EXPECT_EQ(flag->rank, 0);
+  EXPECT_FALSE(flag->spawn_local);
+  for (const char* var : {"SLURM_PROCID", "HELIX_RANK"}) {
+    SCOPED_TRACE(var);
+    setenv(var, "0", 1);
+    auto env = AssignRank(1, std::nullopt, std::nullopt, "");
+    ASSERT_TRUE(env.ok()) << env.status().ToString();
+    EXPECT_EQ(env->rank, 0);
+    EXPECT_FALSE(env->spawn_local);
+    Clear();
+  }
+}
+
 TEST_F(AssignRankTest, InconsistentInputsAreRefusedWithReasons) {
+  // A leader given a world size its layout does not have (its spawned ranks failed, and it
+  // waited out the collective timeout for them).
+  auto leader = AssignRank(2, std::nullopt, 3, "");
+  EXPECT_NE(leader.status().message().find("differs"), std::string::npos)
+      << leader.status().ToString();
   auto size = AssignRank(4, 1, 8, "h:1");
   EXPECT_NE(size.status().message().find("differs"), std::string::npos);
   auto range = AssignRank(4, 4, std::nullopt, "h:1");
