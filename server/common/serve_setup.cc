@@ -51,4 +51,9 @@ grpc::Status CheckBearer(const std::multimap<grpc::string_ref, grpc::string_ref>
                       "missing or wrong \"authorization: Bearer <api key>\" metadata");
 }
 
+std::string JoinHostPort(const std::string& host, int port) {
+  const bool bare_v6 = host.find(':') != std::string::npos && host.front() != '[';
+  return (bare_v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
 }  // namespace helix::server

@@ -17,6 +17,8 @@ namespace helix::server {
 // The engine options a serving config implies (model, tokenizer, threads, KV cache, batch
 // limits, TP × CP, transfer timeout); the caller adds what is role-specific.
 EngineOptions EngineOptionsFromConfig(const config::ServingConfig& cfg);
+// "host:port", with an IPv6 literal host in brackets ("[::1]:50051"), as gRPC takes it.
+std::string JoinHostPort(const std::string& host, int port);
 
 // TLS credentials when the endpoint has a certificate and key, else insecure ones.
 std::shared_ptr<grpc::ServerCredentials> ServerCredentialsFor(const config::ServerEndpoint& e);

@@ -75,7 +75,7 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   so.max_in_flight = 4 * cfg->max_batch_size;
   so.api_key = cfg->server.api_key.value_or("");
   so.lease_ms = cfg->kv_lease_ms;
-  const std::string listen = cfg->server.host + ":" + std::to_string(cfg->server.port);
+  const std::string listen = helix::server::JoinHostPort(cfg->server.host, cfg->server.port);
   // Handles carry the address generation servers call back (export check, release): a
   // wildcard listen address names no host, so this host's name goes there instead.
   std::string advertised = cfg->server.host;
@@ -91,7 +91,7 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
                        << ", which only this host can reach";
     }
   }
-  so.address = advertised + ":" + std::to_string(cfg->server.port);
+  so.address = helix::server::JoinHostPort(advertised, cfg->server.port);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

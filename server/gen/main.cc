@@ -299,7 +299,7 @@ int RunServe(const ServeFlags& f) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  const std::string addr = cfg->server.host + ":" + std::to_string(cfg->server.port);
+  const std::string addr = helix::server::JoinHostPort(cfg->server.host, cfg->server.port);
   int bound_port = 0;
   // gRPC turns SO_REUSEPORT on by default: a second server on a taken port would share it.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -322,8 +322,8 @@ int RunServe(const ServeFlags& f) {
   service->set_health_listener([health](bool ok) { health->SetServingStatus(ok); });
   HELIX_LOG(kInfo) << "gen: serving helix.v1.GenerationService on " << cfg->server.host << ":"
                    << bound_port << " (" << world << " rank" << (world > 1 ? "s" : "") << ")";
-  std::cerr << "helix-gen serve: listening on " << cfg->server.host << ":" << bound_port
-            << std::endl;
+  std::cerr << "helix-gen serve: listening on "
+            << helix::server::JoinHostPort(cfg->server.host, bound_port) << std::endl;
 
   // The ranks this leader spawned are watched: one that exits (killed, crashed) leaves an
   // instance that can no longer serve, so the leader stops too, with a failure status a

@@ -17,6 +17,7 @@
 #include "helix/version.h"
 #include "server/common/cli.h"
 #include "server/common/logging.h"
+#include "server/common/serve_setup.h"
 #include "server/config/router_config.h"
 #include "server/router/grpc_front.h"
 #include "server/router/openai_http.h"
@@ -92,7 +93,7 @@ int main(int argc, char** argv) {
     grpc::ServerBuilder b;
     // gRPC turns SO_REUSEPORT on by default: a second server on a taken port would share it.
     b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-    b.AddListeningPort(cfg->server.host + ":" + std::to_string(cfg->grpc_port),
+    b.AddListeningPort(helix::server::JoinHostPort(cfg->server.host, cfg->grpc_port),
                        grpc::InsecureServerCredentials(), &grpc_port);
     b.RegisterService(&grpc_service);
     grpc_server = b.BuildAndStart();
@@ -102,7 +103,8 @@ int main(int argc, char** argv) {
     }
     grpc_server->GetHealthCheckService()->SetServingStatus(true);
   }
-  std::cerr << "helix-router: listening on http://" << cfg->server.host << ":" << *port
+  std::cerr << "helix-router: listening on http://"
+            << helix::server::JoinHostPort(cfg->server.host, *port)
             << (grpc_port > 0 ? " and gRPC :" + std::to_string(grpc_port) : "") << std::endl;
   int sig = 0;
   sigwait(&sigs, &sig);

@@ -1039,6 +1039,42 @@ class RouterFaultTest(unittest.TestCase):
         self.assertIn(b"data: [DONE]", data)
         self.assertEqual(data.count(b'"finish_reason":"length"'), 1, data[-500:])
 
+    def test_generation_server_on_ipv6_loopback(self):
+        # An IPv6 literal as server.host: gRPC needs it in brackets ("[::1]:port"); the server
+        # passed "::1:port" and failed to listen after loading the model.
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        port = free_port()
+        cfg = server_cfg(port, False)
+        cfg["server"]["host"] = "::1"
+        path = os.path.join(self.tmp, "gen_v6.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        log = open(os.path.join(self.tmp, "gen_v6.log"), "w")
+        p = subprocess.Popen([GEN, "serve", "--config", path, "--drain-ms", "0"], stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 30
+            while time.time() < deadline and p.poll() is None:
+                with socket.socket(socket.AF_INET6) as s:
+                    if s.connect_ex(("::1", port)) == 0:
+                        break
+                time.sleep(0.05)
+            self.assertIsNone(p.poll(), "the server exited")
+            out = subprocess.run([GEN, "client", "--target", f"[::1]:{port}", "--prompt", "Once",
+                                  "--max-tokens", "4", "--temperature", "0"],
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertIn("completion_tokens=4", out.stderr)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            log.close()
+
     def test_router_stopped_during_start_up_exits(self):
         # httplib 0.11's stop() is lost if it comes before the listening loop runs: a router
         # whose gRPC port was taken (start-up fails just after the HTTP front started), or that
