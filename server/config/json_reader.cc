@@ -1,8 +1,10 @@
 #include "server/config/json_reader.h"
 
+#include <charconv>
 #include <fstream>
 #include <limits>
 #include <sstream>
+#include <system_error>
 
 namespace helix::config {
 
@@ -227,6 +229,28 @@ Status JsonReader::Finish() {
     }
   }
   return *error_;
+}
+
+Status ValidateHostPort(const std::string& field, const std::string& url) {
+  const std::string prefix = "config field '" + field + "' = " + nlohmann::json(url).dump();
+  // The urls are gRPC targets; "http://h:p" passes the port check but never connects.
+  if (auto scheme = url.find("://"); scheme != std::string::npos) {
+    const std::string drop = url.substr(0, scheme + 3);
+    return InvalidArgument(prefix + ": expected \"host:port\" (the server's gRPC target), not " +
+                           "a URL; drop \"" + drop + "\"");
+  }
+  auto colon = url.rfind(':');
+  bool ok = colon != std::string::npos && colon > 0 && colon + 1 < url.size();
+  if (ok) {
+    // from_chars rejects overlong digit strings (std::stol threw out_of_range on them).
+    const char* first = url.data() + colon + 1;
+    const char* last = url.data() + url.size();
+    int port = 0;
+    auto [end, ec] = std::from_chars(first, last, port);
+    ok = ec == std::errc() && end == last && port > 0 && port <= 65535;
+  }
+  if (ok) return Status::Ok();
+  return InvalidArgument(prefix + ": expected \"host:port\" with a port in 1..65535");
 }
 
 }  // namespace helix::config

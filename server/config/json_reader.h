@@ -20,6 +20,8 @@ namespace helix::config {
 StatusOr<nlohmann::json> ParseJsonText(const std::string& text, const std::string& source_name);
 // Reads and parses a file; a missing file or bad JSON is an error naming the path.
 StatusOr<nlohmann::json> ReadJsonFile(const std::string& path);
+// A gRPC target "host:port" (port 1..65535, no URL scheme), named as config field `field`.
+Status ValidateHostPort(const std::string& field, const std::string& url);
 
 // A short description of a JSON value for error messages: `string "32"`, `number 1.5`.
 std::string DescribeJson(const nlohmann::json& j);

@@ -242,13 +242,8 @@ Status ServingConfig::Validate() {
   }
   const auto& allowed = cache_transceiver_config.allowed_context_servers;
   for (size_t i = 0; i < allowed.size(); ++i) {
-    const std::string& a = allowed[i];
-    const size_t colon = a.rfind(':');
-    if (colon == std::string::npos || colon == 0 || colon + 1 == a.size() ||
-        a.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
-      return InvalidArgument("config field 'cache_transceiver_config.allowed_context_servers[" +
-                             std::to_string(i) + "]' = " + Quote(a) + ": expected \"host:port\"");
-    }
+    RETURN_IF_ERROR(ValidateHostPort(
+        "cache_transceiver_config.allowed_context_servers[" + std::to_string(i) + "]", allowed[i]));
   }
   return ValidateLogging(logging);
 }

@@ -148,7 +148,9 @@ int main(int argc, char** argv) {
   serve->add_option("--config", serve_config, "JSON config file")->required();
   serve
       ->add_option("--drain-ms", drain_ms,
-                   "On SIGTERM/SIGINT, how long in-flight prefills may finish")
+                   "On SIGTERM/SIGINT, how long in-flight prefills and the handles already "
+                   "given out may finish")
+      ->check(CLI::Range(int64_t{0}, int64_t{86400000}))
       ->capture_default_str();
   auto* check = app.add_subcommand(
       "check-config", "Validate a config and print it resolved (defaults filled in) as JSON");

@@ -463,6 +463,7 @@ int main(int argc, char** argv) {
   serve
       ->add_option("--drain-ms", sf.drain_ms,
                    "On SIGTERM/SIGINT, how long in-flight streams may finish")
+      ->check(CLI::Range(int64_t{0}, int64_t{86400000}))
       ->capture_default_str();
   serve
       ->add_option("--heartbeat-ms", sf.heartbeat_ms,

@@ -77,4 +77,10 @@ check "cluster server not an object" 2 python3 "$src/deploy/cluster.py" up \
   --config "$tmp/cl2.json" --build "$bin/.."
 expect_in "cluster server message" "$tmp/err" "'server' must be an object"
 
+# --drain-ms out of range is a usage error (a negative one meant no drain at all).
+for b in helix-gen helix-ctx; do
+  check "$b --drain-ms -5" 2 "$bin/$b" serve --config "$src/configs/gen_cpu_cp2.json" --drain-ms -5
+  expect_in "$b --drain-ms message" "$tmp/err" "--drain-ms"
+done
+
 exit $fail
