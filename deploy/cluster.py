@@ -74,6 +74,39 @@ def load_cluster(path):
     for k in ("router", "context_servers", "generation_servers", "server"):
         if k in c and not isinstance(c[k], dict):
             raise UsageError(f"{path}: '{k}' must be an object")
+    # Every key this file takes, with its kind: a misspelt one would be ignored, and a number
+    # given as a string failed later with a Python traceback.
+    def integer(lo, hi):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, \
+            f"an integer in {lo}..{hi}"
+    text = (lambda v: isinstance(v, str), "a string")
+    text_or_null = (lambda v: v is None or isinstance(v, str), "a string or null")
+    port = integer(1, 65535)
+    schema = {
+        "": {"model": text, "tokenizer": text_or_null, "host": text, "router": None,
+             "context_servers": None, "generation_servers": None, "server": None},
+        "router": {"port": port, "grpc_port": integer(0, 65535),
+                   "served_model_name": text_or_null, "api_key": text_or_null,
+                   "chat_template": text_or_null},
+        "context_servers": {"count": integer(0, 64), "base_port": port,
+                            "kv_lease_ms": integer(1, 86400000)},
+        "generation_servers": {"count": integer(1, 64), "base_port": port,
+                               "tensor_parallel_size": integer(1, 64),
+                               "context_parallel_size": integer(1, 64)},
+    }
+    for section, keys in schema.items():
+        obj = c if section == "" else c.get(section, {})
+        for k, v in obj.items():
+            name = k if section == "" else f"{section}.{k}"
+            if k not in keys:
+                raise UsageError(f"{path}: unknown key '{name}' (known: "
+                                 f"{', '.join(sorted(keys))})")
+            if keys[k] is not None and not keys[k][0](v):
+                raise UsageError(f"{path}: '{name}' = {json.dumps(v)}: expected {keys[k][1]}")
+    # "server" goes to the servers, which check it; the parts read here must be objects.
+    for k in ("kv_cache_config", "cache_transceiver_config"):
+        if k in c.get("server", {}) and not isinstance(c["server"][k], dict):
+            raise UsageError(f"{path}: 'server.{k}' must be an object")
     return c
 
 

@@ -77,6 +77,18 @@ check "cluster server not an object" 2 python3 "$src/deploy/cluster.py" up \
   --config "$tmp/cl2.json" --build "$bin/.."
 expect_in "cluster server message" "$tmp/err" "'server' must be an object"
 
+# A misspelt key or a number given as a string: one line naming it, exit 2 (the typo was
+# ignored, the string ended in a traceback).
+echo '{"model": "m.gguf", "generaton_servers": {"count": 2}}' > "$tmp/cl3.json"
+check "cluster unknown key" 2 python3 "$src/deploy/cluster.py" up --config "$tmp/cl3.json" \
+  --build "$bin/.."
+expect_in "cluster unknown key message" "$tmp/err" "unknown key 'generaton_servers'"
+echo '{"model": "m.gguf", "generation_servers": {"context_parallel_size": "2"}}' > "$tmp/cl4.json"
+check "cluster string number" 2 python3 "$src/deploy/cluster.py" up --config "$tmp/cl4.json" \
+  --build "$bin/.."
+expect_in "cluster string number message" "$tmp/err" \
+  "'generation_servers.context_parallel_size' = \"2\": expected an integer"
+
 # --drain-ms out of range is a usage error (a negative one meant no drain at all).
 for b in helix-gen helix-ctx; do
   check "$b --drain-ms -5" 2 "$bin/$b" serve --config "$src/configs/gen_cpu_cp2.json" --drain-ms -5
