@@ -112,13 +112,6 @@ std::variant<Instance, int> StartInstance(const std::string& cmd, helix::EngineO
   if (o.rank == 0 && leader_signals != nullptr) {
     pthread_sigmask(SIG_BLOCK, leader_signals, nullptr);
     WatchSignals(cmd, *leader_signals);
-  } else if (leader_signals != nullptr) {
-    // A worker of a serving instance outlives a SIGTERM/SIGINT sent to the whole process group
-    // (Ctrl-C, systemd, killpg), so that its leader can drain the streams in flight: the leader
-    // stops it afterwards, and it dies with a leader that spawned it.
-    for (int s = 1; s < NSIG; ++s) {
-      if (sigismember(leader_signals, s) == 1) signal(s, SIG_IGN);
-    }
   }
   Instance inst;
   if (assigned->spawn_local) {
@@ -147,6 +140,17 @@ std::variant<Instance, int> StartInstance(const std::string& cmd, helix::EngineO
     return kExitFailure;
   }
   if (!(*engine)->is_leader()) {
+    if (leader_signals != nullptr) {
+      // A worker of a serving instance, once it has joined, outlives a SIGTERM/SIGINT sent to
+      // the whole process group (Ctrl-C, systemd, killpg), so that its leader can drain the
+      // streams in flight: the leader stops it afterwards, and it dies with a leader that
+      // spawned it. Before it joined there is nothing to drain: the signals end it at once
+      // (ignored from the start, a worker waiting for an absent leader sat out the 30 s
+      // timeout).
+      for (int s = 1; s < NSIG; ++s) {
+        if (sigismember(leader_signals, s) == 1) signal(s, SIG_IGN);
+      }
+    }
     helix::Status st = (*engine)->RunWorker();
     if (!st.ok()) {
       std::cerr << cmd << ": " << who << st.ToString() << "\n";

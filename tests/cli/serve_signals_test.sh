@@ -5,7 +5,9 @@
 #  2. `serve --leader-addr HOST:PORT` (where the leader listens) starts its CP 2 group (the
 #     spawned rank used to get --leader-addr twice and exit);
 #  3. a SIGTERM sent to the whole process group (Ctrl-C, systemd, killpg) drains: the stream
-#     in flight completes, because the worker rank outlives the signal until its leader is done.
+#     in flight completes, because the worker rank outlives the signal until its leader is done;
+#  4. a worker rank that has not joined yet (its leader absent) ends at once on SIGTERM (it
+#     ignored the signal from the start and sat out the 30 s rendezvous timeout).
 # Every process is started in its own session and stopped by pid.
 # Usage: serve_signals_test.sh HELIX_GEN SHARED_DIR
 set -u
@@ -101,6 +103,28 @@ if [ "$crc" -eq 0 ] && grep -qE "finish_reason=FINISH_REASON_(STOP|LENGTH)" "$tm
 else
   echo "FAIL group SIGTERM: client exit $crc, server exit $src"
   sed 's/^/  client: /' "$tmp/long.err" | tail -3; sed 's/^/  server: /' "$tmp/b.log" | tail -5
+  fail=1
+fi
+
+# 4. SIGTERM to a worker waiting for a leader that is not there.
+port=$(free_port)
+leader=$(free_port)
+config "$port" "$tmp/w.json"
+setsid "$gen" serve --config "$tmp/w.json" --rank 1 --leader-addr "127.0.0.1:$leader" \
+  >"$tmp/w.log" 2>&1 &
+pid=$!
+pids+=("$pid")
+sleep 1
+kill -TERM "$pid"
+ended=0
+for _ in $(seq 50); do
+  kill -0 "$pid" 2>/dev/null || { ended=1; break; }
+  sleep 0.1
+done
+if [ "$ended" -eq 1 ]; then
+  echo "ok   a worker rank that has not joined ends on SIGTERM"
+else
+  echo "FAIL a worker rank waiting for its leader outlived SIGTERM by 5 s"
   fail=1
 fi
 exit $fail
