@@ -1,6 +1,9 @@
 #include "server/config/json_reader.h"
 
+#include <cerrno>
 #include <charconv>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -34,8 +37,18 @@ StatusOr<nlohmann::json> ParseJsonText(const std::string& text, const std::strin
 }
 
 StatusOr<nlohmann::json> ReadJsonFile(const std::string& path) {
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (status.type() == std::filesystem::file_type::not_found) {
+    return NotFound("cannot open config file '" + path + "': no such file");
+  }
+  if (!ec && !std::filesystem::is_regular_file(status)) {
+    return InvalidArgument("config file '" + path + "' is not a regular file");
+  }
   std::ifstream in(path, std::ios::binary);
-  if (!in) return NotFound("cannot open config file '" + path + "'");
+  if (!in) {
+    return NotFound("cannot open config file '" + path + "': " + std::strerror(errno));
+  }
   std::ostringstream ss;
   ss << in.rdbuf();
   return ParseJsonText(ss.str(), path);

@@ -518,17 +518,24 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", g.seed, "Sampling seed (-1 = random)")->capture_default_str();
   gen->add_option("--stop", g.stop, "Stop string (repeatable)");
   gen->add_flag("--ignore-eos", g.ignore_eos, "Do not stop at the end-of-text token");
+  // Ranges as the config file's (a usage error naming the flag, exit 2).
   gen->add_option("--tokens-per-block", g.tokens_per_block, "KV cache block size")
+      ->check(CLI::Range(1, 65536))
       ->capture_default_str();
   gen->add_option("--kv-dtype", g.kv_dtype, "float32 | float16 | bfloat16")->capture_default_str();
   gen->add_option("--weight-dtype", g.weight_dtype,
                   "Weight matrices in memory: auto (the checkpoint's precision) | float32 | "
                   "float16 | bfloat16")
       ->capture_default_str();
-  gen->add_option("--max-seq-len", g.max_seq_len, "0 = the model's maximum")->capture_default_str();
-  gen->add_option("--threads", g.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  gen->add_option("--max-seq-len", g.max_seq_len, "0 = the model's maximum")
+      ->check(CLI::Range(0, 1 << 30))
+      ->capture_default_str();
+  gen->add_option("--threads", g.threads, "CPU threads (0 = all cores)")
+      ->check(CLI::Range(0, 4096))
+      ->capture_default_str();
   gen->add_option("--backend", g.backend,
                   "cpu | cuda (CUDA builds; rank r on GPU r modulo the visible GPUs)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   gen->add_flag("--cuda-graphs,!--no-cuda-graphs", g.cuda_graphs,
                 "cuda backend, one rank: run decode steps as CUDA graphs (default on)");

@@ -89,6 +89,16 @@ check "cluster string number" 2 python3 "$src/deploy/cluster.py" up --config "$t
 expect_in "cluster string number message" "$tmp/err" \
   "'generation_servers.context_parallel_size' = \"2\": expected an integer"
 
+# A directory given as the config is named as such (it read as "unexpected end of input").
+check "check-config on a directory" 2 "$bin/helix-gen" check-config "$tmp"
+expect_in "check-config directory message" "$tmp/err" "is not a regular file"
+# generate's flags take the config's ranges: a usage error naming the flag.
+for flag in "--threads -1" "--tokens-per-block 100000" "--max-seq-len -5" "--backend tpu"; do
+  # shellcheck disable=SC2086
+  check "generate $flag" 2 "$bin/helix-gen" generate --model x.bin $flag
+  expect_in "generate $flag message" "$tmp/err" "${flag%% *}"
+done
+
 # --drain-ms out of range is a usage error (a negative one meant no drain at all).
 for b in helix-gen helix-ctx; do
   check "$b --drain-ms -5" 2 "$bin/$b" serve --config "$src/configs/gen_cpu_cp2.json" --drain-ms -5
