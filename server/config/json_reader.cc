@@ -6,14 +6,38 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <system_error>
+#include <vector>
 
 namespace helix::config {
 
 StatusOr<nlohmann::json> ParseJsonText(const std::string& text, const std::string& source_name) {
+  // A key given twice in one object: the parser keeps the last, silently; refused instead (a
+  // setting written twice is a mistake in one of them).
+  std::vector<std::set<std::string>> open_objects;
+  std::string duplicate;
+  auto track = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using Event = nlohmann::json::parse_event_t;
+    if (event == Event::object_start) {
+      open_objects.emplace_back();
+    } else if (event == Event::object_end) {
+      if (!open_objects.empty()) open_objects.pop_back();
+    } else if (event == Event::key && !open_objects.empty() && parsed.is_string()) {
+      if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty()) {
+        duplicate = parsed.get<std::string>();
+      }
+    }
+    return true;
+  };
   try {
-    return nlohmann::json::parse(text);
+    nlohmann::json j = nlohmann::json::parse(text, track);
+    if (!duplicate.empty()) {
+      return InvalidArgument(source_name + ": key '" + duplicate +
+                             "' appears twice in one object (only the last would count)");
+    }
+    return j;
   } catch (const nlohmann::json::parse_error& e) {
     // e.byte is the 1-based offset of the failing byte; turn it into line and column.
     size_t line = 1, col = 1;
