@@ -225,8 +225,11 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     // A refused request with a KV handle hands the context server its KV back at once (the
     // lease would free it only at its end).
     auto release_refused = [svc, &p] {
-      if (p.has_kv_handle() && !p.kv_handle().server_address().empty() &&
-          !p.kv_handle().request_id().empty()) {
+      // Not a handle whose strings are past the limits: nothing is kept or called for it.
+      const v1::KvHandle& h = p.kv_handle();
+      if (p.has_kv_handle() && !h.server_address().empty() && !h.request_id().empty() &&
+          h.server_address().size() <= kMaxIdBytes && h.request_id().size() <= kMaxIdBytes &&
+          h.lease_token().size() <= kMaxIdBytes) {
         svc->context_.Release(p.kv_handle().server_address(), ReleaseRequestFor(p.kv_handle()));
       }
     };

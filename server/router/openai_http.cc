@@ -325,17 +325,25 @@ struct StreamRun {
   }
 };
 
-// Starts p.runs() runs, each on a thread of its own: choice i is prompt i / n (p.route's, or
+// How many of a request's choices run at once: at most 8, and within max_inflight_requests,
+// so that any request can be admitted once the router is idle.
+int RunsAtOnce(const ParsedRequest& p, int64_t max_inflight) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({p.runs(), 8, max_inflight})));
+}
+
+// Starts p.runs() runs on `at_once` threads: choice i is prompt i / n (p.route's, or
 // p.batch[i / n]), seeded with seed + i % n when a seed is given. A run that fails ends the
 // others (run->cancelled), as does the end of the response.
-Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const ParsedRequest& p) {
+Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const ParsedRequest& p,
+                 int at_once) {
   const int runs = p.runs();
   {
     std::lock_guard<std::mutex> lock(run->mu);
     run->status.assign(static_cast<size_t>(runs), grpc::Status::OK);
     run->running = runs;
   }
-  for (int i = 0; i < runs; ++i) {
+  // Choice i's request.
+  auto route_of = [&p, run](int i) {
     RouteRequest r = p.route;
     if (!p.batch.empty()) {  // choice i: prompt i / n, its sample i % n
       const std::vector<int32_t>& ids = p.batch[static_cast<size_t>(i / p.n)];
@@ -348,11 +356,23 @@ Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const Pa
     r.client_gone = [gone = p.route.client_gone, run] {
       return run->cancelled.load() || (gone && gone());
     };
-    try {
-      run->threads.emplace_back([router, run, r = std::move(r), i] {
-        grpc::Status st;
+    return r;
+  };
+  std::vector<RouteRequest> routes;
+  routes.reserve(static_cast<size_t>(runs));
+  for (int i = 0; i < runs; ++i) routes.push_back(route_of(i));
+  // `at_once` threads take the choices in order, each starting the next as one ends: a
+  // request's share of the servers (and of max_inflight_requests) is bounded, whatever its n.
+  auto next = std::make_shared<std::atomic<int>>(0);
+  auto work = [router, run, next, runs,
+               routes = std::make_shared<std::vector<RouteRequest>>(std::move(routes))] {
+    for (int i = next->fetch_add(1); i < runs; i = next->fetch_add(1)) {
+      grpc::Status st;
+      if (run->cancelled) {
+        st = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      } else {
         try {  // an exception here would end the router
-          st = router->Run(r, [&](const RouteEvent& ev) {
+          st = router->Run((*routes)[static_cast<size_t>(i)], [&](const RouteEvent& ev) {
             if (run->cancelled) return false;  // the response is over: cancel
             std::lock_guard<std::mutex> lock(run->mu);
             run->events.emplace_back(i, ev);
@@ -363,19 +383,25 @@ Status StartRuns(Router* router, const std::shared_ptr<StreamRun>& run, const Pa
           HELIX_LOG(kError) << "router: request failed: " << x.what();
           st = grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + x.what());
         }
-        if (!st.ok()) run->Cancel();  // one failed choice fails the request
-        std::lock_guard<std::mutex> lock(run->mu);
-        run->status[static_cast<size_t>(i)] = st;
-        --run->running;
-        run->cv.notify_all();
-      });
-    } catch (const std::system_error& x) {
-      run->Cancel();  // the runs already started end at once
+      }
+      if (!st.ok()) run->Cancel();  // one failed choice fails the request
       std::lock_guard<std::mutex> lock(run->mu);
-      for (int j = i; j < runs; ++j) {
+      run->status[static_cast<size_t>(i)] = st;
+      --run->running;
+      run->cv.notify_all();
+    }
+  };
+  const int threads = std::max(1, std::min(at_once, runs));
+  for (int t = 0; t < threads; ++t) {
+    try {
+      run->threads.emplace_back(work);
+    } catch (const std::system_error& x) {
+      if (t > 0) return Status::Ok();  // the threads running take every choice
+      std::lock_guard<std::mutex> lock(run->mu);
+      for (int j = 0; j < runs; ++j) {
         run->status[static_cast<size_t>(j)] = grpc::Status(grpc::StatusCode::INTERNAL, x.what());
       }
-      run->running -= runs - i;
+      run->running = 0;
       run->cv.notify_all();
       return Internal(std::string("cannot start the request: ") + x.what());
     }
@@ -541,7 +567,9 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
       if (one.is_string()) {
         p.echo.push_back(one.get<std::string>());
       } else {  // token ids: their text, control tokens left out as in generated text
-        IncrementalDetokenizer detok(tok, -1, /*skip_control=*/true);
+        // After BOS, as a prompt's first token reads (a SentencePiece word's leading space is
+        // dropped there, as HF decodes it).
+        IncrementalDetokenizer detok(tok, tok.bos_id(), /*skip_control=*/true);
         std::string text;
         for (int32_t id : p.batch.empty() ? ids : p.batch[i]) text += detok.Push(id);
         p.echo.push_back(text + detok.Flush());
@@ -908,7 +936,8 @@ StatusOr<int> OpenAiHttp::Start() {
       HttpError err;
       auto parsed = ParseOpenAiRequest(body, chat, *router_, router_->max_seq_len(), &err);
       if (!parsed.ok()) return send_error(res, err, route);
-      std::shared_ptr<void> slot = router_->Admit();  // held until the response is done
+      // Held until the response is done: a place for each choice running at once.
+      std::shared_ptr<void> slot = router_->Admit(RunsAtOnce(*parsed, cfg_.max_inflight_requests));
       if (slot == nullptr) {
         return send_error(res,
                           {429,
@@ -948,7 +977,8 @@ StatusOr<int> OpenAiHttp::Start() {
       auto started = [this, run] {  // once, whichever way the response goes
         if (run->starting.exchange(false)) StreamStarted();
       };
-      if (Status st = StartRuns(router_, run, p); !st.ok()) {
+      if (Status st = StartRuns(router_, run, p, RunsAtOnce(p, cfg_.max_inflight_requests));
+          !st.ok()) {
         run->Join();
         started();
         return send_error(res, {500, st.message(), "server_error", "", ""}, route);
@@ -1197,9 +1227,15 @@ void OpenAiHttp::Stop() {
     // Streams still waiting for their first event have no body yet, and httplib starts none
     // once stopped: they would end as bare headers. Each starts (or fails) when its first event
     // comes, as soon as its server answers; then the server stops, and the bodies run on.
+    // At most 30 s: a stream whose server never answers would otherwise hold the router until
+    // its request_timeout_ms.
     std::unique_lock<std::mutex> lock(streams_mu_);
     stopping_ = true;
-    streams_cv_.wait(lock, [&] { return streams_starting_ == 0; });
+    if (!streams_cv_.wait_for(lock, std::chrono::seconds(30),
+                              [&] { return streams_starting_ == 0; })) {
+      HELIX_LOG(kWarn) << "router: stopping with " << streams_starting_
+                       << " stream(s) still waiting for their first token after 30 s";
+    }
   }
   // Repeated until the listening loop has returned (see Start).
   while (server_ && thread_.joinable() && !listening_done_) {

@@ -371,12 +371,12 @@ grpc::Status Router::Prefill(const RouteRequest& r, Backend* gen, Clock::time_po
   return last;
 }
 
-std::shared_ptr<void> Router::Admit() {
+std::shared_ptr<void> Router::Admit(int64_t places) {
   int64_t n = admitted_.load();
   do {
-    if (n >= cfg_.max_inflight_requests) return nullptr;
-  } while (!admitted_.compare_exchange_weak(n, n + 1));
-  return std::shared_ptr<void>(this, [](Router* self) { --self->admitted_; });
+    if (n + places > cfg_.max_inflight_requests) return nullptr;
+  } while (!admitted_.compare_exchange_weak(n, n + places));
+  return std::shared_ptr<void>(this, [places](Router* self) { self->admitted_ -= places; });
 }
 
 grpc::Status Router::Run(const RouteRequest& r,

@@ -113,7 +113,9 @@ class Router {
   // A place among max_inflight_requests for one request, held (by both fronts) from its
   // admission until the returned handle is dropped: after Run, or when a stream's provider is
   // done. nullptr when every place is taken (answer 429 / RESOURCE_EXHAUSTED).
-  std::shared_ptr<void> Admit();
+  // `places`: a request running several choices at once takes one place for each.
+  std::shared_ptr<void> Admit(int64_t places = 1);
+  int64_t max_inflight_requests() const { return cfg_.max_inflight_requests; }
 
   // At least one generation server is healthy and, with context servers configured, paired
   // with a healthy compatible context server.

@@ -362,6 +362,13 @@ class RouterTest(unittest.TestCase):
         status, body = http(self.port, "/v1/completions",
                             {"model": NAME, "prompt": ["a", [1, 2]]})
         self.assertEqual((status, body["error"]["param"]), (400, "prompt"))
+        # More choices than the servers admit at once (two of each kind, each admitting
+        # 4 x max_batch_size = 64): a request runs 8 at a time, each choice taking its turn
+        # (all 160 at once got 429).
+        r = self.client.completions.create(prompt=["Once"] * 4, n=40, model=NAME, max_tokens=2,
+                                           temperature=0)
+        self.assertEqual(len(r.choices), 160)
+        self.assertEqual(r.usage.completion_tokens, 320)
 
     def test_echo_and_stop_token_ids(self):
         # echo puts the prompt before the completion (streamed: as each choice's first chunk);
