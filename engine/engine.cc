@@ -21,6 +21,7 @@
 #include "engine/parallel/nccl_communicator.h"
 #endif
 #include "engine/common/log.h"
+#include "engine/common/meminfo.h"
 #include "engine/kv_cache/sequence_kv.h"
 #include "engine/model/model_loader.h"
 #include "engine/model/shard.h"
@@ -65,16 +66,7 @@ constexpr size_t kStagingGranule = 4u << 20;       // staging sizes round up to 
 constexpr size_t kStagingCacheBytes = 1ull << 30;  // pinned staging kept for reuse, at most
 
 // Bytes of memory the OS reports as available (MemAvailable), or 0 when unknown.
-int64_t AvailableMemoryBytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  int64_t kb = 0;
-  std::string unit;
-  while (in >> key >> kb >> unit) {
-    if (key == "MemAvailable:") return kb * 1024;
-  }
-  return 0;
-}
+int64_t AvailableMemoryBytes() { return std::max<int64_t>(0, MemInfoBytes({"MemAvailable"})); }
 
 // FNV-1a over the fields that decide what a token id means and how KV is laid out.
 std::string Fingerprint(const ModelConfig& c, kernels::DType weights, kernels::DType kv,

@@ -3,12 +3,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <optional>
 
-#include <nlohmann/json.hpp>
-
-#include "engine/common/json_nesting.h"
 #include "engine/model/gguf/gguf_file.h"
 #include "engine/model/gguf/gguf_loader.h"
 #include "engine/model/hf/hf_loader.h"
@@ -214,24 +210,9 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model
       std::error_code ec;
       const fs::path json = fs::path(model_path) / "tokenizer.json";
       const fs::path config = fs::path(model_path) / "tokenizer_config.json";
-      {
-        // config.json is read only for the vocabulary size (the router loads no weights): one
-        // that is not a small JSON object leaves it unknown, as a missing one does, and the
-        // generation servers' own loading reports what is wrong with it.
-        const fs::path cfg = fs::path(model_path) / "config.json";
-        const uintmax_t size = fs::file_size(cfg, ec);
-        std::string text;
-        if (!ec && fs::is_regular_file(cfg, ec) && size <= (64u << 20)) {
-          std::ifstream in(cfg, std::ios::binary);
-          text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-        }
-        if (!text.empty() && JsonNestingDepth(text, kMaxJsonNesting) <= kMaxJsonNesting) {
-          const auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-          if (j.is_object() && j.contains("vocab_size") && j["vocab_size"].is_number_integer()) {
-            model_vocab = j["vocab_size"].get<int64_t>();
-          }
-        }
-      }
+      // Only the vocabulary size (the router loads no weights); unknown when config.json
+      // cannot be read, which the generation servers' own loading reports.
+      model_vocab = HfConfigVocabSize(model_path).value_or(0);
       if (tokenizer_path.empty() && fs::exists(json, ec)) {
         ASSIGN_OR_RETURN(
             vocab, LoadHfTokenizerJson(json.string(),

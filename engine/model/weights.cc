@@ -1,7 +1,8 @@
 #include "engine/model/weights.h"
 
-#include <fstream>
 #include <sstream>
+
+#include "engine/common/meminfo.h"
 
 namespace helix {
 
@@ -51,19 +52,9 @@ Status CheckHostMemoryFor(uint64_t bytes, const std::string& what, uint64_t avai
 }
 
 Status CheckHostMemoryFor(uint64_t bytes, const std::string& what) {
-  std::ifstream in("/proc/meminfo");
-  uint64_t available = 0;
-  bool found = false;
-  std::string key, unit;
-  uint64_t kib = 0;
-  while (in >> key >> kib) {
-    std::getline(in, unit);
-    if (key == "MemAvailable:" || key == "SwapFree:") {
-      available += kib * 1024;
-      found = true;
-    }
-  }
-  return found ? CheckHostMemoryFor(bytes, what, available) : Status::Ok();
+  const int64_t available = MemInfoBytes({"MemAvailable", "SwapFree"});
+  return available < 0 ? Status::Ok()
+                       : CheckHostMemoryFor(bytes, what, static_cast<uint64_t>(available));
 }
 
 }  // namespace helix

@@ -101,34 +101,36 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
                                     const std::string& leader_addr) {
   RankAssignment a;
   a.world_size = world;
-  std::optional<int> rank = flag_rank, size = flag_world_size;
+  std::optional<int> rank = flag_rank;
+  int size = flag_world_size.value_or(world);  // the launch's world size; the layout's if unsaid
   std::string source = "flags";
   if (!rank) {
     ASSIGN_OR_RETURN(LauncherRank env, RankFromEnvironment());
     if (env.rank) {
       rank = env.rank;
-      size = env.world_size;
+      size = env.world_size.value_or(world);
       source = env.source;
     }
   }
   // A launcher's single task (sbatch, mpirun -n 1) is a leader like a process started alone;
   // so is rank 0 of an instance of one rank, however it was told its rank (a Slurm step sets
   // SLURM_PROCID for every task).
-  if (rank && *rank == 0 && (world == 1 || (source != "flags" && size && *size == 1))) {
+  if (rank && *rank == 0 && (world == 1 || (source != "flags" && size == 1))) {
     rank.reset();
-    size.reset();
+    size = world;
   }
   std::string addr = leader_addr;
   if (addr.empty() && std::getenv("HELIX_LEADER_ADDR") != nullptr) {
     addr = std::getenv("HELIX_LEADER_ADDR");
   }
   if (const char* t = std::getenv("HELIX_GROUP_TOKEN"); t != nullptr) a.group_token = t;
+  // Leader or not: a launch of another size than the layout's cannot make its group.
+  if (size != world) {
+    return InvalidArgument(
+        "world size " + std::to_string(size) + " (from " + source +
+        ") differs from tensor_parallel_size x context_parallel_size = " + std::to_string(world));
+  }
   if (!rank) {
-    if (size && *size != world) {
-      return InvalidArgument("world size " + std::to_string(*size) + " (from " + source +
-                             ") differs from tensor_parallel_size x context_parallel_size = " +
-                             std::to_string(world));
-    }
     a.rank = 0;
     a.spawn_local = world > 1;
     // A leader that spawns its ranks makes its own token (an exported one could be shared by
@@ -139,11 +141,6 @@ StatusOr<RankAssignment> AssignRank(int world, std::optional<int> flag_rank,
       std::tie(a.leader_host, a.leader_port) = hp;
     }
     return a;
-  }
-  if (size && *size != world) {
-    return InvalidArgument(
-        "world size " + std::to_string(*size) + " (from " + source +
-        ") differs from tensor_parallel_size x context_parallel_size = " + std::to_string(world));
   }
   a.rank = *rank;
   if (a.rank < 0 || a.rank >= world) {

@@ -53,6 +53,25 @@ std::string Clip(const std::string& s) {
   return s.size() <= 64 ? s : s.substr(0, 64) + "... (" + std::to_string(s.size()) + " bytes)";
 }
 
+Status CheckStops(const v1::GenerateRequest& r) {
+  constexpr int kMaxStops = 256;
+  constexpr size_t kMaxStopBytes = 64u << 10;
+  constexpr int kMaxStopTokens = 1 << 16;
+  size_t stop_bytes = 0;
+  for (const std::string& s : r.stop()) stop_bytes += s.size();
+  if (r.stop_size() > kMaxStops || stop_bytes > kMaxStopBytes) {
+    return InvalidArgument("stop: " + std::to_string(r.stop_size()) + " strings of " +
+                           std::to_string(stop_bytes) + " bytes; the limits are " +
+                           std::to_string(kMaxStops) + " strings and " +
+                           std::to_string(kMaxStopBytes) + " bytes");
+  }
+  if (r.stop_token_ids_size() > kMaxStopTokens) {
+    return InvalidArgument("stop_token_ids has " + std::to_string(r.stop_token_ids_size()) +
+                           " entries; the limit is " + std::to_string(kMaxStopTokens));
+  }
+  return Status::Ok();
+}
+
 StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
   transfer::KvSource s;
   if (h.server_id().empty()) return InvalidArgument("kv_handle.server_id is empty");

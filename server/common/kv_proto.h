@@ -21,6 +21,9 @@ namespace helix::server {
 constexpr size_t kMaxIdBytes = 256;
 // `s` cut to at most 64 bytes, for an error message.
 std::string Clip(const std::string& s);
+// A request's stop strings (at most 256, 64 KiB in all) and stop_token_ids (at most 65536):
+// they are matched at every token, by the generation servers and by the router's gRPC front.
+Status CheckStops(const v1::GenerateRequest& r);
 
 void ToProto(const transfer::KvLayout& l, v1::KvLayout* out);
 void ToProto(const transfer::KvSource& s, v1::KvHandle* out);

@@ -78,22 +78,7 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
     r.sampling.top_logprobs = p.top_logprobs();
   }
   RETURN_IF_ERROR(r.sampling.Validate());
-  // Stop strings are matched against the text at every token: bounded in number and size.
-  constexpr int kMaxStops = 256;
-  constexpr size_t kMaxStopBytes = 64u << 10;
-  size_t stop_bytes = 0;
-  for (const std::string& s : p.stop()) stop_bytes += s.size();
-  if (p.stop_size() > kMaxStops || stop_bytes > kMaxStopBytes) {
-    return InvalidArgument("stop: " + std::to_string(p.stop_size()) + " strings of " +
-                           std::to_string(stop_bytes) + " bytes; the limits are " +
-                           std::to_string(kMaxStops) + " strings and " +
-                           std::to_string(kMaxStopBytes) + " bytes");
-  }
-  constexpr int kMaxStopTokens = 1 << 16;
-  if (p.stop_token_ids_size() > kMaxStopTokens) {
-    return InvalidArgument("stop_token_ids has " + std::to_string(p.stop_token_ids_size()) +
-                           " entries; the limit is " + std::to_string(kMaxStopTokens));
-  }
+  RETURN_IF_ERROR(CheckStops(p));
   r.stop.assign(p.stop().begin(), p.stop().end());
   r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
   r.ignore_eos = p.ignore_eos();

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <random>
 
+#include "server/common/kv_proto.h"
 #include "server/common/serve_setup.h"
 
 namespace helix::router {
@@ -56,13 +57,8 @@ grpc::Status RouterGrpcService::Generate(grpc::ServerContext* ctx,
                             " tokens");
   }
   // Stop strings are matched here at every token: bounded as the generation servers bound them.
-  size_t stop_bytes = 0;
-  for (const std::string& s : request->stop()) stop_bytes += s.size();
-  if (request->stop_size() > 256 || stop_bytes > (64u << 10)) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        "stop: " + std::to_string(request->stop_size()) + " strings of " +
-                            std::to_string(stop_bytes) +
-                            " bytes; the limits are 256 strings and 65536 bytes");
+  if (Status st = server::CheckStops(*request); !st.ok()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, st.message());
   }
   r.stop.assign(request->stop().begin(), request->stop().end());
   // After the request's own checks, so that a malformed one is told so even at the limit.

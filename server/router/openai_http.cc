@@ -775,6 +775,12 @@ StatusOr<int> OpenAiHttp::Start() {
     res.set_content(Dump(ErrorJson(e)), "application/json");
     Count(route, e.status);
   };
+  // A body past max_request_bytes, however it came (Content-Length, chunked, announced with
+  // Expect: 100-continue).
+  const HttpError too_large{413,
+                            "request body exceeds " + std::to_string(cfg_.max_request_bytes) +
+                                " bytes (max_request_bytes)",
+                            "invalid_request_error", "", ""};
   // A request without Content-Length or Transfer-Encoding has no body (RFC 9112 §6.3), but
   // httplib 0.11 reads the body of a POST, PUT, PATCH or DELETE until the client closes, so
   // `curl -X POST` without -d waited out the 30 s read timeout: such a request is answered at
@@ -812,20 +818,14 @@ StatusOr<int> OpenAiHttp::Start() {
     }
     return 100;
   });
-  s.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
+  s.set_error_handler([this, too_large](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return;  // already answered
     HttpError e;
     e.status = res.status;
     if (res.status == 413) {
-      // httplib reads form-encoded bodies (curl -d's default Content-Type) only up to 8 KiB.
-      const bool form =
-          req.get_header_value("Content-Type").rfind("application/x-www-form-urlencoded", 0) == 0;
-      e.message = form
-                      ? "request body exceeds 8192 bytes, the limit for Content-Type "
-                        "application/x-www-form-urlencoded; send it as application/json (up "
-                        "to " +
-                            std::to_string(cfg_.max_request_bytes) + " bytes)"
-                      : "request body exceeds " + std::to_string(cfg_.max_request_bytes) + " bytes";
+      // Every body is read through a content reader (below), so httplib's own 8 KiB cap on
+      // form-encoded bodies never applies: only the size limit does.
+      e = too_large;
     } else if (res.status == 404 && NotAllowed(req, &res, &e)) {
       res.status = 405;  // a served path with a method it does not take (OPTIONS, ...)
     } else if (res.status == 404) {
@@ -895,23 +895,17 @@ StatusOr<int> OpenAiHttp::Start() {
           Count("/v1/models", 200);
         });
 
-  auto generate = [this, authorized, send_error](bool chat) {
-    return [this, chat, authorized, send_error](const httplib::Request& req, httplib::Response& res,
-                                                const httplib::ContentReader& read_body) {
+  auto generate = [this, authorized, send_error, too_large](bool chat) {
+    return [this, chat, authorized, send_error, too_large](
+               const httplib::Request& req, httplib::Response& res,
+               const httplib::ContentReader& read_body) {
       const std::string route = chat ? "/v1/chat/completions" : "/v1/completions";
       // The body is kept up to max_request_bytes: httplib 0.11 applies its payload limit to
       // Content-Length bodies only and would buffer a chunked one whole.
       std::string body;
       const BodyRead read =
           ReadBody(req, &res, read_body, static_cast<size_t>(cfg_.max_request_bytes), &body);
-      if (read == BodyRead::kTooLarge) {
-        return send_error(res,
-                          {413,
-                           "request body exceeds " + std::to_string(cfg_.max_request_bytes) +
-                               " bytes (max_request_bytes)",
-                           "invalid_request_error", "", ""},
-                          route);
-      }
+      if (read == BodyRead::kTooLarge) return send_error(res, too_large, route);
       if (read == BodyRead::kMultipart) {
         return send_error(res,
                           {415,
@@ -967,13 +961,13 @@ StatusOr<int> OpenAiHttp::Start() {
       ParsedRequest p = *parsed;
       // No token reaches a client that left until the end: its socket is watched.
       p.route.client_gone = ClientGoneProbe(req);
-      const bool counted = p.stream;  // a stream until its body starts: Stop waits for it
-      if (counted && !BeginStream()) {
+      // A stream counts from here until its body starts: Stop waits for it.
+      if (p.stream && !BeginStream()) {
         return send_error(res, {503, "the router is shutting down", "service_unavailable", "", ""},
                           route);
       }
       auto run = std::make_shared<StreamRun>();
-      run->starting = counted;
+      run->starting = p.stream;
       auto started = [this, run] {  // once, whichever way the response goes
         if (run->starting.exchange(false)) StreamStarted();
       };
@@ -1159,15 +1153,14 @@ StatusOr<int> OpenAiHttp::Start() {
   // Any other request with a body: read (and dropped) through a content reader, so that a
   // chunked one is not buffered whole and the connection stays in step; then 405 on a served
   // path, 404 elsewhere (413 past httplib's limit for a Content-Length body).
-  auto other = [send_error](const httplib::Request& req, httplib::Response& res,
-                            const httplib::ContentReader& read_body) {
+  auto other = [send_error, too_large](const httplib::Request& req, httplib::Response& res,
+                                       const httplib::ContentReader& read_body) {
     std::string dropped;
     const BodyRead read = ReadBody(req, &res, read_body, 0, &dropped);
     if (read == BodyRead::kFailed) res.set_header("Connection", "close");
     HttpError e;
     if (res.status == 413) {
-      e.status = 413;
-      e.message = "request body too large";
+      e = too_large;
     } else if (!NotAllowed(req, &res, &e)) {
       e.status = 404;
       e.message = "no route " + req.method + " " + req.path;

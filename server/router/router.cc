@@ -470,6 +470,15 @@ grpc::Status Router::Run(const RouteRequest& r,
     v1::GenerateResponse m;
     int64_t streamed = 0;
     bool ended = false;
+    // The logprobs of message m's token; the first token's, when the context server sampled it,
+    // travel with the prefill.
+    auto take_logprobs = [&](RouteEvent* e) {
+      const bool prefilled = streamed == 0 && disagg;
+      e->logprob = prefilled ? pre.first_token_logprob() : m.logprob();
+      for (const auto& t : prefilled ? pre.top_logprobs() : m.top_logprobs()) {
+        e->top_logprobs.emplace_back(t.token_id(), t.logprob());
+      }
+    };
     while (!ended && reader->Read(&m)) {
       // The stop token that ended the request rides on the final message: it has logprobs
       // but no text.
@@ -483,16 +492,7 @@ grpc::Status Router::Run(const RouteRequest& r,
         ev.token_text_chars = static_cast<size_t>(
             std::count_if(piece.begin(), piece.end(), [](char c) { return (c & 0xC0) != 0x80; }));
         ev.text = stops.Push(std::move(piece), &stopped);
-        if (streamed == 0 && disagg) {
-          // The context server sampled this one: its logprobs travel with the prefill.
-          ev.logprob = pre.first_token_logprob();
-          for (const auto& t : pre.top_logprobs())
-            ev.top_logprobs.emplace_back(t.token_id(), t.logprob());
-        } else {
-          ev.logprob = m.logprob();
-          for (const auto& t : m.top_logprobs())
-            ev.top_logprobs.emplace_back(t.token_id(), t.logprob());
-        }
+        take_logprobs(&ev);
         ++streamed;
         if (!sink(ev)) {
           gc.TryCancel();
@@ -524,15 +524,7 @@ grpc::Status Router::Run(const RouteRequest& r,
         fin.finish_reason = m.finish_reason() == v1::FINISH_REASON_STOP ? "stop" : "length";
         if (stop_token) {
           fin.token = m.token_id();
-          if (streamed == 0 && disagg) {  // the context server sampled it
-            fin.logprob = pre.first_token_logprob();
-            for (const auto& t : pre.top_logprobs())
-              fin.top_logprobs.emplace_back(t.token_id(), t.logprob());
-          } else {
-            fin.logprob = m.logprob();
-            for (const auto& t : m.top_logprobs())
-              fin.top_logprobs.emplace_back(t.token_id(), t.logprob());
-          }
+          take_logprobs(&fin);
         }
         bool stopped = false;
         fin.text = stops.Push(detok.Flush(), &stopped);

@@ -53,14 +53,19 @@ wait_port() {  # wait_port PORT PID: 0 once it listens, 1 if the process died or
   return 1
 }
 
+start_alone() {  # start_alone RANK NAME: one rank of a CP 2 group whose other rank never comes
+  local port leader
+  port=$(free_port)
+  leader=$(free_port)
+  config "$port" "$tmp/$2.json"
+  setsid "$gen" serve --config "$tmp/$2.json" --rank "$1" --leader-addr "127.0.0.1:$leader" \
+    >"$tmp/$2.log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+}
+
 # 1. SIGTERM during the rendezvous.
-port=$(free_port)
-leader=$(free_port)
-config "$port" "$tmp/a.json"
-setsid "$gen" serve --config "$tmp/a.json" --rank 0 --leader-addr "127.0.0.1:$leader" \
-  >"$tmp/a.log" 2>&1 &
-pid=$!
-pids+=("$pid")
+start_alone 0 a
 sleep 1.5
 start=$(date +%s%N)
 kill -TERM "$pid"
@@ -107,13 +112,7 @@ else
 fi
 
 # 4. SIGTERM to a worker waiting for a leader that is not there.
-port=$(free_port)
-leader=$(free_port)
-config "$port" "$tmp/w.json"
-setsid "$gen" serve --config "$tmp/w.json" --rank 1 --leader-addr "127.0.0.1:$leader" \
-  >"$tmp/w.log" 2>&1 &
-pid=$!
-pids+=("$pid")
+start_alone 1 w
 sleep 1
 kill -TERM "$pid"
 ended=0

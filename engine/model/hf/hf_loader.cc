@@ -407,6 +407,14 @@ class TensorSource {
 
 }  // namespace
 
+std::optional<int64_t> HfConfigVocabSize(const std::string& dir) {
+  StatusOr<json> j = ReadJson((fs::path(dir) / "config.json").string());
+  if (!j.ok() || !j->contains("vocab_size") || !(*j)["vocab_size"].is_number_integer()) {
+    return std::nullopt;
+  }
+  return (*j)["vocab_size"].get<int64_t>();
+}
+
 StatusOr<HfModel> LoadHfModel(const std::string& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return NotFound("'" + dir + "' is not a directory");

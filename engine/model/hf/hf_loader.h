@@ -30,5 +30,8 @@ struct HfModel {
 // architecture, RoPE scaling, sliding-window attention, output/MLP biases, other dtypes or
 // activations), DataLoss (truncated files); and LoadHfTokenizerJson's errors for the tokenizer.
 StatusOr<HfModel> LoadHfModel(const std::string& dir);
+// config.json's vocab_size, read as LoadHfModel reads the file (no weights); nullopt when the
+// file or the field cannot be read (LoadHfModel reports why).
+std::optional<int64_t> HfConfigVocabSize(const std::string& dir);
 
 }  // namespace helix
