@@ -945,6 +945,11 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
       return InvalidArgument("stop token id " + std::to_string(t) + " is outside the vocabulary");
     }
   }
+  if (!r.sampling.logit_bias.empty() && r.sampling.logit_bias.back().first >= vocab) {
+    return InvalidArgument("logit_bias: token id " +
+                           std::to_string(r.sampling.logit_bias.back().first) +
+                           " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  }
   // Generated text leaves control tokens out, so a stop string that is one control token's
   // text (stop: ["<|im_end|>"]) could never match it: it stops at that token instead.
   for (int32_t id : ControlTokensNamedBy(tokenizer(), r.stop)) r.stop_token_ids.push_back(id);

@@ -371,6 +371,11 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   }
   {
     GenerateRequest r = Greedy("x", 5);
+    (*r.mutable_sampling()->mutable_logit_bias())[7] = 101;
+    bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "logit_bias[7] = 101"});
+  }
+  {
+    GenerateRequest r = Greedy("x", 5);
     r.mutable_sampling()->set_temperature(std::numeric_limits<float>::quiet_NaN());
     bad.push_back({r, grpc::StatusCode::INVALID_ARGUMENT, "temperature"});
   }

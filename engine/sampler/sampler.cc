@@ -25,7 +25,7 @@ void Sampler::Accept(int32_t token) {
 
 bool Sampler::DeviceEligible() const {
   return p_.repetition_penalty == 1.0f && p_.presence_penalty == 0 && p_.frequency_penalty == 0 &&
-         p_.top_logprobs < 0;
+         p_.top_logprobs < 0 && p_.logit_bias.empty();
 }
 
 double Sampler::DrawForDevice() {
@@ -44,7 +44,10 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   std::vector<float> raw_for_logprobs;
   if (p_.top_logprobs >= 0) raw_for_logprobs.assign(logits, logits + vocab);
 
-  // Penalties.
+  // Logit bias, then the penalties (vLLM's order).
+  for (const auto& [t, bias] : p_.logit_bias) {
+    if (t < vocab) logits[t] += bias;
+  }
   if (p_.repetition_penalty != 1.0f) {
     for (int32_t t : seen_) {
       if (t < 0 || t >= vocab) continue;

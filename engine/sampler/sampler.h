@@ -1,4 +1,4 @@
-// Turns one row of logits into a token for one request: penalties, temperature, top-k,
+// Turns one row of logits into a token for one request: logit bias, penalties, temperature, top-k,
 // top-p, min-p, then a draw from the request's own RNG. One Sampler per request;
 // not thread-safe (the engine thread samples).
 #pragma once
@@ -27,9 +27,10 @@ class Sampler {
   // Samples from `logits` (vocab entries; modified in place as scratch).
   SampleResult Sample(float* logits, int64_t vocab);
 
-  // Device sampling (the CUDA backend picks the token): possible when no penalty changes the
-  // logits and no logprobs are asked for. DrawForDevice makes the one uniform draw Sample would
-  // make (none at temperature 0), so the request's random stream is the same either way.
+  // Device sampling (the CUDA backend picks the token): possible when no bias or penalty
+  // changes the logits and no logprobs are asked for. DrawForDevice makes the one uniform draw
+  // Sample would make (none at temperature 0), so the request's random stream is the same either
+  // way.
   bool DeviceEligible() const;
   double DrawForDevice();
   const SamplingParams& params() const { return p_; }

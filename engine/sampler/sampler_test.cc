@@ -95,6 +95,44 @@ TEST(SamplerTest, PenaltiesAndLogprobs) {
   EXPECT_EQ(r.top[1].first, 3);
 }
 
+TEST(SamplerTest, LogitBiasShiftsTheChoiceButNotTheLogprobs) {
+  SamplingParams p;
+  p.temperature = 0;
+  p.top_logprobs = 1;
+  p.logit_bias = {{0, 2.5f}, {1, -100.0f}};  // token 0: 1 → 3.5; token 1 banned
+  Sampler s(p, {});
+  EXPECT_FALSE(s.DeviceEligible());  // the device sampler does not apply a bias
+  auto l = Logits();
+  SampleResult r = s.Sample(l.data(), 5);
+  EXPECT_EQ(r.token, 0);
+  double z = 0;
+  for (float x : Logits()) z += std::exp(x);
+  EXPECT_NEAR(r.logprob, 1.0 - std::log(z), 1e-5);  // the model's own distribution
+  ASSERT_EQ(r.top.size(), 1u);
+  EXPECT_EQ(r.top[0].first, 1);
+
+  // Sampled: a banned token never comes, a token lifted by 100 always does.
+  SamplingParams q;
+  q.logit_bias = {{1, -100.0f}, {3, -100.0f}};
+  SamplingParams lift;
+  lift.logit_bias = {{4, 100.0f}};
+  for (int i = 0; i < 200; ++i) {
+    q.seed = lift.seed = i;
+    const int32_t t = SampleOnce(q);
+    EXPECT_TRUE(t != 1 && t != 3) << t;
+    EXPECT_EQ(SampleOnce(lift), 4);
+  }
+  // Applied before the repetition penalty (vLLM's order): token 4's -1 + 6 = 5 → 5 / 3 < 2,
+  // so token 2 wins; the other order (-1 × 3 + 6 = 3) would pick token 4.
+  SamplingParams order;
+  order.temperature = 0;
+  order.repetition_penalty = 3.0f;
+  order.logit_bias = {{1, -1.5f}, {3, -1.5f}, {4, 6.0f}};  // tokens 1 and 3 → 1.5
+  Sampler so(order, {4});
+  l = Logits();
+  EXPECT_EQ(so.Sample(l.data(), 5).token, 2);
+}
+
 TEST(SamplingParamsTest, ValidationNamesTheField) {
   SamplingParams p;
   p.temperature = NAN;
@@ -115,6 +153,18 @@ TEST(SamplingParamsTest, ValidationNamesTheField) {
   p.top_k = -2;
   EXPECT_FALSE(p.Validate().ok());
   p = {};
+  p.logit_bias = {{3, 1.0f}, {2, 1.0f}};
+  EXPECT_NE(p.Validate().message().find("sorted and unique"), std::string::npos);
+  p.logit_bias = {{-1, 1.0f}};
+  EXPECT_NE(p.Validate().message().find("logit_bias"), std::string::npos);
+  p.logit_bias = {{2, 100.5f}};
+  EXPECT_NE(p.Validate().message().find("[-100, 100]"), std::string::npos);
+  p.logit_bias = {{2, NAN}};
+  EXPECT_FALSE(p.Validate().ok());
+  p.logit_bias.assign(SamplingParams::kMaxLogitBias + 1, {0, 0.0f});
+  EXPECT_NE(p.Validate().message().find("at most"), std::string::npos);
+  p = {};
+  p.logit_bias = {{2, -100.0f}, {7, 100.0f}};
   EXPECT_TRUE(p.Validate().ok());
 }
 

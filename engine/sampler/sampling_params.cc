@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <sstream>
+#include <string>
 
 namespace helix {
 namespace {
@@ -30,6 +31,25 @@ Status SamplingParams::Validate() const {
   }
   if (top_logprobs < -1 || top_logprobs > 20) {
     return Bad("top_logprobs", top_logprobs, "-1 (none) or 0..20");
+  }
+  if (logit_bias.size() > kMaxLogitBias) {
+    return InvalidArgument("logit_bias has " + std::to_string(logit_bias.size()) +
+                           " entries: at most " + std::to_string(kMaxLogitBias));
+  }
+  for (size_t i = 0; i < logit_bias.size(); ++i) {
+    const auto& [id, bias] = logit_bias[i];
+    if (id < 0) {
+      return InvalidArgument("logit_bias: token id " + std::to_string(id) + " is negative");
+    }
+    if (i > 0 && id <= logit_bias[i - 1].first) {
+      return InvalidArgument("logit_bias: token ids must be sorted and unique (id " +
+                             std::to_string(id) + ")");
+    }
+    if (!(bias >= -100 && bias <= 100)) {
+      std::ostringstream m;
+      m << "logit_bias[" << id << "] = " << bias << ": expected a value in [-100, 100]";
+      return InvalidArgument(m.str());
+    }
   }
   return Status::Ok();
 }

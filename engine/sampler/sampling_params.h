@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "engine/common/status.h"
 
@@ -19,6 +21,10 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;   // [-2, 2]; output tokens
   std::optional<uint64_t> seed;     // same seed → same tokens, whatever the batch
   int32_t top_logprobs = -1;        // -1: no logprobs; n ≥ 0: sampled token's + top n
+  // (token id, bias) added to the logits before the penalties; ids sorted and unique, each bias
+  // in [-100, 100]. Ids are checked against the vocabulary where the request is submitted.
+  std::vector<std::pair<int32_t, float>> logit_bias;
+  static constexpr size_t kMaxLogitBias = 65536;
 
   // Names the field and value that is out of range.
   Status Validate() const;

@@ -70,6 +70,13 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
   r.sampling.presence_penalty = s.presence_penalty();
   r.sampling.frequency_penalty = s.frequency_penalty();
   if (s.has_seed()) r.sampling.seed = s.seed();
+  if (s.logit_bias_size() > static_cast<int>(SamplingParams::kMaxLogitBias)) {
+    return InvalidArgument("logit_bias has " + std::to_string(s.logit_bias_size()) +
+                           " entries: at most " + std::to_string(SamplingParams::kMaxLogitBias));
+  }
+  // A map's keys are unique but come in no order; the sampler wants them sorted.
+  r.sampling.logit_bias.assign(s.logit_bias().begin(), s.logit_bias().end());
+  std::sort(r.sampling.logit_bias.begin(), r.sampling.logit_bias.end());
   if (p.has_top_logprobs()) {
     if (p.top_logprobs() < 0 || p.top_logprobs() > 20) {
       return InvalidArgument("top_logprobs = " + std::to_string(p.top_logprobs()) +

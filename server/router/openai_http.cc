@@ -23,6 +23,7 @@
 
 #include "engine/common/json_nesting.h"
 #include "engine/common/log.h"
+#include "engine/sampler/sampling_params.h"
 
 namespace helix::router {
 namespace {
@@ -577,7 +578,6 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
     }
   }
   RETURN_IF_ERROR(unsupported("suffix", present("suffix") && j["suffix"] != ""));
-  RETURN_IF_ERROR(unsupported("logit_bias", non_empty("logit_bias")));
   RETURN_IF_ERROR(unsupported("tools", non_empty("tools")));
   RETURN_IF_ERROR(unsupported("functions", non_empty("functions")));
   RETURN_IF_ERROR(unsupported("tool_choice", present("tool_choice") && j["tool_choice"] != "none"));
@@ -699,6 +699,37 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
             "'stop_token_ids' must be integers in [0, " + std::to_string(tok.vocab_size()) + ")");
       }
       p.route.proto.add_stop_token_ids(t.get<int32_t>());
+    }
+  }
+  // logit_bias: {"token id": bias}, as OpenAI takes it (a bias in [-100, 100]; -100 bans).
+  if (j.contains("logit_bias") && !j["logit_bias"].is_null()) {
+    const json& lb = j["logit_bias"];
+    if (!lb.is_object()) {
+      return Bad(e, "logit_bias", "'logit_bias' must be an object mapping token ids to biases");
+    }
+    if (lb.size() > helix::SamplingParams::kMaxLogitBias) {
+      return Bad(e, "logit_bias",
+                 "'logit_bias' has " + std::to_string(lb.size()) + " entries: at most " +
+                     std::to_string(helix::SamplingParams::kMaxLogitBias));
+    }
+    auto* bias = p.route.proto.mutable_sampling()->mutable_logit_bias();
+    for (const auto& [key, value] : lb.items()) {
+      // A decimal token id (no sign, no spaces), as a JSON object's key is a string.
+      int64_t id = key.empty() || key.size() > 10 ? -1 : 0;
+      for (char c : key) id = id >= 0 && c >= '0' && c <= '9' ? id * 10 + (c - '0') : -1;
+      if (id < 0 || id >= tok.vocab_size()) {
+        return Bad(e, "logit_bias",
+                   "'logit_bias' key \"" + key.substr(0, 32) + "\" is not a token id in [0, " +
+                       std::to_string(tok.vocab_size()) + ")");
+      }
+      if (!value.is_number() || !(value.get<double>() >= -100 && value.get<double>() <= 100)) {
+        return Bad(e, "logit_bias",
+                   "'logit_bias' value for token " + key + " must be a number in [-100, 100]");
+      }
+      if (bias->contains(static_cast<int32_t>(id))) {
+        return Bad(e, "logit_bias", "'logit_bias' names token " + std::to_string(id) + " twice");
+      }
+      (*bias)[static_cast<int32_t>(id)] = value.get<float>();
     }
   }
   bool ignore_eos = false;

@@ -394,6 +394,30 @@ class RouterTest(unittest.TestCase):
                             {"model": NAME, "prompt": "a", "stop_token_ids": [512]})
         self.assertEqual((status, body["error"]["param"]), (400, "stop_token_ids"))
 
+    def test_logit_bias(self):
+        # OpenAI's logit_bias: +100 makes one token all that comes (the context server samples
+        # the first token, the generation group the rest), as does -100 on every other token;
+        # the logprobs stay the model's own.
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+        plain = self.client.completions.create(**kw).choices[0]
+        lifted = self.client.completions.create(logit_bias={"300": 100}, **kw).choices[0]
+        toks = lifted.logprobs.tokens
+        self.assertEqual((len(toks), len(set(toks))), (6, 1), toks)
+        self.assertNotEqual(lifted.text, plain.text)
+        self.assertLess(lifted.logprobs.token_logprobs[0], plain.logprobs.token_logprobs[0])
+        others = {str(i): -100 for i in range(512) if i != 300}
+        banned = self.client.completions.create(logit_bias=others, **kw).choices[0]
+        self.assertEqual(banned.logprobs.tokens, toks)
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(
+            stream=True, logit_bias={"300": 100}, **kw))
+        self.assertEqual(streamed, lifted.text)
+        for bias in ({"abc": 1}, {"512": 1}, {"-3": 1}, {"5": 100.5}, {"5": "1"}, [1],
+                     {"5": 1, "05": 2}):
+            status, body = http(self.port, "/v1/completions",
+                                {"model": NAME, "prompt": "a", "logit_bias": bias})
+            self.assertEqual((status, body["error"]["param"]), (400, "logit_bias"), bias)
+
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
                                            temperature=0, logprobs=3)
