@@ -185,6 +185,17 @@ class NcclCommunicator final : public Communicator {
     if (cudaStreamIsCapturing(stream_, &capture) != cudaSuccess) cudaGetLastError();
     const bool watched = capture == cudaStreamCaptureStatusNone;  // else part of a graph
     Pending p{nullptr, nullptr, timeout, now + 2 * timeout, std::nullopt, what};
+    // Until the watchdog owns them, the events go back to the spares on every early return.
+    struct Spare {
+      Pending& p;
+      std::vector<cudaEvent_t>& spares;
+      bool keep = false;
+      ~Spare() {
+        for (cudaEvent_t e : {p.start, p.done}) {
+          if (!keep && e != nullptr) spares.push_back(e);
+        }
+      }
+    } spare{p, spare_events_};
     if (watched) {
       p.start = NewEvent();
       p.done = NewEvent();
@@ -205,6 +216,7 @@ class NcclCommunicator final : public Communicator {
       return Broken(std::string("NCCL group ") + name_ + ": " + what +
                     ": cudaEventRecord: " + cudaGetErrorName(e));
     }
+    spare.keep = true;
     pending_.push_back(p);
     if (pending_.size() == 1) cv_.notify_all();
     return Status::Ok();

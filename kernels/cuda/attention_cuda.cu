@@ -1424,10 +1424,11 @@ Choice ChooseKernel(DType t, int d, int group, int64_t items) {
   return {nullptr, 0, kMaxG, kThreads, 0, "none"};
 }
 
-// Above 48 KiB of dynamic shared memory needs an opt-in per kernel and device. Done once per
-// (device, kernel) with the largest size the kernel can ask for, so that later calls (e.g.
-// while a stream is captured into a CUDA graph, where such calls may be refused) make no
-// runtime call besides the launch.
+// Above 48 KiB of dynamic shared memory needs an opt-in per kernel and device. Set for the size
+// this call needs and raised only when a later call needs more (one kernel asks for different
+// sizes with its warp and stage counts), so repeated calls make no runtime call besides the
+// launch. A raise inside a CUDA graph capture could be refused; none happens there, because
+// every batch bucket's first step runs eagerly before it is captured.
 cudaError_t PrepareKernel(const Choice& ch) {
 #ifdef HELIX_CUDA_EMULATION
   return cudaSuccess;
