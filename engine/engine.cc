@@ -1237,6 +1237,9 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
   {
     std::lock_guard<std::mutex> lock(inbox_mu_);
     live_ids_.erase(s->req.id);
+    // A cancel that came while the request ended in this step is moot; left queued, it would
+    // end the next request submitted with this id.
+    cancels_.erase(s->req.id);
   }
   if (s->req.sink) s->req.sink(ev);
 }

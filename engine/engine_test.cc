@@ -227,6 +227,31 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   EXPECT_EQ(cancelled.reason, FinishReason::kCancelled);
   EXPECT_LT(cancelled.tokens.size(), 10u);
   EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+
+  // A cancel that arrives while the request's last token is emitted (a server thread) finds it
+  // live, but the request ends in that step anyway: the cancel must not wait for the next
+  // request with that id, submitted as soon as the client saw the end.
+  Result again;
+  GenerateRequest last = c;
+  last.max_tokens = 2;
+  last.ignore_eos = true;
+  int events = 0;
+  last.sink = [&](const TokenEvent& ev) {
+    if (!ev.finished && ++events == 2) e->Cancel("to-cancel");  // the last token
+    if (!ev.finished) return;
+    EXPECT_EQ(ev.finish_reason, FinishReason::kLength);
+    GenerateRequest next = c;
+    next.max_tokens = 4;
+    next.sink = [&](const TokenEvent& ev2) {
+      if (ev2.token >= 0) again.tokens.push_back(ev2.token);
+      if (ev2.finished) again.reason = ev2.finish_reason;
+    };
+    EXPECT_TRUE(e->Submit(next).ok());
+  };
+  ASSERT_TRUE(e->Submit(last).ok());
+  while (e->HasWork()) e->Step();
+  EXPECT_EQ(again.reason, FinishReason::kLength);
+  EXPECT_EQ(again.tokens.size(), 4u);
 }
 
 TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
