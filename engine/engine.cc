@@ -1358,6 +1358,10 @@ bool Engine::Step() {
       r.token = device_tokens_[i];
     } else {
       r = s->sampler->Sample(logits_.data() + i * vocab, vocab);
+      if (!r.status.ok()) {  // this request alone ends, with the reason
+        Finish(s, FinishReason::kError, r.status);
+        continue;
+      }
     }
     EmitToken(s, r.token, r);
   }

@@ -35,6 +35,18 @@ double Sampler::DrawForDevice() {
 
 SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   SampleResult res;
+  // Non-finite logits (an overflow in the model) as the limits they stand for: NaN is no
+  // candidate, and +inf tokens take all the mass, evenly (exp(inf - inf) would poison every
+  // sum below with NaN).
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  int64_t pos_inf = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (std::isnan(logits[i])) logits[i] = kNegInf;
+    if (logits[i] == -kNegInf) ++pos_inf;
+  }
+  if (pos_inf > 0) {
+    for (int64_t i = 0; i < vocab; ++i) logits[i] = logits[i] == -kNegInf ? 0.0f : kNegInf;
+  }
   // Log-probabilities of the raw distribution, as OpenAI-style logprobs report them.
   double max_raw = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < vocab; ++i) max_raw = std::max<double>(max_raw, logits[i]);
@@ -60,11 +72,17 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
     logits[t] -= p_.frequency_penalty * static_cast<float>(n) + p_.presence_penalty;
   }
 
+  int32_t best = 0;
+  for (int64_t i = 1; i < vocab; ++i) {
+    if (logits[i] > logits[best]) best = static_cast<int32_t>(i);
+  }
+  if (vocab <= 0 || !(logits[best] > kNegInf)) {
+    res.status = Internal(
+        "no token can be sampled: every logit is NaN or -inf (a numerical overflow in the "
+        "model)");
+    return res;
+  }
   if (p_.temperature == 0.0f) {
-    int32_t best = 0;
-    for (int64_t i = 1; i < vocab; ++i) {
-      if (logits[i] > logits[best]) best = static_cast<int32_t>(i);
-    }
     res.token = best;
   } else {
     // Candidates sorted by logit (stable on id), truncated by top-k.

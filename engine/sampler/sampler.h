@@ -9,11 +9,15 @@
 #include <utility>
 #include <vector>
 
+#include "engine/common/status.h"
 #include "engine/sampler/sampling_params.h"
 
 namespace helix {
 
 struct SampleResult {
+  // Not ok when no token can be drawn: every logit NaN or -inf (a numerical blow-up in the
+  // model); token is then -1.
+  Status status;
   int32_t token = -1;
   float logprob = 0;                           // of the raw model distribution
   std::vector<std::pair<int32_t, float>> top;  // top-n (token, logprob), best first
@@ -24,7 +28,8 @@ class Sampler {
   // `prompt` seeds the repetition penalty's token set.
   Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt);
 
-  // Samples from `logits` (vocab entries; modified in place as scratch).
+  // Samples from `logits` (vocab entries; modified in place as scratch). A NaN logit counts as
+  // -inf; +inf logits share the whole probability among themselves.
   SampleResult Sample(float* logits, int64_t vocab);
 
   // Device sampling (the CUDA backend picks the token): possible when no bias or penalty

@@ -1,6 +1,7 @@
 #include "engine/sampler/sampler.h"
 
 #include <cmath>
+#include <limits>
 #include <map>
 
 #include <gtest/gtest.h>
@@ -131,6 +132,50 @@ TEST(SamplerTest, LogitBiasShiftsTheChoiceButNotTheLogprobs) {
   Sampler so(order, {4});
   l = Logits();
   EXPECT_EQ(so.Sample(l.data(), 5).token, 2);
+}
+
+TEST(SamplerTest, NonFiniteLogits) {
+  const float inf = std::numeric_limits<float>::infinity();
+  // +inf tokens share the mass: sampled, greedy and with top-p, only they come.
+  std::vector<float> two_inf(512, 1.0f);
+  two_inf[42] = two_inf[300] = inf;
+  SamplingParams p;
+  p.top_logprobs = 1;
+  for (int i = 0; i < 100; ++i) {
+    p.seed = i;
+    p.top_p = i % 2 ? 0.9f : 1.0f;
+    Sampler s(p, {});
+    std::vector<float> l = two_inf;
+    SampleResult r = s.Sample(l.data(), 512);
+    ASSERT_TRUE(r.status.ok());
+    EXPECT_TRUE(r.token == 42 || r.token == 300) << r.token;
+    EXPECT_NEAR(r.logprob, std::log(0.5), 1e-6);
+  }
+  p.temperature = 0;
+  EXPECT_EQ(SampleOnce(p, two_inf), 42);
+  // NaN is no candidate, greedy or sampled, even at index 0.
+  std::vector<float> nan(512, 0.0f);
+  for (int i = 0; i < 512; i += 2) nan[i] = NAN;
+  nan[9] = 50.0f;
+  EXPECT_EQ(SampleOnce(p, nan), 9);
+  SamplingParams q;
+  for (int i = 0; i < 100; ++i) {
+    q.seed = i;
+    EXPECT_EQ(SampleOnce(q, nan) % 2, 1);
+  }
+  // Nothing to draw from: a clear error instead of a made-up token.
+  for (float fill : {NAN, -inf}) {
+    for (float t : {0.0f, 1.0f}) {
+      SamplingParams z;
+      z.temperature = t;
+      Sampler s(z, {});
+      std::vector<float> l(64, fill);
+      SampleResult r = s.Sample(l.data(), 64);
+      EXPECT_FALSE(r.status.ok());
+      EXPECT_NE(r.status.message().find("NaN or -inf"), std::string::npos);
+      EXPECT_EQ(r.token, -1);
+    }
+  }
 }
 
 TEST(SamplingParamsTest, ValidationNamesTheField) {
