@@ -187,6 +187,7 @@ class Engine {
   Status Heartbeat(std::chrono::milliseconds interval);
   // Engine thread: fails every queued and running request with `error` (e.g. shutdown).
   void AbortAll(const Status& error);
+  // Engine thread (or before it runs): free_blocks reads the pool the engine thread changes.
   KvStats kv_stats() const;
 
   // Context server: frees a retained request's blocks (at the next step). Thread-safe; false

@@ -11,7 +11,8 @@ namespace helix::server {
 ContextService::ContextService(std::unique_ptr<Engine> engine, ContextServiceOptions options)
     : engine_(std::move(engine)),
       options_(std::move(options)),
-      free_blocks_(engine_->kv_stats().free_blocks) {
+      free_blocks_(engine_->kv_stats().free_blocks),
+      kv_shape_(engine_->kv_stats()) {
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -252,7 +253,7 @@ grpc::ServerUnaryReactor* ContextService::GetServerInfo(grpc::CallbackServerCont
     reactor->Finish(auth);
     return reactor;
   }
-  const KvStats kv = engine_->kv_stats();
+  const KvStats& kv = kv_shape_;
   const DisaggStats d = engine_->disagg_stats();
   info->set_model_name(options_.model_name);
   info->set_model_fingerprint(engine_->model_fingerprint());

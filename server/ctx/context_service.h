@@ -60,6 +60,9 @@ class ContextService final : public v1::ContextService::CallbackService {
   const ContextServiceOptions options_;
   std::atomic<int64_t> in_flight_{0};
   std::atomic<int64_t> free_blocks_;
+  // The pool's fixed shape, read once: kv_stats() reads the pool, which the engine thread
+  // changes, so other threads must not call it.
+  const KvStats kv_shape_;
   std::atomic<bool> accepting_{true};
   std::atomic<uint64_t> next_id_{0};
   std::mutex mu_;
