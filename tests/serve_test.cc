@@ -504,6 +504,23 @@ TEST_F(ServeTest, IdleRankDeathStopsTheLeader) {
   EXPECT_EQ(d.ExitStatus(std::chrono::seconds(20)), 1) << "the leader did not exit 1";
 }
 
+// A rank that hangs (SIGSTOP; or its host gone) breaks the instance at the leader's next
+// collective, here the idle heartbeat, once comm_timeout passes. Such an instance never serves
+// again, so the leader exits 1 for its supervisor to restart it, rather than staying up
+// NOT_SERVING beside the hung rank (which it stops on the way out).
+TEST_F(ServeTest, HungRankStopsTheLeader) {
+  Daemon d(2, "", nullptr, {"--heartbeat-ms", "100", "--comm-timeout-ms", "5000"});
+  ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  const pid_t rank = d.RankPid();
+  ASSERT_GT(rank, 0);
+  kill(rank, SIGSTOP);
+  const int status = d.ExitStatus(std::chrono::seconds(40));
+  // Still running, the leader is killed by d; its stopped rank, still its child, is killed
+  // here (once the leader has exited, the rank was reaped by it and its pid may be reused).
+  if (status < 0) kill(rank, SIGKILL);
+  EXPECT_EQ(status, 1) << "the leader did not exit 1";
+}
+
 // A leader that stops answering without closing its connections (its host gone; here SIGSTOP)
 // no longer leaves its worker ranks waiting for a day: they exit once 12 heartbeats are missed.
 // While the leader lives and idles, its heartbeats keep them.

@@ -61,6 +61,8 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   void Stop(std::chrono::milliseconds drain);
   // Health: whether the instance can serve (false once a rank was lost).
   bool healthy() const { return healthy_.load(); }
+  // Why the instance cannot serve (ok while it can); any thread.
+  Status instance_status() const { return engine_->broken(); }
   // Called with the new health whenever it changes (on the engine thread).
   void set_health_listener(std::function<void(bool)> f) { health_listener_ = std::move(f); }
   int64_t in_flight() const { return in_flight_.load(); }

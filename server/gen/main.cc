@@ -254,6 +254,7 @@ struct ServeFlags {
   std::string leader_addr;
   int64_t drain_ms = 30000;
   int64_t heartbeat_ms = 5000;
+  int64_t comm_timeout_ms = 30000;
 };
 
 // The daemon: the leader serves gRPC; the other ranks follow its steps.
@@ -278,6 +279,7 @@ int RunServe(const ServeFlags& f) {
   // to end (kv_transfer_timeout + 5 s, Engine::DropPull).
   o.worker_idle_timeout = std::chrono::milliseconds(12 * f.heartbeat_ms) + o.kv_transfer_timeout +
                           std::chrono::seconds(5);
+  o.comm_timeout = std::chrono::milliseconds(f.comm_timeout_ms);
   const int world = o.tensor_parallel * o.context_parallel;
   // The leader takes SIGTERM/SIGINT on a thread of its own (WatchSignals); other ranks ignore
   // them (and die with, or are stopped by, their leader).
@@ -332,12 +334,15 @@ int RunServe(const ServeFlags& f) {
   // The ranks this leader spawned are watched: one that exits (killed, crashed) leaves an
   // instance that can no longer serve, so the leader stops too, with a failure status a
   // supervisor (cluster.py, systemd) sees, instead of staying up NOT_SERVING with a zombie.
+  // So does a broken instance of several ranks (a rank that stopped answering: hung, or its
+  // host gone), which never serves again; its ranks then exit or are stopped with it.
   std::atomic<bool> watching{true};
   std::thread rank_watch;
-  if (inst.local_ranks) {
+  if (inst.local_ranks || world > 1) {
     rank_watch = std::thread([&] {
       while (watching.load()) {
-        helix::Status st = inst.local_ranks->ReapExited();
+        helix::Status st = inst.local_ranks ? inst.local_ranks->ReapExited() : helix::Status::Ok();
+        if (st.ok()) st = service->instance_status();
         if (!st.ok()) {
           std::lock_guard<std::mutex> lock(g_signals.mu);
           g_signals.lost = st.message();
@@ -468,6 +473,13 @@ int main(int argc, char** argv) {
       ->add_option("--drain-ms", sf.drain_ms,
                    "On SIGTERM/SIGINT, how long in-flight streams may finish")
       ->check(CLI::Range(int64_t{0}, int64_t{86400000}))
+      ->capture_default_str();
+  serve
+      ->add_option("--comm-timeout-ms", sf.comm_timeout_ms,
+                   "With several ranks: the rendezvous and collective timeout in milliseconds "
+                   "(a rank that takes longer to answer breaks the instance). Every rank must be "
+                   "given the same value")
+      ->check(CLI::Range(int64_t{1}, helix::config::kMaxDurationMs))
       ->capture_default_str();
   serve
       ->add_option("--heartbeat-ms", sf.heartbeat_ms,
