@@ -313,8 +313,15 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
                            "Tim was",          "One day", "The sun",      "She said"};
   std::vector<GenerateRequest> reqs;
   for (int i = 0; i < 64; ++i) reqs.push_back(Greedy(prompts[i % 8], 5 + (i * 7) % 30));
+  // Alone, each stream's blocks are free by the time its final message arrives: a router that
+  // asks for the free count right after a stream must not see them still taken.
   std::vector<StreamResult> alone;
-  for (const GenerateRequest& r : reqs) alone.push_back(d.Run(r));
+  int stale_free_counts = 0;
+  for (const GenerateRequest& r : reqs) {
+    alone.push_back(d.Run(r));
+    if (d.Info().kv_free_blocks() != info.kv_total_blocks()) ++stale_free_counts;
+  }
+  EXPECT_EQ(stale_free_counts, 0);
   std::vector<StreamResult> together(reqs.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < reqs.size(); ++i) {

@@ -257,6 +257,10 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     r->sink = [svc, shared](const TokenEvent& ev) {
       // A lost rank: health turns NOT_SERVING before any stream sees the error.
       if (ev.finished && ev.finish_reason == FinishReason::kError) svc->UpdateHealth();
+      // The engine thread (the sink runs inside Step), with the request's blocks freed: the
+      // free count GetServerInfo reports is current before the client sees the end (the loop
+      // refreshes it only after Step).
+      if (ev.finished) svc->free_blocks_ = svc->engine_->kv_stats().free_blocks;
       v1::GenerateResponse m;
       m.set_request_id(ev.request_id);
       m.set_token_id(ev.token);
