@@ -1469,7 +1469,7 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
   const int64_t blocks = BlocksFor(s->prompt_len);
   auto* base = static_cast<uint8_t*>(pool_->base());
   const int64_t bb = pool_->block_bytes();
-  Retained kept{s->uid, std::chrono::steady_clock::now() + options_.kv_lease, {}};
+  Retained kept{s->uid, {}};
   if (export_mirror_ != nullptr) {
     // Device pool: the blocks go to the export-buffer blocks reserved at admission (pinned
     // memory UCX reads); the device blocks are freed once they are copied (what Retain keeps
@@ -1509,7 +1509,8 @@ Status Engine::Retain(Sequence* s, TokenEvent* ev) {
   retained_[s->req.id] = std::move(kept);
   ev->kv_lease_token = NewLeaseToken();
   std::lock_guard<std::mutex> lock(inbox_mu_);
-  retained_ids_[s->req.id] = Lease{ev->kv_lease_token, ev->kv_block_addresses};
+  retained_ids_[s->req.id] = Lease{ev->kv_lease_token, ev->kv_block_addresses,
+                                   std::chrono::steady_clock::now() + options_.kv_lease};
   return Status::Ok();
 }
 
@@ -1530,15 +1531,15 @@ bool Engine::ReleaseRetained(const std::string& request_id) {
   return true;
 }
 
-Status Engine::ReleaseLease(const std::string& request_id, const std::string& lease_token,
-                            const std::vector<uint64_t>& block_addresses) {
-  std::lock_guard<std::mutex> lock(inbox_mu_);
+StatusOr<Engine::Lease*> Engine::CheckLeaseLocked(const std::string& request_id,
+                                                  const std::string& lease_token,
+                                                  const std::vector<uint64_t>& block_addresses) {
   auto it = retained_ids_.find(request_id);
   if (it == retained_ids_.end()) {
     return NotFound("request_id '" + request_id +
                     "' holds no KV here (released, expired, or unknown)");
   }
-  const Lease& l = it->second;
+  Lease& l = it->second;
   // Compared in time independent of where they differ (the token is a secret).
   unsigned diff = l.token.size() == lease_token.size() ? 0u : 1u;
   for (size_t i = 0; i < l.token.size(); ++i) {
@@ -1554,8 +1555,24 @@ Status Engine::ReleaseLease(const std::string& request_id, const std::string& le
                             "' holds (" + std::to_string(block_addresses.size()) + " given, " +
                             std::to_string(l.block_addresses.size()) + " held); its KV stays held");
   }
-  retained_ids_.erase(it);
+  return &l;
+}
+
+Status Engine::ReleaseLease(const std::string& request_id, const std::string& lease_token,
+                            const std::vector<uint64_t>& block_addresses) {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  RETURN_IF_ERROR(CheckLeaseLocked(request_id, lease_token, block_addresses).status());
+  retained_ids_.erase(request_id);
   releases_.push_back(request_id);
+  return Status::Ok();
+}
+
+Status Engine::RenewLease(const std::string& request_id, const std::string& lease_token,
+                          const std::vector<uint64_t>& block_addresses) {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  StatusOr<Lease*> l = CheckLeaseLocked(request_id, lease_token, block_addresses);
+  RETURN_IF_ERROR(l.status());
+  (*l)->expiry = std::chrono::steady_clock::now() + options_.kv_lease;
   return Status::Ok();
 }
 
@@ -1573,19 +1590,22 @@ void Engine::ExpireLeases() {
     }
   }
   const auto now = std::chrono::steady_clock::now();
+  // The expiry is read and the lease dropped under one lock, so a renewal either lands before
+  // (and the KV stays) or finds the lease gone (NOT_FOUND), never a lease freed after an OK.
+  std::lock_guard<std::mutex> lock(inbox_mu_);
   for (auto it = retained_.begin(); it != retained_.end();) {
-    if (now < it->second.expiry) {
+    auto lease = retained_ids_.find(it->first);
+    // No lease: released since the swap above, freed at the next call.
+    if (lease == retained_ids_.end() || now < lease->second.expiry) {
       ++it;
       continue;
     }
     HELIX_LOG(kWarn) << "engine: KV lease of request " << it->first << " expired after "
-                     << options_.kv_lease.count() << " ms without a release; freeing its blocks";
+                     << options_.kv_lease.count() << " ms without a release or renewal; freeing "
+                     << "its blocks";
     FreeRetained(it->second);
-    {
-      std::lock_guard<std::mutex> lock(inbox_mu_);
-      retained_ids_.erase(it->first);
-      ++leases_expired_;
-    }
+    retained_ids_.erase(lease);
+    ++leases_expired_;
     it = retained_.erase(it);
   }
 }

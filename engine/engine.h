@@ -201,6 +201,10 @@ class Engine {
   // expired); PermissionDenied naming what does not match (nothing is freed then).
   Status ReleaseLease(const std::string& request_id, const std::string& lease_token,
                       const std::vector<uint64_t>& block_addresses);
+  // Restarts the lease (kv_lease from now) for a caller that shows what ReleaseLease needs;
+  // the same errors, and nothing is freed. Thread-safe.
+  Status RenewLease(const std::string& request_id, const std::string& lease_token,
+                    const std::vector<uint64_t>& block_addresses);
   // Engine thread: frees retained KV whose lease has passed. Step calls it; an idle server's
   // loop calls it too.
   void ExpireLeases();
@@ -362,7 +366,6 @@ class Engine {
   void TrimStaging(size_t keep_bytes);
   struct Retained {
     uint64_t uid;
-    std::chrono::steady_clock::time_point expiry;
     std::vector<int32_t> export_blocks;  // in the export buffer (device backend)
   };
   std::unordered_map<std::string, Retained> retained_;  // context server, engine thread
@@ -371,7 +374,12 @@ class Engine {
   struct Lease {
     std::string token;
     std::vector<uint64_t> block_addresses;
+    std::chrono::steady_clock::time_point expiry;  // RenewLease moves it
   };
+  // The lease of `request_id` when `lease_token` and `block_addresses` are its own; else the
+  // error ReleaseLease / RenewLease answer. REQUIRES inbox_mu_.
+  StatusOr<Lease*> CheckLeaseLocked(const std::string& request_id, const std::string& lease_token,
+                                    const std::vector<uint64_t>& block_addresses);
   std::unordered_map<std::string, Lease> retained_ids_;  // GUARDED_BY(inbox_mu_)
   std::vector<std::string> releases_;                    // GUARDED_BY(inbox_mu_)
   std::unordered_map<std::string, Status> pairing_;      // GUARDED_BY(inbox_mu_): per server

@@ -61,6 +61,7 @@ class Server {
     int64_t lease_ms = 30000, transfer_timeout_ms = 10000, max_tokens = 16384;
     int max_seq_len = 512;
     int max_num_tokens = 8192;
+    int max_batch_size = 32;
     std::vector<std::string> allowed_context_servers;  // generation: the allow-list, if any
     int drain_ms = 0;                                  // --drain-ms on SIGTERM
   };
@@ -82,7 +83,7 @@ class Server {
                      : "")
         << ", \"kv_cache_config\": {\"tokens_per_block\": " << o.tokens_per_block
         << ", \"max_tokens\": " << o.max_tokens << ", \"dtype\": \"float32\"}"
-        << ", \"max_batch_size\": 32, \"max_seq_len\": " << o.max_seq_len
+        << ", \"max_batch_size\": " << o.max_batch_size << ", \"max_seq_len\": " << o.max_seq_len
         << ", \"max_num_tokens\": " << o.max_num_tokens
         << ", \"server\": {\"host\": \"127.0.0.1\", \"port\": " << port_ << "}"
         << ", \"cache_transceiver_config\": {\"backend\": \"UCX\", \"kv_transfer_timeout_ms\": "
@@ -643,6 +644,45 @@ TEST_F(DisaggServeTest, LeaseFreesUnpulledKv) {
       milliseconds(15000)));
 }
 
+// A request that waits in the generation server's queue for longer than its context server's
+// lease still gets its KV: the generation server renews the lease while the request waits (the
+// lease runs from the prefill). Here it waits behind a request that holds the only batch slot
+// while that one's context server is stalled (for kv_transfer_timeout_ms, 3 leases).
+TEST_F(DisaggServeTest, QueuedRequestKeepsItsLease) {
+  Server::Options so;
+  so.context = true;
+  Server::Options co = so;
+  co.lease_ms = 1000;
+  Server::Options go;
+  go.max_batch_size = 1;
+  go.transfer_timeout_ms = 3000;
+  Server gen(go);
+  Server stalled(so);
+  Server ctx(co);
+  const auto req = Request(Tokens(60, 11), 16);
+  const Result ref = Generate(gen, req);
+  ASSERT_TRUE(ref.status.ok()) << ref.status.error_message();
+  const auto blocking = Prefill(stalled, Request(Tokens(40, 12), 8));
+  stalled.Signal(SIGSTOP);
+  Result first;
+  std::thread t([&] { first = Generate(gen, blocking); });
+  std::this_thread::sleep_for(milliseconds(300));  // it is admitted first
+  const auto handed = Prefill(ctx, req);
+  const auto t0 = Clock::now();
+  const Result got = Generate(gen, handed);
+  const auto waited = Clock::now() - t0;
+  t.join();
+  EXPECT_EQ(first.status.error_code(), grpc::StatusCode::ABORTED) << first.status.error_message();
+  EXPECT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.tokens, ref.tokens);
+  EXPECT_GT(waited, milliseconds(1500));  // past the lease
+  EXPECT_EQ(ctx.Info().kv_leases_expired(), 0u);
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                  milliseconds(5000)));
+  EXPECT_TRUE(gen.WaitFor(PoolWhole, milliseconds(5000)));
+}
+
 // Servers that cannot exchange KV are refused with the reason, before any transfer.
 TEST_F(DisaggServeTest, MismatchedServersAreRefused) {
   Server::Options co;
@@ -796,6 +836,31 @@ TEST_F(DisaggServeTest, LeaseTokenGuardsAnotherRequestsKv) {
   EXPECT_EQ(release("").error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_EQ(release(own.kv_handle().lease_token()).error_code(),
             grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(ctx.Info().kv_retained_requests(), 2);
+  // RenewLease takes the same proof: the wrong token or blocks are refused, an unknown id is
+  // NOT_FOUND, and the handle's own restarts the lease.
+  auto renew = [&](helix::v1::ReleaseRequest rel, int64_t* lease_ms = nullptr) {
+    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    helix::v1::RenewLeaseResponse resp;
+    grpc::Status st = stub->RenewLease(&c, rel, &resp);
+    if (lease_ms != nullptr) *lease_ms = resp.lease_ms();
+    return st.error_code();
+  };
+  const helix::v1::ReleaseRequest victim_rel = helix::server::ReleaseRequestFor(victim.kv_handle());
+  helix::v1::ReleaseRequest bad = victim_rel;
+  bad.set_lease_token(own.kv_handle().lease_token());
+  EXPECT_EQ(renew(bad), grpc::StatusCode::PERMISSION_DENIED);
+  bad = victim_rel;
+  bad.mutable_block_addresses()->RemoveLast();
+  EXPECT_EQ(renew(bad), grpc::StatusCode::PERMISSION_DENIED);
+  bad = victim_rel;
+  bad.set_request_id("no-such-request");
+  EXPECT_EQ(renew(bad), grpc::StatusCode::NOT_FOUND);
+  int64_t lease_ms = 0;
+  EXPECT_EQ(renew(victim_rel, &lease_ms), grpc::StatusCode::OK);
+  EXPECT_EQ(lease_ms, 30000);
   EXPECT_EQ(ctx.Info().kv_retained_requests(), 2);
   // The other request is untouched: it generates what a fresh prefill of its prompt does.
   const Result theirs = Generate(gen, victim);

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "engine/common/log.h"
 
@@ -134,6 +135,12 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
 }
 
 ContextClient::~ContextClient() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  keep_cv_.notify_all();
+  if (keeper_.joinable()) keeper_.join();
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait_for(lock, std::max(release_timeout_, check_timeout_) + std::chrono::seconds(1),
                [&] { return in_flight_ == 0; });
@@ -148,6 +155,7 @@ std::shared_ptr<v1::ContextService::Stub> ContextClient::BeginCall(const std::st
       if (it->second.last_use < oldest->second.last_use) oldest = it;
     }
     exports_.erase(oldest->first);
+    lease_ms_.erase(oldest->first);
     stubs_.erase(oldest);
   }
   CachedStub& c = stubs_[address];
@@ -215,6 +223,105 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
     call->done(verdict);
     EndCall();
   });
+}
+
+uint64_t ContextClient::KeepLease(const std::string& address, v1::ReleaseRequest lease) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Clock::time_point now = Clock::now();
+  auto known = lease_ms_.find(address);
+  const auto first = known != lease_ms_.end()
+                         ? std::chrono::milliseconds(std::max<int64_t>(1, known->second / 2))
+                         : std::chrono::milliseconds(250);
+  const uint64_t id = next_kept_++;
+  kept_[id] = Kept{address, std::move(lease), now, now + first};
+  if (!keeper_.joinable()) keeper_ = std::thread([this] { KeepLoop(); });
+  keep_cv_.notify_all();
+  return id;
+}
+
+void ContextClient::DropLease(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  kept_.erase(id);
+}
+
+void ContextClient::KeepLoop() {
+  constexpr auto kMaxKeep = std::chrono::hours(1);
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    const Clock::time_point now = Clock::now();
+    Clock::time_point wake = now + std::chrono::seconds(1);
+    std::vector<std::tuple<uint64_t, std::string, v1::ReleaseRequest>> due;
+    for (auto it = kept_.begin(); it != kept_.end();) {
+      Kept& k = it->second;
+      if (now - k.since > kMaxKeep) {
+        HELIX_LOG(kWarn) << "kept the KV lease of " << k.lease.request_id() << " on " << k.address
+                         << " for an hour; no longer renewing it";
+        it = kept_.erase(it);
+        continue;
+      }
+      if (!k.renewing && k.next <= now) {
+        k.renewing = true;
+        due.emplace_back(it->first, k.address, k.lease);
+      } else if (!k.renewing) {
+        wake = std::min(wake, k.next);
+      }
+      ++it;
+    }
+    lock.unlock();
+    for (const auto& [id, address, lease] : due) Renew(id, address, lease);
+    lock.lock();
+    if (stopping_) break;
+    // Woken early by a new lease or an answer (which sets that lease's next renewal).
+    keep_cv_.wait_until(lock, wake);
+  }
+}
+
+void ContextClient::Renew(uint64_t id, const std::string& address,
+                          const v1::ReleaseRequest& lease) {
+  std::shared_ptr<v1::ContextService::Stub> stub = BeginCall(address);
+  struct Call {
+    std::shared_ptr<v1::ContextService::Stub> stub;  // alive until the call ends
+    grpc::ClientContext ctx;
+    v1::ReleaseRequest req;
+    v1::RenewLeaseResponse resp;
+  };
+  auto call = std::make_shared<Call>();
+  call->stub = stub;
+  call->req = lease;
+  call->ctx.set_deadline(std::chrono::system_clock::now() + release_timeout_);
+  stub->async()->RenewLease(
+      &call->ctx, &call->req, &call->resp, [this, call, id, address](grpc::Status st) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          const Clock::time_point now = Clock::now();
+          if (st.ok()) {
+            ++renewals_;
+            lease_ms_[address] = call->resp.lease_ms();
+          }
+          auto it = kept_.find(id);
+          if (it != kept_.end()) {
+            Kept& k = it->second;
+            k.renewing = false;
+            const grpc::StatusCode code = st.error_code();
+            if (st.ok()) {
+              k.next =
+                  now + std::chrono::milliseconds(std::max<int64_t>(1, call->resp.lease_ms() / 2));
+            } else if (code == grpc::StatusCode::NOT_FOUND ||
+                       code == grpc::StatusCode::PERMISSION_DENIED ||
+                       code == grpc::StatusCode::INVALID_ARGUMENT ||
+                       code == grpc::StatusCode::UNIMPLEMENTED) {
+              // Gone (its pull will say so), or a server without renewals: nothing to keep.
+              HELIX_LOG(kWarn) << "cannot renew the KV lease of " << call->req.request_id()
+                               << " on context server " << address << ": " << st.error_message();
+              kept_.erase(it);
+            } else {  // unreachable for now: tried again shortly
+              k.next = now + std::chrono::milliseconds(250);
+            }
+          }
+        }
+        keep_cv_.notify_all();
+        EndCall();
+      });
 }
 
 v1::ReleaseRequest ReleaseRequestFor(const v1::KvHandle& h) {

@@ -3,11 +3,13 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 
@@ -58,7 +60,15 @@ class ContextClient {
   // calls `done` (at once, or on a gRPC thread): InvalidArgument / FailedPrecondition naming
   // what does not match, Unavailable when the server cannot be asked.
   void CheckExport(const transfer::KvSource& s, std::function<void(const Status&)> done);
+  // Keeps a handle's lease from running out while its request waits here: a context server's
+  // lease runs from the prefill, and a request queued here for longer would find its KV freed
+  // when it is pulled. Renews it (RenewLease) at half the lease, the first time after 250 ms or
+  // half the lease last heard from that server, until DropLease (or for at most an hour).
+  // Returns the id DropLease takes. A handle the server no longer holds is given up.
+  uint64_t KeepLease(const std::string& address, v1::ReleaseRequest lease);
+  void DropLease(uint64_t id);
   uint64_t failures() const { return failures_.load(); }
+  uint64_t renewals() const { return renewals_.load(); }
 
  private:
   // The server's stub with a call counted in flight (EndCall when it completes). At most
@@ -66,6 +76,9 @@ class ContextClient {
   // using it holds it), so handles naming many addresses cannot lock real servers out.
   std::shared_ptr<v1::ContextService::Stub> BeginCall(const std::string& address);
   void EndCall();
+  // KeepLease's thread: renews the leases that are due.
+  void KeepLoop();
+  void Renew(uint64_t id, const std::string& address, const v1::ReleaseRequest& lease);
 
   std::chrono::milliseconds release_timeout_, check_timeout_;
   std::mutex mu_;
@@ -79,6 +92,20 @@ class ContextClient {
   std::map<std::string, transfer::KvExportInfo> exports_;  // GUARDED_BY(mu_), by address
   int in_flight_ = 0;                                      // GUARDED_BY(mu_)
   std::atomic<uint64_t> failures_{0};
+  using Clock = std::chrono::steady_clock;
+  struct Kept {
+    std::string address;
+    v1::ReleaseRequest lease;
+    Clock::time_point since, next;
+    bool renewing = false;  // a RenewLease in flight
+  };
+  std::map<uint64_t, Kept> kept_;            // GUARDED_BY(mu_)
+  std::map<std::string, int64_t> lease_ms_;  // GUARDED_BY(mu_): by address, as last answered
+  uint64_t next_kept_ = 0;                   // GUARDED_BY(mu_)
+  bool stopping_ = false;                    // GUARDED_BY(mu_)
+  std::condition_variable keep_cv_;
+  std::thread keeper_;  // started by the first KeepLease
+  std::atomic<uint64_t> renewals_{0};
 };
 
 }  // namespace helix::server

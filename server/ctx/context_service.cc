@@ -228,6 +228,19 @@ grpc::ServerUnaryReactor* ContextService::Release(grpc::CallbackServerContext* c
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ContextService::RenewLease(grpc::CallbackServerContext* ctx,
+                                                     const v1::ReleaseRequest* request,
+                                                     v1::RenewLeaseResponse* response) {
+  // Not behind the API key, as Release: the lease token and the blocks must match.
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const Status st = engine_->RenewLease(
+      request->request_id(), request->lease_token(),
+      std::vector<uint64_t>(request->block_addresses().begin(), request->block_addresses().end()));
+  if (st.ok()) response->set_lease_ms(options_.lease_ms);
+  reactor->Finish(ToGrpc(st));
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* ContextService::GetKvExport(grpc::CallbackServerContext* ctx,
                                                       const v1::GetKvExportRequest*,
                                                       v1::KvExport* out) {

@@ -297,8 +297,12 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
     if (r->kv_source != nullptr) {
       // The handle's release (its id, lease token and blocks), for on_kv_done and confirm_kv.
       const v1::ReleaseRequest rel = ReleaseRequestFor(p.kv_handle());
+      // The lease runs from the prefill: renewed while the request waits here, until its KV
+      // has been pulled (confirm_kv) or it ends without a pull (on_kv_done).
+      const uint64_t kept = svc->context_.KeepLease(r->kv_source->server_address, rel);
       // Once no rank touches the blocks any more, the context server may free them.
-      r->on_kv_done = [svc, address = r->kv_source->server_address, rel](const Status&) {
+      r->on_kv_done = [svc, address = r->kv_source->server_address, rel, kept](const Status&) {
+        svc->context_.DropLease(kept);
         svc->context_.Release(address, rel);
       };
       // Before any rank pulls: the handle must be one its context server gave out (its rkey,
@@ -312,8 +316,9 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       };
       // After a pull that landed: the release also confirms the context server still held
       // the KV (an expired lease may have let another prompt overwrite it mid-pull).
-      r->confirm_kv = [svc, address = r->kv_source->server_address,
-                       rel](std::function<void(const Status&)> verdict) {
+      r->confirm_kv = [svc, address = r->kv_source->server_address, rel,
+                       kept](std::function<void(const Status&)> verdict) {
+        svc->context_.DropLease(kept);
         svc->context_.Confirm(address, rel, [svc, verdict](const Status& v) {
           verdict(v);
           svc->Kick();
