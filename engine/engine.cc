@@ -1356,6 +1356,11 @@ bool Engine::Step() {
     if (i < static_cast<int64_t>(device_tokens_.size()) && device_tokens_[i] >= 0 &&
         device_tokens_[i] < vocab) {
       r.token = device_tokens_[i];
+    } else if (i < static_cast<int64_t>(device_tokens_.size()) &&
+               device_tokens_[i] == Backend::kNoToken) {
+      // The device found nothing to pick (its logits are not on the host): as Sample says.
+      Finish(s, FinishReason::kError, NothingToSample());
+      continue;
     } else {
       r = s->sampler->Sample(logits_.data() + i * vocab, vocab);
       if (!r.status.ok()) {  // this request alone ends, with the reason

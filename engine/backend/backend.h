@@ -176,11 +176,13 @@ class Backend {
   virtual size_t MlaAttentionWorkspaceBytes(const kernels::MlaAttentionParams& p) = 0;
   virtual void MlaAttention(const kernels::MlaAttentionParams& p, void* workspace) = 0;
   // Token selection per row of logits [rows][vocab] (arrays in backend memory): greedy[r] =
-  // the first index of the largest logit (engine/sampler's temperature 0); sampled[r] = the
+  // the first index of the largest logit, NaN never one (engine/sampler's temperature 0), or
+  // kNoToken when the row holds nothing but NaN and -inf; sampled[r] = the
   // token temperature / top-k / top-p / min-p sampling picks with the uniform draw u[r] (as
   // engine/sampler does after its penalties; -1 where temperature[r] <= 0). Either output may
   // be nullptr (not wanted). False when the backend does not sample (the CPU backend: the engine
   // samples on the host from the logits).
+  static constexpr int32_t kNoToken = -2;
   virtual bool SampleTokens(const float* /*logits*/, int64_t /*rows*/, int64_t /*vocab*/,
                             const float* /*temperature*/, const int32_t* /*top_k*/,
                             const float* /*top_p*/, const float* /*min_p*/, const double* /*u*/,

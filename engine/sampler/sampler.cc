@@ -33,6 +33,11 @@ double Sampler::DrawForDevice() {
   return std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
 }
 
+Status NothingToSample() {
+  return Internal(
+      "no token can be sampled: every logit is NaN or -inf (a numerical overflow in the model)");
+}
+
 SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   SampleResult res;
   // Non-finite logits (an overflow in the model) as the limits they stand for: NaN is no
@@ -77,9 +82,7 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
     if (logits[i] > logits[best]) best = static_cast<int32_t>(i);
   }
   if (vocab <= 0 || !(logits[best] > kNegInf)) {
-    res.status = Internal(
-        "no token can be sampled: every logit is NaN or -inf (a numerical overflow in the "
-        "model)");
+    res.status = NothingToSample();
     return res;
   }
   if (p_.temperature == 0.0f) {

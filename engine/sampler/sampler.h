@@ -23,6 +23,9 @@ struct SampleResult {
   std::vector<std::pair<int32_t, float>> top;  // top-n (token, logprob), best first
 };
 
+// The error of a row with nothing to draw (every logit NaN or -inf), wherever it is found.
+Status NothingToSample();
+
 class Sampler {
  public:
   // `prompt` seeds the repetition penalty's token set.

@@ -396,10 +396,9 @@ __device__ inline void ArgmaxBlockReduce(float& bv, int& bi) {
   }
 }
 
-// The token of a row whose best id is bi: a NaN at index 0 is never replaced by the sequential
-// scan, and all-NaN rows give 0 too.
-__device__ inline int ArgmaxToken(const float* row, int bi) {
-  return isnan(row[0]) || bi == INT_MAX ? 0 : bi;
+// The token of a row whose best is (bv, bi): none when nothing but NaN (bi unset) and -inf.
+__device__ inline int ArgmaxToken(float bv, int bi) {
+  return bi == INT_MAX || !(bv > kNegInf) ? kArgmaxNoToken : bi;
 }
 
 bool ArgmaxVec4(const ArgmaxParams& p) {
@@ -414,7 +413,7 @@ __global__ void __launch_bounds__(kRowThreads) ArgmaxKernel(const ArgmaxParams p
   ArgmaxScan(row, 0, p.vocab, vec4, bv, bi);
   ArgmaxBlockReduce(bv, bi);
   if (threadIdx.x == 0) {
-    p.out[blockIdx.x] = ArgmaxToken(row, bi);
+    p.out[blockIdx.x] = ArgmaxToken(bv, bi);
   }
 }
 
@@ -475,7 +474,7 @@ __global__ void __launch_bounds__(kArgmaxChunkThreads)
   }
   ArgmaxBlockReduce(bv, bi);
   if (threadIdx.x == 0) {
-    p.out[r] = ArgmaxToken(p.logits + r * p.vocab, bi);
+    p.out[r] = ArgmaxToken(bv, bi);
   }
 }
 

@@ -116,12 +116,15 @@ struct EmbeddingParams {
 cudaError_t EmbeddingCuda(const EmbeddingParams& p, cudaStream_t stream);
 
 // Greedy token of each row, exactly as engine/sampler's temperature 0: the first index of the
-// largest logit (ties -> lowest id); NaN logits never win, except that a NaN in logits[0]
-// gives 0 (the sequential scan starts from index 0).
+// largest logit (ties -> lowest id); NaN logits never win, and a row with nothing but NaN and
+// -inf gives kArgmaxNoToken.
 // One thread block per row; with a workspace (ArgmaxCudaWorkspaceBytes) each row is cut into up
 // to kArgmaxMaxChunks chunks of at least kArgmaxMinChunk logits (a multiple of 4), one thread
 // block each, whose winners a second kernel reduces (one thread block alone reads a 128K-entry
 // row at a fraction of the memory bandwidth).
+// A NaN logit is never the largest; a row of nothing but NaN and -inf gives kArgmaxNoToken
+// (engine/sampler fails such a request).
+constexpr int32_t kArgmaxNoToken = -2;
 struct ArgmaxParams {
   const float* logits;  // [rows][vocab]
   int32_t* out;         // [rows]

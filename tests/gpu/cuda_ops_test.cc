@@ -933,8 +933,11 @@ TEST_F(CudaOpsTest, ArgmaxMatchesGreedySampler) {
   }
   rows.push_back(ties);
   std::vector<float> nan0 = RandomVector(rng, 100);
-  nan0[0] = std::nanf("");  // the sequential scan keeps index 0
+  nan0[0] = std::nanf("");  // NaN is never the largest, at index 0 too
   rows.push_back(nan0);
+  std::vector<float> no_token(64, std::nanf(""));  // nothing but NaN and -inf: no token
+  no_token[10] = -kInf;
+  rows.push_back(no_token);
   std::vector<float> nan_mid = RandomVector(rng, 100);
   nan_mid[40] = std::nanf("");
   nan_mid[60] = 5.0f;
@@ -968,8 +971,9 @@ TEST_F(CudaOpsTest, ArgmaxMatchesGreedySampler) {
       SamplingParams sp;
       sp.temperature = 0;
       std::vector<float> copy = rows[r];
-      const int32_t want =
-          Sampler(sp, {}).Sample(copy.data(), static_cast<int64_t>(copy.size())).token;
+      const SampleResult host =
+          Sampler(sp, {}).Sample(copy.data(), static_cast<int64_t>(copy.size()));
+      const int32_t want = host.status.ok() ? host.token : cuda::kArgmaxNoToken;
       DeviceBuffer<float> d_logits(rows[r]);
       DeviceBuffer<int32_t> d_out(1);
       cuda::ArgmaxParams p{.logits = d_logits.get(),

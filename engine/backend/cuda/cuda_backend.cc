@@ -21,6 +21,8 @@
 #include "kernels/cuda/ops_cuda.h"
 #ifdef HELIX_CUDA_EMULATION
 #include "kernels/gemm.h"
+
+static_assert(helix::Backend::kNoToken == helix::kernels::cuda::kArgmaxNoToken);
 #else
 #include <cublas_v2.h>
 
@@ -634,6 +636,7 @@ class CudaBackend final : public Backend {
       return upload_marks_;
     }
     ++upload_marks_;
+    (void)ops_wait;  // not read by the emulation build
 #ifndef HELIX_CUDA_EMULATION
     BindDevice();
     cudaEvent_t event = nullptr;
