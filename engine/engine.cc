@@ -1008,6 +1008,15 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
                            std::to_string(pool_->num_blocks()) + ": it can never fit");
   }
   seq->sampler = std::make_unique<Sampler>(seq->req.sampling, seq->tokens);
+  if (seq->req.sampling.min_tokens > 0) {
+    std::vector<int32_t> stops = seq->req.stop_token_ids;  // sorted, unique
+    if (!seq->req.ignore_eos) {
+      stops.insert(stops.end(), default_stop_ids_.begin(), default_stop_ids_.end());
+      std::sort(stops.begin(), stops.end());
+      stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
+    }
+    seq->sampler->BanUntilMinTokens(std::move(stops));
+  }
   std::lock_guard<std::mutex> lock(inbox_mu_);
   if (seq->req.id.empty()) {
     do {
@@ -1270,7 +1279,10 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
   ev.logprob = sample.logprob;
   ev.top_logprobs = sample.top;
   bool stopped = false;
-  ev.text = s->stop.Push(s->detok->Push(token), &stopped);
+  // Stop strings count from the min_tokens-th token on (vLLM's rule).
+  ev.text = s->generated < s->req.sampling.min_tokens
+                ? s->detok->Push(token)
+                : s->stop.Push(s->detok->Push(token), &stopped);
   if (s->req.sink) s->req.sink(ev);
   if (stopped) {
     Finish(s, FinishReason::kStop);

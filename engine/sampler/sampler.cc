@@ -15,7 +15,10 @@ Sampler::Sampler(const SamplingParams& params, const std::vector<int32_t>& promp
   }
 }
 
+void Sampler::BanUntilMinTokens(std::vector<int32_t> ids) { min_tokens_ban_ = std::move(ids); }
+
 void Sampler::Accept(int32_t token) {
+  ++accepted_;
   if (p_.presence_penalty != 0 || p_.frequency_penalty != 0) ++counts_[token];
   if (p_.repetition_penalty != 1.0f) {
     auto it = std::lower_bound(seen_.begin(), seen_.end(), token);
@@ -25,7 +28,7 @@ void Sampler::Accept(int32_t token) {
 
 bool Sampler::DeviceEligible() const {
   return p_.repetition_penalty == 1.0f && p_.presence_penalty == 0 && p_.frequency_penalty == 0 &&
-         p_.top_logprobs < 0 && p_.logit_bias.empty();
+         p_.top_logprobs < 0 && p_.logit_bias.empty() && !Banning();
 }
 
 double Sampler::DrawForDevice() {
@@ -61,7 +64,12 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   std::vector<float> raw_for_logprobs;
   if (p_.top_logprobs >= 0) raw_for_logprobs.assign(logits, logits + vocab);
 
-  // Logit bias, then the penalties (vLLM's order).
+  // min_tokens' ban, the logit bias, then the penalties (vLLM's order).
+  if (Banning()) {
+    for (int32_t t : min_tokens_ban_) {
+      if (t >= 0 && t < vocab) logits[t] = kNegInf;
+    }
+  }
   for (const auto& [t, bias] : p_.logit_bias) {
     if (t < vocab) logits[t] += bias;
   }

@@ -42,8 +42,11 @@ class Sampler {
   bool DeviceEligible() const;
   double DrawForDevice();
   const SamplingParams& params() const { return p_; }
-  // Records a generated token (for the penalties).
+  // Records a generated token (for the penalties and min_tokens).
   void Accept(int32_t token);
+  // The stop tokens min_tokens keeps from being sampled (sorted and unique): their logits are
+  // -inf until min_tokens tokens have been accepted (the logprobs stay the model's).
+  void BanUntilMinTokens(std::vector<int32_t> ids);
 
  private:
   SamplingParams p_;
@@ -51,6 +54,9 @@ class Sampler {
   std::vector<int32_t> seen_;                    // prompt ∪ output, for repetition penalty
   std::unordered_map<int32_t, int32_t> counts_;  // output token counts
   std::vector<std::pair<float, int32_t>> scratch_;
+  std::vector<int32_t> min_tokens_ban_;
+  int64_t accepted_ = 0;
+  bool Banning() const { return accepted_ < p_.min_tokens && !min_tokens_ban_.empty(); }
 };
 
 }  // namespace helix

@@ -134,6 +134,31 @@ TEST(SamplerTest, LogitBiasShiftsTheChoiceButNotTheLogprobs) {
   EXPECT_EQ(so.Sample(l.data(), 5).token, 2);
 }
 
+TEST(SamplerTest, MinTokensBansStopTokensForTheFirstTokens) {
+  SamplingParams p;
+  p.temperature = 0;
+  p.top_logprobs = 0;
+  p.min_tokens = 2;
+  Sampler s(p, {});
+  s.BanUntilMinTokens({1, 3});  // the two largest logits
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_FALSE(s.DeviceEligible());
+    auto l = Logits();
+    SampleResult r = s.Sample(l.data(), 5);
+    EXPECT_EQ(r.token, 2);
+    double z = 0;
+    for (float x : Logits()) z += std::exp(x);
+    EXPECT_NEAR(r.logprob, 2.0 - std::log(z), 1e-5);  // the model's own distribution
+    s.Accept(r.token);
+  }
+  auto l = Logits();
+  EXPECT_EQ(s.Sample(l.data(), 5).token, 1);  // the third token may stop
+  SamplingParams d;
+  d.min_tokens = 2;
+  Sampler none(d, {});  // nothing to ban (ignore_eos, no stop ids): the device may sample
+  EXPECT_TRUE(none.DeviceEligible());
+}
+
 TEST(SamplerTest, NonFiniteLogits) {
   const float inf = std::numeric_limits<float>::infinity();
   // +inf tokens share the mass: sampled, greedy and with top-p, only they come.
@@ -208,6 +233,9 @@ TEST(SamplingParamsTest, ValidationNamesTheField) {
   EXPECT_FALSE(p.Validate().ok());
   p.logit_bias.assign(SamplingParams::kMaxLogitBias + 1, {0, 0.0f});
   EXPECT_NE(p.Validate().message().find("at most"), std::string::npos);
+  p = {};
+  p.min_tokens = -1;
+  EXPECT_NE(p.Validate().message().find("min_tokens"), std::string::npos);
   p = {};
   p.logit_bias = {{2, -100.0f}, {7, 100.0f}};
   EXPECT_TRUE(p.Validate().ok());

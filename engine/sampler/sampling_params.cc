@@ -32,6 +32,7 @@ Status SamplingParams::Validate() const {
   if (top_logprobs < -1 || top_logprobs > 20) {
     return Bad("top_logprobs", top_logprobs, "-1 (none) or 0..20");
   }
+  if (min_tokens < 0) return Bad("min_tokens", min_tokens, "a count >= 0");
   if (logit_bias.size() > kMaxLogitBias) {
     return InvalidArgument("logit_bias has " + std::to_string(logit_bias.size()) +
                            " entries: at most " + std::to_string(kMaxLogitBias));

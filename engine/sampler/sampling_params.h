@@ -21,6 +21,9 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;   // [-2, 2]; output tokens
   std::optional<uint64_t> seed;     // same seed → same tokens, whatever the batch
   int32_t top_logprobs = -1;        // -1: no logprobs; n ≥ 0: sampled token's + top n
+  // vLLM's min_tokens: the first min_tokens tokens are never a stop token (EOS, stop_token_ids;
+  // Sampler::BanUntilMinTokens), and stop strings are matched from the min_tokens-th token on.
+  int32_t min_tokens = 0;
   // (token id, bias) added to the logits before the penalties; ids sorted and unique, each bias
   // in [-100, 100]. Ids are checked against the vocabulary where the request is submitted.
   std::vector<std::pair<int32_t, float>> logit_bias;

@@ -70,6 +70,11 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
   r.sampling.presence_penalty = s.presence_penalty();
   r.sampling.frequency_penalty = s.frequency_penalty();
   if (s.has_seed()) r.sampling.seed = s.seed();
+  if (s.min_tokens() < 0 || s.min_tokens() > p.max_tokens()) {
+    return InvalidArgument("min_tokens = " + std::to_string(s.min_tokens()) +
+                           ": expected 0..max_tokens (" + std::to_string(p.max_tokens()) + ")");
+  }
+  r.sampling.min_tokens = s.min_tokens();
   if (s.logit_bias_size() > static_cast<int>(SamplingParams::kMaxLogitBias)) {
     return InvalidArgument("logit_bias has " + std::to_string(s.logit_bias_size()) +
                            " entries: at most " + std::to_string(SamplingParams::kMaxLogitBias));

@@ -581,6 +581,27 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   RETURN_IF_ERROR(unsupported("tools", non_empty("tools")));
   RETURN_IF_ERROR(unsupported("functions", non_empty("functions")));
   RETURN_IF_ERROR(unsupported("tool_choice", present("tool_choice") && j["tool_choice"] != "none"));
+  // vLLM's own extras this server does not implement, when set to anything but their default.
+  auto is_true = [&](const char* key) { return present(key) && j[key] == true; };
+  auto is_false = [&](const char* key) { return present(key) && j[key] == false; };
+  for (const char* key :
+       {"prompt_logprobs", "truncate_prompt_tokens", "guided_json", "guided_regex", "guided_choice",
+        "guided_grammar", "structured_outputs", "prompt_embeds"}) {
+    RETURN_IF_ERROR(unsupported(key, present(key)));
+  }
+  for (const char* key : {"allowed_token_ids", "bad_words", "logits_processors"}) {
+    RETURN_IF_ERROR(unsupported(key, non_empty(key)));
+  }
+  for (const char* key :
+       {"use_beam_search", "include_stop_str_in_output", "return_tokens_as_token_ids"}) {
+    RETURN_IF_ERROR(unsupported(key, is_true(key)));
+  }
+  for (const char* key : {"skip_special_tokens", "spaces_between_special_tokens"}) {
+    RETURN_IF_ERROR(unsupported(key, is_false(key)));
+  }
+  RETURN_IF_ERROR(
+      unsupported("length_penalty", present("length_penalty") && j["length_penalty"] != 1));
+  RETURN_IF_ERROR(unsupported("priority", present("priority") && j["priority"] != 0));
   RETURN_IF_ERROR(unsupported(
       "response_format",
       present("response_format") && !(j["response_format"].is_object() &&
@@ -628,6 +649,8 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   RETURN_IF_ERROR(Number(j, "frequency_penalty", -2, 2, &frequency, e));
   RETURN_IF_ERROR(Number(j, "repetition_penalty", 1e-6, 10, &repetition, e));
   RETURN_IF_ERROR(Integer(j, "top_k", -1, 1 << 20, &top_k, e));
+  int64_t min_tokens = 0;  // vLLM's
+  RETURN_IF_ERROR(Integer(j, "min_tokens", 0, max_tokens, &min_tokens, e));
   RETURN_IF_ERROR(Seed(j, &seed, e));
   // Up to 64 stop strings (OpenAI allows 4, vLLM any number); an empty one stops nothing,
   // alone or in a list.
@@ -751,6 +774,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   sp->set_frequency_penalty(static_cast<float>(frequency));
   sp->set_repetition_penalty(static_cast<float>(repetition));
   if (seed) sp->set_seed(*seed);
+  sp->set_min_tokens(static_cast<int32_t>(min_tokens));
   for (const std::string& s : p.route.stop) g.add_stop(s);
   g.set_ignore_eos(ignore_eos);
   if (p.logprobs) g.set_top_logprobs(p.top_logprobs);

@@ -491,7 +491,10 @@ grpc::Status Router::Run(const RouteRequest& r,
         // Complete UTF-8 characters: one per byte that does not continue a character.
         ev.token_text_chars = static_cast<size_t>(
             std::count_if(piece.begin(), piece.end(), [](char c) { return (c & 0xC0) != 0x80; }));
-        ev.text = stops.Push(std::move(piece), &stopped);
+        // Stop strings count from the min_tokens-th token on, as on the generation server.
+        ev.text = streamed + 1 < req.sampling().min_tokens()
+                      ? std::move(piece)
+                      : stops.Push(std::move(piece), &stopped);
         take_logprobs(&ev);
         ++streamed;
         if (!sink(ev)) {

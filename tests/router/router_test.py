@@ -418,6 +418,27 @@ class RouterTest(unittest.TestCase):
                                 {"model": NAME, "prompt": "a", "logit_bias": bias})
             self.assertEqual((status, body["error"]["param"]), (400, "logit_bias"), bias)
 
+    def test_min_tokens(self):
+        # vLLM's min_tokens: no EOS among the first min_tokens tokens (greedy, this prompt ends
+        # with EOS after 342), and stop strings count only from the min_tokens-th token on.
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=400, temperature=0)
+        plain = self.client.completions.create(**kw).choices[0]
+        self.assertEqual(plain.finish_reason, "stop")
+        r = self.client.completions.create(extra_body={"min_tokens": 360}, **kw)
+        self.assertGreaterEqual(r.usage.completion_tokens, 360)
+        self.assertTrue(r.choices[0].text.startswith(plain.text), r.choices[0].text[:80])
+        self.assertGreater(len(r.choices[0].text), len(plain.text))
+        stop = plain.text.split()[5]
+        cut = plain.text.index(stop)
+        r = self.client.completions.create(stop=[stop], extra_body={"min_tokens": 30}, **kw)
+        self.assertTrue(r.choices[0].text.startswith(plain.text[:cut + len(stop)]))
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(
+            stream=True, stop=[stop], extra_body={"min_tokens": 30}, **kw))
+        self.assertEqual(streamed, r.choices[0].text)
+        status, body = http(self.port, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                           "max_tokens": 4, "min_tokens": 5})
+        self.assertEqual((status, body["error"]["param"]), (400, "min_tokens"))
+
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
                                            temperature=0, logprobs=3)
@@ -679,7 +700,10 @@ class RouterTest(unittest.TestCase):
         self.assertNotIn("fake_metric", metrics)
         self.assertIn('helix_router_http_responses_total{route="other",code="404"}', metrics)
         # Parameters this server does not implement are refused by name, not dropped.
-        for extra in ({"best_of": 2}, {"suffix": "x"},
+        for extra in ({"best_of": 2}, {"suffix": "x"}, {"use_beam_search": True},
+                      {"prompt_logprobs": 1}, {"guided_json": {}}, {"allowed_token_ids": [5]},
+                      {"skip_special_tokens": False}, {"include_stop_str_in_output": True},
+                      {"length_penalty": 0.5}, {"priority": 1},
                       {"response_format": {"type": "json_object"}},
                       {"tools": [{"type": "function", "function": {"name": "f"}}]}):
             status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", **extra})
@@ -688,7 +712,12 @@ class RouterTest(unittest.TestCase):
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
                                                    "echo": False, "best_of": 1, "logit_bias": {},
                                                    "response_format": {"type": "text"},
-                                                   "tools": [], "tool_choice": "none"})
+                                                   "tools": [], "tool_choice": "none",
+                                                   "use_beam_search": False,
+                                                   "skip_special_tokens": True,
+                                                   "include_stop_str_in_output": False,
+                                                   "allowed_token_ids": [], "prompt_logprobs": None,
+                                                   "length_penalty": 1, "priority": 0})
         self.assertEqual(status, 200, body)
         # Unknown parameters are ignored, as OpenAI-compatible servers do.
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
