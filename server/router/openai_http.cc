@@ -24,6 +24,7 @@
 #include "engine/common/json_nesting.h"
 #include "engine/common/log.h"
 #include "engine/sampler/sampling_params.h"
+#include "helix/version.h"
 
 namespace helix::router {
 namespace {
@@ -242,7 +243,9 @@ std::function<bool()> ClientGoneProbe(const httplib::Request& req) {
 // label per unknown path would let any client grow the metrics without bound).
 std::string RouteLabel(const std::string& path) {
   static const std::set<std::string> kRoutes = {
-      "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"};
+      "/health",    "/ready",          "/metrics",
+      "/v1/models", "/v1/completions", "/v1/chat/completions",
+      "/tokenize",  "/detokenize",     "/version"};
   return kRoutes.count(path) ? path : "other";
 }
 
@@ -251,7 +254,8 @@ std::string RouteLabel(const std::string& path) {
 bool NotAllowed(const httplib::Request& req, httplib::Response* res, HttpError* e) {
   const std::string label = RouteLabel(req.path);
   if (label == "other") return false;
-  const bool post = label == "/v1/completions" || label == "/v1/chat/completions";
+  const bool post = label == "/v1/completions" || label == "/v1/chat/completions" ||
+                    label == "/tokenize" || label == "/detokenize";
   if (post ? req.method == "POST" : req.method == "GET" || req.method == "HEAD") return false;
   const char* allow = post ? "POST" : "GET, HEAD";
   res->set_header("Allow", allow);
@@ -430,8 +434,57 @@ json ErrorJson(const HttpError& e) {
   return {{"error", err}};
 }
 
-StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, const Router& router,
-                                           int64_t max_seq_len, HttpError* e) {
+namespace {
+
+// A chat request's "messages", rendered with the model's chat template and tokenised.
+Status ChatPromptIds(const json& j, const Router& router, std::vector<int32_t>* out, HttpError* e) {
+  const Tokenizer& tok = router.tokenizer();
+  std::vector<int32_t>& ids = *out;
+  if (!j.contains("messages") || !j["messages"].is_array()) {
+    return Bad(e, "messages", "'messages' is required (an array)");
+  }
+  std::vector<ChatMessage> msgs;
+  for (size_t i = 0; i < j["messages"].size(); ++i) {
+    const json& m = j["messages"][i];
+    const std::string at = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+      return Bad(e, at + ".role", at + " needs a string 'role'");
+    }
+    ChatMessage cm;
+    cm.role = m["role"].get<std::string>();
+    if (cm.role == "developer") cm.role = "system";  // OpenAI's newer name for it
+    if (m.contains("content") && m["content"].is_string()) {
+      cm.content = m["content"].get<std::string>();
+    } else if (m.contains("content") && m["content"].is_array()) {
+      for (const json& part : m["content"]) {
+        if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
+            !part.contains("text") || !part["text"].is_string()) {
+          return Bad(e, at + ".content", at + ".content: only text parts are supported");
+        }
+        cm.content += part["text"].get<std::string>();
+      }
+    } else if (cm.role == "assistant" && (!m.contains("content") || m["content"].is_null())) {
+      // OpenAI allows an assistant message without content (it had tool calls, which this
+      // server does not make): it renders empty, as vLLM's templates render it.
+    } else {
+      return Bad(e, at + ".content", at + " needs 'content' (a string or text parts)");
+    }
+    msgs.push_back(std::move(cm));
+  }
+  if (router.chat_style() == ChatStyle::kNone) {
+    return Bad(e, "messages",
+               "model '" + router.model_name() +
+                   "' has no chat template this server can apply; use /v1/completions");
+  }
+  auto pieces = RenderChatPieces(router.chat_style(), msgs, router.chat_default_system());
+  if (!pieces.ok()) return Bad(e, "messages", pieces.status().message());
+  ids = EncodeChat(tok, *pieces);
+  return Status::Ok();
+}
+
+// A request body as a JSON object (nesting bounded), with "model" this model's name when given.
+Status ParseBody(const std::string& body, const Router& router, bool model_required, json* out,
+                 HttpError* e) {
   if (JsonNestingDepth(body, kMaxJsonNesting) > kMaxJsonNesting) {
     return Bad(
         e, "",
@@ -440,58 +493,104 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Bad(e, "", "the request body is not valid JSON");
   if (!j.is_object()) return Bad(e, "", "the request body must be a JSON object");
-  ParsedRequest p;
-  p.chat = chat;
-  if (!j.contains("model") || !j["model"].is_string()) {
+  if (j.contains("model") && !j["model"].is_null()) {
+    if (!j["model"].is_string()) return Bad(e, "model", "'model' must be a string");
+    if (j["model"].get<std::string>() != router.model_name()) {
+      return Bad(e, "model", "The model '" + j["model"].get<std::string>() + "' does not exist",
+                 404, "model_not_found");
+    }
+  } else if (model_required) {
     return Bad(e, "model", "'model' is required (a string)");
   }
-  if (j["model"].get<std::string>() != router.model_name()) {
-    return Bad(e, "model", "The model '" + j["model"].get<std::string>() + "' does not exist", 404,
-               "model_not_found");
+  *out = std::move(j);
+  return Status::Ok();
+}
+
+// An optional boolean `key` of j into *out.
+Status Boolean(const json& j, const char* key, bool* out, HttpError* e) {
+  if (!j.contains(key) || j[key].is_null()) return Status::Ok();
+  if (!j[key].is_boolean()) return Bad(e, key, std::string("'") + key + "' must be a boolean");
+  *out = j[key].get<bool>();
+  return Status::Ok();
+}
+
+// vLLM's POST /tokenize: {"prompt": text, "add_special_tokens": true} or {"messages": [...]}
+// (the chat template applied, with the generation prompt); "model" optional. Answers the ids,
+// their count, the model's context length and, with "return_token_strs", each id's piece.
+StatusOr<json> Tokenize(const std::string& body, const Router& router, HttpError* e) {
+  json j;
+  RETURN_IF_ERROR(ParseBody(body, router, /*model_required=*/false, &j, e));
+  const Tokenizer& tok = router.tokenizer();
+  std::vector<int32_t> ids;
+  bool token_strs = false;
+  RETURN_IF_ERROR(Boolean(j, "return_token_strs", &token_strs, e));
+  if (j.contains("messages")) {
+    if (j.contains("prompt")) return Bad(e, "prompt", "give 'prompt' or 'messages', not both");
+    bool generation_prompt = true, special = false, continue_final = false;
+    RETURN_IF_ERROR(Boolean(j, "add_generation_prompt", &generation_prompt, e));
+    RETURN_IF_ERROR(Boolean(j, "add_special_tokens", &special, e));
+    RETURN_IF_ERROR(Boolean(j, "continue_final_message", &continue_final, e));
+    // The chat template here always ends with the assistant's header, its BOS included.
+    for (const auto& [key, given] : {std::pair{"add_generation_prompt", !generation_prompt},
+                                     std::pair{"add_special_tokens", special},
+                                     std::pair{"continue_final_message", continue_final}}) {
+      if (given) return Bad(e, key, std::string("'") + key + "' is not supported by this server");
+    }
+    RETURN_IF_ERROR(ChatPromptIds(j, router, &ids, e));
+  } else {
+    if (!j.contains("prompt") || !j["prompt"].is_string()) {
+      return Bad(e, "prompt", "'prompt' (a string) or 'messages' is required");
+    }
+    bool special = true;
+    RETURN_IF_ERROR(Boolean(j, "add_special_tokens", &special, e));
+    ids = tok.Encode(j["prompt"].get<std::string>(), special);
   }
+  json out = {{"count", ids.size()}, {"max_model_len", router.max_seq_len()}, {"tokens", ids}};
+  out["token_strs"] = nullptr;
+  if (token_strs) {
+    json strs = json::array();
+    for (int32_t id : ids) strs.push_back(std::string(tok.piece(id)));
+    out["token_strs"] = std::move(strs);
+  }
+  return out;
+}
+
+// vLLM's POST /detokenize: {"tokens": [ids]} → {"prompt": their text}, control tokens
+// included; "model" optional.
+StatusOr<json> Detokenize(const std::string& body, const Router& router, HttpError* e) {
+  json j;
+  RETURN_IF_ERROR(ParseBody(body, router, /*model_required=*/false, &j, e));
+  const Tokenizer& tok = router.tokenizer();
+  if (!j.contains("tokens") || !j["tokens"].is_array()) {
+    return Bad(e, "tokens", "'tokens' is required (an array of token ids)");
+  }
+  // From after BOS, as a prompt's first word reads (its SentencePiece leading space dropped, as
+  // Hugging Face decodes it).
+  IncrementalDetokenizer detok(tok, tok.bos_id(), /*skip_control=*/false);
+  std::string text;
+  for (const json& t : j["tokens"]) {
+    if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.vocab_size()) {
+      return Bad(e, "tokens",
+                 "'tokens' must be integers in [0, " + std::to_string(tok.vocab_size()) + ")");
+    }
+    text += detok.Push(t.get<int32_t>());
+  }
+  return json{{"prompt", text + detok.Flush()}};
+}
+
+}  // namespace
+
+StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, const Router& router,
+                                           int64_t max_seq_len, HttpError* e) {
+  json j;
+  RETURN_IF_ERROR(ParseBody(body, router, /*model_required=*/true, &j, e));
+  ParsedRequest p;
+  p.chat = chat;
   // The prompt.
   std::vector<int32_t> ids;
   const Tokenizer& tok = router.tokenizer();
   if (chat) {
-    if (!j.contains("messages") || !j["messages"].is_array()) {
-      return Bad(e, "messages", "'messages' is required (an array)");
-    }
-    std::vector<ChatMessage> msgs;
-    for (size_t i = 0; i < j["messages"].size(); ++i) {
-      const json& m = j["messages"][i];
-      const std::string at = "messages[" + std::to_string(i) + "]";
-      if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
-        return Bad(e, at + ".role", at + " needs a string 'role'");
-      }
-      ChatMessage cm;
-      cm.role = m["role"].get<std::string>();
-      if (cm.role == "developer") cm.role = "system";  // OpenAI's newer name for it
-      if (m.contains("content") && m["content"].is_string()) {
-        cm.content = m["content"].get<std::string>();
-      } else if (m.contains("content") && m["content"].is_array()) {
-        for (const json& part : m["content"]) {
-          if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
-              !part.contains("text") || !part["text"].is_string()) {
-            return Bad(e, at + ".content", at + ".content: only text parts are supported");
-          }
-          cm.content += part["text"].get<std::string>();
-        }
-      } else if (cm.role == "assistant" && (!m.contains("content") || m["content"].is_null())) {
-        // OpenAI allows an assistant message without content (it had tool calls, which this
-        // server does not make): it renders empty, as vLLM's templates render it.
-      } else {
-        return Bad(e, at + ".content", at + " needs 'content' (a string or text parts)");
-      }
-      msgs.push_back(std::move(cm));
-    }
-    if (router.chat_style() == ChatStyle::kNone) {
-      return Bad(e, "messages",
-                 "model '" + router.model_name() +
-                     "' has no chat template this server can apply; use /v1/completions");
-    }
-    auto pieces = RenderChatPieces(router.chat_style(), msgs, router.chat_default_system());
-    if (!pieces.ok()) return Bad(e, "messages", pieces.status().message());
-    ids = EncodeChat(tok, *pieces);
+    RETURN_IF_ERROR(ChatPromptIds(j, router, &ids, e));
   } else {
     if (!j.contains("prompt")) return Bad(e, "prompt", "'prompt' is required");
     const json& pr = j["prompt"];
@@ -1205,6 +1304,43 @@ StatusOr<int> OpenAiHttp::Start() {
   };
   s.Post("/v1/completions", generate(false));
   s.Post("/v1/chat/completions", generate(true));
+  // vLLM's tokenizer routes: a JSON body in, a JSON answer out (behind the API key).
+  using JsonFn = StatusOr<json> (*)(const std::string&, const Router&, HttpError*);
+  auto json_post = [this, authorized, send_error, too_large](const char* route, JsonFn fn) {
+    return [this, route, fn, authorized, send_error, too_large](
+               const httplib::Request& req, httplib::Response& res,
+               const httplib::ContentReader& read_body) {
+      std::string body;
+      const BodyRead read =
+          ReadBody(req, &res, read_body, static_cast<size_t>(cfg_.max_request_bytes), &body);
+      if (read == BodyRead::kTooLarge) return send_error(res, too_large, route);
+      if (read != BodyRead::kOk) {
+        if (read == BodyRead::kFailed) res.set_header("Connection", "close");
+        return send_error(res,
+                          {read == BodyRead::kMultipart ? 415 : 400,
+                           "the request body must be JSON (Content-Type: application/json)",
+                           "invalid_request_error", "", ""},
+                          route);
+      }
+      if (!authorized(req)) {
+        return send_error(res,
+                          {401, "missing or wrong API key (Authorization: Bearer ...)",
+                           "authentication_error", "", "invalid_api_key"},
+                          route);
+      }
+      HttpError err;
+      StatusOr<json> out = fn(body, *router_, &err);
+      if (!out.ok()) return send_error(res, err, route);
+      res.set_content(Dump(*out), "application/json");
+      Count(route, 200);
+    };
+  };
+  s.Post("/tokenize", json_post("/tokenize", &Tokenize));
+  s.Post("/detokenize", json_post("/detokenize", &Detokenize));
+  s.Get("/version", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(Dump(json{{"version", kVersion}}), "application/json");
+    Count("/version", 200);
+  });
   // Any other request with a body: read (and dropped) through a content reader, so that a
   // chunked one is not buffered whole and the connection stays in step; then 405 on a served
   // path, 404 elsewhere (413 past httplib's limit for a Content-Length body).

@@ -1,5 +1,6 @@
 // The router's OpenAI-compatible HTTP front (cpp-httplib): POST /v1/completions and
-// /v1/chat/completions (JSON or SSE streaming), GET /v1/models, /health, /ready, /metrics.
+// /v1/chat/completions (JSON or SSE streaming), GET /v1/models, /health, /ready, /metrics;
+// vLLM's POST /tokenize, /detokenize and GET /version.
 // Requests are validated here (400 with an OpenAI error object naming the parameter),
 // tokenised (chat templates applied), and run through the Router on the connection's thread.
 // Thread-safety: one instance serves many connections concurrently.

@@ -439,6 +439,44 @@ class RouterTest(unittest.TestCase):
                                                            "max_tokens": 4, "min_tokens": 5})
         self.assertEqual((status, body["error"]["param"]), (400, "min_tokens"))
 
+    def test_tokenize_detokenize_version(self):
+        # vLLM's /tokenize and /detokenize ("model" optional), and /version.
+        prompt = "Once upon a time"
+        status, tk = http(self.port, "/tokenize", {"model": NAME, "prompt": prompt})
+        self.assertEqual(status, 200, tk)
+        ids = tk["tokens"]
+        self.assertEqual((tk["count"], tk["max_model_len"], tk["token_strs"], ids[0]),
+                         (len(ids), 512, None, 1))  # BOS first
+        by_text = self.client.completions.create(model=NAME, prompt=prompt, max_tokens=8,
+                                                 temperature=0)
+        by_ids = self.client.completions.create(model=NAME, prompt=ids, max_tokens=8,
+                                                temperature=0)
+        self.assertEqual(by_ids.choices[0].text, by_text.choices[0].text)
+        self.assertEqual(by_ids.usage.prompt_tokens, len(ids))
+        status, bare = http(self.port, "/tokenize", {"prompt": prompt, "add_special_tokens": False,
+                                                     "return_token_strs": True})
+        self.assertEqual((status, bare["tokens"]), (200, ids[1:]), bare)
+        self.assertEqual(len(bare["token_strs"]), len(ids) - 1)
+        self.assertTrue(bare["token_strs"][0].endswith("Once"), bare["token_strs"])
+        status, de = http(self.port, "/detokenize", {"model": NAME, "tokens": ids[1:]})
+        self.assertEqual((status, de), (200, {"prompt": prompt}))
+        for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"),
+                                  ("/tokenize", {"messages": []}, "messages"),
+                                  ("/tokenize", {"prompt": "a", "add_special_tokens": 1},
+                                   "add_special_tokens"),
+                                  ("/detokenize", {"tokens": [512]}, "tokens"),
+                                  ("/detokenize", {"tokens": "abc"}, "tokens")):
+            status, got = http(self.port, path, body)
+            self.assertEqual((status, got["error"]["param"]), (400, param), (path, body))
+        status, got = http(self.port, "/tokenize", {"model": "other", "prompt": "a"})
+        self.assertEqual(status, 404)
+        self.assertEqual(http(self.port, "/tokenize", {"prompt": "a"}, key=None)[0], 401)
+        status, got = http(self.port, "/detokenize", method="GET")
+        self.assertEqual(status, 405)
+        status, got = http(self.port, "/version")
+        self.assertEqual(status, 200)
+        self.assertRegex(got["version"], r"^\d+\.\d+\.\d+")
+
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
                                            temperature=0, logprobs=3)
@@ -1223,6 +1261,11 @@ class ChatTest(unittest.TestCase):
             self.assertEqual(r.choices[0].message.role, "assistant")
             self.assertEqual(r.choices[0].message.content, want.choices[0].text)
             self.assertEqual(r.usage.prompt_tokens, want.usage.prompt_tokens)
+            # /tokenize renders messages as chat does.
+            status, tk = http(port, "/tokenize", {"model": NAME, "messages": msgs}, key=None)
+            self.assertEqual((status, tk["count"]), (200, r.usage.prompt_tokens), tk)
+            status, plain = http(port, "/tokenize", {"prompt": rendered}, key=None)
+            self.assertEqual(plain["tokens"], tk["tokens"])
             # "developer" is OpenAI's newer name for the system role.
             dev = client.chat.completions.create(
                 model=NAME, messages=[dict(msgs[0], role="developer"), msgs[1]], max_tokens=20,
