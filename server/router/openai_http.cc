@@ -1044,7 +1044,9 @@ StatusOr<int> OpenAiHttp::Start() {
                     {"data", json::array({{{"id", router_->model_name()},
                                            {"object", "model"},
                                            {"created", Now()},
-                                           {"owned_by", "helix"}}})}};
+                                           {"owned_by", "helix"},
+                                           {"root", router_->model_name()},
+                                           {"max_model_len", router_->max_seq_len()}}})}};
           res.set_content(Dump(m), "application/json");
           Count("/v1/models", 200);
         });

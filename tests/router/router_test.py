@@ -581,6 +581,8 @@ class RouterTest(unittest.TestCase):
 
     def test_models_health_metrics(self):
         self.assertEqual([m.id for m in self.client.models.list().data], [NAME])
+        status, models = http(self.port, "/v1/models")
+        self.assertEqual(models["data"][0]["max_model_len"], 512)  # as vLLM lists it
         self.assertEqual(http(self.port, "/health", key=None)[0], 200)
         status, text = http(self.port, "/metrics", key=None)
         self.assertEqual(status, 200)
