@@ -945,6 +945,11 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
       return InvalidArgument("stop token id " + std::to_string(t) + " is outside the vocabulary");
     }
   }
+  if (!r.sampling.allowed_token_ids.empty() && r.sampling.allowed_token_ids.back() >= vocab) {
+    return InvalidArgument("allowed_token_ids: token id " +
+                           std::to_string(r.sampling.allowed_token_ids.back()) +
+                           " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  }
   if (!r.sampling.logit_bias.empty() && r.sampling.logit_bias.back().first >= vocab) {
     return InvalidArgument("logit_bias: token id " +
                            std::to_string(r.sampling.logit_bias.back().first) +

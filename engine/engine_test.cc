@@ -295,6 +295,11 @@ TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
     r.sampling.logit_bias = {{3, 1.0f}, {512, -100.0f}};
     cases.push_back({r, "logit_bias: token id 512 is outside the vocabulary"});
   }
+  {
+    GenerateRequest r = Greedy("Hi", 5);
+    r.sampling.allowed_token_ids = {3, 600};
+    cases.push_back({r, "allowed_token_ids: token id 600 is outside the vocabulary"});
+  }
   for (auto& c : cases) {
     auto id = e->Submit(c.r);
     ASSERT_FALSE(id.ok()) << c.expect;

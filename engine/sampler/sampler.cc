@@ -28,7 +28,7 @@ void Sampler::Accept(int32_t token) {
 
 bool Sampler::DeviceEligible() const {
   return p_.repetition_penalty == 1.0f && p_.presence_penalty == 0 && p_.frequency_penalty == 0 &&
-         p_.top_logprobs < 0 && p_.logit_bias.empty() && !Banning();
+         p_.top_logprobs < 0 && p_.logit_bias.empty() && p_.allowed_token_ids.empty() && !Banning();
 }
 
 double Sampler::DrawForDevice() {
@@ -64,7 +64,16 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   std::vector<float> raw_for_logprobs;
   if (p_.top_logprobs >= 0) raw_for_logprobs.assign(logits, logits + vocab);
 
-  // min_tokens' ban, the logit bias, then the penalties (vLLM's order).
+  // Only the allowed ids, min_tokens' ban, the logit bias, then the penalties (vLLM's order).
+  if (!p_.allowed_token_ids.empty()) {
+    size_t next = 0;  // the first allowed id not below i
+    for (int64_t i = 0; i < vocab; ++i) {
+      while (next < p_.allowed_token_ids.size() && p_.allowed_token_ids[next] < i) ++next;
+      if (next == p_.allowed_token_ids.size() || p_.allowed_token_ids[next] != i) {
+        logits[i] = kNegInf;
+      }
+    }
+  }
   if (Banning()) {
     for (int32_t t : min_tokens_ban_) {
       if (t >= 0 && t < vocab) logits[t] = kNegInf;

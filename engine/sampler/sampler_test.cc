@@ -159,6 +159,21 @@ TEST(SamplerTest, MinTokensBansStopTokensForTheFirstTokens) {
   EXPECT_TRUE(none.DeviceEligible());
 }
 
+TEST(SamplerTest, AllowedTokenIdsAreTheOnlyCandidates) {
+  SamplingParams p;
+  p.allowed_token_ids = {0, 4};  // the two smallest logits
+  for (int i = 0; i < 100; ++i) {
+    p.seed = i;
+    const int32_t t = SampleOnce(p);
+    EXPECT_TRUE(t == 0 || t == 4) << t;
+  }
+  p.temperature = 0;
+  EXPECT_EQ(SampleOnce(p), 0);
+  EXPECT_FALSE(Sampler(p, {}).DeviceEligible());
+  p.allowed_token_ids = {4};
+  EXPECT_EQ(SampleOnce(p), 4);
+}
+
 TEST(SamplerTest, NonFiniteLogits) {
   const float inf = std::numeric_limits<float>::infinity();
   // +inf tokens share the mass: sampled, greedy and with top-p, only they come.
@@ -233,6 +248,9 @@ TEST(SamplingParamsTest, ValidationNamesTheField) {
   EXPECT_FALSE(p.Validate().ok());
   p.logit_bias.assign(SamplingParams::kMaxLogitBias + 1, {0, 0.0f});
   EXPECT_NE(p.Validate().message().find("at most"), std::string::npos);
+  p = {};
+  p.allowed_token_ids = {5, 5};
+  EXPECT_NE(p.Validate().message().find("allowed_token_ids"), std::string::npos);
   p = {};
   p.min_tokens = -1;
   EXPECT_NE(p.Validate().message().find("min_tokens"), std::string::npos);

@@ -33,6 +33,16 @@ Status SamplingParams::Validate() const {
     return Bad("top_logprobs", top_logprobs, "-1 (none) or 0..20");
   }
   if (min_tokens < 0) return Bad("min_tokens", min_tokens, "a count >= 0");
+  if (allowed_token_ids.size() > kMaxLogitBias) {
+    return InvalidArgument("allowed_token_ids has " + std::to_string(allowed_token_ids.size()) +
+                           " ids: at most " + std::to_string(kMaxLogitBias));
+  }
+  for (size_t i = 0; i < allowed_token_ids.size(); ++i) {
+    if (allowed_token_ids[i] < 0 || (i > 0 && allowed_token_ids[i] <= allowed_token_ids[i - 1])) {
+      return InvalidArgument("allowed_token_ids must be sorted, unique and >= 0 (id " +
+                             std::to_string(allowed_token_ids[i]) + ")");
+    }
+  }
   if (logit_bias.size() > kMaxLogitBias) {
     return InvalidArgument("logit_bias has " + std::to_string(logit_bias.size()) +
                            " entries: at most " + std::to_string(kMaxLogitBias));

@@ -27,6 +27,9 @@ struct SamplingParams {
   // (token id, bias) added to the logits before the penalties; ids sorted and unique, each bias
   // in [-100, 100]. Ids are checked against the vocabulary where the request is submitted.
   std::vector<std::pair<int32_t, float>> logit_bias;
+  // vLLM's allowed_token_ids: when not empty, only these ids can be sampled (sorted, unique;
+  // checked against the vocabulary where the request is submitted).
+  std::vector<int32_t> allowed_token_ids;
   static constexpr size_t kMaxLogitBias = 65536;
 
   // Names the field and value that is out of range.

@@ -79,6 +79,15 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
     return InvalidArgument("logit_bias has " + std::to_string(s.logit_bias_size()) +
                            " entries: at most " + std::to_string(SamplingParams::kMaxLogitBias));
   }
+  if (s.allowed_token_ids_size() > static_cast<int>(SamplingParams::kMaxLogitBias)) {
+    return InvalidArgument("allowed_token_ids has " + std::to_string(s.allowed_token_ids_size()) +
+                           " ids: at most " + std::to_string(SamplingParams::kMaxLogitBias));
+  }
+  r.sampling.allowed_token_ids.assign(s.allowed_token_ids().begin(), s.allowed_token_ids().end());
+  std::sort(r.sampling.allowed_token_ids.begin(), r.sampling.allowed_token_ids.end());
+  r.sampling.allowed_token_ids.erase(
+      std::unique(r.sampling.allowed_token_ids.begin(), r.sampling.allowed_token_ids.end()),
+      r.sampling.allowed_token_ids.end());
   // A map's keys are unique but come in no order; the sampler wants them sorted.
   r.sampling.logit_bias.assign(s.logit_bias().begin(), s.logit_bias().end());
   std::sort(r.sampling.logit_bias.begin(), r.sampling.logit_bias.end());

@@ -688,7 +688,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
         "guided_grammar", "structured_outputs", "prompt_embeds"}) {
     RETURN_IF_ERROR(unsupported(key, present(key)));
   }
-  for (const char* key : {"allowed_token_ids", "bad_words", "logits_processors"}) {
+  for (const char* key : {"bad_words", "logits_processors"}) {
     RETURN_IF_ERROR(unsupported(key, non_empty(key)));
   }
   for (const char* key :
@@ -852,6 +852,23 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
         return Bad(e, "logit_bias", "'logit_bias' names token " + std::to_string(id) + " twice");
       }
       (*bias)[static_cast<int32_t>(id)] = value.get<float>();
+    }
+  }
+  // vLLM's allowed_token_ids: only these can be sampled.
+  if (j.contains("allowed_token_ids") && !j["allowed_token_ids"].is_null()) {
+    const json& al = j["allowed_token_ids"];
+    if (!al.is_array() || al.size() > helix::SamplingParams::kMaxLogitBias) {
+      return Bad(e, "allowed_token_ids",
+                 "'allowed_token_ids' must be an array of at most " +
+                     std::to_string(helix::SamplingParams::kMaxLogitBias) + " token ids");
+    }
+    for (const json& t : al) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.vocab_size()) {
+        return Bad(e, "allowed_token_ids",
+                   "'allowed_token_ids' must be integers in [0, " +
+                       std::to_string(tok.vocab_size()) + ")");
+      }
+      p.route.proto.mutable_sampling()->add_allowed_token_ids(t.get<int32_t>());
     }
   }
   bool ignore_eos = false;

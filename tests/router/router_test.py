@@ -409,6 +409,18 @@ class RouterTest(unittest.TestCase):
         others = {str(i): -100 for i in range(512) if i != 300}
         banned = self.client.completions.create(logit_bias=others, **kw).choices[0]
         self.assertEqual(banned.logprobs.tokens, toks)
+        # vLLM's allowed_token_ids does the same, as do several allowed ids of which one is
+        # lifted above the rest.
+        kw["extra_body"] = {"ignore_eos": True, "allowed_token_ids": [300]}
+        allowed = self.client.completions.create(**kw).choices[0]
+        self.assertEqual(allowed.logprobs.tokens, toks)
+        kw["extra_body"]["allowed_token_ids"] = [7, 300, 301, 7]
+        allowed = self.client.completions.create(logit_bias={"300": 50}, **kw).choices[0]
+        self.assertEqual(allowed.logprobs.tokens, toks)
+        for bad in ([512], [-1], "5", [1.5]):
+            status, body = http(self.port, "/v1/completions",
+                                {"model": NAME, "prompt": "a", "allowed_token_ids": bad})
+            self.assertEqual((status, body["error"]["param"]), (400, "allowed_token_ids"), bad)
         streamed = "".join(c.choices[0].text for c in self.client.completions.create(
             stream=True, logit_bias={"300": 100}, **kw))
         self.assertEqual(streamed, lifted.text)
@@ -741,7 +753,7 @@ class RouterTest(unittest.TestCase):
         self.assertIn('helix_router_http_responses_total{route="other",code="404"}', metrics)
         # Parameters this server does not implement are refused by name, not dropped.
         for extra in ({"best_of": 2}, {"suffix": "x"}, {"use_beam_search": True},
-                      {"prompt_logprobs": 1}, {"guided_json": {}}, {"allowed_token_ids": [5]},
+                      {"prompt_logprobs": 1}, {"guided_json": {}}, {"bad_words": ["x"]},
                       {"skip_special_tokens": False}, {"include_stop_str_in_output": True},
                       {"length_penalty": 0.5}, {"priority": 1},
                       {"response_format": {"type": "json_object"}},
