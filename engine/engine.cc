@@ -52,7 +52,8 @@ struct Engine::Sequence {
   // admission for its prompt's KV (handed to the lease, or returned when it is not retained).
   std::vector<int32_t> export_blocks;
 
-  Sequence(GenerateRequest r, const Tokenizer& tok) : req(std::move(r)), stop(req.stop) {
+  Sequence(GenerateRequest r, const Tokenizer& tok)
+      : req(std::move(r)), stop(req.stop, req.include_stop_str) {
     // Generated text leaves control tokens out (<|im_end|> after ignore_eos, say), as vLLM's
     // default skip_special_tokens does.
     detok = std::make_unique<IncrementalDetokenizer>(

@@ -337,6 +337,16 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
     EXPECT_EQ(together[i].text, alone[i].text);
   }
 
+  // A stop string ends the text, or (include_stop_str_in_output) ends it and stays.
+  GenerateRequest stop = Greedy("Once upon a time", 60);
+  stop.add_stop("park");
+  const StreamResult cut = d.Run(stop);
+  stop.set_include_stop_str_in_output(true);
+  const StreamResult kept = d.Run(stop);
+  EXPECT_EQ(cut.reason, helix::v1::FINISH_REASON_STOP);
+  EXPECT_EQ(kept.reason, helix::v1::FINISH_REASON_STOP);
+  EXPECT_EQ(kept.text, cut.text + "park");
+
   // Cancel mid-stream, a deadline, and a neighbour that must not notice.
   const StreamResult ref = d.Run(Greedy("Once upon a time", 200));
   StreamResult neighbour;

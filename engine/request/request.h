@@ -52,7 +52,8 @@ struct GenerateRequest {
   SamplingParams sampling;
   int32_t max_tokens = 16;
   std::vector<int32_t> stop_token_ids;  // in addition to the tokenizer's stop ids
-  std::vector<std::string> stop;        // stop strings (excluded from the output text)
+  std::vector<std::string> stop;        // stop strings (excluded from the output text, unless
+  bool include_stop_str = false;        // this: vLLM's include_stop_str_in_output)
   bool ignore_eos = false;              // do not stop on the tokenizer's stop ids
   TokenSink sink;
 

@@ -4,7 +4,8 @@
 
 namespace helix {
 
-StopMatcher::StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {
+StopMatcher::StopMatcher(std::vector<std::string> stops, bool include_stop)
+    : stops_(std::move(stops)), include_stop_(include_stop) {
   stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());
 }
 
@@ -12,12 +13,18 @@ std::string StopMatcher::Push(std::string_view text, bool* stopped) {
   *stopped = false;
   held_.append(text);
   if (stops_.empty()) return std::move(held_);
-  // Earliest complete stop string.
-  size_t cut = std::string::npos;
-  for (const auto& s : stops_) cut = std::min(cut, held_.find(s));
+  // Earliest complete stop string (the first listed of those found there).
+  size_t cut = std::string::npos, cut_len = 0;
+  for (const auto& s : stops_) {
+    const size_t at = held_.find(s);
+    if (at < cut) {
+      cut = at;
+      cut_len = s.size();
+    }
+  }
   if (cut != std::string::npos) {
     *stopped = true;
-    std::string out = held_.substr(0, cut);
+    std::string out = held_.substr(0, include_stop_ ? cut + cut_len : cut);
     held_.clear();
     return out;
   }

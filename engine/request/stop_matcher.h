@@ -11,7 +11,9 @@ namespace helix {
 
 class StopMatcher {
  public:
-  explicit StopMatcher(std::vector<std::string> stops);
+  // `include_stop`: the stop string that ends the text is kept in it (vLLM's
+  // include_stop_str_in_output); else the text ends before it.
+  explicit StopMatcher(std::vector<std::string> stops, bool include_stop = false);
   // Adds complete UTF-8 text; returns what may be emitted now. Sets *stopped when a stop
   // string completed (nothing more should be generated).
   std::string Push(std::string_view text, bool* stopped);
@@ -20,6 +22,7 @@ class StopMatcher {
 
  private:
   std::vector<std::string> stops_;
+  bool include_stop_;
   std::string held_;
 };
 

@@ -36,5 +36,19 @@ TEST(StopMatcherTest, EarliestOfSeveralStopsAndNoStops) {
   EXPECT_FALSE(stopped);
 }
 
+TEST(StopMatcherTest, IncludeStopKeepsTheStopString) {
+  StopMatcher m({"end", "e"}, /*include_stop=*/true);
+  bool stopped = false;
+  EXPECT_EQ(m.Push("Th", &stopped), "Th");
+  EXPECT_EQ(m.Push("e end.", &stopped), "e");  // "e" comes first, and stays
+  EXPECT_TRUE(stopped);
+  StopMatcher held({"The end"}, true);
+  EXPECT_EQ(held.Push("Once. The e", &stopped), "Once. ");
+  EXPECT_EQ(held.Push("nd!", &stopped), "The end");  // the held prefix and the rest of the stop
+  EXPECT_TRUE(stopped);
+  StopMatcher same_place({"ab", "abc"}, true);  // at one place: the first listed
+  EXPECT_EQ(same_place.Push("xabcd", &stopped), "xab");
+}
+
 }  // namespace
 }  // namespace helix

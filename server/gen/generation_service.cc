@@ -101,6 +101,7 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
   RETURN_IF_ERROR(r.sampling.Validate());
   RETURN_IF_ERROR(CheckStops(p));
   r.stop.assign(p.stop().begin(), p.stop().end());
+  r.include_stop_str = p.include_stop_str_in_output();
   r.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
   r.ignore_eos = p.ignore_eos();
   if (p.has_add_bos()) r.add_bos = p.add_bos();

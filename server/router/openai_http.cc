@@ -691,8 +691,7 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   for (const char* key : {"bad_words", "logits_processors"}) {
     RETURN_IF_ERROR(unsupported(key, non_empty(key)));
   }
-  for (const char* key :
-       {"use_beam_search", "include_stop_str_in_output", "return_tokens_as_token_ids"}) {
+  for (const char* key : {"use_beam_search", "return_tokens_as_token_ids"}) {
     RETURN_IF_ERROR(unsupported(key, is_true(key)));
   }
   for (const char* key : {"skip_special_tokens", "spaces_between_special_tokens"}) {
@@ -870,6 +869,12 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
       }
       p.route.proto.mutable_sampling()->add_allowed_token_ids(t.get<int32_t>());
     }
+  }
+  if (j.contains("include_stop_str_in_output") && !j["include_stop_str_in_output"].is_null()) {
+    if (!j["include_stop_str_in_output"].is_boolean()) {
+      return Bad(e, "include_stop_str_in_output", "'include_stop_str_in_output' must be a boolean");
+    }
+    p.route.proto.set_include_stop_str_in_output(j["include_stop_str_in_output"].get<bool>());
   }
   bool ignore_eos = false;
   if (j.contains("ignore_eos") && !j["ignore_eos"].is_null()) {

@@ -466,7 +466,7 @@ grpc::Status Router::Run(const RouteRequest& r,
     auto reader = g->gen->Generate(&gc, req);
     IncrementalDetokenizer detok(*tokenizer_, prompt.empty() ? -1 : prompt.back(),
                                  /*skip_control=*/true);  // as the generation server's text
-    StopMatcher stops(r.stop);
+    StopMatcher stops(r.stop, r.proto.include_stop_str_in_output());
     v1::GenerateResponse m;
     int64_t streamed = 0;
     bool ended = false;

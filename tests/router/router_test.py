@@ -502,6 +502,15 @@ class RouterTest(unittest.TestCase):
                                            temperature=0, stop=[stop])
         self.assertEqual(r.choices[0].finish_reason, "stop")
         self.assertEqual(r.choices[0].text, full[:full.index(stop)])
+        # vLLM's include_stop_str_in_output keeps the stop string, streamed or not.
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=40, temperature=0,
+                  stop=[stop], extra_body={"include_stop_str_in_output": True})
+        r = self.client.completions.create(**kw)
+        self.assertEqual(r.choices[0].text, full[:full.index(stop) + len(stop)])
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(
+            stream=True, **kw))
+        self.assertEqual(streamed, r.choices[0].text)
 
     def test_stop_token_is_in_logprobs(self):
         # A completion that ends on EOS counts it in completion_tokens (as vLLM does) and lists
@@ -754,7 +763,7 @@ class RouterTest(unittest.TestCase):
         # Parameters this server does not implement are refused by name, not dropped.
         for extra in ({"best_of": 2}, {"suffix": "x"}, {"use_beam_search": True},
                       {"prompt_logprobs": 1}, {"guided_json": {}}, {"bad_words": ["x"]},
-                      {"skip_special_tokens": False}, {"include_stop_str_in_output": True},
+                      {"skip_special_tokens": False}, {"return_tokens_as_token_ids": True},
                       {"length_penalty": 0.5}, {"priority": 1},
                       {"response_format": {"type": "json_object"}},
                       {"tools": [{"type": "function", "function": {"name": "f"}}]}):
