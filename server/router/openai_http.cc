@@ -786,6 +786,14 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
       }
       p.include_usage = so["include_usage"].get<bool>();
     }
+    // vLLM's: with include_usage, every chunk carries its choice's usage so far.
+    if (so.contains("continuous_usage_stats")) {
+      if (!so["continuous_usage_stats"].is_boolean()) {
+        return Bad(e, "stream_options.continuous_usage_stats",
+                   "'continuous_usage_stats' must be a boolean");
+      }
+      p.continuous_usage = p.include_usage && so["continuous_usage_stats"].get<bool>();
+    }
   }
   if (chat) {
     if (j.contains("logprobs") && !j["logprobs"].is_null()) {
@@ -1241,6 +1249,13 @@ StatusOr<int> OpenAiHttp::Start() {
               const std::string s = "data: " + Dump(j) + "\n\n";
               return sink.is_writable() && sink.write(s.data(), s.size());
             };
+            // Per choice, for continuous_usage_stats: its prompt's tokens and its tokens so far.
+            std::vector<int64_t> choice_prompt(static_cast<size_t>(p.runs()));
+            std::vector<int64_t> choice_tokens(static_cast<size_t>(p.runs()), 0);
+            for (int i = 0; i < p.runs(); ++i) {
+              choice_prompt[i] = p.batch.empty() ? p.route.proto.token_ids().ids_size()
+                                                 : static_cast<int64_t>(p.batch[i / p.n].size());
+            }
             auto chunk = [&](int index, json delta_or_text, json finish, json logprobs) {
               json choice = {{"index", index}, {"logprobs", logprobs}, {"finish_reason", finish}};
               if (chat) {
@@ -1248,11 +1263,17 @@ StatusOr<int> OpenAiHttp::Start() {
               } else {
                 choice["text"] = delta_or_text;
               }
-              return json{{"id", id},
-                          {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                          {"created", created},
-                          {"model", model},
-                          {"choices", json::array({choice})}};
+              json c = {{"id", id},
+                        {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                        {"created", created},
+                        {"model", model},
+                        {"choices", json::array({choice})}};
+              if (p.continuous_usage) {
+                c["usage"] = {{"prompt_tokens", choice_prompt[index]},
+                              {"completion_tokens", choice_tokens[index]},
+                              {"total_tokens", choice_prompt[index] + choice_tokens[index]}};
+              }
+              return c;
             };
             auto reader_gone = [&] {  // the release joins the runs' threads
               run->Cancel();
@@ -1290,10 +1311,12 @@ StatusOr<int> OpenAiHttp::Start() {
                 if (ev.finished) {
                   if (i % p.n == 0) prompt_tokens += ev.prompt_tokens;  // each prompt once
                   completion_tokens += ev.completion_tokens;
+                  choice_tokens[i] = ev.completion_tokens;
                   json body = chat ? json{{"content", ev.text}} : json(ev.text);
                   if (chat && ev.text.empty()) body = json::object();
                   ok = send(chunk(i, body, ev.finish_reason, lp));
                 } else {
+                  ++choice_tokens[i];
                   offset[i] += ev.token_text_chars;
                   ok = send(
                       chunk(i, chat ? json{{"content", ev.text}} : json(ev.text), nullptr, lp));

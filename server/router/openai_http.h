@@ -30,7 +30,8 @@ struct ParsedRequest {
   bool chat = false;
   bool stream = false;
   bool include_usage = false;
-  bool logprobs = false;  // return logprobs (completions: "logprobs" >= 0; chat: true)
+  bool continuous_usage = false;  // vLLM's stream_options.continuous_usage_stats
+  bool logprobs = false;          // return logprobs (completions: "logprobs" >= 0; chat: true)
   int top_logprobs = 0;
   int n = 1;  // choices per prompt, each its own run of `route`
   // Completions given several prompts: each prompt's token ids (route holds the first's);

@@ -286,6 +286,14 @@ class RouterTest(unittest.TestCase):
             self.assertEqual(chunks[-1].usage.completion_tokens, want_completion)
             self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1],
                              "length")
+        # vLLM's continuous_usage_stats: every chunk carries its usage so far.
+        chunks = list(self.client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        counts = [c.usage.completion_tokens for c in chunks if c.choices]
+        self.assertEqual(counts, list(range(1, n + 1)) + [n])  # the final chunk: no new token
+        self.assertTrue(all(c.usage.prompt_tokens == want_prompt for c in chunks))
+        self.assertEqual(chunks[-1].usage.total_tokens, want_prompt + n)
 
     def test_curl_sse_framing(self):
         body = json.dumps({"model": NAME, "prompt": "Once upon a time", "max_tokens": 8,
