@@ -530,6 +530,25 @@ TEST_F(ConfigTest, RouterRefusesUrlsWithAScheme) {
         {"'context_servers.urls[0]' = \"grpc://ctx:50051\"", "host:port", "\"grpc://\""}}});
 }
 
+TEST_F(ConfigTest, RouterCorsOrigins) {
+  auto ok = LoadRouter(dir_, R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+      "cors_allowed_origins": ["*", "https://ui.example:8443", "http://localhost:3000"]})");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->cors_allowed_origins.size(), 3u);
+  EXPECT_EQ(ok->ToJson()["cors_allowed_origins"][1], "https://ui.example:8443");
+  for (const char* bad :
+       {"https://ui.example/", "ftp://x", "ui.example", "https://", "", "http://a b"}) {
+    ExpectRouterRefused(
+        dir_, {{std::string(R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+                  "cors_allowed_origins": [")") +
+                    bad + R"("]})",
+                {"'cors_allowed_origins[0]'", "no path"}}});
+  }
+  ExpectRouterRefused(dir_, {{R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
+                  "cors_allowed_origins": "*"})",
+                              {"cors_allowed_origins"}}});
+}
+
 TEST_F(ConfigTest, RouterBoundsDurationsAndInflight) {
   ExpectRouterRefused(dir_,
                       {{R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},

@@ -96,6 +96,19 @@ Status RouterConfig::Validate() {
   if (api_key && api_key->empty()) {
     return InvalidArgument("config field 'api_key' must not be empty (omit it or use null)");
   }
+  for (size_t i = 0; i < cors_allowed_origins.size(); ++i) {
+    const std::string& o = cors_allowed_origins[i];
+    const size_t scheme = o.rfind("http://", 0) == 0 ? 7 : o.rfind("https://", 0) == 0 ? 8 : 0;
+    // An origin is a scheme and a host with an optional port: no path, not even "/".
+    const bool origin =
+        scheme > 0 && o.size() > scheme && o.find_first_of("/?#@ ", scheme) == std::string::npos;
+    if (o != "*" && !origin) {
+      return InvalidArgument("config field 'cors_allowed_origins[" + std::to_string(i) + "]' = \"" +
+                             o +
+                             "\": expected \"*\" or an origin such as \"https://host:port\" "
+                             "(scheme and host, no path)");
+    }
+  }
   return ValidateLogging(logging);
 }
 
@@ -116,6 +129,7 @@ nlohmann::json RouterConfig::ToJson() const {
   j["max_inflight_requests"] = max_inflight_requests;
   j["max_request_bytes"] = max_request_bytes;
   j["api_key"] = api_key ? nlohmann::json("<set>") : nlohmann::json(nullptr);
+  j["cors_allowed_origins"] = cors_allowed_origins;
   j["logging"] = LoggingToJson(logging);
   return j;
 }
@@ -144,6 +158,7 @@ StatusOr<RouterConfig> ParseRouterConfig(const nlohmann::json& j, const std::str
   r.Int("max_inflight_requests", &c.max_inflight_requests);
   r.Int("max_request_bytes", &c.max_request_bytes);
   r.OptionalString("api_key", &c.api_key);
+  r.StringList("cors_allowed_origins", &c.cors_allowed_origins);
   ReadLogging(r, &c.logging);
   RETURN_IF_ERROR(r.Finish());
   c.model = ResolvePath(base_dir, c.model);

@@ -44,6 +44,10 @@ struct RouterConfig {
   int64_t max_inflight_requests = 256;
   int64_t max_request_bytes = 1 << 20;
   std::optional<std::string> api_key;
+  // Browser origins ("https://host[:port]", or "*" for any) whose pages may call the HTTP
+  // front (CORS: preflight OPTIONS answered, Access-Control-Allow-Origin on responses). Empty:
+  // no CORS headers (vLLM allows every origin by default; here it is opt-in).
+  std::vector<std::string> cors_allowed_origins;
   LoggingConfig logging;
 
   Status Validate();

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -973,7 +974,8 @@ StatusOr<int> OpenAiHttp::Start() {
   // reader (httplib would buffer a chunked body whole, whatever its size), so that the
   // connection stays in step for the next request.
   s.set_pre_routing_handler([send_error](const httplib::Request& req, httplib::Response& res) {
-    if (req.has_header("Content-Length") || req.has_header("Transfer-Encoding")) {
+    if (req.has_header("Content-Length") || req.has_header("Transfer-Encoding") ||
+        req.method == "OPTIONS") {  // a CORS preflight, when enabled; else 405 as below
       return httplib::Server::HandlerResponse::Unhandled;
     }
     if (HttpError e; NotAllowed(req, &res, &e)) {
@@ -1045,6 +1047,41 @@ StatusOr<int> OpenAiHttp::Start() {
     return req.get_header_value("Authorization") == "Bearer " + *cfg_.api_key;
   };
 
+  // CORS (opt-in): responses to an allowed origin say so, and preflight requests are answered.
+  if (!cfg_.cors_allowed_origins.empty()) {
+    const auto& origins = cfg_.cors_allowed_origins;
+    const bool any = std::find(origins.begin(), origins.end(), "*") != origins.end();
+    auto allowed = [origins, any](const std::string& origin) {
+      return !origin.empty() &&
+             (any || std::find(origins.begin(), origins.end(), origin) != origins.end());
+    };
+    s.set_post_routing_handler([allowed, any](const httplib::Request& req, httplib::Response& res) {
+      const std::string origin = req.get_header_value("Origin");
+      if (!allowed(origin)) return;
+      res.set_header("Access-Control-Allow-Origin", any ? "*" : origin);
+      if (!any) res.set_header("Vary", "Origin");
+    });
+    s.Options(
+        ".*", [this, allowed, send_error](const httplib::Request& req, httplib::Response& res) {
+          const std::string origin = req.get_header_value("Origin");
+          if (!allowed(origin)) {
+            return send_error(res,
+                              {400,
+                               "CORS preflight from an origin not in cors_allowed_origins: \"" +
+                                   origin.substr(0, 256) + "\"",
+                               "invalid_request_error", "", ""},
+                              RouteLabel(req.path));
+          }
+          res.status = 204;
+          res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+          // The headers the page asks to send (Authorization and Content-Type, typically).
+          std::string headers = req.get_header_value("Access-Control-Request-Headers");
+          if (headers.empty() || headers.size() > 1024) headers = "Authorization, Content-Type";
+          res.set_header("Access-Control-Allow-Headers", headers);
+          res.set_header("Access-Control-Max-Age", "600");
+          Count(RouteLabel(req.path), 204);
+        });
+  }
   s.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content("{\"status\":\"ok\"}", "application/json");
     Count("/health", 200);

@@ -202,7 +202,8 @@ class RouterTest(unittest.TestCase):
         cls.port = free_port()
         cls.procs.append(Proc(cls.tmp, "router",
                               router_cfg(cls.port, cls.ctx_ports, cls.gen_ports, api_key=KEY,
-                                         max_request_bytes=65536), cls.port))
+                                         max_request_bytes=65536,
+                                         cors_allowed_origins=["http://ui.example"]), cls.port))
         assert wait_ready(cls.port), "router never became ready"
         assert wait_admitted(cls.port, cls.ctx_ports, cls.gen_ports), "a server never admitted"
         cls.client = OpenAI(base_url=f"http://127.0.0.1:{cls.port}/v1", api_key=KEY,
@@ -496,6 +497,39 @@ class RouterTest(unittest.TestCase):
         status, got = http(self.port, "/version")
         self.assertEqual(status, 200)
         self.assertRegex(got["version"], r"^\d+\.\d+\.\d+")
+
+    def test_cors(self):
+        # cors_allowed_origins: an allowed page's preflight is answered and every response to it
+        # (errors and streams too) names its origin; another origin gets neither.
+        def call(method, path, headers, body=None):
+            c = http_client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            try:
+                c.request(method, path, body=json.dumps(body) if body else None, headers=headers)
+                r = c.getresponse()
+                return r.status, r.getheader("Access-Control-Allow-Origin"), r.headers, r.read()
+            finally:
+                c.close()
+        ui, evil = "http://ui.example", "http://evil.example"
+        pre = {"Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+        status, acao, h, _ = call("OPTIONS", "/v1/completions", dict(pre, Origin=ui))
+        self.assertEqual((status, acao), (204, ui))
+        self.assertEqual(h["Access-Control-Allow-Headers"], "authorization, content-type")
+        self.assertIn("POST", h["Access-Control-Allow-Methods"])
+        status, acao, _, _ = call("OPTIONS", "/v1/completions", dict(pre, Origin=evil))
+        self.assertEqual((status, acao), (400, None))
+        body = {"model": NAME, "prompt": "Once", "max_tokens": 3}
+        auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        self.assertEqual(call("POST", "/v1/completions", dict(auth, Origin=ui), body)[:2],
+                         (200, ui))
+        self.assertEqual(call("POST", "/v1/completions", dict(auth, Origin=evil), body)[:2],
+                         (200, None))
+        self.assertEqual(call("POST", "/v1/completions", {"Origin": ui}, body)[:2], (401, ui))
+        status, acao, _, text = call("POST", "/v1/completions", dict(auth, Origin=ui),
+                                     dict(body, stream=True))
+        self.assertEqual((status, acao), (200, ui))
+        self.assertIn(b"data: [DONE]", text)
+        self.assertEqual(call("GET", "/v1/models", dict(auth, Origin=ui))[:2], (200, ui))
 
     def test_logprobs_and_stop(self):
         r = self.client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10,
@@ -1292,6 +1326,9 @@ class ChatTest(unittest.TestCase):
             self.assertEqual(r.choices[0].message.role, "assistant")
             self.assertEqual(r.choices[0].message.content, want.choices[0].text)
             self.assertEqual(r.usage.prompt_tokens, want.usage.prompt_tokens)
+            # Without cors_allowed_origins, a preflight is a method this path does not take.
+            status, _ = http(port, "/v1/completions", method="OPTIONS", key=None)
+            self.assertEqual(status, 405)
             # /tokenize renders messages as chat does.
             status, tk = http(port, "/tokenize", {"model": NAME, "messages": msgs}, key=None)
             self.assertEqual((status, tk["count"]), (200, r.usage.prompt_tokens), tk)
