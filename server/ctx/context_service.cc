@@ -143,9 +143,13 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
   r->id =
       "ctx" + std::to_string(next_id_.fetch_add(1)) + (client_id.empty() ? "" : "-") + client_id;
   r->max_tokens = 1;
-  r->ignore_eos = true;
   r->stop.clear();
-  r->stop_token_ids.clear();
+  // With min_tokens the token may not be a stop token: the stop ids stay for the sampler's ban
+  // (then they cannot end this one-token run).
+  if (r->sampling.min_tokens == 0) {
+    r->ignore_eos = true;
+    r->stop_token_ids.clear();
+  }
   r->retain_kv = true;
   const bool add_bos = r->add_bos;
   const std::string prompt_text = r->prompt;

@@ -456,6 +456,12 @@ class RouterTest(unittest.TestCase):
         streamed = "".join(c.choices[0].text for c in self.client.completions.create(
             stream=True, stop=[stop], extra_body={"min_tokens": 30}, **kw))
         self.assertEqual(streamed, r.choices[0].text)
+        # The context server samples the first token under the same ban: EOS lifted above
+        # everything still comes only after min_tokens (token 2 is EOS).
+        r = self.client.completions.create(model=NAME, prompt="Once", max_tokens=6,
+                                           temperature=0, logit_bias={"2": 100},
+                                           extra_body={"min_tokens": 3})
+        self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (4, "stop"))
         status, body = http(self.port, "/v1/completions", {"model": NAME, "prompt": "a",
                                                            "max_tokens": 4, "min_tokens": 5})
         self.assertEqual((status, body["error"]["param"]), (400, "min_tokens"))
