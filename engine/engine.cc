@@ -1021,6 +1021,13 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
       std::sort(stops.begin(), stops.end());
       stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
     }
+    const auto& allowed = seq->req.sampling.allowed_token_ids;
+    if (!allowed.empty() &&
+        std::includes(stops.begin(), stops.end(), allowed.begin(), allowed.end())) {
+      return InvalidArgument(
+          "allowed_token_ids holds only stop tokens (EOS, stop_token_ids), which min_tokens "
+          "bans from the first tokens: nothing could be sampled");
+    }
     seq->sampler->BanUntilMinTokens(std::move(stops));
   }
   std::lock_guard<std::mutex> lock(inbox_mu_);

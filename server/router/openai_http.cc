@@ -701,6 +701,13 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   RETURN_IF_ERROR(
       unsupported("length_penalty", present("length_penalty") && j["length_penalty"] != 1));
   RETURN_IF_ERROR(unsupported("priority", present("priority") && j["priority"] != 0));
+  if (chat) {  // vLLM's chat-template controls: the template here is applied one way only
+    RETURN_IF_ERROR(unsupported("add_generation_prompt", is_false("add_generation_prompt")));
+    RETURN_IF_ERROR(unsupported("continue_final_message", is_true("continue_final_message")));
+    RETURN_IF_ERROR(unsupported("add_special_tokens", is_true("add_special_tokens")));
+    RETURN_IF_ERROR(unsupported("chat_template", present("chat_template")));
+    RETURN_IF_ERROR(unsupported("chat_template_kwargs", non_empty("chat_template_kwargs")));
+  }
   RETURN_IF_ERROR(unsupported(
       "response_format",
       present("response_format") && !(j["response_format"].is_object() &&
@@ -865,9 +872,9 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   // vLLM's allowed_token_ids: only these can be sampled.
   if (j.contains("allowed_token_ids") && !j["allowed_token_ids"].is_null()) {
     const json& al = j["allowed_token_ids"];
-    if (!al.is_array() || al.size() > helix::SamplingParams::kMaxLogitBias) {
+    if (!al.is_array() || al.empty() || al.size() > helix::SamplingParams::kMaxLogitBias) {
       return Bad(e, "allowed_token_ids",
-                 "'allowed_token_ids' must be an array of at most " +
+                 "'allowed_token_ids' must be an array of 1 to " +
                      std::to_string(helix::SamplingParams::kMaxLogitBias) + " token ids");
     }
     for (const json& t : al) {

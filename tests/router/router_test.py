@@ -426,7 +426,7 @@ class RouterTest(unittest.TestCase):
         kw["extra_body"]["allowed_token_ids"] = [7, 300, 301, 7]
         allowed = self.client.completions.create(logit_bias={"300": 50}, **kw).choices[0]
         self.assertEqual(allowed.logprobs.tokens, toks)
-        for bad in ([512], [-1], "5", [1.5]):
+        for bad in ([512], [-1], "5", [1.5], []):
             status, body = http(self.port, "/v1/completions",
                                 {"model": NAME, "prompt": "a", "allowed_token_ids": bad})
             self.assertEqual((status, body["error"]["param"]), (400, "allowed_token_ids"), bad)
@@ -462,6 +462,12 @@ class RouterTest(unittest.TestCase):
                                            temperature=0, logit_bias={"2": 100},
                                            extra_body={"min_tokens": 3})
         self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (4, "stop"))
+        # allowed_token_ids that min_tokens leaves nothing of: refused up front.
+        status, body = http(self.port, "/v1/completions",
+                            {"model": NAME, "prompt": "a", "max_tokens": 4, "min_tokens": 2,
+                             "allowed_token_ids": [2]})
+        self.assertEqual(status, 400, body)
+        self.assertIn("only stop tokens", body["error"]["message"])
         status, body = http(self.port, "/v1/completions", {"model": NAME, "prompt": "a",
                                                            "max_tokens": 4, "min_tokens": 5})
         self.assertEqual((status, body["error"]["param"]), (400, "min_tokens"))
@@ -825,7 +831,7 @@ class RouterTest(unittest.TestCase):
                                                    "use_beam_search": False,
                                                    "skip_special_tokens": True,
                                                    "include_stop_str_in_output": False,
-                                                   "allowed_token_ids": [], "prompt_logprobs": None,
+                                                   "prompt_logprobs": None,
                                                    "length_penalty": 1, "priority": 0})
         self.assertEqual(status, 200, body)
         # Unknown parameters are ignored, as OpenAI-compatible servers do.
@@ -1332,6 +1338,19 @@ class ChatTest(unittest.TestCase):
             self.assertEqual(r.choices[0].message.role, "assistant")
             self.assertEqual(r.choices[0].message.content, want.choices[0].text)
             self.assertEqual(r.usage.prompt_tokens, want.usage.prompt_tokens)
+            # vLLM's chat-template controls: their defaults pass, anything else is refused by
+            # name (the prompt would otherwise differ from the one asked for).
+            chat = {"model": NAME, "messages": msgs, "max_tokens": 2}
+            for extra in ({"add_generation_prompt": False}, {"continue_final_message": True},
+                          {"chat_template": "{{ x }}"}, {"chat_template_kwargs": {"a": 1}},
+                          {"add_special_tokens": True}):
+                status, body = http(port, "/v1/chat/completions", dict(chat, **extra), key=None)
+                self.assertEqual((status, body["error"]["param"]), (400, next(iter(extra))))
+            status, body = http(port, "/v1/chat/completions",
+                                dict(chat, add_generation_prompt=True, chat_template_kwargs={},
+                                     continue_final_message=False, add_special_tokens=False),
+                                key=None)
+            self.assertEqual(status, 200, body)
             # Without cors_allowed_origins, a preflight is a method this path does not take.
             status, _ = http(port, "/v1/completions", method="OPTIONS", key=None)
             self.assertEqual(status, 405)
