@@ -42,6 +42,7 @@ struct Engine::Sequence {
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<IncrementalDetokenizer> detok;
   StopMatcher stop;
+  std::string stop_token_text;  // include_stop_str: the text of the stop token that ended it
   bool finished = false;
   // Disaggregated (req.kv_source): the pull's progress, leader only.
   bool transfer_cancel = false;  // stop the pull on every rank (client cancel or a failure)
@@ -1244,7 +1245,7 @@ void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_t
     // Held-back text (an incomplete character, a possible stop-string prefix) is released;
     // a stop string that completes only now still cuts it.
     bool stopped = false;
-    ev.text = s->stop.Push(s->detok->Flush(), &stopped);
+    ev.text = s->stop.Push(s->stop_token_text + s->detok->Flush(), &stopped);
     if (!stopped) ev.text += s->stop.Flush();
   }
   ev.prompt_tokens = s->prompt_len;
@@ -1283,6 +1284,8 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
   if (stop_token) {
     SampleResult stop = sample;
     stop.token = token;
+    // vLLM's include_stop_str_in_output keeps the stop token's text too (none for EOS).
+    if (s->req.include_stop_str) s->stop_token_text = s->detok->Push(token);
     Finish(s, FinishReason::kStop, Status::Ok(), /*flush_text=*/true, &stop);
     return;
   }

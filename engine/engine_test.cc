@@ -190,13 +190,17 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   c.id = "to-cancel";
   GenerateRequest kept = s;  // vLLM's include_stop_str_in_output
   kept.include_stop_str = true;
-  auto r = RunAll(e.get(), {s, t, kept});
+  GenerateRequest kept_token = t;  // ... keeps a stop token's text too
+  kept_token.include_stop_str = true;
+  auto r = RunAll(e.get(), {s, t, kept, kept_token});
   EXPECT_EQ(r[0].reason, FinishReason::kStop);
   EXPECT_EQ(r[0].text,
             "Once upon a time, there was a little girl named Lily. She loved to play outside in "
             "the ");
   EXPECT_EQ(r[2].reason, FinishReason::kStop);
   EXPECT_EQ(r[2].text, r[0].text + "park");
+  EXPECT_EQ(r[3].reason, FinishReason::kStop);
+  EXPECT_EQ(r[3].text, r[1].text + " Lily");
   EXPECT_EQ(r[1].reason, FinishReason::kStop);
   // The stop token counts in completion_tokens, and the final event carries it with its
   // logprobs (greedy: it is the top candidate), but not its text.

@@ -530,7 +530,11 @@ grpc::Status Router::Run(const RouteRequest& r,
           take_logprobs(&fin);
         }
         bool stopped = false;
-        fin.text = stops.Push(detok.Flush(), &stopped);
+        // include_stop_str_in_output keeps the stop token's text too, as the server does.
+        std::string last = stop_token && req.include_stop_str_in_output()
+                               ? detok.Push(m.token_id())
+                               : std::string();
+        fin.text = stops.Push(last + detok.Flush(), &stopped);
         if (!stopped) fin.text += stops.Flush();
         fin.prompt_tokens = m.usage().prompt_tokens();
         fin.completion_tokens = m.usage().completion_tokens();

@@ -565,6 +565,14 @@ class RouterTest(unittest.TestCase):
         streamed = "".join(c.choices[0].text for c in self.client.completions.create(
             stream=True, **kw))
         self.assertEqual(streamed, r.choices[0].text)
+        # ... and a stop token's text, as vLLM does.
+        lily = http(self.port, "/tokenize", {"prompt": "Lily", "add_special_tokens": False})[1]
+        kw = dict(model=NAME, prompt="Once upon a time", max_tokens=40, temperature=0,
+                  extra_body={"stop_token_ids": lily["tokens"][-1:]})
+        cut = self.client.completions.create(**kw).choices[0].text
+        kw["extra_body"]["include_stop_str_in_output"] = True
+        kept = self.client.completions.create(**kw).choices[0]
+        self.assertEqual((kept.text, kept.finish_reason), (cut + " Lily", "stop"))
 
     def test_stop_token_is_in_logprobs(self):
         # A completion that ends on EOS counts it in completion_tokens (as vLLM does) and lists
