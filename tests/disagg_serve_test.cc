@@ -861,6 +861,7 @@ TEST_F(DisaggServeTest, LeaseTokenGuardsAnotherRequestsKv) {
   int64_t lease_ms = 0;
   EXPECT_EQ(renew(victim_rel, &lease_ms), grpc::StatusCode::OK);
   EXPECT_EQ(lease_ms, 30000);
+  EXPECT_EQ(victim.kv_handle().lease_ms(), 30000);  // the hint a generation server renews by
   EXPECT_EQ(ctx.Info().kv_retained_requests(), 2);
   // The other request is untouched: it generates what a fresh prefill of its prompt does.
   const Result theirs = Generate(gen, victim);

@@ -225,13 +225,14 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
   });
 }
 
-uint64_t ContextClient::KeepLease(const std::string& address, v1::ReleaseRequest lease) {
+uint64_t ContextClient::KeepLease(const std::string& address, v1::ReleaseRequest lease,
+                                  int64_t lease_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   const Clock::time_point now = Clock::now();
   auto known = lease_ms_.find(address);
-  const auto first = known != lease_ms_.end()
-                         ? std::chrono::milliseconds(std::max<int64_t>(1, known->second / 2))
-                         : std::chrono::milliseconds(250);
+  if (lease_ms <= 0 && known != lease_ms_.end()) lease_ms = known->second;
+  const auto first = lease_ms > 0 ? std::chrono::milliseconds(std::max<int64_t>(1, lease_ms / 2))
+                                  : std::chrono::milliseconds(250);
   const uint64_t id = next_kept_++;
   kept_[id] = Kept{address, std::move(lease), now, now + first};
   if (!keeper_.joinable()) keeper_ = std::thread([this] { KeepLoop(); });

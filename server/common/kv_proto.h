@@ -62,10 +62,11 @@ class ContextClient {
   void CheckExport(const transfer::KvSource& s, std::function<void(const Status&)> done);
   // Keeps a handle's lease from running out while its request waits here: a context server's
   // lease runs from the prefill, and a request queued here for longer would find its KV freed
-  // when it is pulled. Renews it (RenewLease) at half the lease, the first time after 250 ms or
-  // half the lease last heard from that server, until DropLease (or for at most an hour).
-  // Returns the id DropLease takes. A handle the server no longer holds is given up.
-  uint64_t KeepLease(const std::string& address, v1::ReleaseRequest lease);
+  // when it is pulled. Renews it (RenewLease) at half the lease: the first time after half of
+  // `lease_ms` (the handle's), or of the lease last heard from that server, or after 250 ms;
+  // until DropLease (or for at most an hour). Returns the id DropLease takes. A handle the
+  // server no longer holds is given up.
+  uint64_t KeepLease(const std::string& address, v1::ReleaseRequest lease, int64_t lease_ms = 0);
   void DropLease(uint64_t id);
   uint64_t failures() const { return failures_.load(); }
   uint64_t renewals() const { return renewals_.load(); }

@@ -205,6 +205,7 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
     src.lease_token = ev.kv_lease_token;
     src.checksum = transfer::HandleChecksum(src);
     ToProto(src, response->mutable_kv_handle());
+    response->mutable_kv_handle()->set_lease_ms(self->options_.lease_ms);
     reactor->Answer(grpc::Status::OK, ev.request_id);
   };
   r->prompt_tokens = std::move(prompt_ids);

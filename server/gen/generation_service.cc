@@ -314,7 +314,8 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       const v1::ReleaseRequest rel = ReleaseRequestFor(p.kv_handle());
       // The lease runs from the prefill: renewed while the request waits here, until its KV
       // has been pulled (confirm_kv) or it ends without a pull (on_kv_done).
-      const uint64_t kept = svc->context_.KeepLease(r->kv_source->server_address, rel);
+      const uint64_t kept =
+          svc->context_.KeepLease(r->kv_source->server_address, rel, p.kv_handle().lease_ms());
       // Once no rank touches the blocks any more, the context server may free them.
       r->on_kv_done = [svc, address = r->kv_source->server_address, rel, kept](const Status&) {
         svc->context_.DropLease(kept);
