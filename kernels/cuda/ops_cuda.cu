@@ -505,11 +505,19 @@ struct SampleRow {
   const float* logits;
   int64_t vocab;
   float temp;
-  double top;  // max score
+  bool inf_only = false;  // some score is +inf: those share the mass (score 0), the rest none
+  double top;             // max score
   Cut top_k, top_p;
   double min_p;  // 0 = off
 
-  __device__ float Score(int64_t i) const { return logits[i] / temp; }
+  // As engine/sampler takes non-finite logits: NaN is no candidate (-inf), and +inf ones
+  // share the whole mass.
+  __device__ float Score(int64_t i) const {
+    const float s = logits[i] / temp;
+    if (isnan(s)) return kNegInf;
+    if (inf_only) return s == -kNegInf ? 0.0f : kNegInf;
+    return s;
+  }
   __device__ double Prob(float s) const { return exp(static_cast<double>(s) - top); }
   // level 0: every token; 1: after top-k; 2: after top-p; 3: after min-p.
   __device__ bool In(int level, uint32_t k, int i, double prob) const {
@@ -692,6 +700,16 @@ __global__ void __launch_bounds__(kRowThreads) SampleKernel(const SampleParams p
   using RedF = float[32];
   HELIX_STATIC_SMEM(RedF, red_f);
   row.top = BlockReduce(mx, red_f, true);
+  if (!(row.top > kNegInf)) {  // nothing but NaN and -inf: no token (the request fails)
+    if (threadIdx.x == 0) {
+      p.out[r] = kArgmaxNoToken;
+    }
+    return;
+  }
+  if (row.top == -kNegInf) {
+    row.inf_only = true;
+    row.top = 0.0;
+  }
 
   const int k = p.top_k[r];
   if (k > 0 && k < p.vocab) {

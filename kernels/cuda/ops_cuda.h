@@ -148,7 +148,9 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream);
 // boundary. Probabilities are exp(logit / T - max) in double. Done without a full sort:
 // radix selection over the logits' bit patterns, a few passes over each row.
 // A row with temperature <= 0 (greedy: the argmax gives its token) is skipped with out = -1,
-// so that a captured decode step can run both kernels over every row. REQUIRES: no NaN logits.
+// so that a captured decode step can run both kernels over every row. Non-finite logits as the
+// sampler takes them: NaN is no candidate, +inf logits share the whole mass, and a row of
+// nothing but NaN and -inf gives kArgmaxNoToken.
 struct SampleParams {
   const float* logits;       // [rows][vocab]
   const float* temperature;  // [rows]

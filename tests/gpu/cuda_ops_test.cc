@@ -1088,6 +1088,43 @@ TEST_F(CudaOpsTest, SampleMatchesSamplerGivenItsDraw) {
   EXPECT_EQ(mismatches, 0) << "of " << total;
 }
 
+// Non-finite logits as the sampler takes them: NaN is no candidate, +inf logits share the
+// mass, and a row with nothing else gives no token.
+TEST_F(CudaOpsTest, SampleTakesNonFiniteLogitsAsTheSamplerDoes) {
+  std::mt19937 rng(39);
+  const int64_t vocab = 3000;
+  std::vector<std::vector<float>> rows;
+  std::vector<float> nan = RandomVector(rng, vocab, -8.0f, 8.0f);
+  for (int64_t i = 0; i < vocab; i += 3) nan[i] = std::nanf("");
+  rows.push_back(nan);
+  std::vector<float> two_inf = RandomVector(rng, vocab, -8.0f, 8.0f);
+  two_inf[17] = two_inf[2500] = kInf;
+  two_inf[40] = std::nanf("");
+  rows.push_back(two_inf);
+  std::vector<float> none(vocab, -kInf);
+  none[5] = std::nanf("");
+  rows.push_back(none);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    for (uint64_t seed = 1; seed <= 8; ++seed) {
+      for (float min_p : {0.0f, 0.1f}) {
+        SamplingParams sp;
+        sp.seed = seed;
+        sp.min_p = min_p;
+        sp.top_p = seed % 2 ? 0.9f : 1.0f;
+        std::vector<float> copy = rows[r];
+        const SampleResult host = Sampler(sp, {}).Sample(copy.data(), vocab);
+        const int32_t want = host.status.ok() ? host.token : cuda::kArgmaxNoToken;
+        std::mt19937_64 gen(seed);
+        const double u = std::uniform_real_distribution<double>(0.0, 1.0)(gen);
+        std::vector<int32_t> picked;
+        ASSERT_NO_FATAL_FAILURE(
+            SampleRows(rows[r], vocab, {1.0f}, {0}, {sp.top_p}, {min_p}, {u}, &picked));
+        EXPECT_EQ(picked[0], want) << "row " << r << " seed " << seed << " min_p " << min_p;
+      }
+    }
+  }
+}
+
 // A captured decode step samples every row both ways: rows with temperature 0 (greedy, and the
 // graph's padding) are skipped with -1, and the rows around them still sample as alone.
 TEST_F(CudaOpsTest, SampleSkipsGreedyRows) {
