@@ -1295,10 +1295,14 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
   ev.logprob = sample.logprob;
   ev.top_logprobs = sample.top;
   bool stopped = false;
-  // Stop strings count from the min_tokens-th token on (vLLM's rule).
-  ev.text = s->generated < s->req.sampling.min_tokens
-                ? s->detok->Push(token)
-                : s->stop.Push(s->detok->Push(token), &stopped);
+  // Stop strings are matched from the token after the first min_tokens on; one may start in
+  // their text (vLLM's rule).
+  if (s->generated <= s->req.sampling.min_tokens) {
+    ev.text = s->detok->Push(token);
+    s->stop.PassThrough(ev.text);
+  } else {
+    ev.text = s->stop.Push(s->detok->Push(token), &stopped);
+  }
   if (s->req.sink) s->req.sink(ev);
   if (stopped) {
     Finish(s, FinishReason::kStop);

@@ -201,6 +201,23 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   EXPECT_EQ(r[2].text, r[0].text + "park");
   EXPECT_EQ(r[3].reason, FinishReason::kStop);
   EXPECT_EQ(r[3].text, r[1].text + " Lily");
+  // min_tokens: stop strings are matched from the token after the first min_tokens on, and one
+  // may start in their text (vLLM's rule). "park" completes at token k: "the park" straddles
+  // tokens k - 1 and k.
+  const size_t k = r[0].tokens.size();
+  GenerateRequest straddle = Greedy("", 100);
+  straddle.stop = {"the park"};
+  straddle.sampling.min_tokens = static_cast<int32_t>(k - 1);
+  GenerateRequest inside = straddle;  // the whole stop string within the first min_tokens
+  inside.sampling.min_tokens = static_cast<int32_t>(k);
+  auto m = RunAll(e.get(), {straddle, inside});
+  EXPECT_EQ(m[0].reason, FinishReason::kStop);
+  EXPECT_EQ(m[0].tokens.size(), k);
+  // The text of the first k - 1 tokens went out before the stop string completed.
+  EXPECT_EQ((r[0].text + "park").rfind(m[0].text, 0), 0u) << m[0].text;
+  EXPECT_GE(m[0].text.size(), r[0].text.size());
+  EXPECT_GT(m[1].tokens.size(), k);
+  EXPECT_EQ(m[1].text.rfind(r[0].text + "park", 0), 0u) << m[1].text;
   EXPECT_EQ(r[1].reason, FinishReason::kStop);
   // The stop token counts in completion_tokens, and the final event carries it with its
   // logprobs (greedy: it is the top candidate), but not its text.

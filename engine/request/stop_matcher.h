@@ -19,11 +19,16 @@ class StopMatcher {
   std::string Push(std::string_view text, bool* stopped);
   // At the end without a stop: whatever is still held back.
   std::string Flush();
+  // Text emitted as it is, not matched (vLLM's first min_tokens tokens): a stop string may
+  // still start in it and complete in text pushed later, as vLLM searches back. Before any Push.
+  void PassThrough(std::string_view text);
 
  private:
   std::vector<std::string> stops_;
   bool include_stop_;
-  std::string held_;
+  size_t max_stop_ = 0;
+  std::string held_;    // text that may start a stop string
+  size_t emitted_ = 0;  // held_'s first bytes already emitted (PassThrough)
 };
 
 }  // namespace helix

@@ -50,5 +50,31 @@ TEST(StopMatcherTest, IncludeStopKeepsTheStopString) {
   EXPECT_EQ(same_place.Push("xabcd", &stopped), "xab");
 }
 
+TEST(StopMatcherTest, PassedThroughTextCanStartAStopButNotHoldOne) {
+  bool stopped = false;
+  // "The e" went out unmatched (min_tokens); "nd" completes "The end", which started there.
+  StopMatcher m({"The end"});
+  m.PassThrough("Once. The e");
+  EXPECT_EQ(m.Push("nd!", &stopped), "");
+  EXPECT_TRUE(stopped);
+  StopMatcher kept({"The end"}, /*include_stop=*/true);
+  kept.PassThrough("Once. The e");
+  EXPECT_EQ(kept.Push("nd!", &stopped), "nd");  // the stop's rest; its start went out already
+  EXPECT_TRUE(stopped);
+  // A stop string wholly in the passed text is not matched, and passed text is not sent
+  // twice, held back or flushed.
+  StopMatcher whole({"end", "xyz"});
+  whole.PassThrough("the end, x");
+  EXPECT_EQ(whole.Push(" and", &stopped), " and");
+  EXPECT_FALSE(stopped);
+  StopMatcher flush({"xyz"});
+  flush.PassThrough("abc x");
+  EXPECT_EQ(flush.Push("y", &stopped), "");  // "xy" may start "xyz": "y" is held back
+  EXPECT_EQ(flush.Flush(), "y");
+  StopMatcher none({});
+  none.PassThrough("abc");
+  EXPECT_EQ(none.Push("d", &stopped), "d");
+}
+
 }  // namespace
 }  // namespace helix

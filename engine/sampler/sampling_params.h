@@ -22,7 +22,8 @@ struct SamplingParams {
   std::optional<uint64_t> seed;     // same seed → same tokens, whatever the batch
   int32_t top_logprobs = -1;        // -1: no logprobs; n ≥ 0: sampled token's + top n
   // vLLM's min_tokens: the first min_tokens tokens are never a stop token (EOS, stop_token_ids;
-  // Sampler::BanUntilMinTokens), and stop strings are matched from the min_tokens-th token on.
+  // Sampler::BanUntilMinTokens), and stop strings are matched from the next token on (one may
+  // start in the first tokens' text).
   int32_t min_tokens = 0;
   // (token id, bias) added to the logits before the penalties; ids sorted and unique, each bias
   // in [-100, 100]. Ids are checked against the vocabulary where the request is submitted.

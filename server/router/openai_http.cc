@@ -695,9 +695,8 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   for (const char* key : {"use_beam_search", "return_tokens_as_token_ids"}) {
     RETURN_IF_ERROR(unsupported(key, is_true(key)));
   }
-  for (const char* key : {"skip_special_tokens", "spaces_between_special_tokens"}) {
-    RETURN_IF_ERROR(unsupported(key, is_false(key)));
-  }
+  // (spaces_between_special_tokens matters only with special tokens in the text: ignored.)
+  RETURN_IF_ERROR(unsupported("skip_special_tokens", is_false("skip_special_tokens")));
   RETURN_IF_ERROR(
       unsupported("length_penalty", present("length_penalty") && j["length_penalty"] != 1));
   RETURN_IF_ERROR(unsupported("priority", present("priority") && j["priority"] != 0));

@@ -491,10 +491,14 @@ grpc::Status Router::Run(const RouteRequest& r,
         // Complete UTF-8 characters: one per byte that does not continue a character.
         ev.token_text_chars = static_cast<size_t>(
             std::count_if(piece.begin(), piece.end(), [](char c) { return (c & 0xC0) != 0x80; }));
-        // Stop strings count from the min_tokens-th token on, as on the generation server.
-        ev.text = streamed + 1 < req.sampling().min_tokens()
-                      ? std::move(piece)
-                      : stops.Push(std::move(piece), &stopped);
+        // Stop strings are matched after the first min_tokens tokens, as on the generation
+        // server (one may start in their text).
+        if (streamed + 1 <= req.sampling().min_tokens()) {
+          stops.PassThrough(piece);
+          ev.text = std::move(piece);
+        } else {
+          ev.text = stops.Push(std::move(piece), &stopped);
+        }
         take_logprobs(&ev);
         ++streamed;
         if (!sink(ev)) {
@@ -531,9 +535,8 @@ grpc::Status Router::Run(const RouteRequest& r,
         }
         bool stopped = false;
         // include_stop_str_in_output keeps the stop token's text too, as the server does.
-        std::string last = stop_token && req.include_stop_str_in_output()
-                               ? detok.Push(m.token_id())
-                               : std::string();
+        std::string last = stop_token && req.include_stop_str_in_output() ? detok.Push(m.token_id())
+                                                                          : std::string();
         fin.text = stops.Push(last + detok.Flush(), &stopped);
         if (!stopped) fin.text += stops.Flush();
         fin.prompt_tokens = m.usage().prompt_tokens();

@@ -456,6 +456,16 @@ class RouterTest(unittest.TestCase):
         streamed = "".join(c.choices[0].text for c in self.client.completions.create(
             stream=True, stop=[stop], extra_body={"min_tokens": 30}, **kw))
         self.assertEqual(streamed, r.choices[0].text)
+        # Matched from the token after the first min_tokens, a stop string may start in their
+        # text (vLLM searches back): "the park" straddling the boundary ends the request.
+        base = dict(model=NAME, prompt="Once upon a time", max_tokens=100, temperature=0)
+        k = self.client.completions.create(stop=["park"], **base).usage.completion_tokens
+        r = self.client.completions.create(stop=["the park"], extra_body={"min_tokens": k - 1},
+                                           **base)
+        self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (k, "stop"))
+        r = self.client.completions.create(stop=["the park"], extra_body={"min_tokens": k},
+                                           **base)
+        self.assertGreater(r.usage.completion_tokens, k)
         # The context server samples the first token under the same ban: EOS lifted above
         # everything still comes only after min_tokens (token 2 is EOS).
         r = self.client.completions.create(model=NAME, prompt="Once", max_tokens=6,
