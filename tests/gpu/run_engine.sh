@@ -69,11 +69,12 @@ reset_foreign_build
 # folding on; the kernel table shows the argmax kernels' own times, which a 1 % change of the
 # step hides in the end-to-end runs' noise).
 PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
-RUNS=(smollm2-135m:8192:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1:0:1
-  smollm2-135m:8192:1:1:1:1:1:0:0:1 smollm2-135m:8192:1:1:1:1:1:1:1:1
-  llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
+# The Llama-3.2-1B shape first (the roofline goal and the switches' A/B), then SmolLM2-135M's
+# baseline and all-switches runs: what a short device session must measure comes first.
+RUNS=(llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
   llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1
-  llama3-1b:32768:1:1:1:1:1:1:1:1)
+  llama3-1b:32768:1:1:1:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1
+  smollm2-135m:8192:1:1:1:1:1:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
   local s ctx g v d f m sa ns gr
@@ -129,7 +130,7 @@ if [[ $BUILD_OK == 0 ]]; then
     --csv "$LOGS/prefill_bench.csv"
   # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
   # Each run: 8 untimed warm-up steps, then 64 timed ones.
-  for shape in smollm2-135m llama3-1b; do
+  for shape in llama3-1b smollm2-135m; do
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
@@ -170,7 +171,7 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
-    gemv_bench attention_bench sdpa_bench prefill_bench model_smollm2-135m model_llama3-1b "${RUNS[@]}" \
+    gemv_bench attention_bench sdpa_bench prefill_bench model_llama3-1b model_smollm2-135m "${RUNS[@]}" \
     "${PROFILES[@]/#/ncu:}"; do
     if [[ $s == ncu:* ]]; then
       s=$(profile_name "${s#ncu:}")
