@@ -1298,8 +1298,7 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
   // Stop strings are matched from the token after the first min_tokens on; one may start in
   // their text (vLLM's rule).
   if (s->generated <= s->req.sampling.min_tokens) {
-    ev.text = s->detok->Push(token);
-    s->stop.PassThrough(ev.text);
+    ev.text = s->stop.PassThrough(s->detok->Push(token));
   } else {
     ev.text = s->stop.Push(s->detok->Push(token), &stopped);
   }

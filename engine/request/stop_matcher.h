@@ -19,16 +19,19 @@ class StopMatcher {
   std::string Push(std::string_view text, bool* stopped);
   // At the end without a stop: whatever is still held back.
   std::string Flush();
-  // Text emitted as it is, not matched (vLLM's first min_tokens tokens): a stop string may
-  // still start in it and complete in text pushed later, as vLLM searches back. Before any Push.
-  void PassThrough(std::string_view text);
+  // Text that is not matched (vLLM's first min_tokens tokens); returns what may be emitted now.
+  // A possible stop-string start is held back as Push does: a stop string that starts in it
+  // and completes in text pushed later still cuts it, as vLLM has it. Before any Push.
+  std::string PassThrough(std::string_view text);
 
  private:
   std::vector<std::string> stops_;
+  // Emits held_ but the longest suffix that may start a stop string.
+  std::string Release();
+
   bool include_stop_;
-  size_t max_stop_ = 0;
-  std::string held_;    // text that may start a stop string
-  size_t emitted_ = 0;  // held_'s first bytes already emitted (PassThrough)
+  std::string held_;      // text that may start a stop string, not emitted yet
+  size_t unmatched_ = 0;  // held_'s first bytes came through PassThrough: no stop ends in them
 };
 
 }  // namespace helix

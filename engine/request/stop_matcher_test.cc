@@ -52,27 +52,32 @@ TEST(StopMatcherTest, IncludeStopKeepsTheStopString) {
 
 TEST(StopMatcherTest, PassedThroughTextCanStartAStopButNotHoldOne) {
   bool stopped = false;
-  // "The e" went out unmatched (min_tokens); "nd" completes "The end", which started there.
+  // "The e" is not matched (min_tokens) but held back, as it may start "The end"; "nd"
+  // completes it and the text ends before it.
   StopMatcher m({"The end"});
-  m.PassThrough("Once. The e");
+  EXPECT_EQ(m.PassThrough("Once. The e"), "Once. ");
   EXPECT_EQ(m.Push("nd!", &stopped), "");
   EXPECT_TRUE(stopped);
   StopMatcher kept({"The end"}, /*include_stop=*/true);
-  kept.PassThrough("Once. The e");
-  EXPECT_EQ(kept.Push("nd!", &stopped), "nd");  // the stop's rest; its start went out already
+  EXPECT_EQ(kept.PassThrough("Once. The e"), "Once. ");
+  EXPECT_EQ(kept.Push("nd!", &stopped), "The end");
   EXPECT_TRUE(stopped);
-  // A stop string wholly in the passed text is not matched, and passed text is not sent
-  // twice, held back or flushed.
+  // A stop string wholly in the passed text is not matched, even when held back as the start
+  // of a longer one.
   StopMatcher whole({"end", "xyz"});
-  whole.PassThrough("the end, x");
-  EXPECT_EQ(whole.Push(" and", &stopped), " and");
+  EXPECT_EQ(whole.PassThrough("the end, x"), "the end, ");
+  EXPECT_EQ(whole.Push(" and", &stopped), "x and");
+  EXPECT_FALSE(stopped);
+  StopMatcher inner({"ab", "xaby"});
+  EXPECT_EQ(inner.PassThrough("-xab"), "-");  // "ab" inside, "xab" may start "xaby"
+  EXPECT_EQ(inner.Push("c", &stopped), "xabc");
   EXPECT_FALSE(stopped);
   StopMatcher flush({"xyz"});
-  flush.PassThrough("abc x");
-  EXPECT_EQ(flush.Push("y", &stopped), "");  // "xy" may start "xyz": "y" is held back
-  EXPECT_EQ(flush.Flush(), "y");
+  EXPECT_EQ(flush.PassThrough("abc x"), "abc ");
+  EXPECT_EQ(flush.Push("y", &stopped), "");
+  EXPECT_EQ(flush.Flush(), "xy");
   StopMatcher none({});
-  none.PassThrough("abc");
+  EXPECT_EQ(none.PassThrough("abc"), "abc");
   EXPECT_EQ(none.Push("d", &stopped), "d");
 }
 

@@ -494,8 +494,7 @@ grpc::Status Router::Run(const RouteRequest& r,
         // Stop strings are matched after the first min_tokens tokens, as on the generation
         // server (one may start in their text).
         if (streamed + 1 <= req.sampling().min_tokens()) {
-          stops.PassThrough(piece);
-          ev.text = std::move(piece);
+          ev.text = stops.PassThrough(piece);
         } else {
           ev.text = stops.Push(std::move(piece), &stopped);
         }

@@ -463,6 +463,12 @@ class RouterTest(unittest.TestCase):
         r = self.client.completions.create(stop=["the park"], extra_body={"min_tokens": k - 1},
                                            **base)
         self.assertEqual((r.usage.completion_tokens, r.choices[0].finish_reason), (k, "stop"))
+        # Its start was held back: the text ends before it, as without min_tokens.
+        no_min = self.client.completions.create(stop=["the park"], **base).choices[0].text
+        self.assertEqual(r.choices[0].text, no_min)
+        streamed = "".join(c.choices[0].text for c in self.client.completions.create(
+            stream=True, stop=["the park"], extra_body={"min_tokens": k - 1}, **base))
+        self.assertEqual(streamed, no_min)
         r = self.client.completions.create(stop=["the park"], extra_body={"min_tokens": k},
                                            **base)
         self.assertGreater(r.usage.completion_tokens, k)
