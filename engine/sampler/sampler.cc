@@ -128,10 +128,13 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
     // top-p: the smallest prefix whose mass reaches top_p (at least one token).
     int64_t keep = n;
     if (p_.top_p < 1.0f) {
+      // The unnormalised mass against top_p x total, as the device sampler cuts (a normalised
+      // running sum rounds below an exact boundary, e.g. 10 of 20 equal tokens at 0.5).
+      const double target = static_cast<double>(p_.top_p) * total;
       double acc = 0;
       for (int64_t i = 0; i < n; ++i) {
-        acc += probs[i] / total;
-        if (acc >= p_.top_p) {
+        acc += probs[i];
+        if (acc >= target) {
           keep = i + 1;
           break;
         }

@@ -537,7 +537,8 @@ TEST_F(ConfigTest, RouterCorsOrigins) {
   EXPECT_EQ(ok->cors_allowed_origins.size(), 3u);
   EXPECT_EQ(ok->ToJson()["cors_allowed_origins"][1], "https://ui.example:8443");
   for (const char* bad :
-       {"https://ui.example/", "ftp://x", "ui.example", "https://", "", "http://a b"}) {
+       {"https://ui.example/", "ftp://x", "ui.example", "https://", "", "http://a b",
+        "https://UI.example", "https://ui.example:443", "http://ui.example:80"}) {
     ExpectRouterRefused(
         dir_, {{std::string(R"({"model": "model.bin", "generation_servers": {"urls": ["h:1"]},
                   "cors_allowed_origins": [")") +

@@ -1,5 +1,6 @@
 #include "server/config/router_config.h"
 
+#include <algorithm>
 #include <charconv>
 #include <filesystem>
 #include <system_error>
@@ -99,14 +100,18 @@ Status RouterConfig::Validate() {
   for (size_t i = 0; i < cors_allowed_origins.size(); ++i) {
     const std::string& o = cors_allowed_origins[i];
     const size_t scheme = o.rfind("http://", 0) == 0 ? 7 : o.rfind("https://", 0) == 0 ? 8 : 0;
-    // An origin is a scheme and a host with an optional port: no path, not even "/".
+    // An origin is a scheme and a host with an optional port: no path, not even "/"; as browsers
+    // send it, in lowercase and without a default port.
     const bool origin =
-        scheme > 0 && o.size() > scheme && o.find_first_of("/?#@ ", scheme) == std::string::npos;
+        scheme > 0 && o.size() > scheme && o.find_first_of("/?#@ ", scheme) == std::string::npos &&
+        std::none_of(o.begin(), o.end(), [](char ch) { return ch >= 'A' && ch <= 'Z'; }) &&
+        !(scheme == 7 && o.size() > 3 && o.compare(o.size() - 3, 3, ":80") == 0) &&
+        !(scheme == 8 && o.size() > 4 && o.compare(o.size() - 4, 4, ":443") == 0);
     if (o != "*" && !origin) {
       return InvalidArgument("config field 'cors_allowed_origins[" + std::to_string(i) + "]' = \"" +
                              o +
                              "\": expected \"*\" or an origin such as \"https://host:port\" "
-                             "(scheme and host, no path)");
+                             "(scheme and host in lowercase, no path, no default port)");
     }
   }
   return ValidateLogging(logging);

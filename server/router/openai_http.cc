@@ -1062,10 +1062,12 @@ StatusOr<int> OpenAiHttp::Start() {
              (any || std::find(origins.begin(), origins.end(), origin) != origins.end());
     };
     s.set_post_routing_handler([allowed, any](const httplib::Request& req, httplib::Response& res) {
+      // The answer depends on the Origin (unless any is allowed): a shared cache must not give
+      // one origin's answer to another, allowed or not.
+      if (!any) res.set_header("Vary", "Origin");
       const std::string origin = req.get_header_value("Origin");
       if (!allowed(origin)) return;
       res.set_header("Access-Control-Allow-Origin", any ? "*" : origin);
-      if (!any) res.set_header("Vary", "Origin");
     });
     s.Options(
         ".*", [this, allowed, send_error](const httplib::Request& req, httplib::Response& res) {
@@ -1085,6 +1087,7 @@ StatusOr<int> OpenAiHttp::Start() {
           if (headers.empty() || headers.size() > 1024) headers = "Authorization, Content-Type";
           res.set_header("Access-Control-Allow-Headers", headers);
           res.set_header("Access-Control-Max-Age", "600");
+          res.set_header("Vary", "Access-Control-Request-Headers");  // beside the Origin one
           Count(RouteLabel(req.path), 204);
         });
   }

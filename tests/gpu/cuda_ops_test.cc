@@ -1104,13 +1104,16 @@ TEST_F(CudaOpsTest, SampleTakesNonFiniteLogitsAsTheSamplerDoes) {
   std::vector<float> none(vocab, -kInf);
   none[5] = std::nanf("");
   rows.push_back(none);
+  std::vector<float> twenty_inf = RandomVector(rng, vocab, -8.0f, 8.0f);
+  for (int i = 0; i < 20; ++i) twenty_inf[i * 100] = kInf;  // top_p 0.5: exactly 10 of them
+  rows.push_back(twenty_inf);
   for (size_t r = 0; r < rows.size(); ++r) {
     for (uint64_t seed = 1; seed <= 8; ++seed) {
       for (float min_p : {0.0f, 0.1f}) {
         SamplingParams sp;
         sp.seed = seed;
         sp.min_p = min_p;
-        sp.top_p = seed % 2 ? 0.9f : 1.0f;
+        sp.top_p = seed % 2 ? 0.9f : (seed % 4 ? 0.5f : 1.0f);
         std::vector<float> copy = rows[r];
         const SampleResult host = Sampler(sp, {}).Sample(copy.data(), vocab);
         const int32_t want = host.status.ok() ? host.token : cuda::kArgmaxNoToken;
