@@ -207,6 +207,9 @@ TEST_F(DisaggTest, ExpiredLeaseFailsThePullInsteadOfDecodingReusedBlocks) {
   EXPECT_NE(failed[0].error.message().find("ran out"), std::string::npos)
       << failed[0].error.ToString();
   EXPECT_LE(failed[0].tokens.size(), 1u);  // the context server's token, nothing decoded
+  // The refused pull counts as failed, not done.
+  EXPECT_EQ((*gen)->disagg_stats().transfers_done, 1u);
+  EXPECT_EQ((*gen)->disagg_stats().transfers_failed, 1u);
   EXPECT_TRUE(c->ReleaseRetained("other"));
   c->ExpireLeases();
   EXPECT_EQ(c->kv_stats().free_blocks, c->kv_stats().total_blocks);

@@ -1144,6 +1144,12 @@ void Engine::TakeKvVerdicts() {
       running_.push_back(std::move(owned));
     } else {
       HELIX_LOG(kWarn) << "engine: request " << owned->req.id << ": " << outcome.message();
+      {
+        // The pull landed (counted done) but its KV was no longer the handle's: a failure.
+        std::lock_guard<std::mutex> lock(inbox_mu_);
+        --transfers_done_;
+        ++transfers_failed_;
+      }
       Finish(owned.get(), FinishReason::kError, outcome);
     }
   }
