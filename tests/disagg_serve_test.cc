@@ -475,6 +475,46 @@ TEST_F(DisaggServeTest, CancelDuringTransfer) {
 // only the lease frees it, which is why the router lets a prefill answer instead of
 // cancelling it; the cancels here come in the first half of a prefill (they once swept
 // past its end, and one in 60 crossed an answer on a loaded CI machine).
+// A prefill whose client gave up (deadline, cancel) while it waited in the context server's
+// queue leaves it at once: here four wait for KV blocks a retained prompt holds, their
+// deadlines pass, and a fifth is queued instead of refused (max_batch_size 1: four may wait).
+TEST_F(DisaggServeTest, AbandonedQueuedPrefillsLeaveTheQueue) {
+  Server::Options co;
+  co.context = true;
+  co.max_batch_size = 1;
+  co.max_tokens = 64;  // 16 blocks: one 60-token prompt holds 15
+  Server ctx(co);
+  const auto held = Prefill(ctx, Request(Tokens(60, 21), 4));
+  auto prefill = [&](int seed) {
+    auto stub = helix::v1::ContextService::NewStub(ctx.channel());
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + milliseconds(300));
+    helix::v1::PrefillRequest pre;
+    *pre.mutable_request() = Request(Tokens(60, seed), 4);
+    helix::v1::PrefillResponse got;
+    return stub->Prefill(&c, pre, &got);
+  };
+  std::vector<std::thread> waiting;
+  std::vector<grpc::Status> abandoned(4);
+  for (int i = 0; i < 4; ++i) waiting.emplace_back([&, i] { abandoned[i] = prefill(30 + i); });
+  for (auto& t : waiting) t.join();
+  for (const grpc::Status& st : abandoned) {
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  }
+  // They left the queue: a fifth waits too, instead of finding the queue full.
+  const auto deadline = Clock::now() + std::chrono::seconds(5);
+  grpc::Status fifth;
+  do {
+    fifth = prefill(40);
+  } while (fifth.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED && Clock::now() < deadline);
+  EXPECT_EQ(fifth.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << fifth.error_message();
+  // None of them ran: once the held prompt is released the pool is whole, nothing retained.
+  ASSERT_TRUE(ReleaseOn(ctx, helix::server::ReleaseRequestFor(held.kv_handle())).ok());
+  EXPECT_TRUE(
+      ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
+                  milliseconds(5000)));
+}
+
 TEST_F(DisaggServeTest, CancelledPrefillsLeaveNoKv) {
   Server::Options co;
   co.context = true;

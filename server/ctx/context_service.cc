@@ -91,6 +91,27 @@ class ContextService::PrefillReactor final : public grpc::ServerUnaryReactor {
     retained_id_ = std::move(retained_id);
     Finish(st);
   }
+  // The client cancelled or its deadline passed: a prefill still queued or running ends now
+  // (Engine::Cancel; one that already finished is not live and is left to OnDone), so a burst
+  // of abandoned prefills does not hold the queue and compute.
+  void OnCancel() override {
+    std::string id;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      id = engine_id_;
+    }
+    if (!id.empty()) {
+      svc_->engine_->Cancel(id);
+      svc_->Kick();
+    }
+  }
+  // The engine's id for the prefill, set before it is submitted: once submitted the reactor
+  // may be gone (the answer can come first). A cancel before the submission finds no live id
+  // and is dropped; that prefill runs, and OnDone releases its KV.
+  void WillSubmit(const std::string& id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    engine_id_ = id;
+  }
   void OnDone() override {
     if (!retained_id_.empty() && ctx_->IsCancelled() &&
         svc_->engine_->ReleaseRetained(retained_id_)) {
@@ -105,6 +126,8 @@ class ContextService::PrefillReactor final : public grpc::ServerUnaryReactor {
   ContextService* svc_;
   grpc::CallbackServerContext* ctx_;
   std::string retained_id_;  // written before Finish, read in OnDone (after it)
+  std::mutex mu_;
+  std::string engine_id_;  // GUARDED_BY(mu_)
 };
 
 grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* ctx,
@@ -209,6 +232,7 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
     reactor->Answer(grpc::Status::OK, ev.request_id);
   };
   r->prompt_tokens = std::move(prompt_ids);
+  reactor->WillSubmit(r->id);
   StatusOr<std::string> id = engine_->Submit(std::move(*r));
   if (!id.ok()) {
     in_flight_.fetch_sub(1);
