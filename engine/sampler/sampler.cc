@@ -48,21 +48,26 @@ SampleResult Sampler::Sample(float* logits, int64_t vocab) {
   // sum below with NaN).
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   int64_t pos_inf = 0;
+  double max_raw = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < vocab; ++i) {
     if (std::isnan(logits[i])) logits[i] = kNegInf;
     if (logits[i] == -kNegInf) ++pos_inf;
+    max_raw = std::max<double>(max_raw, logits[i]);
   }
   if (pos_inf > 0) {
     for (int64_t i = 0; i < vocab; ++i) logits[i] = logits[i] == -kNegInf ? 0.0f : kNegInf;
+    max_raw = 0;
   }
-  // Log-probabilities of the raw distribution, as OpenAI-style logprobs report them.
-  double max_raw = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < vocab; ++i) max_raw = std::max<double>(max_raw, logits[i]);
-  double sum_raw = 0;
-  for (int64_t i = 0; i < vocab; ++i) sum_raw += std::exp(logits[i] - max_raw);
-  const double log_z = max_raw + std::log(sum_raw);
+  // Log-probabilities of the raw distribution, as OpenAI-style logprobs report them (only
+  // when asked for: a pass of exp over the vocabulary).
+  double log_z = 0;
   std::vector<float> raw_for_logprobs;
-  if (p_.top_logprobs >= 0) raw_for_logprobs.assign(logits, logits + vocab);
+  if (p_.top_logprobs >= 0) {
+    double sum_raw = 0;
+    for (int64_t i = 0; i < vocab; ++i) sum_raw += std::exp(logits[i] - max_raw);
+    log_z = max_raw + std::log(sum_raw);
+    raw_for_logprobs.assign(logits, logits + vocab);
+  }
 
   // Only the allowed ids, min_tokens' ban, the logit bias, then the penalties (vLLM's order).
   if (!p_.allowed_token_ids.empty()) {

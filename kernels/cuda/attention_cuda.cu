@@ -1470,38 +1470,8 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   const int64_t group = p.num_q_heads / p.num_kv_heads;
   const Choice ch = ChooseKernel(p.kv.dtype, static_cast<int>(p.head_dim), static_cast<int>(group),
                                  p.num_q_tokens * p.num_kv_heads);
-  // Thread blocks per SM, asked once per (device, kernel): every layer of every eager decode
-  // step asks for its split.
-  int per_sm = 1;
-  static std::mutex mu;
-  struct Known {
-    int device;
-    KernelFn fn;
-    int threads;
-    size_t smem;
-    int per_sm;
-  };
-  static std::vector<Known> occupancy;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    bool known = false;
-    for (const Known& o : occupancy) {
-      if (o.device == device && o.fn == ch.fn && o.threads == ch.threads && o.smem == ch.smem) {
-        per_sm = o.per_sm;
-        known = true;
-      }
-    }
-    if (!known) {
-      if (PrepareKernel(ch) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &per_sm, reinterpret_cast<const void*>(ch.fn), ch.threads, ch.smem) != cudaSuccess) {
-        cudaGetLastError();
-        per_sm = 1;
-      } else {
-        occupancy.push_back({device, ch.fn, ch.threads, ch.smem, per_sm});
-      }
-    }
-  }
+  const int per_sm = CachedBlocksPerSm(device, reinterpret_cast<const void*>(ch.fn), ch.threads,
+                                       ch.smem, [&] { return PrepareKernel(ch); });
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
   return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),
                                p.num_q_tokens * p.num_kv_heads * subs, p.max_blocks_per_seq, tpb,

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/attention.h"
 #include "kernels/dtype.h"
@@ -152,6 +154,37 @@ __device__ inline void ChunkToFloats<__nv_bfloat16>(const uint4& raw, float* f) 
     f[2 * i] = __uint_as_float(w[i] << 16);
     f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
+}
+
+// Host: thread blocks of kernel `fn` per SM at (threads, smem) on `device`, asked once per
+// (device, kernel, threads, smem): every layer of every eager step asks for its split.
+// `prepare()` (the kernel's shared-memory opt-in) runs before the first ask. 1 when it cannot be
+// asked (the error is cleared, not left for the next launch check). One cache per call site.
+template <typename Prepare>
+int CachedBlocksPerSm(int device, const void* fn, int threads, size_t smem, Prepare&& prepare) {
+  struct Known {
+    int device;
+    const void* fn;
+    int threads;
+    size_t smem;
+    int per_sm;
+  };
+  static std::mutex mu;
+  static std::vector<Known> known;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Known& k : known) {
+    if (k.device == device && k.fn == fn && k.threads == threads && k.smem == smem) {
+      return k.per_sm;
+    }
+  }
+  int per_sm = 1;
+  if (prepare() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  known.push_back({device, fn, threads, smem, per_sm});
+  return per_sm;
 }
 
 // Host: the kv_split_tokens that cuts every sequence into enough chunks for `items` thread

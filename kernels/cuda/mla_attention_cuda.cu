@@ -444,37 +444,8 @@ int64_t MlaAttentionCudaSplitTokens(const MlaAttentionParams& p) {
     return 0;
   }
   const Choice ch = ChooseKernel(p.kv.dtype, PaddedDk(p));
-  // Thread blocks per SM, asked once per (device, kernel, shared memory): every layer of every
-  // eager step asks for its split.
-  int per_sm = 1;
-  static std::mutex mu;
-  struct Known {
-    int device;
-    KernelFn fn;
-    size_t smem;
-    int per_sm;
-  };
-  static std::vector<Known> occupancy;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    bool known = false;
-    for (const Known& o : occupancy) {
-      if (o.device == device && o.fn == ch.fn && o.smem == ch.smem) {
-        per_sm = o.per_sm;
-        known = true;
-      }
-    }
-    if (!known) {
-      if (PrepareKernel(ch) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &per_sm, reinterpret_cast<const void*>(ch.fn), kThreads, ch.smem) != cudaSuccess) {
-        cudaGetLastError();  // the fallback is one block per SM; no error left behind
-        per_sm = 1;
-      } else {
-        occupancy.push_back({device, ch.fn, ch.smem, per_sm});
-      }
-    }
-  }
+  const int per_sm = CachedBlocksPerSm(device, reinterpret_cast<const void*>(ch.fn), kThreads,
+                                       ch.smem, [&] { return PrepareKernel(ch); });
   return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),
                                p.num_q_tokens * HeadGroups(p), p.max_blocks_per_seq, tpb,
                                kMinChunkTokens);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/common/log.h"
+#include "server/config/serving_config.h"
 
 namespace helix::server {
 namespace {
@@ -231,7 +232,7 @@ uint64_t ContextClient::KeepLease(const std::string& address, v1::ReleaseRequest
   const Clock::time_point now = Clock::now();
   auto known = lease_ms_.find(address);
   // The handle's hint is outside its checksum: bounded as a config's durations are.
-  lease_ms = std::min<int64_t>(lease_ms, int64_t{30} * 24 * 3600 * 1000);
+  lease_ms = std::min(lease_ms, config::kMaxDurationMs);
   if (lease_ms <= 0 && known != lease_ms_.end()) lease_ms = known->second;
   const auto first = lease_ms > 0 ? std::chrono::milliseconds(std::max<int64_t>(1, lease_ms / 2))
                                   : std::chrono::milliseconds(250);

@@ -75,10 +75,7 @@ StatusOr<GenerateRequest> FromProto(const v1::GenerateRequest& p) {
                            ": expected 0..max_tokens (" + std::to_string(p.max_tokens()) + ")");
   }
   r.sampling.min_tokens = s.min_tokens();
-  if (s.logit_bias_size() > static_cast<int>(SamplingParams::kMaxLogitBias)) {
-    return InvalidArgument("logit_bias has " + std::to_string(s.logit_bias_size()) +
-                           " entries: at most " + std::to_string(SamplingParams::kMaxLogitBias));
-  }
+  // (logit_bias's size is checked by Validate; this list is counted before duplicates go.)
   if (s.allowed_token_ids_size() > static_cast<int>(SamplingParams::kMaxLogitBias)) {
     return InvalidArgument("allowed_token_ids has " + std::to_string(s.allowed_token_ids_size()) +
                            " ids: at most " + std::to_string(SamplingParams::kMaxLogitBias));

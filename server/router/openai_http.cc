@@ -1127,38 +1127,52 @@ StatusOr<int> OpenAiHttp::Start() {
           Count("/v1/models", 200);
         });
 
-  auto generate = [this, authorized, send_error, too_large](bool chat) {
-    return [this, chat, authorized, send_error, too_large](
-               const httplib::Request& req, httplib::Response& res,
-               const httplib::ContentReader& read_body) {
+  // A JSON route's body, kept up to max_request_bytes (httplib 0.11 applies its payload limit to
+  // Content-Length bodies only and would buffer a chunked one whole), and the API key; false
+  // once the error is answered.
+  auto take_body = [this, authorized, send_error, too_large](
+                       const httplib::Request& req, httplib::Response& res,
+                       const httplib::ContentReader& read_body, const std::string& route,
+                       std::string* body) {
+    const BodyRead read =
+        ReadBody(req, &res, read_body, static_cast<size_t>(cfg_.max_request_bytes), body);
+    if (read == BodyRead::kTooLarge) {
+      send_error(res, too_large, route);
+      return false;
+    }
+    if (read == BodyRead::kMultipart) {
+      send_error(res,
+                 {415,
+                  "a multipart/form-data body is not accepted: send the request as JSON "
+                  "(Content-Type: application/json)",
+                  "invalid_request_error", "", ""},
+                 route);
+      return false;
+    }
+    if (read == BodyRead::kFailed) {
+      res.set_header("Connection", "close");  // what is left of the body was not read
+      send_error(res,
+                 {400, "could not read the request body (malformed chunked encoding?)",
+                  "invalid_request_error", "", ""},
+                 route);
+      return false;
+    }
+    if (!authorized(req)) {
+      send_error(res,
+                 {401, "missing or wrong API key (Authorization: Bearer ...)",
+                  "authentication_error", "", "invalid_api_key"},
+                 route);
+      return false;
+    }
+    return true;
+  };
+
+  auto generate = [this, take_body, send_error](bool chat) {
+    return [this, chat, take_body, send_error](const httplib::Request& req, httplib::Response& res,
+                                               const httplib::ContentReader& read_body) {
       const std::string route = chat ? "/v1/chat/completions" : "/v1/completions";
-      // The body is kept up to max_request_bytes: httplib 0.11 applies its payload limit to
-      // Content-Length bodies only and would buffer a chunked one whole.
       std::string body;
-      const BodyRead read =
-          ReadBody(req, &res, read_body, static_cast<size_t>(cfg_.max_request_bytes), &body);
-      if (read == BodyRead::kTooLarge) return send_error(res, too_large, route);
-      if (read == BodyRead::kMultipart) {
-        return send_error(res,
-                          {415,
-                           "a multipart/form-data body is not accepted: send the request as "
-                           "JSON (Content-Type: application/json)",
-                           "invalid_request_error", "", ""},
-                          route);
-      }
-      if (read == BodyRead::kFailed) {
-        res.set_header("Connection", "close");  // what is left of the body was not read
-        return send_error(res,
-                          {400, "could not read the request body (malformed chunked encoding?)",
-                           "invalid_request_error", "", ""},
-                          route);
-      }
-      if (!authorized(req)) {
-        return send_error(res,
-                          {401, "missing or wrong API key (Authorization: Bearer ...)",
-                           "authentication_error", "", "invalid_api_key"},
-                          route);
-      }
+      if (!take_body(req, res, read_body, route, &body)) return;
       HttpError err;
       auto parsed = ParseOpenAiRequest(body, chat, *router_, router_->max_seq_len(), &err);
       if (!parsed.ok()) return send_error(res, err, route);
@@ -1399,28 +1413,12 @@ StatusOr<int> OpenAiHttp::Start() {
   s.Post("/v1/chat/completions", generate(true));
   // vLLM's tokenizer routes: a JSON body in, a JSON answer out (behind the API key).
   using JsonFn = StatusOr<json> (*)(const std::string&, const Router&, HttpError*);
-  auto json_post = [this, authorized, send_error, too_large](const char* route, JsonFn fn) {
-    return [this, route, fn, authorized, send_error, too_large](
-               const httplib::Request& req, httplib::Response& res,
-               const httplib::ContentReader& read_body) {
+  auto json_post = [this, take_body, send_error](const char* route, JsonFn fn) {
+    return [this, route, fn, take_body, send_error](const httplib::Request& req,
+                                                    httplib::Response& res,
+                                                    const httplib::ContentReader& read_body) {
       std::string body;
-      const BodyRead read =
-          ReadBody(req, &res, read_body, static_cast<size_t>(cfg_.max_request_bytes), &body);
-      if (read == BodyRead::kTooLarge) return send_error(res, too_large, route);
-      if (read != BodyRead::kOk) {
-        if (read == BodyRead::kFailed) res.set_header("Connection", "close");
-        return send_error(res,
-                          {read == BodyRead::kMultipart ? 415 : 400,
-                           "the request body must be JSON (Content-Type: application/json)",
-                           "invalid_request_error", "", ""},
-                          route);
-      }
-      if (!authorized(req)) {
-        return send_error(res,
-                          {401, "missing or wrong API key (Authorization: Bearer ...)",
-                           "authentication_error", "", "invalid_api_key"},
-                          route);
-      }
+      if (!take_body(req, res, read_body, route, &body)) return;
       HttpError err;
       StatusOr<json> out = fn(body, *router_, &err);
       if (!out.ok()) return send_error(res, err, route);
