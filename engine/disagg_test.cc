@@ -127,6 +127,21 @@ TEST_F(DisaggTest, OneRankMatchesAggregated) {
   }
 }
 
+// MAX_UTILIZATION on the generation side: pulled requests are admitted with their prompt's
+// blocks, and one preempted after its pull is recomputed here (never pulled again): the tokens
+// are still the aggregated ones, every pull counted done once, both pools whole.
+TEST_F(DisaggTest, PulledRequestsPreemptedAreRecomputedHere) {
+  auto ctx = Engine::Create(ContextOptions(16));
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  EngineOptions o = Stories(1, 1, 16);
+  o.kv_max_tokens = 400;  // 25 blocks: the prompts' 22 blocks fit, their decoding does not
+  o.kv_preemption = true;
+  auto gen = Engine::Create(o);
+  ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+  ExpectDisaggMatches(ctx->get(), gen->get());
+  EXPECT_GE((*gen)->kv_stats().preemptions, 1u);
+}
+
 // A seeded request samples the same tokens whether its first token came from a context server
 // or not: the context server's sample took the seed's first draw, and the generation server
 // goes on from the second (it drew the first again, shifting every later token).

@@ -36,9 +36,14 @@ struct Engine::Sequence {
   int64_t prompt_len = 0;
   int64_t num_computed = 0;  // tokens whose K/V is in the cache
   int64_t generated = 0;
-  int64_t reserve_tokens = 0;  // positions reserved in the KV cache at admission
-  uint64_t uid = 0;            // the sequence's id in step plans and every rank's kv_ map
-  bool announced = false;      // the workers have been told to reserve its blocks
+  int64_t reserve_tokens = 0;  // positions its KV can take: prompt + max_tokens - 1
+  // kv_preemption: its reservation grows as it decodes, and it may be preempted (recompute).
+  bool on_demand = false;
+  bool preempted = false;          // has been preempted: its KV is recomputed here, never pulled
+  int64_t reserved = 0;            // positions reserved now (leader)
+  int64_t announced_reserved = 0;  // the reservation the workers were last told of
+  uint64_t uid = 0;                // the sequence's id in step plans and every rank's kv_ map
+  bool announced = false;          // the workers have been told to reserve its blocks
   std::unique_ptr<Sampler> sampler;
   std::unique_ptr<IncrementalDetokenizer> detok;
   StopMatcher stop;
@@ -575,6 +580,11 @@ Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
                         std::to_string(ps.uid) + " (ranks out of step)");
       }
       it = kv_.emplace(ps.uid, std::move(kv)).first;
+    } else if (ps.reserve_tokens > 0 && !it->second.Reserve(pool_.get(), ps.reserve_tokens)) {
+      // A grown reservation (kv_preemption): the same argument holds.
+      return Internal(layout_.ToString() + ": cannot grow sequence " + std::to_string(ps.uid) +
+                      " to " + std::to_string(ps.reserve_tokens) +
+                      " positions (ranks out of step)");
     }
     seqs.push_back(&it->second);
     b.max_blocks = std::max<int64_t>(b.max_blocks, it->second.blocks().size());
@@ -1009,6 +1019,9 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
   // This rank is CP rank 0, whose share of any sequence is the largest.
   const int64_t need = SequenceKv(options_.tokens_per_block, layout_.cp, layout_.cp_rank)
                            .BlocksNeeded(seq->reserve_tokens);
+  // Preemptible when its recompute (every position it can hold, in one prefill) fits a pass.
+  seq->on_demand = options_.kv_preemption && !seq->req.retain_kv &&
+                   seq->reserve_tokens <= options_.max_num_tokens;
   if (need > pool_->num_blocks()) {
     return InvalidArgument("request needs " + std::to_string(need) +
                            " KV blocks per rank but the pool has only " +
@@ -1061,7 +1074,8 @@ bool Engine::HasWork() {
 }
 
 KvStats Engine::kv_stats() const {
-  return {pool_->num_blocks(), pool_->num_free(), pool_->block_bytes(), options_.tokens_per_block};
+  return {pool_->num_blocks(), pool_->num_free(), pool_->block_bytes(), options_.tokens_per_block,
+          preemptions_.load()};
 }
 
 void Engine::DrainInbox() {
@@ -1162,16 +1176,27 @@ void Engine::Admit() {
          static_cast<int64_t>(running_.size() + transferring_.size() + checking_.size() +
                               confirming_.size()) < options_.max_batch_size) {
     Sequence* s = waiting_.front().get();
-    const bool pulled = s->req.kv_source != nullptr;
-    if (!pulled && s->prompt_len > budget) break;  // next step
+    const bool pulled = s->req.kv_source != nullptr && !s->preempted;
+    // The tokens its first pass computes: the prompt, or after a preemption every token so far.
+    const int64_t pass_tokens = static_cast<int64_t>(s->tokens.size());
+    if (!pulled && pass_tokens > budget) break;  // next step
     // A retained prompt's room in the export buffer is reserved now, so that its hand-off
     // cannot fail after the prefill: the request waits while leases hold the buffer.
     const int64_t export_need =
         s->req.retain_kv && export_mirror_ != nullptr ? BlocksFor(s->prompt_len) : 0;
     if (static_cast<int64_t>(export_free_.size()) < export_need) break;  // wait for releases
-    // Reserve the whole request up front: no preemption is ever needed.
+    // Reserve the whole request up front (no preemption is ever needed), or with
+    // kv_preemption only what its first pass writes, leaving a block of room for each running
+    // preemptible sequence's next token.
     SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
-    if (!kv.Reserve(pool_.get(), s->reserve_tokens)) break;  // wait for blocks
+    const int64_t reserve = s->on_demand ? pass_tokens : s->reserve_tokens;
+    if (s->on_demand) {
+      const int64_t room = std::count_if(running_.begin(), running_.end(),
+                                         [](const auto& r) { return r->on_demand; });
+      if (pool_->num_free() - kv.BlocksNeeded(reserve) < room) break;  // wait for blocks
+    }
+    if (!kv.Reserve(pool_.get(), reserve)) break;  // wait for blocks
+    s->reserved = reserve;
     kv_.emplace(s->uid, std::move(kv));
     for (int64_t j = 0; j < export_need; ++j) {
       s->export_blocks.push_back(export_free_.back());
@@ -1205,10 +1230,64 @@ void Engine::Admit() {
       }
       continue;
     }
-    budget -= s->prompt_len;
+    budget -= pass_tokens;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
+}
+
+bool Engine::GrowReservations() {
+  bool preempted = false;
+  for (size_t i = 0; i < running_.size();) {
+    Sequence* s = running_[i].get();
+    // Positions [0, tokens) hold KV once this step has run.
+    const int64_t need = static_cast<int64_t>(s->tokens.size());
+    if (!s->on_demand || s->reserved >= need) {
+      ++i;
+      continue;
+    }
+    SequenceKv& kv = kv_.at(s->uid);
+    bool self = false;
+    while (!kv.Reserve(pool_.get(), need)) {
+      // The most recently admitted preemptible sequence gives its blocks back (this one, when
+      // it is that one: it then waits until blocks are free).
+      size_t v = running_.size() - 1;
+      while (!running_[v]->on_demand) --v;  // stops at i at the latest
+      self = v == i;
+      Preempt(v);
+      preempted = true;
+      if (self) break;
+    }
+    if (self) continue;  // running_[i] is the next sequence now
+    s->reserved = need;
+    ++i;
+  }
+  return preempted;
+}
+
+void Engine::Preempt(size_t running_index) {
+  std::unique_ptr<Sequence> owned = std::move(running_[running_index]);
+  running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(running_index));
+  Sequence* s = owned.get();
+  auto it = kv_.find(s->uid);
+  if (it != kv_.end()) {
+    it->second.Release(pool_.get());
+    kv_.erase(it);
+  }
+  if (s->announced) pending_release_.push_back(s->uid);  // the workers free theirs next step
+  s->announced = false;
+  s->announced_reserved = 0;
+  s->reserved = 0;
+  s->num_computed = 0;  // prompt and generated tokens are computed again
+  s->preempted = true;
+  ++preemptions_;
+  HELIX_LOG(kWarn) << "engine: request " << s->req.id << " preempted (recompute) after "
+                   << s->generated << " tokens: not enough KV blocks (kv_preemption); "
+                   << preemptions_.load() << " preemptions so far";
+  // Ahead of every request not yet admitted; preempted ones in the order they came (uid).
+  auto pos = std::find_if(waiting_.begin(), waiting_.end(),
+                          [&](const auto& w) { return !w->preempted || w->uid > s->uid; });
+  waiting_.insert(pos, std::move(owned));
 }
 
 void Engine::Finish(Sequence* s, FinishReason reason, Status error, bool flush_text,
@@ -1321,7 +1400,9 @@ bool Engine::Step() {
   DrainInbox();
   TakeKvVerdicts();
   ExpireLeases();
-  Admit();
+  // Running sequences take the blocks this step writes first; new requests are admitted only
+  // in a step that preempted none (they would take the blocks just freed).
+  if (!GrowReservations()) Admit();
   if (running_.empty() && transferring_.empty()) return false;
   const bool only_polling = running_.empty();
 
@@ -1332,8 +1413,12 @@ bool Engine::Step() {
     Sequence* s = sp.get();
     parallel::PlanSeq ps;
     ps.uid = s->uid;
-    ps.reserve_tokens = s->announced ? 0 : static_cast<int32_t>(s->reserve_tokens);
+    // The reservation on its first step, and again whenever it grew (kv_preemption).
+    ps.reserve_tokens = !s->announced || s->reserved > s->announced_reserved
+                            ? static_cast<int32_t>(s->reserved)
+                            : 0;
     s->announced = true;
+    s->announced_reserved = s->reserved;
     ps.first_pos = static_cast<int32_t>(s->num_computed);
     ps.tokens.assign(s->tokens.begin() + s->num_computed, s->tokens.end());
     s->num_computed = static_cast<int64_t>(s->tokens.size());
@@ -1344,10 +1429,11 @@ bool Engine::Step() {
     if (!s->announced) {
       parallel::PlanTransfer t;
       t.uid = s->uid;
-      t.reserve_tokens = static_cast<int32_t>(s->reserve_tokens);
+      t.reserve_tokens = static_cast<int32_t>(s->reserved);
       t.source = transfer::EncodeKvSource(*s->req.kv_source);
       plan.transfers.push_back(std::move(t));
       s->announced = true;
+      s->announced_reserved = s->reserved;
     }
     if (s->transfer_cancel && !s->transfer_cancel_sent) {
       plan.transfer_cancels.push_back(s->uid);

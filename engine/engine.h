@@ -82,7 +82,17 @@ struct EngineOptions {
   std::optional<double> kv_free_memory_fraction;  // of available memory; smaller one wins
   int64_t max_batch_size = 64;
   int64_t max_num_tokens = 8192;  // tokens in one forward pass
-  int64_t max_seq_len = 0;        // 0 = the model's maximum
+  // How admission reserves KV (TensorRT-LLM's capacity_scheduler_policy). false
+  // (GUARANTEED_NO_EVICT): every block a request can need (prompt + max_tokens - 1) at
+  // admission, so nothing is ever preempted. true (MAX_UTILIZATION): a request is admitted with
+  // its prompt's blocks and takes more as it decodes; when the pool runs out, the most recently
+  // admitted such request gives its blocks back and waits at the head of the queue, and its
+  // KV is recomputed (its prompt and the tokens it generated, in one prefill) when it is
+  // admitted again, as vLLM's preemption by recompute does. Requests whose recompute would not
+  // fit one forward pass (prompt + max_tokens - 1 > max_num_tokens) and retained context-server
+  // requests still reserve everything at admission.
+  bool kv_preemption = false;
+  int64_t max_seq_len = 0;  // 0 = the model's maximum
 
   // Helix: this process is rank `rank` of tensor_parallel x context_parallel ranks. Every rank
   // creates an Engine with the same options but `rank`; rank 0 (the leader) schedules,
@@ -149,6 +159,7 @@ struct KvStats {
   int64_t free_blocks = 0;
   int64_t block_bytes = 0;
   int64_t tokens_per_block = 0;
+  uint64_t preemptions = 0;  // requests preempted (kv_preemption), since start
 };
 
 class Engine {
@@ -161,6 +172,9 @@ class Engine {
   const ForwardTimings& model_timings() const { return model_->timings(); }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   int64_t max_seq_len() const { return max_seq_len_; }
+  // Requests preempted so far (kv_preemption); any thread.
+  uint64_t preemptions() const { return preemptions_.load(); }
+  bool kv_preemption() const { return options_.kv_preemption; }
   // Hex digest (FNV-1a 64) of what two servers must share to exchange KV and tokens: the
   // architecture and shapes, weight and KV dtypes, and the tokenizer's vocabulary.
   const std::string& model_fingerprint() const { return fingerprint_; }
@@ -385,6 +399,12 @@ class Engine {
   std::unordered_map<std::string, Status> pairing_;      // GUARDED_BY(inbox_mu_): per server
   uint64_t leases_expired_ = 0;                          // GUARDED_BY(inbox_mu_)
   uint64_t transfers_done_ = 0, transfers_failed_ = 0, transfers_cancelled_ = 0;  // ditto
+  std::atomic<uint64_t> preemptions_{0};
+  // kv_preemption: grows each running sequence's reservation to the positions this step
+  // writes, preempting the most recently admitted preemptible sequences when the pool is short.
+  // Returns whether any was preempted.
+  bool GrowReservations();
+  void Preempt(size_t running_index);
 };
 
 }  // namespace helix

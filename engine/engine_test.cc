@@ -152,6 +152,116 @@ TEST_F(EngineTest, WaitsForBlocksWhenThePoolIsFull) {
   EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
 }
 
+// MAX_UTILIZATION (kv_preemption): requests are admitted with their prompt's blocks and grow;
+// when the pool runs out the newest is preempted and recomputed later. Every request still
+// gets exactly the tokens and text it gets alone (greedy, seeded sampling, penalties, stop
+// strings, min_tokens, logprobs), a preempted request can be cancelled while it waits, and
+// the pool is whole at the end.
+TEST_F(EngineTest, PreemptionByRecomputeKeepsEveryRequestsOutput) {
+  EngineOptions o = Options();
+  o.kv_max_tokens = 128;  // 8 blocks of 16: two or three requests grow into each other
+  o.tokens_per_block = 16;
+  o.kv_preemption = true;
+  std::vector<GenerateRequest> reqs;
+  const std::vector<std::string> prompts = {"Once upon a time", "The dog", "Lily and Ben went",
+                                            "A big red", "Tom was sad."};
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerateRequest r = Greedy(prompts[i], 90 + static_cast<int>(i) * 5);
+    r.ignore_eos = true;
+    if (i % 2 == 1) {
+      r.sampling.temperature = 0.9f;
+      r.sampling.top_k = 40;
+      r.sampling.seed = 7 + i;
+      r.sampling.frequency_penalty = 0.5f;
+    }
+    if (i == 2) r.sampling.top_logprobs = 3;
+    if (i == 3) {
+      r.stop = {"and the"};
+      r.sampling.min_tokens = 12;
+    }
+    reqs.push_back(r);
+  }
+  std::vector<Result> alone;
+  {
+    auto e = Make(o);
+    ASSERT_NE(e, nullptr);
+    for (const auto& r : reqs) alone.push_back(RunAll(e.get(), {r})[0]);
+    EXPECT_EQ(e->kv_stats().preemptions, 0u);  // one at a time: nothing to preempt
+  }
+  auto e = Make(o);
+  ASSERT_NE(e, nullptr);
+  auto together = RunAll(e.get(), reqs, {0, 0, 1, 2, 9});
+  EXPECT_GE(e->kv_stats().preemptions, 3u);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_TRUE(together[i].error.ok()) << i << ": " << together[i].error.ToString();
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(together[i].text, alone[i].text) << "request " << i;
+    EXPECT_EQ(together[i].reason, alone[i].reason) << "request " << i;
+    EXPECT_EQ(together[i].completion_tokens, alone[i].completion_tokens) << "request " << i;
+    ASSERT_EQ(together[i].top_logprobs.size(), alone[i].top_logprobs.size());
+    // The same candidates; the values within float rounding (a batch's classifier rows).
+    for (size_t t = 0; t < alone[i].top_logprobs.size(); ++t) {
+      const auto& x = together[i].top_logprobs[t];
+      const auto& y = alone[i].top_logprobs[t];
+      ASSERT_EQ(x.size(), y.size());
+      for (size_t c = 0; c < x.size(); ++c) {
+        EXPECT_EQ(x[c].first, y[c].first) << i << " token " << t;
+        EXPECT_NEAR(x[c].second, y[c].second, 1e-4) << i << " token " << t;
+      }
+    }
+  }
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+
+  // A request preempted while it waits is cancelled: it ends, the others are unharmed.
+  const uint64_t before = e->kv_stats().preemptions;
+  std::vector<GenerateRequest> two = {reqs[0], reqs[2]};
+  two[1].id = "preempted-then-cancelled";
+  bool cancelled = false;
+  auto r = RunAll(e.get(), two, {}, [&](int) {
+    if (!cancelled && e->kv_stats().preemptions > before) {
+      e->Cancel("preempted-then-cancelled");
+      cancelled = true;
+    }
+  });
+  ASSERT_TRUE(cancelled);
+  EXPECT_EQ(r[1].reason, FinishReason::kCancelled);
+  EXPECT_EQ(r[0].tokens, alone[0].tokens);
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
+// With full reservations, requests whose max_tokens is large run one at a time even when they
+// stop early; MAX_UTILIZATION runs them together, in fewer steps, with the same output.
+TEST_F(EngineTest, PreemptionAdmitsRequestsFullReservationWouldHold) {
+  EngineOptions o = Options();
+  o.kv_max_tokens = 128;
+  o.tokens_per_block = 16;
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 4; ++i) {
+    GenerateRequest r = Greedy("Once upon a time", 100);  // reserves 100+ positions
+    r.stop = {"park"};                                    // ... and stops after ~20 tokens
+    reqs.push_back(r);
+  }
+  auto steps = [&](bool preempt, std::vector<Result>* out) {
+    EngineOptions p = o;
+    p.kv_preemption = preempt;
+    auto e = Make(p);
+    EXPECT_NE(e, nullptr);
+    int n = 0;
+    *out = RunAll(e.get(), reqs, {}, [&](int) { ++n; });
+    EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+    EXPECT_EQ(e->kv_stats().preemptions, 0u);
+    return n;
+  };
+  std::vector<Result> guaranteed, utilised;
+  const int slow = steps(false, &guaranteed);
+  const int fast = steps(true, &utilised);
+  EXPECT_LT(fast * 3, slow) << "MAX_UTILIZATION " << fast << " steps, GUARANTEED_NO_EVICT " << slow;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(utilised[i].reason, FinishReason::kStop);
+    EXPECT_EQ(utilised[i].text, guaranteed[i].text);
+  }
+}
+
 // A request takes the KV of its prompt and of every generated token but the last: one that
 // exactly fills the pool that way runs (it was refused as "can never fit", a block short).
 TEST_F(EngineTest, RequestFillingThePoolExactlyRuns) {

@@ -140,6 +140,40 @@ INSTANTIATE_TEST_SUITE_P(Layouts, HelixTest,
                                   std::to_string(std::get<2>(info.param));
                          });
 
+// MAX_UTILIZATION on a Helix instance: the leader grows each sequence's reservation step by
+// step (the workers follow the plan's grown reservations) and preempts when its pool is short;
+// the preempted sequences are freed on every rank and recomputed, and the decoding is still
+// the one-rank engine's with whole pools.
+TEST(HelixPreemptionTest, GrownAndPreemptedSequencesDecodeAsOneRank) {
+  if (!fs::exists(Shared() + "/models/stories260K/stories260K.bin")) GTEST_SKIP() << "no model";
+  for (auto [tp, cp] : {std::pair{1, 2}, std::pair{2, 2}}) {
+    SCOPED_TRACE("tp " + std::to_string(tp) + " cp " + std::to_string(cp));
+    EngineOptions o = StoriesOptions(tp, cp, 4);
+    o.kv_max_tokens = 64;  // 16 blocks a rank: room for about two of the batch's sequences
+    o.kv_preemption = true;
+    auto port = parallel::PickFreePort("127.0.0.1");
+    ASSERT_TRUE(port.ok());
+    o.leader_port = *port;
+    const std::vector<pid_t> workers = ForkWorkers(o);
+    std::vector<Result> helix;
+    uint64_t preemptions = 0;
+    {
+      auto e = Engine::Create(o);
+      ASSERT_TRUE(e.ok()) << e.status().ToString();
+      helix = RunAll(e->get(), Batch((*e)->tokenizer()), {0, 0, 0, 3, 3, 7, 20, 21});
+      preemptions = (*e)->kv_stats().preemptions;
+      EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+    }
+    for (int code : Reap(workers, std::chrono::milliseconds(20000))) EXPECT_EQ(code, 0);
+    EXPECT_GE(preemptions, 2u);
+    auto single = Engine::Create(StoriesOptions(1, 1, 4));
+    ASSERT_TRUE(single.ok());
+    ExpectSameDecoding(
+        helix, RunAll(single->get(), Batch((*single)->tokenizer()), {0, 0, 0, 3, 3, 7, 20, 21}),
+        1e-4);
+  }
+}
+
 TEST(HelixLongContextTest, TwentyThousandTokenPromptOnFourCpRanks) {
   const char* dir = std::getenv("HELIX_TEST_MODELS_DIR");
   ASSERT_NE(dir, nullptr) << "HELIX_TEST_MODELS_DIR (ctest fixture test_models) is not set";

@@ -73,7 +73,8 @@ class Daemon {
   // members of the config (each preceded by a comma).
   explicit Daemon(int cp, const std::string& server_extra = "",
                   std::shared_ptr<grpc::ChannelCredentials> creds = nullptr,
-                  const std::vector<std::string>& args = {}, const std::string& config_extra = "") {
+                  const std::vector<std::string>& args = {}, const std::string& config_extra = "",
+                  int64_t kv_tokens = 8192) {
     auto port = helix::parallel::PickFreePort("127.0.0.1");
     EXPECT_TRUE(port.ok());
     port_ = *port;
@@ -89,7 +90,8 @@ class Daemon {
       "backend": "cpu", "num_threads": 1, "context_parallel_size": )"
                                      << cp << R"(,
       "cp_config": {"cp_type": "HELIX", "tokens_per_block": 8},
-      "kv_cache_config": {"tokens_per_block": 8, "max_tokens": 8192},
+      "kv_cache_config": {"tokens_per_block": 8, "max_tokens": )"
+                                     << kv_tokens << R"(},
       "max_batch_size": 16, "max_seq_len": 512,
       "server": {"host": "127.0.0.1", "port": )"
                                      << port_ << server_extra << R"(},
@@ -302,6 +304,7 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   EXPECT_EQ(info.cp_type(), "HELIX");
   EXPECT_EQ(info.tokens_per_block(), 8);
   EXPECT_EQ(info.model_fingerprint().size(), 16u);
+  EXPECT_EQ(info.capacity_scheduler_policy(), "GUARANTEED_NO_EVICT");
   const std::vector<std::string> services = d.ReflectedServices();
   for (const char* want : {"helix.v1.GenerationService", "grpc.health.v1.Health"}) {
     EXPECT_NE(std::find(services.begin(), services.end(), want), services.end()) << want;
@@ -490,6 +493,40 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   waitpid(d.pid(), &st, 0);
   d.forget_pid();
   EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << st;
+}
+
+// scheduler_config.capacity_scheduler_policy MAX_UTILIZATION on a Helix pair of ranks with a
+// pool of 8 blocks a rank: eight streams that each fit alone run together, some preempted and
+// recomputed, and each gets the tokens it gets alone; GetServerInfo counts the preemptions.
+TEST_F(ServeTest, MaxUtilizationPreemptsAndKeepsStreamsExact) {
+  Daemon d(2, "", nullptr, {},
+           R"(, "scheduler_config": {"capacity_scheduler_policy": "MAX_UTILIZATION"})", 64);
+  ASSERT_EQ(d.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  const helix::v1::ServerInfo info = d.Info();
+  EXPECT_EQ(info.capacity_scheduler_policy(), "MAX_UTILIZATION");
+  EXPECT_EQ(info.kv_preemptions(), 0u);
+  const char* prompts[] = {"Once upon a time", "The dog", "Lily and Ben", "A big red ball"};
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 8; ++i) reqs.push_back(Greedy(prompts[i % 4], 80 + 10 * (i % 3)));
+  std::vector<StreamResult> alone;
+  for (const GenerateRequest& r : reqs) alone.push_back(d.Run(r));
+  EXPECT_EQ(d.Info().kv_preemptions(), 0u);
+  std::vector<StreamResult> together(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] { together[i] = d.Run(reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    SCOPED_TRACE(i);
+    ASSERT_TRUE(alone[i].status.ok()) << alone[i].status.error_message();
+    ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
+    EXPECT_EQ(together[i].tokens, alone[i].tokens);
+    EXPECT_EQ(together[i].text, alone[i].text);
+  }
+  const helix::v1::ServerInfo after = d.Info();
+  EXPECT_GT(after.kv_preemptions(), 0u);
+  EXPECT_EQ(after.kv_free_blocks(), info.kv_total_blocks());
 }
 
 TEST_F(ServeTest, KilledRankEndsStreamsAndStopsTheLeader) {

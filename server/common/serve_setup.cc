@@ -20,6 +20,7 @@ EngineOptions EngineOptionsFromConfig(const config::ServingConfig& cfg) {
   o.max_batch_size = cfg.max_batch_size;
   o.max_num_tokens = cfg.max_num_tokens;
   o.max_seq_len = cfg.max_seq_len;
+  o.kv_preemption = cfg.scheduler_config.capacity_scheduler_policy == "MAX_UTILIZATION";
   o.tensor_parallel = static_cast<int>(cfg.tensor_parallel_size);
   o.context_parallel = static_cast<int>(cfg.context_parallel_size);
   o.kv_staging_tokens = cfg.cache_transceiver_config.max_tokens_in_buffer.value_or(0);

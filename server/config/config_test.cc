@@ -63,6 +63,12 @@ TEST_F(ConfigTest, MinimalGenerationConfigGetsDefaults) {
   EXPECT_FALSE(j.contains("cp_config"));
   EXPECT_EQ(j["kv_cache_config"]["dtype"], "float32");
   EXPECT_FALSE(j.contains("kv_lease_ms"));
+  EXPECT_EQ(j["scheduler_config"]["capacity_scheduler_policy"], "GUARANTEED_NO_EVICT");
+  auto m = Load(R"({"model": "model.bin",
+                    "scheduler_config": {"capacity_scheduler_policy": "MAX_UTILIZATION"}})");
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(m->scheduler_config.capacity_scheduler_policy, "MAX_UTILIZATION");
+  EXPECT_EQ(m->ToJson()["scheduler_config"]["capacity_scheduler_policy"], "MAX_UTILIZATION");
 }
 
 // check-config's output reads back as the same config, for every role (a null cp_config was
@@ -204,6 +210,17 @@ INSTANTIATE_TEST_SUITE_P(
                 R"({"model": "model.bin", "context_parallel_size": 2,
                     "cp_config": {"cp_type": "ULYSSES"}})",
                 {"cp_config.cp_type", "ULYSSES", "HELIX"}},
+        BadCase{"UnknownCapacitySchedulerPolicy",
+                G,
+                R"({"model": "model.bin",
+                    "scheduler_config": {"capacity_scheduler_policy": "STATIC_BATCH"}})",
+                {"scheduler_config.capacity_scheduler_policy", "STATIC_BATCH is not supported",
+                 "GUARANTEED_NO_EVICT", "MAX_UTILIZATION"}},
+        BadCase{"SchedulerConfigOnAContextServer",
+                C,
+                R"({"model": "model.bin", "server": {"port": 9},
+                    "scheduler_config": {"capacity_scheduler_policy": "MAX_UTILIZATION"}})",
+                {"scheduler_config"}},
         BadCase{"CpWithoutCpConfig",
                 G,
                 R"({"model": "model.bin", "context_parallel_size": 2})",

@@ -114,6 +114,16 @@ Status ServingConfig::Validate() {
         ": a context server runs with context_parallel_size 1 (Helix "
         "shards the KV cache on generation servers only)");
   }
+  {
+    const std::string& p = scheduler_config.capacity_scheduler_policy;
+    if (p != "GUARANTEED_NO_EVICT" && p != "MAX_UTILIZATION") {
+      return InvalidArgument(
+          "config field 'scheduler_config.capacity_scheduler_policy' = " + Quote(p) +
+          ": expected \"GUARANTEED_NO_EVICT\" (reserve each request's whole KV at admission) "
+          "or \"MAX_UTILIZATION\" (grow it as it decodes, preempting by recompute)" +
+          (p == "STATIC_BATCH" ? "; STATIC_BATCH is not supported" : ""));
+    }
+  }
   if (!gen && tensor_parallel_size != 1) {
     return InvalidArgument(
         "config field 'tensor_parallel_size' = " + std::to_string(tensor_parallel_size) +
@@ -276,6 +286,10 @@ nlohmann::json ServingConfig::ToJson() const {
   j["max_batch_size"] = max_batch_size;
   j["max_num_tokens"] = max_num_tokens;
   j["max_seq_len"] = max_seq_len;
+  if (role == Role::kGeneration) {
+    j["scheduler_config"] = {
+        {"capacity_scheduler_policy", scheduler_config.capacity_scheduler_policy}};
+  }
   j["server"] = {{"host", server.host}, {"port", server.port}};
   if (server.tls_cert_file) j["server"]["tls_cert_file"] = *server.tls_cert_file;
   if (server.tls_key_file) j["server"]["tls_key_file"] = *server.tls_key_file;
@@ -327,6 +341,11 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
   r.Int("max_batch_size", &c.max_batch_size);
   r.Int("max_num_tokens", &c.max_num_tokens);
   r.Int("max_seq_len", &c.max_seq_len);
+  if (role == Role::kGeneration) {
+    r.Object("scheduler_config", [&](JsonReader& o) {
+      o.String("capacity_scheduler_policy", &c.scheduler_config.capacity_scheduler_policy);
+    });
+  }
   r.Object("server", [&](JsonReader& o) {
     o.String("host", &c.server.host);
     o.Int("port", &c.server.port);

@@ -36,6 +36,14 @@ struct KvCacheConfig {
   std::string dtype = "auto";                  // auto | float32 | float16 | bfloat16
 };
 
+// TensorRT-LLM's scheduler_config. GUARANTEED_NO_EVICT reserves each request's whole KV
+// (prompt + max_tokens) at admission; MAX_UTILIZATION admits with the prompt's blocks, grows
+// as it decodes and preempts (recomputes) the newest requests when the pool runs out, as vLLM
+// does (EngineOptions::kv_preemption).
+struct SchedulerConfig {
+  std::string capacity_scheduler_policy = "GUARANTEED_NO_EVICT";
+};
+
 struct ServerEndpoint {
   std::string host = "127.0.0.1";
   int port = 50051;
@@ -81,7 +89,8 @@ struct ServingConfig {
   KvCacheConfig kv_cache_config;
   int64_t max_batch_size = 64;
   int64_t max_num_tokens = 8192;
-  int64_t max_seq_len = 0;  // 0 = the model's own maximum
+  int64_t max_seq_len = 0;           // 0 = the model's own maximum
+  SchedulerConfig scheduler_config;  // generation servers
   ServerEndpoint server;
   CacheTransceiverConfig cache_transceiver_config;
   int64_t kv_lease_ms = 30000;  // context server: free un-pulled KV after this long

@@ -73,6 +73,9 @@ struct Case {
   bool split_argmax = false;  // CudaBackendOptions::split_argmax (the vocabulary's 512: 4 chunks)
   bool norm_sums = false;     // CudaBackendOptions::norm_sums
   bool gemv_rope = false;     // CudaBackendOptions::gemv_rope_kv
+  // EngineOptions::kv_preemption with a pool too small for the batch: reservations grow (graph
+  // buckets of growing block tables) and sequences are preempted and recomputed.
+  bool preempt = false;
 };
 
 const std::vector<Case>& StoriesCases() {
@@ -87,6 +90,10 @@ const std::vector<Case>& StoriesCases() {
       {"bf16kv_tpb4_split8", kernels::DType::kBF16, std::nullopt, 4, 8, 1, 1},
       {"f32_cp2_tpb4", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2},
       {"f16kv_tp2_cp2_tpb8", kernels::DType::kF16, std::nullopt, 8, 0, 2, 2},
+      {"f32_graphs_preempt", kernels::DType::kF32, std::nullopt, 8, 0, 1, 1, false, true, false,
+       false, false, false, true},
+      {"f32_cp2_tpb4_preempt", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2, false, false, false,
+       false, false, false, true},
       // bf16 weights with the decode steps' GEMMs (up to 4 rows) as GemvCuda: one-row steps
       // (the last request alone) with the norms and residual adds folded in, two- and three-row
       // ones with the norms as kernels (on the GPU also inside a graph).
@@ -140,6 +147,10 @@ EngineOptions CudaOptions(const Case& c) {
   o.context_parallel = c.cp;
   o.cuda_graphs = c.graphs;
   o.kv_staging_tokens = 2 * c.tokens_per_block;  // a 2-slot ring when a rank pulls more blocks
+  if (c.preempt) {
+    o.kv_preemption = true;
+    o.kv_max_tokens = 96;  // per rank: about one and a half of the batch's sequences
+  }
   CudaBackendOptions bo;
   bo.attention_split_tokens = c.split_tokens;
   bo.decode_gemv = c.gemv;
@@ -555,6 +566,7 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     got = RunAll(e->get(), BatchFor(c), join_at);
     EXPECT_EQ((*e)->kv_stats().free_blocks, (*e)->kv_stats().total_blocks);
+    EXPECT_EQ((*e)->kv_stats().preemptions > 0, c.preempt) << (*e)->kv_stats().preemptions;
     if (c.graphs && !c.sampled && c.tp * c.cp == 1) {
       // Greedy steps without logprobs (graphs) pick on the device: the greedy argmax took the
       // chunked kernels exactly when asked.
