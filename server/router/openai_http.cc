@@ -734,8 +734,8 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
                    std::to_string(max_seq_len) + " tokens",
                400, "context_length_exceeded");
   }
-  if (max_tokens == 0) {  // chat default: what is left of the context (at most 1024)
-    max_tokens = max_seq_len > prompt_len ? std::min<int64_t>(1024, max_seq_len - prompt_len) : 16;
+  if (max_tokens == 0) {  // chat default: what is left of the context (Router says how much)
+    max_tokens = router.ChatDefaultMaxTokens(prompt_len, max_seq_len);
   }
   if (max_seq_len > 0 && prompt_len + max_tokens > max_seq_len) {
     return Bad(e, "max_tokens",

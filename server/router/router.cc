@@ -320,6 +320,28 @@ int64_t Router::max_seq_len() const {
   return best;
 }
 
+int64_t Router::ChatDefaultMaxTokens(int64_t prompt_len, int64_t max_seq_len) const {
+  if (max_seq_len <= prompt_len) return 16;
+  int64_t pool = 0;
+  bool all_preempt = true, known = false;
+  for (Backend* g : Healthy(gen_)) {
+    std::lock_guard<std::mutex> lock(g->mu);
+    if (!g->have_info) continue;
+    const v1::ServerInfo& i = g->info;
+    known = true;
+    all_preempt = all_preempt && i.capacity_scheduler_policy() == "MAX_UTILIZATION";
+    // Positions one request can hold: CP rank 0 (the largest share) holds one block in cp.
+    const int64_t cp = std::max<int64_t>(1, i.context_parallel_size());
+    const int64_t hold = i.kv_total_blocks() * cp * i.tokens_per_block();
+    if (hold > 0 && (pool == 0 || hold < pool)) pool = hold;
+  }
+  int64_t n = max_seq_len - prompt_len;
+  if (!known || !all_preempt) n = std::min<int64_t>(n, 1024);
+  // A request holds the KV of its prompt and of every generated token but the last.
+  if (pool > 0) n = std::min<int64_t>(n, pool - prompt_len + 1);
+  return std::max<int64_t>(n, 1);
+}
+
 bool Router::GenerationInfo(v1::ServerInfo* out) const {
   for (Backend* g : Healthy(gen_)) {
     std::lock_guard<std::mutex> lock(g->mu);
@@ -652,6 +674,10 @@ std::string Router::MetricsText() const {
   kv("helix_router_backend_kv_leases_expired_total", "counter",
      "Prefilled KV a context server freed because nobody released it within its lease.", true,
      [](const v1::ServerInfo& i) { return static_cast<int64_t>(i.kv_leases_expired()); });
+  kv("helix_router_backend_kv_preemptions_total", "counter",
+     "Requests a generation server preempted (recomputed) for KV blocks "
+     "(capacity_scheduler_policy MAX_UTILIZATION).",
+     false, [](const v1::ServerInfo& i) { return static_cast<int64_t>(i.kv_preemptions()); });
   return o.str();
 }
 

@@ -1426,6 +1426,55 @@ class ChatTest(unittest.TestCase):
                 p.kill()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def test_chat_default_max_tokens_follows_the_pool_and_the_policy(self):
+        """Chat without max_tokens gets what the context leaves after the prompt, as in vLLM: at
+        most 1024 tokens from servers that reserve a request's whole KV at admission
+        (GUARANTEED_NO_EVICT), uncapped from servers that preempt (MAX_UTILIZATION), and never
+        more than the KV pool holds (that was refused as "can never fit")."""
+        if not MODELS:
+            self.skipTest("HELIX_TEST_MODELS_DIR is not set")
+        tmp = tempfile.mkdtemp(prefix="helix_router_chat_default_")
+        msgs = [{"role": "user", "content": "Once upon a time"}]
+        try:
+            for policy, pool, want in (("GUARANTEED_NO_EVICT", 8192, lambda p: 1024),
+                                       ("MAX_UTILIZATION", 8192, lambda p: 1600 - p),
+                                       ("GUARANTEED_NO_EVICT", 256, lambda p: 257 - p)):
+                procs = []
+                try:
+                    gen_port, port = free_port(), free_port()
+                    cfg = server_cfg(gen_port, False)
+                    cfg["model"] = os.path.join(MODELS, "long.bin")
+                    cfg["max_seq_len"] = 1600
+                    cfg["kv_cache_config"]["max_tokens"] = pool
+                    cfg["scheduler_config"] = {"capacity_scheduler_policy": policy}
+                    procs.append(Proc(tmp, "gen", cfg, gen_port))
+                    rcfg = router_cfg(port, [], [gen_port])
+                    rcfg["model"] = cfg["model"]
+                    rcfg["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}"
+                                             "\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+                    procs.append(Proc(tmp, "router", rcfg, port))
+                    self.assertTrue(wait_ready(port))
+                    deadline = time.time() + 20
+                    while time.time() < deadline:  # the server's info has reached the router
+                        status, models = http(port, "/v1/models", key=None)
+                        if models["data"][0].get("max_model_len") == 1600:
+                            break
+                        time.sleep(0.1)
+                    # No EOS: the request runs to its max_tokens.
+                    status, body = http(port, "/v1/chat/completions",
+                                        {"model": NAME, "messages": msgs, "temperature": 0,
+                                         "logit_bias": {"2": -100}}, key=None)
+                    self.assertEqual(status, 200, (policy, pool, body))
+                    u = body["usage"]
+                    self.assertEqual(body["choices"][0]["finish_reason"], "length")
+                    self.assertEqual(u["completion_tokens"], want(u["prompt_tokens"]),
+                                     (policy, pool, u))
+                finally:
+                    for p in procs:
+                        p.kill()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
