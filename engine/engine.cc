@@ -1042,6 +1042,13 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
           "allowed_token_ids holds only stop tokens (EOS, stop_token_ids), which min_tokens "
           "bans from the first tokens: nothing could be sampled");
     }
+    const int64_t vocab = model_config().vocab_size;
+    if (allowed.empty() && std::count_if(stops.begin(), stops.end(),
+                                         [&](int32_t t) { return t >= 0 && t < vocab; }) >= vocab) {
+      return InvalidArgument(
+          "stop_token_ids (with EOS unless ignore_eos) name every token of the vocabulary, and "
+          "min_tokens bans them from the first tokens: nothing could be sampled");
+    }
     seq->sampler->BanUntilMinTokens(std::move(stops));
   }
   std::lock_guard<std::mutex> lock(inbox_mu_);

@@ -435,6 +435,15 @@ TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
     r.sampling.allowed_token_ids = {3, 600};
     cases.push_back({r, "allowed_token_ids: token id 600 is outside the vocabulary"});
   }
+  {
+    // min_tokens would ban every token (was a 500: "no token can be sampled").
+    GenerateRequest r = Greedy("Hi", 5);
+    r.sampling.min_tokens = 1;
+    for (int32_t t = 0; t < 512; ++t) {
+      if (t != 2) r.stop_token_ids.push_back(t);  // EOS (2) joins them unless ignore_eos
+    }
+    cases.push_back({r, "stop_token_ids (with EOS unless ignore_eos) name every token"});
+  }
   for (auto& c : cases) {
     auto id = e->Submit(c.r);
     ASSERT_FALSE(id.ok()) << c.expect;
