@@ -603,6 +603,30 @@ TEST_F(DisaggServeTest, HandlesNamingManyServersOrHugeFieldsAreHarmless) {
   EXPECT_NE(reused.status.error_message().find("released already, by an earlier request"),
             std::string::npos)
       << reused.status.error_message();
+  // A client request id of the largest size a server takes (256 bytes): the context server's
+  // own id for it (its counter, then the client's id) stays within that bound too, so its
+  // handle is taken (it was refused as "kv_handle.request_id is 262 bytes").
+  auto long_id = req;
+  long_id.set_request_id(std::string(256, 'i'));
+  const auto long_handed = Prefill(ctx, long_id);
+  EXPECT_LE(long_handed.kv_handle().request_id().size(), 256u);
+  EXPECT_EQ(long_handed.kv_handle().request_id().rfind("ctx", 0), 0u);
+  const Result long_got = Generate(gen, long_handed);
+  ASSERT_TRUE(long_got.status.ok()) << long_got.status.error_message();
+  EXPECT_EQ(long_got.tokens, want.tokens);
+  // Layout extents whose product wraps (to a block_bytes of 0): refused by name at once.
+  auto wrapped = Prefill(ctx, req);
+  {
+    helix::v1::KvLayout* l = wrapped.mutable_kv_handle()->mutable_kv_layout();
+    l->set_num_layers(int64_t{1} << 62);
+    l->set_num_kv_heads(int64_t{1} << 62);
+    l->set_block_bytes(0);
+  }
+  Result r0 = Generate(gen, wrapped);
+  EXPECT_EQ(r0.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r0.status.error_message().find("kv_handle.kv_layout.num_layers"), std::string::npos)
+      << r0.status.error_message();
+  ReleaseOn(ctx, helix::server::ReleaseRequestFor(wrapped.kv_handle()));
   // A 1 MiB request id or server id: refused, not repeated in every message or kept.
   auto big_id = Prefill(ctx, req);
   big_id.set_request_id(std::string(1 << 20, 'x'));

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -122,6 +123,22 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
                            ": expected 1 (MLA) or 2");
   }
   s.checksum = h.checksum();
+  // Every extent positive and the block's size representable (the product wrapped: a layout of
+  // 2^62-sized fields "matched" a block_bytes of 0).
+  int64_t bytes = static_cast<int64_t>(kernels::DTypeSize(s.layout.dtype));
+  const std::initializer_list<std::pair<const char*, int64_t>> extents = {
+      {"tokens_per_block", s.layout.tokens_per_block},
+      {"num_layers", s.layout.num_layers},
+      {"num_kv_heads", s.layout.num_kv_heads},
+      {"head_dim", s.layout.head_dim},
+      {"num_planes", s.layout.num_planes}};
+  for (const auto& [name, v] : extents) {
+    if (v <= 0 || __builtin_mul_overflow(bytes, v, &bytes)) {
+      return InvalidArgument("kv_handle.kv_layout." + std::string(name) + " " + std::to_string(v) +
+                             " is out of range (each extent must be positive, and the block's "
+                             "byte size must fit 64 bits)");
+    }
+  }
   if (h.kv_layout().block_bytes() != s.layout.block_bytes()) {
     return InvalidArgument("kv_handle.kv_layout.block_bytes " +
                            std::to_string(h.kv_layout().block_bytes()) + " does not match its " +
