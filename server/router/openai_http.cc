@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
@@ -229,14 +230,23 @@ bool PeerClosed(int fd) {
   return recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
-// A client-gone probe for Router::Run. The socket is looked up on the probe's first call (the
-// router's watcher asks after 100 ms), so the many requests that end sooner never scan the
-// process's descriptors; the connection's thread is still in the handler whenever it asks.
+// A client-gone probe for Router::Run. The socket is looked up now, while the client is
+// connected: one the client reset has no peer address any more (getpeername fails), so a
+// later lookup missed it and the request ran to its end. Every copy of the probe (the
+// router's watcher, the handler's check of why the runs ended) shares the descriptor and the
+// verdict, which stays once the client is seen gone.
 std::function<bool()> ClientGoneProbe(const httplib::Request& req) {
-  return [remote = req.remote_addr, rport = req.remote_port, lport = req.local_port,
-          fd = -2]() mutable {  // fd -2: not looked up yet; -1: not found
-    if (fd == -2) fd = ConnectionFd(remote, rport, lport);
-    return fd >= 0 && PeerClosed(fd);
+  struct Watch {
+    std::mutex mu;
+    int fd = -1;  // -1: not found
+    bool gone = false;
+  };
+  auto w = std::make_shared<Watch>();
+  w->fd = ConnectionFd(req.remote_addr, req.remote_port, req.local_port);
+  return [w] {
+    std::lock_guard<std::mutex> lock(w->mu);
+    if (!w->gone && w->fd >= 0) w->gone = PeerClosed(w->fd);
+    return w->gone;
   };
 }
 
@@ -1229,8 +1239,7 @@ StatusOr<int> OpenAiHttp::Start() {
         if (st.ok()) return std::nullopt;
         if (st.error_code() == grpc::StatusCode::CANCELLED && p.route.client_gone &&
             p.route.client_gone()) {
-          // nginx's "client closed request". A client that only half-closed (shut down its
-          // sending side) and still reads gets this, not an empty 200.
+          // nginx's "client closed request" (counted so; the client is not there to read it).
           return HttpError{499, "the client closed the connection: the request was cancelled",
                            "invalid_request_error", "", "client_closed_request"};
         }

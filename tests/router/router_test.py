@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -651,21 +652,33 @@ class RouterTest(unittest.TestCase):
         # socket and cancels the request when the client leaves, instead of generating every
         # token for no one and holding an in-flight slot meanwhile.
         before = metric(self.port, "helix_router_completion_tokens_total")
+        codes = 'route="/v1/completions",code="%d"'
+        before_499 = metric(self.port, "helix_router_http_responses_total", codes % 499) or 0
+        before_500 = metric(self.port, "helix_router_http_responses_total", codes % 500) or 0
         body = json.dumps({"model": NAME, "prompt": "Once", "max_tokens": 480,
                            "ignore_eos": True}).encode()
-        for _ in range(2):
+        # A close, and resets (SO_LINGER 0) soon after the request (the router found the socket
+        # only when it first looked, 100 ms in, and a reset one no longer has a peer: the request
+        # ran to its end) and later (it was cancelled but answered 500, not 499).
+        for delay, reset in ((0.3, False), (0.3, False), (0.03, True), (0.3, True)):
             with socket.create_connection(("127.0.0.1", self.port)) as c:
                 c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Type: application/json\r\n"
                           b"Authorization: Bearer " + KEY.encode() + b"\r\n" +
                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                time.sleep(0.3)
+                time.sleep(delay)
+                if reset:
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         deadline = time.time() + 30
         while time.time() < deadline and metric(self.port, "helix_router_requests_in_flight"):
             time.sleep(0.05)
         self.assertEqual(metric(self.port, "helix_router_requests_in_flight"), 0)
-        # Tokens count when a request completes: the two cancelled ones add none.
+        # Tokens count when a request completes: the cancelled ones add none.
         self.assertEqual(metric(self.port, "helix_router_completion_tokens_total"), before)
+        self.assertEqual(
+            (metric(self.port, "helix_router_http_responses_total", codes % 499) - before_499,
+             (metric(self.port, "helix_router_http_responses_total", codes % 500) or 0) -
+             before_500), (4, 0))
         # Both generation servers are idle again.
         for g in self.gen_ports:
             self.assertEqual(metric(self.port, "helix_router_backend_outstanding_requests",
