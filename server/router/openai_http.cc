@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <httplib.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -1256,42 +1257,57 @@ StatusOr<int> OpenAiHttp::Start() {
         std::vector<std::string> text(runs), finish(runs);
         std::vector<std::vector<RouteEvent>> toks(runs);
         int64_t prompt_tokens = 0, completion_tokens = 0;
-        for (const auto& [i, ev] : run->events) {
+        for (auto& [i, ev] : run->events) {
           text[i] += ev.text;
-          if (ev.token >= 0) toks[i].push_back(ev);
           if (ev.finished) {
             finish[i] = ev.finish_reason;
             if (i % p.n == 0) prompt_tokens += ev.prompt_tokens;  // each prompt once
             completion_tokens += ev.completion_tokens;
           }
+          if (ev.token >= 0) toks[i].push_back(std::move(ev));  // last: ev is read above
         }
-        json choices = json::array();
+        // Each choice is written out as soon as it is built and its events dropped: a JSON tree
+        // of every choice's logprobs at once took about 13 bytes of memory per byte of the
+        // answer (n = 64 × 4 prompts × 500 tokens with 20 top logprobs: 850 MB for 67 MB).
+        run->events.clear();
+        run->events.shrink_to_fit();
+        std::string choices = "[";
+        size_t bytes = 0;
         for (int i = 0; i < runs; ++i) {
+          json c;
           if (chat) {
-            choices.push_back(
-                {{"index", i},
+            c = {{"index", i},
                  {"message", {{"role", "assistant"}, {"content", text[i]}}},
                  {"logprobs", p.logprobs ? ChatLogprobs(tok, toks[i]) : json(nullptr)},
-                 {"finish_reason", finish[i]}});
+                 {"finish_reason", finish[i]}};
           } else {
-            choices.push_back(
-                {{"index", i},
+            c = {{"index", i},
                  {"text", (p.echo.empty() ? "" : p.echo[static_cast<size_t>(i / p.n)]) + text[i]},
                  {"logprobs", p.logprobs ? CompletionLogprobs(tok, toks[i], 0) : json(nullptr)},
-                 {"finish_reason", finish[i]}});
+                 {"finish_reason", finish[i]}};
           }
+          std::vector<RouteEvent>().swap(toks[i]);
+          std::string().swap(text[i]);
+          if (i > 0) choices += ',';
+          choices += Dump(c);
         }
-        json out = {{"id", id},
-                    {"object", chat ? "chat.completion" : "text_completion"},
-                    {"created", created},
-                    {"model", model},
-                    {"choices", choices},
-                    {"usage",
-                     {{"prompt_tokens", prompt_tokens},
-                      {"completion_tokens", completion_tokens},
-                      {"total_tokens", prompt_tokens + completion_tokens}}}};
-        res.set_content(Dump(out), "application/json");
+        choices += ']';
+        // The keys in the order a json object keeps them (sorted): "choices" comes first.
+        const json rest = {{"id", id},
+                           {"object", chat ? "chat.completion" : "text_completion"},
+                           {"created", created},
+                           {"model", model},
+                           {"usage",
+                            {{"prompt_tokens", prompt_tokens},
+                             {"completion_tokens", completion_tokens},
+                             {"total_tokens", prompt_tokens + completion_tokens}}}};
+        std::string body = "{\"choices\":" + choices + "," + Dump(rest).substr(1);
+        std::string().swap(choices);
+        bytes = body.size();
+        res.set_content(std::move(body), "application/json");
         Count(route, 200);
+        // Give the freed memory of a large answer back to the system (glibc keeps it).
+        if (bytes > (size_t{16} << 20)) malloc_trim(0);
         return;
       }
       {
