@@ -692,6 +692,14 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   RETURN_IF_ERROR(unsupported("tools", non_empty("tools")));
   RETURN_IF_ERROR(unsupported("functions", non_empty("functions")));
   RETURN_IF_ERROR(unsupported("tool_choice", present("tool_choice") && j["tool_choice"] != "none"));
+  // vLLM's boolean extras: a boolean or null, as its schema takes them (another type was
+  // ignored here).
+  for (const char* key : {"use_beam_search", "return_tokens_as_token_ids", "skip_special_tokens",
+                          "spaces_between_special_tokens", "add_generation_prompt",
+                          "continue_final_message", "add_special_tokens"}) {
+    bool unused = false;
+    RETURN_IF_ERROR(Boolean(j, key, &unused, e));
+  }
   // vLLM's own extras this server does not implement, when set to anything but their default.
   auto is_true = [&](const char* key) { return present(key) && j[key] == true; };
   auto is_false = [&](const char* key) { return present(key) && j[key] == false; };

@@ -857,7 +857,10 @@ class RouterTest(unittest.TestCase):
                       {"skip_special_tokens": False}, {"return_tokens_as_token_ids": True},
                       {"length_penalty": 0.5}, {"priority": 1},
                       {"response_format": {"type": "json_object"}},
-                      {"tools": [{"type": "function", "function": {"name": "f"}}]}):
+                      {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                      # vLLM's boolean extras must be booleans (other types were ignored).
+                      {"skip_special_tokens": "no"}, {"use_beam_search": 1},
+                      {"spaces_between_special_tokens": "x"}, {"add_special_tokens": []}):
             status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", **extra})
             self.assertEqual((status, body["error"]["param"]), (400, next(iter(extra))), body)
         # ... and their neutral values pass.
