@@ -74,15 +74,20 @@ StatusOr<std::unique_ptr<LoadedModel>> LoadLlama2cModel(const std::string& path)
   c.tied_embeddings = h[5] > 0;
   c.vocab_size = h[5] < 0 ? -static_cast<int64_t>(h[5]) : h[5];
   c.max_seq_len = h[6];
-  c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
+  // head_dim is derived: while dim is not known to be a multiple of n_heads a stand-in keeps
+  // Validate from naming the head_dim it would give (0 when dim < n_heads); dim and n_heads
+  // are named below.
+  const bool divisible = c.n_heads > 0 && c.dim % c.n_heads == 0;
+  c.head_dim = divisible ? c.dim / c.n_heads : 2;
   c.rope_style = kernels::RopeStyle::kInterleaved;
   c.rope_theta = 10000.0f;
   c.norm_eps = 1e-5f;
   Status st = c.Validate();
   if (!st.ok()) return st.WithPrefix(path + ": not a valid llama2.c checkpoint");
-  if (c.dim % c.n_heads != 0) {
-    return InvalidArgument(path + ": dim " + std::to_string(c.dim) +
-                           " is not a multiple of n_heads " + std::to_string(c.n_heads));
+  if (!divisible) {
+    return InvalidArgument(path + ": not a valid llama2.c checkpoint: dim " +
+                           std::to_string(c.dim) + " is not a multiple of n_heads " +
+                           std::to_string(c.n_heads));
   }
 
   // Check the size up front so a wrong file fails before anything large is allocated.

@@ -2,8 +2,24 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <string>
+#include <utility>
 
 namespace helix {
+namespace {
+
+// Upper bound of yarn's factor, betas and mscales.
+constexpr double kMaxYarnParameter = 65536;
+
+// A double as %g writes it: 1e+300, not 301 digits.
+std::string Num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+}  // namespace
 
 Status ModelConfig::Validate() const {
   auto positive = [](const char* f, int64_t v) -> Status {
@@ -37,10 +53,11 @@ Status ModelConfig::Validate() const {
     return InvalidArgument("model head_dim = " + std::to_string(head_dim) +
                            ": RoPE needs an even head dimension");
   }
-  // Stored as floats: a value checked as a double can still become inf or 0 here.
-  if (!std::isfinite(rope_theta) || rope_theta <= 0) {
-    return InvalidArgument("model rope_theta = " + std::to_string(rope_theta) +
-                           ": expected a finite positive value (as a 32-bit float)");
+  // Stored as floats: a value checked as a double can still become inf or 0 here. The RoPE
+  // base must exceed 1: every frequency is a power of it, and yarn divides by its log.
+  if (!std::isfinite(rope_theta) || !(rope_theta > 1)) {
+    return InvalidArgument("model rope_theta = " + Num(rope_theta) +
+                           ": expected a finite value above 1 (as a 32-bit float)");
   }
   if (!std::isfinite(norm_eps) || norm_eps <= 0) {
     return InvalidArgument("model norm_eps = " + std::to_string(norm_eps) +
@@ -72,6 +89,34 @@ Status ModelConfig::Validate() const {
       return InvalidArgument(
           "model rope_scaling yarn: factor must be >= 1, original_max_position_embeddings, "
           "beta_fast and beta_slow positive");
+    }
+    // Real values: factor 4 to 40, betas 32 and 1, mscales 0.707 or 1. Far beyond, the tables
+    // overflow (a mscale of 1e300 made every logit NaN at the first request).
+    const std::pair<const char*, double> bounded[] = {{"factor", yarn.factor},
+                                                      {"beta_fast", yarn.beta_fast},
+                                                      {"beta_slow", yarn.beta_slow},
+                                                      {"mscale", yarn.mscale},
+                                                      {"mscale_all_dim", yarn.mscale_all_dim}};
+    for (const auto& [name, v] : bounded) {
+      if (!(v >= 0 && v <= kMaxYarnParameter)) {
+        return InvalidArgument("model rope_scaling yarn: " + std::string(name) + " = " + Num(v) +
+                               ": expected a value from 0 to " + Num(kMaxYarnParameter));
+      }
+    }
+  }
+  {
+    // What the kernels get must be finite, whatever combination of values produced it.
+    std::vector<double> inv_freq;
+    double mscale = 0;
+    RopeTables(&inv_freq, &mscale);
+    const double softmax_scale = SoftmaxScale();
+    bool finite = std::isfinite(mscale) && std::isfinite(softmax_scale) && softmax_scale > 0;
+    for (double f : inv_freq) finite = finite && std::isfinite(f);
+    if (!finite) {
+      return InvalidArgument("model RoPE tables are not finite (rope_theta " + Num(rope_theta) +
+                             ", rope_scaling yarn factor " + Num(yarn.factor) + ", mscale " +
+                             Num(yarn.mscale) + ", mscale_all_dim " + Num(yarn.mscale_all_dim) +
+                             ")");
     }
   }
   if (n_routed_experts > 0) {

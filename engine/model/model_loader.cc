@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <optional>
 
 #include "engine/model/gguf/gguf_file.h"
@@ -25,7 +26,10 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerFile(const std::string& path,
     ASSIGN_OR_RETURN(VocabData v,
                      LoadHfTokenizerJson(
                          path, fs::is_regular_file(config, ec) ? config.string() : std::string()));
-    return CreateTokenizer(std::move(v));
+    // The vocabulary's own errors name its fields (VocabData.bos_id ...): say whose it is.
+    auto made = CreateTokenizer(std::move(v));
+    if (!made.ok()) return made.status().WithPrefix("tokenizer '" + path + "'");
+    return made;
   }
   {
     std::ifstream in(path, std::ios::binary);
@@ -115,6 +119,12 @@ Status NeedsTokenizerFile(const std::string& model_path) {
                          "(--tokenizer / \"tokenizer\")");
 }
 
+Status TooManyTokens(uint64_t tokens, const std::string& model_path, int64_t model_vocab) {
+  return InvalidArgument("tokenizer has " + std::to_string(tokens) + " tokens but model '" +
+                         model_path + "' has only " + std::to_string(model_vocab) +
+                         " embedding rows");
+}
+
 // The tokenizer of a model: tokenizer_path when given, else the model's own `vocab`; refused
 // when it has more tokens than the model's `model_vocab` embedding rows (0: unknown).
 StatusOr<std::unique_ptr<Tokenizer>> ChooseTokenizer(const std::string& model_path,
@@ -126,6 +136,10 @@ StatusOr<std::unique_ptr<Tokenizer>> ChooseTokenizer(const std::string& model_pa
   if (!tokenizer_path.empty()) {
     ASSIGN_OR_RETURN(tok, LoadTokenizerFile(tokenizer_path, model_vocab));
   } else if (vocab) {
+    // Checked before the tokenizer's tables are built from it.
+    if (model_vocab > 0 && static_cast<int64_t>(vocab->tokens.size()) > model_vocab) {
+      return TooManyTokens(vocab->tokens.size(), model_path, model_vocab);
+    }
     // The vocabulary's own errors name its fields (VocabData.bos_id ...): say whose it is.
     auto made = CreateTokenizer(std::move(*vocab));
     if (!made.ok()) {
@@ -140,17 +154,12 @@ StatusOr<std::unique_ptr<Tokenizer>> ChooseTokenizer(const std::string& model_pa
                            ") carries no tokenizer; give one with --tokenizer / \"tokenizer\"");
   }
   if (model_vocab > 0 && tok->vocab_size() > model_vocab) {
-    return InvalidArgument("tokenizer has " + std::to_string(tok->vocab_size()) +
-                           " tokens but model '" + model_path + "' has only " +
-                           std::to_string(model_vocab) + " embedding rows");
+    return TooManyTokens(tok->vocab_size(), model_path, model_vocab);
   }
   return tok;
 }
 
-}  // namespace
-
-StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
-                                      const std::string& tokenizer_path) {
+StatusOr<ModelBundle> LoadBundle(const std::string& model_path, const std::string& tokenizer_path) {
   ModelBundle b;
   ASSIGN_OR_RETURN(b.format, DetectModelFormat(model_path));
   std::optional<VocabData> vocab;
@@ -178,8 +187,8 @@ StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
   return b;
 }
 
-StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
-                                                        const std::string& tokenizer_path) {
+StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerOnly(const std::string& model_path,
+                                                       const std::string& tokenizer_path) {
   ASSIGN_OR_RETURN(ModelFormat format, DetectModelFormat(model_path));
   int64_t model_vocab = 0;  // embedding rows, where they can be read without the weights
   std::optional<VocabData> vocab;
@@ -222,6 +231,32 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model
     }
   }
   return ChooseTokenizer(model_path, format, tokenizer_path, std::move(vocab), model_vocab);
+}
+
+Status OutOfMemory(const std::string& model_path) {
+  return ResourceExhausted("model '" + model_path + "': out of host memory while loading");
+}
+
+}  // namespace
+
+// The loaders check sizes before allocating from them; an allocation that fails all the same
+// (a machine short of memory) is an error, not an abort.
+StatusOr<ModelBundle> LoadModelBundle(const std::string& model_path,
+                                      const std::string& tokenizer_path) {
+  try {
+    return LoadBundle(model_path, tokenizer_path);
+  } catch (const std::bad_alloc&) {
+    return OutOfMemory(model_path);
+  }
+}
+
+StatusOr<std::unique_ptr<Tokenizer>> LoadModelTokenizer(const std::string& model_path,
+                                                        const std::string& tokenizer_path) {
+  try {
+    return LoadTokenizerOnly(model_path, tokenizer_path);
+  } catch (const std::bad_alloc&) {
+    return OutOfMemory(model_path);
+  }
 }
 
 }  // namespace helix

@@ -18,6 +18,7 @@
 #include <sstream>
 
 #include "engine/backend/cpu/cpu_backend.h"
+#include "engine/common/json_nesting.h"
 #include "engine/model/gguf/dequant.h"
 #include "engine/model/gguf/gguf_file.h"
 #include "engine/model/llama_model.h"
@@ -47,6 +48,67 @@ std::vector<T> ReadRaw(const std::string& path) {
   std::vector<T> v(bytes.size() / sizeof(T));
   std::memcpy(v.data(), bytes.data(), v.size() * sizeof(T));
   return v;
+}
+
+// A temporary directory, removed with its contents at the end of the scope.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& name)
+      : path_(fs::temp_directory_path() / ("helix_" + name + "_" + std::to_string(getpid()))) {
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  const fs::path& path() const { return path_; }
+  // Writes `head`, then `tail` after `hole` bytes left as a hole (no disk space; zeros to
+  // read), then zeros up to `size` bytes in all, also a hole.
+  std::string Write(const std::string& name, const std::string& head, uint64_t hole = 0,
+                    const std::string& tail = "", uint64_t size = 0) const {
+    const std::string p = (path_ / name).string();
+    {
+      std::ofstream out(p, std::ios::binary | std::ios::trunc);
+      out << head;
+      if (!tail.empty()) {
+        out.seekp(static_cast<std::streamoff>(head.size() + hole));
+        out << tail;
+      }
+    }
+    const uint64_t written = head.size() + (tail.empty() ? 0 : hole + tail.size());
+    if (size > written) fs::resize_file(p, size);
+    return p;
+  }
+
+ private:
+  fs::path path_;
+};
+
+std::string U32(uint32_t v) { return std::string(reinterpret_cast<const char*>(&v), 4); }
+std::string U64(uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), 8); }
+std::string GgufHeader(uint64_t tensors, uint64_t kvs) {
+  return "GGUF" + U32(3) + U64(tensors) + U64(kvs);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A copy of a Hugging Face model directory (its files linked) whose config.json has `key`'s
+// value replaced by `value` (the text after "key":, up to the next , or }).
+void CopyHfModelWith(const fs::path& src, const fs::path& dir, const std::string& key,
+                     const std::string& value) {
+  for (const auto& e : fs::directory_iterator(src)) {
+    if (e.path().filename() != "config.json") {
+      fs::create_symlink(e.path(), dir / e.path().filename());
+    }
+  }
+  std::string config = ReadFile((src / "config.json").string());
+  const size_t at = config.find("\"" + key + "\"");
+  ASSERT_NE(at, std::string::npos) << key;
+  const size_t colon = config.find(':', at);
+  const size_t end = config.find_first_of(",}", colon);
+  config.replace(colon + 1, end - colon - 1, " " + value);
+  std::ofstream((dir / "config.json").string()) << config;
 }
 
 std::vector<int32_t> Prompt() {
@@ -381,6 +443,260 @@ TEST(HostMemoryTest, ModelsLargerThanTheMachineAreRefused) {
   // This machine: nothing holds 2^60 bytes; the tests' models fit.
   EXPECT_EQ(CheckHostMemoryFor(uint64_t{1} << 60, "m").code(), StatusCode::kResourceExhausted);
   EXPECT_TRUE(CheckHostMemoryFor(1 << 20, "m").ok());
+}
+
+// Counts in a GGUF header drove allocations before anything checked them: a table of millions
+// of all-zero metadata entries (a sparse file) took seconds and gigabytes before "appears
+// twice", a tensor count reserved its entries up front, and each aborted on std::bad_alloc when
+// large enough. Counts past any real file are refused at once; duplicates at their second entry.
+TEST_F(ModelLoaderTest, GgufCountsAreBoundedBeforeAllocating) {
+  TempDir dir("gguf_counts");
+  const uint64_t kMax = uint64_t{1} << 20;
+  struct Case {
+    std::string name;
+    uint64_t tensors, kvs, size;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"kvs.gguf", 0, kMax + 1, 24 + 13 * (kMax + 1),
+       "metadata key/value count 1048577 is implausible (at most 1048576 are supported)"},
+      {"tensors.gguf", kMax + 1, 0, 24 + 32 * (kMax + 1),
+       "tensor count 1048577 is implausible (at most 1048576 are supported)"},
+      // A million all-zero entries (empty key, UINT8 0): found at the second.
+      {"zero_kvs.gguf", 0, kMax, 24 + 13 * kMax,
+       "metadata key '' appears twice (metadata entry 1 and metadata entry 0)"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string path = dir.Write(c.name, GgufHeader(c.tensors, c.kvs), 0, "", c.size);
+    for (int router = 0; router < 2; ++router) {
+      const Status s =
+          router ? LoadModelTokenizer(path, "").status() : LoadModelBundle(path, "").status();
+      EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+      EXPECT_NE(s.message().find(c.says), std::string::npos) << s.ToString();
+      EXPECT_NE(s.message().find(path), std::string::npos) << s.ToString();
+    }
+  }
+  // A key's bytes are quoted with control characters escaped.
+  const std::string entry = U64(3) + std::string("a\0b", 3) + U32(0) + std::string(1, '\0');
+  const Status dup =
+      LoadModelBundle(dir.Write("dup.gguf", GgufHeader(0, 2) + entry + entry), "").status();
+  EXPECT_EQ(dup.code(), StatusCode::kInvalidArgument) << dup.ToString();
+  EXPECT_NE(dup.message().find("metadata key 'a\\x00b' appears twice (metadata entry 1"),
+            std::string::npos)
+      << dup.ToString();
+}
+
+// The process's peak resident memory (VmHWM) is reset to its current size; false where the
+// kernel does not allow it.
+bool ResetPeakMemory() {
+  std::ofstream f("/proc/self/clear_refs");
+  f << "5";
+  f.flush();
+  return f.good();
+}
+// A field of /proc/self/status in kB (VmRSS, VmHWM), 0 when absent.
+uint64_t ProcStatusKb(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoull(line.substr(field.size() + 1));
+  }
+  return 0;
+}
+
+// The vocabulary's arrays were materialised from counts in the file: a UINT8 token_type array
+// claiming 4e9 elements (a sparse file) allocated 32 GB of int64 before its count was compared
+// with the token count. Arrays past any vocabulary are refused when the file is opened, and a
+// per-token array's count is compared before it is read.
+TEST_F(ModelLoaderTest, GgufVocabArraysAreCheckedBeforeTheyAreRead) {
+  const std::string good = ReadFile(Path("llama_F32.gguf"));
+  const std::string key = "tokenizer.ggml.token_type";
+  const size_t at = good.find(key);
+  ASSERT_NE(at, std::string::npos);
+  // After the key: u32 ARRAY, u32 element type, u64 count, the elements.
+  const size_t header = at + key.size() + 4;
+  uint32_t elem = 0;
+  uint64_t n = 0;
+  std::memcpy(&elem, good.data() + header, 4);
+  std::memcpy(&n, good.data() + header + 4, 8);
+  ASSERT_EQ(elem, 5u);  // INT32
+  ASSERT_EQ(n, 512u);
+  TempDir dir("gguf_vocab");
+  // `claimed` UINT8 elements (a hole) in place of the n INT32 ones. The header grows by a
+  // multiple of the alignment (32), so the tensors after it stay where their offsets say.
+  auto with_token_types = [&](const std::string& name, uint64_t claimed) {
+    EXPECT_EQ((claimed - 4 * n) % 32, 0u);
+    const std::string path = dir.Write(name, good.substr(0, header) + U32(0) + U64(claimed),
+                                       claimed, good.substr(header + 12 + 4 * n));
+    struct stat st {};
+    EXPECT_EQ(stat(path.c_str(), &st), 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512 > (uint64_t{64} << 20) ? "" : path;
+  };
+  const std::string huge = with_token_types("huge.gguf", 4 * n + 4'000'000'000ull);
+  if (huge.empty()) GTEST_SKIP() << "the temporary directory's file system does not keep holes";
+  const std::string big = with_token_types("big.gguf", uint64_t{1} << 24);
+  const std::pair<std::string, std::string> cases[] = {
+      {huge,
+       "metadata value of 'tokenizer.ggml.token_type' holds 4000002048 elements (at most "
+       "16777216 are supported)"},
+      {big,
+       "GGUF key 'tokenizer.ggml.token_type' has 16777216 entries but tokenizer.ggml.tokens "
+       "has 512"}};
+  for (const auto& [path, says] : cases) {
+    SCOPED_TRACE(path);
+    const bool measure = ResetPeakMemory();
+    const uint64_t before_kb = ProcStatusKb("VmRSS");
+    const Status full = LoadModelBundle(path, "").status();
+    EXPECT_EQ(full.code(), StatusCode::kInvalidArgument) << full.ToString();
+    EXPECT_NE(full.message().find(says), std::string::npos) << full.ToString();
+    const Status alone = LoadModelTokenizer(path, "").status();
+    EXPECT_EQ(alone.code(), StatusCode::kInvalidArgument) << alone.ToString();
+    EXPECT_NE(alone.message().find(says), std::string::npos) << alone.ToString();
+    // Read as int64, the 2^24 elements took 128 MiB.
+    if (measure) {
+      EXPECT_LT(ProcStatusKb("VmHWM"), before_kb + (64 << 10));
+    }
+  }
+
+  auto file = gguf::GgufFile::Open(Path("llama_F32.gguf"));
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  EXPECT_EQ((*file)->GetIntArray(key, 512).status().code(), StatusCode::kOk);
+  const Status bounded = (*file)->GetIntArray(key, 511).status();
+  EXPECT_EQ(bounded.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bounded.message().find("'tokenizer.ggml.token_type' holds 512 elements, more than "
+                                   "the 511 expected"),
+            std::string::npos)
+      << bounded.ToString();
+  EXPECT_EQ((*file)->GetStringArray("tokenizer.ggml.tokens", 100).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ((*file)->GetFloatArray("tokenizer.ggml.scores", 100).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// nlohmann::json spends about 22 bytes of memory per byte of "[],[],..." and aborts when an
+// allocation fails inside the parser: the number of values is bounded before parsing.
+TEST_F(ModelLoaderTest, JsonWithTooManyValuesIsRefusedBeforeParsing) {
+  TempDir dir("json_values");
+  std::string many = "[";
+  many.reserve(3 * (kMaxJsonFileValues + 1));
+  for (uint64_t i = 0; i < kMaxJsonFileValues; ++i) many += "[],";
+  many += "[]]";  // kMaxJsonFileValues + 1 arrays in the outer one
+  const std::string says = "JSON holds more than 8388608 values";
+  // A safetensors header (the format allows 100 MB).
+  const fs::path model = dir.path() / "model";
+  fs::create_directories(model);
+  fs::copy(Path("llama_hf/config.json"), model / "config.json");
+  const std::string header = R"({"__metadata__": )" + many + "}";
+  std::ofstream((model / "model.safetensors").string(), std::ios::binary)
+      << U64(header.size()) << header;
+  const Status st = LoadModelBundle(model.string(), StoriesTokenizer()).status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString().substr(0, 500);
+  EXPECT_NE(st.message().find("model.safetensors: safetensors header: " + says), std::string::npos)
+      << st.ToString().substr(0, 500);
+  // A tokenizer.json.
+  const std::string tok = dir.Write(
+      "tokenizer.json", R"({"model": {"type": "BPE", "vocab": {}, "merges": )" + many + "}}");
+  const Status tj = LoadModelBundle(Path("llama_F32.gguf"), tok).status();
+  EXPECT_EQ(tj.code(), StatusCode::kInvalidArgument) << tj.ToString().substr(0, 500);
+  EXPECT_NE(tj.message().find(tok + ": " + says), std::string::npos)
+      << tj.ToString().substr(0, 500);
+  // A config.json.
+  fs::remove(model / "config.json");
+  std::ofstream((model / "config.json").string()) << many;
+  const Status cj = LoadModelBundle(model.string(), StoriesTokenizer()).status();
+  EXPECT_EQ(cj.code(), StatusCode::kInvalidArgument) << cj.ToString().substr(0, 500);
+  EXPECT_NE(cj.message().find("config.json: " + says), std::string::npos)
+      << cj.ToString().substr(0, 500);
+}
+
+// A RoPE base of 1 divided by log(1) = 0 in DeepSeek's yarn correction: NaN tables, and every
+// request failed later with "every logit is NaN". Overflowing yarn parameters did the same.
+TEST_F(ModelLoaderTest, RopeBaseOfOneAndOverflowingYarnAreRefused) {
+  const fs::path src = Path("deepseek_v2_tiny");
+  if (!fs::exists(src / "config.json")) GTEST_SKIP() << "no " << src;
+  struct Case {
+    std::string key, value, says;
+  };
+  const std::vector<Case> cases = {
+      {"rope_theta", "1", "field 'rope_theta' = 1: expected a finite value above 1"},
+      {"rope_theta", "0.5", "field 'rope_theta' = 0.5: expected a finite value above 1"},
+      {"mscale", "1e300", "yarn: mscale = 1e+300: expected a value from 0 to 65536"},
+      {"mscale_all_dim", "1e300",
+       "yarn: mscale_all_dim = 1e+300: expected a value from 0 to 65536"},
+      {"factor", "1e300", "yarn: factor = 1e+300: expected a value from 0 to 65536"},
+      {"beta_fast", "1e300", "yarn: beta_fast = 1e+300"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.key + " " + c.value);
+    TempDir dir("yarn");
+    CopyHfModelWith(src, dir.path(), c.key, c.value);
+    const Status s = LoadModelBundle(dir.path().string(), StoriesTokenizer()).status();
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+    EXPECT_NE(s.message().find(c.says), std::string::npos) << s.ToString();
+    EXPECT_NE(s.message().find("config.json"), std::string::npos) << s.ToString();
+  }
+  // The config itself, for every loader: a base of 1 or less, and tables that overflow.
+  auto b = LoadModelBundle(src.string(), StoriesTokenizer());
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  const ModelConfig good = b->model->config;
+  ASSERT_TRUE(good.yarn.enabled);
+  ASSERT_TRUE(good.Validate().ok());
+  for (float theta : {1.0f, 0.5f, -2.0f}) {
+    ModelConfig c = good;
+    c.rope_theta = theta;
+    EXPECT_NE(c.Validate().message().find("rope_theta"), std::string::npos) << theta;
+  }
+  ModelConfig nan = good;
+  nan.yarn.mscale = std::nan("");
+  EXPECT_NE(nan.Validate().message().find("mscale = nan"), std::string::npos)
+      << nan.Validate().ToString();
+  // Each in range, together overflowing: the tables themselves are checked.
+  ModelConfig c = good;
+  c.yarn.beta_fast = 1e-310;  // positive; max_pos / (beta_fast * 2 pi) is inf
+  EXPECT_NE(c.Validate().message().find("RoPE tables are not finite"), std::string::npos)
+      << c.Validate().ToString();
+}
+
+// Messages name the file the problem is in and the value it holds.
+TEST_F(ModelLoaderTest, ErrorsNameTheFileAndTheValue) {
+  TempDir dir("messages");
+  // The vocabulary's own errors (CreateTokenizer) through --tokenizer: whose vocabulary.
+  const std::string tok = dir.Write("tokenizer.json", R"({
+    "pre_tokenizer": {"type": "ByteLevel"},
+    "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["ab"]}})");
+  const Status t = LoadModelBundle(Path("llama_F32.gguf"), tok).status();
+  EXPECT_EQ(t.code(), StatusCode::kInvalidArgument) << t.ToString();
+  EXPECT_NE(t.message().find("tokenizer '" + tok + "': VocabData.merges[0] \"ab\""),
+            std::string::npos)
+      << t.ToString();
+  // An unsigned value past INT64_MAX is reported as itself, not as -1.
+  {
+    const fs::path hf = dir.path() / "hf";
+    fs::create_directories(hf);
+    CopyHfModelWith(Path("llama_hf"), hf, "hidden_size", "18446744073709551615");
+    const Status s = LoadModelBundle(hf.string(), StoriesTokenizer()).status();
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+    EXPECT_NE(s.message().find("field 'hidden_size' = 18446744073709551615 is out of range"),
+              std::string::npos)
+        << s.ToString();
+  }
+  // A llama2.c dim that n_heads does not divide is named as such (was "head_dim = 0").
+  {
+    std::string bytes = ReadFile(Path("llama.bin"));
+    int32_t heads = 0;
+    std::memcpy(&heads, bytes.data() + 12, 4);
+    ASSERT_GT(heads, 1);
+    const int32_t dim = heads - 1;
+    std::memcpy(bytes.data(), &dim, 4);
+    const Status s =
+        LoadModelBundle(dir.Write("small_dim.bin", bytes), StoriesTokenizer()).status();
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+    EXPECT_NE(s.message().find("dim " + std::to_string(dim) + " is not a multiple of n_heads " +
+                               std::to_string(heads)),
+              std::string::npos)
+        << s.ToString();
+  }
 }
 
 TEST_F(ModelLoaderTest, BrokenOrUnsupportedFilesGiveClearErrors) {

@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "engine/common/printable.h"
 #include "engine/tokenizer/pre_tokenizer.h"
 #include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/tokenizer_internal.h"
@@ -106,7 +107,7 @@ class BpeTokenizer final : public Tokenizer {
         break;
       }
       if (!parsed) {
-        return InvalidArgument("VocabData.merges[" + std::to_string(rank) + "] \"" + m +
+        return InvalidArgument("VocabData.merges[" + std::to_string(rank) + "] \"" + Printable(m) +
                                "\" is not two pieces separated by a space");
       }
     }

@@ -22,6 +22,7 @@
 
 #include "engine/tokenizer/pre_tokenizer.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/tokenizer/tokenizer_internal.h"
 #include "engine/tokenizer/unicode.h"
 #include "engine/tokenizer/vocab_data.h"
 
@@ -379,6 +380,27 @@ TEST(BpeTokenizerTest, SpecialTokensMatchFirst) {
   EXPECT_EQ(tok->stop_ids(), (Ids{end}));  // No eos given: <|im_end|> by its name.
 }
 
+// Each position compared every special token with its first byte, the sum of their lengths:
+// thousands of them sharing a prefix took seconds per kilobyte of prompt. The leftmost-longest
+// choice is unchanged (SpecialTokenMatcherTest below).
+TEST(BpeTokenizerTest, ManySpecialTokensSharingAPrefixEncodeFast) {
+  const int kTokens = 6000;  // "ab", "aab", ..., a^5999 b
+  std::vector<std::string> specials;
+  for (int k = 1; k < kTokens; ++k) specials.push_back(std::string(k, 'a') + "b");
+  auto tok = MustCreate(ByteLevelVocab({}, {}, specials));
+  ASSERT_TRUE(tok);
+  const std::string text = std::string(12000, 'a') + "b";
+  const auto t0 = std::chrono::steady_clock::now();
+  const Ids ids = tok->Encode(text, false);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(seconds, 2.0);
+  // The longest special token that fits the end, after plain a's.
+  Ids want(12000 - (kTokens - 1), 'a');
+  want.push_back(256 + kTokens - 2);
+  EXPECT_EQ(ids, want);
+}
+
 TEST(BpeTokenizerTest, OneRegexBudgetAcrossSpecialTokens) {
   // The fragments between special tokens share the text's backtracking budget: (?:a|a)*b tries
   // about 2^14 ways per start on a run of 12 a's, little for one fragment but far more than a
@@ -567,6 +589,58 @@ TEST(CreateTokenizerTest, RejectsBadDataNamingTheField) {
   ASSERT_TRUE(tok.ok()) << tok.status().ToString();
   EXPECT_EQ((*tok)->Encode("ab ab1234", false),
             (Ids{kFirstExtra, ' ', kFirstExtra, '1', '2', '3', '4'}));
+}
+
+// The matcher against the plain definition: at each position the longest matched piece there
+// (the lowest id among identical ones), else one byte of ordinary text.
+TEST(SpecialTokenMatcherTest, LeftmostLongestLikeThePlainDefinition) {
+  using tokenizer_internal::SpecialTokenMatcher;
+  std::mt19937 rng(7);
+  const std::string alphabet = "ab<|\xC3";
+  auto random_text = [&](int max_len) {
+    std::string t(rng() % (max_len + 1), ' ');
+    for (char& c : t) c = alphabet[rng() % alphabet.size()];
+    return t;
+  };
+  for (int round = 0; round < 200; ++round) {
+    std::vector<std::string> tokens;
+    std::vector<int32_t> types;
+    const int n = 1 + static_cast<int>(rng() % 30);
+    for (int i = 0; i < n; ++i) {
+      // Repeats, prefixes of one another, and empty pieces.
+      tokens.push_back(i > 0 && rng() % 5 == 0 ? tokens[rng() % i] : random_text(5));
+      types.push_back(static_cast<int32_t>(
+          std::array{kTokenNormal, kTokenControl, kTokenUserDefined}[rng() % 3]));
+    }
+    const SpecialTokenMatcher matcher(tokens, types, {kTokenControl, kTokenUserDefined});
+    for (int t = 0; t < 20; ++t) {
+      const std::string text = random_text(40);
+      std::vector<SpecialTokenMatcher::Fragment> got;
+      matcher.Split(text, &got);
+      std::vector<std::pair<std::string, int32_t>> want;
+      std::string plain;
+      for (size_t i = 0; i < text.size();) {
+        int32_t best = -1;
+        for (int32_t id = 0; id < n; ++id) {
+          const std::string& p = tokens[id];
+          if (types[id] == kTokenNormal || p.empty() || text.compare(i, p.size(), p) != 0) continue;
+          if (best < 0 || p.size() > tokens[best].size()) best = id;
+        }
+        if (best < 0) {
+          plain += text[i++];
+          continue;
+        }
+        if (!plain.empty()) want.emplace_back(std::move(plain), -1);
+        plain.clear();
+        want.emplace_back(tokens[best], best);
+        i += tokens[best].size();
+      }
+      if (!plain.empty()) want.emplace_back(plain, -1);
+      std::vector<std::pair<std::string, int32_t>> got_pairs;
+      for (const auto& f : got) got_pairs.emplace_back(std::string(f.text), f.id);
+      ASSERT_EQ(got_pairs, want) << "round " << round << ", text " << text;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -811,6 +885,54 @@ TEST(HfTokenizerJsonTest, Errors) {
   auto unknown_eos = LoadHfTokenizerJson(dir.Write("ok.json", good), bad_config);
   EXPECT_EQ(unknown_eos.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(unknown_eos.status().message().find("eos_token"), std::string::npos);
+}
+
+// Errors quote what the file holds: an unsigned id past INT64_MAX as itself (it read as -1),
+// control bytes escaped, a 200 KB pattern cut; a file far past any real tokenizer is refused
+// unread.
+TEST(HfTokenizerJsonTest, ErrorsQuoteTheValueAndFilesAreBounded) {
+  TempDir dir;
+  const std::string good = SmallTokenizerJson();
+  auto load = [&](const std::string& json_text) {
+    return LoadHfTokenizerJson(dir.Write("t.json", json_text), "");
+  };
+  auto huge_id = load(Replace(good, R"("ab": 2)", R"("ab": 18446744073709551615)"));
+  EXPECT_EQ(huge_id.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(huge_id.status().message().find(
+                "model.vocab[\"ab\"] has id 18446744073709551615 out of range"),
+            std::string::npos)
+      << huge_id.status().ToString();
+  auto huge_added = load(Replace(good, R"({"id": 7,)", R"({"id": 18446744073709551615,)"));
+  EXPECT_EQ(huge_added.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(huge_added.status().message().find("added_tokens id 18446744073709551615 out of range"),
+            std::string::npos)
+      << huge_added.status().ToString();
+
+  auto control = load(SmallTokenizerJson(R"({"type": "By\u0000te\u001bLevel"})"));
+  EXPECT_EQ(control.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(control.status().message().find("pre_tokenizer type By\\x00te\\x1bLevel is not"),
+            std::string::npos)
+      << control.status().ToString();
+  const std::string pattern = "(" + std::string(200000, 'a');  // unbalanced
+  auto long_regex = load(SmallTokenizerJson(
+      R"({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": ")" +
+      pattern + R"("}, "behavior": "Isolated"}, {"type": "ByteLevel", "use_regex": false}]})"));
+  EXPECT_EQ(long_regex.status().code(), StatusCode::kInvalidArgument)
+      << long_regex.status().ToString().substr(0, 300);
+  EXPECT_LT(long_regex.status().message().size(), 1000u);
+  EXPECT_NE(long_regex.status().message().find("Split regex \"(aaaa"), std::string::npos)
+      << long_regex.status().ToString().substr(0, 300);
+  EXPECT_NE(long_regex.status().message().find("...(200001 bytes)"), std::string::npos)
+      << long_regex.status().ToString().substr(0, 300);
+
+  // Real tokenizer.json files are 7 to 35 MB; this one is 300 MB (of a hole: no disk space).
+  const std::string big = dir.Write("big.json", "{");
+  fs::resize_file(big, uint64_t{300} << 20);
+  auto too_big = LoadHfTokenizerJson(big, "");
+  EXPECT_EQ(too_big.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(too_big.status().message().find("314572800 bytes is too large (at most 268435456)"),
+            std::string::npos)
+      << too_big.status().ToString();
 }
 
 // A tokenizer.json whose vocabulary holds "abc" while its merges make [a, bc] of it; `fields`

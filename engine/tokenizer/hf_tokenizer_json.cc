@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/common/json_nesting.h"
+#include "engine/common/printable.h"
 #include "engine/tokenizer/pre_tokenizer.h"
 #include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/vocab_data.h"
@@ -24,7 +25,8 @@ namespace {
 using nlohmann::json;
 
 constexpr size_t kMaxVocabSize = size_t{1} << 24;
-constexpr uintmax_t kMaxFileBytes = uintmax_t{1} << 30;
+// Real tokenizer.json files are 7 to 35 MB.
+constexpr uintmax_t kMaxFileBytes = uintmax_t{256} << 20;
 
 StatusOr<std::string> ReadWholeFile(const std::string& path) {
   std::error_code ec;
@@ -35,7 +37,8 @@ StatusOr<std::string> ReadWholeFile(const std::string& path) {
   const uintmax_t size = std::filesystem::file_size(path, ec);
   if (ec) return Unavailable(path + ": cannot get the size: " + ec.message());
   if (size > kMaxFileBytes) {
-    return InvalidArgument(path + ": " + std::to_string(size) + " bytes is too large");
+    return InvalidArgument(path + ": " + std::to_string(size) + " bytes is too large (at most " +
+                           std::to_string(kMaxFileBytes) + ")");
   }
   std::ifstream in(path, std::ios::binary);
   if (!in) {
@@ -52,10 +55,7 @@ StatusOr<std::string> ReadWholeFile(const std::string& path) {
 
 StatusOr<json> ParseJsonFile(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path));
-  if (JsonNestingDepth(text, kMaxJsonNesting) > kMaxJsonNesting) {
-    return InvalidArgument(path + ": JSON nested deeper than " + std::to_string(kMaxJsonNesting) +
-                           " levels");
-  }
+  RETURN_IF_ERROR(CheckJsonFileShape(text, path));
   json j = json::parse(text, /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(path + ": the top level is not a JSON object");
@@ -145,7 +145,8 @@ StatusOr<PreTokenizerFields> DetectPre(const json& root, const std::string& wher
   for (const json* step : steps) {
     const std::string type = TypeOf(*step);
     if (byte_level) {
-      return Unimplemented(where + ": pre_tokenizer " + type + " after ByteLevel is not supported");
+      return Unimplemented(where + ": pre_tokenizer " + Printable(type) +
+                           " after ByteLevel is not supported");
     }
     if (type == "ByteLevel") {
       byte_level = true;
@@ -180,12 +181,12 @@ StatusOr<PreTokenizerFields> DetectPre(const json& root, const std::string& wher
         return Unimplemented(where +
                              ": pre_tokenizer Split is supported with behavior Isolated, not "
                              "inverted; this one has " +
-                             got);
+                             Printable(got));
       }
       regexes.push_back(is_regex ? (*pattern)["Regex"].get<std::string>()
                                  : EscapeLiteral((*pattern)["String"].get<std::string>()));
     } else {
-      return Unimplemented(where + ": pre_tokenizer type " + type + " is not supported");
+      return Unimplemented(where + ": pre_tokenizer type " + Printable(type) + " is not supported");
     }
   }
   if (!byte_level) {
@@ -205,7 +206,8 @@ StatusOr<PreTokenizerFields> DetectPre(const json& root, const std::string& wher
   for (const std::string& r : regexes) {
     StatusOr<Regex> compiled = Regex::Compile(r);
     if (!compiled.ok()) {
-      return Status(compiled.status().code(), where + ": pre_tokenizer Split regex \"" + r +
+      return Status(compiled.status().code(), where + ": pre_tokenizer Split regex \"" +
+                                                  Printable(r) +
                                                   "\": " + compiled.status().message());
     }
   }
@@ -255,7 +257,8 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
                            : model.contains("merges") ? "BPE"
                                                       : "";
   if (type != "BPE") {
-    return Unimplemented(path + ": model.type \"" + type + "\" is not supported; only BPE");
+    return Unimplemented(path + ": model.type \"" + Printable(type) +
+                         "\" is not supported; only BPE");
   }
   if (BoolOr(model, "byte_fallback", false)) {
     return Unimplemented(path +
@@ -272,7 +275,7 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
   if (auto norm = root.find("normalizer"); norm != root.end() && !norm->is_null()) {
     // NFC (Qwen2) is accepted without being applied: prompts are nearly always NFC already.
     if (TypeOf(*norm) != "NFC") {
-      return Unimplemented(path + ": normalizer " + TypeOf(*norm) + " is not supported");
+      return Unimplemented(path + ": normalizer " + Printable(TypeOf(*norm)) + " is not supported");
     }
   }
 
@@ -295,11 +298,22 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
   if (vocab_it == model.end() || !vocab_it->is_object()) {
     return InvalidArgument(path + ": model.vocab is not an object of piece -> id");
   }
+  const auto bad_id = [](const json& id) {
+    // Unsigned first: one past INT64_MAX would read as a negative int64.
+    return id.is_number_unsigned()
+               ? id.get<uint64_t>() >= kMaxVocabSize
+               : id.get<int64_t>() < 0 || id.get<int64_t>() >= static_cast<int64_t>(kMaxVocabSize);
+  };
   std::vector<std::pair<int64_t, std::string>> entries;
   entries.reserve(vocab_it->size());
   for (auto it = vocab_it->begin(); it != vocab_it->end(); ++it) {
     if (!it.value().is_number_integer()) {
-      return InvalidArgument(path + ": model.vocab[\"" + it.key() + "\"] is not an integer id");
+      return InvalidArgument(path + ": model.vocab[\"" + Printable(it.key()) +
+                             "\"] is not an integer id");
+    }
+    if (bad_id(it.value())) {
+      return InvalidArgument(path + ": model.vocab[\"" + Printable(it.key()) + "\"] has id " +
+                             it.value().dump() + " out of range");
     }
     entries.emplace_back(it.value().get<int64_t>(), it.key());
   }
@@ -321,27 +335,16 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
         return InvalidArgument(path + ": added_tokens[" + std::to_string(i) +
                                "] needs an integer id and a string content");
       }
+      if (bad_id(a["id"])) {
+        return InvalidArgument(path + ": added_tokens id " + a["id"].dump() + " out of range");
+      }
       added.push_back(
           {a["id"].get<int64_t>(), a["content"].get<std::string>(), BoolOr(a, "special", false)});
     }
   }
-  const auto bad_id = [](int64_t id) {
-    return id < 0 || id >= static_cast<int64_t>(kMaxVocabSize);
-  };
   int64_t max_id = -1;
-  for (const auto& [id, piece] : entries) {
-    if (bad_id(id)) {
-      return InvalidArgument(path + ": model.vocab[\"" + piece + "\"] has id " +
-                             std::to_string(id) + " out of range");
-    }
-    max_id = std::max(max_id, id);
-  }
-  for (const Added& a : added) {
-    if (bad_id(a.id)) {
-      return InvalidArgument(path + ": added_tokens id " + std::to_string(a.id) + " out of range");
-    }
-    max_id = std::max(max_id, a.id);
-  }
+  for (const auto& [id, piece] : entries) max_id = std::max(max_id, id);
+  for (const Added& a : added) max_id = std::max(max_id, a.id);
   if (max_id < 0) return InvalidArgument(path + ": model.vocab is empty");
   // Ids index a dense table: a handful of tokens with a huge id would allocate millions of
   // empty entries. Real vocabularies leave at most a few gaps.
@@ -358,7 +361,7 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
   for (const auto& [id, piece] : entries) {
     if (data.token_types[id] != kTokenUnused) {
       return InvalidArgument(path + ": model.vocab gives id " + std::to_string(id) + " to both \"" +
-                             data.tokens[id] + "\" and \"" + piece + "\"");
+                             Printable(data.tokens[id]) + "\" and \"" + Printable(piece) + "\"");
     }
     data.tokens[id] = piece;
     data.token_types[id] = kTokenNormal;
@@ -409,7 +412,7 @@ StatusOr<VocabData> Load(const std::string& path, const std::string& config_path
       if (!text) continue;
       const int32_t id = find_id(*text);
       if (id < 0) {
-        return InvalidArgument(config_path + ": " + key + " \"" + *text +
+        return InvalidArgument(config_path + ": " + key + " \"" + Printable(*text) +
                                "\" is not in the vocabulary");
       }
       *field = id;

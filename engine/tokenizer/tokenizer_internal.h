@@ -33,7 +33,8 @@ std::vector<int32_t> ResolveTokenTypes(const VocabData& data);
 // eos, eot and the control tokens whose text marks the end of a turn, without duplicates.
 std::vector<int32_t> StopIds(const VocabData& data, const std::vector<int32_t>& types);
 
-// Finds tokens written literally in a text, leftmost first and longest at a position.
+// Finds tokens written literally in a text, leftmost first and longest at a position (the
+// lowest id among identical pieces). Each position costs at most the longest piece's length.
 class SpecialTokenMatcher {
  public:
   // `tokens` and `types` as in VocabData; the tokens whose type is in `matched_types` (and
@@ -49,8 +50,14 @@ class SpecialTokenMatcher {
   void Split(std::string_view text, std::vector<Fragment>* out) const;
 
  private:
-  // Candidates by first byte, longest first; each is (piece, id).
-  std::vector<std::vector<std::pair<std::string, int32_t>>> by_first_byte_;
+  // A trie of the pieces. Comparing every piece that shares a position's first byte cost the
+  // sum of their lengths there: quadratic with many pieces sharing prefixes.
+  struct Node {
+    int32_t id = -1;                                      // the piece ending here, or -1
+    std::vector<std::pair<unsigned char, int32_t>> next;  // (byte, node), few per node
+  };
+  std::vector<Node> nodes_;         // nodes_[0] is the root
+  std::vector<int32_t> root_next_;  // the root's children by byte (256 entries, -1: none)
   bool empty_ = true;
 };
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "engine/common/printable.h"
 #include "engine/tokenizer/pre_tokenizer.h"
 #include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/tokenizer_internal.h"
@@ -75,20 +76,37 @@ std::vector<int32_t> StopIds(const VocabData& data, const std::vector<int32_t>& 
 SpecialTokenMatcher::SpecialTokenMatcher(const std::vector<std::string>& tokens,
                                          const std::vector<int32_t>& types,
                                          std::initializer_list<int32_t> matched_types)
-    : by_first_byte_(256) {
+    : nodes_(1), root_next_(256, -1) {
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i].empty()) continue;
     if (std::find(matched_types.begin(), matched_types.end(), types[i]) == matched_types.end()) {
       continue;
     }
-    by_first_byte_[static_cast<unsigned char>(tokens[i][0])].emplace_back(tokens[i],
-                                                                          static_cast<int32_t>(i));
+    int32_t node = 0;
+    for (const char ch : tokens[i]) {
+      const auto b = static_cast<unsigned char>(ch);
+      int32_t child = -1;
+      if (node == 0) {
+        child = root_next_[b];
+      } else {
+        for (const auto& [byte, n] : nodes_[node].next) {
+          if (byte == b) child = n;
+        }
+      }
+      if (child < 0) {
+        child = static_cast<int32_t>(nodes_.size());
+        nodes_.emplace_back();
+        if (node == 0) {
+          root_next_[b] = child;
+        } else {
+          nodes_[node].next.emplace_back(b, child);
+        }
+      }
+      node = child;
+    }
+    // Ids come in order: among identical pieces the lowest wins.
+    if (nodes_[node].id < 0) nodes_[node].id = static_cast<int32_t>(i);
     empty_ = false;
-  }
-  for (auto& list : by_first_byte_) {
-    // Longest first; among equal pieces the lowest id (the stable sort keeps id order).
-    std::stable_sort(list.begin(), list.end(),
-                     [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   }
 }
 
@@ -99,21 +117,33 @@ void SpecialTokenMatcher::Split(std::string_view text, std::vector<Fragment>* ou
   }
   size_t start = 0;  // Of the ordinary text not yet emitted.
   for (size_t i = 0; i < text.size();) {
-    const auto& candidates = by_first_byte_[static_cast<unsigned char>(text[i])];
-    const std::pair<std::string, int32_t>* found = nullptr;
-    for (const auto& c : candidates) {
-      if (text.compare(i, c.first.size(), c.first) == 0) {
-        found = &c;
-        break;
+    // The longest piece starting at i: the deepest node with an id along the text's path.
+    int32_t found = -1;
+    size_t found_len = 0;
+    int32_t node = root_next_[static_cast<unsigned char>(text[i])];
+    for (size_t j = i + 1; node >= 0; ++j) {
+      if (nodes_[node].id >= 0) {
+        found = nodes_[node].id;
+        found_len = j - i;
       }
+      if (j == text.size()) break;
+      const auto b = static_cast<unsigned char>(text[j]);
+      int32_t child = -1;
+      for (const auto& [byte, n] : nodes_[node].next) {
+        if (byte == b) {
+          child = n;
+          break;
+        }
+      }
+      node = child;
     }
-    if (found == nullptr) {
+    if (found < 0) {
       ++i;
       continue;
     }
     if (i > start) out->push_back({text.substr(start, i - start), -1});
-    out->push_back({text.substr(i, found->first.size()), found->second});
-    i += found->first.size();
+    out->push_back({text.substr(i, found_len), found});
+    i += found_len;
     start = i;
   }
   if (start < text.size()) out->push_back({text.substr(start), -1});
@@ -131,7 +161,7 @@ Status Validate(const VocabData& d) {
     return InvalidArgument("VocabData.model is empty; expected \"llama\" or \"gpt2\"");
   }
   if (d.model != "llama" && d.model != "gpt2") {
-    return Unimplemented("VocabData.model \"" + d.model +
+    return Unimplemented("VocabData.model \"" + Printable(d.model) +
                          "\" is not supported; expected \"llama\" or \"gpt2\"");
   }
   const size_t n = d.tokens.size();
@@ -178,7 +208,7 @@ Status Validate(const VocabData& d) {
   if (d.model == "gpt2") {
     if (!PreTokenizerFromName(d.pre) && !RegexesForPreTokenizerName(d.pre)) {
       return InvalidArgument(
-          "VocabData.pre \"" + d.pre +
+          "VocabData.pre \"" + Printable(d.pre) +
           "\" is not a known pre-tokenizer (e.g. gpt2, llama-bpe, qwen2, smollm, "
           "deepseek-v3)");
     }
@@ -186,7 +216,7 @@ Status Validate(const VocabData& d) {
       StatusOr<Regex> re = Regex::Compile(d.pre_regexes[i]);
       if (!re.ok()) {
         return re.status().WithPrefix("VocabData.pre_regexes[" + std::to_string(i) + "] \"" +
-                                      d.pre_regexes[i] + "\"");
+                                      Printable(d.pre_regexes[i]) + "\"");
       }
     }
   }

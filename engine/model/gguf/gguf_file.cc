@@ -5,9 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <new>
+
+#include "engine/common/printable.h"
 
 namespace helix::gguf {
 namespace {
@@ -17,6 +21,12 @@ constexpr int kMaxArrayNesting = 3;   // arrays of arrays are legal; deeper is n
 constexpr uint64_t kMinKvBytes = 13;  // key length 8 + type 4 + at least 1 value byte
 constexpr uint64_t kMinTensorBytes =
     32;  // name length 8 + n_dims 4 + one dim 8 + type 4 + offset 8
+// Real files hold tens of metadata entries and at most a few thousand tensors: far larger
+// counts are damage, refused before they drive any allocation.
+constexpr uint64_t kMaxKvCount = uint64_t{1} << 20;
+constexpr uint64_t kMaxTensorCount = uint64_t{1} << 20;
+// Vectors are grown as entries are read, not reserved from the header's counts.
+constexpr uint64_t kMaxReserve = 1024;
 
 std::string Str(uint64_t v) { return std::to_string(v); }
 
@@ -155,6 +165,12 @@ Status SkipArray(Cursor& c, const std::string& path, GgufValueType type, uint64_
     return InvalidArgument(path + ": " + what + " has unknown element type " +
                            Str(static_cast<uint32_t>(type)));
   }
+  // The largest real arrays are vocabularies (at most a few hundred thousand entries); walking
+  // the strings of a far larger one would take seconds, and reading it far more memory.
+  if (count > GgufFile::kMaxArrayElements) {
+    return InvalidArgument(path + ": " + what + " holds " + Str(count) + " elements (at most " +
+                           Str(GgufFile::kMaxArrayElements) + " are supported)");
+  }
   if (const uint64_t esize = ScalarSize(type); esize > 0) {
     if (count > c.remaining() / esize) {
       return DataLoss(path + ": truncated GGUF file: " + what + " holds " + Str(count) +
@@ -232,7 +248,11 @@ StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
     return Internal("cannot map GGUF file '" + path + "': " + std::strerror(mmap_errno));
   }
   f->base_ = static_cast<const uint8_t*>(p);
-  RETURN_IF_ERROR(f->Parse());
+  try {
+    RETURN_IF_ERROR(f->Parse());
+  } catch (const std::bad_alloc&) {
+    return ResourceExhausted(path + ": out of host memory while reading the GGUF header");
+  }
   return f;
 }
 
@@ -256,8 +276,15 @@ Status GgufFile::Parse() {
   uint64_t tensor_count = 0, kv_count = 0;
   RETURN_IF_ERROR(c.Read(&tensor_count, "tensor count"));
   RETURN_IF_ERROR(c.Read(&kv_count, "metadata key/value count"));
-  // Every entry takes some bytes, so a count the remaining file cannot hold is corrupt; this
-  // also bounds the reservations below.
+  if (kv_count > kMaxKvCount) {
+    return InvalidArgument(path + ": metadata key/value count " + Str(kv_count) +
+                           " is implausible (at most " + Str(kMaxKvCount) + " are supported)");
+  }
+  if (tensor_count > kMaxTensorCount) {
+    return InvalidArgument(path + ": tensor count " + Str(tensor_count) +
+                           " is implausible (at most " + Str(kMaxTensorCount) + " are supported)");
+  }
+  // Every entry takes some bytes, so a count the remaining file cannot hold is corrupt.
   if (kv_count > c.remaining() / kMinKvBytes) {
     return InvalidArgument(path + ": implausible metadata key/value count " + Str(kv_count) +
                            " for a file of " + Str(size_) + " bytes");
@@ -267,12 +294,20 @@ Status GgufFile::Parse() {
                            " for a file of " + Str(size_) + " bytes");
   }
 
-  kvs_.reserve(kv_count);
+  kvs_.reserve(std::min(kv_count, kMaxReserve));
   for (uint64_t i = 0; i < kv_count; ++i) {
     GgufKv kv;
     const std::string entry = "metadata entry " + Str(i);
+    const uint64_t key_at = c.pos() + 8;  // the key's bytes, after its length
     RETURN_IF_ERROR(c.ReadString(&kv.key, entry + " key"));
-    const std::string what = "metadata value of '" + kv.key + "'";
+    // Duplicates are found as they are read: a table of millions of identical entries fails
+    // at its second one. The index views the key's bytes in the mapping, which stay put.
+    const std::string_view key_bytes(reinterpret_cast<const char*>(base_ + key_at), kv.key.size());
+    if (auto [at, added] = kv_index_.emplace(key_bytes, kvs_.size()); !added) {
+      return InvalidArgument(path + ": metadata key '" + Printable(kv.key) + "' appears twice (" +
+                             entry + " and metadata entry " + Str(at->second) + ")");
+    }
+    const std::string what = "metadata value of '" + Printable(kv.key) + "'";
     uint32_t type = 0;
     RETURN_IF_ERROR(c.Read(&type, what));
     if (!IsKnownType(type)) {
@@ -300,11 +335,6 @@ Status GgufFile::Parse() {
     }
     kvs_.push_back(std::move(kv));
   }
-  for (size_t i = 0; i < kvs_.size(); ++i) {
-    if (!kv_index_.emplace(kvs_[i].key, i).second) {
-      return InvalidArgument(path + ": metadata key '" + kvs_[i].key + "' appears twice");
-    }
-  }
 
   if (const GgufKv* a = FindKey("general.alignment"); a != nullptr) {
     if (!IsInteger(a->type) || a->i <= 0 || (a->i & (a->i - 1)) != 0 || a->i > (1 << 30)) {
@@ -320,15 +350,15 @@ Status GgufFile::Parse() {
                     " tensor infos cannot fit in the " + Str(c.remaining()) +
                     " bytes after the metadata");
   }
-  tensors_.reserve(tensor_count);
+  tensors_.reserve(std::min(tensor_count, kMaxReserve));
   for (uint64_t i = 0; i < tensor_count; ++i) {
     GgufTensorInfo t;
     RETURN_IF_ERROR(c.ReadString(&t.name, "name of tensor " + Str(i)));
-    const std::string what = "info of tensor '" + t.name + "'";
+    const std::string what = "info of tensor '" + Printable(t.name) + "'";
     uint32_t n_dims = 0;
     RETURN_IF_ERROR(c.Read(&n_dims, what));
     if (n_dims == 0 || n_dims > kMaxDims) {
-      return InvalidArgument(path + ": tensor '" + t.name + "' has " + Str(n_dims) +
+      return InvalidArgument(path + ": tensor '" + Printable(t.name) + "' has " + Str(n_dims) +
                              " dimensions (expected 1 to " + Str(kMaxDims) + ")");
     }
     int64_t elements = 1;
@@ -338,8 +368,8 @@ Status GgufFile::Parse() {
       if (ne > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
           (ne != 0 && static_cast<uint64_t>(elements) >
                           static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / ne)) {
-        return InvalidArgument(path + ": tensor '" + t.name + "' has an implausible dimension " +
-                               Str(ne));
+        return InvalidArgument(path + ": tensor '" + Printable(t.name) +
+                               "' has an implausible dimension " + Str(ne));
       }
       t.ne.push_back(static_cast<int64_t>(ne));
       elements *= static_cast<int64_t>(ne);
@@ -350,22 +380,24 @@ Status GgufFile::Parse() {
     RETURN_IF_ERROR(c.Read(&rel_offset, what));
     const GgmlTypeInfo* ti = GetGgmlTypeInfo(t.type);
     if (ti == nullptr) {
-      return Unimplemented(path + ": tensor '" + t.name + "' has unknown ggml type " + Str(t.type));
+      return Unimplemented(path + ": tensor '" + Printable(t.name) + "' has unknown ggml type " +
+                           Str(t.type));
     }
     if (t.ne[0] % ti->block_size != 0) {
-      return InvalidArgument(path + ": tensor '" + t.name + "' of type " + ti->name +
+      return InvalidArgument(path + ": tensor '" + Printable(t.name) + "' of type " + ti->name +
                              " has a row of " + Str(t.ne[0]) +
                              " elements, not a multiple of its block size " + Str(ti->block_size));
     }
     // elements / block_size blocks of block_bytes; both factors are below 2^63 / 1.
     const uint64_t blocks = static_cast<uint64_t>(elements / ti->block_size);
     if (blocks > std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(ti->block_bytes)) {
-      return InvalidArgument(path + ": tensor '" + t.name + "' is implausibly large");
+      return InvalidArgument(path + ": tensor '" + Printable(t.name) + "' is implausibly large");
     }
     t.size = blocks * static_cast<uint64_t>(ti->block_bytes);
     if (rel_offset % alignment_ != 0) {
-      return InvalidArgument(path + ": tensor '" + t.name + "' data offset " + Str(rel_offset) +
-                             " is not a multiple of the alignment " + Str(alignment_));
+      return InvalidArgument(path + ": tensor '" + Printable(t.name) + "' data offset " +
+                             Str(rel_offset) + " is not a multiple of the alignment " +
+                             Str(alignment_));
     }
     t.offset = rel_offset;  // made absolute below, once the data section start is known
     tensors_.push_back(std::move(t));
@@ -377,7 +409,7 @@ Status GgufFile::Parse() {
   uint64_t next = 0;
   for (const GgufTensorInfo& t : tensors_) {
     if (t.offset != next) {
-      return InvalidArgument(path + ": tensor '" + t.name + "' starts at data offset " +
+      return InvalidArgument(path + ": tensor '" + Printable(t.name) + "' starts at data offset " +
                              Str(t.offset) + ", but the tensor before it ends at " + Str(next) +
                              " (GGUF tensors follow each other, each padded to the alignment " +
                              Str(alignment_) + ")");
@@ -390,7 +422,7 @@ Status GgufFile::Parse() {
   for (GgufTensorInfo& t : tensors_) {
     const uint64_t avail = size_ > data_offset_ ? size_ - data_offset_ : 0;
     if (t.offset > avail || t.size > avail - t.offset) {
-      return DataLoss(path + ": truncated GGUF file: tensor '" + t.name + "' (" +
+      return DataLoss(path + ": truncated GGUF file: tensor '" + Printable(t.name) + "' (" +
                       GgmlTypeName(t.type) + " " + t.ShapeString() + ", " + Str(t.size) +
                       " bytes at data offset " + Str(t.offset) + ") ends past the end of the " +
                       Str(size_) + "-byte file");
@@ -408,7 +440,7 @@ Status GgufFile::Parse() {
   }
   for (size_t i = 0; i < tensors_.size(); ++i) {
     if (!tensor_index_.emplace(tensors_[i].name, i).second) {
-      return InvalidArgument(path + ": tensor '" + tensors_[i].name + "' appears twice");
+      return InvalidArgument(path + ": tensor '" + Printable(tensors_[i].name) + "' appears twice");
     }
   }
   return Status::Ok();
@@ -438,7 +470,8 @@ namespace {
 Status WrongType(const std::string& path, const GgufKv& kv, const char* expected) {
   std::string got = GgufValueTypeName(kv.type);
   if (kv.type == GgufValueType::kArray) got += " of " + GgufValueTypeName(kv.array_type);
-  return InvalidArgument(path + ": GGUF key '" + kv.key + "' is " + got + ", expected " + expected);
+  return InvalidArgument(path + ": GGUF key '" + Printable(kv.key) + "' is " + got + ", expected " +
+                         expected);
 }
 
 }  // namespace
@@ -447,7 +480,7 @@ StatusOr<int64_t> GgufFile::GetInt(std::string_view key) const {
   ASSIGN_OR_RETURN(const GgufKv* kv, Find(key, "an integer"));
   if (!IsInteger(kv->type)) return WrongType(path_, *kv, "an integer");
   if (kv->type == GgufValueType::kUint64 && kv->i < 0) {
-    return InvalidArgument(path_ + ": GGUF key '" + kv->key +
+    return InvalidArgument(path_ + ": GGUF key '" + Printable(kv->key) +
                            "' = " + Str(static_cast<uint64_t>(kv->i)) + " is out of range");
   }
   return kv->i;
@@ -472,11 +505,23 @@ StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
   return kv->str;
 }
 
-StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key) const {
+// An array's count against the caller's bound, before anything is allocated for it: in memory
+// an element can take far more than its bytes in the file (a UINT8 becomes an int64, an empty
+// string 32 bytes), so a file's size alone does not bound it.
+Status GgufFile::CheckArrayCount(const GgufKv& kv, uint64_t max_count) const {
+  if (kv.array_count <= max_count) return Status::Ok();
+  return InvalidArgument(path_ + ": GGUF key '" + Printable(kv.key) + "' holds " +
+                         Str(kv.array_count) + " elements, more than the " + Str(max_count) +
+                         " expected");
+}
+
+StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key,
+                                                            uint64_t max_count) const {
   ASSIGN_OR_RETURN(const GgufKv* kv, Find(key, "an array of strings"));
   if (kv->type != GgufValueType::kArray || kv->array_type != GgufValueType::kString) {
     return WrongType(path_, *kv, "ARRAY of STRING");
   }
+  RETURN_IF_ERROR(CheckArrayCount(*kv, max_count));
   // Open checked every length; re-walk them.
   std::vector<std::string> out(kv->array_count);
   uint64_t pos = kv->array_offset;
@@ -488,11 +533,13 @@ StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key
   return out;
 }
 
-StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key) const {
+StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key,
+                                                     uint64_t max_count) const {
   ASSIGN_OR_RETURN(const GgufKv* kv, Find(key, "an array of floats"));
   if (kv->type != GgufValueType::kArray || !IsFloat(kv->array_type)) {
     return WrongType(path_, *kv, "ARRAY of FLOAT32");
   }
+  RETURN_IF_ERROR(CheckArrayCount(*kv, max_count));
   std::vector<float> out(kv->array_count);
   const uint8_t* p = base_ + kv->array_offset;
   const bool f32 = kv->array_type == GgufValueType::kFloat32;
@@ -502,11 +549,13 @@ StatusOr<std::vector<float>> GgufFile::GetFloatArray(std::string_view key) const
   return out;
 }
 
-StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key) const {
+StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key,
+                                                     uint64_t max_count) const {
   ASSIGN_OR_RETURN(const GgufKv* kv, Find(key, "an array of integers"));
   if (kv->type != GgufValueType::kArray || !IsInteger(kv->array_type)) {
     return WrongType(path_, *kv, "ARRAY of an integer type");
   }
+  RETURN_IF_ERROR(CheckArrayCount(*kv, max_count));
   std::vector<int64_t> out(kv->array_count);
   const uint8_t* p = base_ + kv->array_offset;
   const uint64_t esize = ScalarSize(kv->array_type);

@@ -66,7 +66,7 @@ class GgufFile {
   // Maps and parses `path`. Errors name the path and what was wrong: NotFound (cannot open),
   // InvalidArgument (not GGUF, bad alignment, absurd counts or dims, duplicate names),
   // Unimplemented (other versions, unknown tensor types), DataLoss (truncated anywhere,
-  // tensor data past the end of the file).
+  // tensor data past the end of the file), ResourceExhausted (out of memory).
   static StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
@@ -84,15 +84,22 @@ class GgufFile {
   const GgufKv* FindKey(std::string_view key) const;
   const GgufTensorInfo* FindTensor(std::string_view name) const;
 
-  // Typed reads. NotFound names a missing key; InvalidArgument one of another type.
+  // Open refuses metadata arrays of more elements (the tokenizer's vocabulary limit).
+  static constexpr uint64_t kMaxArrayElements = uint64_t{1} << 24;
+
+  // Typed reads. NotFound names a missing key; InvalidArgument one of another type, or an
+  // array of more than `max_count` elements (checked before anything is allocated).
   // GetInt accepts every integer type; GetFloat floats and integers.
   StatusOr<int64_t> GetInt(std::string_view key) const;
   StatusOr<double> GetFloat(std::string_view key) const;
   StatusOr<bool> GetBool(std::string_view key) const;
   StatusOr<std::string> GetString(std::string_view key) const;
-  StatusOr<std::vector<std::string>> GetStringArray(std::string_view key) const;
-  StatusOr<std::vector<float>> GetFloatArray(std::string_view key) const;  // float32/64
-  StatusOr<std::vector<int64_t>> GetIntArray(std::string_view key) const;  // any integer
+  StatusOr<std::vector<std::string>> GetStringArray(std::string_view key,
+                                                    uint64_t max_count = kMaxArrayElements) const;
+  StatusOr<std::vector<float>> GetFloatArray(  // float32/64
+      std::string_view key, uint64_t max_count = kMaxArrayElements) const;
+  StatusOr<std::vector<int64_t>> GetIntArray(  // any integer
+      std::string_view key, uint64_t max_count = kMaxArrayElements) const;
 
   // The tensor's bytes (info.size of them), inside the mapping; valid while this lives.
   std::span<const uint8_t> TensorData(const GgufTensorInfo& info) const {
@@ -103,6 +110,7 @@ class GgufFile {
   GgufFile() = default;
   Status Parse();
   StatusOr<const GgufKv*> Find(std::string_view key, const char* expected) const;
+  Status CheckArrayCount(const GgufKv& kv, uint64_t max_count) const;
 
   std::string path_;
   const uint8_t* base_ = nullptr;
@@ -112,7 +120,7 @@ class GgufFile {
   uint64_t data_offset_ = 0;
   std::vector<GgufKv> kvs_;
   std::vector<GgufTensorInfo> tensors_;
-  std::unordered_map<std::string_view, size_t> kv_index_;      // views into kvs_[i].key
+  std::unordered_map<std::string_view, size_t> kv_index_;      // views of the keys in the mapping
   std::unordered_map<std::string_view, size_t> tensor_index_;  // views into tensors_[i].name
 };
 

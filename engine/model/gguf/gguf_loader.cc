@@ -1,10 +1,13 @@
 #include "engine/model/gguf/gguf_loader.h"
 
+#include <cmath>
 #include <limits>
 #include <new>
+#include <sstream>
 #include <utility>
 #include <vector>
 
+#include "engine/common/printable.h"
 #include "engine/model/gguf/dequant.h"
 
 namespace helix {
@@ -12,6 +15,9 @@ namespace {
 
 using gguf::GgufFile;
 using gguf::GgufTensorInfo;
+
+// CreateTokenizer's limit: a larger vocabulary is refused before it is read.
+constexpr uint64_t kMaxVocabTokens = uint64_t{1} << 24;
 
 std::string ShapeString(const std::vector<int64_t>& ne) {
   std::string s = "[";
@@ -104,9 +110,12 @@ Status ReadConfig(const GgufFile& f, const std::string& arch, ModelConfig* c) {
   if (f.FindKey(p + "rope.freq_base") != nullptr) {
     ASSIGN_OR_RETURN(theta, f.GetFloat(p + "rope.freq_base"));
   }
-  if (!(theta > 0)) {
-    return InvalidArgument(path + ": rope.freq_base = " + std::to_string(theta) +
-                           ": expected a positive value");
+  // The RoPE base: every frequency is a power of it, so 1 or less rotates nothing (yarn's
+  // correction then divides by log 1 = 0).
+  if (!(theta > 1) || !std::isfinite(theta)) {
+    return InvalidArgument(path + ": " + p +
+                           "rope.freq_base = " + (std::ostringstream() << theta).str() +
+                           ": expected a finite value above 1");
   }
   c->rope_theta = static_cast<float>(theta);
   ASSIGN_OR_RETURN(double eps, f.GetFloat(p + "attention.layer_norm_rms_epsilon"));
@@ -118,7 +127,7 @@ Status ReadConfig(const GgufFile& f, const std::string& arch, ModelConfig* c) {
   if (f.FindKey(p + "rope.scaling.type") != nullptr) {
     ASSIGN_OR_RETURN(std::string scaling, f.GetString(p + "rope.scaling.type"));
     if (scaling != "none") {
-      return Unimplemented(path + ": RoPE scaling '" + scaling + "' is not supported");
+      return Unimplemented(path + ": RoPE scaling '" + Printable(scaling) + "' is not supported");
     }
   }
   if (f.FindKey(p + "expert_count") != nullptr) {
@@ -158,26 +167,39 @@ Status ReadConfig(const GgufFile& f, const std::string& arch, ModelConfig* c) {
 
 }  // namespace
 
-StatusOr<std::optional<VocabData>> ReadGgufVocab(const GgufFile& f) {
+namespace {
+
+StatusOr<std::optional<VocabData>> ReadVocab(const GgufFile& f) {
   if (f.FindKey("tokenizer.ggml.model") == nullptr) return std::optional<VocabData>();
   VocabData v;
   ASSIGN_OR_RETURN(v.model, f.GetString("tokenizer.ggml.model"));
   if (f.FindKey("tokenizer.ggml.pre") != nullptr) {
     ASSIGN_OR_RETURN(v.pre, f.GetString("tokenizer.ggml.pre"));
   }
-  ASSIGN_OR_RETURN(v.tokens, f.GetStringArray("tokenizer.ggml.tokens"));
-  const size_t n = v.tokens.size();
-  auto size_mismatch = [&](const char* key, size_t got) {
-    return InvalidArgument(f.path() + ": GGUF key '" + key + "' has " + std::to_string(got) +
+  // The per-token arrays' counts are compared with the token count before any of them is
+  // read: one claiming billions of elements would otherwise be allocated first.
+  const gguf::GgufKv* tokens = f.FindKey("tokenizer.ggml.tokens");
+  const uint64_t n = tokens != nullptr ? tokens->array_count : 0;
+  auto count_matches = [&](const char* key) -> Status {
+    const gguf::GgufKv* kv = f.FindKey(key);
+    if (kv == nullptr || kv->type != gguf::GgufValueType::kArray ||
+        tokens->type != gguf::GgufValueType::kArray || kv->array_count == n) {
+      return Status::Ok();  // a wrong type is named when the array is read
+    }
+    return InvalidArgument(f.path() + ": GGUF key '" + key + "' has " +
+                           std::to_string(kv->array_count) +
                            " entries but tokenizer.ggml.tokens has " + std::to_string(n));
   };
+  if (tokens != nullptr) {
+    RETURN_IF_ERROR(count_matches("tokenizer.ggml.scores"));
+    RETURN_IF_ERROR(count_matches("tokenizer.ggml.token_type"));
+  }
+  ASSIGN_OR_RETURN(v.tokens, f.GetStringArray("tokenizer.ggml.tokens", kMaxVocabTokens));
   if (f.FindKey("tokenizer.ggml.scores") != nullptr) {
-    ASSIGN_OR_RETURN(v.scores, f.GetFloatArray("tokenizer.ggml.scores"));
-    if (v.scores.size() != n) return size_mismatch("tokenizer.ggml.scores", v.scores.size());
+    ASSIGN_OR_RETURN(v.scores, f.GetFloatArray("tokenizer.ggml.scores", n));
   }
   if (f.FindKey("tokenizer.ggml.token_type") != nullptr) {
-    ASSIGN_OR_RETURN(std::vector<int64_t> types, f.GetIntArray("tokenizer.ggml.token_type"));
-    if (types.size() != n) return size_mismatch("tokenizer.ggml.token_type", types.size());
+    ASSIGN_OR_RETURN(std::vector<int64_t> types, f.GetIntArray("tokenizer.ggml.token_type", n));
     v.token_types.reserve(n);
     for (int64_t t : types) {
       if (t < std::numeric_limits<int32_t>::min() || t > std::numeric_limits<int32_t>::max()) {
@@ -212,12 +234,22 @@ StatusOr<std::optional<VocabData>> ReadGgufVocab(const GgufFile& f) {
   return std::optional<VocabData>(std::move(v));
 }
 
+}  // namespace
+
+StatusOr<std::optional<VocabData>> ReadGgufVocab(const GgufFile& f) {
+  try {
+    return ReadVocab(f);
+  } catch (const std::bad_alloc&) {
+    return ResourceExhausted(f.path() + ": out of host memory while reading the vocabulary");
+  }
+}
+
 StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
   ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(path));
   const GgufFile& f = *file;
   ASSIGN_OR_RETURN(std::string arch, f.GetString("general.architecture"));
   if (arch != "llama" && arch != "qwen2") {
-    return Unimplemented(path + ": GGUF architecture '" + arch +
+    return Unimplemented(path + ": GGUF architecture '" + Printable(arch) +
                          "' is not supported (supported: llama, qwen2)");
   }
   GgufModel result;
@@ -265,8 +297,8 @@ StatusOr<GgufModel> LoadGgufModel(const std::string& path) {
       continue;
     }
     if (std::stoll(index) >= c.n_layers) {
-      return InvalidArgument(path + ": tensor '" + t.name + "' belongs to layer " + index +
-                             ", but the metadata's " + arch + ".block_count is " +
+      return InvalidArgument(path + ": tensor '" + Printable(t.name) + "' belongs to layer " +
+                             index + ", but the metadata's " + arch + ".block_count is " +
                              std::to_string(c.n_layers));
     }
   }

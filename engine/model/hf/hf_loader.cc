@@ -1,6 +1,7 @@
 #include "engine/model/hf/hf_loader.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "engine/common/json_nesting.h"
+#include "engine/common/printable.h"
 #include "engine/model/hf/safetensors.h"
 
 namespace helix {
@@ -45,10 +47,7 @@ StatusOr<json> ReadJson(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   const std::string text = ss.str();
-  if (JsonNestingDepth(text, kMaxJsonNesting) > kMaxJsonNesting) {
-    return InvalidArgument(path + ": JSON nested deeper than " + std::to_string(kMaxJsonNesting) +
-                           " levels: not a configuration file");
-  }
+  RETURN_IF_ERROR(CheckJsonFileShape(text, path));
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(path + ": expected a JSON object at the top level");
@@ -66,12 +65,15 @@ class Config {
     if (!Has(key)) return InvalidArgument(path_ + ": field '" + key + "' is missing");
     const json& v = j_[key];
     if (!v.is_number_integer()) return Wrong(key, "an integer");
-    const int64_t x = v.get<int64_t>();
-    if (x < 0 || x > std::numeric_limits<int32_t>::max()) {
-      return InvalidArgument(path_ + ": field '" + key + "' = " + std::to_string(x) +
-                             " is out of range");
+    // An unsigned value past INT64_MAX would read as a negative int64: test it unsigned.
+    const bool in_range =
+        v.is_number_unsigned()
+            ? v.get<uint64_t>() <= std::numeric_limits<int32_t>::max()
+            : v.get<int64_t>() >= 0 && v.get<int64_t>() <= std::numeric_limits<int32_t>::max();
+    if (!in_range) {
+      return InvalidArgument(path_ + ": field '" + key + "' = " + v.dump() + " is out of range");
     }
-    return x;
+    return v.get<int64_t>();
   }
   StatusOr<int64_t> IntOr(const char* key, int64_t fallback) const {
     if (!Has(key)) return fallback;
@@ -101,8 +103,8 @@ class Config {
 
  private:
   Status Wrong(const char* key, const char* expected) const {
-    return InvalidArgument(path_ + ": field '" + key + "' = " + j_[key].dump() + ": expected " +
-                           expected);
+    return InvalidArgument(path_ + ": field '" + key + "' = " + Printable(j_[key].dump()) +
+                           ": expected " + expected);
   }
 
   const json& j_;
@@ -120,9 +122,12 @@ Status ReadSharedFields(const Config& j, std::optional<double> eps_default, Mode
   ASSIGN_OR_RETURN(c->vocab_size, j.Int("vocab_size"));
   ASSIGN_OR_RETURN(c->max_seq_len, j.Int("max_position_embeddings"));
   ASSIGN_OR_RETURN(double theta, j.NumberOr("rope_theta", 10000.0));
-  if (!(theta > 0)) {
-    return InvalidArgument(path + ": field 'rope_theta' = " + std::to_string(theta) +
-                           ": expected a positive value");
+  // The RoPE base: every frequency is a power of it, so 1 or less rotates nothing (yarn's
+  // correction then divides by log 1 = 0).
+  if (!(theta > 1) || !std::isfinite(theta)) {
+    return InvalidArgument(path +
+                           ": field 'rope_theta' = " + (std::ostringstream() << theta).str() +
+                           ": expected a finite value above 1");
   }
   c->rope_theta = static_cast<float>(theta);
   ASSIGN_OR_RETURN(double eps, eps_default ? j.NumberOr("rms_norm_eps", *eps_default)
@@ -135,7 +140,8 @@ Status ReadSharedFields(const Config& j, std::optional<double> eps_default, Mode
   ASSIGN_OR_RETURN(c->tied_embeddings, j.BoolOr("tie_word_embeddings", false));
   ASSIGN_OR_RETURN(std::string act, j.StringOr("hidden_act", "silu"));
   if (act != "silu") {
-    return Unimplemented(path + ": hidden_act '" + act + "' is not supported (only silu)");
+    return Unimplemented(path + ": hidden_act '" + Printable(act) +
+                         "' is not supported (only silu)");
   }
   return Status::Ok();
 }
@@ -189,7 +195,7 @@ Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
       ASSIGN_OR_RETURN(y.mscale, r.NumberOr("mscale", 1.0));
       ASSIGN_OR_RETURN(y.mscale_all_dim, r.NumberOr("mscale_all_dim", 0.0));
     } else if (type != "default") {
-      return Unimplemented(path + ": rope_scaling " + rs.dump() +
+      return Unimplemented(path + ": rope_scaling " + Printable(rs.dump()) +
                            " is not supported (DeepSeek: yarn or none)");
     }
   }
@@ -208,7 +214,7 @@ Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
     } else if (topk == "noaux_tc") {
       c->topk_method = TopkMethod::kNoauxTc;
     } else {
-      return Unimplemented(path + ": topk_method '" + topk +
+      return Unimplemented(path + ": topk_method '" + Printable(topk) +
                            "' is not supported (greedy, group_limited_greedy, noaux_tc)");
     }
     ASSIGN_OR_RETURN(std::string scoring, j.StringOr("scoring_func", v3 ? "sigmoid" : "softmax"));
@@ -217,7 +223,7 @@ Status ReadDeepseekConfig(const Config& j, ModelConfig* c) {
     } else if (scoring == "sigmoid") {
       c->scoring = ScoringFunc::kSigmoid;
     } else {
-      return Unimplemented(path + ": scoring_func '" + scoring +
+      return Unimplemented(path + ": scoring_func '" + Printable(scoring) +
                            "' is not supported (softmax, sigmoid)");
     }
     ASSIGN_OR_RETURN(c->n_group, j.IntOr("n_group", 1));
@@ -246,7 +252,7 @@ Status ReadConfig(const Config& j, ModelConfig* c) {
     c->architecture = arch == "DeepseekV2ForCausalLM" ? "deepseek_v2" : "deepseek_v3";
     return ReadDeepseekConfig(j, c);
   } else {
-    return Unimplemented(path + ": architecture '" + arch +
+    return Unimplemented(path + ": architecture '" + Printable(arch) +
                          "' is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
                          "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM)");
   }
@@ -264,7 +270,7 @@ Status ReadConfig(const Config& j, ModelConfig* c) {
   if (j.Has("rope_scaling")) {
     const json& rs = j.raw("rope_scaling");
     if (RopeScalingType(rs) != "default") {
-      return Unimplemented(path + ": rope_scaling " + rs.dump() + " is not supported");
+      return Unimplemented(path + ": rope_scaling " + Printable(rs.dump()) + " is not supported");
     }
   }
   if (j.Has("partial_rotary_factor")) {
@@ -317,12 +323,13 @@ class TensorSource {
     std::map<std::string, SafetensorsFile*> shards;
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
       if (!it.value().is_string()) {
-        return InvalidArgument(index + ": weight_map entry '" + it.key() + "' is not a file name");
+        return InvalidArgument(index + ": weight_map entry '" + Printable(it.key()) +
+                               "' is not a file name");
       }
       const std::string shard = it.value().get<std::string>();
       if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
-        return InvalidArgument(index + ": weight_map entry '" + it.key() + "' names '" + shard +
-                               "', not a file in the model directory");
+        return InvalidArgument(index + ": weight_map entry '" + Printable(it.key()) + "' names '" +
+                               Printable(shard) + "', not a file in the model directory");
       }
       auto [pos, added] = shards.emplace(shard, nullptr);
       if (added) {
@@ -333,8 +340,8 @@ class TensorSource {
       }
       const SafetensorsTensor* t = pos->second->Find(it.key());
       if (t == nullptr) {
-        return DataLoss(index + ": tensor '" + it.key() + "' is mapped to " + shard +
-                        ", which does not contain it");
+        return DataLoss(index + ": tensor '" + Printable(it.key()) + "' is mapped to " +
+                        Printable(shard) + ", which does not contain it");
       }
       where_[it.key()] = {pos->second, t};
     }

@@ -87,10 +87,8 @@ Status SafetensorsFile::Parse() {
                     " bytes but only " + Str(size_ - 8) + " follow the length");
   }
   const char* begin = reinterpret_cast<const char*>(base_ + 8);
-  if (JsonNestingDepth(std::string_view(begin, header_len), kMaxJsonNesting) > kMaxJsonNesting) {
-    return InvalidArgument(path + ": safetensors header nests JSON deeper than " +
-                           std::to_string(kMaxJsonNesting) + " levels");
-  }
+  RETURN_IF_ERROR(
+      CheckJsonFileShape(std::string_view(begin, header_len), path + ": safetensors header"));
   nlohmann::json h = nlohmann::json::parse(begin, begin + header_len, nullptr,
                                            /*allow_exceptions=*/false);
   if (h.is_discarded() || !h.is_object()) {
