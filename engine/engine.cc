@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "engine/backend/cpu/cpu_backend.h"
@@ -551,7 +552,9 @@ Status Engine::BroadcastPlan(parallel::StepPlan* plan, std::chrono::milliseconds
 }
 
 Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
-  for (uint64_t uid : plan.released) {
+  // The leader freed its own blocks already (Finish, Preempt): a uid it released may even be
+  // admitted again by now, with blocks of this step.
+  for (uint64_t uid : is_leader() ? std::vector<uint64_t>() : plan.released) {
     DropPull(uid);
     auto it = kv_.find(uid);
     if (it == kv_.end()) continue;  // the leader freed its own blocks at Finish
@@ -1193,10 +1196,12 @@ void Engine::Admit() {
         s->req.retain_kv && export_mirror_ != nullptr ? BlocksFor(s->prompt_len) : 0;
     if (static_cast<int64_t>(export_free_.size()) < export_need) break;  // wait for releases
     // Reserve the whole request up front (no preemption is ever needed), or with
-    // kv_preemption only what its first pass writes, leaving a block of room for each running
-    // preemptible sequence's next token.
+    // kv_preemption what its first pass writes and the position of the token that pass
+    // samples (for a pulled prompt: the context server's token, fed back first), leaving a
+    // block of room for each running preemptible sequence's next token.
     SequenceKv kv(options_.tokens_per_block, layout_.cp, layout_.cp_rank);
-    const int64_t reserve = s->on_demand ? pass_tokens : s->reserve_tokens;
+    const int64_t reserve =
+        s->on_demand ? std::min(pass_tokens + 1, s->reserve_tokens) : s->reserve_tokens;
     if (s->on_demand) {
       const int64_t room = std::count_if(running_.begin(), running_.end(),
                                          [](const auto& r) { return r->on_demand; });
@@ -1256,14 +1261,18 @@ bool Engine::GrowReservations() {
     SequenceKv& kv = kv_.at(s->uid);
     bool self = false;
     while (!kv.Reserve(pool_.get(), need)) {
-      // The most recently admitted preemptible sequence gives its blocks back (this one, when
-      // it is that one: it then waits until blocks are free).
-      size_t v = running_.size() - 1;
-      while (!running_[v]->on_demand) --v;  // stops at i at the latest
+      // The most recently submitted preemptible sequence gives its blocks back (this one, when
+      // it is that one: it then waits until blocks are free), as vLLM preempts the latest
+      // arrival; not the last to join the batch, which may be a pull that just landed.
+      size_t v = i;
+      for (size_t k = 0; k < running_.size(); ++k) {
+        if (running_[k]->on_demand && running_[k]->uid > running_[v]->uid) v = k;
+      }
       self = v == i;
       Preempt(v);
       preempted = true;
       if (self) break;
+      if (v < i) --i;  // s moved up one place
     }
     if (self) continue;  // running_[i] is the next sequence now
     s->reserved = need;
@@ -1287,10 +1296,17 @@ void Engine::Preempt(size_t running_index) {
   s->reserved = 0;
   s->num_computed = 0;  // prompt and generated tokens are computed again
   s->preempted = true;
-  ++preemptions_;
-  HELIX_LOG(kWarn) << "engine: request " << s->req.id << " preempted (recompute) after "
-                   << s->generated << " tokens: not enough KV blocks (kv_preemption); "
-                   << preemptions_.load() << " preemptions so far";
+  const uint64_t n = ++preemptions_;
+  // A warning for the first and every 50th (vLLM's cadence), the rest at debug level.
+  std::ostringstream line;
+  line << "engine: request " << s->req.id << " preempted (recompute) after " << s->generated
+       << " tokens: not enough KV blocks (capacity_scheduler_policy MAX_UTILIZATION); " << n
+       << " preemptions so far";
+  if (n % 50 == 1) {
+    HELIX_LOG(kWarn) << line.str();
+  } else {
+    HELIX_LOG(kDebug) << line.str();
+  }
   // Ahead of every request not yet admitted; preempted ones in the order they came (uid).
   auto pos = std::find_if(waiting_.begin(), waiting_.end(),
                           [&](const auto& w) { return !w->preempted || w->uid > s->uid; });

@@ -175,6 +175,7 @@ class Engine {
   // Requests preempted so far (kv_preemption); any thread.
   uint64_t preemptions() const { return preemptions_.load(); }
   bool kv_preemption() const { return options_.kv_preemption; }
+  int64_t max_num_tokens() const { return options_.max_num_tokens; }
   // Hex digest (FNV-1a 64) of what two servers must share to exchange KV and tokens: the
   // architecture and shapes, weight and KV dtypes, and the tokenizer's vocabulary.
   const std::string& model_fingerprint() const { return fingerprint_; }

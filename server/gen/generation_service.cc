@@ -489,6 +489,7 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
   info->set_kv_transfers_cancelled(static_cast<int64_t>(d.transfers_cancelled));
   ToProto(engine_->kv_layout(), info->mutable_kv_layout());
   info->set_kv_preemptions(engine_->preemptions());
+  info->set_max_num_tokens(engine_->max_num_tokens());
   info->set_capacity_scheduler_policy(engine_->kv_preemption() ? "MAX_UTILIZATION"
                                                                : "GUARANTEED_NO_EVICT");
   grpc::ServerUnaryReactor* r = ctx->DefaultReactor();

@@ -322,14 +322,21 @@ int64_t Router::max_seq_len() const {
 
 int64_t Router::ChatDefaultMaxTokens(int64_t prompt_len, int64_t max_seq_len) const {
   if (max_seq_len <= prompt_len) return 16;
-  int64_t pool = 0;
+  int64_t pool = 0, pass = 0;
   bool all_preempt = true, known = false;
   for (Backend* g : Healthy(gen_)) {
     std::lock_guard<std::mutex> lock(g->mu);
-    if (!g->have_info) continue;
+    if (!g->have_info) {  // not heard from yet: take it for one that reserves everything
+      all_preempt = false;
+      continue;
+    }
     const v1::ServerInfo& i = g->info;
     known = true;
     all_preempt = all_preempt && i.capacity_scheduler_policy() == "MAX_UTILIZATION";
+    // A request stays preemptible while its recompute fits one pass.
+    if (i.max_num_tokens() > 0 && (pass == 0 || i.max_num_tokens() < pass)) {
+      pass = i.max_num_tokens();
+    }
     // Positions one request can hold: CP rank 0 (the largest share) holds one block in cp.
     const int64_t cp = std::max<int64_t>(1, i.context_parallel_size());
     const int64_t hold = i.kv_total_blocks() * cp * i.tokens_per_block();
@@ -337,6 +344,8 @@ int64_t Router::ChatDefaultMaxTokens(int64_t prompt_len, int64_t max_seq_len) co
   }
   int64_t n = max_seq_len - prompt_len;
   if (!known || !all_preempt) n = std::min<int64_t>(n, 1024);
+  // Past one pass a request would reserve its whole KV at admission even there.
+  if (known && all_preempt && pass > 0) n = std::min<int64_t>(n, pass - prompt_len + 1);
   // A request holds the KV of its prompt and of every generated token but the last.
   if (pool > 0) n = std::min<int64_t>(n, pool - prompt_len + 1);
   return std::max<int64_t>(n, 1);

@@ -125,8 +125,9 @@ class Router {
   int64_t max_seq_len() const;
   // Chat's max_tokens when the request names none: what the context leaves after the prompt
   // (vLLM's default), at most 1024 unless every healthy generation server known preempts
-  // (capacity_scheduler_policy MAX_UTILIZATION, which reserves KV as it is used), and at most
-  // what the smallest of their KV pools can hold for one request.
+  // (capacity_scheduler_policy MAX_UTILIZATION, which reserves KV as it is used; then at most
+  // what keeps the request preemptible: prompt + max_tokens - 1 within max_num_tokens), and at
+  // most what the smallest of their KV pools can hold for one request.
   // max_seq_len: the context (max_seq_len() above, as the caller read it).
   int64_t ChatDefaultMaxTokens(int64_t prompt_len, int64_t max_seq_len) const;
   // A healthy generation server's ServerInfo (GetServerInfo of the router's gRPC front).

@@ -1445,16 +1445,21 @@ class ChatTest(unittest.TestCase):
     def test_chat_default_max_tokens_follows_the_pool_and_the_policy(self):
         """Chat without max_tokens gets what the context leaves after the prompt, as in vLLM: at
         most 1024 tokens from servers that reserve a request's whole KV at admission
-        (GUARANTEED_NO_EVICT), uncapped from servers that preempt (MAX_UTILIZATION), and never
-        more than the KV pool holds (that was refused as "can never fit")."""
+        (GUARANTEED_NO_EVICT), from servers that preempt (MAX_UTILIZATION) as much as keeps the
+        request preemptible (its recompute within max_num_tokens), and never more than the KV
+        pool holds (that was refused as "can never fit")."""
         if not MODELS:
             self.skipTest("HELIX_TEST_MODELS_DIR is not set")
         tmp = tempfile.mkdtemp(prefix="helix_router_chat_default_")
         msgs = [{"role": "user", "content": "Once upon a time"}]
         try:
-            for policy, pool, want in (("GUARANTEED_NO_EVICT", 8192, lambda p: 1024),
-                                       ("MAX_UTILIZATION", 8192, lambda p: 1600 - p),
-                                       ("GUARANTEED_NO_EVICT", 256, lambda p: 257 - p)):
+            # (policy, pool tokens, max_num_tokens, the default max_tokens for a prompt of p)
+            for policy, pool, batch, want in (
+                    ("GUARANTEED_NO_EVICT", 8192, 8192, lambda p: 1024),
+                    ("MAX_UTILIZATION", 8192, 8192, lambda p: 1600 - p),
+                    # Past one pass a request is no longer preemptible (it would reserve all).
+                    ("MAX_UTILIZATION", 8192, 1200, lambda p: 1201 - p),
+                    ("GUARANTEED_NO_EVICT", 256, 8192, lambda p: 257 - p)):
                 procs = []
                 try:
                     gen_port, port = free_port(), free_port()
@@ -1462,6 +1467,7 @@ class ChatTest(unittest.TestCase):
                     cfg["model"] = os.path.join(MODELS, "long.bin")
                     cfg["max_seq_len"] = 1600
                     cfg["kv_cache_config"]["max_tokens"] = pool
+                    cfg["max_num_tokens"] = batch
                     cfg["scheduler_config"] = {"capacity_scheduler_policy": policy}
                     procs.append(Proc(tmp, "gen", cfg, gen_port))
                     rcfg = router_cfg(port, [], [gen_port])
