@@ -75,8 +75,26 @@ Status Number(const json& j, const char* key, double lo, double hi, double* out,
   return Status::Ok();
 }
 
+// A number without a fractional part (8.0), which vLLM's schema (pydantic, lax) takes for an
+// integer; nullopt for anything else.
+std::optional<double> IntegralFloat(const json& v) {
+  if (!v.is_number_float()) return std::nullopt;
+  const double d = v.get<double>();
+  if (!std::isfinite(d) || std::trunc(d) != d) return std::nullopt;
+  return d;
+}
+
 Status Integer(const json& j, const char* key, int64_t lo, int64_t hi, int64_t* out, HttpError* e) {
   if (!j.contains(key) || j[key].is_null()) return Status::Ok();
+  if (const auto d = IntegralFloat(j[key])) {
+    if (*d < static_cast<double>(lo) || *d > static_cast<double>(hi)) {
+      return Bad(e, key,
+                 std::string("'") + key + "' = " + j[key].dump() + " is out of range [" +
+                     std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
+    *out = static_cast<int64_t>(*d);
+    return Status::Ok();
+  }
   if (!j[key].is_number_integer()) {
     return Bad(e, key, std::string("'") + key + "' must be an integer");
   }
@@ -97,6 +115,13 @@ Status Integer(const json& j, const char* key, int64_t lo, int64_t hi, int64_t* 
 Status Seed(const json& j, std::optional<uint64_t>* out, HttpError* e) {
   if (!j.contains("seed") || j["seed"].is_null()) return Status::Ok();
   const json& v = j["seed"];
+  if (const auto d = IntegralFloat(v)) {
+    if (*d < 0 || *d >= 18446744073709551616.0) {
+      return Bad(e, "seed", "'seed' = " + v.dump() + " is out of range [0, 2^64)");
+    }
+    *out = static_cast<uint64_t>(*d);
+    return Status::Ok();
+  }
   if (!v.is_number_integer()) return Bad(e, "seed", "'seed' must be an integer");
   if (!v.is_number_unsigned() && v.get<int64_t>() < 0) {
     return Bad(e, "seed", "'seed' = " + v.dump() + " is out of range [0, 2^64)");

@@ -757,6 +757,15 @@ class RouterTest(unittest.TestCase):
                             {"model": NAME, "messages": [{"role": "user",
                                                           "content": [{"type": 5, "text": "hi"}]}]})
         self.assertEqual((status, body["error"]["param"]), (400, "messages[0].content"))
+        # Numbers without a fractional part are integers, as vLLM's schema takes them; others
+        # are not.
+        status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a",
+                                                   "max_tokens": 3.0, "seed": 7.0, "n": 1.0,
+                                                   "ignore_eos": True})
+        self.assertEqual((status, body.get("usage", {}).get("completion_tokens")), (200, 3), body)
+        for key, value in (("max_tokens", 2.5), ("seed", 1e30), ("n", -1.0), ("max_tokens", 1e300)):
+            status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", key: value})
+            self.assertEqual((status, body["error"]["param"]), (400, key), (key, value, body))
         # Any 64-bit seed is a seed; integers beyond are named as sent.
         status, body = http(p, "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2,
                                                    "seed": 18446744073709551615})
