@@ -306,7 +306,7 @@ bool NotAllowed(const httplib::Request& req, httplib::Response* res, HttpError* 
 // in *kept and reading past it without keeping, so that the connection stays in step for the
 // next request (as httplib skips a Content-Length body over its own limit). A body longer than
 // kMaxBodyRead is not read to its end. A multipart body is read and dropped.
-enum class BodyRead { kOk, kTooLarge, kMultipart, kFailed };
+enum class BodyRead { kOk, kTooLarge, kMultipart, kEncoded, kFailed };
 constexpr uint64_t kMaxBodyRead = uint64_t{1} << 30;
 BodyRead ReadBody(const httplib::Request& req, httplib::Response* res,
                   const httplib::ContentReader& read, size_t keep_limit, std::string* kept) {
@@ -330,6 +330,13 @@ BodyRead ReadBody(const httplib::Request& req, httplib::Response* res,
     return true;
   });
   if (res->status == 413) return BodyRead::kTooLarge;  // httplib skipped a Content-Length one
+  // A compressed body: httplib (built without zlib) refuses gzip and deflate before reading
+  // (415); other codings arrive as they were sent. Neither is JSON.
+  const std::string coding = req.get_header_value("Content-Encoding");
+  if (!coding.empty() && coding != "identity") {
+    res->status = ok ? 200 : 415;  // 200: the body was read to its end
+    return BodyRead::kEncoded;
+  }
   if (!ok) return seen > kMaxBodyRead ? BodyRead::kTooLarge : BodyRead::kFailed;
   return too_large ? BodyRead::kTooLarge : BodyRead::kOk;
 }
@@ -1189,6 +1196,16 @@ StatusOr<int> OpenAiHttp::Start() {
                  {415,
                   "a multipart/form-data body is not accepted: send the request as JSON "
                   "(Content-Type: application/json)",
+                  "invalid_request_error", "", ""},
+                 route);
+      return false;
+    }
+    if (read == BodyRead::kEncoded) {
+      if (res.status == 415) res.set_header("Connection", "close");  // the body was not read
+      send_error(res,
+                 {415,
+                  "Content-Encoding '" + req.get_header_value("Content-Encoding").substr(0, 64) +
+                      "' is not accepted: send the request body uncompressed",
                   "invalid_request_error", "", ""},
                  route);
       return false;

@@ -12,6 +12,7 @@ is back. Every process is started in its own session and stopped by pid.
 Environment: HELIX_GEN_BIN, HELIX_CTX_BIN, HELIX_ROUTER_BIN, HELIX_SHARED_DIR,
 HELIX_TEST_MODELS_DIR.
 """
+import gzip
 import http.client as http_client
 import json
 import os
@@ -129,11 +130,13 @@ def router_cfg(port, ctx_ports, gen_ports, policy="round_robin", **extra):
     return cfg
 
 
-def http(port, path, body=None, key=KEY, raw=None, method=None):
+def http(port, path, body=None, key=KEY, raw=None, method=None, headers=None):
     """(status, parsed JSON or text) of one HTTP call."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:
@@ -847,8 +850,19 @@ class RouterTest(unittest.TestCase):
                                     b"Content-Length: %d\r\n\r\n" % len(form) + form)
             self.assertEqual(status, 415, body)  # was 500 "bad_function_call"
             self.assertIn(b"application/json", body)
+            # A coding httplib passes through (read to its end: the connection stays in step).
+            status, body = exchange(c, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                                    b"Content-Encoding: zstd\r\n"
+                                    b"Content-Length: %d\r\n\r\n" % len(small) + small)
+            self.assertEqual(status, 415, body)
+            self.assertIn(b"Content-Encoding 'zstd' is not accepted", body)
             status, body = exchange(c, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertEqual(status, 200, body)
+        # gzip, which httplib refuses before reading (it was 400 "malformed chunked encoding?").
+        status, body = http(p, "/v1/completions", raw=gzip.compress(small),
+                            headers={"Content-Encoding": "gzip"})
+        self.assertEqual(status, 415, body)
+        self.assertIn("Content-Encoding 'gzip' is not accepted", body["error"]["message"])
         # Expect: 100-continue with a body over the limit is refused before it is sent.
         with socket.create_connection(("127.0.0.1", p), timeout=10) as c:
             c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
