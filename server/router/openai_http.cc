@@ -825,6 +825,13 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
                  "'stop' must be a string or an array of at most " + std::to_string(kMaxStops) +
                      " strings");
     }
+    // They are matched at every token: 64 KiB in all, as the generation servers take them.
+    size_t bytes = 0;
+    for (const std::string& x : p.route.stop) bytes += x.size();
+    if (bytes > (size_t{64} << 10)) {
+      return Bad(e, "stop",
+                 "'stop' strings hold " + std::to_string(bytes) + " bytes in all; at most 65536");
+    }
   }
   if (j.contains("stream") && !j["stream"].is_null()) {
     if (!j["stream"].is_boolean()) return Bad(e, "stream", "'stream' must be a boolean");

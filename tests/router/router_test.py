@@ -1414,6 +1414,12 @@ class ChatTest(unittest.TestCase):
                                      continue_final_message=False, add_special_tokens=False),
                                 key=None)
             self.assertEqual(status, 200, body)
+            # Stop strings are bounded here as on the generation servers (that 400 named no
+            # param); this router takes bodies of up to 1 MiB.
+            status, body = http(port, "/v1/chat/completions",
+                                dict(chat, stop=["x" * 40000, "y" * 40000]), key=None)
+            self.assertEqual((status, body["error"]["param"]), (400, "stop"), body)
+            self.assertIn("80000 bytes", body["error"]["message"])
             # Without cors_allowed_origins, a preflight is a method this path does not take.
             status, _ = http(port, "/v1/completions", method="OPTIONS", key=None)
             self.assertEqual(status, 405)
