@@ -286,6 +286,17 @@ GenerateRequest Greedy(const std::string& text, int max_tokens) {
   return r;
 }
 
+// Every request streamed at once, each on its own thread.
+std::vector<StreamResult> RunTogether(Daemon& d, const std::vector<GenerateRequest>& reqs) {
+  std::vector<StreamResult> together(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] { together[i] = d.Run(reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  return together;
+}
+
 class ServeTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -325,12 +336,7 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
     if (d.Info().kv_free_blocks() != info.kv_total_blocks()) ++stale_free_counts;
   }
   EXPECT_EQ(stale_free_counts, 0);
-  std::vector<StreamResult> together(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { together[i] = d.Run(reqs[i]); });
-  }
-  for (auto& t : threads) t.join();
+  const std::vector<StreamResult> together = RunTogether(d, reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
     SCOPED_TRACE(i);
     ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
@@ -459,7 +465,7 @@ TEST_F(ServeTest, ConcurrentStreamsCancelDeadlineAndBadInput) {
   ASSERT_EQ(long_ref.tokens.size(), 120u) << long_ref.status.error_message();
   std::vector<StreamResult> flood(80);
   std::latch start(std::ssize(flood));
-  threads.clear();
+  std::vector<std::thread> threads;
   for (size_t i = 0; i < flood.size(); ++i) {
     threads.emplace_back([&, i] {
       start.arrive_and_wait();
@@ -511,12 +517,7 @@ TEST_F(ServeTest, MaxUtilizationPreemptsAndKeepsStreamsExact) {
   std::vector<StreamResult> alone;
   for (const GenerateRequest& r : reqs) alone.push_back(d.Run(r));
   EXPECT_EQ(d.Info().kv_preemptions(), 0u);
-  std::vector<StreamResult> together(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { together[i] = d.Run(reqs[i]); });
-  }
-  for (auto& t : threads) t.join();
+  const std::vector<StreamResult> together = RunTogether(d, reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
     SCOPED_TRACE(i);
     ASSERT_TRUE(alone[i].status.ok()) << alone[i].status.error_message();

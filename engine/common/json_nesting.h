@@ -15,40 +15,6 @@
 
 namespace helix {
 
-// The deepest nesting of arrays and objects in `text` (brackets inside strings do not count),
-// stopping early once it passes `limit`: the result is then limit + 1. Malformed text gets a
-// number too; the parser that follows reports what is wrong with it.
-inline int JsonNestingDepth(std::string_view text, int limit) {
-  int depth = 0, deepest = 0;
-  bool in_string = false, escaped = false;
-  for (const char c : text) {
-    if (in_string) {
-      if (escaped) {
-        escaped = false;
-      } else if (c == '\\') {
-        escaped = true;
-      } else if (c == '"') {
-        in_string = false;
-      }
-      continue;
-    }
-    if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > deepest) {
-        deepest = depth;
-        if (deepest > limit) return deepest;
-      }
-    } else if ((c == ']' || c == '}') && depth > 0) {
-      --depth;
-    }
-  }
-  return deepest;
-}
-
-// Enough for any configuration, tokenizer or request this daemon reads.
-constexpr int kMaxJsonNesting = 64;
-
 // What the parser would build from `text`: its deepest nesting and its number of values
 // (arrays, objects, strings including object keys, numbers, true/false/null), each of which
 // becomes a node. One pass; stops early once the depth passes `depth_limit` or the values pass
@@ -91,6 +57,16 @@ inline JsonTextShape JsonShape(std::string_view text, int depth_limit, uint64_t 
   }
   return s;
 }
+
+// The deepest nesting of arrays and objects in `text` (brackets inside strings do not count),
+// stopping early once it passes `limit`: the result is then limit + 1. Malformed text gets a
+// number too; the parser that follows reports what is wrong with it.
+inline int JsonNestingDepth(std::string_view text, int limit) {
+  return JsonShape(text, limit, UINT64_MAX).depth;
+}
+
+// Enough for any configuration, tokenizer or request this daemon reads.
+constexpr int kMaxJsonNesting = 64;
 
 // Far more values than any real file this daemon reads holds (a 151K-token tokenizer.json with
 // 280K merges as pairs: about 1.2 million), and few enough that parsing them stays under about

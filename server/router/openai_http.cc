@@ -28,6 +28,7 @@
 #include "engine/common/log.h"
 #include "engine/sampler/sampling_params.h"
 #include "helix/version.h"
+#include "server/common/kv_proto.h"
 
 namespace helix::router {
 namespace {
@@ -86,23 +87,18 @@ std::optional<double> IntegralFloat(const json& v) {
 
 Status Integer(const json& j, const char* key, int64_t lo, int64_t hi, int64_t* out, HttpError* e) {
   if (!j.contains(key) || j[key].is_null()) return Status::Ok();
-  if (const auto d = IntegralFloat(j[key])) {
-    if (*d < static_cast<double>(lo) || *d > static_cast<double>(hi)) {
-      return Bad(e, key,
-                 std::string("'") + key + "' = " + j[key].dump() + " is out of range [" +
-                     std::to_string(lo) + ", " + std::to_string(hi) + "]");
-    }
-    *out = static_cast<int64_t>(*d);
-    return Status::Ok();
-  }
-  if (!j[key].is_number_integer()) {
+  const json& x = j[key];
+  const std::optional<double> d = IntegralFloat(x);
+  if (!d && !x.is_number_integer()) {
     return Bad(e, key, std::string("'") + key + "' must be an integer");
   }
-  // Above INT64_MAX the JSON holds an unsigned value (named as sent, not wrapped).
-  const bool huge =
-      j[key].is_number_unsigned() && j[key].get<uint64_t>() > static_cast<uint64_t>(INT64_MAX);
-  const int64_t v = huge ? 0 : j[key].get<int64_t>();
-  if (huge || v < lo || v > hi) {
+  // Out of range whatever its form: a float beyond [lo, hi], or above INT64_MAX an unsigned
+  // JSON value (named as sent, not wrapped).
+  const bool beyond =
+      d ? *d < static_cast<double>(lo) || *d > static_cast<double>(hi)
+        : x.is_number_unsigned() && x.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX);
+  const int64_t v = beyond ? 0 : d ? static_cast<int64_t>(*d) : x.get<int64_t>();
+  if (beyond || v < lo || v > hi) {
     return Bad(e, key,
                std::string("'") + key + "' = " + j[key].dump() + " is out of range [" +
                    std::to_string(lo) + ", " + std::to_string(hi) + "]");
@@ -825,13 +821,6 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
                  "'stop' must be a string or an array of at most " + std::to_string(kMaxStops) +
                      " strings");
     }
-    // They are matched at every token: 64 KiB in all, as the generation servers take them.
-    size_t bytes = 0;
-    for (const std::string& x : p.route.stop) bytes += x.size();
-    if (bytes > (size_t{64} << 10)) {
-      return Bad(e, "stop",
-                 "'stop' strings hold " + std::to_string(bytes) + " bytes in all; at most 65536");
-    }
   }
   if (j.contains("stream") && !j["stream"].is_null()) {
     if (!j["stream"].is_boolean()) return Bad(e, "stream", "'stream' must be a boolean");
@@ -970,6 +959,9 @@ StatusOr<ParsedRequest> ParseOpenAiRequest(const std::string& body, bool chat, c
   if (seed) sp->set_seed(*seed);
   sp->set_min_tokens(static_cast<int32_t>(min_tokens));
   for (const std::string& s : p.route.stop) g.add_stop(s);
+  // The generation servers' bounds on stop strings (their bytes in all: the count and
+  // stop_token_ids are held lower above), named here rather than by the server's refusal.
+  if (Status st = server::CheckStops(g); !st.ok()) return Bad(e, "stop", st.message());
   g.set_ignore_eos(ignore_eos);
   if (p.logprobs) g.set_top_logprobs(p.top_logprobs);
   return p;
@@ -1329,7 +1321,6 @@ StatusOr<int> OpenAiHttp::Start() {
         run->events.clear();
         run->events.shrink_to_fit();
         std::string choices = "[";
-        size_t bytes = 0;
         for (int i = 0; i < runs; ++i) {
           json c;
           if (chat) {
@@ -1360,7 +1351,7 @@ StatusOr<int> OpenAiHttp::Start() {
                              {"total_tokens", prompt_tokens + completion_tokens}}}};
         std::string body = "{\"choices\":" + choices + "," + Dump(rest).substr(1);
         std::string().swap(choices);
-        bytes = body.size();
+        const size_t bytes = body.size();
         res.set_content(std::move(body), "application/json");
         Count(route, 200);
         // Give the freed memory of a large answer back to the system (glibc keeps it).
