@@ -1387,7 +1387,7 @@ Choice WarpChoice(int64_t items, const char* name) {
 
 template <typename T, int D>
 Choice ChooseFast(int group, int64_t items) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && D == 128) {  // benchmark-only mode
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // benchmark-only mode (head dims 64, 128)
     if (group <= 4 && Tuning().load_only) {
       return WarpChoice<T, D, 4, kWarpLoadOnly>(items, "loadonly");
     }

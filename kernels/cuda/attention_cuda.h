@@ -77,7 +77,7 @@ struct PagedAttentionCudaTuning {
                                  // in steps beyond the ring (default none; < 0: none)
   int64_t min_chunk_tokens = 0;  // shortest split-KV chunk PagedAttentionCudaSplitTokens picks
                                  // (default 128)
-  bool load_only = false;        // bf16, head dim 128, groups <= 4: only the K/V copies, no
+  bool load_only = false;        // bf16, head dims 64 / 128, groups <= 4: only the K/V copies, no
                                  // math (the output is meaningless): the kernel's memory ceiling
   bool bulk_copy = false;        // head dims 64 / 128, tokens_per_block a multiple of 8, sm_90:
                                  // each warp step's K and V rows arrive as two TMA bulk copies

@@ -1,4 +1,4 @@
-// Decode attention bandwidth on the GPU: PagedAttentionCuda (bf16 KV, head_dim 128, 32 query
+// Decode attention bandwidth on the GPU: PagedAttentionCuda (bf16 KV, head_dim 128 or 64, 32 query
 // heads / 8 KV heads, 1 layer, 32 tokens per block, blocks shuffled in the pool, pseudo-random
 // K/V) for KV 4K..256K tokens x batch 1, 4, 16, against two references over the same byte
 // count measured in the same run: a pure-read kernel (the main reference: attention only reads
@@ -17,14 +17,17 @@
 // --prefill times one causal prompt of 1K..32K tokens (bf16 KV, 32 / 8 heads, head dims 128 and
 // 64) on the default kernel (up to 8K) and on the tensor-core prefill kernel, with TFLOP/s.
 //
-// Usage: attention_bench [--mla | --prefill] [--csv FILE] [--quick] [--no-variants]. Exits 0 with a
-// note when no GPU is visible.
+// Usage: attention_bench [--mla | --prefill] [--csv FILE] [--quick] [--no-variants]
+// [--head-dim 64|128] [--tokens N,N,...] [--batches N,N,...] (the last three: the decode mode;
+// --head-dim 64 is Llama-3.2-1B's shape, the end-to-end benchmark's). Exits 0 with a note when no
+// GPU is visible.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <numeric>
@@ -77,14 +80,16 @@ const Variant kVariants[] = {
     {"bulkload", {.load_only = true, .bulk_copy = true}, false, true},
 };
 
-constexpr int64_t kQHeads = 32, kKvHeads = 8, kDim = 128, kTpb = 32;
+constexpr int64_t kQHeads = 32, kKvHeads = 8, kTpb = 32;
+// The decode mode's head dim (--head-dim: 128, the default, or 64, Llama-3.2-1B's).
+int64_t g_dim = 128;
 constexpr int64_t kElem = 2;  // bf16
 // Every timed iteration touches fresh data: iterations cycle over copies of the KV (and of
 // the copy's source and destination) adding up to at least this many bytes (H200 L2: 50 MB).
 constexpr int64_t kRotateBytes = 512ll << 20;
 
 int64_t KvBytes(int64_t batch, int64_t tokens) {
-  return batch * tokens * kKvHeads * kDim * kElem * 2;
+  return batch * tokens * kKvHeads * g_dim * kElem * 2;
 }
 
 // Median time of one iteration of `graph` (which runs `iters` of them) over `runs` launches.
@@ -490,9 +495,29 @@ int PrefillMain(const std::string& csv_path, bool quick) {
   return 0;
 }
 
+// A comma-separated list of positive integers into *out; false when it is not one.
+bool ParseList(const char* text, std::vector<int64_t>* out) {
+  out->clear();
+  const std::string s = text;
+  size_t i = 0;
+  while (i <= s.size()) {
+    const size_t j = std::min(s.find(',', i), s.size());
+    const std::string item = s.substr(i, j - i);
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || v <= 0) {
+      return false;
+    }
+    out->push_back(v);
+    i = j + 1;
+  }
+  return !out->empty();
+}
+
 int Main(int argc, char** argv) {
   std::string csv_path;
   bool quick = false;
+  std::vector<int64_t> tokens_arg, batches_arg;
   bool variants = true;
   bool mla = false;
   bool prefill = false;
@@ -507,9 +532,29 @@ int Main(int argc, char** argv) {
       mla = true;
     } else if (std::strcmp(argv[i], "--prefill") == 0) {
       prefill = true;
+    } else if (std::strcmp(argv[i], "--head-dim") == 0 && i + 1 < argc &&
+               (std::strcmp(argv[i + 1], "64") == 0 || std::strcmp(argv[i + 1], "128") == 0)) {
+      g_dim = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc &&
+               ParseList(argv[i + 1], &tokens_arg)) {
+      ++i;
+    } else if (std::strcmp(argv[i], "--batches") == 0 && i + 1 < argc &&
+               ParseList(argv[i + 1], &batches_arg)) {
+      ++i;
     } else {
-      std::fprintf(stderr, "usage: %s [--mla | --prefill] [--csv FILE] [--quick] [--no-variants]\n",
-                   argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--mla | --prefill] [--csv FILE] [--quick] [--no-variants] "
+                   "[--head-dim 64|128] [--tokens N,N,...] [--batches N,N,...]\n"
+                   "(--head-dim, --tokens and --batches: the decode mode; tokens are multiples of "
+                   "%lld)\n",
+                   argv[0], static_cast<long long>(kTpb));
+      return 2;
+    }
+  }
+  for (const int64_t t : tokens_arg) {
+    if (t % kTpb != 0) {
+      std::fprintf(stderr, "attention_bench: --tokens %lld is not a multiple of %lld\n",
+                   static_cast<long long>(t), static_cast<long long>(kTpb));
       return 2;
     }
   }
@@ -524,6 +569,7 @@ int Main(int argc, char** argv) {
   if (prefill) {
     return PrefillMain(csv_path, quick);
   }
+  const int64_t dim = g_dim;
   cudaDeviceProp prop;
   HELIX_CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (%d SMs, %.0f MiB, L2 %.0f MiB)\n", prop.name, prop.multiProcessorCount,
@@ -531,7 +577,7 @@ int Main(int argc, char** argv) {
   std::printf(
       "shapes: bf16 KV, head_dim %lld, %lld q heads / %lld kv heads (GQA group %lld), "
       "1 layer, %lld tokens/block, 1 query token per sequence; KV blocks shuffled\n",
-      static_cast<long long>(kDim), static_cast<long long>(kQHeads),
+      static_cast<long long>(dim), static_cast<long long>(kQHeads),
       static_cast<long long>(kKvHeads), static_cast<long long>(kQHeads / kKvHeads),
       static_cast<long long>(kTpb));
   std::printf(
@@ -559,6 +605,12 @@ int Main(int argc, char** argv) {
   if (quick) {
     token_counts = {4096, 32768};
     batches = {1, 4};
+  }
+  if (!tokens_arg.empty()) {
+    token_counts = tokens_arg;
+  }
+  if (!batches_arg.empty()) {
+    batches = batches_arg;
   }
   const int64_t max_pool = RotatedPoolBytes(token_counts, batches, KvBytes);
   // The pool (all replicas) doubles as the references' source; the copy's destination is as
@@ -610,13 +662,13 @@ int Main(int argc, char** argv) {
       std::vector<int32_t> q_seq(batch), q_pos(batch, static_cast<int32_t>(tokens - 1)),
           lens(batch, static_cast<int32_t>(tokens));
       std::iota(q_seq.begin(), q_seq.end(), 0);
-      const std::vector<float> q = UniformVector(rng, batch * kQHeads * kDim);
+      const std::vector<float> q = UniformVector(rng, batch * kQHeads * dim);
       std::vector<int32_t> seq_tables(tables.size());
       std::iota(seq_tables.begin(), seq_tables.end(), 0);
       DeviceBuffer<int32_t> d_tables(tables), d_seq_tables(seq_tables), d_firsts(firsts),
           d_seq(q_seq), d_pos(q_pos), d_lens(lens);
-      DeviceBuffer<float> d_q(q), d_out(batch * kQHeads * kDim), d_lse(batch * kQHeads);
-      const KvPoolView kv{pool.get(), DType::kBF16, 1, kKvHeads, kTpb, kDim};
+      DeviceBuffer<float> d_q(q), d_out(batch * kQHeads * dim), d_lse(batch * kQHeads);
+      const KvPoolView kv{pool.get(), DType::kBF16, 1, kKvHeads, kTpb, dim};
       const PagedAttentionParams base{.q = d_q.get(),
                                       .q_seq = d_seq.get(),
                                       .q_pos = d_pos.get(),
@@ -630,8 +682,8 @@ int Main(int argc, char** argv) {
                                       .num_q_tokens = batch,
                                       .num_q_heads = kQHeads,
                                       .num_kv_heads = kKvHeads,
-                                      .head_dim = kDim,
-                                      .scale = 1.0f / std::sqrt(static_cast<float>(kDim)),
+                                      .head_dim = dim,
+                                      .scale = 1.0f / std::sqrt(static_cast<float>(dim)),
                                       .out = d_out.get(),
                                       .lse = d_lse.get(),
                                       .kv_split_tokens = 0};
@@ -657,7 +709,7 @@ int Main(int argc, char** argv) {
 
       std::vector<double> ms(num_variants);
       int64_t splits = 1;
-      std::vector<float> ref_out, got_out(batch * kQHeads * kDim);
+      std::vector<float> ref_out, got_out(batch * kQHeads * dim);
       double max_diff = 0.0;
       for (size_t v = 0; v < num_variants; ++v) {
         kernels::cuda::SetPagedAttentionCudaTuningForTesting(kVariants[v].tuning);
@@ -696,15 +748,15 @@ int Main(int argc, char** argv) {
       double merge_ms = 0.0;
       if (splits > 1) {
         const int64_t rows = batch * kQHeads;
-        DeviceBuffer<float> parts(static_cast<size_t>(splits * rows * (kDim + 1)));
+        DeviceBuffer<float> parts(static_cast<size_t>(splits * rows * (dim + 1)));
         HELIX_CUDA_OK(cudaMemsetAsync(parts.get(), 0, parts.size() * sizeof(float), stream));
         const MergeStatesParams mp{.o = parts.get(),
-                                   .lse = parts.get() + splits * rows * kDim,
+                                   .lse = parts.get() + splits * rows * dim,
                                    .out = d_out.get(),
                                    .out_lse = d_lse.get(),
                                    .num_parts = splits,
                                    .rows = rows,
-                                   .head_dim = kDim};
+                                   .head_dim = dim};
         cudaGraphExec_t merge = Capture(
             stream, iters, [&](int) { HELIX_CUDA_OK(kernels::cuda::MergeStatesCuda(mp, stream)); });
         merge_ms = TimeGraph(merge, iters, runs, stream);

@@ -145,6 +145,12 @@ if [[ $BUILD_OK == 0 ]]; then
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
   done
+  # Decode attention at the end-to-end runs' shape (Llama-3.2-1B: head dim 64, 32 / 8 heads) and
+  # contexts, with the variants and SDPA beside it: which split, warps and math suit the step.
+  step attention_bench_d64 attention_bench_d64.log 60 "$BUILD/tests/gpu/attention_bench" \
+    --quick --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/attention_bench_d64.csv"
+  step sdpa_bench_d64 sdpa_bench_d64.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
+    --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/sdpa_bench_d64.csv"
   # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric; caches not flushed and clocks
   # not locked between kernels, as in a real step) over the prefill, one warm-up and two timed
   # decode steps of each PROFILES run (shape:context:cuda graphs[:mma]; decode_bench's default
@@ -172,7 +178,7 @@ fi
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
     gemv_bench attention_bench sdpa_bench prefill_bench model_llama3-1b model_smollm2-135m "${RUNS[@]}" \
-    "${PROFILES[@]/#/ncu:}"; do
+    attention_bench_d64 sdpa_bench_d64 "${PROFILES[@]/#/ncu:}"; do
     if [[ $s == ncu:* ]]; then
       s=$(profile_name "${s#ncu:}")
     elif [[ $s == *:* ]]; then
@@ -212,6 +218,11 @@ fi
     grep -E "^variants" "$LOGS/attention_bench.log" | cut -c1-400
     python3 "$ROOT/tests/gpu/sdpa_bench.py" --summary --ours "$LOGS/attention_bench.csv" \
       --torch "$LOGS/sdpa_bench.csv"
+  fi
+  if [[ -s $LOGS/attention_bench_d64.csv ]]; then
+    echo "decode attention at head dim 64 (the Llama-3.2-1B runs' shape; same columns):"
+    python3 "$ROOT/tests/gpu/sdpa_bench.py" --summary --head-dim 64 \
+      --ours "$LOGS/attention_bench_d64.csv" --torch "$LOGS/sdpa_bench_d64.csv"
   fi
   if [[ -f $LOGS/prefill_bench.log ]]; then
     echo "causal prefill attention (attention_bench --prefill --quick):"

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """PyTorch scaled_dot_product_attention decode on the shapes of tests/gpu/attention_bench.
 
-bf16, head_dim 128, 32 query heads / 8 KV heads, one query token per sequence, KV contiguous
-[batch, kv_heads, tokens, head_dim] per sequence. GQA through enable_gqa=True (PyTorch >= 2.5;
-older versions fall back to repeat_interleave of K/V to 32 heads, which the output says).
+bf16, head_dim 128 (or --head-dim 64), 32 query heads / 8 KV heads, one query token per
+sequence, KV contiguous [batch, kv_heads, tokens, head_dim] per sequence. GQA through
+enable_gqa=True (PyTorch >= 2.5; older versions fall back to repeat_interleave of K/V to 32
+heads, which the output says).
 Timed like attention_bench: a CUDA graph of back-to-back calls cycling over copies of K/V that
 add up to >= 512 MiB (so no call reads from L2), median over several replays.
 
-  sdpa_bench.py [--csv FILE] [--ours attention_bench.csv] [--quick]
-  sdpa_bench.py --summary --ours attention_bench.csv [--torch sdpa.csv]   (no torch needed)
+  sdpa_bench.py [--csv FILE] [--ours attention_bench.csv] [--quick] [--head-dim 64|128]
+                [--tokens N,N,...] [--batches N,N,...]
+  sdpa_bench.py --summary --ours attention_bench.csv [--torch sdpa.csv] [--head-dim 64|128]
+                (no torch needed)
 
 Exits 0 with a note when torch or a GPU is missing.
 """
@@ -27,6 +30,16 @@ BATCHES = [1, 4, 16]
 
 def kv_bytes(batch, tokens):
     return batch * tokens * KV_HEADS * DIM * 2 * 2
+
+
+def int_list(text):
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
+    if not vals or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"values must be positive: {text!r}")
+    return vals
 
 
 def read_csv(path):
@@ -81,7 +94,12 @@ def main():
     ap.add_argument("--torch")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--head-dim", type=int, choices=[64, 128], default=128)
+    ap.add_argument("--tokens", type=int_list)
+    ap.add_argument("--batches", type=int_list)
     args = ap.parse_args()
+    global DIM
+    DIM = args.head_dim
     if args.summary:
         print_side_by_side(read_csv(args.ours), read_csv(args.torch))
         return 0
@@ -96,8 +114,10 @@ def main():
         print("sdpa_bench: skipped: no CUDA device visible to torch")
         return 0
     dev = torch.device("cuda")
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(0)}")
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(0)}, head_dim {DIM}")
     tokens_list, batches = (TOKENS, BATCHES) if not args.quick else ([4096, 32768], [1, 4])
+    tokens_list = args.tokens or tokens_list
+    batches = args.batches or batches
 
     def sdpa(q, k, v, gqa):
         if gqa == "enable_gqa":
