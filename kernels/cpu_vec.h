@@ -90,7 +90,11 @@ inline V8 Exp(V8 a) {
   const __m256i e =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return {_mm256_andnot_ps(_mm256_cmp_ps(a.v, lo, _CMP_LT_OQ), result)};
+  // Past ln(FLT_MAX) e^a is +inf, as std::exp gives it (the clamp above would leave 2.4e38:
+  // SiLU's -inf / (1 + e^inf) would come out -inf here and NaN in the scalar tail).
+  const __m256 over = _mm256_cmp_ps(a.v, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ);
+  return {_mm256_blendv_ps(_mm256_andnot_ps(_mm256_cmp_ps(a.v, lo, _CMP_LT_OQ), result),
+                           _mm256_set1_ps(INFINITY), over)};
 }
 
 #else  // Portable fallback: the same operations lane by lane.

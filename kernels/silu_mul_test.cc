@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/test_util.h"
@@ -34,6 +36,26 @@ TEST(SiluMulTest, MatchesFloat64Reference) {
         want[i] = g / (1.0 + std::exp(-g)) * up[i];
       }
       ExpectAllNear(want, out.data(), 1e-6, 1e-7, "n=" + std::to_string(n));
+    }
+  }
+}
+
+// Non-finite and huge gates give what the scalar formula gives in float (std::exp overflowing
+// to +inf: silu(-inf) = -inf / inf = NaN), whichever lane of the 8-wide path or the scalar tail
+// they fall in.
+TEST(SiluMulTest, NonFiniteAndHugeGatesAlikeOnEveryLane) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float gates[] = {-inf, inf, -100.0f, 100.0f, -88.6f, -89.0f, std::nanf("")};
+  const float ups[] = {1.0f, -2.0f, inf, -inf, 0.5f};
+  for (float g0 : gates) {
+    for (float u0 : ups) {
+      const int64_t n = 19;  // two 8-wide steps and a tail of 3
+      std::vector<float> gate(n, g0), up(n, u0), out(n);
+      SiluMulCpu({gate.data(), up.data(), out.data(), n}, nullptr);
+      const float want = g0 / (1.0f + std::exp(-g0)) * u0;
+      std::vector<double> w(n, want);
+      ExpectAllNear(w, out.data(), 1e-6, 1e-30,
+                    "gate " + std::to_string(g0) + " up " + std::to_string(u0));
     }
   }
 }
