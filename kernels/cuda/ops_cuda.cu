@@ -184,7 +184,8 @@ __global__ void ScatterAddRowsKernel(const ScatterAddRowsParams p) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = i / p.dim, d = i - j * p.dim;
     float* o = p.out + static_cast<int64_t>(p.rows[j]) * p.dim + d;
-    *o = __fadd_rn(*o, __fmul_rn(p.w[j], p.y[i]));  // no FMA: the CPU's rounding
+    *o = __fadd_rn(*o,
+                   __fmul_rn(p.w[j], p.y[i]));  // (the CPU build may fuse it: one rounding apart)
   }
 }
 

@@ -57,6 +57,42 @@ class CudaOpsTest : public ::testing::Test {
 
 std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// A test of non-finite inputs asserts that its reference output holds NaN, +inf and -inf, so
+// that ExpectAllNear's check of their positions (and of the infinities' signs) is not vacuous.
+template <typename T>
+void ExpectAllNonFiniteKinds(const std::vector<T>& want, const std::string& what) {
+  int64_t nan = 0, pos_inf = 0, neg_inf = 0;
+  for (T v : want) {
+    nan += std::isnan(v) ? 1 : 0;
+    pos_inf += v == std::numeric_limits<T>::infinity() ? 1 : 0;
+    neg_inf += v == -std::numeric_limits<T>::infinity() ? 1 : 0;
+  }
+  EXPECT_GT(nan, 0) << what << ": the reference has no NaN";
+  EXPECT_GT(pos_inf, 0) << what << ": the reference has no +inf";
+  EXPECT_GT(neg_inf, 0) << what << ": the reference has no -inf";
+}
+
+// 16-bit values of dtype dt (kF16 or kBF16) as doubles: NaN stays NaN, infinities keep their sign.
+std::vector<double> LowpValues(const std::vector<uint16_t>& v, DType dt) {
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    out[i] = dt == DType::kF16 ? HalfToFloat(v[i]) : Bf16ToFloat(v[i]);
+  }
+  return out;
+}
+
+// Two 16-bit copies compared as values (NaN payloads and signs may differ between a CPU and a
+// GPU; positions may not): finite values within rtol, one unit of the type (bf16 ~1e-2 relative).
+void ExpectLowpNear(const std::vector<uint16_t>& want, const std::vector<uint16_t>& got, DType dt,
+                    double rtol, const std::string& what) {
+  ASSERT_EQ(want.size(), got.size()) << what;
+  const std::vector<double> g = LowpValues(got, dt);
+  const std::vector<float> gf(g.begin(), g.end());
+  ExpectAllNear(LowpValues(want, dt), gf.data(), rtol, kF32Tol, what);
+}
+
 // Cases the CPU emulation (cuda_ops_emu_test) cannot run, and why (the emulated attention is
 // also checked by attention_emu_test).
 #define SKIP_IF_EMULATED(why)          \
@@ -610,6 +646,217 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
   }
 }
 
+// The Helix combine end to end as engine/model/llama_model.cc CombineAttention runs it: each of
+// `peers` ranks packs its partial attention of all heads (PackCombineCuda), the all-to-all gives
+// rank r chunk r of every rank's send buffer, UnpackCombineCuda splits it into (O, LSE) parts
+// in the [peers][tokens][heads][dim] layout and MergeStatesCuda merges them; against the CPU
+// backend's PackCombine / UnpackCombine (engine/backend/cpu/cpu_backend.cc, as loops here: the
+// test does not link the engine) and MergeStatesCpu. One rank holds no KV (all LSEs -inf, its O
+// garbage), O holds NaN and infinities.
+TEST_F(CudaOpsTest, HelixCombinePackUnpackMerge) {
+  std::mt19937 rng(65);
+  struct Shape {
+    int64_t tokens, peers, hp, dim;
+  };
+  for (Shape sh : {Shape{1, 2, 1, 8}, Shape{5, 2, 3, 64}, Shape{3, 4, 2, 1}, Shape{2, 3, 4, 33},
+                   Shape{1, 1, 2, 16}}) {
+    const int64_t T = sh.tokens, cp = sh.peers, hp = sh.hp, d = sh.dim;
+    const int64_t heads = cp * hp, chunk = T * hp * (d + 1), rows = T * hp;
+    const std::string what = "tokens=" + std::to_string(T) + " peers=" + std::to_string(cp) +
+                             " hp=" + std::to_string(hp) + " dim=" + std::to_string(d);
+    std::vector<std::vector<float>> att(cp), lse(cp), send(cp);
+    std::vector<DeviceBuffer<float>> d_send;
+    for (int64_t i = 0; i < cp; ++i) {
+      att[i] = RandomVector(rng, T * heads * d);
+      lse[i] = RandomVector(rng, T * heads, -5.0f, 5.0f);
+      if (cp > 1 && i == 1) {  // a rank with no tokens of these sequences: nothing to merge
+        std::fill(lse[i].begin(), lse[i].end(), -kInf);
+        std::fill(att[i].begin(), att[i].end(), kNaN);
+      }
+      if (i == 0) {
+        att[i][d - 1] = kInf;                 // token 0, head 0 (peer 0's)
+        att[i][(T * heads - 1) * d] = -kInf;  // the last token's last head (peer cp - 1's)
+        att[i][heads * d / 2] = kNaN;
+      }
+      send[i].assign(cp * chunk, 0.0f);
+      for (int64_t c = 0; c < cp; ++c) {
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t h = 0; h < hp; ++h) {
+            const int64_t src = (t * cp + c) * hp + h;
+            float* dst = send[i].data() + ((c * T + t) * hp + h) * (d + 1);
+            std::copy_n(att[i].data() + src * d, d, dst);
+            dst[d] = lse[i][src];
+          }
+        }
+      }
+      DeviceBuffer<float> d_att(att[i]), d_lse(lse[i]);
+      d_send.emplace_back(std::vector<float>(cp * chunk, 12345.0f));
+      ASSERT_EQ(cuda::PackCombineCuda({.att = d_att.get(),
+                                       .lse = d_lse.get(),
+                                       .send = d_send.back().get(),
+                                       .tokens = T,
+                                       .peers = cp,
+                                       .heads_per_peer = hp,
+                                       .dim = d},
+                                      nullptr),
+                cudaSuccess);
+      ExpectAllNear(ToDouble(send[i]), d_send.back().Download().data(), 0, 0,
+                    what + " pack of rank " + std::to_string(i));
+    }
+    for (int64_t r = 0; r < cp; ++r) {
+      // The all-to-all: recv[i] = rank i's chunk r (the CPU's packs, and the GPU's).
+      std::vector<float> recv(cp * chunk), got_recv(cp * chunk);
+      for (int64_t i = 0; i < cp; ++i) {
+        const std::vector<float> got_send = d_send[i].Download();
+        std::copy_n(send[i].begin() + r * chunk, chunk, recv.begin() + i * chunk);
+        std::copy_n(got_send.begin() + r * chunk, chunk, got_recv.begin() + i * chunk);
+      }
+      std::vector<float> parts_o(cp * rows * d), parts_lse(cp * rows);
+      for (int64_t j = 0; j < cp * rows; ++j) {
+        std::copy_n(recv.data() + j * (d + 1), d, parts_o.data() + j * d);
+        parts_lse[j] = recv[j * (d + 1) + d];
+      }
+      std::vector<float> want_out(rows * d), want_lse(rows);
+      MergeStatesCpu({.o = parts_o.data(),
+                      .lse = parts_lse.data(),
+                      .out = want_out.data(),
+                      .out_lse = want_lse.data(),
+                      .num_parts = cp,
+                      .rows = rows,
+                      .head_dim = d},
+                     nullptr);
+      DeviceBuffer<float> d_recv(got_recv), d_parts_o(std::vector<float>(cp * rows * d, 7.0f)),
+          d_parts_lse(std::vector<float>(cp * rows, 7.0f)), d_out(rows * d), d_out_lse(rows);
+      ASSERT_EQ(cuda::UnpackCombineCuda({.recv = d_recv.get(),
+                                         .parts_o = d_parts_o.get(),
+                                         .parts_lse = d_parts_lse.get(),
+                                         .peers = cp,
+                                         .rows = rows,
+                                         .dim = d},
+                                        nullptr),
+                cudaSuccess);
+      const std::string wr = what + " rank " + std::to_string(r);
+      ExpectAllNear(ToDouble(parts_o), d_parts_o.Download().data(), 0, 0, wr + " unpack o");
+      ExpectAllNear(ToDouble(parts_lse), d_parts_lse.Download().data(), 0, 0, wr + " unpack lse");
+      ASSERT_EQ(cuda::MergeStatesCuda({.o = d_parts_o.get(),
+                                       .lse = d_parts_lse.get(),
+                                       .out = d_out.get(),
+                                       .out_lse = d_out_lse.get(),
+                                       .num_parts = cp,
+                                       .rows = rows,
+                                       .head_dim = d},
+                                      nullptr),
+                cudaSuccess);
+      ExpectAllNear(ToDouble(want_out), d_out.Download().data(), kF32Tol, kF32Tol, wr + " out");
+      ExpectAllNear(ToDouble(want_lse), d_out_lse.Download().data(), kF32Tol, kF32Tol, wr + " lse");
+    }
+  }
+  // No tokens on this step: nothing packed or unpacked, nothing read.
+  EXPECT_EQ(cuda::PackCombineCuda({nullptr, nullptr, nullptr, 0, 2, 3, 8}, nullptr), cudaSuccess);
+  EXPECT_EQ(cuda::UnpackCombineCuda({nullptr, nullptr, nullptr, 2, 0, 8}, nullptr), cudaSuccess);
+}
+
+// The residual add x += y (CpuBackend::Add): exact, NaN and infinities included (inf + -inf is
+// NaN); lengths 1, a partial last thread block, several grid strides, and 0 (a no-op).
+TEST_F(CudaOpsTest, AddMatchesCpu) {
+  std::mt19937 rng(66);
+  for (int64_t n : {1, 300, 100003}) {
+    std::vector<float> x = RandomVector(rng, n, -1e3f, 1e3f);
+    std::vector<float> y = RandomVector(rng, n, -1e3f, 1e3f);
+    x[0] = n > 1 ? kNaN : x[0];
+    if (n > 5) {
+      y[1] = kNaN;
+      x[2] = kInf;
+      y[3] = -kInf;
+      x[4] = kInf;
+      y[4] = -kInf;
+      x[n - 1] = -kInf;
+      y[n - 1] = -kInf;
+    }
+    DeviceBuffer<float> d_x(x), d_y(y);
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    ASSERT_EQ(cuda::AddCuda({d_x.get(), d_y.get(), n}, nullptr), cudaSuccess);
+    const std::string what = "add n=" + std::to_string(n);
+    if (n > 5) ExpectAllNonFiniteKinds(x, what);
+    ExpectAllNear(ToDouble(x), d_x.Download().data(), 0, 0, what);
+  }
+  EXPECT_EQ(cuda::AddCuda({nullptr, nullptr, 0}, nullptr), cudaSuccess);
+}
+
+// out[r] = in[rows[r]][0..n) (CpuBackend::GatherRows): rows repeated and out of order, n below
+// the stride, one row, NaN and infinities copied as they are; zero rows or columns: a no-op.
+TEST_F(CudaOpsTest, GatherRowsMatchesCpu) {
+  std::mt19937 rng(67);
+  const int64_t in_rows = 10, stride = 37;
+  std::vector<float> in = RandomVector(rng, in_rows * stride);
+  in[9 * stride + 0] = kNaN;
+  in[4 * stride + 29] = kInf;
+  in[0 * stride + 5] = -kInf;
+  in[4 * stride + 30] = kNaN;  // past n: never read
+  for (const std::vector<int32_t>& rows :
+       {std::vector<int32_t>{9, 0, 4, 4, 7}, std::vector<int32_t>{3}}) {
+    for (int64_t n : {30, 1}) {
+      const int64_t num_rows = static_cast<int64_t>(rows.size());
+      std::vector<float> want(num_rows * n);
+      for (int64_t r = 0; r < num_rows; ++r) {
+        std::copy_n(in.data() + rows[r] * stride, n, want.data() + r * n);
+      }
+      DeviceBuffer<float> d_in(in), d_out(num_rows * n);
+      DeviceBuffer<int32_t> d_rows(rows);
+      ASSERT_EQ(cuda::GatherRowsCuda({d_in.get(), stride, d_rows.get(), num_rows, n, d_out.get()},
+                                     nullptr),
+                cudaSuccess);
+      const std::string what =
+          "gather rows=" + std::to_string(num_rows) + " n=" + std::to_string(n);
+      if (num_rows == 5 && n == 30) ExpectAllNonFiniteKinds(want, what);
+      ExpectAllNear(ToDouble(want), d_out.Download().data(), 0, 0, what);
+    }
+  }
+  EXPECT_EQ(cuda::GatherRowsCuda({nullptr, stride, nullptr, 0, 30, nullptr}, nullptr), cudaSuccess);
+  EXPECT_EQ(cuda::GatherRowsCuda({nullptr, stride, nullptr, 5, 0, nullptr}, nullptr), cudaSuccess);
+}
+
+// out[rows[j]] += w[j] * y[j] (CpuBackend::ScatterAddRows, an MoE expert's weighted output into
+// its tokens' rows): distinct rows out of order, rows no expert token maps to untouched, NaN and
+// infinities in y, w and out (a zero weight times inf is NaN); n = 0 a no-op. Up to one rounding
+// (the CPU build may fuse the multiply-add).
+TEST_F(CudaOpsTest, ScatterAddRowsMatchesCpu) {
+  std::mt19937 rng(68);
+  const int64_t out_rows = 12;
+  for (int64_t n : {1, 5, 12}) {
+    for (int64_t dim : {1, 64, 300}) {
+      std::vector<int32_t> rows(out_rows);
+      std::iota(rows.begin(), rows.end(), 0);
+      std::shuffle(rows.begin(), rows.end(), rng);
+      rows.resize(n);
+      std::vector<float> y = RandomVector(rng, n * dim, -4.0f, 4.0f);
+      std::vector<float> w = RandomVector(rng, n, 0.0f, 1.0f);
+      std::vector<float> out = RandomVector(rng, out_rows * dim);
+      y[0] = kInf;
+      y[n * dim - 1] = kNaN;
+      if (n > 1) {
+        w[1] = 0.0f;
+        y[1 * dim] = -kInf;  // 0 * -inf: NaN
+        out[rows[0] * dim + dim - 1] = -kInf;
+      }
+      out[rows[n - 1] * dim] = -kInf;
+      DeviceBuffer<float> d_y(y), d_w(w), d_out(out);
+      DeviceBuffer<int32_t> d_rows(rows);
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t e = 0; e < dim; ++e) out[rows[j] * dim + e] += w[j] * y[j * dim + e];
+      }
+      ASSERT_EQ(cuda::ScatterAddRowsCuda({d_y.get(), d_rows.get(), d_w.get(), n, dim, d_out.get()},
+                                         nullptr),
+                cudaSuccess);
+      const std::string what = "scatter n=" + std::to_string(n) + " dim=" + std::to_string(dim);
+      if (n > 1 && dim > 1) ExpectAllNonFiniteKinds(out, what);
+      ExpectAllNear(ToDouble(out), d_out.Download().data(), kF32Tol, kF32Tol, what);
+    }
+  }
+  EXPECT_EQ(cuda::ScatterAddRowsCuda({nullptr, nullptr, nullptr, 0, 64, nullptr}, nullptr),
+            cudaSuccess);
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, RoPE, SiLU*mul
 
@@ -796,6 +1043,208 @@ TEST_F(CudaOpsTest, SiluMul) {
   ExpectRoundedCopy(got, DType::kBF16, d_lowp.Download(), "strided rows");
 }
 
+// NaN, +inf and -inf in x, the residual and the weight, on the register path (dim <= 4096) and
+// the looping one: an infinite row's scale is 0 (its finite entries become 0, its infinite ones
+// NaN), a NaN row is NaN, an infinite weight makes its column infinite (NaN in rows scaled by
+// 0). The output, the residual sum and the 16-bit copy all as the CPU's.
+TEST_F(CudaOpsTest, RmsNormNonFiniteInputs) {
+  std::mt19937 rng(61);
+  const int64_t rows = 5;
+  for (int64_t dim : {8, 1000, 5000}) {
+    for (int mode = 0; mode < 3; ++mode) {  // 0 plain, 1 fused residual, 2 out aliases x
+      std::vector<float> x = RandomVector(rng, rows * dim, -3.0f, 3.0f);
+      std::vector<float> w = RandomVector(rng, dim);
+      std::vector<float> res0 = RandomVector(rng, rows * dim);
+      x[0 * dim + 1] = kNaN;
+      x[1 * dim + dim - 1] = kInf;  // the last element: the threads' partial last round
+      x[2 * dim + 2] = -kInf;
+      x[2 * dim + dim / 2] = kInf;
+      x[3 * dim + dim - 2] = 2.0f;  // rows 3 and 4: finite, so weight dim - 2 gives +inf, -inf
+      x[4 * dim + dim - 2] = -1.5f;
+      w[dim - 2] = kInf;
+      w[3] = kNaN;
+      if (mode == 1) {                    // rows 3 and 4 stay finite
+        res0[1 * dim + dim - 1] = -kInf;  // -inf + inf: a NaN in the sum
+        res0[2 * dim + 5] = kNaN;
+        res0[0 * dim + 4] = kInf;
+      }
+      std::vector<float> res = res0, out(rows * dim), x_cpu = x;
+      const DType lowp = (mode + dim) % 2 == 0 ? DType::kBF16 : DType::kF16;
+      std::vector<uint16_t> lowp_cpu(rows * dim);
+      RmsNormCpu({.x = x_cpu.data(),
+                  .residual = mode == 1 ? res.data() : nullptr,
+                  .weight = w.data(),
+                  .out = mode == 2 ? x_cpu.data() : out.data(),
+                  .rows = rows,
+                  .dim = dim,
+                  .eps = 1e-5f,
+                  .out_lowp = lowp_cpu.data(),
+                  .out_lowp_dtype = lowp},
+                 nullptr);
+      DeviceBuffer<float> d_x(x), d_w(w), d_res(res0), d_out(rows * dim);
+      DeviceBuffer<uint16_t> d_lowp(rows * dim);
+      ASSERT_EQ(cuda::RmsNormCuda({.x = d_x.get(),
+                                   .residual = mode == 1 ? d_res.get() : nullptr,
+                                   .weight = d_w.get(),
+                                   .out = mode == 2 ? d_x.get() : d_out.get(),
+                                   .rows = rows,
+                                   .dim = dim,
+                                   .eps = 1e-5f,
+                                   .out_lowp = d_lowp.get(),
+                                   .out_lowp_dtype = lowp},
+                                  nullptr),
+                cudaSuccess);
+      const std::string what =
+          "non-finite dim=" + std::to_string(dim) + " mode=" + std::to_string(mode);
+      const std::vector<float>& want = mode == 2 ? x_cpu : out;
+      ExpectAllNonFiniteKinds(want, what);
+      const std::vector<float> got = mode == 2 ? d_x.Download() : d_out.Download();
+      ExpectAllNear(ToDouble(want), got.data(), kF32Tol, kF32Tol, what);
+      // The GPU's 16-bit copy is its fp32 output rounded, and near the CPU's.
+      std::vector<uint16_t> got_rounded(got.size());
+      StoreLowp(got.data(), static_cast<int64_t>(got.size()), lowp, got_rounded.data());
+      const std::vector<uint16_t> got_lowp = d_lowp.Download();
+      ExpectLowpNear(got_rounded, got_lowp, lowp, 0, what + " 16-bit copy");
+      ExpectLowpNear(lowp_cpu, got_lowp, lowp, lowp == DType::kBF16 ? 1e-2 : 1e-3,
+                     what + " 16-bit copy vs cpu");
+      if (mode == 1) {
+        ExpectAllNear(ToDouble(res), d_res.Download().data(), 0, 0, what + " residual");
+      }
+    }
+  }
+}
+
+// x of `tokens` tokens of `heads` heads of 16 (12 rotated, 4 passed through) with NaN, +inf and
+// -inf in rotated pairs (one or both elements) and in the passed-through dims.
+std::vector<float> RopeNonFiniteX(std::mt19937& rng, int64_t tokens, int64_t heads) {
+  std::vector<float> x = RandomVector(rng, tokens * heads * 16);
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* xh = x.data() + (t * heads + heads - 1) * 16;  // the last head; the others finite
+    xh[0] = kInf;
+    xh[2] = -kInf;
+    xh[3] = kInf;
+    xh[6] = -kInf;
+    xh[9] = kNaN;
+    xh[13] = -kInf;
+    xh[15] = kInf;
+  }
+  return x;
+}
+
+// Non-finite values through RoPE, both styles: at position 0 (sin = 0) an infinite element makes
+// its partner NaN; elsewhere infinities keep or swap sign with cos and sin; passed-through dims
+// stay as they are.
+TEST_F(CudaOpsTest, RopeNonFiniteInputs) {
+  std::mt19937 rng(62);
+  const std::vector<int32_t> positions = {0, 1, 4095, 123457};
+  const int64_t tokens = static_cast<int64_t>(positions.size()), heads = 3;
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    std::vector<float> x = RopeNonFiniteX(rng, tokens, heads);
+    DeviceBuffer<float> d_x(x);
+    DeviceBuffer<int32_t> d_pos(positions);
+    RopeParams p{.x = x.data(),
+                 .positions = positions.data(),
+                 .tokens = tokens,
+                 .heads = heads,
+                 .head_dim = 16,
+                 .rotary_dim = 12,
+                 .theta = 10000.0f,
+                 .style = style};
+    RopeCpu(p, nullptr);
+    p.x = d_x.get();
+    p.positions = d_pos.get();
+    ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+    const std::string what = style == RopeStyle::kHalf ? "half" : "interleaved";
+    ExpectAllNonFiniteKinds(x, what);
+    ExpectAllNear(ToDouble(x), d_x.Download().data(), kF32Tol, kF32Tol, what);
+  }
+}
+
+// One token, and none: zero tokens is a no-op that reads nothing (no positions, x untouched).
+TEST_F(CudaOpsTest, RopeOneTokenAndNone) {
+  std::mt19937 rng(63);
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    const std::vector<int32_t> positions = {77777};
+    std::vector<float> x = RandomVector(rng, 4 * 64);
+    const std::vector<float> x0 = x;
+    DeviceBuffer<float> d_x(x);
+    DeviceBuffer<int32_t> d_pos(positions);
+    RopeParams p{.x = x.data(),
+                 .positions = positions.data(),
+                 .tokens = 1,
+                 .heads = 4,
+                 .head_dim = 64,
+                 .rotary_dim = 64,
+                 .theta = 500000.0f,
+                 .style = style};
+    RopeCpu(p, nullptr);
+    EXPECT_NE(x, x0);
+    p.x = d_x.get();
+    p.positions = d_pos.get();
+    ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+    const std::vector<float> got = d_x.Download();
+    ExpectAllNear(ToDouble(x), got.data(), kF32Tol, kF32Tol, "one token");
+    p.tokens = 0;
+    p.positions = nullptr;
+    ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+    EXPECT_EQ(d_x.Download(), got) << "zero tokens";
+  }
+}
+
+// SiLU·mul of NaN, +inf and -inf in gate and up, on the CPU's 8-wide path (the first 32) and
+// its scalar tail (the last 6).
+TEST_F(CudaOpsTest, SiluMulNonFiniteInputs) {
+  std::mt19937 rng(64);
+  const int64_t n = 38;
+  std::vector<float> g = RandomVector(rng, n, -4.0f, 4.0f);
+  std::vector<float> u = RandomVector(rng, n, -3.0f, 3.0f);
+  for (int64_t base : {0, 32}) {
+    g[base + 0] = kNaN;
+    u[base + 1] = kNaN;
+    g[base + 2] = kInf;
+    u[base + 2] = 2.0f;  // +inf
+    g[base + 3] = kInf;
+    u[base + 3] = -0.5f;  // -inf
+    g[base + 4] = 1.5f;
+    u[base + 4] = -kInf;  // -inf
+  }
+  g[10] = kInf;
+  u[10] = 0.0f;  // inf * 0: NaN
+  g[11] = 0.0f;
+  u[11] = kInf;  // NaN
+  g[12] = 2.0f;
+  u[12] = kInf;
+  // A -inf gate: -inf / (1 + e^inf) = NaN on the 8-wide path (vec::Exp overflows to +inf as
+  // std::exp does) and in the scalar tail.
+  g[5] = -kInf;
+  u[5] = 1.0f;
+  g[37] = -kInf;
+  u[37] = 1.0f;
+  std::vector<float> want(n);
+  std::vector<uint16_t> want_lowp(n);
+  SiluMulCpu({.gate = g.data(),
+              .up = u.data(),
+              .out = want.data(),
+              .n = n,
+              .out_lowp = want_lowp.data(),
+              .out_lowp_dtype = DType::kF16},
+             nullptr);
+  ExpectAllNonFiniteKinds(want, "silu");
+  DeviceBuffer<float> d_g(g), d_u(u), d_out(n);
+  DeviceBuffer<uint16_t> d_lowp(n);
+  ASSERT_EQ(cuda::SiluMulCuda({.gate = d_g.get(),
+                               .up = d_u.get(),
+                               .out = d_out.get(),
+                               .n = n,
+                               .out_lowp = d_lowp.get(),
+                               .out_lowp_dtype = DType::kF16},
+                              nullptr),
+            cudaSuccess);
+  const std::vector<float> got = d_out.Download();
+  ExpectAllNear(ToDouble(want), got.data(), kF32Tol, kF32Tol, "silu");
+  ExpectLowpNear(want_lowp, d_lowp.Download(), DType::kF16, 1e-3, "silu 16-bit copy");
+}
+
 // ---------------------------------------------------------------------------------------------
 // K/V write and embedding: exact (conversions round to nearest even on both backends).
 
@@ -871,12 +1320,18 @@ TEST_F(CudaOpsTest, WriteKvBatchAndSingle) {
   }
 }
 
+// Rows of an f32, f16 or bf16 table as fp32, NaN and infinities included; ids outside
+// [0, vocab) give zeros.
 TEST_F(CudaOpsTest, EmbeddingGather) {
   std::mt19937 rng(35);
   const int64_t vocab = 50, dim = 24;
   const std::vector<int32_t> ids = {0, 49, 7, 7, -1, 50, 13};
   for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
-    const std::vector<float> table = RandomVector(rng, vocab * dim);
+    std::vector<float> table = RandomVector(rng, vocab * dim);
+    table[7 * dim + 3] = kNaN;  // gathered twice
+    table[49 * dim + dim - 1] = kInf;
+    table[13 * dim] = -kInf;
+    table[20 * dim + 1] = kNaN;  // not gathered
     std::vector<unsigned char> bytes(vocab * dim * DTypeSize(dt));
     std::vector<float> want(ids.size() * dim, 0.0f);
     for (int64_t i = 0; i < vocab * dim; ++i) {
@@ -914,6 +1369,7 @@ TEST_F(CudaOpsTest, EmbeddingGather) {
                                    .vocab = vocab},
                                   nullptr),
               cudaSuccess);
+    ExpectAllNonFiniteKinds(want, DTypeName(dt));
     ExpectAllNear(ToDouble(want), d_out.Download().data(), 0, 0, DTypeName(dt));
   }
 }
@@ -1296,6 +1752,94 @@ TEST_F(CudaOpsTest, GemvMatchesGemmCpu) {
   EXPECT_FALSE(cuda::GemvPreferred(0, 16, 64));
 }
 
+// NaN, +inf and -inf in x, the weights (as 16-bit values), the bias and the residual: they
+// propagate through the products as GemmCpu's do (inf - inf is NaN), plain, with the residual
+// add, and with the RMSNorm folded in (an infinity in its weight; against RmsNormCpu then
+// GemmCpu). Batch 1, 2 and 4; one warp per weight row and four (k >= 4096).
+TEST_F(CudaOpsTest, GemvNonFiniteInputs) {
+  std::mt19937 rng(69);
+  struct Shape {
+    int64_t m, n, k;
+  };
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (Shape sh : {Shape{1, 7, 1032}, Shape{2, 16, 256}, Shape{4, 9, 4104}}) {
+      const int64_t m = sh.m, n = sh.n, k = sh.k;
+      std::vector<float> x = RandomVector(rng, m * k);
+      std::vector<float> w = RandomVector(rng, n * k);
+      std::vector<float> b = RandomVector(rng, n);
+      x[3] = kInf;  // row 0: +-inf in every column, NaN where weight 5 is infinite too
+      x[5] = 1.0f;
+      if (m > 1) x[(m - 1) * k + k / 2] = kNaN;  // the last row: all NaN
+      if (m > 2) x[1 * k + k - 1] = -kInf;
+      w[(n - 1) * k + 5] = kInf;  // the last column
+      w[1 * k + 7] = kNaN;        // column 1: all NaN
+      w[2 * k + k - 2] = -kInf;   // column 2
+      b[n / 2] = -kInf;
+      std::vector<uint16_t> w16(n * k);
+      StoreLowp(w.data(), n * k, dt, w16.data());
+      const std::string what = std::string("non-finite ") + DTypeName(dt) +
+                               " m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                               " k=" + std::to_string(k);
+      std::vector<float> want(m * n);
+      GemmParams p{.x = x.data(),
+                   .w = w16.data(),
+                   .bias = b.data(),
+                   .y = want.data(),
+                   .m = m,
+                   .n = n,
+                   .k = k,
+                   .w_dtype = dt};
+      GemmCpu(p, nullptr);
+      ExpectAllNonFiniteKinds(want, what);
+      DeviceBuffer<float> d_x(x), d_b(b), d_y(std::vector<float>(m * n, 3.0f));
+      DeviceBuffer<uint16_t> d_w(w16);
+      p.x = d_x.get();
+      p.w = d_w.get();
+      p.bias = d_b.get();
+      p.y = d_y.get();
+      ASSERT_TRUE(cuda::GemvApplies(p)) << what;
+      ASSERT_EQ(cuda::GemvCuda(p, nullptr), cudaSuccess) << what;
+      ExpectAllNear(ToDouble(want), d_y.Download().data(), 1e-4, 1e-4, what);
+      // The residual add: y = r + the product (CpuBackend's Gemm then Add), r with an infinity.
+      std::vector<float> r = RandomVector(rng, m * n);
+      r[0] = -kInf;
+      DeviceBuffer<float> d_acc(r);
+      for (int64_t i = 0; i < m * n; ++i) r[i] += want[i];
+      GemmParams pa = p;
+      pa.y = d_acc.get();
+      GemmFusion acc;
+      acc.accumulate = true;
+      ASSERT_TRUE(cuda::GemvFusionApplies(pa, acc, false)) << what;
+      ASSERT_EQ(cuda::GemvCuda(pa, nullptr, acc), cudaSuccess) << what;
+      ExpectAllNear(ToDouble(r), d_acc.Download().data(), 1e-4, 1e-4, what + " accumulate");
+      // The folded RMSNorm (x summed by the GEMV), on finite rows (a row with a NaN or an
+      // infinity normalises to NaN throughout) with an infinity in the norm weight.
+      if (m * k > cuda::kGemvNormMaxFloats) continue;
+      const std::vector<float> xf = RandomVector(rng, m * k);
+      std::vector<float> g = RandomVector(rng, k);
+      g[k - 2] = kInf;
+      std::vector<float> xn(m * k), want_norm(m * n);
+      RmsNormCpu({xf.data(), nullptr, g.data(), xn.data(), m, k, 1e-5f}, nullptr);
+      GemmParams pc = p;
+      pc.x = xn.data();
+      pc.w = w16.data();
+      pc.bias = b.data();
+      pc.y = want_norm.data();
+      GemmCpu(pc, nullptr);
+      DeviceBuffer<float> d_xf(xf), d_g(g), d_yn(std::vector<float>(m * n, 3.0f));
+      GemmFusion norm;
+      norm.norm_weight = d_g.get();
+      norm.norm_eps = 1e-5f;
+      GemmParams pn = p;
+      pn.x = d_xf.get();
+      pn.y = d_yn.get();
+      ASSERT_TRUE(cuda::GemvFusionApplies(pn, norm, false)) << what;
+      ASSERT_EQ(cuda::GemvCuda(pn, nullptr, norm), cudaSuccess) << what;
+      ExpectAllNear(ToDouble(want_norm), d_yn.Download().data(), 1e-4, 1e-4, what + " norm");
+    }
+  }
+}
+
 // The packed gate|up GEMV with SiLU·mul in its epilogue: GemvCuda then SiluMulCuda, bit for bit
 // (both outputs), and GemmCpu then SiluMulCpu up to summation order.
 // Programmatic dependent launch on a created stream: a chain of kernels, each reading what the
@@ -1657,15 +2201,19 @@ std::vector<unsigned char> StoreWeights(DType dt, const std::vector<float>& w) {
   return wb;
 }
 
-// GEMM results against the CPU's: tolerance relative to the outputs' RMS. fp32 sums in another
-// order; 16-bit weights also see activations rounded to the weight type.
+// GEMM results against the CPU's: tolerance relative to the finite outputs' RMS. fp32 sums in
+// another order; 16-bit weights also see activations rounded to the weight type.
 void ExpectGemmNear(DType dt, const std::vector<float>& want, const float* got,
                     const std::string& what) {
   double rms = 0;
+  size_t finite = 0;
   for (float v : want) {
-    rms += static_cast<double>(v) * v;
+    if (std::isfinite(v)) {  // NaN and infinities are compared by position
+      rms += static_cast<double>(v) * v;
+      ++finite;
+    }
   }
-  rms = std::sqrt(rms / std::max<size_t>(1, want.size())) + 1e-30;
+  rms = std::sqrt(rms / std::max<size_t>(1, finite)) + 1e-30;
   const double tol = dt == DType::kF32 ? 1e-5 : (dt == DType::kBF16 ? 1.5e-2 : 3e-3);
   ExpectAllNear(ToDouble(want), got, tol, tol * rms, what);
 }
@@ -1780,6 +2328,48 @@ TEST_F(CudaOpsTest, GemmBatchedStridedHeads) {
   }
   cublasDestroy(handle);
 }
+// NaN, +inf and -inf in x and in the weights of every type (16-bit weights see x rounded to
+// their type, which keeps NaN and infinities): positions and signs as GemmCpu's.
+TEST_F(CudaOpsTest, GemmNonFiniteInputs) {
+  std::mt19937 rng(70);
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  const int64_t m = 3, n = 40, k = 64;
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    std::vector<float> x = RandomVector(rng, m * k);
+    std::vector<float> w = RandomVector(rng, n * k);
+    x[3] = kInf;
+    x[5] = 1.0f;
+    x[2 * k + k / 2] = kNaN;
+    x[1 * k + k - 1] = -kInf;
+    w[(n - 1) * k + 5] = kInf;
+    w[1 * k + 7] = kNaN;
+    w[2 * k + k - 2] = -kInf;
+    const std::vector<unsigned char> wb = StoreWeights(dt, w);
+    std::vector<float> want(m * n);
+    GemmParams p{.x = x.data(),
+                 .w = wb.data(),
+                 .bias = nullptr,
+                 .y = want.data(),
+                 .m = m,
+                 .n = n,
+                 .k = k,
+                 .w_dtype = dt};
+    GemmCpu(p, nullptr);
+    const std::string what = std::string("non-finite ") + DTypeName(dt);
+    ExpectAllNonFiniteKinds(want, what);
+    DeviceBuffer<float> d_x(x), d_y(m * n);
+    DeviceBuffer<unsigned char> d_w(wb);
+    p.x = d_x.get();
+    p.w = d_w.get();
+    p.y = d_y.get();
+    DeviceBuffer<unsigned char> ws(cuda::GemmCudaWorkspaceBytes(p));
+    ASSERT_EQ(cuda::GemmCuda(handle, p, ws.get(), nullptr), cudaSuccess);
+    ExpectGemmNear(dt, want, d_y.Download().data(), what);
+  }
+  cublasDestroy(handle);
+}
+
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -1929,6 +2519,104 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
                         dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol, what + " pool");
         }
       }
+    }
+  }
+}
+
+// RopeWriteKvCuda against RopeCpu on q and k then WriteKv (the CPU backend's Rope, Rope and
+// WriteKvBatch), in place on separate q, k and v, with a 4-token-per-block pool of dt;
+// block[t] < 0: not stored. non_finite: the inputs hold NaN and infinities, and so must the
+// reference's q, k and pool.
+void ExpectRopeWriteKvMatchesCpu(DType dt, RopeStyle style, const std::vector<int32_t>& positions,
+                                 const std::vector<int32_t>& block,
+                                 const std::vector<int32_t>& slot, std::vector<float> q,
+                                 std::vector<float> k, const std::vector<float>& v, int64_t q_heads,
+                                 int64_t kv_heads, int64_t head_dim, int64_t rotary_dim,
+                                 bool non_finite, std::mt19937& rng, const std::string& what) {
+  const int64_t tokens = static_cast<int64_t>(positions.size());
+  Pool pool(dt, 2, kv_heads, 4, head_dim, 6);
+  pool.FillRandom(rng);
+  DeviceBuffer<float> d_q(q), d_k(k), d_v(v);
+  DeviceBuffer<int32_t> d_pos(positions), d_block(block), d_slot(slot);
+  DeviceBuffer<unsigned char> d_pool(pool.host);
+  KvPoolView dv = pool.view;
+  dv.base = d_pool.get();
+  const float theta = 10000.0f;
+  ASSERT_EQ(cuda::RopeWriteKvCuda({.q = d_q.get(),
+                                   .k = d_k.get(),
+                                   .v = d_v.get(),
+                                   .positions = d_pos.get(),
+                                   .tokens = tokens,
+                                   .num_q_heads = q_heads,
+                                   .rotary_dim = rotary_dim,
+                                   .theta = theta,
+                                   .style = style,
+                                   .kv = dv,
+                                   .layer = 1,
+                                   .block = d_block.get(),
+                                   .token_in_block = d_slot.get()},
+                                  nullptr),
+            cudaSuccess)
+      << what;
+  for (auto [x, heads] : {std::pair{&q, q_heads}, std::pair{&k, kv_heads}}) {
+    RopeCpu({.x = x->data(),
+             .positions = positions.data(),
+             .tokens = tokens,
+             .heads = heads,
+             .head_dim = head_dim,
+             .rotary_dim = rotary_dim,
+             .theta = theta,
+             .style = style},
+            nullptr);
+  }
+  const int64_t hd = kv_heads * head_dim;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (block[t] >= 0) {
+      WriteKv(pool.view, block[t], 1, slot[t], k.data() + t * hd, v.data() + t * hd);
+    }
+  }
+  ExpectAllNear(ToDouble(q), d_q.Download().data(), kF32Tol, kF32Tol, what + " q");
+  ExpectAllNear(ToDouble(k), d_k.Download().data(), kF32Tol, kF32Tol, what + " k");
+  const std::vector<unsigned char> got = d_pool.Download();
+  const std::vector<double> want_pool = PoolValues(pool.view, pool.host.data(), pool.blocks);
+  const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
+  const std::vector<float> got_f(got_v.begin(), got_v.end());
+  ExpectAllNear(want_pool, got_f.data(), dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol,
+                what + " pool");
+  if (tokens == 0) {
+    EXPECT_EQ(got, pool.host) << what << ": zero tokens wrote the pool";
+  }
+  if (non_finite) {
+    ExpectAllNonFiniteKinds(q, what + " q");
+    ExpectAllNonFiniteKinds(k, what + " k");
+    ExpectAllNonFiniteKinds(want_pool, what + " pool");
+  }
+}
+
+// The fused RoPE + K/V write with NaN, +inf and -inf in q, k (rotated and passed-through dims,
+// position 0 where sin = 0 turns an infinity's partner into NaN) and v; one token; no tokens
+// (a no-op that reads nothing). Both styles, an f32, an f16 and a bf16 pool.
+TEST_F(CudaOpsTest, RopeWriteKvNonFiniteOneTokenAndNone) {
+  std::mt19937 rng(71);
+  const int64_t q_heads = 3, kv_heads = 2;  // head_dim 16, 12 of them rotated
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+      const std::string name =
+          std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") + DTypeName(dt);
+      const std::vector<int32_t> positions = {0, 1, 4095, 77};
+      const std::vector<float> q = RopeNonFiniteX(rng, 4, q_heads);
+      const std::vector<float> k = RopeNonFiniteX(rng, 4, kv_heads);
+      std::vector<float> v = RandomVector(rng, 4 * kv_heads * 16);
+      v[3] = kNaN;
+      v[16 + 4] = kInf;
+      v[4 * kv_heads * 16 - 1] = -kInf;
+      ExpectRopeWriteKvMatchesCpu(dt, style, positions, {2, 5, -1, 0}, {0, 3, 1, 2}, q, k, v,
+                                  q_heads, kv_heads, 16, 12, true, rng, name + " non-finite");
+      ExpectRopeWriteKvMatchesCpu(dt, style, {31337}, {4}, {1}, RandomVector(rng, 8 * 64),
+                                  RandomVector(rng, 2 * 64), RandomVector(rng, 2 * 64), 8, 2, 64,
+                                  64, false, rng, name + " one token");
+      ExpectRopeWriteKvMatchesCpu(dt, style, {}, {}, {}, {}, {}, {}, 8, 2, 64, 64, false, rng,
+                                  name + " no tokens");
     }
   }
 }
