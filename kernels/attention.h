@@ -66,6 +66,12 @@ struct PagedAttentionParams {
   int64_t kv_split_tokens;  // 0 = no split; else each sequence's blocks are cut into chunks of
                             // this many tokens (a multiple of tokens_per_block), each chunk's
                             // (O, LSE) is computed separately and MergeStatesCpu merges them
+  // A hint, not read by the attention: up to two byte ranges that the kernels after it read
+  // (the next products' weights), which the CUDA decode kernel (head dims 64 / 128) has the L2
+  // prefetch while it runs; nothing may write them during the step. Each start 16-byte
+  // aligned, each length a multiple of 16 (0: none). The CPU kernel ignores them.
+  const void* l2_prefetch[2] = {nullptr, nullptr};
+  int64_t l2_prefetch_bytes[2] = {0, 0};
 };
 
 // Split-KV chunking, shared by every attention kernel (CPU and CUDA, GQA and MLA: P is

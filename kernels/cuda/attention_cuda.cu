@@ -58,6 +58,11 @@ struct Args {
   float* lse;
   float* ws_o;    // [parts][rows][d] when parts > 1
   float* ws_lse;  // [parts][rows]
+  // PagedAttentionParams::l2_prefetch (warp-pipelined path): the ranges the thread blocks share,
+  // pf_share bytes each (PrefetchShareBytes).
+  const unsigned char* pf[2];
+  int64_t pf_bytes[2];
+  int64_t pf_share;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -176,6 +181,37 @@ __device__ inline void StoreLse(const Args& a, const Item& it, int g, float m, f
     a.ws_lse[static_cast<int64_t>(it.c) * a.rows + row] = v;
   } else if (a.lse != nullptr) {
     a.lse[row] = v;
+  }
+}
+
+// The L2 prefetch of this thread block's share of the ranges a.pf (PagedAttentionParams::
+// l2_prefetch), one thread: the grid's blocks take consecutive shares of a.pf_share bytes of the
+// two ranges end to end, each issued as bulk prefetches of at most kPrefetchPiece bytes. (The
+// share is worked out on the host: a 64-bit division here cost the kernels at their register
+// bound spills.)
+constexpr int64_t kPrefetchUnit = 4096;
+constexpr int64_t kPrefetchPiece = 1 << 20;
+
+int64_t PrefetchShareBytes(int64_t total, int64_t blocks) {
+  const int64_t units = (total + kPrefetchUnit - 1) / kPrefetchUnit;
+  return (units + blocks - 1) / blocks * kPrefetchUnit;
+}
+
+__device__ inline void PrefetchShareL2(const Args& a) {
+  const int64_t total = a.pf_bytes[0] + a.pf_bytes[1];
+  if (total <= 0) {
+    return;
+  }
+  const int64_t b = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  int64_t lo = b * a.pf_share;  // [lo, hi): this block's bytes, in the ranges' end-to-end order
+  int64_t hi = min(total, lo + a.pf_share);
+  for (int r = 0; r < 2 && lo < hi; ++r) {
+    const int64_t n = a.pf_bytes[r];
+    for (int64_t o = lo; o < min(hi, n); o += kPrefetchPiece) {
+      BulkPrefetchL2(a.pf[r] + o, static_cast<unsigned>(min(kPrefetchPiece, min(hi, n) - o)));
+    }
+    lo = lo > n ? lo - n : 0;  // into the next range's offsets
+    hi -= n;
   }
 }
 
@@ -402,7 +438,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
   uint64_t* bars = reinterpret_cast<uint64_t*>(s_wl + kMaxWarps * kG) + warp * kMaxStages;
   float* red = reinterpret_cast<float*>(smem);  // [warps][kG][D], after the rings are done
 
-  PdlEnter();  // first: see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
+  if (threadIdx.x == 0) {
+    // Before PdlEnter, overlapping the kernel before this one: no kernel of the step writes
+    // the ranges (the next products' weights).
+    PrefetchShareL2(a);
+  }
+  PdlEnter();  // see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
   if (a.prefill_done) {
     // This query token's pairs lie in one or two of the prefill kernel's blocks: done if each
     // of them was served there (the same answer in every thread).
@@ -1509,6 +1550,13 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   if (parts > 65535) {
     return cudaErrorInvalidValue;  // grid.y limit: use larger kv_split_tokens
   }
+  for (int r = 0; r < 2; ++r) {  // cp.async.bulk.prefetch's rules
+    const int64_t n = p.l2_prefetch_bytes[r];
+    const auto at = reinterpret_cast<uintptr_t>(p.l2_prefetch[r]);
+    if (n < 0 || (n > 0 && (at == 0 || at % 16 != 0 || n % 16 != 0))) {
+      return cudaErrorInvalidValue;
+    }
+  }
   const int64_t rows = p.num_q_tokens * p.num_q_heads;
   Args a;
   a.q = p.q;
@@ -1545,6 +1593,11 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.lse = p.lse;
   a.ws_o = parts > 1 ? static_cast<float*>(workspace) : nullptr;
   a.ws_lse = parts > 1 ? a.ws_o + parts * rows * p.head_dim : nullptr;
+  for (int r = 0; r < 2; ++r) {
+    a.pf[r] = static_cast<const unsigned char*>(p.l2_prefetch[r]);
+    a.pf_bytes[r] = p.l2_prefetch_bytes[r];
+  }
+  a.pf_share = 0;  // set with the warp kernel's grid below
 
   if (UsePrefillMma(p, parts)) {
     const bool bf16 = p.kv.dtype == DType::kBF16;
@@ -1562,6 +1615,8 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),
                   static_cast<unsigned>(parts));
+  a.pf_share =
+      PrefetchShareBytes(a.pf_bytes[0] + a.pf_bytes[1], static_cast<int64_t>(grid.x) * grid.y);
   HELIX_LAUNCH_PDL(ch.fn, grid, ch.threads, ch.smem, stream, a);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   if (parts > 1) {

@@ -43,8 +43,11 @@ size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
 // workspace and MergeStatesCuda combines them. The first call for a (dtype, head dim, group) shape
 // on a device sets the kernel's shared memory opt-in (a runtime call); make it, or
 // PagedAttentionCudaSplitTokens, once before capturing a CUDA graph. With split-KV the merge is a
-// programmatic dependent launch. REQUIRES: the CPU version's REQUIRES; device pointers; kv.base and
-// q 16-byte aligned;
+// programmatic dependent launch. p.l2_prefetch: the warp-pipelined kernel's thread blocks
+// (head dims 64 and 128) share the ranges and each has its share bulk-prefetched into L2 (sm_90)
+// before it waits for the kernel before it; other paths and older GPUs ignore them (a range
+// breaking their rules is cudaErrorInvalidValue). REQUIRES: the CPU version's REQUIRES; device
+// pointers; kv.base and q 16-byte aligned;
 //   workspace holds PagedAttentionCudaWorkspaceBytes(p) bytes (nullptr when that is 0),
 //   256-byte aligned as cudaMalloc returns; chunks per sequence (see kv_split_tokens)
 //   <= 65535.

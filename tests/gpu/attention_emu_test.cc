@@ -35,6 +35,13 @@ struct Case {
   std::vector<int32_t> froms = {};  // with prefill: prefill_from of each sequence, if given
 };
 
+// PagedAttentionParams::l2_prefetch of every RunCase call (none unless a test sets it).
+struct PrefetchRanges {
+  const void* at[2] = {nullptr, nullptr};
+  int64_t bytes[2] = {0, 0};
+};
+PrefetchRanges g_prefetch;
+
 void Store(DType t, void* base, int64_t i, float f) {
   if (t == DType::kF32) {
     static_cast<float*>(base)[i] = f;
@@ -117,6 +124,10 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   p.out = out.data();
   p.lse = lse.data();
   p.kv_split_tokens = c.split;
+  for (int r = 0; r < 2; ++r) {
+    p.l2_prefetch[r] = g_prefetch.at[r];
+    p.l2_prefetch_bytes[r] = g_prefetch.bytes[r];
+  }
   if (kernel != nullptr) {
     ASSERT_STREQ(cuda::PagedAttentionCudaKernelName(p), kernel);
   }
@@ -236,6 +247,119 @@ TEST(AttentionEmuTest, TensorCorePrefill) {
           328, "mma_prefill");
   RunCase({DType::kBF16, 4, 64, 16, 32, {45}, true}, 324, "mma");
   RunCase({DType::kF32, 4, 64, 16, 0, {45}, true}, 325, "warp");
+}
+
+// The L2 prefetch hint (PagedAttentionParams::l2_prefetch): the warp-pipelined kernel's thread
+// blocks, together, prefetch both ranges exactly once, in pieces cp.async.bulk.prefetch takes
+// (the emulated instruction aborts on any other), whatever the grid (2 to 16 thread blocks here,
+// shares of one piece and of several, a range of one 16-byte unit); the output is unchanged;
+// the generic kernel ignores the ranges; ranges breaking the rules are refused.
+TEST(AttentionEmuTest, L2PrefetchCoversItsRangesOnce) {
+  struct Restore {
+    ~Restore() {
+      cuda::SetPagedAttentionCudaTuningForTesting({});
+      g_prefetch = {};
+      std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+      helix_emu::g_prefetch_hook = nullptr;
+    }
+  } restore;
+  std::vector<std::pair<uintptr_t, unsigned>> pieces;
+  {
+    std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+    helix_emu::g_prefetch_hook = [&](const void* at, unsigned n) {
+      pieces.emplace_back(reinterpret_cast<uintptr_t>(at), n);
+    };
+  }
+  // 16-byte aligned storage: a range of 5 MiB + 48 bytes (several 1 MiB pieces per block when
+  // the grid is small) and others of 16 and 40,016 bytes.
+  std::vector<uint4> big((5 << 20) / 16 + 3), small(40016 / 16);
+  const auto check = [&](const std::string& what, int64_t n0, int64_t n1) {
+    std::sort(pieces.begin(), pieces.end());
+    int64_t covered[2] = {0, 0};
+    uintptr_t end[2] = {reinterpret_cast<uintptr_t>(big.data()),
+                        reinterpret_cast<uintptr_t>(small.data())};
+    for (const auto& [at, n] : pieces) {
+      int r = -1;
+      for (int i = 0; i < 2; ++i) {
+        const auto lo = reinterpret_cast<uintptr_t>(i == 0 ? big.data() : small.data());
+        if (at >= lo && at + n <= lo + static_cast<uintptr_t>(i == 0 ? n0 : n1)) {
+          r = i;
+        }
+      }
+      ASSERT_GE(r, 0) << what << ": a piece outside the ranges";
+      EXPECT_EQ(at, end[r]) << what << ": a gap or an overlap in range " << r;
+      end[r] = at + n;
+      covered[r] += n;
+    }
+    EXPECT_EQ(covered[0], n0) << what;
+    EXPECT_EQ(covered[1], n1) << what;
+    pieces.clear();
+  };
+  struct Sizes {
+    int64_t n0, n1;
+  };
+  const Sizes sizes[] = {{(5 << 20) + 48, 40016}, {16, 0}, {0, 40016}, {4096 * 3, 16}};
+  int seed = 400;
+  for (const Sizes& z : sizes) {
+    g_prefetch = {{big.data(), small.data()}, {z.n0, z.n1}};
+    const std::string what = std::to_string(z.n0) + " + " + std::to_string(z.n1) + " bytes";
+    RunCase({DType::kBF16, 4, 128, 16, 0, {1, 37}}, seed++, "warp");  // 2 x 2 thread blocks
+    check(what + ", 4 blocks", z.n0, z.n1);
+    RunCase({DType::kF16, 8, 64, 16, 32, {1, 37, 0, 130}}, seed++, "warp");  // split: 40 blocks
+    check(what + ", split", z.n0, z.n1);
+  }
+  cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = true});
+  g_prefetch = {{big.data(), small.data()}, {(5 << 20) + 48, 40016}};
+  RunCase({DType::kBF16, 4, 64, 16, 64, {1, 200, 0}}, seed++, "mma");
+  check("mma", (5 << 20) + 48, 40016);
+  RunCase({DType::kBF16, 4, 64, 16, 0, {45}, true}, seed++, "mma_prefill");
+  EXPECT_TRUE(pieces.empty()) << "the prefill kernel prefetched";
+  cuda::SetPagedAttentionCudaTuningForTesting({});
+  RunCase({DType::kF32, 4, 20, 16, 32, {1, 37, 0, 70}}, seed++, "generic");
+  EXPECT_TRUE(pieces.empty()) << "the generic kernel prefetched";
+  g_prefetch = {};
+
+  // Refused: a start not 16-byte aligned, a length not a multiple of 16, a length without a
+  // start, a negative length.
+  const std::vector<float> q(4 * 128, 0.5f);
+  std::vector<float> out(4 * 128), lse(4);
+  std::vector<uint16_t> pool(4 * 128 * 16 * 2);
+  const std::vector<int32_t> table = {0}, first = {0}, len = {3}, seq = {0}, pos = {2};
+  PagedAttentionParams p{.q = q.data(),
+                         .q_seq = seq.data(),
+                         .q_pos = pos.data(),
+                         .kv = {pool.data(), DType::kBF16, 1, 1, 16, 128},
+                         .layer = 0,
+                         .block_tables = table.data(),
+                         .block_first_pos = first.data(),
+                         .kv_lens = len.data(),
+                         .max_blocks_per_seq = 1,
+                         .num_seqs = 1,
+                         .num_q_tokens = 1,
+                         .num_q_heads = 4,
+                         .num_kv_heads = 1,
+                         .head_dim = 128,
+                         .scale = 0.1f,
+                         .out = out.data(),
+                         .lse = lse.data(),
+                         .kv_split_tokens = 0};
+  ASSERT_EQ(cuda::PagedAttentionCuda(p, nullptr, nullptr), cudaSuccess);
+  const auto* base = reinterpret_cast<const unsigned char*>(big.data());
+  const struct {
+    const void* at;
+    int64_t n;
+  } bad[] = {{base + 8, 64}, {base, 40}, {nullptr, 64}, {base, -16}};
+  for (const auto& b : bad) {
+    for (int r = 0; r < 2; ++r) {
+      PagedAttentionParams pb = p;
+      pb.l2_prefetch[r] = b.at;
+      pb.l2_prefetch_bytes[r] = b.n;
+      EXPECT_EQ(cuda::PagedAttentionCuda(pb, nullptr, nullptr), cudaErrorInvalidValue)
+          << "range " << r << ": " << b.n << " bytes at offset "
+          << (b.at == nullptr ? -1 : static_cast<const unsigned char*>(b.at) - base);
+    }
+  }
+  EXPECT_TRUE(pieces.empty());
 }
 
 }  // namespace

@@ -27,6 +27,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -439,7 +440,23 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
     std::memset(smem, 0, 16);
   }
 }
-inline void BulkPrefetchL2(const void*, unsigned) {}
+// An L2 prefetch changes nothing here; it aborts on a range cp.async.bulk.prefetch refuses (a
+// start not 16-byte aligned, a length not a multiple of 16) and is shown to the test's hook.
+namespace helix_emu {
+inline std::mutex g_prefetch_mu;
+inline std::function<void(const void*, unsigned)> g_prefetch_hook;  // under g_prefetch_mu
+}  // namespace helix_emu
+inline void BulkPrefetchL2(const void* gmem, unsigned bytes) {
+  if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0 || bytes % 16 != 0) {
+    std::fprintf(stderr, "cuda_emu: cp.async.bulk.prefetch.L2 of %u bytes at %p breaks its rules\n",
+                 bytes, gmem);
+    std::abort();
+  }
+  std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+  if (helix_emu::g_prefetch_hook) {
+    helix_emu::g_prefetch_hook(gmem, bytes);
+  }
+}
 // mbarriers with bulk copies: a copy lands when it is issued, and a waiter yields to the other
 // threads until the barrier's phase has completed, so a thread that reads a slot before its copy
 // was issued finds the barrier still pending, as on the device. A phase completes when its
