@@ -166,6 +166,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.split_argmax = o.cuda_split_argmax;
     c.norm_sums = o.cuda_norm_sums;
     c.gemv_rope_kv = o.cuda_gemv_rope_kv;
+    c.l2_prefetch_bytes = o.cuda_l2_prefetch_bytes;
     return CreateCudaBackend(c);
 #else
     return Unimplemented(

@@ -71,6 +71,9 @@ struct EngineOptions {
   // The cuda backend: RoPE and the K/V write in the q|k|v GEMV's epilogue
   // (CudaBackendOptions::gemv_rope_kv; decode_bench --gemv-rope 1). Off by default.
   bool cuda_gemv_rope_kv = false;
+  // The cuda backend: bytes of the next products' weights decode attention prefetches into L2
+  // (CudaBackendOptions::l2_prefetch_bytes; decode_bench --l2-prefetch-mb N). 0 (off) by default.
+  int64_t cuda_l2_prefetch_bytes = 0;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

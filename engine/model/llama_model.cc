@@ -945,6 +945,14 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
         backend_->WriteKvBatch(kv_, l, k_.data(), v_.data(), m.kv_block, m.kv_slot, T);
       }
       ap.layer = l;
+      // A hint for the backend (not read by the attention): the weights of the products after
+      // it, Wo and the packed gate|up, which a GPU may prefetch into its L2 meanwhile.
+      const bool gate_up_next = packed_ffn_[l] && !c.IsMoeLayer(l);
+      ap.l2_prefetch[0] = Dev(lw.wo);
+      ap.l2_prefetch_bytes[0] = D * od * static_cast<int64_t>(kernels::DTypeSize(lw.wo.dtype));
+      ap.l2_prefetch[1] = gate_up_next ? Dev(lw.w1) : nullptr;
+      ap.l2_prefetch_bytes[1] =
+          gate_up_next ? 2 * F * D * static_cast<int64_t>(kernels::DTypeSize(lw.w1.dtype)) : 0;
       sw.Lap(&tm.other);
       backend_->PagedAttention(ap, workspace_.data());
       sw.Lap(&tm.attention);

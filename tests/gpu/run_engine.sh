@@ -56,7 +56,7 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr]]]]]]]; gemv 1 = the
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr[:pf]]]]]]]]; gemv 1 = the
 # decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
 # dependent launch of the step's kernels (--pdl 1); both default to 0 here (the old path; no run
 # below measures it any more: every one has both on, as the engine does); fold 0 = no norms folded into the GEMV
@@ -64,22 +64,28 @@ reset_foreign_build
 # engine's default since 2026-11-26; 0 here unless given); sa 1 = the chunked greedy argmax
 # (--split-argmax 1), default 0; ns 1 = the norms from the partial sums of squares the products
 # adding into the residual stream leave (--norm-sums 1), default 0; gr 1 = RoPE and the K/V write
-# in the q|k|v GEMV (--gemv-rope 1), default 0) and the profiled ones
+# in the q|k|v GEMV (--gemv-rope 1), default 0; pf N = decode attention prefetching up to N MiB of
+# the next products' weights (Wo, then gate|up) into L2 (--l2-prefetch-mb N), default 0) and the
+# profiled ones
 # (shape:context:graphs[:mma[:sa[:ns[:gr]]]], with decode_bench's defaults otherwise: GEMV, PDL and
 # folding on; the kernel table shows the argmax kernels' own times, which a 1 % change of the
 # step hides in the end-to-end runs' noise).
 PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
 # The Llama-3.2-1B shape first (the roofline goal and the switches' A/B), then SmolLM2-135M's
 # baseline and all-switches runs: what a short device session must measure comes first.
+# The L2 prefetch: alone (24 MiB: Wo's 8 MiB and 16 of gate|up's 64), and with every switch at
+# 9 MiB (Wo alone) and 24 MiB.
 RUNS=(llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
-  llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1
-  llama3-1b:32768:1:1:1:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1
+  llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1
+  llama3-1b:8192:1:1:1:1:1:0:0:0:24 llama3-1b:8192:1:1:1:1:1:1:1:1:9
+  llama3-1b:8192:1:1:1:1:1:1:1:1:24 llama3-1b:32768:1:1:1:1:1
+  llama3-1b:32768:1:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1:1:1:1:24 smollm2-135m:8192:1:1:1:1:1
   smollm2-135m:8192:1:1:1:1:1:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v d f m sa ns gr
-  IFS=: read -r s ctx g v d f m sa ns gr <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)"
+  local s ctx g v d f m sa ns gr pf
+  IFS=: read -r s ctx g v d f m sa ns gr pf <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)$([[ ${pf:-0} != 0 ]] && echo _pf$pf)"
 }
 # The log / result name of a PROFILES entry.
 profile_name() {
@@ -134,13 +140,13 @@ if [[ $BUILD_OK == 0 ]]; then
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v d f m sa ns gr <<<"$r"
+      IFS=: read -r s ctx g v d f m sa ns gr pf <<<"$r"
       [[ $s == "$shape" ]] || continue
       n=$(run_name "$r")
       step $n $n.log 120 "$BUILD/decode_bench" \
         --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} \
         --attn-mma ${m:-0} --split-argmax ${sa:-0} --norm-sums ${ns:-0} --gemv-rope ${gr:-0} \
-        --model "$BUILD/bench_$s/model.bin" \
+        --l2-prefetch-mb ${pf:-0} --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
@@ -233,7 +239,7 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v d fo mm sa ns gr <<<"$r"
+    IFS=: read -r sh ctx g v d fo mm sa ns gr pmb <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -244,12 +250,12 @@ fi
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
     pf=$(sed -n 's/.*prefill_s=\([0-9.]*\).*/\1/p' <<<"$line")
-    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v pfm=${pmb:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d (%2d replays, %d captures): " \
+      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d pf %2d (%2d replays, %d captures): " \
              "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f; " \
-             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
+             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, pfm, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
              (roof > 0 ? ms / roof : 0), pf }'
   done
   for r in "${PROFILES[@]}"; do

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -533,7 +534,7 @@ class CudaBackend final : public Backend {
     return kc::PagedAttentionCudaWorkspaceBytes(WithSplit(p));
   }
   void PagedAttention(const kernels::PagedAttentionParams& p, void* workspace) override {
-    const kernels::PagedAttentionParams q = WithSplit(p);
+    const kernels::PagedAttentionParams q = WithPrefetch(WithSplit(p));
     // Counted apart when its math runs on the tensor cores (attention_tensor_cores), for decode
     // and for steps with several query tokens of a sequence.
     const std::string_view kernel = kc::PagedAttentionCudaKernelName(q);
@@ -737,6 +738,26 @@ class CudaBackend final : public Backend {
       p.kv_split_tokens = options_.attention_split_tokens > 0
                               ? options_.attention_split_tokens
                               : kc::PagedAttentionCudaSplitTokens(p);
+    }
+    return p;
+  }
+  // The caller's L2 prefetch hint cut to CudaBackendOptions::l2_prefetch_bytes (its first range
+  // first), each range to whole 16-byte units from its first aligned byte (none when the option
+  // is 0).
+  kernels::PagedAttentionParams WithPrefetch(kernels::PagedAttentionParams p) const {
+    int64_t left = options_.l2_prefetch_bytes;
+    for (int r = 0; r < 2; ++r) {
+      const auto at = reinterpret_cast<uintptr_t>(p.l2_prefetch[r]);
+      const int64_t skip = static_cast<int64_t>((16 - at % 16) % 16);
+      const int64_t n = std::min(left, p.l2_prefetch_bytes[r] - skip) / 16 * 16;
+      if (at == 0 || n <= 0) {
+        p.l2_prefetch[r] = nullptr;
+        p.l2_prefetch_bytes[r] = 0;
+        continue;
+      }
+      p.l2_prefetch[r] = static_cast<const unsigned char*>(p.l2_prefetch[r]) + skip;
+      p.l2_prefetch_bytes[r] = n;
+      left -= n;
     }
     return p;
   }

@@ -53,6 +53,11 @@ struct CudaBackendOptions {
   // pool (kernels::cuda::GemvRopeKvCuda, bit for bit the GEMV then RopeWriteKvCuda), one
   // kernel less per layer. Off until measured (decode_bench --gemv-rope 1).
   bool gemv_rope_kv = false;
+  // Decode attention (head dims 64 and 128) has up to this many bytes of the products after it
+  // (the attention output's, then the packed gate|up's weights: kernels::PagedAttentionParams::
+  // l2_prefetch) prefetched into L2 as it runs, so that they read it from there instead of
+  // memory. 0: none. Off until measured (decode_bench --l2-prefetch-mb N).
+  int64_t l2_prefetch_bytes = 0;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

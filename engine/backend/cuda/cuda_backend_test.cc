@@ -23,6 +23,10 @@
 
 #ifndef HELIX_CUDA_EMULATION
 #include <cuda_runtime.h>
+#else
+#include <mutex>
+
+#include "tests/gpu/cuda_emu.h"  // helix_emu::g_prefetch_hook
 #endif
 
 #include "engine/backend/cuda/cuda_backend.h"
@@ -30,6 +34,7 @@
 #include "engine/engine_test_util.h"
 #include "engine/parallel/launcher.h"
 #include "engine/spawn_test_util.h"
+#include "kernels/attention.h"
 #include "kernels/dtype.h"
 #include "kernels/gemm.h"
 
@@ -345,6 +350,129 @@ TEST(CudaBackendGemm, SameXReusesOnlyItsOwnConversion) {
   for (const void* p : {static_cast<const void*>(dx1), static_cast<const void*>(dx2), dw1, dw2,
                         static_cast<const void*>(dy)}) {
     b.Free(const_cast<void*>(p));
+  }
+}
+
+// CudaBackendOptions::l2_prefetch_bytes: decode attention's L2 prefetch hint is cut to the
+// option (its first range first), each range to whole 16-byte units from its first 16-byte
+// aligned byte, and dropped when the option is 0; the output is the same either way (on the
+// GPU the bulk prefetches of the cut ranges really run). Under emulation the prefetched pieces
+// are recorded and must cover exactly the cut ranges.
+TEST(CudaBackendAttention, L2PrefetchHintCutToTheOption) {
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  const int64_t d = 64, tpb = 16, len = 40, q_heads = 4, blocks = 3;
+  const kernels::KvPoolView host_view{nullptr, kernels::DType::kBF16, 1, 1, tpb, d};
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<uint16_t> pool(blocks * host_view.block_elems());
+  for (uint16_t& x : pool) x = kernels::FloatToBf16(dist(rng));
+  std::vector<float> q(q_heads * d);
+  for (float& x : q) x = dist(rng);
+  const std::vector<int32_t> table = {2, 0, 1}, first = {0, 16, 32}, lens = {len}, seq = {0},
+                             pos = {len - 1};
+  kernels::PagedAttentionParams p{.q = q.data(),
+                                  .q_seq = seq.data(),
+                                  .q_pos = pos.data(),
+                                  .kv = host_view,
+                                  .layer = 0,
+                                  .block_tables = table.data(),
+                                  .block_first_pos = first.data(),
+                                  .kv_lens = lens.data(),
+                                  .max_blocks_per_seq = blocks,
+                                  .num_seqs = 1,
+                                  .num_q_tokens = 1,
+                                  .num_q_heads = q_heads,
+                                  .num_kv_heads = 1,
+                                  .head_dim = d,
+                                  .scale = 0.125f,
+                                  .out = nullptr,
+                                  .lse = nullptr,
+                                  .kv_split_tokens = 0};
+  std::vector<float> want(q_heads * d), want_lse(q_heads);
+  p.kv.base = pool.data();
+  p.out = want.data();
+  p.lse = want_lse.data();
+  kernels::PagedAttentionCpu(p, nullptr, nullptr);
+
+#ifdef HELIX_CUDA_EMULATION
+  std::vector<std::pair<uintptr_t, unsigned>> pieces;
+  {
+    std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+    helix_emu::g_prefetch_hook = [&](const void* at, unsigned n) {
+      pieces.emplace_back(reinterpret_cast<uintptr_t>(at), n);
+    };
+  }
+  struct Unhook {
+    ~Unhook() {
+      std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+      helix_emu::g_prefetch_hook = nullptr;
+    }
+  } unhook;
+#endif
+  for (const int64_t cap : {int64_t{0}, int64_t{10000}, int64_t{1} << 20}) {
+    CudaBackendOptions bo;
+    bo.l2_prefetch_bytes = cap;
+    auto be = CreateCudaBackend(bo);
+    ASSERT_TRUE(be.ok()) << be.status().ToString();
+    Backend& b = **be;
+    const auto upload = [&](const void* host, size_t bytes) {
+      void* dev = b.Alloc(bytes);
+      b.CopyToDevice(dev, host, bytes);
+      return dev;
+    };
+    kernels::PagedAttentionParams dp = p;
+    dp.kv.base = upload(pool.data(), pool.size() * 2);
+    dp.q = static_cast<const float*>(upload(q.data(), q.size() * 4));
+    dp.q_seq = static_cast<const int32_t*>(upload(seq.data(), 4));
+    dp.q_pos = static_cast<const int32_t*>(upload(pos.data(), 4));
+    dp.block_tables = static_cast<const int32_t*>(upload(table.data(), 12));
+    dp.block_first_pos = static_cast<const int32_t*>(upload(first.data(), 12));
+    dp.kv_lens = static_cast<const int32_t*>(upload(lens.data(), 4));
+    dp.out = static_cast<float*>(b.Alloc(want.size() * 4));
+    dp.lse = static_cast<float*>(b.Alloc(want_lse.size() * 4));
+    // Ranges of a device buffer: 8000 bytes from byte 8 (not 16-byte aligned), 4096 from 8192.
+    auto* buf = static_cast<unsigned char*>(b.Alloc(16384));
+    dp.l2_prefetch[0] = buf + 8;
+    dp.l2_prefetch_bytes[0] = 8000;
+    dp.l2_prefetch[1] = buf + 8192;
+    dp.l2_prefetch_bytes[1] = 4096;
+    const size_t ws_bytes = b.PagedAttentionWorkspaceBytes(dp);
+    void* ws = ws_bytes > 0 ? b.Alloc(ws_bytes) : nullptr;
+    b.PagedAttention(dp, ws);
+    std::vector<float> got(want.size());
+    ASSERT_TRUE(b.CopyToHost(got.data(), dp.out, got.size() * 4).ok()) << "cap " << cap;
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_NEAR(got[i], want[i], 2e-5) << "cap " << cap << " at " << i;
+    }
+#ifdef HELIX_CUDA_EMULATION
+    // Expected: from buf + 16, 8000 - 8 bytes cut to 7984 (and to the cap); then the rest of
+    // the cap from buf + 8192.
+    const auto at = reinterpret_cast<uintptr_t>(buf);
+    const int64_t first_n = std::min<int64_t>(cap, 7992) / 16 * 16;
+    const int64_t second_n = std::min<int64_t>(cap - first_n, 4096) / 16 * 16;
+    std::sort(pieces.begin(), pieces.end());
+    uintptr_t next = at + 16;
+    int64_t seen[2] = {0, 0};
+    for (const auto& [start, n] : pieces) {
+      const int r = start >= at + 8192 ? 1 : 0;
+      if (r == 1 && seen[1] == 0) next = at + 8192;
+      EXPECT_EQ(start, next) << "cap " << cap << ": a gap or an overlap";
+      next = start + n;
+      seen[r] += n;
+    }
+    EXPECT_EQ(seen[0], first_n) << "cap " << cap;
+    EXPECT_EQ(seen[1], second_n) << "cap " << cap;
+    pieces.clear();
+#endif
+    for (const void* ptr :
+         {static_cast<const void*>(dp.kv.base), static_cast<const void*>(dp.q),
+          static_cast<const void*>(dp.q_seq), static_cast<const void*>(dp.q_pos),
+          static_cast<const void*>(dp.block_tables), static_cast<const void*>(dp.block_first_pos),
+          static_cast<const void*>(dp.kv_lens), static_cast<const void*>(dp.out),
+          static_cast<const void*>(dp.lse), static_cast<const void*>(buf),
+          static_cast<const void*>(ws)}) {
+      if (ptr != nullptr) b.Free(const_cast<void*>(ptr));
+    }
   }
 }
 
@@ -840,6 +968,9 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   const bool sums = GetParam().find(":sums") != std::string::npos;
   // ":rope": CudaBackendOptions::gemv_rope_kv (RoPE and the K/V write in the q|k|v GEMV).
   const bool rope = GetParam().find(":rope") != std::string::npos;
+  // ":l2pf": CudaBackendOptions::l2_prefetch_bytes (decode attention prefetching the weights of
+  // the products after it into L2; under emulation the prefetches are counted).
+  const bool l2pf = GetParam().find(":l2pf") != std::string::npos;
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
   if (model.rfind("qwen2", 0) == 0) {
@@ -866,11 +997,32 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   bo.attention_tensor_cores = mma;
   bo.norm_sums = sums;
   bo.gemv_rope_kv = rope;
+  bo.l2_prefetch_bytes = l2pf ? int64_t{1} << 20 : 0;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   const auto backends = WatchBackends(&o);
   auto gpu = Engine::Create(o);
   ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+#ifdef HELIX_CUDA_EMULATION
+  int64_t prefetched = 0;
+  {
+    std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+    helix_emu::g_prefetch_hook = [&](const void*, unsigned n) { prefetched += n; };
+  }
+#endif
   const std::vector<RunResult> got = RunAll(gpu->get(), reqs);
+#ifdef HELIX_CUDA_EMULATION
+  {
+    std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
+    helix_emu::g_prefetch_hook = nullptr;
+  }
+  // Each decode attention call prefetches its layer's Wo and gate|up: 128 KiB + 512 KiB here.
+  if (l2pf) {
+    EXPECT_GT(prefetched, 0);
+    EXPECT_EQ(prefetched % (640 << 10), 0) << prefetched;
+  } else {
+    EXPECT_EQ(prefetched, 0);
+  }
+#endif
   if (model.find("BF16") != std::string::npos) {
     ASSERT_EQ(backends->size(), 1u);
     // Its steps have 2-5 rows: the GEMV without folded norms (small matrices) or cuBLAS; with
@@ -912,7 +1064,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
                          ::testing::Values("llama_BF16.gguf", "llama_BF16.gguf:sums:rope",
-                                           "llama_Q8_0.gguf:cublas",
+                                           "llama_BF16.gguf:l2pf", "llama_Q8_0.gguf:cublas",
                                            "qwen2_F32.gguf",  // q/k/v biases
                                            "llama_Q8_0.gguf:cublas:fp32attn"),
                          [](const auto& info) {
