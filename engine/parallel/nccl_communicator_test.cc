@@ -1,5 +1,6 @@
 // NcclCommunicator on the GPU (label gpu; skips when no CUDA device is visible): every
-// collective on device buffers in a group of one, and two ranks in two processes (spawned, as
+// collective on device buffers in a group of one, a peer that never joins (a timeout), and two
+// ranks in two processes (spawned, as
 // CUDA cannot be used in a child forked after the parent touched it). With two or more GPUs the
 // two ranks check every collective's result; on one GPU NCCL refuses two ranks on the same
 // device, and the test checks that the refusal is a clear error and never a hang.
@@ -140,6 +141,33 @@ TEST_F(NcclCommunicatorTest, TwoRanksWorkOrFailClearly) {
   for (int code : testing::Reap(pids, std::chrono::seconds(60))) {
     EXPECT_EQ(code, 0) << "rank process exit code (137: hung and killed)";
   }
+}
+
+// A group whose other rank never comes: NCCL's non-blocking init is bounded by the timeout and
+// ends in DEADLINE_EXCEEDED naming the group (rank 0: the peer never connects; rank 1: the unique
+// id never arrives in the store), never a hang. One process and one GPU suffice.
+TEST_F(NcclCommunicatorTest, PeerThatNeverJoinsIsATimeout) {
+  auto server = TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  auto store = TcpStore::Connect("127.0.0.1", (*server)->port(), std::chrono::seconds(10));
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  NcclOptions o;
+  o.timeout = std::chrono::seconds(3);
+  o.stream = stream;
+  for (int rank : {0, 1}) {
+    const std::string group = "alone" + std::to_string(rank);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto c = CreateNcclCommunicator(store->get(), group, rank, 2, o);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ASSERT_FALSE(c.ok()) << "rank " << rank << " of 2 joined alone";
+    EXPECT_EQ(c.status().code(), StatusCode::kDeadlineExceeded) << c.status().ToString();
+    EXPECT_NE(c.status().message().find(group), std::string::npos) << c.status().ToString();
+    EXPECT_GE(s, 2.5) << "rank " << rank << ": gave up before its timeout";
+    EXPECT_LT(s, 20.0) << "rank " << rank << ": took far longer than its 3 s timeout";
+  }
+  cudaStreamDestroy(stream);
 }
 
 // One rank of TwoRanksWorkOrFailClearly (runs only when spawned by it).

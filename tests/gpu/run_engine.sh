@@ -115,7 +115,7 @@ if [[ $BUILD_OK == 0 ]]; then
   step cuda_backend_test cuda_backend_test.log 200 "${EACH[@]}" \
     "$BUILD/engine/cuda_backend_test" "$LOGS/cuda_backend_test" 4 150
   if [[ -x $BUILD/engine/nccl_communicator_test ]]; then
-    step nccl_test nccl_test.log 90 "${EACH[@]}" \
+    step nccl_test nccl_test.log 120 "${EACH[@]}" \
       "$BUILD/engine/nccl_communicator_test" "$LOGS/nccl_test" 1 80
   else
     RESULT[nccl_test]="not built (no NCCL found; see configure.log)"
