@@ -74,6 +74,9 @@ struct EngineOptions {
   // The cuda backend: bytes of the next products' weights decode attention prefetches into L2
   // (CudaBackendOptions::l2_prefetch_bytes; decode_bench --l2-prefetch-mb N). 0 (off) by default.
   int64_t cuda_l2_prefetch_bytes = 0;
+  // The cuda backend: the shortest split-KV chunk of decode attention, in tokens
+  // (CudaBackendOptions::attention_min_chunk_tokens; decode_bench --attn-min-chunk N); 0: 128.
+  int64_t cuda_attention_min_chunk_tokens = 0;
   // Tests: builds the backend instead of `backend` (e.g. the CUDA backend on the emulator).
   std::function<StatusOr<std::unique_ptr<Backend>>()> backend_factory;
   int64_t tokens_per_block = 32;

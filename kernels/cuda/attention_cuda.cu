@@ -1407,8 +1407,9 @@ int PrefetchSteps() {
   return s == 0 ? kDefaultPrefetchSteps : std::max(0, s);
 }
 
-int64_t MinChunkTokens() {
-  const int64_t t = Tuning().min_chunk_tokens;
+// The caller's shortest split-KV chunk, else the tuning's, else kMinChunkTokens.
+int64_t MinChunkTokens(int64_t asked) {
+  const int64_t t = asked > 0 ? asked : Tuning().min_chunk_tokens;
   return t > 0 ? t : kMinChunkTokens;
 }
 
@@ -1496,7 +1497,7 @@ cudaError_t PrepareKernel(const Choice& ch) {
 
 }  // namespace
 
-int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
+int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p, int64_t min_chunk_tokens) {
   const int64_t tpb = p.kv.tokens_per_block;
   if (p.num_q_tokens <= 0 || p.num_kv_heads <= 0 || tpb <= 0 || p.max_blocks_per_seq <= 0) {
     return 0;
@@ -1516,7 +1517,7 @@ int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p) {
   const int64_t subs = (group + ch.sub_size - 1) / ch.sub_size;
   return SplitTokensForOneWave(static_cast<int64_t>(sms) * std::max(1, per_sm),
                                p.num_q_tokens * p.num_kv_heads * subs, p.max_blocks_per_seq, tpb,
-                               MinChunkTokens());
+                               MinChunkTokens(min_chunk_tokens));
 }
 
 const char* PagedAttentionCudaKernelName(const PagedAttentionParams& p) {

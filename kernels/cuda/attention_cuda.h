@@ -17,10 +17,11 @@
 namespace helix::kernels::cuda {
 
 // The kv_split_tokens to put in p for this device: splits each sequence's blocks into chunks
-// so that one wave of thread blocks fills every SM (chunks of at least 256 tokens), or 0
-// (no split) when the batch alone fills the GPU. Uses p's shapes only (max_blocks_per_seq as
-// the length bound: kv_lens stay on the device). Host function; queries the current device.
-int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p);
+// so that one wave of thread blocks fills every SM, chunks no shorter than min_chunk_tokens
+// (0: PagedAttentionCudaTuning::min_chunk_tokens, else 128), or 0 (no split) when the batch
+// alone fills the GPU. Uses p's shapes only (max_blocks_per_seq as the length bound: kv_lens
+// stay on the device). Host function; queries the current device.
+int64_t PagedAttentionCudaSplitTokens(const PagedAttentionParams& p, int64_t min_chunk_tokens = 0);
 
 // Which kernel PagedAttentionCuda runs for p under the current tuning (see
 // PagedAttentionCudaTuning): "mma" (warp-pipelined, tensor-core math), "mma_prefill" (tensor-core

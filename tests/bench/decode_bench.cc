@@ -8,7 +8,7 @@
 //                [--tokens-per-block N] [--weight-dtype auto|float32|float16|bfloat16]
 //                [--backend cpu|cuda] [--cuda-graphs 0|1] [--gemv 0|1] [--pdl 0|1] [--fold 0|1]
 //                [--attn-mma 0|1] [--split-argmax 0|1] [--norm-sums 0|1] [--gemv-rope 0|1]
-//                [--l2-prefetch-mb N]
+//                [--l2-prefetch-mb N] [--attn-min-chunk N]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -27,7 +27,7 @@ struct Args {
   bool cuda_graphs = false, gemv = true, pdl = true, fold = true, attn_mma = true,
        split_argmax = false, norm_sums = false, gemv_rope = false;
   int64_t context = 512, batch = 1, steps = 64, warmup = 8, threads = 0, tokens_per_block = 32;
-  int64_t l2_prefetch_mb = 0;
+  int64_t l2_prefetch_mb = 0, attn_min_chunk = 0;
 };
 
 [[noreturn]] void Usage(const std::string& why) {
@@ -36,7 +36,8 @@ struct Args {
                "[--context N] [--batch B] [--steps S] [--warmup W] [--threads T] [--kv-dtype D] "
                "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1] "
                "[--gemv 0|1] [--pdl 0|1] [--fold 0|1] [--attn-mma 0|1] [--split-argmax 0|1] "
-               "[--norm-sums 0|1] [--gemv-rope 0|1] [--l2-prefetch-mb N]\n",
+               "[--norm-sums 0|1] [--gemv-rope 0|1] [--l2-prefetch-mb N] "
+               "[--attn-min-chunk N]\n",
                why.c_str());
   std::exit(2);
 }
@@ -73,6 +74,8 @@ Args Parse(int argc, char** argv) {
       a.gemv_rope = v == "1";
     } else if (k == "--l2-prefetch-mb") {
       a.l2_prefetch_mb = std::atoll(v.c_str());
+    } else if (k == "--attn-min-chunk") {
+      a.attn_min_chunk = std::atoll(v.c_str());
     } else if (k == "--kv-dtype") {
       a.kv_dtype = v;
     } else if (k == "--context") {
@@ -92,8 +95,11 @@ Args Parse(int argc, char** argv) {
     }
   }
   if (a.model.empty()) Usage("--model is required");
-  if (a.context < 1 || a.batch < 1 || a.steps < 1 || a.warmup < 0 || a.l2_prefetch_mb < 0)
-    Usage("need context >= 1, batch >= 1, steps >= 1, warmup >= 0, l2-prefetch-mb >= 0");
+  if (a.context < 1 || a.batch < 1 || a.steps < 1 || a.warmup < 0 || a.l2_prefetch_mb < 0 ||
+      a.attn_min_chunk < 0)
+    Usage(
+        "need context >= 1, batch >= 1, steps >= 1, warmup >= 0, l2-prefetch-mb >= 0, "
+        "attn-min-chunk >= 0");
   return a;
 }
 
@@ -115,6 +121,7 @@ int main(int argc, char** argv) {
   o.cuda_norm_sums = a.norm_sums;
   o.cuda_gemv_rope_kv = a.gemv_rope;
   o.cuda_l2_prefetch_bytes = a.l2_prefetch_mb << 20;
+  o.cuda_attention_min_chunk_tokens = a.attn_min_chunk;
   o.tokens_per_block = a.tokens_per_block;
   o.max_batch_size = a.batch;
   // Tokens per request: the prefill's first, the warm-up steps', the timed steps'.
@@ -209,7 +216,7 @@ int main(int argc, char** argv) {
   const double decode_tokens = static_cast<double>(generated - after_warmup);
   std::printf(
       "engine=helix backend=%s cuda_graphs=%d gemv=%d pdl=%d fold=%d attn_mma=%d split_argmax=%d "
-      "norm_sums=%d gemv_rope=%d l2_prefetch_mb=%lld model=%s "
+      "norm_sums=%d gemv_rope=%d l2_prefetch_mb=%lld attn_min_chunk=%lld model=%s "
       "context=%lld "
       "batch=%lld "
       "steps=%lld "
@@ -217,10 +224,11 @@ int main(int argc, char** argv) {
       "graph_replays=%lld graph_captures=%lld weight_bytes=%.0f kv_read_bytes=%.0f\n",
       a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.gemv ? 1 : 0, a.pdl ? 1 : 0, a.fold ? 1 : 0,
       a.attn_mma ? 1 : 0, a.split_argmax ? 1 : 0, a.norm_sums ? 1 : 0, a.gemv_rope ? 1 : 0,
-      static_cast<long long>(a.l2_prefetch_mb), a.model.c_str(), static_cast<long long>(a.context),
-      static_cast<long long>(a.batch), static_cast<long long>(a.steps),
-      static_cast<long long>(a.warmup), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
-      decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps),
+      static_cast<long long>(a.l2_prefetch_mb), static_cast<long long>(a.attn_min_chunk),
+      a.model.c_str(), static_cast<long long>(a.context), static_cast<long long>(a.batch),
+      static_cast<long long>(a.steps), static_cast<long long>(a.warmup), a.kv_dtype.c_str(),
+      a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
+      1e3 * decode_s / static_cast<double>(a.steps),
       static_cast<long long>(after.graph_replays - before.graph_replays),
       static_cast<long long>(after.graph_captures - before.graph_captures), weight_bytes,
       kv_read_bytes);

@@ -362,5 +362,25 @@ TEST(AttentionEmuTest, L2PrefetchCoversItsRangesOnce) {
   EXPECT_TRUE(pieces.empty());
 }
 
+// PagedAttentionCudaSplitTokens' min_chunk_tokens (CudaBackendOptions::
+// attention_min_chunk_tokens): the one-wave split never cuts chunks shorter than the caller asks
+// (the emulated device is an H100: 132 SMs), and asks for none when a chunk would hold it all.
+TEST(AttentionEmuTest, SplitHonoursTheCallersShortestChunk) {
+  PagedAttentionParams p{};
+  p.kv = {nullptr, DType::kBF16, 1, 2, 16, 128};
+  p.max_blocks_per_seq = 256;  // 4096 tokens
+  p.num_seqs = 1;
+  p.num_q_tokens = 1;
+  p.num_q_heads = 8;
+  p.num_kv_heads = 2;
+  p.head_dim = 128;
+  EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p), 128);  // the default shortest chunk
+  EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p, 512), 512);
+  EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p, 500), 512);  // whole blocks
+  EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p, 4096), 0);   // one chunk: no split
+  p.max_blocks_per_seq = 4096;  // 64K tokens: the wave, not the shortest chunk, decides
+  EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p, 512), cuda::PagedAttentionCudaSplitTokens(p));
+}
+
 }  // namespace
 }  // namespace helix::kernels

@@ -5,12 +5,13 @@
 # build, run the tests (cuda_ops_test: every CUDA op against the CPU; cuda_backend_test, each
 # test in its own process: stories260K, the GGUF and the tiny DeepSeek models on the GPU vs the
 # CPU engine, seeded device sampling, Helix CP/TP ranks sharing the GPU over Gloo,
-# disaggregated KV through pinned staging; nccl_communicator_test), the kernel benchmarks (decode
-# GEMMs; decode attention with its variants against a read kernel and PyTorch SDPA; causal
-# prefill attention, default vs tensor-core kernel), then the end-to-end decode benchmark on
-# random-weight models of SmolLM2-135M's and Llama-3.2-1B's shapes at 8K and 32K context against
-# the roofline (weight + KV bytes / the D2D copy bandwidth measured in the same run), and print a
-# short summary last. PROFILE=1 adds a per-kernel GPU time profile (ncu).
+# disaggregated KV through pinned staging; nccl_communicator_test), then the end-to-end decode
+# benchmark on a random-weight model of Llama-3.2-1B's shape at 8K and 32K context against the
+# roofline (weight + KV bytes / the D2D copy bandwidth measured in the same run), the kernel
+# benchmarks (decode attention with its variants against a read kernel and PyTorch SDPA, at that
+# model's head dim 64 and at 128; decode GEMMs; causal prefill attention, default vs tensor-core
+# kernel), the end-to-end benchmark on SmolLM2-135M's shape, and print a short summary last:
+# what a short call must measure comes first. PROFILE=1 adds a per-kernel GPU time profile (ncu).
 #
 #   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
 #
@@ -56,7 +57,7 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr[:pf]]]]]]]]; gemv 1 = the
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr[:pf[:st]]]]]]]]]; gemv 1 = the
 # decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
 # dependent launch of the step's kernels (--pdl 1); both default to 0 here (the old path; no run
 # below measures it any more: every one has both on, as the engine does); fold 0 = no norms folded into the GEMV
@@ -65,27 +66,31 @@ reset_foreign_build
 # (--split-argmax 1), default 0; ns 1 = the norms from the partial sums of squares the products
 # adding into the residual stream leave (--norm-sums 1), default 0; gr 1 = RoPE and the K/V write
 # in the q|k|v GEMV (--gemv-rope 1), default 0; pf N = decode attention prefetching up to N MiB of
-# the next products' weights (Wo, then gate|up) into L2 (--l2-prefetch-mb N), default 0) and the
-# profiled ones
+# the next products' weights (Wo, then gate|up) into L2 (--l2-prefetch-mb N), default 0; st N =
+# the shortest split-KV chunk decode attention may pick, in tokens (--attn-min-chunk N), default
+# 0: 128) and
+# the profiled ones
 # (shape:context:graphs[:mma[:sa[:ns[:gr]]]], with decode_bench's defaults otherwise: GEMV, PDL and
 # folding on; the kernel table shows the argmax kernels' own times, which a 1 % change of the
 # step hides in the end-to-end runs' noise).
 PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
-# The Llama-3.2-1B shape first (the roofline goal and the switches' A/B), then SmolLM2-135M's
-# baseline and all-switches runs: what a short device session must measure comes first.
+# The Llama-3.2-1B shape's runs come right after the tests (the roofline goal and the switches'
+# A/B), SmolLM2-135M's baseline and all-switches runs after the kernel benchmarks.
 # The L2 prefetch: alone (24 MiB: Wo's 8 MiB and 16 of gate|up's 64), and with every switch at
-# 9 MiB (Wo alone) and 24 MiB.
+# 9 MiB (Wo alone) and 24 MiB. st512: split-KV chunks of at least 512 tokens, 16 a head at 8K
+# instead of 32 (the attention_bench_d64 table's mc512 column, in the step).
 RUNS=(llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
   llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1
   llama3-1b:8192:1:1:1:1:1:0:0:0:24 llama3-1b:8192:1:1:1:1:1:1:1:1:9
-  llama3-1b:8192:1:1:1:1:1:1:1:1:24 llama3-1b:32768:1:1:1:1:1
+  llama3-1b:8192:1:1:1:1:1:1:1:1:24 llama3-1b:8192:1:1:1:1:1:1:1:1:0:512
+  llama3-1b:32768:1:1:1:1:1
   llama3-1b:32768:1:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1:1:1:1:24 smollm2-135m:8192:1:1:1:1:1
   smollm2-135m:8192:1:1:1:1:1:1:1:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v d f m sa ns gr pf
-  IFS=: read -r s ctx g v d f m sa ns gr pf <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)$([[ ${pf:-0} != 0 ]] && echo _pf$pf)"
+  local s ctx g v d f m sa ns gr pf st
+  IFS=: read -r s ctx g v d f m sa ns gr pf st <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)$([[ ${pf:-0} != 0 ]] && echo _pf$pf)$([[ ${st:-0} != 0 ]] && echo _st$st)"
 }
 # The log / result name of a PROFILES entry.
 profile_name() {
@@ -122,8 +127,32 @@ if [[ $BUILD_OK == 0 ]]; then
   fi
   step cuda_ops_test cuda_ops_test.log 90 "$BUILD/tests/gpu/cuda_ops_test"
   step copy_bench copy_bench.log 60 "$BUILD/tests/gpu/copy_bench"
-  # Decode GEMMs: cuBLAS (converting x or not) vs GemvCuda vs a read of the same weights.
-  step gemv_bench gemv_bench.log 60 "$BUILD/tests/gpu/gemv_bench"
+  # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
+  # Each run: 8 untimed warm-up steps, then 64 timed ones.
+  bench_shape() {
+    local shape=$1 r s ctx g v d f m sa ns gr pf st n
+    step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
+      "$BUILD/bench_$shape" --shape $shape --seq 33000 || return
+    for r in "${RUNS[@]}"; do
+      IFS=: read -r s ctx g v d f m sa ns gr pf st <<<"$r"
+      [[ $s == "$shape" ]] || continue
+      n=$(run_name "$r")
+      step $n $n.log 120 "$BUILD/decode_bench" \
+        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} \
+        --attn-mma ${m:-0} --split-argmax ${sa:-0} --norm-sums ${ns:-0} --gemv-rope ${gr:-0} \
+        --l2-prefetch-mb ${pf:-0} --attn-min-chunk ${st:-0} --model "$BUILD/bench_$s/model.bin" \
+        --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
+        --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
+    done
+  }
+  # What a short call must measure first: the Llama-3.2-1B shape's step (the roofline goal and
+  # the switches' A/B), then decode attention at that shape (head dim 64, 32 / 8 heads) and its
+  # contexts with the variants and SDPA beside it (which split, warps and math suit the step).
+  bench_shape llama3-1b
+  step attention_bench_d64 attention_bench_d64.log 60 "$BUILD/tests/gpu/attention_bench" \
+    --quick --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/attention_bench_d64.csv"
+  step sdpa_bench_d64 sdpa_bench_d64.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
+    --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/sdpa_bench_d64.csv"
   # Decode attention (GQA 32 / 8 heads, head dim 128, bf16 KV): the default kernel and its
   # variants, the tensor-core ones among them, against a read kernel; then PyTorch's SDPA on the
   # same shapes (both --quick: 4K and 32K tokens, batch 1 and 4).
@@ -131,32 +160,12 @@ if [[ $BUILD_OK == 0 ]]; then
     --csv "$LOGS/attention_bench.csv"
   step sdpa_bench sdpa_bench.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
     --csv "$LOGS/sdpa_bench.csv"
+  # Decode GEMMs: cuBLAS (converting x or not) vs GemvCuda vs a read of the same weights.
+  step gemv_bench gemv_bench.log 60 "$BUILD/tests/gpu/gemv_bench"
   # Causal prefill attention: the default kernel against the tensor-core prefill kernel.
   step prefill_bench prefill_bench.log 60 "$BUILD/tests/gpu/attention_bench" --prefill --quick \
     --csv "$LOGS/prefill_bench.csv"
-  # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
-  # Each run: 8 untimed warm-up steps, then 64 timed ones.
-  for shape in llama3-1b smollm2-135m; do
-    step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
-      "$BUILD/bench_$shape" --shape $shape --seq 33000 || continue
-    for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v d f m sa ns gr pf <<<"$r"
-      [[ $s == "$shape" ]] || continue
-      n=$(run_name "$r")
-      step $n $n.log 120 "$BUILD/decode_bench" \
-        --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} \
-        --attn-mma ${m:-0} --split-argmax ${sa:-0} --norm-sums ${ns:-0} --gemv-rope ${gr:-0} \
-        --l2-prefetch-mb ${pf:-0} --model "$BUILD/bench_$s/model.bin" \
-        --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
-        --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
-    done
-  done
-  # Decode attention at the end-to-end runs' shape (Llama-3.2-1B: head dim 64, 32 / 8 heads) and
-  # contexts, with the variants and SDPA beside it: which split, warps and math suit the step.
-  step attention_bench_d64 attention_bench_d64.log 60 "$BUILD/tests/gpu/attention_bench" \
-    --quick --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/attention_bench_d64.csv"
-  step sdpa_bench_d64 sdpa_bench_d64.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
-    --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/sdpa_bench_d64.csv"
+  bench_shape smollm2-135m
   # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric; caches not flushed and clocks
   # not locked between kernels, as in a real step) over the prefill, one warm-up and two timed
   # decode steps of each PROFILES run (shape:context:cuda graphs[:mma]; decode_bench's default
@@ -239,7 +248,7 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v d fo mm sa ns gr pmb <<<"$r"
+    IFS=: read -r sh ctx g v d fo mm sa ns gr pmb st <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -250,12 +259,12 @@ fi
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
     pf=$(sed -n 's/.*prefill_s=\([0-9.]*\).*/\1/p' <<<"$line")
-    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v pfm=${pmb:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v pfm=${pmb:-0} -v st=${st:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d pf %2d (%2d replays, %d captures): " \
+      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d pf %2d st %d (%2d replays, %d captures): " \
              "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f; " \
-             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, pfm, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
+             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, pfm, st, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
              (roof > 0 ? ms / roof : 0), pf }'
   done
   for r in "${PROFILES[@]}"; do

@@ -735,9 +735,10 @@ class CudaBackend final : public Backend {
   // The split the attention launch and its workspace size both use (same shapes, same split).
   kernels::PagedAttentionParams WithSplit(kernels::PagedAttentionParams p) const {
     if (p.kv_split_tokens == 0) {
-      p.kv_split_tokens = options_.attention_split_tokens > 0
-                              ? options_.attention_split_tokens
-                              : kc::PagedAttentionCudaSplitTokens(p);
+      p.kv_split_tokens =
+          options_.attention_split_tokens > 0
+              ? options_.attention_split_tokens
+              : kc::PagedAttentionCudaSplitTokens(p, options_.attention_min_chunk_tokens);
     }
     return p;
   }

@@ -20,6 +20,10 @@ struct CudaBackendOptions {
   // 0: the kernel's choice (one wave of thread blocks over the GPU). Tests set it to exercise
   // the split path on small contexts.
   int64_t attention_split_tokens = 0;
+  // The shortest chunk the kernel's own split may pick (kernels::cuda::
+  // PagedAttentionCudaSplitTokens' min_chunk_tokens; 0: its default, 128 tokens). Longer chunks
+  // mean fewer thread blocks and fewer parts to merge (decode_bench --attn-min-chunk N).
+  int64_t attention_min_chunk_tokens = 0;
   // Decode GEMMs with 16-bit weights run as GemvCuda (fp32 x read directly: no conversion
   // kernel, no cuBLAS) where kernels::cuda::GemvPreferred says it beats cuBLAS (one row of x
   // always; a few rows on small matrices), and a packed gate|up GEMM with its SiLU·mul as one
