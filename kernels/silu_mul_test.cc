@@ -45,7 +45,9 @@ TEST(SiluMulTest, MatchesFloat64Reference) {
 // they fall in.
 TEST(SiluMulTest, NonFiniteAndHugeGatesAlikeOnEveryLane) {
   const float inf = std::numeric_limits<float>::infinity();
-  const float gates[] = {-inf, inf, -100.0f, 100.0f, -88.6f, -89.0f, std::nanf("")};
+  // -88.72283935546875 is the first float whose e^-x overflows.
+  const float gates[] = {-inf,   inf,          -100.0f, 100.0f, -88.6f, -88.72283935546875f,
+                         -89.0f, std::nanf("")};
   const float ups[] = {1.0f, -2.0f, inf, -inf, 0.5f};
   for (float g0 : gates) {
     for (float u0 : ups) {

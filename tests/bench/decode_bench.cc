@@ -96,9 +96,9 @@ Args Parse(int argc, char** argv) {
   }
   if (a.model.empty()) Usage("--model is required");
   if (a.context < 1 || a.batch < 1 || a.steps < 1 || a.warmup < 0 || a.l2_prefetch_mb < 0 ||
-      a.attn_min_chunk < 0)
+      a.l2_prefetch_mb > (int64_t{1} << 20) || a.attn_min_chunk < 0)
     Usage(
-        "need context >= 1, batch >= 1, steps >= 1, warmup >= 0, l2-prefetch-mb >= 0, "
+        "need context >= 1, batch >= 1, steps >= 1, warmup >= 0, 0 <= l2-prefetch-mb <= 2^20, "
         "attn-min-chunk >= 0");
   return a;
 }

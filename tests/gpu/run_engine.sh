@@ -77,7 +77,7 @@ PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
 # The Llama-3.2-1B shape's runs come right after the tests (the roofline goal and the switches'
 # A/B), SmolLM2-135M's baseline and all-switches runs after the kernel benchmarks.
 # The L2 prefetch: alone (24 MiB: Wo's 8 MiB and 16 of gate|up's 64), and with every switch at
-# 9 MiB (Wo alone) and 24 MiB. st512: split-KV chunks of at least 512 tokens, 16 a head at 8K
+# 9 MiB (Wo's 8 and 1 of gate|up) and 24 MiB. st512: split-KV chunks of at least 512 tokens, 16 a head at 8K
 # instead of 32 (the attention_bench_d64 table's mc512 column, in the step).
 RUNS=(llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
   llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1
