@@ -353,8 +353,10 @@ Status Engine::Init(const EngineOptions& o) {
                    << ", backend " << backend_->name() << ", " << layout_.ToString();
   ParallelContext par;
   par.layout = layout_;
-  par.world = nccl_world_ ? nccl_world_.get() : world_comm_.get();
-  par.cp = nccl_cp_ ? nccl_cp_.get() : cp_comm_.get();
+  par.world = nccl_world_     ? nccl_world_.get()
+              : device_world_ ? device_world_.get()
+                              : world_comm_.get();
+  par.cp = nccl_cp_ ? nccl_cp_.get() : device_cp_ ? device_cp_.get() : cp_comm_.get();
   ASSIGN_OR_RETURN(model_, LlamaModel::Create(std::move(loaded), backend_.get(), kv, par));
   model_->set_use_graphs(o.cuda_graphs);
   return Status::Ok();
@@ -531,8 +533,24 @@ Status Engine::ConnectRanks(int64_t* num_blocks) {
     return Unimplemented("the leader chose NCCL collectives but this rank's build has no NCCL");
 #endif
   }
+  if (o.device_collectives_for_testing) {
+    if (backend_->host_memory() || !backend_->host_addressable()) {
+      return InvalidArgument(
+          std::string("device_collectives_for_testing needs a device backend whose memory the "
+                      "host can address (the CPU emulation of CUDA); backend is ") +
+          backend_->name());
+    }
+    if (!nccl_world_) {
+      const auto sync = [b = backend_.get()] { return b->Sync(); };
+      device_world_ = parallel::DeviceMemoryViewForTesting(world_comm_.get(), sync);
+      device_cp_ = parallel::DeviceMemoryViewForTesting(cp_comm_.get(), sync);
+    }
+  }
   HELIX_LOG(kInfo) << "engine: " << layout_.ToString() << " joined the instance (model collectives "
-                   << (nccl_world_ ? "NCCL" : "Gloo") << ")";
+                   << (nccl_world_     ? "NCCL"
+                       : device_world_ ? "Gloo on device buffers (test)"
+                                       : "Gloo")
+                   << ")";
   return Status::Ok();
 }
 
@@ -617,8 +635,9 @@ Status Engine::ExecutePlan(const parallel::StepPlan& plan) {
   }
   device_tokens_.clear();
   if (device_rows_.size() != b.logits_rows.size()) device_rows_.clear();  // workers: none
-  return model_->Forward(b, &logits_, device_rows_.empty() ? nullptr : &device_rows_,
-                         &device_tokens_);
+  // Workers need no logits (the leader samples).
+  return model_->Forward(b, is_leader() ? &logits_ : nullptr,
+                         device_rows_.empty() ? nullptr : &device_rows_, &device_tokens_);
 }
 
 Status Engine::Heartbeat(std::chrono::milliseconds interval) {
@@ -1466,10 +1485,12 @@ bool Engine::Step() {
     }
     plan.transfer_polls.push_back(s->uid);
   }
-  // A single-rank device backend picks the tokens of the rows that need no penalty or logprobs
-  // itself (one draw per sampled row from the request's RNG, as Sample would make).
+  // A device backend picks the tokens of the rows that need no penalty or logprobs itself (one
+  // draw per sampled row from the request's RNG, as Sample would make): on one rank, or where
+  // the ranks gather the logits on the device (NCCL).
   device_rows_.clear();
-  if (layout_.single() && !backend_->host_memory()) {
+  const bool device_gather = nccl_world_ != nullptr || device_world_ != nullptr;
+  if ((layout_.single() || device_gather) && !backend_->host_memory()) {
     for (const auto& sp : running_) {
       Sampler* sm = sp->sampler.get();
       DeviceSampleRow row;

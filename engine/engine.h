@@ -46,6 +46,12 @@ struct EngineOptions {
   // this build has NCCL and no two ranks share a GPU, by host name and GPU UUID). The CPU
   // backend always uses Gloo.
   std::string collectives = "auto";
+  // Tests on the CPU emulation of CUDA (a device backend whose memory the host can address,
+  // Backend::host_addressable): the model's collectives take device buffers as NCCL's do
+  // (parallel::DeviceMemoryViewForTesting over the Gloo communicators), so the NCCL code paths
+  // (no host staging, logits gathered and sampled on the device) run without NCCL or a GPU.
+  // Refused on any other backend.
+  bool device_collectives_for_testing = false;
   // The cuda backend on one rank: run decode steps as CUDA graphs (LlamaModel::set_use_graphs).
   // On by default since they passed the engine tests on an H100 and ran faster there.
   bool cuda_graphs = true;
@@ -323,6 +329,8 @@ class Engine {
   // The model's collectives over NCCL (device buffers) when the ranks use it; the Gloo ones
   // above still carry the step plans.
   std::unique_ptr<parallel::Communicator> nccl_world_, nccl_cp_;
+  // device_collectives_for_testing: the Gloo ones above as device communicators.
+  std::unique_ptr<parallel::Communicator> device_world_, device_cp_;
   std::unordered_map<uint64_t, SequenceKv> kv_;  // this rank's blocks of each sequence
   std::vector<uint64_t> pending_release_;        // leader: freed here, announced next step
   uint64_t next_uid_ = 1;

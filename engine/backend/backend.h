@@ -28,6 +28,9 @@ class Backend {
   // True when backend memory is host memory that the caller may read and write directly (the
   // CPU backend); then the copies below are plain memcpy and callers may skip them.
   virtual bool host_memory() const = 0;
+  // True when the host may read and write backend memory through its pointers: host_memory(),
+  // or a device backend on the CPU emulation of CUDA (tests).
+  virtual bool host_addressable() const { return host_memory(); }
 
   // Binds the calling thread to the backend's device (CUDA: the current device is per thread).
   // Call it on the thread that runs the ops before the first op of a step.

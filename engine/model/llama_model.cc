@@ -46,10 +46,10 @@ LlamaModel::LlamaModel(std::unique_ptr<LoadedModel> model, Backend* backend, ker
                    kv_.num_kv_heads == dims_.kv_heads && kv_.head_dim == model_->config.head_dim;
   packed_qkv_.assign(model_->weights.layers.size(), 0);  // UploadWeights packs (device backends)
   packed_ffn_.assign(model_->weights.layers.size(), 0);
-  for (auto* a : {&x_,       &xb_, &q_,    &k_,       &v_,         &att_,        &lse_,
-                  &h1_,      &h3_, &rows_, &parts_o_, &parts_lse_, &logits_dev_, &send_,
-                  &recv_,    &cq_, &kva_,  &ckv_,     &qfull_,     &ov_,         &gate_logits_,
-                  &moe_out_, &xe_, &ye_,   &he1_,     &he3_,       &qkv_,        &h13_}) {
+  for (auto* a : {&x_,   &xb_,   &q_,       &k_,         &v_,           &att_,     &lse_,  &h1_,
+                  &h3_,  &rows_, &parts_o_, &parts_lse_, &logits_dev_,  &send_,    &recv_, &cq_,
+                  &kva_, &ckv_,  &qfull_,   &ov_,        &gate_logits_, &moe_out_, &xe_,   &ye_,
+                  &he1_, &he3_,  &qkv_,     &h13_,       &full_logits_}) {
     a->Bind(backend, &scratch_moves_);
   }
   inv_freq_dev_.Bind(backend, &scratch_moves_);
@@ -1085,8 +1085,10 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
   if (tokens != nullptr) tokens->assign(R, -1);
   if (world == nullptr) {
     if (host_) {
-      logits->resize(R * V);
-      ClassifierGemm(logits->data(), R, V);
+      std::vector<float> unused;  // (one rank is the leader: it always asks for the logits)
+      std::vector<float>* out = logits != nullptr ? logits : &unused;
+      out->resize(R * V);
+      ClassifierGemm(out->data(), R, V);
     } else {
       RETURN_IF_ERROR(logits_dev_.Resize(R * V));
       float* out = logits_dev_.data();
@@ -1095,7 +1097,7 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
       if (sample_rows != nullptr && tokens != nullptr && R > 0) {
         ASSIGN_OR_RETURN(need_logits, SampleOnDevice(*sample_rows, out, R, V, tokens));
       }
-      if (need_logits) {
+      if (need_logits && logits != nullptr) {
         logits->resize(R * V);
         RETURN_IF_ERROR(backend_->CopyToHost(logits->data(), out, R * V * sizeof(float)));
       }
@@ -1118,11 +1120,31 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
                              Vl * sizeof(float), Vl * sizeof(float), R);
     }
     RETURN_IF_ERROR(world->AllGather(send_.data(), recv_.data(), R * vmax * sizeof(float)));
-    gathered_.resize(n * R * vmax);
-    RETURN_IF_ERROR(
-        backend_->CopyToHost(gathered_.data(), recv_.data(), n * R * vmax * sizeof(float)));
+    // Unpadded into [R][V] on the device; the sampled rows' tokens picked there (the leader),
+    // and only what the host must sample copied back.
+    RETURN_IF_ERROR(full_logits_.Resize(std::max<int64_t>(R * V, 1)));
+    for (int i = 0; i < n && R > 0; ++i) {
+      const auto [v0, v1] = parallel::SplitRange(V, n, i);
+      if (v1 > v0) {
+        backend_->CopyDevice2D(full_logits_.data() + v0, V * sizeof(float),
+                               recv_.data() + i * R * vmax, vmax * sizeof(float),
+                               (v1 - v0) * sizeof(float), R);
+      }
+    }
+    bool need_logits = logits != nullptr;
+    if (need_logits && sample_rows != nullptr && tokens != nullptr && R > 0) {
+      ASSIGN_OR_RETURN(need_logits,
+                       SampleOnDevice(*sample_rows, full_logits_.data(), R, V, tokens));
+    }
+    if (need_logits) {
+      logits->resize(R * V);
+      RETURN_IF_ERROR(
+          backend_->CopyToHost(logits->data(), full_logits_.data(), R * V * sizeof(float)));
+    }
+    RETURN_IF_ERROR(backend_->Sync());
     RETURN_IF_ERROR(CollectivesOk());
-    gathered = gathered_.data();
+    sw.Lap(&tm.logits);
+    return Status::Ok();
   } else {
     local_logits_.assign(R * vmax, 0.0f);
     if (R > 0) {
@@ -1144,11 +1166,13 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
         world->AllGather(local_logits_.data(), gathered_.data(), R * vmax * sizeof(float)));
     gathered = gathered_.data();
   }
-  logits->resize(R * V);
-  for (int i = 0; i < n; ++i) {
-    const auto [v0, v1] = parallel::SplitRange(V, n, i);
-    for (int64_t r = 0; r < R; ++r) {
-      std::copy_n(gathered + (i * R + r) * vmax, v1 - v0, logits->data() + r * V + v0);
+  if (logits != nullptr) {
+    logits->resize(R * V);
+    for (int i = 0; i < n; ++i) {
+      const auto [v0, v1] = parallel::SplitRange(V, n, i);
+      for (int64_t r = 0; r < R; ++r) {
+        std::copy_n(gathered + (i * R + r) * vmax, v1 - v0, logits->data() + r * V + v0);
+      }
     }
   }
   sw.Lap(&tm.logits);

@@ -131,13 +131,16 @@ class LlamaModel {
 
   // Runs the batch on this rank; every rank of the instance must run the same batch (its own
   // kv_block / block tables) in lockstep. Fills *logits with [logits_rows.size()][vocab] floats
-  // on every rank. Errors come from the collectives (a dead or stalled peer) and from the
-  // backend (a CUDA error, out of device memory).
+  // (logits may be nullptr where the caller needs none: a worker rank, whose leader samples).
+  // Errors come from the collectives (a dead or stalled peer) and from the backend (a CUDA
+  // error, out of device memory).
   //
-  // Device sampling: with `sample_rows` (one per logits row) and `tokens`, a single-rank device
-  // backend picks the tokens of the rows marked on_device itself; (*tokens)[r] is that token or
-  // -1 (the host samples the row), and *logits is filled only when some row is left to the host.
-  // Anywhere else (CPU backend, several ranks) *tokens is all -1 and *logits is filled.
+  // Device sampling: with `sample_rows` (one per logits row) and `tokens`, a device backend on
+  // one rank, or on ranks whose collectives take device buffers (NCCL: the logits are gathered
+  // on the device), picks the tokens of the rows marked on_device itself; (*tokens)[r] is that
+  // token or -1 (the host samples the row), and *logits is filled only when some row is left to
+  // the host. Anywhere else (CPU backend, Gloo between device ranks) *tokens is all -1 and
+  // *logits is filled.
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits,
                  const std::vector<DeviceSampleRow>* sample_rows = nullptr,
                  std::vector<int32_t>* tokens = nullptr);
@@ -254,6 +257,7 @@ class LlamaModel {
   // Scratch in backend memory, grown as needed.
   BackendArray<float> x_, xb_, q_, k_, v_, att_, lse_, h1_, h3_, rows_, parts_o_, parts_lse_;
   BackendArray<float> logits_dev_, send_, recv_;
+  BackendArray<float> full_logits_;  // device collectives: the gathered logits [R][V]
   BackendArray<uint8_t> workspace_;
   BackendArray<int32_t> meta_;
   int64_t meta_elems_ = 0;

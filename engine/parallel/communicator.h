@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,5 +60,14 @@ StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(TcpStore* store,
                                                                const std::string& prefix,
                                                                int my_index, int group_size,
                                                                const GlooOptions& options);
+
+// Tests: `inner` (a communicator of host buffers) presented as a device one (device_memory()
+// true), for a device backend whose device pointers are host pointers: the CPU emulation of
+// CUDA. The model then runs its NCCL code paths (collectives on device buffers, no host
+// staging, the logits gathered and sampled on the device) without NCCL and without a GPU.
+// `before` runs ahead of every collective (the backend's Sync: a device collective follows
+// the kernels queued before it). inner must outlive the view.
+std::unique_ptr<Communicator> DeviceMemoryViewForTesting(Communicator* inner,
+                                                         std::function<Status()> before);
 
 }  // namespace helix::parallel

@@ -119,6 +119,9 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
+#ifdef HELIX_CUDA_EMULATION
+  bool host_addressable() const override { return true; }  // emulated device memory
+#endif
 
   Status Activate() override {
 #ifndef HELIX_CUDA_EMULATION

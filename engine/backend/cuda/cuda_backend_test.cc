@@ -81,6 +81,9 @@ struct Case {
   // EngineOptions::kv_preemption with a pool too small for the batch: reservations grow (graph
   // buckets of growing block tables) and sequences are preempted and recomputed.
   bool preempt = false;
+  // EngineOptions::device_collectives_for_testing: the ranks' collectives on device buffers
+  // (NCCL's code paths: no host staging, the logits gathered and sampled on the device).
+  bool device_comm = false;
 };
 
 const std::vector<Case>& StoriesCases() {
@@ -99,6 +102,12 @@ const std::vector<Case>& StoriesCases() {
        false, false, false, true},
       {"f32_cp2_tpb4_preempt", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2, false, false, false,
        false, false, false, true},
+      // Helix ranks as on several GPUs with NCCL (which a one-GPU machine cannot run): greedy
+      // CP 2, and seeded sampling on TP 2 x CP 2 with bf16 KV and split-KV.
+      {"f32_cp2_tpb4_devcomm", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2, false, false, false,
+       false, false, false, false, true},
+      {"sampled_tp2_cp2_devcomm", kernels::DType::kBF16, std::nullopt, 8, 8, 2, 2, true, false,
+       false, false, false, false, false, true},
       // bf16 weights with the decode steps' GEMMs (up to 4 rows) as GemvCuda: one-row steps
       // (the last request alone) with the norms and residual adds folded in, two- and three-row
       // ones with the norms as kernels (on the GPU also inside a graph).
@@ -152,6 +161,7 @@ EngineOptions CudaOptions(const Case& c) {
   o.context_parallel = c.cp;
   o.cuda_graphs = c.graphs;
   o.kv_staging_tokens = 2 * c.tokens_per_block;  // a 2-slot ring when a rank pulls more blocks
+  o.device_collectives_for_testing = c.device_comm;
   if (c.preempt) {
     o.kv_preemption = true;
     o.kv_max_tokens = 96;  // per rank: about one and a half of the batch's sequences
@@ -594,7 +604,9 @@ std::vector<GenerateRequest> SampledBatch(int max_tokens, bool host_rows) {
 }
 
 std::vector<GenerateRequest> BatchFor(const Case& c) {
-  return c.sampled ? SampledBatch(kSteps, !c.graphs) : Batch(kSteps, !c.graphs);
+  // (Greedy with device collectives: no logprobs, so that its rows are picked on the device;
+  // the sampled batch has rows for the device and, unless graphs are tested, for the host.)
+  return c.sampled ? SampledBatch(kSteps, !c.graphs) : Batch(kSteps, !c.graphs && !c.device_comm);
 }
 
 // With bf16 weights the GPU rounds a GEMM's activations to bf16 (cuBLAS takes both inputs in one
@@ -702,6 +714,12 @@ TEST_P(CudaBackendTest, SameTokensAsCpu) {
       const Backend& b = *backends->front();
       EXPECT_EQ(b.ops_queued("ArgmaxChunkedCuda") > 0, c.split_argmax) << c.name;
       EXPECT_EQ(b.ops_queued("ArgmaxCuda") > 0, !c.split_argmax) << c.name;
+    }
+    if (c.device_comm) {
+      // The leader picked the tokens on the device from the logits gathered there.
+      ASSERT_GE(backends->size(), 1u);
+      const char* op = c.sampled ? "SampleCuda" : "ArgmaxCuda";
+      EXPECT_GT(backends->front()->ops_queued(op), 0) << c.name << ": " << op;
     }
     if (c.weight_dtype == kernels::DType::kBF16) {
       // The decode GEMMs took the GEMV (and gate|up its fused SiLU·mul) exactly when asked.
