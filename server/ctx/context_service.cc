@@ -54,7 +54,10 @@ void ContextService::Loop() {
 }
 
 void ContextService::Stop(std::chrono::milliseconds drain) {
-  accepting_ = false;
+  {
+    std::unique_lock<std::shared_mutex> lock(admit_mu_);  // no Prefill between check and Submit
+    accepting_ = false;
+  }
   const auto deadline = std::chrono::steady_clock::now() + drain;
   while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -149,6 +152,7 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
                                "prompt itself; send the prompt alone")));
     return reactor;
   }
+  std::shared_lock<std::shared_mutex> admit(admit_mu_);  // to the Submit below
   if (!accepting_.load()) {
     reactor->Answer(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
     return reactor;

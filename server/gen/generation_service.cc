@@ -253,6 +253,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       release_refused();
       return FinishNow(ToGrpc(r.status()));
     }
+    std::shared_lock<std::shared_mutex> admit(svc_->admit_mu_);  // to the Submit below
     if (!svc_->accepting_.load()) {
       release_refused();
       return FinishNow(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
@@ -421,7 +422,10 @@ void GenerationService::UpdateHealth() {
 }
 
 void GenerationService::Stop(std::chrono::milliseconds drain) {
-  accepting_ = false;
+  {
+    std::unique_lock<std::shared_mutex> lock(admit_mu_);  // no stream between check and Submit
+    accepting_ = false;
+  }
   const auto deadline = std::chrono::steady_clock::now() + drain;
   while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
