@@ -1076,6 +1076,7 @@ StatusOr<std::string> Engine::Submit(GenerateRequest r) {
     seq->sampler->BanUntilMinTokens(std::move(stops));
   }
   std::lock_guard<std::mutex> lock(inbox_mu_);
+  if (!closed_.ok()) return closed_;  // no step will run it
   if (seq->req.id.empty()) {
     do {
       seq->req.id = "req-" + std::to_string(next_id_++);
@@ -1795,6 +1796,14 @@ DisaggStats Engine::disagg_stats() const {
   d.transfers_failed = transfers_failed_;
   d.transfers_cancelled = transfers_cancelled_;
   return d;
+}
+
+void Engine::Close(const Status& error) {
+  {
+    std::lock_guard<std::mutex> lock(inbox_mu_);
+    if (closed_.ok()) closed_ = error.ok() ? Unavailable("the engine is closed") : error;
+  }
+  AbortAll(error);  // with the inbox: every request submitted before the flag
 }
 
 void Engine::AbortAll(const Status& error) {

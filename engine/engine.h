@@ -50,7 +50,7 @@ struct EngineOptions {
   // Backend::host_addressable): the model's collectives take device buffers as NCCL's do
   // (parallel::DeviceMemoryViewForTesting over the Gloo communicators), so the NCCL code paths
   // (no host staging, logits gathered and sampled on the device) run without NCCL or a GPU.
-  // Refused on any other backend.
+  // Several ranks only (one has no collectives); refused on any other backend.
   bool device_collectives_for_testing = false;
   // The cuda backend on one rank: run decode steps as CUDA graphs (LlamaModel::set_use_graphs).
   // On by default since they passed the engine tests on an H100 and ran faster there.
@@ -214,6 +214,10 @@ class Engine {
   Status Heartbeat(std::chrono::milliseconds interval);
   // Engine thread: fails every queued and running request with `error` (e.g. shutdown).
   void AbortAll(const Status& error);
+  // Engine thread, when no Step will run any more (a server's loop has ended): AbortAll, and
+  // every later Submit is refused with `error`, so that a request a server admitted just before
+  // it stopped is answered at once instead of waiting for a step that never comes.
+  void Close(const Status& error);
   // Engine thread (or before it runs): free_blocks reads the pool the engine thread changes.
   KvStats kv_stats() const;
 
@@ -335,6 +339,7 @@ class Engine {
   std::vector<uint64_t> pending_release_;        // leader: freed here, announced next step
   uint64_t next_uid_ = 1;
   Status broken_;  // GUARDED_BY(inbox_mu_)
+  Status closed_;  // GUARDED_BY(inbox_mu_): Close's error, refusing every later Submit
 
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;

@@ -389,6 +389,39 @@ TEST_F(EngineTest, StopStringsStopTokensAndCancel) {
   EXPECT_EQ(again.tokens.size(), 4u);
 }
 
+// Close (a server's loop has ended): a running and a queued request end with its status, and
+// a request submitted afterwards is refused with it at once (before, it would have waited for a
+// step that never came); the pool is whole.
+TEST_F(EngineTest, CloseEndsEveryRequestAndRefusesLaterOnes) {
+  auto e = Make(Options());
+  ASSERT_NE(e, nullptr);
+  Status ended[2];
+  int finished = 0;
+  for (int i = 0; i < 2; ++i) {
+    GenerateRequest r = Greedy("Once upon a time", 50);
+    r.sink = [&, i](const TokenEvent& ev) {
+      if (!ev.finished) return;
+      ++finished;
+      ended[i] = ev.error;
+    };
+    ASSERT_TRUE(e->Submit(r).ok());
+    if (i == 0) {
+      for (int s = 0; s < 3; ++s) e->Step();  // the first runs; the second stays queued
+    }
+  }
+  e->Close(Unavailable("the server is shutting down"));
+  EXPECT_EQ(finished, 2);
+  for (const Status& st : ended) {
+    EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+    EXPECT_EQ(st.message(), "the server is shutting down");
+  }
+  const StatusOr<std::string> later = e->Submit(Greedy("Lily", 5));
+  ASSERT_FALSE(later.ok());
+  EXPECT_EQ(later.status().code(), StatusCode::kUnavailable);
+  EXPECT_FALSE(e->HasWork());
+  EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
+}
+
 TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
   auto e = Make(Options());
   ASSERT_NE(e, nullptr);

@@ -1120,18 +1120,20 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
                              Vl * sizeof(float), Vl * sizeof(float), R);
     }
     RETURN_IF_ERROR(world->AllGather(send_.data(), recv_.data(), R * vmax * sizeof(float)));
-    // Unpadded into [R][V] on the device; the sampled rows' tokens picked there (the leader),
-    // and only what the host must sample copied back.
-    RETURN_IF_ERROR(full_logits_.Resize(std::max<int64_t>(R * V, 1)));
-    for (int i = 0; i < n && R > 0; ++i) {
-      const auto [v0, v1] = parallel::SplitRange(V, n, i);
-      if (v1 > v0) {
-        backend_->CopyDevice2D(full_logits_.data() + v0, V * sizeof(float),
-                               recv_.data() + i * R * vmax, vmax * sizeof(float),
-                               (v1 - v0) * sizeof(float), R);
+    // The leader (a rank asking for the logits): unpadded into [R][V] on the device, the
+    // sampled rows' tokens picked there, and only what the host must sample copied back.
+    bool need_logits = logits != nullptr;
+    if (need_logits) {
+      RETURN_IF_ERROR(full_logits_.Resize(std::max<int64_t>(R * V, 1)));
+      for (int i = 0; i < n && R > 0; ++i) {
+        const auto [v0, v1] = parallel::SplitRange(V, n, i);
+        if (v1 > v0) {
+          backend_->CopyDevice2D(full_logits_.data() + v0, V * sizeof(float),
+                                 recv_.data() + i * R * vmax, vmax * sizeof(float),
+                                 (v1 - v0) * sizeof(float), R);
+        }
       }
     }
-    bool need_logits = logits != nullptr;
     if (need_logits && sample_rows != nullptr && tokens != nullptr && R > 0) {
       ASSIGN_OR_RETURN(need_logits,
                        SampleOnDevice(*sample_rows, full_logits_.data(), R, V, tokens));

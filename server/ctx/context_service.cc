@@ -48,16 +48,13 @@ void ContextService::Loop() {
     cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return kicked_ || stop_; });
     kicked_ = false;
   }
-  engine_->AbortAll(Unavailable("the context server is shutting down"));
+  engine_->Close(Unavailable("the context server is shutting down"));  // (as the gen server)
   // The engine lives until the service is destroyed, after the gRPC server stopped: a Release or
   // GetKvExport that arrives meanwhile (generation servers finishing their pulls) may call it.
 }
 
 void ContextService::Stop(std::chrono::milliseconds drain) {
-  {
-    std::unique_lock<std::shared_mutex> lock(admit_mu_);  // no Prefill between check and Submit
-    accepting_ = false;
-  }
+  accepting_ = false;
   const auto deadline = std::chrono::steady_clock::now() + drain;
   while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -152,7 +149,6 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
                                "prompt itself; send the prompt alone")));
     return reactor;
   }
-  std::shared_lock<std::shared_mutex> admit(admit_mu_);  // to the Submit below
   if (!accepting_.load()) {
     reactor->Answer(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
     return reactor;

@@ -10,7 +10,6 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <thread>
 
@@ -68,10 +67,6 @@ class ContextService final : public v1::ContextService::CallbackService {
   // changes, so other threads must not call it.
   const KvStats kv_shape_;
   std::atomic<bool> accepting_{true};
-  // A Prefill holds it (shared) from its accepting_ check until the engine has its request;
-  // Stop holds it to turn accepting_ off, so the loop's last AbortAll ends every request
-  // submitted (none waits unanswered for the gRPC server's shutdown to cancel it).
-  std::shared_mutex admit_mu_;
   std::atomic<uint64_t> next_id_{0};
   std::mutex mu_;
   std::condition_variable cv_;

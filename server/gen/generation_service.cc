@@ -253,7 +253,6 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
       release_refused();
       return FinishNow(ToGrpc(r.status()));
     }
-    std::shared_lock<std::shared_mutex> admit(svc_->admit_mu_);  // to the Submit below
     if (!svc_->accepting_.load()) {
       release_refused();
       return FinishNow(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
@@ -404,8 +403,9 @@ void GenerationService::Loop() {
         [&] { return kicked_ || stop_; });
     kicked_ = false;
   }
-  // Whatever is still queued or running ends now, with a clear status.
-  engine_->AbortAll(Unavailable("the server is shutting down"));
+  // Whatever is still queued or running ends now, with a clear status, and so does any request
+  // a stream admitted before Stop but submits only now (Close refuses it).
+  engine_->Close(Unavailable("the server is shutting down"));
   // The engine itself lives until the service is destroyed (a leader's destructor then tells
   // its worker ranks to exit): RPCs that arrive while the gRPC server shuts down may still
   // call it.
@@ -422,10 +422,7 @@ void GenerationService::UpdateHealth() {
 }
 
 void GenerationService::Stop(std::chrono::milliseconds drain) {
-  {
-    std::unique_lock<std::shared_mutex> lock(admit_mu_);  // no stream between check and Submit
-    accepting_ = false;
-  }
+  accepting_ = false;
   const auto deadline = std::chrono::steady_clock::now() + drain;
   while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -10,7 +10,6 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <thread>
 
@@ -91,11 +90,6 @@ class GenerationService final : public v1::GenerationService::CallbackService {
   std::atomic<int64_t> free_blocks_;
   std::atomic<int64_t> in_flight_{0};
   std::atomic<bool> accepting_{true};
-  // A stream holds it (shared) from its accepting_ check until the engine has its request; Stop
-  // holds it to turn accepting_ off. So no request reaches the engine after Stop has begun: the
-  // loop's last AbortAll ends every one (a request submitted after it would wait unanswered
-  // until the gRPC server's shutdown cancelled it).
-  std::shared_mutex admit_mu_;
   std::atomic<bool> healthy_{true};
   std::function<void(bool)> health_listener_;
   std::thread thread_;

@@ -102,12 +102,15 @@ const std::vector<Case>& StoriesCases() {
        false, false, false, true},
       {"f32_cp2_tpb4_preempt", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2, false, false, false,
        false, false, false, true},
+#ifdef HELIX_CUDA_EMULATION
       // Helix ranks as on several GPUs with NCCL (which a one-GPU machine cannot run): greedy
-      // CP 2, and seeded sampling on TP 2 x CP 2 with bf16 KV and split-KV.
+      // CP 2, and seeded sampling on TP 2 x CP 2 with bf16 KV and split-KV. Emulation only:
+      // device_collectives_for_testing needs device memory the host can address.
       {"f32_cp2_tpb4_devcomm", kernels::DType::kF32, std::nullopt, 4, 0, 1, 2, false, false, false,
        false, false, false, false, true},
       {"sampled_tp2_cp2_devcomm", kernels::DType::kBF16, std::nullopt, 8, 8, 2, 2, true, false,
        false, false, false, false, false, true},
+#endif
       // bf16 weights with the decode steps' GEMMs (up to 4 rows) as GemvCuda: one-row steps
       // (the last request alone) with the norms and residual adds folded in, two- and three-row
       // ones with the norms as kernels (on the GPU also inside a graph).
