@@ -103,24 +103,34 @@ class NcclCommunicatorTest : public ::testing::Test {
     if (std::getenv("HELIX_NCCL_TEST_RANK") != nullptr) GTEST_SKIP() << "a spawned rank";
     if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
   }
+  void TearDown() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  // A rendezvous store served by this process, a client of it and a stream for communicators
+  // of this process (store_, stream_).
+  void StartStore() {
+    auto server = TcpStoreServer::Start("127.0.0.1", 0);
+    ASSERT_TRUE(server.ok()) << server.status().ToString();
+    server_ = std::move(*server);
+    auto store = TcpStore::Connect("127.0.0.1", server_->port(), std::chrono::seconds(10));
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    store_ = std::move(*store);
+    ASSERT_EQ(cudaStreamCreate(&stream_), cudaSuccess);
+  }
+  std::unique_ptr<TcpStoreServer> server_;
+  std::unique_ptr<TcpStore> store_;
+  cudaStream_t stream_ = nullptr;
 };
 
 TEST_F(NcclCommunicatorTest, GroupOfOne) {
-  auto server = TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok()) << server.status().ToString();
-  auto store = TcpStore::Connect("127.0.0.1", (*server)->port(), std::chrono::seconds(10));
-  ASSERT_TRUE(store.ok()) << store.status().ToString();
-  cudaStream_t stream = nullptr;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_NO_FATAL_FAILURE(StartStore());
   NcclOptions o;
   o.timeout = std::chrono::seconds(20);
-  o.stream = stream;
-  auto c = CreateNcclCommunicator(store->get(), "one", 0, 1, o);
+  o.stream = stream_;
+  auto c = CreateNcclCommunicator(store_.get(), "one", 0, 1, o);
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_TRUE((*c)->device_memory());
-  EXPECT_EQ(CheckCollectives(c->get(), 0, 1, stream), "");
-  c->reset();
-  cudaStreamDestroy(stream);
+  EXPECT_EQ(CheckCollectives(c->get(), 0, 1, stream_), "");
 }
 
 TEST_F(NcclCommunicatorTest, TwoRanksWorkOrFailClearly) {
@@ -147,19 +157,14 @@ TEST_F(NcclCommunicatorTest, TwoRanksWorkOrFailClearly) {
 // ends in DEADLINE_EXCEEDED naming the group (rank 0: the peer never connects; rank 1: the unique
 // id never arrives in the store), never a hang. One process and one GPU suffice.
 TEST_F(NcclCommunicatorTest, PeerThatNeverJoinsIsATimeout) {
-  auto server = TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok()) << server.status().ToString();
-  auto store = TcpStore::Connect("127.0.0.1", (*server)->port(), std::chrono::seconds(10));
-  ASSERT_TRUE(store.ok()) << store.status().ToString();
-  cudaStream_t stream = nullptr;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_NO_FATAL_FAILURE(StartStore());
   NcclOptions o;
   o.timeout = std::chrono::seconds(3);
-  o.stream = stream;
+  o.stream = stream_;
   for (int rank : {0, 1}) {
     const std::string group = "alone" + std::to_string(rank);
     const auto t0 = std::chrono::steady_clock::now();
-    auto c = CreateNcclCommunicator(store->get(), group, rank, 2, o);
+    auto c = CreateNcclCommunicator(store_.get(), group, rank, 2, o);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ASSERT_FALSE(c.ok()) << "rank " << rank << " of 2 joined alone";
     EXPECT_EQ(c.status().code(), StatusCode::kDeadlineExceeded) << c.status().ToString();
@@ -167,7 +172,6 @@ TEST_F(NcclCommunicatorTest, PeerThatNeverJoinsIsATimeout) {
     EXPECT_GE(s, 2.5) << "rank " << rank << ": gave up before its timeout";
     EXPECT_LT(s, 20.0) << "rank " << rank << ": took far longer than its 3 s timeout";
   }
-  cudaStreamDestroy(stream);
 }
 
 // One rank of TwoRanksWorkOrFailClearly (runs only when spawned by it).

@@ -877,6 +877,50 @@ void ExpectRoundedCopy(const std::vector<float>& out, DType dtype,
   EXPECT_EQ(bad, 0) << what;
 }
 
+// RMSNorm of rows x dim floats x (mode 0: into out; 1: res0 added to x first, the sum left in
+// the residual; 2: in place) with its 16-bit copy in `lowp`, on the CPU and on the device.
+struct RmsNormRun {
+  std::vector<float> want, res, got, got_res;  // outputs (x itself in mode 2) and residual sums
+  std::vector<uint16_t> want_lowp, got_lowp;
+};
+RmsNormRun RmsNormCpuAndCuda(const std::vector<float>& x, const std::vector<float>& w,
+                             const std::vector<float>& res0, int64_t rows, int64_t dim, int mode,
+                             DType lowp) {
+  RmsNormRun r;
+  r.res = res0;
+  r.want = x;  // mode 2 normalises it in place; otherwise overwritten below
+  std::vector<float> x_cpu = x;
+  r.want_lowp.resize(rows * dim);
+  RmsNormCpu({.x = x_cpu.data(),
+              .residual = mode == 1 ? r.res.data() : nullptr,
+              .weight = w.data(),
+              .out = mode == 2 ? x_cpu.data() : r.want.data(),
+              .rows = rows,
+              .dim = dim,
+              .eps = 1e-5f,
+              .out_lowp = r.want_lowp.data(),
+              .out_lowp_dtype = lowp},
+             nullptr);
+  if (mode == 2) r.want = x_cpu;
+  DeviceBuffer<float> d_x(x), d_w(w), d_res(res0), d_out(rows * dim);
+  DeviceBuffer<uint16_t> d_lowp(rows * dim);
+  EXPECT_EQ(cuda::RmsNormCuda({.x = d_x.get(),
+                               .residual = mode == 1 ? d_res.get() : nullptr,
+                               .weight = d_w.get(),
+                               .out = mode == 2 ? d_x.get() : d_out.get(),
+                               .rows = rows,
+                               .dim = dim,
+                               .eps = 1e-5f,
+                               .out_lowp = d_lowp.get(),
+                               .out_lowp_dtype = lowp},
+                              nullptr),
+            cudaSuccess);
+  r.got = mode == 2 ? d_x.Download() : d_out.Download();
+  r.got_res = d_res.Download();
+  r.got_lowp = d_lowp.Download();
+  return r;
+}
+
 TEST_F(CudaOpsTest, RmsNormPlainResidualAndInPlace) {
   std::mt19937 rng(31);
   for (int64_t rows : {1, 7}) {
@@ -885,45 +929,35 @@ TEST_F(CudaOpsTest, RmsNormPlainResidualAndInPlace) {
         const std::vector<float> x = RandomVector(rng, rows * dim, -3.0f, 3.0f);
         const std::vector<float> w = RandomVector(rng, dim);
         const std::vector<float> res0 = RandomVector(rng, rows * dim);
-        std::vector<float> res = res0, out(rows * dim), x_cpu = x;
         // The 16-bit copy of the output for the next GEMM (out_lowp), in both types.
         const DType lowp = (mode + dim) % 2 == 0 ? DType::kBF16 : DType::kF16;
-        std::vector<uint16_t> lowp_cpu(rows * dim);
-        RmsNormCpu({.x = x_cpu.data(),
-                    .residual = mode == 1 ? res.data() : nullptr,
-                    .weight = w.data(),
-                    .out = mode == 2 ? x_cpu.data() : out.data(),
-                    .rows = rows,
-                    .dim = dim,
-                    .eps = 1e-5f,
-                    .out_lowp = lowp_cpu.data(),
-                    .out_lowp_dtype = lowp},
-                   nullptr);
-        DeviceBuffer<float> d_x(x), d_w(w), d_res(res0), d_out(rows * dim);
-        DeviceBuffer<uint16_t> d_lowp(rows * dim);
-        ASSERT_EQ(cuda::RmsNormCuda({.x = d_x.get(),
-                                     .residual = mode == 1 ? d_res.get() : nullptr,
-                                     .weight = d_w.get(),
-                                     .out = mode == 2 ? d_x.get() : d_out.get(),
-                                     .rows = rows,
-                                     .dim = dim,
-                                     .eps = 1e-5f,
-                                     .out_lowp = d_lowp.get(),
-                                     .out_lowp_dtype = lowp},
-                                    nullptr),
-                  cudaSuccess);
+        const RmsNormRun r = RmsNormCpuAndCuda(x, w, res0, rows, dim, mode, lowp);
         const std::string what = "rows=" + std::to_string(rows) + " dim=" + std::to_string(dim) +
                                  " mode=" + std::to_string(mode);
-        const std::vector<float> got = mode == 2 ? d_x.Download() : d_out.Download();
-        ExpectAllNear(ToDouble(mode == 2 ? x_cpu : out), got.data(), kF32Tol, kF32Tol, what);
-        ExpectRoundedCopy(mode == 2 ? x_cpu : out, lowp, lowp_cpu, what + " cpu");
-        ExpectRoundedCopy(got, lowp, d_lowp.Download(), what);
+        ExpectAllNear(ToDouble(r.want), r.got.data(), kF32Tol, kF32Tol, what);
+        ExpectRoundedCopy(r.want, lowp, r.want_lowp, what + " cpu");
+        ExpectRoundedCopy(r.got, lowp, r.got_lowp, what);
         if (mode == 1) {
-          ExpectAllNear(ToDouble(res), d_res.Download().data(), 0, 0, what + " residual");
+          ExpectAllNear(ToDouble(r.res), r.got_res.data(), 0, 0, what + " residual");
         }
       }
     }
   }
+}
+
+// RoPE with p's shape at `positions`: RopeCpu in place on *x, RopeCuda on a device copy of the
+// same input; returns the device's result.
+std::vector<float> RopeCpuAndCuda(RopeParams p, const std::vector<int32_t>& positions,
+                                  std::vector<float>* x) {
+  DeviceBuffer<float> d_x(*x);
+  DeviceBuffer<int32_t> d_pos(positions);
+  p.x = x->data();
+  p.positions = positions.data();
+  RopeCpu(p, nullptr);
+  p.x = d_x.get();
+  p.positions = d_pos.get();
+  EXPECT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+  return d_x.Download();
 }
 
 TEST_F(CudaOpsTest, RopeBothStyles) {
@@ -938,21 +972,16 @@ TEST_F(CudaOpsTest, RopeBothStyles) {
       for (float theta : {10000.0f, 1000000.0f}) {
         const int64_t tokens = static_cast<int64_t>(positions.size());
         std::vector<float> x = RandomVector(rng, tokens * sh.heads * sh.head_dim);
-        DeviceBuffer<float> d_x(x);
-        DeviceBuffer<int32_t> d_pos(positions);
-        RopeParams p{.x = x.data(),
-                     .positions = positions.data(),
-                     .tokens = tokens,
-                     .heads = sh.heads,
-                     .head_dim = sh.head_dim,
-                     .rotary_dim = sh.rotary_dim,
-                     .theta = theta,
-                     .style = style};
-        RopeCpu(p, nullptr);
-        p.x = d_x.get();
-        p.positions = d_pos.get();
-        ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
-        ExpectAllNear(ToDouble(x), d_x.Download().data(), kF32Tol, kF32Tol,
+        const std::vector<float> got = RopeCpuAndCuda({.x = nullptr,  // (set by RopeCpuAndCuda)
+                                                       .positions = nullptr,
+                                                       .tokens = tokens,
+                                                       .heads = sh.heads,
+                                                       .head_dim = sh.head_dim,
+                                                       .rotary_dim = sh.rotary_dim,
+                                                       .theta = theta,
+                                                       .style = style},
+                                                      positions, &x);
+        ExpectAllNear(ToDouble(x), got.data(), kF32Tol, kF32Tol,
                       std::string(style == RopeStyle::kHalf ? "half" : "interleaved") + " d=" +
                           std::to_string(sh.head_dim) + " rot=" + std::to_string(sh.rotary_dim));
       }
@@ -1068,47 +1097,20 @@ TEST_F(CudaOpsTest, RmsNormNonFiniteInputs) {
         res0[2 * dim + 5] = kNaN;
         res0[0 * dim + 4] = kInf;
       }
-      std::vector<float> res = res0, out(rows * dim), x_cpu = x;
       const DType lowp = (mode + dim) % 2 == 0 ? DType::kBF16 : DType::kF16;
-      std::vector<uint16_t> lowp_cpu(rows * dim);
-      RmsNormCpu({.x = x_cpu.data(),
-                  .residual = mode == 1 ? res.data() : nullptr,
-                  .weight = w.data(),
-                  .out = mode == 2 ? x_cpu.data() : out.data(),
-                  .rows = rows,
-                  .dim = dim,
-                  .eps = 1e-5f,
-                  .out_lowp = lowp_cpu.data(),
-                  .out_lowp_dtype = lowp},
-                 nullptr);
-      DeviceBuffer<float> d_x(x), d_w(w), d_res(res0), d_out(rows * dim);
-      DeviceBuffer<uint16_t> d_lowp(rows * dim);
-      ASSERT_EQ(cuda::RmsNormCuda({.x = d_x.get(),
-                                   .residual = mode == 1 ? d_res.get() : nullptr,
-                                   .weight = d_w.get(),
-                                   .out = mode == 2 ? d_x.get() : d_out.get(),
-                                   .rows = rows,
-                                   .dim = dim,
-                                   .eps = 1e-5f,
-                                   .out_lowp = d_lowp.get(),
-                                   .out_lowp_dtype = lowp},
-                                  nullptr),
-                cudaSuccess);
+      const RmsNormRun r = RmsNormCpuAndCuda(x, w, res0, rows, dim, mode, lowp);
       const std::string what =
           "non-finite dim=" + std::to_string(dim) + " mode=" + std::to_string(mode);
-      const std::vector<float>& want = mode == 2 ? x_cpu : out;
-      ExpectAllNonFiniteKinds(want, what);
-      const std::vector<float> got = mode == 2 ? d_x.Download() : d_out.Download();
-      ExpectAllNear(ToDouble(want), got.data(), kF32Tol, kF32Tol, what);
+      ExpectAllNonFiniteKinds(r.want, what);
+      ExpectAllNear(ToDouble(r.want), r.got.data(), kF32Tol, kF32Tol, what);
       // The GPU's 16-bit copy is its fp32 output rounded, and near the CPU's.
-      std::vector<uint16_t> got_rounded(got.size());
-      StoreLowp(got.data(), static_cast<int64_t>(got.size()), lowp, got_rounded.data());
-      const std::vector<uint16_t> got_lowp = d_lowp.Download();
-      ExpectLowpNear(got_rounded, got_lowp, lowp, 0, what + " 16-bit copy");
-      ExpectLowpNear(lowp_cpu, got_lowp, lowp, lowp == DType::kBF16 ? 1e-2 : 1e-3,
+      std::vector<uint16_t> got_rounded(r.got.size());
+      StoreLowp(r.got.data(), static_cast<int64_t>(r.got.size()), lowp, got_rounded.data());
+      ExpectLowpNear(got_rounded, r.got_lowp, lowp, 0, what + " 16-bit copy");
+      ExpectLowpNear(r.want_lowp, r.got_lowp, lowp, lowp == DType::kBF16 ? 1e-2 : 1e-3,
                      what + " 16-bit copy vs cpu");
       if (mode == 1) {
-        ExpectAllNear(ToDouble(res), d_res.Download().data(), 0, 0, what + " residual");
+        ExpectAllNear(ToDouble(r.res), r.got_res.data(), 0, 0, what + " residual");
       }
     }
   }
@@ -1140,23 +1142,18 @@ TEST_F(CudaOpsTest, RopeNonFiniteInputs) {
   const int64_t tokens = static_cast<int64_t>(positions.size()), heads = 3;
   for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
     std::vector<float> x = RopeNonFiniteX(rng, tokens, heads);
-    DeviceBuffer<float> d_x(x);
-    DeviceBuffer<int32_t> d_pos(positions);
-    RopeParams p{.x = x.data(),
-                 .positions = positions.data(),
-                 .tokens = tokens,
-                 .heads = heads,
-                 .head_dim = 16,
-                 .rotary_dim = 12,
-                 .theta = 10000.0f,
-                 .style = style};
-    RopeCpu(p, nullptr);
-    p.x = d_x.get();
-    p.positions = d_pos.get();
-    ASSERT_EQ(cuda::RopeCuda(p, nullptr), cudaSuccess);
+    const std::vector<float> got = RopeCpuAndCuda({.x = nullptr,  // (set by RopeCpuAndCuda)
+                                                   .positions = nullptr,
+                                                   .tokens = tokens,
+                                                   .heads = heads,
+                                                   .head_dim = 16,
+                                                   .rotary_dim = 12,
+                                                   .theta = 10000.0f,
+                                                   .style = style},
+                                                  positions, &x);
     const std::string what = style == RopeStyle::kHalf ? "half" : "interleaved";
     ExpectAllNonFiniteKinds(x, what);
-    ExpectAllNear(ToDouble(x), d_x.Download().data(), kF32Tol, kF32Tol, what);
+    ExpectAllNear(ToDouble(x), got.data(), kF32Tol, kF32Tol, what);
   }
 }
 
@@ -2427,6 +2424,43 @@ TEST_F(CudaOpsTest, DequantizeMatchesGgufCpu) {
 }
 
 // The fused decode-step RoPE + K/V write equals RopeCpu on q and k, then WriteKv.
+// The CPU backend's Rope, Rope and WriteKvBatch, RopeWriteKvCuda's reference: q and k rotated
+// in place, k and v of each token with block[t] >= 0 stored in layer 1 of `view`.
+void RopeWriteKvCpu(const KvPoolView& view, const std::vector<int32_t>& positions,
+                    const std::vector<int32_t>& block, const std::vector<int32_t>& slot,
+                    std::vector<float>* q, std::vector<float>* k, const std::vector<float>& v,
+                    int64_t q_heads, int64_t rotary_dim, float theta, RopeStyle style) {
+  const int64_t tokens = static_cast<int64_t>(positions.size());
+  for (auto [x, heads] : {std::pair{q, q_heads}, std::pair{k, view.num_kv_heads}}) {
+    RopeCpu({.x = x->data(),
+             .positions = positions.data(),
+             .tokens = tokens,
+             .heads = heads,
+             .head_dim = view.head_dim,
+             .rotary_dim = rotary_dim,
+             .theta = theta,
+             .style = style},
+            nullptr);
+  }
+  const int64_t hd = view.num_kv_heads * view.head_dim;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (block[t] >= 0) WriteKv(view, block[t], 1, slot[t], k->data() + t * hd, v.data() + t * hd);
+  }
+}
+
+// The device pool `got` against the reference `pool`: the same rounded values, except where k's
+// rotation differs in its last bits (then the stored value is within one unit of the pool
+// type). Returns the reference's values.
+std::vector<double> ExpectPoolNear(const Pool& pool, const std::vector<unsigned char>& got,
+                                   const std::string& what) {
+  const std::vector<double> want = PoolValues(pool.view, pool.host.data(), pool.blocks);
+  const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
+  const std::vector<float> got_f(got_v.begin(), got_v.end());
+  ExpectAllNear(want, got_f.data(), pool.view.dtype == DType::kF32 ? kF32Tol : 8e-3, kF32Tol,
+                what + " pool");
+  return want;
+}
+
 TEST_F(CudaOpsTest, RopeWriteKvFused) {
   std::mt19937 rng(40);
   struct Shape {
@@ -2478,23 +2512,8 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
                                            .token_in_block = d_slot.get()},
                                           nullptr),
                     cudaSuccess);
-          for (auto [x, heads] : {std::pair{&q, sh.q_heads}, std::pair{&k, sh.kv_heads}}) {
-            RopeCpu({.x = x->data(),
-                     .positions = positions.data(),
-                     .tokens = tokens,
-                     .heads = heads,
-                     .head_dim = sh.head_dim,
-                     .rotary_dim = sh.rotary_dim,
-                     .theta = theta,
-                     .style = style},
-                    nullptr);
-          }
-          const int64_t hd = sh.kv_heads * sh.head_dim;
-          for (int64_t t = 0; t < tokens; ++t) {
-            if (block[t] >= 0) {
-              WriteKv(pool.view, block[t], 1, slot[t], k.data() + t * hd, v.data() + t * hd);
-            }
-          }
+          RopeWriteKvCpu(pool.view, positions, block, slot, &q, &k, v, sh.q_heads, sh.rotary_dim,
+                         theta, style);
           const std::string what =
               std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") + DTypeName(dt) +
               " d=" + std::to_string(sh.head_dim) + (packed ? " packed" : "");
@@ -2510,13 +2529,7 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
           } else {
             ExpectAllNear(ToDouble(k), d_k.Download().data(), kF32Tol, kF32Tol, what + " k");
           }
-          // The pool: the same rounded values, except where k's rotation differs in its last
-          // bits (then the stored value is within one unit of the pool type).
-          const std::vector<unsigned char> got = d_pool.Download();
-          const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
-          const std::vector<float> got_f(got_v.begin(), got_v.end());
-          ExpectAllNear(PoolValues(pool.view, pool.host.data(), pool.blocks), got_f.data(),
-                        dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol, what + " pool");
+          ExpectPoolNear(pool, d_pool.Download(), what);
         }
       }
     }
@@ -2558,31 +2571,11 @@ void ExpectRopeWriteKvMatchesCpu(DType dt, RopeStyle style, const std::vector<in
                                   nullptr),
             cudaSuccess)
       << what;
-  for (auto [x, heads] : {std::pair{&q, q_heads}, std::pair{&k, kv_heads}}) {
-    RopeCpu({.x = x->data(),
-             .positions = positions.data(),
-             .tokens = tokens,
-             .heads = heads,
-             .head_dim = head_dim,
-             .rotary_dim = rotary_dim,
-             .theta = theta,
-             .style = style},
-            nullptr);
-  }
-  const int64_t hd = kv_heads * head_dim;
-  for (int64_t t = 0; t < tokens; ++t) {
-    if (block[t] >= 0) {
-      WriteKv(pool.view, block[t], 1, slot[t], k.data() + t * hd, v.data() + t * hd);
-    }
-  }
+  RopeWriteKvCpu(pool.view, positions, block, slot, &q, &k, v, q_heads, rotary_dim, theta, style);
   ExpectAllNear(ToDouble(q), d_q.Download().data(), kF32Tol, kF32Tol, what + " q");
   ExpectAllNear(ToDouble(k), d_k.Download().data(), kF32Tol, kF32Tol, what + " k");
   const std::vector<unsigned char> got = d_pool.Download();
-  const std::vector<double> want_pool = PoolValues(pool.view, pool.host.data(), pool.blocks);
-  const std::vector<double> got_v = PoolValues(pool.view, got.data(), pool.blocks);
-  const std::vector<float> got_f(got_v.begin(), got_v.end());
-  ExpectAllNear(want_pool, got_f.data(), dt == DType::kF32 ? kF32Tol : 8e-3, kF32Tol,
-                what + " pool");
+  const std::vector<double> want_pool = ExpectPoolNear(pool, got, what);
   if (tokens == 0) {
     EXPECT_EQ(got, pool.host) << what << ": zero tokens wrote the pool";
   }
