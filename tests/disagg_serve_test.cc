@@ -3,13 +3,15 @@
 // and decodes on the generation instance with the KV handle. Tokens must equal aggregated
 // decoding; pools on both sides must be whole afterwards; faults (a stalled, killed or
 // never-pulled-from context server, a cancel during the transfer, mismatched servers) fail
-// only the requests concerned, with clear errors.
+// only the requests concerned, with clear errors. CudaBackendDaemons runs the servers with
+// `backend: "cuda"` (in CI: helix-ctx-emu / helix-gen-emu, on the CPU emulation of CUDA).
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -64,6 +66,9 @@ class Server {
     int max_batch_size = 32;
     std::vector<std::string> allowed_context_servers;  // generation: the allow-list, if any
     int drain_ms = 0;                                  // --drain-ms on SIGTERM
+    // "cuda": the daemons of HELIX_GEN_CUDA_BIN / HELIX_CTX_CUDA_BIN with `backend: "cuda"`.
+    std::string backend = "cpu";
+    int64_t export_tokens = 0;  // cache_transceiver_config.max_tokens_in_buffer when > 0
   };
 
   explicit Server(const Options& o) : o_(o) {
@@ -76,7 +81,8 @@ class Server {
     const std::string model = o.model.empty() ? Stories() + "/stories260K.bin" : o.model;
     std::ofstream(dir_ / "server.json")
         << "{\"model\": \"" << model << "\", \"tokenizer\": \"" << Stories()
-        << "/tok512.bin\", \"num_threads\": 1, \"tensor_parallel_size\": " << o.tp
+        << "/tok512.bin\", \"backend\": \"" << o.backend
+        << "\", \"num_threads\": 1, \"tensor_parallel_size\": " << o.tp
         << ", \"context_parallel_size\": " << o.cp
         << (o.cp > 1 ? ", \"cp_config\": {\"cp_type\": \"HELIX\", \"tokens_per_block\": " +
                            std::to_string(o.tokens_per_block) + "}"
@@ -87,8 +93,10 @@ class Server {
         << ", \"max_num_tokens\": " << o.max_num_tokens
         << ", \"server\": {\"host\": \"127.0.0.1\", \"port\": " << port_ << "}"
         << ", \"cache_transceiver_config\": {\"backend\": \"UCX\", \"kv_transfer_timeout_ms\": "
-        << o.transfer_timeout_ms << AllowList(o.allowed_context_servers) << "}"
-        << (o.context ? ", \"kv_lease_ms\": " + std::to_string(o.lease_ms) : "")
+        << o.transfer_timeout_ms << AllowList(o.allowed_context_servers)
+        << (o.export_tokens > 0 ? ", \"max_tokens_in_buffer\": " + std::to_string(o.export_tokens)
+                                : "")
+        << "}" << (o.context ? ", \"kv_lease_ms\": " + std::to_string(o.lease_ms) : "")
         << ", \"logging\": {\"level\": \"warn\"}}";
     pid_ = fork();
     if (pid_ == 0) {
@@ -97,7 +105,9 @@ class Server {
       // stays readable through cross-memory attach, so the stall tests would not stall.
       setenv("UCX_NET_DEVICES", "lo", 1);
       setenv("UCX_TLS", "tcp,self", 1);
-      const std::string bin = Env(o.context ? "HELIX_CTX_BIN" : "HELIX_GEN_BIN");
+      const bool cuda = o.backend == "cuda";
+      const std::string bin = Env(o.context ? (cuda ? "HELIX_CTX_CUDA_BIN" : "HELIX_CTX_BIN")
+                                            : (cuda ? "HELIX_GEN_CUDA_BIN" : "HELIX_GEN_BIN"));
       const std::string cfg = (dir_ / "server.json").string();
       const std::string drain = std::to_string(o.drain_ms);
       execl(bin.c_str(), bin.c_str(), "serve", "--config", cfg.c_str(), "--drain-ms", drain.c_str(),
@@ -106,9 +116,21 @@ class Server {
     }
     setpgid(pid_, pid_);
     // Connect only once the port accepts: a channel that saw "connection refused" waits out
-    // gRPC's reconnect backoff (seconds) before it tries again.
+    // gRPC's reconnect backoff (seconds) before it tries again. A server that exits at start
+    // (a config it refuses) fails the test at once instead of after the waits.
+    bool exited = false;
     const auto up_by = Clock::now() + std::chrono::seconds(60);
-    while (Clock::now() < up_by && !PortOpen(port_)) std::this_thread::sleep_for(milliseconds(20));
+    while (Clock::now() < up_by && !PortOpen(port_)) {
+      int wstatus = 0;
+      if (waitpid(pid_, &wstatus, WNOHANG) == pid_) {
+        exited = true;
+        reaped_ = true;
+        ADD_FAILURE() << (o.context ? "helix-ctx" : "helix-gen") << " serve on port " << port_
+                      << " exited at start (wait status " << wstatus << ")";
+        break;
+      }
+      std::this_thread::sleep_for(milliseconds(20));
+    }
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
@@ -116,6 +138,7 @@ class Server {
     args.SetMaxSendMessageSize(64 << 20);
     channel_ = grpc::CreateCustomChannel(address(), grpc::InsecureChannelCredentials(), args);
     health_ = grpc::health::v1::Health::NewStub(channel_);
+    if (exited) return;
     const auto deadline = Clock::now() + std::chrono::seconds(60);
     while (Clock::now() < deadline && !Serving()) std::this_thread::sleep_for(milliseconds(100));
     EXPECT_TRUE(Serving()) << "server on " << address() << " did not come up";
@@ -123,7 +146,7 @@ class Server {
   ~Server() {
     if (pid_ > 0) {
       kill(-pid_, SIGKILL);  // the leader and its ranks (stopped or not)
-      waitpid(pid_, nullptr, 0);
+      if (!reaped_) waitpid(pid_, nullptr, 0);
     }
     std::error_code ec;
     fs::remove_all(dir_, ec);
@@ -188,6 +211,7 @@ class Server {
   Options o_;
   int port_ = 0;
   pid_t pid_ = -1;
+  bool reaped_ = false;  // the leader exited at start (its ranks may not have)
   fs::path dir_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
@@ -330,6 +354,93 @@ TEST_F(DisaggServeTest, LayoutsMatchAggregated) {
                       milliseconds(5000)));
     }
   }
+}
+
+// The servers on the CUDA backend (`backend: "cuda"`; in CI the daemons built on the CPU
+// emulation of CUDA, helix-ctx-emu and helix-gen-emu): a context server on the device hands its
+// KV out of the pinned export buffer to generation servers on either backend, and a device
+// generation instance (CP 2, its ranks sharing the device, collectives staged through host
+// memory) pulls from context servers on either. Every pairing streams what the CPU engine
+// decodes aggregated (float32 KV: the same tokens, as cuda_backend_test finds in-process). A
+// prompt larger than the export buffer is refused with the reason; one that fits only once
+// another's KV is pulled waits for it. Every pool and the export buffer are whole afterwards.
+TEST_F(DisaggServeTest, CudaBackendDaemons) {
+  if (Env("HELIX_GEN_CUDA_BIN").empty() || Env("HELIX_CTX_CUDA_BIN").empty()) {
+    GTEST_SKIP() << "HELIX_GEN_CUDA_BIN / HELIX_CTX_CUDA_BIN not set (a build without CUDA)";
+  }
+  Server::Options co;
+  co.context = true;
+  Server cpu_ctx(co);
+  co.backend = "cuda";
+  co.export_tokens = 120;  // 30 blocks of 4 tokens
+  Server dev_ctx(co);
+  Server::Options go;
+  go.cp = 2;
+  Server cpu_gen(go);
+  go.backend = "cuda";
+  Server dev_gen(go);
+  EXPECT_EQ(dev_ctx.Info().kv_export_total_blocks(), 30);
+  EXPECT_EQ(cpu_ctx.Info().kv_export_total_blocks(), 0);  // a host pool is exported as it is
+  const std::pair<Server*, const char*> ctxs[] = {{&cpu_ctx, "cpu ctx"}, {&dev_ctx, "cuda ctx"}};
+  const std::pair<Server*, const char*> gens[] = {{&cpu_gen, "cpu gen"}, {&dev_gen, "cuda gen"}};
+  for (int len : {1, 7, 100}) {
+    SCOPED_TRACE("prompt of " + std::to_string(len) + " tokens");
+    const auto req = Request(Tokens(len, len), 12);
+    const Result want = Generate(cpu_gen, req);
+    ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+    ASSERT_EQ(want.tokens.size(), 12u);
+    const Result aggregated = Generate(dev_gen, req);
+    ASSERT_TRUE(aggregated.status.ok()) << aggregated.status.error_message();
+    EXPECT_EQ(aggregated.tokens, want.tokens);
+    for (const auto& [ctx, ctx_name] : ctxs) {
+      for (const auto& [gen, gen_name] : gens) {
+        SCOPED_TRACE(std::string(ctx_name) + " -> " + gen_name);
+        const Result got = Generate(*gen, Prefill(*ctx, req));
+        ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+        EXPECT_EQ(got.reason, helix::v1::FINISH_REASON_LENGTH) << got.error;
+        EXPECT_EQ(got.tokens, want.tokens);
+        EXPECT_EQ(got.text, want.text);
+      }
+    }
+  }
+  // Past the export buffer (31 blocks): refused at once, naming the setting.
+  grpc::Status st;
+  Prefill(dev_ctx, Request(Tokens(121, 3), 4), &st);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_NE(st.error_message().find("max_tokens_in_buffer"), std::string::npos)
+      << st.error_message();
+  // Two prompts of 25 blocks: the second prefill waits until the first's KV is pulled.
+  const auto first_req = Request(Tokens(100, 21), 8);
+  const auto second_req = Request(Tokens(100, 22), 8);
+  const auto first = Prefill(dev_ctx, first_req);
+  EXPECT_EQ(dev_ctx.Info().kv_export_free_blocks(), 5);
+  std::atomic<bool> second_done{false};
+  helix::v1::GenerateRequest second;
+  std::thread t([&] {
+    second = Prefill(dev_ctx, second_req);
+    second_done = true;
+  });
+  std::this_thread::sleep_for(milliseconds(1000));
+  EXPECT_FALSE(second_done.load()) << "the second prefill did not wait for the export buffer";
+  const Result got_first = Generate(dev_gen, first);
+  t.join();
+  const Result got_second = Generate(dev_gen, second);
+  ASSERT_TRUE(got_first.status.ok()) << got_first.status.error_message();
+  ASSERT_TRUE(got_second.status.ok()) << got_second.status.error_message();
+  EXPECT_EQ(got_first.tokens, Generate(cpu_gen, first_req).tokens);
+  EXPECT_EQ(got_second.tokens, Generate(cpu_gen, second_req).tokens);
+
+  for (Server* ctx : {&cpu_ctx, &dev_ctx}) {
+    EXPECT_TRUE(ctx->WaitFor(
+        [](const auto& i) {
+          return i.kv_retained_requests() == 0 && PoolWhole(i) &&
+                 i.kv_export_free_blocks() == i.kv_export_total_blocks();
+        },
+        milliseconds(5000)));
+  }
+  for (Server* gen : {&cpu_gen, &dev_gen}) EXPECT_TRUE(gen->WaitFor(PoolWhole, milliseconds(5000)));
+  EXPECT_EQ(cpu_gen.Info().kv_transfers_done(), 6);
+  EXPECT_EQ(dev_gen.Info().kv_transfers_done(), 8);
 }
 
 // A 10K-token prompt (the long-context test model) on CP = 4.

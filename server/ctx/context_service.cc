@@ -315,6 +315,8 @@ grpc::ServerUnaryReactor* ContextService::GetServerInfo(grpc::CallbackServerCont
   info->set_server_id(engine_->kv_export()->server_id);
   info->set_kv_retained_requests(d.retained_requests);
   info->set_kv_leases_expired(d.leases_expired);
+  info->set_kv_export_total_blocks(d.export_blocks_total);
+  info->set_kv_export_free_blocks(d.export_blocks_free);
   ToProto(engine_->kv_layout(), info->mutable_kv_layout());
   reactor->Finish(grpc::Status::OK);
   return reactor;

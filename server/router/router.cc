@@ -683,6 +683,13 @@ std::string Router::MetricsText() const {
   kv("helix_router_backend_kv_leases_expired_total", "counter",
      "Prefilled KV a context server freed because nobody released it within its lease.", true,
      [](const v1::ServerInfo& i) { return static_cast<int64_t>(i.kv_leases_expired()); });
+  kv("helix_router_backend_kv_export_total_blocks", "gauge",
+     "Blocks of a context server's pinned KV export buffer (0: its KV pool is host memory and "
+     "is exported as it is).",
+     true, [](const v1::ServerInfo& i) { return i.kv_export_total_blocks(); });
+  kv("helix_router_backend_kv_export_free_blocks", "gauge",
+     "Free blocks of a context server's KV export buffer.", true,
+     [](const v1::ServerInfo& i) { return i.kv_export_free_blocks(); });
   kv("helix_router_backend_kv_preemptions_total", "counter",
      "Requests a generation server preempted (recomputed) for KV blocks "
      "(capacity_scheduler_policy MAX_UTILIZATION).",

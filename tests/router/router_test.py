@@ -1056,6 +1056,9 @@ class RouterFaultTest(unittest.TestCase):
         self.assertEqual(retained, 0)
         self.assertEqual(free, total)
         self.assertEqual(metric(port, "helix_router_backend_kv_leases_expired_total", label), 0)
+        # A CPU context server exports its pool as it is: no export buffer.
+        for m in ("export_total_blocks", "export_free_blocks"):
+            self.assertEqual(metric(port, f"helix_router_backend_kv_{m}", label), 0)
 
     def test_killed_context_server_is_ejected_and_requests_retried(self):
         ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
