@@ -518,6 +518,8 @@ int Main(int argc, char** argv) {
   std::string csv_path;
   bool quick = false;
   std::vector<int64_t> tokens_arg, batches_arg;
+  std::vector<std::string> variant_names;  // --variants: these only (besides "ours")
+  bool once = false;
   bool variants = true;
   bool mla = false;
   bool prefill = false;
@@ -528,6 +530,15 @@ int Main(int argc, char** argv) {
       quick = true;
     } else if (std::strcmp(argv[i], "--no-variants") == 0) {
       variants = false;
+    } else if (std::strcmp(argv[i], "--variants") == 0 && i + 1 < argc) {
+      std::string list = argv[++i];
+      for (size_t a = 0; a <= list.size();) {
+        const size_t b = std::min(list.find(',', a), list.size());
+        variant_names.push_back(list.substr(a, b - a));
+        a = b + 1;
+      }
+    } else if (std::strcmp(argv[i], "--once") == 0) {
+      once = true;
     } else if (std::strcmp(argv[i], "--mla") == 0) {
       mla = true;
     } else if (std::strcmp(argv[i], "--prefill") == 0) {
@@ -544,10 +555,19 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--mla | --prefill] [--csv FILE] [--quick] [--no-variants] "
-                   "[--head-dim 64|128] [--tokens N,N,...] [--batches N,N,...]\n"
-                   "(--head-dim, --tokens and --batches: the decode mode; tokens are multiples of "
-                   "%lld)\n",
+                   "[--variants NAME,...] [--once] [--head-dim 64|128] [--tokens N,N,...] "
+                   "[--batches N,N,...]\n"
+                   "(--head-dim, --tokens, --batches, --variants and --once: the decode mode; "
+                   "tokens are multiples of %lld; --once: each variant's call once, untimed, for "
+                   "a profiler)\n",
                    argv[0], static_cast<long long>(kTpb));
+      return 2;
+    }
+  }
+  for (const std::string& name : variant_names) {
+    if (std::none_of(std::begin(kVariants) + 1, std::end(kVariants),
+                     [&](const Variant& v) { return name == v.name; })) {
+      std::fprintf(stderr, "attention_bench: --variants: no variant named '%s'\n", name.c_str());
       return 2;
     }
   }
@@ -584,15 +604,24 @@ int Main(int argc, char** argv) {
       "GB/s = KV bytes read / time; read GB/s = the same bytes read by a plain streaming-read "
       "kernel; frac = GB/s / read GB/s; D2D GB/s = 2 x bytes / time of a D2D cudaMemcpy of the "
       "same bytes (read + write)\n");
-  const size_t num_variants = variants ? std::size(kVariants) : 1;
+  // The variants run: "ours" first, then all of them, the --variants list or none.
+  std::vector<const Variant*> vars = {&kVariants[0]};
+  for (size_t v = 1; variants && v < std::size(kVariants); ++v) {
+    const std::string name = kVariants[v].name;
+    if (variant_names.empty() || std::find(variant_names.begin(), variant_names.end(), name) !=
+                                     variant_names.end()) {
+      vars.push_back(&kVariants[v]);
+    }
+  }
+  const size_t num_variants = vars.size();
   if (num_variants > 1) {
     std::printf("variants (ms; maxdiff = largest |out - ours out| over them):");
     for (size_t v = 1; v < num_variants; ++v) {
-      const PagedAttentionCudaTuning& t = kVariants[v].tuning;
+      const PagedAttentionCudaTuning& t = vars[v]->tuning;
       std::printf(
-          " %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s%s}%s", kVariants[v].name,
+          " %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s%s}%s", vars[v]->name,
           t.warps_per_block, t.stages, t.prefetch_steps, static_cast<long long>(t.min_chunk_tokens),
-          kVariants[v].sequential ? ", blocks in pool order" : "",
+          vars[v]->sequential ? ", blocks in pool order" : "",
           t.bulk_copy ? ", TMA bulk copies per warp step" : "",
           t.load_only ? ", copies only (no math; output not checked)" : "",
           t.tensor_cores ? ", tensor-core math (mma.sync)" : "", v + 1 < num_variants ? ";" : "");
@@ -628,14 +657,14 @@ int Main(int argc, char** argv) {
   if (csv != nullptr) {
     std::fprintf(csv, "tokens,batch,kv_mb,ours_ms,ours_gbps,read_gbps,frac,copy_gbps,splits");
     for (size_t v = 1; v < num_variants; ++v) {
-      std::fprintf(csv, ",%s_ms", kVariants[v].name);
+      std::fprintf(csv, ",%s_ms", vars[v]->name);
     }
     std::fprintf(csv, ",merge_ms,maxdiff\n");
   }
   std::printf("%8s %5s %8s %6s %9s %6s %8s %6s %8s", "tokens", "batch", "KV MiB", "splits",
               "ours ms", "GB/s", "read GB/s", "frac", "D2D GB/s");
   for (size_t v = 1; v < num_variants; ++v) {
-    std::printf(" %8s", kVariants[v].name);
+    std::printf(" %8s", vars[v]->name);
   }
   std::printf(" %8s%s\n", "merge", num_variants > 1 ? "  maxdiff" : "");
   std::mt19937 rng(1);
@@ -687,6 +716,24 @@ int Main(int argc, char** argv) {
                                       .out = d_out.get(),
                                       .lse = d_lse.get(),
                                       .kv_split_tokens = 0};
+      if (once) {
+        // Each variant's call (attention, and the merge after a split) once, for a profiler.
+        for (size_t v = 0; v < num_variants; ++v) {
+          kernels::cuda::SetPagedAttentionCudaTuningForTesting(vars[v]->tuning);
+          PagedAttentionParams p = base;
+          if (vars[v]->sequential) p.block_tables = d_seq_tables.get();
+          p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
+          DeviceBuffer<unsigned char> ws(kernels::cuda::PagedAttentionCudaWorkspaceBytes(p));
+          HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(p, ws.get(), stream));
+          HELIX_CUDA_OK(cudaStreamSynchronize(stream));
+          std::printf("once: %lld tokens, batch %lld: %s (%s, split %lld tokens)\n",
+                      static_cast<long long>(tokens), static_cast<long long>(batch),
+                      vars[v]->name, kernels::cuda::PagedAttentionCudaKernelName(p),
+                      static_cast<long long>(p.kv_split_tokens));
+        }
+        kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
+        continue;
+      }
       // Enough iterations per graph for ~2 ms of work at 4 TB/s, at least one per replica.
       const int iters = static_cast<int>(
           std::clamp<int64_t>((8ll << 30) / std::max<int64_t>(bytes, 1), reps, 200));
@@ -712,8 +759,8 @@ int Main(int argc, char** argv) {
       std::vector<float> ref_out, got_out(batch * kQHeads * dim);
       double max_diff = 0.0;
       for (size_t v = 0; v < num_variants; ++v) {
-        kernels::cuda::SetPagedAttentionCudaTuningForTesting(kVariants[v].tuning);
-        const int32_t* var_tables = kVariants[v].sequential ? d_seq_tables.get() : d_tables.get();
+        kernels::cuda::SetPagedAttentionCudaTuningForTesting(vars[v]->tuning);
+        const int32_t* var_tables = vars[v]->sequential ? d_seq_tables.get() : d_tables.get();
         PagedAttentionParams p = base;
         p.block_tables = var_tables;
         p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
@@ -728,7 +775,7 @@ int Main(int argc, char** argv) {
                                  cudaMemcpyDeviceToHost));
         if (v == 0) {
           ref_out = got_out;
-        } else if (!kVariants[v].diagnostic && !kVariants[v].sequential) {
+        } else if (!vars[v]->diagnostic && !vars[v]->sequential) {
           for (size_t k = 0; k < got_out.size(); ++k) {
             const double d = std::fabs(static_cast<double>(got_out[k]) - ref_out[k]);
             max_diff = std::isnan(d) ? INFINITY : std::max(max_diff, d);

@@ -5,7 +5,12 @@ of each forward (a forward starts at the embedding kernel), then the last forwar
 kernel. ncu runs the kernels one at a time with cold caches and fixed clocks, so the times are
 above those of a normal run; the counts and the shares are what it is for.
 
-    ncu_summary.py FILE.csv [--top N]"""
+    ncu_summary.py FILE.csv [--top N]
+
+With --sections DETAILS.csv [--raw RAW.csv] (the details and raw pages of a report of a few
+kernels profiled with sections, `ncu -i REPORT --csv --print-units base --page details|raw`, as
+run_engine.sh's attention profiles write them): per kernel, the headline metrics of its sections
+and its most frequent warp stall reasons."""
 import argparse
 import collections
 import csv
@@ -19,11 +24,73 @@ def short(name):
     return name[:60]
 
 
+# Section metrics worth a line each (details page names).
+HEADLINE = ("Duration", "DRAM Throughput", "Memory Throughput", "L2 Hit Rate",
+            "Achieved Occupancy", "Theoretical Occupancy", "Registers Per Thread",
+            "Block Limit Registers", "Block Limit Shared Mem", "Grid Size", "Block Size",
+            "Waves Per SM", "Issued Warp Per Scheduler", "No Eligible",
+            "Warp Cycles Per Issued Instruction")
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return [r for r in csv.reader(f)]
+
+
+def sections(details, raw):
+    """Per kernel (in profile order): the HEADLINE metrics, then the largest stall reasons."""
+    kernels = collections.OrderedDict()
+    for row in rows_of(details):
+        if len(row) < 15 or not row[0].isdigit():
+            continue
+        key = (int(row[0]), short(row[4]) + " " + row[8])
+        kernels.setdefault(key, collections.OrderedDict())
+        if row[12] in HEADLINE and row[12] not in kernels[key]:
+            kernels[key][row[12]] = (row[14], row[13])
+    stalls = {}
+    if raw:
+        rows = rows_of(raw)
+        # The header is the first row that starts with "ID" (ncu may print notes before it).
+        header = next((r for r in rows if r and r[0] == "ID"), [])
+        pat = re.compile(r"smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)_per_issue_active\.ratio$")
+        cols = [(i, m.group(1)) for i, h in enumerate(header) for m in [pat.match(h)] if m]
+        for row in rows[1:]:
+            if not row or not row[0].isdigit():
+                continue
+            vals = []
+            for i, name in cols:
+                try:
+                    vals.append((float(row[i].replace(",", "")), name))
+                except (ValueError, IndexError):
+                    pass
+            stalls[int(row[0])] = sorted(vals, reverse=True)
+    if not kernels:
+        print("ncu_summary: no kernel rows in", details)
+        return
+    for (kid, name), metrics in kernels.items():
+        print(f"{kid}: {name}")
+        print("   " + "; ".join(f"{k} {v} {u}".rstrip() for k, (v, u) in metrics.items()))
+        top = [(v, n) for v, n in stalls.get(kid, []) if v > 0][:6]
+        if top:
+            total = sum(v for v, _ in stalls[kid])
+            print("   stalls (cycles per issued instruction): " +
+                  ", ".join(f"{n} {v:.2f}" for v, n in top) + f" (all reasons {total:.2f})")
+        elif raw:
+            print("   stalls: no stall metrics in", raw)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("csv")
+    ap.add_argument("csv", nargs="?")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--sections", help="details-page CSV of a report profiled with sections")
+    ap.add_argument("--raw", help="raw-page CSV of the same report (stall reasons)")
     a = ap.parse_args()
+    if a.sections:
+        sections(a.sections, a.raw)
+        return
+    if not a.csv:
+        ap.error("a CSV file or --sections is needed")
     forwards = []
     with open(a.csv, newline="") as f:
         for row in csv.reader(f):

@@ -11,7 +11,9 @@
 # benchmarks (decode attention with its variants against a read kernel and PyTorch SDPA, at that
 # model's head dim 64 and at 128; decode GEMMs; causal prefill attention, default vs tensor-core
 # kernel), the end-to-end benchmark on SmolLM2-135M's shape, and print a short summary last:
-# what a short call must measure comes first. PROFILE=1 adds a per-kernel GPU time profile (ncu).
+# what a short call must measure comes first. PROFILE=1 adds a per-kernel GPU time profile (ncu)
+# and, last, Nsight Compute section reports of the decode attention kernels (ncu_attention_*:
+# a .ncu-rep each, several MiB; keep them out of a tarball that must stay under 16 MiB).
 #
 #   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
 #
@@ -74,6 +76,8 @@ reset_foreign_build
 # folding on; the kernel table shows the argmax kernels' own times, which a 1 % change of the
 # step hides in the end-to-end runs' noise).
 PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
+# PROFILE=1 also: decode attention's kernels in detail (head dim:tokens, batch 1).
+ATTN_PROFILES=(64:8192 128:32768)
 # The Llama-3.2-1B shape's runs come right after the tests (the roofline goal and the switches'
 # A/B), SmolLM2-135M's baseline and all-switches runs after the kernel benchmarks.
 # The L2 prefetch: alone (24 MiB: Wo's 8 MiB and 16 of gate|up's 64), and with every switch at
@@ -184,6 +188,21 @@ if [[ $BUILD_OK == 0 ]]; then
         --context $ctx --batch 1 --steps 2 --warmup 1 --weight-dtype bfloat16 \
         --kv-dtype bfloat16 --tokens-per-block 32
     done
+    # Where decode attention's time goes (below the read bandwidth at batch 1): one call of each
+    # kernel (attention_bench --once) under ncu's speed-of-light, memory, occupancy, launch,
+    # scheduler and warp-state sections (replayed, so caches are flushed between passes), at the
+    # 1B step's shape (head dim 64, 8K tokens) and at the issue's 32K x 1 (head dim 128): the
+    # fp32-math kernel ("ours"), the tensor-core one (mma, the engine's default), the copies
+    # alone (loadonly) and the split-KV merge after each.
+    for a in "${ATTN_PROFILES[@]}"; do
+      IFS=: read -r hd tk <<<"$a"
+      step ncu_attention_d${hd}_$tk ncu_attention_d${hd}_$tk.txt 90 "$NCU" \
+        -o "$LOGS/ncu_attention_d${hd}_$tk" -f \
+        -k "regex:AttentionWarpKernel|MergeKernel" --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section WarpStateStats "$BUILD/tests/gpu/attention_bench" \
+        --once --head-dim $hd --tokens $tk --batches 1 --variants mma,loadonly
+    done
   fi
 fi
 
@@ -193,8 +212,11 @@ fi
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
     gemv_bench attention_bench sdpa_bench prefill_bench model_llama3-1b model_smollm2-135m "${RUNS[@]}" \
-    attention_bench_d64 sdpa_bench_d64 "${PROFILES[@]/#/ncu:}"; do
-    if [[ $s == ncu:* ]]; then
+    attention_bench_d64 sdpa_bench_d64 "${PROFILES[@]/#/ncu:}" "${ATTN_PROFILES[@]/#/ncua:}"; do
+    if [[ $s == ncua:* ]]; then
+      s=ncu_attention_d${s#ncua:}
+      s=${s/:/_}
+    elif [[ $s == ncu:* ]]; then
       s=$(profile_name "${s#ncu:}")
     elif [[ $s == *:* ]]; then
       s=$(run_name "$s")
@@ -273,6 +295,15 @@ fi
     [[ -f $f ]] || continue
     echo "kernel profile $sh context $ctx graphs $g attn-mma ${m:-0} split-argmax ${sa:-0} norm-sums ${ns:-0} gemv-rope ${gr:-0} (ncu: one kernel at a time, caches kept, clocks unlocked):"
     python3 "$ROOT/tests/gpu/ncu_summary.py" "$f" --top 12 | sed 's/^/  /'
+  done
+  for a in "${ATTN_PROFILES[@]}"; do
+    f=$LOGS/ncu_attention_d${a/:/_}
+    [[ -f $f.ncu-rep && -n ${NCU:-} ]] || continue
+    echo "decode attention kernels, head dim ${a%%:*}, ${a#*:} tokens, batch 1 (ncu, one call each):"
+    "$NCU" -i "$f.ncu-rep" --csv --print-units base --page details > "$f.details.csv" 2>&1
+    "$NCU" -i "$f.ncu-rep" --csv --print-units base --page raw > "$f.raw.csv" 2>&1
+    python3 "$ROOT/tests/gpu/ncu_summary.py" --sections "$f.details.csv" --raw "$f.raw.csv" |
+      sed 's/^/  /'
   done
 } > "$LOGS/summary.txt" 2>&1
 cat "$LOGS/summary.txt"
