@@ -170,6 +170,26 @@ if [[ $BUILD_OK == 0 ]]; then
   step prefill_bench prefill_bench.log 60 "$BUILD/tests/gpu/attention_bench" --prefill --quick \
     --csv "$LOGS/prefill_bench.csv"
   bench_shape smollm2-135m
+  # The kernels added or changed since the last GPU call (run there only under the CPU
+  # emulation of CUDA) under compute-sanitizer: memcheck over the GEMV fusions (norm sums, RoPE
+  # + K/V write), the chunked argmax, the Helix combine's pack/unpack, the row gather/scatter
+  # and the attention's L2 prefetch; racecheck over the fusions' shared-memory epilogues.
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [[ -x $SANITIZER ]]; then
+    NEW_OPS='CudaOpsTest.GemvNormSumsHandOff:CudaOpsTest.GemvRopeKv*:CudaOpsTest.RopeWriteKv*'
+    NEW_OPS+=':CudaOpsTest.ArgmaxMatchesGreedySampler:CudaOpsTest.HelixCombinePackUnpackMerge'
+    NEW_OPS+=':CudaOpsTest.GatherRowsMatchesCpu:CudaOpsTest.ScatterAddRowsMatchesCpu'
+    step memcheck_new_ops memcheck_new_ops.log 90 "$SANITIZER" --tool memcheck \
+      --error-exitcode 1 "$BUILD/tests/gpu/cuda_ops_test" "--gtest_filter=$NEW_OPS"
+    step memcheck_l2_prefetch memcheck_l2_prefetch.log 60 "$SANITIZER" --tool memcheck \
+      --error-exitcode 1 "$BUILD/engine/cuda_backend_test" \
+      '--gtest_filter=CudaBackendAttention.L2PrefetchHintCutToTheOption'
+    step racecheck_new_ops racecheck_new_ops.log 90 "$SANITIZER" --tool racecheck \
+      --error-exitcode 1 "$BUILD/tests/gpu/cuda_ops_test" \
+      '--gtest_filter=CudaOpsTest.GemvNormSumsHandOff:CudaOpsTest.GemvRopeKv*:CudaOpsTest.ArgmaxMatchesGreedySampler'
+  else
+    RESULT[memcheck_new_ops]="not run (no compute-sanitizer)"
+  fi
   # PROFILE=1: every kernel's GPU time (Nsight Compute, one metric; caches not flushed and clocks
   # not locked between kernels, as in a real step) over the prefill, one warm-up and two timed
   # decode steps of each PROFILES run (shape:context:cuda graphs[:mma]; decode_bench's default
@@ -212,7 +232,7 @@ fi
     sed 's/^/device: /'
   for s in configure build mla_models cuda_backend_test nccl_test cuda_ops_test copy_bench \
     gemv_bench attention_bench sdpa_bench prefill_bench model_llama3-1b model_smollm2-135m "${RUNS[@]}" \
-    attention_bench_d64 sdpa_bench_d64 "${PROFILES[@]/#/ncu:}" "${ATTN_PROFILES[@]/#/ncua:}"; do
+    attention_bench_d64 sdpa_bench_d64 memcheck_new_ops memcheck_l2_prefetch racecheck_new_ops "${PROFILES[@]/#/ncu:}" "${ATTN_PROFILES[@]/#/ncua:}"; do
     if [[ $s == ncua:* ]]; then
       s=ncu_attention_d${s#ncua:}
       s=${s/:/_}
@@ -235,6 +255,12 @@ fi
   done
   [[ -f $LOGS/cuda_ops_test.log ]] &&
     grep -hE "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure" "$LOGS/cuda_ops_test.log" | head -8
+  for t in memcheck_new_ops memcheck_l2_prefetch racecheck_new_ops; do
+    [[ -f $LOGS/$t.log ]] || continue
+    echo "$t: $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/$t.log" | head -1)"
+    grep -hE "^========= (Invalid|Error|Race|.*hazard)" "$LOGS/$t.log" | sort | uniq -c |
+      head -5 | cut -c1-200 | sed 's/^/  /'
+  done
   [[ -f $LOGS/copy_bench.log ]] && cat "$LOGS/copy_bench.log"
   if [[ -f $LOGS/gemv_bench.log ]]; then
     echo "decode GEMMs, bf16 weights (us per call; fraction of the read kernel's bandwidth):"
