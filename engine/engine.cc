@@ -1442,6 +1442,11 @@ void Engine::EmitToken(Sequence* s, int32_t token, const SampleResult& sample) {
 }
 
 bool Engine::Step() {
+  // Whichever way the step ends, the counts other threads read are this step's.
+  struct Publish {
+    Engine* e;
+    ~Publish() { e->PublishCounts(); }
+  } publish{this};
   DrainInbox();
   TakeKvVerdicts();
   ExpireLeases();
@@ -1826,6 +1831,18 @@ void Engine::AbortAll(const Status& error) {
   for (auto& s : waiting_) Finish(s.get(), FinishReason::kError, error);
   running_.clear();
   waiting_.clear();
+  PublishCounts();
+}
+
+void Engine::PublishCounts() {
+  running_count_ = static_cast<int64_t>(running_.size());
+  waiting_count_ = static_cast<int64_t>(waiting_.size() + transferring_.size() + checking_.size() +
+                                        confirming_.size());
+}
+
+RequestCounts Engine::request_counts() const {
+  std::lock_guard<std::mutex> lock(inbox_mu_);
+  return {running_count_.load(), waiting_count_.load() + static_cast<int64_t>(inbox_.size())};
 }
 
 }  // namespace helix

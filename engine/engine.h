@@ -166,6 +166,14 @@ struct DisaggStats {
   uint64_t transfers_done = 0, transfers_failed = 0, transfers_cancelled = 0;
 };
 
+// Requests by state (vLLM's num_requests_running / num_requests_waiting): running = in the
+// forward batch; waiting = submitted and not in it yet (queued for admission, or admitted and
+// waiting for their KV: pulled from a context server, its checks or confirmation).
+struct RequestCounts {
+  int64_t running = 0;
+  int64_t waiting = 0;
+};
+
 struct KvStats {
   int64_t total_blocks = 0;
   int64_t free_blocks = 0;
@@ -244,6 +252,8 @@ class Engine {
   // This rank's pool layout (its KV heads).
   const transfer::KvLayout& kv_layout() const { return kv_layout_; }
   DisaggStats disagg_stats() const;
+  // Any thread: as of the engine thread's last step (or abort), plus requests submitted since.
+  RequestCounts request_counts() const;
 
   // Workers (rank > 0): run the steps the leader broadcasts until it shuts the instance down
   // (Ok) or a collective fails (the error).
@@ -313,6 +323,9 @@ class Engine {
   }
   std::vector<int32_t> export_free_;           // free blocks of the export buffer (engine thread)
   std::atomic<int64_t> export_free_count_{0};  // its size, for disagg_stats on other threads
+  // The engine thread's queues' sizes (PublishCounts), for request_counts on other threads.
+  std::atomic<int64_t> running_count_{0}, waiting_count_{0};
+  void PublishCounts();
   int64_t export_blocks_ = 0;
   std::unique_ptr<LlamaModel> model_;
   int64_t max_seq_len_ = 0;

@@ -422,6 +422,42 @@ TEST_F(EngineTest, CloseEndsEveryRequestAndRefusesLaterOnes) {
   EXPECT_EQ(e->kv_stats().free_blocks, e->kv_stats().total_blocks);
 }
 
+// request_counts: submitted requests wait, one batch slot runs one of them, and all are gone
+// once they finish (or are aborted by Close).
+TEST_F(EngineTest, RequestCountsFollowTheQueues) {
+  EngineOptions o = Options();
+  o.max_batch_size = 1;
+  auto e = Make(o);
+  ASSERT_NE(e, nullptr);
+  const auto counts = [&] {
+    const RequestCounts n = e->request_counts();
+    return std::make_pair(n.running, n.waiting);
+  };
+  EXPECT_EQ(counts(), std::make_pair(int64_t{0}, int64_t{0}));
+  int finished = 0;
+  for (int i = 0; i < 3; ++i) {
+    GenerateRequest r = Greedy("Once upon a time", 4);
+    r.sink = [&](const TokenEvent& ev) { finished += ev.finished; };
+    ASSERT_TRUE(e->Submit(r).ok());
+  }
+  EXPECT_EQ(counts(), std::make_pair(int64_t{0}, int64_t{3}));  // in the inbox
+  e->Step();
+  EXPECT_EQ(counts(), std::make_pair(int64_t{1}, int64_t{2}));
+  while (finished < 2) e->Step();
+  e->Step();  // admits the third
+  EXPECT_EQ(counts(), std::make_pair(int64_t{1}, int64_t{0}));
+  while (e->Step()) {
+  }
+  EXPECT_EQ(finished, 3);
+  EXPECT_EQ(counts(), std::make_pair(int64_t{0}, int64_t{0}));
+  ASSERT_TRUE(e->Submit(Greedy("Lily", 50)).ok());
+  ASSERT_TRUE(e->Submit(Greedy("Lily", 50)).ok());
+  e->Step();
+  EXPECT_EQ(counts(), std::make_pair(int64_t{1}, int64_t{1}));
+  e->Close(Unavailable("stopping"));
+  EXPECT_EQ(counts(), std::make_pair(int64_t{0}, int64_t{0}));
+}
+
 TEST_F(EngineTest, BadRequestsAreRefusedWithoutHarm) {
   auto e = Make(Options());
   ASSERT_NE(e, nullptr);

@@ -118,17 +118,8 @@ class Server {
     // Connect only once the port accepts: a channel that saw "connection refused" waits out
     // gRPC's reconnect backoff (seconds) before it tries again. A server that exits at start
     // (a config it refuses) fails the test at once instead of after the waits.
-    bool exited = false;
     const auto up_by = Clock::now() + std::chrono::seconds(60);
-    while (Clock::now() < up_by && !PortOpen(port_)) {
-      int wstatus = 0;
-      if (waitpid(pid_, &wstatus, WNOHANG) == pid_) {
-        exited = true;
-        reaped_ = true;
-        ADD_FAILURE() << (o.context ? "helix-ctx" : "helix-gen") << " serve on port " << port_
-                      << " exited at start (wait status " << wstatus << ")";
-        break;
-      }
+    while (Clock::now() < up_by && !PortOpen(port_) && !ExitedAtStart()) {
       std::this_thread::sleep_for(milliseconds(20));
     }
     grpc::ChannelArguments args;
@@ -138,10 +129,13 @@ class Server {
     args.SetMaxSendMessageSize(64 << 20);
     channel_ = grpc::CreateCustomChannel(address(), grpc::InsecureChannelCredentials(), args);
     health_ = grpc::health::v1::Health::NewStub(channel_);
-    if (exited) return;
+    if (reaped_) return;
     const auto deadline = Clock::now() + std::chrono::seconds(60);
-    while (Clock::now() < deadline && !Serving()) std::this_thread::sleep_for(milliseconds(100));
-    EXPECT_TRUE(Serving()) << "server on " << address() << " did not come up";
+    while (Clock::now() < deadline && !Serving() && !ExitedAtStart()) {
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+    up_ = !reaped_ && Serving();
+    EXPECT_TRUE(up_ || reaped_) << "server on " << address() << " did not come up";
   }
   ~Server() {
     if (pid_ > 0) {
@@ -161,6 +155,7 @@ class Server {
            resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
   }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  bool up() const { return up_; }
   pid_t pid() const { return pid_; }
   void Signal(int sig) { kill(-pid_, sig); }
   // SIGKILL also ends a stopped process, which never runs again (no SIGCONT first: it would
@@ -173,6 +168,7 @@ class Server {
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
   // Waits up to `timeout` for the process to exit by itself; true when it did.
   bool WaitExit(milliseconds timeout) {
+    if (reaped_) return true;
     const auto deadline = Clock::now() + timeout;
     while (Clock::now() < deadline) {
       if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
@@ -210,8 +206,22 @@ class Server {
  private:
   Options o_;
   int port_ = 0;
+  // True (and the test failed) when the leader has exited before it served (reaped then; its
+  // ranks may not have exited, and the destructor still kills its process group).
+  bool ExitedAtStart() {
+    int wstatus = 0;
+    if (reaped_ || waitpid(pid_, &wstatus, WNOHANG) != pid_) return reaped_;
+    reaped_ = true;
+    ADD_FAILURE() << (o_.context ? "helix-ctx" : "helix-gen") << " serve on port " << port_
+                  << " exited at start: "
+                  << (WIFEXITED(wstatus) ? "exit status " + std::to_string(WEXITSTATUS(wstatus))
+                                         : "signal " + std::to_string(WTERMSIG(wstatus)));
+    return true;
+  }
+
   pid_t pid_ = -1;
-  bool reaped_ = false;  // the leader exited at start (its ranks may not have)
+  bool reaped_ = false;  // the leader exited at start
+  bool up_ = false;      // it came up and served
   fs::path dir_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
@@ -379,6 +389,7 @@ TEST_F(DisaggServeTest, CudaBackendDaemons) {
   Server cpu_gen(go);
   go.backend = "cuda";
   Server dev_gen(go);
+  for (const Server* s : {&cpu_ctx, &dev_ctx, &cpu_gen, &dev_gen}) ASSERT_TRUE(s->up());
   EXPECT_EQ(dev_ctx.Info().kv_export_total_blocks(), 30);
   EXPECT_EQ(cpu_ctx.Info().kv_export_total_blocks(), 0);  // a host pool is exported as it is
   const std::pair<Server*, const char*> ctxs[] = {{&cpu_ctx, "cpu ctx"}, {&dev_ctx, "cuda ctx"}};
@@ -422,6 +433,7 @@ TEST_F(DisaggServeTest, CudaBackendDaemons) {
   });
   std::this_thread::sleep_for(milliseconds(1000));
   EXPECT_FALSE(second_done.load()) << "the second prefill did not wait for the export buffer";
+  EXPECT_EQ(dev_ctx.Info().num_requests_waiting(), 1);  // queued, not lost
   const Result got_first = Generate(dev_gen, first);
   t.join();
   const Result got_second = Generate(dev_gen, second);
@@ -434,11 +446,18 @@ TEST_F(DisaggServeTest, CudaBackendDaemons) {
     EXPECT_TRUE(ctx->WaitFor(
         [](const auto& i) {
           return i.kv_retained_requests() == 0 && PoolWhole(i) &&
-                 i.kv_export_free_blocks() == i.kv_export_total_blocks();
+                 i.kv_export_free_blocks() == i.kv_export_total_blocks() &&
+                 i.num_requests_running() == 0 && i.num_requests_waiting() == 0;
         },
         milliseconds(5000)));
   }
-  for (Server* gen : {&cpu_gen, &dev_gen}) EXPECT_TRUE(gen->WaitFor(PoolWhole, milliseconds(5000)));
+  for (Server* gen : {&cpu_gen, &dev_gen}) {
+    EXPECT_TRUE(gen->WaitFor(
+        [](const auto& i) {
+          return PoolWhole(i) && i.num_requests_running() == 0 && i.num_requests_waiting() == 0;
+        },
+        milliseconds(5000)));
+  }
   EXPECT_EQ(cpu_gen.Info().kv_transfers_done(), 6);
   EXPECT_EQ(dev_gen.Info().kv_transfers_done(), 8);
 }

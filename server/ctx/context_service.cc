@@ -317,6 +317,9 @@ grpc::ServerUnaryReactor* ContextService::GetServerInfo(grpc::CallbackServerCont
   info->set_kv_leases_expired(d.leases_expired);
   info->set_kv_export_total_blocks(d.export_blocks_total);
   info->set_kv_export_free_blocks(d.export_blocks_free);
+  const RequestCounts n = engine_->request_counts();
+  info->set_num_requests_running(n.running);
+  info->set_num_requests_waiting(n.waiting);
   ToProto(engine_->kv_layout(), info->mutable_kv_layout());
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -488,6 +488,9 @@ grpc::ServerUnaryReactor* GenerationService::GetServerInfo(grpc::CallbackServerC
   info->set_kv_transfers_done(static_cast<int64_t>(d.transfers_done));
   info->set_kv_transfers_failed(static_cast<int64_t>(d.transfers_failed));
   info->set_kv_transfers_cancelled(static_cast<int64_t>(d.transfers_cancelled));
+  const RequestCounts n = engine_->request_counts();
+  info->set_num_requests_running(n.running);
+  info->set_num_requests_waiting(n.waiting);
   ToProto(engine_->kv_layout(), info->mutable_kv_layout());
   info->set_kv_preemptions(engine_->preemptions());
   info->set_max_num_tokens(engine_->max_num_tokens());

@@ -683,6 +683,12 @@ std::string Router::MetricsText() const {
   kv("helix_router_backend_kv_leases_expired_total", "counter",
      "Prefilled KV a context server freed because nobody released it within its lease.", true,
      [](const v1::ServerInfo& i) { return static_cast<int64_t>(i.kv_leases_expired()); });
+  kv("helix_router_backend_num_requests_running", "gauge",
+     "Requests in a server's forward batch, as it last reported them.", false,
+     [](const v1::ServerInfo& i) { return i.num_requests_running(); });
+  kv("helix_router_backend_num_requests_waiting", "gauge",
+     "Requests a server holds that are not in its batch yet (queued, or waiting for their KV).",
+     false, [](const v1::ServerInfo& i) { return i.num_requests_waiting(); });
   kv("helix_router_backend_kv_export_total_blocks", "gauge",
      "Blocks of a context server's pinned KV export buffer (0: its KV pool is host memory and "
      "is exported as it is).",

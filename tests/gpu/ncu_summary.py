@@ -45,15 +45,18 @@ def sections(details, raw):
             continue
         key = (int(row[0]), short(row[4]) + " " + row[8])
         kernels.setdefault(key, collections.OrderedDict())
-        if row[12] in HEADLINE and row[12] not in kernels[key]:
-            kernels[key][row[12]] = (row[14], row[13])
+        # Keyed by unit too: "Memory Throughput" is a % in one section, bytes/s in another.
+        if row[12] in HEADLINE and (row[12], row[13]) not in kernels[key]:
+            kernels[key][(row[12], row[13])] = row[14]
     stalls = {}
     if raw:
         rows = rows_of(raw)
         # The header is the first row that starts with "ID" (ncu may print notes before it).
         header = next((r for r in rows if r and r[0] == "ID"), [])
         pat = re.compile(r"smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)_per_issue_active\.ratio$")
-        cols = [(i, m.group(1)) for i, h in enumerate(header) for m in [pat.match(h)] if m]
+        # "selected" is the cycle a warp issues, not a stall.
+        cols = [(i, m.group(1)) for i, h in enumerate(header) for m in [pat.match(h)]
+                if m and m.group(1) != "selected"]
         for row in rows[1:]:
             if not row or not row[0].isdigit():
                 continue
@@ -69,7 +72,7 @@ def sections(details, raw):
         return
     for (kid, name), metrics in kernels.items():
         print(f"{kid}: {name}")
-        print("   " + "; ".join(f"{k} {v} {u}".rstrip() for k, (v, u) in metrics.items()))
+        print("   " + "; ".join(f"{k} {v} {u}".rstrip() for (k, u), v in metrics.items()))
         top = [(v, n) for v, n in stalls.get(kid, []) if v > 0][:6]
         if top:
             total = sum(v for v, _ in stalls[kid])

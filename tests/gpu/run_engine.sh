@@ -11,9 +11,12 @@
 # benchmarks (decode attention with its variants against a read kernel and PyTorch SDPA, at that
 # model's head dim 64 and at 128; decode GEMMs; causal prefill attention, default vs tensor-core
 # kernel), the end-to-end benchmark on SmolLM2-135M's shape, and print a short summary last:
-# what a short call must measure comes first. PROFILE=1 adds a per-kernel GPU time profile (ncu)
-# and, last, Nsight Compute section reports of the decode attention kernels (ncu_attention_*:
-# a .ncu-rep each, several MiB; keep them out of a tarball that must stay under 16 MiB).
+# what a short call must measure comes first. Order: tests, copy bench, the 1B shape's end-to-end
+# runs, head-dim-64 attention + SDPA, compute-sanitizer over the kernels changed since the last
+# GPU call, PROFILE=1's Nsight Compute steps (a per-kernel GPU time profile of decode steps, and
+# section reports of the decode attention kernels, ncu_attention_*: a .ncu-rep each, several
+# MiB; keep them out of a tarball that must stay under 16 MiB), then what earlier calls measured
+# already (attention at head dim 128 + SDPA, GEMV, prefill, SmolLM2-135M's shape).
 #
 #   tests/gpu/run_engine.sh       (from the repository root; carry [".devdeps"])
 #
@@ -157,19 +160,6 @@ if [[ $BUILD_OK == 0 ]]; then
     --quick --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/attention_bench_d64.csv"
   step sdpa_bench_d64 sdpa_bench_d64.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
     --head-dim 64 --tokens 8192,32768 --batches 1,4 --csv "$LOGS/sdpa_bench_d64.csv"
-  # Decode attention (GQA 32 / 8 heads, head dim 128, bf16 KV): the default kernel and its
-  # variants, the tensor-core ones among them, against a read kernel; then PyTorch's SDPA on the
-  # same shapes (both --quick: 4K and 32K tokens, batch 1 and 4).
-  step attention_bench attention_bench.log 90 "$BUILD/tests/gpu/attention_bench" --quick \
-    --csv "$LOGS/attention_bench.csv"
-  step sdpa_bench sdpa_bench.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
-    --csv "$LOGS/sdpa_bench.csv"
-  # Decode GEMMs: cuBLAS (converting x or not) vs GemvCuda vs a read of the same weights.
-  step gemv_bench gemv_bench.log 60 "$BUILD/tests/gpu/gemv_bench"
-  # Causal prefill attention: the default kernel against the tensor-core prefill kernel.
-  step prefill_bench prefill_bench.log 60 "$BUILD/tests/gpu/attention_bench" --prefill --quick \
-    --csv "$LOGS/prefill_bench.csv"
-  bench_shape smollm2-135m
   # The kernels added or changed since the last GPU call (run there only under the CPU
   # emulation of CUDA) under compute-sanitizer: memcheck over the GEMV fusions (norm sums, RoPE
   # + K/V write), the chunked argmax, the Helix combine's pack/unpack, the row gather/scatter
@@ -224,6 +214,21 @@ if [[ $BUILD_OK == 0 ]]; then
         --once --head-dim $hd --tokens $tk --batches 1 --variants mma,loadonly
     done
   fi
+  # Measured in earlier calls already, so last: head dim 128 attention and SDPA, the GEMV and
+  # prefill benches, SmolLM2-135M's shape end to end.
+  # Decode attention (GQA 32 / 8 heads, head dim 128, bf16 KV): the default kernel and its
+  # variants, the tensor-core ones among them, against a read kernel; then PyTorch's SDPA on the
+  # same shapes (both --quick: 4K and 32K tokens, batch 1 and 4).
+  step attention_bench attention_bench.log 90 "$BUILD/tests/gpu/attention_bench" --quick \
+    --csv "$LOGS/attention_bench.csv"
+  step sdpa_bench sdpa_bench.log 60 python3 "$ROOT/tests/gpu/sdpa_bench.py" --quick \
+    --csv "$LOGS/sdpa_bench.csv"
+  # Decode GEMMs: cuBLAS (converting x or not) vs GemvCuda vs a read of the same weights.
+  step gemv_bench gemv_bench.log 60 "$BUILD/tests/gpu/gemv_bench"
+  # Causal prefill attention: the default kernel against the tensor-core prefill kernel.
+  step prefill_bench prefill_bench.log 60 "$BUILD/tests/gpu/attention_bench" --prefill --quick \
+    --csv "$LOGS/prefill_bench.csv"
+  bench_shape smollm2-135m
 fi
 
 {
@@ -326,6 +331,8 @@ fi
     f=$LOGS/ncu_attention_d${a/:/_}
     [[ -f $f.ncu-rep && -n ${NCU:-} ]] || continue
     echo "decode attention kernels, head dim ${a%%:*}, ${a#*:} tokens, batch 1 (ncu, one call each):"
+    # Which variant each kernel is (the names differ only in the mode, <..., 0|1|2>).
+    grep -h '^once:' "$f.txt" | sed 's/^/  /'
     "$NCU" -i "$f.ncu-rep" --csv --print-units base --page details > "$f.details.csv" 2>&1
     "$NCU" -i "$f.ncu-rep" --csv --print-units base --page raw > "$f.raw.csv" 2>&1
     python3 "$ROOT/tests/gpu/ncu_summary.py" --sections "$f.details.csv" --raw "$f.raw.csv" |

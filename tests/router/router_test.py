@@ -1059,6 +1059,8 @@ class RouterFaultTest(unittest.TestCase):
         # A CPU context server exports its pool as it is: no export buffer.
         for m in ("export_total_blocks", "export_free_blocks"):
             self.assertEqual(metric(port, f"helix_router_backend_kv_{m}", label), 0)
+        for m in ("running", "waiting"):
+            self.assertEqual(metric(port, f"helix_router_backend_num_requests_{m}", label), 0)
 
     def test_killed_context_server_is_ejected_and_requests_retried(self):
         ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
