@@ -1114,6 +1114,8 @@ void Engine::DrainInbox() {
   std::unordered_set<std::string> cancels;
   {
     std::lock_guard<std::mutex> lock(inbox_mu_);
+    // Still counted while they wait in waiting_ (the step publishes its counts at its end).
+    waiting_count_ += static_cast<int64_t>(inbox_.size());
     for (auto& s : inbox_) waiting_.push_back(std::move(s));
     inbox_.clear();
     cancels.swap(cancels_);
@@ -1835,6 +1837,7 @@ void Engine::AbortAll(const Status& error) {
 }
 
 void Engine::PublishCounts() {
+  std::lock_guard<std::mutex> lock(inbox_mu_);  // the pair changes at once for request_counts
   running_count_ = static_cast<int64_t>(running_.size());
   waiting_count_ = static_cast<int64_t>(waiting_.size() + transferring_.size() + checking_.size() +
                                         confirming_.size());
@@ -1842,7 +1845,7 @@ void Engine::PublishCounts() {
 
 RequestCounts Engine::request_counts() const {
   std::lock_guard<std::mutex> lock(inbox_mu_);
-  return {running_count_.load(), waiting_count_.load() + static_cast<int64_t>(inbox_.size())};
+  return {running_count_, waiting_count_ + static_cast<int64_t>(inbox_.size())};
 }
 
 }  // namespace helix

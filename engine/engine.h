@@ -323,8 +323,9 @@ class Engine {
   }
   std::vector<int32_t> export_free_;           // free blocks of the export buffer (engine thread)
   std::atomic<int64_t> export_free_count_{0};  // its size, for disagg_stats on other threads
-  // The engine thread's queues' sizes (PublishCounts), for request_counts on other threads.
-  std::atomic<int64_t> running_count_{0}, waiting_count_{0};
+  // The engine thread's queues' sizes (PublishCounts; DrainInbox adds what it moves into
+  // waiting_), for request_counts on other threads. GUARDED_BY(inbox_mu_)
+  int64_t running_count_ = 0, waiting_count_ = 0;
   void PublishCounts();
   int64_t export_blocks_ = 0;
   std::unique_ptr<LlamaModel> model_;

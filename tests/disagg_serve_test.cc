@@ -131,10 +131,9 @@ class Server {
     health_ = grpc::health::v1::Health::NewStub(channel_);
     if (reaped_) return;
     const auto deadline = Clock::now() + std::chrono::seconds(60);
-    while (Clock::now() < deadline && !Serving() && !ExitedAtStart()) {
+    while (Clock::now() < deadline && !(up_ = Serving()) && !ExitedAtStart()) {
       std::this_thread::sleep_for(milliseconds(100));
     }
-    up_ = !reaped_ && Serving();
     EXPECT_TRUE(up_ || reaped_) << "server on " << address() << " did not come up";
   }
   ~Server() {
@@ -431,9 +430,12 @@ TEST_F(DisaggServeTest, CudaBackendDaemons) {
     second = Prefill(dev_ctx, second_req);
     second_done = true;
   });
-  std::this_thread::sleep_for(milliseconds(1000));
+  // Queued (not lost, not served) until the first one's KV is pulled.
+  EXPECT_TRUE(dev_ctx.WaitFor([](const auto& i) { return i.num_requests_waiting() == 1; },
+                              milliseconds(10000)));
+  std::this_thread::sleep_for(milliseconds(500));
   EXPECT_FALSE(second_done.load()) << "the second prefill did not wait for the export buffer";
-  EXPECT_EQ(dev_ctx.Info().num_requests_waiting(), 1);  // queued, not lost
+  EXPECT_EQ(dev_ctx.Info().num_requests_waiting(), 1);
   const Result got_first = Generate(dev_gen, first);
   t.join();
   const Result got_second = Generate(dev_gen, second);

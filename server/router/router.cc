@@ -661,8 +661,8 @@ std::string Router::MetricsText() const {
   each([&](const Backend& b, const std::string& l) {
     o << "helix_router_backend_failures_total{" << l << "} " << b.failures_total.load() << "\n";
   });
-  // The KV pools as each server last reported them (its GetServerInfo, polled with the health
-  // checks); a server not reached yet has no sample.
+  // What each server last reported in its GetServerInfo (polled with the health checks): its
+  // requests running and waiting, its KV pool; a server not reached yet has no sample.
   auto kv = [&](const char* name, const char* type, const char* help, bool context_only,
                 const std::function<int64_t(const v1::ServerInfo&)>& value) {
     o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n";

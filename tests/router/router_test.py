@@ -1051,16 +1051,17 @@ class RouterFaultTest(unittest.TestCase):
             retained, free, total = (
                 metric(port, f"helix_router_backend_kv_{m}", label)
                 for m in ("retained_requests", "free_blocks", "total_blocks"))
-            if retained == 0 and free == total:
+            running, waiting = (metric(port, f"helix_router_backend_num_requests_{m}", label)
+                                for m in ("running", "waiting"))
+            if retained == 0 and free == total and running == 0 and waiting == 0:
                 break
         self.assertEqual(retained, 0)
         self.assertEqual(free, total)
+        self.assertEqual((running, waiting), (0, 0))
         self.assertEqual(metric(port, "helix_router_backend_kv_leases_expired_total", label), 0)
         # A CPU context server exports its pool as it is: no export buffer.
         for m in ("export_total_blocks", "export_free_blocks"):
             self.assertEqual(metric(port, f"helix_router_backend_kv_{m}", label), 0)
-        for m in ("running", "waiting"):
-            self.assertEqual(metric(port, f"helix_router_backend_num_requests_{m}", label), 0)
 
     def test_killed_context_server_is_ejected_and_requests_retried(self):
         ctx_ports, gen_port, port = [free_port(), free_port()], free_port(), free_port()
