@@ -741,8 +741,12 @@ TEST_F(DisaggServeTest, HandlesNamingManyServersOrHugeFieldsAreHarmless) {
   auto long_id = req;
   long_id.set_request_id(std::string(256, 'i'));
   const auto long_handed = Prefill(ctx, long_id);
-  EXPECT_LE(long_handed.kv_handle().request_id().size(), 256u);
-  EXPECT_EQ(long_handed.kv_handle().request_id().rfind("ctx", 0), 0u);
+  const std::string& long_handle_id = long_handed.kv_handle().request_id();
+  EXPECT_EQ(long_handle_id.size(), 256u);  // "ctx<n>-" then as much of the client's id as fits
+  EXPECT_EQ(long_handle_id.rfind("ctx", 0), 0u);
+  const size_t dash = long_handle_id.find('-');
+  ASSERT_NE(dash, std::string::npos);
+  EXPECT_EQ(long_handle_id.substr(dash + 1), std::string(256 - dash - 1, 'i'));
   const Result long_got = Generate(gen, long_handed);
   ASSERT_TRUE(long_got.status.ok()) << long_got.status.error_message();
   EXPECT_EQ(long_got.tokens, want.tokens);

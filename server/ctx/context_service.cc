@@ -164,11 +164,14 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
   // and the prompt's KV stays for the generation instance.
   // The id the handle carries: unique by the counter, with as much of the client's id as fits
   // the bound a generation server applies to handle ids (kMaxIdBytes).
-  const std::string client_id = r->id;
-  r->id = "ctx" + std::to_string(next_id_.fetch_add(1));
-  if (!client_id.empty()) {
-    r->id += "-" + client_id.substr(0, kMaxIdBytes - std::min(kMaxIdBytes, r->id.size() + 1));
+  // (Built by appending: GCC 12 warns falsely, -Wrestrict, on "ctx" + std::string.)
+  std::string handle_id = "ctx";
+  handle_id += std::to_string(next_id_.fetch_add(1));
+  if (!r->id.empty()) {
+    handle_id += '-';
+    handle_id.append(r->id, 0, kMaxIdBytes - std::min(kMaxIdBytes, handle_id.size()));
   }
+  r->id = std::move(handle_id);
   r->max_tokens = 1;
   r->stop.clear();
   // With min_tokens the token may not be a stop token: the stop ids stay for the sampler's ban
