@@ -23,7 +23,8 @@ void SequenceKv::Release(BlockPool* pool) {
   local_tokens_ = 0;
 }
 
-std::pair<int32_t, int32_t> SequenceKv::Append(int64_t pos) {
+// pos is checked in debug builds only.
+std::pair<int32_t, int32_t> SequenceKv::Append([[maybe_unused]] int64_t pos) {
   assert(Owns(pos));
   const int64_t j = local_tokens_ / tokens_per_block_;
   const int64_t slot = local_tokens_ % tokens_per_block_;
