@@ -1085,10 +1085,10 @@ Status LlamaModel::Forward(const ForwardBatch& b, std::vector<float>* logits,
   if (tokens != nullptr) tokens->assign(R, -1);
   if (world == nullptr) {
     if (host_) {
-      std::vector<float> unused;  // (one rank is the leader: it always asks for the logits)
-      std::vector<float>* out = logits != nullptr ? logits : &unused;
-      out->resize(R * V);
-      ClassifierGemm(out->data(), R, V);
+      if (logits != nullptr) {  // (one rank is the leader: it always asks for them)
+        logits->resize(R * V);
+        ClassifierGemm(logits->data(), R, V);
+      }
     } else {
       RETURN_IF_ERROR(logits_dev_.Resize(R * V));
       float* out = logits_dev_.data();

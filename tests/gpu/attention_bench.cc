@@ -495,21 +495,27 @@ int PrefillMain(const std::string& csv_path, bool quick) {
   return 0;
 }
 
+// The comma-separated items of `text` (empty ones included).
+std::vector<std::string> SplitCommas(const std::string& text) {
+  std::vector<std::string> items;
+  for (size_t i = 0; i <= text.size();) {
+    const size_t j = std::min(text.find(',', i), text.size());
+    items.push_back(text.substr(i, j - i));
+    i = j + 1;
+  }
+  return items;
+}
+
 // A comma-separated list of positive integers into *out; false when it is not one.
 bool ParseList(const char* text, std::vector<int64_t>* out) {
   out->clear();
-  const std::string s = text;
-  size_t i = 0;
-  while (i <= s.size()) {
-    const size_t j = std::min(s.find(',', i), s.size());
-    const std::string item = s.substr(i, j - i);
+  for (const std::string& item : SplitCommas(text)) {
     char* end = nullptr;
     const long long v = std::strtoll(item.c_str(), &end, 10);
     if (item.empty() || *end != '\0' || v <= 0) {
       return false;
     }
     out->push_back(v);
-    i = j + 1;
   }
   return !out->empty();
 }
@@ -531,12 +537,7 @@ int Main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--no-variants") == 0) {
       variants = false;
     } else if (std::strcmp(argv[i], "--variants") == 0 && i + 1 < argc) {
-      std::string list = argv[++i];
-      for (size_t a = 0; a <= list.size();) {
-        const size_t b = std::min(list.find(',', a), list.size());
-        variant_names.push_back(list.substr(a, b - a));
-        a = b + 1;
-      }
+      variant_names = SplitCommas(argv[++i]);
     } else if (std::strcmp(argv[i], "--once") == 0) {
       once = true;
     } else if (std::strcmp(argv[i], "--mla") == 0) {
@@ -608,8 +609,8 @@ int Main(int argc, char** argv) {
   std::vector<const Variant*> vars = {&kVariants[0]};
   for (size_t v = 1; variants && v < std::size(kVariants); ++v) {
     const std::string name = kVariants[v].name;
-    if (variant_names.empty() || std::find(variant_names.begin(), variant_names.end(), name) !=
-                                     variant_names.end()) {
+    if (variant_names.empty() ||
+        std::find(variant_names.begin(), variant_names.end(), name) != variant_names.end()) {
       vars.push_back(&kVariants[v]);
     }
   }
@@ -716,43 +717,29 @@ int Main(int argc, char** argv) {
                                       .out = d_out.get(),
                                       .lse = d_lse.get(),
                                       .kv_split_tokens = 0};
-      if (once) {
-        // Each variant's call (attention, and the merge after a split) once, for a profiler.
-        for (size_t v = 0; v < num_variants; ++v) {
-          kernels::cuda::SetPagedAttentionCudaTuningForTesting(vars[v]->tuning);
-          PagedAttentionParams p = base;
-          if (vars[v]->sequential) p.block_tables = d_seq_tables.get();
-          p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
-          DeviceBuffer<unsigned char> ws(kernels::cuda::PagedAttentionCudaWorkspaceBytes(p));
-          HELIX_CUDA_OK(kernels::cuda::PagedAttentionCuda(p, ws.get(), stream));
-          HELIX_CUDA_OK(cudaStreamSynchronize(stream));
-          std::printf("once: %lld tokens, batch %lld: %s (%s, split %lld tokens)\n",
-                      static_cast<long long>(tokens), static_cast<long long>(batch),
-                      vars[v]->name, kernels::cuda::PagedAttentionCudaKernelName(p),
-                      static_cast<long long>(p.kv_split_tokens));
-        }
-        kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
-        continue;
-      }
       // Enough iterations per graph for ~2 ms of work at 4 TB/s, at least one per replica.
       const int iters = static_cast<int>(
           std::clamp<int64_t>((8ll << 30) / std::max<int64_t>(bytes, 1), reps, 200));
       const int runs = quick ? 3 : 7;
 
-      cudaGraphExec_t copy = Capture(stream, iters, [&](int i) {
-        const int64_t off = (i % reps) * bytes;
-        HELIX_CUDA_OK(cudaMemcpyAsync(copy_dst.get() + off, pool.get() + off,
-                                      static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
-                                      stream));
-      });
-      cudaGraphExec_t read = Capture(stream, iters, [&](int i) {
-        HELIX_CUDA_OK(gpu_testing::LaunchReadReduce(
-            pool.get() + (i % reps) * bytes, static_cast<size_t>(bytes), sink.get(), stream));
-      });
-      const double copy_ms = TimeGraph(copy, iters, runs, stream);
-      const double read_ms = TimeGraph(read, iters, runs, stream);
-      HELIX_CUDA_OK(cudaGraphExecDestroy(copy));
-      HELIX_CUDA_OK(cudaGraphExecDestroy(read));
+      // The references (not with --once: each variant's calls once, untimed, for a profiler).
+      double copy_ms = 0.0, read_ms = 0.0;
+      if (!once) {
+        cudaGraphExec_t copy = Capture(stream, iters, [&](int i) {
+          const int64_t off = (i % reps) * bytes;
+          HELIX_CUDA_OK(cudaMemcpyAsync(copy_dst.get() + off, pool.get() + off,
+                                        static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
+                                        stream));
+        });
+        cudaGraphExec_t read = Capture(stream, iters, [&](int i) {
+          HELIX_CUDA_OK(gpu_testing::LaunchReadReduce(
+              pool.get() + (i % reps) * bytes, static_cast<size_t>(bytes), sink.get(), stream));
+        });
+        copy_ms = TimeGraph(copy, iters, runs, stream);
+        read_ms = TimeGraph(read, iters, runs, stream);
+        HELIX_CUDA_OK(cudaGraphExecDestroy(copy));
+        HELIX_CUDA_OK(cudaGraphExecDestroy(read));
+      }
 
       std::vector<double> ms(num_variants);
       int64_t splits = 1;
@@ -773,6 +760,13 @@ int Main(int argc, char** argv) {
         HELIX_CUDA_OK(cudaStreamSynchronize(stream));
         HELIX_CUDA_OK(cudaMemcpy(got_out.data(), d_out.get(), got_out.size() * sizeof(float),
                                  cudaMemcpyDeviceToHost));
+        if (once) {
+          std::printf("once: %lld tokens, batch %lld: %s (%s, split %lld tokens)\n",
+                      static_cast<long long>(tokens), static_cast<long long>(batch), vars[v]->name,
+                      kernels::cuda::PagedAttentionCudaKernelName(p),
+                      static_cast<long long>(p.kv_split_tokens));
+          continue;
+        }
         if (v == 0) {
           ref_out = got_out;
         } else if (!vars[v]->diagnostic && !vars[v]->sequential) {
@@ -790,6 +784,7 @@ int Main(int argc, char** argv) {
         HELIX_CUDA_OK(cudaGraphExecDestroy(attn));
       }
       kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
+      if (once) continue;
       // The default's split-KV merge alone (MergeStatesCuda over its parts), for its share of
       // "ours"; 0 without a split.
       double merge_ms = 0.0;

@@ -95,14 +95,13 @@ def main():
     if not a.csv:
         ap.error("a CSV file or --sections is needed")
     forwards = []
-    with open(a.csv, newline="") as f:
-        for row in csv.reader(f):
-            if len(row) < 15 or not row[0].isdigit() or row[12] != "gpu__time_duration.sum":
-                continue
-            ns = float(row[14].replace(",", ""))
-            if "EmbeddingKernel" in row[4] or not forwards:
-                forwards.append([])
-            forwards[-1].append((short(row[4]), ns))
+    for row in rows_of(a.csv):
+        if len(row) < 15 or not row[0].isdigit() or row[12] != "gpu__time_duration.sum":
+            continue
+        ns = float(row[14].replace(",", ""))
+        if "EmbeddingKernel" in row[4] or not forwards:
+            forwards.append([])
+        forwards[-1].append((short(row[4]), ns))
     if not forwards:
         print("ncu_summary: no kernel rows in", a.csv)
         return
