@@ -1,13 +1,7 @@
 #include "server/router/openai_http.h"
 
-#include <arpa/inet.h>
-#include <dirent.h>
 #include <httplib.h>
 #include <malloc.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +23,7 @@
 #include "engine/sampler/sampling_params.h"
 #include "helix/version.h"
 #include "server/common/kv_proto.h"
+#include "server/router/client_socket.h"
 
 namespace helix::router {
 namespace {
@@ -192,69 +187,11 @@ int HttpStatusOf(const grpc::Status& s) {
   }
 }
 
-// The socket of the connection a request came on, or -1. httplib (0.11) hands handlers no
-// socket, so it is found among the process's descriptors by its two ends; the connection's
-// thread is the one running the handler, so the descriptor stays this connection's until the
-// handler returns.
-std::string SockAddr(const sockaddr_storage& a, int* port) {
-  char buf[INET6_ADDRSTRLEN] = {};
-  if (a.ss_family == AF_INET) {
-    const auto* v4 = reinterpret_cast<const sockaddr_in*>(&a);
-    *port = ntohs(v4->sin_port);
-    inet_ntop(AF_INET, &v4->sin_addr, buf, sizeof(buf));
-  } else if (a.ss_family == AF_INET6) {
-    const auto* v6 = reinterpret_cast<const sockaddr_in6*>(&a);
-    *port = ntohs(v6->sin6_port);
-    inet_ntop(AF_INET6, &v6->sin6_addr, buf, sizeof(buf));
-  } else {
-    *port = -1;
-  }
-  return buf;
-}
-
-int ConnectionFd(const std::string& remote_addr, int remote_port, int local_port) {
-  if (remote_port <= 0 || local_port <= 0) return -1;
-  DIR* d = opendir("/proc/self/fd");
-  if (d == nullptr) return -1;
-  int found = -1;
-  while (dirent* ent = readdir(d)) {
-    char* end = nullptr;
-    const long fd = std::strtol(ent->d_name, &end, 10);
-    if (end == ent->d_name || *end != '\0' || fd == dirfd(d)) continue;
-    struct stat st;
-    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    sockaddr_storage local{}, peer{};
-    socklen_t ll = sizeof(local), pl = sizeof(peer);
-    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &ll) != 0 ||
-        getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &pl) != 0) {
-      continue;
-    }
-    int lport = -1, pport = -1;
-    SockAddr(local, &lport);
-    const std::string paddr = SockAddr(peer, &pport);
-    if (lport == local_port && pport == remote_port && paddr == remote_addr) {
-      found = static_cast<int>(fd);
-      break;
-    }
-  }
-  closedir(d);
-  return found;
-}
-
-// Whether the client has closed (or reset) its end of the connection. A request is one
-// exchange (httplib reads the next one only after this response), so an end of stream now
-// means the client left.
-bool PeerClosed(int fd) {
-  pollfd pf{fd, POLLIN | POLLRDHUP, 0};
-  if (poll(&pf, 1, 0) <= 0) return false;
-  if (pf.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) return true;
-  char c;
-  return recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
-}
-
 // A client-gone probe for Router::Run. The socket is looked up now, while the client is
 // connected: one the client reset has no peer address any more (getpeername fails), so a
-// later lookup missed it and the request ran to its end. Every copy of the probe (the
+// later lookup missed it and the request ran to its end. A client that reset before this
+// lookup (a handler started late on a loaded machine) is taken as gone at once when its
+// socket is the peerless kind ConnectionFd reports. Every copy of the probe (the
 // router's watcher, the handler's check of why the runs ended) shares the descriptor and the
 // verdict, which stays once the client is seen gone.
 std::function<bool()> ClientGoneProbe(const httplib::Request& req) {
@@ -265,6 +202,10 @@ std::function<bool()> ClientGoneProbe(const httplib::Request& req) {
   };
   auto w = std::make_shared<Watch>();
   w->fd = ConnectionFd(req.remote_addr, req.remote_port, req.local_port);
+  if (w->fd == kConnectionGone) {
+    w->gone = true;
+    w->fd = -1;
+  }
   return [w] {
     std::lock_guard<std::mutex> lock(w->mu);
     if (!w->gone && w->fd >= 0) w->gone = PeerClosed(w->fd);
