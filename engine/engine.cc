@@ -167,6 +167,7 @@ StatusOr<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& o) {
     c.norm_sums = o.cuda_norm_sums;
     c.gemv_rope_kv = o.cuda_gemv_rope_kv;
     c.l2_prefetch_bytes = o.cuda_l2_prefetch_bytes;
+    c.attention_early_kv = o.cuda_attention_early_kv;
     c.attention_min_chunk_tokens = o.cuda_attention_min_chunk_tokens;
     return CreateCudaBackend(c);
 #else

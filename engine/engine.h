@@ -80,6 +80,10 @@ struct EngineOptions {
   // The cuda backend: bytes of the next products' weights decode attention prefetches into L2
   // (CudaBackendOptions::l2_prefetch_bytes; decode_bench --l2-prefetch-mb N). 0 (off) by default.
   int64_t cuda_l2_prefetch_bytes = 0;
+  // The cuda backend: decode attention's first KV copies issued before it waits for the kernel
+  // before it (CudaBackendOptions::attention_early_kv; decode_bench --attn-early-kv 1). Off by
+  // default.
+  bool cuda_attention_early_kv = false;
   // The cuda backend: the shortest split-KV chunk of decode attention, in tokens
   // (CudaBackendOptions::attention_min_chunk_tokens; decode_bench --attn-min-chunk N); 0: 128.
   int64_t cuda_attention_min_chunk_tokens = 0;

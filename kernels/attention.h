@@ -72,6 +72,14 @@ struct PagedAttentionParams {
   // aligned, each length a multiple of 16 (0: none). The CPU kernel ignores them.
   const void* l2_prefetch[2] = {nullptr, nullptr};
   int64_t l2_prefetch_bytes[2] = {0, 0};
+  // A promise, for a GPU kernel launched as a programmatic dependent of the kernel before it
+  // (which may still be running when this one starts): the KV rows at global positions below
+  // each query token's own, q_seq, q_pos, the block tables, block_first_pos and kv_lens were
+  // all written before that kernel began (e.g. by earlier decode steps and the step's uploads);
+  // only q and the query tokens' own K/V rows may be its output. The CUDA decode kernel (head
+  // dims 64 / 128, one query token per sequence) then starts copying those rows before it waits
+  // for that kernel. The CPU kernel ignores it.
+  bool kv_settled_below_q = false;
 };
 
 // Split-KV chunking, shared by every attention kernel (CPU and CUDA, GQA and MLA: P is

@@ -55,6 +55,9 @@ struct RopeWriteKvParams {
   int64_t layer;
   const int32_t* block;           // [tokens] physical block, < 0: not stored here
   const int32_t* token_in_block;  // [tokens]
+  // (The CUDA kernel reads positions, block and token_in_block before it waits for the kernel
+  // before it in the stream: that kernel must not write them. The engine uploads them before
+  // the step's first kernel.)
 };
 
 }  // namespace helix::kernels

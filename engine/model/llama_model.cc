@@ -754,6 +754,13 @@ Status LlamaModel::RunLayers(const ForwardBatch& b, const BatchMeta& m) {
   RETURN_IF_ERROR(lse_.Resize(T * dims_.q_heads));
   ap.lse = lse_.data();
   ap.kv_split_tokens = 0;  // the backend picks its split
+  // Decode (one query token per sequence): the rows below each query were written by earlier
+  // steps and the metadata uploaded before the step; only q and the token's own K/V row come
+  // from the kernels just before the attention (a GPU kernel may start reading the rest early).
+  ap.kv_settled_below_q = T == b.num_seqs;
+  for (int64_t t = 0; t < T && ap.kv_settled_below_q; ++t) {
+    ap.kv_settled_below_q = b.token_seq[t] == t;  // with T == num_seqs: each sequence once
+  }
   const size_t ws = backend_->PagedAttentionWorkspaceBytes(ap);
   if (workspace_.size() < static_cast<int64_t>(ws)) RETURN_IF_ERROR(workspace_.Resize(ws));
 

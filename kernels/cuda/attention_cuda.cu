@@ -53,6 +53,8 @@ struct Args {
   bool bulk;             // warp-pipelined path, whole steps in a block: TMA bulk copies (sm_90)
   bool prefill_done;     // warp-pipelined path: skip the query tokens AttentionPrefillMmaKernel
                          // serves (PrefillBlockServed)
+  bool early_kv;         // warp-pipelined path: PagedAttentionParams::kv_settled_below_q, one
+                         // query token per sequence, whole steps in a block, cp.async copies
   float scale;
   float* out;
   float* lse;
@@ -272,6 +274,16 @@ struct WarpCfg {
   static_assert(kG * D * 4 <= 2 * kStageBytes);  // the final reduction reuses the rings
 };
 
+// 16 bytes at p (16-byte aligned) read through L2 only: data another kernel may have written
+// while this one ran (no stale L1 line).
+__device__ inline uint4 LoadL2Only(const void* p) {
+#ifdef HELIX_CUDA_EMULATION
+  return *static_cast<const uint4*>(p);
+#else
+  return __ldcg(static_cast<const uint4*>(p));
+#endif
+}
+
 // Block-table entries of a step, loaded two steps before use. When tokens_per_block is a
 // multiple of kStepRows a step lies in one block: every lane holds the step's block, first
 // position, first slot tb and n = its rows within the chunk. Otherwise lane r < kStepRows holds
@@ -443,7 +455,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     // the ranges (the next products' weights).
     PrefetchShareL2(a);
   }
-  PdlEnter();  // see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
+  // a.early_kv (PagedAttentionParams::kv_settled_below_q): the metadata and the KV rows below
+  // each query's own position are settled before the kernel before this one ends, so the ring's
+  // first steps are issued before PdlEnter, overlapping that kernel; the query's own row (which
+  // that kernel may be writing) and q are read after it.
+  const bool early = a.early_kv;
+  if (!early) {
+    PdlEnter();  // see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
+  }
   if (a.prefill_done) {
     // This query token's pairs lie in one or two of the prefill kernel's blocks: done if each
     // of them was served there (the same answer in every thread).
@@ -466,31 +485,36 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
   constexpr int kKSteps = D / 16;  // kMma: k-steps of q.k
   float q[kG][kVec];
   uint32_t qa[kMma ? kKSteps : 1][4];  // kMma: q's A fragments (MmaLoadQ)
-  if constexpr (kMma) {
-    const int gq = lane >> 2;
-    MmaLoadQ<T, D>(
-        gq < G ? a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + gq) * D : nullptr,
-        qscale, qa);
-  }
+  auto load_q = [&] {
+    if constexpr (kMma) {
+      const int gq = lane >> 2;
+      MmaLoadQ<T, D>(
+          gq < G ? a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + gq) * D : nullptr,
+          qscale, qa);
+    }
 #pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    if (!kMma && g < G) {
-      const float4* src = reinterpret_cast<const float4*>(
-          a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
+    for (int g = 0; g < kG; ++g) {
+      if (!kMma && g < G) {
+        const float4* src = reinterpret_cast<const float4*>(
+            a.q + (static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g) * D + cl * kVec);
 #pragma unroll
-      for (int v = 0; v < kVec / 4; ++v) {
-        const float4 x = src[v];
-        q[g][4 * v] = x.x * qscale;
-        q[g][4 * v + 1] = x.y * qscale;
-        q[g][4 * v + 2] = x.z * qscale;
-        q[g][4 * v + 3] = x.w * qscale;
-      }
-    } else {
+        for (int v = 0; v < kVec / 4; ++v) {
+          const float4 x = src[v];
+          q[g][4 * v] = x.x * qscale;
+          q[g][4 * v + 1] = x.y * qscale;
+          q[g][4 * v + 2] = x.z * qscale;
+          q[g][4 * v + 3] = x.w * qscale;
+        }
+      } else {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        q[g][e] = 0.0f;
+        for (int e = 0; e < kVec; ++e) {
+          q[g][e] = 0.0f;
+        }
       }
     }
+  };
+  if (!early) {
+    load_q();
   }
   float acc[kG][kVec];
 #pragma unroll
@@ -547,6 +571,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     FenceProxyAsync();  // the zeros before any bulk copy into the ring
     __syncwarp();
   }
+  // early: the copy of the query's own K and V rows that this lane leaves for after PdlEnter
+  // (their element offset from kv and the K chunk's offset from pipe; -1: none).
+  bool waited = !early;
+  int64_t defer_src = -1;
+  int defer_at = 0;
   auto load_plan = [&](int k) {
     RowPlan pl{0, 0, 0, 0};
     if (k < my_steps && (aligned || lane < kStepRows)) {
@@ -593,6 +622,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
       for (int i = 0; i < kRpl; ++i) {
         const int r = rg + kRpi * i;
         const bool ok = r < pl.n && r <= last_visible;
+        if (!waited && ok && r == last_visible) {  // the query's own row: after PdlEnter
+          defer_src = base + r * D + cl * kVec;
+          defer_at = static_cast<int>(ks - pipe) + r * D + chunk_at(r, cl) * kVec;
+          continue;
+        }
         const T* src = ok ? kv + base + r * D + cl * kVec : kv;
         CpAsync16(ks + r * D + chunk_at(r, cl) * kVec, src, ok);
         CpAsync16(vs + r * D + chunk_at(r, cl) * kVec, ok ? src + a.v_off : kv, ok);
@@ -647,6 +681,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
       prefetch(k, load_plan(k));
     }
     pp = load_plan(stages - 1 + pf);
+  }
+  if (early) {
+    PdlEnter();  // see HELIX_LAUNCH_PDL (the split-KV merge may then start its launch)
+    waited = true;
+    if (defer_src >= 0) {  // plain loads and stores: the slot's __syncwarp publishes them
+      *reinterpret_cast<uint4*>(pipe + defer_at) = LoadL2Only(kv + defer_src);
+      *reinterpret_cast<uint4*>(pipe + defer_at + C::kStepElems) =
+          LoadL2Only(kv + defer_src + a.v_off);
+    }
+    load_q();
   }
 
   int stage = 0;                 // ring slot of step k
@@ -1135,7 +1179,8 @@ __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a)
 // units (4 dims with 16-byte loads, else 1) is split among groups of threads that take every
 // G-th part, summed in shared memory at the end. (A row's parts read one after another would
 // put the latency of each load on the path: at batch 1 the split-KV merge took longer than the
-// attention.)
+// attention.) This two-pass kernel (MergeKernel) serves any row; MergeOnePassKernel below, rows
+// whose parts fit its threads.
 
 constexpr int kMergeThreads = 256;
 constexpr int kMergeChunk = 256;  // part weights held in shared memory at a time
@@ -1266,11 +1311,102 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesPa
   }
 }
 
-// The merge kernel for p: 16-byte loads where the layout allows them.
+// One-pass merge, for rows of up to kMergePer parts per thread group: thread (g, u) of the
+// block takes dims 4u..4u+3 of parts g, g + G, ..., g + (kMergePer - 1) G (G = groups of
+// head_dim / 4 threads) and loads all of their LSEs and O values at once, so the row costs one
+// memory latency (MergeKernel reads the LSEs, then the O values after two block-wide
+// reductions). The block's max LSE, then each thread's weighted sum of its parts and their
+// weights, then the groups' sums in shared memory. REQUIRES: head_dim % 4 == 0, head_dim / 4 <=
+// kMergeThreads, num_parts <= G * kMergePer, o and out 16-byte aligned (MergeKernelFor).
+constexpr int kMergePer = 8;
+
+__global__ void __launch_bounds__(kMergeThreads) MergeOnePassKernel(const MergeStatesParams p) {
+  PdlEnter();  // first: see HELIX_LAUNCH_PDL (launched early after split-KV attention)
+  using Red = float[kMergeThreads / 32];
+  using Acc = float4[kMergeThreads];
+  using Sums = float[kMergeThreads];
+  HELIX_STATIC_SMEM(Red, s_red);
+  HELIX_STATIC_SMEM(Acc, s_acc);
+  HELIX_STATIC_SMEM(Sums, s_sum);
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int units = static_cast<int>(p.head_dim / 4);
+  const int groups = kMergeThreads / units;
+  const int g = tid / units;
+  const int u = tid % units;
+  float l[kMergePer];
+  float4 o[kMergePer];
+  float mx = kNegInf;
+#pragma unroll
+  for (int k = 0; k < kMergePer; ++k) {
+    const int64_t j = g + static_cast<int64_t>(k) * groups;
+    l[k] = kNegInf;
+    o[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (g < groups && j < p.num_parts) {
+      l[k] = p.lse[j * p.rows + row];
+      o[k] = *reinterpret_cast<const float4*>(p.o + (j * p.rows + row) * p.head_dim + 4 * u);
+    }
+    mx = fmaxf(mx, l[k]);
+  }
+  mx = MergeBlockReduce(mx, s_red, true);
+  float* out = p.out + row * p.head_dim;
+  if (mx == kNegInf) {  // every part empty (the same in every thread)
+    if (tid < units) {
+      *reinterpret_cast<float4*>(out + 4 * tid) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    if (tid == 0 && p.out_lse != nullptr) {
+      p.out_lse[row] = kNegInf;
+    }
+    return;
+  }
+  float sum = 0.0f;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+  for (int k = 0; k < kMergePer; ++k) {
+    if (l[k] != kNegInf) {  // an empty part's O may hold anything
+      const float w = expf(l[k] - mx);
+      sum += w;
+      acc.x = fmaf(w, o[k].x, acc.x);
+      acc.y = fmaf(w, o[k].y, acc.y);
+      acc.z = fmaf(w, o[k].z, acc.z);
+      acc.w = fmaf(w, o[k].w, acc.w);
+    }
+  }
+  s_acc[tid] = acc;
+  s_sum[tid] = sum;
+  __syncthreads();
+  if (tid < units) {
+    float4 t = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float s = 0.0f;
+    for (int k = 0; k < groups; ++k) {
+      const float4 a = s_acc[k * units + tid];
+      t.x += a.x;
+      t.y += a.y;
+      t.z += a.z;
+      t.w += a.w;
+      s += s_sum[k * units + tid];
+    }
+    const float inv = 1.0f / s;
+    *reinterpret_cast<float4*>(out + 4 * tid) =
+        make_float4(t.x * inv, t.y * inv, t.z * inv, t.w * inv);
+    if (tid == 0 && p.out_lse != nullptr) {
+      p.out_lse[row] = mx + logf(s);
+    }
+  }
+}
+
+PagedAttentionCudaTuning& Tuning();
+
+// The merge kernel for p: the one-pass kernel where it fits (unless the tuning asks for the
+// other), else 16-byte loads where the layout allows them.
 using MergeFn = void (*)(MergeStatesParams);
 MergeFn MergeKernelFor(const MergeStatesParams& p) {
   const bool vec4 = p.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(p.o) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  if (vec4 && p.head_dim / 4 <= kMergeThreads && !Tuning().merge_two_pass &&
+      p.num_parts <= kMergeThreads / (p.head_dim / 4) * kMergePer) {
+    return MergeOnePassKernel;
+  }
   return vec4 ? MergeKernel<4> : MergeKernel<1>;
 }
 
@@ -1584,6 +1720,12 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.prefetch_steps = PrefetchSteps();
   a.bulk = Tuning().bulk_copy && BulkCopyAvailable();
   a.prefill_done = false;
+  // Only the warp-pipelined kernels read it; one query token per sequence (decode), whole steps
+  // in a block and the cp.async copies (see AttentionWarpKernel).
+  a.early_kv = p.kv_settled_below_q && p.num_q_tokens == p.num_seqs && a.tpb % kStepRows == 0 &&
+               !a.bulk && ch.fn != &AttentionGenericKernel<float> &&
+               ch.fn != &AttentionGenericKernel<__half> &&
+               ch.fn != &AttentionGenericKernel<__nv_bfloat16>;
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk = static_cast<int>(parts > 1 ? SplitKvBlocksPerChunk(p)
@@ -1612,6 +1754,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
       return cudaSuccess;  // every prefill block had one sequence
     }
     a.prefill_done = true;  // the warp kernel below serves the tokens of the other blocks
+    a.early_kv = false;
   }
   HELIX_CUDA_RETURN_IF_ERROR(PrepareKernel(ch));
   const dim3 grid(static_cast<unsigned>(p.num_q_tokens * p.num_kv_heads * a.subs),

@@ -56,7 +56,10 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, c
 
 // LSE = log sum_i exp(LSE_i), O = sum_i exp(LSE_i - LSE) O_i, empty parts (-inf) skipped, an
 // all-empty row gives O = 0, LSE = -inf (MergeStatesCpu semantics). Helix combine layout
-// [peers][tokens][heads][dim]: num_parts = peers, rows = tokens * heads.
+// [peers][tokens][heads][dim]: num_parts = peers, rows = tokens * heads. One thread block per
+// row; where the row's parts fit its threads (up to 8 each: 64 parts at head dim 128, 128 at 64)
+// and the layout allows 16-byte loads, every LSE and O value is loaded at once (one pass), else
+// the LSEs first and the O values after them.
 cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
 
 // Whether PagedAttentionCuda does the math of 16-bit KV on the tensor cores (as
@@ -97,6 +100,9 @@ struct PagedAttentionCudaTuning {
                                  // tokens batched with a prompt, go to the decode kernel after
                                  // it); ignored for f32 KV and older GPUs. With f16 KV, q x
                                  // scale x log2(e) must stay within f16's range (65504)
+  bool merge_two_pass = false;   // the split-KV merge and MergeStatesCuda always on the two-pass
+                                 // kernel (LSEs, then the O values), not the one-pass one that
+                                 // loads both at once where a row's parts fit its threads
 };
 void SetPagedAttentionCudaTuningForTesting(const PagedAttentionCudaTuning& t);
 

@@ -71,13 +71,19 @@ __device__ inline float RopeRotate(float a, float b, float c, float s, bool seco
 }
 
 // Called by every kernel launched with HELIX_LAUNCH_PDL (cuda_check.h), first or after reading
-// only memory no kernel writes (weights): waits until the kernels before it in the stream have
-// finished and their writes are visible, then lets the next kernel in the stream be launched (it
-// waits the same way). No-ops in an ordinary launch, and compiled out before sm_90.
+// only memory the kernel just before it does not write (weights; the step's metadata, such as
+// RoPE's positions and slots, uploaded before the step's first kernel; decode attention's
+// settled KV rows: PagedAttentionParams::kv_settled_below_q): waits until the kernels before it in
+// the stream have finished and their writes are visible, then lets the next kernel in the stream be
+// launched (it waits the same way). No-ops in an ordinary launch, and compiled out before sm_90.
+// (When a kernel starts, every kernel before the one just before it has ended: that one passed
+// its own PdlEnter, which waits for them, before this kernel could start.)
 __device__ inline void PdlEnter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#elif defined(HELIX_CUDA_EMULATION)
+  ::helix_emu::PdlWait();  // tests/gpu/cuda_emu.h: the tests' stand-in for the kernel before
 #endif
 }
 

@@ -265,47 +265,76 @@ __global__ void EmbeddingKernel(const EmbeddingParams p) {
 // Fused RoPE + K/V write: one thread per (token, head row, dim e), the head rows being the q
 // heads then the k heads. The owner of a rotary pair (its first element) rotates the pair in its
 // row (and for a k row stores the rotated pair); a k row's pass-through dims store k as is;
-// every k row's thread stores its v element.
+// every k row's thread stores its v element. What an element needs from the step's metadata
+// (positions, block, token_in_block: uploaded before the step's first kernel, never a kernel's
+// output) and its pair's angles come first (RopePlan), for the thread's first element before
+// PdlEnter, overlapping the kernel before (which writes q, k and v).
+struct RopePlan {
+  int64_t t, r, e;
+  int64_t i, partner;  // pair index and the pair's second element; -1: not a pair's owner
+  int32_t block, slot;
+  float c, s;  // the pair's cosine and sine (owners only)
+};
+
+__device__ inline RopePlan PlanRope(const RopeWriteKvParams& p, int64_t idx) {
+  const int64_t d = p.kv.head_dim;
+  const int64_t rows = p.num_q_heads + p.kv.num_kv_heads;
+  RopePlan pl;
+  pl.t = idx / (rows * d);
+  pl.r = (idx / d) % rows;
+  pl.e = idx % d;
+  pl.block = p.block[pl.t];
+  pl.slot = p.token_in_block[pl.t];
+  pl.i = -1;
+  pl.partner = -1;
+  if (p.style == RopeStyle::kInterleaved) {
+    if (pl.e < p.rotary_dim && pl.e % 2 == 0) {
+      pl.i = pl.e / 2;
+      pl.partner = pl.e + 1;
+    }
+  } else if (pl.e < p.rotary_dim / 2) {
+    pl.i = pl.e;
+    pl.partner = pl.e + p.rotary_dim / 2;
+  }
+  pl.c = 1.0f;
+  pl.s = 0.0f;
+  if (pl.i >= 0) {
+    RopeCosSin(p.theta, p.rotary_dim, pl.i, p.positions[pl.t], &pl.c, &pl.s);
+  }
+  return pl;
+}
+
 template <typename T>
 __global__ void RopeWriteKvKernel(const RopeWriteKvParams p) {
-  PdlEnter();  // first: see HELIX_LAUNCH_PDL
   const int64_t d = p.kv.head_dim;
   const int64_t hq = p.num_q_heads;
   const int64_t hkv = p.kv.num_kv_heads;
-  const int64_t rows = hq + hkv;
-  const int64_t half = p.rotary_dim / 2;
+  const int64_t n = p.tokens * (hq + hkv) * d;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  RopePlan pl{};
+  if (first < n) {
+    pl = PlanRope(p, first);
+  }
+  PdlEnter();  // q, k and v only after this: see HELIX_LAUNCH_PDL
   T* base = static_cast<T*>(p.kv.base);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       idx < p.tokens * rows * d; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = idx / (rows * d);
-    const int64_t r = (idx / d) % rows;
-    const int64_t e = idx % d;
-    const int32_t block = p.block[t];
-    const int32_t slot = p.token_in_block[t];
-    int64_t i = -1, partner = -1;  // pair index and the pair's second element
-    if (p.style == RopeStyle::kInterleaved) {
-      if (e < p.rotary_dim && e % 2 == 0) {
-        i = e / 2;
-        partner = e + 1;
-      }
-    } else if (e < half) {
-      i = e;
-      partner = e + half;
+  for (int64_t idx = first; idx < n; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (idx != first) {
+      pl = PlanRope(p, idx);
     }
-    const bool is_k = r >= hq;
-    const int64_t h = is_k ? r - hq : r;
+    const int64_t t = pl.t, e = pl.e, i = pl.i, partner = pl.partner;
+    const int32_t block = pl.block, slot = pl.slot;
+    const bool is_k = pl.r >= hq;
+    const int64_t h = is_k ? pl.r - hq : pl.r;
     const int64_t kv_row = p.row_stride > 0 ? t * p.row_stride + h * d : (t * hkv + h) * d;
     float* x =
         is_k ? p.k + kv_row : p.q + (p.row_stride > 0 ? t * p.row_stride : t * hq * d) + h * d;
     // Where this row's rotated values go: x itself, or for q the separate contiguous q_out.
     float* y = !is_k && p.q_out != nullptr ? p.q_out + (t * hq + h) * d : x;
     if (i >= 0) {
-      float c, s;
-      RopeCosSin(p.theta, p.rotary_dim, i, p.positions[t], &c, &s);
       const float a = x[e];
       const float b = x[partner];
-      const float ra = RopeRotate(a, b, c, s, false);
-      const float rb = RopeRotate(a, b, c, s, true);
+      const float ra = RopeRotate(a, b, pl.c, pl.s, false);
+      const float rb = RopeRotate(a, b, pl.c, pl.s, true);
       y[e] = ra;
       y[partner] = rb;
       if (is_k && block >= 0) {

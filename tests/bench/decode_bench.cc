@@ -25,7 +25,7 @@ using Clock = std::chrono::steady_clock;
 struct Args {
   std::string model, tokenizer, kv_dtype = "float32", weight_dtype = "auto", backend = "cpu";
   bool cuda_graphs = false, gemv = true, pdl = true, fold = true, attn_mma = true,
-       split_argmax = false, norm_sums = false, gemv_rope = false;
+       split_argmax = false, norm_sums = false, gemv_rope = false, attn_early_kv = false;
   int64_t context = 512, batch = 1, steps = 64, warmup = 8, threads = 0, tokens_per_block = 32;
   int64_t l2_prefetch_mb = 0, attn_min_chunk = 0;
 };
@@ -37,7 +37,7 @@ struct Args {
                "[--tokens-per-block N] [--weight-dtype D] [--backend cpu|cuda] [--cuda-graphs 0|1] "
                "[--gemv 0|1] [--pdl 0|1] [--fold 0|1] [--attn-mma 0|1] [--split-argmax 0|1] "
                "[--norm-sums 0|1] [--gemv-rope 0|1] [--l2-prefetch-mb N] "
-               "[--attn-min-chunk N]\n",
+               "[--attn-min-chunk N] [--attn-early-kv 0|1]\n",
                why.c_str());
   std::exit(2);
 }
@@ -74,6 +74,8 @@ Args Parse(int argc, char** argv) {
       a.gemv_rope = v == "1";
     } else if (k == "--l2-prefetch-mb") {
       a.l2_prefetch_mb = std::atoll(v.c_str());
+    } else if (k == "--attn-early-kv") {
+      a.attn_early_kv = v == "1";
     } else if (k == "--attn-min-chunk") {
       a.attn_min_chunk = std::atoll(v.c_str());
     } else if (k == "--kv-dtype") {
@@ -122,6 +124,7 @@ int main(int argc, char** argv) {
   o.cuda_gemv_rope_kv = a.gemv_rope;
   o.cuda_l2_prefetch_bytes = a.l2_prefetch_mb << 20;
   o.cuda_attention_min_chunk_tokens = a.attn_min_chunk;
+  o.cuda_attention_early_kv = a.attn_early_kv;
   o.tokens_per_block = a.tokens_per_block;
   o.max_batch_size = a.batch;
   // Tokens per request: the prefill's first, the warm-up steps', the timed steps'.
@@ -216,7 +219,8 @@ int main(int argc, char** argv) {
   const double decode_tokens = static_cast<double>(generated - after_warmup);
   std::printf(
       "engine=helix backend=%s cuda_graphs=%d gemv=%d pdl=%d fold=%d attn_mma=%d split_argmax=%d "
-      "norm_sums=%d gemv_rope=%d l2_prefetch_mb=%lld attn_min_chunk=%lld model=%s "
+      "norm_sums=%d gemv_rope=%d l2_prefetch_mb=%lld attn_min_chunk=%lld attn_early_kv=%d "
+      "model=%s "
       "context=%lld "
       "batch=%lld "
       "steps=%lld "
@@ -225,10 +229,10 @@ int main(int argc, char** argv) {
       a.backend.c_str(), a.cuda_graphs ? 1 : 0, a.gemv ? 1 : 0, a.pdl ? 1 : 0, a.fold ? 1 : 0,
       a.attn_mma ? 1 : 0, a.split_argmax ? 1 : 0, a.norm_sums ? 1 : 0, a.gemv_rope ? 1 : 0,
       static_cast<long long>(a.l2_prefetch_mb), static_cast<long long>(a.attn_min_chunk),
-      a.model.c_str(), static_cast<long long>(a.context), static_cast<long long>(a.batch),
-      static_cast<long long>(a.steps), static_cast<long long>(a.warmup), a.kv_dtype.c_str(),
-      a.weight_dtype.c_str(), prefill_s, decode_tokens / decode_s,
-      1e3 * decode_s / static_cast<double>(a.steps),
+      a.attn_early_kv ? 1 : 0, a.model.c_str(), static_cast<long long>(a.context),
+      static_cast<long long>(a.batch), static_cast<long long>(a.steps),
+      static_cast<long long>(a.warmup), a.kv_dtype.c_str(), a.weight_dtype.c_str(), prefill_s,
+      decode_tokens / decode_s, 1e3 * decode_s / static_cast<double>(a.steps),
       static_cast<long long>(after.graph_replays - before.graph_replays),
       static_cast<long long>(after.graph_captures - before.graph_captures), weight_bytes,
       kv_read_bytes);

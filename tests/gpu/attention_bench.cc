@@ -55,12 +55,15 @@ using kernels::cuda::PagedAttentionCudaTuning;
 
 // Kernel settings timed side by side; the first is the default and the reported "ours".
 // sequential: the same kernel with every sequence's blocks in pool order (not shuffled), to
-// show what the paged layout costs; diagnostic: output not checked (load_only).
+// show what the paged layout costs; diagnostic: output not checked (load_only); early_kv:
+// PagedAttentionParams::kv_settled_below_q (true here: nothing writes the KV, q or the tables,
+// so each iteration's first KV copies overlap the kernel before it, the last one's merge).
 struct Variant {
   const char* name;
   PagedAttentionCudaTuning tuning;
   bool sequential = false;
   bool diagnostic = false;
+  bool early_kv = false;
 };
 const Variant kVariants[] = {
     {"ours", {}},
@@ -71,6 +74,8 @@ const Variant kVariants[] = {
     {"bulk", {.bulk_copy = true}},
     {"mma", {.tensor_cores = true}},
     {"mma8w", {.warps_per_block = 8, .stages = 3, .tensor_cores = true}},
+    {"ek", {}, false, false, true},
+    {"mmaek", {.tensor_cores = true}, false, false, true},
     // Fewer, longer split-KV chunks than the one-wave default (fewer partial rows to merge; at
     // 4K x 1 mc4k is no split at all).
     {"mc512", {.min_chunk_tokens = 512}},
@@ -620,12 +625,14 @@ int Main(int argc, char** argv) {
     for (size_t v = 1; v < num_variants; ++v) {
       const PagedAttentionCudaTuning& t = vars[v]->tuning;
       std::printf(
-          " %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s%s}%s", vars[v]->name,
+          " %s = {warps %d, stages %d, prefetch %d, min chunk %lld%s%s%s%s%s}%s", vars[v]->name,
           t.warps_per_block, t.stages, t.prefetch_steps, static_cast<long long>(t.min_chunk_tokens),
           vars[v]->sequential ? ", blocks in pool order" : "",
           t.bulk_copy ? ", TMA bulk copies per warp step" : "",
           t.load_only ? ", copies only (no math; output not checked)" : "",
-          t.tensor_cores ? ", tensor-core math (mma.sync)" : "", v + 1 < num_variants ? ";" : "");
+          t.tensor_cores ? ", tensor-core math (mma.sync)" : "",
+          vars[v]->early_kv ? ", first KV copies before the launch wait (kv_settled_below_q)" : "",
+          v + 1 < num_variants ? ";" : "");
     }
     std::printf(" (0 = default)\n");
   }
@@ -660,14 +667,14 @@ int Main(int argc, char** argv) {
     for (size_t v = 1; v < num_variants; ++v) {
       std::fprintf(csv, ",%s_ms", vars[v]->name);
     }
-    std::fprintf(csv, ",merge_ms,maxdiff\n");
+    std::fprintf(csv, ",merge_ms,merge2p_ms,maxdiff\n");
   }
   std::printf("%8s %5s %8s %6s %9s %6s %8s %6s %8s", "tokens", "batch", "KV MiB", "splits",
               "ours ms", "GB/s", "read GB/s", "frac", "D2D GB/s");
   for (size_t v = 1; v < num_variants; ++v) {
     std::printf(" %8s", vars[v]->name);
   }
-  std::printf(" %8s%s\n", "merge", num_variants > 1 ? "  maxdiff" : "");
+  std::printf(" %8s %8s%s\n", "merge", "merge2p", num_variants > 1 ? "  maxdiff" : "");
   std::mt19937 rng(1);
   for (int64_t tokens : token_counts) {
     for (int64_t batch : batches) {
@@ -750,6 +757,7 @@ int Main(int argc, char** argv) {
         const int32_t* var_tables = vars[v]->sequential ? d_seq_tables.get() : d_tables.get();
         PagedAttentionParams p = base;
         p.block_tables = var_tables;
+        p.kv_settled_below_q = vars[v]->early_kv;
         p.kv_split_tokens = kernels::cuda::PagedAttentionCudaSplitTokens(p);
         if (v == 0) {
           splits = p.kv_split_tokens > 0 ? (tokens + p.kv_split_tokens - 1) / p.kv_split_tokens : 1;
@@ -786,8 +794,9 @@ int Main(int argc, char** argv) {
       kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
       if (once) continue;
       // The default's split-KV merge alone (MergeStatesCuda over its parts), for its share of
-      // "ours"; 0 without a split.
-      double merge_ms = 0.0;
+      // "ours", on the one-pass kernel where the parts fit it (the default) and on the two-pass
+      // one (PagedAttentionCudaTuning::merge_two_pass); 0 without a split.
+      double merge_ms = 0.0, merge2p_ms = 0.0;
       if (splits > 1) {
         const int64_t rows = batch * kQHeads;
         DeviceBuffer<float> parts(static_cast<size_t>(splits * rows * (dim + 1)));
@@ -799,10 +808,15 @@ int Main(int argc, char** argv) {
                                    .num_parts = splits,
                                    .rows = rows,
                                    .head_dim = dim};
-        cudaGraphExec_t merge = Capture(
-            stream, iters, [&](int) { HELIX_CUDA_OK(kernels::cuda::MergeStatesCuda(mp, stream)); });
-        merge_ms = TimeGraph(merge, iters, runs, stream);
-        HELIX_CUDA_OK(cudaGraphExecDestroy(merge));
+        for (bool two_pass : {false, true}) {
+          kernels::cuda::SetPagedAttentionCudaTuningForTesting({.merge_two_pass = two_pass});
+          cudaGraphExec_t merge = Capture(stream, iters, [&](int) {
+            HELIX_CUDA_OK(kernels::cuda::MergeStatesCuda(mp, stream));
+          });
+          (two_pass ? merge2p_ms : merge_ms) = TimeGraph(merge, iters, runs, stream);
+          HELIX_CUDA_OK(cudaGraphExecDestroy(merge));
+        }
+        kernels::cuda::SetPagedAttentionCudaTuningForTesting({});
       }
       bool bad = false;
       for (float x : ref_out) {
@@ -818,7 +832,7 @@ int Main(int argc, char** argv) {
       for (size_t v = 1; v < num_variants; ++v) {
         std::printf(" %8.4f", ms[v]);
       }
-      std::printf(" %8.4f", merge_ms);
+      std::printf(" %8.4f %8.4f", merge_ms, merge2p_ms);
       if (num_variants > 1) {
         std::printf("  %.2e", max_diff);
       }
@@ -832,7 +846,7 @@ int Main(int argc, char** argv) {
         for (size_t v = 1; v < num_variants; ++v) {
           std::fprintf(csv, ",%.5f", ms[v]);
         }
-        std::fprintf(csv, ",%.5f,%.3g\n", merge_ms, max_diff);
+        std::fprintf(csv, ",%.5f,%.5f,%.3g\n", merge_ms, merge2p_ms, max_diff);
         std::fflush(csv);  // a row survives a step timeout (run_engine.sh, run_all.sh)
       }
     }

@@ -42,6 +42,19 @@ struct PrefetchRanges {
 };
 PrefetchRanges g_prefetch;
 
+// With g_pdl.on, RunCase's CUDA call runs under the emulator's programmatic-launch hook as in a
+// decode step: until a thread block reaches PdlEnter, q and the K and V rows at every query
+// token's own position (what the kernels before the attention write) hold NaN; they get their
+// values there. g_pdl.early sets PagedAttentionParams::kv_settled_below_q; the call leaves the
+// cp.async copies issued before PdlEnter and its results in g_pdl.
+struct PdlRun {
+  bool on = false;
+  bool early = false;
+  int64_t copies = 0;
+  std::vector<float> out, lse;
+};
+PdlRun g_pdl;
+
 void Store(DType t, void* base, int64_t i, float f) {
   if (t == DType::kF32) {
     static_cast<float*>(base)[i] = f;
@@ -131,8 +144,50 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   if (kernel != nullptr) {
     ASSERT_STREQ(cuda::PagedAttentionCudaKernelName(p), kernel);
   }
+  std::vector<float> q_dev = q;  // what the kernels see (g_pdl may poison it)
+  p.q = q_dev.data();
+  helix_emu::PdlHook hook;
+  struct Unhook {
+    ~Unhook() { helix_emu::g_pdl_hook = nullptr; }
+  } unhook;
+  std::vector<std::pair<int64_t, std::vector<unsigned char>>> own_rows;  // byte offset, bytes
+  if (g_pdl.on) {
+    p.kv_settled_below_q = g_pdl.early;
+    const int64_t row_bytes = c.d * static_cast<int64_t>(DTypeSize(c.dtype));
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int32_t s = q_seq[t], pos = q_pos[t];
+      if (pos >= c.lens[s]) continue;  // an empty sequence's query has no row
+      const int32_t block = tables[s * max_blocks + pos / c.tpb];
+      for (int kvc = 0; kvc < 2; ++kvc) {
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          const int64_t at = KvOffset(view, block, layer, kvc, h, pos % c.tpb) * DTypeSize(c.dtype);
+          own_rows.emplace_back(
+              at, std::vector<unsigned char>(pool.begin() + at, pool.begin() + at + row_bytes));
+        }
+      }
+    }
+    hook.before_block = [&] {  // 0xff bytes: NaN in f32, f16 and bf16
+      std::fill(q_dev.begin(), q_dev.end(), std::nanf(""));
+      for (const auto& [at, bytes] : own_rows) {
+        std::fill_n(pool.begin() + at, bytes.size(), 0xff);
+      }
+    };
+    hook.at_wait = [&] {
+      q_dev = q;
+      for (const auto& [at, bytes] : own_rows) {
+        std::copy(bytes.begin(), bytes.end(), pool.begin() + at);
+      }
+    };
+    helix_emu::g_pdl_hook = &hook;
+  }
   std::vector<float> ws(cuda::PagedAttentionCudaWorkspaceBytes(p) / sizeof(float) + 1);
   ASSERT_EQ(cuda::PagedAttentionCuda(p, ws.data(), nullptr), cudaSuccess);
+  helix_emu::g_pdl_hook = nullptr;
+  if (g_pdl.on) {
+    g_pdl.copies = hook.copies;
+    g_pdl.out = out;
+    g_pdl.lse = lse;
+  }
   const std::string what = std::string(DTypeName(c.dtype)) + " group=" + std::to_string(c.group) +
                            " d=" + std::to_string(c.d) + " tpb=" + std::to_string(c.tpb) +
                            " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "");
@@ -195,6 +250,51 @@ TEST(AttentionEmuTest, WarpCountsAndLegacyKernel) {
   cuda::SetPagedAttentionCudaTuningForTesting(
       {.warps_per_block = 1, .stages = 2, .bulk_copy = true});
   RunCase({DType::kBF16, 4, 128, 8, 0, {1, 37, 0, 130}}, 230);
+}
+
+// PagedAttentionParams::kv_settled_below_q: the warp-pipelined kernels (fp32 and tensor-core
+// math, 1 to 8 warps, split or not) issue their first KV copies before PdlEnter, yet read q and
+// each query's own row only after it (RunCase's hook makes them NaN until then), and give the
+// same bits as without it. Prefill calls, block sizes that split a warp step, the generic and
+// TMA paths keep every read after PdlEnter. Every call is also checked against the CPU.
+TEST(AttentionEmuTest, EarlyKvBeforeTheWait) {
+  struct Restore {
+    ~Restore() {
+      cuda::SetPagedAttentionCudaTuningForTesting({});
+      g_pdl = {};
+    }
+  } restore;
+  const auto both = [](const Case& c, uint32_t seed, bool expect_early) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    g_pdl = PdlRun{};
+    g_pdl.on = true;
+    RunCase(c, seed);
+    const PdlRun late = g_pdl;
+    EXPECT_EQ(late.copies, 0);
+    g_pdl.early = true;
+    RunCase(c, seed);
+    if (expect_early) {
+      EXPECT_GT(g_pdl.copies, 0);
+    } else {
+      EXPECT_EQ(g_pdl.copies, 0);
+    }
+    EXPECT_EQ(g_pdl.out, late.out);
+    EXPECT_EQ(g_pdl.lse, late.lse);
+  };
+  both({DType::kBF16, 4, 128, 16, 0, {1, 37, 0, 130}}, 400, true);
+  both({DType::kF16, 8, 64, 16, 64, {1, 37, 0, 130}}, 401, true);
+  both({DType::kF32, 3, 64, 8, 32, {45, 9}}, 402, true);
+  both({DType::kBF16, 4, 128, 5, 0, {1, 23}}, 403, false);     // a step across blocks
+  both({DType::kBF16, 2, 64, 16, 0, {45}, true}, 404, false);  // prefill
+  both({DType::kF32, 4, 20, 16, 0, {1, 37}}, 405, false);      // generic path
+  cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = true});
+  both({DType::kBF16, 4, 128, 16, 0, {1, 37, 0, 130}}, 406, true);
+  both({DType::kF16, 12, 128, 16, 32, {3, 45}}, 407, true);
+  both({DType::kBF16, 4, 64, 16, 0, {9, 20}, true}, 408, false);  // the prefill kernel
+  cuda::SetPagedAttentionCudaTuningForTesting({.warps_per_block = 1, .stages = 2});
+  both({DType::kBF16, 4, 64, 16, 0, {1, 37, 0, 130}}, 409, true);
+  cuda::SetPagedAttentionCudaTuningForTesting({.bulk_copy = true});
+  both({DType::kBF16, 4, 128, 16, 64, {1, 37, 0, 130}}, 410, false);
 }
 
 // The tensor-core (mma.sync) variant of the warp-pipelined kernel: both 16-bit KV types and head

@@ -142,6 +142,7 @@ struct Fiber {
   int wait = 0;  // 0: runnable; 1: at the block barrier; 2: at its warp's barrier
   uint64_t wait_gen = 0;
   bool done = false;
+  bool pdl_waited = false;  // reached PdlEnter (counted only with a PdlHook)
 };
 
 constexpr int kWords = 8;
@@ -184,6 +185,30 @@ inline void SyncThreads() {
   t_fiber->wait_gen = b.cta_gen;
   Yield();
 }
+// Programmatic dependent launch, for tests. With a hook set (g_pdl_hook, process-wide),
+// hook->copies counts the cp.async copies each thread issues before it reaches PdlEnter
+// (griddepcontrol.wait). With its functions set too (one launching host thread only), PdlEnter
+// is a barrier of the block's threads (every thread must reach it) where the kernel before is
+// taken to end: hook->before_block() runs before each block of a launch (e.g. poisons what that
+// kernel writes) and hook->at_wait() when the block's last thread reaches PdlEnter (e.g. writes
+// it), so that anything a block reads before its PdlEnter is read "while the kernel before
+// still runs". Without a hook PdlEnter does nothing.
+struct PdlHook {
+  std::function<void()> before_block, at_wait;
+  std::atomic<int64_t> copies{0};  // cp.async issued before PdlEnter, over the threads
+};
+inline std::atomic<PdlHook*> g_pdl_hook{nullptr};
+inline void PdlWait() {
+  PdlHook* h = g_pdl_hook.load();
+  if (h == nullptr) return;
+  t_fiber->pdl_waited = true;
+  if (!h->before_block && !h->at_wait) return;
+  if (t_block->cta_count + 1 == t_block->threads) {  // the last to arrive: the kernel before ends
+    if (h->at_wait) h->at_wait();
+  }
+  SyncThreads();
+}
+
 inline void SyncWarp() {
   Block& b = *t_block;
   const int w = static_cast<int>(t_thread_idx.x / 32);
@@ -286,6 +311,9 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
         f.tid = static_cast<unsigned>(t);
         f.stack = FiberStack(t);
         StartContext(&f.ctx, f.stack, kStack, FiberMain);
+      }
+      if (PdlHook* h = g_pdl_hook.load(); h != nullptr && h->before_block) {
+        h->before_block();
       }
       t_block = &b;
       t_block_idx = {bx, by, 0};
@@ -434,6 +462,10 @@ T atomicAdd(T* addr, T v) {
 }
 
 inline void CpAsync16(void* smem, const void* gmem, bool valid) {
+  if (helix_emu::PdlHook* h = helix_emu::g_pdl_hook.load();
+      h != nullptr && !helix_emu::t_fiber->pdl_waited) {
+    ++h->copies;
+  }
   if (valid) {
     std::memcpy(smem, gmem, 16);
   } else {

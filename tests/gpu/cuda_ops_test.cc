@@ -31,6 +31,11 @@
 #include "kernels/silu_mul.h"
 #include "kernels/test_util.h"
 #include "tests/gpu/gpu_test_util.h"
+#ifndef HELIX_CUDA_EMULATION
+#include "tests/gpu/pdl_test_kernels.h"
+#else
+#include "tests/gpu/cuda_emu.h"  // helix_emu::PdlHook
+#endif
 
 namespace helix::kernels {
 namespace {
@@ -592,55 +597,145 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
   }
 }
 
+#ifndef HELIX_CUDA_EMULATION
+// PagedAttentionParams::kv_settled_below_q on the device: decode attention issues its first KV
+// copies before its launch wait, but reads q and each query's own K/V rows only after it. Here
+// the kernel before it (LaunchDelayedCopies, a programmatic launch too) writes q and those rows
+// 20 us after the attention may start, over NaN: a read before the wait would put NaN (or
+// stale values) into the output. The result must equal an ordinary call's bit for bit (and
+// the CPU's within tolerance), for the fp32 and tensor-core kernels, both head dims, split-KV
+// off and automatic. attention_emu_test checks the same under the emulation (where every block
+// runs before its kernel before "ends").
+TEST_F(CudaOpsTest, AttentionEarlyKvWaitsForTheKernelBefore) {
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
+  std::mt19937 rng(19);
+  const int64_t tpb = 16, kv_heads = 2, group = 4;
+  for (bool mma : {false, true}) {
+    if (mma && DeviceMajor() < 8) continue;
+    cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = mma});
+    for (int64_t d : {64, 128}) {
+      Pool pool(DType::kBF16, 2, kv_heads, tpb, d, 52);
+      const Problem pr = PoisonedDecode(&pool, {1, 17, 40 * 16 - 3, 0, 33}, group, rng);
+      const AttnResult want = RunCpu(pr, pool.view);
+      for (int64_t split : {int64_t{0}, int64_t{-1}}) {
+        const std::string what =
+            std::string(mma ? "mma " : "fp32 ") + Name(DType::kBF16, group, d, split);
+        const AttnResult plain = RunCuda(pr, pool, split, nullptr);
+        // The device pool and q as the kernel before finds them: the query rows and q NaN.
+        std::vector<unsigned char> host = pool.host;
+        std::vector<std::pair<int64_t, int64_t>> rows;  // byte offset, bytes
+        const int64_t row_bytes = d * 2;
+        for (size_t s = 0; s < pr.kv_lens.size(); ++s) {
+          const int32_t len = pr.kv_lens[s];
+          if (len == 0) continue;
+          const int32_t block = pr.tables[s][(len - 1) / tpb];
+          for (int c = 0; c < 2; ++c) {
+            for (int64_t h = 0; h < kv_heads; ++h) {
+              const int64_t at = KvOffset(pool.view, block, pr.layer, c, h, (len - 1) % tpb) * 2;
+              rows.emplace_back(at, row_bytes);
+              std::fill_n(host.begin() + at, row_bytes, 0xff);
+            }
+          }
+        }
+        DeviceBuffer<unsigned char> d_pool(host), d_real(pool.host);
+        DeviceBuffer<float> d_q(std::vector<float>(pr.q.size(), kNaN)), d_q_real(pr.q);
+        std::vector<gpu_testing::CopyOp> ops = {
+            {d_q.get(), d_q_real.get(), pr.q.size() * sizeof(float)}};
+        for (const auto& [at, n] : rows) {
+          ops.push_back({d_pool.get() + at, d_real.get() + at, static_cast<uint64_t>(n)});
+        }
+        DeviceBuffer<gpu_testing::CopyOp> d_ops(ops);
+        KvPoolView kv = pool.view;
+        kv.base = d_pool.get();
+        DeviceBuffer<int32_t> q_seq(pr.q_seq), q_pos(pr.q_pos), tables(pr.Flat(pr.tables)),
+            firsts(pr.Flat(pr.firsts)), lens(pr.kv_lens);
+        DeviceBuffer<float> out(std::vector<float>(plain.out.size(), -777.0f));
+        DeviceBuffer<float> lse(std::vector<float>(plain.lse.size(), -777.0f));
+        PagedAttentionParams p =
+            MakeParams(pr, kv, q_seq.get(), q_pos.get(), d_q.get(), tables.get(), firsts.get(),
+                       lens.get(), out.get(), lse.get(), 0);
+        p.kv_split_tokens = split >= 0 ? split : cuda::PagedAttentionCudaSplitTokens(p);
+        p.kv_settled_below_q = true;
+        DeviceBuffer<unsigned char> ws(cuda::PagedAttentionCudaWorkspaceBytes(p));
+        const gpu_testing::Stream stream;
+        ASSERT_EQ(gpu_testing::LaunchDelayedCopies(d_ops.get(), static_cast<int>(ops.size()), 20000,
+                                                   stream.get()),
+                  cudaSuccess);
+        ASSERT_EQ(cuda::PagedAttentionCuda(p, ws.get(), stream.get()), cudaSuccess);
+        stream.Sync();
+        const AttnResult got{out.Download(), lse.Download()};
+        ExpectSame(want, got, "early kv " + what);
+        EXPECT_EQ(std::memcmp(got.out.data(), plain.out.data(), got.out.size() * sizeof(float)), 0)
+            << what;
+        EXPECT_EQ(std::memcmp(got.lse.data(), plain.lse.data(), got.lse.size() * sizeof(float)), 0)
+            << what;
+      }
+    }
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Merge (split-KV second phase and the Helix combine)
 
 TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
   std::mt19937 rng(21);
-  // 300 parts: more than the kernel's shared-memory chunk of part weights (256); d = 24 and 40:
-  // thread groups that do not fill the block; 1100: dimension tiles; 30 and 7: no 16-byte loads.
-  for (int64_t parts : {1, 2, 3, 8, 70, 300}) {
-    for (int64_t d : {128, 8, 24, 40, 1100, 30, 7}) {
-      const int64_t tokens = 5, heads = 4, rows = tokens * heads;
-      std::vector<float> o = RandomVector(rng, parts * rows * d);
-      std::vector<float> lse = RandomVector(rng, parts * rows, -20.0f, 20.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (r % 3 == 0) {  // an empty part: its O holds garbage that must not be read
-          lse[(r % parts) * rows + r] = -kInf;
-          std::fill_n(o.begin() + ((r % parts) * rows + r) * d, d, std::nanf(""));
-        }
-        if (r == 7) {  // all parts empty
-          for (int64_t i = 0; i < parts; ++i) {
-            lse[i * rows + r] = -kInf;
+  // Both kernels: the one-pass one (where a row's parts fit its threads: 64 at d = 128, 200 at
+  // d = 40, 336 at d = 24, so 65 and 300 parts are on either side) and the two-pass one (always
+  // with merge_two_pass). 300 parts: more than the two-pass kernel's shared-memory chunk of part
+  // weights (256); d = 24 and 40: thread groups that do not fill the block; 1100: dimension
+  // tiles; 30 and 7: no 16-byte loads.
+  for (const bool two_pass : {false, true}) {
+    cuda::SetPagedAttentionCudaTuningForTesting({.merge_two_pass = two_pass});
+    for (int64_t parts : {1, 2, 3, 8, 64, 65, 300}) {
+      for (int64_t d : {128, 8, 24, 40, 1100, 30, 7}) {
+        const int64_t tokens = 5, heads = 4, rows = tokens * heads;
+        std::vector<float> o = RandomVector(rng, parts * rows * d);
+        std::vector<float> lse = RandomVector(rng, parts * rows, -20.0f, 20.0f);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (r % 3 == 0) {  // an empty part: its O holds garbage that must not be read
+            lse[(r % parts) * rows + r] = -kInf;
+            std::fill_n(o.begin() + ((r % parts) * rows + r) * d, d, std::nanf(""));
+          }
+          if (r == 7) {  // all parts empty
+            for (int64_t i = 0; i < parts; ++i) {
+              lse[i * rows + r] = -kInf;
+            }
           }
         }
-      }
-      std::vector<float> want_out(rows * d), want_lse(rows);
-      MergeStatesCpu({.o = o.data(),
-                      .lse = lse.data(),
-                      .out = want_out.data(),
-                      .out_lse = want_lse.data(),
-                      .num_parts = parts,
-                      .rows = rows,
-                      .head_dim = d},
-                     nullptr);
-      DeviceBuffer<float> d_o(o), d_lse(lse), d_out(rows * d), d_out_lse(rows);
-      ASSERT_EQ(cuda::MergeStatesCuda({.o = d_o.get(),
-                                       .lse = d_lse.get(),
-                                       .out = d_out.get(),
-                                       .out_lse = d_out_lse.get(),
-                                       .num_parts = parts,
-                                       .rows = rows,
-                                       .head_dim = d},
-                                      nullptr),
-                cudaSuccess);
-      const std::string what = "parts=" + std::to_string(parts) + " d=" + std::to_string(d);
-      const std::vector<float> got_out = d_out.Download(), got_lse = d_out_lse.Download();
-      ExpectAllNear(ToDouble(want_out), got_out.data(), kF32Tol, kF32Tol, what + " out");
-      ExpectAllNear(ToDouble(want_lse), got_lse.data(), kF32Tol, kF32Tol, what + " lse");
-      EXPECT_EQ(got_lse[7], -kInf) << what;
-      for (int64_t e = 0; e < d; ++e) {
-        EXPECT_EQ(got_out[7 * d + e], 0.0f) << what;
+        std::vector<float> want_out(rows * d), want_lse(rows);
+        MergeStatesCpu({.o = o.data(),
+                        .lse = lse.data(),
+                        .out = want_out.data(),
+                        .out_lse = want_lse.data(),
+                        .num_parts = parts,
+                        .rows = rows,
+                        .head_dim = d},
+                       nullptr);
+        DeviceBuffer<float> d_o(o), d_lse(lse), d_out(rows * d), d_out_lse(rows);
+        ASSERT_EQ(cuda::MergeStatesCuda({.o = d_o.get(),
+                                         .lse = d_lse.get(),
+                                         .out = d_out.get(),
+                                         .out_lse = d_out_lse.get(),
+                                         .num_parts = parts,
+                                         .rows = rows,
+                                         .head_dim = d},
+                                        nullptr),
+                  cudaSuccess);
+        const std::string what = "parts=" + std::to_string(parts) + " d=" + std::to_string(d) +
+                                 (two_pass ? " two-pass" : "");
+        const std::vector<float> got_out = d_out.Download(), got_lse = d_out_lse.Download();
+        ExpectAllNear(ToDouble(want_out), got_out.data(), kF32Tol, kF32Tol, what + " out");
+        ExpectAllNear(ToDouble(want_lse), got_lse.data(), kF32Tol, kF32Tol, what + " lse");
+        EXPECT_EQ(got_lse[7], -kInf) << what;
+        for (int64_t e = 0; e < d; ++e) {
+          EXPECT_EQ(got_out[7 * d + e], 0.0f) << what;
+        }
       }
     }
   }
@@ -2535,6 +2630,68 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
     }
   }
 }
+
+#ifdef HELIX_CUDA_EMULATION
+// RopeWriteKvCuda computes its angles (and reads the step's positions and slots) before its
+// launch wait, but reads q, k and v, the kernel before's output, only after it: under the
+// emulator's PdlHook they hold NaN until the thread block reaches PdlEnter, and the results must
+// equal an ordinary call's bit for bit. (One thread block: the hook restores the inputs at each
+// block's wait, and this kernel rotates k in place.) The device run with a real kernel before
+// is ProgrammaticLaunchChainMatchesOrdinary's kind of check; this one sees every read.
+TEST_F(CudaOpsTest, RopeWriteKvReadsItsInputsOnlyAfterTheWait) {
+  std::mt19937 rng(41);
+  const int64_t tokens = 2, q_heads = 4, kv_heads = 2, d = 16, tpb = 4;
+  const int64_t qn = q_heads * d, kn = kv_heads * d, row = qn + 2 * kn;
+  ASSERT_LE(tokens * (q_heads + kv_heads) * d, 256) << "one thread block";
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    Pool pool(DType::kBF16, 2, kv_heads, tpb, d, 4);
+    pool.FillRandom(rng);
+    const std::vector<float> qkv = RandomVector(rng, tokens * row);
+    const std::vector<int32_t> positions = {5, 77}, block = {1, 3}, slot = {2, 0};
+    const auto run = [&](bool hooked, std::vector<float>* got_qkv, std::vector<float>* got_q,
+                         std::vector<unsigned char>* got_pool) {
+      DeviceBuffer<float> d_qkv(qkv), d_q_out(tokens * qn);
+      DeviceBuffer<int32_t> d_pos(positions), d_block(block), d_slot(slot);
+      DeviceBuffer<unsigned char> d_pool(pool.host);
+      KvPoolView dv = pool.view;
+      dv.base = d_pool.get();
+      helix_emu::PdlHook hook;
+      hook.before_block = [&] { std::fill_n(d_qkv.get(), qkv.size(), kNaN); };
+      hook.at_wait = [&] { std::copy(qkv.begin(), qkv.end(), d_qkv.get()); };
+      if (hooked) helix_emu::g_pdl_hook = &hook;
+      const cudaError_t err = cuda::RopeWriteKvCuda({.q = d_qkv.get(),
+                                                     .k = d_qkv.get() + qn,
+                                                     .v = d_qkv.get() + qn + kn,
+                                                     .row_stride = row,
+                                                     .q_out = d_q_out.get(),
+                                                     .positions = d_pos.get(),
+                                                     .tokens = tokens,
+                                                     .num_q_heads = q_heads,
+                                                     .rotary_dim = d,
+                                                     .theta = 10000.0f,
+                                                     .style = style,
+                                                     .kv = dv,
+                                                     .layer = 1,
+                                                     .block = d_block.get(),
+                                                     .token_in_block = d_slot.get()},
+                                                    nullptr);
+      helix_emu::g_pdl_hook = nullptr;
+      ASSERT_EQ(err, cudaSuccess);
+      *got_qkv = d_qkv.Download();
+      *got_q = d_q_out.Download();
+      *got_pool = d_pool.Download();
+    };
+    std::vector<float> plain_qkv, plain_q, hooked_qkv, hooked_q;
+    std::vector<unsigned char> plain_pool, hooked_pool;
+    run(false, &plain_qkv, &plain_q, &plain_pool);
+    run(true, &hooked_qkv, &hooked_q, &hooked_pool);
+    for (float x : plain_q) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_EQ(std::memcmp(plain_qkv.data(), hooked_qkv.data(), plain_qkv.size() * 4), 0);
+    EXPECT_EQ(std::memcmp(plain_q.data(), hooked_q.data(), plain_q.size() * 4), 0);
+    EXPECT_EQ(plain_pool, hooked_pool);
+  }
+}
+#endif
 
 // RopeWriteKvCuda against RopeCpu on q and k then WriteKv (the CPU backend's Rope, Rope and
 // WriteKvBatch), in place on separate q, k and v, with a 4-token-per-block pool of dt;

@@ -13,7 +13,9 @@
 # kernel), the end-to-end benchmark on SmolLM2-135M's shape, and print a short summary last:
 # what a short call must measure comes first. Order: tests, copy bench, the 1B shape's end-to-end
 # runs, head-dim-64 attention + SDPA, compute-sanitizer over the kernels changed since the last
-# GPU call, PROFILE=1's Nsight Compute steps (a per-kernel GPU time profile of decode steps, and
+# GPU call, PROFILE=1's Nsight Systems traces of decode steps as they run (nsys_*: .nsys-rep and
+# .sqlite files, keep them out of the tarball too; tests/gpu/nsys_summary.py reads the trace CSV)
+# and Nsight Compute steps (a per-kernel GPU time profile of decode steps, and
 # section reports of the decode attention kernels, ncu_attention_*: a .ncu-rep each, several
 # MiB; keep them out of a tarball that must stay under 16 MiB), then what earlier calls measured
 # already (attention at head dim 128 + SDPA, GEMV, prefill, SmolLM2-135M's shape).
@@ -62,7 +64,7 @@ if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
   fi
 fi
 reset_foreign_build
-# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr[:pf[:st]]]]]]]]]; gemv 1 = the
+# The decode benchmark runs (shape:context:cuda graphs[:gemv[:pdl[:fold[:mma[:sa[:ns[:gr[:pf[:st[:ek]]]]]]]]]]; gemv 1 = the
 # decode GEMMs as GemvCuda (decode_bench --gemv 1), 0 = all on cuBLAS; pdl 1 = programmatic
 # dependent launch of the step's kernels (--pdl 1); both default to 0 here (the old path; no run
 # below measures it any more: every one has both on, as the engine does); fold 0 = no norms folded into the GEMV
@@ -73,7 +75,8 @@ reset_foreign_build
 # in the q|k|v GEMV (--gemv-rope 1), default 0; pf N = decode attention prefetching up to N MiB of
 # the next products' weights (Wo, then gate|up) into L2 (--l2-prefetch-mb N), default 0; st N =
 # the shortest split-KV chunk decode attention may pick, in tokens (--attn-min-chunk N), default
-# 0: 128) and
+# 0: 128; ek 1 = decode attention's first KV copies before its launch wait (--attn-early-kv 1),
+# default 0) and
 # the profiled ones
 # (shape:context:graphs[:mma[:sa[:ns[:gr]]]], with decode_bench's defaults otherwise: GEMV, PDL and
 # folding on; the kernel table shows the argmax kernels' own times, which a 1 % change of the
@@ -81,23 +84,28 @@ reset_foreign_build
 PROFILES=(llama3-1b:8192:1:1 llama3-1b:8192:1:1:1:1:1)
 # PROFILE=1 also: decode attention's kernels in detail (head dim:tokens, batch 1).
 ATTN_PROFILES=(64:8192 128:32768)
+# PROFILE=1 also: Nsight Systems traces of the decode step (shape:context:early KV copies).
+NSYS_RUNS=(llama3-1b:8192:0 llama3-1b:8192:1 smollm2-135m:8192:0)
 # The Llama-3.2-1B shape's runs come right after the tests (the roofline goal and the switches'
 # A/B), SmolLM2-135M's baseline and all-switches runs after the kernel benchmarks.
 # The L2 prefetch: alone (24 MiB: Wo's 8 MiB and 16 of gate|up's 64), and with every switch at
 # 9 MiB (Wo's 8 and 1 of gate|up) and 24 MiB. st512: split-KV chunks of at least 512 tokens, 16 a head at 8K
-# instead of 32 (the attention_bench_d64 table's mc512 column, in the step).
-RUNS=(llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
+# instead of 32 (the attention_bench_d64 table's mc512 column, in the step). ek: the early KV
+# copies alone and with the three other switches (sa, ns, gr), at 8K and 32K, and SmolLM2's.
+RUNS=(llama3-1b:8192:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:0:0:0:0:1
+  llama3-1b:8192:1:1:1:1:1:1:1:1:0:0:1 llama3-1b:32768:1:1:1:1:1:0:0:0:0:0:1
+  llama3-1b:8192:1:1:1:1:1:1 llama3-1b:8192:1:1:1:1:1:0:1
   llama3-1b:8192:1:1:1:1:1:0:0:1 llama3-1b:8192:1:1:1:1:1:1:1:1
   llama3-1b:8192:1:1:1:1:1:0:0:0:24 llama3-1b:8192:1:1:1:1:1:1:1:1:9
   llama3-1b:8192:1:1:1:1:1:1:1:1:24 llama3-1b:8192:1:1:1:1:1:1:1:1:0:512
   llama3-1b:32768:1:1:1:1:1
   llama3-1b:32768:1:1:1:1:1:1:1:1 llama3-1b:32768:1:1:1:1:1:1:1:1:24 smollm2-135m:8192:1:1:1:1:1
-  smollm2-135m:8192:1:1:1:1:1:1:1:1)
+  smollm2-135m:8192:1:1:1:1:1:1:1:1 smollm2-135m:8192:1:1:1:1:1:0:0:0:0:0:1)
 # The log / result name of a RUNS entry.
 run_name() {
-  local s ctx g v d f m sa ns gr pf st
-  IFS=: read -r s ctx g v d f m sa ns gr pf st <<<"$1"
-  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)$([[ ${pf:-0} != 0 ]] && echo _pf$pf)$([[ ${st:-0} != 0 ]] && echo _st$st)"
+  local s ctx g v d f m sa ns gr pf st ek
+  IFS=: read -r s ctx g v d f m sa ns gr pf st ek <<<"$1"
+  echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)$([[ ${pf:-0} != 0 ]] && echo _pf$pf)$([[ ${st:-0} != 0 ]] && echo _st$st)$([[ ${ek:-0} == 1 ]] && echo _ek)"
 }
 # The log / result name of a PROFILES entry.
 profile_name() {
@@ -137,17 +145,18 @@ if [[ $BUILD_OK == 0 ]]; then
   # Random-weight models of two shapes (make_bench_model.py): SmolLM2-135M's and Llama-3.2-1B's.
   # Each run: 8 untimed warm-up steps, then 64 timed ones.
   bench_shape() {
-    local shape=$1 r s ctx g v d f m sa ns gr pf st n
+    local shape=$1 r s ctx g v d f m sa ns gr pf st ek n
     step model_$shape model_$shape.log 150 python3 "$ROOT/tests/bench/make_bench_model.py" \
       "$BUILD/bench_$shape" --shape $shape --seq 33000 || return
     for r in "${RUNS[@]}"; do
-      IFS=: read -r s ctx g v d f m sa ns gr pf st <<<"$r"
+      IFS=: read -r s ctx g v d f m sa ns gr pf st ek <<<"$r"
       [[ $s == "$shape" ]] || continue
       n=$(run_name "$r")
       step $n $n.log 120 "$BUILD/decode_bench" \
         --backend cuda --cuda-graphs $g --gemv ${v:-0} --pdl ${d:-0} --fold ${f:-1} \
         --attn-mma ${m:-0} --split-argmax ${sa:-0} --norm-sums ${ns:-0} --gemv-rope ${gr:-0} \
-        --l2-prefetch-mb ${pf:-0} --attn-min-chunk ${st:-0} --model "$BUILD/bench_$s/model.bin" \
+        --l2-prefetch-mb ${pf:-0} --attn-min-chunk ${st:-0} --attn-early-kv ${ek:-0} \
+        --model "$BUILD/bench_$s/model.bin" \
         --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx --batch 1 --steps 64 --warmup 8 \
         --weight-dtype bfloat16 --kv-dtype bfloat16 --tokens-per-block 32
     done
@@ -163,12 +172,14 @@ if [[ $BUILD_OK == 0 ]]; then
   # The kernels added or changed since the last GPU call (run there only under the CPU
   # emulation of CUDA) under compute-sanitizer: memcheck over the GEMV fusions (norm sums, RoPE
   # + K/V write), the chunked argmax, the Helix combine's pack/unpack, the row gather/scatter
-  # and the attention's L2 prefetch; racecheck over the fusions' shared-memory epilogues.
+  # the attention's L2 prefetch and its early KV copies (the deferred own rows); racecheck over
+  # the fusions' shared-memory epilogues and the early copies' ring slots.
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [[ -x $SANITIZER ]]; then
     NEW_OPS='CudaOpsTest.GemvNormSumsHandOff:CudaOpsTest.GemvRopeKv*:CudaOpsTest.RopeWriteKv*'
     NEW_OPS+=':CudaOpsTest.ArgmaxMatchesGreedySampler:CudaOpsTest.HelixCombinePackUnpackMerge'
     NEW_OPS+=':CudaOpsTest.GatherRowsMatchesCpu:CudaOpsTest.ScatterAddRowsMatchesCpu'
+    NEW_OPS+=':CudaOpsTest.AttentionEarlyKv*'
     step memcheck_new_ops memcheck_new_ops.log 90 "$SANITIZER" --tool memcheck \
       --error-exitcode 1 "$BUILD/tests/gpu/cuda_ops_test" "--gtest_filter=$NEW_OPS"
     step memcheck_l2_prefetch memcheck_l2_prefetch.log 60 "$SANITIZER" --tool memcheck \
@@ -176,7 +187,7 @@ if [[ $BUILD_OK == 0 ]]; then
       '--gtest_filter=CudaBackendAttention.L2PrefetchHintCutToTheOption'
     step racecheck_new_ops racecheck_new_ops.log 90 "$SANITIZER" --tool racecheck \
       --error-exitcode 1 "$BUILD/tests/gpu/cuda_ops_test" \
-      '--gtest_filter=CudaOpsTest.GemvNormSumsHandOff:CudaOpsTest.GemvRopeKv*:CudaOpsTest.ArgmaxMatchesGreedySampler'
+      '--gtest_filter=CudaOpsTest.GemvNormSumsHandOff:CudaOpsTest.GemvRopeKv*:CudaOpsTest.ArgmaxMatchesGreedySampler:CudaOpsTest.AttentionEarlyKv*'
   else
     RESULT[memcheck_new_ops]="not run (no compute-sanitizer)"
   fi
@@ -184,6 +195,29 @@ if [[ $BUILD_OK == 0 ]]; then
   # not locked between kernels, as in a real step) over the prefill, one warm-up and two timed
   # decode steps of each PROFILES run (shape:context:cuda graphs[:mma]; decode_bench's default
   # GEMMs).
+  # PROFILE=1, first: the decode step as it really runs (Nsight Systems, each kernel of the
+  # replayed graphs traced with its real start and duration, programmatic launches overlapping;
+  # ncu below runs one kernel at a time), for the NSYS_RUNS (shape:context:early KV), 2 warm-up
+  # and 8 timed steps; nsys_summary.py prints the step's span and each kernel's duration and gap.
+  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
+    /usr/local/cuda/nsight-systems-*/bin/nsys 2>/dev/null | head -1)
+  if [[ ${PROFILE:-0} == 1 && -n $NSYS ]]; then
+    for r in "${NSYS_RUNS[@]}"; do
+      IFS=: read -r s ctx ek <<<"$r"
+      [[ -f $BUILD/bench_$s/model.bin ]] || continue
+      n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
+      step $n $n.log 90 "$NSYS" profile --trace=cuda --sample=none --cpuctxsw=none \
+        --cuda-graph-trace=node --force-overwrite=true -o "$LOGS/$n" "$BUILD/decode_bench" \
+        --backend cuda --cuda-graphs 1 --gemv 1 --pdl 1 --attn-mma 1 --attn-early-kv ${ek:-0} \
+        --model "$BUILD/bench_$s/model.bin" --tokenizer "$BUILD/bench_$s/tok.bin" --context $ctx \
+        --batch 1 --steps 8 --warmup 2 --weight-dtype bfloat16 --kv-dtype bfloat16 \
+        --tokens-per-block 32 &&
+        "$NSYS" stats --report cuda_gpu_trace --format csv --force-export=true \
+          --output "$LOGS/$n" "$LOGS/$n.nsys-rep" >> "$LOGS/$n.log" 2>&1
+    done
+  elif [[ ${PROFILE:-0} == 1 ]]; then
+    RESULT[nsys]="not run (no nsys found)"
+  fi
   NCU=$(command -v ncu || true)
   if [[ ${PROFILE:-0} == 1 && -n $NCU ]]; then
     for r in "${PROFILES[@]}"; do
@@ -248,6 +282,11 @@ fi
     fi
     printf '%-30s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
+  for r in "${NSYS_RUNS[@]}"; do
+    IFS=: read -r s ctx ek <<<"$r"
+    n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
+    printf '%-30s %s\n' "$n" "${RESULT[$n]:-${RESULT[nsys]:-not run}}"
+  done
   for t in cuda_backend_test nccl_test; do
     [[ -f $LOGS/$t/results.txt ]] || continue
     echo "$t (one process per test):"
@@ -301,7 +340,7 @@ fi
   echo "after 8 warm-up ones; roofline = (weight bytes + KV bytes read) / D2D copy GB/s of the"
   echo "same run):"
   for r in "${RUNS[@]}"; do
-    IFS=: read -r sh ctx g v d fo mm sa ns gr pmb st <<<"$r"
+    IFS=: read -r sh ctx g v d fo mm sa ns gr pmb st ek <<<"$r"
     f=$LOGS/$(run_name "$r").log
     [[ -f $f ]] || continue
     line=$(grep '^engine=' "$f")
@@ -312,12 +351,12 @@ fi
     rp=$(sed -n 's/.*graph_replays=\([0-9]*\).*/\1/p' <<<"$line")
     cp=$(sed -n 's/.*graph_captures=\([0-9]*\).*/\1/p' <<<"$line")
     pf=$(sed -n 's/.*prefill_s=\([0-9.]*\).*/\1/p' <<<"$line")
-    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v pfm=${pmb:-0} -v st=${st:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
+    awk -v pf="$pf" -v m=$sh -v c=$ctx -v g=$g -v v=${v:-0} -v d=${d:-0} -v fo=${fo:-1} -v mm=${mm:-0} -v sa=${sa:-0} -v ns=${ns:-0} -v gr=${gr:-0} -v pfm=${pmb:-0} -v st=${st:-0} -v ek=${ek:-0} -v rp="$rp" -v cp="$cp" -v ms="$ms" -v wb="$wb" \
       -v kb="$kb" -v bw="${D2D:-0}" 'BEGIN {
       roof = bw > 0 ? (wb + kb) / (bw * 1e9) * 1e3 : 0;
-      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d pf %2d st %d (%2d replays, %d captures): " \
+      printf "%-13s context %6d graphs %d gemv %d pdl %d fold %d mma %d sa %d ns %d gr %d pf %2d st %d ek %d (%2d replays, %d captures): " \
              "%.3f ms/step, roofline %.3f ms (%.0f MB weights + %.0f MB KV), ratio %.2f; " \
-             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, pfm, st, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
+             "prefill %.2f s\n", m, c, g, v, d, fo, mm, sa, ns, gr, pfm, st, ek, rp, cp, ms, roof, wb / 1e6, kb / 1e6,
              (roof > 0 ? ms / roof : 0), pf }'
   done
   for r in "${PROFILES[@]}"; do
@@ -326,6 +365,14 @@ fi
     [[ -f $f ]] || continue
     echo "kernel profile $sh context $ctx graphs $g attn-mma ${m:-0} split-argmax ${sa:-0} norm-sums ${ns:-0} gemv-rope ${gr:-0} (ncu: one kernel at a time, caches kept, clocks unlocked):"
     python3 "$ROOT/tests/gpu/ncu_summary.py" "$f" --top 12 | sed 's/^/  /'
+  done
+  for r in "${NSYS_RUNS[@]}"; do
+    IFS=: read -r s ctx ek <<<"$r"
+    n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
+    f=$(ls "$LOGS/$n"*cuda_gpu_trace*.csv 2>/dev/null | head -1)
+    [[ -n $f ]] || continue
+    echo "decode step timeline $s context $ctx early KV ${ek:-0} (nsys, graphs traced per kernel):"
+    python3 "$ROOT/tests/gpu/nsys_summary.py" "$f" --top 24 | sed 's/^/  /'
   done
   for a in "${ATTN_PROFILES[@]}"; do
     f=$LOGS/ncu_attention_d${a/:/_}

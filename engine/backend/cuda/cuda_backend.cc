@@ -747,8 +747,9 @@ class CudaBackend final : public Backend {
   }
   // The caller's L2 prefetch hint cut to CudaBackendOptions::l2_prefetch_bytes (its first range
   // first), each range to whole 16-byte units from its first aligned byte (none when the option
-  // is 0).
+  // is 0); its kv_settled_below_q promise kept only with attention_early_kv.
   kernels::PagedAttentionParams WithPrefetch(kernels::PagedAttentionParams p) const {
+    p.kv_settled_below_q = p.kv_settled_below_q && options_.attention_early_kv;
     int64_t left = options_.l2_prefetch_bytes;
     for (int r = 0; r < 2; ++r) {
       const auto at = reinterpret_cast<uintptr_t>(p.l2_prefetch[r]);

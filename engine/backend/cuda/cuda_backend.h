@@ -62,6 +62,12 @@ struct CudaBackendOptions {
   // l2_prefetch) prefetched into L2 as it runs, so that they read it from there instead of
   // memory. 0: none. Off until measured (decode_bench --l2-prefetch-mb N).
   int64_t l2_prefetch_bytes = 0;
+  // Decode attention (head dims 64 and 128, one query token per sequence) issues its first KV
+  // copies before it waits for the kernel before it (the caller's kernels::PagedAttentionParams::
+  // kv_settled_below_q promise: only q and the query's own row come from that kernel), so that
+  // they overlap it; false: the promise is dropped. Off until measured (decode_bench
+  // --attn-early-kv 1).
+  bool attention_early_kv = false;
 };
 
 // CUDA devices visible to this process (0 when none or on error).

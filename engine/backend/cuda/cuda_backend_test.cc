@@ -992,6 +992,9 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   // ":l2pf": CudaBackendOptions::l2_prefetch_bytes (decode attention prefetching the weights of
   // the products after it into L2; under emulation the prefetches are counted).
   const bool l2pf = GetParam().find(":l2pf") != std::string::npos;
+  // ":ekv": CudaBackendOptions::attention_early_kv (decode attention's first KV copies before it
+  // waits for the kernel before it; under emulation the copies before the wait are counted).
+  const bool ekv = GetParam().find(":ekv") != std::string::npos;
   EngineOptions o;
   o.model_path = ModelsDir() + "/" + model;
   if (model.rfind("qwen2", 0) == 0) {
@@ -1019,6 +1022,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
   bo.norm_sums = sums;
   bo.gemv_rope_kv = rope;
   bo.l2_prefetch_bytes = l2pf ? int64_t{1} << 20 : 0;
+  bo.attention_early_kv = ekv;
   o.backend_factory = [bo]() { return CreateCudaBackend(bo); };
   const auto backends = WatchBackends(&o);
   auto gpu = Engine::Create(o);
@@ -1029,12 +1033,21 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
     std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
     helix_emu::g_prefetch_hook = [&](const void*, unsigned n) { prefetched += n; };
   }
+  helix_emu::PdlHook pdl;  // counts only: PdlEnter stays a no-op
+  helix_emu::g_pdl_hook = &pdl;
 #endif
   const std::vector<RunResult> got = RunAll(gpu->get(), reqs);
 #ifdef HELIX_CUDA_EMULATION
   {
     std::lock_guard<std::mutex> lock(helix_emu::g_prefetch_mu);
     helix_emu::g_prefetch_hook = nullptr;
+  }
+  helix_emu::g_pdl_hook = nullptr;
+  // Only decode attention with the option copies anything before its PdlEnter.
+  if (ekv) {
+    EXPECT_GT(pdl.copies.load(), 0);
+  } else {
+    EXPECT_EQ(pdl.copies.load(), 0);
   }
   // Each decode attention call prefetches its layer's Wo and gate|up: 128 KiB + 512 KiB here.
   if (l2pf) {
@@ -1084,7 +1097,7 @@ TEST_P(CudaBackendGgufTest, GreedyWithinBf16Tolerance) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gguf, CudaBackendGgufTest,
-                         ::testing::Values("llama_BF16.gguf", "llama_BF16.gguf:sums:rope",
+                         ::testing::Values("llama_BF16.gguf", "llama_BF16.gguf:sums:rope:ekv",
                                            "llama_BF16.gguf:l2pf", "llama_Q8_0.gguf:cublas",
                                            "qwen2_F32.gguf",  // q/k/v biases
                                            "llama_Q8_0.gguf:cublas:fp32attn"),
