@@ -1403,7 +1403,7 @@ using MergeFn = void (*)(MergeStatesParams);
 MergeFn MergeKernelFor(const MergeStatesParams& p) {
   const bool vec4 = p.head_dim % 4 == 0 && reinterpret_cast<uintptr_t>(p.o) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
-  if (vec4 && p.head_dim / 4 <= kMergeThreads && !Tuning().merge_two_pass &&
+  if (vec4 && p.head_dim >= 4 && p.head_dim / 4 <= kMergeThreads && !Tuning().merge_two_pass &&
       p.num_parts <= kMergeThreads / (p.head_dim / 4) * kMergePer) {
     return MergeOnePassKernel;
   }

@@ -32,6 +32,7 @@
 #include "kernels/test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 #ifndef HELIX_CUDA_EMULATION
+#include "kernels/cuda/cuda_check.h"
 #include "tests/gpu/pdl_test_kernels.h"
 #else
 #include "tests/gpu/cuda_emu.h"  // helix_emu::PdlHook
@@ -607,6 +608,11 @@ TEST_F(CudaOpsTest, AttentionTensorCores) {
 // off and automatic. attention_emu_test checks the same under the emulation (where every block
 // runs before its kernel before "ends").
 TEST_F(CudaOpsTest, AttentionEarlyKvWaitsForTheKernelBefore) {
+  // Without programmatic launch (a GPU before sm_90, or the switch off) the attention would
+  // start after the kernel before anyway: nothing to check.
+  if (DeviceMajor() < 9 || !cuda::ProgrammaticLaunch()) {
+    GTEST_SKIP() << "no programmatic dependent launch on this device or build";
+  }
   struct Restore {
     ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
   } restore;
@@ -739,6 +745,20 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
       }
     }
   }
+  // Head dim 0, a degenerate call: no crash (the one-pass kernel's sizing divides by head_dim /
+  // 4), the LSEs still merged.
+  cuda::SetPagedAttentionCudaTuningForTesting({});
+  DeviceBuffer<float> o0(4), lse0(std::vector<float>{0.5f, 1.5f}), out0(4), out_lse0(1);
+  ASSERT_EQ(cuda::MergeStatesCuda({.o = o0.get(),
+                                   .lse = lse0.get(),
+                                   .out = out0.get(),
+                                   .out_lse = out_lse0.get(),
+                                   .num_parts = 2,
+                                   .rows = 1,
+                                   .head_dim = 0},
+                                  nullptr),
+            cudaSuccess);
+  EXPECT_NEAR(out_lse0.Download()[0], std::log(std::exp(0.5) + std::exp(1.5)), 1e-5);
 }
 
 // The Helix combine end to end as engine/model/llama_model.cc CombineAttention runs it: each of
