@@ -182,10 +182,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if (active) {
     LoadRound<W, R, U, S>(raw, w, k_first, p.k);
   }
-  PdlEnter();  // x (and y) only after this: see HELIX_LAUNCH_PDL
-  const float* x = p.x;
   // kRope: the angles of this row's pair, lane r computing token r's (while the first weights
-  // are in flight), then every lane holding all of them.
+  // are in flight and the kernel before may still run: the positions are the step's metadata,
+  // uploaded before its first kernel), then every lane holding all of them.
   [[maybe_unused]] float rope_c[M], rope_s[M];
   if constexpr (kRope) {
     float c = 1.0f, sn = 0.0f;
@@ -198,6 +197,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       rope_s[r] = __shfl_sync(0xffffffffu, sn, r);
     }
   }
+  PdlEnter();  // x (and y) only after this: see HELIX_LAUNCH_PDL
+  const float* x = p.x;
   double norm_ss[M];  // kNormSums: this thread's share of each row's sum of squares
 #pragma unroll
   for (int r = 0; r < M; ++r) {

@@ -2891,6 +2891,35 @@ TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
                   DeviceBuffer<unsigned char>(pool.host)};
           ASSERT_NO_FATAL_FAILURE(run(false, &want));
           ASSERT_NO_FATAL_FAILURE(run(true, &got));
+#ifdef HELIX_CUDA_EMULATION
+          // The fused kernel reads its weights and the positions before its launch wait, x and
+          // the norm's partial sums (the kernels before's output) only after it: under the
+          // emulator's PdlHook they are NaN until each thread block's wait, and nothing changes.
+          {
+            Out hooked{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
+                       DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
+                       DeviceBuffer<unsigned char>(pool.host)};
+            helix_emu::PdlHook hook;
+            hook.before_block = [&] {
+              std::fill_n(d_x.get(), x.size(), kNaN);
+              std::fill_n(d_sums.get(), sums.size(), std::nan(""));
+            };
+            hook.at_wait = [&] {
+              std::copy(x.begin(), x.end(), d_x.get());
+              std::copy(sums.begin(), sums.end(), d_sums.get());
+            };
+            struct Unhook {
+              ~Unhook() { helix_emu::g_pdl_hook = nullptr; }
+            } unhook;
+            helix_emu::g_pdl_hook = &hook;
+            ASSERT_NO_FATAL_FAILURE(run(true, &hooked));
+            helix_emu::g_pdl_hook = nullptr;
+            const std::vector<float> hy = hooked.y.Download(), gy = got.y.Download();
+            EXPECT_EQ(std::memcmp(hy.data(), gy.data(), hy.size() * sizeof(float)), 0)
+                << what << " y, inputs NaN until the launch wait";
+            EXPECT_EQ(hooked.pool.Download(), got.pool.Download()) << what << " pool (hooked)";
+          }
+#endif
           const std::vector<float> wy = want.y.Download(), gy = got.y.Download();
           const std::vector<float> wq = want.q_out.Download(), gq = got.q_out.Download();
           EXPECT_EQ(std::memcmp(wy.data(), gy.data(), wy.size() * sizeof(float)), 0)
