@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -2650,6 +2651,161 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
     }
   }
 }
+
+#ifdef HELIX_CUDA_EMULATION
+// Every kernel of the decode step launched as a programmatic dependent reads what the kernels
+// before it wrote only after its launch wait (PdlEnter): under the emulator's PdlHook its
+// inputs of that kind are NaN until each thread block's wait (weights, norm weights and the
+// step's metadata keep their values), and its results must equal an ordinary call's bit for
+// bit. RMSNorm (with a residual), SiLU·mul, the GEMV (plain, norm folded, with SiLU·mul), the
+// split-KV merge (one and two passes), the argmax (one thread block a row, and chunked).
+TEST_F(CudaOpsTest, StepKernelsReadTheKernelBeforesOutputOnlyAfterTheWait) {
+  struct Restore {
+    ~Restore() {
+      helix_emu::g_pdl_hook = nullptr;
+      cuda::SetPagedAttentionCudaTuningForTesting({});
+    }
+  } restore;
+  std::mt19937 rng(43);
+  // Runs `op` twice, plainly and with `inputs` NaN until each block's wait; compares `outputs`.
+  using Span = std::pair<float*, size_t>;
+  const auto check = [](const std::string& what, const std::vector<Span>& inputs,
+                        const std::vector<Span>& outputs, const std::function<cudaError_t()>& op,
+                        const std::function<void()>& reset) {
+    std::vector<std::vector<float>> saved;
+    for (const Span& in : inputs) saved.emplace_back(in.first, in.first + in.second);
+    reset();
+    ASSERT_EQ(op(), cudaSuccess) << what;
+    std::vector<std::vector<float>> plain;
+    for (const Span& out : outputs) plain.emplace_back(out.first, out.first + out.second);
+    reset();
+    helix_emu::PdlHook hook;
+    hook.before_block = [&] {
+      for (const Span& in : inputs) std::fill_n(in.first, in.second, kNaN);
+    };
+    hook.at_wait = [&] {
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        std::copy(saved[i].begin(), saved[i].end(), inputs[i].first);
+      }
+    };
+    helix_emu::g_pdl_hook = &hook;
+    const cudaError_t err = op();
+    helix_emu::g_pdl_hook = nullptr;
+    ASSERT_EQ(err, cudaSuccess) << what;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      EXPECT_EQ(std::memcmp(plain[i].data(), outputs[i].first, outputs[i].second * sizeof(float)),
+                0)
+          << what << ": output " << i << " differs with its inputs NaN until the launch wait";
+    }
+  };
+  const auto span = [](DeviceBuffer<float>& b) { return Span{b.get(), b.size()}; };
+
+  {  // RMSNorm with a residual (residual += x, then the norm of it); out_lowp too.
+    const int64_t rows = 3, dim = 300;
+    const std::vector<float> x0 = RandomVector(rng, rows * dim), r0 = RandomVector(rng, rows * dim);
+    DeviceBuffer<float> x(x0), res(r0), w(RandomVector(rng, dim)), out(rows * dim);
+    DeviceBuffer<uint16_t> lowp(rows * dim);
+    check(
+        "rmsnorm", {span(x)}, {span(res), span(out)},
+        [&] {
+          return cuda::RmsNormCuda({.x = x.get(),
+                                    .residual = res.get(),
+                                    .weight = w.get(),
+                                    .out = out.get(),
+                                    .rows = rows,
+                                    .dim = dim,
+                                    .eps = 1e-5f,
+                                    .out_lowp = lowp.get()},
+                                   nullptr);
+        },
+        [&] { std::copy(r0.begin(), r0.end(), res.get()); });
+  }
+  {  // SiLU·mul over the gate and up halves of a [rows][2F] product.
+    const int64_t rows = 2, f = 200;
+    DeviceBuffer<float> gu(RandomVector(rng, rows * 2 * f)), out(rows * f);
+    check(
+        "silu_mul", {span(gu)}, {span(out)},
+        [&] {
+          return cuda::SiluMulCuda({.gate = gu.get(),
+                                    .up = gu.get() + f,
+                                    .out = out.get(),
+                                    .n = rows * f,
+                                    .cols = f,
+                                    .ld = 2 * f},
+                                   nullptr);
+        },
+        [] {});
+  }
+  {  // The GEMV: plain, with the norm folded in, and with SiLU·mul (bf16 weights).
+    const int64_t m = 2, n = 48, k = 256;
+    DeviceBuffer<float> x(RandomVector(rng, m * k)), g(RandomVector(rng, k)), y(m * n),
+        h(m * n / 2);
+    DeviceBuffer<uint16_t> w(RandomLowp(rng, n * k, DType::kBF16));
+    const GemmParams p{.x = x.get(),
+                       .w = w.get(),
+                       .bias = nullptr,
+                       .y = y.get(),
+                       .m = m,
+                       .n = n,
+                       .k = k,
+                       .w_dtype = DType::kBF16};
+    check(
+        "gemv", {span(x)}, {span(y)}, [&] { return cuda::GemvCuda(p, nullptr); }, [] {});
+    GemmFusion norm;
+    norm.norm_weight = g.get();
+    norm.norm_eps = 1e-5f;
+    check(
+        "gemv norm", {span(x)}, {span(y)}, [&] { return cuda::GemvCuda(p, nullptr, norm); }, [] {});
+    check(
+        "gemv silu_mul", {span(x)}, {span(h)},
+        [&] {
+          return cuda::GemvSiluMulCuda(p,
+                                       {.gate = y.get(),
+                                        .up = y.get() + n / 2,
+                                        .out = h.get(),
+                                        .n = m * n / 2,
+                                        .cols = n / 2,
+                                        .ld = n},
+                                       nullptr);
+        },
+        [] {});
+  }
+  for (const bool two_pass : {false, true}) {  // the split-KV merge / Helix combine
+    cuda::SetPagedAttentionCudaTuningForTesting({.merge_two_pass = two_pass});
+    const int64_t parts = 5, rows = 6, d = 64;
+    DeviceBuffer<float> o(RandomVector(rng, parts * rows * d)),
+        lse(RandomVector(rng, parts * rows, -5.0f, 5.0f)), out(rows * d), out_lse(rows);
+    check(
+        two_pass ? "merge two-pass" : "merge one-pass", {span(o), span(lse)},
+        {span(out), span(out_lse)},
+        [&] {
+          return cuda::MergeStatesCuda({.o = o.get(),
+                                        .lse = lse.get(),
+                                        .out = out.get(),
+                                        .out_lse = out_lse.get(),
+                                        .num_parts = parts,
+                                        .rows = rows,
+                                        .head_dim = d},
+                                       nullptr);
+        },
+        [] {});
+  }
+  cuda::SetPagedAttentionCudaTuningForTesting({});
+  for (const bool chunked : {false, true}) {  // the greedy argmax
+    const int64_t rows = 2, vocab = 4096;
+    DeviceBuffer<float> logits(RandomVector(rng, rows * vocab));
+    DeviceBuffer<int32_t> out(rows);
+    cuda::ArgmaxParams ap{.logits = logits.get(), .out = out.get(), .rows = rows, .vocab = vocab};
+    DeviceBuffer<unsigned char> ws(cuda::ArgmaxCudaWorkspaceBytes(ap) + 4);
+    if (chunked) ap.workspace = ws.get();
+    // The ids as floats' bits: the comparison is of bytes.
+    check(
+        chunked ? "argmax chunked" : "argmax", {span(logits)},
+        {Span{reinterpret_cast<float*>(out.get()), static_cast<size_t>(rows)}},
+        [&] { return cuda::ArgmaxCuda(ap, nullptr); }, [] {});
+  }
+}
+#endif
 
 #ifdef HELIX_CUDA_EMULATION
 // RopeWriteKvCuda computes its angles (and reads the step's positions and slots) before its
