@@ -2658,7 +2658,9 @@ TEST_F(CudaOpsTest, RopeWriteKvFused) {
 // inputs of that kind are NaN until each thread block's wait (weights, norm weights and the
 // step's metadata keep their values), and its results must equal an ordinary call's bit for
 // bit. RMSNorm (with a residual), SiLU·mul, the GEMV (plain, norm folded, with SiLU·mul), the
-// split-KV merge (one and two passes), the argmax (one thread block a row, and chunked).
+// split-KV merge (one and two passes), the argmax (one thread block a row, and chunked). Inputs
+// a kernel also writes (a residual it adds into, y += W x) are poisoned with what earlier thread
+// blocks left in them kept: each block's wait restores that block's snapshot.
 TEST_F(CudaOpsTest, StepKernelsReadTheKernelBeforesOutputOnlyAfterTheWait) {
   struct Restore {
     ~Restore() {
@@ -2667,21 +2669,24 @@ TEST_F(CudaOpsTest, StepKernelsReadTheKernelBeforesOutputOnlyAfterTheWait) {
     }
   } restore;
   std::mt19937 rng(43);
-  // Runs `op` twice, plainly and with `inputs` NaN until each block's wait; compares `outputs`.
+  // Runs `op` twice (`reset` first each time), plainly and with `inputs` NaN from each block's
+  // start until its wait; compares `outputs`.
   using Span = std::pair<float*, size_t>;
   const auto check = [](const std::string& what, const std::vector<Span>& inputs,
                         const std::vector<Span>& outputs, const std::function<cudaError_t()>& op,
                         const std::function<void()>& reset) {
-    std::vector<std::vector<float>> saved;
-    for (const Span& in : inputs) saved.emplace_back(in.first, in.first + in.second);
     reset();
     ASSERT_EQ(op(), cudaSuccess) << what;
     std::vector<std::vector<float>> plain;
     for (const Span& out : outputs) plain.emplace_back(out.first, out.first + out.second);
     reset();
+    std::vector<std::vector<float>> saved(inputs.size());
     helix_emu::PdlHook hook;
     hook.before_block = [&] {
-      for (const Span& in : inputs) std::fill_n(in.first, in.second, kNaN);
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        saved[i].assign(inputs[i].first, inputs[i].first + inputs[i].second);
+        std::fill_n(inputs[i].first, inputs[i].second, kNaN);
+      }
     };
     hook.at_wait = [&] {
       for (size_t i = 0; i < inputs.size(); ++i) {
@@ -2706,7 +2711,7 @@ TEST_F(CudaOpsTest, StepKernelsReadTheKernelBeforesOutputOnlyAfterTheWait) {
     DeviceBuffer<float> x(x0), res(r0), w(RandomVector(rng, dim)), out(rows * dim);
     DeviceBuffer<uint16_t> lowp(rows * dim);
     check(
-        "rmsnorm", {span(x)}, {span(res), span(out)},
+        "rmsnorm", {span(x), span(res)}, {span(res), span(out)},
         [&] {
           return cuda::RmsNormCuda({.x = x.get(),
                                     .residual = res.get(),
@@ -2751,6 +2756,18 @@ TEST_F(CudaOpsTest, StepKernelsReadTheKernelBeforesOutputOnlyAfterTheWait) {
                        .w_dtype = DType::kBF16};
     check(
         "gemv", {span(x)}, {span(y)}, [&] { return cuda::GemvCuda(p, nullptr); }, [] {});
+    // y += W x, leaving each row's sum of squares in partials (the residual stream's product).
+    const std::vector<float> y0 = RandomVector(rng, m * n);
+    DeviceBuffer<double> sums(m * cuda::GemvNormSumParts(p));
+    ASSERT_GT(sums.size(), 0u);
+    GemmFusion add;
+    add.accumulate = true;
+    add.norm_sums_out = sums.get();
+    check(
+        "gemv add sums", {span(x), span(y)},
+        {span(y), Span{reinterpret_cast<float*>(sums.get()), 2 * sums.size()}},
+        [&] { return cuda::GemvCuda(p, nullptr, add); },
+        [&] { std::copy(y0.begin(), y0.end(), y.get()); });
     GemmFusion norm;
     norm.norm_weight = g.get();
     norm.norm_eps = 1e-5f;
