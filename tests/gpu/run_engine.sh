@@ -369,7 +369,7 @@ fi
   for r in "${NSYS_RUNS[@]}"; do
     IFS=: read -r s ctx ek <<<"$r"
     n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
-    f=$(ls "$LOGS/$n"*cuda_gpu_trace*.csv 2>/dev/null | head -1)
+    f=$(ls "$LOGS/${n}"_cuda_gpu_trace*.csv 2>/dev/null | head -1)
     [[ -n $f ]] || continue
     echo "decode step timeline $s context $ctx early KV ${ek:-0} (nsys, graphs traced per kernel):"
     python3 "$ROOT/tests/gpu/nsys_summary.py" "$f" --top 24 | sed 's/^/  /'
