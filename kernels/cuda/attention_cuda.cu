@@ -1720,12 +1720,10 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   a.prefetch_steps = PrefetchSteps();
   a.bulk = Tuning().bulk_copy && BulkCopyAvailable();
   a.prefill_done = false;
-  // Only the warp-pipelined kernels read it; one query token per sequence (decode), whole steps
-  // in a block and the cp.async copies (see AttentionWarpKernel).
-  a.early_kv = p.kv_settled_below_q && p.num_q_tokens == p.num_seqs && a.tpb % kStepRows == 0 &&
-               !a.bulk && ch.fn != &AttentionGenericKernel<float> &&
-               ch.fn != &AttentionGenericKernel<__half> &&
-               ch.fn != &AttentionGenericKernel<__nv_bfloat16>;
+  // Read by the warp-pipelined kernel only; one query token per sequence (decode), whole steps
+  // in a block and the cp.async copies (AttentionWarpKernel).
+  a.early_kv =
+      p.kv_settled_below_q && p.num_q_tokens == p.num_seqs && a.tpb % kStepRows == 0 && !a.bulk;
   a.subs = (a.group + a.sub_size - 1) / a.sub_size;
   a.d = static_cast<int>(p.head_dim);
   a.blocks_per_chunk = static_cast<int>(parts > 1 ? SplitKvBlocksPerChunk(p)

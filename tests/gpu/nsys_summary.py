@@ -82,13 +82,13 @@ def read_kernels(path):
 
 
 def steps_of(kernels, gap_ns):
-    steps, cur, end = [], [], None
+    steps, cur, end = [], [], 0.0  # end: the latest end of a kernel in cur
     for k in kernels:
         if cur and k[0] - end > gap_ns:
             steps.append(cur)
             cur = []
+        end = max(end, k[0] + k[1]) if cur else k[0] + k[1]
         cur.append(k)
-        end = max(end, k[0] + k[1]) if end is not None and cur[:-1] else k[0] + k[1]
     if cur:
         steps.append(cur)
     return steps

@@ -107,6 +107,12 @@ run_name() {
   IFS=: read -r s ctx g v d f m sa ns gr pf st ek <<<"$1"
   echo "decode_${s}_${ctx}_g$g$([[ ${v:-0} == 1 ]] && echo _gemv)$([[ ${d:-0} == 1 ]] && echo _pdl)$([[ ${f:-1} == 0 ]] && echo _nofold)$([[ ${m:-0} == 1 ]] && echo _mma)$([[ ${sa:-0} == 1 ]] && echo _sa)$([[ ${ns:-0} == 1 ]] && echo _ns)$([[ ${gr:-0} == 1 ]] && echo _gr)$([[ ${pf:-0} != 0 ]] && echo _pf$pf)$([[ ${st:-0} != 0 ]] && echo _st$st)$([[ ${ek:-0} == 1 ]] && echo _ek)"
 }
+# The log / result name (and trace prefix) of an NSYS_RUNS entry.
+nsys_name() {
+  local s ctx ek
+  IFS=: read -r s ctx ek <<<"$1"
+  echo "nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)"
+}
 # The log / result name of a PROFILES entry.
 profile_name() {
   local s ctx g m sa ns gr
@@ -205,7 +211,7 @@ if [[ $BUILD_OK == 0 ]]; then
     for r in "${NSYS_RUNS[@]}"; do
       IFS=: read -r s ctx ek <<<"$r"
       [[ -f $BUILD/bench_$s/model.bin ]] || continue
-      n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
+      n=$(nsys_name "$r")
       step $n $n.log 90 "$NSYS" profile --trace=cuda --sample=none --cpuctxsw=none \
         --cuda-graph-trace=node --force-overwrite=true -o "$LOGS/$n" "$BUILD/decode_bench" \
         --backend cuda --cuda-graphs 1 --gemv 1 --pdl 1 --attn-mma 1 --attn-early-kv ${ek:-0} \
@@ -283,8 +289,7 @@ fi
     printf '%-30s %s\n' "$s" "${RESULT[$s]:-not run}"
   done
   for r in "${NSYS_RUNS[@]}"; do
-    IFS=: read -r s ctx ek <<<"$r"
-    n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
+    n=$(nsys_name "$r")
     printf '%-30s %s\n' "$n" "${RESULT[$n]:-${RESULT[nsys]:-not run}}"
   done
   for t in cuda_backend_test nccl_test; do
@@ -368,7 +373,7 @@ fi
   done
   for r in "${NSYS_RUNS[@]}"; do
     IFS=: read -r s ctx ek <<<"$r"
-    n=nsys_${s}_${ctx}$([[ ${ek:-0} == 1 ]] && echo _ek)
+    n=$(nsys_name "$r")
     f=$(ls "$LOGS/${n}"_cuda_gpu_trace*.csv 2>/dev/null | head -1)
     [[ -n $f ]] || continue
     echo "decode step timeline $s context $ctx early KV ${ek:-0} (nsys, graphs traced per kernel):"
