@@ -19,10 +19,9 @@
 # model generation ~2 s, transformers check ~20 s), which add up to 4 more (their slowdown on
 # these kernels has not been measured yet; a timeout there is reported, not fatal to the rest).
 #
-# .devdeps (ignored by git through .git/info/exclude) holds the Debian googletest sources; to
-# recreate it on a Debian 12 machine:
-#   mkdir -p .devdeps && cd .devdeps && apt-get download googletest libgtest-dev &&
-#   for f in *.deb; do dpkg -x "$f" root; done && rm -f *.deb
+# .devdeps (ignored by git) holds the Debian googletest sources in root/; `bash
+# tests/gpu/prepare_devdeps.sh` on the Debian 12 dev machine makes it (with run_engine.sh's
+# packages and models too).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD

@@ -24,10 +24,10 @@
 #
 # .devdeps must hold: root/ (googletest sources and the unpacked debs: libgloo-dev libgloo0
 # libhiredis0.14 libibverbs1 libnl-3-200 libnl-route-3-200 libucx-dev libucx0 libnuma1
-# nlohmann-json3-dev, e.g. `apt-get download ...; for f in *.deb; do dpkg -x $f root; done`) and
-# shared/models/stories260K (a copy of ../shared/models/stories260K, which does not travel) and
-# test_models/llama_BF16.gguf, llama_Q8_0.gguf, qwen2_F32.gguf (copies of build/test_models' after a local ctest
-# run: tests/models/make_test_models.py writes them with gguf-py).
+# nlohmann-json3-dev), shared/models/stories260K (a copy of ../shared/models/stories260K, which
+# does not travel) and test_models/llama_BF16.gguf, llama_Q8_0.gguf, qwen2_F32.gguf (written by
+# tests/models/make_test_models.py with gguf-py): `bash tests/gpu/prepare_devdeps.sh` on the dev
+# machine makes all of it.
 # Logs go to $OUT when set (else build-gpu-engine/logs). RUN_ENGINE_BUDGET_S (default 540).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
