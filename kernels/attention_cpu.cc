@@ -339,7 +339,9 @@ void AttendItem(const PagedAttentionParams& p, const Plan& plan, int64_t t, int6
       const int gs = sub + 1 < plan.subs ? kMaxGroup : last_size;
       for (int g = 0; g < gs; ++g) {
         float* row = o + (g0 + g) * d;
-        if (s.l[g] > 0.0f) {
+        // l is 0 only when no row was visible; NaN when a score was NaN (from q or K) or
+        // +inf (inf - inf): then the row and its LSE are NaN, so that a merge sees it too.
+        if (s.l[g] != 0.0f) {
           const float inv = 1.0f / s.l[g];
           for (int64_t e = 0; e < d; ++e) {
             row[e] *= inv;

@@ -419,6 +419,82 @@ TEST(AttentionTest, SplitKvEqualsUnsplit) {
   }
 }
 
+void WriteElem(const KvPoolView& v, int64_t off, float f) {
+  switch (v.dtype) {
+    case DType::kF32:
+      static_cast<float*>(v.base)[off] = f;
+      break;
+    case DType::kF16:
+      static_cast<uint16_t*>(v.base)[off] = FloatToHalf(f);
+      break;
+    case DType::kBF16:
+      static_cast<uint16_t*>(v.base)[off] = FloatToBf16(f);
+      break;
+  }
+}
+
+// NaN and infinities in q, K and V: the positions of NaN and of each infinity (with its sign)
+// in out and lse are the float64 reference's, whatever the split, and everything else is near
+// it. A NaN score (from q or K) makes the head's whole row NaN and its LSE NaN, also with
+// split-KV, where only one chunk sees it; a NaN or infinite V element only its own dimension;
+// a score of +inf makes the row NaN (inf - inf) and one of -inf drops its row.
+TEST(AttentionTest, NonFiniteInputsPropagate) {
+  ThreadPool threads(3);
+  std::mt19937 rng(6);
+  const int64_t tpb = 16, kv_heads = 2;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t group : {1, 4}) {
+      for (int64_t d : {64, 20}) {
+        Pool pool(dt, 1, kv_heads, tpb, d, 30);
+        pool.FillRandom(rng);
+        // Seven sequences of 40 tokens (blocks 16 + 16 + 8), one decode query each.
+        Problem pr = DecodeBatch(std::vector<int32_t>(7, 40), tpb, 30, rng);
+        pr.num_kv_heads = kv_heads;
+        pr.num_q_heads = kv_heads * group;
+        pr.head_dim = d;
+        pr.q = RandomVector(rng, pr.num_q_tokens() * pr.num_q_heads * d);
+        // Token i of sequence s, KV head h, plane c (0 = K, 1 = V), element e.
+        const auto kv_at = [&](int64_t s, int64_t i, int64_t h, int c, int64_t e) {
+          return KvOffset(pool.view, pr.tables[s][i / tpb], 0, c, h, i % tpb) + e;
+        };
+        WriteElem(pool.view, kv_at(0, 5, 0, 0, 3), nan);   // a NaN score, first chunk
+        WriteElem(pool.view, kv_at(1, 37, 1, 1, 2), nan);  // a NaN V element, last chunk
+        pr.q[(2 * pr.num_q_heads + pr.num_q_heads - 1) * d + 1] = nan;  // a NaN query
+        WriteElem(pool.view, kv_at(3, 20, 0, 1, 4), inf);               // +inf in V
+        WriteElem(pool.view, kv_at(3, 9, 0, 1, 5), -inf);  // -inf in V, another dimension
+        // K element 0 infinite with every query of the group positive there: a score of -inf
+        // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5.
+        for (int64_t s : {4, 5}) {
+          for (int64_t g = 0; g < group; ++g) {
+            pr.q[(s * pr.num_q_heads + group + g) * d] = 0.5f;
+          }
+          WriteElem(pool.view, kv_at(s, 12, 1, 0, 0), s == 4 ? -inf : inf);
+        }
+        // Sequence 6 stays finite: its rows must be unharmed.
+        for (int64_t split : {int64_t{0}, tpb, 2 * tpb}) {
+          const Result r = RunAttention(pr, pool.view, split, &threads);
+          ExpectMatchesReference(pr, pool.view, r,
+                                 Name(dt, group, d) + " split=" + std::to_string(split));
+          // The reference itself has them where described above.
+          const int64_t hq = pr.num_q_heads;
+          EXPECT_TRUE(std::isnan(r.lse[0 * hq]));
+          EXPECT_TRUE(std::isnan(r.out[(0 * hq) * d + 7]));
+          EXPECT_TRUE(std::isnan(r.out[(1 * hq + hq - 1) * d + 2]));
+          EXPECT_TRUE(std::isfinite(r.out[(1 * hq + hq - 1) * d + 3]));
+          EXPECT_TRUE(std::isfinite(r.lse[1 * hq + hq - 1]));
+          EXPECT_TRUE(std::isnan(r.lse[2 * hq + hq - 1]));
+          EXPECT_EQ(r.out[(3 * hq) * d + 4], inf);
+          EXPECT_EQ(r.out[(3 * hq) * d + 5], -inf);
+          EXPECT_TRUE(std::isfinite(r.lse[4 * hq + hq - 1]));
+          EXPECT_TRUE(std::isnan(r.lse[5 * hq + hq - 1]));
+        }
+      }
+    }
+  }
+}
+
 // Shards one sequence over `cp` simulated ranks by the placement rule (global block g on rank
 // g mod cp), runs attention on each and merges with MergeStatesCpu; the result must equal
 // attention over the whole sequence on one rank.

@@ -19,7 +19,8 @@ struct MergeStatesParams {
 
 // LSE = log sum_i exp(LSE_i), O = sum_i exp(LSE_i - LSE) O_i. Parts with LSE = -inf are
 // skipped (their O is never read into the sum, so it may hold anything); a row whose parts
-// are all empty gets O = 0 and LSE = -inf. For the Helix combine the layout
+// are all empty gets O = 0 and LSE = -inf. A NaN LSE (a part whose softmax saw a NaN) makes the
+// row's O and LSE NaN, whatever the other parts hold. For the Helix combine the layout
 // [peers][tokens][heads][dim] is num_parts = peers, rows = tokens * heads. pool may be nullptr.
 void MergeStatesCpu(const MergeStatesParams& p, ThreadPool* pool);
 

@@ -16,9 +16,12 @@ void MergeStatesCpu(const MergeStatesParams& p, ThreadPool* pool) {
   ParallelForMin(pool, p.rows, min_rows, [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       float* out = p.out + r * p.head_dim;
+      // A NaN LSE (a part whose softmax saw a NaN) makes the row NaN: max_lse NaN, and with
+      // it every weight, the sum and the LSE.
       float max_lse = neg_inf;
       for (int64_t i = 0; i < p.num_parts; ++i) {
-        max_lse = std::max(max_lse, p.lse[i * p.rows + r]);
+        const float l = p.lse[i * p.rows + r];
+        max_lse = std::isnan(l) || std::isnan(max_lse) ? l + max_lse : std::max(max_lse, l);
       }
       std::fill(out, out + p.head_dim, 0.0f);
       if (max_lse == neg_inf) {

@@ -102,6 +102,42 @@ TEST(MergeTest, AllEmptyGivesZerosAndNegInf) {
   }
 }
 
+// A part whose softmax saw a NaN (its LSE NaN) makes the whole row NaN, LSE included, wherever
+// it is among the parts and whatever the others hold (finite, empty or NaN); a NaN inside a
+// finite part's O only its own dimension. Rows without a NaN are unharmed.
+TEST(MergeTest, NanPartMakesTheRowNan) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t parts = 3, d = 8;
+  // Row r: the LSEs of its three parts.
+  const std::vector<std::vector<float>> rows_lse = {{nan, 0.5f, -1.0f},      {0.5f, -1.0f, nan},
+                                                    {kNegInf, nan, kNegInf}, {nan, nan, nan},
+                                                    {0.25f, kNegInf, -0.5f}, {1.0f, 2.0f, 3.0f}};
+  const int64_t rows = static_cast<int64_t>(rows_lse.size());
+  std::mt19937 rng(4);
+  std::vector<float> o = RandomVector(rng, parts * rows * d);
+  std::vector<float> lse(parts * rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < parts; ++i) {
+      lse[i * rows + r] = rows_lse[r][i];
+    }
+  }
+  o[(2 * rows + 5) * d + 3] = nan;  // row 5, part 2, dimension 3
+  std::vector<float> out(rows * d, 5.0f), out_lse(rows, 5.0f);
+  MergeStatesCpu({o.data(), lse.data(), out.data(), out_lse.data(), parts, rows, d}, nullptr);
+  for (int64_t r = 0; r < 4; ++r) {
+    EXPECT_TRUE(std::isnan(out_lse[r])) << "row " << r;
+    for (int64_t e = 0; e < d; ++e) {
+      EXPECT_TRUE(std::isnan(out[r * d + e])) << "row " << r << " dim " << e;
+    }
+  }
+  EXPECT_TRUE(std::isfinite(out_lse[4]));
+  for (int64_t e = 0; e < d; ++e) {
+    EXPECT_TRUE(std::isfinite(out[4 * d + e])) << "dim " << e;
+    EXPECT_EQ(std::isnan(out[5 * d + e]), e == 3) << "dim " << e;
+  }
+  EXPECT_TRUE(std::isfinite(out_lse[5]));
+}
+
 TEST(MergeTest, SplittingASoftmaxAndMergingIsExact) {
   // Two halves of one softmax over scores s: merging their (O, LSE) gives the whole.
   std::mt19937 rng(3);

@@ -42,7 +42,8 @@ size_t MlaAttentionWorkspaceBytes(const MlaAttentionParams& p);
 // Online softmax in fp32 (the cache converted from the pool dtype). Each cached token is read
 // once per (query token, chunk) and scored against all num_heads heads (once per group of up
 // to 128 heads; heads are cut into more groups only when there are fewer than two (query
-// token, chunk) items per thread). A query token that sees no KV gets out = 0, lse = -inf. The
+// token, chunk) items per thread). A query token that sees no KV gets out = 0, lse = -inf; a NaN
+// score makes the head's row and lse NaN (as PagedAttentionCpu, split or not). The
 // result does not depend on the thread count.
 // REQUIRES: kv.num_planes == 1, kv.num_kv_heads == 1, kv.head_dim == latent_dim + rope_dim
 //   <= 15360 (rows are converted to fp32 a tile at a time in stack buffers); kv_lens[s] <=

@@ -340,7 +340,7 @@ void AttendItem(const MlaAttentionParams& p, int64_t blocks_per_part, int64_t t,
   }
 
   for (int64_t h = 0; h < nh; ++h) {
-    if (l[h] > 0.0f) {
+    if (l[h] != 0.0f) {  // 0: nothing visible; NaN (a NaN score): the row and LSE NaN
       const float inv = 1.0f / l[h];
       for (int64_t e = 0; e < latent; ++e) {
         o[h * latent + e] *= inv;

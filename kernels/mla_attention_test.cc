@@ -414,6 +414,32 @@ TEST(MlaAttentionTest, SplitKvEqualsUnsplitAndThreadCountDoesNotChangeBits) {
   EXPECT_EQ(std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * sizeof(float)), 0);
 }
 
+// A NaN score (here a NaN query element of one head) makes that head's row and LSE NaN, split or
+// not (a merge must not take a chunk's NaN LSE for an empty part); the other heads are unharmed.
+TEST(MlaAttentionTest, NanScoreMakesTheRowNan) {
+  std::mt19937 rng(8);
+  const int64_t tpb = 8;
+  Pool pool(DType::kBF16, 1, tpb, 64 + 16, 20);
+  pool.FillRandom(rng);
+  Problem pr = DecodeBatch({100}, tpb, 20, rng);
+  pr.layer = 0;
+  pr.RandomQ(rng);
+  pr.q[3 * pr.dk() + 70] = std::numeric_limits<float>::quiet_NaN();  // head 3, a rope element
+  const Result base = RunMla(pr, pool.view, 0, 0);
+  for (int64_t split : {int64_t{0}, 3 * tpb}) {
+    const Result r = RunMla(pr, pool.view, split, 2);
+    for (int64_t h = 0; h < pr.heads; ++h) {
+      EXPECT_EQ(std::isnan(r.lse[h]), h == 3) << "split " << split << " head " << h;
+      for (int64_t e = 0; e < pr.latent; ++e) {
+        EXPECT_EQ(std::isnan(r.out[h * pr.latent + e]), h == 3)
+            << "split " << split << " head " << h << " dim " << e;
+      }
+    }
+    ExpectAllNear(std::vector<double>(base.out.begin(), base.out.end()), r.out.data(), 1e-6, 1e-6,
+                  "split=" + std::to_string(split) + " out");
+  }
+}
+
 // A rank holding nothing for any sequence: out 0, lse -inf; lse may be nullptr.
 TEST(MlaAttentionTest, NoVisibleKv) {
   std::mt19937 rng(7);

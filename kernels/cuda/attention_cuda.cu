@@ -166,9 +166,12 @@ __device__ inline void SoftmaxStep(float* s_p, int stride, float* s_m, float* s_
 
 // Writes the normalised output of head g (sum = unnormalised value of dim e) and its LSE,
 // to the final output or to this chunk's workspace slot.
+// l (the softmax's sum) is 0 only when no row was visible (out 0, LSE -inf); it is NaN when a
+// score was NaN (from q or K) or +inf (inf - inf), and then so are the row and its LSE (also in
+// a split-KV chunk, so that the merge makes the whole row NaN: MergeStatesCpu's semantics).
 __device__ inline void StoreOut(const Args& a, const Item& it, int g, int e, float sum, float l) {
   const int64_t row = static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g;
-  const float v = l > 0.0f ? sum * (1.0f / l) : 0.0f;
+  const float v = l != 0.0f ? sum * (1.0f / l) : 0.0f;
   if (a.parts > 1) {
     a.ws_o[(static_cast<int64_t>(it.c) * a.rows + row) * a.d + e] = v;
   } else {
@@ -178,7 +181,7 @@ __device__ inline void StoreOut(const Args& a, const Item& it, int g, int e, flo
 
 __device__ inline void StoreLse(const Args& a, const Item& it, int g, float m, float l) {
   const int64_t row = static_cast<int64_t>(it.t) * a.num_q_heads + it.qh0 + g;
-  const float v = l > 0.0f ? m + logf(l) : kNegInf;
+  const float v = l != 0.0f ? m + logf(l) : kNegInf;
   if (a.parts > 1) {
     a.ws_lse[static_cast<int64_t>(it.c) * a.rows + row] = v;
   } else if (a.lse != nullptr) {
@@ -246,6 +249,7 @@ constexpr int kMaxStages = 4;
 constexpr int kDefaultPrefetchSteps = 0;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = -kNegInf;
 
 template <typename T, int D, int kG>
 struct WarpCfg {
@@ -358,6 +362,15 @@ __device__ inline void MmaStepScores(const T* rows, const MmaQFrags<D>& qa, floa
   }
   *x0 = (sa[0] + sa[2]) + (sb[0] + sb[2]);
   *x1 = (sa[1] + sa[3]) + (sb[1] + sb[3]);
+  // An infinite K element makes the hi row's score infinite, as q.k is; the lo row's may be NaN
+  // (0 x inf where q's remainder is 0) or the other infinity: the score is the hi row's then.
+  const float h0 = sa[0] + sb[0], h1 = sa[1] + sb[1];
+  if (fabsf(h0) == kInf) {
+    *x0 = h0;
+  }
+  if (fabsf(h1) == kInf) {
+    *x1 = h1;
+  }
 }
 
 // One online-softmax step of this lane's query row over the 8 rows' scores (x0, x1 here; -inf:
@@ -410,10 +423,13 @@ __device__ inline void MmaStepSoftmaxPv(float x0, float x1, const T* vrows, MmaA
 template <int D>
 __device__ inline void MmaStoreRow(const MmaAcc<D>& acc, float* dst, float scale) {
   const int t2 = 2 * (threadIdx.x & 3);
+  // An infinite V element makes the hi rows' sum infinite, as P.V is; the lo rows' may be NaN
+  // (0 x inf) or the other infinity: the value is the hi rows' then.
+  const auto sum = [](float hi, float lo) { return fabsf(hi) == kInf ? hi : hi + lo; };
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
     *reinterpret_cast<float2*>(dst + 8 * n + t2) =
-        make_float2((acc[n][0] + acc[n][2]) * scale, (acc[n][1] + acc[n][3]) * scale);
+        make_float2(sum(acc[n][0], acc[n][2]) * scale, sum(acc[n][1], acc[n][3]) * scale);
   }
 }
 
@@ -898,16 +914,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     for (int w = 0; w < warps; ++w) {
       m = fmaxf(m, s_wm[w * kG + g]);
     }
+    // Warps that saw no visible row (l 0) are left out. A warp whose scores were all NaN kept
+    // m = -inf (fmaxf passes NaN over) with l NaN: it is counted, so the row comes out NaN.
     float l = 0.0f;
     float o = 0.0f;
-    if (m != kNegInf) {
-      for (int w = 0; w < warps; ++w) {
+    for (int w = 0; w < warps; ++w) {
+      const float lw = s_wl[w * kG + g];
+      if (lw != 0.0f) {
         const float mw = s_wm[w * kG + g];
-        if (mw != kNegInf) {
-          const float f = exp2f(mw - m);
-          l = fmaf(s_wl[w * kG + g], f, l);
-          o = fmaf(red[(w * kG + g) * D + e], f, o);
-        }
+        const float f = mw == m ? 1.0f : exp2f(mw - m);
+        l = fmaf(lw, f, l);
+        o = fmaf(red[(w * kG + g) * D + e], f, o);
       }
     }
     StoreOut(a, it, g, e, o, l);
@@ -1072,9 +1089,10 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2) AttentionPrefillMmaKern
 
   if (has) {
     const int64_t row = t * a.num_q_heads + qh;
-    MmaStoreRow<D>(acc, a.out + row * D, l_run > 0.0f ? 1.0f / l_run : 0.0f);
+    // l_run: 0 when nothing was visible, NaN after a NaN score (see StoreOut).
+    MmaStoreRow<D>(acc, a.out + row * D, l_run != 0.0f ? 1.0f / l_run : 0.0f);
     if ((lane & 3) == 0 && a.lse != nullptr) {
-      a.lse[row] = l_run > 0.0f ? m_run * kLn2 + logf(l_run) : kNegInf;
+      a.lse[row] = l_run != 0.0f ? m_run * kLn2 + logf(l_run) : kNegInf;
     }
   }
 }
@@ -1185,12 +1203,19 @@ __global__ void __launch_bounds__(kThreads) AttentionGenericKernel(const Args a)
 constexpr int kMergeThreads = 256;
 constexpr int kMergeChunk = 256;  // part weights held in shared memory at a time
 
-// Block-wide max or sum of v (every thread gets the result); s holds one value per warp.
+// The larger of a and b, NaN if either is NaN (fmaxf passes NaN over): a part's NaN LSE (its
+// softmax saw a NaN) makes the merged row NaN, as MergeStatesCpu does.
+__device__ inline float MaxOrNan(float a, float b) {
+  return a != a || b != b ? a + b : fmaxf(a, b);
+}
+
+// Block-wide max (MaxOrNan) or sum of v (every thread gets the result); s holds one value per
+// warp.
 __device__ inline float MergeBlockReduce(float v, float* s, bool is_max) {
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) {
     const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, other) : v + other;
+    v = is_max ? MaxOrNan(v, other) : v + other;
   }
   __syncthreads();  // s may still be read by the previous reduction
   if ((threadIdx.x & 31) == 0) {
@@ -1200,7 +1225,7 @@ __device__ inline float MergeBlockReduce(float v, float* s, bool is_max) {
   float r = s[0];
 #pragma unroll
   for (int w = 1; w < kMergeThreads / 32; ++w) {
-    r = is_max ? fmaxf(r, s[w]) : r + s[w];
+    r = is_max ? MaxOrNan(r, s[w]) : r + s[w];
   }
   return r;
 }
@@ -1222,7 +1247,7 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesPa
   const float* lse = p.lse + row;  // part i at lse[i * rows]
   float mx = kNegInf;
   for (int64_t i = tid; i < parts; i += kMergeThreads) {
-    mx = fmaxf(mx, lse[i * p.rows]);
+    mx = MaxOrNan(mx, lse[i * p.rows]);
   }
   mx = MergeBlockReduce(mx, s_red, true);
   float* out = p.out + row * D;
@@ -1346,7 +1371,7 @@ __global__ void __launch_bounds__(kMergeThreads) MergeOnePassKernel(const MergeS
       l[k] = p.lse[j * p.rows + row];
       o[k] = *reinterpret_cast<const float4*>(p.o + (j * p.rows + row) * p.head_dim + 4 * u);
     }
-    mx = fmaxf(mx, l[k]);
+    mx = MaxOrNan(mx, l[k]);
   }
   mx = MergeBlockReduce(mx, s_red, true);
   float* out = p.out + row * p.head_dim;

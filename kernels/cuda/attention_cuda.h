@@ -40,15 +40,19 @@ size_t PagedAttentionCudaWorkspaceBytes(const PagedAttentionParams& p);
 // heads of a group share every K/V load. Head dims 64 and 128 take the warp-pipelined path
 // (each warp streams its own rows through a private 16-byte cp.async ring and keeps its own
 // softmax state; the warps combine at the end); any other head dim (<= 256) a plain path. A query
-// token that sees no KV gets out = 0, lse = -inf. With split-KV the chunks' (O, LSE) go to the
-// workspace and MergeStatesCuda combines them. The first call for a (dtype, head dim, group) shape
-// on a device sets the kernel's shared memory opt-in (a runtime call); make it, or
-// PagedAttentionCudaSplitTokens, once before capturing a CUDA graph. With split-KV the merge is a
-// programmatic dependent launch. p.l2_prefetch: the warp-pipelined kernel's thread blocks
-// (head dims 64 and 128) share the ranges and each has its share bulk-prefetched into L2 (sm_90)
-// before it waits for the kernel before it; other paths and older GPUs ignore them (a range
-// breaking their rules is cudaErrorInvalidValue). REQUIRES: the CPU version's REQUIRES; device
-// pointers; kv.base and q 16-byte aligned;
+// token that sees no KV gets out = 0, lse = -inf. NaN and infinities come out where the CPU
+// kernel has them (see PagedAttentionCpu), with one exception: the tensor-core prefill kernel
+// shares a KV tile among queries on both sides of the causal cut and multiplies a masked row's
+// probability (0) by its V row, so a NaN or infinite V element there also makes that dimension
+// NaN for the earlier queries of its tile (as flash-attention kernels do). With split-KV the
+// chunks' (O, LSE) go to the workspace and MergeStatesCuda combines them. The first call for a
+// (dtype, head dim, group) shape on a device sets the kernel's shared memory opt-in (a runtime
+// call); make it, or PagedAttentionCudaSplitTokens, once before capturing a CUDA graph. With
+// split-KV the merge is a programmatic dependent launch. p.l2_prefetch: the warp-pipelined kernel's
+// thread blocks (head dims 64 and 128) share the ranges and each has its share bulk-prefetched into
+// L2 (sm_90) before it waits for the kernel before it; other paths and older GPUs ignore them (a
+// range breaking their rules is cudaErrorInvalidValue). REQUIRES: the CPU version's REQUIRES;
+// device pointers; kv.base and q 16-byte aligned;
 //   workspace holds PagedAttentionCudaWorkspaceBytes(p) bytes (nullptr when that is 0),
 //   256-byte aligned as cudaMalloc returns; chunks per sequence (see kv_split_tokens)
 //   <= 65535.
@@ -59,7 +63,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace, c
 // [peers][tokens][heads][dim]: num_parts = peers, rows = tokens * heads. One thread block per
 // row; where the row's parts fit its threads (up to 8 each: 64 parts at head dim 128, 128 at 64)
 // and the layout allows 16-byte loads, every LSE and O value is loaded at once (one pass), else
-// the LSEs first and the O values after them.
+// the LSEs first and the O values after them. A NaN LSE makes the row NaN (MergeStatesCpu).
 cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream);
 
 // Whether PagedAttentionCuda does the math of 16-bit KV on the tensor cores (as

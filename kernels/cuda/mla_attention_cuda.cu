@@ -330,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(const MlaArgs 
       s_l[h] = l_run[j];
       if (h < G) {
         const int64_t row = static_cast<int64_t>(t) * a.num_heads + h0 + h;
-        const float v = l_run[j] > 0.0f ? __fmul_rn(m_run[j], kLn2) + logf(l_run[j]) : kNegInf;
+        // l_run: 0 when nothing was visible, NaN after a NaN score (the row and LSE NaN too).
+        const float v = l_run[j] != 0.0f ? __fmul_rn(m_run[j], kLn2) + logf(l_run[j]) : kNegInf;
         if (a.parts > 1) {
           a.ws_lse[static_cast<int64_t>(c) * a.rows + row] = v;
         } else if (a.lse != nullptr) {
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) MlaAttentionKernel(const MlaArgs 
       const int head = 8 * head_half + h;
       if (head < G) {
         const float l = s_l[head];
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float inv = l != 0.0f ? 1.0f / l : 0.0f;
         const int64_t row = static_cast<int64_t>(t) * a.num_heads + h0 + head;
         float* dst = a.parts > 1 ? a.ws_o + (static_cast<int64_t>(c) * a.rows + row) * a.latent
                                  : a.out + row * a.latent;

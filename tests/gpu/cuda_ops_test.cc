@@ -505,6 +505,103 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
 // Decode with every group size up to 8 and sub-groups above it, partial steps and an empty
 // sequence, split-KV, peaky scores, a causal prefill and a CP rank's positions; slots past each
 // sequence are poisoned.
+// NaN and infinities in q, K and V: NaN and each infinity (with its sign) at exactly the CPU's
+// positions in out and lse, everything else within tolerance, on the fp32-math kernels (warp
+// and generic paths) and the tensor-core ones, split or not. A NaN score (from q or K) makes
+// the head's row and LSE NaN, also when only one split-KV chunk sees it (the merge must not
+// take a NaN LSE for an empty part); a NaN or infinite V element only its own dimension; a
+// score of +inf makes the row NaN and one of -inf drops its row. In a causal prompt a NaN K row
+// reaches only the queries at or after it.
+TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
+  struct Restore {
+    ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
+  } restore;
+  const float nan = std::nanf(""), inf = kInf;
+  const int64_t tpb = 16, kv_heads = 2;
+  for (bool mma : {false, true}) {
+    if (mma && DeviceMajor() < 8) {
+      continue;  // mma.sync with bf16 needs sm_80
+    }
+    cuda::SetPagedAttentionCudaTuningForTesting({.tensor_cores = mma});
+    std::mt19937 rng(19);
+    for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+      for (int64_t group : {1, 4}) {
+        for (int64_t d : {64, 20}) {
+          Pool pool(dt, 1, kv_heads, tpb, d, 30);
+          pool.FillRandom(rng);
+          // Seven sequences of 40 tokens (blocks of 16 + 16 + 8), one decode query each.
+          Problem pr = DecodeBatch(std::vector<int32_t>(7, 40), tpb, 30, rng);
+          pr.num_kv_heads = kv_heads;
+          pr.num_q_heads = kv_heads * group;
+          pr.head_dim = d;
+          pr.layer = 0;
+          pr.q = RandomVector(rng, pr.tokens() * pr.num_q_heads * d);
+          PoisonUnusedSlots(pr, &pool);
+          // Token i of sequence s, KV head h, plane c (0 = K, 1 = V), element e.
+          const auto at = [&](int64_t s, int64_t i, int64_t h, int c, int64_t e) {
+            return KvOffset(pool.view, pr.tables[s][i / tpb], 0, c, h, i % tpb) + e;
+          };
+          const int64_t hq = pr.num_q_heads;
+          pool.Set(at(0, 5, 0, 0, 3), nan);       // a NaN score in the first chunk
+          pool.Set(at(1, 37, 1, 1, 2), nan);      // a NaN V element in the last
+          pr.q[(2 * hq + hq - 1) * d + 1] = nan;  // a NaN query
+          pool.Set(at(3, 20, 0, 1, 4), inf);      // +inf in V
+          pool.Set(at(3, 9, 0, 1, 5), -inf);      // -inf in V, another dimension
+          // K element 0 infinite where every query of the group is positive: a score of -inf
+          // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5.
+          for (int64_t s : {4, 5}) {
+            for (int64_t g = 0; g < group; ++g) {
+              pr.q[(s * hq + group + g) * d] = 0.5f;
+            }
+            pool.Set(at(s, 12, 1, 0, 0), s == 4 ? -inf : inf);
+          }
+          // Sequence 6 stays finite.
+          const AttnResult want = RunCpu(pr, pool.view);
+          ASSERT_TRUE(std::isnan(want.lse[0]) && std::isnan(want.out[(1 * hq + hq - 1) * d + 2]) &&
+                      std::isnan(want.lse[2 * hq + hq - 1]) && want.out[3 * hq * d + 4] == inf &&
+                      want.out[3 * hq * d + 5] == -inf &&
+                      std::isfinite(want.lse[4 * hq + hq - 1]) &&
+                      std::isnan(want.lse[5 * hq + hq - 1]))
+              << "the CPU reference";
+          for (int64_t split : {int64_t{0}, tpb, int64_t{-1}}) {
+            ExpectSame(want, RunCuda(pr, pool, split, nullptr),
+                       std::string(mma ? "mma " : "") + "non-finite " + Name(dt, group, d, split));
+          }
+        }
+      }
+      // A causal prompt of 40 tokens, 8 query heads on 2 KV heads: NaN in K at token 30 (KV head
+      // 1), +inf in V at token 12 (KV head 0, element 3), NaN in the query of token 7, head 0.
+      const int64_t d = 64, L = 40;
+      Pool pool(dt, 1, kv_heads, tpb, d, 8);
+      pool.FillRandom(rng);
+      Problem pr = CausalPrefill(L, tpb, 8, kv_heads, 4 * kv_heads, d, rng);
+      PoisonUnusedSlots(pr, &pool);
+      const auto at = [&](int64_t i, int64_t h, int c, int64_t e) {
+        return KvOffset(pool.view, pr.tables[0][i / tpb], pr.layer, c, h, i % tpb) + e;
+      };
+      pool.Set(at(30, 1, 0, 9), nan);
+      pr.q[(7 * pr.num_q_heads) * d + 11] = nan;
+      // The tensor-core prefill kernel multiplies a masked row's probability, 0, by its V row
+      // (a tile is shared by queries on both sides of the causal cut), so a non-finite V element
+      // reaches the queries before it there (documented in attention_cuda.h): not with mma.
+      if (!mma) {
+        pool.Set(at(12, 0, 1, 3), inf);
+      }
+      const AttnResult want = RunCpu(pr, pool.view);
+      ASSERT_TRUE(std::isfinite(want.lse[29 * pr.num_q_heads + 4]) &&
+                  std::isnan(want.lse[30 * pr.num_q_heads + 4]) &&
+                  std::isfinite(want.out[(11 * pr.num_q_heads) * d + 3]) &&
+                  (mma || want.out[(12 * pr.num_q_heads) * d + 3] == inf) &&
+                  std::isnan(want.lse[7 * pr.num_q_heads]))
+          << "the CPU reference";
+      for (int64_t split : {int64_t{0}, tpb}) {
+        ExpectSame(want, RunCuda(pr, pool, split, nullptr),
+                   std::string(mma ? "mma " : "") + "non-finite prefill " + Name(dt, 4, d, split));
+      }
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, AttentionTensorCores) {
   SKIP_IF_EMULATED("72 s emulated; attention_emu_test runs the tensor-core kernels");
   const int major = DeviceMajor();

@@ -42,6 +42,7 @@ struct Case {
   std::vector<int32_t> lens;  // one decode query per sequence, unless
   bool prefill = false;       // queries at every position of sequence 0
   int64_t cp = 1;             // > 1: the sequences' blocks are those of CP rank 1 of cp
+  bool nan_q = false;         // a NaN in the query of token 0, head 1: its row and LSE NaN
 };
 
 void RunCase(const Case& c, uint32_t seed) {
@@ -93,7 +94,10 @@ void RunCase(const Case& c, uint32_t seed) {
     }
   }
   const int64_t tokens = static_cast<int64_t>(q_seq.size());
-  const std::vector<float> q = RandomVector(rng, tokens * c.heads * dk, -2.0f, 2.0f);
+  std::vector<float> q = RandomVector(rng, tokens * c.heads * dk, -2.0f, 2.0f);
+  if (c.nan_q) {
+    q[1 * dk + 5] = std::numeric_limits<float>::quiet_NaN();
+  }
   MlaAttentionParams p{.q = q.data(),
                        .q_seq = q_seq.data(),
                        .q_pos = q_pos.data(),
@@ -127,7 +131,10 @@ void RunCase(const Case& c, uint32_t seed) {
                            " latent=" + std::to_string(c.latent) +
                            " rope=" + std::to_string(c.rope) + " tpb=" + std::to_string(c.tpb) +
                            " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "") +
-                           " cp=" + std::to_string(c.cp);
+                           " cp=" + std::to_string(c.cp) + (c.nan_q ? " nan_q" : "");
+  if (c.nan_q) {
+    ASSERT_TRUE(std::isnan(want_lse[1]) && std::isfinite(want_lse[0])) << "the CPU reference";
+  }
   ExpectAllNear(std::vector<double>(want_out.begin(), want_out.end()), out.data(), 2e-5, 2e-5,
                 what + " out");
   ExpectAllNear(std::vector<double>(want_lse.begin(), want_lse.end()), lse.data(), 2e-5, 2e-5,
@@ -160,6 +167,16 @@ TEST(MlaAttentionEmuTest, HeadGroupsOddRowsPrefillAndContextParallel) {
   RunCase({DType::kF16, 8, 61, 7, 4, 8, {30, 6}}, 21);
   RunCase({DType::kF32, 4, 64, 16, 16, 0, {21}, true}, 22);
   RunCase({DType::kBF16, 8, 64, 16, 4, 12, {26}, true, 3}, 23);
+}
+
+// A NaN in one head's query: that head's row and LSE NaN on the GPU as on the CPU, also with
+// split-KV (every chunk's LSE NaN: the merge must not take them for empty parts).
+TEST(MlaAttentionEmuTest, NanQueryMakesItsRowNan) {
+  for (int64_t split : {0, 32}) {
+    Case c{DType::kBF16, 8, 64, 16, 16, split, {100, 37}};
+    c.nan_q = true;
+    RunCase(c, 30);
+  }
 }
 
 }  // namespace
