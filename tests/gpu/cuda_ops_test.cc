@@ -806,10 +806,16 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
             lse[(r % parts) * rows + r] = -kInf;
             std::fill_n(o.begin() + ((r % parts) * rows + r) * d, d, std::nanf(""));
           }
-          if (r == 7) {  // all parts empty
+          if (r == 7 || r == 13) {  // all parts empty (13: but one, with a NaN LSE)
             for (int64_t i = 0; i < parts; ++i) {
               lse[i * rows + r] = -kInf;
             }
+          }
+          if (r == 11 || r == 13) {  // a part whose softmax saw a NaN: the row is NaN
+            lse[((r + 1) % parts) * rows + r] = std::nanf("");
+          }
+          if (r == 17) {  // a NaN in one part's O: that dimension only
+            o[((r + 1) % parts * rows + r) * d + d / 2] = std::nanf("");
           }
         }
         std::vector<float> want_out(rows * d), want_lse(rows);
@@ -837,8 +843,12 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
         ExpectAllNear(ToDouble(want_out), got_out.data(), kF32Tol, kF32Tol, what + " out");
         ExpectAllNear(ToDouble(want_lse), got_lse.data(), kF32Tol, kF32Tol, what + " lse");
         EXPECT_EQ(got_lse[7], -kInf) << what;
+        EXPECT_TRUE(std::isnan(got_lse[11]) && std::isnan(got_lse[13])) << what;
+        EXPECT_TRUE(std::isfinite(got_lse[17])) << what;
         for (int64_t e = 0; e < d; ++e) {
           EXPECT_EQ(got_out[7 * d + e], 0.0f) << what;
+          EXPECT_TRUE(std::isnan(got_out[11 * d + e]) && std::isnan(got_out[13 * d + e])) << what;
+          EXPECT_EQ(std::isnan(got_out[17 * d + e]), e == d / 2) << what;
         }
       }
     }
