@@ -433,6 +433,11 @@ __device__ inline void MmaStoreRow(const MmaAcc<D>& acc, float* dst, float scale
   }
 }
 
+// The running max a warp leaves for the combine of the block's warps, which skips warps whose
+// max is -inf (no visible row): 0 where the warp's sum l is NaN (a NaN score; fmaxf passed it
+// over, so its max may still be -inf), so that the warp is counted and the row comes out NaN.
+__device__ inline float WarpStateMax(float m, float l) { return l != l ? 0.0f : m; }
+
 // Groups of <= 4 heads: at most 128 registers a thread, so two 8-warp thread blocks fit an SM
 // (8 heads need more).
 template <typename T, int D, int kG, int kMode = kWarpDefault>
@@ -870,7 +875,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     const int gq = lane >> 2;
     MmaStoreRow<D>(acc_m, red + (warp * kG + gq) * D, 1.0f);
     if ((lane & 3) == 0) {
-      s_wm[warp * kG + gq] = m_run[0];
+      s_wm[warp * kG + gq] = WarpStateMax(m_run[0], l_run[0]);
       s_wl[warp * kG + gq] = l_run[0];
     }
   } else {
@@ -901,7 +906,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
 #pragma unroll
       for (int e = 0; e < kSmPerLane; ++e) {
         const int g = (lane >> 3) + 4 * e;
-        s_wm[warp * kG + g] = m_run[e];
+        s_wm[warp * kG + g] = WarpStateMax(m_run[e], l_run[e]);
         s_wl[warp * kG + g] = l_run[e];
       }
     }
@@ -914,17 +919,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kG == 4 || kMode == kWarpMma ?
     for (int w = 0; w < warps; ++w) {
       m = fmaxf(m, s_wm[w * kG + g]);
     }
-    // Warps that saw no visible row (l 0) are left out. A warp whose scores were all NaN kept
-    // m = -inf (fmaxf passes NaN over) with l NaN: it is counted, so the row comes out NaN.
     float l = 0.0f;
     float o = 0.0f;
-    for (int w = 0; w < warps; ++w) {
-      const float lw = s_wl[w * kG + g];
-      if (lw != 0.0f) {
+    if (m != kNegInf) {
+      for (int w = 0; w < warps; ++w) {
         const float mw = s_wm[w * kG + g];
-        const float f = mw == m ? 1.0f : exp2f(mw - m);
-        l = fmaf(lw, f, l);
-        o = fmaf(red[(w * kG + g) * D + e], f, o);
+        if (mw != kNegInf) {
+          const float f = exp2f(mw - m);
+          l = fmaf(s_wl[w * kG + g], f, l);
+          o = fmaf(red[(w * kG + g) * D + e], f, o);
+        }
       }
     }
     StoreOut(a, it, g, e, o, l);
