@@ -178,15 +178,17 @@ if [[ $BUILD_OK == 0 ]]; then
   # The kernels added or changed since the last GPU call (run there only under the CPU
   # emulation of CUDA) under compute-sanitizer: memcheck over the GEMV fusions (norm sums, RoPE
   # + K/V write), the chunked argmax, the Helix combine's pack/unpack, the row gather/scatter
-  # the attention's L2 prefetch and its early KV copies (the deferred own rows); racecheck over
+  # the attention's L2 prefetch and its early KV copies (the deferred own rows), the non-finite
+  # attention cases and both merge kernels (the one-pass one is new); racecheck over
   # the fusions' shared-memory epilogues and the early copies' ring slots.
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [[ -x $SANITIZER ]]; then
     NEW_OPS='CudaOpsTest.GemvNormSumsHandOff:CudaOpsTest.GemvRopeKv*:CudaOpsTest.RopeWriteKv*'
     NEW_OPS+=':CudaOpsTest.ArgmaxMatchesGreedySampler:CudaOpsTest.HelixCombinePackUnpackMerge'
     NEW_OPS+=':CudaOpsTest.GatherRowsMatchesCpu:CudaOpsTest.ScatterAddRowsMatchesCpu'
-    NEW_OPS+=':CudaOpsTest.AttentionEarlyKv*'
-    step memcheck_new_ops memcheck_new_ops.log 90 "$SANITIZER" --tool memcheck \
+    NEW_OPS+=':CudaOpsTest.AttentionEarlyKv*:CudaOpsTest.AttentionNonFiniteInputs'
+    NEW_OPS+=':CudaOpsTest.MergeStatesHelixLayout'
+    step memcheck_new_ops memcheck_new_ops.log 120 "$SANITIZER" --tool memcheck \
       --error-exitcode 1 "$BUILD/tests/gpu/cuda_ops_test" "--gtest_filter=$NEW_OPS"
     step memcheck_l2_prefetch memcheck_l2_prefetch.log 60 "$SANITIZER" --tool memcheck \
       --error-exitcode 1 "$BUILD/engine/cuda_backend_test" \
