@@ -111,8 +111,9 @@ size_t PagedAttentionWorkspaceBytes(const PagedAttentionParams& p);
 // Non-finite inputs propagate as IEEE arithmetic has them (the CUDA kernels give the same
 // positions): a NaN score (a NaN in q or in a visible K row) or a score of +inf makes the
 // head's whole row and its lse NaN, split or not (MergeStatesCpu keeps a chunk's NaN); a
-// score of -inf drops its row; a NaN or infinite visible V element reaches only its own
-// dimension of the output. Rows a query cannot see are never read.
+// score of -inf drops its row, as a mask does (all dropped: out 0, lse -inf); a NaN or infinite
+// visible V element reaches only its own dimension of the output. Rows a query cannot see are
+// never read.
 // Work items are (query token, KV chunk, set of KV heads), each walking its blocks in order
 // and all its heads per block; KV-head sets are cut only as far as needed to give every
 // thread work, and the result does not depend on the thread count.

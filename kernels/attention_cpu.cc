@@ -192,8 +192,10 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
         mx = vec::Max(mx, vec::Load(sc[g] + 8 * c));
       }
       const float m_new = std::max(st->m[g], vec::HorizontalMax(mx));
-      alpha[g] = std::exp(st->m[g] - m_new);  // 0 while m is still -inf
-      const V8 mv = vec::Set1(m_new);
+      // 0 while m is still -inf. Scores of -inf (an infinite K element) are dropped like masked
+      // rows, also where they are all the tile has (m_new -inf: exp(-inf - 0) = 0, not NaN).
+      alpha[g] = st->m[g] == kNegInf ? 0.0f : std::exp(st->m[g] - m_new);
+      const V8 mv = vec::Set1(m_new == kNegInf ? 0.0f : m_new);
       V8 sum = vec::Zero();
       for (int64_t c = 0; c < nv; ++c) {
         const V8 pr = vec::Exp(vec::Sub(vec::Load(sc[g] + 8 * c), mv));

@@ -161,6 +161,9 @@ void Reference(const Problem& pr, const KvPoolView& kv, std::vector<double>* out
           for (int64_t e = 0; e < d; ++e) {
             dot += static_cast<double>(q[e]) * ReadElem(kv, k_off + e);
           }
+          if (dot * scale == kNegInf) {
+            continue;  // a score of -inf (an infinite K element) drops its row, as a mask does
+          }
           scores.push_back(dot * scale);
           v_offs.push_back(KvOffset(kv, pr.tables[s][j], pr.layer, 1, kvh, i));
         }
@@ -449,8 +452,8 @@ TEST(AttentionTest, NonFiniteInputsPropagate) {
       for (int64_t d : {64, 20}) {
         Pool pool(dt, 1, kv_heads, tpb, d, 30);
         pool.FillRandom(rng);
-        // Seven sequences of 40 tokens (blocks 16 + 16 + 8), one decode query each.
-        Problem pr = DecodeBatch(std::vector<int32_t>(7, 40), tpb, 30, rng);
+        // Seven sequences of 40 tokens (blocks 16 + 16 + 8) and one of 1, a decode query each.
+        Problem pr = DecodeBatch({40, 40, 40, 40, 40, 40, 40, 1}, tpb, 30, rng);
         pr.num_kv_heads = kv_heads;
         pr.num_q_heads = kv_heads * group;
         pr.head_dim = d;
@@ -465,12 +468,13 @@ TEST(AttentionTest, NonFiniteInputsPropagate) {
         WriteElem(pool.view, kv_at(3, 20, 0, 1, 4), inf);               // +inf in V
         WriteElem(pool.view, kv_at(3, 9, 0, 1, 5), -inf);  // -inf in V, another dimension
         // K element 0 infinite with every query of the group positive there: a score of -inf
-        // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5.
-        for (int64_t s : {4, 5}) {
+        // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5, and -inf in the
+        // only row of sequence 7 (nothing left: out 0, lse -inf, as with nothing visible).
+        for (int64_t s : {4, 5, 7}) {
           for (int64_t g = 0; g < group; ++g) {
             pr.q[(s * pr.num_q_heads + group + g) * d] = 0.5f;
           }
-          WriteElem(pool.view, kv_at(s, 12, 1, 0, 0), s == 4 ? -inf : inf);
+          WriteElem(pool.view, kv_at(s, s == 7 ? 0 : 12, 1, 0, 0), s == 5 ? inf : -inf);
         }
         // Sequence 6 stays finite: its rows must be unharmed.
         for (int64_t split : {int64_t{0}, tpb, 2 * tpb}) {
@@ -489,6 +493,9 @@ TEST(AttentionTest, NonFiniteInputsPropagate) {
           EXPECT_EQ(r.out[(3 * hq) * d + 5], -inf);
           EXPECT_TRUE(std::isfinite(r.lse[4 * hq + hq - 1]));
           EXPECT_TRUE(std::isnan(r.lse[5 * hq + hq - 1]));
+          EXPECT_EQ(r.lse[7 * hq + hq - 1], -inf);
+          EXPECT_EQ(r.out[(7 * hq + hq - 1) * d], 0.0f);
+          EXPECT_TRUE(std::isfinite(r.lse[7 * hq]));
         }
       }
     }

@@ -305,8 +305,10 @@ void AttendItem(const MlaAttentionParams& p, int64_t blocks_per_part, int64_t t,
         mx = vec::Max(mx, vec::Load(s + 8 * v));
       }
       const float m_new = std::max(m[h], vec::HorizontalMax(mx));
-      alpha[h] = std::exp(m[h] - m_new);  // 0 while m is still -inf
-      const V8 mv = vec::Set1(m_new);
+      // 0 while m is still -inf; scores of -inf are dropped like masked rows, also where they
+      // are all the tile has (m_new -inf: exp(-inf - 0) = 0, not NaN).
+      alpha[h] = m[h] == kNegInf ? 0.0f : std::exp(m[h] - m_new);
+      const V8 mv = vec::Set1(m_new == kNegInf ? 0.0f : m_new);
       V8 sum = vec::Zero();
       for (int64_t v = 0; v < nv; ++v) {
         const V8 pr = vec::Exp(vec::Sub(vec::Load(s + 8 * v), mv));

@@ -1291,14 +1291,16 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const MergeStatesPa
       __syncthreads();  // the previous chunk's weights are no longer read
       for (int j = tid; j < n; j += kMergeThreads) {
         const float l = lse[(c0 + j) * p.rows];
-        s_w[j] = l == kNegInf ? 0.0f : expf(l - mx);
+        s_w[j] = l == kNegInf ? -1.0f : expf(l - mx);  // -1: an empty part
       }
       __syncthreads();
       if (g < groups) {
 #pragma unroll 4
         for (int j = g; j < n; j += groups) {
           const float w = s_w[j];
-          if (w != 0.0f) {  // an empty part's O may hold anything
+          // An empty part's O may hold anything; a weight that underflowed to 0 still counts
+          // (0 x NaN is NaN, as in MergeStatesCpu), and a NaN one (a NaN LSE) too.
+          if (!(w < 0.0f)) {
             const float* src = o + (c0 + j) * p.rows * D;
             float val[kVec];
             if constexpr (kVec == 4) {

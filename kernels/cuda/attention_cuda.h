@@ -93,7 +93,10 @@ struct PagedAttentionCudaTuning {
   bool bulk_copy = false;        // head dims 64 / 128, tokens_per_block a multiple of 8, sm_90:
                                  // each warp step's K and V rows arrive as two TMA bulk copies
                                  // completing on an mbarrier (instead of 16-byte cp.async per
-                                 // lane); ignored on older GPUs
+                                 // lane); ignored on older GPUs. The rows a partial step does not
+                                 // copy keep an earlier step's values, so there a NaN or
+                                 // infinite V element of an earlier row becomes NaN (0 x inf) in
+                                 // its dimension: not the CPU's non-finite positions
   bool tensor_cores = false;     // f16 / bf16 KV, head dims 64 / 128, sm_80+: q.K and P.V of
                                  // each warp step on the tensor cores (mma.sync), 8 query heads
                                  // per thread block, q and P split into two 16-bit halves each

@@ -499,19 +499,14 @@ TEST_F(CudaOpsTest, AttentionBulkCopies) {
   ExpectSame(want, RunCuda(pr, pool, 2 * tpb, nullptr), "bulk prefill split");
 }
 
-// The tensor-core variant of the warp-pipelined kernel (PagedAttentionCudaTuning::tensor_cores,
-// sm_80+): the register layouts of ldmatrix and mma.sync it assumes are checked here, on the
-// device, against the CPU at the fp32 kernel's tolerance (q and P go in as two 16-bit halves).
-// Decode with every group size up to 8 and sub-groups above it, partial steps and an empty
-// sequence, split-KV, peaky scores, a causal prefill and a CP rank's positions; slots past each
-// sequence are poisoned.
 // NaN and infinities in q, K and V: NaN and each infinity (with its sign) at exactly the CPU's
 // positions in out and lse, everything else within tolerance, on the fp32-math kernels (warp
 // and generic paths) and the tensor-core ones, split or not. A NaN score (from q or K) makes
 // the head's row and LSE NaN, also when only one split-KV chunk sees it (the merge must not
 // take a NaN LSE for an empty part); a NaN or infinite V element only its own dimension; a
-// score of +inf makes the row NaN and one of -inf drops its row. In a causal prompt a NaN K row
-// reaches only the queries at or after it.
+// score of +inf makes the row NaN and one of -inf drops its row (where it is the only one: out 0,
+// lse -inf, as with nothing visible). In a causal prompt a NaN K row reaches only the queries at
+// or after it.
 TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
   struct Restore {
     ~Restore() { cuda::SetPagedAttentionCudaTuningForTesting({}); }
@@ -529,8 +524,9 @@ TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
         for (int64_t d : {64, 20}) {
           Pool pool(dt, 1, kv_heads, tpb, d, 30);
           pool.FillRandom(rng);
-          // Seven sequences of 40 tokens (blocks of 16 + 16 + 8), one decode query each.
-          Problem pr = DecodeBatch(std::vector<int32_t>(7, 40), tpb, 30, rng);
+          // Seven sequences of 40 tokens (blocks of 16 + 16 + 8) and one of 1, a decode query
+          // each.
+          Problem pr = DecodeBatch({40, 40, 40, 40, 40, 40, 40, 1}, tpb, 30, rng);
           pr.num_kv_heads = kv_heads;
           pr.num_q_heads = kv_heads * group;
           pr.head_dim = d;
@@ -548,12 +544,13 @@ TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
           pool.Set(at(3, 20, 0, 1, 4), inf);      // +inf in V
           pool.Set(at(3, 9, 0, 1, 5), -inf);      // -inf in V, another dimension
           // K element 0 infinite where every query of the group is positive: a score of -inf
-          // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5.
-          for (int64_t s : {4, 5}) {
+          // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5, and -inf in
+          // the only row of sequence 7 (out 0, lse -inf, as with nothing visible).
+          for (int64_t s : {4, 5, 7}) {
             for (int64_t g = 0; g < group; ++g) {
               pr.q[(s * hq + group + g) * d] = 0.5f;
             }
-            pool.Set(at(s, 12, 1, 0, 0), s == 4 ? -inf : inf);
+            pool.Set(at(s, s == 7 ? 0 : 12, 1, 0, 0), s == 5 ? inf : -inf);
           }
           // Sequence 6 stays finite.
           const AttnResult want = RunCpu(pr, pool.view);
@@ -561,7 +558,8 @@ TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
                       std::isnan(want.lse[2 * hq + hq - 1]) && want.out[3 * hq * d + 4] == inf &&
                       want.out[3 * hq * d + 5] == -inf &&
                       std::isfinite(want.lse[4 * hq + hq - 1]) &&
-                      std::isnan(want.lse[5 * hq + hq - 1]))
+                      std::isnan(want.lse[5 * hq + hq - 1]) && want.lse[7 * hq + hq - 1] == -inf &&
+                      std::isfinite(want.lse[7 * hq]))
               << "the CPU reference";
           for (int64_t split : {int64_t{0}, tpb, int64_t{-1}}) {
             ExpectSame(want, RunCuda(pr, pool, split, nullptr),
@@ -570,31 +568,40 @@ TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
         }
       }
       // A causal prompt of 40 tokens, 8 query heads on 2 KV heads: NaN in K at token 30 (KV head
-      // 1), +inf in V at token 12 (KV head 0, element 3), NaN in the query of token 7, head 0.
+      // 1), +inf in V at token 12 (KV head 0, element 3), NaN in the query of token 7, head 0, and
+      // -inf in K at token 0 (KV head 0, element 5, where every query of heads 0-3 is positive):
+      // row 0 drops out, so token 0's heads 0-3 see nothing (out 0, lse -inf).
       const int64_t d = 64, L = 40;
       Pool pool(dt, 1, kv_heads, tpb, d, 8);
       pool.FillRandom(rng);
       Problem pr = CausalPrefill(L, tpb, 8, kv_heads, 4 * kv_heads, d, rng);
       PoisonUnusedSlots(pr, &pool);
+      const int64_t hq = pr.num_q_heads;
       const auto at = [&](int64_t i, int64_t h, int c, int64_t e) {
         return KvOffset(pool.view, pr.tables[0][i / tpb], pr.layer, c, h, i % tpb) + e;
       };
       pool.Set(at(30, 1, 0, 9), nan);
-      pr.q[(7 * pr.num_q_heads) * d + 11] = nan;
-      // The tensor-core prefill kernel multiplies a masked row's probability, 0, by its V row
-      // (a tile is shared by queries on both sides of the causal cut), so a non-finite V element
-      // reaches the queries before it there (documented in attention_cuda.h): not with mma.
-      if (!mma) {
-        pool.Set(at(12, 0, 1, 3), inf);
+      pr.q[(7 * hq) * d + 11] = nan;
+      pool.Set(at(0, 0, 0, 5), -inf);
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t h = 0; h < 4; ++h) {
+          pr.q[(t * hq + h) * d + 5] = 0.5f;
+        }
       }
-      const AttnResult want = RunCpu(pr, pool.view);
-      ASSERT_TRUE(std::isfinite(want.lse[29 * pr.num_q_heads + 4]) &&
-                  std::isnan(want.lse[30 * pr.num_q_heads + 4]) &&
-                  std::isfinite(want.out[(11 * pr.num_q_heads) * d + 3]) &&
-                  (mma || want.out[(12 * pr.num_q_heads) * d + 3] == inf) &&
-                  std::isnan(want.lse[7 * pr.num_q_heads]))
-          << "the CPU reference";
       for (int64_t split : {int64_t{0}, tpb}) {
+        // The tensor-core prefill kernel (mma, no split) multiplies a masked row's probability,
+        // 0, by its V row (a tile is shared by queries on both sides of the causal cut), so a
+        // non-finite V element reaches the queries before it there (documented in
+        // attention_cuda.h): no V infinity for it.
+        const bool v_inf = !(mma && split == 0);
+        pool.Set(at(12, 0, 1, 3), v_inf ? inf : 0.25f);
+        const AttnResult want = RunCpu(pr, pool.view);
+        ASSERT_TRUE(std::isfinite(want.lse[29 * hq + 4]) && std::isnan(want.lse[30 * hq + 4]) &&
+                    std::isfinite(want.out[(11 * hq) * d + 3]) &&
+                    (!v_inf || want.out[(12 * hq) * d + 3] == inf) &&
+                    std::isnan(want.lse[7 * hq]) && want.lse[0] == -inf &&
+                    std::isfinite(want.lse[1 * hq]))
+            << "the CPU reference";
         ExpectSame(want, RunCuda(pr, pool, split, nullptr),
                    std::string(mma ? "mma " : "") + "non-finite prefill " + Name(dt, 4, d, split));
       }
@@ -602,6 +609,12 @@ TEST_F(CudaOpsTest, AttentionNonFiniteInputs) {
   }
 }
 
+// The tensor-core variant of the warp-pipelined kernel (PagedAttentionCudaTuning::tensor_cores,
+// sm_80+): the register layouts of ldmatrix and mma.sync it assumes are checked here, on the
+// device, against the CPU at the fp32 kernel's tolerance (q and P go in as two 16-bit halves).
+// Decode with every group size up to 8 and sub-groups above it, partial steps and an empty
+// sequence, split-KV, peaky scores, a causal prefill and a CP rank's positions; slots past each
+// sequence are poisoned.
 TEST_F(CudaOpsTest, AttentionTensorCores) {
   SKIP_IF_EMULATED("72 s emulated; attention_emu_test runs the tensor-core kernels");
   const int major = DeviceMajor();
@@ -817,6 +830,10 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
           if (r == 17) {  // a NaN in one part's O: that dimension only
             o[((r + 1) % parts * rows + r) * d + d / 2] = std::nanf("");
           }
+          if (r == 19) {  // a part whose weight underflows to 0, its O NaN: 0 x NaN is NaN
+            lse[((r + 1) % parts) * rows + r] = -200.0f;
+            std::fill_n(o.begin() + ((r + 1) % parts * rows + r) * d, d, std::nanf(""));
+          }
         }
         std::vector<float> want_out(rows * d), want_lse(rows);
         MergeStatesCpu({.o = o.data(),
@@ -844,11 +861,12 @@ TEST_F(CudaOpsTest, MergeStatesHelixLayout) {
         ExpectAllNear(ToDouble(want_lse), got_lse.data(), kF32Tol, kF32Tol, what + " lse");
         EXPECT_EQ(got_lse[7], -kInf) << what;
         EXPECT_TRUE(std::isnan(got_lse[11]) && std::isnan(got_lse[13])) << what;
-        EXPECT_TRUE(std::isfinite(got_lse[17])) << what;
+        EXPECT_TRUE(std::isfinite(got_lse[17]) && std::isfinite(got_lse[19])) << what;
         for (int64_t e = 0; e < d; ++e) {
           EXPECT_EQ(got_out[7 * d + e], 0.0f) << what;
           EXPECT_TRUE(std::isnan(got_out[11 * d + e]) && std::isnan(got_out[13 * d + e])) << what;
           EXPECT_EQ(std::isnan(got_out[17 * d + e]), e == d / 2) << what;
+          EXPECT_TRUE(std::isnan(got_out[19 * d + e])) << what;
         }
       }
     }
