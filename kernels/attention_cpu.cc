@@ -143,7 +143,6 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
 
   for (int64_t i0 = 0; i0 < a.nvis; i0 += kTile) {
     const int64_t nt = std::min(kTile, a.nvis - i0);
-    const int64_t nv = (nt + 7) / 8;  // vectors of tokens
     // While a K row is scored, prefetch the V row that follows it and the matching row of
     // the K rows processed next, which the hardware prefetcher cannot predict (blocks are
     // scattered). Spread out, so the prefetches never pile up in the miss buffers.
@@ -184,26 +183,7 @@ void AttendRows(const RowsArgs& a, GroupState* st) {
     }
 
     for (int g = 0; g < G; ++g) {
-      for (int64_t r = nt; r < nv * 8; ++r) {
-        sc[g][r] = kNegInf;  // padding: exp gives 0
-      }
-      V8 mx = vec::Load(sc[g]);
-      for (int64_t c = 1; c < nv; ++c) {
-        mx = vec::Max(mx, vec::Load(sc[g] + 8 * c));
-      }
-      const float m_new = std::max(st->m[g], vec::HorizontalMax(mx));
-      // 0 while m is still -inf. Scores of -inf (an infinite K element) are dropped like masked
-      // rows, also where they are all the tile has (m_new -inf: exp(-inf - 0) = 0, not NaN).
-      alpha[g] = st->m[g] == kNegInf ? 0.0f : std::exp(st->m[g] - m_new);
-      const V8 mv = vec::Set1(m_new == kNegInf ? 0.0f : m_new);
-      V8 sum = vec::Zero();
-      for (int64_t c = 0; c < nv; ++c) {
-        const V8 pr = vec::Exp(vec::Sub(vec::Load(sc[g] + 8 * c), mv));
-        vec::Store(sc[g] + 8 * c, pr);
-        sum = vec::Add(sum, pr);
-      }
-      st->l[g] = st->l[g] * alpha[g] + vec::HorizontalSum(sum);
-      st->m[g] = m_new;
+      alpha[g] = vec::OnlineSoftmaxTile(sc[g], nt, &st->m[g], &st->l[g]);
     }
 
     const int64_t v_row = a.v_off + i0 * d;

@@ -47,23 +47,26 @@ struct Pool {
   int64_t num_blocks() const {
     return static_cast<int64_t>(storage.size() / DTypeSize(view.dtype)) / view.block_elems();
   }
+  // Element i of the pool = f, rounded to the dtype.
+  void Set(int64_t i, float f) {
+    switch (view.dtype) {
+      case DType::kF32:
+        static_cast<float*>(view.base)[i] = f;
+        break;
+      case DType::kF16:
+        static_cast<uint16_t*>(view.base)[i] = FloatToHalf(f);
+        break;
+      case DType::kBF16:
+        static_cast<uint16_t*>(view.base)[i] = FloatToBf16(f);
+        break;
+    }
+  }
   // Fills every element with a random value (rounded to the dtype).
   void FillRandom(std::mt19937& rng) {
     std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
     const int64_t n = num_blocks() * view.block_elems();
     for (int64_t i = 0; i < n; ++i) {
-      const float f = dist(rng);
-      switch (view.dtype) {
-        case DType::kF32:
-          static_cast<float*>(view.base)[i] = f;
-          break;
-        case DType::kF16:
-          static_cast<uint16_t*>(view.base)[i] = FloatToHalf(f);
-          break;
-        case DType::kBF16:
-          static_cast<uint16_t*>(view.base)[i] = FloatToBf16(f);
-          break;
-      }
+      Set(i, dist(rng));
     }
   }
 };
@@ -422,20 +425,6 @@ TEST(AttentionTest, SplitKvEqualsUnsplit) {
   }
 }
 
-void WriteElem(const KvPoolView& v, int64_t off, float f) {
-  switch (v.dtype) {
-    case DType::kF32:
-      static_cast<float*>(v.base)[off] = f;
-      break;
-    case DType::kF16:
-      static_cast<uint16_t*>(v.base)[off] = FloatToHalf(f);
-      break;
-    case DType::kBF16:
-      static_cast<uint16_t*>(v.base)[off] = FloatToBf16(f);
-      break;
-  }
-}
-
 // NaN and infinities in q, K and V: the positions of NaN and of each infinity (with its sign)
 // in out and lse are the float64 reference's, whatever the split, and everything else is near
 // it. A NaN score (from q or K) makes the head's whole row NaN and its LSE NaN, also with
@@ -462,11 +451,11 @@ TEST(AttentionTest, NonFiniteInputsPropagate) {
         const auto kv_at = [&](int64_t s, int64_t i, int64_t h, int c, int64_t e) {
           return KvOffset(pool.view, pr.tables[s][i / tpb], 0, c, h, i % tpb) + e;
         };
-        WriteElem(pool.view, kv_at(0, 5, 0, 0, 3), nan);   // a NaN score, first chunk
-        WriteElem(pool.view, kv_at(1, 37, 1, 1, 2), nan);  // a NaN V element, last chunk
+        pool.Set(kv_at(0, 5, 0, 0, 3), nan);   // a NaN score, first chunk
+        pool.Set(kv_at(1, 37, 1, 1, 2), nan);  // a NaN V element, last chunk
         pr.q[(2 * pr.num_q_heads + pr.num_q_heads - 1) * d + 1] = nan;  // a NaN query
-        WriteElem(pool.view, kv_at(3, 20, 0, 1, 4), inf);               // +inf in V
-        WriteElem(pool.view, kv_at(3, 9, 0, 1, 5), -inf);  // -inf in V, another dimension
+        pool.Set(kv_at(3, 20, 0, 1, 4), inf);                           // +inf in V
+        pool.Set(kv_at(3, 9, 0, 1, 5), -inf);  // -inf in V, another dimension
         // K element 0 infinite with every query of the group positive there: a score of -inf
         // (the row drops out) in sequence 4, +inf (the row is NaN) in sequence 5, and -inf in the
         // only row of sequence 7 (nothing left: out 0, lse -inf, as with nothing visible).
@@ -474,7 +463,7 @@ TEST(AttentionTest, NonFiniteInputsPropagate) {
           for (int64_t g = 0; g < group; ++g) {
             pr.q[(s * pr.num_q_heads + group + g) * d] = 0.5f;
           }
-          WriteElem(pool.view, kv_at(s, s == 7 ? 0 : 12, 1, 0, 0), s == 5 ? inf : -inf);
+          pool.Set(kv_at(s, s == 7 ? 0 : 12, 1, 0, 0), s == 5 ? inf : -inf);
         }
         // Sequence 6 stays finite: its rows must be unharmed.
         for (int64_t split : {int64_t{0}, tpb, 2 * tpb}) {

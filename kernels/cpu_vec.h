@@ -3,8 +3,10 @@
 #ifndef HELIX_KERNELS_CPU_VEC_H_
 #define HELIX_KERNELS_CPU_VEC_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "kernels/dtype.h"
 
@@ -162,6 +164,36 @@ inline float LoadScalarAs(const void* base, int64_t idx) {
   } else {
     return Bf16ToFloat(static_cast<const uint16_t*>(base)[idx]);
   }
+}
+
+// One online-softmax step of the CPU attention kernels over a tile's scores s[0, nt) (s holds
+// whole vectors: the padding up to them is set to -inf here, so exp gives it 0): the scores
+// become exp(s - max), the running max *m and sum *l move on, and the factor that rescales the
+// output accumulated so far is returned (0 while *m is still -inf). Scores of -inf (an infinite K
+// element) drop their row like masked ones, also where they are all the tile has; a NaN score
+// makes *l NaN.
+inline float OnlineSoftmaxTile(float* s, int64_t nt, float* m, float* l) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t nv = (nt + 7) / 8;  // vectors of scores
+  for (int64_t r = nt; r < nv * 8; ++r) {
+    s[r] = kNegInf;
+  }
+  V8 mx = Load(s);
+  for (int64_t v = 1; v < nv; ++v) {
+    mx = Max(mx, Load(s + 8 * v));
+  }
+  const float m_new = std::max(*m, HorizontalMax(mx));
+  const float alpha = *m == kNegInf ? 0.0f : std::exp(*m - m_new);
+  const V8 mv = Set1(m_new == kNegInf ? 0.0f : m_new);  // all -inf: exp(-inf - 0) = 0, not NaN
+  V8 sum = Zero();
+  for (int64_t v = 0; v < nv; ++v) {
+    const V8 pr = Exp(Sub(Load(s + 8 * v), mv));
+    Store(s + 8 * v, pr);
+    sum = Add(sum, pr);
+  }
+  *l = *l * alpha + HorizontalSum(sum);
+  *m = m_new;
+  return alpha;
 }
 
 }  // namespace helix::kernels::vec

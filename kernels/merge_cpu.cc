@@ -21,7 +21,7 @@ void MergeStatesCpu(const MergeStatesParams& p, ThreadPool* pool) {
       float max_lse = neg_inf;
       for (int64_t i = 0; i < p.num_parts; ++i) {
         const float l = p.lse[i * p.rows + r];
-        max_lse = std::isnan(l) || std::isnan(max_lse) ? l + max_lse : std::max(max_lse, l);
+        max_lse = std::isnan(l) ? l : std::max(max_lse, l);  // std::max keeps a NaN max_lse
       }
       std::fill(out, out + p.head_dim, 0.0f);
       if (max_lse == neg_inf) {

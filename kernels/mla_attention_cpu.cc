@@ -294,29 +294,8 @@ void AttendItem(const MlaAttentionParams& p, int64_t blocks_per_part, int64_t t,
     }
     load_rows(buf ^ 1, loaded, n_next);
 
-    const int64_t nv = (nt + 7) / 8;
     for (int64_t h = 0; h < nh; ++h) {
-      float* s = sc + h * kTileRows;
-      for (int64_t r = nt; r < nv * 8; ++r) {
-        s[r] = kNegInf;  // padding: exp gives 0
-      }
-      V8 mx = vec::Load(s);
-      for (int64_t v = 1; v < nv; ++v) {
-        mx = vec::Max(mx, vec::Load(s + 8 * v));
-      }
-      const float m_new = std::max(m[h], vec::HorizontalMax(mx));
-      // 0 while m is still -inf; scores of -inf are dropped like masked rows, also where they
-      // are all the tile has (m_new -inf: exp(-inf - 0) = 0, not NaN).
-      alpha[h] = m[h] == kNegInf ? 0.0f : std::exp(m[h] - m_new);
-      const V8 mv = vec::Set1(m_new == kNegInf ? 0.0f : m_new);
-      V8 sum = vec::Zero();
-      for (int64_t v = 0; v < nv; ++v) {
-        const V8 pr = vec::Exp(vec::Sub(vec::Load(s + 8 * v), mv));
-        vec::Store(s + 8 * v, pr);
-        sum = vec::Add(sum, pr);
-      }
-      l[h] = l[h] * alpha[h] + vec::HorizontalSum(sum);
-      m[h] = m_new;
+      alpha[h] = vec::OnlineSoftmaxTile(sc + h * kTileRows, nt, &m[h], &l[h]);
     }
 
     const int64_t lat8 = latent / 8 * 8;
