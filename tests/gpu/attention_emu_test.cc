@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -33,6 +34,14 @@ struct Case {
   bool prefill = false;       // position from prefill_from (or the last, if smaller) of every
   int32_t prefill_from = 0;   // sequence: a causal (chunked) prefill
   std::vector<int32_t> froms = {};  // with prefill: prefill_from of each sequence, if given
+  // Optional, for RandomCasesAgainstCpu: KV heads; a context-parallel placement (this rank holds
+  // blocks cp_rank, cp_rank + cp, ... of each sequence: block j's first global position is
+  // (j * cp + cp_rank) * tpb); explicit query positions per sequence (global, ascending; they
+  // replace the decode / prefill queries above when given); the softmax scale's factor over
+  // 1 / sqrt(d).
+  int64_t kv_heads = 2, cp = 1, cp_rank = 0;
+  std::vector<std::vector<int32_t>> q_positions = {};
+  float scale_mul = 1.0f;
 };
 
 // PagedAttentionParams::l2_prefetch of every RunCase call (none unless a test sets it).
@@ -66,7 +75,7 @@ void Store(DType t, void* base, int64_t i, float f) {
 // kernel: the PagedAttentionCudaKernelName the case must run, or nullptr for any.
 void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   std::mt19937 rng(seed);
-  const int64_t kv_heads = 2, layers = 2, layer = 1;
+  const int64_t kv_heads = c.kv_heads, layers = 2, layer = 1;
   const int64_t q_heads = kv_heads * c.group;
   int64_t max_blocks = 1, total_blocks = 0;
   for (int32_t len : c.lens) {
@@ -90,11 +99,18 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   for (int64_t s = 0; s < seqs; ++s) {
     for (int64_t j = 0; j * c.tpb < c.lens[s]; ++j) {
       tables[s * max_blocks + j] = ids[next++];
-      firsts[s * max_blocks + j] = static_cast<int32_t>(j * c.tpb);
+      firsts[s * max_blocks + j] = static_cast<int32_t>((j * c.cp + c.cp_rank) * c.tpb);
     }
   }
   std::vector<int32_t> q_seq, q_pos;
-  if (c.prefill) {
+  if (!c.q_positions.empty()) {
+    for (int64_t s = 0; s < seqs; ++s) {
+      for (int32_t pos : c.q_positions[s]) {
+        q_seq.push_back(static_cast<int32_t>(s));
+        q_pos.push_back(pos);
+      }
+    }
+  } else if (c.prefill) {
     for (int64_t s = 0; s < seqs; ++s) {
       const int32_t from = c.froms.empty() ? c.prefill_from : c.froms[s];
       for (int32_t i = std::min(from, std::max(0, c.lens[s] - 1)); i < c.lens[s]; ++i) {
@@ -124,7 +140,7 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
                          .num_q_heads = q_heads,
                          .num_kv_heads = kv_heads,
                          .head_dim = c.d,
-                         .scale = 1.0f / std::sqrt(static_cast<float>(c.d)),
+                         .scale = c.scale_mul / std::sqrt(static_cast<float>(c.d)),
                          .out = nullptr,
                          .lse = nullptr,
                          .kv_split_tokens = 0};
@@ -188,9 +204,16 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
     g_pdl.out = out;
     g_pdl.lse = lse;
   }
-  const std::string what = std::string(DTypeName(c.dtype)) + " group=" + std::to_string(c.group) +
-                           " d=" + std::to_string(c.d) + " tpb=" + std::to_string(c.tpb) +
-                           " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "");
+  std::string what = std::string(DTypeName(c.dtype)) + " group=" + std::to_string(c.group) +
+                     " d=" + std::to_string(c.d) + " tpb=" + std::to_string(c.tpb) +
+                     " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "");
+  if (c.kv_heads != 2 || c.cp != 1 || !c.q_positions.empty() || c.scale_mul != 1.0f) {
+    what += " kv_heads=" + std::to_string(c.kv_heads) + " cp=" + std::to_string(c.cp) + "/" +
+            std::to_string(c.cp_rank) + " scale_mul=" + std::to_string(c.scale_mul) + " lens=";
+    for (int32_t len : c.lens) what += std::to_string(len) + ",";
+    what += " q_pos=";
+    for (int32_t pos : q_pos) what += std::to_string(pos) + ",";
+  }
   ExpectAllNear(std::vector<double>(want_out.begin(), want_out.end()), out.data(), 2e-5, 2e-5,
                 what + " out");
   ExpectAllNear(std::vector<double>(want_lse.begin(), want_lse.end()), lse.data(), 2e-5, 2e-5,
@@ -480,6 +503,108 @@ TEST(AttentionEmuTest, SplitHonoursTheCallersShortestChunk) {
   EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p, 4096), 0);   // one chunk: no split
   p.max_blocks_per_seq = 4096;  // 64K tokens: the wave, not the shortest chunk, decides
   EXPECT_EQ(cuda::PagedAttentionCudaSplitTokens(p, 512), cuda::PagedAttentionCudaSplitTokens(p));
+}
+
+// Random shapes and settings against the CPU kernel (a differential fuzz): every dtype, head
+// dims of the warp-pipelined and generic paths, groups 1-12 (and 16, 24: several thread blocks
+// per group), 1-3 KV heads, block sizes that do and do not fit a warp step, empty, one-token and
+// partial sequences, context-parallel block placements with queries before, inside and after a
+// rank's blocks, decode, prefill and arbitrary query positions, split-KV or not, larger softmax
+// scales, and random kernel tuning (warps, ring depth, L2 prefetch distance, tensor cores, TMA
+// bulk copies, two-pass merge); a quarter of the decode cases also run with the early KV copies
+// under the programmatic-launch hook and must give the same bits as without. HELIX_FUZZ_CASES
+// (default 40) cases from seed HELIX_FUZZ_SEED (default 1): a failure names its seed, and
+// HELIX_FUZZ_SEED=<seed> HELIX_FUZZ_CASES=1 reruns it alone.
+int64_t EnvInt(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
+}
+
+TEST(AttentionEmuTest, RandomCasesAgainstCpu) {
+  struct Restore {
+    ~Restore() {
+      cuda::SetPagedAttentionCudaTuningForTesting({});
+      g_pdl = {};
+    }
+  } restore;
+  const int64_t cases = EnvInt("HELIX_FUZZ_CASES", 40);
+  const auto first_seed = static_cast<uint32_t>(EnvInt("HELIX_FUZZ_SEED", 1));
+  for (int64_t i = 0; i < cases; ++i) {
+    const uint32_t seed = first_seed + static_cast<uint32_t>(i);
+    std::mt19937 rng(seed * 2654435761u);
+    const auto pick = [&](int lo, int hi) {  // uniform in [lo, hi]
+      return std::uniform_int_distribution<int>(lo, hi)(rng);
+    };
+    const auto chance = [&](double p) { return std::bernoulli_distribution(p)(rng); };
+    Case c{};
+    const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+    c.dtype = dtypes[pick(0, 2)];
+    const int64_t generic_dims[] = {8, 16, 20, 32, 40, 96, 256};
+    c.d = chance(0.8) ? (chance(0.5) ? 64 : 128) : generic_dims[pick(0, 6)];
+    c.group = chance(0.9) ? pick(1, 12) : (chance(0.5) ? 16 : 24);
+    c.kv_heads = pick(1, 3);
+    const int64_t tpbs[] = {1, 2, 3, 5, 7, 8, 16, 16, 32, 64};
+    c.tpb = tpbs[pick(0, 9)];
+    const int seqs = pick(1, 4);
+    for (int s = 0; s < seqs; ++s) {
+      const int kind = pick(0, 5);
+      c.lens.push_back(kind == 0   ? 0
+                       : kind == 1 ? 1
+                       : kind <= 3 ? pick(1, static_cast<int>(3 * c.tpb))
+                                   : pick(1, 300));
+    }
+    if (chance(0.3)) {
+      c.cp = pick(2, 4);
+      c.cp_rank = pick(0, static_cast<int>(c.cp) - 1);
+    }
+    const int mode = c.cp > 1 ? 2 : pick(0, 2);  // 0 decode, 1 prefill, 2 explicit positions
+    if (mode == 1) {
+      c.prefill = true;
+      for (int s = 0; s < seqs; ++s) c.froms.push_back(pick(0, std::max(0, c.lens[s] - 1)));
+    } else if (mode == 2) {
+      for (int s = 0; s < seqs; ++s) {
+        const int64_t blocks = (c.lens[s] + c.tpb - 1) / c.tpb;
+        const int end = static_cast<int>((std::max<int64_t>(blocks - 1, 0) * c.cp + c.cp_rank + 2) *
+                                         c.tpb);  // a block past the rank's last
+        std::vector<int32_t> pos;
+        for (int n = pick(1, 3); n > 0; --n) pos.push_back(pick(0, end));
+        std::sort(pos.begin(), pos.end());
+        pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
+        c.q_positions.push_back(pos);
+      }
+    }
+    c.split = chance(0.5) ? 0 : c.tpb * pick(1, 6);
+    c.scale_mul = chance(0.8) ? 1.0f : (chance(0.5) ? 4.0f : 8.0f);
+    cuda::PagedAttentionCudaTuning t{};
+    t.warps_per_block = chance(0.5) ? 0 : pick(1, 8);
+    t.stages = chance(0.5) ? 0 : pick(2, 4);
+    t.prefetch_steps = chance(0.85) ? 0 : pick(1, 3);
+    t.tensor_cores = chance(0.4);
+    t.bulk_copy = chance(0.15);
+    t.merge_two_pass = chance(0.3);
+    cuda::SetPagedAttentionCudaTuningForTesting(t);
+    SCOPED_TRACE("fuzz seed " + std::to_string(seed) + " (warps " +
+                 std::to_string(t.warps_per_block) + ", stages " + std::to_string(t.stages) +
+                 ", prefetch " + std::to_string(t.prefetch_steps) + ", tensor cores " +
+                 std::to_string(t.tensor_cores) + ", bulk " + std::to_string(t.bulk_copy) +
+                 ", two-pass merge " + std::to_string(t.merge_two_pass) + ")");
+    if (mode == 0 && chance(0.25)) {
+      g_pdl = PdlRun{};
+      g_pdl.on = true;
+      RunCase(c, seed);
+      const PdlRun late = g_pdl;
+      g_pdl.early = true;
+      RunCase(c, seed);
+      EXPECT_EQ(g_pdl.out, late.out);
+      EXPECT_EQ(g_pdl.lse, late.lse);
+      g_pdl = {};
+    } else {
+      RunCase(c, seed);
+    }
+    if (HasFailure()) {
+      break;  // the first failing seed is the one to rerun
+    }
+  }
 }
 
 }  // namespace

@@ -2,8 +2,8 @@
 // its kernels (index math, pipeline stages, shuffles, barriers) can be checked against the CPU
 // reference on a machine without a GPU. Test-only; include before the .cu file, with
 // HELIX_CUDA_EMULATION defined. Each thread block runs as blockDim.x fibers on the launching
-// host thread, switching at barriers; cp.async copies synchronously. One grid at a time per host
-// thread.
+// host thread, switching at barriers; a cp.async copy lands when issued or, in some thread
+// blocks, only at the wait that covers it (see CopyMode). One grid at a time per host thread.
 #ifndef HELIX_TESTS_GPU_CUDA_EMU_H_
 #define HELIX_TESTS_GPU_CUDA_EMU_H_
 
@@ -134,6 +134,12 @@ inline void StartContext(Context* c, char* stack, size_t size, void (*entry)()) 
 // Each CUDA thread of a block is a fiber on the launching host thread: fibers run one at a time
 // and switch only at barriers (__syncthreads, __syncwarp, the shuffles), which keeps the
 // barriers' semantics and costs a context switch instead of a host thread wake-up.
+// A cp.async copy issued and not yet landed (deferred mode): its 16 bytes, read when issued.
+struct PendingCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
 struct Fiber {
   Context ctx;
   char* stack = nullptr;
@@ -142,8 +148,43 @@ struct Fiber {
   int wait = 0;  // 0: runnable; 1: at the block barrier; 2: at its warp's barrier
   uint64_t wait_gen = 0;
   bool done = false;
-  bool pdl_waited = false;  // reached PdlEnter (counted only with a PdlHook)
+  bool pdl_waited = false;                       // reached PdlEnter (counted only with a PdlHook)
+  bool defer_copies = false;                     // this block's CopyMode
+  std::vector<PendingCopy> open_copies;          // issued, not committed to a group yet
+  std::vector<std::vector<PendingCopy>> groups;  // committed and pending, oldest first
 };
+
+// When a cp.async copy writes shared memory. kImmediate: as it is issued, so a copy issued into a
+// slot that a thread still reads corrupts the read (a missing barrier before reusing a buffer).
+// kDeferred: the copy reads its source when issued but writes its destination only when the
+// issuing thread's cp.async.wait_group takes its group (or the thread ends), so a read before
+// the wait that covers the copy finds what the slot held before (a wait on too few groups, or a
+// thread reading another's copy without its wait and a barrier between). kMixed (the default):
+// thread blocks take both, combined with both of Launch's running orders (block index % 4: 0
+// deferred, 1 and 2 immediate, 3 deferred; odd blocks run greedily), so a grid of one block is
+// deferred and grids of four or more have every combination. HELIX_EMU_CP_ASYNC=immediate or
+// =deferred sets every block.
+enum class CopyMode { kMixed, kImmediate, kDeferred };
+inline CopyMode CopyModeFromEnv() {
+  const char* v = std::getenv("HELIX_EMU_CP_ASYNC");
+  if (v == nullptr || *v == '\0') return CopyMode::kMixed;
+  if (std::strcmp(v, "immediate") == 0) return CopyMode::kImmediate;
+  if (std::strcmp(v, "deferred") == 0) return CopyMode::kDeferred;
+  std::fprintf(stderr, "cuda_emu: HELIX_EMU_CP_ASYNC=%s is not immediate or deferred\n", v);
+  std::abort();
+}
+inline const CopyMode g_copy_mode = CopyModeFromEnv();
+
+inline void LandCopies(const std::vector<PendingCopy>& copies) {
+  for (const PendingCopy& c : copies) std::memcpy(c.dst, c.bytes, 16);
+}
+// Lands the calling thread's committed groups but the newest `keep`.
+inline void LandGroups(Fiber& f, size_t keep) {
+  while (f.groups.size() > keep) {
+    LandCopies(f.groups.front());
+    f.groups.erase(f.groups.begin());
+  }
+}
 
 constexpr int kWords = 8;
 
@@ -266,6 +307,9 @@ float Elem(int lane, int reg, int half) {
 
 [[noreturn]] inline void FiberMain() {
   (*t_body)();
+  LandGroups(*t_fiber, 0);  // copies still pending when the thread ends land all the same
+  LandCopies(t_fiber->open_copies);
+  t_fiber->open_copies.clear();
   t_fiber->done = true;
   SwitchContext(&t_fiber->ctx, t_scheduler);  // never resumed
   std::abort();
@@ -325,6 +369,10 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
       // steps. Code relying on an order between barriers (a missing __syncthreads, a buffer
       // refilled while another warp may still read it) sees both orders.
       const bool greedy = ((bx + by) & 1) != 0;
+      const unsigned order = (bx + by) % 4;
+      const bool defer = g_copy_mode == CopyMode::kDeferred ||
+                         (g_copy_mode == CopyMode::kMixed && (order == 0 || order == 3));
+      for (Fiber& f : fibers) f.defer_copies = defer;
       const int warps = (threads + 31) / 32;
       int left = threads;
       const auto runnable = [&](const Fiber& f) {
@@ -466,10 +514,12 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
       h != nullptr && !helix_emu::t_fiber->pdl_waited) {
     ++h->copies;
   }
-  if (valid) {
-    std::memcpy(smem, gmem, 16);
+  helix_emu::PendingCopy c{smem, {}};
+  if (valid) std::memcpy(c.bytes, gmem, 16);  // else zeros
+  if (helix_emu::t_fiber->defer_copies) {
+    helix_emu::t_fiber->open_copies.push_back(c);
   } else {
-    std::memset(smem, 0, 16);
+    std::memcpy(smem, c.bytes, 16);
   }
 }
 // An L2 prefetch changes nothing here; it aborts on a range cp.async.bulk.prefetch refuses (a
@@ -640,8 +690,14 @@ inline bool __any_sync(unsigned, bool p) {
   return any;
 }
 
-inline void CpAsyncCommit() {}
+inline void CpAsyncCommit() {
+  helix_emu::Fiber& f = *helix_emu::t_fiber;
+  f.groups.push_back(std::move(f.open_copies));  // an empty group too, as on the device
+  f.open_copies.clear();
+}
 template <int N>
-inline void CpAsyncWait() {}
+inline void CpAsyncWait() {
+  helix_emu::LandGroups(*helix_emu::t_fiber, N);
+}
 
 #endif  // HELIX_TESTS_GPU_CUDA_EMU_H_
