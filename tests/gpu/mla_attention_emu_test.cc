@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -43,6 +44,10 @@ struct Case {
   bool prefill = false;       // queries at every position of sequence 0
   int64_t cp = 1;             // > 1: the sequences' blocks are those of CP rank 1 of cp
   bool nan_q = false;         // a NaN in the query of token 0, head 1: its row and LSE NaN
+  // For RandomCasesAgainstCpu: the CP rank whose blocks these are (with cp > 1; default 1), and
+  // explicit global query positions per sequence (ascending), replacing the queries above.
+  int64_t cp_rank = 1;
+  std::vector<std::vector<int32_t>> q_positions = {};
 };
 
 void RunCase(const Case& c, uint32_t seed) {
@@ -70,18 +75,26 @@ void RunCase(const Case& c, uint32_t seed) {
   std::vector<int32_t> ids(total_blocks);
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
-  // Local block j holds global block j (cp == 1) or cp j + 1 (rank 1 of cp).
+  // Local block j holds global block j (cp == 1) or cp j + cp_rank (rank cp_rank of cp).
   std::vector<int32_t> tables(seqs * max_blocks, -1), firsts(seqs * max_blocks, -1);
   size_t next = 0;
   for (int64_t s = 0; s < seqs; ++s) {
     for (int64_t j = 0; j * c.tpb < c.lens[s]; ++j) {
       tables[s * max_blocks + j] = ids[next++];
-      firsts[s * max_blocks + j] = static_cast<int32_t>((c.cp > 1 ? c.cp * j + 1 : j) * c.tpb);
+      firsts[s * max_blocks + j] =
+          static_cast<int32_t>((c.cp > 1 ? c.cp * j + c.cp_rank : j) * c.tpb);
     }
   }
   std::vector<int32_t> q_seq, q_pos;
   const int64_t span = c.cp * c.lens[0];  // global positions sequence 0 covers, about
-  if (c.prefill) {
+  if (!c.q_positions.empty()) {
+    for (int64_t s = 0; s < seqs; ++s) {
+      for (int32_t pos : c.q_positions[s]) {
+        q_seq.push_back(static_cast<int32_t>(s));
+        q_pos.push_back(pos);
+      }
+    }
+  } else if (c.prefill) {
     for (int64_t i = 0; i<span; i += c.cp> 1 ? 7 : 1) {
       q_seq.push_back(0);
       q_pos.push_back(static_cast<int32_t>(i));
@@ -132,6 +145,12 @@ void RunCase(const Case& c, uint32_t seed) {
                            " rope=" + std::to_string(c.rope) + " tpb=" + std::to_string(c.tpb) +
                            " split=" + std::to_string(c.split) + (c.prefill ? " prefill" : "") +
                            " cp=" + std::to_string(c.cp) + (c.nan_q ? " nan_q" : "");
+  std::string positions;
+  for (int64_t t = 0; t < tokens; ++t) {
+    positions += std::to_string(q_seq[t]) + ":" + std::to_string(q_pos[t]) + " ";
+  }
+  SCOPED_TRACE("cp rank " + std::to_string(c.cp_rank) + ", queries (sequence:position) " +
+               positions);
   if (c.nan_q) {
     ASSERT_TRUE(std::isnan(want_lse[1]) && std::isfinite(want_lse[0])) << "the CPU reference";
   }
@@ -176,6 +195,65 @@ TEST(MlaAttentionEmuTest, NanQueryMakesItsRowNan) {
     Case c{DType::kBF16, 8, 64, 16, 16, split, {100, 37}};
     c.nan_q = true;
     RunCase(c, 30);
+  }
+}
+
+// Random shapes against the CPU kernel (a differential fuzz, as AttentionEmuTest's): every
+// dtype, 1-40 heads (partial head groups), latent and rope dims with and without 16-byte rows,
+// block sizes from 1, empty, one-token and partial sequences, context-parallel placements with
+// queries before, inside and after a rank's blocks, several queries per sequence (prefill
+// shaped), split-KV or not. HELIX_FUZZ_CASES (default 12) cases from seed HELIX_FUZZ_SEED
+// (default 1); a failure names its seed.
+int64_t EnvInt(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
+}
+
+TEST(MlaAttentionEmuTest, RandomCasesAgainstCpu) {
+  const int64_t cases = EnvInt("HELIX_FUZZ_CASES", 12);
+  const auto first_seed = static_cast<uint32_t>(EnvInt("HELIX_FUZZ_SEED", 1));
+  for (int64_t i = 0; i < cases; ++i) {
+    const uint32_t seed = first_seed + static_cast<uint32_t>(i);
+    std::mt19937 rng(seed * 2654435761u);
+    const auto pick = [&](int lo, int hi) {
+      return std::uniform_int_distribution<int>(lo, hi)(rng);
+    };
+    const auto chance = [&](double p) { return std::bernoulli_distribution(p)(rng); };
+    Case c{};
+    const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+    c.dtype = dtypes[pick(0, 2)];
+    c.heads = chance(0.7) ? pick(1, 16) : pick(17, 40);
+    const int64_t latents[] = {16, 61, 64, 128, 512};
+    const int64_t ropes[] = {1, 7, 8, 16, 64};
+    c.latent = latents[pick(0, 4)];
+    c.rope = ropes[pick(0, 4)];
+    const int64_t tpbs[] = {1, 3, 4, 5, 16, 32};
+    c.tpb = tpbs[pick(0, 5)];
+    const int seqs = pick(1, 3);
+    for (int s = 0; s < seqs; ++s) {
+      const int kind = pick(0, 4);
+      c.lens.push_back(kind == 0 ? 0 : kind == 1 ? 1 : pick(1, kind == 2 ? 40 : 120));
+    }
+    if (chance(0.4)) {
+      c.cp = pick(2, 4);
+      c.cp_rank = pick(0, static_cast<int>(c.cp) - 1);
+    }
+    for (int s = 0; s < seqs; ++s) {
+      const int64_t blocks = (c.lens[s] + c.tpb - 1) / c.tpb;
+      const int end = static_cast<int>(
+          (std::max<int64_t>(blocks - 1, 0) * c.cp + (c.cp > 1 ? c.cp_rank : 0) + 2) * c.tpb);
+      std::vector<int32_t> pos;
+      for (int n = chance(0.7) ? 1 : pick(2, 4); n > 0; --n) pos.push_back(pick(0, end));
+      std::sort(pos.begin(), pos.end());
+      pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
+      c.q_positions.push_back(pos);
+    }
+    c.split = chance(0.5) ? 0 : c.tpb * pick(1, 8);
+    SCOPED_TRACE("fuzz seed " + std::to_string(seed));
+    RunCase(c, seed);
+    if (HasFailure()) {
+      break;  // the first failing seed is the one to rerun
+    }
   }
 }
 
