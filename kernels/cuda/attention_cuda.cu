@@ -1718,6 +1718,11 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   if (parts > 65535) {
     return cudaErrorInvalidValue;  // grid.y limit: use larger kv_split_tokens
   }
+  // Every grid.x below (the decode kernel's tokens x KV heads x sub-groups, the prefill kernel's
+  // blocks, the merge's rows) is at most tokens x query heads.
+  if (p.num_q_tokens * p.num_q_heads > kMaxGridX) {
+    return cudaErrorInvalidValue;
+  }
   for (int r = 0; r < 2; ++r) {  // cp.async.bulk.prefetch's rules
     const int64_t n = p.l2_prefetch_bytes[r];
     const auto at = reinterpret_cast<uintptr_t>(p.l2_prefetch[r]);
@@ -1810,6 +1815,9 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
 cudaError_t MergeStatesCuda(const MergeStatesParams& p, cudaStream_t stream) {
   if (p.rows <= 0) {
     return cudaSuccess;
+  }
+  if (p.rows > kMaxGridX) {
+    return cudaErrorInvalidValue;
   }
   HELIX_LAUNCH_PDL(MergeKernelFor(p), static_cast<unsigned>(p.rows), kMergeThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);

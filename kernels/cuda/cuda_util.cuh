@@ -19,6 +19,10 @@
 namespace helix::kernels::cuda {
 
 constexpr float kNegInf = -__builtin_huge_valf();
+// The largest gridDim.x a launch takes (2^31 - 1). Launchers whose grid grows with a shape (rows,
+// tokens, outputs) refuse larger shapes with cudaErrorInvalidValue: casting to unsigned would
+// wrap above 2^32 into a smaller grid and silently wrong output.
+constexpr int64_t kMaxGridX = 0x7fffffff;
 
 __device__ inline float ToFloat(float x) { return x; }
 __device__ inline float ToFloat(__half x) { return __half2float(x); }

@@ -4,8 +4,10 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_util.cuh"
@@ -68,6 +70,14 @@ cudaError_t UseStream(cublasHandle_t handle, cudaStream_t stream) {
   return st == CUBLAS_STATUS_SUCCESS ? cudaSuccess : CublasError(st, "cublasSetStream");
 }
 
+// Whether every value fits the int that cuBLAS's (non-64-bit) API takes.
+bool FitsInt(std::initializer_list<int64_t> values) {
+  for (int64_t v : values) {
+    if (v > INT_MAX) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 size_t GemmCudaWorkspaceBytes(const GemmParams& p) {
@@ -78,6 +88,9 @@ cudaError_t GemmCuda(cublasHandle_t handle, const GemmParams& p, void* workspace
                      cudaStream_t stream, bool x_converted) {
   if (p.m <= 0 || p.n <= 0) {
     return cudaSuccess;
+  }
+  if (!FitsInt({p.m, p.n, p.k})) {
+    return cudaErrorInvalidValue;
   }
   if (p.k <= 0) {
     HELIX_CUDA_RETURN_IF_ERROR(
@@ -133,6 +146,9 @@ cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, v
                             cudaStream_t stream) {
   if (p.m <= 0 || p.n <= 0 || p.batch <= 0) {
     return cudaSuccess;
+  }
+  if (!FitsInt({p.m, p.n, p.k, p.batch, p.ldx, p.ldy})) {
+    return cudaErrorInvalidValue;
   }
   if (p.k <= 0) {
     for (int64_t b = 0; b < p.batch; ++b) {

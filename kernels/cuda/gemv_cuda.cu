@@ -464,8 +464,8 @@ cudaError_t Launch(const GemmParams& p, const SiluMulParams& act, const GemmFusi
 bool GemvApplies(const GemmParams& p) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return (p.w_dtype == DType::kBF16 || p.w_dtype == DType::kF16) && p.m >= 1 &&
-         p.m <= kGemvMaxRows && p.n >= 1 && p.k >= 1 && p.k % kChunk == 0 && aligned(p.x) &&
-         aligned(p.w);
+         p.m <= kGemvMaxRows && p.n >= 1 && p.n <= kMaxGridX && p.k >= 1 && p.k % kChunk == 0 &&
+         aligned(p.x) && aligned(p.w);
 }
 
 bool GemvPreferred(int64_t m, int64_t n, int64_t k) {

@@ -18,8 +18,8 @@ namespace helix::kernels::cuda {
 // The most rows of x GemvCuda takes (each row of x is read from cache once per weight row).
 constexpr int64_t kGemvMaxRows = 4;
 
-// Whether GemvCuda takes p: fp16 or bf16 weights, 1 <= m <= kGemvMaxRows, n >= 1, k >= 1 and
-// a multiple of 8, x and w 16-byte aligned. p.x_lowp and p.same_x are not used.
+// Whether GemvCuda takes p: fp16 or bf16 weights, 1 <= m <= kGemvMaxRows, 1 <= n <= 2^31 - 1,
+// k >= 1 and a multiple of 8, x and w 16-byte aligned. p.x_lowp and p.same_x are not used.
 bool GemvApplies(const GemmParams& p);
 
 // Whether a decode backend should give a product of m rows of x and an n x k matrix of 16-bit

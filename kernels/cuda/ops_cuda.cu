@@ -796,6 +796,9 @@ cudaError_t RmsNormCuda(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.dim <= 0) {
     return cudaSuccess;
   }
+  if (p.rows > kMaxGridX) {
+    return cudaErrorInvalidValue;
+  }
   HELIX_LAUNCH_PDL(RmsNormKernel, static_cast<unsigned>(p.rows), kNormBlockThreads, 0, stream, p);
   HELIX_CUDA_CHECK_LAUNCH(stream);
   return cudaSuccess;
@@ -963,7 +966,7 @@ cudaError_t ArgmaxCuda(const ArgmaxParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.vocab <= 0) {
     return cudaSuccess;
   }
-  if (p.vocab > INT_MAX) {
+  if (p.vocab > INT_MAX || p.rows > kMaxGridX) {
     return cudaErrorInvalidValue;
   }
   const bool vec4 = ArgmaxVec4(p);
@@ -990,7 +993,7 @@ cudaError_t SampleCuda(const SampleParams& p, cudaStream_t stream) {
   if (p.rows <= 0 || p.vocab <= 0) {
     return cudaSuccess;
   }
-  if (p.vocab > INT_MAX) {
+  if (p.vocab > INT_MAX || p.rows > kMaxGridX) {
     return cudaErrorInvalidValue;
   }
   HELIX_LAUNCH_PDL(SampleKernel, static_cast<unsigned>(p.rows), kRowThreads, 0, stream, p);

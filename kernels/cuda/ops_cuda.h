@@ -2,7 +2,9 @@
 // SiLU*mul), the embedding gather and token selection (greedy argmax, top-k / top-p / min-p
 // sampling). Same Params and semantics as the CPU kernels where one exists; every pointer is a
 // device pointer. Launchers are stateless and thread-safe, never allocate or synchronise
-// (except the debug-build launch check) and return the launch's cudaError_t.
+// (except the debug-build launch check) and return the launch's cudaError_t. Those with a thread
+// block per row (RMSNorm, argmax, sampling) refuse more than 2^31 - 1 rows (a grid's limit) with
+// cudaErrorInvalidValue.
 #ifndef HELIX_KERNELS_CUDA_OPS_CUDA_H_
 #define HELIX_KERNELS_CUDA_OPS_CUDA_H_
 

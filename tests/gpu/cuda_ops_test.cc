@@ -2421,6 +2421,68 @@ TEST_F(CudaOpsTest, GemvNormSumsHandOff) {
   EXPECT_EQ(cuda::GemvNormSumParts(p), 8);  // 64 outputs, 8 a thread block
 }
 
+// Shapes whose grid would pass 2^31 - 1 thread blocks (a launch's limit; a cast to unsigned would
+// wrap above 2^32 into a smaller grid) are refused with cudaErrorInvalidValue before anything is
+// launched or read (the pointers here are null): decode attention (tokens x query heads), the
+// merge, RMSNorm, argmax and sampling (rows), the GEMV (outputs; 2^31 - 1 of them still
+// apply), and on a GPU cuBLAS's int dimensions.
+TEST_F(CudaOpsTest, ShapesBeyondTheGridLimitAreRefused) {
+  constexpr int64_t kOver = int64_t{1} << 31;
+  PagedAttentionParams ap{};
+  ap.kv = {nullptr, DType::kBF16, 1, 8, 16, 128};
+  ap.num_seqs = 1;
+  ap.max_blocks_per_seq = 1;
+  ap.num_q_heads = 8;
+  ap.num_kv_heads = 8;
+  ap.head_dim = 128;
+  ap.scale = 0.1f;
+  for (int64_t tokens : {kOver / 8, kOver / 4 + 3}) {
+    ap.num_q_tokens = tokens;
+    EXPECT_EQ(cuda::PagedAttentionCuda(ap, nullptr, nullptr), cudaErrorInvalidValue) << tokens;
+  }
+  EXPECT_EQ(cuda::MergeStatesCuda({nullptr, nullptr, nullptr, nullptr, 2, kOver, 128}, nullptr),
+            cudaErrorInvalidValue);
+  RmsNormParams rp{};
+  rp.rows = kOver;
+  rp.dim = 64;
+  rp.eps = 1e-5f;
+  EXPECT_EQ(cuda::RmsNormCuda(rp, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::ArgmaxCuda({nullptr, nullptr, kOver, 1000}, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(
+      cuda::SampleCuda({nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, kOver, 1000},
+                       nullptr),
+      cudaErrorInvalidValue);
+  DeviceBuffer<float> x(64);
+  DeviceBuffer<uint16_t> w(64);
+  GemmParams gp{.x = x.get(),
+                .w = w.get(),
+                .bias = nullptr,
+                .y = nullptr,
+                .m = 1,
+                .n = kOver,
+                .k = 64,
+                .w_dtype = DType::kBF16};
+  EXPECT_FALSE(cuda::GemvApplies(gp));
+  EXPECT_EQ(cuda::GemvCuda(gp, nullptr), cudaErrorInvalidValue);
+  gp.n = kOver - 1;
+  EXPECT_TRUE(cuda::GemvApplies(gp));
+#ifndef HELIX_CUDA_EMULATION  // cuBLAS has no emulation
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  gp.n = kOver;
+  EXPECT_EQ(cuda::GemmCuda(handle, gp, nullptr, nullptr), cudaErrorInvalidValue);
+  GemmBatchedParams bp{};
+  bp.m = 1;
+  bp.n = 64;
+  bp.k = 64;
+  bp.batch = 1;
+  bp.ldx = 64;
+  bp.ldy = kOver;
+  EXPECT_EQ(cuda::GemmBatchedCuda(handle, bp, nullptr, nullptr), cudaErrorInvalidValue);
+  cublasDestroy(handle);
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMM through cuBLAS
 
