@@ -1720,7 +1720,7 @@ cudaError_t PagedAttentionCuda(const PagedAttentionParams& p, void* workspace,
   }
   // Every grid.x below (the decode kernel's tokens x KV heads x sub-groups, the prefill kernel's
   // blocks, the merge's rows) is at most tokens x query heads.
-  if (p.num_q_tokens * p.num_q_heads > kMaxGridX) {
+  if (p.num_q_tokens > kMaxGridX / p.num_q_heads) {
     return cudaErrorInvalidValue;
   }
   for (int r = 0; r < 2; ++r) {  // cp.async.bulk.prefetch's rules

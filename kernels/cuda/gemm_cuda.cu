@@ -147,7 +147,8 @@ cudaError_t GemmBatchedCuda(cublasHandle_t handle, const GemmBatchedParams& p, v
   if (p.m <= 0 || p.n <= 0 || p.batch <= 0) {
     return cudaSuccess;
   }
-  if (!FitsInt({p.m, p.n, p.k, p.batch, p.ldx, p.ldy})) {
+  // ldx reaches cuBLAS only with fp32 weights (16-bit ones read the converted rows, ld k).
+  if (!FitsInt({p.m, p.n, p.k, p.batch, p.ldy, p.w_dtype == DType::kF32 ? p.ldx : 0})) {
     return cudaErrorInvalidValue;
   }
   if (p.k <= 0) {

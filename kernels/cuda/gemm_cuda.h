@@ -25,8 +25,8 @@ size_t GemmCudaWorkspaceBytes(const GemmParams& p);
 //   before capturing CUDA graphs, so that cuBLAS allocates nothing). Sets the handle's stream
 //   when it is another one (which also drops such a workspace: set the stream first).
 // Returns cudaErrorUnknown (after printing the cuBLAS status) when cuBLAS fails, and
-// cudaErrorInvalidValue for a dimension (m, n, k; with GemmBatchedCuda also batch, ldx, ldy)
-// above cuBLAS's int range.
+// cudaErrorInvalidValue for a dimension (m, n, k; with GemmBatchedCuda also batch, ldy, and
+// ldx with fp32 weights) above cuBLAS's int range.
 // x_converted: the workspace already holds x converted to the weight type (by the previous
 // GemmCuda call with the same x, m, k and w_dtype, which nothing wrote in between): no
 // conversion kernel. With p.x_lowp (16-bit weights) the GEMM reads that, converts nothing and

@@ -470,8 +470,10 @@ cudaError_t MlaAttentionCuda(const MlaAttentionParams& p, void* workspace, cudaS
   }
   const int64_t parts = SplitKvParts(p);
   const int64_t head_groups = HeadGroups(p);
-  if (parts > 65535 || p.num_q_tokens * head_groups > 0x7fffffff) {
-    return cudaErrorInvalidValue;  // grid limits (use a larger kv_split_tokens)
+  // Grid limits: parts (use a larger kv_split_tokens), and tokens x heads, which bounds the
+  // kernel's tokens x head groups and the merge's rows.
+  if (parts > 65535 || p.num_q_tokens > kMaxGridX / p.num_heads) {
+    return cudaErrorInvalidValue;
   }
   const int64_t rows = p.num_q_tokens * p.num_heads;
   const int dkp = PaddedDk(p);

@@ -2,8 +2,9 @@
 // its kernels (index math, pipeline stages, shuffles, barriers) can be checked against the CPU
 // reference on a machine without a GPU. Test-only; include before the .cu file, with
 // HELIX_CUDA_EMULATION defined. Each thread block runs as blockDim.x fibers on the launching
-// host thread, switching at barriers; a cp.async copy lands when issued or, in some thread
-// blocks, only at the wait that covers it (see CopyMode). One grid at a time per host thread.
+// host thread, switching at barriers; a cp.async copy fills its destination with NaN bytes when
+// issued and lands only at the wait that covers it (see CopyMode). One grid at a time per host
+// thread.
 #ifndef HELIX_TESTS_GPU_CUDA_EMU_H_
 #define HELIX_TESTS_GPU_CUDA_EMU_H_
 
@@ -149,31 +150,40 @@ struct Fiber {
   uint64_t wait_gen = 0;
   bool done = false;
   bool pdl_waited = false;                       // reached PdlEnter (counted only with a PdlHook)
-  bool defer_copies = false;                     // this block's CopyMode
   std::vector<PendingCopy> open_copies;          // issued, not committed to a group yet
   std::vector<std::vector<PendingCopy>> groups;  // committed and pending, oldest first
 };
 
-// When a cp.async copy writes shared memory. kImmediate: as it is issued, so a copy issued into a
-// slot that a thread still reads corrupts the read (a missing barrier before reusing a buffer).
-// kDeferred: the copy reads its source when issued but writes its destination only when the
-// issuing thread's cp.async.wait_group takes its group (or the thread ends), so a read before
-// the wait that covers the copy finds what the slot held before (a wait on too few groups, or a
-// thread reading another's copy without its wait and a barrier between). kMixed (the default):
-// thread blocks take both, combined with both of Launch's running orders (block index % 4: 0
-// deferred, 1 and 2 immediate, 3 deferred; odd blocks run greedily), so a grid of one block is
-// deferred and grids of four or more have every combination. HELIX_EMU_CP_ASYNC=immediate or
-// =deferred sets every block.
-enum class CopyMode { kMixed, kImmediate, kDeferred };
+// When an asynchronous copy (cp.async, and cp.async.bulk onto an mbarrier) writes shared
+// memory. kDeferred (the default): the copy reads its source when issued, fills its destination
+// with 0xff bytes (NaN in f32, f16 and bf16: "in flight", neither the old nor the new value) and
+// writes the data only when it is waited for: a cp.async when the issuing thread's
+// cp.async.wait_group takes its group, a bulk copy when a thread first polls its mbarrier. So a
+// read before the wait that covers the copy (a wait on too few groups, a thread reading another's
+// copy without that thread's wait and a barrier between, a wait on the wrong mbarrier) and a
+// buffer refilled while a thread still reads it both read NaN. A thread that ends with cp.async
+// copies pending, or a block that ends with bulk copies nobody waited for, aborts.
+// kImmediate (HELIX_EMU_CP_ASYNC=immediate): a copy lands as it is issued, as before.
+enum class CopyMode { kImmediate, kDeferred };
 inline CopyMode CopyModeFromEnv() {
   const char* v = std::getenv("HELIX_EMU_CP_ASYNC");
-  if (v == nullptr || *v == '\0') return CopyMode::kMixed;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "deferred") == 0) return CopyMode::kDeferred;
   if (std::strcmp(v, "immediate") == 0) return CopyMode::kImmediate;
-  if (std::strcmp(v, "deferred") == 0) return CopyMode::kDeferred;
   std::fprintf(stderr, "cuda_emu: HELIX_EMU_CP_ASYNC=%s is not immediate or deferred\n", v);
   std::abort();
 }
 inline const CopyMode g_copy_mode = CopyModeFromEnv();
+inline bool DeferCopies() { return g_copy_mode == CopyMode::kDeferred; }
+constexpr unsigned char kInFlight = 0xff;
+// Bulk copies issued and not yet delivered (kDeferred), per mbarrier: destination and data.
+struct PendingBulk {
+  void* dst;
+  std::vector<unsigned char> bytes;
+};
+inline std::map<const uint64_t*, std::vector<PendingBulk>>& PendingBulkCopies() {
+  static thread_local std::map<const uint64_t*, std::vector<PendingBulk>> pending;
+  return pending;
+}
 
 inline void LandCopies(const std::vector<PendingCopy>& copies) {
   for (const PendingCopy& c : copies) std::memcpy(c.dst, c.bytes, 16);
@@ -307,9 +317,11 @@ float Elem(int lane, int reg, int half) {
 
 [[noreturn]] inline void FiberMain() {
   (*t_body)();
-  LandGroups(*t_fiber, 0);  // copies still pending when the thread ends land all the same
-  LandCopies(t_fiber->open_copies);
-  t_fiber->open_copies.clear();
+  if (!t_fiber->groups.empty() || !t_fiber->open_copies.empty()) {
+    std::fprintf(stderr, "cuda_emu: thread %u ended with cp.async copies not waited for\n",
+                 t_fiber->tid);
+    std::abort();
+  }
   t_fiber->done = true;
   SwitchContext(&t_fiber->ctx, t_scheduler);  // never resumed
   std::abort();
@@ -369,10 +381,6 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
       // steps. Code relying on an order between barriers (a missing __syncthreads, a buffer
       // refilled while another warp may still read it) sees both orders.
       const bool greedy = ((bx + by) & 1) != 0;
-      const unsigned order = (bx + by) % 4;
-      const bool defer = g_copy_mode == CopyMode::kDeferred ||
-                         (g_copy_mode == CopyMode::kMixed && (order == 0 || order == 3));
-      for (Fiber& f : fibers) f.defer_copies = defer;
       const int warps = (threads + 31) / 32;
       int left = threads;
       const auto runnable = [&](const Fiber& f) {
@@ -413,6 +421,11 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
                        by);
           std::abort();
         }
+      }
+      if (!PendingBulkCopies().empty()) {
+        std::fprintf(stderr, "cuda_emu: block (%u, %u) ended with bulk copies nobody waited for\n",
+                     bx, by);
+        std::abort();
       }
     }
   }
@@ -516,7 +529,8 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
   }
   helix_emu::PendingCopy c{smem, {}};
   if (valid) std::memcpy(c.bytes, gmem, 16);  // else zeros
-  if (helix_emu::t_fiber->defer_copies) {
+  if (helix_emu::DeferCopies()) {
+    std::memset(smem, helix_emu::kInFlight, 16);
     helix_emu::t_fiber->open_copies.push_back(c);
   } else {
     std::memcpy(smem, c.bytes, 16);
@@ -566,6 +580,14 @@ inline void MbarMaybeComplete(uint64_t* bar) {
   ++m.phase;
   std::memcpy(bar, &m, 8);
 }
+// Delivers a bulk copy's bytes to shared memory and counts them on its barrier.
+inline void DeliverBulk(void* smem, const void* data, unsigned bytes, uint64_t* bar) {
+  std::memcpy(smem, data, bytes);
+  int64_t& tx = MbarTx(bar);
+  tx -= bytes;
+  if (tx < 0) MbarFail("a bulk copy delivered more bytes than its barrier expects");
+  MbarMaybeComplete(bar);
+}
 }  // namespace helix_emu
 
 inline void MbarInit(uint64_t* bar, unsigned arrivals) {
@@ -589,15 +611,27 @@ inline void BulkCopyG2S(void* smem, const void* gmem, unsigned bytes, uint64_t* 
       bytes % 16 != 0 || bytes == 0) {
     ::helix_emu::MbarFail("cp.async.bulk needs 16-byte aligned addresses and a size of 16k > 0");
   }
-  std::memcpy(smem, gmem, bytes);
-  int64_t& tx = ::helix_emu::MbarTx(bar);
-  tx -= bytes;
-  if (tx < 0) ::helix_emu::MbarFail("a bulk copy delivered more bytes than its barrier expects");
-  ::helix_emu::MbarMaybeComplete(bar);
+  if (!::helix_emu::DeferCopies()) {
+    ::helix_emu::DeliverBulk(smem, gmem, bytes, bar);
+    return;
+  }
+  const auto* src = static_cast<const unsigned char*>(gmem);
+  ::helix_emu::PendingBulkCopies()[bar].push_back(
+      {smem, std::vector<unsigned char>(src, src + bytes)});
+  std::memset(smem, ::helix_emu::kInFlight, bytes);
 }
-// Returns once the phase of parity `parity` has completed.
+// Returns once the phase of parity `parity` has completed. (kDeferred: the bulk copies issued on
+// the barrier are delivered at a thread's first poll of it.)
 inline void MbarWait(uint64_t* bar, unsigned parity) {
   for (int64_t spins = 0;; ++spins) {
+    auto& pending = ::helix_emu::PendingBulkCopies();
+    if (auto it = pending.find(bar); it != pending.end()) {
+      std::vector<::helix_emu::PendingBulk> copies = std::move(it->second);
+      pending.erase(it);
+      for (auto& c : copies) {
+        ::helix_emu::DeliverBulk(c.dst, c.bytes.data(), static_cast<unsigned>(c.bytes.size()), bar);
+      }
+    }
     ::helix_emu::Mbar m;
     std::memcpy(&m, bar, 8);
     if ((m.phase & 1u) != parity) return;
@@ -606,23 +640,24 @@ inline void MbarWait(uint64_t* bar, unsigned parity) {
   }
 }
 // Warp-collective tensor-core pieces with the register layouts of ldmatrix and mma.sync (see
-// kernels/cuda/cuda_util.cuh): every lane publishes its operands, the warp synchronises, each
-// lane computes its own results from the others', and the warp synchronises again before the
-// slots are reused. ldmatrix's rows must be 16-byte aligned, as on the device.
+// kernels/cuda/cuda_util.cuh): every lane publishes its operands (ldmatrix: its row's 16 bytes,
+// read at its own call), the warp synchronises, each lane computes its own results from the
+// others', and the warp synchronises again before the slots are reused. ldmatrix's rows must be
+// 16-byte aligned, as on the device. Like the device's .sync.aligned instructions they keep the
+// warp together, so a __syncwarp placed only after them changes nothing here.
 template <bool kTrans>
 inline void LdMatrixX4(uint32_t (&r)[4], const void* row) {
   namespace e = ::helix_emu;
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
     e::MbarFail("ldmatrix row address not 16-byte aligned");
   const int lane = static_cast<int>(threadIdx.x % 32);
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
-  e::LaneWords(lane)[0] = static_cast<uint32_t>(addr);
-  e::LaneWords(lane)[1] = static_cast<uint32_t>(static_cast<uint64_t>(addr) >> 32);
+  // Each lane reads its row when it calls (not after the warp has met): a lane whose row another
+  // lane copied must have synchronised with it before, as on the device.
+  static_assert(e::kWords * 4 >= 16);
+  std::memcpy(e::LaneWords(lane), row, 16);
   e::SyncWarp();
   auto row_of = [](int m, int i) {
-    const uint32_t* w = e::LaneWords(8 * m + i);
-    return reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w[0]) |
-                                             (static_cast<uintptr_t>(w[1]) << 32));
+    return reinterpret_cast<const uint16_t*>(e::LaneWords(8 * m + i));
   };
   for (int m = 0; m < 4; ++m) {
     uint32_t lo, hi;

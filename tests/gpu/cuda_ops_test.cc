@@ -2424,8 +2424,8 @@ TEST_F(CudaOpsTest, GemvNormSumsHandOff) {
 // Shapes whose grid would pass 2^31 - 1 thread blocks (a launch's limit; a cast to unsigned would
 // wrap above 2^32 into a smaller grid) are refused with cudaErrorInvalidValue before anything is
 // launched or read (the pointers here are null): decode attention (tokens x query heads), the
-// merge, RMSNorm, argmax and sampling (rows), the GEMV (outputs; 2^31 - 1 of them still
-// apply), and on a GPU cuBLAS's int dimensions.
+// merge, RMSNorm, argmax and sampling (rows), MLA attention (tokens x heads), the GEMV (outputs;
+// 2^31 - 1 of them still apply), and on a GPU cuBLAS's int dimensions.
 TEST_F(CudaOpsTest, ShapesBeyondTheGridLimitAreRefused) {
   constexpr int64_t kOver = int64_t{1} << 31;
   PagedAttentionParams ap{};
@@ -2442,6 +2442,16 @@ TEST_F(CudaOpsTest, ShapesBeyondTheGridLimitAreRefused) {
   }
   EXPECT_EQ(cuda::MergeStatesCuda({nullptr, nullptr, nullptr, nullptr, 2, kOver, 128}, nullptr),
             cudaErrorInvalidValue);
+  MlaAttentionParams mp{};
+  mp.kv = {nullptr, DType::kBF16, 1, 1, 16, 576, 1};
+  mp.num_seqs = 1;
+  mp.max_blocks_per_seq = 1;
+  mp.num_heads = 16;  // one head group: the merge's rows, not the kernel's grid, pass the limit
+  mp.latent_dim = 512;
+  mp.rope_dim = 64;
+  mp.scale = 0.1f;
+  mp.num_q_tokens = kOver / 16;
+  EXPECT_EQ(cuda::MlaAttentionCuda(mp, nullptr, nullptr), cudaErrorInvalidValue);
   RmsNormParams rp{};
   rp.rows = kOver;
   rp.dim = 64;
