@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -3166,6 +3167,123 @@ TEST_F(CudaOpsTest, RopeWriteKvNonFiniteOneTokenAndNone) {
   }
 }
 
+// One case of GemvRopeKvEqualsGemvThenRopeWriteKv / GemvRopeKvRandomShapes: the fused GEMV +
+// RoPE + K/V write of m tokens (positions, blocks and slots: the first m of those given) against
+// GemvCuda then RopeWriteKvCuda, bit for bit. norm_mode 0: no norm, 1: the norm summed by the
+// GEMV (with a bias), 2: the norm from 3 partial sums.
+struct GemvRopeShape {
+  int64_t hq, hkv, d, k, m;
+};
+void ExpectGemvRopeKvSameAsUnfused(const GemvRopeShape& sh, RopeStyle style, DType kv,
+                                   int norm_mode, const std::vector<int32_t>& positions,
+                                   const std::vector<int32_t>& block,
+                                   const std::vector<int32_t>& slot, std::mt19937& rng) {
+  using ::testing::Test;
+  const int64_t qd = sh.hq * sh.d, kvd = sh.hkv * sh.d, n = qd + 2 * kvd;
+  const bool bias = norm_mode == 1;
+  const DType wt = kv == DType::kF16 ? DType::kF16 : DType::kBF16;
+  const std::string what = std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") +
+                           DTypeName(kv) + " hq=" + std::to_string(sh.hq) +
+                           " d=" + std::to_string(sh.d) + " k=" + std::to_string(sh.k) +
+                           " m=" + std::to_string(sh.m) + " norm=" + std::to_string(norm_mode);
+  const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
+  const std::vector<uint16_t> w = RandomLowp(rng, n * sh.k, wt);
+  const std::vector<float> b = RandomVector(rng, n);
+  const std::vector<float> g = RandomVector(rng, sh.k);
+  std::vector<double> sums(sh.m * 3);
+  for (double& v : sums) v = 0.5 + std::uniform_real_distribution<double>(0, 1)(rng);
+  Pool pool(kv, 2, sh.hkv, 4, sh.d, 6);
+  pool.FillRandom(rng);
+  DeviceBuffer<float> d_x(x), d_b(b), d_g(g);
+  DeviceBuffer<uint16_t> d_w(w);
+  DeviceBuffer<double> d_sums(sums);
+  DeviceBuffer<int32_t> d_pos(std::vector<int32_t>(positions.begin(), positions.begin() + sh.m)),
+      d_block(std::vector<int32_t>(block.begin(), block.begin() + sh.m)),
+      d_slot(std::vector<int32_t>(slot.begin(), slot.begin() + sh.m));
+  GemmFusion f;
+  if (norm_mode > 0) {
+    f.norm_weight = d_g.get();
+    f.norm_eps = 1e-5f;
+  }
+  if (norm_mode == 2) {
+    f.norm_sums_in = d_sums.get();
+    f.norm_sum_parts = 3;
+  }
+  // Reference and fused runs, each on its own y, q_out and copy of the pool.
+  struct Out {
+    DeviceBuffer<float> y, q_out;
+    DeviceBuffer<unsigned char> pool;
+  };
+  const auto run = [&](bool fused, Out* o) {
+    GemmParams p{.x = d_x.get(),
+                 .w = d_w.get(),
+                 .bias = bias ? d_b.get() : nullptr,
+                 .y = o->y.get(),
+                 .m = sh.m,
+                 .n = n,
+                 .k = sh.k,
+                 .w_dtype = wt};
+    KvPoolView view = pool.view;
+    view.base = o->pool.get();
+    const RopeWriteKvParams rk{.q = o->y.get(),
+                               .k = o->y.get() + qd,
+                               .v = o->y.get() + qd + kvd,
+                               .row_stride = n,
+                               .q_out = o->q_out.get(),
+                               .positions = d_pos.get(),
+                               .tokens = sh.m,
+                               .num_q_heads = sh.hq,
+                               .rotary_dim = sh.d,
+                               .theta = 500000.0f,
+                               .style = style,
+                               .kv = view,
+                               .layer = 1,
+                               .block = d_block.get(),
+                               .token_in_block = d_slot.get()};
+    if (fused) {
+      ASSERT_TRUE(cuda::GemvRopeKvApplies(p, f, rk)) << what;
+      ASSERT_EQ(cuda::GemvRopeKvCuda(p, rk, nullptr, f), cudaSuccess) << what;
+    } else {
+      ASSERT_EQ(cuda::GemvCuda(p, nullptr, f), cudaSuccess) << what;
+      ASSERT_EQ(cuda::RopeWriteKvCuda(rk, nullptr), cudaSuccess) << what;
+    }
+  };
+  Out want{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
+           DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
+           DeviceBuffer<unsigned char>(pool.host)};
+  Out got{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
+          DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
+          DeviceBuffer<unsigned char>(pool.host)};
+  ASSERT_NO_FATAL_FAILURE(run(false, &want));
+#ifdef HELIX_CUDA_EMULATION
+  // The fused kernel reads its weights and the positions before its launch wait, x and
+  // the norm's partial sums (the kernels before's output) only after it: under the
+  // emulator's PdlHook they are NaN until each thread block's wait, and nothing changes.
+  ExpectSameWithInputsPoisonedUntilTheWait(
+      what + " fused", {BytesOf(d_x), BytesOf(d_sums)}, {BytesOf(got.y), BytesOf(got.pool)},
+      [&] {
+        run(true, &got);
+        return Test::HasFatalFailure() ? cudaErrorUnknown : cudaSuccess;
+      },
+      [&] {
+        std::fill_n(got.y.get(), got.y.size(), NAN);
+        std::fill_n(got.q_out.get(), got.q_out.size(), NAN);
+        std::copy(pool.host.begin(), pool.host.end(), got.pool.get());
+      });
+#else
+  ASSERT_NO_FATAL_FAILURE(run(true, &got));
+#endif
+  const std::vector<float> wy = want.y.Download(), gy = got.y.Download();
+  const std::vector<float> wq = want.q_out.Download(), gq = got.q_out.Download();
+  EXPECT_EQ(std::memcmp(wy.data(), gy.data(), wy.size() * sizeof(float)), 0) << what << " y";
+  EXPECT_EQ(std::memcmp(wq.data(), gq.data(), wq.size() * sizeof(float)), 0) << what << " q_out";
+  EXPECT_EQ(want.pool.Download(), got.pool.Download()) << what << " pool";
+  // The pool did change (the stored tokens' K and V), so the comparison means something.
+  if (std::any_of(block.begin(), block.begin() + sh.m, [](int32_t b) { return b >= 0; })) {
+    EXPECT_NE(got.pool.Download(), pool.host) << what;
+  }
+}
+
 // The packed q|k|v GEMV with RoPE and the K/V write in its epilogue (GemvRopeKvCuda): bit for bit
 // GemvCuda (with the same fusion: none, the norm summed by the GEMV, the norm from partial sums)
 // then RopeWriteKvCuda, in y (q as the GEMV wrote it, k rotated, v), q_out and the pool, for
@@ -3173,125 +3291,18 @@ TEST_F(CudaOpsTest, RopeWriteKvNonFiniteOneTokenAndNone) {
 // rows a thread block: one pair).
 TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
   std::mt19937 rng(59);
-  struct Shape {
-    int64_t hq, hkv, d, k, m;
-  };
   const std::vector<int32_t> positions = {7, 4096, 0, 999999};
   const std::vector<int32_t> block = {2, -1, 0, 5};
   const std::vector<int32_t> slot = {0, 1, 3, 2};
   for (RopeStyle style : {RopeStyle::kHalf, RopeStyle::kInterleaved}) {
     // 5 + 1 heads of 12 dims: thread blocks whose pairs span heads and the q/k boundary, and a
     // last thread block of v rows only partly used.
-    for (Shape sh : {Shape{4, 2, 64, 256, 1}, Shape{8, 4, 8, 64, 4}, Shape{5, 1, 12, 64, 2},
-                     Shape{2, 1, 128, 4104, 3}}) {
+    for (GemvRopeShape sh : {GemvRopeShape{4, 2, 64, 256, 1}, GemvRopeShape{8, 4, 8, 64, 4},
+                             GemvRopeShape{5, 1, 12, 64, 2}, GemvRopeShape{2, 1, 128, 4104, 3}}) {
       for (DType kv : {DType::kF32, DType::kF16, DType::kBF16}) {
         for (int norm_mode : {0, 1, 2}) {
           if (norm_mode == 1 && sh.m * sh.k > cuda::kGemvNormMaxFloats) continue;  // no room
-          const int64_t qd = sh.hq * sh.d, kvd = sh.hkv * sh.d, n = qd + 2 * kvd;
-          const bool bias = norm_mode == 1;
-          const DType wt = kv == DType::kF16 ? DType::kF16 : DType::kBF16;
-          const std::string what =
-              std::string(style == RopeStyle::kHalf ? "half " : "interleaved ") + DTypeName(kv) +
-              " hq=" + std::to_string(sh.hq) + " d=" + std::to_string(sh.d) +
-              " k=" + std::to_string(sh.k) + " m=" + std::to_string(sh.m) +
-              " norm=" + std::to_string(norm_mode);
-          const std::vector<float> x = RandomVector(rng, sh.m * sh.k);
-          const std::vector<uint16_t> w = RandomLowp(rng, n * sh.k, wt);
-          const std::vector<float> b = RandomVector(rng, n);
-          const std::vector<float> g = RandomVector(rng, sh.k);
-          std::vector<double> sums(sh.m * 3);
-          for (double& v : sums) v = 0.5 + std::uniform_real_distribution<double>(0, 1)(rng);
-          Pool pool(kv, 2, sh.hkv, 4, sh.d, 6);
-          pool.FillRandom(rng);
-          DeviceBuffer<float> d_x(x), d_b(b), d_g(g);
-          DeviceBuffer<uint16_t> d_w(w);
-          DeviceBuffer<double> d_sums(sums);
-          DeviceBuffer<int32_t> d_pos(
-              std::vector<int32_t>(positions.begin(), positions.begin() + sh.m)),
-              d_block(std::vector<int32_t>(block.begin(), block.begin() + sh.m)),
-              d_slot(std::vector<int32_t>(slot.begin(), slot.begin() + sh.m));
-          GemmFusion f;
-          if (norm_mode > 0) {
-            f.norm_weight = d_g.get();
-            f.norm_eps = 1e-5f;
-          }
-          if (norm_mode == 2) {
-            f.norm_sums_in = d_sums.get();
-            f.norm_sum_parts = 3;
-          }
-          // Reference and fused runs, each on its own y, q_out and copy of the pool.
-          struct Out {
-            DeviceBuffer<float> y, q_out;
-            DeviceBuffer<unsigned char> pool;
-          };
-          const auto run = [&](bool fused, Out* o) {
-            GemmParams p{.x = d_x.get(),
-                         .w = d_w.get(),
-                         .bias = bias ? d_b.get() : nullptr,
-                         .y = o->y.get(),
-                         .m = sh.m,
-                         .n = n,
-                         .k = sh.k,
-                         .w_dtype = wt};
-            KvPoolView view = pool.view;
-            view.base = o->pool.get();
-            const RopeWriteKvParams rk{.q = o->y.get(),
-                                       .k = o->y.get() + qd,
-                                       .v = o->y.get() + qd + kvd,
-                                       .row_stride = n,
-                                       .q_out = o->q_out.get(),
-                                       .positions = d_pos.get(),
-                                       .tokens = sh.m,
-                                       .num_q_heads = sh.hq,
-                                       .rotary_dim = sh.d,
-                                       .theta = 500000.0f,
-                                       .style = style,
-                                       .kv = view,
-                                       .layer = 1,
-                                       .block = d_block.get(),
-                                       .token_in_block = d_slot.get()};
-            if (fused) {
-              ASSERT_TRUE(cuda::GemvRopeKvApplies(p, f, rk)) << what;
-              ASSERT_EQ(cuda::GemvRopeKvCuda(p, rk, nullptr, f), cudaSuccess) << what;
-            } else {
-              ASSERT_EQ(cuda::GemvCuda(p, nullptr, f), cudaSuccess) << what;
-              ASSERT_EQ(cuda::RopeWriteKvCuda(rk, nullptr), cudaSuccess) << what;
-            }
-          };
-          Out want{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
-                   DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
-                   DeviceBuffer<unsigned char>(pool.host)};
-          Out got{DeviceBuffer<float>(std::vector<float>(sh.m * n, NAN)),
-                  DeviceBuffer<float>(std::vector<float>(sh.m * qd, NAN)),
-                  DeviceBuffer<unsigned char>(pool.host)};
-          ASSERT_NO_FATAL_FAILURE(run(false, &want));
-#ifdef HELIX_CUDA_EMULATION
-          // The fused kernel reads its weights and the positions before its launch wait, x and
-          // the norm's partial sums (the kernels before's output) only after it: under the
-          // emulator's PdlHook they are NaN until each thread block's wait, and nothing changes.
-          ExpectSameWithInputsPoisonedUntilTheWait(
-              what + " fused", {BytesOf(d_x), BytesOf(d_sums)}, {BytesOf(got.y), BytesOf(got.pool)},
-              [&] {
-                run(true, &got);
-                return HasFatalFailure() ? cudaErrorUnknown : cudaSuccess;
-              },
-              [&] {
-                std::fill_n(got.y.get(), got.y.size(), NAN);
-                std::fill_n(got.q_out.get(), got.q_out.size(), NAN);
-                std::copy(pool.host.begin(), pool.host.end(), got.pool.get());
-              });
-#else
-          ASSERT_NO_FATAL_FAILURE(run(true, &got));
-#endif
-          const std::vector<float> wy = want.y.Download(), gy = got.y.Download();
-          const std::vector<float> wq = want.q_out.Download(), gq = got.q_out.Download();
-          EXPECT_EQ(std::memcmp(wy.data(), gy.data(), wy.size() * sizeof(float)), 0)
-              << what << " y";
-          EXPECT_EQ(std::memcmp(wq.data(), gq.data(), wq.size() * sizeof(float)), 0)
-              << what << " q_out";
-          EXPECT_EQ(want.pool.Download(), got.pool.Download()) << what << " pool";
-          // The pool did change (the stored tokens' K and V), so the comparison means something.
-          EXPECT_NE(got.pool.Download(), pool.host) << what;
+          ExpectGemvRopeKvSameAsUnfused(sh, style, kv, norm_mode, positions, block, slot, rng);
         }
       }
     }
@@ -3358,6 +3369,54 @@ TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
   tiny.k = d_y.get() + 8;
   tiny.v = d_y.get() + 12;
   EXPECT_FALSE(cuda::GemvRopeKvApplies(small, {}, tiny));
+}
+
+// Random shapes for the fused q|k|v GEMV + RoPE + K/V write, against the unfused kernels bit for
+// bit (a differential fuzz): 1-12 query heads, 1-4 KV heads, even head dims 2-128, k from 8 to
+// 8200 (four warps a row from 4096), 1-4 tokens at random positions (some not stored on this
+// rank), both styles, every pool type, every norm mode. Shapes the fused kernel does not take
+// (its thread blocks hold whole rotation pairs: q and k rows a multiple of its rows per block)
+// are drawn again. HELIX_FUZZ_CASES (default 4) cases from seed HELIX_FUZZ_SEED (default 1).
+TEST_F(CudaOpsTest, GemvRopeKvRandomShapes) {
+  const auto env = [](const char* name, int64_t fallback) {
+    const char* v = std::getenv(name);
+    return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
+  };
+  const int64_t cases = env("HELIX_FUZZ_CASES", 4);
+  const auto first_seed = static_cast<uint32_t>(env("HELIX_FUZZ_SEED", 1));
+  for (int64_t i = 0; i < cases; ++i) {
+    const uint32_t seed = first_seed + static_cast<uint32_t>(i);
+    std::mt19937 rng(seed * 2654435761u);
+    const auto pick = [&](int lo, int hi) {
+      return std::uniform_int_distribution<int>(lo, hi)(rng);
+    };
+    GemvRopeShape sh{};
+    do {
+      sh.hq = pick(1, 12);
+      sh.hkv = pick(1, 4);
+      sh.d = 2 * pick(1, 64);
+      sh.k = pick(0, 3) == 0 ? 8 * pick(512, 1025) : 8 * pick(1, 130);
+      sh.m = pick(1, 4);
+    } while ((sh.hq + sh.hkv) * sh.d % (sh.k >= 4096 ? 2 : 8) != 0 ||
+             (sh.k >= 4096 && (sh.hq + 2 * sh.hkv) * sh.d > 1024));  // emulation time
+    std::vector<int32_t> positions, block, slot;
+    for (int64_t t = 0; t < sh.m; ++t) {
+      positions.push_back(t == 0 ? 0 : pick(1, 1000000));
+      // Distinct slots of the pool's 6 blocks of 4 tokens, or -1 (not stored here).
+      block.push_back(pick(0, 4) == 0 ? -1 : static_cast<int32_t>(t));
+      slot.push_back(pick(0, 3));
+    }
+    const RopeStyle style = pick(0, 1) == 0 ? RopeStyle::kHalf : RopeStyle::kInterleaved;
+    const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+    const DType kv = dtypes[pick(0, 2)];
+    int norm_mode = pick(0, 2);
+    if (norm_mode == 1 && sh.m * sh.k > cuda::kGemvNormMaxFloats) norm_mode = 2;
+    SCOPED_TRACE("fuzz seed " + std::to_string(seed) + ": hq " + std::to_string(sh.hq) + ", hkv " +
+                 std::to_string(sh.hkv) + ", d " + std::to_string(sh.d) + ", k " +
+                 std::to_string(sh.k) + ", m " + std::to_string(sh.m));
+    ExpectGemvRopeKvSameAsUnfused(sh, style, kv, norm_mode, positions, block, slot, rng);
+    if (HasFailure()) break;  // the first failing seed is the one to rerun
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
