@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -92,6 +93,39 @@ P DecodeSeqs(const std::vector<int32_t>& lens, int64_t tpb, int64_t num_blocks, 
   }
   return pr;
 }
+
+// Appends a query token at each of positions[s]'s positions, for every sequence s in order.
+inline void AppendQueries(const std::vector<std::vector<int32_t>>& positions,
+                          std::vector<int32_t>* q_seq, std::vector<int32_t>* q_pos) {
+  for (size_t s = 0; s < positions.size(); ++s) {
+    for (int32_t pos : positions[s]) {
+      q_seq->push_back(static_cast<int32_t>(s));
+      q_pos->push_back(pos);
+    }
+  }
+}
+
+// Differential fuzz tests (random cases against a reference): HELIX_FUZZ_CASES cases (default
+// `default_cases`) from seed HELIX_FUZZ_SEED (default 1), so that a failure's seed reruns alone
+// with HELIX_FUZZ_SEED=<seed> HELIX_FUZZ_CASES=1.
+struct FuzzRange {
+  int64_t cases;
+  uint32_t first_seed;
+};
+inline FuzzRange FuzzRangeFromEnv(int64_t default_cases) {
+  const auto env = [](const char* name, int64_t fallback) {
+    const char* v = std::getenv(name);
+    return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
+  };
+  return {env("HELIX_FUZZ_CASES", default_cases), static_cast<uint32_t>(env("HELIX_FUZZ_SEED", 1))};
+}
+// One fuzz case's draws, from its seed.
+struct Fuzz {
+  explicit Fuzz(uint32_t seed) : rng(seed * 2654435761u) {}
+  int Pick(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }  // [lo, hi]
+  bool Chance(double p) { return std::bernoulli_distribution(p)(rng); }
+  std::mt19937 rng;
+};
 
 }  // namespace helix::kernels::testing
 

@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -24,7 +23,11 @@
 namespace helix::kernels {
 namespace {
 
+using testing::AppendQueries;
 using testing::ExpectAllNear;
+using testing::Fuzz;
+using testing::FuzzRange;
+using testing::FuzzRangeFromEnv;
 using testing::RandomVector;
 
 struct Case {
@@ -63,6 +66,14 @@ struct PdlRun {
   std::vector<float> out, lse;
 };
 PdlRun g_pdl;
+
+// Puts the kernel tuning and g_pdl back to their defaults when a test ends.
+struct ResetTuningAndPdl {
+  ~ResetTuningAndPdl() {
+    cuda::SetPagedAttentionCudaTuningForTesting({});
+    g_pdl = {};
+  }
+};
 
 void Store(DType t, void* base, int64_t i, float f) {
   if (t == DType::kF32) {
@@ -104,12 +115,7 @@ void RunCase(const Case& c, uint32_t seed, const char* kernel = nullptr) {
   }
   std::vector<int32_t> q_seq, q_pos;
   if (!c.q_positions.empty()) {
-    for (int64_t s = 0; s < seqs; ++s) {
-      for (int32_t pos : c.q_positions[s]) {
-        q_seq.push_back(static_cast<int32_t>(s));
-        q_pos.push_back(pos);
-      }
-    }
+    AppendQueries(c.q_positions, &q_seq, &q_pos);
   } else if (c.prefill) {
     for (int64_t s = 0; s < seqs; ++s) {
       const int32_t from = c.froms.empty() ? c.prefill_from : c.froms[s];
@@ -281,12 +287,7 @@ TEST(AttentionEmuTest, WarpCountsAndLegacyKernel) {
 // same bits as without it. Prefill calls, block sizes that split a warp step, the generic and
 // TMA paths keep every read after PdlEnter. Every call is also checked against the CPU.
 TEST(AttentionEmuTest, EarlyKvBeforeTheWait) {
-  struct Restore {
-    ~Restore() {
-      cuda::SetPagedAttentionCudaTuningForTesting({});
-      g_pdl = {};
-    }
-  } restore;
+  const ResetTuningAndPdl reset;
   const auto both = [](const Case& c, uint32_t seed, bool expect_early) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     g_pdl = PdlRun{};
@@ -516,80 +517,65 @@ TEST(AttentionEmuTest, SplitHonoursTheCallersShortestChunk) {
 // before the wait) and must give the same bits as without. HELIX_FUZZ_CASES
 // (default 40) cases from seed HELIX_FUZZ_SEED (default 1): a failure names its seed, and
 // HELIX_FUZZ_SEED=<seed> HELIX_FUZZ_CASES=1 reruns it alone.
-int64_t EnvInt(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
-}
-
 TEST(AttentionEmuTest, RandomCasesAgainstCpu) {
-  struct Restore {
-    ~Restore() {
-      cuda::SetPagedAttentionCudaTuningForTesting({});
-      g_pdl = {};
-    }
-  } restore;
-  const int64_t cases = EnvInt("HELIX_FUZZ_CASES", 40);
-  const auto first_seed = static_cast<uint32_t>(EnvInt("HELIX_FUZZ_SEED", 1));
-  for (int64_t i = 0; i < cases; ++i) {
-    const uint32_t seed = first_seed + static_cast<uint32_t>(i);
-    std::mt19937 rng(seed * 2654435761u);
-    const auto pick = [&](int lo, int hi) {  // uniform in [lo, hi]
-      return std::uniform_int_distribution<int>(lo, hi)(rng);
-    };
-    const auto chance = [&](double p) { return std::bernoulli_distribution(p)(rng); };
+  const ResetTuningAndPdl reset;
+  const FuzzRange range = FuzzRangeFromEnv(40);
+  for (int64_t i = 0; i < range.cases; ++i) {
+    const uint32_t seed = range.first_seed + static_cast<uint32_t>(i);
+    Fuzz fz(seed);
     Case c{};
     const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
-    c.dtype = dtypes[pick(0, 2)];
+    c.dtype = dtypes[fz.Pick(0, 2)];
     const int64_t generic_dims[] = {8, 16, 20, 32, 40, 96, 256};
-    c.d = chance(0.8) ? (chance(0.5) ? 64 : 128) : generic_dims[pick(0, 6)];
-    c.group = chance(0.9) ? pick(1, 12) : (chance(0.5) ? 16 : 24);
-    c.kv_heads = pick(1, 3);
+    c.d = fz.Chance(0.8) ? (fz.Chance(0.5) ? 64 : 128) : generic_dims[fz.Pick(0, 6)];
+    c.group = fz.Chance(0.9) ? fz.Pick(1, 12) : (fz.Chance(0.5) ? 16 : 24);
+    c.kv_heads = fz.Pick(1, 3);
     const int64_t tpbs[] = {1, 2, 3, 5, 7, 8, 16, 16, 32, 64};
-    c.tpb = tpbs[pick(0, 9)];
-    const int seqs = pick(1, 4);
+    c.tpb = tpbs[fz.Pick(0, 9)];
+    const int seqs = fz.Pick(1, 4);
     for (int s = 0; s < seqs; ++s) {
-      const int kind = pick(0, 5);
+      const int kind = fz.Pick(0, 5);
       c.lens.push_back(kind == 0   ? 0
                        : kind == 1 ? 1
-                       : kind <= 3 ? pick(1, static_cast<int>(3 * c.tpb))
-                                   : pick(1, 300));
+                       : kind <= 3 ? fz.Pick(1, static_cast<int>(3 * c.tpb))
+                                   : fz.Pick(1, 300));
     }
-    if (chance(0.3)) {
-      c.cp = pick(2, 4);
-      c.cp_rank = pick(0, static_cast<int>(c.cp) - 1);
+    if (fz.Chance(0.3)) {
+      c.cp = fz.Pick(2, 4);
+      c.cp_rank = fz.Pick(0, static_cast<int>(c.cp) - 1);
     }
-    const int mode = c.cp > 1 ? 2 : pick(0, 2);  // 0 decode, 1 prefill, 2 explicit positions
+    const int mode = c.cp > 1 ? 2 : fz.Pick(0, 2);  // 0 decode, 1 prefill, 2 explicit positions
     if (mode == 1) {
       c.prefill = true;
-      for (int s = 0; s < seqs; ++s) c.froms.push_back(pick(0, std::max(0, c.lens[s] - 1)));
+      for (int s = 0; s < seqs; ++s) c.froms.push_back(fz.Pick(0, std::max(0, c.lens[s] - 1)));
     } else if (mode == 2) {
       for (int s = 0; s < seqs; ++s) {
         const int64_t blocks = (c.lens[s] + c.tpb - 1) / c.tpb;
         const int end = static_cast<int>((std::max<int64_t>(blocks - 1, 0) * c.cp + c.cp_rank + 2) *
                                          c.tpb);  // a block past the rank's last
         std::vector<int32_t> pos;
-        for (int n = pick(1, 3); n > 0; --n) pos.push_back(pick(0, end));
+        for (int n = fz.Pick(1, 3); n > 0; --n) pos.push_back(fz.Pick(0, end));
         std::sort(pos.begin(), pos.end());
         pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
         c.q_positions.push_back(pos);
       }
     }
-    c.split = chance(0.5) ? 0 : c.tpb * pick(1, 6);
-    c.scale_mul = chance(0.8) ? 1.0f : (chance(0.5) ? 4.0f : 8.0f);
+    c.split = fz.Chance(0.5) ? 0 : c.tpb * fz.Pick(1, 6);
+    c.scale_mul = fz.Chance(0.8) ? 1.0f : (fz.Chance(0.5) ? 4.0f : 8.0f);
     cuda::PagedAttentionCudaTuning t{};
-    t.warps_per_block = chance(0.5) ? 0 : pick(1, 8);
-    t.stages = chance(0.5) ? 0 : pick(2, 4);
-    t.prefetch_steps = chance(0.85) ? 0 : pick(1, 3);
-    t.tensor_cores = chance(0.4);
-    t.bulk_copy = chance(0.15);
-    t.merge_two_pass = chance(0.3);
+    t.warps_per_block = fz.Chance(0.5) ? 0 : fz.Pick(1, 8);
+    t.stages = fz.Chance(0.5) ? 0 : fz.Pick(2, 4);
+    t.prefetch_steps = fz.Chance(0.85) ? 0 : fz.Pick(1, 3);
+    t.tensor_cores = fz.Chance(0.4);
+    t.bulk_copy = fz.Chance(0.15);
+    t.merge_two_pass = fz.Chance(0.3);
     // A quarter of the decode cases compare the early KV copies with the late ones, on shapes
     // where the early path applies.
-    const bool early_kv = mode == 0 && chance(0.25);
+    const bool early_kv = mode == 0 && fz.Chance(0.25);
     if (early_kv) {
-      c.tpb = int64_t{8} << pick(0, 2);
+      c.tpb = int64_t{8} << fz.Pick(0, 2);
       if (c.d != 64 && c.d != 128) c.d = 64;
-      if (c.split != 0) c.split = c.tpb * pick(1, 6);
+      if (c.split != 0) c.split = c.tpb * fz.Pick(1, 6);
       t.bulk_copy = false;
     }
     cuda::SetPagedAttentionCudaTuningForTesting(t);

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -3378,43 +3377,35 @@ TEST_F(CudaOpsTest, GemvRopeKvEqualsGemvThenRopeWriteKv) {
 // (its thread blocks hold whole rotation pairs: q and k rows a multiple of its rows per block)
 // are drawn again. HELIX_FUZZ_CASES (default 4) cases from seed HELIX_FUZZ_SEED (default 1).
 TEST_F(CudaOpsTest, GemvRopeKvRandomShapes) {
-  const auto env = [](const char* name, int64_t fallback) {
-    const char* v = std::getenv(name);
-    return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
-  };
-  const int64_t cases = env("HELIX_FUZZ_CASES", 4);
-  const auto first_seed = static_cast<uint32_t>(env("HELIX_FUZZ_SEED", 1));
-  for (int64_t i = 0; i < cases; ++i) {
-    const uint32_t seed = first_seed + static_cast<uint32_t>(i);
-    std::mt19937 rng(seed * 2654435761u);
-    const auto pick = [&](int lo, int hi) {
-      return std::uniform_int_distribution<int>(lo, hi)(rng);
-    };
+  const testing::FuzzRange range = testing::FuzzRangeFromEnv(4);
+  for (int64_t i = 0; i < range.cases; ++i) {
+    const uint32_t seed = range.first_seed + static_cast<uint32_t>(i);
+    testing::Fuzz fz(seed);
     GemvRopeShape sh{};
     do {
-      sh.hq = pick(1, 12);
-      sh.hkv = pick(1, 4);
-      sh.d = 2 * pick(1, 64);
-      sh.k = pick(0, 3) == 0 ? 8 * pick(512, 1025) : 8 * pick(1, 130);
-      sh.m = pick(1, 4);
+      sh.hq = fz.Pick(1, 12);
+      sh.hkv = fz.Pick(1, 4);
+      sh.d = 2 * fz.Pick(1, 64);
+      sh.k = fz.Pick(0, 3) == 0 ? 8 * fz.Pick(512, 1025) : 8 * fz.Pick(1, 130);
+      sh.m = fz.Pick(1, 4);
     } while ((sh.hq + sh.hkv) * sh.d % (sh.k >= 4096 ? 2 : 8) != 0 ||
              (sh.k >= 4096 && (sh.hq + 2 * sh.hkv) * sh.d > 1024));  // emulation time
     std::vector<int32_t> positions, block, slot;
     for (int64_t t = 0; t < sh.m; ++t) {
-      positions.push_back(t == 0 ? 0 : pick(1, 1000000));
+      positions.push_back(t == 0 ? 0 : fz.Pick(1, 1000000));
       // Distinct slots of the pool's 6 blocks of 4 tokens, or -1 (not stored here).
-      block.push_back(pick(0, 4) == 0 ? -1 : static_cast<int32_t>(t));
-      slot.push_back(pick(0, 3));
+      block.push_back(fz.Pick(0, 4) == 0 ? -1 : static_cast<int32_t>(t));
+      slot.push_back(fz.Pick(0, 3));
     }
-    const RopeStyle style = pick(0, 1) == 0 ? RopeStyle::kHalf : RopeStyle::kInterleaved;
+    const RopeStyle style = fz.Pick(0, 1) == 0 ? RopeStyle::kHalf : RopeStyle::kInterleaved;
     const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
-    const DType kv = dtypes[pick(0, 2)];
-    int norm_mode = pick(0, 2);
+    const DType kv = dtypes[fz.Pick(0, 2)];
+    int norm_mode = fz.Pick(0, 2);
     if (norm_mode == 1 && sh.m * sh.k > cuda::kGemvNormMaxFloats) norm_mode = 2;
     SCOPED_TRACE("fuzz seed " + std::to_string(seed) + ": hq " + std::to_string(sh.hq) + ", hkv " +
                  std::to_string(sh.hkv) + ", d " + std::to_string(sh.d) + ", k " +
                  std::to_string(sh.k) + ", m " + std::to_string(sh.m));
-    ExpectGemvRopeKvSameAsUnfused(sh, style, kv, norm_mode, positions, block, slot, rng);
+    ExpectGemvRopeKvSameAsUnfused(sh, style, kv, norm_mode, positions, block, slot, fz.rng);
     if (HasFailure()) break;  // the first failing seed is the one to rerun
   }
 }

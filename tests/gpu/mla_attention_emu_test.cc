@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -26,7 +25,11 @@
 namespace helix::kernels {
 namespace {
 
+using testing::AppendQueries;
 using testing::ExpectAllNear;
+using testing::Fuzz;
+using testing::FuzzRange;
+using testing::FuzzRangeFromEnv;
 using testing::RandomVector;
 
 void Store(DType t, void* base, int64_t i, float f) {
@@ -88,12 +91,7 @@ void RunCase(const Case& c, uint32_t seed) {
   std::vector<int32_t> q_seq, q_pos;
   const int64_t span = c.cp * c.lens[0];  // global positions sequence 0 covers, about
   if (!c.q_positions.empty()) {
-    for (int64_t s = 0; s < seqs; ++s) {
-      for (int32_t pos : c.q_positions[s]) {
-        q_seq.push_back(static_cast<int32_t>(s));
-        q_pos.push_back(pos);
-      }
-    }
+    AppendQueries(c.q_positions, &q_seq, &q_pos);
   } else if (c.prefill) {
     for (int64_t i = 0; i<span; i += c.cp> 1 ? 7 : 1) {
       q_seq.push_back(0);
@@ -204,39 +202,29 @@ TEST(MlaAttentionEmuTest, NanQueryMakesItsRowNan) {
 // queries before, inside and after a rank's blocks, several queries per sequence (prefill
 // shaped), split-KV or not. HELIX_FUZZ_CASES (default 12) cases from seed HELIX_FUZZ_SEED
 // (default 1); a failure names its seed.
-int64_t EnvInt(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v == nullptr || *v == '\0' ? fallback : std::strtoll(v, nullptr, 10);
-}
-
 TEST(MlaAttentionEmuTest, RandomCasesAgainstCpu) {
-  const int64_t cases = EnvInt("HELIX_FUZZ_CASES", 12);
-  const auto first_seed = static_cast<uint32_t>(EnvInt("HELIX_FUZZ_SEED", 1));
-  for (int64_t i = 0; i < cases; ++i) {
-    const uint32_t seed = first_seed + static_cast<uint32_t>(i);
-    std::mt19937 rng(seed * 2654435761u);
-    const auto pick = [&](int lo, int hi) {
-      return std::uniform_int_distribution<int>(lo, hi)(rng);
-    };
-    const auto chance = [&](double p) { return std::bernoulli_distribution(p)(rng); };
+  const FuzzRange range = FuzzRangeFromEnv(12);
+  for (int64_t i = 0; i < range.cases; ++i) {
+    const uint32_t seed = range.first_seed + static_cast<uint32_t>(i);
+    Fuzz fz(seed);
     Case c{};
     const DType dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
-    c.dtype = dtypes[pick(0, 2)];
-    c.heads = chance(0.7) ? pick(1, 16) : pick(17, 40);
+    c.dtype = dtypes[fz.Pick(0, 2)];
+    c.heads = fz.Chance(0.7) ? fz.Pick(1, 16) : fz.Pick(17, 40);
     const int64_t latents[] = {16, 61, 64, 128, 512};
     const int64_t ropes[] = {1, 7, 8, 16, 64};
-    c.latent = latents[pick(0, 4)];
-    c.rope = ropes[pick(0, 4)];
+    c.latent = latents[fz.Pick(0, 4)];
+    c.rope = ropes[fz.Pick(0, 4)];
     const int64_t tpbs[] = {1, 3, 4, 5, 16, 32};
-    c.tpb = tpbs[pick(0, 5)];
-    const int seqs = pick(1, 3);
+    c.tpb = tpbs[fz.Pick(0, 5)];
+    const int seqs = fz.Pick(1, 3);
     for (int s = 0; s < seqs; ++s) {
-      const int kind = pick(0, 4);
-      c.lens.push_back(kind == 0 ? 0 : kind == 1 ? 1 : pick(1, kind == 2 ? 40 : 300));
+      const int kind = fz.Pick(0, 4);
+      c.lens.push_back(kind == 0 ? 0 : kind == 1 ? 1 : fz.Pick(1, kind == 2 ? 40 : 300));
     }
-    if (chance(0.4)) {
-      c.cp = pick(2, 4);
-      c.cp_rank = pick(0, static_cast<int>(c.cp) - 1);
+    if (fz.Chance(0.4)) {
+      c.cp = fz.Pick(2, 4);
+      c.cp_rank = fz.Pick(0, static_cast<int>(c.cp) - 1);
     }
     for (int s = 0; s < seqs; ++s) {
       const int64_t blocks = (c.lens[s] + c.tpb - 1) / c.tpb;
@@ -244,13 +232,13 @@ TEST(MlaAttentionEmuTest, RandomCasesAgainstCpu) {
           (std::max<int64_t>(blocks - 1, 0) * c.cp + (c.cp > 1 ? c.cp_rank : 0) + 2) * c.tpb);
       std::vector<int32_t> pos;
       // Half the sequences have a decode query past the rank's blocks (it sees them all).
-      if (chance(0.5)) pos.push_back(end);
-      for (int n = chance(0.7) ? 1 : pick(2, 4); n > 0; --n) pos.push_back(pick(0, end));
+      if (fz.Chance(0.5)) pos.push_back(end);
+      for (int n = fz.Chance(0.7) ? 1 : fz.Pick(2, 4); n > 0; --n) pos.push_back(fz.Pick(0, end));
       std::sort(pos.begin(), pos.end());
       pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
       c.q_positions.push_back(pos);
     }
-    c.split = chance(0.5) ? 0 : c.tpb * pick(1, 16);
+    c.split = fz.Chance(0.5) ? 0 : c.tpb * fz.Pick(1, 16);
     SCOPED_TRACE("fuzz seed " + std::to_string(seed));
     RunCase(c, seed);
     if (HasFailure()) {
