@@ -83,9 +83,15 @@ inline std::vector<RunResult> RunAll(Engine* e, std::vector<GenerateRequest> req
   return out;
 }
 
-// Forks ranks 1..world-1 of `o`; each runs RunWorker and exits 0 on a clean shutdown.
+// Forks ranks 1..world-1 of `o`; each runs RunWorker and exits 0 on a clean shutdown. This
+// process must have no other thread yet (see ThreadsInThisProcess); otherwise none is forked
+// and the test fails.
 inline std::vector<pid_t> ForkWorkers(EngineOptions o) {
   std::vector<pid_t> pids;
+  if (const int threads = ThreadsInThisProcess(); threads != 1) {
+    ADD_FAILURE() << "workers would be forked from a process with " << threads << " threads";
+    return pids;
+  }
   const int world = o.tensor_parallel * o.context_parallel;
   for (int r = 1; r < world; ++r) {
     const pid_t pid = fork();

@@ -1,9 +1,11 @@
 // Test helpers for tests that run parts of themselves as other processes: SpawnSelf starts this
 // test binary again (a new process, not a fork: CUDA and UCX state do not survive fork) on one
 // gtest filter with extra environment variables; Reap waits for such processes within a grace
-// period and kills what is left. For tests only.
+// period and kills what is left; ThreadsInThisProcess tells whether forking (without exec) is
+// safe. For tests only.
 #pragma once
 
+#include <dirent.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -30,6 +32,19 @@ inline pid_t SpawnSelf(const std::string& filter, const std::vector<std::string>
   char* argv[] = {exe.data(), flag.data(), nullptr};
   pid_t pid = 0;
   return posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0 ? pid : -1;
+}
+
+// The number of threads of this process (its entries in /proc/self/task; -1 if unreadable).
+// fork() copies only the calling thread: a lock another thread holds at that moment (the
+// allocator's, under a sanitizer whose runtime does not take its locks around fork) stays held
+// forever in the child. Tests that fork and then run code (not exec) check for 1 first.
+inline int ThreadsInThisProcess() {
+  DIR* d = opendir("/proc/self/task");
+  if (d == nullptr) return -1;
+  int n = 0;
+  while (const dirent* e = readdir(d)) n += e->d_name[0] != '.';
+  closedir(d);
+  return n;
 }
 
 // Waits for the processes (up to `grace` in all, then kills them); returns their exit codes

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -21,28 +22,68 @@
 
 #include "engine/parallel/communicator.h"
 #include "engine/parallel/tcp_store.h"
+#include "engine/spawn_test_util.h"
 
 namespace helix::parallel {
 namespace {
 
 using std::chrono::milliseconds;
 
-// Runs body(rank) in `n` child processes; returns each child's exit code (0 = passed).
-std::vector<int> RunRanks(int n, const std::function<int(int)>& body) {
+// Runs body(rank) in `n` child processes; returns each child's exit code (0 = passed; 137 for
+// one still running after `grace`, then killed). The children are forked from this process, so
+// it must have no other thread (see testing::ThreadsInThisProcess): the store the ranks meet at
+// is a StoreProcess, never a TcpStoreServer's threads in here.
+std::vector<int> RunRanks(int n, const std::function<int(int)>& body,
+                          milliseconds grace = milliseconds(20000)) {
+  const int threads = testing::ThreadsInThisProcess();
+  if (threads != 1) {
+    ADD_FAILURE() << "the ranks would be forked from a process with " << threads << " threads";
+    return std::vector<int>(n, -1);
+  }
   std::vector<pid_t> pids;
   for (int r = 0; r < n; ++r) {
     const pid_t pid = fork();
     if (pid == 0) _exit(body(r));
     pids.push_back(pid);
   }
-  std::vector<int> codes;
-  for (pid_t pid : pids) {
-    int st = 0;
-    waitpid(pid, &st, 0);
-    codes.push_back(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
-  }
-  return codes;
+  return testing::Reap(pids, grace);
 }
+
+// A TCP rendezvous store served by a child process (forked while this process has no other
+// thread), killed when this object goes. port() is -1 when it did not start.
+class StoreProcess {
+ public:
+  StoreProcess() {
+    int fds[2];
+    if (testing::ThreadsInThisProcess() != 1 || pipe(fds) != 0) return;
+    pid_ = fork();
+    if (pid_ == 0) {
+      close(fds[0]);
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives the test
+      auto server = TcpStoreServer::Start("127.0.0.1", 0);
+      const int port = server.ok() ? (*server)->port() : -1;
+      if (write(fds[1], &port, sizeof(port)) != sizeof(port) || port < 0) _exit(1);
+      close(fds[1]);
+      for (;;) pause();  // serves from its own threads until killed
+    }
+    close(fds[1]);
+    int port = -1;
+    if (pid_ > 0 && read(fds[0], &port, sizeof(port)) == sizeof(port)) port_ = port;
+    close(fds[0]);
+  }
+  ~StoreProcess() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  StoreProcess(const StoreProcess&) = delete;
+  StoreProcess& operator=(const StoreProcess&) = delete;
+  int port() const { return port_; }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = -1;
+};
 
 #define CHILD_CHECK(cond, code)                          \
   do {                                                   \
@@ -174,9 +215,9 @@ TEST(TcpStoreTest, AnotherGroupsStoreRefusesTheClient) {
 }
 
 TEST(GlooCommunicatorTest, CollectivesAcrossProcesses) {
-  auto server = TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  StoreProcess store;
+  const int port = store.port();
+  ASSERT_GT(port, 0) << "the store process did not start";
   for (int n : {1, 2, 3}) {
     SCOPED_TRACE(n);
     const std::vector<int> codes = RunRanks(n, [&](int r) {
@@ -228,13 +269,14 @@ TEST(GlooCommunicatorTest, CollectivesAcrossProcesses) {
       return 0;
     });
     for (int code : codes) EXPECT_EQ(code, 0);
+    if (HasFailure()) break;  // a hung round is not waited for again
   }
 }
 
 TEST(GlooCommunicatorTest, DeadPeerIsAnErrorNotAHang) {
-  auto server = TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  StoreProcess store;
+  const int port = store.port();
+  ASSERT_GT(port, 0) << "the store process did not start";
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<int> codes = RunRanks(2, [&](int r) {
     auto store = TcpStore::Connect("127.0.0.1", port, milliseconds(5000));
@@ -262,9 +304,9 @@ TEST(GlooCommunicatorTest, DeadPeerIsAnErrorNotAHang) {
 // EPIPE (which Gloo turns into an error) instead of killing the process. Checked on a socket
 // pair in a child, since whether Gloo itself hits that write first is a race.
 TEST(GlooCommunicatorTest, AWriteToAClosedSocketIsAnErrorNotSigpipe) {
-  auto server = TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok());
-  const int port = (*server)->port();
+  StoreProcess store;
+  const int port = store.port();
+  ASSERT_GT(port, 0) << "the store process did not start";
   const std::vector<int> codes = RunRanks(1, [&](int r) {
     signal(SIGPIPE, SIG_DFL);
     auto store = TcpStore::Connect("127.0.0.1", port, milliseconds(5000));
