@@ -343,7 +343,7 @@ TEST_F(DisaggTest, HelixGroupPullsItsBlocksAndHeadSlices) {
   auto port = parallel::PickFreePort("127.0.0.1");
   ASSERT_TRUE(port.ok());
   o.leader_port = *port;
-  ASSERT_EQ(testing::ThreadsInThisProcess(), 1) << "workers are forked from here";
+  ASSERT_EQ(testing::ThreadsOnceSettled(), 1) << "workers are forked from here";
   std::vector<pid_t> pids;
   for (int r = 1; r < 4; ++r) {
     const pid_t pid = fork();

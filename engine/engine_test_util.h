@@ -88,7 +88,7 @@ inline std::vector<RunResult> RunAll(Engine* e, std::vector<GenerateRequest> req
 // and the test fails.
 inline std::vector<pid_t> ForkWorkers(EngineOptions o) {
   std::vector<pid_t> pids;
-  if (const int threads = ThreadsInThisProcess(); threads != 1) {
+  if (const int threads = ThreadsOnceSettled(); threads != 1) {
     ADD_FAILURE() << "workers would be forked from a process with " << threads << " threads";
     return pids;
   }

@@ -1,8 +1,8 @@
 // Test helpers for tests that run parts of themselves as other processes: SpawnSelf starts this
 // test binary again (a new process, not a fork: CUDA and UCX state do not survive fork) on one
 // gtest filter with extra environment variables; Reap waits for such processes within a grace
-// period and kills what is left; ThreadsInThisProcess tells whether forking (without exec) is
-// safe. For tests only.
+// period and kills what is left; ThreadsInThisProcess / ThreadsOnceSettled tell whether forking
+// (without exec) is safe. For tests only.
 #pragma once
 
 #include <dirent.h>
@@ -44,6 +44,20 @@ inline int ThreadsInThisProcess() {
   int n = 0;
   while (const dirent* e = readdir(d)) n += e->d_name[0] != '.';
   closedir(d);
+  return n;
+}
+
+// ThreadsInThisProcess, polled until it is 1 or `patience` has passed: a thread just joined can
+// still be listed for a moment (pthread_join returns once the kernel clears the thread's id,
+// before its task entry goes). What the fork checks call.
+inline int ThreadsOnceSettled(
+    std::chrono::milliseconds patience = std::chrono::milliseconds(2000)) {
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  int n = ThreadsInThisProcess();
+  while (n > 1 && std::chrono::steady_clock::now() < deadline) {
+    usleep(1000);
+    n = ThreadsInThisProcess();
+  }
   return n;
 }
 

@@ -648,13 +648,21 @@ TEST_F(DisaggServeTest, AbandonedQueuedPrefillsLeaveTheQueue) {
 }
 
 TEST_F(DisaggServeTest, CancelledPrefillsLeaveNoKv) {
+  // A prompt long enough that half a prefill (tens of ms) dwarfs a loaded machine's scheduling
+  // delays: with stories260K's 200 tokens (about 4 ms) a cancel meant for the first half
+  // could still land after the answer.
+  const std::string model = Env("HELIX_TEST_MODELS_DIR") + "/long.bin";
+  if (!fs::exists(model)) GTEST_SKIP() << "no " << model;
   Server::Options co;
   co.context = true;
+  co.model = model;
+  co.tokens_per_block = 32;
+  co.max_seq_len = 4096;
   co.lease_ms = 120000;  // far beyond the test: only a release frees the blocks in time
   Server ctx(co);
   auto stub = helix::v1::ContextService::NewStub(ctx.channel());
   helix::v1::PrefillRequest pre;
-  *pre.mutable_request() = Request(Tokens(200, 12), 4);
+  *pre.mutable_request() = Request(Tokens(2000, 12), 4);
   auto took = std::chrono::microseconds::max();  // the fastest of a few prefills
   for (int k = 0; k < 5; ++k) {
     const auto start = Clock::now();
@@ -866,7 +874,9 @@ TEST_F(DisaggServeTest, QueuedRequestKeepsItsLease) {
   stalled.Signal(SIGSTOP);
   Result first;
   std::thread t([&] { first = Generate(gen, blocking); });
-  std::this_thread::sleep_for(milliseconds(300));  // it is admitted first
+  // It is submitted first (and waits for its stalled pull in the only batch slot).
+  EXPECT_TRUE(
+      gen.WaitFor([](const auto& i) { return i.num_requests_waiting() == 1; }, milliseconds(2500)));
   const auto handed = Prefill(ctx, req);
   const auto t0 = Clock::now();
   const Result got = Generate(gen, handed);

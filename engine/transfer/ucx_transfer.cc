@@ -270,6 +270,7 @@ struct UcxTransfer::Impl {
     auto pit = peers.find(a.job.peer_key);
     if (pit == peers.end() || pit->second.failed) return;
     Peer& p = pit->second;
+    const size_t first = a.next;
     while (a.outstanding < kMaxOutstandingPerJob && a.next < a.job.segments.size()) {
       if (a.job.window_groups > 0 &&
           a.next / a.job.segments_per_group >= a.low + a.job.window_groups) {
@@ -290,10 +291,14 @@ struct UcxTransfer::Impl {
         delete op;
         a.failed = true;
         a.error = std::string("get failed: ") + ucs_status_string(UCS_PTR_STATUS(req));
-        return;
+        break;
       } else {
         ++a.outstanding;
       }
+    }
+    if (a.next > first) {
+      std::lock_guard<std::mutex> lock(mu);
+      stats.gets_posted += a.next - first;
     }
   }
 

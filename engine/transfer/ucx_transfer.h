@@ -55,6 +55,7 @@ struct PullJob {
 struct TransferStats {
   uint64_t jobs_done = 0, jobs_failed = 0, jobs_cancelled = 0;
   uint64_t bytes_pulled = 0;
+  uint64_t gets_posted = 0;  // one-sided gets handed to UCX (also those that completed at once)
 };
 
 class UcxTransfer {

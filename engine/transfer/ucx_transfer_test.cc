@@ -1,11 +1,13 @@
 #include "engine/transfer/ucx_transfer.h"
 
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -16,23 +18,35 @@
 #include <thread>
 #include <vector>
 
+#include "engine/spawn_test_util.h"
+
 namespace helix::transfer {
 namespace {
 
 using std::chrono::milliseconds;
 using Clock = std::chrono::steady_clock;
 
-std::string ReadAll(int fd) {
+// One length-prefixed string from `fd`; "" when the writer closed or failed, or nothing came
+// within `patience` (a child that hangs before writing must not hang the test).
+std::string ReadAll(int fd, milliseconds patience = milliseconds(30000)) {
+  const auto deadline = Clock::now() + patience;
+  auto read_fully = [&](char* p, size_t n) {
+    for (size_t got = 0; got < n;) {
+      const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+      pollfd pf{fd, POLLIN, 0};
+      const int ready = left > 0 ? poll(&pf, 1, static_cast<int>(left)) : 0;
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready <= 0) return false;
+      const ssize_t r = read(fd, p + got, n - got);
+      if (r <= 0) return false;
+      got += r;
+    }
+    return true;
+  };
   uint64_t n = 0;
-  if (read(fd, &n, sizeof(n)) != sizeof(n)) return {};
+  if (!read_fully(reinterpret_cast<char*>(&n), sizeof(n)) || n > (1u << 20)) return {};
   std::string s(n, '\0');
-  size_t got = 0;
-  while (got < n) {
-    const ssize_t r = read(fd, s.data() + got, n - got);
-    if (r <= 0) return {};
-    got += r;
-  }
-  return s;
+  return read_fully(s.data(), n) ? s : std::string();
 }
 
 class UcxTransferTest : public ::testing::Test {
@@ -271,14 +285,14 @@ constexpr const char* kExporterEnv = "HELIX_UCX_TEST_EXPORTER_FD";
 void StartExporter(Child* c) {
   int fds[2];
   ASSERT_EQ(pipe(fds), 0);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    setenv(kExporterEnv, std::to_string(fds[1]).c_str(), 1);
-    execl("/proc/self/exe", "ucx_transfer_test_exporter", nullptr);
-    _exit(127);
-  }
+  // Spawned, not forked: by now this process runs UCX's threads and the puller's, and a forked
+  // child allocates (setenv) before its exec. The exporter starts in this binary's static
+  // initialisation (kIsExporter) and never reaches the gtest filter.
+  const pid_t pid = testing::SpawnSelf("UcxTransferTest.Exporter",
+                                       {std::string(kExporterEnv) + "=" + std::to_string(fds[1])});
   close(fds[1]);
+  if (pid < 0) close(fds[0]);
+  ASSERT_GT(pid, 0) << "cannot start the exporter";
   c->pid = pid;
   c->address = ReadAll(fds[0]);
   c->rkey = ReadAll(fds[0]);
@@ -375,8 +389,14 @@ TEST_F(UcxTransferTest, CancelEndsTheJob) {
   // cancelled job must not report an end before that.
   Stop(c.pid);
   const auto t0 = Clock::now();
+  const uint64_t posted = puller_->stats().gets_posted;
   const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(1500)));
-  std::this_thread::sleep_for(milliseconds(100));
+  // Cancelled once its gets are in flight (a cancel that came with the start would end it
+  // before any get, at once).
+  while (puller_->stats().gets_posted == posted && Clock::now() - t0 < milliseconds(1000)) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  ASSERT_GT(puller_->stats().gets_posted, posted) << "no get was posted";
   puller_->Cancel(id);
   const JobState s = puller_->Wait(id, milliseconds(10000));
   EXPECT_TRUE(s == JobState::kCancelled) << JobStateName(s);

@@ -323,7 +323,7 @@ int main(int argc, char** argv) {
       // The ranks are forked first, from a process with no other thread (fork copies only
       // the calling thread; a lock held by another one would stay held in the child), and
       // then learn the store's port through a pipe: its server threads start after the fork.
-      if (const int threads = testing::ThreadsInThisProcess(); cp > 1 && threads != 1) {
+      if (const int threads = testing::ThreadsOnceSettled(); cp > 1 && threads != 1) {
         std::fprintf(stderr,
                      "helix_bench: the ranks would be forked from a process with %d threads\n",
                      threads);

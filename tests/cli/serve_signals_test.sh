@@ -35,6 +35,12 @@ for _ in range(200):
             pass
 EOF
 }
+other_port() {  # other_port PORT: a free port that is not PORT
+  local p
+  p=$(free_port)
+  while [ "$p" = "$1" ]; do p=$(free_port); done
+  echo "$p"
+}
 config() {  # config PORT FILE
   cat >"$2" <<EOF
 {"model": "$model/stories260K.bin", "tokenizer": "$model/tok512.bin", "num_threads": 1,
@@ -54,9 +60,10 @@ wait_port() {  # wait_port PORT PID: 0 once it listens, 1 if the process died or
 }
 
 start_alone() {  # start_alone RANK NAME: one rank of a CP 2 group whose other rank never comes
-  local port leader
+  # (sets pid and leader)
+  local port
   port=$(free_port)
-  leader=$(free_port)
+  leader=$(other_port "$port")
   config "$port" "$tmp/$2.json"
   setsid "$gen" serve --config "$tmp/$2.json" --rank "$1" --leader-addr "127.0.0.1:$leader" \
     >"$tmp/$2.log" 2>&1 &
@@ -64,9 +71,11 @@ start_alone() {  # start_alone RANK NAME: one rank of a CP 2 group whose other r
   pids+=("$pid")
 }
 
-# 1. SIGTERM during the rendezvous.
+# 1. SIGTERM during the rendezvous (its store listening means the leader watches signals).
 start_alone 0 a
-sleep 1.5
+if ! wait_port "$leader" "$pid"; then
+  echo "FAIL the leader's rendezvous store did not listen"; sed 's/^/  /' "$tmp/a.log"; fail=1
+fi
 start=$(date +%s%N)
 kill -TERM "$pid"
 wait "$pid"
@@ -81,7 +90,7 @@ fi
 
 # 2 and 3. --leader-addr with a spawning leader; then a SIGTERM to the group mid-stream.
 port=$(free_port)
-leader=$(free_port)
+leader=$(other_port "$port")
 config "$port" "$tmp/b.json"
 setsid "$gen" serve --config "$tmp/b.json" --leader-addr "127.0.0.1:$leader" --drain-ms 60000 \
   >"$tmp/b.log" 2>&1 &
@@ -96,7 +105,7 @@ fi
   --temperature 0 >"$tmp/long.txt" 2>"$tmp/long.err" &
 client=$!
 # Once the stream has begun, the whole group gets the signal.
-for _ in $(seq 100); do [ -s "$tmp/long.txt" ] && break; sleep 0.05; done
+for _ in $(seq 1200); do [ -s "$tmp/long.txt" ] && break; sleep 0.05; done
 kill -TERM -- "-$pid"
 wait "$client"
 crc=$?
