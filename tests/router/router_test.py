@@ -1090,7 +1090,12 @@ class RouterFaultTest(unittest.TestCase):
         ctx_port, gen_port, port = free_port(), free_port(), free_port()
         ctx = self.start("ctx", server_cfg(ctx_port, True), ctx_port)
         # Two ranks: slow enough per step that 480 tokens are still being generated when the
-        # instance dies on the first chunk (480 + the 5-token prompt fit max_seq_len 512).
+        # instance dies on the second chunk (480 + the 5-token prompt fit max_seq_len 512).
+        # Not the first: the first token is the context server's, streamed while the ranks set
+        # up their UCX endpoints to it, and Debian's UCX 1.13.1 aborts the passive side (this
+        # context server) when its peer dies in that handshake (ucp_request.c:684, an assertion
+        # UCX 1.14 removed; docs/architecture.md, "Known problems"). The second token needs
+        # every rank's KV pulled, so the handshakes are over.
         gen = self.start("gen", server_cfg(gen_port, False, cp=2), gen_port)
         self.start("router", router_cfg(port, [ctx_port], [gen_port]), port)
         self.assertTrue(wait_ready(port))
@@ -1102,7 +1107,7 @@ class RouterFaultTest(unittest.TestCase):
         try:
             for chunk in stream:
                 got += 1
-                if got == 1:
+                if got == 2:
                     gen.kill()
         except Exception as e:  # the SSE error event surfaces as an API error
             error = e
