@@ -84,7 +84,7 @@ inline std::vector<RunResult> RunAll(Engine* e, std::vector<GenerateRequest> req
 }
 
 // Forks ranks 1..world-1 of `o`; each runs RunWorker and exits 0 on a clean shutdown. This
-// process must have no other thread yet (see ThreadsInThisProcess); otherwise none is forked
+// process must have no other thread yet (see ThreadsOnceSettled); otherwise none is forked
 // and the test fails.
 inline std::vector<pid_t> ForkWorkers(EngineOptions o) {
   std::vector<pid_t> pids;

@@ -3,7 +3,6 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -21,6 +20,7 @@
 #include <vector>
 
 #include "engine/parallel/communicator.h"
+#include "engine/parallel/store_process.h"
 #include "engine/parallel/tcp_store.h"
 #include "engine/spawn_test_util.h"
 
@@ -31,7 +31,7 @@ using std::chrono::milliseconds;
 
 // Runs body(rank) in `n` child processes; returns each child's exit code (0 = passed; 137 for
 // one still running after `grace`, then killed). The children are forked from this process, so
-// it must have no other thread (see testing::ThreadsInThisProcess): the store the ranks meet at
+// it must have no other thread (see testing::ThreadsOnceSettled): the store the ranks meet at
 // is a StoreProcess, never a TcpStoreServer's threads in here.
 std::vector<int> RunRanks(int n, const std::function<int(int)>& body,
                           milliseconds grace = milliseconds(20000)) {
@@ -48,42 +48,6 @@ std::vector<int> RunRanks(int n, const std::function<int(int)>& body,
   }
   return testing::Reap(pids, grace);
 }
-
-// A TCP rendezvous store served by a child process (forked while this process has no other
-// thread), killed when this object goes. port() is -1 when it did not start.
-class StoreProcess {
- public:
-  StoreProcess() {
-    int fds[2];
-    if (testing::ThreadsOnceSettled() != 1 || pipe(fds) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      close(fds[0]);
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives the test
-      auto server = TcpStoreServer::Start("127.0.0.1", 0);
-      const int port = server.ok() ? (*server)->port() : -1;
-      if (write(fds[1], &port, sizeof(port)) != sizeof(port) || port < 0) _exit(1);
-      close(fds[1]);
-      for (;;) pause();  // serves from its own threads until killed
-    }
-    close(fds[1]);
-    int port = -1;
-    if (pid_ > 0 && read(fds[0], &port, sizeof(port)) == sizeof(port)) port_ = port;
-    close(fds[0]);
-  }
-  ~StoreProcess() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  StoreProcess(const StoreProcess&) = delete;
-  StoreProcess& operator=(const StoreProcess&) = delete;
-  int port() const { return port_; }
-
- private:
-  pid_t pid_ = -1;
-  int port_ = -1;
-};
 
 #define CHILD_CHECK(cond, code)                          \
   do {                                                   \

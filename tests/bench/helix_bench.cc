@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -30,8 +31,8 @@
 #include "engine/model/shard.h"
 #include "engine/parallel/communicator.h"
 #include "engine/parallel/launcher.h"
+#include "engine/parallel/store_process.h"
 #include "engine/parallel/tcp_store.h"
-#include "engine/spawn_test_util.h"
 
 namespace {
 
@@ -320,50 +321,30 @@ int main(int argc, char** argv) {
   for (int64_t ctx : a.contexts) {
     std::vector<double> attention_by_cp;
     for (int cp : a.cps) {
-      // The ranks are forked first, from a process with no other thread (fork copies only
-      // the calling thread; a lock held by another one would stay held in the child), and
-      // then learn the store's port through a pipe: its server threads start after the fork.
-      if (const int threads = testing::ThreadsOnceSettled(); cp > 1 && threads != 1) {
-        std::fprintf(stderr,
-                     "helix_bench: the ranks would be forked from a process with %d threads\n",
-                     threads);
-        return 1;
+      // The store runs in its own process: the ranks are forked from this one while it has no
+      // other thread (fork copies only the calling thread; a lock another held would stay
+      // held in the child).
+      std::optional<parallel::StoreProcess> store;
+      int port = 0;
+      if (cp > 1) {
+        store.emplace();
+        port = store->port();
+        if (port <= 0 || testing::ThreadsOnceSettled() != 1) {
+          std::fprintf(stderr,
+                       "helix_bench: the rendezvous store did not start, or this "
+                       "process has other threads to fork beside\n");
+          return 1;
+        }
       }
       std::vector<pid_t> pids;
-      std::vector<int> port_pipes;
       for (int r = 1; r < cp; ++r) {
-        int fds[2];
-        if (pipe(fds) != 0) return 1;
         const pid_t pid = fork();
         if (pid == 0) {
-          close(fds[1]);
-          int port = 0;
-          if (read(fds[0], &port, sizeof(port)) != sizeof(port) || port <= 0) _exit(2);
           ForwardTimings t;
           int64_t kvb = 0;
           _exit(RunRank(a, ctx, cp, r, port, &t, &kvb));
         }
-        close(fds[0]);
         pids.push_back(pid);
-        port_pipes.push_back(fds[1]);
-      }
-      int port = 0;
-      std::unique_ptr<parallel::TcpStoreServer> server;
-      if (cp > 1) {
-        auto s = parallel::TcpStoreServer::Start("127.0.0.1", 0);
-        if (s.ok()) {
-          server = std::move(*s);
-          port = server->port();
-        }
-      }
-      for (int fd : port_pipes) {  // a rank told 0 (no store) exits at once
-        if (write(fd, &port, sizeof(port)) != sizeof(port)) std::perror("helix_bench: pipe");
-        close(fd);
-      }
-      if (cp > 1 && port == 0) {
-        for (pid_t pid : pids) waitpid(pid, nullptr, 0);
-        std::fprintf(stderr, "helix_bench: the rendezvous store did not start\n");
-        return 1;
       }
       ForwardTimings t;
       int64_t kv_bytes = 0;
