@@ -335,9 +335,25 @@ Status Engine::Init(const EngineOptions& o) {
                        << " backend: its KV pool is host memory, exported as it is";
     }
     ASSIGN_OR_RETURN(transfer_, transfer::UcxTransfer::Create("context server " + o.server_id,
-                                                              exported, exported_bytes));
+                                                              exported, exported_bytes,
+                                                              o.kv_listen_host, o.kv_listen_port));
     export_.server_id = o.server_id;
     export_.worker_address = transfer_->address();
+    if (!o.kv_listen_host.empty()) {
+      const std::string& host =
+          o.kv_advertise_host.empty() ? o.kv_listen_host : o.kv_advertise_host;
+      auto listener = transfer_->ListenerAddressFor(host);
+      if (!listener.ok()) {
+        return InvalidArgument("the host KV handles name for the UCX listener: " +
+                               listener.status().message());
+      }
+      export_.listener_address = *listener;
+    } else {
+      HELIX_LOG(kWarn) << "engine: no UCX listener (kv_listen_host is empty): generation ranks "
+                          "connect to the worker address, and with UCX 1.13.1 one that dies in "
+                          "its first handshake can abort this server (docs/architecture.md, "
+                          "Known problems)";
+    }
     export_.rkey = transfer_->rkey();
     export_.layout = kv_layout_;
     export_.region_base = reinterpret_cast<uint64_t>(exported);
@@ -820,6 +836,7 @@ Status Engine::StartTransfer(const parallel::PlanTransfer& t) {
   transfer::PullJob job;
   job.peer_key = src->server_id;
   job.worker_address = src->worker_address;
+  job.listener_address = src->listener_address;
   job.rkey = src->rkey;
   job.deadline = std::chrono::steady_clock::now() + options_.kv_transfer_timeout;
   auto* base = static_cast<uint8_t*>(pool_->base());
@@ -1794,8 +1811,13 @@ void Engine::ExpireLeases() {
 }
 
 DisaggStats Engine::disagg_stats() const {
-  std::lock_guard<std::mutex> lock(inbox_mu_);
   DisaggStats d;
+  if (kv_export() != nullptr) {  // set at Create, with transfer_ (a generation engine makes
+                                 // its transfer_ later, on the engine thread)
+    const transfer::TransferStats t = transfer_->stats();
+    d.ucx_connections = static_cast<int64_t>(t.peers_accepted - t.peers_closed);
+  }
+  std::lock_guard<std::mutex> lock(inbox_mu_);
   d.retained_requests = static_cast<int64_t>(retained_ids_.size());
   d.leases_expired = leases_expired_;
   d.export_blocks_total = export_blocks_;

@@ -138,6 +138,15 @@ struct EngineOptions {
   bool export_kv = false;
   std::string server_id;  // the context server's KvSource::server_id
   std::chrono::milliseconds kv_lease{30000};
+  // The context server's UCX listener, where generation ranks connect to pull: bound on
+  // kv_listen_host (a name or address; "0.0.0.0" for every interface) and kv_listen_port (0: a
+  // free one), named in handles by the address kv_advertise_host (empty: kv_listen_host)
+  // resolves to in the listener's family, and that port. An empty kv_listen_host: no
+  // listener, and ranks connect to the worker address (which UCX 1.13.1 cannot survive a rank
+  // dying on in its first handshake: docs/architecture.md, Known problems).
+  std::string kv_listen_host = "127.0.0.1";
+  std::string kv_advertise_host;
+  int kv_listen_port = 0;
   // A context server on a device backend hands retained KV out of pinned host memory (UCX
   // reads host memory): tokens it holds, rounded up to blocks; 0 = as many as the KV pool.
   // A retained request's device blocks are freed as soon as they are copied there.
@@ -157,6 +166,7 @@ StatusOr<std::string> LocalAddressToward(const std::string& host);
 
 struct KvExport {
   std::string server_id, worker_address, rkey;
+  std::string listener_address;  // host:port of the UCX listener (generation ranks connect here)
   transfer::KvLayout layout;
   uint64_t region_base = 0, region_bytes = 0;  // the exported memory (blocks from its start)
 };
@@ -166,7 +176,8 @@ struct DisaggStats {
   uint64_t leases_expired = 0;
   // Context server on a device backend: the export buffer's blocks (0 without one).
   int64_t export_blocks_total = 0, export_blocks_free = 0;
-  int64_t transferring = 0;  // generation side: requests whose KV is being pulled
+  int64_t ucx_connections = 0;  // context server: open connections to its UCX listener
+  int64_t transferring = 0;     // generation side: requests whose KV is being pulled
   uint64_t transfers_done = 0, transfers_failed = 0, transfers_cancelled = 0;
 };
 

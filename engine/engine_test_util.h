@@ -144,6 +144,7 @@ inline Prefilled Prefill(Engine* ctx, const std::vector<int32_t>& prompt, const 
   s->server_address = "in-process";
   s->request_id = id;
   s->worker_address = ex->worker_address;
+  s->listener_address = ex->listener_address;
   s->rkey = ex->rkey;
   s->block_addresses = blocks;
   s->token_count = static_cast<int64_t>(prompt.size());

@@ -69,6 +69,7 @@ class Server {
     // "cuda": the daemons of HELIX_GEN_CUDA_BIN / HELIX_CTX_CUDA_BIN with `backend: "cuda"`.
     std::string backend = "cpu";
     int64_t export_tokens = 0;  // cache_transceiver_config.max_tokens_in_buffer when > 0
+    int ucx_listener_port = 0;  // context: cache_transceiver_config.ucx_listener_port
   };
 
   explicit Server(const Options& o) : o_(o) {
@@ -96,6 +97,9 @@ class Server {
         << o.transfer_timeout_ms << AllowList(o.allowed_context_servers)
         << (o.export_tokens > 0 ? ", \"max_tokens_in_buffer\": " + std::to_string(o.export_tokens)
                                 : "")
+        << (o.ucx_listener_port > 0
+                ? ", \"ucx_listener_port\": " + std::to_string(o.ucx_listener_port)
+                : "")
         << "}" << (o.context ? ", \"kv_lease_ms\": " + std::to_string(o.lease_ms) : "")
         << ", \"logging\": {\"level\": \"warn\"}}";
     pid_ = fork();
@@ -361,6 +365,14 @@ TEST_F(DisaggServeTest, LayoutsMatchAggregated) {
       EXPECT_TRUE(
           ctx.WaitFor([](const auto& i) { return i.kv_retained_requests() == 0 && PoolWhole(i); },
                       milliseconds(5000)));
+      // Every rank pulled its share of the 400-token prompt through the context server's UCX
+      // listener, over one connection each.
+      EXPECT_EQ(ctx.Info().kv_ucx_connections(), c.tp * c.cp);
+      gen.Kill();
+      // The context server closes a connection once its rank is gone.
+      EXPECT_TRUE(ctx.WaitFor([](const auto& i) { return i.kv_ucx_connections() == 0; },
+                              milliseconds(10000)))
+          << ctx.Info().kv_ucx_connections() << " connections left";
     }
   }
 }
@@ -475,13 +487,19 @@ TEST_F(DisaggServeTest, TenThousandTokenPrompt) {
   o.max_num_tokens = 10100;
   o.max_tokens = 10240 + 256;
   o.context = true;
+  auto ucx_port = helix::parallel::PickFreePort("127.0.0.1");  // its UCX listener's, set
+  ASSERT_TRUE(ucx_port.ok());
+  o.ucx_listener_port = *ucx_port;
   Server ctx(o);
   o.context = false;
+  o.ucx_listener_port = 0;
   o.cp = 4;
   Server gen(o);
   const auto req = Request(Tokens(10000, 3), 8);
   const Result want = Generate(gen, req);
-  const Result got = Generate(gen, Prefill(ctx, req));
+  const helix::v1::GenerateRequest handed = Prefill(ctx, req);
+  EXPECT_EQ(handed.kv_handle().ucx_listener(), "127.0.0.1:" + std::to_string(*ucx_port));
+  const Result got = Generate(gen, handed);
   ASSERT_TRUE(got.status.ok()) << got.status.error_message();
   EXPECT_EQ(got.tokens, want.tokens);
   EXPECT_EQ(got.tokens.size(), 8u);
@@ -947,6 +965,9 @@ TEST_F(DisaggServeTest, ForgedHandlesAreRefusedAndBothServersLive) {
   const std::vector<Case> cases = {
       {"rkey", [](auto* s) { s->rkey[s->rkey.size() / 2] ^= 0x5a; }, "rkey"},
       {"worker address", [](auto* s) { s->worker_address[4] ^= 0x21; }, "worker address"},
+      {"another UCX listener", [](auto* s) { s->listener_address = "127.0.0.1:1"; },
+       "UCX listener"},
+      {"no UCX listener", [](auto* s) { s->listener_address.clear(); }, "UCX listener"},
       {"block far away", [](auto* s) { s->block_addresses[0] += uint64_t{1} << 40; },
        "not a block"},
       {"block off its boundary", [](auto* s) { s->block_addresses.back() += 8; }, "not a block"},

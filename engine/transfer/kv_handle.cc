@@ -61,8 +61,9 @@ class Reader {
 
 std::string EncodeKvSource(const KvSource& s) {
   std::string out;
-  for (const std::string* f : {&s.server_id, &s.server_address, &s.request_id, &s.worker_address,
-                               &s.rkey, &s.model_fingerprint, &s.lease_token}) {
+  for (const std::string* f :
+       {&s.server_id, &s.server_address, &s.request_id, &s.worker_address, &s.listener_address,
+        &s.rkey, &s.model_fingerprint, &s.lease_token}) {
     PutStr(&out, *f);
   }
   PutU64(&out, s.block_addresses.size());
@@ -82,8 +83,8 @@ StatusOr<KvSource> DecodeKvSource(const std::string& bytes) {
   Reader r(bytes);
   const Status bad =
       DataLoss("KV source of " + std::to_string(bytes.size()) + " bytes is malformed");
-  for (std::string* f : {&s.server_id, &s.server_address, &s.request_id, &s.worker_address, &s.rkey,
-                         &s.model_fingerprint, &s.lease_token}) {
+  for (std::string* f : {&s.server_id, &s.server_address, &s.request_id, &s.worker_address,
+                         &s.listener_address, &s.rkey, &s.model_fingerprint, &s.lease_token}) {
     if (!r.Str(f)) return bad;
   }
   uint64_t n = 0;
@@ -130,6 +131,7 @@ uint64_t HandleChecksum(const KvSource& s) {
   if (s.layout.num_planes != 2) f.U64(static_cast<uint64_t>(s.layout.num_planes));
   f.Str(s.model_fingerprint);
   f.Str(s.lease_token);
+  if (!s.listener_address.empty()) f.Str(s.listener_address);
   return f.h;
 }
 
@@ -143,6 +145,10 @@ Status CheckAgainstExport(const KvSource& s, const KvExportInfo& e) {
   }
   if (s.worker_address != e.worker_address || s.rkey != e.rkey) {
     return InvalidArgument(who + ": its UCX worker address or rkey is not what the server exports");
+  }
+  if (s.listener_address != e.listener_address) {
+    return InvalidArgument(who + ": its UCX listener '" + s.listener_address +
+                           "' is not the server's ('" + e.listener_address + "')");
   }
   const uint64_t bb = static_cast<uint64_t>(s.layout.block_bytes());
   if (e.block_bytes <= 0 || bb != static_cast<uint64_t>(e.block_bytes)) {

@@ -36,10 +36,13 @@ struct KvLayout {
 
 // One prefilled request held by a context server.
 struct KvSource {
-  std::string server_id;                  // the context server instance (unique per process start)
-  std::string server_address;             // its gRPC address (host:port), where Release goes
-  std::string request_id;                 // the request's id on the context server
-  std::string worker_address;             // UCX worker address
+  std::string server_id;       // the context server instance (unique per process start)
+  std::string server_address;  // its gRPC address (host:port), where Release goes
+  std::string request_id;      // the request's id on the context server
+  std::string worker_address;  // UCX worker address
+  // The context server's UCX listener, "host:port" ("[v6]:port"); where generation ranks
+  // connect (empty: to the worker address).
+  std::string listener_address;
   std::string rkey;                       // packed rkey of the context server's pool
   std::vector<uint64_t> block_addresses;  // remote address of each prompt block, in order
   int64_t token_count = 0;                // prompt tokens whose KV the blocks hold
@@ -58,12 +61,12 @@ uint64_t HandleChecksum(const KvSource& s);
 // What a context server exports, the same for every handle it gives out (the generation
 // server asks it for this rather than trusting a client's handle).
 struct KvExportInfo {
-  std::string server_id, worker_address, rkey;
+  std::string server_id, worker_address, listener_address, rkey;
   uint64_t region_base = 0, region_bytes = 0;
   int64_t block_bytes = 0;
 };
 
-// Whether `s` refers to `e`'s export: the same instance, worker address and rkey, and every
+// Whether `s` refers to `e`'s export: the same instance, UCX addresses and rkey, and every
 // block address a whole block inside the exported region, on a block boundary. The checksum
 // catches damage, not a client that recomputes it; UCX aborts on a malformed rkey, and reads
 // whatever address it is given.

@@ -1,7 +1,11 @@
 #include "engine/transfer/ucx_transfer.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
@@ -9,6 +13,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -46,6 +51,53 @@ constexpr std::chrono::milliseconds kMinPeerStall{100};
 
 bool Terminal(JobState s) { return s != JobState::kInProgress; }
 
+// `host` and `port` as a socket address (the first getaddrinfo gives); `passive` for binding
+// (an empty host is then every interface); `numeric`: an address only, never a name (no DNS).
+StatusOr<sockaddr_storage> Resolve(const std::string& host, int port, bool passive, bool numeric,
+                                   socklen_t* len) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) | (numeric ? AI_NUMERICHOST : 0);
+  addrinfo* res = nullptr;
+  const std::string service = std::to_string(port);
+  const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    return InvalidArgument("cannot resolve '" + host + "': " + gai_strerror(rc));
+  }
+  sockaddr_storage out{};
+  std::memcpy(&out, res->ai_addr, res->ai_addrlen);
+  *len = res->ai_addrlen;
+  freeaddrinfo(res);
+  return out;
+}
+
+// "ip:port" or "[ip6]:port" as a socket address (numeric only: this runs on the progress
+// thread, which must not wait for DNS).
+StatusOr<sockaddr_storage> ResolveHostPort(const std::string& hp, socklen_t* len) {
+  std::string host, port;
+  if (!hp.empty() && hp[0] == '[') {
+    const size_t close = hp.find(']');
+    if (close == std::string::npos || close + 1 >= hp.size() || hp[close + 1] != ':') {
+      return InvalidArgument("'" + hp + "' is not [host]:port");
+    }
+    host = hp.substr(1, close - 1);
+    port = hp.substr(close + 2);
+  } else {
+    const size_t colon = hp.rfind(':');
+    if (colon == std::string::npos || hp.find(':') != colon) {
+      return InvalidArgument("'" + hp + "' is not host:port");
+    }
+    host = hp.substr(0, colon);
+    port = hp.substr(colon + 1);
+  }
+  char* end = nullptr;
+  const long n = port.empty() ? -1 : std::strtol(port.c_str(), &end, 10);
+  if (host.empty() || n < 1 || n > 65535 || *end != '\0') {
+    return InvalidArgument("'" + hp + "' is not host:port with a port in 1..65535");
+  }
+  return Resolve(host, static_cast<int>(n), /*passive=*/false, /*numeric=*/true, len);
+}
+
 }  // namespace
 
 struct UcxTransfer::Impl {
@@ -55,13 +107,22 @@ struct UcxTransfer::Impl {
     std::vector<uint32_t> done_groups;  // completed, not yet taken
   };
   struct Peer {
-    std::string worker_address;
+    std::string worker_address, listener_address;
     ucp_ep_h ep = nullptr;
     std::string rkey_bytes;
     ucp_rkey_h rkey = nullptr;
     bool failed = false;
+    // A listener's endpoint until its connection is made (its flush completed): no rkey is
+    // unpacked and no get posted before then.
+    bool connecting = false;
+    uint64_t serial = 0;  // tells this endpoint from a later one of the same key
     std::string error;
-    std::chrono::steady_clock::time_point last_progress;  // connected, or its last get done
+    std::chrono::steady_clock::time_point last_progress;  // created, connected, or a get done
+  };
+  struct ConnCtx {
+    Impl* impl;
+    std::string key;
+    uint64_t serial;
   };
   struct Active {
     uint64_t id = 0;
@@ -89,6 +150,7 @@ struct UcxTransfer::Impl {
   ucp_context_h ctx = nullptr;
   ucp_worker_h worker = nullptr;
   ucp_mem_h memh = nullptr;
+  ucp_listener_h listener = nullptr;
   int ucx_fd = -1;
   int wake_fd = -1;
   std::thread thread;
@@ -107,9 +169,13 @@ struct UcxTransfer::Impl {
 
   // Progress thread only.
   std::unordered_map<std::string, Peer> peers;
+  uint64_t next_serial = 0;
   std::unordered_map<uint64_t, Active> active;
+  // The listener's endpoints (accepted connections), and whether their peer failed.
+  std::vector<std::pair<ucp_ep_h, bool>> served;
 
   ~Impl() {
+    if (listener != nullptr) ucp_listener_destroy(listener);
     if (memh != nullptr) ucp_mem_unmap(ctx, memh);
     if (worker != nullptr) ucp_worker_destroy(worker);
     if (ctx != nullptr) ucp_cleanup(ctx);
@@ -159,6 +225,91 @@ struct UcxTransfer::Impl {
     ucp_request_free(request);
   }
 
+  // A peer connected to the listener (progress thread, in ucp_worker_progress).
+  static void OnConnRequest(ucp_conn_request_h req, void* arg) {
+    auto* self = static_cast<Impl*>(arg);
+    if (self->stop.load()) {
+      ucp_listener_reject(self->listener, req);
+      return;
+    }
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.conn_request = req;
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = &Impl::OnServedError;
+    ep.err_handler.arg = self;
+    ucp_ep_h h = nullptr;
+    const ucs_status_t st = ucp_ep_create(self->worker, &ep, &h);
+    if (st != UCS_OK) {
+      HELIX_LOG(kWarn) << self->name
+                       << ": cannot accept a UCX connection: " << ucs_status_string(st);
+      return;
+    }
+    self->served.emplace_back(h, false);
+    std::lock_guard<std::mutex> lock(self->mu);
+    ++self->stats.peers_accepted;
+  }
+
+  // An accepted connection's peer failed or left: the loop closes the endpoint.
+  static void OnServedError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* self = static_cast<Impl*>(arg);
+    for (auto& [h, failed] : self->served) {
+      if (h == ep && !failed) {
+        failed = true;
+        HELIX_LOG(kDebug) << self->name
+                          << ": a connected peer went away: " << ucs_status_string(status);
+      }
+    }
+  }
+
+  // Closes the listener's endpoints whose peer failed (all of them with `all`).
+  void CloseServed(bool all) {
+    std::vector<ucp_ep_h> closing;
+    for (auto it = served.begin(); it != served.end();) {
+      if (all || it->second) {
+        closing.push_back(it->first);
+        it = served.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (ucp_ep_h ep : closing) ForceClose(ep);
+    if (!closing.empty()) {
+      std::lock_guard<std::mutex> lock(mu);
+      stats.peers_closed += closing.size();
+    }
+  }
+
+  // Closes an endpoint at once (its outstanding operations end with errors); returns when done.
+  void ForceClose(ucp_ep_h ep) {
+    ucp_request_param_t prm{};
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t req = ucp_ep_close_nbx(ep, &prm);
+    if (UCS_PTR_IS_PTR(req)) {
+      while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
+      ucp_request_free(req);
+    }
+  }
+
+  // The connect flush of a listener's endpoint ended: its lanes exist (or it failed).
+  static void OnConnected(void* request, ucs_status_t status, void* user_data) {
+    auto* c = static_cast<ConnCtx*>(user_data);
+    auto it = c->impl->peers.find(c->key);
+    if (it != c->impl->peers.end() && it->second.serial == c->serial) {
+      Peer& p = it->second;
+      p.connecting = false;
+      p.last_progress = std::chrono::steady_clock::now();
+      if (status != UCS_OK && !p.failed) {
+        p.failed = true;
+        p.error = "cannot connect to " + p.listener_address + ": " + ucs_status_string(status);
+      }
+    }
+    delete c;
+    ucp_request_free(request);
+  }
+
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* self = static_cast<Impl*>(arg);
     for (auto& [key, p] : self->peers) {
@@ -196,8 +347,9 @@ struct UcxTransfer::Impl {
   Peer* GetPeer(const PullJob& job, std::string* error) {
     auto it = peers.find(job.peer_key);
     if (it != peers.end() && !it->second.failed &&
-        it->second.worker_address != job.worker_address) {
-      ClosePeer(job.peer_key, "the peer's worker address changed");
+        (it->second.worker_address != job.worker_address ||
+         it->second.listener_address != job.listener_address)) {
+      ClosePeer(job.peer_key, "the peer's address changed");
       it = peers.end();
     }
     if (it != peers.end() && it->second.failed) {
@@ -207,31 +359,71 @@ struct UcxTransfer::Impl {
     if (it == peers.end()) {
       Peer p;
       p.worker_address = job.worker_address;
+      p.listener_address = job.listener_address;
       p.last_progress = std::chrono::steady_clock::now();
       ucp_ep_params_t ep{};
-      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep.address = reinterpret_cast<const ucp_address_t*>(p.worker_address.data());
+      ep.field_mask = UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
       ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
       ep.err_handler.cb = &Impl::OnPeerError;
       ep.err_handler.arg = this;
+      sockaddr_storage sa{};
+      if (!p.listener_address.empty()) {
+        socklen_t len = 0;
+        auto r = ResolveHostPort(p.listener_address, &len);
+        if (!r.ok()) {
+          *error = "the peer's UCX listener: " + r.status().message();
+          return nullptr;
+        }
+        sa = *r;
+        ep.field_mask |= UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_FLAGS;
+        ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+        ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&sa);
+        ep.sockaddr.addrlen = len;
+      } else {
+        ep.field_mask |= UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+        ep.address = reinterpret_cast<const ucp_address_t*>(p.worker_address.data());
+      }
       ucs_status_t st = ucp_ep_create(worker, &ep, &p.ep);
       if (st != UCS_OK) {
-        *error = std::string("cannot connect: ") + ucs_status_string(st);
+        *error = std::string("cannot connect") +
+                 (p.listener_address.empty() ? "" : " to " + p.listener_address) + ": " +
+                 ucs_status_string(st);
         return nullptr;
       }
+      p.serial = ++next_serial;
+      if (!p.listener_address.empty()) {
+        // A client-server endpoint gets its lanes only once the connection is made: an rkey
+        // unpacked before then reaches no memory domain, and every get on it would be
+        // emulated in software even where the transport has RDMA. A flush completes once the
+        // lanes exist (it waits on the endpoint's wireup).
+        p.connecting = true;
+        auto* c = new ConnCtx{this, job.peer_key, p.serial};
+        ucp_request_param_t prm{};
+        prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+        prm.cb.send = &Impl::OnConnected;
+        prm.user_data = c;
+        ucs_status_ptr_t req = ucp_ep_flush_nbx(p.ep, &prm);
+        if (!UCS_PTR_IS_PTR(req)) {
+          delete c;
+          p.connecting = false;
+          if (UCS_PTR_IS_ERR(req)) {
+            p.failed = true;
+            p.error = "cannot connect to " + p.listener_address + ": " +
+                      ucs_status_string(UCS_PTR_STATUS(req));
+          }
+        }
+      }
       it = peers.emplace(job.peer_key, std::move(p)).first;
+      if (it->second.failed) {  // closed by the loop's sweep of failed peers
+        *error = it->second.error;
+        return nullptr;
+      }
     }
     Peer& p = it->second;
-    if (p.rkey == nullptr || p.rkey_bytes != job.rkey) {
+    if (p.rkey_bytes != job.rkey) {  // unpacked by Post, once connected
       if (p.rkey != nullptr) ucp_rkey_destroy(p.rkey);
       p.rkey = nullptr;
       p.rkey_bytes = job.rkey;
-      ucs_status_t st = ucp_ep_rkey_unpack(p.ep, p.rkey_bytes.data(), &p.rkey);
-      if (st != UCS_OK) {
-        *error = std::string("cannot unpack the peer's rkey: ") + ucs_status_string(st);
-        return nullptr;
-      }
     }
     return &p;
   }
@@ -249,17 +441,9 @@ struct UcxTransfer::Impl {
       }
     }
     if (p.rkey != nullptr) ucp_rkey_destroy(p.rkey);
-    if (p.ep != nullptr) {
-      ucp_request_param_t prm{};
-      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      ucs_status_ptr_t req = ucp_ep_close_nbx(p.ep, &prm);
-      if (UCS_PTR_IS_PTR(req)) {
-        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
-        ucp_request_free(req);
-      }
-    }
+    const ucp_ep_h ep = p.ep;
     peers.erase(it);
+    if (ep != nullptr) ForceClose(ep);
     // Drain completions of the gets the close cancelled.
     while (ucp_worker_progress(worker) != 0) {
     }
@@ -268,8 +452,17 @@ struct UcxTransfer::Impl {
   void Post(Active& a) {
     if (a.cancel || a.failed) return;
     auto pit = peers.find(a.job.peer_key);
-    if (pit == peers.end() || pit->second.failed) return;
+    if (pit == peers.end() || pit->second.failed || pit->second.connecting) return;
     Peer& p = pit->second;
+    if (p.rkey == nullptr) {
+      const ucs_status_t st = ucp_ep_rkey_unpack(p.ep, p.rkey_bytes.data(), &p.rkey);
+      if (st != UCS_OK) {
+        p.rkey = nullptr;
+        a.failed = true;
+        a.error = std::string("cannot unpack the peer's rkey: ") + ucs_status_string(st);
+        return;
+      }
+    }
     const size_t first = a.next;
     while (a.outstanding < kMaxOutstandingPerJob && a.next < a.job.segments.size()) {
       if (a.job.window_groups > 0 &&
@@ -354,7 +547,13 @@ struct UcxTransfer::Impl {
         std::vector<std::string> keys;
         for (auto& [key, p] : peers) keys.push_back(key);
         for (const std::string& key : keys) ClosePeer(key, "the transfer engine is shutting down");
+        if (listener != nullptr) {
+          ucp_listener_destroy(listener);
+          listener = nullptr;
+        }
+        CloseServed(/*all=*/true);
       }
+      CloseServed(/*all=*/false);
       // Peers that reported an error: fail their jobs and drop the endpoint.
       std::vector<std::string> broken;
       for (auto& [key, p] : peers) {
@@ -374,9 +573,11 @@ struct UcxTransfer::Impl {
             a.failed = true;
             a.error = "timed out (kv_transfer_timeout_ms)";
           }
-          if (a.outstanding == 0) continue;
           auto p = peers.find(a.job.peer_key);
-          if (p != peers.end() && now - p->second.last_progress > a.stall) {
+          // A peer whose gets have stalled, or whose connection has not come (closed so that
+          // the next job connects afresh).
+          if (p != peers.end() && (a.outstanding > 0 || p->second.connecting) &&
+              now - p->second.last_progress > a.stall) {
             keys.push_back(a.job.peer_key);
           }
         }
@@ -431,8 +632,9 @@ UcxTransfer::~UcxTransfer() {
 }
 
 StatusOr<std::unique_ptr<UcxTransfer>> UcxTransfer::Create(const std::string& name,
-                                                           void* export_base,
-                                                           uint64_t export_bytes) {
+                                                           void* export_base, uint64_t export_bytes,
+                                                           const std::string& listen_host,
+                                                           int listen_port) {
   auto impl = std::make_unique<Impl>();
   impl->name = name;
   auto fail = [&](const char* what, ucs_status_t st) {
@@ -480,10 +682,63 @@ StatusOr<std::unique_ptr<UcxTransfer>> UcxTransfer::Create(const std::string& na
     t->rkey_.assign(static_cast<const char*>(rkey), rkey_len);
     ucp_rkey_buffer_release(rkey);
   }
+  if (!listen_host.empty()) {
+    if (listen_port < 0 || listen_port > 65535) {
+      return InvalidArgument(name + ": UCX listener port " + std::to_string(listen_port) +
+                             " is not in 0..65535");
+    }
+    socklen_t len = 0;
+    auto sa = Resolve(listen_host, listen_port, /*passive=*/true, /*numeric=*/false, &len);
+    if (!sa.ok()) {
+      return InvalidArgument(name + ": the UCX listener's host: " + sa.status().message());
+    }
+    ucp_listener_params_t lp{};
+    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*sa);
+    lp.sockaddr.addrlen = len;
+    lp.conn_handler.cb = &Impl::OnConnRequest;
+    lp.conn_handler.arg = &m;
+    st = ucp_listener_create(m.worker, &lp, &m.listener);
+    if (st != UCS_OK) {
+      return Unavailable(name + ": cannot listen for UCX connections on " + listen_host + ":" +
+                         std::to_string(listen_port) + ": " + ucs_status_string(st));
+    }
+    ucp_listener_attr_t la{};
+    la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    st = ucp_listener_query(m.listener, &la);
+    if (st != UCS_OK) return fail("listener query", st);
+    const auto& bound = la.sockaddr;
+    t->listener_family_ = bound.ss_family;
+    t->listener_port_ = bound.ss_family == AF_INET6
+                            ? ntohs(reinterpret_cast<const sockaddr_in6*>(&bound)->sin6_port)
+                            : ntohs(reinterpret_cast<const sockaddr_in*>(&bound)->sin_port);
+  }
   const char* tls = std::getenv("UCX_TLS");
   t->transports_ = tls != nullptr ? tls : "UCX default";
   m.thread = std::thread([&m] { m.Loop(); });
   return t;
+}
+
+StatusOr<std::string> UcxTransfer::ListenerAddressFor(const std::string& host) const {
+  if (listener_port_ == 0) return FailedPrecondition("no UCX listener");
+  const char* family = listener_family_ == AF_INET6 ? "IPv6" : "IPv4";
+  addrinfo hints{};
+  hints.ai_family = listener_family_;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    return InvalidArgument("'" + host + "' has no " + family +
+                           " address (the family of the UCX listener): " + gai_strerror(rc));
+  }
+  char ip[NI_MAXHOST] = {0};
+  const int nrc =
+      getnameinfo(res->ai_addr, res->ai_addrlen, ip, sizeof(ip), nullptr, 0, NI_NUMERICHOST);
+  freeaddrinfo(res);
+  if (nrc != 0) return InvalidArgument("'" + host + "': " + gai_strerror(nrc));
+  const std::string a = ip;
+  return (a.find(':') != std::string::npos ? "[" + a + "]" : a) + ":" +
+         std::to_string(listener_port_);
 }
 
 uint64_t UcxTransfer::StartPull(PullJob job) {

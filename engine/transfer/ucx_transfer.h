@@ -2,12 +2,17 @@
 //
 // UcxTransfer owns one UCP context and worker and a progress thread that is the only thread to
 // touch them (UCS_THREAD_MODE_SINGLE). Both sides use it:
-//  * the context server maps its KV pool (ExportMemory) and publishes address() and the rkey;
-//    its progress thread serves the remote gets (UCX's TCP transport emulates RMA in software,
-//    so the target must progress);
+//  * the context server maps its KV pool (Create's export_base) and publishes the rkey and a
+//    UCX listener (listener_port(); also the worker address()); its progress thread accepts
+//    the generation ranks' connections, closes those whose peer failed or left, and serves the
+//    remote gets (UCX's TCP transport emulates RMA in software, so the target must progress);
 //  * a generation rank starts pull jobs (StartPull): lists of (remote address, local address,
 //    length) segments from one peer, fetched with non-blocking gets, a bounded number in
 //    flight. Endpoints and unpacked rkeys are cached per peer.
+// Endpoints connect to the peer's listener (client-server), or, for a job that names none, to
+// its worker address. Prefer the listener: with UCX 1.13.1 (Debian 12), a puller that dies
+// during its first handshake with a worker-address endpoint can abort the exporter on a UCX
+// assertion (docs/architecture.md, Known problems); a listener's endpoints do not.
 // Every job reaches a terminal state (done, failed, cancelled): a peer error fails the jobs on
 // that peer; a job past its deadline force-closes its peer's endpoint, which completes every
 // outstanding get with an error. Only in a terminal state have all of a job's gets ended, so
@@ -39,7 +44,10 @@ struct Segment {
 struct PullJob {
   std::string peer_key;        // identifies the peer (e.g. its server id); endpoints are cached
   std::string worker_address;  // the peer's UCX worker address
-  std::string rkey;            // the peer's packed rkey covering every remote segment
+  // "ip:port" of the peer's UCX listener ("[ip6]:port"; numeric: pullers look up no names):
+  // when set, the endpoint connects there (client-server) rather than to worker_address.
+  std::string listener_address;
+  std::string rkey;  // the peer's packed rkey covering every remote segment
   std::vector<Segment> segments;
   std::chrono::steady_clock::time_point deadline;
   // > 0: segments [g * n, g * n + n) form group g (the last one may be shorter), and
@@ -56,22 +64,35 @@ struct TransferStats {
   uint64_t jobs_done = 0, jobs_failed = 0, jobs_cancelled = 0;
   uint64_t bytes_pulled = 0;
   uint64_t gets_posted = 0;  // one-sided gets handed to UCX (also those that completed at once)
+  // The listener's side: connections accepted, and those closed since (their peer failed or
+  // left; the rest are closed when the engine stops).
+  uint64_t peers_accepted = 0, peers_closed = 0;
 };
 
 class UcxTransfer {
  public:
   // `name` is used in log lines and errors. With export_bytes > 0, [export_base, export_base +
   // export_bytes) is registered for remote reads (the context server's KV pool) and rkey()
-  // is its packed remote key.
+  // is its packed remote key. With a listen_host (a name or address; "0.0.0.0" for every
+  // IPv4 interface), a UCX listener is bound there on listen_port (0: one the kernel picks),
+  // for peers to connect to (PullJob::listener_address).
   static StatusOr<std::unique_ptr<UcxTransfer>> Create(const std::string& name,
                                                        void* export_base = nullptr,
-                                                       uint64_t export_bytes = 0);
+                                                       uint64_t export_bytes = 0,
+                                                       const std::string& listen_host = "",
+                                                       int listen_port = 0);
   ~UcxTransfer();
   UcxTransfer(const UcxTransfer&) = delete;
   UcxTransfer& operator=(const UcxTransfer&) = delete;
 
   // The worker's address, for peers to connect to.
   const std::string& address() const { return address_; }
+  // The port of the listener (0 without one).
+  int listener_port() const { return listener_port_; }
+  // The listener's address for peers ("ip:port", "[ip6]:port"), as reached through `host` (a
+  // name or address, resolved here, to an address of the listener's family): what
+  // PullJob::listener_address takes, with no name left for a puller to look up.
+  StatusOr<std::string> ListenerAddressFor(const std::string& host) const;
   // The packed rkey of the exported memory (empty without one).
   const std::string& rkey() const { return rkey_; }
   // The UCX transports the worker may use (for logs and benchmarks), e.g. "tcp".
@@ -100,6 +121,7 @@ class UcxTransfer {
   explicit UcxTransfer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
   std::string address_, rkey_, transports_;
+  int listener_port_ = 0, listener_family_ = 0;
 };
 
 }  // namespace helix::transfer

@@ -14,6 +14,8 @@
 #include <iterator>
 #include <memory>
 #include <numeric>
+#include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -56,20 +58,22 @@ class UcxTransferTest : public ::testing::Test {
     setenv("UCX_NET_DEVICES", "lo", 0);
     setenv("UCX_TLS", "tcp,self", 0);
   }
-  // An exporter of `src` and a puller, both in this process.
+  // An exporter of `src` (listening on loopback) and a puller, both in this process.
   void Connect(std::vector<uint8_t>& src) {
-    auto e = UcxTransfer::Create("ctx", src.data(), src.size());
+    auto e = UcxTransfer::Create("ctx", src.data(), src.size(), "127.0.0.1");
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     exporter_ = std::move(*e);
+    ASSERT_GT(exporter_->listener_port(), 0);
     auto p = UcxTransfer::Create("gen");
     ASSERT_TRUE(p.ok()) << p.status().ToString();
     puller_ = std::move(*p);
   }
-  // A job on the exporter with no segments yet.
+  // A job on the exporter (through its listener) with no segments yet.
   PullJob Job(milliseconds timeout) const {
     PullJob job;
     job.peer_key = "ctx";
     job.worker_address = exporter_->address();
+    job.listener_address = "127.0.0.1:" + std::to_string(exporter_->listener_port());
     job.rkey = exporter_->rkey();
     job.deadline = Clock::now() + timeout;
     return job;
@@ -100,8 +104,54 @@ TEST_F(UcxTransferTest, PullsSegmentsAcrossTwoWorkers) {
   const uint64_t id2 = puller_->StartPull(job);
   ASSERT_EQ(puller_->Wait(id2, milliseconds(10000)), JobState::kDone);
   EXPECT_EQ(dst[4096], src[2 * 4096]);
+  // A job without the listener connects to the worker address (another peer key: another
+  // endpoint).
+  std::fill(dst.begin(), dst.end(), 0);
+  job.peer_key = "ctx by worker address";
+  job.listener_address.clear();
+  const uint64_t id3 = puller_->StartPull(job);
+  ASSERT_EQ(puller_->Wait(id3, milliseconds(10000)), JobState::kDone);
+  EXPECT_EQ(dst[4096], src[2 * 4096]);
+  EXPECT_EQ(exporter_->stats().peers_accepted, 1u);  // the listener's one connection
   puller_->Forget(id);
   puller_->Forget(id2);
+  puller_->Forget(id3);
+}
+
+TEST_F(UcxTransferTest, BadListenerAddressesAreErrors) {
+  std::vector<uint8_t> src(1 << 16);
+  ASSERT_NO_FATAL_FAILURE(Connect(src));
+  std::vector<uint8_t> dst(4096);
+  for (const char* bad : {"127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "[::1", "::1:80",
+                          "no-such-host.invalid:80", ":80"}) {
+    PullJob job = Job(milliseconds(5000));
+    job.peer_key = bad;
+    job.listener_address = bad;
+    job.segments.push_back({reinterpret_cast<uint64_t>(src.data()), dst.data(), 4096});
+    const uint64_t id = puller_->StartPull(job);
+    std::string error;
+    EXPECT_EQ(puller_->Wait(id, milliseconds(5000)), JobState::kFailed) << bad;
+    puller_->State(id, &error);
+    EXPECT_NE(error.find("listener"), std::string::npos) << bad << ": " << error;
+  }
+  auto taken = UcxTransfer::Create("second", src.data(), src.size(), "127.0.0.1",
+                                   exporter_->listener_port());
+  ASSERT_FALSE(taken.ok()) << "two listeners on one port";
+  EXPECT_NE(taken.status().message().find("cannot listen"), std::string::npos)
+      << taken.status().ToString();
+  auto bad_port = UcxTransfer::Create("third", src.data(), src.size(), "127.0.0.1", 70000);
+  ASSERT_FALSE(bad_port.ok());
+  EXPECT_NE(bad_port.status().message().find("70000"), std::string::npos)
+      << bad_port.status().ToString();
+  // What handles name: a numeric address of the listener's family.
+  const std::string port = std::to_string(exporter_->listener_port());
+  auto named = exporter_->ListenerAddressFor("localhost");
+  ASSERT_TRUE(named.ok()) << named.status().ToString();
+  EXPECT_EQ(*named, "127.0.0.1:" + port);
+  auto v6 = exporter_->ListenerAddressFor("::1");
+  ASSERT_FALSE(v6.ok()) << *v6;
+  EXPECT_NE(v6.status().message().find("no IPv4 address"), std::string::npos)
+      << v6.status().ToString();
 }
 
 // Groups of segments are reported once each, and only after their bytes have landed: the
@@ -194,14 +244,16 @@ TEST_F(UcxTransferTest, WindowKeepsGroupsInARing) {
   puller_->Forget(id);
 }
 
-// The exporter runs in a child that publishes its address and rkey through a pipe, then is
-// stopped (SIGSTOP: the job must time out) or killed (the job must fail). UCX's global state
-// (its async thread) does not survive fork(), so the child re-executes this binary, which
-// becomes the exporter in a static initialiser before gtest runs.
+// The exporter runs in a child that publishes its address, rkey and listener port through a
+// pipe (jobs connect to the listener), then is stopped (SIGSTOP: the job must time out) or
+// killed (the job must fail). UCX's global state (its async thread) does not survive fork(), so
+// the child re-executes this binary, which becomes the exporter in a static initialiser before
+// gtest runs.
 struct Child {
   pid_t pid = -1;
   std::string address, rkey;
   uint64_t base = 0;
+  int port = 0;  // its UCX listener's
   ~Child() {
     if (pid > 0) {
       kill(pid, SIGKILL);
@@ -270,7 +322,7 @@ constexpr const char* kExporterEnv = "HELIX_UCX_TEST_EXPORTER_FD";
   if (fd_env == nullptr) return false;
   const int fd = std::atoi(fd_env);
   std::vector<uint8_t> mem(size_t{8} << 20, 7);
-  auto t = UcxTransfer::Create("child", mem.data(), mem.size());
+  auto t = UcxTransfer::Create("child", mem.data(), mem.size(), "127.0.0.1");
   if (!t.ok()) _exit(2);
   auto put = [&](const std::string& s) {
     const uint64_t n = s.size();
@@ -279,7 +331,54 @@ constexpr const char* kExporterEnv = "HELIX_UCX_TEST_EXPORTER_FD";
   put((*t)->address());
   put((*t)->rkey());
   put(std::to_string(reinterpret_cast<uint64_t>(mem.data())));
+  put(std::to_string((*t)->listener_port()));
   for (;;) pause();
+}();
+
+// A puller that dies during its first handshake: it connects to the exporter named by
+// HELIX_UCX_TEST_PULLER ("listener-or-address-hex rkey-hex base microseconds"), posts one get
+// and exits (no goodbye) after the given time.
+constexpr const char* kPullerEnv = "HELIX_UCX_TEST_PULLER";
+
+std::string Hex(const std::string& b) {
+  static const char* d = "0123456789abcdef";
+  std::string s;
+  for (unsigned char c : b) s += {d[c >> 4], d[c & 15]};
+  return s;
+}
+
+std::string Unhex(const std::string& h) {
+  std::string s;
+  for (size_t i = 0; i + 1 < h.size(); i += 2) {
+    s += static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16));
+  }
+  return s;
+}
+
+[[maybe_unused]] const bool kIsPuller = [] {
+  const char* spec = std::getenv(kPullerEnv);
+  if (spec == nullptr) return false;
+  std::istringstream in(spec);
+  std::string target, rkey;
+  uint64_t base = 0;
+  int us = 0;
+  if (!(in >> target >> rkey >> base >> us)) _exit(2);
+  auto t = UcxTransfer::Create("dying puller");
+  if (!t.ok()) _exit(2);
+  static std::vector<uint8_t> dst(4096);
+  PullJob job;
+  job.peer_key = "exporter";
+  if (target.find(':') != std::string::npos) {
+    job.listener_address = target;
+  } else {
+    job.worker_address = Unhex(target);
+  }
+  job.rkey = Unhex(rkey);
+  job.segments.push_back({base, dst.data(), dst.size()});
+  job.deadline = Clock::now() + milliseconds(10000);
+  (*t)->StartPull(job);
+  std::this_thread::sleep_for(std::chrono::microseconds(us));
+  _exit(0);
 }();
 
 void StartExporter(Child* c) {
@@ -297,9 +396,11 @@ void StartExporter(Child* c) {
   c->address = ReadAll(fds[0]);
   c->rkey = ReadAll(fds[0]);
   const std::string base = ReadAll(fds[0]);
+  const std::string port = ReadAll(fds[0]);
   close(fds[0]);
-  ASSERT_FALSE(base.empty()) << "the exporter did not start";
+  ASSERT_FALSE(port.empty()) << "the exporter did not start";
   c->base = std::stoull(base);
+  c->port = std::stoi(port);
 }
 
 PullJob JobFrom(const Child& c, std::vector<uint8_t>* dst, milliseconds deadline,
@@ -307,6 +408,7 @@ PullJob JobFrom(const Child& c, std::vector<uint8_t>* dst, milliseconds deadline
   PullJob job;
   job.peer_key = "child" + std::to_string(c.pid);
   job.worker_address = c.address;
+  job.listener_address = "127.0.0.1:" + std::to_string(c.port);
   job.rkey = c.rkey;
   for (size_t i = 0; i < dst->size() / seg && i < max_segs; ++i) {
     job.segments.push_back({c.base + i * seg, dst->data() + i * seg, seg});
@@ -335,6 +437,25 @@ TEST_F(UcxTransferTest, StalledPeerTimesOutAndKilledPeerFails) {
     puller_->State(id, &error);
     EXPECT_NE(error.find("timed out"), std::string::npos) << error;
     EXPECT_LT(Clock::now() - t0, milliseconds(8000));
+  }
+  {
+    // Stopped before the first connection: the job times out while the endpoint is still
+    // connecting, and once the exporter runs again a new job connects and completes.
+    Child c;
+    StartExporter(&c);
+    Stop(c.pid);
+    const auto t0 = Clock::now();
+    const uint64_t id = puller_->StartPull(JobFrom(c, &dst, milliseconds(500)));
+    std::string error;
+    ASSERT_EQ(puller_->Wait(id, milliseconds(15000)), JobState::kFailed);
+    puller_->State(id, &error);
+    EXPECT_NE(error.find("timed out"), std::string::npos) << error;
+    EXPECT_LT(Clock::now() - t0, milliseconds(8000));
+    kill(c.pid, SIGCONT);
+    std::fill(dst.begin(), dst.end(), 0);
+    const uint64_t ok = puller_->StartPull(JobFrom(c, &dst, milliseconds(10000)));
+    ASSERT_EQ(puller_->Wait(ok, milliseconds(15000)), JobState::kDone);
+    EXPECT_EQ(dst[12345], 7);
   }
   {
     Child c;
@@ -374,6 +495,42 @@ TEST_F(UcxTransferTest, PeerKilledMidTransferFailsTheJob) {
     EXPECT_EQ(s, JobState::kFailed)
         << JobStateName(s) << " with " << std::count(dst.begin(), dst.end(), 7) << " bytes of data";
   }
+}
+
+// Pullers that die during their first handshake leave the exporter serving (with UCX 1.13.1, a
+// worker-address endpoint's death can abort the exporter: docs/architecture.md, Known problems),
+// and the exporter closes each dead puller's endpoint.
+TEST_F(UcxTransferTest, PullersDyingInTheirHandshakeLeaveTheExporterServing) {
+  std::vector<uint8_t> src(1 << 20, 5);
+  ASSERT_NO_FATAL_FAILURE(Connect(src));
+  const std::string target = "127.0.0.1:" + std::to_string(exporter_->listener_port());
+  std::mt19937 rng(7);
+  constexpr int kPullers = 40;
+  for (int i = 0; i < kPullers; ++i) {
+    const int us = std::uniform_int_distribution<int>(0, 3000)(rng);
+    const pid_t pid = testing::SpawnSelf(
+        "UcxTransferTest.Puller",
+        {std::string(kPullerEnv) + "=" + target + " " + Hex(exporter_->rkey()) + " " +
+         std::to_string(reinterpret_cast<uint64_t>(src.data())) + " " + std::to_string(us)});
+    ASSERT_GT(pid, 0);
+    const std::vector<int> codes = testing::Reap({pid}, milliseconds(20000));
+    ASSERT_EQ(codes[0], 0) << "puller " << i;
+  }
+  // Every connection the exporter accepted is closed once its puller is gone.
+  const auto until = Clock::now() + milliseconds(20000);
+  TransferStats st = exporter_->stats();
+  while (st.peers_closed < st.peers_accepted && Clock::now() < until) {
+    std::this_thread::sleep_for(milliseconds(10));
+    st = exporter_->stats();
+  }
+  EXPECT_GT(st.peers_accepted, 0u);
+  EXPECT_EQ(st.peers_closed, st.peers_accepted);
+  // And it still serves.
+  std::vector<uint8_t> dst(src.size(), 0);
+  PullJob job = Job(milliseconds(10000));
+  job.segments.push_back({reinterpret_cast<uint64_t>(src.data()), dst.data(), dst.size()});
+  ASSERT_EQ(puller_->Wait(puller_->StartPull(job), milliseconds(10000)), JobState::kDone);
+  EXPECT_EQ(dst, src);
 }
 
 TEST_F(UcxTransferTest, CancelEndsTheJob) {

@@ -43,6 +43,7 @@ void ToProto(const transfer::KvSource& s, v1::KvHandle* out) {
   out->set_server_address(s.server_address);
   out->set_request_id(s.request_id);
   out->set_worker_address(s.worker_address);
+  out->set_ucx_listener(s.listener_address);
   out->add_rkeys(s.rkey);
   for (uint64_t a : s.block_addresses) out->add_block_addresses(a);
   out->set_token_count(s.token_count);
@@ -85,6 +86,7 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
         {"request_id", &h.request_id(), kMaxIdBytes},
         {"lease_token", &h.lease_token(), kMaxIdBytes},
         {"model_fingerprint", &h.model_fingerprint(), kMaxIdBytes},
+        {"ucx_listener", &h.ucx_listener(), kMaxIdBytes},
         {"worker_address", &h.worker_address(), size_t{1} << 16}}) {
     if (value->size() > limit) {
       return InvalidArgument("kv_handle." + std::string(field) + " is " +
@@ -106,6 +108,7 @@ StatusOr<transfer::KvSource> FromProto(const v1::KvHandle& h) {
   s.server_address = h.server_address();
   s.request_id = h.request_id();
   s.worker_address = h.worker_address();
+  s.listener_address = h.ucx_listener();
   s.rkey = h.rkeys(0);
   s.block_addresses.assign(h.block_addresses().begin(), h.block_addresses().end());
   s.token_count = h.token_count();
@@ -228,6 +231,7 @@ void ContextClient::CheckExport(const transfer::KvSource& s,
       transfer::KvExportInfo e;
       e.server_id = call->resp.server_id();
       e.worker_address = call->resp.worker_address();
+      e.listener_address = call->resp.ucx_listener();
       e.rkey = call->resp.rkey();
       e.region_base = call->resp.region_base();
       e.region_bytes = call->resp.region_bytes();

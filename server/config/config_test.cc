@@ -332,6 +332,16 @@ INSTANTIATE_TEST_SUITE_P(
                 C,
                 R"({"model": "model.bin", "kv_lease_ms": 0})",
                 {"kv_lease_ms", "positive"}},
+        BadCase{"ContextServerBadListenerPort",
+                C,
+                R"({"model": "model.bin",
+                    "cache_transceiver_config": {"ucx_listener_port": 65536}})",
+                {"cache_transceiver_config.ucx_listener_port' = 65536", "1..65535"}},
+        BadCase{"GenerationServerHasNoListener",
+                G,
+                R"({"model": "model.bin",
+                    "cache_transceiver_config": {"ucx_listener_port": 5000}})",
+                {"unknown config field 'cache_transceiver_config.ucx_listener_port'"}},
         BadCase{"ContextServerBadBufferTokens",
                 C,
                 R"({"model": "model.bin",
@@ -423,6 +433,18 @@ TEST_F(ConfigTest, MaxTokensInBuffer) {
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   EXPECT_FALSE(d->cache_transceiver_config.max_tokens_in_buffer.has_value());
   EXPECT_FALSE(d->ToJson()["cache_transceiver_config"].contains("max_tokens_in_buffer"));
+}
+
+TEST_F(ConfigTest, UcxListenerPort) {
+  auto c = Load(R"({"model": "model.bin",
+                    "cache_transceiver_config": {"ucx_listener_port": 50061}})",
+                Role::kContext);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->cache_transceiver_config.ucx_listener_port, 50061);
+  EXPECT_EQ(c->ToJson()["cache_transceiver_config"]["ucx_listener_port"], 50061);
+  auto d = Load(kMinimal, Role::kContext);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(d->cache_transceiver_config.ucx_listener_port, 0);  // a free port
 }
 
 TEST_F(ConfigTest, MissingConfigFileIsNotFound) {

@@ -250,6 +250,12 @@ Status ServingConfig::Validate() {
     RETURN_IF_ERROR(Positive("cache_transceiver_config.max_tokens_in_buffer",
                              *cache_transceiver_config.max_tokens_in_buffer));
   }
+  if (cache_transceiver_config.ucx_listener_port < 0 ||
+      cache_transceiver_config.ucx_listener_port > 65535) {
+    return InvalidArgument("config field 'cache_transceiver_config.ucx_listener_port' = " +
+                           std::to_string(cache_transceiver_config.ucx_listener_port) +
+                           ": expected 1..65535, or 0 for a free port");
+  }
   const auto& allowed = cache_transceiver_config.allowed_context_servers;
   for (size_t i = 0; i < allowed.size(); ++i) {
     RETURN_IF_ERROR(ValidateHostPort(
@@ -297,6 +303,9 @@ nlohmann::json ServingConfig::ToJson() const {
   j["cache_transceiver_config"] = {
       {"backend", cache_transceiver_config.backend},
       {"kv_transfer_timeout_ms", cache_transceiver_config.kv_transfer_timeout_ms}};
+  if (role == Role::kContext) {
+    j["cache_transceiver_config"]["ucx_listener_port"] = cache_transceiver_config.ucx_listener_port;
+  }
   if (!cache_transceiver_config.allowed_context_servers.empty()) {
     j["cache_transceiver_config"]["allowed_context_servers"] =
         cache_transceiver_config.allowed_context_servers;
@@ -359,6 +368,8 @@ StatusOr<ServingConfig> ParseServingConfig(const nlohmann::json& j, Role role,
     o.OptionalInt("max_tokens_in_buffer", &c.cache_transceiver_config.max_tokens_in_buffer);
     if (role == Role::kGeneration) {
       o.StringList("allowed_context_servers", &c.cache_transceiver_config.allowed_context_servers);
+    } else {
+      o.Int("ucx_listener_port", &c.cache_transceiver_config.ucx_listener_port);
     }
   });
   if (role == Role::kContext) r.Int("kv_lease_ms", &c.kv_lease_ms);

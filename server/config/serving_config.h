@@ -65,6 +65,9 @@ struct CacheTransceiverConfig {
   // address reach UCX, which aborts on bad ones). Empty: any address a handle names (trust the
   // clients: use server.api_key).
   std::vector<std::string> allowed_context_servers;
+  // A context server: the port of its UCX listener, where generation ranks connect to pull
+  // (bound on server.host; 0: one the kernel picks, named in the handles).
+  int ucx_listener_port = 0;
 };
 
 struct LoggingConfig {

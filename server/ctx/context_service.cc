@@ -227,6 +227,7 @@ grpc::ServerUnaryReactor* ContextService::Prefill(grpc::CallbackServerContext* c
     src.server_address = self->options_.address;
     src.request_id = ev.request_id;
     src.worker_address = ex->worker_address;
+    src.listener_address = ex->listener_address;
     src.rkey = ex->rkey;
     src.block_addresses = ev.kv_block_addresses;
     src.token_count = static_cast<int64_t>(prompt_ids.size());
@@ -286,6 +287,7 @@ grpc::ServerUnaryReactor* ContextService::GetKvExport(grpc::CallbackServerContex
   const KvExport* ex = engine_->kv_export();
   out->set_server_id(ex->server_id);
   out->set_worker_address(ex->worker_address);
+  out->set_ucx_listener(ex->listener_address);
   out->set_rkey(ex->rkey);
   out->set_region_base(ex->region_base);
   out->set_region_bytes(ex->region_bytes);
@@ -320,6 +322,7 @@ grpc::ServerUnaryReactor* ContextService::GetServerInfo(grpc::CallbackServerCont
   info->set_kv_leases_expired(d.leases_expired);
   info->set_kv_export_total_blocks(d.export_blocks_total);
   info->set_kv_export_free_blocks(d.export_blocks_free);
+  info->set_kv_ucx_connections(d.ucx_connections);
   const RequestCounts n = engine_->request_counts();
   info->set_num_requests_running(n.running);
   info->set_num_requests_waiting(n.waiting);

@@ -63,21 +63,9 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
                                    std::chrono::system_clock::now().time_since_epoch())
                                    .count());
 
-  std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);
-  auto engine = helix::Engine::Create(o);
-  if (!engine.ok()) {
-    std::cerr << "helix-ctx serve: " << engine.status().ToString() << "\n";
-    return kExitFailure;
-  }
-  helix::server::ContextServiceOptions so;
-  so.model_name = std::filesystem::path(cfg->model).filename().string();
-  so.kv_dtype = cfg->kv_cache_config.dtype;
-  so.max_in_flight = 4 * cfg->max_batch_size;
-  so.api_key = cfg->server.api_key.value_or("");
-  so.lease_ms = cfg->kv_lease_ms;
-  const std::string listen = helix::server::JoinHostPort(cfg->server.host, cfg->server.port);
-  // Handles carry the address generation servers call back (export check, release): a
-  // wildcard listen address names no host, so this host's name goes there instead.
+  // Handles carry the addresses generation servers call back (the gRPC one for the export check
+  // and release, the UCX listener's to pull): a wildcard listen address names no host, so this
+  // host's name goes there instead.
   std::string advertised = cfg->server.host;
   if (advertised == "0.0.0.0" || advertised == "::" || advertised == "[::]") {
     // gethostname's, above, when it resolves (else the wildcard, which reaches this host from
@@ -91,6 +79,33 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
                        << ", which only this host can reach";
     }
   }
+  // The UCX listener binds where the gRPC server does, on a port the kernel picks.
+  auto unbracket = [](const std::string& h) {
+    return h.size() > 2 && h.front() == '[' && h.back() == ']' ? h.substr(1, h.size() - 2) : h;
+  };
+  o.kv_listen_host = unbracket(cfg->server.host);
+  o.kv_advertise_host = unbracket(advertised);
+  o.kv_listen_port = cfg->cache_transceiver_config.ucx_listener_port;
+  if (o.kv_listen_host.find(':') != std::string::npos) {
+    // Debian 12's UCX 1.13.1 cannot complete a client-server connection over IPv6 with TCP
+    // lanes (the context server's connect back to the rank is refused), so an IPv6 context
+    // server exports its worker address only.
+    HELIX_LOG(kWarn) << "ctx: server.host " << cfg->server.host << " is IPv6: no UCX listener";
+    o.kv_listen_host.clear();
+  }
+  std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);
+  auto engine = helix::Engine::Create(o);
+  if (!engine.ok()) {
+    std::cerr << "helix-ctx serve: " << engine.status().ToString() << "\n";
+    return kExitFailure;
+  }
+  helix::server::ContextServiceOptions so;
+  so.model_name = std::filesystem::path(cfg->model).filename().string();
+  so.kv_dtype = cfg->kv_cache_config.dtype;
+  so.max_in_flight = 4 * cfg->max_batch_size;
+  so.api_key = cfg->server.api_key.value_or("");
+  so.lease_ms = cfg->kv_lease_ms;
+  const std::string listen = helix::server::JoinHostPort(cfg->server.host, cfg->server.port);
   so.address = helix::server::JoinHostPort(advertised, cfg->server.port);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -105,6 +120,8 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
     std::cerr << "helix-ctx serve: server.port must be set (handles carry the address)\n";
     return kExitUsage;
   }
+  std::string ucx_listener = (*engine)->kv_export()->listener_address;
+  if (ucx_listener.empty()) ucx_listener = "none";
   auto service = std::make_unique<helix::server::ContextService>(std::move(*engine), so);
   builder.RegisterService(service.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -120,7 +137,8 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
   HELIX_LOG(kInfo) << "ctx: serving helix.v1.ContextService on " << so.address << " (server id "
-                   << o.server_id << ", KV lease " << cfg->kv_lease_ms << " ms)";
+                   << o.server_id << ", KV lease " << cfg->kv_lease_ms << " ms, UCX listener "
+                   << ucx_listener << ")";
   std::cerr << "helix-ctx serve: listening on " << listen
             << (listen == so.address ? "" : " (handles name " + so.address + ")") << std::endl;
   int sig = 0;

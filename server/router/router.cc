@@ -696,6 +696,10 @@ std::string Router::MetricsText() const {
   kv("helix_router_backend_kv_export_free_blocks", "gauge",
      "Free blocks of a context server's KV export buffer.", true,
      [](const v1::ServerInfo& i) { return i.kv_export_free_blocks(); });
+  kv("helix_router_backend_kv_ucx_connections", "gauge",
+     "Open connections to a context server's UCX listener (generation ranks that pulled from it "
+     "and are still up).",
+     true, [](const v1::ServerInfo& i) { return i.kv_ucx_connections(); });
   kv("helix_router_backend_kv_preemptions_total", "counter",
      "Requests a generation server preempted (recomputed) for KV blocks "
      "(capacity_scheduler_policy MAX_UTILIZATION).",

@@ -1,8 +1,8 @@
 // Does a puller that dies during its first UCX handshake abort the exporter? Measures the crash
 // that docs/architecture.md ("Known problems") describes, for the two ways a puller can reach an
 // exporter:
-//   address   the exporter's worker address (what the KV hand-off uses today);
-//   listener  a ucp_listener on the exporter (client-server endpoints).
+//   address   the exporter's worker address (what the KV hand-off used before 2026-11-28);
+//   listener  a ucp_listener on the exporter (client-server endpoints; the hand-off now).
 // One exporter process maps 1 MiB and serves; N puller processes each create an endpoint, post
 // one 4 KiB get and exit after a random 0-3 ms of progress (as if killed). Every exporter that
 // dies is counted (its first log line printed) and a new one started.
