@@ -58,11 +58,12 @@ std::string GetString(int fd) {
 [[noreturn]] void RunExporter(int fd, int64_t blocks) {
   std::vector<uint8_t> pool(static_cast<size_t>(blocks * kBlockBytes));
   for (size_t i = 0; i < pool.size(); i += 4096) pool[i] = static_cast<uint8_t>(i >> 12);
-  auto t = UcxTransfer::Create("bench exporter", pool.data(), pool.size());
+  auto t = UcxTransfer::Create("bench exporter", pool.data(), pool.size(), "127.0.0.1");
   if (!t.ok()) _exit(2);
   PutString(fd, (*t)->address());
   PutString(fd, (*t)->rkey());
   PutString(fd, std::to_string(reinterpret_cast<uint64_t>(pool.data())));
+  PutString(fd, std::to_string((*t)->listener_port()));
   for (;;) pause();
 }
 
@@ -126,6 +127,7 @@ void HandOff(const std::string& model, const std::string& tokenizer, int64_t pro
     src->server_id = ex->server_id;
     src->request_id = r.id;
     src->worker_address = ex->worker_address;
+    src->listener_address = ex->listener_address;
     src->rkey = ex->rkey;
     src->block_addresses = blocks;
     src->token_count = prompt_len;
@@ -190,7 +192,8 @@ int main(int argc, char** argv) {
   close(fds[1]);
   const std::string address = GetString(fds[0]), rkey = GetString(fds[0]);
   const std::string base_s = GetString(fds[0]);
-  if (base_s.empty()) {
+  const std::string port_s = GetString(fds[0]);
+  if (port_s.empty()) {
     std::fprintf(stderr, "the exporter did not start\n");
     return 1;
   }
@@ -201,37 +204,45 @@ int main(int argc, char** argv) {
   const char* tls = std::getenv("UCX_TLS");
   std::printf("UCX_TLS=%s; block %lld bytes (30 layers x 2 x 3 KV heads x 32 tokens x 64 x bf16)\n",
               tls ? tls : "(UCX default)", static_cast<long long>(kBlockBytes));
-  std::printf("%8s %7s %10s %10s %9s\n", "tokens", "blocks", "MiB", "ms", "GB/s");
+  std::printf("%8s %7s %10s %10s %9s %14s\n", "tokens", "blocks", "MiB", "ms", "GB/s",
+              "GB/s by addr");
+  // Each size both ways, interleaved: through the exporter's listener (as the hand-off
+  // connects) and through its worker address (as it connected before 2026-11-28).
   for (int64_t t : tokens) {
     const int64_t blocks = (t + kTpb - 1) / kTpb;
-    std::vector<double> ms;
+    std::vector<double> ms[2];
     for (int rep = 0; rep < reps + 1; ++rep) {  // the first one also connects: not counted
-      PullJob job;
-      job.peer_key = "exporter";
-      job.worker_address = address;
-      job.rkey = rkey;
-      job.deadline = Clock::now() + std::chrono::seconds(120);
-      for (int64_t b = 0; b < blocks; ++b) {
-        job.segments.push_back({base + static_cast<uint64_t>(b * kBlockBytes),
-                                dst.data() + b * kBlockBytes, static_cast<uint64_t>(kBlockBytes)});
+      for (int by_address = 0; by_address < 2; ++by_address) {
+        PullJob job;
+        job.peer_key = by_address ? "exporter by address" : "exporter";
+        job.worker_address = address;
+        if (!by_address) job.listener_address = "127.0.0.1:" + port_s;
+        job.rkey = rkey;
+        job.deadline = Clock::now() + std::chrono::seconds(120);
+        for (int64_t b = 0; b < blocks; ++b) {
+          job.segments.push_back({base + static_cast<uint64_t>(b * kBlockBytes),
+                                  dst.data() + b * kBlockBytes,
+                                  static_cast<uint64_t>(kBlockBytes)});
+        }
+        const auto t0 = Clock::now();
+        const uint64_t id = (*puller)->StartPull(job);
+        const JobState s = (*puller)->Wait(id, std::chrono::seconds(120));
+        const double took = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        (*puller)->Forget(id);
+        if (s != JobState::kDone) {
+          std::fprintf(stderr, "pull of %lld tokens: %s\n", static_cast<long long>(t),
+                       helix::transfer::JobStateName(s));
+          kill(pid, SIGKILL);
+          return 1;
+        }
+        if (rep > 0) ms[by_address].push_back(took);
       }
-      const auto t0 = Clock::now();
-      const uint64_t id = (*puller)->StartPull(job);
-      const JobState s = (*puller)->Wait(id, std::chrono::seconds(120));
-      const double took = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-      (*puller)->Forget(id);
-      if (s != JobState::kDone) {
-        std::fprintf(stderr, "pull of %lld tokens: %s\n", static_cast<long long>(t),
-                     helix::transfer::JobStateName(s));
-        kill(pid, SIGKILL);
-        return 1;
-      }
-      if (rep > 0) ms.push_back(took);
     }
-    const double m = Median(ms);
+    const double m = Median(ms[0]), m_addr = Median(ms[1]);
     const double bytes = static_cast<double>(blocks * kBlockBytes);
-    std::printf("%8lld %7lld %10.1f %10.3f %9.3f\n", static_cast<long long>(t),
-                static_cast<long long>(blocks), bytes / (1 << 20), m, bytes / (m * 1e6));
+    std::printf("%8lld %7lld %10.1f %10.3f %9.3f %14.3f\n", static_cast<long long>(t),
+                static_cast<long long>(blocks), bytes / (1 << 20), m, bytes / (m * 1e6),
+                bytes / (m_addr * 1e6));
   }
   puller->reset();
   kill(pid, SIGKILL);

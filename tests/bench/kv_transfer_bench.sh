@@ -2,10 +2,12 @@
 # KV transfer throughput next to ucx_perftest on the same transport, in one run (issue 6).
 #   tests/bench/kv_transfer_bench.sh BUILD_DIR [SHARED_DIR]
 # UCX_TLS=tcp (loopback): the hand-off needs UCX's peer error handling to notice a dead or
-# stalled context server, and on this UCX build only TCP offers it on an endpoint made from a
-# worker address; shared-memory transports would be faster on one host but cannot report a
-# lost peer. ucx_perftest runs ucp_get with the same message size (one KV block) and as many
-# gets in flight (64) as UcxTransfer keeps per job.
+# stalled context server, which this UCX build offers with TCP lanes (its endpoints, to the
+# context server's listener, get no shared-memory lanes with it); shared-memory transports
+# would be faster on one host but cannot report a lost peer. ucx_perftest runs ucp_get with the
+# same message size (one KV block) and as many gets in flight (64) as UcxTransfer keeps per job.
+# The pulls run both through the exporter's listener (the hand-off) and through its worker
+# address (before 2026-11-28), interleaved.
 set -euo pipefail
 build=${1:?build dir}
 shared=${2:-$(dirname "$0")/../../../shared}
@@ -25,4 +27,4 @@ echo "ucx_perftest ucp_get ${block} B x 64 in flight, UCX_TLS=tcp: ${ref} GB/s"
 out=$("$build/tests/kv_transfer_bench" --model "$shared/models/stories260K/stories260K.bin" \
   --tokenizer "$shared/models/stories260K/tok512.bin" 2> /dev/null)
 echo "$out"
-echo "$out" | awk -v ref="$ref" '$1 ~ /^[0-9]+$/ {printf "%8s tokens: %s GB/s = %.2f of ucx_perftest\n", $1, $5, $5 / ref}'
+echo "$out" | awk -v ref="$ref" '$1 ~ /^[0-9]+$/ {printf "%8s tokens: %s GB/s = %.2f of ucx_perftest (by worker address %s = %.2f)\n", $1, $5, $5 / ref, $6, $6 / ref}'
