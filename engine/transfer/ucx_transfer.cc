@@ -48,6 +48,11 @@ constexpr int kMaxOutstandingPerJob = 64;
 // (a large pull beside a small one) is not stalled, and its other jobs go on.
 constexpr std::chrono::milliseconds kPeerStall{1000};
 constexpr std::chrono::milliseconds kMinPeerStall{100};
+// While jobs are in flight, the progress thread keeps polling UCX for this long after its last
+// completion before it sleeps on the event fd: during a pull a get completes every few hundred
+// microseconds, and sleeping and waking between them held kv_transfer_bench (TCP on loopback) to
+// 1.85 GB/s against 2.0 with this poll. It never spins with nothing in flight.
+constexpr std::chrono::microseconds kBusyPoll{200};
 
 bool Terminal(JobState s) { return s != JobState::kInProgress; }
 
@@ -496,6 +501,7 @@ struct UcxTransfer::Impl {
   }
 
   void Loop() {
+    std::chrono::steady_clock::time_point last_busy;  // the last progress UCX reported
     while (true) {
       std::deque<std::tuple<uint64_t, PullJob, std::chrono::steady_clock::duration>> new_jobs;
       std::vector<uint64_t> new_cancels;
@@ -606,7 +612,12 @@ struct UcxTransfer::Impl {
         }
       }
       if (stopping && active.empty()) return;
-      if (progressed != 0) continue;
+      const auto now = std::chrono::steady_clock::now();
+      if (progressed != 0) {
+        last_busy = now;
+        continue;
+      }
+      if (!active.empty() && now - last_busy < kBusyPoll) continue;
       // Nothing happened: sleep until UCX or a caller has something (a short nap while jobs
       // are in flight, since some transports signal completions only to polling).
       if (ucp_worker_arm(worker) == UCS_OK) {
