@@ -348,11 +348,6 @@ Status Engine::Init(const EngineOptions& o) {
                                listener.status().message());
       }
       export_.listener_address = *listener;
-    } else {
-      HELIX_LOG(kWarn) << "engine: no UCX listener (kv_listen_host is empty): generation ranks "
-                          "connect to the worker address, and with UCX 1.13.1 one that dies in "
-                          "its first handshake can abort this server (docs/architecture.md, "
-                          "Known problems)";
     }
     export_.rkey = transfer_->rkey();
     export_.layout = kv_layout_;

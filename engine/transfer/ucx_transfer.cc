@@ -56,11 +56,13 @@ constexpr std::chrono::microseconds kBusyPoll{200};
 
 bool Terminal(JobState s) { return s != JobState::kInProgress; }
 
-// `host` and `port` as a socket address (the first getaddrinfo gives); `passive` for binding
-// (an empty host is then every interface); `numeric`: an address only, never a name (no DNS).
+// `host` and `port` as a socket address (the first getaddrinfo gives, of `family` unless
+// AF_UNSPEC); `passive` for binding (an empty host is then every interface); `numeric`: an
+// address only, never a name (no DNS).
 StatusOr<sockaddr_storage> Resolve(const std::string& host, int port, bool passive, bool numeric,
-                                   socklen_t* len) {
+                                   socklen_t* len, int family = AF_UNSPEC) {
   addrinfo hints{};
+  hints.ai_family = family;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) | (numeric ? AI_NUMERICHOST : 0);
   addrinfo* res = nullptr;
@@ -732,21 +734,18 @@ StatusOr<std::unique_ptr<UcxTransfer>> UcxTransfer::Create(const std::string& na
 
 StatusOr<std::string> UcxTransfer::ListenerAddressFor(const std::string& host) const {
   if (listener_port_ == 0) return FailedPrecondition("no UCX listener");
-  const char* family = listener_family_ == AF_INET6 ? "IPv6" : "IPv4";
-  addrinfo hints{};
-  hints.ai_family = listener_family_;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  const int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
-  if (rc != 0 || res == nullptr) {
-    return InvalidArgument("'" + host + "' has no " + family +
-                           " address (the family of the UCX listener): " + gai_strerror(rc));
+  socklen_t len = 0;
+  auto sa =
+      Resolve(host, listener_port_, /*passive=*/false, /*numeric=*/false, &len, listener_family_);
+  if (!sa.ok()) {
+    return InvalidArgument("'" + host + "' has no " +
+                           (listener_family_ == AF_INET6 ? "IPv6" : "IPv4") +
+                           " address (the family of the UCX listener): " + sa.status().message());
   }
   char ip[NI_MAXHOST] = {0};
-  const int nrc =
-      getnameinfo(res->ai_addr, res->ai_addrlen, ip, sizeof(ip), nullptr, 0, NI_NUMERICHOST);
-  freeaddrinfo(res);
-  if (nrc != 0) return InvalidArgument("'" + host + "': " + gai_strerror(nrc));
+  const int rc = getnameinfo(reinterpret_cast<const sockaddr*>(&*sa), len, ip, sizeof(ip), nullptr,
+                             0, NI_NUMERICHOST);
+  if (rc != 0) return InvalidArgument("'" + host + "': " + gai_strerror(rc));
   const std::string a = ip;
   return (a.find(':') != std::string::npos ? "[" + a + "]" : a) + ":" +
          std::to_string(listener_port_);

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/common/hex.h"
 #include "engine/spawn_test_util.h"
 
 namespace helix::transfer {
@@ -340,21 +341,6 @@ constexpr const char* kExporterEnv = "HELIX_UCX_TEST_EXPORTER_FD";
 // and exits (no goodbye) after the given time.
 constexpr const char* kPullerEnv = "HELIX_UCX_TEST_PULLER";
 
-std::string Hex(const std::string& b) {
-  static const char* d = "0123456789abcdef";
-  std::string s;
-  for (unsigned char c : b) s += {d[c >> 4], d[c & 15]};
-  return s;
-}
-
-std::string Unhex(const std::string& h) {
-  std::string s;
-  for (size_t i = 0; i + 1 < h.size(); i += 2) {
-    s += static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16));
-  }
-  return s;
-}
-
 [[maybe_unused]] const bool kIsPuller = [] {
   const char* spec = std::getenv(kPullerEnv);
   if (spec == nullptr) return false;
@@ -371,9 +357,9 @@ std::string Unhex(const std::string& h) {
   if (target.find(':') != std::string::npos) {
     job.listener_address = target;
   } else {
-    job.worker_address = Unhex(target);
+    job.worker_address = HexDecode(target);
   }
-  job.rkey = Unhex(rkey);
+  job.rkey = HexDecode(rkey);
   job.segments.push_back({base, dst.data(), dst.size()});
   job.deadline = Clock::now() + milliseconds(10000);
   (*t)->StartPull(job);
@@ -510,7 +496,7 @@ TEST_F(UcxTransferTest, PullersDyingInTheirHandshakeLeaveTheExporterServing) {
     const int us = std::uniform_int_distribution<int>(0, 3000)(rng);
     const pid_t pid = testing::SpawnSelf(
         "UcxTransferTest.Puller",
-        {std::string(kPullerEnv) + "=" + target + " " + Hex(exporter_->rkey()) + " " +
+        {std::string(kPullerEnv) + "=" + target + " " + HexEncode(exporter_->rkey()) + " " +
          std::to_string(reinterpret_cast<uint64_t>(src.data())) + " " + std::to_string(us)});
     ASSERT_GT(pid, 0);
     const std::vector<int> codes = testing::Reap({pid}, milliseconds(20000));

@@ -90,7 +90,10 @@ int RunServe(const std::string& config_path, int64_t drain_ms) {
     // Debian 12's UCX 1.13.1 cannot complete a client-server connection over IPv6 with TCP
     // lanes (the context server's connect back to the rank is refused), so an IPv6 context
     // server exports its worker address only.
-    HELIX_LOG(kWarn) << "ctx: server.host " << cfg->server.host << " is IPv6: no UCX listener";
+    HELIX_LOG(kWarn) << "ctx: server.host " << cfg->server.host
+                     << " is IPv6: no UCX listener; generation ranks connect to the worker "
+                        "address, and with UCX 1.13.1 one that dies in its first handshake can "
+                        "abort this server (docs/architecture.md, Known problems)";
     o.kv_listen_host.clear();
   }
   std::shared_ptr<grpc::ServerCredentials> creds = helix::server::ServerCredentialsFor(cfg->server);

@@ -29,28 +29,11 @@
 #include <thread>
 #include <vector>
 
+#include "engine/common/hex.h"
+
 extern char** environ;
 
 namespace {
-
-std::string Hex(const void* p, size_t n) {
-  static const char* d = "0123456789abcdef";
-  std::string s;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char c = static_cast<const unsigned char*>(p)[i];
-    s += d[c >> 4];
-    s += d[c & 15];
-  }
-  return s;
-}
-
-std::string Unhex(const std::string& h) {
-  std::string s;
-  for (size_t i = 0; i + 1 < h.size(); i += 2) {
-    s += static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16));
-  }
-  return s;
-}
 
 ucp_context_h g_ctx = nullptr;
 ucp_worker_h g_worker = nullptr;
@@ -111,8 +94,8 @@ int Exporter(const std::string& info) {
   const int port = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
   {
     std::ofstream f(info + ".tmp");
-    f << Hex(addr, addr_len) << "\n"
-      << Hex(rkey, rkey_len) << "\n"
+    f << helix::HexEncode(addr, addr_len) << "\n"
+      << helix::HexEncode(rkey, rkey_len) << "\n"
       << reinterpret_cast<uintptr_t>(mem.data()) << "\n"
       << port << "\n";
   }
@@ -127,7 +110,7 @@ int Puller(const std::string& mode, const std::string& info, int us) {
   uintptr_t base = 0;
   int port = 0;
   if (!(f >> addr_hex >> rkey_hex >> base >> port)) return 2;
-  const std::string addr = Unhex(addr_hex), rkey_bytes = Unhex(rkey_hex);
+  const std::string addr = helix::HexDecode(addr_hex), rkey_bytes = helix::HexDecode(rkey_hex);
   if (!InitUcx()) return 2;
   ucp_ep_params_t e{};
   e.field_mask = UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
